@@ -1,0 +1,24 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   set up everything, then run the quick distillation and print its result table
+#   make test   set up everything, then run the test suite
+PY := .venv/bin/python
+
+.PHONY: demo test setup data clean-venv
+
+demo: setup
+	.venv/bin/still demo
+
+test: setup data
+	$(PY) -m pytest -q
+
+setup: .venv/.still-ready
+
+.venv/.still-ready: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+data: setup
+	.venv/bin/still data fetch mnist
+
+clean-venv:
+	rm -rf .venv

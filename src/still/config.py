@@ -1,0 +1,110 @@
+"""Typed, self-validating dataclass configs that are data only.
+
+Every config in still is a frozen dataclass whose `__post_init__` rejects bad values with a
+`StillError` naming them. `from_dict` refuses unknown keys (a typo must not silently fall back to
+a default) and `to_dict`/`save_config` write plain JSON next to every checkpoint and result.
+Nothing here imports or executes anything named in a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from still.errors import StillError
+
+C = TypeVar("C")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (possibly nested) config dataclass; tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise StillError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(annotation, value, where=where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except StillError as e:
+                errors.append(str(e))
+        raise StillError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise StillError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise StillError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise StillError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StillError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise StillError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise StillError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise StillError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C:
+    """Build config `cls` from plain data, rejecting unknown keys and values of the wrong type."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise StillError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise StillError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def replace(config: C, **changes: Any) -> C:
+    """`dataclasses.replace` that goes through the same checks as `from_dict`."""
+    return from_dict(type(config), {**dataclasses.asdict(config), **changes})
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write `config` as JSON (atomically) to `path`."""
+    from still.train.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_config(cls: type[C], path: str | Path) -> C:
+    """Read a config written by `save_config`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StillError(f"cannot read config {path}: {e}") from None
+    return from_dict(cls, data, where=str(path))

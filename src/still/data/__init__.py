@@ -1,0 +1,1 @@
+"""Data sets: fetched once from package registries into a cache, checked by SHA-256."""

@@ -1,0 +1,25 @@
+"""Data augmentation on batches of images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def jitter(images: torch.Tensor, max_shift: int, size: int = 28, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image by a random whole number of pixels in [-max_shift, max_shift] along
+    each axis, filling with zeros (Hinton et al.'s "jittered by up to two pixels in any direction").
+
+    images: (B, size*size) or (B, size, size) -> same shape.
+    """
+    if max_shift == 0:
+        return images
+    batch = images.shape[0]
+    padded = F.pad(images.reshape(batch, size, size), (max_shift,) * 4)  # (B, size + 2s, size + 2s)
+    dy = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator)
+    ar = torch.arange(size)
+    rows = (dy + ar)[:, :, None]  # (B, size, 1)
+    cols = (dx + ar)[:, None, :]  # (B, 1, size)
+    out = padded[torch.arange(batch)[:, None, None], rows, cols]  # (B, size, size)
+    return out.reshape(images.shape)

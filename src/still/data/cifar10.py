@@ -1,0 +1,83 @@
+"""CIFAR-10 from the standard "python version" batches.
+
+The archive `cifar-10-python.tar.gz` unpacks to `cifar-10-batches-py/` holding `data_batch_1` ..
+`data_batch_5` (10,000 images each) and `test_batch`: pickled dicts with `data`, a (10000, 3072)
+uint8 array of row-major 32x32 images, red plane then green then blue, and `labels`, a list of
+ints in 0..9. The data cannot be fetched here (no package on PyPI ships it); point `load_cifar10`
+at a directory that holds the batches. They are read with a NumPy-only unpickler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from still.data.safe_pickle import load_numpy_pickle
+from still.errors import StillError
+
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class Cifar10:
+    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor  # (M, 3, 32, 32) uint8
+    test_y: torch.Tensor  # (M,) int64
+
+
+def _batch_dir(data_dir: Path) -> Path:
+    if not data_dir.is_dir():
+        raise StillError(f"CIFAR-10 directory {data_dir} does not exist")
+    nested = data_dir / "cifar-10-batches-py"
+    return nested if nested.is_dir() else data_dir
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (images (N, 3, 32, 32) uint8, labels (N,) int64), shapes checked."""
+    batch = load_numpy_pickle(path.read_bytes(), str(path))
+    if not isinstance(batch, dict):
+        raise StillError(f"{path}: expected a dict with 'data' and 'labels', got {type(batch).__name__}")
+    batch = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise StillError(f"{path}: missing 'data' or 'labels' (keys: {', '.join(map(str, batch))})")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"])
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise StillError(f"{path}: data has shape {data.shape} and dtype {data.dtype}, expected (N, 3072) uint8")
+    if labels.shape != (data.shape[0],):
+        raise StillError(f"{path}: {labels.shape[0] if labels.ndim else 'no'} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise StillError(f"{path}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def load_cifar10(data_dir: str | Path) -> Cifar10:
+    """Read the five training batches and the test batch from `data_dir` (or its cifar-10-batches-py/)."""
+    directory = _batch_dir(Path(data_dir).expanduser())
+    missing = [n for n in (*TRAIN_BATCHES, TEST_BATCH) if not (directory / n).is_file()]
+    if missing:
+        raise StillError(f"{directory} is missing CIFAR-10 batch file(s) {', '.join(missing)}; "
+                         "expected the python version (data_batch_1..5, test_batch)")
+    train = [read_batch(directory / n) for n in TRAIN_BATCHES]
+    test_x, test_y = read_batch(directory / TEST_BATCH)
+    return Cifar10(
+        train_x=torch.from_numpy(np.concatenate([x for x, _ in train])),
+        train_y=torch.from_numpy(np.concatenate([y for _, y in train])),
+        test_x=torch.from_numpy(test_x),
+        test_y=torch.from_numpy(test_y),
+    )
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, 32, 32) -> float32 standardised per channel."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std

@@ -1,0 +1,132 @@
+"""Distillation losses.
+
+Paper: Geoffrey Hinton, Oriol Vinyals, Jeff Dean. "Distilling the Knowledge in a Neural Network".
+NIPS 2014 Deep Learning Workshop, arXiv:1503.02531 (2015).
+
+Notation: B batch size, C classes; z student logits (B, C), v teacher logits (B, C), T > 0 the
+temperature, y hard labels (B,).
+
+Soft targets at temperature T:
+
+    p_i = exp(v_i / T) / sum_j exp(v_j / T)        (teacher)
+    q_i = exp(z_i / T) / sum_j exp(z_j / T)        (student)
+
+The distillation objective (section 2), with alpha the weight of the SOFT-target term:
+
+    L = alpha * T^2 * KL(p || q)  +  (1 - alpha) * CE(z, y)
+
+    KL(p || q) = (1/B) sum_b sum_i p_bi (log p_bi - log q_bi)      ("batchmean": the sum over
+                                                                   classes, the mean over the batch)
+
+Some libraries put alpha on the hard-label term instead; here alpha = 1 is pure distillation and
+alpha = 0 is plain cross entropy. KL differs from the paper's cross entropy with soft targets only
+by the teacher's entropy, a constant for the student, so gradients are the same:
+
+    dL_soft / dz_i = T * (q_i - p_i)                     (per example, before the batch mean)
+
+The T^2 factor keeps the soft term's gradient scale about constant as T changes, since the
+gradient of the un-scaled term shrinks as 1/T^2 (section 2).
+
+High-temperature limit (section 2.1): with zero-mean logits per example and T large,
+
+    T^2 * KL(p || q)  ->  (1 / (2C)) * sum_i (z_i - v_i)^2
+
+which is `logit_matching_loss` (Caruana et al.'s logit matching, up to the 1/C factor).
+
+Deviations from the paper: none in the loss. The paper averages the two objectives with "a
+considerably lower weight on the second"; the MNIST recipe's alpha is documented with its preset.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from still.errors import StillError
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise StillError(f"temperature must be a number > 0, got {temperature!r}")
+
+
+def _check_pair(student_logits: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
+    if student_logits.ndim != 2:
+        raise StillError(f"student logits must be (batch, classes), got shape {tuple(student_logits.shape)}")
+    if teacher.shape != student_logits.shape:
+        if teacher.ndim == 2 and teacher.shape[0] == student_logits.shape[0]:
+            raise StillError(f"the teacher has {teacher.shape[1]} classes but the student has "
+                             f"{student_logits.shape[1]}: they must match")
+        raise StillError(f"teacher {what} have shape {tuple(teacher.shape)}, the student's logits "
+                         f"{tuple(student_logits.shape)}: they must match")
+
+
+def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p || softmax(z / T)), batchmean.
+
+    Args:
+        student_logits: z, (B, C).
+        teacher_log_probs: log p, the teacher's soft targets at the same temperature, (B, C)
+            (for one teacher `log_softmax(v / T)`; for an ensemble see `combine_log_probs`).
+        temperature: T > 0.
+    """
+    _check_temperature(temperature)
+    _check_pair(student_logits, teacher_log_probs, "log-probabilities")
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    kl = F.kl_div(student_log_probs, teacher_log_probs.float(), reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """(1 / (2C)) * sum_i (z_i - v_i)^2 on per-example zero-mean logits, batchmean: the
+    high-temperature limit of `soft_target_loss`."""
+    _check_pair(student_logits, teacher_logits, "logits")
+    z = student_logits.float()
+    v = teacher_logits.float()
+    diff = (z - z.mean(-1, keepdim=True)) - (v - v.mean(-1, keepdim=True))  # (B, C)
+    return diff.pow(2).sum(-1).mean() / (2 * z.shape[-1])
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    temperature: float,
+    alpha: float,
+    teacher_log_probs: torch.Tensor | None = None,
+    soft_loss: Literal["kl", "logit_matching"] = "kl",
+) -> torch.Tensor:
+    """alpha * T^2 * KL(p || q) + (1 - alpha) * CE(z, y). `alpha` weights the SOFT targets.
+
+    Give the teacher either as logits (`teacher_logits`, v) or as soft targets already at
+    temperature T (`teacher_log_probs`, e.g. an ensemble's). With `soft_loss="logit_matching"`
+    the soft term is `logit_matching_loss` (needs `teacher_logits`).
+    `labels` may be None only when alpha == 1.
+    """
+    _check_temperature(temperature)
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise StillError(f"alpha (the weight of the soft-target term) must be in [0, 1], got {alpha!r}")
+    if (teacher_logits is None) == (teacher_log_probs is None):
+        raise StillError("give exactly one of teacher_logits and teacher_log_probs")
+    if soft_loss not in ("kl", "logit_matching"):
+        raise StillError(f"soft_loss must be 'kl' or 'logit_matching', got {soft_loss!r}")
+    if soft_loss == "logit_matching":
+        if teacher_logits is None:
+            raise StillError("logit matching needs teacher_logits, not soft targets")
+        soft = logit_matching_loss(student_logits, teacher_logits)
+    else:
+        if teacher_log_probs is None:
+            _check_pair(student_logits, teacher_logits, "logits")
+            teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        soft = soft_target_loss(student_logits, teacher_log_probs, temperature)
+    if alpha == 1:
+        return soft
+    if labels is None:
+        raise StillError(f"labels are needed when alpha < 1 (alpha = {alpha})")
+    if labels.shape != student_logits.shape[:1]:
+        raise StillError(f"labels have shape {tuple(labels.shape)}, expected ({student_logits.shape[0]},)")
+    hard = F.cross_entropy(student_logits.float(), labels)
+    return alpha * soft + (1 - alpha) * hard

@@ -1,0 +1,119 @@
+"""The networks of the distillation recipes.
+
+MLP (Hinton et al. 2015, section 3; Srivastava et al. 2014 for the regularisation): fully
+connected ReLU nets on flattened 28x28 MNIST digits. The paper's teacher is 784-1200-1200-10
+with dropout (inputs 0.2, hidden units 0.5) and a max-norm constraint on each unit's incoming
+weight vector; the student is 784-800-800-10 with no regularisation.
+
+VGG-style CNN (labml.ai's CIFAR-10 distillation experiment): blocks of 3x3 convolutions, each
+followed by batch norm and ReLU, a 2x2 max-pool after each block (32x32 -> 1x1 after five), then
+one linear layer. Deviation from labml: batch norm uses running statistics in eval mode (labml's
+teacher normalised with the statistics of the current batch at evaluation, so its soft targets
+for an image depended on the other images in the batch).
+
+Shapes: B batch, C classes, D input features (784), H hidden units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from still.errors import check
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    in_features: int = 784
+    hidden: tuple[int, ...] = (1200, 1200)
+    """Widths of the hidden layers."""
+    classes: int = 10
+    dropout_input: float = 0.0
+    """Dropout probability on the inputs."""
+    dropout_hidden: float = 0.0
+    """Dropout probability on each hidden layer's outputs."""
+    max_norm: float | None = None
+    """Upper bound on the L2 norm of each unit's incoming weights (None: no constraint)."""
+
+    def __post_init__(self) -> None:
+        check(self.in_features > 0, f"in_features must be > 0, got {self.in_features}")
+        check(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), f"hidden sizes must be > 0, got {self.hidden}")
+        check(self.classes > 1, f"classes must be > 1, got {self.classes}")
+        check(0 <= self.dropout_input < 1, f"dropout_input must be in [0, 1), got {self.dropout_input}")
+        check(0 <= self.dropout_hidden < 1, f"dropout_hidden must be in [0, 1), got {self.dropout_hidden}")
+        check(self.max_norm is None or self.max_norm > 0, f"max_norm must be > 0 or None, got {self.max_norm}")
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = [nn.Dropout(config.dropout_input)] if config.dropout_input else []
+        width = config.in_features
+        for h in config.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if config.dropout_hidden:
+                layers.append(nn.Dropout(config.dropout_hidden))
+            width = h
+        layers.append(nn.Linear(width, config.classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))  # (B, D) -> (B, C)
+
+    @torch.no_grad()
+    def apply_max_norm(self) -> None:
+        """Project each unit's incoming weight vector back into the ball of radius max_norm."""
+        if self.config.max_norm is None:
+            return
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                torch.renorm(layer.weight, p=2, dim=0, maxnorm=self.config.max_norm, out=layer.weight)
+
+
+@dataclass(frozen=True)
+class VGGConfig:
+    blocks: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+    """Output channels of each 3x3 convolution, grouped in blocks; each block ends in a 2x2 max-pool."""
+    classes: int = 10
+    in_channels: int = 3
+    dropout: float = 0.0
+    """Dropout after each block."""
+    batch_norm: bool = True
+
+    def __post_init__(self) -> None:
+        check(len(self.blocks) > 0 and all(len(b) > 0 and all(c > 0 for c in b) for b in self.blocks),
+              f"blocks must be non-empty lists of positive channel counts, got {self.blocks}")
+        check(self.classes > 1, f"classes must be > 1, got {self.classes}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+
+
+VGG_TEACHER = VGGConfig(dropout=0.1)
+VGG_STUDENT = VGGConfig(blocks=((32, 32), (64, 64), (128,), (128,), (128,)))
+
+
+class VGG(nn.Module):
+    def __init__(self, config: VGGConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        channels = config.in_channels
+        for block in config.blocks:
+            for out in block:
+                layers.append(nn.Conv2d(channels, out, 3, padding=1, bias=not config.batch_norm))
+                if config.batch_norm:
+                    layers.append(nn.BatchNorm2d(out))
+                layers.append(nn.ReLU(inplace=True))
+                channels = out
+            layers.append(nn.MaxPool2d(2))
+            if config.dropout:
+                layers.append(nn.Dropout(config.dropout))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, config.classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)  # (B, 3, 32, 32) -> (B, channels, 32 / 2^blocks, ...)
+        h = h.flatten(2).mean(-1)  # (B, channels): global average over what is left of the image
+        return self.head(h)  # (B, C)

@@ -1,0 +1,184 @@
+"""Teachers: one frozen model, an ensemble, or logits computed once for a fixed transfer set.
+
+A teacher is always in eval mode (dropout off, batch norm on its running statistics), runs under
+`torch.no_grad`, and its parameters are frozen (`requires_grad=False`): `train()` on a teacher
+does not switch it back to training mode.
+
+Ensembles (Hinton et al. 2015, sections 1 and 4): the soft targets of M members at temperature T
+are either the arithmetic mean of their distributions,
+
+    p = (1/M) sum_m softmax(v_m / T)           log p = logsumexp_m log softmax(v_m / T) - log M
+
+or the normalised geometric mean,
+
+    p = softmax((1/M) sum_m log softmax(v_m / T)) = softmax(mean_m(v_m) / T).
+
+When the transfer set is fixed (no augmentation), `CachedTeacher` runs the teacher once over it
+and keeps the logits (in memory, and optionally on disk under a key made from the SHA-256 of the
+teacher's weights and of the inputs), so each distillation epoch costs about what a plain student
+epoch costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from still.errors import StillError
+from still.train.io import atomic_write
+from still.train.progress import progress
+
+Combine = Literal["arithmetic", "geometric"]
+
+
+def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Combine = "arithmetic") -> torch.Tensor:
+    """Soft targets (as log-probabilities) of an ensemble. member_logits: (M, B, C) -> (B, C)."""
+    if temperature <= 0:
+        raise StillError(f"temperature must be > 0, got {temperature}")
+    if member_logits.ndim != 3:
+        raise StillError(f"member logits must be (members, batch, classes), got {tuple(member_logits.shape)}")
+    log_probs = F.log_softmax(member_logits.float() / temperature, dim=-1)  # (M, B, C)
+    if how == "arithmetic":
+        return torch.logsumexp(log_probs, dim=0) - math.log(member_logits.shape[0])  # (B, C)
+    if how == "geometric":
+        return F.log_softmax(log_probs.mean(dim=0), dim=-1)  # (B, C)
+    raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {how!r}")
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Teacher(nn.Module):
+    """A frozen model whose outputs are logits (B, C)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = _freeze(model)
+
+    def train(self, mode: bool = True) -> Teacher:  # a teacher never trains
+        return super().train(False)
+
+    @torch.no_grad()
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, B, C): the logits of each member (one here)."""
+        return self.model(x).float().unsqueeze(0)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+    @torch.no_grad()
+    def log_probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Soft targets at `temperature`, as log-probabilities (B, C)."""
+        return combine_log_probs(self.member_logits(x), temperature)
+
+    forward = logits
+
+
+class EnsembleTeacher(Teacher):
+    """M frozen models; soft targets are the arithmetic or geometric mean of their distributions."""
+
+    def __init__(self, models: Sequence[nn.Module], combine: Combine = "arithmetic") -> None:
+        nn.Module.__init__(self)
+        if len(models) == 0:
+            raise StillError("an ensemble needs at least one member")
+        if combine not in ("arithmetic", "geometric"):
+            raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {combine!r}")
+        self.members = nn.ModuleList(_freeze(m) for m in models)
+        self.combine = combine
+
+    @torch.no_grad()
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x).float() for m in self.members]
+        shapes = {tuple(o.shape) for o in outs}
+        if len(shapes) != 1:
+            raise StillError(f"ensemble members disagree on the output shape: {sorted(shapes)}")
+        return torch.stack(outs)  # (M, B, C)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' mean logits (B, C); for soft targets use `log_probs`."""
+        return self.member_logits(x).mean(0)
+
+    @torch.no_grad()
+    def log_probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        return combine_log_probs(self.member_logits(x), temperature, self.combine)
+
+    forward = logits
+
+
+def _fingerprint(teacher: Teacher, inputs: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(str(tuple(inputs.shape)).encode() + str(inputs.dtype).encode())
+    digest.update(inputs.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(getattr(teacher, "combine", "single").encode())
+    return digest.hexdigest()
+
+
+class CachedTeacher:
+    """A teacher's logits over a fixed transfer set, computed once; looked up by example index.
+
+    Use `CachedTeacher.build(teacher, inputs)`; then `log_probs(indices, T)` gives the same soft
+    targets as `teacher.log_probs(inputs[indices], T)` without running the teacher.
+    """
+
+    def __init__(self, member_logits: torch.Tensor, combine: Combine = "arithmetic") -> None:
+        if member_logits.ndim != 3:
+            raise StillError(f"cached logits must be (members, examples, classes), got {tuple(member_logits.shape)}")
+        self.member_logits_all = member_logits.float()  # (M, N, C)
+        self.combine = combine
+
+    @property
+    def num_examples(self) -> int:
+        return self.member_logits_all.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.member_logits_all.shape[2]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: Teacher, inputs: torch.Tensor, batch_size: int = 1000,
+              cache_dir: str | Path | None = None, desc: str = "teacher logits") -> CachedTeacher:
+        """Run `teacher` over `inputs` once (or load its logits from `cache_dir`, keyed by a hash of
+        the teacher's weights and the inputs)."""
+        if not isinstance(teacher, Teacher):
+            raise StillError("CachedTeacher.build needs a Teacher or EnsembleTeacher")
+        combine = getattr(teacher, "combine", "arithmetic")
+        path = None
+        if cache_dir is not None:
+            path = Path(cache_dir) / f"teacher-logits-{_fingerprint(teacher, inputs)[:24]}.safetensors"
+            if path.is_file():
+                try:
+                    return cls(load_file(str(path))["member_logits"], combine)
+                except Exception:  # a damaged cache entry is recomputed
+                    path.unlink(missing_ok=True)
+        device = next(iter(teacher.parameters()), torch.empty(0)).device
+        chunks = [teacher.member_logits(inputs[i : i + batch_size].to(device)).cpu()
+                  for i in progress(range(0, len(inputs), batch_size), desc=desc, unit="batch")]
+        member_logits = torch.cat(chunks, dim=1)  # (M, N, C)
+        if path is not None:
+            atomic_write(path, lambda tmp: save_file({"member_logits": member_logits.contiguous()}, str(tmp)))
+        return cls(member_logits, combine)
+
+    def logits(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.member_logits_all[:, indices].mean(0)  # (B, C)
+
+    def log_probs(self, indices: torch.Tensor, temperature: float) -> torch.Tensor:
+        return combine_log_probs(self.member_logits_all[:, indices], temperature, self.combine)  # (B, C)

@@ -1,0 +1,1 @@
+"""Experiments: each recipe is a config (data only) and a function that runs it."""

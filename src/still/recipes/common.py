@@ -1,0 +1,92 @@
+"""Pieces the recipes share: training one stage in its own directory, prediction, plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from still.errors import StillError
+from still.train.io import atomic_write, atomic_write_text
+from still.train.loop import IndexBatches, Trainer, TrainState
+from still.train.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False) -> None:
+    """A stage directory holds one config: refuse (exit 2, nothing touched) to mix another into it.
+
+    With `overwrite`, a stage whose settings changed is deleted and started again.
+    """
+    path = stage_dir / "stage.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing != config:
+            if not overwrite:
+                changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
+                raise StillError(f"{stage_dir} holds a run with different settings ({', '.join(changed)}); "
+                                 "choose another --out, or pass --overwrite to start it again")
+            shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epochs: int, n: int, batch_size: int,
+                loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                evaluate: Callable[[nn.Module], dict[str, Any]] | None, seed: int, stage_config: dict[str, Any],
+                post_step: Callable[[], None] | None = None, overwrite: bool = False) -> tuple[TrainState, float]:
+    """Train `model` on shuffled index batches of a data set of size `n`, checkpointing (and
+    resuming, or loading a finished run) in `out/name`. Returns the final state and wall seconds."""
+    stage_dir = out / name
+    check_stage_config(stage_dir, stage_config, overwrite)
+    batches = IndexBatches(n, batch_size, seed=seed)
+    optimizer = build_optimizer(model.parameters(), optim)
+    scheduler = build_scheduler(optimizer, optim, epochs * len(batches))
+    trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=optim.grad_clip, post_step=post_step,
+                      evaluate=evaluate, checkpoint_dir=stage_dir / "checkpoints", config=stage_config, desc=name)
+    start = time.perf_counter()
+    state = trainer.fit(batches, epochs)
+    return state, time.perf_counter() - start
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 5000,
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits of `model` (in eval mode) over `x`, in chunks."""
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        outs.append(model(transform(chunk) if transform else chunk).float())
+    return torch.cat(outs)
+
+
+def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], *,
+                xlabel: str, ylabel: str, title: str, logy: bool = False,
+                hlines: Sequence[tuple[str, float]] = ()) -> None:
+    """Draw (label, xs, ys) curves, and dashed reference lines (label, y) in the same colours, into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+    for i, (label, value) in enumerate(hlines):
+        ax.axhline(value, linestyle="--", linewidth=0.8, color=f"C{i}", alpha=0.7, label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

@@ -1,0 +1,273 @@
+"""Checkpoints: weights as safetensors, state as JSON, written atomically, verified on load.
+
+A checkpoint is a directory `ckpt-<step>/` holding
+
+    model.safetensors    the model's state dict
+    state.safetensors    every other tensor: optimizer moments, torch RNG states, extra tensors
+    state.json           everything else: step, optimizer hyper-parameters, scheduler, Python and
+                         NumPy RNG states, history, extra JSON state
+    config.json          the run's config (data only)
+    manifest.json        the SHA-256 of each file above; written last
+
+The directory is assembled under a temporary name and renamed into place once complete, so a
+crash at any moment leaves the previous checkpoints intact. Loading never unpickles: safetensors
+and JSON only, so a checkpoint cannot run code. A checkpoint whose manifest is missing or whose
+hashes do not match is refused with a message saying which file is damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from still.errors import StillError
+from still.train.io import _fsync_dir, atomic_write_text, sha256_file
+
+FORMAT = 1
+_NAME = re.compile(r"^ckpt-(\d{8,})$")
+_FILES = ("model.safetensors", "state.safetensors", "state.json", "config.json")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded, verified checkpoint."""
+
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {k[len("extra/") :]: v for k, v in self.tensors.items() if k.startswith("extra/")}
+
+
+# ----------------------------------------------------------------------------- serialisation
+
+
+def _split_optimizer(state_dict: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Optimizer state dict -> (JSON part, tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    json_state: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state_dict["state"].items():
+        entry = {}
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{pid}/{key}"] = value
+            else:
+                entry[key] = value
+        json_state[str(pid)] = entry
+    return {"state": json_state, "param_groups": state_dict["param_groups"]}, tensors
+
+
+def _join_optimizer(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(entry) for pid, entry in json_part["state"].items()}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, pid, key = name.split("/", 2)
+            state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": json_part["param_groups"]}
+
+
+def _rng_to_json(rng: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    version, internal, gauss = rng["python"]
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    json_part = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"rng/torch": rng["torch"]}
+    for i, s in enumerate(rng.get("cuda", [])):
+        tensors[f"rng/cuda/{i}"] = s
+    return json_part, tensors
+
+
+def _rng_from_json(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    version, internal, gauss = json_part["python"]
+    kind, keys, pos, has_gauss, cached = json_part["numpy"]
+    rng = {
+        "python": (version, tuple(internal), gauss),
+        "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+        "torch": tensors["rng/torch"],
+    }
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng/cuda/"))]
+    if cuda:
+        rng["cuda"] = cuda
+    return rng
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # clone: safetensors refuses tensors that share storage (tied weights, views)
+    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    *,
+    model: dict[str, torch.Tensor],
+    optimizer: dict | None = None,
+    scheduler: dict | None = None,
+    rng: dict | None = None,
+    state: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    config: dict[str, Any] | None = None,
+    keep: int | None = 2,
+) -> Path:
+    """Write checkpoint `ckpt-<step>` under `directory` atomically; keep the newest `keep`.
+
+    `model`, `optimizer` and `scheduler` are state dicts; `rng` is `still.train.seed.rng_state()`;
+    `state` is JSON-ready data (counters, history); `extra_tensors` are saved beside the optimizer
+    state (the recurrent memories of a language model, for example).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"ckpt-{step:08d}"
+    tmp = directory / f".ckpt-{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        json_state: dict[str, Any] = {"format": FORMAT, "step": step, "state": state or {}}
+        if optimizer is not None:
+            json_state["optimizer"], opt_tensors = _split_optimizer(optimizer)
+            tensors.update(opt_tensors)
+        if scheduler is not None:
+            json_state["scheduler"] = scheduler
+        if rng is not None:
+            json_state["rng"], rng_tensors = _rng_to_json(rng)
+            tensors.update(rng_tensors)
+        for name, value in (extra_tensors or {}).items():
+            tensors[f"extra/{name}"] = value
+        _save_tensors(model, tmp / "model.safetensors")
+        _save_tensors(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(json_state))
+        (tmp / "config.json").write_text(json.dumps(config or {}, indent=2))
+        for name in _FILES:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        manifest = {"format": FORMAT, "step": step, "files": {n: sha256_file(tmp / n) for n in _FILES}}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a re-run): swap it out
+            old = directory / f".ckpt-{step:08d}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old_ckpt in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old_ckpt, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint directories under `directory`, oldest first (verified or not)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Return the manifest of checkpoint `path`, or raise `StillError` saying what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StillError(f"checkpoint {path} does not exist or is not a checkpoint directory")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StillError(f"checkpoint {path} is incomplete or damaged: manifest.json is missing or unreadable") from None
+    for name in _FILES:
+        if name not in files:
+            raise StillError(f"checkpoint {path} is damaged: its manifest does not list {name}")
+        file = path / name
+        if not file.is_file():
+            raise StillError(f"checkpoint {path} is damaged: {name} is missing")
+        if sha256_file(file) != files[name]:
+            raise StillError(f"checkpoint {path} is damaged: {name} does not match its SHA-256 in the manifest")
+    return manifest
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify one checkpoint directory (safetensors and JSON only: nothing is unpickled)."""
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    try:
+        model = load_file(str(path / "model.safetensors"), device=str(map_location))
+        tensors = load_file(str(path / "state.safetensors"), device="cpu")
+        state = json.loads((path / "state.json").read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, SafetensorError) as e:
+        raise StillError(f"checkpoint {path} cannot be read: {e}") from None
+    return Checkpoint(path=path, step=int(manifest["step"]), model=model, state=state, tensors=tensors, config=config)
+
+
+def latest_checkpoint(directory: str | Path, log=None) -> Checkpoint | None:
+    """The newest checkpoint under `directory` that verifies; damaged ones are skipped and reported."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return load_checkpoint(path)
+        except StillError as e:
+            message = f"skipping {e}"
+            if log is not None:
+                log(message)
+            else:
+                warnings.warn(message, stacklevel=2)
+    return None
+
+
+def optimizer_state(checkpoint: Checkpoint) -> dict | None:
+    if "optimizer" not in checkpoint.state:
+        return None
+    return _join_optimizer(checkpoint.state["optimizer"], checkpoint.tensors)
+
+
+def rng_state_of(checkpoint: Checkpoint) -> dict | None:
+    if "rng" not in checkpoint.state:
+        return None
+    return _rng_from_json(checkpoint.state["rng"], checkpoint.tensors)
+
+
+def load_model_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strict load with a message that names missing, unexpected and mis-shaped weights."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: {tuple(weights[k].shape)} in {source}, {tuple(own[k].shape)} in the model"
+              for k in sorted(set(own) & set(weights)) if own[k].shape != weights[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if shapes:
+        problems.append("wrong shape " + "; ".join(shapes[:5]))
+    if problems:
+        raise StillError(f"weights from {source} do not fit the model: " + "; ".join(problems))
+    module.load_state_dict(weights, strict=True)

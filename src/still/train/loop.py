@@ -1,0 +1,207 @@
+"""A training loop that knows nothing about the model.
+
+The caller supplies the model, a `loss_fn(model, batch) -> loss` and a function that yields the
+batches of an epoch; the loop does the rest: optimizer and scheduler steps, gradient clipping,
+a finite-loss check before every step, per-epoch evaluation, progress bars, and checkpoints that
+resume exactly (model, optimizer, scheduler, RNG states, epoch and position within the epoch,
+history).
+
+Resuming relies on `batches(epoch)` being a pure function of the epoch (see `IndexBatches`): the
+loop skips the batches already done in the interrupted epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from still.errors import StillError
+from still.train import checkpoint as ckpt
+from still.train.progress import log as default_log
+from still.train.progress import progress
+from still.train.seed import rng_state, set_rng_state
+
+
+class TrainingDiverged(StillError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    """Epochs completed."""
+    batch: int = 0
+    """Batches completed within the current epoch."""
+    finished: bool = False
+    epoch_loss_sum: float = 0.0
+    """Sum of the losses of the batches done in the current epoch (for a mid-epoch resume)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per completed epoch: epoch, train_loss, seconds, and the evaluation metrics."""
+
+
+@dataclass(frozen=True)
+class IndexBatches:
+    """Shuffled mini-batches of indices into a dataset of `n` items, a pure function of the epoch."""
+
+    n: int
+    batch_size: int
+    seed: int = 0
+    drop_last: bool = False
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __call__(self, epoch: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=generator)
+        return list(perm.split(self.batch_size))[: len(self)]
+
+
+class Trainer:
+    """Runs `loss_fn` over batches, steps the optimizer, evaluates and checkpoints.
+
+    Args:
+        model: any `nn.Module`; only its parameters, `train()`/`eval()` and state dict are used.
+        loss_fn: `loss_fn(model, batch) -> scalar loss`.
+        optimizer, scheduler: as built by `still.train.optim`; the scheduler is stepped per batch.
+        grad_clip: clip the global gradient norm (None: off).
+        post_step: called after every optimizer step (for weight constraints such as max-norm).
+        evaluate: `evaluate(model) -> dict of metrics`, run after every epoch in eval mode.
+        checkpoint_dir: where to save; `fit` resumes from the newest valid checkpoint there.
+        checkpoint_every: save every this many epochs (and always at the end).
+        checkpoint_every_steps: also save every this many optimizer steps (mid-epoch).
+        config: JSON-ready config written into every checkpoint.
+        keep: how many checkpoints to keep.
+        desc: the progress bar's label.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, scheduler: Any = None, *, grad_clip: float | None = None,
+                 post_step: Callable[[], None] | None = None,
+                 evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
+                 checkpoint_every_steps: int | None = None,
+                 config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
+                 log: Callable[[str], None] = default_log) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.grad_clip = grad_clip
+        self.post_step = post_step
+        self.evaluate = evaluate
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.config = config or {}
+        self.keep = keep
+        self.desc = desc
+        self.log = log
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        if self.checkpoint_dir is None:
+            raise StillError("this trainer has no checkpoint_dir")
+        return ckpt.save_checkpoint(
+            self.checkpoint_dir, self.state.step,
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            rng=rng_state(), state=asdict(self.state), config=self.config, keep=self.keep)
+
+    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        ckpt.load_model_weights(self.model, checkpoint.model, source=str(checkpoint.path))
+        opt_state = ckpt.optimizer_state(checkpoint)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        if self.scheduler is not None and "scheduler" in checkpoint.state:
+            self.scheduler.load_state_dict(checkpoint.state["scheduler"])
+        rng = ckpt.rng_state_of(checkpoint)
+        if rng is not None:
+            set_rng_state(rng)
+        self.state = TrainState(**checkpoint.state["state"])
+
+    def resume(self) -> bool:
+        """Restore from the newest valid checkpoint in `checkpoint_dir`; True if there was one."""
+        if self.checkpoint_dir is None:
+            return False
+        checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir, log=self.log)
+        if checkpoint is None:
+            return False
+        self.restore(checkpoint)
+        return True
+
+    # ------------------------------------------------------------------ training
+
+    def _step(self, batch: Any) -> torch.Tensor:
+        loss = self.loss_fn(self.model, batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"{self.desc}: the loss is {loss.item()} at step {self.state.step}; "
+                                   "stopping (lower the learning rate?)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(f"{self.desc}: the gradient norm is {norm.item()} at step {self.state.step}")
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.post_step is not None:
+            self.post_step()
+        return loss.detach()
+
+    def fit(self, batches: Callable[[int], Iterable[Any]], epochs: int) -> TrainState:
+        """Train until `epochs` epochs are done, resuming from a checkpoint if one exists."""
+        if self.resume():
+            if self.state.finished and self.state.epoch >= epochs:
+                self.log(f"{self.desc}: loaded the finished run from {self.checkpoint_dir}")
+                return self.state
+            self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}")
+            self.state.finished = False
+        for epoch in range(self.state.epoch, epochs):
+            self.model.train()
+            epoch_batches = batches(epoch)
+            total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
+            start = time.perf_counter()
+            loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float64)
+            bar = progress(itertools.islice(epoch_batches, self.state.batch, None), total=total,
+                           initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}", unit="batch")
+            for batch in bar:
+                loss_sum += self._step(batch)
+                self.state.step += 1
+                self.state.batch += 1
+                if (self.checkpoint_dir is not None and self.checkpoint_every_steps
+                        and self.state.step % self.checkpoint_every_steps == 0):
+                    self.state.epoch_loss_sum = loss_sum.item()
+                    self.save()
+            seconds = time.perf_counter() - start
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": (loss_sum / max(self.state.batch, 1)).item(),
+                                      "seconds": round(seconds, 3)}
+            if self.evaluate is not None:
+                self.model.eval()
+                with torch.no_grad():
+                    record.update(self.evaluate(self.model))
+                self.model.train()
+            self.state.history.append(record)
+            self.state.epoch = epoch + 1
+            self.state.batch = 0
+            self.state.epoch_loss_sum = 0.0
+            self.state.finished = self.state.epoch >= epochs
+            if self.checkpoint_dir is not None and (self.state.finished or self.state.epoch % self.checkpoint_every == 0):
+                self.save()
+        self.state.finished = True
+        self.model.eval()
+        return self.state

@@ -1,0 +1,50 @@
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("STILL_PROGRESS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+def write_cifar_batch(path: Path, n: int, seed: int, labels_count: int | None = None, shape=(None, 3072)) -> None:
+    """A CIFAR-10 python-version batch: a protocol-2 pickle of a dict with bytes keys, as the
+    official archive holds (written by Python 2's cPickle; the layout is the same)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=labels_count if labels_count is not None else n).tolist()
+    data = rng.integers(0, 256, size=(n, shape[1]), dtype=np.uint8)
+    # make the classes learnable: brighten a class-dependent stripe
+    for i, y in enumerate(labels[:n]):
+        data[i, y * 300 : y * 300 + 300] = 255
+    batch = {b"batch_label": b"training batch", b"labels": labels, b"data": data,
+             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i in range(1, 6):
+        write_cifar_batch(root / f"data_batch_{i}", 40, seed=i)
+    write_cifar_batch(root / "test_batch", 50, seed=99)
+    return tmp_path
+
+
+def mnist_available() -> bool:
+    from still.data.cache import cache_dir
+    from still.data.mnist import MNIST_FILE
+
+    return MNIST_FILE.path(cache_dir()).is_file()
+
+
+requires_mnist = pytest.mark.skipif(not mnist_available(), reason="MNIST cache missing: run `make data` (make test does)")

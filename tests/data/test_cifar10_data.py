@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from conftest import write_cifar_batch
+from still.data.cifar10 import load_cifar10, normalize
+from still.errors import StillError
+
+
+def test_loads_the_python_batches(cifar_dir):
+    data = load_cifar10(cifar_dir)
+    assert data.train_x.shape == (200, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.train_y.shape == (200,) and data.test_x.shape == (50, 3, 32, 32)
+    # also accepts the batch directory itself
+    assert load_cifar10(cifar_dir / "cifar-10-batches-py").test_y.shape == (50,)
+    x = normalize(data.test_x)
+    assert x.dtype == torch.float32 and x.abs().max() < 3
+
+
+def test_row_major_planes(tmp_path):
+    """The 3072 bytes are the red plane, then green, then blue, each 32x32 row-major."""
+    import pickle
+
+    import numpy as np
+
+    root = tmp_path
+    data = np.zeros((1, 3072), dtype=np.uint8)
+    data[0, 1024 + 32 * 5 + 7] = 200  # green, row 5, column 7
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(pickle.dumps({b"data": data, b"labels": [4]}, protocol=2))
+    images = load_cifar10(root).test_x
+    assert images[0, 1, 5, 7] == 200 and images.sum() == 200
+
+
+def test_missing_files_are_named(cifar_dir):
+    (cifar_dir / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(StillError, match="missing CIFAR-10 batch file\\(s\\) data_batch_3"):
+        load_cifar10(cifar_dir)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(StillError, match="does not exist"):
+        load_cifar10(tmp_path / "nope")
+
+
+def test_wrong_shape_is_named(cifar_dir):
+    write_cifar_batch(cifar_dir / "cifar-10-batches-py" / "test_batch", 5, seed=1, shape=(None, 3000))
+    with pytest.raises(StillError, match=r"shape \(5, 3000\).*expected \(N, 3072\) uint8"):
+        load_cifar10(cifar_dir)
+
+
+def test_label_count_mismatch(cifar_dir):
+    write_cifar_batch(cifar_dir / "cifar-10-batches-py" / "data_batch_1", 5, seed=1, labels_count=4)
+    with pytest.raises(StillError, match="4 labels for 5 images"):
+        load_cifar10(cifar_dir)

@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from still.distill.loss import distillation_loss, logit_matching_loss, soft_target_loss
+from still.errors import StillError
+
+LN3 = math.log(3)
+
+
+def kl_hand(temperature: float) -> float:
+    """KL(softmax([ln 3, 0] / T) || softmax([0, 0] / T)), worked out by hand."""
+    a = 3 ** (1 / temperature)  # exp(ln 3 / T)
+    p0, p1 = a / (a + 1), 1 / (a + 1)
+    return p0 * math.log(p0 / 0.5) + p1 * math.log(p1 / 0.5)
+
+
+def test_kl_matches_hand_computed_values():
+    z = torch.zeros(1, 2)
+    v = torch.tensor([[LN3, 0.0]])
+    # T = 1: p = (3/4, 1/4), q = (1/2, 1/2)
+    assert kl_hand(1.0) == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    got = distillation_loss(z, None, v, temperature=1.0, alpha=1.0)
+    assert got.item() == pytest.approx(0.1308120, abs=1e-6)
+    # T = 2 with the T^2 factor
+    got = distillation_loss(z, None, v, temperature=2.0, alpha=1.0)
+    assert got.item() == pytest.approx(4 * kl_hand(2.0), rel=1e-5)
+    assert got.item() == pytest.approx(0.1453631, abs=1e-6)  # p = (sqrt3, 1) / (sqrt3 + 1)
+
+
+def test_mixture_with_hard_labels_and_batchmean():
+    z = torch.zeros(2, 2)
+    v = torch.tensor([[LN3, 0.0], [0.0, 0.0]])  # second example: identical distributions, KL 0
+    y = torch.tensor([0, 1])
+    alpha = 0.25
+    got = distillation_loss(z, y, v, temperature=1.0, alpha=alpha)
+    # batchmean: (0.1308 + 0) / 2; cross entropy of uniform over 2 classes: ln 2
+    expected = alpha * (kl_hand(1.0) / 2) + (1 - alpha) * math.log(2)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_batchmean_is_the_mean_of_per_example_losses():
+    z, v = torch.randn(8, 10), torch.randn(8, 10)
+    whole = soft_target_loss(z, F.log_softmax(v / 3, -1), 3.0)
+    parts = torch.stack([soft_target_loss(z[i : i + 1], F.log_softmax(v[i : i + 1] / 3, -1), 3.0) for i in range(8)])
+    assert whole.item() == pytest.approx(parts.mean().item(), rel=1e-5)
+
+
+def test_identical_logits_give_zero_kl():
+    z = torch.randn(16, 10) * 5
+    for temperature in (0.5, 1.0, 20.0):
+        assert distillation_loss(z, None, z.clone(), temperature=temperature, alpha=1.0).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_alpha_endpoints():
+    z, v, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
+    assert distillation_loss(z, y, v, temperature=4.0, alpha=0.0).item() == pytest.approx(F.cross_entropy(z, y).item())
+    soft = soft_target_loss(z, F.log_softmax(v / 4, -1), 4.0)
+    assert distillation_loss(z, None, v, temperature=4.0, alpha=1.0).item() == pytest.approx(soft.item())
+
+
+def _soft_grad_norm(temperature: float, scaled: bool) -> float:
+    torch.manual_seed(1)
+    z = (torch.randn(64, 10) * 2).requires_grad_()
+    v = torch.randn(64, 10) * 2
+    loss = soft_target_loss(z, F.log_softmax(v / temperature, -1), temperature)
+    if not scaled:
+        loss = loss / temperature**2
+    loss.backward()
+    return z.grad.norm().item()
+
+
+def test_t_squared_keeps_gradient_scale_about_constant():
+    temperatures = (2.0, 4.0, 8.0, 20.0)
+    scaled = [_soft_grad_norm(t, True) for t in temperatures]
+    unscaled = [_soft_grad_norm(t, False) for t in temperatures]
+    assert max(scaled) / min(scaled) < 1.6
+    # without T^2 the gradient shrinks about as 1/T^2: a factor of ~100 from T = 2 to T = 20
+    assert unscaled[0] / unscaled[-1] > 50
+
+
+def test_logit_matching_is_the_high_temperature_limit():
+    z, v = torch.randn(32, 10), torch.randn(32, 10)
+    high_t = soft_target_loss(z, F.log_softmax(v / 1000, -1), 1000.0)
+    assert high_t.item() == pytest.approx(logit_matching_loss(z, v).item(), rel=1e-2)
+    via_api = distillation_loss(z, None, v, temperature=1.0, alpha=1.0, soft_loss="logit_matching")
+    assert via_api.item() == pytest.approx(logit_matching_loss(z, v).item())
+
+
+def test_logit_matching_ignores_a_constant_shift():
+    z, v = torch.randn(4, 10), torch.randn(4, 10)
+    assert logit_matching_loss(z + 5, v).item() == pytest.approx(logit_matching_loss(z, v).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0, -1.0, float("nan")])
+def test_bad_temperature_is_named(temperature):
+    with pytest.raises(StillError, match="temperature must be"):
+        distillation_loss(torch.zeros(1, 3), None, torch.zeros(1, 3), temperature=temperature, alpha=1.0)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_bad_alpha_is_named(alpha):
+    with pytest.raises(StillError, match=rf"alpha .* must be in \[0, 1\], got {alpha}"):
+        distillation_loss(torch.zeros(1, 3), torch.tensor([0]), torch.zeros(1, 3), temperature=1.0, alpha=alpha)
+
+
+def test_class_count_mismatch_is_named():
+    with pytest.raises(StillError, match="teacher has 12 classes but the student has 10"):
+        distillation_loss(torch.zeros(4, 10), None, torch.zeros(4, 12), temperature=2.0, alpha=1.0)
+
+
+def test_labels_required_below_alpha_one():
+    with pytest.raises(StillError, match="labels are needed"):
+        distillation_loss(torch.zeros(2, 3), None, torch.zeros(2, 3), temperature=2.0, alpha=0.5)
+
+
+def test_loss_is_float32_for_bf16_logits():
+    z = torch.randn(4, 10).bfloat16()
+    v = torch.randn(4, 10).bfloat16()
+    loss = distillation_loss(z, torch.tensor([1, 2, 3, 4]), v, temperature=2.0, alpha=0.5)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from still.distill.models import MLP, VGG, VGG_STUDENT, VGG_TEACHER, MLPConfig, VGGConfig
+from still.errors import StillError
+
+
+def test_mlp_shapes_and_every_parameter_gets_a_gradient():
+    net = MLP(MLPConfig(hidden=(32, 16), dropout_input=0.2, dropout_hidden=0.5))
+    x = torch.rand(4, 28, 28)
+    out = net(x)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_max_norm_projects_incoming_weights():
+    net = MLP(MLPConfig(in_features=8, hidden=(6,), classes=3, max_norm=0.5))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(10)
+    net.apply_max_norm()
+    for layer in net.net:
+        if isinstance(layer, torch.nn.Linear):
+            assert (layer.weight.norm(dim=1) <= 0.5 + 1e-5).all()
+
+
+def test_max_norm_leaves_small_weights_alone():
+    net = MLP(MLPConfig(in_features=8, hidden=(6,), classes=3, max_norm=100.0))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.apply_max_norm()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_vgg_paper_shapes():
+    for config in (VGG_TEACHER, VGG_STUDENT):
+        net = VGG(config).eval()
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg_eval_uses_running_statistics():
+    """An image's logits in eval mode must not depend on the other images in the batch."""
+    net = VGG(VGGConfig(blocks=((8,), (8,)), dropout=0.1))
+    net.train()
+    for _ in range(3):
+        net(torch.randn(16, 3, 32, 32))  # update running statistics
+    net.eval()
+    x = torch.randn(4, 3, 32, 32)
+    alone = net(x[:1])
+    together = net(torch.cat([x[:1], x[1:] * 10 + 3]))[:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_vgg_every_parameter_gets_a_gradient():
+    net = VGG(VGGConfig(blocks=((4, 4), (8,)), dropout=0.1))
+    net(torch.randn(3, 3, 32, 32)).logsumexp(-1).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hidden": (0,)}, "hidden sizes must be > 0"),
+    ({"dropout_hidden": 1.0}, "dropout_hidden must be in"),
+    ({"max_norm": -1.0}, "max_norm must be > 0"),
+    ({"classes": 1}, "classes must be > 1"),
+])
+def test_mlp_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(StillError, match=message):
+        MLPConfig(**kwargs)

@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from still.distill.loss import distillation_loss
+from still.distill.models import MLP, MLPConfig
+from still.distill.teachers import CachedTeacher, EnsembleTeacher, Teacher, combine_log_probs
+from still.errors import StillError
+
+
+def small_net(seed: int, dropout: float = 0.3) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(MLPConfig(in_features=12, hidden=(16,), classes=5, dropout_hidden=dropout))
+
+
+def test_teacher_stays_frozen_while_a_student_trains():
+    teacher = Teacher(small_net(0))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = small_net(1, dropout=0.0)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    teacher.train()  # a teacher ignores requests to train
+    student.train()
+    for _ in range(5):
+        x = torch.randn(8, 12)
+        targets = teacher.log_probs(x, 4.0)
+        assert not targets.requires_grad
+        loss = distillation_loss(student(x), None, temperature=4.0, alpha=1.0, teacher_log_probs=targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not teacher.training and not teacher.model.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_teacher_is_deterministic_despite_dropout():
+    teacher = Teacher(small_net(0, dropout=0.5))
+    x = torch.randn(6, 12)
+    assert torch.equal(teacher.logits(x), teacher.logits(x))
+
+
+def test_ensemble_arithmetic_mean_of_distributions():
+    members = [small_net(s) for s in range(3)]
+    ensemble = EnsembleTeacher(members, combine="arithmetic")
+    x = torch.randn(7, 12)
+    temperature = 3.0
+    with torch.no_grad():
+        probs = torch.stack([F.softmax(m.eval()(x) / temperature, -1) for m in members]).mean(0)
+    assert torch.allclose(ensemble.log_probs(x, temperature).exp(), probs, atol=1e-6)
+    assert torch.allclose(ensemble.log_probs(x, temperature).exp().sum(-1), torch.ones(7), atol=1e-6)
+
+
+def test_ensemble_geometric_mean_of_distributions():
+    members = [small_net(s) for s in range(3)]
+    ensemble = EnsembleTeacher(members, combine="geometric")
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        probs = torch.stack([F.softmax(m.eval()(x) / 2.0, -1) for m in members])
+    geometric = probs.prod(0) ** (1 / 3)
+    geometric = geometric / geometric.sum(-1, keepdim=True)
+    assert torch.allclose(ensemble.log_probs(x, 2.0).exp(), geometric, atol=1e-6)
+
+
+def test_one_member_ensemble_is_the_single_teacher():
+    net = small_net(0)
+    x = torch.randn(5, 12)
+    single = Teacher(net).log_probs(x, 5.0)
+    for how in ("arithmetic", "geometric"):
+        assert torch.allclose(EnsembleTeacher([net], combine=how).log_probs(x, 5.0), single, atol=1e-6)
+
+
+def test_combine_rejects_bad_input():
+    with pytest.raises(StillError, match="combination must be"):
+        combine_log_probs(torch.zeros(2, 3, 4), 1.0, "median")
+    with pytest.raises(StillError, match="temperature must be > 0, got -1"):
+        combine_log_probs(torch.zeros(2, 3, 4), -1.0)
+    with pytest.raises(StillError, match="at least one member"):
+        EnsembleTeacher([])
+
+
+def test_ensemble_members_must_agree_on_classes():
+    a = small_net(0)
+    torch.manual_seed(1)
+    b = MLP(MLPConfig(in_features=12, hidden=(16,), classes=7))
+    with pytest.raises(StillError, match="disagree on the output shape"):
+        EnsembleTeacher([a, b]).log_probs(torch.randn(2, 12), 2.0)
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_cached_teacher_gives_the_online_teachers_loss(ensemble):
+    teacher = EnsembleTeacher([small_net(0), small_net(1)]) if ensemble else Teacher(small_net(0))
+    inputs = torch.randn(50, 12)
+    cached = CachedTeacher.build(teacher, inputs, batch_size=16)
+    student = small_net(2, dropout=0.0)
+    idx = torch.tensor([3, 17, 42, 0, 49])
+    labels = torch.randint(0, 5, (5,))
+    online = distillation_loss(student(inputs[idx]), labels, temperature=4.0, alpha=0.7,
+                               teacher_log_probs=teacher.log_probs(inputs[idx], 4.0))
+    from_cache = distillation_loss(student(inputs[idx]), labels, temperature=4.0, alpha=0.7,
+                                   teacher_log_probs=cached.log_probs(idx, 4.0))
+    assert torch.allclose(online, from_cache, atol=1e-6)
+
+
+def test_disk_cache_is_keyed_by_weights_and_data(tmp_path, monkeypatch):
+    net = small_net(0)
+    inputs = torch.randn(20, 12)
+    first = CachedTeacher.build(Teacher(net), inputs, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("teacher-logits-*.safetensors"))) == 1
+
+    calls = []
+    teacher = Teacher(net)
+    original = teacher.member_logits
+    monkeypatch.setattr(teacher, "member_logits", lambda x: calls.append(1) or original(x))
+    second = CachedTeacher.build(teacher, inputs, cache_dir=tmp_path)
+    assert calls == []  # loaded from disk, the teacher did not run
+    assert torch.equal(first.member_logits_all, second.member_logits_all)
+
+    CachedTeacher.build(Teacher(small_net(1)), inputs, cache_dir=tmp_path)  # other weights
+    CachedTeacher.build(Teacher(net), inputs + 1, cache_dir=tmp_path)  # other data
+    assert len(list(tmp_path.glob("teacher-logits-*.safetensors"))) == 3
+
+
+def test_cached_teacher_checks_shape():
+    with pytest.raises(StillError, match="must be \\(members, examples, classes\\)"):
+        CachedTeacher(torch.zeros(3, 4))
+    assert math.isclose(CachedTeacher(torch.zeros(1, 3, 4)).log_probs(torch.tensor([0]), 1.0).exp().sum().item(), 1.0,
+                        rel_tol=1e-6)

@@ -1,0 +1,141 @@
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from still.errors import StillError
+from still.train import checkpoint as ckpt
+from still.train.io import atomic_write_bytes
+from still.train.seed import rng_state, set_rng_state
+
+
+def make(tmp_path, step=10, keep=3, **kwargs):
+    torch.manual_seed(step)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = ckpt.save_checkpoint(tmp_path, step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                rng=rng_state(), state={"epoch": 1, "history": [{"loss": 0.5}]},
+                                config={"lr": 1e-3}, keep=keep, **kwargs)
+    return path, model, optimizer
+
+
+def test_round_trip(tmp_path):
+    path, model, optimizer = make(tmp_path, extra_tensors={"memory": torch.arange(6.0).view(2, 3)})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "model.safetensors",
+                                                      "state.json", "state.safetensors"]
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded.step == 10 and loaded.config == {"lr": 1e-3}
+    assert loaded.state["state"]["history"] == [{"loss": 0.5}]
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model[k], v)
+    fresh = torch.optim.Adam(nn.Linear(4, 3).parameters(), lr=1e-3)
+    fresh.load_state_dict(ckpt.optimizer_state(loaded))
+    for a, b in zip(fresh.state.values(), optimizer.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert torch.equal(loaded.extra_tensors()["memory"], torch.arange(6.0).view(2, 3))
+
+
+def test_rng_states_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    make(tmp_path)
+    loaded = ckpt.latest_checkpoint(tmp_path)
+    set_rng_state(ckpt.rng_state_of(loaded))
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(ckpt.rng_state_of(loaded))
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_keeps_the_newest_k(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        make(tmp_path, step=step, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000004", "ckpt-00000005"]
+
+
+@pytest.mark.parametrize("damage", ["truncate_zero", "truncate_half", "flip_byte", "no_manifest"])
+def test_damaged_newest_is_skipped_with_a_reason(tmp_path, damage):
+    make(tmp_path, step=1)
+    newest, _, _ = make(tmp_path, step=2)
+    target = newest / "model.safetensors"
+    data = target.read_bytes()
+    if damage == "truncate_zero":
+        target.write_bytes(b"")
+    elif damage == "truncate_half":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_byte":
+        target.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        (newest / "manifest.json").unlink()
+    messages = []
+    loaded = ckpt.latest_checkpoint(tmp_path, log=messages.append)
+    assert loaded.step == 1
+    assert len(messages) == 1 and "ckpt-00000002" in messages[0]
+    with pytest.raises(StillError, match="damaged|incomplete"):
+        ckpt.load_checkpoint(newest)
+
+
+def test_failure_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    make(tmp_path, step=1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "sha256_file", full_disk)  # fails after the tensors are written
+    with pytest.raises(OSError):
+        make(tmp_path, step=2)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000001"]  # no temporary left behind
+    assert ckpt.latest_checkpoint(tmp_path).step == 1
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    target = tmp_path / "results.json"
+    atomic_write_bytes(target, b"old")
+
+    def failing(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    from still.train.io import atomic_write
+
+    with pytest.raises(OSError):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_strict_weight_loading_names_the_problem():
+    model = nn.Linear(4, 3)
+    weights = {"weight": torch.zeros(3, 5), "bias": torch.zeros(3), "extra": torch.zeros(1)}
+    with pytest.raises(StillError, match=r"unexpected extra.*wrong shape weight: \(3, 5\) in x, \(3, 4\) in the model"):
+        ckpt.load_model_weights(model, weights, source="x")
+
+
+def test_loading_never_unpickles(tmp_path):
+    """state.json is JSON and the tensors are safetensors: a pickle dropped in their place is refused."""
+    import pickle
+
+    path, _, _ = make(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = pickle.dumps(Payload())
+    (path / "model.safetensors").write_bytes(bad)
+    manifest = json.loads((path / "manifest.json").read_text())
+    from still.train.io import sha256_file
+
+    manifest["files"]["model.safetensors"] = sha256_file(path / "model.safetensors")  # a forged manifest
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StillError, match="cannot be read"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()

@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from still.distill.models import MLP, MLPConfig
+from still.train import loop
+from still.train.loop import IndexBatches, Trainer, TrainingDiverged
+from still.train.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
+from still.train.seed import seed_everything
+
+X = torch.randn(96, 10, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 3, (96,), generator=torch.Generator().manual_seed(1))
+OPTIM = OptimConfig(name="adam", lr=1e-2, schedule="cosine", warmup_fraction=0.1)
+
+
+def make_trainer(directory=None, every_steps=None):
+    seed_everything(0)
+    model = MLP(MLPConfig(in_features=10, hidden=(16,), classes=3, dropout_input=0.1, dropout_hidden=0.5))
+    optimizer = build_optimizer(model.parameters(), OPTIM)
+    scheduler = build_scheduler(optimizer, OPTIM, total_steps=4 * 6)
+
+    def loss_fn(m, idx):
+        x = X[idx] + 0.1 * torch.randn_like(X[idx])  # uses the global RNG, like augmentation
+        return F.cross_entropy(m(x), Y[idx])
+
+    def evaluate(m):
+        return {"errors": int((m(X).argmax(-1) != Y).sum())}
+
+    return Trainer(model, loss_fn, optimizer, scheduler, evaluate=evaluate, checkpoint_dir=directory,
+                   checkpoint_every_steps=every_steps, desc="t")
+
+
+BATCHES = IndexBatches(96, 16, seed=3)
+
+
+def test_index_batches_are_a_pure_function_of_the_epoch():
+    assert len(BATCHES) == 6
+    a, b = BATCHES(2), BATCHES(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(torch.cat(BATCHES(0)), torch.cat(BATCHES(1)))
+    assert sorted(torch.cat(a).tolist()) == list(range(96))
+    assert len(IndexBatches(100, 16, drop_last=True)(0)) == 6
+
+
+def _interrupted_run(tmp_path, stop_after_steps):
+    """Train until `stop_after_steps`, then stop as a crash would (after the checkpoint)."""
+
+    class Stop(Exception):
+        pass
+
+    first = make_trainer(tmp_path, every_steps=stop_after_steps)
+    original = first.save
+
+    def save_then_stop():
+        path = original()
+        if first.state.step == stop_after_steps:
+            raise Stop
+        return path
+
+    first.save = save_then_stop
+    with pytest.raises(Stop):
+        first.fit(BATCHES, 4)
+    torch.manual_seed(12345)  # a fresh process would start from other RNG states
+    second = make_trainer(tmp_path)
+    second.fit(BATCHES, 4)
+    return second
+
+
+@pytest.mark.parametrize("stop_after_steps", [9, 12], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_is_exact(tmp_path, stop_after_steps):
+    straight = make_trainer()
+    straight.fit(BATCHES, 4)
+    resumed = _interrupted_run(tmp_path, stop_after_steps)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["train_loss"] for h in straight.state.history] == [h["train_loss"] for h in resumed.state.history]
+    assert resumed.state.step == 24 and resumed.state.finished
+
+
+def test_resume_without_the_rng_restore_differs(tmp_path, monkeypatch):
+    """The control: the exact-resume test would catch a missing RNG restore."""
+    straight = make_trainer()
+    straight.fit(BATCHES, 4)
+    monkeypatch.setattr(loop, "set_rng_state", lambda state: None)
+    resumed = _interrupted_run(tmp_path, 9)
+    assert not all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(),
+                                                      resumed.model.state_dict().values()))
+
+
+def test_finished_run_loads_without_training(tmp_path):
+    first = make_trainer(tmp_path)
+    first.fit(BATCHES, 2)
+    second = make_trainer(tmp_path)
+    second.loss_fn = lambda m, idx: pytest.fail("a finished run must not train again")
+    second.fit(BATCHES, 2)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
+    assert second.state.history == first.state.history
+
+
+def test_nan_loss_stops_before_the_step(tmp_path):
+    trainer = make_trainer(tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.loss_fn = lambda m, idx: m(X[idx]).sum() * float("nan")
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 0"):
+        trainer.fit(BATCHES, 1)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_history_and_evaluation_per_epoch():
+    trainer = make_trainer()
+    state = trainer.fit(BATCHES, 3)
+    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert all({"train_loss", "seconds", "errors"} <= set(h) for h in state.history)
+    assert state.history[-1]["train_loss"] < state.history[0]["train_loss"]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    config = OptimConfig(lr=1.0, warmup_fraction=0.1, schedule="cosine")
+    factors = [lr_factor(s, 100, config) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.01
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
