@@ -1,0 +1,82 @@
+"""End to end: `still distill mnist` on a tiny subset of the real MNIST, results pinned."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import requires_mnist
+from helpers import assert_user_error, run_cli
+
+pytestmark = requires_mnist
+
+TINY = ["distill", "mnist", "--train-subset", "1000", "--test-subset", "500", "--teacher-epochs", "2",
+        "--student-epochs", "3", "--batch-size", "50", "--threads", "1"]
+# test errors (of 500) after this tiny run; seeded, one thread
+PINNED = {"teacher": 166, "baseline": 91, "distilled T=2": 173, "distilled T=20": 190}
+
+
+def errors(run_dir):
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    return {r["model"]: r["test_errors"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist") / "run"
+    from still.cli import main
+
+    try:
+        main([*TINY, "--temperature", "2,20", "--out", str(out)])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    return out
+
+
+def test_pinned_result_and_outputs(tiny_run):
+    got = errors(tiny_run)
+    assert set(got) == set(PINNED)
+    for model, expected in PINNED.items():
+        assert abs(got[model] - expected) <= 3, (model, got[model], expected)
+    table = (tiny_run / "results.md").read_text()
+    assert "| distilled T=20" in table and "paper" in table
+    assert (tiny_run / "test_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["temperatures"] == [2.0, 20.0] and config["alpha"] == 0.9
+
+
+def test_rerun_loads_every_stage_without_training(tiny_run, capsys):
+    before = errors(tiny_run)
+    code, out, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(tiny_run))
+    assert code == 0
+    assert err.count("loaded the finished run") == 4
+    assert errors(tiny_run) == before
+    assert "| distilled T=2 " in out
+
+
+def test_resume_after_a_crash_gives_the_same_result(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = errors(tiny_run)
+    # lose the student's last checkpoint: as if the run died during its last epoch
+    checkpoints = sorted((out / "student-T20-a0.9" / "checkpoints").glob("ckpt-*"))
+    shutil.rmtree(checkpoints[-1])
+    code, _, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(out))
+    assert code == 0 and "student-T20-a0.9: resuming at epoch 3" in err
+    assert errors(out) == before
+
+
+def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
+    args = [a if a != "3" else "4" for a in TINY]  # --student-epochs 4
+    assert_user_error(capsys, *args, "--out", str(tiny_run), contains="holds a run with different settings (epochs)")
+
+
+def test_omitted_digit_report(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, *TINY, "--omit-digit", "3", "--out", str(tmp_path / "omit"))
+    assert code == 0
+    row = json.loads((tmp_path / "omit" / "results.json").read_text())["rows"][-1]
+    assert row["model"] == "distilled T=20"
+    assert {"errors_on_3", "bias_3", "errors_biased", "3s_right_biased_pct"} <= set(row)
+    assert row["errors_biased"] <= row["test_errors"]  # the bias search never makes it worse
+    assert 0 <= row["bias_3"] <= 10
+    assert "digit 3 omitted" in out

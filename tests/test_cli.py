@@ -1,0 +1,81 @@
+"""Every bad input the user can give ends with a clear message and exit code 2, no traceback."""
+
+import pytest
+
+from helpers import assert_user_error, run_cli
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "distill" in out
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and "still" in out
+    code, out, _ = run_cli(capsys, "distill", "mnist", "--help")
+    assert code == 0 and "SOFT-target" in out
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "still", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "Knowledge distillation" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "0"], "temperature must be > 0, got 0.0"),
+    (["--temperature", "2,abc"], "expected numbers separated by commas"),
+    (["--alpha", "1.5"], "must be in [0, 1], got 1.5"),
+    (["--alpha", "-0.2"], "must be in [0, 1], got -0.2"),
+    (["--omit-digit", "12"], "12 is not in the range 0<=x<=9"),
+    (["--teacher-epochs", "0"], "0 is not in the range x>=1"),
+    (["--preset", "huge"], "'huge' is not one of 'quick', 'paper'"),
+])
+def test_bad_mnist_options(capsys, tmp_path, args, message):
+    assert_user_error(capsys, "distill", "mnist", "--out", str(tmp_path / "run"), *args, contains=message)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_corrupt_mnist_cache_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("STILL_OFFLINE", "1")
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "mnist.pkl.gz").write_bytes(b"garbage")
+    assert_user_error(capsys, "distill", "mnist", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+                      contains="SHA-256 mismatch")
+
+
+def test_missing_mnist_cache_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("STILL_OFFLINE", "1")
+    assert_user_error(capsys, "data", "fetch", "mnist", "--cache-dir", str(tmp_path), contains="is missing")
+
+
+def test_cifar10_missing_directory(capsys, tmp_path):
+    assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+                      contains="does not exist")
+
+
+def test_cifar10_missing_batch(capsys, cifar_dir, tmp_path):
+    (cifar_dir / "cifar-10-batches-py" / "test_batch").unlink()
+    assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "r"),
+                      contains="missing CIFAR-10 batch file(s) test_batch")
+
+
+def test_cifar10_bad_temperature(capsys, cifar_dir, tmp_path):
+    assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--temperature", "-3",
+                      "--out", str(tmp_path / "r"), contains="temperature must be > 0, got -3.0")
+
+
+def test_cifar10_refuses_a_pickle_that_runs_code(capsys, cifar_dir, tmp_path):
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (cifar_dir / "cifar-10-batches-py" / "data_batch_2").write_bytes(pickle.dumps({b"data": Payload()}, protocol=2))
+    assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "r"),
+                      contains="refusing to unpickle posix.system")
+    assert not marker.exists()
