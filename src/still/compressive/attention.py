@@ -1,0 +1,134 @@
+"""Relative multi-head attention of Transformer-XL, over [compressed memory, memory, segment].
+
+Paper: Zihang Dai, Zhilin Yang, Yiming Yang, Jaime Carbonell, Quoc V. Le, Ruslan Salakhutdinov.
+"Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context". ACL 2019,
+arXiv:1901.02860, section 3.3.
+
+Shapes: B batch, L queries (the current segment), K keys (compressed memory + memory + segment),
+H heads, D head dim, d model dim = H * D.
+
+For query i (absolute position K - L + i among the keys) and key j, with relative distance
+r = K - L + i - j >= 0 (keys after the query are masked: causal within the segment):
+
+    score(i, j) = (W_q x_i + u) . (W_k m_j)          (a) + (c): content, with the content bias u
+                + (W_q x_i + v) . (W_r R_r)          (b) + (d): position, with the position bias v
+    attention   = softmax_j(score / sqrt(D)) (W_v m_j)
+
+R_r is the sinusoidal encoding of the distance r (Vaswani et al. 2017, with the order of sine and
+cosine halves of Transformer-XL); W_r, u and v are learned; u and v are shared across positions.
+The position term is computed once for every distance K-1 ... 0, as (B, H, L, K), and shifted
+into place ("relative shift"): row i needs the distances K-L+i, K-L+i-1, ..., which are a window
+of that row starting at column L-1-i. Here the shift is a strided view (no copy).
+
+The compressed memory is treated as more past positions: distances count through the compressed
+memory as through the memory (as in Rae et al. and DeepMind's code).
+
+Deviations: none in the attention. labml's implementation learns a table of relative positions
+instead of using sinusoids and W_r; we follow the paper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_distances(klen: int, d_model: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Encodings of the distances klen-1, ..., 1, 0 (in that order): (klen, d_model)."""
+    distances = torch.arange(klen - 1, -1, -1, device=device, dtype=torch.float32)  # (K,)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d_model, 2, device=device, dtype=torch.float32) / d_model))
+    angles = distances[:, None] * inv_freq[None, :]  # (K, d/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)  # (K, d)
+
+
+def relative_shift(position_scores: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, K) scores for distances K-1..0 in every row -> scores aligned to keys.
+
+    Output[..., i, j] = input[..., i, j + L - 1 - i], the score for distance K - L + i - j. Entries
+    with j > K - L + i (future keys) are meaningless and must be masked by the caller.
+    A strided view: no copy.
+    """
+    b, h, l, k = position_scores.shape
+    x = position_scores.contiguous()
+    s_b, s_h, s_l, s_k = x.stride()
+    return x.as_strided((b, h, l, k), (s_b, s_h, s_l - 1, s_k), x.storage_offset() + l - 1)
+
+
+def causal_mask(l: int, k: int, device=None) -> torch.Tensor:
+    """(L, K) boolean, True where query i may attend key j (j <= K - L + i)."""
+    i = torch.arange(l, device=device)[:, None]
+    j = torch.arange(k, device=device)[None, :]
+    return j <= (k - l) + i
+
+
+class RelativeMultiHeadAttention(nn.Module):
+    """Multi-head attention with Transformer-XL's relative positions.
+
+    `forward(x, context)`: queries from `x` (B, L, d); keys and values from the concatenation of
+    `context` (B, P, d: compressed memory then memory, already normalised) and `x`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout_attn: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.query = nn.Linear(d_model, d_model, bias=False)
+        self.key_value = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.position = nn.Linear(d_model, d_model, bias=False)  # W_r
+        self.content_bias = nn.Parameter(torch.zeros(n_heads, self.d_head))  # u
+        self.position_bias = nn.Parameter(torch.zeros(n_heads, self.d_head))  # v
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.dropout_attn = dropout_attn
+        self.scale = 1.0 / math.sqrt(self.d_head)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.n_heads, self.d_head).transpose(1, 2)  # (B, n, d) -> (B, H, n, D)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the output (B, L, d) and, with `need_weights`, the attention each key received,
+        summed over heads and queries: (B, K). `key_valid` (B, P) masks out context slots (of an
+        earlier document)."""
+        b, l, d = x.shape
+        keys_in = x if context is None or context.shape[1] == 0 else torch.cat([context, x], dim=1)  # (B, K, d)
+        k_len = keys_in.shape[1]
+        q = self._heads(self.query(x))  # (B, H, L, D)
+        k, v = self.key_value(keys_in).chunk(2, dim=-1)
+        k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
+        r = self.position(sinusoidal_distances(k_len, d, x.device, x.dtype))  # (K, d)
+        r = r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
+
+        position_scores = relative_shift((q + self.position_bias[:, None]) @ r.transpose(-1, -2))  # (B, H, L, K)
+        allowed = causal_mask(l, k_len, x.device)  # (L, K)
+        if key_valid is not None:
+            valid = torch.cat([key_valid, key_valid.new_ones(b, l)], dim=1)  # (B, K)
+            allowed = allowed & valid[:, None, None, :]  # (B, 1, L, K)
+        q_content = q + self.content_bias[:, None]  # (B, H, L, D)
+        if need_weights:
+            scores = (q_content @ k.transpose(-1, -2) + position_scores) * self.scale  # (B, H, L, K)
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            received = weights.sum(dim=(1, 2))  # (B, K)
+            weights = F.dropout(weights, self.dropout_attn, self.training)
+            out = weights @ v  # (B, H, L, D)
+        else:
+            bias = (position_scores * self.scale).masked_fill(~allowed, float("-inf"))  # (B, H, L, K)
+            out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias,
+                                                 dropout_p=self.dropout_attn if self.training else 0.0)
+            received = None
+        out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
+        return self.out(out), received
+
+    def content_attention(self, queries: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
+        """Content-only attention (no positions, no mask) of `queries` (B, L, d) over `memories`
+        (B, n, d) with this layer's weights treated as constants: the attention-reconstruction
+        loss's attention. Returns (B, L, d), before the output projection."""
+        b, l, d = queries.shape
+        q = self._heads(F.linear(queries, self.query.weight.detach()))  # (B, H, L, D)
+        k, v = F.linear(memories, self.key_value.weight.detach()).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v))  # (B, H, L, D)
+        return out.transpose(1, 2).reshape(b, l, d)

@@ -1,0 +1,151 @@
+"""The memory state and its update rule (Rae et al. 2019, section 3 and algorithm 1).
+
+Per layer l the state holds
+
+    memory             m_l   (B, <= mem_len (+ c - 1), d): the layer's inputs of past segments
+    compressed memory  cm_l  (B, <= c_mem_len, d)
+
+both detached from the graph (no backpropagation across segments). After a segment whose layer-l
+inputs are h_l (B, L, d):
+
+    m'   = concat(m_l, h_l)                                 oldest first
+    s    = len(m') - mem_len                                how far m' overflows
+    if c_mem_len > 0:
+        n_s  = c * floor(s / c)                             compress whole groups of c only
+        old  = m'[:n_s] ; m_l = m'[n_s:]
+        cm_l = concat(cm_l, f_c(old))[-c_mem_len:]          the oldest compressed ones are dropped
+    else:                                                   Transformer-XL: no compression
+        m_l  = m'[-mem_len:]                                the oldest memories are dropped
+
+With mem_len and the segment length multiples of c (as in training) the memory never exceeds
+mem_len. When they are not, and in one-token-at-a-time sampling, up to c - 1 memories wait until a
+whole group of c can be compressed: compression happens once every c steps (DeepMind's sampler
+does the same), and the memory holds at most mem_len + c - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+
+class MemoryState(NamedTuple):
+    """The recurrent state of a Compressive Transformer.
+
+    `memory` and `compressed` hold one tensor per layer. `memory_valid` (B, M) and
+    `compressed_valid` (B, N) say which slots hold something of the current document in each batch
+    row (None: all of them); a document boundary resets a row by marking its slots invalid, and the
+    attention masks invalid slots out.
+    """
+
+    memory: tuple[torch.Tensor, ...]  # each (B, M, d)
+    compressed: tuple[torch.Tensor, ...]  # each (B, N, d)
+    memory_valid: torch.Tensor | None = None  # (B, M) bool
+    compressed_valid: torch.Tensor | None = None  # (B, N) bool
+
+    @staticmethod
+    def empty(n_layers: int, batch: int, d_model: int, device=None, dtype=torch.float32) -> MemoryState:
+        def zeros():
+            return torch.zeros(batch, 0, d_model, device=device, dtype=dtype)
+
+        return MemoryState(tuple(zeros() for _ in range(n_layers)), tuple(zeros() for _ in range(n_layers)))
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory[0].shape[0]
+
+    @property
+    def memory_len(self) -> int:
+        return self.memory[0].shape[1]
+
+    @property
+    def compressed_len(self) -> int:
+        return self.compressed[0].shape[1]
+
+    def validity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M) and (B, N) validity, materialised."""
+        b, device = self.batch_size, self.memory[0].device
+        mv = self.memory_valid if self.memory_valid is not None else torch.ones(b, self.memory_len, dtype=torch.bool, device=device)
+        cv = (self.compressed_valid if self.compressed_valid is not None
+              else torch.ones(b, self.compressed_len, dtype=torch.bool, device=device))
+        return mv, cv
+
+    def key_valid(self) -> torch.Tensor | None:
+        """(B, N + M) validity of [compressed memory, memory], or None when all are valid."""
+        if self.memory_valid is None and self.compressed_valid is None:
+            return None
+        mv, cv = self.validity()
+        return torch.cat([cv, mv], dim=1)
+
+    def reset(self, rows: torch.Tensor) -> MemoryState:
+        """Forget the memories of the batch rows where `rows` (B,) is True (a new document starts)."""
+        if not bool(rows.any()):
+            return self
+        mv, cv = self.validity()
+        keep = ~rows.to(torch.bool)[:, None]
+        return self._replace(memory_valid=mv & keep, compressed_valid=cv & keep)
+
+    def detach(self) -> MemoryState:
+        return self._replace(memory=tuple(m.detach() for m in self.memory),
+                             compressed=tuple(c.detach() for c in self.compressed))
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """A flat dict of tensors, for a checkpoint."""
+        mv, cv = self.validity()
+        out = {f"memory/{i}": m for i, m in enumerate(self.memory)}
+        out.update({f"compressed/{i}": c for i, c in enumerate(self.compressed)})
+        out.update({"memory_valid": mv.to(torch.uint8), "compressed_valid": cv.to(torch.uint8)})
+        return out
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> MemoryState:
+        n = len([k for k in tensors if k.startswith("memory/")])
+        mv, cv = tensors["memory_valid"].bool(), tensors["compressed_valid"].bool()
+        return MemoryState(tuple(tensors[f"memory/{i}"] for i in range(n)),
+                           tuple(tensors[f"compressed/{i}"] for i in range(n)),
+                           None if bool(mv.all()) else mv, None if bool(cv.all()) else cv)
+
+
+def update_validity(memory_valid: torch.Tensor, compressed_valid: torch.Tensor, segment_len: int, *, mem_len: int,
+                    c_mem_len: int, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update rule applied to the validity flags (B, M), (B, N): the segment's L slots are
+    valid; a compressed slot is valid when all c memories it came from were."""
+    b = memory_valid.shape[0]
+    extended = torch.cat([memory_valid, memory_valid.new_ones(b, segment_len)], dim=1)
+    overflow = extended.shape[1] - mem_len
+    if overflow <= 0:
+        return extended, compressed_valid
+    if c_mem_len == 0:
+        return extended[:, overflow:], compressed_valid
+    n_s = rate * (overflow // rate)
+    if n_s == 0:
+        return extended, compressed_valid
+    groups = extended[:, :n_s].view(b, n_s // rate, rate).all(-1)  # (B, n_s / c)
+    return extended[:, n_s:], torch.cat([compressed_valid, groups], dim=1)[:, -c_mem_len:]
+
+
+def update_layer_memory(memory: torch.Tensor, compressed: torch.Tensor, hidden: torch.Tensor, *, mem_len: int,
+                        c_mem_len: int, rate: int, compress: Callable[[torch.Tensor], torch.Tensor] | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One layer's update rule (see the module docstring).
+
+    Args: memory (B, M, d), compressed (B, N, d), hidden (B, L, d): the layer's inputs this segment.
+    Returns: (new memory, new compressed memory, the old memories that were compressed (B, n_s, d)
+    or None, their compression f_c(old) (B, n_s / c, d) with its graph, or None). The new states
+    are detached.
+    """
+    extended = torch.cat([memory, hidden.detach()], dim=1)  # (B, M + L, d), oldest first
+    overflow = extended.shape[1] - mem_len
+    if overflow <= 0:
+        return extended, compressed, None, None
+    if c_mem_len == 0 or compress is None:
+        return extended[:, overflow:], compressed, None, None  # Transformer-XL: drop the oldest
+    n_s = rate * (overflow // rate)
+    if n_s == 0:
+        return extended, compressed, None, None  # wait for a whole group of c
+    old = extended[:, :n_s]  # (B, n_s, d)
+    new_compressed = compress(old)  # (B, n_s / c, d)
+    compressed = torch.cat([compressed, new_compressed.detach()], dim=1)[:, -c_mem_len:]  # (B, <= N, d)
+    return extended[:, n_s:], compressed, old, new_compressed

@@ -1,0 +1,256 @@
+"""The Compressive Transformer language model.
+
+Paper: Jack W. Rae, Anna Potapenko, Siddhant M. Jayakumar, Timothy P. Lillicrap. "Compressive
+Transformers for Long-Range Sequence Modelling". ICLR 2020, arXiv:1911.05507. Built on
+Transformer-XL (Dai et al. 2019): see attention.py for the relative attention, memory.py for the
+memory update rule and compression.py for the compression functions.
+
+Shapes: B batch, L segment length, M memory length, N compressed memory length, V vocabulary,
+d model dim.
+
+One segment through layer l (pre-LayerNorm, the default, as labml):
+
+    context = [cm_l, m_l]                                     (B, N + M, d), detached
+    h  = h + Dropout(Attn(LN1(h), LN1(context)))              keys/values over [context, h]
+    h  = h + Dropout(FF(LN2(h)))                              FF(x) = W2 Dropout(ReLU(W1 x))
+
+Post-LayerNorm (the paper's, `pre_norm=False`): h = LN1(h + Attn(h, context)); h = LN2(h + FF(h)).
+The memory m_l stores the layer's inputs h (before any norm).
+
+Compression loss (section 3.2), one per layer whose f_c has parameters, averaged over layers:
+
+    attention reconstruction (default):
+        || attn(h, old) - attn(h, f_c(old)) ||^2 (mean)       content-only attention with the
+        layer's query/key/value weights and LN1 treated as constants; h and the old memories are
+        detached, so only f_c learns from it
+    auto-encoding:  || g(f_c(old)) - old ||^2 with a learned transposed-convolution decoder g
+    none:           f_c is not trained (as for max, mean and most-used, which have no parameters)
+
+Memories and compressed memories are stored detached, so the language-model loss never reaches
+f_c, and f_c's loss never reaches the rest of the model: the two sets of parameters learn from
+disjoint losses. Training (recipes/lm.py) follows DeepMind's reference code: Adam with a linear
+warm-up and cosine decay, separate gradient clipping for the model and the compressors (the paper
+clips at norm 0.1). labml uses a single optimizer for both losses.
+
+Special cases (tested): `c_mem_len = 0` is Transformer-XL; `mem_len = c_mem_len = 0` is a causal
+transformer with relative positions; in eval mode with `mem_len` >= the total length and no
+compression, feeding a sequence in segments gives the logits of feeding it at once.
+
+Deviations from the paper: pre-LayerNorm by default; no adaptive softmax or embeddings (character
+and byte vocabularies are small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from still.compressive.attention import RelativeMultiHeadAttention
+from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
+from still.compressive.memory import MemoryState, update_layer_memory, update_validity
+from still.errors import check
+
+CompressionLoss = Literal["attention", "autoencoding", "none"]
+
+
+@dataclass(frozen=True)
+class CompressiveConfig:
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    d_ff: int = 1024
+    mem_len: int = 128
+    """Memories per layer (the layer inputs of past segments); 0: none."""
+    c_mem_len: int = 128
+    """Compressed memories per layer; 0: no compression (Transformer-XL)."""
+    compression_rate: int = 4
+    """c: old memories compressed per compressed memory."""
+    compression: CompressionName = "conv"
+    """f_c: conv, dilated, max, mean or most_used."""
+    compression_loss: CompressionLoss = "attention"
+    """How f_c learns: attention (reconstruction), autoencoding or none."""
+    pre_norm: bool = True
+    """Pre-LayerNorm (labml); False: post-LayerNorm (the paper)."""
+    dropout: float = 0.1
+    dropout_attn: float = 0.0
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "compression_rate"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check(self.d_model % self.n_heads == 0,
+              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        check((self.d_model // self.n_heads) % 2 == 0 and self.d_model % 2 == 0,
+              f"d_model ({self.d_model}) must be even, for the sinusoidal encodings")
+        check(self.mem_len >= 0, f"mem_len must be >= 0, got {self.mem_len}")
+        check(self.c_mem_len >= 0, f"c_mem_len must be >= 0, got {self.c_mem_len}")
+        check(self.compression in COMPRESSIONS, f"compression must be one of {', '.join(COMPRESSIONS)}, "
+                                                 f"got {self.compression!r}")
+        check(self.compression_loss in ("attention", "autoencoding", "none"),
+              f"compression_loss must be attention, autoencoding or none, got {self.compression_loss!r}")
+        check(self.c_mem_len == 0 or self.mem_len % self.compression_rate == 0,
+              f"mem_len ({self.mem_len}) must be a multiple of compression_rate ({self.compression_rate}) "
+              "when there is a compressed memory")
+        check(0 <= self.dropout < 1 and 0 <= self.dropout_attn < 1,
+              f"dropouts must be in [0, 1), got {self.dropout} and {self.dropout_attn}")
+
+    @property
+    def has_compression(self) -> bool:
+        return self.c_mem_len > 0
+
+    @property
+    def trains_compressor(self) -> bool:
+        return self.has_compression and self.compression in ("conv", "dilated") and self.compression_loss != "none"
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.relu(self.up(x))))  # (B, L, d)
+
+
+class CompressiveLayer(nn.Module):
+    def __init__(self, config: CompressiveConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.attention = RelativeMultiHeadAttention(config.d_model, config.n_heads, config.dropout_attn)
+        self.norm2 = nn.LayerNorm(config.d_model)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+        self.compressor = (Compressor(config.compression, config.d_model, config.compression_rate)
+                           if config.has_compression else None)
+        self.decoder = (Decoder(config.d_model, config.compression_rate)
+                        if config.trains_compressor and config.compression_loss == "autoencoding" else None)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor | None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h (B, L, d), context (B, N + M, d) -> (B, L, d), attention received by each key (B, K)."""
+        if self.pre_norm:
+            attended, received = self.attention(self.norm1(h), self.norm1(context), key_valid, need_weights)
+            h = h + self.dropout(attended)
+            return h + self.dropout(self.feed_forward(self.norm2(h))), received
+        attended, received = self.attention(h, context, key_valid, need_weights)
+        h = self.norm1(h + self.dropout(attended))
+        return self.norm2(h + self.dropout(self.feed_forward(h))), received
+
+    def norm_as_constant(self, x: torch.Tensor) -> torch.Tensor:
+        """LN1 with its parameters treated as constants (identity for post-LN, whose attention sees raw inputs)."""
+        if not self.pre_norm:
+            return x
+        return F.layer_norm(x, self.norm1.normalized_shape, self.norm1.weight.detach(), self.norm1.bias.detach(),
+                            self.norm1.eps)
+
+    def compression_loss(self, kind: CompressionLoss, h: torch.Tensor, old: torch.Tensor,
+                         compressed: torch.Tensor) -> torch.Tensor:
+        """The loss that trains this layer's f_c; only f_c (and the decoder) receive its gradient."""
+        if kind == "autoencoding":
+            return F.mse_loss(self.decoder(compressed), old.detach())
+        queries = self.norm_as_constant(h.detach())  # (B, L, d)
+        target = self.attention.content_attention(queries, self.norm_as_constant(old.detach()))  # (B, L, d)
+        approx = self.attention.content_attention(queries, self.norm_as_constant(compressed))  # (B, L, d)
+        return F.mse_loss(approx, target.detach())
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, L, V)
+    state: MemoryState
+    compression_loss: torch.Tensor | None  # scalar, when computed
+
+
+class CompressiveTransformer(nn.Module):
+    def __init__(self, config: CompressiveConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(CompressiveLayer(config) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.d_model) if config.pre_norm else nn.Identity()
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init)
+        if config.tie_embeddings:
+            self.head.weight = self.embedding.weight
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.ConvTranspose1d)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def compressor_parameters(self) -> list[nn.Parameter]:
+        """f_c and the auto-encoding decoders: trained only by the compression loss."""
+        return [p for layer in self.layers for m in (layer.compressor, layer.decoder) if m is not None
+                for p in m.parameters()]
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """Everything else: trained only by the language-model loss."""
+        ids = {id(p) for p in self.compressor_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
+        return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)
+
+    def forward(self, tokens: torch.Tensor, state: MemoryState | None = None, *, reset: torch.Tensor | None = None,
+                with_compression_loss: bool | None = None) -> ModelOutput:
+        """tokens (B, L) -> logits (B, L, V), the next state, and the compression loss.
+
+        `state` is the memory from the previous segment (None: empty). `reset` (B,) bool marks batch
+        rows where a new document starts with this segment: their memories are masked out. The
+        compression loss is computed when training a compressor, or when `with_compression_loss`.
+        """
+        config = self.config
+        b, l = tokens.shape
+        if state is None:
+            state = self.empty_state(b, tokens.device, self.embedding.weight.dtype)
+        if reset is not None:
+            state = state.reset(reset)
+        if with_compression_loss is None:
+            with_compression_loss = self.training and config.trains_compressor
+        key_valid = state.key_valid()  # (B, N + M) or None
+        need_weights = config.has_compression and config.compression == "most_used"
+
+        h = self.dropout(self.embedding(tokens))  # (B, L, d)
+        layer_inputs, received_all = [], []
+        for layer, memory, compressed in zip(self.layers, state.memory, state.compressed):
+            layer_inputs.append(h)
+            context = torch.cat([compressed, memory], dim=1)  # (B, N + M, d)
+            h, received = layer(h, context, key_valid, need_weights)
+            received_all.append(received)
+        logits = self.head(self.norm(h))  # (B, L, V)
+
+        new_memory, new_compressed, losses = [], [], []
+        n = state.compressed_len
+        for layer, memory, compressed, hidden, received in zip(
+                self.layers, state.memory, state.compressed, layer_inputs, received_all):
+            def compress(old, layer=layer, received=received):
+                scores = received[:, n : n + old.shape[1]] if received is not None else None  # (B, n_s)
+                return layer.compressor(old, scores)
+
+            mem, cmem, old, fresh = update_layer_memory(
+                memory, compressed, hidden, mem_len=config.mem_len, c_mem_len=config.c_mem_len,
+                rate=config.compression_rate, compress=compress if layer.compressor is not None else None)
+            new_memory.append(mem)
+            new_compressed.append(cmem)
+            if with_compression_loss and old is not None and config.trains_compressor:
+                losses.append(layer.compression_loss(config.compression_loss, hidden, old, fresh))
+
+        memory_valid, compressed_valid = None, None
+        if key_valid is not None:
+            memory_valid, compressed_valid = update_validity(
+                *state.validity(), l, mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
+            if bool(memory_valid.all()) and bool(compressed_valid.all()):
+                memory_valid, compressed_valid = None, None
+        next_state = MemoryState(tuple(new_memory), tuple(new_compressed), memory_valid, compressed_valid)
+        compression_loss = torch.stack(losses).mean() if losses else None
+        return ModelOutput(logits, next_state, compression_loss)

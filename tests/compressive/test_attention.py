@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from still.compressive.attention import RelativeMultiHeadAttention, causal_mask, relative_shift, sinusoidal_distances
+
+
+def test_relative_shift_aligns_distances():
+    b, h, l, k = 2, 3, 4, 7
+    raw = torch.randn(b, h, l, k)  # column m holds the score for distance k - 1 - m
+    shifted = relative_shift(raw)
+    for i in range(l):
+        for j in range(k):
+            distance = k - l + i - j
+            if distance >= 0:
+                assert shifted[:, :, i, j].equal(raw[:, :, i, k - 1 - distance])
+
+
+def test_relative_shift_matches_the_pad_and_reshape_trick():
+    raw = torch.randn(2, 2, 5, 9)
+    b, h, l, k = raw.shape
+    padded = F.pad(raw, (1, 0)).view(b, h, k + 1, l)[:, :, 1:].reshape(b, h, l, k)  # Transformer-XL's
+    mask = causal_mask(l, k)
+    assert torch.equal(relative_shift(raw)[..., mask], padded[..., mask])
+
+
+def test_causal_mask():
+    mask = causal_mask(3, 5)
+    assert mask.tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
+
+
+def reference_attention(attn: RelativeMultiHeadAttention, x, context):
+    """score(i, j) = (q_i + u).k_j + (q_i + v).W_r R_{i-j}, written out position by position."""
+    keys_in = torch.cat([context, x], 1)
+    b, l, d = x.shape
+    k_len = keys_in.shape[1]
+    hd, nh = attn.d_head, attn.n_heads
+    q = attn.query(x).view(b, l, nh, hd)
+    k, v = attn.key_value(keys_in).view(b, k_len, 2, nh, hd).unbind(2)
+    distances = torch.arange(k_len, dtype=torch.float32)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = distances[:, None] * inv_freq
+    enc = torch.cat([angles.sin(), angles.cos()], -1)  # encoding of distance r at row r
+    r = attn.position(enc).view(k_len, nh, hd)
+    out = torch.zeros(b, l, nh, hd)
+    for i in range(l):
+        scores = torch.full((b, nh, k_len), float("-inf"))
+        for j in range(k_len):
+            dist = k_len - l + i - j
+            if dist < 0:
+                continue
+            scores[:, :, j] = ((q[:, i] + attn.content_bias) * k[:, j]).sum(-1) + \
+                ((q[:, i] + attn.position_bias) * r[dist]).sum(-1)
+        w = (scores / math.sqrt(hd)).softmax(-1)  # (b, nh, K)
+        out[:, i] = torch.einsum("bhk,bkhd->bhd", w, v)
+    return attn.out(out.reshape(b, l, d))
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_matches_the_position_by_position_reference(need_weights):
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(16, 4).eval()
+    with torch.no_grad():
+        attn.content_bias.normal_()
+        attn.position_bias.normal_()
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 6, 16)
+    out, received = attn(x, context, need_weights=need_weights)
+    assert torch.allclose(out, reference_attention(attn, x, context), atol=1e-5)
+    if need_weights:
+        assert received.shape == (2, 11)
+        assert torch.allclose(received.sum(-1), torch.full((2,), 4.0 * 5), atol=1e-4)  # heads x queries
+
+
+def test_fused_and_explicit_paths_agree_with_gradients():
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(16, 2)
+    x, context = torch.randn(3, 4, 16, requires_grad=True), torch.randn(3, 8, 16)
+    grads = []
+    for need_weights in (False, True):
+        out, _ = attn(x, context, need_weights=need_weights)
+        x.grad = None
+        attn.zero_grad()
+        out.square().sum().backward()
+        grads.append((out.detach(), x.grad.clone(), attn.position_bias.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_invalid_context_is_masked_out():
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(16, 4).eval()
+    x, context = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    out, received = attn(x, context, valid, need_weights=True)
+    garbage = context.clone()
+    garbage[1, :2] = 100.0
+    out2, _ = attn(x, garbage, valid)
+    assert torch.allclose(out, out2, atol=1e-5)
+    assert received[1, :2].abs().max() == 0
+
+
+def test_sinusoids_count_down_to_zero():
+    enc = sinusoidal_distances(5, 8)
+    assert enc.shape == (5, 8)
+    assert torch.allclose(enc[-1], torch.tensor([0.0] * 4 + [1.0] * 4))  # distance 0

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from still.compressive.compression import Compressor, Decoder
+
+
+def test_pooling_on_known_values():
+    old = torch.arange(8, dtype=torch.float32).view(1, 8, 1).repeat(1, 1, 2)  # (1, 8, 2)
+    assert Compressor("max", 2, 4)(old)[0, :, 0].tolist() == [3, 7]
+    assert Compressor("mean", 2, 4)(old)[0, :, 0].tolist() == [1.5, 5.5]
+
+
+def test_conv_has_no_bias_and_sees_exactly_its_group():
+    comp = Compressor("conv", 3, 4)
+    assert comp.conv.bias is None
+    old = torch.randn(2, 12, 3)
+    out = comp(old)
+    assert out.shape == (2, 3, 3)
+    changed = old.clone()
+    changed[:, 4:8] += 1  # only the second group
+    diff = (comp(changed) - out).abs().sum(-1)
+    assert diff[:, 0].max() == 0 and diff[:, 2].max() == 0 and diff[:, 1].min() > 0
+
+
+def test_dilated_shape_and_causality():
+    comp = Compressor("dilated", 3, 4)
+    old = torch.randn(1, 16, 3)
+    out = comp(old)
+    assert out.shape == (1, 4, 3)
+    changed = old.clone()
+    changed[:, -1] += 1  # the newest memory can only affect the last compressed slot
+    assert (comp(changed) - out)[:, :3].abs().max() == 0
+
+
+def test_most_used_keeps_the_most_attended_in_order():
+    old = torch.arange(8, dtype=torch.float32).view(1, 8, 1)
+    received = torch.tensor([[0.1, 5.0, 0.2, 0.3, 0.0, 0.1, 7.0, 0.2]])
+    out = Compressor("most_used", 1, 4)(old, received)
+    assert out.flatten().tolist() == [1.0, 6.0]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="multiple of the rate 4"):
+        Compressor("mean", 2, 4)(torch.randn(1, 6, 2))
+    with pytest.raises(ValueError, match="needs the attention"):
+        Compressor("most_used", 2, 4)(torch.randn(1, 8, 2))
+    with pytest.raises(ValueError, match="compression must be one of"):
+        Compressor("zip", 2, 4)
+
+
+def test_decoder_inverts_shapes():
+    assert Decoder(3, 4)(torch.randn(2, 5, 3)).shape == (2, 20, 3)

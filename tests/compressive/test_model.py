@@ -1,0 +1,154 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from still.compressive import CompressiveConfig, CompressiveTransformer, MemoryState
+from still.errors import StillError
+
+TINY = dict(vocab_size=23, d_model=32, n_layers=2, n_heads=4, d_ff=48, dropout=0.0)
+
+
+def model(**kwargs) -> CompressiveTransformer:
+    torch.manual_seed(0)
+    return CompressiveTransformer(CompressiveConfig(**{**TINY, **kwargs}))
+
+
+def tokens(b=2, l=32, seed=1):
+    return torch.randint(0, 23, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_segment_by_segment_equals_all_at_once(pre_norm):
+    """Eval, no compression, memory long enough: the memory is an exact cache of the past."""
+    net = model(mem_len=64, c_mem_len=0, pre_norm=pre_norm).eval()
+    seq = tokens(l=40)
+    full = net(seq).logits
+    state, parts = None, []
+    for start in range(0, 40, 8):
+        out = net(seq[:, start : start + 8], state)
+        state = out.state
+        parts.append(out.logits)
+    assert torch.allclose(full, torch.cat(parts, 1), atol=1e-5)
+
+
+def test_token_by_token_equals_all_at_once():
+    net = model(mem_len=32, c_mem_len=0).eval()
+    seq = tokens(l=20)
+    full = net(seq).logits
+    state, parts = None, []
+    for t in range(20):
+        out = net(seq[:, t : t + 1], state)
+        state, _ = out.state, parts.append(out.logits)
+    assert torch.allclose(full, torch.cat(parts, 1), atol=1e-5)
+
+
+def test_compression_parity_with_segments_that_fill_nothing():
+    """With compression configured but memory never overflowing, it is Transformer-XL exactly."""
+    seq = tokens(l=24)
+    xl, ct = model(mem_len=32, c_mem_len=0).eval(), model(mem_len=32, c_mem_len=8).eval()
+    ct.load_state_dict(xl.state_dict(), strict=False)
+    a, b = xl(seq[:, :12]), ct(seq[:, :12])
+    a2, b2 = xl(seq[:, 12:], a.state), ct(seq[:, 12:], b.state)
+    assert torch.allclose(a2.logits, b2.logits, atol=1e-6) and b2.state.compressed_len == 0
+
+
+def test_c_mem_len_zero_is_transformer_xl():
+    net = model(mem_len=8, c_mem_len=0)
+    assert net.compressor_parameters() == []
+    state = None
+    for start in range(0, 32, 8):
+        out = net(tokens()[:, start : start + 8], state)
+        state = out.state
+        assert out.compression_loss is None
+    assert state.memory_len == 8 and state.compressed_len == 0
+
+
+def test_no_memory_is_a_causal_transformer():
+    net = model(mem_len=0, c_mem_len=0).eval()
+    seq = tokens(l=16)
+    first = net(seq[:, :8])
+    assert first.state.memory_len == 0
+    # the second segment does not see the first
+    assert torch.allclose(net(seq[:, 8:], first.state).logits, net(seq[:, 8:]).logits)
+    # causal: changing a later token leaves earlier logits alone
+    changed = seq.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 23
+    assert torch.allclose(net(seq).logits[:, :10], net(changed).logits[:, :10], atol=1e-6)
+    assert not torch.allclose(net(seq).logits[:, 10:], net(changed).logits[:, 10:])
+
+
+@pytest.mark.parametrize("compression, loss, pre_norm", [
+    ("conv", "attention", True), ("conv", "attention", False), ("dilated", "attention", True),
+    ("conv", "autoencoding", True)])
+def test_losses_reach_disjoint_parameters(compression, loss, pre_norm):
+    """The LM loss trains every parameter except f_c; the compression loss trains only f_c.
+    (A public implementation's key/value projection stopped getting gradients here.)"""
+    net = model(mem_len=8, c_mem_len=8, compression=compression, compression_loss=loss, pre_norm=pre_norm).train()
+    state = None
+    seq = tokens(l=40)
+    for start in range(0, 32, 8):  # fill the memories
+        state = net(seq[:, start : start + 8], state).state
+    out = net(seq[:, 32:39], state)  # segment of 7: overflow 7 -> one group of 4 compressed
+    assert out.compression_loss is not None and out.compression_loss > 0
+    lm = F.cross_entropy(out.logits.flatten(0, 1), seq[:, 33:40].flatten())
+    compressor_ids = {id(p) for p in net.compressor_parameters()}
+    assert compressor_ids
+
+    lm_grads = torch.autograd.grad(lm, list(net.parameters()), allow_unused=True, retain_graph=True)
+    for (name, p), g in zip(net.named_parameters(), lm_grads):
+        if id(p) in compressor_ids:
+            assert g is None or g.abs().max() == 0, f"LM loss reached the compressor: {name}"
+        else:
+            assert g is not None and g.abs().max() > 0, f"no LM gradient for {name}"
+    c_grads = torch.autograd.grad(out.compression_loss, list(net.parameters()), allow_unused=True)
+    for (name, p), g in zip(net.named_parameters(), c_grads):
+        if id(p) in compressor_ids:
+            assert g is not None and g.abs().max() > 0, f"no compression gradient for {name}"
+        else:
+            assert g is None or g.abs().max() == 0, f"compression loss reached {name}"
+
+
+@pytest.mark.parametrize("compression", ["conv", "dilated", "max", "mean", "most_used"])
+def test_every_compression_runs_and_fills_the_compressed_memory(compression):
+    net = model(mem_len=8, c_mem_len=8, compression=compression).train()
+    state = None
+    seq = tokens(l=48)
+    for start in range(0, 48, 8):  # 2 compressed per segment after the first: 10, capped at 8
+        out = net(seq[:, start : start + 8], state)
+        state = out.state
+        assert torch.isfinite(out.logits).all()
+    assert state.compressed_len == 8 and state.memory_len == 8
+    assert (out.compression_loss is not None) == (compression in ("conv", "dilated"))
+
+
+def test_reset_rows_forget_their_past():
+    net = model(mem_len=16, c_mem_len=8).eval()
+    seq = tokens(b=2, l=24)
+    first = net(seq[:, :16])
+    reset = torch.tensor([False, True])
+    out = net(seq[:, 16:], first.state, reset=reset)
+    fresh = net(seq[1:, 16:])
+    assert torch.allclose(out.logits[1], fresh.logits[0], atol=1e-5)  # row 1 as if nothing came before
+    assert not torch.allclose(out.logits[0], net(seq[:1, 16:]).logits[0], atol=1e-3)  # row 0 remembers
+    assert out.state.key_valid() is not None
+
+
+def test_state_survives_a_checkpoint_round_trip():
+    net = model(mem_len=8, c_mem_len=8).eval()
+    state = None
+    for start in range(0, 24, 8):
+        state = net(tokens()[:, start : start + 8], state).state
+    again = MemoryState.from_tensors(state.to_tensors())
+    nxt = tokens(seed=5)[:, :8]
+    assert torch.equal(net(nxt, state).logits, net(nxt, again).logits)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"d_model": 30, "n_heads": 4}, "must be divisible by n_heads"),
+    ({"mem_len": 10, "c_mem_len": 8, "compression_rate": 4}, "mem_len \\(10\\) must be a multiple of compression_rate"),
+    ({"compression": "zip"}, "compression must be one of"),
+    ({"mem_len": -1}, "mem_len must be >= 0, got -1"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(StillError, match=message):
+        CompressiveConfig(**{**TINY, **kwargs})
