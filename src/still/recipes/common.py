@@ -67,7 +67,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 5000,
 
 
 def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], *,
-                xlabel: str, ylabel: str, title: str, logy: bool = False,
+                xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False,
                 hlines: Sequence[tuple[str, float]] = ()) -> None:
     """Draw (label, xs, ys) curves, and dashed reference lines (label, y) in the same colours, into a PNG."""
     import matplotlib
@@ -82,6 +82,8 @@ def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequenc
         ax.axhline(value, linestyle="--", linewidth=0.8, color=f"C{i}", alpha=0.7, label=label)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -75,6 +75,10 @@ class Trainer:
         loss_fn: `loss_fn(model, batch) -> scalar loss`.
         optimizer, scheduler: as built by `still.train.optim`; the scheduler is stepped per batch.
         grad_clip: clip the global gradient norm (None: off).
+        clip_groups: parameter groups whose gradient norms are clipped separately (default: one
+            group of all parameters).
+        state_tensors, load_state_tensors: save and restore extra state (a language model's
+            memories, say) with every checkpoint.
         post_step: called after every optimizer step (for weight constraints such as max-norm).
         evaluate: `evaluate(model) -> dict of metrics`, run after every epoch in eval mode.
         checkpoint_dir: where to save; `fit` resumes from the newest valid checkpoint there.
@@ -87,6 +91,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  optimizer: torch.optim.Optimizer, scheduler: Any = None, *, grad_clip: float | None = None,
+                 clip_groups: list[list[nn.Parameter]] | None = None,
+                 state_tensors: Callable[[], dict[str, torch.Tensor]] | None = None,
+                 load_state_tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
                  post_step: Callable[[], None] | None = None,
                  evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
@@ -98,6 +105,9 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.grad_clip = grad_clip
+        self.clip_groups = clip_groups
+        self.state_tensors = state_tensors
+        self.load_state_tensors = load_state_tensors
         self.post_step = post_step
         self.evaluate = evaluate
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -119,7 +129,8 @@ class Trainer:
             model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-            rng=rng_state(), state=asdict(self.state), config=self.config, keep=self.keep)
+            rng=rng_state(), state=asdict(self.state), config=self.config, keep=self.keep,
+            extra_tensors=self.state_tensors() if self.state_tensors is not None else None)
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         ckpt.load_model_weights(self.model, checkpoint.model, source=str(checkpoint.path))
@@ -132,6 +143,8 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)
         self.state = TrainState(**checkpoint.state["state"])
+        if self.load_state_tensors is not None:
+            self.load_state_tensors(checkpoint.extra_tensors())
 
     def resume(self) -> bool:
         """Restore from the newest valid checkpoint in `checkpoint_dir`; True if there was one."""
@@ -153,9 +166,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            if not torch.isfinite(norm):
-                raise TrainingDiverged(f"{self.desc}: the gradient norm is {norm.item()} at step {self.state.step}")
+            for group in self.clip_groups or [list(self.model.parameters())]:
+                norm = torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
+                if not torch.isfinite(norm):
+                    raise TrainingDiverged(f"{self.desc}: the gradient norm is {norm.item()} at step {self.state.step}")
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

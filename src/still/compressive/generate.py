@@ -1,0 +1,101 @@
+"""Streaming generation and evaluation with the memories carried.
+
+Generation feeds the prompt in segments, then one token at a time; each new token attends to at
+most mem_len + c - 1 memories and c_mem_len compressed memories per layer, so the cost of a new
+token does not grow with the number of tokens generated so far (nothing of the past is
+recomputed). Compression happens once every c tokens (memory.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from still.compressive.memory import MemoryState
+from still.compressive.model import CompressiveTransformer
+from still.errors import StillError
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Keep the top-k logits and/or the smallest set whose probability reaches top_p. (B, V) -> (B, V)."""
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, segment_len: int = 128,
+             generator: torch.Generator | None = None, state: MemoryState | None = None) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1."""
+    if temperature <= 0:
+        raise StillError(f"temperature must be > 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise StillError(f"top_p must be in (0, 1], got {top_p}")
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise StillError(f"the prompt must be (batch, length >= 1), got shape {tuple(prompt.shape)}")
+    model.eval()
+    logits = None
+    for start in range(0, prompt.shape[1], segment_len):
+        out = model(prompt[:, start : start + segment_len], state)
+        state, logits = out.state, out.logits[:, -1]
+    for _ in range(max_new_tokens):
+        probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)  # (B, V)
+        token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        yield token[:, 0]
+        out = model(token, state)
+        state, logits = out.state, out.logits[:, -1]
+
+
+@torch.no_grad()
+def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int | None = None,
+                     position_edges: list[int] | None = None, progress=None) -> dict:
+    """Bits per token and perplexity over `streams` (a `TokenStreams`), streaming with memory.
+
+    With `position_edges`, also the mean loss (bits) of the targets whose position within their
+    document falls in each bucket [edges[i], edges[i+1]).
+    """
+    was_training = model.training
+    model.eval()
+    state = None
+    total, count = 0.0, 0
+    edges = torch.tensor(position_edges) if position_edges else None
+    bucket_sum = torch.zeros(len(position_edges) - 1, dtype=torch.float64) if position_edges else None
+    bucket_count = torch.zeros_like(bucket_sum) if position_edges else None
+    n = len(streams) if max_segments is None else min(max_segments, len(streams))
+    steps = range(n) if progress is None else progress(range(n))
+    for step in steps:
+        segment = streams.segment(step)
+        out = model(segment.inputs, state, reset=segment.reset)
+        state = out.state
+        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), segment.targets.flatten(), ignore_index=-100,
+                              reduction="none").view_as(segment.targets)  # (B, L)
+        valid = segment.targets != -100
+        total += float(nll[valid].double().sum())
+        count += int(valid.sum())
+        if edges is not None:
+            pos = segment.positions[valid]
+            bucket = torch.bucketize(pos, edges, right=True) - 1  # index of [edges[i], edges[i+1])
+            keep = (bucket >= 0) & (bucket < len(bucket_sum))
+            bucket_sum.index_add_(0, bucket[keep], nll[valid][keep].double())
+            bucket_count.index_add_(0, bucket[keep], torch.ones_like(bucket[keep], dtype=torch.float64))
+    model.train(was_training)
+    if count == 0:
+        raise StillError("nothing to evaluate: the split has no targets")
+    nats = total / count
+    result = {"bits_per_token": nats / math.log(2), "perplexity": math.exp(nats), "tokens": count}
+    if edges is not None:
+        result["by_position"] = [
+            {"from": int(edges[i]), "to": int(edges[i + 1]), "tokens": int(bucket_count[i]),
+             "bits_per_token": float(bucket_sum[i] / bucket_count[i] / math.log(2)) if bucket_count[i] else None}
+            for i in range(len(bucket_sum))]
+    return result

