@@ -19,6 +19,7 @@ setup: .venv/.still-ready
 
 data: setup
 	.venv/bin/still data fetch mnist
+	.venv/bin/still data fetch shakespeare
 
 clean-venv:
 	rm -rf .venv

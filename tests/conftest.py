@@ -47,4 +47,13 @@ def mnist_available() -> bool:
     return MNIST_FILE.path(cache_dir()).is_file()
 
 
+def shakespeare_available() -> bool:
+    from still.data.cache import cache_dir
+    from still.data.text import SHAKESPEARE_FILE
+
+    return SHAKESPEARE_FILE.path(cache_dir()).is_file()
+
+
 requires_mnist = pytest.mark.skipif(not mnist_available(), reason="MNIST cache missing: run `make data` (make test does)")
+requires_shakespeare = pytest.mark.skipif(not shakespeare_available(),
+                                          reason="Shakespeare cache missing: run `make data` (make test does)")

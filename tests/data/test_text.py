@@ -1,0 +1,123 @@
+import zipfile
+
+import pytest
+import torch
+
+from conftest import requires_shakespeare
+from still.data.text import (SHAKESPEARE_TEST, SHAKESPEARE_VALID, Document, TokenStreams, Vocab, load_corpus,
+                             load_enwik8, load_pg19, load_shakespeare, load_text)
+from still.errors import StillError
+
+
+def test_vocab_round_trip_and_specials():
+    vocab = Vocab.build([Document("a", "hello world")])
+    ids = vocab.encode("hello")
+    assert ids.min() >= 2 and vocab.decode(ids) == "hello"
+    assert Vocab.from_json(vocab.to_json()).decode(ids) == "hello"
+    assert len(vocab) == 2 + len(set("hello world"))
+    with pytest.raises(StillError, match="character 'z' at offset 3 is not in the vocabulary"):
+        vocab.encode("helz", "prompt")
+    with pytest.raises(StillError, match="token id 99 is outside the vocabulary"):
+        vocab.decode([99])
+
+
+def test_byte_vocab():
+    vocab = Vocab(byte_level=True)
+    ids = vocab.encode("héllo".encode())
+    assert len(vocab) == 258 and len(ids) == 6 and vocab.decode(ids) == "héllo"
+
+
+def test_non_utf8_names_file_and_offset(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good text\xff more" + b" padding" * 20)
+    with pytest.raises(StillError, match=r"bad.txt is not UTF-8: byte 0xff at offset 9"):
+        load_text(path)
+    assert load_text(path, byte_level=True).byte_level  # bytes are fine at byte level
+
+
+def test_text_file_and_folder(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("x" * 1000)
+    corpus = load_text(path)
+    assert [len(corpus.train[0].text), len(corpus.valid[0].text), len(corpus.test[0].text)] == [900, 50, 50]
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.txt").write_text(f"book {i} " * 10)
+    corpus = load_text(folder)
+    assert [d.name for d in corpus.train] == ["0.txt", "1.txt", "2.txt"] and corpus.test[0].name == "4.txt"
+
+
+def test_empty_or_short_corpus(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(StillError, match="too short to split"):
+        load_text(tmp_path / "empty.txt")
+    with pytest.raises(StillError, match="does not exist"):
+        load_corpus(str(tmp_path / "nope.txt"))
+    with pytest.raises(StillError, match="the corpus split is empty"):
+        TokenStreams([torch.zeros(0, dtype=torch.long)], 2, 4)
+
+
+def test_enwik8_split_raw_and_zipped(tmp_path):
+    data = bytes(range(256)) * 4  # 1024 bytes
+    raw = tmp_path / "enwik8"
+    raw.write_bytes(data)
+    corpus = load_enwik8(raw, split=(900, 50, 50))
+    assert corpus.byte_level and corpus.train[0].text == data[:900] and corpus.test[0].text == data[950:1000]
+    zipped = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("enwik8", data)
+    assert load_enwik8(zipped, split=(900, 50, 50)).valid[0].text == data[900:950]
+    with pytest.raises(StillError, match="holds 1024 bytes; the split needs 100000000"):
+        load_enwik8(raw)
+
+
+def test_pg19_layout(tmp_path):
+    for folder, books in (("train", 3), ("validation", 1), ("test", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(books):
+            (tmp_path / folder / f"{1000 + i}.txt").write_text(f"{folder} book {i}\n" * 20)
+    corpus = load_pg19(tmp_path)
+    assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (3, 1, 2)
+    (tmp_path / "test" / "1000.txt").unlink()
+    (tmp_path / "test" / "1001.txt").unlink()
+    with pytest.raises(StillError, match="no books in test/"):
+        load_pg19(tmp_path)
+
+
+def test_streams_keep_documents_whole_and_reset_at_their_start():
+    docs = [torch.arange(2, 12), torch.arange(20, 23), torch.arange(30, 37)]  # lengths 10, 3, 7
+    streams = TokenStreams(docs, batch_size=2, segment_len=4)
+    seen = {0: [], 1: []}
+    for segment in streams:
+        for row in range(streams.batch_size):
+            if segment.reset[row]:
+                seen[row].append("|")
+            valid = segment.targets[row] != -100
+            seen[row].extend(segment.targets[row][valid].tolist())
+            # each input predicts the next token of the same document
+            inputs = segment.inputs[row][valid]
+            assert (inputs[1:] == segment.targets[row][valid][:-1]).all()
+    # longest first: row 0 gets the 10-token document, row 1 the 7 then the 3
+    assert seen[0][:11] == ["|", *range(2, 12)]
+    assert seen[1] == ["|", *range(30, 37), "|", *range(20, 23)]
+    assert sum(len([t for t in v if t != "|"]) for v in seen.values()) == streams.num_targets == 20
+
+
+def test_streams_first_input_is_the_document_token():
+    streams = TokenStreams([torch.arange(5, 9)], batch_size=4, segment_len=8)
+    segment = streams.segment(0)
+    assert streams.batch_size == 1  # never more rows than documents
+    assert segment.inputs[0, 0] == Vocab.DOC and segment.targets[0, :4].tolist() == [5, 6, 7, 8]
+    assert segment.positions[0, :5].tolist() == [0, 1, 2, 3, -1]
+
+
+@requires_shakespeare
+def test_shakespeare_split_by_play():
+    corpus = load_shakespeare()
+    names = {d.name for d in corpus.train}
+    assert [d.name for d in corpus.valid] == list(SHAKESPEARE_VALID)
+    assert [d.name for d in corpus.test] == list(SHAKESPEARE_TEST)
+    assert len(corpus.train) == 38 and not names & set(SHAKESPEARE_VALID + SHAKESPEARE_TEST)
+    assert corpus.test[0].text.startswith("HAMLET, PRINCE OF DENMARK")
+    assert 4_500_000 < sum(len(d.text) for d in corpus.train) < 4_600_000

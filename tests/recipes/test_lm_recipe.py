@@ -1,0 +1,138 @@
+"""End to end: `still lm train / eval / generate` on a small corpus the test writes."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import assert_user_error, run_cli
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text((TEXT * (3 + i))[i * 7 :])
+    return folder
+
+
+def train_args(corpus, out, *extra):
+    return ["lm", "train", "--corpus", str(corpus), "--steps", "8", "--eval-every", "4", "--batch-size", "3",
+            "--segment-len", "16", "--mem-len", "16", "--c-mem-len", "8", "--threads", "1", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "run"
+    from still.cli import main
+
+    try:
+        main(train_args(corpus, out))
+    except SystemExit as e:
+        assert e.code in (0, None)
+    return out
+
+
+def model_hash(run):
+    newest = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
+    return hashlib.sha256((newest / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_train_writes_results_curves_and_memories(trained):
+    result = json.loads((trained / "results.json").read_text())
+    row = result["rows"][0]
+    assert row["model"].startswith("compressive 16+8/4 conv attention")
+    assert 1.0 < row["valid_bpc"] < 7.0 and 1.0 < row["test_bpc"] < 7.0
+    assert [h["step"] for h in result["meta"]["history"]] == [4, 8]
+    assert (trained / "curves.png").is_file() and (trained / "vocab.json").is_file()
+    from safetensors.torch import load_file
+
+    newest = sorted((trained / "checkpoints").glob("ckpt-*"))[-1]
+    state = load_file(str(newest / "state.safetensors"))
+    assert state["extra/memory/0"].shape == (3, 16, 128) and state["extra/compressed/0"].shape[1] > 0
+
+
+def test_resume_after_losing_the_last_checkpoint_is_exact(trained, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    shutil.rmtree(sorted((out / "checkpoints").glob("ckpt-*"))[-1])
+    code, _, err = run_cli(capsys, *train_args(corpus, out))
+    assert code == 0 and "resuming at epoch 2" in err
+    assert model_hash(out) == model_hash(trained)
+    a = json.loads((out / "results.json").read_text())["rows"]
+    b = json.loads((trained / "results.json").read_text())["rows"]
+    assert a == b
+
+
+def test_eval_by_position(trained, capsys):
+    code, out, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "valid", "--threads", "1")
+    assert code == 0 and "bits per character" in out and "Loss by position" in out
+    result = json.loads((trained / "eval-valid.json").read_text())
+    assert result["meta"]["tokens"] == sum(r["tokens"] for r in result["rows"])
+    train_valid = json.loads((trained / "results.json").read_text())["rows"][0]["valid_bpc"]
+    assert result["meta"]["bits_per_token"] == pytest.approx(train_valid, abs=1e-4)
+    assert (trained / "eval-valid-by-position.png").is_file()
+
+
+def test_generate_is_seeded_and_streams(trained, capsys):
+    args = ["lm", "generate", str(trained), "--prompt", "To be", "--tokens", "40", "--top-k", "5", "--threads", "1"]
+    code, first, _ = run_cli(capsys, *args)
+    code2, second, _ = run_cli(capsys, *args)
+    assert code == code2 == 0 and first == second and first.startswith("To be") and len(first) > 40
+    _, other, _ = run_cli(capsys, *args, "--seed", "1")
+    assert other != first
+
+
+def test_generation_state_stays_bounded():
+    """The cost of a new token does not grow: memories stay within mem_len + c - 1 and c_mem_len."""
+    from still.compressive import CompressiveConfig, CompressiveTransformer
+    from still.compressive.generate import generate
+
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=10, d_model=16, n_layers=1, n_heads=2, d_ff=16,
+                                                     mem_len=8, c_mem_len=4, compression_rate=4))
+    sizes = []
+    original = model.forward
+
+    def spy(tokens, state=None, **kw):
+        out = original(tokens, state, **kw)
+        sizes.append((out.state.memory_len, out.state.compressed_len))
+        return out
+
+    model.forward = spy
+    list(generate(model, torch.ones(1, 5, dtype=torch.long), 60, segment_len=4))
+    assert max(m for m, _ in sizes) <= 8 + 4 - 1 and max(c for _, c in sizes) == 4
+
+
+def test_filter_logits():
+    from still.compressive.generate import filter_logits
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    # p = (0.087, 0.644, 0.237, 0.032): 0.5 keeps 3.0 only; 0.85 also 2.0 (0.881); 0.9 also 1.0 (0.968)
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[False, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.9)).tolist() == [[True, True, True, False]]
+
+
+def test_bad_inputs(corpus, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("tiny")
+    assert_user_error(capsys, *train_args(tmp_path / "short.txt", tmp_path / "a"), contains="too short to split")
+    (tmp_path / "bad.txt").write_bytes(b"x" * 500 + b"\xfe" + b"y" * 500)
+    assert_user_error(capsys, *train_args(tmp_path / "bad.txt", tmp_path / "b"),
+                      contains="is not UTF-8: byte 0xfe at offset 500")
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "c", "--mem-len", "10"),
+                      contains="mem_len (10) must be a multiple of compression_rate (4)")
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "d", "--compression", "zip"), contains="'zip' is not one of")
+    assert_user_error(capsys, "lm", "eval", str(tmp_path / "nothing"), contains="not a language-model run directory")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_generate_bad_prompt(trained, capsys):
+    assert_user_error(capsys, "lm", "generate", str(trained), "--prompt", "Zebra#", contains="is not in the vocabulary")
+    assert_user_error(capsys, "lm", "generate", str(trained), "--temperature", "0", contains="0.0 is not in the range x>0")
