@@ -92,22 +92,25 @@ def encode_split(corpus: Corpus, split: str, vocab: Vocab) -> tuple[list[torch.T
 
 
 class TrainStream:
-    """Step s of training: pass s // len(streams) over the (reshuffled) training documents."""
+    """Step s of training: a position in pass p over the training documents, dealt to rows anew
+    (shuffled with seed p) for every pass. A pure function of s, so a resumed run sees the same data."""
 
     def __init__(self, documents: list[torch.Tensor], config: LMConfig) -> None:
         self.documents, self.config = documents, config
-        self._pass, self._streams = -1, None
-        self.steps_per_pass = len(self._get(0))
+        self._streams: dict[int, TokenStreams] = {}
+        self._starts = [0]  # first step of each pass seen so far
 
-    def _get(self, pass_index: int) -> TokenStreams:
-        if pass_index != self._pass:
-            self._streams = TokenStreams(self.documents, self.config.batch_size, self.config.segment_len,
-                                         shuffle_seed=self.config.seed * 1_000_003 + pass_index)
-            self._pass = pass_index
-        return self._streams
+    def _pass(self, index: int) -> TokenStreams:
+        if index not in self._streams:
+            self._streams = {index: TokenStreams(self.documents, self.config.batch_size, self.config.segment_len,
+                                                 shuffle_seed=self.config.seed * 1_000_003 + index)}
+        return self._streams[index]
 
     def segment(self, step: int):
-        return self._get(step // self.steps_per_pass).segment(step % self.steps_per_pass)
+        while self._starts[-1] <= step:  # extend the pass boundaries up to `step`
+            self._starts.append(self._starts[-1] + len(self._pass(len(self._starts) - 1)))
+        index = max(i for i, start in enumerate(self._starts) if start <= step)
+        return self._pass(index).segment(step - self._starts[index])
 
 
 def _load_data(config: LMConfig, cache) -> tuple[Corpus, Vocab]:
