@@ -79,3 +79,9 @@ def test_cifar10_refuses_a_pickle_that_runs_code(capsys, cifar_dir, tmp_path):
     assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--out", str(tmp_path / "r"),
                       contains="refusing to unpickle posix.system")
     assert not marker.exists()
+
+
+def test_bench_peak_runs(capsys):
+    code, out, _ = run_cli(capsys, "bench", "peak", "--size", "128", "--repeats", "1")
+    assert code == 0 and "fp32:" in out and "bf16:" in out
+    assert float(out.split("fp32:")[1].split("GFLOP")[0]) > 0

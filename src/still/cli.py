@@ -214,6 +214,29 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, thread
     generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout)
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+@cli.group()
+def bench() -> None:
+    """Measure the machine."""
+
+
+@bench.command("peak")
+@click.option("--size", type=click.IntRange(min=64), default=None, help="Matrix size n (default: 2048 CPU, 8192 GPU).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@threads_option
+def bench_peak(size, repeats, threads) -> None:
+    """Matrix-multiply throughput in fp32 and bf16 (all threads, or the GPU): the peak that MFU divides by."""
+    from still.bench.peak import peak
+
+    _threads(threads)
+    result = peak(size, repeats)
+    click.echo(f"{result['device']}, {result['threads']} threads, n = {result['n']}")
+    click.echo(f"fp32: {result['fp32'] / 1e9:8.1f} GFLOP/s")
+    click.echo(f"bf16: {result['bf16'] / 1e9:8.1f} GFLOP/s")
+
+
 # ----------------------------------------------------------------------------- data
 
 

@@ -1,0 +1,51 @@
+"""The machine's matrix-multiply throughput: the denominator of model FLOP utilisation (MFU).
+
+Large square matmuls on all threads (or the GPU), fp32 and bf16; the best of several timed runs
+after a warm-up. A matmul of (n, n) by (n, n) costs 2 n^3 FLOP.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 4096, repeats: int = 5, device: torch.device | None = None) -> float:
+    """Best FLOP/s over `repeats` timed (n x n) @ (n x n) products."""
+    device = device or torch.device("cpu")
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak(n: int | None = None, repeats: int = 5, device: torch.device | None = None) -> dict[str, float | str | int]:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = n or (8192 if device.type == "cuda" else 2048)
+    return {"device": device_name(device), "threads": torch.get_num_threads(), "n": n,
+            "fp32": matmul_flops(torch.float32, n, repeats, device),
+            "bf16": matmul_flops(torch.bfloat16, n, repeats, device)}
