@@ -1,13 +1,33 @@
-"""The one exception type a user is meant to read.
+"""The exceptions a user is meant to read.
 
 `StillError` is raised for anything the user can fix: a bad option, a missing or corrupt file,
 data of the wrong shape. It subclasses `ValueError` so library callers can catch it the usual
 way; the CLI turns it into a one-line message and exit code 2, never a traceback.
+`TrainingInterrupted` ends a run stopped by SIGINT or SIGTERM after a checkpoint was saved; the
+CLI exits with 130 or 143.
 """
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 
 class StillError(ValueError):
     """A mistake in the input that the user can act on. The message names the bad value."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived: the current step was finished and a checkpoint saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = f"; checkpoint saved to {checkpoint}: run the same command again to resume" if checkpoint else ""
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM
 
 
 def check(condition: bool, message: str) -> None:

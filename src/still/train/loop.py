@@ -12,8 +12,11 @@ loop skips the batches already done in the interrupted epoch.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass, field
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from still.errors import StillError
+from still.errors import StillError, TrainingInterrupted
 from still.train import checkpoint as ckpt
 from still.train.progress import log as default_log
 from still.train.progress import progress
@@ -32,6 +35,27 @@ from still.train.seed import rng_state, set_rng_state
 
 class TrainingDiverged(StillError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """Record SIGINT/SIGTERM instead of dying mid-step; a second SIGINT interrupts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -178,7 +202,15 @@ class Trainer:
         return loss.detach()
 
     def fit(self, batches: Callable[[int], Iterable[Any]], epochs: int) -> TrainState:
-        """Train until `epochs` epochs are done, resuming from a checkpoint if one exists."""
+        """Train until `epochs` epochs are done, resuming from a checkpoint if one exists.
+
+        SIGINT and SIGTERM finish the current step, save a checkpoint (when there is a
+        checkpoint_dir) and raise `TrainingInterrupted`.
+        """
+        with _deferred_signals() as received:
+            return self._fit(batches, epochs, received)
+
+    def _fit(self, batches: Callable[[int], Iterable[Any]], epochs: int, received: list[int]) -> TrainState:
         if self.resume():
             if self.state.finished and self.state.epoch >= epochs:
                 self.log(f"{self.desc}: loaded the finished run from {self.checkpoint_dir}")
@@ -197,10 +229,13 @@ class Trainer:
                 loss_sum += self._step(batch)
                 self.state.step += 1
                 self.state.batch += 1
-                if (self.checkpoint_dir is not None and self.checkpoint_every_steps
-                        and self.state.step % self.checkpoint_every_steps == 0):
+                if received or (self.checkpoint_dir is not None and self.checkpoint_every_steps
+                                and self.state.step % self.checkpoint_every_steps == 0):
                     self.state.epoch_loss_sum = loss_sum.item()
-                    self.save()
+                    saved = self.save() if self.checkpoint_dir is not None else None
+                    if received:
+                        bar.close()
+                        raise TrainingInterrupted(received[0], self.state.step, saved)
             seconds = time.perf_counter() - start
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": (loss_sum / max(self.state.batch, 1)).item(),
                                       "seconds": round(seconds, 3)}
