@@ -1,0 +1,630 @@
+"""Our Compressive Transformer against two public ones, measured in one run on one machine.
+
+    bash bench/setup_peers.sh                               # once: .venv-bench with the peers
+    .venv-bench/bin/python bench/compressive_peers.py       # [--repeats 5] [--steps 20] [--out DIR]
+    .venv-bench/bin/python bench/compressive_peers.py --quick   # a smoke test: tiny batch, few steps
+
+Implementations (the peers live only in .venv-bench, never in the project's dependencies):
+    ours        still.compressive.CompressiveTransformer
+    labml       labml-nn 0.5.1, labml_nn.transformers.compressive (model, memory update and attention
+                reconstruction loss from its experiment.py, called unmodified)
+    lucidrains  compressive-transformer-pytorch 0.4.0
+
+One configuration for all: vocabulary 65, d_model 128, 4 layers, 4 heads, d_ff 512, segment 128,
+mem_len 128, c_mem_len 128, compression rate 4 (1D convolution), attention reconstruction loss,
+dropout 0, fp32, CPU, batch 16, 2 threads.
+
+Measurements, each in a fresh subprocess (so one model's allocations and thread pools never affect
+another's), interleaved: repeat r runs train, eval and generate for every implementation, in an
+order rotated by r, so drifts in machine load hit all alike. Tables quote medians over repeats.
+    train     tokens/s of a step: forward with the memories carried from the previous segment,
+              cross entropy + compression (reconstruction) loss, backward, AdamW. Warm-up segments
+              first, until memory and compressed memory are full (checked); then every timed step
+              must compute the compression loss (checked). No gradient clipping for anyone.
+    eval      tokens/s of forward + cross entropy, eval mode, no grad, memories carried (warm-up as
+              for train).
+    generate  batch 1: a 512-token prompt, then 256 new tokens, each implementation with its own
+              sampler (or the loop of its own training code); tokens/s = new tokens / the whole time,
+              prompt included.
+    peak MiB  growth of the resident set: the kernel's high-water mark (VmHWM) is reset by writing
+              5 to /proc/self/clear_refs once the model, optimizer and data exist, and read after the
+              measurement, minus the resident set at the reset. So it counts activations, gradients,
+              optimizer state, memories and the allocator's cache, not the Python interpreter,
+              torch's libraries or the weights. (ru_maxrss cannot be reset and, in a child, may carry
+              the parent's pre-exec peak.)
+    GFLOP/s   matmul and convolution FLOPs counted from shapes by torch.utils.flop_counter on one
+              extra step (or one extra generation) of the first repeat, times the median rate;
+              elementwise ops, softmax and norms are not counted.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch is imported, here and in every worker
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+# The parent process never imports torch: workers import it, so the parent stays small and each
+# worker starts from the same clean state.
+
+IMPLEMENTATIONS = ("ours", "labml", "lucidrains")
+PEERS = ("labml", "lucidrains")
+MEASURES = ("train", "eval", "generate")
+RESULT_MARKER = "BENCH-RESULT "
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    vocab_size: int = 65
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512
+    segment_len: int = 128
+    mem_len: int = 128
+    c_mem_len: int = 128
+    compression_rate: int = 4
+    batch_size: int = 16
+    """Training and evaluation batch; generation uses batch 1."""
+    threads: int = 2
+    warmup_segments: int = 6
+    """Segments before timing; enough to fill memory and compressed memory (checked)."""
+    timed_steps: int = 20
+    prompt_len: int = 512
+    new_tokens: int = 256
+    learning_rate: float = 3e-4
+    lucidrains_gru: bool = False
+    """lucidrains' default GRU-gated residuals (True) instead of plain residuals like the others."""
+
+    @property
+    def segments_to_fill(self) -> int:
+        """Segments until the memory (mem_len) and the compressed memory (c_mem_len) are full."""
+        segment = self.segment_len
+        return -(-self.mem_len // segment) + -(-self.c_mem_len * self.compression_rate // segment)  # ceil divisions
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side: one implementation, one measurement, in a fresh process.
+# Shapes: B batch, L segment length, V vocabulary, d model dim, T time (labml is time-first).
+# ----------------------------------------------------------------------------------------------
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        from still.compressive import CompressiveConfig, CompressiveTransformer
+
+        self.cfg = cfg
+        self.model = CompressiveTransformer(CompressiveConfig(
+            vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+            d_ff=cfg.d_ff, mem_len=cfg.mem_len, c_mem_len=cfg.c_mem_len, compression_rate=cfg.compression_rate,
+            compression="conv", compression_loss="attention", dropout=0.0))
+        self.state = None
+        self.notes: list[str] = []
+
+    def step_loss(self, inputs, targets):
+        """inputs, targets (B, L) -> (loss, whether a compression loss was computed)."""
+        import torch.nn.functional as F
+
+        out = self.model(inputs, self.state)
+        self.state = out.state  # already detached
+        loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())  # (B*L, V) vs (B*L,)
+        if out.compression_loss is None:
+            return loss, False
+        return loss + out.compression_loss, True
+
+    def memory_lengths(self) -> tuple[int, int]:
+        return self.state.memory_len, self.state.compressed_len
+
+    def generate(self, prompt, new_tokens: int, seed: int) -> int:
+        """prompt (1, P) -> the number of tokens generated after it."""
+        import torch
+
+        from still.compressive.generate import generate
+
+        generator = torch.Generator().manual_seed(seed)
+        tokens = generate(self.model, prompt, new_tokens, segment_len=self.cfg.segment_len, generator=generator)
+        return len(list(tokens))  # each (B,)
+
+    def after_training(self) -> None:
+        pass
+
+
+class _SimpleStateModuleStub:
+    """Stands in for labml_nn.helpers.metrics.SimpleStateModule, which labml-nn 0.5.1's experiment.py
+    imports but no longer ships; only used there as a class attribute of its Configs."""
+
+    def __init__(self) -> None:
+        self.data = None
+
+    def set(self, data) -> None:
+        self.data = data
+
+    def get(self):
+        return self.data
+
+
+class _EmptyModuleStub(types.ModuleType):
+    """A module whose every attribute is an empty class: enough for annotations and base classes."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {})
+
+
+def import_labml_experiment() -> tuple[types.ModuleType, list[str]]:
+    """labml_nn.transformers.compressive.experiment, with the three stubs labml-nn 0.5.1 needs here."""
+    notes = []
+    if importlib.util.find_spec("torchvision") is None:
+        for name in ("torchvision", "torchvision.datasets", "torchvision.transforms"):
+            sys.modules[name] = _EmptyModuleStub(name)
+        sys.modules["torchvision"].datasets = sys.modules["torchvision.datasets"]
+        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+        notes.append("labml: stubbed `torchvision` (not installed: there is no CPU build here) with an empty "
+                     "module; labml_nn.helpers.datasets imports it at module level for image datasets the "
+                     "benchmark never uses")
+    import labml_nn.helpers.metrics as metrics
+
+    if not hasattr(metrics, "SimpleStateModule"):
+        metrics.SimpleStateModule = _SimpleStateModuleStub
+        notes.append("labml: stubbed `labml_nn.helpers.metrics.SimpleStateModule` (imported by its "
+                     "experiment.py, absent from labml-nn 0.5.1) with a get/set holder the benchmark never uses")
+    from labml import tracker
+
+    if not hasattr(tracker, "debug"):
+        tracker.debug = lambda *args, **kwargs: None
+        notes.append("labml: stubbed `labml.tracker.debug` (called in every MultiHeadAttention.forward, "
+                     "removed from labml) with a no-op; in labml it only logged the attention when debugging")
+    from labml_nn.transformers.compressive import experiment
+
+    return experiment, notes
+
+
+class Labml:
+    """labml-nn: its AutoregressiveModel, built by its `autoregressive_model` option; the step mirrors
+    its Configs.step (forward, merge_compress_memory, cross entropy, attention reconstruction loss
+    when memories were compressed), without tracker, accuracy and gradient clipping."""
+
+    name = "labml"
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        experiment, self.notes = import_labml_experiment()
+        from labml_nn.transformers.compressive import AttentionReconstructionLoss
+
+        self.cfg = cfg
+        self.model = experiment.autoregressive_model(types.SimpleNamespace(
+            n_tokens=cfg.vocab_size, d_model=cfg.d_model, heads=cfg.n_heads, dropout=0.0, d_ff=cfg.d_ff,
+            n_layers=cfg.n_layers, compression_rate=cfg.compression_rate, device="cpu"))
+        # Configs.merge_compress_memory reads only these four attributes of its Configs.
+        self._configs = types.SimpleNamespace(model=self.model, mem_len=cfg.mem_len, c_mem_len=cfg.c_mem_len,
+                                              compression_rate=cfg.compression_rate)
+        self._merge = experiment.Configs.merge_compress_memory  # @torch.no_grad, unmodified
+        self.reconstruction_loss = AttentionReconstructionLoss(self.model.transformer.layers)
+        self.memory = None
+
+    def _forward(self, inputs_time_first):
+        """inputs (T, B) -> logits (T, B, V); carries the memories as labml's step does."""
+        logits, new_mem = self.model(inputs_time_first, self.memory)
+        self.memory, mem_to_compress = self._merge(self._configs, self.memory, new_mem)
+        return logits, new_mem, mem_to_compress
+
+    def step_loss(self, inputs, targets):
+        import torch.nn.functional as F
+
+        logits, new_mem, mem_to_compress = self._forward(inputs.T)  # (L, B) in, (L, B, V) out
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.T.flatten())  # (L*B, V) vs (L*B,)
+        # labml's step adds this loss in validation too; in eval we leave it out, like the others.
+        if not (self.model.training and mem_to_compress):
+            return loss, False
+        return loss + self.reconstruction_loss(new_mem, mem_to_compress), True
+
+    def memory_lengths(self) -> tuple[int, int]:
+        mem, c_mem = self.memory.mem, self.memory.c_mem
+        return (len(mem[0]) if mem else 0), (len(c_mem[0]) if c_mem else 0)
+
+    def generate(self, prompt, new_tokens: int, seed: int) -> int:
+        """The loop of labml's Configs.sample: greedy, one token in per step, memories merged (and
+        compressed) after every step; the prompt goes in segments of L, as the others take it."""
+        import torch
+
+        self.model.eval()
+        self.memory = None
+        tokens = []
+        with torch.no_grad():
+            for start in range(0, prompt.shape[1], self.cfg.segment_len):
+                logits, _, _ = self._forward(prompt[:, start:start + self.cfg.segment_len].T)  # (T, 1, V)
+            for _ in range(new_tokens):
+                token = logits[-1].argmax(-1)  # (B,)
+                tokens.append(token)
+                logits, _, _ = self._forward(token[None, :])  # (1, B) in
+        return len(tokens)
+
+    def after_training(self) -> None:
+        pass
+
+
+class Lucidrains:
+    """compressive-transformer-pytorch: the net called directly (its AutoregressiveWrapper's training
+    path keeps memories only within one call); loss = cross entropy + its aux (reconstruction) loss."""
+
+    name = "lucidrains"
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        from compressive_transformer_pytorch import CompressiveTransformer
+
+        self.cfg = cfg
+        self.model = CompressiveTransformer(
+            num_tokens=cfg.vocab_size, dim=cfg.d_model, seq_len=cfg.segment_len, depth=cfg.n_layers,
+            mem_len=cfg.mem_len, cmem_len=cfg.c_mem_len, cmem_ratio=cfg.compression_rate, heads=cfg.n_heads,
+            gru_gated_residual=cfg.lucidrains_gru, attn_dropout=0.0, ff_dropout=0.0, attn_layer_dropout=0.0,
+            reconstruction_attn_dropout=0.0)
+        self.memory = None
+        self.notes: list[str] = []
+
+    def step_loss(self, inputs, targets):
+        import torch.nn.functional as F
+
+        compressing = self.model.training and self.memory is not None and self.memory.mem.shape[2] >= self.cfg.mem_len
+        logits, self.memory, aux_loss = self.model(inputs, memories=self.memory)  # (B, L, V); memories detached
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # (B*L, V) vs (B*L,)
+        return loss + aux_loss, compressing  # aux_loss is a zero tensor when nothing was compressed
+
+    def memory_lengths(self) -> tuple[int, int]:
+        return self.memory.mem.shape[2], self.memory.compressed_mem.shape[2]  # (layers, B, T, d)
+
+    def generate(self, prompt, new_tokens: int, seed: int) -> int:
+        """Its own sampler. It keeps memories only at segment boundaries: every new token re-feeds the
+        whole current partial segment (1 to L tokens), and the first one re-feeds the prompt's last
+        segment; nothing in its API avoids that. Default filter: top-k keeping 10% of the vocabulary.
+
+        Its return value cannot be checked: after priming it keeps only the prompt's last segment but
+        still drops the whole prompt length from the front, so for prompts longer than seq_len it
+        returns fewer tokens than it generated (none for these lengths). We count its forward calls instead.
+        """
+        import torch
+        from compressive_transformer_pytorch import AutoregressiveWrapper
+
+        torch.manual_seed(seed)
+        calls = []
+        hook = self.model.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            AutoregressiveWrapper(self.model).generate(prompt, new_tokens)
+        finally:
+            hook.remove()
+        prime_segments = -(-prompt.shape[1] // self.cfg.segment_len) - 1  # all but the last, fed once each
+        return len(calls) - prime_segments
+
+    def after_training(self) -> None:
+        weights = [m.to_kv.weight for m in self.model.modules() if hasattr(m, "to_kv")]
+        frozen = sum(not w.requires_grad for w in weights)
+        self.notes.append(f"lucidrains: after training, to_kv.weight has requires_grad=False in {frozen}/{len(weights)} "
+                          "layers (its SelfAttention calls `self.to_kv.weight.detach_()` when computing the "
+                          "reconstruction loss, so the key/value projection stops learning; measured as is)")
+
+
+ADAPTERS = {"ours": Ours, "labml": Labml, "lucidrains": Lucidrains}
+
+
+def _proc_status_kib() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", f.read(), re.MULTILINE)}
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's resident-set high-water mark; return the resident set (KiB) at the reset."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kib()["VmRSS"]
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = BenchConfig(**spec["config"])
+    measure, seed, count_flops = spec["measure"], spec["seed"], spec["count_flops"]
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    adapter = ADAPTERS[spec["impl"]](cfg)
+    model = adapter.model
+    params = sum(p.numel() for p in model.parameters())
+    data_gen = torch.Generator().manual_seed(1000 + seed)
+    result = {"impl": spec["impl"], "measure": measure, "seed": seed, "params": params, "flops": None}
+
+    if measure == "generate":
+        prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), generator=data_gen)  # (1, P)
+        baseline = reset_peak_rss()
+        adapter.generate(prompt, cfg.new_tokens, seed)  # warm-up: the same generation, untimed
+        start = time.perf_counter()
+        generated = adapter.generate(prompt, cfg.new_tokens, seed)
+        seconds = time.perf_counter() - start
+        peak = _proc_status_kib()["VmHWM"]
+        if generated != cfg.new_tokens:
+            raise RuntimeError(f"{adapter.name} generated {generated} tokens, expected {cfg.new_tokens}")
+        tokens = cfg.new_tokens
+        if count_flops:
+            with FlopCounterMode(display=False) as counter:
+                adapter.generate(prompt, cfg.new_tokens, seed)
+            result["flops"] = counter.get_total_flops()
+    else:
+        n_segments = cfg.warmup_segments + cfg.timed_steps + 1  # + 1 for the FLOP count
+        stream = torch.randint(cfg.vocab_size, (cfg.batch_size, n_segments * cfg.segment_len + 1), generator=data_gen)
+
+        def segment(i):  # inputs and targets (B, L)
+            start = i * cfg.segment_len
+            return stream[:, start:start + cfg.segment_len], stream[:, start + 1:start + cfg.segment_len + 1]
+
+        training = measure == "train"
+        model.train(training)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate) if training else None
+
+        def step(i) -> bool:
+            if not training:
+                with torch.no_grad():
+                    return adapter.step_loss(*segment(i))[1]
+            loss, compressed = adapter.step_loss(*segment(i))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return compressed
+
+        baseline = reset_peak_rss()
+        for i in range(cfg.warmup_segments):
+            step(i)
+        lengths = adapter.memory_lengths()
+        if lengths != (cfg.mem_len, cfg.c_mem_len):
+            raise RuntimeError(f"{adapter.name}: after {cfg.warmup_segments} warm-up segments the memories hold "
+                               f"{lengths}, not (mem_len, c_mem_len) = {(cfg.mem_len, cfg.c_mem_len)}: raise --warmup")
+        start = time.perf_counter()
+        compressed = [step(cfg.warmup_segments + i) for i in range(cfg.timed_steps)]
+        seconds = time.perf_counter() - start
+        peak = _proc_status_kib()["VmHWM"]
+        if training and not all(compressed):
+            raise RuntimeError(f"{adapter.name}: no compression loss in {compressed.count(False)} timed steps")
+        tokens = cfg.timed_steps * cfg.batch_size * cfg.segment_len
+        if count_flops:
+            with FlopCounterMode(display=False) as counter:
+                step(n_segments - 1)
+            result["flops"] = counter.get_total_flops()
+        if training:
+            adapter.after_training()
+        result["memory_after_warmup"] = list(lengths)
+
+    result.update(seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
+                  peak_growth_mib=(peak - baseline) / 1024, peak_rss_mib=peak / 1024,
+                  notes=adapter.notes, torch=torch.__version__, threads=torch.get_num_threads())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side: schedule the workers, collect medians, print the tables.
+# ----------------------------------------------------------------------------------------------
+
+
+def run_subprocess(spec: dict) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"impl": spec["impl"], "measure": spec["measure"], "error": f"exit code {proc.returncode}: {tail}",
+                "stderr": proc.stderr[-4000:]}
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def machine_description(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "torch": version("torch"),
+            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "versions": {name: version(name) for name in ("still", "labml-nn", "labml", "compressive-transformer-pytorch")},
+            "load_average": os.getloadavg()}
+
+
+def median_of(results: list[dict], impl: str, measure: str, key: str) -> float | None:
+    values = [r[key] for r in results if r["impl"] == impl and r["measure"] == measure and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(ours: float | None, peers: list[float | None], higher_is_better: bool) -> str | None:
+    peers = [p for p in peers if p]
+    if ours is None or not peers:
+        return None
+    best = max(peers) if higher_is_better else min(peers)
+    return f"{ours / best:.2f}x"
+
+
+def report(results: list[dict], impls: list[str], measures: list[str], cfg: BenchConfig, machine: dict,
+           repeats: int) -> tuple[list[dict], list[dict], str]:
+    from still.train.results import format_table  # no torch import
+
+    labels = {"train": "train tok/s", "eval": "eval tok/s", "generate": "gen tok/s"}
+    rows, flop_rows = [], []
+    for impl in impls:
+        params = next((r["params"] for r in results if r["impl"] == impl and "params" in r), None)
+        row = {"implementation": impl, "params": params}
+        flop_row = {"implementation": impl}
+        for m in measures:
+            rate = median_of(results, impl, m, "tokens_per_s")
+            row[labels[m]] = round(rate, 1) if rate is not None else None
+        for m in measures:
+            peak = median_of(results, impl, m, "peak_growth_mib")
+            row[f"{m} peak MiB"] = round(peak, 1) if peak is not None else None
+        for m in measures:
+            rate, flops = median_of(results, impl, m, "tokens_per_s"), median_of(results, impl, m, "flops")
+            tokens_per_unit = cfg.new_tokens if m == "generate" else cfg.batch_size * cfg.segment_len
+            flop_row[f"{m} MFLOP/token"] = round(flops / tokens_per_unit / 1e6, 2) if flops else None
+            flop_row[f"{m} GFLOP/s"] = round(flops / tokens_per_unit * rate / 1e9, 2) if flops and rate else None
+        rows.append(row)
+        flop_rows.append(flop_row)
+    if "ours" in impls and any(p in impls for p in PEERS):
+        peer_rows = [r for r in rows if r["implementation"] in PEERS]
+        ratios = {"implementation": "ours / best peer", "params": None}
+        for column in rows[0]:
+            if column in ratios:
+                continue
+            ours = next(r[column] for r in rows if r["implementation"] == "ours")
+            ratios[column] = ratio(ours, [r[column] for r in peer_rows], higher_is_better="tok/s" in column)
+        rows.append(ratios)
+    title = (f"Compressive Transformers, CPU fp32, {machine['threads']} threads: d_model {cfg.d_model}, "
+             f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, segment {cfg.segment_len}, mem "
+             f"{cfg.mem_len}, compressed {cfg.c_mem_len}, rate {cfg.compression_rate}, batch {cfg.batch_size} "
+             f"(generation: batch 1, {cfg.new_tokens} new tokens after a {cfg.prompt_len}-token prompt); "
+             f"medians of {repeats} repeat(s)")
+    table = format_table(rows, title=title)
+    if any(v is not None for r in flop_rows for k, v in r.items() if k != "implementation"):
+        table += "\n" + format_table(flop_rows, title="Matmul and convolution FLOPs counted from shapes "
+                                                      "(torch.utils.flop_counter), at the median rates"
+                                                      + ("; generate: per new token, the prompt included"
+                                                         if "generate" in measures else ""))
+    return rows, flop_rows, table
+
+
+STATIC_NOTES = [
+    "ratios: ours / the best peer in each column (the fastest for tok/s, the smallest for MiB); > 1x is "
+    "better for tok/s, < 1x better for MiB",
+    "labml: the training step mirrors its experiment.py Configs.step (its model, merge_compress_memory and "
+    "AttentionReconstructionLoss, unmodified) without tracker, accuracy and gradient clipping; in eval we skip "
+    "the reconstruction loss that its step also computes in validation",
+    "labml: RelativeMultiHeadAttention holds relative position embeddings for 2 x 4096 positions per layer "
+    "(its P = 2**12), all of them parameters updated by AdamW: hence its parameter count",
+    "labml: generation mirrors its Configs.sample (greedy; one token per forward; memories merged and compressed "
+    "after each); ours samples from the softmax, lucidrains from the top 10% of the vocabulary: the sampling "
+    "costs microseconds next to a forward pass",
+    "lucidrains: its generate() re-feeds the current partial segment for every new token (memories advance "
+    "only at full segments), so a token costs a forward over 1 to 128 tokens, and its first step re-feeds the "
+    "prompt's last segment; its API has no way around this, so we measure what it does",
+    "lucidrains: its generate() returns an empty tensor for prompts longer than seq_len (it keeps only the "
+    "prompt's last segment, then slices off the whole prompt length); we count its forward calls instead",
+    "lucidrains: memories carried by calling the net directly (its AutoregressiveWrapper keeps them only "
+    "within one call); with to_kv frozen by its bug, its backward and AdamW skip those weights: slightly less work",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: batch 2, 2 timed steps, 8 new tokens, 1 repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="fresh-process repeats per measurement (5)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps or segments per repeat (20)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up segments (6)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--measures", nargs="+", choices=MEASURES, default=list(MEASURES))
+    parser.add_argument("--lucidrains-gru", action="store_true",
+                        help="lucidrains with its default GRU-gated residuals (off: plain residuals, like the others)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per measurement)")
+    parser.add_argument("--out", help="also write compressive_peers.json (config, machine, every result) and .md here")
+    args = parser.parse_args()
+
+    if args.worker:
+        result = run_worker(json.loads(args.worker))
+        print(RESULT_MARKER + json.dumps(result), flush=True)
+        return
+
+    quick = dict(batch_size=2, timed_steps=2, new_tokens=8) if args.quick else {}
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("timed_steps", args.steps),
+                                   ("warmup_segments", args.warmup)) if v is not None}
+    cfg = BenchConfig(threads=args.threads, lucidrains_gru=args.lucidrains_gru, **{**quick, **overrides})
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
+    for name, value in (("--repeats", repeats), ("--steps", cfg.timed_steps), ("--batch-size", cfg.batch_size),
+                        ("--threads", cfg.threads)):
+        if value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
+    if cfg.warmup_segments < cfg.segments_to_fill:
+        parser.error(f"--warmup must be >= {cfg.segments_to_fill} (segments until memory and compressed memory "
+                     f"are full), got {cfg.warmup_segments}")
+    missing = [m for m, i in (("labml_nn", "labml"), ("compressive_transformer_pytorch", "lucidrains"))
+               if i in args.only and importlib.util.find_spec(m) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} not importable with {sys.executable}: run bash bench/setup_peers.sh "
+                     "and use .venv-bench/bin/python")
+
+    machine = machine_description(cfg.threads)
+    impls = [i for i in IMPLEMENTATIONS if i in args.only]
+    measures = [m for m in MEASURES if m in args.measures]
+    results = []
+    total, done = repeats * len(measures) * len(impls), 0
+    for repeat in range(repeats):
+        for measure in measures:
+            shift = repeat % len(impls)
+            for impl in impls[shift:] + impls[:shift]:  # a rotated order, so no one always goes first
+                spec = {"impl": impl, "measure": measure, "seed": repeat, "count_flops": repeat == 0 and not args.no_flops,
+                        "config": dataclasses.asdict(cfg)}
+                result = run_subprocess(spec)
+                results.append(result)
+                done += 1
+                shown = f"{result['tokens_per_s']:.1f} tok/s" if "error" not in result else result["error"]
+                print(f"[{done}/{total}] repeat {repeat} {measure:8s} {impl:10s} {shown}", file=sys.stderr, flush=True)
+    machine["load_average_end"] = os.getloadavg()
+
+    rows, flop_rows, table = report(results, impls, measures, cfg, machine, repeats)
+    notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))  # in order, once each
+    with_ratios = "ours" in impls and any(p in impls for p in PEERS)
+    notes += [n for n in STATIC_NOTES if n.split(":")[0] in impls + (["ratios"] if with_ratios else [])]
+    if "lucidrains" in impls:
+        notes.append("lucidrains: built with its default GRU-gated residuals (--lucidrains-gru): two GRUCells per layer "
+                     "that the others do not have" if cfg.lucidrains_gru else
+                     "lucidrains: built with gru_gated_residual=False (plain residuals, like the others); its default "
+                     "GRU gating adds two GRUCells per layer (--lucidrains-gru measures that)")
+    warmup = {r["impl"]: r["memory_after_warmup"] for r in results if "memory_after_warmup" in r}
+    errors = [r for r in results if "error" in r]
+
+    print(f"machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), {cfg.threads} threads, "
+          f"OMP_WAIT_POLICY=PASSIVE; torch {machine['torch']}; Python {machine['python']}; {machine['date']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
+    print("load average (1, 5, 15 min) at start {} and end {}".format(
+        *(", ".join(f"{x:.2f}" for x in machine[k]) for k in ("load_average", "load_average_end"))))
+    print(f"timing: {cfg.warmup_segments} warm-up segments, then {cfg.timed_steps} timed steps; each measurement "
+          f"in a fresh subprocess, implementations interleaved; memories (mem, compressed) after warm-up: "
+          + ", ".join(f"{k} {tuple(v)}" for k, v in warmup.items()))
+    print("peak MiB: growth of the resident set (VmHWM reset via /proc/self/clear_refs after building the model, "
+          "optimizer and data), warm-up included\n")
+    print(table)
+    print("Notes:")
+    for note in notes:
+        print(f"- {note}")
+    if args.out:
+        from still.train.results import write_results
+
+        write_results(args.out, "compressive_peers", rows, title=table.splitlines()[0],
+                      meta={"config": dataclasses.asdict(cfg), "machine": machine, "repeats": repeats,
+                            "flops": flop_rows, "notes": notes, "results": results})
+        print(f"\nwrote {os.path.join(args.out, 'compressive_peers.json')} and .md")
+    if errors:
+        for r in errors:
+            print(f"\nFAILED {r['impl']} {r['measure']}: {r['error']}\n{r['stderr']}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
