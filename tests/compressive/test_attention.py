@@ -66,7 +66,7 @@ def test_matches_the_position_by_position_reference(need_weights):
         attn.content_bias.normal_()
         attn.position_bias.normal_()
     x, context = torch.randn(2, 5, 16), torch.randn(2, 6, 16)
-    out, received = attn(x, context, need_weights=need_weights)
+    out, received, _ = attn(x, context, need_weights=need_weights)
     assert torch.allclose(out, reference_attention(attn, x, context), atol=1e-5)
     if need_weights:
         assert received.shape == (2, 11)
@@ -79,7 +79,7 @@ def test_fused_and_explicit_paths_agree_with_gradients():
     x, context = torch.randn(3, 4, 16, requires_grad=True), torch.randn(3, 8, 16)
     grads = []
     for need_weights in (False, True):
-        out, _ = attn(x, context, need_weights=need_weights)
+        out = attn(x, context, need_weights=need_weights).out
         x.grad = None
         attn.zero_grad()
         out.square().sum().backward()
@@ -93,10 +93,10 @@ def test_invalid_context_is_masked_out():
     attn = RelativeMultiHeadAttention(16, 4).eval()
     x, context = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
-    out, received = attn(x, context, valid, need_weights=True)
+    out, received, _ = attn(x, context, valid, need_weights=True)
     garbage = context.clone()
     garbage[1, :2] = 100.0
-    out2, _ = attn(x, garbage, valid)
+    out2 = attn(x, garbage, valid).out
     assert torch.allclose(out, out2, atol=1e-5)
     assert received[1, :2].abs().max() == 0
 
@@ -105,3 +105,18 @@ def test_sinusoids_count_down_to_zero():
     enc = sinusoidal_distances(5, 8)
     assert enc.shape == (5, 8)
     assert torch.allclose(enc[-1], torch.tensor([0.0] * 4 + [1.0] * 4))  # distance 0
+
+
+def test_projected_context_and_position_cache_match():
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(16, 4).eval()
+    x, context = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    reference = attn(x, context)
+    with torch.no_grad():
+        cached = attn(x, None, context_kv=attn.key_value(context))
+        again = attn(x, None, context_kv=attn.key_value(context))  # the position projection, cached
+        assert torch.allclose(reference.out, cached.out, atol=1e-6) and torch.equal(cached.out, again.out)
+        assert torch.allclose(reference.key_values, cached.key_values)
+        attn.position.weight.mul_(2)  # a weight change invalidates the cached position projection
+        changed = attn(x, None, context_kv=attn.key_value(context))
+    assert not torch.allclose(changed.out, cached.out)

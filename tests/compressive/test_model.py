@@ -152,3 +152,34 @@ def test_state_survives_a_checkpoint_round_trip():
 def test_config_errors(kwargs, message):
     with pytest.raises(StillError, match=message):
         CompressiveConfig(**{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("compression", ["conv", "most_used"])
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_inference_cache_gives_the_same_logits(compression, pre_norm):
+    """Without gradients in eval mode the memories' keys and values are cached; nothing changes."""
+    net = model(mem_len=8, c_mem_len=8, compression=compression, pre_norm=pre_norm).eval()
+    seq = tokens(l=60)
+    cached_state, plain_state = None, None
+    for start in list(range(0, 40, 8)) + list(range(40, 60)):  # segments, then token by token
+        end = start + 8 if start < 40 else start + 1
+        with torch.no_grad():
+            cached = net(seq[:, start:end], cached_state)
+        with torch.enable_grad():
+            plain = net(seq[:, start:end], plain_state)
+        assert cached.state.key_values is not None and plain.state.key_values is None
+        assert torch.allclose(cached.logits, plain.logits, atol=1e-5)
+        cached_state, plain_state = cached.state, plain.state
+
+
+def test_stale_inference_cache_is_not_used():
+    net = model(mem_len=8, c_mem_len=8).eval()
+    seq = tokens(l=24)
+    with torch.no_grad():
+        state = net(seq[:, :16]).state
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(1.1)  # the weights change after the cache was made
+        stale = net(seq[:, 16:], state).logits
+        fresh = net(seq[:, 16:], state._replace(key_values=None)).logits
+    assert torch.allclose(stale, fresh, atol=1e-6)

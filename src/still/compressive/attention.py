@@ -30,6 +30,7 @@ instead of using sinusoids and W_r; we follow the paper.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,12 @@ def causal_mask(l: int, k: int, device=None) -> torch.Tensor:
     return j <= (k - l) + i
 
 
+class AttentionOutput(NamedTuple):
+    out: torch.Tensor  # (B, L, d)
+    received: torch.Tensor | None  # (B, K): attention each key received (with need_weights)
+    key_values: torch.Tensor  # (B, L, 2d): this segment's keys and values, for an inference cache
+
+
 class RelativeMultiHeadAttention(nn.Module):
     """Multi-head attention with Transformer-XL's relative positions.
 
@@ -84,24 +91,53 @@ class RelativeMultiHeadAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.dropout_attn = dropout_attn
         self.scale = 1.0 / math.sqrt(self.d_head)
+        self._positions: tuple[tuple, torch.Tensor] | None = None  # inference cache of W_r R
+
+    def position_projection(self, k_len: int, device, dtype) -> torch.Tensor:
+        """W_r R for the distances k_len-1 .. 0, as (H, K, D).
+
+        At inference (no grad) the projection for the longest length seen is cached, keyed by the
+        version of W_r (a weight update or a load invalidates it); shorter lengths are its last
+        rows, since rows run from the longest distance down to 0."""
+        if torch.is_grad_enabled() or self.training:
+            return self._project_positions(k_len, device, dtype)
+        key = (device, dtype, self.position.weight._version, id(self.position.weight))
+        if self._positions is None or self._positions[0] != key or self._positions[1].shape[1] < k_len:
+            self._positions = (key, self._project_positions(max(k_len, 2 * k_len if self._positions else k_len),
+                                                            device, dtype))
+        return self._positions[1][:, -k_len:]
+
+    def _project_positions(self, k_len: int, device, dtype) -> torch.Tensor:
+        r = self.position(sinusoidal_distances(k_len, self.d_model, device, dtype))  # (K, d)
+        return r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
         return t.view(b, n, self.n_heads, self.d_head).transpose(1, 2)  # (B, n, d) -> (B, H, n, D)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the output (B, L, d) and, with `need_weights`, the attention each key received,
-        summed over heads and queries: (B, K). `key_valid` (B, P) masks out context slots (of an
-        earlier document)."""
+                need_weights: bool = False, context_kv: torch.Tensor | None = None) -> AttentionOutput:
+        """Attend from `x` (B, L, d) over [context, x].
+
+        `context` (B, P, d) is the normalised [compressed memory, memory]; or give its keys and
+        values already projected as `context_kv` (B, P, 2d) (an inference cache). `key_valid`
+        (B, P) masks out context slots (of an earlier document). With `need_weights`, also returns
+        the attention each key received, summed over heads and queries: (B, K).
+        """
         b, l, d = x.shape
-        keys_in = x if context is None or context.shape[1] == 0 else torch.cat([context, x], dim=1)  # (B, K, d)
-        k_len = keys_in.shape[1]
+        if context_kv is not None:
+            x_kv = self.key_value(x)  # (B, L, 2d)
+            kv = torch.cat([context_kv, x_kv], dim=1) if context_kv.shape[1] else x_kv  # (B, K, 2d)
+        elif context is not None and context.shape[1] > 0:
+            kv = self.key_value(torch.cat([context, x], dim=1))  # (B, K, 2d): one product for all keys
+            x_kv = kv[:, -l:]
+        else:
+            kv = x_kv = self.key_value(x)
+        k_len = kv.shape[1]
         q = self._heads(self.query(x))  # (B, H, L, D)
-        k, v = self.key_value(keys_in).chunk(2, dim=-1)
+        k, v = kv.chunk(2, dim=-1)
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
-        r = self.position(sinusoidal_distances(k_len, d, x.device, x.dtype))  # (K, d)
-        r = r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
+        r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
 
         position_scores = relative_shift((q + self.position_bias[:, None]) @ r.transpose(-1, -2))  # (B, H, L, K)
         allowed = causal_mask(l, k_len, x.device)  # (L, K)
@@ -121,7 +157,7 @@ class RelativeMultiHeadAttention(nn.Module):
                                                  dropout_p=self.dropout_attn if self.training else 0.0)
             received = None
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
-        return self.out(out), received
+        return AttentionOutput(self.out(out), received, x_kv)
 
     def content_attention(self, queries: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
         """Content-only attention (no positions, no mask) of `queries` (B, L, d) over `memories`

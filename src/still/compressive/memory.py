@@ -34,7 +34,8 @@ import torch
 class MemoryState(NamedTuple):
     """The recurrent state of a Compressive Transformer.
 
-    `memory` and `compressed` hold one tensor per layer. `memory_valid` (B, M) and
+    `memory` and `compressed` hold one tensor per layer (the layer's inputs, not yet normalised or
+    projected). `memory_valid` (B, M) and
     `compressed_valid` (B, N) say which slots hold something of the current document in each batch
     row (None: all of them); a document boundary resets a row by marking its slots invalid, and the
     attention masks invalid slots out.
@@ -44,6 +45,12 @@ class MemoryState(NamedTuple):
     compressed: tuple[torch.Tensor, ...]  # each (B, N, d)
     memory_valid: torch.Tensor | None = None  # (B, M) bool
     compressed_valid: torch.Tensor | None = None  # (B, N) bool
+    key_values: tuple[torch.Tensor, ...] | None = None
+    """Inference cache: per layer, the keys and values of [compressed, memory] (B, N + M, 2d),
+    projected once when each slot entered the memory. Only used and kept in eval mode without
+    gradients (the weights cannot change); derivable, so never saved."""
+    key_values_version: int | None = None
+    """The version of the weights the cache was made with: a stale cache is ignored."""
 
     @staticmethod
     def empty(n_layers: int, batch: int, d_model: int, device=None, dtype=torch.float32) -> MemoryState:

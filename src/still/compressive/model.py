@@ -134,15 +134,23 @@ class CompressiveLayer(nn.Module):
                         if config.trains_compressor and config.compression_loss == "autoencoding" else None)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor | None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h (B, L, d), context (B, N + M, d) -> (B, L, d), attention received by each key (B, K)."""
+                need_weights: bool = False, context_kv: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """h (B, L, d), context (B, N + M, d) or its projected keys and values `context_kv`
+        (B, N + M, 2d) -> (B, L, d), the attention each key received (B, K) or None, and this
+        segment's keys and values (B, L, 2d)."""
         if self.pre_norm:
-            attended, received = self.attention(self.norm1(h), self.norm1(context), key_valid, need_weights)
+            normed_context = self.norm1(context) if context_kv is None else None
+            attended, received, kv = self.attention(self.norm1(h), normed_context, key_valid, need_weights, context_kv)
             h = h + self.dropout(attended)
-            return h + self.dropout(self.feed_forward(self.norm2(h))), received
-        attended, received = self.attention(h, context, key_valid, need_weights)
+            return h + self.dropout(self.feed_forward(self.norm2(h))), received, kv
+        attended, received, kv = self.attention(h, context, key_valid, need_weights, context_kv)
         h = self.norm1(h + self.dropout(attended))
-        return self.norm2(h + self.dropout(self.feed_forward(h))), received
+        return self.norm2(h + self.dropout(self.feed_forward(h))), received, kv
+
+    def project_context(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys and values of memory slots x (B, n, d) -> (B, n, 2d), as the attention computes them."""
+        return self.attention.key_value(self.norm1(x) if self.pre_norm else x)
 
     def norm_as_constant(self, x: torch.Tensor) -> torch.Tensor:
         """LN1 with its parameters treated as constants (identity for post-LN, whose attention sees raw inputs)."""
@@ -180,6 +188,10 @@ class CompressiveTransformer(nn.Module):
         self.apply(self._init)
         if config.tie_embeddings:
             self.head.weight = self.embedding.weight
+        self._weights = list(self.parameters())  # for the inference cache's version check
+
+    def _weights_version(self) -> int:
+        return sum(p._version for p in self._weights)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -219,29 +231,46 @@ class CompressiveTransformer(nn.Module):
             with_compression_loss = self.training and config.trains_compressor
         key_valid = state.key_valid()  # (B, N + M) or None
         need_weights = config.has_compression and config.compression == "most_used"
+        # At inference the weights are fixed, so each memory slot's keys and values are projected
+        # once, when it enters the memory, and cached in the state.
+        use_cache = not self.training and not torch.is_grad_enabled()
+        version = self._weights_version() if use_cache else None  # in-place updates bump it
+        caches = state.key_values if use_cache and state.key_values_version == version else None
 
         h = self.dropout(self.embedding(tokens))  # (B, L, d)
-        layer_inputs, received_all = [], []
-        for layer, memory, compressed in zip(self.layers, state.memory, state.compressed):
+        layer_inputs, received_all, context_kvs, segment_kvs = [], [], [], []
+        for i, (layer, memory, compressed) in enumerate(zip(self.layers, state.memory, state.compressed)):
             layer_inputs.append(h)
-            context = torch.cat([compressed, memory], dim=1)  # (B, N + M, d)
-            h, received = layer(h, context, key_valid, need_weights)
+            context_kv = caches[i] if caches is not None else None  # (B, N + M, 2d)
+            context = torch.cat([compressed, memory], dim=1) if context_kv is None else None  # (B, N + M, d)
+            if use_cache and context_kv is None:
+                context_kv = layer.project_context(context)
+            h, received, segment_kv = layer(h, context, key_valid, need_weights, context_kv)
             received_all.append(received)
+            context_kvs.append(context_kv)
+            segment_kvs.append(segment_kv)
         logits = self.head(self.norm(h))  # (B, L, V)
 
-        new_memory, new_compressed, losses = [], [], []
+        new_memory, new_compressed, new_caches, losses = [], [], [], []
         n = state.compressed_len
-        for layer, memory, compressed, hidden, received in zip(
-                self.layers, state.memory, state.compressed, layer_inputs, received_all):
+        rule = dict(mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
+        for layer, memory, compressed, hidden, received, context_kv, segment_kv in zip(
+                self.layers, state.memory, state.compressed, layer_inputs, received_all, context_kvs, segment_kvs):
             def compress(old, layer=layer, received=received):
                 scores = received[:, n : n + old.shape[1]] if received is not None else None  # (B, n_s)
                 return layer.compressor(old, scores)
 
-            mem, cmem, old, fresh = update_layer_memory(
-                memory, compressed, hidden, mem_len=config.mem_len, c_mem_len=config.c_mem_len,
-                rate=config.compression_rate, compress=compress if layer.compressor is not None else None)
+            has_compressor = layer.compressor is not None
+            mem, cmem, old, fresh = update_layer_memory(memory, compressed, hidden,
+                                                        compress=compress if has_compressor else None, **rule)
             new_memory.append(mem)
             new_compressed.append(cmem)
+            if use_cache:  # the same rule on the cached keys and values; new compressed slots projected once
+                mem_kv, cmem_kv, _, _ = update_layer_memory(
+                    context_kv[:, n:], context_kv[:, :n], segment_kv,
+                    compress=(lambda _, layer=layer, fresh=fresh: layer.project_context(fresh)) if has_compressor else None,
+                    **rule)
+                new_caches.append(torch.cat([cmem_kv, mem_kv], dim=1))
             if with_compression_loss and old is not None and config.trains_compressor:
                 losses.append(layer.compression_loss(config.compression_loss, hidden, old, fresh))
 
@@ -251,6 +280,7 @@ class CompressiveTransformer(nn.Module):
                 *state.validity(), l, mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
             if bool(memory_valid.all()) and bool(compressed_valid.all()):
                 memory_valid, compressed_valid = None, None
-        next_state = MemoryState(tuple(new_memory), tuple(new_compressed), memory_valid, compressed_valid)
+        next_state = MemoryState(tuple(new_memory), tuple(new_compressed), memory_valid, compressed_valid,
+                                 tuple(new_caches) if use_cache else None, version)
         compression_loss = torch.stack(losses).mean() if losses else None
         return ModelOutput(logits, next_state, compression_loss)
