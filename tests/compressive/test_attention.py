@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from still.compressive.attention import RelativeMultiHeadAttention, causal_mask, relative_shift, sinusoidal_distances
 
 
-def test_relative_shift_aligns_distances():
+@pytest.mark.parametrize("grad", [False, True])
+def test_relative_shift_aligns_distances(grad):
     b, h, l, k = 2, 3, 4, 7
-    raw = torch.randn(b, h, l, k)  # column m holds the score for distance k - 1 - m
-    shifted = relative_shift(raw)
+    raw = torch.randn(b, h, l, k).requires_grad_(grad)  # column m holds the score for distance k - 1 - m
+    shifted = relative_shift(raw).detach()
+    raw = raw.detach()
     for i in range(l):
         for j in range(k):
             distance = k - l + i - j
@@ -18,12 +20,12 @@ def test_relative_shift_aligns_distances():
                 assert shifted[:, :, i, j].equal(raw[:, :, i, k - 1 - distance])
 
 
-def test_relative_shift_matches_the_pad_and_reshape_trick():
+def test_relative_shift_view_and_copy_agree():
     raw = torch.randn(2, 2, 5, 9)
-    b, h, l, k = raw.shape
-    padded = F.pad(raw, (1, 0)).view(b, h, k + 1, l)[:, :, 1:].reshape(b, h, l, k)  # Transformer-XL's
-    mask = causal_mask(l, k)
-    assert torch.equal(relative_shift(raw)[..., mask], padded[..., mask])
+    mask = causal_mask(5, 9)
+    view = relative_shift(raw)  # no grad: the strided view
+    copied = relative_shift(raw.clone().requires_grad_())  # grad: pad and reshape
+    assert torch.equal(view[..., mask], copied.detach()[..., mask])
 
 
 def test_causal_mask():

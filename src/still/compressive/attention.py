@@ -18,7 +18,7 @@ R_r is the sinusoidal encoding of the distance r (Vaswani et al. 2017, with the 
 cosine halves of Transformer-XL); W_r, u and v are learned; u and v are shared across positions.
 The position term is computed once for every distance K-1 ... 0, as (B, H, L, K), and shifted
 into place ("relative shift"): row i needs the distances K-L+i, K-L+i-1, ..., which are a window
-of that row starting at column L-1-i. Here the shift is a strided view (no copy).
+of that row starting at column L-1-i (a strided view at inference, pad-and-reshape in training).
 
 The compressed memory is treated as more past positions: distances count through the compressed
 memory as through the memory (as in Rae et al. and DeepMind's code).
@@ -50,12 +50,19 @@ def relative_shift(position_scores: torch.Tensor) -> torch.Tensor:
 
     Output[..., i, j] = input[..., i, j + L - 1 - i], the score for distance K - L + i - j. Entries
     with j > K - L + i (future keys) are meaningless and must be masked by the caller.
-    A strided view: no copy.
+
+    Without gradients this is a strided view (no copy). With gradients it is Transformer-XL's
+    pad-and-reshape (two copies): autograd through an overlapping strided view takes a generic
+    path that costs far more than the copies.
     """
     b, h, l, k = position_scores.shape
-    x = position_scores.contiguous()
-    s_b, s_h, s_l, s_k = x.stride()
-    return x.as_strided((b, h, l, k), (s_b, s_h, s_l - 1, s_k), x.storage_offset() + l - 1)
+    if not position_scores.requires_grad:
+        x = position_scores.contiguous()
+        s_b, s_h, s_l, s_k = x.stride()
+        return x.as_strided((b, h, l, k), (s_b, s_h, s_l - 1, s_k), x.storage_offset() + l - 1)
+    padded = F.pad(position_scores, (1, 0))  # (B, H, L, K + 1): a zero column in front
+    shifted = padded.view(b, h, k + 1, l)[:, :, 1:]  # reinterpret the rows, drop the first
+    return shifted.reshape(b, h, l, k)
 
 
 def causal_mask(l: int, k: int, device=None) -> torch.Tensor:
