@@ -144,8 +144,9 @@ def lm_group() -> None:
 
 
 @lm_group.command("train")
-@click.option("--preset", type=click.Choice(["quick", "reference"]), default="quick", show_default=True,
-              help="quick: minutes on a CPU; reference: d_model 256, 6 layers, segment 128, mem 128 + 128 at rate 4.")
+@click.option("--preset", type=click.Choice(["quick", "ablation", "reference"]), default="quick", show_default=True,
+              help="quick: minutes on a CPU; ablation: d_model 128, 4 layers, segment 64, mem 64 + 64; "
+                   "reference: d_model 256, 6 layers, segment 128, mem 128 + 128 at rate 4.")
 @click.option("--corpus", default=None, help="shakespeare (default), enwik8:PATH, pg19:PATH, or a UTF-8 file or folder.")
 @click.option("--byte-level", is_flag=True, default=None, help="Bytes instead of characters (needed for enwik8).")
 @click.option("--mem-len", type=click.IntRange(min=0), default=None, help="Memories per layer.")

@@ -72,6 +72,11 @@ REFERENCE_MODEL = CompressiveConfig(d_model=256, n_layers=6, n_heads=4, d_ff=102
                                     compression_rate=4, dropout=0.1)
 PRESETS: dict[str, LMConfig] = {
     "quick": LMConfig(),
+    # the smaller preset of the compression-function and loss ablations (docs/results/shakespeare.md)
+    "ablation": LMConfig(preset="ablation",
+                         model=CompressiveConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, mem_len=64, c_mem_len=64,
+                                                 compression_rate=4, dropout=0.1),
+                         segment_len=64, steps=3000, eval_every=500, eval_segments=60),
     "reference": LMConfig(preset="reference", model=REFERENCE_MODEL,
                           optim=OptimConfig(name="adam", lr=5e-4, schedule="cosine", warmup_fraction=0.02,
                                             min_lr_ratio=0.1, grad_clip=0.1),
