@@ -33,3 +33,6 @@ for name in "${@:-${ORDER[@]}}"; do
   "$STILL" lm train ${RUNS[$name]} --out "$OUT/$name"
   "$STILL" lm eval "$OUT/$name" --split test >/dev/null
 done
+"$STILL" lm compare "$OUT"/{transformer,xl256,compressive} --out "$OUT/main" 2>/dev/null || true
+"$STILL" lm compare "$OUT"/{f-conv,f-dilated,f-max,f-mean,f-most_used,ablation-xl128} --out "$OUT/functions" 2>/dev/null || true
+"$STILL" lm compare "$OUT"/{f-conv,loss-autoencoding,loss-none} --out "$OUT/losses" 2>/dev/null || true

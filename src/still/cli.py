@@ -215,6 +215,17 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, thread
     generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout)
 
 
+@lm_group.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True)
+def lm_compare(run_dirs, split, out):
+    """One table and one loss-by-position plot for several runs (after `still lm eval` on each)."""
+    from still.recipes.lm import compare_runs
+
+    compare_runs(list(run_dirs), out, split)
+
+
 # ----------------------------------------------------------------------------- bench
 
 

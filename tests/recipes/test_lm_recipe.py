@@ -151,3 +151,12 @@ def test_train_stream_passes_follow_each_other():
     # the same step gives the same segment from a fresh stream (resume)
     again = TrainStream(docs, LMConfig(batch_size=2, segment_len=4)).segment(37)
     assert torch.equal(again.inputs, stream.segment(37).inputs)
+
+
+def test_compare_runs(trained, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "test", "--threads", "1")
+    assert code == 0
+    code, out, _ = run_cli(capsys, "lm", "compare", str(trained), str(trained), "--out", str(tmp_path / "cmp"))
+    assert code == 0 and out.count("compressive 16+8/4") == 2
+    assert (tmp_path / "cmp" / "compare-test-by-position.png").is_file()
+    assert_user_error(capsys, "lm", "compare", str(tmp_path), "--out", str(tmp_path / "cmp"), contains="has no results.json")

@@ -278,5 +278,34 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     return prompt + "".join(pieces)
 
 
-def results_of(run_dir: str | Path) -> dict:
-    return json.loads((Path(run_dir) / "results.json").read_text())
+def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_table: bool = True) -> str:
+    """One table (bits per character of each run) and one plot (bits per character against the
+    position in the document, one curve per run) from finished runs and their `still lm eval`."""
+    rows, curves = [], []
+    for run_dir in run_dirs:
+        try:
+            result = json.loads((run_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            raise StillError(f"{run_dir} has no results.json: train it first (still lm train --out {run_dir})") from None
+        row = {"run": run_dir.name, **result["rows"][0]}
+        evaluation = run_dir / f"eval-{split}.json"
+        if evaluation.is_file():
+            data = json.loads(evaluation.read_text())
+            points = [r for r in data["rows"] if r["bits_per_char"] is not None]
+            curves.append((f"{run_dir.name}: {row['model']}", [max(1.0, (r["from"] + r["to"]) / 2) for r in points],
+                           [r["bits_per_char"] for r in points]))
+            first = [r["bits_per_char"] for r in points if r["to"] < 1024]
+            late = [r["bits_per_char"] for r in points if r["from"] >= 4096]
+            row["bpc_first_1k"] = round(sum(first) / len(first), 4) if first else None
+            row["bpc_after_4k"] = round(sum(late) / len(late), 4) if late else None
+        rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["run", "model", "params", "steps", "valid_bpc", "test_bpc", "bpc_first_1k", "bpc_after_4k"]
+    table = write_results(out, f"compare-{split}", rows, columns=columns,
+                          title=f"Bits per character ({split}); by position: mean over the position buckets")
+    if curves:
+        plot_curves(out / f"compare-{split}-by-position.png", curves, xlabel="position in the document (characters)",
+                    ylabel="bits per character", logx=True, title=f"{split}: loss by position in the document")
+    if print_table:
+        print(table)
+    return table
