@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from still.compressive.attention import RelativeMultiHeadAttention, causal_mask, relative_shift, sinusoidal_distances
 

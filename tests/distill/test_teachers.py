@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from still.distill.loss import distillation_loss
 from still.distill.models import MLP, MLPConfig

@@ -19,7 +19,6 @@ and `test/` folders of books (`*.txt`), one document per book.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 import zipfile

@@ -16,7 +16,6 @@ computed once (`CachedTeacher`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
