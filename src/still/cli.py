@@ -187,15 +187,17 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @cache_option
 @threads_option
-def lm_eval(run_dir, split, batch_size, cache_dir, threads):
+def lm_eval(run_dir, split, batch_size, checkpoint, cache_dir, threads):
     """Bits per character and perplexity over a whole split, streaming with memory, and the loss by
     position within the document (table and plot in RUN_DIR)."""
     from still.recipes.lm import eval_lm
 
     _threads(threads)
-    eval_lm(run_dir, split, batch_size, cache=cache_dir)
+    eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint)
 
 
 @lm_group.command("generate")
@@ -206,13 +208,15 @@ def lm_eval(run_dir, split, batch_size, cache_dir, threads):
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @threads_option
-def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, threads):
+def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, threads):
     """Stream sampled text from a trained run, carrying the memories."""
     from still.recipes.lm import generate_lm
 
     _threads(threads)
-    generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout)
+    generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout, checkpoint=checkpoint)
 
 
 @lm_group.command("compare")

@@ -160,3 +160,18 @@ def test_compare_runs(trained, tmp_path, capsys):
     assert code == 0 and out.count("compressive 16+8/4") == 2
     assert (tmp_path / "cmp" / "compare-test-by-position.png").is_file()
     assert_user_error(capsys, "lm", "compare", str(tmp_path), "--out", str(tmp_path / "cmp"), contains="has no results.json")
+
+
+def test_named_checkpoint_and_damaged_checkpoint(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    first, newest = sorted((out / "checkpoints").glob("ckpt-*"))
+    code, _, _ = run_cli(capsys, "lm", "generate", str(out), "--checkpoint", str(first), "--tokens", "5")
+    assert code == 0
+    weights = newest / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:200] + bytes([data[200] ^ 1]) + data[201:])
+    assert_user_error(capsys, "lm", "eval", str(out), "--checkpoint", str(newest),
+                      contains="model.safetensors does not match its SHA-256")
+    code, _, err = run_cli(capsys, "lm", "generate", str(out), "--tokens", "5")  # falls back to the older one
+    assert code == 0 and "skipping checkpoint" in err and "ckpt-00000008" in err

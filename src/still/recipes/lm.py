@@ -207,8 +207,10 @@ def _describe(m: CompressiveConfig) -> str:
     return f"{kind}, d{m.d_model} x{m.n_layers}"
 
 
-def load_run(run_dir: str | Path) -> tuple[LMConfig, Vocab, CompressiveTransformer, ckpt.Checkpoint]:
-    """The config, vocabulary and trained model of a `still lm train` run directory (newest valid checkpoint)."""
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
+             ) -> tuple[LMConfig, Vocab, CompressiveTransformer, ckpt.Checkpoint]:
+    """The config, vocabulary and trained model of a `still lm train` run directory: its newest
+    valid checkpoint, or the `checkpoint` directory named (refused with a reason if damaged)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise StillError(f"{run_dir} is not a language-model run directory (no config.json)")
@@ -217,19 +219,22 @@ def load_run(run_dir: str | Path) -> tuple[LMConfig, Vocab, CompressiveTransform
         vocab = Vocab.from_json((run_dir / "vocab.json").read_text())
     except (OSError, ValueError, KeyError) as e:
         raise StillError(f"cannot read {run_dir}/vocab.json: {e}") from None
-    checkpoint = ckpt.latest_checkpoint(run_dir / "checkpoints", log=log)
-    if checkpoint is None:
-        raise StillError(f"{run_dir} has no valid checkpoint")
+    if checkpoint is not None:
+        loaded = ckpt.load_checkpoint(checkpoint)
+    else:
+        loaded = ckpt.latest_checkpoint(run_dir / "checkpoints", log=log)
+        if loaded is None:
+            raise StillError(f"{run_dir} has no valid checkpoint")
     model = CompressiveTransformer(config.model)
-    ckpt.load_model_weights(model, checkpoint.model, source=str(checkpoint.path))
-    return config, vocab, model.eval(), checkpoint
+    ckpt.load_model_weights(model, loaded.model, source=str(loaded.path))
+    return config, vocab, model.eval(), loaded
 
 
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
-            print_table: bool = True) -> dict:
+            print_table: bool = True, checkpoint: str | Path | None = None) -> dict:
     """Bits per character over a whole split, streaming with memory, and the loss by position."""
     run_dir = Path(run_dir)
-    config, vocab, model, checkpoint = load_run(run_dir)
+    config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
     corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
     docs, names = encode_split(corpus, split, vocab)
     streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names)
@@ -257,9 +262,10 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
 
 
 def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None) -> str:
+                top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
+                checkpoint: str | Path | None = None) -> str:
     """Sample from a trained run; writes the text to `stream` (a file object) as it is generated."""
-    config, vocab, model, _ = load_run(run_dir)
+    config, vocab, model, _ = load_run(run_dir, checkpoint)
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
     ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None]  # (1, P)
     generator = torch.Generator().manual_seed(seed)
