@@ -34,10 +34,15 @@ def _floats(ctx, param, value):
     return values
 
 
-def _threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+def _threads(threads: int | None, deterministic: bool = False) -> None:
+    """Set the thread count; in deterministic mode also PyTorch's deterministic algorithms, and one
+    thread unless told otherwise (reductions split across threads can add up in another order)."""
+    import torch
 
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        threads = threads or 1
+    if threads is not None:
         torch.set_num_threads(threads)
 
 
@@ -45,6 +50,9 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores).")
+deterministic_option = click.option("--deterministic", is_flag=True,
+                                    help="Deterministic algorithms and a fixed thread count (1 unless --threads): "
+                                         "two runs give identical numbers.")
 
 
 @click.group(context_settings=CONTEXT)
@@ -100,15 +108,16 @@ def distill() -> None:
 @click.option("--overwrite", is_flag=True, help="Start stages whose settings changed from scratch.")
 @cache_option
 @threads_option
+@deterministic_option
 def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, student_epochs, batch_size, seed,
-                  train_subset, test_subset, out, overwrite, cache_dir, threads) -> None:
+                  train_subset, test_subset, out, overwrite, cache_dir, threads, deterministic) -> None:
     """Teacher, baseline and distilled student on MNIST; prints test errors beside the paper's 67 / 146 / 74."""
     from still.recipes.mnist import PRESETS, run_mnist, with_overrides
 
     config = with_overrides(PRESETS[preset], temperatures=temperature, alpha=alpha, omit_digit=omit_digit,
                             teacher_epochs=teacher_epochs, student_epochs=student_epochs, batch_size=batch_size,
                             seed=seed, train_subset=train_subset, test_subset=test_subset)
-    _threads(threads)
+    _threads(threads, deterministic)
     run_mnist(config, out or Path(f"runs/mnist-{preset}"), cache=cache_dir, overwrite=overwrite)
 
 
@@ -166,8 +175,10 @@ def lm_group() -> None:
 @click.option("--overwrite", is_flag=True, help="Start again if the directory holds a run with other settings.")
 @cache_option
 @threads_option
+@deterministic_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
-             post_norm, steps, eval_every, batch_size, segment_len, lr, seed, out, overwrite, cache_dir, threads):
+             post_norm, steps, eval_every, batch_size, segment_len, lr, seed, out, overwrite, cache_dir, threads,
+             deterministic):
     """Train a Compressive Transformer; prints validation and test bits per character."""
     from still.config import replace
     from still.recipes.lm import PRESETS, train_lm, with_overrides
@@ -179,7 +190,7 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
                      "pre_norm": False if post_norm else None},
         corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
         segment_len=segment_len, seed=seed, optim=replace(base.optim, lr=lr) if lr is not None else None)
-    _threads(threads)
+    _threads(threads, deterministic)
     train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite)
 
 

@@ -175,3 +175,19 @@ def test_named_checkpoint_and_damaged_checkpoint(trained, tmp_path, capsys):
                       contains="model.safetensors does not match its SHA-256")
     code, _, err = run_cli(capsys, "lm", "generate", str(out), "--tokens", "5")  # falls back to the older one
     assert code == 0 and "skipping checkpoint" in err and "ckpt-00000008" in err
+
+
+def test_deterministic_runs_are_identical(corpus, tmp_path, capsys):
+    import torch
+
+    try:
+        for name in ("a", "b"):
+            code, _, _ = run_cli(capsys, *train_args(corpus, tmp_path / name, "--deterministic"))
+            assert code == 0
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert model_hash(tmp_path / "a") == model_hash(tmp_path / "b")
+    a = json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["history"]
+    b = json.loads((tmp_path / "b" / "results.json").read_text())["meta"]["history"]
+    assert [(h["train_loss"], h["valid_bits"]) for h in a] == [(h["train_loss"], h["valid_bits"]) for h in b]
