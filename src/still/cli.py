@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click  # noqa: E402
 
 from still import __version__  # noqa: E402
-from still.errors import StillError, TrainingInterrupted  # noqa: E402
+from still.errors import StillError, TrainingDiverged, TrainingInterrupted  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     except StillError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except TrainingDiverged as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)

@@ -4,7 +4,7 @@
 data of the wrong shape. It subclasses `ValueError` so library callers can catch it the usual
 way; the CLI turns it into a one-line message and exit code 2, never a traceback.
 `TrainingInterrupted` ends a run stopped by SIGINT or SIGTERM after a checkpoint was saved; the
-CLI exits with 130 or 143.
+CLI exits with 130 or 143. `TrainingDiverged` (a NaN or infinite loss) exits with 3.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ class TrainingInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; training stopped before the optimizer
+    step, so every checkpoint on disk is finite. The CLI exits with code 3."""
+
+    exit_code = 3
 
 
 def check(condition: bool, message: str) -> None:

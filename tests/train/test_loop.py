@@ -120,3 +120,51 @@ def test_lr_schedule_warmup_then_cosine():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.01
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_nan_skip_mode_drops_the_step_and_counts_it(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.on_nonfinite = "skip"
+    calls = []
+    original = trainer.loss_fn
+
+    def sometimes_nan(m, idx):
+        calls.append(1)
+        loss = original(m, idx)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    trainer.loss_fn = sometimes_nan
+    state = trainer.fit(BATCHES, 1)
+    assert state.skipped_steps == 1 and state.step == 6
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert adam_steps == {5}  # six batches, one of them skipped: five updates
+    from still.train.checkpoint import latest_checkpoint
+
+    saved = latest_checkpoint(tmp_path)
+    assert saved.state["state"]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in saved.model.values())
+
+
+def test_nan_stop_leaves_only_finite_checkpoints(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.fit(BATCHES, 1)  # one finite checkpoint
+    trainer = make_trainer(tmp_path)
+    trainer.loss_fn = lambda m, idx: m(X[idx]).sum() * float("inf")
+    with pytest.raises(TrainingDiverged):
+        trainer.fit(BATCHES, 2)
+    from still.train.checkpoint import list_checkpoints, load_checkpoint
+
+    for path in list_checkpoints(tmp_path):
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(path).model.values())
+
+
+def test_cli_exit_code_for_divergence(capsys, monkeypatch):
+    from helpers import run_cli
+    from still.recipes import mnist
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("teacher: the loss is nan at step 7")
+
+    monkeypatch.setattr(mnist, "run_mnist", diverge)
+    code, _, err = run_cli(capsys, "distill", "mnist", "--teacher-epochs", "1")
+    assert code == 3 and "the loss is nan at step 7" in err and "Traceback" not in err

@@ -26,15 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from still.errors import StillError, TrainingInterrupted
+from still.errors import StillError, TrainingDiverged, TrainingInterrupted
 from still.train import checkpoint as ckpt
 from still.train.progress import log as default_log
 from still.train.progress import progress
 from still.train.seed import rng_state, set_rng_state
-
-
-class TrainingDiverged(StillError):
-    """The loss or the gradient norm became NaN or infinite."""
 
 
 @contextlib.contextmanager
@@ -67,6 +63,8 @@ class TrainState:
     batch: int = 0
     """Batches completed within the current epoch."""
     finished: bool = False
+    skipped_steps: int = 0
+    """Steps skipped because the loss or the gradient norm was not finite (with on_nonfinite="skip")."""
     epoch_loss_sum: float = 0.0
     """Sum of the losses of the batches done in the current epoch (for a mid-epoch resume)."""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -110,6 +108,8 @@ class Trainer:
         checkpoint_every_steps: also save every this many optimizer steps (mid-epoch).
         config: JSON-ready config written into every checkpoint.
         keep: how many checkpoints to keep.
+        on_nonfinite: "stop" (default) raises `TrainingDiverged` before the optimizer step when the
+            loss or the gradient norm is NaN or infinite; "skip" drops that step and counts it.
         desc: the progress bar's label.
     """
 
@@ -123,6 +123,7 @@ class Trainer:
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
                  checkpoint_every_steps: int | None = None,
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
+                 on_nonfinite: str = "stop",
                  log: Callable[[str], None] = default_log) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -139,6 +140,9 @@ class Trainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.config = config or {}
         self.keep = keep
+        if on_nonfinite not in ("stop", "skip"):
+            raise StillError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
         self.desc = desc
         self.log = log
         self.state = TrainState()
@@ -182,18 +186,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _step(self, batch: Any) -> torch.Tensor:
+    def _nonfinite(self, what: str, value: torch.Tensor) -> None:
+        if self.on_nonfinite == "skip":
+            self.state.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.log(f"{self.desc}: {what} is {value.item()} at step {self.state.step}: step skipped "
+                     f"({self.state.skipped_steps} so far)")
+            return
+        raise TrainingDiverged(f"{self.desc}: {what} is {value.item()} at step {self.state.step}; stopped before the "
+                               "optimizer step, so the checkpoints on disk are finite (lower the learning rate?)")
+
+    def _step(self, batch: Any) -> torch.Tensor | None:
+        """One optimizer step; None if it was skipped (a non-finite loss or gradient norm)."""
         loss = self.loss_fn(self.model, batch)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"{self.desc}: the loss is {loss.item()} at step {self.state.step}; "
-                                   "stopping (lower the learning rate?)")
+            return self._nonfinite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip is not None:
             for group in self.clip_groups or [list(self.model.parameters())]:
                 norm = torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
                 if not torch.isfinite(norm):
-                    raise TrainingDiverged(f"{self.desc}: the gradient norm is {norm.item()} at step {self.state.step}")
+                    return self._nonfinite("the gradient norm", norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -226,7 +240,9 @@ class Trainer:
             bar = progress(itertools.islice(epoch_batches, self.state.batch, None), total=total,
                            initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}", unit="batch")
             for batch in bar:
-                loss_sum += self._step(batch)
+                loss = self._step(batch)
+                if loss is not None:
+                    loss_sum += loss
                 self.state.step += 1
                 self.state.batch += 1
                 if received or (self.checkpoint_dir is not None and self.checkpoint_every_steps
