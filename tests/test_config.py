@@ -56,3 +56,42 @@ def test_optional_nested_dataclass():
 
     assert from_dict(Outer, {"inner": None}).inner is None
     assert from_dict(Outer, {"inner": {"classes": 3}}).inner.classes == 3
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from still.compressive.model import CompressiveConfig  # noqa: E402
+from still.recipes.lm import LMConfig  # noqa: E402
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True)
+                           | st.text(max_size=8), lambda children: st.lists(children, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), children, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(["vocab_size", "d_model", "n_layers", "n_heads", "mem_len",
+                                             "c_mem_len", "compression_rate", "compression", "dropout",
+                                             "pre_norm", "nonsense"]), json_values, max_size=5))
+def test_config_parser_accepts_or_names_the_problem(data):
+    """Whatever JSON-like data comes in: a valid config, or a StillError; never another exception."""
+    try:
+        config = from_dict(CompressiveConfig, data)
+    except StillError as e:
+        assert str(e)
+    else:
+        assert from_dict(CompressiveConfig, to_dict(config)) == config
+
+
+@settings(max_examples=60, deadline=None)
+@given(mem_len=st.integers(0, 64), c_mem_len=st.integers(0, 64), rate=st.integers(1, 8),
+       segment_len=st.integers(1, 64))
+def test_lm_config_rate_compatibility(mem_len, c_mem_len, rate, segment_len):
+    data = {"model": {"mem_len": mem_len, "c_mem_len": c_mem_len, "compression_rate": rate},
+            "segment_len": segment_len}
+    compatible = c_mem_len == 0 or (mem_len % rate == 0 and segment_len % rate == 0)
+    try:
+        from_dict(LMConfig, data)
+        assert compatible
+    except StillError as e:
+        assert not compatible and "multiple of compression_rate" in str(e)
