@@ -115,6 +115,22 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- saving
 
+_TEMPORARY = re.compile(r"^\.ckpt-\d{8,}\.(tmp|old)-(\d+)$")
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete half-written checkpoints left by writers that died (SIGKILL, power loss)."""
+    for path in directory.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if not match or int(match.group(2)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(2)), 0)  # still running: leave it alone
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
+
 
 def save_checkpoint(
     directory: str | Path,
@@ -137,6 +153,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
     final = directory / f"ckpt-{step:08d}"
     tmp = directory / f".ckpt-{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
