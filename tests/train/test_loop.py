@@ -168,3 +168,24 @@ def test_cli_exit_code_for_divergence(capsys, monkeypatch):
     monkeypatch.setattr(mnist, "run_mnist", diverge)
     code, _, err = run_cli(capsys, "distill", "mnist", "--teacher-epochs", "1")
     assert code == 3 and "the loss is nan at step 7" in err and "Traceback" not in err
+
+
+def test_resume_is_exact_with_the_one_cycle_schedule(tmp_path):
+    """OneCycleLR cycles the momentum too: its state must survive the JSON round trip."""
+    config = OptimConfig(name="sgd", lr=0.05, momentum=0.9, schedule="onecycle", warmup_fraction=0.2)
+
+    def trainer(directory=None):
+        t = make_trainer(directory, every_steps=5)
+        t.optimizer = build_optimizer(t.model.parameters(), config)
+        t.scheduler = build_scheduler(t.optimizer, config, total_steps=4 * 6)
+        return t
+
+    straight = trainer()
+    straight.fit(BATCHES, 4)
+    first = trainer(tmp_path)
+    first.fit(BATCHES, 2)  # stops after epoch 2: as if the run had been cut there
+    second = trainer(tmp_path)
+    second.fit(BATCHES, 4)
+    for a, b in zip(straight.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert second.optimizer.param_groups[0]["momentum"] == straight.optimizer.param_groups[0]["momentum"]

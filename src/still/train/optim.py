@@ -23,8 +23,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     weight_decay: float = 0.0
-    schedule: Literal["constant", "cosine"] = "cosine"
-    """After the warm-up: a constant rate, or a cosine decay to `min_lr_ratio * lr`."""
+    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+    """After the warm-up: a constant rate, or a cosine decay to `min_lr_ratio * lr`; or PyTorch's
+    one-cycle policy (`OneCycleLR`: warm-up from lr / 25 over `warmup_fraction` of the steps, cosine
+    decay to lr / 25e4, and momentum cycled between 0.95 and 0.85 in the opposite sense)."""
     warmup_fraction: float = 0.0
     """Fraction of all steps spent in a linear warm-up from 0."""
     min_lr_ratio: float = 0.0
@@ -62,5 +64,10 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total_steps,
+                                                   pct_start=config.warmup_fraction or 0.3,
+                                                   cycle_momentum=config.name == "sgd" and config.momentum > 0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))
