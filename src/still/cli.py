@@ -93,7 +93,7 @@ def distill() -> None:
               help="Distillation temperature T > 0, or a comma-separated sweep: 1,2,4,8,20 (preset: 20).")
 @click.option("--alpha", type=float, default=None,
               help="Weight of the SOFT-target term, in [0, 1]; the hard-label cross entropy gets 1 - alpha "
-                   "(preset: 0.9).")
+                   "(presets: 1, the soft targets only).")
 @click.option("--omit-digit", type=click.IntRange(0, 9), default=None,
               help="Remove this digit from the students' transfer set (the paper's omitted-3 experiment).")
 @click.option("--teacher-epochs", type=click.IntRange(min=1), default=None, help="Override the preset.")
