@@ -191,3 +191,10 @@ def test_deterministic_runs_are_identical(corpus, tmp_path, capsys):
     a = json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["history"]
     b = json.loads((tmp_path / "b" / "results.json").read_text())["meta"]["history"]
     assert [(h["train_loss"], h["valid_bits"]) for h in a] == [(h["train_loss"], h["valid_bits"]) for h in b]
+
+
+def test_rerunning_a_finished_run_prints_its_table_without_work(trained, corpus, capsys):
+    before = (trained / "results.json").read_text()
+    code, out, err = run_cli(capsys, *train_args(corpus, trained))
+    assert code == 0 and "loaded the finished run" in err and "valid_bpc" in out
+    assert (trained / "results.json").read_text() == before

@@ -173,6 +173,11 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     start = time.perf_counter()
     state = trainer.fit(batches, config.steps // config.eval_every)
     seconds = time.perf_counter() - start
+    if trainer.loaded_finished and (out / "results.json").is_file() and (out / "results.md").is_file():
+        table = (out / "results.md").read_text()  # finished before, with these settings: nothing to redo
+        if print_table:
+            print(table)
+        return {**json.loads((out / "results.json").read_text()), "table": table}
 
     final = {split: evaluate_streams(model, TokenStreams(*encode_split(corpus, split, vocab)[:1], config.batch_size,
                                                          config.segment_len),

@@ -146,6 +146,8 @@ class Trainer:
         self.desc = desc
         self.log = log
         self.state = TrainState()
+        self.loaded_finished = False
+        """True when `fit` found the run already finished and only loaded it."""
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -228,6 +230,7 @@ class Trainer:
         if self.resume():
             if self.state.finished and self.state.epoch >= epochs:
                 self.log(f"{self.desc}: loaded the finished run from {self.checkpoint_dir}")
+                self.loaded_finished = True
                 return self.state
             self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}")
             self.state.finished = False
