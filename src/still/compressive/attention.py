@@ -146,7 +146,10 @@ class RelativeMultiHeadAttention(nn.Module):
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
         r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
 
-        position_scores = relative_shift((q + self.position_bias[:, None]) @ r.transpose(-1, -2))  # (B, H, L, K)
+        # one product per head over all B * L queries, rather than B * H small ones
+        q_position = (q + self.position_bias[:, None]).transpose(0, 1).reshape(self.n_heads, b * l, self.d_head)
+        raw = (q_position @ r.transpose(-1, -2)).view(self.n_heads, b, l, k_len).transpose(0, 1)  # (B, H, L, K)
+        position_scores = relative_shift(raw)  # (B, H, L, K)
         allowed = causal_mask(l, k_len, x.device)  # (L, K)
         if key_valid is not None:
             valid = torch.cat([key_valid, key_valid.new_ones(b, l)], dim=1)  # (B, K)
