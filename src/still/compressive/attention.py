@@ -146,9 +146,12 @@ class RelativeMultiHeadAttention(nn.Module):
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
         r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
 
-        # one product per head over all B * L queries, rather than B * H small ones
-        q_position = (q + self.position_bias[:, None]).transpose(0, 1).reshape(self.n_heads, b * l, self.d_head)
-        raw = (q_position @ r.transpose(-1, -2)).view(self.n_heads, b, l, k_len).transpose(0, 1)  # (B, H, L, K)
+        q_position = q + self.position_bias[:, None]  # (B, H, L, D)
+        if torch.is_grad_enabled():  # training: one product per head over all B * L queries
+            q_position = q_position.transpose(0, 1).reshape(self.n_heads, b * l, self.d_head)  # (H, B*L, D)
+            raw = (q_position @ r.transpose(-1, -2)).view(self.n_heads, b, l, k_len).transpose(0, 1)  # (B, H, L, K)
+        else:  # inference: contiguous, so the shift below is a view
+            raw = q_position @ r.transpose(-1, -2)  # (B, H, L, K)
         position_scores = relative_shift(raw)  # (B, H, L, K)
         allowed = causal_mask(l, k_len, x.device)  # (L, K)
         if key_valid is not None:
