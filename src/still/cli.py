@@ -50,6 +50,9 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores).")
+nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+                                help="A NaN or infinite loss or gradient norm: stop (exit code 3, checkpoints "
+                                     "stay finite) or skip that step and count it.")
 deterministic_option = click.option("--deterministic", is_flag=True,
                                     help="Deterministic algorithms and a fixed thread count (1 unless --threads): "
                                          "two runs give identical numbers.")
@@ -177,9 +180,10 @@ def lm_group() -> None:
 @cache_option
 @threads_option
 @deterministic_option
+@nonfinite_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
              post_norm, steps, eval_every, batch_size, segment_len, lr, seed, out, overwrite, cache_dir, threads,
-             deterministic):
+             deterministic, on_nonfinite):
     """Train a Compressive Transformer; prints validation and test bits per character."""
     from still.config import replace
     from still.recipes.lm import PRESETS, train_lm, with_overrides
@@ -192,7 +196,7 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
         corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
         segment_len=segment_len, seed=seed, optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)
-    train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite)
+    train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite)
 
 
 @lm_group.command("eval")

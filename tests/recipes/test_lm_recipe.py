@@ -198,3 +198,23 @@ def test_rerunning_a_finished_run_prints_its_table_without_work(trained, corpus,
     code, out, err = run_cli(capsys, *train_args(corpus, trained))
     assert code == 0 and "loaded the finished run" in err and "valid_bpc" in out
     assert (trained / "results.json").read_text() == before
+
+
+def test_run_directory_problems_are_named(trained, tmp_path, capsys):
+    """A config with an unknown key, or weights that do not fit the config: exit 2, no traceback."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "segmnet_len": 16}))
+    assert_user_error(capsys, "lm", "eval", str(out), contains="unknown key(s) segmnet_len")
+    config["model"]["d_ff"] = 64
+    (out / "config.json").write_text(json.dumps(config))
+    assert_user_error(capsys, "lm", "generate", str(out), "--tokens", "3",
+                      contains="do not fit the model: wrong shape")
+
+
+def test_skip_mode_flag_is_accepted(corpus, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *train_args(corpus, tmp_path / "run", "--on-nonfinite", "skip"))
+    assert code == 0
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "other", "--on-nonfinite", "ignore"),
+                      contains="'ignore' is not one of 'stop', 'skip'")
