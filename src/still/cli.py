@@ -50,6 +50,8 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores).")
+keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
+                           help="Checkpoints to keep in each stage (the newest ones).")
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
                                 help="A NaN or infinite loss or gradient norm: stop (exit code 3, checkpoints "
                                      "stay finite) or skip that step and count it.")
@@ -113,8 +115,9 @@ def distill() -> None:
 @cache_option
 @threads_option
 @deterministic_option
+@keep_option
 def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, student_epochs, batch_size, seed,
-                  train_subset, test_subset, out, overwrite, cache_dir, threads, deterministic) -> None:
+                  train_subset, test_subset, out, overwrite, cache_dir, threads, deterministic, keep) -> None:
     """Teacher, baseline and distilled student on MNIST; prints test errors beside the paper's 67 / 146 / 74."""
     from still.recipes.mnist import PRESETS, run_mnist, with_overrides
 
@@ -122,7 +125,7 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, studen
                             teacher_epochs=teacher_epochs, student_epochs=student_epochs, batch_size=batch_size,
                             seed=seed, train_subset=train_subset, test_subset=test_subset)
     _threads(threads, deterministic)
-    run_mnist(config, out or Path(f"runs/mnist-{preset}"), cache=cache_dir, overwrite=overwrite)
+    run_mnist(config, out or Path(f"runs/mnist-{preset}"), cache=cache_dir, overwrite=overwrite, keep=keep)
 
 
 @distill.command("cifar10")
@@ -181,9 +184,10 @@ def lm_group() -> None:
 @threads_option
 @deterministic_option
 @nonfinite_option
+@keep_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
              post_norm, steps, eval_every, batch_size, segment_len, lr, seed, out, overwrite, cache_dir, threads,
-             deterministic, on_nonfinite):
+             deterministic, on_nonfinite, keep):
     """Train a Compressive Transformer; prints validation and test bits per character."""
     from still.config import replace
     from still.recipes.lm import PRESETS, train_lm, with_overrides
@@ -196,7 +200,8 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
         corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
         segment_len=segment_len, seed=seed, optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)
-    train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite)
+    train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite,
+             keep=keep)
 
 
 @lm_group.command("eval")

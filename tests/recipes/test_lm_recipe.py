@@ -218,3 +218,13 @@ def test_skip_mode_flag_is_accepted(corpus, tmp_path, capsys):
     assert code == 0
     assert_user_error(capsys, *train_args(corpus, tmp_path / "other", "--on-nonfinite", "ignore"),
                       contains="'ignore' is not one of 'stop', 'skip'")
+
+
+def test_keep_option_and_corpus_shorter_than_a_segment(corpus, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, *train_args(corpus, tmp_path / "run", "--keep", "1"))
+    assert code == 0 and len(list((tmp_path / "run" / "checkpoints").glob("ckpt-*"))) == 1
+    (tmp_path / "tiny").mkdir()
+    for i in range(3):
+        (tmp_path / "tiny" / f"{i}.txt").write_text("abc")
+    assert_user_error(capsys, *train_args(tmp_path / "tiny", tmp_path / "t"),
+                      contains="fewer than one segment (16)")

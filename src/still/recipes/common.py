@@ -39,7 +39,8 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
 def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epochs: int, n: int, batch_size: int,
                 loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                 evaluate: Callable[[nn.Module], dict[str, Any]] | None, seed: int, stage_config: dict[str, Any],
-                post_step: Callable[[], None] | None = None, overwrite: bool = False) -> tuple[TrainState, float]:
+                post_step: Callable[[], None] | None = None, overwrite: bool = False,
+                keep: int = 2) -> tuple[TrainState, float]:
     """Train `model` on shuffled index batches of a data set of size `n`, checkpointing (and
     resuming, or loading a finished run) in `out/name`. Returns the final state and wall seconds."""
     stage_dir = out / name
@@ -48,7 +49,8 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     optimizer = build_optimizer(model.parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, epochs * len(batches))
     trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=optim.grad_clip, post_step=post_step,
-                      evaluate=evaluate, checkpoint_dir=stage_dir / "checkpoints", config=stage_config, desc=name)
+                      evaluate=evaluate, checkpoint_dir=stage_dir / "checkpoints", config=stage_config, desc=name,
+                      keep=keep)
     start = time.perf_counter()
     state = trainer.fit(batches, epochs)
     return state, time.perf_counter() - start

@@ -128,7 +128,7 @@ def _load_data(config: LMConfig, cache) -> tuple[Corpus, Vocab]:
 
 
 def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = False, print_table: bool = True,
-             on_nonfinite: str = "stop") -> dict:
+             on_nonfinite: str = "stop", keep: int = 2) -> dict:
     out = Path(out)
     corpus, vocab = _load_data(config, cache)
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
@@ -169,7 +169,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     groups = [model.model_parameters()] + ([model.compressor_parameters()] if model.compressor_parameters() else [])
     trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=config.optim.grad_clip, clip_groups=groups,
                       evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
-                      on_nonfinite=on_nonfinite,
+                      on_nonfinite=on_nonfinite, keep=keep,
                       state_tensors=lambda: memory["train"].to_tensors() if memory["train"] is not None else {},
                       load_state_tensors=lambda t: memory.update(train=MemoryState.from_tensors(t) if t else None))
     start = time.perf_counter()

@@ -108,7 +108,7 @@ def _subset(data: Mnist, config: MnistConfig) -> Mnist:
 
 
 def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = None, overwrite: bool = False,
-              print_table: bool = True) -> dict[str, Any]:
+              print_table: bool = True, keep: int = 2) -> dict[str, Any]:
     """Run the MNIST experiment into directory `out`; return the results (also written there)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
                    "epochs": config.teacher_epochs, "jitter": config.jitter, **common}
     state, timings["teacher"] = train_stage("teacher", out, teacher, config.teacher_optim, config.teacher_epochs, n_train,
                                        config.batch_size, teacher_loss, evaluate, config.seed, teacher_cfg,
-                                       post_step=teacher.apply_max_norm, overwrite=overwrite)
+                                       post_step=teacher.apply_max_norm, overwrite=overwrite, keep=keep)
     teacher_errors = _errors(predict(teacher, test_x), test_y)
     rows.append({"model": "teacher", "net": _arch(config.teacher), "epochs": config.teacher_epochs,
                  "test_errors": teacher_errors, "paper": PAPER["teacher"]})
@@ -159,7 +159,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
                     "epochs": config.student_epochs, **common}
     state, timings["baseline"] = train_stage("baseline", out, baseline, config.student_optim, config.student_epochs,
                                         n_train, config.batch_size, baseline_loss, evaluate, config.seed + 1,
-                                        baseline_cfg, overwrite=overwrite)
+                                        baseline_cfg, overwrite=overwrite, keep=keep)
     baseline_errors = _errors(predict(baseline, test_x), test_y)
     rows.append({"model": "baseline", "net": _arch(config.student), "epochs": config.student_epochs,
                  "test_errors": baseline_errors, "paper": PAPER["baseline"]})
@@ -189,7 +189,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
                        "omit_digit": omit, "teacher": teacher_cfg, **common}
         state, timings[name] = train_stage(name, out, student, config.student_optim, config.student_epochs,
                                       len(transfer), config.batch_size, student_loss, evaluate, config.seed + 1,
-                                      student_cfg, overwrite=overwrite)
+                                      student_cfg, overwrite=overwrite, keep=keep)
         logits = predict(student, test_x)
         row = {"model": f"distilled T={temperature:g}", "net": _arch(config.student), "epochs": config.student_epochs,
                "test_errors": _errors(logits, test_y), "paper": PAPER["distilled"] if temperature == 20 else None}
