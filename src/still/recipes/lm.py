@@ -181,10 +181,10 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
             print(table)
         return {**json.loads((out / "results.json").read_text()), "table": table}
 
-    final = {split: evaluate_streams(model, TokenStreams(*encode_split(corpus, split, vocab)[:1], config.batch_size,
-                                                         config.segment_len),
+    test_docs, test_names = encode_split(corpus, "test", vocab)
+    final = {split: evaluate_streams(model, TokenStreams(docs, config.batch_size, config.segment_len, names),
                                      progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
-             for split in ("valid", "test")}
+             for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names))}
     m = config.model
     rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
              "valid_bpc": round(final["valid"]["bits_per_token"], 4), "test_bpc": round(final["test"]["bits_per_token"], 4),
