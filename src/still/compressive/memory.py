@@ -120,17 +120,14 @@ def update_validity(memory_valid: torch.Tensor, compressed_valid: torch.Tensor, 
     """The update rule applied to the validity flags (B, M), (B, N): the segment's L slots are
     valid; a compressed slot is valid when all c memories it came from were."""
     b = memory_valid.shape[0]
-    extended = torch.cat([memory_valid, memory_valid.new_ones(b, segment_len)], dim=1)
-    overflow = extended.shape[1] - mem_len
-    if overflow <= 0:
-        return extended, compressed_valid
-    if c_mem_len == 0:
-        return extended[:, overflow:], compressed_valid
-    n_s = rate * (overflow // rate)
-    if n_s == 0:
-        return extended, compressed_valid
-    groups = extended[:, :n_s].view(b, n_s // rate, rate).all(-1)  # (B, n_s / c)
-    return extended[:, n_s:], torch.cat([compressed_valid, groups], dim=1)[:, -c_mem_len:]
+
+    def all_of_group(old: torch.Tensor) -> torch.Tensor:  # (B, n_s, 1) -> (B, n_s / c, 1)
+        return old.view(b, old.shape[1] // rate, rate, 1).all(2)
+
+    memory, compressed, _, _ = update_layer_memory(
+        memory_valid[:, :, None], compressed_valid[:, :, None], memory_valid.new_ones(b, segment_len, 1),
+        mem_len=mem_len, c_mem_len=c_mem_len, rate=rate, compress=all_of_group)
+    return memory[:, :, 0], compressed[:, :, 0]
 
 
 def update_layer_memory(memory: torch.Tensor, compressed: torch.Tensor, hidden: torch.Tensor, *, mem_len: int,
