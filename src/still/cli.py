@@ -55,6 +55,11 @@ keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
                                 help="A NaN or infinite loss or gradient norm: stop (exit code 3, checkpoints "
                                      "stay finite) or skip that step and count it.")
+def precision_option(default: str | None, help: str):
+    return click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=default,
+                        show_default=default is not None, help=help)
+
+
 deterministic_option = click.option("--deterministic", is_flag=True,
                                     help="Deterministic algorithms and a fixed thread count (1 unless --threads): "
                                          "two runs give identical numbers.")
@@ -177,6 +182,8 @@ def lm_group() -> None:
 @click.option("--segment-len", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
+@precision_option(None, "fp32 (default), or bf16 autocast with float32 weights, optimizer state and losses "
+                        "(about 2x faster on CPUs with AVX-512 bf16 and on recent GPUs).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/lm-<preset>); rerunning resumes it.")
 @click.option("--overwrite", is_flag=True, help="Start again if the directory holds a run with other settings.")
@@ -186,8 +193,8 @@ def lm_group() -> None:
 @nonfinite_option
 @keep_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
-             post_norm, steps, eval_every, batch_size, segment_len, lr, seed, out, overwrite, cache_dir, threads,
-             deterministic, on_nonfinite, keep):
+             post_norm, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite, cache_dir,
+             threads, deterministic, on_nonfinite, keep):
     """Train a Compressive Transformer; prints validation and test bits per character."""
     from still.config import replace
     from still.recipes.lm import PRESETS, train_lm, with_overrides
@@ -198,7 +205,7 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
                      "compression": compression, "compression_loss": compression_loss,
                      "pre_norm": False if post_norm else None},
         corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
-        segment_len=segment_len, seed=seed, optim=replace(base.optim, lr=lr) if lr is not None else None)
+        segment_len=segment_len, seed=seed, precision=precision, optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)
     train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite,
              keep=keep)
@@ -210,15 +217,16 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
+@precision_option(None, "fp32 or bf16 (default: the run's).")
 @cache_option
 @threads_option
-def lm_eval(run_dir, split, batch_size, checkpoint, cache_dir, threads):
+def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads):
     """Bits per character and perplexity over a whole split, streaming with memory, and the loss by
     position within the document (table and plot in RUN_DIR)."""
     from still.recipes.lm import eval_lm
 
     _threads(threads)
-    eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint)
+    eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint, precision=precision)
 
 
 @lm_group.command("generate")
@@ -231,13 +239,15 @@ def lm_eval(run_dir, split, batch_size, checkpoint, cache_dir, threads):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
+@precision_option(None, "fp32 or bf16 (default: the run's).")
 @threads_option
-def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, threads):
+def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, threads):
     """Stream sampled text from a trained run, carrying the memories."""
     from still.recipes.lm import generate_lm
 
     _threads(threads)
-    generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout, checkpoint=checkpoint)
+    generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout, checkpoint=checkpoint,
+                precision=precision)
 
 
 @lm_group.command("compare")

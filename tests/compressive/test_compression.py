@@ -50,3 +50,26 @@ def test_errors():
 
 def test_decoder_inverts_shapes():
     assert Decoder(3, 4)(torch.randn(2, 5, 3)).shape == (2, 20, 3)
+
+
+@pytest.mark.parametrize("rate", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["conv", "dilated", "max", "mean"])
+def test_matches_the_torch_convolution_and_pooling(kind, rate):
+    """The compressors run as matrix products over windows; they must equal the torch ops they stand for."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(rate)
+    f = Compressor(kind, 8, rate)
+    old = torch.randn(2, 4 * rate, 8)
+    x = old.transpose(1, 2)  # (B, d, n)
+    expected = {"conv": lambda: f.conv(x), "dilated": lambda: f.conv(F.pad(x, (rate - 1, 0))),
+                "max": lambda: F.max_pool1d(x, rate, rate), "mean": lambda: F.avg_pool1d(x, rate, rate)}[kind]()
+    torch.testing.assert_close(f(old), expected.transpose(1, 2))
+
+
+@pytest.mark.parametrize("rate", [1, 2, 4])
+def test_decoder_matches_the_transposed_convolution(rate):
+    torch.manual_seed(rate)
+    decoder = Decoder(8, rate)
+    z = torch.randn(2, 3, 8)
+    torch.testing.assert_close(decoder(z), decoder.deconv(z.transpose(1, 2)).transpose(1, 2))

@@ -228,3 +228,23 @@ def test_keep_option_and_corpus_shorter_than_a_segment(corpus, tmp_path, capsys)
         (tmp_path / "tiny" / f"{i}.txt").write_text("abc")
     assert_user_error(capsys, *train_args(tmp_path / "tiny", tmp_path / "t"),
                       contains="fewer than one segment (16)")
+
+
+def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained, tmp_path, capsys):
+    run = tmp_path / "bf16"
+    code, out, _ = run_cli(capsys, *train_args(corpus, run, "--precision", "bf16"))
+    assert code == 0
+    result = json.loads((run / "results.json").read_text())
+    assert result["meta"]["precision"] == "bf16" and json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    fp32 = json.loads((trained / "results.json").read_text())["rows"][0]
+    assert abs(result["rows"][0]["valid_bpc"] - fp32["valid_bpc"]) < 0.1  # the same 8 steps, another precision
+    code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--split", "valid")
+    assert code == 0 and ", bf16" in out
+    code, out32, _ = run_cli(capsys, "lm", "eval", str(run), "--split", "valid", "--precision", "fp32")
+    assert code == 0 and ", fp32" in out32
+    bpc = [float(text.split(": ", 1)[1].split(" bits")[0]) for text in (out, out32)]
+    assert abs(bpc[0] - bpc[1]) < 0.05
+    code, text, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be")
+    assert code == 0 and text.startswith("To be")
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "x", "--precision", "fp16"),
+                      contains="'fp16' is not one of 'fp32', 'bf16'")

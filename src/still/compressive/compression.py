@@ -15,6 +15,11 @@ Shapes: B batch, n old memories (a multiple of c), c compression rate, d model d
 
 Only conv and dilated have parameters, so only they are trained (by the attention-reconstruction
 or auto-encoding loss); one compressor per layer.
+
+The convolutions keep `nn.Conv1d`'s weight (d_out, d_in, c) but run as one matrix product over
+windows of c memories: with kernel = stride the windows do not overlap, so this is the same
+function, and it avoids the convolution kernels' slow bf16 backward on CPU (about 50x slower than
+the matrix product here). The decoder does the same for its transposed convolution.
 """
 
 from __future__ import annotations
@@ -57,16 +62,18 @@ class Compressor(nn.Module):
                 raise ValueError("most_used compression needs the attention each memory received")
             keep = received.topk(n // c, dim=-1).indices.sort(dim=-1).values  # (B, n/c), in time order
             return old.gather(1, keep[:, :, None].expand(-1, -1, d))  # (B, n/c, d)
-        x = old.transpose(1, 2)  # (B, d, n)
         if self.kind == "max":
-            out = F.max_pool1d(x, c, c)
-        elif self.kind == "mean":
-            out = F.avg_pool1d(x, c, c)
-        elif self.kind == "dilated":
-            out = self.conv(F.pad(x, (c - 1, 0)))  # (B, d, n/c)
-        else:
-            out = self.conv(x)  # (B, d, n/c)
-        return out.transpose(1, 2)  # (B, n/c, d)
+            return old.view(b, n // c, c, d).amax(dim=2)  # (B, n/c, d)
+        if self.kind == "mean":
+            return old.view(b, n // c, c, d).mean(dim=2)
+        assert self.conv is not None
+        if self.kind == "dilated":  # output t sees inputs t*c - (c-1) + 2k, k = 0..c-1 (zeros before the start)
+            padded = F.pad(old, (0, 0, c - 1, 0))  # (B, n + c - 1, d)
+            windows = padded.unfold(1, 2 * c - 1, c)[..., ::2]  # (B, n/c, d, c)
+            return F.linear(windows.reshape(b, n // c, d * c), self.conv.weight.reshape(d, d * c))
+        windows = old.reshape(b, n // c, c * d)  # (B, n/c, c*d): window t, position k, channel i
+        weight = self.conv.weight.permute(0, 2, 1).reshape(d, c * d)  # (d_out, c*d) in the same order
+        return F.linear(windows, weight)  # (B, n/c, d)
 
 
 class Decoder(nn.Module):
@@ -77,4 +84,7 @@ class Decoder(nn.Module):
         self.deconv = nn.ConvTranspose1d(d_model, d_model, kernel_size=rate, stride=rate, bias=False)
 
     def forward(self, compressed: torch.Tensor) -> torch.Tensor:
-        return self.deconv(compressed.transpose(1, 2)).transpose(1, 2)  # (B, n, d)
+        b, m, d = compressed.shape
+        c = self.deconv.kernel_size[0]
+        weight = self.deconv.weight.permute(2, 1, 0).reshape(c * d, d)  # (c*d_out, d_in): position k, channel o
+        return F.linear(compressed, weight).view(b, m * c, d)  # (B, n, d): output t*c + k

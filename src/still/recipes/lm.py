@@ -34,6 +34,7 @@ from still.train import checkpoint as ckpt
 from still.train.io import atomic_write_text
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
+from still.train.precision import autocast, check_precision
 from still.train.progress import log, progress
 from still.train.results import write_results
 from still.train.seed import seed_everything
@@ -56,9 +57,12 @@ class LMConfig:
     eval_every: int = 250
     eval_segments: int | None = 40
     """Validation segments at each interval (None: the whole split); the final evaluation is whole."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast; float32 weights, optimizer state and losses)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         for name in ("batch_size", "segment_len", "steps", "eval_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         check(self.eval_segments is None or self.eval_segments > 0, f"eval_segments must be > 0, got {self.eval_segments}")
@@ -72,15 +76,16 @@ REFERENCE_MODEL = CompressiveConfig(d_model=256, n_layers=6, n_heads=4, d_ff=102
                                     compression_rate=4, dropout=0.1)
 PRESETS: dict[str, LMConfig] = {
     "quick": LMConfig(),
-    # the smaller preset of the compression-function and loss ablations (docs/results/shakespeare.md)
+    # the smaller preset of the compression-function and loss ablations (docs/results/shakespeare.md);
+    # budgets: what fits in one working session on two CPU cores with bf16 (1.5M and 4.1M characters)
     "ablation": LMConfig(preset="ablation",
                          model=CompressiveConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, mem_len=64, c_mem_len=64,
                                                  compression_rate=4, dropout=0.1),
-                         segment_len=64, steps=3000, eval_every=500, eval_segments=60),
+                         segment_len=64, steps=1500, eval_every=250, eval_segments=60),
     "reference": LMConfig(preset="reference", model=REFERENCE_MODEL,
                           optim=OptimConfig(name="adam", lr=5e-4, schedule="cosine", warmup_fraction=0.02,
                                             min_lr_ratio=0.1, grad_clip=0.1),
-                          segment_len=128, steps=4000, eval_every=500, eval_segments=60),
+                          segment_len=128, steps=2000, eval_every=250, eval_segments=60),
 }
 
 
@@ -152,7 +157,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         segment = stream.segment(step)
         result = net(segment.inputs, memory["train"], reset=segment.reset)
         memory["train"] = result.state.detach()
-        lm = F.cross_entropy(result.logits.flatten(0, 1), segment.targets.flatten(), ignore_index=-100)
+        lm = F.cross_entropy(result.logits.flatten(0, 1).float(), segment.targets.flatten(), ignore_index=-100)
         lm_losses.append(lm.detach())
         return lm if result.compression_loss is None else lm + result.compression_loss
 
@@ -169,7 +174,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     groups = [model.model_parameters()] + ([model.compressor_parameters()] if model.compressor_parameters() else [])
     trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=config.optim.grad_clip, clip_groups=groups,
                       evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
-                      on_nonfinite=on_nonfinite, keep=keep,
+                      on_nonfinite=on_nonfinite, keep=keep, precision=config.precision,
                       state_tensors=lambda: memory["train"].to_tensors() if memory["train"] is not None else {},
                       load_state_tensors=lambda t: memory.update(train=MemoryState.from_tensors(t) if t else None))
     start = time.perf_counter()
@@ -182,14 +187,15 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         return {**json.loads((out / "results.json").read_text()), "table": table}
 
     test_docs, test_names = encode_split(corpus, "test", vocab)
-    final = {split: evaluate_streams(model, TokenStreams(docs, config.batch_size, config.segment_len, names),
-                                     progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
-             for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names))}
+    with autocast(config.precision):
+        final = {split: evaluate_streams(model, TokenStreams(docs, config.batch_size, config.segment_len, names),
+                                         progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
+                 for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names))}
     m = config.model
     rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
              "valid_bpc": round(final["valid"]["bits_per_token"], 4), "test_bpc": round(final["test"]["bits_per_token"], 4),
              "test_ppl": round(final["test"]["perplexity"], 3)}]
-    meta = {"config": to_dict(config), "train_seconds": round(seconds, 1),
+    meta = {"config": to_dict(config), "precision": config.precision, "train_seconds": round(seconds, 1),
             "tokens_per_second": round(config.steps * config.batch_size * config.segment_len / max(seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name}
     title = f"{corpus.name}: bits per character, preset {config.preset}"
@@ -238,26 +244,32 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
 
 
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
-            print_table: bool = True, checkpoint: str | Path | None = None) -> dict:
-    """Bits per character over a whole split, streaming with memory, and the loss by position."""
+            print_table: bool = True, checkpoint: str | Path | None = None, precision: str | None = None) -> dict:
+    """Bits per character over a whole split, streaming with memory, and the loss by position.
+    `precision`: fp32 or bf16 (default: the run's)."""
     run_dir = Path(run_dir)
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
+    precision = precision or config.precision
+    check_precision(precision)
     corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
     docs, names = encode_split(corpus, split, vocab)
     streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names)
     longest = max(len(d) for d in docs)
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
-    result = evaluate_streams(model, streams, position_edges=edges,
-                              progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
+    with autocast(precision):
+        result = evaluate_streams(model, streams, position_edges=edges,
+                                  progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
     rows = [{"from": b["from"], "to": b["to"] - 1, "tokens": b["tokens"],
              "bits_per_char": round(b["bits_per_token"], 4) if b["bits_per_token"] is not None else None}
             for b in result["by_position"]]
     title = (f"{corpus.name} {split}: {result['bits_per_token']:.4f} bits per character, perplexity "
-             f"{result['perplexity']:.3f}, {result['tokens']} characters; checkpoint step {checkpoint.step}\n\n"
+             f"{result['perplexity']:.3f}, {result['tokens']} characters; checkpoint step {checkpoint.step}, "
+             f"{precision}\n\n"
              "Loss by position within the document:")
     name = f"eval-{split}"
     table = write_results(run_dir, name, rows, title=title,
-                          meta={k: v for k, v in result.items() if k != "by_position"} | {"step": checkpoint.step})
+                          meta={k: v for k, v in result.items() if k != "by_position"}
+                          | {"step": checkpoint.step, "precision": precision})
     plot_curves(run_dir / f"{name}-by-position.png",
                 [(_describe(config.model), [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
                   [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
@@ -270,17 +282,21 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
 
 def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
-                checkpoint: str | Path | None = None) -> str:
-    """Sample from a trained run; writes the text to `stream` (a file object) as it is generated."""
+                checkpoint: str | Path | None = None, precision: str | None = None) -> str:
+    """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
+    `precision`: fp32 or bf16 (default: the run's)."""
     config, vocab, model, _ = load_run(run_dir, checkpoint)
+    precision = precision or config.precision
+    check_precision(precision)
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
     ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None]  # (1, P)
     generator = torch.Generator().manual_seed(seed)
     pieces = []
     if stream is not None:
         stream.write(prompt)
-    for token in generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          segment_len=config.segment_len, generator=generator):
+    tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      segment_len=config.segment_len, generator=generator)
+    for token in _under(autocast(precision), tokens):
         piece = vocab.decode(token)
         pieces.append(piece)
         if stream is not None:
@@ -289,6 +305,18 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     if stream is not None:
         stream.write("\n")
     return prompt + "".join(pieces)
+
+
+def _under(context, iterator):
+    """Run each step of `iterator` inside `context` (entered and left around every step, so the
+    caller's code between steps runs outside it)."""
+    while True:
+        with context:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
 
 
 def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_table: bool = True) -> str:

@@ -28,6 +28,7 @@ from torch import nn
 
 from still.errors import StillError, TrainingDiverged, TrainingInterrupted
 from still.train import checkpoint as ckpt
+from still.train.precision import autocast, check_precision
 from still.train.progress import log as default_log
 from still.train.progress import progress
 from still.train.seed import rng_state, set_rng_state
@@ -111,6 +112,8 @@ class Trainer:
         on_nonfinite: "stop" (default) raises `TrainingDiverged` before the optimizer step when the
             loss or the gradient norm is NaN or infinite; "skip" drops that step and counts it.
         desc: the progress bar's label.
+        precision: "fp32", or "bf16" to run `loss_fn` and `evaluate` under bf16 autocast (the
+            parameters, gradients and optimizer state stay in float32).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -123,7 +126,7 @@ class Trainer:
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
                  checkpoint_every_steps: int | None = None,
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
-                 on_nonfinite: str = "stop",
+                 on_nonfinite: str = "stop", precision: str = "fp32",
                  log: Callable[[str], None] = default_log) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -143,6 +146,9 @@ class Trainer:
         if on_nonfinite not in ("stop", "skip"):
             raise StillError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
+        check_precision(precision)
+        self.precision = precision
+        self.device = next(iter(model.parameters()), torch.empty(0)).device
         self.desc = desc
         self.log = log
         self.state = TrainState()
@@ -200,7 +206,8 @@ class Trainer:
 
     def _step(self, batch: Any) -> torch.Tensor | None:
         """One optimizer step; None if it was skipped (a non-finite loss or gradient norm)."""
-        loss = self.loss_fn(self.model, batch)
+        with autocast(self.precision, self.device):
+            loss = self.loss_fn(self.model, batch).float()
         if not torch.isfinite(loss):
             return self._nonfinite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -260,7 +267,7 @@ class Trainer:
                                       "seconds": round(seconds, 3)}
             if self.evaluate is not None:
                 self.model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), autocast(self.precision, self.device):
                     record.update(self.evaluate(self.model))
                 self.model.train()
             self.state.history.append(record)
