@@ -271,6 +271,8 @@ class Trainer:
                     record.update(self.evaluate(self.model))
                 self.model.train()
             self.state.history.append(record)
+            self.log(f"{self.desc} {epoch + 1}/{epochs}: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
             self.state.epoch = epoch + 1
             self.state.batch = 0
             self.state.epoch_loss_sum = 0.0
