@@ -2,8 +2,9 @@
 # The Shakespeare experiments of docs/results/shakespeare.md, one command each. Run them all, or
 # some by name: scripts/reproduce_shakespeare.sh xl256 compressive
 # All runs use bf16 autocast (PRECISION=fp32 to change). Each run directory resumes if interrupted;
-# rerunning a finished one only prints its table. With JOBS=2 (the default on 2+ cores) the runs go
-# in two queues of one thread each, which keeps two cores busier than one queue of two threads.
+# rerunning a finished one only prints its table. With JOBS=2 (the default on 2+ cores) two workers
+# of one thread each take the runs in turn (the main comparison first), which keeps two cores busier
+# than one worker of two threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STILL=${STILL:-.venv/bin/still}
@@ -37,20 +38,20 @@ run() {  # run NAME [extra options]: train, then evaluate the test split by posi
   [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; return 2; }
   echo "== $name: still lm train ${RUNS[$name]} --precision $PRECISION $* --out $OUT/$name"
   # shellcheck disable=SC2086
-  "$STILL" lm train ${RUNS[$name]} --precision "$PRECISION" "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+  "$STILL" lm train ${RUNS[$name]} --precision "$PRECISION" "$@" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
   "$STILL" lm eval "$OUT/$name" --split test "$@" >> "$OUT/$name.log" 2>&1
   tail -n 4 "$OUT/$name.log" | head -n 3
 }
 
 mkdir -p "$OUT"
+claim() { mkdir "$OUT/.claims/$1" 2>/dev/null; }  # atomic: one worker takes each run
+worker() { for name in "${MAIN[@]}" "${ABLATION[@]}"; do if claim "$name"; then run "$name" "$@"; fi; done; }
 if [ $# -gt 0 ]; then
   for name in "$@"; do run "$name"; done
-elif [ "$JOBS" -ge 2 ]; then
-  (for name in "${MAIN[@]}"; do run "$name" --threads 1; done) &
-  (for name in "${ABLATION[@]}"; do run "$name" --threads 1; done) &
-  wait
 else
-  for name in "${MAIN[@]}" "${ABLATION[@]}"; do run "$name"; done
+  rm -rf "$OUT/.claims" && mkdir -p "$OUT/.claims"
+  for _ in $(seq "$JOBS"); do worker $([ "$JOBS" -ge 2 ] && echo --threads 1) & done
+  wait
 fi
 compare() { local out=$1; shift; local runs=(); for r in "$@"; do [ -f "$OUT/$r/results.json" ] && runs+=("$OUT/$r"); done
             [ ${#runs[@]} -gt 0 ] && "$STILL" lm compare "${runs[@]}" --out "$OUT/$out"; }

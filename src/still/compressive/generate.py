@@ -3,7 +3,9 @@
 Generation feeds the prompt in segments, then one token at a time; each new token attends to at
 most mem_len + c - 1 memories and c_mem_len compressed memories per layer, so the cost of a new
 token does not grow with the number of tokens generated so far (nothing of the past is
-recomputed). Compression happens once every c tokens (memory.py).
+recomputed). Compression happens once every c tokens (memory.py). The tokens after the prompt go
+through `decode.Decoder` (fixed-shape buffers, optionally compiled), or through the model's own
+forward for most_used compression.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from still.compressive.decode import Decoder, supports
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
 from still.errors import StillError
@@ -35,8 +38,11 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 @torch.no_grad()
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, segment_len: int = 128,
-             generator: torch.Generator | None = None, state: MemoryState | None = None) -> Iterator[torch.Tensor]:
-    """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1."""
+             generator: torch.Generator | None = None, state: MemoryState | None = None,
+             compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1.
+
+    `compile`: run the decoding step through `torch.compile` (worth it for long generations)."""
     if temperature <= 0:
         raise StillError(f"temperature must be > 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -48,12 +54,16 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     for start in range(0, prompt.shape[1], segment_len):
         out = model(prompt[:, start : start + segment_len], state)
         state, logits = out.state, out.logits[:, -1]
+    decoder = Decoder(model, state, prompt.shape[0], compile=compile) if supports(model, state) else None
     for _ in range(max_new_tokens):
         probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)  # (B, V)
         token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         yield token[:, 0]
-        out = model(token, state)
-        state, logits = out.state, out.logits[:, -1]
+        if decoder is not None:
+            logits = decoder.step(token[:, 0])
+        else:
+            out = model(token, state)
+            state, logits = out.state, out.logits[:, -1]
 
 
 @torch.no_grad()

@@ -1,0 +1,47 @@
+"""The fixed-shape decoder gives the model's own logits, token after token."""
+
+import pytest
+import torch
+
+from still.compressive.decode import Decoder, supports
+from still.compressive.model import CompressiveConfig, CompressiveTransformer
+
+CASES = {
+    "conv": dict(mem_len=6, c_mem_len=4, compression_rate=3),
+    "dilated": dict(mem_len=6, c_mem_len=3, compression_rate=2, compression="dilated"),
+    "max": dict(mem_len=4, c_mem_len=2, compression_rate=2, compression="max"),
+    "mean, post-norm": dict(mem_len=4, c_mem_len=5, compression_rate=4, compression="mean", pre_norm=False),
+    "XL": dict(mem_len=7, c_mem_len=0),
+    "no memory": dict(mem_len=0, c_mem_len=0),
+    "compressed only": dict(mem_len=0, c_mem_len=3, compression_rate=2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("prompt_len", [1, 9])
+def test_decoder_matches_the_model_token_by_token(case, prompt_len):
+    torch.manual_seed(0)
+    config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.1, **CASES[case])
+    model = CompressiveTransformer(config).eval()
+    tokens = torch.randint(0, 11, (2, prompt_len + 30))
+    with torch.no_grad():
+        state = None
+        for chunk in tokens[:, :prompt_len].split(4, dim=1):
+            state = model(chunk, state).state
+        decoder = Decoder(model, state, batch=2)
+        for t in range(prompt_len, tokens.shape[1]):  # 30 steps: several compressions and a full compressed memory
+            out = model(tokens[:, t : t + 1], state)
+            state = out.state
+            torch.testing.assert_close(decoder.step(tokens[:, t]), out.logits[:, 0], atol=1e-5, rtol=1e-5)
+        assert decoder.n == state.compressed_len and decoder.m == state.memory_len
+
+
+def test_most_used_and_training_mode_are_refused():
+    config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
+                               compression="most_used")
+    model = CompressiveTransformer(config)
+    assert not supports(model, None)
+    with pytest.raises(ValueError, match="eval mode"):
+        Decoder(model, None, batch=1)
+    with pytest.raises(ValueError, match="most_used"):
+        Decoder(model.eval(), None, batch=1)
