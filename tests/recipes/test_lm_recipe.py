@@ -88,25 +88,37 @@ def test_generate_is_seeded_and_streams(trained, capsys):
     assert other != first
 
 
-def test_generation_state_stays_bounded():
-    """The cost of a new token does not grow: memories stay within mem_len + c - 1 and c_mem_len."""
+@pytest.mark.parametrize("compression", ["conv", "most_used"])
+def test_generation_state_stays_bounded(compression, monkeypatch):
+    """The cost of a new token does not grow: memories stay within mem_len + c - 1 and c_mem_len
+    (the ring-buffer decoder, and the model's forward that most_used falls back to)."""
     from still.compressive import CompressiveConfig, CompressiveTransformer
+    from still.compressive import decode
     from still.compressive.generate import generate
 
     torch.manual_seed(0)
     model = CompressiveTransformer(CompressiveConfig(vocab_size=10, d_model=16, n_layers=1, n_heads=2, d_ff=16,
-                                                     mem_len=8, c_mem_len=4, compression_rate=4))
-    sizes = []
-    original = model.forward
+                                                     mem_len=8, c_mem_len=4, compression_rate=4,
+                                                     compression=compression))
+    sizes, shapes = [], set()
+    original_forward, original_step = model.forward, decode.Decoder.step
 
     def spy(tokens, state=None, **kw):
-        out = original(tokens, state, **kw)
+        out = original_forward(tokens, state, **kw)
         sizes.append((out.state.memory_len, out.state.compressed_len))
         return out
 
+    def spy_step(self, tokens):
+        logits = original_step(self, tokens)
+        sizes.append((self.m, self.n))
+        shapes.add(tuple(t.shape for t in self.keys + self.values + self.inputs))
+        return logits
+
     model.forward = spy
+    monkeypatch.setattr(decode.Decoder, "step", spy_step)
     list(generate(model, torch.ones(1, 5, dtype=torch.long), 60, segment_len=4))
-    assert max(m for m, _ in sizes) <= 8 + 4 - 1 and max(c for _, c in sizes) == 4
+    assert len(sizes) >= 60 and max(m for m, _ in sizes) <= 8 + 4 - 1 and max(c for _, c in sizes) == 4
+    assert len(shapes) == (1 if compression == "conv" else 0)  # the decoder's buffers never change shape
 
 
 def test_filter_logits():
