@@ -45,3 +45,15 @@ def test_most_used_and_training_mode_are_refused():
         Decoder(model, None, batch=1)
     with pytest.raises(ValueError, match="most_used"):
         Decoder(model.eval(), None, batch=1)
+
+
+def test_compiled_decoder_gives_the_same_tokens():
+    """torch.compile of the step (a real compile, a few seconds for this size): the same logits."""
+    torch.manual_seed(0)
+    config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
+                               compression_rate=2)
+    model = CompressiveTransformer(config).eval()
+    eager, compiled = Decoder(model, None, batch=1), Decoder(model, None, batch=1, compile=True)
+    tokens = torch.randint(0, 11, (12,))
+    for t in tokens:
+        torch.testing.assert_close(compiled.step(t[None]), eager.step(t[None]), atol=1e-5, rtol=1e-5)

@@ -258,5 +258,7 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     assert abs(bpc[0] - bpc[1]) < 0.05
     code, text, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be")
     assert code == 0 and text.startswith("To be")
+    code, compiled, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--compile")
+    assert code == 0 and compiled == text  # the same seed, the same tokens
     assert_user_error(capsys, *train_args(corpus, tmp_path / "x", "--precision", "fp16"),
                       contains="'fp16' is not one of 'fp32', 'bf16'")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
+from still.train.compile import MaybeCompiled
 
 
 def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
@@ -102,7 +103,7 @@ class Decoder:
         self._arange_c = torch.arange(self.n_cap, device=device)
         self._arange_m = torch.arange(self.m_cap, device=device)
         self._cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._step = torch.compile(_step, dynamic=False) if compile else _step
+        self._step = MaybeCompiled(_step, "the decoding step", dynamic=False) if compile else _step
 
     def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For the current ring positions and counts: the slot to write (1,), the column of the

@@ -282,9 +282,9 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
 
 def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
-                checkpoint: str | Path | None = None, precision: str | None = None) -> str:
+                checkpoint: str | Path | None = None, precision: str | None = None, compile: bool = False) -> str:
     """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
-    `precision`: fp32 or bf16 (default: the run's)."""
+    `precision`: fp32 or bf16 (default: the run's). `compile`: torch.compile the decoding step."""
     config, vocab, model, _ = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
@@ -295,7 +295,7 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     if stream is not None:
         stream.write(prompt)
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      segment_len=config.segment_len, generator=generator)
+                      segment_len=config.segment_len, generator=generator, compile=compile)
     for token in _under(autocast(precision), tokens):
         piece = vocab.decode(token)
         pieces.append(piece)
