@@ -61,7 +61,7 @@ from dataclasses import dataclass  # noqa: E402
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
 
-IMPLEMENTATIONS = ("ours", "labml", "lucidrains")
+IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "labml", "lucidrains")
 PEERS = ("labml", "lucidrains")
 MEASURES = ("train", "eval", "generate")
 RESULT_MARKER = "BENCH-RESULT "
@@ -131,6 +131,8 @@ class Ours:
     def memory_lengths(self) -> tuple[int, int]:
         return self.state.memory_len, self.state.compressed_len
 
+    compile = False
+
     def generate(self, prompt, new_tokens: int, seed: int) -> int:
         """prompt (1, P) -> the number of tokens generated after it."""
         import torch
@@ -138,11 +140,38 @@ class Ours:
         from still.compressive.generate import generate
 
         generator = torch.Generator().manual_seed(seed)
-        tokens = generate(self.model, prompt, new_tokens, segment_len=self.cfg.segment_len, generator=generator)
+        tokens = generate(self.model, prompt, new_tokens, segment_len=self.cfg.segment_len, generator=generator,
+                          compile=self.compile)
         return len(list(tokens))  # each (B,)
 
     def after_training(self) -> None:
         pass
+
+
+class OursCompiled(Ours):
+    """Generation only: the decoding step through torch.compile (compiled during the untimed warm-up)."""
+
+    name = "ours+compile"
+    compile = True
+
+
+class OursBf16(Ours):
+    """bf16 autocast (fp32 weights, optimizer state and loss)."""
+
+    name = "ours-bf16"
+
+    def step_loss(self, inputs, targets):
+        from still.train.precision import autocast
+
+        with autocast("bf16"):
+            loss, compressed = super().step_loss(inputs, targets)
+        return loss.float(), compressed
+
+    def generate(self, prompt, new_tokens: int, seed: int) -> int:
+        from still.train.precision import autocast
+
+        with autocast("bf16"):
+            return super().generate(prompt, new_tokens, seed)
 
 
 class _SimpleStateModuleStub:
@@ -318,7 +347,8 @@ class Lucidrains:
                           "reconstruction loss, so the key/value projection stops learning; measured as is)")
 
 
-ADAPTERS = {"ours": Ours, "labml": Labml, "lucidrains": Lucidrains}
+ADAPTERS = {"ours": Ours, "ours+compile": OursCompiled, "ours-bf16": OursBf16, "labml": Labml, "lucidrains": Lucidrains}
+ONLY_MEASURES = {"ours+compile": ("generate",)}  # the others: every measure
 
 
 def _proc_status_kib() -> dict[str, int]:
@@ -484,16 +514,16 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
             flop_row[f"{m} GFLOP/s"] = round(flops / tokens_per_unit * rate / 1e9, 2) if flops and rate else None
         rows.append(row)
         flop_rows.append(flop_row)
-    if "ours" in impls and any(p in impls for p in PEERS):
-        peer_rows = [r for r in rows if r["implementation"] in PEERS]
-        ratios = {"implementation": "ours / best peer", "params": None}
+    peer_rows = [r for r in rows if r["implementation"] in PEERS]
+    for name in [i for i in impls if i not in PEERS] if peer_rows else []:
+        ratios = {"implementation": f"{name} / best peer", "params": None}
+        ours_row = next(r for r in rows if r["implementation"] == name)
         for column in rows[0]:
-            if column in ratios:
-                continue
-            ours = next(r[column] for r in rows if r["implementation"] == "ours")
-            ratios[column] = ratio(ours, [r[column] for r in peer_rows], higher_is_better="tok/s" in column)
+            if column not in ratios:
+                ratios[column] = ratio(ours_row[column], [r[column] for r in peer_rows],
+                                       higher_is_better="tok/s" in column)
         rows.append(ratios)
-    title = (f"Compressive Transformers, CPU fp32, {machine['threads']} threads: d_model {cfg.d_model}, "
+    title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast), {machine['threads']} threads: d_model {cfg.d_model}, "
              f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, segment {cfg.segment_len}, mem "
              f"{cfg.mem_len}, compressed {cfg.c_mem_len}, rate {cfg.compression_rate}, batch {cfg.batch_size} "
              f"(generation: batch 1, {cfg.new_tokens} new tokens after a {cfg.prompt_len}-token prompt); "
@@ -573,11 +603,14 @@ def main() -> None:
     impls = [i for i in IMPLEMENTATIONS if i in args.only]
     measures = [m for m in MEASURES if m in args.measures]
     results = []
-    total, done = repeats * len(measures) * len(impls), 0
+    total = repeats * sum(m in ONLY_MEASURES.get(i, MEASURES) for m in measures for i in impls)
+    done = 0
     for repeat in range(repeats):
         for measure in measures:
             shift = repeat % len(impls)
             for impl in impls[shift:] + impls[:shift]:  # a rotated order, so no one always goes first
+                if measure not in ONLY_MEASURES.get(impl, MEASURES):
+                    continue
                 spec = {"impl": impl, "measure": measure, "seed": repeat, "count_flops": repeat == 0 and not args.no_flops,
                         "config": dataclasses.asdict(cfg)}
                 result = run_subprocess(spec)
