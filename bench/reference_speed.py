@@ -1,0 +1,193 @@
+"""The Compressive Transformer at the `reference` preset against this machine's limit.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/reference_speed.py [--repeats 3] [--steps 6]
+
+Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_ff 1024, segment
+128, mem 128, compressed mem 128 at rate 4, 1-D convolution, attention-reconstruction loss, dropout
+0.1), vocabulary 86 (Shakespeare's), batch 16. In one run, interleaved, medians over repeats:
+
+    train fp32 / bf16   tokens/s of the recipe's own step (`still.train.loop.Trainer` with the
+                        recipe's loss: memories carried, LM + reconstruction loss, backward, the two
+                        clip groups, Adam), after warm-up segments that fill both memories
+    MFU                 model FLOP/s (matmul and convolution FLOPs of one step, forward + backward,
+                        counted from shapes by torch.utils.flop_counter) / the machine's matmul peak
+                        in the same precision, measured in the same run (`still bench peak`)
+    eval batch 16 / 1   tokens/s of forward + cross entropy with memories carried, eval mode
+    generate batch 1    tokens/s of `generate` after a 512-token prompt (the prompt not counted),
+                        eager and with --compile (compiled in the untimed warm-up)
+
+Prints a table; `--out DIR` also writes reference_speed.json and .md there.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from still.bench.peak import device_name, peak  # noqa: E402
+from still.compressive.generate import generate  # noqa: E402
+from still.compressive.model import CompressiveTransformer  # noqa: E402
+from still.config import replace  # noqa: E402
+from still.recipes.lm import PRESETS  # noqa: E402
+from still.train.loop import Trainer  # noqa: E402
+from still.train.optim import build_optimizer  # noqa: E402
+from still.train.precision import autocast  # noqa: E402
+from still.train.results import format_table  # noqa: E402
+
+VOCAB = 86
+
+
+def make_model(seed: int = 0) -> CompressiveTransformer:
+    torch.manual_seed(seed)
+    return CompressiveTransformer(replace(PRESETS["reference"].model, vocab_size=VOCAB))
+
+
+def stream(batch: int, segments: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(VOCAB, (batch, segments * length + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def train_rate(precision: str, steps: int, warmup: int, seed: int) -> tuple[float, float]:
+    """(tokens/s, FLOPs of one step) of the recipe's training step."""
+    config = PRESETS["reference"]
+    model = make_model(seed)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    b, l = config.batch_size, config.segment_len
+    data = stream(b, warmup + steps + 1, l, seed)
+    memory = {"state": None}
+
+    def loss_fn(net, i):
+        inputs, targets = data[:, i * l : (i + 1) * l], data[:, i * l + 1 : (i + 1) * l + 1]
+        out = net(inputs, memory["state"])
+        memory["state"] = out.state.detach()
+        lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        return lm + out.compression_loss if out.compression_loss is not None else lm
+
+    groups = [model.model_parameters(), model.compressor_parameters()]
+    trainer = Trainer(model, loss_fn, optimizer, grad_clip=config.optim.grad_clip, clip_groups=groups,
+                      precision=precision, log=lambda _: None)
+    model.train()
+    for i in range(warmup):
+        trainer._step(i)
+    assert memory["state"].memory_len == 128 and memory["state"].compressed_len == 128
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        trainer._step(i)
+    seconds = time.perf_counter() - start
+    with FlopCounterMode(display=False) as counter:
+        trainer._step(warmup + steps)
+    return steps * b * l / seconds, counter.get_total_flops()
+
+
+@torch.no_grad()
+def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int) -> float:
+    model = make_model(seed).eval()
+    l = PRESETS["reference"].segment_len
+    data = stream(batch, warmup + steps, l, seed)
+    state, start = None, 0.0
+    with autocast(precision):
+        for i in range(warmup + steps):
+            if i == warmup:
+                start = time.perf_counter()
+            out = model(data[:, i * l : (i + 1) * l], state)
+            state = out.state
+            F.cross_entropy(out.logits.flatten(0, 1).float(), data[:, i * l + 1 : (i + 1) * l + 1].flatten())
+    return steps * batch * l / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int) -> float:
+    """New tokens/s at batch 1 after a 512-token prompt (the prompt not counted)."""
+    model = make_model(seed).eval()
+    prompt = stream(1, 4, 128, seed)[:, :512]
+    with autocast(precision):
+        times = []
+        for _ in range(2):  # the first is the warm-up (and the compile)
+            tokens = generate(model, prompt, new_tokens, segment_len=128, generator=torch.Generator().manual_seed(seed),
+                              compile=compile)
+            next(tokens)  # the prompt's forward pass and the first sample
+            start = time.perf_counter()
+            n = 1 + sum(1 for _ in tokens)
+            times.append(time.perf_counter() - start)
+    assert n == new_tokens
+    return (new_tokens - 1) / times[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per repeat")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    measures = {
+        "train fp32": lambda r: train_rate("fp32", args.steps, 6, r),
+        "train bf16": lambda r: train_rate("bf16", args.steps, 6, r),
+        "eval fp32, batch 16": lambda r: eval_rate("fp32", 16, args.steps, 4, r),
+        "eval bf16, batch 16": lambda r: eval_rate("bf16", 16, args.steps, 4, r),
+        "eval fp32, batch 1": lambda r: eval_rate("fp32", 1, 4 * args.steps, 4, r),
+        "generate fp32, batch 1": lambda r: generate_rate("fp32", args.new_tokens, False, r),
+        "generate fp32, batch 1, --compile": lambda r: generate_rate("fp32", args.new_tokens, True, r),
+        "generate bf16, batch 1, --compile": lambda r: generate_rate("bf16", args.new_tokens, True, r),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in measures}
+    flops: dict[str, float] = {}
+    peaks: list[dict] = []
+    for repeat in range(args.repeats):
+        peaks.append(peak())
+        for name, measure in measures.items():
+            value = measure(repeat)
+            if isinstance(value, tuple):
+                value, flops[name] = value
+            rates[name].append(value)
+            print(f"repeat {repeat}: {name}: {value:.0f} tok/s", flush=True)
+    peak_fp32 = statistics.median(p["fp32"] for p in peaks)
+    peak_bf16 = statistics.median(p["bf16"] for p in peaks)
+    tokens_per_step = PRESETS["reference"].batch_size * PRESETS["reference"].segment_len
+    rows = []
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        row = {"measure": name, "tokens/s": round(rate), "min": round(min(values)), "max": round(max(values))}
+        if name in flops:
+            achieved = flops[name] / tokens_per_step * rate
+            row["GFLOP/s"] = round(achieved / 1e9, 1)
+            row["MFU"] = f"{achieved / (peak_bf16 if 'bf16' in name else peak_fp32):.1%}"
+        rows.append(row)
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    ratios = {
+        "train bf16 / fp32": median["train bf16"] / median["train fp32"],
+        "eval bf16 / fp32 (batch 16)": median["eval bf16, batch 16"] / median["eval fp32, batch 16"],
+        "generate / eval at batch 1 (fp32, eager)": median["generate fp32, batch 1"] / median["eval fp32, batch 1"],
+        "generate / eval at batch 1 (fp32, --compile)":
+            median["generate fp32, batch 1, --compile"] / median["eval fp32, batch 1"],
+    }
+    title = (f"reference preset, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}; matmul peak (median of {args.repeats}) fp32 {peak_fp32 / 1e9:.1f} GFLOP/s, bf16 "
+             f"{peak_bf16 / 1e9:.1f} GFLOP/s; medians of {args.repeats} repeats, load average at the end "
+             f"{os.getloadavg()[0]:.2f}")
+    table = format_table(rows, title=title) + "\n" + format_table(
+        [{"ratio": k, "value": f"{v:.2f}x"} for k, v in ratios.items()], title="Ratios of the medians")
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "reference_speed.md").write_text(table + "\n")
+        (args.out / "reference_speed.json").write_text(json.dumps(
+            {"rows": rows, "ratios": ratios, "rates": rates, "flops_per_step": flops,
+             "peaks": peaks}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
