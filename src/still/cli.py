@@ -176,6 +176,8 @@ def lm_group() -> None:
 @click.option("--compression", type=click.Choice(["conv", "dilated", "max", "mean", "most_used"]), default=None)
 @click.option("--compression-loss", type=click.Choice(["attention", "autoencoding", "none"]), default=None)
 @click.option("--post-norm", is_flag=True, default=None, help="Post-LayerNorm, as the paper (default: pre-LayerNorm).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Dropout on embeddings, attention and feed-forward outputs (preset: 0.1).")
 @click.option("--steps", type=click.IntRange(min=1), default=None)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
@@ -193,9 +195,13 @@ def lm_group() -> None:
 @nonfinite_option
 @keep_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
-             post_norm, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite, cache_dir,
+             post_norm, dropout, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite, cache_dir,
              threads, deterministic, on_nonfinite, keep):
-    """Train a Compressive Transformer; prints validation and test bits per character."""
+    """Train a Compressive Transformer; prints validation and test bits per character.
+
+    Data parallel on several processes or GPUs: start it with torchrun, for example
+    `torchrun --standalone --nproc-per-node 2 -m still lm train ...`. --batch-size is the global
+    batch; each process trains its own share of the rows (docs/distributed.md)."""
     from still.config import replace
     from still.recipes.lm import PRESETS, train_lm, with_overrides
 
@@ -203,7 +209,7 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
     config = with_overrides(
         base, model={"mem_len": mem_len, "c_mem_len": c_mem_len, "compression_rate": compression_rate,
                      "compression": compression, "compression_loss": compression_loss,
-                     "pre_norm": False if post_norm else None},
+                     "pre_norm": False if post_norm else None, "dropout": dropout},
         corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
         segment_len=segment_len, seed=seed, precision=precision, optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)

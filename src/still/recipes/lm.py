@@ -32,6 +32,7 @@ from still.errors import StillError, check
 from still.recipes.common import check_stage_config, plot_curves
 from still.train import checkpoint as ckpt
 from still.train.io import atomic_write_text
+from still.train import distributed
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.precision import autocast, check_precision
@@ -135,11 +136,14 @@ def _load_data(config: LMConfig, cache) -> tuple[Corpus, Vocab]:
 def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = False, print_table: bool = True,
              on_nonfinite: str = "stop", keep: int = 2) -> dict:
     out = Path(out)
+    dist = distributed.setup()  # a no-op unless started by torchrun
     corpus, vocab = _load_data(config, cache)
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
-    check_stage_config(out, to_dict(config), overwrite)
-    save_config(config, out / "config.json")
-    atomic_write_text(out / "vocab.json", vocab.to_json())
+    if dist.main:
+        check_stage_config(out, to_dict(config), overwrite)
+        save_config(config, out / "config.json")
+        atomic_write_text(out / "vocab.json", vocab.to_json())
+    dist.barrier()
 
     train_docs, _ = encode_split(corpus, "train", vocab)
     valid_docs, valid_names = encode_split(corpus, "valid", vocab)
@@ -148,18 +152,37 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
 
     seed_everything(config.seed)
     model = CompressiveTransformer(config.model)
+    if dist.enabled:  # the same weights everywhere (DDP checks), a different dropout stream per rank
+        torch.manual_seed(config.seed + 1_000_003 * dist.rank)
+        dist.rows(min(config.batch_size, len(train_docs)), "the batch size")  # fail early if it does not split
+    # data parallel: each rank reads its own contiguous rows of every global batch and keeps their memories
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if dist.enabled else model
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
     memory: dict[str, MemoryState | None] = {"train": None}
     lm_losses: list[torch.Tensor] = []
 
-    def loss_fn(net, step: int) -> torch.Tensor:
+    def loss_fn(_, step: int) -> torch.Tensor:
         segment = stream.segment(step)
-        result = net(segment.inputs, memory["train"], reset=segment.reset)
+        rows = dist.rows(segment.inputs.shape[0], "the batch size")
+        inputs, targets, reset = segment.inputs[rows], segment.targets[rows], segment.reset[rows]
+        result = net(inputs, memory["train"], reset=reset)
         memory["train"] = result.state.detach()
-        lm = F.cross_entropy(result.logits.flatten(0, 1).float(), segment.targets.flatten(), ignore_index=-100)
-        lm_losses.append(lm.detach())
+        nll = F.cross_entropy(result.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                              reduction="sum")
+        count = (targets != -100).sum()
+        # the mean over the global batch's targets once DDP averages the ranks' gradients
+        lm = nll * dist.world / dist.all_sum(count).clamp_min(1)
+        lm_losses.append((nll / count.clamp_min(1)).detach())
         return lm if result.compression_loss is None else lm + result.compression_loss
+
+    def memory_tensors() -> dict[str, torch.Tensor]:  # every rank's rows, for the checkpoint
+        local = memory["train"].to_tensors() if memory["train"] is not None else {}
+        return {k: dist.gather_rows(v) for k, v in local.items()}
+
+    def load_memory(tensors: dict[str, torch.Tensor]) -> None:
+        mine = {k: v[dist.rows(v.shape[0], "the checkpoint's memories")] for k, v in tensors.items()}
+        memory.update(train=MemoryState.from_tensors(mine) if mine else None)
 
     def evaluate(net) -> dict[str, Any]:
         result = evaluate_streams(net, valid, max_segments=config.eval_segments)
@@ -174,16 +197,19 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     groups = [model.model_parameters()] + ([model.compressor_parameters()] if model.compressor_parameters() else [])
     trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=config.optim.grad_clip, clip_groups=groups,
                       evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
-                      on_nonfinite=on_nonfinite, keep=keep, precision=config.precision,
-                      state_tensors=lambda: memory["train"].to_tensors() if memory["train"] is not None else {},
-                      load_state_tensors=lambda t: memory.update(train=MemoryState.from_tensors(t) if t else None))
+                      on_nonfinite=on_nonfinite, keep=keep, precision=config.precision, dist=dist,
+                      state_tensors=memory_tensors, load_state_tensors=load_memory)
     start = time.perf_counter()
     state = trainer.fit(batches, config.steps // config.eval_every)
     seconds = time.perf_counter() - start
+    if not dist.main:  # rank 0 evaluates and writes the results
+        dist.barrier()
+        return {}
     if trainer.loaded_finished and (out / "results.json").is_file() and (out / "results.md").is_file():
         table = (out / "results.md").read_text()  # finished before, with these settings: nothing to redo
         if print_table:
             print(table)
+        dist.barrier()
         return {**json.loads((out / "results.json").read_text()), "table": table}
 
     test_docs, test_names = encode_split(corpus, "test", vocab)
@@ -195,7 +221,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
              "valid_bpc": round(final["valid"]["bits_per_token"], 4), "test_bpc": round(final["test"]["bits_per_token"], 4),
              "test_ppl": round(final["test"]["perplexity"], 3)}]
-    meta = {"config": to_dict(config), "precision": config.precision, "train_seconds": round(seconds, 1),
+    meta = {"config": to_dict(config), "precision": config.precision, "processes": dist.world, "train_seconds": round(seconds, 1),
             "tokens_per_second": round(config.steps * config.batch_size * config.segment_len / max(seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name}
     title = f"{corpus.name}: bits per character, preset {config.preset}"
@@ -207,6 +233,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     if print_table:
         print(table)
         print(f"written to {out}/results.json, results.md and curves.png")
+    dist.barrier()
     return {"rows": rows, "meta": meta, "table": table}
 
 

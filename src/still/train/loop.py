@@ -28,6 +28,7 @@ from torch import nn
 
 from still.errors import StillError, TrainingDiverged, TrainingInterrupted
 from still.train import checkpoint as ckpt
+from still.train.distributed import Dist
 from still.train.precision import autocast, check_precision
 from still.train.progress import log as default_log
 from still.train.progress import progress
@@ -53,6 +54,19 @@ def _deferred_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+class _Quiet:
+    """Stands in for a progress bar on the ranks that do not print."""
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -114,6 +128,11 @@ class Trainer:
         desc: the progress bar's label.
         precision: "fp32", or "bf16" to run `loss_fn` and `evaluate` under bf16 autocast (the
             parameters, gradients and optimizer state stay in float32).
+        dist: the process group of a data-parallel run (`still.train.distributed`). The caller wraps
+            the model in DistributedDataParallel inside `loss_fn` and gives each rank its share of
+            every batch; the loop keeps the ranks in step: a non-finite loss anywhere stops (or skips)
+            everywhere, a signal on any rank interrupts all at the same step, `state_tensors` is
+            called on every rank (it may gather) and rank 0 alone writes checkpoints and logs.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -126,7 +145,7 @@ class Trainer:
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 1,
                  checkpoint_every_steps: int | None = None,
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
-                 on_nonfinite: str = "stop", precision: str = "fp32",
+                 on_nonfinite: str = "stop", precision: str = "fp32", dist: Dist | None = None,
                  log: Callable[[str], None] = default_log) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -150,23 +169,29 @@ class Trainer:
         self.precision = precision
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self.desc = desc
-        self.log = log
+        self.dist = dist or Dist()
+        self.log = log if self.dist.main else (lambda message: None)
         self.state = TrainState()
         self.loaded_finished = False
         """True when `fit` found the run already finished and only loaded it."""
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; the others return None once it is written)."""
         if self.checkpoint_dir is None:
             raise StillError("this trainer has no checkpoint_dir")
-        return ckpt.save_checkpoint(
-            self.checkpoint_dir, self.state.step,
-            model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-            rng=rng_state(), state=asdict(self.state), config=self.config, keep=self.keep,
-            extra_tensors=self.state_tensors() if self.state_tensors is not None else None)
+        extra = self.state_tensors() if self.state_tensors is not None else None  # on every rank: it may gather
+        path = None
+        if self.dist.main:
+            path = ckpt.save_checkpoint(
+                self.checkpoint_dir, self.state.step,
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+                rng=rng_state(), state=asdict(self.state), config=self.config, keep=self.keep, extra_tensors=extra)
+        self.dist.barrier()
+        return path
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         ckpt.load_model_weights(self.model, checkpoint.model, source=str(checkpoint.path))
@@ -208,7 +233,10 @@ class Trainer:
         """One optimizer step; None if it was skipped (a non-finite loss or gradient norm)."""
         with autocast(self.precision, self.device):
             loss = self.loss_fn(self.model, batch).float()
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach())
+        if self.dist.enabled:  # every rank takes the same branch
+            finite = self.dist.all_min(finite.to(torch.int32)).bool()
+        if not finite:
             return self._nonfinite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -247,14 +275,19 @@ class Trainer:
             total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
             start = time.perf_counter()
             loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float64)
-            bar = progress(itertools.islice(epoch_batches, self.state.batch, None), total=total,
-                           initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}", unit="batch")
+            remaining = itertools.islice(epoch_batches, self.state.batch, None)
+            bar = (progress(remaining, total=total, initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}",
+                            unit="batch") if self.dist.main else _Quiet(remaining))
             for batch in bar:
                 loss = self._step(batch)
                 if loss is not None:
                     loss_sum += loss
                 self.state.step += 1
                 self.state.batch += 1
+                if self.dist.enabled:  # a signal on any rank stops every rank after this same step
+                    signum = -int(self.dist.all_min(torch.tensor([-(received[0] if received else 0)])))  # the max
+                    if signum and not received:
+                        received.append(signum)
                 if received or (self.checkpoint_dir is not None and self.checkpoint_every_steps
                                 and self.state.step % self.checkpoint_every_steps == 0):
                     self.state.epoch_loss_sum = loss_sum.item()
@@ -263,6 +296,8 @@ class Trainer:
                         bar.close()
                         raise TrainingInterrupted(received[0], self.state.step, saved)
             seconds = time.perf_counter() - start
+            if self.dist.enabled:
+                loss_sum = self.dist.all_sum(loss_sum) / self.dist.world
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": (loss_sum / max(self.state.batch, 1)).item(),
                                       "seconds": round(seconds, 3)}
             if self.evaluate is not None:

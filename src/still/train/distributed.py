@@ -1,0 +1,111 @@
+"""Data parallelism across processes, started by `torchrun`.
+
+    torchrun --standalone --nproc-per-node 2 -m still lm train ...      # one node, two processes
+    torchrun --nnodes 2 --node-rank 0 --master-addr HOST --master-port 29500 --nproc-per-node 8 \\
+        -m still lm train ...                                           # two nodes of 8 GPUs
+
+`setup()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group:
+NCCL when each process has a GPU, gloo on CPUs. Without torchrun it returns a single-process
+`Dist` and nothing else changes. The recipes keep the *global* batch of their config and give each
+rank its own contiguous share of the rows, so a config means the same experiment on any number of
+ranks, and a checkpoint written on N ranks resumes on M (any M dividing the batch).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from still.errors import StillError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: writes checkpoints and results, prints."""
+        return self.rank == 0
+
+    def rows(self, total: int, what: str = "the batch") -> slice:
+        """This rank's contiguous share of `total` rows (which must divide evenly)."""
+        if total % self.world:
+            raise StillError(f"{what} ({total} rows) must be a multiple of the number of processes ({self.world})")
+        share = total // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return value
+        value = value.clone()
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        return value
+
+    def all_min(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return value
+        value = value.clone()
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
+        return value
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along dim 0, in rank order (every rank gets the result)."""
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        torch_dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+
+_current = Dist()
+
+
+def current() -> Dist:
+    return _current
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """The GPU of this process when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup() -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); idempotent."""
+    global _current
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or _current.enabled:
+        return _current
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = default_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    _current = Dist(rank, world, local_rank, device)
+    atexit.register(teardown)
+    return _current
+
+
+def teardown() -> None:
+    global _current
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+    _current = Dist()

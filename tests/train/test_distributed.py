@@ -1,0 +1,92 @@
+"""Data parallelism with torchrun: two CPU processes (gloo, localhost) against one."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from still.train.distributed import Dist
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text((TEXT * (3 + i))[i * 7 :])
+    return folder
+
+
+def still(processes: int, *args: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command = launcher + ["-m", "still", *args] if processes > 1 else [sys.executable, "-m", "still", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def lm_args(corpus, out, steps=8):
+    # global batch 4: two ranks of 2 rows against one process of 4; no dropout, so the runs are comparable
+    return ["lm", "train", "--corpus", str(corpus), "--steps", str(steps), "--eval-every", "4", "--batch-size", "4",
+            "--segment-len", "16", "--mem-len", "16", "--c-mem-len", "8", "--dropout", "0", "--threads", "1",
+            "--out", str(out)]
+
+
+def newest(run):
+    return sorted((run / "checkpoints").glob("ckpt-*"))[-1]
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(str(newest(a) / "model.safetensors")), load_file(str(newest(b) / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    one, two = still(1, *lm_args(corpus, base / "one")), still(2, *lm_args(corpus, base / "two"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    return base, two
+
+
+def test_two_ranks_match_one_process_with_the_whole_batch(runs):
+    base, two = runs
+    assert_same_weights(base / "one", base / "two")
+    h1 = json.loads((base / "one" / "results.json").read_text())["meta"]["history"]
+    h2 = json.loads((base / "two" / "results.json").read_text())["meta"]["history"]
+    for a, b in zip(h1, h2):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["valid_bits"] == pytest.approx(b["valid_bits"], rel=1e-4)
+    assert json.loads((base / "two" / "results.json").read_text())["meta"]["processes"] == 2
+    assert two.stdout.count("| model") == 1  # rank 0 alone prints the table
+
+
+def test_a_checkpoint_written_on_two_ranks_resumes_on_one(runs, corpus):
+    base, _ = runs
+    resumed = base / "resumed"
+    shutil.copytree(base / "two", resumed)
+    shutil.rmtree(newest(resumed))  # back to step 4, written by the two ranks (memories of all 4 rows)
+    memories = load_file(str(newest(resumed) / "state.safetensors"))
+    assert memories["extra/memory/0"].shape[0] == 4
+    (resumed / "results.json").unlink()
+    done = still(1, *lm_args(corpus, resumed))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stderr
+    assert_same_weights(resumed, base / "one")
+
+
+def test_rows_must_split_evenly():
+    from still.errors import StillError
+
+    assert Dist(rank=1, world=2).rows(6) == slice(3, 6)
+    with pytest.raises(StillError, match=r"the batch size \(5 rows\) must be a multiple of the number of processes \(2\)"):
+        Dist(rank=0, world=2).rows(5, "the batch size")
