@@ -90,3 +90,27 @@ def test_rows_must_split_evenly():
     assert Dist(rank=1, world=2).rows(6) == slice(3, 6)
     with pytest.raises(StillError, match=r"the batch size \(5 rows\) must be a multiple of the number of processes \(2\)"):
         Dist(rank=0, world=2).rows(5, "the batch size")
+
+
+MNIST_TINY = ["distill", "mnist", "--train-subset", "1000", "--test-subset", "500", "--teacher-epochs", "2",
+              "--student-epochs", "3", "--batch-size", "50", "--threads", "1"]
+
+
+def test_distillation_on_two_ranks(tmp_path):
+    """The baseline stage (no dropout, no jitter) matches one process; a stage checkpointed on two
+    ranks resumes on one. (The teacher's dropout masks are drawn per rank, so its stage differs.)"""
+    from conftest import mnist_available
+
+    if not mnist_available():
+        pytest.skip("MNIST cache missing: run `make data` (make test does)")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for processes, out in ((1, one), (2, two)):
+        done = still(processes, *MNIST_TINY, "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((two / "results.json").read_text())["meta"]["processes"] == 2
+    assert_same_weights(one / "baseline", two / "baseline")
+    shutil.rmtree(newest(two / "baseline"))  # back to the baseline's second epoch, written by two ranks
+    done = still(1, *MNIST_TINY, "--out", str(two))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "baseline: resuming" in done.stderr
+    assert_same_weights(one / "baseline", two / "baseline")

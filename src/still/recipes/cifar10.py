@@ -32,6 +32,7 @@ from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
 from still.recipes.common import plot_curves, predict, train_stage
 from still.train.optim import OptimConfig
+from still.train import distributed
 from still.train.results import write_results
 from still.train.seed import seed_everything
 
@@ -150,9 +151,11 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
     rows.append({"model": f"distilled T={config.temperature:g}", **evaluate(distilled), "labml": LABML["distilled"]})
     curves.append(("distilled", state.history))
 
-    save_config(config, out / "config.json")
     title = f"CIFAR-10 test accuracy (%), preset {config.preset}, {len(test_y)} test images"
     meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in seconds.items()}, "labml": LABML}
+    if not distributed.current().main:  # rank 0 writes and prints
+        return {"rows": rows, "meta": meta, "table": None}
+    save_config(config, out / "config.json")
     table = write_results(out, "results", rows, columns=["model", "test_accuracy", "labml"], title=title, meta=meta)
     plot_curves(out / "test_accuracy.png",
                 [(label, [h["epoch"] for h in hist], [h["test_accuracy"] for h in hist]) for label, hist in curves],

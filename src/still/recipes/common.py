@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from still.errors import StillError
+from still.train import distributed
 from still.train.io import atomic_write, atomic_write_text
 from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -42,15 +43,30 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
                 post_step: Callable[[], None] | None = None, overwrite: bool = False,
                 keep: int = 2) -> tuple[TrainState, float]:
     """Train `model` on shuffled index batches of a data set of size `n`, checkpointing (and
-    resuming, or loading a finished run) in `out/name`. Returns the final state and wall seconds."""
+    resuming, or loading a finished run) in `out/name`. Returns the final state and wall seconds.
+
+    Under torchrun, data parallel: every rank draws the same global batches and trains on its own
+    share of each (DistributedDataParallel averages the gradients; `loss_fn` returns the mean over
+    the indices it is given, re-weighted here so that uneven shares still give the global mean)."""
     stage_dir = out / name
-    check_stage_config(stage_dir, stage_config, overwrite)
+    dist = distributed.setup()
+    if dist.main:
+        check_stage_config(stage_dir, stage_config, overwrite)
+    dist.barrier()
     batches = IndexBatches(n, batch_size, seed=seed)
     optimizer = build_optimizer(model.parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, epochs * len(batches))
-    trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=optim.grad_clip, post_step=post_step,
+    net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+
+    def shard_loss(_, indices: torch.Tensor) -> torch.Tensor:
+        if not dist.enabled:
+            return loss_fn(model, indices)
+        mine = torch.tensor_split(indices, dist.world)[dist.rank]
+        return loss_fn(net, mine) * (len(mine) * dist.world / len(indices))
+
+    trainer = Trainer(model, shard_loss, optimizer, scheduler, grad_clip=optim.grad_clip, post_step=post_step,
                       evaluate=evaluate, checkpoint_dir=stage_dir / "checkpoints", config=stage_config, desc=name,
-                      keep=keep)
+                      keep=keep, dist=dist)
     start = time.perf_counter()
     state = trainer.fit(batches, epochs)
     return state, time.perf_counter() - start

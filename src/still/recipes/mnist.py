@@ -33,6 +33,7 @@ from still.distill.models import MLP, MLPConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
 from still.recipes.common import plot_curves, predict, train_stage
+from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.results import write_results
 from still.train.seed import seed_everything
@@ -209,7 +210,10 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
             r["paper"] = f"{PAPER['omit_errors']} ({PAPER['omit_errors_on_3']} on 3s)" if omit == 3 else None
     title = (f"MNIST test errors (of {len(test_y)}), preset {config.preset}, alpha {config.alpha:g}"
              + (f", digit {omit} omitted from the students' transfer set" if omit is not None else ""))
-    meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in timings.items()}, "paper": PAPER}
+    meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in timings.items()}, "paper": PAPER,
+            "processes": distributed.current().world}
+    if not distributed.current().main:  # rank 0 writes and prints
+        return {"rows": rows, "meta": meta, "table": None}
     save_config(config, out / "config.json")
     table = write_results(out, "results", rows, columns=columns, title=title, meta=meta)
     plot_curves(out / "test_errors.png",
