@@ -57,7 +57,10 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     decoder = Decoder(model, state, prompt.shape[0], compile=compile) if supports(model, state) else None
     for _ in range(max_new_tokens):
         probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)  # (B, V)
-        token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        if generator is not None and probs.device != generator.device:  # a CPU generator: sample there
+            token = torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)  # (B, 1)
+        else:
+            token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         yield token[:, 0]
         if decoder is not None:
             logits = decoder.step(token[:, 0])
@@ -76,6 +79,7 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     state = None
     total, count = 0.0, 0
     edges = torch.tensor(position_edges) if position_edges else None
@@ -85,10 +89,10 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
     steps = range(n) if progress is None else progress(range(n))
     for step in steps:
         segment = streams.segment(step)
-        out = model(segment.inputs, state, reset=segment.reset)
+        out = model(segment.inputs.to(device), state, reset=segment.reset.to(device))
         state = out.state
-        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), segment.targets.flatten(), ignore_index=-100,
-                              reduction="none").view_as(segment.targets)  # (B, L)
+        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), segment.targets.flatten().to(device), ignore_index=-100,
+                              reduction="none").view_as(segment.targets).cpu()  # (B, L)
         valid = segment.targets != -100
         total += float(nll[valid].double().sum())
         count += int(valid.sum())

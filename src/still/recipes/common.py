@@ -49,7 +49,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     share of each (DistributedDataParallel averages the gradients; `loss_fn` returns the mean over
     the indices it is given, re-weighted here so that uneven shares still give the global mean)."""
     stage_dir = out / name
-    dist = distributed.setup()
+    dist = distributed.setup(use_cuda=False)  # the distillation recipes run on the CPU
     if dist.main:
         check_stage_config(stage_dir, stage_config, overwrite)
     dist.barrier()

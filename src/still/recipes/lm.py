@@ -150,13 +150,15 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     stream = TrainStream(train_docs, config)
     valid = TokenStreams(valid_docs, config.batch_size, config.segment_len, valid_names)
 
+    device = dist.device if dist.enabled else distributed.default_device()
     seed_everything(config.seed)
-    model = CompressiveTransformer(config.model)
+    model = CompressiveTransformer(config.model).to(device)
     if dist.enabled:  # the same weights everywhere (DDP checks), a different dropout stream per rank
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)
         dist.rows(min(config.batch_size, len(train_docs)), "the batch size")  # fail early if it does not split
     # data parallel: each rank reads its own contiguous rows of every global batch and keeps their memories
-    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if dist.enabled else model
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     find_unused_parameters=True) if dist.enabled else model)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
     memory: dict[str, MemoryState | None] = {"train": None}
@@ -165,7 +167,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     def loss_fn(_, step: int) -> torch.Tensor:
         segment = stream.segment(step)
         rows = dist.rows(segment.inputs.shape[0], "the batch size")
-        inputs, targets, reset = segment.inputs[rows], segment.targets[rows], segment.reset[rows]
+        inputs, targets, reset = (t[rows].to(device) for t in (segment.inputs, segment.targets, segment.reset))
         result = net(inputs, memory["train"], reset=reset)
         memory["train"] = result.state.detach()
         nll = F.cross_entropy(result.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
@@ -181,7 +183,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         return {k: dist.gather_rows(v) for k, v in local.items()}
 
     def load_memory(tensors: dict[str, torch.Tensor]) -> None:
-        mine = {k: v[dist.rows(v.shape[0], "the checkpoint's memories")] for k, v in tensors.items()}
+        mine = {k: v[dist.rows(v.shape[0], "the checkpoint's memories")].to(device) for k, v in tensors.items()}
         memory.update(train=MemoryState.from_tensors(mine) if mine else None)
 
     def evaluate(net) -> dict[str, Any]:
@@ -213,7 +215,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         return {**json.loads((out / "results.json").read_text()), "table": table}
 
     test_docs, test_names = encode_split(corpus, "test", vocab)
-    with autocast(config.precision):
+    with autocast(config.precision, device):
         final = {split: evaluate_streams(model, TokenStreams(docs, config.batch_size, config.segment_len, names),
                                          progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
                  for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names))}
@@ -267,7 +269,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
             raise StillError(f"{run_dir} has no valid checkpoint")
     model = CompressiveTransformer(config.model)
     ckpt.load_model_weights(model, loaded.model, source=str(loaded.path))
-    return config, vocab, model.eval(), loaded
+    return config, vocab, model.to(distributed.default_device()).eval(), loaded
 
 
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
@@ -283,7 +285,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names)
     longest = max(len(d) for d in docs)
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
-    with autocast(precision):
+    with autocast(precision, next(model.parameters()).device):
         result = evaluate_streams(model, streams, position_edges=edges,
                                   progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
     rows = [{"from": b["from"], "to": b["to"] - 1, "tokens": b["tokens"],
@@ -316,15 +318,16 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     precision = precision or config.precision
     check_precision(precision)
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
-    ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None]  # (1, P)
+    device = next(model.parameters()).device
+    ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None].to(device)  # (1, P)
     generator = torch.Generator().manual_seed(seed)
     pieces = []
     if stream is not None:
         stream.write(prompt)
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       segment_len=config.segment_len, generator=generator, compile=compile)
-    for token in _under(autocast(precision), tokens):
-        piece = vocab.decode(token)
+    for token in _under(autocast(precision, device), tokens):
+        piece = vocab.decode(token.cpu())
         pieces.append(piece)
         if stream is not None:
             stream.write(piece)
