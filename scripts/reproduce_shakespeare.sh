@@ -29,16 +29,18 @@ declare -A RUNS=(
   [loss-none]="--preset ablation --compression-loss none"
   # the ablation preset's references: XL with the same attention span as 64 + 64, and no memory
   [ablation-xl128]="--preset ablation --mem-len 128 --c-mem-len 0"
+  # precision check: f-conv again in fp32 (the runs above use $PRECISION, bf16 by default)
+  [f-conv-fp32]="--preset ablation --compression conv --precision fp32"
 )
 MAIN=(compressive xl256 transformer)
-ABLATION=(f-conv f-dilated f-max f-mean f-most_used loss-autoencoding loss-none ablation-xl128)
+ABLATION=(f-conv f-dilated f-max f-mean f-most_used loss-autoencoding loss-none ablation-xl128 f-conv-fp32)
 
 run() {  # run NAME [extra options]: train, then evaluate the test split by position
   local name=$1; shift
   [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; return 2; }
-  echo "== $name: still lm train ${RUNS[$name]} --precision $PRECISION $* --out $OUT/$name"
+  echo "== $name: still lm train --precision $PRECISION ${RUNS[$name]} $* --out $OUT/$name"
   # shellcheck disable=SC2086
-  "$STILL" lm train ${RUNS[$name]} --precision "$PRECISION" "$@" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
+  "$STILL" lm train --precision "$PRECISION" ${RUNS[$name]} "$@" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
   "$STILL" lm eval "$OUT/$name" --split test "$@" >> "$OUT/$name.log" 2>&1
   tail -n 4 "$OUT/$name.log" | head -n 3
 }
@@ -58,3 +60,4 @@ compare() { local out=$1; shift; local runs=(); for r in "$@"; do [ -f "$OUT/$r/
 compare main transformer xl256 compressive
 compare functions f-conv f-dilated f-max f-mean f-most_used ablation-xl128
 compare losses f-conv loss-autoencoding loss-none
+compare precision f-conv f-conv-fp32
