@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,9 +200,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
                       evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
                       on_nonfinite=on_nonfinite, keep=keep, precision=config.precision, dist=dist,
                       state_tensors=memory_tensors, load_state_tensors=load_memory)
-    start = time.perf_counter()
     state = trainer.fit(batches, config.steps // config.eval_every)
-    seconds = time.perf_counter() - start
     if not dist.main:  # rank 0 evaluates and writes the results
         dist.barrier()
         return {}
@@ -223,8 +220,11 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
              "valid_bpc": round(final["valid"]["bits_per_token"], 4), "test_bpc": round(final["test"]["bits_per_token"], 4),
              "test_ppl": round(final["test"]["perplexity"], 3)}]
-    meta = {"config": to_dict(config), "precision": config.precision, "processes": dist.world, "train_seconds": round(seconds, 1),
-            "tokens_per_second": round(config.steps * config.batch_size * config.segment_len / max(seconds, 1e-9)),
+    # training time from the history (the batch loops only, summed over every resumed piece of the run)
+    train_seconds = sum(h["seconds"] for h in state.history)
+    meta = {"config": to_dict(config), "precision": config.precision, "processes": dist.world,
+            "train_seconds": round(train_seconds, 1),
+            "tokens_per_second": round(config.steps * config.batch_size * config.segment_len / max(train_seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name}
     title = f"{corpus.name}: bits per character, preset {config.preset}"
     table = write_results(out, "results", rows, title=title, meta=meta)
