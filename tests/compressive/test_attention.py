@@ -67,7 +67,7 @@ def test_matches_the_position_by_position_reference(need_weights):
         attn.content_bias.normal_()
         attn.position_bias.normal_()
     x, context = torch.randn(2, 5, 16), torch.randn(2, 6, 16)
-    out, received, _ = attn(x, context, need_weights=need_weights)
+    out, received = attn(x, context, need_weights=need_weights)[:2]
     assert torch.allclose(out, reference_attention(attn, x, context), atol=1e-5)
     if need_weights:
         assert received.shape == (2, 11)
@@ -94,7 +94,7 @@ def test_invalid_context_is_masked_out():
     attn = RelativeMultiHeadAttention(16, 4).eval()
     x, context = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
-    out, received, _ = attn(x, context, valid, need_weights=True)
+    out, received = attn(x, context, valid, need_weights=True)[:2]
     garbage = context.clone()
     garbage[1, :2] = 100.0
     out2 = attn(x, garbage, valid).out

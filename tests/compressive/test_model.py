@@ -183,3 +183,27 @@ def test_stale_inference_cache_is_not_used():
         stale = net(seq[:, 16:], state).logits
         fresh = net(seq[:, 16:], state._replace(key_values=None)).logits
     assert torch.allclose(stale, fresh, atol=1e-6)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_one(pre_norm):
+    """The forward pass's W_q x and the old memories' keys and values are reused by the
+    attention-reconstruction loss: it must equal the loss computed from scratch."""
+    net = model(mem_len=8, c_mem_len=8, pre_norm=pre_norm).train()
+    state = None
+    seq = tokens(l=40)
+    for start in range(0, 32, 8):
+        state = net(seq[:, start : start + 8], state).state
+    calls = []
+    for layer in net.layers:
+        original = layer.compression_loss
+
+        def spy(kind, h, old, compressed, queries=None, old_key_values=None, original=original):
+            calls.append((original(kind, h, old, compressed, queries, old_key_values), original(kind, h, old, compressed)))
+            return calls[-1][0]
+
+        layer.compression_loss = spy
+    net(seq[:, 32:39], state)  # overflow 7 -> 4 old memories compressed into 1, in each layer
+    assert len(calls) == 2
+    for reused, direct in calls:
+        torch.testing.assert_close(reused, direct, atol=1e-6, rtol=1e-5)

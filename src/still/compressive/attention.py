@@ -76,6 +76,8 @@ class AttentionOutput(NamedTuple):
     out: torch.Tensor  # (B, L, d)
     received: torch.Tensor | None  # (B, K): attention each key received (with need_weights)
     key_values: torch.Tensor  # (B, L, 2d): this segment's keys and values, for an inference cache
+    queries: torch.Tensor  # (B, L, d): W_q x, before the biases (reused by the reconstruction loss)
+    all_key_values: torch.Tensor  # (B, K, 2d): keys and values of [context, x] (likewise)
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -141,7 +143,8 @@ class RelativeMultiHeadAttention(nn.Module):
         else:
             kv = x_kv = self.key_value(x)
         k_len = kv.shape[1]
-        q = self._heads(self.query(x))  # (B, H, L, D)
+        queries = self.query(x)  # (B, L, d)
+        q = self._heads(queries)  # (B, H, L, D)
         k, v = kv.chunk(2, dim=-1)
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
         r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
@@ -170,14 +173,19 @@ class RelativeMultiHeadAttention(nn.Module):
                                                  dropout_p=self.dropout_attn if self.training else 0.0)
             received = None
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
-        return AttentionOutput(self.out(out), received, x_kv)
+        return AttentionOutput(self.out(out), received, x_kv, queries, kv)
 
     def content_attention(self, queries: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
         """Content-only attention (no positions, no mask) of `queries` (B, L, d) over `memories`
         (B, n, d) with this layer's weights treated as constants: the attention-reconstruction
         loss's attention. Returns (B, L, d), before the output projection."""
+        return self.projected_content_attention(F.linear(queries, self.query.weight.detach()),
+                                                F.linear(memories, self.key_value.weight.detach()))
+
+    def projected_content_attention(self, queries: torch.Tensor, key_values: torch.Tensor) -> torch.Tensor:
+        """`content_attention` from queries W_q x (B, L, d) and keys and values (B, n, 2d) already
+        projected (the forward pass computed them: the reconstruction loss reuses them)."""
         b, l, d = queries.shape
-        q = self._heads(F.linear(queries, self.query.weight.detach()))  # (B, H, L, D)
-        k, v = F.linear(memories, self.key_value.weight.detach()).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v))  # (B, H, L, D)
+        k, v = key_values.chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(self._heads(queries), self._heads(k), self._heads(v))  # (B, H, L, D)
         return out.transpose(1, 2).reshape(b, l, d)

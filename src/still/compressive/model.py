@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from still.compressive.attention import RelativeMultiHeadAttention
+from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention
 from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.errors import check
@@ -135,18 +135,18 @@ class CompressiveLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor | None,
                 need_weights: bool = False, context_kv: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                ) -> tuple[torch.Tensor, AttentionOutput]:
         """h (B, L, d), context (B, N + M, d) or its projected keys and values `context_kv`
-        (B, N + M, 2d) -> (B, L, d), the attention each key received (B, K) or None, and this
-        segment's keys and values (B, L, 2d)."""
+        (B, N + M, 2d) -> (B, L, d) and the attention's output (with the attention each key
+        received, this segment's keys and values, and the projections it made)."""
         if self.pre_norm:
             normed_context = self.norm1(context) if context_kv is None else None
-            attended, received, kv = self.attention(self.norm1(h), normed_context, key_valid, need_weights, context_kv)
-            h = h + self.dropout(attended)
-            return h + self.dropout(self.feed_forward(self.norm2(h))), received, kv
-        attended, received, kv = self.attention(h, context, key_valid, need_weights, context_kv)
-        h = self.norm1(h + self.dropout(attended))
-        return self.norm2(h + self.dropout(self.feed_forward(h))), received, kv
+            attention = self.attention(self.norm1(h), normed_context, key_valid, need_weights, context_kv)
+            h = h + self.dropout(attention.out)
+            return h + self.dropout(self.feed_forward(self.norm2(h))), attention
+        attention = self.attention(h, context, key_valid, need_weights, context_kv)
+        h = self.norm1(h + self.dropout(attention.out))
+        return self.norm2(h + self.dropout(self.feed_forward(h))), attention
 
     def project_context(self, x: torch.Tensor) -> torch.Tensor:
         """Keys and values of memory slots x (B, n, d) -> (B, n, 2d), as the attention computes them."""
@@ -160,14 +160,25 @@ class CompressiveLayer(nn.Module):
                             self.norm1.eps)
 
     def compression_loss(self, kind: CompressionLoss, h: torch.Tensor, old: torch.Tensor,
-                         compressed: torch.Tensor) -> torch.Tensor:
-        """The loss that trains this layer's f_c; only f_c (and the decoder) receive its gradient."""
+                         compressed: torch.Tensor, queries: torch.Tensor | None = None,
+                         old_key_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss that trains this layer's f_c; only f_c (and the decoder) receive its gradient.
+
+        `queries` (B, L, d) and `old_key_values` (B, n_s, 2d): the segment's W_q x and the old
+        memories' keys and values as the forward pass projected them (the same values: the
+        attention saw norm1(h) and norm1(old) with pre-LN, h and old with post-LN); reused,
+        detached, instead of projected again. Without them they are computed here."""
         if kind == "autoencoding":
             return F.mse_loss(self.decoder(compressed), old.detach())
-        queries = self.norm_as_constant(h.detach())  # (B, L, d)
-        target = self.attention.content_attention(queries, self.norm_as_constant(old.detach()))  # (B, L, d)
-        approx = self.attention.content_attention(queries, self.norm_as_constant(compressed))  # (B, L, d)
-        return F.mse_loss(approx, target.detach())
+        attention = self.attention
+        if queries is None or old_key_values is None:
+            queries = F.linear(self.norm_as_constant(h.detach()), attention.query.weight.detach())  # (B, L, d)
+            old_key_values = F.linear(self.norm_as_constant(old.detach()), attention.key_value.weight.detach())
+        queries, old_key_values = queries.detach(), old_key_values.detach()
+        target = attention.projected_content_attention(queries, old_key_values)  # (B, L, d)
+        compressed_kv = F.linear(self.norm_as_constant(compressed), attention.key_value.weight.detach())  # (B, n_s/c, 2d)
+        approx = attention.projected_content_attention(queries, compressed_kv)  # (B, L, d)
+        return F.mse_loss(approx, target)
 
 
 class ModelOutput(NamedTuple):
@@ -238,24 +249,25 @@ class CompressiveTransformer(nn.Module):
         caches = state.key_values if use_cache and state.key_values_version == version else None
 
         h = self.dropout(self.embedding(tokens))  # (B, L, d)
-        layer_inputs, received_all, context_kvs, segment_kvs = [], [], [], []
+        layer_inputs, attentions, context_kvs = [], [], []
         for i, (layer, memory, compressed) in enumerate(zip(self.layers, state.memory, state.compressed)):
             layer_inputs.append(h)
             context_kv = caches[i] if caches is not None else None  # (B, N + M, 2d)
             context = torch.cat([compressed, memory], dim=1) if context_kv is None else None  # (B, N + M, d)
             if use_cache and context_kv is None:
                 context_kv = layer.project_context(context)
-            h, received, segment_kv = layer(h, context, key_valid, need_weights, context_kv)
-            received_all.append(received)
+            h, attention = layer(h, context, key_valid, need_weights, context_kv)
+            attentions.append(attention)
             context_kvs.append(context_kv)
-            segment_kvs.append(segment_kv)
         logits = self.head(self.norm(h))  # (B, L, V)
 
         new_memory, new_compressed, new_caches, losses = [], [], [], []
         n = state.compressed_len
         rule = dict(mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
-        for layer, memory, compressed, hidden, received, context_kv, segment_kv in zip(
-                self.layers, state.memory, state.compressed, layer_inputs, received_all, context_kvs, segment_kvs):
+        for layer, memory, compressed, hidden, attention, context_kv in zip(
+                self.layers, state.memory, state.compressed, layer_inputs, attentions, context_kvs):
+            received, segment_kv = attention.received, attention.key_values
+
             def compress(old, layer=layer, received=received):
                 scores = received[:, n : n + old.shape[1]] if received is not None else None  # (B, n_s)
                 return layer.compressor(old, scores)
@@ -272,7 +284,10 @@ class CompressiveTransformer(nn.Module):
                     **rule)
                 new_caches.append(torch.cat([cmem_kv, mem_kv], dim=1))
             if with_compression_loss and old is not None and config.trains_compressor:
-                losses.append(layer.compression_loss(config.compression_loss, hidden, old, fresh))
+                # the old memories are the first n_s slots after the compressed ones among the keys
+                old_kv = attention.all_key_values[:, n : n + old.shape[1]]  # (B, n_s, 2d)
+                losses.append(layer.compression_loss(config.compression_loss, hidden, old, fresh,
+                                                     attention.queries, old_kv))
 
         memory_valid, compressed_valid = None, None
         if key_valid is not None:
