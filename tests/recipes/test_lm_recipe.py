@@ -171,6 +171,7 @@ def test_compare_runs(trained, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "lm", "compare", str(trained), str(trained), "--out", str(tmp_path / "cmp"))
     assert code == 0 and out.count("compressive 16+8/4") == 2
     assert (tmp_path / "cmp" / "compare-test-by-position.png").is_file()
+    assert (tmp_path / "cmp" / "compare-valid-curves.png").is_file()
     assert_user_error(capsys, "lm", "compare", str(tmp_path), "--out", str(tmp_path / "cmp"), contains="has no results.json")
 
 

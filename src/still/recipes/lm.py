@@ -350,15 +350,19 @@ def _under(context, iterator):
 
 
 def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_table: bool = True) -> str:
-    """One table (bits per character of each run) and one plot (bits per character against the
-    position in the document, one curve per run) from finished runs and their `still lm eval`."""
-    rows, curves = [], []
+    """One table (bits per character of each run) and two plots (bits per character against the
+    position in the document, and validation during training, one curve per run) from finished
+    runs and their `still lm eval`."""
+    rows, curves, histories = [], [], []
     for run_dir in run_dirs:
         try:
             result = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError):
             raise StillError(f"{run_dir} has no results.json: train it first (still lm train --out {run_dir})") from None
         row = {"run": run_dir.name, **result["rows"][0]}
+        history = result.get("meta", {}).get("history", [])
+        if history:
+            histories.append((run_dir.name, [h["step"] for h in history], [h["valid_bits"] for h in history]))
         evaluation = run_dir / f"eval-{split}.json"
         if evaluation.is_file():
             data = json.loads(evaluation.read_text())
@@ -377,6 +381,10 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
     if curves:
         plot_curves(out / f"compare-{split}-by-position.png", curves, xlabel="position in the document (characters)",
                     ylabel="bits per character", logx=True, title=f"{split}: loss by position in the document")
+    if histories:
+        plot_curves(out / "compare-valid-curves.png", histories, xlabel="step",
+                    ylabel="validation bits per character (interval subset)",
+                    title="validation during training (the segments evaluated at each interval)")
     if print_table:
         print(table)
     return table
