@@ -245,7 +245,8 @@ def _describe(m: CompressiveConfig) -> str:
     elif m.c_mem_len == 0:
         kind = f"XL mem {m.mem_len}"
     else:
-        kind = f"compressive {m.mem_len}+{m.c_mem_len}/{m.compression_rate} {m.compression} {m.compression_loss}"
+        loss = f" {m.compression_loss}" if m.compression in ("conv", "dilated") else ""  # the others learn nothing
+        kind = f"compressive {m.mem_len}+{m.c_mem_len}/{m.compression_rate} {m.compression}{loss}"
     return f"{kind}, d{m.d_model} x{m.n_layers}"
 
 
