@@ -139,3 +139,15 @@ def test_loading_never_unpickles(tmp_path):
     with pytest.raises(StillError, match="cannot be read"):
         ckpt.load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_atomic_writes_get_a_normal_file_mode(tmp_path):
+    import os
+    import stat
+
+    from still.train.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "results.md", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "results.md").stat().st_mode) == 0o666 & ~mask
