@@ -121,3 +121,26 @@ def test_projected_context_and_position_cache_match():
         attn.position.weight.mul_(2)  # a weight change invalidates the cached position projection
         changed = attn(x, None, context_kv=attn.key_value(context))
     assert not torch.allclose(changed.out, cached.out)
+
+
+def test_training_scores_in_one_product_match_scaled_dot_product_attention(monkeypatch):
+    """The training path (one baddbmm for content + position) against the SDPA path: outputs and
+    every gradient, with masked memory slots."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(32, 4).train()
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    context = torch.randn(2, 12, 32)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, :5] = False
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(module, "FUSED_TRAINING_SCORES", fused)
+        attn.zero_grad()
+        x.grad = None
+        out = attn(x, context, valid).out
+        (out**2).sum().backward()
+        results.append([out.detach(), x.grad.clone(), *(p.grad.clone() for p in attn.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

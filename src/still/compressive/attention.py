@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+FUSED_TRAINING_SCORES = True
+
+
 def sinusoidal_distances(klen: int, d_model: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Encodings of the distances klen-1, ..., 1, 0 (in that order): (klen, d_model)."""
     distances = torch.arange(klen - 1, -1, -1, device=device, dtype=torch.float32)  # (K,)
@@ -167,6 +170,17 @@ class RelativeMultiHeadAttention(nn.Module):
             received = weights.sum(dim=(1, 2))  # (B, K)
             weights = F.dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
+        elif torch.is_grad_enabled() and FUSED_TRAINING_SCORES:
+            # training: scaled_dot_product_attention would fall back to its math path (the bias needs
+            # a gradient) and add the bias in a pass of its own; one batched product-and-add instead
+            h, bh = self.n_heads, b * self.n_heads
+            scores = torch.baddbmm(position_scores.reshape(bh, l, k_len), q_content.reshape(bh, l, self.d_head),
+                                   k.transpose(-1, -2).reshape(bh, self.d_head, k_len),
+                                   beta=self.scale, alpha=self.scale).view(b, h, l, k_len)  # (B, H, L, K)
+            weights = scores.masked_fill_(~allowed, float("-inf")).softmax(-1)
+            weights = F.dropout(weights, self.dropout_attn, self.training)
+            out = weights @ v  # (B, H, L, D)
+            received = None
         else:
             bias = (position_scores * self.scale).masked_fill(~allowed, float("-inf"))  # (B, H, L, K)
             out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias,
