@@ -71,9 +71,10 @@ class Compressor(nn.Module):
             padded = F.pad(old, (0, 0, c - 1, 0))  # (B, n + c - 1, d)
             windows = padded.unfold(1, 2 * c - 1, c)[..., ::2]  # (B, n/c, d, c)
             return F.linear(windows.reshape(b, n // c, d * c), self.conv.weight.reshape(d, d * c))
-        windows = old.reshape(b, n // c, c * d)  # (B, n/c, c*d): window t, position k, channel i
-        weight = self.conv.weight.permute(0, 2, 1).reshape(d, c * d)  # (d_out, c*d) in the same order
-        return F.linear(windows, weight)  # (B, n/c, d)
+        # window t as (channel i, position k), the order of the weight (d_out, d_in, c) viewed as (d_out, d_in*c):
+        # the activations are reordered (c*d numbers a window), the weight never copied
+        windows = old.reshape(b, n // c, c, d).transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
+        return F.linear(windows, self.conv.weight.reshape(d, d * c))  # (B, n/c, d)
 
 
 class Decoder(nn.Module):
