@@ -79,8 +79,8 @@ class AttentionOutput(NamedTuple):
     out: torch.Tensor  # (B, L, d)
     received: torch.Tensor | None  # (B, K): attention each key received (with need_weights)
     key_values: torch.Tensor  # (B, L, 2d): this segment's keys and values, for an inference cache
-    queries: torch.Tensor  # (B, L, d): W_q x, before the biases (reused by the reconstruction loss)
-    all_key_values: torch.Tensor  # (B, K, 2d): keys and values of [context, x] (likewise)
+    queries: torch.Tensor | None  # (B, L, d): W_q x, before the biases (reused by the reconstruction loss)
+    all_key_values: torch.Tensor | None  # (B, K, 2d): keys and values of [context, x] (likewise)
 
 
 class RelativeMultiHeadAttention(nn.Module):

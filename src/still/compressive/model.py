@@ -257,6 +257,8 @@ class CompressiveTransformer(nn.Module):
             if use_cache and context_kv is None:
                 context_kv = layer.project_context(context)
             h, attention = layer(h, context, key_valid, need_weights, context_kv)
+            if not with_compression_loss:  # keep only what the memory update needs (not every layer's projections)
+                attention = attention._replace(queries=None, all_key_values=None)
             attentions.append(attention)
             context_kvs.append(context_kv)
         logits = self.head(self.norm(h))  # (B, L, V)
