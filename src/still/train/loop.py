@@ -274,7 +274,7 @@ class Trainer:
             epoch_batches = batches(epoch)
             total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
             start = time.perf_counter()
-            loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float64)
+            loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float64, device=self.device)
             remaining = itertools.islice(epoch_batches, self.state.batch, None)
             bar = (progress(remaining, total=total, initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}",
                             unit="batch") if self.dist.main else _Quiet(remaining))
@@ -285,7 +285,8 @@ class Trainer:
                 self.state.step += 1
                 self.state.batch += 1
                 if self.dist.enabled:  # a signal on any rank stops every rank after this same step
-                    signum = -int(self.dist.all_min(torch.tensor([-(received[0] if received else 0)])))  # the max
+                    mine = torch.tensor([-(received[0] if received else 0)], device=self.device)
+                    signum = -int(self.dist.all_min(mine))  # the largest signal number any rank received
                     if signum and not received:
                         received.append(signum)
                 if received or (self.checkpoint_dir is not None and self.checkpoint_every_steps
