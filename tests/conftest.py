@@ -40,6 +40,19 @@ def cifar_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+HAMLET = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+          "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of six small text documents of different lengths (a corpus for the language model)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text((HAMLET * (3 + i))[i * 7 :])
+    return folder
+
+
 def mnist_available() -> bool:
     from still.data.cache import cache_dir
     from still.data.mnist import MNIST_FILE

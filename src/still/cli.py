@@ -55,6 +55,8 @@ keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
                                 help="A NaN or infinite loss or gradient norm: stop (exit code 3, checkpoints "
                                      "stay finite) or skip that step and count it.")
+
+
 def precision_option(default: str | None, help: str):
     return click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=default,
                         show_default=default is not None, help=help)

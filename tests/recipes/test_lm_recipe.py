@@ -9,18 +9,6 @@ import torch
 
 from helpers import assert_user_error, run_cli
 
-TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(6):
-        (folder / f"doc{i}.txt").write_text((TEXT * (3 + i))[i * 7 :])
-    return folder
-
-
 def train_args(corpus, out, *extra):
     return ["lm", "train", "--corpus", str(corpus), "--steps", "8", "--eval-every", "4", "--batch-size", "3",
             "--segment-len", "16", "--mem-len", "16", "--c-mem-len", "8", "--threads", "1", "--out", str(out), *extra]

@@ -12,18 +12,6 @@ from safetensors.torch import load_file
 
 from still.train.distributed import Dist
 
-TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(6):
-        (folder / f"doc{i}.txt").write_text((TEXT * (3 + i))[i * 7 :])
-    return folder
-
-
 def still(processes: int, *args: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     command = launcher + ["-m", "still", *args] if processes > 1 else [sys.executable, "-m", "still", *args]

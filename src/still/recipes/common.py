@@ -58,9 +58,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     scheduler = build_scheduler(optimizer, optim, epochs * len(batches))
     net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
-    def shard_loss(_, indices: torch.Tensor) -> torch.Tensor:
-        if not dist.enabled:
-            return loss_fn(model, indices)
+    def shard_loss(_, indices: torch.Tensor) -> torch.Tensor:  # one process: all of them, weight 1
         mine = torch.tensor_split(indices, dist.world)[dist.rank]
         return loss_fn(net, mine) * (len(mine) * dist.world / len(indices))
 

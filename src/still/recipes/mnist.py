@@ -89,7 +89,6 @@ PRESETS: dict[str, MnistConfig] = {
     # no jitter here: with it, 8-12 epochs leave the teacher no better than the baseline.
     "quick": MnistConfig(preset="quick", teacher_epochs=15, student_epochs=6, jitter=0, alpha=1.0,
                          teacher_optim=ONE_CYCLE, student_optim=ONE_CYCLE),
-    # the reproduction
     # the reproduction (docs/results/mnist.md). One-cycle schedules: with a plain cosine decay the
     # teacher made 112 errors after 100 epochs and 83 after 200. alpha 1: the student learns from the
     # soft targets only (section 3: "regularized solely by adding the additional task of matching the

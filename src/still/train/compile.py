@@ -41,8 +41,7 @@ class MaybeCompiled:
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
-            except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError,
-                    torch._dynamo.exc.Unsupported, RuntimeError) as e:
+            except Exception as e:
                 if not _is_compile_error(e):
                     raise
                 self._fall_back(f"{type(e).__name__}: {e}")
@@ -54,5 +53,7 @@ def _is_compile_error(error: BaseException) -> bool:
     if isinstance(error, (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError,
                           torch._dynamo.exc.Unsupported)):
         return True
+    if not isinstance(error, RuntimeError):
+        return False
     text = str(error)
     return any(s in text for s in ("inductor", "InvalidCxxCompiler", "C++ compiler", "CppCompileError", "dynamo"))

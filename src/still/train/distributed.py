@@ -46,19 +46,18 @@ class Dist:
         share = total // self.world
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, value: torch.Tensor, op) -> torch.Tensor:
         if not self.enabled:
             return value
         value = value.clone()
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(value, op=op)
         return value
 
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(value, torch_dist.ReduceOp.SUM)
+
     def all_min(self, value: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return value
-        value = value.clone()
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
-        return value
+        return self._all_reduce(value, torch_dist.ReduceOp.MIN)
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `tensor` along dim 0, in rank order (every rank gets the result)."""

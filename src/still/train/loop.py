@@ -56,19 +56,6 @@ def _deferred_signals():
             signal.signal(s, h)
 
 
-class _Quiet:
-    """Stands in for a progress bar on the ranks that do not print."""
-
-    def __init__(self, iterable: Iterable[Any]) -> None:
-        self.iterable = iterable
-
-    def __iter__(self):
-        return iter(self.iterable)
-
-    def close(self) -> None:
-        pass
-
-
 @dataclass
 class TrainState:
     step: int = 0
@@ -275,9 +262,8 @@ class Trainer:
             total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
             start = time.perf_counter()
             loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float64, device=self.device)
-            remaining = itertools.islice(epoch_batches, self.state.batch, None)
-            bar = (progress(remaining, total=total, initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}",
-                            unit="batch") if self.dist.main else _Quiet(remaining))
+            bar = progress(itertools.islice(epoch_batches, self.state.batch, None), enabled=self.dist.main, total=total,
+                           initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}", unit="batch")
             for batch in bar:
                 loss = self._step(batch)
                 if loss is not None:

@@ -8,9 +8,10 @@ import sys
 from tqdm.auto import tqdm
 
 
-def progress(iterable=None, **kwargs):
+def progress(iterable=None, enabled: bool = True, **kwargs):
+    """A tqdm bar; `enabled=False` hides it whatever STILL_PROGRESS says (ranks other than 0)."""
     flag = os.environ.get("STILL_PROGRESS")
-    disable = None if flag is None else flag in ("0", "false", "no", "")
+    disable = True if not enabled else None if flag is None else flag in ("0", "false", "no", "")
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("file", sys.stderr)
