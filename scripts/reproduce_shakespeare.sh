@@ -31,9 +31,11 @@ declare -A RUNS=(
   [ablation-xl128]="--preset ablation --mem-len 128 --c-mem-len 0"
   # precision check: f-conv again in fp32 (the runs above use $PRECISION, bf16 by default)
   [f-conv-fp32]="--preset ablation --compression conv --precision fp32"
+  # the same check at the reference preset: the main comparison's compressive run, in fp32
+  [compressive-fp32]="--preset reference --precision fp32"
 )
 MAIN=(compressive xl256 transformer)
-ABLATION=(f-conv f-dilated f-max f-mean f-most_used loss-autoencoding loss-none ablation-xl128 f-conv-fp32)
+ABLATION=(f-conv f-dilated f-max f-mean f-most_used loss-autoencoding loss-none ablation-xl128 f-conv-fp32 compressive-fp32)
 
 run() {  # run NAME [extra options]: train, then evaluate the test split by position
   local name=$1; shift
@@ -61,3 +63,4 @@ compare main transformer xl256 compressive
 compare functions f-conv f-dilated f-max f-mean f-most_used ablation-xl128
 compare losses f-conv loss-autoencoding loss-none
 compare precision f-conv f-conv-fp32
+compare precision-reference compressive compressive-fp32

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from still.compressive.decode import Decoder, supports
+from still.compressive import decode
+from still.compressive.decode import Decoder, supports, threads_for
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 
 CASES = {
@@ -19,7 +20,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("prompt_len", [1, 9])
-def test_decoder_matches_the_model_token_by_token(case, prompt_len):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager products", "fused products"])
+def test_decoder_matches_the_model_token_by_token(case, prompt_len, fused, monkeypatch):
+    """`fused`: the products written as multiply-and-sum, as the compiled step runs them (here eagerly)."""
+    if fused:
+        step, compress = decode._step, decode._compress
+        monkeypatch.setattr(decode, "_step", lambda *args: step(*args[:-1], True))
+        monkeypatch.setattr(decode, "_compress", lambda *args: compress(*args[:-1], True))
     torch.manual_seed(0)
     config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.1, **CASES[case])
     model = CompressiveTransformer(config).eval()
@@ -57,3 +64,15 @@ def test_compiled_decoder_gives_the_same_tokens():
     tokens = torch.randint(0, 11, (12,))
     for t in tokens:
         torch.testing.assert_close(compiled.step(t[None]), eager.step(t[None]), atol=1e-5, rtol=1e-5)
+
+
+def test_small_models_decode_on_one_thread(monkeypatch):
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32)).eval()
+    size = sum(p.numel() for p in model.parameters())
+    assert Decoder(model, None, batch=1).threads == 1 and Decoder(model, None, batch=1, threads=3).threads == 3
+    assert threads_for(model, 1, 1) == 1 and threads_for(model, 4, 128) == 1
+    monkeypatch.setattr(decode, "ONE_THREAD_BELOW", {"token": 2 * size, "segment": 100 * size})
+    assert threads_for(model, 1, 1) == 1 and threads_for(model, 2, 1) is None  # batch x parameters
+    assert threads_for(model, 1, 99) == 1 and threads_for(model, 1, 100) is None  # x tokens for a segment
+    with pytest.raises(ValueError, match="threads"):
+        Decoder(model, None, batch=1, threads=0)

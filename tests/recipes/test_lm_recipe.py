@@ -109,17 +109,6 @@ def test_generation_state_stays_bounded(compression, monkeypatch):
     assert len(shapes) == (1 if compression == "conv" else 0)  # the decoder's buffers never change shape
 
 
-def test_filter_logits():
-    from still.compressive.generate import filter_logits
-
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
-    # p = (0.087, 0.644, 0.237, 0.032): 0.5 keeps 3.0 only; 0.85 also 2.0 (0.881); 0.9 also 1.0 (0.968)
-    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, False, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[False, True, True, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.9)).tolist() == [[True, True, True, False]]
-
-
 def test_bad_inputs(corpus, tmp_path, capsys):
     (tmp_path / "short.txt").write_text("tiny")
     assert_user_error(capsys, *train_args(tmp_path / "short.txt", tmp_path / "a"), contains="too short to split")

@@ -182,7 +182,8 @@ class RelativeMultiHeadAttention(nn.Module):
             out = weights @ v  # (B, H, L, D)
             received = None
         else:
-            bias = (position_scores * self.scale).masked_fill(~allowed, float("-inf"))  # (B, H, L, K)
+            # one pass reads the shifted view and writes the masked bias, one scales it in place
+            bias = torch.where(allowed, position_scores, float("-inf")).mul_(self.scale)  # (B, H, L, K)
             out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias,
                                                  dropout_p=self.dropout_attn if self.training else 0.0)
             received = None

@@ -1,0 +1,46 @@
+"""Sampling and generation (generate.py); end-to-end generation from a trained run is in
+tests/recipes/test_lm_recipe.py."""
+
+import pytest
+import torch
+
+from still.compressive.generate import filter_logits, generate, sample
+from still.compressive.model import CompressiveConfig, CompressiveTransformer
+
+
+def test_sample_follows_the_distribution_and_never_draws_an_impossible_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]]).expand(20000, -1)  # (B, V): zeros at both ends too
+    tokens = sample(probs, torch.Generator().manual_seed(0))
+    assert tokens.shape == (20000,)
+    frequencies = torch.bincount(tokens, minlength=6) / 20000
+    assert frequencies[[0, 2, 5]].tolist() == [0, 0, 0]
+    torch.testing.assert_close(frequencies, probs[0], atol=0.015, rtol=0)  # 4.5 standard errors at most
+    # unnormalised rows sample as their normalisation; a row with one possible token always draws it
+    assert sample(torch.tensor([[0.0, 0.0, 2.0]]), torch.Generator().manual_seed(1)).item() == 2
+    assert torch.equal(sample(probs[:50], torch.Generator().manual_seed(3)), sample(probs[:50], torch.Generator().manual_seed(3)))
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    # p = (0.087, 0.644, 0.237, 0.032): 0.5 keeps 3.0 only; 0.85 also 2.0 (0.881); 0.9 also 1.0 (0.968)
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[False, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.9)).tolist() == [[True, True, True, False]]
+
+
+@pytest.mark.parametrize("compression", ["conv", "most_used"])  # the ring-buffer decoder, and the model's forward
+def test_generation_restores_the_thread_count_between_tokens(compression):
+    """A small model decodes on one thread (decode.threads_for), but the caller's code between
+    tokens runs with its own setting."""
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, d_ff=16,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2, compression=compression))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for token in generate(model, torch.zeros(1, 6, dtype=torch.long), 10, segment_len=4,
+                              generator=torch.Generator().manual_seed(0)):
+            assert torch.get_num_threads() == 2 and 0 <= int(token) < 7
+    finally:
+        torch.set_num_threads(before)
