@@ -76,3 +76,17 @@ def test_small_models_decode_on_one_thread(monkeypatch):
     assert threads_for(model, 1, 99) == 1 and threads_for(model, 1, 100) is None  # x tokens for a segment
     with pytest.raises(ValueError, match="threads"):
         Decoder(model, None, batch=1, threads=0)
+
+
+def test_compiled_decoders_of_two_models_interleaved():
+    """After their first steps, compiled decoders skip re-checking dynamo's guards: two models of
+    the same shapes but another structure (post-norm), stepped in turn, each still gets its own graph."""
+    torch.manual_seed(0)
+    models = [CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                                       mem_len=4, c_mem_len=2, compression_rate=2,
+                                                       pre_norm=pre_norm)).eval() for pre_norm in (True, False)]
+    eager = [Decoder(model, None, batch=1) for model in models]
+    compiled = [Decoder(model, None, batch=1, compile=True) for model in models]
+    for t in torch.randint(0, 11, (14,)):
+        for e, c in zip(eager, compiled):
+            torch.testing.assert_close(c.step(t[None]), e.step(t[None]), atol=1e-5, rtol=1e-5)
