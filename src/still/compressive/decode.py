@@ -123,15 +123,15 @@ class Decoder:
                 if self.m:
                     kv[:, self.n_cap : self.n_cap + self.m] = layer.project_context(state.memory[i]).view(
                         batch, self.m, 2, heads, d_head)
-                keys, values = kv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # (B, H, K, D) each
-                self.keys.append(keys)
-                self.values.append(values)
+                keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, K, D) each
+                self.keys.append(keys.transpose(-1, -2).contiguous())  # (B, H, D, K): scores vectorise over K
+                self.values.append(values.contiguous())
                 if self.compressing:
                     inputs = torch.zeros(batch, self.m_cap, config.d_model, device=device, dtype=dtype)
                     inputs[:, : self.m] = state.memory[i]
                     self.inputs.append(inputs)
-            # W_r R for the distances K-1 .. 0 (row K-1-a holds distance a), per layer: (H, K, D)
-            self.positions = [layer.attention.position_projection(self.k_cap, device, dtype).contiguous()
+            # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a), per layer: (H, D, K)
+            self.positions = [layer.attention.position_projection(self.k_cap, device, dtype).transpose(1, 2).contiguous()
                               for layer in model.layers]
             # the query and key/value projections as one product: (3d, d)
             self.qkv = [torch.cat([layer.attention.query.weight, layer.attention.key_value.weight]) for layer in model.layers]
@@ -237,7 +237,7 @@ def _step(model: CompressiveTransformer, token: torch.Tensor, qkv: list[torch.Te
     # the slot to write, and for every key slot its distance to the token and whether it holds one
     age_m = (next_m - torch.arange(m_cap, device=device)).remainder(m_cap)  # 0 for the token written now
     age_c = (next_c - 1 - torch.arange(n_cap, device=device)).remainder(max(n_cap, 1))  # 0: newest compressed
-    rows = n_cap + m_cap - 1 - torch.cat([m + 1 + age_c, age_m])  # (K,): row of W_r R for each slot's distance
+    columns = n_cap + m_cap - 1 - torch.cat([m + 1 + age_c, age_m])  # (K,): column of W_r R for each slot's distance
     valid = torch.cat([age_c < n, age_m <= m])  # (K,)
     slot = (n_cap + next_m).view(1)
     h = model.embedding(token)  # (B, 1, d)
@@ -247,13 +247,13 @@ def _step(model: CompressiveTransformer, token: torch.Tensor, qkv: list[torch.Te
         heads, d_head = attention.n_heads, attention.d_head
         x = layer.norm1(h) if layer.pre_norm else h  # (B, 1, d)
         q, key, value = _by_transposed(x, qkv[i], fused).view(b, 3, heads, 1, d_head).unbind(1)  # (B, H, 1, D) each
-        keys[i].index_copy_(2, slot, key.to(keys[i].dtype))
+        keys[i].index_copy_(3, slot, key.transpose(-1, -2).to(keys[i].dtype))
         values[i].index_copy_(2, slot, value.to(values[i].dtype))
         if inputs:
             inputs[i].index_copy_(1, slot - n_cap, h.to(inputs[i].dtype))
-        content = _by_transposed(q + attention.content_bias[:, None], keys[i], fused)  # (B, H, 1, K)
-        by_row = _by_transposed(q + attention.position_bias[:, None], positions[i], fused)  # (B, H, 1, K)
-        scores = (content + by_row.index_select(-1, rows)) * attention.scale
+        content = _by(q + attention.content_bias[:, None], keys[i], fused)  # (B, H, 1, K)
+        by_column = _by(q + attention.position_bias[:, None], positions[i], fused)  # (B, H, 1, K)
+        scores = (content + by_column.index_select(-1, columns)) * attention.scale
         weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)  # (B, H, 1, K)
         attended = _by(weights.to(values[i].dtype), values[i], fused).view(b, 1, heads * d_head)  # (B, 1, d)
         attended = _linear(attended, attention.out, fused)
@@ -280,5 +280,5 @@ def _compress(model: CompressiveTransformer, inputs: list[torch.Tensor], keys: l
         b = compressed.shape[0]
         x = layer.norm1(compressed) if layer.pre_norm else compressed  # layer.project_context:
         key, value = _linear(x, layer.attention.key_value, fused).view(b, 2, layer.attention.n_heads, 1, -1).unbind(1)
-        keys[i].index_copy_(2, next_c, key.to(keys[i].dtype))  # (B, H, 1, D) into slot next_c
+        keys[i].index_copy_(3, next_c, key.transpose(-1, -2).to(keys[i].dtype))  # (B, H, D, 1) into slot next_c
         values[i].index_copy_(2, next_c, value.to(values[i].dtype))
