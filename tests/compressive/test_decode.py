@@ -90,3 +90,20 @@ def test_compiled_decoders_of_two_models_interleaved():
     for t in torch.randint(0, 11, (14,)):
         for e, c in zip(eager, compiled):
             torch.testing.assert_close(c.step(t[None]), e.step(t[None]), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_uses_the_cached_keys_and_values_only_when_the_weights_are_unchanged():
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                                                     mem_len=6, c_mem_len=4, compression_rate=3)).eval()
+    tokens = torch.randint(0, 11, (1, 13))
+    with torch.no_grad():
+        state = None
+        for chunk in tokens.split(4, dim=1):
+            state = model(chunk, state).state
+        assert state.key_values is not None
+        uncached = state._replace(key_values=None, key_values_version=None)
+        token = torch.tensor([5])
+        torch.testing.assert_close(Decoder(model, state, 1).step(token), Decoder(model, uncached, 1).step(token))
+        model.layers[0].attention.key_value.weight.mul_(2)  # the cache is now stale: recomputed
+        torch.testing.assert_close(Decoder(model, state, 1).step(token), Decoder(model, uncached, 1).step(token))

@@ -114,15 +114,16 @@ class Decoder:
         self.inputs: list[torch.Tensor] = []
         self.threads = threads if threads is not None else threads_for(model, batch, 1)
         self._threads = using_threads(self.threads)
+        # the keys and values the model's forward cached for the state (if made with these weights)
+        cached = state.key_values if state.key_values_version == model._weights_version() else None
         with torch.no_grad(), self._threads:
             for i, layer in enumerate(model.layers):
                 kv = torch.zeros(batch, self.k_cap, 2, heads, d_head, device=device, dtype=dtype)
+                context_kv = (cached[i] if cached is not None else  # (B, n + m, 2d)
+                              layer.project_context(torch.cat([state.compressed[i], state.memory[i]], dim=1)))
                 # the prompt's slots, oldest first from ring position 0 (so the next writes follow them)
-                if self.n:
-                    kv[:, : self.n] = layer.project_context(state.compressed[i]).view(batch, self.n, 2, heads, d_head)
-                if self.m:
-                    kv[:, self.n_cap : self.n_cap + self.m] = layer.project_context(state.memory[i]).view(
-                        batch, self.m, 2, heads, d_head)
+                kv[:, : self.n] = context_kv[:, : self.n].view(batch, self.n, 2, heads, d_head)
+                kv[:, self.n_cap : self.n_cap + self.m] = context_kv[:, self.n :].view(batch, self.m, 2, heads, d_head)
                 keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, K, D) each
                 self.keys.append(keys.transpose(-1, -2).contiguous())  # (B, H, D, K): scores vectorise over K
                 self.values.append(values.contiguous())
