@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per repeat")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--measures", nargs="+", choices=("train", "eval", "generate"),
+                        default=["train", "eval", "generate"], help="which groups of measures (all)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -143,6 +145,7 @@ def main() -> None:
         "generate fp32, batch 1, --compile": lambda r: generate_rate("fp32", args.new_tokens, True, r),
         "generate bf16, batch 1, --compile": lambda r: generate_rate("bf16", args.new_tokens, True, r),
     }
+    measures = {k: v for k, v in measures.items() if k.split()[0] in args.measures}
     rates: dict[str, list[float]] = {k: [] for k in measures}
     flops: dict[str, float] = {}
     peaks: list[dict] = []
@@ -167,13 +170,13 @@ def main() -> None:
             row["MFU"] = f"{achieved / (peak_bf16 if 'bf16' in name else peak_fp32):.1%}"
         rows.append(row)
     median = {k: statistics.median(v) for k, v in rates.items()}
-    ratios = {
-        "train bf16 / fp32": median["train bf16"] / median["train fp32"],
-        "eval bf16 / fp32 (batch 16)": median["eval bf16, batch 16"] / median["eval fp32, batch 16"],
-        "generate / eval at batch 1 (fp32, eager)": median["generate fp32, batch 1"] / median["eval fp32, batch 1"],
-        "generate / eval at batch 1 (fp32, --compile)":
-            median["generate fp32, batch 1, --compile"] / median["eval fp32, batch 1"],
+    wanted = {
+        "train bf16 / fp32": ("train bf16", "train fp32"),
+        "eval bf16 / fp32 (batch 16)": ("eval bf16, batch 16", "eval fp32, batch 16"),
+        "generate / eval at batch 1 (fp32, eager)": ("generate fp32, batch 1", "eval fp32, batch 1"),
+        "generate / eval at batch 1 (fp32, --compile)": ("generate fp32, batch 1, --compile", "eval fp32, batch 1"),
     }
+    ratios = {k: median[a] / median[b] for k, (a, b) in wanted.items() if a in median and b in median}
     title = (f"reference preset, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}; matmul peak (median of {args.repeats}) fp32 {peak_fp32 / 1e9:.1f} GFLOP/s, bf16 "
              f"{peak_bf16 / 1e9:.1f} GFLOP/s; medians of {args.repeats} repeats, load average at the end "

@@ -66,6 +66,11 @@ def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
 ONE_THREAD_BELOW = {"token": 32e6, "segment": 256e6}
 
 
+# Compiled, weights up to this many elements multiply as fused multiply-and-sum loops (d_model 128:
+# every projection), larger ones in the matrix library (docs/performance.md).
+FUSE_WEIGHTS_UP_TO = 2**17
+
+
 def threads_for(model: torch.nn.Module, batch: int, tokens: int) -> int | None:
     """CPU threads for one call over (batch, tokens): 1 for small work, else None (as set)."""
     if next(model.parameters()).device.type != "cpu":
@@ -206,11 +211,12 @@ class using_threads:  # noqa: N801 - used as a context manager, like torch.no_gr
         self.before = None
 
 
-def _by_transposed(x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
-    """x (..., n, D) times y (..., K, D) transposed: (..., n, K). y may be a weight (out, in)."""
-    if fused:
-        return (x[..., :, None, :] * y[..., None, :, :]).sum(-1)
-    return F.linear(x, y) if y.ndim == 2 else x @ y.transpose(-1, -2)
+def _by_weight(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> torch.Tensor:
+    """x (..., in) times weight (out, in) transposed: (..., out). Fused (a multiply-and-sum) only
+    for small weights: a larger matrix-vector product runs faster in the matrix library."""
+    if fused and weight.numel() <= FUSE_WEIGHTS_UP_TO:
+        return (x[..., None, :] * weight).sum(-1)
+    return F.linear(x, weight)
 
 
 def _by(x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -221,9 +227,9 @@ def _by(x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, linear: nn.Linear, fused: bool) -> torch.Tensor:
-    if not fused:
+    if not fused or linear.weight.numel() > FUSE_WEIGHTS_UP_TO:
         return linear(x)
-    y = _by_transposed(x, linear.weight, True)
+    y = _by_weight(x, linear.weight, True)
     return y if linear.bias is None else y + linear.bias
 
 
@@ -247,7 +253,7 @@ def _step(model: CompressiveTransformer, token: torch.Tensor, qkv: list[torch.Te
         attention = layer.attention
         heads, d_head = attention.n_heads, attention.d_head
         x = layer.norm1(h) if layer.pre_norm else h  # (B, 1, d)
-        q, key, value = _by_transposed(x, qkv[i], fused).view(b, 3, heads, 1, d_head).unbind(1)  # (B, H, 1, D) each
+        q, key, value = _by_weight(x, qkv[i], fused).view(b, 3, heads, 1, d_head).unbind(1)  # (B, H, 1, D) each
         keys[i].index_copy_(3, slot, key.transpose(-1, -2).to(keys[i].dtype))
         values[i].index_copy_(2, slot, value.to(values[i].dtype))
         if inputs:
