@@ -548,6 +548,10 @@ STATIC_NOTES = [
     "labml: generation mirrors its Configs.sample (greedy; one token per forward; memories merged and compressed "
     "after each); ours samples from the softmax, lucidrains from the top 10% of the vocabulary: the sampling "
     "costs microseconds next to a forward pass",
+    "ours: at batch 1 a small model's prompt and decoding run on one thread whatever the thread setting "
+    "(still.compressive.decode.threads_for: faster here); the peers use the threads they are given, and at "
+    "--threads 1 labml generates about twice as fast as at 2 (session 3: 536 against 282-290 tok/s), so "
+    "compare generation at --threads 1 too",
     "lucidrains: its generate() re-feeds the current partial segment for every new token (memories advance "
     "only at full segments), so a token costs a forward over 1 to 128 tokens, and its first step re-feeds the "
     "prompt's last segment; its API has no way around this, so we measure what it does",

@@ -66,11 +66,6 @@ def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
 ONE_THREAD_BELOW = {"token": 32e6, "segment": 256e6}
 
 
-# Compiled, weights up to this many elements multiply as fused multiply-and-sum loops (d_model 128:
-# every projection), larger ones in the matrix library (docs/performance.md).
-FUSE_WEIGHTS_UP_TO = 2**17
-
-
 def threads_for(model: torch.nn.Module, batch: int, tokens: int) -> int | None:
     """CPU threads for one call over (batch, tokens): 1 for small work, else None (as set)."""
     if next(model.parameters()).device.type != "cpu":
@@ -212,9 +207,8 @@ class using_threads:  # noqa: N801 - used as a context manager, like torch.no_gr
 
 
 def _by_weight(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> torch.Tensor:
-    """x (..., in) times weight (out, in) transposed: (..., out). Fused (a multiply-and-sum) only
-    for small weights: a larger matrix-vector product runs faster in the matrix library."""
-    if fused and weight.numel() <= FUSE_WEIGHTS_UP_TO:
+    """x (..., in) times weight (out, in) transposed: (..., out)."""
+    if fused:
         return (x[..., None, :] * weight).sum(-1)
     return F.linear(x, weight)
 
@@ -227,7 +221,7 @@ def _by(x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, linear: nn.Linear, fused: bool) -> torch.Tensor:
-    if not fused or linear.weight.numel() > FUSE_WEIGHTS_UP_TO:
+    if not fused:
         return linear(x)
     y = _by_weight(x, linear.weight, True)
     return y if linear.bias is None else y + linear.bias
