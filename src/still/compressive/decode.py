@@ -5,7 +5,8 @@ grow and are concatenated anew. Sampling needs none of that, and at batch 1 its 
 of operations and copies, not their size. `Decoder` keeps, per layer, the keys and values of the
 compressed memory and of the memory in fixed-size ring buffers, head-major, written in place:
 
-    keys, values  (B, H, N_cap + M_cap, D)   [compressed ring | memory ring]
+    keys          (B, H, D, N_cap + M_cap)   [compressed ring | memory ring], slots last
+    values        (B, H, N_cap + M_cap, D)
     inputs        (B, M_cap, d)              the memory ring's layer inputs (what f_c compresses)
 
     N_cap = c_mem_len;  M_cap = mem_len + c when compressing, else mem_len + 1
@@ -20,8 +21,10 @@ Without compression the oldest slot simply falls out of the window (Transformer-
 positions and counts go in as one small integer tensor, so they never cause a recompilation.
 
 Compiled, every product is written as a multiply-and-sum, which the compiler fuses with what
-surrounds it into one vectorised loop per layer part: at batch 1 a call into a matrix library costs
-more (about 5 us here) than the arithmetic of a 128 x 512 matrix-vector product. Eager, the same
+surrounds it into vectorised loops (the whole step becomes one C++ function): at batch 1 a call into
+a matrix library costs more (about 5 us here) than the arithmetic of a 128 x 512 matrix-vector
+product. Keys are stored slots-last so that the scores are sums over D vectorised across the
+slots, not one horizontal sum per slot. Eager, the same
 products go to the matrix library, which is faster there. And a step of a small model at batch 1
 is a few hundred tiny loops: waking a second thread costs more than it saves, so on the CPU the
 decoder runs its steps on one thread unless the model is large (`threads`).
@@ -29,7 +32,8 @@ decoder runs its steps on one thread unless the model is large (`threads`).
 Relative positions: the model orders keys [compressed (n), memory (m), token] without gaps, so a
 memory slot written a steps ago is at distance a, and the compressed slot written k compressions
 ago at distance m + 1 + k. The position term of every slot is one product of (q + v) with the
-precomputed W_r R for all distances, and a gather (`_layout`, cached per ring position).
+precomputed W_r R for all distances, and a gather by each slot's distance, computed in the step
+from the ring counters.
 
 Equal to `CompressiveTransformer.forward` fed one token at a time (to float rounding; tested), for
 every configuration except most_used compression, which needs the attention weights (`generate`
