@@ -190,16 +190,10 @@ class RelativeMultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
         return AttentionOutput(self.out(out), received, x_kv, queries, kv)
 
-    def content_attention(self, queries: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
-        """Content-only attention (no positions, no mask) of `queries` (B, L, d) over `memories`
-        (B, n, d) with this layer's weights treated as constants: the attention-reconstruction
-        loss's attention. Returns (B, L, d), before the output projection."""
-        return self.projected_content_attention(F.linear(queries, self.query.weight.detach()),
-                                                F.linear(memories, self.key_value.weight.detach()))
-
     def projected_content_attention(self, queries: torch.Tensor, key_values: torch.Tensor) -> torch.Tensor:
-        """`content_attention` from queries W_q x (B, L, d) and keys and values (B, n, 2d) already
-        projected (the forward pass computed them: the reconstruction loss reuses them)."""
+        """Content-only attention (no positions, no mask), the attention-reconstruction loss's, from
+        queries W_q x (B, L, d) and keys and values (B, n, 2d) already projected (the caller treats
+        this layer's weights as constants). Returns (B, L, d), before the output projection."""
         b, l, d = queries.shape
         k, v = key_values.chunk(2, dim=-1)
         out = F.scaled_dot_product_attention(self._heads(queries), self._heads(k), self._heads(v))  # (B, H, L, D)
