@@ -73,3 +73,16 @@ def test_decoder_matches_the_transposed_convolution(rate):
     decoder = Decoder(8, rate)
     z = torch.randn(2, 3, 8)
     torch.testing.assert_close(decoder(z), decoder.deconv(z.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("rate", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("kind", ["conv", "dilated"])
+def test_one_window_as_a_sum_over_taps(kind, rate):
+    """What the one-token decoder computes: c memories compressed as a sum of per-tap products."""
+    torch.manual_seed(rate)
+    f = Compressor(kind, 8, rate)
+    old = torch.randn(2, rate, 8)
+    rows, weights = f.one_window()
+    assert weights.shape == (len(rows), 8, 8) and all(0 <= r < rate for r in rows)
+    by_taps = sum(old[:, r] @ w.T for r, w in zip(rows, weights))  # (B, d)
+    torch.testing.assert_close(by_taps[:, None], f(old))

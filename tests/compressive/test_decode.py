@@ -15,6 +15,7 @@ CASES = {
     "XL": dict(mem_len=7, c_mem_len=0),
     "no memory": dict(mem_len=0, c_mem_len=0),
     "compressed only": dict(mem_len=0, c_mem_len=3, compression_rate=2),
+    "tied embeddings": dict(mem_len=3, c_mem_len=2, compression_rate=3, tie_embeddings=True),
 }
 
 
@@ -24,9 +25,9 @@ CASES = {
 def test_decoder_matches_the_model_token_by_token(case, prompt_len, fused, monkeypatch):
     """`fused`: the products written as multiply-and-sum, as the compiled step runs them (here eagerly)."""
     if fused:
-        step, compress = decode._step, decode._compress
+        step, compress = decode._step, decode._step_and_compress
         monkeypatch.setattr(decode, "_step", lambda *args: step(*args[:-1], True))
-        monkeypatch.setattr(decode, "_compress", lambda *args: compress(*args[:-1], True))
+        monkeypatch.setattr(decode, "_step_and_compress", lambda *args: compress(*args[:-1], True))
     torch.manual_seed(0)
     config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.1, **CASES[case])
     model = CompressiveTransformer(config).eval()
@@ -90,6 +91,34 @@ def test_compiled_decoders_of_two_models_interleaved():
     for t in torch.randint(0, 11, (14,)):
         for e, c in zip(eager, compiled):
             torch.testing.assert_close(c.step(t[None]), e.step(t[None]), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decoders_of_two_models_of_one_structure_read_their_own_weights():
+    """Same shapes and structure: one compiled graph, each decoder's packed weights (made when the
+    decoder is) as its input. A weight change after a decoder is made reaches only later decoders."""
+    config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
+                               compression_rate=2)
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(CompressiveTransformer(config).eval())
+    eager = [Decoder(model, None, batch=1) for model in models]
+    compiled = [Decoder(model, None, batch=1, compile=True) for model in models]
+    tokens = torch.randint(0, 11, (10,))
+    for t in tokens:
+        outs = [c.step(t[None]) for c in compiled]
+        for out, e in zip(outs, eager):
+            torch.testing.assert_close(out, e.step(t[None]), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(outs[0], outs[1])
+    with torch.no_grad():
+        models[0].head.weight.mul_(-1)
+    before = compiled[0].step(tokens[:1])
+    torch.testing.assert_close(before, eager[0].step(tokens[:1]), atol=1e-5, rtol=1e-5)  # made before: unchanged
+    fresh, fresh_eager = Decoder(models[0], None, batch=1, compile=True), Decoder(models[0], None, batch=1)
+    torch.testing.assert_close(fresh.step(tokens[:1]), fresh_eager.step(tokens[:1]), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh_eager.step(tokens[1:2]), models[0](tokens[None, 1:2],  # the changed model
+                                   models[0](tokens[None, :1]).state).logits[:, 0], atol=1e-5, rtol=1e-5)
 
 
 def test_decoder_uses_the_cached_keys_and_values_only_when_the_weights_are_unchanged():

@@ -66,15 +66,34 @@ class Compressor(nn.Module):
             return old.view(b, n // c, c, d).amax(dim=2)  # (B, n/c, d)
         if self.kind == "mean":
             return old.view(b, n // c, c, d).mean(dim=2)
-        assert self.conv is not None
+        return F.linear(self.windows(old), self.weight_matrix())  # (B, n/c, d)
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The convolution's weight (d_out, d_in, c) viewed as (d_out, d_in*c), not copied."""
+        assert self.conv is not None, "only conv and dilated have weights"
+        return self.conv.weight.flatten(1)
+
+    def one_window(self) -> tuple[list[int], torch.Tensor]:
+        """The compression of exactly c memories (B, c, d) -> (B, 1, d) as a sum over the taps that
+        see them: `rows` (T,) and `weights` (T, d_out, d_in), compressed = sum_j weights[j] old[rows[j]].
+        A copy, in the layout a one-token decoder reads fastest."""
+        assert self.conv is not None, "only conv and dilated have weights"
+        c = self.rate
+        # tap k reads input k (conv), or input 2k - (c - 1) of the zero-padded window (dilated)
+        rows = list(range(c)) if self.kind == "conv" else [2 * k - (c - 1) for k in range(c)]
+        first = next(k for k, row in enumerate(rows) if row >= 0)  # the taps before it read padding
+        weights = self.conv.weight.detach()[:, :, first:].permute(2, 0, 1).contiguous()  # (T, d_out, d_in)
+        return rows[first:], weights
+
+    def windows(self, old: torch.Tensor) -> torch.Tensor:
+        """The convolution's input windows, one row each, in the order of `weight_matrix`:
+        (B, n, d) -> (B, n/c, d*c), window t as (channel i, position k)."""
+        b, n, d = old.shape
+        c = self.rate
         if self.kind == "dilated":  # output t sees inputs t*c - (c-1) + 2k, k = 0..c-1 (zeros before the start)
             padded = F.pad(old, (0, 0, c - 1, 0))  # (B, n + c - 1, d)
-            windows = padded.unfold(1, 2 * c - 1, c)[..., ::2]  # (B, n/c, d, c)
-            return F.linear(windows.reshape(b, n // c, d * c), self.conv.weight.reshape(d, d * c))
-        # window t as (channel i, position k), the order of the weight (d_out, d_in, c) viewed as (d_out, d_in*c):
-        # the activations are reordered (c*d numbers a window), the weight never copied
-        windows = old.reshape(b, n // c, c, d).transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
-        return F.linear(windows, self.conv.weight.reshape(d, d * c))  # (B, n/c, d)
+            return padded.unfold(1, 2 * c - 1, c)[..., ::2].reshape(b, n // c, d * c)  # (B, n/c, d, c) flattened
+        return old.reshape(b, n // c, c, d).transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
 
 
 class Decoder(nn.Module):

@@ -2,32 +2,41 @@
 
 `CompressiveTransformer.forward` is general: any segment length, document resets, memories that
 grow and are concatenated anew. Sampling needs none of that, and at batch 1 its cost is the number
-of operations and copies, not their size. `Decoder` keeps, per layer, the keys and values of the
-compressed memory and of the memory in fixed-size ring buffers, head-major, written in place:
+of operations, copies and arguments, not their size. `Decoder` keeps the keys and values of the
+compressed memory and of the memory in fixed-size ring buffers, all layers in one tensor each,
+head-major, written in place:
 
-    keys          (B, H, D, N_cap + M_cap)   [compressed ring | memory ring], slots last
-    values        (B, H, N_cap + M_cap, D)
-    inputs        (B, M_cap, d)              the memory ring's layer inputs (what f_c compresses)
+    keys          (layers, B, H, D, N_cap + M_cap)   [compressed ring | memory ring], slots last
+    values        (layers, B, H, N_cap + M_cap, D)
+    inputs        (layers, B, M_cap, d)              the memory ring's layer inputs (what f_c compresses)
 
     N_cap = c_mem_len;  M_cap = mem_len + c when compressing, else mem_len + 1
 
-A step writes the new token's key and value into the memory ring's next slot, attends from it over
-every valid slot (one product for content, one for position, a mask for the empty slots), and
-writes its layer input beside. No buffer is copied or concatenated, and the shapes never change,
-so `torch.compile` captures the step once. When the memory holds mem_len + c slots its oldest c are
-compressed (f_c, then projected to keys and values once) into the compressed ring's next slot:
-exactly `update_layer_memory` with L = 1 (compression once every c steps, as DeepMind's sampler).
-Without compression the oldest slot simply falls out of the window (Transformer-XL). The ring
-positions and counts go in as one small integer tensor, so they never cause a recompilation.
+A step attends from the new token over every valid slot (one product for content, one for
+position, a mask for the empty slots) and over its own key, then writes its keys, values and layer
+inputs into the memory ring's next slot, for all layers at once. No buffer is copied or
+concatenated, and the shapes never change, so `torch.compile` captures the step once. When the
+memory holds mem_len + c slots its oldest c are compressed (f_c, then projected to keys and values)
+into the compressed ring's next slot, in the same call: exactly `update_layer_memory` with L = 1
+(compression once every c steps, as DeepMind's sampler). Without compression the oldest slot
+simply falls out of the window (Transformer-XL). The ring positions and counts go in as one small
+integer tensor, so they never cause a recompilation.
+
+The step reads the model's weights from one flat buffer that the decoder packs when it is made (a
+copy: the model's size again), not from the model: a compiled call pays about 0.6 us for each
+tensor it is given, and the model has some fifty. With the packed weights and the three state
+tensors, a call takes six. (For the same reason the writes go to whole tensors: a write into a view
+of a graph input makes the compiled graph copy the whole input.)
 
 Compiled, every product is written as a multiply-and-sum, which the compiler fuses with what
 surrounds it into vectorised loops (the whole step becomes one C++ function): at batch 1 a call into
 a matrix library costs more (about 5 us here) than the arithmetic of a 128 x 512 matrix-vector
 product. Keys are stored slots-last so that the scores are sums over D vectorised across the
-slots, not one horizontal sum per slot. Eager, the same
-products go to the matrix library, which is faster there. And a step of a small model at batch 1
-is a few hundred tiny loops: waking a second thread costs more than it saves, so on the CPU the
-decoder runs its steps on one thread unless the model is large (`threads`).
+slots, not one horizontal sum per slot; the compression convolution is a sum over its taps
+(`Compressor.one_window`), each a product with one old memory. Eager, the same products go to the
+matrix library, which is faster there. And a step of a small model at batch 1 is a few hundred tiny
+loops: waking a second thread costs more than it saves, so on the CPU the decoder runs its steps on
+one thread unless the model is large (`threads`).
 
 Relative positions: the model orders keys [compressed (n), memory (m), token] without gaps, so a
 memory slot written a steps ago is at distance a, and the compressed slot written k compressions
@@ -43,10 +52,10 @@ falls back to the model's forward there).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
@@ -79,15 +88,55 @@ def threads_for(model: torch.nn.Module, batch: int, tokens: int) -> int | None:
     return 1 if small else None
 
 
+class StepShape(NamedTuple):
+    """What a decoding step's graph is specialised on: Python constants, the same for every step."""
+
+    layers: int
+    heads: int
+    d_head: int
+    n_cap: int
+    m_cap: int
+    pre_norm: bool
+    eps: float  # the layer norms'
+    compression: str | None  # None: no compressed memory
+    rate: int
+    tap_rows: tuple[int, ...]  # conv and dilated: the old memory each weight tap reads (Compressor.one_window)
+    layout: tuple[tuple[str, int, tuple[int, ...]], ...]  # the packed weights: (name, offset, shape)
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[tuple[str, int, tuple[int, ...]], ...]]:
+    """Copy `tensors` into one flat buffer: (buffer, layout). A tensor given under two names (tied
+    weights) is stored once."""
+    layout, chunks, offsets, offset = [], [], {}, 0
+    for name, t in tensors.items():
+        if id(t) not in offsets:
+            offsets[id(t)] = offset
+            chunks.append(t.detach().reshape(-1))
+            offset += t.numel()
+        layout.append((name, offsets[id(t)], tuple(t.shape)))
+    return torch.cat(chunks), tuple(layout)
+
+
+def unpack(buffer: torch.Tensor, layout: tuple[tuple[str, int, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
+    """Views of the packed tensors, by name."""
+    out = {}
+    for name, offset, shape in layout:
+        numel = 1
+        for size in shape:
+            numel *= size
+        out[name] = buffer[offset : offset + numel].view(shape)
+    return out
+
+
 class Decoder:
     """Ring-buffer decoding state and step for `model` in eval mode.
 
     decoder = Decoder(model, state, batch)   # state: after the prompt (None: empty)
     logits = decoder.step(tokens)            # tokens (B,) -> logits (B, V); advances the state
 
-    `compile`: run the step (and the compression) through `torch.compile`. `threads`: CPU threads
-    for the steps (None: one for small models, else PyTorch's setting). The model's weights must
-    not change while a decoder is in use (it projects the memories once).
+    `compile`: run the step through `torch.compile`. `threads`: CPU threads for the steps (None: one
+    for small models, else PyTorch's setting). The decoder copies the model's weights when it is
+    made: later changes to the model do not reach it.
     """
 
     def __init__(self, model: CompressiveTransformer, state: MemoryState | None, batch: int,
@@ -99,7 +148,7 @@ class Decoder:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         config = model.config
-        self.model, self.rate = model, config.compression_rate
+        self.rate = config.compression_rate
         self.compressing = config.has_compression
         self.n_cap = config.c_mem_len if self.compressing else 0
         self.m_cap = config.mem_len + (self.rate if self.compressing else 1)
@@ -112,38 +161,57 @@ class Decoder:
         self.n, self.m = state.compressed_len, state.memory_len  # slots in use
         assert self.n <= self.n_cap and self.m < self.m_cap, (self.n, self.m)
         self.next_c, self.next_m = self.n % max(self.n_cap, 1), self.m  # ring positions to write next
-        heads, d_head = config.n_heads, config.d_model // config.n_heads
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.inputs: list[torch.Tensor] = []
+        layers, heads, d_head = config.n_layers, config.n_heads, config.d_model // config.n_heads
         self.threads = threads if threads is not None else threads_for(model, batch, 1)
         self._threads = using_threads(self.threads)
-        # the keys and values the model's forward cached for the state (if made with these weights)
-        cached = state.key_values if state.key_values_version == model._weights_version() else None
+        convolution = self.compressing and config.compression in ("conv", "dilated")
         with torch.no_grad(), self._threads:
+            # the keys and values the model's forward cached for the state (if made with these weights)
+            cached = state.key_values if state.key_values_version == model._weights_version() else None
+            kv = torch.zeros(layers, batch, self.k_cap, 2, heads, d_head, device=device, dtype=dtype)
+            self.inputs = (torch.zeros(layers, batch, self.m_cap, config.d_model, device=device, dtype=dtype)
+                           if self.compressing else torch.zeros(0, device=device, dtype=dtype))
             for i, layer in enumerate(model.layers):
-                kv = torch.zeros(batch, self.k_cap, 2, heads, d_head, device=device, dtype=dtype)
                 context_kv = (cached[i] if cached is not None else  # (B, n + m, 2d)
                               layer.project_context(torch.cat([state.compressed[i], state.memory[i]], dim=1)))
                 # the prompt's slots, oldest first from ring position 0 (so the next writes follow them)
-                kv[:, : self.n] = context_kv[:, : self.n].view(batch, self.n, 2, heads, d_head)
-                kv[:, self.n_cap : self.n_cap + self.m] = context_kv[:, self.n :].view(batch, self.m, 2, heads, d_head)
-                keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, K, D) each
-                self.keys.append(keys.transpose(-1, -2).contiguous())  # (B, H, D, K): scores vectorise over K
-                self.values.append(values.contiguous())
+                kv[i, :, : self.n] = context_kv[:, : self.n].view(batch, self.n, 2, heads, d_head)
+                kv[i, :, self.n_cap : self.n_cap + self.m] = context_kv[:, self.n :].view(batch, self.m, 2, heads, d_head)
                 if self.compressing:
-                    inputs = torch.zeros(batch, self.m_cap, config.d_model, device=device, dtype=dtype)
-                    inputs[:, : self.m] = state.memory[i]
-                    self.inputs.append(inputs)
-            # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a), per layer: (H, D, K)
-            self.positions = [layer.attention.position_projection(self.k_cap, device, dtype).transpose(1, 2).contiguous()
-                              for layer in model.layers]
-            # the query and key/value projections as one product: (3d, d)
-            self.qkv = [torch.cat([layer.attention.query.weight, layer.attention.key_value.weight]) for layer in model.layers]
+                    self.inputs[i, :, : self.m] = state.memory[i]
+            keys, values = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (layers, B, H, K, D) each
+            self.keys = keys.transpose(-1, -2).contiguous()  # (layers, B, H, D, K): scores vectorise over K
+            self.values = values.contiguous()
+            tensors = {"embedding": model.embedding.weight, "head": model.head.weight}
+            if config.pre_norm:
+                tensors |= {"norm.weight": model.norm.weight, "norm.bias": model.norm.bias}
+            tap_rows: list[int] = []
+            for i, layer in enumerate(model.layers):
+                attention, feed_forward = layer.attention, layer.feed_forward
+                tensors |= {
+                    f"{i}.qkv": torch.cat([attention.query.weight, attention.key_value.weight]),  # (3d, d): one product
+                    f"{i}.u": attention.content_bias, f"{i}.v": attention.position_bias,  # (H, D)
+                    # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a): (H, D, K)
+                    f"{i}.positions": attention.position_projection(self.k_cap, device, dtype).transpose(1, 2),
+                    f"{i}.out": attention.out.weight,
+                    f"{i}.norm1.weight": layer.norm1.weight, f"{i}.norm1.bias": layer.norm1.bias,
+                    f"{i}.norm2.weight": layer.norm2.weight, f"{i}.norm2.bias": layer.norm2.bias,
+                    f"{i}.up.weight": feed_forward.up.weight, f"{i}.up.bias": feed_forward.up.bias,
+                    f"{i}.down.weight": feed_forward.down.weight, f"{i}.down.bias": feed_forward.down.bias}
+                if convolution:  # f_c of the oldest c memories: the taps (T, d, d) and which memory each reads
+                    rows, tensors[f"{i}.taps"] = layer.compressor.one_window()
+                    tap_rows = rows
+            self.weights, layout = pack(tensors)
+        norm = model.layers[0].norm1
+        self.shape = StepShape(layers=layers, heads=heads, d_head=d_head, n_cap=self.n_cap, m_cap=self.m_cap,
+                               pre_norm=config.pre_norm, eps=norm.eps,
+                               compression=config.compression if self.compressing else None, rate=self.rate,
+                               tap_rows=tuple(tap_rows), layout=layout)
         options = {"options": {"cpp_wrapper": True}} if device.type == "cpu" else {}
-        self._step = MaybeCompiled(_step, "the decoding step", dynamic=False, **options) if compile else None
-        self._compress = (MaybeCompiled(_compress, "the compression step", dynamic=False, **options)
-                          if compile and self.compressing else None)
+        # two graphs: a step, and a step followed by the compression (every c-th step when compressing)
+        self._functions = {"step": _step, "compress": _step_and_compress}
+        self._compiled = {which: MaybeCompiled(fn, f"the decoding step ({which})", dynamic=False, **options)
+                          for which, fn in self._functions.items()} if compile else {}
         self._checked = {"step": 0, "compress": 0}  # calls so far that ran with all of dynamo's guards
         self._skip_guards: contextlib.AbstractContextManager = contextlib.nullcontext()
         if compile:  # made once (making one costs 120 us); making it also sets it, so restore at once
@@ -152,12 +220,12 @@ class Decoder:
 
     def _counters(self) -> torch.Tensor:
         """The ring positions and counts as the step reads them: (next_c, next_m, n, m)."""
-        return torch.tensor([self.next_c, self.next_m, self.n, self.m], device=self.keys[0].device)
+        return torch.tensor([self.next_c, self.next_m, self.n, self.m], device=self.keys.device)
 
     def _guards(self, which: str, compiled: bool) -> contextlib.AbstractContextManager:
         """After its first two compiled calls (compiled, then checked by every guard), a decoder's
         calls skip dynamo's guard checks (20 us of a 150 us step here): nothing a guard checks
-        (shapes, dtypes, the model's structure) changes between the steps of one decoder, and the
+        (shapes, dtypes, the step's constants) changes between the steps of one decoder, and the
         guards that tell its graph from other decoders' graphs still run."""
         if not compiled:
             return contextlib.nullcontext()
@@ -169,25 +237,24 @@ class Decoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) -> next-token logits (B, V), and the state advanced by one token."""
-        with self._threads:
-            compiled = self._step is not None and self._step.active  # products fused for the compiler
-            with self._guards("step", compiled):
-                logits = (self._step if compiled else _step)(self.model, tokens[:, None], self.qkv, self.keys,
-                                                             self.values, self.inputs, self.positions, self._counters(),
-                                                             self.n_cap, self.m_cap, compiled)
-            self.next_m = (self.next_m + 1) % self.m_cap
-            if not self.compressing:
-                self.m = min(self.m + 1, self.mem_len)  # the oldest falls out of the window
-            else:
-                self.m += 1
-                if self.m == self.m_cap:  # mem_len + c memories: compress the oldest c
-                    compiled = self._compress is not None and self._compress.active
-                    with self._guards("compress", compiled):
-                        (self._compress if compiled else _compress)(self.model, self.inputs, self.keys, self.values,
-                                                                    self._counters(), self.m_cap, compiled)
-                    self.next_c = (self.next_c + 1) % self.n_cap
-                    self.n = min(self.n + 1, self.n_cap)
-                    self.m -= self.rate  # their slots are the next to be written
+        # mem_len + c memories after this step: compress the oldest c, in the same call
+        compress = self.compressing and self.m + 1 == self.m_cap
+        which = "compress" if compress else "step"
+        compiled_fn = self._compiled.get(which)
+        compiled = compiled_fn is not None and compiled_fn.active  # products fused for the compiler
+        with self._threads, self._guards(which, compiled):
+            logits = (compiled_fn if compiled else self._functions[which])(
+                self.weights, self.keys, self.values, self.inputs, self._counters(), tokens[:, None], self.shape,
+                compiled)
+        self.next_m = (self.next_m + 1) % self.m_cap
+        if not self.compressing:
+            self.m = min(self.m + 1, self.mem_len)  # the oldest falls out of the window
+        elif compress:
+            self.next_c = (self.next_c + 1) % self.n_cap
+            self.n = min(self.n + 1, self.n_cap)
+            self.m += 1 - self.rate  # the compressed slots are the next to be written
+        else:
+            self.m += 1
         return logits[:, 0]
 
 
@@ -224,66 +291,94 @@ def _by(x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
     return x @ y
 
 
-def _linear(x: torch.Tensor, linear: nn.Linear, fused: bool) -> torch.Tensor:
-    if not fused:
-        return linear(x)
-    y = _by_weight(x, linear.weight, True)
-    return y if linear.bias is None else y + linear.bias
+def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], eps)
 
 
-def _step(model: CompressiveTransformer, token: torch.Tensor, qkv: list[torch.Tensor], keys: list[torch.Tensor],
-          values: list[torch.Tensor], inputs: list[torch.Tensor], positions: list[torch.Tensor],
-          counters: torch.Tensor, n_cap: int, m_cap: int, fused: bool) -> torch.Tensor:
+def _feed_forward(x: torch.Tensor, w: dict[str, torch.Tensor], i: int, fused: bool) -> torch.Tensor:
+    """FeedForward in eval mode."""
+    up = _by_weight(x, w[f"{i}.up.weight"], fused) + w[f"{i}.up.bias"]
+    return _by_weight(F.relu(up), w[f"{i}.down.weight"], fused) + w[f"{i}.down.bias"]
+
+
+def _step(weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+          counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
     """One token (B, 1) through every layer; writes its keys, values and layer inputs into the
     buffers (in place) and returns the logits (B, 1, V). `counters`: (next_c, next_m, n, m).
     `fused`: products as multiply-and-sum (for the compiler)."""
+    w = unpack(weights, shape.layout)
     next_c, next_m, n, m = counters.unbind()
+    n_cap, m_cap, heads, d_head = shape.n_cap, shape.m_cap, shape.heads, shape.d_head
+    k_cap, scale = n_cap + m_cap, d_head**-0.5
     device = counters.device
-    # the slot to write, and for every key slot its distance to the token and whether it holds one
+    # for every key slot its distance to the token and whether it holds a memory; the slot written
+    # now holds the token's own key and value only after the step, so the token attends to them apart
     age_m = (next_m - torch.arange(m_cap, device=device)).remainder(m_cap)  # 0 for the token written now
     age_c = (next_c - 1 - torch.arange(n_cap, device=device)).remainder(max(n_cap, 1))  # 0: newest compressed
-    columns = n_cap + m_cap - 1 - torch.cat([m + 1 + age_c, age_m])  # (K,): column of W_r R for each slot's distance
-    valid = torch.cat([age_c < n, age_m <= m])  # (K,)
-    slot = (n_cap + next_m).view(1)
-    h = model.embedding(token)  # (B, 1, d)
+    columns = k_cap - 1 - torch.cat([m + 1 + age_c, age_m])  # (K,): column of W_r R for each slot's distance
+    valid = torch.cat([age_c < n, (age_m <= m) & (age_m > 0)])  # (K,)
+    h = F.embedding(token, w["embedding"])  # (B, 1, d)
     b = h.shape[0]
-    for i, layer in enumerate(model.layers):
-        attention = layer.attention
-        heads, d_head = attention.n_heads, attention.d_head
-        x = layer.norm1(h) if layer.pre_norm else h  # (B, 1, d)
-        q, key, value = _by_weight(x, qkv[i], fused).view(b, 3, heads, 1, d_head).unbind(1)  # (B, H, 1, D) each
-        keys[i].index_copy_(3, slot, key.transpose(-1, -2).to(keys[i].dtype))
-        values[i].index_copy_(2, slot, value.to(values[i].dtype))
-        if inputs:
-            inputs[i].index_copy_(1, slot - n_cap, h.to(inputs[i].dtype))
-        content = _by(q + attention.content_bias[:, None], keys[i], fused)  # (B, H, 1, K)
-        by_column = _by(q + attention.position_bias[:, None], positions[i], fused)  # (B, H, 1, K)
-        scores = (content + by_column.index_select(-1, columns)) * attention.scale
-        weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)  # (B, H, 1, K)
-        attended = _by(weights.to(values[i].dtype), values[i], fused).view(b, 1, heads * d_head)  # (B, 1, d)
-        attended = _linear(attended, attention.out, fused)
-        feed_forward = layer.feed_forward
-        if layer.pre_norm:
+    new_keys, new_values, new_inputs = [], [], []
+    for i in range(shape.layers):
+        x = _layer_norm(h, w, f"{i}.norm1", shape.eps) if shape.pre_norm else h  # (B, 1, d)
+        q, key, value = _by_weight(x, w[f"{i}.qkv"], fused).view(b, 3, heads, 1, d_head).unbind(1)  # (B, H, 1, D) each
+        q_content, q_position = q + w[f"{i}.u"][:, None], q + w[f"{i}.v"][:, None]
+        content = _by(q_content, keys[i], fused)  # (B, H, 1, K)
+        by_column = _by(q_position, w[f"{i}.positions"], fused)  # (B, H, 1, K)
+        scores = ((content + by_column.index_select(-1, columns)) * scale).masked_fill(~valid, float("-inf"))
+        own = ((q_content * key).sum(-1, keepdim=True) + by_column[..., k_cap - 1 :]) * scale  # (B, H, 1, 1): distance 0
+        # the softmax over [slots, own] without concatenating them (which would stop the compiler
+        # from vectorising the softmax along the slots)
+        top = torch.maximum(scores.amax(-1, keepdim=True), own)  # (B, H, 1, 1)
+        weights, own_weight = (scores - top).exp(), (own - top).exp()  # (B, H, 1, K), (B, H, 1, 1)
+        total = weights.sum(-1, keepdim=True) + own_weight
+        attended = (_by(weights.to(values.dtype), values[i], fused) + own_weight * value) / total  # (B, H, 1, D)
+        attended = _by_weight(attended.view(b, 1, heads * d_head), w[f"{i}.out"], fused)  # (B, 1, d)
+        new_keys.append(key.transpose(-1, -2))  # (B, H, D, 1)
+        new_values.append(value)  # (B, H, 1, D)
+        new_inputs.append(h)  # (B, 1, d)
+        if shape.pre_norm:
             h = h + attended
-            x = layer.norm2(h)
+            h = h + _feed_forward(_layer_norm(h, w, f"{i}.norm2", shape.eps), w, i, fused)
         else:
-            h = x = layer.norm1(h + attended)
-        x = _linear(F.relu(_linear(x, feed_forward.up, fused)), feed_forward.down, fused)  # FeedForward, eval
-        h = h + x if layer.pre_norm else layer.norm2(h + x)
-    return _linear(model.norm(h), model.head, fused)  # (B, 1, V)
+            h = _layer_norm(h + attended, w, f"{i}.norm1", shape.eps)
+            h = _layer_norm(h + _feed_forward(h, w, i, fused), w, f"{i}.norm2", shape.eps)
+    slot = (n_cap + next_m).view(1)
+    keys.index_copy_(4, slot, torch.stack(new_keys).to(keys.dtype))  # into the memory ring's next slot
+    values.index_copy_(3, slot, torch.stack(new_values).to(values.dtype))
+    if shape.compression is not None:
+        inputs.index_copy_(2, next_m.view(1), torch.stack(new_inputs).to(inputs.dtype))
+    if shape.pre_norm:
+        h = _layer_norm(h, w, "norm", shape.eps)
+    return _by_weight(h, w["head"], fused)  # (B, 1, V)
 
 
-def _compress(model: CompressiveTransformer, inputs: list[torch.Tensor], keys: list[torch.Tensor],
-              values: list[torch.Tensor], counters: torch.Tensor, m_cap: int, fused: bool) -> None:
-    """Compress the memory ring's oldest c inputs of every layer into the compressed ring's next
-    slot (keys and values, in place). `counters`: (next_c, next_m, n, m) with the ring full."""
-    next_c, next_m = counters[0].view(1), counters[1]
-    for i, layer in enumerate(model.layers):
-        c = layer.compressor.rate
-        oldest = (next_m + torch.arange(c, device=counters.device)).remainder(m_cap)  # (c,)
-        compressed = layer.compressor(inputs[i].index_select(1, oldest))  # (B, 1, d); a gathered window: no fusing
-        b = compressed.shape[0]
-        x = layer.norm1(compressed) if layer.pre_norm else compressed  # layer.project_context:
-        key, value = _linear(x, layer.attention.key_value, fused).view(b, 2, layer.attention.n_heads, 1, -1).unbind(1)
-        keys[i].index_copy_(3, next_c, key.transpose(-1, -2).to(keys[i].dtype))  # (B, H, D, 1) into slot next_c
-        values[i].index_copy_(2, next_c, value.to(values[i].dtype))
+def _step_and_compress(weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+                       counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
+    """`_step`, after which the memory ring is full (mem_len + c): then the oldest c inputs of every
+    layer are compressed into the compressed ring's next slot (keys and values, in place)."""
+    logits = _step(weights, keys, values, inputs, counters, token, shape, fused)
+    w = unpack(weights, shape.layout)
+    next_c, next_m = counters[0].view(1), (counters[1] + 1).remainder(shape.m_cap)  # the ring after the step
+    oldest = inputs.index_select(2, (next_m + torch.arange(shape.rate, device=counters.device)).remainder(shape.m_cap))
+    new_keys, new_values = [], []
+    for i in range(shape.layers):
+        old = oldest[i]  # (B, c, d)
+        if shape.compression in ("conv", "dilated"):  # a sum over the taps, each a product with one old memory
+            rows, taps = old[:, list(shape.tap_rows)], w[f"{i}.taps"]  # (B, T, d), (T, d, d)
+            compressed = ((rows[:, :, None, :] * taps).sum(-1) if fused else torch.einsum("btj,toj->bto", rows, taps))
+            compressed = compressed.sum(1, keepdim=True)  # (B, 1, d)
+        elif shape.compression == "max":
+            compressed = old.amax(1, keepdim=True)
+        else:
+            assert shape.compression == "mean", shape.compression
+            compressed = old.mean(1, keepdim=True)
+        b, d = compressed.shape[0], compressed.shape[-1]
+        x = _layer_norm(compressed, w, f"{i}.norm1", shape.eps) if shape.pre_norm else compressed  # project_context
+        key, value = _by_weight(x, w[f"{i}.qkv"][d:], fused).view(b, 2, shape.heads, 1, shape.d_head).unbind(1)
+        new_keys.append(key.transpose(-1, -2))  # (B, H, D, 1)
+        new_values.append(value)  # (B, H, 1, D)
+    keys.index_copy_(4, next_c, torch.stack(new_keys).to(keys.dtype))  # into the compressed ring's slot next_c
+    values.index_copy_(3, next_c, torch.stack(new_values).to(values.dtype))
+    return logits
