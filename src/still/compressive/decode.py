@@ -22,9 +22,9 @@ into the compressed ring's next slot, in the same call: exactly `update_layer_me
 simply falls out of the window (Transformer-XL). The ring positions and counts go in as one small
 integer tensor, so they never cause a recompilation.
 
-The step reads the model's weights from one flat buffer that the decoder packs when it is made (a
-copy: the model's size again), not from the model: a compiled call pays about 0.6 us for each
-tensor it is given, and the model has some fifty. With the packed weights and the three state
+Compiled, the step reads the model's weights from one flat buffer that the decoder packs when it
+is made (a copy: the model's size again), not from the model: a compiled call pays about 0.6 us
+for each tensor it is given, and the model has some fifty. With the packed weights and the three state
 tensors, a call takes six. (For the same reason the writes go to whole tensors: a write into a view
 of a graph input makes the compiled graph copy the whole input.)
 
@@ -134,9 +134,9 @@ class Decoder:
     decoder = Decoder(model, state, batch)   # state: after the prompt (None: empty)
     logits = decoder.step(tokens)            # tokens (B,) -> logits (B, V); advances the state
 
-    `compile`: run the step through `torch.compile`. `threads`: CPU threads for the steps (None: one
-    for small models, else PyTorch's setting). The decoder copies the model's weights when it is
-    made: later changes to the model do not reach it.
+    `compile`: run the step through `torch.compile` (the decoder then packs a copy of the weights).
+    `threads`: CPU threads for the steps (None: one for small models, else PyTorch's setting). The
+    model's weights must not change while a decoder is in use: make a new one after a change.
     """
 
     def __init__(self, model: CompressiveTransformer, state: MemoryState | None, batch: int,
@@ -201,7 +201,9 @@ class Decoder:
                 if convolution:  # f_c of the oldest c memories: the taps (T, d, d) and which memory each reads
                     rows, tensors[f"{i}.taps"] = layer.compressor.one_window()
                     tap_rows = rows
-            self.weights, layout = pack(tensors)
+            # compiled: one flat copy (one graph input); eager: the tensors themselves (no copy)
+            self.weights: torch.Tensor | dict[str, torch.Tensor]
+            self.weights, layout = pack(tensors) if compile else (tensors, ())
         norm = model.layers[0].norm1
         self.shape = StepShape(layers=layers, heads=heads, d_head=d_head, n_cap=self.n_cap, m_cap=self.m_cap,
                                pre_norm=config.pre_norm, eps=norm.eps,
@@ -301,12 +303,12 @@ def _feed_forward(x: torch.Tensor, w: dict[str, torch.Tensor], i: int, fused: bo
     return _by_weight(F.relu(up), w[f"{i}.down.weight"], fused) + w[f"{i}.down.bias"]
 
 
-def _step(weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+def _step(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
           counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
     """One token (B, 1) through every layer; writes its keys, values and layer inputs into the
-    buffers (in place) and returns the logits (B, 1, V). `counters`: (next_c, next_m, n, m).
-    `fused`: products as multiply-and-sum (for the compiler)."""
-    w = unpack(weights, shape.layout)
+    buffers (in place) and returns the logits (B, 1, V). `weights`: packed (`pack`), or by name.
+    `counters`: (next_c, next_m, n, m). `fused`: products as multiply-and-sum (for the compiler)."""
+    w = weights if isinstance(weights, dict) else unpack(weights, shape.layout)
     next_c, next_m, n, m = counters.unbind()
     n_cap, m_cap, heads, d_head = shape.n_cap, shape.m_cap, shape.heads, shape.d_head
     k_cap, scale = n_cap + m_cap, d_head**-0.5
@@ -328,12 +330,15 @@ def _step(weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, input
         by_column = _by(q_position, w[f"{i}.positions"], fused)  # (B, H, 1, K)
         scores = ((content + by_column.index_select(-1, columns)) * scale).masked_fill(~valid, float("-inf"))
         own = ((q_content * key).sum(-1, keepdim=True) + by_column[..., k_cap - 1 :]) * scale  # (B, H, 1, 1): distance 0
-        # the softmax over [slots, own] without concatenating them (which would stop the compiler
-        # from vectorising the softmax along the slots)
-        top = torch.maximum(scores.amax(-1, keepdim=True), own)  # (B, H, 1, 1)
-        weights, own_weight = (scores - top).exp(), (own - top).exp()  # (B, H, 1, K), (B, H, 1, 1)
-        total = weights.sum(-1, keepdim=True) + own_weight
-        attended = (_by(weights.to(values.dtype), values[i], fused) + own_weight * value) / total  # (B, H, 1, D)
+        if fused:  # the softmax over [slots, own] without concatenating them (a concatenation stops
+            # the compiler from vectorising the softmax along the slots)
+            top = torch.maximum(scores.amax(-1, keepdim=True), own)  # (B, H, 1, 1)
+            weights, own_weight = (scores - top).exp(), (own - top).exp()  # (B, H, 1, K), (B, H, 1, 1)
+            total = weights.sum(-1, keepdim=True) + own_weight
+            attended = (_by(weights.to(values.dtype), values[i], True) + own_weight * value) / total  # (B, H, 1, D)
+        else:  # fewer operations
+            weights = torch.cat([scores, own], -1).softmax(-1)  # (B, H, 1, K + 1)
+            attended = weights[..., :k_cap].to(values.dtype) @ values[i] + weights[..., k_cap:] * value
         attended = _by_weight(attended.view(b, 1, heads * d_head), w[f"{i}.out"], fused)  # (B, 1, d)
         new_keys.append(key.transpose(-1, -2))  # (B, H, D, 1)
         new_values.append(value)  # (B, H, 1, D)
@@ -354,12 +359,12 @@ def _step(weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, input
     return _by_weight(h, w["head"], fused)  # (B, 1, V)
 
 
-def _step_and_compress(weights: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+def _step_and_compress(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
                        counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
     """`_step`, after which the memory ring is full (mem_len + c): then the oldest c inputs of every
     layer are compressed into the compressed ring's next slot (keys and values, in place)."""
     logits = _step(weights, keys, values, inputs, counters, token, shape, fused)
-    w = unpack(weights, shape.layout)
+    w = weights if isinstance(weights, dict) else unpack(weights, shape.layout)
     next_c, next_m = counters[0].view(1), (counters[1] + 1).remainder(shape.m_cap)  # the ring after the step
     oldest = inputs.index_select(2, (next_m + torch.arange(shape.rate, device=counters.device)).remainder(shape.m_cap))
     new_keys, new_values = [], []
