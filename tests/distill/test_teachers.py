@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from still.distill.loss import distillation_loss
 from still.distill.models import MLP, MLPConfig
-from still.distill.teachers import CachedTeacher, EnsembleTeacher, Teacher, combine_log_probs
+from still.data.augment import shift
+from still.distill.teachers import CachedTeacher, EnsembleTeacher, ShiftEnsembleTeacher, Teacher, combine_log_probs
 from still.errors import StillError
 
 
@@ -128,3 +129,44 @@ def test_cached_teacher_checks_shape():
         CachedTeacher(torch.zeros(3, 4))
     assert math.isclose(CachedTeacher(torch.zeros(1, 3, 4)).log_probs(torch.tensor([0]), 1.0).exp().sum().item(), 1.0,
                         rel_tol=1e-6)
+
+
+def test_shift_on_known_values():
+    image = torch.arange(1, 10, dtype=torch.float32).view(1, 3, 3)  # [[1,2,3],[4,5,6],[7,8,9]]
+    assert shift(image, 1, 0, size=3)[0].tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 6]]
+    assert shift(image, 0, -1, size=3)[0].tolist() == [[2, 3, 0], [5, 6, 0], [8, 9, 0]]
+    assert shift(image.view(1, 9), -1, 2, size=3).view(3, 3).tolist() == [[0, 0, 4], [0, 0, 7], [0, 0, 0]]
+    assert torch.equal(shift(image, 0, 0, size=3), image)
+    with pytest.raises(ValueError, match="out of its frame"):
+        shift(image, 3, 0, size=3)
+
+
+def shift_net(seed: int) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(MLPConfig(in_features=16, hidden=(8,), classes=3))
+
+
+def test_shift_ensemble_is_the_ensemble_of_the_shifted_inputs():
+    """Members: the model on every shift by up to s pixels; soft targets: their geometric mean."""
+    net = shift_net(0)
+    x = torch.randn(5, 16)  # 4x4 images, flattened
+    teacher = ShiftEnsembleTeacher(net, max_shift=1, size=4)
+    members = teacher.member_logits(x)
+    assert members.shape == (9, 5, 3)
+    shifted = torch.cat([shift(x, dy, dx, size=4) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    with torch.no_grad():
+        expected = net.eval()(shifted).view(9, 5, 3)
+    torch.testing.assert_close(members, expected)
+    torch.testing.assert_close(teacher.log_probs(x, 3.0), F.log_softmax(expected.mean(0) / 3.0, -1))
+    assert all(not p.requires_grad for p in teacher.parameters())
+    # no shift: the teacher alone
+    torch.testing.assert_close(ShiftEnsembleTeacher(net, 0, size=4).log_probs(x, 2.0), Teacher(net).log_probs(x, 2.0))
+    with pytest.raises(StillError, match="max_shift must be in"):
+        ShiftEnsembleTeacher(net, 4, size=4)
+
+
+def test_cache_tells_a_shift_ensemble_from_its_model(tmp_path):
+    net, inputs = shift_net(0), torch.randn(6, 16)
+    CachedTeacher.build(Teacher(net), inputs, cache_dir=tmp_path)
+    cached = CachedTeacher.build(ShiftEnsembleTeacher(net, 1, size=4), inputs, cache_dir=tmp_path)
+    assert cached.member_logits_all.shape == (9, 6, 3) and len(list(tmp_path.glob("*.safetensors"))) == 2

@@ -80,3 +80,17 @@ def test_omitted_digit_report(tmp_path, capsys):
     assert row["errors_biased"] <= row["test_errors"]  # the bias search never makes it worse
     assert 0 <= row["bias_3"] <= 10
     assert "digit 3 omitted" in out
+
+
+def test_shift_ensemble_teacher_is_a_new_student_beside_the_old(tiny_run, tmp_path, capsys):
+    """--teacher-shifts reuses the teacher and the baseline, trains a student of its own, and reports
+    the shift ensemble's own test errors."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    code, table, err = run_cli(capsys, *TINY, "--teacher-shifts", "1", "--out", str(out))
+    assert code == 0 and err.count("loaded the finished run") == 2  # teacher and baseline
+    assert (out / "student-T20-a1-shifts1").is_dir() and (out / "student-T20-a1").is_dir()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "teacher, shifts <= 1 px", "baseline", "distilled T=20"]
+    assert 0 < rows[1]["test_errors"] < 500 and "| teacher, shifts <= 1 px" in table
+    assert json.loads((out / "config.json").read_text())["teacher_shifts"] == 1

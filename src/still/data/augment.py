@@ -23,3 +23,18 @@ def jitter(images: torch.Tensor, max_shift: int, size: int = 28, generator: torc
     cols = (dx + ar)[:, None, :]  # (B, 1, size)
     out = padded[torch.arange(batch)[:, None, None], rows, cols]  # (B, size, size)
     return out.reshape(images.shape)
+
+
+def shift(images: torch.Tensor, dy: int, dx: int, size: int = 28) -> torch.Tensor:
+    """Translate every image by dy rows down and dx columns right, filling with zeros.
+
+    images: (B, size*size) or (B, size, size) -> same shape.
+    """
+    if abs(dy) >= size or abs(dx) >= size:
+        raise ValueError(f"a shift of ({dy}, {dx}) moves a {size}x{size} image out of its frame")
+    batch = images.shape[0]
+    grid = images.reshape(batch, size, size)
+    out = torch.zeros_like(grid)
+    out[:, max(dy, 0) : size + min(dy, 0), max(dx, 0) : size + min(dx, 0)] = \
+        grid[:, max(-dy, 0) : size + min(-dy, 0), max(-dx, 0) : size + min(-dx, 0)]
+    return out.reshape(images.shape)

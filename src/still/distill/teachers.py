@@ -13,6 +13,12 @@ or the normalised geometric mean,
 
     p = softmax((1/M) sum_m log softmax(v_m / T)) = softmax(mean_m(v_m) / T).
 
+An image model can also be an ensemble of itself over translations of its input
+(`ShiftEnsembleTeacher`): its members are the model applied to the image shifted by every (dy, dx)
+with |dy|, |dx| <= s. A teacher trained on jittered images then puts what it learnt about
+translations into its soft targets for untranslated images, which the student still sees as they
+are (docs/results/mnist.md).
+
 When the transfer set is fixed (no augmentation), `CachedTeacher` runs the teacher once over it
 and keeps the logits (in memory, and optionally on disk under a key made from the SHA-256 of the
 teacher's weights and of the inputs), so each distillation epoch costs about what a plain student
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from still.data.augment import shift
 from still.errors import StillError
 from still.train.io import atomic_write
 from still.train.progress import progress
@@ -119,6 +126,37 @@ class EnsembleTeacher(Teacher):
     forward = logits
 
 
+class ShiftEnsembleTeacher(Teacher):
+    """One frozen model on square images (B, size*size) or (B, size, size), as an ensemble of
+    (2 max_shift + 1)^2 members: the model on the image translated by (dy, dx), |dy|, |dx| <=
+    max_shift, zeros filling in. Soft targets: the arithmetic or geometric mean of their distributions."""
+
+    def __init__(self, model: nn.Module, max_shift: int, size: int = 28, combine: Combine = "geometric") -> None:
+        super().__init__(model)
+        if not 0 <= max_shift < size:
+            raise StillError(f"max_shift must be in [0, {size}), got {max_shift}")
+        if combine not in ("arithmetic", "geometric"):
+            raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {combine!r}")
+        self.max_shift, self.size, self.combine = max_shift, size, combine
+
+    @torch.no_grad()
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.max_shift
+        return torch.stack([self.model(shift(x, dy, dx, self.size)).float()
+                            for dy in range(-s, s + 1) for dx in range(-s, s + 1)])  # (M, B, C)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' mean logits (B, C); for soft targets use `log_probs`."""
+        return self.member_logits(x).mean(0)
+
+    @torch.no_grad()
+    def log_probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        return combine_log_probs(self.member_logits(x), temperature, self.combine)
+
+    forward = logits
+
+
 def _fingerprint(teacher: Teacher, inputs: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(teacher.state_dict().items()):
@@ -128,6 +166,7 @@ def _fingerprint(teacher: Teacher, inputs: torch.Tensor) -> str:
     digest.update(str(tuple(inputs.shape)).encode() + str(inputs.dtype).encode())
     digest.update(inputs.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest.update(getattr(teacher, "combine", "single").encode())
+    digest.update(f"{type(teacher).__name__} {getattr(teacher, 'max_shift', 0)}".encode())
     return digest.hexdigest()
 
 

@@ -30,7 +30,7 @@ from still.data.augment import jitter
 from still.data.mnist import Mnist, load_mnist
 from still.distill.loss import distillation_loss
 from still.distill.models import MLP, MLPConfig
-from still.distill.teachers import CachedTeacher, Teacher
+from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
 from still.errors import check
 from still.recipes.common import plot_curves, predict, train_stage
 from still.train import distributed
@@ -56,6 +56,10 @@ class MnistConfig:
     batch_size: int = 128
     jitter: int = 2
     """The teacher's inputs are translated by up to this many pixels along each axis."""
+    teacher_shifts: int = 0
+    """The students' soft targets come from the teacher as an ensemble over translations: the
+    geometric mean of its outputs on each transfer image shifted by up to this many pixels along
+    each axis (`ShiftEnsembleTeacher`; 0: the teacher alone). The transfer set stays untranslated."""
     temperatures: tuple[float, ...] = (20.0,)
     alpha: float = 0.9
     """Weight of the soft-target term (1 - alpha on the hard labels)."""
@@ -71,6 +75,7 @@ class MnistConfig:
         check(self.student_epochs > 0, f"student_epochs must be > 0, got {self.student_epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.jitter <= 8, f"jitter must be in [0, 8] pixels, got {self.jitter}")
+        check(0 <= self.teacher_shifts <= 8, f"teacher_shifts must be in [0, 8] pixels, got {self.teacher_shifts}")
         check(len(self.temperatures) > 0, "give at least one temperature")
         for t in self.temperatures:
             check(t > 0, f"temperature must be > 0, got {t}")
@@ -171,12 +176,19 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
         transfer = transfer[data.train_y != config.omit_digit]
     transfer_x, transfer_y = data.train_x[transfer], data.train_y[transfer]
     start = time.perf_counter()
-    cached = CachedTeacher.build(Teacher(teacher), transfer_x)
+    shifts = config.teacher_shifts
+    soft_teacher = ShiftEnsembleTeacher(teacher, shifts) if shifts else Teacher(teacher)
+    cached = CachedTeacher.build(soft_teacher, transfer_x)
     timings["teacher_logits"] = time.perf_counter() - start
+    if shifts:  # what the students learn from, as a classifier of its own
+        rows.insert(1, {"model": f"teacher, shifts <= {shifts} px", "net": _arch(config.teacher),
+                     "epochs": config.teacher_epochs, "test_errors": _errors(soft_teacher.logits(test_x), test_y),
+                     "paper": None})
 
     omit = config.omit_digit
     for temperature in config.temperatures:
-        name = f"student-T{temperature:g}-a{config.alpha:g}" + (f"-omit{omit}" if omit is not None else "")
+        name = (f"student-T{temperature:g}-a{config.alpha:g}" + (f"-shifts{shifts}" if shifts else "")
+                + (f"-omit{omit}" if omit is not None else ""))
         seed_everything(config.seed + 1)  # the same initialisation as the baseline
         student = MLP(config.student)
 
@@ -186,7 +198,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
 
         student_cfg = {"model": to_dict(config.student), "optim": to_dict(config.student_optim),
                        "epochs": config.student_epochs, "temperature": temperature, "alpha": config.alpha,
-                       "omit_digit": omit, "teacher": teacher_cfg, **common}
+                       "omit_digit": omit, "teacher": teacher_cfg, "teacher_shifts": shifts, **common}
         state, timings[name] = train_stage(name, out, student, config.student_optim, config.student_epochs,
                                       len(transfer), config.batch_size, student_loss, evaluate, config.seed + 1,
                                       student_cfg, overwrite=overwrite, keep=keep)
