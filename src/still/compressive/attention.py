@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from still.layers import dropout
+
 
 FUSED_TRAINING_SCORES = True
 
@@ -168,7 +170,7 @@ class RelativeMultiHeadAttention(nn.Module):
             scores = (q_content @ k.transpose(-1, -2) + position_scores) * self.scale  # (B, H, L, K)
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             received = weights.sum(dim=(1, 2))  # (B, K)
-            weights = F.dropout(weights, self.dropout_attn, self.training)
+            weights = dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
         elif torch.is_grad_enabled() and FUSED_TRAINING_SCORES:
             # training: scaled_dot_product_attention would fall back to its math path (the bias needs
@@ -178,7 +180,7 @@ class RelativeMultiHeadAttention(nn.Module):
                                    k.transpose(-1, -2).reshape(bh, self.d_head, k_len),
                                    beta=self.scale, alpha=self.scale).view(b, h, l, k_len)  # (B, H, L, K)
             weights = scores.masked_fill_(~allowed, float("-inf")).softmax(-1)
-            weights = F.dropout(weights, self.dropout_attn, self.training)
+            weights = dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
             received = None
         else:

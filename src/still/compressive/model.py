@@ -53,6 +53,7 @@ from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttent
 from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.errors import check
+from still.layers import Dropout
 
 CompressionLoss = Literal["attention", "autoencoding", "none"]
 
@@ -113,7 +114,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff)
         self.down = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.dropout(F.relu(self.up(x))))  # (B, L, d)
@@ -127,7 +128,7 @@ class CompressiveLayer(nn.Module):
         self.attention = RelativeMultiHeadAttention(config.d_model, config.n_heads, config.dropout_attn)
         self.norm2 = nn.LayerNorm(config.d_model)
         self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.compressor = (Compressor(config.compression, config.d_model, config.compression_rate)
                            if config.has_compression else None)
         self.decoder = (Decoder(config.d_model, config.compression_rate)
@@ -192,7 +193,7 @@ class CompressiveTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(CompressiveLayer(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model) if config.pre_norm else nn.Identity()
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)

@@ -1,0 +1,62 @@
+"""The CPU dropout: the right drop rate, an unbiased output, the gradient of its mask, and seeded."""
+
+import pytest
+import torch
+
+from still.layers import LANES, Dropout, dropout
+
+
+def test_drop_rate_and_expectation():
+    torch.manual_seed(0)
+    x = torch.rand(400, 1000) + 0.5
+    for p in (0.1, 0.5, 0.9):
+        y = dropout(x, p)
+        kept = y != 0
+        n = x.numel()
+        rate = round(p * LANES) / LANES  # the rounded probability
+        assert abs(1 - kept.float().mean().item() - rate) < 4 * (rate * (1 - rate) / n) ** 0.5
+        torch.testing.assert_close(y[kept], x[kept] / (1 - rate))
+        # unbiased: the mean over the elements stays the input's (to sampling noise)
+        assert abs(y.mean().item() / x.mean().item() - 1) < 4 * (rate / (1 - rate) / n) ** 0.5 * 1.2
+
+
+def test_every_16_bit_lane_drops_at_the_same_rate():
+    """Four elements share one 64-bit draw: each of the four lanes must be uniform on its own."""
+    torch.manual_seed(1)
+    kept = dropout(torch.ones(10**6), 0.3) != 0  # element i uses lane i % 4
+    by_lane = kept.view(-1, 4).float().mean(0)
+    assert (by_lane - 0.7).abs().max() < 4 * (0.21 / 250_000) ** 0.5
+
+
+def test_identity_and_edge_cases():
+    x = torch.randn(3, 5)
+    assert dropout(x, 0.5, training=False) is x and dropout(x, 0.0) is x
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    module = Dropout(0.5).eval()
+    assert module(x) is x and "p=0.5" in repr(module)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout probability must be in"):
+            dropout(x, bad)
+        with pytest.raises(ValueError, match="dropout probability must be in"):
+            Dropout(bad)
+
+
+def test_gradient_is_the_scaled_mask_and_seeds_repeat():
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.25)
+    y.sum().backward()
+    kept = y.detach() != 0
+    rate = round(0.25 * LANES) / LANES
+    torch.testing.assert_close(x.grad, kept.float() / (1 - rate))
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x.detach(), 0.25), y.detach())
+    generator = torch.Generator().manual_seed(3)
+    a = dropout(x.detach(), 0.25, generator=generator)
+    assert torch.equal(a, dropout(x.detach(), 0.25, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, y.detach())
+
+
+def test_bf16_inputs_keep_their_dtype():
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    assert dropout(x, 0.5).dtype == torch.bfloat16
