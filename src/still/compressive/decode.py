@@ -209,16 +209,11 @@ class Decoder:
                                pre_norm=config.pre_norm, eps=norm.eps,
                                compression=config.compression if self.compressing else None, rate=self.rate,
                                tap_rows=tuple(tap_rows), layout=layout)
-        options = {"options": {"cpp_wrapper": True}} if device.type == "cpu" else {}
         # two graphs: a step, and a step followed by the compression (every c-th step when compressing)
         self._functions = {"step": _step, "compress": _step_and_compress}
-        self._compiled = {which: MaybeCompiled(fn, f"the decoding step ({which})", dynamic=False, **options)
-                          for which, fn in self._functions.items()} if compile else {}
+        self._compiled = {which: _compiled(which, device.type) for which in self._functions} if compile else {}
         self._checked = {"step": 0, "compress": 0}  # calls so far that ran with all of dynamo's guards
-        self._skip_guards: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if compile:  # made once (making one costs 120 us); making it also sets it, so restore at once
-            self._skip_guards = torch.compiler.set_stance(skip_guard_eval_unsafe=True)
-            self._skip_guards.__exit__(None, None, None)
+        self._skip_guards = _skip_guards() if compile else contextlib.nullcontext()
 
     def _counters(self) -> torch.Tensor:
         """The ring positions and counts as the step reads them: (next_c, next_m, n, m)."""
@@ -258,6 +253,33 @@ class Decoder:
         else:
             self.m += 1
         return logits[:, 0]
+
+
+_COMPILED: dict[tuple[str, str], MaybeCompiled] = {}
+
+
+def _compiled(which: str, device_type: str) -> MaybeCompiled:
+    """The compiled step (`which`: "step" or "compress"), one for all decoders: making the wrapper
+    costs about a millisecond, and dynamo keeps one cache per function anyway."""
+    key = (which, device_type)
+    if key not in _COMPILED:
+        fn = {"step": _step, "compress": _step_and_compress}[which]
+        options = {"options": {"cpp_wrapper": True}} if device_type == "cpu" else {}
+        _COMPILED[key] = MaybeCompiled(fn, f"the decoding step ({which})", dynamic=False, **options)
+    return _COMPILED[key]
+
+
+_SKIP_GUARDS: list[contextlib.AbstractContextManager] = []
+
+
+def _skip_guards() -> contextlib.AbstractContextManager:
+    """The stance that skips dynamo's guard checks, made once (making one costs 120 us, and sets it:
+    so it is restored at once)."""
+    if not _SKIP_GUARDS:
+        stance = torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+        stance.__exit__(None, None, None)
+        _SKIP_GUARDS.append(stance)
+    return _SKIP_GUARDS[0]
 
 
 class using_threads:  # noqa: N801 - used as a context manager, like torch.no_grad
