@@ -44,3 +44,32 @@ def test_generation_restores_the_thread_count_between_tokens(compression):
             assert torch.get_num_threads() == 2 and 0 <= int(token) < 7
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_decoder_draws_what_the_logits_say():
+    """step_sample: the step and the draw in one call, the same token as drawing from step's logits."""
+    from still.compressive.decode import Decoder
+    from still.compressive.sampling import Sampling, next_token
+
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=9, d_model=8, n_layers=1, n_heads=2, d_ff=16,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2)).eval()
+    a, b = Decoder(model, None, batch=3), Decoder(model, None, batch=3)
+    tokens = torch.tensor([1, 2, 3])
+    for i, sampling in enumerate([Sampling(), Sampling(0.7, top_k=3), Sampling(1.3, top_p=0.8)] * 3):
+        uniform = torch.rand(3, 1)
+        drawn = a.step_sample(tokens, uniform, sampling)
+        torch.testing.assert_close(drawn, next_token(b.step(tokens), uniform, sampling), rtol=0, atol=0)
+        tokens = (drawn + i) % 9
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_compiled_generation_gives_the_eager_tokens(sampling):
+    """The draw runs inside the compiled step from uniform numbers drawn outside it: one seed, one text."""
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    prompt = torch.randint(0, 11, (2, 7))
+    runs = [torch.stack(list(generate(model, prompt, 12, segment_len=4, generator=torch.Generator().manual_seed(5),
+                                      compile=compile, **sampling))) for compile in (False, True)]
+    assert torch.equal(runs[0], runs[1])

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
+from still.compressive.sampling import Sampling, next_token
 from still.train.compile import MaybeCompiled
 
 
@@ -209,10 +210,12 @@ class Decoder:
                                pre_norm=config.pre_norm, eps=norm.eps,
                                compression=config.compression if self.compressing else None, rate=self.rate,
                                tap_rows=tuple(tap_rows), layout=layout)
-        # two graphs: a step, and a step followed by the compression (every c-th step when compressing)
-        self._functions = {"step": _step, "compress": _step_and_compress}
+        # a step, and a step followed by the compression (every c-th step when compressing); each
+        # returning the logits, or a token drawn from them
+        self._functions = {"step": _step, "compress": _step_and_compress, "sample step": _sample_step,
+                           "sample compress": _sample_step_and_compress}
         self._compiled = {which: _compiled(which, device.type) for which in self._functions} if compile else {}
-        self._checked = {"step": 0, "compress": 0}  # calls so far that ran with all of dynamo's guards
+        self._checked = dict.fromkeys(self._functions, 0)  # calls so far that ran with all of dynamo's guards
         self._skip_guards = _skip_guards() if compile else contextlib.nullcontext()
 
     def _counters(self) -> torch.Tensor:
@@ -234,15 +237,25 @@ class Decoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) -> next-token logits (B, V), and the state advanced by one token."""
+        return self._run(tokens, None, None)[:, 0]
+
+    @torch.no_grad()
+    def step_sample(self, tokens: torch.Tensor, uniform: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        """tokens (B,) -> the next tokens (B,) drawn from the step's logits with `sampling` and the
+        uniform numbers (B, 1) (`sampling.next_token`), in the same call; the state advanced."""
+        return self._run(tokens, uniform, sampling)
+
+    def _run(self, tokens: torch.Tensor, uniform: torch.Tensor | None, sampling: Sampling | None) -> torch.Tensor:
         # mem_len + c memories after this step: compress the oldest c, in the same call
         compress = self.compressing and self.m + 1 == self.m_cap
-        which = "compress" if compress else "step"
+        which = ("sample " if sampling is not None else "") + ("compress" if compress else "step")
         compiled_fn = self._compiled.get(which)
         compiled = compiled_fn is not None and compiled_fn.active  # products fused for the compiler
+        args = (self.weights, self.keys, self.values, self.inputs, self._counters(), tokens[:, None])
         with self._threads, self._guards(which, compiled):
-            logits = (compiled_fn if compiled else self._functions[which])(
-                self.weights, self.keys, self.values, self.inputs, self._counters(), tokens[:, None], self.shape,
-                compiled)
+            fn = compiled_fn if compiled else self._functions[which]
+            out = fn(*args, self.shape, compiled) if sampling is None else fn(*args, uniform, self.shape, sampling,
+                                                                                compiled)
         self.next_m = (self.next_m + 1) % self.m_cap
         if not self.compressing:
             self.m = min(self.m + 1, self.mem_len)  # the oldest falls out of the window
@@ -252,18 +265,19 @@ class Decoder:
             self.m += 1 - self.rate  # the compressed slots are the next to be written
         else:
             self.m += 1
-        return logits[:, 0]
+        return out
 
 
 _COMPILED: dict[tuple[str, str], MaybeCompiled] = {}
 
 
 def _compiled(which: str, device_type: str) -> MaybeCompiled:
-    """The compiled step (`which`: "step" or "compress"), one for all decoders: making the wrapper
+    """The compiled step (`which`: a key of `Decoder._functions`), one for all decoders: making the wrapper
     costs about a millisecond, and dynamo keeps one cache per function anyway."""
     key = (which, device_type)
     if key not in _COMPILED:
-        fn = {"step": _step, "compress": _step_and_compress}[which]
+        fn = {"step": _step, "compress": _step_and_compress, "sample step": _sample_step,
+              "sample compress": _sample_step_and_compress}[which]
         options = {"options": {"cpp_wrapper": True}} if device_type == "cpu" else {}
         _COMPILED[key] = MaybeCompiled(fn, f"the decoding step ({which})", dynamic=False, **options)
     return _COMPILED[key]
@@ -409,3 +423,19 @@ def _step_and_compress(weights: torch.Tensor | dict[str, torch.Tensor], keys: to
     keys.index_copy_(4, next_c, torch.stack(new_keys).to(keys.dtype))  # into the compressed ring's slot next_c
     values.index_copy_(3, next_c, torch.stack(new_values).to(values.dtype))
     return logits
+
+
+def _sample_step(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
+                 inputs: torch.Tensor, counters: torch.Tensor, token: torch.Tensor, uniform: torch.Tensor,
+                 shape: StepShape, sampling: Sampling, fused: bool) -> torch.Tensor:
+    """`_step`, then the next token drawn from its logits: (B,)."""
+    logits = _step(weights, keys, values, inputs, counters, token, shape, fused)
+    return next_token(logits[:, 0], uniform, sampling)
+
+
+def _sample_step_and_compress(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor,
+                              values: torch.Tensor, inputs: torch.Tensor, counters: torch.Tensor, token: torch.Tensor,
+                              uniform: torch.Tensor, shape: StepShape, sampling: Sampling, fused: bool) -> torch.Tensor:
+    """`_step_and_compress`, then the next token drawn from its logits: (B,)."""
+    logits = _step_and_compress(weights, keys, values, inputs, counters, token, shape, fused)
+    return next_token(logits[:, 0], uniform, sampling)

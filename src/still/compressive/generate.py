@@ -19,33 +19,10 @@ import torch.nn.functional as F
 from still.compressive.decode import Decoder, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
+from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
 from still.errors import StillError
 
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Keep the top-k logits and/or the smallest set whose probability reaches top_p. (B, V) -> (B, V)."""
-    if top_k is not None and top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `probs` (B, V), drawn by inverting the cumulative distribution at a
-    uniform number from `generator` (on the CPU for a CPU generator). (B, V) -> (B,).
-
-    The same distribution as `torch.multinomial(probs, 1)`, in a third of its time at batch 1."""
-    uniform = torch.rand(probs.shape[0], 1, generator=generator,
-                         device=generator.device if generator is not None else probs.device)  # (B, 1)
-    cumulative = probs.cumsum(-1)  # (B, V)
-    # the first token whose cumulative probability exceeds u * total: never one with probability 0
-    target = uniform.to(probs.device) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, target, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+__all__ = ["evaluate_streams", "filter_logits", "generate", "sample"]
 
 
 @torch.no_grad()
@@ -68,17 +45,21 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         for start in range(0, prompt.shape[1], segment_len):
             out = model(prompt[:, start : start + segment_len], state)
             state, logits = out.state, out.logits[:, -1]
-    decoder = Decoder(model, state, prompt.shape[0], compile=compile) if supports(model, state) else None
-    for _ in range(max_new_tokens):
-        logits = logits.float() if temperature == 1 else logits.float() / temperature
-        token = sample(filter_logits(logits, top_k, top_p).softmax(-1), generator)  # (B,)
+    sampling = Sampling(temperature, top_k, top_p)
+    batch, device = prompt.shape[0], logits.device
+    token = next_token(logits, uniforms(batch, generator, device), sampling)  # (B,)
+    decoder = Decoder(model, state, batch, compile=compile) if supports(model, state) else None
+    for i in range(max_new_tokens):
         yield token
-        if decoder is not None:
-            logits = decoder.step(token)
+        if i == max_new_tokens - 1:
+            break
+        if decoder is not None:  # the step and the draw in one call
+            token = decoder.step_sample(token, uniforms(batch, generator, device), sampling)
         else:
-            with using_threads(threads_for(model, token.shape[0], 1)):
+            with using_threads(threads_for(model, batch, 1)):
                 out = model(token[:, None], state)
-            state, logits = out.state, out.logits[:, -1]
+            state = out.state
+            token = next_token(out.logits[:, -1], uniforms(batch, generator, device), sampling)
 
 
 @torch.no_grad()
