@@ -23,8 +23,23 @@ def test_relative_shift_view_and_copy_agree():
     raw = torch.randn(2, 2, 5, 9)
     mask = causal_mask(5, 9)
     view = relative_shift(raw)  # no grad: the strided view
-    copied = relative_shift(raw.clone().requires_grad_())  # grad: pad and reshape
+    copied = relative_shift(raw.clone().requires_grad_())  # grad: a strided copy
     assert torch.equal(view[..., mask], copied.detach()[..., mask])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 7), (1, 2, 5, 5), (2, 1, 1, 6)])
+def test_relative_shift_gradient(shape):
+    """The backward sends each kept entry's gradient to the distance it read (the meaningless
+    entries are masked by every caller, so their gradients are zero)."""
+    b, h, l, k = shape
+    raw = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*shape, dtype=torch.float64) * causal_mask(l, k)  # zero where masked
+    (grad,) = torch.autograd.grad(relative_shift(raw), raw, upstream)
+    expected = torch.zeros_like(grad)
+    for i in range(l):
+        for j in range(k - l + i + 1):  # distance k - l + i - j >= 0 sits in column l - 1 - i + j
+            expected[:, :, i, l - 1 - i + j] = upstream[:, :, i, j]
+    assert torch.equal(grad, expected)
 
 
 def test_causal_mask():

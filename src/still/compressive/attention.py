@@ -56,18 +56,37 @@ def relative_shift(position_scores: torch.Tensor) -> torch.Tensor:
     Output[..., i, j] = input[..., i, j + L - 1 - i], the score for distance K - L + i - j. Entries
     with j > K - L + i (future keys) are meaningless and must be masked by the caller.
 
-    Without gradients this is a strided view (no copy). With gradients it is Transformer-XL's
-    pad-and-reshape (two copies): autograd through an overlapping strided view takes a generic
-    path that costs far more than the copies.
+    Without gradients this is a strided view (no copy). With gradients it is one strided copy, and
+    the backward the same shift the other way (`_RelativeShift`): autograd through the overlapping
+    strided view itself takes a generic path that costs far more, and Transformer-XL's
+    pad-and-reshape makes two copies each way.
     """
-    b, h, l, k = position_scores.shape
     if not position_scores.requires_grad:
-        x = position_scores.contiguous()
-        s_b, s_h, s_l, s_k = x.stride()
-        return x.as_strided((b, h, l, k), (s_b, s_h, s_l - 1, s_k), x.storage_offset() + l - 1)
-    padded = F.pad(position_scores, (1, 0))  # (B, H, L, K + 1): a zero column in front
-    shifted = padded.view(b, h, k + 1, l)[:, :, 1:]  # reinterpret the rows, drop the first
-    return shifted.reshape(b, h, l, k)
+        return _shifted_view(position_scores.contiguous())
+    return _RelativeShift.apply(position_scores)
+
+
+def _shifted_view(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous (B, H, L, K) -> the view with [..., i, j] = x[..., i, j + L - 1 - i] (rows
+    overlap by one element: the meaningless entries past each row's end read the next row)."""
+    b, h, l, k = x.shape
+    s_b, s_h, s_l, s_k = x.stride()
+    return x.as_strided((b, h, l, k), (s_b, s_h, s_l - 1, s_k), x.storage_offset() + l - 1)
+
+
+class _RelativeShift(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, position_scores: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - ctx unused
+        return _shifted_view(position_scores.contiguous()).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        # input[..., i, c] received output[..., i, c - (L - 1 - i)] (zero where that is < 0): with
+        # L - 1 zeros in front of each row of length K + L - 1, that is a row stride of K + L
+        b, h, l, k = grad.shape
+        padded = F.pad(grad, (l - 1, 0))  # (B, H, L, K + L - 1)
+        s_b, s_h, s_l, s_k = padded.stride()
+        return padded.as_strided((b, h, l, k), (s_b, s_h, s_l + 1, s_k), padded.storage_offset()).contiguous()
 
 
 def causal_mask(l: int, k: int, device=None) -> torch.Tensor:
@@ -179,8 +198,11 @@ class RelativeMultiHeadAttention(nn.Module):
             scores = torch.baddbmm(position_scores.reshape(bh, l, k_len), q_content.reshape(bh, l, self.d_head),
                                    k.transpose(-1, -2).reshape(bh, self.d_head, k_len),
                                    beta=self.scale, alpha=self.scale).view(b, h, l, k_len)  # (B, H, L, K)
-            weights = scores.masked_fill_(~allowed, float("-inf")).softmax(-1)
-            weights = dropout(weights, self.dropout_attn, self.training)
+            # the mask outside autograd: the softmax's gradient is exactly 0 at the masked scores
+            # (their weights are 0), so masking it again in the backward would be a wasted pass
+            with torch.no_grad():
+                scores.masked_fill_(~allowed, float("-inf"))
+            weights = dropout(scores.softmax(-1), self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
             received = None
         else:
