@@ -68,7 +68,10 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 class Teacher(nn.Module):
-    """A frozen model whose outputs are logits (B, C)."""
+    """A frozen model whose outputs are logits (B, C). Subclasses with several members override
+    `member_logits` (and set `combine`)."""
+
+    combine: Combine = "arithmetic"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -79,19 +82,21 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(1, B, C): the logits of each member (one here)."""
+        """(M, B, C): the logits of each member (one here)."""
         return self.model(x).float().unsqueeze(0)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float()
+        """The members' mean logits (B, C); for soft targets use `log_probs`."""
+        return self.member_logits(x).mean(0)
 
     @torch.no_grad()
     def log_probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
         """Soft targets at `temperature`, as log-probabilities (B, C)."""
-        return combine_log_probs(self.member_logits(x), temperature)
+        return combine_log_probs(self.member_logits(x), temperature, self.combine)
 
-    forward = logits
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x)
 
 
 class EnsembleTeacher(Teacher):
@@ -114,17 +119,6 @@ class EnsembleTeacher(Teacher):
             raise StillError(f"ensemble members disagree on the output shape: {sorted(shapes)}")
         return torch.stack(outs)  # (M, B, C)
 
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The members' mean logits (B, C); for soft targets use `log_probs`."""
-        return self.member_logits(x).mean(0)
-
-    @torch.no_grad()
-    def log_probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        return combine_log_probs(self.member_logits(x), temperature, self.combine)
-
-    forward = logits
-
 
 class ShiftEnsembleTeacher(Teacher):
     """One frozen model on square images (B, size*size) or (B, size, size), as an ensemble of
@@ -144,17 +138,6 @@ class ShiftEnsembleTeacher(Teacher):
         s = self.max_shift
         return torch.stack([self.model(shift(x, dy, dx, self.size)).float()
                             for dy in range(-s, s + 1) for dx in range(-s, s + 1)])  # (M, B, C)
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The members' mean logits (B, C); for soft targets use `log_probs`."""
-        return self.member_logits(x).mean(0)
-
-    @torch.no_grad()
-    def log_probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        return combine_log_probs(self.member_logits(x), temperature, self.combine)
-
-    forward = logits
 
 
 def _fingerprint(teacher: Teacher, inputs: torch.Tensor) -> str:
