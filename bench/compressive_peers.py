@@ -31,7 +31,9 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               measurement, minus the resident set at the reset. So it counts activations, gradients,
               optimizer state, memories and the allocator's cache, not the Python interpreter,
               torch's libraries or the weights. (ru_maxrss cannot be reset and, in a child, may carry
-              the parent's pre-exec peak.)
+              the parent's pre-exec peak.) For generate it is reset again after the untimed warm-up
+              generation, so one-time work (torch.compile's tracing and code generation, about
+              170 MiB) is not counted; the JSON keeps the warm-up's peak too.
     GFLOP/s   matmul and convolution FLOPs counted from shapes by torch.utils.flop_counter on one
               extra step (or one extra generation) of the first repeat, times the median rate;
               elementwise ops, softmax and norms are not counted.
@@ -381,6 +383,8 @@ def run_worker(spec: dict) -> dict:
         prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), generator=data_gen)  # (1, P)
         baseline = reset_peak_rss()
         adapter.generate(prompt, cfg.new_tokens, seed)  # warm-up: the same generation, untimed
+        result["warmup_peak_growth_mib"] = (_proc_status_kib()["VmHWM"] - baseline) / 1024  # with one-time work
+        baseline = reset_peak_rss()  # the table's peak: the timed generation's own
         start = time.perf_counter()
         generated = adapter.generate(prompt, cfg.new_tokens, seed)
         seconds = time.perf_counter() - start
@@ -645,7 +649,8 @@ def main() -> None:
           f"in a fresh subprocess, implementations interleaved; memories (mem, compressed) after warm-up: "
           + ", ".join(f"{k} {tuple(v)}" for k, v in warmup.items()))
     print("peak MiB: growth of the resident set (VmHWM reset via /proc/self/clear_refs after building the model, "
-          "optimizer and data), warm-up included\n")
+          "optimizer and data), warm-up included; generate: the timed generation's own (reset again after its "
+          "untimed warm-up, which for ours+compile includes compiling)\n")
     print(table)
     print("Notes:")
     for note in notes:
