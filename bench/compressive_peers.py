@@ -31,9 +31,9 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               measurement, minus the resident set at the reset. So it counts activations, gradients,
               optimizer state, memories and the allocator's cache, not the Python interpreter,
               torch's libraries or the weights. (ru_maxrss cannot be reset and, in a child, may carry
-              the parent's pre-exec peak.) For generate it is reset again after the untimed warm-up
-              generation, so one-time work (torch.compile's tracing and code generation, about
-              170 MiB) is not counted; the JSON keeps the warm-up's peak too.
+              the parent's pre-exec peak.) For generate this includes the untimed warm-up
+              generation, hence torch.compile's one-time work (about 170 MiB); `gen steady MiB` is
+              the timed generation's own (the high-water mark reset again after the warm-up).
     GFLOP/s   matmul and convolution FLOPs counted from shapes by torch.utils.flop_counter on one
               extra step (or one extra generation) of the first repeat, times the median rate;
               elementwise ops, softmax and norms are not counted.
@@ -383,12 +383,13 @@ def run_worker(spec: dict) -> dict:
         prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), generator=data_gen)  # (1, P)
         baseline = reset_peak_rss()
         adapter.generate(prompt, cfg.new_tokens, seed)  # warm-up: the same generation, untimed
-        result["warmup_peak_growth_mib"] = (_proc_status_kib()["VmHWM"] - baseline) / 1024  # with one-time work
-        baseline = reset_peak_rss()  # the table's peak: the timed generation's own
+        peak = _proc_status_kib()["VmHWM"]  # the table's peak: with the warm-up's one-time work
+        steady_baseline = reset_peak_rss()  # and the timed generation's own
         start = time.perf_counter()
         generated = adapter.generate(prompt, cfg.new_tokens, seed)
         seconds = time.perf_counter() - start
-        peak = _proc_status_kib()["VmHWM"]
+        result["steady_peak_growth_mib"] = (_proc_status_kib()["VmHWM"] - steady_baseline) / 1024
+        peak = max(peak, steady_baseline + result["steady_peak_growth_mib"] * 1024)
         if generated != cfg.new_tokens:
             raise RuntimeError(f"{adapter.name} generated {generated} tokens, expected {cfg.new_tokens}")
         tokens = cfg.new_tokens
@@ -511,6 +512,9 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
         for m in measures:
             peak = median_of(results, impl, m, "peak_growth_mib")
             row[f"{m} peak MiB"] = round(peak, 1) if peak is not None else None
+        if "generate" in measures:
+            steady = median_of(results, impl, "generate", "steady_peak_growth_mib")
+            row["gen steady MiB"] = round(steady, 1) if steady is not None else None
         for m in measures:
             rate, flops = median_of(results, impl, m, "tokens_per_s"), median_of(results, impl, m, "flops")
             tokens_per_unit = cfg.new_tokens if m == "generate" else cfg.batch_size * cfg.segment_len
@@ -649,8 +653,8 @@ def main() -> None:
           f"in a fresh subprocess, implementations interleaved; memories (mem, compressed) after warm-up: "
           + ", ".join(f"{k} {tuple(v)}" for k, v in warmup.items()))
     print("peak MiB: growth of the resident set (VmHWM reset via /proc/self/clear_refs after building the model, "
-          "optimizer and data), warm-up included; generate: the timed generation's own (reset again after its "
-          "untimed warm-up, which for ours+compile includes compiling)\n")
+          "optimizer and data), warm-up included (for ours+compile generation: the compiling); gen steady MiB: "
+          "the timed generation's own, reset again after its warm-up\n")
     print(table)
     print("Notes:")
     for note in notes:
