@@ -52,6 +52,8 @@ falls back to the model's forward there).
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -120,13 +122,7 @@ def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[tuple[st
 
 def unpack(buffer: torch.Tensor, layout: tuple[tuple[str, int, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
     """Views of the packed tensors, by name."""
-    out = {}
-    for name, offset, shape in layout:
-        numel = 1
-        for size in shape:
-            numel *= size
-        out[name] = buffer[offset : offset + numel].view(shape)
-    return out
+    return {name: buffer[offset : offset + math.prod(shape)].view(shape) for name, offset, shape in layout}
 
 
 class Decoder:
@@ -212,8 +208,7 @@ class Decoder:
                                tap_rows=tuple(tap_rows), layout=layout)
         # a step, and a step followed by the compression (every c-th step when compressing); each
         # returning the logits, or a token drawn from them
-        self._functions = {"step": _step, "compress": _step_and_compress, "sample step": _sample_step,
-                           "sample compress": _sample_step_and_compress}
+        self._functions = _step_functions()
         self._compiled = {which: _compiled(which, device.type) for which in self._functions} if compile else {}
         self._checked = dict.fromkeys(self._functions, 0)  # calls so far that ran with all of dynamo's guards
         self._skip_guards = _skip_guards() if compile else contextlib.nullcontext()
@@ -268,6 +263,12 @@ class Decoder:
         return out
 
 
+def _step_functions() -> dict[str, Callable[..., torch.Tensor]]:
+    """The step functions by name (looked up when called, so that tests can replace them)."""
+    return {"step": _step, "compress": _step_and_compress, "sample step": _sample_step,
+            "sample compress": _sample_step_and_compress}
+
+
 _COMPILED: dict[tuple[str, str], MaybeCompiled] = {}
 
 
@@ -276,8 +277,7 @@ def _compiled(which: str, device_type: str) -> MaybeCompiled:
     costs about a millisecond, and dynamo keeps one cache per function anyway."""
     key = (which, device_type)
     if key not in _COMPILED:
-        fn = {"step": _step, "compress": _step_and_compress, "sample step": _sample_step,
-              "sample compress": _sample_step_and_compress}[which]
+        fn = _step_functions()[which]
         options = {"options": {"cpp_wrapper": True}} if device_type == "cpu" else {}
         _COMPILED[key] = MaybeCompiled(fn, f"the decoding step ({which})", dynamic=False, **options)
     return _COMPILED[key]
