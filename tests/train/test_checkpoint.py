@@ -53,6 +53,19 @@ def test_rng_states_round_trip(tmp_path):
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
+def test_every_ranks_generator_state_comes_back_in_rank_order(tmp_path):
+    ranks = []
+    for r in range(12):  # past 10: "10" sorts before "2" as text
+        torch.manual_seed(r)
+        ranks.append(torch.get_rng_state())
+    rng = {**rng_state(), "torch_ranks": ranks}
+    ckpt.save_checkpoint(tmp_path, 1, model={"w": torch.zeros(1)}, rng=rng)
+    loaded = ckpt.rng_state_of(ckpt.latest_checkpoint(tmp_path))
+    assert len(loaded["torch_ranks"]) == 12
+    for want, got in zip(ranks, loaded["torch_ranks"]):
+        assert torch.equal(want, got)
+
+
 def test_keeps_the_newest_k(tmp_path):
     for step in (1, 2, 3, 4, 5):
         make(tmp_path, step=step, keep=2)

@@ -72,6 +72,27 @@ def test_a_checkpoint_written_on_two_ranks_resumes_on_one(runs, corpus):
     assert_same_weights(resumed, base / "one")
 
 
+def test_two_ranks_resume_with_each_ranks_own_dropout_stream(corpus, tmp_path):
+    """With dropout, each rank draws its own masks; a run interrupted and resumed on two ranks ends
+    with the weights of the uninterrupted run (rank 1 must not inherit rank 0's generator)."""
+    def args(out):
+        a = lm_args(corpus, out)
+        a[a.index("--dropout") + 1] = "0.2"
+        return a
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    done = still(2, *args(full))
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(full, resumed)
+    shutil.rmtree(newest(resumed))  # back to step 4
+    states = load_file(str(newest(resumed) / "state.safetensors"))
+    assert not torch.equal(states["rng/torch_ranks/0"], states["rng/torch_ranks/1"])
+    (resumed / "results.json").unlink()
+    again = still(2, *args(resumed))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr
+    assert_same_weights(resumed, full)
+
+
 def test_rows_must_split_evenly():
     from still.errors import StillError
 

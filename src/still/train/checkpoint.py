@@ -91,7 +91,15 @@ def _rng_to_json(rng: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {"rng/torch": rng["torch"]}
     for i, s in enumerate(rng.get("cuda", [])):
         tensors[f"rng/cuda/{i}"] = s
+    for key in ("torch_ranks", "cuda_ranks"):  # data parallel: every rank's own stream, by rank
+        for r, s in enumerate(rng.get(key, [])):
+            tensors[f"rng/{key}/{r}"] = s
     return json_part, tensors
+
+
+def _numbered(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]:
+    found = {int(k[len(prefix):]): v for k, v in tensors.items() if k.startswith(prefix)}
+    return [found[i] for i in sorted(found)]
 
 
 def _rng_from_json(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
@@ -102,9 +110,10 @@ def _rng_from_json(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
         "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
         "torch": tensors["rng/torch"],
     }
-    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng/cuda/"))]
-    if cuda:
-        rng["cuda"] = cuda
+    for key, prefix in (("cuda", "rng/cuda/"), ("torch_ranks", "rng/torch_ranks/"), ("cuda_ranks", "rng/cuda_ranks/")):
+        found = _numbered(tensors, prefix)
+        if found:
+            rng[key] = found
     return rng
 
 
@@ -147,7 +156,9 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `ckpt-<step>` under `directory` atomically; keep the newest `keep`.
 
-    `model`, `optimizer` and `scheduler` are state dicts; `rng` is `still.train.seed.rng_state()`;
+    `model`, `optimizer` and `scheduler` are state dicts; `rng` is `still.train.seed.rng_state()`,
+    with, under data parallelism, every rank's torch generator states as "torch_ranks" (and
+    "cuda_ranks"), lists indexed by rank;
     `state` is JSON-ready data (counters, history); `extra_tensors` are saved beside the optimizer
     state (the recurrent memories of a language model, for example).
     """

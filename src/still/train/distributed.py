@@ -67,6 +67,15 @@ class Dist:
         torch_dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=0)
 
+    def gather_list(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `tensor` (same shape on all), on the CPU, indexed by rank (every rank gets them)."""
+        if not self.enabled:
+            return [tensor.cpu()]
+        local = tensor.to(self.device)  # NCCL gathers GPU tensors, gloo CPU ones
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        torch_dist.all_gather(parts, local.contiguous())
+        return [p.cpu() for p in parts]
+
     def barrier(self) -> None:
         if self.enabled:
             torch_dist.barrier()

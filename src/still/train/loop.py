@@ -13,6 +13,7 @@ loop skips the batches already done in the interrupted epoch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import math
 import signal
@@ -169,6 +170,11 @@ class Trainer:
         if self.checkpoint_dir is None:
             raise StillError("this trainer has no checkpoint_dir")
         extra = self.state_tensors() if self.state_tensors is not None else None  # on every rank: it may gather
+        rng = rng_state()
+        if self.dist.enabled:  # each rank draws its own dropout masks: keep every rank's generator
+            rng["torch_ranks"] = self.dist.gather_list(torch.get_rng_state())
+            if self.dist.device.type == "cuda":
+                rng["cuda_ranks"] = self.dist.gather_list(torch.cuda.get_rng_state(self.dist.device))
         path = None
         if self.dist.main:
             path = ckpt.save_checkpoint(
@@ -176,7 +182,7 @@ class Trainer:
                 model=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-                rng=rng_state(), state=asdict(self.state), config=self.config, keep=self.keep, extra_tensors=extra)
+                rng=rng, state=asdict(self.state), config=self.config, keep=self.keep, extra_tensors=extra)
         self.dist.barrier()
         return path
 
@@ -190,9 +196,25 @@ class Trainer:
         rng = ckpt.rng_state_of(checkpoint)
         if rng is not None:
             set_rng_state(rng)
+            self._restore_rank_rng(rng)
         self.state = TrainState(**checkpoint.state["state"])
         if self.load_state_tensors is not None:
             self.load_state_tensors(checkpoint.extra_tensors())
+
+    def _restore_rank_rng(self, rng: dict) -> None:
+        """This rank's own torch generators, where the checkpoint has them (written by several ranks).
+        Resumed on as many ranks, a run draws what it would have drawn uninterrupted; a rank the
+        checkpoint has no state for gets a stream derived from rank 0's and its own rank number."""
+        rank, device = self.dist.rank, self.dist.device
+        cpu, cuda = rng.get("torch_ranks"), rng.get("cuda_ranks") if device.type == "cuda" else None
+        if cpu:
+            if rank < len(cpu):
+                torch.set_rng_state(cpu[rank])
+            else:
+                digest = hashlib.sha256(cpu[0].numpy().tobytes() + f"rank {rank}".encode()).digest()
+                torch.manual_seed(int.from_bytes(digest[:8], "little"))  # also reseeds the GPUs
+        if cuda and rank < len(cuda):
+            torch.cuda.set_rng_state(cuda[rank], device)
 
     def resume(self) -> bool:
         """Restore from the newest valid checkpoint in `checkpoint_dir`; True if there was one."""
