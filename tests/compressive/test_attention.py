@@ -159,3 +159,34 @@ def test_training_scores_in_one_product_match_scaled_dot_product_attention(monke
         results.append([out.detach(), x.grad.clone(), *(p.grad.clone() for p in attn.parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("l,k_len,per_row_mask", [(3, 5, False), (1, 4, False), (4, 4, False), (3, 7, True)])
+def test_training_attention_weights_gradients(l, k_len, per_row_mask):
+    """The fused training function's hand-written backward (softmax, shift back, four products)
+    against numerical gradients, in float64, with and without a per-row mask of memory slots."""
+    from still.compressive.attention import _AttentionWeights
+
+    torch.manual_seed(0)
+    h, b, d = 2, 3, 4
+    q_content = torch.randn(h * b, l, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(h * b, k_len, d, dtype=torch.float64, requires_grad=True)
+    q_position = torch.randn(h, b * l, d, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(h, k_len, d, dtype=torch.float64, requires_grad=True)
+    allowed = causal_mask(l, k_len)
+    if per_row_mask:
+        valid = torch.ones(b, k_len, dtype=torch.bool)
+        valid[1, :2] = False
+        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    assert torch.autograd.gradcheck(lambda *t: _AttentionWeights.apply(*t, allowed), (q_content, k, q_position, r))
+    # and the forward is the definition: softmax over (content + shifted position) scores
+    weights = _AttentionWeights.apply(q_content, k, q_position, r, allowed)
+    position = (q_position @ r.transpose(1, 2)).view(h * b, l, k_len)
+    for i in range(l):
+        for j in range(k_len):
+            if j > k_len - l + i:
+                position[:, i, j] = float("-inf")
+            else:
+                position[:, i, j] = (q_position.view(h * b, l, d)[:, i] * r.repeat_interleave(b, 0)[:, k_len - 1 - (k_len - l + i - j)]).sum(-1)
+    scores = (q_content @ k.transpose(1, 2) + position).view(h, b, l, k_len).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(weights, scores.view(h * b, l, k_len).softmax(-1))

@@ -18,7 +18,8 @@ R_r is the sinusoidal encoding of the distance r (Vaswani et al. 2017, with the 
 cosine halves of Transformer-XL); W_r, u and v are learned; u and v are shared across positions.
 The position term is computed once for every distance K-1 ... 0, as (B, H, L, K), and shifted
 into place ("relative shift"): row i needs the distances K-L+i, K-L+i-1, ..., which are a window
-of that row starting at column L-1-i (a strided view at inference, pad-and-reshape in training).
+of that row starting at column L-1-i: a strided view (`_shifted_view`), read in place at inference
+and in training (`_AttentionWeights`, whose backward shifts the gradient back in one copy).
 
 The compressed memory is treated as more past positions: distances count through the compressed
 memory as through the memory (as in Rae et al. and DeepMind's code).
@@ -67,11 +68,11 @@ def relative_shift(position_scores: torch.Tensor) -> torch.Tensor:
 
 
 def _shifted_view(x: torch.Tensor) -> torch.Tensor:
-    """x contiguous (B, H, L, K) -> the view with [..., i, j] = x[..., i, j + L - 1 - i] (rows
+    """x contiguous (..., L, K) -> the view with [..., i, j] = x[..., i, j + L - 1 - i] (rows
     overlap by one element: the meaningless entries past each row's end read the next row)."""
-    b, h, l, k = x.shape
-    s_b, s_h, s_l, s_k = x.stride()
-    return x.as_strided((b, h, l, k), (s_b, s_h, s_l - 1, s_k), x.storage_offset() + l - 1)
+    l = x.shape[-2]
+    *lead, s_l, s_k = x.stride()
+    return x.as_strided(x.shape, (*lead, s_l - 1, s_k), x.storage_offset() + l - 1)
 
 
 class _RelativeShift(torch.autograd.Function):
@@ -87,6 +88,59 @@ class _RelativeShift(torch.autograd.Function):
         padded = F.pad(grad, (l - 1, 0))  # (B, H, L, K + L - 1)
         s_b, s_h, s_l, s_k = padded.stride()
         return padded.as_strided((b, h, l, k), (s_b, s_h, s_l + 1, s_k), padded.storage_offset()).contiguous()
+
+
+class _AttentionWeights(torch.autograd.Function):
+    """softmax(mask(content + shifted position scores)) over heads-major (G = H*B) rows.
+
+    Forward: q_content (G, L, D), k (G, K, D), q_position (H, B*L, D), r (H, K, D), allowed
+    (L, K) or (1, B, L, K); the scale is already in the queries. Returns the weights (G, L, K),
+    in the dtype autocast gives a softmax (bf16 on CPUs under bf16 autocast, fp32 on GPUs).
+
+    Passes over the (G, L, K) scores: the position product writes them raw, unshifted; the content
+    product reads them through the shifted view (`_shifted_view`, copied by `baddbmm` into its
+    output) and adds in place; the mask; the softmax. The backward: the softmax's, then the
+    shift back in one copy, then the four products. The shift back relies on what the softmax
+    guarantees: the gradient at masked scores is exactly 0, so the entries past each row's end
+    (which alias the next row's leading entries) may be written with it before the valid entries.
+    """
+
+    @staticmethod
+    def forward(ctx, q_content, k, q_position, r, allowed):
+        g, l, _ = q_content.shape
+        h, k_len = r.shape[0], r.shape[1]
+        raw = torch.bmm(q_position, r.transpose(1, 2)).view(g, l, k_len)  # (H, B*L, K) = (G, L, K)
+        scores = torch.baddbmm(_shifted_view(raw), q_content, k.transpose(1, 2))  # (G, L, K)
+        del raw
+        scores.view(h, g // h, l, k_len).masked_fill_(~allowed, float("-inf"))
+        weights = scores.softmax(dim=-1)  # (G, L, K); the autocast policy applies
+        ctx.save_for_backward(q_content, k, q_position, r, weights)
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad_weights):
+        q_content, k, q_position, r, weights = ctx.saved_tensors
+        g, l, k_len = weights.shape
+        h = r.shape[0]
+        grad_scores = torch._softmax_backward_data(grad_weights.to(weights.dtype), weights, -1, weights.dtype)
+        grad_scores = grad_scores.to(k.dtype)  # (G, L, K); exactly 0 at masked scores
+        grad_q_content = torch.bmm(grad_scores, k)  # (G, L, D)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), q_content)  # (G, K, D)
+        # the position scores' gradient, shifted back: raw[i, c] = grad[i, c - (L - 1 - i)], 0 for
+        # c < L - 1 - i. Through the shifted view of a fresh buffer: first the band of the last
+        # L - 1 columns (whose entries past a row's end carry masked zeros into the next row's
+        # leading entries), then the first K - L + 1 columns (valid in every row), then row 0's
+        # leading entries, which nothing else writes.
+        raw = torch.empty_like(grad_scores)
+        view = _shifted_view(raw)
+        split = k_len - l + 1
+        view[..., split:].copy_(grad_scores[..., split:])
+        view[..., :split].copy_(grad_scores[..., :split])
+        raw[:, 0, : l - 1] = 0
+        raw = raw.view(h, -1, k_len)  # (H, B*L, K)
+        grad_q_position = torch.bmm(raw, r)  # (H, B*L, D)
+        grad_r = torch.bmm(raw.transpose(1, 2), q_position)  # (H, K, D)
+        return grad_q_content, grad_k, grad_q_position, grad_r, None
 
 
 def causal_mask(l: int, k: int, device=None) -> torch.Tensor:
@@ -173,37 +227,28 @@ class RelativeMultiHeadAttention(nn.Module):
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
         r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
 
-        q_position = q + self.position_bias[:, None]  # (B, H, L, D)
-        if torch.is_grad_enabled():  # training: one product per head over all B * L queries
-            q_position = q_position.transpose(0, 1).reshape(self.n_heads, b * l, self.d_head)  # (H, B*L, D)
-            raw = (q_position @ r.transpose(-1, -2)).view(self.n_heads, b, l, k_len).transpose(0, 1)  # (B, H, L, K)
-        else:  # inference: contiguous, so the shift below is a view
-            raw = q_position @ r.transpose(-1, -2)  # (B, H, L, K)
-        position_scores = relative_shift(raw)  # (B, H, L, K)
         allowed = causal_mask(l, k_len, x.device)  # (L, K)
         if key_valid is not None:
             valid = torch.cat([key_valid, key_valid.new_ones(b, l)], dim=1)  # (B, K)
             allowed = allowed & valid[:, None, None, :]  # (B, 1, L, K)
-        q_content = q + self.content_bias[:, None]  # (B, H, L, D)
+        fused_training = torch.is_grad_enabled() and FUSED_TRAINING_SCORES and not need_weights
+        if not fused_training:
+            q_position = q + self.position_bias[:, None]  # (B, H, L, D)
+            if torch.is_grad_enabled():  # one product per head over all B * L queries
+                q_position = q_position.transpose(0, 1).reshape(self.n_heads, b * l, self.d_head)  # (H, B*L, D)
+                raw = (q_position @ r.transpose(-1, -2)).view(self.n_heads, b, l, k_len).transpose(0, 1)
+            else:  # inference: contiguous, so the shift below is a view
+                raw = q_position @ r.transpose(-1, -2)  # (B, H, L, K)
+            position_scores = relative_shift(raw)  # (B, H, L, K)
+            q_content = q + self.content_bias[:, None]  # (B, H, L, D)
         if need_weights:
             scores = (q_content @ k.transpose(-1, -2) + position_scores) * self.scale  # (B, H, L, K)
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             received = weights.sum(dim=(1, 2))  # (B, K)
             weights = dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
-        elif torch.is_grad_enabled() and FUSED_TRAINING_SCORES:
-            # training: scaled_dot_product_attention would fall back to its math path (the bias needs
-            # a gradient) and add the bias in a pass of its own; one batched product-and-add instead
-            h, bh = self.n_heads, b * self.n_heads
-            scores = torch.baddbmm(position_scores.reshape(bh, l, k_len), q_content.reshape(bh, l, self.d_head),
-                                   k.transpose(-1, -2).reshape(bh, self.d_head, k_len),
-                                   beta=self.scale, alpha=self.scale).view(b, h, l, k_len)  # (B, H, L, K)
-            # the mask outside autograd: the softmax's gradient is exactly 0 at the masked scores
-            # (their weights are 0), so masking it again in the backward would be a wasted pass
-            with torch.no_grad():
-                scores.masked_fill_(~allowed, float("-inf"))
-            weights = dropout(scores.softmax(-1), self.dropout_attn, self.training)
-            out = weights @ v  # (B, H, L, D)
+        elif fused_training:
+            out = self._training_attention(q, k, v, r, allowed)  # (B, H, L, D)
             received = None
         else:
             # one pass reads the shifted view and writes the masked bias, one scales it in place
@@ -213,6 +258,29 @@ class RelativeMultiHeadAttention(nn.Module):
             received = None
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
         return AttentionOutput(self.out(out), received, x_kv, queries, kv)
+
+    def _training_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
+                            allowed: torch.Tensor) -> torch.Tensor:
+        """Training attention, heads-major: the scores of all B * H (head, row) pairs as one
+        (H*B, L, K) tensor, built, masked and normalised by `_AttentionWeights` in five passes over
+        it, and differentiated in three (`docs/performance.md`). q (B, H, L, D), k and v (B, H, K, D),
+        r (H, K, D), allowed (L, K) or (B, 1, L, K) -> (B, H, L, D)."""
+        b, h, l, dh = q.shape
+        dtype = k.dtype  # the compute dtype: bf16 under autocast
+        scale = self.scale
+
+        def heads_major(t: torch.Tensor) -> torch.Tensor:  # (B, H, n, D) -> (H*B, n, D)
+            return t.transpose(0, 1).reshape(h * b, t.shape[2], dh)
+
+        # the scale goes into the (small) queries, so the scores need no pass of their own for it
+        q_content = heads_major((q + self.content_bias[:, None]) * scale).to(dtype)  # (HB, L, D)
+        q_position = ((q + self.position_bias[:, None]) * scale).transpose(0, 1).reshape(h, b * l, dh).to(dtype)
+        if allowed.ndim == 4:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
+            allowed = allowed.transpose(0, 1)
+        weights = _AttentionWeights.apply(q_content, heads_major(k), q_position, r.to(dtype), allowed)  # (HB, L, K)
+        weights = dropout(weights, self.dropout_attn, self.training)
+        out = weights @ heads_major(v)  # (HB, L, D)
+        return out.view(h, b, l, dh).transpose(0, 1)  # (B, H, L, D)
 
     def projected_content_attention(self, queries: torch.Tensor, key_values: torch.Tensor) -> torch.Tensor:
         """Content-only attention (no positions, no mask), the attention-reconstruction loss's, from
