@@ -326,6 +326,9 @@ def data_fetch(name: str, force: bool, cache_dir: Path | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="still", standalone_mode=False)
+        distributed = sys.modules.get("still.train.distributed")  # imported by a recipe that may use torchrun
+        if distributed is not None:
+            distributed.finish()  # every rank leaves the process group together
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)

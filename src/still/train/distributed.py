@@ -113,6 +113,15 @@ def setup(use_cuda: bool = True) -> Dist:
     return _current
 
 
+def finish() -> None:
+    """The end of a command that succeeded: wait for every rank, then leave the process group.
+    A rank that tears down while another is still at work (rank 0 writing the results) can abort
+    at exit in the backend's threads ("terminate called without an active exception")."""
+    if _current.enabled:
+        torch_dist.barrier()
+    teardown()
+
+
 def teardown() -> None:
     global _current
     if torch_dist.is_initialized():
