@@ -19,9 +19,13 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
         "${PIP[@]}" install "torch==$TORCH_VERSION"
     else
         # No GPU: never let pip resolve the CUDA build (gigabytes). A local CPU wheel first
-        # (pip's find-links), then PyTorch's CPU index.
-        "${PIP[@]}" install --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-            || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+        # (pip's find-links), alone, then its small dependencies from the usual index (torch is
+        # then already satisfied and stays the CPU build); else PyTorch's CPU index.
+        if "${PIP[@]}" install --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+            "${PIP[@]}" install "torch==$TORCH_VERSION"
+        else
+            "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+        fi
     fi
 fi
 "${PIP[@]}" install -e ".[dev]"
