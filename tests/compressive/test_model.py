@@ -185,6 +185,27 @@ def test_stale_inference_cache_is_not_used():
     assert torch.allclose(stale, fresh, atol=1e-6)
 
 
+def test_inference_caches_made_under_bf16_autocast_are_not_reused_in_fp32():
+    """The position projection and the state's keys and values cached by a bf16 (autocast)
+    forward are not used by an fp32 one, and the reverse: each gives what a fresh model gives."""
+    net, fresh = model(mem_len=8, c_mem_len=8).eval(), model(mem_len=8, c_mem_len=8).eval()
+    seq = tokens(l=32)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(seq[:, :24], net(seq[:, :8]).state)  # caches W_r R for up to 2 x 32 distances
+            state16 = net(seq[:, 8:16], net(seq[:, :8]).state).state
+        out = net(seq[:, 16:], state16)  # fp32, from a state cached in bf16
+        expected = fresh(seq[:, 16:], fresh(seq[:, 8:16], fresh(seq[:, :8]).state).state)
+        assert out.logits.dtype == torch.float32
+        assert torch.allclose(out.logits, expected.logits, atol=0.05)  # the memories themselves went through bf16
+        state32 = net(seq[:, 8:16], net(seq[:, :8]).state).state
+        assert torch.allclose(net(seq[:, 16:], state32).logits, expected.logits, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out16 = net(seq[:, 16:], state32)  # bf16, from fp32 caches
+            expected16 = fresh(seq[:, 16:], fresh(seq[:, 8:16], fresh(seq[:, :8]).state).state)
+        assert torch.allclose(out16.logits.float(), expected16.logits.float(), atol=0.05)
+
+
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_one(pre_norm):
     """The forward pass's W_q x and the old memories' keys and values are reused by the

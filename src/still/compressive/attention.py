@@ -43,6 +43,15 @@ from still.layers import dropout
 FUSED_TRAINING_SCORES = True
 
 
+def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matrix product of `dtype` inputs on `device` gives here (autocast's, when on):
+    caches made under bf16 autocast must not be read by an fp32 forward, nor the reverse."""
+    device_type = torch.device(device).type
+    if dtype.is_floating_point and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def sinusoidal_distances(klen: int, d_model: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Encodings of the distances klen-1, ..., 1, 0 (in that order): (klen, d_model)."""
     distances = torch.arange(klen - 1, -1, -1, device=device, dtype=torch.float32)  # (K,)
@@ -188,7 +197,7 @@ class RelativeMultiHeadAttention(nn.Module):
         rows, since rows run from the longest distance down to 0."""
         if torch.is_grad_enabled() or self.training:
             return self._project_positions(k_len, device, dtype)
-        key = (device, dtype, self.position.weight._version, id(self.position.weight))
+        key = (device, dtype, compute_dtype(device, dtype), self.position.weight._version, id(self.position.weight))
         if self._positions is None or self._positions[0] != key or self._positions[1].shape[1] < k_len:
             self._positions = (key, self._project_positions(max(k_len, 2 * k_len if self._positions else k_len),
                                                             device, dtype))

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention
+from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention, compute_dtype
 from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.errors import check
@@ -248,6 +248,8 @@ class CompressiveTransformer(nn.Module):
         use_cache = not self.training and not torch.is_grad_enabled()
         version = self._weights_version() if use_cache else None  # in-place updates bump it
         caches = state.key_values if use_cache and state.key_values_version == version else None
+        if caches and caches[0].dtype != compute_dtype(tokens.device, self.embedding.weight.dtype):
+            caches = None  # made under another precision (bf16 autocast or not): projected again
 
         h = self.dropout(self.embedding(tokens))  # (B, L, d)
         layer_inputs, attentions, context_kvs = [], [], []
