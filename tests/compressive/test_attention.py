@@ -190,3 +190,24 @@ def test_training_attention_weights_gradients(l, k_len, per_row_mask):
                 position[:, i, j] = (q_position.view(h * b, l, d)[:, i] * r.repeat_interleave(b, 0)[:, k_len - 1 - (k_len - l + i - j)]).sum(-1)
     scores = (q_content @ k.transpose(1, 2) + position).view(h, b, l, k_len).masked_fill(~allowed, float("-inf"))
     torch.testing.assert_close(weights, scores.view(h * b, l, k_len).softmax(-1))
+
+
+def test_content_attention_under_cpu_bf16_autocast_matches_fp32():
+    """The reconstruction loss's content attention: under bf16 autocast on the CPU it is written as
+    plain products (not PyTorch's flash kernel); its output and gradients match fp32 to bf16 precision."""
+    torch.manual_seed(0)
+    attention = RelativeMultiHeadAttention(d_model=32, n_heads=4)
+    queries = torch.randn(2, 12, 32)  # (B, L, d)
+    key_values = torch.randn(2, 5, 64, requires_grad=True)  # (B, n, 2d)
+    out32 = attention.projected_content_attention(queries, key_values)
+    (grad32,) = torch.autograd.grad(out32.square().sum(), key_values)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = attention.projected_content_attention(queries.bfloat16(), key_values.bfloat16())
+    assert out16.dtype == torch.bfloat16 and out16.shape == (2, 12, 32)
+    (grad16,) = torch.autograd.grad(out16.float().square().sum(), key_values)
+    assert torch.allclose(out16.float(), out32, atol=3e-2, rtol=3e-2)
+    assert (grad16 - grad32).norm() < 0.03 * grad32.norm()
+    # the fp32 reference itself: softmax(q k^T / sqrt(D)) v per head
+    q, k, v = queries.view(2, 12, 4, 8).transpose(1, 2), *key_values.detach().view(2, 5, 2, 4, 8).permute(2, 0, 3, 1, 4)
+    expected = ((q @ k.transpose(-1, -2)) / math.sqrt(8)).softmax(-1) @ v  # (B, H, L, D)
+    assert torch.allclose(out32, expected.transpose(1, 2).reshape(2, 12, 32), atol=1e-5)

@@ -234,9 +234,12 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     assert code == 0 and ", fp32" in out32
     bpc = [float(text.split(": ", 1)[1].split(" bits")[0]) for text in (out, out32)]
     assert abs(bpc[0] - bpc[1]) < 0.05
-    code, text, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be")
-    assert code == 0 and text.startswith("To be")
-    code, compiled, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--compile")
-    assert code == 0 and compiled == text  # the same seed, the same tokens
+    # greedy (top-k 1): the eager and the compiled bf16 steps round differently (logits agree to
+    # ~1e-2), so sampled tokens may differ where a uniform falls near a boundary; the top token agrees
+    code, text, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--top-k", "1")
+    assert code == 0 and text.startswith("To be") and len(text.rstrip("\n")) == len("To be") + 5
+    code, compiled, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--top-k", "1",
+                                "--compile")
+    assert code == 0 and compiled == text
     assert_user_error(capsys, *train_args(corpus, tmp_path / "x", "--precision", "fp16"),
                       contains="'fp16' is not one of 'fp32', 'bf16'")
