@@ -151,7 +151,7 @@ def test_training_scores_in_one_product_match_scaled_dot_product_attention(monke
     valid[0, :5] = False
     results = []
     for fused in (False, True):
-        monkeypatch.setattr(module, "FUSED_TRAINING_SCORES", fused)
+        monkeypatch.setattr(module, "FUSED_SCORES", fused)
         attn.zero_grad()
         x.grad = None
         out = attn(x, context, valid).out
@@ -211,3 +211,47 @@ def test_content_attention_under_cpu_bf16_autocast_matches_fp32():
     q, k, v = queries.view(2, 12, 4, 8).transpose(1, 2), *key_values.detach().view(2, 5, 2, 4, 8).permute(2, 0, 3, 1, 4)
     expected = ((q @ k.transpose(-1, -2)) / math.sqrt(8)).softmax(-1) @ v  # (B, H, L, D)
     assert torch.allclose(out32, expected.transpose(1, 2).reshape(2, 12, 32), atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_inference_scores_match_scaled_dot_product_attention(monkeypatch, cached):
+    """CPU inference in a dtype other than fp32 (bf16 in use; float64 here, to compare tightly)
+    builds the scores heads-major too: the same outputs as the SDPA path, with masked memory
+    slots, from the context or from its cached keys and values."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(32, 4).eval().double()
+    with torch.no_grad():
+        attn.content_bias.normal_()
+        attn.position_bias.normal_()
+    x, context = torch.randn(2, 8, 32, dtype=torch.float64), torch.randn(2, 12, 32, dtype=torch.float64)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, :5] = False
+    context_kv = attn.key_value(context).detach() if cached else None
+    outs = []
+    with torch.no_grad():
+        for fused in (False, True):
+            monkeypatch.setattr(module, "FUSED_SCORES", fused)
+            for mask in (None, valid):
+                outs.append(attn(x, None if cached else context, mask, context_kv=context_kv).out)
+    torch.testing.assert_close(outs[2], outs[0], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(outs[3], outs[1], atol=1e-10, rtol=1e-9)  # (the SDPA path: tested above)
+
+
+def test_bf16_inference_takes_the_heads_major_path(monkeypatch):
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(32, 4).eval()
+    x, context = torch.randn(2, 8, 32), torch.randn(2, 12, 32)
+    calls = []
+    fused = module.RelativeMultiHeadAttention._fused_attention
+    monkeypatch.setattr(attn, "_fused_attention", lambda *a: calls.append(1) or fused(attn, *a))
+    with torch.no_grad():
+        expected = attn(x, context).out  # fp32: the SDPA path
+        assert not calls
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, context).out
+    assert calls and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.03, rtol=0.03)
