@@ -68,13 +68,10 @@ class Dist:
         return torch.cat(parts, dim=0)
 
     def gather_list(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's `tensor` (same shape on all), on the CPU, indexed by rank (every rank gets them)."""
-        if not self.enabled:
-            return [tensor.cpu()]
-        local = tensor.to(self.device)  # NCCL gathers GPU tensors, gloo CPU ones
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        torch_dist.all_gather(parts, local.contiguous())
-        return [p.cpu() for p in parts]
+        """Every rank's `tensor` (same shape on all), on the CPU, indexed by rank (every rank gets them);
+        separate tensors, not views of one (safetensors refuses to save tensors that share memory)."""
+        rows = self.gather_rows(tensor.to(self.device)[None])  # (world, ...); NCCL gathers GPU tensors
+        return [row.cpu().clone() for row in rows]
 
     def barrier(self) -> None:
         if self.enabled:

@@ -206,7 +206,8 @@ class Trainer:
         Resumed on as many ranks, a run draws what it would have drawn uninterrupted; a rank the
         checkpoint has no state for gets a stream derived from rank 0's and its own rank number."""
         rank, device = self.dist.rank, self.dist.device
-        cpu, cuda = rng.get("torch_ranks"), rng.get("cuda_ranks") if device.type == "cuda" else None
+        cpu = rng.get("torch_ranks")
+        cuda = rng.get("cuda_ranks") if device.type == "cuda" else None
         if cpu:
             if rank < len(cpu):
                 torch.set_rng_state(cpu[rank])
