@@ -44,13 +44,29 @@ class OptimConfig:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of `config`, PyTorch's fused implementation where the parameters' device has one
+    (one kernel for all tensors: on the CPU, AdamW's step for 1.1M parameters took 3.3 ms against
+    8.8 for the default loop over tensors, and 6.3 against 24-33 ms for 6.7M; docs/performance.md).
+    Its updates equal the loop's up to float rounding."""
     params = [p for p in params if p.requires_grad]
+    fused = _fused_supported(params) or None
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+                               nesterov=config.momentum > 0, weight_decay=config.weight_decay, fused=fused)
     if config.name == "adam":
-        return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                fused=fused)
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused)
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    try:  # a private helper of PyTorch's, hence guarded
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except Exception:  # noqa: BLE001 - a PyTorch without it: the default implementation
+        return False
+    return bool(params) and all(p.device.type in devices and p.dtype.is_floating_point for p in params)
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
