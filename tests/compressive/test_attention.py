@@ -255,3 +255,22 @@ def test_bf16_inference_takes_the_heads_major_path(monkeypatch):
             out = attn(x, context).out
     assert calls and out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), expected, atol=0.03, rtol=0.03)
+
+
+def test_content_attention_with_and_without_gradients_agree():
+    """fp32 on the CPU: plain products when the keys and values need a gradient (the compressed
+    memories), PyTorch's fused kernel when not (the old memories); both give the same values, and the
+    plain path's gradients are those of the fused kernel."""
+    torch.manual_seed(1)
+    attention = RelativeMultiHeadAttention(d_model=32, n_heads=4)
+    queries = torch.randn(2, 12, 32)
+    key_values = torch.randn(2, 5, 64, requires_grad=True)
+    plain = attention.projected_content_attention(queries, key_values)  # differentiated: plain products
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), key_values)
+    with torch.no_grad():
+        fused = attention.projected_content_attention(queries, key_values)
+    torch.testing.assert_close(plain.detach(), fused)
+    k, v = key_values.view(2, 5, 2, 4, 8).permute(2, 0, 3, 1, 4)  # (B, H, n, D) each
+    reference = torch.nn.functional.scaled_dot_product_attention(queries.view(2, 12, 4, 8).transpose(1, 2), k, v)
+    (grad_reference,) = torch.autograd.grad(reference.square().sum(), key_values)
+    torch.testing.assert_close(grad_plain, grad_reference)

@@ -309,10 +309,13 @@ class RelativeMultiHeadAttention(nn.Module):
         b, l, d = queries.shape
         k, v = key_values.chunk(2, dim=-1)
         q, k, v = self._heads(queries), self._heads(k), self._heads(v)  # (B, H, L, D), (B, H, n, D) x 2
-        if q.device.type == "cpu" and q.dtype != torch.float32:
-            # PyTorch's CPU flash attention is slow in bf16 at these shapes (n = n_s / c is small):
-            # its backward took 10 ms against 1.2 ms in fp32 for L = 128, n = 32, D = 32, a third of
-            # a bf16 training step (docs/performance.md). Three plain operations take 2 ms.
+        differentiated = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        if q.device.type == "cpu" and (q.dtype != torch.float32 or differentiated):
+            # PyTorch's CPU flash attention is slow at these shapes (n = n_s / c is small) in bf16,
+            # and with a backward in fp32 too: forward and backward for L = 128, n = 32, D = 32 took
+            # 6.6 ms in bf16 (a third of a bf16 training step) and 1.9 ms in fp32, against 0.8 and
+            # 1.1 ms for these three plain operations (docs/performance.md). Without gradients in
+            # fp32 it is the faster (1.3 against 2.4 ms over the n_s = 128 old memories).
             weights = (q @ k.transpose(-1, -2)).mul_(self.scale).softmax(dim=-1)  # (B, H, L, n)
             out = weights @ v  # (B, H, L, D)
         else:
