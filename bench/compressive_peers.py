@@ -18,7 +18,8 @@ Measurements, each in a fresh subprocess (so one model's allocations and thread 
 another's), interleaved: repeat r runs train, eval and generate for every implementation, in an
 order rotated by r, so drifts in machine load hit all alike. Tables quote medians over repeats.
     train     tokens/s of a step: forward with the memories carried from the previous segment,
-              cross entropy + compression (reconstruction) loss, backward, AdamW. Warm-up segments
+              cross entropy + compression (reconstruction) loss, backward, AdamW (PyTorch's fused
+              implementation for everyone, as still's trainer uses since session 7). Warm-up segments
               first, until memory and compressed memory are full (checked); then every timed step
               must compute the compression loss (checked). No gradient clipping for anyone.
     eval      tokens/s of forward + cross entropy, eval mode, no grad, memories carried (warm-up as
@@ -407,7 +408,8 @@ def run_worker(spec: dict) -> dict:
 
         training = measure == "train"
         model.train(training)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate) if training else None
+        # the same optimizer for everyone: PyTorch's fused AdamW, which still's trainer builds
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=True) if training else None
 
         def step(i) -> bool:
             if not training:
