@@ -274,3 +274,24 @@ def test_content_attention_with_and_without_gradients_agree():
     reference = torch.nn.functional.scaled_dot_product_attention(queries.view(2, 12, 4, 8).transpose(1, 2), k, v)
     (grad_reference,) = torch.autograd.grad(reference.square().sum(), key_values)
     torch.testing.assert_close(grad_plain, grad_reference)
+
+
+def test_training_attention_under_cpu_bf16_autocast_matches_fp32():
+    """With gradients, the heads-major path: under bf16 autocast (the biases u and v added in bf16)
+    its output and the gradients of u, v and the input match fp32 to bf16 precision."""
+    torch.manual_seed(2)
+    attention = RelativeMultiHeadAttention(d_model=32, n_heads=4)
+    with torch.no_grad():
+        attention.content_bias.normal_()
+        attention.position_bias.normal_()
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    context = torch.randn(2, 9, 32)
+    params = [x, attention.content_bias, attention.position_bias]
+
+    def run(bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = attention(x, context).out
+        return [out.float(), *torch.autograd.grad(out.float().square().sum(), params)]
+
+    for a, b in zip(run(True), run(False)):
+        assert (a - b).norm() < 0.03 * b.norm()

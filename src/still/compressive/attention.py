@@ -293,8 +293,11 @@ class RelativeMultiHeadAttention(nn.Module):
             return t.transpose(0, 1).reshape(h * b, t.shape[2], dh)
 
         # the scale goes into the (small) queries, so the scores need no pass of their own for it
-        q_content = heads_major((q + self.content_bias[:, None]) * scale).to(dtype)  # (HB, L, D)
-        q_position = ((q + self.position_bias[:, None]) * scale).transpose(0, 1).reshape(h, b * l, dh).to(dtype)
+        # (q + u) * scale as u * scale + scale * q in one pass, in the compute dtype (bf16 under
+        # autocast: an fp32 u would make the sum fp32, then a cast)
+        q_content = heads_major(torch.add((self.content_bias * scale).to(dtype)[:, None], q.to(dtype), alpha=scale))
+        q_position = torch.add((self.position_bias * scale).to(dtype)[:, None], q.to(dtype), alpha=scale)
+        q_position = q_position.transpose(0, 1).reshape(h, b * l, dh)  # (H, B*L, D)
         if allowed.ndim == 4:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
             allowed = allowed.transpose(0, 1)
         weights = _AttentionWeights.apply(q_content, heads_major(k), q_position, r.to(dtype), allowed)  # (HB, L, K)
