@@ -295,3 +295,20 @@ def test_training_attention_under_cpu_bf16_autocast_matches_fp32():
 
     for a, b in zip(run(True), run(False)):
         assert (a - b).norm() < 0.03 * b.norm()
+
+
+def test_switching_to_eval_drops_the_position_cache():
+    """A weight written without a version bump (as PyTorch's fused optimizers write) is seen by the
+    next evaluation, since model.eval() drops the cached W_r R."""
+    torch.manual_seed(3)
+    attention = RelativeMultiHeadAttention(d_model=16, n_heads=2).eval()
+    x, context = torch.randn(1, 4, 16), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        before = attention(x, context).out
+        attention.position.weight.data.mul_(2.0)  # no version bump
+        attention.train().eval()
+        after = attention(x, context).out
+        attention._positions = None
+        fresh = attention(x, context).out
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+    assert not torch.equal(before, after)

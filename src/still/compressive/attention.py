@@ -210,6 +210,13 @@ class RelativeMultiHeadAttention(nn.Module):
                                                             device, dtype))
         return self._positions[1][:, -k_len:]
 
+    def train(self, mode: bool = True) -> RelativeMultiHeadAttention:
+        """Also drops the W_r R cache: weights written without a version bump (a fused optimizer
+        built without `still.train.optim`'s hook, a write through `.data`) are then still seen by
+        an evaluation that follows training."""
+        self._positions = None
+        return super().train(mode)
+
     def _project_positions(self, k_len: int, device, dtype) -> torch.Tensor:
         r = self.position(sinusoidal_distances(k_len, self.d_model, device, dtype))  # (K, d)
         return r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
