@@ -33,8 +33,13 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               optimizer state, memories and the allocator's cache, not the Python interpreter,
               torch's libraries or the weights. (ru_maxrss cannot be reset and, in a child, may carry
               the parent's pre-exec peak.) For generate this includes the untimed warm-up
-              generation, hence torch.compile's one-time work (about 170 MiB); `gen steady MiB` is
-              the timed generation's own (the high-water mark reset again after the warm-up).
+              generation; `gen steady MiB` is the timed generation's own (the high-water mark reset
+              again after the warm-up).
+    compile   ours+compile's decoding steps are compiled ahead of time (still.train.aot) once per
+              run, before the repeats, into an empty cache made for the run: the time of that
+              first generation and the compiling processes' peak resident set are printed apart.
+              Every measurement then loads the compiled steps from that cache, as a user's later
+              runs do.
     GFLOP/s   matmul and convolution FLOPs counted from shapes by torch.utils.flop_counter on one
               extra step (or one extra generation) of the first repeat, times the median rate;
               elementwise ops, softmax and norms are not counted.
@@ -60,6 +65,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
@@ -152,7 +158,8 @@ class Ours:
 
 
 class OursCompiled(Ours):
-    """Generation only: the decoding step through torch.compile (compiled during the untimed warm-up)."""
+    """Generation only: the decoding steps compiled ahead of time (built once per run before the
+    repeats, loaded from the cache in every measurement)."""
 
     name = "ours+compile"
     compile = True
@@ -380,7 +387,17 @@ def run_worker(spec: dict) -> dict:
     data_gen = torch.Generator().manual_seed(1000 + seed)
     result = {"impl": spec["impl"], "measure": measure, "seed": seed, "params": params, "flops": None}
 
-    if measure == "generate":
+    if measure == "compile":  # ours+compile's one-time build into the run's empty cache
+        import resource
+
+        prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), generator=data_gen)  # (1, P)
+        baseline = reset_peak_rss()
+        start = time.perf_counter()
+        generated = adapter.generate(prompt, cfg.new_tokens, seed)
+        seconds = time.perf_counter() - start
+        peak, tokens = _proc_status_kib()["VmHWM"], generated
+        result["compiler_peak_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    elif measure == "generate":
         prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), generator=data_gen)  # (1, P)
         baseline = reset_peak_rss()
         adapter.generate(prompt, cfg.new_tokens, seed)  # warm-up: the same generation, untimed
@@ -617,6 +634,22 @@ def main() -> None:
     impls = [i for i in IMPLEMENTATIONS if i in args.only]
     measures = [m for m in MEASURES if m in args.measures]
     results = []
+    build = None
+    if "ours+compile" in impls and "generate" in measures:  # compiled once, into a cache of this run's own
+        import shutil
+        import tempfile
+
+        aot_cache = tempfile.mkdtemp(prefix="still-bench-aot-")
+        os.environ["STILL_CACHE"] = aot_cache  # the workers inherit it
+        build = run_subprocess({"impl": "ours+compile", "measure": "compile", "seed": 0, "count_flops": False,
+                                "config": dataclasses.asdict(cfg)})
+        if "error" in build:
+            sys.exit(f"ours+compile: compiling failed: {build['error']}\n{build['stderr']}")
+        if not list((Path(aot_cache) / "aot").glob("*.pt2")):
+            sys.exit("ours+compile: nothing was compiled (the worker fell back to eager decoding): see "
+                     "still lm generate --compile's message")
+        print(f"[compile] ours+compile: first generation, compiling included, {build['seconds']:.1f} s",
+              file=sys.stderr, flush=True)
     total = repeats * sum(m in ONLY_MEASURES.get(i, MEASURES) for m in measures for i in impls)
     done = 0
     for repeat in range(repeats):
@@ -633,6 +666,8 @@ def main() -> None:
                 shown = f"{result['tokens_per_s']:.1f} tok/s" if "error" not in result else result["error"]
                 print(f"[{done}/{total}] repeat {repeat} {measure:8s} {impl:10s} {shown}", file=sys.stderr, flush=True)
     machine["load_average_end"] = os.getloadavg()
+    if build is not None:
+        shutil.rmtree(aot_cache, ignore_errors=True)
 
     rows, flop_rows, table = report(results, impls, measures, cfg, machine, repeats)
     notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))  # in order, once each
@@ -655,8 +690,15 @@ def main() -> None:
           f"in a fresh subprocess, implementations interleaved; memories (mem, compressed) after warm-up: "
           + ", ".join(f"{k} {tuple(v)}" for k, v in warmup.items()))
     print("peak MiB: growth of the resident set (VmHWM reset via /proc/self/clear_refs after building the model, "
-          "optimizer and data), warm-up included (for ours+compile generation: the compiling); gen steady MiB: "
-          "the timed generation's own, reset again after its warm-up\n")
+          "optimizer and data), warm-up included; gen steady MiB: the timed generation's own, reset again after "
+          "its warm-up")
+    if build is not None:
+        print(f"ours+compile: its decoding steps compiled ahead of time once, before the repeats, into an empty "
+              f"cache: the first generation took {build['seconds']:.1f} s with the compiling; the compiling "
+              f"processes' peak resident set {build['compiler_peak_mib']:.0f} MiB (once per shape, in child "
+              f"processes), the generating process's growth {build['peak_growth_mib']:.1f} MiB; every measurement "
+              "below loads the compiled steps from that cache")
+    print()
     print(table)
     print("Notes:")
     for note in notes:
@@ -666,7 +708,7 @@ def main() -> None:
 
         write_results(args.out, "compressive_peers", rows, title=table.splitlines()[0],
                       meta={"config": dataclasses.asdict(cfg), "machine": machine, "repeats": repeats,
-                            "flops": flop_rows, "notes": notes, "results": results})
+                            "flops": flop_rows, "notes": notes, "results": results, "compile": build})
         print(f"\nwrote {os.path.join(args.out, 'compressive_peers.json')} and .md")
     if errors:
         for r in errors:

@@ -9,6 +9,17 @@ import torch
 os.environ.setdefault("STILL_PROGRESS", "0")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _aot_cache(tmp_path_factory):
+    """Compiled packages (still.train.aot) go to one directory of this test run, never the user's cache."""
+    from still.train import aot
+
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("aot")
+        patch.setattr(aot, "cache_root", lambda: root)
+        yield root
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

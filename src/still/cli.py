@@ -252,8 +252,9 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @precision_option(None, "fp32 or bf16 (default: the run's).")
 @click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile the decoding step: tens of seconds to compile, then several times faster per "
-                   "token (worth it for long generations). Falls back to eager mode, saying why, where it fails.")
+              help="Compile the decoding step ahead of time (AOTInductor): about half a minute, once per model "
+                   "shape (cached), then several times faster per token. Falls back to eager mode, saying why, "
+                   "where it fails.")
 @threads_option
 def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_, threads):
     """Stream sampled text from a trained run, carrying the memories."""

@@ -56,7 +56,8 @@ def test_most_used_and_training_mode_are_refused():
 
 
 def test_compiled_decoder_gives_the_same_tokens():
-    """torch.compile of the step (a real compile, a few seconds for this size): the same logits."""
+    """The step compiled ahead of time (a real compile, about ten seconds a function at this size):
+    the same logits; the second decoder of the same shapes loads the packages instead."""
     torch.manual_seed(0)
     config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
                                compression_rate=2)
@@ -65,6 +66,25 @@ def test_compiled_decoder_gives_the_same_tokens():
     tokens = torch.randint(0, 11, (12,))
     for t in tokens:
         torch.testing.assert_close(compiled.step(t[None]), eager.step(t[None]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_decoder_that_cannot_compile_decodes_eagerly(monkeypatch, capsys):
+    from still.train import aot
+
+    def no_compiler(spec, path):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(aot, "_build", no_compiler)
+    monkeypatch.setattr(aot, "_LOADED", {})
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, d_ff=16,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2, pre_norm=False)).eval()
+    eager, compiled = Decoder(model, None, batch=2), Decoder(model, None, batch=2, compile=True)
+    for t in torch.randint(0, 11, (6, 2)):
+        torch.testing.assert_close(compiled.step(t), eager.step(t))
+    err = capsys.readouterr().err
+    assert err.count("--compile: cannot compile the decoding step (step) (InvalidCxxCompiler") == 1
+    assert "running without compiling" in err
 
 
 def test_small_models_decode_on_one_thread(monkeypatch):
@@ -80,8 +100,8 @@ def test_small_models_decode_on_one_thread(monkeypatch):
 
 
 def test_compiled_decoders_of_two_models_interleaved():
-    """After their first steps, compiled decoders skip re-checking dynamo's guards: two models of
-    the same shapes but another structure (post-norm), stepped in turn, each still gets its own graph."""
+    """Two models of the same shapes but another structure (post-norm), stepped in turn: each gets
+    its own compiled step (the structure is part of the package's key)."""
     torch.manual_seed(0)
     models = [CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                                                        mem_len=4, c_mem_len=2, compression_rate=2,
@@ -94,8 +114,8 @@ def test_compiled_decoders_of_two_models_interleaved():
 
 
 def test_compiled_decoders_of_two_models_of_one_structure_read_their_own_weights():
-    """Same shapes and structure: one compiled graph, each decoder's packed weights as its input.
-    A decoder made after a weight change sees the change."""
+    """Same shapes and structure: one compiled package, each decoder's weights as its inputs. A
+    decoder made after a weight change sees the change."""
     config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
                                compression_rate=2)
     models = []

@@ -15,18 +15,18 @@ head-major, written in place:
 A step attends from the new token over every valid slot (one product for content, one for
 position, a mask for the empty slots) and over its own key, then writes its keys, values and layer
 inputs into the memory ring's next slot, for all layers at once. No buffer is copied or
-concatenated, and the shapes never change, so `torch.compile` captures the step once. When the
+concatenated, and the shapes never change, so the step compiles once (`compile`: ahead of time, into a
+package cached on disk, `still.train.aot`). When the
 memory holds mem_len + c slots its oldest c are compressed (f_c, then projected to keys and values)
 into the compressed ring's next slot, in the same call: exactly `update_layer_memory` with L = 1
 (compression once every c steps, as DeepMind's sampler). Without compression the oldest slot
 simply falls out of the window (Transformer-XL). The ring positions and counts go in as one small
 integer tensor, so they never cause a recompilation.
 
-Compiled, the step reads the model's weights from one flat buffer that the decoder packs when it
-is made (a copy: the model's size again), not from the model: a compiled call pays about 0.6 us
-for each tensor it is given, and the model has some fifty. With the packed weights and the three state
-tensors, a call takes six. (For the same reason the writes go to whole tensors: a write into a view
-of a graph input makes the compiled graph copy the whole input.)
+Compiled, the step is given the model's weights as tensors (the parameters themselves, not a
+copy), so the compiled function depends on the model's shapes only: one package serves every model
+of that structure. (The writes go to whole tensors: a write into a view of a graph input makes the
+compiled graph copy the whole input.)
 
 Compiled, every product is written as a multiply-and-sum, which the compiler fuses with what
 surrounds it into vectorised loops (the whole step becomes one C++ function): at batch 1 a call into
@@ -51,8 +51,6 @@ falls back to the model's forward there).
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -62,7 +60,7 @@ import torch.nn.functional as F
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
 from still.compressive.sampling import Sampling, next_token
-from still.train.compile import MaybeCompiled
+from still.train.aot import AheadOfTime, ahead_of_time
 
 
 def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
@@ -104,25 +102,6 @@ class StepShape(NamedTuple):
     compression: str | None  # None: no compressed memory
     rate: int
     tap_rows: tuple[int, ...]  # conv and dilated: the old memory each weight tap reads (Compressor.one_window)
-    layout: tuple[tuple[str, int, tuple[int, ...]], ...]  # the packed weights: (name, offset, shape)
-
-
-def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[tuple[str, int, tuple[int, ...]], ...]]:
-    """Copy `tensors` into one flat buffer: (buffer, layout). A tensor given under two names (tied
-    weights) is stored once."""
-    layout, chunks, offsets, offset = [], [], {}, 0
-    for name, t in tensors.items():
-        if id(t) not in offsets:
-            offsets[id(t)] = offset
-            chunks.append(t.detach().reshape(-1))
-            offset += t.numel()
-        layout.append((name, offsets[id(t)], tuple(t.shape)))
-    return torch.cat(chunks), tuple(layout)
-
-
-def unpack(buffer: torch.Tensor, layout: tuple[tuple[str, int, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
-    """Views of the packed tensors, by name."""
-    return {name: buffer[offset : offset + math.prod(shape)].view(shape) for name, offset, shape in layout}
 
 
 class Decoder:
@@ -131,7 +110,8 @@ class Decoder:
     decoder = Decoder(model, state, batch)   # state: after the prompt (None: empty)
     logits = decoder.step(tokens)            # tokens (B,) -> logits (B, V); advances the state
 
-    `compile`: run the step through `torch.compile` (the decoder then packs a copy of the weights).
+    `compile`: run the step compiled ahead of time (`still.train.aot`: built once per shape in a child
+    process and cached, then loaded).
     `threads`: CPU threads for the steps (None: one for small models, else PyTorch's setting). The
     model's weights must not change while a decoder is in use: make a new one after a change.
     """
@@ -189,7 +169,7 @@ class Decoder:
                     f"{i}.qkv": torch.cat([attention.query.weight, attention.key_value.weight]),  # (3d, d): one product
                     f"{i}.u": attention.content_bias, f"{i}.v": attention.position_bias,  # (H, D)
                     # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a): (H, D, K)
-                    f"{i}.positions": attention.position_projection(self.k_cap, device, dtype).transpose(1, 2),
+                    f"{i}.positions": attention.position_projection(self.k_cap, device, dtype).transpose(1, 2).contiguous(),
                     f"{i}.out": attention.out.weight,
                     f"{i}.norm1.weight": layer.norm1.weight, f"{i}.norm1.bias": layer.norm1.bias,
                     f"{i}.norm2.weight": layer.norm2.weight, f"{i}.norm2.bias": layer.norm2.bias,
@@ -198,36 +178,33 @@ class Decoder:
                 if convolution:  # f_c of the oldest c memories: the taps (T, d, d) and which memory each reads
                     rows, tensors[f"{i}.taps"] = layer.compressor.one_window()
                     tap_rows = rows
-            # compiled: one flat copy (one graph input); eager: the tensors themselves (no copy)
-            self.weights: torch.Tensor | dict[str, torch.Tensor]
-            self.weights, layout = pack(tensors) if compile else (tensors, ())
+            self.weights = {name: t.contiguous() for name, t in tensors.items()}  # compiled: laid out as compiled
         norm = model.layers[0].norm1
         self.shape = StepShape(layers=layers, heads=heads, d_head=d_head, n_cap=self.n_cap, m_cap=self.m_cap,
                                pre_norm=config.pre_norm, eps=norm.eps,
                                compression=config.compression if self.compressing else None, rate=self.rate,
-                               tap_rows=tuple(tap_rows), layout=layout)
+                               tap_rows=tuple(tap_rows))
         # a step, and a step followed by the compression (every c-th step when compressing); each
-        # returning the logits, or a token drawn from them
+        # returning the logits, or a token drawn from them. Compiled: each when first needed.
         self._functions = _step_functions()
-        self._compiled = {which: _compiled(which, device.type) for which in self._functions} if compile else {}
-        self._checked = dict.fromkeys(self._functions, 0)  # calls so far that ran with all of dynamo's guards
-        self._skip_guards = _skip_guards() if compile else contextlib.nullcontext()
+        self.compile = compile
+        self._compiled: dict[tuple[str, Sampling | None], AheadOfTime | None] = {}
 
     def _counters(self) -> torch.Tensor:
         """The ring positions and counts as the step reads them: (next_c, next_m, n, m)."""
         return torch.tensor([self.next_c, self.next_m, self.n, self.m], device=self.keys.device)
 
-    def _guards(self, which: str, compiled: bool) -> contextlib.AbstractContextManager:
-        """After its first two compiled calls (compiled, then checked by every guard), a decoder's
-        calls skip dynamo's guard checks (20 us of a 150 us step here): nothing a guard checks
-        (shapes, dtypes, the step's constants) changes between the steps of one decoder, and the
-        guards that tell its graph from other decoders' graphs still run."""
-        if not compiled:
-            return contextlib.nullcontext()
-        if self._checked[which] < 2:
-            self._checked[which] += 1
-            return contextlib.nullcontext()
-        return self._skip_guards
+    def _compiled_step(self, which: str, sampling: Sampling | None, args: tuple) -> AheadOfTime | None:
+        """The compiled function `which` for this decoder's shapes (and `sampling`'s constants),
+        built or loaded at its first use; None where compiling is unavailable."""
+        key = (which, sampling)
+        if key not in self._compiled:
+            constants = (tuple(self.weights), which, self.shape, sampling)
+            with self._threads:  # compiled for the thread count it runs with
+                self._compiled[key] = ahead_of_time(_by_name, constants, args,
+                                                    what=f"the decoding step ({which})",
+                                                    threads=torch.get_num_threads())
+        return self._compiled[key]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -244,13 +221,17 @@ class Decoder:
         # mem_len + c memories after this step: compress the oldest c, in the same call
         compress = self.compressing and self.m + 1 == self.m_cap
         which = ("sample " if sampling is not None else "") + ("compress" if compress else "step")
-        compiled_fn = self._compiled.get(which)
-        compiled = compiled_fn is not None and compiled_fn.active  # products fused for the compiler
-        args = (self.weights, self.keys, self.values, self.inputs, self._counters(), tokens[:, None])
-        with self._threads, self._guards(which, compiled):
-            fn = compiled_fn if compiled else self._functions[which]
-            out = fn(*args, self.shape, compiled) if sampling is None else fn(*args, uniform, self.shape, sampling,
-                                                                                compiled)
+        args = (self.keys, self.values, self.inputs, self._counters(), tokens.view(-1, 1).contiguous())
+        if sampling is not None:
+            args += (uniform.contiguous(),)
+        compiled = self._compiled_step(which, sampling, (*self.weights.values(), *args)) if self.compile else None
+        with self._threads:
+            if compiled is not None:
+                out = compiled(*self.weights.values(), *args)[0]
+            else:
+                fn = self._functions[which]
+                out = (fn(self.weights, *args, self.shape, False) if sampling is None else
+                       fn(self.weights, *args, self.shape, sampling, False))
         self.next_m = (self.next_m + 1) % self.m_cap
         if not self.compressing:
             self.m = min(self.m + 1, self.mem_len)  # the oldest falls out of the window
@@ -263,37 +244,19 @@ class Decoder:
         return out
 
 
+def _by_name(*args: object) -> torch.Tensor:
+    """The step as it is compiled: the weights as separate tensors, in the order of `names`, then
+    the step's own tensors; last the constants (names, which, shape, sampling). Products fused."""
+    *tensors, names, which, shape, sampling = args
+    weights, rest = dict(zip(names, tensors)), tensors[len(names) :]
+    fn = _step_functions()[which]
+    return fn(weights, *rest, shape, True) if sampling is None else fn(weights, *rest, shape, sampling, True)
+
+
 def _step_functions() -> dict[str, Callable[..., torch.Tensor]]:
     """The step functions by name (looked up when called, so that tests can replace them)."""
     return {"step": _step, "compress": _step_and_compress, "sample step": _sample_step,
             "sample compress": _sample_step_and_compress}
-
-
-_COMPILED: dict[tuple[str, str], MaybeCompiled] = {}
-
-
-def _compiled(which: str, device_type: str) -> MaybeCompiled:
-    """The compiled step (`which`: a key of `Decoder._functions`), one for all decoders: making the wrapper
-    costs about a millisecond, and dynamo keeps one cache per function anyway."""
-    key = (which, device_type)
-    if key not in _COMPILED:
-        fn = _step_functions()[which]
-        options = {"options": {"cpp_wrapper": True}} if device_type == "cpu" else {}
-        _COMPILED[key] = MaybeCompiled(fn, f"the decoding step ({which})", dynamic=False, **options)
-    return _COMPILED[key]
-
-
-_SKIP_GUARDS: list[contextlib.AbstractContextManager] = []
-
-
-def _skip_guards() -> contextlib.AbstractContextManager:
-    """The stance that skips dynamo's guard checks, made once (making one costs 120 us, and sets it:
-    so it is restored at once)."""
-    if not _SKIP_GUARDS:
-        stance = torch.compiler.set_stance(skip_guard_eval_unsafe=True)
-        stance.__exit__(None, None, None)
-        _SKIP_GUARDS.append(stance)
-    return _SKIP_GUARDS[0]
 
 
 class using_threads:  # noqa: N801 - used as a context manager, like torch.no_grad
@@ -339,12 +302,12 @@ def _feed_forward(x: torch.Tensor, w: dict[str, torch.Tensor], i: int, fused: bo
     return _by_weight(F.relu(up), w[f"{i}.down.weight"], fused) + w[f"{i}.down.bias"]
 
 
-def _step(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+def _step(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
           counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
     """One token (B, 1) through every layer; writes its keys, values and layer inputs into the
-    buffers (in place) and returns the logits (B, 1, V). `weights`: packed (`pack`), or by name.
+    buffers (in place) and returns the logits (B, 1, V). `weights`: by name.
     `counters`: (next_c, next_m, n, m). `fused`: products as multiply-and-sum (for the compiler)."""
-    w = weights if isinstance(weights, dict) else unpack(weights, shape.layout)
+    w = weights
     next_c, next_m, n, m = counters.unbind()
     n_cap, m_cap, heads, d_head = shape.n_cap, shape.m_cap, shape.heads, shape.d_head
     k_cap, scale = n_cap + m_cap, d_head**-0.5
@@ -395,12 +358,12 @@ def _step(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor, v
     return _by_weight(h, w["head"], fused)  # (B, 1, V)
 
 
-def _step_and_compress(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+def _step_and_compress(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
                        counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
     """`_step`, after which the memory ring is full (mem_len + c): then the oldest c inputs of every
     layer are compressed into the compressed ring's next slot (keys and values, in place)."""
     logits = _step(weights, keys, values, inputs, counters, token, shape, fused)
-    w = weights if isinstance(weights, dict) else unpack(weights, shape.layout)
+    w = weights
     next_c, next_m = counters[0].view(1), (counters[1] + 1).remainder(shape.m_cap)  # the ring after the step
     oldest = inputs.index_select(2, (next_m + torch.arange(shape.rate, device=counters.device)).remainder(shape.m_cap))
     new_keys, new_values = [], []
@@ -425,7 +388,7 @@ def _step_and_compress(weights: torch.Tensor | dict[str, torch.Tensor], keys: to
     return logits
 
 
-def _sample_step(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
+def _sample_step(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
                  inputs: torch.Tensor, counters: torch.Tensor, token: torch.Tensor, uniform: torch.Tensor,
                  shape: StepShape, sampling: Sampling, fused: bool) -> torch.Tensor:
     """`_step`, then the next token drawn from its logits: (B,)."""
@@ -433,7 +396,7 @@ def _sample_step(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Te
     return next_token(logits[:, 0], uniform, sampling)
 
 
-def _sample_step_and_compress(weights: torch.Tensor | dict[str, torch.Tensor], keys: torch.Tensor,
+def _sample_step_and_compress(weights: dict[str, torch.Tensor], keys: torch.Tensor,
                               values: torch.Tensor, inputs: torch.Tensor, counters: torch.Tensor, token: torch.Tensor,
                               uniform: torch.Tensor, shape: StepShape, sampling: Sampling, fused: bool) -> torch.Tensor:
     """`_step_and_compress`, then the next token drawn from its logits: (B,)."""

@@ -314,7 +314,7 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
                 checkpoint: str | Path | None = None, precision: str | None = None, compile: bool = False) -> str:
     """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
-    `precision`: fp32 or bf16 (default: the run's). `compile`: torch.compile the decoding step."""
+    `precision`: fp32 or bf16 (default: the run's). `compile`: the decoding step compiled ahead of time (cached)."""
     config, vocab, model, _ = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)

@@ -1,0 +1,209 @@
+"""Ahead-of-time compilation: a function of tensors compiled once into a cached package.
+
+    step = ahead_of_time(fn, constants, examples, what="the decoding step", threads=1)
+    outputs = step(*tensors)   # a list of tensors; None came back if compiling failed (fn runs eagerly)
+
+`fn(*tensors, *constants)` is exported (`torch.export`) and compiled by AOTInductor into a package
+(a shared library and its metadata, `.pt2`) under `<cache>/aot/`, keyed on everything the compiled
+code depends on: the function's package source, the constants, the tensors' shapes, strides,
+dtypes and device, the caller's autocast (compiled in: a package runs as it was built, whatever the
+autocast around the call), the thread count, PyTorch's version and the processor. In-place writes
+to the inputs are kept (the compiled code writes into the tensors it is given).
+
+Why not `torch.compile`: its compiler lives in the process that calls it. Importing it costs about
+70 MiB, compiling a step costs another 100 MiB or more, and a fresh process pays seconds to trace
+again even when the compiled code is cached. Here the compiling runs once per shape in a child
+process, and every later process only loads a small shared library (1 MiB here, a few
+milliseconds) through PyTorch's C++ package loader, without importing the Python compiler at all.
+
+Where compiling cannot work (no C++ compiler, an export the function does not allow), the reason
+is printed once and the caller runs the function eagerly: `ahead_of_time` returns None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from still.train.progress import log
+
+_LOADED: dict[str, AheadOfTime | None] = {}  # by key: loaded packages, and None for failed builds
+_SOURCE_HASH: list[str] = []
+
+
+class AheadOfTime:
+    """A loaded package: call it with the tensors (in the order of the examples) to get the outputs."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        self.path = path
+        index = device.index if device.type != "cpu" and device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else -1)
+        loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+        if loader is not None:  # the C++ loader alone: no import of the Python compiler
+            self._run = loader(str(path), "model", False, 1, index).run
+        else:  # pragma: no cover - older or newer PyTorch without it
+            from torch._inductor import aoti_load_package
+
+            self._run = aoti_load_package(str(path), device_index=index).loader.run
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return self._run(list(tensors))
+
+
+def cache_root() -> Path:
+    from still.data.cache import cache_dir
+
+    return cache_dir() / "aot"
+
+
+def ahead_of_time(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor], what: str,
+                  threads: int | None = None) -> AheadOfTime | None:
+    """`fn` compiled for tensors of the shapes, strides, dtypes and device of `examples` (their
+    values are not used) and these `constants`, loaded from the cache or built there first; None
+    where that fails (said once). The compiled code assumes those strides: call it with tensors
+    laid out as the examples were."""
+    spec, path = _spec(fn, constants, examples, threads), package_path(fn, constants, examples, threads)
+    key = path.stem
+    if key in _LOADED:
+        return _LOADED[key]
+    loaded = None
+    try:
+        if not path.exists():
+            log(f"--compile: compiling {what} ahead of time, once for these shapes (a minute or less); "
+                f"cached in {path.parent}")
+            _build({**spec, "path": sys.path}, path)  # the child imports fn as this process does
+        loaded = AheadOfTime(path, examples[0].device)
+    except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        log(f"--compile: cannot compile {what} ({(lines[-1] if lines else type(e).__name__)[:300]}); "
+            "running without compiling")
+    _LOADED[key] = loaded
+    return loaded
+
+
+def package_path(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor],
+                 threads: int | None = None) -> Path:
+    """Where `ahead_of_time` keeps (or will keep) the package for these arguments."""
+    spec = _spec(fn, constants, examples, threads)
+    return cache_root() / f"{_key(spec, examples[0].device, fn)}.pt2"
+
+
+def _spec(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor], threads: int | None) -> dict:
+    device_type = examples[0].device.type
+    autocast = (str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+                if torch.is_autocast_enabled(device_type) else None)
+    return {"fn": f"{fn.__module__}:{fn.__qualname__}", "constants": constants,
+            "inputs": [(tuple(t.shape), t.stride(), str(t.dtype).removeprefix("torch."), str(t.device))
+                       for t in examples],
+            "threads": threads if threads is not None else torch.get_num_threads(),
+            "autocast": autocast}  # the caller's autocast dtype, compiled in (the package ignores the caller's)
+
+
+def _key(spec: dict, device: torch.device, fn: Callable[..., Any]) -> str:
+    digest = hashlib.sha256()
+    try:  # the function's own file, where it is not part of still
+        own = Path(inspect.getsourcefile(fn) or "").read_bytes()
+    except (OSError, TypeError):
+        own = b""
+    for part in (pickle.dumps(spec, protocol=4), torch.__version__.encode(), _source_hash().encode(),
+                 _machine(device).encode(), own):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:32]
+
+
+def _source_hash() -> str:
+    """Of every Python file of the `still` package: a change anywhere rebuilds (it is rare, and the
+    compiled function may call into any of them)."""
+    if not _SOURCE_HASH:
+        digest = hashlib.sha256()
+        root = Path(__file__).resolve().parents[1]
+        for file in sorted(root.rglob("*.py")):
+            digest.update(str(file.relative_to(root)).encode())
+            digest.update(file.read_bytes())
+        _SOURCE_HASH.append(digest.hexdigest())
+    return _SOURCE_HASH[0]
+
+
+def _machine(device: torch.device) -> str:
+    """What compiled code for `device` depends on beyond PyTorch: the processor's instruction set
+    (the CPU code is built for the machine that compiles it), or the GPU."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)} {torch.version.cuda}"
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name", "Features", "CPU part")):
+                    flags += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return f"{device.type} {platform.machine()} {platform.processor()} {flags}"
+
+
+def _build(spec: dict, path: Path) -> None:
+    """Compile in a child process (the compiler's memory and imports stay out of this one), into a
+    temporary file moved into place when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    spec_fd, spec_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".spec", dir=path.parent)
+    try:
+        with os.fdopen(spec_fd, "wb") as f:
+            pickle.dump(spec, f, protocol=4)
+        done = subprocess.run([sys.executable, "-m", "still.train.aot", spec_name, tmp_name],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip() or f"the compiling process exited with {done.returncode}")
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+        Path(spec_name).unlink(missing_ok=True)
+
+
+class _Function(torch.nn.Module):
+    """What is exported: the tensors in, the constants bound."""
+
+    def __init__(self, fn: Callable[..., Any], constants: tuple) -> None:
+        super().__init__()
+        self.fn, self.constants = fn, constants
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.fn(*tensors, *self.constants)
+
+
+def _compile(spec: dict, out: str) -> None:
+    """The child's work: export `spec`'s function on zero tensors of its shapes, then compile it."""
+    sys.path[:] = spec["path"]
+    module, name = spec["fn"].split(":")
+    fn = importlib.import_module(module)
+    for part in name.split("."):
+        fn = getattr(fn, part)
+    torch.set_num_threads(spec["threads"])
+    examples = tuple(torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device).zero_()
+                     for shape, stride, dtype, device in spec["inputs"])
+    device_type = torch.device(spec["inputs"][0][3]).type
+    autocast = (torch.autocast(device_type, dtype=getattr(torch, spec["autocast"])) if spec["autocast"]
+                else contextlib.nullcontext())
+    with torch.no_grad(), autocast:
+        exported = torch.export.export(_Function(fn, spec["constants"]), examples, strict=False)
+        torch._inductor.aoti_compile_and_package(exported, package_path=out)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], "rb") as f:
+        _compile(pickle.load(f), sys.argv[2])

@@ -1,0 +1,86 @@
+"""Ahead-of-time compilation: built once in a child process, cached, loaded without the compiler."""
+
+import subprocess
+import sys
+
+import torch
+
+from still.train import aot
+from still.train.aot import ahead_of_time
+
+
+def scale_and_count(x, counter, factor):
+    """Returns x * factor, and adds 1 to `counter` in place."""
+    counter.add_(1)
+    return x * factor + 0.5
+
+
+def branch_on_values(x, unused):
+    if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+        return x
+    return -x
+
+
+def test_compiled_function_gives_the_eager_values_and_keeps_in_place_writes():
+    x, counter = torch.randn(3, 5), torch.zeros(2)
+    compiled = ahead_of_time(scale_and_count, (3.0,), (x, counter), what="the test function", threads=1)
+    assert compiled is not None
+    (out,) = compiled(x, counter)
+    torch.testing.assert_close(out, x * 3 + 0.5)
+    (out,) = compiled(x + 1, counter)
+    torch.testing.assert_close(out, (x + 1) * 3 + 0.5)
+    assert torch.equal(counter, torch.full((2,), 2.0))  # written by the compiled code, twice
+
+
+def test_packages_are_cached_and_keyed_on_constants_shapes_and_strides(monkeypatch):
+    x, counter = torch.randn(4, 2), torch.zeros(1)
+    ahead_of_time(scale_and_count, (2.0,), (x, counter), what="f", threads=1)
+    files = set(aot.cache_root().glob("*.pt2"))
+    monkeypatch.setattr(aot, "_LOADED", {})  # a new process: loads from disk, builds nothing
+
+    def no_build(spec, path):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(aot, "_build", no_build)
+    (out,) = ahead_of_time(scale_and_count, (2.0,), (x, counter), what="f", threads=1)(x, counter)
+    torch.testing.assert_close(out, x * 2 + 0.5)
+    monkeypatch.undo()
+    monkeypatch.setattr(aot, "_LOADED", {})
+    transposed = torch.randn(2, 4).t()  # same shape as x, other strides: compiled apart, and right
+    for constants, example in (((5.0,), x), ((2.0,), transposed)):
+        (out,) = ahead_of_time(scale_and_count, constants, (example, counter), what="f", threads=1)(example, counter)
+        torch.testing.assert_close(out, example * constants[0] + 0.5)
+    assert len(set(aot.cache_root().glob("*.pt2")) - files) == 2
+
+
+def test_a_function_that_cannot_be_compiled_runs_eagerly_with_a_message(capsys):
+    x = torch.ones(3)
+    assert ahead_of_time(branch_on_values, (None,), (x,), what="the branching function", threads=1) is None
+    err = capsys.readouterr().err
+    assert "--compile: cannot compile the branching function" in err and "running without compiling" in err
+    assert ahead_of_time(branch_on_values, (None,), (x,), what="the branching function", threads=1) is None
+    assert capsys.readouterr().err == ""  # said once
+
+
+def test_loading_a_package_does_not_import_the_compiler():
+    x, counter = torch.randn(3), torch.zeros(1)
+    ahead_of_time(scale_and_count, (7.0,), (x, counter), what="f", threads=1)
+    path = aot.package_path(scale_and_count, (7.0,), (x, counter), threads=1)
+    assert path.exists()
+    code = ("import sys, pathlib, torch; from still.train.aot import AheadOfTime; "
+            f"f = AheadOfTime(pathlib.Path({str(path)!r}), torch.device('cpu')); "
+            "c = torch.zeros(1); (out,) = f(torch.ones(3), c); "
+            "assert torch.equal(out, torch.full((3,), 7.5)) and c.item() == 1, (out, c); "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch._inductor', 'torch._dynamo'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_key_covers_threads_and_function():
+    x, counter = torch.randn(2), torch.zeros(1)
+    path = aot.package_path(scale_and_count, (1.0,), (x, counter), threads=1)
+    assert path == aot.package_path(scale_and_count, (1.0,), (torch.zeros(2), torch.ones(1)), threads=1)  # values: no
+    assert path != aot.package_path(scale_and_count, (1.0,), (x, counter), threads=2)
+    assert path != aot.package_path(branch_on_values, (1.0,), (x, counter), threads=1)
+    assert path != aot.package_path(scale_and_count, (1.0,), (x.double(), counter), threads=1)
