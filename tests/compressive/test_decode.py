@@ -87,6 +87,21 @@ def test_a_decoder_that_cannot_compile_decodes_eagerly(monkeypatch, capsys):
     assert "running without compiling" in err
 
 
+def test_decoding_steps_compute_in_the_weights_dtype_under_autocast():
+    """bf16 autocast covers the prompt, not the one-token steps (casting every weight for each
+    token costs more than it saves): the steps give the fp32 logits, in fp32."""
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2)).eval()
+    plain = Decoder(model, None, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = Decoder(model, None, batch=2)
+        for t in torch.randint(0, 11, (9, 2)):
+            out = under_autocast.step(t)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, plain.step(t), atol=1e-6, rtol=1e-6)
+
+
 def test_small_models_decode_on_one_thread(monkeypatch):
     model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32)).eval()
     size = sum(p.numel() for p in model.parameters())
