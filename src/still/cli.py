@@ -253,7 +253,7 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 @precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt; the one-token steps "
                        "after it run in fp32 (faster at these sizes).")
 @click.option("--compile", "compile_", is_flag=True,
-              help="Compile the decoding step ahead of time (AOTInductor): about half a minute, once per model "
+              help="Compile the decoding step ahead of time (AOTInductor): under a minute, once per model "
                    "shape (cached), then several times faster per token. Falls back to eager mode, saying why, "
                    "where it fails.")
 @threads_option

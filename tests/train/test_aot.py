@@ -41,7 +41,7 @@ def test_packages_are_cached_and_keyed_on_constants_shapes_and_strides(monkeypat
     def no_build(spec, path):
         raise AssertionError("built again")
 
-    monkeypatch.setattr(aot, "_build", no_build)
+    monkeypatch.setattr(aot, "_Build", no_build)
     (out,) = ahead_of_time(scale_and_count, (2.0,), (x, counter), what="f", threads=1)(x, counter)
     torch.testing.assert_close(out, x * 2 + 0.5)
     monkeypatch.undo()
@@ -84,3 +84,22 @@ def test_key_covers_threads_and_function():
     assert path != aot.package_path(scale_and_count, (1.0,), (x, counter), threads=2)
     assert path != aot.package_path(branch_on_values, (1.0,), (x, counter), threads=1)
     assert path != aot.package_path(scale_and_count, (1.0,), (x.double(), counter), threads=1)
+
+
+def test_several_functions_build_side_by_side_and_old_packages_are_pruned(monkeypatch):
+    x, counter = torch.randn(2, 3), torch.zeros(1)
+    requests = [aot.Request(scale_and_count, (factor,), (x, counter), f"f{factor}") for factor in (11.0, 12.0)]
+    started = []
+    build = aot._Build
+
+    def recording_build(spec, path):
+        started.append(path)
+        assert all(p.stem not in aot._LOADED for p in started)  # all started before any is loaded
+        return build(spec, path)
+
+    monkeypatch.setattr(aot, "_Build", recording_build)
+    monkeypatch.setattr(aot, "PACKAGES_KEPT", 2)  # these two are the newest: every other package goes
+    compiled = aot.ahead_of_time_all(requests, threads=1)
+    assert len(started) == 2 and sorted(aot.cache_root().glob("*.pt2")) == sorted(started)
+    for factor, package in zip((11.0, 12.0), compiled):
+        torch.testing.assert_close(package(x, counter)[0], x * factor + 0.5)

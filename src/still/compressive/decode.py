@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
 from still.compressive.sampling import Sampling, next_token
-from still.train.aot import AheadOfTime, ahead_of_time
+from still.train.aot import AheadOfTime, Request, ahead_of_time_all
 
 
 def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
@@ -198,14 +198,18 @@ class Decoder:
 
     def _compiled_step(self, which: str, sampling: Sampling | None, args: tuple) -> AheadOfTime | None:
         """The compiled function `which` for this decoder's shapes (and `sampling`'s constants),
-        built or loaded at its first use; None where compiling is unavailable."""
+        built or loaded at its first use, together with its twin (the step with or without the
+        compression: both are needed, and are built side by side); None where compiling is
+        unavailable."""
         key = (which, sampling)
         if key not in self._compiled:
-            constants = (tuple(self.weights), which, self.shape, sampling)
+            prefix = "sample " if sampling is not None else ""
+            pair = [prefix + "step", prefix + "compress"] if self.compressing else [which]
+            requests = [Request(_by_name, (tuple(self.weights), name, self.shape, sampling), args,
+                                what=_DESCRIPTIONS[name]) for name in pair]
             with self._threads:  # compiled for the thread count it runs with
-                self._compiled[key] = ahead_of_time(_by_name, constants, args,
-                                                    what=f"the decoding step ({which})",
-                                                    threads=torch.get_num_threads())
+                compiled = ahead_of_time_all(requests, threads=torch.get_num_threads())
+            self._compiled |= {(name, sampling): c for name, c in zip(pair, compiled)}
         return self._compiled[key]
 
     @torch.no_grad()
@@ -254,6 +258,11 @@ def _by_name(*args: object) -> torch.Tensor:
     weights, rest = dict(zip(names, tensors)), tensors[len(names) :]
     fn = _step_functions()[which]
     return fn(weights, *rest, shape, True) if sampling is None else fn(weights, *rest, shape, sampling, True)
+
+
+_DESCRIPTIONS = {"step": "the decoding step", "compress": "the decoding step with compression",
+                 "sample step": "the decoding step with sampling",
+                 "sample compress": "the decoding step with compression and sampling"}
 
 
 def _step_functions() -> dict[str, Callable[..., torch.Tensor]]:

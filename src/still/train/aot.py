@@ -17,7 +17,10 @@ process, and every later process only loads a small shared library (1 MiB here, 
 milliseconds) through PyTorch's C++ package loader, without importing the Python compiler at all.
 
 Where compiling cannot work (no C++ compiler, an export the function does not allow), the reason
-is printed once and the caller runs the function eagerly: `ahead_of_time` returns None.
+is printed once and the caller runs the function eagerly: `ahead_of_time` returns None. Several
+functions asked for together (`ahead_of_time_all`) are built side by side, a child process each.
+The cache keeps the 64 most recently used packages (a new version of still or PyTorch makes the
+older ones unreachable).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -69,29 +72,79 @@ def cache_root() -> Path:
     return cache_dir() / "aot"
 
 
+class Request(NamedTuple):
+    """One function to compile: `fn(*examples, *constants)`; `what` names it in messages."""
+
+    fn: Callable[..., Any]
+    constants: tuple
+    examples: Sequence[torch.Tensor]
+    what: str
+
+
 def ahead_of_time(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor], what: str,
                   threads: int | None = None) -> AheadOfTime | None:
     """`fn` compiled for tensors of the shapes, strides, dtypes and device of `examples` (their
     values are not used) and these `constants`, loaded from the cache or built there first; None
     where that fails (said once). The compiled code assumes those strides: call it with tensors
     laid out as the examples were."""
-    spec, path = _spec(fn, constants, examples, threads), package_path(fn, constants, examples, threads)
-    key = path.stem
-    if key in _LOADED:
-        return _LOADED[key]
-    loaded = None
-    try:
-        if not path.exists():
-            log(f"--compile: compiling {what} ahead of time, once for these shapes (a minute or less); "
-                f"cached in {path.parent}")
-            _build({**spec, "path": sys.path}, path)  # the child imports fn as this process does
-        loaded = AheadOfTime(path, examples[0].device)
-    except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
-        lines = [line for line in str(e).strip().splitlines() if line.strip()]
-        log(f"--compile: cannot compile {what} ({(lines[-1] if lines else type(e).__name__)[:300]}); "
-            "running without compiling")
-    _LOADED[key] = loaded
+    return ahead_of_time_all([Request(fn, constants, examples, what)], threads)[0]
+
+
+def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -> list[AheadOfTime | None]:
+    """`ahead_of_time` for several functions; those not yet cached are built side by side, a
+    child process each."""
+    jobs = []
+    for request in requests:
+        spec = _spec(request.fn, request.constants, request.examples, threads)
+        path = cache_root() / f"{_key(spec, request.examples[0].device, request.fn)}.pt2"
+        jobs.append((request, spec, path))
+    missing = {path: (request, spec) for request, spec, path in jobs if path.stem not in _LOADED and not path.exists()}
+    errors: dict[Path, str] = {}
+    if missing:
+        log(f"--compile: compiling {' and '.join(r.what for r, _ in missing.values())} ahead of time, once for "
+            f"these shapes (a minute or less); cached in {cache_root()}")
+        builds = {}
+        for path, (_, spec) in missing.items():
+            try:
+                builds[path] = _Build({**spec, "path": sys.path}, path)  # the child imports fn as we do
+            except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+                errors[path] = _last_line(e)
+        for path, build in builds.items():
+            try:
+                build.finish()
+            except Exception as e:  # noqa: BLE001
+                errors[path] = _last_line(e)
+        _prune(cache_root(), keep=PACKAGES_KEPT)
+    loaded = []
+    for request, _, path in jobs:
+        if path.stem not in _LOADED:
+            package = None
+            try:
+                if path in errors:
+                    raise RuntimeError(errors[path])
+                package = AheadOfTime(path, request.examples[0].device)
+                os.utime(path)  # used: kept longest by `_prune`
+            except Exception as e:  # noqa: BLE001
+                log(f"--compile: cannot compile {request.what} ({_last_line(e)[:300]}); running without compiling")
+            _LOADED[path.stem] = package
+        loaded.append(_LOADED[path.stem])
     return loaded
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+PACKAGES_KEPT = 64  # the most recently used packages kept in the cache (a few MiB each)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used packages (a new version of still or PyTorch
+    makes every older package unreachable)."""
+    packages = sorted(root.glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in packages[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def package_path(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor],
@@ -155,24 +208,37 @@ def _machine(device: torch.device) -> str:
     return f"{device.type} {platform.machine()} {platform.processor()} {flags}"
 
 
-def _build(spec: dict, path: Path) -> None:
-    """Compile in a child process (the compiler's memory and imports stay out of this one), into a
-    temporary file moved into place when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    spec_fd, spec_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".spec", dir=path.parent)
-    try:
-        with os.fdopen(spec_fd, "wb") as f:
-            pickle.dump(spec, f, protocol=4)
-        done = subprocess.run([sys.executable, "-m", "still.train.aot", spec_name, tmp_name],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip() or f"the compiling process exited with {done.returncode}")
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
-        Path(spec_name).unlink(missing_ok=True)
+class _Build:
+    """A package being compiled in a child process (the compiler's memory and imports stay out of
+    this one), into a temporary file that `finish` moves into place when complete."""
+
+    def __init__(self, spec: dict, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
+        os.close(fd)
+        spec_fd, self.spec_file = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".spec", dir=path.parent)
+        try:
+            with os.fdopen(spec_fd, "wb") as f:
+                pickle.dump(spec, f, protocol=4)
+            self.process = subprocess.Popen([sys.executable, "-m", "still.train.aot", self.spec_file, self.tmp],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        except BaseException:
+            self._clean()
+            raise
+
+    def finish(self) -> None:
+        try:
+            _, stderr = self.process.communicate()
+            if self.process.returncode != 0:
+                raise RuntimeError(stderr.strip() or f"the compiling process exited with {self.process.returncode}")
+            os.replace(self.tmp, self.path)
+        finally:
+            self._clean()
+
+    def _clean(self) -> None:
+        Path(self.tmp).unlink(missing_ok=True)
+        Path(self.spec_file).unlink(missing_ok=True)
 
 
 class _Function(torch.nn.Module):
