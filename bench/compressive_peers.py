@@ -694,9 +694,10 @@ def main() -> None:
           "its warm-up")
     if build is not None:
         print(f"ours+compile: its decoding steps compiled ahead of time once, before the repeats, into an empty "
-              f"cache: the first generation took {build['seconds']:.1f} s with the compiling; the compiling "
-              f"processes' peak resident set {build['compiler_peak_mib']:.0f} MiB (once per shape, in child "
-              f"processes), the generating process's growth {build['peak_growth_mib']:.1f} MiB; every measurement "
+              f"cache: the first generation took {build['seconds']:.1f} s with the compiling; the largest compiling "
+              f"process's peak resident set {build['compiler_peak_mib']:.0f} MiB (once per shape, two child "
+              f"processes side by side), the generating process's growth {build['peak_growth_mib']:.1f} MiB; "
+              "every measurement "
               "below loads the compiled steps from that cache")
     print()
     print(table)
