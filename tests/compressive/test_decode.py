@@ -6,6 +6,7 @@ import torch
 from still.compressive import decode
 from still.compressive.decode import Decoder, supports, threads_for
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
+from still.compressive.sampling import Sampling
 
 CASES = {
     "conv": dict(mem_len=6, c_mem_len=4, compression_rate=3),
@@ -170,3 +171,26 @@ def test_decoder_uses_the_cached_keys_and_values_only_when_the_weights_are_uncha
         torch.testing.assert_close(Decoder(model, state, 1).step(token), Decoder(model, uncached, 1).step(token))
         model.layers[0].attention.key_value.weight.mul_(2)  # the cache is now stale: recomputed
         torch.testing.assert_close(Decoder(model, state, 1).step(token), Decoder(model, uncached, 1).step(token))
+
+
+def test_prepare_compiles_what_the_steps_then_run(monkeypatch):
+    from still.train import aot
+
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2)).eval()
+    sampling = Sampling(0.9, top_k=4)
+    decoder, eager = Decoder(model, None, batch=2, compile=True), Decoder(model, None, batch=2)
+    decoder.prepare(sampling)
+    assert decoder._compiled and all(c is not None for c in decoder._compiled.values())
+
+    def no_more_building(spec, path):
+        raise AssertionError("compiled again at a step")
+
+    monkeypatch.setattr(aot, "_Build", no_more_building)
+    tokens = torch.tensor([1, 2])
+    for _ in range(7):  # steps and compressions
+        uniform = torch.rand(2, 1)
+        drawn = decoder.step_sample(tokens, uniform, sampling)
+        assert torch.equal(drawn, eager.step_sample(tokens, uniform, sampling))
+        tokens = drawn

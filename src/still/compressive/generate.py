@@ -49,6 +49,8 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     batch, device = prompt.shape[0], logits.device
     token = next_token(logits, uniforms(batch, generator, device), sampling)  # (B,)
     decoder = Decoder(model, state, batch, compile=compile) if supports(model, state) else None
+    if decoder is not None:
+        decoder.prepare(sampling)  # compiling, if any, before the first token rather than after it
     for i in range(max_new_tokens):
         yield token
         if i == max_new_tokens - 1:
