@@ -32,7 +32,8 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
              compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1.
 
-    `compile`: run the decoding step through `torch.compile` (worth it for long generations)."""
+    `compile`: run the decoding step compiled ahead of time (`still.train.aot`; worth it for long
+    generations: built once per model shape, then cached)."""
     if temperature <= 0:
         raise StillError(f"temperature must be > 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -2,7 +2,7 @@
 
 The draw inverts the cumulative distribution at one uniform number per row: the same distribution
 as `torch.multinomial(probs, 1)`, in a third of its time at batch 1, and simple enough for
-`torch.compile` to run inside the decoding step (`Decoder.step_sample`), where the uniform numbers
+the compiler to run inside the decoding step (`Decoder.step_sample`), where the uniform numbers
 are drawn outside the graph from the caller's generator: compiled or not, a seed gives the same
 tokens.
 """
