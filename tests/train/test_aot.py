@@ -62,11 +62,19 @@ def test_a_function_that_cannot_be_compiled_runs_eagerly_with_a_message(capsys):
     assert capsys.readouterr().err == ""  # said once
 
 
-def test_loading_a_package_does_not_import_the_compiler():
+def test_loading_a_package_does_not_import_the_compiler(monkeypatch):
     x, counter = torch.randn(3), torch.zeros(1)
     ahead_of_time(scale_and_count, (7.0,), (x, counter), what="f", threads=1)
     path = aot.package_path(scale_and_count, (7.0,), (x, counter), threads=1)
     assert path.exists()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(aot, "_LOADED", {})
+    monkeypatch.setattr(aot.os, "utime", read_only)  # a shared, read-only cache still serves its packages
+    assert ahead_of_time(scale_and_count, (7.0,), (x, counter), what="f", threads=1) is not None
+    monkeypatch.undo()
     code = ("import sys, pathlib, torch; from still.train.aot import AheadOfTime; "
             f"f = AheadOfTime(pathlib.Path({str(path)!r}), torch.device('cpu')); "
             "c = torch.zeros(1); (out,) = f(torch.ones(3), c); "

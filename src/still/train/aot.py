@@ -13,8 +13,9 @@ to the inputs are kept (the compiled code writes into the tensors it is given).
 Why not `torch.compile`: its compiler lives in the process that calls it. Importing it costs about
 70 MiB, compiling a step costs another 100 MiB or more, and a fresh process pays seconds to trace
 again even when the compiled code is cached. Here the compiling runs once per shape in a child
-process, and every later process only loads a small shared library (1 MiB here, a few
-milliseconds) through PyTorch's C++ package loader, without importing the Python compiler at all.
+process, and every later process only loads a shared library (2 MB on disk for the decoding step
+here, about 1 MiB of memory, a few milliseconds) through PyTorch's C++ package loader, without
+importing the Python compiler at all.
 
 Where compiling cannot work (no C++ compiler, an export the function does not allow), the reason
 is printed once and the caller runs the function eagerly: `ahead_of_time` returns None. Several
@@ -123,9 +124,11 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
                 if path in errors:
                     raise RuntimeError(errors[path])
                 package = AheadOfTime(path, request.examples[0].device)
-                os.utime(path)  # used: kept longest by `_prune`
             except Exception as e:  # noqa: BLE001
                 log(f"--compile: cannot compile {request.what} ({_last_line(e)[:300]}); running without compiling")
+            if package is not None:
+                with contextlib.suppress(OSError):  # used: kept longest by `_prune` (a read-only cache is fine)
+                    os.utime(path)
             _LOADED[path.stem] = package
         loaded.append(_LOADED[path.stem])
     return loaded
@@ -142,9 +145,16 @@ PACKAGES_KEPT = 64  # the most recently used packages kept in the cache (a few M
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the `keep` most recently used packages (a new version of still or PyTorch
     makes every older package unreachable)."""
-    packages = sorted(root.glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process
+            return 0.0
+
+    packages = sorted(root.glob("*.pt2"), key=used, reverse=True)
     for old in packages[keep:]:
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # another process's, or a read-only cache: leave it
+            old.unlink(missing_ok=True)
 
 
 def package_path(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor],
