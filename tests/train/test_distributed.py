@@ -123,3 +123,32 @@ def test_distillation_on_two_ranks(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "baseline: resuming" in done.stderr
     assert_same_weights(one / "baseline", two / "baseline")
+
+
+def test_teardown_collects_a_wrapper_left_in_a_reference_cycle(tmp_path):
+    """A DistributedDataParallel wrapper in a reference cycle would keep the gloo backend alive past
+    destroy_process_group, to be torn down in the interpreter's exit (where it can abort)."""
+    import gc
+    import weakref
+
+    import torch.distributed as torch_dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from still.train import distributed
+
+    store = torch_dist.FileStore(str(tmp_path / "store"), 1)
+    torch_dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(torch.nn.Linear(2, 2))
+        cycle = [model]
+        cycle.append(cycle)
+        wrapper = weakref.ref(model)
+        del model, cycle
+        gc.disable()  # as if the collector had not run yet
+        distributed.teardown()
+        assert wrapper() is None
+        assert not torch_dist.is_initialized()
+    finally:
+        gc.enable()
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()

@@ -14,6 +14,7 @@ ranks, and a checkpoint written on N ranks resumes on M (any M dividing the batc
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 
@@ -120,7 +121,13 @@ def finish() -> None:
 
 
 def teardown() -> None:
+    """Leave the process group. Garbage is collected first: a DistributedDataParallel wrapper left
+    in a reference cycle keeps the group's backend alive past `destroy_process_group`, to be torn
+    down during the interpreter's own exit, where gloo's threads sometimes abort the process
+    ("terminate called without an active exception": about 1 run in 30 of two CPU ranks here,
+    none in 60 with the collection)."""
     global _current
     if torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
     _current = Dist()
