@@ -15,12 +15,12 @@ head-major, written in place:
 A step attends from the new token over every valid slot (one product for content, one for
 position, a mask for the empty slots) and over its own key, then writes its keys, values and layer
 inputs into the memory ring's next slot, for all layers at once. No buffer is copied or
-concatenated, and the shapes never change, so the step compiles once (`compile`: ahead of time, into a
-package cached on disk, `still.train.aot`). When the
-memory holds mem_len + c slots its oldest c are compressed (f_c, then projected to keys and values)
-into the compressed ring's next slot, in the same call: exactly `update_layer_memory` with L = 1
-(compression once every c steps, as DeepMind's sampler). Without compression the oldest slot
-simply falls out of the window (Transformer-XL). The ring positions and counts go in as one small
+concatenated, and the shapes never change, so the step compiles once (`compile`: ahead of time,
+into a package cached on disk, `still.train.aot`). When the memory holds mem_len + c slots its
+oldest c are compressed (f_c, then projected to keys and values) into the compressed ring's next
+slot, in the same call: exactly `update_layer_memory` with L = 1 (compression once every c steps,
+as DeepMind's sampler). Without compression the oldest slot simply falls out of the window
+(Transformer-XL). The ring positions and counts go in as one small
 integer tensor, so they never cause a recompilation.
 
 Compiled, the step is given the model's weights as tensors (the parameters themselves, not a
@@ -181,6 +181,7 @@ class Decoder:
                     rows, tensors[f"{i}.taps"] = layer.compressor.one_window()
                     tap_rows = rows
             self.weights = {name: t.contiguous() for name, t in tensors.items()}  # compiled: laid out as compiled
+            self._weight_list = tuple(self.weights.values())  # what a compiled call is given first
         norm = model.layers[0].norm1
         self.shape = StepShape(layers=layers, heads=heads, d_head=d_head, n_cap=self.n_cap, m_cap=self.m_cap,
                                pre_norm=config.pre_norm, eps=norm.eps,
@@ -223,7 +224,7 @@ class Decoder:
         if sampling is not None:
             args += (torch.zeros(batch, 1, device=self.keys.device),)
         which = ("sample " if sampling is not None else "") + "step"
-        self._compiled_step(which, sampling, (*self.weights.values(), *args))
+        self._compiled_step(which, sampling, (*self._weight_list, *args))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -243,10 +244,14 @@ class Decoder:
         args = (self.keys, self.values, self.inputs, self._counters(), tokens.view(-1, 1).contiguous())
         if sampling is not None:
             args += (uniform.contiguous(),)
-        compiled = self._compiled_step(which, sampling, (*self.weights.values(), *args)) if self.compile else None
+        compiled = None
+        if self.compile:
+            compiled = self._compiled.get((which, sampling), _NOT_YET)
+            if compiled is _NOT_YET:
+                compiled = self._compiled_step(which, sampling, (*self._weight_list, *args))
         with self._threads:
             if compiled is not None:
-                out = compiled(*self.weights.values(), *args)[0]
+                out = compiled(*self._weight_list, *args)[0]
             else:
                 fn = self._functions[which]
                 with _without_autocast(self.keys.device.type):
@@ -272,6 +277,8 @@ def _by_name(*args: object) -> torch.Tensor:
     fn = _step_functions()[which]
     return fn(weights, *rest, shape, True) if sampling is None else fn(weights, *rest, shape, sampling, True)
 
+
+_NOT_YET = object()  # a compiled step not yet built or loaded (None: compiling is unavailable)
 
 _DESCRIPTIONS = {"step": "the decoding step", "compress": "the decoding step with compression",
                  "sample step": "the decoding step with sampling",
