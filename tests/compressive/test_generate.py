@@ -20,6 +20,50 @@ def test_sample_follows_the_distribution_and_never_draws_an_impossible_token():
     assert torch.equal(sample(probs[:50], torch.Generator().manual_seed(3)), sample(probs[:50], torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.parametrize("v", [1, 2, 15, 16, 17, 65, 256, 1000, 4096, 4097])
+def test_fused_cumulative_sums_are_the_cumulative_sums(v):
+    """The compiler's cumulative sums (blocks of triangular products) equal `cumsum` at every size,
+    a multiple of the block or not; past FUSED_CUMULATIVE_UP_TO it is `cumsum` itself."""
+    from still.compressive.sampling import cumulative
+
+    probs = torch.rand(3, v, dtype=torch.float64)
+    torch.testing.assert_close(cumulative(probs, fused=True), probs.cumsum(-1), rtol=1e-12, atol=1e-12)
+    assert cumulative(probs).equal(probs.cumsum(-1))
+
+
+def test_fused_and_plain_draws_agree_and_skip_impossible_tokens():
+    from still.compressive.sampling import invert
+
+    torch.manual_seed(0)
+    for v in (7, 256, 300):
+        possible = torch.rand(64, v) < 0.4  # most tokens impossible, at least one possible in every row
+        possible[torch.arange(64), torch.randint(v, (64,))] = True
+        probs = torch.rand(64, v).softmax(-1) * possible  # (B, V), unnormalised
+        probs[0] = 0
+        probs[0, v // 2] = 1  # one possible token
+        uniform = torch.rand(64, 1)
+        uniform[:4] = torch.tensor([[0.0], [0.5], [1 - 2**-24], [0.999]])
+        plain, fused = invert(probs, uniform), invert(probs, uniform, fused=True)
+        assert plain.equal(fused)
+        assert (probs.gather(1, plain[:, None]) > 0).all() and plain[0] == v // 2
+        running = probs.cumsum(-1)  # the first token whose cumulative probability exceeds u * total
+        expected = (running <= uniform * running[:, -1:]).sum(-1).clamp(max=v - 1)
+        assert plain.equal(expected)
+    # u = 0 draws the first possible token, u -> 1 the last
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]])
+    assert [invert(probs, torch.tensor([[u]])).item() for u in (0.0, 0.25, 0.5, 0.75, 1 - 2**-24)] == [1, 1, 3, 3, 3]
+
+
+def test_a_draw_never_picks_an_impossible_token_even_if_the_sums_round_up(monkeypatch):
+    """Cumulative sums that rise (rounding, in another order of summation) at an impossible token:
+    the draw passes over it to the next possible one."""
+    import still.compressive.sampling as sampling
+
+    probs = torch.tensor([[0.25, 0.25, 0.0, 0.5]])
+    monkeypatch.setattr(sampling, "cumulative", lambda p, fused=False: torch.tensor([[0.25, 0.5, 0.5001, 1.0]]))
+    assert sampling.invert(probs, torch.tensor([[0.50005]])).item() == 3  # token 2 is past u but impossible
+
+
 def test_filter_logits():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]

@@ -435,7 +435,7 @@ def _sample_step(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: t
                  shape: StepShape, sampling: Sampling, fused: bool) -> torch.Tensor:
     """`_step`, then the next token drawn from its logits: (B,)."""
     logits = _step(weights, keys, values, inputs, counters, token, shape, fused)
-    return next_token(logits[:, 0], uniform, sampling)
+    return next_token(logits[:, 0], uniform, sampling, fused)
 
 
 def _sample_step_and_compress(weights: dict[str, torch.Tensor], keys: torch.Tensor,
@@ -443,4 +443,4 @@ def _sample_step_and_compress(weights: dict[str, torch.Tensor], keys: torch.Tens
                               uniform: torch.Tensor, shape: StepShape, sampling: Sampling, fused: bool) -> torch.Tensor:
     """`_step_and_compress`, then the next token drawn from its logits: (B,)."""
     logits = _step_and_compress(weights, keys, values, inputs, counters, token, shape, fused)
-    return next_token(logits[:, 0], uniform, sampling)
+    return next_token(logits[:, 0], uniform, sampling, fused)

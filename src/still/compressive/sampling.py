@@ -4,14 +4,18 @@ The draw inverts the cumulative distribution at one uniform number per row: the 
 as `torch.multinomial(probs, 1)`, in a third of its time at batch 1, and simple enough for
 the compiler to run inside the decoding step (`Decoder.step_sample`), where the uniform numbers
 are drawn outside the graph from the caller's generator: compiled or not, a seed gives the same
-tokens.
+tokens. Compiled, the cumulative sums are products with triangular masks (`cumulative`, `fused`):
+the compiler has no scan of its own on the CPU, and a library call in the step would keep its
+temporaries off the stack (`still.train.aot`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 class Sampling(NamedTuple):
@@ -39,12 +43,38 @@ def uniforms(batch: int, generator: torch.Generator | None, device: torch.device
                       device=generator.device if generator is not None else device).to(device)
 
 
-def invert(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """The token of each row whose cumulative probability first exceeds u * total (never one with
-    probability 0). probs (B, V), uniform (B, 1) in [0, 1) -> (B,)."""
-    cumulative = probs.cumsum(-1)  # (B, V)
-    target = uniform * cumulative[:, -1:]
-    return (cumulative <= target).sum(-1).clamp(max=probs.shape[-1] - 1)  # searchsorted(right=True)
+FUSED_CUMULATIVE_UP_TO = 4096  # vocabulary sizes whose fused cumulative sums stay cheap (V x sqrt(V) products)
+
+
+def cumulative(probs: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """Cumulative sums along the last dimension, (B, V) -> (B, V). `fused` (for the compiler,
+    V <= FUSED_CUMULATIVE_UP_TO): in blocks of S, each block's sums as a product with a triangular
+    mask, then the totals of the blocks before it added (about V x S + (V / S)^2 products)."""
+    b, v = probs.shape
+    if not fused or v > FUSED_CUMULATIVE_UP_TO:
+        return probs.cumsum(-1)
+    size = 16 * -(-(math.isqrt(v - 1) + 1) // 16)  # S: ceil(sqrt(V)) up to a multiple of 16
+    blocks = -(-v // size)
+    within = torch.arange(size, device=probs.device)
+    upto = (within[:, None] <= within).to(probs.dtype)  # (S, S): [k, i] = k <= i
+    padded = F.pad(probs, (0, blocks * size - v)).view(b, blocks, size, 1)
+    inner = (padded * upto).sum(-2)  # (B, blocks, S): the sums within each block
+    order = torch.arange(blocks, device=probs.device)
+    before = (order[:, None] < order).to(probs.dtype)  # (blocks, blocks): [j, i] = j < i
+    offsets = (inner[..., -1:] * before).sum(-2)  # (B, blocks): the totals of the blocks before
+    return (inner + offsets[..., None]).view(b, blocks * size)[:, :v]
+
+
+def invert(probs: torch.Tensor, uniform: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """The first token of each row whose cumulative probability exceeds u * total and whose own
+    probability is not 0 (rounding in the sums cannot pick an impossible token; if none qualifies,
+    the last possible one). probs (B, V), uniform (B, 1) in [0, 1) -> (B,). `fused`: `cumulative`'s."""
+    running = cumulative(probs, fused)  # (B, V)
+    possible = probs > 0
+    past = (running > uniform * running[:, -1:]) & possible  # (B, V)
+    order = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(possible, order, 0).amax(-1)  # (B,)
+    return torch.where(past.any(-1), past.int().argmax(-1), last)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -52,8 +82,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return invert(probs, uniforms(probs.shape[0], generator, probs.device))
 
 
-def next_token(logits: torch.Tensor, uniform: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+def next_token(logits: torch.Tensor, uniform: torch.Tensor, sampling: Sampling, fused: bool = False) -> torch.Tensor:
     """Sample from logits (B, V) at `sampling`'s temperature and filters, given the uniform numbers
-    (B, 1). -> (B,)."""
+    (B, 1). -> (B,). `fused`: for the compiler (`cumulative`)."""
     logits = logits.float() if sampling.temperature == 1 else logits.float() / sampling.temperature
-    return invert(filter_logits(logits, sampling.top_k, sampling.top_p).softmax(-1), uniform)
+    return invert(filter_logits(logits, sampling.top_k, sampling.top_p).softmax(-1), uniform, fused)
