@@ -320,10 +320,20 @@ class using_threads:  # noqa: N801 - used as a context manager, like torch.no_gr
         self.before = None
 
 
+def _realized(x: torch.Tensor) -> torch.Tensor:
+    """x itself; compiled, written to a buffer of its own before its readers run. The compiler
+    otherwise computes a small producer (a layer norm, the attention's normalisation) inside each
+    reader's loop: inside a matrix-vector product's loop that is once per output row (1,024 times
+    for the feed-forward's first product at d_model 256), divisions included. An `as_strided`
+    view is what makes the compiler keep a buffer (docs/performance.md: the reference preset's
+    step 953 -> 599 us)."""
+    return x.as_strided(x.shape, x.stride())
+
+
 def _by_weight(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> torch.Tensor:
     """x (..., in) times weight (out, in) transposed: (..., out)."""
     if fused:
-        return (x[..., None, :] * weight).sum(-1)
+        return (_realized(x)[..., None, :] * weight).sum(-1)
     return F.linear(x, weight)
 
 
@@ -373,8 +383,10 @@ def _step(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Te
         own = ((q_content * key).sum(-1, keepdim=True) + by_column[..., k_cap - 1 :]) * scale  # (B, H, 1, 1): distance 0
         if fused:  # the softmax over [slots, own] without concatenating them (a concatenation stops
             # the compiler from vectorising the softmax along the slots)
+            scores = _realized(scores)  # read by three passes: the gather of its position scores once
             top = torch.maximum(scores.amax(-1, keepdim=True), own)  # (B, H, 1, 1)
-            weights, own_weight = (scores - top).exp(), (own - top).exp()  # (B, H, 1, K), (B, H, 1, 1)
+            weights = _realized((scores - top).exp())  # (B, H, 1, K): read by the sum and the product
+            own_weight = (own - top).exp()  # (B, H, 1, 1)
             total = weights.sum(-1, keepdim=True) + own_weight
             attended = (_by(weights.to(values.dtype), values[i], True) + own_weight * value) / total  # (B, H, 1, D)
         else:  # fewer operations
