@@ -114,3 +114,20 @@ def test_several_functions_build_side_by_side_and_old_packages_are_pruned(monkey
     assert len(started) == 2 and sorted(aot.cache_root().glob("*.pt2")) == sorted(started)
     for factor, package in zip((11.0, 12.0), compiled):
         torch.testing.assert_close(package(x, counter)[0], x * factor + 0.5)
+
+
+def test_pruning_removes_what_killed_builds_left_and_nothing_in_progress(tmp_path):
+    """A build writes its spec and its package under hidden temporary names; a process killed while
+    compiling leaves them. Old ones go, a build still running (fresh files) and packages stay."""
+    import os
+    import time
+
+    package, fresh = tmp_path / "a.pt2", tmp_path / ".b.x1.spec"
+    left = [tmp_path / ".c.x2.spec", tmp_path / ".c.x3.pt2"]
+    for path in (package, fresh, *left):
+        path.write_bytes(b"")
+    old = time.time() - aot.LEFTOVERS_AFTER_S - 60
+    for path in (package, *left):
+        os.utime(path, (old, old))
+    aot._prune(tmp_path, keep=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.x1.spec", "a.pt2"]

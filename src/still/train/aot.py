@@ -36,6 +36,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -144,17 +145,24 @@ def _last_line(error: BaseException) -> str:
 PACKAGES_KEPT = 64  # the most recently used packages kept in the cache (a few MiB each)
 
 
+# a build's own temporary files (its spec, its package being written) older than this were left by
+# a process killed while it compiled (a build takes a minute at most)
+LEFTOVERS_AFTER_S = 3600.0
+
+
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the `keep` most recently used packages (a new version of still or PyTorch
-    makes every older package unreachable)."""
+    makes every older package unreachable), and the files of builds whose process was killed."""
     def used(path: Path) -> float:
         try:
             return path.stat().st_mtime
         except OSError:  # deleted meanwhile by another process
             return 0.0
 
-    packages = sorted(root.glob("*.pt2"), key=used, reverse=True)
-    for old in packages[keep:]:
+    stale = time.time() - LEFTOVERS_AFTER_S
+    leftovers = [path for path in root.glob(".*") if 0.0 < used(path) < stale]  # `_Build`'s temporary files
+    packages = sorted((path for path in root.glob("*.pt2") if not path.name.startswith(".")), key=used, reverse=True)
+    for old in leftovers + packages[keep:]:
         with contextlib.suppress(OSError):  # another process's, or a read-only cache: leave it
             old.unlink(missing_ok=True)
 
