@@ -204,8 +204,7 @@ class Decoder:
         unavailable."""
         key = (which, sampling)
         if key not in self._compiled:
-            prefix = "sample " if sampling is not None else ""
-            pair = [prefix + "step", prefix + "compress"] if self.compressing else [which]
+            pair = [_name(sampling, False), _name(sampling, True)] if self.compressing else [which]
             requests = [Request(_by_name, (tuple(self.weights), name, self.shape, sampling), args,
                                 what=_DESCRIPTIONS[name]) for name in pair]
             with self._threads:  # compiled for the thread count it runs with
@@ -223,8 +222,7 @@ class Decoder:
                 torch.zeros(batch, 1, dtype=torch.long, device=self.keys.device))
         if sampling is not None:
             args += (torch.zeros(batch, 1, device=self.keys.device),)
-        which = ("sample " if sampling is not None else "") + "step"
-        self._compiled_step(which, sampling, (*self._weight_list, *args))
+        self._compiled_step(_name(sampling, False), sampling, (*self._weight_list, *args))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -240,7 +238,7 @@ class Decoder:
     def _run(self, tokens: torch.Tensor, uniform: torch.Tensor | None, sampling: Sampling | None) -> torch.Tensor:
         # mem_len + c memories after this step: compress the oldest c, in the same call
         compress = self.compressing and self.m + 1 == self.m_cap
-        which = ("sample " if sampling is not None else "") + ("compress" if compress else "step")
+        which = _name(sampling, compress)
         args = (self.keys, self.values, self.inputs, self._counters(), tokens.view(-1, 1).contiguous())
         if sampling is not None:
             args += (uniform.contiguous(),)
@@ -276,6 +274,11 @@ def _by_name(*args: object) -> torch.Tensor:
     weights, rest = dict(zip(names, tensors)), tensors[len(names) :]
     fn = _step_functions()[which]
     return fn(weights, *rest, shape, True) if sampling is None else fn(weights, *rest, shape, sampling, True)
+
+
+def _name(sampling: Sampling | None, compress: bool) -> str:
+    """The step function's name (a key of `_step_functions`): with the draw or not, with the compression or not."""
+    return ("sample " if sampling is not None else "") + ("compress" if compress else "step")
 
 
 _NOT_YET = object()  # a compiled step not yet built or loaded (None: compiling is unavailable)
@@ -354,12 +357,11 @@ def _feed_forward(x: torch.Tensor, w: dict[str, torch.Tensor], i: int, fused: bo
     return _by_weight(F.relu(up), w[f"{i}.down.weight"], fused) + w[f"{i}.down.bias"]
 
 
-def _step(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+def _step(w: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
           counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
     """One token (B, 1) through every layer; writes its keys, values and layer inputs into the
-    buffers (in place) and returns the logits (B, 1, V). `weights`: by name.
+    buffers (in place) and returns the logits (B, 1, V). `w`: the weights by name.
     `counters`: (next_c, next_m, n, m). `fused`: products as multiply-and-sum (for the compiler)."""
-    w = weights
     next_c, next_m, n, m = counters.unbind()
     n_cap, m_cap, heads, d_head = shape.n_cap, shape.m_cap, shape.heads, shape.d_head
     k_cap, scale = n_cap + m_cap, d_head**-0.5
@@ -412,12 +414,11 @@ def _step(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Te
     return _by_weight(h, w["head"], fused)  # (B, 1, V)
 
 
-def _step_and_compress(weights: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
+def _step_and_compress(w: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, inputs: torch.Tensor,
                        counters: torch.Tensor, token: torch.Tensor, shape: StepShape, fused: bool) -> torch.Tensor:
     """`_step`, after which the memory ring is full (mem_len + c): then the oldest c inputs of every
     layer are compressed into the compressed ring's next slot (keys and values, in place)."""
-    logits = _step(weights, keys, values, inputs, counters, token, shape, fused)
-    w = weights
+    logits = _step(w, keys, values, inputs, counters, token, shape, fused)
     next_c, next_m = counters[0].view(1), (counters[1] + 1).remainder(shape.m_cap)  # the ring after the step
     oldest = inputs.index_select(2, (next_m + torch.arange(shape.rate, device=counters.device)).remainder(shape.m_cap))
     new_keys, new_values = [], []

@@ -100,8 +100,7 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
     jobs = []
     for request in requests:
         spec = _spec(request.fn, request.constants, request.examples, threads)
-        path = cache_root() / f"{_key(spec, request.examples[0].device, request.fn)}.pt2"
-        jobs.append((request, spec, path))
+        jobs.append((request, spec, _path(spec, request.fn, request.examples[0].device)))
     missing = {path: (request, spec) for request, spec, path in jobs if path.stem not in _LOADED and not path.exists()}
     errors: dict[Path, str] = {}
     if missing:
@@ -170,8 +169,11 @@ def _prune(root: Path, keep: int) -> None:
 def package_path(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor],
                  threads: int | None = None) -> Path:
     """Where `ahead_of_time` keeps (or will keep) the package for these arguments."""
-    spec = _spec(fn, constants, examples, threads)
-    return cache_root() / f"{_key(spec, examples[0].device, fn)}.pt2"
+    return _path(_spec(fn, constants, examples, threads), fn, examples[0].device)
+
+
+def _path(spec: dict, fn: Callable[..., Any], device: torch.device) -> Path:
+    return cache_root() / f"{_key(spec, device, fn)}.pt2"
 
 
 def _spec(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Tensor], threads: int | None) -> dict:
