@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from still.compressive.attention import RelativeMultiHeadAttention, causal_mask, relative_shift, sinusoidal_distances
+from still.compressive.attention import (
+    RelativeMultiHeadAttention,
+    causal_bias,
+    causal_mask,
+    relative_shift,
+    sinusoidal_distances,
+)
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -87,6 +93,35 @@ def test_matches_the_position_by_position_reference(need_weights):
     if need_weights:
         assert received.shape == (2, 11)
         assert torch.allclose(received.sum(-1), torch.full((2,), 4.0 * 5), atol=1e-4)  # heads x queries
+
+
+@pytest.mark.parametrize(("b", "l", "p"), [(2, 5, 6), (1, 1, 7), (3, 4, 0), (2, 6, 1), (1, 8, 20)])
+def test_inference_matches_the_position_by_position_reference(b, l, p):
+    """Without gradients and masked slots: the mask added in place to position scores one column
+    wider than the keys (`_causal_attention`), for a segment longer and shorter than its context,
+    a single token, and no context."""
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(16, 4).eval()
+    with torch.no_grad():
+        attn.content_bias.normal_()
+        attn.position_bias.normal_()
+        x, context = torch.randn(b, l, 16), torch.randn(b, p, 16)
+        out = attn(x, context).out
+        again = attn(x, context).out  # the cached mask and position projection
+    torch.testing.assert_close(out, reference_attention(attn, x, context), atol=1e-6, rtol=1e-5)
+    assert torch.equal(out, again)
+
+
+def test_causal_bias_masks_what_the_view_reads_for_future_keys():
+    l, k = 4, 7
+    bias = causal_bias(l, k, torch.device("cpu"), torch.float32)
+    distances = torch.arange(k, -1, -1.0).expand(l, k + 1).contiguous()  # column c: distance k - c
+    read = (distances + bias).as_strided((l, k), (k, 1), l)
+    for i in range(l):
+        for j in range(k):
+            expected = k - l + i - j if j <= k - l + i else float("-inf")
+            assert read[i, j] == expected
+    assert causal_bias(l, k, torch.device("cpu"), torch.float32) is bias  # cached
 
 
 def test_fused_and_explicit_paths_agree_with_gradients():

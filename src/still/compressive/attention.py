@@ -30,6 +30,7 @@ instead of using sinusoids and W_r; we follow the paper.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -166,6 +167,20 @@ def causal_mask(l: int, k: int, device=None) -> torch.Tensor:
     return j <= (k - l) + i
 
 
+@functools.lru_cache(maxsize=8)  # a stream's segments see a few key lengths (the memories fill, then stay full)
+def causal_bias(l: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(L, K + 1): 0, and -inf at the entries that the view x.as_strided((L, K), (K, 1), L) reads
+    for future keys (j > K - L + i, `causal_mask`).
+
+    Row i of that view reads entries L - i .. L - i + K - 1 of a row of K + 1 entries: its key j
+    holds the entry for distance K - (L - i + j) = K - L + i - j, and its future keys run past the
+    row's end into the next row's first L - 1 - i entries, which the next row's view does not read.
+    Treat the result as read-only: it is shared."""
+    bias = torch.zeros(l, k + 1, device=device, dtype=dtype)
+    bias.as_strided((l, k), (k, 1), l).masked_fill_(~causal_mask(l, k, device), float("-inf"))
+    return bias
+
+
 class AttentionOutput(NamedTuple):
     out: torch.Tensor  # (B, L, d)
     received: torch.Tensor | None  # (B, K): attention each key received (with need_weights)
@@ -248,16 +263,19 @@ class RelativeMultiHeadAttention(nn.Module):
         q = self._heads(queries)  # (B, H, L, D)
         k, v = kv.chunk(2, dim=-1)
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
-        r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
-
-        allowed = causal_mask(l, k_len, x.device)  # (L, K)
-        if key_valid is not None:
-            valid = torch.cat([key_valid, key_valid.new_ones(b, l)], dim=1)  # (B, K)
-            allowed = allowed & valid[:, None, None, :]  # (B, 1, L, K)
         # and CPU inference in bf16: there `scaled_dot_product_attention` with a float mask took
         # 6.4 ms for (16, 4, 128, 32) queries over 384 keys (as long as in fp32), this path about 3
         fused = FUSED_SCORES and not need_weights and (
             torch.is_grad_enabled() or (x.device.type == "cpu" and kv.dtype != torch.float32))
+        if not fused and not need_weights and key_valid is None and not torch.is_grad_enabled():
+            out = self._causal_attention(q, k, v).transpose(1, 2).reshape(b, l, d)  # (B, L, d)
+            return AttentionOutput(self.out(out), None, x_kv, queries, kv)
+
+        r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
+        allowed = causal_mask(l, k_len, x.device)  # (L, K)
+        if key_valid is not None:
+            valid = torch.cat([key_valid, key_valid.new_ones(b, l)], dim=1)  # (B, K)
+            allowed = allowed & valid[:, None, None, :]  # (B, 1, L, K)
         if not fused:
             q_position = q + self.position_bias[:, None]  # (B, H, L, D)
             if torch.is_grad_enabled():  # one product per head over all B * L queries
@@ -276,7 +294,7 @@ class RelativeMultiHeadAttention(nn.Module):
         elif fused:
             out = self._fused_attention(q, k, v, r, allowed)  # (B, H, L, D)
             received = None
-        else:
+        else:  # inference with masked slots, or the explicit path with gradients (tests)
             # one pass reads the shifted view and writes the masked bias, one scales it in place
             bias = torch.where(allowed, position_scores, float("-inf")).mul_(self.scale)  # (B, H, L, K)
             out = F.scaled_dot_product_attention(q_content, k, v, attn_mask=bias,
@@ -284,6 +302,27 @@ class RelativeMultiHeadAttention(nn.Module):
             received = None
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
         return AttentionOutput(self.out(out), received, x_kv, queries, kv)
+
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Inference without gradients or masked slots (fp32 on the CPU; any dtype elsewhere):
+        `scaled_dot_product_attention` with the position scores, masked and scaled, as its float
+        mask, built without a pass of their own. q (B, H, L, D), k and v (B, H, K, D) -> (B, H, L, D).
+
+        The position product covers the distances K .. 0 (one more than the keys need), so each row
+        of `raw` (B, H, L, K + 1) is one longer than its shifted view's rows (`causal_bias`): the
+        rows no longer overlap, the entries a row's masked (future) keys read are entries no other
+        row reads, and the causal mask is one in-place add of a cached 0 / -inf table. (The view
+        with overlapping rows needed a `where` into a fresh buffer: 0.1-0.36 ms of a 0.7 ms layer for
+        a 128-token segment at d_model 128, docs/performance.md.) The scale goes into the queries."""
+        b, h, l, _ = q.shape
+        k_len = k.shape[2]
+        r = self.position_projection(k_len + 1, q.device, q.dtype)  # (H, K + 1, D): distances K .. 0
+        q_position = (q + self.position_bias[:, None]) * self.scale  # (B, H, L, D)
+        raw = (q_position @ r.transpose(-1, -2)).contiguous()  # (B, H, L, K + 1); contiguous already
+        bias = raw.add_(causal_bias(l, k_len, q.device, raw.dtype)).as_strided(
+            (b, h, l, k_len), (h * l * (k_len + 1), l * (k_len + 1), k_len, 1), raw.storage_offset() + l)
+        return F.scaled_dot_product_attention(q + self.content_bias[:, None], k, v, attn_mask=bias,
+                                              dropout_p=self.dropout_attn if self.training else 0.0)
 
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
                          allowed: torch.Tensor) -> torch.Tensor:
