@@ -48,7 +48,8 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
             state, logits = out.state, out.logits[:, -1]
     sampling = Sampling(temperature, top_k, top_p)
     batch, device = prompt.shape[0], logits.device
-    token = next_token(logits, uniforms(batch, generator, device), sampling)  # (B,)
+    draws = _draws(max_new_tokens, batch, generator, device)  # (B, 1) a token
+    token = next_token(logits, next(draws), sampling)  # (B,)
     decoder = Decoder(model, state, batch, compile=compile) if supports(model, state) else None
     if decoder is not None:
         decoder.prepare(sampling)  # compiling, if any, before the first token rather than after it
@@ -57,12 +58,22 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         if i == max_new_tokens - 1:
             break
         if decoder is not None:  # the step and the draw in one call
-            token = decoder.step_sample(token, uniforms(batch, generator, device), sampling)
+            token = decoder.step_sample(token, next(draws), sampling)
         else:
             with using_threads(threads_for(model, batch, 1)):
                 out = model(token[:, None], state)
             state = out.state
-            token = next_token(out.logits[:, -1], uniforms(batch, generator, device), sampling)
+            token = next_token(out.logits[:, -1], next(draws), sampling)
+
+
+DRAWN_AT_ONCE = 1024  # tokens whose uniform numbers are drawn in one call
+
+
+def _draws(tokens: int, batch: int, generator: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
+    """The uniform numbers (B, 1) of `tokens` tokens (at least one) in turn, drawn `DRAWN_AT_ONCE` tokens at a time
+    (a call costs as much as three indexings; on the CPU the numbers are those of one call a token)."""
+    for start in range(0, max(tokens, 1), DRAWN_AT_ONCE):
+        yield from uniforms(batch, generator, device, steps=min(DRAWN_AT_ONCE, max(tokens, 1) - start))
 
 
 @torch.no_grad()

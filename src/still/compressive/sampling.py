@@ -37,10 +37,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def uniforms(batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """One uniform number per row, (B, 1), from `generator` (on its own device) or the global one."""
-    return torch.rand(batch, 1, generator=generator,
-                      device=generator.device if generator is not None else device).to(device)
+def uniforms(batch: int, generator: torch.Generator | None, device: torch.device,
+             steps: int | None = None) -> torch.Tensor:
+    """One uniform number per row, (B, 1), from `generator` (on its own device) or the global one;
+    with `steps`, those of that many draws at once, (steps, B, 1) (on the CPU the same numbers as
+    `steps` calls in turn)."""
+    shape = (batch, 1) if steps is None else (steps, batch, 1)
+    return torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
 
 
 FUSED_CUMULATIVE_UP_TO = 4096  # vocabulary sizes whose fused cumulative sums stay cheap (V x sqrt(V) products)

@@ -27,6 +27,7 @@ older ones unreachable).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -189,14 +190,21 @@ def _spec(fn: Callable[..., Any], constants: tuple, examples: Sequence[torch.Ten
 
 def _key(spec: dict, device: torch.device, fn: Callable[..., Any]) -> str:
     digest = hashlib.sha256()
-    try:  # the function's own file, where it is not part of still
+    for part in (pickle.dumps(spec, protocol=4), torch.__version__.encode(), _source_hash().encode(),
+                 _machine(device).encode()):
+        digest.update(hashlib.sha256(part).digest())
+    digest.update(_file_hash(fn))
+    return digest.hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_hash(fn: Callable[..., Any]) -> bytes:
+    """Of the function's own file, where it is not part of still (read once per process)."""
+    try:
         own = Path(inspect.getsourcefile(fn) or "").read_bytes()
     except (OSError, TypeError):
         own = b""
-    for part in (pickle.dumps(spec, protocol=4), torch.__version__.encode(), _source_hash().encode(),
-                 _machine(device).encode(), own):
-        digest.update(hashlib.sha256(part).digest())
-    return digest.hexdigest()[:32]
+    return hashlib.sha256(own).digest()
 
 
 def _source_hash() -> str:
@@ -212,6 +220,7 @@ def _source_hash() -> str:
     return _SOURCE_HASH[0]
 
 
+@functools.lru_cache(maxsize=8)  # read once per process and device
 def _machine(device: torch.device) -> str:
     """What compiled code for `device` depends on beyond PyTorch: the processor's instruction set
     (the CPU code is built for the machine that compiles it), or the GPU."""
