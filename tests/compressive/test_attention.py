@@ -345,5 +345,8 @@ def test_switching_to_eval_drops_the_position_cache():
         after = attention(x, context).out
         attention._positions = None
         fresh = attention(x, context).out
+        cache = attention._positions
+        attention.eval()  # already in eval mode: the cache is kept
+        assert attention._positions is cache
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
     assert not torch.equal(before, after)

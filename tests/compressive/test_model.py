@@ -31,6 +31,21 @@ def test_segment_by_segment_equals_all_at_once(pre_norm):
     assert torch.allclose(full, torch.cat(parts, 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_last_logits_are_the_last_row_and_the_state_is_unchanged(pre_norm):
+    net = model(mem_len=16, c_mem_len=8, compression_rate=2, pre_norm=pre_norm).eval()
+    seq = tokens(l=24)
+    with torch.no_grad():
+        full, last = None, None
+        for start in range(0, 24, 8):
+            full = net(seq[:, start : start + 8], full.state if full else None)
+            last = net(seq[:, start : start + 8], last.state if last else None, last_logits=True)
+            assert last.logits.shape == (2, 1, 23)
+            torch.testing.assert_close(last.logits, full.logits[:, -1:])
+    for a, b in zip(last.state.memory + last.state.compressed, full.state.memory + full.state.compressed):
+        assert torch.equal(a, b)
+
+
 def test_token_by_token_equals_all_at_once():
     net = model(mem_len=32, c_mem_len=0).eval()
     seq = tokens(l=20)

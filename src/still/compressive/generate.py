@@ -44,7 +44,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     logits = None
     with using_threads(threads_for(model, prompt.shape[0], min(segment_len, prompt.shape[1]))):
         for start in range(0, prompt.shape[1], segment_len):
-            out = model(prompt[:, start : start + segment_len], state)
+            out = model(prompt[:, start : start + segment_len], state, last_logits=True)
             state, logits = out.state, out.logits[:, -1]
     sampling = Sampling(temperature, top_k, top_p)
     batch, device = prompt.shape[0], logits.device

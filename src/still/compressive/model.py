@@ -226,12 +226,13 @@ class CompressiveTransformer(nn.Module):
         return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)
 
     def forward(self, tokens: torch.Tensor, state: MemoryState | None = None, *, reset: torch.Tensor | None = None,
-                with_compression_loss: bool | None = None) -> ModelOutput:
+                with_compression_loss: bool | None = None, last_logits: bool = False) -> ModelOutput:
         """tokens (B, L) -> logits (B, L, V), the next state, and the compression loss.
 
         `state` is the memory from the previous segment (None: empty). `reset` (B,) bool marks batch
         rows where a new document starts with this segment: their memories are masked out. The
         compression loss is computed when training a compressor, or when `with_compression_loss`.
+        `last_logits`: the logits of the last position only, (B, 1, V) (a prompt needs no others).
         """
         config = self.config
         b, l = tokens.shape
@@ -264,7 +265,7 @@ class CompressiveTransformer(nn.Module):
                 attention = attention._replace(queries=None, all_key_values=None)
             attentions.append(attention)
             context_kvs.append(context_kv)
-        logits = self.head(self.norm(h))  # (B, L, V)
+        logits = self.head(self.norm(h[:, -1:] if last_logits else h))  # (B, L, V), or (B, 1, V)
 
         new_memory, new_compressed, new_caches, losses = [], [], [], []
         n = state.compressed_len
