@@ -74,9 +74,10 @@ def test_filter_logits():
 
 
 @pytest.mark.parametrize("compression", ["conv", "most_used"])  # the ring-buffer decoder, and the model's forward
-def test_generation_restores_the_thread_count_between_tokens(compression):
+def test_generation_restores_the_thread_count_and_grad_mode_between_tokens(compression):
     """A small model decodes on one thread (decode.threads_for), but the caller's code between
-    tokens runs with its own setting."""
+    tokens runs with its own setting; nothing is recorded for autograd, and the caller's grad mode
+    holds between tokens."""
     torch.manual_seed(0)
     model = CompressiveTransformer(CompressiveConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, d_ff=16,
                                                      mem_len=4, c_mem_len=2, compression_rate=2, compression=compression))
@@ -86,6 +87,7 @@ def test_generation_restores_the_thread_count_between_tokens(compression):
         for token in generate(model, torch.zeros(1, 6, dtype=torch.long), 10, segment_len=4,
                               generator=torch.Generator().manual_seed(0)):
             assert torch.get_num_threads() == 2 and 0 <= int(token) < 7
+            assert torch.is_grad_enabled() and token.grad_fn is None
     finally:
         torch.set_num_threads(before)
 
@@ -117,3 +119,20 @@ def test_compiled_generation_gives_the_eager_tokens(sampling):
     runs = [torch.stack(list(generate(model, prompt, 12, segment_len=4, generator=torch.Generator().manual_seed(5),
                                       compile=compile, **sampling))) for compile in (False, True)]
     assert torch.equal(runs[0], runs[1])
+    assert not runs[1].requires_grad  # the compiled step, called in grad mode: nothing recorded
+
+
+def test_drawing_the_uniform_numbers_in_blocks_gives_the_same_tokens(monkeypatch):
+    """`generate` draws its uniform numbers DRAWN_AT_ONCE tokens at a time: on the CPU the same
+    numbers, so the same tokens, as one draw a token."""
+    from still.compressive import generate as module
+
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    prompt = torch.randint(0, 11, (2, 7))
+    runs = []
+    for at_once in (1, 3, 1024):
+        monkeypatch.setattr(module, "DRAWN_AT_ONCE", at_once)
+        runs.append(torch.stack(list(generate(model, prompt, 10, segment_len=4, generator=torch.Generator().manual_seed(5)))))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
