@@ -26,14 +26,15 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               for train).
     generate  batch 1: a 512-token prompt, then 256 new tokens, each implementation with its own
               sampler (or the loop of its own training code); tokens/s = new tokens / the whole time,
-              prompt included.
+              prompt included. After an untimed generation, --gen-runs (3) timed ones in the same
+              process; their median counts (one timed generation until session 10).
     peak MiB  growth of the resident set: the kernel's high-water mark (VmHWM) is reset by writing
               5 to /proc/self/clear_refs once the model, optimizer and data exist, and read after the
               measurement, minus the resident set at the reset. So it counts activations, gradients,
               optimizer state, memories and the allocator's cache, not the Python interpreter,
               torch's libraries or the weights. (ru_maxrss cannot be reset and, in a child, may carry
               the parent's pre-exec peak.) For generate this includes the untimed warm-up
-              generation; `gen steady MiB` is the timed generation's own (the high-water mark reset
+              generation; `gen steady MiB` is the timed generations' own (the high-water mark reset
               again after the warm-up).
     compile   ours+compile's decoding steps are compiled ahead of time (still.train.aot) once per
               run, before the repeats, into an empty cache made for the run: the time of that
@@ -95,6 +96,8 @@ class BenchConfig:
     timed_steps: int = 20
     prompt_len: int = 512
     new_tokens: int = 256
+    gen_runs: int = 3
+    """Timed generations per process (after the warm-up one); their median is the repeat's time."""
     learning_rate: float = 3e-4
     lucidrains_gru: bool = False
     """lucidrains' default GRU-gated residuals (True) instead of plain residuals like the others."""
@@ -402,14 +405,17 @@ def run_worker(spec: dict) -> dict:
         baseline = reset_peak_rss()
         adapter.generate(prompt, cfg.new_tokens, seed)  # warm-up: the same generation, untimed
         peak = _proc_status_kib()["VmHWM"]  # the table's peak: with the warm-up's one-time work
-        steady_baseline = reset_peak_rss()  # and the timed generation's own
-        start = time.perf_counter()
-        generated = adapter.generate(prompt, cfg.new_tokens, seed)
-        seconds = time.perf_counter() - start
+        steady_baseline = reset_peak_rss()  # and the timed generations' own
+        times = []
+        for _ in range(cfg.gen_runs):  # the median, as train and eval take the median of their steps
+            start = time.perf_counter()
+            generated = adapter.generate(prompt, cfg.new_tokens, seed)
+            times.append(time.perf_counter() - start)
+            if generated != cfg.new_tokens:
+                raise RuntimeError(f"{adapter.name} generated {generated} tokens, expected {cfg.new_tokens}")
+        seconds = statistics.median(times)
         result["steady_peak_growth_mib"] = (_proc_status_kib()["VmHWM"] - steady_baseline) / 1024
         peak = max(peak, steady_baseline + result["steady_peak_growth_mib"] * 1024)
-        if generated != cfg.new_tokens:
-            raise RuntimeError(f"{adapter.name} generated {generated} tokens, expected {cfg.new_tokens}")
         tokens = cfg.new_tokens
         if count_flops:
             with FlopCounterMode(display=False) as counter:
@@ -553,8 +559,8 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
     title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast), {machine['threads']} threads: d_model {cfg.d_model}, "
              f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, segment {cfg.segment_len}, mem "
              f"{cfg.mem_len}, compressed {cfg.c_mem_len}, rate {cfg.compression_rate}, batch {cfg.batch_size} "
-             f"(generation: batch 1, {cfg.new_tokens} new tokens after a {cfg.prompt_len}-token prompt); "
-             f"medians of {repeats} repeat(s)")
+             f"(generation: batch 1, {cfg.new_tokens} new tokens after a {cfg.prompt_len}-token prompt, the median "
+             f"of {cfg.gen_runs} in each repeat); medians of {repeats} repeat(s)")
     table = format_table(rows, title=title)
     if any(v is not None for r in flop_rows for k, v in r.items() if k != "implementation"):
         table += "\n" + format_table(flop_rows, title="Matmul and convolution FLOPs counted from shapes "
@@ -598,6 +604,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps or segments per repeat (20)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up segments (6)")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--gen-runs", type=int, default=None,
+                        help="timed generations per repeat, after an untimed one; their median counts (3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--measures", nargs="+", choices=MEASURES, default=list(MEASURES))
@@ -612,13 +620,13 @@ def main() -> None:
         print(RESULT_MARKER + json.dumps(result), flush=True)
         return
 
-    quick = dict(batch_size=2, timed_steps=2, new_tokens=8) if args.quick else {}
+    quick = dict(batch_size=2, timed_steps=2, new_tokens=8, gen_runs=1) if args.quick else {}
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("timed_steps", args.steps),
-                                   ("warmup_segments", args.warmup)) if v is not None}
+                                   ("warmup_segments", args.warmup), ("gen_runs", args.gen_runs)) if v is not None}
     cfg = BenchConfig(threads=args.threads, lucidrains_gru=args.lucidrains_gru, **{**quick, **overrides})
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     for name, value in (("--repeats", repeats), ("--steps", cfg.timed_steps), ("--batch-size", cfg.batch_size),
-                        ("--threads", cfg.threads)):
+                        ("--threads", cfg.threads), ("--gen-runs", cfg.gen_runs)):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
     if cfg.warmup_segments < cfg.segments_to_fill:
@@ -690,7 +698,7 @@ def main() -> None:
           f"in a fresh subprocess, implementations interleaved; memories (mem, compressed) after warm-up: "
           + ", ".join(f"{k} {tuple(v)}" for k, v in warmup.items()))
     print("peak MiB: growth of the resident set (VmHWM reset via /proc/self/clear_refs after building the model, "
-          "optimizer and data), warm-up included; gen steady MiB: the timed generation's own, reset again after "
+          "optimizer and data), warm-up included; gen steady MiB: the timed generations' own, reset again after "
           "its warm-up")
     if build is not None:
         print(f"ours+compile: its decoding steps compiled ahead of time once, before the repeats, into an empty "
