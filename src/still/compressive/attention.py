@@ -266,8 +266,9 @@ class RelativeMultiHeadAttention(nn.Module):
         q = self._heads(queries)  # (B, H, L, D)
         k, v = kv.chunk(2, dim=-1)
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
-        # and CPU inference in bf16: there `scaled_dot_product_attention` with a float mask took
-        # 6.4 ms for (16, 4, 128, 32) queries over 384 keys (as long as in fp32), this path about 3
+        # the heads-major path (`_fused_attention`): training, and CPU inference in bf16, where
+        # `scaled_dot_product_attention` with a float mask took 6.4 ms for (16, 4, 128, 32) queries
+        # over 384 keys (as long as in fp32), this path about 3
         fused = FUSED_SCORES and not need_weights and (
             torch.is_grad_enabled() or (x.device.type == "cpu" and kv.dtype != torch.float32))
         if not fused and not need_weights and key_valid is None and not torch.is_grad_enabled():
@@ -315,8 +316,9 @@ class RelativeMultiHeadAttention(nn.Module):
         of `raw` (B, H, L, K + 1) is one longer than its shifted view's rows (`causal_bias`): the
         rows no longer overlap, the entries a row's masked (future) keys read are entries no other
         row reads, and the causal mask is one in-place add of a cached 0 / -inf table. (The view
-        with overlapping rows needed a `where` into a fresh buffer: 0.1-0.36 ms of a 0.7 ms layer for
-        a 128-token segment at d_model 128, docs/performance.md.) The scale goes into the queries."""
+        with overlapping rows needed a `where` into a fresh buffer: 0.06-0.36 ms of a layer of about
+        1 ms for a 128-token segment at d_model 128, docs/performance.md.) The scale goes into the
+        queries."""
         b, h, l, _ = q.shape
         k_len = k.shape[2]
         r = self.position_projection(k_len + 1, q.device, q.dtype)  # (H, K + 1, D): distances K .. 0
