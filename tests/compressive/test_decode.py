@@ -23,8 +23,13 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("prompt_len", [1, 9])
 @pytest.mark.parametrize("fused", [False, True], ids=["eager products", "fused products"])
-def test_decoder_matches_the_model_token_by_token(case, prompt_len, fused, monkeypatch):
-    """`fused`: the products written as multiply-and-sum, as the compiled step runs them (here eagerly)."""
+@pytest.mark.parametrize("blocks", [False, True], ids=["keys slots last", "keys in blocks"])
+def test_decoder_matches_the_model_token_by_token(case, prompt_len, fused, blocks, monkeypatch):
+    """`fused`: the products written as multiply-and-sum, as the compiled step runs them (here eagerly).
+    `blocks`: the keys and position table in blocks of slots, as a compiling decoder lays them out
+    (here with compiling unavailable, so the steps run eagerly on that layout)."""
+    if blocks:
+        monkeypatch.setattr(decode, "ahead_of_time_all", lambda requests, threads=None: [None] * len(requests))
     if fused:
         step, compress = decode._step, decode._step_and_compress
         monkeypatch.setattr(decode, "_step", lambda *args: step(*args[:-1], True))
@@ -37,7 +42,8 @@ def test_decoder_matches_the_model_token_by_token(case, prompt_len, fused, monke
         state = None
         for chunk in tokens[:, :prompt_len].split(4, dim=1):
             state = model(chunk, state).state
-        decoder = Decoder(model, state, batch=2)
+        decoder = Decoder(model, state, batch=2, compile=blocks)
+        assert decoder.keys.ndim == (6 if blocks else 5)
         for t in range(prompt_len, tokens.shape[1]):  # 30 steps: several compressions and a full compressed memory
             out = model(tokens[:, t : t + 1], state)
             state = out.state
