@@ -37,12 +37,11 @@ product. Keys are stored slots-last so that the scores are sums over D vectorise
 slots, not one horizontal sum per slot. Compiled, they are also in blocks of 16 slots (`BLOCK`, the
 CPU's vector of floats), each block's D x 16 keys contiguous, so that the loop over a block reads
 one run of memory rather than D rows far apart (the position table W_r R likewise: at the reference
-preset the step took 10-15% less); eager, the products with the matrix library want the plain
-layout. The compression convolution is a sum over its taps (`Compressor.one_window`), each a
-product with one old memory. Eager, the same products go to the
-matrix library, which is faster there. And a step of a small model at batch 1 is a few hundred tiny
-loops: waking a second thread costs more than it saves, so on the CPU the decoder runs its steps on
-one thread unless the model is large (`threads`).
+preset the step took 10-15% less). The compression convolution is a sum over its taps
+(`Compressor.one_window`), each a product with one old memory. Eager, the same products go to the
+matrix library, which is faster there and wants the keys slots-last without blocks. And a step of
+a small model at batch 1 is a few hundred tiny loops: waking a second thread costs more than it
+saves, so on the CPU the decoder runs its steps on one thread unless the model is large (`threads`).
 
 Relative positions: the model orders keys [compressed (n), memory (m), token] without gaps, so a
 memory slot written a steps ago is at distance a, and the compressed slot written k compressions

@@ -76,8 +76,9 @@ DRAWN_AT_ONCE = 1024  # tokens whose uniform numbers are drawn in one call
 def _draws(tokens: int, batch: int, generator: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
     """The uniform numbers (B, 1) of `tokens` tokens (at least one) in turn, drawn `DRAWN_AT_ONCE` tokens at a time
     (a call costs as much as three indexings; on the CPU the numbers are those of one call a token)."""
-    for start in range(0, max(tokens, 1), DRAWN_AT_ONCE):
-        yield from uniforms(batch, generator, device, steps=min(DRAWN_AT_ONCE, max(tokens, 1) - start))
+    tokens = max(tokens, 1)
+    for start in range(0, tokens, DRAWN_AT_ONCE):
+        yield from uniforms(batch, generator, device, steps=min(DRAWN_AT_ONCE, tokens - start))
 
 
 @torch.no_grad()
