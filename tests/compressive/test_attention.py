@@ -7,6 +7,8 @@ from still.compressive.attention import (
     RelativeMultiHeadAttention,
     causal_bias,
     causal_mask,
+    causal_mask_bias,
+    mask_bias,
     relative_shift,
     sinusoidal_distances,
 )
@@ -158,6 +160,29 @@ def test_sinusoids_count_down_to_zero():
     assert torch.allclose(enc[-1], torch.tensor([0.0] * 4 + [1.0] * 4))  # distance 0
 
 
+def test_constant_tables_are_computed_once_and_right():
+    """The sinusoids and the training's causal mask bias are cached per shape (every layer and step
+    asks for them); the cached values are the definitions."""
+    assert sinusoidal_distances(7, 8) is sinusoidal_distances(7, 8)
+    bf16 = sinusoidal_distances(7, 8, None, torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.equal(sinusoidal_distances(7, 8).to(torch.bfloat16))
+    bias = causal_mask_bias(3, 5, torch.device("cpu"), torch.float32)
+    assert bias is causal_mask_bias(3, 5, torch.device("cpu"), torch.float32)
+    expected = torch.zeros(3, 5).masked_fill(~causal_mask(3, 5), float("-inf"))
+    assert bias.equal(expected) and mask_bias(causal_mask(3, 5), torch.float32).equal(expected)
+
+
+def test_position_projection_under_autocast_equals_autocast_of_the_fp32_table():
+    """Under bf16 autocast the sinusoid table goes to W_r already in bf16 (cached): the same
+    numbers as autocast casting the fp32 table at every call."""
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(16, 4).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = attn.position_projection(9, torch.device("cpu"), torch.float32)
+        expected = attn.position(sinusoidal_distances(9, 16)).view(9, 4, 4).transpose(0, 1)
+    assert r.dtype == torch.bfloat16 and r.equal(expected)
+
+
 def test_projected_context_and_position_cache_match():
     torch.manual_seed(0)
     attn = RelativeMultiHeadAttention(16, 4).eval()
@@ -200,7 +225,7 @@ def test_training_scores_in_one_product_match_scaled_dot_product_attention(monke
 def test_training_attention_weights_gradients(l, k_len, per_row_mask):
     """The fused training function's hand-written backward (softmax, shift back, four products)
     against numerical gradients, in float64, with and without a per-row mask of memory slots."""
-    from still.compressive.attention import _AttentionWeights
+    from still.compressive.attention import _AttentionWeights, mask_bias
 
     torch.manual_seed(0)
     h, b, d = 2, 3, 4
@@ -213,9 +238,10 @@ def test_training_attention_weights_gradients(l, k_len, per_row_mask):
         valid = torch.ones(b, k_len, dtype=torch.bool)
         valid[1, :2] = False
         allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
-    assert torch.autograd.gradcheck(lambda *t: _AttentionWeights.apply(*t, allowed), (q_content, k, q_position, r))
+    bias = mask_bias(allowed, torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: _AttentionWeights.apply(*t, bias), (q_content, k, q_position, r))
     # and the forward is the definition: softmax over (content + shifted position) scores
-    weights = _AttentionWeights.apply(q_content, k, q_position, r, allowed)
+    weights = _AttentionWeights.apply(q_content, k, q_position, r, bias)
     position = (q_position @ r.transpose(1, 2)).view(h * b, l, k_len)
     for i in range(l):
         for j in range(k_len):

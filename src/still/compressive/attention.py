@@ -56,8 +56,11 @@ def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+@functools.lru_cache(maxsize=16)  # every layer and step asks for the same few tables
 def sinusoidal_distances(klen: int, d_model: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Encodings of the distances klen-1, ..., 1, 0 (in that order): (klen, d_model)."""
+    """Encodings of the distances klen-1, ..., 1, 0 (in that order): (klen, d_model).
+
+    Computed once per (klen, d_model, device, dtype): treat the result as read-only, it is shared."""
     distances = torch.arange(klen - 1, -1, -1, device=device, dtype=torch.float32)  # (K,)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d_model, 2, device=device, dtype=torch.float32) / d_model))
     angles = distances[:, None] * inv_freq[None, :]  # (K, d/2)
@@ -106,8 +109,9 @@ class _RelativeShift(torch.autograd.Function):
 class _AttentionWeights(torch.autograd.Function):
     """softmax(mask(content + shifted position scores)) over heads-major (G = H*B) rows.
 
-    Forward: q_content (G, L, D), k (G, K, D), q_position (H, B*L, D), r (H, K, D), allowed
-    (L, K) or (1, B, L, K); the scale is already in the queries. Returns the weights (G, L, K),
+    Forward: q_content (G, L, D), k (G, K, D), q_position (H, B*L, D), r (H, K, D), and the mask
+    as a 0 / -inf bias in the scores' dtype (`mask_bias`), (L, K) or (1, B, L, K); the scale is
+    already in the queries. Returns the weights (G, L, K),
     in the dtype autocast gives a softmax (bf16 on CPUs under bf16 autocast, fp32 on GPUs).
 
     Passes over the (G, L, K) scores: the position product writes them raw, unshifted; the content
@@ -120,7 +124,7 @@ class _AttentionWeights(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_content, k, q_position, r, allowed):
+    def forward(ctx, q_content, k, q_position, r, bias):
         g, l, _ = q_content.shape
         h, k_len = r.shape[0], r.shape[1]
         raw = torch.bmm(q_position, r.transpose(1, 2)).view(g, l, k_len)  # (H, B*L, K) = (G, L, K)
@@ -128,8 +132,7 @@ class _AttentionWeights(torch.autograd.Function):
         del raw
         # the mask as an added 0 / -inf bias: a broadcast `masked_fill_` took 4x as long (1.6 ms
         # against 0.4 for 64 x 128 x 384 scores on one core)
-        bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)  # (L, K) or (1, B, L, K)
-        scores.view(h, g // h, l, k_len).add_(bias.masked_fill_(~allowed, float("-inf")))
+        scores.view(h, g // h, l, k_len).add_(bias)  # bias (L, K) or (1, B, L, K)
         weights = scores.softmax(dim=-1)  # (G, L, K); the autocast policy applies
         ctx.save_for_backward(q_content, k, q_position, r, weights)
         return weights
@@ -165,6 +168,18 @@ def causal_mask(l: int, k: int, device=None) -> torch.Tensor:
     i = torch.arange(l, device=device)[:, None]
     j = torch.arange(k, device=device)[None, :]
     return j <= (k - l) + i
+
+
+def mask_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask -> 0 where True, -inf where False, in `dtype` (a bias added to scores)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+@functools.lru_cache(maxsize=8)  # a stream's segments see a few key lengths (the memories fill, then stay full)
+def causal_mask_bias(l: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(L, K) `mask_bias(causal_mask(l, k))`, computed once per shape (training builds it for every
+    layer and step otherwise: five operators). Treat the result as read-only: it is shared."""
+    return mask_bias(causal_mask(l, k, device), dtype)
 
 
 @functools.lru_cache(maxsize=8)  # a stream's segments see a few key lengths (the memories fill, then stay full)
@@ -236,7 +251,8 @@ class RelativeMultiHeadAttention(nn.Module):
         return super().train(mode)
 
     def _project_positions(self, k_len: int, device, dtype) -> torch.Tensor:
-        r = self.position(sinusoidal_distances(k_len, self.d_model, device, dtype))  # (K, d)
+        # the table in the products' dtype (bf16 under autocast: cast once, not at every call)
+        r = self.position(sinusoidal_distances(k_len, self.d_model, device, compute_dtype(device, dtype)))  # (K, d)
         return r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -276,7 +292,9 @@ class RelativeMultiHeadAttention(nn.Module):
             return AttentionOutput(self.out(out), None, x_kv, queries, kv)
 
         r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
-        allowed = causal_mask(l, k_len, x.device)  # (L, K)
+        allowed = None  # the fused path's causal-only mask: a cached bias (`causal_mask_bias`)
+        if not fused or key_valid is not None:
+            allowed = causal_mask(l, k_len, x.device)  # (L, K)
         if key_valid is not None:
             valid = torch.cat([key_valid, key_valid.new_ones(b, l)], dim=1)  # (B, K)
             allowed = allowed & valid[:, None, None, :]  # (B, 1, L, K)
@@ -330,12 +348,12 @@ class RelativeMultiHeadAttention(nn.Module):
                                               dropout_p=self.dropout_attn if self.training else 0.0)
 
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
-                         allowed: torch.Tensor) -> torch.Tensor:
+                         allowed: torch.Tensor | None) -> torch.Tensor:
         """Training (and bf16 CPU inference) attention, heads-major: the scores of all B * H
         (head, row) pairs as one (H*B, L, K) tensor, built, masked and normalised by
         `_AttentionWeights` in five passes over it, and differentiated in three
-        (`docs/performance.md`). q (B, H, L, D), k and v (B, H, K, D), r (H, K, D), allowed (L, K)
-        or (B, 1, L, K) -> (B, H, L, D)."""
+        (`docs/performance.md`). q (B, H, L, D), k and v (B, H, K, D), r (H, K, D), allowed
+        (B, 1, L, K), or None for the causal mask alone -> (B, H, L, D)."""
         b, h, l, dh = q.shape
         dtype = k.dtype  # the compute dtype: bf16 under autocast
         scale = self.scale
@@ -349,9 +367,11 @@ class RelativeMultiHeadAttention(nn.Module):
         q_content = heads_major(torch.add((self.content_bias * scale).to(dtype)[:, None], q.to(dtype), alpha=scale))
         q_position = torch.add((self.position_bias * scale).to(dtype)[:, None], q.to(dtype), alpha=scale)
         q_position = q_position.transpose(0, 1).reshape(h, b * l, dh)  # (H, B*L, D)
-        if allowed.ndim == 4:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
-            allowed = allowed.transpose(0, 1)
-        weights = _AttentionWeights.apply(q_content, heads_major(k), q_position, r.to(dtype), allowed)  # (HB, L, K)
+        if allowed is None:
+            bias = causal_mask_bias(l, k.shape[2], k.device, dtype)  # (L, K)
+        else:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
+            bias = mask_bias(allowed.transpose(0, 1), dtype)
+        weights = _AttentionWeights.apply(q_content, heads_major(k), q_position, r.to(dtype), bias)  # (HB, L, K)
         weights = dropout(weights, self.dropout_attn, self.training)
         out = weights @ heads_major(v)  # (HB, L, D)
         return out.view(h, b, l, dh).transpose(0, 1)  # (B, H, L, D)
