@@ -505,7 +505,8 @@ def machine_description(threads: int) -> dict:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "torch": version("torch"),
             "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "versions": {name: version(name) for name in ("still", "labml-nn", "labml", "compressive-transformer-pytorch")},
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(), "OMP_WAIT_POLICY": "PASSIVE",
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT")}
 
 
 def median_of(results: list[dict], impl: str, measure: str, key: str) -> float | None:
@@ -689,8 +690,11 @@ def main() -> None:
     warmup = {r["impl"]: r["memory_after_warmup"] for r in results if "memory_after_warmup" in r}
     errors = [r for r in results if "error" in r]
 
+    # GOMP_SPINCOUNT, when set, reaches every worker (they inherit the environment): OpenMP's threads
+    # then spin that many times before they sleep, instead of none (docs/benchmarks.md, session 11)
+    spin = f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else ""
     print(f"machine: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), {cfg.threads} threads, "
-          f"OMP_WAIT_POLICY=PASSIVE; torch {machine['torch']}; Python {machine['python']}; {machine['date']}")
+          f"OMP_WAIT_POLICY=PASSIVE{spin}; torch {machine['torch']}; Python {machine['python']}; {machine['date']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
     print("load average (1, 5, 15 min) at start {} and end {}".format(
         *(", ".join(f"{x:.2f}" for x in machine[k]) for k in ("load_average", "load_average_end"))))

@@ -177,7 +177,9 @@ def main() -> None:
         "generate / eval at batch 1 (fp32, --compile)": ("generate fp32, batch 1, --compile", "eval fp32, batch 1"),
     }
     ratios = {k: median[a] / median[b] for k, (a, b) in wanted.items() if a in median and b in median}
-    title = (f"reference preset, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch "
+    waiting = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" + (
+        f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "")
+    title = (f"reference preset, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, {waiting}, torch "
              f"{torch.__version__}; matmul peak (median of {args.repeats}) fp32 {peak_fp32 / 1e9:.1f} GFLOP/s, bf16 "
              f"{peak_bf16 / 1e9:.1f} GFLOP/s; medians of {args.repeats} repeats, load average at the end "
              f"{os.getloadavg()[0]:.2f}")
