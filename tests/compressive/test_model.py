@@ -222,9 +222,12 @@ def test_inference_caches_made_under_bf16_autocast_are_not_reused_in_fp32():
 
 
 @pytest.mark.parametrize("pre_norm", [True, False])
-def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_one(pre_norm):
+def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_one(monkeypatch, pre_norm):
     """The forward pass's W_q x and the old memories' keys and values are reused by the
     attention-reconstruction loss: it must equal the loss computed from scratch."""
+    from still.compressive import model as module
+
+    monkeypatch.setattr(module, "BATCHED_RECONSTRUCTION", False)  # (layer by layer: spied on below)
     net = model(mem_len=8, c_mem_len=8, pre_norm=pre_norm).train()
     state = None
     seq = tokens(l=40)
@@ -243,3 +246,35 @@ def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_o
     assert len(calls) == 2
     for reused, direct in calls:
         torch.testing.assert_close(reused, direct, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_reconstruction_losses_of_all_layers_at_once_equal_layer_by_layer(monkeypatch, pre_norm, bf16):
+    """`attention_reconstruction_loss` (all layers in one batch of operators) gives the mean of the
+    layers' own losses and the same gradients for every compressor, with each layer's own LN1
+    affine and W_kv (made different here), under bf16 autocast too; nothing else gets a gradient."""
+    from still.compressive import model as module
+
+    seq = tokens(b=3, l=48)
+    results = []
+    for batched in (False, True):
+        monkeypatch.setattr(module, "BATCHED_RECONSTRUCTION", batched)
+        net = model(n_layers=3, mem_len=8, c_mem_len=4, pre_norm=pre_norm).train()
+        with torch.no_grad():
+            for layer in net.layers:
+                layer.norm1.weight.normal_(1.0, 0.3)
+                layer.norm1.bias.normal_(0.0, 0.3)
+        if not bf16:
+            net.double()
+        state = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            for start in range(0, 32, 8):
+                state = net(seq[:, start : start + 8], state).state
+            loss = net(seq[:, 32:40], state).compression_loss.float()
+        loss.backward()
+        assert all(p.grad is None for p in net.model_parameters())
+        results.append([loss.detach(), *(p.grad for p in net.compressor_parameters())])
+    tolerance = dict(atol=1e-3, rtol=1e-2) if bf16 else dict(atol=1e-12, rtol=1e-9)
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **tolerance)

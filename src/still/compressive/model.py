@@ -55,6 +55,11 @@ from still.compressive.memory import MemoryState, update_layer_memory, update_va
 from still.errors import check
 from still.layers import Dropout
 
+BATCHED_RECONSTRUCTION = True
+"""Training computes the attention-reconstruction losses of all layers in one batch of operators
+(`attention_reconstruction_loss`) instead of layer by layer (`CompressiveLayer.compression_loss`).
+Tests compare the two."""
+
 CompressionLoss = Literal["attention", "autoencoding", "none"]
 
 
@@ -182,6 +187,36 @@ class CompressiveLayer(nn.Module):
         return F.mse_loss(approx, target)
 
 
+def attention_reconstruction_loss(layers: list[CompressiveLayer], queries: list[torch.Tensor],
+                                  old_key_values: list[torch.Tensor], compressed: list[torch.Tensor]) -> torch.Tensor:
+    """The mean over layers of `CompressiveLayer.compression_loss` with the attention-reconstruction
+    loss, all layers at once: the same values, with one set of operators for all layers instead of
+    one per layer (a training step launches about 1,500 operators, and on some machines their
+    number, not their work, sets its pace: docs/performance.md, session 11).
+
+    Per layer l: queries W_q x (B, L, d) and the old memories' keys and values (B, n_s, 2d) as the
+    forward projected them (constants here), and f_c(old) (B, n_s / c, d) with its graph; every
+    layer's tensors of the same shape. Each layer's own LN1 affine and W_kv (constants) project its
+    compressed memories; the losses' mean over layers equals the MSE over all layers' elements at
+    once, since every layer has as many."""
+    n, (b, l, d) = len(layers), queries[0].shape
+    n_c = compressed[0].shape[1]
+    q = torch.stack([x.detach() for x in queries]).view(n * b, l, d)
+    old_kv = torch.stack([x.detach() for x in old_key_values]).flatten(0, 1)  # (n*B, n_s, 2d)
+    fresh = torch.stack(compressed).view(n, b * n_c, d)  # (n, B*n_c, d), with f_c's graph
+    if layers[0].pre_norm:  # LN1 with each layer's affine, as constants
+        norms = [layer.norm1 for layer in layers]
+        gamma = torch.stack([norm.weight.detach() for norm in norms])[:, None]  # (n, 1, d)
+        beta = torch.stack([norm.bias.detach() for norm in norms])[:, None]
+        fresh = torch.addcmul(beta, F.layer_norm(fresh, (d,), eps=norms[0].eps), gamma)
+    weights = torch.stack([layer.attention.key_value.weight.detach() for layer in layers])  # (n, 2d, d)
+    compressed_kv = torch.bmm(fresh, weights.transpose(1, 2)).view(n * b, n_c, 2 * d)
+    attention = layers[0].attention  # (the heads and the scale are the same in every layer)
+    target = attention.projected_content_attention(q, old_kv)  # (n*B, L, d)
+    approx = attention.projected_content_attention(q, compressed_kv)
+    return F.mse_loss(approx, target)
+
+
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, L, V)
     state: MemoryState
@@ -267,7 +302,7 @@ class CompressiveTransformer(nn.Module):
             context_kvs.append(context_kv)
         logits = self.head(self.norm(h[:, -1:] if last_logits else h))  # (B, L, V), or (B, 1, V)
 
-        new_memory, new_compressed, new_caches, losses = [], [], [], []
+        new_memory, new_compressed, new_caches, loss_inputs = [], [], [], []
         n = state.compressed_len
         rule = dict(mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
         for layer, memory, compressed, hidden, attention, context_kv in zip(
@@ -292,8 +327,7 @@ class CompressiveTransformer(nn.Module):
             if with_compression_loss and old is not None and config.trains_compressor:
                 # the old memories are the first n_s slots after the compressed ones among the keys
                 old_kv = attention.all_key_values[:, n : n + old.shape[1]]  # (B, n_s, 2d)
-                losses.append(layer.compression_loss(config.compression_loss, hidden, old, fresh,
-                                                     attention.queries, old_kv))
+                loss_inputs.append((layer, hidden, old, fresh, attention.queries, old_kv))
 
         memory_valid, compressed_valid = None, None
         if key_valid is not None:
@@ -303,5 +337,14 @@ class CompressiveTransformer(nn.Module):
                 memory_valid, compressed_valid = None, None
         next_state = MemoryState(tuple(new_memory), tuple(new_compressed), memory_valid, compressed_valid,
                                  tuple(new_caches) if use_cache else None, version)
-        compression_loss = torch.stack(losses).mean() if losses else None
+        compression_loss = None
+        if loss_inputs:
+            layers, hiddens, olds, fresh, queries, old_kvs = zip(*loss_inputs)
+            if (BATCHED_RECONSTRUCTION and config.compression_loss == "attention" and len(loss_inputs) > 1
+                    and len({x.shape for x in fresh}) == 1 and len({x.shape for x in old_kvs}) == 1):
+                compression_loss = attention_reconstruction_loss(list(layers), list(queries), list(old_kvs), list(fresh))
+            else:
+                compression_loss = torch.stack([
+                    layer.compression_loss(config.compression_loss, *args)
+                    for layer, *args in loss_inputs]).mean()
         return ModelOutput(logits, next_state, compression_loss)
