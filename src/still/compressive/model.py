@@ -191,8 +191,8 @@ def attention_reconstruction_loss(layers: list[CompressiveLayer], queries: list[
                                   old_key_values: list[torch.Tensor], compressed: list[torch.Tensor]) -> torch.Tensor:
     """The mean over layers of `CompressiveLayer.compression_loss` with the attention-reconstruction
     loss, all layers at once: the same values, with one set of operators for all layers instead of
-    one per layer (a training step launches about 1,500 operators, and on some machines their
-    number, not their work, sets its pace: docs/performance.md, session 11).
+    one per layer (about 280 operators fewer a step at the peer benchmark's size; where waking a
+    sleeping thread is dear, every operator counts: docs/performance.md, session 11).
 
     Per layer l: queries W_q x (B, L, d) and the old memories' keys and values (B, n_s, 2d) as the
     forward projected them (constants here), and f_c(old) (B, n_s / c, d) with its graph; every
@@ -339,7 +339,7 @@ class CompressiveTransformer(nn.Module):
                                  tuple(new_caches) if use_cache else None, version)
         compression_loss = None
         if loss_inputs:
-            layers, hiddens, olds, fresh, queries, old_kvs = zip(*loss_inputs)
+            layers, _, _, fresh, queries, old_kvs = zip(*loss_inputs)
             if (BATCHED_RECONSTRUCTION and config.compression_loss == "attention" and len(loss_inputs) > 1
                     and len({x.shape for x in fresh}) == 1 and len({x.shape for x in old_kvs}) == 1):
                 compression_loss = attention_reconstruction_loss(list(layers), list(queries), list(old_kvs), list(fresh))
