@@ -253,7 +253,7 @@ def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_o
 def test_reconstruction_losses_of_all_layers_at_once_equal_layer_by_layer(monkeypatch, pre_norm, bf16):
     """`attention_reconstruction_loss` (all layers in one batch of operators) gives the mean of the
     layers' own losses and the same gradients for every compressor, with each layer's own LN1
-    affine and W_kv (made different here), under bf16 autocast too; nothing else gets a gradient."""
+    affine (made different here) and W_kv, under bf16 autocast too; nothing else gets a gradient."""
     from still.compressive import model as module
 
     seq = tokens(b=3, l=48)
