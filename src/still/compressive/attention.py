@@ -111,8 +111,8 @@ class _AttentionWeights(torch.autograd.Function):
 
     Forward: q_content (G, L, D), k (G, K, D), q_position (H, B*L, D), r (H, K, D), and the mask
     as a 0 / -inf bias in the scores' dtype (`mask_bias`), (L, K) or (1, B, L, K); the scale is
-    already in the queries. Returns the weights (G, L, K),
-    in the dtype autocast gives a softmax (bf16 on CPUs under bf16 autocast, fp32 on GPUs).
+    already in the queries. Returns the weights (G, L, K), in the dtype autocast gives a softmax
+    (bf16 on CPUs under bf16 autocast, fp32 on GPUs).
 
     Passes over the (G, L, K) scores: the position product writes them raw, unshifted; the content
     product reads them through the shifted view (`_shifted_view`, copied by `baddbmm` into its
