@@ -71,8 +71,9 @@ from pathlib import Path  # noqa: E402
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
 
-IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "labml", "lucidrains")
+IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "ours-2shards", "ours-bf16-2shards", "labml", "lucidrains")
 PEERS = ("labml", "lucidrains")
+SHARDED = ("ours-2shards", "ours-bf16-2shards")
 MEASURES = ("train", "eval", "generate")
 RESULT_MARKER = "BENCH-RESULT "
 
@@ -185,6 +186,59 @@ class OursBf16(Ours):
 
         with autocast("bf16"):
             return super().generate(prompt, new_tokens, seed)
+
+
+class OursSharded(Ours):
+    """Training only: each step split across two threads with one intra-op thread each, as `still lm
+    train` runs it by default on a CPU (`still.train.shards`): each thread runs the forward and the
+    backward of its 8 rows and keeps their memories; the gradients add up in `.grad`, then the same
+    optimizer step as everyone's."""
+
+    name = "ours-2shards"
+    precision = "fp32"
+    shards = 2
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        super().__init__(cfg)
+        self.states = [None] * self.shards
+        self.pool = None
+
+    def train_step(self, inputs, targets) -> bool:
+        """Forward and backward (into .grad) of inputs, targets (B, L); whether there was a compression loss."""
+        import torch.nn.functional as F
+
+        from still.train.precision import autocast
+        from still.train.shards import Shard, ShardPool
+
+        if self.pool is None:
+            self.pool = ShardPool(self.shards)
+
+        def forward_backward(index: int) -> bool:
+            shard = Shard(index, self.shards)
+            rows = shard.rows(inputs.shape[0])
+            with autocast(self.precision):
+                out = self.model(inputs[rows], self.states[index])
+                self.states[index] = out.state
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets[rows].flatten())
+                if out.compression_loss is not None:
+                    loss = loss + out.compression_loss.float()
+            (loss * shard.fraction).backward()
+            return out.compression_loss is not None
+
+        return all(self.pool.map(forward_backward, range(self.shards)))
+
+    def memory_lengths(self) -> tuple[int, int]:
+        return self.states[0].memory_len, self.states[0].compressed_len
+
+    def after_training(self) -> None:
+        self.pool.close()
+
+
+class OursShardedBf16(OursSharded):
+    """`ours-2shards` under bf16 autocast (fp32 weights, optimizer state and loss)."""
+
+    name = "ours-bf16-2shards"
+    precision = "bf16"
 
 
 class _SimpleStateModuleStub:
@@ -360,8 +414,10 @@ class Lucidrains:
                           "reconstruction loss, so the key/value projection stops learning; measured as is)")
 
 
-ADAPTERS = {"ours": Ours, "ours+compile": OursCompiled, "ours-bf16": OursBf16, "labml": Labml, "lucidrains": Lucidrains}
-ONLY_MEASURES = {"ours+compile": ("generate",)}  # the others: every measure
+ADAPTERS = {"ours": Ours, "ours+compile": OursCompiled, "ours-bf16": OursBf16, "ours-2shards": OursSharded,
+            "ours-bf16-2shards": OursShardedBf16, "labml": Labml, "lucidrains": Lucidrains}
+ONLY_MEASURES = {"ours+compile": ("generate",), "ours-2shards": ("train",),
+                 "ours-bf16-2shards": ("train",)}  # the others: every measure
 
 
 def _proc_status_kib() -> dict[str, int]:
@@ -438,9 +494,12 @@ def run_worker(spec: dict) -> dict:
             if not training:
                 with torch.no_grad():
                     return adapter.step_loss(*segment(i))[1]
-            loss, compressed = adapter.step_loss(*segment(i))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if hasattr(adapter, "train_step"):  # its own forward and backward (ours, sharded)
+                compressed = adapter.train_step(*segment(i))
+            else:
+                loss, compressed = adapter.step_loss(*segment(i))
+                loss.backward()
             optimizer.step()
             return compressed
 
@@ -557,7 +616,7 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
                 ratios[column] = ratio(ours_row[column], [r[column] for r in peer_rows],
                                        higher_is_better="tok/s" in column)
         rows.append(ratios)
-    title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast), {machine['threads']} threads: d_model {cfg.d_model}, "
+    title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast; -2shards: two threads of 8 rows), {machine['threads']} threads: d_model {cfg.d_model}, "
              f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, segment {cfg.segment_len}, mem "
              f"{cfg.mem_len}, compressed {cfg.c_mem_len}, rate {cfg.compression_rate}, batch {cfg.batch_size} "
              f"(generation: batch 1, {cfg.new_tokens} new tokens after a {cfg.prompt_len}-token prompt, the median "
@@ -572,6 +631,10 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
 
 
 STATIC_NOTES = [
+    "ours-2shards: training only; each step split across two threads with one intra-op thread each, as `still "
+    "lm train` runs it by default on a CPU with two or more threads (still.train.shards): each thread runs the "
+    "forward and backward of 8 rows and keeps their memories, the gradients add up, then the same AdamW step; "
+    "its FLOPs are those of ours (not counted: the counter sees one thread); ours-bf16-2shards: the same in bf16",
     "ratios: ours / the best peer in each column (the fastest for tok/s, the smallest for MiB); > 1x is "
     "better for tok/s, < 1x better for MiB",
     "labml: the training step mirrors its experiment.py Configs.step (its model, merge_compress_memory and "
@@ -667,7 +730,8 @@ def main() -> None:
             for impl in impls[shift:] + impls[:shift]:  # a rotated order, so no one always goes first
                 if measure not in ONLY_MEASURES.get(impl, MEASURES):
                     continue
-                spec = {"impl": impl, "measure": measure, "seed": repeat, "count_flops": repeat == 0 and not args.no_flops,
+                spec = {"impl": impl, "measure": measure, "seed": repeat, "count_flops": repeat == 0 and not args.no_flops
+                        and impl not in SHARDED,  # a dispatch mode sees one thread's operators
                         "config": dataclasses.asdict(cfg)}
                 result = run_subprocess(spec)
                 results.append(result)

@@ -8,7 +8,9 @@ Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_
 
     train fp32 / bf16   tokens/s of the recipe's own step (`still.train.loop.Trainer` with the
                         recipe's loss: memories carried, LM + reconstruction loss, backward, the two
-                        clip groups, Adam), after warm-up segments that fill both memories
+                        clip groups, Adam), after warm-up segments that fill both memories; "2
+                        shards": the step split across two threads, one intra-op thread each, as
+                        `still lm train` runs it by default on a CPU (`still.train.shards`)
     MFU                 model FLOP/s (matmul and convolution FLOPs of one step, forward + backward,
                         counted from shapes by torch.utils.flop_counter) / the machine's matmul peak
                         in the same precision, measured in the same run (`still bench peak`)
@@ -57,33 +59,39 @@ def stream(batch: int, segments: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(VOCAB, (batch, segments * length + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def train_rate(precision: str, steps: int, warmup: int, seed: int) -> tuple[float, float]:
-    """(tokens/s, FLOPs of one step) of the recipe's training step."""
+def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int = 1) -> tuple[float, float | None]:
+    """(tokens/s, FLOPs of one step) of the recipe's training step; with `shards`, the step split
+    across that many threads as `still lm train` does by default (`still.train.shards`), whose FLOPs
+    are not counted (the counter sees one thread; the split changes no product's total)."""
     config = PRESETS["reference"]
     model = make_model(seed)
     optimizer = build_optimizer(model.parameters(), config.optim)
     b, l = config.batch_size, config.segment_len
     data = stream(b, warmup + steps + 1, l, seed)
-    memory = {"state": None}
+    memory = [None] * shards  # each shard's
 
-    def loss_fn(net, i):
-        inputs, targets = data[:, i * l : (i + 1) * l], data[:, i * l + 1 : (i + 1) * l + 1]
-        out = net(inputs, memory["state"])
-        memory["state"] = out.state.detach()
+    def loss_fn(net, i, shard=None):
+        rows, index, share = (shard.rows(b), shard.index, shard.fraction) if shard else (slice(None), 0, 1.0)
+        inputs, targets = data[rows, i * l : (i + 1) * l], data[rows, i * l + 1 : (i + 1) * l + 1]
+        out = net(inputs, memory[index])
+        memory[index] = out.state.detach()
         lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
-        return lm + out.compression_loss if out.compression_loss is not None else lm
+        return (lm + out.compression_loss if out.compression_loss is not None else lm) * share
 
     groups = [model.model_parameters(), model.compressor_parameters()]
     trainer = Trainer(model, loss_fn, optimizer, grad_clip=config.optim.grad_clip, clip_groups=groups,
-                      precision=precision, log=lambda _: None)
+                      precision=precision, shards=shards, log=lambda _: None)
     model.train()
     for i in range(warmup):
         trainer._step(i)
-    assert memory["state"].memory_len == 128 and memory["state"].compressed_len == 128
+    assert memory[0].memory_len == 128 and memory[0].compressed_len == 128
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         trainer._step(i)
     seconds = time.perf_counter() - start
+    if shards > 1:
+        trainer.close()
+        return steps * b * l / seconds, None
     with FlopCounterMode(display=False) as counter:
         trainer._step(warmup + steps)
     return steps * b * l / seconds, counter.get_total_flops()
@@ -138,6 +146,8 @@ def main() -> None:
     measures = {
         "train fp32": lambda r: train_rate("fp32", args.steps, 6, r),
         "train bf16": lambda r: train_rate("bf16", args.steps, 6, r),
+        "train fp32, 2 shards": lambda r: train_rate("fp32", args.steps, 6, r, shards=2),
+        "train bf16, 2 shards": lambda r: train_rate("bf16", args.steps, 6, r, shards=2),
         "eval fp32, batch 16": lambda r: eval_rate("fp32", 16, args.steps, 4, r),
         "eval bf16, batch 16": lambda r: eval_rate("bf16", 16, args.steps, 4, r),
         "eval fp32, batch 1": lambda r: eval_rate("fp32", 1, 4 * args.steps, 4, r),
@@ -154,7 +164,9 @@ def main() -> None:
         for name, measure in measures.items():
             value = measure(repeat)
             if isinstance(value, tuple):
-                value, flops[name] = value
+                value, step_flops = value
+                if step_flops is not None:
+                    flops[name] = step_flops
             rates[name].append(value)
             print(f"repeat {repeat}: {name}: {value:.0f} tok/s", flush=True)
     peak_fp32 = statistics.median(p["fp32"] for p in peaks)
@@ -164,14 +176,19 @@ def main() -> None:
     for name, values in rates.items():
         rate = statistics.median(values)
         row = {"measure": name, "tokens/s": round(rate), "min": round(min(values)), "max": round(max(values))}
-        if name in flops:
-            achieved = flops[name] / tokens_per_step * rate
+        step_flops = flops.get(name.removesuffix(", 2 shards"))  # a sharded step: the same products
+        if name.startswith("train") and step_flops is not None:
+            achieved = step_flops / tokens_per_step * rate
             row["GFLOP/s"] = round(achieved / 1e9, 1)
             row["MFU"] = f"{achieved / (peak_bf16 if 'bf16' in name else peak_fp32):.1%}"
         rows.append(row)
     median = {k: statistics.median(v) for k, v in rates.items()}
     wanted = {
         "train bf16 / fp32": ("train bf16", "train fp32"),
+        "train bf16 / fp32 (2 shards)": ("train bf16, 2 shards", "train fp32, 2 shards"),
+        "train bf16, 2 shards / train fp32": ("train bf16, 2 shards", "train fp32"),
+        "train fp32: 2 shards / 1": ("train fp32, 2 shards", "train fp32"),
+        "train bf16: 2 shards / 1": ("train bf16, 2 shards", "train bf16"),
         "eval bf16 / fp32 (batch 16)": ("eval bf16, batch 16", "eval fp32, batch 16"),
         "generate / eval at batch 1 (fp32, eager)": ("generate fp32, batch 1", "eval fp32, batch 1"),
         "generate / eval at batch 1 (fp32, --compile)": ("generate fp32, batch 1, --compile", "eval fp32, batch 1"),

@@ -196,12 +196,15 @@ def lm_group() -> None:
 @click.option("--overwrite", is_flag=True, help="Start again if the directory holds a run with other settings.")
 @cache_option
 @threads_option
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Split every step's batch across this many threads, each with its share of --threads "
+                   "(default: 2 on a CPU with two or more threads, else 1; docs/performance.md).")
 @deterministic_option
 @nonfinite_option
 @keep_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
              post_norm, dropout, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite, cache_dir,
-             threads, deterministic, on_nonfinite, keep):
+             threads, shards, deterministic, on_nonfinite, keep):
     """Train a Compressive Transformer; prints validation and test bits per character.
 
     Data parallel on several processes or GPUs: start it with torchrun, for example
@@ -219,7 +222,7 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
         segment_len=segment_len, seed=seed, precision=precision, optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)
     train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite,
-             keep=keep)
+             keep=keep, shards=shards)
 
 
 @lm_group.command("eval")

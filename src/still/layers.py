@@ -7,15 +7,35 @@ element here: at the `reference` preset the masks took a fifth of a bf16 trainin
 with a threshold), about a quarter of the cost. The drop probability is p rounded to a multiple of
 2^-16 (at most 7.7e-6 away), and kept elements are scaled by the inverse of the exact keep
 probability, so the expectation of every output is its input. On other devices: `F.dropout`.
+
+`thread_generator`: the generator `dropout` draws from in this thread when given none (the shards
+of a training step, each in its own thread, draw from their own: `still.train.shards`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 LANES = 65536  # 16-bit lanes
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def thread_generator(generator: torch.Generator | None) -> Iterator[None]:
+    """Within the block, `dropout` in this thread draws from `generator` when given none (None: the
+    global generator). Other threads are not affected."""
+    previous = getattr(_local, "generator", None)
+    _local.generator = generator
+    try:
+        yield
+    finally:
+        _local.generator = previous
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -27,6 +47,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.G
         return x
     if p == 1:
         return torch.zeros_like(x)
+    if generator is None:
+        generator = getattr(_local, "generator", None)
     if x.device.type != "cpu" or generator is not None and generator.device.type != "cpu":
         return F.dropout(x, p, True)
     dropped = round(p * LANES)  # lanes below this value are dropped

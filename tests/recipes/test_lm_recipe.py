@@ -243,3 +243,50 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     assert code == 0 and compiled == text
     assert_user_error(capsys, *train_args(corpus, tmp_path / "x", "--precision", "fp16"),
                       contains="'fp16' is not one of 'fp32', 'bf16'")
+
+
+def _sharded_args(corpus, out, shards, threads, *extra):
+    return ["lm", "train", "--corpus", str(corpus), "--steps", "8", "--eval-every", "4", "--batch-size", "4",
+            "--segment-len", "16", "--mem-len", "16", "--c-mem-len", "8", "--dropout", "0", "--threads", str(threads),
+            "--shards", str(shards), "--out", str(out), *extra]
+
+
+def test_two_shards_train_as_one_batch_and_resume_on_one(corpus, tmp_path, capsys):
+    """Each step split across two threads (`still.train.shards`): the same run as one thread with the
+    whole batch, to float tolerance; its checkpoint (memories of both shards) resumes on one."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, shards, threads in (("whole", 1, 1), ("sharded", 2, 2)):
+        code, _, _ = run_cli(capsys, *_sharded_args(corpus, tmp_path / name, shards, threads))
+        assert code == 0
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert runs["sharded"]["meta"]["shards"] == 2 and runs["whole"]["meta"]["shards"] == 1
+    for a, b in zip(runs["whole"]["meta"]["history"], runs["sharded"]["meta"]["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_bits"] == pytest.approx(b["train_bits"], rel=1e-5)
+        assert a["valid_bits"] == pytest.approx(b["valid_bits"], rel=1e-5)
+    newest = {name: sorted((tmp_path / name / "checkpoints").glob("ckpt-*"))[-1] for name in runs}
+    weights = {name: load_file(str(path / "model.safetensors")) for name, path in newest.items()}
+    for key, value in weights["whole"].items():
+        torch.testing.assert_close(weights["sharded"][key], value, rtol=1e-4, atol=1e-5)
+    state = {name: load_file(str(path / "state.safetensors")) for name, path in newest.items()}
+    assert state["sharded"]["extra/memory/0"].shape == (4, 16, 128)  # both shards' rows, in order
+    torch.testing.assert_close(state["sharded"]["extra/memory/1"], state["whole"]["extra/memory/1"],
+                               rtol=1e-4, atol=1e-4)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "sharded", resumed)
+    shutil.rmtree(resumed / "checkpoints" / newest["sharded"].name)  # resume from step 4
+    code, _, err = run_cli(capsys, *_sharded_args(corpus, resumed, 1, 1))
+    assert code == 0 and "resuming at epoch 2" in err
+    a = json.loads((resumed / "results.json").read_text())
+    assert a["meta"]["shards"] == 1
+    assert a["rows"][0]["valid_bpc"] == pytest.approx(runs["sharded"]["rows"][0]["valid_bpc"], abs=2e-4)
+
+
+def test_shards_that_do_not_split_the_batch_are_named(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert_user_error(capsys, *_sharded_args(corpus, out, 3, 2),
+                      contains="shards (3) must be >= 1 and divide the rows of a batch (4)")
+    assert not out.exists()

@@ -36,6 +36,7 @@ from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.precision import autocast, check_precision
 from still.train.progress import log, progress
+from still.train.shards import Shard, default_shards
 from still.train.results import write_results
 from still.train.seed import seed_everything
 
@@ -133,11 +134,22 @@ def _load_data(config: LMConfig, cache) -> tuple[Corpus, Vocab]:
 
 
 def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = False, print_table: bool = True,
-             on_nonfinite: str = "stop", keep: int = 2) -> dict:
+             on_nonfinite: str = "stop", keep: int = 2, shards: int | None = None) -> dict:
+    """Train, evaluate and write the results table. `shards`: split each step across this many CPU
+    threads (`still.train.shards`; default: 2 on a CPU with two or more threads, 1 under torchrun
+    or on a GPU)."""
     out = Path(out)
     dist = distributed.setup()  # a no-op unless started by torchrun
     corpus, vocab = _load_data(config, cache)
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
+    device = dist.device if dist.enabled else distributed.default_device()
+    rank_rows = dist.rows(min(config.batch_size, len(corpus.train)), "the batch size")  # fails early if it does not split
+    n_rows = rank_rows.stop - rank_rows.start  # this rank's rows of every batch
+    if shards is None:
+        shards = default_shards(device, n_rows) if not dist.enabled else 1
+    check(shards >= 1 and n_rows % shards == 0,
+          f"shards ({shards}) must be >= 1 and divide the rows of a batch ({n_rows}"
+          + (" per process)" if dist.enabled else ")"))
     if dist.main:
         check_stage_config(out, to_dict(config), overwrite)
         save_config(config, out / "config.json")
@@ -149,45 +161,61 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     stream = TrainStream(train_docs, config)
     valid = TokenStreams(valid_docs, config.batch_size, config.segment_len, valid_names)
 
-    device = dist.device if dist.enabled else distributed.default_device()
     seed_everything(config.seed)
     model = CompressiveTransformer(config.model).to(device)
     if dist.enabled:  # the same weights everywhere (DDP checks), a different dropout stream per rank
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)
-        dist.rows(min(config.batch_size, len(train_docs)), "the batch size")  # fail early if it does not split
     # data parallel: each rank reads its own contiguous rows of every global batch and keeps their memories
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                      find_unused_parameters=True) if dist.enabled else model)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
-    memory: dict[str, MemoryState | None] = {"train": None}
-    lm_losses: list[torch.Tensor] = []
+    # each shard's memories (shard i: rows i * n / shards ... of this rank's), kept apart between steps
+    memory: list[MemoryState | None] = [None] * shards
+    lm_losses: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (step, shard): (nll sum, count)
 
-    def loss_fn(_, step: int) -> torch.Tensor:
+    def loss_fn(_, step: int, shard: Shard | None = None) -> torch.Tensor:
         segment = stream.segment(step)
         rows = dist.rows(segment.inputs.shape[0], "the batch size")
+        # the mean over the global batch's targets once DDP averages the ranks' gradients (or the
+        # shards' gradients add up): every shard divides by the count of all of this rank's targets
+        count = dist.all_sum((segment.targets[rows] != -100).sum().to(device)).clamp_min(1)
+        index = 0
+        if shard is not None:
+            index, within = shard.index, shard.rows(rows.stop - rows.start, "the batch size")
+            rows = slice(rows.start + within.start, rows.start + within.stop)
         inputs, targets, reset = (t[rows].to(device) for t in (segment.inputs, segment.targets, segment.reset))
-        result = net(inputs, memory["train"], reset=reset)
-        memory["train"] = result.state.detach()
+        result = net(inputs, memory[index], reset=reset)
+        memory[index] = result.state.detach()
         nll = F.cross_entropy(result.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                               reduction="sum")
-        count = (targets != -100).sum()
-        # the mean over the global batch's targets once DDP averages the ranks' gradients
-        lm = nll * dist.world / dist.all_sum(count).clamp_min(1)
-        lm_losses.append((nll / count.clamp_min(1)).detach())
-        return lm if result.compression_loss is None else lm + result.compression_loss
+        lm_losses[step, index] = nll.detach(), (targets != -100).sum()
+        lm = nll * dist.world / count
+        if result.compression_loss is None:
+            return lm
+        return lm + (result.compression_loss if shard is None else result.compression_loss * shard.fraction)
 
-    def memory_tensors() -> dict[str, torch.Tensor]:  # every rank's rows, for the checkpoint
-        local = memory["train"].to_tensors() if memory["train"] is not None else {}
+    def memory_tensors() -> dict[str, torch.Tensor]:  # every rank's rows (all of its shards'), for the checkpoint
+        if memory[0] is None:
+            return {}
+        parts = [state.to_tensors() for state in memory]
+        local = {k: torch.cat([part[k] for part in parts]) if shards > 1 else parts[0][k] for k in parts[0]}
         return {k: dist.gather_rows(v) for k, v in local.items()}
 
     def load_memory(tensors: dict[str, torch.Tensor]) -> None:
         mine = {k: v[dist.rows(v.shape[0], "the checkpoint's memories")].to(device) for k, v in tensors.items()}
-        memory.update(train=MemoryState.from_tensors(mine) if mine else None)
+        for i in range(shards):
+            part = {k: v[Shard(i, shards).rows(v.shape[0], "the checkpoint's memories")] for k, v in mine.items()}
+            memory[i] = MemoryState.from_tensors(part) if part else None
 
     def evaluate(net) -> dict[str, Any]:
         result = evaluate_streams(net, valid, max_segments=config.eval_segments)
-        train_bits = torch.stack(lm_losses).mean().item() / math.log(2) if lm_losses else None
+        steps: dict[int, list[torch.Tensor]] = {}  # step: [nll sum, count] over its shards, in shard order
+        for (step, _), (nll, count) in sorted(lm_losses.items()):
+            total = steps.setdefault(step, [torch.zeros(()), torch.zeros((), dtype=torch.long)])
+            total[0], total[1] = total[0] + nll.cpu(), total[1] + count.cpu()
+        means = [nll / count.clamp_min(1) for nll, count in steps.values()]
+        train_bits = torch.stack(means).mean().item() / math.log(2) if means else None
         lm_losses.clear()
         return {"step": (len(trainer.state.history) + 1) * config.eval_every, "train_bits": train_bits,
                 "valid_bits": result["bits_per_token"]}
@@ -198,7 +226,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     groups = [model.model_parameters()] + ([model.compressor_parameters()] if model.compressor_parameters() else [])
     trainer = Trainer(model, loss_fn, optimizer, scheduler, grad_clip=config.optim.grad_clip, clip_groups=groups,
                       evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
-                      on_nonfinite=on_nonfinite, keep=keep, precision=config.precision, dist=dist,
+                      on_nonfinite=on_nonfinite, keep=keep, precision=config.precision, dist=dist, shards=shards,
                       state_tensors=memory_tensors, load_state_tensors=load_memory)
     state = trainer.fit(batches, config.steps // config.eval_every)
     if not dist.main:  # rank 0 evaluates and writes the results
@@ -222,7 +250,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
              "test_ppl": round(final["test"]["perplexity"], 3)}]
     # training time from the history (the batch loops only, summed over every resumed piece of the run)
     train_seconds = sum(h["seconds"] for h in state.history)
-    meta = {"config": to_dict(config), "precision": config.precision, "processes": dist.world,
+    meta = {"config": to_dict(config), "precision": config.precision, "processes": dist.world, "shards": shards,
             "train_seconds": round(train_seconds, 1),
             "tokens_per_second": round(config.steps * config.batch_size * config.segment_len / max(train_seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name}

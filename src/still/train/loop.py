@@ -28,12 +28,14 @@ import torch
 from torch import nn
 
 from still.errors import StillError, TrainingDiverged, TrainingInterrupted
+from still.layers import thread_generator
 from still.train import checkpoint as ckpt
 from still.train.distributed import Dist
 from still.train.precision import autocast, check_precision
 from still.train.progress import log as default_log
 from still.train.progress import progress
 from still.train.seed import rng_state, set_rng_state
+from still.train.shards import Shard, ShardPool
 
 
 @contextlib.contextmanager
@@ -121,6 +123,13 @@ class Trainer:
             every batch; the loop keeps the ranks in step: a non-finite loss anywhere stops (or skips)
             everywhere, a signal on any rank interrupts all at the same step, `state_tensors` is
             called on every rank (it may gather) and rank 0 alone writes checkpoints and logs.
+        shards: split every step across this many threads (`still.train.shards`; CPU only, not
+            with `dist`): `loss_fn(model, batch, shard=Shard(i, shards))` runs the forward of shard
+            i's rows and returns their share of the batch's loss (their mean times
+            `shard.fraction`), each shard's backward runs in its thread, and the gradients add up.
+            Each shard's `still.layers.dropout` draws from its own generator, seeded at every step
+            from the global one, so a run resumes exactly; PyTorch's own dropout modules would draw
+            from the global generator in whichever order the threads reach them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -134,7 +143,7 @@ class Trainer:
                  checkpoint_every_steps: int | None = None,
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
                  on_nonfinite: str = "stop", precision: str = "fp32", dist: Dist | None = None,
-                 log: Callable[[str], None] = default_log) -> None:
+                 shards: int = 1, log: Callable[[str], None] = default_log) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -158,6 +167,13 @@ class Trainer:
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self.desc = desc
         self.dist = dist or Dist()
+        if shards < 1:
+            raise StillError(f"shards must be >= 1, got {shards}")
+        if shards > 1 and (self.dist.enabled or self.device.type != "cpu"):
+            raise StillError(f"shards ({shards}) split a step across CPU threads: not with "
+                             + ("several processes (torchrun)" if self.dist.enabled else f"a model on {self.device}"))
+        self.shards = shards
+        self._pool: ShardPool | None = None
         self.log = log if self.dist.main else (lambda message: None)
         self.state = TrainState()
         self.loaded_finished = False
@@ -239,17 +255,33 @@ class Trainer:
         raise TrainingDiverged(f"{self.desc}: {what} is {value.item()} at step {self.state.step}; stopped before the "
                                "optimizer step, so the checkpoints on disk are finite (lower the learning rate?)")
 
+    def _shard_loss(self, batch: Any, shard: Shard, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed + shard.index)
+        with thread_generator(generator), autocast(self.precision, self.device):
+            return self.loss_fn(self.model, batch, shard=shard).float()
+
     def _step(self, batch: Any) -> torch.Tensor | None:
         """One optimizer step; None if it was skipped (a non-finite loss or gradient norm)."""
-        with autocast(self.precision, self.device):
-            loss = self.loss_fn(self.model, batch).float()
+        if self.shards > 1:
+            if self._pool is None:
+                self._pool = ShardPool(self.shards)
+            seed = int(torch.randint(2**62, ()))  # from the global generator: checkpointed, resumed
+            shards = [Shard(i, self.shards) for i in range(self.shards)]
+            losses = self._pool.map(self._shard_loss, [batch] * self.shards, shards, [seed] * self.shards)
+            loss = torch.stack([shard_loss.detach() for shard_loss in losses]).sum()
+        else:
+            with autocast(self.precision, self.device):
+                loss = self.loss_fn(self.model, batch).float()
         finite = torch.isfinite(loss.detach())
         if self.dist.enabled:  # every rank takes the same branch
             finite = self.dist.all_min(finite.to(torch.int32)).bool()
         if not finite:
             return self._nonfinite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.shards > 1:  # each shard's backward in its thread, into the shared .grad
+            self._pool.map(torch.Tensor.backward, losses)
+        else:
+            loss.backward()
         if self.grad_clip is not None:
             for group in self.clip_groups or [list(self.model.parameters())]:
                 norm = torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
@@ -262,14 +294,23 @@ class Trainer:
             self.post_step()
         return loss.detach()
 
+    def close(self) -> None:
+        """End the shard workers, if any (`fit` does at its end; a later step starts them again)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
     def fit(self, batches: Callable[[int], Iterable[Any]], epochs: int) -> TrainState:
         """Train until `epochs` epochs are done, resuming from a checkpoint if one exists.
 
         SIGINT and SIGTERM finish the current step, save a checkpoint (when there is a
         checkpoint_dir) and raise `TrainingInterrupted`.
         """
-        with _deferred_signals() as received:
-            return self._fit(batches, epochs, received)
+        try:
+            with _deferred_signals() as received:
+                return self._fit(batches, epochs, received)
+        finally:
+            self.close()
 
     def _fit(self, batches: Callable[[int], Iterable[Any]], epochs: int, received: list[int]) -> TrainState:
         if self.resume():

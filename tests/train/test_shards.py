@@ -1,0 +1,139 @@
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from still.errors import StillError
+from still.layers import Dropout
+from still.train.distributed import Dist
+from still.train.loop import IndexBatches, Trainer
+from still.train.optim import OptimConfig, build_optimizer
+from still.train.seed import seed_everything
+from still.train.shards import Shard, ShardPool, default_shards
+
+X = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1))
+BATCHES = IndexBatches(64, 16, seed=3)
+
+
+def test_shard_rows_cover_the_batch_in_order():
+    parts = [Shard(i, 4).rows(12) for i in range(4)]
+    assert parts == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12)]
+    assert Shard(1, 4).fraction == 0.25
+    with pytest.raises(StillError, match=r"the rows \(10 rows\) must be a multiple of the number of shards \(4\)"):
+        Shard(0, 4).rows(10, "the rows")
+    with pytest.raises(StillError, match="shard index 2"):
+        Shard(2, 2)
+
+
+def test_default_shards():
+    assert default_shards("cpu", 16, threads=2) == 2
+    assert default_shards("cpu", 16, threads=1) == 1
+    assert default_shards("cpu", 15, threads=2) == 1  # the batch does not split in two
+    assert default_shards("cuda", 16, threads=2) == 1
+
+
+def test_pool_workers_get_their_share_of_threads_and_leave_this_one_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool = ShardPool(2)
+        try:
+            assert pool.threads == 1
+            seen = pool.map(lambda _: (threading.get_ident(), torch.get_num_threads()), range(2))
+            assert {n for _, n in seen} == {1}
+            assert all(ident != threading.get_ident() for ident, _ in seen)
+            assert torch.get_num_threads() == 2
+            # a thread started now gets the main setting again, not the workers'
+            fresh = []
+            t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+            t.start()
+            t.join()
+            assert fresh == [2]
+            with pytest.raises(ValueError, match="boom"):
+                pool.map(lambda i: (_ for _ in ()).throw(ValueError("boom")), range(2))
+        finally:
+            pool.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_trainer(shards, dropout=0.0, directory=None, every_steps=None):
+    seed_everything(0)
+    model = nn.Sequential(nn.Linear(10, 32), Dropout(dropout), nn.ReLU(), nn.Linear(32, 3))
+    optim = OptimConfig(name="adam", lr=1e-2, schedule="constant")
+    optimizer = build_optimizer(model.parameters(), optim)
+
+    def loss_fn(m, idx, shard=None):
+        if shard is not None:
+            idx = idx[shard.rows(len(idx))]
+        loss = F.cross_entropy(m(X[idx]), Y[idx])
+        return loss if shard is None else loss * shard.fraction
+
+    return Trainer(model, loss_fn, optimizer, shards=shards, checkpoint_dir=directory,
+                   checkpoint_every_steps=every_steps, desc="t", log=lambda _: None)
+
+
+def test_sharded_steps_match_whole_batches():
+    whole, sharded = make_trainer(1), make_trainer(2)
+    a, b = whole.fit(BATCHES, 2), sharded.fit(BATCHES, 2)
+    for p, q in zip(whole.model.parameters(), sharded.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=1e-5)
+    assert sharded._pool is None  # the workers end with the run
+
+
+def test_sharded_dropout_is_reproducible():
+    runs = []
+    for _ in range(2):
+        runs.append(make_trainer(2, dropout=0.5))  # seeds the global generator
+        runs[-1].fit(BATCHES, 1)
+    for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(p, q)  # two shards: the same numbers on every run
+
+
+def test_each_shard_draws_its_own_dropout_masks():
+    net, drop, masks = nn.Linear(1, 1), Dropout(0.5), {}
+
+    def loss_fn(m, batch, shard):
+        masks[shard.index] = drop(torch.ones(1000))
+        return m(torch.ones(1, 1)).sum() * 0
+
+    Trainer(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.0), shards=2, log=lambda _: None).fit(
+        lambda epoch: [None], 1)
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_sharded_resume_is_exact(tmp_path):
+    class Stop(Exception):
+        pass
+
+    first = make_trainer(2, dropout=0.3, directory=tmp_path, every_steps=5)
+    original = first.save
+
+    def save_then_stop():
+        path = original()
+        if first.state.step == 5:
+            raise Stop
+        return path
+
+    first.save = save_then_stop
+    with pytest.raises(Stop):
+        first.fit(BATCHES, 2)
+    resumed = make_trainer(2, dropout=0.3, directory=tmp_path)
+    resumed.fit(BATCHES, 2)
+    straight = make_trainer(2, dropout=0.3)
+    straight.fit(BATCHES, 2)
+    for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_shard_settings_are_named():
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(StillError, match="shards must be >= 1, got 0"):
+        Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=0)
+    with pytest.raises(StillError, match=r"shards \(2\) split a step across CPU threads: not with several processes"):
+        Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=2, dist=Dist(rank=0, world=2))
