@@ -60,3 +60,28 @@ def test_gradient_is_the_scaled_mask_and_seeds_repeat():
 def test_bf16_inputs_keep_their_dtype():
     x = torch.randn(8, 16, dtype=torch.bfloat16)
     assert dropout(x, 0.5).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_output_and_gradient_are_round_x_times_scale_at_the_kept_lanes(dtype):
+    """The mask is built from the lanes with integer passes: the numbers must be those of the plain
+    definition, where(lane >= threshold, x * scale, 0), bit for bit, and so must the gradient."""
+    p = 0.1
+    x = torch.randn(3, 5, 7).to(dtype).requires_grad_()
+    y = dropout(x, p, generator=torch.Generator().manual_seed(11))
+    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
+    draws.random_(-(2**63), 2**63 - 1, generator=torch.Generator().manual_seed(11))
+    dropped = round(p * LANES)
+    keep = draws.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - LANES // 2
+    scale = LANES / (LANES - dropped)
+    assert 0 < int((~keep).sum()) < x.numel()
+    assert y.dtype == dtype and torch.equal(y, torch.where(keep, x.detach() * scale, 0))
+    g = torch.randn(x.shape).to(dtype)
+    (grad,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(grad, torch.where(keep, g * scale, 0))
+
+
+def test_drop_rates_that_round_to_none_or_all():
+    x = torch.randn(1000)
+    assert torch.equal(dropout(x, 1e-6), x)  # rounds to 0 of 2^16 lanes
+    assert torch.equal(dropout(x, 1 - 1e-6), torch.zeros_like(x))
