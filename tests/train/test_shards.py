@@ -137,3 +137,19 @@ def test_bad_shard_settings_are_named():
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=0)
     with pytest.raises(StillError, match=r"shards \(2\) split a step across CPU threads: not with several processes"):
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=2, dist=Dist(rank=0, world=2))
+
+
+def test_sharded_step_stops_on_a_nonfinite_gradient_norm():
+    from still.train.loop import TrainingDiverged
+
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+
+    def loss_fn(m, batch, shard):  # 0, with a NaN gradient at 0 (the update runs on a worker)
+        return m.weight.abs().sqrt().sum() * shard.fraction
+
+    trainer = Trainer(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.1), grad_clip=1.0, shards=2,
+                      log=lambda _: None)
+    with pytest.raises(TrainingDiverged, match="the gradient norm is nan at step 0"):
+        trainer.fit(lambda epoch: [None], 1)
+    assert torch.equal(net.weight, torch.zeros(1, 1))  # no step taken

@@ -280,19 +280,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.shards > 1:  # each shard's backward in its thread, into the shared .grad
             self._pool.map(torch.Tensor.backward, losses)
+            # then the update on one worker, whose single intra-op thread wakes no other: clipping and
+            # the fused Adam at the reference preset took 11 ms on one thread against 18 on two
+            nonfinite_norm = self._pool.run(self._update)
         else:
             loss.backward()
+            nonfinite_norm = self._update()
+        if nonfinite_norm is not None:
+            return self._nonfinite("the gradient norm", nonfinite_norm)
+        return loss.detach()
+
+    def _update(self) -> torch.Tensor | None:
+        """Clip the gradients, step the optimizer and the scheduler; a non-finite gradient norm is
+        returned instead (nothing stepped)."""
         if self.grad_clip is not None:
             for group in self.clip_groups or [list(self.model.parameters())]:
                 norm = torch.nn.utils.clip_grad_norm_(group, self.grad_clip)
                 if not torch.isfinite(norm):
-                    return self._nonfinite("the gradient norm", norm)
+                    return norm
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         if self.post_step is not None:
             self.post_step()
-        return loss.detach()
+        return None
 
     def close(self) -> None:
         """End the shard workers, if any (`fit` does at its end; a later step starts them again)."""

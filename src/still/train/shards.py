@@ -90,5 +90,9 @@ class ShardPool:
         """`fn` over the items, on the workers; the results in order; a worker's exception is raised here."""
         return list(self._pool.map(fn, *iterables))
 
+    def run(self, fn: Callable[[], T]) -> T:
+        """`fn()` on one worker (its intra-op threads); its result, or its exception raised here."""
+        return self._pool.submit(fn).result()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
