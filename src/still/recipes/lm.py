@@ -147,6 +147,8 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     n_rows = rank_rows.stop - rank_rows.start  # this rank's rows of every batch
     if shards is None:
         shards = default_shards(device, n_rows) if not dist.enabled else 1
+    check(shards == 1 or not dist.enabled, f"shards ({shards}) split a step across the threads of one process: "
+                                            "not with torchrun, whose processes each train their own rows already")
     check(shards >= 1 and n_rows % shards == 0,
           f"shards ({shards}) must be >= 1 and divide the rows of a batch ({n_rows}"
           + (" per process)" if dist.enabled else ")"))

@@ -126,7 +126,8 @@ class Trainer:
         shards: split every step across this many threads (`still.train.shards`; CPU only, not
             with `dist`): `loss_fn(model, batch, shard=Shard(i, shards))` runs the forward of shard
             i's rows and returns their share of the batch's loss (their mean times
-            `shard.fraction`), each shard's backward runs in its thread, and the gradients add up.
+            `shard.fraction`), each shard's backward runs in its thread, and the gradients add up;
+            then clipping, the optimizer, the scheduler and `post_step` run on one of the threads.
             Each shard's `still.layers.dropout` draws from its own generator, seeded at every step
             from the global one, so a run resumes exactly; PyTorch's own dropout modules would draw
             from the global generator in whichever order the threads reach them.
