@@ -142,6 +142,31 @@ def test_train_stream_passes_follow_each_other():
     assert torch.equal(again.inputs, stream.segment(37).inputs)
 
 
+def test_train_stream_gives_every_thread_the_same_segments():
+    """The shards of a step ask for its segment from their own threads, across pass boundaries too."""
+    import threading
+
+    from still.recipes.lm import LMConfig, TrainStream
+
+    docs = [torch.arange(2, 2 + n) for n in (9, 30, 4, 17, 12)]
+    expected = TrainStream(docs, LMConfig(batch_size=2, segment_len=4))
+    expected = [expected.segment(step).inputs for step in range(60)]
+    for _ in range(5):  # unguarded, a pass boundary went wrong in about two runs of three
+        stream, seen, barrier = TrainStream(docs, LMConfig(batch_size=2, segment_len=4)), {}, threading.Barrier(4)
+
+        def shard(index, stream=stream, seen=seen, barrier=barrier):
+            for step in range(60):
+                barrier.wait()  # the four threads ask for each step at once, as the shards do
+                seen[index, step] = stream.segment(step).inputs
+
+        threads = [threading.Thread(target=shard, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(torch.equal(seen[i, step], expected[step]) for i in range(4) for step in range(60))
+
+
 def test_compare_runs(trained, tmp_path, capsys):
     code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "test", "--threads", "1")
     assert code == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from still.compressive.generate import evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.config import load_config, replace, save_config, to_dict
-from still.data.text import Corpus, TokenStreams, Vocab, load_corpus
+from still.data.text import Corpus, Segment, TokenStreams, Vocab, load_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_stage_config, plot_curves
 from still.train import checkpoint as ckpt
@@ -110,6 +111,8 @@ class TrainStream:
         self.documents, self.config = documents, config
         self._streams: dict[int, TokenStreams] = {}
         self._starts = [0]  # first step of each pass seen so far
+        self._lock = threading.Lock()  # the shards of a step ask for it from their own threads
+        self._last: tuple[int, Segment] | None = None  # and get the one segment, made once
 
     def _pass(self, index: int) -> TokenStreams:
         if index not in self._streams:
@@ -117,7 +120,13 @@ class TrainStream:
                                                  shuffle_seed=self.config.seed * 1_000_003 + index)}
         return self._streams[index]
 
-    def segment(self, step: int):
+    def segment(self, step: int) -> Segment:
+        with self._lock:
+            if self._last is None or self._last[0] != step:
+                self._last = step, self._segment(step)
+            return self._last[1]
+
+    def _segment(self, step: int) -> Segment:
         while self._starts[-1] <= step:  # extend the pass boundaries up to `step`
             self._starts.append(self._starts[-1] + len(self._pass(len(self._starts) - 1)))
         index = max(i for i, start in enumerate(self._starts) if start <= step)
