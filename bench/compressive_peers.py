@@ -73,7 +73,6 @@ from pathlib import Path  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "ours-2shards", "ours-bf16-2shards", "labml", "lucidrains")
 PEERS = ("labml", "lucidrains")
-SHARDED = ("ours-2shards", "ours-bf16-2shards")
 MEASURES = ("train", "eval", "generate")
 RESULT_MARKER = "BENCH-RESULT "
 
@@ -731,7 +730,7 @@ def main() -> None:
                 if measure not in ONLY_MEASURES.get(impl, MEASURES):
                     continue
                 spec = {"impl": impl, "measure": measure, "seed": repeat, "count_flops": repeat == 0 and not args.no_flops
-                        and impl not in SHARDED,  # a dispatch mode sees one thread's operators
+                        and not hasattr(ADAPTERS[impl], "train_step"),  # a dispatch mode sees one thread's operators
                         "config": dataclasses.asdict(cfg)}
                 result = run_subprocess(spec)
                 results.append(result)

@@ -210,7 +210,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         if memory[0] is None:
             return {}
         parts = [state.to_tensors() for state in memory]
-        local = {k: torch.cat([part[k] for part in parts]) if shards > 1 else parts[0][k] for k in parts[0]}
+        local = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         return {k: dist.gather_rows(v) for k, v in local.items()}
 
     def load_memory(tensors: dict[str, torch.Tensor]) -> None:
