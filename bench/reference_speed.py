@@ -12,8 +12,13 @@ Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_
                         shards": the step split across two threads, one intra-op thread each, as
                         `still lm train` runs it by default on a CPU (`still.train.shards`)
     MFU                 model FLOP/s (matmul and convolution FLOPs of one step, forward + backward,
-                        counted from shapes by torch.utils.flop_counter) / the machine's matmul peak
-                        in the same precision, measured in the same run (`still bench peak`)
+                        counted from shapes by torch.utils.flop_counter: the products the step
+                        runs) / the machine's matmul peak in the same precision, measured in the same
+                        run (`still bench peak`)
+    MFU, 3x fwd         the same with the step's FLOPs counted as 3x its forward's (the convention
+                        of PaLM's and nanoGPT's MFU: a backward costs twice the forward); it does not
+                        change when the backward skips a gradient nothing needs (the memories' rows,
+                        docs/performance.md, session 13), which lowers the first count
     eval batch 16 / 1   tokens/s of forward + cross entropy with memories carried, eval mode
     generate batch 1    tokens/s of `generate` after a 512-token prompt (the prompt not counted),
                         eager and with --compile (compiled in the untimed warm-up)
@@ -28,6 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -59,24 +65,33 @@ def stream(batch: int, segments: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(VOCAB, (batch, segments * length + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int = 1) -> tuple[float, float | None]:
-    """(tokens/s, FLOPs of one step) of the recipe's training step; with `shards`, the step split
-    across that many threads as `still lm train` does by default (`still.train.shards`), whose FLOPs
-    are not counted (the counter sees one thread; the split changes no product's total)."""
+def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int = 1
+               ) -> tuple[float, tuple[float, float] | None]:
+    """(tokens/s, (FLOPs of one step, FLOPs of its forward)) of the recipe's training step; with
+    `shards`, the step split across that many threads as `still lm train` does by default
+    (`still.train.shards`), whose FLOPs are not counted (the counter sees one thread; the split
+    changes no product's total)."""
     config = PRESETS["reference"]
     model = make_model(seed)
     optimizer = build_optimizer(model.parameters(), config.optim)
     b, l = config.batch_size, config.segment_len
     data = stream(b, warmup + steps + 1, l, seed)
     memory = [None] * shards  # each shard's
+    forward_flops: list[float] = []  # filled by the counted step
 
     def loss_fn(net, i, shard=None):
         rows, index, share = (shard.rows(b), shard.index, shard.fraction) if shard else (slice(None), 0, 1.0)
         inputs, targets = data[rows, i * l : (i + 1) * l], data[rows, i * l + 1 : (i + 1) * l + 1]
-        out = net(inputs, memory[index])
+        with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
+            out = net(inputs, memory[index])
+            lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+            loss = (lm + out.compression_loss if out.compression_loss is not None else lm) * share
+        if counting:
+            forward_flops.append(counter.get_total_flops())
         memory[index] = out.state.detach()
-        lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
-        return (lm + out.compression_loss if out.compression_loss is not None else lm) * share
+        return loss
+
+    counting = False
 
     groups = [model.model_parameters(), model.compressor_parameters()]
     trainer = Trainer(model, loss_fn, optimizer, grad_clip=config.optim.grad_clip, clip_groups=groups,
@@ -92,9 +107,10 @@ def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int =
     if shards > 1:
         trainer.close()
         return steps * b * l / seconds, None
+    counting = True
     with FlopCounterMode(display=False) as counter:
         trainer._step(warmup + steps)
-    return steps * b * l / seconds, counter.get_total_flops()
+    return steps * b * l / seconds, (counter.get_total_flops(), forward_flops[0])
 
 
 @torch.no_grad()
@@ -157,7 +173,7 @@ def main() -> None:
     }
     measures = {k: v for k, v in measures.items() if k.split()[0] in args.measures}
     rates: dict[str, list[float]] = {k: [] for k in measures}
-    flops: dict[str, float] = {}
+    flops: dict[str, tuple[float, float]] = {}  # (a step's, its forward's)
     peaks: list[dict] = []
     for repeat in range(args.repeats):
         peaks.append(peak())
@@ -176,11 +192,14 @@ def main() -> None:
     for name, values in rates.items():
         rate = statistics.median(values)
         row = {"measure": name, "tokens/s": round(rate), "min": round(min(values)), "max": round(max(values))}
-        step_flops = flops.get(name.removesuffix(", 2 shards"))  # a sharded step: the same products
-        if name.startswith("train") and step_flops is not None:
+        counted = flops.get(name.removesuffix(", 2 shards"))  # a sharded step: the same products
+        if name.startswith("train") and counted is not None:
+            step_flops, forward_flops = counted
             achieved = step_flops / tokens_per_step * rate
+            peak_here = peak_bf16 if "bf16" in name else peak_fp32
             row["GFLOP/s"] = round(achieved / 1e9, 1)
-            row["MFU"] = f"{achieved / (peak_bf16 if 'bf16' in name else peak_fp32):.1%}"
+            row["MFU"] = f"{achieved / peak_here:.1%}"
+            row["MFU, 3x fwd"] = f"{3 * forward_flops / tokens_per_step * rate / peak_here:.1%}"
         rows.append(row)
     median = {k: statistics.median(v) for k, v in rates.items()}
     wanted = {

@@ -376,3 +376,87 @@ def test_switching_to_eval_drops_the_position_cache():
         assert attention._positions is cache
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
     assert not torch.equal(before, after)
+
+
+def test_linear_over_constants_matches_linear_over_the_concatenation():
+    """`_LinearOverConstants` against `F.linear` of the concatenation, in float64: the output, and the
+    gradients of the tail, the weight and the bias (its backward makes none for the constant head)."""
+    from still.compressive.attention import _LinearOverConstants
+
+    torch.manual_seed(0)
+    head = torch.randn(2, 5, 6, dtype=torch.float64)
+    tail = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(_LinearOverConstants.apply, (head, tail, weight, bias))
+    torch.autograd.gradcheck(_LinearOverConstants.apply, (head, tail, weight, None))
+    out = _LinearOverConstants.apply(head, tail, weight, bias)
+    torch.testing.assert_close(out, torch.nn.functional.linear(torch.cat([head, tail], 1), weight, bias))
+    assert out.shape == (2, 8, 4)
+
+
+def test_linear_over_constants_under_cpu_bf16_autocast():
+    """Under autocast: the product in bf16, the gradients in the inputs' own dtypes (fp32), equal to
+    what autocast's linear gives for the same product."""
+    from still.compressive.attention import _LinearOverConstants
+
+    torch.manual_seed(0)
+    head, tail = torch.randn(2, 5, 16), torch.randn(2, 3, 16, requires_grad=True)
+    weight, bias = torch.randn(8, 16, requires_grad=True), torch.randn(8, requires_grad=True)
+    grads = []
+    for ours in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = (_LinearOverConstants.apply(head, tail, weight, bias) if ours
+                   else torch.nn.functional.linear(torch.cat([head, tail], 1), weight, bias))
+        assert out.dtype == torch.bfloat16
+        grads.append((out, *torch.autograd.grad(out.float().square().sum(), (tail, weight, bias))))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("with_context", [True, False])
+def test_pre_norm_folded_into_the_projections_matches_applying_it(monkeypatch, with_context):
+    """Training with pre-LN: LN1's affine folded into W_q and W_kv, the memories projected as
+    constants, against LN1 applied and one product over [context, x]: outputs, the projections the
+    reconstruction loss reuses, and the gradients of x, LN1's affine and every weight."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(32, 4).train().double()
+    norm = torch.nn.LayerNorm(32).double()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+        norm.bias.normal_(0.0, 0.5)
+        attn.content_bias.normal_()
+        attn.position_bias.normal_()
+    x = torch.randn(2, 8, 32, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(2, 12, 32, dtype=torch.float64) if with_context else None
+    parameters = [*attn.parameters(), *norm.parameters()]
+    results = []
+    for folded in (False, True):
+        monkeypatch.setattr(module, "FOLDED_NORM", folded)
+        out = attn(x, context, norm=norm)
+        loss = out.out.square().sum() + out.queries.sin().sum() + out.all_key_values.cos().sum()
+        results.append([out.out, out.queries, out.all_key_values, out.key_values,
+                        *torch.autograd.grad(loss, [x, *parameters])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_pre_norm_folding_leaves_a_context_that_needs_gradients_to_autograd(monkeypatch):
+    """A context that needs a gradient (not the model's detached memories) gets one, as with LN1
+    applied."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn, norm = RelativeMultiHeadAttention(16, 2).train().double(), torch.nn.LayerNorm(16).double()
+    x = torch.randn(1, 4, 16, dtype=torch.float64)
+    context = torch.randn(1, 6, 16, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for folded in (False, True):
+        monkeypatch.setattr(module, "FOLDED_NORM", folded)
+        (grad,) = torch.autograd.grad(attn(x, context, norm=norm).out.sum(), context)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0

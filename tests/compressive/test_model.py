@@ -278,3 +278,32 @@ def test_reconstruction_losses_of_all_layers_at_once_equal_layer_by_layer(monkey
     tolerance = dict(atol=1e-3, rtol=1e-2) if bf16 else dict(atol=1e-12, rtol=1e-9)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, **tolerance)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_training_with_memories_projected_as_constants_equals_the_plain_products(monkeypatch, pre_norm):
+    """The whole model over several segments (memories and compressed memories full), in float64:
+    `FOLDED_NORM` (pre-LN's affine in the weights, the memories' rows without an input gradient;
+    post-LN: the latter alone) against LN1 applied and one product over [context, x]. The same
+    losses, and the same gradient for every parameter."""
+    from still.compressive import attention as module
+
+    seq = tokens(b=2, l=48)
+    results = []
+    for folded in (False, True):
+        monkeypatch.setattr(module, "FOLDED_NORM", folded)
+        net = model(mem_len=8, c_mem_len=4, pre_norm=pre_norm).double().train()
+        with torch.no_grad():
+            for layer in net.layers:
+                layer.norm1.weight.normal_(1.0, 0.3)
+                layer.norm1.bias.normal_(0.0, 0.3)
+        state = None
+        for start in range(0, 32, 8):
+            state = net(seq[:, start : start + 8], state).state
+        out = net(seq[:, 32:40], state)
+        lm = F.cross_entropy(out.logits.flatten(0, 1), seq[:, 33:41].flatten())
+        (lm + out.compression_loss).backward()
+        results.append([lm.detach(), out.compression_loss.detach(), *(p.grad for p in net.parameters())])
+    assert all(g is not None for g in results[1])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-9)

@@ -46,6 +46,12 @@ FUSED_SCORES = True
 (`_AttentionWeights`); False: the explicit path (relative shift, then `scaled_dot_product_attention`
 with the position scores as its mask). Tests compare the two."""
 
+FOLDED_NORM = True
+"""Training with pre-LN: LN1's affine goes into the query and key-value weights (W diag(gamma) and
+W beta) and the memories' keys and values are projected as constants (`_LinearOverConstants`), so
+the backward computes no input gradient for the memory rows, only the affine's (through the folded
+weights). False: LN1 applied, then one plain product over [context, x]. Tests compare the two."""
+
 
 def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
     """The dtype a matrix product of `dtype` inputs on `device` gives here (autocast's, when on):
@@ -54,6 +60,12 @@ def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
     if dtype.is_floating_point and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype
+
+
+@functools.lru_cache(maxsize=8)
+def _identity_affine(d: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ones and zeros (d,): a layer norm's affine that changes nothing."""
+    return torch.ones(d, device=device, dtype=dtype), torch.zeros(d, device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=16)  # every layer and step asks for the same few tables
@@ -104,6 +116,44 @@ class _RelativeShift(torch.autograd.Function):
         padded = F.pad(grad, (l - 1, 0))  # (B, H, L, K + L - 1)
         s_b, s_h, s_l, s_k = padded.stride()
         return padded.as_strided((b, h, l, k), (s_b, s_h, s_l + 1, s_k), padded.storage_offset()).contiguous()
+
+
+class _LinearOverConstants(torch.autograd.Function):
+    """`F.linear(cat([head, tail], dim=1), weight, bias)` where `head` (B, P, d) is a constant
+    (the memories, detached) and `tail` (B, L, d) is not: the backward computes the input gradient
+    for the tail's rows only, a third of the product autograd would make for the whole
+    concatenation at the reference preset (P = 256 memory slots, L = 128 queries). Under autocast
+    the product runs in autocast's dtype, and the gradients come back in the inputs' dtypes, as
+    autocast's own casts would give them. -> (B, P + L, n)."""
+
+    @staticmethod
+    def forward(ctx, head, tail, weight, bias):
+        dtype = compute_dtype(tail.device, weight.dtype)  # bf16 under bf16 autocast
+        inputs = torch.cat([head.to(dtype), tail.to(dtype)], dim=1)  # (B, K, d)
+        weight_c = weight.to(dtype)
+        out = F.linear(inputs, weight_c, None if bias is None else bias.to(dtype))  # (B, K, n)
+        ctx.save_for_backward(inputs, weight_c)
+        ctx.head_len = head.shape[1]
+        ctx.dtypes = (tail.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs, weight_c = ctx.saved_tensors
+        tail_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        grad = grad.to(weight_c.dtype)
+        grad_tail = grad_weight = grad_bias = None
+        b, k_len, n = grad.shape
+        if ctx.needs_input_grad[1]:  # the tail's rows copied together first: a strided batched product was slower in bf16
+            grad_tail = (grad[:, ctx.head_len:].reshape(-1, n) @ weight_c).view(b, k_len - ctx.head_len, -1)
+            grad_tail = grad_tail.to(tail_dtype)  # (B, L, d)
+        flat = grad.reshape(-1, n)  # (B*K, n)
+        if ctx.needs_input_grad[2]:
+            grad_weight = (flat.t() @ inputs.reshape(-1, inputs.shape[-1])).to(weight_dtype)  # (n, d)
+        if bias_dtype is not None and ctx.needs_input_grad[3]:
+            # summed in the product's dtype, as autocast's own linear does (a bf16 sum into fp32 took 4x as long)
+            grad_bias = flat.sum(0).to(bias_dtype)  # (n,)
+        return None, grad_tail, grad_weight, grad_bias
 
 
 class _AttentionWeights(torch.autograd.Function):
@@ -260,25 +310,39 @@ class RelativeMultiHeadAttention(nn.Module):
         return t.view(b, n, self.n_heads, self.d_head).transpose(1, 2)  # (B, n, d) -> (B, H, n, D)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-                need_weights: bool = False, context_kv: torch.Tensor | None = None) -> AttentionOutput:
+                need_weights: bool = False, context_kv: torch.Tensor | None = None,
+                norm: nn.LayerNorm | None = None) -> AttentionOutput:
         """Attend from `x` (B, L, d) over [context, x].
 
-        `context` (B, P, d) is the normalised [compressed memory, memory]; or give its keys and
-        values already projected as `context_kv` (B, P, 2d) (an inference cache). `key_valid`
-        (B, P) masks out context slots (of an earlier document). With `need_weights`, also returns
-        the attention each key received, summed over heads and queries: (B, K).
+        `context` (B, P, d) is [compressed memory, memory]; or give its keys and values already
+        projected as `context_kv` (B, P, 2d) (an inference cache). With `norm` (pre-LN's LN1), `x`
+        and `context` are the raw inputs and the attention normalises both; without it, they are
+        already normalised. `key_valid` (B, P) masks out context slots (of an earlier document).
+        With `need_weights`, also returns the attention each key received, summed over heads and
+        queries: (B, K).
         """
         b, l, d = x.shape
-        if context_kv is not None:
-            x_kv = self.key_value(x)  # (B, L, 2d)
-            kv = torch.cat([context_kv, x_kv], dim=1) if context_kv.shape[1] else x_kv  # (B, K, 2d)
-        elif context is not None and context.shape[1] > 0:
-            kv = self.key_value(torch.cat([context, x], dim=1))  # (B, K, 2d): one product for all keys
-            x_kv = kv[:, -l:]
+        constant_context = context is not None and context.shape[1] > 0 and not context.requires_grad
+        if (norm is not None and FOLDED_NORM and torch.is_grad_enabled() and context_kv is None
+                and norm.weight is not None and norm.bias is not None and (context is None or constant_context)):
+            queries, kv, x_kv = self._folded_projections(x, context, norm)
         else:
-            kv = x_kv = self.key_value(x)
+            if norm is not None:
+                x = norm(x)
+                context = norm(context) if context is not None else None
+            if context_kv is not None:
+                x_kv = self.key_value(x)  # (B, L, 2d)
+                kv = torch.cat([context_kv, x_kv], dim=1) if context_kv.shape[1] else x_kv  # (B, K, 2d)
+            elif context is not None and context.shape[1] > 0:
+                if FOLDED_NORM and torch.is_grad_enabled() and not context.requires_grad:  # post-LN training
+                    kv = _LinearOverConstants.apply(context, x, self.key_value.weight, None)  # (B, K, 2d)
+                else:
+                    kv = self.key_value(torch.cat([context, x], dim=1))  # (B, K, 2d): one product for all keys
+                x_kv = kv[:, -l:]
+            else:
+                kv = x_kv = self.key_value(x)
+            queries = self.query(x)  # (B, L, d)
         k_len = kv.shape[1]
-        queries = self.query(x)  # (B, L, d)
         q = self._heads(queries)  # (B, H, L, D)
         k, v = kv.chunk(2, dim=-1)
         k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
@@ -324,6 +388,30 @@ class RelativeMultiHeadAttention(nn.Module):
             received = None
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
         return AttentionOutput(self.out(out), received, x_kv, queries, kv)
+
+    def _folded_projections(self, x: torch.Tensor, context: torch.Tensor | None, norm: nn.LayerNorm
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training with pre-LN: the queries W_q LN(x) (B, L, d) and keys and values W_kv LN([context,
+        x]) (B, K, 2d), with LN's affine in the weights: W (n_x gamma + beta) = (W diag(gamma)) n_x +
+        W beta for the normalised rows n_x. The memories' rows are then constants times weights, and
+        the gamma and beta gradients they carry come through the folded weights (products of the
+        weights' size) instead of through an input gradient for every memory row
+        (docs/performance.md, session 13). Returns (queries, kv, the segment's rows of kv)."""
+        l = x.shape[1]
+        with torch.autocast(x.device.type, enabled=False):  # the folded weights in the weights' dtype
+            w_q, w_kv = self.query.weight, self.key_value.weight
+            w_q, b_q = w_q * norm.weight, w_q @ norm.bias  # (d, d), (d,)
+            w_kv, b_kv = w_kv * norm.weight, w_kv @ norm.bias  # (2d, d), (2d,)
+        # LN without its affine, as an identity affine: PyTorch's CPU kernel without one took 1.6x as long
+        ones, zeros = _identity_affine(x.shape[-1], x.device, norm.weight.dtype)
+        x_n = F.layer_norm(x, norm.normalized_shape, ones, zeros, norm.eps)  # (B, L, d)
+        queries = F.linear(x_n, w_q, b_q)  # (B, L, d)
+        if context is None or context.shape[1] == 0:
+            kv = F.linear(x_n, w_kv, b_kv)  # (B, L, 2d)
+            return queries, kv, kv
+        context_n = F.layer_norm(context, norm.normalized_shape, ones, zeros, norm.eps)  # (B, P, d): constants
+        kv = _LinearOverConstants.apply(context_n, x_n, w_kv, b_kv)  # (B, K, 2d)
+        return queries, kv, kv[:, -l:]
 
     def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Inference without gradients or masked slots (fp32 on the CPU; any dtype elsewhere):

@@ -146,9 +146,8 @@ class CompressiveLayer(nn.Module):
         """h (B, L, d), context (B, N + M, d) or its projected keys and values `context_kv`
         (B, N + M, 2d) -> (B, L, d) and the attention's output (with the attention each key
         received, this segment's keys and values, and the projections it made)."""
-        if self.pre_norm:
-            normed_context = self.norm1(context) if context_kv is None else None
-            attention = self.attention(self.norm1(h), normed_context, key_valid, need_weights, context_kv)
+        if self.pre_norm:  # the attention applies LN1 to h and the context
+            attention = self.attention(h, context, key_valid, need_weights, context_kv, norm=self.norm1)
             h = h + self.dropout(attention.out)
             return h + self.dropout(self.feed_forward(self.norm2(h))), attention
         attention = self.attention(h, context, key_valid, need_weights, context_kv)
