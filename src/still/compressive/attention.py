@@ -322,9 +322,9 @@ class RelativeMultiHeadAttention(nn.Module):
         queries: (B, K).
         """
         b, l, d = x.shape
-        constant_context = context is not None and context.shape[1] > 0 and not context.requires_grad
+        constant_context = context is None or not context.requires_grad  # the memories: detached
         if (norm is not None and FOLDED_NORM and torch.is_grad_enabled() and context_kv is None
-                and norm.weight is not None and norm.bias is not None and (context is None or constant_context)):
+                and norm.weight is not None and norm.bias is not None and constant_context):
             queries, kv, x_kv = self._folded_projections(x, context, norm)
         else:
             if norm is not None:
