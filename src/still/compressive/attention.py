@@ -334,7 +334,7 @@ class RelativeMultiHeadAttention(nn.Module):
                 x_kv = self.key_value(x)  # (B, L, 2d)
                 kv = torch.cat([context_kv, x_kv], dim=1) if context_kv.shape[1] else x_kv  # (B, K, 2d)
             elif context is not None and context.shape[1] > 0:
-                if FOLDED_NORM and torch.is_grad_enabled() and not context.requires_grad:  # post-LN training
+                if FOLDED_NORM and torch.is_grad_enabled() and constant_context:  # post-LN training
                     kv = _LinearOverConstants.apply(context, x, self.key_value.weight, None)  # (B, K, 2d)
                 else:
                     kv = self.key_value(torch.cat([context, x], dim=1))  # (B, K, 2d): one product for all keys
