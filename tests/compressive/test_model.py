@@ -250,12 +250,17 @@ def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_o
 
 @pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_reconstruction_losses_of_all_layers_at_once_equal_layer_by_layer(monkeypatch, pre_norm, bf16):
+@pytest.mark.parametrize("fused", [True, False])
+def test_reconstruction_losses_of_all_layers_at_once_equal_layer_by_layer(monkeypatch, pre_norm, bf16, fused):
     """`attention_reconstruction_loss` (all layers in one batch of operators) gives the mean of the
     layers' own losses and the same gradients for every compressor, with each layer's own LN1
-    affine (made different here) and W_kv, under bf16 autocast too; nothing else gets a gradient."""
+    affine (made different here) and W_kv, under bf16 autocast too; nothing else gets a gradient.
+    Its targets read the keys and values heads-major as the fused attention made them, or (`fused`
+    off) rearranged from the projections."""
+    from still.compressive import attention as attention_module
     from still.compressive import model as module
 
+    monkeypatch.setattr(attention_module, "FUSED_SCORES", fused)
     seq = tokens(b=3, l=48)
     results = []
     for batched in (False, True):

@@ -246,12 +246,21 @@ def causal_bias(l: int, k: int, device: torch.device, dtype: torch.dtype) -> tor
     return bias
 
 
+def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v over (G, L, D) queries (already scaled), (G, n, D) keys and values -> (G, L, D):
+    the attention-reconstruction loss's (no positions, no mask). Plain products: at its shapes they
+    were faster than PyTorch's CPU flash kernel in fp32 and bf16 (docs/performance.md, session 14)."""
+    return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v)
+
+
 class AttentionOutput(NamedTuple):
     out: torch.Tensor  # (B, L, d)
     received: torch.Tensor | None  # (B, K): attention each key received (with need_weights)
     key_values: torch.Tensor  # (B, L, 2d): this segment's keys and values, for an inference cache
     queries: torch.Tensor | None  # (B, L, d): W_q x, before the biases (reused by the reconstruction loss)
     all_key_values: torch.Tensor | None  # (B, K, 2d): keys and values of [context, x] (likewise)
+    key_values_by_head: tuple[torch.Tensor, torch.Tensor] | None = None  # (H*B, K, D) x 2: the same,
+    # heads-major, as training's attention made them (likewise; None on the other paths)
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -378,7 +387,7 @@ class RelativeMultiHeadAttention(nn.Module):
             weights = dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
         elif fused:
-            out = self._fused_attention(q, k, v, r, allowed)  # (B, H, L, D)
+            out, key_values_by_head = self._fused_attention(q, k, v, r, allowed)  # (B, H, L, D)
             received = None
         else:  # inference with masked slots, or the explicit path with gradients (tests)
             # one pass reads the shifted view and writes the masked bias, one scales it in place
@@ -387,7 +396,7 @@ class RelativeMultiHeadAttention(nn.Module):
                                                  dropout_p=self.dropout_attn if self.training else 0.0)
             received = None
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
-        return AttentionOutput(self.out(out), received, x_kv, queries, kv)
+        return AttentionOutput(self.out(out), received, x_kv, queries, kv, key_values_by_head if fused else None)
 
     def _folded_projections(self, x: torch.Tensor, context: torch.Tensor | None, norm: nn.LayerNorm
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -436,12 +445,13 @@ class RelativeMultiHeadAttention(nn.Module):
                                               dropout_p=self.dropout_attn if self.training else 0.0)
 
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
-                         allowed: torch.Tensor | None) -> torch.Tensor:
+                         allowed: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Training (and bf16 CPU inference) attention, heads-major: the scores of all B * H
         (head, row) pairs as one (H*B, L, K) tensor, built, masked and normalised by
         `_AttentionWeights` in five passes over it, and differentiated in three
         (`docs/performance.md`). q (B, H, L, D), k and v (B, H, K, D), r (H, K, D), allowed
-        (B, 1, L, K), or None for the causal mask alone -> (B, H, L, D)."""
+        (B, 1, L, K), or None for the causal mask alone -> (B, H, L, D), and the keys and values
+        heads-major, (H*B, K, D) each, in the compute dtype."""
         b, h, l, dh = q.shape
         dtype = k.dtype  # the compute dtype: bf16 under autocast
         scale = self.scale
@@ -459,10 +469,31 @@ class RelativeMultiHeadAttention(nn.Module):
             bias = causal_mask_bias(l, k.shape[2], k.device, dtype)  # (L, K)
         else:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
             bias = mask_bias(allowed.transpose(0, 1), dtype)
-        weights = _AttentionWeights.apply(q_content, heads_major(k), q_position, r.to(dtype), bias)  # (HB, L, K)
+        k, v = heads_major(k), heads_major(v)  # (HB, K, D)
+        weights = _AttentionWeights.apply(q_content, k, q_position, r.to(dtype), bias)  # (HB, L, K)
         weights = dropout(weights, self.dropout_attn, self.training)
-        out = weights @ heads_major(v)  # (HB, L, D)
-        return out.view(h, b, l, dh).transpose(0, 1)  # (B, H, L, D)
+        out = weights @ v  # (HB, L, D)
+        return out.view(h, b, l, dh).transpose(0, 1), (k, v)  # (B, H, L, D)
+
+    def reconstruction_target(self, output: AttentionOutput, old: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention-reconstruction loss's constants for this layer, from its training `output`
+        (with `queries` kept): the queries W_q x times the scale, heads-major (H*B, L, D), and their
+        content-only attention over the keys and values of the slots `old` (the old memories):
+        softmax(q k^T / sqrt(D)) v, (H*B, L, D). Reads the keys and values heads-major as the
+        attention made them (on its other paths they are rearranged from `all_key_values`)."""
+        queries = output.queries
+        b, l, _ = queries.shape
+        h, dh = self.n_heads, self.d_head
+        with torch.no_grad():
+            q = queries.new_empty(h, b, l, dh)  # written heads-major by the product with the scale
+            torch.mul(queries.view(b, l, h, dh).permute(2, 0, 1, 3), self.scale, out=q)
+            q = q.view(h * b, l, dh)
+            if output.key_values_by_head is not None:
+                k, v = (t[:, old] for t in output.key_values_by_head)  # (HB, n, D): views
+            else:
+                kv = output.all_key_values[:, old]  # (B, n, 2d)
+                k, v = kv.reshape(b, -1, 2, h, dh).permute(2, 3, 0, 1, 4).reshape(2, h * b, -1, dh)
+            return q, content_attention(q, k, v)
 
     def projected_content_attention(self, queries: torch.Tensor, key_values: torch.Tensor) -> torch.Tensor:
         """Content-only attention (no positions, no mask), the attention-reconstruction loss's, from

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention, compute_dtype
+from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention, compute_dtype, content_attention
 from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.errors import check
@@ -188,22 +188,20 @@ class CompressiveLayer(nn.Module):
 
 
 def attention_reconstruction_loss(layers: Sequence[CompressiveLayer], queries: Sequence[torch.Tensor],
-                                  old_key_values: Sequence[torch.Tensor], compressed: Sequence[torch.Tensor]
+                                  targets: Sequence[torch.Tensor], compressed: Sequence[torch.Tensor]
                                   ) -> torch.Tensor:
     """The mean over layers of `CompressiveLayer.compression_loss` with the attention-reconstruction
     loss, all layers at once: the same values, with one set of operators for all layers instead of
     one per layer (about 280 operators fewer a step at the peer benchmark's size; where waking a
     sleeping thread is dear, every operator counts: docs/performance.md, session 11).
 
-    Per layer l: queries W_q x (B, L, d) and the old memories' keys and values (B, n_s, 2d) as the
-    forward projected them (constants here), and f_c(old) (B, n_s / c, d) with its graph; every
-    layer's tensors of the same shape. Each layer's own LN1 affine and W_kv (constants) project its
-    compressed memories; the losses' mean over layers equals the MSE over all layers' elements at
-    once, since every layer has as many."""
-    n, (b, l, d) = len(layers), queries[0].shape
-    n_c = compressed[0].shape[1]
-    q = torch.stack([x.detach() for x in queries]).view(n * b, l, d)
-    old_kv = torch.stack([x.detach() for x in old_key_values]).flatten(0, 1)  # (n*B, n_s, 2d)
+    Per layer l, from `RelativeMultiHeadAttention.reconstruction_target` (constants): the queries
+    W_q x times the scale and their attention over the old memories, heads-major (H*B, L, D) each;
+    and f_c(old) (B, n_s / c, d) with its graph. Every layer's tensors have the same shapes. Each
+    layer's own LN1 affine and W_kv (constants) project its compressed memories; the losses' mean
+    over layers equals the MSE over all layers' elements at once, since every layer has as many."""
+    n, (hb, l, dh) = len(layers), queries[0].shape
+    b, n_c, d = compressed[0].shape
     fresh = torch.stack(compressed).view(n, b * n_c, d)  # (n, B*n_c, d), with f_c's graph
     if layers[0].pre_norm:  # LN1 with each layer's affine, as constants
         norms = [layer.norm1 for layer in layers]
@@ -211,11 +209,11 @@ def attention_reconstruction_loss(layers: Sequence[CompressiveLayer], queries: S
         beta = torch.stack([norm.bias.detach() for norm in norms])[:, None]
         fresh = torch.addcmul(beta, F.layer_norm(fresh, (d,), eps=norms[0].eps), gamma)
     weights = torch.stack([layer.attention.key_value.weight.detach() for layer in layers])  # (n, 2d, d)
-    compressed_kv = torch.bmm(fresh, weights.transpose(1, 2)).view(n * b, n_c, 2 * d)
-    attention = layers[0].attention  # (the heads and the scale are the same in every layer)
-    target = attention.projected_content_attention(q, old_kv)  # (n*B, L, d)
-    approx = attention.projected_content_attention(q, compressed_kv)
-    return F.mse_loss(approx, target)
+    compressed_kv = torch.bmm(fresh, weights.transpose(1, 2))  # (n, B*n_c, 2d)
+    # heads-major, like the queries: (n, B, n_c, [k, v], H, D) -> [k, v] x (n*H*B, n_c, D)
+    keys, values = compressed_kv.view(n, b, n_c, 2, hb // b, dh).permute(3, 0, 4, 1, 2, 5).reshape(2, n * hb, n_c, dh)
+    approx = content_attention(torch.stack(queries).view(n * hb, l, dh), keys, values)  # (n*HB, L, D)
+    return F.mse_loss(approx, torch.stack(targets).view_as(approx))
 
 
 class ModelOutput(NamedTuple):
@@ -298,12 +296,14 @@ class CompressiveTransformer(nn.Module):
                 context_kv = layer.project_context(context)
             h, attention = layer(h, context, key_valid, need_weights, context_kv)
             if not with_compression_loss:  # keep only what the memory update needs (not every layer's projections)
-                attention = attention._replace(queries=None, all_key_values=None)
+                attention = attention._replace(queries=None, all_key_values=None, key_values_by_head=None)
             attentions.append(attention)
             context_kvs.append(context_kv)
         logits = self.head(self.norm(h[:, -1:] if last_logits else h))  # (B, L, V), or (B, 1, V)
 
         new_memory, new_compressed, new_caches, loss_inputs = [], [], [], []
+        # (every layer's memories follow the same rule, so their tensors have the same shapes)
+        batched = BATCHED_RECONSTRUCTION and config.compression_loss == "attention" and config.n_layers > 1
         n = state.compressed_len
         rule = dict(mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
         for layer, memory, compressed, hidden, attention, context_kv in zip(
@@ -326,9 +326,12 @@ class CompressiveTransformer(nn.Module):
                     **rule)
                 new_caches.append(torch.cat([cmem_kv, mem_kv], dim=1))
             if with_compression_loss and old is not None and config.trains_compressor:
-                # the old memories are the first n_s slots after the compressed ones among the keys
-                old_kv = attention.all_key_values[:, n : n + old.shape[1]]  # (B, n_s, 2d)
-                loss_inputs.append((layer, hidden, old, fresh, attention.queries, old_kv))
+                old_slots = slice(n, n + old.shape[1])  # the old memories: the first n_s keys after the compressed ones
+                if batched:  # this layer's constants now, while its keys and values are at hand
+                    loss_inputs.append((layer, fresh, *layer.attention.reconstruction_target(attention, old_slots)))
+                else:
+                    loss_inputs.append((layer, hidden, old, fresh, attention.queries,
+                                        attention.all_key_values[:, old_slots]))  # (B, n_s, 2d)
 
         memory_valid, compressed_valid = None, None
         if key_valid is not None:
@@ -340,10 +343,9 @@ class CompressiveTransformer(nn.Module):
                                  tuple(new_caches) if use_cache else None, version)
         compression_loss = None
         if loss_inputs:
-            # (every layer's memories follow the same rule, so their tensors have the same shapes)
-            if BATCHED_RECONSTRUCTION and config.compression_loss == "attention" and len(loss_inputs) > 1:
-                layers, _, _, fresh, queries, old_kvs = zip(*loss_inputs)
-                compression_loss = attention_reconstruction_loss(layers, queries, old_kvs, fresh)
+            if batched:
+                layers, fresh, queries, targets = zip(*loss_inputs)
+                compression_loss = attention_reconstruction_loss(layers, queries, targets, fresh)
             else:
                 compression_loss = torch.stack([
                     layer.compression_loss(config.compression_loss, *args)
