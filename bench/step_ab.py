@@ -5,7 +5,9 @@
 OLD_SRC and NEW_SRC are `src` folders (for example of `git worktree add /tmp/old COMMIT`: then
 /tmp/old/src) imported through PYTHONPATH. The model is the peer benchmark's configuration
 (bench/compressive_peers.py: d_model 128, 4 layers, 4 heads, d_ff 512, segment 128, memory 128 +
-compressed 128 at rate 4, 1-D convolution, attention reconstruction, dropout 0, batch 16).
+compressed 128 at rate 4, 1-D convolution, attention reconstruction, dropout 0, batch 16); with
+`--size shard`, one shard of the reference preset's sharded step (`still lm train --preset reference`:
+d_model 256, 6 layers, d_ff 1024, dropout 0.1, vocabulary 86) with 8 rows on one thread.
 
     train   forward with the memories carried, cross entropy + reconstruction loss, backward, AdamW
     eval    forward + cross entropy in eval mode, no gradients
@@ -29,19 +31,26 @@ import torch
 import torch.nn.functional as F
 from still.compressive import CompressiveConfig, CompressiveTransformer
 
-mode, precision, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+mode, precision, steps, threads, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-model = CompressiveTransformer(CompressiveConfig(
-    vocab_size=65, d_model=128, n_layers=4, n_heads=4, d_ff=512, mem_len=128, c_mem_len=128,
-    compression_rate=4, compression="conv", compression_loss="attention", dropout=0.0))
+if size == "shard":
+    from still.config import replace
+    from still.recipes.lm import PRESETS
+    vocab, rows = 86, 8
+    model = CompressiveTransformer(replace(PRESETS["reference"].model, vocab_size=vocab))
+else:
+    vocab, rows = 65, 16
+    model = CompressiveTransformer(CompressiveConfig(
+        vocab_size=65, d_model=128, n_layers=4, n_heads=4, d_ff=512, mem_len=128, c_mem_len=128,
+        compression_rate=4, compression="conv", compression_loss="attention", dropout=0.0))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 model.train(mode == "train")
 state = None
 
 def step():
     global state
-    x = torch.randint(0, 65, (16, 129))  # (B, L + 1)
+    x = torch.randint(0, vocab, (rows, 129))  # (B, L + 1)
     with torch.set_grad_enabled(mode == "train"), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
         out = model(x[:, :-1], state)
         state = out.state
@@ -66,9 +75,9 @@ print(statistics.median(times) * 1e3)
 MEASURES = [("train", "fp32"), ("train", "bf16"), ("eval", "fp32"), ("eval", "bf16")]
 
 
-def measure(src: str, mode: str, precision: str, steps: int, threads: int) -> float:
+def measure(src: str, mode: str, precision: str, steps: int, threads: int, size: str) -> float:
     env = {**os.environ, "PYTHONPATH": src, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    out = subprocess.run([sys.executable, "-c", WORKER, mode, precision, str(steps), str(threads)],
+    out = subprocess.run([sys.executable, "-c", WORKER, mode, precision, str(steps), str(threads), size],
                          capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -79,18 +88,22 @@ def main() -> None:
     parser.add_argument("new_src")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="timed training steps (evaluation: 30)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="default 2 (--size shard: 1)")
+    parser.add_argument("--size", choices=("peer", "shard"), default="peer",
+                        help="the peer benchmark's model, or one shard of the reference preset's step")
     parser.add_argument("--only", nargs="+", choices=[f"{m}-{p}" for m, p in MEASURES], default=None)
     args = parser.parse_args()
+    threads = args.threads or (1 if args.size == "shard" else 2)
     measures = [(m, p) for m, p in MEASURES if args.only is None or f"{m}-{p}" in args.only]
     results: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.rounds):
         for mode, precision in measures:
             for name, src in (("old", args.old_src), ("new", args.new_src)):
-                ms = measure(src, mode, precision, args.steps if mode == "train" else 30, args.threads)
+                ms = measure(src, mode, precision, args.steps if mode == "train" else 30, threads, args.size)
                 results.setdefault((name, mode, precision), []).append(ms)
                 print(f"round {r} {name} {mode} {precision}: {ms:.1f} ms a step", flush=True)
-    print("\n| step (batch 16 x 128 tokens) | old ms | new ms | change |\n|---|---:|---:|---:|")
+    rows = 8 if args.size == "shard" else 16
+    print(f"\n| step (batch {rows} x 128 tokens) | old ms | new ms | change |\n|---|---:|---:|---:|")
     for mode, precision in measures:
         old = statistics.median(results[("old", mode, precision)])
         new = statistics.median(results[("new", mode, precision)])

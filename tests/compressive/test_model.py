@@ -312,3 +312,24 @@ def test_training_with_memories_projected_as_constants_equals_the_plain_products
     assert all(g is not None for g in results[1])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_mean_squared_error_matches_mse_loss(dtype):
+    """The reconstruction loss's MSE: F.mse_loss's value (in fp32 for bf16 inputs, as autocast
+    computes it) and gradient (in the input's dtype); the target gets none; shapes must agree."""
+    from still.compressive.model import mean_squared_error
+
+    torch.manual_seed(0)
+    approx = torch.randn(6, 5, 4, dtype=dtype, requires_grad=True)
+    target = torch.randn(6, 5, 4, dtype=dtype, requires_grad=True)
+    loss = mean_squared_error(approx, target)
+    (grad,) = torch.autograd.grad(loss * 3, approx)
+    wide = torch.promote_types(dtype, torch.float32)
+    expected = F.mse_loss(approx.detach().to(wide).requires_grad_(), target.detach().to(wide))
+    (expected_grad,) = torch.autograd.grad(expected * 3, [p for p in [expected.grad_fn.next_functions[0][0].variable]])
+    assert loss.dtype == wide and grad.dtype == dtype
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad.to(dtype))
+    with pytest.raises(ValueError, match="shapes differ"):
+        mean_squared_error(approx, target[:, :4])

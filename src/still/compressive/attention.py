@@ -475,25 +475,18 @@ class RelativeMultiHeadAttention(nn.Module):
         out = weights @ v  # (HB, L, D)
         return out.view(h, b, l, dh).transpose(0, 1), (k, v)  # (B, H, L, D)
 
-    def reconstruction_target(self, output: AttentionOutput, old: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention-reconstruction loss's constants for this layer, from its training `output`
-        (with `queries` kept): the queries W_q x times the scale, heads-major (H*B, L, D), and their
-        content-only attention over the keys and values of the slots `old` (the old memories):
-        softmax(q k^T / sqrt(D)) v, (H*B, L, D). Reads the keys and values heads-major as the
-        attention made them (on its other paths they are rearranged from `all_key_values`)."""
-        queries = output.queries
-        b, l, _ = queries.shape
-        h, dh = self.n_heads, self.d_head
-        with torch.no_grad():
-            q = queries.new_empty(h, b, l, dh)  # written heads-major by the product with the scale
-            torch.mul(queries.view(b, l, h, dh).permute(2, 0, 1, 3), self.scale, out=q)
-            q = q.view(h * b, l, dh)
-            if output.key_values_by_head is not None:
-                k, v = (t[:, old] for t in output.key_values_by_head)  # (HB, n, D): views
-            else:
-                kv = output.all_key_values[:, old]  # (B, n, 2d)
-                k, v = kv.reshape(b, -1, 2, h, dh).permute(2, 3, 0, 1, 4).reshape(2, h * b, -1, dh)
-            return q, content_attention(q, k, v)
+    def heads_major_key_values(self, output: AttentionOutput, slots: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `slots` from this attention's training `output`, heads-major, (H*B,
+        n, D) each: views of those the fused attention made, or (on the other paths) rearranged from
+        `all_key_values`. Detached (the reconstruction loss's constants)."""
+        if output.key_values_by_head is not None:
+            k, v = (t[:, slots].detach() for t in output.key_values_by_head)
+            return k, v
+        kv = output.all_key_values[:, slots].detach()  # (B, n, 2d)
+        b, n, _ = kv.shape
+        k, v = kv.reshape(b, n, 2, self.n_heads, self.d_head).permute(2, 3, 0, 1, 4).reshape(
+            2, self.n_heads * b, n, self.d_head)
+        return k, v
 
     def projected_content_attention(self, queries: torch.Tensor, key_values: torch.Tensor) -> torch.Tensor:
         """Content-only attention (no positions, no mask), the attention-reconstruction loss's, from

@@ -188,20 +188,34 @@ class CompressiveLayer(nn.Module):
 
 
 def attention_reconstruction_loss(layers: Sequence[CompressiveLayer], queries: Sequence[torch.Tensor],
-                                  targets: Sequence[torch.Tensor], compressed: Sequence[torch.Tensor]
-                                  ) -> torch.Tensor:
+                                  old_keys: Sequence[torch.Tensor], old_values: Sequence[torch.Tensor],
+                                  compressed: Sequence[torch.Tensor]) -> torch.Tensor:
     """The mean over layers of `CompressiveLayer.compression_loss` with the attention-reconstruction
     loss, all layers at once: the same values, with one set of operators for all layers instead of
     one per layer (about 280 operators fewer a step at the peer benchmark's size; where waking a
     sleeping thread is dear, every operator counts: docs/performance.md, session 11).
 
-    Per layer l, from `RelativeMultiHeadAttention.reconstruction_target` (constants): the queries
-    W_q x times the scale and their attention over the old memories, heads-major (H*B, L, D) each;
-    and f_c(old) (B, n_s / c, d) with its graph. Every layer's tensors have the same shapes. Each
-    layer's own LN1 affine and W_kv (constants) project its compressed memories; the losses' mean
-    over layers equals the MSE over all layers' elements at once, since every layer has as many."""
-    n, (hb, l, dh) = len(layers), queries[0].shape
-    b, n_c, d = compressed[0].shape
+    Per layer l, constants: the queries W_q x (B, L, d) and the old memories' keys and values
+    heads-major (H*B, n_s, D) (`RelativeMultiHeadAttention.heads_major_key_values`: views of those
+    the forward made); and f_c(old) (B, n_s / c, d) with its graph. Every layer's tensors have the
+    same shapes. Each layer's targets are computed while its keys and values are read in place (a
+    stack of every layer's, then PyTorch's flash kernel, took about 10 ms of an fp32 shard step at the
+    reference preset: docs/performance.md, session 14); the compressed memories' attention runs for
+    all layers at once. Each layer's own LN1 affine and W_kv (constants) project its compressed
+    memories; the losses' mean over layers equals the MSE over all layers' elements at once, since
+    every layer has as many."""
+    n, (b, l, d) = len(layers), queries[0].shape
+    hb, n_c = old_keys[0].shape[0], compressed[0].shape[1]
+    h = hb // b
+    dh = d // h
+    dtype = old_keys[0].dtype  # the products' (bf16 under autocast)
+    q = torch.empty(n, h, b, l, dh, dtype=dtype, device=queries[0].device)  # every layer's W_q x * scale
+    targets = torch.empty(n * hb, l, dh, dtype=dtype, device=q.device)
+    with torch.no_grad():
+        for i, (queries_i, keys, values) in enumerate(zip(queries, old_keys, old_values)):
+            torch.mul(queries_i.detach().view(b, l, h, dh).permute(2, 0, 1, 3), layers[i].attention.scale, out=q[i])
+            q_i = q[i].view(hb, l, dh)
+            torch.bmm(torch.bmm(q_i, keys.transpose(1, 2)).softmax(dim=-1), values, out=targets[i * hb : (i + 1) * hb])
     fresh = torch.stack(compressed).view(n, b * n_c, d)  # (n, B*n_c, d), with f_c's graph
     if layers[0].pre_norm:  # LN1 with each layer's affine, as constants
         norms = [layer.norm1 for layer in layers]
@@ -211,9 +225,37 @@ def attention_reconstruction_loss(layers: Sequence[CompressiveLayer], queries: S
     weights = torch.stack([layer.attention.key_value.weight.detach() for layer in layers])  # (n, 2d, d)
     compressed_kv = torch.bmm(fresh, weights.transpose(1, 2))  # (n, B*n_c, 2d)
     # heads-major, like the queries: (n, B, n_c, [k, v], H, D) -> [k, v] x (n*H*B, n_c, D)
-    keys, values = compressed_kv.view(n, b, n_c, 2, hb // b, dh).permute(3, 0, 4, 1, 2, 5).reshape(2, n * hb, n_c, dh)
-    approx = content_attention(torch.stack(queries).view(n * hb, l, dh), keys, values)  # (n*HB, L, D)
-    return F.mse_loss(approx, torch.stack(targets).view_as(approx))
+    keys, values = compressed_kv.view(n, b, n_c, 2, h, dh).permute(3, 0, 4, 1, 2, 5).reshape(2, n * hb, n_c, dh)
+    approx = content_attention(q.view(n * hb, l, dh), keys, values)  # (n*HB, L, D)
+    return mean_squared_error(approx, targets)
+
+
+class _MeanSquaredError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(approx.dtype, torch.float32)  # the loss in fp32 (or wider)
+        diff = torch.sub(approx.to(dtype), target)  # exact for bf16 inputs; fp32 whatever the inputs
+        flat = diff.view(-1)
+        ctx.save_for_backward(diff)
+        ctx.approx_dtype = approx.dtype
+        return torch.dot(flat, flat) / flat.numel()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (diff,) = ctx.saved_tensors
+        out = torch.empty(diff.shape, dtype=ctx.approx_dtype, device=diff.device)
+        return torch.mul(diff, grad * (2.0 / diff.numel()), out=out), None  # in approx's dtype, in one pass
+
+
+def mean_squared_error(approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean((approx - target)^2) as `F.mse_loss`, with `target` a constant (no gradient), in fp32
+    (or wider) whatever the inputs' dtype, as autocast's `mse_loss` gives it: the difference once in
+    fp32 and a dot product, where autocast casts both (bf16) inputs to fp32 first and the backward
+    forms the difference again. (About 10 ms of a 265 ms bf16 shard step at the reference preset
+    for `F.mse_loss`: docs/performance.md, session 14.)"""
+    if approx.shape != target.shape:
+        raise ValueError(f"shapes differ: {tuple(approx.shape)} and {tuple(target.shape)}")
+    return _MeanSquaredError.apply(approx, target.detach())
 
 
 class ModelOutput(NamedTuple):
@@ -327,8 +369,9 @@ class CompressiveTransformer(nn.Module):
                 new_caches.append(torch.cat([cmem_kv, mem_kv], dim=1))
             if with_compression_loss and old is not None and config.trains_compressor:
                 old_slots = slice(n, n + old.shape[1])  # the old memories: the first n_s keys after the compressed ones
-                if batched:  # this layer's constants now, while its keys and values are at hand
-                    loss_inputs.append((layer, fresh, *layer.attention.reconstruction_target(attention, old_slots)))
+                if batched:
+                    loss_inputs.append((layer, fresh, attention.queries,
+                                        *layer.attention.heads_major_key_values(attention, old_slots)))
                 else:
                     loss_inputs.append((layer, hidden, old, fresh, attention.queries,
                                         attention.all_key_values[:, old_slots]))  # (B, n_s, 2d)
@@ -344,8 +387,8 @@ class CompressiveTransformer(nn.Module):
         compression_loss = None
         if loss_inputs:
             if batched:
-                layers, fresh, queries, targets = zip(*loss_inputs)
-                compression_loss = attention_reconstruction_loss(layers, queries, targets, fresh)
+                layers, fresh, queries, old_keys, old_values = zip(*loss_inputs)
+                compression_loss = attention_reconstruction_loss(layers, queries, old_keys, old_values, fresh)
             else:
                 compression_loss = torch.stack([
                     layer.compression_loss(config.compression_loss, *args)
