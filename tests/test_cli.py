@@ -22,6 +22,25 @@ def test_python_dash_m(tmp_path):
     assert result.returncode == 0 and "Knowledge distillation" in result.stdout
 
 
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, "PASSIVE 10000"),  # threads sleep when idle, after a short spin
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),  # the user's policy as it is
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),
+    ({"GOMP_SPINCOUNT": "500"}, "PASSIVE 500"),
+])
+def test_the_command_sets_openmp_waiting_before_torch_loads(environ, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | environ
+    code = ("import os, sys; import still.cli; assert 'torch' not in sys.modules; "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
 @pytest.mark.parametrize("args, message", [
     (["--temperature", "0"], "temperature must be > 0, got 0.0"),
     (["--temperature", "2,abc"], "expected numbers separated by commas"),

@@ -10,9 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-# Before PyTorch loads: OpenMP threads that spin while waiting collapse throughput when another
-# process competes for the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before PyTorch loads (OpenMP reads both once, then): OpenMP threads that spin while waiting
+# collapse throughput when another process competes for the cores, so they sleep; but only after a
+# short spin, or every operator would pay for waking them (docs/performance.md, sessions 11 and 14:
+# about 100 us a wake-up on a virtual machine). A policy the user set is left as it is.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import click  # noqa: E402
 

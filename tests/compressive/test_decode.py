@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from still.compressive import decode
-from still.compressive.decode import Decoder, supports, threads_for
+from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.compressive.sampling import Sampling
 
@@ -110,7 +110,9 @@ def test_decoding_steps_compute_in_the_weights_dtype_under_autocast():
             torch.testing.assert_close(out, plain.step(t), atol=1e-6, rtol=1e-6)
 
 
-def test_small_models_decode_on_one_thread(monkeypatch):
+def test_small_models_decode_on_one_thread_where_openmp_threads_sleep(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32)).eval()
     size = sum(p.numel() for p in model.parameters())
     assert Decoder(model, None, batch=1).threads == 1 and Decoder(model, None, batch=1, threads=3).threads == 3
@@ -120,6 +122,33 @@ def test_small_models_decode_on_one_thread(monkeypatch):
     assert threads_for(model, 1, 99) == 1 and threads_for(model, 1, 100) is None  # x tokens for a segment
     with pytest.raises(ValueError, match="threads"):
         Decoder(model, None, batch=1, threads=0)
+
+
+@pytest.mark.parametrize(("environ", "spin"), [
+    ({}, True),  # GNU OpenMP's default: spin, then sleep
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, True),
+    ({"OMP_WAIT_POLICY": "passive"}, False),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}, True),  # the count decides over the policy
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10k"}, True),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "infinity"}, True),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, False),
+    ({"GOMP_SPINCOUNT": "0"}, False),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "lots"}, False),  # not a count: OpenMP ignores it
+])
+def test_openmp_threads_spin_reads_the_wait_policy_and_spin_count(environ, spin):
+    assert openmp_threads_spin(environ) is spin
+
+
+def test_every_model_decodes_on_all_threads_where_openmp_threads_spin(monkeypatch):
+    """A spinning thread starts the next loop without a wake-up: all threads paid at every size
+    measured (docs/performance.md, session 14)."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32)).eval()
+    assert threads_for(model, 1, 1) is None and threads_for(model, 1, 128) is None
+    assert Decoder(model, None, batch=1).threads is None
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert threads_for(model, 1, 1) == 1 and Decoder(model, None, batch=1).threads == 1
 
 
 def test_compiled_decoders_of_two_models_interleaved():

@@ -74,10 +74,12 @@ def test_filter_logits():
 
 
 @pytest.mark.parametrize("compression", ["conv", "most_used"])  # the ring-buffer decoder, and the model's forward
-def test_generation_restores_the_thread_count_and_grad_mode_between_tokens(compression):
-    """A small model decodes on one thread (decode.threads_for), but the caller's code between
-    tokens runs with its own setting; nothing is recorded for autograd, and the caller's grad mode
-    holds between tokens."""
+def test_generation_restores_the_thread_count_and_grad_mode_between_tokens(compression, monkeypatch):
+    """A small model decodes on one thread where OpenMP's threads sleep (decode.threads_for), but the
+    caller's code between tokens runs with its own setting; nothing is recorded for autograd, and the
+    caller's grad mode holds between tokens."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     torch.manual_seed(0)
     model = CompressiveTransformer(CompressiveConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, d_ff=16,
                                                      mem_len=4, c_mem_len=2, compression_rate=2, compression=compression))

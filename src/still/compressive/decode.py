@@ -41,7 +41,9 @@ preset the step took 10-15% less). The compression convolution is a sum over its
 (`Compressor.one_window`), each a product with one old memory. Eager, the same products go to the
 matrix library, which is faster there and wants the keys slots-last without blocks. And a step of
 a small model at batch 1 is a few hundred tiny loops: waking a second thread costs more than it
-saves, so on the CPU the decoder runs its steps on one thread unless the model is large (`threads`).
+saves where that thread sleeps between loops (OMP_WAIT_POLICY=PASSIVE), so on the CPU the decoder
+then runs its steps on one thread unless the model is large (`threads_for`); where OpenMP's idle
+threads spin a while before they sleep (its default, or GOMP_SPINCOUNT), it uses all of them.
 
 Relative positions: the model orders keys [compressed (n), memory (m), token] without gaps, so a
 memory slot written a steps ago is at distance a, and the compressed slot written k compressions
@@ -57,7 +59,9 @@ falls back to the model's forward there).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -77,18 +81,37 @@ def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
     return state is None or (state.memory_valid is None and state.compressed_valid is None)
 
 
-# On the CPU, a call that runs `tokens` tokens of `batch` rows through a model of P parameters runs
-# on one thread while batch * P (one token: decoding) or batch * P * tokens (a segment: the prompt)
-# is below these: the call is then hundreds of small loops, and waking a second thread costs more
-# than it saves. Measured on two cores (docs/performance.md): decoding d_model 256 x 6 layers
-# (4.7M parameters) runs 1.7x faster on one thread than on two; a 512-token prompt through
-# d_model 128 x 4 layers 1.35x faster, through 256 x 6 1.1x slower.
+# On the CPU, while OpenMP's idle threads sleep between parallel regions (`openmp_threads_spin`
+# false: OMP_WAIT_POLICY=PASSIVE without GOMP_SPINCOUNT), a call that runs `tokens` tokens of `batch`
+# rows through a model of P parameters runs on one thread while batch * P (one token: decoding) or
+# batch * P * tokens (a segment: the prompt) is below these: the call is then hundreds of small
+# loops, and waking a second thread costs more than it saves. Measured on two cores
+# (docs/performance.md, session 3): decoding d_model 256 x 6 layers (4.7M parameters) runs 1.7x
+# faster on one thread than on two; a 512-token prompt through d_model 128 x 4 layers 1.35x faster,
+# through 256 x 6 1.1x slower. Where the idle threads spin a while first, a parallel region starts
+# without a wake-up, and every size measured ran faster on all threads (session 14).
 ONE_THREAD_BELOW = {"token": 32e6, "segment": 256e6}
 
 
+def openmp_threads_spin(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether GNU OpenMP's idle threads (PyTorch's on Linux) spin before they sleep, so that a
+    parallel region soon after another wakes nothing: unless OMP_WAIT_POLICY=PASSIVE, or
+    GOMP_SPINCOUNT=0 (GOMP_SPINCOUNT, where set, decides over the policy). OpenMP reads both once,
+    when PyTorch loads: this reads the environment as it is now, which is right unless it was changed
+    since."""
+    count = environ.get("GOMP_SPINCOUNT", "").strip().lower()
+    if count in ("infinite", "infinity"):
+        return True
+    number = re.fullmatch(r"(\d+)\s*[kmgt]?", count)  # a count with an optional unit suffix
+    if number:
+        return int(number[1]) > 0
+    return environ.get("OMP_WAIT_POLICY", "").strip().lower() != "passive"
+
+
 def threads_for(model: torch.nn.Module, batch: int, tokens: int) -> int | None:
-    """CPU threads for one call over (batch, tokens): 1 for small work, else None (as set)."""
-    if next(model.parameters()).device.type != "cpu":
+    """CPU threads for one call over (batch, tokens): 1 for small work while OpenMP's idle threads
+    sleep (`openmp_threads_spin`), else None (as set)."""
+    if next(model.parameters()).device.type != "cpu" or openmp_threads_spin():
         return None
     size = batch * sum(p.numel() for p in model.parameters())
     small = size < ONE_THREAD_BELOW["token"] if tokens == 1 else size * tokens < ONE_THREAD_BELOW["segment"]
@@ -120,7 +143,8 @@ class Decoder:
     The steps compute in the weights' dtype, also under autocast (`_without_autocast`).
     `compile`: run the step compiled ahead of time (`still.train.aot`: built once per shape in a child
     process and cached, then loaded).
-    `threads`: CPU threads for the steps (None: one for small models, else PyTorch's setting). The
+    `threads`: CPU threads for the steps (None: `threads_for`: one for small models where OpenMP's
+    idle threads sleep, else PyTorch's setting). The
     model's weights must not change while a decoder is in use: make a new one after a change.
     """
 
