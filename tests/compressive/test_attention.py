@@ -415,12 +415,43 @@ def test_linear_over_constants_under_cpu_bf16_autocast():
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_heads_major_projection_over_constants_is_the_linear_map_laid_out_by_head(with_bias):
+    """`_HeadsMajorLinearOverConstants`: F.linear over [head, tail] with its (B, K, [k, v], H, D)
+    output rearranged to (H*B, K, D) keys and values; gradients for the tail, the weight and the
+    bias by gradcheck, and none for the head (the memories, a constant)."""
+    from still.compressive.attention import _HeadsMajorLinearOverConstants
+
+    torch.manual_seed(0)
+    b, p, l, heads, dh = 2, 5, 3, 2, 3
+    d = heads * dh
+    head = torch.randn(b, p, d, dtype=torch.float64)
+    tail = torch.randn(b, l, d, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2 * d, d, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2 * d, dtype=torch.float64, requires_grad=True) if with_bias else None
+    k, v = _HeadsMajorLinearOverConstants.apply(head, tail, weight, bias, heads)
+    kv = torch.nn.functional.linear(torch.cat([head, tail], 1), weight, bias)  # (B, K, 2d)
+    expected = kv.view(b, p + l, 2, heads, dh).permute(2, 3, 0, 1, 4).reshape(2, heads * b, p + l, dh)
+    torch.testing.assert_close(k, expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, expected[1], rtol=1e-12, atol=1e-12)
+    inputs = (tail, weight) + ((bias,) if with_bias else ())
+    fn = (lambda t, w, c: _HeadsMajorLinearOverConstants.apply(head, t, w, c, heads)) if with_bias else (
+        lambda t, w: _HeadsMajorLinearOverConstants.apply(head, t, w, None, heads))
+    assert torch.autograd.gradcheck(fn, inputs)
+    (only_keys,) = torch.autograd.grad(k.sum(), weight)  # a value gradient left out: the values' rows get zeros
+    assert only_keys[:d].abs().sum() > 0 and torch.equal(only_keys[d:], torch.zeros_like(only_keys[d:]))
+
+
+@pytest.mark.parametrize("heads_major", [True, False])
 @pytest.mark.parametrize("with_context", [True, False])
-def test_pre_norm_folded_into_the_projections_matches_applying_it(monkeypatch, with_context):
+def test_pre_norm_folded_into_the_projections_matches_applying_it(monkeypatch, with_context, heads_major):
     """Training with pre-LN: LN1's affine folded into W_q and W_kv, the memories projected as
-    constants, against LN1 applied and one product over [context, x]: outputs, the projections the
-    reconstruction loss reuses, and the gradients of x, LN1's affine and every weight."""
+    constants (their keys and values heads-major out of the product, or laid out after it), against
+    LN1 applied and one product over [context, x]: outputs, the projections the reconstruction loss
+    reuses, and the gradients of x, LN1's affine and every weight."""
     from still.compressive import attention as module
+
+    monkeypatch.setattr(module, "HEADS_MAJOR_PROJECTION", heads_major)
 
     torch.manual_seed(0)
     attn = RelativeMultiHeadAttention(32, 4).train().double()
@@ -437,9 +468,11 @@ def test_pre_norm_folded_into_the_projections_matches_applying_it(monkeypatch, w
     for folded in (False, True):
         monkeypatch.setattr(module, "FOLDED_NORM", folded)
         out = attn(x, context, norm=norm)
-        loss = out.out.square().sum() + out.queries.sin().sum() + out.all_key_values.cos().sum()
-        results.append([out.out, out.queries, out.all_key_values, out.key_values,
-                        *torch.autograd.grad(loss, [x, *parameters])])
+        k, v = out.key_values_by_head  # (H*B, K, D) each, on every training path
+        loss = out.out.square().sum() + out.queries.sin().sum() + k.cos().sum() + v.sin().sum()
+        results.append([out.out, out.queries, k, v, *torch.autograd.grad(loss, [x, *parameters])])
+        made_heads_major = out.all_key_values is None
+    assert made_heads_major == (heads_major and with_context)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 

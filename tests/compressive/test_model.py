@@ -285,14 +285,17 @@ def test_reconstruction_losses_of_all_layers_at_once_equal_layer_by_layer(monkey
         torch.testing.assert_close(b, a, **tolerance)
 
 
+@pytest.mark.parametrize("heads_major", [True, False])
 @pytest.mark.parametrize("pre_norm", [True, False])
-def test_training_with_memories_projected_as_constants_equals_the_plain_products(monkeypatch, pre_norm):
+def test_training_with_memories_projected_as_constants_equals_the_plain_products(monkeypatch, pre_norm, heads_major):
     """The whole model over several segments (memories and compressed memories full), in float64:
     `FOLDED_NORM` (pre-LN's affine in the weights, the memories' rows without an input gradient;
-    post-LN: the latter alone) against LN1 applied and one product over [context, x]. The same
-    losses, and the same gradient for every parameter."""
+    post-LN: the latter alone), with the keys and values heads-major out of their product
+    (`HEADS_MAJOR_PROJECTION`) or laid out after it, against LN1 applied and one product over
+    [context, x]. The same losses, and the same gradient for every parameter."""
     from still.compressive import attention as module
 
+    monkeypatch.setattr(module, "HEADS_MAJOR_PROJECTION", heads_major)
     seq = tokens(b=2, l=48)
     results = []
     for folded in (False, True):

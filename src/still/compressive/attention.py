@@ -53,6 +53,14 @@ the backward computes no input gradient for the memory rows, only the affine's (
 weights). False: LN1 applied, then one plain product over [context, x]. Tests compare the two."""
 
 
+HEADS_MAJOR_PROJECTION = True
+"""fp32 training over memories (the keys and values of constants, `FOLDED_NORM`'s path): the keys
+and values come out of their projection heads-major, one product per (key or value, head)
+(`_HeadsMajorLinearOverConstants`), instead of one product then a layout copy of each forward and
+backward. False: one product, then the copies. Tests compare the two. (Not in bf16: oneDNN's
+per-head bf16 products ran 3x slower than one, docs/performance.md, session 13.)"""
+
+
 def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
     """The dtype a matrix product of `dtype` inputs on `device` gives here (autocast's, when on):
     caches made under bf16 autocast must not be read by an fp32 forward, nor the reverse."""
@@ -156,6 +164,56 @@ class _LinearOverConstants(torch.autograd.Function):
         return None, grad_tail, grad_weight, grad_bias
 
 
+class _HeadsMajorLinearOverConstants(torch.autograd.Function):
+    """`_LinearOverConstants` with its output in the attention's heads-major layout: the keys and
+    values of [head (B, P, d), a constant; tail (B, L, d)] under `weight` (2d, d) (keys' rows, then
+    values', each head's D rows together) and `bias` (2d,), as two (H*B, K, D) tensors (K = P + L),
+    views of one (2, H, B, K, D) buffer that a batched product over the 2H (key or value, head)
+    pairs writes directly. The backward takes their gradients as they come (heads-major): the
+    weight's by one batched product each for keys and values, the tail's input gradient from the
+    tail's rows only, gathered into one (B*L, 2d) product. In the weights' dtype (fp32, or float64 in
+    tests): not under autocast."""
+
+    @staticmethod
+    def forward(ctx, head, tail, weight, bias, heads):
+        b, p, d = head.shape
+        k_len = p + tail.shape[1]
+        inputs = torch.cat([head, tail], dim=1).view(b * k_len, d)  # (B*K, d)
+        w = weight.view(2 * heads, -1, d)  # (2H, D, d)
+        dh = w.shape[1]
+        if bias is None:
+            out = torch.bmm(inputs.expand(2 * heads, -1, -1), w.transpose(1, 2))  # (2H, B*K, D)
+        else:
+            out = torch.baddbmm(bias.view(2 * heads, 1, dh), inputs.expand(2 * heads, -1, -1), w.transpose(1, 2))
+        ctx.save_for_backward(inputs, weight)
+        ctx.shape = (b, k_len, tail.shape[1], heads, dh)
+        ctx.has_bias = bias is not None
+        k, v = out.view(2, heads * b, k_len, dh)  # (H*B, K, D) each: heads-major
+        return k, v
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        inputs, weight = ctx.saved_tensors
+        b, k_len, l, heads, dh = ctx.shape
+        d = inputs.shape[1]
+        grads = [torch.zeros(heads * b, k_len, dh, dtype=inputs.dtype, device=inputs.device) if g is None
+                 else g.contiguous() for g in (grad_k, grad_v)]  # (H*B, K, D) each
+        grad_tail = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:  # the tail's rows, in the (B*L, 2d) layout of one product with the weight
+            seg = torch.empty(b, l, 2, heads, dh, dtype=inputs.dtype, device=inputs.device)
+            for i, g in enumerate(grads):
+                seg[:, :, i].copy_(g.view(heads, b, k_len, dh)[:, :, k_len - l :].permute(1, 2, 0, 3))
+            grad_tail = (seg.view(b * l, 2 * d) @ weight).view(b, l, d)  # (B, L, d)
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.empty_like(weight)  # (2d, d): keys' rows, then values'
+            for i, g in enumerate(grads):  # (H, D, B*K) x (B*K, d) -> (H, D, d)
+                torch.bmm(g.view(heads, b * k_len, dh).transpose(1, 2), inputs.expand(heads, -1, -1),
+                          out=grad_weight[i * d : (i + 1) * d].view(heads, dh, d))
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = torch.cat([g.view(heads, b * k_len, dh).sum(1).view(d) for g in grads])  # (2d,)
+        return None, grad_tail, grad_weight, grad_bias, None
+
+
 class _AttentionWeights(torch.autograd.Function):
     """softmax(mask(content + shifted position scores)) over heads-major (G = H*B) rows.
 
@@ -257,9 +315,11 @@ def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 class AttentionOutput(NamedTuple):
     out: torch.Tensor  # (B, L, d)
     received: torch.Tensor | None  # (B, K): attention each key received (with need_weights)
-    key_values: torch.Tensor  # (B, L, 2d): this segment's keys and values, for an inference cache
+    key_values: torch.Tensor | None  # (B, L, 2d): this segment's keys and values, for an inference cache
+    # (None where training made them heads-major: `HEADS_MAJOR_PROJECTION`, in training mode only)
     queries: torch.Tensor | None  # (B, L, d): W_q x, before the biases (reused by the reconstruction loss)
-    all_key_values: torch.Tensor | None  # (B, K, 2d): keys and values of [context, x] (likewise)
+    all_key_values: torch.Tensor | None  # (B, K, 2d): keys and values of [context, x] (likewise; None
+    # where made heads-major)
     key_values_by_head: tuple[torch.Tensor, torch.Tensor] | None = None  # (H*B, K, D) x 2: the same,
     # heads-major, as training's attention made them (likewise; None on the other paths)
 
@@ -333,9 +393,15 @@ class RelativeMultiHeadAttention(nn.Module):
         """
         b, l, d = x.shape
         constant_context = context is None or not context.requires_grad  # the memories: detached
+        # fp32 training over memories: the keys and values heads-major out of their projection
+        heads_major = (HEADS_MAJOR_PROJECTION and FUSED_SCORES and FOLDED_NORM and not need_weights
+                       and self.training and torch.is_grad_enabled() and context_kv is None and context is not None
+                       and context.shape[1] > 0 and constant_context
+                       and compute_dtype(x.device, self.key_value.weight.dtype) in (torch.float32, torch.float64))
+        by_head = None  # (k, v) (H*B, K, D) each, when made heads-major
         if (norm is not None and FOLDED_NORM and torch.is_grad_enabled() and context_kv is None
                 and norm.weight is not None and norm.bias is not None and constant_context):
-            queries, kv, x_kv = self._folded_projections(x, context, norm)
+            queries, kv, x_kv, by_head = self._folded_projections(x, context, norm, heads_major)
         else:
             if norm is not None:
                 x = norm(x)
@@ -344,18 +410,25 @@ class RelativeMultiHeadAttention(nn.Module):
                 x_kv = self.key_value(x)  # (B, L, 2d)
                 kv = torch.cat([context_kv, x_kv], dim=1) if context_kv.shape[1] else x_kv  # (B, K, 2d)
             elif context is not None and context.shape[1] > 0:
-                if FOLDED_NORM and torch.is_grad_enabled() and constant_context:  # post-LN training
+                if heads_major:  # post-LN training
+                    by_head = _HeadsMajorLinearOverConstants.apply(context, x, self.key_value.weight, None,
+                                                                   self.n_heads)  # (H*B, K, D) x 2
+                    kv = x_kv = None
+                elif FOLDED_NORM and torch.is_grad_enabled() and constant_context:  # post-LN training
                     kv = _LinearOverConstants.apply(context, x, self.key_value.weight, None)  # (B, K, 2d)
                 else:
                     kv = self.key_value(torch.cat([context, x], dim=1))  # (B, K, 2d): one product for all keys
-                x_kv = kv[:, -l:]
+                x_kv = kv[:, -l:] if kv is not None else None
             else:
                 kv = x_kv = self.key_value(x)
             queries = self.query(x)  # (B, L, d)
-        k_len = kv.shape[1]
         q = self._heads(queries)  # (B, H, L, D)
-        k, v = kv.chunk(2, dim=-1)
-        k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
+        if by_head is None:
+            k_len = kv.shape[1]
+            k, v = kv.chunk(2, dim=-1)
+            k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
+        else:  # already heads-major (H*B, K, D); the fused path below reads them as they are
+            k_len, k, v = by_head[0].shape[1], None, None
         # the heads-major path (`_fused_attention`): training, and CPU inference in bf16, where
         # `scaled_dot_product_attention` with a float mask took 6.4 ms for (16, 4, 128, 32) queries
         # over 384 keys (as long as in fp32), this path about 3
@@ -388,7 +461,7 @@ class RelativeMultiHeadAttention(nn.Module):
             weights = dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
         elif fused:
-            out, key_values_by_head = self._fused_attention(q, k, v, r, allowed)  # (B, H, L, D)
+            out, key_values_by_head = self._fused_attention(q, k, v, r, allowed, by_head)  # (B, H, L, D)
             received = None
         else:  # inference with masked slots, or the explicit path with gradients (tests)
             # one pass reads the shifted view and writes the masked bias, one scales it in place
@@ -399,14 +472,18 @@ class RelativeMultiHeadAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, l, d)  # (B, H, L, D) -> (B, L, d)
         return AttentionOutput(self.out(out), received, x_kv, queries, kv, key_values_by_head if fused else None)
 
-    def _folded_projections(self, x: torch.Tensor, context: torch.Tensor | None, norm: nn.LayerNorm
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _folded_projections(self, x: torch.Tensor, context: torch.Tensor | None, norm: nn.LayerNorm,
+                            heads_major: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                       tuple[torch.Tensor, torch.Tensor] | None]:
         """Training with pre-LN: the queries W_q LN(x) (B, L, d) and keys and values W_kv LN([context,
         x]) (B, K, 2d), with LN's affine in the weights: W (n_x gamma + beta) = (W diag(gamma)) n_x +
         W beta for the normalised rows n_x. The memories' rows are then constants times weights, and
         the gamma and beta gradients they carry come through the folded weights (products of the
         weights' size) instead of through an input gradient for every memory row
-        (docs/performance.md, session 13). Returns (queries, kv, the segment's rows of kv)."""
+        (docs/performance.md, session 13). Returns (queries, kv, the segment's rows of kv, None); with
+        `heads_major` and memories, (queries, None, None, the keys and values heads-major: (H*B, K, D)
+        each, `_HeadsMajorLinearOverConstants`)."""
         l = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):  # the folded weights in the weights' dtype
             w_q, w_kv = self.query.weight, self.key_value.weight
@@ -418,10 +495,12 @@ class RelativeMultiHeadAttention(nn.Module):
         queries = F.linear(x_n, w_q, b_q)  # (B, L, d)
         if context is None or context.shape[1] == 0:
             kv = F.linear(x_n, w_kv, b_kv)  # (B, L, 2d)
-            return queries, kv, kv
+            return queries, kv, kv, None
         context_n = F.layer_norm(context, norm.normalized_shape, ones, zeros, norm.eps)  # (B, P, d): constants
+        if heads_major:
+            return queries, None, None, _HeadsMajorLinearOverConstants.apply(context_n, x_n, w_kv, b_kv, self.n_heads)
         kv = _LinearOverConstants.apply(context_n, x_n, w_kv, b_kv)  # (B, K, 2d)
-        return queries, kv, kv[:, -l:]
+        return queries, kv, kv[:, -l:], None
 
     def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Inference without gradients or masked slots (fp32 on the CPU; any dtype elsewhere):
@@ -445,16 +524,19 @@ class RelativeMultiHeadAttention(nn.Module):
         return F.scaled_dot_product_attention(q + self.content_bias[:, None], k, v, attn_mask=bias,
                                               dropout_p=self.dropout_attn if self.training else 0.0)
 
-    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
-                         allowed: torch.Tensor | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, r: torch.Tensor,
+                         allowed: torch.Tensor | None, by_head: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Training (and bf16 CPU inference) attention, heads-major: the scores of all B * H
         (head, row) pairs as one (H*B, L, K) tensor, built, masked and normalised by
         `_AttentionWeights` in five passes over it, and differentiated in three
         (`docs/performance.md`). q (B, H, L, D), k and v (B, H, K, D), r (H, K, D), allowed
         (B, 1, L, K), or None for the causal mask alone -> (B, H, L, D), and the keys and values
-        heads-major, (H*B, K, D) each, in the compute dtype."""
+        heads-major, (H*B, K, D) each, in the compute dtype; or, with `by_head`, k and v None and
+        those keys and values given."""
         b, h, l, dh = q.shape
-        dtype = k.dtype  # the compute dtype: bf16 under autocast
+        dtype = (k if by_head is None else by_head[0]).dtype  # the compute dtype: bf16 under autocast
+        k_len = (k if by_head is None else by_head[0]).shape[-2]
         scale = self.scale
 
         def heads_major(t: torch.Tensor) -> torch.Tensor:  # (B, H, n, D) -> (H*B, n, D)
@@ -467,10 +549,10 @@ class RelativeMultiHeadAttention(nn.Module):
         q_position = torch.add((self.position_bias * scale).to(dtype)[:, None], q.to(dtype), alpha=scale)
         q_position = q_position.transpose(0, 1).reshape(h, b * l, dh)  # (H, B*L, D)
         if allowed is None:
-            bias = causal_mask_bias(l, k.shape[2], k.device, dtype)  # (L, K)
+            bias = causal_mask_bias(l, k_len, q.device, dtype)  # (L, K)
         else:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
             bias = mask_bias(allowed.transpose(0, 1), dtype)
-        k, v = heads_major(k), heads_major(v)  # (HB, K, D)
+        k, v = (heads_major(k), heads_major(v)) if by_head is None else by_head  # (HB, K, D)
         weights = _AttentionWeights.apply(q_content, k, q_position, r.to(dtype), bias)  # (HB, L, K)
         weights = dropout(weights, self.dropout_attn, self.training)
         out = weights @ v  # (HB, L, D)

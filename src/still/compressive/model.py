@@ -374,8 +374,9 @@ class CompressiveTransformer(nn.Module):
                     loss_inputs.append((layer, fresh, attention.queries,
                                         *layer.attention.heads_major_key_values(attention, old_slots)))
                 else:
+                    old_kv = attention.all_key_values  # (B, K, 2d); None where made heads-major: projected again
                     loss_inputs.append((layer, hidden, old, fresh, attention.queries,
-                                        attention.all_key_values[:, old_slots]))  # (B, n_s, 2d)
+                                        old_kv[:, old_slots] if old_kv is not None else None))  # (B, n_s, 2d)
 
         memory_valid, compressed_valid = None, None
         if key_valid is not None:
