@@ -644,8 +644,9 @@ STATIC_NOTES = [
     "labml: generation mirrors its Configs.sample (greedy; one token per forward; memories merged and compressed "
     "after each); ours samples from the softmax, lucidrains from the top 10% of the vocabulary: the sampling "
     "costs microseconds next to a forward pass",
-    "ours: at batch 1 a small model's prompt and decoding run on one thread whatever the thread setting "
-    "(still.compressive.decode.threads_for: faster here); the peers use the threads they are given, and at "
+    "ours: at batch 1 under OMP_WAIT_POLICY=PASSIVE without GOMP_SPINCOUNT, a small model's prompt and decoding "
+    "run on one thread whatever the thread setting (still.compressive.decode.threads_for: faster there); where "
+    "OpenMP's idle threads spin (GOMP_SPINCOUNT set), on all of them; the peers use the threads they are given, and at "
     "--threads 1 labml generates about twice as fast as at 2 (session 3: 536 against 282-290 tok/s), so "
     "compare generation at --threads 1 too",
     "lucidrains: its generate() re-feeds the current partial segment for every new token (memories advance "
