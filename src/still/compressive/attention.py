@@ -55,10 +55,11 @@ weights). False: LN1 applied, then one plain product over [context, x]. Tests co
 
 HEADS_MAJOR_PROJECTION = True
 """fp32 training over memories (the keys and values of constants, `FOLDED_NORM`'s path): the keys
-and values come out of their projection heads-major, one product per (key or value, head)
-(`_HeadsMajorLinearOverConstants`), instead of one product then a layout copy of each forward and
-backward. False: one product, then the copies. Tests compare the two. (Not in bf16: oneDNN's
-per-head bf16 products ran 3x slower than one, docs/performance.md, session 13.)"""
+and values come out of their projection heads-major, from one batched product over the (key or
+value, head) pairs (`_HeadsMajorLinearOverConstants`), instead of one product and then layout
+copies, forward and backward. False: one product, then the copies. Tests compare the two. (Not in
+bf16: there the batched product took 1.7x as long as one product and the copies, and its weight
+gradient 2.4x: docs/performance.md, session 14.)"""
 
 
 def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
