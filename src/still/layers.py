@@ -68,8 +68,28 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.G
     kept = lanes.clamp_(threshold - 1, threshold).sub_(threshold - 1)  # 1 kept, 0 dropped (int16)
     if x.dtype in _ONE_BITS:  # the bits of 1.0 in x's 16-bit dtype: kept * those bits, read as that dtype
         mask = kept.mul_(_ONE_BITS[x.dtype]).view(x.dtype)  # 1. or 0.
-        return torch.mul(x, mask).mul_(scale)  # exact, then one rounding: round(x * scale) or 0
-    return torch.mul(x, kept.to(x.dtype).mul_(scale))  # round(x * scale) or 0, the same in one product
+    else:
+        mask = kept.to(x.dtype)
+    return _MaskedScale.apply(x, mask, scale)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * mask * scale for a mask of ones and zeros in x's dtype, in one pass each way: `addcmul`
+    onto a zero computes x * 1 * scale in float32 (or wider) and rounds once, so the result is
+    round(x * scale) or +0, what where(mask, x * scale, 0) gives, bit for bit, also in bf16 and fp16
+    (where a product by the mask, then by the scale, took two passes: docs/performance.md, session 14).
+    The gradient likewise: round(grad * scale) or +0."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return torch.addcmul(x.new_zeros(()), x, mask, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, mask, value=ctx.scale), None, None
 
 
 class Dropout(nn.Module):
