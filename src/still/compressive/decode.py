@@ -144,8 +144,8 @@ class Decoder:
     `compile`: run the step compiled ahead of time (`still.train.aot`: built once per shape in a child
     process and cached, then loaded).
     `threads`: CPU threads for the steps (None: `threads_for`: one for small models where OpenMP's
-    idle threads sleep, else PyTorch's setting). The
-    model's weights must not change while a decoder is in use: make a new one after a change.
+    idle threads sleep, else PyTorch's setting). The model's weights must not change while a decoder
+    is in use: make a new one after a change.
     """
 
     def __init__(self, model: CompressiveTransformer, state: MemoryState | None, batch: int,
