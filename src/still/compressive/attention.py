@@ -393,15 +393,15 @@ class RelativeMultiHeadAttention(nn.Module):
         queries: (B, K).
         """
         b, l, d = x.shape
-        constant_context = context is None or not context.requires_grad  # the memories: detached
-        # fp32 training over memories: the keys and values heads-major out of their projection
-        heads_major = (HEADS_MAJOR_PROJECTION and FUSED_SCORES and FOLDED_NORM and not need_weights
-                       and self.training and torch.is_grad_enabled() and context_kv is None and context is not None
-                       and context.shape[1] > 0 and constant_context
+        # training with the memories (detached) projected as constants (`FOLDED_NORM`)
+        over_constants = (FOLDED_NORM and torch.is_grad_enabled() and context_kv is None
+                          and (context is None or not context.requires_grad))
+        # ... in fp32, with memories: the keys and values heads-major out of their projection
+        heads_major = (over_constants and HEADS_MAJOR_PROJECTION and FUSED_SCORES and not need_weights
+                       and self.training and context is not None and context.shape[1] > 0
                        and compute_dtype(x.device, self.key_value.weight.dtype) in (torch.float32, torch.float64))
         by_head = None  # (k, v) (H*B, K, D) each, when made heads-major
-        if (norm is not None and FOLDED_NORM and torch.is_grad_enabled() and context_kv is None
-                and norm.weight is not None and norm.bias is not None and constant_context):
+        if over_constants and norm is not None and norm.weight is not None and norm.bias is not None:
             queries, kv, x_kv, by_head = self._folded_projections(x, context, norm, heads_major)
         else:
             if norm is not None:
@@ -414,8 +414,8 @@ class RelativeMultiHeadAttention(nn.Module):
                 if heads_major:  # post-LN training
                     by_head = _HeadsMajorLinearOverConstants.apply(context, x, self.key_value.weight, None,
                                                                    self.n_heads)  # (H*B, K, D) x 2
-                    kv = x_kv = None
-                elif FOLDED_NORM and torch.is_grad_enabled() and constant_context:  # post-LN training
+                    kv = None
+                elif over_constants:  # post-LN training
                     kv = _LinearOverConstants.apply(context, x, self.key_value.weight, None)  # (B, K, 2d)
                 else:
                     kv = self.key_value(torch.cat([context, x], dim=1))  # (B, K, 2d): one product for all keys
