@@ -71,7 +71,9 @@ from pathlib import Path  # noqa: E402
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
 
-IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "ours-2shards", "ours-bf16-2shards", "labml", "lucidrains")
+IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "ours-bf16+compile", "ours-2shards", "ours-bf16-2shards", "labml",
+                   "lucidrains")
+COMPILED = ("ours+compile", "ours-bf16+compile")  # compiled once per run, before the repeats
 PEERS = ("labml", "lucidrains")
 MEASURES = ("train", "eval", "generate")
 RESULT_MARKER = "BENCH-RESULT "
@@ -185,6 +187,14 @@ class OursBf16(Ours):
 
         with autocast("bf16"):
             return super().generate(prompt, new_tokens, seed)
+
+
+class OursBf16Compiled(OursBf16):
+    """Generation only: bf16 autocast over the prompt, and the decoding steps compiled, reading
+    bf16 matrices and keys (`still.compressive.decode.Decoder`'s dtype)."""
+
+    name = "ours-bf16+compile"
+    compile = True
 
 
 class OursSharded(Ours):
@@ -413,9 +423,10 @@ class Lucidrains:
                           "reconstruction loss, so the key/value projection stops learning; measured as is)")
 
 
-ADAPTERS = {"ours": Ours, "ours+compile": OursCompiled, "ours-bf16": OursBf16, "ours-2shards": OursSharded,
+ADAPTERS = {"ours": Ours, "ours+compile": OursCompiled, "ours-bf16": OursBf16, "ours-bf16+compile": OursBf16Compiled,
+            "ours-2shards": OursSharded,
             "ours-bf16-2shards": OursShardedBf16, "labml": Labml, "lucidrains": Lucidrains}
-ONLY_MEASURES = {"ours+compile": ("generate",), "ours-2shards": ("train",),
+ONLY_MEASURES = {"ours+compile": ("generate",), "ours-bf16+compile": ("generate",), "ours-2shards": ("train",),
                  "ours-bf16-2shards": ("train",)}  # the others: every measure
 
 
@@ -706,21 +717,25 @@ def main() -> None:
     impls = [i for i in IMPLEMENTATIONS if i in args.only]
     measures = [m for m in MEASURES if m in args.measures]
     results = []
-    build = None
-    if "ours+compile" in impls and "generate" in measures:  # compiled once, into a cache of this run's own
+    builds = {}
+    compiled = [i for i in impls if i in COMPILED] if "generate" in measures else []
+    if compiled:  # compiled once, into a cache of this run's own
         import shutil
         import tempfile
 
         aot_cache = tempfile.mkdtemp(prefix="still-bench-aot-")
         os.environ["STILL_CACHE"] = aot_cache  # the workers inherit it
-        build = run_subprocess({"impl": "ours+compile", "measure": "compile", "seed": 0, "count_flops": False,
+    for impl in compiled:
+        packages = len(list((Path(aot_cache) / "aot").glob("*.pt2")))
+        build = run_subprocess({"impl": impl, "measure": "compile", "seed": 0, "count_flops": False,
                                 "config": dataclasses.asdict(cfg)})
         if "error" in build:
-            sys.exit(f"ours+compile: compiling failed: {build['error']}\n{build['stderr']}")
-        if not list((Path(aot_cache) / "aot").glob("*.pt2")):
-            sys.exit("ours+compile: nothing was compiled (the worker fell back to eager decoding): see "
+            sys.exit(f"{impl}: compiling failed: {build['error']}\n{build['stderr']}")
+        if len(list((Path(aot_cache) / "aot").glob("*.pt2"))) == packages:
+            sys.exit(f"{impl}: nothing was compiled (the worker fell back to eager decoding): see "
                      "still lm generate --compile's message")
-        print(f"[compile] ours+compile: first generation, compiling included, {build['seconds']:.1f} s",
+        builds[impl] = build
+        print(f"[compile] {impl}: first generation, compiling included, {build['seconds']:.1f} s",
               file=sys.stderr, flush=True)
     total = repeats * sum(m in ONLY_MEASURES.get(i, MEASURES) for m in measures for i in impls)
     done = 0
@@ -739,7 +754,7 @@ def main() -> None:
                 shown = f"{result['tokens_per_s']:.1f} tok/s" if "error" not in result else result["error"]
                 print(f"[{done}/{total}] repeat {repeat} {measure:8s} {impl:10s} {shown}", file=sys.stderr, flush=True)
     machine["load_average_end"] = os.getloadavg()
-    if build is not None:
+    if builds:
         shutil.rmtree(aot_cache, ignore_errors=True)
 
     rows, flop_rows, table = report(results, impls, measures, cfg, machine, repeats)
@@ -768,8 +783,8 @@ def main() -> None:
     print("peak MiB: growth of the resident set (VmHWM reset via /proc/self/clear_refs after building the model, "
           "optimizer and data), warm-up included; gen steady MiB: the timed generations' own, reset again after "
           "its warm-up")
-    if build is not None:
-        print(f"ours+compile: its decoding steps compiled ahead of time once, before the repeats, into an empty "
+    for impl, build in builds.items():
+        print(f"{impl}: its decoding steps compiled ahead of time once, before the repeats, into an empty "
               f"cache: the first generation took {build['seconds']:.1f} s with the compiling; the largest compiling "
               f"process's peak resident set {build['compiler_peak_mib']:.0f} MiB (once per shape, two child "
               f"processes side by side), the generating process's growth {build['peak_growth_mib']:.1f} MiB; "
@@ -785,7 +800,7 @@ def main() -> None:
 
         write_results(args.out, "compressive_peers", rows, title=table.splitlines()[0],
                       meta={"config": dataclasses.asdict(cfg), "machine": machine, "repeats": repeats,
-                            "flops": flop_rows, "notes": notes, "results": results, "compile": build})
+                            "flops": flop_rows, "notes": notes, "results": results, "compile": builds})
         print(f"\nwrote {os.path.join(args.out, 'compressive_peers.json')} and .md")
     if errors:
         for r in errors:

@@ -21,7 +21,13 @@ Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_
                         docs/performance.md, session 13), which lowers the first count
     eval batch 16 / 1   tokens/s of forward + cross entropy with memories carried, eval mode
     generate batch 1    tokens/s of `generate` after a 512-token prompt (the prompt not counted),
-                        eager and with --compile (compiled in the untimed warm-up)
+                        eager and with --compile (compiled in the untimed warm-up); bf16: under
+                        autocast, so the compiled steps read bf16 matrices and keys
+    read limit          a decoding step reads every matrix and key of the model for one token: its
+                        bytes (the decoder's matrices, biases and key/value buffers; one row of the
+                        embedding) against the machine's read bandwidth at that size (the median time
+                        of `sum` over a tensor of as many bytes, all threads, in the same run) give
+                        the most tokens/s any step could reach here
 
 Prints a table; `--out DIR` also writes reference_speed.json and .md there.
 """
@@ -44,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from still.bench.peak import device_name, peak  # noqa: E402
+from still.compressive.decode import Decoder  # noqa: E402
 from still.compressive.generate import generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
@@ -147,6 +154,30 @@ def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int) -> 
     return (new_tokens - 1) / times[-1]
 
 
+def step_bytes(precision: str) -> float:
+    """Bytes a compiled decoding step reads at batch 1, on average over the tokens: every tensor of
+    the decoder's, but one row of the embedding, the compression's taps once every c tokens, and
+    not the layer inputs (c rows of them once every c tokens)."""
+    model = make_model().eval()
+    decoder = Decoder(model, None, 1, compile=True, dtype=torch.bfloat16 if precision == "bf16" else None)
+    share = {"embedding": 1 / decoder.weights["embedding"].shape[0]}
+    share |= {name: 1 / decoder.rate for name in decoder.weights if name.endswith(".taps")}
+    tensors = [(t, share.get(name, 1.0)) for name, t in decoder.weights.items()] + [(decoder.keys, 1.0), (decoder.values, 1.0)]
+    return sum(t.numel() * t.element_size() * part for t, part in tensors)
+
+
+def read_bandwidth(nbytes: float, calls: int = 50) -> float:
+    """Bytes/s of `sum` over an fp32 tensor of `nbytes` (median of `calls`, after as many warm-ups)."""
+    x = torch.randn(int(nbytes) // 4)
+    times = []
+    for i in range(2 * calls):
+        start = time.perf_counter()
+        x.sum()
+        if i >= calls:
+            times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -167,6 +198,7 @@ def main() -> None:
         "eval fp32, batch 16": lambda r: eval_rate("fp32", 16, args.steps, 4, r),
         "eval bf16, batch 16": lambda r: eval_rate("bf16", 16, args.steps, 4, r),
         "eval fp32, batch 1": lambda r: eval_rate("fp32", 1, 4 * args.steps, 4, r),
+        "eval bf16, batch 1": lambda r: eval_rate("bf16", 1, 4 * args.steps, 4, r),
         "generate fp32, batch 1": lambda r: generate_rate("fp32", args.new_tokens, False, r),
         "generate fp32, batch 1, --compile": lambda r: generate_rate("fp32", args.new_tokens, True, r),
         "generate bf16, batch 1, --compile": lambda r: generate_rate("bf16", args.new_tokens, True, r),
@@ -175,8 +207,13 @@ def main() -> None:
     rates: dict[str, list[float]] = {k: [] for k in measures}
     flops: dict[str, tuple[float, float]] = {}  # (a step's, its forward's)
     peaks: list[dict] = []
+    generating = "generate" in args.measures
+    read_bytes = {precision: step_bytes(precision) for precision in ("fp32", "bf16")} if generating else {}
+    bandwidths: dict[str, list[float]] = {precision: [] for precision in read_bytes}
     for repeat in range(args.repeats):
         peaks.append(peak())
+        for precision, nbytes in read_bytes.items():
+            bandwidths[precision].append(read_bandwidth(nbytes))
         for name, measure in measures.items():
             value = measure(repeat)
             if isinstance(value, tuple):
@@ -211,6 +248,8 @@ def main() -> None:
         "eval bf16 / fp32 (batch 16)": ("eval bf16, batch 16", "eval fp32, batch 16"),
         "generate / eval at batch 1 (fp32, eager)": ("generate fp32, batch 1", "eval fp32, batch 1"),
         "generate / eval at batch 1 (fp32, --compile)": ("generate fp32, batch 1, --compile", "eval fp32, batch 1"),
+        "generate / eval at batch 1 (bf16, --compile)": ("generate bf16, batch 1, --compile", "eval bf16, batch 1"),
+        "generate bf16 / fp32 (--compile)": ("generate bf16, batch 1, --compile", "generate fp32, batch 1, --compile"),
     }
     ratios = {k: median[a] / median[b] for k, (a, b) in wanted.items() if a in median and b in median}
     waiting = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" + (
@@ -221,13 +260,24 @@ def main() -> None:
              f"{os.getloadavg()[0]:.2f}")
     table = format_table(rows, title=title) + "\n" + format_table(
         [{"ratio": k, "value": f"{v:.2f}x"} for k, v in ratios.items()], title="Ratios of the medians")
+    limits = []
+    for name in (n for n in median if n.startswith("generate")):
+        precision = "bf16" if "bf16" in name else "fp32"
+        bandwidth = statistics.median(bandwidths[precision])
+        bound = bandwidth / read_bytes[precision]
+        limits.append({"measure": name, "MB a token": round(read_bytes[precision] / 1e6, 2),
+                       "read GB/s": round(bandwidth / 1e9, 1), "limit tok/s": round(bound),
+                       "tokens/s": round(median[name]), "of the limit": f"{median[name] / bound:.0%}"})
+    if limits:
+        table += "\n" + format_table(limits, title="Generation against the read limit (a step reads every matrix "
+                                                   "and key once; read bandwidth at that size, median)")
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "reference_speed.md").write_text(table + "\n")
         (args.out / "reference_speed.json").write_text(json.dumps(
             {"rows": rows, "ratios": ratios, "rates": rates, "flops_per_step": flops,
-             "peaks": peaks}, indent=1) + "\n")
+             "peaks": peaks, "read_limits": limits, "read_bandwidths": bandwidths}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -257,8 +257,9 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
-@precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt; the one-token steps "
-                       "after it run in fp32 (faster at these sizes).")
+@precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt, and with --compile the "
+                       "one-token steps read bf16 weights and keys (1.3-1.6x faster); eager steps run in fp32 "
+                       "(faster at these sizes).")
 @click.option("--compile", "compile_", is_flag=True,
               help="Compile the decoding step ahead of time (AOTInductor): under a minute, once per model "
                    "shape (cached), then several times faster per token. Falls back to eager mode, saying why, "

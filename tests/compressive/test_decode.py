@@ -51,6 +51,34 @@ def test_decoder_matches_the_model_token_by_token(case, prompt_len, fused, block
         assert decoder.n == state.compressed_len and decoder.m == state.memory_len
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fused", [False, True], ids=["eager products", "fused products"])
+def test_a_bf16_decoder_matches_the_model_to_bf16_rounding(case, fused, monkeypatch):
+    """dtype=bf16: the matrices and the key and value buffers in bf16, the residual stream and the
+    logits in fp32; the fp32 model's logits to bf16 rounding, through compressions and a full ring."""
+    if fused:
+        step, compress = decode._step, decode._step_and_compress
+        monkeypatch.setattr(decode, "_step", lambda *args: step(*args[:-1], True))
+        monkeypatch.setattr(decode, "_step_and_compress", lambda *args: compress(*args[:-1], True))
+    torch.manual_seed(0)
+    config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=32, **CASES[case])
+    model = CompressiveTransformer(config).eval()
+    tokens = torch.randint(0, 11, (2, 35))
+    with torch.no_grad():
+        state = model(tokens[:, :5]).state
+        decoder, plain = Decoder(model, state, batch=2, dtype=torch.bfloat16), Decoder(model, state, batch=2)
+        assert decoder.keys.dtype == decoder.values.dtype == decoder.weights["1.qkv"].dtype == torch.bfloat16
+        assert decoder.weights["embedding"].dtype == decoder.weights["1.u"].dtype == torch.float32
+        for t in range(5, tokens.shape[1]):
+            out = model(tokens[:, t : t + 1], state)
+            state = out.state
+            logits, fp32 = decoder.step(tokens[:, t]), plain.step(tokens[:, t])
+            assert logits.dtype == torch.float32
+            torch.testing.assert_close(logits, out.logits[:, 0], atol=2e-2, rtol=2e-2)
+            assert not torch.equal(logits, fp32) or config.mem_len + config.c_mem_len == 0  # it did round
+        assert decoder.n == state.compressed_len and decoder.m == state.memory_len
+
+
 def test_most_used_and_training_mode_are_refused():
     config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
                                compression="most_used")
@@ -73,6 +101,22 @@ def test_compiled_decoder_gives_the_same_tokens():
     tokens = torch.randint(0, 11, (12,))
     for t in tokens:
         torch.testing.assert_close(compiled.step(t[None]), eager.step(t[None]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_bf16_decoder_matches_the_fp32_one_to_bf16_rounding():
+    """bf16 matrices and keys compiled (the products summing in fp32): what `generate --compile`
+    runs under bf16 autocast."""
+    torch.manual_seed(0)
+    config = CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32, mem_len=4, c_mem_len=2,
+                               compression_rate=2)
+    model = CompressiveTransformer(config).eval()
+    eager, compiled = Decoder(model, None, batch=1), Decoder(model, None, batch=1, compile=True, dtype=torch.bfloat16)
+    assert compiled.keys.dtype == torch.bfloat16
+    for t in torch.randint(0, 11, (12,)):
+        logits = compiled.step(t[None])
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, eager.step(t[None]), atol=2e-2, rtol=2e-2)
+    assert all(step is not None for step in compiled._compiled.values())  # it did compile
 
 
 def test_a_decoder_that_cannot_compile_decodes_eagerly(monkeypatch, capsys):

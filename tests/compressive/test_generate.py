@@ -124,6 +124,27 @@ def test_compiled_generation_gives_the_eager_tokens(sampling):
     assert not runs[1].requires_grad  # the compiled step, called in grad mode: nothing recorded
 
 
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_decoding_under_bf16_autocast_reads_bf16_matrices(precision, compile, monkeypatch):
+    """Under bf16 autocast, a compiled decoder stores its matrices and keys in bf16; an eager one,
+    and every decoder in fp32, in the weights' dtype. (Compiling replaced: only the choice is tested.)"""
+    from still.compressive import decode, generate as module
+
+    monkeypatch.setattr(decode, "ahead_of_time_all", lambda requests, threads=None: [None] * len(requests))
+    made = []
+    monkeypatch.setattr(module, "Decoder", lambda *args, **kwargs: made.append(decode.Decoder(*args, **kwargs)) or made[-1])
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        tokens = list(generate(model, torch.randint(0, 11, (1, 5)), 6, segment_len=4, compile=compile))
+    assert len(tokens) == 6 and len(made) == 1
+    bf16 = precision == "bf16" and compile
+    assert made[0].keys.dtype == made[0].weights["0.qkv"].dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
 def test_drawing_the_uniform_numbers_in_blocks_gives_the_same_tokens(monkeypatch):
     """`generate` draws its uniform numbers DRAWN_AT_ONCE tokens at a time: on the CPU the same
     numbers, so the same tokens, as one draw a token."""

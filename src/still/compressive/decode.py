@@ -141,6 +141,11 @@ class Decoder:
     logits = decoder.step(tokens)            # tokens (B,) -> logits (B, V); advances the state
 
     The steps compute in the weights' dtype, also under autocast (`_without_autocast`).
+    `dtype`: what the matrices and the key and value buffers that every step reads are stored in
+    (None: the weights' dtype). bf16 halves the bytes a token reads; the products still sum in the
+    weights' dtype, and the residual stream, norms and biases stay in it. Compiled, this makes a step
+    1.3-1.6x faster on the CPU here (docs/performance.md, session 15); eager bf16 products at batch 1
+    are slower than fp32 ones, so `generate` asks for bf16 only where it compiles.
     `compile`: run the step compiled ahead of time (`still.train.aot`: built once per shape in a child
     process and cached, then loaded).
     `threads`: CPU threads for the steps (None: `threads_for`: one for small models where OpenMP's
@@ -149,7 +154,7 @@ class Decoder:
     """
 
     def __init__(self, model: CompressiveTransformer, state: MemoryState | None, batch: int,
-                 compile: bool = False, threads: int | None = None) -> None:
+                 compile: bool = False, threads: int | None = None, dtype: torch.dtype | None = None) -> None:
         if model.training:
             raise ValueError("Decoder needs the model in eval mode")
         if not supports(model, state):
@@ -166,6 +171,7 @@ class Decoder:
         block = BLOCK if compile else 0  # the keys in blocks of slots for the compiled step
         k_keys = -(-self.k_cap // BLOCK) * BLOCK if block else self.k_cap  # slots rounded up to whole blocks
         weight = model.embedding.weight
+        stored = dtype or weight.dtype  # the matrices and the key and value buffers
         device, dtype = weight.device, weight.dtype
         if state is None:
             state = model.empty_state(batch, device, dtype)
@@ -180,8 +186,8 @@ class Decoder:
             # the keys and values the model's forward cached for the state (if made with these weights)
             cached = state.key_values if state.key_values_version == model._weights_version() else None
             # keys (layers, B, H, D, K) (compiled: then in blocks of slots); values (layers, B, H, K, D)
-            keys = torch.zeros(layers, batch, heads, d_head, k_keys, device=device, dtype=dtype)
-            self.values = torch.zeros(layers, batch, heads, self.k_cap, d_head, device=device, dtype=dtype)
+            keys = torch.zeros(layers, batch, heads, d_head, k_keys, device=device, dtype=stored)
+            self.values = torch.zeros(layers, batch, heads, self.k_cap, d_head, device=device, dtype=stored)
             self.inputs = (torch.zeros(layers, batch, self.m_cap, config.d_model, device=device, dtype=dtype)
                            if self.compressing else torch.zeros(0, device=device, dtype=dtype))
             # the prompt's slots, oldest first from ring position 0 (so the next writes follow them):
@@ -198,27 +204,27 @@ class Decoder:
                 if self.compressing:
                     self.inputs[i, :, : self.m] = state.memory[i]
             self.keys = _blocks(keys, block)  # compiled: (layers, B, H, K / 16, D, 16)
-            tensors = {"embedding": model.embedding.weight, "head": model.head.weight}
+            tensors = {"embedding": model.embedding.weight, "head": model.head.weight.to(stored)}
             if config.pre_norm:
                 tensors |= {"norm.weight": model.norm.weight, "norm.bias": model.norm.bias}
             tap_rows: list[int] = []
             for i, layer in enumerate(model.layers):
                 attention, feed_forward = layer.attention, layer.feed_forward
                 tensors |= {
-                    f"{i}.qkv": torch.cat([attention.query.weight, attention.key_value.weight]),  # (3d, d): one product
+                    f"{i}.qkv": torch.cat([attention.query.weight, attention.key_value.weight]).to(stored),  # (3d, d)
                     f"{i}.u": attention.content_bias, f"{i}.v": attention.position_bias,  # (H, D)
                     # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a): (H, D, K),
                     # compiled in blocks of slots as the keys, (H, K / 16, D, 16)
                     f"{i}.positions": _blocks(F.pad(attention.position_projection(self.k_cap, device, dtype).transpose(1, 2),
-                                                    (0, k_keys - self.k_cap)), block),
-                    f"{i}.out": attention.out.weight,
+                                                    (0, k_keys - self.k_cap)).to(stored), block),
+                    f"{i}.out": attention.out.weight.to(stored),
                     f"{i}.norm1.weight": layer.norm1.weight, f"{i}.norm1.bias": layer.norm1.bias,
                     f"{i}.norm2.weight": layer.norm2.weight, f"{i}.norm2.bias": layer.norm2.bias,
-                    f"{i}.up.weight": feed_forward.up.weight, f"{i}.up.bias": feed_forward.up.bias,
-                    f"{i}.down.weight": feed_forward.down.weight, f"{i}.down.bias": feed_forward.down.bias}
+                    f"{i}.up.weight": feed_forward.up.weight.to(stored), f"{i}.up.bias": feed_forward.up.bias,
+                    f"{i}.down.weight": feed_forward.down.weight.to(stored), f"{i}.down.bias": feed_forward.down.bias}
                 if convolution:  # f_c of the oldest c memories: the taps (T, d, d) and which memory each reads
-                    rows, tensors[f"{i}.taps"] = layer.compressor.one_window()
-                    tap_rows = rows
+                    tap_rows, taps = layer.compressor.one_window()
+                    tensors[f"{i}.taps"] = taps.to(stored)
             self.weights = {name: t.contiguous() for name, t in tensors.items()}  # compiled: laid out as compiled
             self._weight_list = tuple(self.weights.values())  # what a compiled call is given first
         norm = model.layers[0].norm1
@@ -386,7 +392,7 @@ def _by_weight(x: torch.Tensor, weight: torch.Tensor, fused: bool) -> torch.Tens
     """x (..., in) times weight (out, in) transposed: (..., out)."""
     if fused:
         return (_realized(x)[..., None, :] * weight).sum(-1)
-    return F.linear(x, weight)
+    return F.linear(x.to(weight.dtype), weight)
 
 
 BLOCK = 16  # slots a block of the compiled step's keys and position table holds
@@ -408,7 +414,7 @@ def _by_slots(x: torch.Tensor, y: torch.Tensor, k: int, block: int, fused: bool)
     if fused:
         out = (x[..., :, None, :, None] * y.unsqueeze(-4)).sum(-2)  # (..., n, K / block, block)
     else:  # eager where compiling failed: one small product a block, (n, D) x (D, block), in one call
-        out = torch.matmul(x[..., None, :, :], y).transpose(-3, -2)  # (..., n, K / block, block)
+        out = torch.matmul(x[..., None, :, :].to(y.dtype), y).transpose(-3, -2)  # (..., n, K / block, block)
     return out.flatten(-2)[..., :k]
 
 
@@ -416,7 +422,7 @@ def _by(x: torch.Tensor, y: torch.Tensor, fused: bool) -> torch.Tensor:
     """x (..., n, K) times y (..., K, D): (..., n, D)."""
     if fused:
         return (x[..., :, :, None] * y[..., None, :, :]).sum(-2)
-    return x @ y
+    return x.to(y.dtype) @ y
 
 
 def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, eps: float) -> torch.Tensor:
@@ -462,7 +468,7 @@ def _step(w: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, 
             weights = _realized((scores - top).exp())  # (B, H, 1, K): read by the sum and the product
             own_weight = (own - top).exp()  # (B, H, 1, 1)
             total = weights.sum(-1, keepdim=True) + own_weight
-            attended = (_by(weights.to(values.dtype), values[i], True) + own_weight * value) / total  # (B, H, 1, D)
+            attended = (_by(weights, values[i], True) + own_weight * value) / total  # (B, H, 1, D)
         else:  # fewer operations
             weights = torch.cat([scores, own], -1).softmax(-1)  # (B, H, 1, K + 1)
             attended = weights[..., :k_cap].to(values.dtype) @ values[i] + weights[..., k_cap:] * value
@@ -483,7 +489,7 @@ def _step(w: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, 
         inputs.index_copy_(2, next_m.view(1), torch.stack(new_inputs).to(inputs.dtype))
     if shape.pre_norm:
         h = _layer_norm(h, w, "norm", shape.eps)
-    return _by_weight(h, w["head"], fused)  # (B, 1, V)
+    return _by_weight(h, w["head"], fused).to(h.dtype)  # (B, 1, V)
 
 
 def _write_keys(keys: torch.Tensor, slot: torch.Tensor, new: list[torch.Tensor], block: int) -> None:
@@ -508,7 +514,8 @@ def _step_and_compress(w: dict[str, torch.Tensor], keys: torch.Tensor, values: t
         old = oldest[i]  # (B, c, d)
         if shape.compression in ("conv", "dilated"):  # a sum over the taps, each a product with one old memory
             rows, taps = old[:, list(shape.tap_rows)], w[f"{i}.taps"]  # (B, T, d), (T, d, d)
-            compressed = ((rows[:, :, None, :] * taps).sum(-1) if fused else torch.einsum("btj,toj->bto", rows, taps))
+            compressed = ((rows[:, :, None, :] * taps).sum(-1) if fused else
+                          torch.einsum("btj,toj->bto", rows.to(taps.dtype), taps).to(old.dtype))
             compressed = compressed.sum(1, keepdim=True)  # (B, 1, d)
         elif shape.compression == "max":
             compressed = old.amax(1, keepdim=True)
