@@ -1,15 +1,20 @@
 # The two commands a newcomer needs (see README.md):
 #   make demo   set up everything, then run the quick distillation and print its result table
-#   make test   set up everything, then run the test suite
+#   make test   set up everything, then run the test suite and the linter (ruff: pyproject.toml)
 PY := .venv/bin/python
+LINT := .venv/bin/ruff check src tests bench scripts
 
-.PHONY: demo test setup data clean-venv
+.PHONY: demo test lint setup data clean-venv
 
 demo: setup
 	.venv/bin/still demo
 
 test: setup data
 	$(PY) -m pytest -q
+	$(LINT)
+
+lint: setup
+	$(LINT)
 
 setup: .venv/.still-ready
 

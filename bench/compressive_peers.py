@@ -71,8 +71,8 @@ from pathlib import Path  # noqa: E402
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
 
-IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "ours-bf16+compile", "ours-2shards", "ours-bf16-2shards", "labml",
-                   "lucidrains")
+IMPLEMENTATIONS = ("ours", "ours+compile", "ours-bf16", "ours-bf16+compile", "ours-2shards", "ours-bf16-2shards",
+                   "labml", "lucidrains")
 COMPILED = ("ours+compile", "ours-bf16+compile")  # compiled once per run, before the repeats
 PEERS = ("labml", "lucidrains")
 MEASURES = ("train", "eval", "generate")
@@ -418,7 +418,8 @@ class Lucidrains:
     def after_training(self) -> None:
         weights = [m.to_kv.weight for m in self.model.modules() if hasattr(m, "to_kv")]
         frozen = sum(not w.requires_grad for w in weights)
-        self.notes.append(f"lucidrains: after training, to_kv.weight has requires_grad=False in {frozen}/{len(weights)} "
+        self.notes.append(f"lucidrains: after training, to_kv.weight has requires_grad=False in "
+                          f"{frozen}/{len(weights)} "
                           "layers (its SelfAttention calls `self.to_kv.weight.detach_()` when computing the "
                           "reconstruction loss, so the key/value projection stops learning; measured as is)")
 
@@ -572,8 +573,10 @@ def machine_description(threads: int) -> dict:
             return "not installed"
 
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "torch": version("torch"),
-            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "versions": {name: version(name) for name in ("still", "labml-nn", "labml", "compressive-transformer-pytorch")},
+            "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "versions": {name: version(name)
+                         for name in ("still", "labml-nn", "labml", "compressive-transformer-pytorch")},
             "load_average": os.getloadavg(), "OMP_WAIT_POLICY": "PASSIVE",
             "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT")}
 
@@ -626,7 +629,8 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
                 ratios[column] = ratio(ours_row[column], [r[column] for r in peer_rows],
                                        higher_is_better="tok/s" in column)
         rows.append(ratios)
-    title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast; -2shards: two threads of 8 rows), {machine['threads']} threads: d_model {cfg.d_model}, "
+    title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast; -2shards: two threads of 8 rows), "
+             f"{machine['threads']} threads: d_model {cfg.d_model}, "
              f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, segment {cfg.segment_len}, mem "
              f"{cfg.mem_len}, compressed {cfg.c_mem_len}, rate {cfg.compression_rate}, batch {cfg.batch_size} "
              f"(generation: batch 1, {cfg.new_tokens} new tokens after a {cfg.prompt_len}-token prompt, the median "
@@ -745,7 +749,8 @@ def main() -> None:
             for impl in impls[shift:] + impls[:shift]:  # a rotated order, so no one always goes first
                 if measure not in ONLY_MEASURES.get(impl, MEASURES):
                     continue
-                spec = {"impl": impl, "measure": measure, "seed": repeat, "count_flops": repeat == 0 and not args.no_flops
+                spec = {"impl": impl, "measure": measure, "seed": repeat,
+                        "count_flops": repeat == 0 and not args.no_flops
                         and not hasattr(ADAPTERS[impl], "train_step"),  # a dispatch mode sees one thread's operators
                         "config": dataclasses.asdict(cfg)}
                 result = run_subprocess(spec)
@@ -762,8 +767,8 @@ def main() -> None:
     with_ratios = "ours" in impls and any(p in impls for p in PEERS)
     notes += [n for n in STATIC_NOTES if n.split(":")[0] in impls + (["ratios"] if with_ratios else [])]
     if "lucidrains" in impls:
-        notes.append("lucidrains: built with its default GRU-gated residuals (--lucidrains-gru): two GRUCells per layer "
-                     "that the others do not have" if cfg.lucidrains_gru else
+        notes.append("lucidrains: built with its default GRU-gated residuals (--lucidrains-gru): two GRUCells per "
+                     "layer that the others do not have" if cfg.lucidrains_gru else
                      "lucidrains: built with gru_gated_residual=False (plain residuals, like the others); its default "
                      "GRU gating adds two GRUCells per layer (--lucidrains-gru measures that)")
     warmup = {r["impl"]: r["memory_after_warmup"] for r in results if "memory_after_warmup" in r}

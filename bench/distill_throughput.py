@@ -62,9 +62,11 @@ def main() -> None:
     losses = {
         "plain student (hard labels)": lambda m, idx: F.cross_entropy(m(x[idx]), y[idx]),
         "distilled, online teacher": lambda m, idx: distillation_loss(
-            m(x[idx]), y[idx], temperature=temperature, alpha=alpha, teacher_log_probs=teacher.log_probs(x[idx], temperature)),
+            m(x[idx]), y[idx], temperature=temperature, alpha=alpha,
+            teacher_log_probs=teacher.log_probs(x[idx], temperature)),
         "distilled, cached logits": lambda m, idx: distillation_loss(
-            m(x[idx]), y[idx], temperature=temperature, alpha=alpha, teacher_log_probs=cached.log_probs(idx, temperature)),
+            m(x[idx]), y[idx], temperature=temperature, alpha=alpha,
+            teacher_log_probs=cached.log_probs(idx, temperature)),
     }
     times: dict[str, list[float]] = {k: [] for k in losses}
     for repeat in range(args.repeats):

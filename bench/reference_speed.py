@@ -162,7 +162,8 @@ def step_bytes(precision: str) -> float:
     decoder = Decoder(model, None, 1, compile=True, dtype=torch.bfloat16 if precision == "bf16" else None)
     share = {"embedding": 1 / decoder.weights["embedding"].shape[0]}
     share |= {name: 1 / decoder.rate for name in decoder.weights if name.endswith(".taps")}
-    tensors = [(t, share.get(name, 1.0)) for name, t in decoder.weights.items()] + [(decoder.keys, 1.0), (decoder.values, 1.0)]
+    tensors = ([(t, share.get(name, 1.0)) for name, t in decoder.weights.items()]
+               + [(decoder.keys, 1.0), (decoder.values, 1.0)])
     return sum(t.numel() * t.element_size() * part for t, part in tensors)
 
 
@@ -254,7 +255,8 @@ def main() -> None:
     ratios = {k: median[a] / median[b] for k, (a, b) in wanted.items() if a in median and b in median}
     waiting = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" + (
         f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "")
-    title = (f"reference preset, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, {waiting}, torch "
+    title = (f"reference preset, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
+             f"{waiting}, torch "
              f"{torch.__version__}; matmul peak (median of {args.repeats}) fp32 {peak_fp32 / 1e9:.1f} GFLOP/s, bf16 "
              f"{peak_bf16 / 1e9:.1f} GFLOP/s; medians of {args.repeats} repeats, load average at the end "
              f"{os.getloadavg()[0]:.2f}")

@@ -78,6 +78,7 @@ def shakespeare_available() -> bool:
     return SHAKESPEARE_FILE.path(cache_dir()).is_file()
 
 
-requires_mnist = pytest.mark.skipif(not mnist_available(), reason="MNIST cache missing: run `make data` (make test does)")
+requires_mnist = pytest.mark.skipif(not mnist_available(),
+                                    reason="MNIST cache missing: run `make data` (make test does)")
 requires_shakespeare = pytest.mark.skipif(not shakespeare_available(),
                                           reason="Shakespeare cache missing: run `make data` (make test does)")

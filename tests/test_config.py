@@ -58,8 +58,11 @@ def test_optional_nested_dataclass():
     assert from_dict(Outer, {"inner": {"classes": 3}}).inner.classes == 3
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    given,
+    settings,
+    strategies as st,  # noqa: E402
+)
 
 from still.compressive.model import CompressiveConfig  # noqa: E402
 from still.recipes.lm import LMConfig  # noqa: E402

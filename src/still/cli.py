@@ -56,7 +56,8 @@ threads_option = click.option("--threads", type=click.IntRange(min=1), default=N
                               help="CPU threads for PyTorch (default: all cores).")
 keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
                            help="Checkpoints to keep in each stage (the newest ones).")
-nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop",
+                                show_default=True,
                                 help="A NaN or infinite loss or gradient norm: stop (exit code 3, checkpoints "
                                      "stay finite) or skip that step and count it.")
 
@@ -137,7 +138,8 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, teache
 
     config = with_overrides(PRESETS[preset], temperatures=temperature, alpha=alpha, omit_digit=omit_digit,
                             teacher_epochs=teacher_epochs, teacher_shifts=teacher_shifts,
-                            student_epochs=student_epochs, batch_size=batch_size, seed=seed, train_subset=train_subset, test_subset=test_subset)
+                            student_epochs=student_epochs, batch_size=batch_size, seed=seed, train_subset=train_subset,
+                            test_subset=test_subset)
     _threads(threads, deterministic)
     run_mnist(config, out or Path(f"runs/mnist-{preset}"), cache=cache_dir, overwrite=overwrite, keep=keep)
 
@@ -177,10 +179,12 @@ def lm_group() -> None:
 @click.option("--preset", type=click.Choice(["quick", "ablation", "reference"]), default="quick", show_default=True,
               help="quick: minutes on a CPU; ablation: d_model 128, 4 layers, segment 64, mem 64 + 64; "
                    "reference: d_model 256, 6 layers, segment 128, mem 128 + 128 at rate 4.")
-@click.option("--corpus", default=None, help="shakespeare (default), enwik8:PATH, pg19:PATH, or a UTF-8 file or folder.")
+@click.option("--corpus", default=None,
+              help="shakespeare (default), enwik8:PATH, pg19:PATH, or a UTF-8 file or folder.")
 @click.option("--byte-level", is_flag=True, default=None, help="Bytes instead of characters (needed for enwik8).")
 @click.option("--mem-len", type=click.IntRange(min=0), default=None, help="Memories per layer.")
-@click.option("--c-mem-len", type=click.IntRange(min=0), default=None, help="Compressed memories per layer (0: Transformer-XL).")
+@click.option("--c-mem-len", type=click.IntRange(min=0), default=None,
+              help="Compressed memories per layer (0: Transformer-XL).")
 @click.option("--compression-rate", type=click.IntRange(min=1), default=None)
 @click.option("--compression", type=click.Choice(["conv", "dilated", "max", "mean", "most_used"]), default=None)
 @click.option("--compression-loss", type=click.Choice(["attention", "autoencoding", "none"]), default=None)
@@ -207,8 +211,8 @@ def lm_group() -> None:
 @nonfinite_option
 @keep_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
-             post_norm, dropout, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite, cache_dir,
-             threads, shards, deterministic, on_nonfinite, keep):
+             post_norm, dropout, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite,
+             cache_dir, threads, shards, deterministic, on_nonfinite, keep):
     """Train a Compressive Transformer; prints validation and test bits per character.
 
     Data parallel on several processes or GPUs: start it with torchrun, for example
@@ -223,7 +227,8 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
                      "compression": compression, "compression_loss": compression_loss,
                      "pre_norm": False if post_norm else None, "dropout": dropout},
         corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
-        segment_len=segment_len, seed=seed, precision=precision, optim=replace(base.optim, lr=lr) if lr is not None else None)
+        segment_len=segment_len, seed=seed, precision=precision,
+        optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)
     train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite,
              keep=keep, shards=shards)
@@ -277,7 +282,8 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
 @lm_group.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"),
+              show_default=True)
 def lm_compare(run_dirs, split, out):
     """One table and one loss-by-position plot for several runs (after `still lm eval` on each)."""
     from still.recipes.lm import compare_runs

@@ -248,7 +248,8 @@ def test_training_attention_weights_gradients(l, k_len, per_row_mask):
             if j > k_len - l + i:
                 position[:, i, j] = float("-inf")
             else:
-                position[:, i, j] = (q_position.view(h * b, l, d)[:, i] * r.repeat_interleave(b, 0)[:, k_len - 1 - (k_len - l + i - j)]).sum(-1)
+                position[:, i, j] = (q_position.view(h * b, l, d)[:, i]
+                                     * r.repeat_interleave(b, 0)[:, k_len - 1 - (k_len - l + i - j)]).sum(-1)
     scores = (q_content @ k.transpose(1, 2) + position).view(h, b, l, k_len).masked_fill(~allowed, float("-inf"))
     torch.testing.assert_close(weights, scores.view(h * b, l, k_len).softmax(-1))
 

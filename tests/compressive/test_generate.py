@@ -17,7 +17,8 @@ def test_sample_follows_the_distribution_and_never_draws_an_impossible_token():
     torch.testing.assert_close(frequencies, probs[0], atol=0.015, rtol=0)  # 4.5 standard errors at most
     # unnormalised rows sample as their normalisation; a row with one possible token always draws it
     assert sample(torch.tensor([[0.0, 0.0, 2.0]]), torch.Generator().manual_seed(1)).item() == 2
-    assert torch.equal(sample(probs[:50], torch.Generator().manual_seed(3)), sample(probs[:50], torch.Generator().manual_seed(3)))
+    assert torch.equal(sample(probs[:50], torch.Generator().manual_seed(3)),
+                       sample(probs[:50], torch.Generator().manual_seed(3)))
 
 
 @pytest.mark.parametrize("v", [1, 2, 15, 16, 17, 65, 256, 1000, 4096, 4097])
@@ -82,7 +83,8 @@ def test_generation_restores_the_thread_count_and_grad_mode_between_tokens(compr
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     torch.manual_seed(0)
     model = CompressiveTransformer(CompressiveConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, d_ff=16,
-                                                     mem_len=4, c_mem_len=2, compression_rate=2, compression=compression))
+                                                     mem_len=4, c_mem_len=2, compression_rate=2,
+                                                     compression=compression))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -133,7 +135,8 @@ def test_compiled_decoding_under_bf16_autocast_reads_bf16_matrices(precision, co
 
     monkeypatch.setattr(decode, "ahead_of_time_all", lambda requests, threads=None: [None] * len(requests))
     made = []
-    monkeypatch.setattr(module, "Decoder", lambda *args, **kwargs: made.append(decode.Decoder(*args, **kwargs)) or made[-1])
+    monkeypatch.setattr(module, "Decoder",
+                        lambda *args, **kwargs: made.append(decode.Decoder(*args, **kwargs)) or made[-1])
     torch.manual_seed(0)
     model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
                                                      mem_len=4, c_mem_len=2, compression_rate=2))
@@ -157,5 +160,6 @@ def test_drawing_the_uniform_numbers_in_blocks_gives_the_same_tokens(monkeypatch
     runs = []
     for at_once in (1, 3, 1024):
         monkeypatch.setattr(module, "DRAWN_AT_ONCE", at_once)
-        runs.append(torch.stack(list(generate(model, prompt, 10, segment_len=4, generator=torch.Generator().manual_seed(5)))))
+        runs.append(torch.stack(list(generate(model, prompt, 10, segment_len=4,
+                                              generator=torch.Generator().manual_seed(5)))))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

@@ -1,6 +1,5 @@
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 
@@ -20,7 +19,8 @@ def test_memory_fills_then_compresses_the_oldest_in_order():
     for step in range(4):  # segments of 8 tokens: positions 8*step ... 8*step + 7
         memory, compressed, old, fresh = update_layer_memory(memory, compressed, seq(8 * step, 8), mem_len=8,
                                                              c_mem_len=4, rate=4, compress=sum_groups)
-        log.append((memory.flatten().tolist(), compressed.flatten().tolist(), None if old is None else old.flatten().tolist()))
+        log.append((memory.flatten().tolist(), compressed.flatten().tolist(),
+                    None if old is None else old.flatten().tolist()))
     assert log[0] == (list(range(0, 8)), [], None)  # memory not full yet: nothing compressed
     assert log[1] == (list(range(8, 16)), [0 + 1 + 2 + 3, 4 + 5 + 6 + 7], list(range(0, 8)))
     assert log[2][0] == list(range(16, 24)) and log[2][1] == [6.0, 22.0, 38.0, 54.0]

@@ -238,7 +238,8 @@ def test_reconstruction_loss_reusing_the_forward_projections_equals_the_direct_o
         original = layer.compression_loss
 
         def spy(kind, h, old, compressed, queries=None, old_key_values=None, original=original):
-            calls.append((original(kind, h, old, compressed, queries, old_key_values), original(kind, h, old, compressed)))
+            calls.append((original(kind, h, old, compressed, queries, old_key_values),
+                          original(kind, h, old, compressed)))
             return calls[-1][0]
 
         layer.compression_loss = spy
@@ -257,8 +258,7 @@ def test_reconstruction_losses_of_all_layers_at_once_equal_layer_by_layer(monkey
     affine (made different here) and W_kv, under bf16 autocast too; nothing else gets a gradient.
     Its targets read the keys and values heads-major as the fused attention made them, or (`fused`
     off) rearranged from the projections."""
-    from still.compressive import attention as attention_module
-    from still.compressive import model as module
+    from still.compressive import attention as attention_module, model as module
 
     monkeypatch.setattr(attention_module, "FUSED_SCORES", fused)
     seq = tokens(b=3, l=48)

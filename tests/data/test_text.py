@@ -4,8 +4,18 @@ import pytest
 import torch
 
 from conftest import requires_shakespeare
-from still.data.text import (SHAKESPEARE_TEST, SHAKESPEARE_VALID, Document, TokenStreams, Vocab, load_corpus,
-                             load_enwik8, load_pg19, load_shakespeare, load_text)
+from still.data.text import (
+    SHAKESPEARE_TEST,
+    SHAKESPEARE_VALID,
+    Document,
+    TokenStreams,
+    Vocab,
+    load_corpus,
+    load_enwik8,
+    load_pg19,
+    load_shakespeare,
+    load_text,
+)
 from still.errors import StillError
 
 

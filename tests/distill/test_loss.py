@@ -51,7 +51,8 @@ def test_batchmean_is_the_mean_of_per_example_losses():
 def test_identical_logits_give_zero_kl():
     z = torch.randn(16, 10) * 5
     for temperature in (0.5, 1.0, 20.0):
-        assert distillation_loss(z, None, z.clone(), temperature=temperature, alpha=1.0).item() == pytest.approx(0, abs=1e-6)
+        assert (distillation_loss(z, None, z.clone(), temperature=temperature, alpha=1.0).item()
+                == pytest.approx(0, abs=1e-6))
 
 
 def test_alpha_endpoints():

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from still.data.augment import shift
 from still.distill.loss import distillation_loss
 from still.distill.models import MLP, MLPConfig
-from still.data.augment import shift
 from still.distill.teachers import CachedTeacher, EnsembleTeacher, ShiftEnsembleTeacher, Teacher, combine_log_probs
 from still.errors import StillError
 

@@ -9,6 +9,7 @@ import torch
 
 from helpers import assert_user_error, run_cli
 
+
 def train_args(corpus, out, *extra):
     return ["lm", "train", "--corpus", str(corpus), "--steps", "8", "--eval-every", "4", "--batch-size", "3",
             "--segment-len", "16", "--mem-len", "16", "--c-mem-len", "8", "--threads", "1", "--out", str(out), *extra]
@@ -80,8 +81,7 @@ def test_generate_is_seeded_and_streams(trained, capsys):
 def test_generation_state_stays_bounded(compression, monkeypatch):
     """The cost of a new token does not grow: memories stay within mem_len + c - 1 and c_mem_len
     (the ring-buffer decoder, and the model's forward that most_used falls back to)."""
-    from still.compressive import CompressiveConfig, CompressiveTransformer
-    from still.compressive import decode
+    from still.compressive import CompressiveConfig, CompressiveTransformer, decode
     from still.compressive.generate import generate
 
     torch.manual_seed(0)
@@ -117,14 +117,16 @@ def test_bad_inputs(corpus, tmp_path, capsys):
                       contains="is not UTF-8: byte 0xfe at offset 500")
     assert_user_error(capsys, *train_args(corpus, tmp_path / "c", "--mem-len", "10"),
                       contains="mem_len (10) must be a multiple of compression_rate (4)")
-    assert_user_error(capsys, *train_args(corpus, tmp_path / "d", "--compression", "zip"), contains="'zip' is not one of")
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "d", "--compression", "zip"),
+                      contains="'zip' is not one of")
     assert_user_error(capsys, "lm", "eval", str(tmp_path / "nothing"), contains="not a language-model run directory")
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_generate_bad_prompt(trained, capsys):
     assert_user_error(capsys, "lm", "generate", str(trained), "--prompt", "Zebra#", contains="is not in the vocabulary")
-    assert_user_error(capsys, "lm", "generate", str(trained), "--temperature", "0", contains="0.0 is not in the range x>0")
+    assert_user_error(capsys, "lm", "generate", str(trained), "--temperature", "0",
+                      contains="0.0 is not in the range x>0")
 
 
 def test_train_stream_passes_follow_each_other():
@@ -174,7 +176,8 @@ def test_compare_runs(trained, tmp_path, capsys):
     assert code == 0 and out.count("compressive 16+8/4") == 2
     assert (tmp_path / "cmp" / "compare-test-by-position.png").is_file()
     assert (tmp_path / "cmp" / "compare-valid-curves.png").is_file()
-    assert_user_error(capsys, "lm", "compare", str(tmp_path), "--out", str(tmp_path / "cmp"), contains="has no results.json")
+    assert_user_error(capsys, "lm", "compare", str(tmp_path), "--out", str(tmp_path / "cmp"),
+                      contains="has no results.json")
 
 
 def test_named_checkpoint_and_damaged_checkpoint(trained, tmp_path, capsys):
@@ -250,7 +253,8 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     code, out, _ = run_cli(capsys, *train_args(corpus, run, "--precision", "bf16"))
     assert code == 0
     result = json.loads((run / "results.json").read_text())
-    assert result["meta"]["precision"] == "bf16" and json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    assert (result["meta"]["precision"] == "bf16"
+            and json.loads((run / "config.json").read_text())["precision"] == "bf16")
     fp32 = json.loads((trained / "results.json").read_text())["rows"][0]
     assert abs(result["rows"][0]["valid_bpc"] - fp32["valid_bpc"]) < 0.1  # the same 8 steps, another precision
     code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--split", "valid")
@@ -263,8 +267,8 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     # ~1e-2), so sampled tokens may differ where a uniform falls near a boundary; the top token agrees
     code, text, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--top-k", "1")
     assert code == 0 and text.startswith("To be") and len(text.rstrip("\n")) == len("To be") + 5
-    code, compiled, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--top-k", "1",
-                                "--compile")
+    code, compiled, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be",
+                                "--top-k", "1", "--compile")
     assert code == 0 and compiled == text
     assert_user_error(capsys, *train_args(corpus, tmp_path / "x", "--precision", "fp16"),
                       contains="'fp16' is not one of 'fp32', 'bf16'")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from still.train.distributed import Dist
 
+
 def still(processes: int, *args: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     command = launcher + ["-m", "still", *args] if processes > 1 else [sys.executable, "-m", "still", *args]
@@ -97,7 +98,8 @@ def test_rows_must_split_evenly():
     from still.errors import StillError
 
     assert Dist(rank=1, world=2).rows(6) == slice(3, 6)
-    with pytest.raises(StillError, match=r"the batch size \(5 rows\) must be a multiple of the number of processes \(2\)"):
+    with pytest.raises(StillError,
+                       match=r"the batch size \(5 rows\) must be a multiple of the number of processes \(2\)"):
         Dist(rank=0, world=2).rows(5, "the batch size")
 
 

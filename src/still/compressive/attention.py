@@ -40,7 +40,6 @@ from torch import nn
 
 from still.layers import dropout
 
-
 FUSED_SCORES = True
 """Training, and bf16 inference on the CPU, build the scores heads-major in one pass per operation
 (`_AttentionWeights`); False: the explicit path (relative shift, then `scaled_dot_product_attention`
@@ -153,7 +152,8 @@ class _LinearOverConstants(torch.autograd.Function):
         grad = grad.to(weight_c.dtype)
         grad_tail = grad_weight = grad_bias = None
         b, k_len, n = grad.shape
-        if ctx.needs_input_grad[1]:  # the tail's rows copied together first: a strided batched product was slower in bf16
+        # the tail's rows copied together first: a strided batched product was slower in bf16
+        if ctx.needs_input_grad[1]:
             grad_tail = (grad[:, ctx.head_len:].reshape(-1, n) @ weight_c).view(b, k_len - ctx.head_len, -1)
             grad_tail = grad_tail.to(tail_dtype)  # (B, L, d)
         flat = grad.reshape(-1, n)  # (B*K, n)

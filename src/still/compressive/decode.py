@@ -215,8 +215,9 @@ class Decoder:
                     f"{i}.u": attention.content_bias, f"{i}.v": attention.position_bias,  # (H, D)
                     # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a): (H, D, K),
                     # compiled in blocks of slots as the keys, (H, K / 16, D, 16)
-                    f"{i}.positions": _blocks(F.pad(attention.position_projection(self.k_cap, device, dtype).transpose(1, 2),
-                                                    (0, k_keys - self.k_cap)).to(stored), block),
+                    f"{i}.positions": _blocks(
+                        F.pad(attention.position_projection(self.k_cap, device, dtype).transpose(1, 2),
+                              (0, k_keys - self.k_cap)).to(stored), block),
                     f"{i}.out": attention.out.weight.to(stored),
                     f"{i}.norm1.weight": layer.norm1.weight, f"{i}.norm1.bias": layer.norm1.bias,
                     f"{i}.norm2.weight": layer.norm2.weight, f"{i}.norm2.bias": layer.norm2.bias,
@@ -460,7 +461,8 @@ def _step(w: dict[str, torch.Tensor], keys: torch.Tensor, values: torch.Tensor, 
         content = _by_slots(q_content, keys[i], k_cap, shape.block, fused)  # (B, H, 1, K)
         by_column = _by_slots(q_position, w[f"{i}.positions"], k_cap, shape.block, fused)  # (B, H, 1, K)
         scores = ((content + by_column.index_select(-1, columns)) * scale).masked_fill(~valid, float("-inf"))
-        own = ((q_content * key).sum(-1, keepdim=True) + by_column[..., k_cap - 1 :]) * scale  # (B, H, 1, 1): distance 0
+        # (B, H, 1, 1): distance 0
+        own = ((q_content * key).sum(-1, keepdim=True) + by_column[..., k_cap - 1 :]) * scale
         if fused:  # the softmax over [slots, own] without concatenating them (a concatenation stops
             # the compiler from vectorising the softmax along the slots)
             scores = _realized(scores)  # read by three passes: the gather of its position scores once

@@ -74,7 +74,8 @@ class MemoryState(NamedTuple):
     def validity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M) and (B, N) validity, materialised."""
         b, device = self.batch_size, self.memory[0].device
-        mv = self.memory_valid if self.memory_valid is not None else torch.ones(b, self.memory_len, dtype=torch.bool, device=device)
+        mv = (self.memory_valid if self.memory_valid is not None
+              else torch.ones(b, self.memory_len, dtype=torch.bool, device=device))
         cv = (self.compressed_valid if self.compressed_valid is not None
               else torch.ones(b, self.compressed_len, dtype=torch.bool, device=device))
         return mv, cv

@@ -182,7 +182,8 @@ class CompressiveLayer(nn.Module):
             old_key_values = F.linear(self.norm_as_constant(old.detach()), attention.key_value.weight.detach())
         queries, old_key_values = queries.detach(), old_key_values.detach()
         target = attention.projected_content_attention(queries, old_key_values)  # (B, L, d)
-        compressed_kv = F.linear(self.norm_as_constant(compressed), attention.key_value.weight.detach())  # (B, n_s/c, 2d)
+        # (B, n_s/c, 2d)
+        compressed_kv = F.linear(self.norm_as_constant(compressed), attention.key_value.weight.detach())
         approx = attention.projected_content_attention(queries, compressed_kv)  # (B, L, d)
         return F.mse_loss(approx, target)
 
@@ -365,7 +366,8 @@ class CompressiveTransformer(nn.Module):
             if use_cache:  # the same rule on the cached keys and values; new compressed slots projected once
                 mem_kv, cmem_kv, _, _ = update_layer_memory(
                     context_kv[:, n:], context_kv[:, :n], segment_kv,
-                    compress=(lambda _, layer=layer, fresh=fresh: layer.project_context(fresh)) if has_compressor else None,
+                    compress=((lambda _, layer=layer, fresh=fresh: layer.project_context(fresh))
+                              if has_compressor else None),
                     **rule)
                 new_caches.append(torch.cat([cmem_kv, mem_kv], dim=1))
             if with_compression_loss and old is not None and config.trains_compressor:

@@ -43,7 +43,8 @@ def uniforms(batch: int, generator: torch.Generator | None, device: torch.device
     with `steps`, those of that many draws at once, (steps, B, 1) (on the CPU the same numbers as
     `steps` calls in turn)."""
     shape = (batch, 1) if steps is None else (steps, batch, 1)
-    return torch.rand(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
+    return torch.rand(shape, generator=generator,
+                      device=generator.device if generator is not None else device).to(device)
 
 
 FUSED_CUMULATIVE_UP_TO = 4096  # vocabulary sizes whose fused cumulative sums stay cheap (V x sqrt(V) products)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 
-def jitter(images: torch.Tensor, max_shift: int, size: int = 28, generator: torch.Generator | None = None) -> torch.Tensor:
+def jitter(images: torch.Tensor, max_shift: int, size: int = 28,
+           generator: torch.Generator | None = None) -> torch.Tensor:
     """Translate each image by a random whole number of pixels in [-max_shift, max_shift] along
     each axis, filling with zeros (Hinton et al.'s "jittered by up to two pixels in any direction").
 

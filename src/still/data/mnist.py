@@ -55,7 +55,8 @@ def read_mnist_pickle(path: str | Path) -> Mnist:
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise StillError(f"cannot read {path}: {e}") from None
     splits = load_numpy_pickle(raw, str(path))
-    if not (isinstance(splits, tuple) and len(splits) == 3 and all(isinstance(s, tuple) and len(s) == 2 for s in splits)):
+    if not (isinstance(splits, tuple) and len(splits) == 3
+            and all(isinstance(s, tuple) and len(s) == 2 for s in splits)):
         raise StillError(f"{path}: expected ((train_x, train_y), (valid_x, valid_y), (test_x, test_y))")
     for (x, y), name in zip(splits, ("train", "valid", "test")):
         _check_split(x, y, name, str(path))

@@ -37,7 +37,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise StillError(f"refusing to unpickle {module}.{name}: only NumPy arrays are allowed in data files") from None
+            raise StillError(f"refusing to unpickle {module}.{name}: "
+                             "only NumPy arrays are allowed in data files") from None
 
 
 def load_numpy_pickle(data: bytes, source: str) -> Any:

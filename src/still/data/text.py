@@ -173,7 +173,8 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
         n_valid = max(1, round(valid_fraction * len(docs)))
         n_test = max(1, round(test_fraction * len(docs)))
         train = docs[: len(docs) - n_valid - n_test]
-        return Corpus(path.name, train, docs[len(train) : len(train) + n_valid], docs[len(train) + n_valid :], byte_level)
+        return Corpus(path.name, train, docs[len(train) : len(train) + n_valid], docs[len(train) + n_valid :],
+                      byte_level)
     if not path.is_file():
         raise StillError(f"corpus {path} does not exist")
     text = _read(path, byte_level)
@@ -228,7 +229,8 @@ def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool 
         corpus = load_shakespeare(cache)
         if byte_level:
             corpus = Corpus(corpus.name, *(
-                [Document(d.name, d.text.encode("utf-8")) for d in s] for s in (corpus.train, corpus.valid, corpus.test)),
+                [Document(d.name, d.text.encode("utf-8")) for d in s]
+                for s in (corpus.train, corpus.valid, corpus.test)),
                 byte_level=True)
         return corpus
     if name.startswith("enwik8:"):
@@ -310,7 +312,8 @@ class TokenStreams:
             doc_index, seg = schedule[step]
             doc = self.documents[doc_index]
             start = seg * l  # position in [<doc>, tokens] of this segment's first input
-            ids = torch.cat([torch.tensor([Vocab.DOC]), doc[start : start + l]]) if seg == 0 else doc[start - 1 : start - 1 + l]
+            ids = (torch.cat([torch.tensor([Vocab.DOC]), doc[start : start + l]]) if seg == 0
+                   else doc[start - 1 : start - 1 + l])
             n = min(l, len(doc) - start)  # targets in this segment
             inputs[row, : len(ids)] = ids[:l]
             targets[row, :n] = doc[start : start + n]

@@ -31,8 +31,8 @@ from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
 from still.recipes.common import plot_curves, predict, train_stage
-from still.train.optim import OptimConfig
 from still.train import distributed
+from still.train.optim import OptimConfig
 from still.train.results import write_results
 from still.train.seed import seed_everything
 

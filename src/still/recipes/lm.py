@@ -30,16 +30,15 @@ from still.config import load_config, replace, save_config, to_dict
 from still.data.text import Corpus, Segment, TokenStreams, Vocab, load_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_stage_config, plot_curves
-from still.train import checkpoint as ckpt
+from still.train import checkpoint as ckpt, distributed
 from still.train.io import atomic_write_text
-from still.train import distributed
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.precision import autocast, check_precision
 from still.train.progress import log, progress
-from still.train.shards import Shard, default_shards
 from still.train.results import write_results
 from still.train.seed import seed_everything
+from still.train.shards import Shard, default_shards
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,10 @@ class LMConfig:
         check_precision(self.precision)
         for name in ("batch_size", "segment_len", "steps", "eval_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        check(self.eval_segments is None or self.eval_segments > 0, f"eval_segments must be > 0, got {self.eval_segments}")
-        check(self.steps % self.eval_every == 0, f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
+        check(self.eval_segments is None or self.eval_segments > 0,
+              f"eval_segments must be > 0, got {self.eval_segments}")
+        check(self.steps % self.eval_every == 0,
+              f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
         rate = self.model.compression_rate
         check(self.model.c_mem_len == 0 or self.segment_len % rate == 0,
               f"segment_len ({self.segment_len}) must be a multiple of compression_rate ({rate})")
@@ -152,7 +153,8 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     corpus, vocab = _load_data(config, cache)
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
     device = dist.device if dist.enabled else distributed.default_device()
-    rank_rows = dist.rows(min(config.batch_size, len(corpus.train)), "the batch size")  # fails early if it does not split
+    # fails early if the batch size does not split
+    rank_rows = dist.rows(min(config.batch_size, len(corpus.train)), "the batch size")
     n_rows = rank_rows.stop - rank_rows.start  # this rank's rows of every batch
     if shards is None:
         shards = default_shards(device, n_rows) if not dist.enabled else 1
@@ -177,7 +179,8 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     if dist.enabled:  # the same weights everywhere (DDP checks), a different dropout stream per rank
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)
     # data parallel: each rank reads its own contiguous rows of every global batch and keeps their memories
-    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+    net = (torch.nn.parallel.DistributedDataParallel(model,
+                                                     device_ids=[device.index] if device.type == "cuda" else None,
                                                      find_unused_parameters=True) if dist.enabled else model)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
@@ -257,13 +260,15 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
                  for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names))}
     m = config.model
     rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
-             "valid_bpc": round(final["valid"]["bits_per_token"], 4), "test_bpc": round(final["test"]["bits_per_token"], 4),
+             "valid_bpc": round(final["valid"]["bits_per_token"], 4),
+             "test_bpc": round(final["test"]["bits_per_token"], 4),
              "test_ppl": round(final["test"]["perplexity"], 3)}]
     # training time from the history (the batch loops only, summed over every resumed piece of the run)
     train_seconds = sum(h["seconds"] for h in state.history)
     meta = {"config": to_dict(config), "precision": config.precision, "processes": dist.world, "shards": shards,
             "train_seconds": round(train_seconds, 1),
-            "tokens_per_second": round(config.steps * config.batch_size * config.segment_len / max(train_seconds, 1e-9)),
+            "tokens_per_second": round(config.steps * config.batch_size * config.segment_len
+                                       / max(train_seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name}
     title = f"{corpus.name}: bits per character, preset {config.preset}"
     table = write_results(out, "results", rows, title=title, meta=meta)
@@ -340,7 +345,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
                           meta={k: v for k, v in result.items() if k != "by_position"}
                           | {"step": checkpoint.step, "precision": precision})
     plot_curves(run_dir / f"{name}-by-position.png",
-                [(_describe(config.model), [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
+                [(_describe(config.model),
+                  [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
                   [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
                 xlabel="position in the document (characters)", ylabel="bits per character", logx=True,
                 title=f"{corpus.name} {split}: loss by position in the document")
@@ -398,7 +404,8 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
         try:
             result = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError):
-            raise StillError(f"{run_dir} has no results.json: train it first (still lm train --out {run_dir})") from None
+            raise StillError(f"{run_dir} has no results.json: "
+                             f"train it first (still lm train --out {run_dir})") from None
         row = {"run": run_dir.name, **result["rows"][0]}
         history = result.get("meta", {}).get("history", [])
         if history:

@@ -80,7 +80,8 @@ class MnistConfig:
         for t in self.temperatures:
             check(t > 0, f"temperature must be > 0, got {t}")
         check(0 <= self.alpha <= 1, f"alpha (the weight of the soft-target term) must be in [0, 1], got {self.alpha}")
-        check(self.omit_digit is None or 0 <= self.omit_digit <= 9, f"omit_digit must be in 0..9, got {self.omit_digit}")
+        check(self.omit_digit is None or 0 <= self.omit_digit <= 9,
+              f"omit_digit must be in 0..9, got {self.omit_digit}")
         check(self.train_subset is None or self.train_subset > 0, f"train_subset must be > 0, got {self.train_subset}")
         check(self.test_subset is None or self.test_subset > 0, f"test_subset must be > 0, got {self.test_subset}")
         check(self.teacher.classes == self.student.classes,
@@ -148,8 +149,8 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
 
     teacher_cfg = {"model": to_dict(config.teacher), "optim": to_dict(config.teacher_optim),
                    "epochs": config.teacher_epochs, "jitter": config.jitter, **common}
-    state, timings["teacher"] = train_stage("teacher", out, teacher, config.teacher_optim, config.teacher_epochs, n_train,
-                                       config.batch_size, teacher_loss, evaluate, config.seed, teacher_cfg,
+    state, timings["teacher"] = train_stage("teacher", out, teacher, config.teacher_optim, config.teacher_epochs,
+                                       n_train, config.batch_size, teacher_loss, evaluate, config.seed, teacher_cfg,
                                        post_step=teacher.apply_max_norm, overwrite=overwrite, keep=keep)
     teacher_errors = _errors(predict(teacher, test_x), test_y)
     rows.append({"model": "teacher", "net": _arch(config.teacher), "epochs": config.teacher_epochs,
@@ -231,7 +232,8 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
     save_config(config, out / "config.json")
     table = write_results(out, "results", rows, columns=columns, title=title, meta=meta)
     plot_curves(out / "test_errors.png",
-                [(label, [h["epoch"] for h in hist], [max(h["test_errors"], 1) for h in hist]) for label, hist in curves],
+                [(label, [h["epoch"] for h in hist], [max(h["test_errors"], 1) for h in hist])
+                 for label, hist in curves],
                 xlabel="epoch", ylabel=f"test errors (of {len(test_y)})", logy=True,
                 title=f"MNIST, preset {config.preset}: test errors per epoch",
                 hlines=[("paper: teacher 67", 67), ("paper: baseline 146", 146), ("paper: distilled 74", 74)]

@@ -230,7 +230,8 @@ def verify_checkpoint(path: str | Path) -> dict:
         manifest = json.loads((path / "manifest.json").read_text())
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise StillError(f"checkpoint {path} is incomplete or damaged: manifest.json is missing or unreadable") from None
+        raise StillError(f"checkpoint {path} is incomplete or damaged: "
+                         "manifest.json is missing or unreadable") from None
     for name in _FILES:
         if name not in files:
             raise StillError(f"checkpoint {path} is damaged: its manifest does not list {name}")

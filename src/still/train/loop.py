@@ -32,8 +32,7 @@ from still.layers import thread_generator
 from still.train import checkpoint as ckpt
 from still.train.distributed import Dist
 from still.train.precision import autocast, check_precision
-from still.train.progress import log as default_log
-from still.train.progress import progress
+from still.train.progress import log as default_log, progress
 from still.train.seed import rng_state, set_rng_state
 from still.train.shards import Shard, ShardPool
 
@@ -375,7 +374,8 @@ class Trainer:
             self.state.batch = 0
             self.state.epoch_loss_sum = 0.0
             self.state.finished = self.state.epoch >= epochs
-            if self.checkpoint_dir is not None and (self.state.finished or self.state.epoch % self.checkpoint_every == 0):
+            if self.checkpoint_dir is not None and (self.state.finished
+                                                    or self.state.epoch % self.checkpoint_every == 0):
                 self.save()
         self.state.finished = True
         self.model.eval()
