@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 import torch
@@ -76,8 +77,9 @@ def make_trainer(shards, dropout=0.0, directory=None, every_steps=None):
                    checkpoint_every_steps=every_steps, desc="t", log=lambda _: None)
 
 
-def test_sharded_steps_match_whole_batches():
-    whole, sharded = make_trainer(1), make_trainer(2)
+@pytest.mark.parametrize("shards", [2, 4])
+def test_sharded_steps_match_whole_batches(shards):
+    whole, sharded = make_trainer(1), make_trainer(shards)
     a, b = whole.fit(BATCHES, 2), sharded.fit(BATCHES, 2)
     for p, q in zip(whole.model.parameters(), sharded.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -137,6 +139,45 @@ def test_bad_shard_settings_are_named():
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=0)
     with pytest.raises(StillError, match=r"shards \(2\) split a step across CPU threads: not with several processes"):
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=2, dist=Dist(rank=0, world=2))
+
+
+@pytest.mark.parametrize("shards", [3, 4])
+def test_more_than_two_shards_add_their_gradients_in_shard_order(shards):
+    """Floating-point addition does not associate, so gradients accumulated in the order the
+    threads finish would change from run to run. Here shard 0's backward is held back so that it
+    finishes last; the gradients are still shard 0's + shard 1's + ... in that order, bit for bit."""
+    torch.manual_seed(0)
+    net = nn.Linear(10, 3)
+    x = torch.randn(6, 10).repeat(shards, 1)
+    scale = [1.0, 1e8, -1e8, 3.0]  # shards 1 and 2 cancel: the order of the additions shows
+
+    def shard_loss(m, shard):
+        return m(x[shard.rows(len(x))]).sum() * scale[shard.index] * shard.fraction
+
+    def loss_fn(m, batch, shard):
+        loss = shard_loss(m, shard)
+        if shard.index == 0:
+            loss.register_hook(lambda grad: time.sleep(0.05))  # shard 0's backward starts late
+        return loss
+
+    trainer = Trainer(net, loss_fn, torch.optim.SGD(net.parameters(), lr=0.0), shards=shards, log=lambda _: None)
+    trainer.fit(lambda epoch: [None], 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each shard's worker computes its own
+    try:
+        parts = [torch.autograd.grad(shard_loss(net, Shard(i, shards)), [net.weight, net.bias]) for i in range(shards)]
+    finally:
+        torch.set_num_threads(before)
+    def added(order, j):
+        total = parts[order[0]][j]
+        for i in order[1:]:
+            total = total + parts[i][j]
+        return total
+
+    in_order, zero_last = list(range(shards)), [*range(1, shards), 0]
+    assert torch.equal(net.weight.grad, added(in_order, 0)) and torch.equal(net.bias.grad, added(in_order, 1))
+    # the other order gives other numbers here, so an accumulation as the threads finish would fail
+    assert not torch.equal(added(zero_last, 0), added(in_order, 0))
 
 
 def test_sharded_step_stops_on_a_nonfinite_gradient_norm():

@@ -125,7 +125,8 @@ class Trainer:
         shards: split every step across this many threads (`still.train.shards`; CPU only, not
             with `dist`): `loss_fn(model, batch, shard=Shard(i, shards))` runs the forward of shard
             i's rows and returns their share of the batch's loss (their mean times
-            `shard.fraction`), each shard's backward runs in its thread, and the gradients add up;
+            `shard.fraction`), each shard's backward runs in its thread, and the gradients add up
+            (with more than two shards, in shard order from a buffer of gradients each: reproducible);
             then clipping, the optimizer, the scheduler and `post_step` run on one of the threads.
             Each shard's `still.layers.dropout` draws from its own generator, seeded at every step
             from the global one, so a run resumes exactly; PyTorch's own dropout modules would draw
@@ -278,8 +279,11 @@ class Trainer:
         if not finite:
             return self._nonfinite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.shards > 1:  # each shard's backward in its thread, into the shared .grad
+        if self.shards == 2:  # each shard's backward in its thread, into the shared .grad: a + b is b + a
             self._pool.map(torch.Tensor.backward, losses)
+        elif self.shards > 2:  # each shard's gradients apart, then added in shard order: the same sum on every run
+            self._add_in_order(self._pool.map(self._gradients, losses))
+        if self.shards > 1:
             # then the update on one worker, whose single intra-op thread wakes no other: clipping and
             # the fused Adam at the reference preset took 11 ms on one thread against 18 on two
             nonfinite_norm = self._pool.run(self._update)
@@ -289,6 +293,24 @@ class Trainer:
         if nonfinite_norm is not None:
             return self._nonfinite("the gradient norm", nonfinite_norm)
         return loss.detach()
+
+    def _gradients(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """A shard's gradients of every trainable parameter (None: unused), in its own buffers."""
+        return torch.autograd.grad(loss, self._trainable(), allow_unused=True)
+
+    def _add_in_order(self, per_shard: list[tuple[torch.Tensor | None, ...]]) -> None:
+        """Each parameter's `.grad` = the shards' gradients added in shard order, ((g0 + g1) + g2) + ...
+        (floating-point addition does not associate: accumulating in the order the threads finish
+        would change the last bits from run to run)."""
+        for i, param in enumerate(self._trainable()):
+            parts = [grads[i] for grads in per_shard if grads[i] is not None]
+            if parts:  # a buffer of the parameter's layout (a gradient may be an expanded view)
+                param.grad = torch.empty_like(param).copy_(parts[0])
+                for part in parts[1:]:
+                    param.grad.add_(part)
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _update(self) -> torch.Tensor | None:
         """Clip the gradients, step the optimizer and the scheduler; a non-finite gradient norm is

@@ -6,10 +6,11 @@ intra-op threads, and under `OMP_WAIT_POLICY=PASSIVE` every split wakes the slee
 benchmark's model wakes them about 600 times, for operators too small to gain much from a second
 core. Sharding splits the batch instead: each of `count` worker threads runs the forward and the
 backward of its own contiguous rows with its share of the intra-op threads (one each, on two cores),
-and the shards' gradients add up in the parameters' `.grad`. PyTorch's gradient accumulation is
-thread-safe, and the sum of two shards' gradients is the same in either order (floating-point
-addition commutes), so two shards give the same numbers on every run; with more, the order in which
-the threads finish can change the last bits.
+and the shards' gradients add up in the parameters' `.grad`. Two shards accumulate straight into
+`.grad` (PyTorch's accumulation is thread-safe), and a + b is b + a, so they give the same numbers
+on every run whichever finishes first. Three or more would not: floating-point addition does not
+associate, so (a + b) + c and (a + c) + b differ in the last bits. Their gradients are kept apart
+(one buffer of gradients a shard) and added in shard order (`Trainer`), the same sum on every run.
 
 The loss function of a sharded step returns its rows' share of the batch's loss (their mean times
 `Shard.fraction`), so that the shards' gradients sum to the batch's. PyTorch releases the GIL inside
