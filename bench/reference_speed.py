@@ -15,6 +15,8 @@ Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_
                         counted from shapes by torch.utils.flop_counter: the products the step
                         runs) / the machine's matmul peak in the same precision, measured in the same
                         run (`still bench peak`)
+    compile             (not by default) training with `still lm train --compile`: each layer's
+                        feed-forward block compiled by torch.compile during the warm-up steps
     MFU, 3x fwd         the same with the step's FLOPs counted as 3x its forward's (the convention
                         of PaLM's and nanoGPT's MFU: a backward costs twice the forward); it does not
                         change when the backward skips a gradient nothing needs (the memories' rows,
@@ -72,7 +74,7 @@ def stream(batch: int, segments: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(VOCAB, (batch, segments * length + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int = 1
+def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int = 1, compile: bool = False
                ) -> tuple[float, tuple[float, float] | None]:
     """(tokens/s, (FLOPs of one step, FLOPs of its forward)) of the recipe's training step; with
     `shards`, the step split across that many threads as `still lm train` does by default
@@ -80,6 +82,8 @@ def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int =
     changes no product's total)."""
     config = PRESETS["reference"]
     model = make_model(seed)
+    if compile:  # `still lm train --compile`: compiled during the warm-up steps
+        model.compile_feed_forward()
     optimizer = build_optimizer(model.parameters(), config.optim)
     b, l = config.batch_size, config.segment_len
     data = stream(b, warmup + steps + 1, l, seed)
@@ -185,8 +189,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per repeat")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--measures", nargs="+", choices=("train", "eval", "generate"),
-                        default=["train", "eval", "generate"], help="which groups of measures (all)")
+    parser.add_argument("--measures", nargs="+", choices=("train", "eval", "generate", "compile"),
+                        default=["train", "eval", "generate"],
+                        help="which groups of measures (default: all but compile, training with --compile)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -196,6 +201,8 @@ def main() -> None:
         "train bf16": lambda r: train_rate("bf16", args.steps, 6, r),
         "train fp32, 2 shards": lambda r: train_rate("fp32", args.steps, 6, r, shards=2),
         "train bf16, 2 shards": lambda r: train_rate("bf16", args.steps, 6, r, shards=2),
+        "compile fp32, 2 shards": lambda r: train_rate("fp32", args.steps, 6, r, shards=2, compile=True),
+        "compile bf16, 2 shards": lambda r: train_rate("bf16", args.steps, 6, r, shards=2, compile=True),
         "eval fp32, batch 16": lambda r: eval_rate("fp32", 16, args.steps, 4, r),
         "eval bf16, batch 16": lambda r: eval_rate("bf16", 16, args.steps, 4, r),
         "eval fp32, batch 1": lambda r: eval_rate("fp32", 1, 4 * args.steps, 4, r),
@@ -230,8 +237,9 @@ def main() -> None:
     for name, values in rates.items():
         rate = statistics.median(values)
         row = {"measure": name, "tokens/s": round(rate), "min": round(min(values)), "max": round(max(values))}
-        counted = flops.get(name.removesuffix(", 2 shards"))  # a sharded step: the same products
-        if name.startswith("train") and counted is not None:
+        # a sharded or compiled step: the same products
+        counted = flops.get(name.removesuffix(", 2 shards").replace("compile", "train"))
+        if name.startswith(("train", "compile")) and counted is not None:
             step_flops, forward_flops = counted
             achieved = step_flops / tokens_per_step * rate
             peak_here = peak_bf16 if "bf16" in name else peak_fp32
@@ -246,6 +254,8 @@ def main() -> None:
         "train bf16, 2 shards / train fp32": ("train bf16, 2 shards", "train fp32"),
         "train fp32: 2 shards / 1": ("train fp32, 2 shards", "train fp32"),
         "train bf16: 2 shards / 1": ("train bf16, 2 shards", "train bf16"),
+        "train --compile / eager (fp32, 2 shards)": ("compile fp32, 2 shards", "train fp32, 2 shards"),
+        "train --compile / eager (bf16, 2 shards)": ("compile bf16, 2 shards", "train bf16, 2 shards"),
         "eval bf16 / fp32 (batch 16)": ("eval bf16, batch 16", "eval fp32, batch 16"),
         "generate / eval at batch 1 (fp32, eager)": ("generate fp32, batch 1", "eval fp32, batch 1"),
         "generate / eval at batch 1 (fp32, --compile)": ("generate fp32, batch 1, --compile", "eval fp32, batch 1"),

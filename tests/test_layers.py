@@ -90,3 +90,13 @@ def test_drop_rates_that_round_to_none_or_all():
     x = torch.randn(1000)
     assert torch.equal(dropout(x, 1e-6), x)  # rounds to 0 of 2^16 lanes
     assert torch.equal(dropout(x, 1 - 1e-6), torch.zeros_like(x))
+
+
+def test_dropout_on_the_compile_path_draws_the_same_masks(monkeypatch):
+    """Inside torch.compile the masks are drawn eagerly (a graph break). PyTorch's flag behind
+    `is_compiling` is global while any thread compiles, so a shard thread running eagerly may take
+    that path too: the same masks, from the same generator."""
+    x = torch.randn(1000)
+    plain = dropout(x, 0.3, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(dropout(x, 0.3, generator=torch.Generator().manual_seed(1)), plain)

@@ -207,12 +207,16 @@ def lm_group() -> None:
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Split every step's batch across this many threads, each with its share of --threads "
                    "(default: 2 on a CPU with two or more threads, else 1; docs/performance.md).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile each layer's feed-forward block (norm, products, residual). Meant for GPUs: "
+                   "on the CPUs measured here it trains 1.1-1.3x slower (docs/performance.md). Where compiling "
+                   "cannot work, says why and trains without it.")
 @deterministic_option
 @nonfinite_option
 @keep_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
              post_norm, dropout, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite,
-             cache_dir, threads, shards, deterministic, on_nonfinite, keep):
+             cache_dir, threads, shards, compile_, deterministic, on_nonfinite, keep):
     """Train a Compressive Transformer; prints validation and test bits per character.
 
     Data parallel on several processes or GPUs: start it with torchrun, for example
@@ -231,7 +235,7 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
         optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)
     train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite,
-             keep=keep, shards=shards)
+             keep=keep, shards=shards, compile=compile_)
 
 
 @lm_group.command("eval")

@@ -46,6 +46,13 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.G
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0:
         return x
+    if torch.compiler.is_compiling():  # inside torch.compile: run eagerly (a graph break), so that the
+        return _masked_eagerly(x, p, generator)  # masks come from this thread's generator, as without it
+    return _masked(x, p, generator)
+
+
+def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """`dropout` in training, 0 < p <= 1."""
     if p == 1:
         return torch.zeros_like(x)
     if generator is None:
@@ -71,6 +78,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.G
     else:
         mask = kept.to(x.dtype)
     return _MaskedScale.apply(x, mask, scale)
+
+
+# (PyTorch's flag behind `is_compiling` is global while a thread compiles, so another shard thread
+# may come here too: this runs eagerly either way)
+_masked_eagerly = torch.compiler.disable(_masked)
 
 
 class _MaskedScale(torch.autograd.Function):

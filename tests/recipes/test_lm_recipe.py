@@ -319,3 +319,37 @@ def test_shards_that_do_not_split_the_batch_are_named(corpus, tmp_path, capsys):
     assert_user_error(capsys, *_sharded_args(corpus, out, 3, 2),
                       contains="shards (3) must be >= 1 and divide the rows of a batch (4)")
     assert not out.exists()
+
+
+def test_compiled_training_matches_eager_training(corpus, tmp_path, capsys):
+    """`--compile` (torch.compile of each layer's feed-forward block; dropout drawn eagerly inside,
+    from each shard thread's generator): the run of eager training, to float tolerance, with
+    dropout and two shards; its checkpoint has the same names, so it resumes without `--compile`."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        compiled_before = counters["stats"]["unique_graphs"]
+        code, _, _ = run_cli(capsys, *_sharded_args(corpus, tmp_path / name, 2, 2, "--dropout", "0.1", *extra))
+        assert code == 0
+        assert (counters["stats"]["unique_graphs"] > compiled_before) == (name == "compiled")
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    for a, b in zip(runs["eager"]["meta"]["history"], runs["compiled"]["meta"]["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["valid_bits"] == pytest.approx(b["valid_bits"], rel=1e-5)
+    newest = {name: sorted((tmp_path / name / "checkpoints").glob("ckpt-*"))[-1] for name in runs}
+    weights = {name: load_file(str(path / "model.safetensors")) for name, path in newest.items()}
+    assert weights["eager"].keys() == weights["compiled"].keys()
+    for key, value in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_training_where_compiling_cannot_work_says_so_and_trains(corpus, tmp_path, capsys, monkeypatch):
+    from still.recipes import lm
+
+    monkeypatch.setattr(lm, "torch_compile_problem", lambda device: "InvalidCxxCompiler: No working C++ compiler found")
+    code, _, err = run_cli(capsys, *train_args(corpus, tmp_path / "run", "--compile"))
+    assert code == 0 and (tmp_path / "run" / "results.json").exists()
+    assert ("--compile: cannot compile (InvalidCxxCompiler: No working C++ compiler found); training without "
+            "compiling") in err

@@ -149,10 +149,17 @@ class CompressiveLayer(nn.Module):
         if self.pre_norm:  # the attention applies LN1 to h and the context
             attention = self.attention(h, context, key_valid, need_weights, context_kv, norm=self.norm1)
             h = h + self.dropout(attention.out)
-            return h + self.dropout(self.feed_forward(self.norm2(h))), attention
-        attention = self.attention(h, context, key_valid, need_weights, context_kv)
-        h = self.norm1(h + self.dropout(attention.out))
-        return self.norm2(h + self.dropout(self.feed_forward(h))), attention
+        else:
+            attention = self.attention(h, context, key_valid, need_weights, context_kv)
+            h = self.norm1(h + self.dropout(attention.out))
+        return self.feed_forward_block(h), attention
+
+    def feed_forward_block(self, h: torch.Tensor) -> torch.Tensor:
+        """The layer's second half, h (B, L, d) -> (B, L, d): the feed-forward sublayer with its norm
+        and residual (what `CompressiveTransformer.compile_feed_forward` compiles)."""
+        if self.pre_norm:
+            return h + self.dropout(self.feed_forward(self.norm2(h)))
+        return self.norm2(h + self.dropout(self.feed_forward(h)))
 
     def project_context(self, x: torch.Tensor) -> torch.Tensor:
         """Keys and values of memory slots x (B, n, d) -> (B, n, 2d), as the attention computes them."""
@@ -289,6 +296,15 @@ class CompressiveTransformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def compile_feed_forward(self) -> None:
+        """`torch.compile` each layer's `feed_forward_block`, in place: the parameters and the state
+        dict stay as they are. Shapes are fixed in training (B, L, d), so it compiles once per batch
+        size and mode; the attention, whose memories change length while they fill, stays eager.
+        Dropout runs eagerly inside (`still.layers.dropout`). On the CPUs measured here it is slower
+        than eager (docs/performance.md, session 15): meant for GPUs."""
+        for layer in self.layers:
+            layer.feed_forward_block = torch.compile(layer.feed_forward_block, dynamic=False)
 
     def compressor_parameters(self) -> list[nn.Parameter]:
         """f_c and the auto-encoding decoders: trained only by the compression loss."""

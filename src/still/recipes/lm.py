@@ -31,6 +31,7 @@ from still.data.text import Corpus, Segment, TokenStreams, Vocab, load_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_stage_config, plot_curves
 from still.train import checkpoint as ckpt, distributed
+from still.train.aot import torch_compile_problem
 from still.train.io import atomic_write_text
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -144,10 +145,12 @@ def _load_data(config: LMConfig, cache) -> tuple[Corpus, Vocab]:
 
 
 def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = False, print_table: bool = True,
-             on_nonfinite: str = "stop", keep: int = 2, shards: int | None = None) -> dict:
+             on_nonfinite: str = "stop", keep: int = 2, shards: int | None = None, compile: bool = False) -> dict:
     """Train, evaluate and write the results table. `shards`: split each step across this many CPU
     threads (`still.train.shards`; default: 2 on a CPU with two or more threads, 1 under torchrun
-    or on a GPU)."""
+    or on a GPU). `compile`: `torch.compile` each layer's feed-forward block
+    (`CompressiveTransformer.compile_feed_forward`; where compiling cannot work, says why and trains
+    without it). Not part of the run's configuration: a run resumes with or without it."""
     out = Path(out)
     dist = distributed.setup()  # a no-op unless started by torchrun
     corpus, vocab = _load_data(config, cache)
@@ -176,6 +179,12 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
 
     seed_everything(config.seed)
     model = CompressiveTransformer(config.model).to(device)
+    if compile:
+        problem = torch_compile_problem(device)
+        if problem is None:
+            model.compile_feed_forward()
+        else:
+            log(f"--compile: cannot compile ({problem[:300]}); training without compiling")
     if dist.enabled:  # the same weights everywhere (DDP checks), a different dropout stream per rank
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)
     # data parallel: each rank reads its own contiguous rows of every global batch and keeps their memories

@@ -137,6 +137,19 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
     return loaded
 
 
+def torch_compile_problem(device: torch.device | str) -> str | None:
+    """Why `torch.compile` cannot run on `device` here, or None where it can: a tiny function is
+    compiled and run (Inductor needs a C++ compiler on the CPU, Triton on a GPU). Where it can, a
+    function that fails to compile later runs eagerly instead of ending the program
+    (`torch._dynamo.config.suppress_errors`, which says so once)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+        return _last_line(e)
+    torch._dynamo.config.suppress_errors = True
+    return None
+
+
 def _last_line(error: BaseException) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
