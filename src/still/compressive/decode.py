@@ -266,17 +266,19 @@ class Decoder:
             self._compiled |= {(name, sampling): c for name, c in zip(pair, compiled)}
         return self._compiled[key]
 
-    def prepare(self, sampling: Sampling | None = None) -> None:
+    def prepare(self, sampling: Sampling | None = None) -> bool:
         """Compile (or load) now the steps that `step` (sampling None) or `step_sample` with
-        `sampling` will run, rather than at their first call. Nothing to do when not compiling."""
+        `sampling` will run, rather than at their first call; whether they will run compiled
+        (nothing to do, and False, when not compiling)."""
         if not self.compile:
-            return
+            return False
         batch = self.keys.shape[1]
         args = (self.keys, self.values, self.inputs, self._counters(),
                 torch.zeros(batch, 1, dtype=torch.long, device=self.keys.device))
         if sampling is not None:
             args += (torch.zeros(batch, 1, device=self.keys.device),)
-        self._compiled_step(_name(sampling is not None, False), sampling, (*self._weight_list, *args))
+        compiled = self._compiled_step(_name(sampling is not None, False), sampling, (*self._weight_list, *args))
+        return compiled is not None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) -> next-token logits (B, V), and the state advanced by one token. (Nothing is

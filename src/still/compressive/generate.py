@@ -54,10 +54,12 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         batch, device = prompt.shape[0], logits.device
         draws = _draws(max_new_tokens, batch, generator, device)  # (B, 1) a token
         token = next_token(logits, next(draws), sampling)  # (B,)
-        decoder = (Decoder(model, state, batch, compile=compile, dtype=_stored_dtype(device, compile))
-                   if supports(model, state) else None)
-        if decoder is not None:
-            decoder.prepare(sampling)  # compiling, if any, before the first token rather than after it
+        dtype = _stored_dtype(device, compile)
+        decoder = Decoder(model, state, batch, compile=compile, dtype=dtype) if supports(model, state) else None
+        # compiling, if any, before the first token rather than after it; where it failed, the
+        # eager steps run faster in the weights' dtype
+        if decoder is not None and not decoder.prepare(sampling) and dtype is not None:
+            decoder = Decoder(model, state, batch)
     for i in range(max_new_tokens):
         yield token
         if i == max_new_tokens - 1:
