@@ -31,6 +31,10 @@ Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_
                         of `sum` over a tensor of as many bytes, all threads, in the same run) give
                         the most tokens/s any step could reach here
 
+On a GPU (chosen by itself, as `still lm train` chooses) the same measures run there, with the clock
+read after the GPU's queued work, the peak measured on it, and without the measures of two CPU shards
+(`compile` then compiles the unsharded step).
+
 Prints a table; `--out DIR` also writes reference_speed.json and .md there.
 """
 
@@ -57,21 +61,30 @@ from still.compressive.generate import generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
 from still.recipes.lm import PRESETS  # noqa: E402
+from still.train.distributed import default_device  # noqa: E402
 from still.train.loop import Trainer  # noqa: E402
 from still.train.optim import build_optimizer  # noqa: E402
 from still.train.precision import autocast  # noqa: E402
 from still.train.results import format_table  # noqa: E402
 
 VOCAB = 86
+DEVICE = default_device()  # a GPU where there is one, as `still lm train` chooses
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), so that a clock read after it counts it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def make_model(seed: int = 0) -> CompressiveTransformer:
     torch.manual_seed(seed)
-    return CompressiveTransformer(replace(PRESETS["reference"].model, vocab_size=VOCAB))
+    return CompressiveTransformer(replace(PRESETS["reference"].model, vocab_size=VOCAB)).to(DEVICE)
 
 
 def stream(batch: int, segments: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(VOCAB, (batch, segments * length + 1), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(VOCAB, (batch, segments * length + 1), generator=torch.Generator().manual_seed(seed))
+    return tokens.to(DEVICE)
 
 
 def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int = 1, compile: bool = False
@@ -111,11 +124,13 @@ def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int =
     for i in range(warmup):
         trainer._step(i)
     assert memory[0].memory_len == 128 and memory[0].compressed_len == 128
+    sync()
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         trainer._step(i)
+    sync()
     seconds = time.perf_counter() - start
-    if shards > 1:
+    if shards > 1 or compile:  # the FLOPs of the same step uncompiled and unsharded are counted apart
         trainer.close()
         return steps * b * l / seconds, None
     counting = True
@@ -130,13 +145,15 @@ def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int) ->
     l = PRESETS["reference"].segment_len
     data = stream(batch, warmup + steps, l, seed)
     state, start = None, 0.0
-    with autocast(precision):
+    with autocast(precision, DEVICE):
         for i in range(warmup + steps):
             if i == warmup:
+                sync()
                 start = time.perf_counter()
             out = model(data[:, i * l : (i + 1) * l], state)
             state = out.state
             F.cross_entropy(out.logits.flatten(0, 1).float(), data[:, i * l + 1 : (i + 1) * l + 1].flatten())
+    sync()
     return steps * batch * l / (time.perf_counter() - start)
 
 
@@ -145,14 +162,16 @@ def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int) -> 
     """New tokens/s at batch 1 after a 512-token prompt (the prompt not counted)."""
     model = make_model(seed).eval()
     prompt = stream(1, 4, 128, seed)[:, :512]
-    with autocast(precision):
+    with autocast(precision, DEVICE):
         times = []
         for _ in range(2):  # the first is the warm-up (and the compile)
             tokens = generate(model, prompt, new_tokens, segment_len=128, generator=torch.Generator().manual_seed(seed),
                               compile=compile)
             next(tokens)  # the prompt's forward pass and the first sample
+            sync()
             start = time.perf_counter()
             n = 1 + sum(1 for _ in tokens)
+            sync()
             times.append(time.perf_counter() - start)
     assert n == new_tokens
     return (new_tokens - 1) / times[-1]
@@ -173,11 +192,13 @@ def step_bytes(precision: str) -> float:
 
 def read_bandwidth(nbytes: float, calls: int = 50) -> float:
     """Bytes/s of `sum` over an fp32 tensor of `nbytes` (median of `calls`, after as many warm-ups)."""
-    x = torch.randn(int(nbytes) // 4)
+    x = torch.randn(int(nbytes) // 4, device=DEVICE)
     times = []
     for i in range(2 * calls):
+        sync()
         start = time.perf_counter()
         x.sum()
+        sync()
         if i >= calls:
             times.append(time.perf_counter() - start)
     return nbytes / statistics.median(times)
@@ -196,13 +217,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # on a CPU the step split across two threads, as `still lm train` runs it there; a GPU, one stream
+    shards, sharded = (2, ", 2 shards") if DEVICE.type == "cpu" else (1, "")
     measures = {
         "train fp32": lambda r: train_rate("fp32", args.steps, 6, r),
         "train bf16": lambda r: train_rate("bf16", args.steps, 6, r),
         "train fp32, 2 shards": lambda r: train_rate("fp32", args.steps, 6, r, shards=2),
         "train bf16, 2 shards": lambda r: train_rate("bf16", args.steps, 6, r, shards=2),
-        "compile fp32, 2 shards": lambda r: train_rate("fp32", args.steps, 6, r, shards=2, compile=True),
-        "compile bf16, 2 shards": lambda r: train_rate("bf16", args.steps, 6, r, shards=2, compile=True),
+        f"compile fp32{sharded}": lambda r: train_rate("fp32", args.steps, 6, r, shards=shards, compile=True),
+        f"compile bf16{sharded}": lambda r: train_rate("bf16", args.steps, 6, r, shards=shards, compile=True),
         "eval fp32, batch 16": lambda r: eval_rate("fp32", 16, args.steps, 4, r),
         "eval bf16, batch 16": lambda r: eval_rate("bf16", 16, args.steps, 4, r),
         "eval fp32, batch 1": lambda r: eval_rate("fp32", 1, 4 * args.steps, 4, r),
@@ -211,7 +234,8 @@ def main() -> None:
         "generate fp32, batch 1, --compile": lambda r: generate_rate("fp32", args.new_tokens, True, r),
         "generate bf16, batch 1, --compile": lambda r: generate_rate("bf16", args.new_tokens, True, r),
     }
-    measures = {k: v for k, v in measures.items() if k.split()[0] in args.measures}
+    measures = {k: v for k, v in measures.items() if k.split()[0] in args.measures
+                and (DEVICE.type == "cpu" or "shards" not in k)}
     rates: dict[str, list[float]] = {k: [] for k in measures}
     flops: dict[str, tuple[float, float]] = {}  # (a step's, its forward's)
     peaks: list[dict] = []
@@ -254,8 +278,8 @@ def main() -> None:
         "train bf16, 2 shards / train fp32": ("train bf16, 2 shards", "train fp32"),
         "train fp32: 2 shards / 1": ("train fp32, 2 shards", "train fp32"),
         "train bf16: 2 shards / 1": ("train bf16, 2 shards", "train bf16"),
-        "train --compile / eager (fp32, 2 shards)": ("compile fp32, 2 shards", "train fp32, 2 shards"),
-        "train --compile / eager (bf16, 2 shards)": ("compile bf16, 2 shards", "train bf16, 2 shards"),
+        f"train --compile / eager (fp32{sharded})": (f"compile fp32{sharded}", f"train fp32{sharded}"),
+        f"train --compile / eager (bf16{sharded})": (f"compile bf16{sharded}", f"train bf16{sharded}"),
         "eval bf16 / fp32 (batch 16)": ("eval bf16, batch 16", "eval fp32, batch 16"),
         "generate / eval at batch 1 (fp32, eager)": ("generate fp32, batch 1", "eval fp32, batch 1"),
         "generate / eval at batch 1 (fp32, --compile)": ("generate fp32, batch 1, --compile", "eval fp32, batch 1"),
@@ -265,7 +289,8 @@ def main() -> None:
     ratios = {k: median[a] / median[b] for k, (a, b) in wanted.items() if a in median and b in median}
     waiting = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" + (
         f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "")
-    title = (f"reference preset, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
+    where = f"{torch.get_num_threads()} threads" if DEVICE.type == "cpu" else str(DEVICE)
+    title = (f"reference preset, {device_name(DEVICE)}, {where}, "
              f"{waiting}, torch "
              f"{torch.__version__}; matmul peak (median of {args.repeats}) fp32 {peak_fp32 / 1e9:.1f} GFLOP/s, bf16 "
              f"{peak_bf16 / 1e9:.1f} GFLOP/s; medians of {args.repeats} repeats, load average at the end "
