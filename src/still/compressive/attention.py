@@ -305,12 +305,14 @@ def causal_bias(l: int, k: int, device: torch.device, dtype: torch.dtype) -> tor
     return bias
 
 
-def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) v over (G, L, D) queries (already scaled), (G, n, D) keys and values -> (G, L, D):
-    the attention-reconstruction loss's (no positions, no mask). Plain products: over views of the
-    training attention's keys and values, PyTorch's CPU `scaled_dot_product_attention` took 1.7x
-    (fp32) and 2.8x (bf16) as long at the reference preset (docs/performance.md, session 14)."""
-    return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v)
+def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """softmax(q k^T) v over (G, L, D) queries (already scaled), (G, n, D) keys and values -> (G, L, D)
+    (written into `out` where given): the attention-reconstruction loss's (no positions, no mask).
+    Plain products: over views of the training attention's keys and values, PyTorch's CPU
+    `scaled_dot_product_attention` took 1.7x (fp32) and 2.8x (bf16) as long at the reference preset
+    (docs/performance.md, session 14)."""
+    return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v, out=out)
 
 
 class AttentionOutput(NamedTuple):

@@ -223,8 +223,7 @@ def attention_reconstruction_loss(layers: Sequence[CompressiveLayer], queries: S
     with torch.no_grad():
         for i, (queries_i, keys, values) in enumerate(zip(queries, old_keys, old_values)):
             torch.mul(queries_i.detach().view(b, l, h, dh).permute(2, 0, 1, 3), layers[i].attention.scale, out=q[i])
-            q_i = q[i].view(hb, l, dh)
-            torch.bmm(torch.bmm(q_i, keys.transpose(1, 2)).softmax(dim=-1), values, out=targets[i * hb : (i + 1) * hb])
+            content_attention(q[i].view(hb, l, dh), keys, values, out=targets[i * hb : (i + 1) * hb])
     fresh = torch.stack(compressed).view(n, b * n_c, d)  # (n, B*n_c, d), with f_c's graph
     if layers[0].pre_norm:  # LN1 with each layer's affine, as constants
         norms = [layer.norm1 for layer in layers]

@@ -279,11 +279,11 @@ class Trainer:
         if not finite:
             return self._nonfinite("the loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.shards == 2:  # each shard's backward in its thread, into the shared .grad: a + b is b + a
-            self._pool.map(torch.Tensor.backward, losses)
-        elif self.shards > 2:  # each shard's gradients apart, then added in shard order: the same sum on every run
-            self._add_in_order(self._pool.map(self._gradients, losses))
         if self.shards > 1:
+            if self.shards == 2:  # each shard's backward in its thread, into the shared .grad: a + b is b + a
+                self._pool.map(torch.Tensor.backward, losses)
+            else:  # each shard's gradients apart, then added in shard order: the same sum on every run
+                self._add_in_order(self._pool.map(self._gradients, losses))
             # then the update on one worker, whose single intra-op thread wakes no other: clipping and
             # the fused Adam at the reference preset took 11 ms on one thread against 18 on two
             nonfinite_norm = self._pool.run(self._update)
