@@ -206,7 +206,8 @@ def lm_group() -> None:
 @threads_option
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Split every step's batch across this many threads, each with its share of --threads "
-                   "(default: 2 on a CPU with two or more threads, else 1; docs/performance.md).")
+                   "(default: 2 on a CPU with two or more threads, else 1; docs/performance.md). Unless 1, "
+                   "evaluation splits its rows in two where that pays (as `still lm eval --shards`).")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile each layer's feed-forward block (norm, products, residual). Meant for GPUs: "
                    "on the CPUs measured here it trains 1.1-1.3x slower (docs/performance.md). Where compiling "
@@ -247,13 +248,16 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
 @precision_option(None, "fp32 or bf16 (default: the run's).")
 @cache_option
 @threads_option
-def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads):
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Split every segment's rows across this many threads, each with its share of --threads "
+                   "(default: 2 on a CPU with two or more threads where it pays, else 1; docs/performance.md).")
+def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads, shards):
     """Bits per character and perplexity over a whole split, streaming with memory, and the loss by
     position within the document (table and plot in RUN_DIR)."""
     from still.recipes.lm import eval_lm
 
     _threads(threads)
-    eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint, precision=precision)
+    eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint, precision=precision, shards=shards)
 
 
 @lm_group.command("generate")

@@ -165,3 +165,103 @@ def test_drawing_the_uniform_numbers_in_blocks_gives_the_same_tokens(monkeypatch
         runs.append(torch.stack(list(generate(model, prompt, 10, segment_len=4,
                                               generator=torch.Generator().manual_seed(5)))))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def _streams_and_model(batch: int):
+    from still.data.text import TokenStreams
+
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                                     mem_len=8, c_mem_len=4, compression_rate=2, dropout=0.1))
+    docs = [torch.randint(3, 20, (int(n),)) for n in torch.randint(5, 60, (7,))]  # documents end mid-stream
+    return TokenStreams(docs, batch, 8), model
+
+
+@pytest.mark.parametrize("batch, shards", [(4, 2), (5, 2), (5, 3), (3, 8)])
+def test_sharded_evaluation_gives_the_unsharded_losses(batch, shards):
+    from still.compressive.generate import evaluate_streams
+
+    streams, model = _streams_and_model(batch)
+    edges = [0, 4, 16, 64]
+    plain = evaluate_streams(model, streams, position_edges=edges)
+    sharded = evaluate_streams(model, streams, position_edges=edges, shards=shards)
+    assert model.training  # put back as it was
+    assert sharded["tokens"] == plain["tokens"] == streams.num_targets
+    assert sharded["bits_per_token"] == pytest.approx(plain["bits_per_token"], abs=1e-6)
+    assert [b["tokens"] for b in sharded["by_position"]] == [b["tokens"] for b in plain["by_position"]]
+    assert ([b["bits_per_token"] for b in sharded["by_position"]]
+            == pytest.approx([b["bits_per_token"] for b in plain["by_position"]], abs=1e-6))
+
+
+def test_shards_score_their_rows_under_the_callers_autocast_without_gradients():
+    import threading
+
+    from still.compressive.generate import StreamScorer
+
+    streams, model = _streams_and_model(4)
+    model.eval()
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(
+        (threading.current_thread().name, args[0].shape[0], torch.is_grad_enabled(), out.logits.dtype)))
+    segment = streams.segment(0)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), StreamScorer(model, 4, shards=2) as scorer:
+        sharded = scorer(segment.inputs, segment.targets, segment.reset)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), StreamScorer(model, 4) as scorer:
+        plain = scorer(segment.inputs, segment.targets, segment.reset)
+    shard_calls = sorted(seen[:2])
+    assert [(name.startswith("still-shard"), rows, grad, dtype) for name, rows, grad, dtype in shard_calls] == [
+        (True, 2, False, torch.bfloat16)] * 2
+    assert sharded.shape == (4, 8) and sharded.dtype == torch.float32
+    assert torch.allclose(sharded, plain, atol=1e-6) and not torch.equal(plain, torch.zeros_like(plain))
+    assert (sharded[segment.targets == -100] == 0).all()
+
+
+def test_stream_scorer_refuses_what_it_cannot_do():
+    from still.compressive.generate import StreamScorer
+    from still.errors import StillError
+
+    streams, model = _streams_and_model(4)
+    with pytest.raises(StillError, match="shards must be >= 1"):
+        StreamScorer(model, 4, shards=0)
+    segment = streams.segment(0)
+    with StreamScorer(model, 3) as scorer, pytest.raises(StillError, match="made for 3 rows, got 4"):
+        scorer(segment.inputs, segment.targets)
+    with pytest.raises(StillError, match="not on meta"):
+        StreamScorer(model.to("meta"), 4, shards=2)
+
+
+def test_evaluation_splits_its_rows_where_that_pays(monkeypatch):
+    from still.compressive.decode import ONE_THREAD_BELOW
+    from still.compressive.generate import SHARD_ROWS_WHERE_SPINNING, eval_shards
+
+    _, model = _streams_and_model(1)
+    params = sum(p.numel() for p in model.parameters())
+    small = int(ONE_THREAD_BELOW["segment"] // params)  # tokens x rows below which one thread runs it all
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: every row counts, if big enough
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert [eval_shards(model, batch, small, threads=2) for batch in (1, 2, 16)] == [1, 2, 2]
+    assert eval_shards(model, 2, small // 2 - 1, threads=2) == 1  # small work: one thread, unsharded
+    assert eval_shards(model, 16, small, threads=1) == 1
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # they spin: small batches run faster whole
+    rows = 2 * SHARD_ROWS_WHERE_SPINNING
+    assert [eval_shards(model, batch, 8, threads=2) for batch in (2, rows - 1, rows)] == [1, 1, 2]
+    assert eval_shards(model.to("meta"), rows, small, threads=2) == 1  # not a CPU
+
+
+def test_a_small_models_unsharded_scoring_runs_on_one_thread_where_threads_sleep(monkeypatch):
+    from still.compressive.generate import StreamScorer
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    streams, model = _streams_and_model(1)
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    segment = streams.segment(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad(), StreamScorer(model.eval(), 1) as scorer:
+            scorer(segment.inputs, segment.targets, segment.reset)
+        assert seen == [1] and torch.get_num_threads() == 2  # and the setting put back
+    finally:
+        torch.set_num_threads(before)

@@ -353,3 +353,19 @@ def test_training_where_compiling_cannot_work_says_so_and_trains(corpus, tmp_pat
     assert code == 0 and (tmp_path / "run" / "results.json").exists()
     assert ("--compile: cannot compile (InvalidCxxCompiler: No working C++ compiler found); training without "
             "compiling") in err
+
+
+def test_eval_split_across_threads_gives_the_same_bits(trained, capsys):
+    before = torch.get_num_threads()
+    metas = []
+    try:
+        for shards in ("1", "2"):
+            code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "valid", "--threads", "2",
+                                 "--shards", shards)
+            assert code == 0
+            metas.append(json.loads((trained / "eval-valid.json").read_text())["meta"])
+    finally:
+        torch.set_num_threads(before)
+    assert [m["shards"] for m in metas] == [1, 2] and metas[0]["tokens"] == metas[1]["tokens"]
+    assert metas[1]["bits_per_token"] == pytest.approx(metas[0]["bits_per_token"], abs=1e-6)
+    assert_user_error(capsys, "lm", "eval", str(trained), "--shards", "0", contains="--shards")

@@ -6,7 +6,7 @@ from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.errors import StillError
 from still.train.loop import IndexBatches, Trainer
 from still.train.optim import OptimConfig, build_optimizer
-from still.train.precision import autocast, check_precision
+from still.train.precision import autocast, check_precision, this_threads_modes
 
 
 def test_bad_precision_is_named():
@@ -71,3 +71,25 @@ def test_bf16_model_matches_fp32_closely_and_keeps_fp32_memories():
             loss = F.cross_entropy(out.logits.float().flatten(0, 1), chunk.flatten())
             assert abs(loss.item() - ref_loss.item()) < 0.02 * ref_loss.item()
     assert all(m.dtype == torch.float32 for m in state.memory + state.compressed)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_another_thread_computes_under_this_threads_modes(grad, precision):
+    import threading
+
+    seen = {}
+
+    def worker(enter):
+        with enter():
+            seen["grad"], seen["autocast"] = torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")
+            seen["product"] = (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+
+    with torch.set_grad_enabled(grad), autocast(precision):
+        enter = this_threads_modes("cpu")
+    # entered later, in a fresh thread (which starts with gradients on and no autocast)
+    thread = threading.Thread(target=worker, args=(enter,))
+    thread.start()
+    thread.join()
+    assert seen == {"grad": grad, "autocast": precision == "bf16",
+                    "product": torch.bfloat16 if precision == "bf16" else torch.float32}

@@ -16,13 +16,15 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from still.compressive.decode import Decoder, supports, threads_for, using_threads
+from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
 from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
 from still.errors import StillError
+from still.train.precision import this_threads_modes
+from still.train.shards import ShardPool
 
-__all__ = ["evaluate_streams", "filter_logits", "generate", "sample"]
+__all__ = ["StreamScorer", "eval_shards", "evaluate_streams", "filter_logits", "generate", "sample"]
 
 
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -92,39 +94,131 @@ def _draws(tokens: int, batch: int, generator: torch.Generator | None, device: t
         yield from uniforms(batch, generator, device, steps=min(DRAWN_AT_ONCE, tokens - start))
 
 
+# rows a shard needs, where OpenMP's idle threads spin, for splitting an evaluation to pay
+SHARD_ROWS_WHERE_SPINNING = 8
+
+
+def eval_shards(model: torch.nn.Module, batch: int, tokens: int, threads: int | None = None) -> int:
+    """The shards (`StreamScorer`) an evaluation of segments of `batch` x `tokens` uses when not told:
+    2 on a CPU with two or more intra-op threads where each shard gets at least
+    `SHARD_ROWS_WHERE_SPINNING` rows while OpenMP's idle threads spin a while between operators
+    (its default: `openmp_threads_spin`), or, where they sleep (`OMP_WAIT_POLICY=PASSIVE`), at least
+    one row of work too big for one thread (`threads_for`: a small model's few rows run fastest on one
+    thread); else 1. Measured on two cores (docs/performance.md, session 16): sleeping, two shards
+    ran the reference preset's batch 2 1.6x and batch 16 1.2-1.4x faster, a d_model 128 model's batch
+    16 1.4-1.7x; spinning, the reference preset's batch 16 1.03-1.09x, batches 2 down to 0.57x."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if next(model.parameters()).device.type != "cpu" or threads < 2 or batch < 2:
+        return 1
+    if openmp_threads_spin():
+        return 2 if batch >= 2 * SHARD_ROWS_WHERE_SPINNING else 1
+    return 1 if threads_for(model, batch, tokens) == 1 else 2
+
+
+class StreamScorer:
+    """The model's loss on segment after segment of B streams, the memories carried, optionally
+    split across CPU threads.
+
+        scorer = StreamScorer(model, batch=16, shards=2)
+        nll = scorer(inputs, targets, reset)   # (B, L) each, reset (B,) -> nats (B, L), fp32, on the CPU
+        scorer.close()                         # (or `with StreamScorer(...) as scorer:`)
+
+    `shards` > 1 (CPU only): each of that many worker threads (`still.train.shards.ShardPool`, one
+    intra-op thread each on two cores) runs the forward of its own contiguous rows and keeps their
+    memories, as sharded training does. A row's result does not depend on the other rows, so the
+    losses are the unsharded ones to float rounding (the products' blocking differs with the
+    number of rows). At the reference preset, batch 16, on two cores: 1.03-1.09x where OpenMP's idle
+    threads spin, 1.2-1.4x where they sleep (`OMP_WAIT_POLICY=PASSIVE`; `eval_shards`). The workers
+    compute under the caller's grad mode and autocast (`this_threads_modes`). Rows that divide
+    unevenly are split as evenly as they can be; never more shards than rows. Unsharded, a call runs
+    on the threads `decode.threads_for` chooses, as `generate`'s prompt does (one for a small
+    model's few rows where OpenMP's idle threads sleep).
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, shards: int = 1) -> None:
+        if batch < 1 or shards < 1:
+            raise StillError(f"batch and shards must be >= 1, got {batch} and {shards}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        shards = min(shards, batch)
+        if shards > 1 and self.device.type != "cpu":
+            raise StillError(f"shards ({shards}) split the rows across CPU threads: not on {self.device}")
+        self.bounds = [batch * i // shards for i in range(shards + 1)]  # shard i: rows bounds[i] .. bounds[i + 1]
+        self.states: list[MemoryState | None] = [None] * shards  # each shard's memories
+        self._pool = ShardPool(shards) if shards > 1 else None
+
+    @property
+    def shards(self) -> int:
+        return len(self.states)
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs, targets (B, L) (targets -100: nothing to predict), reset (B,): a new document
+        starts in that row -> the loss of every target in nats (B, L), fp32 on the CPU (0 where -100)."""
+        if inputs.shape[0] != self.bounds[-1]:
+            raise StillError(f"the scorer was made for {self.bounds[-1]} rows, got {inputs.shape[0]}")
+        if self._pool is None:  # a small model's few rows on one thread where waking another costs more
+            with using_threads(threads_for(self.model, inputs.shape[0], inputs.shape[1])):
+                return self._score(0, inputs, targets, reset)
+        modes = this_threads_modes(self.device)
+
+        def score(i: int) -> torch.Tensor:
+            with modes():
+                return self._score(i, inputs, targets, reset)
+
+        return torch.cat(self._pool.map(score, range(self.shards)))
+
+    def _score(self, i: int, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
+        rows = slice(self.bounds[i], self.bounds[i + 1])
+        out = self.model(inputs[rows].to(self.device), self.states[i],
+                         reset=None if reset is None else reset[rows].to(self.device))
+        self.states[i] = out.state
+        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), targets[rows].flatten().to(self.device),
+                              ignore_index=-100, reduction="none")
+        return nll.view(rows.stop - rows.start, -1).cpu()
+
+    def close(self) -> None:
+        """End the worker threads, if any."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> StreamScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @torch.no_grad()
 def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int | None = None,
-                     position_edges: list[int] | None = None, progress=None) -> dict:
+                     position_edges: list[int] | None = None, progress=None, shards: int = 1) -> dict:
     """Bits per token and perplexity over `streams` (a `TokenStreams`), streaming with memory.
 
     With `position_edges`, also the mean loss (bits) of the targets whose position within their
-    document falls in each bucket [edges[i], edges[i+1]).
+    document falls in each bucket [edges[i], edges[i+1]). `shards`: split each segment's rows
+    across this many CPU threads (`StreamScorer`).
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    state = None
     total, count = 0.0, 0
     edges = torch.tensor(position_edges) if position_edges else None
     bucket_sum = torch.zeros(len(position_edges) - 1, dtype=torch.float64) if position_edges else None
     bucket_count = torch.zeros_like(bucket_sum) if position_edges else None
     n = len(streams) if max_segments is None else min(max_segments, len(streams))
     steps = range(n) if progress is None else progress(range(n))
-    for step in steps:
-        segment = streams.segment(step)
-        out = model(segment.inputs.to(device), state, reset=segment.reset.to(device))
-        state = out.state
-        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), segment.targets.flatten().to(device), ignore_index=-100,
-                              reduction="none").view_as(segment.targets).cpu()  # (B, L)
-        valid = segment.targets != -100
-        total += float(nll[valid].double().sum())
-        count += int(valid.sum())
-        if edges is not None:
-            pos = segment.positions[valid]
-            bucket = torch.bucketize(pos, edges, right=True) - 1  # index of [edges[i], edges[i+1])
-            keep = (bucket >= 0) & (bucket < len(bucket_sum))
-            bucket_sum.index_add_(0, bucket[keep], nll[valid][keep].double())
-            bucket_count.index_add_(0, bucket[keep], torch.ones_like(bucket[keep], dtype=torch.float64))
+    with StreamScorer(model, streams.batch_size, shards) as scorer:
+        for step in steps:
+            segment = streams.segment(step)
+            nll = scorer(segment.inputs, segment.targets, segment.reset)  # (B, L)
+            valid = segment.targets != -100
+            total += float(nll[valid].double().sum())
+            count += int(valid.sum())
+            if edges is not None:
+                pos = segment.positions[valid]
+                bucket = torch.bucketize(pos, edges, right=True) - 1  # index of [edges[i], edges[i+1])
+                keep = (bucket >= 0) & (bucket < len(bucket_sum))
+                bucket_sum.index_add_(0, bucket[keep], nll[valid][keep].double())
+                bucket_count.index_add_(0, bucket[keep], torch.ones_like(bucket[keep], dtype=torch.float64))
     model.train(was_training)
     if count == 0:
         raise StillError("nothing to evaluate: the split has no targets")

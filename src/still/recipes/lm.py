@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from still.compressive.generate import evaluate_streams, generate
+from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.config import load_config, replace, save_config, to_dict
@@ -195,6 +195,9 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
     # each shard's memories (shard i: rows i * n / shards ... of this rank's), kept apart between steps
     memory: list[MemoryState | None] = [None] * shards
+
+    def eval_split(streams: TokenStreams) -> int:  # evaluation's own shards, where training's are split
+        return eval_shards(model, streams.batch_size, config.segment_len) if shards > 1 else 1
     lm_losses: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (step, shard): (nll sum, count)
 
     def loss_fn(_, step: int, shard: Shard | None = None) -> torch.Tensor:
@@ -232,7 +235,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
             memory[i] = MemoryState.from_tensors(part) if part else None
 
     def evaluate(net) -> dict[str, Any]:
-        result = evaluate_streams(net, valid, max_segments=config.eval_segments)
+        result = evaluate_streams(net, valid, max_segments=config.eval_segments, shards=eval_split(valid))
         steps: dict[int, list[torch.Tensor]] = {}  # step: [nll sum, count] over its shards, in shard order
         for (step, _), (nll, count) in sorted(lm_losses.items()):
             total = steps.setdefault(step, [torch.zeros(()), torch.zeros((), dtype=torch.long)])
@@ -264,9 +267,11 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
 
     test_docs, test_names = encode_split(corpus, "test", vocab)
     with autocast(config.precision, device):
-        final = {split: evaluate_streams(model, TokenStreams(docs, config.batch_size, config.segment_len, names),
-                                         progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
-                 for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names))}
+        final = {}
+        for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names)):
+            streams = TokenStreams(docs, config.batch_size, config.segment_len, names)
+            final[split] = evaluate_streams(model, streams, shards=eval_split(streams),
+                                            progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
     m = config.model
     rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
              "valid_bpc": round(final["valid"]["bits_per_token"], 4),
@@ -327,9 +332,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
 
 
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
-            print_table: bool = True, checkpoint: str | Path | None = None, precision: str | None = None) -> dict:
+            print_table: bool = True, checkpoint: str | Path | None = None, precision: str | None = None,
+            shards: int | None = None) -> dict:
     """Bits per character over a whole split, streaming with memory, and the loss by position.
-    `precision`: fp32 or bf16 (default: the run's)."""
+    `precision`: fp32 or bf16 (default: the run's). `shards`: split each segment's rows across this
+    many CPU threads (`StreamScorer`; default: `eval_shards`)."""
     run_dir = Path(run_dir)
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
     precision = precision or config.precision
@@ -339,8 +346,11 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names)
     longest = max(len(d) for d in docs)
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
-    with autocast(precision, next(model.parameters()).device):
-        result = evaluate_streams(model, streams, position_edges=edges,
+    device = next(model.parameters()).device
+    shards = eval_shards(model, streams.batch_size, config.segment_len) if shards is None else shards
+    check(shards == 1 or device.type == "cpu", f"shards ({shards}) split the rows across CPU threads: not on {device}")
+    with autocast(precision, device):
+        result = evaluate_streams(model, streams, position_edges=edges, shards=shards,
                                   progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
     rows = [{"from": b["from"], "to": b["to"] - 1, "tokens": b["tokens"],
              "bits_per_char": round(b["bits_per_token"], 4) if b["bits_per_token"] is not None else None}
@@ -352,7 +362,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     name = f"eval-{split}"
     table = write_results(run_dir, name, rows, title=title,
                           meta={k: v for k, v in result.items() if k != "by_position"}
-                          | {"step": checkpoint.step, "precision": precision})
+                          | {"step": checkpoint.step, "precision": precision, "shards": shards})
     plot_curves(run_dir / f"{name}-by-position.png",
                 [(_describe(config.model),
                   [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],

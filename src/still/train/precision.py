@@ -9,6 +9,7 @@ needed.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -27,3 +28,20 @@ def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.A
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def this_threads_modes(device: torch.device | str) -> Callable[[], contextlib.AbstractContextManager]:
+    """This thread's grad mode and autocast on `device`, as a context for another thread to enter:
+    both are thread-local in PyTorch, so a worker thread otherwise computes with gradients and
+    without autocast whatever its caller's `no_grad` and `autocast`."""
+    device_type = torch.device(device).type
+    grad = torch.is_grad_enabled()
+    enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+    def enter() -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.set_grad_enabled(grad))
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+        return stack
+
+    return enter
