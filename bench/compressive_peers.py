@@ -198,10 +198,11 @@ class OursBf16Compiled(OursBf16):
 
 
 class OursSharded(Ours):
-    """Training only: each step split across two threads with one intra-op thread each, as `still lm
-    train` runs it by default on a CPU (`still.train.shards`): each thread runs the forward and the
-    backward of its 8 rows and keeps their memories; the gradients add up in `.grad`, then the same
-    optimizer step as everyone's."""
+    """Each step split across two threads with one intra-op thread each, as `still lm train` runs it
+    by default on a CPU (`still.train.shards`): each thread runs the forward and the backward of its
+    8 rows and keeps their memories; the gradients add up in `.grad`, then the same optimizer step
+    as everyone's. Eval: the rows split likewise (`still.compressive.generate.StreamScorer`, as
+    `still lm eval` splits a batch of 16)."""
 
     name = "ours-2shards"
     precision = "fp32"
@@ -211,6 +212,17 @@ class OursSharded(Ours):
         super().__init__(cfg)
         self.states = [None] * self.shards
         self.pool = None
+        self.scorer = None  # eval's
+
+    def step_loss(self, inputs, targets):
+        """Eval only (training goes through `train_step`): the mean loss of inputs, targets (B, L)."""
+        from still.compressive.generate import StreamScorer
+        from still.train.precision import autocast
+
+        if self.scorer is None:
+            self.scorer = StreamScorer(self.model, inputs.shape[0], self.shards)
+        with autocast(self.precision):
+            return self.scorer(inputs, targets).mean(), False
 
     def train_step(self, inputs, targets) -> bool:
         """Forward and backward (into .grad) of inputs, targets (B, L); whether there was a compression loss."""
@@ -237,7 +249,8 @@ class OursSharded(Ours):
         return all(self.pool.map(forward_backward, range(self.shards)))
 
     def memory_lengths(self) -> tuple[int, int]:
-        return self.states[0].memory_len, self.states[0].compressed_len
+        state = (self.scorer.states if self.scorer is not None else self.states)[0]
+        return state.memory_len, state.compressed_len
 
     def after_training(self) -> None:
         self.pool.close()
@@ -427,8 +440,8 @@ class Lucidrains:
 ADAPTERS = {"ours": Ours, "ours+compile": OursCompiled, "ours-bf16": OursBf16, "ours-bf16+compile": OursBf16Compiled,
             "ours-2shards": OursSharded,
             "ours-bf16-2shards": OursShardedBf16, "labml": Labml, "lucidrains": Lucidrains}
-ONLY_MEASURES = {"ours+compile": ("generate",), "ours-bf16+compile": ("generate",), "ours-2shards": ("train",),
-                 "ours-bf16-2shards": ("train",)}  # the others: every measure
+ONLY_MEASURES = {"ours+compile": ("generate",), "ours-bf16+compile": ("generate",),
+                 "ours-2shards": ("train", "eval"), "ours-bf16-2shards": ("train", "eval")}  # the others: every measure
 
 
 def _proc_status_kib() -> dict[str, int]:
@@ -645,10 +658,12 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
 
 
 STATIC_NOTES = [
-    "ours-2shards: training only; each step split across two threads with one intra-op thread each, as `still "
-    "lm train` runs it by default on a CPU with two or more threads (still.train.shards): each thread runs the "
-    "forward and backward of 8 rows and keeps their memories, the gradients add up, then the same AdamW step; "
-    "its FLOPs are those of ours (not counted: the counter sees one thread); ours-bf16-2shards: the same in bf16",
+    "ours-2shards: training and eval; each step split across two threads with one intra-op thread each, as "
+    "`still lm train` runs it by default on a CPU with two or more threads (still.train.shards): each thread runs "
+    "the forward and backward of 8 rows and keeps their memories, the gradients add up, then the same AdamW step; "
+    "in eval each thread runs the forward of its 8 rows (still.compressive.generate.StreamScorer, as `still lm "
+    "eval` splits a batch of 16); its FLOPs are those of ours (not counted: the counter sees one thread); "
+    "ours-bf16-2shards: the same in bf16",
     "ratios: ours / the best peer in each column (the fastest for tok/s, the smallest for MiB); > 1x is "
     "better for tok/s, < 1x better for MiB",
     "labml: the training step mirrors its experiment.py Configs.step (its model, merge_compress_memory and "

@@ -21,7 +21,9 @@ Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_
                         of PaLM's and nanoGPT's MFU: a backward costs twice the forward); it does not
                         change when the backward skips a gradient nothing needs (the memories' rows,
                         docs/performance.md, session 13), which lowers the first count
-    eval batch 16 / 1   tokens/s of forward + cross entropy with memories carried, eval mode
+    eval batch 16, 2, 1 tokens/s of forward + cross entropy with memories carried, eval mode
+                        (`still.compressive.generate.StreamScorer`, as `still lm eval`); "2 shards":
+                        the rows split across two threads, one intra-op thread each
     generate batch 1    tokens/s of `generate` after a 512-token prompt (the prompt not counted),
                         eager and with --compile (compiled in the untimed warm-up); bf16: under
                         autocast, so the compiled steps read bf16 matrices and keys
@@ -57,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from still.bench.peak import device_name, peak  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
-from still.compressive.generate import generate  # noqa: E402
+from still.compressive.generate import StreamScorer, generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
 from still.recipes.lm import PRESETS  # noqa: E402
@@ -140,19 +142,18 @@ def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int =
 
 
 @torch.no_grad()
-def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int) -> float:
+def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int, shards: int = 1) -> float:
+    """Tokens/s of `StreamScorer` (what `still lm eval` runs a segment through), `shards` CPU threads."""
     model = make_model(seed).eval()
     l = PRESETS["reference"].segment_len
     data = stream(batch, warmup + steps, l, seed)
-    state, start = None, 0.0
-    with autocast(precision, DEVICE):
+    start = 0.0
+    with autocast(precision, DEVICE), StreamScorer(model, batch, shards) as scorer:
         for i in range(warmup + steps):
             if i == warmup:
                 sync()
                 start = time.perf_counter()
-            out = model(data[:, i * l : (i + 1) * l], state)
-            state = out.state
-            F.cross_entropy(out.logits.flatten(0, 1).float(), data[:, i * l + 1 : (i + 1) * l + 1].flatten())
+            scorer(data[:, i * l : (i + 1) * l], data[:, i * l + 1 : (i + 1) * l + 1])
     sync()
     return steps * batch * l / (time.perf_counter() - start)
 
@@ -228,6 +229,12 @@ def main() -> None:
         f"compile bf16{sharded}": lambda r: train_rate("bf16", args.steps, 6, r, shards=shards, compile=True),
         "eval fp32, batch 16": lambda r: eval_rate("fp32", 16, args.steps, 4, r),
         "eval bf16, batch 16": lambda r: eval_rate("bf16", 16, args.steps, 4, r),
+        "eval fp32, batch 16, 2 shards": lambda r: eval_rate("fp32", 16, args.steps, 4, r, shards=2),
+        "eval bf16, batch 16, 2 shards": lambda r: eval_rate("bf16", 16, args.steps, 4, r, shards=2),
+        "eval fp32, batch 2": lambda r: eval_rate("fp32", 2, 4 * args.steps, 4, r),
+        "eval fp32, batch 2, 2 shards": lambda r: eval_rate("fp32", 2, 4 * args.steps, 4, r, shards=2),
+        "eval bf16, batch 2": lambda r: eval_rate("bf16", 2, 4 * args.steps, 4, r),
+        "eval bf16, batch 2, 2 shards": lambda r: eval_rate("bf16", 2, 4 * args.steps, 4, r, shards=2),
         "eval fp32, batch 1": lambda r: eval_rate("fp32", 1, 4 * args.steps, 4, r),
         "eval bf16, batch 1": lambda r: eval_rate("bf16", 1, 4 * args.steps, 4, r),
         "generate fp32, batch 1": lambda r: generate_rate("fp32", args.new_tokens, False, r),
@@ -281,6 +288,10 @@ def main() -> None:
         f"train --compile / eager (fp32{sharded})": (f"compile fp32{sharded}", f"train fp32{sharded}"),
         f"train --compile / eager (bf16{sharded})": (f"compile bf16{sharded}", f"train bf16{sharded}"),
         "eval bf16 / fp32 (batch 16)": ("eval bf16, batch 16", "eval fp32, batch 16"),
+        "eval fp32: 2 shards / 1 (batch 16)": ("eval fp32, batch 16, 2 shards", "eval fp32, batch 16"),
+        "eval bf16: 2 shards / 1 (batch 16)": ("eval bf16, batch 16, 2 shards", "eval bf16, batch 16"),
+        "eval fp32: 2 shards / 1 (batch 2)": ("eval fp32, batch 2, 2 shards", "eval fp32, batch 2"),
+        "eval bf16: 2 shards / 1 (batch 2)": ("eval bf16, batch 2, 2 shards", "eval bf16, batch 2"),
         "generate / eval at batch 1 (fp32, eager)": ("generate fp32, batch 1", "eval fp32, batch 1"),
         "generate / eval at batch 1 (fp32, --compile)": ("generate fp32, batch 1, --compile", "eval fp32, batch 1"),
         "generate / eval at batch 1 (bf16, --compile)": ("generate bf16, batch 1, --compile", "eval bf16, batch 1"),
