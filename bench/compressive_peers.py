@@ -43,7 +43,11 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               runs do.
     GFLOP/s   matmul and convolution FLOPs counted from shapes by torch.utils.flop_counter on one
               extra step (or one extra generation) of the first repeat, times the median rate;
-              elementwise ops, softmax and norms are not counted.
+              elementwise ops, softmax and norms are not counted. A sharded row's FLOPs are its
+              unsharded twin's (the same products; a dispatch mode sees one thread's).
+    MFU       train GFLOP/s over the machine's matmul peak (`still bench peak`'s measurement, in a
+              subprocess of its own once a repeat, before the repeat's measurements; medians), the
+              bf16 rows over the bf16 peak; not with --no-flops.
 """
 
 from __future__ import annotations
@@ -440,6 +444,7 @@ class Lucidrains:
 ADAPTERS = {"ours": Ours, "ours+compile": OursCompiled, "ours-bf16": OursBf16, "ours-bf16+compile": OursBf16Compiled,
             "ours-2shards": OursSharded,
             "ours-bf16-2shards": OursShardedBf16, "labml": Labml, "lucidrains": Lucidrains}
+FLOPS_OF = {"ours-2shards": "ours", "ours-bf16-2shards": "ours-bf16"}  # whose counted FLOPs a row's are
 ONLY_MEASURES = {"ours+compile": ("generate",), "ours-bf16+compile": ("generate",),
                  "ours-2shards": ("train", "eval"), "ours-bf16-2shards": ("train", "eval")}  # the others: every measure
 
@@ -463,6 +468,10 @@ def run_worker(spec: dict) -> dict:
     cfg = BenchConfig(**spec["config"])
     measure, seed, count_flops = spec["measure"], spec["seed"], spec["count_flops"]
     torch.set_num_threads(cfg.threads)
+    if measure == "peak":  # the machine's matmul peak (`still bench peak`), the denominator of MFU
+        from still.bench.peak import peak
+
+        return {"impl": spec["impl"], "measure": measure, "seed": seed, **peak()}
     torch.manual_seed(seed)
     adapter = ADAPTERS[spec["impl"]](cfg)
     model = adapter.model
@@ -627,10 +636,15 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
             steady = median_of(results, impl, "generate", "steady_peak_growth_mib")
             row["gen steady MiB"] = round(steady, 1) if steady is not None else None
         for m in measures:
-            rate, flops = median_of(results, impl, m, "tokens_per_s"), median_of(results, impl, m, "flops")
+            # a sharded implementation runs its unsharded twin's products (a dispatch mode counts one thread's)
+            rate, flops = median_of(results, impl, m, "tokens_per_s"), median_of(results, FLOPS_OF.get(impl, impl), m,
+                                                                                  "flops")
             tokens_per_unit = cfg.new_tokens if m == "generate" else cfg.batch_size * cfg.segment_len
             flop_row[f"{m} MFLOP/token"] = round(flops / tokens_per_unit / 1e6, 2) if flops else None
             flop_row[f"{m} GFLOP/s"] = round(flops / tokens_per_unit * rate / 1e9, 2) if flops and rate else None
+            if m == "train" and machine.get("peak"):  # against the peak of the precision its products run in
+                peak = machine["peak"]["bf16" if "bf16" in impl else "fp32"]
+                flop_row["train MFU"] = f"{flops / tokens_per_unit * rate / peak:.1%}" if flops and rate else None
         rows.append(row)
         flop_rows.append(flop_row)
     peer_rows = [r for r in rows if r["implementation"] in PEERS]
@@ -650,10 +664,15 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
              f"of {cfg.gen_runs} in each repeat); medians of {repeats} repeat(s)")
     table = format_table(rows, title=title)
     if any(v is not None for r in flop_rows for k, v in r.items() if k != "implementation"):
+        peak = machine.get("peak")
         table += "\n" + format_table(flop_rows, title="Matmul and convolution FLOPs counted from shapes "
                                                       "(torch.utils.flop_counter), at the median rates"
                                                       + ("; generate: per new token, the prompt included"
-                                                         if "generate" in measures else ""))
+                                                         if "generate" in measures else "")
+                                                      + (f"; train MFU: against the matmul peak measured once a "
+                                                         f"repeat (medians: fp32 {peak['fp32'] / 1e9:.1f}, bf16 "
+                                                         f"{peak['bf16'] / 1e9:.1f} GFLOP/s), bf16 rows against bf16's"
+                                                         if peak else ""))
     return rows, flop_rows, table
 
 
@@ -733,7 +752,8 @@ def main() -> None:
                      "and use .venv-bench/bin/python")
 
     machine = machine_description(cfg.threads)
-    impls = [i for i in IMPLEMENTATIONS if i in args.only]
+    impls = [i for i in IMPLEMENTATIONS if i in args.only  # and with something to measure in this run
+             and any(m in ONLY_MEASURES.get(i, MEASURES) for m in args.measures)]
     measures = [m for m in MEASURES if m in args.measures]
     results = []
     builds = {}
@@ -758,7 +778,13 @@ def main() -> None:
               file=sys.stderr, flush=True)
     total = repeats * sum(m in ONLY_MEASURES.get(i, MEASURES) for m in measures for i in impls)
     done = 0
+    peaks = []  # the matmul peak once a repeat, for the MFU of the training rows
     for repeat in range(repeats):
+        if "train" in measures and not args.no_flops:
+            peaks.append(run_subprocess({"impl": "peak", "measure": "peak", "seed": repeat, "count_flops": False,
+                                         "config": dataclasses.asdict(cfg)}))
+            if "error" in peaks[-1]:
+                sys.exit(f"measuring the peak failed: {peaks[-1]['error']}\n{peaks[-1]['stderr']}")
         for measure in measures:
             shift = repeat % len(impls)
             for impl in impls[shift:] + impls[:shift]:  # a rotated order, so no one always goes first
@@ -777,6 +803,8 @@ def main() -> None:
     if builds:
         shutil.rmtree(aot_cache, ignore_errors=True)
 
+    machine["peak"] = ({precision: statistics.median(p[precision] for p in peaks) for precision in ("fp32", "bf16")}
+                       if peaks else None)
     rows, flop_rows, table = report(results, impls, measures, cfg, machine, repeats)
     notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))  # in order, once each
     with_ratios = "ours" in impls and any(p in impls for p in PEERS)

@@ -6,6 +6,11 @@ teacher (the teacher runs on every batch), and distilled with cached teacher log
 Networks of the paper: teacher 784-1200-1200-10, student 784-800-800-10; batch 128; the same
 training loop as `still distill mnist`. Prints medians over the repeats and the ratios, measured
 in one run. Uses the real MNIST if it is in the cache, random data of the same shape otherwise.
+
+MFU: the matrix-product FLOPs of one step (the student's forward and backward, and the online
+teacher's forward where it runs: counted from shapes by `torch.utils.flop_counter`) times the
+median steps a second, over the machine's fp32 matmul peak measured in the same run (`still bench
+peak`'s measurement, once a repeat).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from still.bench.peak import peak  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import MLP, MLPConfig  # noqa: E402
 from still.distill.teachers import CachedTeacher, Teacher  # noqa: E402
@@ -69,7 +76,10 @@ def main() -> None:
             teacher_log_probs=cached.log_probs(idx, temperature)),
     }
     times: dict[str, list[float]] = {k: [] for k in losses}
+    flops = {name: step_flops(loss_fn, x, args.batch_size) for name, loss_fn in losses.items()}
+    peaks: list[float] = []
     for repeat in range(args.repeats):
+        peaks.append(peak()["fp32"])
         for name, loss_fn in losses.items():  # interleaved, so drifts in machine load hit all alike
             torch.manual_seed(repeat)
             student = MLP(MLPConfig(hidden=(800, 800)))
@@ -80,15 +90,28 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
 
     plain = statistics.median(times["plain student (hard labels)"])
+    peak_fp32 = statistics.median(peaks)
+    steps = len(IndexBatches(n, args.batch_size, seed=0))
     rows = []
     for name, ts in times.items():
         median = statistics.median(ts)
+        achieved = flops[name] * steps / median
         rows.append({"epoch": name, "seconds (median)": round(median, 2), "samples/s": round(n / median),
-                     "time vs plain": f"{median / plain:.2f}x"})
+                     "time vs plain": f"{median / plain:.2f}x", "MFLOP a step": round(flops[name] / 1e6, 1),
+                     "GFLOP/s": round(achieved / 1e9, 1), "MFU": f"{achieved / peak_fp32:.1%}"})
     print(f"data: {source}; batch {args.batch_size}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
-          f"{platform.processor() or platform.machine()}; repeats {args.repeats}")
+          f"{platform.processor() or platform.machine()}; repeats {args.repeats}; fp32 matmul peak (median) "
+          f"{peak_fp32 / 1e9:.1f} GFLOP/s")
     print(format_table(rows, title="One student epoch (784-800-800-10), teacher 784-1200-1200-10"))
     print(f"computing the cached logits once: {cache_seconds:.2f} s ({n / cache_seconds:.0f} samples/s)")
+
+
+def step_flops(loss_fn, x: torch.Tensor, batch_size: int) -> float:
+    """Matrix-product FLOPs of one training step's loss and backward (a fresh student, one batch)."""
+    student = MLP(MLPConfig(hidden=(800, 800)))
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(student, torch.arange(min(batch_size, len(x)))).backward()
+    return float(counter.get_total_flops())
 
 
 if __name__ == "__main__":
