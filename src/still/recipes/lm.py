@@ -195,9 +195,6 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
     # each shard's memories (shard i: rows i * n / shards ... of this rank's), kept apart between steps
     memory: list[MemoryState | None] = [None] * shards
-
-    def eval_split(streams: TokenStreams) -> int:  # evaluation's own shards, where training's are split
-        return eval_shards(model, streams.batch_size, config.segment_len) if shards > 1 else 1
     lm_losses: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (step, shard): (nll sum, count)
 
     def loss_fn(_, step: int, shard: Shard | None = None) -> torch.Tensor:
@@ -233,6 +230,9 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         for i in range(shards):
             part = {k: v[Shard(i, shards).rows(v.shape[0], "the checkpoint's memories")] for k, v in mine.items()}
             memory[i] = MemoryState.from_tensors(part) if part else None
+
+    def eval_split(streams: TokenStreams) -> int:  # evaluation's own shards, where training's are split
+        return eval_shards(model, streams.batch_size, config.segment_len) if shards > 1 else 1
 
     def evaluate(net) -> dict[str, Any]:
         result = evaluate_streams(net, valid, max_segments=config.eval_segments, shards=eval_split(valid))
