@@ -348,7 +348,6 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
     device = next(model.parameters()).device
     shards = eval_shards(model, streams.batch_size, config.segment_len) if shards is None else shards
-    check(shards == 1 or device.type == "cpu", f"shards ({shards}) split the rows across CPU threads: not on {device}")
     with autocast(precision, device):
         result = evaluate_streams(model, streams, position_edges=edges, shards=shards,
                                   progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
