@@ -208,6 +208,10 @@ def lm_group() -> None:
               help="Split every step's batch across this many threads, each with its share of --threads "
                    "(default: 2 on a CPU with two or more threads, else 1; docs/performance.md). Unless 1, "
                    "evaluation splits its rows in two where that pays (as `still lm eval --shards`).")
+@click.option("--eval-fill-rows", is_flag=True, default=None,
+              help="Evaluate splits of fewer documents than rows (enwik8 has one) cut into contiguous pieces, "
+                   "one a row: much faster; each piece is read without the text before it, so the loss is a "
+                   "little higher. (Training always fills its rows so.)")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile each layer's feed-forward block (norm, products, residual). Meant for GPUs: "
                    "on the CPUs measured here it trains 1.1-1.3x slower (docs/performance.md). Where compiling "
@@ -217,7 +221,7 @@ def lm_group() -> None:
 @keep_option
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
              post_norm, dropout, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite,
-             cache_dir, threads, shards, compile_, deterministic, on_nonfinite, keep):
+             cache_dir, threads, shards, eval_fill_rows, compile_, deterministic, on_nonfinite, keep):
     """Train a Compressive Transformer; prints validation and test bits per character.
 
     Data parallel on several processes or GPUs: start it with torchrun, for example
@@ -232,7 +236,7 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
                      "compression": compression, "compression_loss": compression_loss,
                      "pre_norm": False if post_norm else None, "dropout": dropout},
         corpus=corpus, byte_level=byte_level, steps=steps, eval_every=eval_every, batch_size=batch_size,
-        segment_len=segment_len, seed=seed, precision=precision,
+        segment_len=segment_len, seed=seed, precision=precision, eval_fill_rows=eval_fill_rows,
         optim=replace(base.optim, lr=lr) if lr is not None else None)
     _threads(threads, deterministic)
     train_lm(config, out or Path(f"runs/lm-{preset}"), cache=cache_dir, overwrite=overwrite, on_nonfinite=on_nonfinite,
@@ -251,13 +255,18 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Split every segment's rows across this many threads, each with its share of --threads "
                    "(default: 2 on a CPU with two or more threads where it pays, else 1; docs/performance.md).")
-def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads, shards):
+@click.option("--fill-rows/--no-fill-rows", default=None,
+              help="Cut a split of fewer documents than rows (enwik8 has one) into contiguous pieces, one a row: "
+                   "much faster; each piece is read without the text before it, so the loss is a little higher "
+                   "(default: as the run was trained, --eval-fill-rows).")
+def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads, shards, fill_rows):
     """Bits per character and perplexity over a whole split, streaming with memory, and the loss by
     position within the document (table and plot in RUN_DIR)."""
     from still.recipes.lm import eval_lm
 
     _threads(threads)
-    eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint, precision=precision, shards=shards)
+    eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint, precision=precision, shards=shards,
+            fill_rows=fill_rows)
 
 
 @lm_group.command("generate")

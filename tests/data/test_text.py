@@ -131,3 +131,62 @@ def test_shakespeare_split_by_play():
     assert len(corpus.train) == 38 and not names & set(SHAKESPEARE_VALID + SHAKESPEARE_TEST)
     assert corpus.test[0].text.startswith("HAMLET, PRINCE OF DENMARK")
     assert 4_500_000 < sum(len(d.text) for d in corpus.train) < 4_600_000
+
+
+def _rows(streams):
+    """Per row, its targets in order, with "|" where the row's memories reset."""
+    seen = {row: [] for row in range(streams.batch_size)}
+    for segment in streams:
+        for row in range(streams.batch_size):
+            if segment.reset[row]:
+                seen[row].append("|")
+            valid = segment.targets[row] != -100
+            seen[row].extend(segment.targets[row][valid].tolist())
+    return seen
+
+
+def test_fill_rows_cuts_one_document_into_a_piece_a_row():
+    doc = torch.arange(100, 150)  # 50 tokens: 13 segments of 4
+    streams = TokenStreams([doc], batch_size=4, segment_len=4, fill_rows=True)
+    assert streams.batch_size == 4 and len(streams.pieces) == 4
+    # contiguous pieces in whole segments (13 = 3 + 3 + 3 + 4), covering the document once
+    assert streams.pieces == [(0, 0, 12), (0, 12, 24), (0, 24, 36), (0, 36, 50)]
+    assert len(streams) == 4  # segments of the longest row
+    rows = _rows(streams)
+    pieces = sorted((row[1], row) for row in rows.values())  # by first target
+    assert [t for _, row in pieces for t in row if t != "|"] == doc.tolist()
+    for row in rows.values():  # each row: its memories reset, one contiguous piece, then padding (resets)
+        body = [t for t in row[1:] if t != "|"]
+        assert row[0] == "|" and row[1 : 1 + len(body)] == body == list(range(body[0], body[0] + len(body)))
+    # a later piece goes on from the token before it, not from <doc>; the first starts at <doc>
+    first = streams.segment(0)
+    starts = {int(first.targets[r, 0]): int(first.inputs[r, 0]) for r in range(4)}
+    assert starts == {100: Vocab.DOC, 112: 111, 124: 123, 136: 135}
+    assert first.positions[:, 0].sort().values.tolist() == [0, 12, 24, 36]
+    assert first.reset.all()
+
+
+def test_fill_rows_cuts_in_proportion_and_never_more_than_segments():
+    docs = [torch.arange(0, 40), torch.arange(50, 58)]  # 10 and 2 segments of 4
+    streams = TokenStreams(docs, batch_size=6, segment_len=4, fill_rows=True)
+    assert [d for d, _, _ in streams.pieces] == [0] * 5 + [1]  # shares 5 and 1
+    targets = sorted(t for row in _rows(streams).values() for t in row if t != "|")
+    assert targets == list(range(40)) + list(range(50, 58))
+    # more rows than segments: a piece a segment
+    short = TokenStreams([torch.arange(10)], batch_size=8, segment_len=4, fill_rows=True)
+    assert short.batch_size == 3 and short.pieces == [(0, 0, 4), (0, 4, 8), (0, 8, 10)]
+    # the last segment of a piece feeds nothing past the piece
+    last = short.segment(0)
+    row = int((last.positions[:, 0] == 8).nonzero())
+    assert last.inputs[row, :3].tolist() == [7, 8, 9] and last.inputs[row, 3] == 0 and last.targets[row, 2] == -100
+
+
+def test_fill_rows_changes_nothing_with_as_many_documents_as_rows():
+    docs = [torch.arange(2, 12), torch.arange(20, 23), torch.arange(30, 37)]
+    for seed in (None, 3):
+        plain = TokenStreams(docs, batch_size=2, segment_len=4, shuffle_seed=seed)
+        filled = TokenStreams(docs, batch_size=2, segment_len=4, shuffle_seed=seed, fill_rows=True)
+        assert len(plain) == len(filled)
+        for a, b in zip(plain, filled):
+            for name in ("inputs", "targets", "reset", "positions"):
+                assert torch.equal(getattr(a, name), getattr(b, name))

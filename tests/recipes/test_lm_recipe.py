@@ -369,3 +369,50 @@ def test_eval_split_across_threads_gives_the_same_bits(trained, capsys):
     assert [m["shards"] for m in metas] == [1, 2] and metas[0]["tokens"] == metas[1]["tokens"]
     assert metas[1]["bits_per_token"] == pytest.approx(metas[0]["bits_per_token"], abs=1e-6)
     assert_user_error(capsys, "lm", "eval", str(trained), "--shards", "0", contains="--shards")
+
+
+def test_one_document_corpus_trains_on_every_row_and_eval_can_fill_them(tmp_path, capsys):
+    from conftest import HAMLET
+
+    text = tmp_path / "one.txt"  # one file: one document in each split (as enwik8)
+    text.write_text("".join(f"{i}: {HAMLET}" for i in range(60)))
+    run = tmp_path / "run"
+    code, _, _ = run_cli(capsys, *train_args(text, run))
+    assert code == 0
+    from safetensors.torch import load_file
+
+    newest = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
+    assert load_file(str(newest / "state.safetensors"))["extra/memory/0"].shape[0] == 3  # the batch, not 1 row
+    whole = json.loads((run / "results.json").read_text())["rows"][0]
+    code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--threads", "1")
+    assert code == 0 and "cut into" not in out
+    plain = json.loads((run / "eval-test.json").read_text())["meta"]
+    assert (plain["rows"], plain["pieces"]) == (1, 1)
+    assert plain["bits_per_token"] == pytest.approx(whole["test_bpc"], abs=1e-4)
+    code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--threads", "1", "--fill-rows")
+    assert code == 0 and "the 1 document(s) cut into 3 pieces" in out
+    filled = json.loads((run / "eval-test.json").read_text())["meta"]
+    assert (filled["rows"], filled["pieces"], filled["tokens"]) == (3, 3, plain["tokens"])
+    # the same targets, two of the three pieces read without the text before them
+    assert filled["bits_per_token"] == pytest.approx(plain["bits_per_token"], abs=0.3)
+    assert filled["bits_per_token"] != plain["bits_per_token"]
+    # a run trained with --eval-fill-rows evaluates so by default
+    code, out, _ = run_cli(capsys, *train_args(text, tmp_path / "filled", "--eval-fill-rows"))
+    assert code == 0
+    code, out, _ = run_cli(capsys, "lm", "eval", str(tmp_path / "filled"), "--threads", "1")
+    assert "cut into 3 pieces" in out
+    code, out, _ = run_cli(capsys, "lm", "eval", str(tmp_path / "filled"), "--threads", "1", "--no-fill-rows")
+    assert "cut into" not in out
+
+
+def test_a_run_made_before_a_setting_existed_resumes(trained, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for name in ("stage.json", "config.json"):  # as written by a version without eval_fill_rows
+        config = json.loads((out / name).read_text())
+        del config["eval_fill_rows"]
+        (out / name).write_text(json.dumps(config))
+    code, printed, err = run_cli(capsys, *train_args(corpus, out))
+    assert code == 0 and "different settings" not in err
+    code, _, err = run_cli(capsys, *train_args(corpus, out, "--eval-fill-rows"))
+    assert code == 2 and "different settings (eval_fill_rows)" in err

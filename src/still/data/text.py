@@ -261,36 +261,72 @@ class TokenStreams:
     to rows, longest first, each to the row with the fewest segments so far; shorter rows end with
     padding segments. With `shuffle_seed`, the document order is shuffled before dealing (for
     training epochs). There are never more rows than documents (a row without one would be all
-    padding).
+    padding), unless `fill_rows`.
+
+    `fill_rows`: where there are fewer documents than rows (enwik8 and a single text file have one),
+    cut them into contiguous pieces so that every row has one, as Transformer-XL does with its one
+    stream: each document into a number of pieces in proportion to its length (whole segments,
+    as even as they can be; never more pieces than segments). A piece after a document's first
+    is fed from the token before it, not from <doc> (the text simply goes on), and its row's
+    memories are reset where it starts: each piece is read without the text before it, so the
+    loss is a little higher than over whole documents (its first targets have less context).
+    With as many documents as rows, nothing is cut.
     """
 
     def __init__(self, documents: Sequence[torch.Tensor], batch_size: int, segment_len: int,
-                 names: Sequence[str] | None = None, shuffle_seed: int | None = None) -> None:
+                 names: Sequence[str] | None = None, shuffle_seed: int | None = None,
+                 fill_rows: bool = False) -> None:
         if batch_size <= 0 or segment_len <= 0:
             raise StillError(f"batch size and segment length must be > 0, got {batch_size} and {segment_len}")
         if not documents or sum(len(d) for d in documents) == 0:
             raise StillError("the corpus split is empty")
-        batch_size = min(batch_size, len(documents))
-        self.batch_size, self.segment_len = batch_size, segment_len
-        order = list(range(len(documents)))
+        self.segment_len = segment_len
+        lengths = [len(d) for d in documents]
+        cuts = (self._cuts(lengths, batch_size) if fill_rows and len(documents) < batch_size
+                else [1] * len(documents))
+        # (document, first token, end): its tokens [first, end) in whole segments but the last
+        self.pieces: list[tuple[int, int, int]] = []
+        for d, (n, parts) in enumerate(zip(lengths, cuts)):
+            segments = self._segments(n)
+            bounds = [segments * i // parts * segment_len for i in range(parts)] + [n]
+            self.pieces += [(d, bounds[i], bounds[i + 1]) for i in range(parts)]
+        batch_size = min(batch_size, len(self.pieces))
+        self.batch_size = batch_size
+        order = list(range(len(self.pieces)))
         if shuffle_seed is not None:
-            order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+            order = torch.randperm(len(self.pieces), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
         else:
-            order.sort(key=lambda i: -len(documents[i]))
-        self.rows: list[list[int]] = [[] for _ in range(batch_size)]
-        lengths = [0] * batch_size
+            order.sort(key=lambda i: -(self.pieces[i][2] - self.pieces[i][1]))
+        self.rows: list[list[int]] = [[] for _ in range(batch_size)]  # each row's pieces in turn
+        row_segments = [0] * batch_size
         for i in order:
-            row = min(range(batch_size), key=lambda r: lengths[r])
+            row = min(range(batch_size), key=lambda r: row_segments[r])
             self.rows[row].append(i)
-            lengths[row] += self._segments(len(documents[i]))
+            row_segments[row] += self._segments(self.pieces[i][2] - self.pieces[i][1])
         self.documents = list(documents)
         self.names = list(names) if names is not None else [str(i) for i in range(len(documents))]
-        self.num_segments = max(lengths)
-        # per row: the (document, segment index) of each step
-        self._schedule = [[(d, s) for d in row for s in range(self._segments(len(documents[d])))] for row in self.rows]
+        self.num_segments = max(row_segments)
+        # per row: the (piece, segment index within it) of each step
+        self._schedule = [[(p, s) for p in row for s in range(self._segments(self.pieces[p][2] - self.pieces[p][1]))]
+                          for row in self.rows]
 
     def _segments(self, n_tokens: int) -> int:
         return max(1, -(-n_tokens // self.segment_len))  # inputs: <doc> + n - 1 tokens; targets: n
+
+    def _cuts(self, lengths: list[int], rows: int) -> list[int]:
+        """Pieces to cut each document into for `rows` in all: in proportion to its segments (the
+        largest remainders rounded up), at least one each, at most one a segment."""
+        segments = [self._segments(n) for n in lengths]
+        if sum(segments) <= rows:
+            return segments
+        shares = [rows * s / sum(segments) for s in segments]
+        cuts = [min(s, max(1, int(share))) for s, share in zip(segments, shares)]
+        by_remainder = sorted(range(len(cuts)), key=lambda i: int(shares[i]) - shares[i])
+        while sum(cuts) < rows:  # ends: the segments are more than the rows
+            for i in by_remainder:
+                if sum(cuts) < rows and cuts[i] < segments[i]:
+                    cuts[i] += 1
+        return cuts
 
     def __len__(self) -> int:
         return self.num_segments
@@ -309,13 +345,15 @@ class TokenStreams:
             if step >= len(schedule):
                 reset[row] = True  # padding after the row's last document: forget it
                 continue
-            doc_index, seg = schedule[step]
+            piece, seg = schedule[step]
+            doc_index, first, end = self.pieces[piece]
             doc = self.documents[doc_index]
-            start = seg * l  # position in [<doc>, tokens] of this segment's first input
-            ids = (torch.cat([torch.tensor([Vocab.DOC]), doc[start : start + l]]) if seg == 0
+            start = first + seg * l  # position in [<doc>, tokens] of this segment's first input
+            ids = (torch.cat([torch.tensor([Vocab.DOC]), doc[start : start + l]]) if start == 0
                    else doc[start - 1 : start - 1 + l])
-            n = min(l, len(doc) - start)  # targets in this segment
-            inputs[row, : len(ids)] = ids[:l]
+            n = min(l, end - start)  # targets in this segment
+            ids = ids[: min(l, n + 1)]  # nothing after the piece's last token (which predicts nothing)
+            inputs[row, : len(ids)] = ids
             targets[row, :n] = doc[start : start + n]
             positions[row, :n] = torch.arange(start, start + n)
             reset[row] = seg == 0

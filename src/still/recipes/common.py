@@ -19,14 +19,19 @@ from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 
 
-def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False) -> None:
+def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False,
+                       defaults: dict[str, Any] | None = None) -> None:
     """A stage directory holds one config: refuse (exit 2, nothing touched) to mix another into it.
 
-    With `overwrite`, a stage whose settings changed is deleted and started again.
+    With `overwrite`, a stage whose settings changed is deleted and started again. `defaults`: the
+    config's defaults; a top-level setting the stage's config lacks (a run made before the setting
+    existed) counts as at its default.
     """
     path = stage_dir / "stage.json"
     if path.is_file():
         existing = json.loads(path.read_text())
+        if defaults:
+            existing = {k: defaults[k] for k in config if k not in existing and k in defaults} | existing
         if existing != config:
             if not overwrite:
                 changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))

@@ -59,6 +59,11 @@ class LMConfig:
     eval_every: int = 250
     eval_segments: int | None = 40
     """Validation segments at each interval (None: the whole split); the final evaluation is whole."""
+    eval_fill_rows: bool = False
+    """Evaluation (validation and the final passes) of a split with fewer documents than rows: cut
+    them into contiguous pieces, one a row (`TokenStreams`' fill_rows; training always does). Much
+    faster for enwik8's one document; each piece is read without the text before it, so the loss is
+    a little higher than over whole documents."""
     precision: str = "fp32"
     """fp32, or bf16 (autocast; float32 weights, optimizer state and losses)."""
     seed: int = 0
@@ -119,8 +124,13 @@ class TrainStream:
     def _pass(self, index: int) -> TokenStreams:
         if index not in self._streams:
             self._streams = {index: TokenStreams(self.documents, self.config.batch_size, self.config.segment_len,
-                                                 shuffle_seed=self.config.seed * 1_000_003 + index)}
+                                                 shuffle_seed=self.config.seed * 1_000_003 + index, fill_rows=True)}
         return self._streams[index]
+
+    @property
+    def rows(self) -> int:
+        """Rows of every batch: the batch size, unless the documents have fewer segments in all."""
+        return self._pass(0).batch_size
 
     def segment(self, step: int) -> Segment:
         with self._lock:
@@ -156,8 +166,10 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     corpus, vocab = _load_data(config, cache)
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
     device = dist.device if dist.enabled else distributed.default_device()
+    train_docs, _ = encode_split(corpus, "train", vocab)
+    stream = TrainStream(train_docs, config)
     # fails early if the batch size does not split
-    rank_rows = dist.rows(min(config.batch_size, len(corpus.train)), "the batch size")
+    rank_rows = dist.rows(stream.rows, "the batch size")
     n_rows = rank_rows.stop - rank_rows.start  # this rank's rows of every batch
     if shards is None:
         shards = default_shards(device, n_rows) if not dist.enabled else 1
@@ -167,15 +179,14 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
           f"shards ({shards}) must be >= 1 and divide the rows of a batch ({n_rows}"
           + (" per process)" if dist.enabled else ")"))
     if dist.main:
-        check_stage_config(out, to_dict(config), overwrite)
+        check_stage_config(out, to_dict(config), overwrite, defaults=to_dict(LMConfig()))
         save_config(config, out / "config.json")
         atomic_write_text(out / "vocab.json", vocab.to_json())
     dist.barrier()
 
-    train_docs, _ = encode_split(corpus, "train", vocab)
     valid_docs, valid_names = encode_split(corpus, "valid", vocab)
-    stream = TrainStream(train_docs, config)
-    valid = TokenStreams(valid_docs, config.batch_size, config.segment_len, valid_names)
+    valid = TokenStreams(valid_docs, config.batch_size, config.segment_len, valid_names,
+                         fill_rows=config.eval_fill_rows)
 
     seed_everything(config.seed)
     model = CompressiveTransformer(config.model).to(device)
@@ -269,7 +280,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     with autocast(config.precision, device):
         final = {}
         for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names)):
-            streams = TokenStreams(docs, config.batch_size, config.segment_len, names)
+            streams = TokenStreams(docs, config.batch_size, config.segment_len, names, fill_rows=config.eval_fill_rows)
             final[split] = evaluate_streams(model, streams, shards=eval_split(streams),
                                             progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
     m = config.model
@@ -333,17 +344,20 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
 
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
             print_table: bool = True, checkpoint: str | Path | None = None, precision: str | None = None,
-            shards: int | None = None) -> dict:
+            shards: int | None = None, fill_rows: bool | None = None) -> dict:
     """Bits per character over a whole split, streaming with memory, and the loss by position.
     `precision`: fp32 or bf16 (default: the run's). `shards`: split each segment's rows across this
-    many CPU threads (`StreamScorer`; default: `eval_shards`)."""
+    many CPU threads (`StreamScorer`; default: `eval_shards`). `fill_rows`: cut a split of fewer
+    documents than rows into pieces, one a row (`LMConfig.eval_fill_rows`; default: the run's)."""
     run_dir = Path(run_dir)
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
     corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
     docs, names = encode_split(corpus, split, vocab)
-    streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names)
+    fill_rows = config.eval_fill_rows if fill_rows is None else fill_rows
+    streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names, fill_rows=fill_rows)
+    cut = len(streams.pieces) > len(docs)
     longest = max(len(d) for d in docs)
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
     device = next(model.parameters()).device
@@ -356,12 +370,14 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
             for b in result["by_position"]]
     title = (f"{corpus.name} {split}: {result['bits_per_token']:.4f} bits per character, perplexity "
              f"{result['perplexity']:.3f}, {result['tokens']} characters; checkpoint step {checkpoint.step}, "
-             f"{precision}\n\n"
+             f"{precision}" + (f"; the {len(docs)} document(s) cut into {len(streams.pieces)} pieces, each read "
+                               "without the text before it" if cut else "") + "\n\n"
              "Loss by position within the document:")
     name = f"eval-{split}"
     table = write_results(run_dir, name, rows, title=title,
                           meta={k: v for k, v in result.items() if k != "by_position"}
-                          | {"step": checkpoint.step, "precision": precision, "shards": shards})
+                          | {"step": checkpoint.step, "precision": precision, "shards": shards,
+                             "rows": streams.batch_size, "pieces": len(streams.pieces)})
     plot_curves(run_dir / f"{name}-by-position.png",
                 [(_describe(config.model),
                   [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
