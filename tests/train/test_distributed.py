@@ -73,6 +73,19 @@ def test_a_checkpoint_written_on_two_ranks_resumes_on_one(runs, corpus):
     assert_same_weights(resumed, base / "one")
 
 
+def test_a_one_document_corpus_trains_on_two_ranks_as_on_one(tmp_path):
+    from conftest import HAMLET
+
+    text = tmp_path / "one.txt"  # one document a split: cut into a piece a row, so each rank has rows
+    text.write_text("".join(f"{i}: {HAMLET}" for i in range(40)))
+    one = still(1, *lm_args(text, tmp_path / "one", steps=4))
+    two = still(2, *lm_args(text, tmp_path / "two", steps=4))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert load_file(str(newest(tmp_path / "two") / "state.safetensors"))["extra/memory/0"].shape[0] == 4
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
 def test_two_ranks_resume_with_each_ranks_own_dropout_stream(corpus, tmp_path):
     """With dropout, each rank draws its own masks; a run interrupted and resumed on two ranks ends
     with the weights of the uninterrupted run (rank 1 must not inherit rank 0's generator)."""
