@@ -377,20 +377,21 @@ def test_one_document_corpus_trains_on_every_row_and_eval_can_fill_them(tmp_path
     text = tmp_path / "one.txt"  # one file: one document in each split (as enwik8)
     text.write_text("".join(f"{i}: {HAMLET}" for i in range(60)))
     run = tmp_path / "run"
-    code, _, _ = run_cli(capsys, *train_args(text, run))
-    assert code == 0
+    code, _, err = run_cli(capsys, *train_args(text, run))
+    assert code == 0 and "the valid split has 1 document(s) for a batch of 3" in err and "--eval-fill-rows cuts" in err
     from safetensors.torch import load_file
 
     newest = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
     assert load_file(str(newest / "state.safetensors"))["extra/memory/0"].shape[0] == 3  # the batch, not 1 row
     whole = json.loads((run / "results.json").read_text())["rows"][0]
-    code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--threads", "1")
+    code, out, err = run_cli(capsys, "lm", "eval", str(run), "--threads", "1")
     assert code == 0 and "cut into" not in out
+    assert "the test split has 1 document(s) for a batch of 3: evaluating it on 1 row(s); --fill-rows cuts" in err
     plain = json.loads((run / "eval-test.json").read_text())["meta"]
     assert (plain["rows"], plain["pieces"]) == (1, 1)
     assert plain["bits_per_token"] == pytest.approx(whole["test_bpc"], abs=1e-4)
-    code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--threads", "1", "--fill-rows")
-    assert code == 0 and "the 1 document(s) cut into 3 pieces" in out
+    code, out, err = run_cli(capsys, "lm", "eval", str(run), "--threads", "1", "--fill-rows")
+    assert code == 0 and "the 1 document(s) cut into 3 pieces" in out and "evaluating it on" not in err
     filled = json.loads((run / "eval-test.json").read_text())["meta"]
     assert (filled["rows"], filled["pieces"], filled["tokens"]) == (3, 3, plain["tokens"])
     # the same targets, two of the three pieces read without the text before them

@@ -110,6 +110,19 @@ def encode_split(corpus: Corpus, split: str, vocab: Vocab) -> tuple[list[torch.T
     return [vocab.encode(d.text, f"{corpus.name}/{d.name}") for d in docs], [d.name for d in docs]
 
 
+def eval_streams(docs: list[torch.Tensor], names: list[str], rows: int, config: LMConfig, fill_rows: bool,
+                 split: str, hint: str, say: bool = True) -> TokenStreams:
+    """The streams to evaluate a split on; says so (where `say`) when the split is one document (enwik8,
+    a single file), read as one row, and `fill_rows` would fill the batch (`hint`: how to ask for it).
+    (Not for a few documents, as Shakespeare's two: the bundled default's output stays quiet.)"""
+    streams = TokenStreams(docs, rows, config.segment_len, names, fill_rows=fill_rows)
+    if say and not fill_rows and len(docs) == 1 and rows > 1:
+        log(f"the {split} split has {len(docs)} document(s) for a batch of {rows}: evaluating it on "
+            f"{streams.batch_size} row(s); {hint} cuts it into a piece a row (faster; each piece is read "
+            "without the text before it)")
+    return streams
+
+
 class TrainStream:
     """Step s of training: a position in pass p over the training documents, dealt to rows anew
     (shuffled with seed p) for every pass. A pure function of s, so a resumed run sees the same data."""
@@ -185,8 +198,8 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     dist.barrier()
 
     valid_docs, valid_names = encode_split(corpus, "valid", vocab)
-    valid = TokenStreams(valid_docs, config.batch_size, config.segment_len, valid_names,
-                         fill_rows=config.eval_fill_rows)
+    valid = eval_streams(valid_docs, valid_names, config.batch_size, config, config.eval_fill_rows, "valid",
+                         "--eval-fill-rows", say=dist.main)
 
     seed_everything(config.seed)
     model = CompressiveTransformer(config.model).to(device)
@@ -356,7 +369,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
     docs, names = encode_split(corpus, split, vocab)
     fill_rows = config.eval_fill_rows if fill_rows is None else fill_rows
-    streams = TokenStreams(docs, batch_size or config.batch_size, config.segment_len, names, fill_rows=fill_rows)
+    streams = eval_streams(docs, names, batch_size or config.batch_size, config, fill_rows, split, "--fill-rows")
     cut = len(streams.pieces) > len(docs)
     longest = max(len(d) for d in docs)
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
