@@ -392,6 +392,7 @@ def test_one_document_corpus_trains_on_every_row_and_eval_can_fill_them(tmp_path
     assert plain["bits_per_token"] == pytest.approx(whole["test_bpc"], abs=1e-4)
     code, out, err = run_cli(capsys, "lm", "eval", str(run), "--threads", "1", "--fill-rows")
     assert code == 0 and "the 1 document(s) cut into 3 pieces" in out and "evaluating it on" not in err
+    assert "Loss by position within the piece" in out
     filled = json.loads((run / "eval-test.json").read_text())["meta"]
     assert (filled["rows"], filled["pieces"], filled["tokens"]) == (3, 3, plain["tokens"])
     # the same targets, two of the three pieces read without the text before them

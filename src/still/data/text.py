@@ -248,7 +248,8 @@ class Segment:
     inputs: torch.Tensor  # (B, L) token ids
     targets: torch.Tensor  # (B, L) next-token ids, -100 where there is nothing to predict
     reset: torch.Tensor  # (B,) bool: a new document starts in this row with this segment
-    positions: torch.Tensor  # (B, L) position of each input within its document (-1 for padding)
+    positions: torch.Tensor  # (B, L) position of each target within its document, or within its piece of
+    # one where documents are cut (`fill_rows`): since the row's memories were reset (-1 for padding)
 
 
 class TokenStreams:
@@ -355,7 +356,7 @@ class TokenStreams:
             ids = ids[: min(l, n + 1)]  # nothing after the piece's last token (which predicts nothing)
             inputs[row, : len(ids)] = ids
             targets[row, :n] = doc[start : start + n]
-            positions[row, :n] = torch.arange(start, start + n)
+            positions[row, :n] = torch.arange(start - first, start - first + n)
             reset[row] = seg == 0
         return Segment(inputs, targets, reset, positions)
 

@@ -371,7 +371,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     fill_rows = config.eval_fill_rows if fill_rows is None else fill_rows
     streams = eval_streams(docs, names, batch_size or config.batch_size, config, fill_rows, split, "--fill-rows")
     cut = len(streams.pieces) > len(docs)
-    longest = max(len(d) for d in docs)
+    within = "piece" if cut else "document"  # what the positions count from (`Segment.positions`)
+    longest = max(end - first for _, first, end in streams.pieces)
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
     device = next(model.parameters()).device
     shards = eval_shards(model, streams.batch_size, config.segment_len) if shards is None else shards
@@ -385,7 +386,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
              f"{result['perplexity']:.3f}, {result['tokens']} characters; checkpoint step {checkpoint.step}, "
              f"{precision}" + (f"; the {len(docs)} document(s) cut into {len(streams.pieces)} pieces, each read "
                                "without the text before it" if cut else "") + "\n\n"
-             "Loss by position within the document:")
+             f"Loss by position within the {within}:")
     name = f"eval-{split}"
     table = write_results(run_dir, name, rows, title=title,
                           meta={k: v for k, v in result.items() if k != "by_position"}
@@ -395,8 +396,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
                 [(_describe(config.model),
                   [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
                   [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
-                xlabel="position in the document (characters)", ylabel="bits per character", logx=True,
-                title=f"{corpus.name} {split}: loss by position in the document")
+                xlabel=f"position in the {within} (characters)", ylabel="bits per character", logx=True,
+                title=f"{corpus.name} {split}: loss by position in the {within}")
     if print_table:
         print(table)
     return result
