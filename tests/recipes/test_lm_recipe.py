@@ -325,6 +325,7 @@ def test_compiled_training_matches_eager_training(corpus, tmp_path, capsys):
     """`--compile` (torch.compile of each layer's feed-forward block; dropout drawn eagerly inside,
     from each shard thread's generator): the run of eager training, to float tolerance, with
     dropout and two shards; its checkpoint has the same names, so it resumes without `--compile`."""
+    import torch._dynamo
     from safetensors.torch import load_file
     from torch._dynamo.utils import counters
 
@@ -333,6 +334,7 @@ def test_compiled_training_matches_eager_training(corpus, tmp_path, capsys):
         compiled_before = counters["stats"]["unique_graphs"]
         code, _, _ = run_cli(capsys, *_sharded_args(corpus, tmp_path / name, 2, 2, "--dropout", "0.1", *extra))
         assert code == 0
+        assert torch._dynamo.config.suppress_errors is False  # set for the run only (failures run eagerly)
         assert (counters["stats"]["unique_graphs"] > compiled_before) == (name == "compiled")
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())
     for a, b in zip(runs["eager"]["meta"]["history"], runs["compiled"]["meta"]["history"]):

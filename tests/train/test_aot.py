@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from still.train import aot
@@ -131,3 +132,28 @@ def test_pruning_removes_what_killed_builds_left_and_nothing_in_progress(tmp_pat
         os.utime(path, (old, old))
     aot._prune(tmp_path, keep=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".b.x1.spec", "a.pt2"]
+
+
+def test_compile_failures_run_eagerly_inside_only():
+    import torch._dynamo
+
+    from still.train.aot import compile_failures_run_eagerly
+
+    def broken_backend(graph, examples):  # a compiler that always fails
+        raise RuntimeError("no compiler here")
+
+    def double(x):
+        return x * 2
+
+    torch._dynamo.reset()
+    assert torch._dynamo.config.suppress_errors is False
+    with compile_failures_run_eagerly():
+        assert torch.equal(torch.compile(double, backend=broken_backend)(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch._dynamo.config.suppress_errors is False
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no compiler here"):
+        torch.compile(double, backend=broken_backend)(torch.ones(3))
+    with pytest.raises(KeyError), compile_failures_run_eagerly():  # put back when the body raises too
+        raise KeyError
+    assert torch._dynamo.config.suppress_errors is False
+    torch._dynamo.reset()

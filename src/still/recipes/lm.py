@@ -13,6 +13,7 @@ checkpoint). Train and evaluation memories are kept apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -31,7 +32,7 @@ from still.data.text import Corpus, Segment, TokenStreams, Vocab, load_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_stage_config, plot_curves
 from still.train import checkpoint as ckpt, distributed
-from still.train.aot import torch_compile_problem
+from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
 from still.train.io import atomic_write_text
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -173,7 +174,15 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     threads (`still.train.shards`; default: 2 on a CPU with two or more threads, 1 under torchrun
     or on a GPU). `compile`: `torch.compile` each layer's feed-forward block
     (`CompressiveTransformer.compile_feed_forward`; where compiling cannot work, says why and trains
-    without it). Not part of the run's configuration: a run resumes with or without it."""
+    without it; where it can, a function that fails to compile later runs eagerly while the run
+    lasts: `compile_failures_run_eagerly`). Not part of the run's configuration: a run resumes with
+    or without it."""
+    with compile_failures_run_eagerly() if compile else contextlib.nullcontext():
+        return _train_lm(config, out, cache, overwrite, print_table, on_nonfinite, keep, shards, compile)
+
+
+def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
+              keep: int, shards: int | None, compile: bool) -> dict:
     out = Path(out)
     dist = distributed.setup()  # a no-op unless started by torchrun
     corpus, vocab = _load_data(config, cache)

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -139,15 +139,28 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
 
 def torch_compile_problem(device: torch.device | str) -> str | None:
     """Why `torch.compile` cannot run on `device` here, or None where it can: a tiny function is
-    compiled and run (Inductor needs a C++ compiler on the CPU, Triton on a GPU). Where it can, a
-    function that fails to compile later runs eagerly instead of ending the program
-    (`torch._dynamo.config.suppress_errors`, which says so once)."""
+    compiled and run (Inductor needs a C++ compiler on the CPU, Triton on a GPU)."""
     try:
         torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4, device=device))
     except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
         return _last_line(e)
-    torch._dynamo.config.suppress_errors = True
     return None
+
+
+@contextlib.contextmanager
+def compile_failures_run_eagerly() -> Iterator[None]:
+    """Inside: a function given to `torch.compile` that fails to compile runs eagerly instead of
+    ending the program (`torch._dynamo.config.suppress_errors`, which says so once). The setting is
+    the process's (the compiled functions of sharded training run in several threads, so it cannot
+    be set around each call): it is put back as it was on leaving."""
+    import torch._dynamo
+
+    before = torch._dynamo.config.suppress_errors
+    torch._dynamo.config.suppress_errors = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.suppress_errors = before
 
 
 def _last_line(error: BaseException) -> str:
