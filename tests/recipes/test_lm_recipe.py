@@ -380,7 +380,7 @@ def test_one_document_corpus_trains_on_every_row_and_eval_can_fill_them(tmp_path
     text.write_text("".join(f"{i}: {HAMLET}" for i in range(60)))
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_args(text, run))
-    assert code == 0 and "the valid split has 1 document(s) for a batch of 3" in err and "--eval-fill-rows cuts" in err
+    assert code == 0 and "the valid split is one document" in err and "--eval-fill-rows cuts" in err
     from safetensors.torch import load_file
 
     newest = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
@@ -388,12 +388,12 @@ def test_one_document_corpus_trains_on_every_row_and_eval_can_fill_them(tmp_path
     whole = json.loads((run / "results.json").read_text())["rows"][0]
     code, out, err = run_cli(capsys, "lm", "eval", str(run), "--threads", "1")
     assert code == 0 and "cut into" not in out
-    assert "the test split has 1 document(s) for a batch of 3: evaluating it on 1 row(s); --fill-rows cuts" in err
+    assert "the test split is one document: evaluating it as one row (of a batch of 3); --fill-rows cuts" in err
     plain = json.loads((run / "eval-test.json").read_text())["meta"]
     assert (plain["rows"], plain["pieces"]) == (1, 1)
     assert plain["bits_per_token"] == pytest.approx(whole["test_bpc"], abs=1e-4)
     code, out, err = run_cli(capsys, "lm", "eval", str(run), "--threads", "1", "--fill-rows")
-    assert code == 0 and "the 1 document(s) cut into 3 pieces" in out and "evaluating it on" not in err
+    assert code == 0 and "the 1 document(s) cut into 3 pieces" in out and "evaluating it as one row" not in err
     assert "Loss by position within the piece" in out
     filled = json.loads((run / "eval-test.json").read_text())["meta"]
     assert (filled["rows"], filled["pieces"], filled["tokens"]) == (3, 3, plain["tokens"])

@@ -118,9 +118,8 @@ def eval_streams(docs: list[torch.Tensor], names: list[str], rows: int, config: 
     (Not for a few documents, as Shakespeare's two: the bundled default's output stays quiet.)"""
     streams = TokenStreams(docs, rows, config.segment_len, names, fill_rows=fill_rows)
     if say and not fill_rows and len(docs) == 1 and rows > 1:
-        log(f"the {split} split has {len(docs)} document(s) for a batch of {rows}: evaluating it on "
-            f"{streams.batch_size} row(s); {hint} cuts it into a piece a row (faster; each piece is read "
-            "without the text before it)")
+        log(f"the {split} split is one document: evaluating it as one row (of a batch of {rows}); {hint} "
+            "cuts it into a piece a row (faster; each piece is read without the text before it)")
     return streams
 
 
