@@ -247,13 +247,14 @@ def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool 
 class Segment:
     inputs: torch.Tensor  # (B, L) token ids
     targets: torch.Tensor  # (B, L) next-token ids, -100 where there is nothing to predict
-    reset: torch.Tensor  # (B,) bool: a new document starts in this row with this segment
+    reset: torch.Tensor  # (B,) bool: a new document (or piece of one) starts in this row with this segment
     positions: torch.Tensor  # (B, L) position of each target within its document, or within its piece of
     # one where documents are cut (`fill_rows`): since the row's memories were reset (-1 for padding)
 
 
 class TokenStreams:
-    """The Transformer-XL layout: B rows, each a contiguous stream of whole documents.
+    """The Transformer-XL layout: B rows, each a contiguous stream of whole documents (or of pieces
+    of them: `fill_rows`).
 
     Each document is encoded as [<doc>, its tokens]; the model reads a segment of L inputs and
     predicts the next token at each; the first character is predicted from <doc>. A document
