@@ -95,19 +95,28 @@ def test_pg19_layout(tmp_path):
         load_pg19(tmp_path)
 
 
-def test_streams_keep_documents_whole_and_reset_at_their_start():
-    docs = [torch.arange(2, 12), torch.arange(20, 23), torch.arange(30, 37)]  # lengths 10, 3, 7
-    streams = TokenStreams(docs, batch_size=2, segment_len=4)
-    seen = {0: [], 1: []}
+def _rows(streams):
+    """Per row, its targets in order, with "|" where the row's memories reset."""
+    seen = {row: [] for row in range(streams.batch_size)}
     for segment in streams:
         for row in range(streams.batch_size):
             if segment.reset[row]:
                 seen[row].append("|")
             valid = segment.targets[row] != -100
             seen[row].extend(segment.targets[row][valid].tolist())
+    return seen
+
+
+def test_streams_keep_documents_whole_and_reset_at_their_start():
+    docs = [torch.arange(2, 12), torch.arange(20, 23), torch.arange(30, 37)]  # lengths 10, 3, 7
+    streams = TokenStreams(docs, batch_size=2, segment_len=4)
+    for segment in streams:
+        for row in range(streams.batch_size):
             # each input predicts the next token of the same document
+            valid = segment.targets[row] != -100
             inputs = segment.inputs[row][valid]
             assert (inputs[1:] == segment.targets[row][valid][:-1]).all()
+    seen = _rows(streams)
     # longest first: row 0 gets the 10-token document, row 1 the 7 then the 3
     assert seen[0][:11] == ["|", *range(2, 12)]
     assert seen[1] == ["|", *range(30, 37), "|", *range(20, 23)]
@@ -131,18 +140,6 @@ def test_shakespeare_split_by_play():
     assert len(corpus.train) == 38 and not names & set(SHAKESPEARE_VALID + SHAKESPEARE_TEST)
     assert corpus.test[0].text.startswith("HAMLET, PRINCE OF DENMARK")
     assert 4_500_000 < sum(len(d.text) for d in corpus.train) < 4_600_000
-
-
-def _rows(streams):
-    """Per row, its targets in order, with "|" where the row's memories reset."""
-    seen = {row: [] for row in range(streams.batch_size)}
-    for segment in streams:
-        for row in range(streams.batch_size):
-            if segment.reset[row]:
-                seen[row].append("|")
-            valid = segment.targets[row] != -100
-            seen[row].extend(segment.targets[row][valid].tolist())
-    return seen
 
 
 def test_fill_rows_cuts_one_document_into_a_piece_a_row():

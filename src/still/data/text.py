@@ -294,23 +294,23 @@ class TokenStreams:
             self.pieces += [(d, bounds[i], bounds[i + 1]) for i in range(parts)]
         batch_size = min(batch_size, len(self.pieces))
         self.batch_size = batch_size
+        sizes = [end - first for _, first, end in self.pieces]  # tokens
         order = list(range(len(self.pieces)))
         if shuffle_seed is not None:
             order = torch.randperm(len(self.pieces), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
         else:
-            order.sort(key=lambda i: -(self.pieces[i][2] - self.pieces[i][1]))
+            order.sort(key=lambda i: -sizes[i])
         self.rows: list[list[int]] = [[] for _ in range(batch_size)]  # each row's pieces in turn
         row_segments = [0] * batch_size
         for i in order:
             row = min(range(batch_size), key=lambda r: row_segments[r])
             self.rows[row].append(i)
-            row_segments[row] += self._segments(self.pieces[i][2] - self.pieces[i][1])
+            row_segments[row] += self._segments(sizes[i])
         self.documents = list(documents)
         self.names = list(names) if names is not None else [str(i) for i in range(len(documents))]
         self.num_segments = max(row_segments)
         # per row: the (piece, segment index within it) of each step
-        self._schedule = [[(p, s) for p in row for s in range(self._segments(self.pieces[p][2] - self.pieces[p][1]))]
-                          for row in self.rows]
+        self._schedule = [[(p, s) for p in row for s in range(self._segments(sizes[p]))] for row in self.rows]
 
     def _segments(self, n_tokens: int) -> int:
         return max(1, -(-n_tokens // self.segment_len))  # inputs: <doc> + n - 1 tokens; targets: n
@@ -319,9 +319,10 @@ class TokenStreams:
         """Pieces to cut each document into for `rows` in all: in proportion to its segments (the
         largest remainders rounded up), at least one each, at most one a segment."""
         segments = [self._segments(n) for n in lengths]
-        if sum(segments) <= rows:
+        total = sum(segments)
+        if total <= rows:
             return segments
-        shares = [rows * s / sum(segments) for s in segments]
+        shares = [rows * s / total for s in segments]
         cuts = [min(s, max(1, int(share))) for s, share in zip(segments, shares)]
         by_remainder = sorted(range(len(cuts)), key=lambda i: int(shares[i]) - shares[i])
         while sum(cuts) < rows:  # ends: the segments are more than the rows

@@ -300,8 +300,9 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
     test_docs, test_names = encode_split(corpus, "test", vocab)
     with autocast(config.precision, device):
         final = {}
-        for split, docs, names in (("valid", valid_docs, valid_names), ("test", test_docs, test_names)):
-            streams = TokenStreams(docs, config.batch_size, config.segment_len, names, fill_rows=config.eval_fill_rows)
+        test = TokenStreams(test_docs, config.batch_size, config.segment_len, test_names,
+                            fill_rows=config.eval_fill_rows)
+        for split, streams in (("valid", valid), ("test", test)):  # `valid`: the validation's (pure), now whole
             final[split] = evaluate_streams(model, streams, shards=eval_split(streams),
                                             progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
     m = config.model
