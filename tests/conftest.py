@@ -11,12 +11,15 @@ os.environ.setdefault("STILL_PROGRESS", "0")
 
 @pytest.fixture(autouse=True, scope="session")
 def _aot_cache(tmp_path_factory):
-    """Compiled packages (still.train.aot) go to one directory of this test run, never the user's cache."""
+    """Compiled packages (still.train.aot, still.compressive.native) go to directories of this test run,
+    never the user's cache."""
+    from still.compressive import native
     from still.train import aot
 
     with pytest.MonkeyPatch.context() as patch:
-        root = tmp_path_factory.mktemp("aot")
+        root, built = tmp_path_factory.mktemp("aot"), tmp_path_factory.mktemp("native")
         patch.setattr(aot, "cache_root", lambda: root)
+        patch.setattr(native, "cache_root", lambda: built)  # the hand-written decoding step, built once a run
         yield root
 
 

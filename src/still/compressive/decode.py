@@ -45,6 +45,13 @@ saves where that thread sleeps between loops (OMP_WAIT_POLICY=PASSIVE), so on th
 then runs its steps on one thread unless the model is large (`threads_for`); where OpenMP's idle
 threads spin a while before they sleep (its default, or GOMP_SPINCOUNT), it uses all of them.
 
+On the CPU, a compiling decoder runs the hand-written step instead (`still.compressive.native`:
+the same step in C++ over the same buffers, built once per machine with its C++ compiler), where it
+can run the model (d_head, d_model and d_ff multiples of 16, fp32 weights): a step of the
+ahead-of-time compiled code is a few hundred loops each ending at an OpenMP barrier, the
+hand-written one has four barriers a layer and packed matrices, and runs 1.2-2.9x faster here
+(docs/performance.md, session 18). The compiled step is what runs elsewhere (GPUs, other shapes).
+
 Relative positions: the model orders keys [compressed (n), memory (m), token] without gaps, so a
 memory slot written a steps ago is at distance a, and the compressed slot written k compressions
 ago at distance m + 1 + k. The position term of every slot is one product of (q + v) with the
@@ -69,6 +76,7 @@ import torch.nn.functional as F
 
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
+from still.compressive.native import NativeStep, library as native_library, unsupported as native_unsupported
 from still.compressive.sampling import Sampling, next_token
 from still.train.aot import AheadOfTime, Request, ahead_of_time_all
 
@@ -149,12 +157,16 @@ class Decoder:
     `compile`: run the step compiled ahead of time (`still.train.aot`: built once per shape in a child
     process and cached, then loaded).
     `threads`: CPU threads for the steps (None: `threads_for`: one for small models where OpenMP's
-    idle threads sleep, else PyTorch's setting). The model's weights must not change while a decoder
+    idle threads sleep, else PyTorch's setting).
+    `native`: with `compile` on the CPU, run the hand-written step (`still.compressive.native`; None:
+    where it can run this model and be built, else the compiled one; True: it or an error; False:
+    never). The model's weights must not change while a decoder
     is in use: make a new one after a change.
     """
 
     def __init__(self, model: CompressiveTransformer, state: MemoryState | None, batch: int,
-                 compile: bool = False, threads: int | None = None, dtype: torch.dtype | None = None) -> None:
+                 compile: bool = False, threads: int | None = None, dtype: torch.dtype | None = None,
+                 native: bool | None = None) -> None:
         if model.training:
             raise ValueError("Decoder needs the model in eval mode")
         if not supports(model, state):
@@ -204,29 +216,7 @@ class Decoder:
                 if self.compressing:
                     self.inputs[i, :, : self.m] = state.memory[i]
             self.keys = _blocks(keys, block)  # compiled: (layers, B, H, K / 16, D, 16)
-            tensors = {"embedding": model.embedding.weight, "head": model.head.weight.to(stored)}
-            if config.pre_norm:
-                tensors |= {"norm.weight": model.norm.weight, "norm.bias": model.norm.bias}
-            tap_rows: list[int] = []
-            for i, layer in enumerate(model.layers):
-                attention, feed_forward = layer.attention, layer.feed_forward
-                tensors |= {
-                    f"{i}.qkv": torch.cat([attention.query.weight, attention.key_value.weight]).to(stored),  # (3d, d)
-                    f"{i}.u": attention.content_bias, f"{i}.v": attention.position_bias,  # (H, D)
-                    # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a): (H, D, K),
-                    # compiled in blocks of slots as the keys, (H, K / 16, D, 16)
-                    f"{i}.positions": _blocks(
-                        F.pad(attention.position_projection(self.k_cap, device, dtype).transpose(1, 2),
-                              (0, k_keys - self.k_cap)).to(stored), block),
-                    f"{i}.out": attention.out.weight.to(stored),
-                    f"{i}.norm1.weight": layer.norm1.weight, f"{i}.norm1.bias": layer.norm1.bias,
-                    f"{i}.norm2.weight": layer.norm2.weight, f"{i}.norm2.bias": layer.norm2.bias,
-                    f"{i}.up.weight": feed_forward.up.weight.to(stored), f"{i}.up.bias": feed_forward.up.bias,
-                    f"{i}.down.weight": feed_forward.down.weight.to(stored), f"{i}.down.bias": feed_forward.down.bias}
-                if convolution:  # f_c of the oldest c memories: the taps (T, d, d) and which memory each reads
-                    tap_rows, taps = layer.compressor.one_window()
-                    tensors[f"{i}.taps"] = taps.to(stored)
-            self.weights = {name: t.contiguous() for name, t in tensors.items()}  # compiled: laid out as compiled
+            self.weights, tap_rows, self.derived = _weights(model, self.k_cap, k_keys, block, stored, convolution)
             self._weight_list = tuple(self.weights.values())  # what a compiled call is given first
         norm = model.layers[0].norm1
         self.shape = StepShape(layers=layers, heads=heads, d_head=d_head, n_cap=self.n_cap, m_cap=self.m_cap,
@@ -240,6 +230,21 @@ class Decoder:
         self._counts_view = self._counts.numpy() if self._counts is not None else None
         self.compile = compile
         self._compiled: dict[tuple[str, Sampling | None], AheadOfTime | None] = {}
+        self.native = self._native_step(native) if compile else None
+
+    def _native_step(self, wanted: bool | None) -> NativeStep | None:
+        """The hand-written step (`still.compressive.native`) where it can run this decoder and
+        `wanted` is not False; with `wanted` True, an error where it cannot."""
+        if wanted is False:
+            return None
+        reason = native_unsupported(self)
+        if reason is None and native_library() is None:
+            reason = "it could not be built"
+        if reason is not None:
+            if wanted:
+                raise ValueError(f"the hand-written decoding step cannot run here: {reason}")
+            return None
+        return NativeStep(self, self.threads if self.threads is not None else torch.get_num_threads())
 
     def _counters(self) -> torch.Tensor:
         """The ring positions and counts as the step reads them: (next_c, next_m, n, m). On the CPU
@@ -272,6 +277,8 @@ class Decoder:
         (nothing to do, and False, when not compiling)."""
         if not self.compile:
             return False
+        if self.native is not None:
+            return True
         batch = self.keys.shape[1]
         args = (self.keys, self.values, self.inputs, self._counters(),
                 torch.zeros(batch, 1, dtype=torch.long, device=self.keys.device))
@@ -293,6 +300,10 @@ class Decoder:
     def _run(self, tokens: torch.Tensor, uniform: torch.Tensor | None, sampling: Sampling | None) -> torch.Tensor:
         # mem_len + c memories after this step: compress the oldest c, in the same call
         compress = self.compressing and self.m + 1 == self.m_cap
+        if self.native is not None:
+            out = self.native(tokens, (self.next_c, self.next_m, self.n, self.m), compress, uniform, sampling)
+            self._advance(compress)
+            return out
         which = _name(sampling is not None, compress)
         args = (self.keys, self.values, self.inputs, self._counters(), tokens.view(-1, 1).contiguous())
         if sampling is not None:
@@ -310,6 +321,11 @@ class Decoder:
                 with torch.no_grad(), _without_autocast(self.keys.device.type):
                     out = (fn(self.weights, *args, self.shape, False) if sampling is None else
                            fn(self.weights, *args, self.shape, sampling, False))
+        self._advance(compress)
+        return out
+
+    def _advance(self, compress: bool) -> None:
+        """The ring positions and counts after a step (with the compression, if `compress`)."""
         self.next_m = (self.next_m + 1) % self.m_cap
         if not self.compressing:
             self.m = min(self.m + 1, self.mem_len)  # the oldest falls out of the window
@@ -319,8 +335,48 @@ class Decoder:
             self.m += 1 - self.rate  # the compressed slots are the next to be written
         else:
             self.m += 1
-        return out
 
+
+def _weights(model: CompressiveTransformer, k_cap: int, k_keys: int, block: int, stored: torch.dtype,
+             convolution: bool) -> tuple[dict[str, torch.Tensor], list[int], dict]:
+    """What every step reads of the model, by name, laid out as the steps read them; the rows of the
+    compression's taps; and a dict for what users of the decoder derive from them (the hand-written
+    step's packed matrices). Kept on the model for the next decoder of the same layout while its
+    weights are unchanged (in-place updates bump their version): building them costs milliseconds,
+    about a tenth of a short generation's time at d_model 128."""
+    weight = model.embedding.weight
+    key = (model._weights_version(), weight.data_ptr(), weight.dtype, k_cap, k_keys, block, stored, convolution)
+    cached = getattr(model, "_decoding_weights", None)
+    if cached is not None and cached[0] == key:
+        return cached[1:]
+    config, device, dtype = model.config, weight.device, weight.dtype
+    with torch.no_grad(), _without_autocast(device.type):
+        tensors = {"embedding": model.embedding.weight, "head": model.head.weight.to(stored)}
+        if config.pre_norm:
+            tensors |= {"norm.weight": model.norm.weight, "norm.bias": model.norm.bias}
+        tap_rows: list[int] = []
+        for i, layer in enumerate(model.layers):
+            attention, feed_forward = layer.attention, layer.feed_forward
+            tensors |= {
+                f"{i}.qkv": torch.cat([attention.query.weight, attention.key_value.weight]).to(stored),  # (3d, d)
+                f"{i}.u": attention.content_bias, f"{i}.v": attention.position_bias,  # (H, D)
+                # W_r R for the distances K-1 .. 0 (column K-1-a holds distance a): (H, D, K),
+                # compiled in blocks of slots as the keys, (H, K / 16, D, 16)
+                f"{i}.positions": _blocks(
+                    F.pad(attention.position_projection(k_cap, device, dtype).transpose(1, 2),
+                          (0, k_keys - k_cap)).to(stored), block),
+                f"{i}.out": attention.out.weight.to(stored),
+                f"{i}.norm1.weight": layer.norm1.weight, f"{i}.norm1.bias": layer.norm1.bias,
+                f"{i}.norm2.weight": layer.norm2.weight, f"{i}.norm2.bias": layer.norm2.bias,
+                f"{i}.up.weight": feed_forward.up.weight.to(stored), f"{i}.up.bias": feed_forward.up.bias,
+                f"{i}.down.weight": feed_forward.down.weight.to(stored), f"{i}.down.bias": feed_forward.down.bias}
+            if convolution:  # f_c of the oldest c memories: the taps (T, d, d) and which memory each reads
+                tap_rows, taps = layer.compressor.one_window()
+                tensors[f"{i}.taps"] = taps.to(stored)
+        weights = {name: t.contiguous() for name, t in tensors.items()}  # compiled: laid out as compiled
+    derived: dict = {}
+    model._decoding_weights = (key, weights, tap_rows, derived)  # one layout at a time
+    return weights, tap_rows, derived
 
 def _by_name(*args: object) -> torch.Tensor:
     """The step as it is compiled: the weights as separate tensors, in the order of `names`, then

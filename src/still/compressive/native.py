@@ -1,0 +1,243 @@
+"""The decoding step written by hand for the CPU (`native_step.cpp`), built once per machine.
+
+    step = NativeStep(decoder)                        # `decode.Decoder` built with compile=True
+    logits = step(tokens, counters, compress)          # (B, 1, V), the buffers advanced in place
+    tokens = step(tokens, counters, compress, uniform, sampling)   # (B,): the draw too
+
+The same step as `decode._step` / `_step_and_compress` and `sampling.next_token`, over the
+decoder's own ring buffers (the compiled layout: keys and position tables in blocks of 16 slots),
+with the matrices packed in blocks of 16 output rows. Why (docs/performance.md, session 18): at
+batch 1 the compiled step of a small model is bound by OpenMP's barriers (68 a step at d_model 128)
+and by matrix-vector loops at about 1.3 multiply-adds a cycle; this one has 4 barriers a layer and
+vertical multiply-adds, on threads of its own.
+
+The source is compiled with the machine's C++ compiler (`$CXX`, else g++, c++ or clang++;
+`-O3 -march=native`) into `<cache>/native/<key>/`, keyed on the source, the compiler, the flags and
+the processor, and loaded with ctypes: a step is one foreign call with a few integers (no PyTorch
+headers to compile: a build takes seconds). Where no compiler works, `library()` says why once and
+returns None, and the decoder uses the ahead-of-time compiled step (`still.train.aot`) instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from still.compressive.sampling import Sampling
+from still.train.progress import log
+
+if TYPE_CHECKING:
+    from still.compressive.decode import Decoder
+
+SOURCE = Path(__file__).with_name("native_step.cpp")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
+TUNE = ("-march=native",)  # tried first; without it where the compiler does not know it
+MAX_THREADS = 4  # more threads than this split a small step's products too thin (not measured beyond 2 cores)
+SPIN_NS = 200_000  # how long the helper threads spin for the next step before they sleep
+_COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
+_LIBRARY: list[ctypes.CDLL | None] = []
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The built and loaded step (built at the first call of the process where not cached); None,
+    with the reason printed once, where it cannot be built."""
+    if not _LIBRARY:
+        try:
+            _LIBRARY.append(_load(_build()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            log(f"the hand-written decoding step is unavailable ({error}); using the compiled one")
+            _LIBRARY.append(None)
+    return _LIBRARY[0]
+
+
+def cache_root() -> Path:
+    from still.data.cache import cache_dir
+
+    return cache_dir() / "native"
+
+
+def _build() -> Path:
+    from still.train.aot import _machine
+
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found: set CXX or install g++")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    source = SOURCE.read_bytes()
+    for tune in (TUNE, ()):
+        flags = (*FLAGS, *tune)
+        digest = hashlib.sha256(source + repr((cxx, version, flags, _machine(torch.device("cpu")))).encode())
+        path = cache_root() / digest.hexdigest()[:20] / "libstill_step.so"
+        if path.exists():
+            return path
+        if not tune:
+            log(f"{Path(cxx).name} does not know {' '.join(TUNE)}: building the decoding step without it")
+        log(f"building the hand-written decoding step with {Path(cxx).name} (once for this machine); cached in "
+            f"{cache_root()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = Path(tmp) / path.name
+            result = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                    check=False)
+            if result.returncode == 0:
+                os.replace(built, path)  # whole or not at all, also against a concurrent build
+                return path
+        error = (result.stderr.strip().splitlines() or ["failed"])[-1]
+    raise RuntimeError(f"{Path(cxx).name} could not build {SOURCE.name}: {error}")
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    lib.still_decoder_new.argtypes = [pointer, pointer, real, integer]
+    lib.still_decoder_new.restype = pointer
+    lib.still_decoder_step.argtypes = [pointer, pointer, integer, integer, integer, integer, integer, pointer,
+                                       integer, pointer, real, integer, real, pointer]
+    lib.still_decoder_step.restype = integer
+    lib.still_decoder_free.argtypes = [pointer]
+    lib.still_decoder_free.restype = None
+    return lib
+
+
+def unsupported(decoder: Decoder) -> str | None:
+    """Why `NativeStep` cannot run `decoder`'s steps (None: it can)."""
+    keys, shape = decoder.keys, decoder.shape
+    weights = decoder.weights
+    if keys.device.type != "cpu":
+        return f"it runs on the CPU only, not on {keys.device.type}"
+    if weights["embedding"].dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16):
+        return "it needs fp32 weights, stored in fp32 or bf16"
+    if shape.block != 16:
+        return "it needs the compiled layout of the keys"
+    d_model, d_ff = weights["embedding"].shape[1], weights["0.up.weight"].shape[0]
+    if shape.d_head % 16 or d_model % 16 or d_ff % 16:
+        return f"it needs d_head, d_model and d_ff in multiples of 16 (got {shape.d_head}, {d_model}, {d_ff})"
+    if shape.compression not in _COMPRESSIONS or len(shape.tap_rows) > 64:
+        return f"it does not know the compression {shape.compression}"
+    return None
+
+
+def pack(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(out, in) -> blocks of 16 output rows, the rows past `out` zero: in fp32 (out / 16, in, 16),
+    each block's 16 weights of an input contiguous; in bf16 (out / 16, in / 2, 16, 2), in pairs of
+    inputs (a 32-bit word holds one output's weights of inputs 2p and 2p + 1)."""
+    out, inputs = matrix.shape
+    padded = F.pad(matrix, (0, 0, 0, -out % 16)).to(dtype)
+    if dtype == torch.bfloat16:
+        return padded.view(-1, 16, inputs // 2, 2).transpose(1, 2).contiguous()
+    return padded.view(-1, 16, inputs).transpose(1, 2).contiguous()
+
+
+def _packed(w: dict[str, torch.Tensor], layers: int, stored: torch.dtype) -> dict[str, torch.Tensor]:
+    """The matrices packed (`pack`), the position tables in pairs of features in bf16 (`pairs`)."""
+    d_model = w["embedding"].shape[1]
+    packed = {"head": pack(w["head"], stored)}
+    for i in range(layers):
+        matrices = {"qkv": w[f"{i}.qkv"], "out": w[f"{i}.out"], "up": w[f"{i}.up.weight"],
+                    "down": w[f"{i}.down.weight"]}
+        if f"{i}.taps" in w:  # (T, d_out, d_in) -> (d_out, T * d_in): the taps' inputs side by side
+            matrices["taps"] = w[f"{i}.taps"].permute(1, 0, 2).reshape(d_model, -1)
+        packed |= {f"{i}.{name}": pack(m, stored) for name, m in matrices.items()}
+        positions = w[f"{i}.positions"]
+        packed[f"{i}.positions"] = pairs(positions) if stored == torch.bfloat16 else positions
+    return packed
+
+
+def pairs(blocked: torch.Tensor) -> torch.Tensor:
+    """Keys or a position table in blocks of slots, (..., KB, D, 16) -> (..., KB, D / 2, 16, 2): the
+    features in pairs, as the bf16 matrices' inputs (`pack`)."""
+    *lead, blocks, d_head, block = blocked.shape
+    return blocked.reshape(*lead, blocks, d_head // 2, 2, block).transpose(-1, -2).contiguous()
+
+
+class NativeStep:
+    """`decoder`'s step (and its draw) through `native_step.cpp`, on `threads` threads (the calling
+    one and helpers of its own). Holds packed copies of the matrices; the rest is the decoder's."""
+
+    def __init__(self, decoder: Decoder, threads: int) -> None:
+        reason = unsupported(decoder)
+        if reason is not None:
+            raise ValueError(f"the hand-written decoding step cannot run this decoder: {reason}")
+        lib = library()
+        if lib is None:
+            raise RuntimeError("the hand-written decoding step could not be built")
+        shape, w = decoder.shape, decoder.weights
+        stored = decoder.keys.dtype
+        batch, d_model = decoder.keys.shape[1], w["embedding"].shape[1]
+        vocab, d_ff = w["embedding"].shape[0], w["0.up.weight"].shape[0]
+        threads = max(1, min(threads, shape.heads, MAX_THREADS))
+        tap_rows = list(shape.tap_rows)
+        dims = [shape.layers, batch, shape.heads, shape.d_head, d_model, d_ff, vocab, shape.n_cap, shape.m_cap,
+                decoder.keys.shape[3], int(shape.pre_norm), _COMPRESSIONS[shape.compression], shape.rate,
+                len(tap_rows), threads, int(stored == torch.bfloat16), *tap_rows]
+        with torch.no_grad():
+            if stored == torch.bfloat16:  # the keys in pairs of features, as the position tables
+                decoder.keys = pairs(decoder.keys)
+            packed = decoder.derived.get("native")
+            if packed is None:  # once for every decoder of these weights and layout
+                packed = decoder.derived["native"] = _packed(w, shape.layers, stored)
+        pointers = [w["embedding"].data_ptr(), packed["head"].data_ptr(),
+                    w["norm.weight"].data_ptr() if shape.pre_norm else 0,
+                    w["norm.bias"].data_ptr() if shape.pre_norm else 0,
+                    decoder.keys.data_ptr(), decoder.values.data_ptr(), decoder.inputs.data_ptr()]
+        for i in range(shape.layers):
+            pointers += [packed[f"{i}.{name}"].data_ptr() if f"{i}.{name}" in packed else 0
+                         for name in ("qkv", "out", "up", "down", "taps", "positions")]
+            pointers += [w[f"{i}.{name}"].data_ptr() for name in (
+                "u", "v", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "up.bias", "down.bias")]
+        self._keep = packed  # the packed matrices live as long as the engine (and the model's cache)
+        self._refs = (decoder.keys, decoder.values, decoder.inputs, w)  # and the buffers it writes
+        self.threads, self.batch, self.vocab = threads, batch, vocab
+        self._lib, self._step = lib, lib.still_decoder_step
+        self._logits = torch.empty(batch, vocab)  # where a sampling step leaves its logits
+        self._logits_pointer = self._logits.data_ptr()
+        self._handle = lib.still_decoder_new(_array(dims), _array(pointers), float(shape.eps), SPIN_NS)
+        self._finalizer = weakref.finalize(self, lib.still_decoder_free, self._handle)
+
+    def __call__(self, tokens: torch.Tensor, counters: tuple[int, int, int, int], compress: bool,
+                 uniform: torch.Tensor | None = None, sampling: Sampling | None = None) -> torch.Tensor:
+        """tokens (B,) -> logits (B, 1, V), or with `sampling` the tokens drawn (B,) with the uniform
+        numbers (B, 1). `counters`: (next_c, next_m, n, m) as `Decoder._counters`. (The checks are
+        attribute reads: a token costs about 2 µs of Python here, the call included.)"""
+        if tokens.dtype is not torch.int64 or not tokens.is_contiguous() or tokens.numel() != self.batch:
+            tokens = tokens.reshape(self.batch).to(torch.int64).contiguous()
+        if sampling is None:
+            logits = torch.empty(self.batch, 1, self.vocab)
+            failed = self._step(self._handle, tokens.data_ptr(), *counters, compress, logits.data_ptr(),
+                                0, None, 1.0, 0, 1.0, None)
+            out = logits
+        else:
+            if uniform.dtype is not torch.float32 or not uniform.is_contiguous() or uniform.numel() != self.batch:
+                uniform = uniform.reshape(self.batch).float().contiguous()
+            out = torch.empty(self.batch, dtype=torch.int64)
+            failed = self._step(self._handle, tokens.data_ptr(), *counters, compress, self._logits_pointer, 1,
+                                uniform.data_ptr(), *_draw_settings(sampling), out.data_ptr())
+        if failed:
+            raise IndexError(f"token {int(tokens[failed - 1])} is outside the vocabulary of {self.vocab}")
+        return out
+
+
+def _draw_settings(sampling: Sampling) -> tuple[float, int, float]:
+    """temperature, top-k (0: none), top-p (1: none), as the C step reads them."""
+    return (sampling.temperature, sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p)
+
+
+def _array(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)

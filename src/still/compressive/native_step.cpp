@@ -1,0 +1,892 @@
+// still: the Compressive Transformer's one-token decoding step for the CPU, written by hand.
+//
+// The same step as `still.compressive.decode._step` (and `_step_and_compress`, and the draw of
+// `sampling.next_token`) over the same ring buffers, for batch B at any size, in one call. Built by
+// `still.compressive.native` with the machine's C++ compiler (`-O3 -march=native`) and loaded with
+// ctypes. Why by hand (docs/performance.md, session 18): at batch 1 a compiled step of a small model
+// is a few hundred tiny loops, each `omp for` or `omp single` ending at an OpenMP barrier (68 a step
+// at d_model 128), and its matrix-vector products ran at about 1.3 multiply-adds a cycle. Here:
+//
+//   - the matrices are packed in blocks of 16 output rows, each block (in, 16) contiguous, so that a
+//     product is vertical multiply-adds of one broadcast input and 16 weights (no horizontal sums),
+//     four blocks at a time with two accumulators each;
+//   - the threads split each product by blocks of outputs and the attention by heads, each thread
+//     keeps its own copy of the residual stream (norms, residuals and biases computed on both: a
+//     d-vector), so a layer needs 4 barriers, not ~17; a barrier is one atomic counter;
+//   - the helper threads are this library's own, spinning a while between steps (a step follows
+//     the previous one within microseconds), then sleeping on a futex.
+//
+// Layouts (all C-contiguous), W the stored dtype (float, or bf16 as uint16_t):
+//   packed matrix (out/16, in, 16) fp32, or (out/16, in/2, 16, 2) bf16 (pairs of inputs); rows past
+//   `out` zero
+//   keys      (layers, B, H, KB, D, 16) fp32, (layers, B, H, KB, D/2, 16, 2) bf16: blocks of 16
+//             slots; in bf16 in pairs of features (`key_index`)
+//   values    (layers, B, H, K, D) W
+//   inputs    (layers, B, M_cap, d) float   the memory ring's layer inputs
+//   positions (H, KB, D, 16) a layer, as the keys: W_r R, column K-1-a for distance a
+//   counters: next_c, next_m, n, m, as `Decoder._counters`.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+typedef uint32_t u16a __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+typedef uint16_t bf16;  // the top half of a float
+
+inline v16 splat(float x) { return v16{} + x; }
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline v16 load(const bf16* p) {
+    u16 wide = __builtin_convertvector(*reinterpret_cast<const h16u*>(p), u16) << 16;
+    return (v16)wide;
+}
+inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline float hsum(v16 x) {
+    float s = 0.f;
+    for (int i = 0; i < 16; ++i) s += x[i];
+    return s;
+}
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 x) {
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+inline void put(float* p, float x) { *p = x; }
+inline void put(bf16* p, float x) {  // round to nearest even, as PyTorch's conversion
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    if (std::isnan(x)) {
+        *p = 0x7fc0;
+        return;
+    }
+    bits += 0x7fff + ((bits >> 16) & 1);
+    *p = uint16_t(bits >> 16);
+}
+
+// e^x for x <= 0 (softmax weights), lanes below -87.3 give 0: Cody-Waite reduction and a degree-6
+// polynomial (relative error about 2e-7, as a float's rounding).
+inline v16 exp_neg(v16 x) {
+    const v16 low = splat(-87.3f);
+    i16 dead = x < low;
+    x = x < low ? low : x;
+    v16 n = x * 1.44269504088896341f;
+    n = __builtin_convertvector(__builtin_convertvector(n + (n < 0 ? splat(-0.5f) : splat(0.5f)), i16), v16);
+    v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    i16 scale = (__builtin_convertvector(n, i16) + 127) << 23;
+    v16 out = p * (v16)scale;
+    i16 bits = (i16)out & ~dead;
+    return (v16)bits;
+}
+
+inline void pause_once() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+long futex(std::atomic<uint32_t>* addr, int op, uint32_t value) {
+    return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, value, nullptr, nullptr, 0);
+}
+
+// y[o] = sum_i x[i] W[o, i] over the inputs [i0, i1), for the output blocks [b0, b1) of a packed
+// matrix (blocks, in, 16); y indexed by output row (block * 16 + lane).
+template <class W>
+void product(const W* w, int in, int i0, int i1, const float* x, int b0, int b1, float* y) {
+    int b = b0;
+    for (; b + 4 <= b1; b += 4) {  // four blocks, two accumulators each (even and odd inputs)
+        const W* p0 = w + size_t(b) * in * 16;
+        const W* p1 = p0 + size_t(in) * 16;
+        const W* p2 = p1 + size_t(in) * 16;
+        const W* p3 = p2 + size_t(in) * 16;
+        v16 a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{};
+        int i = i0;
+        for (; i + 2 <= i1; i += 2) {
+            v16 s = splat(x[i]), t = splat(x[i + 1]);
+            a0 += s * load(p0 + i * 16);
+            a1 += s * load(p1 + i * 16);
+            a2 += s * load(p2 + i * 16);
+            a3 += s * load(p3 + i * 16);
+            c0 += t * load(p0 + i * 16 + 16);
+            c1 += t * load(p1 + i * 16 + 16);
+            c2 += t * load(p2 + i * 16 + 16);
+            c3 += t * load(p3 + i * 16 + 16);
+        }
+        for (; i < i1; ++i) {
+            v16 s = splat(x[i]);
+            a0 += s * load(p0 + i * 16);
+            a1 += s * load(p1 + i * 16);
+            a2 += s * load(p2 + i * 16);
+            a3 += s * load(p3 + i * 16);
+        }
+        store(y + b * 16, a0 + c0);
+        store(y + b * 16 + 16, a1 + c1);
+        store(y + b * 16 + 32, a2 + c2);
+        store(y + b * 16 + 48, a3 + c3);
+    }
+    for (; b < b1; ++b) {
+        const W* p = w + size_t(b) * in * 16;
+        v16 a{}, c{};
+        int i = i0;
+        for (; i + 2 <= i1; i += 2) {
+            a += splat(x[i]) * load(p + i * 16);
+            c += splat(x[i + 1]) * load(p + i * 16 + 16);
+        }
+        for (; i < i1; ++i) a += splat(x[i]) * load(p + i * 16);
+        store(y + b * 16, a + c);
+    }
+}
+
+inline v16 low_of(const uint32_t* p) { return (v16)(*reinterpret_cast<const u16a*>(p) << 16); }
+inline v16 high_of(const uint32_t* p) { return (v16)(*reinterpret_cast<const u16a*>(p) & 0xffff0000u); }
+
+// where feature j of slot `slot` lives in a head's keys (or position table): blocks of 16 slots,
+// (KB, D, 16) in fp32, (KB, D / 2, 16, 2) in bf16 (pairs of features, as the bf16 matrices)
+inline size_t key_index(const float*, int D, int slot, int j) { return size_t(slot / 16) * D * 16 + j * 16 + slot % 16; }
+inline size_t key_index(const bf16*, int D, int slot, int j) {
+    return size_t(slot / 16) * D * 16 + (j / 2) * 32 + (slot % 16) * 2 + j % 2;
+}
+
+// The same for bf16 matrices packed in pairs of inputs, (blocks, in / 2, 16, 2): each 32-bit lane
+// holds one output's weights for inputs 2p (low half) and 2p + 1 (high half), so that one load, a
+// shift and a mask give both as floats (exactly). i0 and i1 even.
+void product(const bf16* w, int in, int i0, int i1, const float* x, int b0, int b1, float* y) {
+    auto low = low_of;
+    auto high = high_of;
+    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(w);
+    const int half = in / 2;
+    int b = b0;
+    for (; b + 4 <= b1; b += 4) {
+        const uint32_t* p0 = pairs + size_t(b) * half * 16;
+        const uint32_t* p1 = p0 + size_t(half) * 16;
+        const uint32_t* p2 = p1 + size_t(half) * 16;
+        const uint32_t* p3 = p2 + size_t(half) * 16;
+        v16 a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{};
+        for (int p = i0 / 2; p < i1 / 2; ++p) {
+            v16 s = splat(x[2 * p]), t = splat(x[2 * p + 1]);
+            a0 += s * low(p0 + p * 16);
+            c0 += t * high(p0 + p * 16);
+            a1 += s * low(p1 + p * 16);
+            c1 += t * high(p1 + p * 16);
+            a2 += s * low(p2 + p * 16);
+            c2 += t * high(p2 + p * 16);
+            a3 += s * low(p3 + p * 16);
+            c3 += t * high(p3 + p * 16);
+        }
+        store(y + b * 16, a0 + c0);
+        store(y + b * 16 + 16, a1 + c1);
+        store(y + b * 16 + 32, a2 + c2);
+        store(y + b * 16 + 48, a3 + c3);
+    }
+    for (; b < b1; ++b) {
+        const uint32_t* p0 = pairs + size_t(b) * half * 16;
+        v16 a{}, c{};
+        for (int p = i0 / 2; p < i1 / 2; ++p) {
+            a += splat(x[2 * p]) * low(p0 + p * 16);
+            c += splat(x[2 * p + 1]) * high(p0 + p * 16);
+        }
+        store(y + b * 16, a + c);
+    }
+}
+
+template <class W>
+void product(const W* w, int in, const float* x, int b0, int b1, float* y) {
+    product(w, in, 0, in, x, b0, b1, y);
+}
+
+// (x - mean) / sqrt(var + eps) * w + b over d features (d a multiple of 16); out may be x
+void layer_norm(const float* x, const float* w, const float* b, int d, float eps, float* out) {
+    v16 sum{};
+    for (int j = 0; j < d; j += 16) sum += load(x + j);
+    const float mean = hsum(sum) / d;
+    v16 squares{};
+    for (int j = 0; j < d; j += 16) {
+        v16 centred = load(x + j) - mean;
+        squares += centred * centred;
+    }
+    const float inv = 1.f / std::sqrt(hsum(squares) / d + eps);
+    for (int j = 0; j < d; j += 16) store(out + j, (load(x + j) - mean) * inv * load(w + j) + load(b + j));
+}
+
+struct Layer {
+    const void *qkv, *out, *up, *down, *taps, *positions;  // packed W; positions (H, KB, D, 16) W
+    const float *u, *v, *norm1_w, *norm1_b, *norm2_w, *norm2_b, *up_b, *down_b;
+};
+
+struct Shape {
+    int layers, batch, heads, d_head, d, ff, vocab, n_cap, m_cap, k_blocks, pre_norm, compression,
+        rate, taps, threads, bf16;
+    int tap_rows[64];
+    float eps;
+};
+
+enum Compression { NONE = 0, TAPS = 1, MAX = 2, MEAN = 3 };
+
+struct Call {  // one step's arguments
+    const int64_t* tokens;  // (B,)
+    int next_c, next_m, n, m, compress;
+    float* logits;  // (B, V)
+};
+
+struct Engine {
+    Shape s;
+    std::vector<Layer> layer;
+    const float *embedding, *norm_w, *norm_b;
+    const void* head;
+    void *keys, *values;
+    float* inputs;
+    // shared between the threads: each writes its own part, the others read it after a barrier.
+    // out_parts, down_parts: (threads, B, d), a thread's share of the sums over the inputs
+    std::vector<float> out_parts, down_parts, logits, compressed;
+    // one a thread: the residual stream h and its normed copy x (B, d), the queries, keys and values
+    // (B, 3d), the attention's output (B, d), the feed-forward's hidden layer (B, d_ff), the windows
+    // of the compression (layers, B, taps * d), attention scratch, the valid slots and their columns
+    std::vector<std::vector<float>> h, x, qkv, attended, hidden, windows, scratch;
+    std::vector<std::vector<int>> slots;
+    Call call{};
+    std::vector<std::thread> workers;
+    std::atomic<uint32_t> go{0};
+    std::atomic<uint32_t> sleeping{0};
+    std::atomic<int64_t> arrived{0};
+    std::atomic<int> stop{0};
+    int64_t spin_ns = 200000;
+    std::vector<int64_t> passed;  // barriers passed, one a thread (the same count on all)
+
+    void barrier(int t) {
+        if (s.threads == 1) return;
+        int64_t target = ++passed[t] * s.threads;
+        arrived.fetch_add(1, std::memory_order_acq_rel);
+        int spins = 0;
+        while (arrived.load(std::memory_order_acquire) < target) {
+            pause_once();
+            if (++spins > (1 << 20)) {  // the other thread was descheduled: give the core away
+                std::this_thread::yield();
+                spins = 0;
+            }
+        }
+    }
+
+    void worker(int t) {
+        uint32_t seen = 0;
+        for (;;) {
+            auto start = std::chrono::steady_clock::now();
+            int spins = 0;
+            while (go.load(std::memory_order_acquire) == seen) {
+                pause_once();
+                if (++spins % 256 == 0 &&
+                    std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+                            .count() > spin_ns) {
+                    sleeping.store(1);
+                    if (go.load() == seen) futex(&go, FUTEX_WAIT_PRIVATE, seen);
+                    sleeping.store(0);
+                    start = std::chrono::steady_clock::now();
+                }
+            }
+            seen = go.load(std::memory_order_acquire);
+            if (stop.load()) return;
+            run(t);
+        }
+    }
+
+    void step(const Call& c) {
+        call = c;  // read by every thread when it starts (before its first barrier)
+        if (s.threads > 1) {
+            go.fetch_add(1);
+            if (sleeping.load()) futex(&go, FUTEX_WAKE_PRIVATE, INT_MAX);
+        }
+        run(0);
+    }
+
+    void run(int t) {
+        const Call c = call;  // the next step may change `call` while this thread finishes
+        if (s.bf16)
+            run_as<bf16>(t, c);
+        else
+            run_as<float>(t, c);
+    }
+
+    // [first, last) of `count` items for thread t
+    void share(int count, int t, int& first, int& last) const {
+        first = int(int64_t(count) * t / s.threads);
+        last = int(int64_t(count) * (t + 1) / s.threads);
+    }
+
+    // h (B, d) += the threads' parts (threads, B, d), in thread order (the same sums on every thread),
+    // and a bias
+    void add_parts(float* h, const std::vector<float>& parts, const float* bias) const {
+        const size_t size = size_t(s.batch) * s.d;
+        for (int b = 0; b < s.batch; ++b)
+            for (int j = 0; j < s.d; j += 16) {
+                const size_t at = size_t(b) * s.d + j;
+                v16 sum = load(parts.data() + at);
+                for (int t = 1; t < s.threads; ++t) sum += load(parts.data() + t * size + at);
+                if (bias) sum += load(bias + j);
+                store(h + at, load(h + at) + sum);
+            }
+    }
+
+    template <class W>
+    void run_as(int t, const Call& c);
+    template <class W>
+    void attend(int t, int i, int b, int head, const float* q, const float* key, const float* value, float* out);
+    template <class W>
+    void compress_all(int t, const Call& c);
+};
+
+// sum_v weight[v] rows[slot[v]] (D floats each, D = 16 C) + own * value, over the valid slots,
+// divided by total
+template <class W, int C>
+void weighted_values(const W* rows, int D, const int* slot, const float* weight, int valid, float own,
+                     const float* value, float total, float* out) {
+    v16 a[C], c[C];
+    for (int k = 0; k < C; ++k) a[k] = c[k] = v16{};
+    int v = 0;
+    for (; v + 2 <= valid; v += 2) {
+        const W* r0 = rows + size_t(slot[v]) * D;
+        const W* r1 = rows + size_t(slot[v + 1]) * D;
+        v16 w0 = splat(weight[v]), w1 = splat(weight[v + 1]);
+        for (int k = 0; k < C; ++k) {
+            a[k] += w0 * load(r0 + 16 * k);
+            c[k] += w1 * load(r1 + 16 * k);
+        }
+    }
+    if (v < valid) {
+        const W* r0 = rows + size_t(slot[v]) * D;
+        for (int k = 0; k < C; ++k) a[k] += splat(weight[v]) * load(r0 + 16 * k);
+    }
+    for (int k = 0; k < C; ++k) store(out + 16 * k, (a[k] + c[k] + splat(own) * load(value + 16 * k)) / total);
+}
+
+template <class W>
+void weighted_values_any(const W* rows, int D, const int* slot, const float* weight, int valid, float own,
+                         const float* value, float total, float* out) {
+    for (int j = 0; j < D; j += 16) {
+        v16 a{};
+        for (int v = 0; v < valid; ++v) a += splat(weight[v]) * load(rows + size_t(slot[v]) * D + j);
+        store(out + j, (a + splat(own) * load(value + j)) / total);
+    }
+}
+
+// the content and position products of one head over KB blocks of 16 slots: (KB * 16) each
+template <class W>
+void slot_products(const W* keys, const W* pos, const float* qc, const float* qp, int D, int KB, float* content,
+                   float* by_column) {
+    int kb = 0;
+    for (; kb + 2 <= KB; kb += 2) {  // two blocks at a time: four independent sums
+        const W* k0 = keys + size_t(kb) * D * 16;
+        const W* p0 = pos + size_t(kb) * D * 16;
+        v16 c0{}, c1{}, r0{}, r1{}, c2{}, c3{}, r2{}, r3{};
+        int j = 0;
+        for (; j + 2 <= D; j += 2) {
+            v16 a = splat(qc[j]), e = splat(qp[j]), a2 = splat(qc[j + 1]), e2 = splat(qp[j + 1]);
+            c0 += a * load(k0 + j * 16);
+            c1 += a * load(k0 + (D + j) * 16);
+            r0 += e * load(p0 + j * 16);
+            r1 += e * load(p0 + (D + j) * 16);
+            c2 += a2 * load(k0 + (j + 1) * 16);
+            c3 += a2 * load(k0 + (D + j + 1) * 16);
+            r2 += e2 * load(p0 + (j + 1) * 16);
+            r3 += e2 * load(p0 + (D + j + 1) * 16);
+        }
+        for (; j < D; ++j) {
+            v16 a = splat(qc[j]), e = splat(qp[j]);
+            c0 += a * load(k0 + j * 16);
+            c1 += a * load(k0 + (D + j) * 16);
+            r0 += e * load(p0 + j * 16);
+            r1 += e * load(p0 + (D + j) * 16);
+        }
+        store(content + kb * 16, c0 + c2);
+        store(content + kb * 16 + 16, c1 + c3);
+        store(by_column + kb * 16, r0 + r2);
+        store(by_column + kb * 16 + 16, r1 + r3);
+    }
+    for (; kb < KB; ++kb) {
+        const W* k0 = keys + size_t(kb) * D * 16;
+        const W* p0 = pos + size_t(kb) * D * 16;
+        v16 c0{}, r0{};
+        for (int j = 0; j < D; ++j) {
+            c0 += splat(qc[j]) * load(k0 + j * 16);
+            r0 += splat(qp[j]) * load(p0 + j * 16);
+        }
+        store(content + kb * 16, c0);
+        store(by_column + kb * 16, r0);
+    }
+}
+
+// bf16 keys and position tables in pairs of features, (KB, D / 2, 16, 2)
+void slot_products(const bf16* keys, const bf16* pos, const float* qc, const float* qp, int D, int KB, float* content,
+                   float* by_column) {
+    const uint32_t* k = reinterpret_cast<const uint32_t*>(keys);
+    const uint32_t* r = reinterpret_cast<const uint32_t*>(pos);
+    const int half = D / 2;
+    int kb = 0;
+    for (; kb + 2 <= KB; kb += 2) {
+        const uint32_t* k0 = k + size_t(kb) * half * 16;
+        const uint32_t* k1 = k0 + size_t(half) * 16;
+        const uint32_t* r0 = r + size_t(kb) * half * 16;
+        const uint32_t* r1 = r0 + size_t(half) * 16;
+        v16 c0{}, c1{}, c2{}, c3{}, e0{}, e1{}, e2{}, e3{};
+        for (int p = 0; p < half; ++p) {
+            v16 a = splat(qc[2 * p]), a2 = splat(qc[2 * p + 1]), f = splat(qp[2 * p]), f2 = splat(qp[2 * p + 1]);
+            c0 += a * low_of(k0 + p * 16);
+            c2 += a2 * high_of(k0 + p * 16);
+            c1 += a * low_of(k1 + p * 16);
+            c3 += a2 * high_of(k1 + p * 16);
+            e0 += f * low_of(r0 + p * 16);
+            e2 += f2 * high_of(r0 + p * 16);
+            e1 += f * low_of(r1 + p * 16);
+            e3 += f2 * high_of(r1 + p * 16);
+        }
+        store(content + kb * 16, c0 + c2);
+        store(content + kb * 16 + 16, c1 + c3);
+        store(by_column + kb * 16, e0 + e2);
+        store(by_column + kb * 16 + 16, e1 + e3);
+    }
+    for (; kb < KB; ++kb) {
+        const uint32_t* k0 = k + size_t(kb) * half * 16;
+        const uint32_t* r0 = r + size_t(kb) * half * 16;
+        v16 c0{}, c2{}, e0{}, e2{};
+        for (int p = 0; p < half; ++p) {
+            c0 += splat(qc[2 * p]) * low_of(k0 + p * 16);
+            c2 += splat(qc[2 * p + 1]) * high_of(k0 + p * 16);
+            e0 += splat(qp[2 * p]) * low_of(r0 + p * 16);
+            e2 += splat(qp[2 * p + 1]) * high_of(r0 + p * 16);
+        }
+        store(content + kb * 16, c0 + c2);
+        store(by_column + kb * 16, e0 + e2);
+    }
+}
+
+// weighted_values for bf16 rows of D = 32 C features: each 32-bit word of a row holds features 2l
+// (low half) and 2l + 1 (high half), so one load gives 16 even and 16 odd features
+template <int C>
+void weighted_value_pairs(const bf16* rows, int D, const int* slot, const float* weight, int valid, float own,
+                          const float* value, float total, float* out) {
+    v16 even[C], odd[C], even2[C], odd2[C];
+    for (int k = 0; k < C; ++k) even[k] = odd[k] = even2[k] = odd2[k] = v16{};
+    int v = 0;
+    for (; v + 2 <= valid; v += 2) {
+        const uint32_t* r0 = reinterpret_cast<const uint32_t*>(rows + size_t(slot[v]) * D);
+        const uint32_t* r1 = reinterpret_cast<const uint32_t*>(rows + size_t(slot[v + 1]) * D);
+        v16 w0 = splat(weight[v]), w1 = splat(weight[v + 1]);
+        for (int k = 0; k < C; ++k) {
+            even[k] += w0 * low_of(r0 + 16 * k);
+            odd[k] += w0 * high_of(r0 + 16 * k);
+            even2[k] += w1 * low_of(r1 + 16 * k);
+            odd2[k] += w1 * high_of(r1 + 16 * k);
+        }
+    }
+    if (v < valid) {
+        const uint32_t* r0 = reinterpret_cast<const uint32_t*>(rows + size_t(slot[v]) * D);
+        for (int k = 0; k < C; ++k) {
+            even[k] += splat(weight[v]) * low_of(r0 + 16 * k);
+            odd[k] += splat(weight[v]) * high_of(r0 + 16 * k);
+        }
+    }
+    for (int k = 0; k < C; ++k) {
+        v16 e = even[k] + even2[k], o = odd[k] + odd2[k];
+        for (int l = 0; l < 16; ++l) {
+            out[32 * k + 2 * l] = (e[l] + own * value[32 * k + 2 * l]) / total;
+            out[32 * k + 2 * l + 1] = (o[l] + own * value[32 * k + 2 * l + 1]) / total;
+        }
+    }
+}
+
+template <class W>
+void weighted_sum(const W* rows, int D, const int* slot, const float* weight, int valid, float own,
+                  const float* value, float total, float* out) {
+    if constexpr (sizeof(W) == 2) {
+        switch (D) {
+            case 32: return weighted_value_pairs<1>(rows, D, slot, weight, valid, own, value, total, out);
+            case 64: return weighted_value_pairs<2>(rows, D, slot, weight, valid, own, value, total, out);
+        }
+    }
+    switch (D / 16) {
+        case 1: return weighted_values<W, 1>(rows, D, slot, weight, valid, own, value, total, out);
+        case 2: return weighted_values<W, 2>(rows, D, slot, weight, valid, own, value, total, out);
+        case 4: return weighted_values<W, 4>(rows, D, slot, weight, valid, own, value, total, out);
+        default: return weighted_values_any<W>(rows, D, slot, weight, valid, own, value, total, out);
+    }
+}
+
+template <class W>
+void Engine::attend(int t, int i, int b, int hd, const float* q, const float* key, const float* value,
+                    float* out) {
+    const int D = s.d_head, KB = s.k_blocks, K = s.n_cap + s.m_cap;
+    const Layer& L = layer[i];
+    float* content = scratch[t].data();  // KB * 16
+    float* by_column = content + KB * 16;  // KB * 16
+    float* qc = by_column + KB * 16;  // D
+    float* qp = qc + D;  // D
+    float* score = qp + D;  // the valid slots', padded to 16
+    const int* slot = slots[t].data();
+    const int valid = slots[t][2 * K];
+    const int* column = slot + K;
+    for (int j = 0; j < D; ++j) {
+        qc[j] = q[j] + L.u[hd * D + j];
+        qp[j] = q[j] + L.v[hd * D + j];
+    }
+    const W* keys = static_cast<const W*>(this->keys) + ((size_t(i) * s.batch + b) * s.heads + hd) * KB * D * 16;
+    const W* pos = static_cast<const W*>(L.positions) + size_t(hd) * KB * D * 16;
+    slot_products(keys, pos, qc, qp, D, KB, content, by_column);
+    const float scale = 1.f / std::sqrt(float(D));
+    float own = 0.f;
+    for (int j = 0; j < D; ++j) own += qc[j] * key[j];
+    own = (own + by_column[K - 1]) * scale;
+    float top = own;
+    for (int v = 0; v < valid; ++v) {
+        score[v] = (content[slot[v]] + by_column[column[v]]) * scale;
+        top = std::max(top, score[v]);
+    }
+    int padded = (valid + 15) / 16 * 16;
+    for (int v = valid; v < padded; ++v) score[v] = -INFINITY;
+    v16 sum{};
+    for (int v = 0; v < padded; v += 16) {
+        v16 e = exp_neg(load(score + v) - top);
+        store(score + v, e);
+        sum += e;
+    }
+    float own_weight = std::exp(own - top);
+    float total = hsum(sum) + own_weight;
+    const W* values =
+        static_cast<const W*>(this->values) + ((size_t(i) * s.batch + b) * s.heads + hd) * size_t(K) * D;
+    weighted_sum(values, D, slot, score, valid, own_weight, value, total, out);
+}
+
+// A step on thread t: its heads of each layer's attention and its share of every product. Two
+// barriers a layer: after the attention and the output product (each thread's sum over its heads'
+// inputs), and after the feed-forward (each thread's hidden units, and their sum in the second
+// product); each thread then adds the parts to its own copy of the residual stream.
+template <class W>
+void Engine::run_as(int t, const Call& c) {
+    const int B = s.batch, d = s.d, H = s.heads, D = s.d_head, K = s.n_cap + s.m_cap;
+    {  // the valid slots (the compressed ring first, then the memory ring) and their position columns
+        int* slot = slots[t].data();
+        int* column = slot + K;
+        int valid = 0;
+        for (int j = 0; j < s.n_cap; ++j) {
+            int age = ((c.next_c - 1 - j) % s.n_cap + s.n_cap) % s.n_cap;
+            if (age < c.n) {
+                slot[valid] = j;
+                column[valid++] = K - 1 - (c.m + 1 + age);
+            }
+        }
+        for (int j = 0; j < s.m_cap; ++j) {
+            int age = ((c.next_m - j) % s.m_cap + s.m_cap) % s.m_cap;
+            if (age >= 1 && age <= c.m) {
+                slot[valid] = s.n_cap + j;
+                column[valid++] = K - 1 - age;
+            }
+        }
+        slots[t][2 * K] = valid;
+    }
+    float* h = this->h[t].data();
+    float* x = this->x[t].data();
+    float* qkv = this->qkv[t].data();
+    float* attended = this->attended[t].data();
+    float* hidden = this->hidden[t].data();
+    float* out_part = out_parts.data() + size_t(t) * B * d;
+    float* down_part = down_parts.data() + size_t(t) * B * d;
+    for (int b = 0; b < B; ++b) std::memcpy(h + b * d, embedding + size_t(c.tokens[b]) * d, d * sizeof(float));
+    int h0, h1, u0, u1;
+    share(H, t, h0, h1);
+    share(s.ff / 16, t, u0, u1);
+    const int new_slot = s.n_cap + c.next_m;
+    const int per_head = D / 16;  // blocks of 16 output rows a head
+    for (int i = 0; i < s.layers; ++i) {
+        const Layer& L = layer[i];
+        for (int b = 0; b < B; ++b) {
+            float* xb = x + b * d;
+            if (s.pre_norm)
+                layer_norm(h + b * d, L.norm1_w, L.norm1_b, d, s.eps, xb);
+            else
+                std::memcpy(xb, h + b * d, d * sizeof(float));
+            float* q = qkv + size_t(b) * 3 * d;
+            for (int part = 0; part < 3; ++part)  // this thread's heads of the queries, keys and values
+                product(static_cast<const W*>(L.qkv), d, xb, part * d / 16 + h0 * per_head,
+                        part * d / 16 + h1 * per_head, q);
+            for (int hd = h0; hd < h1; ++hd) {
+                const float* key = q + d + hd * D;
+                const float* value = q + 2 * d + hd * D;
+                attend<W>(t, i, b, hd, q + hd * D, key, value, attended + b * d + hd * D);
+                // the token's key and value into the memory ring's next slot (masked in this step)
+                W* keys = static_cast<W*>(this->keys) + ((size_t(i) * B + b) * H + hd) * s.k_blocks * D * 16;
+                W* values = static_cast<W*>(this->values) + (((size_t(i) * B + b) * H + hd) * K + new_slot) * D;
+                for (int j = 0; j < D; ++j) {
+                    put(keys + key_index(keys, D, new_slot, j), key[j]);
+                    put(values + j, value[j]);
+                }
+            }
+            // the output product over this thread's heads
+            product(static_cast<const W*>(L.out), d, h0 * D, h1 * D, attended + b * d, 0, d / 16, out_part + b * d);
+            if (s.compression != NONE && t == 0)
+                std::memcpy(inputs + ((size_t(i) * B + b) * s.m_cap + c.next_m) * d, h + b * d, d * sizeof(float));
+        }
+        barrier(t);
+        add_parts(h, out_parts, nullptr);
+        for (int b = 0; b < B; ++b) {
+            float* hb = h + b * d;
+            float* xb = x + b * d;
+            if (s.pre_norm) {
+                layer_norm(hb, L.norm2_w, L.norm2_b, d, s.eps, xb);
+            } else {
+                layer_norm(hb, L.norm1_w, L.norm1_b, d, s.eps, hb);
+                std::memcpy(xb, hb, d * sizeof(float));
+            }
+            float* up = hidden + size_t(b) * s.ff;
+            product(static_cast<const W*>(L.up), d, xb, u0, u1, up);  // this thread's hidden units
+            for (int j = u0 * 16; j < u1 * 16; ++j) up[j] = std::max(up[j] + L.up_b[j], 0.f);
+            product(static_cast<const W*>(L.down), s.ff, u0 * 16, u1 * 16, up, 0, d / 16, down_part + b * d);
+        }
+        barrier(t);
+        add_parts(h, down_parts, L.down_b);
+        if (!s.pre_norm)
+            for (int b = 0; b < B; ++b) layer_norm(h + b * d, L.norm2_w, L.norm2_b, d, s.eps, h + b * d);
+    }
+    int v0, v1;
+    share((s.vocab + 15) / 16, t, v0, v1);
+    const int vp = (s.vocab + 15) / 16 * 16;
+    for (int b = 0; b < B; ++b) {
+        float* xb = x + b * d;
+        if (s.pre_norm)
+            layer_norm(h + b * d, norm_w, norm_b, d, s.eps, xb);
+        else
+            std::memcpy(xb, h + b * d, d * sizeof(float));
+        product(static_cast<const W*>(head), d, xb, v0, v1, logits.data() + size_t(b) * vp);
+    }
+    if (c.compress) compress_all<W>(t, c);
+    barrier(t);  // the logits complete; every thread done reading this step's shared buffers
+    if (t == 0)
+        for (int b = 0; b < B; ++b)
+            std::memcpy(c.logits + size_t(b) * s.vocab, logits.data() + size_t(b) * vp, s.vocab * sizeof(float));
+}
+
+// After a step that filled the memory ring (mem_len + c): the oldest c layer inputs of every layer
+// compressed into one memory, projected to its keys and values, written to the compressed ring's
+// slot next_c (`decode._step_and_compress`). Every thread reads its own copy of the old inputs
+// (before the step's last barrier, after which the next step may overwrite the oldest).
+template <class W>
+void Engine::compress_all(int t, const Call& call) {
+    const int B = s.batch, d = s.d, H = s.heads, D = s.d_head, K = s.n_cap + s.m_cap, c = s.rate;
+    const int next_m = (call.next_m + 1) % s.m_cap;  // the ring after the step: its oldest first
+    auto old = [&](int i, int b, int r) {
+        return inputs + ((size_t(i) * B + b) * s.m_cap + (next_m + r) % s.m_cap) * d;
+    };
+    int o0, o1;
+    share(d / 16, t, o0, o1);
+    if (s.compression == TAPS) {  // the convolution: one product with the taps' rows side by side
+        for (int i = 0; i < s.layers; ++i)
+            for (int b = 0; b < B; ++b) {
+                float* window = windows[t].data() + (size_t(i) * B + b) * s.taps * d;
+                for (int k = 0; k < s.taps; ++k)
+                    std::memcpy(window + k * d, old(i, b, s.tap_rows[k]), d * sizeof(float));
+                product(static_cast<const W*>(layer[i].taps), s.taps * d, window, o0, o1,
+                        compressed.data() + (size_t(i) * B + b) * d);
+            }
+    } else {  // max or mean pooling: this thread's share of the features
+        for (int i = 0; i < s.layers; ++i)
+            for (int b = 0; b < B; ++b) {
+                float* out = compressed.data() + (size_t(i) * B + b) * d;
+                for (int j = o0 * 16; j < o1 * 16; ++j) {
+                    float acc = old(i, b, 0)[j];
+                    for (int r = 1; r < c; ++r)
+                        acc = s.compression == MAX ? std::max(acc, old(i, b, r)[j]) : acc + old(i, b, r)[j];
+                    out[j] = s.compression == MAX ? acc : acc / c;
+                }
+            }
+    }
+    barrier(t);
+    int h0, h1;
+    share(H, t, h0, h1);
+    float* x = this->x[t].data();
+    float* kv = qkv[t].data();  // 3d: the keys at [d, 2d), the values at [2d, 3d)
+    const int slot = call.next_c;
+    for (int i = 0; i < s.layers; ++i) {
+        const Layer& L = layer[i];
+        for (int b = 0; b < B; ++b) {
+            const float* memory = compressed.data() + (size_t(i) * B + b) * d;
+            if (s.pre_norm)
+                layer_norm(memory, L.norm1_w, L.norm1_b, d, s.eps, x);
+            else
+                std::memcpy(x, memory, d * sizeof(float));
+            for (int part = 1; part < 3; ++part)
+                product(static_cast<const W*>(L.qkv), d, x, part * d / 16 + h0 * D / 16, part * d / 16 + h1 * D / 16,
+                        kv);
+            for (int hd = h0; hd < h1; ++hd) {
+                W* keys = static_cast<W*>(this->keys) + ((size_t(i) * B + b) * H + hd) * s.k_blocks * D * 16;
+                W* values = static_cast<W*>(this->values) + (((size_t(i) * B + b) * H + hd) * K + slot) * D;
+                for (int j = 0; j < D; ++j) {
+                    put(keys + key_index(keys, D, slot, j), kv[d + hd * D + j]);
+                    put(values + j, kv[2 * d + hd * D + j]);
+                }
+            }
+        }
+    }
+}
+
+// `sampling.next_token` for one row: temperature, top-k, top-p, softmax, and the inverted
+// cumulative distribution at u.
+int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, float top_p, float u,
+             std::vector<float>& work, std::vector<int>& order) {
+    float* logits = work.data();
+    float* probs = logits + vocab;
+    for (int j = 0; j < vocab; ++j) logits[j] = temperature == 1.f ? logits_in[j] : logits_in[j] / temperature;
+    if (top_k > 0 && top_k < vocab) {
+        std::copy(logits, logits + vocab, probs);
+        std::nth_element(probs, probs + (top_k - 1), probs + vocab, std::greater<float>());
+        float kth = probs[top_k - 1];
+        for (int j = 0; j < vocab; ++j)
+            if (logits[j] < kth) logits[j] = -INFINITY;
+    }
+    if (top_p < 1.f) {
+        std::iota(order.begin(), order.begin() + vocab, 0);
+        std::stable_sort(order.begin(), order.begin() + vocab, [&](int a, int b) { return logits[a] > logits[b]; });
+        float top = logits[order[0]], total = 0.f;
+        for (int j = 0; j < vocab; ++j) total += std::exp(logits[j] - top);
+        float running = 0.f;
+        std::vector<int> drop;
+        for (int j = 0; j < vocab; ++j) {
+            float p = std::exp(logits[order[j]] - top) / total;
+            running += p;
+            if (running - p >= top_p) drop.push_back(order[j]);
+        }
+        for (int j : drop) logits[j] = -INFINITY;
+    }
+    float top = -INFINITY;
+    for (int j = 0; j < vocab; ++j) top = std::max(top, logits[j]);
+    float total = 0.f;
+    for (int j = 0; j < vocab; ++j) total += probs[j] = std::exp(logits[j] - top);
+    for (int j = 0; j < vocab; ++j) probs[j] /= total;
+    float running = 0.f, all = 0.f;
+    for (int j = 0; j < vocab; ++j) all += probs[j];
+    int64_t last = 0;
+    for (int j = 0; j < vocab; ++j) {
+        running += probs[j];
+        if (probs[j] > 0.f) {
+            last = j;
+            if (running > u * all) return j;
+        }
+    }
+    return last;
+}
+
+}  // namespace
+
+extern "C" {
+
+// dims: layers, batch, heads, d_head, d_model, d_ff, vocab, n_cap, m_cap, k_blocks, pre_norm,
+// compression (0 none, 1 taps, 2 max, 3 mean), rate, taps, threads, bf16, then the taps' rows.
+// pointers: embedding, head, norm weight, norm bias, keys, values, inputs, then a layer each:
+// qkv, out, up, down, taps, positions, u, v, norm1 w, norm1 b, norm2 w, norm2 b, up bias, down bias.
+void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps, int64_t spin_ns) {
+    auto* e = new Engine();
+    Shape& s = e->s;
+    int* fields[] = {&s.layers, &s.batch, &s.heads, &s.d_head, &s.d, &s.ff, &s.vocab, &s.n_cap,
+                     &s.m_cap, &s.k_blocks, &s.pre_norm, &s.compression, &s.rate, &s.taps, &s.threads, &s.bf16};
+    const int n_fields = sizeof(fields) / sizeof(fields[0]);
+    for (int j = 0; j < n_fields; ++j) *fields[j] = int(dims[j]);
+    for (int k = 0; k < s.taps && k < 64; ++k) s.tap_rows[k] = int(dims[n_fields + k]);
+    s.eps = float(eps);
+    e->spin_ns = spin_ns;
+    auto ptr = [&](int j) { return reinterpret_cast<const void*>(pointers[j]); };
+    e->embedding = static_cast<const float*>(ptr(0));
+    e->head = ptr(1);
+    e->norm_w = static_cast<const float*>(ptr(2));
+    e->norm_b = static_cast<const float*>(ptr(3));
+    e->keys = const_cast<void*>(ptr(4));
+    e->values = const_cast<void*>(ptr(5));
+    e->inputs = static_cast<float*>(const_cast<void*>(ptr(6)));
+    for (int i = 0; i < s.layers; ++i) {
+        int j = 7 + 14 * i;
+        Layer L;
+        L.qkv = ptr(j), L.out = ptr(j + 1), L.up = ptr(j + 2), L.down = ptr(j + 3), L.taps = ptr(j + 4);
+        L.positions = ptr(j + 5);
+        const float** floats[] = {&L.u, &L.v, &L.norm1_w, &L.norm1_b, &L.norm2_w, &L.norm2_b, &L.up_b, &L.down_b};
+        for (int k = 0; k < 8; ++k) *floats[k] = static_cast<const float*>(ptr(j + 6 + k));
+        e->layer.push_back(L);
+    }
+    const int B = s.batch, d = s.d, K = s.n_cap + s.m_cap, T = s.threads;
+    e->out_parts.assign(size_t(T) * B * d, 0.f);
+    e->down_parts.assign(size_t(T) * B * d, 0.f);
+    e->logits.assign(size_t(B) * ((s.vocab + 15) / 16 * 16), 0.f);
+    e->compressed.assign(size_t(s.layers) * B * d, 0.f);
+    const size_t scratch = size_t(s.k_blocks) * 32 + 2 * s.d_head + K + 16;
+    for (int t = 0; t < T; ++t) {
+        e->h.emplace_back(size_t(B) * d, 0.f);
+        e->x.emplace_back(size_t(B) * d, 0.f);
+        e->qkv.emplace_back(size_t(B) * 3 * d, 0.f);
+        e->attended.emplace_back(size_t(B) * d, 0.f);
+        e->hidden.emplace_back(size_t(B) * s.ff, 0.f);
+        e->windows.emplace_back(size_t(s.layers) * B * std::max(s.taps, 1) * d, 0.f);
+        e->scratch.emplace_back(scratch, 0.f);
+        e->slots.emplace_back(2 * K + 1, 0);
+    }
+    e->passed.assign(T, 0);
+    for (int t = 1; t < T; ++t) e->workers.emplace_back([e, t] { e->worker(t); });
+    return e;
+}
+
+// One step: tokens (B,) int64 in, logits (B, V) out; with sample != 0 also the drawn tokens (B,)
+// from the uniform numbers (B,). Returns 0, or 1 + the row of a token outside the vocabulary
+// (nothing then done).
+int64_t still_decoder_step(void* engine, const int64_t* tokens, int64_t next_c, int64_t next_m, int64_t n, int64_t m,
+                        int64_t compress, float* logits, int64_t sample, const float* uniform, double temperature,
+                        int64_t top_k, double top_p, int64_t* drawn) {
+    auto* e = static_cast<Engine*>(engine);
+    for (int b = 0; b < e->s.batch; ++b)
+        if (tokens[b] < 0 || tokens[b] >= e->s.vocab) return 1 + b;
+    Call c;
+    c.tokens = tokens, c.next_c = int(next_c), c.next_m = int(next_m), c.n = int(n), c.m = int(m);
+    c.compress = int(compress), c.logits = logits;
+    e->step(c);
+    if (sample) {
+        thread_local std::vector<float> work;
+        thread_local std::vector<int> order;
+        work.resize(2 * size_t(e->s.vocab));
+        order.resize(e->s.vocab);
+        for (int b = 0; b < e->s.batch; ++b)
+            drawn[b] = draw(logits + size_t(b) * e->s.vocab, e->s.vocab, float(temperature), int(top_k), float(top_p),
+                            uniform[b], work, order);
+    }
+    return 0;
+}
+
+void still_decoder_free(void* engine) {
+    auto* e = static_cast<Engine*>(engine);
+    e->stop.store(1);
+    e->go.fetch_add(1);
+    futex(&e->go, FUTEX_WAKE_PRIVATE, INT_MAX);
+    for (auto& w : e->workers) w.join();
+    delete e;
+}
+
+}  // extern "C"

@@ -1,0 +1,197 @@
+"""The hand-written decoding step (native_step.cpp) gives the model's own logits and draws."""
+
+import os
+
+import pytest
+import torch
+from test_decode import CASES  # the same configurations as the eager and compiled steps
+
+from still.compressive import native
+from still.compressive.decode import Decoder
+from still.compressive.generate import generate
+from still.compressive.model import CompressiveConfig, CompressiveTransformer
+from still.compressive.native import NativeStep, pack, pairs
+from still.compressive.sampling import Sampling, next_token
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
+
+SIZES = {"d_head 16": dict(d_model=32, n_heads=2, d_ff=64), "d_head 32": dict(d_model=64, n_heads=2, d_ff=48)}
+
+
+def _model(case: str, size: str = "d_head 16", **extra) -> CompressiveTransformer:
+    torch.manual_seed(0)
+    config = CompressiveConfig(vocab_size=11, n_layers=2, dropout=0.1, **SIZES[size], **CASES[case] | extra)
+    return CompressiveTransformer(config).eval()
+
+
+def _prompted(model: CompressiveTransformer, tokens: torch.Tensor, prompt_len: int):
+    state = None
+    for chunk in tokens[:, :prompt_len].split(4, dim=1):
+        state = model(chunk, state).state
+    return state
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_step_matches_the_model_token_by_token(case, size, threads):
+    """fp32: the model's logits to float rounding through 31 steps (several compressions, full rings),
+    on one thread and on two (the heads and products split between them)."""
+    model = _model(case, size)
+    tokens = torch.randint(0, 11, (2, 40))
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+        decoder = Decoder(model, state, batch=2, compile=True, threads=threads, native=True)
+        assert decoder.native is not None and decoder.native.threads == threads
+        for t in range(9, tokens.shape[1]):
+            out = model(tokens[:, t : t + 1], state)
+            state = out.state
+            torch.testing.assert_close(decoder.step(tokens[:, t]), out.logits[:, 0], atol=1e-5, rtol=1e-5)
+        assert decoder.n == state.compressed_len and decoder.m == state.memory_len
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("size", SIZES)
+def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size):
+    """bf16 matrices, keys, values and position tables (in pairs of features), fp32 residual stream:
+    the fp32 model's logits to bf16 rounding, and the same on one thread as on two (to 1e-3: the two
+    threads sum the products in another order, which can round a stored bf16 key the other way)."""
+    model = _model(case, size)
+    tokens = torch.randint(0, 11, (2, 40))
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+        one, two = (Decoder(model, state, batch=2, compile=True, threads=n, dtype=torch.bfloat16, native=True)
+                    for n in (1, 2))
+        assert one.keys.dtype == torch.bfloat16 and one.keys.shape[-1] == 2  # pairs of features
+        for t in range(9, tokens.shape[1]):
+            out = model(tokens[:, t : t + 1], state)
+            state = out.state
+            logits = one.step(tokens[:, t])
+            torch.testing.assert_close(logits, out.logits[:, 0], atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(two.step(tokens[:, t]), logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.7), Sampling(top_k=3),
+                                      Sampling(top_p=0.6), Sampling(temperature=1.3, top_k=5, top_p=0.9)],
+                         ids=str)
+def test_native_draws_are_next_token_of_its_logits(sampling):
+    """step_sample draws in the same call what `next_token` draws from the step's logits with the same
+    uniform numbers; and with top-k 1 the draw is the argmax."""
+    model = _model("conv", "d_head 32")
+    tokens = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+    drawing, plain = (Decoder(model, state, batch=2, compile=True, native=True) for _ in range(2))
+    generator = torch.Generator().manual_seed(1)
+    token = tokens[:, -1]
+    for _ in range(40):
+        uniform = torch.rand(2, 1, generator=generator)
+        logits = plain.step(token)
+        drawn = drawing.step_sample(token, uniform, sampling)
+        assert drawn.dtype == torch.int64 and drawn.shape == (2,)
+        assert torch.equal(drawn, next_token(logits, uniform, sampling))
+        token = drawn
+
+
+def test_a_top_k_of_one_draws_the_argmax():
+    model = _model("mean, post-norm", "d_head 32")
+    drawing, plain = (Decoder(model, None, batch=2, compile=True, native=True) for _ in range(2))
+    token = torch.tensor([1, 2])
+    for _ in range(20):
+        logits = plain.step(token)
+        token = drawing.step_sample(token, torch.rand(2, 1), Sampling(temperature=2.0, top_k=1))
+        assert torch.equal(token, logits.argmax(-1))
+
+
+def test_a_token_outside_the_vocabulary_is_refused_and_changes_nothing():
+    model = _model("conv")
+    decoder = Decoder(model, None, batch=2, compile=True, native=True)
+    decoder.step(torch.tensor([1, 2]))
+    keys, counters = decoder.keys.clone(), (decoder.next_c, decoder.next_m, decoder.n, decoder.m)
+    with pytest.raises(IndexError, match="token 11 is outside the vocabulary of 11"):
+        decoder.step(torch.tensor([3, 11]))
+    with pytest.raises(IndexError, match="token -1"):
+        decoder.step_sample(torch.tensor([-1, 0]), torch.rand(2, 1), Sampling())
+    assert torch.equal(decoder.keys, keys)
+    assert (decoder.next_c, decoder.next_m, decoder.n, decoder.m) == counters
+
+
+def test_models_it_cannot_run_use_the_compiled_step_or_are_refused_when_asked():
+    torch.manual_seed(0)
+    small = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2)).eval()
+    assert native.unsupported(Decoder(small, None, batch=1, compile=True, native=False)) == (
+        "it needs d_head, d_model and d_ff in multiples of 16 (got 8, 16, 32)")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Decoder(small, None, batch=1, compile=True, native=True)
+    assert Decoder(_model("conv"), None, batch=1, compile=False).native is None  # only where compiling
+    assert Decoder(_model("conv"), None, batch=1, compile=True, native=False).native is None
+
+
+def test_without_a_compiler_the_decoder_falls_back_and_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(native, "_LIBRARY", [])
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    model = _model("conv")
+    decoder = Decoder(model, None, batch=1, compile=True)
+    assert decoder.native is None
+    assert "the hand-written decoding step is unavailable (no C++ compiler found" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="could not be built"):
+        Decoder(model, None, batch=1, compile=True, native=True)
+
+
+def test_the_build_is_cached_and_keyed_on_the_source(tmp_path, monkeypatch):
+    """A second build of the same source finds the library; a changed source builds anew."""
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    first = native._build()
+    assert first.exists() and first.is_relative_to(tmp_path)
+    assert native._build() == first
+    changed = tmp_path / "changed.cpp"
+    changed.write_text(native.SOURCE.read_text() + "\n// a change\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native._build() != first
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_helper_threads_end_with_their_decoder():
+    model = _model("conv")
+    before = _threads()
+    decoders = [Decoder(model, None, batch=1, compile=True, threads=2, native=True) for _ in range(3)]
+    for decoder in decoders:
+        decoder.step(torch.tensor([1]))
+    assert _threads() == before + 3  # one helper each
+    del decoders, decoder
+    assert _threads() == before
+
+
+def test_threads_are_capped_by_the_heads():
+    decoder = Decoder(_model("conv"), None, batch=1, compile=True, threads=8, native=True)
+    assert decoder.native.threads == 2  # two heads to split
+
+
+def test_generate_compiled_gives_the_tokens_of_the_eager_steps():
+    """generate(compile=True) on the CPU runs the hand-written step: the same tokens as the eager
+    decoder, from the same generator."""
+    model = _model("dilated", "d_head 32")
+    prompt = torch.randint(0, 11, (2, 13))
+    runs = [list(generate(model, prompt, 40, generator=torch.Generator().manual_seed(3), segment_len=4,
+                          compile=compile)) for compile in (False, True)]
+    assert torch.equal(torch.stack(runs[0]), torch.stack(runs[1]))
+
+
+def test_pack_and_pairs_lay_out_what_the_step_reads():
+    matrix = torch.arange(20 * 6, dtype=torch.float32).view(20, 6)
+    packed = pack(matrix, torch.float32)  # (2, 6, 16): block, input, output
+    assert packed.shape == (2, 6, 16) and packed[1, 4, 3] == matrix[19, 4] and packed[1, 4, 4] == 0
+    paired = pack(matrix, torch.bfloat16)  # (2, 3, 16, 2): block, pair of inputs, output, input in the pair
+    assert paired.shape == (2, 3, 16, 2) and paired[0, 2, 5, 1] == matrix[5, 5].bfloat16()
+    blocked = torch.arange(2 * 4 * 16.0).view(2, 4, 16)  # (KB, D, 16)
+    assert pairs(blocked).shape == (2, 2, 16, 2) and pairs(blocked)[1, 1, 7, 0] == blocked[1, 2, 7]
+
+
+def test_native_step_is_the_decoders_step_on_the_cpu():
+    decoder = Decoder(_model("conv"), None, batch=1, compile=True)
+    assert isinstance(decoder.native, NativeStep) and decoder.prepare(Sampling())
