@@ -37,6 +37,14 @@ PRESETS = {
 MEMORY = dict(mem_len=128, c_mem_len=128, compression_rate=4)
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def per_token(decoder: Decoder, steps: int) -> float:
     """µs a token over `steps` sampled steps."""
     sampling, token, uniform = Sampling(), torch.zeros(1, dtype=torch.long), torch.full((1, 1), 0.5)
@@ -52,7 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"machine: {_cpu()}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}; "
           f"torch {torch.__version__}; {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     print(f"{'preset':10s} {'stored':7s} {'hand-written':>14s} {'ahead of time':>14s} {'ratio':>7s}  (µs a token)")

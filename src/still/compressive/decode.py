@@ -152,10 +152,11 @@ class Decoder:
     `dtype`: what the matrices and the key and value buffers that every step reads are stored in
     (None: the weights' dtype). bf16 halves the bytes a token reads; the products still sum in the
     weights' dtype, and the residual stream, norms and biases stay in it. Compiled, this makes a step
-    1.3-1.6x faster on the CPU here (docs/performance.md, session 15); eager bf16 products at batch 1
-    are slower than fp32 ones, so `generate` asks for bf16 only where it compiles.
-    `compile`: run the step compiled ahead of time (`still.train.aot`: built once per shape in a child
-    process and cached, then loaded).
+    1.3-1.6x faster on the CPU here (docs/performance.md, session 15), and the hand-written step
+    1.9-2.0x (session 18); eager bf16 products at batch 1 are slower than fp32 ones, so `generate`
+    asks for bf16 only where it compiles.
+    `compile`: run the step compiled: on the CPU the hand-written step (`native`), else compiled ahead
+    of time (`still.train.aot`: built once per shape in a child process and cached, then loaded).
     `threads`: CPU threads for the steps (None: `threads_for`: one for small models where OpenMP's
     idle threads sleep, else PyTorch's setting).
     `native`: with `compile` on the CPU, run the hand-written step (`still.compressive.native`; None:

@@ -33,8 +33,8 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
              compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1.
 
-    `compile`: run the decoding step compiled ahead of time (`still.train.aot`; worth it for long
-    generations: built once per model shape, then cached).
+    `compile`: run the decoding step compiled: on the CPU written by hand (`still.compressive.native`,
+    built once per machine), else ahead of time (`still.train.aot`, once per model shape); both cached.
 
     Nothing is recorded for autograd. (Not by `torch.no_grad()` as a decorator: on a generator it
     switches the mode around every token, 1.3 µs each; the compiled step needs no switch at all.)"""
@@ -77,7 +77,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
 
 def _stored_dtype(device: torch.device, compile: bool) -> torch.dtype | None:
     """What the compiled decoding steps store their matrices and keys in under the caller's bf16
-    autocast: bf16 (half the bytes a token reads, 1.3-1.6x faster here); else None, the weights'
+    autocast: bf16 (half the bytes a token reads, 1.3-2.0x faster here); else None, the weights'
     dtype (eager bf16 products at batch 1 are slower than fp32 ones: `Decoder`)."""
     bf16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
     return torch.bfloat16 if compile and bf16 else None

@@ -12,8 +12,8 @@ and by matrix-vector loops at about 1.3 multiply-adds a cycle; this one has 4 ba
 vertical multiply-adds, on threads of its own.
 
 The source is compiled with the machine's C++ compiler (`$CXX`, else g++, c++ or clang++;
-`-O3 -march=native`) into `<cache>/native/<key>/`, keyed on the source, the compiler, the flags and
-the processor, and loaded with ctypes: a step is one foreign call with a few integers (no PyTorch
+`-O3 -march=native`) into `<cache>/native/<key>/`, keyed on the source, the compiler (its file), the
+flags and the processor, and loaded with ctypes: a step is one foreign call with a few integers (no PyTorch
 headers to compile: a build takes seconds). Where no compiler works, `library()` says why once and
 returns None, and the decoder uses the ahead-of-time compiled step (`still.train.aot`) instead.
 """
@@ -79,11 +79,12 @@ def _build() -> Path:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found: set CXX or install g++")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    real = os.path.realpath(cxx)  # the compiler as installed (not `--version`: a child process per decoder's process)
+    installed = (real, os.stat(real).st_size, os.stat(real).st_mtime_ns)
     source = SOURCE.read_bytes()
     for tune in (TUNE, ()):
         flags = (*FLAGS, *tune)
-        digest = hashlib.sha256(source + repr((cxx, version, flags, _machine(torch.device("cpu")))).encode())
+        digest = hashlib.sha256(source + repr((installed, flags, _machine(torch.device("cpu")))).encode())
         path = cache_root() / digest.hexdigest()[:20] / "libstill_step.so"
         if path.exists():
             return path
