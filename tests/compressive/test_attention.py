@@ -301,22 +301,26 @@ def test_inference_scores_match_scaled_dot_product_attention(monkeypatch, cached
     torch.testing.assert_close(outs[3], outs[1], atol=1e-10, rtol=1e-9)  # (the SDPA path: tested above)
 
 
-def test_bf16_inference_takes_the_heads_major_path(monkeypatch):
-    from still.compressive import attention as module
-
+def test_inference_takes_the_causal_path_in_bf16_as_in_fp32(monkeypatch):
+    """Inference without masked slots runs `_causal_attention` in every dtype (the heads-major path
+    is training's: slower for bf16 inference here, docs/performance.md, session 18)."""
     torch.manual_seed(0)
     attn = RelativeMultiHeadAttention(32, 4).eval()
     x, context = torch.randn(2, 8, 32), torch.randn(2, 12, 32)
     calls = []
-    fused = module.RelativeMultiHeadAttention._fused_attention
-    monkeypatch.setattr(attn, "_fused_attention", lambda *a: calls.append(1) or fused(attn, *a))
+    fused, causal = attn._fused_attention, attn._causal_attention
+    monkeypatch.setattr(attn, "_fused_attention", lambda *a: calls.append("fused") or fused(*a))
+    monkeypatch.setattr(attn, "_causal_attention", lambda *a: calls.append("causal") or causal(*a))
     with torch.no_grad():
-        expected = attn(x, context).out  # fp32: the SDPA path
-        assert not calls
+        expected = attn(x, context).out
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = attn(x, context).out
-    assert calls and out.dtype == torch.bfloat16
+    assert calls == ["causal", "causal"] and out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), expected, atol=0.03, rtol=0.03)
+    attn.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, context)
+    assert calls[-1] == "fused"  # training
 
 
 def test_content_attention_with_and_without_gradients_agree():
