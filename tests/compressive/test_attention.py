@@ -303,7 +303,8 @@ def test_inference_scores_match_scaled_dot_product_attention(monkeypatch, cached
 
 def test_inference_takes_the_causal_path_in_bf16_as_in_fp32(monkeypatch):
     """Inference without masked slots runs `_causal_attention` in every dtype (the heads-major path
-    is training's: slower for bf16 inference here, docs/performance.md, session 18)."""
+    was slower there for bf16 inference, docs/performance.md, session 18); over masked slots bf16
+    inference on the CPU runs the heads-major path (faster there at 8 and 16 rows), as training does."""
     torch.manual_seed(0)
     attn = RelativeMultiHeadAttention(32, 4).eval()
     x, context = torch.randn(2, 8, 32), torch.randn(2, 12, 32)
@@ -316,6 +317,14 @@ def test_inference_takes_the_causal_path_in_bf16_as_in_fp32(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = attn(x, context).out
     assert calls == ["causal", "causal"] and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.03, rtol=0.03)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, :5] = False  # masked slots: the heads-major path in bf16 on the CPU, the explicit one in fp32
+    with torch.no_grad():
+        expected = attn(x, context, valid).out
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, context, valid).out
+    assert calls == ["causal", "causal", "fused"]
     assert torch.allclose(out.float(), expected, atol=0.03, rtol=0.03)
     attn.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -41,10 +41,11 @@ from torch import nn
 from still.layers import dropout
 
 FUSED_SCORES = True
-"""Training builds the scores heads-major in one pass per operation (`_AttentionWeights`); False:
-the explicit path (relative shift, then `scaled_dot_product_attention` with the position scores as
-its mask). Tests compare the two. (Inference takes `_causal_attention` in every dtype: in bf16 on
-the CPU it ran 1.07-1.54x faster than the heads-major path, docs/performance.md, session 18.)"""
+"""Training, and bf16 inference over masked slots on the CPU, build the scores heads-major in one
+pass per operation (`_AttentionWeights`); False: the explicit path (relative shift, then
+`scaled_dot_product_attention` with the position scores as its mask). Tests compare the two.
+(Inference without masked slots takes `_causal_attention` in every dtype: in bf16 on the CPU it ran
+1.07-1.54x faster than the heads-major path, docs/performance.md, session 18.)"""
 
 FOLDED_NORM = True
 """Training with pre-LN: LN1's affine goes into the query and key-value weights (W diag(gamma) and
@@ -433,11 +434,13 @@ class RelativeMultiHeadAttention(nn.Module):
             k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
         else:  # already heads-major (H*B, K, D); the fused path below reads them as they are
             k_len, k, v = by_head[0].shape[1], None, None
-        # the heads-major path (`_fused_attention`): training. (It also ran CPU inference in bf16
-        # until session 18, when `scaled_dot_product_attention` with a separately built float mask
-        # took 6.4 ms for (16, 4, 128, 32) queries over 384 keys and this path about 3; against
-        # `_causal_attention` it ran 1.07-1.54x slower at batch 1 to 16, both presets, docs/performance.md)
-        fused = FUSED_SCORES and not need_weights and torch.is_grad_enabled()
+        # the heads-major path (`_fused_attention`): training, and CPU inference in bf16 over masked
+        # slots, where `scaled_dot_product_attention` with the mask built by `where` took 6.4 ms for
+        # (16, 4, 128, 32) queries over 384 keys and this path about 3 (session 6; in session 18
+        # 1.03-1.24x faster at 8 and 16 rows). Without masked slots `_causal_attention` is faster in
+        # bf16 too (1.07-1.54x, batch 1 to 16: docs/performance.md, session 18).
+        fused = FUSED_SCORES and not need_weights and (torch.is_grad_enabled() or (
+            key_valid is not None and x.device.type == "cpu" and kv.dtype != torch.float32))
         if not fused and not need_weights and key_valid is None and not torch.is_grad_enabled():
             out = self._causal_attention(q, k, v).transpose(1, 2).reshape(b, l, d)  # (B, L, d)
             return AttentionOutput(self.out(out), None, x_kv, queries, kv)
@@ -531,7 +534,7 @@ class RelativeMultiHeadAttention(nn.Module):
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, r: torch.Tensor,
                          allowed: torch.Tensor | None, by_head: tuple[torch.Tensor, torch.Tensor] | None = None
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Training attention, heads-major: the scores of all B * H
+        """Training (and bf16 CPU inference over masked slots) attention, heads-major: the scores of all B * H
         (head, row) pairs as one (H*B, L, K) tensor, built, masked and normalised by
         `_AttentionWeights` in five passes over it, and differentiated in three
         (`docs/performance.md`). q (B, H, L, D), k and v (B, H, K, D), r (H, K, D), allowed
