@@ -141,16 +141,27 @@ def update_layer_memory(memory: torch.Tensor, compressed: torch.Tensor, hidden: 
     or None, their compression f_c(old) (B, n_s / c, d) with its graph, or None). The new states
     are detached.
     """
-    extended = torch.cat([memory, hidden.detach()], dim=1)  # (B, M + L, d), oldest first
-    overflow = extended.shape[1] - mem_len
+    hidden, m = hidden.detach(), memory.shape[1]
+    overflow = m + hidden.shape[1] - mem_len
+
+    def extended() -> torch.Tensor:  # [memory, hidden] (B, M + L, d), oldest first
+        return torch.cat([memory, hidden], dim=1) if m else hidden
+
+    # (not concatenated where what is kept or dropped is one of them: an empty memory, or exactly
+    # the old memories leaving, as with a segment as long as the memory; that copy took about 6% of
+    # a prompt at d_model 128, docs/performance.md, session 18)
     if overflow <= 0:
-        return extended, compressed, None, None
-    if c_mem_len == 0 or compress is None:
-        return extended[:, overflow:], compressed, None, None  # Transformer-XL: drop the oldest
+        return extended(), compressed, None, None
+    if c_mem_len == 0 or compress is None:  # Transformer-XL: drop the oldest
+        return (hidden[:, overflow - m :] if overflow >= m else extended()[:, overflow:]), compressed, None, None
     n_s = rate * (overflow // rate)
     if n_s == 0:
-        return extended, compressed, None, None  # wait for a whole group of c
-    old = extended[:, :n_s]  # (B, n_s, d)
+        return extended(), compressed, None, None  # wait for a whole group of c
+    if n_s == m:
+        old, kept = memory, hidden  # (B, n_s, d), (B, L, d)
+    else:
+        both = extended()
+        old, kept = both[:, :n_s], both[:, n_s:]
     new_compressed = compress(old)  # (B, n_s / c, d)
     compressed = torch.cat([compressed, new_compressed.detach()], dim=1)[:, -c_mem_len:]  # (B, <= N, d)
-    return extended[:, n_s:], compressed, old, new_compressed
+    return kept, compressed, old, new_compressed
