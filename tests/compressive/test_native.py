@@ -151,6 +151,20 @@ def test_the_build_is_cached_and_keyed_on_the_source(tmp_path, monkeypatch):
     assert native._build() != first
 
 
+def test_a_flag_the_compiler_refuses_is_dropped_and_said(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(native, "TUNE", ("-fno-such-flag-in-any-compiler",))
+    assert native._build().exists()
+    assert "could not build the decoding step with -fno-such-flag-in-any-compiler" in capsys.readouterr().err
+
+
+def test_a_forked_process_is_refused_rather_than_left_waiting():
+    decoder = Decoder(_model("conv"), None, batch=1, compile=True, threads=2, native=True)
+    decoder.native._pid = -1  # as a child forked from the decoder's process sees it
+    with pytest.raises(RuntimeError, match="forked"):
+        decoder.step(torch.tensor([1]))
+
+
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 

@@ -1,6 +1,6 @@
 """The decoding step written by hand for the CPU (`native_step.cpp`), built once per machine.
 
-    step = NativeStep(decoder)                        # `decode.Decoder` built with compile=True
+    step = NativeStep(decoder, threads)               # `decode.Decoder` built with compile=True
     logits = step(tokens, counters, compress)          # (B, 1, V), the buffers advanced in place
     tokens = step(tokens, counters, compress, uniform, sampling)   # (B,): the draw too
 
@@ -8,7 +8,7 @@ The same step as `decode._step` / `_step_and_compress` and `sampling.next_token`
 decoder's own ring buffers (the compiled layout: keys and position tables in blocks of 16 slots),
 with the matrices packed in blocks of 16 output rows. Why (docs/performance.md, session 18): at
 batch 1 the compiled step of a small model is bound by OpenMP's barriers (68 a step at d_model 128)
-and by matrix-vector loops at about 1.3 multiply-adds a cycle; this one has 4 barriers a layer and
+and by matrix-vector loops at about 1.3 multiply-adds a cycle; this one has 2 barriers a layer and
 vertical multiply-adds, on threads of its own.
 
 The source is compiled with the machine's C++ compiler (`$CXX`, else g++, c++ or clang++;
@@ -81,7 +81,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler found: set CXX or install g++")
     real = os.path.realpath(cxx)  # the compiler as installed (not `--version`: a child process per decoder's process)
     installed = (real, os.stat(real).st_size, os.stat(real).st_mtime_ns)
-    source = SOURCE.read_bytes()
+    source, error = SOURCE.read_bytes(), ""
     for tune in (TUNE, ()):
         flags = (*FLAGS, *tune)
         digest = hashlib.sha256(source + repr((installed, flags, _machine(torch.device("cpu")))).encode())
@@ -89,7 +89,8 @@ def _build() -> Path:
         if path.exists():
             return path
         if not tune:
-            log(f"{Path(cxx).name} does not know {' '.join(TUNE)}: building the decoding step without it")
+            log(f"{Path(cxx).name} could not build the decoding step with {' '.join(TUNE)} ({error}); "
+                "building it without")
         log(f"building the hand-written decoding step with {Path(cxx).name} (once for this machine); cached in "
             f"{cache_root()}")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +210,7 @@ class NativeStep:
         self._lib, self._step = lib, lib.still_decoder_step
         self._logits = torch.empty(batch, vocab)  # where a sampling step leaves its logits
         self._logits_pointer = self._logits.data_ptr()
+        self._pid = os.getpid()
         self._handle = lib.still_decoder_new(_array(dims), _array(pointers), float(shape.eps), SPIN_NS)
         self._finalizer = weakref.finalize(self, lib.still_decoder_free, self._handle)
 
@@ -216,7 +218,9 @@ class NativeStep:
                  uniform: torch.Tensor | None = None, sampling: Sampling | None = None) -> torch.Tensor:
         """tokens (B,) -> logits (B, 1, V), or with `sampling` the tokens drawn (B,) with the uniform
         numbers (B, 1). `counters`: (next_c, next_m, n, m) as `Decoder._counters`. (The checks are
-        attribute reads: a token costs about 2 µs of Python here, the call included.)"""
+        attribute reads: this costs about 3 µs a token here on top of the step itself.)"""
+        if os.getpid() != self._pid:  # a forked child has none of the helper threads: it would wait forever
+            raise RuntimeError("a decoder's hand-written step cannot be used in a process forked from its own")
         if tokens.dtype is not torch.int64 or not tokens.is_contiguous() or tokens.numel() != self.batch:
             tokens = tokens.reshape(self.batch).to(torch.int64).contiguous()
         if sampling is None:
