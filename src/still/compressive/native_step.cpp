@@ -9,10 +9,13 @@
 //
 //   - the matrices are packed in blocks of 16 output rows, each block (in, 16) contiguous, so that a
 //     product is vertical multiply-adds of one broadcast input and 16 weights (no horizontal sums),
-//     four blocks at a time with two accumulators each;
-//   - the threads split each product by blocks of outputs and the attention by heads, each thread
-//     keeps its own copy of the residual stream (norms, residuals and biases computed on both: a
-//     d-vector), so a layer needs 4 barriers, not ~17; a barrier is one atomic counter;
+//     four blocks at a time with two accumulators each; bf16 ones in pairs of inputs, so that one
+//     load, a shift and a mask give two inputs' weights as floats (exactly);
+//   - each thread takes its heads of the attention and the products over them (the output product
+//     as its part of the sum over its heads' inputs), and a share of the feed-forward's hidden units
+//     (the second product as its part of the sum over them); each keeps its own copy of the residual
+//     stream and adds the parts in thread order (norms, residuals and biases computed on every
+//     thread: a d-vector), so a layer needs 2 barriers, not ~17; a barrier is one atomic counter;
 //   - the helper threads are this library's own, spinning a while between steps (a step follows
 //     the previous one within microseconds), then sleeping on a futex.
 //
