@@ -156,6 +156,7 @@ def test_a_flag_the_compiler_refuses_is_dropped_and_said(tmp_path, monkeypatch, 
     monkeypatch.setattr(native, "TUNE", ("-fno-such-flag-in-any-compiler",))
     assert native._build().exists()
     assert "could not build the decoding step with -fno-such-flag-in-any-compiler" in capsys.readouterr().err
+    assert native._build().exists() and capsys.readouterr().err == ""  # the failure remembered, the build cached
 
 
 def test_a_forked_process_is_refused_rather_than_left_waiting():

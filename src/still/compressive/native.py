@@ -86,8 +86,12 @@ def _build() -> Path:
         flags = (*FLAGS, *tune)
         digest = hashlib.sha256(source + repr((installed, flags, _machine(torch.device("cpu")))).encode())
         path = cache_root() / digest.hexdigest()[:20] / "libstill_step.so"
+        failed = path.with_name("failed")  # this compiler could not build with these flags: not tried again
         if path.exists():
             return path
+        if failed.exists():
+            error = failed.read_text()
+            continue
         if not tune:
             log(f"{Path(cxx).name} could not build the decoding step with {' '.join(TUNE)} ({error}); "
                 "building it without")
@@ -102,6 +106,7 @@ def _build() -> Path:
                 os.replace(built, path)  # whole or not at all, also against a concurrent build
                 return path
         error = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        failed.write_text(error)
     raise RuntimeError(f"{Path(cxx).name} could not build {SOURCE.name}: {error}")
 
 
