@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from still.compressive import native as native_step
 from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
@@ -416,7 +417,8 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
                 checkpoint: str | Path | None = None, precision: str | None = None, compile: bool = False) -> str:
     """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
-    `precision`: fp32 or bf16 (default: the run's). `compile`: the decoding step compiled ahead of time (cached)."""
+    `precision`: fp32 or bf16 (default: the run's). `compile`: the decoding step compiled (on the CPU written by
+    hand, elsewhere ahead of time; cached)."""
     config, vocab, model, _ = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
@@ -425,6 +427,8 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None].to(device)  # (1, P)
     generator = torch.Generator().manual_seed(seed)
     pieces = []
+    if compile and device.type == "cpu":  # built (once per machine) or loaded before the text starts, so
+        native_step.library()  # that what it says stands on lines of its own
     if stream is not None:
         stream.write(prompt)
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
