@@ -275,6 +275,7 @@ struct Engine {
     // of the compression (layers, B, taps * d), attention scratch, the valid slots and their columns
     std::vector<std::vector<float>> h, x, qkv, attended, hidden, windows, scratch;
     std::vector<std::vector<int>> slots;
+    std::vector<std::vector<int>> runs;  // one a thread: the valid slots as runs (`run_as`), then their count
     Call call{};
     std::vector<std::thread> workers;
     std::atomic<uint32_t> go{0};
@@ -553,7 +554,6 @@ void Engine::attend(int t, int i, int b, int hd, const float* q, const float* ke
     float* score = qp + D;  // the valid slots', padded to 16
     const int* slot = slots[t].data();
     const int valid = slots[t][2 * K];
-    const int* column = slot + K;
     for (int j = 0; j < D; ++j) {
         qc[j] = q[j] + L.u[hd * D + j];
         qp[j] = q[j] + L.v[hd * D + j];
@@ -565,11 +565,26 @@ void Engine::attend(int t, int i, int b, int hd, const float* q, const float* ke
     float own = 0.f;
     for (int j = 0; j < D; ++j) own += qc[j] * key[j];
     own = (own + by_column[K - 1]) * scale;
-    float top = own;
-    for (int v = 0; v < valid; ++v) {
-        score[v] = (content[slot[v]] + by_column[column[v]]) * scale;
-        top = std::max(top, score[v]);
+    // the valid slots' scores, run by run: in a run of consecutive slots the column is the slot plus
+    // a constant (the rings are written in order), so a run is vector loads of both products
+    v16 highest = splat(own);
+    const int* run = runs[t].data();
+    for (int r = 0; r < runs[t].back(); ++r, run += 4) {
+        const int first = run[0], last = run[1], shift = run[2], at = run[3];
+        int v = first;
+        for (; v + 16 <= last; v += 16) {
+            v16 x = (load(content + v) + load(by_column + v + shift)) * scale;
+            store(score + at + v - first, x);
+            highest = highest > x ? highest : x;
+        }
+        for (; v < last; ++v) {
+            float x = (content[v] + by_column[v + shift]) * scale;
+            score[at + v - first] = x;
+            highest = highest > x ? highest : splat(x);
+        }
     }
+    float top = highest[0];
+    for (int l = 1; l < 16; ++l) top = std::max(top, highest[l]);
     int padded = (valid + 15) / 16 * 16;
     for (int v = valid; v < padded; ++v) score[v] = -INFINITY;
     v16 sum{};
@@ -611,6 +626,17 @@ void Engine::run_as(int t, const Call& c) {
             }
         }
         slots[t][2 * K] = valid;
+        std::vector<int>& run = runs[t];  // (first slot, end, column - slot, index among the valid) a run
+        run.clear();
+        for (int v = 0; v < valid; ++v) {
+            const int shift = column[v] - slot[v];
+            if (v > 0 && slot[v] == slot[v - 1] + 1 && shift == column[v - 1] - slot[v - 1]) {
+                run[run.size() - 3] = slot[v] + 1;
+            } else {
+                run.insert(run.end(), {slot[v], slot[v] + 1, shift, v});
+            }
+        }
+        run.push_back(int(run.size() / 4));
     }
     float* h = this->h[t].data();
     float* x = this->x[t].data();
@@ -852,6 +878,8 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
         e->windows.emplace_back(size_t(s.layers) * B * std::max(s.taps, 1) * d, 0.f);
         e->scratch.emplace_back(scratch, 0.f);
         e->slots.emplace_back(2 * K + 1, 0);
+        e->runs.emplace_back();
+        e->runs.back().reserve(4 * (K + 1));
     }
     e->passed.assign(T, 0);
     for (int t = 1; t < T; ++t) e->workers.emplace_back([e, t] { e->worker(t); });
