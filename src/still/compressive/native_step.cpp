@@ -121,54 +121,6 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t value) {
     return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, value, nullptr, nullptr, 0);
 }
 
-// y[o] = sum_i x[i] W[o, i] over the inputs [i0, i1), for the output blocks [b0, b1) of a packed
-// matrix (blocks, in, 16); y indexed by output row (block * 16 + lane).
-template <class W>
-void product(const W* w, int in, int i0, int i1, const float* x, int b0, int b1, float* y) {
-    int b = b0;
-    for (; b + 4 <= b1; b += 4) {  // four blocks, two accumulators each (even and odd inputs)
-        const W* p0 = w + size_t(b) * in * 16;
-        const W* p1 = p0 + size_t(in) * 16;
-        const W* p2 = p1 + size_t(in) * 16;
-        const W* p3 = p2 + size_t(in) * 16;
-        v16 a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{};
-        int i = i0;
-        for (; i + 2 <= i1; i += 2) {
-            v16 s = splat(x[i]), t = splat(x[i + 1]);
-            a0 += s * load(p0 + i * 16);
-            a1 += s * load(p1 + i * 16);
-            a2 += s * load(p2 + i * 16);
-            a3 += s * load(p3 + i * 16);
-            c0 += t * load(p0 + i * 16 + 16);
-            c1 += t * load(p1 + i * 16 + 16);
-            c2 += t * load(p2 + i * 16 + 16);
-            c3 += t * load(p3 + i * 16 + 16);
-        }
-        for (; i < i1; ++i) {
-            v16 s = splat(x[i]);
-            a0 += s * load(p0 + i * 16);
-            a1 += s * load(p1 + i * 16);
-            a2 += s * load(p2 + i * 16);
-            a3 += s * load(p3 + i * 16);
-        }
-        store(y + b * 16, a0 + c0);
-        store(y + b * 16 + 16, a1 + c1);
-        store(y + b * 16 + 32, a2 + c2);
-        store(y + b * 16 + 48, a3 + c3);
-    }
-    for (; b < b1; ++b) {
-        const W* p = w + size_t(b) * in * 16;
-        v16 a{}, c{};
-        int i = i0;
-        for (; i + 2 <= i1; i += 2) {
-            a += splat(x[i]) * load(p + i * 16);
-            c += splat(x[i + 1]) * load(p + i * 16 + 16);
-        }
-        for (; i < i1; ++i) a += splat(x[i]) * load(p + i * 16);
-        store(y + b * 16, a + c);
-    }
-}
-
 inline v16 low_of(const uint32_t* p) { return (v16)(*reinterpret_cast<const u16a*>(p) << 16); }
 inline v16 high_of(const uint32_t* p) { return (v16)(*reinterpret_cast<const u16a*>(p) & 0xffff0000u); }
 
@@ -179,31 +131,43 @@ inline size_t key_index(const bf16*, int D, int slot, int j) {
     return size_t(slot / 16) * D * 16 + (j / 2) * 32 + (slot % 16) * 2 + j % 2;
 }
 
-// The same for bf16 matrices packed in pairs of inputs, (blocks, in / 2, 16, 2): each 32-bit lane
-// holds one output's weights for inputs 2p (low half) and 2p + 1 (high half), so that one load, a
-// shift and a mask give both as floats (exactly). i0 and i1 even.
-void product(const bf16* w, int in, int i0, int i1, const float* x, int b0, int b1, float* y) {
-    auto low = low_of;
-    auto high = high_of;
-    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(w);
-    const int half = in / 2;
+// The weights of inputs 2p and 2p + 1 for a block's 16 outputs, as floats: in fp32 two rows of the
+// block (in, 16); in bf16 one row of 32-bit words (in / 2, 16, 2), whose low halves are input 2p's
+// weights and high halves input 2p + 1's (a shift and a mask: exact).
+inline void pair_at(const float* block, int p, v16& low, v16& high) {
+    low = load(block + 32 * p);
+    high = load(block + 32 * p + 16);
+}
+inline void pair_at(const bf16* block, int p, v16& low, v16& high) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(block) + 16 * p;
+    low = low_of(words);
+    high = high_of(words);
+}
+
+// y[o] = sum_i x[i] W[o, i] over the inputs [i0, i1) (both even), for the output blocks [b0, b1) of
+// a packed matrix (blocks of in * 16 weights, `pair_at`); y indexed by output row (block * 16 + lane).
+// Four blocks at a time, two accumulators each (the even and the odd inputs).
+template <class W>
+void product(const W* w, int in, int i0, int i1, const float* x, int b0, int b1, float* y) {
+    const size_t stride = size_t(in) * 16;
     int b = b0;
     for (; b + 4 <= b1; b += 4) {
-        const uint32_t* p0 = pairs + size_t(b) * half * 16;
-        const uint32_t* p1 = p0 + size_t(half) * 16;
-        const uint32_t* p2 = p1 + size_t(half) * 16;
-        const uint32_t* p3 = p2 + size_t(half) * 16;
-        v16 a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{};
+        const W *p0 = w + b * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
+        v16 a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{}, l0, l1, l2, l3, h0, h1, h2, h3;
         for (int p = i0 / 2; p < i1 / 2; ++p) {
             v16 s = splat(x[2 * p]), t = splat(x[2 * p + 1]);
-            a0 += s * low(p0 + p * 16);
-            c0 += t * high(p0 + p * 16);
-            a1 += s * low(p1 + p * 16);
-            c1 += t * high(p1 + p * 16);
-            a2 += s * low(p2 + p * 16);
-            c2 += t * high(p2 + p * 16);
-            a3 += s * low(p3 + p * 16);
-            c3 += t * high(p3 + p * 16);
+            pair_at(p0, p, l0, h0);
+            pair_at(p1, p, l1, h1);
+            pair_at(p2, p, l2, h2);
+            pair_at(p3, p, l3, h3);
+            a0 += s * l0;
+            a1 += s * l1;
+            a2 += s * l2;
+            a3 += s * l3;
+            c0 += t * h0;
+            c1 += t * h1;
+            c2 += t * h2;
+            c3 += t * h3;
         }
         store(y + b * 16, a0 + c0);
         store(y + b * 16 + 16, a1 + c1);
@@ -211,11 +175,11 @@ void product(const bf16* w, int in, int i0, int i1, const float* x, int b0, int 
         store(y + b * 16 + 48, a3 + c3);
     }
     for (; b < b1; ++b) {
-        const uint32_t* p0 = pairs + size_t(b) * half * 16;
-        v16 a{}, c{};
+        v16 a{}, c{}, low, high;
         for (int p = i0 / 2; p < i1 / 2; ++p) {
-            a += splat(x[2 * p]) * low(p0 + p * 16);
-            c += splat(x[2 * p + 1]) * high(p0 + p * 16);
+            pair_at(w + b * stride, p, low, high);
+            a += splat(x[2 * p]) * low;
+            c += splat(x[2 * p + 1]) * high;
         }
         store(y + b * 16, a + c);
     }
@@ -400,75 +364,31 @@ void weighted_values_any(const W* rows, int D, const int* slot, const float* wei
     }
 }
 
-// the content and position products of one head over KB blocks of 16 slots: (KB * 16) each
+// the content and position products of one head over KB blocks of 16 slots: (KB * 16) each. The
+// keys and the position table in blocks of D * 16, read two features at a time (`pair_at`: in bf16
+// they are stored in pairs of features); two blocks at a time, four sums each.
 template <class W>
 void slot_products(const W* keys, const W* pos, const float* qc, const float* qp, int D, int KB, float* content,
                    float* by_column) {
-    int kb = 0;
-    for (; kb + 2 <= KB; kb += 2) {  // two blocks at a time: four independent sums
-        const W* k0 = keys + size_t(kb) * D * 16;
-        const W* p0 = pos + size_t(kb) * D * 16;
-        v16 c0{}, c1{}, r0{}, r1{}, c2{}, c3{}, r2{}, r3{};
-        int j = 0;
-        for (; j + 2 <= D; j += 2) {
-            v16 a = splat(qc[j]), e = splat(qp[j]), a2 = splat(qc[j + 1]), e2 = splat(qp[j + 1]);
-            c0 += a * load(k0 + j * 16);
-            c1 += a * load(k0 + (D + j) * 16);
-            r0 += e * load(p0 + j * 16);
-            r1 += e * load(p0 + (D + j) * 16);
-            c2 += a2 * load(k0 + (j + 1) * 16);
-            c3 += a2 * load(k0 + (D + j + 1) * 16);
-            r2 += e2 * load(p0 + (j + 1) * 16);
-            r3 += e2 * load(p0 + (D + j + 1) * 16);
-        }
-        for (; j < D; ++j) {
-            v16 a = splat(qc[j]), e = splat(qp[j]);
-            c0 += a * load(k0 + j * 16);
-            c1 += a * load(k0 + (D + j) * 16);
-            r0 += e * load(p0 + j * 16);
-            r1 += e * load(p0 + (D + j) * 16);
-        }
-        store(content + kb * 16, c0 + c2);
-        store(content + kb * 16 + 16, c1 + c3);
-        store(by_column + kb * 16, r0 + r2);
-        store(by_column + kb * 16 + 16, r1 + r3);
-    }
-    for (; kb < KB; ++kb) {
-        const W* k0 = keys + size_t(kb) * D * 16;
-        const W* p0 = pos + size_t(kb) * D * 16;
-        v16 c0{}, r0{};
-        for (int j = 0; j < D; ++j) {
-            c0 += splat(qc[j]) * load(k0 + j * 16);
-            r0 += splat(qp[j]) * load(p0 + j * 16);
-        }
-        store(content + kb * 16, c0);
-        store(by_column + kb * 16, r0);
-    }
-}
-
-// bf16 keys and position tables in pairs of features, (KB, D / 2, 16, 2)
-void slot_products(const bf16* keys, const bf16* pos, const float* qc, const float* qp, int D, int KB, float* content,
-                   float* by_column) {
-    const uint32_t* k = reinterpret_cast<const uint32_t*>(keys);
-    const uint32_t* r = reinterpret_cast<const uint32_t*>(pos);
-    const int half = D / 2;
+    const size_t stride = size_t(D) * 16;
     int kb = 0;
     for (; kb + 2 <= KB; kb += 2) {
-        const uint32_t* k0 = k + size_t(kb) * half * 16;
-        const uint32_t* k1 = k0 + size_t(half) * 16;
-        const uint32_t* r0 = r + size_t(kb) * half * 16;
-        const uint32_t* r1 = r0 + size_t(half) * 16;
-        v16 c0{}, c1{}, c2{}, c3{}, e0{}, e1{}, e2{}, e3{};
-        for (int p = 0; p < half; ++p) {
+        const W *k0 = keys + kb * stride, *k1 = k0 + stride, *r0 = pos + kb * stride, *r1 = r0 + stride;
+        v16 c0{}, c1{}, c2{}, c3{}, e0{}, e1{}, e2{}, e3{}, lk0, hk0, lk1, hk1, lr0, hr0, lr1, hr1;
+        for (int p = 0; p < D / 2; ++p) {
             v16 a = splat(qc[2 * p]), a2 = splat(qc[2 * p + 1]), f = splat(qp[2 * p]), f2 = splat(qp[2 * p + 1]);
-            c0 += a * low_of(k0 + p * 16);
-            c2 += a2 * high_of(k0 + p * 16);
-            c1 += a * low_of(k1 + p * 16);
-            c3 += a2 * high_of(k1 + p * 16);
-            e0 += f * low_of(r0 + p * 16);
-            e2 += f2 * high_of(r0 + p * 16);
-            e1 += f * low_of(r1 + p * 16);
-            e3 += f2 * high_of(r1 + p * 16);
+            pair_at(k0, p, lk0, hk0);
+            pair_at(k1, p, lk1, hk1);
+            pair_at(r0, p, lr0, hr0);
+            pair_at(r1, p, lr1, hr1);
+            c0 += a * lk0;
+            c2 += a2 * hk0;
+            c1 += a * lk1;
+            c3 += a2 * hk1;
+            e0 += f * lr0;
+            e2 += f2 * hr0;
+            e1 += f * lr1;
+            e3 += f2 * hr1;
         }
         store(content + kb * 16, c0 + c2);
         store(content + kb * 16 + 16, c1 + c3);
@@ -476,19 +396,20 @@ void slot_products(const bf16* keys, const bf16* pos, const float* qc, const flo
         store(by_column + kb * 16 + 16, e1 + e3);
     }
     for (; kb < KB; ++kb) {
-        const uint32_t* k0 = k + size_t(kb) * half * 16;
-        const uint32_t* r0 = r + size_t(kb) * half * 16;
-        v16 c0{}, c2{}, e0{}, e2{};
-        for (int p = 0; p < half; ++p) {
-            c0 += splat(qc[2 * p]) * low_of(k0 + p * 16);
-            c2 += splat(qc[2 * p + 1]) * high_of(k0 + p * 16);
-            e0 += splat(qp[2 * p]) * low_of(r0 + p * 16);
-            e2 += splat(qp[2 * p + 1]) * high_of(r0 + p * 16);
+        v16 c0{}, c2{}, e0{}, e2{}, low, high;
+        for (int p = 0; p < D / 2; ++p) {
+            pair_at(keys + kb * stride, p, low, high);
+            c0 += splat(qc[2 * p]) * low;
+            c2 += splat(qc[2 * p + 1]) * high;
+            pair_at(pos + kb * stride, p, low, high);
+            e0 += splat(qp[2 * p]) * low;
+            e2 += splat(qp[2 * p + 1]) * high;
         }
         store(content + kb * 16, c0 + c2);
         store(by_column + kb * 16, e0 + e2);
     }
 }
+
 
 // weighted_values for bf16 rows of D = 32 C features: each 32-bit word of a row holds features 2l
 // (low half) and 2l + 1 (high half), so one load gives 16 even and 16 odd features
