@@ -49,7 +49,7 @@ On the CPU, a compiling decoder runs the hand-written step instead (`still.compr
 the same step in C++ over the same buffers, bf16 keys in pairs of features; built once per
 machine), where it can run the model (d_head, d_model and d_ff multiples of 16, fp32 weights): a
 step of the ahead-of-time compiled code is a few hundred loops each ending at an OpenMP barrier,
-the hand-written one has two barriers a layer and packed matrices, and runs 1.3-2.9x faster here
+the hand-written one has two barriers a layer and packed matrices, and runs 1.3-3.2x faster here
 (docs/performance.md, session 18). The compiled step is what runs elsewhere (GPUs, other shapes).
 
 Relative positions: the model orders keys [compressed (n), memory (m), token] without gaps, so a
