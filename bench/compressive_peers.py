@@ -36,11 +36,12 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               the parent's pre-exec peak.) For generate this includes the untimed warm-up
               generation; `gen steady MiB` is the timed generations' own (the high-water mark reset
               again after the warm-up).
-    compile   ours+compile's decoding steps are compiled ahead of time (still.train.aot) once per
-              run, before the repeats, into an empty cache made for the run: the time of that
-              first generation and the compiling processes' peak resident set are printed apart.
-              Every measurement then loads the compiled steps from that cache, as a user's later
-              runs do.
+    compile   ours+compile's decoding steps are built once per run, before the repeats, into an
+              empty cache made for the run: on the CPU the hand-written step (still.compressive.native,
+              one build serves both compiled rows), elsewhere compiled ahead of time (still.train.aot):
+              the time of that first generation and the child processes' largest peak resident set
+              (ru_maxrss: a forked child's may be its parent's size before exec) are printed apart.
+              Every measurement then loads the built steps from that cache, as a user's later runs do.
     GFLOP/s   matmul and convolution FLOPs counted from shapes by torch.utils.flop_counter on one
               extra step (or one extra generation) of the first repeat, times the median rate;
               elementwise ops, softmax and norms are not counted. A sharded row's FLOPs are its
@@ -845,8 +846,9 @@ def main() -> None:
     for impl, build in builds.items():
         if build["engine"] == "hand-written":
             how = (f"the hand-written decoding step (still.compressive.native) built once, before the repeats, into "
-                   f"an empty cache (the first generation took {build['seconds']:.1f} s with the build; the "
-                   f"compiler's peak resident set {build['compiler_peak_mib']:.0f} MiB)")
+                   f"an empty cache (the first generation took {build['seconds']:.1f} s with the build where this "
+                   f"row was first; its child processes' largest peak resident set {build['compiler_peak_mib']:.0f} "
+                   "MiB)")
         else:
             how = (f"its decoding steps compiled ahead of time once, before the repeats, into an empty cache: the "
                    f"first generation took {build['seconds']:.1f} s with the compiling; the largest compiling "

@@ -161,8 +161,8 @@ class Decoder:
     idle threads sleep, else PyTorch's setting).
     `native`: with `compile` on the CPU, run the hand-written step (`still.compressive.native`; None:
     where it can run this model and be built, else the compiled one; True: it or an error; False:
-    never). The model's weights must not change while a decoder
-    is in use: make a new one after a change.
+    never).
+    The model's weights must not change while a decoder is in use: make a new one after a change.
     """
 
     def __init__(self, model: CompressiveTransformer, state: MemoryState | None, batch: int,
