@@ -93,6 +93,30 @@ def test_native_draws_are_next_token_of_its_logits(sampling):
         token = drawn
 
 
+@pytest.mark.parametrize("case", ["conv", "XL", "mean, post-norm"])
+def test_steps_in_one_call_are_the_steps_one_at_a_time(case):
+    """`steps_sampled`: 21 steps and draws in one call (compressions and ring wraps among them) give
+    the tokens and the state of 21 `step_sample` calls; the next step's logits agree too."""
+    model = _model(case, "d_head 32")
+    tokens = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+    many, one = (Decoder(model, state, batch=2, compile=True, threads=2, native=True) for _ in range(2))
+    sampling, uniform = Sampling(temperature=0.9, top_p=0.95), torch.rand(21, 2, 1)
+    drawn = many.steps_sampled(tokens[:, -1], uniform, sampling)
+    token, expected = tokens[:, -1], []
+    for u in uniform:
+        token = one.step_sample(token, u, sampling)
+        expected.append(token)
+    assert drawn.shape == (21, 2) and torch.equal(drawn, torch.stack(expected))
+    assert (many.next_c, many.next_m, many.n, many.m) == (one.next_c, one.next_m, one.n, one.m)
+    torch.testing.assert_close(many.step(drawn[-1]), one.step(token), atol=0, rtol=0)
+    with pytest.raises(IndexError, match="token 11"):
+        many.steps_sampled(torch.tensor([11, 0]), uniform[:2], sampling)
+    with pytest.raises(ValueError, match="hand-written"):
+        Decoder(model, None, batch=1).steps_sampled(torch.tensor([1]), uniform[:2, :1], sampling)
+
+
 def test_a_top_k_of_one_draws_the_argmax():
     model = _model("mean, post-norm", "d_head 32")
     drawing, plain = (Decoder(model, None, batch=2, compile=True, native=True) for _ in range(2))

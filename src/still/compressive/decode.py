@@ -298,6 +298,16 @@ class Decoder:
         uniform numbers (B, 1) (`sampling.next_token`), in the same call; the state advanced."""
         return self._run(tokens, uniform, sampling)
 
+    def steps_sampled(self, tokens: torch.Tensor, uniform: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        """len(uniform) calls of `step_sample` in one, each fed the token drawn by the one before (the
+        first fed `tokens` (B,)), with the uniform numbers (steps, B, 1): the tokens drawn (steps, B).
+        The hand-written step only (`native`): one foreign call instead of one a token."""
+        if self.native is None:
+            raise ValueError("steps_sampled needs the hand-written step (Decoder(compile=True) on the CPU)")
+        drawn, counters = self.native.run(tokens, [self.next_c, self.next_m, self.n, self.m], uniform, sampling)
+        self.next_c, self.next_m, self.n, self.m = counters
+        return drawn
+
     def _run(self, tokens: torch.Tensor, uniform: torch.Tensor | None, sampling: Sampling | None) -> torch.Tensor:
         # mem_len + c memories after this step: compress the oldest c, in the same call
         compress = self.compressing and self.m + 1 == self.m_cap

@@ -62,6 +62,9 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         # eager steps run faster in the weights' dtype
         if decoder is not None and not decoder.prepare(sampling) and dtype is not None:
             decoder = Decoder(model, state, batch)
+    if decoder is not None and decoder.native is not None:  # STEPS_A_CALL steps and draws in each call
+        yield from _stepped(decoder, token, max_new_tokens, draws, sampling)
+        return
     for i in range(max_new_tokens):
         yield token
         if i == max_new_tokens - 1:
@@ -73,6 +76,25 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
                 out = model(token[:, None], state)
                 state = out.state
                 token = next_token(out.logits[:, -1], next(draws), sampling)
+
+
+STEPS_A_CALL = 16
+"""Tokens the hand-written step draws in one call (`Decoder.steps_sampled`): its Python costs about
+5 µs a call, a tenth of a bf16 step at d_model 128 (docs/performance.md, session 18); streamed
+tokens then come in bursts of 16, about 0.6 ms apart at that size."""
+
+
+def _stepped(decoder: Decoder, token: torch.Tensor, count: int, draws: Iterator[torch.Tensor],
+             sampling: Sampling) -> Iterator[torch.Tensor]:
+    """`token` and the count - 1 tokens after it (each (B,)), drawn STEPS_A_CALL at a time with the
+    next uniform numbers of `draws`: the tokens of as many `step_sample` calls."""
+    yield token
+    left = count - 1
+    while left > 0:
+        steps = min(STEPS_A_CALL, left)
+        drawn = decoder.steps_sampled(token, torch.stack([next(draws) for _ in range(steps)]), sampling)
+        yield from drawn  # (steps, B): a token (B,) at a time
+        token, left = drawn[-1], left - steps
 
 
 def _stored_dtype(device: torch.device, compile: bool) -> torch.dtype | None:

@@ -118,6 +118,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.still_decoder_step.argtypes = [pointer, pointer, integer, integer, integer, integer, integer, pointer,
                                        integer, pointer, real, integer, real, pointer]
     lib.still_decoder_step.restype = integer
+    lib.still_decoder_run.argtypes = [pointer, pointer, pointer, integer, pointer, pointer, real, integer, real,
+                                      pointer]
+    lib.still_decoder_run.restype = integer
     lib.still_decoder_free.argtypes = [pointer]
     lib.still_decoder_free.restype = None
     return lib
@@ -242,6 +245,27 @@ class NativeStep:
         if failed:
             raise IndexError(f"token {int(tokens[failed - 1])} is outside the vocabulary of {self.vocab}")
         return out
+
+
+    def run(self, tokens: torch.Tensor, counters: list[int], uniform: torch.Tensor, sampling: Sampling
+            ) -> tuple[torch.Tensor, list[int]]:
+        """len(uniform) steps with the draw in one call, each fed the token the one before drew (the
+        first fed `tokens` (B,)), with the uniform numbers (steps, B, 1): the tokens drawn (steps, B)
+        and the counters after them (`counters`: next_c, next_m, n, m). The same tokens and state as
+        that many calls."""
+        if os.getpid() != self._pid:
+            raise RuntimeError("a decoder's hand-written step cannot be used in a process forked from its own")
+        steps = uniform.shape[0]
+        tokens = tokens.reshape(self.batch).to(torch.int64).contiguous()
+        uniform = uniform.reshape(steps, self.batch).float().contiguous()
+        drawn = torch.empty(steps, self.batch, dtype=torch.int64)
+        state = torch.tensor(counters, dtype=torch.int64)
+        failed = self._lib.still_decoder_run(self._handle, tokens.data_ptr(), state.data_ptr(), steps,
+                                             self._logits_pointer, uniform.data_ptr(), *_draw_settings(sampling),
+                                             drawn.data_ptr())
+        if failed:
+            raise IndexError(f"token {int(tokens[failed - 1])} is outside the vocabulary of {self.vocab}")
+        return drawn, state.tolist()
 
 
 def _draw_settings(sampling: Sampling) -> tuple[float, int, float]:

@@ -832,6 +832,40 @@ int64_t still_decoder_step(void* engine, const int64_t* tokens, int64_t next_c, 
     return 0;
 }
 
+// `steps` steps with the draw, each fed the token drawn by the one before (the first fed `tokens`):
+// the drawn tokens (steps, B) into `drawn`, with the uniform numbers (steps, B). `counters` (next_c,
+// next_m, n, m) in and out, advanced as `Decoder._advance` does. Returns as `still_decoder_step`
+// (only the first tokens can be outside the vocabulary).
+int64_t still_decoder_run(void* engine, const int64_t* tokens, int64_t* counters, int64_t steps, float* logits,
+                          const float* uniform, double temperature, int64_t top_k, double top_p, int64_t* drawn) {
+    auto* e = static_cast<Engine*>(engine);
+    const Shape& s = e->s;
+    const bool compressing = s.compression != NONE;
+    const int mem_len = s.m_cap - (compressing ? s.rate : 1);
+    for (int64_t k = 0; k < steps; ++k) {
+        int64_t& next_c = counters[0];
+        int64_t& next_m = counters[1];
+        int64_t& n = counters[2];
+        int64_t& m = counters[3];
+        const bool compress = compressing && m + 1 == s.m_cap;
+        const int64_t* in = k == 0 ? tokens : drawn + (k - 1) * s.batch;
+        int64_t failed = still_decoder_step(engine, in, next_c, next_m, n, m, compress, logits, 1,
+                                            uniform + k * s.batch, temperature, top_k, top_p, drawn + k * s.batch);
+        if (failed) return failed;
+        next_m = (next_m + 1) % s.m_cap;
+        if (!compressing) {
+            m = std::min<int64_t>(m + 1, mem_len);
+        } else if (compress) {
+            next_c = (next_c + 1) % s.n_cap;
+            n = std::min<int64_t>(n + 1, s.n_cap);
+            m += 1 - s.rate;
+        } else {
+            m += 1;
+        }
+    }
+    return 0;
+}
+
 void still_decoder_free(void* engine) {
     auto* e = static_cast<Engine*>(engine);
     e->stop.store(1);
