@@ -845,10 +845,10 @@ def main() -> None:
           "its warm-up")
     for impl, build in builds.items():
         if build["engine"] == "hand-written":
-            how = (f"the hand-written decoding step (still.compressive.native) built once, before the repeats, into "
-                   f"an empty cache (the first generation took {build['seconds']:.1f} s with the build where this "
-                   f"row was first; its child processes' largest peak resident set {build['compiler_peak_mib']:.0f} "
-                   "MiB)")
+            how = (f"the hand-written decoding step (still.compressive.native), built once before the repeats into "
+                   f"an empty cache by the first such row, then loaded (this row's first generation took "
+                   f"{build['seconds']:.1f} s; its child processes' largest peak resident set "
+                   f"{build['compiler_peak_mib']:.0f} MiB)")
         else:
             how = (f"its decoding steps compiled ahead of time once, before the repeats, into an empty cache: the "
                    f"first generation took {build['seconds']:.1f} s with the compiling; the largest compiling "
