@@ -207,15 +207,18 @@ class Decoder:
             # the compressed ones in [0, n), the memories in [n_cap, n_cap + m)
             slots = ((slice(0, self.n), slice(0, self.n)),
                      (slice(self.n, self.n + self.m), slice(self.n_cap, self.n_cap + self.m)))
-            for i, layer in enumerate(model.layers):
-                context_kv = (cached[i] if cached is not None else  # (B, n + m, 2d)
-                              layer.project_context(torch.cat([state.compressed[i], state.memory[i]], dim=1)))
-                k, v = context_kv.view(batch, self.n + self.m, 2, heads, d_head).unbind(2)  # (B, n + m, H, D)
-                for source, ring in slots:
-                    keys[i, ..., ring] = k[:, source].permute(0, 2, 3, 1)
-                    self.values[i, :, :, ring] = v[:, source].transpose(1, 2)
-                if self.compressing:
-                    self.inputs[i, :, : self.m] = state.memory[i]
+            # every layer's at once (one copy each way, not one a layer: a decoder's set-up is part of
+            # a short generation's time), (layers, B, n + m, 2d)
+            context_kv = torch.stack(list(cached) if cached is not None else [
+                layer.project_context(torch.cat([state.compressed[i], state.memory[i]], dim=1))
+                for i, layer in enumerate(model.layers)])
+            # (layers, B, n + m, H, D) each
+            k, v = context_kv.view(layers, batch, self.n + self.m, 2, heads, d_head).unbind(3)
+            for source, ring in slots:
+                keys[..., ring] = k[:, :, source].permute(0, 1, 3, 4, 2)
+                self.values[:, :, :, ring] = v[:, :, source].transpose(2, 3)
+            if self.compressing and self.m:
+                self.inputs[:, :, : self.m] = torch.stack(state.memory)
             self.keys = _blocks(keys, block)  # compiled: (layers, B, H, K / 16, D, 16)
             self.weights, tap_rows, self.derived = _weights(model, self.k_cap, k_keys, block, stored, convolution)
             self._weight_list = tuple(self.weights.values())  # what a compiled call is given first
