@@ -197,7 +197,8 @@ class Decoder:
         convolution = self.compressing and config.compression in ("conv", "dilated")
         with torch.no_grad(), self._threads, _without_autocast(device.type):
             # the keys and values the model's forward cached for the state (if made with these weights)
-            cached = state.key_values if state.key_values_version == model._weights_version() else None
+            version = model._weights_version()
+            cached = state.key_values if state.key_values_version == version else None
             # keys (layers, B, H, D, K) (compiled: then in blocks of slots); values (layers, B, H, K, D)
             keys = torch.zeros(layers, batch, heads, d_head, k_keys, device=device, dtype=stored)
             self.values = torch.zeros(layers, batch, heads, self.k_cap, d_head, device=device, dtype=stored)
@@ -220,7 +221,8 @@ class Decoder:
             if self.compressing and self.m:
                 self.inputs[:, :, : self.m] = torch.stack(state.memory)
             self.keys = _blocks(keys, block)  # compiled: (layers, B, H, K / 16, D, 16)
-            self.weights, tap_rows, self.derived = _weights(model, self.k_cap, k_keys, block, stored, convolution)
+            self.weights, tap_rows, self.derived = _weights(model, version, self.k_cap, k_keys, block, stored,
+                                                            convolution)
             self._weight_list = tuple(self.weights.values())  # what a compiled call is given first
         norm = model.layers[0].norm1
         self.shape = StepShape(layers=layers, heads=heads, d_head=d_head, n_cap=self.n_cap, m_cap=self.m_cap,
@@ -351,15 +353,15 @@ class Decoder:
             self.m += 1
 
 
-def _weights(model: CompressiveTransformer, k_cap: int, k_keys: int, block: int, stored: torch.dtype,
+def _weights(model: CompressiveTransformer, version: int, k_cap: int, k_keys: int, block: int, stored: torch.dtype,
              convolution: bool) -> tuple[dict[str, torch.Tensor], list[int], dict]:
     """What every step reads of the model, by name, laid out as the steps read them; the rows of the
     compression's taps; and a dict for what users of the decoder derive from them (the hand-written
     step's packed matrices). Kept on the model for the next decoder of the same layout while its
-    weights are unchanged (in-place updates bump their version): building them costs milliseconds,
-    about a tenth of a short generation's time at d_model 128."""
+    weights are unchanged (`version`: their `_weights_version()`, which in-place updates bump):
+    building them costs milliseconds, about a tenth of a short generation's time at d_model 128."""
     weight = model.embedding.weight
-    key = (model._weights_version(), weight.data_ptr(), weight.dtype, k_cap, k_keys, block, stored, convolution)
+    key = (version, weight.data_ptr(), weight.dtype, k_cap, k_keys, block, stored, convolution)
     cached = getattr(model, "_decoding_weights", None)
     if cached is not None and cached[0] == key:
         return cached[1:]

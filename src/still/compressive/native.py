@@ -222,13 +222,16 @@ class NativeStep:
         self._handle = lib.still_decoder_new(_array(dims), _array(pointers), float(shape.eps), SPIN_NS)
         self._finalizer = weakref.finalize(self, lib.still_decoder_free, self._handle)
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:  # a forked child has none of the helper threads: it would wait forever
+            raise RuntimeError("a decoder's hand-written step cannot be used in a process forked from its own")
+
     def __call__(self, tokens: torch.Tensor, counters: tuple[int, int, int, int], compress: bool,
                  uniform: torch.Tensor | None = None, sampling: Sampling | None = None) -> torch.Tensor:
         """tokens (B,) -> logits (B, 1, V), or with `sampling` the tokens drawn (B,) with the uniform
         numbers (B, 1). `counters`: (next_c, next_m, n, m) as `Decoder._counters`. (The checks are
         attribute reads: this costs about 3 µs a token here on top of the step itself.)"""
-        if os.getpid() != self._pid:  # a forked child has none of the helper threads: it would wait forever
-            raise RuntimeError("a decoder's hand-written step cannot be used in a process forked from its own")
+        self._check_process()
         if tokens.dtype is not torch.int64 or not tokens.is_contiguous() or tokens.numel() != self.batch:
             tokens = tokens.reshape(self.batch).to(torch.int64).contiguous()
         if sampling is None:
@@ -253,8 +256,7 @@ class NativeStep:
         first fed `tokens` (B,)), with the uniform numbers (steps, B, 1): the tokens drawn (steps, B)
         and the counters after them (`counters`: next_c, next_m, n, m). The same tokens and state as
         that many calls."""
-        if os.getpid() != self._pid:
-            raise RuntimeError("a decoder's hand-written step cannot be used in a process forked from its own")
+        self._check_process()
         steps = uniform.shape[0]
         tokens = tokens.reshape(self.batch).to(torch.int64).contiguous()
         uniform = uniform.reshape(steps, self.batch).float().contiguous()

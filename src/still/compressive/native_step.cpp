@@ -68,13 +68,6 @@ inline float hsum(v16 x) {
     for (int i = 0; i < 16; ++i) s += x[i];
     return s;
 }
-inline float to_float(float x) { return x; }
-inline float to_float(bf16 x) {
-    uint32_t bits = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
 inline void put(float* p, float x) { *p = x; }
 inline void put(bf16* p, float x) {  // round to nearest even, as PyTorch's conversion
     uint32_t bits;
@@ -364,53 +357,6 @@ void weighted_values_any(const W* rows, int D, const int* slot, const float* wei
     }
 }
 
-// the content and position products of one head over KB blocks of 16 slots: (KB * 16) each. The
-// keys and the position table in blocks of D * 16, read two features at a time (`pair_at`: in bf16
-// they are stored in pairs of features); two blocks at a time, four sums each.
-template <class W>
-void slot_products(const W* keys, const W* pos, const float* qc, const float* qp, int D, int KB, float* content,
-                   float* by_column) {
-    const size_t stride = size_t(D) * 16;
-    int kb = 0;
-    for (; kb + 2 <= KB; kb += 2) {
-        const W *k0 = keys + kb * stride, *k1 = k0 + stride, *r0 = pos + kb * stride, *r1 = r0 + stride;
-        v16 c0{}, c1{}, c2{}, c3{}, e0{}, e1{}, e2{}, e3{}, lk0, hk0, lk1, hk1, lr0, hr0, lr1, hr1;
-        for (int p = 0; p < D / 2; ++p) {
-            v16 a = splat(qc[2 * p]), a2 = splat(qc[2 * p + 1]), f = splat(qp[2 * p]), f2 = splat(qp[2 * p + 1]);
-            pair_at(k0, p, lk0, hk0);
-            pair_at(k1, p, lk1, hk1);
-            pair_at(r0, p, lr0, hr0);
-            pair_at(r1, p, lr1, hr1);
-            c0 += a * lk0;
-            c2 += a2 * hk0;
-            c1 += a * lk1;
-            c3 += a2 * hk1;
-            e0 += f * lr0;
-            e2 += f2 * hr0;
-            e1 += f * lr1;
-            e3 += f2 * hr1;
-        }
-        store(content + kb * 16, c0 + c2);
-        store(content + kb * 16 + 16, c1 + c3);
-        store(by_column + kb * 16, e0 + e2);
-        store(by_column + kb * 16 + 16, e1 + e3);
-    }
-    for (; kb < KB; ++kb) {
-        v16 c0{}, c2{}, e0{}, e2{}, low, high;
-        for (int p = 0; p < D / 2; ++p) {
-            pair_at(keys + kb * stride, p, low, high);
-            c0 += splat(qc[2 * p]) * low;
-            c2 += splat(qc[2 * p + 1]) * high;
-            pair_at(pos + kb * stride, p, low, high);
-            e0 += splat(qp[2 * p]) * low;
-            e2 += splat(qp[2 * p + 1]) * high;
-        }
-        store(content + kb * 16, c0 + c2);
-        store(by_column + kb * 16, e0 + e2);
-    }
-}
-
-
 // weighted_values for bf16 rows of D = 32 C features: each 32-bit word of a row holds features 2l
 // (low half) and 2l + 1 (high half), so one load gives 16 even and 16 odd features
 template <int C>
@@ -481,7 +427,10 @@ void Engine::attend(int t, int i, int b, int hd, const float* q, const float* ke
     }
     const W* keys = static_cast<const W*>(this->keys) + ((size_t(i) * s.batch + b) * s.heads + hd) * KB * D * 16;
     const W* pos = static_cast<const W*>(L.positions) + size_t(hd) * KB * D * 16;
-    slot_products(keys, pos, qc, qp, D, KB, content, by_column);
+    // the content and position products over KB blocks of 16 slots: a head's keys and position table
+    // are laid out as a packed matrix of KB blocks over D inputs (`product`)
+    product(keys, D, qc, 0, KB, content);
+    product(pos, D, qp, 0, KB, by_column);
     const float scale = 1.f / std::sqrt(float(D));
     float own = 0.f;
     for (int j = 0; j < D; ++j) own += qc[j] * key[j];
