@@ -427,6 +427,15 @@ class RelativeMultiHeadAttention(nn.Module):
             else:
                 kv = x_kv = self.key_value(x)
             queries = self.query(x)  # (B, L, d)
+        # the heads-major path (`_fused_attention`): training, and CPU inference in bf16 over masked
+        # slots, where `scaled_dot_product_attention` with the mask built by `where` took 6.4 ms for
+        # (16, 4, 128, 32) queries over 384 keys and this path about 3 (session 6; in session 18
+        # 1.03-1.24x faster at 8 and 16 rows). Without masked slots `causal_attention` is faster in
+        # bf16 too (1.07-1.54x, batch 1 to 16: docs/performance.md, session 18).
+        fused = FUSED_SCORES and not need_weights and (torch.is_grad_enabled() or (
+            key_valid is not None and x.device.type == "cpu" and kv.dtype != torch.float32))
+        if not fused and not need_weights and key_valid is None and not torch.is_grad_enabled():
+            return AttentionOutput(self.out(self.causal_attention(queries, kv)), None, x_kv, queries, kv)
         q = self._heads(queries)  # (B, H, L, D)
         if by_head is None:
             k_len = kv.shape[1]
@@ -434,16 +443,6 @@ class RelativeMultiHeadAttention(nn.Module):
             k, v = self._heads(k), self._heads(v)  # (B, H, K, D)
         else:  # already heads-major (H*B, K, D); the fused path below reads them as they are
             k_len, k, v = by_head[0].shape[1], None, None
-        # the heads-major path (`_fused_attention`): training, and CPU inference in bf16 over masked
-        # slots, where `scaled_dot_product_attention` with the mask built by `where` took 6.4 ms for
-        # (16, 4, 128, 32) queries over 384 keys and this path about 3 (session 6; in session 18
-        # 1.03-1.24x faster at 8 and 16 rows). Without masked slots `_causal_attention` is faster in
-        # bf16 too (1.07-1.54x, batch 1 to 16: docs/performance.md, session 18).
-        fused = FUSED_SCORES and not need_weights and (torch.is_grad_enabled() or (
-            key_valid is not None and x.device.type == "cpu" and kv.dtype != torch.float32))
-        if not fused and not need_weights and key_valid is None and not torch.is_grad_enabled():
-            out = self._causal_attention(q, k, v).transpose(1, 2).reshape(b, l, d)  # (B, L, d)
-            return AttentionOutput(self.out(out), None, x_kv, queries, kv)
 
         r = self.position_projection(k_len, x.device, x.dtype)  # (H, K, D)
         allowed = None  # the fused path's causal-only mask: a cached bias (`causal_mask_bias`)
@@ -508,6 +507,15 @@ class RelativeMultiHeadAttention(nn.Module):
             return queries, None, None, _HeadsMajorLinearOverConstants.apply(context_n, x_n, w_kv, b_kv, self.n_heads)
         kv = _LinearOverConstants.apply(context_n, x_n, w_kv, b_kv)  # (B, K, 2d)
         return queries, kv, kv[:, -l:], None
+
+    def causal_attention(self, queries: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Inference without masked slots, from projections: the queries W_q x (B, L, d) of the last
+        L of K keys, and the keys and values W_kv [context, x] (B, K, 2d) -> the heads' outputs
+        (B, L, d), before W_o. (`forward`'s path at inference, and `still.compressive.prefill`'s.)"""
+        b, l, d = queries.shape
+        k, v = kv.chunk(2, dim=-1)
+        out = self._causal_attention(self._heads(queries), self._heads(k), self._heads(v))  # (B, H, L, D)
+        return out.transpose(1, 2).reshape(b, l, d)
 
     def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Inference without gradients or masked slots (fp32 on the CPU; any dtype elsewhere):

@@ -1,11 +1,11 @@
 """Streaming generation and evaluation with the memories carried.
 
-Generation feeds the prompt in segments, then one token at a time; each new token attends to at
-most mem_len + c - 1 memories and c_mem_len compressed memories per layer, so the cost of a new
-token does not grow with the number of tokens generated so far (nothing of the past is
-recomputed). Compression happens once every c tokens (memory.py). The tokens after the prompt go
-through `decode.Decoder` (fixed-shape buffers, optionally compiled), or through the model's own
-forward for most_used compression.
+Generation feeds the prompt in segments (computed a layer at a time: prefill.py), then one token
+at a time; each new token attends to at most mem_len + c - 1 memories and c_mem_len compressed
+memories per layer, so the cost of a new token does not grow with the number of tokens generated so
+far (nothing of the past is recomputed). Compression happens once every c tokens (memory.py). The
+tokens after the prompt go through `decode.Decoder` (fixed-shape buffers, optionally compiled), or
+through the model's own forward for most_used compression.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
+from still.compressive.prefill import prefill
 from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
 from still.errors import StillError
 from still.train.precision import this_threads_modes
@@ -46,12 +47,9 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"the prompt must be (batch, length >= 1), got shape {tuple(prompt.shape)}")
     if any(module.training for module in model.modules()):  # (a walk costs a tenth of eval()'s 0.2 ms)
         model.eval()
-    logits = None
     with torch.no_grad():
         with using_threads(threads_for(model, prompt.shape[0], min(segment_len, prompt.shape[1]))):
-            for start in range(0, prompt.shape[1], segment_len):
-                out = model(prompt[:, start : start + segment_len], state, last_logits=True)
-                state, logits = out.state, out.logits[:, -1]
+            logits, state = prefill(model, prompt, state, segment_len)  # (B, V): a layer at a time
         sampling = Sampling(temperature, top_k, top_p)
         batch, device = prompt.shape[0], logits.device
         draws = _draws(max_new_tokens, batch, generator, device)  # (B, 1) a token

@@ -126,6 +126,16 @@ class FeedForward(nn.Module):
         return self.down(self.dropout(F.relu(self.up(x))))  # (B, L, d)
 
 
+class LayerMemory(NamedTuple):
+    """One layer's memories after a segment (`CompressiveLayer.update_memory`)."""
+
+    memory: torch.Tensor  # (B, M', d)
+    compressed: torch.Tensor  # (B, N', d)
+    old: torch.Tensor | None  # the old memories compressed (B, n_s, d)
+    fresh: torch.Tensor | None  # their compression f_c(old) (B, n_s / c, d), with its graph
+    key_values: torch.Tensor | None  # the next inference cache (B, N' + M', 2d)
+
+
 class CompressiveLayer(nn.Module):
     def __init__(self, config: CompressiveConfig) -> None:
         super().__init__()
@@ -160,6 +170,33 @@ class CompressiveLayer(nn.Module):
         if self.pre_norm:
             return h + self.dropout(self.feed_forward(self.norm2(h)))
         return self.norm2(h + self.dropout(self.feed_forward(h)))
+
+    def update_memory(self, memory: torch.Tensor, compressed: torch.Tensor, hidden: torch.Tensor, *, mem_len: int,
+                      c_mem_len: int, rate: int, received: torch.Tensor | None = None,
+                      context_kv: torch.Tensor | None = None, segment_kv: torch.Tensor | None = None
+                      ) -> LayerMemory:
+        """This layer's memory update rule (memory.py) after a segment whose layer inputs were
+        `hidden` (B, L, d). `received` (B, N + M + L): the attention each key received (most_used
+        compression). With the inference cache, the keys and values of [compressed, memory]
+        `context_kv` (B, N + M, 2d) and of the segment `segment_kv` (B, L, 2d), the same rule gives
+        the next cache, the new compressed slots projected once."""
+        n = compressed.shape[1]
+
+        def compress(old: torch.Tensor) -> torch.Tensor:
+            scores = received[:, n : n + old.shape[1]] if received is not None else None  # (B, n_s)
+            return self.compressor(old, scores)
+
+        rule = dict(mem_len=mem_len, c_mem_len=c_mem_len, rate=rate)
+        has_compressor = self.compressor is not None
+        memory, compressed, old, fresh = update_layer_memory(memory, compressed, hidden,
+                                                             compress=compress if has_compressor else None, **rule)
+        cache = None
+        if context_kv is not None:
+            mem_kv, cmem_kv, _, _ = update_layer_memory(
+                context_kv[:, n:], context_kv[:, :n], segment_kv,
+                compress=(lambda _: self.project_context(fresh)) if has_compressor else None, **rule)
+            cache = torch.cat([cmem_kv, mem_kv], dim=1)  # (B, N' + M', 2d)
+        return LayerMemory(memory, compressed, old, fresh, cache)
 
     def project_context(self, x: torch.Tensor) -> torch.Tensor:
         """Keys and values of memory slots x (B, n, d) -> (B, n, 2d), as the attention computes them."""
@@ -367,24 +404,12 @@ class CompressiveTransformer(nn.Module):
         rule = dict(mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
         for layer, memory, compressed, hidden, attention, context_kv in zip(
                 self.layers, state.memory, state.compressed, layer_inputs, attentions, context_kvs):
-            received, segment_kv = attention.received, attention.key_values
-
-            def compress(old, layer=layer, received=received):
-                scores = received[:, n : n + old.shape[1]] if received is not None else None  # (B, n_s)
-                return layer.compressor(old, scores)
-
-            has_compressor = layer.compressor is not None
-            mem, cmem, old, fresh = update_layer_memory(memory, compressed, hidden,
-                                                        compress=compress if has_compressor else None, **rule)
+            mem, cmem, old, fresh, cache = layer.update_memory(
+                memory, compressed, hidden, received=attention.received,
+                context_kv=context_kv if use_cache else None, segment_kv=attention.key_values, **rule)
             new_memory.append(mem)
             new_compressed.append(cmem)
-            if use_cache:  # the same rule on the cached keys and values; new compressed slots projected once
-                mem_kv, cmem_kv, _, _ = update_layer_memory(
-                    context_kv[:, n:], context_kv[:, :n], segment_kv,
-                    compress=((lambda _, layer=layer, fresh=fresh: layer.project_context(fresh))
-                              if has_compressor else None),
-                    **rule)
-                new_caches.append(torch.cat([cmem_kv, mem_kv], dim=1))
+            new_caches.append(cache)
             if with_compression_loss and old is not None and config.trains_compressor:
                 old_slots = slice(n, n + old.shape[1])  # the old memories: the first n_s keys after the compressed ones
                 if batched:

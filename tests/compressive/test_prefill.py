@@ -1,0 +1,138 @@
+"""A prompt computed a layer at a time gives what the model's forward gives segment by segment."""
+
+import pytest
+import torch
+
+from still.compressive import prefill as prefill_module
+from still.compressive.model import CompressiveConfig, CompressiveTransformer
+from still.compressive.prefill import prefill, supports
+from still.train.precision import autocast
+
+CASES = {  # (model options, prompt length, segment length)
+    "conv, segments as long as the memory": (dict(mem_len=8, c_mem_len=8, compression_rate=4), 32, 8),
+    "conv, a partial last segment": (dict(mem_len=16, c_mem_len=12, compression_rate=4), 50, 12),
+    "conv, segments longer than the memory": (dict(mem_len=4, c_mem_len=6, compression_rate=2), 41, 9),
+    "dilated": (dict(mem_len=6, c_mem_len=3, compression_rate=2, compression="dilated"), 30, 4),
+    "max, post-norm": (dict(mem_len=8, c_mem_len=8, compression_rate=2, compression="max", pre_norm=False), 37, 5),
+    "mean": (dict(mem_len=4, c_mem_len=5, compression_rate=4, compression="mean"), 23, 7),
+    "XL": (dict(mem_len=12, c_mem_len=0), 40, 7),
+    "no memory": (dict(mem_len=0, c_mem_len=0), 20, 6),
+    "compressed only": (dict(mem_len=0, c_mem_len=3, compression_rate=2), 19, 4),
+    "tied embeddings": (dict(mem_len=3, c_mem_len=2, compression_rate=3, tie_embeddings=True), 17, 3),
+    "a prompt shorter than a segment": (dict(mem_len=6, c_mem_len=4, compression_rate=2), 3, 8),
+}
+
+
+def _model(**options) -> CompressiveTransformer:
+    config = CompressiveConfig(vocab_size=13, d_model=16, n_layers=3, n_heads=2, d_ff=32, dropout=0.1, **options)
+    return CompressiveTransformer(config).eval()
+
+
+def _by_segments(model, tokens, state, segment_len):
+    with torch.no_grad():
+        for start in range(0, tokens.shape[1], segment_len):
+            out = model(tokens[:, start : start + segment_len], state, last_logits=True)
+            state = out.state
+    return out.logits[:, -1], state
+
+
+def _assert_same_state(got, want, atol):
+    assert got.key_values_version == want.key_values_version
+    assert got.memory_valid is None and want.memory_valid is None
+    assert got.compressed_valid is None and want.compressed_valid is None
+    for name in ("memory", "compressed", "key_values"):
+        for g, w in zip(getattr(got, name), getattr(want, name), strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            torch.testing.assert_close(g, w, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("start", ["empty", "after segments", "after segments, no cache"])
+def test_prefill_gives_the_forward_segment_by_segment(case, start):
+    options, length, segment_len = CASES[case]
+    model = _model(**options)
+    tokens = torch.randint(0, 13, (2, length))
+    state = None
+    if start != "empty":  # a state with memories (and compressed ones) already
+        _, state = _by_segments(model, torch.randint(0, 13, (2, 2 * segment_len + 1)), None, segment_len)
+        if start.endswith("no cache"):
+            state = state._replace(key_values=None, key_values_version=None)
+    assert supports(model, state)
+    logits, got = prefill(model, tokens, state, segment_len)
+    want_logits, want = _by_segments(model, tokens, state, segment_len)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
+    _assert_same_state(got, want, atol=1e-5)
+    # the state carries on as the forward's would
+    more = torch.randint(0, 13, (2, segment_len))
+    with torch.no_grad():
+        torch.testing.assert_close(model(more, got).logits, model(more, want).logits, atol=1e-5, rtol=0)
+
+
+def test_prefill_under_bf16_autocast_gives_the_bf16_forward():
+    model = _model(mem_len=8, c_mem_len=8, compression_rate=4)
+    tokens = torch.randint(0, 13, (1, 40))
+    with autocast("bf16"):
+        logits, got = prefill(model, tokens, None, 8)
+        want_logits, want = _by_segments(model, tokens, None, 8)
+    assert got.key_values[0].dtype == torch.bfloat16 and got.memory[0].dtype == torch.float32
+    # bf16 products over 128 rows (rounded in another order) against 8 at a time: within bf16's rounding
+    torch.testing.assert_close(logits.float(), want_logits.float(), atol=0.05, rtol=0)
+    _assert_same_state(got, want, atol=0.05)
+    # and an fp32 prefill's cache is not read by a bf16 forward, nor the reverse
+    _, fp32 = prefill(model, tokens, None, 8)
+    with autocast("bf16"):
+        _, again = prefill(model, tokens[:, :8], fp32, 8)
+    assert again.key_values[0].dtype == torch.bfloat16
+
+
+def test_the_last_layer_runs_its_attention_and_feed_forward_for_the_last_position_only(monkeypatch):
+    model = _model(mem_len=8, c_mem_len=8, compression_rate=4)
+    rows = []
+    for layer in model.layers:
+        monkeypatch.setattr(layer, "feed_forward_block",
+                            lambda h, block=layer.feed_forward_block: rows.append(h.shape[1]) or block(h))
+    prefill(model, torch.randint(0, 13, (1, 24)), None, 8)
+    assert rows == [24, 24, 1]
+
+
+@pytest.mark.parametrize("why", ["most_used", "masked slots", "training"])
+def test_what_prefill_cannot_do_runs_through_the_forward(why, monkeypatch):
+    """most_used compression needs the attention weights; masked slots (a document boundary) need
+    the masked attention; a model in training mode has dropout: each runs through `forward`."""
+    options = dict(mem_len=4, c_mem_len=4, compression_rate=2)
+    model = _model(**options, compression="most_used") if why == "most_used" else _model(**options)
+    tokens = torch.randint(0, 13, (2, 13))
+    state = None
+    if why == "masked slots":
+        _, state = _by_segments(model, tokens, None, 4)
+        state = state.reset(torch.tensor([True, False]))
+    if why == "training":
+        model.train()
+    assert not supports(model, state)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    torch.manual_seed(1)
+    logits, got = prefill(model, tokens, state, 4)
+    assert len(calls) == 4
+    if why != "training":  # (dropout draws differ between runs)
+        monkeypatch.setattr(model, "forward", forward)
+        want_logits, want = _by_segments(model, tokens, state, 4)
+        torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("length, segment_len", [(0, 4), (5, 0)])
+def test_prefill_refuses_an_empty_prompt_or_segment(length, segment_len):
+    with pytest.raises(ValueError, match="at least one token and segment_len > 0"):
+        prefill(_model(), torch.zeros(1, length, dtype=torch.long), None, segment_len)
+
+
+def test_generate_feeds_the_prompt_through_prefill(monkeypatch):
+    from still.compressive import generate as generate_module
+
+    model = _model(mem_len=4, c_mem_len=4, compression_rate=2)
+    calls = []
+    monkeypatch.setattr(generate_module, "prefill",
+                        lambda *args: calls.append(args[1].shape) or prefill_module.prefill(*args))
+    tokens = list(generate_module.generate(model, torch.randint(0, 13, (1, 10)), 3, segment_len=4))
+    assert calls == [torch.Size([1, 10])] and len(tokens) == 3
