@@ -1,10 +1,12 @@
 """The Compressive Transformer at the `reference` preset against this machine's limit.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/reference_speed.py [--repeats 3] [--steps 6]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/reference_speed.py [--repeats 3] [--steps 6] [--model peer]
 
 Model of `still lm train --preset reference` (d_model 256, 6 layers, 4 heads, d_ff 1024, segment
 128, mem 128, compressed mem 128 at rate 4, 1-D convolution, attention-reconstruction loss, dropout
-0.1), vocabulary 86 (Shakespeare's), batch 16. In one run, interleaved, medians over repeats:
+0.1), vocabulary 86 (Shakespeare's), batch 16. `--model peer`: the same with the model of
+bench/compressive_peers.py (d_model 128, 4 layers, d_ff 512), where a bf16 decoding step's matrices
+and keys fit the cores' caches. In one run, interleaved, medians over repeats:
 
     train fp32 / bf16   tokens/s of the recipe's own step (`still.train.loop.Trainer` with the
                         recipe's loss: memories carried, LM + reconstruction loss, backward, the two
@@ -71,6 +73,8 @@ from still.train.results import format_table  # noqa: E402
 
 VOCAB = 86
 DEVICE = default_device()  # a GPU where there is one, as `still lm train` chooses
+MODELS = {"reference": {}, "peer": dict(d_model=128, n_layers=4, d_ff=512)}  # changes to the preset's model
+model_changes: dict = MODELS["reference"]  # set by --model
 
 
 def sync() -> None:
@@ -81,7 +85,7 @@ def sync() -> None:
 
 def make_model(seed: int = 0) -> CompressiveTransformer:
     torch.manual_seed(seed)
-    return CompressiveTransformer(replace(PRESETS["reference"].model, vocab_size=VOCAB)).to(DEVICE)
+    return CompressiveTransformer(replace(PRESETS["reference"].model, vocab_size=VOCAB, **model_changes)).to(DEVICE)
 
 
 def stream(batch: int, segments: int, length: int, seed: int) -> torch.Tensor:
@@ -214,8 +218,13 @@ def main() -> None:
     parser.add_argument("--measures", nargs="+", choices=("train", "eval", "generate", "compile"),
                         default=["train", "eval", "generate"],
                         help="which groups of measures (default: all but compile, training with --compile)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="reference",
+                        help="the reference preset's model, or the peer benchmark's smaller one (same segment, "
+                             "memories and batch)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    global model_changes
+    model_changes = MODELS[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
     # on a CPU the step split across two threads, as `still lm train` runs it there; a GPU, one stream
@@ -301,7 +310,9 @@ def main() -> None:
     waiting = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" + (
         f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "")
     where = f"{torch.get_num_threads()} threads" if DEVICE.type == "cpu" else str(DEVICE)
-    title = (f"reference preset, {device_name(DEVICE)}, {where}, "
+    shape = replace(PRESETS["reference"].model, **model_changes)
+    size = "reference preset" if args.model == "reference" else "reference preset with the peer benchmark's model"
+    title = (f"{size} (d_model {shape.d_model} x {shape.n_layers}), {device_name(DEVICE)}, {where}, "
              f"{waiting}, torch "
              f"{torch.__version__}; matmul peak (median of {args.repeats}) fp32 {peak_fp32 / 1e9:.1f} GFLOP/s, bf16 "
              f"{peak_bf16 / 1e9:.1f} GFLOP/s; medians of {args.repeats} repeats, load average at the end "
