@@ -24,7 +24,8 @@ and keys fit the cores' caches. In one run, interleaved, medians over repeats:
                         change when the backward skips a gradient nothing needs (the memories' rows,
                         docs/performance.md, session 13), which lowers the first count
     eval batch 16, 2, 1 tokens/s of forward + cross entropy with memories carried, eval mode
-                        (`still.compressive.generate.StreamScorer`, as `still lm eval`); "2 shards":
+                        (`still.compressive.generate.StreamScorer`, as `still lm eval`: batches 1
+                        and 2 unsharded take 8 segments a call, a layer at a time); "2 shards":
                         the rows split across two threads, one intra-op thread each
     generate batch 1    tokens/s of `generate` after a 512-token prompt (the prompt not counted),
                         eager and with --compile (compiled in the untimed warm-up); bf16: under
@@ -147,19 +148,24 @@ def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int =
 
 @torch.no_grad()
 def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int, shards: int = 1) -> float:
-    """Tokens/s of `StreamScorer` (what `still lm eval` runs a segment through), `shards` CPU threads."""
+    """Tokens/s of `StreamScorer` (what `still lm eval` runs its segments through), `shards` CPU
+    threads, `scorer.chunk` consecutive segments a call as `evaluate_streams` gives them (a few rows
+    on the CPU: a layer at a time); `warmup` and `steps` rounded up to whole calls."""
     model = make_model(seed).eval()
     l = PRESETS["reference"].segment_len
-    data = stream(batch, warmup + steps, l, seed)
     start = 0.0
-    with autocast(precision, DEVICE), StreamScorer(model, batch, shards) as scorer:
-        for i in range(warmup + steps):
-            if i == warmup:
+    with autocast(precision, DEVICE), StreamScorer(model, batch, shards, segment_len=l) as scorer:
+        k = scorer.chunk
+        warm, timed = -(-warmup // k), -(-steps // k)  # calls
+        data = stream(batch, (warm + timed) * k, l, seed)
+        for call in range(warm + timed):
+            if call == warm:
                 sync()
                 start = time.perf_counter()
-            scorer(data[:, i * l : (i + 1) * l], data[:, i * l + 1 : (i + 1) * l + 1])
+            first = call * k * l
+            scorer(data[:, first : first + k * l], data[:, first + 1 : first + k * l + 1])
     sync()
-    return steps * batch * l / (time.perf_counter() - start)
+    return timed * k * batch * l / (time.perf_counter() - start)
 
 
 @torch.no_grad()

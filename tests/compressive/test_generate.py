@@ -1,6 +1,8 @@
 """Sampling and generation (generate.py); end-to-end generation from a trained run is in
 tests/recipes/test_lm_recipe.py."""
 
+import math
+
 import pytest
 import torch
 
@@ -265,3 +267,86 @@ def test_a_small_models_unsharded_scoring_runs_on_one_thread_where_threads_sleep
         assert seen == [1] and torch.get_num_threads() == 2  # and the setting put back
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_evaluation_of_a_few_rows_a_layer_at_a_time_gives_the_segment_by_segment_losses(batch, monkeypatch):
+    """A few rows on the CPU: consecutive segments are scored in one call, a layer at a time (a new
+    call wherever a document starts); the losses are those of one segment a call."""
+    from still.compressive import generate as module
+
+    streams, model = _streams_and_model(batch)
+    edges = [0, 4, 16, 64]
+    calls = []
+    score = module.StreamScorer._score
+    monkeypatch.setattr(module.StreamScorer, "_score",
+                        lambda self, i, inputs, *rest: calls.append(inputs.shape[1]) or score(self, i, inputs, *rest))
+    chunked = module.evaluate_streams(model, streams, position_edges=edges)
+    assert max(calls) > 8 and sum(calls) == 8 * len(streams)  # several segments a call, each segment once
+    calls.clear()
+    monkeypatch.setattr(module, "LAYERWISE_ROWS", 0)  # one segment a call
+    plain = module.evaluate_streams(model, streams, position_edges=edges)
+    assert set(calls) == {8} and model.training
+    assert chunked["tokens"] == plain["tokens"] == streams.num_targets
+    assert chunked["bits_per_token"] == pytest.approx(plain["bits_per_token"], abs=1e-6)
+    # both as the model's forward a segment at a time, every row's memories reset where its documents start
+    model.eval()
+    with torch.no_grad():
+        total, state = 0.0, None
+        for segment in streams:
+            out = model(segment.inputs, state, reset=segment.reset)
+            state = out.state
+            total += torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), segment.targets.flatten(),
+                                                       ignore_index=-100, reduction="sum").item()
+    model.train()
+    assert chunked["bits_per_token"] == pytest.approx(total / streams.num_targets / math.log(2), abs=1e-6)
+    assert [b["tokens"] for b in chunked["by_position"]] == [b["tokens"] for b in plain["by_position"]]
+    assert ([b["bits_per_token"] for b in chunked["by_position"]]
+            == pytest.approx([b["bits_per_token"] for b in plain["by_position"]], abs=1e-6))
+
+
+@pytest.mark.parametrize("reset", [None, [False, False], [True, False], [True, True]])
+def test_a_call_of_several_segments_scores_as_one_call_a_segment(reset):
+    """`reset` flags the first segment only: the rows that start anew forget their memories (every row:
+    as if there were none), the others go on."""
+    from still.compressive.generate import StreamScorer
+
+    streams, model = _streams_and_model(2)
+    model.eval()
+    inputs, targets = torch.randint(3, 20, (2, 40)), torch.randint(3, 20, (2, 40))
+    targets[1, 30:] = -100
+    flags = None if reset is None else torch.tensor(reset)
+    with torch.no_grad(), StreamScorer(model, 2, segment_len=8) as several, StreamScorer(model, 2) as one:
+        for scorer in (several, one):  # the same memories before
+            scorer(inputs[:, :8], targets[:, :8])
+        got = several(inputs, targets, flags)
+        want = torch.cat([one(inputs[:, s : s + 8], targets[:, s : s + 8], flags if s == 0 else None)
+                          for s in range(0, 40, 8)], dim=1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert (got[1, 30:] == 0).all()
+        # and the memories after them are the same
+        torch.testing.assert_close(several(inputs[:, :8], targets[:, :8]), one(inputs[:, :8], targets[:, :8]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_which_scorers_take_several_segments_a_call():
+    from still.compressive.generate import LAYERWISE_LOGITS, LAYERWISE_ROWS, LAYERWISE_TOKENS, StreamScorer
+    from still.errors import StillError
+
+    _, model = _streams_and_model(1)
+    assert StreamScorer(model, 2, segment_len=8).chunk == LAYERWISE_TOKENS // 8
+    # a large vocabulary: no more segments than keep the logits within LAYERWISE_LOGITS numbers
+    model.config = CompressiveConfig(**{**model.config.__dict__, "vocab_size": LAYERWISE_LOGITS // 64})
+    assert StreamScorer(model, 2, segment_len=8).chunk == 4
+    model.config = CompressiveConfig(**{**model.config.__dict__, "vocab_size": LAYERWISE_LOGITS // 16 + 1})
+    assert StreamScorer(model, 2, segment_len=8).chunk == 1
+    model.config = CompressiveConfig(**{**model.config.__dict__, "vocab_size": 20})
+    assert StreamScorer(model, 1, segment_len=LAYERWISE_TOKENS * 2).chunk == 1  # a segment is enough already
+    assert StreamScorer(model, 2).chunk == 1  # the segment length unknown
+    assert StreamScorer(model, LAYERWISE_ROWS // 8 + 1, segment_len=8).chunk == 1  # many rows: segment by segment
+    with StreamScorer(model, 4, shards=2, segment_len=8) as sharded:
+        assert sharded.chunk == 1
+    model.config = CompressiveConfig(**{**model.config.__dict__, "compression": "most_used"})
+    assert StreamScorer(model, 2, segment_len=8).chunk == 1  # needs the attention weights
+    with pytest.raises(StillError, match="segment_len must be >= 1"):
+        StreamScorer(model, 2, segment_len=0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from still.compressive import prefill as prefill_module
-from still.compressive.model import CompressiveConfig, CompressiveTransformer
-from still.compressive.prefill import prefill, supports
+from still.compressive.model import CompressiveConfig, CompressiveLayer, CompressiveTransformer
+from still.compressive.prefill import prefill, supports, supports_model
 from still.train.precision import autocast
 
 CASES = {  # (model options, prompt length, segment length)
@@ -88,11 +88,38 @@ def test_prefill_under_bf16_autocast_gives_the_bf16_forward():
 def test_the_last_layer_runs_its_attention_and_feed_forward_for_the_last_position_only(monkeypatch):
     model = _model(mem_len=8, c_mem_len=8, compression_rate=4)
     rows = []
-    for layer in model.layers:
-        monkeypatch.setattr(layer, "feed_forward_block",
-                            lambda h, block=layer.feed_forward_block: rows.append(h.shape[1]) or block(h))
+    block = CompressiveLayer.feed_forward_block
+    monkeypatch.setattr(CompressiveLayer, "feed_forward_block",
+                        lambda self, h: rows.append(h.shape[1]) or block(self, h))
     prefill(model, torch.randint(0, 13, (1, 24)), None, 8)
     assert rows == [24, 24, 1]
+    rows.clear()
+    logits, _ = prefill(model, torch.randint(0, 13, (1, 24)), None, 8, all_logits=True)  # every position's
+    assert rows == [24, 24, 24] and logits.shape == (1, 24, 13)
+
+
+@pytest.mark.parametrize("case", ["conv, a partial last segment", "max, post-norm", "XL"])
+def test_prefill_gives_every_positions_logits_as_the_forward(case):
+    options, length, segment_len = CASES[case]
+    model = _model(**options)
+    tokens = torch.randint(0, 13, (2, length))
+    _, state = _by_segments(model, torch.randint(0, 13, (2, segment_len + 3)), None, segment_len)
+    logits, got = prefill(model, tokens, state, segment_len, all_logits=True)
+    want = []
+    with torch.no_grad():
+        for start in range(0, length, segment_len):
+            out = model(tokens[:, start : start + segment_len], state)
+            want.append(out.logits)
+            state = out.state
+    torch.testing.assert_close(logits, torch.cat(want, dim=1), atol=1e-5, rtol=0)
+    _assert_same_state(got, state, atol=1e-5)
+
+
+def test_a_model_with_compiled_feed_forward_blocks_runs_through_the_forward():
+    model = _model(mem_len=4, c_mem_len=4, compression_rate=2)
+    assert supports_model(model)
+    model.compile_feed_forward()  # (compiled lazily: nothing is compiled here)
+    assert not supports_model(model) and not supports(model, None)
 
 
 @pytest.mark.parametrize("why", ["most_used", "masked slots", "training"])

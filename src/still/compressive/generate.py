@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
-from still.compressive.prefill import prefill
+from still.compressive.prefill import prefill, supports_model
 from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
 from still.errors import StillError
 from still.train.precision import this_threads_modes
@@ -116,6 +116,13 @@ def _draws(tokens: int, batch: int, generator: torch.Generator | None, device: t
 
 # rows a shard needs, where OpenMP's idle threads spin, for splitting an evaluation to pay
 SHARD_ROWS_WHERE_SPINNING = 8
+# An unsharded evaluation on the CPU of at most LAYERWISE_ROWS rows a segment (batch x segment
+# length) reads LAYERWISE_TOKENS tokens a row a call, a layer at a time (prefill.py), as long as the
+# call's logits stay within LAYERWISE_LOGITS numbers: at batches 1 and 2 1.1-1.2x faster in fp32 and
+# 1.3-1.5x in bf16 than a segment a call (docs/performance.md, session 20)
+LAYERWISE_ROWS = 512
+LAYERWISE_TOKENS = 1024
+LAYERWISE_LOGITS = 2**25  # 128 MiB of fp32 logits
 
 
 def eval_shards(model: torch.nn.Module, batch: int, tokens: int, threads: int | None = None) -> int:
@@ -153,11 +160,21 @@ class StreamScorer:
     unevenly are split as evenly as they can be; never more shards than rows. Unsharded, a call runs
     on the threads `decode.threads_for` chooses, as `generate`'s prompt does (one for a small
     model's few rows where OpenMP's idle threads sleep).
+
+    `segment_len`: a call may then take several consecutive segments (B, K x L), `reset` flagging
+    the first one only (no document may start in a later one): computed a layer at a time
+    (`prefill.prefill`) where that can run, else segment by segment. `chunk` is how many segments
+    a call should take for speed: `LAYERWISE_TOKENS` tokens' worth (fewer where the logits would
+    pass `LAYERWISE_LOGITS` numbers) for an unsharded scorer of at most `LAYERWISE_ROWS` rows a
+    segment on the CPU, else 1 (`evaluate_streams` gives it that). Several segments a call are
+    computed without gradients.
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int, shards: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, shards: int = 1, segment_len: int | None = None) -> None:
         if batch < 1 or shards < 1:
             raise StillError(f"batch and shards must be >= 1, got {batch} and {shards}")
+        if segment_len is not None and segment_len < 1:
+            raise StillError(f"segment_len must be >= 1, got {segment_len}")
         self.model = model
         self.device = next(model.parameters()).device
         shards = min(shards, batch)
@@ -166,18 +183,26 @@ class StreamScorer:
         self.bounds = [batch * i // shards for i in range(shards + 1)]  # shard i: rows bounds[i] .. bounds[i + 1]
         self.states: list[MemoryState | None] = [None] * shards  # each shard's memories
         self._pool = ShardPool(shards) if shards > 1 else None
+        self.segment_len = segment_len
+        self.chunk = 1
+        if (segment_len is not None and shards == 1 and self.device.type == "cpu"
+                and batch * segment_len <= LAYERWISE_ROWS and supports_model(model)):
+            self.chunk = max(1, min(LAYERWISE_TOKENS // segment_len,
+                                    LAYERWISE_LOGITS // (batch * segment_len * model.config.vocab_size)))
 
     @property
     def shards(self) -> int:
         return len(self.states)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs, targets (B, L) (targets -100: nothing to predict), reset (B,): a new document
-        starts in that row -> the loss of every target in nats (B, L), fp32 on the CPU (0 where -100)."""
+        """inputs, targets (B, L) (targets -100: nothing to predict), or several segments (B, K x L)
+        with `segment_len`; reset (B,): a new document starts in that row (with the first segment)
+        -> the loss of every target in nats (B, L) or (B, K x L), fp32 on the CPU (0 where -100)."""
         if inputs.shape[0] != self.bounds[-1]:
             raise StillError(f"the scorer was made for {self.bounds[-1]} rows, got {inputs.shape[0]}")
         if self._pool is None:  # a small model's few rows on one thread where waking another costs more
-            with using_threads(threads_for(self.model, inputs.shape[0], inputs.shape[1])):
+            tokens = inputs.shape[1] if self.segment_len is None else min(inputs.shape[1], self.segment_len)
+            with using_threads(threads_for(self.model, inputs.shape[0], tokens)):
                 return self._score(0, inputs, targets, reset)
         modes = this_threads_modes(self.device)
 
@@ -189,10 +214,17 @@ class StreamScorer:
 
     def _score(self, i: int, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
         rows = slice(self.bounds[i], self.bounds[i + 1])
-        out = self.model(inputs[rows].to(self.device), self.states[i],
-                         reset=None if reset is None else reset[rows].to(self.device))
-        self.states[i] = out.state
-        nll = F.cross_entropy(out.logits.flatten(0, 1).float(), targets[rows].flatten().to(self.device),
+        reset = None if reset is None else reset[rows].to(self.device)
+        if self.segment_len is not None and inputs.shape[1] > self.segment_len:  # several segments
+            state = self.states[i]
+            if reset is not None and state is not None:
+                state = None if bool(reset.all()) else state.reset(reset)  # every row anew: as no memories
+            logits, self.states[i] = prefill(self.model, inputs[rows].to(self.device), state, self.segment_len,
+                                             all_logits=True)
+        else:
+            out = self.model(inputs[rows].to(self.device), self.states[i], reset=reset)
+            logits, self.states[i] = out.logits, out.state
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[rows].flatten().to(self.device),
                               ignore_index=-100, reduction="none")
         return nll.view(rows.stop - rows.start, -1).cpu()
 
@@ -216,7 +248,9 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
 
     With `position_edges`, also the mean loss (bits) of the targets whose position within their
     document falls in each bucket [edges[i], edges[i+1]). `shards`: split each segment's rows
-    across this many CPU threads (`StreamScorer`).
+    across this many CPU threads (`StreamScorer`). Where the scorer takes several segments a call
+    (a few rows on the CPU: `StreamScorer.chunk`), consecutive segments go together, a new chunk
+    wherever a document starts.
     """
     was_training = model.training
     model.eval()
@@ -226,19 +260,37 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
     bucket_count = torch.zeros_like(bucket_sum) if position_edges else None
     n = len(streams) if max_segments is None else min(max_segments, len(streams))
     steps = range(n) if progress is None else progress(range(n))
-    with StreamScorer(model, streams.batch_size, shards) as scorer:
-        for step in steps:
-            segment = streams.segment(step)
-            nll = scorer(segment.inputs, segment.targets, segment.reset)  # (B, L)
-            valid = segment.targets != -100
+    with StreamScorer(model, streams.batch_size, shards, streams.segment_len) as scorer:
+        pending: list = []  # consecutive segments scored in one call; documents start only in the first
+        starts: list[torch.Tensor] = []  # (B,) each: a document starts in that row with that segment
+
+        def score() -> None:
+            nonlocal total, count
+            join = (lambda name: torch.cat([getattr(s, name) for s in pending], dim=1)) if len(pending) > 1 else (
+                lambda name: getattr(pending[0], name))
+            targets, positions = join("targets"), join("positions")
+            nll = scorer(join("inputs"), targets, starts[0])  # (B, K x L)
+            valid = targets != -100
             total += float(nll[valid].double().sum())
             count += int(valid.sum())
             if edges is not None:
-                pos = segment.positions[valid]
-                bucket = torch.bucketize(pos, edges, right=True) - 1  # index of [edges[i], edges[i+1])
+                bucket = torch.bucketize(positions[valid], edges, right=True) - 1  # index of [edges[i], edges[i+1])
                 keep = (bucket >= 0) & (bucket < len(bucket_sum))
                 bucket_sum.index_add_(0, bucket[keep], nll[valid][keep].double())
                 bucket_count.index_add_(0, bucket[keep], torch.ones_like(bucket[keep], dtype=torch.float64))
+            pending.clear()
+            starts.clear()
+
+        for step in steps:
+            segment = streams.segment(step)
+            # a row's padding after its last document predicts nothing: its memories need no reset
+            start = segment.reset & (segment.targets != -100).any(dim=1)  # (B,)
+            if pending and (len(pending) == scorer.chunk or bool(start.any())):
+                score()
+            pending.append(segment)
+            starts.append(start)
+        if pending:
+            score()
     model.train(was_training)
     if count == 0:
         raise StillError("nothing to evaluate: the split has no targets")

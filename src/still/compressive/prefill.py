@@ -15,15 +15,16 @@ known once the layer below has run over every segment. For layer l, with X (B, P
     H      = X + W_o A                    (post-LN: LN1(X + W_o A))
     X'     = H + FF(LN2(H))               over all P rows
 
-Only the attention and the memory update run once a segment. The last layer's outputs are only
-needed at the last position (the prompt's next-token logits), so there the attention and the
-feed-forward run for that one row; its keys and values still enter its memory.
+Only the attention and the memory update run once a segment. For a prompt the last layer's
+outputs are only needed at the last position (the next-token logits), so there the attention and
+the feed-forward run for that one row; its keys and values still enter its memory. With
+`all_logits` (evaluation of a few long streams, `StreamScorer`) every position's logits come out.
 
 The result equals `forward` segment by segment up to the products' rounding (tests/compressive/
 test_prefill.py): the next-token logits and the state (memories, compressed memories and the
 inference cache). Used at inference without gradients for models whose compression needs no
-attention weights (not most_used) and states without masked slots; `prefill` runs the segments
-through `forward` otherwise.
+attention weights (not most_used), feed-forward blocks not compiled, and states without masked
+slots; `prefill` runs the segments through `forward` otherwise.
 """
 
 from __future__ import annotations
@@ -35,27 +36,41 @@ from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
 
 
-def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
-    """Whether `prefill` computes `model`'s prompt a layer at a time from `state`."""
+def supports_model(model: torch.nn.Module) -> bool:
+    """Whether `prefill` can run `model` a layer at a time in eval mode: a `CompressiveTransformer`
+    whose compression needs no attention weights (not most_used) and whose feed-forward blocks are
+    not compiled (`compile_feed_forward`: compiled for the segments' shapes, they would compile again
+    for every prompt's)."""
+    if not isinstance(model, CompressiveTransformer):
+        return False
     config = model.config
-    most_used = config.has_compression and config.compression == "most_used"  # needs the attention weights
-    return not model.training and not most_used and (state is None or state.key_valid() is None)
+    most_used = config.has_compression and config.compression == "most_used"
+    return not most_used and not any("feed_forward_block" in vars(layer) for layer in model.layers)
+
+
+def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
+    """Whether `prefill` computes `model`'s prompt a layer at a time from `state` (else it runs the
+    segments through the forward): `supports_model`, eval mode, and no masked slots in `state`."""
+    return not model.training and supports_model(model) and (state is None or state.key_valid() is None)
 
 
 @torch.no_grad()
 def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemoryState | None = None,
-            segment_len: int = 128) -> tuple[torch.Tensor, MemoryState]:
+            segment_len: int = 128, *, all_logits: bool = False) -> tuple[torch.Tensor, MemoryState]:
     """tokens (B, P), P >= 1, fed in segments of `segment_len` after `state` (None: empty) ->
-    the logits at the last position (B, V) and the state after the last segment, with its
-    inference cache: what `model(segment, state, last_logits=True)` gives segment by segment."""
+    the logits at the last position (B, V), or with `all_logits` at every position (B, P, V), and
+    the state after the last segment, with its inference cache: what `model(segment, state)` gives
+    segment by segment."""
     b, p = tokens.shape
     if p == 0 or segment_len <= 0:
         raise ValueError(f"need at least one token and segment_len > 0, got {p} tokens and {segment_len}")
     if not supports(model, state):
+        logits = []
         for start in range(0, p, segment_len):
-            out = model(tokens[:, start : start + segment_len], state, last_logits=True)
+            out = model(tokens[:, start : start + segment_len], state, last_logits=not all_logits)
             state = out.state
-        return out.logits[:, -1], state
+            logits.append(out.logits)
+        return (torch.cat(logits, dim=1) if all_logits else out.logits[:, -1]), state
     config = model.config
     if state is None:
         state = model.empty_state(b, tokens.device, model.embedding.weight.dtype)
@@ -69,7 +84,7 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
     x = model.embedding(tokens)  # (B, P, d): the first layer's inputs
     new_memory, new_compressed, new_caches = [], [], []
     for i, (layer, memory, compressed) in enumerate(zip(model.layers, state.memory, state.compressed)):
-        last = i == len(model.layers) - 1
+        last = i == len(model.layers) - 1 and not all_logits  # only the last position's outputs needed
         attention = layer.attention
         normed = layer.norm1(x) if layer.pre_norm else x  # (B, P, d)
         kv = attention.key_value(normed)  # (B, P, 2d)
@@ -93,5 +108,6 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         h = x[:, -1:] if last else x
         h = h + out if layer.pre_norm else layer.norm1(h + out)
         x = layer.feed_forward_block(h)  # the next layer's inputs
-    logits = model.head(model.norm(x))[:, -1]  # (B, V)
-    return logits, MemoryState(tuple(new_memory), tuple(new_compressed), None, None, tuple(new_caches), version)
+    logits = model.head(model.norm(x))  # (B, P, V), or (B, 1, V)
+    state = MemoryState(tuple(new_memory), tuple(new_compressed), None, None, tuple(new_caches), version)
+    return (logits if all_logits else logits[:, -1]), state
