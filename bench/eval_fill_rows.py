@@ -52,7 +52,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for fill in (False, True):
                 streams = TokenStreams(docs, config.batch_size, config.segment_len, fill_rows=fill)
-                shards = eval_shards(model, streams.batch_size, config.segment_len)
+                shards = eval_shards(model, streams.batch_size, config.segment_len, precision=precision)
                 start = time.perf_counter()
                 with autocast(precision):
                     result = evaluate_streams(model, streams, max_segments=segments, shards=shards)

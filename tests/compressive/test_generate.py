@@ -242,11 +242,13 @@ def test_evaluation_splits_its_rows_where_that_pays(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: every row counts, if big enough
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     assert [eval_shards(model, batch, small, threads=2) for batch in (1, 2, 16)] == [1, 2, 2]
+    assert eval_shards(model, 16, small, threads=2, precision="bf16") == 2  # (where threads sleep, in bf16 too)
     assert eval_shards(model, 2, small // 2 - 1, threads=2) == 1  # small work: one thread, unsharded
     assert eval_shards(model, 16, small, threads=1) == 1
     monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # they spin: small batches run faster whole
     rows = 2 * SHARD_ROWS_WHERE_SPINNING
     assert [eval_shards(model, batch, 8, threads=2) for batch in (2, rows - 1, rows)] == [1, 1, 2]
+    assert eval_shards(model, rows, 8, threads=2, precision="bf16") == 1  # bf16: one shard is quicker here
     assert eval_shards(model.to("meta"), rows, small, threads=2) == 1  # not a CPU
 
 

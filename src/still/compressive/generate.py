@@ -125,20 +125,23 @@ LAYERWISE_TOKENS = 1024
 LAYERWISE_LOGITS = 2**25  # 128 MiB of fp32 logits
 
 
-def eval_shards(model: torch.nn.Module, batch: int, tokens: int, threads: int | None = None) -> int:
-    """The shards (`StreamScorer`) an evaluation of segments of `batch` x `tokens` uses when not told:
-    2 on a CPU with two or more intra-op threads where each shard gets at least
-    `SHARD_ROWS_WHERE_SPINNING` rows while OpenMP's idle threads spin a while between operators
-    (its default: `openmp_threads_spin`), or, where they sleep (`OMP_WAIT_POLICY=PASSIVE`), at least
-    one row of work too big for one thread (`threads_for`: a small model's few rows run fastest on one
-    thread); else 1. Measured on two cores (docs/performance.md, session 16): sleeping, two shards
-    ran the reference preset's batch 2 1.6x and batch 16 1.2-1.4x faster, a d_model 128 model's batch
-    16 1.4-1.7x; spinning, the reference preset's batch 16 1.03-1.09x, batches 2 down to 0.57x."""
+def eval_shards(model: torch.nn.Module, batch: int, tokens: int, threads: int | None = None,
+                precision: str = "fp32") -> int:
+    """The shards (`StreamScorer`) an evaluation of segments of `batch` x `tokens` in `precision`
+    uses when not told: 2 on a CPU with two or more intra-op threads where, while OpenMP's idle
+    threads spin a while between operators (its default: `openmp_threads_spin`), the evaluation is
+    fp32 and each shard gets at least `SHARD_ROWS_WHERE_SPINNING` rows, or, where they sleep
+    (`OMP_WAIT_POLICY=PASSIVE`), at least one row of work too big for one thread (`threads_for`: a
+    small model's few rows run fastest on one thread); else 1. Measured on two cores
+    (docs/performance.md, sessions 16 and 20): sleeping, two shards ran the reference preset's batch
+    2 1.6x and batch 16 1.2-1.4x faster, a d_model 128 model's batch 16 1.4-1.7x; spinning, the
+    reference preset's batch 16 1.03-1.09x in fp32 but 0.94-0.96x in bf16 (d_model 128: 0.89-0.92x),
+    batches 2 down to 0.57x."""
     threads = torch.get_num_threads() if threads is None else threads
     if next(model.parameters()).device.type != "cpu" or threads < 2 or batch < 2:
         return 1
     if openmp_threads_spin():
-        return 2 if batch >= 2 * SHARD_ROWS_WHERE_SPINNING else 1
+        return 2 if batch >= 2 * SHARD_ROWS_WHERE_SPINNING and precision == "fp32" else 1
     return 1 if threads_for(model, batch, tokens) == 1 else 2
 
 

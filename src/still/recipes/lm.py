@@ -265,7 +265,9 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
             memory[i] = MemoryState.from_tensors(part) if part else None
 
     def eval_split(streams: TokenStreams) -> int:  # evaluation's own shards, where training's are split
-        return eval_shards(model, streams.batch_size, config.segment_len) if shards > 1 else 1
+        if shards <= 1:
+            return 1
+        return eval_shards(model, streams.batch_size, config.segment_len, precision=config.precision)
 
     def evaluate(net) -> dict[str, Any]:
         result = evaluate_streams(net, valid, max_segments=config.eval_segments, shards=eval_split(valid))
@@ -385,7 +387,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     longest = max(end - first for _, first, end in streams.pieces)
     edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
     device = next(model.parameters()).device
-    shards = eval_shards(model, streams.batch_size, config.segment_len) if shards is None else shards
+    if shards is None:
+        shards = eval_shards(model, streams.batch_size, config.segment_len, precision=precision)
     with autocast(precision, device):
         result = evaluate_streams(model, streams, position_edges=edges, shards=shards,
                                   progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
