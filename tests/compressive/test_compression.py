@@ -86,3 +86,23 @@ def test_one_window_as_a_sum_over_taps(kind, rate):
     assert weights.shape == (len(rows), 8, 8) and all(0 <= r < rate for r in rows)
     by_taps = sum(old[:, r] @ w.T for r, w in zip(rows, weights))  # (B, d)
     torch.testing.assert_close(by_taps[:, None], f(old))
+
+
+@pytest.mark.parametrize("kind", ["conv", "dilated"])
+def test_inference_under_autocast_casts_the_weight_once_while_it_is_unchanged(kind):
+    f = Compressor(kind, 8, 2)
+    old = torch.randn(2, 6, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        trained = f(old)  # with gradients: autocast's own cast of the weight
+        with torch.no_grad():
+            first = f(old)
+            cast = f._cast
+            again = f(old)
+            assert f._cast is cast and cast.dtype == torch.bfloat16  # kept
+            torch.testing.assert_close(first, trained.detach(), atol=0, rtol=0)
+            assert torch.equal(again, first)
+            f.conv.weight.mul_(2)  # an optimizer's in-place step: cast again
+            torch.testing.assert_close(f(old), 2 * first, atol=0.05, rtol=0.02)
+            assert f._cast is not cast
+    with torch.no_grad():  # no autocast: the fp32 weight itself
+        assert f(old).dtype == torch.float32

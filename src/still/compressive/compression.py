@@ -66,7 +66,21 @@ class Compressor(nn.Module):
             return old.view(b, n // c, c, d).amax(dim=2)  # (B, n/c, d)
         if self.kind == "mean":
             return old.view(b, n // c, c, d).mean(dim=2)
-        return F.linear(self.windows(old), self.weight_matrix())  # (B, n/c, d)
+        weight = self._inference_weight(old.device)
+        return F.linear(self.windows(old), self.weight_matrix() if weight is None else weight)  # (B, n/c, d)
+
+    def _inference_weight(self, device: torch.device) -> torch.Tensor | None:
+        """Without gradients under autocast: `weight_matrix` in autocast's dtype, cast once and kept
+        while the weight is unchanged (its version, storage and dtype), as autocast's own cache keeps
+        only leaf tensors' casts and the matrix is a view; a prompt or an evaluation compresses a few
+        times a segment in every layer. Else None."""
+        if torch.is_grad_enabled() or not torch.is_autocast_enabled(device.type):
+            return None
+        weight, dtype = self.conv.weight, torch.get_autocast_dtype(device.type)
+        key = (weight._version, weight.data_ptr(), weight.dtype, dtype)
+        if getattr(self, "_cast_key", None) != key:
+            self._cast, self._cast_key = weight.detach().flatten(1).to(dtype), key
+        return self._cast
 
     def weight_matrix(self) -> torch.Tensor:
         """The convolution's weight (d_out, d_in, c) viewed as (d_out, d_in*c), not copied."""
