@@ -163,3 +163,31 @@ def test_generate_feeds_the_prompt_through_prefill(monkeypatch):
                         lambda *args: calls.append(args[1].shape) or prefill_module.prefill(*args))
     tokens = list(generate_module.generate(model, torch.randint(0, 13, (1, 10)), 3, segment_len=4))
     assert calls == [torch.Size([1, 10])] and len(tokens) == 3
+
+
+@pytest.mark.parametrize("kind, calls", [("conv", 1), ("max", 1), ("mean", 1), ("dilated", 4)])
+def test_each_layer_compresses_every_segments_old_memories_in_one_call(kind, calls, monkeypatch):
+    """conv, max and mean read each window of c on its own: one call a layer for all the segments'
+    old memories. The dilated convolution pads each call's start: a call a segment that compresses."""
+    from still.compressive.compression import Compressor
+
+    model = _model(mem_len=8, c_mem_len=8, compression_rate=4, compression=kind)
+    seen = []
+    forward = Compressor.forward
+    monkeypatch.setattr(Compressor, "forward",
+                        lambda self, old, *rest: seen.append(old.shape[1]) or forward(self, old, *rest))
+    tokens = torch.randint(0, 13, (1, 40))  # 5 segments of 8: the last 4 compress 8 memories each
+    logits, state = prefill(model, tokens, None, 8)
+    assert seen == [32 // calls] * calls * len(model.layers)
+    want_logits, want = _by_segments(model, tokens, None, 8)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
+    _assert_same_state(state, want, atol=1e-5)
+
+
+def test_the_layer_refuses_compressions_given_for_other_memories():
+    model = _model(mem_len=4, c_mem_len=4, compression_rate=2)
+    layer, d = model.layers[0], model.config.d_model
+    wrong = (torch.zeros(1, 3, d), torch.zeros(1, 3, 2 * d))  # 3 compressions, for 6 memories
+    with pytest.raises(AssertionError, match="3 compressions given for 4 memories"):
+        layer.update_memory(torch.zeros(1, 4, d), torch.zeros(1, 0, d), torch.zeros(1, 4, d), mem_len=4, c_mem_len=4,
+                            rate=2, precomputed=wrong)

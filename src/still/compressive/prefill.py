@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 
 from still.compressive.attention import compute_dtype
-from still.compressive.memory import MemoryState
-from still.compressive.model import CompressiveTransformer
+from still.compressive.memory import MemoryState, update_layer_memory
+from still.compressive.model import CompressiveLayer, CompressiveTransformer
 
 
 def supports_model(model: torch.nn.Module) -> bool:
@@ -52,6 +52,42 @@ def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
     """Whether `prefill` computes `model`'s prompt a layer at a time from `state` (else it runs the
     segments through the forward): `supports_model`, eval mode, and no masked slots in `state`."""
     return not model.training and supports_model(model) and (state is None or state.key_valid() is None)
+
+
+def compressions(layer: CompressiveLayer, memory: torch.Tensor, compressed: torch.Tensor, x: torch.Tensor,
+                 segment_len: int, rule: dict) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """Each segment's new compressed memories f_c(old) and their keys and values, computed in one
+    call for all of `x`'s (B, P, d) segments after `memory` (B, M, d); None for a segment that
+    compresses nothing. The memories leave in order, so the old memories of the segments in turn
+    are consecutive rows of [memory, x], each segment's a multiple of the rate c: for f_c that reads
+    each window of c on its own (conv, max, mean) the compression of them all is the compressions of
+    each segment's. Not the dilated convolution (each call pads its own start) nor most_used (None)."""
+    compressor = layer.compressor
+    if compressor is None or compressor.kind not in ("conv", "max", "mean") or rule["c_mem_len"] == 0:
+        return None
+    counts = []  # old memories compressed by each segment, from the rule run on rows of no features
+
+    def count(old: torch.Tensor) -> torch.Tensor:
+        counts[-1] = old.shape[1]
+        return old[:, :: rule["rate"]]  # (B, n_s / c, 0)
+
+    empty_memory, empty_compressed = memory[..., :0], compressed[..., :0]
+    for start in range(0, x.shape[1], segment_len):
+        counts.append(0)
+        empty_memory, empty_compressed, _, _ = update_layer_memory(
+            empty_memory, empty_compressed, x[:, start : start + segment_len, :0], compress=count, **rule)
+    total = sum(counts)
+    if total == 0:
+        return None
+    old = (torch.cat([memory, x], dim=1) if memory.shape[1] else x)[:, :total]  # (B, total, d)
+    fresh = compressor(old)  # (B, total / c, d)
+    fresh_kv = layer.project_context(fresh)  # (B, total / c, 2d)
+    out, first, c = [], 0, rule["rate"]
+    for n in counts:
+        part = slice(first // c, (first + n) // c)
+        out.append((fresh[:, part], fresh_kv[:, part]) if n else None)
+        first += n
+    return out
 
 
 @torch.no_grad()
@@ -91,8 +127,9 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         # (the last layer's outputs are read at the last position only)
         queries = attention.query(normed[:, -1:] if last else normed)  # (B, P, d), or (B, 1, d)
         cache = caches[i] if caches is not None else layer.project_context(torch.cat([compressed, memory], dim=1))
+        fresh = compressions(layer, memory, compressed, x, segment_len, rule)  # each segment's f_c(old), or None
         heads = []  # each segment's attention outputs, before W_o
-        for start in starts:
+        for s, start in enumerate(starts):
             segment = slice(start, start + segment_len)
             keys = torch.cat([cache, kv[:, segment]], dim=1) if cache.shape[1] else kv[:, segment]  # (B, K, 2d)
             if not last:
@@ -100,7 +137,8 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
             elif start == starts[-1]:
                 heads.append(attention.causal_attention(queries, keys))  # (B, 1, d)
             memory, compressed, _, _, cache = layer.update_memory(
-                memory, compressed, x[:, segment], context_kv=cache, segment_kv=kv[:, segment], **rule)
+                memory, compressed, x[:, segment], context_kv=cache, segment_kv=kv[:, segment],
+                precomputed=fresh[s] if fresh is not None else None, **rule)
         new_memory.append(memory)
         new_compressed.append(compressed)
         new_caches.append(cache)
