@@ -356,14 +356,17 @@ class RelativeMultiHeadAttention(nn.Module):
 
         At inference (no grad) the projection for the longest length seen is cached, keyed by the
         version of W_r (a weight update or a load invalidates it); shorter lengths are its last
-        rows, since rows run from the longest distance down to 0."""
+        rows, since rows run from the longest distance down to 0. The cache is stored as (H, D, K),
+        contiguous, and returned as a view: the position scores' product reads it transposed, as
+        (H, D, K) with unit stride along K, which a batched product takes without a copy (the
+        (H, K, D) view of the projection's (K, H*D) output took a copy a call)."""
         if torch.is_grad_enabled() or self.training:
             return self._project_positions(k_len, device, dtype)
         key = (device, dtype, compute_dtype(device, dtype), self.position.weight._version, id(self.position.weight))
-        if self._positions is None or self._positions[0] != key or self._positions[1].shape[1] < k_len:
-            self._positions = (key, self._project_positions(max(k_len, 2 * k_len if self._positions else k_len),
-                                                            device, dtype))
-        return self._positions[1][:, -k_len:]
+        if self._positions is None or self._positions[0] != key or self._positions[1].shape[2] < k_len:
+            table = self._project_positions(max(k_len, 2 * k_len if self._positions else k_len), device, dtype)
+            self._positions = (key, table.transpose(1, 2).contiguous())  # (H, D, K)
+        return self._positions[1][:, :, -k_len:].transpose(1, 2)  # (H, K, D)
 
     def train(self, mode: bool = True) -> RelativeMultiHeadAttention:
         """Also drops the W_r R cache when the mode changes: weights written without a version bump
