@@ -106,3 +106,16 @@ def test_inference_under_autocast_casts_the_weight_once_while_it_is_unchanged(ki
             assert f._cast is not cast
     with torch.no_grad():  # no autocast: the fp32 weight itself
         assert f(old).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["conv", "dilated", "max", "mean"])
+def test_runs_compressed_in_one_call_are_each_compressed_on_its_own(kind):
+    f = Compressor(kind, 8, 2)
+    old = torch.randn(2, 12, 8)
+    lengths = [4, 0, 2, 6]
+    want = torch.cat([f(run) for run in old.split(lengths, dim=1) if run.shape[1]], dim=1)
+    torch.testing.assert_close(f.compress_runs(old, lengths), want, atol=1e-6, rtol=0)
+    if kind == "dilated":  # (not f_c of them all: each run pads its own start)
+        assert not torch.allclose(f(old), want)
+    with pytest.raises(ValueError, match="needs the attention"):
+        Compressor("most_used", 8, 2).compress_runs(old, lengths)

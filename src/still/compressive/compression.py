@@ -66,8 +66,25 @@ class Compressor(nn.Module):
             return old.view(b, n // c, c, d).amax(dim=2)  # (B, n/c, d)
         if self.kind == "mean":
             return old.view(b, n // c, c, d).mean(dim=2)
-        weight = self._inference_weight(old.device)
-        return F.linear(self.windows(old), self.weight_matrix() if weight is None else weight)  # (B, n/c, d)
+        return self._product(self.windows(old))  # (B, n/c, d)
+
+    def compress_runs(self, old: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """f_c of consecutive runs of old memories, each compressed on its own, in one call: old (B,
+        sum(lengths), d), every length a multiple of c -> (B, sum(lengths) / c, d), the runs'
+        compressions in turn. conv, max and mean read each window of c on its own, so that is f_c
+        of them all; the dilated convolution pads each run's start, so its windows are taken run by
+        run and go through one product. (Not most_used: it needs the attention received.)"""
+        if self.kind == "most_used":
+            raise ValueError("most_used compression needs the attention each memory received")
+        if self.kind != "dilated" or len(lengths) == 1:
+            return self(old)
+        runs = [run for run in old.split(lengths, dim=1) if run.shape[1]]
+        return self._product(torch.cat([self.windows(run) for run in runs], dim=1))
+
+    def _product(self, windows: torch.Tensor) -> torch.Tensor:
+        """The convolution as one product over its windows (B, n/c, d*c) -> (B, n/c, d)."""
+        weight = self._inference_weight(windows.device)
+        return F.linear(windows, self.weight_matrix() if weight is None else weight)
 
     def _inference_weight(self, device: torch.device) -> torch.Tensor | None:
         """Without gradients under autocast: `weight_matrix` in autocast's dtype, cast once and kept

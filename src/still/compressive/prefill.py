@@ -59,11 +59,11 @@ def compressions(layer: CompressiveLayer, memory: torch.Tensor, compressed: torc
     """Each segment's new compressed memories f_c(old) and their keys and values, computed in one
     call for all of `x`'s (B, P, d) segments after `memory` (B, M, d); None for a segment that
     compresses nothing. The memories leave in order, so the old memories of the segments in turn
-    are consecutive rows of [memory, x], each segment's a multiple of the rate c: for f_c that reads
-    each window of c on its own (conv, max, mean) the compression of them all is the compressions of
-    each segment's. Not the dilated convolution (each call pads its own start) nor most_used (None)."""
+    are consecutive runs of [memory, x], each a multiple of the rate c, compressed each on its own
+    (`Compressor.compress_runs`). None without compression, or for most_used (it needs the
+    attention each memory received)."""
     compressor = layer.compressor
-    if compressor is None or compressor.kind not in ("conv", "max", "mean") or rule["c_mem_len"] == 0:
+    if compressor is None or compressor.needs_attention or rule["c_mem_len"] == 0:
         return None
     counts = []  # old memories compressed by each segment, from the rule run on rows of no features
 
@@ -80,7 +80,7 @@ def compressions(layer: CompressiveLayer, memory: torch.Tensor, compressed: torc
     if total == 0:
         return None
     old = (torch.cat([memory, x], dim=1) if memory.shape[1] else x)[:, :total]  # (B, total, d)
-    fresh = compressor(old)  # (B, total / c, d)
+    fresh = compressor.compress_runs(old, counts)  # (B, total / c, d)
     fresh_kv = layer.project_context(fresh)  # (B, total / c, 2d)
     out, first, c = [], 0, rule["rate"]
     for n in counts:
