@@ -265,14 +265,16 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
     steps = range(n) if progress is None else progress(range(n))
     with StreamScorer(model, streams.batch_size, shards, streams.segment_len) as scorer:
         pending: list = []  # consecutive segments scored in one call; documents start only in the first
-        starts: list[torch.Tensor] = []  # (B,) each: a document starts in that row with that segment
+        first_start = None  # (B,): a document starts in that row with the first pending segment
 
         def score() -> None:
             nonlocal total, count
-            join = (lambda name: torch.cat([getattr(s, name) for s in pending], dim=1)) if len(pending) > 1 else (
-                lambda name: getattr(pending[0], name))
+
+            def join(name: str) -> torch.Tensor:  # (B, K x L)
+                return torch.cat([getattr(segment, name) for segment in pending], dim=1)
+
             targets, positions = join("targets"), join("positions")
-            nll = scorer(join("inputs"), targets, starts[0])  # (B, K x L)
+            nll = scorer(join("inputs"), targets, first_start)  # (B, K x L)
             valid = targets != -100
             total += float(nll[valid].double().sum())
             count += int(valid.sum())
@@ -282,7 +284,6 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
                 bucket_sum.index_add_(0, bucket[keep], nll[valid][keep].double())
                 bucket_count.index_add_(0, bucket[keep], torch.ones_like(bucket[keep], dtype=torch.float64))
             pending.clear()
-            starts.clear()
 
         for step in steps:
             segment = streams.segment(step)
@@ -290,8 +291,9 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
             start = segment.reset & (segment.targets != -100).any(dim=1)  # (B,)
             if pending and (len(pending) == scorer.chunk or bool(start.any())):
                 score()
+            if not pending:
+                first_start = start
             pending.append(segment)
-            starts.append(start)
         if pending:
             score()
     model.train(was_training)
