@@ -222,6 +222,53 @@ def test_generate_compiled_gives_the_tokens_of_the_eager_steps():
     assert torch.equal(torch.stack(runs[0]), torch.stack(runs[1]))
 
 
+@pytest.mark.parametrize("case", ["conv", "dilated", "max", "mean, post-norm", "compressed only", "a longer ring"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compressions_computed_together_are_those_computed_one_at_a_time(case, dtype, threads, monkeypatch):
+    """The compressions of several compressing steps computed at the first of them give the logits,
+    keys and values of one compression a step, bit for bit (at most as many as the full ring holds: 2
+    to 4 in the small cases, 8 of the ring's 9 in the longer one, so computed twice in 31 steps). A
+    compressing step run again from the same counters computes them again rather than taking the
+    next kept one."""
+    if case == "a longer ring":
+        torch.manual_seed(0)
+        model = CompressiveTransformer(CompressiveConfig(vocab_size=11, n_layers=2, dropout=0.1, **SIZES["d_head 32"],
+                                                         mem_len=16, c_mem_len=5, compression_rate=2)).eval()
+    else:
+        model = _model(case, "d_head 32")
+    tokens = torch.randint(0, 11, (2, 40))
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+        together = Decoder(model, state, batch=2, compile=True, threads=threads, dtype=dtype, native=True)
+        monkeypatch.setattr(native, "COMPRESS_GROUPS", 1)
+        alone = Decoder(model, state, batch=2, compile=True, threads=threads, dtype=dtype, native=True)
+
+    def same() -> bool:
+        return torch.equal(together.keys, alone.keys) and torch.equal(together.values, alone.values)
+
+    compressions = 0
+    for t in range(9, tokens.shape[1]):
+        compressions += together.m + 1 == together.m_cap
+        assert torch.equal(together.step(tokens[:, t]), alone.step(tokens[:, t])) and same()
+    assert compressions >= 7
+    while together.m + 1 != together.m_cap:  # to the next compressing step, then run it twice
+        together.step(tokens[:, 0]), alone.step(tokens[:, 0])
+    counters = (together.next_c, together.next_m, together.n, together.m)
+    for _ in range(2):
+        for decoder in (together, alone):
+            decoder.next_c, decoder.next_m, decoder.n, decoder.m = counters
+            decoder.step(tokens[:, 1])
+        assert same()
+    assert torch.equal(together.step(tokens[:, 2]), alone.step(tokens[:, 2])) and same()
+
+
+def test_groups_must_be_positive():
+    decoder = Decoder(_model("conv"), None, batch=1, compile=True, native=False)
+    with pytest.raises(ValueError, match="groups must be >= 1, got 0"):
+        NativeStep(decoder, 1, groups=0)
+
+
 def test_pack_and_pairs_lay_out_what_the_step_reads():
     matrix = torch.arange(20 * 6, dtype=torch.float32).view(20, 6)
     packed = pack(matrix, torch.float32)  # (2, 6, 16): block, input, output

@@ -44,6 +44,7 @@ FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 TUNE = ("-march=native",)  # tried first; without it where the compiler does not know it
 MAX_THREADS = 4  # more threads than this split a small step's products too thin (not measured beyond 2 cores)
 SPIN_NS = 200_000  # how long the helper threads spin for the next step before they sleep
+COMPRESS_GROUPS = 8  # the most compressing steps whose compressions are computed together
 _COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
 _LIBRARY: list[ctypes.CDLL | None] = []
 
@@ -179,9 +180,15 @@ def pairs(blocked: torch.Tensor) -> torch.Tensor:
 
 class NativeStep:
     """`decoder`'s step (and its draw) through `native_step.cpp`, on `threads` threads (the calling
-    one and helpers of its own). Holds packed copies of the matrices; the rest is the decoder's."""
+    one and helpers of its own). Holds packed copies of the matrices; the rest is the decoder's.
+    `groups`: the compressions of up to this many compressing steps are computed together, at the
+    first of them (as many as the full memory ring holds; the same keys and values as one at a time;
+    None: `COMPRESS_GROUPS`)."""
 
-    def __init__(self, decoder: Decoder, threads: int) -> None:
+    def __init__(self, decoder: Decoder, threads: int, groups: int | None = None) -> None:
+        groups = COMPRESS_GROUPS if groups is None else groups
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
         reason = unsupported(decoder)
         if reason is not None:
             raise ValueError(f"the hand-written decoding step cannot run this decoder: {reason}")
@@ -196,7 +203,7 @@ class NativeStep:
         tap_rows = list(shape.tap_rows)
         dims = [shape.layers, batch, shape.heads, shape.d_head, d_model, d_ff, vocab, shape.n_cap, shape.m_cap,
                 decoder.keys.shape[3], int(shape.pre_norm), _COMPRESSIONS[shape.compression], shape.rate,
-                len(tap_rows), threads, int(stored == torch.bfloat16), *tap_rows]
+                len(tap_rows), threads, int(stored == torch.bfloat16), groups, *tap_rows]
         with torch.no_grad():
             if stored == torch.bfloat16:  # the keys in pairs of features, as the position tables
                 decoder.keys = pairs(decoder.keys)

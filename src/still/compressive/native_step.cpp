@@ -183,6 +183,42 @@ void product(const W* w, int in, const float* x, int b0, int b1, float* y) {
     product(w, in, 0, in, x, b0, b1, y);
 }
 
+// `product` over R input rows at once (x rows `ldx` floats apart, y rows `ldy` apart), all inputs,
+// output blocks [b0, b1): each pair of weights loaded once for the R rows. Every row's sums are
+// formed as `product` forms them (the even inputs' and the odd inputs' accumulators, added at the
+// end), so each row's result is the one `product` gives it.
+template <class W, int R>
+void product_rows_of(const W* w, int in, const float* x, size_t ldx, int b0, int b1, float* y, size_t ldy) {
+    const size_t stride = size_t(in) * 16;
+    for (int b = b0; b < b1; ++b) {
+        const W* block = w + b * stride;
+        v16 a[R], c[R], low, high;
+        for (int r = 0; r < R; ++r) a[r] = c[r] = v16{};
+        for (int p = 0; p < in / 2; ++p) {
+            pair_at(block, p, low, high);
+            for (int r = 0; r < R; ++r) {
+                a[r] += splat(x[r * ldx + 2 * p]) * low;
+                c[r] += splat(x[r * ldx + 2 * p + 1]) * high;
+            }
+        }
+        for (int r = 0; r < R; ++r) store(y + r * ldy + b * 16, a[r] + c[r]);
+    }
+}
+
+template <class W>
+void product_rows(const W* w, int in, const float* x, size_t ldx, int rows, int b0, int b1, float* y, size_t ldy) {
+    for (; rows >= 8; rows -= 8, x += 8 * ldx, y += 8 * ldy) product_rows_of<W, 8>(w, in, x, ldx, b0, b1, y, ldy);
+    switch (rows) {
+        case 7: return product_rows_of<W, 7>(w, in, x, ldx, b0, b1, y, ldy);
+        case 6: return product_rows_of<W, 6>(w, in, x, ldx, b0, b1, y, ldy);
+        case 5: return product_rows_of<W, 5>(w, in, x, ldx, b0, b1, y, ldy);
+        case 4: return product_rows_of<W, 4>(w, in, x, ldx, b0, b1, y, ldy);
+        case 3: return product_rows_of<W, 3>(w, in, x, ldx, b0, b1, y, ldy);
+        case 2: return product_rows_of<W, 2>(w, in, x, ldx, b0, b1, y, ldy);
+        case 1: return product_rows_of<W, 1>(w, in, x, ldx, b0, b1, y, ldy);
+    }
+}
+
 // (x - mean) / sqrt(var + eps) * w + b over d features (d a multiple of 16); out may be x
 void layer_norm(const float* x, const float* w, const float* b, int d, float eps, float* out) {
     v16 sum{};
@@ -204,7 +240,7 @@ struct Layer {
 
 struct Shape {
     int layers, batch, heads, d_head, d, ff, vocab, n_cap, m_cap, k_blocks, pre_norm, compression,
-        rate, taps, threads, bf16;
+        rate, taps, threads, bf16, groups;  // groups: compressions computed together (`compress_all`)
     int tap_rows[64];
     float eps;
 };
@@ -215,6 +251,13 @@ struct Call {  // one step's arguments
     const int64_t* tokens;  // (B,)
     int next_c, next_m, n, m, compress;
     float* logits;  // (B, V)
+};
+
+// The keys and values of compressions computed ahead, a thread's heads (`Engine::compress_all`)
+struct Pending {
+    std::vector<float> kv;  // (groups, layers, B, 2d): keys, then values
+    int left = 0, used = 0;  // not yet written; written
+    int next_m = -1, next_c = -1;  // the counters of the step whose compression comes next
 };
 
 struct Engine {
@@ -233,6 +276,9 @@ struct Engine {
     std::vector<std::vector<float>> h, x, qkv, attended, hidden, windows, scratch;
     std::vector<std::vector<int>> slots;
     std::vector<std::vector<int>> runs;  // one a thread: the valid slots as runs (`run_as`), then their count
+    // one a thread: compressed memories normed, and their queries-keys-values, (groups, d + 3d)
+    std::vector<std::vector<float>> rows;
+    std::vector<Pending> pending;  // one a thread: the compressions computed ahead (`compress_all`)
     Call call{};
     std::vector<std::thread> workers;
     std::atomic<uint32_t> go{0};
@@ -321,6 +367,8 @@ struct Engine {
     void attend(int t, int i, int b, int head, const float* q, const float* key, const float* value, float* out);
     template <class W>
     void compress_all(int t, const Call& c);
+    template <class W>
+    void compress_groups(int t, const Call& c);
 };
 
 // sum_v weight[v] rows[slot[v]] (D floats each, D = 16 C) + own * value, over the valid slots,
@@ -591,62 +639,113 @@ void Engine::run_as(int t, const Call& c) {
 
 // After a step that filled the memory ring (mem_len + c): the oldest c layer inputs of every layer
 // compressed into one memory, projected to its keys and values, written to the compressed ring's
-// slot next_c (`decode._step_and_compress`). Every thread reads its own copy of the old inputs
-// (before the step's last barrier, after which the next step may overwrite the oldest).
+// slot next_c (`decode._step_and_compress`).
+//
+// The compressions of the next `groups` such steps are computed together, at the first of them,
+// and kept (`pending`) for the others. They are known then: the ring is full at every compressing
+// step, and the c memories the g-th next one compresses are the ring's oldest entries g c .. g c +
+// c - 1, which no step writes before they have been compressed (a step writes the slot the last
+// compression freed). Computed together, each weight of the convolution and of the key-value
+// product is read once for all of them, not once a compression (at d_model 128 in fp32 the
+// compression was 12% of a token's time, mostly those reads: docs/performance.md, session 21).
+// Each row's sums are formed as one at a time would form them (`product_rows`), so the keys and
+// values are the same. A call whose counters are not the ones the kept compressions were made for
+// computes them again. Every thread reads its own copy of the old inputs (before the step's last
+// barrier, after which the next step may overwrite the oldest), and keeps its own heads' keys and
+// values and its own count of what it has kept (the same on every thread: the same calls).
 template <class W>
 void Engine::compress_all(int t, const Call& call) {
-    const int B = s.batch, d = s.d, H = s.heads, D = s.d_head, K = s.n_cap + s.m_cap, c = s.rate;
+    const int B = s.batch, d = s.d, H = s.heads, D = s.d_head, K = s.n_cap + s.m_cap;
+    int h0, h1;
+    share(H, t, h0, h1);
+    Pending& kept = pending[t];
+    if (kept.left == 0 || call.next_m != kept.next_m || call.next_c != kept.next_c) {
+        compress_groups<W>(t, call);
+        kept.left = s.groups;
+        kept.used = 0;
+    }
+    // this compression's keys and values, this thread's heads, into the compressed ring's slot next_c
+    const int slot = call.next_c;
+    for (int i = 0; i < s.layers; ++i)
+        for (int b = 0; b < B; ++b) {
+            const float* kv = kept.kv.data() + ((size_t(kept.used) * s.layers + i) * B + b) * 2 * d;  // keys, values
+            for (int hd = h0; hd < h1; ++hd) {
+                W* keys = static_cast<W*>(this->keys) + ((size_t(i) * B + b) * H + hd) * s.k_blocks * D * 16;
+                W* values = static_cast<W*>(this->values) + (((size_t(i) * B + b) * H + hd) * K + slot) * D;
+                for (int j = 0; j < D; ++j) {
+                    put(keys + key_index(keys, D, slot, j), kv[hd * D + j]);
+                    put(values + j, kv[d + hd * D + j]);
+                }
+            }
+        }
+    kept.used += 1;
+    kept.left -= 1;
+    kept.next_m = (call.next_m + s.rate) % s.m_cap;  // the next compressing step's counters
+    kept.next_c = (call.next_c + 1) % s.n_cap;
+}
+
+// The compressions of this step and the next s.groups - 1 compressing ones (`compress_all`): f_c of
+// each one's c oldest memories (this thread's share of the features, into the shared `compressed`,
+// (layers, B, groups, d)), a barrier, then each one's keys and values for this thread's heads into
+// its `pending` (groups, layers, B, 2d).
+template <class W>
+void Engine::compress_groups(int t, const Call& call) {
+    const int B = s.batch, d = s.d, D = s.d_head, c = s.rate, G = s.groups;
     const int next_m = (call.next_m + 1) % s.m_cap;  // the ring after the step: its oldest first
-    auto old = [&](int i, int b, int r) {
+    auto old = [&](int i, int b, int r) {  // the r-th oldest memory of layer i, row b
         return inputs + ((size_t(i) * B + b) * s.m_cap + (next_m + r) % s.m_cap) * d;
     };
     int o0, o1;
     share(d / 16, t, o0, o1);
     if (s.compression == TAPS) {  // the convolution: one product with the taps' rows side by side
+        const size_t width = size_t(s.taps) * d;
         for (int i = 0; i < s.layers; ++i)
             for (int b = 0; b < B; ++b) {
-                float* window = windows[t].data() + (size_t(i) * B + b) * s.taps * d;
-                for (int k = 0; k < s.taps; ++k)
-                    std::memcpy(window + k * d, old(i, b, s.tap_rows[k]), d * sizeof(float));
-                product(static_cast<const W*>(layer[i].taps), s.taps * d, window, o0, o1,
-                        compressed.data() + (size_t(i) * B + b) * d);
+                float* window = windows[t].data();  // (groups, taps * d)
+                for (int g = 0; g < G; ++g)
+                    for (int k = 0; k < s.taps; ++k)
+                        std::memcpy(window + g * width + k * d, old(i, b, g * c + s.tap_rows[k]), d * sizeof(float));
+                product_rows(static_cast<const W*>(layer[i].taps), s.taps * d, window, width, G, o0, o1,
+                             compressed.data() + (size_t(i) * B + b) * G * d, d);
             }
     } else {  // max or mean pooling: this thread's share of the features
         for (int i = 0; i < s.layers; ++i)
-            for (int b = 0; b < B; ++b) {
-                float* out = compressed.data() + (size_t(i) * B + b) * d;
-                for (int j = o0 * 16; j < o1 * 16; ++j) {
-                    float acc = old(i, b, 0)[j];
-                    for (int r = 1; r < c; ++r)
-                        acc = s.compression == MAX ? std::max(acc, old(i, b, r)[j]) : acc + old(i, b, r)[j];
-                    out[j] = s.compression == MAX ? acc : acc / c;
+            for (int b = 0; b < B; ++b)
+                for (int g = 0; g < G; ++g) {
+                    float* out = compressed.data() + ((size_t(i) * B + b) * G + g) * d;
+                    for (int j = o0 * 16; j < o1 * 16; ++j) {
+                        float acc = old(i, b, g * c)[j];
+                        for (int r = 1; r < c; ++r)
+                            acc = s.compression == MAX ? std::max(acc, old(i, b, g * c + r)[j])
+                                                       : acc + old(i, b, g * c + r)[j];
+                        out[j] = s.compression == MAX ? acc : acc / c;
+                    }
                 }
-            }
     }
     barrier(t);
     int h0, h1;
-    share(H, t, h0, h1);
-    float* x = this->x[t].data();
-    float* kv = qkv[t].data();  // 3d: the keys at [d, 2d), the values at [2d, 3d)
-    const int slot = call.next_c;
+    share(s.heads, t, h0, h1);
+    float* x = rows[t].data();  // (groups, d): the compressed memories, normed
+    float* kv = x + size_t(G) * d;  // (groups, 3d): their keys at [d, 2d), values at [2d, 3d)
+    float* kept = pending[t].kv.data();
     for (int i = 0; i < s.layers; ++i) {
         const Layer& L = layer[i];
         for (int b = 0; b < B; ++b) {
-            const float* memory = compressed.data() + (size_t(i) * B + b) * d;
-            if (s.pre_norm)
-                layer_norm(memory, L.norm1_w, L.norm1_b, d, s.eps, x);
-            else
-                std::memcpy(x, memory, d * sizeof(float));
+            for (int g = 0; g < G; ++g) {
+                const float* memory = compressed.data() + ((size_t(i) * B + b) * G + g) * d;
+                if (s.pre_norm)
+                    layer_norm(memory, L.norm1_w, L.norm1_b, d, s.eps, x + g * d);
+                else
+                    std::memcpy(x + g * d, memory, d * sizeof(float));
+            }
             for (int part = 1; part < 3; ++part)
-                product(static_cast<const W*>(L.qkv), d, x, part * d / 16 + h0 * D / 16, part * d / 16 + h1 * D / 16,
-                        kv);
-            for (int hd = h0; hd < h1; ++hd) {
-                W* keys = static_cast<W*>(this->keys) + ((size_t(i) * B + b) * H + hd) * s.k_blocks * D * 16;
-                W* values = static_cast<W*>(this->values) + (((size_t(i) * B + b) * H + hd) * K + slot) * D;
-                for (int j = 0; j < D; ++j) {
-                    put(keys + key_index(keys, D, slot, j), kv[d + hd * D + j]);
-                    put(values + j, kv[2 * d + hd * D + j]);
-                }
+                product_rows(static_cast<const W*>(L.qkv), d, x, d, G, part * d / 16 + h0 * D / 16,
+                             part * d / 16 + h1 * D / 16, kv, 3 * d);
+            for (int g = 0; g < G; ++g) {  // keys at [0, d), values at [d, 2d)
+                float* out = kept + ((size_t(g) * s.layers + i) * B + b) * 2 * d + h0 * D;
+                const float* in = kv + size_t(g) * 3 * d + d + h0 * D;
+                std::memcpy(out, in, (h1 - h0) * D * sizeof(float));
+                std::memcpy(out + d, in + d, (h1 - h0) * D * sizeof(float));
             }
         }
     }
@@ -703,14 +802,15 @@ int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, fl
 extern "C" {
 
 // dims: layers, batch, heads, d_head, d_model, d_ff, vocab, n_cap, m_cap, k_blocks, pre_norm,
-// compression (0 none, 1 taps, 2 max, 3 mean), rate, taps, threads, bf16, then the taps' rows.
+// compression (0 none, 1 taps, 2 max, 3 mean), rate, taps, threads, bf16, groups (the most compressions
+// computed together), then the taps' rows.
 // pointers: embedding, head, norm weight, norm bias, keys, values, inputs, then a layer each:
 // qkv, out, up, down, taps, positions, u, v, norm1 w, norm1 b, norm2 w, norm2 b, up bias, down bias.
 void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps, int64_t spin_ns) {
     auto* e = new Engine();
     Shape& s = e->s;
     int* fields[] = {&s.layers, &s.batch, &s.heads, &s.d_head, &s.d, &s.ff, &s.vocab, &s.n_cap,
-                     &s.m_cap, &s.k_blocks, &s.pre_norm, &s.compression, &s.rate, &s.taps, &s.threads, &s.bf16};
+                     &s.m_cap, &s.k_blocks, &s.pre_norm, &s.compression, &s.rate, &s.taps, &s.threads, &s.bf16, &s.groups};
     const int n_fields = sizeof(fields) / sizeof(fields[0]);
     for (int j = 0; j < n_fields; ++j) *fields[j] = int(dims[j]);
     for (int k = 0; k < s.taps && k < 64; ++k) s.tap_rows[k] = int(dims[n_fields + k]);
@@ -737,7 +837,10 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
     e->out_parts.assign(size_t(T) * B * d, 0.f);
     e->down_parts.assign(size_t(T) * B * d, 0.f);
     e->logits.assign(size_t(B) * ((s.vocab + 15) / 16 * 16), 0.f);
-    e->compressed.assign(size_t(s.layers) * B * d, 0.f);
+    // the compressions of up to `groups` compressing steps together, at most as many as the full ring
+    // holds: the g-th next one compresses entries g c + 1 .. g c + c after the newest (mod M_cap)
+    s.groups = s.compression == NONE ? 1 : std::max(1, std::min(s.groups, s.m_cap / s.rate));
+    e->compressed.assign(size_t(s.layers) * B * s.groups * d, 0.f);
     const size_t scratch = size_t(s.k_blocks) * 32 + 2 * s.d_head + K + 16;
     for (int t = 0; t < T; ++t) {
         e->h.emplace_back(size_t(B) * d, 0.f);
@@ -745,7 +848,10 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
         e->qkv.emplace_back(size_t(B) * 3 * d, 0.f);
         e->attended.emplace_back(size_t(B) * d, 0.f);
         e->hidden.emplace_back(size_t(B) * s.ff, 0.f);
-        e->windows.emplace_back(size_t(s.layers) * B * std::max(s.taps, 1) * d, 0.f);
+        e->windows.emplace_back(size_t(s.groups) * std::max(s.taps, 1) * d, 0.f);
+        e->rows.emplace_back(size_t(s.groups) * 4 * d, 0.f);
+        e->pending.emplace_back();
+        e->pending.back().kv.assign(size_t(s.groups) * s.layers * B * 2 * d, 0.f);
         e->scratch.emplace_back(scratch, 0.f);
         e->slots.emplace_back(2 * K + 1, 0);
         e->runs.emplace_back();
