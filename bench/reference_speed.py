@@ -32,9 +32,10 @@ and keys fit the cores' caches. In one run, interleaved, medians over repeats:
                         autocast, so the compiled steps read bf16 matrices and keys
     read limit          a decoding step reads every matrix and key of the model for one token: its
                         bytes (the decoder's matrices, biases and key/value buffers; one row of the
-                        embedding) against the machine's read bandwidth at that size (the median time
-                        of `sum` over a tensor of as many bytes, all threads, in the same run) give
-                        the most tokens/s any step could reach here
+                        embedding; the compression's weights as often as the step reads them) against
+                        the machine's read bandwidth at that size (the median time of `sum` over a
+                        tensor of as many bytes, all threads, in the same run) give the most tokens/s
+                        any step could reach here (for the compiled rows, whose step it counts)
 
 On a GPU (chosen by itself, as `still lm train` chooses) the same measures run there, with the clock
 read after the GPU's queued work, the peak measured on it, and without the measures of two CPU shards
@@ -64,6 +65,7 @@ from still.bench.peak import device_name, peak  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
 from still.compressive.generate import StreamScorer, generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
+from still.compressive.native import COMPRESS_GROUPS  # noqa: E402
 from still.config import replace  # noqa: E402
 from still.recipes.lm import PRESETS  # noqa: E402
 from still.train.distributed import default_device  # noqa: E402
@@ -190,12 +192,14 @@ def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int) -> 
 
 def step_bytes(precision: str) -> float:
     """Bytes a compiled decoding step reads at batch 1, on average over the tokens: every tensor of
-    the decoder's, but one row of the embedding, the compression's taps once every c tokens, and
-    not the layer inputs (c rows of them once every c tokens)."""
+    the decoder's, but one row of the embedding, the compression's taps once every c tokens (the
+    hand-written step: once every c x groups tokens, the compressions of `groups` compressing steps
+    computed together), and not the layer inputs (c rows of them once every c tokens)."""
     model = make_model().eval()
     decoder = Decoder(model, None, 1, compile=True, dtype=torch.bfloat16 if precision == "bf16" else None)
+    groups = min(COMPRESS_GROUPS, decoder.m_cap // decoder.rate) if decoder.native is not None else 1
     share = {"embedding": 1 / decoder.weights["embedding"].shape[0]}
-    share |= {name: 1 / decoder.rate for name in decoder.weights if name.endswith(".taps")}
+    share |= {name: 1 / (decoder.rate * groups) for name in decoder.weights if name.endswith(".taps")}
     tensors = ([(t, share.get(name, 1.0)) for name, t in decoder.weights.items()]
                + [(decoder.keys, 1.0), (decoder.values, 1.0)])
     return sum(t.numel() * t.element_size() * part for t, part in tensors)
@@ -326,7 +330,7 @@ def main() -> None:
     table = format_table(rows, title=title) + "\n" + format_table(
         [{"ratio": k, "value": f"{v:.2f}x"} for k, v in ratios.items()], title="Ratios of the medians")
     limits = []
-    for name in (n for n in median if n.startswith("generate")):
+    for name in (n for n in median if n.startswith("generate") and "--compile" in n):  # the step it describes
         precision = "bf16" if "bf16" in name else "fp32"
         bandwidth = statistics.median(bandwidths[precision])
         bound = bandwidth / read_bytes[precision]
