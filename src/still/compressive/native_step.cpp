@@ -17,7 +17,9 @@
 //     stream and adds the parts in thread order (norms, residuals and biases computed on every
 //     thread: a d-vector), so a layer needs 2 barriers, not ~17; a barrier is one atomic counter;
 //   - the helper threads are this library's own, spinning a while between steps (a step follows
-//     the previous one within microseconds), then sleeping on a futex.
+//     the previous one within microseconds), then sleeping on a futex;
+//   - the compressions of eight compressing steps are computed together at the first of them, so
+//     that the compression's weights are read once for eight (`Engine::compress_all`).
 //
 // Layouts (all C-contiguous), W the stored dtype (float, or bf16 as uint16_t):
 //   packed matrix (out/16, in, 16) fp32, or (out/16, in/2, 16, 2) bf16 (pairs of inputs); rows past
