@@ -263,6 +263,33 @@ def test_compressions_computed_together_are_those_computed_one_at_a_time(case, d
     assert torch.equal(together.step(tokens[:, 2]), alone.step(tokens[:, 2])) and same()
 
 
+def test_three_threads_split_four_heads_unevenly_and_agree(monkeypatch):
+    """Four heads on three threads (one, one and two heads each; more threads than this machine's
+    cores): the model's logits to float rounding, and eight compressions computed together equal to
+    one at a time, bit for bit, in fp32 and bf16."""
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, n_layers=2, d_model=64, n_heads=4, d_ff=48,
+                                                     mem_len=16, c_mem_len=5, compression_rate=2)).eval()
+    tokens = torch.randint(0, 11, (2, 50))
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+        for dtype in (torch.float32, torch.bfloat16):
+            monkeypatch.setattr(native, "COMPRESS_GROUPS", 8)
+            together = Decoder(model, state, batch=2, compile=True, threads=3, dtype=dtype, native=True)
+            monkeypatch.setattr(native, "COMPRESS_GROUPS", 1)
+            alone = Decoder(model, state, batch=2, compile=True, threads=3, dtype=dtype, native=True)
+            assert together.native.threads == 3
+            reference = state
+            for t in range(9, tokens.shape[1]):
+                logits = together.step(tokens[:, t])
+                assert torch.equal(logits, alone.step(tokens[:, t]))
+                assert torch.equal(together.keys, alone.keys) and torch.equal(together.values, alone.values)
+                if dtype == torch.float32:
+                    out = model(tokens[:, t : t + 1], reference)
+                    reference = out.state
+                    torch.testing.assert_close(logits, out.logits[:, 0], atol=1e-5, rtol=1e-5)
+
+
 def test_groups_must_be_positive():
     decoder = Decoder(_model("conv"), None, batch=1, compile=True, native=False)
     with pytest.raises(ValueError, match="groups must be >= 1, got 0"):

@@ -257,7 +257,7 @@ struct Call {  // one step's arguments
 
 // The keys and values of compressions computed ahead, a thread's heads (`Engine::compress_all`)
 struct Pending {
-    std::vector<float> kv;  // (groups, layers, B, 2d): keys, then values
+    std::vector<float> kv;  // (groups, layers, B, 2, w): keys, then values of the thread's heads (w features)
     int left = 0, used = 0;  // not yet written; written
     int next_m = -1, next_c = -1;  // the counters of the step whose compression comes next
 };
@@ -667,16 +667,16 @@ void Engine::compress_all(int t, const Call& call) {
         kept.used = 0;
     }
     // this compression's keys and values, this thread's heads, into the compressed ring's slot next_c
-    const int slot = call.next_c;
+    const int slot = call.next_c, w = (h1 - h0) * D;
     for (int i = 0; i < s.layers; ++i)
         for (int b = 0; b < B; ++b) {
-            const float* kv = kept.kv.data() + ((size_t(kept.used) * s.layers + i) * B + b) * 2 * d;  // keys, values
+            const float* kv = kept.kv.data() + ((size_t(kept.used) * s.layers + i) * B + b) * 2 * w;  // keys, values
             for (int hd = h0; hd < h1; ++hd) {
                 W* keys = static_cast<W*>(this->keys) + ((size_t(i) * B + b) * H + hd) * s.k_blocks * D * 16;
                 W* values = static_cast<W*>(this->values) + (((size_t(i) * B + b) * H + hd) * K + slot) * D;
                 for (int j = 0; j < D; ++j) {
-                    put(keys + key_index(keys, D, slot, j), kv[hd * D + j]);
-                    put(values + j, kv[d + hd * D + j]);
+                    put(keys + key_index(keys, D, slot, j), kv[(hd - h0) * D + j]);
+                    put(values + j, kv[w + (hd - h0) * D + j]);
                 }
             }
         }
@@ -689,7 +689,7 @@ void Engine::compress_all(int t, const Call& call) {
 // The compressions of this step and the next s.groups - 1 compressing ones (`compress_all`): f_c of
 // each one's c oldest memories (this thread's share of the features, into the shared `compressed`,
 // (layers, B, groups, d)), a barrier, then each one's keys and values for this thread's heads into
-// its `pending` (groups, layers, B, 2d).
+// its `pending` (groups, layers, B, 2, its heads' features).
 template <class W>
 void Engine::compress_groups(int t, const Call& call) {
     const int B = s.batch, d = s.d, D = s.d_head, c = s.rate, G = s.groups;
@@ -743,11 +743,12 @@ void Engine::compress_groups(int t, const Call& call) {
             for (int part = 1; part < 3; ++part)
                 product_rows(static_cast<const W*>(L.qkv), d, x, d, G, part * d / 16 + h0 * D / 16,
                              part * d / 16 + h1 * D / 16, kv, 3 * d);
-            for (int g = 0; g < G; ++g) {  // keys at [0, d), values at [d, 2d)
-                float* out = kept + ((size_t(g) * s.layers + i) * B + b) * 2 * d + h0 * D;
+            const int w = (h1 - h0) * D;  // this thread's heads' features
+            for (int g = 0; g < G; ++g) {  // keys at [0, w), values at [w, 2w)
+                float* out = kept + ((size_t(g) * s.layers + i) * B + b) * 2 * w;
                 const float* in = kv + size_t(g) * 3 * d + d + h0 * D;
-                std::memcpy(out, in, (h1 - h0) * D * sizeof(float));
-                std::memcpy(out + d, in + d, (h1 - h0) * D * sizeof(float));
+                std::memcpy(out, in, w * sizeof(float));
+                std::memcpy(out + w, in + d, w * sizeof(float));
             }
         }
     }
@@ -852,8 +853,10 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
         e->hidden.emplace_back(size_t(B) * s.ff, 0.f);
         e->windows.emplace_back(size_t(s.groups) * std::max(s.taps, 1) * d, 0.f);
         e->rows.emplace_back(size_t(s.groups) * 4 * d, 0.f);
+        int h0, h1;
+        e->share(s.heads, t, h0, h1);
         e->pending.emplace_back();
-        e->pending.back().kv.assign(size_t(s.groups) * s.layers * B * 2 * d, 0.f);
+        e->pending.back().kv.assign(size_t(s.groups) * s.layers * B * 2 * (h1 - h0) * s.d_head, 0.f);
         e->scratch.emplace_back(scratch, 0.f);
         e->slots.emplace_back(2 * K + 1, 0);
         e->runs.emplace_back();
