@@ -812,8 +812,8 @@ extern "C" {
 void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps, int64_t spin_ns) {
     auto* e = new Engine();
     Shape& s = e->s;
-    int* fields[] = {&s.layers, &s.batch, &s.heads, &s.d_head, &s.d, &s.ff, &s.vocab, &s.n_cap,
-                     &s.m_cap, &s.k_blocks, &s.pre_norm, &s.compression, &s.rate, &s.taps, &s.threads, &s.bf16, &s.groups};
+    int* fields[] = {&s.layers, &s.batch, &s.heads, &s.d_head, &s.d, &s.ff, &s.vocab, &s.n_cap, &s.m_cap,
+                     &s.k_blocks, &s.pre_norm, &s.compression, &s.rate, &s.taps, &s.threads, &s.bf16, &s.groups};
     const int n_fields = sizeof(fields) / sizeof(fields[0]);
     for (int j = 0; j < n_fields; ++j) *fields[j] = int(dims[j]);
     for (int k = 0; k < s.taps && k < 64; ++k) s.tap_rows[k] = int(dims[n_fields + k]);
