@@ -227,7 +227,7 @@ def test_generate_compiled_gives_the_tokens_of_the_eager_steps():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_compressions_computed_together_are_those_computed_one_at_a_time(case, dtype, threads, monkeypatch):
     """The compressions of several compressing steps computed at the first of them give the logits,
-    keys and values of one compression a step, bit for bit (at most as many as the full ring holds: 2
+    keys and values of one compression a step, bit for bit (at most as many as the full ring holds: 1
     to 4 in the small cases, 8 of the ring's 9 in the longer one, so computed twice in 31 steps). A
     compressing step run again from the same counters computes them again rather than taking the
     next kept one."""
