@@ -258,7 +258,7 @@ struct Call {  // one step's arguments
 // The keys and values of compressions computed ahead, a thread's heads (`Engine::compress_all`)
 struct Pending {
     std::vector<float> kv;  // (groups, layers, B, 2, w): keys, then values of the thread's heads (w features)
-    int left = 0, used = 0;  // not yet written; written
+    int used = INT_MAX;  // how many of them have been written (none computed yet: more than there are)
     int next_m = -1, next_c = -1;  // the counters of the step whose compression comes next
 };
 
@@ -271,10 +271,11 @@ struct Engine {
     float* inputs;
     // shared between the threads: each writes its own part, the others read it after a barrier.
     // out_parts, down_parts: (threads, B, d), a thread's share of the sums over the inputs
+    // compressed: (layers, B, groups, d), the compressions computed together (`compress_groups`)
     std::vector<float> out_parts, down_parts, logits, compressed;
     // one a thread: the residual stream h and its normed copy x (B, d), the queries, keys and values
     // (B, 3d), the attention's output (B, d), the feed-forward's hidden layer (B, d_ff), the windows
-    // of the compression (layers, B, taps * d), attention scratch, the valid slots and their columns
+    // of the compression (groups, taps * d), attention scratch, the valid slots and their columns
     std::vector<std::vector<float>> h, x, qkv, attended, hidden, windows, scratch;
     std::vector<std::vector<int>> slots;
     std::vector<std::vector<int>> runs;  // one a thread: the valid slots as runs (`run_as`), then their count
@@ -661,9 +662,8 @@ void Engine::compress_all(int t, const Call& call) {
     int h0, h1;
     share(H, t, h0, h1);
     Pending& kept = pending[t];
-    if (kept.left == 0 || call.next_m != kept.next_m || call.next_c != kept.next_c) {
+    if (kept.used >= s.groups || call.next_m != kept.next_m || call.next_c != kept.next_c) {
         compress_groups<W>(t, call);
-        kept.left = s.groups;
         kept.used = 0;
     }
     // this compression's keys and values, this thread's heads, into the compressed ring's slot next_c
@@ -681,7 +681,6 @@ void Engine::compress_all(int t, const Call& call) {
             }
         }
     kept.used += 1;
-    kept.left -= 1;
     kept.next_m = (call.next_m + s.rate) % s.m_cap;  // the next compressing step's counters
     kept.next_c = (call.next_c + 1) % s.n_cap;
 }
