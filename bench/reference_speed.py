@@ -65,7 +65,6 @@ from still.bench.peak import device_name, peak  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
 from still.compressive.generate import StreamScorer, generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
-from still.compressive.native import COMPRESS_GROUPS  # noqa: E402
 from still.config import replace  # noqa: E402
 from still.recipes.lm import PRESETS  # noqa: E402
 from still.train.distributed import default_device  # noqa: E402
@@ -197,7 +196,7 @@ def step_bytes(precision: str) -> float:
     computed together), and not the layer inputs (c rows of them once every c tokens)."""
     model = make_model().eval()
     decoder = Decoder(model, None, 1, compile=True, dtype=torch.bfloat16 if precision == "bf16" else None)
-    groups = min(COMPRESS_GROUPS, decoder.m_cap // decoder.rate) if decoder.native is not None else 1
+    groups = decoder.native.groups if decoder.native is not None else 1
     share = {"embedding": 1 / decoder.weights["embedding"].shape[0]}
     share |= {name: 1 / (decoder.rate * groups) for name in decoder.weights if name.endswith(".taps")}
     tensors = ([(t, share.get(name, 1.0)) for name, t in decoder.weights.items()]

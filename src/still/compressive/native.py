@@ -201,9 +201,11 @@ class NativeStep:
         vocab, d_ff = w["embedding"].shape[0], w["0.up.weight"].shape[0]
         threads = max(1, min(threads, shape.heads, MAX_THREADS))
         tap_rows = list(shape.tap_rows)
+        # at most as many as the full memory ring holds (the engine keeps to that too)
+        self.groups = max(1, min(groups, shape.m_cap // shape.rate)) if shape.compression else 1
         dims = [shape.layers, batch, shape.heads, shape.d_head, d_model, d_ff, vocab, shape.n_cap, shape.m_cap,
                 decoder.keys.shape[3], int(shape.pre_norm), _COMPRESSIONS[shape.compression], shape.rate,
-                len(tap_rows), threads, int(stored == torch.bfloat16), groups, *tap_rows]
+                len(tap_rows), threads, int(stored == torch.bfloat16), self.groups, *tap_rows]
         with torch.no_grad():
             if stored == torch.bfloat16:  # the keys in pairs of features, as the position tables
                 decoder.keys = pairs(decoder.keys)
