@@ -5,7 +5,7 @@ import torch
 
 from still.compressive import prefill as prefill_module
 from still.compressive.model import CompressiveConfig, CompressiveLayer, CompressiveTransformer
-from still.compressive.prefill import prefill, supports, supports_model
+from still.compressive.prefill import plan, prefill, supports, supports_model
 from still.train.precision import autocast
 
 CASES = {  # (model options, prompt length, segment length)
@@ -83,6 +83,29 @@ def test_prefill_under_bf16_autocast_gives_the_bf16_forward():
     with autocast("bf16"):
         _, again = prefill(model, tokens[:, :8], fp32, 8)
     assert again.key_values[0].dtype == torch.bfloat16
+
+
+def test_the_plan_places_each_segments_keys_and_the_next_state_by_the_memory_rule():
+    # 12 tokens in segments of 4, memory 4, compressed memory 2 at rate 2, from an empty state; the
+    # rows are [cache (none), the prompt's 12, the new compressed slots'], so compressed slot j is row 12 + j
+    got = plan(0, 0, 12, 4, 4, 2, 2, True, torch.device("cpu"))
+    assert [k.tolist() for k in got.keys] == [[0, 1, 2, 3], list(range(8)), [12, 13, *range(4, 12)]]
+    assert got.counts == (0, 4, 4)  # the second and third segments compress 4 memories each
+    assert got.cache.tolist() == [14, 15, 8, 9, 10, 11]  # compressed slots 2 and 3, then the last segment
+    assert got.memory == (8, 12) and got.compressed == (2, 4)
+    # after 2 memories and 1 compressed slot (rows 0, then 1 and 2 of the cache), without compression:
+    # Transformer-XL drops the oldest
+    xl = plan(2, 1, 5, 4, 4, 2, 2, False, torch.device("cpu"))
+    assert [k.tolist() for k in xl.keys] == [[0, 1, 2, 3, 4, 5, 6], [0, 3, 4, 5, 6, 7]]
+    assert xl.cache.tolist() == [0, 4, 5, 6, 7] and xl.memory == (3, 7) and xl.compressed == (0, 1)
+    assert plan(0, 0, 12, 4, 4, 2, 2, True, torch.device("cpu")) is got  # memoised: once for every layer
+
+
+def test_the_state_after_a_prompt_does_not_keep_the_prompts_inputs_alive():
+    model = _model(mem_len=8, c_mem_len=8, compression_rate=4)
+    _, state = prefill(model, torch.randint(0, 13, (1, 200)), None, 8)
+    for t in (*state.memory, *state.compressed, *state.key_values):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def test_the_last_layer_runs_its_attention_and_feed_forward_for_the_last_position_only(monkeypatch):

@@ -9,13 +9,17 @@ known once the layer below has run over every segment. For layer l, with X (B, P
 
     N      = LN1(X)                       (pre-LN; post-LN attends over X itself)
     Q, KV  = W_q N, W_kv N                one product each over all P rows
+    C      = f_c(the memories the prompt compresses), KV_C = W_kv LN1(C)     one call each
     for each segment s in turn:
-        A_s = attention of Q_s over [the layer's cached keys and values, KV_s]
-        the layer's memory update with X_s (its cache with KV_s)
+        A_s = attention of Q_s over its keys and values, gathered from [cache, KV, KV_C]
     H      = X + W_o A                    (post-LN: LN1(X + W_o A))
     X'     = H + FF(LN2(H))               over all P rows
 
-Only the attention and the memory update run once a segment. For a prompt the last layer's
+Only the attention runs once a segment. Which rows each segment's keys are, and which the next
+state keeps, the memory rule says, and says alike for every layer: it runs once a prompt, on the
+rows' indices (`plan`), and each layer gathers its keys from one tensor (one copy a segment, where
+running the rule on each layer's tensors took about six operators a segment and layer, docs/
+performance.md, session 22). For a prompt the last layer's
 outputs are only needed at the last position (the next-token logits), so there the attention and
 the feed-forward run for that one row; its keys and values still enter its memory. With
 `all_logits` (evaluation of a few long streams, `StreamScorer`) every position's logits come out.
@@ -29,11 +33,14 @@ slots; `prefill` runs the segments through `forward` otherwise.
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
 from still.compressive.attention import compute_dtype
 from still.compressive.memory import MemoryState, update_layer_memory
-from still.compressive.model import CompressiveLayer, CompressiveTransformer
+from still.compressive.model import CompressiveTransformer
 
 
 def supports_model(model: torch.nn.Module) -> bool:
@@ -54,40 +61,85 @@ def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
     return not model.training and supports_model(model) and (state is None or state.key_valid() is None)
 
 
-def compressions(layer: CompressiveLayer, memory: torch.Tensor, compressed: torch.Tensor, x: torch.Tensor,
-                 segment_len: int, rule: dict) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
-    """Each segment's new compressed memories f_c(old) and their keys and values, computed in one
-    call for all of `x`'s (B, P, d) segments after `memory` (B, M, d); None for a segment that
-    compresses nothing. The memories leave in order, so the old memories of the segments in turn
-    are consecutive runs of [memory, x], each a multiple of the rate c, compressed each on its own
-    (`Compressor.compress_runs`). None without compression, or for most_used (it needs the
-    attention each memory received)."""
-    compressor = layer.compressor
-    if compressor is None or compressor.needs_attention or rule["c_mem_len"] == 0:
-        return None
-    counts = []  # old memories compressed by each segment, from the rule run on rows of no features
+class Plan(NamedTuple):
+    """Where a prompt's segments find their keys, computed once for every layer (the memory rule
+    moves the same rows in each). A layer's keys and values are kept in one tensor, `rows`:
 
-    def count(old: torch.Tensor) -> torch.Tensor:
-        counts[-1] = old.shape[1]
-        return old[:, :: rule["rate"]]  # (B, n_s / c, 0)
+        [cache (N0 + M0), the prompt's own (P), the new compressed slots' (F)]   (B, N0 + M0 + P + F, 2d)
 
-    empty_memory, empty_compressed = memory[..., :0], compressed[..., :0]
-    for start in range(0, x.shape[1], segment_len):
+    the state's cache first (its N0 compressed slots, then its M0 memories), then those the layer
+    projects: its inputs' and, after them, those of the compressions the prompt makes."""
+
+    keys: tuple[torch.Tensor, ...]
+    """Per segment, its keys' rows in `rows` (K_s,): [compressed memory, memory, the segment]."""
+    counts: tuple[int, ...]
+    """The old memories each segment compresses (runs of c, consecutive in [memory, x])."""
+    cache: torch.Tensor
+    """The last segment's next cache's rows in `rows` (N' + M',): [compressed memory, memory]."""
+    memory: tuple[int, int]
+    """The next memory: rows [a, b) of [memory, x]."""
+    compressed: tuple[int, int]
+    """The next compressed memory: rows [a, b) of [compressed memory, the new compressions]."""
+
+
+@functools.lru_cache(maxsize=16)
+def plan(m0: int, n0: int, p: int, segment_len: int, mem_len: int, c_mem_len: int, rate: int, compresses: bool,
+         device: torch.device) -> Plan:
+    """The memory rule (`update_layer_memory`, the one the forward runs) applied to the rows' indices
+    for a prompt of p tokens after M0 memories and N0 compressed ones, in segments of `segment_len`.
+    `compresses`: whether old memories are compressed (else dropped). Memoised (the last 16: a plan
+    holds about 3 kB a segment); its tensors are read-only."""
+    def rows(a: int, b: int) -> torch.Tensor:  # (1, b - a, 1)
+        return torch.arange(a, b, device=device)[None, :, None]
+
+    memory, compressed = rows(0, m0), rows(0, n0)  # indices into [memory, x] and [compressed, new]
+    made = [0, n0]  # memories compressed so far, compressed slots so far
+
+    def compress(old: torch.Tensor) -> torch.Tensor:  # (1, n_s, 1) -> (1, n_s / c, 1)
+        n = old.shape[1]
+        if int(old[0, 0, 0]) != made[0] or int(old[0, -1, 0]) != made[0] + n - 1:
+            raise AssertionError("the memories did not leave in order")  # the rule guarantees it
+        counts[-1], made[0], made[1] = n, made[0] + n, made[1] + n // rate
+        return rows(made[1] - n // rate, made[1])
+
+    counts, contexts = [], []
+    rule = dict(mem_len=mem_len, c_mem_len=c_mem_len, rate=rate, compress=compress if compresses else None)
+    for start in range(0, p, segment_len):
+        segment = rows(m0 + start, m0 + min(start + segment_len, p))
+        contexts.append((compressed, torch.cat([memory, segment], dim=1)))
         counts.append(0)
-        empty_memory, empty_compressed, _, _ = update_layer_memory(
-            empty_memory, empty_compressed, x[:, start : start + segment_len, :0], compress=count, **rule)
-    total = sum(counts)
-    if total == 0:
-        return None
-    old = (torch.cat([memory, x], dim=1) if memory.shape[1] else x)[:, :total]  # (B, total, d)
-    fresh = compressor.compress_runs(old, counts)  # (B, total / c, d)
-    fresh_kv = layer.project_context(fresh)  # (B, total / c, 2d)
-    out, first, c = [], 0, rule["rate"]
-    for n in counts:
-        part = slice(first // c, (first + n) // c)
-        out.append((fresh[:, part], fresh_kv[:, part]) if n else None)
+        memory, compressed, _, _ = update_layer_memory(memory, compressed, segment, **rule)
+
+    def place(c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # rows of `rows` for [compressed c, memory m]
+        c = c.flatten()
+        return torch.cat([torch.where(c < n0, c, c + m0 + p), m.flatten() + n0])
+
+    def window(t: torch.Tensor) -> tuple[int, int]:  # a run of consecutive rows (all the rule makes)
+        t = t.flatten()
+        if t.numel() and not torch.equal(t, torch.arange(int(t[0]), int(t[0]) + t.numel(), device=device)):
+            raise AssertionError("a memory that is not a run of consecutive rows")
+        return (int(t[0]), int(t[0]) + t.numel()) if t.numel() else (0, 0)
+
+    return Plan(tuple(place(c, m) for c, m in contexts), tuple(counts), place(compressed, memory), window(memory),
+                window(compressed))
+
+
+def _rows_of(parts: list[torch.Tensor], window: tuple[int, int]) -> torch.Tensor:
+    """Rows [a, b) of the concatenation of `parts` (B, n_i, d), copied (a view of a prompt's
+    inputs would keep all of them alive in the state), in the dtype their concatenation has (the
+    state's fp32 under bf16 autocast, as the forward's rule gives it)."""
+    a, b = window
+    dtype = functools.reduce(torch.promote_types, [part.dtype for part in parts])
+    pieces, first = [], 0
+    for part in parts:
+        n = part.shape[1]
+        lo, hi = max(a - first, 0), min(b - first, n)
+        if lo < hi:
+            pieces.append(part[:, lo:hi])
         first += n
-    return out
+    if not pieces:
+        return parts[0][:, :0].to(dtype, copy=True)
+    return torch.cat(pieces, dim=1).to(dtype) if len(pieces) > 1 else pieces[0].to(dtype, copy=True)
 
 
 @torch.no_grad()
@@ -114,8 +166,12 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
     caches = state.key_values if state.key_values_version == version else None
     if caches and caches[0].dtype != compute_dtype(tokens.device, model.embedding.weight.dtype):
         caches = None  # made under another precision: projected again
-    rule = dict(mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
+    compressor = model.layers[0].compressor
+    compresses = compressor is not None and config.c_mem_len > 0
+    layout = plan(state.memory_len, state.compressed_len, p, segment_len, config.mem_len, config.c_mem_len,
+                  config.compression_rate, compresses, tokens.device)
     starts = range(0, p, segment_len)
+    compressing = sum(layout.counts)  # old memories compressed in all, the first of [memory, x]
 
     x = model.embedding(tokens)  # (B, P, d): the first layer's inputs
     new_memory, new_compressed, new_caches = [], [], []
@@ -126,22 +182,29 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         kv = attention.key_value(normed)  # (B, P, 2d)
         # (the last layer's outputs are read at the last position only)
         queries = attention.query(normed[:, -1:] if last else normed)  # (B, P, d), or (B, 1, d)
-        cache = caches[i] if caches is not None else layer.project_context(torch.cat([compressed, memory], dim=1))
-        fresh = compressions(layer, memory, compressed, x, segment_len, rule)  # each segment's f_c(old), or None
+        if caches is not None:
+            cache = caches[i]  # (B, N0 + M0, 2d)
+        elif state.memory_len + state.compressed_len:
+            cache = layer.project_context(torch.cat([compressed, memory], dim=1))
+        else:
+            cache = kv[:, :0]  # an empty state's: no rows, and no operators run for them
+        parts = [cache, kv]  # `rows` of `Plan`: [cache, the prompt's, the new compressed slots']
+        fresh = None
+        if compressing:  # every segment's compressions in one call: f_c of each run of old memories
+            old = (torch.cat([memory, x], dim=1) if memory.shape[1] else x)[:, :compressing]  # (B, n, d)
+            fresh = layer.compressor.compress_runs(old, list(layout.counts))  # (B, n / c, d)
+            parts.append(layer.project_context(fresh))  # (B, n / c, 2d)
+        rows = torch.cat([t for t in parts if t.shape[1]], dim=1) if cache.shape[1] or fresh is not None else kv
         heads = []  # each segment's attention outputs, before W_o
         for s, start in enumerate(starts):
-            segment = slice(start, start + segment_len)
-            keys = torch.cat([cache, kv[:, segment]], dim=1) if cache.shape[1] else kv[:, segment]  # (B, K, 2d)
             if not last:
-                heads.append(attention.causal_attention(queries[:, segment], keys))  # (B, L, d)
+                keys = rows.index_select(1, layout.keys[s])  # (B, K, 2d): [compressed, memory, segment]
+                heads.append(attention.causal_attention(queries[:, start : start + segment_len], keys))  # (B, L, d)
             elif start == starts[-1]:
-                heads.append(attention.causal_attention(queries, keys))  # (B, 1, d)
-            memory, compressed, _, _, cache = layer.update_memory(
-                memory, compressed, x[:, segment], context_kv=cache, segment_kv=kv[:, segment],
-                precomputed=fresh[s] if fresh is not None else None, **rule)
-        new_memory.append(memory)
-        new_compressed.append(compressed)
-        new_caches.append(cache)
+                heads.append(attention.causal_attention(queries, rows.index_select(1, layout.keys[s])))  # (B, 1, d)
+        new_memory.append(_rows_of([memory, x], layout.memory))
+        new_compressed.append(_rows_of([compressed] if fresh is None else [compressed, fresh], layout.compressed))
+        new_caches.append(rows.index_select(1, layout.cache))
         out = attention.out(torch.cat(heads, dim=1) if len(heads) > 1 else heads[0])  # (B, P, d), or (B, 1, d)
         h = x[:, -1:] if last else x
         h = h + out if layer.pre_norm else layer.norm1(h + out)
