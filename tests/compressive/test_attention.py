@@ -254,6 +254,42 @@ def test_training_attention_weights_gradients(l, k_len, per_row_mask):
     torch.testing.assert_close(weights, scores.view(h * b, l, k_len).softmax(-1))
 
 
+@pytest.mark.parametrize("under_autocast", [False, True])
+def test_fp32_position_scores_round_only_the_content_scores_and_the_weights_in_bf16(monkeypatch, under_autocast):
+    """With FP32_POSITION_SCORES a bf16 forward's weights are softmax(fp32 position scores + the bf16
+    content product + mask) rounded once to bf16: the position scores are not rounded, and the
+    weights come out nearer the fp32 computation's than without it. fp32 inputs give the same
+    weights bit for bit either way."""
+    from still.compressive import attention as module
+    from still.compressive.attention import _AttentionWeights, _shifted_view
+
+    torch.manual_seed(0)
+    h, b, l, k_len, d = 2, 3, 16, 40, 8
+    bf16 = torch.bfloat16
+    q_content, k, q_position, r = (t.to(bf16) for t in (
+        torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), 4 * torch.randn(h, b * l, d), torch.randn(h, k_len, d)))
+    bias = causal_mask_bias(l, k_len, torch.device("cpu"), bf16)  # position scores of about +-10, content +-3
+    operands = (q_content, k, q_position, r)
+    exact = _AttentionWeights.apply(*(t.float() for t in operands), bias.float())  # fp32 from the same operands
+    position = torch.bmm(q_position.float(), r.float().transpose(1, 2)).view(h * b, l, k_len)
+    content = torch.bmm(q_content, k.transpose(1, 2)).float()  # a bf16 product: rounded
+    scores = (_shifted_view(position) + content).view(h, b, l, k_len) + bias.float()
+    want = scores.view(h * b, l, k_len).softmax(-1).to(bf16)
+
+    def weights(fp32: bool) -> torch.Tensor:
+        monkeypatch.setattr(module, "FP32_POSITION_SCORES", fp32)
+        with torch.autocast("cpu", dtype=bf16, enabled=under_autocast):
+            out = _AttentionWeights.apply(*operands, bias)
+        assert out.dtype == bf16
+        return out.float()
+
+    torch.testing.assert_close(weights(True), want.float(), atol=2e-3, rtol=0)  # one bf16 rounding apart at most
+    assert (weights(True) - exact).abs().max() < 0.5 * (weights(False) - exact).abs().max()
+    for fp32 in (False, True):
+        monkeypatch.setattr(module, "FP32_POSITION_SCORES", fp32)
+        assert torch.equal(_AttentionWeights.apply(*(t.float() for t in operands), bias.float()), exact)
+
+
 def test_content_attention_under_cpu_bf16_autocast_matches_fp32():
     """The reconstruction loss's content attention: under bf16 autocast on the CPU it is written as
     plain products (not PyTorch's flash kernel); its output and gradients match fp32 to bf16 precision."""

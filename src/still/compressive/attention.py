@@ -53,6 +53,15 @@ W beta) and the memories' keys and values are projected as constants (`_LinearOv
 the backward computes no input gradient for the memory rows, only the affine's (through the folded
 weights). False: LN1 applied, then one plain product over [context, x]. Tests compare the two."""
 
+FP32_POSITION_SCORES = False
+"""bf16 training (`_AttentionWeights`): True computes the position scores (q + v) W_r R as an fp32
+product of the bf16 operands, adds the content scores into them in fp32, and takes the softmax in
+fp32 (the weights still leave in bf16; the backward is unchanged). At the reference preset that
+halves how far a bf16 step's gradient lies from the fp32 step's (about 0.10-0.13 relative to about
+0.05, `bench/bf16_gradient_error.py`): rounding these scores to bf16 is most of that distance,
+rounding the content scores or any of the backward little. False (the default) until its cost in
+speed and its effect on validation are measured (docs/performance.md, session 22)."""
+
 
 HEADS_MAJOR_PROJECTION = True
 """fp32 training over memories (the keys and values of constants, `FOLDED_NORM`'s path): the keys
@@ -238,13 +247,21 @@ class _AttentionWeights(torch.autograd.Function):
     def forward(ctx, q_content, k, q_position, r, bias):
         g, l, _ = q_content.shape
         h, k_len = r.shape[0], r.shape[1]
-        raw = torch.bmm(q_position, r.transpose(1, 2)).view(g, l, k_len)  # (H, B*L, K) = (G, L, K)
-        scores = torch.baddbmm(_shifted_view(raw), q_content, k.transpose(1, 2))  # (G, L, K)
+        fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
+        if fp32_scores:  # (bf16) the scores in fp32, the weights in bf16
+            with torch.autocast(q_content.device.type, enabled=False):  # (autocast would make it bf16 again)
+                raw = torch.bmm(q_position.float(), r.float().transpose(1, 2)).view(g, l, k_len)
+            scores = torch.add(_shifted_view(raw), torch.bmm(q_content, k.transpose(1, 2)))  # (G, L, K) fp32
+        else:
+            raw = torch.bmm(q_position, r.transpose(1, 2)).view(g, l, k_len)  # (H, B*L, K) = (G, L, K)
+            scores = torch.baddbmm(_shifted_view(raw), q_content, k.transpose(1, 2))  # (G, L, K)
         del raw
         # the mask as an added 0 / -inf bias: a broadcast `masked_fill_` took 4x as long (1.6 ms
         # against 0.4 for 64 x 128 x 384 scores on one core)
         scores.view(h, g // h, l, k_len).add_(bias)  # bias (L, K) or (1, B, L, K)
         weights = scores.softmax(dim=-1)  # (G, L, K); the autocast policy applies
+        if fp32_scores:
+            weights = weights.to(q_content.dtype)
         ctx.save_for_backward(q_content, k, q_position, r, weights)
         return weights
 

@@ -1,0 +1,117 @@
+"""How far a bf16 training step's gradient lies from the fp32 step's, and which rounding puts it there.
+
+    .venv/bin/python bench/bf16_gradient_error.py RUN_DIR [--step 1750] [--steps 2] [--threads 2]
+
+RUN_DIR is a `still lm train` run (its newest checkpoint is loaded). From training step `--step`, the
+memories are filled by three segments in fp32 (no gradients), then for each of `--steps` steps the
+training loss (LM cross entropy + the compression loss) is differentiated from the same memories in
+
+    fp32                 the reference
+    bf16                 `--precision bf16` as it trains (autocast; fp32 master weights and loss)
+    bf16, fp32 position  the same with `attention.FP32_POSITION_SCORES`: the training attention's
+                         position scores as an fp32 product of the bf16 operands, the scores' sum
+                         and softmax in fp32
+
+and the distance of each gradient from fp32's is printed, ||g - g_fp32|| / ||g_fp32|| over all
+parameters and per part of the model (summed over layers). Dropout is off (its masks would differ
+between the passes), so the differences are the rounding's alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from still.compressive import attention  # noqa: E402
+from still.compressive.model import CompressiveTransformer  # noqa: E402
+from still.config import replace  # noqa: E402
+from still.recipes.lm import TrainStream, _load_data, encode_split, load_run  # noqa: E402
+from still.train.precision import autocast  # noqa: E402
+from still.train.results import format_table  # noqa: E402
+
+
+@contextlib.contextmanager
+def fp32_position_scores(on: bool) -> Iterator[None]:
+    before = attention.FP32_POSITION_SCORES
+    attention.FP32_POSITION_SCORES = on
+    try:
+        yield
+    finally:
+        attention.FP32_POSITION_SCORES = before
+
+
+def part(name: str) -> str:
+    """A parameter's part of the model: `layers.3.attention.query.weight` -> `attention`."""
+    pieces = name.split(".")
+    return pieces[2] if pieces[0] == "layers" else pieces[0]
+
+
+def distance(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], names: list[str]) -> float:
+    """||grads - ref|| / ||ref|| over the parameters `names`."""
+    diff = sum(float((grads[n] - ref[n]).double().pow(2).sum()) for n in names)
+    norm = sum(float(ref[n].double().pow(2).sum()) for n in names)
+    return (diff / norm) ** 0.5 if norm else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a `still lm train` run directory")
+    parser.add_argument("--step", type=int, default=1750, help="the training step whose data is used")
+    parser.add_argument("--steps", type=int, default=2, help="steps differentiated (each from the same memories)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config, vocab, trained, _ = load_run(args.run)
+    model = CompressiveTransformer(replace(config.model, dropout=0.0))
+    model.load_state_dict(trained.state_dict())
+    model.train()
+    corpus, _ = _load_data(config, None)
+    stream = TrainStream(encode_split(corpus, "train", vocab)[0], config)
+    state = None
+    with torch.no_grad():  # memories (and compressed ones) from three segments, in fp32
+        for s in range(args.step, args.step + 3):
+            segment = stream.segment(s)
+            state = model(segment.inputs, state, reset=segment.reset).state.detach()
+
+    def gradients(precision: str, step: int) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        segment = stream.segment(step)
+        with autocast(precision):
+            out = model(segment.inputs, state, reset=segment.reset)
+            nll = F.cross_entropy(out.logits.flatten(0, 1).float(), segment.targets.flatten(), ignore_index=-100)
+            loss = nll if out.compression_loss is None else nll + out.compression_loss
+        loss.backward()
+        return float(nll.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                     if p.grad is not None}
+
+    variants = {"bf16": ("bf16", False), "bf16, fp32 position": ("bf16", True)}
+    rows = []
+    for step in range(args.step + 3, args.step + 3 + args.steps):
+        ref_nll, ref = gradients("fp32", step)
+        parts = sorted({part(n) for n in ref})
+        for name, (precision, fp32) in variants.items():
+            with fp32_position_scores(fp32):
+                nll, grads = gradients(precision, step)
+
+            row = {"step": step, "variant": name, "nll - fp32": f"{nll - ref_nll:+.5f}",
+                   "all": f"{distance(grads, ref, list(ref)):.4f}"}
+            row.update({p: f"{distance(grads, ref, [n for n in ref if part(n) == p]):.3f}" for p in parts})
+            rows.append(row)
+    print(f"run {args.run}: {config.preset} preset, training steps {args.step + 3}..{args.step + 2 + args.steps} "
+          f"after three segments of memories; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("relative distance of each gradient from fp32's, ||g - g_fp32|| / ||g_fp32||:")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
