@@ -204,11 +204,3 @@ def test_each_layer_compresses_every_segments_old_memories_in_one_call(kind, mon
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
     _assert_same_state(state, want, atol=1e-5)
 
-
-def test_the_layer_refuses_compressions_given_for_other_memories():
-    model = _model(mem_len=4, c_mem_len=4, compression_rate=2)
-    layer, d = model.layers[0], model.config.d_model
-    wrong = (torch.zeros(1, 3, d), torch.zeros(1, 3, 2 * d))  # 3 compressions, for 6 memories
-    with pytest.raises(AssertionError, match="3 compressions given for 4 memories"):
-        layer.update_memory(torch.zeros(1, 4, d), torch.zeros(1, 0, d), torch.zeros(1, 4, d), mem_len=4, c_mem_len=4,
-                            rate=2, precomputed=wrong)

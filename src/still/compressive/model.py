@@ -175,22 +175,15 @@ class CompressiveLayer(nn.Module):
 
     def update_memory(self, memory: torch.Tensor, compressed: torch.Tensor, hidden: torch.Tensor, *, mem_len: int,
                       c_mem_len: int, rate: int, received: torch.Tensor | None = None,
-                      context_kv: torch.Tensor | None = None, segment_kv: torch.Tensor | None = None,
-                      precomputed: tuple[torch.Tensor, torch.Tensor] | None = None) -> LayerMemory:
+                      context_kv: torch.Tensor | None = None, segment_kv: torch.Tensor | None = None) -> LayerMemory:
         """This layer's memory update rule (memory.py) after a segment whose layer inputs were
         `hidden` (B, L, d). `received` (B, N + M + L): the attention each key received (most_used
         compression). With the inference cache, the keys and values of [compressed, memory]
         `context_kv` (B, N + M, 2d) and of the segment `segment_kv` (B, L, 2d), the same rule gives
-        the next cache, the new compressed slots projected once. `precomputed`: f_c of the old
-        memories this segment compresses and their keys and values (B, n_s / c, d) and (B, n_s / c,
-        2d), computed beforehand (`prefill`: every segment's in one call)."""
+        the next cache, the new compressed slots projected once."""
         n = compressed.shape[1]
 
         def compress(old: torch.Tensor) -> torch.Tensor:
-            if precomputed is not None:
-                if precomputed[0].shape[1] * rate != old.shape[1]:
-                    raise AssertionError(f"{precomputed[0].shape[1]} compressions given for {old.shape[1]} memories")
-                return precomputed[0]
             scores = received[:, n : n + old.shape[1]] if received is not None else None  # (B, n_s)
             return self.compressor(old, scores)
 
@@ -202,8 +195,7 @@ class CompressiveLayer(nn.Module):
         if context_kv is not None:
             mem_kv, cmem_kv, _, _ = update_layer_memory(
                 context_kv[:, n:], context_kv[:, :n], segment_kv,
-                compress=(lambda _: self.project_context(fresh) if precomputed is None else precomputed[1])
-                if has_compressor else None, **rule)
+                compress=(lambda _: self.project_context(fresh)) if has_compressor else None, **rule)
             cache = torch.cat([cmem_kv, mem_kv], dim=1)  # (B, N' + M', 2d)
         return LayerMemory(memory, compressed, old, fresh, cache)
 

@@ -194,7 +194,8 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
             old = (torch.cat([memory, x], dim=1) if memory.shape[1] else x)[:, :compressing]  # (B, n, d)
             fresh = layer.compressor.compress_runs(old, list(layout.counts))  # (B, n / c, d)
             parts.append(layer.project_context(fresh))  # (B, n / c, 2d)
-        rows = torch.cat([t for t in parts if t.shape[1]], dim=1) if cache.shape[1] or fresh is not None else kv
+        parts = [t for t in parts if t.shape[1]]
+        rows = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, N0 + M0 + P + F, 2d)
         heads = []  # each segment's attention outputs, before W_o
         for s, start in enumerate(starts):
             if not last:
