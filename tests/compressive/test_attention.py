@@ -543,3 +543,94 @@ def test_pre_norm_folding_leaves_a_context_that_needs_gradients_to_autograd(monk
         grads.append(grad)
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def _native_kernel_or_skip():
+    from still.compressive import native
+
+    if native.attention_library() is None:
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+
+
+@pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask", [(2, 3, 16, 48, 32, False), (4, 2, 32, 32, 64, False),
+                                                        (2, 3, 32, 96, 64, True), (1, 1, 16, 16, 96, True)])
+def test_native_weights_are_the_fp32_scores_softmax_rounded_once(monkeypatch, h, b, l, k_len, d, per_row_mask):
+    """The AMX kernel (`NATIVE_SCORES`, bf16 on the CPU): its weights are the softmax of the fp32
+    scores of the bf16 operands (content + shifted position + mask), each rounded once to bf16, with
+    exact zeros at masked keys; nearer the exact weights than the PyTorch bf16 path; the same bits on
+    one thread or several; and the backward the same function of them as the PyTorch path's."""
+    from still.compressive import attention as module
+    from still.compressive.attention import _AttentionWeights, _shifted_view, mask_bias
+
+    _native_kernel_or_skip()
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    q_content, k, q_position, r = (t.to(bf16) for t in (
+        torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), 0.5 * torch.randn(h, b * l, d),
+        torch.randn(h, k_len, d)))
+    allowed = causal_mask(l, k_len)
+    if per_row_mask:
+        valid = torch.ones(b, k_len, dtype=torch.bool)
+        valid[-1, : k_len - l] = False  # the last row's memory slots empty (keys of its own segment stay)
+        valid[0, 3] = False
+        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    bias = mask_bias(allowed, bf16)
+    operands = (q_content, k, q_position, r)
+    position = torch.bmm(q_position.double(), r.double().transpose(1, 2)).view(h * b, l, k_len)
+    scores = _shifted_view(position) + torch.bmm(q_content.double(), k.double().transpose(1, 2))
+    exact = (scores.view(h, b, l, k_len) + bias.double()).view(h * b, l, k_len).softmax(-1)
+
+    def weights(native: bool, threads: int = 1) -> torch.Tensor:
+        monkeypatch.setattr(module, "NATIVE_SCORES", native)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return _AttentionWeights.apply(*operands, bias)
+        finally:
+            torch.set_num_threads(before)
+
+    out = weights(True)
+    assert out.dtype == bf16 and out.shape == (h * b, l, k_len)
+    masked = ~allowed.expand(1, b, l, k_len).expand(h, b, l, k_len).reshape(h * b, l, k_len)
+    assert torch.equal(out[masked], torch.zeros_like(out[masked]))
+    # at most the one rounding to bf16 (8 significant bits) from the exact weights, and the sum's error
+    assert ((out.double() - exact).abs() <= exact * 2**-8 + 1e-6).all()
+    assert (out.double() - exact).abs().max() < 0.5 * (weights(False).double() - exact).abs().max()
+    assert torch.equal(weights(True, threads=3), out)
+
+    # the backward (the PyTorch path's, from the saved weights) near the exact one
+    grad = torch.randn(h * b, l, k_len, dtype=torch.float64)
+    exact_inputs = [t.double().requires_grad_() for t in operands]
+    exact_position = torch.bmm(exact_inputs[2], exact_inputs[3].transpose(1, 2)).view(h * b, l, k_len)
+    exact_scores = _shifted_view(exact_position) + torch.bmm(exact_inputs[0], exact_inputs[1].transpose(1, 2))
+    ((exact_scores.view(h, b, l, k_len) + bias.double()).view(h * b, l, k_len).softmax(-1) * grad).sum().backward()
+    inputs = [t.clone().requires_grad_() for t in operands]
+    monkeypatch.setattr(module, "NATIVE_SCORES", True)
+    _AttentionWeights.apply(*inputs, bias).backward(grad.to(bf16))
+    for got, want in zip(inputs, exact_inputs):
+        assert (got.grad.double() - want.grad).norm() < 0.03 * want.grad.norm()
+
+
+def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
+    """fp32, head dims not multiples of 32 and lengths not multiples of 16 take the PyTorch path; and
+    without the kernel, bf16 training still runs (the PyTorch bf16 path)."""
+    from still.compressive import attention as module, native
+
+    bf16 = torch.bfloat16
+    bias = causal_mask_bias(16, 32, torch.device("cpu"), bf16)
+    operands = (torch.randn(2, 16, 32), torch.randn(2, 32, 32), torch.randn(1, 32, 32), torch.randn(1, 32, 32))
+    assert module._native_weights(*operands, bias.float()) is None  # fp32
+    odd = (torch.randn(2, 16, 16), torch.randn(2, 32, 16), torch.randn(1, 32, 16), torch.randn(1, 32, 16))
+    assert module._native_weights(*(t.to(bf16) for t in odd), bias) is None  # head dim 16
+    short = causal_mask_bias(12, 32, torch.device("cpu"), bf16)
+    assert module._native_weights(*(t[..., :12, :].to(bf16) if i == 0 else t.to(bf16)
+                                    for i, t in enumerate(operands)), short) is None  # 12 queries
+    monkeypatch.setattr(native, "_ATTENTION", [None])  # no kernel on this machine
+    assert module._native_weights(*(t.to(bf16) for t in operands), bias) is None
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(64, 2).train()
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=bf16):
+        out = attn(x, torch.randn(2, 16, 64)).out
+    out.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all()

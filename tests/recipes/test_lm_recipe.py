@@ -255,6 +255,12 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     result = json.loads((run / "results.json").read_text())
     assert (result["meta"]["precision"] == "bf16"
             and json.loads((run / "config.json").read_text())["precision"] == "bf16")
+    # d_head 32: the kernel's where it runs, but 8 compressed slots make key lengths it does not take
+    from still.compressive import native
+
+    assert result["meta"]["attention_scores"] == (
+        "bf16" if native.attention_library() is None else "fp32 where the kernel took the shapes, else bf16")
+    assert json.loads((trained / "results.json").read_text())["meta"]["attention_scores"] == "fp32"
     fp32 = json.loads((trained / "results.json").read_text())["rows"][0]
     assert abs(result["rows"][0]["valid_bpc"] - fp32["valid_bpc"]) < 0.1  # the same 8 steps, another precision
     code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--split", "valid")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,15 @@ FOLDED_NORM = True
 W beta) and the memories' keys and values are projected as constants (`_LinearOverConstants`), so
 the backward computes no input gradient for the memory rows, only the affine's (through the folded
 weights). False: LN1 applied, then one plain product over [context, x]. Tests compare the two."""
+
+NATIVE_SCORES = True
+"""bf16 training on a CPU with AMX: the attention's weights from one hand-written pass
+(`native_attention.cpp`, built once per machine by `still.compressive.native`): both score products
+on AMX tiles with fp32 results, their sum, the mask and the softmax in fp32, the weights rounded to
+bf16 once. Faster than PyTorch's five passes over the scores in bf16 (each score rounded to bf16),
+and nearer fp32 training (docs/performance.md, session 23). Where the kernel cannot run (no compiler,
+no AMX, a head dim not a multiple of 32, lengths not multiples of 16), the PyTorch path below; the
+backward is the same either way. Tests compare the two."""
 
 FP32_POSITION_SCORES = False
 """bf16 training (`_AttentionWeights`): True computes the position scores (q + v) W_r R as an fp32
@@ -249,7 +259,13 @@ class _AttentionWeights(torch.autograd.Function):
     def forward(ctx, q_content, k, q_position, r, bias):
         g, l, _ = q_content.shape
         h, k_len = r.shape[0], r.shape[1]
+        weights = _native_weights(q_content, k, q_position, r, bias) if NATIVE_SCORES else None
+        if weights is not None:  # bf16 on a CPU with AMX: the scores in fp32, in one pass
+            ctx.save_for_backward(q_content, k, q_position, r, weights)
+            return weights
         fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
+        if q_content.dtype == torch.bfloat16:
+            ROUNDED_USED.set()
         if fp32_scores:  # (bf16) the scores in fp32, the weights in bf16
             with torch.autocast(q_content.device.type, enabled=False):  # (autocast would make it bf16 again)
                 raw = torch.bmm(q_position.float(), r.float().transpose(1, 2)).view(g, l, k_len)
@@ -291,6 +307,56 @@ class _AttentionWeights(torch.autograd.Function):
         grad_q_position = torch.bmm(raw, r)  # (H, B*L, D)
         grad_r = torch.bmm(raw.transpose(1, 2), q_position)  # (H, K, D)
         return grad_q_content, grad_k, grad_q_position, grad_r, None
+
+
+def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor | None:
+    """`_AttentionWeights`' weights from `native_attention.cpp` (G, L, K) bf16, or None where it
+    cannot compute them (not bf16 on a CPU, shapes it does not take, no kernel on this machine;
+    under torch.compile, whose own code fuses the PyTorch path's passes)."""
+    if torch.compiler.is_compiling():
+        return None
+    g, l, d = q_content.shape
+    h, k_len = r.shape[0], r.shape[1]
+    tensors = (q_content, k, q_position, r, bias)
+    if (q_content.device.type != "cpu" or any(t.dtype != torch.bfloat16 for t in tensors)
+            or d % 32 or l % 16 or k_len % 16 or g % h):
+        return None
+    if bias.dim() == 2:  # (L, K): every batch row's
+        batch_stride = 0
+    elif bias.shape[:2] == (1, g // h):  # (1, B, L, K)
+        batch_stride = l * k_len
+    else:
+        return None
+    from still.compressive import native
+
+    lib = native.attention_library()
+    if lib is None:
+        return None
+    q_content, k, q_position, r, bias = (t.contiguous() for t in tensors)
+    out = torch.empty(g, l, k_len, dtype=torch.bfloat16, device=q_content.device)  # (G, L, K)
+    code = lib.still_attention_weights(q_content.data_ptr(), k.data_ptr(), q_position.data_ptr(), r.data_ptr(),
+                                       bias.data_ptr(), batch_stride, out.data_ptr(), h, g // h, l, k_len, d,
+                                       torch.get_num_threads())
+    if code != 0:
+        return None
+    NATIVE_USED.set()
+    return out
+
+
+NATIVE_USED, ROUNDED_USED = threading.Event(), threading.Event()
+"""Set once `native_attention.cpp` has computed a bf16 forward's weights (its scores in fp32), and
+once the PyTorch path has (its scores rounded to bf16), since they were last cleared: a run's
+results say which (`still lm train`'s meta, "attention_scores")."""
+
+
+def scores_used(precision: str) -> str:
+    """How the attention's scores were computed since `NATIVE_USED` and `ROUNDED_USED` were cleared."""
+    if precision == "fp32" or (NATIVE_USED.is_set() and not ROUNDED_USED.is_set()):
+        return "fp32"
+    if NATIVE_USED.is_set():
+        return "fp32 where the kernel took the shapes, else bf16"
+    return "fp32 position scores" if FP32_POSITION_SCORES else "bf16"
 
 
 def causal_mask(l: int, k: int, device=None) -> torch.Tensor:

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,9 @@ SPIN_NS = 200_000  # how long the helper threads spin for the next step before t
 COMPRESS_GROUPS = 8  # the most compressing steps whose compressions are computed together
 _COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
 _LIBRARY: list[ctypes.CDLL | None] = []
+ATTENTION_SOURCE = Path(__file__).with_name("native_attention.cpp")
+_ATTENTION: list[ctypes.CDLL | None] = []
+_ATTENTION_LOCK = threading.Lock()  # a sharded step's threads reach their first attention together
 
 
 def compiler() -> str | None:
@@ -68,25 +72,59 @@ def library() -> ctypes.CDLL | None:
     return _LIBRARY[0]
 
 
+def attention_library() -> ctypes.CDLL | None:
+    """The bf16 training attention's weights in one pass (`native_attention.cpp`), built at the
+    first call of the process where not cached; None, with the reason said once, where it cannot
+    run here (no compiler, or a processor or system without AMX tiles)."""
+    with _ATTENTION_LOCK:
+        if not _ATTENTION:
+            lib, reason = None, None
+            try:
+                lib = _load_attention(_build(ATTENTION_SOURCE, "bf16 attention kernel"))
+                code = lib.still_attention_available()
+                if code != 0:
+                    lib, reason = None, ("no AMX in the compiler's target for this processor" if code == 1
+                                         else "the system refused the AMX tile data")
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                reason = str(error)
+            if reason is not None:
+                log(f"the bf16 attention kernel is unavailable ({reason}); bf16 training rounds the attention "
+                    "scores to bf16")
+            _ATTENTION.append(lib)
+        return _ATTENTION[0]
+
+
+def _load_attention(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    pointer, integer = ctypes.c_void_p, ctypes.c_int64
+    lib.still_attention_available.argtypes = []
+    lib.still_attention_available.restype = integer
+    lib.still_attention_weights.argtypes = [pointer] * 5 + [integer, pointer] + [integer] * 6
+    lib.still_attention_weights.restype = integer
+    return lib
+
+
 def cache_root() -> Path:
     from still.data.cache import cache_dir
 
     return cache_dir() / "native"
 
 
-def _build() -> Path:
+def _build(source_file: Path | None = None, what: str = "the decoding step") -> Path:
+    """Build `source_file` (None: `SOURCE`, the decoding step) into a shared library, or find it built."""
     from still.train.aot import _machine
 
+    source_file = SOURCE if source_file is None else source_file
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found: set CXX or install g++")
     real = os.path.realpath(cxx)  # the compiler as installed (not `--version`: a child process per decoder's process)
     installed = (real, os.stat(real).st_size, os.stat(real).st_mtime_ns)
-    source, error = SOURCE.read_bytes(), ""
+    source, error = source_file.read_bytes(), ""
     for tune in (TUNE, ()):
         flags = (*FLAGS, *tune)
         digest = hashlib.sha256(source + repr((installed, flags, _machine(torch.device("cpu")))).encode())
-        path = cache_root() / digest.hexdigest()[:20] / "libstill_step.so"
+        path = cache_root() / digest.hexdigest()[:20] / f"lib{source_file.stem}.so"
         failed = path.with_name("failed")  # this compiler could not build with these flags: not tried again
         if path.exists():
             return path
@@ -94,21 +132,20 @@ def _build() -> Path:
             error = failed.read_text()
             continue
         if not tune:
-            log(f"{Path(cxx).name} could not build the decoding step with {' '.join(TUNE)} ({error}); "
-                "building it without")
-        log(f"building the hand-written decoding step with {Path(cxx).name} (once for this machine); cached in "
+            log(f"{Path(cxx).name} could not build {what} with {' '.join(TUNE)} ({error}); building it without")
+        log(f"building the hand-written {what} with {Path(cxx).name} (once for this machine); cached in "
             f"{cache_root()}")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
-            result = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+            result = subprocess.run([cxx, *flags, str(source_file), "-o", str(built)], capture_output=True, text=True,
                                     check=False)
             if result.returncode == 0:
                 os.replace(built, path)  # whole or not at all, also against a concurrent build
                 return path
         error = (result.stderr.strip().splitlines() or ["failed"])[-1]
         failed.write_text(error)
-    raise RuntimeError(f"{Path(cxx).name} could not build {SOURCE.name}: {error}")
+    raise RuntimeError(f"{Path(cxx).name} could not build {source_file.name}: {error}")
 
 
 def _load(path: Path) -> ctypes.CDLL:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from still.compressive import native as native_step
+from still.compressive import attention, native as native_step
 from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
@@ -289,6 +289,9 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
                       evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
                       on_nonfinite=on_nonfinite, keep=keep, precision=config.precision, dist=dist, shards=shards,
                       state_tensors=memory_tensors, load_state_tensors=load_memory)
+    if config.precision == "bf16" and device.type == "cpu" and attention.NATIVE_SCORES:
+        native_step.attention_library()  # built (once per machine) before the progress bar, as it says
+    attention.NATIVE_USED.clear(), attention.ROUNDED_USED.clear()  # this run's attention, for its results
     state = trainer.fit(batches, config.steps // config.eval_every)
     if not dist.main:  # rank 0 evaluates and writes the results
         dist.barrier()
@@ -319,7 +322,9 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
             "train_seconds": round(train_seconds, 1),
             "tokens_per_second": round(config.steps * config.batch_size * config.segment_len
                                        / max(train_seconds, 1e-9)),
-            "history": state.history, "corpus": corpus.name}
+            "history": state.history, "corpus": corpus.name,
+            # bf16 on a CPU with AMX: the training attention's scores in fp32 (`attention.NATIVE_SCORES`)
+            "attention_scores": attention.scores_used(config.precision)}
     title = f"{corpus.name}: bits per character, preset {config.preset}"
     table = write_results(out, "results", rows, title=title, meta=meta)
     hist = state.history
