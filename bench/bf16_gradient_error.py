@@ -7,10 +7,13 @@ memories are filled by three segments in fp32 (no gradients), then for each of `
 training loss (LM cross entropy + the compression loss) is differentiated from the same memories in
 
     fp32                 the reference
-    bf16                 `--precision bf16` as it trains (autocast; fp32 master weights and loss)
+    bf16, bf16 scores    `--precision bf16` (autocast; fp32 master weights and loss) on PyTorch's
+                         path: the attention's scores rounded to bf16 (`attention.NATIVE_SCORES` off)
     bf16, fp32 position  the same with `attention.FP32_POSITION_SCORES`: the training attention's
                          position scores as an fp32 product of the bf16 operands, the scores' sum
                          and softmax in fp32
+    bf16, native         as bf16 trains where `native_attention.cpp` runs (`NATIVE_SCORES`, the
+                         default): every score in fp32 (printed only where the kernel runs)
 
 and the distance of each gradient from fp32's is printed, ||g - g_fp32|| / ||g_fp32|| over all
 parameters and per part of the model (summed over layers). Dropout is off (its masks would differ
@@ -39,13 +42,13 @@ from still.train.results import format_table  # noqa: E402
 
 
 @contextlib.contextmanager
-def fp32_position_scores(on: bool) -> Iterator[None]:
-    before = attention.FP32_POSITION_SCORES
-    attention.FP32_POSITION_SCORES = on
+def scores(native: bool, fp32_position: bool) -> Iterator[None]:
+    before = attention.NATIVE_SCORES, attention.FP32_POSITION_SCORES
+    attention.NATIVE_SCORES, attention.FP32_POSITION_SCORES = native, fp32_position
     try:
         yield
     finally:
-        attention.FP32_POSITION_SCORES = before
+        attention.NATIVE_SCORES, attention.FP32_POSITION_SCORES = before
 
 
 def part(name: str) -> str:
@@ -94,14 +97,18 @@ def main() -> None:
         return float(nll.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters()
                                      if p.grad is not None}
 
-    variants = {"bf16": ("bf16", False), "bf16, fp32 position": ("bf16", True)}
+    from still.compressive import native
+
+    variants = {"bf16, bf16 scores": (False, False), "bf16, fp32 position": (False, True)}
+    if native.attention_library() is not None:
+        variants["bf16, native"] = (True, False)
     rows = []
     for step in range(args.step + 3, args.step + 3 + args.steps):
         ref_nll, ref = gradients("fp32", step)
         parts = sorted({part(n) for n in ref})
-        for name, (precision, fp32) in variants.items():
-            with fp32_position_scores(fp32):
-                nll, grads = gradients(precision, step)
+        for name, flags in variants.items():
+            with scores(*flags):
+                nll, grads = gradients("bf16", step)
 
             row = {"step": step, "variant": name, "nll - fp32": f"{nll - ref_nll:+.5f}",
                    "all": f"{distance(grads, ref, list(ref)):.4f}"}

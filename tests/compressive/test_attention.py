@@ -611,6 +611,43 @@ def test_native_weights_are_the_fp32_scores_softmax_rounded_once(monkeypatch, h,
         assert (got.grad.double() - want.grad).norm() < 0.03 * want.grad.norm()
 
 
+@pytest.mark.parametrize("g,l,k_len", [(6, 16, 48), (3, 5, 5), (2, 7, 40)])
+def test_native_backward_is_the_softmax_backward_and_its_shift(g, l, k_len):
+    """The backward's first pass in `native_attention.cpp`: the scores' gradient as PyTorch's bf16
+    softmax backward computes it (to one bf16 rounding: the sums run in another order), exactly 0 at
+    masked scores, and the position scores' gradient the same shifted back, zeros before; any
+    lengths; the same bits on one thread or several."""
+    from still.compressive.attention import _native_backward, _scores_backward
+
+    _native_kernel_or_skip()
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    allowed = causal_mask(l, k_len).clone()
+    allowed[:, 1] = False  # an empty memory slot
+    allowed[:, -1] = True if l == k_len else allowed[:, -1]
+    scores = torch.randn(g, l, k_len).masked_fill(~allowed, float("-inf"))
+    weights = scores.softmax(-1).to(bf16)
+    grad = torch.randn(g, l, k_len).to(bf16)
+    grad_scores, raw = _native_backward(weights, grad, bf16)
+    want_scores, want_raw = _scores_backward(weights, grad, bf16)
+    assert grad_scores.dtype == raw.dtype == bf16
+    assert torch.equal(grad_scores[:, ~allowed], torch.zeros_like(grad_scores[:, ~allowed]))
+    exact = weights.double() * (grad.double() - (weights.double() * grad.double()).sum(-1, keepdim=True))
+    assert ((grad_scores.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-12).all()
+    assert ((grad_scores.double() - want_scores.double()).abs() <= exact.abs() * 2**-7 + 1e-12).all()
+    for i in range(l):  # raw[i, c] = grad_scores[i, c - (L - 1 - i)]
+        shift = l - 1 - i
+        assert torch.equal(raw[:, i, :shift], torch.zeros_like(raw[:, i, :shift]))
+        assert torch.equal(raw[:, i, shift:], grad_scores[:, i, : k_len - shift])
+    torch.testing.assert_close(raw.float(), want_raw.float(), rtol=2**-7, atol=1e-12)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(_native_backward(weights, grad, bf16), (grad_scores, raw)))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
     """fp32, head dims not multiples of 32 and lengths not multiples of 16 take the PyTorch path; and
     without the kernel, bf16 training still runs (the PyTorch bf16 path)."""

@@ -60,8 +60,9 @@ NATIVE_SCORES = True
 on AMX tiles with fp32 results, their sum, the mask and the softmax in fp32, the weights rounded to
 bf16 once. Faster than PyTorch's five passes over the scores in bf16 (each score rounded to bf16),
 and nearer fp32 training (docs/performance.md, session 23). Where the kernel cannot run (no compiler,
-no AMX, a head dim not a multiple of 32, lengths not multiples of 16), the PyTorch path below; the
-backward is the same either way. Tests compare the two."""
+no AMX, a head dim not a multiple of 32, lengths not multiples of 16), the PyTorch path below. The
+backward's first pass likewise (the softmax's backward and the shift back to the position scores'
+order, in one pass instead of three; then the same four products). Tests compare the two."""
 
 FP32_POSITION_SCORES = False
 """bf16 training (`_AttentionWeights`): True computes the position scores (q + v) W_r R as an fp32
@@ -252,7 +253,8 @@ class _AttentionWeights(torch.autograd.Function):
     softmax's, then the shift back in one copy, then the four products. The shift back relies on
     what the softmax guarantees: the gradient at masked scores is exactly 0, so the entries past
     each row's end (which alias the next row's leading entries) may be written with it before the
-    valid entries.
+    valid entries. In bf16 on a CPU with AMX, `native_attention.cpp` makes the forward in one pass
+    with the scores in fp32, and the backward's softmax and shift in one (`NATIVE_SCORES`).
     """
 
     @staticmethod
@@ -286,27 +288,59 @@ class _AttentionWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights):
         q_content, k, q_position, r, weights = ctx.saved_tensors
-        g, l, k_len = weights.shape
-        h = r.shape[0]
-        grad_scores = torch._softmax_backward_data(grad_weights.to(weights.dtype), weights, -1, weights.dtype)
-        grad_scores = grad_scores.to(k.dtype)  # (G, L, K); exactly 0 at masked scores
+        h, k_len = r.shape[0], weights.shape[-1]
+        native = _native_backward(weights, grad_weights, k.dtype) if NATIVE_SCORES else None
+        if native is not None:  # bf16 on a CPU with the kernel: both in one pass
+            grad_scores, raw = native
+        else:
+            grad_scores, raw = _scores_backward(weights, grad_weights, k.dtype)
         grad_q_content = torch.bmm(grad_scores, k)  # (G, L, D)
         grad_k = torch.bmm(grad_scores.transpose(1, 2), q_content)  # (G, K, D)
-        # the position scores' gradient, shifted back: raw[i, c] = grad[i, c - (L - 1 - i)], 0 for
-        # c < L - 1 - i. Through the shifted view of a fresh buffer: first the band of the last
-        # L - 1 columns (whose entries past a row's end carry masked zeros into the next row's
-        # leading entries), then the first K - L + 1 columns (valid in every row), then row 0's
-        # leading entries, which nothing else writes.
-        raw = torch.empty_like(grad_scores)
-        view = _shifted_view(raw)
-        split = k_len - l + 1
-        view[..., split:].copy_(grad_scores[..., split:])
-        view[..., :split].copy_(grad_scores[..., :split])
-        raw[:, 0, : l - 1] = 0
         raw = raw.view(h, -1, k_len)  # (H, B*L, K)
         grad_q_position = torch.bmm(raw, r)  # (H, B*L, D)
         grad_r = torch.bmm(raw.transpose(1, 2), q_position)  # (H, K, D)
         return grad_q_content, grad_k, grad_q_position, grad_r, None
+
+
+def _scores_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax's backward from the weights (G, L, K) and their gradient: the scores' gradient
+    (G, L, K) in `dtype`, exactly 0 at masked scores, and the position scores' gradient, the same
+    shifted back: raw[i, c] = grad[i, c - (L - 1 - i)], 0 for c < L - 1 - i."""
+    g, l, k_len = weights.shape
+    grad_scores = torch._softmax_backward_data(grad_weights.to(weights.dtype), weights, -1, weights.dtype)
+    grad_scores = grad_scores.to(dtype)  # (G, L, K)
+    # Through the shifted view of a fresh buffer: first the band of the last L - 1 columns (whose
+    # entries past a row's end carry masked zeros into the next row's leading entries), then the
+    # first K - L + 1 columns (valid in every row), then row 0's leading entries, which nothing
+    # else writes.
+    raw = torch.empty_like(grad_scores)
+    view = _shifted_view(raw)
+    split = k_len - l + 1
+    view[..., split:].copy_(grad_scores[..., split:])
+    view[..., :split].copy_(grad_scores[..., :split])
+    raw[:, 0, : l - 1] = 0
+    return grad_scores, raw
+
+
+def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_scores_backward` in one pass of `native_attention.cpp` (the softmax's backward in fp32, each
+    gradient rounded once to bf16), or None where it cannot (not bf16 on a CPU, no kernel here)."""
+    if (torch.compiler.is_compiling() or weights.device.type != "cpu" or weights.dtype != torch.bfloat16
+            or dtype != torch.bfloat16):
+        return None
+    from still.compressive import native
+
+    lib = native.attention_library()
+    if lib is None:
+        return None
+    g, l, k_len = weights.shape
+    weights, grad_weights = weights.contiguous(), grad_weights.to(torch.bfloat16).contiguous()
+    grad_scores, raw = torch.empty_like(weights), torch.empty_like(weights)
+    code = lib.still_attention_backward(weights.data_ptr(), grad_weights.data_ptr(), grad_scores.data_ptr(),
+                                        raw.data_ptr(), g, l, k_len, torch.get_num_threads())
+    return (grad_scores, raw) if code == 0 else None
 
 
 def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,

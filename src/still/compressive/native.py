@@ -101,6 +101,8 @@ def _load_attention(path: Path) -> ctypes.CDLL:
     lib.still_attention_available.restype = integer
     lib.still_attention_weights.argtypes = [pointer] * 5 + [integer, pointer] + [integer] * 6
     lib.still_attention_weights.restype = integer
+    lib.still_attention_backward.argtypes = [pointer] * 4 + [integer] * 4
+    lib.still_attention_backward.restype = integer
     return lib
 
 

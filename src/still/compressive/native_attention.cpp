@@ -9,7 +9,9 @@
 // rounding the position scores is most of how far a bf16 step's gradient lies from an fp32 step's
 // (docs/performance.md, session 22). Here the scores of 16 query rows at a time live in a scratch
 // of 2 x 16 x K floats (in the core's caches), so the (G, L, K) scores are written once, as bf16
-// weights, where the PyTorch path makes five passes over them.
+// weights, where the PyTorch path makes five passes over them. The backward's first pass too
+// (`still_attention_backward`): the softmax's backward and the shift of its result back to the
+// position scores' order, one pass where PyTorch makes three; the four products stay PyTorch's.
 //
 // Built with the machine's compiler (`-O3 -march=native`) by `still.compressive.native` and loaded
 // with ctypes. Without AMX in the compiler's target, or where the kernel refuses the tile data
@@ -117,7 +119,9 @@ inline __m512 exp_nonpositive(__m512 x) {  // e^x for x <= 0; exactly 0 below -8
     return _mm512_maskz_mov_ps(__mmask16(~under), _mm512_scalef_ps(p, n));
 }
 
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes (none where left <= 0)
+    return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
 
 // one row: s (the content scores, overwritten), p (its position scores, already shifted), bias row
 // (bf16); n valid keys of k_len -> out (bf16)
@@ -184,6 +188,28 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
     _tile_release();
 }
 
+// one row of the backward: dot = sum_j w_j g_j, ds_j = w_j (g_j - dot) in fp32, rounded once to bf16,
+// into ds (K) and, shifted right by `shift` (the distances' order of the position scores), into raw
+void softmax_backward_row(const uint16_t* w, const uint16_t* g, int64_t k_len, int64_t shift, uint16_t* ds,
+                          uint16_t* raw) {
+    auto widen = [](__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); };
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k_len; j += 16) {
+        const __mmask16 m = lanes(k_len - j);
+        acc = _mm512_fmadd_ps(widen(_mm256_maskz_loadu_epi16(m, w + j)), widen(_mm256_maskz_loadu_epi16(m, g + j)), acc);
+    }
+    const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+    std::memset(raw, 0, shift * sizeof(uint16_t));
+    for (int64_t j = 0; j < k_len; j += 16) {
+        const __mmask16 m = lanes(k_len - j);
+        const __m512 wj = widen(_mm256_maskz_loadu_epi16(m, w + j));
+        const __m512 gj = widen(_mm256_maskz_loadu_epi16(m, g + j));
+        const __m256i d = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(wj, _mm512_sub_ps(gj, dot)));
+        _mm256_mask_storeu_epi16(ds + j, m, d);
+        _mm256_mask_storeu_epi16(raw + shift + j, lanes(k_len - shift - j) & m, d);  // what stays in the row
+    }
+}
+
 #endif  // STILL_AMX
 
 }  // namespace
@@ -213,6 +239,32 @@ int64_t still_attention_weights(const uint16_t* q_content, const uint16_t* k, co
     auto run = [&](int64_t part) {
         weights_of(q_content, k, q_position, r, bias, bias_batch_stride, out, groups * part / threads,
                    groups * (part + 1) / threads, batch, l, k_len, d);
+    };
+    std::vector<std::thread> helpers;
+    for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
+    run(0);
+    for (auto& helper : helpers) helper.join();
+#endif
+    return 0;
+}
+
+// The backward's first pass: from the weights w and their gradient g (G, L, K) bf16, the scores'
+// gradient ds = w (g - sum(w g)) (the softmax's backward) into grad_scores, and the same shifted back
+// to the position scores' order into grad_raw: grad_raw[g, i, c] = ds[g, i, c - (L - 1 - i)], 0 for
+// c < L - 1 - i (PyTorch's path: `_softmax_backward_data`, then two copies). 0 on success.
+int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, uint16_t* grad_scores,
+                                 uint16_t* grad_raw, int64_t groups, int64_t l, int64_t k_len, int64_t threads) {
+    const int64_t available = still_attention_available();
+    if (available != 0) return available;
+    if (groups < 1 || l < 1 || k_len < l) return 3;
+#ifdef STILL_AMX
+    const int64_t rows = groups * l;
+    threads = std::max<int64_t>(1, std::min(threads, groups));
+    auto run = [&](int64_t part) {
+        for (int64_t row = rows * part / threads; row < rows * (part + 1) / threads; ++row) {
+            const int64_t at = row * k_len;
+            softmax_backward_row(weights + at, grad + at, k_len, l - 1 - row % l, grad_scores + at, grad_raw + at);
+        }
     };
     std::vector<std::thread> helpers;
     for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
