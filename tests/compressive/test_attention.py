@@ -597,6 +597,9 @@ def test_native_weights_are_the_fp32_scores_softmax_rounded_once(monkeypatch, h,
     assert ((out.double() - exact).abs() <= exact * 2**-8 + 1e-6).all()
     assert (out.double() - exact).abs().max() < 0.5 * (weights(False).double() - exact).abs().max()
     assert torch.equal(weights(True, threads=3), out)
+    if not per_row_mask:  # the cached causal bias: the kernel applies the mask itself, the same weights
+        bias = causal_mask_bias(l, k_len, torch.device("cpu"), bf16)
+        assert torch.equal(weights(True), out)
 
     # the backward (the PyTorch path's, from the saved weights) near the exact one
     grad = torch.randn(h * b, l, k_len, dtype=torch.float64)

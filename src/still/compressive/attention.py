@@ -73,7 +73,8 @@ halves how far a bf16 step's gradient lies from the fp32 step's (about 0.10-0.13
 rounding the content scores or any of the backward little. Four bf16 runs at the reference preset
 landed +0.0068 bits per character from fp32 on validation with it, +0.0146 without; but it costs
 7-9% of bf16 training's speed (its fp32 passes), so it is off by default (docs/performance.md,
-session 22)."""
+session 22). Where `NATIVE_SCORES` runs (CPUs with AMX), that path comes first and computes every
+score in fp32 at no cost; this one is for CPUs without it."""
 
 
 HEADS_MAJOR_PROJECTION = True
@@ -356,10 +357,11 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
     if (q_content.device.type != "cpu" or any(t.dtype != torch.bfloat16 for t in tensors)
             or d % 32 or l % 16 or k_len % 16 or g % h):
         return None
-    if bias.dim() == 2:  # (L, K): every batch row's
+    if bias.dim() == 2:  # (L, K): every batch row's (the causal mask's alone: the kernel applies that itself)
         batch_stride = 0
+        causal_only = bias is causal_mask_bias(l, k_len, bias.device, bias.dtype)
     elif bias.shape[:2] == (1, g // h):  # (1, B, L, K)
-        batch_stride = l * k_len
+        batch_stride, causal_only = l * k_len, False
     else:
         return None
     from still.compressive import native
@@ -370,8 +372,8 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
     q_content, k, q_position, r, bias = (t.contiguous() for t in tensors)
     out = torch.empty(g, l, k_len, dtype=torch.bfloat16, device=q_content.device)  # (G, L, K)
     code = lib.still_attention_weights(q_content.data_ptr(), k.data_ptr(), q_position.data_ptr(), r.data_ptr(),
-                                       bias.data_ptr(), batch_stride, out.data_ptr(), h, g // h, l, k_len, d,
-                                       torch.get_num_threads())
+                                       None if causal_only else bias.data_ptr(), batch_stride, out.data_ptr(),
+                                       h, g // h, l, k_len, d, torch.get_num_threads())
     if code != 0:
         return None
     NATIVE_USED.set()

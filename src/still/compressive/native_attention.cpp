@@ -22,7 +22,8 @@
 //   q_position (H, B * L, D), r (H, K, D): the position queries (with v and the scale) and the
 //     projected encodings of the distances K - 1 .. 0;
 //   bias: (L, K) rows per batch row b, at bias + b * bias_batch_stride: 0 or -inf, added (masks
-//     beyond the causal one: empty memory slots); the causal mask is applied by itself;
+//     beyond the causal one: empty memory slots), or null for none; the causal mask is applied by
+//     itself;
 //   out (G, L, K): the weights, exactly 0 at masked keys (the backward relies on it).
 // Score(g, i, j) = q_content[g, i] . k[g, j] + q_position[g, i] . r[h, j + L - 1 - i] + bias[b, i, j]
 // for j <= K - L + i; masked beyond.
@@ -116,7 +117,7 @@ inline __m512 exp_nonpositive(__m512 x) {  // e^x for x <= 0; exactly 0 below -8
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps(__mmask16(~under), _mm512_scalef_ps(p, n));
+    return _mm512_maskz_scalef_ps(__mmask16(~under), p, n);
 }
 
 inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes (none where left <= 0)
@@ -124,15 +125,16 @@ inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes (none w
 }
 
 // one row: s (the content scores, overwritten), p (its position scores, already shifted), bias row
-// (bf16); n valid keys of k_len -> out (bf16)
+// (bf16; null: none beyond the causal mask); n valid keys of k_len -> out (bf16)
 void softmax_row(float* s, const float* p, const uint16_t* bias, int64_t n, int64_t k_len, uint16_t* out) {
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
     __m512 vmax = minus_inf;
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = lanes(n - j);
-        const __m512 b = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + j)), 16));
-        const __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_maskz_loadu_ps(m, p + j)), b);
+        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_maskz_loadu_ps(m, p + j));
+        if (bias != nullptr)
+            v = _mm512_add_ps(v, _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + j)), 16)));
         _mm512_mask_storeu_ps(s + j, m, v);
         vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
     }
@@ -172,7 +174,7 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
             packed_head = h;
         }
         pack_vnni(k + g * k_len * d, k_len, d, k_packed.data());
-        const uint16_t* bias_b = bias + b * bias_batch_stride;
+        const uint16_t* bias_b = bias == nullptr ? nullptr : bias + b * bias_batch_stride;
         for (int64_t i0 = 0; i0 < l; i0 += 16) {
             const int64_t rows = g * l + i0;  // q_position's row h * B * L + b * L + i0 is the same
             // row i reads the position scores of columns L - 1 - i .. K - 1, its keys 0 .. K - L + i
@@ -181,7 +183,7 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
             for (int64_t t = 0; t < 16; ++t) {
                 const int64_t i = i0 + t;
                 softmax_row(content.data() + t * k_len, position.data() + t * k_len + (l - 1 - i),
-                            bias_b + i * k_len, k_len - l + i + 1, k_len, out + (rows + t) * k_len);
+                            bias_b == nullptr ? nullptr : bias_b + i * k_len, k_len - l + i + 1, k_len, out + (rows + t) * k_len);
             }
         }
     }
