@@ -16,7 +16,9 @@ training loss (LM cross entropy + the compression loss) is differentiated from t
                          default): every score in fp32 (printed only where the kernel runs)
 
 and the distance of each gradient from fp32's is printed, ||g - g_fp32|| / ||g_fp32|| over all
-parameters and per part of the model (summed over layers). Dropout is off (its masks would differ
+parameters and per part of the model (summed over layers), with two checks of a bias over all
+parameters: the projection <g, g_fp32> / ||g_fp32||^2 and the norm ratio ||g|| / ||g_fp32|| (1 and 1
+for a gradient that is fp32's plus noise that averages out). Dropout is off (its masks would differ
 between the passes), so the differences are the rounding's alone.
 """
 
@@ -110,8 +112,13 @@ def main() -> None:
             with scores(*flags):
                 nll, grads = gradients("bf16", step)
 
+            names = list(ref)
+            ref_norm2 = sum(float(ref[n].double().pow(2).sum()) for n in names)
+            projection = sum(float((grads[n].double() * ref[n].double()).sum()) for n in names) / ref_norm2
+            norm_ratio = (sum(float(grads[n].double().pow(2).sum()) for n in names) / ref_norm2) ** 0.5
             row = {"step": step, "variant": name, "nll - fp32": f"{nll - ref_nll:+.5f}",
-                   "all": f"{distance(grads, ref, list(ref)):.4f}"}
+                   "all": f"{distance(grads, ref, names):.4f}", "projection": f"{projection:.4f}",
+                   "norm ratio": f"{norm_ratio:.4f}"}
             row.update({p: f"{distance(grads, ref, [n for n in ref if part(n) == p]):.3f}" for p in parts})
             rows.append(row)
     print(f"run {args.run}: {config.preset} preset, training steps {args.step + 3}..{args.step + 2 + args.steps} "
