@@ -340,7 +340,7 @@ def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
     weights, grad_weights = weights.contiguous(), grad_weights.to(torch.bfloat16).contiguous()
     grad_scores, raw = torch.empty_like(weights), torch.empty_like(weights)
     code = lib.still_attention_backward(weights.data_ptr(), grad_weights.data_ptr(), grad_scores.data_ptr(),
-                                        raw.data_ptr(), g, l, k_len, torch.get_num_threads())
+                                        raw.data_ptr(), g, l, k_len, min(torch.get_num_threads(), native.MAX_THREADS))
     return (grad_scores, raw) if code == 0 else None
 
 
@@ -373,7 +373,7 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
     out = torch.empty(g, l, k_len, dtype=torch.bfloat16, device=q_content.device)  # (G, L, K)
     code = lib.still_attention_weights(q_content.data_ptr(), k.data_ptr(), q_position.data_ptr(), r.data_ptr(),
                                        None if causal_only else bias.data_ptr(), batch_stride, out.data_ptr(),
-                                       h, g // h, l, k_len, d, torch.get_num_threads())
+                                       h, g // h, l, k_len, d, min(torch.get_num_threads(), native.MAX_THREADS))
     if code != 0:
         return None
     NATIVE_USED.set()
