@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("native_step.cpp")
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread")
 TUNE = ("-march=native",)  # tried first; without it where the compiler does not know it
-MAX_THREADS = 4  # more threads than this split a small step's products too thin (not measured beyond 2 cores); also the attention kernel's cap
+MAX_THREADS = 4  # more threads than this split a small step's products too thin (not measured beyond 2 cores)
+# (also the most the bf16 attention kernel takes a call)
 SPIN_NS = 200_000  # how long the helper threads spin for the next step before they sleep
 COMPRESS_GROUPS = 8  # the most compressing steps whose compressions are computed together
 _COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
