@@ -180,8 +180,20 @@ def test_a_flag_the_compiler_refuses_is_dropped_and_said(tmp_path, monkeypatch, 
     monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
     monkeypatch.setattr(native, "TUNE", ("-fno-such-flag-in-any-compiler",))
     assert native._build().exists()
-    assert "could not build the decoding step with -fno-such-flag-in-any-compiler" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "could not build the decoding step with -fno-such-flag-in-any-compiler" in err
+    assert "building the hand-written decoding step with" in err
     assert native._build().exists() and capsys.readouterr().err == ""  # the failure remembered, the build cached
+
+
+def test_the_attention_kernel_builds_beside_the_decoding_step(tmp_path, monkeypatch, capsys):
+    """`native_attention.cpp` goes through the same cached build, as a library of its own name."""
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    path = native._build(native.ATTENTION_SOURCE, "bf16 attention kernel")
+    assert path.name == "libnative_attention.so" and path.exists() and path != native._build()
+    assert "building the hand-written bf16 attention kernel with" in capsys.readouterr().err
+    lib = native._load_attention(path)
+    assert lib.still_attention_available() in (0, 1, 2)
 
 
 def test_a_forked_process_is_refused_rather_than_left_waiting():

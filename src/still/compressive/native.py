@@ -113,7 +113,7 @@ def cache_root() -> Path:
     return cache_dir() / "native"
 
 
-def _build(source_file: Path | None = None, what: str = "the decoding step") -> Path:
+def _build(source_file: Path | None = None, what: str = "decoding step") -> Path:
     """Build `source_file` (None: `SOURCE`, the decoding step) into a shared library, or find it built."""
     from still.train.aot import _machine
 
@@ -135,7 +135,7 @@ def _build(source_file: Path | None = None, what: str = "the decoding step") -> 
             error = failed.read_text()
             continue
         if not tune:
-            log(f"{Path(cxx).name} could not build {what} with {' '.join(TUNE)} ({error}); building it without")
+            log(f"{Path(cxx).name} could not build the {what} with {' '.join(TUNE)} ({error}); building it without")
         log(f"building the hand-written {what} with {Path(cxx).name} (once for this machine); cached in "
             f"{cache_root()}")
         path.parent.mkdir(parents=True, exist_ok=True)
