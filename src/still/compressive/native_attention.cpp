@@ -14,7 +14,7 @@
 // position scores' order, one pass where PyTorch makes three; the four products stay PyTorch's.
 //
 // Built with the machine's compiler (`-O3 -march=native`) by `still.compressive.native` and loaded
-// with ctypes. Without AMX in the compiler's target, or where the kernel refuses the tile data
+// with ctypes. Without AMX in the compiler's target, or where the operating system refuses the tile data
 // (`arch_prctl`), `still_attention_weights` returns nonzero and the caller takes the PyTorch path.
 //
 // Layouts (bf16 as uint16_t, row-major, contiguous), g = h * B + b:
