@@ -212,6 +212,15 @@ void softmax_backward_row(const uint16_t* w, const uint16_t* g, int64_t k_len, i
     }
 }
 
+// run(part) for part 0 .. threads - 1: part 0 on the calling thread, the others on helpers started here
+template <class Run>
+void on_threads(int64_t threads, const Run& run) {
+    std::vector<std::thread> helpers;
+    for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
+    run(0);
+    for (auto& helper : helpers) helper.join();
+}
+
 #endif  // STILL_AMX
 
 }  // namespace
@@ -242,10 +251,7 @@ int64_t still_attention_weights(const uint16_t* q_content, const uint16_t* k, co
         weights_of(q_content, k, q_position, r, bias, bias_batch_stride, out, groups * part / threads,
                    groups * (part + 1) / threads, batch, l, k_len, d);
     };
-    std::vector<std::thread> helpers;
-    for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
-    run(0);
-    for (auto& helper : helpers) helper.join();
+    on_threads(threads, run);
 #endif
     return 0;
 }
@@ -268,10 +274,7 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
             softmax_backward_row(weights + at, grad + at, k_len, l - 1 - row % l, grad_scores + at, grad_raw + at);
         }
     };
-    std::vector<std::thread> helpers;
-    for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
-    run(0);
-    for (auto& helper : helpers) helper.join();
+    on_threads(threads, run);
 #endif
     return 0;
 }
