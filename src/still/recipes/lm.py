@@ -291,7 +291,8 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
                       state_tensors=memory_tensors, load_state_tensors=load_memory)
     if config.precision == "bf16" and device.type == "cpu" and attention.NATIVE_SCORES:
         native_step.attention_library()  # built (once per machine) before the progress bar, as it says
-    attention.NATIVE_USED.clear(), attention.ROUNDED_USED.clear()  # this run's attention, for its results
+    attention.NATIVE_USED.clear()  # this run's attention, for its results
+    attention.ROUNDED_USED.clear()
     state = trainer.fit(batches, config.steps // config.eval_every)
     if not dist.main:  # rank 0 evaluates and writes the results
         dist.barrier()
