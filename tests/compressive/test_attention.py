@@ -172,15 +172,27 @@ def test_constant_tables_are_computed_once_and_right():
     assert bias.equal(expected) and mask_bias(causal_mask(3, 5), torch.float32).equal(expected)
 
 
-def test_position_projection_under_autocast_equals_autocast_of_the_fp32_table():
+@pytest.mark.parametrize("exact", [False, True])
+def test_position_projection_under_autocast_equals_autocast_of_the_fp32_table(monkeypatch, exact):
     """Under bf16 autocast the sinusoid table goes to W_r already in bf16 (cached): the same
-    numbers as autocast casting the fp32 table at every call."""
+    numbers as autocast casting the fp32 table at every call. Training with
+    `EXACT_POSITION_GRADIENT` makes the whole table in fp32 instead; inference keeps bf16."""
+    from still.compressive import attention as module
+
+    monkeypatch.setattr(module, "EXACT_POSITION_GRADIENT", exact)
     torch.manual_seed(0)
     attn = RelativeMultiHeadAttention(16, 4).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = attn.position_projection(9, torch.device("cpu"), torch.float32)
         expected = attn.position(sinusoidal_distances(9, 16)).view(9, 4, 4).transpose(0, 1)
-    assert r.dtype == torch.bfloat16 and r.equal(expected)
+        with torch.no_grad():
+            r_eval = attn.eval().position_projection(9, torch.device("cpu"), torch.float32)
+    assert r_eval.dtype == torch.bfloat16 and r_eval.equal(expected)
+    if exact:
+        fp32 = attn.position(sinusoidal_distances(9, 16)).view(9, 4, 4).transpose(0, 1)
+        assert r.dtype == torch.float32 and r.equal(fp32) and r.requires_grad
+    else:
+        assert r.dtype == torch.bfloat16 and r.equal(expected)
 
 
 def test_projected_context_and_position_cache_match():

@@ -76,6 +76,22 @@ landed +0.0068 bits per character from fp32 on validation with it, +0.0146 witho
 session 22). Where `NATIVE_SCORES` runs (CPUs with AMX), that path comes first and computes every
 score in fp32 at no cost; this one is for CPUs without it."""
 
+EXACT_POSITION_GRADIENT = True
+"""Training under autocast (bf16): the position table r = W_r R in fp32 (the sinusoids R, the
+product and W_r's gradient), and the gradient reaching r centred over the distances before it does.
+
+Why: each row of a softmax's gradient sums to zero, so the gradient of r, sum_i (q_i + v) dS[i, j],
+sums to zero over the distances j. The lowest-frequency cosine columns of R are nearly constant in j,
+so their columns of W_r get almost no gradient: shifting every position score of a row alike leaves
+the softmax unchanged. Rounding the softmax's gradient to bf16 breaks that zero sum, and the
+leftover, times a column of ones, becomes all of those columns' gradient. Adam divides each entry by
+its own RMS, so these nearly flat directions then move at the full learning rate, at random. At the
+reference preset, measured in units of Adam's step (each entry divided by the fp32 run's RMS of
+its gradient, `bench/bf16_gradient_error.py`), W_r's bf16 gradient lay 1.7x its own size from
+fp32's; with this, 0.035, like every other part (docs/performance.md, session 24). Centring
+removes exactly what the true gradient lacks; the fp32 product then keeps a column of ones from
+bringing it back. In fp32 training nothing changes (the table is fp32 already, nothing is centred).
+"""
 
 HEADS_MAJOR_PROJECTION = True
 """fp32 training over memories (the keys and values of constants, `FOLDED_NORM`'s path): the keys
@@ -261,6 +277,8 @@ class _AttentionWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_content, k, q_position, r, bias):
         g, l, _ = q_content.shape
+        ctx.r_dtype = r.dtype  # fp32 under bf16 autocast (`EXACT_POSITION_GRADIENT`)
+        r = r.to(q_content.dtype)  # (H, K, D)
         h, k_len = r.shape[0], r.shape[1]
         weights = _native_weights(q_content, k, q_position, r, bias) if NATIVE_SCORES else None
         if weights is not None:  # bf16 on a CPU with AMX: the scores in fp32, in one pass
@@ -300,6 +318,9 @@ class _AttentionWeights(torch.autograd.Function):
         raw = raw.view(h, -1, k_len)  # (H, B*L, K)
         grad_q_position = torch.bmm(raw, r)  # (H, B*L, D)
         grad_r = torch.bmm(raw.transpose(1, 2), q_position)  # (H, K, D)
+        if ctx.r_dtype != r.dtype:  # r came in wider (`EXACT_POSITION_GRADIENT`): the gradient centred,
+            grad_r = grad_r.to(ctx.r_dtype)  # as the exact one is, over the distances
+            grad_r = grad_r - grad_r.mean(dim=1, keepdim=True)
         return grad_q_content, grad_k, grad_q_position, grad_r, None
 
 
@@ -500,6 +521,12 @@ class RelativeMultiHeadAttention(nn.Module):
         return super().train(mode)
 
     def _project_positions(self, k_len: int, device, dtype) -> torch.Tensor:
+        if (EXACT_POSITION_GRADIENT and self.training and torch.is_grad_enabled()
+                and compute_dtype(device, dtype) != dtype):  # under autocast: the table in fp32
+            with torch.autocast(torch.device(device).type, enabled=False):
+                r = self.position(sinusoidal_distances(k_len, self.d_model, device, torch.float32).to(
+                    self.position.weight.dtype))
+            return r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
         # the table in the products' dtype (bf16 under autocast: cast once, not at every call)
         r = self.position(sinusoidal_distances(k_len, self.d_model, device, compute_dtype(device, dtype)))  # (K, d)
         return r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
@@ -692,7 +719,7 @@ class RelativeMultiHeadAttention(nn.Module):
         else:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
             bias = mask_bias(allowed.transpose(0, 1), dtype)
         k, v = (heads_major(k), heads_major(v)) if by_head is None else by_head  # (HB, K, D)
-        weights = _AttentionWeights.apply(q_content, k, q_position, r.to(dtype), bias)  # (HB, L, K)
+        weights = _AttentionWeights.apply(q_content, k, q_position, r, bias)  # (HB, L, K)
         weights = dropout(weights, self.dropout_attn, self.training)
         out = weights @ v  # (HB, L, D)
         return out.view(h, b, l, dh).transpose(0, 1), (k, v)  # (B, H, L, D)
