@@ -686,3 +686,90 @@ def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
         out = attn(x, torch.randn(2, 16, 64)).out
     out.float().square().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("per_row_mask", [False, True])
+def test_exact_position_gradient_sums_to_zero_over_distances(monkeypatch, native, per_row_mask):
+    """The exact gradient of the position table r sums to zero over the distances (each row of a
+    softmax's gradient does, and the shift only moves a row's entries). With bf16 operands and an
+    fp32 r (`EXACT_POSITION_GRADIENT`), r's gradient keeps that property and is nearer the exact
+    gradient (float64, from the same operands); a bf16 r's gradient does not keep it."""
+    from still.compressive import attention as module
+    from still.compressive.attention import _AttentionWeights
+
+    if native:
+        _native_kernel_or_skip()
+    monkeypatch.setattr(module, "NATIVE_SCORES", native)
+    torch.manual_seed(0)
+    h, b, l, k_len, d = 2, 3, 16, 48, 32
+    bf16 = torch.bfloat16
+    q_content = torch.randn(h * b, l, d).to(bf16)
+    k = torch.randn(h * b, k_len, d).to(bf16)
+    q_position = torch.randn(h, b * l, d).to(bf16)
+    r = torch.randn(h, k_len, d)
+    allowed = causal_mask(l, k_len)
+    if per_row_mask:
+        valid = torch.ones(b, k_len, dtype=torch.bool)
+        valid[1, :20] = False
+        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    upstream = torch.randn(h * b, l, k_len)
+
+    def grad_r(dtype: torch.dtype, operand_dtype: torch.dtype) -> torch.Tensor:
+        leaf = r.to(dtype).clone().requires_grad_()
+        operands = (t.to(operand_dtype) for t in (q_content, k, q_position))
+        weights = _AttentionWeights.apply(*operands, leaf, mask_bias(allowed, operand_dtype))
+        (weights.float() * upstream.to(weights.dtype).float()).sum().backward()
+        return leaf.grad.double()
+
+    exact = grad_r(torch.float64, torch.float64)  # the float64 operands hold the bf16 values exactly
+    scale = exact.abs().sum(dim=1)  # (H, D): the size of what is summed
+    assert (exact.sum(dim=1).abs() <= 1e-12 * scale).all()
+    wide, narrow = grad_r(torch.float32, bf16), grad_r(bf16, bf16)
+    assert (wide.sum(dim=1).abs() <= 1e-5 * scale).all()  # centred: zero to fp32 rounding
+    assert (narrow.sum(dim=1).abs() > 1e-3 * scale).any()  # rounded: the sum is left over
+    assert (wide - exact).norm() < (narrow - exact).norm()
+    assert (wide - exact).norm() < 0.05 * exact.norm()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_exact_position_gradient_in_a_model(monkeypatch, native):
+    """In a whole model under bf16 autocast, W_r's columns for the nearly constant low-frequency
+    cosines get a gradient as near fp32's as the sine columns' (`EXACT_POSITION_GRADIENT`); with the
+    table in bf16 they lie several times as far. In fp32 the flag changes no gradient at all."""
+    import torch.nn.functional as F
+
+    from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module
+
+    if native:
+        _native_kernel_or_skip()
+    monkeypatch.setattr(module, "NATIVE_SCORES", native)
+    torch.manual_seed(0)
+    config = CompressiveConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=2, d_ff=128, mem_len=32,
+                               c_mem_len=16, compression_rate=2, dropout=0.0)
+    model = CompressiveTransformer(config).train()
+    tokens = torch.randint(0, 40, (4, 129))
+    state = None
+    with torch.no_grad():  # memories and compressed memories from three segments
+        for s in range(3):
+            state = model(tokens[:, 32 * s: 32 * (s + 1)], state).state
+
+    def grads(precision: str, exact: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(module, "EXACT_POSITION_GRADIENT", exact)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(tokens[:, 96:128], state).logits
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 97:129].flatten()).backward()
+        return [layer.attention.position.weight.grad.clone() for layer in model.layers]
+
+    reference = grads("fp32", False)
+    assert all(a.equal(b) for a, b in zip(reference, grads("fp32", True)))
+    sines, low_cosines = slice(0, 32), slice(48, 64)  # R's columns: sin, then cos; frequencies falling
+
+    def error(grad: list[torch.Tensor], columns: slice) -> float:
+        diff = torch.cat([(g - ref)[:, columns].flatten() for g, ref in zip(grad, reference)])
+        return float(diff.norm() / torch.cat([ref[:, columns].flatten() for ref in reference]).norm())
+
+    exact, rounded = grads("bf16", True), grads("bf16", False)
+    assert error(exact, low_cosines) < 1.6 * error(exact, sines)
+    assert error(rounded, low_cosines) > 2.5 * error(rounded, sines)
