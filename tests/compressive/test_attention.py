@@ -773,3 +773,7 @@ def test_exact_position_gradient_in_a_model(monkeypatch, native):
     exact, rounded = grads("bf16", True), grads("bf16", False)
     assert error(exact, low_cosines) < 1.6 * error(exact, sines)
     assert error(rounded, low_cosines) > 2.5 * error(rounded, sines)
+    # what a run's results record ("position_gradient")
+    assert module.position_gradient_used("fp32") == "exact" and module.position_gradient_used("bf16") == "rounded"
+    monkeypatch.setattr(module, "EXACT_POSITION_GRADIENT", True)
+    assert module.position_gradient_used("bf16") == "exact"

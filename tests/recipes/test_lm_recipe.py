@@ -261,6 +261,7 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     assert result["meta"]["attention_scores"] == (
         "bf16" if native.attention_library() is None else "fp32 where the kernel took the shapes, else bf16")
     assert json.loads((trained / "results.json").read_text())["meta"]["attention_scores"] == "fp32"
+    assert result["meta"]["position_gradient"] == "exact"
     fp32 = json.loads((trained / "results.json").read_text())["rows"][0]
     assert abs(result["rows"][0]["valid_bpc"] - fp32["valid_bpc"]) < 0.1  # the same 8 steps, another precision
     code, out, _ = run_cli(capsys, "lm", "eval", str(run), "--split", "valid")

@@ -407,6 +407,12 @@ once the PyTorch path has (its scores rounded to bf16), since they were last cle
 results say which (`still lm train`'s meta, "attention_scores")."""
 
 
+def position_gradient_used(precision: str) -> str:
+    """How training computes the position table's gradient: "exact" (fp32, or `EXACT_POSITION_GRADIENT`:
+    the table in fp32 and its gradient centred) or "rounded" (the table in the products' dtype)."""
+    return "exact" if precision == "fp32" or EXACT_POSITION_GRADIENT else "rounded"
+
+
 def scores_used(precision: str) -> str:
     """How the attention's scores were computed since `NATIVE_USED` and `ROUNDED_USED` were cleared."""
     if precision == "fp32" or (NATIVE_USED.is_set() and not ROUNDED_USED.is_set()):

@@ -325,7 +325,9 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
                                        / max(train_seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name,
             # bf16 on a CPU with AMX: the training attention's scores in fp32 (`attention.NATIVE_SCORES`)
-            "attention_scores": attention.scores_used(config.precision)}
+            "attention_scores": attention.scores_used(config.precision),
+            # under autocast: the position table in fp32, its gradient centred (`attention.EXACT_POSITION_GRADIENT`)
+            "position_gradient": attention.position_gradient_used(config.precision)}
     title = f"{corpus.name}: bits per character, preset {config.preset}"
     table = write_results(out, "results", rows, title=title, meta=meta)
     hist = state.history
