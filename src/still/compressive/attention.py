@@ -20,6 +20,8 @@ The position term is computed once for every distance K-1 ... 0, as (B, H, L, K)
 into place ("relative shift"): row i needs the distances K-L+i, K-L+i-1, ..., which are a window
 of that row starting at column L-1-i: a strided view (`_shifted_view`), read in place at inference
 and in training (`_AttentionWeights`, whose backward shifts the gradient back in one copy).
+Under bf16 autocast, training keeps the table W_r R in fp32 and its gradient summing to zero over
+the distances, as the exact one does (`EXACT_POSITION_GRADIENT`).
 
 The compressed memory is treated as more past positions: distances count through the compressed
 memory as through the memory (as in Rae et al. and DeepMind's code).
