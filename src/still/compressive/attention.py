@@ -89,8 +89,8 @@ the softmax unchanged. Rounding the softmax's gradient to bf16 breaks that zero 
 leftover, times a column of ones, becomes all of those columns' gradient. Adam divides each entry by
 its own RMS, so these nearly flat directions then move at the full learning rate, at random. At the
 reference preset, measured in units of Adam's step (each entry divided by the fp32 run's RMS of
-its gradient, `bench/bf16_gradient_error.py`), W_r's bf16 gradient lay 1.7x its own size from
-fp32's; with this, 0.035, like every other part (docs/performance.md, session 24). Centring
+its gradient, `bench/bf16_gradient_error.py`), W_r's bf16 gradient lay 1.6-2.3x its own size from
+fp32's; with this, 0.035-0.038, like every other part (docs/performance.md, session 24). Centring
 removes exactly what the true gradient lacks; the fp32 product then keeps a column of ones from
 bringing it back. In fp32 training nothing changes (the table is fp32 already, nothing is centred).
 """
