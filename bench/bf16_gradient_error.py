@@ -132,10 +132,10 @@ def main() -> None:
         names = list(ref)
         parts = sorted({part(n) for n in ref})
         ref_adam = {n: ref[n] / rms[n] for n in names}
+        ref_norm2 = sum(float(ref[n].double().pow(2).sum()) for n in names)
         for name, values in variants.items():
             with flags(*values):
                 nll, grads = gradients("bf16", step)
-            ref_norm2 = sum(float(ref[n].double().pow(2).sum()) for n in names)
             projection = sum(float((grads[n].double() * ref[n].double()).sum()) for n in names) / ref_norm2
             norm_ratio = (sum(float(grads[n].double().pow(2).sum()) for n in names) / ref_norm2) ** 0.5
             row = {"step": step, "variant": name, "nll - fp32": f"{nll - ref_nll:+.5f}",

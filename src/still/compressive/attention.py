@@ -32,6 +32,7 @@ instead of using sinusoids and W_r; we follow the paper.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -529,14 +530,12 @@ class RelativeMultiHeadAttention(nn.Module):
         return super().train(mode)
 
     def _project_positions(self, k_len: int, device, dtype) -> torch.Tensor:
-        if (EXACT_POSITION_GRADIENT and self.training and torch.is_grad_enabled()
-                and compute_dtype(device, dtype) != dtype):  # under autocast: the table in fp32
-            with torch.autocast(torch.device(device).type, enabled=False):
-                r = self.position(sinusoidal_distances(k_len, self.d_model, device, torch.float32).to(
-                    self.position.weight.dtype))
-            return r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
-        # the table in the products' dtype (bf16 under autocast: cast once, not at every call)
-        r = self.position(sinusoidal_distances(k_len, self.d_model, device, compute_dtype(device, dtype)))  # (K, d)
+        table_dtype = compute_dtype(device, dtype)  # the products' (bf16 under autocast: cast once, not every call)
+        exact = EXACT_POSITION_GRADIENT and self.training and torch.is_grad_enabled() and table_dtype != dtype
+        if exact:  # under autocast in training: the table in the weights' dtype (fp32), autocast off
+            table_dtype = self.position.weight.dtype
+        with torch.autocast(torch.device(device).type, enabled=False) if exact else contextlib.nullcontext():
+            r = self.position(sinusoidal_distances(k_len, self.d_model, device, table_dtype))  # (K, d)
         return r.view(k_len, self.n_heads, self.d_head).transpose(0, 1)  # (H, K, D)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
