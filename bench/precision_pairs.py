@@ -1,0 +1,87 @@
+"""Pairs of `still lm train` runs of the same seed: each pair's difference in bits per character,
+and the differences' mean, spread and standard error, group by group.
+
+    .venv/bin/python bench/precision_pairs.py \
+        --group "bf16 - fp32" runs/bf16-seed2:runs/fp32-seed2 runs/bf16-seed3:runs/fp32-seed3 \
+        --group "fp32 twin - fp32" runs/twin-seed2:runs/fp32-seed2 runs/twin-seed3:runs/fp32-seed3
+
+Each pair is A:B, two run directories whose `results.json` has the row of a finished run; the
+difference is A - B. Pairs should differ in one thing: a bf16 run against its fp32 twin, or an fp32
+run against the same seed with only its rounding changed (`bench/fp32_rounding_twin.py`), which
+measures how far apart runs land when nothing but rounding separates them. Runs whose settings
+other than the precision (and the output folder) differ are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+SPLITS = ("valid_bpc", "test_bpc")
+
+
+def load(run: str) -> dict:
+    path = Path(run) / "results.json"
+    if not path.is_file():
+        sys.exit(f"error: {path}: no results (is the run finished?)")
+    record = json.loads(path.read_text())
+    return {"row": record["rows"][0], "config": record["meta"]["config"], "meta": record["meta"]}
+
+
+def comparable(a: dict, b: dict) -> list[str]:
+    """The settings, other than the precision, in which two runs differ."""
+    ignore = {"precision"}
+    return sorted(k for k in set(a["config"]) | set(b["config"])
+                  if k not in ignore and a["config"].get(k) != b["config"].get(k))
+
+
+def summary(diffs: list[float], tolerance: float) -> str:
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return f"n 1, difference {mean:+.4f}"
+    sd = statistics.stdev(diffs)
+    rms = math.sqrt(statistics.fmean(d * d for d in diffs))
+    outside = sum(abs(d) > tolerance for d in diffs)
+    return (f"n {n}, mean {mean:+.4f}, SD {sd:.4f}, SE {sd / math.sqrt(n):.4f}, RMS {rms:.4f}, "
+            f"largest |difference| {max(abs(d) for d in diffs):.4f}, outside {tolerance}: {outside} of {n}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", nargs="+", action="append", required=True, metavar=("NAME", "A:B"),
+                        help="a name, then the group's pairs of run directories A:B")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="count the pairs further apart")
+    args = parser.parse_args()
+    for name, *pairs in args.group:
+        if not pairs:
+            parser.error(f"group {name!r} has no pairs")
+        print(f"\n{name}\n")
+        print("| seed | A | B | A valid | B valid | A - B | A test | B test | A - B |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+        diffs: dict[str, list[float]] = {split: [] for split in SPLITS}
+        for pair in pairs:
+            if pair.count(":") != 1:
+                parser.error(f"{pair!r}: a pair is A:B, two run directories")
+            a_dir, b_dir = pair.split(":")
+            a, b = load(a_dir), load(b_dir)
+            differ = comparable(a, b)
+            if differ:
+                sys.exit(f"error: {a_dir} and {b_dir} differ in {', '.join(differ)} (not a pair)")
+            cells = []
+            for split in SPLITS:
+                d = a["row"][split] - b["row"][split]
+                diffs[split].append(d)
+                cells += [f"{a['row'][split]:.4f}", f"{b['row'][split]:.4f}", f"{d:+.4f}"]
+            print(f"| {a['config']['seed']} | {Path(a_dir).name} | {Path(b_dir).name} | " + " | ".join(cells) + " |")
+        print()
+        for split in SPLITS:
+            print(f"{split}: {summary(diffs[split], args.tolerance)}")
+
+
+if __name__ == "__main__":
+    main()
