@@ -6,10 +6,12 @@ and the differences' mean, spread and standard error, group by group.
         --group "fp32 twin - fp32" runs/twin-seed2:runs/fp32-seed2 runs/twin-seed3:runs/fp32-seed3
 
 Each pair is A:B, two run directories whose `results.json` has the row of a finished run; the
-difference is A - B. Pairs should differ in one thing: a bf16 run against its fp32 twin, or an fp32
-run against the same seed with only its rounding changed (`bench/fp32_rounding_twin.py`), which
-measures how far apart runs land when nothing but rounding separates them. Runs whose settings
-other than the precision (and the output folder) differ are refused.
+difference is A - B. B may be several runs of the seed joined by `+` (A:B1+B2): the difference is
+then A less their mean (a bf16 run against two fp32 runs that differ only in rounding). Pairs
+should differ in one thing: a bf16 run against its fp32 twin, or an fp32 run against the same seed
+with only its rounding changed (`bench/fp32_rounding_twin.py`), which measures how far apart runs
+land when nothing but rounding separates them. Runs whose settings other than the precision (and
+the output folder) differ are refused.
 """
 
 from __future__ import annotations
@@ -61,23 +63,27 @@ def main() -> None:
         if not pairs:
             parser.error(f"group {name!r} has no pairs")
         print(f"\n{name}\n")
-        print("| seed | A | B | A valid | B valid | A - B | A test | B test | A - B |")
+        print("| seed | A | B | A valid | B valid | A - B | A test | B test | A - B |")  # B: the mean of B's runs
         print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
         diffs: dict[str, list[float]] = {split: [] for split in SPLITS}
         for pair in pairs:
             if pair.count(":") != 1:
                 parser.error(f"{pair!r}: a pair is A:B, two run directories")
-            a_dir, b_dir = pair.split(":")
-            a, b = load(a_dir), load(b_dir)
-            differ = comparable(a, b)
-            if differ:
-                sys.exit(f"error: {a_dir} and {b_dir} differ in {', '.join(differ)} (not a pair)")
+            a_dir, b_dirs = pair.split(":")
+            a = load(a_dir)
+            bs = [load(b_dir) for b_dir in b_dirs.split("+")]
+            for b_dir, b in zip(b_dirs.split("+"), bs):
+                differ = comparable(a, b)
+                if differ:
+                    sys.exit(f"error: {a_dir} and {b_dir} differ in {', '.join(differ)} (not a pair)")
             cells = []
             for split in SPLITS:
-                d = a["row"][split] - b["row"][split]
+                b_value = statistics.fmean(b["row"][split] for b in bs)
+                d = a["row"][split] - b_value
                 diffs[split].append(d)
-                cells += [f"{a['row'][split]:.4f}", f"{b['row'][split]:.4f}", f"{d:+.4f}"]
-            print(f"| {a['config']['seed']} | {Path(a_dir).name} | {Path(b_dir).name} | " + " | ".join(cells) + " |")
+                cells += [f"{a['row'][split]:.4f}", f"{b_value:.4f}", f"{d:+.4f}"]
+            b_names = " + ".join(Path(b_dir).name for b_dir in b_dirs.split("+"))
+            print(f"| {a['config']['seed']} | {Path(a_dir).name} | {b_names} | " + " | ".join(cells) + " |")
         print()
         for split in SPLITS:
             print(f"{split}: {summary(diffs[split], args.tolerance)}")
