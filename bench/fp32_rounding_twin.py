@@ -7,8 +7,9 @@ from fp32's). Training the same seed both ways measures how far apart two fp32 r
 
     python bench/fp32_rounding_twin.py lm train --preset reference --seed 0 --out runs/floor-fp32-seed0
 
-takes `still lm train`'s options (the precision must stay fp32) and records the change in the run's
-`results.json` (`meta.rounding_twin`). docs/results/shakespeare.md, session 25.
+takes `still lm train`'s options (the precision must stay fp32, and the model needs memories) and
+records the change in the run's `results.json` (`meta.rounding_twin`). docs/results/shakespeare.md,
+session 25.
 """
 
 import json
@@ -18,15 +19,38 @@ from pathlib import Path
 import still.compressive.attention as attention
 from still.cli import main
 
+
+def fail(message: str) -> None:
+    """Bad input: the message on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def option(args: list[str], name: str) -> str | None:
+    """The value of `name` in `args` (`--name VALUE` or `--name=VALUE`; the last one given), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name:
+            if i + 1 == len(args):
+                fail(f"{name} needs a value")
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1 :]
+    return value
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if "--precision" in args and args[args.index("--precision") + 1] != "fp32":
-        sys.exit("error: the rounding twin is an fp32 run (--precision fp32 or none)")
-    if "--out" not in args:
-        sys.exit("error: give the twin its own run directory (--out DIR)")
+    if option(args, "--precision") not in (None, "fp32"):
+        fail("the rounding twin is an fp32 run (--precision fp32 or none)")
+    if option(args, "--mem-len") == "0":  # the changed path projects the memories' keys and values
+        fail("the rounding twin changes how the memories are projected: it needs --mem-len > 0")
+    out = option(args, "--out")
+    if out is None:
+        fail("give the twin its own run directory (--out DIR)")
     attention.HEADS_MAJOR_PROJECTION = False
     main(args)
-    results = Path(args[args.index("--out") + 1]) / "results.json"
+    results = Path(out) / "results.json"
     record = json.loads(results.read_text())
     record["meta"]["rounding_twin"] = "HEADS_MAJOR_PROJECTION=False"
     results.write_text(json.dumps(record, indent=2) + "\n")

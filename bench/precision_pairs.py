@@ -26,10 +26,16 @@ from pathlib import Path
 SPLITS = ("valid_bpc", "test_bpc")
 
 
+def fail(message: str) -> None:
+    """Bad input: the message on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load(run: str) -> dict:
     path = Path(run) / "results.json"
     if not path.is_file():
-        sys.exit(f"error: {path}: no results (is the run finished?)")
+        fail(f"{path}: no results (is the run finished?)")
     record = json.loads(path.read_text())
     return {"row": record["rows"][0], "config": record["meta"]["config"], "meta": record["meta"]}
 
@@ -59,35 +65,39 @@ def main() -> None:
                         help="a name, then the group's pairs of run directories A:B")
     parser.add_argument("--tolerance", type=float, default=0.01, help="count the pairs further apart")
     args = parser.parse_args()
+    groups = []  # every pair read and checked before anything is printed
     for name, *pairs in args.group:
         if not pairs:
             parser.error(f"group {name!r} has no pairs")
-        print(f"\n{name}\n")
-        print("| seed | A | B | A valid | B valid | A - B | A test | B test | A - B |")  # B: the mean of B's runs
-        print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
-        diffs: dict[str, list[float]] = {split: [] for split in SPLITS}
+        loaded = []
         for pair in pairs:
             if pair.count(":") != 1:
                 parser.error(f"{pair!r}: a pair is A:B, two run directories")
             a_dir, b_dirs = pair.split(":")
-            a = load(a_dir)
-            bs = [load(b_dir) for b_dir in b_dirs.split("+")]
-            for b_dir, b in zip(b_dirs.split("+"), bs):
+            a, bs = load(a_dir), [(b_dir, load(b_dir)) for b_dir in b_dirs.split("+")]
+            for b_dir, b in bs:
                 differ = comparable(a, b)
                 if differ:
-                    sys.exit(f"error: {a_dir} and {b_dir} differ in {', '.join(differ)} (not a pair)")
+                    fail(f"{a_dir} and {b_dir} differ in {', '.join(differ)} (not a pair)")
+            loaded.append((a_dir, a, bs))
+        groups.append((name, loaded))
+    for name, loaded in groups:
+        print(f"\n{name}\n")
+        print("| seed | A | B | A valid | B valid | A - B | A test | B test | A - B |")  # B: the mean of B's runs
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+        diffs: dict[str, list[float]] = {split: [] for split in SPLITS}
+        for a_dir, a, bs in loaded:
             cells = []
             for split in SPLITS:
-                b_value = statistics.fmean(b["row"][split] for b in bs)
+                b_value = statistics.fmean(b["row"][split] for _, b in bs)
                 d = a["row"][split] - b_value
                 diffs[split].append(d)
                 cells += [f"{a['row'][split]:.4f}", f"{b_value:.4f}", f"{d:+.4f}"]
-            b_names = " + ".join(Path(b_dir).name for b_dir in b_dirs.split("+"))
+            b_names = " + ".join(Path(b_dir).name for b_dir, _ in bs)
             print(f"| {a['config']['seed']} | {Path(a_dir).name} | {b_names} | " + " | ".join(cells) + " |")
         print()
         for split in SPLITS:
             print(f"{split}: {summary(diffs[split], args.tolerance)}")
-
 
 if __name__ == "__main__":
     main()
