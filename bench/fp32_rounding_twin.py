@@ -16,8 +16,11 @@ import json
 import sys
 from pathlib import Path
 
+import click
+
 import still.compressive.attention as attention
-from still.cli import main
+from still.cli import cli, main
+from still.recipes.lm import PRESETS
 
 
 def fail(message: str) -> None:
@@ -26,31 +29,30 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def option(args: list[str], name: str) -> str | None:
-    """The value of `name` in `args` (`--name VALUE` or `--name=VALUE`; the last one given), or None."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == name:
-            if i + 1 == len(args):
-                fail(f"{name} needs a value")
-            value = args[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg[len(name) + 1 :]
-    return value
+def train_options(args: list[str]) -> dict:
+    """`still lm train`'s own reading of `args` ("lm train" and its options): its parameters."""
+    if args[:2] != ["lm", "train"]:
+        fail("give `lm train` and its options, as to `still`")
+    try:
+        return cli.commands["lm"].commands["train"].make_context("still lm train", args[2:]).params
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if option(args, "--precision") not in (None, "fp32"):
+    options = train_options(args)
+    if options["precision"] not in (None, "fp32"):
         fail("the rounding twin is an fp32 run (--precision fp32 or none)")
-    if option(args, "--mem-len") == "0":  # the changed path projects the memories' keys and values
-        fail("the rounding twin changes how the memories are projected: it needs --mem-len > 0")
-    out = option(args, "--out")
-    if out is None:
+    mem_len = options["mem_len"] if options["mem_len"] is not None else PRESETS[options["preset"]].model.mem_len
+    if mem_len == 0:  # the changed path projects the memories' keys and values
+        fail("the rounding twin changes how the memories are projected: it needs a memory (--mem-len > 0)")
+    if options["out"] is None:
         fail("give the twin its own run directory (--out DIR)")
     attention.HEADS_MAJOR_PROJECTION = False
     main(args)
-    results = Path(out) / "results.json"
+    results = Path(options["out"]) / "results.json"
     record = json.loads(results.read_text())
     record["meta"]["rounding_twin"] = "HEADS_MAJOR_PROJECTION=False"
     results.write_text(json.dumps(record, indent=2) + "\n")

@@ -37,14 +37,13 @@ def load(run: str) -> dict:
     if not path.is_file():
         fail(f"{path}: no results (is the run finished?)")
     record = json.loads(path.read_text())
-    return {"row": record["rows"][0], "config": record["meta"]["config"], "meta": record["meta"]}
+    return {"row": record["rows"][0], "config": record["meta"]["config"]}
 
 
 def comparable(a: dict, b: dict) -> list[str]:
     """The settings, other than the precision, in which two runs differ."""
-    ignore = {"precision"}
     return sorted(k for k in set(a["config"]) | set(b["config"])
-                  if k not in ignore and a["config"].get(k) != b["config"].get(k))
+                  if k != "precision" and a["config"].get(k) != b["config"].get(k))
 
 
 def summary(diffs: list[float], tolerance: float) -> str:
