@@ -9,7 +9,10 @@ d_model 256 x 6 layers, vocabulary 256; memories 128 and 128 compressed at rate 
 hand-written step (`still.compressive.native`) and with the step compiled ahead of time
 (`still.train.aot`, `native=False`), alternating, in one process: microseconds a token (median of
 `--rounds` rounds of `--steps` steps, compressions included: one step in 4 compresses). The weights
-are untrained: the time does not depend on them.
+are untrained unless `--run` names a `still lm train` run directory, whose trained model is timed
+instead of the presets: the hand-written step's time depends on the weights, since it reads the
+feed-forward's second matrix only for the hidden units that are not zero (about half of them in an
+untrained model, 81-89% zeros in trained ones at the reference preset; docs/performance.md, session 26).
 """
 
 from __future__ import annotations
@@ -59,14 +62,21 @@ def main() -> None:
     parser.add_argument("--preset", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--run", help="a `still lm train` run directory: time its trained model instead")
     args = parser.parse_args()
     print(f"machine: {_cpu()}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}; "
           f"torch {torch.__version__}; {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     print(f"{'preset':10s} {'stored':7s} {'hand-written':>14s} {'ahead of time':>14s} {'ratio':>7s}  (µs a token)")
-    for preset in args.preset:
+    for preset in [args.run] if args.run else args.preset:
         torch.manual_seed(0)
-        model = CompressiveTransformer(CompressiveConfig(**PRESETS[preset], **MEMORY)).eval()
+        if args.run:
+            from still.recipes.lm import load_run
+
+            model = load_run(args.run)[2]
+            preset = os.path.basename(os.path.normpath(args.run))
+        else:
+            model = CompressiveTransformer(CompressiveConfig(**PRESETS[preset], **MEMORY)).eval()
         with torch.no_grad():
             state = None
             for segment in torch.randint(0, model.config.vocab_size, (1, 512)).split(128, dim=1):

@@ -10,7 +10,7 @@ from still.compressive import native
 from still.compressive.decode import Decoder
 from still.compressive.generate import generate
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
-from still.compressive.native import NativeStep, pack, pairs
+from still.compressive.native import NativeStep, down_width, pack, pairs
 from still.compressive.sampling import Sampling, next_token
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
@@ -70,6 +70,34 @@ def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size):
             logits = one.step(tokens[:, t])
             torch.testing.assert_close(logits, out.logits[:, 0], atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(two.step(tokens[:, t]), logits, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("d_model", [48, 128], ids=["blocks of 16", "blocks of 128"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mostly_zero_hidden_units_give_the_models_logits(d_model, dtype, threads):
+    """The feed-forward's second product reads the weights of its nonzero inputs only: with 7 of 8
+    hidden units switched off by their bias (zeros after the ReLU, as in trained models), and a few
+    left at exactly 0 or near it, the logits are still the model's, on one thread and two, with the
+    second matrix in blocks of 16 (d_model 48) and of 128 outputs."""
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, n_layers=2, d_model=d_model, n_heads=d_model // 16,
+                                                     d_ff=64, dropout=0.0, **CASES["conv"])).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            bias = layer.feed_forward.up.bias
+            bias[torch.arange(64) % 8 != 0] = -1e3  # off for every input
+            bias[::16] = 0.0
+    tokens = torch.randint(0, 11, (2, 30))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+        decoder = Decoder(model, state, batch=2, compile=True, threads=threads, dtype=dtype, native=True)
+        assert decoder.native is not None
+        for t in range(9, tokens.shape[1]):
+            out = model(tokens[:, t : t + 1], state)
+            state = out.state
+            torch.testing.assert_close(decoder.step(tokens[:, t]), out.logits[:, 0], atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.7), Sampling(top_k=3),
@@ -314,6 +342,9 @@ def test_pack_and_pairs_lay_out_what_the_step_reads():
     assert packed.shape == (2, 6, 16) and packed[1, 4, 3] == matrix[19, 4] and packed[1, 4, 4] == 0
     paired = pack(matrix, torch.bfloat16)  # (2, 3, 16, 2): block, pair of inputs, output, input in the pair
     assert paired.shape == (2, 3, 16, 2) and paired[0, 2, 5, 1] == matrix[5, 5].bfloat16()
+    wide = pack(torch.arange(128 * 6, dtype=torch.float32).view(128, 6), torch.float32, 128)  # (1, 6, 128)
+    assert wide.shape == (1, 6, 128) and wide[0, 4, 100] == 100 * 6 + 4
+    assert [down_width(d) for d in (48, 64, 96, 256, 384)] == [16, 64, 32, 128, 128]
     blocked = torch.arange(2 * 4 * 16.0).view(2, 4, 16)  # (KB, D, 16)
     assert pairs(blocked).shape == (2, 2, 16, 2) and pairs(blocked)[1, 1, 7, 0] == blocked[1, 2, 7]
 

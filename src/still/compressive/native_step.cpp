@@ -19,11 +19,15 @@
 //   - the helper threads are this library's own, spinning a while between steps (a step follows
 //     the previous one within microseconds), then sleeping on a futex;
 //   - the compressions of eight compressing steps are computed together at the first of them, so
-//     that the compression's weights are read once for eight (`Engine::compress_all`).
+//     that the compression's weights are read once for eight (`Engine::compress_all`);
+//   - the feed-forward's second product reads the weights of its nonzero inputs only (a ReLU's
+//     outputs, mostly zeros in a trained model: `product_listed`).
 //
 // Layouts (all C-contiguous), W the stored dtype (float, or bf16 as uint16_t):
 //   packed matrix (out/16, in, 16) fp32, or (out/16, in/2, 16, 2) bf16 (pairs of inputs); rows past
 //   `out` zero
+//   the feed-forward's second matrix in wider blocks, `wide` = `down_width(d)` output rows:
+//   (d/wide, d_ff, wide) fp32, (d/wide, d_ff/2, wide, 2) bf16 (`product_listed`)
 //   keys      (layers, B, H, KB, D, 16) fp32, (layers, B, H, KB, D/2, 16, 2) bf16: blocks of 16
 //             slots; in bf16 in pairs of features (`key_index`)
 //   values    (layers, B, H, K, D) W
@@ -185,6 +189,94 @@ void product(const W* w, int in, const float* x, int b0, int b1, float* y) {
     product(w, in, 0, in, x, b0, b1, y);
 }
 
+// The feed-forward's second product over its nonzero inputs only: a ReLU's outputs, mostly zeros
+// (81-89% in trained models at the reference preset, about half in untrained ones), whose weights
+// need not be read. The matrix is packed in blocks of `wide` = 16 C output rows (`down_width`): in
+// fp32 (out / wide, in, wide), so that an input's weights for a block are one run of 64 C bytes; in
+// bf16 (out / wide, in / 2, wide, 2), a run of a pair of inputs' weights. fp32: `even` and `odd` list
+// the nonzero inputs of each parity in increasing order; bf16: `even` lists the pairs with a nonzero
+// input (`odd` unused). Each output's two accumulators sum the terms `product` sums, in the same
+// order, less those of zero inputs, which add nothing (0 * w = 0 for a finite weight, and a + 0 =
+// a): the outputs `product` gives.
+template <int C>
+void product_listed(const float* w, int in, int out, const int* even, int n_even, const int* odd, int n_odd,
+                    const float* x, float* y) {
+    constexpr int wide = 16 * C;
+    for (int b = 0; b < out / wide; ++b) {
+        const float* block = w + size_t(b) * in * wide;
+        v16 a[C], c[C];
+        for (int q = 0; q < C; ++q) a[q] = c[q] = v16{};
+        for (int k = 0; k < n_even; ++k) {
+            const float* row = block + size_t(even[k]) * wide;
+            const v16 s = splat(x[even[k]]);
+            for (int q = 0; q < C; ++q) a[q] += s * load(row + 16 * q);
+        }
+        for (int k = 0; k < n_odd; ++k) {
+            const float* row = block + size_t(odd[k]) * wide;
+            const v16 t = splat(x[odd[k]]);
+            for (int q = 0; q < C; ++q) c[q] += t * load(row + 16 * q);
+        }
+        for (int q = 0; q < C; ++q) store(y + b * wide + 16 * q, a[q] + c[q]);
+    }
+}
+
+template <int C>
+void product_listed(const bf16* w, int in, int out, const int* pairs, int n_pairs, const int*, int, const float* x,
+                    float* y) {
+    constexpr int wide = 16 * C;
+    for (int b = 0; b < out / wide; ++b) {
+        const uint32_t* block = reinterpret_cast<const uint32_t*>(w) + size_t(b) * (in / 2) * wide;
+        v16 a[C], c[C];
+        for (int q = 0; q < C; ++q) a[q] = c[q] = v16{};
+        for (int k = 0; k < n_pairs; ++k) {
+            const int p = pairs[k];
+            const uint32_t* row = block + size_t(p) * wide;
+            const v16 s = splat(x[2 * p]), t = splat(x[2 * p + 1]);
+            for (int q = 0; q < C; ++q) {
+                a[q] += s * low_of(row + 16 * q);
+                c[q] += t * high_of(row + 16 * q);
+            }
+        }
+        for (int q = 0; q < C; ++q) store(y + b * wide + 16 * q, a[q] + c[q]);
+    }
+}
+
+// the blocks' width of the matrix `product_listed` reads (also `native.down_width`): the largest of
+// 128, 64, 32 and 16 outputs that divides `out`
+inline int down_width(int out) {
+    for (int wide : {128, 64, 32})
+        if (out % wide == 0) return wide;
+    return 16;
+}
+
+template <class W>
+void product_listed(const W* w, int in, int out, const int* even, int n_even, const int* odd, int n_odd,
+                    const float* x, float* y) {
+    switch (down_width(out)) {
+        case 128: return product_listed<8>(w, in, out, even, n_even, odd, n_odd, x, y);
+        case 64: return product_listed<4>(w, in, out, even, n_even, odd, n_odd, x, y);
+        case 32: return product_listed<2>(w, in, out, even, n_even, odd, n_odd, x, y);
+        default: return product_listed<1>(w, in, out, even, n_even, odd, n_odd, x, y);
+    }
+}
+
+// The nonzero inputs among [i0, i1) (both even) of x, as `product_listed` takes them: fp32, the even
+// ones into `list` and the odd ones into `list + half`; bf16, the pairs with a nonzero input into
+// `list`. Returns the two counts.
+inline void nonzero(const float*, const float* x, int i0, int i1, int* list, int half, int& n_even, int& n_odd) {
+    n_even = n_odd = 0;
+    int* odd = list + half;
+    for (int j = i0; j < i1; j += 2) {
+        if (x[j] != 0.f) list[n_even++] = j;
+        if (x[j + 1] != 0.f) odd[n_odd++] = j + 1;
+    }
+}
+inline void nonzero(const bf16*, const float* x, int i0, int i1, int* list, int, int& n_pairs, int& n_odd) {
+    n_pairs = n_odd = 0;
+    for (int p = i0 / 2; p < i1 / 2; ++p)
+        if (x[2 * p] != 0.f || x[2 * p + 1] != 0.f) list[n_pairs++] = p;
+}
+
 // `product` over R input rows at once (x rows `ldx` floats apart, y rows `ldy` apart), all inputs,
 // output blocks [b0, b1): each pair of weights loaded once for the R rows. Every row's sums are
 // formed as `product` forms them (the even inputs' and the odd inputs' accumulators, added at the
@@ -278,6 +370,7 @@ struct Engine {
     // of the compression (groups, taps * d), attention scratch, the valid slots and their columns
     std::vector<std::vector<float>> h, x, qkv, attended, hidden, windows, scratch;
     std::vector<std::vector<int>> slots;
+    std::vector<std::vector<int>> listed;  // one a thread: the nonzero hidden units (`nonzero`), d_ff
     std::vector<std::vector<int>> runs;  // one a thread: the valid slots as runs (`run_as`), then their count
     // one a thread: compressed memories normed, and their queries-keys-values, (groups, d + 3d)
     std::vector<std::vector<float>> rows;
@@ -564,6 +657,7 @@ void Engine::run_as(int t, const Call& c) {
     float* qkv = this->qkv[t].data();
     float* attended = this->attended[t].data();
     float* hidden = this->hidden[t].data();
+    int* listed = this->listed[t].data();
     float* out_part = out_parts.data() + size_t(t) * B * d;
     float* down_part = down_parts.data() + size_t(t) * B * d;
     for (int b = 0; b < B; ++b) std::memcpy(h + b * d, embedding + size_t(c.tokens[b]) * d, d * sizeof(float));
@@ -615,7 +709,11 @@ void Engine::run_as(int t, const Call& c) {
             float* up = hidden + size_t(b) * s.ff;
             product(static_cast<const W*>(L.up), d, xb, u0, u1, up);  // this thread's hidden units
             for (int j = u0 * 16; j < u1 * 16; ++j) up[j] = std::max(up[j] + L.up_b[j], 0.f);
-            product(static_cast<const W*>(L.down), s.ff, u0 * 16, u1 * 16, up, 0, d / 16, down_part + b * d);
+            // the second product over the nonzero hidden units only (`product_listed`)
+            int n_even, n_odd;
+            nonzero(static_cast<const W*>(L.down), up, u0 * 16, u1 * 16, listed, s.ff / 2, n_even, n_odd);
+            product_listed(static_cast<const W*>(L.down), s.ff, d, listed, n_even, listed + s.ff / 2, n_odd, up,
+                           down_part + b * d);
         }
         barrier(t);
         add_parts(h, down_parts, L.down_b);
@@ -858,6 +956,7 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
         e->pending.back().kv.assign(size_t(s.groups) * s.layers * B * 2 * (h1 - h0) * s.d_head, 0.f);
         e->scratch.emplace_back(scratch, 0.f);
         e->slots.emplace_back(2 * K + 1, 0);
+        e->listed.emplace_back(s.ff, 0);
         e->runs.emplace_back();
         e->runs.back().reserve(4 * (K + 1));
     }
