@@ -46,6 +46,10 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               extra step (or one extra generation) of the first repeat, times the median rate;
               elementwise ops, softmax and norms are not counted. A sharded row's FLOPs are its
               unsharded twin's (the same products; a dispatch mode sees one thread's).
+    allocator every measuring process, whichever implementation it runs, starts with glibc's malloc
+              keeping the memory it frees (the MALLOC_* variables for `still.allocator`'s settings,
+              which the `still` command's process sets), so that no one's calls fault in fresh pages
+              again; --glibc-default leaves glibc's default, as every run before session 26 did.
     MFU       train GFLOP/s over the machine's matmul peak (`still bench peak`'s measurement, in a
               subprocess of its own once a repeat, before the repeat's measurements; medians), the
               bf16 rows over the bf16 peak; not with --no-flops.
@@ -72,6 +76,8 @@ import time  # noqa: E402
 import types  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+from still import allocator  # noqa: E402  (no torch: the C library only)
+
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
 
@@ -81,6 +87,12 @@ COMPILED = ("ours+compile", "ours-bf16+compile")  # compiled once per run, befor
 PEERS = ("labml", "lucidrains")
 MEASURES = ("train", "eval", "generate")
 RESULT_MARKER = "BENCH-RESULT "
+
+# glibc's settings for keeping freed memory as environment variables (read when a process starts):
+# those still.allocator gives the `still` command's process through mallopt
+ALLOCATOR_ENVIRONMENT = {name: str(allocator.SETTINGS[parameter]) for name, parameter in (
+    ("MALLOC_MMAP_THRESHOLD_", allocator.M_MMAP_THRESHOLD), ("MALLOC_TRIM_THRESHOLD_", allocator.M_TRIM_THRESHOLD),
+    ("MALLOC_TOP_PAD_", allocator.M_TOP_PAD))}
 
 
 @dataclass(frozen=True)
@@ -739,6 +751,9 @@ def main() -> None:
                         help="lucidrains with its default GRU-gated residuals (off: plain residuals, like the others)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per measurement)")
     parser.add_argument("--out", help="also write compressive_peers.json (config, machine, every result) and .md here")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's malloc as it is (by default every measuring process keeps the memory "
+                             "it frees, as the `still` command's does: still.allocator)")
     args = parser.parse_args()
 
     if args.worker:
@@ -764,6 +779,9 @@ def main() -> None:
         parser.error(f"{', '.join(missing)} not importable with {sys.executable}: run bash bench/setup_peers.sh "
                      "and use .venv-bench/bin/python")
 
+    kept = not args.glibc_default and not any(name in os.environ for name in ALLOCATOR_ENVIRONMENT)
+    if kept:  # every worker, whichever implementation it measures, starts with glibc keeping freed memory
+        os.environ.update(ALLOCATOR_ENVIRONMENT)
     machine = machine_description(cfg.threads)
     impls = [i for i in IMPLEMENTATIONS if i in args.only  # and with something to measure in this run
              and any(m in ONLY_MEASURES.get(i, MEASURES) for m in args.measures)]
@@ -821,6 +839,11 @@ def main() -> None:
     notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))  # in order, once each
     with_ratios = "ours" in impls and any(p in impls for p in PEERS)
     notes += [n for n in STATIC_NOTES if n.split(":")[0] in impls + (["ratios"] if with_ratios else [])]
+    notes.append("allocator: " + (
+        "every measuring process, of every implementation, ran with glibc's malloc keeping the memory it frees "
+        f"({' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENVIRONMENT.items())}), as the `still` command's process "
+        "does (still.allocator); --glibc-default leaves glibc's default" if kept else
+        "glibc's malloc as the environment left it (--glibc-default, or MALLOC_* set by the caller)"))
     if "lucidrains" in impls:
         notes.append("lucidrains: built with its default GRU-gated residuals (--lucidrains-gru): two GRUCells per "
                      "layer that the others do not have" if cfg.lucidrains_gru else

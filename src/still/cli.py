@@ -21,6 +21,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import click  # noqa: E402
 
 from still import __version__  # noqa: E402
+from still.allocator import keep_freed_memory  # noqa: E402
 from still.errors import StillError, TrainingDiverged, TrainingInterrupted  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -358,6 +359,7 @@ def data_fetch(name: str, force: bool, cache_dir: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()  # the command's process keeps what it frees for its next call (still.allocator)
     try:
         cli.main(args=argv, prog_name="still", standalone_mode=False)
         distributed = sys.modules.get("still.train.distributed")  # imported by a recipe that may use torchrun

@@ -1,0 +1,51 @@
+"""glibc's malloc told to keep the memory it frees: the `still` command's setting.
+
+By default glibc gives freed memory back to the system. Blocks above a threshold (128 kB at first,
+rising to the largest such block freed) are mapped and unmapped one by one, and the heap's free top
+is returned once it is more than twice that threshold. A PyTorch call on the CPU frees its
+temporaries when it returns, so the next call touches fresh pages, and the kernel zeroes each page
+at its first touch. A generation at the peer benchmark's size (a 512-token prompt at d_model 128,
+then 256 tokens) faulted in about 530 pages, some 2 MB, every time: about 1.3 ms of a prompt of
+about 11 ms. With freed memory kept, it faulted in 7, and the whole generation ran 3-7% faster
+(docs/performance.md, session 26).
+
+`keep_freed_memory()` fixes the thresholds so that freed memory stays with the process for its next
+use: blocks under 32 MiB come from the heap, and up to 1 GiB of free heap is kept. The cost is that a
+process keeps the most heap it has used, as PyTorch's own CPU launcher
+(`torch.backends.xeon.run_cpu`) does with jemalloc. The `still` command sets it when it starts. A
+library should not change its host process's allocator, so nothing else sets it: call this from
+your own program where the same holds. (glibc reads the MALLOC_*_ environment variables only
+when a process starts; by the time Python runs, only `mallopt` can change them.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Mapping
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
+SETTINGS = {
+    M_MMAP_THRESHOLD: 32 << 20,  # blocks under this come from the heap (glibc's largest allowed on 64 bits)
+    M_TRIM_THRESHOLD: 1 << 30,  # free heap kept at its top before any is given back
+    M_TOP_PAD: 16 << 20,  # extra heap asked for each time the heap grows
+}
+ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+"""glibc's own variables for these settings: where the user set any of them, theirs are kept."""
+
+
+def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
+    """Set glibc's malloc to keep freed memory (`SETTINGS`) for the whole process. Returns whether it
+    did: not where any of `ENVIRONMENT` is set (the user's choice stands), and not outside Linux or
+    under another C library (musl's malloc has no such settings)."""
+    if not sys.platform.startswith("linux") or any(name in environ for name in ENVIRONMENT):
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the C library the process runs on
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
