@@ -35,7 +35,10 @@ and keys fit the cores' caches. In one run, interleaved, medians over repeats:
                         embedding; the compression's weights as often as the step reads them) against
                         the machine's read bandwidth at that size (the median time of `sum` over a
                         tensor of as many bytes, all threads, in the same run) give the most tokens/s
-                        any step could reach here (for the compiled rows, whose step it counts)
+                        any step could reach here (for the compiled rows, whose step it counts).
+                        Since session 26 the hand-written step skips the feed-forward's second
+                        matrix's weights for hidden units that are zero (about half of them in these
+                        untrained weights): it reads less than this counts, and can pass the limit.
 
 On a GPU (chosen by itself, as `still lm train` chooses) the same measures run there, with the clock
 read after the GPU's queued work, the peak measured on it, and without the measures of two CPU shards

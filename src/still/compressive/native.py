@@ -6,10 +6,11 @@
 
 The same step as `decode._step` / `_step_and_compress` and `sampling.next_token`, over the
 decoder's own ring buffers (the compiled layout: keys and position tables in blocks of 16 slots),
-with the matrices packed in blocks of 16 output rows. Why (docs/performance.md, session 18): at
-batch 1 the compiled step of a small model is bound by OpenMP's barriers (68 a step at d_model 128)
-and by matrix-vector loops at about 1.3 multiply-adds a cycle; this one has 2 barriers a layer and
-vertical multiply-adds, on threads of its own.
+with the matrices packed in blocks of 16 output rows (the feed-forward's second in blocks of up to
+128, `down_width`: the step reads it only for the hidden units that are not zero). Why
+(docs/performance.md, session 18): at batch 1 the compiled step of a small model is bound by
+OpenMP's barriers (68 a step at d_model 128) and by matrix-vector loops at about 1.3 multiply-adds
+a cycle; this one has 2 barriers a layer and vertical multiply-adds, on threads of its own.
 
 The source is compiled with the machine's C++ compiler (`$CXX`, else g++, c++ or clang++;
 `-O3 -march=native`) into `<cache>/native/<key>/`, keyed on the source, the compiler (its file), the
