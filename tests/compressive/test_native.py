@@ -77,8 +77,8 @@ def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_mostly_zero_hidden_units_give_the_models_logits(d_model, dtype, threads):
     """The feed-forward's second product reads the weights of its nonzero inputs only: with 7 of 8
-    hidden units switched off by their bias (zeros after the ReLU, as in trained models), and a few
-    left at exactly 0 or near it, the logits are still the model's, on one thread and two, with the
+    hidden units switched off by their bias (zeros after the ReLU, as in trained models) and the
+    others zero for some tokens, the logits are still the model's, on one thread and two, with the
     second matrix in blocks of 16 (d_model 48) and of 128 outputs."""
     torch.manual_seed(0)
     model = CompressiveTransformer(CompressiveConfig(vocab_size=11, n_layers=2, d_model=d_model, n_heads=d_model // 16,
@@ -87,7 +87,6 @@ def test_mostly_zero_hidden_units_give_the_models_logits(d_model, dtype, threads
         for layer in model.layers:
             bias = layer.feed_forward.up.bias
             bias[torch.arange(64) % 8 != 0] = -1e3  # off for every input
-            bias[::16] = 0.0
     tokens = torch.randint(0, 11, (2, 30))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     with torch.no_grad():
