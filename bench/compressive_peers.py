@@ -90,9 +90,7 @@ RESULT_MARKER = "BENCH-RESULT "
 
 # glibc's settings for keeping freed memory as environment variables (read when a process starts):
 # those still.allocator gives the `still` command's process through mallopt
-ALLOCATOR_ENVIRONMENT = {name: str(allocator.SETTINGS[parameter]) for name, parameter in (
-    ("MALLOC_MMAP_THRESHOLD_", allocator.M_MMAP_THRESHOLD), ("MALLOC_TRIM_THRESHOLD_", allocator.M_TRIM_THRESHOLD),
-    ("MALLOC_TOP_PAD_", allocator.M_TOP_PAD))}
+ALLOCATOR_ENVIRONMENT = allocator.environment()
 
 
 @dataclass(frozen=True)
@@ -779,7 +777,7 @@ def main() -> None:
         parser.error(f"{', '.join(missing)} not importable with {sys.executable}: run bash bench/setup_peers.sh "
                      "and use .venv-bench/bin/python")
 
-    kept = not args.glibc_default and not any(name in os.environ for name in ALLOCATOR_ENVIRONMENT)
+    kept = not args.glibc_default and not any(name in os.environ for name in allocator.ENVIRONMENT)
     if kept:  # every worker, whichever implementation it measures, starts with glibc keeping freed memory
         os.environ.update(ALLOCATOR_ENVIRONMENT)
     machine = machine_description(cfg.threads)

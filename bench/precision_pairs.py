@@ -98,5 +98,6 @@ def main() -> None:
         for split in SPLITS:
             print(f"{split}: {summary(diffs[split], args.tolerance)}")
 
+
 if __name__ == "__main__":
     main()

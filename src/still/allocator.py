@@ -31,8 +31,16 @@ SETTINGS = {
     M_TRIM_THRESHOLD: 1 << 30,  # free heap kept at its top before any is given back
     M_TOP_PAD: 16 << 20,  # extra heap asked for each time the heap grows
 }
-ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+VARIABLES = {M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+             M_TOP_PAD: "MALLOC_TOP_PAD_"}
+"""glibc's environment variables for the same settings (read once, when a process starts)."""
+ENVIRONMENT = (*VARIABLES.values(), "MALLOC_MMAP_MAX_")
 """glibc's own variables for these settings: where the user set any of them, theirs are kept."""
+
+
+def environment() -> dict[str, str]:
+    """`SETTINGS` as glibc's environment variables: for a child process to start with them."""
+    return {VARIABLES[parameter]: str(value) for parameter, value in SETTINGS.items()}
 
 
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
