@@ -1,5 +1,7 @@
 """The fixed-shape decoder gives the model's own logits, token after token."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from still.compressive import decode
 from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.compressive.sampling import Sampling
+from still.train.precision import autocast
 
 CASES = {
     "conv": dict(mem_len=6, c_mem_len=4, compression_rate=3),
@@ -161,9 +164,15 @@ def test_small_models_decode_on_one_thread_where_openmp_threads_sleep(monkeypatc
     size = sum(p.numel() for p in model.parameters())
     assert Decoder(model, None, batch=1).threads == 1 and Decoder(model, None, batch=1, threads=3).threads == 3
     assert threads_for(model, 1, 1) == 1 and threads_for(model, 4, 128) == 1
-    monkeypatch.setattr(decode, "ONE_THREAD_BELOW", {"token": 2 * size, "segment": 100 * size})
+    monkeypatch.setattr(decode, "ONE_THREAD_BELOW", {"token": 2 * size, "segment": 100 * size,
+                                                    "segment, bf16": 1000 * size})
     assert threads_for(model, 1, 1) == 1 and threads_for(model, 2, 1) is None  # batch x parameters
     assert threads_for(model, 1, 99) == 1 and threads_for(model, 1, 100) is None  # x tokens for a segment
+    with autocast("bf16"):  # a bf16 segment's own threshold; a token's stays
+        assert threads_for(model, 1, 999) == 1 and threads_for(model, 1, 1000) is None
+        assert threads_for(model, 1, 1) == 1 and threads_for(model, 2, 1) is None
+    bf16_weights = copy.deepcopy(model).to(torch.bfloat16)
+    assert threads_for(bf16_weights, 1, 999) == 1 and threads_for(bf16_weights, 1, 1000) is None
     with pytest.raises(ValueError, match="threads"):
         Decoder(model, None, batch=1, threads=0)
 

@@ -514,10 +514,11 @@ class RelativeMultiHeadAttention(nn.Module):
         if torch.is_grad_enabled() or self.training:
             return self._project_positions(k_len, device, dtype)
         key = (device, dtype, compute_dtype(device, dtype), self.position.weight._version, id(self.position.weight))
-        if self._positions is None or self._positions[0] != key or self._positions[1].shape[2] < k_len:
-            table = self._project_positions(max(k_len, 2 * k_len if self._positions else k_len), device, dtype)
-            self._positions = (key, table.transpose(1, 2).contiguous())  # (H, D, K)
-        return self._positions[1][:, :, -k_len:].transpose(1, 2)  # (H, K, D)
+        positions = self._positions  # read once: threads sharing a prompt (prefill.Split) may replace it
+        if positions is None or positions[0] != key or positions[1].shape[2] < k_len:
+            table = self._project_positions(max(k_len, 2 * k_len if positions else k_len), device, dtype)
+            positions = self._positions = (key, table.transpose(1, 2).contiguous())  # (H, D, K)
+        return positions[1][:, :, -k_len:].transpose(1, 2)  # (H, K, D)
 
     def train(self, mode: bool = True) -> RelativeMultiHeadAttention:
         """Also drops the W_r R cache when the mode changes: weights written without a version bump

@@ -74,6 +74,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from still.compressive.attention import compute_dtype
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
 from still.compressive.native import NativeStep, library as native_library, unsupported as native_unsupported
@@ -98,7 +99,12 @@ def supports(model: CompressiveTransformer, state: MemoryState | None) -> bool:
 # faster on one thread than on two; a 512-token prompt through d_model 128 x 4 layers 1.35x faster,
 # through 256 x 6 1.1x slower. Where the idle threads spin a while first, a parallel region starts
 # without a wake-up, and every size measured ran faster on all threads (session 14).
-ONE_THREAD_BELOW = {"token": 32e6, "segment": 256e6}
+# A segment in bf16 (autocast, or bf16 weights) has its own, higher threshold: its products run
+# several times faster, so a wake-up costs more of each. At the reference preset (4.7M parameters,
+# 128 x 4.7M) a 512-token bf16 prompt ran 1.3-1.5x faster on one thread than on two (sessions 17 and
+# 27), and so did d_model 512 x 8 layers (25M parameters, 128 x 25M = 3.2G): 126 ms against 144
+# (session 27; in fp32 two threads were 1.45x faster there). Larger ones were not measured.
+ONE_THREAD_BELOW = {"token": 32e6, "segment": 256e6, "segment, bf16": 4e9}
 
 
 def openmp_threads_spin(environ: Mapping[str, str] = os.environ) -> bool:
@@ -117,13 +123,16 @@ def openmp_threads_spin(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def threads_for(model: torch.nn.Module, batch: int, tokens: int) -> int | None:
-    """CPU threads for one call over (batch, tokens): 1 for small work while OpenMP's idle threads
-    sleep (`openmp_threads_spin`), else None (as set)."""
-    if next(model.parameters()).device.type != "cpu" or openmp_threads_spin():
+    """CPU threads for one call over (batch, tokens) (under this thread's autocast, if any): 1 for
+    small work while OpenMP's idle threads sleep (`openmp_threads_spin`), else None (as set)."""
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or openmp_threads_spin():
         return None
     size = batch * sum(p.numel() for p in model.parameters())
-    small = size < ONE_THREAD_BELOW["token"] if tokens == 1 else size * tokens < ONE_THREAD_BELOW["segment"]
-    return 1 if small else None
+    if tokens == 1:
+        return 1 if size < ONE_THREAD_BELOW["token"] else None
+    low = compute_dtype(weight.device, weight.dtype) in (torch.bfloat16, torch.float16)
+    return 1 if size * tokens < ONE_THREAD_BELOW["segment, bf16" if low else "segment"] else None
 
 
 class StepShape(NamedTuple):
