@@ -36,9 +36,9 @@ and keys fit the cores' caches. In one run, interleaved, medians over repeats:
                         the machine's read bandwidth at that size (the median time of `sum` over a
                         tensor of as many bytes, all threads, in the same run) give the most tokens/s
                         any step could reach here (for the compiled rows, whose step it counts).
-                        Since session 26 the hand-written step skips the feed-forward's second
-                        matrix's weights for hidden units that are zero (about half of them in these
-                        untrained weights): it reads less than this counts, and can pass the limit.
+                        The hand-written step (since session 26) reads the feed-forward's second
+                        matrix only for hidden units that are not zero (about half of them in these
+                        untrained weights): counted at the share of them not zero over the prompt.
 
 On a GPU (chosen by itself, as `still lm train` chooses) the same measures run there, with the clock
 read after the GPU's queued work, the peak measured on it, and without the measures of two CPU shards
@@ -192,16 +192,40 @@ def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int) -> 
     return (new_tokens - 1) / times[-1]
 
 
+@torch.no_grad()
+def hidden_units_used(model: CompressiveTransformer, tokens: torch.Tensor) -> list[float]:
+    """Per layer, the share of the feed-forward's hidden units that are not zero after the ReLU,
+    over `tokens` (1, P) fed through the model in segments of 128 (eval mode)."""
+    seen: dict[int, list[float]] = {i: [] for i in range(len(model.layers))}
+    hooks = [layer.feed_forward.down.register_forward_pre_hook(
+        lambda _, args, i=i: seen[i].append(float((args[0] != 0).float().mean())))
+        for i, layer in enumerate(model.layers)]
+    try:
+        state = None
+        for start in range(0, tokens.shape[1], 128):
+            state = model(tokens[:, start : start + 128], state).state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [statistics.mean(seen[i]) for i in sorted(seen)]
+
+
 def step_bytes(precision: str) -> float:
     """Bytes a compiled decoding step reads at batch 1, on average over the tokens: every tensor of
     the decoder's, but one row of the embedding, the compression's taps once every c tokens (the
     hand-written step: once every c x groups tokens, the compressions of `groups` compressing steps
-    computed together), and not the layer inputs (c rows of them once every c tokens)."""
+    computed together, and the feed-forward's second matrix only for the hidden units that are not
+    zero, their share measured over the generation's prompt), and not the layer inputs (c rows of
+    them once every c tokens)."""
     model = make_model().eval()
     decoder = Decoder(model, None, 1, compile=True, dtype=torch.bfloat16 if precision == "bf16" else None)
     groups = decoder.native.groups if decoder.native is not None else 1
     share = {"embedding": 1 / decoder.weights["embedding"].shape[0]}
     share |= {name: 1 / (decoder.rate * groups) for name in decoder.weights if name.endswith(".taps")}
+    if decoder.native is not None:
+        with autocast(precision, DEVICE):
+            used = hidden_units_used(model, stream(1, 4, 128, 0)[:, :512])
+        share |= {f"{i}.down.weight": part for i, part in enumerate(used)}
     tensors = ([(t, share.get(name, 1.0)) for name, t in decoder.weights.items()]
                + [(decoder.keys, 1.0), (decoder.values, 1.0)])
     return sum(t.numel() * t.element_size() * part for t, part in tensors)
