@@ -51,6 +51,23 @@ def test_native_step_matches_the_model_token_by_token(case, size, threads):
         assert decoder.n == state.compressed_len and decoder.m == state.memory_len
 
 
+@pytest.mark.parametrize("case", ["conv", "XL"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_threads_that_sleep_at_the_barriers_give_the_same_steps(monkeypatch, case, dtype):
+    """With no spinning at the barriers a waiting thread sleeps on the futex almost every time
+    (what it does where another process holds the cores): the same logits as spinning threads, over
+    many steps (a lost wake-up would hang here)."""
+    model = _model(case, "d_head 32")
+    tokens = torch.randint(0, 11, (2, 200))
+    with torch.no_grad():
+        state = _prompted(model, tokens, 9)
+        spinning = Decoder(model, state, batch=2, compile=True, threads=2, dtype=dtype, native=True)
+        monkeypatch.setattr(native, "BARRIER_SPIN_NS", 0)
+        sleeping = Decoder(model, state, batch=2, compile=True, threads=2, dtype=dtype, native=True)
+        for t in range(9, tokens.shape[1]):
+            torch.testing.assert_close(sleeping.step(tokens[:, t]), spinning.step(tokens[:, t]), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("size", SIZES)
 def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size):

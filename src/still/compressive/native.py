@@ -47,6 +47,8 @@ TUNE = ("-march=native",)  # tried first; without it where the compiler does not
 MAX_THREADS = 4  # more threads than this split a small step's products too thin (not measured beyond 2 cores)
 # (also the most the bf16 attention kernel takes a call)
 SPIN_NS = 200_000  # how long the helper threads spin for the next step before they sleep
+BARRIER_SPIN_NS = 50_000  # how long a thread spins at a barrier for the others before it sleeps (another
+# process competing for the cores may have descheduled one: spinning on, a step took 35 ms, sleeping 0.8)
 COMPRESS_GROUPS = 8  # the most compressing steps whose compressions are computed together
 _COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
 _LIBRARY: list[ctypes.CDLL | None] = []
@@ -155,7 +157,7 @@ def _build(source_file: Path | None = None, what: str = "decoding step") -> Path
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    lib.still_decoder_new.argtypes = [pointer, pointer, real, integer]
+    lib.still_decoder_new.argtypes = [pointer, pointer, real, integer, integer]
     lib.still_decoder_new.restype = pointer
     lib.still_decoder_step.argtypes = [pointer, pointer, integer, integer, integer, integer, integer, pointer,
                                        integer, pointer, real, integer, real, pointer]
@@ -279,7 +281,8 @@ class NativeStep:
         self._logits = torch.empty(batch, vocab)  # where a sampling step leaves its logits
         self._logits_pointer = self._logits.data_ptr()
         self._pid = os.getpid()
-        self._handle = lib.still_decoder_new(_array(dims), _array(pointers), float(shape.eps), SPIN_NS)
+        self._handle = lib.still_decoder_new(_array(dims), _array(pointers), float(shape.eps), SPIN_NS,
+                                             BARRIER_SPIN_NS)
         self._finalizer = weakref.finalize(self, lib.still_decoder_free, self._handle)
 
     def _check_process(self) -> None:

@@ -15,7 +15,8 @@
 //     as its part of the sum over its heads' inputs), and a share of the feed-forward's hidden units
 //     (the second product as its part of the sum over them); each keeps its own copy of the residual
 //     stream and adds the parts in thread order (norms, residuals and biases computed on every
-//     thread: a d-vector), so a layer needs 2 barriers, not ~17; a barrier is one atomic counter;
+//     thread: a d-vector), so a layer needs 2 barriers, not ~17; a barrier is one atomic counter,
+//     spun on for up to 50 µs, then slept on with a futex (another process may hold the core);
 //   - the helper threads are this library's own, spinning a while between steps (a step follows
 //     the previous one within microseconds), then sleeping on a futex;
 //   - the compressions of eight compressing steps are computed together at the first of them, so
@@ -384,16 +385,38 @@ struct Engine {
     int64_t spin_ns = 200000;
     std::vector<int64_t> passed;  // barriers passed, one a thread (the same count on all)
 
+    // A barrier spins while the others are due within microseconds (the usual wait: a few µs a
+    // step), then sleeps on a futex: where another process competes for the cores, a thread the
+    // system has not scheduled would otherwise keep its partner spinning on the core it needs
+    // (spinning 2^20 pauses before yielding, a step of the peer benchmark's model took 35 ms there;
+    // sleeping after 50 µs, 0.8 ms).
+    std::atomic<uint32_t> released{0};  // barriers completed (the futex word)
+    std::atomic<uint32_t> barrier_sleepers{0};
+    int64_t barrier_spin_ns = 50000;
+
     void barrier(int t) {
         if (s.threads == 1) return;
         int64_t target = ++passed[t] * s.threads;
-        arrived.fetch_add(1, std::memory_order_acq_rel);
+        if (arrived.fetch_add(1) + 1 == target) {  // the last to arrive lets the others go
+            released.fetch_add(1);
+            if (barrier_sleepers.load()) futex(&released, FUTEX_WAKE_PRIVATE, INT_MAX);
+            return;
+        }
+        auto start = std::chrono::steady_clock::now();
         int spins = 0;
         while (arrived.load(std::memory_order_acquire) < target) {
             pause_once();
-            if (++spins > (1 << 20)) {  // the other thread was descheduled: give the core away
-                std::this_thread::yield();
-                spins = 0;
+            if (++spins % 64 == 0 &&
+                std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+                        .count() > barrier_spin_ns) {
+                barrier_sleepers.fetch_add(1);
+                for (;;) {  // (the word read before the count: a release in between ends the wait at once)
+                    uint32_t word = released.load();
+                    if (arrived.load() >= target) break;
+                    futex(&released, FUTEX_WAIT_PRIVATE, word);
+                }
+                barrier_sleepers.fetch_sub(1);
+                return;
             }
         }
     }
@@ -906,7 +929,8 @@ extern "C" {
 // computed together), then the taps' rows.
 // pointers: embedding, head, norm weight, norm bias, keys, values, inputs, then a layer each:
 // qkv, out, up, down, taps, positions, u, v, norm1 w, norm1 b, norm2 w, norm2 b, up bias, down bias.
-void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps, int64_t spin_ns) {
+void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps, int64_t spin_ns,
+                        int64_t barrier_spin_ns) {
     auto* e = new Engine();
     Shape& s = e->s;
     int* fields[] = {&s.layers, &s.batch, &s.heads, &s.d_head, &s.d, &s.ff, &s.vocab, &s.n_cap, &s.m_cap,
@@ -916,6 +940,7 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
     for (int k = 0; k < s.taps && k < 64; ++k) s.tap_rows[k] = int(dims[n_fields + k]);
     s.eps = float(eps);
     e->spin_ns = spin_ns;
+    e->barrier_spin_ns = barrier_spin_ns;
     auto ptr = [&](int j) { return reinterpret_cast<const void*>(pointers[j]); };
     e->embedding = static_cast<const float*>(ptr(0));
     e->head = ptr(1);
