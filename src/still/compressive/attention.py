@@ -514,7 +514,7 @@ class RelativeMultiHeadAttention(nn.Module):
         if torch.is_grad_enabled() or self.training:
             return self._project_positions(k_len, device, dtype)
         key = (device, dtype, compute_dtype(device, dtype), self.position.weight._version, id(self.position.weight))
-        positions = self._positions  # read once: threads sharing a prompt (prefill.Split) may replace it
+        positions = self._positions  # read once: another thread using this model (sharded evaluation) may replace it
         if positions is None or positions[0] != key or positions[1].shape[2] < k_len:
             table = self._project_positions(max(k_len, 2 * k_len if positions else k_len), device, dtype)
             positions = self._positions = (key, table.transpose(1, 2).contiguous())  # (H, D, K)
