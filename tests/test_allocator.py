@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from still.allocator import ENVIRONMENT, keep_freed_memory
+from still.allocator import ENVIRONMENT, glibc, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
@@ -38,13 +38,7 @@ def _faults(setup: str) -> float:
     return float(out.stdout.split()[-1])
 
 
-def _glibc() -> bool:
-    import ctypes
-
-    return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc's malloc")
+@pytest.mark.skipif(glibc() is None, reason="glibc's malloc")
 def test_freed_memory_is_kept_for_the_next_use():
     """By default glibc gives the 8 MiB back and the next round faults its ~2,048 pages in again;
     kept, a round faults in almost none. The `still` command's entry point sets it."""

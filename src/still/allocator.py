@@ -43,17 +43,25 @@ def environment() -> dict[str, str]:
     return {VARIABLES[parameter]: str(value) for parameter, value in SETTINGS.items()}
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library this process runs on where it is glibc (Linux), else None (musl's malloc, for
+    one, has no such settings)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     """Set glibc's malloc to keep freed memory (`SETTINGS`) for the whole process. Returns whether it
-    did: not where any of `ENVIRONMENT` is set (the user's choice stands), and not outside Linux or
-    under another C library (musl's malloc has no such settings)."""
-    if not sys.platform.startswith("linux") or any(name in environ for name in ENVIRONMENT):
+    did: not where any of `ENVIRONMENT` is set (the user's choice stands), and not outside glibc."""
+    libc = None if any(name in environ for name in ENVIRONMENT) else glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)  # the C library the process runs on
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
