@@ -9,6 +9,7 @@ from still.compressive.attention import (
     causal_mask,
     causal_mask_bias,
     mask_bias,
+    padded_causal_bias,
     relative_shift,
     sinusoidal_distances,
 )
@@ -124,6 +125,37 @@ def test_causal_bias_masks_what_the_view_reads_for_future_keys():
             expected = k - l + i - j if j <= k - l + i else float("-inf")
             assert read[i, j] == expected
     assert causal_bias(l, k, torch.device("cpu"), torch.float32) is bias  # cached
+
+
+def test_padded_causal_bias_also_masks_each_segments_padding():
+    l, k, padding = 3, 7, (4, 0, 2)
+    bias = padded_causal_bias(l, k, padding, torch.device("cpu"), torch.float32)
+    assert bias.shape == (3, 1, l, k + 1)
+    for s, pad in enumerate(padding):
+        read = bias[s, 0].clone().as_strided((l, k), (k, 1), l)  # what the shifted view reads
+        allowed = causal_mask(l, k) & (torch.arange(k) >= pad)
+        assert torch.equal(read, mask_bias(allowed, torch.float32)), s
+    assert padded_causal_bias(l, k, padding, torch.device("cpu"), torch.float32) is bias  # cached
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_segments_stacked_in_the_batch_with_padded_keys_attend_as_each_alone(b):
+    """`causal_attention` with `padding`: S segments a row, each over keys of its own padded at the
+    front to the longest, give each segment's attention over its own keys alone."""
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(16, 4).eval()
+    l, lengths = 3, (3, 8, 5)  # keys per segment: its own 3 after 0, 5 and 2 memories
+    k = max(lengths)
+    with torch.no_grad():
+        attn.content_bias.normal_()
+        attn.position_bias.normal_()
+        queries = torch.randn(b, len(lengths), l, 16)
+        kvs = [torch.randn(b, n, 32) for n in lengths]
+        alone = torch.stack([attn.causal_attention(queries[:, s], kv) for s, kv in enumerate(kvs)], 1)
+        padded = torch.stack([torch.cat([torch.full((b, k - n, 32), 1e3), kv], 1) for n, kv in zip(lengths, kvs)], 1)
+        padding = tuple(k - n for n in lengths)
+        stacked = attn.causal_attention(queries.flatten(0, 1), padded.flatten(0, 1), padding)
+    torch.testing.assert_close(stacked.view(b, len(lengths), l, 16), alone, atol=1e-6, rtol=1e-5)
 
 
 def test_fused_and_explicit_paths_agree_with_gradients():

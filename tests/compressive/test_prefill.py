@@ -101,6 +101,40 @@ def test_the_plan_places_each_segments_keys_and_the_next_state_by_the_memory_rul
     assert plan(0, 0, 12, 4, 4, 2, 2, True, torch.device("cpu")) is got  # memoised: once for every layer
 
 
+def test_the_plan_groups_runs_of_segments_of_one_length_padding_their_keys_in_front():
+    # the same prompt in groups of at most 2 segments, and a last segment of 2 tokens in a group of its own
+    got = plan(0, 0, 14, 4, 4, 2, 2, True, torch.device("cpu"), 2)
+    assert [(g.first, g.padding) for g in got.groups] == [(0, (4, 0)), (2, (0,)), (3, (0,))]
+    assert got.groups[0].keys.tolist() == [0, 0, 0, 0, 0, 1, 2, 3, *range(8)]
+    assert [g.keys.tolist() for g in got.groups[1:]] == [k.tolist() for k in got.keys[2:]]
+    assert len(got.keys[3]) == 8  # the last segment's: 2 compressed slots, 4 memories, its own 2 tokens
+    assert [len(g.padding) for g in plan(0, 0, 14, 4, 4, 2, 2, True, torch.device("cpu")).groups] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("case", ["conv, a partial last segment", "max, post-norm", "XL", "no memory"])
+@pytest.mark.parametrize("start", ["empty", "after segments"])
+def test_segments_attending_together_give_what_they_give_one_at_a_time(case, start, monkeypatch):
+    options, length, segment_len = CASES[case]
+    model = _model(**options)
+    tokens = torch.randint(0, 13, (2, 3 * length))
+    state = None if start == "empty" else prefill(model, torch.randint(0, 13, (2, 2 * segment_len + 1)), None,
+                                                  segment_len)[1]
+    calls = []
+    attend = model.layers[0].attention.causal_attention
+    monkeypatch.setattr(model.layers[0].attention, "causal_attention",
+                        lambda q, kv, padding=None: calls.append(q.shape[0]) or attend(q, kv, padding))
+    results = {}
+    for rows in (1, 2 * segment_len * 3, 10**6):  # one segment a call, three, all
+        monkeypatch.setattr(prefill_module, "GROUP_ROWS", rows)
+        calls.clear()
+        results[rows] = prefill(model, tokens, state, segment_len, all_logits=True)
+        assert sum(calls) == 2 * -(-tokens.shape[1] // segment_len)  # each segment of each row once
+        assert len(calls) == {1: len(calls), 10**6: 1 + (tokens.shape[1] % segment_len > 0)}.get(rows, len(calls))
+    for rows in (2 * segment_len * 3, 10**6):
+        torch.testing.assert_close(results[rows][0], results[1][0], atol=1e-5, rtol=0)
+        _assert_same_state(results[rows][1], results[1][1], atol=1e-5)
+
+
 def test_the_state_after_a_prompt_does_not_keep_the_prompts_inputs_alive():
     model = _model(mem_len=8, c_mem_len=8, compression_rate=4)
     _, state = prefill(model, torch.randint(0, 13, (1, 200)), None, 8)

@@ -458,6 +458,20 @@ def causal_bias(l: int, k: int, device: torch.device, dtype: torch.dtype) -> tor
     return bias
 
 
+@functools.lru_cache(maxsize=8)
+def padded_causal_bias(l: int, k: int, padding: tuple[int, ...], device: torch.device, dtype: torch.dtype
+                       ) -> torch.Tensor:
+    """(S, 1, L, K + 1): `causal_bias` for each of S segments whose first `padding[s]` keys are padding,
+    masked out as well (-inf at the entries the shifted view reads for them: row i reads entries
+    L - i .. L - i + K - 1, so its key j at L - i + j, offset L + i K + j of the row-major (L, K + 1)).
+    Treat the result as read-only: it is shared."""
+    bias = causal_bias(l, k, device, dtype).repeat(len(padding), 1, 1)  # (S, L, K + 1)
+    for s, pad in enumerate(padding):
+        if pad:
+            bias.as_strided((l, pad), (k, 1), s * l * (k + 1) + l).fill_(float("-inf"))
+    return bias[:, None]
+
+
 def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """softmax(q k^T) v over (G, L, D) queries (already scaled), (G, n, D) keys and values -> (G, L, D)
@@ -667,16 +681,23 @@ class RelativeMultiHeadAttention(nn.Module):
         kv = _LinearOverConstants.apply(context_n, x_n, w_kv, b_kv)  # (B, K, 2d)
         return queries, kv, kv[:, -l:], None
 
-    def causal_attention(self, queries: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def causal_attention(self, queries: torch.Tensor, kv: torch.Tensor, padding: tuple[int, ...] | None = None
+                         ) -> torch.Tensor:
         """Inference without masked slots, from projections: the queries W_q x (B, L, d) of the last
         L of K keys, and the keys and values W_kv [context, x] (B, K, 2d) -> the heads' outputs
-        (B, L, d), before W_o. (`forward`'s path at inference, and `still.compressive.prefill`'s.)"""
+        (B, L, d), before W_o. (`forward`'s path at inference, and `still.compressive.prefill`'s.)
+
+        `padding`: the batch holds S segments a row, (B = rows x S), each with keys of its own, of
+        which the first `padding[s]` are padding (`still.compressive.prefill` attends for several
+        segments in one call): masked out. A segment's keys are the last K - padding[s], so the
+        distances are those of its own K - padding[s] keys."""
         b, l, d = queries.shape
         k, v = kv.chunk(2, dim=-1)
-        out = self._causal_attention(self._heads(queries), self._heads(k), self._heads(v))  # (B, H, L, D)
+        out = self._causal_attention(self._heads(queries), self._heads(k), self._heads(v), padding)  # (B, H, L, D)
         return out.transpose(1, 2).reshape(b, l, d)
 
-    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          padding: tuple[int, ...] | None = None) -> torch.Tensor:
         """Inference without gradients or masked slots (fp32 on the CPU; any dtype elsewhere):
         `scaled_dot_product_attention` with the position scores, masked and scaled, as its float
         mask, built without a pass of their own. q (B, H, L, D), k and v (B, H, K, D) -> (B, H, L, D).
@@ -693,7 +714,11 @@ class RelativeMultiHeadAttention(nn.Module):
         r = self.position_projection(k_len + 1, q.device, q.dtype)  # (H, K + 1, D): distances K .. 0
         q_position = (q + self.position_bias[:, None]) * self.scale  # (B, H, L, D)
         raw = (q_position @ r.transpose(-1, -2)).contiguous()  # (B, H, L, K + 1); contiguous already
-        bias = raw.add_(causal_bias(l, k_len, q.device, raw.dtype)).as_strided(
+        if padding is None or not any(padding):
+            raw.add_(causal_bias(l, k_len, q.device, raw.dtype))
+        else:  # (rows, S, H, L, K + 1) + (S, 1, L, K + 1)
+            raw.view(-1, len(padding), h, l, k_len + 1).add_(padded_causal_bias(l, k_len, padding, q.device, raw.dtype))
+        bias = raw.as_strided(
             (b, h, l, k_len), (h * l * (k_len + 1), l * (k_len + 1), k_len, 1), raw.storage_offset() + l)
         return F.scaled_dot_product_attention(q + self.content_bias[:, None], k, v, attn_mask=bias,
                                               dropout_p=self.dropout_attn if self.training else 0.0)

@@ -10,12 +10,17 @@ known once the layer below has run over every segment. For layer l, with X (B, P
     N      = LN1(X)                       (pre-LN; post-LN attends over X itself)
     Q, KV  = W_q N, W_kv N                one product each over all P rows
     C      = f_c(the memories the prompt compresses), KV_C = W_kv LN1(C)     one call each
-    for each segment s in turn:
+    for each group of segments (up to GROUP_ROWS queries):
         A_s = attention of Q_s over its keys and values, gathered from [cache, KV, KV_C]
+              for the group's segments at once, stacked in the batch
     H      = X + W_o A                    (post-LN: LN1(X + W_o A))
     X'     = H + FF(LN2(H))               over all P rows
 
-Only the attention runs once a segment. Which rows each segment's keys are, and which the next
+Only the attention runs by segments, and several segments' in one call: each segment's keys are
+padded at the front to the group's longest and the padding masked out (`Group`). Its about twenty
+operators a call cost more than the padding's products: a 512-token prompt at d_model 128 took
+0.93x the time in fp32 and 0.79x in bf16, one of 2048 tokens 0.78x and 0.67x (docs/performance.md,
+session 28). Which rows each segment's keys are, and which the next
 state keeps, the memory rule says, and says alike for every layer: it runs once a prompt, on the
 rows' indices (`plan`), and each layer gathers its keys from one tensor (one copy a segment, where
 running the rule on each layer's tensors took about six operators a segment and layer, docs/
@@ -41,6 +46,10 @@ import torch
 from still.compressive.attention import compute_dtype
 from still.compressive.memory import MemoryState, update_layer_memory
 from still.compressive.model import CompressiveTransformer
+
+GROUP_ROWS = 1024
+"""Queries (batch x segment length x segments) whose segments attend in one call (`Group`). A bound
+on the scores' memory: at 8 heads, 1024 queries over 385 keys hold 12.6 MB of fp32 scores."""
 
 
 def supports_model(model: torch.nn.Module) -> bool:
@@ -80,15 +89,31 @@ class Plan(NamedTuple):
     """The next memory: rows [a, b) of [memory, x]."""
     compressed: tuple[int, int]
     """The next compressed memory: rows [a, b) of [compressed memory, the new compressions]."""
+    groups: tuple[Group, ...] = ()
+    """The segments in runs that attend in one call each (`Group`), in order."""
+
+
+class Group(NamedTuple):
+    """Consecutive segments of one length whose attention runs as one call, the segments stacked in
+    the batch (`RelativeMultiHeadAttention.causal_attention`'s `padding`): each segment's keys padded
+    at the front to the group's longest."""
+
+    first: int
+    """The group's first segment."""
+    keys: torch.Tensor
+    """(S K,): each segment's rows in `rows` (`Plan.keys`), after `padding[s]` rows of padding (row 0)."""
+    padding: tuple[int, ...]
+    """Per segment, the padding before its keys (K less its own keys)."""
 
 
 @functools.lru_cache(maxsize=16)
 def plan(m0: int, n0: int, p: int, segment_len: int, mem_len: int, c_mem_len: int, rate: int, compresses: bool,
-         device: torch.device) -> Plan:
+         device: torch.device, group: int = 1) -> Plan:
     """The memory rule (`update_layer_memory`, the one the forward runs) applied to the rows' indices
     for a prompt of p tokens after M0 memories and N0 compressed ones, in segments of `segment_len`.
-    `compresses`: whether old memories are compressed (else dropped). Memoised (the last 16: a plan
-    holds about 3 kB a segment); its tensors are read-only."""
+    `compresses`: whether old memories are compressed (else dropped). `group`: at most this many
+    segments attend in one call (`Group`). Memoised (the last 16: a plan holds about 6 kB a
+    segment); its tensors are read-only."""
     def rows(a: int, b: int) -> torch.Tensor:  # (1, b - a, 1)
         return torch.arange(a, b, device=device)[None, :, None]
 
@@ -120,8 +145,22 @@ def plan(m0: int, n0: int, p: int, segment_len: int, mem_len: int, c_mem_len: in
             raise AssertionError("a memory that is not a run of consecutive rows")
         return (int(t[0]), int(t[0]) + t.numel()) if t.numel() else (0, 0)
 
-    return Plan(tuple(place(c, m) for c, m in contexts), tuple(counts), place(compressed, memory), window(memory),
-                window(compressed))
+    keys = tuple(place(c, m) for c, m in contexts)
+    groups, lengths = [], [min(segment_len, p - start) for start in range(0, p, segment_len)]
+    for s in range(len(keys)):
+        if groups and s - groups[-1][0] < group and lengths[s] == lengths[groups[-1][0]]:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+
+    def grouped(members: list[int]) -> Group:
+        k = max(keys[s].numel() for s in members)
+        padding = tuple(k - keys[s].numel() for s in members)
+        rows = torch.cat([torch.cat([keys[s].new_zeros(pad), keys[s]]) for s, pad in zip(members, padding)])
+        return Group(members[0], rows, padding)
+
+    return Plan(keys, tuple(counts), place(compressed, memory), window(memory), window(compressed),
+                tuple(grouped(members) for members in groups))
 
 
 def _rows_of(parts: list[torch.Tensor], window: tuple[int, int]) -> torch.Tensor:
@@ -169,7 +208,7 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
     compressor = model.layers[0].compressor
     compresses = compressor is not None and config.c_mem_len > 0
     layout = plan(state.memory_len, state.compressed_len, p, segment_len, config.mem_len, config.c_mem_len,
-                  config.compression_rate, compresses, tokens.device)
+                  config.compression_rate, compresses, tokens.device, max(1, GROUP_ROWS // (b * segment_len)))
     starts = range(0, p, segment_len)
     compressing = sum(layout.counts)  # old memories compressed in all, the first of [memory, x]
 
@@ -197,12 +236,19 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         parts = [t for t in parts if t.shape[1]]
         rows = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, N0 + M0 + P + F, 2d)
         heads = []  # each segment's attention outputs, before W_o
-        for s, start in enumerate(starts):
-            if not last:
-                keys = rows.index_select(1, layout.keys[s])  # (B, K, 2d): [compressed, memory, segment]
-                heads.append(attention.causal_attention(queries[:, start : start + segment_len], keys))  # (B, L, d)
-            elif start == starts[-1]:
-                heads.append(attention.causal_attention(queries, rows.index_select(1, layout.keys[s])))  # (B, 1, d)
+        if last:  # the last segment's last query
+            heads.append(attention.causal_attention(queries, rows.index_select(1, layout.keys[-1])))  # (B, 1, d)
+        for group in layout.groups if not last else ():
+            count, start = len(group.padding), starts[group.first]
+            length = min(segment_len, p - start)  # each of the group's segments'
+            keys = rows.index_select(1, group.keys)  # (B, S K, 2d): per segment [padding, compressed, memory, segment]
+            group_queries = queries[:, start : start + count * length]  # (B, S L, d)
+            if count == 1:
+                heads.append(attention.causal_attention(group_queries, keys))  # (B, L, d)
+                continue
+            group_queries = group_queries.reshape(b * count, length, -1)  # (B S, L, d)
+            out = attention.causal_attention(group_queries, keys.view(b * count, -1, keys.shape[-1]), group.padding)
+            heads.append(out.view(b, count * length, -1))  # (B, S L, d)
         new_memory.append(_rows_of([memory, x], layout.memory))
         new_compressed.append(_rows_of([compressed] if fresh is None else [compressed, fresh], layout.compressed))
         new_caches.append(rows.index_select(1, layout.cache))
