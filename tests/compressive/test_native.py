@@ -368,3 +368,83 @@ def test_pack_and_pairs_lay_out_what_the_step_reads():
 def test_native_step_is_the_decoders_step_on_the_cpu():
     decoder = Decoder(_model("conv"), None, batch=1, compile=True)
     assert isinstance(decoder.native, NativeStep) and decoder.prepare(Sampling())
+
+
+@pytest.mark.parametrize("d_head", [16, 32, 48])
+@pytest.mark.parametrize(("b", "length", "padding"), [(1, 5, (7, 0, 3)), (2, 4, (0, 2)), (2, 1, (0,)), (1, 19, (0,))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_attention_gives_the_pytorch_attention(d_head, b, length, padding, threads, monkeypatch):
+    """`native.prompt_attention`: a group of segments, each over keys of its own gathered from the
+    rows by index after its padding, gives `causal_attention` over the gathered keys with that
+    padding (several segments a call, a lone segment, one query), one task a thread or shared."""
+    from still.compressive.attention import RelativeMultiHeadAttention
+
+    monkeypatch.setattr(native, "PROMPT_ONE_THREAD_BELOW", 0)
+    torch.manual_seed(0)
+    heads = 3
+    d = heads * d_head
+    attention = RelativeMultiHeadAttention(d, heads).eval()
+    with torch.no_grad():
+        attention.content_bias.normal_()
+        attention.position_bias.normal_()
+        k = max(padding) + 2 * length + 9  # each segment: its padding, 9 or more memories, its own tokens
+        s = len(padding)
+        rows = torch.randn(b, 50, 2 * d)
+        keys = torch.cat([torch.cat([torch.zeros(pad, dtype=torch.long), torch.randint(50, (k - pad,))])
+                          for pad in padding])  # (S K,)
+        queries = torch.randn(b, s * length + 3, d)[:, 3:]  # a view, as a group of a longer prompt's
+        with torch.autocast("cpu", enabled=False):
+            torch.set_num_threads(threads)
+            try:
+                got = native.prompt_attention(attention, queries, rows, keys, padding, length)
+            finally:
+                torch.set_num_threads(2)
+        want = attention.causal_attention(queries.reshape(b * s, length, d),
+                                          rows.index_select(1, keys).view(b * s, k, 2 * d), padding)
+    assert got is not None and got.shape == (b, s * length, d)
+    torch.testing.assert_close(got, want.view(b, s * length, d), atol=2e-6, rtol=1e-5)
+
+
+def test_prompt_attention_leaves_what_it_cannot_take_to_pytorch():
+    from still.compressive.attention import RelativeMultiHeadAttention
+
+    rows, keys = torch.randn(1, 10, 64), torch.arange(8)
+    with torch.no_grad():
+        assert native.prompt_attention(RelativeMultiHeadAttention(32, 4).eval(), torch.randn(1, 4, 32),
+                                       rows, keys, (0,), 4) is None  # d_head 8
+        attention = RelativeMultiHeadAttention(32, 2).eval()
+        assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows, keys, (0,), 4) is not None
+        assert native.prompt_attention(attention, torch.randn(1, 4, 32).bfloat16(), rows.bfloat16(), keys, (0,),
+                                       4) is None
+    assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows, keys, (0,), 4) is None  # gradients
+
+
+@pytest.mark.parametrize("case", ["conv", "XL", "mean, post-norm"])
+@pytest.mark.parametrize("start", ["empty", "after segments"])
+def test_prefill_with_the_hand_written_attention_gives_the_pytorch_prefill(case, start, monkeypatch):
+    """`prefill(..., written=True)` (what `generate` runs with `compile`): the same logits and state as
+    the PyTorch attention, each group and the last layer's query through the kernel."""
+    from still.compressive.prefill import prefill
+
+    monkeypatch.setattr(native, "PROMPT_ONE_THREAD_BELOW", 0)
+    model = _model(case, "d_head 32")
+    tokens = torch.randint(0, 11, (2, 45))
+    state = None if start == "empty" else prefill(model, torch.randint(0, 11, (2, 13)), None, 6)[1]
+    calls = []
+    attend = native.prompt_attention
+
+    def counted(*args):
+        out = attend(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native, "prompt_attention", counted)
+    want_logits, want = prefill(model, tokens, state, 6)
+    assert not calls
+    logits, got = prefill(model, tokens, state, 6, written=True)
+    # a layer: a group of the 7 whole segments, the last 3 tokens alone; the last layer: its last query
+    assert calls == [True] * ((len(model.layers) - 1) * 2 + 1)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=0)
+    for name in ("memory", "compressed", "key_values"):
+        for g, w in zip(getattr(got, name), getattr(want, name), strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)

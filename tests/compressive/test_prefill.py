@@ -217,9 +217,14 @@ def test_generate_feeds_the_prompt_through_prefill(monkeypatch):
     model = _model(mem_len=4, c_mem_len=4, compression_rate=2)
     calls = []
     monkeypatch.setattr(generate_module, "prefill",
-                        lambda *args: calls.append(args[1].shape) or prefill_module.prefill(*args))
+                        lambda *args, **kw: calls.append((args[1].shape, kw)) or prefill_module.prefill(*args, **kw))
     tokens = list(generate_module.generate(model, torch.randint(0, 13, (1, 10)), 3, segment_len=4))
-    assert calls == [torch.Size([1, 10])] and len(tokens) == 3
+    assert calls == [(torch.Size([1, 10]), {"written": False})] and len(tokens) == 3
+    calls.clear()  # with `compile`, the prompt's attention through the hand-written kernel where it can
+    one_head = CompressiveTransformer(CompressiveConfig(vocab_size=13, d_model=16, n_layers=2, n_heads=1, d_ff=32,
+                                                        mem_len=4, c_mem_len=4, compression_rate=2)).eval()
+    tokens = list(generate_module.generate(one_head, torch.randint(0, 13, (1, 10)), 3, segment_len=4, compile=True))
+    assert calls == [(torch.Size([1, 10]), {"written": True})] and len(tokens) == 3
 
 
 @pytest.mark.parametrize("kind", ["conv", "max", "mean", "dilated"])

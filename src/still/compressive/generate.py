@@ -49,7 +49,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         model.eval()
     with torch.no_grad():
         with using_threads(threads_for(model, prompt.shape[0], min(segment_len, prompt.shape[1]))):
-            logits, state = prefill(model, prompt, state, segment_len)  # (B, V): a layer at a time
+            logits, state = prefill(model, prompt, state, segment_len, written=compile)  # (B, V): a layer at a time
         sampling = Sampling(temperature, top_k, top_p)
         batch, device = prompt.shape[0], logits.device
         draws = _draws(max_new_tokens, batch, generator, device)  # (B, 1) a token

@@ -167,6 +167,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.still_decoder_run.restype = integer
     lib.still_decoder_free.argtypes = [pointer]
     lib.still_decoder_free.restype = None
+    lib.still_prompt_attention.argtypes = [pointer] * 8 + [real, pointer]
+    lib.still_prompt_attention.restype = integer
     return lib
 
 
@@ -336,6 +338,51 @@ class NativeStep:
 def _draw_settings(sampling: Sampling) -> tuple[float, int, float]:
     """temperature, top-k (0: none), top-p (1: none), as the C step reads them."""
     return (sampling.temperature, sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p)
+
+
+PROMPT_ONE_THREAD_BELOW = 2**22
+"""A prompt's attention (`prompt_attention`) of fewer content multiply-adds than this runs on the
+calling thread alone: each call starts its helper threads, about 75 µs here, more than a last
+layer's one query takes (60 µs for 4 heads over 320 keys)."""
+
+
+def prompt_attention(attention: torch.nn.Module, queries: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor,
+                     padding: tuple[int, ...], length: int) -> torch.Tensor | None:
+    """A prompt's attention for a group of segments (`still.compressive.prefill.Group`) through
+    `still_prompt_attention` in native_step.cpp: what `attention.causal_attention` gives for them
+    stacked in the batch with `padding`, the scores in fp32 without (L, K) tensors. queries (B, S L, d):
+    W_q x of the group's S segments of `length` tokens; rows (B, N, 2d): the keys and values they
+    read; keys (S K,): each segment's rows in `rows`, after its padding -> the heads' outputs (B, S L,
+    d), before W_o. None where it cannot run (not fp32 on the CPU, gradients, d_head not a multiple
+    of 16 up to 128, or no library): then the caller's PyTorch path."""
+    b, total, d = queries.shape
+    heads = attention.n_heads
+    d_head = d // heads
+    if (queries.device.type != "cpu" or queries.dtype != torch.float32 or rows.dtype != torch.float32
+            or torch.is_grad_enabled() or d_head % 16 or d_head > 128):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    s = len(padding)
+    k = keys.numel() // s
+    # (H, D, K + 1): column c the distance K - c; at inference a view of the attention's cached table
+    table = attention.position_projection(k + 1, queries.device, queries.dtype).transpose(1, 2)
+    if table.stride(2) != 1:
+        table = table.contiguous()
+    if queries.stride(2) != 1 or queries.stride(1) != d:
+        queries = queries.contiguous()
+    rows, keys = rows.contiguous(), keys.contiguous()
+    u, v = attention.content_bias.detach().contiguous(), attention.position_bias.detach().contiguous()
+    out = torch.empty(b, total, d)
+    work = b * s * length * k * d  # multiply-adds of the content scores
+    threads = 1 if work < PROMPT_ONE_THREAD_BELOW else min(torch.get_num_threads(), MAX_THREADS)
+    dims = [b, s, length, k, heads, d_head, rows.shape[1], queries.stride(0), table.stride(0), table.stride(1),
+            threads]
+    code = lib.still_prompt_attention(_array(dims), queries.data_ptr(), rows.data_ptr(), keys.data_ptr(),
+                                      _array(list(padding)), u.data_ptr(), v.data_ptr(), table.data_ptr(),
+                                      attention.scale, out.data_ptr())
+    return out if code == 0 else None
 
 
 def _array(values: list[int]) -> ctypes.Array:

@@ -44,7 +44,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <numeric>
+#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -920,9 +922,193 @@ int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, fl
     return last;
 }
 
+// A prompt's attention (`still.compressive.prefill`, fp32): for batch row b, segment s of a group and
+// head h, each of the segment's L queries over the segment's K keys, of which the first padding[s]
+// are padding (masked) and the last L its own (causal): query i sees keys padding[s] .. K - L + i.
+// What `RelativeMultiHeadAttention._causal_attention` computes with `padding`, scores in fp32:
+//   score(i, j) = scale (q_i + u_h) . k_j + scale (q_i + v_h) . T_h[:, L - i + j]
+// where T_h (D, K + 1) is the head's W_r R for the distances K .. 0 (column c: distance K - c), then
+// softmax over the keys seen and the sum of their values. Per (row, segment, head) the keys are
+// gathered transposed, (D, K), so that 16 keys' scores are vertical multiply-adds; the scores of a
+// query stay in a scratch of K floats (no (L, K) tensor is written), so its passes run in the core's
+// caches. Layouts: q (B, ., d) rows of d = H D, the group's first at q (batch stride q_batch); rows
+// (B, n_rows, 2d): [keys | values] of every row a segment may read; index (S, K): each segment's
+// keys' rows (padding rows any); table: head h's T at table + h * table_head, rows table_ld apart;
+// out (B, S L, d).
+// out[r][c] = sum over e < D of x[r][e] * rows[e * ld + c] for 4 vectors x[r] and the columns
+// [c0, c1) (multiples of 16), out[r] = out + r * ld_out: each weight loaded once for the four, two
+// blocks of 16 columns at a time (eight independent sums)
+template <int D>
+void dot_columns4(const float (*x)[D], const float* rows, size_t ld, int c0, int c1, float* out, size_t ld_out) {
+    int c = c0;
+    for (; c + 32 <= c1; c += 32) {
+        v16 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+        for (int e = 0; e < D; ++e) {
+            const v16 w = load(rows + e * ld + c), z = load(rows + e * ld + c + 16);
+            const v16 y0 = splat(x[0][e]), y1 = splat(x[1][e]), y2 = splat(x[2][e]), y3 = splat(x[3][e]);
+            a0 += y0 * w;
+            a1 += y1 * w;
+            a2 += y2 * w;
+            a3 += y3 * w;
+            b0 += y0 * z;
+            b1 += y1 * z;
+            b2 += y2 * z;
+            b3 += y3 * z;
+        }
+        store(out + c, a0);
+        store(out + ld_out + c, a1);
+        store(out + 2 * ld_out + c, a2);
+        store(out + 3 * ld_out + c, a3);
+        store(out + c + 16, b0);
+        store(out + ld_out + c + 16, b1);
+        store(out + 2 * ld_out + c + 16, b2);
+        store(out + 3 * ld_out + c + 16, b3);
+    }
+    for (; c < c1; c += 16) {
+        v16 a0{}, a1{}, a2{}, a3{};
+        for (int e = 0; e < D; ++e) {
+            const v16 w = load(rows + e * ld + c);
+            a0 += splat(x[0][e]) * w;
+            a1 += splat(x[1][e]) * w;
+            a2 += splat(x[2][e]) * w;
+            a3 += splat(x[3][e]) * w;
+        }
+        store(out + c, a0);
+        store(out + ld_out + c, a1);
+        store(out + 2 * ld_out + c, a2);
+        store(out + 3 * ld_out + c, a3);
+    }
+}
+
+template <int C>  // C = D / 16 blocks of a head's features
+void prompt_attention_task(const float* q, int64_t q_batch, const float* rows, int64_t n_rows, const int64_t* index,
+                           const int64_t* padding, const float* u, const float* v, const float* table,
+                           int64_t table_head, int64_t table_ld, float scale, float* out, int b, int s, int h, int S,
+                           int L, int K, int H, std::vector<float>& scratch) {
+    constexpr int D = 16 * C;
+    const int d = H * D, pad = int(padding[s]), valid = K - pad, kp = (valid + 15) / 16 * 16;
+    const int tp = (K + 1 + 15) / 16 * 16;  // the table's columns 0 .. K, then zeros (read only for keys masked)
+    const size_t ld_raw = tp + 16;
+    scratch.resize(size_t(D) * kp + size_t(valid) * D + size_t(D) * tp + 4 * kp + 4 * ld_raw + 32);
+    float* kt = scratch.data() + (-reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) & 15);  // 64-byte aligned
+    float* local = kt + size_t(D) * kp;        // (D, tp): the head's table, rows aligned
+    float* values = local + size_t(D) * tp;    // (valid, D)
+    float* content = values + size_t(valid) * D;  // (4, kp): four queries' content scores, then their weights
+    float* raw = content + 4 * kp;             // (4, ld_raw): their position scores by column
+    const float* base = rows + size_t(b) * n_rows * 2 * d;
+    for (int jj = 0; jj < valid; ++jj) {
+        const float* row = base + size_t(index[size_t(s) * K + pad + jj]) * 2 * d;
+        for (int e = 0; e < D; ++e) kt[size_t(e) * kp + jj] = row[h * D + e];
+        std::memcpy(values + size_t(jj) * D, row + d + h * D, D * sizeof(float));
+    }
+    const float* T = table + size_t(h) * table_head;
+    for (int e = 0; e < D; ++e) {
+        for (int jj = valid; jj < kp; ++jj) kt[size_t(e) * kp + jj] = 0.f;
+        std::memcpy(local + size_t(e) * tp, T + size_t(e) * table_ld, (K + 1) * sizeof(float));
+        for (int c = K + 1; c < tp; ++c) local[size_t(e) * tp + c] = 0.f;
+    }
+    float qc[4][D], qp[4][D];  // (q + u) scale and (q + v) scale of four queries (zeros past the last)
+    for (int i0 = 0; i0 < L; i0 += 4) {
+        const int nq = std::min(4, L - i0);
+        for (int r = 0; r < 4; ++r) {
+            const float* qi = q + size_t(b) * q_batch + (size_t(s) * L + i0 + r) * d + h * D;
+            for (int e = 0; e < D; ++e) {
+                qc[r][e] = r < nq ? (qi[e] + u[h * D + e]) * scale : 0.f;
+                qp[r][e] = r < nq ? (qi[e] + v[h * D + e]) * scale : 0.f;
+            }
+        }
+        // query i sees the local keys 0 .. n_i - 1 (n_i = K - L + i - pad + 1), key jj's position score
+        // at column L - i + pad + jj of the table (its last at column K for every query)
+        const int n_most = K - L + (i0 + nq - 1) - pad + 1, nb = (n_most + 15) / 16 * 16;
+        dot_columns4<D>(qc, kt, kp, 0, nb, content, kp);
+        dot_columns4<D>(qp, local, tp, (L - (i0 + nq - 1) + pad) / 16 * 16, tp, raw, ld_raw);
+        v16 inverse[4];
+        for (int r = 0; r < nq; ++r) {
+            const int i = i0 + r, n = K - L + i - pad + 1, start = L - i + pad;
+            float* scores = content + r * kp;
+            const float* position = raw + r * ld_raw + start;
+            for (int j = 0; j + 16 <= n; j += 16) store(scores + j, load(scores + j) + load(position + j));
+            for (int j = n / 16 * 16; j < n; ++j) scores[j] = scores[j] + position[j];
+            for (int j = n; j < nb; ++j) scores[j] = -INFINITY;
+            v16 top = splat(-INFINITY);
+            for (int j = 0; j < nb; j += 16) {
+                const v16 x = load(scores + j);
+                top = x > top ? x : top;
+            }
+            float most = top[0];
+            for (int k = 1; k < 16; ++k) most = std::max(most, top[k]);
+            v16 total{};
+            for (int j = 0; j < nb; j += 16) {
+                const v16 w = exp_neg(load(scores + j) - most);
+                store(scores + j, w);
+                total += w;
+            }
+            inverse[r] = splat(1.f / hsum(total));
+        }
+        for (int r = nq; r < 4; ++r)  // no such queries: weights 0
+            for (int j = 0; j < nb; ++j) content[r * kp + j] = 0.f;
+        v16 a[4][C];  // the four queries' weighted sums of values, each value loaded once for the four
+        for (int r = 0; r < 4; ++r)
+            for (int c = 0; c < C; ++c) a[r][c] = v16{};
+        for (int jj = 0; jj < n_most; ++jj) {
+            const v16 w0 = splat(content[jj]), w1 = splat(content[kp + jj]), w2 = splat(content[2 * kp + jj]),
+                      w3 = splat(content[3 * kp + jj]);
+            for (int c = 0; c < C; ++c) {
+                const v16 value = load(values + size_t(jj) * D + 16 * c);
+                a[0][c] += w0 * value;
+                a[1][c] += w1 * value;
+                a[2][c] += w2 * value;
+                a[3][c] += w3 * value;
+            }
+        }
+        for (int r = 0; r < nq; ++r) {
+            float* o = out + (size_t(b) * S * L + size_t(s) * L + i0 + r) * d + h * D;
+            for (int c = 0; c < C; ++c) store(o + 16 * c, a[r][c] * inverse[r]);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
+
+// `prompt_attention_task` for every (batch row, segment, head) of a group, on `threads` threads (the
+// caller's and helpers started here). dims: B, S, L, K, H, D, n_rows, q_batch, table_head, table_ld,
+// threads. Returns 0, or 1 where D is not a multiple of 16 up to 128 (nothing then done).
+int64_t still_prompt_attention(const int64_t* dims, const float* q, const float* rows, const int64_t* index,
+                               const int64_t* padding, const float* u, const float* v, const float* table, double scale,
+                               float* out) {
+    const int B = int(dims[0]), S = int(dims[1]), L = int(dims[2]), K = int(dims[3]), H = int(dims[4]),
+              D = int(dims[5]);
+    const int64_t n_rows = dims[6], q_batch = dims[7], table_head = dims[8], table_ld = dims[9];
+    if (D % 16 || D > 128 || D <= 0) return 1;
+    const int tasks = B * S * H;
+    const int threads = int(std::max<int64_t>(1, std::min<int64_t>(dims[10], tasks)));
+    auto run = [&](int part) {
+        std::vector<float> scratch;
+        // every threads-th task (segments have different lengths: neighbours share them out)
+        for (int task = part; task < tasks; task += threads) {
+            const int h = task % H, s = (task / H) % S, b = task / (H * S);
+            auto args = std::make_tuple(q, q_batch, rows, n_rows, index, padding, u, v, table, table_head, table_ld,
+                                        float(scale), out, b, s, h, S, L, K, H, std::ref(scratch));
+            switch (D / 16) {
+                case 1: std::apply(prompt_attention_task<1>, args); break;
+                case 2: std::apply(prompt_attention_task<2>, args); break;
+                case 3: std::apply(prompt_attention_task<3>, args); break;
+                case 4: std::apply(prompt_attention_task<4>, args); break;
+                case 5: std::apply(prompt_attention_task<5>, args); break;
+                case 6: std::apply(prompt_attention_task<6>, args); break;
+                case 7: std::apply(prompt_attention_task<7>, args); break;
+                default: std::apply(prompt_attention_task<8>, args); break;
+            }
+        }
+    };
+    std::vector<std::thread> helpers;
+    for (int part = 1; part < threads; ++part) helpers.emplace_back(run, part);
+    run(0);
+    for (std::thread& helper : helpers) helper.join();
+    return 0;
+}
 
 // dims: layers, batch, heads, d_head, d_model, d_ff, vocab, n_cap, m_cap, k_blocks, pre_norm,
 // compression (0 none, 1 taps, 2 max, 3 mean), rate, taps, threads, bf16, groups (the most compressions

@@ -18,8 +18,9 @@ known once the layer below has run over every segment. For layer l, with X (B, P
 
 Only the attention runs by segments, and several segments' in one call: each segment's keys are
 padded at the front to the group's longest and the padding masked out (`Group`). Its about twenty
-operators a call cost more than the padding's products: a 512-token prompt at d_model 128 took
-0.93x the time in fp32 and 0.79x in bf16, one of 2048 tokens 0.78x and 0.67x (docs/performance.md,
+operators a call cost more than the padding's products: against one segment a call, a 512-token
+prompt at d_model 128 took 0.90x the time (fp32 and bf16), one of 2048 tokens 0.75x (fp32) and
+0.64x (bf16); at the reference preset 0.92x and 0.83x, and 0.88x and 0.80x (docs/performance.md,
 session 28). Which rows each segment's keys are, and which the next
 state keeps, the memory rule says, and says alike for every layer: it runs once a prompt, on the
 rows' indices (`plan`), and each layer gathers its keys from one tensor (one copy a segment, where
@@ -43,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 
+from still.compressive import native
 from still.compressive.attention import compute_dtype
 from still.compressive.memory import MemoryState, update_layer_memory
 from still.compressive.model import CompressiveTransformer
@@ -183,11 +185,13 @@ def _rows_of(parts: list[torch.Tensor], window: tuple[int, int]) -> torch.Tensor
 
 @torch.no_grad()
 def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemoryState | None = None,
-            segment_len: int = 128, *, all_logits: bool = False) -> tuple[torch.Tensor, MemoryState]:
+            segment_len: int = 128, *, all_logits: bool = False, written: bool = False
+            ) -> tuple[torch.Tensor, MemoryState]:
     """tokens (B, P), P >= 1, fed in segments of `segment_len` after `state` (None: empty) ->
     the logits at the last position (B, V), or with `all_logits` at every position (B, P, V), and
     the state after the last segment, with its inference cache: what `model(segment, state)` gives
-    segment by segment."""
+    segment by segment. `written`: the attention of fp32 prompts on the CPU through the hand-written
+    kernel (`native.prompt_attention`, built once per machine; `generate` asks for it with `compile`)."""
     b, p = tokens.shape
     if p == 0 or segment_len <= 0:
         raise ValueError(f"need at least one token and segment_len > 0, got {p} tokens and {segment_len}")
@@ -236,13 +240,20 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         parts = [t for t in parts if t.shape[1]]
         rows = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, N0 + M0 + P + F, 2d)
         heads = []  # each segment's attention outputs, before W_o
-        if last:  # the last segment's last query
-            heads.append(attention.causal_attention(queries, rows.index_select(1, layout.keys[-1])))  # (B, 1, d)
+        if last:  # the last segment's last query: (B, 1, d)
+            out = native.prompt_attention(attention, queries, rows, layout.keys[-1], (0,), 1) if written else None
+            heads.append(out if out is not None else
+                         attention.causal_attention(queries, rows.index_select(1, layout.keys[-1])))
         for group in layout.groups if not last else ():
             count, start = len(group.padding), starts[group.first]
             length = min(segment_len, p - start)  # each of the group's segments'
             keys = rows.index_select(1, group.keys)  # (B, S K, 2d): per segment [padding, compressed, memory, segment]
             group_queries = queries[:, start : start + count * length]  # (B, S L, d)
+            out = native.prompt_attention(attention, group_queries, rows, group.keys, group.padding, length) \
+                if written else None
+            if out is not None:  # the hand-written kernel's (fp32 on the CPU)
+                heads.append(out)
+                continue
             if count == 1:
                 heads.append(attention.causal_attention(group_queries, keys))  # (B, L, d)
                 continue
