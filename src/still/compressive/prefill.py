@@ -20,8 +20,9 @@ Only the attention runs by segments, and several segments' in one call: each seg
 padded at the front to the group's longest and the padding masked out (`Group`). Its about twenty
 operators a call cost more than the padding's products: against one segment a call, a 512-token
 prompt at d_model 128 took 0.90x the time (fp32 and bf16), one of 2048 tokens 0.75x (fp32) and
-0.64x (bf16); at the reference preset 0.92x and 0.83x, and 0.88x and 0.80x (docs/performance.md,
-session 28). Which rows each segment's keys are, and which the next
+0.64x (bf16); at d_model 256 (6 layers, 8 heads) 0.92x and 0.83x, and 0.88x and 0.80x
+(docs/performance.md, session 28). With `written` (fp32 on the CPU) a group's attention runs
+through a hand-written kernel instead (`native.prompt_attention`), without (L, K) score tensors. Which rows each segment's keys are, and which the next
 state keeps, the memory rule says, and says alike for every layer: it runs once a prompt, on the
 rows' indices (`plan`), and each layer gathers its keys from one tensor (one copy a segment, where
 running the rule on each layer's tensors took about six operators a segment and layer, docs/
@@ -247,13 +248,13 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         for group in layout.groups if not last else ():
             count, start = len(group.padding), starts[group.first]
             length = min(segment_len, p - start)  # each of the group's segments'
-            keys = rows.index_select(1, group.keys)  # (B, S K, 2d): per segment [padding, compressed, memory, segment]
             group_queries = queries[:, start : start + count * length]  # (B, S L, d)
             out = native.prompt_attention(attention, group_queries, rows, group.keys, group.padding, length) \
                 if written else None
-            if out is not None:  # the hand-written kernel's (fp32 on the CPU)
+            if out is not None:  # the hand-written kernel's (fp32 on the CPU), which reads `rows` by index
                 heads.append(out)
                 continue
+            keys = rows.index_select(1, group.keys)  # (B, S K, 2d): per segment [padding, compressed, memory, segment]
             if count == 1:
                 heads.append(attention.causal_attention(group_queries, keys))  # (B, L, d)
                 continue
