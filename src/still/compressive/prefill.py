@@ -22,11 +22,12 @@ operators a call cost more than the padding's products: against one segment a ca
 prompt at d_model 128 took 0.90x the time (fp32 and bf16), one of 2048 tokens 0.75x (fp32) and
 0.64x (bf16); at d_model 256 (6 layers, 8 heads) 0.92x and 0.83x, and 0.88x and 0.80x
 (docs/performance.md, session 28). With `written` (fp32 on the CPU) a group's attention runs
-through a hand-written kernel instead (`native.prompt_attention`), without (L, K) score tensors. Which rows each segment's keys are, and which the next
-state keeps, the memory rule says, and says alike for every layer: it runs once a prompt, on the
-rows' indices (`plan`), and each layer gathers its keys from one tensor (one copy a segment, where
-running the rule on each layer's tensors took about six operators a segment and layer, docs/
-performance.md, session 22). For a prompt the last layer's
+through a hand-written kernel instead (`native.prompt_attention`), without (L, K) score tensors.
+
+Which rows each segment's keys are, and which the next state keeps, the memory rule says, and says
+alike for every layer: it runs once a prompt, on the rows' indices (`plan`), and each layer reads
+its keys from one tensor by index (where running the rule on each layer's tensors took about six
+operators a segment and layer, docs/performance.md, session 22). For a prompt the last layer's
 outputs are only needed at the last position (the next-token logits), so there the attention and
 the feed-forward run for that one row; its keys and values still enter its memory. With
 `all_logits` (evaluation of a few long streams, `StreamScorer`) every position's logits come out.
