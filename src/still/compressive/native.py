@@ -374,7 +374,9 @@ def prompt_attention(attention: torch.nn.Module, queries: torch.Tensor, rows: to
         queries = queries.contiguous()
     rows, keys = rows.contiguous(), keys.contiguous()
     u, v = attention.content_bias.detach().contiguous(), attention.position_bias.detach().contiguous()
-    out = torch.empty(b, total, d)
+    if any(t.dtype != torch.float32 for t in (table, u, v)) or keys.dtype != torch.int64:
+        return None
+    out = torch.empty(b, total, d, dtype=torch.float32)
     work = b * s * length * k * d  # multiply-adds of the content scores
     threads = 1 if work < PROMPT_ONE_THREAD_BELOW else min(torch.get_num_threads(), MAX_THREADS)
     dims = [b, s, length, k, heads, d_head, rows.shape[1], queries.stride(0), table.stride(0), table.stride(1),

@@ -24,6 +24,9 @@
 //   - the feed-forward's second product reads the weights of its nonzero inputs only (a ReLU's
 //     outputs, mostly zeros in a trained model: `product_listed`).
 //
+// The library also holds a prompt's fp32 attention (`still_prompt_attention`, for
+// `still.compressive.prefill`): several segments' queries over their own keys, four queries a pass.
+//
 // Layouts (all C-contiguous), W the stored dtype (float, or bf16 as uint16_t):
 //   packed matrix (out/16, in, 16) fp32, or (out/16, in/2, 16, 2) bf16 (pairs of inputs); rows past
 //   `out` zero
@@ -46,6 +49,7 @@
 #include <cstring>
 #include <functional>
 #include <numeric>
+#include <system_error>
 #include <tuple>
 #include <thread>
 #include <vector>
@@ -1104,7 +1108,12 @@ int64_t still_prompt_attention(const int64_t* dims, const float* q, const float*
         }
     };
     std::vector<std::thread> helpers;
-    for (int part = 1; part < threads; ++part) helpers.emplace_back(run, part);
+    int part = 1;
+    try {
+        for (; part < threads; ++part) helpers.emplace_back(run, part);
+    } catch (const std::system_error&) {  // no thread to be had: the rest on this one
+    }
+    for (int rest = part; rest < threads; ++rest) run(rest);
     run(0);
     for (std::thread& helper : helpers) helper.join();
     return 0;
