@@ -926,19 +926,6 @@ int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, fl
     return last;
 }
 
-// A prompt's attention (`still.compressive.prefill`, fp32): for batch row b, segment s of a group and
-// head h, each of the segment's L queries over the segment's K keys, of which the first padding[s]
-// are padding (masked) and the last L its own (causal): query i sees keys padding[s] .. K - L + i.
-// What `RelativeMultiHeadAttention._causal_attention` computes with `padding`, scores in fp32:
-//   score(i, j) = scale (q_i + u_h) . k_j + scale (q_i + v_h) . T_h[:, L - i + j]
-// where T_h (D, K + 1) is the head's W_r R for the distances K .. 0 (column c: distance K - c), then
-// softmax over the keys seen and the sum of their values. Per (row, segment, head) the keys are
-// gathered transposed, (D, K), so that 16 keys' scores are vertical multiply-adds; the scores of a
-// query stay in a scratch of K floats (no (L, K) tensor is written), so its passes run in the core's
-// caches. Layouts: q (B, ., d) rows of d = H D, the group's first at q (batch stride q_batch); rows
-// (B, n_rows, 2d): [keys | values] of every row a segment may read; index (S, K): each segment's
-// keys' rows (padding rows any); table: head h's T at table + h * table_head, rows table_ld apart;
-// out (B, S L, d).
 // out[r][c] = sum over e < D of x[r][e] * rows[e * ld + c] for 4 vectors x[r] and the columns
 // [c0, c1) (multiples of 16), out[r] = out + r * ld_out: each weight loaded once for the four, two
 // blocks of 16 columns at a time (eight independent sums)
@@ -984,6 +971,20 @@ void dot_columns4(const float (*x)[D], const float* rows, size_t ld, int c0, int
     }
 }
 
+// A prompt's attention (`still.compressive.prefill`, fp32): for batch row b, segment s of a group and
+// head h, each of the segment's L queries over the segment's K keys, of which the first padding[s]
+// are padding (masked) and the last L its own (causal): query i sees keys padding[s] .. K - L + i.
+// What `RelativeMultiHeadAttention._causal_attention` computes with `padding`, scores in fp32:
+//   score(i, j) = scale (q_i + u_h) . k_j + scale (q_i + v_h) . T_h[:, L - i + j]
+// where T_h (D, K + 1) is the head's W_r R for the distances K .. 0 (column c: distance K - c), then
+// softmax over the keys seen and the sum of their values. Per (row, segment, head) the keys are
+// gathered transposed, (D, K), and the head's table copied into aligned rows, so that 16 columns'
+// scores are vertical multiply-adds; four queries at a time, each key, table entry and value loaded
+// once for the four (`dot_columns4`). A query's scores stay in a scratch of K floats (no (L, K)
+// tensor is written), so its passes run in the core's caches. Layouts: q (B, ., d) rows of d = H D, the group's first at q (batch stride q_batch); rows
+// (B, n_rows, 2d): [keys | values] of every row a segment may read; index (S, K): each segment's
+// keys' rows (padding rows any); table: head h's T at table + h * table_head, rows table_ld apart;
+// out (B, S L, d).
 template <int C>  // C = D / 16 blocks of a head's features
 void prompt_attention_task(const float* q, int64_t q_batch, const float* rows, int64_t n_rows, const int64_t* index,
                            const int64_t* padding, const float* u, const float* v, const float* table,
