@@ -123,13 +123,16 @@ def test_segments_attending_together_give_what_they_give_one_at_a_time(case, sta
     attend = model.layers[0].attention.causal_attention
     monkeypatch.setattr(model.layers[0].attention, "causal_attention",
                         lambda q, kv, padding=None: calls.append(q.shape[0]) or attend(q, kv, padding))
+    full, partial = divmod(tokens.shape[1], segment_len)  # whole segments; a last one of `partial` tokens
     results = {}
-    for rows in (1, 2 * segment_len * 3, 10**6):  # one segment a call, three, all
+    for rows, expected in ((1, full + (partial > 0)),  # one segment a call
+                           (2 * segment_len * 3, -(-full // 3) + (partial > 0)),  # three whole ones a call
+                           (10**6, 1 + (partial > 0))):  # all the whole ones in one call
         monkeypatch.setattr(prefill_module, "GROUP_ROWS", rows)
         calls.clear()
         results[rows] = prefill(model, tokens, state, segment_len, all_logits=True)
-        assert sum(calls) == 2 * -(-tokens.shape[1] // segment_len)  # each segment of each row once
-        assert len(calls) == {1: len(calls), 10**6: 1 + (tokens.shape[1] % segment_len > 0)}.get(rows, len(calls))
+        assert sum(calls) == 2 * (full + (partial > 0))  # each segment of each row once
+        assert len(calls) == expected
     for rows in (2 * segment_len * 3, 10**6):
         torch.testing.assert_close(results[rows][0], results[1][0], atol=1e-5, rtol=0)
         _assert_same_state(results[rows][1], results[1][1], atol=1e-5)
