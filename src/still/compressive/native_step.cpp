@@ -47,10 +47,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <numeric>
 #include <system_error>
-#include <tuple>
 #include <thread>
 #include <vector>
 
@@ -978,26 +976,27 @@ void dot_columns4(const float (*x)[D], const float* rows, size_t ld, int c0, int
 //   score(i, j) = scale (q_i + u_h) . k_j + scale (q_i + v_h) . T_h[:, L - i + j]
 // where T_h (D, K + 1) is the head's W_r R for the distances K .. 0 (column c: distance K - c), then
 // softmax over the keys seen and the sum of their values. Per (row, segment, head) the keys are
-// gathered transposed, (D, K), and the head's table copied into aligned rows, so that 16 columns'
-// scores are vertical multiply-adds; four queries at a time, each key, table entry and value loaded
-// once for the four (`dot_columns4`). A query's scores stay in a scratch of K floats (no (L, K)
-// tensor is written), so its passes run in the core's caches. Layouts: q (B, ., d) rows of d = H D, the group's first at q (batch stride q_batch); rows
-// (B, n_rows, 2d): [keys | values] of every row a segment may read; index (S, K): each segment's
-// keys' rows (padding rows any); table: head h's T at table + h * table_head, rows table_ld apart;
-// out (B, S L, d).
+// gathered transposed, (D, K), so that 16 columns' scores are vertical multiply-adds, as are those
+// of the head's table (copied once a call into aligned rows: `local`); four queries at a time, each
+// key, table entry and value loaded once for the four (`dot_columns4`). A query's scores stay in a
+// scratch of K floats (no (L, K) tensor is written), so its passes run in the core's caches.
+// Layouts: q (B, ., d) rows of d = H D, the group's first at q (batch stride q_batch); rows (B,
+// n_rows, 2d): [keys | values] of every row a segment may read; index (S, K): each segment's keys'
+// rows (padding rows any); local (H, D, tp): head h's T, columns K + 1 .. tp - 1 zero (tp: K + 1
+// rounded up to 16); out (B, S L, d).
 template <int C>  // C = D / 16 blocks of a head's features
 void prompt_attention_task(const float* q, int64_t q_batch, const float* rows, int64_t n_rows, const int64_t* index,
-                           const int64_t* padding, const float* u, const float* v, const float* table,
-                           int64_t table_head, int64_t table_ld, float scale, float* out, int b, int s, int h, int S,
-                           int L, int K, int H, std::vector<float>& scratch) {
+                           const int64_t* padding, const float* u, const float* v, const float* tables, int tp,
+                           float scale, float* out, int b, int s, int h, int S, int L, int K, int H,
+                           std::vector<float>& scratch) {
     constexpr int D = 16 * C;
     const int d = H * D, pad = int(padding[s]), valid = K - pad, kp = (valid + 15) / 16 * 16;
-    const int tp = (K + 1 + 15) / 16 * 16;  // the table's columns 0 .. K, then zeros (read only for keys masked)
     const size_t ld_raw = tp + 16;
-    scratch.resize(size_t(D) * kp + size_t(valid) * D + size_t(D) * tp + 4 * kp + 4 * ld_raw + 32);
-    float* kt = scratch.data() + (-reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) & 15);  // 64-byte aligned
-    float* local = kt + size_t(D) * kp;        // (D, tp): the head's table, rows aligned
-    float* values = local + size_t(D) * tp;    // (valid, D)
+    scratch.resize(size_t(D) * kp + size_t(valid) * D + 4 * kp + 4 * ld_raw + 32);
+    // 64-byte aligned
+    float* kt = scratch.data() + (-reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) & 15);
+    const float* local = tables + size_t(h) * D * tp;  // (D, tp): the head's table, rows aligned
+    float* values = kt + size_t(D) * kp;       // (valid, D)
     float* content = values + size_t(valid) * D;  // (4, kp): four queries' content scores, then their weights
     float* raw = content + 4 * kp;             // (4, ld_raw): their position scores by column
     const float* base = rows + size_t(b) * n_rows * 2 * d;
@@ -1006,12 +1005,8 @@ void prompt_attention_task(const float* q, int64_t q_batch, const float* rows, i
         for (int e = 0; e < D; ++e) kt[size_t(e) * kp + jj] = row[h * D + e];
         std::memcpy(values + size_t(jj) * D, row + d + h * D, D * sizeof(float));
     }
-    const float* T = table + size_t(h) * table_head;
-    for (int e = 0; e < D; ++e) {
+    for (int e = 0; e < D; ++e)
         for (int jj = valid; jj < kp; ++jj) kt[size_t(e) * kp + jj] = 0.f;
-        std::memcpy(local + size_t(e) * tp, T + size_t(e) * table_ld, (K + 1) * sizeof(float));
-        for (int c = K + 1; c < tp; ++c) local[size_t(e) * tp + c] = 0.f;
-    }
     float qc[4][D], qp[4][D];  // (q + u) scale and (q + v) scale of four queries (zeros past the last)
     for (int i0 = 0; i0 < L; i0 += 4) {
         const int nq = std::min(4, L - i0);
@@ -1087,6 +1082,19 @@ int64_t still_prompt_attention(const int64_t* dims, const float* q, const float*
               D = int(dims[5]);
     const int64_t n_rows = dims[6], q_batch = dims[7], table_head = dims[8], table_ld = dims[9];
     if (D % 16 || D > 128 || D <= 0) return 1;
+    // every head's table in aligned rows, columns past K zero (read only for keys masked), once a call
+    const int tp = (K + 1 + 15) / 16 * 16;
+    std::vector<float> tables(size_t(H) * D * tp + 16, 0.f);
+    float* local = tables.data() + (-reinterpret_cast<uintptr_t>(tables.data()) / sizeof(float) & 15);
+    for (int h = 0; h < H; ++h)
+        for (int e = 0; e < D; ++e)
+            std::memcpy(local + (size_t(h) * D + e) * tp, table + h * table_head + e * table_ld,
+                        (K + 1) * sizeof(float));
+    using Task = decltype(&prompt_attention_task<1>);
+    static constexpr Task by_width[] = {prompt_attention_task<1>, prompt_attention_task<2>, prompt_attention_task<3>,
+                                        prompt_attention_task<4>, prompt_attention_task<5>, prompt_attention_task<6>,
+                                        prompt_attention_task<7>, prompt_attention_task<8>};
+    const Task task_of = by_width[D / 16 - 1];
     const int tasks = B * S * H;
     const int threads = int(std::max<int64_t>(1, std::min<int64_t>(dims[10], tasks)));
     auto run = [&](int part) {
@@ -1094,18 +1102,8 @@ int64_t still_prompt_attention(const int64_t* dims, const float* q, const float*
         // every threads-th task (segments have different lengths: neighbours share them out)
         for (int task = part; task < tasks; task += threads) {
             const int h = task % H, s = (task / H) % S, b = task / (H * S);
-            auto args = std::make_tuple(q, q_batch, rows, n_rows, index, padding, u, v, table, table_head, table_ld,
-                                        float(scale), out, b, s, h, S, L, K, H, std::ref(scratch));
-            switch (D / 16) {
-                case 1: std::apply(prompt_attention_task<1>, args); break;
-                case 2: std::apply(prompt_attention_task<2>, args); break;
-                case 3: std::apply(prompt_attention_task<3>, args); break;
-                case 4: std::apply(prompt_attention_task<4>, args); break;
-                case 5: std::apply(prompt_attention_task<5>, args); break;
-                case 6: std::apply(prompt_attention_task<6>, args); break;
-                case 7: std::apply(prompt_attention_task<7>, args); break;
-                default: std::apply(prompt_attention_task<8>, args); break;
-            }
+            task_of(q, q_batch, rows, n_rows, index, padding, u, v, local, tp, float(scale), out, b, s, h, S, L, K, H,
+                    scratch);
         }
     };
     std::vector<std::thread> helpers;
