@@ -720,6 +720,99 @@ def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("g,l,n,d", [(6, 16, 32, 32), (3, 48, 96, 64), (2, 32, 64, 96)])
+def test_native_content_attention_is_the_fp32_softmax_rounded_once(g, l, n, d):
+    """`content_attention` without gradients in bf16 (the reconstruction loss's targets) by the AMX
+    kernel: the weights are the softmax of the fp32 scores, rounded once, so the output lies within
+    the roundings of the weights and of the output from the exact one, nearer than PyTorch's bf16
+    path; keys and values read in place from a longer (G, K, D) buffer (the training attention's
+    own) and the output written into a slice; the same bits on one thread or several."""
+    from still.compressive import attention as module
+
+    _native_kernel_or_skip()
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    q = (0.3 * torch.randn(g, l, d)).to(bf16)
+    kv = torch.randn(2, g, n + 16, d).to(bf16)  # 16 more slots than read: the groups at a stride
+    k, v = kv[0, :, 8 : 8 + n], kv[1, :, 8 : 8 + n]
+    out = torch.zeros(2 * g, l, d, dtype=bf16)
+    with torch.no_grad():
+        got = module.content_attention(q, k, v, out=out[g:])
+        plain = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v)
+    assert got.data_ptr() == out[g:].data_ptr() and torch.equal(out[:g], torch.zeros_like(out[:g]))
+    weights = torch.bmm(q.double(), k.double().transpose(1, 2)).softmax(-1)
+    exact = torch.bmm(weights, v.double())
+    # each weight within one bf16 rounding of its exact value, the output within one more
+    bound = 2**-8 * (torch.bmm(weights, v.double().abs()) + exact.abs()) + 1e-6
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert (got.double() - exact).norm() < 0.7 * (plain.double() - exact).norm()
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.no_grad():
+            assert torch.equal(module.content_attention(q, k, v), got)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_native_content_attention_gradients_are_the_plain_paths(monkeypatch):
+    """With gradients (the reconstruction loss's approximation), the kernel's forward keeps its
+    weights and the backward runs the plain path's products and softmax backward on them: the
+    gradients of the keys, the values and the queries lie nearer the exact ones (float64) than
+    the PyTorch bf16 path's, and that path is what `NATIVE_SCORES` off gives."""
+    from still.compressive import attention as module
+
+    _native_kernel_or_skip()
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    g, l, n, d = 8, 32, 32, 32
+    operands = [(0.3 * torch.randn(g, l, d)).to(bf16), torch.randn(g, n, d).to(bf16), torch.randn(g, n, d).to(bf16)]
+    grad = torch.randn(g, l, d).to(bf16)
+    exact = [t.double().requires_grad_() for t in operands]
+    torch.bmm(torch.bmm(exact[0], exact[1].transpose(1, 2)).softmax(-1), exact[2]).backward(grad.double())
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(module, "NATIVE_SCORES", native)
+        inputs = [t.clone().requires_grad_() for t in operands]
+        out = module.content_attention(*inputs)
+        assert (type(out.grad_fn).__name__ == "_ContentAttentionBackward") == native
+        out.backward(grad)
+        results[native] = [t.grad.double() for t in inputs]
+    for i, want in enumerate(exact):
+        error = (results[True][i] - want.grad).norm()
+        assert error < 0.01 * want.grad.norm()
+        assert error < (results[False][i] - want.grad).norm()
+
+
+def test_native_content_attention_refuses_what_it_cannot_take(monkeypatch):
+    """fp32, lengths that are not multiples of 16 (queries) and 32 (keys), head dims not multiples
+    of 32, rows that are not contiguous, and a machine without the kernel: the plain path, whose
+    result is the same bits."""
+    from still.compressive import attention as module, native
+
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    cases = [(torch.randn(2, 16, 32), torch.randn(2, 32, 32)),  # fp32
+             (torch.randn(2, 12, 32).to(bf16), torch.randn(2, 32, 32).to(bf16)),  # 12 queries
+             (torch.randn(2, 16, 32).to(bf16), torch.randn(2, 24, 32).to(bf16)),  # 24 keys
+             (torch.randn(2, 16, 16).to(bf16), torch.randn(2, 32, 16).to(bf16)),  # head dim 16
+             (torch.randn(2, 32, 16).to(bf16).transpose(1, 2), torch.randn(2, 32, 32).to(bf16))]  # strided rows
+
+    def plain(q, k):
+        return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), k)
+
+    with torch.no_grad():
+        for q, k in cases:
+            assert module._native_content_attention(q, k, k) is None
+            assert torch.equal(module.content_attention(q, k, k), plain(q, k))
+        q, k = (torch.randn(2, 16, 32).to(bf16), torch.randn(2, 32, 32).to(bf16))
+        monkeypatch.setattr(native, "_ATTENTION", [None])  # no kernel on this machine
+        assert module._native_content_attention(q, k, k) is None
+        assert torch.equal(module.content_attention(q, k, k), plain(q, k))
+    k.requires_grad_()
+    assert module.content_attention(q, k, k).grad_fn is not None  # the plain path, differentiated
+
+
 @pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("per_row_mask", [False, True])
 def test_exact_position_gradient_sums_to_zero_over_distances(monkeypatch, native, per_row_mask):

@@ -337,3 +337,74 @@ def test_mean_squared_error_matches_mse_loss(dtype):
     torch.testing.assert_close(grad, expected_grad.to(dtype))
     with pytest.raises(ValueError, match="shapes differ"):
         mean_squared_error(approx, target[:, :4])
+
+
+@pytest.mark.parametrize("numel", [7, 1000, 70_000])
+def test_mean_squared_error_in_bf16_by_the_kernel(monkeypatch, numel):
+    """bf16 on a CPU with the attention kernel (`NATIVE_SQUARED_ERROR`): the loss within float64
+    rounding of the exact mean of the fp32 differences (the PyTorch path's fp32 dot product only
+    within fp32's), whatever the length (blocks of 32, a tail); the gradient the same bits as the
+    PyTorch path's; a target that is not contiguous takes that path."""
+    from still.compressive import model as module, native
+
+    if native.attention_library() is None:
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+    torch.manual_seed(0)
+    approx = torch.randn(numel, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randn(numel, dtype=torch.bfloat16)
+    exact = (approx.detach().double() - target.double()).square().mean()
+    results = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(module, "NATIVE_SQUARED_ERROR", kernel)
+        loss = module.mean_squared_error(approx, target)
+        (grad,) = torch.autograd.grad(loss * 3, approx)
+        results[kernel] = (loss, grad)
+        assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert abs(results[True][0].double() - exact) <= 2e-7 * exact
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=0)
+    assert torch.equal(results[True][1], results[False][1])
+    monkeypatch.setattr(module, "NATIVE_SQUARED_ERROR", True)
+    strided = torch.randn(2 * numel, dtype=torch.bfloat16)[::2]
+    assert module._native_squared_error(approx.detach(), strided) is None
+    assert module._native_squared_error(approx.detach(), target) is not None
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_reconstruction_loss_in_bf16_with_the_kernels(monkeypatch, kernel):
+    """At shapes the kernels take (queries a multiple of 16, old and compressed memories of 32,
+    head dim 32), bf16 training's reconstruction loss computes its targets, its approximation and
+    its squared error through `native_attention.cpp`: the loss lies nearer the fp32 model's than the
+    PyTorch bf16 path's does, and the compressors' gradients as near as that path's."""
+    from still.compressive import attention as attention_module, model as module, native
+
+    if kernel and native.attention_library() is None:
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+    calls = []
+    original = attention_module._native_content_attention
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(attention_module, "_native_content_attention", spy)
+    monkeypatch.setattr(attention_module, "NATIVE_SCORES", kernel)
+    monkeypatch.setattr(module, "NATIVE_SQUARED_ERROR", kernel)
+    seq = tokens(b=2, l=160)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        net = model(d_model=64, n_heads=2, mem_len=32, c_mem_len=32, compression_rate=1).train()
+        state = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            for start in range(0, 128, 32):
+                state = net(seq[:, start : start + 32], state).state
+            loss = net(seq[:, 128:160], state).compression_loss.float()
+        loss.backward()
+        results[precision] = [loss.detach(), *(p.grad for p in net.compressor_parameters())]
+    assert calls and all(calls) if kernel else not calls
+    (loss, *grads), (want_loss, *want_grads) = results["bf16"], results["fp32"]
+    # the kernels' loss lay 4e-5 from fp32's, the PyTorch bf16 path's 2.3e-4 (its scores rounded to bf16)
+    assert abs(loss - want_loss) < (1e-4 if kernel else 1e-3) * want_loss
+    for got, want in zip(grads, want_grads):
+        assert (got - want).norm() < 0.01 * want.norm()

@@ -478,8 +478,85 @@ def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     (written into `out` where given): the attention-reconstruction loss's (no positions, no mask).
     Plain products: over views of the training attention's keys and values, PyTorch's CPU
     `scaled_dot_product_attention` took 1.7x (fp32) and 2.8x (bf16) as long at the reference preset
-    (docs/performance.md, session 14)."""
+    (docs/performance.md, session 14). In bf16 on a CPU with AMX (`NATIVE_SCORES`), the forward is
+    one pass of `native_attention.cpp` instead: the scores and the softmax in fp32, the weights
+    rounded once to bf16 (`_native_content_attention`); with gradients, the backward is the same
+    products and softmax backward that autograd runs for the plain path (`_ContentAttention`)."""
+    if NATIVE_SCORES and _native_content_shapes(q, k, v):
+        if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
+            native = _native_content_attention(q, k, v, out)
+            if native is not None:
+                return native[0]
+        elif out is None:
+            from still.compressive import native
+
+            if native.attention_library() is not None:
+                return _ContentAttention.apply(q, k, v)
     return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v, out=out)
+
+
+def _native_content_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `_native_content_attention` takes these: bf16 on a CPU, (G, L, D) and (G, n, D) with
+    L a multiple of 16, n and D of 32, each group's rows contiguous (the groups at any stride, the
+    keys' and values' alike); not under torch.compile."""
+    if torch.compiler.is_compiling() or q.device.type != "cpu" or q.dim() != 3:
+        return False
+    (g, l, d), n = q.shape, k.shape[1]
+    return (all(t.dtype == torch.bfloat16 for t in (q, k, v)) and k.shape == (g, n, d) and v.shape == k.shape
+            and not (l % 16 or n % 32 or d % 32) and k.stride() == v.stride()
+            and all(t.stride()[1:] == (d, 1) for t in (q, k)))
+
+
+def _native_content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None,
+                              weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`content_attention`'s output (G, L, D) by `native_attention.cpp`, and with `weights` its
+    weights (G, L, n) too; None where it cannot (`_native_content_shapes` false, `out` not a bf16
+    (G, L, D) with contiguous rows, or no kernel here). Reads its operands without autograd."""
+    if not _native_content_shapes(q, k, v):
+        return None
+    (g, l, d), n = q.shape, k.shape[1]
+    if out is None:
+        out = torch.empty(g, l, d, dtype=torch.bfloat16, device=q.device)
+    elif out.dtype != torch.bfloat16 or out.shape != (g, l, d) or out.stride()[1:] != (d, 1) or out.requires_grad:
+        return None
+    from still.compressive import native
+
+    lib = native.attention_library()
+    if lib is None:
+        return None
+    w = torch.empty(g, l, n, dtype=torch.bfloat16, device=q.device) if weights else None
+    code = lib.still_content_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                       None if w is None else w.data_ptr(), g, l, n, d, q.stride(0), k.stride(0),
+                                       out.stride(0), min(torch.get_num_threads(), native.MAX_THREADS))
+    return (out, w) if code == 0 else None
+
+
+class _ContentAttention(torch.autograd.Function):
+    """`content_attention` with gradients, its forward by `native_attention.cpp` (the weights kept
+    for the backward), its backward the products and softmax backward autograd runs for the plain
+    path. Only where `_native_content_shapes` holds and the kernel is there."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        result = _native_content_attention(q, k, v, weights=True)
+        if result is None:
+            raise RuntimeError("the bf16 attention kernel refused the reconstruction loss's attention")
+        out, w = result
+        ctx.save_for_backward(q, k, v, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, w = ctx.saved_tensors
+        grad = grad.to(w.dtype)
+        grad_v = torch.bmm(w.transpose(1, 2), grad) if ctx.needs_input_grad[2] else None  # (G, n, D)
+        grad_q = grad_k = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(grad, v.transpose(1, 2))  # (G, L, n)
+            grad_s = torch._softmax_backward_data(grad_w, w, -1, w.dtype)  # (G, L, n)
+            grad_q = torch.bmm(grad_s, k) if ctx.needs_input_grad[0] else None  # (G, L, D)
+            grad_k = torch.bmm(grad_s.transpose(1, 2), q) if ctx.needs_input_grad[1] else None  # (G, n, D)
+        return grad_q, grad_k, grad_v
 
 
 class AttentionOutput(NamedTuple):

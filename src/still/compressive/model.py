@@ -42,6 +42,7 @@ and byte vocabularies are small).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -60,6 +61,12 @@ BATCHED_RECONSTRUCTION = True
 """Training computes the attention-reconstruction losses of all layers in one batch of operators
 (`attention_reconstruction_loss`) instead of layer by layer (`CompressiveLayer.compression_loss`).
 Tests compare the two."""
+
+NATIVE_SQUARED_ERROR = True
+"""bf16 on a CPU with the attention kernel (`still.compressive.native.attention_library`): the
+reconstruction loss's squared error, forward and backward, in one pass each of
+`native_attention.cpp` (the same fp32 differences) instead of three and one of PyTorch's. Tests
+compare the two."""
 
 CompressionLoss = Literal["attention", "autoencoding", "none"]
 
@@ -279,6 +286,12 @@ def attention_reconstruction_loss(layers: Sequence[CompressiveLayer], queries: S
 class _MeanSquaredError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        native = _native_squared_error(approx, target)
+        if native is not None:  # bf16 on a CPU with the kernel: one pass, the same fp32 differences
+            ctx.save_for_backward(approx, target)
+            ctx.native = True
+            return native / approx.numel()
+        ctx.native = False
         dtype = torch.promote_types(approx.dtype, torch.float32)  # the loss in fp32 (or wider)
         diff = torch.sub(approx.to(dtype), target)  # exact for bf16 inputs; fp32 whatever the inputs
         flat = diff.view(-1)
@@ -288,9 +301,44 @@ class _MeanSquaredError(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.native:
+            approx, target = ctx.saved_tensors
+            return _native_squared_error_grad(approx, target, float(grad) * 2.0 / approx.numel()), None
         (diff,) = ctx.saved_tensors
         out = torch.empty(diff.shape, dtype=ctx.approx_dtype, device=diff.device)
         return torch.mul(diff, grad * (2.0 / diff.numel()), out=out), None  # in approx's dtype, in one pass
+
+
+def _native_squared_error(approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """sum((approx - target)^2) as an fp32 scalar from `native_attention.cpp` (bf16 on a CPU with
+    the kernel, both contiguous), or None where it cannot. Each difference is exact in fp32, as in
+    the PyTorch path; the sum runs in fp32 over blocks of 1024 and in float64 over the blocks."""
+    if (not NATIVE_SQUARED_ERROR or torch.compiler.is_compiling() or approx.device.type != "cpu"
+            or approx.dtype != torch.bfloat16 or target.dtype != torch.bfloat16
+            or not approx.is_contiguous() or not target.is_contiguous()):
+        return None
+    from still.compressive import native
+
+    lib = native.attention_library()
+    if lib is None:
+        return None
+    total = ctypes.c_double()
+    if lib.still_squared_error(approx.data_ptr(), target.data_ptr(), approx.numel(), ctypes.byref(total)) != 0:
+        return None
+    return torch.tensor(total.value, dtype=torch.float32, device=approx.device)
+
+
+def _native_squared_error_grad(approx: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """bf16(scale (approx - target)), the difference and the product in fp32 (after
+    `_native_squared_error` ran: the kernel is there)."""
+    from still.compressive import native
+
+    out = torch.empty_like(approx)
+    code = native.attention_library().still_squared_error_grad(approx.data_ptr(), target.data_ptr(), approx.numel(),
+                                                               scale, out.data_ptr())
+    if code != 0:
+        raise RuntimeError(f"the bf16 attention kernel's squared error gradient failed ({code})")
+    return out
 
 
 def mean_squared_error(approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,12 @@ def _load_attention(path: Path) -> ctypes.CDLL:
     lib.still_attention_weights.restype = integer
     lib.still_attention_backward.argtypes = [pointer] * 4 + [integer] * 4
     lib.still_attention_backward.restype = integer
+    lib.still_content_attention.argtypes = [pointer] * 5 + [integer] * 8
+    lib.still_content_attention.restype = integer
+    lib.still_squared_error.argtypes = [pointer, pointer, integer, ctypes.POINTER(ctypes.c_double)]
+    lib.still_squared_error.restype = integer
+    lib.still_squared_error_grad.argtypes = [pointer, pointer, integer, ctypes.c_float, pointer]
+    lib.still_squared_error_grad.restype = integer
     return lib
 
 

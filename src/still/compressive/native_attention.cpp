@@ -12,6 +12,9 @@
 // weights, where the PyTorch path makes five passes over them. The backward's first pass too
 // (`still_attention_backward`): the softmax's backward and the shift of its result back to the
 // position scores' order, one pass where PyTorch makes three; the four products stay PyTorch's.
+// And the attention-reconstruction loss's content-only attention (`still_content_attention`: both
+// products on AMX, the scores and the softmax in fp32, where PyTorch makes three bf16 passes and
+// rounds the scores) and its squared error (`still_squared_error` and its gradient, one pass each).
 //
 // Built with the machine's compiler (`-O3 -march=native`) by `still.compressive.native` and loaded
 // with ctypes. Without AMX in the compiler's target, or where the operating system refuses the tile data
@@ -125,13 +128,16 @@ inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes (none w
 }
 
 // one row: s (the content scores, overwritten), p (its position scores, already shifted), bias row
-// (bf16; null: none beyond the causal mask); n valid keys of k_len -> out (bf16)
+// (bf16; null: none beyond the causal mask); n valid keys of k_len -> out (bf16). Without `Position`,
+// p is not read: the content scores alone (the reconstruction loss's targets).
+template <bool Position>
 void softmax_row(float* s, const float* p, const uint16_t* bias, int64_t n, int64_t k_len, uint16_t* out) {
     const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
     __m512 vmax = minus_inf;
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = lanes(n - j);
-        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_maskz_loadu_ps(m, p + j));
+        __m512 v = _mm512_maskz_loadu_ps(m, s + j);
+        if constexpr (Position) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p + j));
         if (bias != nullptr)
             v = _mm512_add_ps(v, _mm512_castsi512_ps(
                 _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + j)), 16)));
@@ -182,9 +188,71 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
             scores(q_content + rows * d, k_packed.data(), d, 0, (k_len - l + i0) / 16 + 1, content.data(), k_len);
             for (int64_t t = 0; t < 16; ++t) {
                 const int64_t i = i0 + t;
-                softmax_row(content.data() + t * k_len, position.data() + t * k_len + (l - 1 - i),
+                softmax_row<true>(content.data() + t * k_len, position.data() + t * k_len + (l - 1 - i),
                             bias_b == nullptr ? nullptr : bias_b + i * k_len, k_len - l + i + 1, k_len, out + (rows + t) * k_len);
             }
+        }
+    }
+    _tile_release();
+}
+
+// (n, D) bf16 values -> B tiles for (16 rows x 32 keys of weights) times values: tile (kb, cb) holds
+// keys 32 kb .. +31 (16 pairs, its rows) and features 16 cb .. +15 (its columns), as 32-bit words
+// [p][c] = (v[32 kb + 2p][16 cb + c], v[32 kb + 2p + 1][16 cb + c]); n a multiple of 32, D of 32
+void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed) {
+    const int64_t nc = d / 16;
+    // word 2c + e of a 32-word result: row a (e = 0) or row b (e = 1) at feature c (low) or 16 + c (high)
+    alignas(64) uint16_t low[32], high[32];
+    for (int c = 0; c < 16; ++c) {
+        low[2 * c] = uint16_t(c), low[2 * c + 1] = uint16_t(32 + c);
+        high[2 * c] = uint16_t(16 + c), high[2 * c + 1] = uint16_t(48 + c);
+    }
+    const __m512i index_low = _mm512_load_si512(low), index_high = _mm512_load_si512(high);
+    for (int64_t kb = 0; kb < n / 32; ++kb)
+        for (int p = 0; p < 16; ++p) {
+            const uint16_t* a = v + (32 * kb + 2 * p) * d;
+            for (int64_t cb = 0; cb < nc; cb += 2) {
+                const __m512i va = _mm512_loadu_si512(a + 16 * cb), vb = _mm512_loadu_si512(a + d + 16 * cb);
+                _mm512_storeu_si512(packed + ((kb * nc + cb) * 16 + p) * 16, _mm512_permutex2var_epi16(va, index_low, vb));
+                _mm512_storeu_si512(packed + ((kb * nc + cb + 1) * 16 + p) * 16,
+                                    _mm512_permutex2var_epi16(va, index_high, vb));
+            }
+        }
+}
+
+// softmax(q k^T) v for groups [g0, g1): q (L, D) per group at q + g * q_stride, k and v (n, D) at
+// + g * kv_stride, out (L, D) at out + g * out_stride; both products on AMX tiles, the scores and
+// the softmax in fp32, the weights rounded once to bf16 for the second product, its sums in fp32.
+// The weights (L, n) also into weights_out + g * L * n where not null (for a backward).
+void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, uint16_t* weights_out,
+                int64_t g0, int64_t g1, int64_t l, int64_t n, int64_t d, int64_t q_stride, int64_t kv_stride,
+                int64_t out_stride) {
+    std::vector<uint32_t> k_packed(n * d / 2), v_packed(n * d / 2);
+    std::vector<float> s(16 * n), o(16 * d);
+    std::vector<uint16_t> w(16 * n);
+    const int64_t nc = d / 16;
+    configure_tiles();
+    for (int64_t g = g0; g < g1; ++g) {
+        pack_vnni(k + g * kv_stride, n, d, k_packed.data());
+        pack_values(v + g * kv_stride, n, d, v_packed.data());
+        for (int64_t i0 = 0; i0 < l; i0 += 16) {
+            scores(q + g * q_stride + i0 * d, k_packed.data(), d, 0, n / 16, s.data(), n);
+            uint16_t* wrows = weights_out == nullptr ? w.data() : weights_out + (g * l + i0) * n;
+            for (int64_t t = 0; t < 16; ++t)
+                softmax_row<false>(s.data() + t * n, nullptr, nullptr, n, n, wrows + t * n);
+            for (int64_t cb = 0; cb < nc; ++cb) {
+                _tile_zero(0);
+                for (int64_t kb = 0; kb < n / 32; ++kb) {
+                    _tile_loadd(1, wrows + kb * 32, n * 2);
+                    _tile_loadd(2, v_packed.data() + (kb * nc + cb) * 256, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, o.data() + cb * 16, d * 4);
+            }
+            uint16_t* rows = out + g * out_stride + i0 * d;
+            for (int64_t j = 0; j < 16 * d; j += 16)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + j),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o.data() + j)));
         }
     }
     _tile_release();
@@ -273,6 +341,80 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
             const int64_t at = row * k_len;
             softmax_backward_row(weights + at, grad + at, k_len, l - 1 - row % l, grad_scores + at, grad_raw + at);
         }
+    };
+    on_threads(threads, run);
+#endif
+    return 0;
+}
+
+// The attention-reconstruction loss's squared error from bf16 approximations a and targets b of
+// `count` elements: sum_i (a_i - b_i)^2 with each difference exact in fp32 (the products of two
+// bf16 numbers' difference), summed in fp32 over blocks of 1024 and the blocks in double. One pass
+// where PyTorch makes three (a cast, a difference and a dot product). The sum into *total; 0 on
+// success, nonzero (nothing written) where this build cannot (`still_attention_available`).
+int64_t still_squared_error(const uint16_t* a, const uint16_t* b, int64_t count, double* total_out) {
+    const int64_t available = still_attention_available();
+    if (available != 0) return available;
+#ifdef STILL_AMX
+    auto widen = [](__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); };
+    double total = 0;
+    for (int64_t start = 0; start < count; start += 1024) {
+        const int64_t end = std::min(count, start + 1024);
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t i = start;
+        for (; i + 32 <= end; i += 32) {
+            const __m512 d0 = _mm512_sub_ps(widen(_mm256_loadu_si256((const __m256i*)(a + i))),
+                                            widen(_mm256_loadu_si256((const __m256i*)(b + i))));
+            const __m512 d1 = _mm512_sub_ps(widen(_mm256_loadu_si256((const __m256i*)(a + i + 16))),
+                                            widen(_mm256_loadu_si256((const __m256i*)(b + i + 16))));
+            acc0 = _mm512_fmadd_ps(d0, d0, acc0);
+            acc1 = _mm512_fmadd_ps(d1, d1, acc1);
+        }
+        for (; i < end; i += 16) {
+            const __mmask16 m = lanes(end - i);
+            const __m512 d = _mm512_sub_ps(widen(_mm256_maskz_loadu_epi16(m, a + i)),
+                                           widen(_mm256_maskz_loadu_epi16(m, b + i)));
+            acc0 = _mm512_fmadd_ps(d, d, acc0);
+        }
+        total += double(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
+    }
+    *total_out = total;
+#endif
+    return 0;
+}
+
+// Its gradient: out_i = bf16(scale (a_i - b_i)), the difference and the product in fp32; 0 on success
+int64_t still_squared_error_grad(const uint16_t* a, const uint16_t* b, int64_t count, float scale, uint16_t* out) {
+    const int64_t available = still_attention_available();
+    if (available != 0) return available;
+#ifdef STILL_AMX
+    auto widen = [](__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); };
+    const __m512 k = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 m = lanes(count - i);
+        const __m512 d = _mm512_sub_ps(widen(_mm256_maskz_loadu_epi16(m, a + i)), widen(_mm256_maskz_loadu_epi16(m, b + i)));
+        _mm256_mask_storeu_epi16(out + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(d, k)));
+    }
+#endif
+    return 0;
+}
+
+// Content-only attention without a mask, the attention-reconstruction loss's targets (no gradient):
+// out = softmax(q k^T) v per group g < groups, bf16 (see `content_of` for the layouts; the scale
+// already in q); the weights (G, L, n) into `weights` where not null (contiguous). L a multiple of 16,
+// n of 32, D of 32. 0 on success; nonzero, nothing written, where this build cannot
+// (`still_attention_available`) or 3: shapes.
+int64_t still_content_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                                uint16_t* weights, int64_t groups, int64_t l, int64_t n, int64_t d, int64_t q_stride,
+                                int64_t kv_stride, int64_t out_stride, int64_t threads) {
+    const int64_t available = still_attention_available();
+    if (available != 0) return available;
+    if (groups < 1 || l < 16 || l % 16 || n < 32 || n % 32 || d < 32 || d % 32) return 3;
+#ifdef STILL_AMX
+    threads = std::max<int64_t>(1, std::min(threads, groups));
+    auto run = [&](int64_t part) {
+        content_of(q, k, v, out, weights, groups * part / threads, groups * (part + 1) / threads, l, n, d,
+                   q_stride, kv_stride, out_stride);
     };
     on_threads(threads, run);
 #endif
