@@ -695,6 +695,97 @@ def test_native_backward_is_the_softmax_backward_and_its_shift(g, l, k_len):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask,r_dtype", [
+    (2, 3, 32, 96, 32, False, torch.float32), (1, 2, 64, 64, 64, True, torch.float32),
+    (2, 2, 32, 128, 96, True, torch.bfloat16), (4, 8, 128, 384, 32, False, torch.float32)])
+def test_native_grads_are_the_first_pass_then_the_four_products(monkeypatch, h, b, l, k_len, d, per_row_mask,
+                                                                r_dtype):
+    """`NATIVE_GRADS`: the backward's first pass and its four products in one call of the kernel give
+    the gradients of the content and position queries and of the keys as the first pass followed by
+    PyTorch's bf16 products do (to one bf16 rounding: the sums may run in another order); r's
+    gradient summed in fp32 before any rounding, so nearer the exact one (float64, from the same
+    weights' gradient), and centred over the distances where r came in fp32; the same bits on one
+    thread or several; and lengths not multiples of 32 left to the two-step path."""
+    from still.compressive import attention as module
+    from still.compressive.attention import _AttentionWeights, mask_bias
+
+    _native_kernel_or_skip()
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    operands = [(0.3 * torch.randn(h * b, l, d)).to(bf16), torch.randn(h * b, k_len, d).to(bf16),
+                (0.3 * torch.randn(h, b * l, d)).to(bf16), torch.randn(h, k_len, d).to(r_dtype)]
+    allowed = causal_mask(l, k_len)
+    if per_row_mask:
+        valid = torch.ones(b, k_len, dtype=torch.bool)
+        valid[-1, : k_len - l] = False
+        valid[0, 5] = False
+        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    bias = mask_bias(allowed, bf16)
+    grad = torch.randn(h * b, l, k_len).to(bf16)
+
+    def grads(fused: bool, threads: int = 1) -> list[torch.Tensor]:
+        monkeypatch.setattr(module, "NATIVE_GRADS", fused)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            inputs = [t.clone().requires_grad_() for t in operands]
+            _AttentionWeights.apply(*inputs, bias).backward(grad)
+            return [t.grad for t in inputs]
+        finally:
+            torch.set_num_threads(before)
+
+    fused, plain = grads(True), grads(False)
+    for got, want in zip(fused[:3], plain[:3]):
+        assert got.dtype == bf16
+        scale = want.double().abs()
+        assert ((got.double() - want.double()).abs() <= 2**-7 * scale + 1e-3 * scale.max()).all()
+    assert fused[3].dtype == r_dtype
+    # r's exact gradient from the same weights' gradient: sum over rows of raw^T q_position, in float64
+    with torch.no_grad():
+        weights = _AttentionWeights.apply(*operands, bias).double()
+    ds = weights * (grad.double() - (weights * grad.double()).sum(-1, keepdim=True))  # (G, L, K)
+    raw = torch.zeros(h * b, l, k_len, dtype=torch.float64)
+    for i in range(l):
+        raw[:, i, l - 1 - i :] = ds[:, i, : k_len - (l - 1 - i)]
+    exact_r = torch.bmm(raw.view(h, b * l, k_len).transpose(1, 2), operands[2].double())  # (H, K, D)
+    if r_dtype == torch.float32:
+        exact_r = exact_r - exact_r.mean(dim=1, keepdim=True)
+        assert fused[3].double().sum(dim=1).abs().max() < 1e-4 * fused[3].double().abs().max() * k_len
+    assert (fused[3].double() - exact_r).norm() <= (plain[3].double() - exact_r).norm() + 1e-6 * exact_r.norm()
+    assert (fused[3].double() - exact_r).norm() < 2**-7 * exact_r.norm()
+    assert all(torch.equal(a, c) for a, c in zip(grads(True, threads=3), fused))
+
+
+
+def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(monkeypatch):
+    """16 queries (the weights' kernel takes them, the gradients' does not): `_native_grads` declines
+    and the first pass then PyTorch's products give the gradients; fp32 is not its either."""
+    from still.compressive import attention as module
+    from still.compressive.attention import _AttentionWeights
+
+    _native_kernel_or_skip()
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    h, b, l, k_len, d = 2, 2, 16, 64, 32
+    operands = [torch.randn(h * b, l, d).to(bf16), torch.randn(h * b, k_len, d).to(bf16),
+                torch.randn(h, b * l, d).to(bf16), torch.randn(h, k_len, d)]
+    calls = []
+    original = module._native_grads
+
+    def spy(*args):
+        calls.append(original(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(module, "_native_grads", spy)
+    inputs = [t.clone().requires_grad_() for t in operands]
+    bias = causal_mask_bias(l, k_len, torch.device("cpu"), bf16)
+    _AttentionWeights.apply(*inputs, bias).backward(torch.randn(h * b, l, k_len).to(bf16))
+    assert calls == [None] and all(torch.isfinite(t.grad).all() for t in inputs)
+    grads = [torch.randn(h * b, l, k_len) for _ in range(1)]
+    assert module._native_grads(*(t.float() for t in operands), torch.randn(h * b, l, k_len), grads[0],
+                                torch.float32) is None
+
+
 def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
     """fp32, head dims not multiples of 32 and lengths not multiples of 16 take the PyTorch path; and
     without the kernel, bf16 training still runs (the PyTorch bf16 path)."""

@@ -274,7 +274,8 @@ class _AttentionWeights(torch.autograd.Function):
     what the softmax guarantees: the gradient at masked scores is exactly 0, so the entries past
     each row's end (which alias the next row's leading entries) may be written with it before the
     valid entries. In bf16 on a CPU with AMX, `native_attention.cpp` makes the forward in one pass
-    with the scores in fp32, and the backward's softmax and shift in one (`NATIVE_SCORES`).
+    with the scores in fp32, and the backward's softmax and shift in one (`NATIVE_SCORES`), its four
+    products too where the lengths and head dim are multiples of 32 (`NATIVE_GRADS`).
     """
 
     @staticmethod
@@ -311,6 +312,10 @@ class _AttentionWeights(torch.autograd.Function):
     def backward(ctx, grad_weights):
         q_content, k, q_position, r, weights = ctx.saved_tensors
         h, k_len = r.shape[0], weights.shape[-1]
+        fused = (_native_grads(q_content, k, q_position, r, weights, grad_weights, ctx.r_dtype) if NATIVE_SCORES
+                 else None)
+        if fused is not None:  # bf16 on a CPU with the kernel: the softmax's backward and the four products at once
+            return (*fused, None)
         native = _native_backward(weights, grad_weights, k.dtype) if NATIVE_SCORES else None
         if native is not None:  # bf16 on a CPU with the kernel: both in one pass
             grad_scores, raw = native
@@ -346,6 +351,44 @@ def _scores_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
     view[..., :split].copy_(grad_scores[..., :split])
     raw[:, 0, : l - 1] = 0
     return grad_scores, raw
+
+
+NATIVE_GRADS = True
+"""Where `NATIVE_SCORES` runs the backward's first pass, and the lengths and head dim are multiples
+of 32: the four products after it as well, in the same pass of `native_attention.cpp`
+(`still_attention_grads`): the scores' gradient never leaves the core's caches, and the position
+table's gradient is summed and centred in fp32. False: the first pass, then PyTorch's four
+products. Tests compare the two."""
+
+
+def _native_grads(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                  weights: torch.Tensor, grad_weights: torch.Tensor, r_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`_AttentionWeights.backward`'s four gradients from one call of `still_attention_grads`, or None
+    where it cannot (not all bf16 on a CPU, L, K or D not multiples of 32, no kernel here). r's
+    gradient in `r_dtype`, centred over the distances where r came in wider (`EXACT_POSITION_GRADIENT`)."""
+    if not NATIVE_GRADS or torch.compiler.is_compiling() or weights.device.type != "cpu":
+        return None
+    g, l, k_len = weights.shape
+    h, d = r.shape[0], r.shape[2]
+    if (any(t.dtype != torch.bfloat16 for t in (q_content, k, q_position, r, weights))
+            or l % 32 or k_len % 32 or d % 32 or g % h):
+        return None
+    from still.compressive import native
+
+    lib = native.attention_library()
+    if lib is None:
+        return None
+    tensors = [t.contiguous() for t in (weights, grad_weights.to(torch.bfloat16), q_content, k, q_position, r)]
+    grad_q_content, grad_k, grad_q_position = (torch.empty_like(t) for t in tensors[2:5])
+    grad_r = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    center = r_dtype != r.dtype
+    code = lib.still_attention_grads(*(t.data_ptr() for t in tensors), grad_q_content.data_ptr(), grad_k.data_ptr(),
+                                     grad_q_position.data_ptr(), grad_r.data_ptr(), h, g // h, l, k_len, d, int(center),
+                                     min(torch.get_num_threads(), native.MAX_THREADS))
+    if code != 0:
+        return None
+    return grad_q_content, grad_k, grad_q_position, grad_r.to(r_dtype)
 
 
 def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: torch.dtype

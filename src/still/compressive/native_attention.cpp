@@ -63,11 +63,12 @@ bool amx_permitted() {  // Linux hands out the tile data only on request, once p
     return ok;
 }
 
-// tiles 0: C (16 x 16 fp32), 1: A (16 rows x 32 bf16), 2: B (16 pairs x 16 columns, VNNI)
-void configure_tiles() {
+// tiles 0: C (16 x 16 fp32), 1: A (16 rows x 32 bf16), 2: B (16 pairs x 16 columns, VNNI); `count`
+// tiles of that shape (16 rows of 64 bytes) in all, up to 8
+void configure_tiles(int count = 3) {
     TileConfig c{};
     c.palette = 1;
-    for (int t = 0; t < 3; ++t) {
+    for (int t = 0; t < count; ++t) {
         c.rows[t] = 16;
         c.colsb[t] = 64;
     }
@@ -280,6 +281,163 @@ void softmax_backward_row(const uint16_t* w, const uint16_t* g, int64_t k_len, i
     }
 }
 
+// src (rows, cols) bf16 at row stride `stride` (even), rows a multiple of 32, cols even -> dst
+// (cols, rows) at row stride `dst_stride`: per pair of columns and 32 rows, two gathers of 32-bit
+// pairs and two permutes
+void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t stride, uint16_t* dst,
+                    int64_t dst_stride) {
+    const auto* words = reinterpret_cast<const int*>(src);
+    const __m512i index = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(stride / 2)));
+    alignas(64) uint16_t even[32], odd[32];  // the low halves of a's words then b's; the high halves
+    for (int j = 0; j < 16; ++j) {
+        even[j] = uint16_t(2 * j), even[16 + j] = uint16_t(32 + 2 * j);
+        odd[j] = uint16_t(2 * j + 1), odd[16 + j] = uint16_t(33 + 2 * j);
+    }
+    const __m512i index_even = _mm512_load_si512(even), index_odd = _mm512_load_si512(odd);
+    for (int64_t r0 = 0; r0 < rows; r0 += 32)
+        for (int64_t c = 0; c < cols; c += 2) {
+            const int* base = words + (r0 * stride + c) / 2;
+            const __m512i a = _mm512_i32gather_epi32(index, base, 4);                      // rows r0 .. +15
+            const __m512i b = _mm512_i32gather_epi32(index, base + 16 * (stride / 2), 4);  // rows r0 + 16 .. +31
+            _mm512_storeu_si512(dst + c * dst_stride + r0, _mm512_permutex2var_epi16(a, index_even, b));
+            _mm512_storeu_si512(dst + (c + 1) * dst_stride + r0, _mm512_permutex2var_epi16(a, index_odd, b));
+        }
+}
+
+// 32 rows of a (row stride k_len, bf16) times the (k_len, d) matrix packed by `pack_values`, over the
+// key blocks [kb0, kb1) (the others are zero in a) -> out (32, d) bf16; o: a 32 x d fp32 scratch.
+// Four accumulators at a time (two 16-row halves x two column blocks), so that the products of one
+// key block do not wait for each other. Tiles 0-7 (`configure_tiles(8)`).
+void rows_times(const uint16_t* a, const uint32_t* packed, int64_t kb0, int64_t kb1, int64_t k_len, int64_t d,
+                float* o, uint16_t* out) {
+    const int64_t nc = d / 16;
+    for (int64_t cb = 0; cb < nc; cb += 2) {
+        _tile_zero(0);
+        _tile_zero(3);
+        _tile_zero(4);
+        _tile_zero(5);
+        for (int64_t kb = kb0; kb < kb1; ++kb) {
+            _tile_loadd(1, a + kb * 32, k_len * 2);
+            _tile_loadd(6, a + 16 * k_len + kb * 32, k_len * 2);
+            _tile_loadd(2, packed + (kb * nc + cb) * 256, 64);
+            _tile_loadd(7, packed + (kb * nc + cb + 1) * 256, 64);
+            _tile_dpbf16ps(0, 1, 2);
+            _tile_dpbf16ps(3, 1, 7);
+            _tile_dpbf16ps(4, 6, 2);
+            _tile_dpbf16ps(5, 6, 7);
+        }
+        _tile_stored(0, o + cb * 16, d * 4);
+        _tile_stored(3, o + (cb + 1) * 16, d * 4);
+        _tile_stored(4, o + 16 * d + cb * 16, d * 4);
+        _tile_stored(5, o + 16 * d + (cb + 1) * 16, d * 4);
+    }
+    for (int64_t j = 0; j < 32 * d; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + j)));
+}
+
+// acc (d, k_len) fp32 (= where `accumulate`, else overwritten) the transposed operand at (d, l) bf16
+// (row stride l) times the (l, k_len) rows packed by `pack_values`, column block cb (16 columns) summed
+// over the row blocks [first_block(cb), l / 32) (the earlier ones are zero in those columns); two
+// feature blocks at a time. Tiles 0-4.
+template <class First>
+void transposed_times(float* acc, const uint16_t* at, const uint32_t* packed, int64_t l, int64_t k_len, int64_t d,
+                      bool accumulate, const First& first_block) {
+    const int64_t nk = k_len / 16, rblocks = l / 32;
+    for (int64_t cb = 0; cb < nk; ++cb) {
+        const int64_t first = first_block(cb);
+        for (int64_t fb = 0; fb < d / 16; fb += 2) {
+            float* c0 = acc + fb * 16 * k_len + cb * 16;
+            float* c1 = c0 + 16 * k_len;
+            if (accumulate) {
+                _tile_loadd(0, c0, k_len * 4);
+                _tile_loadd(3, c1, k_len * 4);
+            } else {
+                _tile_zero(0);
+                _tile_zero(3);
+            }
+            for (int64_t rb = first; rb < rblocks; ++rb) {
+                _tile_loadd(2, packed + (rb * nk + cb) * 256, 64);
+                _tile_loadd(1, at + fb * 16 * l + rb * 32, l * 2);
+                _tile_loadd(4, at + (fb + 1) * 16 * l + rb * 32, l * 2);
+                _tile_dpbf16ps(0, 1, 2);
+                _tile_dpbf16ps(3, 4, 2);
+            }
+            _tile_stored(0, c0, k_len * 4);
+            _tile_stored(3, c1, k_len * 4);
+        }
+    }
+}
+
+// The backward of `still_attention_weights` through its four products, for the heads [h0, h1) (each
+// head's groups h B .. h B + B - 1, so that r's gradient is summed by one thread). Per group: the
+// scores' gradient ds and its shift raw for all L rows (`softmax_backward_row`, rounded to bf16,
+// kept in the core's L2); then grad_q_content = ds k and grad_q_position = raw r, 32 rows at a time;
+// grad_k^T = q_content^T ds and grad_r^T += q_position^T raw, each 16 x 16 block summed over the
+// row blocks in its accumulator (fp32; transposed at the end of a group and of a head). The key
+// blocks the causal mask leaves zero are skipped. grad_r in fp32, centred over the distances where
+// `center`.
+void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* qc, const uint16_t* k,
+                        const uint16_t* qp, const uint16_t* r, uint16_t* gqc, uint16_t* gk, uint16_t* gqp, float* gr,
+                        int64_t h0, int64_t h1, int64_t batch, int64_t l, int64_t k_len, int64_t d, bool center) {
+    const int64_t kblocks = k_len / 32, offset = k_len - l;  // query i is key offset + i
+    std::vector<uint32_t> k_packed(k_len * d / 2), r_packed(k_len * d / 2), ds_packed(l * k_len / 2),
+        raw_packed(l * k_len / 2);
+    std::vector<uint16_t> ds(l * k_len), raw(l * k_len), qt(d * l), qpt(d * l), kt(d * k_len);
+    std::vector<float> acc_k(d * k_len), acc_r(d * k_len), o(32 * d);
+    configure_tiles(8);
+    // ds row i is zero past key offset + i: columns 16 cb .. are zero in rows i < 16 cb - offset;
+    // raw row i is zero before column l - 1 - i: columns .. 16 cb + 15 are zero in rows i < l - 16 - 16 cb
+    auto ds_first = [&](int64_t cb) { return std::max<int64_t>(0, (16 * cb - offset) / 32); };
+    auto raw_first = [&](int64_t cb) { return std::max<int64_t>(0, (l - 16 - 16 * cb) / 32); };
+    for (int64_t h = h0; h < h1; ++h) {
+        pack_values(r + h * k_len * d, k_len, d, r_packed.data());
+        for (int64_t b = 0; b < batch; ++b) {
+            const int64_t g = h * batch + b;  // q_position's rows h B L + b L .. are the group's g L ..
+            pack_values(k + g * k_len * d, k_len, d, k_packed.data());
+            for (int64_t i = 0; i < l; ++i) {
+                const int64_t at = (g * l + i) * k_len;
+                softmax_backward_row(w + at, gw + at, k_len, l - 1 - i, ds.data() + i * k_len, raw.data() + i * k_len);
+            }
+            for (int64_t i0 = 0; i0 < l; i0 += 32) {
+                const int64_t ds_end = std::min(kblocks, (offset + i0 + 32 + 31) / 32);
+                const int64_t raw_begin = std::max<int64_t>(0, (l - 32 - i0) / 32);
+                rows_times(ds.data() + i0 * k_len, k_packed.data(), 0, ds_end, k_len, d, o.data(),
+                           gqc + (g * l + i0) * d);
+                rows_times(raw.data() + i0 * k_len, r_packed.data(), raw_begin, kblocks, k_len, d, o.data(),
+                           gqp + (g * l + i0) * d);
+            }
+            transpose_bf16(qc + g * l * d, l, d, d, qt.data(), l);
+            transpose_bf16(qp + g * l * d, l, d, d, qpt.data(), l);
+            pack_values(ds.data(), l, k_len, ds_packed.data());
+            pack_values(raw.data(), l, k_len, raw_packed.data());
+            transposed_times(acc_k.data(), qt.data(), ds_packed.data(), l, k_len, d, false, ds_first);
+            transposed_times(acc_r.data(), qpt.data(), raw_packed.data(), l, k_len, d, b > 0, raw_first);
+            for (int64_t j = 0; j < d * k_len; j += 16)  // grad_k^T to bf16, then transposed into place
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(kt.data() + j),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc_k.data() + j)));
+            transpose_bf16(kt.data(), d, k_len, k_len, gk + g * k_len * d, d);
+        }
+        // grad_r[h] (k_len, d) fp32 from grad_r^T, centred over the distances: each feature's mean removed
+        const __m512i index = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(k_len)));
+        for (int64_t f0 = 0; f0 < d; f0 += 16) {
+            alignas(64) float mean[16];
+            for (int64_t f = 0; f < 16; ++f) {
+                double sum = 0;
+                if (center)
+                    for (int64_t c = 0; c < k_len; ++c) sum += acc_r[(f0 + f) * k_len + c];
+                mean[f] = float(sum / double(k_len));
+            }
+            const __m512 m = _mm512_load_ps(mean);
+            for (int64_t c = 0; c < k_len; ++c)
+                _mm512_storeu_ps(gr + (h * k_len + c) * d + f0,
+                                 _mm512_sub_ps(_mm512_i32gather_ps(index, acc_r.data() + f0 * k_len + c, 4), m));
+        }
+    }
+    _tile_release();
+}
+
 // run(part) for part 0 .. threads - 1: part 0 on the calling thread, the others on helpers started here
 template <class Run>
 void on_threads(int64_t threads, const Run& run) {
@@ -341,6 +499,29 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
             const int64_t at = row * k_len;
             softmax_backward_row(weights + at, grad + at, k_len, l - 1 - row % l, grad_scores + at, grad_raw + at);
         }
+    };
+    on_threads(threads, run);
+#endif
+    return 0;
+}
+
+// The backward of `still_attention_weights` and its four products in one pass (see
+// `attention_grads_of`): from the weights w and their gradient gw (G, L, K) and the forward's
+// operands, grad_q_content (G, L, D), grad_k (G, K, D), grad_q_position (H, B L, D), all bf16, and
+// grad_r (H, K, D) fp32, summed over the batch rows and centred over the distances where `center`.
+// L, K and D multiples of 32. 0 on success; nonzero, nothing written, where this build cannot or 3: shapes.
+int64_t still_attention_grads(const uint16_t* w, const uint16_t* gw, const uint16_t* q_content, const uint16_t* k,
+                              const uint16_t* q_position, const uint16_t* r, uint16_t* grad_q_content,
+                              uint16_t* grad_k, uint16_t* grad_q_position, float* grad_r, int64_t heads,
+                              int64_t batch, int64_t l, int64_t k_len, int64_t d, int64_t center, int64_t threads) {
+    const int64_t available = still_attention_available();
+    if (available != 0) return available;
+    if (heads < 1 || batch < 1 || l < 32 || l % 32 || k_len % 32 || k_len < l || d < 32 || d % 32) return 3;
+#ifdef STILL_AMX
+    threads = std::max<int64_t>(1, std::min(threads, heads));
+    auto run = [&](int64_t part) {
+        attention_grads_of(w, gw, q_content, k, q_position, r, grad_q_content, grad_k, grad_q_position, grad_r,
+                           heads * part / threads, heads * (part + 1) / threads, batch, l, k_len, d, center != 0);
     };
     on_threads(threads, run);
 #endif
