@@ -757,6 +757,62 @@ def test_native_grads_are_the_first_pass_then_the_four_products(monkeypatch, h, 
 
 
 
+@pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask", [(2, 3, 32, 96, 32, False), (1, 2, 64, 64, 64, True),
+                                                        (4, 8, 128, 384, 32, False)])
+def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l, k_len, d, per_row_mask):
+    """`_AttentionOutputs` (the weights and their product with the values as one function): in
+    float64 the same output and gradients as `_AttentionWeights` followed by a product; in bf16 with
+    the kernel (`NATIVE_GRADS`), the weights' gradient computed inside from the output's in fp32,
+    every input's gradient at least as near the exact one (float64 from the same bf16 operands) as
+    the two-step path's, within 2% of it; the same bits on one thread or several."""
+    from still.compressive import attention as module
+    from still.compressive.attention import _AttentionOutputs, _AttentionWeights, mask_bias
+
+    torch.manual_seed(0)
+    operands = [0.3 * torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), torch.randn(h * b, k_len, d),
+                0.3 * torch.randn(h, b * l, d), torch.randn(h, k_len, d)]
+    allowed = causal_mask(l, k_len)
+    if per_row_mask:
+        valid = torch.ones(b, k_len, dtype=torch.bool)
+        valid[-1, : k_len - l] = False
+        valid[0, 5] = False
+        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    grad = torch.randn(h * b, l, d)
+
+    def run(dtype, combined: bool, threads: int = 1):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            inputs = [t.to(dtype).requires_grad_() for t in operands]
+            if dtype == torch.bfloat16:  # r stays fp32, as under autocast
+                inputs[4] = operands[4].clone().requires_grad_()
+            bias = mask_bias(allowed, dtype)
+            q_content, k, v, q_position, r = inputs
+            if combined:
+                out = _AttentionOutputs.apply(q_content, k, v, q_position, r, bias)
+            else:
+                out = torch.bmm(_AttentionWeights.apply(q_content, k, q_position, r, bias), v)
+            out.backward(grad.to(dtype))
+            return [out.detach()] + [t.grad for t in inputs]
+        finally:
+            torch.set_num_threads(before)
+
+    exact, plain64 = run(torch.float64, True), run(torch.float64, False)
+    for a, c in zip(exact, plain64):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+    _native_kernel_or_skip()
+    fused = run(torch.bfloat16, True)
+    monkeypatch.setattr(module, "NATIVE_GRADS", False)
+    two_step = run(torch.bfloat16, True)
+    monkeypatch.setattr(module, "NATIVE_GRADS", True)
+    assert torch.equal(fused[0], two_step[0])  # the same forward
+    for got, other, want in zip(fused[1:], two_step[1:], exact[1:]):
+        error = (got.double() - want).norm()
+        assert error < 0.02 * want.norm()
+        assert error <= 1.05 * (other.double() - want).norm()
+    assert all(torch.equal(a, c) for a, c in zip(run(torch.bfloat16, True, threads=3), fused))
+
+
 def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(monkeypatch):
     """16 queries (the weights' kernel takes them, the gradients' does not): `_native_grads` declines
     and the first pass then PyTorch's products give the gradients; fp32 is not its either."""
@@ -772,8 +828,8 @@ def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(mon
     calls = []
     original = module._native_grads
 
-    def spy(*args):
-        calls.append(original(*args))
+    def spy(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
         return calls[-1]
 
     monkeypatch.setattr(module, "_native_grads", spy)
@@ -781,9 +837,8 @@ def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(mon
     bias = causal_mask_bias(l, k_len, torch.device("cpu"), bf16)
     _AttentionWeights.apply(*inputs, bias).backward(torch.randn(h * b, l, k_len).to(bf16))
     assert calls == [None] and all(torch.isfinite(t.grad).all() for t in inputs)
-    grads = [torch.randn(h * b, l, k_len) for _ in range(1)]
-    assert module._native_grads(*(t.float() for t in operands), torch.randn(h * b, l, k_len), grads[0],
-                                torch.float32) is None
+    assert module._native_grads(*(t.float() for t in operands), torch.randn(h * b, l, k_len), torch.float32,
+                                grad_weights=torch.randn(h * b, l, k_len)) is None  # fp32
 
 
 def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):

@@ -280,56 +280,102 @@ class _AttentionWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_content, k, q_position, r, bias):
-        g, l, _ = q_content.shape
         ctx.r_dtype = r.dtype  # fp32 under bf16 autocast (`EXACT_POSITION_GRADIENT`)
-        r = r.to(q_content.dtype)  # (H, K, D)
-        h, k_len = r.shape[0], r.shape[1]
-        weights = _native_weights(q_content, k, q_position, r, bias) if NATIVE_SCORES else None
-        if weights is not None:  # bf16 on a CPU with AMX: the scores in fp32, in one pass
-            ctx.save_for_backward(q_content, k, q_position, r, weights)
-            return weights
-        fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
-        if q_content.dtype == torch.bfloat16:
-            ROUNDED_USED.set()
-        if fp32_scores:  # (bf16) the scores in fp32, the weights in bf16
-            with torch.autocast(q_content.device.type, enabled=False):  # (autocast would make it bf16 again)
-                raw = torch.bmm(q_position.float(), r.float().transpose(1, 2)).view(g, l, k_len)
-            scores = torch.add(_shifted_view(raw), torch.bmm(q_content, k.transpose(1, 2)))  # (G, L, K) fp32
-        else:
-            raw = torch.bmm(q_position, r.transpose(1, 2)).view(g, l, k_len)  # (H, B*L, K) = (G, L, K)
-            scores = torch.baddbmm(_shifted_view(raw), q_content, k.transpose(1, 2))  # (G, L, K)
-        del raw
-        # the mask as an added 0 / -inf bias: a broadcast `masked_fill_` took 4x as long (1.6 ms
-        # against 0.4 for 64 x 128 x 384 scores on one core)
-        scores.view(h, g // h, l, k_len).add_(bias)  # bias (L, K) or (1, B, L, K)
-        weights = scores.softmax(dim=-1)  # (G, L, K); the autocast policy applies
-        if fp32_scores:
-            weights = weights.to(q_content.dtype)
+        weights, r = _weights_forward(q_content, k, q_position, r, bias)
         ctx.save_for_backward(q_content, k, q_position, r, weights)
         return weights
 
     @staticmethod
     def backward(ctx, grad_weights):
         q_content, k, q_position, r, weights = ctx.saved_tensors
-        h, k_len = r.shape[0], weights.shape[-1]
-        fused = (_native_grads(q_content, k, q_position, r, weights, grad_weights, ctx.r_dtype) if NATIVE_SCORES
-                 else None)
+        fused = (_native_grads(q_content, k, q_position, r, weights, ctx.r_dtype, grad_weights=grad_weights)
+                 if NATIVE_SCORES else None)
         if fused is not None:  # bf16 on a CPU with the kernel: the softmax's backward and the four products at once
-            return (*fused, None)
-        native = _native_backward(weights, grad_weights, k.dtype) if NATIVE_SCORES else None
-        if native is not None:  # bf16 on a CPU with the kernel: both in one pass
-            grad_scores, raw = native
-        else:
-            grad_scores, raw = _scores_backward(weights, grad_weights, k.dtype)
-        grad_q_content = torch.bmm(grad_scores, k)  # (G, L, D)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), q_content)  # (G, K, D)
-        raw = raw.view(h, -1, k_len)  # (H, B*L, K)
-        grad_q_position = torch.bmm(raw, r)  # (H, B*L, D)
-        grad_r = torch.bmm(raw.transpose(1, 2), q_position)  # (H, K, D)
-        if ctx.r_dtype != r.dtype:  # r came in wider (`EXACT_POSITION_GRADIENT`): the gradient centred,
-            grad_r = grad_r.to(ctx.r_dtype)  # as the exact one is, over the distances
-            grad_r = grad_r - grad_r.mean(dim=1, keepdim=True)
-        return grad_q_content, grad_k, grad_q_position, grad_r, None
+            return (*fused[:4], None)
+        return (*_weights_backward(q_content, k, q_position, r, weights, ctx.r_dtype, grad_weights), None)
+
+
+class _AttentionOutputs(torch.autograd.Function):
+    """`_AttentionWeights` followed by the product with the values: (weights v) (G, L, D), from
+    q_content, k, v (G, K, D), q_position, r and the bias, without attention dropout in between.
+    Where the kernel takes the backward (`NATIVE_GRADS`), it computes the weights' gradient
+    grad_out v^T itself, 16 rows at a time in fp32, and the values' gradient weights^T grad_out, so
+    the (G, L, K) gradient of the weights is never written; elsewhere, the two products, then
+    `_AttentionWeights`' backward."""
+
+    @staticmethod
+    def forward(ctx, q_content, k, v, q_position, r, bias):
+        ctx.r_dtype = r.dtype
+        weights, r = _weights_forward(q_content, k, q_position, r, bias)
+        ctx.save_for_backward(q_content, k, v, q_position, r, weights)
+        return torch.bmm(weights, v)  # (G, L, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_content, k, v, q_position, r, weights = ctx.saved_tensors
+        fused = (_native_grads(q_content, k, q_position, r, weights, ctx.r_dtype, grad_out=grad, v=v)
+                 if NATIVE_SCORES else None)
+        if fused is not None:
+            grad_q_content, grad_k, grad_q_position, grad_r, grad_v = fused
+            return grad_q_content, grad_k, grad_v, grad_q_position, grad_r, None
+        grad = grad.to(weights.dtype)
+        grad_weights = torch.bmm(grad, v.transpose(1, 2))  # (G, L, K)
+        grad_v = torch.bmm(weights.transpose(1, 2), grad)  # (G, K, D)
+        grads = _weights_backward(q_content, k, q_position, r, weights, ctx.r_dtype, grad_weights)
+        return grads[0], grads[1], grad_v, grads[2], grads[3], None
+
+
+def _weights_forward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                     bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_AttentionWeights`' forward: the weights (G, L, K), and r in the queries' dtype (what the
+    backward reads)."""
+    g, l, _ = q_content.shape
+    r = r.to(q_content.dtype)  # (H, K, D)
+    h, k_len = r.shape[0], r.shape[1]
+    weights = _native_weights(q_content, k, q_position, r, bias) if NATIVE_SCORES else None
+    if weights is not None:  # bf16 on a CPU with AMX: the scores in fp32, in one pass
+        return weights, r
+    fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
+    if q_content.dtype == torch.bfloat16:
+        ROUNDED_USED.set()
+    if fp32_scores:  # (bf16) the scores in fp32, the weights in bf16
+        with torch.autocast(q_content.device.type, enabled=False):  # (autocast would make it bf16 again)
+            raw = torch.bmm(q_position.float(), r.float().transpose(1, 2)).view(g, l, k_len)
+        scores = torch.add(_shifted_view(raw), torch.bmm(q_content, k.transpose(1, 2)))  # (G, L, K) fp32
+    else:
+        raw = torch.bmm(q_position, r.transpose(1, 2)).view(g, l, k_len)  # (H, B*L, K) = (G, L, K)
+        scores = torch.baddbmm(_shifted_view(raw), q_content, k.transpose(1, 2))  # (G, L, K)
+    del raw
+    # the mask as an added 0 / -inf bias: a broadcast `masked_fill_` took 4x as long (1.6 ms
+    # against 0.4 for 64 x 128 x 384 scores on one core)
+    scores.view(h, g // h, l, k_len).add_(bias)  # bias (L, K) or (1, B, L, K)
+    weights = scores.softmax(dim=-1)  # (G, L, K); the autocast policy applies
+    if fp32_scores:
+        weights = weights.to(q_content.dtype)
+    return weights, r
+
+
+def _weights_backward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                      weights: torch.Tensor, r_dtype: torch.dtype, grad_weights: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_AttentionWeights`' backward in two steps: the softmax's backward and the shift (one pass of
+    the kernel where it runs, `_native_backward`), then PyTorch's four products. -> the gradients of
+    q_content, k, q_position and r (in `r_dtype`, centred over the distances where r came wider)."""
+    h, k_len = r.shape[0], weights.shape[-1]
+    native = _native_backward(weights, grad_weights, k.dtype) if NATIVE_SCORES else None
+    if native is not None:  # bf16 on a CPU with the kernel: both in one pass
+        grad_scores, raw = native
+    else:
+        grad_scores, raw = _scores_backward(weights, grad_weights, k.dtype)
+    grad_q_content = torch.bmm(grad_scores, k)  # (G, L, D)
+    grad_k = torch.bmm(grad_scores.transpose(1, 2), q_content)  # (G, K, D)
+    raw = raw.view(h, -1, k_len)  # (H, B*L, K)
+    grad_q_position = torch.bmm(raw, r)  # (H, B*L, D)
+    grad_r = torch.bmm(raw.transpose(1, 2), q_position)  # (H, K, D)
+    if r_dtype != r.dtype:  # r came in wider (`EXACT_POSITION_GRADIENT`): the gradient centred,
+        grad_r = grad_r.to(r_dtype)  # as the exact one is, over the distances
+        grad_r = grad_r - grad_r.mean(dim=1, keepdim=True)
+    return grad_q_content, grad_k, grad_q_position, grad_r
 
 
 def _scores_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: torch.dtype
@@ -362,33 +408,40 @@ products. Tests compare the two."""
 
 
 def _native_grads(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
-                  weights: torch.Tensor, grad_weights: torch.Tensor, r_dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """`_AttentionWeights.backward`'s four gradients from one call of `still_attention_grads`, or None
-    where it cannot (not all bf16 on a CPU, L, K or D not multiples of 32, no kernel here). r's
-    gradient in `r_dtype`, centred over the distances where r came in wider (`EXACT_POSITION_GRADIENT`)."""
+                  weights: torch.Tensor, r_dtype: torch.dtype, grad_weights: torch.Tensor | None = None,
+                  grad_out: torch.Tensor | None = None, v: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """The gradients of q_content, k, q_position and r (and of v) from one call of
+    `still_attention_grads`, from the weights' gradient `grad_weights`, or from the gradient of
+    (weights v) `grad_out` and `v` (`_AttentionOutputs`, which also gets v's); or None where it
+    cannot (not all bf16 on a CPU, L, K or D not multiples of 32, no kernel here). r's gradient in
+    `r_dtype`, centred over the distances where r came in wider (`EXACT_POSITION_GRADIENT`)."""
     if not NATIVE_GRADS or torch.compiler.is_compiling() or weights.device.type != "cpu":
         return None
     g, l, k_len = weights.shape
     h, d = r.shape[0], r.shape[2]
-    if (any(t.dtype != torch.bfloat16 for t in (q_content, k, q_position, r, weights))
-            or l % 32 or k_len % 32 or d % 32 or g % h):
+    operands = (q_content, k, q_position, r, weights) + ((v,) if v is not None else ())
+    if any(t.dtype != torch.bfloat16 for t in operands) or l % 32 or k_len % 32 or d % 32 or g % h:
         return None
     from still.compressive import native
 
     lib = native.attention_library()
     if lib is None:
         return None
-    tensors = [t.contiguous() for t in (weights, grad_weights.to(torch.bfloat16), q_content, k, q_position, r)]
-    grad_q_content, grad_k, grad_q_position = (torch.empty_like(t) for t in tensors[2:5])
+    bf16 = torch.bfloat16
+    inputs = [None if t is None else t.to(bf16).contiguous()
+              for t in (weights, grad_weights, grad_out, v, q_content, k, q_position, r)]
+    grad_q_content, grad_k, grad_q_position = (torch.empty_like(t) for t in (inputs[4], inputs[5], inputs[6]))
+    grad_v = torch.empty_like(inputs[3]) if v is not None else None
     grad_r = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     center = r_dtype != r.dtype
-    code = lib.still_attention_grads(*(t.data_ptr() for t in tensors), grad_q_content.data_ptr(), grad_k.data_ptr(),
+    code = lib.still_attention_grads(*(None if t is None else t.data_ptr() for t in inputs), grad_q_content.data_ptr(),
+                                     grad_k.data_ptr(), None if grad_v is None else grad_v.data_ptr(),
                                      grad_q_position.data_ptr(), grad_r.data_ptr(), h, g // h, l, k_len, d, int(center),
                                      min(torch.get_num_threads(), native.MAX_THREADS))
     if code != 0:
         return None
-    return grad_q_content, grad_k, grad_q_position, grad_r.to(r_dtype)
+    return grad_q_content, grad_k, grad_q_position, grad_r.to(r_dtype), grad_v
 
 
 def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: torch.dtype
@@ -872,9 +925,11 @@ class RelativeMultiHeadAttention(nn.Module):
         else:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
             bias = mask_bias(allowed.transpose(0, 1), dtype)
         k, v = (heads_major(k), heads_major(v)) if by_head is None else by_head  # (HB, K, D)
-        weights = _AttentionWeights.apply(q_content, k, q_position, r, bias)  # (HB, L, K)
-        weights = dropout(weights, self.dropout_attn, self.training)
-        out = weights @ v  # (HB, L, D)
+        if self.dropout_attn > 0 and self.training:
+            weights = _AttentionWeights.apply(q_content, k, q_position, r, bias)  # (HB, L, K)
+            out = dropout(weights, self.dropout_attn, self.training) @ v  # (HB, L, D)
+        else:  # the weights and their product with the values as one function (its backward fused on the CPU)
+            out = _AttentionOutputs.apply(q_content, k, v, q_position, r, bias)  # (HB, L, D)
         return out.view(h, b, l, dh).transpose(0, 1), (k, v)  # (B, H, L, D)
 
     def heads_major_key_values(self, output: AttentionOutput, slots: slice) -> tuple[torch.Tensor, torch.Tensor]:

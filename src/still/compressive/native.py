@@ -107,7 +107,7 @@ def _load_attention(path: Path) -> ctypes.CDLL:
     lib.still_attention_weights.restype = integer
     lib.still_attention_backward.argtypes = [pointer] * 4 + [integer] * 4
     lib.still_attention_backward.restype = integer
-    lib.still_attention_grads.argtypes = [pointer] * 10 + [integer] * 7
+    lib.still_attention_grads.argtypes = [pointer] * 13 + [integer] * 7
     lib.still_attention_grads.restype = integer
     lib.still_content_attention.argtypes = [pointer] * 5 + [integer] * 8
     lib.still_content_attention.restype = integer

@@ -260,22 +260,28 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
 }
 
 // one row of the backward: dot = sum_j w_j g_j, ds_j = w_j (g_j - dot) in fp32, rounded once to bf16,
-// into ds (K) and, shifted right by `shift` (the distances' order of the position scores), into raw
-void softmax_backward_row(const uint16_t* w, const uint16_t* g, int64_t k_len, int64_t shift, uint16_t* ds,
+// into ds (K) and, shifted right by `shift` (the distances' order of the position scores), into raw.
+// g in bf16, or in fp32 (`still_attention_grads` computing it), where only its first n columns are
+// read (the weights are zero beyond) and ds is zero beyond them.
+inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); }
+inline __m512 load_row(const uint16_t* g, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, g)); }
+inline __m512 load_row(const float* g, __mmask16 m) { return _mm512_maskz_loadu_ps(m, g); }
+
+template <class G>
+void softmax_backward_row(const uint16_t* w, const G* g, int64_t k_len, int64_t n, int64_t shift, uint16_t* ds,
                           uint16_t* raw) {
-    auto widen = [](__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); };
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < k_len; j += 16) {
-        const __mmask16 m = lanes(k_len - j);
-        acc = _mm512_fmadd_ps(widen(_mm256_maskz_loadu_epi16(m, w + j)), widen(_mm256_maskz_loadu_epi16(m, g + j)), acc);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes(n - j);
+        acc = _mm512_fmadd_ps(load_row(w + j, m), load_row(g + j, m), acc);
     }
     const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
     std::memset(raw, 0, shift * sizeof(uint16_t));
     for (int64_t j = 0; j < k_len; j += 16) {
-        const __mmask16 m = lanes(k_len - j);
-        const __m512 wj = widen(_mm256_maskz_loadu_epi16(m, w + j));
-        const __m512 gj = widen(_mm256_maskz_loadu_epi16(m, g + j));
-        const __m256i d = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(wj, _mm512_sub_ps(gj, dot)));
+        const __mmask16 m = lanes(k_len - j), valid = lanes(n - j);
+        const __m512 wj = load_row(w + j, valid);
+        const __m512 gj = load_row(g + j, valid);
+        const __m256i d = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(valid, wj, _mm512_sub_ps(gj, dot)));
         _mm256_mask_storeu_epi16(ds + j, m, d);
         _mm256_mask_storeu_epi16(raw + shift + j, lanes(k_len - shift - j) & m, d);  // what stays in the row
     }
@@ -377,14 +383,16 @@ void transposed_times(float* acc, const uint16_t* at, const uint32_t* packed, in
 // row blocks in its accumulator (fp32; transposed at the end of a group and of a head). The key
 // blocks the causal mask leaves zero are skipped. grad_r in fp32, centred over the distances where
 // `center`.
-void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* qc, const uint16_t* k,
-                        const uint16_t* qp, const uint16_t* r, uint16_t* gqc, uint16_t* gk, uint16_t* gqp, float* gr,
-                        int64_t h0, int64_t h1, int64_t batch, int64_t l, int64_t k_len, int64_t d, bool center) {
+void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* go, const uint16_t* v,
+                        const uint16_t* qc, const uint16_t* k, const uint16_t* qp, const uint16_t* r, uint16_t* gqc,
+                        uint16_t* gk, uint16_t* gv, uint16_t* gqp, float* gr, int64_t h0, int64_t h1, int64_t batch,
+                        int64_t l, int64_t k_len, int64_t d, bool center) {
     const int64_t kblocks = k_len / 32, offset = k_len - l;  // query i is key offset + i
+    const bool outputs = gw == nullptr;  // the weights' gradient from the output's: go v^T
     std::vector<uint32_t> k_packed(k_len * d / 2), r_packed(k_len * d / 2), ds_packed(l * k_len / 2),
-        raw_packed(l * k_len / 2);
-    std::vector<uint16_t> ds(l * k_len), raw(l * k_len), qt(d * l), qpt(d * l), kt(d * k_len);
-    std::vector<float> acc_k(d * k_len), acc_r(d * k_len), o(32 * d);
+        raw_packed(l * k_len / 2), v_packed(outputs ? k_len * d / 2 : 0), w_packed(outputs ? l * k_len / 2 : 0);
+    std::vector<uint16_t> ds(l * k_len), raw(l * k_len), qt(d * l), qpt(d * l), kt(d * k_len), got(outputs ? d * l : 0);
+    std::vector<float> acc_k(d * k_len), acc_r(d * k_len), o(32 * d), gwf(outputs ? 16 * k_len : 0);
     configure_tiles(8);
     // ds row i is zero past key offset + i: columns 16 cb .. are zero in rows i < 16 cb - offset;
     // raw row i is zero before column l - 1 - i: columns .. 16 cb + 15 are zero in rows i < l - 16 - 16 cb
@@ -395,9 +403,23 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* q
         for (int64_t b = 0; b < batch; ++b) {
             const int64_t g = h * batch + b;  // q_position's rows h B L + b L .. are the group's g L ..
             pack_values(k + g * k_len * d, k_len, d, k_packed.data());
-            for (int64_t i = 0; i < l; ++i) {
-                const int64_t at = (g * l + i) * k_len;
-                softmax_backward_row(w + at, gw + at, k_len, l - 1 - i, ds.data() + i * k_len, raw.data() + i * k_len);
+            if (!outputs) {
+                for (int64_t i = 0; i < l; ++i) {
+                    const int64_t at = (g * l + i) * k_len;
+                    softmax_backward_row(w + at, gw + at, k_len, k_len, l - 1 - i, ds.data() + i * k_len,
+                                         raw.data() + i * k_len);
+                }
+            } else {  // 16 rows of the weights' gradient at a time, in fp32, over the keys they see
+                pack_vnni(v + g * k_len * d, k_len, d, v_packed.data());
+                for (int64_t i0 = 0; i0 < l; i0 += 16) {
+                    const int64_t seen = offset + i0 + 16;  // keys of the 16 rows: 0 .. offset + i0 + 15
+                    scores(go + (g * l + i0) * d, v_packed.data(), d, 0, seen / 16, gwf.data(), k_len);
+                    for (int64_t t = 0; t < 16; ++t) {
+                        const int64_t i = i0 + t;
+                        softmax_backward_row(w + (g * l + i) * k_len, gwf.data() + t * k_len, k_len, seen, l - 1 - i,
+                                             ds.data() + i * k_len, raw.data() + i * k_len);
+                    }
+                }
             }
             for (int64_t i0 = 0; i0 < l; i0 += 32) {
                 const int64_t ds_end = std::min(kblocks, (offset + i0 + 32 + 31) / 32);
@@ -417,6 +439,15 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* q
                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(kt.data() + j),
                                     (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc_k.data() + j)));
             transpose_bf16(kt.data(), d, k_len, k_len, gk + g * k_len * d, d);
+            if (outputs) {  // grad_v^T = go^T w, summed over the rows where w is not zero (those of ds)
+                transpose_bf16(go + g * l * d, l, d, d, got.data(), l);
+                pack_values(w + g * l * k_len, l, k_len, w_packed.data());
+                transposed_times(acc_k.data(), got.data(), w_packed.data(), l, k_len, d, false, ds_first);
+                for (int64_t j = 0; j < d * k_len; j += 16)
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(kt.data() + j),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc_k.data() + j)));
+                transpose_bf16(kt.data(), d, k_len, k_len, gv + g * k_len * d, d);
+            }
         }
         // grad_r[h] (k_len, d) fp32 from grad_r^T, centred over the distances: each feature's mean removed
         const __m512i index = _mm512_mullo_epi32(
@@ -497,7 +528,7 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
     auto run = [&](int64_t part) {
         for (int64_t row = rows * part / threads; row < rows * (part + 1) / threads; ++row) {
             const int64_t at = row * k_len;
-            softmax_backward_row(weights + at, grad + at, k_len, l - 1 - row % l, grad_scores + at, grad_raw + at);
+            softmax_backward_row(weights + at, grad + at, k_len, k_len, l - 1 - row % l, grad_scores + at, grad_raw + at);
         }
     };
     on_threads(threads, run);
@@ -506,22 +537,28 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
 }
 
 // The backward of `still_attention_weights` and its four products in one pass (see
-// `attention_grads_of`): from the weights w and their gradient gw (G, L, K) and the forward's
+// `attention_grads_of`): from the weights w (G, L, K), their gradient gw (G, L, K) and the forward's
 // operands, grad_q_content (G, L, D), grad_k (G, K, D), grad_q_position (H, B L, D), all bf16, and
 // grad_r (H, K, D) fp32, summed over the batch rows and centred over the distances where `center`.
-// L, K and D multiples of 32. 0 on success; nonzero, nothing written, where this build cannot or 3: shapes.
-int64_t still_attention_grads(const uint16_t* w, const uint16_t* gw, const uint16_t* q_content, const uint16_t* k,
-                              const uint16_t* q_position, const uint16_t* r, uint16_t* grad_q_content,
-                              uint16_t* grad_k, uint16_t* grad_q_position, float* grad_r, int64_t heads,
-                              int64_t batch, int64_t l, int64_t k_len, int64_t d, int64_t center, int64_t threads) {
+// With gw null, the weights were followed by the product with the values v (G, K, D), out = w v:
+// gw is computed from the output's gradient go (G, L, D) as go v^T (in fp32, not rounded), and
+// grad_v = w^T go (G, K, D) bf16 is written too. L, K and D multiples of 32. 0 on success; nonzero,
+// nothing written, where this build cannot or 3: shapes.
+int64_t still_attention_grads(const uint16_t* w, const uint16_t* gw, const uint16_t* go, const uint16_t* v,
+                              const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position,
+                              const uint16_t* r, uint16_t* grad_q_content, uint16_t* grad_k, uint16_t* grad_v,
+                              uint16_t* grad_q_position, float* grad_r, int64_t heads, int64_t batch, int64_t l,
+                              int64_t k_len, int64_t d, int64_t center, int64_t threads) {
     const int64_t available = still_attention_available();
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 32 || l % 32 || k_len % 32 || k_len < l || d < 32 || d % 32) return 3;
+    if (gw == nullptr && (go == nullptr || v == nullptr || grad_v == nullptr)) return 3;
 #ifdef STILL_AMX
     threads = std::max<int64_t>(1, std::min(threads, heads));
     auto run = [&](int64_t part) {
-        attention_grads_of(w, gw, q_content, k, q_position, r, grad_q_content, grad_k, grad_q_position, grad_r,
-                           heads * part / threads, heads * (part + 1) / threads, batch, l, k_len, d, center != 0);
+        attention_grads_of(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
+                           grad_q_position, grad_r, heads * part / threads, heads * (part + 1) / threads, batch, l,
+                           k_len, d, center != 0);
     };
     on_threads(threads, run);
 #endif
@@ -537,7 +574,7 @@ int64_t still_squared_error(const uint16_t* a, const uint16_t* b, int64_t count,
     const int64_t available = still_attention_available();
     if (available != 0) return available;
 #ifdef STILL_AMX
-    auto widen = [](__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); };
+    const auto widen = widen_bf16;
     double total = 0;
     for (int64_t start = 0; start < count; start += 1024) {
         const int64_t end = std::min(count, start + 1024);
@@ -569,7 +606,7 @@ int64_t still_squared_error_grad(const uint16_t* a, const uint16_t* b, int64_t c
     const int64_t available = still_attention_available();
     if (available != 0) return available;
 #ifdef STILL_AMX
-    auto widen = [](__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); };
+    const auto widen = widen_bf16;
     const __m512 k = _mm512_set1_ps(scale);
     for (int64_t i = 0; i < count; i += 16) {
         const __mmask16 m = lanes(count - i);
