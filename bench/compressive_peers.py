@@ -45,7 +45,10 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
     GFLOP/s   matmul and convolution FLOPs counted from shapes by torch.utils.flop_counter on one
               extra step (or one extra generation) of the first repeat, times the median rate;
               elementwise ops, softmax and norms are not counted. A sharded row's FLOPs are its
-              unsharded twin's (the same products; a dispatch mode sees one thread's).
+              unsharded twin's (the same products; a dispatch mode sees one thread's). Our counted
+              training step runs with the bf16 attention kernels off (`attention.kernels_off`): they
+              make the same products where the counter cannot see them. (Before session 29 the bf16
+              rows' counts left out the products the kernel made: two a layer since session 23.)
     allocator every measuring process, whichever implementation it runs, starts with glibc's malloc
               keeping the memory it frees (the MALLOC_* variables for `still.allocator`'s settings,
               which the `still` command's process sets), so that no one's calls fault in fresh pages
@@ -573,8 +576,10 @@ def run_worker(spec: dict) -> dict:
         if training and not all(compressed):
             raise RuntimeError(f"{adapter.name}: no compression loss in {compressed.count(False)} timed steps")
         tokens = cfg.timed_steps * cfg.batch_size * cfg.segment_len
-        if count_flops:
-            with FlopCounterMode(display=False) as counter:
+        if count_flops:  # still's bf16 attention kernels off: the counter sees only PyTorch's products
+            from still.compressive.attention import kernels_off
+
+            with kernels_off(), FlopCounterMode(display=False) as counter:
                 step(n_segments - 1)
             result["flops"] = counter.get_total_flops()
         if training:

@@ -15,8 +15,9 @@ and keys fit the cores' caches. In one run, interleaved, medians over repeats:
                         `still lm train` runs it by default on a CPU (`still.train.shards`)
     MFU                 model FLOP/s (matmul and convolution FLOPs of one step, forward + backward,
                         counted from shapes by torch.utils.flop_counter: the products the step
-                        runs) / the machine's matmul peak in the same precision, measured in the same
-                        run (`still bench peak`)
+                        runs, counted with the bf16 attention kernels off, which make the same
+                        products out of the counter's sight) / the machine's matmul peak in the
+                        same precision, measured in the same run (`still bench peak`)
     compile             (not by default) training with `still lm train --compile`: each layer's
                         feed-forward block compiled by torch.compile during the warm-up steps
     MFU, 3x fwd         the same with the step's FLOPs counted as 3x its forward's (the convention
@@ -65,6 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from still.bench.peak import device_name, peak  # noqa: E402
+from still.compressive.attention import kernels_off  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
 from still.compressive.generate import StreamScorer, generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
@@ -145,7 +147,7 @@ def train_rate(precision: str, steps: int, warmup: int, seed: int, shards: int =
         trainer.close()
         return steps * b * l / seconds, None
     counting = True
-    with FlopCounterMode(display=False) as counter:
+    with kernels_off(), FlopCounterMode(display=False) as counter:  # PyTorch's products, which the kernels make
         trainer._step(warmup + steps)
     return steps * b * l / seconds, (counter.get_total_flops(), forward_flops[0])
 

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -839,6 +840,37 @@ def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(mon
     assert calls == [None] and all(torch.isfinite(t.grad).all() for t in inputs)
     assert module._native_grads(*(t.float() for t in operands), torch.randn(h * b, l, k_len), torch.float32,
                                 grad_weights=torch.randn(h * b, l, k_len)) is None  # fp32
+
+
+def test_kernels_off_lets_the_flop_counter_see_every_product():
+    """`kernels_off` (for the benchmarks' FLOP counts): a bf16 training step of the model counted
+    inside it has the fp32 step's FLOPs (the same products); outside it, where the kernels run, the
+    counter misses theirs; the flag comes back after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module, native
+
+    if native.attention_library() is None:
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+    torch.manual_seed(0)
+    net = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=64, n_layers=2, n_heads=2, d_ff=64,
+                                                   mem_len=32, c_mem_len=32, compression_rate=1, dropout=0.0)).train()
+    seq = torch.randint(0, 11, (2, 96))
+    state = None
+    for start in (0, 32):
+        with torch.autocast("cpu", torch.bfloat16):
+            state = net(seq[:, start : start + 32], state).state
+
+    def flops(bf16: bool, off: bool) -> int:
+        with (module.kernels_off() if off else contextlib.nullcontext()), FlopCounterMode(display=False) as counter:
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = net(seq[:, 64:96], state)
+            (out.logits.float().square().mean() + out.compression_loss.float()).backward()
+        return counter.get_total_flops()
+
+    assert flops(True, off=True) == flops(False, off=False)
+    assert module.NATIVE_SCORES
+    assert flops(True, off=False) < flops(True, off=True)
 
 
 def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):

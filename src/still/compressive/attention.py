@@ -500,6 +500,21 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
     return out
 
 
+@contextlib.contextmanager
+def kernels_off():
+    """Within it, the attention takes PyTorch's paths instead of `native_attention.cpp`'s
+    (`NATIVE_SCORES` off): for counting a step's FLOPs with `torch.utils.flop_counter`, which sees
+    only PyTorch's operators, where the kernels make the same products out of its sight. Sets a
+    module flag: not for a step running on another thread meanwhile."""
+    global NATIVE_SCORES
+    before = NATIVE_SCORES
+    NATIVE_SCORES = False
+    try:
+        yield
+    finally:
+        NATIVE_SCORES = before
+
+
 NATIVE_USED, ROUNDED_USED = threading.Event(), threading.Event()
 """Set once `native_attention.cpp` has computed a bf16 forward's weights (its scores in fp32), and
 once the PyTorch path has (its scores rounded to bf16), since they were last cleared: a run's
