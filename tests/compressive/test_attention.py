@@ -762,8 +762,9 @@ def test_native_grads_are_the_first_pass_then_the_four_products(monkeypatch, h, 
                                                         (4, 8, 128, 384, 32, False)])
 def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l, k_len, d, per_row_mask):
     """`_AttentionOutputs` (the weights and their product with the values as one function): in
-    float64 the same output and gradients as `_AttentionWeights` followed by a product; in bf16 with
-    the kernel (`NATIVE_GRADS`), the weights' gradient computed inside from the output's in fp32,
+    float64 the same output and gradients as `_AttentionWeights` followed by a product; in bf16 the
+    kernel's product with the values as PyTorch's of the same weights (to a bf16 rounding); with
+    the kernel's backward (`NATIVE_GRADS`), the weights' gradient computed inside from the output's in fp32,
     every input's gradient at least as near the exact one (float64 from the same bf16 operands) as
     the two-step path's, within 2% of it; the same bits on one thread or several."""
     from still.compressive import attention as module
@@ -807,6 +808,10 @@ def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l
     two_step = run(torch.bfloat16, True)
     monkeypatch.setattr(module, "NATIVE_GRADS", True)
     assert torch.equal(fused[0], two_step[0])  # the same forward
+    # the kernel's product with the values (made as the weights are) against PyTorch's of the same weights
+    separate = run(torch.bfloat16, False)
+    torch.testing.assert_close(fused[0].float(), separate[0].float(), rtol=2**-7, atol=1e-3)
+    assert (fused[0].double() - exact[0]).norm() < 0.01 * exact[0].norm()
     for got, other, want in zip(fused[1:], two_step[1:], exact[1:]):
         error = (got.double() - want).norm()
         assert error < 0.02 * want.norm()

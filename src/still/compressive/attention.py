@@ -281,7 +281,7 @@ class _AttentionWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_content, k, q_position, r, bias):
         ctx.r_dtype = r.dtype  # fp32 under bf16 autocast (`EXACT_POSITION_GRADIENT`)
-        weights, r = _weights_forward(q_content, k, q_position, r, bias)
+        weights, r, _ = _weights_forward(q_content, k, q_position, r, bias)
         ctx.save_for_backward(q_content, k, q_position, r, weights)
         return weights
 
@@ -298,17 +298,18 @@ class _AttentionWeights(torch.autograd.Function):
 class _AttentionOutputs(torch.autograd.Function):
     """`_AttentionWeights` followed by the product with the values: (weights v) (G, L, D), from
     q_content, k, v (G, K, D), q_position, r and the bias, without attention dropout in between.
-    Where the kernel takes the backward (`NATIVE_GRADS`), it computes the weights' gradient
-    grad_out v^T itself, 16 rows at a time in fp32, and the values' gradient weights^T grad_out, so
-    the (G, L, K) gradient of the weights is never written; elsewhere, the two products, then
-    `_AttentionWeights`' backward."""
+    Where the kernel makes the weights, it makes the product too, 16 rows at a time as their
+    weights are made (K a multiple of 32). Where the kernel takes the backward (`NATIVE_GRADS`), it
+    computes the weights' gradient grad_out v^T itself, 16 rows at a time in fp32, and the values'
+    gradient weights^T grad_out, so the (G, L, K) gradient of the weights is never written;
+    elsewhere, the two products, then `_AttentionWeights`' backward."""
 
     @staticmethod
     def forward(ctx, q_content, k, v, q_position, r, bias):
         ctx.r_dtype = r.dtype
-        weights, r = _weights_forward(q_content, k, q_position, r, bias)
+        weights, r, out = _weights_forward(q_content, k, q_position, r, bias, v)
         ctx.save_for_backward(q_content, k, v, q_position, r, weights)
-        return torch.bmm(weights, v)  # (G, L, D)
+        return out if out is not None else torch.bmm(weights, v)  # (G, L, D)
 
     @staticmethod
     def backward(ctx, grad):
@@ -326,15 +327,16 @@ class _AttentionOutputs(torch.autograd.Function):
 
 
 def _weights_forward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
-                     bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_AttentionWeights`' forward: the weights (G, L, K), and r in the queries' dtype (what the
-    backward reads)."""
+                     bias: torch.Tensor, v: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`_AttentionWeights`' forward: the weights (G, L, K), r in the queries' dtype (what the
+    backward reads), and where `v` is given and the kernel made it, (weights v) (G, L, D), else None."""
     g, l, _ = q_content.shape
     r = r.to(q_content.dtype)  # (H, K, D)
     h, k_len = r.shape[0], r.shape[1]
-    weights = _native_weights(q_content, k, q_position, r, bias) if NATIVE_SCORES else None
-    if weights is not None:  # bf16 on a CPU with AMX: the scores in fp32, in one pass
-        return weights, r
+    native = _native_weights(q_content, k, q_position, r, bias, v) if NATIVE_SCORES else None
+    if native is not None:  # bf16 on a CPU with AMX: the scores in fp32, in one pass
+        return native[0], r, native[1]
     fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
     if q_content.dtype == torch.bfloat16:
         ROUNDED_USED.set()
@@ -352,7 +354,7 @@ def _weights_forward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch
     weights = scores.softmax(dim=-1)  # (G, L, K); the autocast policy applies
     if fp32_scores:
         weights = weights.to(q_content.dtype)
-    return weights, r
+    return weights, r, None
 
 
 def _weights_backward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
@@ -465,10 +467,13 @@ def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
 
 
 def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
-                    bias: torch.Tensor) -> torch.Tensor | None:
-    """`_AttentionWeights`' weights from `native_attention.cpp` (G, L, K) bf16, or None where it
-    cannot compute them (not bf16 on a CPU, shapes it does not take, no kernel on this machine;
-    under torch.compile, whose own code fuses the PyTorch path's passes)."""
+                    bias: torch.Tensor, v: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """`_AttentionWeights`' weights from `native_attention.cpp` (G, L, K) bf16, and with the values
+    `v` (G, K, D) also (weights v) (G, L, D), made as each 16 rows' weights are (None where K is not a
+    multiple of 32); or None where it cannot compute the weights (not bf16 on a CPU, shapes it does
+    not take, no kernel on this machine; under torch.compile, whose own code fuses the PyTorch
+    path's passes)."""
     if torch.compiler.is_compiling():
         return None
     g, l, d = q_content.shape
@@ -490,14 +495,19 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
     if lib is None:
         return None
     q_content, k, q_position, r, bias = (t.contiguous() for t in tensors)
+    if v is not None and (v.dtype != torch.bfloat16 or v.shape != k.shape or k_len % 32):
+        v = None
+    v = v.contiguous() if v is not None else None
     out = torch.empty(g, l, k_len, dtype=torch.bfloat16, device=q_content.device)  # (G, L, K)
+    values = torch.empty(g, l, d, dtype=torch.bfloat16, device=q_content.device) if v is not None else None
     code = lib.still_attention_weights(q_content.data_ptr(), k.data_ptr(), q_position.data_ptr(), r.data_ptr(),
                                        None if causal_only else bias.data_ptr(), batch_stride, out.data_ptr(),
+                                       None if v is None else v.data_ptr(), None if v is None else values.data_ptr(),
                                        h, g // h, l, k_len, d, min(torch.get_num_threads(), native.MAX_THREADS))
     if code != 0:
         return None
     NATIVE_USED.set()
-    return out
+    return out, values
 
 
 @contextlib.contextmanager

@@ -103,7 +103,7 @@ def _load_attention(path: Path) -> ctypes.CDLL:
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     lib.still_attention_available.argtypes = []
     lib.still_attention_available.restype = integer
-    lib.still_attention_weights.argtypes = [pointer] * 5 + [integer, pointer] + [integer] * 6
+    lib.still_attention_weights.argtypes = [pointer] * 5 + [integer] + [pointer] * 3 + [integer] * 6
     lib.still_attention_weights.restype = integer
     lib.still_attention_backward.argtypes = [pointer] * 4 + [integer] * 4
     lib.still_attention_backward.restype = integer

@@ -167,12 +167,39 @@ void softmax_row(float* s, const float* p, const uint16_t* bias, int64_t n, int6
     if (n < k_len) std::memset(out + n, 0, (k_len - n) * sizeof(uint16_t));
 }
 
+void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed);
+
+// 16 rows of weights w (row stride k_len, bf16) times the values packed by `pack_values`, over the key
+// blocks [0, kb1) (the weights are zero beyond) -> out (16, d) bf16, row stride d; o: a 16 x d fp32
+// scratch. Two column blocks at a time (tiles 0 and 3, A in 1, B in 2 and 4).
+void weights_times_values(const uint16_t* w, const uint32_t* packed, int64_t kb1, int64_t k_len, int64_t d, float* o,
+                          uint16_t* out) {
+    const int64_t nc = d / 16;
+    for (int64_t cb = 0; cb < nc; cb += 2) {
+        _tile_zero(0);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < kb1; ++kb) {
+            _tile_loadd(1, w + kb * 32, k_len * 2);
+            _tile_loadd(2, packed + (kb * nc + cb) * 256, 64);
+            _tile_loadd(4, packed + (kb * nc + cb + 1) * 256, 64);
+            _tile_dpbf16ps(0, 1, 2);
+            _tile_dpbf16ps(3, 1, 4);
+        }
+        _tile_stored(0, o + cb * 16, d * 4);
+        _tile_stored(3, o + (cb + 1) * 16, d * 4);
+    }
+    for (int64_t j = 0; j < 16 * d; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + j)));
+}
+
+// The weights of groups [g0, g1) into out (G, L, K); where v is not null, also (weights v) into
+// values_out (G, L, D), 16 rows at a time while their weights are in the core's cache
 void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position, const uint16_t* r,
-                const uint16_t* bias, int64_t bias_batch_stride, uint16_t* out, int64_t g0, int64_t g1,
-                int64_t batch, int64_t l, int64_t k_len, int64_t d) {
-    std::vector<uint32_t> r_packed(k_len * d / 2), k_packed(k_len * d / 2);
-    std::vector<float> content(16 * k_len), position(16 * k_len);
-    configure_tiles();
+                const uint16_t* bias, int64_t bias_batch_stride, uint16_t* out, const uint16_t* v,
+                uint16_t* values_out, int64_t g0, int64_t g1, int64_t batch, int64_t l, int64_t k_len, int64_t d) {
+    std::vector<uint32_t> r_packed(k_len * d / 2), k_packed(k_len * d / 2), v_packed(v == nullptr ? 0 : k_len * d / 2);
+    std::vector<float> content(16 * k_len), position(16 * k_len), o(16 * d);
+    configure_tiles(5);
     int64_t packed_head = -1;
     for (int64_t g = g0; g < g1; ++g) {
         const int64_t h = g / batch, b = g % batch;
@@ -181,6 +208,7 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
             packed_head = h;
         }
         pack_vnni(k + g * k_len * d, k_len, d, k_packed.data());
+        if (v != nullptr) pack_values(v + g * k_len * d, k_len, d, v_packed.data());
         const uint16_t* bias_b = bias == nullptr ? nullptr : bias + b * bias_batch_stride;
         for (int64_t i0 = 0; i0 < l; i0 += 16) {
             const int64_t rows = g * l + i0;  // q_position's row h * B * L + b * L + i0 is the same
@@ -192,6 +220,9 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
                 softmax_row<true>(content.data() + t * k_len, position.data() + t * k_len + (l - 1 - i),
                             bias_b == nullptr ? nullptr : bias_b + i * k_len, k_len - l + i + 1, k_len, out + (rows + t) * k_len);
             }
+            if (v != nullptr)  // the 16 rows see keys 0 .. K - L + i0 + 15
+                weights_times_values(out + rows * k_len, v_packed.data(), (k_len - l + i0 + 16 + 31) / 32, k_len, d,
+                                     o.data(), values_out + rows * d);
         }
     }
     _tile_release();
@@ -495,17 +526,21 @@ int64_t still_attention_available() {
 
 // The weights (see the top of this file); 0 on success, nonzero (nothing written) where this
 // build or these shapes cannot (`still_attention_available`, or 3: shapes).
+// Where v (G, K, D) is not null, also the weights times the values into values_out (G, L, D) bf16
+// (products on AMX, sums in fp32; K then a multiple of 32).
 int64_t still_attention_weights(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position,
                                 const uint16_t* r, const uint16_t* bias, int64_t bias_batch_stride, uint16_t* out,
-                                int64_t heads, int64_t batch, int64_t l, int64_t k_len, int64_t d, int64_t threads) {
+                                const uint16_t* v, uint16_t* values_out, int64_t heads, int64_t batch, int64_t l,
+                                int64_t k_len, int64_t d, int64_t threads) {
     const int64_t available = still_attention_available();
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 32 || d % 32) return 3;
+    if (v != nullptr && (values_out == nullptr || k_len % 32)) return 3;
 #ifdef STILL_AMX
     const int64_t groups = heads * batch;
     threads = std::max<int64_t>(1, std::min(threads, groups));
     auto run = [&](int64_t part) {
-        weights_of(q_content, k, q_position, r, bias, bias_batch_stride, out, groups * part / threads,
+        weights_of(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, groups * part / threads,
                    groups * (part + 1) / threads, batch, l, k_len, d);
     };
     on_threads(threads, run);
