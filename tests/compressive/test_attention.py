@@ -696,6 +696,18 @@ def test_native_backward_is_the_softmax_backward_and_its_shift(g, l, k_len):
         torch.set_num_threads(before)
 
 
+def _allowed(b: int, l: int, k_len: int, per_row_mask: bool) -> torch.Tensor:
+    """The causal mask (L, K); with `per_row_mask`, also empty memory slots: all of the last row's
+    and one of the first's, (1, B, L, K)."""
+    allowed = causal_mask(l, k_len)
+    if per_row_mask:
+        valid = torch.ones(b, k_len, dtype=torch.bool)
+        valid[-1, : k_len - l] = False
+        valid[0, 5] = False
+        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    return allowed
+
+
 @pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask,r_dtype", [
     (2, 3, 32, 96, 32, False, torch.float32), (1, 2, 64, 64, 64, True, torch.float32),
     (2, 2, 32, 128, 96, True, torch.bfloat16), (4, 8, 128, 384, 32, False, torch.float32)])
@@ -715,12 +727,7 @@ def test_native_grads_are_the_first_pass_then_the_four_products(monkeypatch, h, 
     bf16 = torch.bfloat16
     operands = [(0.3 * torch.randn(h * b, l, d)).to(bf16), torch.randn(h * b, k_len, d).to(bf16),
                 (0.3 * torch.randn(h, b * l, d)).to(bf16), torch.randn(h, k_len, d).to(r_dtype)]
-    allowed = causal_mask(l, k_len)
-    if per_row_mask:
-        valid = torch.ones(b, k_len, dtype=torch.bool)
-        valid[-1, : k_len - l] = False
-        valid[0, 5] = False
-        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    allowed = _allowed(b, l, k_len, per_row_mask)
     bias = mask_bias(allowed, bf16)
     grad = torch.randn(h * b, l, k_len).to(bf16)
 
@@ -773,12 +780,7 @@ def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l
     torch.manual_seed(0)
     operands = [0.3 * torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), torch.randn(h * b, k_len, d),
                 0.3 * torch.randn(h, b * l, d), torch.randn(h, k_len, d)]
-    allowed = causal_mask(l, k_len)
-    if per_row_mask:
-        valid = torch.ones(b, k_len, dtype=torch.bool)
-        valid[-1, : k_len - l] = False
-        valid[0, 5] = False
-        allowed = (allowed & valid[:, None, :])[None]  # (1, B, L, K)
+    allowed = _allowed(b, l, k_len, per_row_mask)
     grad = torch.randn(h * b, l, d)
 
     def run(dtype, combined: bool, threads: int = 1):
