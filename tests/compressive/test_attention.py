@@ -821,6 +821,33 @@ def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l
     assert all(torch.equal(a, c) for a, c in zip(run(torch.bfloat16, True, threads=3), fused))
 
 
+def test_attention_outputs_with_fp32_weights_and_bf16_values():
+    """As CUDA's autocast gives them (the softmax in fp32, the values' projection in bf16): the
+    product in the values' dtype, and the gradients those of the same steps differentiated by
+    autograd (the weights cast to bf16 for the product), in each input's dtype."""
+    from still.compressive.attention import _AttentionOutputs, _AttentionWeights, causal_mask_bias
+
+    torch.manual_seed(0)
+    h, b, l, k_len, d = 2, 2, 8, 24, 16
+    operands = [torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), torch.randn(h * b, k_len, d).bfloat16(),
+                torch.randn(h, b * l, d), torch.randn(h, k_len, d)]
+    bias = causal_mask_bias(l, k_len, torch.device("cpu"), torch.float32)
+    grad = torch.randn(h * b, l, d).bfloat16()
+    results = []
+    for combined in (True, False):
+        inputs = [t.clone().requires_grad_() for t in operands]
+        q_content, k, v, q_position, r = inputs
+        if combined:
+            out = _AttentionOutputs.apply(q_content, k, v, q_position, r, bias)
+        else:
+            out = torch.bmm(_AttentionWeights.apply(q_content, k, q_position, r, bias).bfloat16(), v)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in inputs])
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+
+
 def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(monkeypatch):
     """16 queries (the weights' kernel takes them, the gradients' does not): `_native_grads` declines
     and the first pass then PyTorch's products give the gradients; fp32 is not its either."""

@@ -309,7 +309,8 @@ class _AttentionOutputs(torch.autograd.Function):
         ctx.r_dtype = r.dtype
         weights, r, out = _weights_forward(q_content, k, q_position, r, bias, v)
         ctx.save_for_backward(q_content, k, v, q_position, r, weights)
-        return out if out is not None else torch.bmm(weights, v)  # (G, L, D)
+        # (on GPUs autocast gives fp32 weights and bf16 values: the product in the values' dtype, as autocast's)
+        return out if out is not None else torch.bmm(weights.to(v.dtype), v)  # (G, L, D)
 
     @staticmethod
     def backward(ctx, grad):
@@ -319,9 +320,9 @@ class _AttentionOutputs(torch.autograd.Function):
         if fused is not None:
             grad_q_content, grad_k, grad_q_position, grad_r, grad_v = fused
             return grad_q_content, grad_k, grad_v, grad_q_position, grad_r, None
-        grad = grad.to(weights.dtype)
-        grad_weights = torch.bmm(grad, v.transpose(1, 2))  # (G, L, K)
-        grad_v = torch.bmm(weights.transpose(1, 2), grad)  # (G, K, D)
+        grad = grad.to(v.dtype)
+        grad_weights = torch.bmm(grad, v.transpose(1, 2)).to(weights.dtype)  # (G, L, K)
+        grad_v = torch.bmm(weights.to(v.dtype).transpose(1, 2), grad)  # (G, K, D)
         grads = _weights_backward(q_content, k, q_position, r, weights, ctx.r_dtype, grad_weights)
         return grads[0], grads[1], grad_v, grads[2], grads[3], None
 
