@@ -606,9 +606,9 @@ def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     products and softmax backward that autograd runs for the plain path (`_ContentAttention`)."""
     if NATIVE_SCORES and _native_content_shapes(q, k, v):
         if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
-            native = _native_content_attention(q, k, v, out)
-            if native is not None:
-                return native[0]
+            result = _native_content_attention(q, k, v, out)
+            if result is not None:
+                return result[0]
         elif out is None:
             from still.compressive import native
 
