@@ -167,6 +167,12 @@ void softmax_row(float* s, const float* p, const uint16_t* bias, int64_t n, int6
     if (n < k_len) std::memset(out + n, 0, (k_len - n) * sizeof(uint16_t));
 }
 
+// count fp32 values (a multiple of 16) rounded to bf16
+void to_bf16(const float* src, int64_t count, uint16_t* dst) {
+    for (int64_t j = 0; j < count; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+}
+
 void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed);
 
 // 16 rows of weights w (row stride k_len, bf16) times the values packed by `pack_values`, over the key
@@ -188,8 +194,7 @@ void weights_times_values(const uint16_t* w, const uint32_t* packed, int64_t kb1
         _tile_stored(0, o + cb * 16, d * 4);
         _tile_stored(3, o + (cb + 1) * 16, d * 4);
     }
-    for (int64_t j = 0; j < 16 * d; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + j)));
+    to_bf16(o, 16 * d, out);
 }
 
 // The weights of groups [g0, g1) into out (G, L, K); where v is not null, also (weights v) into
@@ -262,8 +267,7 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
     std::vector<uint32_t> k_packed(n * d / 2), v_packed(n * d / 2);
     std::vector<float> s(16 * n), o(16 * d);
     std::vector<uint16_t> w(16 * n);
-    const int64_t nc = d / 16;
-    configure_tiles();
+    configure_tiles(5);  // (`weights_times_values`' tiles)
     for (int64_t g = g0; g < g1; ++g) {
         pack_vnni(k + g * kv_stride, n, d, k_packed.data());
         pack_values(v + g * kv_stride, n, d, v_packed.data());
@@ -272,19 +276,7 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
             uint16_t* wrows = weights_out == nullptr ? w.data() : weights_out + (g * l + i0) * n;
             for (int64_t t = 0; t < 16; ++t)
                 softmax_row<false>(s.data() + t * n, nullptr, nullptr, n, n, wrows + t * n);
-            for (int64_t cb = 0; cb < nc; ++cb) {
-                _tile_zero(0);
-                for (int64_t kb = 0; kb < n / 32; ++kb) {
-                    _tile_loadd(1, wrows + kb * 32, n * 2);
-                    _tile_loadd(2, v_packed.data() + (kb * nc + cb) * 256, 64);
-                    _tile_dpbf16ps(0, 1, 2);
-                }
-                _tile_stored(0, o.data() + cb * 16, d * 4);
-            }
-            uint16_t* rows = out + g * out_stride + i0 * d;
-            for (int64_t j = 0; j < 16 * d; j += 16)
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + j),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o.data() + j)));
+            weights_times_values(wrows, v_packed.data(), n / 32, n, d, o.data(), out + g * out_stride + i0 * d);
         }
     }
     _tile_release();
@@ -369,8 +361,7 @@ void rows_times(const uint16_t* a, const uint32_t* packed, int64_t kb0, int64_t 
         _tile_stored(4, o + 16 * d + cb * 16, d * 4);
         _tile_stored(5, o + 16 * d + (cb + 1) * 16, d * 4);
     }
-    for (int64_t j = 0; j < 32 * d; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + j)));
+    to_bf16(o, 32 * d, out);
 }
 
 // acc (d, k_len) fp32 (= where `accumulate`, else overwritten) the transposed operand at (d, l) bf16
@@ -466,17 +457,13 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
             pack_values(raw.data(), l, k_len, raw_packed.data());
             transposed_times(acc_k.data(), qt.data(), ds_packed.data(), l, k_len, d, false, ds_first);
             transposed_times(acc_r.data(), qpt.data(), raw_packed.data(), l, k_len, d, b > 0, raw_first);
-            for (int64_t j = 0; j < d * k_len; j += 16)  // grad_k^T to bf16, then transposed into place
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(kt.data() + j),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc_k.data() + j)));
+            to_bf16(acc_k.data(), d * k_len, kt.data());  // grad_k^T to bf16, then transposed into place
             transpose_bf16(kt.data(), d, k_len, k_len, gk + g * k_len * d, d);
             if (outputs) {  // grad_v^T = go^T w, summed over the rows where w is not zero (those of ds)
                 transpose_bf16(go + g * l * d, l, d, d, got.data(), l);
                 pack_values(w + g * l * k_len, l, k_len, w_packed.data());
                 transposed_times(acc_k.data(), got.data(), w_packed.data(), l, k_len, d, false, ds_first);
-                for (int64_t j = 0; j < d * k_len; j += 16)
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(kt.data() + j),
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc_k.data() + j)));
+                to_bf16(acc_k.data(), d * k_len, kt.data());
                 transpose_bf16(kt.data(), d, k_len, k_len, gv + g * k_len * d, d);
             }
         }
@@ -609,24 +596,23 @@ int64_t still_squared_error(const uint16_t* a, const uint16_t* b, int64_t count,
     const int64_t available = still_attention_available();
     if (available != 0) return available;
 #ifdef STILL_AMX
-    const auto widen = widen_bf16;
     double total = 0;
     for (int64_t start = 0; start < count; start += 1024) {
         const int64_t end = std::min(count, start + 1024);
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         int64_t i = start;
         for (; i + 32 <= end; i += 32) {
-            const __m512 d0 = _mm512_sub_ps(widen(_mm256_loadu_si256((const __m256i*)(a + i))),
-                                            widen(_mm256_loadu_si256((const __m256i*)(b + i))));
-            const __m512 d1 = _mm512_sub_ps(widen(_mm256_loadu_si256((const __m256i*)(a + i + 16))),
-                                            widen(_mm256_loadu_si256((const __m256i*)(b + i + 16))));
+            const __m512 d0 = _mm512_sub_ps(widen_bf16(_mm256_loadu_si256((const __m256i*)(a + i))),
+                                            widen_bf16(_mm256_loadu_si256((const __m256i*)(b + i))));
+            const __m512 d1 = _mm512_sub_ps(widen_bf16(_mm256_loadu_si256((const __m256i*)(a + i + 16))),
+                                            widen_bf16(_mm256_loadu_si256((const __m256i*)(b + i + 16))));
             acc0 = _mm512_fmadd_ps(d0, d0, acc0);
             acc1 = _mm512_fmadd_ps(d1, d1, acc1);
         }
         for (; i < end; i += 16) {
             const __mmask16 m = lanes(end - i);
-            const __m512 d = _mm512_sub_ps(widen(_mm256_maskz_loadu_epi16(m, a + i)),
-                                           widen(_mm256_maskz_loadu_epi16(m, b + i)));
+            const __m512 d = _mm512_sub_ps(widen_bf16(_mm256_maskz_loadu_epi16(m, a + i)),
+                                           widen_bf16(_mm256_maskz_loadu_epi16(m, b + i)));
             acc0 = _mm512_fmadd_ps(d, d, acc0);
         }
         total += double(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
@@ -641,11 +627,10 @@ int64_t still_squared_error_grad(const uint16_t* a, const uint16_t* b, int64_t c
     const int64_t available = still_attention_available();
     if (available != 0) return available;
 #ifdef STILL_AMX
-    const auto widen = widen_bf16;
     const __m512 k = _mm512_set1_ps(scale);
     for (int64_t i = 0; i < count; i += 16) {
         const __mmask16 m = lanes(count - i);
-        const __m512 d = _mm512_sub_ps(widen(_mm256_maskz_loadu_epi16(m, a + i)), widen(_mm256_maskz_loadu_epi16(m, b + i)));
+        const __m512 d = _mm512_sub_ps(widen_bf16(_mm256_maskz_loadu_epi16(m, a + i)), widen_bf16(_mm256_maskz_loadu_epi16(m, b + i)));
         _mm256_mask_storeu_epi16(out + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(d, k)));
     }
 #endif
