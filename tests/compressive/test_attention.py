@@ -872,14 +872,104 @@ def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(mon
     bias = causal_mask_bias(l, k_len, torch.device("cpu"), bf16)
     _AttentionWeights.apply(*inputs, bias).backward(torch.randn(h * b, l, k_len).to(bf16))
     assert calls == [None] and all(torch.isfinite(t.grad).all() for t in inputs)
+    monkeypatch.setattr(module, "NATIVE_FP32", False)  # fp32 is the fp32 kernel's (tested below), not this one's
     assert module._native_grads(*(t.float() for t in operands), torch.randn(h * b, l, k_len), torch.float32,
-                                grad_weights=torch.randn(h * b, l, k_len)) is None  # fp32
+                                grad_weights=torch.randn(h * b, l, k_len)) is None
+
+
+def _fp32_kernel_or_skip():
+    from still.compressive import native
+
+    if native.attention_fp32_library() is None:
+        pytest.skip("the fp32 attention kernel cannot run here (no compiler or no AVX-512)")
+
+
+@pytest.mark.parametrize("h,b,l,k_len,d,mask", [(2, 3, 32, 96, 32, "causal"), (1, 2, 16, 16, 16, "bias"),
+                                                 (3, 2, 48, 80, 48, "slots"), (4, 8, 128, 384, 64, "causal")])
+@pytest.mark.parametrize("outputs", [True, False])
+def test_native_fp32_attention_is_the_exact_one_to_fp32_rounding(monkeypatch, h, b, l, k_len, d, mask, outputs):
+    """`NATIVE_FP32`: the fp32 kernels' weights (or their product with the values, `_AttentionOutputs`)
+    and every gradient (from the output's gradient, or from the weights', `_AttentionWeights`) lie as
+    near the float64 computation from the same operands as PyTorch's fp32 path does; masked weights
+    are exactly 0; one thread and three give the same bits. Masks: the causal one alone (which the
+    kernel applies itself), the same as a bias, and empty memory slots per batch row."""
+    from still.compressive import attention as module
+    from still.compressive.attention import _AttentionOutputs, _AttentionWeights, mask_bias
+
+    _fp32_kernel_or_skip()
+    torch.manual_seed(0)
+    operands = [0.5 * torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), torch.randn(h * b, k_len, d),
+                0.5 * torch.randn(h, b * l, d), torch.randn(h, k_len, d)]  # q_content, k, v, q_position, r
+    allowed = _allowed(b, l, k_len, mask == "slots")
+    grad = torch.randn(h * b, l, d) if outputs else torch.randn(h * b, l, k_len)
+
+    def run(native: bool, dtype: torch.dtype = torch.float32, threads: int = 1) -> list[torch.Tensor]:
+        monkeypatch.setattr(module, "NATIVE_FP32", native)
+        bias = (causal_mask_bias(l, k_len, torch.device("cpu"), dtype) if mask == "causal"
+                else mask_bias(allowed, dtype))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            qc, k, v, qp, r = (t.to(dtype, copy=True).requires_grad_() for t in operands)
+            if outputs:
+                result = _AttentionOutputs.apply(qc, k, v, qp, r, bias)
+            else:
+                result = _AttentionWeights.apply(qc, k, qp, r, bias)
+            result.backward(grad.to(dtype))
+            return [result.detach()] + [t.grad for t in (qc, k, v, qp, r) if t.grad is not None]
+        finally:
+            torch.set_num_threads(before)
+
+    bias32 = causal_mask_bias(l, k_len, torch.device("cpu"), torch.float32)
+    assert module._native_weights(*operands[:2], *operands[3:], bias32) is not None  # the kernel takes these
+    exact, plain, kernel = run(False, torch.float64), run(False), run(True)
+    assert len(kernel) == (6 if outputs else 5)
+    for got, torch_fp32, want in zip(kernel, plain, exact):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        scale = want.abs().max()
+        err, err_plain = ((t.double() - want).abs().max() / scale for t in (got, torch_fp32))
+        assert err <= max(4 * err_plain, 4e-6), (err, err_plain)
+    if not outputs:
+        assert (kernel[0].view(h, b, l, k_len)[~allowed.expand(1, b, l, k_len)[0].expand(h, b, l, k_len)] == 0).all()
+    for got, again in zip(kernel, run(True, threads=3)):
+        assert torch.equal(got, again)
+
+
+def test_native_fp32_training_step_is_pytorchs():
+    """A whole fp32 training step of the model (memories, the compressed memory, the reconstruction
+    loss) gives every parameter the gradient PyTorch's fp32 attention gives it, to fp32 rounding."""
+    from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module
+
+    _fp32_kernel_or_skip()
+    torch.manual_seed(0)
+    net = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=64, n_layers=2, n_heads=2, d_ff=64,
+                                                   mem_len=32, c_mem_len=32, compression_rate=2, dropout=0.0)).train()
+    seq = torch.randint(0, 11, (2, 128))
+    state = None
+    for start in (0, 32, 64):  # the memories fill (the first steps mask empty slots)
+        state = net(seq[:, start : start + 32], state).state
+
+    def grads(native: bool) -> dict[str, torch.Tensor]:
+        before = module.NATIVE_FP32
+        module.NATIVE_FP32 = native
+        try:
+            net.zero_grad(set_to_none=True)
+            out = net(seq[:, 96:128], state)
+            (out.logits.square().mean() + out.compression_loss).backward()
+            return {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+        finally:
+            module.NATIVE_FP32 = before
+
+    kernel, plain = grads(True), grads(False)
+    assert kernel.keys() == plain.keys() and len(kernel) > 10
+    for name, want in plain.items():
+        torch.testing.assert_close(kernel[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
 
 
 def test_kernels_off_lets_the_flop_counter_see_every_product():
     """`kernels_off` (for the benchmarks' FLOP counts): a bf16 training step of the model counted
-    inside it has the fp32 step's FLOPs (the same products); outside it, where the kernels run, the
-    counter misses theirs; the flag comes back after."""
+    inside it has the fp32 step's FLOPs (the same products); outside it, where the kernels run (bf16
+    and fp32), the counter misses theirs; the flag comes back after."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module, native
@@ -902,26 +992,35 @@ def test_kernels_off_lets_the_flop_counter_see_every_product():
             (out.logits.float().square().mean() + out.compression_loss.float()).backward()
         return counter.get_total_flops()
 
-    assert flops(True, off=True) == flops(False, off=False)
+    assert flops(True, off=True) == flops(False, off=True)
     assert module.NATIVE_SCORES
     assert flops(True, off=False) < flops(True, off=True)
+    if native.attention_fp32_library() is not None:
+        assert flops(False, off=False) < flops(False, off=True)
 
 
 def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
-    """fp32, head dims not multiples of 32 and lengths not multiples of 16 take the PyTorch path; and
-    without the kernel, bf16 training still runs (the PyTorch bf16 path)."""
+    """fp32 without `NATIVE_FP32`, head dims not multiples of 32 (bf16; 16 in fp32) and lengths not
+    multiples of 16 take the PyTorch path; and without the kernel, bf16 training still runs (the
+    PyTorch bf16 path)."""
     from still.compressive import attention as module, native
 
     bf16 = torch.bfloat16
     bias = causal_mask_bias(16, 32, torch.device("cpu"), bf16)
     operands = (torch.randn(2, 16, 32), torch.randn(2, 32, 32), torch.randn(1, 32, 32), torch.randn(1, 32, 32))
-    assert module._native_weights(*operands, bias.float()) is None  # fp32
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "NATIVE_FP32", False)
+        assert module._native_weights(*operands, bias.float()) is None  # fp32
+    fp32_odd = (torch.randn(2, 16, 24), torch.randn(2, 32, 24), torch.randn(1, 32, 24), torch.randn(1, 32, 24))
+    assert module._native_weights(*fp32_odd, bias.float()) is None  # fp32, head dim 24
     odd = (torch.randn(2, 16, 16), torch.randn(2, 32, 16), torch.randn(1, 32, 16), torch.randn(1, 32, 16))
     assert module._native_weights(*(t.to(bf16) for t in odd), bias) is None  # head dim 16
     short = causal_mask_bias(12, 32, torch.device("cpu"), bf16)
     assert module._native_weights(*(t[..., :12, :].to(bf16) if i == 0 else t.to(bf16)
                                     for i, t in enumerate(operands)), short) is None  # 12 queries
-    monkeypatch.setattr(native, "_ATTENTION", [None])  # no kernel on this machine
+    assert module._native_weights(*(t[..., :12, :] if i == 0 else t for i, t in enumerate(operands)),
+                                  short.float()) is None  # 12 queries, fp32
+    monkeypatch.setattr(native, "_ATTENTION", [None, None, None])  # no kernel on this machine
     assert module._native_weights(*(t.to(bf16) for t in operands), bias) is None
     torch.manual_seed(0)
     attn = RelativeMultiHeadAttention(64, 2).train()
@@ -1018,7 +1117,7 @@ def test_native_content_attention_refuses_what_it_cannot_take(monkeypatch):
             assert module._native_content_attention(q, k, k) is None
             assert torch.equal(module.content_attention(q, k, k), plain(q, k))
         q, k = (torch.randn(2, 16, 32).to(bf16), torch.randn(2, 32, 32).to(bf16))
-        monkeypatch.setattr(native, "_ATTENTION", [None])  # no kernel on this machine
+        monkeypatch.setattr(native, "_ATTENTION", [None, None, None])  # no kernel on this machine
         assert module._native_content_attention(q, k, k) is None
         assert torch.equal(module.content_attention(q, k, k), plain(q, k))
     k.requires_grad_()

@@ -336,7 +336,7 @@ def _weights_forward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch
     r = r.to(q_content.dtype)  # (H, K, D)
     h, k_len = r.shape[0], r.shape[1]
     native = _native_weights(q_content, k, q_position, r, bias, v) if NATIVE_SCORES else None
-    if native is not None:  # bf16 on a CPU with AMX: the scores in fp32, in one pass
+    if native is not None:  # bf16 on a CPU with AMX (the scores in fp32), or fp32 with AVX-512: one pass
         return native[0], r, native[1]
     fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
     if q_content.dtype == torch.bfloat16:
@@ -402,6 +402,16 @@ def _scores_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
     return grad_scores, raw
 
 
+NATIVE_FP32 = True
+"""fp32 training (and fp32 inference over masked slots) on a CPU with AVX-512: the attention's
+forward and backward from `native_attention.cpp`'s fp32 kernels (`still_attention_weights_fp32`,
+`still_attention_grads_fp32`), the same passes as the bf16 kernel's with every product on AVX-512's
+multiply-adds in register blocks: 16 query rows' scores, softmax and product with the values while
+they are in the core's cache, the backward's five products from the scores' gradient of one
+(head, row) group kept in L2, and the terms the causal mask makes zero skipped. Where it cannot run
+(no compiler or AVX-512, lengths or head dim not multiples of 16), PyTorch's products. Under
+`NATIVE_SCORES` (off inside `kernels_off`). Tests compare the two."""
+
 NATIVE_GRADS = True
 """Where `NATIVE_SCORES` runs the backward's first pass, and the lengths and head dim are multiples
 of 32: the four products after it as well, in the same pass of `native_attention.cpp`
@@ -424,6 +434,8 @@ def _native_grads(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Te
     g, l, k_len = weights.shape
     h, d = r.shape[0], r.shape[2]
     operands = (q_content, k, q_position, r, weights) + ((v,) if v is not None else ())
+    if weights.dtype == torch.float32:
+        return _native_grads_fp32(q_content, k, q_position, r, weights, r_dtype, grad_weights, grad_out, v)
     if any(t.dtype != torch.bfloat16 for t in operands) or l % 32 or k_len % 32 or d % 32 or g % h:
         return None
     from still.compressive import native
@@ -445,6 +457,37 @@ def _native_grads(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Te
     if code != 0:
         return None
     return grad_q_content, grad_k, grad_q_position, grad_r.to(r_dtype), grad_v
+
+
+def _native_grads_fp32(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                       weights: torch.Tensor, r_dtype: torch.dtype, grad_weights: torch.Tensor | None,
+                       grad_out: torch.Tensor | None, v: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """`_native_grads` in fp32 (`still_attention_grads_fp32`, `NATIVE_FP32`): every operand fp32 on a
+    CPU, L, K and D multiples of 16; else None."""
+    g, l, k_len = weights.shape
+    h, d = r.shape[0], r.shape[2]
+    operands = [t for t in (q_content, k, q_position, r, weights, grad_weights, grad_out, v) if t is not None]
+    if (not NATIVE_FP32 or r_dtype != torch.float32 or any(t.dtype != torch.float32 for t in operands)
+            or l % 16 or k_len % 16 or d % 16 or g % h):
+        return None
+    from still.compressive import native
+
+    lib = native.attention_fp32_library()
+    if lib is None:
+        return None
+    inputs = [None if t is None else t.contiguous()
+              for t in (weights, grad_weights, grad_out, v, q_content, k, q_position, r)]
+    grad_q_content, grad_k, grad_q_position, grad_r = (torch.empty_like(t) for t in inputs[4:])
+    grad_v = torch.empty_like(inputs[3]) if v is not None else None
+    code = lib.still_attention_grads_fp32(*(None if t is None else t.data_ptr() for t in inputs),
+                                          grad_q_content.data_ptr(), grad_k.data_ptr(),
+                                          None if grad_v is None else grad_v.data_ptr(), grad_q_position.data_ptr(),
+                                          grad_r.data_ptr(), h, g // h, l, k_len, d,
+                                          min(torch.get_num_threads(), native.MAX_THREADS))
+    if code != 0:
+        return None
+    return grad_q_content, grad_k, grad_q_position, grad_r, grad_v
 
 
 def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: torch.dtype
@@ -470,18 +513,20 @@ def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
 def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
                     bias: torch.Tensor, v: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """`_AttentionWeights`' weights from `native_attention.cpp` (G, L, K) bf16, and with the values
-    `v` (G, K, D) also (weights v) (G, L, D), made as each 16 rows' weights are (None where K is not a
-    multiple of 32); or None where it cannot compute the weights (not bf16 on a CPU, shapes it does
-    not take, no kernel on this machine; under torch.compile, whose own code fuses the PyTorch
-    path's passes)."""
+    """`_AttentionWeights`' weights from `native_attention.cpp` (G, L, K), and with the values `v`
+    (G, K, D) also (weights v) (G, L, D), made as each 16 rows' weights are (in bf16 None where K is
+    not a multiple of 32); or None where it cannot compute the weights (not all bf16, or all fp32
+    under `NATIVE_FP32`, on a CPU; shapes it does not take; no kernel on this machine; under
+    torch.compile, whose own code fuses the PyTorch path's passes)."""
     if torch.compiler.is_compiling():
         return None
     g, l, d = q_content.shape
     h, k_len = r.shape[0], r.shape[1]
     tensors = (q_content, k, q_position, r, bias)
-    if (q_content.device.type != "cpu" or any(t.dtype != torch.bfloat16 for t in tensors)
-            or d % 32 or l % 16 or k_len % 16 or g % h):
+    dtype = q_content.dtype
+    fp32 = dtype == torch.float32
+    if (q_content.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32) or (fp32 and not NATIVE_FP32)
+            or any(t.dtype != dtype for t in tensors) or d % (16 if fp32 else 32) or l % 16 or k_len % 16 or g % h):
         return None
     if bias.dim() == 2:  # (L, K): every batch row's (the causal mask's alone: the kernel applies that itself)
         batch_stride = 0
@@ -492,22 +537,24 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
         return None
     from still.compressive import native
 
-    lib = native.attention_library()
+    lib = native.attention_fp32_library() if fp32 else native.attention_library()
     if lib is None:
         return None
     q_content, k, q_position, r, bias = (t.contiguous() for t in tensors)
-    if v is not None and (v.dtype != torch.bfloat16 or v.shape != k.shape or k_len % 32):
+    if v is not None and (v.dtype != dtype or v.shape != k.shape or (not fp32 and k_len % 32)):
         v = None
     v = v.contiguous() if v is not None else None
-    out = torch.empty(g, l, k_len, dtype=torch.bfloat16, device=q_content.device)  # (G, L, K)
-    values = torch.empty(g, l, d, dtype=torch.bfloat16, device=q_content.device) if v is not None else None
-    code = lib.still_attention_weights(q_content.data_ptr(), k.data_ptr(), q_position.data_ptr(), r.data_ptr(),
-                                       None if causal_only else bias.data_ptr(), batch_stride, out.data_ptr(),
-                                       None if v is None else v.data_ptr(), None if v is None else values.data_ptr(),
-                                       h, g // h, l, k_len, d, min(torch.get_num_threads(), native.MAX_THREADS))
+    out = torch.empty(g, l, k_len, dtype=dtype, device=q_content.device)  # (G, L, K)
+    values = torch.empty(g, l, d, dtype=dtype, device=q_content.device) if v is not None else None
+    call = lib.still_attention_weights_fp32 if fp32 else lib.still_attention_weights
+    code = call(q_content.data_ptr(), k.data_ptr(), q_position.data_ptr(), r.data_ptr(),
+                None if causal_only else bias.data_ptr(), batch_stride, out.data_ptr(),
+                None if v is None else v.data_ptr(), None if v is None else values.data_ptr(),
+                h, g // h, l, k_len, d, min(torch.get_num_threads(), native.MAX_THREADS))
     if code != 0:
         return None
-    NATIVE_USED.set()
+    if not fp32:
+        NATIVE_USED.set()
     return out, values
 
 

@@ -53,6 +53,7 @@ COMPRESS_GROUPS = 8  # the most compressing steps whose compressions are compute
 _COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
 _LIBRARY: list[ctypes.CDLL | None] = []
 ATTENTION_SOURCE = Path(__file__).with_name("native_attention.cpp")
+# once built: the attention library as loaded, where its bf16 kernels run here, where its fp32 ones do (else None)
 _ATTENTION: list[ctypes.CDLL | None] = []
 _ATTENTION_LOCK = threading.Lock()  # a sharded step's threads reach their first attention together
 
@@ -77,25 +78,36 @@ def library() -> ctypes.CDLL | None:
 
 
 def attention_library() -> ctypes.CDLL | None:
-    """The bf16 training attention's weights in one pass (`native_attention.cpp`), built at the
-    first call of the process where not cached; None, with the reason said once, where it cannot
-    run here (no compiler, or a processor or system without AMX tiles)."""
+    """The bf16 training attention's kernels (`native_attention.cpp`), built at the first call of the
+    process where not cached; None, with the reason said once, where they cannot run here (no
+    compiler, or a processor or system without AMX tiles)."""
     with _ATTENTION_LOCK:
         if not _ATTENTION:
             lib, reason = None, None
             try:
-                lib = _load_attention(_build(ATTENTION_SOURCE, "bf16 attention kernel"))
-                code = lib.still_attention_available()
-                if code != 0:
-                    lib, reason = None, ("no AMX in the compiler's target for this processor" if code == 1
-                                         else "the system refused the AMX tile data")
+                lib = _load_attention(_build(ATTENTION_SOURCE, "attention kernels"))
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 reason = str(error)
+            _ATTENTION.append(lib)
+            code = lib.still_attention_available() if lib is not None else None
+            if code:
+                reason = ("no AMX in the compiler's target for this processor" if code == 1
+                          else "the system refused the AMX tile data")
+            _ATTENTION.append(lib if reason is None else None)
+            fp32 = lib is not None and lib.still_attention_fp32_available() == 0
+            _ATTENTION.append(lib if fp32 else None)
             if reason is not None:
                 log(f"the bf16 attention kernel is unavailable ({reason}); bf16 training rounds the attention "
                     "scores to bf16")
-            _ATTENTION.append(lib)
-        return _ATTENTION[0]
+        return _ATTENTION[1]
+
+
+def attention_fp32_library() -> ctypes.CDLL | None:
+    """The same library where its fp32 training attention (`still_attention_weights_fp32` and
+    `still_attention_grads_fp32`, AVX-512) can run here; else None (fp32 training then takes
+    PyTorch's products)."""
+    attention_library()
+    return _ATTENTION[2]
 
 
 def _load_attention(path: Path) -> ctypes.CDLL:
@@ -115,6 +127,12 @@ def _load_attention(path: Path) -> ctypes.CDLL:
     lib.still_squared_error.restype = integer
     lib.still_squared_error_grad.argtypes = [pointer, pointer, integer, ctypes.c_float, pointer]
     lib.still_squared_error_grad.restype = integer
+    lib.still_attention_fp32_available.argtypes = []
+    lib.still_attention_fp32_available.restype = integer
+    lib.still_attention_weights_fp32.argtypes = [pointer] * 5 + [integer] + [pointer] * 3 + [integer] * 6
+    lib.still_attention_weights_fp32.restype = integer
+    lib.still_attention_grads_fp32.argtypes = [pointer] * 13 + [integer] * 6
+    lib.still_attention_grads_fp32.restype = integer
     return lib
 
 

@@ -15,10 +15,14 @@
 // And the attention-reconstruction loss's content-only attention (`still_content_attention`: both
 // products on AMX, the scores and the softmax in fp32, where PyTorch makes three bf16 passes and
 // rounds the scores) and its squared error (`still_squared_error` and its gradient, one pass each).
+// fp32 training takes the same passes on AVX-512's multiply-adds (`still_attention_weights_fp32`,
+// `still_attention_grads_fp32`: register-blocked products, no AMX), where PyTorch's fp32 path makes
+// five passes over the (G, L, K) scores forward and four backward around its products.
 //
 // Built with the machine's compiler (`-O3 -march=native`) by `still.compressive.native` and loaded
 // with ctypes. Without AMX in the compiler's target, or where the operating system refuses the tile data
-// (`arch_prctl`), `still_attention_weights` returns nonzero and the caller takes the PyTorch path.
+// (`arch_prctl`), `still_attention_weights` returns nonzero and the caller takes the PyTorch path
+// (without AVX-512, the fp32 kernels likewise).
 //
 // Layouts (bf16 as uint16_t, row-major, contiguous), g = h * B + b:
 //   q_content (G, L, D), k (G, K, D): the content queries (with u and the scale) and the keys;
@@ -45,8 +49,259 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__)
 #define STILL_AMX 1
 #endif
+#if defined(__AVX512F__)
+#define STILL_AVX512 1
+#endif
 
 namespace {
+
+#ifdef STILL_AVX512
+
+inline __m512 exp_nonpositive(__m512 x) {  // e^x for x <= 0; exactly 0 below -87 (and at -inf)
+    const __m512 low = _mm512_set1_ps(-87.0f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, low);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);       // |r| <= ln(2) / 2
+    __m512 p = _mm512_set1_ps(1.0f / 720);  // Taylor to r^6: relative error under 1.3e-7
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(__mmask16(~under), p, n);
+}
+
+inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes (none where left <= 0)
+    return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+// rows of bf16 (uint16_t) or fp32 values as fp32, and back: the lanes of m (the others zero; not stored)
+inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); }
+inline __m512 load_row(const uint16_t* g, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, g)); }
+inline __m512 load_row(const float* g, __mmask16 m) { return _mm512_maskz_loadu_ps(m, g); }
+inline void store_row(float* out, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(out, m, x); }
+#ifdef STILL_AMX
+inline void store_row(uint16_t* out, __mmask16 m, __m512 x) {  // rounded to nearest even
+    _mm256_mask_storeu_epi16(out, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+#endif
+
+// one row: s (the content scores, overwritten), p (its position scores, already shifted), bias row
+// (bf16 or fp32, as the output; null: none beyond the causal mask); n valid keys of k_len -> out
+// (bf16 or fp32). Without `Position`, p is not read: the content scores alone (the reconstruction
+// loss's targets).
+template <bool Position, class T>
+void softmax_row(float* s, const float* p, const T* bias, int64_t n, int64_t k_len, T* out) {
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    __m512 vmax = minus_inf;
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes(n - j);
+        __m512 v = _mm512_maskz_loadu_ps(m, s + j);
+        if constexpr (Position) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p + j));
+        if (bias != nullptr) v = _mm512_add_ps(v, load_row(bias + j, m));
+        _mm512_mask_storeu_ps(s + j, m, v);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+    }
+    const float top = _mm512_reduce_max_ps(vmax);
+    if (top == -INFINITY) {  // every key masked (not reached by the callers: a query sees its own key)
+        std::memset(out, 0, k_len * sizeof(T));
+        return;
+    }
+    const __m512 shift = _mm512_set1_ps(top);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes(n - j);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), shift));
+        _mm512_mask_storeu_ps(s + j, m, e);
+        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes(n - j);
+        store_row(out + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv));
+    }
+    if (n < k_len) std::memset(out + n, 0, (k_len - n) * sizeof(T));
+}
+
+// one row of the backward: dot = sum_j w_j g_j, ds_j = w_j (g_j - dot) in fp32 (rounded once where
+// the output is bf16), into ds (K) and, shifted right by `shift` (the distances' order of the
+// position scores), into raw. w and the output bf16 or fp32; g bf16 or fp32 (computed in fp32 by
+// the callers that form it), where only its first n columns are read (the weights are zero beyond)
+// and ds is zero beyond them.
+template <class W, class G>
+void softmax_backward_row(const W* w, const G* g, int64_t k_len, int64_t n, int64_t shift, W* ds, W* raw) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = lanes(n - j);
+        acc = _mm512_fmadd_ps(load_row(w + j, m), load_row(g + j, m), acc);
+    }
+    const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+    std::memset(raw, 0, shift * sizeof(W));
+    for (int64_t j = 0; j < k_len; j += 16) {
+        const __mmask16 m = lanes(k_len - j), valid = lanes(n - j);
+        const __m512 wj = load_row(w + j, valid);
+        const __m512 gj = load_row(g + j, valid);
+        const __m512 d = _mm512_maskz_mul_ps(valid, wj, _mm512_sub_ps(gj, dot));
+        store_row(ds + j, m, d);
+        store_row(raw + shift + j, lanes(k_len - shift - j) & m, d);  // what stays in the row
+    }
+}
+
+// run(part) for part 0 .. threads - 1: part 0 on the calling thread, the others on helpers started here
+template <class Run>
+void on_threads(int64_t threads, const Run& run) {
+    std::vector<std::thread> helpers;
+    for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
+    run(0);
+    for (auto& helper : helpers) helper.join();
+}
+
+// ---- fp32 training attention on AVX-512's multiply-adds (`still_attention_weights_fp32` and
+// `still_attention_grads_fp32`): the same passes as the bf16 kernel below, every product from
+// `product_fp32`'s register blocks.
+
+// C (MR x 16 NV) = (or += where Add) sum over p in [p0, p1) of A(i, p) B(p, :): A(i, p) at
+// a[i * ars + p * acs] (broadcast), B's row p at b + p * ldb (16 NV floats), C's row i at c + i * ldc.
+// The MR x NV accumulators stay in registers (16 of 32 at 8 x 2): per p, NV loads, MR broadcasts
+// and MR NV multiply-adds.
+template <int MR, int NV, bool Add>
+inline void block_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t p0,
+                       int64_t p1, float* c, int64_t ldc) {
+    __m512 acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = Add ? _mm512_loadu_ps(c + i * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) {
+        __m512 bv[NV];
+        for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + p * ldb + 16 * j);
+        for (int i = 0; i < MR; ++i) {
+            const __m512 ai = _mm512_set1_ps(a[i * ars + p * acs]);
+            for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(ai, bv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+}
+
+// C (rows x n) = (or += where Add) A B over p in [first(i), p1) for the 8 rows from i (the terms
+// before are zero in A): rows a multiple of 8, n of 16 (see `block_fp32`)
+template <bool Add, class First>
+void product_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
+                  const First& first, int64_t p1, float* c, int64_t ldc) {
+    for (int64_t i = 0; i < rows; i += 8) {
+        const float* ai = a + i * ars;
+        float* ci = c + i * ldc;
+        const int64_t p0 = first(i);
+        int64_t j = 0;
+        for (; j + 32 <= n; j += 32) block_fp32<8, 2, Add>(ai, ars, acs, b + j, ldb, p0, p1, ci + j, ldc);
+        if (j < n) block_fp32<8, 1, Add>(ai, ars, acs, b + j, ldb, p0, p1, ci + j, ldc);
+    }
+}
+
+template <bool Add = false>
+void product_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
+                  int64_t p0, int64_t p1, float* c, int64_t ldc) {
+    product_fp32<Add>(a, ars, acs, b, ldb, rows, n, [p0](int64_t) { return p0; }, p1, c, ldc);
+}
+
+// src (rows, cols) row-major -> dst (cols, rows); rows a multiple of 16
+void transpose_fp32(const float* src, int64_t rows, int64_t cols, float* dst) {
+    const __m512i index = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(cols)));
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t c = 0; c < cols; ++c)
+            _mm512_storeu_ps(dst + c * rows + r0, _mm512_i32gather_ps(index, src + r0 * cols + c, 4));
+}
+
+// The fp32 weights of groups [g0, g1) into out (G, L, K) (layouts as the bf16 kernel's, in fp32),
+// 16 query rows at a time: the position scores of the columns they read and the content scores of
+// the keys they see, then their softmax rows; where v is not null, (weights v) of the 16 rows into
+// values_out (G, L, D) while their weights are in the core's cache.
+void weights_of_fp32(const float* q_content, const float* k, const float* q_position, const float* r,
+                     const float* bias, int64_t bias_batch_stride, float* out, const float* v, float* values_out,
+                     int64_t g0, int64_t g1, int64_t batch, int64_t l, int64_t k_len, int64_t d) {
+    std::vector<float> rt(d * k_len), kt(d * k_len), content(16 * k_len), position(16 * k_len);
+    const int64_t offset = k_len - l;  // query i is key offset + i
+    int64_t transposed_head = -1;
+    for (int64_t g = g0; g < g1; ++g) {
+        const int64_t h = g / batch, b = g % batch;
+        if (h != transposed_head) {
+            transpose_fp32(r + h * k_len * d, k_len, d, rt.data());  // (D, K)
+            transposed_head = h;
+        }
+        transpose_fp32(k + g * k_len * d, k_len, d, kt.data());
+        const float* bias_b = bias == nullptr ? nullptr : bias + b * bias_batch_stride;
+        for (int64_t i0 = 0; i0 < l; i0 += 16) {
+            const int64_t rows = g * l + i0;  // q_position's row h * B * L + b * L + i0 is the same
+            // row i reads the position scores of columns L - 1 - i .. K - 1, its keys 0 .. K - L + i
+            const int64_t first = l - 16 - i0, seen = offset + i0 + 16;
+            product_fp32(q_position + rows * d, d, 1, rt.data() + first, k_len, 16, k_len - first, 0, d,
+                         position.data() + first, k_len);
+            product_fp32(q_content + rows * d, d, 1, kt.data(), k_len, 16, seen, 0, d, content.data(), k_len);
+            for (int64_t t = 0; t < 16; ++t) {
+                const int64_t i = i0 + t;
+                softmax_row<true>(content.data() + t * k_len, position.data() + t * k_len + (l - 1 - i),
+                                  bias_b == nullptr ? nullptr : bias_b + i * k_len, offset + i + 1, k_len,
+                                  out + (rows + t) * k_len);
+            }
+            if (v != nullptr)
+                product_fp32(out + rows * k_len, k_len, 1, v + g * k_len * d, d, 16, d, 0, seen, values_out + rows * d, d);
+        }
+    }
+}
+
+// The fp32 backward of `weights_of_fp32` for the heads [h0, h1) (each head's groups, so that r's
+// gradient is summed by one thread): per group, 16 rows at a time, the weights' gradient (go v^T,
+// where gw is null), the scores' gradient ds and its shift raw (`softmax_backward_row`, kept for
+// the group in the core's L2), grad_q_content = ds k and grad_q_position = raw r; then per group
+// grad_k = ds^T q_content, grad_v = w^T go and grad_r += raw^T q_position. Terms the causal mask
+// makes zero are skipped.
+void attention_grads_fp32(const float* w, const float* gw, const float* go, const float* v, const float* qc,
+                          const float* k, const float* qp, const float* r, float* gqc, float* gk, float* gv,
+                          float* gqp, float* gr, int64_t h0, int64_t h1, int64_t batch, int64_t l, int64_t k_len,
+                          int64_t d) {
+    const int64_t offset = k_len - l;
+    const bool outputs = gw == nullptr;
+    std::vector<float> ds(l * k_len), raw(l * k_len), vt(outputs ? d * k_len : 0), gwf(outputs ? 16 * k_len : 0);
+    // ds row i is zero past key offset + i, raw row i before column l - 1 - i: in the transposed
+    // products, key rows j .. j + 7 need the query rows from j - offset, distance columns c .. c + 7
+    // those from l - 8 - c
+    auto ds_first = [&](int64_t j) { return std::max<int64_t>(0, j - offset); };
+    auto raw_first = [&](int64_t c) { return std::max<int64_t>(0, l - 8 - c); };
+    for (int64_t h = h0; h < h1; ++h)
+        for (int64_t b = 0; b < batch; ++b) {
+            const int64_t g = h * batch + b;
+            const float* kg = k + g * k_len * d;
+            if (outputs) transpose_fp32(v + g * k_len * d, k_len, d, vt.data());
+            for (int64_t i0 = 0; i0 < l; i0 += 16) {
+                const int64_t rows = g * l + i0, first = l - 16 - i0, seen = offset + i0 + 16;
+                if (outputs)
+                    product_fp32(go + rows * d, d, 1, vt.data(), k_len, 16, seen, 0, d, gwf.data(), k_len);
+                for (int64_t t = 0; t < 16; ++t) {
+                    const int64_t i = i0 + t;
+                    const float* grad = outputs ? gwf.data() + t * k_len : gw + (rows + t) * k_len;
+                    softmax_backward_row(w + (rows + t) * k_len, grad, k_len, offset + i + 1, l - 1 - i,
+                                         ds.data() + i * k_len, raw.data() + i * k_len);
+                }
+                product_fp32(ds.data() + i0 * k_len, k_len, 1, kg, d, 16, d, 0, seen, gqc + rows * d, d);
+                product_fp32(raw.data() + i0 * k_len, k_len, 1, r + h * k_len * d, d, 16, d, first, k_len,
+                             gqp + rows * d, d);
+            }
+            product_fp32<false>(ds.data(), 1, k_len, qc + g * l * d, d, k_len, d, ds_first, l, gk + g * k_len * d, d);
+            if (outputs)
+                product_fp32<false>(w + g * l * k_len, 1, k_len, go + g * l * d, d, k_len, d, ds_first, l,
+                                    gv + g * k_len * d, d);
+            if (b == 0)
+                product_fp32<false>(raw.data(), 1, k_len, qp + g * l * d, d, k_len, d, raw_first, l, gr + h * k_len * d, d);
+            else
+                product_fp32<true>(raw.data(), 1, k_len, qp + g * l * d, d, k_len, d, raw_first, l, gr + h * k_len * d, d);
+        }
+}
+
+#endif  // STILL_AVX512
 
 #ifdef STILL_AMX
 
@@ -104,67 +359,6 @@ void scores(const uint16_t* a, const uint32_t* packed, int64_t d, int64_t first,
         }
         _tile_stored(0, out + cb * 16, k_len * 4);
     }
-}
-
-inline __m512 exp_nonpositive(__m512 x) {  // e^x for x <= 0; exactly 0 below -87 (and at -inf)
-    const __m512 low = _mm512_set1_ps(-87.0f);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, low);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);       // |r| <= ln(2) / 2
-    __m512 p = _mm512_set1_ps(1.0f / 720);  // Taylor to r^6: relative error under 1.3e-7
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(__mmask16(~under), p, n);
-}
-
-inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes (none where left <= 0)
-    return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-}
-
-// one row: s (the content scores, overwritten), p (its position scores, already shifted), bias row
-// (bf16; null: none beyond the causal mask); n valid keys of k_len -> out (bf16). Without `Position`,
-// p is not read: the content scores alone (the reconstruction loss's targets).
-template <bool Position>
-void softmax_row(float* s, const float* p, const uint16_t* bias, int64_t n, int64_t k_len, uint16_t* out) {
-    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-    __m512 vmax = minus_inf;
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        __m512 v = _mm512_maskz_loadu_ps(m, s + j);
-        if constexpr (Position) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p + j));
-        if (bias != nullptr)
-            v = _mm512_add_ps(v, _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + j)), 16)));
-        _mm512_mask_storeu_ps(s + j, m, v);
-        vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
-    }
-    const float top = _mm512_reduce_max_ps(vmax);
-    if (top == -INFINITY) {  // every key masked (not reached by the callers: a query sees its own key)
-        std::memset(out, 0, k_len * sizeof(uint16_t));
-        return;
-    }
-    const __m512 shift = _mm512_set1_ps(top);
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), shift));
-        _mm512_mask_storeu_ps(s + j, m, e);
-        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        const __m256bh w = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv));
-        _mm256_mask_storeu_epi16(out + j, m, (__m256i)w);
-    }
-    if (n < k_len) std::memset(out + n, 0, (k_len - n) * sizeof(uint16_t));
 }
 
 // count fp32 values (a multiple of 16) rounded to bf16
@@ -275,39 +469,11 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
             scores(q + g * q_stride + i0 * d, k_packed.data(), d, 0, n / 16, s.data(), n);
             uint16_t* wrows = weights_out == nullptr ? w.data() : weights_out + (g * l + i0) * n;
             for (int64_t t = 0; t < 16; ++t)
-                softmax_row<false>(s.data() + t * n, nullptr, nullptr, n, n, wrows + t * n);
+                softmax_row<false, uint16_t>(s.data() + t * n, nullptr, nullptr, n, n, wrows + t * n);
             weights_times_values(wrows, v_packed.data(), n / 32, n, d, o.data(), out + g * out_stride + i0 * d);
         }
     }
     _tile_release();
-}
-
-// one row of the backward: dot = sum_j w_j g_j, ds_j = w_j (g_j - dot) in fp32, rounded once to bf16,
-// into ds (K) and, shifted right by `shift` (the distances' order of the position scores), into raw.
-// g in bf16, or in fp32 (`still_attention_grads` computing it), where only its first n columns are
-// read (the weights are zero beyond) and ds is zero beyond them.
-inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); }
-inline __m512 load_row(const uint16_t* g, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, g)); }
-inline __m512 load_row(const float* g, __mmask16 m) { return _mm512_maskz_loadu_ps(m, g); }
-
-template <class G>
-void softmax_backward_row(const uint16_t* w, const G* g, int64_t k_len, int64_t n, int64_t shift, uint16_t* ds,
-                          uint16_t* raw) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        acc = _mm512_fmadd_ps(load_row(w + j, m), load_row(g + j, m), acc);
-    }
-    const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
-    std::memset(raw, 0, shift * sizeof(uint16_t));
-    for (int64_t j = 0; j < k_len; j += 16) {
-        const __mmask16 m = lanes(k_len - j), valid = lanes(n - j);
-        const __m512 wj = load_row(w + j, valid);
-        const __m512 gj = load_row(g + j, valid);
-        const __m256i d = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(valid, wj, _mm512_sub_ps(gj, dot)));
-        _mm256_mask_storeu_epi16(ds + j, m, d);
-        _mm256_mask_storeu_epi16(raw + shift + j, lanes(k_len - shift - j) & m, d);  // what stays in the row
-    }
 }
 
 // src (rows, cols) bf16 at row stride `stride` (even), rows a multiple of 32, cols even -> dst
@@ -487,15 +653,6 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
     _tile_release();
 }
 
-// run(part) for part 0 .. threads - 1: part 0 on the calling thread, the others on helpers started here
-template <class Run>
-void on_threads(int64_t threads, const Run& run) {
-    std::vector<std::thread> helpers;
-    for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
-    run(0);
-    for (auto& helper : helpers) helper.join();
-}
-
 #endif  // STILL_AMX
 
 }  // namespace
@@ -509,6 +666,66 @@ int64_t still_attention_available() {
 #else
     return 1;
 #endif
+}
+
+// 0 where this build can run the fp32 kernels (`still_attention_weights_fp32`, `_grads_fp32`) here;
+// 1: not compiled for AVX-512
+int64_t still_attention_fp32_available() {
+#ifdef STILL_AVX512
+    return 0;
+#else
+    return 1;
+#endif
+}
+
+// `still_attention_weights` in fp32 (fp32 operands, bias, weights and outputs; the same layouts),
+// every product on AVX-512's multiply-adds: the weights into out (G, L, K) and, where v is not null,
+// (weights v) into values_out (G, L, D). L, K and D multiples of 16. 0 on success; nonzero, nothing
+// written, where this build cannot (1) or 3: shapes.
+int64_t still_attention_weights_fp32(const float* q_content, const float* k, const float* q_position, const float* r,
+                                     const float* bias, int64_t bias_batch_stride, float* out, const float* v,
+                                     float* values_out, int64_t heads, int64_t batch, int64_t l, int64_t k_len,
+                                     int64_t d, int64_t threads) {
+    const int64_t available = still_attention_fp32_available();
+    if (available != 0) return available;
+    if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 16 || d % 16) return 3;
+    if (v != nullptr && values_out == nullptr) return 3;
+#ifdef STILL_AVX512
+    const int64_t groups = heads * batch;
+    threads = std::max<int64_t>(1, std::min(threads, groups));
+    auto run = [&](int64_t part) {
+        weights_of_fp32(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out,
+                        groups * part / threads, groups * (part + 1) / threads, batch, l, k_len, d);
+    };
+    on_threads(threads, run);
+#endif
+    return 0;
+}
+
+// The backward of `still_attention_weights_fp32` through its products, in fp32 (`attention_grads_fp32`):
+// from the weights w (G, L, K) and their gradient gw (G, L, K), or (gw null) the gradient go (G, L, D)
+// of (weights v) and v (G, K, D), the gradients of q_content (G, L, D), k (G, K, D), q_position
+// (H, B L, D), r (H, K, D, summed over the batch rows) and, where gw is null, v (G, K, D). L, K and D
+// multiples of 16. 0 on success; nonzero, nothing written, where this build cannot (1) or 3: shapes.
+int64_t still_attention_grads_fp32(const float* w, const float* gw, const float* go, const float* v,
+                                   const float* q_content, const float* k, const float* q_position, const float* r,
+                                   float* grad_q_content, float* grad_k, float* grad_v, float* grad_q_position,
+                                   float* grad_r, int64_t heads, int64_t batch, int64_t l, int64_t k_len, int64_t d,
+                                   int64_t threads) {
+    const int64_t available = still_attention_fp32_available();
+    if (available != 0) return available;
+    if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 16 || d % 16) return 3;
+    if (gw == nullptr && (go == nullptr || v == nullptr || grad_v == nullptr)) return 3;
+#ifdef STILL_AVX512
+    threads = std::max<int64_t>(1, std::min(threads, heads));
+    auto run = [&](int64_t part) {
+        attention_grads_fp32(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
+                             grad_q_position, grad_r, heads * part / threads, heads * (part + 1) / threads, batch,
+                             l, k_len, d);
+    };
+    on_threads(threads, run);
+#endif
+    return 0;
 }
 
 // The weights (see the top of this file); 0 on success, nonzero (nothing written) where this
