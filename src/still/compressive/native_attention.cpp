@@ -189,7 +189,7 @@ inline void block_fp32(const float* a, int64_t ars, int64_t acs, const float* b,
 // C (rows x n) = (or += where Add) A B over p in [first(i), p1) for the 8 rows from i (the terms
 // before are zero in A): rows a multiple of 8, n of 16 (see `block_fp32`)
 template <bool Add, class First>
-void product_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
+void product_fp32_from(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
                   const First& first, int64_t p1, float* c, int64_t ldc) {
     for (int64_t i = 0; i < rows; i += 8) {
         const float* ai = a + i * ars;
@@ -204,7 +204,7 @@ void product_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int6
 template <bool Add = false>
 void product_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
                   int64_t p0, int64_t p1, float* c, int64_t ldc) {
-    product_fp32<Add>(a, ars, acs, b, ldb, rows, n, [p0](int64_t) { return p0; }, p1, c, ldc);
+    product_fp32_from<Add>(a, ars, acs, b, ldb, rows, n, [p0](int64_t) { return p0; }, p1, c, ldc);
 }
 
 // src (rows, cols) row-major -> dst (cols, rows); rows a multiple of 16
@@ -290,14 +290,14 @@ void attention_grads_fp32(const float* w, const float* gw, const float* go, cons
                 product_fp32(raw.data() + i0 * k_len, k_len, 1, r + h * k_len * d, d, 16, d, first, k_len,
                              gqp + rows * d, d);
             }
-            product_fp32<false>(ds.data(), 1, k_len, qc + g * l * d, d, k_len, d, ds_first, l, gk + g * k_len * d, d);
+            product_fp32_from<false>(ds.data(), 1, k_len, qc + g * l * d, d, k_len, d, ds_first, l, gk + g * k_len * d, d);
             if (outputs)
-                product_fp32<false>(w + g * l * k_len, 1, k_len, go + g * l * d, d, k_len, d, ds_first, l,
+                product_fp32_from<false>(w + g * l * k_len, 1, k_len, go + g * l * d, d, k_len, d, ds_first, l,
                                     gv + g * k_len * d, d);
             if (b == 0)
-                product_fp32<false>(raw.data(), 1, k_len, qp + g * l * d, d, k_len, d, raw_first, l, gr + h * k_len * d, d);
+                product_fp32_from<false>(raw.data(), 1, k_len, qp + g * l * d, d, k_len, d, raw_first, l, gr + h * k_len * d, d);
             else
-                product_fp32<true>(raw.data(), 1, k_len, qp + g * l * d, d, k_len, d, raw_first, l, gr + h * k_len * d, d);
+                product_fp32_from<true>(raw.data(), 1, k_len, qp + g * l * d, d, k_len, d, raw_first, l, gr + h * k_len * d, d);
         }
 }
 
