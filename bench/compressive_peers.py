@@ -46,9 +46,10 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               extra step (or one extra generation) of the first repeat, times the median rate;
               elementwise ops, softmax and norms are not counted. A sharded row's FLOPs are its
               unsharded twin's (the same products; a dispatch mode sees one thread's). Our counted
-              training step runs with the bf16 attention kernels off (`attention.kernels_off`): they
-              make the same products where the counter cannot see them. (Before session 29 the bf16
-              rows' counts left out the products the kernel made: two a layer since session 23.)
+              training step runs with the attention kernels off (`attention.kernels_off`): they
+              make the same products where the counter cannot see them (less the terms the causal
+              mask zeroes, which they skip; fp32 kernels since session 30). (Before session 29 the
+              bf16 rows' counts left out the products the kernel made: two a layer since session 23.)
     allocator every measuring process, whichever implementation it runs, starts with glibc's malloc
               keeping the memory it frees (the MALLOC_* variables for `still.allocator`'s settings,
               which the `still` command's process sets), so that no one's calls fault in fresh pages
@@ -577,7 +578,7 @@ def run_worker(spec: dict) -> dict:
         if training and not all(compressed):
             raise RuntimeError(f"{adapter.name}: no compression loss in {compressed.count(False)} timed steps")
         tokens = cfg.timed_steps * cfg.batch_size * cfg.segment_len
-        if count_flops:  # still's bf16 attention kernels off: the counter sees only PyTorch's products
+        if count_flops:  # still's attention kernels off: the counter sees only PyTorch's products
             try:
                 from still.compressive.attention import kernels_off
             except ImportError:  # a still from before session 29 (an A/B through PYTHONPATH)

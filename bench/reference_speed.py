@@ -15,9 +15,10 @@ and keys fit the cores' caches. In one run, interleaved, medians over repeats:
                         `still lm train` runs it by default on a CPU (`still.train.shards`)
     MFU                 model FLOP/s (matmul and convolution FLOPs of one step, forward + backward,
                         counted from shapes by torch.utils.flop_counter: the products the step
-                        runs, counted with the bf16 attention kernels off, which make the same
-                        products out of the counter's sight) / the machine's matmul peak in the
-                        same precision, measured in the same run (`still bench peak`)
+                        runs, counted with the attention kernels off (bf16 and, since session 30,
+                        fp32), which make the same products out of the counter's sight, less the
+                        terms the causal mask zeroes, which they skip) / the machine's matmul peak
+                        in the same precision, measured in the same run (`still bench peak`)
     compile             (not by default) training with `still lm train --compile`: each layer's
                         feed-forward block compiled by torch.compile during the warm-up steps
     MFU, 3x fwd         the same with the step's FLOPs counted as 3x its forward's (the convention
