@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from still import layers
 from still.layers import LANES, Dropout, dropout
 
 
@@ -100,3 +101,76 @@ def test_dropout_on_the_compile_path_draws_the_same_masks(monkeypatch):
     plain = dropout(x, 0.3, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert torch.equal(dropout(x, 0.3, generator=torch.Generator().manual_seed(1)), plain)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as integers, every NaN as one value (PyTorch's own loops write NaN's bits two ways)."""
+    bits = t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32).clone()
+    bits[torch.isnan(t)] = -1
+    return bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,threads", [((3, 100, 37), 1), ((8, 128, 1024), 3)])
+def test_native_dropout_gives_the_pytorch_paths_bits(monkeypatch, dtype, relu, shape, threads):
+    """`native_dropout.cpp` (`layers.NATIVE`): dropout, and dropout after a ReLU (`relu_dropout`),
+    forward and backward, give the bits the PyTorch path gives from the same draws, at NaN, +-inf,
+    +-0 and subnormals too, on one thread or three (in parts), for lengths not multiples of 16."""
+    from still.compressive import native
+
+    if native.dropout_library() is None:
+        pytest.skip("the dropout kernels cannot run here (no compiler or no AVX-512)")
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    grad = torch.randn(shape).to(dtype)
+    special = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 3.0])
+    x.view(-1)[:8] = special.to(dtype)
+    grad.view(-1)[8:16] = special.to(dtype)
+    calls, apply = [], layers._NativeDropout.apply
+    monkeypatch.setattr(layers._NativeDropout, "apply", lambda *args: calls.append(1) or apply(*args))
+
+    def run(kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(layers, "NATIVE", kernel)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            xx = x.clone().requires_grad_()
+            generator = torch.Generator().manual_seed(3)
+            out = layers.relu_dropout(xx, 0.1, True, generator) if relu else layers.dropout(xx, 0.1, True, generator)
+            out.backward(grad)
+            return out.detach(), xx.grad
+        finally:
+            torch.set_num_threads(before)
+
+    kernel, plain = run(True), run(False)
+    assert calls == [1]  # the kernel ran once, the PyTorch path not at all
+    for got, want in zip(kernel, plain):
+        assert got.dtype == dtype and torch.equal(_bits(got), _bits(want))
+    assert (kernel[0] == 0).float().mean() > 0.09  # dropped (and with the ReLU, negative) elements are there
+
+
+def test_relu_dropout_outside_training_is_the_relu():
+    x = torch.randn(4, 32)
+    for training, p in ((False, 0.5), (True, 0.0)):
+        assert torch.equal(layers.relu_dropout(x.clone(), p, training), torch.relu(x))
+    with pytest.raises(ValueError, match="1.5"):
+        layers.relu_dropout(x, 1.5)
+
+
+def test_native_dropout_rounds_bf16_to_nearest_even():
+    """bf16 outputs: round(scale * x) to nearest, ties to even, as PyTorch rounds; called directly
+    with every lane kept and scales that put scale * 1 halfway between bf16 neighbours: 1 + 2^-8
+    (between 1 and 1 + 2^-7: down, to the even one) and 1 + 3 * 2^-8 (up, to 1 + 2^-6)."""
+    from still.compressive import native
+
+    lib = native.dropout_library()
+    if lib is None:
+        pytest.skip("the dropout kernels cannot run here (no compiler or no AVX-512)")
+    x = torch.tensor([1.0, 1.0 + 2**-7, -3.0] * 6, dtype=torch.bfloat16)  # 18: a full block and a tail
+    lanes = torch.zeros(18, dtype=torch.int16)
+    for scale, tie in ((1 + 2**-8, 1.0), (1 + 3 * 2**-8, 1.0 + 2**-6)):
+        out = torch.empty_like(x)
+        assert lib.still_dropout(x.data_ptr(), lanes.data_ptr(), 18, -(2**15), scale, 0, 1, out.data_ptr(), 1) == 0
+        assert torch.equal(out, (x.float() * scale).to(torch.bfloat16))  # PyTorch's own rounding
+        assert out[0].item() == out[-3].item() == tie

@@ -8,6 +8,11 @@ with a threshold), about a quarter of the cost. The drop probability is p rounde
 2^-16 (at most 7.7e-6 away), and kept elements are scaled by the inverse of the exact keep
 probability, so the expectation of every output is its input. On other devices: `F.dropout`.
 
+`relu_dropout`: `dropout(F.relu(x))`. On CPUs with AVX-512 both run as one pass each way
+(`native_dropout.cpp`, built once per machine: the lanes compared, the ReLU and the scaled mask
+applied together, where PyTorch's path makes the mask in three int16 passes, applies it in a
+fourth, and a ReLU adds a pass each way), with PyTorch's arithmetic: the same bits either way.
+
 `thread_generator`: the generator `dropout` draws from in this thread when given none (the shards
 of a training step, each in its own thread, draw from their own: `still.train.shards`).
 """
@@ -25,6 +30,9 @@ from torch import nn
 LANES = 65536  # 16-bit lanes
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as an int16 bit pattern
 _local = threading.local()
+NATIVE = True
+"""fp32 and bf16 dropout on the CPU by `native_dropout.cpp` where it can run (the same bits as the
+PyTorch path, which False takes; tests compare the two)."""
 
 
 @contextlib.contextmanager
@@ -51,17 +59,31 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.G
     return _masked(x, p, generator)
 
 
-def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """`dropout` in training, 0 < p <= 1."""
+def relu_dropout(x: torch.Tensor, p: float, training: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """`dropout(F.relu(x), p, training, generator)`, the ReLU in the dropout's pass each way where
+    the kernel runs; without gradients, not training or p = 0 the ReLU alone (in place when no
+    gradient is recorded)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0:
+        return F.relu(x, inplace=not torch.is_grad_enabled())
+    if torch.compiler.is_compiling():
+        return _masked_eagerly(x, p, generator, relu=True)
+    return _masked(x, p, generator, relu=True)
+
+
+def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: bool = False) -> torch.Tensor:
+    """`dropout` (of `F.relu(x)` where `relu`) in training, 0 < p <= 1."""
     if p == 1:
         return torch.zeros_like(x)
     if generator is None:
         generator = getattr(_local, "generator", None)
     if x.device.type != "cpu" or generator is not None and generator.device.type != "cpu":
-        return F.dropout(x, p, True)
+        return F.dropout(F.relu(x) if relu else x, p, True)
     dropped = round(p * LANES)  # lanes below this value are dropped
     if dropped == 0:  # p < 2^-17: nothing is dropped
-        return x.clone()
+        return F.relu(x) if relu else x.clone()
     if dropped == LANES:  # p > 1 - 2^-17: everything is
         return torch.zeros_like(x)
     scale = LANES / (LANES - dropped)
@@ -69,9 +91,16 @@ def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None) -> tor
     draws = torch.empty((n + 3) // 4, dtype=torch.int64)
     draws.random_(-(2**63), 2**63 - 1, generator=generator)  # uniform 64-bit words
     lanes = draws.view(torch.int16)[:n].view(x.shape)  # uniform in [-2^15, 2^15)
+    threshold = dropped - LANES // 2  # lanes >= threshold are kept
+    if NATIVE and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous():
+        from still.compressive import native
+
+        if native.dropout_library() is not None:
+            return _NativeDropout.apply(x, lanes, threshold, scale, relu)
+    if relu:
+        x = F.relu(x)
     # the mask as numbers, in int16 passes: a boolean mask and `where` (or a bool-to-float cast) took
     # 5-7x as long as a product per element (docs/performance.md, session 12)
-    threshold = dropped - LANES // 2  # lanes >= threshold are kept
     kept = lanes.clamp_(threshold - 1, threshold).sub_(threshold - 1)  # 1 kept, 0 dropped (int16)
     if x.dtype in _ONE_BITS:  # the bits of 1.0 in x's 16-bit dtype: kept * those bits, read as that dtype
         mask = kept.mul_(_ONE_BITS[x.dtype]).view(x.dtype)  # 1. or 0.
@@ -102,6 +131,47 @@ class _MaskedScale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (mask,) = ctx.saved_tensors
         return torch.addcmul(grad.new_zeros(()), grad, mask, value=ctx.scale), None, None
+
+
+def _threads(n: int) -> int:
+    """The threads a dropout kernel call of n elements takes: PyTorch's intra-op threads (at most
+    `native.MAX_THREADS`), one below 2^16 elements, where starting a thread costs more than it saves."""
+    from still.compressive import native
+
+    return 1 if n < 65536 else min(torch.get_num_threads(), native.MAX_THREADS)
+
+
+class _NativeDropout(torch.autograd.Function):
+    """`_MaskedScale` of the mask the lanes give (after `F.relu` where `relu`) by `native_dropout.cpp`:
+    one pass each way, the same bits. Keeps the lanes (int16) and, after a ReLU, its input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lanes: torch.Tensor, threshold: int, scale: float, relu: bool) -> torch.Tensor:
+        from still.compressive import native
+
+        out = torch.empty_like(x)
+        code = native.dropout_library().still_dropout(
+            x.data_ptr(), lanes.data_ptr(), x.numel(), threshold, scale, int(relu), int(x.dtype == torch.bfloat16),
+            out.data_ptr(), _threads(x.numel()))
+        if code != 0:  # (not reached: the library said it runs here)
+            raise RuntimeError(f"the dropout kernel failed ({code})")
+        ctx.save_for_backward(lanes, x if relu else None)
+        ctx.threshold, ctx.scale = threshold, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        from still.compressive import native
+
+        lanes, x = ctx.saved_tensors
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        code = native.dropout_library().still_dropout_backward(
+            grad.data_ptr(), lanes.data_ptr(), None if x is None else x.data_ptr(), grad.numel(), ctx.threshold,
+            ctx.scale, int(grad.dtype == torch.bfloat16), out.data_ptr(), _threads(grad.numel()))
+        if code != 0:
+            raise RuntimeError(f"the dropout kernel failed ({code})")
+        return out, None, None, None, None
 
 
 class Dropout(nn.Module):

@@ -55,7 +55,7 @@ from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttent
 from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.errors import check
-from still.layers import Dropout
+from still.layers import Dropout, relu_dropout
 
 BATCHED_RECONSTRUCTION = True
 """Training computes the attention-reconstruction losses of all layers in one batch of operators
@@ -132,7 +132,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # At inference the ReLU in place: a fresh (B, L, d_ff) buffer costs its pages' first touch, 12%
         # of a bf16 prompt at the reference preset; in training it was 2-3% slower (docs/performance.md, session 20)
-        return self.down(self.dropout(F.relu(self.up(x), inplace=not torch.is_grad_enabled())))  # (B, L, d)
+        return self.down(relu_dropout(self.up(x), self.dropout.p, self.training))  # (B, L, d)
 
 
 class LayerMemory(NamedTuple):

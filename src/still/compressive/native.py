@@ -56,6 +56,9 @@ ATTENTION_SOURCE = Path(__file__).with_name("native_attention.cpp")
 # once built: the attention library as loaded, where its bf16 kernels run here, where its fp32 ones do (else None)
 _ATTENTION: list[ctypes.CDLL | None] = []
 _ATTENTION_LOCK = threading.Lock()  # a sharded step's threads reach their first attention together
+DROPOUT_SOURCE = Path(__file__).parent.parent / "native_dropout.cpp"
+_DROPOUT: list[ctypes.CDLL | None] = []
+_DROPOUT_LOCK = threading.Lock()
 
 
 def compiler() -> str | None:
@@ -108,6 +111,34 @@ def attention_fp32_library() -> ctypes.CDLL | None:
     PyTorch's products)."""
     attention_library()
     return _ATTENTION[2]
+
+
+def dropout_library() -> ctypes.CDLL | None:
+    """`still.layers.dropout`'s kernels (`native_dropout.cpp`: dropout, and dropout after a ReLU, in
+    one pass each way), built at the first call of the process where not cached; None, with the
+    reason said once, where they cannot run here (then the PyTorch path, the same bits)."""
+    with _DROPOUT_LOCK:
+        if not _DROPOUT:
+            lib, reason = None, None
+            try:
+                lib = ctypes.CDLL(str(_build(DROPOUT_SOURCE, "dropout kernels")))
+                pointer, integer = ctypes.c_void_p, ctypes.c_int64
+                lib.still_dropout_available.argtypes = []
+                lib.still_dropout_available.restype = integer
+                lib.still_dropout.argtypes = [pointer, pointer, integer, integer, ctypes.c_float, integer, integer,
+                                              pointer, integer]
+                lib.still_dropout.restype = integer
+                lib.still_dropout_backward.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float,
+                                                       integer, pointer, integer]
+                lib.still_dropout_backward.restype = integer
+                if lib.still_dropout_available() != 0:
+                    lib, reason = None, "no AVX-512 in the compiler's target for this processor"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                lib, reason = None, str(error)
+            if reason is not None:
+                log(f"the dropout kernels are unavailable ({reason}); dropout takes PyTorch's passes")
+            _DROPOUT.append(lib)
+        return _DROPOUT[0]
 
 
 def _load_attention(path: Path) -> ctypes.CDLL:

@@ -1,0 +1,150 @@
+// still: dropout, and dropout after a ReLU, in one pass each way on the CPU.
+//
+// `still.layers.dropout` draws one 16-bit lane per element (uniform, from 64-bit words) and keeps
+// the elements whose lane is at least a threshold. Its PyTorch path then makes the mask in three
+// int16 passes and applies it with `addcmul` (a fourth pass; the backward one more), and a ReLU
+// before it is a pass forward and one backward of its own. Here each direction is one pass over the
+// lanes and the tensor, with PyTorch's arithmetic, so the results are the same bits:
+//   forward   out  = round(0 + (scale * t) * kept),  t = relu(x) (NaN kept) or x
+//   backward  grad_x = round(0 + (scale * grad) * kept), then 0 where relu and x <= 0
+// (`addcmul(0, t, mask, value=scale)` computes 0 + scale * t * mask in fp32, and rounds once to
+// bf16; `threshold_backward` zeroes the gradient where relu(x) <= 0, that is where x <= 0.)
+// fp32 or bf16 (uint16_t, rounded to nearest even, NaN as 0xFFFF: the rounding of PyTorch's
+// vectorised conversion; its scalar one, for a loop's last elements, writes NaN as 0x7FC0), any
+// length. Built with the machine's compiler by `still.compressive.native` and loaded with ctypes;
+// without AVX-512 (F, BW, VL) in the target, `still_dropout_available` says so and the caller takes
+// the PyTorch path.
+
+#include <algorithm>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define STILL_DROPOUT 1
+#endif
+
+namespace {
+
+#ifdef STILL_DROPOUT
+
+inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes
+    return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store(uint16_t* p, __mmask16 m, __m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+// 1.0 at the kept lanes of 16 (draw >= threshold), 0.0 elsewhere
+inline __m512 kept(const int16_t* draw, __mmask16 m, __m256i threshold) {
+    const __mmask16 keep = _mm256_mask_cmpge_epi16_mask(m, _mm256_maskz_loadu_epi16(m, draw), threshold);
+    return _mm512_maskz_mov_ps(keep, _mm512_set1_ps(1.0f));
+}
+
+// elements [begin, end) of the forward (Relu: of the ReLU and dropout) or of the backward
+// (`x` null: plain dropout; else the ReLU's input, whose gradient is zero where x <= 0)
+template <class T, bool Relu>
+void forward(const T* x, const int16_t* draw, int64_t begin, int64_t end, int16_t threshold, float scale, T* out) {
+    const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+    const __m256i t = _mm256_set1_epi16(threshold);
+    for (int64_t i = begin; i < end; i += 16) {
+        const __mmask16 m = lanes(end - i);
+        __m512 v = load(x + i, m);
+        if constexpr (Relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ), v);  // NaN kept
+        store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, v), kept(draw + i, m, t))));
+    }
+}
+
+template <class T>
+void backward(const T* grad, const int16_t* draw, const T* x, int64_t begin, int64_t end, int16_t threshold,
+              float scale, T* out) {
+    const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+    const __m256i t = _mm256_set1_epi16(threshold);
+    for (int64_t i = begin; i < end; i += 16) {
+        const __mmask16 m = lanes(end - i);
+        __m512 g = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(grad + i, m)), kept(draw + i, m, t)));
+        if (x != nullptr) g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load(x + i, m), zero, _CMP_NLE_UQ), g);
+        store(out + i, m, g);
+    }
+}
+
+// run(begin, end) over [0, n) in `threads` parts of whole 16-element blocks, part 0 on this thread
+template <class Run>
+void split(int64_t n, int64_t threads, const Run& run) {
+    const int64_t blocks = (n + 15) / 16;
+    threads = std::max<int64_t>(1, std::min(threads, blocks));
+    std::vector<std::thread> helpers;
+    auto part = [&](int64_t p) { run(std::min(n, blocks * p / threads * 16), std::min(n, blocks * (p + 1) / threads * 16)); };
+    for (int64_t p = 1; p < threads; ++p) helpers.emplace_back(part, p);
+    part(0);
+    for (auto& helper : helpers) helper.join();
+}
+
+#endif  // STILL_DROPOUT
+
+}  // namespace
+
+extern "C" {
+
+// 0 where this build can run here; 1: not compiled for AVX-512 (F, BW, VL)
+int64_t still_dropout_available() {
+#ifdef STILL_DROPOUT
+    return 0;
+#else
+    return 1;
+#endif
+}
+
+// out = dropout(relu(x)) where relu, else dropout(x), for n elements of fp32 (bf16 = 0) or bf16
+// (bf16 = 1), with the draws (one int16 lane per element), the threshold and the scale; 0 on
+// success, nonzero (nothing written) where this build cannot
+int64_t still_dropout(const void* x, const int16_t* draws, int64_t n, int64_t threshold, float scale, int64_t relu,
+                      int64_t bf16, void* out, int64_t threads) {
+    const int64_t available = still_dropout_available();
+    if (available != 0) return available;
+#ifdef STILL_DROPOUT
+    const auto t = int16_t(threshold);
+    split(n, threads, [&](int64_t begin, int64_t end) {
+        if (bf16 && relu)
+            forward<uint16_t, true>((const uint16_t*)x, draws, begin, end, t, scale, (uint16_t*)out);
+        else if (bf16)
+            forward<uint16_t, false>((const uint16_t*)x, draws, begin, end, t, scale, (uint16_t*)out);
+        else if (relu)
+            forward<float, true>((const float*)x, draws, begin, end, t, scale, (float*)out);
+        else
+            forward<float, false>((const float*)x, draws, begin, end, t, scale, (float*)out);
+    });
+#endif
+    return 0;
+}
+
+// its gradient from the output's, grad; x: the ReLU's input where there was one, else null
+int64_t still_dropout_backward(const void* grad, const int16_t* draws, const void* x, int64_t n, int64_t threshold,
+                               float scale, int64_t bf16, void* out, int64_t threads) {
+    const int64_t available = still_dropout_available();
+    if (available != 0) return available;
+#ifdef STILL_DROPOUT
+    const auto t = int16_t(threshold);
+    split(n, threads, [&](int64_t begin, int64_t end) {
+        if (bf16)
+            backward<uint16_t>((const uint16_t*)grad, draws, (const uint16_t*)x, begin, end, t, scale, (uint16_t*)out);
+        else
+            backward<float>((const float*)grad, draws, (const float*)x, begin, end, t, scale, (float*)out);
+    });
+#endif
+    return 0;
+}
+
+}  // extern "C"
