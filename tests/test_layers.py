@@ -174,3 +174,39 @@ def test_native_dropout_rounds_bf16_to_nearest_even():
         assert lib.still_dropout(x.data_ptr(), lanes.data_ptr(), 18, -(2**15), scale, 0, 1, out.data_ptr(), 1) == 0
         assert torch.equal(out, (x.float() * scale).to(torch.bfloat16))  # PyTorch's own rounding
         assert out[0].item() == out[-3].item() == tie
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,threads", [((3, 100, 37), 1), ((8, 128, 256), 3)])
+def test_native_dropout_add_gives_the_pytorch_paths_bits(monkeypatch, dtype, shape, threads):
+    """`dropout_add(h, x)` (a residual connection: fp32 h, x fp32 or bf16) by `native_dropout.cpp`:
+    the sum, h's gradient and x's (the sum's gradient rounded to x's dtype, then the dropout's
+    backward) are the bits `h + dropout(x)` gives through PyTorch, on one thread or three."""
+    from still.compressive import native
+
+    if native.dropout_library() is None:
+        pytest.skip("the dropout kernels cannot run here (no compiler or no AVX-512)")
+    torch.manual_seed(0)
+    h, x, grad = torch.randn(shape), torch.randn(shape).to(dtype), torch.randn(shape)
+    x.view(-1)[:8] = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 3.0]).to(dtype)
+    calls, apply = [], layers._NativeDropoutAdd.apply
+    monkeypatch.setattr(layers._NativeDropoutAdd, "apply", lambda *args: calls.append(1) or apply(*args))
+
+    def run(kernel: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(layers, "NATIVE", kernel)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            hh, xx = h.clone().requires_grad_(), x.clone().requires_grad_()
+            out = layers.dropout_add(hh, xx, 0.1, True, torch.Generator().manual_seed(5))
+            out.backward(grad)
+            return [out.detach(), hh.grad, xx.grad]
+        finally:
+            torch.set_num_threads(before)
+
+    kernel, plain = run(True), run(False)
+    assert calls == [1]
+    assert [t.dtype for t in kernel] == [torch.float32, torch.float32, dtype]
+    for got, want in zip(kernel, plain):
+        assert torch.equal(_bits(got), _bits(want))
+    assert torch.equal(_bits(layers.dropout_add(h, x, 0.1, training=False)), _bits(h + x))

@@ -8,10 +8,11 @@ with a threshold), about a quarter of the cost. The drop probability is p rounde
 2^-16 (at most 7.7e-6 away), and kept elements are scaled by the inverse of the exact keep
 probability, so the expectation of every output is its input. On other devices: `F.dropout`.
 
-`relu_dropout`: `dropout(F.relu(x))`. On CPUs with AVX-512 both run as one pass each way
+`relu_dropout`: `dropout(F.relu(x))`; `dropout_add`: `h + dropout(x)`. On CPUs with AVX-512 all
+three run as one pass each way
 (`native_dropout.cpp`, built once per machine: the lanes compared, the ReLU and the scaled mask
 applied together, where PyTorch's path makes the mask in three int16 passes, applies it in a
-fourth, and a ReLU adds a pass each way), with PyTorch's arithmetic: the same bits either way.
+fourth, and a ReLU or the add a pass each way), with PyTorch's arithmetic: the same bits either way.
 
 `thread_generator`: the generator `dropout` draws from in this thread when given none (the shards
 of a training step, each in its own thread, draw from their own: `still.train.shards`).
@@ -73,19 +74,38 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool = True,
     return _masked(x, p, generator, relu=True)
 
 
-def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: bool = False) -> torch.Tensor:
-    """`dropout` (of `F.relu(x)` where `relu`) in training, 0 < p <= 1."""
+def dropout_add(h: torch.Tensor, x: torch.Tensor, p: float, training: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """`h + dropout(x, p, training, generator)` (a residual connection), the add in the dropout's
+    pass where the kernel runs (fp32 h, x fp32 or bf16 of h's shape): forward, and backward with the
+    rounding of the sum's gradient to x's dtype that autograd would make before the dropout's."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0:
+        return h + x
+    if torch.compiler.is_compiling():
+        return _masked_eagerly(x, p, generator, residual=h)
+    return _masked(x, p, generator, residual=h)
+
+
+def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: bool = False,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`dropout` (of `F.relu(x)` where `relu`; added to `residual` where given) in training, 0 < p <= 1."""
+
+    def added(y: torch.Tensor) -> torch.Tensor:
+        return y if residual is None else residual + y
+
     if p == 1:
-        return torch.zeros_like(x)
+        return added(torch.zeros_like(x))
     if generator is None:
         generator = getattr(_local, "generator", None)
     if x.device.type != "cpu" or generator is not None and generator.device.type != "cpu":
-        return F.dropout(F.relu(x) if relu else x, p, True)
+        return added(F.dropout(F.relu(x) if relu else x, p, True))
     dropped = round(p * LANES)  # lanes below this value are dropped
     if dropped == 0:  # p < 2^-17: nothing is dropped
-        return F.relu(x) if relu else x.clone()
+        return added(F.relu(x) if relu else x.clone())
     if dropped == LANES:  # p > 1 - 2^-17: everything is
-        return torch.zeros_like(x)
+        return added(torch.zeros_like(x))
     scale = LANES / (LANES - dropped)
     n = x.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64)
@@ -96,7 +116,11 @@ def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: 
         from still.compressive import native
 
         if native.dropout_library() is not None:
-            return _NativeDropout.apply(x, lanes, threshold, scale, relu)
+            if residual is None:
+                return _NativeDropout.apply(x, lanes, threshold, scale, relu)
+            if (residual.dtype == torch.float32 and residual.shape == x.shape and residual.is_contiguous()
+                    and not relu):
+                return _NativeDropoutAdd.apply(residual, x, lanes, threshold, scale)
     if relu:
         x = F.relu(x)
     # the mask as numbers, in int16 passes: a boolean mask and `where` (or a bool-to-float cast) took
@@ -106,7 +130,7 @@ def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: 
         mask = kept.mul_(_ONE_BITS[x.dtype]).view(x.dtype)  # 1. or 0.
     else:
         mask = kept.to(x.dtype)
-    return _MaskedScale.apply(x, mask, scale)
+    return added(_MaskedScale.apply(x, mask, scale))
 
 
 # (PyTorch's flag behind `is_compiling` is global while a thread compiles, so another shard thread
@@ -172,6 +196,41 @@ class _NativeDropout(torch.autograd.Function):
         if code != 0:
             raise RuntimeError(f"the dropout kernel failed ({code})")
         return out, None, None, None, None
+
+
+class _NativeDropoutAdd(torch.autograd.Function):
+    """h + `_MaskedScale` of x by the lanes' mask (fp32 h, x fp32 or bf16) by `native_dropout.cpp`:
+    the dropout's output rounded to x's dtype and added in fp32, one pass; the backward gives h the
+    sum's gradient and x the dropout's backward of that gradient rounded to x's dtype, one pass."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, x: torch.Tensor, lanes: torch.Tensor, threshold: int,
+                scale: float) -> torch.Tensor:
+        from still.compressive import native
+
+        out = torch.empty_like(h)
+        code = native.dropout_library().still_dropout_add(
+            h.data_ptr(), x.data_ptr(), lanes.data_ptr(), x.numel(), threshold, scale,
+            int(x.dtype == torch.bfloat16), out.data_ptr(), _threads(x.numel()))
+        if code != 0:
+            raise RuntimeError(f"the dropout kernel failed ({code})")
+        ctx.save_for_backward(lanes)
+        ctx.threshold, ctx.scale, ctx.x_dtype = threshold, scale, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        from still.compressive import native
+
+        (lanes,) = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        grad_x = torch.empty(grad.shape, dtype=ctx.x_dtype, device=grad.device)
+        code = native.dropout_library().still_dropout_add_backward(
+            grad.data_ptr(), lanes.data_ptr(), grad.numel(), ctx.threshold, ctx.scale,
+            int(ctx.x_dtype == torch.bfloat16), grad_x.data_ptr(), _threads(grad.numel()))
+        if code != 0:
+            raise RuntimeError(f"the dropout kernel failed ({code})")
+        return grad, grad_x, None, None, None
 
 
 class Dropout(nn.Module):

@@ -7,6 +7,8 @@
 // lanes and the tensor, with PyTorch's arithmetic, so the results are the same bits:
 //   forward   out  = round(0 + (scale * t) * kept),  t = relu(x) (NaN kept) or x
 //   backward  grad_x = round(0 + (scale * grad) * kept), then 0 where relu and x <= 0
+// and the residual form h + dropout(x) (fp32 h, x fp32 or bf16; `still_dropout_add`), whose
+// backward also makes autograd's rounding of the sum's fp32 gradient to x's dtype.
 // (`addcmul(0, t, mask, value=scale)` computes 0 + scale * t * mask in fp32, and rounds once to
 // bf16; `threshold_backward` zeroes the gradient where relu(x) <= 0, that is where x <= 0.)
 // fp32 or bf16 (uint16_t, rounded to nearest even, NaN as 0xFFFF: the rounding of PyTorch's
@@ -39,13 +41,13 @@ inline __m512 load(const uint16_t* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 inline void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store(uint16_t* p, __mmask16 m, __m512 v) {
+inline __m512i bf16_bits(__m512 v) {  // in the low halves of 32-bit lanes
     const __m512i u = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
 }
+inline void store(uint16_t* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bf16_bits(v))); }
 
 // 1.0 at the kept lanes of 16 (draw >= threshold), 0.0 elsewhere
 inline __m512 kept(const int16_t* draw, __mmask16 m, __m256i threshold) {
@@ -77,6 +79,40 @@ void backward(const T* grad, const int16_t* draw, const T* x, int64_t begin, int
         __m512 g = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(grad + i, m)), kept(draw + i, m, t)));
         if (x != nullptr) g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load(x + i, m), zero, _CMP_NLE_UQ), g);
         store(out + i, m, g);
+    }
+}
+
+// x's value as stored: rounded to bf16 (and widened back) where T is bf16
+inline __m512 as_stored(const float*, __m512 v) { return v; }
+inline __m512 as_stored(const uint16_t*, __m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
+
+// out = h + dropout(x) for fp32 h and out, x fp32 or bf16: the dropout's output rounded to x's
+// dtype, then added in fp32 (PyTorch: the dropout in x's dtype, then the add promoting it)
+template <class T>
+void add_forward(const float* h, const T* x, const int16_t* draw, int64_t begin, int64_t end, int16_t threshold,
+                 float scale, float* out) {
+    const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+    const __m256i t = _mm256_set1_epi16(threshold);
+    const T* tag = nullptr;
+    for (int64_t i = begin; i < end; i += 16) {
+        const __mmask16 m = lanes(end - i);
+        const __m512 d = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(x + i, m)), kept(draw + i, m, t)));
+        store(out + i, m, _mm512_add_ps(load(h + i, m), as_stored(tag, d)));
+    }
+}
+
+// its gradient for x from the sum's, grad (fp32): grad rounded to x's dtype (autograd's cast at the
+// add), then the dropout's backward
+template <class T>
+void add_backward(const float* grad, const int16_t* draw, int64_t begin, int64_t end, int16_t threshold, float scale,
+                  T* out) {
+    const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+    const __m256i t = _mm256_set1_epi16(threshold);
+    const T* tag = nullptr;
+    for (int64_t i = begin; i < end; i += 16) {
+        const __mmask16 m = lanes(end - i);
+        const __m512 g = as_stored(tag, load(grad + i, m));
+        store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, g), kept(draw + i, m, t))));
     }
 }
 
@@ -142,6 +178,40 @@ int64_t still_dropout_backward(const void* grad, const int16_t* draws, const voi
             backward<uint16_t>((const uint16_t*)grad, draws, (const uint16_t*)x, begin, end, t, scale, (uint16_t*)out);
         else
             backward<float>((const float*)grad, draws, (const float*)x, begin, end, t, scale, (float*)out);
+    });
+#endif
+    return 0;
+}
+
+// out = h + dropout(x) (h and out fp32, x fp32 or bf16 as `bf16` says); 0 on success
+int64_t still_dropout_add(const float* h, const void* x, const int16_t* draws, int64_t n, int64_t threshold,
+                          float scale, int64_t bf16, float* out, int64_t threads) {
+    const int64_t available = still_dropout_available();
+    if (available != 0) return available;
+#ifdef STILL_DROPOUT
+    const auto t = int16_t(threshold);
+    split(n, threads, [&](int64_t begin, int64_t end) {
+        if (bf16)
+            add_forward<uint16_t>(h, (const uint16_t*)x, draws, begin, end, t, scale, out);
+        else
+            add_forward<float>(h, (const float*)x, draws, begin, end, t, scale, out);
+    });
+#endif
+    return 0;
+}
+
+// x's gradient (in x's dtype) from the sum's, grad (fp32); h's is grad itself
+int64_t still_dropout_add_backward(const float* grad, const int16_t* draws, int64_t n, int64_t threshold, float scale,
+                                   int64_t bf16, void* out, int64_t threads) {
+    const int64_t available = still_dropout_available();
+    if (available != 0) return available;
+#ifdef STILL_DROPOUT
+    const auto t = int16_t(threshold);
+    split(n, threads, [&](int64_t begin, int64_t end) {
+        if (bf16)
+            add_backward<uint16_t>(grad, draws, begin, end, t, scale, (uint16_t*)out);
+        else
+            add_backward<float>(grad, draws, begin, end, t, scale, (float*)out);
     });
 #endif
     return 0;

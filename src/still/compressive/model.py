@@ -55,7 +55,7 @@ from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttent
 from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.errors import check
-from still.layers import Dropout, relu_dropout
+from still.layers import Dropout, dropout_add, relu_dropout
 
 BATCHED_RECONSTRUCTION = True
 """Training computes the attention-reconstruction losses of all layers in one batch of operators
@@ -167,18 +167,18 @@ class CompressiveLayer(nn.Module):
         received, this segment's keys and values, and the projections it made)."""
         if self.pre_norm:  # the attention applies LN1 to h and the context
             attention = self.attention(h, context, key_valid, need_weights, context_kv, norm=self.norm1)
-            h = h + self.dropout(attention.out)
+            h = dropout_add(h, attention.out, self.dropout.p, self.training)
         else:
             attention = self.attention(h, context, key_valid, need_weights, context_kv)
-            h = self.norm1(h + self.dropout(attention.out))
+            h = self.norm1(dropout_add(h, attention.out, self.dropout.p, self.training))
         return self.feed_forward_block(h), attention
 
     def feed_forward_block(self, h: torch.Tensor) -> torch.Tensor:
         """The layer's second half, h (B, L, d) -> (B, L, d): the feed-forward sublayer with its norm
         and residual (what `CompressiveTransformer.compile_feed_forward` compiles)."""
         if self.pre_norm:
-            return h + self.dropout(self.feed_forward(self.norm2(h)))
-        return self.norm2(h + self.dropout(self.feed_forward(h)))
+            return dropout_add(h, self.feed_forward(self.norm2(h)), self.dropout.p, self.training)
+        return self.norm2(dropout_add(h, self.feed_forward(h), self.dropout.p, self.training))
 
     def update_memory(self, memory: torch.Tensor, compressed: torch.Tensor, hidden: torch.Tensor, *, mem_len: int,
                       c_mem_len: int, rate: int, received: torch.Tensor | None = None,

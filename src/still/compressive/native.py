@@ -131,6 +131,12 @@ def dropout_library() -> ctypes.CDLL | None:
                 lib.still_dropout_backward.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float,
                                                        integer, pointer, integer]
                 lib.still_dropout_backward.restype = integer
+                lib.still_dropout_add.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float, integer,
+                                                  pointer, integer]
+                lib.still_dropout_add.restype = integer
+                lib.still_dropout_add_backward.argtypes = [pointer, pointer, integer, integer, ctypes.c_float, integer,
+                                                           pointer, integer]
+                lib.still_dropout_add_backward.restype = integer
                 if lib.still_dropout_available() != 0:
                     lib, reason = None, "no AVX-512 in the compiler's target for this processor"
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
