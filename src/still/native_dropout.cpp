@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -128,6 +129,18 @@ void split(int64_t n, int64_t threads, const Run& run) {
     for (auto& helper : helpers) helper.join();
 }
 
+// run(begin, end, tag) over [0, n) as `split` does, tag a null pointer of the element type: bf16
+// (uint16_t) where `bf16`, else float
+template <class Run>
+void over(int64_t n, int64_t threads, int64_t bf16, const Run& run) {
+    split(n, threads, [&](int64_t begin, int64_t end) {
+        if (bf16)
+            run(begin, end, static_cast<uint16_t*>(nullptr));
+        else
+            run(begin, end, static_cast<float*>(nullptr));
+    });
+}
+
 #endif  // STILL_DROPOUT
 
 }  // namespace
@@ -143,78 +156,61 @@ int64_t still_dropout_available() {
 #endif
 }
 
-// out = dropout(relu(x)) where relu, else dropout(x), for n elements of fp32 (bf16 = 0) or bf16
-// (bf16 = 1), with the draws (one int16 lane per element), the threshold and the scale; 0 on
-// success, nonzero (nothing written) where this build cannot
+// The entry points below: n elements of fp32 (bf16 = 0) or bf16 (bf16 = 1), one int16 lane of the
+// draws per element, lanes >= threshold kept, the kept elements scaled by `scale`; 0 on success,
+// nonzero (nothing written) where this build cannot.
+
+// out = dropout(relu(x)) where relu, else dropout(x)
 int64_t still_dropout(const void* x, const int16_t* draws, int64_t n, int64_t threshold, float scale, int64_t relu,
                       int64_t bf16, void* out, int64_t threads) {
-    const int64_t available = still_dropout_available();
-    if (available != 0) return available;
 #ifdef STILL_DROPOUT
     const auto t = int16_t(threshold);
-    split(n, threads, [&](int64_t begin, int64_t end) {
-        if (bf16 && relu)
-            forward<uint16_t, true>((const uint16_t*)x, draws, begin, end, t, scale, (uint16_t*)out);
-        else if (bf16)
-            forward<uint16_t, false>((const uint16_t*)x, draws, begin, end, t, scale, (uint16_t*)out);
-        else if (relu)
-            forward<float, true>((const float*)x, draws, begin, end, t, scale, (float*)out);
+    over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        if (relu)
+            forward<T, true>(static_cast<const T*>(x), draws, begin, end, t, scale, static_cast<T*>(out));
         else
-            forward<float, false>((const float*)x, draws, begin, end, t, scale, (float*)out);
+            forward<T, false>(static_cast<const T*>(x), draws, begin, end, t, scale, static_cast<T*>(out));
     });
 #endif
-    return 0;
+    return still_dropout_available();
 }
 
 // its gradient from the output's, grad; x: the ReLU's input where there was one, else null
 int64_t still_dropout_backward(const void* grad, const int16_t* draws, const void* x, int64_t n, int64_t threshold,
                                float scale, int64_t bf16, void* out, int64_t threads) {
-    const int64_t available = still_dropout_available();
-    if (available != 0) return available;
 #ifdef STILL_DROPOUT
-    const auto t = int16_t(threshold);
-    split(n, threads, [&](int64_t begin, int64_t end) {
-        if (bf16)
-            backward<uint16_t>((const uint16_t*)grad, draws, (const uint16_t*)x, begin, end, t, scale, (uint16_t*)out);
-        else
-            backward<float>((const float*)grad, draws, (const float*)x, begin, end, t, scale, (float*)out);
+    over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        backward<T>(static_cast<const T*>(grad), draws, static_cast<const T*>(x), begin, end, int16_t(threshold), scale,
+                    static_cast<T*>(out));
     });
 #endif
-    return 0;
+    return still_dropout_available();
 }
 
-// out = h + dropout(x) (h and out fp32, x fp32 or bf16 as `bf16` says); 0 on success
+// out = h + dropout(x), h and out fp32 (x fp32 or bf16)
 int64_t still_dropout_add(const float* h, const void* x, const int16_t* draws, int64_t n, int64_t threshold,
                           float scale, int64_t bf16, float* out, int64_t threads) {
-    const int64_t available = still_dropout_available();
-    if (available != 0) return available;
 #ifdef STILL_DROPOUT
-    const auto t = int16_t(threshold);
-    split(n, threads, [&](int64_t begin, int64_t end) {
-        if (bf16)
-            add_forward<uint16_t>(h, (const uint16_t*)x, draws, begin, end, t, scale, out);
-        else
-            add_forward<float>(h, (const float*)x, draws, begin, end, t, scale, out);
+    over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        add_forward<T>(h, static_cast<const T*>(x), draws, begin, end, int16_t(threshold), scale, out);
     });
 #endif
-    return 0;
+    return still_dropout_available();
 }
 
 // x's gradient (in x's dtype) from the sum's, grad (fp32); h's is grad itself
 int64_t still_dropout_add_backward(const float* grad, const int16_t* draws, int64_t n, int64_t threshold, float scale,
                                    int64_t bf16, void* out, int64_t threads) {
-    const int64_t available = still_dropout_available();
-    if (available != 0) return available;
 #ifdef STILL_DROPOUT
-    const auto t = int16_t(threshold);
-    split(n, threads, [&](int64_t begin, int64_t end) {
-        if (bf16)
-            add_backward<uint16_t>(grad, draws, begin, end, t, scale, (uint16_t*)out);
-        else
-            add_backward<float>(grad, draws, begin, end, t, scale, (float*)out);
+    over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        add_backward<T>(grad, draws, begin, end, int16_t(threshold), scale, static_cast<T*>(out));
     });
 #endif
-    return 0;
+    return still_dropout_available();
 }
 
 }  // extern "C"

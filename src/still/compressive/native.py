@@ -122,21 +122,11 @@ def dropout_library() -> ctypes.CDLL | None:
             lib, reason = None, None
             try:
                 lib = ctypes.CDLL(str(_build(DROPOUT_SOURCE, "dropout kernels")))
-                pointer, integer = ctypes.c_void_p, ctypes.c_int64
-                lib.still_dropout_available.argtypes = []
-                lib.still_dropout_available.restype = integer
-                lib.still_dropout.argtypes = [pointer, pointer, integer, integer, ctypes.c_float, integer, integer,
-                                              pointer, integer]
-                lib.still_dropout.restype = integer
-                lib.still_dropout_backward.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float,
-                                                       integer, pointer, integer]
-                lib.still_dropout_backward.restype = integer
-                lib.still_dropout_add.argtypes = [pointer, pointer, pointer, integer, integer, ctypes.c_float, integer,
-                                                  pointer, integer]
-                lib.still_dropout_add.restype = integer
-                lib.still_dropout_add_backward.argtypes = [pointer, pointer, integer, integer, ctypes.c_float, integer,
-                                                           pointer, integer]
-                lib.still_dropout_add_backward.restype = integer
+                p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+                _declare(lib, still_dropout_available=[], still_dropout=[p, p, i, i, f, i, i, p, i],
+                         still_dropout_backward=[p, p, p, i, i, f, i, p, i],
+                         still_dropout_add=[p, p, p, i, i, f, i, p, i],
+                         still_dropout_add_backward=[p, p, i, i, f, i, p, i])
                 if lib.still_dropout_available() != 0:
                     lib, reason = None, "no AVX-512 in the compiler's target for this processor"
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
@@ -149,28 +139,21 @@ def dropout_library() -> ctypes.CDLL | None:
 
 def _load_attention(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    pointer, integer = ctypes.c_void_p, ctypes.c_int64
-    lib.still_attention_available.argtypes = []
-    lib.still_attention_available.restype = integer
-    lib.still_attention_weights.argtypes = [pointer] * 5 + [integer] + [pointer] * 3 + [integer] * 6
-    lib.still_attention_weights.restype = integer
-    lib.still_attention_backward.argtypes = [pointer] * 4 + [integer] * 4
-    lib.still_attention_backward.restype = integer
-    lib.still_attention_grads.argtypes = [pointer] * 13 + [integer] * 7
-    lib.still_attention_grads.restype = integer
-    lib.still_content_attention.argtypes = [pointer] * 5 + [integer] * 8
-    lib.still_content_attention.restype = integer
-    lib.still_squared_error.argtypes = [pointer, pointer, integer, ctypes.POINTER(ctypes.c_double)]
-    lib.still_squared_error.restype = integer
-    lib.still_squared_error_grad.argtypes = [pointer, pointer, integer, ctypes.c_float, pointer]
-    lib.still_squared_error_grad.restype = integer
-    lib.still_attention_fp32_available.argtypes = []
-    lib.still_attention_fp32_available.restype = integer
-    lib.still_attention_weights_fp32.argtypes = [pointer] * 5 + [integer] + [pointer] * 3 + [integer] * 6
-    lib.still_attention_weights_fp32.restype = integer
-    lib.still_attention_grads_fp32.argtypes = [pointer] * 13 + [integer] * 6
-    lib.still_attention_grads_fp32.restype = integer
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    _declare(lib, still_attention_available=[], still_attention_weights=[p] * 5 + [i] + [p] * 3 + [i] * 6,
+             still_attention_backward=[p] * 4 + [i] * 4, still_attention_grads=[p] * 13 + [i] * 7,
+             still_content_attention=[p] * 5 + [i] * 8, still_squared_error=[p, p, i, ctypes.POINTER(ctypes.c_double)],
+             still_squared_error_grad=[p, p, i, ctypes.c_float, p], still_attention_fp32_available=[],
+             still_attention_weights_fp32=[p] * 5 + [i] + [p] * 3 + [i] * 6,
+             still_attention_grads_fp32=[p] * 13 + [i] * 6)
     return lib
+
+
+def _declare(lib: ctypes.CDLL, **signatures: list) -> None:
+    """Each named function's argument types, and its int64 result (a status code)."""
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int64
 
 
 def cache_root() -> Path:
