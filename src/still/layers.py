@@ -159,10 +159,12 @@ class _MaskedScale(torch.autograd.Function):
 
 def _threads(n: int) -> int:
     """The threads a dropout kernel call of n elements takes: PyTorch's intra-op threads (at most
-    `native.MAX_THREADS`), one below 2^16 elements, where starting a thread costs more than it saves."""
+    `native.MAX_THREADS`) from 2^20 elements, else one. The kernel starts its helpers each call: for
+    the teacher's (128, 1200) of the MNIST recipe two threads gained nothing measurable, and a thread
+    that must wait for a busy core costs more than the pass (docs/performance.md, session 30)."""
     from still.compressive import native
 
-    return 1 if n < 65536 else min(torch.get_num_threads(), native.MAX_THREADS)
+    return 1 if n < 2**20 else min(torch.get_num_threads(), native.MAX_THREADS)
 
 
 class _NativeDropout(torch.autograd.Function):
