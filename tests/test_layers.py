@@ -65,15 +65,15 @@ def test_bf16_inputs_keep_their_dtype():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_output_and_gradient_are_round_x_times_scale_at_the_kept_lanes(dtype):
-    """The mask is built from the lanes with integer passes: the numbers must be those of the plain
-    definition, where(lane >= threshold, x * scale, 0), bit for bit, and so must the gradient."""
+    """The mask is built from the lanes of the call's seed (its one draw from the generator): the
+    numbers must be those of the plain definition, where(lane >= threshold, x * scale, 0), bit for
+    bit, and so must the gradient."""
     p = 0.1
     x = torch.randn(3, 5, 7).to(dtype).requires_grad_()
     y = dropout(x, p, generator=torch.Generator().manual_seed(11))
-    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
-    draws.random_(-(2**63), 2**63 - 1, generator=torch.Generator().manual_seed(11))
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(11)))
     dropped = round(p * LANES)
-    keep = draws.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - LANES // 2
+    keep = layers._lanes(seed, x.numel()).view(x.shape) >= dropped - LANES // 2
     scale = LANES / (LANES - dropped)
     assert 0 < int((~keep).sum()) < x.numel()
     bits = torch.int32 if dtype == torch.float32 else torch.int16  # bit for bit, the sign of a zero too
@@ -85,6 +85,25 @@ def test_output_and_gradient_are_round_x_times_scale_at_the_kept_lanes(dtype):
     g = torch.randn(x.shape).to(dtype)
     (grad,) = torch.autograd.grad(y, x, g)
     assert same_bits(grad, torch.where(keep, g * scale, 0))
+
+
+def test_lanes_are_splitmix64_of_the_seed():
+    """`_lanes` (and so the kernel, tested against it below) is SplitMix64 over seed + (w + 1) *
+    golden, four little-endian 16-bit lanes a word: checked against the algorithm in Python's
+    integers, for seeds of both signs."""
+    mask = 2**64 - 1
+
+    def splitmix(x: int) -> int:
+        z = x & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    for seed in (0, 12345, -(2**63), 2**62 + 7):
+        lanes = layers._lanes(seed, 10)
+        words = [splitmix(seed + (w + 1) * 0x9E3779B97F4A7C15) for w in range(3)]
+        want = [(words[i // 4] >> (16 * (i % 4))) & 0xFFFF for i in range(10)]
+        assert [v & 0xFFFF for v in lanes.tolist()] == want
 
 
 def test_drop_rates_that_round_to_none_or_all():

@@ -2,17 +2,22 @@
 
 `dropout` / `Dropout`: inverted dropout (Srivastava et al. 2014) whose mask is cheaper to draw on
 the CPU. PyTorch's CPU dropout draws one random number per element (`bernoulli_`), about 6 ns an
-element here: at the `reference` preset the masks took a fifth of a bf16 training step. Here one
-64-bit draw gives the keep-or-drop decisions of four elements (four 16-bit lanes, each compared
-with a threshold), about a quarter of the cost. The drop probability is p rounded to a multiple of
+element here: at the `reference` preset the masks took a fifth of a bf16 training step. Here each
+element has a 16-bit lane, kept where it is at least a threshold: four lanes a 64-bit word of
+SplitMix64 (Steele, Lea and Flood 2014) over a counter from one 64-bit seed that each call draws
+from the PyTorch generator (`_lanes`), so a call costs the generator one draw and the lanes can be
+made again for the backward instead of kept. The drop probability is p rounded to a multiple of
 2^-16 (at most 7.7e-6 away), and kept elements are scaled by the inverse of the exact keep
 probability, so the expectation of every output is its input. On other devices: `F.dropout`.
+(Until session 30 the lanes came from the generator itself, a word per four elements, `random_`:
+about 10 ms of a 235 ms bf16 step at the reference preset.)
 
 `relu_dropout`: `dropout(F.relu(x))`; `dropout_add`: `h + dropout(x)`. On CPUs with AVX-512 all
 three run as one pass each way
 (`native_dropout.cpp`, built once per machine: the lanes compared, the ReLU and the scaled mask
 applied together, where PyTorch's path makes the mask in three int16 passes, applies it in a
-fourth, and a ReLU or the add a pass each way), with PyTorch's arithmetic: the same bits either way.
+fourth, and a ReLU or the add a pass each way), with PyTorch's arithmetic, making the lanes as it
+goes (forward and backward): the same bits either way.
 
 `thread_generator`: the generator `dropout` draws from in this thread when given none (the shards
 of a training step, each in its own thread, draw from their own: `still.train.shards`).
@@ -29,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 LANES = 65536  # 16-bit lanes
+# SplitMix64's increment and multipliers, as int64 (PyTorch's integers wrap around as uint64 would)
+_GOLDEN, _MIX1, _MIX2 = (c - 2**64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as an int16 bit pattern
 _local = threading.local()
 NATIVE = True
@@ -107,20 +114,18 @@ def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: 
     if dropped == LANES:  # p > 1 - 2^-17: everything is
         return added(torch.zeros_like(x))
     scale = LANES / (LANES - dropped)
-    n = x.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64)
-    draws.random_(-(2**63), 2**63 - 1, generator=generator)  # uniform 64-bit words
-    lanes = draws.view(torch.int16)[:n].view(x.shape)  # uniform in [-2^15, 2^15)
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))  # the call's one draw
     threshold = dropped - LANES // 2  # lanes >= threshold are kept
     if NATIVE and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous():
         from still.compressive import native
 
         if native.dropout_library() is not None:
             if residual is None:
-                return _NativeDropout.apply(x, lanes, threshold, scale, relu)
+                return _NativeDropout.apply(x, seed, threshold, scale, relu)
             if (residual.dtype == torch.float32 and residual.shape == x.shape and residual.is_contiguous()
                     and not relu):
-                return _NativeDropoutAdd.apply(residual, x, lanes, threshold, scale)
+                return _NativeDropoutAdd.apply(residual, x, seed, threshold, scale)
+    lanes = _lanes(seed, x.numel()).view(x.shape)  # uniform in [-2^15, 2^15)
     if relu:
         x = F.relu(x)
     # the mask as numbers, in int16 passes: a boolean mask and `where` (or a bool-to-float cast) took
@@ -131,6 +136,20 @@ def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: 
     else:
         mask = kept.to(x.dtype)
     return added(_MaskedScale.apply(x, mask, scale))
+
+
+def _lanes(seed: int, n: int) -> torch.Tensor:
+    """The 16-bit lanes (n,) int16 of `seed`, as `native_dropout.cpp` makes them: word w (from 0) is
+    SplitMix64 of seed + (w + 1) * golden, and element 4 w + j takes its bits 16 j .. 16 j + 15."""
+    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64).mul_(_GOLDEN).add_(seed)
+    z = (z ^ _shifted_right(z, 30)).mul_(_MIX1)
+    z = (z ^ _shifted_right(z, 27)).mul_(_MIX2)
+    return (z ^ _shifted_right(z, 31)).view(torch.int16)[:n]
+
+
+def _shifted_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """z >> bits as unsigned 64-bit numbers (PyTorch shifts int64 arithmetically)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
 # (PyTorch's flag behind `is_compiling` is global while a thread compiles, so another shard thread
@@ -168,32 +187,32 @@ def _threads(n: int) -> int:
 
 
 class _NativeDropout(torch.autograd.Function):
-    """`_MaskedScale` of the mask the lanes give (after `F.relu` where `relu`) by `native_dropout.cpp`:
-    one pass each way, the same bits. Keeps the lanes (int16) and, after a ReLU, its input."""
+    """`_MaskedScale` of the mask of `seed`'s lanes (after `F.relu` where `relu`) by
+    `native_dropout.cpp`: one pass each way, the same bits. Keeps the seed and, after a ReLU, its input."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lanes: torch.Tensor, threshold: int, scale: float, relu: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, seed: int, threshold: int, scale: float, relu: bool) -> torch.Tensor:
         from still.compressive import native
 
         out = torch.empty_like(x)
         code = native.dropout_library().still_dropout(
-            x.data_ptr(), lanes.data_ptr(), x.numel(), threshold, scale, int(relu), int(x.dtype == torch.bfloat16),
+            x.data_ptr(), seed, x.numel(), threshold, scale, int(relu), int(x.dtype == torch.bfloat16),
             out.data_ptr(), _threads(x.numel()))
         if code != 0:  # (not reached: the library said it runs here)
             raise RuntimeError(f"the dropout kernel failed ({code})")
-        ctx.save_for_backward(lanes, x if relu else None)
-        ctx.threshold, ctx.scale = threshold, scale
+        ctx.save_for_backward(x if relu else None)
+        ctx.seed, ctx.threshold, ctx.scale = seed, threshold, scale
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         from still.compressive import native
 
-        lanes, x = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         grad = grad.contiguous()
         out = torch.empty_like(grad)
         code = native.dropout_library().still_dropout_backward(
-            grad.data_ptr(), lanes.data_ptr(), None if x is None else x.data_ptr(), grad.numel(), ctx.threshold,
+            grad.data_ptr(), ctx.seed, None if x is None else x.data_ptr(), grad.numel(), ctx.threshold,
             ctx.scale, int(grad.dtype == torch.bfloat16), out.data_ptr(), _threads(grad.numel()))
         if code != 0:
             raise RuntimeError(f"the dropout kernel failed ({code})")
@@ -201,35 +220,33 @@ class _NativeDropout(torch.autograd.Function):
 
 
 class _NativeDropoutAdd(torch.autograd.Function):
-    """h + `_MaskedScale` of x by the lanes' mask (fp32 h, x fp32 or bf16) by `native_dropout.cpp`:
-    the dropout's output rounded to x's dtype and added in fp32, one pass; the backward gives h the
-    sum's gradient and x the dropout's backward of that gradient rounded to x's dtype, one pass."""
+    """h + `_MaskedScale` of x by the mask of `seed`'s lanes (fp32 h, x fp32 or bf16) by
+    `native_dropout.cpp`: the dropout's output rounded to x's dtype and added in fp32, one pass; the
+    backward gives h the sum's gradient and x the dropout's backward of that gradient rounded to
+    x's dtype, one pass."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, x: torch.Tensor, lanes: torch.Tensor, threshold: int,
-                scale: float) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
         from still.compressive import native
 
         out = torch.empty_like(h)
         code = native.dropout_library().still_dropout_add(
-            h.data_ptr(), x.data_ptr(), lanes.data_ptr(), x.numel(), threshold, scale,
-            int(x.dtype == torch.bfloat16), out.data_ptr(), _threads(x.numel()))
+            h.data_ptr(), x.data_ptr(), seed, x.numel(), threshold, scale, int(x.dtype == torch.bfloat16),
+            out.data_ptr(), _threads(x.numel()))
         if code != 0:
             raise RuntimeError(f"the dropout kernel failed ({code})")
-        ctx.save_for_backward(lanes)
-        ctx.threshold, ctx.scale, ctx.x_dtype = threshold, scale, x.dtype
+        ctx.seed, ctx.threshold, ctx.scale, ctx.x_dtype = seed, threshold, scale, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         from still.compressive import native
 
-        (lanes,) = ctx.saved_tensors
         grad = grad.float().contiguous()
         grad_x = torch.empty(grad.shape, dtype=ctx.x_dtype, device=grad.device)
         code = native.dropout_library().still_dropout_add_backward(
-            grad.data_ptr(), lanes.data_ptr(), grad.numel(), ctx.threshold, ctx.scale,
-            int(ctx.x_dtype == torch.bfloat16), grad_x.data_ptr(), _threads(grad.numel()))
+            grad.data_ptr(), ctx.seed, grad.numel(), ctx.threshold, ctx.scale, int(ctx.x_dtype == torch.bfloat16),
+            grad_x.data_ptr(), _threads(grad.numel()))
         if code != 0:
             raise RuntimeError(f"the dropout kernel failed ({code})")
         return grad, grad_x, None, None, None

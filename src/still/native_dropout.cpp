@@ -1,10 +1,11 @@
-// still: dropout, and dropout after a ReLU, in one pass each way on the CPU.
+// still: dropout, and dropout after a ReLU or before a residual add, in one pass each way on the CPU.
 //
-// `still.layers.dropout` draws one 16-bit lane per element (uniform, from 64-bit words) and keeps
-// the elements whose lane is at least a threshold. Its PyTorch path then makes the mask in three
-// int16 passes and applies it with `addcmul` (a fourth pass; the backward one more), and a ReLU
-// before it is a pass forward and one backward of its own. Here each direction is one pass over the
-// lanes and the tensor, with PyTorch's arithmetic, so the results are the same bits:
+// `still.layers.dropout` keeps an element where its 16-bit lane is at least a threshold. The lanes
+// come from one 64-bit seed a call (drawn from the PyTorch generator): element 4 w + j takes bits
+// 16 j .. 16 j + 15 of SplitMix64's word w, made here as the pass needs them, forward and again
+// backward, so no mask or lanes are written or kept. (`layers._lanes` makes the same lanes with
+// PyTorch's operators where this cannot run.) Each direction is one pass over the tensor with
+// PyTorch's arithmetic, so the results are the bits of the PyTorch path's passes over those lanes:
 //   forward   out  = round(0 + (scale * t) * kept),  t = relu(x) (NaN kept) or x
 //   backward  grad_x = round(0 + (scale * grad) * kept), then 0 where relu and x <= 0
 // and the residual form h + dropout(x) (fp32 h, x fp32 or bf16; `still_dropout_add`), whose
@@ -14,8 +15,8 @@
 // fp32 or bf16 (uint16_t, rounded to nearest even, NaN as 0xFFFF: the rounding of PyTorch's
 // vectorised conversion; its scalar one, for a loop's last elements, writes NaN as 0x7FC0), any
 // length. Built with the machine's compiler by `still.compressive.native` and loaded with ctypes;
-// without AVX-512 (F, BW, VL) in the target, `still_dropout_available` says so and the caller takes
-// the PyTorch path.
+// without AVX-512 (F, BW, VL, DQ) in the target, `still_dropout_available` says so and the caller
+// takes the PyTorch path.
 
 #include <algorithm>
 #include <cstdint>
@@ -25,7 +26,7 @@
 
 #include <immintrin.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define STILL_DROPOUT 1
 #endif
 
@@ -50,34 +51,46 @@ inline __m512i bf16_bits(__m512 v) {  // in the low halves of 32-bit lanes
 }
 inline void store(uint16_t* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bf16_bits(v))); }
 
-// 1.0 at the kept lanes of 16 (draw >= threshold), 0.0 elsewhere
-inline __m512 kept(const int16_t* draw, __mmask16 m, __m256i threshold) {
-    const __mmask16 keep = _mm256_mask_cmpge_epi16_mask(m, _mm256_maskz_loadu_epi16(m, draw), threshold);
+// The lanes of elements i .. i + 15 (i a multiple of 4): words w = i / 4 .. + 3 of SplitMix64 (Steele,
+// Lea and Flood 2014) over the counter seed + (w + 1) * golden, each word's four 16-bit lanes in
+// order (element 4 w + j: bits 16 j ..); `layers._lanes` makes the same in PyTorch's operators
+inline __m256i draws(uint64_t seed, int64_t i) {
+    const __m256i w = _mm256_add_epi64(_mm256_set1_epi64x(i / 4 + 1), _mm256_set_epi64x(3, 2, 1, 0));
+    __m256i z = _mm256_add_epi64(_mm256_set1_epi64x(int64_t(seed)),
+                                 _mm256_mullo_epi64(w, _mm256_set1_epi64x(int64_t(0x9E3779B97F4A7C15ull))));
+    z = _mm256_mullo_epi64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), _mm256_set1_epi64x(int64_t(0xBF58476D1CE4E5B9ull)));
+    z = _mm256_mullo_epi64(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), _mm256_set1_epi64x(int64_t(0x94D049BB133111EBull)));
+    return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+}
+
+// 1.0 at the kept elements of i .. i + 15 (lane >= threshold), 0.0 elsewhere
+inline __m512 kept(uint64_t seed, int64_t i, __mmask16 m, __m256i threshold) {
+    const __mmask16 keep = _mm256_mask_cmpge_epi16_mask(m, draws(seed, i), threshold);
     return _mm512_maskz_mov_ps(keep, _mm512_set1_ps(1.0f));
 }
 
 // elements [begin, end) of the forward (Relu: of the ReLU and dropout) or of the backward
 // (`x` null: plain dropout; else the ReLU's input, whose gradient is zero where x <= 0)
 template <class T, bool Relu>
-void forward(const T* x, const int16_t* draw, int64_t begin, int64_t end, int16_t threshold, float scale, T* out) {
+void forward(const T* x, uint64_t seed, int64_t begin, int64_t end, int16_t threshold, float scale, T* out) {
     const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
     const __m256i t = _mm256_set1_epi16(threshold);
     for (int64_t i = begin; i < end; i += 16) {
         const __mmask16 m = lanes(end - i);
         __m512 v = load(x + i, m);
         if constexpr (Relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ), v);  // NaN kept
-        store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, v), kept(draw + i, m, t))));
+        store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, v), kept(seed, i, m, t))));
     }
 }
 
 template <class T>
-void backward(const T* grad, const int16_t* draw, const T* x, int64_t begin, int64_t end, int16_t threshold,
+void backward(const T* grad, uint64_t seed, const T* x, int64_t begin, int64_t end, int16_t threshold,
               float scale, T* out) {
     const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
     const __m256i t = _mm256_set1_epi16(threshold);
     for (int64_t i = begin; i < end; i += 16) {
         const __mmask16 m = lanes(end - i);
-        __m512 g = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(grad + i, m)), kept(draw + i, m, t)));
+        __m512 g = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(grad + i, m)), kept(seed, i, m, t)));
         if (x != nullptr) g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load(x + i, m), zero, _CMP_NLE_UQ), g);
         store(out + i, m, g);
     }
@@ -90,14 +103,14 @@ inline __m512 as_stored(const uint16_t*, __m512 v) { return _mm512_castsi512_ps(
 // out = h + dropout(x) for fp32 h and out, x fp32 or bf16: the dropout's output rounded to x's
 // dtype, then added in fp32 (PyTorch: the dropout in x's dtype, then the add promoting it)
 template <class T>
-void add_forward(const float* h, const T* x, const int16_t* draw, int64_t begin, int64_t end, int16_t threshold,
+void add_forward(const float* h, const T* x, uint64_t seed, int64_t begin, int64_t end, int16_t threshold,
                  float scale, float* out) {
     const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
     const __m256i t = _mm256_set1_epi16(threshold);
     const T* tag = nullptr;
     for (int64_t i = begin; i < end; i += 16) {
         const __mmask16 m = lanes(end - i);
-        const __m512 d = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(x + i, m)), kept(draw + i, m, t)));
+        const __m512 d = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(x + i, m)), kept(seed, i, m, t)));
         store(out + i, m, _mm512_add_ps(load(h + i, m), as_stored(tag, d)));
     }
 }
@@ -105,7 +118,7 @@ void add_forward(const float* h, const T* x, const int16_t* draw, int64_t begin,
 // its gradient for x from the sum's, grad (fp32): grad rounded to x's dtype (autograd's cast at the
 // add), then the dropout's backward
 template <class T>
-void add_backward(const float* grad, const int16_t* draw, int64_t begin, int64_t end, int16_t threshold, float scale,
+void add_backward(const float* grad, uint64_t seed, int64_t begin, int64_t end, int16_t threshold, float scale,
                   T* out) {
     const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
     const __m256i t = _mm256_set1_epi16(threshold);
@@ -113,7 +126,7 @@ void add_backward(const float* grad, const int16_t* draw, int64_t begin, int64_t
     for (int64_t i = begin; i < end; i += 16) {
         const __mmask16 m = lanes(end - i);
         const __m512 g = as_stored(tag, load(grad + i, m));
-        store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, g), kept(draw + i, m, t))));
+        store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, g), kept(seed, i, m, t))));
     }
 }
 
@@ -147,7 +160,7 @@ void over(int64_t n, int64_t threads, int64_t bf16, const Run& run) {
 
 extern "C" {
 
-// 0 where this build can run here; 1: not compiled for AVX-512 (F, BW, VL)
+// 0 where this build can run here; 1: not compiled for AVX-512 (F, BW, VL, DQ)
 int64_t still_dropout_available() {
 #ifdef STILL_DROPOUT
     return 0;
@@ -156,33 +169,33 @@ int64_t still_dropout_available() {
 #endif
 }
 
-// The entry points below: n elements of fp32 (bf16 = 0) or bf16 (bf16 = 1), one int16 lane of the
-// draws per element, lanes >= threshold kept, the kept elements scaled by `scale`; 0 on success,
-// nonzero (nothing written) where this build cannot.
+// The entry points below: n elements of fp32 (bf16 = 0) or bf16 (bf16 = 1), the lanes of `seed`
+// (`draws`), lanes >= threshold kept, the kept elements scaled by `scale`; 0 on success, nonzero
+// (nothing written) where this build cannot.
 
 // out = dropout(relu(x)) where relu, else dropout(x)
-int64_t still_dropout(const void* x, const int16_t* draws, int64_t n, int64_t threshold, float scale, int64_t relu,
+int64_t still_dropout(const void* x, int64_t seed, int64_t n, int64_t threshold, float scale, int64_t relu,
                       int64_t bf16, void* out, int64_t threads) {
 #ifdef STILL_DROPOUT
     const auto t = int16_t(threshold);
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         if (relu)
-            forward<T, true>(static_cast<const T*>(x), draws, begin, end, t, scale, static_cast<T*>(out));
+            forward<T, true>(static_cast<const T*>(x), uint64_t(seed), begin, end, t, scale, static_cast<T*>(out));
         else
-            forward<T, false>(static_cast<const T*>(x), draws, begin, end, t, scale, static_cast<T*>(out));
+            forward<T, false>(static_cast<const T*>(x), uint64_t(seed), begin, end, t, scale, static_cast<T*>(out));
     });
 #endif
     return still_dropout_available();
 }
 
 // its gradient from the output's, grad; x: the ReLU's input where there was one, else null
-int64_t still_dropout_backward(const void* grad, const int16_t* draws, const void* x, int64_t n, int64_t threshold,
+int64_t still_dropout_backward(const void* grad, int64_t seed, const void* x, int64_t n, int64_t threshold,
                                float scale, int64_t bf16, void* out, int64_t threads) {
 #ifdef STILL_DROPOUT
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        backward<T>(static_cast<const T*>(grad), draws, static_cast<const T*>(x), begin, end, int16_t(threshold), scale,
+        backward<T>(static_cast<const T*>(grad), uint64_t(seed), static_cast<const T*>(x), begin, end, int16_t(threshold), scale,
                     static_cast<T*>(out));
     });
 #endif
@@ -190,24 +203,24 @@ int64_t still_dropout_backward(const void* grad, const int16_t* draws, const voi
 }
 
 // out = h + dropout(x), h and out fp32 (x fp32 or bf16)
-int64_t still_dropout_add(const float* h, const void* x, const int16_t* draws, int64_t n, int64_t threshold,
+int64_t still_dropout_add(const float* h, const void* x, int64_t seed, int64_t n, int64_t threshold,
                           float scale, int64_t bf16, float* out, int64_t threads) {
 #ifdef STILL_DROPOUT
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        add_forward<T>(h, static_cast<const T*>(x), draws, begin, end, int16_t(threshold), scale, out);
+        add_forward<T>(h, static_cast<const T*>(x), uint64_t(seed), begin, end, int16_t(threshold), scale, out);
     });
 #endif
     return still_dropout_available();
 }
 
 // x's gradient (in x's dtype) from the sum's, grad (fp32); h's is grad itself
-int64_t still_dropout_add_backward(const float* grad, const int16_t* draws, int64_t n, int64_t threshold, float scale,
+int64_t still_dropout_add_backward(const float* grad, int64_t seed, int64_t n, int64_t threshold, float scale,
                                    int64_t bf16, void* out, int64_t threads) {
 #ifdef STILL_DROPOUT
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        add_backward<T>(grad, draws, begin, end, int16_t(threshold), scale, static_cast<T*>(out));
+        add_backward<T>(grad, uint64_t(seed), begin, end, int16_t(threshold), scale, static_cast<T*>(out));
     });
 #endif
     return still_dropout_available();

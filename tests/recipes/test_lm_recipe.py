@@ -344,14 +344,20 @@ def test_compiled_training_matches_eager_training(corpus, tmp_path, capsys):
         assert torch._dynamo.config.suppress_errors is False  # set for the run only (failures run eagerly)
         assert (counters["stats"]["unique_graphs"] > compiled_before) == (name == "compiled")
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    # Compiled and eager products round differently, and which shard runs its first steps compiled
+    # depends on the threads' timing (one may run eagerly while the other compiles): the same
+    # command gave two results. Adam then turns a gradient within rounding of zero into a step of
+    # its learning rate. Seen: up to 1.1e-5 relative in the losses and 1.7e-3 in a weight's norm;
+    # with the masks drawn differently (one extra draw a call: docs/performance.md, session 30)
+    # 1.5e-3 and 1.1, which these tolerances do not let through.
     for a, b in zip(runs["eager"]["meta"]["history"], runs["compiled"]["meta"]["history"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["valid_bits"] == pytest.approx(b["valid_bits"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-4)
+        assert a["valid_bits"] == pytest.approx(b["valid_bits"], rel=2e-4)
     newest = {name: sorted((tmp_path / name / "checkpoints").glob("ckpt-*"))[-1] for name in runs}
     weights = {name: load_file(str(path / "model.safetensors")) for name, path in newest.items()}
     assert weights["eager"].keys() == weights["compiled"].keys()
-    for key, value in weights["eager"].items():
-        torch.testing.assert_close(weights["compiled"][key], value, rtol=1e-4, atol=1e-5)
+    for key, value in weights["eager"].items():  # by norm: single elements may differ by a step
+        assert (weights["compiled"][key] - value).norm() <= 2e-2 * value.norm() + 1e-5, key
 
 
 def test_training_where_compiling_cannot_work_says_so_and_trains(corpus, tmp_path, capsys, monkeypatch):

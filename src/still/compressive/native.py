@@ -123,10 +123,10 @@ def dropout_library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(_build(DROPOUT_SOURCE, "dropout kernels")))
                 p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                _declare(lib, still_dropout_available=[], still_dropout=[p, p, i, i, f, i, i, p, i],
-                         still_dropout_backward=[p, p, p, i, i, f, i, p, i],
-                         still_dropout_add=[p, p, p, i, i, f, i, p, i],
-                         still_dropout_add_backward=[p, p, i, i, f, i, p, i])
+                _declare(lib, still_dropout_available=[], still_dropout=[p, i, i, i, f, i, i, p, i],
+                         still_dropout_backward=[p, i, p, i, i, f, i, p, i],
+                         still_dropout_add=[p, p, i, i, i, f, i, p, i],
+                         still_dropout_add_backward=[p, i, i, i, f, i, p, i])
                 if lib.still_dropout_available() != 0:
                     lib, reason = None, "no AVX-512 in the compiler's target for this processor"
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
