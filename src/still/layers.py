@@ -13,11 +13,10 @@ probability, so the expectation of every output is its input. On other devices: 
 about 10 ms of a 235 ms bf16 step at the reference preset.)
 
 `relu_dropout`: `dropout(F.relu(x))`; `dropout_add`: `h + dropout(x)`. On CPUs with AVX-512 all
-three run as one pass each way
-(`native_dropout.cpp`, built once per machine: the lanes compared, the ReLU and the scaled mask
-applied together, where PyTorch's path makes the mask in three int16 passes, applies it in a
-fourth, and a ReLU or the add a pass each way), with PyTorch's arithmetic, making the lanes as it
-goes (forward and backward): the same bits either way.
+three run as one pass each way (`native_dropout.cpp`, built once per machine: the lanes made and
+compared, the ReLU, the scaled mask and the add applied together, where PyTorch's path makes the
+lanes, then the mask in three int16 passes, applies it in a fourth, and a ReLU or the add takes a
+pass each way), with PyTorch's arithmetic: the same bits either way.
 
 `thread_generator`: the generator `dropout` draws from in this thread when given none (the shards
 of a training step, each in its own thread, draw from their own: `still.train.shards`).

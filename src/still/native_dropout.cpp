@@ -34,7 +34,7 @@ namespace {
 
 #ifdef STILL_DROPOUT
 
-inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes
+inline __mmask16 valid(int64_t left) {  // the first min(left, 16) of 16 elements
     return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
 
@@ -69,27 +69,28 @@ inline __m512 kept(uint64_t seed, int64_t i, __mmask16 m, __m256i threshold) {
     return _mm512_maskz_mov_ps(keep, _mm512_set1_ps(1.0f));
 }
 
-// elements [begin, end) of the forward (Relu: of the ReLU and dropout) or of the backward
-// (`x` null: plain dropout; else the ReLU's input, whose gradient is zero where x <= 0)
+// elements [begin, end) of the dropout (Relu: of the ReLU, then the dropout)
 template <class T, bool Relu>
 void forward(const T* x, uint64_t seed, int64_t begin, int64_t end, int16_t threshold, float scale, T* out) {
     const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
     const __m256i t = _mm256_set1_epi16(threshold);
     for (int64_t i = begin; i < end; i += 16) {
-        const __mmask16 m = lanes(end - i);
+        const __mmask16 m = valid(end - i);
         __m512 v = load(x + i, m);
         if constexpr (Relu) v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ), v);  // NaN kept
         store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, v), kept(seed, i, m, t))));
     }
 }
 
+// elements [begin, end) of its backward (`x` null: plain dropout; else the ReLU's input, whose
+// gradient is zero where x <= 0)
 template <class T>
 void backward(const T* grad, uint64_t seed, const T* x, int64_t begin, int64_t end, int16_t threshold,
               float scale, T* out) {
     const __m512 k = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
     const __m256i t = _mm256_set1_epi16(threshold);
     for (int64_t i = begin; i < end; i += 16) {
-        const __mmask16 m = lanes(end - i);
+        const __mmask16 m = valid(end - i);
         __m512 g = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(grad + i, m)), kept(seed, i, m, t)));
         if (x != nullptr) g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load(x + i, m), zero, _CMP_NLE_UQ), g);
         store(out + i, m, g);
@@ -109,7 +110,7 @@ void add_forward(const float* h, const T* x, uint64_t seed, int64_t begin, int64
     const __m256i t = _mm256_set1_epi16(threshold);
     const T* tag = nullptr;
     for (int64_t i = begin; i < end; i += 16) {
-        const __mmask16 m = lanes(end - i);
+        const __mmask16 m = valid(end - i);
         const __m512 d = _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, load(x + i, m)), kept(seed, i, m, t)));
         store(out + i, m, _mm512_add_ps(load(h + i, m), as_stored(tag, d)));
     }
@@ -124,7 +125,7 @@ void add_backward(const float* grad, uint64_t seed, int64_t begin, int64_t end, 
     const __m256i t = _mm256_set1_epi16(threshold);
     const T* tag = nullptr;
     for (int64_t i = begin; i < end; i += 16) {
-        const __mmask16 m = lanes(end - i);
+        const __mmask16 m = valid(end - i);
         const __m512 g = as_stored(tag, load(grad + i, m));
         store(out + i, m, _mm512_add_ps(zero, _mm512_mul_ps(_mm512_mul_ps(k, g), kept(seed, i, m, t))));
     }

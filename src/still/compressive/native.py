@@ -114,9 +114,10 @@ def attention_fp32_library() -> ctypes.CDLL | None:
 
 
 def dropout_library() -> ctypes.CDLL | None:
-    """`still.layers.dropout`'s kernels (`native_dropout.cpp`: dropout, and dropout after a ReLU, in
-    one pass each way), built at the first call of the process where not cached; None, with the
-    reason said once, where they cannot run here (then the PyTorch path, the same bits)."""
+    """`still.layers.dropout`'s kernels (`native_dropout.cpp`: dropout, after a ReLU or before a
+    residual add, in one pass each way), built at the first call of the process where not cached;
+    None, with the reason said once, where they cannot run here (then the PyTorch path, the same
+    bits)."""
     with _DROPOUT_LOCK:
         if not _DROPOUT:
             lib, reason = None, None
