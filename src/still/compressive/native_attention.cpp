@@ -189,8 +189,8 @@ inline void block_fp32(const float* a, int64_t ars, int64_t acs, const float* b,
 // C (rows x n) = (or += where Add) A B over p in [first(i), p1) for the 8 rows from i (the terms
 // before are zero in A): rows a multiple of 8, n of 16 (see `block_fp32`)
 template <bool Add, class First>
-void product_fp32_from(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
-                  const First& first, int64_t p1, float* c, int64_t ldc) {
+void product_fp32_from(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows,
+                       int64_t n, const First& first, int64_t p1, float* c, int64_t ldc) {
     for (int64_t i = 0; i < rows; i += 8) {
         const float* ai = a + i * ars;
         float* ci = c + i * ldc;
@@ -201,6 +201,7 @@ void product_fp32_from(const float* a, int64_t ars, int64_t acs, const float* b,
     }
 }
 
+// the same over p in [p0, p1) for every row
 template <bool Add = false>
 void product_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
                   int64_t p0, int64_t p1, float* c, int64_t ldc) {
