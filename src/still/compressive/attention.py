@@ -403,7 +403,7 @@ def _scores_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
 
 
 NATIVE_FP32 = True
-"""fp32 training (and fp32 inference over masked slots) on a CPU with AVX-512: the attention's
+"""fp32 training on a CPU with AVX-512: the attention's
 forward and backward from `native_attention.cpp`'s fp32 kernels (`still_attention_weights_fp32`,
 `still_attention_grads_fp32`), the same passes as the bf16 kernel's with every product on AVX-512's
 multiply-adds in register blocks: 16 query rows' scores, softmax and product with the values while
