@@ -20,13 +20,8 @@ import click
 
 import still.compressive.attention as attention
 from still.cli import cli, main
+from still.errors import fail
 from still.recipes.lm import PRESETS
-
-
-def fail(message: str) -> None:
-    """Bad input: the message on stderr, exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def train_options(args: list[str]) -> dict:

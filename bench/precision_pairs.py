@@ -20,16 +20,11 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
+from still.errors import fail
+
 SPLITS = ("valid_bpc", "test_bpc")
-
-
-def fail(message: str) -> None:
-    """Bad input: the message on stderr, exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def load(run: str) -> dict:

@@ -10,7 +10,9 @@ CLI exits with 130 or 143. `TrainingDiverged` (a NaN or infinite loss) exits wit
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 class StillError(ValueError):
@@ -41,3 +43,10 @@ def check(condition: bool, message: str) -> None:
     """Raise `StillError(message)` unless `condition` holds (for user input; not an assert)."""
     if not condition:
         raise StillError(message)
+
+
+def fail(message: str) -> NoReturn:
+    """For scripts outside the CLI (`bench/`): the message on stderr as the CLI prints a
+    `StillError`, and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
