@@ -216,6 +216,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.still_decoder_free.restype = None
     lib.still_prompt_attention.argtypes = [pointer] * 8 + [real, pointer]
     lib.still_prompt_attention.restype = integer
+    lib.still_down_width.argtypes = [integer]
+    lib.still_down_width.restype = integer
     return lib
 
 
@@ -250,10 +252,14 @@ def pack(matrix: torch.Tensor, dtype: torch.dtype, block: int = 16) -> torch.Ten
 
 def down_width(out: int) -> int:
     """The blocks' width of the feed-forward's second matrix, packed for the step that reads only
-    its nonzero inputs' weights (`product_listed` in native_step.cpp, whose `down_width` is this):
-    the largest of 128, 64, 32 and 16 output rows that divides `out` (d_model), so that an input's
-    weights for a block are one run of memory."""
-    return next(wide for wide in (128, 64, 32, 16) if out % wide == 0)
+    its nonzero inputs' weights (`product_listed` in native_step.cpp): the largest of 128, 64, 32 and
+    16 output rows that divides `out` (d_model), so that an input's weights for a block are one run
+    of memory. Asked of the step's own `down_width` (`still_down_width`), so that the packing and the
+    reading cannot disagree; the step must be built (as it is wherever it packs)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the hand-written decoding step is not built here")
+    return int(lib.still_down_width(out))
 
 
 def _packed(w: dict[str, torch.Tensor], layers: int, stored: torch.dtype) -> dict[str, torch.Tensor]:

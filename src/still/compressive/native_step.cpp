@@ -246,8 +246,8 @@ void product_listed(const bf16* w, int in, int out, const int* pairs, int n_pair
     }
 }
 
-// the blocks' width of the matrix `product_listed` reads (also `native.down_width`): the largest of
-// 128, 64, 32 and 16 outputs that divides `out`
+// the blocks' width of the matrix `product_listed` reads (`native.down_width` asks this one through
+// `still_down_width`): the largest of 128, 64, 32 and 16 outputs that divides `out`
 inline int down_width(int out) {
     for (int wide : {128, 64, 32})
         if (out % wide == 0) return wide;
@@ -1071,6 +1071,9 @@ void prompt_attention_task(const float* q, int64_t q_batch, const float* rows, i
 }  // namespace
 
 extern "C" {
+
+// `down_width` for Python's packing of the matrix (`native.down_width`), so that the two agree
+int64_t still_down_width(int64_t out) { return down_width(int(out)); }
 
 // `prompt_attention_task` for every (batch row, segment, head) of a group, on `threads` threads (the
 // caller's and helpers started here). dims: B, S, L, K, H, D, n_rows, q_batch, table_head, table_ld,
