@@ -427,15 +427,16 @@ def _native_grads(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Te
     """The gradients of q_content, k, q_position and r (and of v) from one call of
     `still_attention_grads`, from the weights' gradient `grad_weights`, or from the gradient of
     (weights v) `grad_out` and `v` (`_AttentionOutputs`, which also gets v's); or None where it
-    cannot (not all bf16 on a CPU, L, K or D not multiples of 32, no kernel here). r's gradient in
-    `r_dtype`, centred over the distances where r came in wider (`EXACT_POSITION_GRADIENT`)."""
+    cannot (not all bf16 on a CPU, L, K or D not multiples of 32, no kernel here; fp32 operands go
+    to `_native_grads_fp32`). r's gradient in `r_dtype`, centred over the distances where r came in
+    wider (`EXACT_POSITION_GRADIENT`)."""
     if not NATIVE_GRADS or torch.compiler.is_compiling() or weights.device.type != "cpu":
         return None
+    if weights.dtype == torch.float32:
+        return _native_grads_fp32(q_content, k, q_position, r, weights, r_dtype, grad_weights, grad_out, v)
     g, l, k_len = weights.shape
     h, d = r.shape[0], r.shape[2]
     operands = (q_content, k, q_position, r, weights) + ((v,) if v is not None else ())
-    if weights.dtype == torch.float32:
-        return _native_grads_fp32(q_content, k, q_position, r, weights, r_dtype, grad_weights, grad_out, v)
     if any(t.dtype != torch.bfloat16 for t in operands) or l % 32 or k_len % 32 or d % 32 or g % h:
         return None
     from still.compressive import native

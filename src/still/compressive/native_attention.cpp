@@ -151,12 +151,15 @@ void softmax_backward_row(const W* w, const G* g, int64_t k_len, int64_t n, int6
     }
 }
 
-// run(part) for part 0 .. threads - 1: part 0 on the calling thread, the others on helpers started here
+// run(begin, end) over [0, count) in min(threads, count) parts (at least one): the first on the
+// calling thread, the others on helpers started here
 template <class Run>
-void on_threads(int64_t threads, const Run& run) {
+void on_parts(int64_t count, int64_t threads, const Run& run) {
+    threads = std::max<int64_t>(1, std::min(threads, count));
+    auto part = [&](int64_t p) { run(count * p / threads, count * (p + 1) / threads); };
     std::vector<std::thread> helpers;
-    for (int64_t part = 1; part < threads; ++part) helpers.emplace_back(run, part);
-    run(0);
+    for (int64_t p = 1; p < threads; ++p) helpers.emplace_back(part, p);
+    part(0);
     for (auto& helper : helpers) helper.join();
 }
 
@@ -692,13 +695,10 @@ int64_t still_attention_weights_fp32(const float* q_content, const float* k, con
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 16 || d % 16) return 3;
     if (v != nullptr && values_out == nullptr) return 3;
 #ifdef STILL_AVX512
-    const int64_t groups = heads * batch;
-    threads = std::max<int64_t>(1, std::min(threads, groups));
-    auto run = [&](int64_t part) {
-        weights_of_fp32(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out,
-                        groups * part / threads, groups * (part + 1) / threads, batch, l, k_len, d);
-    };
-    on_threads(threads, run);
+    on_parts(heads * batch, threads, [&](int64_t g0, int64_t g1) {
+        weights_of_fp32(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, g0, g1, batch, l,
+                        k_len, d);
+    });
 #endif
     return 0;
 }
@@ -718,13 +718,10 @@ int64_t still_attention_grads_fp32(const float* w, const float* gw, const float*
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 16 || d % 16) return 3;
     if (gw == nullptr && (go == nullptr || v == nullptr || grad_v == nullptr)) return 3;
 #ifdef STILL_AVX512
-    threads = std::max<int64_t>(1, std::min(threads, heads));
-    auto run = [&](int64_t part) {
+    on_parts(heads, threads, [&](int64_t h0, int64_t h1) {
         attention_grads_fp32(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
-                             grad_q_position, grad_r, heads * part / threads, heads * (part + 1) / threads, batch,
-                             l, k_len, d);
-    };
-    on_threads(threads, run);
+                             grad_q_position, grad_r, h0, h1, batch, l, k_len, d);
+    });
 #endif
     return 0;
 }
@@ -742,13 +739,9 @@ int64_t still_attention_weights(const uint16_t* q_content, const uint16_t* k, co
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 32 || d % 32) return 3;
     if (v != nullptr && (values_out == nullptr || k_len % 32)) return 3;
 #ifdef STILL_AMX
-    const int64_t groups = heads * batch;
-    threads = std::max<int64_t>(1, std::min(threads, groups));
-    auto run = [&](int64_t part) {
-        weights_of(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, groups * part / threads,
-                   groups * (part + 1) / threads, batch, l, k_len, d);
-    };
-    on_threads(threads, run);
+    on_parts(heads * batch, threads, [&](int64_t g0, int64_t g1) {
+        weights_of(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, g0, g1, batch, l, k_len, d);
+    });
 #endif
     return 0;
 }
@@ -763,15 +756,12 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
     if (available != 0) return available;
     if (groups < 1 || l < 1 || k_len < l) return 3;
 #ifdef STILL_AMX
-    const int64_t rows = groups * l;
-    threads = std::max<int64_t>(1, std::min(threads, groups));
-    auto run = [&](int64_t part) {
-        for (int64_t row = rows * part / threads; row < rows * (part + 1) / threads; ++row) {
+    on_parts(groups * l, std::min(threads, groups), [&](int64_t row0, int64_t row1) {  // at most a thread a group
+        for (int64_t row = row0; row < row1; ++row) {
             const int64_t at = row * k_len;
             softmax_backward_row(weights + at, grad + at, k_len, k_len, l - 1 - row % l, grad_scores + at, grad_raw + at);
         }
-    };
-    on_threads(threads, run);
+    });
 #endif
     return 0;
 }
@@ -794,13 +784,10 @@ int64_t still_attention_grads(const uint16_t* w, const uint16_t* gw, const uint1
     if (heads < 1 || batch < 1 || l < 32 || l % 32 || k_len % 32 || k_len < l || d < 32 || d % 32) return 3;
     if (gw == nullptr && (go == nullptr || v == nullptr || grad_v == nullptr)) return 3;
 #ifdef STILL_AMX
-    threads = std::max<int64_t>(1, std::min(threads, heads));
-    auto run = [&](int64_t part) {
+    on_parts(heads, threads, [&](int64_t h0, int64_t h1) {
         attention_grads_of(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
-                           grad_q_position, grad_r, heads * part / threads, heads * (part + 1) / threads, batch, l,
-                           k_len, d, center != 0);
-    };
-    on_threads(threads, run);
+                           grad_q_position, grad_r, h0, h1, batch, l, k_len, d, center != 0);
+    });
 #endif
     return 0;
 }
@@ -867,12 +854,9 @@ int64_t still_content_attention(const uint16_t* q, const uint16_t* k, const uint
     if (available != 0) return available;
     if (groups < 1 || l < 16 || l % 16 || n < 32 || n % 32 || d < 32 || d % 32) return 3;
 #ifdef STILL_AMX
-    threads = std::max<int64_t>(1, std::min(threads, groups));
-    auto run = [&](int64_t part) {
-        content_of(q, k, v, out, weights, groups * part / threads, groups * (part + 1) / threads, l, n, d,
-                   q_stride, kv_stride, out_stride);
-    };
-    on_threads(threads, run);
+    on_parts(groups, threads, [&](int64_t g0, int64_t g1) {
+        content_of(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
+    });
 #endif
     return 0;
 }
