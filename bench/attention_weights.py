@@ -8,8 +8,12 @@ one shard of a sharded step (`still lm train --preset reference`: 4 heads x 8 ro
 
     bf16 scores       PyTorch's path: both products, the mask and the softmax in bf16 (five passes)
     fp32 position     `attention.FP32_POSITION_SCORES`: the position product, sum and softmax in fp32
-    native            `attention.NATIVE_SCORES` (the default where it runs): `native_attention.cpp`,
-                      every score in fp32 on AMX tiles, the weights written once
+    native, AMX tiles     `attention.NATIVE_SCORES` (the default where it runs): `native_attention.cpp`,
+                          every score in fp32 on AMX tiles, the weights written once
+    native, AVX-512 bf16  the same kernel with its products on AVX-512 bf16's dot products (what
+                          runs on processors without AMX, such as AMD's Zen 4 and 5)
+
+(the native paths where they can run here).
 
 Prints the median milliseconds of each (interleaved, after warm-up), and how far each path's
 weights lie from the float64 computation from the same bf16 operands (largest absolute difference).
@@ -31,7 +35,8 @@ from still.compressive import attention, native  # noqa: E402
 from still.compressive.attention import _AttentionWeights, _shifted_view, causal_mask_bias  # noqa: E402
 from still.train.results import format_table  # noqa: E402
 
-PATHS = {"bf16 scores": (False, False), "fp32 position": (False, True), "native": (True, False)}
+PATHS = {"bf16 scores": (False, False, None), "fp32 position": (False, True, None),
+         "native, AMX tiles": (True, False, "AMX tiles"), "native, AVX-512 bf16": (True, False, "AVX-512 bf16")}
 
 
 def main() -> None:
@@ -51,10 +56,13 @@ def main() -> None:
     scores = _shifted_view(position) + torch.bmm(q_content.double(), k.double().transpose(1, 2))
     exact = (scores.view(h, b, l, k_len) + bias.double()).view(h * b, l, k_len).softmax(-1)
     grad = torch.randn(h * b, l, k_len).to(bf16)
-    paths = {name: flags for name, flags in PATHS.items() if name != "native" or native.attention_library()}
+    paths = {name: flags for name, flags in PATHS.items()
+             if flags[2] is None or native.allow_tiles(flags[2] == "AMX tiles") == flags[2]}
 
-    def run(flags: tuple[bool, bool], backward: bool) -> torch.Tensor:
-        attention.NATIVE_SCORES, attention.FP32_POSITION_SCORES = flags
+    def run(flags: tuple[bool, bool, str | None], backward: bool) -> torch.Tensor:
+        attention.NATIVE_SCORES, attention.FP32_POSITION_SCORES, products = flags
+        if products is not None:
+            native.allow_tiles(products == "AMX tiles")
         inputs = [t.detach().requires_grad_(backward) for t in (q_content, k, q_position, r)]
         with torch.autocast("cpu", dtype=bf16), torch.set_grad_enabled(backward):
             weights = _AttentionWeights.apply(*inputs, bias)

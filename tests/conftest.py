@@ -85,3 +85,19 @@ requires_mnist = pytest.mark.skipif(not mnist_available(),
                                     reason="MNIST cache missing: run `make data` (make test does)")
 requires_shakespeare = pytest.mark.skipif(not shakespeare_available(),
                                           reason="Shakespeare cache missing: run `make data` (make test does)")
+
+
+@pytest.fixture(params=["AMX tiles", "AVX-512 bf16"])
+def bf16_products(request):
+    """The bf16 attention kernels (`native_attention.cpp`) with their products on AMX tiles, then on
+    AVX-512 bf16's dot products; each skipped where it cannot run here."""
+    from still.compressive import native
+
+    if native.attention_library() is None:
+        pytest.skip("the bf16 attention kernels cannot run here (no compiler or no AVX-512 bf16)")
+    try:
+        if native.allow_tiles(request.param == "AMX tiles") != request.param:
+            pytest.skip(f"the bf16 attention kernels' products cannot run on {request.param} here")
+        yield request.param
+    finally:
+        native.allow_tiles(True)

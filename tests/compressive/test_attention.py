@@ -594,12 +594,13 @@ def _native_kernel_or_skip():
     from still.compressive import native
 
     if native.attention_library() is None:
-        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AVX-512 bf16)")
 
 
 @pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask", [(2, 3, 16, 48, 32, False), (4, 2, 32, 32, 64, False),
                                                         (2, 3, 32, 96, 64, True), (1, 1, 16, 16, 96, True)])
-def test_native_weights_are_the_fp32_scores_softmax_rounded_once(monkeypatch, h, b, l, k_len, d, per_row_mask):
+def test_native_weights_are_the_fp32_scores_softmax_rounded_once(monkeypatch, h, b, l, k_len, d, per_row_mask,
+                                                                  bf16_products):
     """The AMX kernel (`NATIVE_SCORES`, bf16 on the CPU): its weights are the softmax of the fp32
     scores of the bf16 operands (content + shifted position + mask), each rounded once to bf16, with
     exact zeros at masked keys; nearer the exact weights than the PyTorch bf16 path; the same bits on
@@ -607,7 +608,6 @@ def test_native_weights_are_the_fp32_scores_softmax_rounded_once(monkeypatch, h,
     from still.compressive import attention as module
     from still.compressive.attention import _AttentionWeights, _shifted_view, mask_bias
 
-    _native_kernel_or_skip()
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     q_content, k, q_position, r = (t.to(bf16) for t in (
@@ -665,9 +665,9 @@ def test_native_backward_is_the_softmax_backward_and_its_shift(g, l, k_len):
     softmax backward computes it (to one bf16 rounding: the sums run in another order), exactly 0 at
     masked scores, and the position scores' gradient the same shifted back, zeros before; any
     lengths; the same bits on one thread or several."""
+    _native_kernel_or_skip()
     from still.compressive.attention import _native_backward, _scores_backward
 
-    _native_kernel_or_skip()
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     allowed = causal_mask(l, k_len).clone()
@@ -712,7 +712,7 @@ def _allowed(b: int, l: int, k_len: int, per_row_mask: bool) -> torch.Tensor:
     (2, 3, 32, 96, 32, False, torch.float32), (1, 2, 64, 64, 64, True, torch.float32),
     (2, 2, 32, 128, 96, True, torch.bfloat16), (4, 8, 128, 384, 32, False, torch.float32)])
 def test_native_grads_are_the_first_pass_then_the_four_products(monkeypatch, h, b, l, k_len, d, per_row_mask,
-                                                                r_dtype):
+                                                                r_dtype, bf16_products):
     """`NATIVE_GRADS`: the backward's first pass and its four products in one call of the kernel give
     the gradients of the content and position queries and of the keys as the first pass followed by
     PyTorch's bf16 products do (to one bf16 rounding: the sums may run in another order); r's
@@ -722,7 +722,6 @@ def test_native_grads_are_the_first_pass_then_the_four_products(monkeypatch, h, 
     from still.compressive import attention as module
     from still.compressive.attention import _AttentionWeights, mask_bias
 
-    _native_kernel_or_skip()
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     operands = [(0.3 * torch.randn(h * b, l, d)).to(bf16), torch.randn(h * b, k_len, d).to(bf16),
@@ -765,16 +764,10 @@ def test_native_grads_are_the_first_pass_then_the_four_products(monkeypatch, h, 
 
 
 
-@pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask", [(2, 3, 32, 96, 32, False), (1, 2, 64, 64, 64, True),
-                                                        (4, 8, 128, 384, 32, False)])
-def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l, k_len, d, per_row_mask):
-    """`_AttentionOutputs` (the weights and their product with the values as one function): in
-    float64 the same output and gradients as `_AttentionWeights` followed by a product; in bf16 the
-    kernel's product with the values as PyTorch's of the same weights (to a bf16 rounding); with
-    the kernel's backward (`NATIVE_GRADS`), the weights' gradient computed inside from the output's in fp32,
-    every input's gradient at least as near the exact one (float64 from the same bf16 operands) as
-    the two-step path's, within 2% of it; the same bits on one thread or several."""
-    from still.compressive import attention as module
+def _outputs_and_grads(h, b, l, k_len, d, per_row_mask):
+    """run(dtype, combined, threads): `_AttentionOutputs` (combined) or `_AttentionWeights` and a
+    product, forward and backward on the same random operands -> [out, grads of q_content, k, v,
+    q_position, r]."""
     from still.compressive.attention import _AttentionOutputs, _AttentionWeights, mask_bias
 
     torch.manual_seed(0)
@@ -801,10 +794,33 @@ def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l
         finally:
             torch.set_num_threads(before)
 
-    exact, plain64 = run(torch.float64, True), run(torch.float64, False)
-    for a, c in zip(exact, plain64):
+    return run
+
+
+OUTPUT_SHAPES = [(2, 3, 32, 96, 32, False), (1, 2, 64, 64, 64, True), (4, 8, 128, 384, 32, False)]
+
+
+@pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask", OUTPUT_SHAPES)
+def test_attention_outputs_in_float64_are_the_weights_times_the_values(h, b, l, k_len, d, per_row_mask):
+    """`_AttentionOutputs` (the weights and their product with the values as one function): in
+    float64 the same output and gradients as `_AttentionWeights` followed by a product."""
+    run = _outputs_and_grads(h, b, l, k_len, d, per_row_mask)
+    for a, c in zip(run(torch.float64, True), run(torch.float64, False)):
         torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
-    _native_kernel_or_skip()
+
+
+@pytest.mark.parametrize("h,b,l,k_len,d,per_row_mask", OUTPUT_SHAPES)
+def test_attention_outputs_are_the_weights_times_the_values(monkeypatch, h, b, l, k_len, d, per_row_mask,
+                                                            bf16_products):
+    """`_AttentionOutputs` in bf16 through the kernel: its product with the values as PyTorch's of
+    the same weights (to a bf16 rounding); with the kernel's backward (`NATIVE_GRADS`), the weights'
+    gradient computed inside from the output's in fp32, every input's gradient at least as near the
+    exact one (float64 from the same bf16 operands) as the two-step path's, within 2% of it; the
+    same bits on one thread or several."""
+    from still.compressive import attention as module
+
+    run = _outputs_and_grads(h, b, l, k_len, d, per_row_mask)
+    exact = run(torch.float64, True)
     fused = run(torch.bfloat16, True)
     monkeypatch.setattr(module, "NATIVE_GRADS", False)
     two_step = run(torch.bfloat16, True)
@@ -848,13 +864,12 @@ def test_attention_outputs_with_fp32_weights_and_bf16_values():
         torch.testing.assert_close(got, want)
 
 
-def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(monkeypatch):
+def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(monkeypatch, bf16_products):
     """16 queries (the weights' kernel takes them, the gradients' does not): `_native_grads` declines
     and the first pass then PyTorch's products give the gradients; fp32 is not its either."""
     from still.compressive import attention as module
     from still.compressive.attention import _AttentionWeights
 
-    _native_kernel_or_skip()
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     h, b, l, k_len, d = 2, 2, 16, 64, 32
@@ -975,7 +990,7 @@ def test_kernels_off_lets_the_flop_counter_see_every_product():
     from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module, native
 
     if native.attention_library() is None:
-        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AVX-512 bf16)")
     torch.manual_seed(0)
     net = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=64, n_layers=2, n_heads=2, d_ff=64,
                                                    mem_len=32, c_mem_len=32, compression_rate=1, dropout=0.0)).train()
@@ -1032,7 +1047,7 @@ def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
 
 
 @pytest.mark.parametrize("g,l,n,d", [(6, 16, 32, 32), (3, 48, 96, 64), (2, 32, 64, 96)])
-def test_native_content_attention_is_the_fp32_softmax_rounded_once(g, l, n, d):
+def test_native_content_attention_is_the_fp32_softmax_rounded_once(g, l, n, d, bf16_products):
     """`content_attention` without gradients in bf16 (the reconstruction loss's targets) by the AMX
     kernel: the weights are the softmax of the fp32 scores, rounded once, so the output lies within
     the roundings of the weights and of the output from the exact one, nearer than PyTorch's bf16
@@ -1040,7 +1055,6 @@ def test_native_content_attention_is_the_fp32_softmax_rounded_once(g, l, n, d):
     own) and the output written into a slice; the same bits on one thread or several."""
     from still.compressive import attention as module
 
-    _native_kernel_or_skip()
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     q = (0.3 * torch.randn(g, l, d)).to(bf16)
@@ -1066,14 +1080,13 @@ def test_native_content_attention_is_the_fp32_softmax_rounded_once(g, l, n, d):
         torch.set_num_threads(before)
 
 
-def test_native_content_attention_gradients_are_the_plain_paths(monkeypatch):
+def test_native_content_attention_gradients_are_the_plain_paths(monkeypatch, bf16_products):
     """With gradients (the reconstruction loss's approximation), the kernel's forward keeps its
     weights and the backward runs the plain path's products and softmax backward on them: the
     gradients of the keys, the values and the queries lie nearer the exact ones (float64) than
     the PyTorch bf16 path's, and that path is what `NATIVE_SCORES` off gives."""
     from still.compressive import attention as module
 
-    _native_kernel_or_skip()
     torch.manual_seed(0)
     bf16 = torch.bfloat16
     g, l, n, d = 8, 32, 32, 32

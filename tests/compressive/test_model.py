@@ -348,7 +348,7 @@ def test_mean_squared_error_in_bf16_by_the_kernel(monkeypatch, numel):
     from still.compressive import model as module, native
 
     if native.attention_library() is None:
-        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AVX-512 bf16)")
     torch.manual_seed(0)
     approx = torch.randn(numel, dtype=torch.bfloat16, requires_grad=True)
     target = torch.randn(numel, dtype=torch.bfloat16)
@@ -378,7 +378,7 @@ def test_reconstruction_loss_in_bf16_with_the_kernels(monkeypatch, kernel):
     from still.compressive import attention as attention_module, model as module, native
 
     if kernel and native.attention_library() is None:
-        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AMX)")
+        pytest.skip("the bf16 attention kernel cannot run here (no compiler or no AVX-512 bf16)")
     calls = []
     original = attention_module._native_content_attention
 

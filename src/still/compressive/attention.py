@@ -58,12 +58,14 @@ the backward computes no input gradient for the memory rows, only the affine's (
 weights). False: LN1 applied, then one plain product over [context, x]. Tests compare the two."""
 
 NATIVE_SCORES = True
-"""bf16 training on a CPU with AMX: the attention's weights from one hand-written pass
+"""bf16 training on a CPU with AVX-512 bf16: the attention's weights from one hand-written pass
 (`native_attention.cpp`, built once per machine by `still.compressive.native`): both score products
-on AMX tiles with fp32 results, their sum, the mask and the softmax in fp32, the weights rounded to
+with fp32 results (on AMX tiles where the processor has them, else AVX-512 bf16's dot products,
+`native.attention_products`), their sum, the mask and the softmax in fp32, the weights rounded to
 bf16 once. Faster than PyTorch's five passes over the scores in bf16 (each score rounded to bf16),
-and nearer fp32 training (docs/performance.md, session 23). Where the kernel cannot run (no compiler,
-no AMX, a head dim not a multiple of 32, lengths not multiples of 16), the PyTorch path below. The
+and nearer fp32 training (docs/performance.md, sessions 23 and 31). Where the kernel cannot run (no
+compiler, no AVX-512 bf16, a head dim not a multiple of 32, lengths not multiples of 16), the
+PyTorch path below. The
 backward's first pass likewise (the softmax's backward and the shift back to the position scores'
 order, in one pass instead of three; then the same four products). Tests compare the two."""
 
@@ -76,8 +78,8 @@ halves how far a bf16 step's gradient lies from the fp32 step's (about 0.10-0.13
 rounding the content scores or any of the backward little. Four bf16 runs at the reference preset
 landed +0.0068 bits per character from fp32 on validation with it, +0.0146 without; but it costs
 7-9% of bf16 training's speed (its fp32 passes), so it is off by default (docs/performance.md,
-session 22). Where `NATIVE_SCORES` runs (CPUs with AMX), that path comes first and computes every
-score in fp32 at no cost; this one is for CPUs without it."""
+session 22). Where `NATIVE_SCORES` runs (CPUs with AVX-512 bf16), that path comes first and computes
+every score in fp32 at no cost; this one is for CPUs without it."""
 
 EXACT_POSITION_GRADIENT = True
 """Training under autocast (bf16): the position table r = W_r R in fp32 (the sinusoids R, the
@@ -273,7 +275,7 @@ class _AttentionWeights(torch.autograd.Function):
     softmax's, then the shift back in one copy, then the four products. The shift back relies on
     what the softmax guarantees: the gradient at masked scores is exactly 0, so the entries past
     each row's end (which alias the next row's leading entries) may be written with it before the
-    valid entries. In bf16 on a CPU with AMX, `native_attention.cpp` makes the forward in one pass
+    valid entries. In bf16 on a CPU with AVX-512 bf16, `native_attention.cpp` makes the forward in one pass
     with the scores in fp32, and the backward's softmax and shift in one (`NATIVE_SCORES`), its four
     products too where the lengths and head dim are multiples of 32 (`NATIVE_GRADS`).
     """
@@ -336,7 +338,7 @@ def _weights_forward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch
     r = r.to(q_content.dtype)  # (H, K, D)
     h, k_len = r.shape[0], r.shape[1]
     native = _native_weights(q_content, k, q_position, r, bias, v) if NATIVE_SCORES else None
-    if native is not None:  # bf16 on a CPU with AMX (the scores in fp32), or fp32 with AVX-512: one pass
+    if native is not None:  # bf16 on a CPU with AVX-512 bf16 (the scores in fp32), or fp32 with AVX-512: one pass
         return native[0], r, native[1]
     fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
     if q_content.dtype == torch.bfloat16:
@@ -648,7 +650,7 @@ def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     (written into `out` where given): the attention-reconstruction loss's (no positions, no mask).
     Plain products: over views of the training attention's keys and values, PyTorch's CPU
     `scaled_dot_product_attention` took 1.7x (fp32) and 2.8x (bf16) as long at the reference preset
-    (docs/performance.md, session 14). In bf16 on a CPU with AMX (`NATIVE_SCORES`), the forward is
+    (docs/performance.md, session 14). In bf16 on a CPU with AVX-512 bf16 (`NATIVE_SCORES`), the forward is
     one pass of `native_attention.cpp` instead: the scores and the softmax in fp32, the weights
     rounded once to bf16 (`_native_content_attention`); with gradients, the backward is the same
     products and softmax backward that autograd runs for the plain path (`_ContentAttention`)."""

@@ -83,7 +83,8 @@ def library() -> ctypes.CDLL | None:
 def attention_library() -> ctypes.CDLL | None:
     """The bf16 training attention's kernels (`native_attention.cpp`), built at the first call of the
     process where not cached; None, with the reason said once, where they cannot run here (no
-    compiler, or a processor or system without AMX tiles)."""
+    compiler, or a processor without AVX-512 bf16). Their products run on AMX tiles where the
+    processor and system allow, else on AVX-512 bf16's dot products (`attention_products`)."""
     with _ATTENTION_LOCK:
         if not _ATTENTION:
             lib, reason = None, None
@@ -94,8 +95,7 @@ def attention_library() -> ctypes.CDLL | None:
             _ATTENTION.append(lib)
             code = lib.still_attention_available() if lib is not None else None
             if code:
-                reason = ("no AMX in the compiler's target for this processor" if code == 1
-                          else "the system refused the AMX tile data")
+                reason = "no AVX-512 bf16 in the compiler's target for this processor"
             _ATTENTION.append(lib if reason is None else None)
             fp32 = lib is not None and lib.still_attention_fp32_available() == 0
             _ATTENTION.append(lib if fp32 else None)
@@ -103,6 +103,26 @@ def attention_library() -> ctypes.CDLL | None:
                 log(f"the bf16 attention kernel is unavailable ({reason}); bf16 training rounds the attention "
                     "scores to bf16")
         return _ATTENTION[1]
+
+
+def attention_products() -> str | None:
+    """What the bf16 attention kernels' products run on here: "AMX tiles", "AVX-512 bf16" (the
+    `vdpbf16ps` dot products, where the processor has no AMX, the system refuses the tile data, or
+    `allow_tiles(False)`), or None where the kernels cannot run."""
+    lib = attention_library()
+    if lib is None:
+        return None
+    return "AMX tiles" if lib.still_attention_tiles() == 1 else "AVX-512 bf16"
+
+
+def allow_tiles(allow: bool) -> str | None:
+    """Let the bf16 attention kernels use AMX tiles where they can (True, the default), or make them
+    take AVX-512 bf16's dot products everywhere (False: tests compare the two on AMX machines).
+    Process-wide; -> `attention_products()` after the change."""
+    lib = attention_library()
+    if lib is not None:
+        lib.still_attention_allow_tiles(int(allow))
+    return attention_products()
 
 
 def attention_fp32_library() -> ctypes.CDLL | None:
@@ -141,7 +161,8 @@ def dropout_library() -> ctypes.CDLL | None:
 def _load_attention(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int64
-    _declare(lib, still_attention_available=[], still_attention_weights=[p] * 5 + [i] + [p] * 3 + [i] * 6,
+    _declare(lib, still_attention_available=[], still_attention_tiles=[], still_attention_allow_tiles=[i],
+             still_attention_weights=[p] * 5 + [i] + [p] * 3 + [i] * 6,
              still_attention_backward=[p] * 4 + [i] * 4, still_attention_grads=[p] * 13 + [i] * 7,
              still_content_attention=[p] * 5 + [i] * 8, still_squared_error=[p, p, i, ctypes.POINTER(ctypes.c_double)],
              still_squared_error_grad=[p, p, i, ctypes.c_float, p], still_attention_fp32_available=[],

@@ -36,21 +36,26 @@
 // for j <= K - L + i; masked beyond.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__)
-#define STILL_AMX 1
-#endif
 #if defined(__AVX512F__)
 #define STILL_AVX512 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define STILL_BF16 1  // the bf16 kernels, their products on AVX-512 bf16's dot products ...
+#endif
+#if defined(STILL_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define STILL_AMX 1  // ... or on AMX tiles where the processor has them and the system hands them out
 #endif
 
 namespace {
@@ -84,7 +89,7 @@ inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_
 inline __m512 load_row(const uint16_t* g, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, g)); }
 inline __m512 load_row(const float* g, __mmask16 m) { return _mm512_maskz_loadu_ps(m, g); }
 inline void store_row(float* out, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(out, m, x); }
-#ifdef STILL_AMX
+#ifdef STILL_BF16
 inline void store_row(uint16_t* out, __mmask16 m, __m512 x) {  // rounded to nearest even
     _mm256_mask_storeu_epi16(out, m, (__m256i)_mm512_cvtneps_pbh(x));
 }
@@ -307,8 +312,17 @@ void attention_grads_fp32(const float* w, const float* gw, const float* go, cons
 
 #endif  // STILL_AVX512
 
-#ifdef STILL_AMX
+#ifdef STILL_BF16
 
+// ---- The bf16 kernels' products, on AMX tiles (`Tiles`) where the processor has them and the system
+// hands out their data, else on AVX-512 bf16's dot products (`vdpbf16ps`) in registers (AMD's Zen 4
+// and 5, for one). Both read the same operands: A row-major bf16, 32 values a key block; B packed as
+// AMX's B tiles (`pack_vnni`, `pack_values`: 16 pairs x 16 columns as 32-bit words); both sum the
+// products of bf16 pairs in fp32.
+
+std::atomic<bool> tiles_allowed{true};  // false: the dot products where AMX would run (tests compare the two)
+
+#ifdef STILL_AMX
 struct alignas(64) TileConfig {
     uint8_t palette;
     uint8_t start_row;
@@ -321,17 +335,96 @@ bool amx_permitted() {  // Linux hands out the tile data only on request, once p
     static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
     return ok;
 }
+#endif  // STILL_AMX
+
+bool use_tiles() {
+#ifdef STILL_AMX
+    return tiles_allowed.load() && amx_permitted();
+#else
+    return false;
+#endif
+}
+
+// run(std::true_type) where the products run on AMX tiles, else run(std::false_type)
+template <class Run>
+void with_products(const Run& run) {
+#ifdef STILL_AMX
+    if (use_tiles()) {
+        run(std::true_type{});
+        return;
+    }
+#endif
+    run(std::false_type{});
+}
 
 // tiles 0: C (16 x 16 fp32), 1: A (16 rows x 32 bf16), 2: B (16 pairs x 16 columns, VNNI); `count`
-// tiles of that shape (16 rows of 64 bytes) in all, up to 8
-void configure_tiles(int count = 3) {
-    TileConfig c{};
-    c.palette = 1;
-    for (int t = 0; t < count; ++t) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
+// tiles of that shape (16 rows of 64 bytes) in all, up to 8; nothing without `Tiles`
+template <bool Tiles>
+void configure_tiles([[maybe_unused]] int count = 3) {
+    if constexpr (Tiles) {
+#ifdef STILL_AMX
+        TileConfig c{};
+        c.palette = 1;
+        for (int t = 0; t < count; ++t) {
+            c.rows[t] = 16;
+            c.colsb[t] = 64;
+        }
+        _tile_loadconfig(&c);
+#endif
     }
-    _tile_loadconfig(&c);
+}
+
+template <bool Tiles>
+void release_tiles() {
+    if constexpr (Tiles) {
+#ifdef STILL_AMX
+        _tile_release();
+#endif
+    }
+}
+
+// C (MR x 16 NV, fp32) = (or += where Add) A B over the key blocks [kb0, kb1), as AMX's tile products
+// compute it: A's row i at a + i * lda (bf16; block kb's 32 values from a + 32 kb), B's tile of key
+// block kb and column block j at b + kb * kstride + j * cstride, C's row i at c + i * ldc. Per pair
+// of A's values: NV loads, MR broadcasts and MR NV `vdpbf16ps` (two products summed into each fp32
+// lane); the MR x NV accumulators stay in registers (16 of 32 at 8 x 2).
+template <int MR, int NV, bool Add>
+inline void block_bf16(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t kstride, int64_t cstride,
+                       int64_t kb0, int64_t kb1, float* c, int64_t ldc) {
+    __m512 acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = Add ? _mm512_loadu_ps(c + i * ldc + 16 * j) : _mm512_setzero_ps();
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const uint16_t* ak = a + kb * 32;
+        const uint32_t* bk = b + kb * kstride;
+        for (int p = 0; p < 16; ++p) {
+            __m512bh bv[NV];
+            for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(bk + j * cstride + p * 16);
+#pragma GCC unroll 16
+            for (int i = 0; i < MR; ++i) {
+                int32_t pair;  // A's values 2p and 2p + 1 of row i
+                std::memcpy(&pair, ak + i * lda + 2 * p, sizeof pair);
+                const __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+                for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ai, bv[j]);
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+}
+
+// `block_bf16` over `rows` rows (a multiple of 8) and the column blocks [j0, j1): two at a time
+template <bool Add>
+void product_bf16(const uint16_t* a, int64_t lda, int64_t rows, const uint32_t* b, int64_t kstride, int64_t cstride,
+                  int64_t j0, int64_t j1, int64_t kb0, int64_t kb1, float* c, int64_t ldc) {
+    for (int64_t i = 0; i < rows; i += 8) {
+        const uint16_t* ai = a + i * lda;
+        float* ci = c + i * ldc;
+        int64_t j = j0;
+        for (; j + 2 <= j1; j += 2)
+            block_bf16<8, 2, Add>(ai, lda, b + j * cstride, kstride, cstride, kb0, kb1, ci + 16 * j, ldc);
+        if (j < j1) block_bf16<8, 1, Add>(ai, lda, b + j * cstride, kstride, cstride, kb0, kb1, ci + 16 * j, ldc);
+    }
 }
 
 // (rows, D) bf16 -> B tiles: tile (nb, db) holds rows 16 nb .. +15 (its columns) and features
@@ -351,9 +444,15 @@ void pack_vnni(const uint16_t* src, int64_t rows, int64_t d, uint32_t* packed) {
 }
 
 // 16 rows of `a` (row stride d) times the packed columns blocks [first, last) -> out (row stride k_len)
+template <bool Tiles>
 void scores(const uint16_t* a, const uint32_t* packed, int64_t d, int64_t first, int64_t last, float* out,
             int64_t k_len) {
     const int64_t nd = d / 32;
+    if constexpr (!Tiles) {
+        product_bf16<false>(a, d, 16, packed, 256, nd * 256, first, last, 0, nd, out, k_len);
+        return;
+    }
+#ifdef STILL_AMX
     for (int64_t cb = first; cb < last; ++cb) {
         _tile_zero(0);
         for (int64_t db = 0; db < nd; ++db) {
@@ -363,6 +462,7 @@ void scores(const uint16_t* a, const uint32_t* packed, int64_t d, int64_t first,
         }
         _tile_stored(0, out + cb * 16, k_len * 4);
     }
+#endif
 }
 
 // count fp32 values (a multiple of 16) rounded to bf16
@@ -376,10 +476,13 @@ void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed);
 // 16 rows of weights w (row stride k_len, bf16) times the values packed by `pack_values`, over the key
 // blocks [0, kb1) (the weights are zero beyond) -> out (16, d) bf16, row stride d; o: a 16 x d fp32
 // scratch. Two column blocks at a time (tiles 0 and 3, A in 1, B in 2 and 4).
+template <bool Tiles>
 void weights_times_values(const uint16_t* w, const uint32_t* packed, int64_t kb1, int64_t k_len, int64_t d, float* o,
                           uint16_t* out) {
     const int64_t nc = d / 16;
-    for (int64_t cb = 0; cb < nc; cb += 2) {
+    if constexpr (!Tiles) product_bf16<false>(w, k_len, 16, packed, nc * 256, 256, 0, nc, 0, kb1, o, d);
+#ifdef STILL_AMX
+    else for (int64_t cb = 0; cb < nc; cb += 2) {
         _tile_zero(0);
         _tile_zero(3);
         for (int64_t kb = 0; kb < kb1; ++kb) {
@@ -392,17 +495,19 @@ void weights_times_values(const uint16_t* w, const uint32_t* packed, int64_t kb1
         _tile_stored(0, o + cb * 16, d * 4);
         _tile_stored(3, o + (cb + 1) * 16, d * 4);
     }
+#endif
     to_bf16(o, 16 * d, out);
 }
 
 // The weights of groups [g0, g1) into out (G, L, K); where v is not null, also (weights v) into
 // values_out (G, L, D), 16 rows at a time while their weights are in the core's cache
+template <bool Tiles>
 void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position, const uint16_t* r,
                 const uint16_t* bias, int64_t bias_batch_stride, uint16_t* out, const uint16_t* v,
                 uint16_t* values_out, int64_t g0, int64_t g1, int64_t batch, int64_t l, int64_t k_len, int64_t d) {
     std::vector<uint32_t> r_packed(k_len * d / 2), k_packed(k_len * d / 2), v_packed(v == nullptr ? 0 : k_len * d / 2);
     std::vector<float> content(16 * k_len), position(16 * k_len), o(16 * d);
-    configure_tiles(5);
+    configure_tiles<Tiles>(5);
     int64_t packed_head = -1;
     for (int64_t g = g0; g < g1; ++g) {
         const int64_t h = g / batch, b = g % batch;
@@ -416,19 +521,19 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
         for (int64_t i0 = 0; i0 < l; i0 += 16) {
             const int64_t rows = g * l + i0;  // q_position's row h * B * L + b * L + i0 is the same
             // row i reads the position scores of columns L - 1 - i .. K - 1, its keys 0 .. K - L + i
-            scores(q_position + rows * d, r_packed.data(), d, (l - 16 - i0) / 16, k_len / 16, position.data(), k_len);
-            scores(q_content + rows * d, k_packed.data(), d, 0, (k_len - l + i0) / 16 + 1, content.data(), k_len);
+            scores<Tiles>(q_position + rows * d, r_packed.data(), d, (l - 16 - i0) / 16, k_len / 16, position.data(), k_len);
+            scores<Tiles>(q_content + rows * d, k_packed.data(), d, 0, (k_len - l + i0) / 16 + 1, content.data(), k_len);
             for (int64_t t = 0; t < 16; ++t) {
                 const int64_t i = i0 + t;
                 softmax_row<true>(content.data() + t * k_len, position.data() + t * k_len + (l - 1 - i),
                             bias_b == nullptr ? nullptr : bias_b + i * k_len, k_len - l + i + 1, k_len, out + (rows + t) * k_len);
             }
             if (v != nullptr)  // the 16 rows see keys 0 .. K - L + i0 + 15
-                weights_times_values(out + rows * k_len, v_packed.data(), (k_len - l + i0 + 16 + 31) / 32, k_len, d,
+                weights_times_values<Tiles>(out + rows * k_len, v_packed.data(), (k_len - l + i0 + 16 + 31) / 32, k_len, d,
                                      o.data(), values_out + rows * d);
         }
     }
-    _tile_release();
+    release_tiles<Tiles>();
 }
 
 // (n, D) bf16 values -> B tiles for (16 rows x 32 keys of weights) times values: tile (kb, cb) holds
@@ -459,25 +564,26 @@ void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed) {
 // + g * kv_stride, out (L, D) at out + g * out_stride; both products on AMX tiles, the scores and
 // the softmax in fp32, the weights rounded once to bf16 for the second product, its sums in fp32.
 // The weights (L, n) also into weights_out + g * L * n where not null (for a backward).
+template <bool Tiles>
 void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, uint16_t* weights_out,
                 int64_t g0, int64_t g1, int64_t l, int64_t n, int64_t d, int64_t q_stride, int64_t kv_stride,
                 int64_t out_stride) {
     std::vector<uint32_t> k_packed(n * d / 2), v_packed(n * d / 2);
     std::vector<float> s(16 * n), o(16 * d);
     std::vector<uint16_t> w(16 * n);
-    configure_tiles(5);  // (`weights_times_values`' tiles)
+    configure_tiles<Tiles>(5);  // (`weights_times_values`' tiles)
     for (int64_t g = g0; g < g1; ++g) {
         pack_vnni(k + g * kv_stride, n, d, k_packed.data());
         pack_values(v + g * kv_stride, n, d, v_packed.data());
         for (int64_t i0 = 0; i0 < l; i0 += 16) {
-            scores(q + g * q_stride + i0 * d, k_packed.data(), d, 0, n / 16, s.data(), n);
+            scores<Tiles>(q + g * q_stride + i0 * d, k_packed.data(), d, 0, n / 16, s.data(), n);
             uint16_t* wrows = weights_out == nullptr ? w.data() : weights_out + (g * l + i0) * n;
             for (int64_t t = 0; t < 16; ++t)
                 softmax_row<false, uint16_t>(s.data() + t * n, nullptr, nullptr, n, n, wrows + t * n);
-            weights_times_values(wrows, v_packed.data(), n / 32, n, d, o.data(), out + g * out_stride + i0 * d);
+            weights_times_values<Tiles>(wrows, v_packed.data(), n / 32, n, d, o.data(), out + g * out_stride + i0 * d);
         }
     }
-    _tile_release();
+    release_tiles<Tiles>();
 }
 
 // src (rows, cols) bf16 at row stride `stride` (even), rows a multiple of 32, cols even -> dst
@@ -508,10 +614,13 @@ void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t str
 // key blocks [kb0, kb1) (the others are zero in a) -> out (32, d) bf16; o: a 32 x d fp32 scratch.
 // Four accumulators at a time (two 16-row halves x two column blocks), so that the products of one
 // key block do not wait for each other. Tiles 0-7 (`configure_tiles(8)`).
+template <bool Tiles>
 void rows_times(const uint16_t* a, const uint32_t* packed, int64_t kb0, int64_t kb1, int64_t k_len, int64_t d,
                 float* o, uint16_t* out) {
     const int64_t nc = d / 16;
-    for (int64_t cb = 0; cb < nc; cb += 2) {
+    if constexpr (!Tiles) product_bf16<false>(a, k_len, 32, packed, nc * 256, 256, 0, nc, kb0, kb1, o, d);
+#ifdef STILL_AMX
+    else for (int64_t cb = 0; cb < nc; cb += 2) {
         _tile_zero(0);
         _tile_zero(3);
         _tile_zero(4);
@@ -531,6 +640,7 @@ void rows_times(const uint16_t* a, const uint32_t* packed, int64_t kb0, int64_t 
         _tile_stored(4, o + 16 * d + cb * 16, d * 4);
         _tile_stored(5, o + 16 * d + (cb + 1) * 16, d * 4);
     }
+#endif
     to_bf16(o, 32 * d, out);
 }
 
@@ -538,10 +648,24 @@ void rows_times(const uint16_t* a, const uint32_t* packed, int64_t kb0, int64_t 
 // (row stride l) times the (l, k_len) rows packed by `pack_values`, column block cb (16 columns) summed
 // over the row blocks [first_block(cb), l / 32) (the earlier ones are zero in those columns); two
 // feature blocks at a time. Tiles 0-4.
-template <class First>
+template <bool Tiles, class First>
 void transposed_times(float* acc, const uint16_t* at, const uint32_t* packed, int64_t l, int64_t k_len, int64_t d,
                       bool accumulate, const First& first_block) {
     const int64_t nk = k_len / 16, rblocks = l / 32;
+    if constexpr (!Tiles) {  // a column block at a time (each its own first row block), 16 features at a time
+        for (int64_t cb = 0; cb < nk; ++cb)
+            for (int64_t f = 0; f < d; f += 16) {
+                const uint16_t* a = at + f * l;
+                const uint32_t* b = packed + cb * 256;
+                float* c = acc + f * k_len + cb * 16;
+                if (accumulate)
+                    block_bf16<16, 1, true>(a, l, b, nk * 256, 256, first_block(cb), rblocks, c, k_len);
+                else
+                    block_bf16<16, 1, false>(a, l, b, nk * 256, 256, first_block(cb), rblocks, c, k_len);
+            }
+        return;
+    }
+#ifdef STILL_AMX
     for (int64_t cb = 0; cb < nk; ++cb) {
         const int64_t first = first_block(cb);
         for (int64_t fb = 0; fb < d / 16; fb += 2) {
@@ -565,6 +689,7 @@ void transposed_times(float* acc, const uint16_t* at, const uint32_t* packed, in
             _tile_stored(3, c1, k_len * 4);
         }
     }
+#endif
 }
 
 // The backward of `still_attention_weights` through its four products, for the heads [h0, h1) (each
@@ -575,6 +700,7 @@ void transposed_times(float* acc, const uint16_t* at, const uint32_t* packed, in
 // row blocks in its accumulator (fp32; transposed at the end of a group and of a head). The key
 // blocks the causal mask leaves zero are skipped. grad_r in fp32, centred over the distances where
 // `center`.
+template <bool Tiles>
 void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* go, const uint16_t* v,
                         const uint16_t* qc, const uint16_t* k, const uint16_t* qp, const uint16_t* r, uint16_t* gqc,
                         uint16_t* gk, uint16_t* gv, uint16_t* gqp, float* gr, int64_t h0, int64_t h1, int64_t batch,
@@ -585,7 +711,7 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
         raw_packed(l * k_len / 2), v_packed(outputs ? k_len * d / 2 : 0), w_packed(outputs ? l * k_len / 2 : 0);
     std::vector<uint16_t> ds(l * k_len), raw(l * k_len), qt(d * l), qpt(d * l), kt(d * k_len), got(outputs ? d * l : 0);
     std::vector<float> acc_k(d * k_len), acc_r(d * k_len), o(32 * d), gwf(outputs ? 16 * k_len : 0);
-    configure_tiles(8);
+    configure_tiles<Tiles>(8);
     // ds row i is zero past key offset + i: columns 16 cb .. are zero in rows i < 16 cb - offset;
     // raw row i is zero before column l - 1 - i: columns .. 16 cb + 15 are zero in rows i < l - 16 - 16 cb
     auto ds_first = [&](int64_t cb) { return std::max<int64_t>(0, (16 * cb - offset) / 32); };
@@ -605,7 +731,7 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
                 pack_vnni(v + g * k_len * d, k_len, d, v_packed.data());
                 for (int64_t i0 = 0; i0 < l; i0 += 16) {
                     const int64_t seen = offset + i0 + 16;  // keys of the 16 rows: 0 .. offset + i0 + 15
-                    scores(go + (g * l + i0) * d, v_packed.data(), d, 0, seen / 16, gwf.data(), k_len);
+                    scores<Tiles>(go + (g * l + i0) * d, v_packed.data(), d, 0, seen / 16, gwf.data(), k_len);
                     for (int64_t t = 0; t < 16; ++t) {
                         const int64_t i = i0 + t;
                         softmax_backward_row(w + (g * l + i) * k_len, gwf.data() + t * k_len, k_len, seen, l - 1 - i,
@@ -616,23 +742,23 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
             for (int64_t i0 = 0; i0 < l; i0 += 32) {
                 const int64_t ds_end = std::min(kblocks, (offset + i0 + 32 + 31) / 32);
                 const int64_t raw_begin = std::max<int64_t>(0, (l - 32 - i0) / 32);
-                rows_times(ds.data() + i0 * k_len, k_packed.data(), 0, ds_end, k_len, d, o.data(),
+                rows_times<Tiles>(ds.data() + i0 * k_len, k_packed.data(), 0, ds_end, k_len, d, o.data(),
                            gqc + (g * l + i0) * d);
-                rows_times(raw.data() + i0 * k_len, r_packed.data(), raw_begin, kblocks, k_len, d, o.data(),
+                rows_times<Tiles>(raw.data() + i0 * k_len, r_packed.data(), raw_begin, kblocks, k_len, d, o.data(),
                            gqp + (g * l + i0) * d);
             }
             transpose_bf16(qc + g * l * d, l, d, d, qt.data(), l);
             transpose_bf16(qp + g * l * d, l, d, d, qpt.data(), l);
             pack_values(ds.data(), l, k_len, ds_packed.data());
             pack_values(raw.data(), l, k_len, raw_packed.data());
-            transposed_times(acc_k.data(), qt.data(), ds_packed.data(), l, k_len, d, false, ds_first);
-            transposed_times(acc_r.data(), qpt.data(), raw_packed.data(), l, k_len, d, b > 0, raw_first);
+            transposed_times<Tiles>(acc_k.data(), qt.data(), ds_packed.data(), l, k_len, d, false, ds_first);
+            transposed_times<Tiles>(acc_r.data(), qpt.data(), raw_packed.data(), l, k_len, d, b > 0, raw_first);
             to_bf16(acc_k.data(), d * k_len, kt.data());  // grad_k^T to bf16, then transposed into place
             transpose_bf16(kt.data(), d, k_len, k_len, gk + g * k_len * d, d);
             if (outputs) {  // grad_v^T = go^T w, summed over the rows where w is not zero (those of ds)
                 transpose_bf16(go + g * l * d, l, d, d, got.data(), l);
                 pack_values(w + g * l * k_len, l, k_len, w_packed.data());
-                transposed_times(acc_k.data(), got.data(), w_packed.data(), l, k_len, d, false, ds_first);
+                transposed_times<Tiles>(acc_k.data(), got.data(), w_packed.data(), l, k_len, d, false, ds_first);
                 to_bf16(acc_k.data(), d * k_len, kt.data());
                 transpose_bf16(kt.data(), d, k_len, k_len, gv + g * k_len * d, d);
             }
@@ -654,22 +780,41 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
                                  _mm512_sub_ps(_mm512_i32gather_ps(index, acc_r.data() + f0 * k_len + c, 4), m));
         }
     }
-    _tile_release();
+    release_tiles<Tiles>();
 }
 
-#endif  // STILL_AMX
+#endif  // STILL_BF16
 
 }  // namespace
 
 extern "C" {
 
-// 0 where this build can run the kernel here; 1: not compiled for AMX; 2: the system refuses the tiles
+// 0 where this build can run the bf16 kernels here; 1: not compiled for AVX-512 bf16
 int64_t still_attention_available() {
-#ifdef STILL_AMX
-    return amx_permitted() ? 0 : 2;
+#ifdef STILL_BF16
+    return 0;
 #else
     return 1;
 #endif
+}
+
+// What the bf16 kernels' products run on: 1 AMX tiles, 0 AVX-512 bf16's dot products (the compiler's
+// target has no AMX, the system refuses the tile data, or `still_attention_allow_tiles(0)`), -1 none
+int64_t still_attention_tiles() {
+#ifdef STILL_BF16
+    return use_tiles() ? 1 : 0;
+#else
+    return -1;
+#endif
+}
+
+// allow != 0: AMX tiles where they can run (the default); 0: the dot products everywhere (tests
+// compare the two). Returns still_attention_tiles() after the change.
+int64_t still_attention_allow_tiles(int64_t allow) {
+#ifdef STILL_BF16
+    tiles_allowed.store(allow != 0);
+#endif
+    return still_attention_tiles();
 }
 
 // 0 where this build can run the fp32 kernels (`still_attention_weights_fp32`, `_grads_fp32`) here;
@@ -738,9 +883,12 @@ int64_t still_attention_weights(const uint16_t* q_content, const uint16_t* k, co
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 32 || d % 32) return 3;
     if (v != nullptr && (values_out == nullptr || k_len % 32)) return 3;
-#ifdef STILL_AMX
-    on_parts(heads * batch, threads, [&](int64_t g0, int64_t g1) {
-        weights_of(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, g0, g1, batch, l, k_len, d);
+#ifdef STILL_BF16
+    with_products([&](auto tiles) {
+        on_parts(heads * batch, threads, [&](int64_t g0, int64_t g1) {
+            weights_of<tiles()>(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, g0, g1, batch,
+                                l, k_len, d);
+        });
     });
 #endif
     return 0;
@@ -755,7 +903,7 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
     const int64_t available = still_attention_available();
     if (available != 0) return available;
     if (groups < 1 || l < 1 || k_len < l) return 3;
-#ifdef STILL_AMX
+#ifdef STILL_BF16
     on_parts(groups * l, std::min(threads, groups), [&](int64_t row0, int64_t row1) {  // at most a thread a group
         for (int64_t row = row0; row < row1; ++row) {
             const int64_t at = row * k_len;
@@ -783,10 +931,12 @@ int64_t still_attention_grads(const uint16_t* w, const uint16_t* gw, const uint1
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 32 || l % 32 || k_len % 32 || k_len < l || d < 32 || d % 32) return 3;
     if (gw == nullptr && (go == nullptr || v == nullptr || grad_v == nullptr)) return 3;
-#ifdef STILL_AMX
-    on_parts(heads, threads, [&](int64_t h0, int64_t h1) {
-        attention_grads_of(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
-                           grad_q_position, grad_r, h0, h1, batch, l, k_len, d, center != 0);
+#ifdef STILL_BF16
+    with_products([&](auto tiles) {
+        on_parts(heads, threads, [&](int64_t h0, int64_t h1) {
+            attention_grads_of<tiles()>(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
+                                        grad_q_position, grad_r, h0, h1, batch, l, k_len, d, center != 0);
+        });
     });
 #endif
     return 0;
@@ -800,7 +950,7 @@ int64_t still_attention_grads(const uint16_t* w, const uint16_t* gw, const uint1
 int64_t still_squared_error(const uint16_t* a, const uint16_t* b, int64_t count, double* total_out) {
     const int64_t available = still_attention_available();
     if (available != 0) return available;
-#ifdef STILL_AMX
+#ifdef STILL_BF16
     double total = 0;
     for (int64_t start = 0; start < count; start += 1024) {
         const int64_t end = std::min(count, start + 1024);
@@ -831,7 +981,7 @@ int64_t still_squared_error(const uint16_t* a, const uint16_t* b, int64_t count,
 int64_t still_squared_error_grad(const uint16_t* a, const uint16_t* b, int64_t count, float scale, uint16_t* out) {
     const int64_t available = still_attention_available();
     if (available != 0) return available;
-#ifdef STILL_AMX
+#ifdef STILL_BF16
     const __m512 k = _mm512_set1_ps(scale);
     for (int64_t i = 0; i < count; i += 16) {
         const __mmask16 m = lanes(count - i);
@@ -853,9 +1003,11 @@ int64_t still_content_attention(const uint16_t* q, const uint16_t* k, const uint
     const int64_t available = still_attention_available();
     if (available != 0) return available;
     if (groups < 1 || l < 16 || l % 16 || n < 32 || n % 32 || d < 32 || d % 32) return 3;
-#ifdef STILL_AMX
-    on_parts(groups, threads, [&](int64_t g0, int64_t g1) {
-        content_of(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
+#ifdef STILL_BF16
+    with_products([&](auto tiles) {
+        on_parts(groups, threads, [&](int64_t g0, int64_t g1) {
+            content_of<tiles()>(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
+        });
     });
 #endif
     return 0;

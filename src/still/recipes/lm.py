@@ -324,7 +324,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
             "tokens_per_second": round(config.steps * config.batch_size * config.segment_len
                                        / max(train_seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name,
-            # bf16 on a CPU with AMX: the training attention's scores in fp32 (`attention.NATIVE_SCORES`)
+            # bf16 on a CPU with AVX-512 bf16: the training attention's scores in fp32 (`attention.NATIVE_SCORES`)
             "attention_scores": attention.scores_used(config.precision),
             # under autocast: the position table in fp32, its gradient centred (`attention.EXACT_POSITION_GRADIENT`)
             "position_gradient": attention.position_gradient_used(config.precision)}
