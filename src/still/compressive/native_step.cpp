@@ -52,6 +52,9 @@
 #include <thread>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -266,19 +269,52 @@ void product_listed(const W* w, int in, int out, const int* even, int n_even, co
 }
 
 // The nonzero inputs among [i0, i1) (both even) of x, as `product_listed` takes them: fp32, the even
-// ones into `list` and the odd ones into `list + half`; bf16, the pairs with a nonzero input into
-// `list`. Returns the two counts.
-inline void nonzero(const float*, const float* x, int i0, int i1, int* list, int half, int& n_even, int& n_odd) {
+// ones into `list` and the odd ones into `odd_list(list, in)` (in: x's length); bf16, the pairs with
+// a nonzero input into `list`. Returns the two counts. With AVX-512, 16 entries at a time: a mask of
+// the nonzero ones (a value's bits other than the sign not all zero: x != 0, NaN included) and their
+// indices compressed into the list, stored 16 wide (`LISTED_PAD` entries past each list's end), where
+// a branch an entry was mispredicted about half the time (7% of a bf16 step in an untrained model).
+constexpr int LISTED_PAD = 16;
+inline int* odd_list(int* list, int in) { return list + in / 2 + LISTED_PAD; }
+inline size_t listed_size(int in) { return size_t(in) + 2 * LISTED_PAD; }  // a thread's list
+
+inline void nonzero(const float*, const float* x, int i0, int i1, int* list, int in, int& n_even, int& n_odd) {
     n_even = n_odd = 0;
-    int* odd = list + half;
-    for (int j = i0; j < i1; j += 2) {
+    int* odd = odd_list(list, in);
+    int j = i0;
+#ifdef __AVX512F__
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (; j + 16 <= i1; j += 16) {
+        const __mmask16 m = _mm512_test_epi32_mask(_mm512_loadu_si512(x + j), magnitude);
+        const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(j), lanes);
+        const __mmask16 even = m & 0x5555, odds = m & 0xAAAA;
+        _mm512_storeu_si512(list + n_even, _mm512_maskz_compress_epi32(even, index));
+        _mm512_storeu_si512(odd + n_odd, _mm512_maskz_compress_epi32(odds, index));
+        n_even += __builtin_popcount(even);
+        n_odd += __builtin_popcount(odds);
+    }
+#endif
+    for (; j < i1; j += 2) {
         if (x[j] != 0.f) list[n_even++] = j;
         if (x[j + 1] != 0.f) odd[n_odd++] = j + 1;
     }
 }
 inline void nonzero(const bf16*, const float* x, int i0, int i1, int* list, int, int& n_pairs, int& n_odd) {
     n_pairs = n_odd = 0;
-    for (int p = i0 / 2; p < i1 / 2; ++p)
+    int p = i0 / 2;
+#ifdef __AVX512F__
+    const __m512i magnitudes = _mm512_set1_epi64(0x7fffffff7fffffffLL);  // a pair as one 64-bit lane
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (; p + 16 <= i1 / 2; p += 16) {
+        const __mmask8 low = _mm512_test_epi64_mask(_mm512_loadu_si512(x + 2 * p), magnitudes);
+        const __mmask8 high = _mm512_test_epi64_mask(_mm512_loadu_si512(x + 2 * p + 16), magnitudes);
+        const __mmask16 m = __mmask16(low | (unsigned(high) << 8));
+        _mm512_storeu_si512(list + n_pairs, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(_mm512_set1_epi32(p), lanes)));
+        n_pairs += __builtin_popcount(m);
+    }
+#endif
+    for (; p < i1 / 2; ++p)
         if (x[2 * p] != 0.f || x[2 * p + 1] != 0.f) list[n_pairs++] = p;
 }
 
@@ -738,8 +774,8 @@ void Engine::run_as(int t, const Call& c) {
             for (int j = u0 * 16; j < u1 * 16; ++j) up[j] = std::max(up[j] + L.up_b[j], 0.f);
             // the second product over the nonzero hidden units only (`product_listed`)
             int n_even, n_odd;
-            nonzero(static_cast<const W*>(L.down), up, u0 * 16, u1 * 16, listed, s.ff / 2, n_even, n_odd);
-            product_listed(static_cast<const W*>(L.down), s.ff, d, listed, n_even, listed + s.ff / 2, n_odd, up,
+            nonzero(static_cast<const W*>(L.down), up, u0 * 16, u1 * 16, listed, s.ff, n_even, n_odd);
+            product_listed(static_cast<const W*>(L.down), s.ff, d, listed, n_even, odd_list(listed, s.ff), n_odd, up,
                            down_part + b * d);
         }
         barrier(t);
@@ -1178,7 +1214,7 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
         e->pending.back().kv.assign(size_t(s.groups) * s.layers * B * 2 * (h1 - h0) * s.d_head, 0.f);
         e->scratch.emplace_back(scratch, 0.f);
         e->slots.emplace_back(2 * K + 1, 0);
-        e->listed.emplace_back(s.ff, 0);
+        e->listed.emplace_back(listed_size(s.ff), 0);
         e->runs.emplace_back();
         e->runs.back().reserve(4 * (K + 1));
     }
