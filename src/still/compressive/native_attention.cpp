@@ -1,9 +1,10 @@
 // still: the bf16 training attention's weights on the CPU, scores in fp32, in one pass.
 //
 // `still.compressive.attention._AttentionWeights.forward` under bf16 autocast, for processors with
-// AMX (bf16 tiles) and AVX-512 bf16: softmax(mask(content + shifted position scores)) over
-// heads-major (G = H * B) rows, where both score products run on AMX tiles with fp32 accumulators
-// and their sum, the mask and the softmax stay in fp32; only the weights are rounded to bf16.
+// AVX-512 bf16: softmax(mask(content + shifted position scores)) over heads-major (G = H * B) rows,
+// where both score products run with fp32 accumulators (on AMX tiles where the processor has them
+// and the system allows, else on AVX-512 bf16's `vdpbf16ps` in registers: `block_bf16`) and their
+// sum, the mask and the softmax stay in fp32; only the weights are rounded to bf16.
 // PyTorch's bf16 products round each score to bf16 at their output (the bf16 path), and its fp32
 // products of the same bf16 operands run on the fp32 units (`attention.FP32_POSITION_SCORES`):
 // rounding the position scores is most of how far a bf16 step's gradient lies from an fp32 step's
@@ -13,16 +14,15 @@
 // (`still_attention_backward`): the softmax's backward and the shift of its result back to the
 // position scores' order, one pass where PyTorch makes three; the four products stay PyTorch's.
 // And the attention-reconstruction loss's content-only attention (`still_content_attention`: both
-// products on AMX, the scores and the softmax in fp32, where PyTorch makes three bf16 passes and
+// products as above, the scores and the softmax in fp32, where PyTorch makes three bf16 passes and
 // rounds the scores) and its squared error (`still_squared_error` and its gradient, one pass each).
 // fp32 training takes the same passes on AVX-512's multiply-adds (`still_attention_weights_fp32`,
 // `still_attention_grads_fp32`: register-blocked products, no AMX), where PyTorch's fp32 path makes
 // five passes over the (G, L, K) scores forward and four backward around its products.
 //
 // Built with the machine's compiler (`-O3 -march=native`) by `still.compressive.native` and loaded
-// with ctypes. Without AMX in the compiler's target, or where the operating system refuses the tile data
-// (`arch_prctl`), `still_attention_weights` returns nonzero and the caller takes the PyTorch path
-// (without AVX-512, the fp32 kernels likewise).
+// with ctypes. Without AVX-512 bf16 in the compiler's target, `still_attention_weights` returns
+// nonzero and the caller takes the PyTorch path (without AVX-512, the fp32 kernels likewise).
 //
 // Layouts (bf16 as uint16_t, row-major, contiguous), g = h * B + b:
 //   q_content (G, L, D), k (G, K, D): the content queries (with u and the scale) and the keys;
@@ -561,7 +561,7 @@ void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed) {
 }
 
 // softmax(q k^T) v for groups [g0, g1): q (L, D) per group at q + g * q_stride, k and v (n, D) at
-// + g * kv_stride, out (L, D) at out + g * out_stride; both products on AMX tiles, the scores and
+// + g * kv_stride, out (L, D) at out + g * out_stride; both products with fp32 sums, the scores and
 // the softmax in fp32, the weights rounded once to bf16 for the second product, its sums in fp32.
 // The weights (L, n) also into weights_out + g * L * n where not null (for a backward).
 template <bool Tiles>
@@ -874,7 +874,7 @@ int64_t still_attention_grads_fp32(const float* w, const float* gw, const float*
 // The weights (see the top of this file); 0 on success, nonzero (nothing written) where this
 // build or these shapes cannot (`still_attention_available`, or 3: shapes).
 // Where v (G, K, D) is not null, also the weights times the values into values_out (G, L, D) bf16
-// (products on AMX, sums in fp32; K then a multiple of 32).
+// (products of bf16 pairs, sums in fp32; K then a multiple of 32).
 int64_t still_attention_weights(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position,
                                 const uint16_t* r, const uint16_t* bias, int64_t bias_batch_stride, uint16_t* out,
                                 const uint16_t* v, uint16_t* values_out, int64_t heads, int64_t batch, int64_t l,

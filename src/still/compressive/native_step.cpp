@@ -70,7 +70,10 @@ typedef int32_t i16 __attribute__((vector_size(64)));
 
 typedef uint16_t bf16;  // the top half of a float
 
-inline v16 splat(float x) { return v16{} + x; }
+// x in every lane (as a vector, not 0 + x: that add, kept for x = -0, made GCC broadcast from a
+// register after a scalar add instead of loading the broadcast, one shuffle a multiply-add in
+// `product_rows_of`)
+inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline v16 load(const bf16* p) {
     u16 wide = __builtin_convertvector(*reinterpret_cast<const h16u*>(p), u16) << 16;
