@@ -521,16 +521,18 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
         for (int64_t i0 = 0; i0 < l; i0 += 16) {
             const int64_t rows = g * l + i0;  // q_position's row h * B * L + b * L + i0 is the same
             // row i reads the position scores of columns L - 1 - i .. K - 1, its keys 0 .. K - L + i
-            scores<Tiles>(q_position + rows * d, r_packed.data(), d, (l - 16 - i0) / 16, k_len / 16, position.data(), k_len);
-            scores<Tiles>(q_content + rows * d, k_packed.data(), d, 0, (k_len - l + i0) / 16 + 1, content.data(), k_len);
+            scores<Tiles>(q_position + rows * d, r_packed.data(), d, (l - 16 - i0) / 16, k_len / 16, position.data(),
+                          k_len);
+            scores<Tiles>(q_content + rows * d, k_packed.data(), d, 0, (k_len - l + i0) / 16 + 1, content.data(),
+                          k_len);
             for (int64_t t = 0; t < 16; ++t) {
                 const int64_t i = i0 + t;
                 softmax_row<true>(content.data() + t * k_len, position.data() + t * k_len + (l - 1 - i),
                             bias_b == nullptr ? nullptr : bias_b + i * k_len, k_len - l + i + 1, k_len, out + (rows + t) * k_len);
             }
             if (v != nullptr)  // the 16 rows see keys 0 .. K - L + i0 + 15
-                weights_times_values<Tiles>(out + rows * k_len, v_packed.data(), (k_len - l + i0 + 16 + 31) / 32, k_len, d,
-                                     o.data(), values_out + rows * d);
+                weights_times_values<Tiles>(out + rows * k_len, v_packed.data(), (k_len - l + i0 + 16 + 31) / 32,
+                                            k_len, d, o.data(), values_out + rows * d);
         }
     }
     release_tiles<Tiles>();
@@ -580,7 +582,8 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
             uint16_t* wrows = weights_out == nullptr ? w.data() : weights_out + (g * l + i0) * n;
             for (int64_t t = 0; t < 16; ++t)
                 softmax_row<false, uint16_t>(s.data() + t * n, nullptr, nullptr, n, n, wrows + t * n);
-            weights_times_values<Tiles>(wrows, v_packed.data(), n / 32, n, d, o.data(), out + g * out_stride + i0 * d);
+            weights_times_values<Tiles>(wrows, v_packed.data(), n / 32, n, d, o.data(),
+                                        out + g * out_stride + i0 * d);
         }
     }
     release_tiles<Tiles>();
@@ -743,9 +746,9 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
                 const int64_t ds_end = std::min(kblocks, (offset + i0 + 32 + 31) / 32);
                 const int64_t raw_begin = std::max<int64_t>(0, (l - 32 - i0) / 32);
                 rows_times<Tiles>(ds.data() + i0 * k_len, k_packed.data(), 0, ds_end, k_len, d, o.data(),
-                           gqc + (g * l + i0) * d);
+                                  gqc + (g * l + i0) * d);
                 rows_times<Tiles>(raw.data() + i0 * k_len, r_packed.data(), raw_begin, kblocks, k_len, d, o.data(),
-                           gqp + (g * l + i0) * d);
+                                  gqp + (g * l + i0) * d);
             }
             transpose_bf16(qc + g * l * d, l, d, d, qt.data(), l);
             transpose_bf16(qp + g * l * d, l, d, d, qpt.data(), l);

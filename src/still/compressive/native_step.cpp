@@ -313,7 +313,8 @@ inline void nonzero(const bf16*, const float* x, int i0, int i1, int* list, int,
         const __mmask8 low = _mm512_test_epi64_mask(_mm512_loadu_si512(x + 2 * p), magnitudes);
         const __mmask8 high = _mm512_test_epi64_mask(_mm512_loadu_si512(x + 2 * p + 16), magnitudes);
         const __mmask16 m = __mmask16(low | (unsigned(high) << 8));
-        _mm512_storeu_si512(list + n_pairs, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(_mm512_set1_epi32(p), lanes)));
+        const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(p), lanes);
+        _mm512_storeu_si512(list + n_pairs, _mm512_maskz_compress_epi32(m, index));
         n_pairs += __builtin_popcount(m);
     }
 #endif
