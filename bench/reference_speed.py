@@ -67,6 +67,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from still.bench.peak import device_name, peak  # noqa: E402
+from still.compressive import native  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
 from still.compressive.generate import StreamScorer, generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
@@ -353,6 +354,10 @@ def main() -> None:
     waiting = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" + (
         f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "")
     where = f"{torch.get_num_threads()} threads" if DEVICE.type == "cpu" else str(DEVICE)
+    # what bf16 training's attention kernels run on (a still before session 31 through PYTHONPATH: not said)
+    products = getattr(native, "attention_products", lambda: None)() if DEVICE.type == "cpu" else None
+    if products is not None:
+        where += f" (bf16 attention kernels on {products})"
     shape = replace(PRESETS["reference"].model, **model_changes)
     size = "reference preset" if args.model == "reference" else "reference preset with the peer benchmark's model"
     title = (f"{size} (d_model {shape.d_model} x {shape.n_layers}), {device_name(DEVICE)}, {where}, "
