@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +57,7 @@ def thread_generator(generator: torch.Generator | None) -> Iterator[None]:
 def dropout(x: torch.Tensor, p: float, training: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """Zero each element of `x` with probability p (rounded to a multiple of 2^-16 on the CPU) and
     scale the others by 1 / (1 - p); the identity when not `training` or p = 0."""
-    if not 0 <= p <= 1:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    if not training or p == 0:
-        return x
-    if torch.compiler.is_compiling():  # inside torch.compile: run eagerly (a graph break), so that the
-        return _masked_eagerly(x, p, generator)  # masks come from this thread's generator, as without it
-    return _masked(x, p, generator)
+    return _dropped(x, p, training, generator, lambda: x)
 
 
 def relu_dropout(x: torch.Tensor, p: float, training: bool = True,
@@ -71,13 +65,7 @@ def relu_dropout(x: torch.Tensor, p: float, training: bool = True,
     """`dropout(F.relu(x), p, training, generator)`, the ReLU in the dropout's pass each way where
     the kernel runs; without gradients, not training or p = 0 the ReLU alone (in place when no
     gradient is recorded)."""
-    if not 0 <= p <= 1:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    if not training or p == 0:
-        return F.relu(x, inplace=not torch.is_grad_enabled())
-    if torch.compiler.is_compiling():
-        return _masked_eagerly(x, p, generator, relu=True)
-    return _masked(x, p, generator, relu=True)
+    return _dropped(x, p, training, generator, lambda: F.relu(x, inplace=not torch.is_grad_enabled()), relu=True)
 
 
 def dropout_add(h: torch.Tensor, x: torch.Tensor, p: float, training: bool = True,
@@ -85,13 +73,22 @@ def dropout_add(h: torch.Tensor, x: torch.Tensor, p: float, training: bool = Tru
     """`h + dropout(x, p, training, generator)` (a residual connection), the add in the dropout's
     pass where the kernel runs (fp32 h, x fp32 or bf16 of h's shape): forward, and backward with the
     rounding of the sum's gradient to x's dtype that autograd would make before the dropout's."""
+    return _dropped(x, p, training, generator, lambda: h + x, residual=h)
+
+
+def _dropped(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None,
+             untouched: Callable[[], torch.Tensor], relu: bool = False,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """What `dropout`, `relu_dropout` and `dropout_add` share: p checked, `untouched()` when not
+    `training` or p = 0, else `_masked` (eagerly inside torch.compile: a graph break, so that the
+    masks come from this thread's generator, as without it)."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0:
-        return h + x
+        return untouched()
     if torch.compiler.is_compiling():
-        return _masked_eagerly(x, p, generator, residual=h)
-    return _masked(x, p, generator, residual=h)
+        return _masked_eagerly(x, p, generator, relu=relu, residual=residual)
+    return _masked(x, p, generator, relu=relu, residual=residual)
 
 
 def _masked(x: torch.Tensor, p: float, generator: torch.Generator | None, relu: bool = False,
@@ -185,6 +182,12 @@ def _threads(n: int) -> int:
     return 1 if n < 2**20 else min(torch.get_num_threads(), native.MAX_THREADS)
 
 
+def _succeeded(code: int) -> None:
+    """A dropout kernel's return code: 0, or an error (not reached: the library said it runs here)."""
+    if code != 0:
+        raise RuntimeError(f"the dropout kernel failed ({code})")
+
+
 class _NativeDropout(torch.autograd.Function):
     """`_MaskedScale` of the mask of `seed`'s lanes (after `F.relu` where `relu`) by
     `native_dropout.cpp`: one pass each way, the same bits. Keeps the seed and, after a ReLU, its input."""
@@ -194,11 +197,9 @@ class _NativeDropout(torch.autograd.Function):
         from still.compressive import native
 
         out = torch.empty_like(x)
-        code = native.dropout_library().still_dropout(
+        _succeeded(native.dropout_library().still_dropout(
             x.data_ptr(), seed, x.numel(), threshold, scale, int(relu), int(x.dtype == torch.bfloat16),
-            out.data_ptr(), _threads(x.numel()))
-        if code != 0:  # (not reached: the library said it runs here)
-            raise RuntimeError(f"the dropout kernel failed ({code})")
+            out.data_ptr(), _threads(x.numel())))
         ctx.save_for_backward(x if relu else None)
         ctx.seed, ctx.threshold, ctx.scale = seed, threshold, scale
         return out
@@ -210,11 +211,9 @@ class _NativeDropout(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad = grad.contiguous()
         out = torch.empty_like(grad)
-        code = native.dropout_library().still_dropout_backward(
+        _succeeded(native.dropout_library().still_dropout_backward(
             grad.data_ptr(), ctx.seed, None if x is None else x.data_ptr(), grad.numel(), ctx.threshold,
-            ctx.scale, int(grad.dtype == torch.bfloat16), out.data_ptr(), _threads(grad.numel()))
-        if code != 0:
-            raise RuntimeError(f"the dropout kernel failed ({code})")
+            ctx.scale, int(grad.dtype == torch.bfloat16), out.data_ptr(), _threads(grad.numel())))
         return out, None, None, None, None
 
 
@@ -229,11 +228,9 @@ class _NativeDropoutAdd(torch.autograd.Function):
         from still.compressive import native
 
         out = torch.empty_like(h)
-        code = native.dropout_library().still_dropout_add(
+        _succeeded(native.dropout_library().still_dropout_add(
             h.data_ptr(), x.data_ptr(), seed, x.numel(), threshold, scale, int(x.dtype == torch.bfloat16),
-            out.data_ptr(), _threads(x.numel()))
-        if code != 0:
-            raise RuntimeError(f"the dropout kernel failed ({code})")
+            out.data_ptr(), _threads(x.numel())))
         ctx.seed, ctx.threshold, ctx.scale, ctx.x_dtype = seed, threshold, scale, x.dtype
         return out
 
@@ -243,11 +240,9 @@ class _NativeDropoutAdd(torch.autograd.Function):
 
         grad = grad.float().contiguous()
         grad_x = torch.empty(grad.shape, dtype=ctx.x_dtype, device=grad.device)
-        code = native.dropout_library().still_dropout_add_backward(
+        _succeeded(native.dropout_library().still_dropout_add_backward(
             grad.data_ptr(), ctx.seed, grad.numel(), ctx.threshold, ctx.scale, int(ctx.x_dtype == torch.bfloat16),
-            grad_x.data_ptr(), _threads(grad.numel()))
-        if code != 0:
-            raise RuntimeError(f"the dropout kernel failed ({code})")
+            grad_x.data_ptr(), _threads(grad.numel())))
         return grad, grad_x, None, None, None
 
 

@@ -601,7 +601,7 @@ def _native_kernel_or_skip():
                                                         (2, 3, 32, 96, 64, True), (1, 1, 16, 16, 96, True)])
 def test_native_weights_are_the_fp32_scores_softmax_rounded_once(monkeypatch, h, b, l, k_len, d, per_row_mask,
                                                                   bf16_products):
-    """The AMX kernel (`NATIVE_SCORES`, bf16 on the CPU): its weights are the softmax of the fp32
+    """The bf16 kernel (`NATIVE_SCORES`, bf16 on the CPU): its weights are the softmax of the fp32
     scores of the bf16 operands (content + shifted position + mask), each rounded once to bf16, with
     exact zeros at masked keys; nearer the exact weights than the PyTorch bf16 path; the same bits on
     one thread or several; and the backward the same function of them as the PyTorch path's."""
@@ -1048,7 +1048,7 @@ def test_native_weights_refuse_what_the_kernel_cannot_take(monkeypatch):
 
 @pytest.mark.parametrize("g,l,n,d", [(6, 16, 32, 32), (3, 48, 96, 64), (2, 32, 64, 96)])
 def test_native_content_attention_is_the_fp32_softmax_rounded_once(g, l, n, d, bf16_products):
-    """`content_attention` without gradients in bf16 (the reconstruction loss's targets) by the AMX
+    """`content_attention` without gradients in bf16 (the reconstruction loss's targets) by the bf16
     kernel: the weights are the softmax of the fp32 scores, rounded once, so the output lies within
     the roundings of the weights and of the output from the exact one, nearer than PyTorch's bf16
     path; keys and values read in place from a longer (G, K, D) buffer (the training attention's
