@@ -89,6 +89,30 @@ def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size):
             torch.testing.assert_close(two.step(tokens[:, t]), logits, atol=1e-3, rtol=1e-3)
 
 
+def test_a_bf16_step_stores_its_key_and_value_rounded_as_pytorch_rounds():
+    """A post-norm model whose first layer's keys and values are its input (the token's embedding):
+    the bf16 step stores them in the memory ring's new slot bit for bit as `.to(torch.bfloat16)`
+    rounds them, ties to even (halfway values above an odd and above an even bf16, both signs)."""
+    torch.manual_seed(0)
+    config = CompressiveConfig(vocab_size=11, n_layers=1, d_model=32, n_heads=2, d_ff=64, pre_norm=False,
+                               **CASES["conv"])
+    model = CompressiveTransformer(config).eval()
+    halfway = torch.tensor([1 + k / 256 for k in range(1, 17, 2)])  # between bf16 neighbours, odd and even below
+    row = torch.cat([halfway, -halfway, torch.randn(16)])  # (32,): both heads
+    with torch.no_grad():
+        model.layers[0].attention.key_value.weight.copy_(torch.cat([torch.eye(32), torch.eye(32)]))
+        model.embedding.weight[3] = row
+        state = _prompted(model, torch.randint(0, 11, (1, 5)), 5)
+        decoder = Decoder(model, state, batch=1, compile=True, threads=2, dtype=torch.bfloat16, native=True)
+        slot = decoder.n_cap + decoder.next_m  # the memory ring's slot this step writes
+        decoder.step(torch.tensor([3]))
+    want = row.bfloat16().view(2, 16)  # (heads, D)
+    values = decoder.values[0, 0, :, slot]  # (heads, D)
+    keys = decoder.keys[0, 0, :, slot // 16, :, slot % 16].reshape(2, 16)  # from pairs of features
+    assert torch.equal(values.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(keys.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("d_model", [48, 128], ids=["blocks of 16", "blocks of 128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
