@@ -152,21 +152,27 @@ def test_compiled_decoding_under_bf16_autocast_reads_bf16_matrices(precision, co
     assert made[-1].keys.dtype == made[-1].weights["0.qkv"].dtype == torch.float32  # the one that decodes
 
 
-def test_drawing_the_uniform_numbers_in_blocks_gives_the_same_tokens(monkeypatch):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_drawing_the_uniform_numbers_in_blocks_gives_the_same_tokens(monkeypatch, compile):
     """`generate` draws its uniform numbers DRAWN_AT_ONCE tokens at a time: on the CPU the same
-    numbers, so the same tokens, as one draw a token."""
+    numbers, so the same tokens, as one draw a token; also where the hand-written step takes 16
+    tokens' numbers a call across blocks (`_Draws.take`)."""
     from still.compressive import generate as module
 
     torch.manual_seed(0)
-    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))  # d_head 16
     prompt = torch.randint(0, 11, (2, 7))
     runs = []
-    for at_once in (1, 3, 1024):
+    for at_once in (1, 3, 7, 1024):
         monkeypatch.setattr(module, "DRAWN_AT_ONCE", at_once)
-        runs.append(torch.stack(list(generate(model, prompt, 10, segment_len=4,
+        runs.append(torch.stack(list(generate(model, prompt, 40, segment_len=4, compile=compile,
                                               generator=torch.Generator().manual_seed(5)))))
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert all(torch.equal(runs[0], run) for run in runs[1:])
+    draws = module._Draws(3, 2, torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert draws.take().shape == (2, 1) and draws.take(2).shape == (2, 2, 1)
+    with pytest.raises(RuntimeError, match="more uniform numbers"):
+        draws.take()
 
 
 def _streams_and_model(batch: int):
