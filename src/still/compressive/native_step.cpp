@@ -171,7 +171,7 @@ inline void pair_at(const bf16* block, int p, v16& low, v16& high) {
 // Software prefetch of the weights `pair_at` reads PREFETCH_BYTES further on in the same block: the
 // matrices stream from L3 at every step, and with the hardware prefetcher alone a bf16 product read
 // 82-89 GB/s a core here (machine A), 97-105 with this (256 to 768 bytes ahead about the same, 2 KB
-// and an L2 hint slower)
+// and an L2 hint slower). Not in fp32, whose products ran slower with it in a step.
 constexpr int PREFETCH_BYTES = 512;
 inline void prefetch_pair(const float* block, int p, int ahead = PREFETCH_BYTES) {
     const char* at = reinterpret_cast<const char*>(block + 32 * p) + ahead;
@@ -194,10 +194,12 @@ void product(const W* w, int in, int i0, int i1, const float* x, int b0, int b1,
         v16 a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{}, l0, l1, l2, l3, h0, h1, h2, h3;
         for (int p = i0 / 2; p < i1 / 2; ++p) {
             v16 s = splat(x[2 * p]), t = splat(x[2 * p + 1]);
-            prefetch_pair(p0, p);
-            prefetch_pair(p1, p);
-            prefetch_pair(p2, p);
-            prefetch_pair(p3, p);
+            if constexpr (sizeof(W) == 2) {  // (fp32: 1.08x slower with these, 256 tokens after a prompt)
+                prefetch_pair(p0, p);
+                prefetch_pair(p1, p);
+                prefetch_pair(p2, p);
+                prefetch_pair(p3, p);
+            }
             pair_at(p0, p, l0, h0);
             pair_at(p1, p, l1, h1);
             pair_at(p2, p, l2, h2);
@@ -237,9 +239,9 @@ inline void prefetch_row(const void* row, int bytes) {
     for (int at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(row) + at);
 }
 
-// `product_listed` prefetches the weights of the input LISTED_AHEAD entries further on in its list
-// (17-18% faster than the hardware prefetcher alone on the rows it skips between); the entries past
-// a list's end that this reads are within its room (`LISTED_PAD`), valid indices or 0
+// `product_listed` in bf16 prefetches the weights of the pair LISTED_AHEAD entries further on in its
+// list (17-18% faster than the hardware prefetcher alone on the rows it skips between); the entries
+// past a list's end that this reads are within its room (`LISTED_PAD`), valid indices or 0
 constexpr int LISTED_AHEAD = 8;
 
 // The feed-forward's second product over its nonzero inputs only: a ReLU's outputs, mostly zeros
@@ -261,13 +263,11 @@ void product_listed(const float* w, int in, int out, const int* even, int n_even
         for (int q = 0; q < C; ++q) a[q] = c[q] = v16{};
         for (int k = 0; k < n_even; ++k) {
             const float* row = block + size_t(even[k]) * wide;
-            prefetch_row(block + size_t(even[k + LISTED_AHEAD]) * wide, 4 * wide);
             const v16 s = splat(x[even[k]]);
             for (int q = 0; q < C; ++q) a[q] += s * load(row + 16 * q);
         }
         for (int k = 0; k < n_odd; ++k) {
             const float* row = block + size_t(odd[k]) * wide;
-            prefetch_row(block + size_t(odd[k + LISTED_AHEAD]) * wide, 4 * wide);
             const v16 t = splat(x[odd[k]]);
             for (int q = 0; q < C; ++q) c[q] += t * load(row + 16 * q);
         }
