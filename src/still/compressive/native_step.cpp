@@ -148,7 +148,8 @@ inline void put_key(float* keys, int D, int slot, const float* x) {
     for (int j = 0; j < D; ++j) keys[key_index(keys, D, slot, j)] = x[j];
 }
 inline void put_key(bf16* keys, int D, int slot, const float* x) {
-    uint32_t* words = reinterpret_cast<uint32_t*>(keys + key_index(keys, D, slot, 0));  // features 2l, 2l + 1: words[16 l]
+    // features 2l and 2l + 1 of the slot: one word, words[16 l]
+    uint32_t* words = reinterpret_cast<uint32_t*>(keys + key_index(keys, D, slot, 0));
     for (int j = 0; j < D; j += 16) {
         const u16 r = rounded(load(x + j));
         for (int l = 0; l < 8; ++l) words[16 * (j / 2 + l)] = r[2 * l] | r[2 * l + 1] << 16;
@@ -170,7 +171,7 @@ inline void pair_at(const bf16* block, int p, v16& low, v16& high) {
 
 // Software prefetch of the weights `pair_at` reads PREFETCH_BYTES further on in the same block: the
 // matrices stream from L3 at every step, and with the hardware prefetcher alone a bf16 product read
-// 82-89 GB/s a core here (machine A), 97-105 with this (256 to 768 bytes ahead about the same, 2 KB
+// 78-89 GB/s a core here (machine A), 90-105 with this (256 to 768 bytes ahead about the same, 2 KB
 // and an L2 hint slower). Not in fp32, whose products ran slower with it in a step.
 constexpr int PREFETCH_BYTES = 512;
 inline void prefetch_pair(const float* block, int p, int ahead = PREFETCH_BYTES) {
@@ -240,8 +241,8 @@ inline void prefetch_row(const void* row, int bytes) {
 }
 
 // `product_listed` in bf16 prefetches the weights of the pair LISTED_AHEAD entries further on in its
-// list (17-18% faster than the hardware prefetcher alone on the rows it skips between); the entries
-// past a list's end that this reads are within its room (`LISTED_PAD`), valid indices or 0
+// list (16-21% less time than with the hardware prefetcher alone, on rows it skips between); the
+// entries past a list's end that this reads are within its room (`LISTED_PAD`), valid indices or 0
 constexpr int LISTED_AHEAD = 8;
 
 // The feed-forward's second product over its nonzero inputs only: a ReLU's outputs, mostly zeros
