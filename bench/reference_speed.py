@@ -30,7 +30,8 @@ and keys fit the cores' caches. In one run, interleaved, medians over repeats:
                         and 2 unsharded take 8 segments a call, a layer at a time); "2 shards":
                         the rows split across two threads, one intra-op thread each
     generate batch 1    tokens/s of `generate` after a 512-token prompt (the prompt not counted),
-                        eager and with --compile (compiled in the untimed warm-up); bf16: under
+                        the median of --gen-runs generations (3) after an untimed one, eager and
+                        with --compile (compiled in the untimed warm-up); bf16: under
                         autocast, so the compiled steps read bf16 matrices and keys
     read limit          a decoding step reads every matrix and key of the model for one token: its
                         bytes (the decoder's matrices, biases and key/value buffers; one row of the
@@ -181,13 +182,14 @@ def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int, sh
 
 
 @torch.no_grad()
-def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int) -> float:
-    """New tokens/s at batch 1 after a 512-token prompt (the prompt not counted)."""
+def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int, runs: int = 3) -> float:
+    """New tokens/s at batch 1 after a 512-token prompt (the prompt not counted): the median of `runs`
+    generations after an untimed one (the warm-up, and the compile)."""
     model = make_model(seed).eval()
     prompt = stream(1, 4, 128, seed)[:, :512]
     with autocast(precision, DEVICE):
         times = []
-        for _ in range(2):  # the first is the warm-up (and the compile)
+        for _ in range(runs + 1):
             tokens = generate(model, prompt, new_tokens, segment_len=128, generator=torch.Generator().manual_seed(seed),
                               compile=compile)
             next(tokens)  # the prompt's forward pass and the first sample
@@ -196,8 +198,8 @@ def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int) -> 
             n = 1 + sum(1 for _ in tokens)
             sync()
             times.append(time.perf_counter() - start)
-    assert n == new_tokens
-    return (new_tokens - 1) / times[-1]
+            assert n == new_tokens
+    return (new_tokens - 1) / statistics.median(times[1:])
 
 
 @torch.no_grad()
@@ -259,6 +261,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per repeat")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--gen-runs", type=int, default=3,
+                        help="timed generations per repeat, after an untimed one; their median counts")
     parser.add_argument("--measures", nargs="+", choices=("train", "eval", "generate", "compile"),
                         default=["train", "eval", "generate"],
                         help="which groups of measures (default: all but compile, training with --compile)")
@@ -290,9 +294,9 @@ def main() -> None:
         "eval bf16, batch 2, 2 shards": lambda r: eval_rate("bf16", 2, 4 * args.steps, 4, r, shards=2),
         "eval fp32, batch 1": lambda r: eval_rate("fp32", 1, 4 * args.steps, 4, r),
         "eval bf16, batch 1": lambda r: eval_rate("bf16", 1, 4 * args.steps, 4, r),
-        "generate fp32, batch 1": lambda r: generate_rate("fp32", args.new_tokens, False, r),
-        "generate fp32, batch 1, --compile": lambda r: generate_rate("fp32", args.new_tokens, True, r),
-        "generate bf16, batch 1, --compile": lambda r: generate_rate("bf16", args.new_tokens, True, r),
+        "generate fp32, batch 1": lambda r: generate_rate("fp32", args.new_tokens, False, r, args.gen_runs),
+        "generate fp32, batch 1, --compile": lambda r: generate_rate("fp32", args.new_tokens, True, r, args.gen_runs),
+        "generate bf16, batch 1, --compile": lambda r: generate_rate("bf16", args.new_tokens, True, r, args.gen_runs),
     }
     measures = {k: v for k, v in measures.items() if k.split()[0] in args.measures
                 and (DEVICE.type == "cpu" or "shards" not in k)}

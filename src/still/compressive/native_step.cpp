@@ -587,13 +587,14 @@ struct Engine {
     void compress_groups(int t, const Call& c);
 };
 
-// sum_v weight[v] rows[slot[v]] (D floats each, D = 16 C) + own * value, over the valid slots,
-// divided by total
-// The weighted sums prefetch the value rows SLOTS_AHEAD slots further on; the slot entries past the
-// valid ones that this reads (`Engine::slots`, SLOTS_AHEAD + 1 entries of room) are slots of earlier
-// steps, position columns, the count, or 0: any address, and a prefetch never faults
+// The weighted sums prefetch the value rows SLOTS_AHEAD slots further on. The slot entries past the
+// valid ones that this reads (`Engine::slots` has SLOTS_AHEAD + 1 entries of room) hold slots of
+// earlier steps, position columns, the count or 0, all in [0, K]: rows of the head's values or the
+// one just past them (a prefetch never faults).
 constexpr int SLOTS_AHEAD = 8;
 
+// sum_v weight[v] rows[slot[v]] (D floats each, D = 16 C) + own * value, over the valid slots,
+// divided by total
 template <class W, int C>
 void weighted_values(const W* rows, int D, const int* slot, const float* weight, int valid, float own,
                      const float* value, float total, float* out) {
@@ -603,8 +604,8 @@ void weighted_values(const W* rows, int D, const int* slot, const float* weight,
     for (; v + 2 <= valid; v += 2) {
         const W* r0 = rows + size_t(slot[v]) * D;
         const W* r1 = rows + size_t(slot[v + 1]) * D;
-        prefetch_row(r0 + size_t(slot[v + SLOTS_AHEAD] - slot[v]) * D, int(D * sizeof(W)));
-        prefetch_row(r1 + size_t(slot[v + SLOTS_AHEAD + 1] - slot[v + 1]) * D, int(D * sizeof(W)));
+        prefetch_row(rows + size_t(slot[v + SLOTS_AHEAD]) * D, int(D * sizeof(W)));
+        prefetch_row(rows + size_t(slot[v + SLOTS_AHEAD + 1]) * D, int(D * sizeof(W)));
         v16 w0 = splat(weight[v]), w1 = splat(weight[v + 1]);
         for (int k = 0; k < C; ++k) {
             a[k] += w0 * load(r0 + 16 * k);
