@@ -391,6 +391,11 @@ def test_pack_and_pairs_lay_out_what_the_step_reads():
     assert paired.shape == (2, 3, 16, 2) and paired[0, 2, 5, 1] == matrix[5, 5].bfloat16()
     wide = pack(torch.arange(128 * 6, dtype=torch.float32).view(128, 6), torch.float32, 128)  # (1, 6, 128)
     assert wide.shape == (1, 6, 128) and wide[0, 4, 100] == 100 * 6 + 4
+    tall = torch.arange(64 * 6, dtype=torch.float32).view(64, 6)
+    by_input = pack(tall, torch.bfloat16, 32, by_input=True)  # (2, 6, 16, 2): block, input, pair of outputs, output
+    assert by_input.shape == (2, 6, 16, 2)
+    assert by_input[1, 4, 5, 0] == tall[42, 4].bfloat16() and by_input[1, 4, 5, 1] == tall[43, 4].bfloat16()
+
     assert [down_width(d) for d in (48, 64, 96, 256, 384)] == [16, 64, 32, 128, 128]
     blocked = torch.arange(2 * 4 * 16.0).view(2, 4, 16)  # (KB, D, 16)
     assert pairs(blocked).shape == (2, 2, 16, 2) and pairs(blocked)[1, 1, 7, 0] == blocked[1, 2, 7]

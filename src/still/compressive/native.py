@@ -260,12 +260,16 @@ def unsupported(decoder: Decoder) -> str | None:
     return None
 
 
-def pack(matrix: torch.Tensor, dtype: torch.dtype, block: int = 16) -> torch.Tensor:
+def pack(matrix: torch.Tensor, dtype: torch.dtype, block: int = 16, by_input: bool = False) -> torch.Tensor:
     """(out, in) -> blocks of `block` output rows, the rows past `out` zero: in fp32 (out / block,
     in, block), each block's weights of an input contiguous; in bf16 (out / block, in / 2, block, 2),
-    in pairs of inputs (a 32-bit word holds one output's weights of inputs 2p and 2p + 1)."""
+    in pairs of inputs (a 32-bit word holds one output's weights of inputs 2p and 2p + 1), or with
+    `by_input` (the feed-forward's second matrix, read an input at a time) (out / block, in, block /
+    2, 2), a word holding an input's weights of outputs 2l and 2l + 1."""
     out, inputs = matrix.shape
     padded = F.pad(matrix, (0, 0, 0, -out % block)).to(dtype)
+    if dtype == torch.bfloat16 and by_input:
+        return padded.view(-1, block // 2, 2, inputs).permute(0, 3, 1, 2).contiguous()
     if dtype == torch.bfloat16:
         return padded.view(-1, block, inputs // 2, 2).transpose(1, 2).contiguous()
     return padded.view(-1, block, inputs).transpose(1, 2).contiguous()
@@ -284,8 +288,8 @@ def down_width(out: int) -> int:
 
 
 def _packed(w: dict[str, torch.Tensor], layers: int, stored: torch.dtype) -> dict[str, torch.Tensor]:
-    """The matrices packed (`pack`; the feed-forward's second in blocks of `down_width`), the position
-    tables in pairs of features in bf16 (`pairs`)."""
+    """The matrices packed (`pack`; the feed-forward's second in blocks of `down_width`, an input's
+    weights a run even in bf16), the position tables in pairs of features in bf16 (`pairs`)."""
     d_model = w["embedding"].shape[1]
     packed = {"head": pack(w["head"], stored)}
     for i in range(layers):
@@ -293,8 +297,8 @@ def _packed(w: dict[str, torch.Tensor], layers: int, stored: torch.dtype) -> dic
                     "down": w[f"{i}.down.weight"]}
         if f"{i}.taps" in w:  # (T, d_out, d_in) -> (d_out, T * d_in): the taps' inputs side by side
             matrices["taps"] = w[f"{i}.taps"].permute(1, 0, 2).reshape(d_model, -1)
-        packed |= {f"{i}.{name}": pack(m, stored, down_width(d_model) if name == "down" else 16)
-                   for name, m in matrices.items()}
+        packed |= {f"{i}.{name}": pack(m, stored, down_width(d_model), by_input=True) if name == "down" else
+                   pack(m, stored) for name, m in matrices.items()}
         positions = w[f"{i}.positions"]
         packed[f"{i}.positions"] = pairs(positions) if stored == torch.bfloat16 else positions
     return packed

@@ -240,20 +240,22 @@ inline void prefetch_row(const void* row, int bytes) {
     for (int at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(row) + at);
 }
 
-// `product_listed` in bf16 prefetches the weights of the pair LISTED_AHEAD entries further on in its
-// list (16-21% less time than with the hardware prefetcher alone, on rows it skips between); the
-// entries past a list's end that this reads are within its room (`LISTED_PAD`), valid indices or 0
+// `product_listed` in bf16 prefetches the weights of the input LISTED_AHEAD entries further on in
+// its list (with pairs of inputs, 16-21% less time than with the hardware prefetcher alone, on rows
+// it skips between); the entries past a list's end that this reads are within its room
+// (`LISTED_PAD`), valid indices or 0
 constexpr int LISTED_AHEAD = 8;
 
 // The feed-forward's second product over its nonzero inputs only: a ReLU's outputs, mostly zeros
 // (81-89% in trained models at the reference preset, about half in untrained ones), whose weights
-// need not be read. The matrix is packed in blocks of `wide` = 16 C output rows (`down_width`): in
-// fp32 (out / wide, in, wide), so that an input's weights for a block are one run of 64 C bytes; in
-// bf16 (out / wide, in / 2, wide, 2), a run of a pair of inputs' weights. fp32: `even` and `odd` list
-// the nonzero inputs of each parity in increasing order; bf16: `even` lists the pairs with a nonzero
-// input (`odd` unused). Each output's two accumulators sum the terms `product` sums, in the same
-// order, less those of zero inputs, which add nothing (0 * w = 0 for a finite weight, and a + 0 =
-// a): the outputs `product` gives.
+// need not be read. The matrix is packed in blocks of `wide` = 16 C output rows (`down_width`), so
+// that an input's weights for a block are one run of memory: in fp32 (out / wide, in, wide); in bf16
+// (out / wide, in, wide / 2, 2), outputs 2l and 2l + 1 in one 32-bit word, so that a shift and a mask
+// give 16 even and 16 odd outputs' weights (in pairs of inputs, as the other matrices, a pair would
+// be read where either input is nonzero: 75% of the pairs where half the inputs are zero). `even` and
+// `odd` list the nonzero inputs of each parity in increasing order (`nonzero`). Each output's two
+// accumulators sum the terms `product` sums, in the same order, less those of zero inputs, which add
+// nothing (0 * w = 0 for a finite weight, and a + 0 = a): the outputs `product` gives.
 template <int C>
 void product_listed(const float* w, int in, int out, const int* even, int n_even, const int* odd, int n_odd,
                     const float* x, float* y) {
@@ -276,25 +278,50 @@ void product_listed(const float* w, int in, int out, const int* even, int n_even
     }
 }
 
+// (bf16: the inputs of one parity into the accumulators of even outputs `e` and odd outputs `o`; a row
+// of `wide` / 2 words, G = wide / 32 vectors of them, or half of one where wide is 16)
+template <int G, bool Half>
+inline void add_listed(const uint32_t* block, int wide, const int* list, int n, const float* x, v16* e, v16* o) {
+    for (int k = 0; k < n; ++k) {
+        const uint32_t* row = block + size_t(list[k]) * (wide / 2);
+        prefetch_row(block + size_t(list[k + LISTED_AHEAD]) * (wide / 2), 2 * wide);
+        const v16 s = splat(x[list[k]]);
+        for (int g = 0; g < G; ++g) {
+            u16 words;
+            if constexpr (Half) {
+#ifdef __AVX512F__
+                words = (u16)_mm512_maskz_loadu_epi32(0xff, row);
+#else
+                words = u16{};
+                std::memcpy(&words, row, 8 * sizeof(uint32_t));
+#endif
+            } else {
+                words = *reinterpret_cast<const u16a*>(row + 16 * g);
+            }
+            e[g] += s * (v16)(words << 16);
+            o[g] += s * (v16)(words & 0xffff0000u);
+        }
+    }
+}
+
 template <int C>
-void product_listed(const bf16* w, int in, int out, const int* pairs, int n_pairs, const int*, int, const float* x,
-                    float* y) {
-    constexpr int wide = 16 * C;
+void product_listed(const bf16* w, int in, int out, const int* even, int n_even, const int* odd, int n_odd,
+                    const float* x, float* y) {
+    constexpr int wide = 16 * C, G = (C + 1) / 2;  // G vectors of 16 words a row (C = 1: 8 words, half used)
     for (int b = 0; b < out / wide; ++b) {
-        const uint32_t* block = reinterpret_cast<const uint32_t*>(w) + size_t(b) * (in / 2) * wide;
-        v16 a[C], c[C];
-        for (int q = 0; q < C; ++q) a[q] = c[q] = v16{};
-        for (int k = 0; k < n_pairs; ++k) {
-            const int p = pairs[k];
-            const uint32_t* row = block + size_t(p) * wide;
-            prefetch_row(block + size_t(pairs[k + LISTED_AHEAD]) * wide, 4 * wide);
-            const v16 s = splat(x[2 * p]), t = splat(x[2 * p + 1]);
-            for (int q = 0; q < C; ++q) {
-                a[q] += s * low_of(row + 16 * q);
-                c[q] += t * high_of(row + 16 * q);
+        const uint32_t* block = reinterpret_cast<const uint32_t*>(w) + size_t(b) * in * (wide / 2);
+        v16 ae[G], ao[G], ce[G], co[G];
+        for (int g = 0; g < G; ++g) ae[g] = ao[g] = ce[g] = co[g] = v16{};
+        add_listed<G, C == 1>(block, wide, even, n_even, x, ae, ao);
+        add_listed<G, C == 1>(block, wide, odd, n_odd, x, ce, co);
+        for (int g = 0; g < G; ++g) {  // outputs 32 g + 2 l from the even sums, 32 g + 2 l + 1 from the odd
+            const v16 e = ae[g] + ce[g], o = ao[g] + co[g];
+            float* at = y + b * wide + 32 * g;
+            for (int l = 0; l < 16 && 32 * g + 2 * l < wide; ++l) {
+                at[2 * l] = e[l];
+                at[2 * l + 1] = o[l];
             }
         }
-        for (int q = 0; q < C; ++q) store(y + b * wide + 16 * q, a[q] + c[q]);
     }
 }
 
@@ -317,18 +344,18 @@ void product_listed(const W* w, int in, int out, const int* even, int n_even, co
     }
 }
 
-// The nonzero inputs among [i0, i1) (both even) of x, as `product_listed` takes them: fp32, the even
-// ones into `list` and the odd ones into `odd_list(list, in)` (in: x's length); bf16, the pairs with
-// a nonzero input into `list`. Returns the two counts. With AVX-512, 16 entries at a time: a mask of
-// the nonzero ones (a value's bits other than the sign not all zero: x != 0, NaN included) and their
-// indices compressed into the list, stored 16 wide (`LISTED_PAD` entries past each list's end), where
-// a branch an entry was mispredicted about half the time (7% of a bf16 step in an untrained model).
+// The nonzero inputs among [i0, i1) (both even) of x, as `product_listed` takes them: the even ones
+// into `list` and the odd ones into `odd_list(list, in)` (in: x's length). Returns the two counts.
+// With AVX-512, 16 entries at a time: a mask of the nonzero ones (a value's bits other than the sign
+// not all zero: x != 0, NaN included) and their indices compressed into the list, stored 16 wide
+// (`LISTED_PAD` entries past each list's end), where a branch an entry was mispredicted about half
+// the time (7% of a bf16 step in an untrained model).
 constexpr int LISTED_PAD = 16;
 static_assert(LISTED_AHEAD <= LISTED_PAD, "product_listed's prefetches read within a list's room");
 inline int* odd_list(int* list, int in) { return list + in / 2 + LISTED_PAD; }
 inline size_t listed_size(int in) { return size_t(in) + 2 * LISTED_PAD; }  // a thread's list
 
-inline void nonzero(const float*, const float* x, int i0, int i1, int* list, int in, int& n_even, int& n_odd) {
+inline void nonzero(const float* x, int i0, int i1, int* list, int in, int& n_even, int& n_odd) {
     n_even = n_odd = 0;
     int* odd = odd_list(list, in);
     int j = i0;
@@ -349,24 +376,6 @@ inline void nonzero(const float*, const float* x, int i0, int i1, int* list, int
         if (x[j] != 0.f) list[n_even++] = j;
         if (x[j + 1] != 0.f) odd[n_odd++] = j + 1;
     }
-}
-inline void nonzero(const bf16*, const float* x, int i0, int i1, int* list, int, int& n_pairs, int& n_odd) {
-    n_pairs = n_odd = 0;
-    int p = i0 / 2;
-#ifdef __AVX512F__
-    const __m512i magnitudes = _mm512_set1_epi64(0x7fffffff7fffffffLL);  // a pair as one 64-bit lane
-    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (; p + 16 <= i1 / 2; p += 16) {
-        const __mmask8 low = _mm512_test_epi64_mask(_mm512_loadu_si512(x + 2 * p), magnitudes);
-        const __mmask8 high = _mm512_test_epi64_mask(_mm512_loadu_si512(x + 2 * p + 16), magnitudes);
-        const __mmask16 m = __mmask16(low | (unsigned(high) << 8));
-        const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(p), lanes);
-        _mm512_storeu_si512(list + n_pairs, _mm512_maskz_compress_epi32(m, index));
-        n_pairs += __builtin_popcount(m);
-    }
-#endif
-    for (; p < i1 / 2; ++p)
-        if (x[2 * p] != 0.f || x[2 * p + 1] != 0.f) list[n_pairs++] = p;
 }
 
 // `product` over R input rows at once (x rows `ldx` floats apart, y rows `ldy` apart), all inputs,
@@ -839,7 +848,7 @@ void Engine::run_as(int t, const Call& c) {
             for (int j = u0 * 16; j < u1 * 16; ++j) up[j] = std::max(up[j] + L.up_b[j], 0.f);
             // the second product over the nonzero hidden units only (`product_listed`)
             int n_even, n_odd;
-            nonzero(static_cast<const W*>(L.down), up, u0 * 16, u1 * 16, listed, s.ff, n_even, n_odd);
+            nonzero(up, u0 * 16, u1 * 16, listed, s.ff, n_even, n_odd);
             product_listed(static_cast<const W*>(L.down), s.ff, d, listed, n_even, odd_list(listed, s.ff), n_odd, up,
                            down_part + b * d);
         }
