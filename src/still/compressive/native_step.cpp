@@ -128,8 +128,10 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t value) {
     return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, value, nullptr, nullptr, 0);
 }
 
-inline v16 low_of(const uint32_t* p) { return (v16)(*reinterpret_cast<const u16a*>(p) << 16); }
-inline v16 high_of(const uint32_t* p) { return (v16)(*reinterpret_cast<const u16a*>(p) & 0xffff0000u); }
+inline v16 low_of(u16 words) { return (v16)(words << 16); }  // the low halves' bf16 as floats
+inline v16 high_of(u16 words) { return (v16)(words & 0xffff0000u); }  // the high halves'
+inline v16 low_of(const uint32_t* p) { return low_of(*reinterpret_cast<const u16a*>(p)); }
+inline v16 high_of(const uint32_t* p) { return high_of(*reinterpret_cast<const u16a*>(p)); }
 
 // where feature j of slot `slot` lives in a head's keys (or position table): blocks of 16 slots,
 // (KB, D, 16) in fp32, (KB, D / 2, 16, 2) in bf16 (pairs of features, as the bf16 matrices)
@@ -298,8 +300,8 @@ inline void add_listed(const uint32_t* block, int wide, const int* list, int n, 
             } else {
                 words = *reinterpret_cast<const u16a*>(row + 16 * g);
             }
-            e[g] += s * (v16)(words << 16);
-            o[g] += s * (v16)(words & 0xffff0000u);
+            e[g] += s * low_of(words);
+            o[g] += s * high_of(words);
         }
     }
 }
