@@ -483,3 +483,34 @@ def test_prefill_with_the_hand_written_attention_gives_the_pytorch_prefill(case,
     for name in ("memory", "compressed", "key_values"):
         for g, w in zip(getattr(got, name), getattr(want, name), strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inputs, outputs", [(1024, 256), (80, 48), (64, 64), (160, 96)])  # blocks of 128, 16, 64, 32
+def test_the_listed_product_gives_the_full_products_outputs_bit_for_bit(dtype, inputs, outputs):
+    """The feed-forward's second product reads only its nonzero inputs' weights, packed by input
+    (`product_listed`): the very floats `product` gives over every input, packed in pairs, for inputs
+    whose sums depend on their order (magnitudes over 10 decades), with zeros of both signs, and
+    for inputs all zero."""
+    lib = native.library()
+    torch.manual_seed(0)
+    matrix = torch.randn(outputs, inputs)
+    stored = matrix.to(dtype).float()  # the weights the step multiplies by
+    magnitudes = torch.exp(4 * torch.randn(4, inputs))
+    x = torch.relu(torch.randn(4, inputs)) * magnitudes
+    x[1, 1::3] = -0.0  # zeros of both signs
+    x[2] = 0.0
+    x[3, : inputs // 2] = 0.0  # no even input nonzero, the odd ones in the upper half only
+    x[3, inputs // 2 :: 2] = 0.0
+    by_pairs, by_input = pack(matrix, dtype), pack(matrix, dtype, down_width(outputs), by_input=True)
+    dims = torch.tensor([inputs, outputs, int(dtype == torch.bfloat16)], dtype=torch.int64)
+    for row in x:
+        full, listed = torch.full((outputs,), float("nan")), torch.full((outputs,), float("nan"))
+        assert lib.still_down_products(dims.data_ptr(), by_pairs.data_ptr(), by_input.data_ptr(), row.data_ptr(),
+                                       full.data_ptr(), listed.data_ptr()) == 0
+        assert torch.equal(listed.view(torch.int32), full.view(torch.int32))
+        exact = stored.double() @ row.double()
+        scale = (stored.double().abs() @ row.double()).clamp_min(1e-30)
+        assert ((listed.double() - exact).abs() <= 1e-5 * scale).all()
+    odd = torch.tensor([inputs + 1, outputs, 0], dtype=torch.int64)
+    assert lib.still_down_products(odd.data_ptr(), *[0] * 5) == 1

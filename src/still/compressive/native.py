@@ -239,6 +239,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.still_prompt_attention.restype = integer
     lib.still_down_width.argtypes = [integer]
     lib.still_down_width.restype = integer
+    lib.still_down_products.argtypes = [pointer] * 6
+    lib.still_down_products.restype = integer
     return lib
 
 

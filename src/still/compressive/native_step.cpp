@@ -1178,12 +1178,41 @@ void prompt_attention_task(const float* q, int64_t q_batch, const float* rows, i
     }
 }
 
+// `product` of x with a matrix packed in pairs of inputs (`pack`) into y_pairs, and `product_listed`
+// of x's nonzero entries (`nonzero`) with the same matrix packed by input in blocks of `down_width`
+// (`pack(..., by_input=True)`) into y_listed: what the step runs on the feed-forward's second matrix
+// and what it stands for, side by side (`still_down_products`, for a test that they agree bit for bit)
+template <class W>
+void down_products(const W* by_pairs, const W* by_input, int in, int out, const float* x, float* y_pairs,
+                   float* y_listed) {
+    product(by_pairs, in, x, 0, out / 16, y_pairs);
+    std::vector<int> list(listed_size(in));
+    int n_even, n_odd;
+    nonzero(x, 0, in, list.data(), in, n_even, n_odd);
+    product_listed(by_input, in, out, list.data(), n_even, odd_list(list.data(), in), n_odd, x, y_listed);
+}
+
 }  // namespace
 
 extern "C" {
 
 // `down_width` for Python's packing of the matrix (`native.down_width`), so that the two agree
 int64_t still_down_width(int64_t out) { return down_width(int(out)); }
+
+// `down_products` (dims: in, out, bf16 0 or 1). Returns 0, or 1 where in is odd or out not a multiple
+// of 16 (nothing then done).
+int64_t still_down_products(const int64_t* dims, const void* by_pairs, const void* by_input, const float* x,
+                            float* y_pairs, float* y_listed) {
+    const int in = int(dims[0]), out = int(dims[1]);
+    if (in % 2 || out % 16) return 1;
+    if (dims[2])
+        down_products(static_cast<const bf16*>(by_pairs), static_cast<const bf16*>(by_input), in, out, x, y_pairs,
+                      y_listed);
+    else
+        down_products(static_cast<const float*>(by_pairs), static_cast<const float*>(by_input), in, out, x, y_pairs,
+                      y_listed);
+    return 0;
+}
 
 // `prompt_attention_task` for every (batch row, segment, head) of a group, on `threads` threads (the
 // caller's and helpers started here). dims: B, S, L, K, H, D, n_rows, q_batch, table_head, table_ld,
