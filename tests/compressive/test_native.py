@@ -1,6 +1,7 @@
 """The hand-written decoding step (native_step.cpp) gives the model's own logits and draws."""
 
 import os
+import platform
 
 import pytest
 import torch
@@ -17,6 +18,33 @@ pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compil
 
 SIZES = {"d_head 16": dict(d_model=32, n_heads=2, d_ff=64), "d_head 32": dict(d_model=64, n_heads=2, d_ff=48),
          "d_head 64": dict(d_model=128, n_heads=2, d_ff=80)}  # (d_ff 48 and 80: blocks of 16 left after fours)
+
+
+# The step as this machine builds it (-march=native), and built for processors without AVX-512: AVX2
+# with FMA (x86-64-v3, as many laptops' processors) and no tuning at all (SSE2 on x86-64), whose
+# code paths (`nonzero`'s and `add_listed`'s) an AVX-512 machine would otherwise never run.
+BUILDS = {"native": None, "x86-64-v3": ("-march=x86-64-v3",), "untuned": ()}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+@pytest.fixture
+def build(request, monkeypatch):
+    """The hand-written step's library, built with `BUILDS[request.param]` (parametrize indirectly)."""
+    tune = BUILDS[request.param]
+    if tune is not None:
+        if tune and (platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "f16c", "movbe"} <= _cpu_flags()):
+            pytest.skip("this processor cannot run x86-64-v3 code")
+        monkeypatch.setattr(native, "TUNE", tune)
+        monkeypatch.setattr(native, "_LIBRARY", [])  # built and loaded anew with these flags
+        assert native.library().still_avx512() == 0
+    return native.library()
 
 
 def _model(case: str, size: str = "d_head 16") -> CompressiveTransformer:
@@ -70,7 +98,8 @@ def test_threads_that_sleep_at_the_barriers_give_the_same_steps(monkeypatch, cas
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("size", SIZES)
-def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size, build):
     """bf16 matrices, keys, values and position tables (in pairs of features), fp32 residual stream:
     the fp32 model's logits to bf16 rounding, and the same on one thread as on two (to 1e-3: the two
     threads sum the products in another order, which can round a stored bf16 key the other way)."""
@@ -89,7 +118,8 @@ def test_native_bf16_step_matches_the_model_to_bf16_rounding(case, size):
             torch.testing.assert_close(two.step(tokens[:, t]), logits, atol=1e-3, rtol=1e-3)
 
 
-def test_a_bf16_step_stores_its_key_and_value_rounded_as_pytorch_rounds():
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_a_bf16_step_stores_its_key_and_value_rounded_as_pytorch_rounds(build):
     """A post-norm model whose first layer's keys and values are its input (the token's embedding):
     the bf16 step stores them in the memory ring's new slot bit for bit as `.to(torch.bfloat16)`
     rounds them, ties to even (halfway values above an odd and above an even bf16, both signs)."""
@@ -116,7 +146,8 @@ def test_a_bf16_step_stores_its_key_and_value_rounded_as_pytorch_rounds():
 @pytest.mark.parametrize("d_model", [48, 128], ids=["blocks of 16", "blocks of 128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_mostly_zero_hidden_units_give_the_models_logits(d_model, dtype, threads):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_mostly_zero_hidden_units_give_the_models_logits(d_model, dtype, threads, build):
     """The feed-forward's second product reads the weights of its nonzero inputs only: with 7 of 8
     hidden units switched off by their bias (zeros after the ReLU, as in trained models) and the
     others zero for some tokens, the logits are still the model's, on one thread and two, with the
@@ -487,12 +518,12 @@ def test_prefill_with_the_hand_written_attention_gives_the_pytorch_prefill(case,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inputs, outputs", [(1024, 256), (80, 48), (64, 64), (160, 96)])  # blocks of 128, 16, 64, 32
-def test_the_listed_product_gives_the_full_products_outputs_bit_for_bit(dtype, inputs, outputs):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_the_listed_product_gives_the_full_products_outputs_bit_for_bit(dtype, inputs, outputs, build):
     """The feed-forward's second product reads only its nonzero inputs' weights, packed by input
     (`product_listed`): the very floats `product` gives over every input, packed in pairs, for inputs
     whose sums depend on their order (magnitudes over 10 decades), with zeros of both signs, and
-    for inputs all zero."""
-    lib = native.library()
+    for inputs all zero; in every build (`BUILDS`)."""
     torch.manual_seed(0)
     matrix = torch.randn(outputs, inputs)
     stored = matrix.to(dtype).float()  # the weights the step multiplies by
@@ -506,11 +537,11 @@ def test_the_listed_product_gives_the_full_products_outputs_bit_for_bit(dtype, i
     dims = torch.tensor([inputs, outputs, int(dtype == torch.bfloat16)], dtype=torch.int64)
     for row in x:
         full, listed = torch.full((outputs,), float("nan")), torch.full((outputs,), float("nan"))
-        assert lib.still_down_products(dims.data_ptr(), by_pairs.data_ptr(), by_input.data_ptr(), row.data_ptr(),
-                                       full.data_ptr(), listed.data_ptr()) == 0
+        assert build.still_down_products(dims.data_ptr(), by_pairs.data_ptr(), by_input.data_ptr(), row.data_ptr(),
+                                         full.data_ptr(), listed.data_ptr()) == 0
         assert torch.equal(listed.view(torch.int32), full.view(torch.int32))
         exact = stored.double() @ row.double()
         scale = (stored.double().abs() @ row.double()).clamp_min(1e-30)
         assert ((listed.double() - exact).abs() <= 1e-5 * scale).all()
     odd = torch.tensor([inputs + 1, outputs, 0], dtype=torch.int64)
-    assert lib.still_down_products(odd.data_ptr(), *[0] * 5) == 1
+    assert build.still_down_products(odd.data_ptr(), *[0] * 5) == 1

@@ -241,6 +241,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.still_down_width.restype = integer
     lib.still_down_products.argtypes = [pointer] * 6
     lib.still_down_products.restype = integer
+    lib.still_avx512.argtypes = []
+    lib.still_avx512.restype = integer
     return lib
 
 

@@ -1199,6 +1199,16 @@ extern "C" {
 // `down_width` for Python's packing of the matrix (`native.down_width`), so that the two agree
 int64_t still_down_width(int64_t out) { return down_width(int(out)); }
 
+// 1 where this build takes the AVX-512 paths (`nonzero`'s and `add_listed`'s), 0 where it takes the
+// portable ones (a test builds those too: tests/compressive/test_native.py, `build`)
+int64_t still_avx512() {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // `down_products` (dims: in, out, bf16 0 or 1). Returns 0, or 1 where in is odd or out not a multiple
 // of 16 (nothing then done).
 int64_t still_down_products(const int64_t* dims, const void* by_pairs, const void* by_input, const float* x,
