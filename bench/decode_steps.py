@@ -13,6 +13,8 @@ are untrained unless `--run` names a `still lm train` run directory, whose train
 instead of the presets: the hand-written step's time depends on the weights, since it reads the
 feed-forward's second matrix only for the hidden units that are not zero (about half of them in an
 untrained model, 81-89% zeros in trained ones at the reference preset; docs/performance.md, session 26).
+`--tune '-march=x86-64-v3'` builds the hand-written step as for a processor without AVX-512 (AVX2 with
+FMA), `--tune ''` untuned (docs/performance.md, session 33).
 """
 
 from __future__ import annotations
@@ -63,8 +65,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--run", help="a `still lm train` run directory: time its trained model instead")
+    parser.add_argument("--tune", help="build the hand-written step with these flags instead of -march=native, "
+                        "as for another processor: '-march=x86-64-v3' (AVX2 with FMA, no AVX-512), '' (untuned); "
+                        "the step compiled ahead of time keeps this machine's instructions")
     args = parser.parse_args()
-    print(f"machine: {_cpu()}, {torch.get_num_threads()} threads, "
+    if args.tune is not None:
+        from still.compressive import native
+
+        native.TUNE = tuple(args.tune.split())
+    tune = "" if args.tune is None else f", hand-written step built with {args.tune!r}"
+    print(f"machine: {_cpu()}{tune}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}; "
           f"torch {torch.__version__}; {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     print(f"{'preset':10s} {'stored':7s} {'hand-written':>14s} {'ahead of time':>14s} {'ratio':>7s}  (µs a token)")

@@ -426,7 +426,8 @@ def test_pack_and_pairs_lay_out_what_the_step_reads():
     by_input = pack(tall, torch.bfloat16, 32, by_input=True)  # (2, 6, 16, 2): block, input, pair of outputs, output
     assert by_input.shape == (2, 6, 16, 2)
     assert by_input[1, 4, 5, 0] == tall[42, 4].bfloat16() and by_input[1, 4, 5, 1] == tall[43, 4].bfloat16()
-    assert [down_width(d) for d in (48, 64, 96, 256, 384)] == [16, 64, 32, 128, 128]
+    widths = [16, 64, 32, 128, 128] if native.library().still_avx512() else [16, 32, 32, 32, 32]  # (sums in registers)
+    assert [down_width(d) for d in (48, 64, 96, 256, 384)] == widths
     blocked = torch.arange(2 * 4 * 16.0).view(2, 4, 16)  # (KB, D, 16)
     assert pairs(blocked).shape == (2, 2, 16, 2) and pairs(blocked)[1, 1, 7, 0] == blocked[1, 2, 7]
 

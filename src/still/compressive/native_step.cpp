@@ -61,6 +61,13 @@
 
 namespace {
 
+typedef uint16_t bf16;  // the top half of a float
+
+// 16 lanes of floats (v16), of 32-bit words (u16) and of masks (i16), and the operations on them the
+// step uses: the same source on every processor.
+#if defined(__AVX512F__)
+// One AVX-512 register each: GCC's vector types as they are.
+constexpr int VECTOR_BYTES = 64;
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
@@ -68,18 +75,160 @@ typedef uint32_t u16 __attribute__((vector_size(64)));
 typedef uint32_t u16a __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 
-typedef uint16_t bf16;  // the top half of a float
-
 // x in every lane (as a vector, not 0 + x: that add, kept for x = -0, made GCC broadcast from a
 // register after a scalar add instead of loading the broadcast, one shuffle a multiply-add in
 // `product_rows_of`)
 inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline u16 load_words(const uint32_t* p) { return *reinterpret_cast<const u16a*>(p); }
 inline v16 load(const bf16* p) {
     u16 wide = __builtin_convertvector(*reinterpret_cast<const h16u*>(p), u16) << 16;
     return (v16)wide;
 }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+// the low halves of 16 words (bf16 there) stored as 16 bf16
+inline void store_halves(bf16* p, u16 x) { *reinterpret_cast<h16u*>(p) = __builtin_convertvector(x, h16u); }
+// a where the mask is set, else b
+template <class V>
+inline V select(i16 mask, V a, V b) { return mask ? a : b; }
+// each lane converted (float <-> int32, rounding toward zero)
+template <class To, class From>
+inline To convert(From x) { return __builtin_convertvector(x, To); }
+#else
+// Narrower registers (AVX2: 32 bytes; SSE or NEON: 16). GCC keeps a generic vector wider than the
+// machine's registers in memory and moves it through the stack lane by lane (the step built for
+// x86-64-v3 ran 4-5x slower than for AVX-512 here, slower than the compiled step), so a vector is
+// an array of register-wide parts, each operation a loop over them (unrolled: the parts stay in
+// registers). Also the build for processors without AVX-512, tested here (tests/compressive/test_native.py).
+#if defined(__AVX__)
+constexpr int VECTOR_BYTES = 32;
+#else
+constexpr int VECTOR_BYTES = 16;
+#endif
+template <class T>
+struct Lanes {
+    static constexpr int W = VECTOR_BYTES / int(sizeof(T)) < 16 ? VECTOR_BYTES / int(sizeof(T)) : 16;  // a part's
+    static constexpr int P = 16 / W;  // parts
+    typedef T Part __attribute__((vector_size(W * sizeof(T))));
+    typedef T Unaligned __attribute__((vector_size(W * sizeof(T)), aligned(alignof(T))));
+    Part p[P];
+
+    Lanes() = default;  // `Lanes x{}`: zeros
+    template <class U>  // the same bits as lanes of another type of the same size: `(v16)words`
+    explicit Lanes(const Lanes<U>& x) {
+        static_assert(sizeof(U) == sizeof(T), "a reinterpretation keeps the lanes' size");
+        for (int i = 0; i < P; ++i) p[i] = (Part)x.p[i];
+    }
+    T operator[](int l) const { return p[l / W][l % W]; }
+    static Lanes load(const T* at) {
+        Lanes x;
+        for (int i = 0; i < P; ++i) x.p[i] = *reinterpret_cast<const Unaligned*>(at + i * W);
+        return x;
+    }
+    void store(T* at) const {
+        for (int i = 0; i < P; ++i) *reinterpret_cast<Unaligned*>(at + i * W) = p[i];
+    }
+#define STILL_LANES_OPERATOR(op)                                                              \
+    friend Lanes operator op(Lanes a, const Lanes& b) {                                       \
+        for (int i = 0; i < P; ++i) a.p[i] = a.p[i] op b.p[i];                                \
+        return a;                                                                             \
+    }                                                                                         \
+    friend Lanes operator op(Lanes a, T b) {                                                  \
+        for (int i = 0; i < P; ++i) a.p[i] = a.p[i] op b;                                     \
+        return a;                                                                             \
+    }                                                                                         \
+    friend Lanes operator op(T a, Lanes b) {                                                  \
+        for (int i = 0; i < P; ++i) b.p[i] = a op b.p[i];                                     \
+        return b;                                                                             \
+    }                                                                                         \
+    Lanes& operator op##=(const Lanes& b) {                                                   \
+        for (int i = 0; i < P; ++i) p[i] = p[i] op b.p[i];                                    \
+        return *this;                                                                         \
+    }
+    STILL_LANES_OPERATOR(+)
+    STILL_LANES_OPERATOR(-)
+    STILL_LANES_OPERATOR(*)
+    STILL_LANES_OPERATOR(/)
+#undef STILL_LANES_OPERATOR
+#define STILL_LANES_BITS(op)                                                                  \
+    friend Lanes operator op(Lanes a, const Lanes& b) {                                       \
+        for (int i = 0; i < P; ++i) a.p[i] = a.p[i] op b.p[i];                                \
+        return a;                                                                             \
+    }                                                                                         \
+    friend Lanes operator op(Lanes a, T b) {                                                  \
+        for (int i = 0; i < P; ++i) a.p[i] = a.p[i] op b;                                     \
+        return a;                                                                             \
+    }
+    STILL_LANES_BITS(&)
+    STILL_LANES_BITS(|)
+    STILL_LANES_BITS(<<)
+    STILL_LANES_BITS(>>)
+#undef STILL_LANES_BITS
+    friend Lanes operator~(Lanes a) {
+        for (int i = 0; i < P; ++i) a.p[i] = ~a.p[i];
+        return a;
+    }
+#define STILL_LANES_COMPARE(op)                                                               \
+    friend Lanes<int32_t> operator op(const Lanes& a, const Lanes& b) {                       \
+        Lanes<int32_t> m;                                                                     \
+        for (int i = 0; i < P; ++i) m.p[i] = a.p[i] op b.p[i];                                \
+        return m;                                                                             \
+    }                                                                                         \
+    friend Lanes<int32_t> operator op(const Lanes& a, T b) {                                  \
+        Lanes<int32_t> m;                                                                     \
+        for (int i = 0; i < P; ++i) m.p[i] = a.p[i] op b;                                     \
+        return m;                                                                             \
+    }
+    STILL_LANES_COMPARE(<)
+    STILL_LANES_COMPARE(>)
+    STILL_LANES_COMPARE(!=)
+#undef STILL_LANES_COMPARE
+};
+typedef Lanes<float> v16;
+typedef Lanes<uint32_t> u16;
+typedef Lanes<int32_t> i16;
+
+template <class Part, int W>  // (a template: only the branch of this width is compiled)
+inline Part broadcast(float x) {
+    static_assert(W == 8 || W == 4, "parts of 8 or 4 floats");
+    if constexpr (W == 8)
+        return Part{x, x, x, x, x, x, x, x};
+    else
+        return Part{x, x, x, x};
+}
+inline v16 splat(float x) {
+    v16 v;
+    for (int i = 0; i < v16::P; ++i) v.p[i] = broadcast<v16::Part, v16::W>(x);
+    return v;
+}
+inline v16 load(const float* p) { return v16::load(p); }
+inline u16 load_words(const uint32_t* p) { return u16::load(p); }
+inline v16 load(const bf16* p) {  // each part's bf16 widened into the top halves of its words
+    typedef uint16_t Half __attribute__((vector_size(u16::W * 2), aligned(2)));
+    u16 wide;
+    for (int i = 0; i < u16::P; ++i)
+        wide.p[i] = __builtin_convertvector(*reinterpret_cast<const Half*>(p + i * u16::W), u16::Part) << 16;
+    return (v16)wide;
+}
+inline void store(float* p, v16 x) { x.store(p); }
+inline void store_halves(bf16* p, u16 x) {
+    typedef uint16_t Half __attribute__((vector_size(u16::W * 2), aligned(2)));
+    for (int i = 0; i < u16::P; ++i)
+        *reinterpret_cast<Half*>(p + i * u16::W) = __builtin_convertvector(x.p[i], Half);
+}
+template <class V>
+inline V select(i16 mask, V a, const V& b) {
+    for (int i = 0; i < V::P; ++i) a.p[i] = mask.p[i] ? a.p[i] : b.p[i];
+    return a;
+}
+template <class To, class From>
+inline To convert(const From& x) {
+    To y;
+    for (int i = 0; i < To::P; ++i) y.p[i] = __builtin_convertvector(x.p[i], typename To::Part);
+    return y;
+}
+#endif
+
 inline float hsum(v16 x) {
     float s = 0.f;
     for (int i = 0; i < 16; ++i) s += x[i];
@@ -91,7 +240,7 @@ inline float hsum(v16 x) {
 inline u16 rounded(v16 x) {
     const u16 bits = (u16)x;
     const u16 r = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
-    return x != x ? u16{} + 0x7fc0 : r;
+    return select(x != x, u16{} + 0x7fc0u, r);
 }
 
 // e^x for x <= 0 (softmax weights), lanes below -87.3 give 0: Cody-Waite reduction and a degree-6
@@ -99,9 +248,9 @@ inline u16 rounded(v16 x) {
 inline v16 exp_neg(v16 x) {
     const v16 low = splat(-87.3f);
     i16 dead = x < low;
-    x = x < low ? low : x;
+    x = select(x < low, low, x);
     v16 n = x * 1.44269504088896341f;
-    n = __builtin_convertvector(__builtin_convertvector(n + (n < 0 ? splat(-0.5f) : splat(0.5f)), i16), v16);
+    n = convert<v16>(convert<i16>(n + select(n < 0.f, splat(-0.5f), splat(0.5f))));
     v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
     v16 p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
@@ -110,7 +259,7 @@ inline v16 exp_neg(v16 x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
-    i16 scale = (__builtin_convertvector(n, i16) + 127) << 23;
+    i16 scale = (convert<i16>(n) + 127) << 23;
     v16 out = p * (v16)scale;
     i16 bits = (i16)out & ~dead;
     return (v16)bits;
@@ -130,8 +279,8 @@ long futex(std::atomic<uint32_t>* addr, int op, uint32_t value) {
 
 inline v16 low_of(u16 words) { return (v16)(words << 16); }  // the low halves' bf16 as floats
 inline v16 high_of(u16 words) { return (v16)(words & 0xffff0000u); }  // the high halves'
-inline v16 low_of(const uint32_t* p) { return low_of(*reinterpret_cast<const u16a*>(p)); }
-inline v16 high_of(const uint32_t* p) { return high_of(*reinterpret_cast<const u16a*>(p)); }
+inline v16 low_of(const uint32_t* p) { return low_of(load_words(p)); }
+inline v16 high_of(const uint32_t* p) { return high_of(load_words(p)); }
 
 // where feature j of slot `slot` lives in a head's keys (or position table): blocks of 16 slots,
 // (KB, D, 16) in fp32, (KB, D / 2, 16, 2) in bf16 (pairs of features, as the bf16 matrices)
@@ -144,7 +293,7 @@ inline size_t key_index(const bf16*, int D, int slot, int j) {
 inline void put_row(float* row, const float* x, int D) { std::memcpy(row, x, D * sizeof(float)); }
 inline void put_row(bf16* row, const float* x, int D) {
     for (int j = 0; j < D; j += 16)
-        *reinterpret_cast<h16u*>(row + j) = __builtin_convertvector(rounded(load(x + j)), h16u);
+        store_halves(row + j, rounded(load(x + j)));
 }
 inline void put_key(float* keys, int D, int slot, const float* x) {
     for (int j = 0; j < D; ++j) keys[key_index(keys, D, slot, j)] = x[j];
@@ -187,12 +336,13 @@ inline void prefetch_pair(const bf16* block, int p, int ahead = PREFETCH_BYTES) 
 
 // y[o] = sum_i x[i] W[o, i] over the inputs [i0, i1) (both even), for the output blocks [b0, b1) of
 // a packed matrix (blocks of in * 16 weights, `pair_at`); y indexed by output row (block * 16 + lane).
-// Four blocks at a time, two accumulators each (the even and the odd inputs).
+// Four blocks at a time (two where registers are narrower than AVX-512's), two accumulators each
+// (the even and the odd inputs).
 template <class W>
 void product(const W* w, int in, int i0, int i1, const float* x, int b0, int b1, float* y) {
     const size_t stride = size_t(in) * 16;
     int b = b0;
-    for (; b + 4 <= b1; b += 4) {
+    for (; b + 4 <= b1 && VECTOR_BYTES == 64; b += 4) {
         const W *p0 = w + b * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
         v16 a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{}, l0, l1, l2, l3, h0, h1, h2, h3;
         for (int p = i0 / 2; p < i1 / 2; ++p) {
@@ -220,6 +370,27 @@ void product(const W* w, int in, int i0, int i1, const float* x, int b0, int b1,
         store(y + b * 16 + 16, a1 + c1);
         store(y + b * 16 + 32, a2 + c2);
         store(y + b * 16 + 48, a3 + c3);
+    }
+    if constexpr (VECTOR_BYTES < 64) {  // narrower registers: two blocks at a time (four spill 16 of AVX2's)
+        for (; b + 2 <= b1; b += 2) {
+            const W *p0 = w + b * stride, *p1 = p0 + stride;
+            v16 a0{}, a1{}, c0{}, c1{}, l0, l1, h0, h1;
+            for (int p = i0 / 2; p < i1 / 2; ++p) {
+                v16 s = splat(x[2 * p]), t = splat(x[2 * p + 1]);
+                if constexpr (sizeof(W) == 2) {
+                    prefetch_pair(p0, p);
+                    prefetch_pair(p1, p);
+                }
+                pair_at(p0, p, l0, h0);
+                pair_at(p1, p, l1, h1);
+                a0 += s * l0;
+                a1 += s * l1;
+                c0 += t * h0;
+                c1 += t * h1;
+            }
+            store(y + b * 16, a0 + c0);
+            store(y + b * 16 + 16, a1 + c1);
+        }
     }
     for (; b < b1; ++b) {
         v16 a{}, c{}, low, high;
@@ -298,7 +469,7 @@ inline void add_listed(const uint32_t* block, int wide, const int* list, int n, 
                 std::memcpy(&words, row, 8 * sizeof(uint32_t));
 #endif
             } else {
-                words = *reinterpret_cast<const u16a*>(row + 16 * g);
+                words = load_words(row + 16 * g);
             }
             e[g] += s * low_of(words);
             o[g] += s * high_of(words);
@@ -330,8 +501,8 @@ void product_listed(const bf16* w, int in, int out, const int* even, int n_even,
 // the blocks' width of the matrix `product_listed` reads (`native.down_width` asks this one through
 // `still_down_width`): the largest of 128, 64, 32 and 16 outputs that divides `out`
 inline int down_width(int out) {
-    for (int wide : {128, 64, 32})
-        if (out % wide == 0) return wide;
+    for (int wide : {128, 64, 32})  // (at most 32 with narrower registers: wider blocks' sums spill)
+        if (out % wide == 0 && (wide <= 32 || VECTOR_BYTES == 64)) return wide;
     return 16;
 }
 
@@ -409,7 +580,8 @@ void product_rows_of(const W* w, int in, const float* x, size_t ldx, int b0, int
 
 template <class W>
 void product_rows(const W* w, int in, const float* x, size_t ldx, int rows, int b0, int b1, float* y, size_t ldy) {
-    for (; rows >= 8; rows -= 8, x += 8 * ldx, y += 8 * ldy) product_rows_of<W, 8>(w, in, x, ldx, b0, b1, y, ldy);
+    constexpr int R = VECTOR_BYTES == 64 ? 8 : 4;  // rows at once (with narrower registers 8 rows' sums spill)
+    for (; rows >= R; rows -= R, x += R * ldx, y += R * ldy) product_rows_of<W, R>(w, in, x, ldx, b0, b1, y, ldy);
     switch (rows) {
         case 7: return product_rows_of<W, 7>(w, in, x, ldx, b0, b1, y, ldy);
         case 6: return product_rows_of<W, 6>(w, in, x, ldx, b0, b1, y, ldy);
@@ -730,12 +902,12 @@ void Engine::attend(int t, int i, int b, int hd, const float* q, const float* ke
         for (; v + 16 <= last; v += 16) {
             v16 x = (load(content + v) + load(by_column + v + shift)) * scale;
             store(score + at + v - first, x);
-            highest = highest > x ? highest : x;
+            highest = select(highest > x, highest, x);
         }
         for (; v < last; ++v) {
             float x = (content[v] + by_column[v + shift]) * scale;
             score[at + v - first] = x;
-            highest = highest > x ? highest : splat(x);
+            highest = select(highest > x, highest, splat(x));
         }
     }
     float top = highest[0];
@@ -1143,7 +1315,7 @@ void prompt_attention_task(const float* q, int64_t q_batch, const float* rows, i
             v16 top = splat(-INFINITY);
             for (int j = 0; j < nb; j += 16) {
                 const v16 x = load(scores + j);
-                top = x > top ? x : top;
+                top = select(x > top, x, top);
             }
             float most = top[0];
             for (int k = 1; k < 16; ++k) most = std::max(most, top[k]);
