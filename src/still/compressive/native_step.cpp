@@ -68,6 +68,7 @@ typedef uint16_t bf16;  // the top half of a float
 #if defined(__AVX512F__)
 // One AVX-512 register each: GCC's vector types as they are.
 constexpr int VECTOR_BYTES = 64;
+#define LANES_INLINE
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t h16u __attribute__((vector_size(32), aligned(2)));
@@ -100,6 +101,7 @@ inline To convert(From x) { return __builtin_convertvector(x, To); }
 // x86-64-v3 ran 4-5x slower than for AVX-512 here, slower than the compiled step), so a vector is
 // an array of register-wide parts, each operation a loop over them (unrolled: the parts stay in
 // registers). Also the build for processors without AVX-512, tested here (tests/compressive/test_native.py).
+#define LANES_INLINE __attribute__((always_inline))  // where a call would pass `Lanes` through memory
 #if defined(__AVX__)
 constexpr int VECTOR_BYTES = 32;
 #else
@@ -245,7 +247,7 @@ inline u16 rounded(v16 x) {
 
 // e^x for x <= 0 (softmax weights), lanes below -87.3 give 0: Cody-Waite reduction and a degree-6
 // polynomial (relative error about 2e-7, as a float's rounding).
-inline v16 exp_neg(v16 x) {
+LANES_INLINE inline v16 exp_neg(v16 x) {
     const v16 low = splat(-87.3f);
     i16 dead = x < low;
     x = select(x < low, low, x);
@@ -580,7 +582,7 @@ void product_rows_of(const W* w, int in, const float* x, size_t ldx, int b0, int
 
 template <class W>
 void product_rows(const W* w, int in, const float* x, size_t ldx, int rows, int b0, int b1, float* y, size_t ldy) {
-    constexpr int R = VECTOR_BYTES == 64 ? 8 : 4;  // rows at once (with narrower registers 8 rows' sums spill)
+    constexpr int R = VECTOR_BYTES == 64 ? 8 : 2;  // rows at once (with narrower registers more rows' sums spill)
     for (; rows >= R; rows -= R, x += R * ldx, y += R * ldy) product_rows_of<W, R>(w, in, x, ldx, b0, b1, y, ldy);
     switch (rows) {
         case 7: return product_rows_of<W, 7>(w, in, x, ldx, b0, b1, y, ldy);
@@ -1208,11 +1210,11 @@ int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, fl
 
 // out[r][c] = sum over e < D of x[r][e] * rows[e * ld + c] for 4 vectors x[r] and the columns
 // [c0, c1) (multiples of 16), out[r] = out + r * ld_out: each weight loaded once for the four, two
-// blocks of 16 columns at a time (eight independent sums)
+// blocks of 16 columns at a time (eight independent sums; one block with registers narrower than AVX-512's)
 template <int D>
 void dot_columns4(const float (*x)[D], const float* rows, size_t ld, int c0, int c1, float* out, size_t ld_out) {
     int c = c0;
-    for (; c + 32 <= c1; c += 32) {
+    for (; c + 32 <= c1 && VECTOR_BYTES == 64; c += 32) {  // (narrower registers: 16 at a time, or the sums spill)
         v16 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
         for (int e = 0; e < D; ++e) {
             const v16 w = load(rows + e * ld + c), z = load(rows + e * ld + c + 16);
