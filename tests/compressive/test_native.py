@@ -63,7 +63,8 @@ def _prompted(model: CompressiveTransformer, tokens: torch.Tensor, prompt_len: i
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_step_matches_the_model_token_by_token(case, size, threads):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_native_step_matches_the_model_token_by_token(case, size, threads, build):
     """fp32: the model's logits to float rounding through 31 steps (several compressions, full rings),
     on one thread and on two (the heads and products split between them)."""
     model = _model(case, size)
@@ -174,7 +175,8 @@ def test_mostly_zero_hidden_units_give_the_models_logits(d_model, dtype, threads
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.7), Sampling(top_k=3),
                                       Sampling(top_p=0.6), Sampling(temperature=1.3, top_k=5, top_p=0.9)],
                          ids=str)
-def test_native_draws_are_next_token_of_its_logits(sampling):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_native_draws_are_next_token_of_its_logits(sampling, build):
     """step_sample draws in the same call what `next_token` draws from the step's logits with the same
     uniform numbers; and with top-k 1 the draw is the argmax."""
     model = _model("conv", "d_head 32")
@@ -343,7 +345,8 @@ def test_generate_compiled_gives_the_tokens_of_the_eager_steps():
 @pytest.mark.parametrize("case", ["conv", "dilated", "max", "mean, post-norm", "compressed only", "a longer ring"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_compressions_computed_together_are_those_computed_one_at_a_time(case, dtype, threads, monkeypatch):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_compressions_computed_together_are_those_computed_one_at_a_time(case, dtype, threads, monkeypatch, build):
     """The compressions of several compressing steps computed at the first of them give the logits,
     keys and values of one compression a step, bit for bit (at most as many as the full ring holds: 1
     to 4 in the small cases, 8 of the ring's 9 in the longer one, so computed twice in 31 steps). A
@@ -440,7 +443,8 @@ def test_native_step_is_the_decoders_step_on_the_cpu():
 @pytest.mark.parametrize("d_head", [16, 32, 48])
 @pytest.mark.parametrize(("b", "length", "padding"), [(1, 5, (7, 0, 3)), (2, 4, (0, 2)), (2, 1, (0,)), (1, 19, (0,))])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_prompt_attention_gives_the_pytorch_attention(d_head, b, length, padding, threads, monkeypatch):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_prompt_attention_gives_the_pytorch_attention(d_head, b, length, padding, threads, monkeypatch, build):
     """`native.prompt_attention`: a group of segments, each over keys of its own gathered from the
     rows by index after its padding, gives `causal_attention` over the gathered keys with that
     padding (several segments a call, a lone segment, one query), one task a thread or shared."""
@@ -488,7 +492,8 @@ def test_prompt_attention_leaves_what_it_cannot_take_to_pytorch():
 
 @pytest.mark.parametrize("case", ["conv", "XL", "mean, post-norm"])
 @pytest.mark.parametrize("start", ["empty", "after segments"])
-def test_prefill_with_the_hand_written_attention_gives_the_pytorch_prefill(case, start, monkeypatch):
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_prefill_with_the_hand_written_attention_gives_the_pytorch_prefill(case, start, monkeypatch, build):
     """`prefill(..., written=True)` (what `generate` runs with `compile`): the same logits and state as
     the PyTorch attention, each group and the last layer's query through the kernel."""
     from still.compressive.prefill import prefill
