@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 
 
@@ -26,4 +28,34 @@ def assert_user_error(capsys, *args: str, contains: str) -> str:
     return err
 
 
-__all__ = ["assert_user_error", "pytest", "run_cli"]
+# The hand-written kernels as this machine builds them (-march=native), and built for processors
+# without AVX-512: AVX2 with FMA (x86-64-v3, as many laptops' processors) and no tuning at all (SSE2
+# on x86-64), whose code paths an AVX-512 machine would otherwise never run (`use_build`).
+BUILDS = {"native": None, "x86-64-v3": ("-march=x86-64-v3",), "untuned": ()}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def use_build(name: str, monkeypatch, *loaded: str) -> None:
+    """Build `still.compressive.native`'s libraries with `BUILDS[name]`'s flags from here on (the
+    test's), forgetting the libraries `loaded` names (its lists of loaded ones) so that they build
+    anew; skips where this processor cannot run them."""
+    from still.compressive import native
+
+    tune = BUILDS[name]
+    if tune is None:
+        return
+    if tune and (platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "f16c", "movbe"} <= _cpu_flags()):
+        pytest.skip("this processor cannot run x86-64-v3 code")
+    monkeypatch.setattr(native, "TUNE", tune)
+    for attribute in loaded:
+        monkeypatch.setattr(native, attribute, [])
+
+
+__all__ = ["BUILDS", "assert_user_error", "pytest", "run_cli", "use_build"]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import BUILDS, use_build
 from still import layers
 from still.layers import LANES, Dropout, dropout
 
@@ -129,17 +130,27 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return bits
 
 
+@pytest.fixture(params=list(BUILDS))
+def kernels(request, monkeypatch):
+    """`native_dropout.cpp` as this machine builds it, and built for x86-64-v3 and untuned, whose
+    portable kernels an AVX-512 machine would otherwise never run (`helpers.BUILDS`)."""
+    from still.compressive import native
+
+    use_build(request.param, monkeypatch, "_DROPOUT")
+    lib = native.dropout_library()
+    if lib is None:
+        pytest.skip("the dropout kernels cannot be built here (no compiler)")
+    assert lib.still_dropout_avx512() in ((0,) if BUILDS[request.param] is not None else (0, 1))
+    return lib
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape,threads", [((3, 100, 37), 1), ((16, 128, 1024), 3)])
-def test_native_dropout_gives_the_pytorch_paths_bits(monkeypatch, dtype, relu, shape, threads):
+def test_native_dropout_gives_the_pytorch_paths_bits(monkeypatch, kernels, dtype, relu, shape, threads):
     """`native_dropout.cpp` (`layers.NATIVE`): dropout, and dropout after a ReLU (`relu_dropout`),
     forward and backward, give the bits the PyTorch path gives from the same draws, at NaN, +-inf,
     +-0 and subnormals too, on one thread or three (in parts), for lengths not multiples of 16."""
-    from still.compressive import native
-
-    if native.dropout_library() is None:
-        pytest.skip("the dropout kernels cannot run here (no compiler or no AVX-512)")
     torch.manual_seed(0)
     x = torch.randn(shape).to(dtype)
     grad = torch.randn(shape).to(dtype)
@@ -177,15 +188,11 @@ def test_relu_dropout_outside_training_is_the_relu():
         layers.relu_dropout(x, 1.5)
 
 
-def test_native_dropout_rounds_bf16_to_nearest_even():
+def test_native_dropout_rounds_bf16_to_nearest_even(kernels):
     """bf16 outputs: round(scale * x) to nearest, ties to even, as PyTorch rounds; called directly
     with every lane kept and scales that put scale * 1 halfway between bf16 neighbours: 1 + 2^-8
     (between 1 and 1 + 2^-7: down, to the even one) and 1 + 3 * 2^-8 (up, to 1 + 2^-6)."""
-    from still.compressive import native
-
-    lib = native.dropout_library()
-    if lib is None:
-        pytest.skip("the dropout kernels cannot run here (no compiler or no AVX-512)")
+    lib = kernels
     x = torch.tensor([1.0, 1.0 + 2**-7, -3.0] * 6, dtype=torch.bfloat16)  # 18: a full block and a tail
     lanes = torch.zeros(18, dtype=torch.int16)
     for scale, tie in ((1 + 2**-8, 1.0), (1 + 3 * 2**-8, 1.0 + 2**-6)):
@@ -197,14 +204,10 @@ def test_native_dropout_rounds_bf16_to_nearest_even():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,threads", [((3, 100, 37), 1), ((16, 128, 512), 3)])
-def test_native_dropout_add_gives_the_pytorch_paths_bits(monkeypatch, dtype, shape, threads):
+def test_native_dropout_add_gives_the_pytorch_paths_bits(monkeypatch, kernels, dtype, shape, threads):
     """`dropout_add(h, x)` (a residual connection: fp32 h, x fp32 or bf16) by `native_dropout.cpp`:
     the sum, h's gradient and x's (the sum's gradient rounded to x's dtype, then the dropout's
     backward) are the bits `h + dropout(x)` gives through PyTorch, on one thread or three."""
-    from still.compressive import native
-
-    if native.dropout_library() is None:
-        pytest.skip("the dropout kernels cannot run here (no compiler or no AVX-512)")
     torch.manual_seed(0)
     h, x, grad = torch.randn(shape), torch.randn(shape).to(dtype), torch.randn(shape)
     x.view(-1)[:8] = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 3.0]).to(dtype)

@@ -12,8 +12,9 @@ probability, so the expectation of every output is its input. On other devices: 
 (Until session 30 the lanes came from the generator itself, a word per four elements, `random_`:
 about 10 ms of a 235 ms bf16 step at the reference preset.)
 
-`relu_dropout`: `dropout(F.relu(x))`; `dropout_add`: `h + dropout(x)`. On CPUs with AVX-512 all
-three run as one pass each way (`native_dropout.cpp`, built once per machine: the lanes made and
+`relu_dropout`: `dropout(F.relu(x))`; `dropout_add`: `h + dropout(x)`. On CPUs (where a C++
+compiler is found) all three run as one pass each way (`native_dropout.cpp`, built once per machine,
+in AVX-512 registers where the processor has them, else in portable code: the lanes made and
 compared, the ReLU, the scaled mask and the add applied together, where PyTorch's path makes the
 lanes, then the mask in three int16 passes, applies it in a fourth, and a ReLU or the add takes a
 pass each way), with PyTorch's arithmetic: the same bits either way.

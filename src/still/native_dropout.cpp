@@ -14,20 +14,21 @@
 // bf16; `threshold_backward` zeroes the gradient where relu(x) <= 0, that is where x <= 0.)
 // fp32 or bf16 (uint16_t, rounded to nearest even, NaN as 0xFFFF: the rounding of PyTorch's
 // vectorised conversion; its scalar one, for a loop's last elements, writes NaN as 0x7FC0), any
-// length. Built with the machine's compiler by `still.compressive.native` and loaded with ctypes;
-// without AVX-512 (F, BW, VL, DQ) in the target, `still_dropout_available` says so and the caller
-// takes the PyTorch path.
+// length. Built with the machine's compiler by `still.compressive.native` and loaded with ctypes:
+// 16 elements at a time in AVX-512 registers where the target has AVX-512 (F, BW, VL, DQ), else in
+// portable C++ with the same arithmetic and bits, 16 elements at a time (what the compiler vectorises
+// of it).
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
-#include <immintrin.h>
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define STILL_DROPOUT 1
+#define STILL_DROPOUT 1  // the AVX-512 kernels; else the portable ones
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -131,6 +132,107 @@ void add_backward(const float* grad, uint64_t seed, int64_t begin, int64_t end, 
     }
 }
 
+#else  // portable: the arithmetic of the AVX-512 kernels above, in the same order (`each`)
+
+inline uint64_t draw(uint64_t seed, int64_t w) {  // SplitMix64's word w (`draws`)
+    uint64_t z = seed + uint64_t(w + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+inline float widen(uint16_t h) {  // a bf16's float
+    const uint32_t bits = uint32_t(h) << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+inline float load(const float* p) { return *p; }
+inline float load(const uint16_t* p) { return widen(*p); }
+inline uint16_t bf16_bits(float v) {  // to nearest, ties to even; NaN as 0xFFFF (`bf16_bits` above)
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    const uint32_t nan = 0u - uint32_t(v != v);  // all ones at a NaN (no branch: the loop vectorises)
+    return uint16_t(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) | nan);
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) { *p = bf16_bits(v); }
+// v where x > 0 or x is NaN (not x <= 0), else +0: `maskz_mov` above, as bits (a `?:` of floats
+// left the loops unvectorised)
+inline float unless_nonpositive(float x, float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    u &= 0u - uint32_t(!(x <= 0.0f));
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+}
+inline float as_stored(const float*, float v) { return v; }
+inline float as_stored(const uint16_t*, float v) { return widen(bf16_bits(v)); }
+
+// f(i, keep) for each element i of [begin, end) (begin a multiple of 16), keep 1.0 where its lane
+// (`draws`: element 4 w + j takes bits 16 j .. of word w) is at least the threshold, else 0.0. Sixteen
+// elements at a time: their four words' lanes side by side in memory (little-endian), then a loop of
+// 16 that the compiler vectorises.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "a word's lanes in memory in order");
+template <class F>
+inline void each(uint64_t seed, int64_t begin, int64_t end, int16_t threshold, const F& f) {
+    for (int64_t i = begin; i < end; i += 16) {
+        uint64_t words[4];
+        for (int q = 0; q < 4; ++q) words[q] = draw(seed, i / 4 + q);
+        int16_t lanes[16];
+        std::memcpy(lanes, words, sizeof lanes);
+        if (end - i >= 16) {
+            for (int j = 0; j < 16; ++j) f(i + j, lanes[j] >= threshold ? 1.0f : 0.0f);
+        } else {
+            for (int j = 0; j < end - i; ++j) f(i + j, lanes[j] >= threshold ? 1.0f : 0.0f);
+        }
+    }
+}
+
+template <class T, bool Relu>
+void forward(const T* x, uint64_t seed, int64_t begin, int64_t end, int16_t threshold, float scale, T* out) {
+    each(seed, begin, end, threshold, [&](int64_t i, float keep) {
+        float v = load(x + i);
+        if constexpr (Relu) v = unless_nonpositive(v, v);  // NaN kept
+        store(out + i, 0.0f + (scale * v) * keep);
+    });
+}
+
+template <class T>
+void backward(const T* grad, uint64_t seed, const T* x, int64_t begin, int64_t end, int16_t threshold,
+              float scale, T* out) {
+    if (x == nullptr) {  // (two loops, each without a branch: they vectorise)
+        each(seed, begin, end, threshold, [&](int64_t i, float keep) {
+            store(out + i, 0.0f + (scale * load(grad + i)) * keep);
+        });
+    } else {
+        each(seed, begin, end, threshold, [&](int64_t i, float keep) {
+            const float g = 0.0f + (scale * load(grad + i)) * keep;
+            store(out + i, unless_nonpositive(load(x + i), g));
+        });
+    }
+}
+
+template <class T>
+void add_forward(const float* h, const T* x, uint64_t seed, int64_t begin, int64_t end, int16_t threshold,
+                 float scale, float* out) {
+    const T* tag = nullptr;
+    each(seed, begin, end, threshold, [&](int64_t i, float keep) {
+        out[i] = h[i] + as_stored(tag, 0.0f + (scale * load(x + i)) * keep);
+    });
+}
+
+template <class T>
+void add_backward(const float* grad, uint64_t seed, int64_t begin, int64_t end, int16_t threshold, float scale,
+                  T* out) {
+    const T* tag = nullptr;
+    each(seed, begin, end, threshold, [&](int64_t i, float keep) {
+        store(out + i, 0.0f + (scale * as_stored(tag, grad[i])) * keep);
+    });
+}
+
+#endif  // STILL_DROPOUT
+
 // run(begin, end) over [0, n) in `threads` parts of whole 16-element blocks, part 0 on this thread
 template <class Run>
 void split(int64_t n, int64_t threads, const Run& run) {
@@ -155,29 +257,26 @@ void over(int64_t n, int64_t threads, int64_t bf16, const Run& run) {
     });
 }
 
-#endif  // STILL_DROPOUT
 
 }  // namespace
 
 extern "C" {
 
-// 0 where this build can run here; 1: not compiled for AVX-512 (F, BW, VL, DQ)
-int64_t still_dropout_available() {
+// 1 where this build runs the AVX-512 kernels, 0 where the portable ones (a test builds both)
+int64_t still_dropout_avx512() {
 #ifdef STILL_DROPOUT
-    return 0;
-#else
     return 1;
+#else
+    return 0;
 #endif
 }
 
 // The entry points below: n elements of fp32 (bf16 = 0) or bf16 (bf16 = 1), the lanes of `seed`
-// (`draws`), lanes >= threshold kept, the kept elements scaled by `scale`; 0 on success, nonzero
-// (nothing written) where this build cannot.
+// (`draws`), lanes >= threshold kept, the kept elements scaled by `scale`; they return 0.
 
 // out = dropout(relu(x)) where relu, else dropout(x)
 int64_t still_dropout(const void* x, int64_t seed, int64_t n, int64_t threshold, float scale, int64_t relu,
                       int64_t bf16, void* out, int64_t threads) {
-#ifdef STILL_DROPOUT
     const auto t = int16_t(threshold);
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
@@ -186,45 +285,38 @@ int64_t still_dropout(const void* x, int64_t seed, int64_t n, int64_t threshold,
         else
             forward<T, false>(static_cast<const T*>(x), uint64_t(seed), begin, end, t, scale, static_cast<T*>(out));
     });
-#endif
-    return still_dropout_available();
+    return 0;
 }
 
 // its gradient from the output's, grad; x: the ReLU's input where there was one, else null
 int64_t still_dropout_backward(const void* grad, int64_t seed, const void* x, int64_t n, int64_t threshold,
                                float scale, int64_t bf16, void* out, int64_t threads) {
-#ifdef STILL_DROPOUT
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         backward<T>(static_cast<const T*>(grad), uint64_t(seed), static_cast<const T*>(x), begin, end, int16_t(threshold), scale,
                     static_cast<T*>(out));
     });
-#endif
-    return still_dropout_available();
+    return 0;
 }
 
 // out = h + dropout(x), h and out fp32 (x fp32 or bf16)
 int64_t still_dropout_add(const float* h, const void* x, int64_t seed, int64_t n, int64_t threshold,
                           float scale, int64_t bf16, float* out, int64_t threads) {
-#ifdef STILL_DROPOUT
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         add_forward<T>(h, static_cast<const T*>(x), uint64_t(seed), begin, end, int16_t(threshold), scale, out);
     });
-#endif
-    return still_dropout_available();
+    return 0;
 }
 
 // x's gradient (in x's dtype) from the sum's, grad (fp32); h's is grad itself
 int64_t still_dropout_add_backward(const float* grad, int64_t seed, int64_t n, int64_t threshold, float scale,
                                    int64_t bf16, void* out, int64_t threads) {
-#ifdef STILL_DROPOUT
     over(n, threads, bf16, [&](int64_t begin, int64_t end, auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         add_backward<T>(grad, uint64_t(seed), begin, end, int16_t(threshold), scale, static_cast<T*>(out));
     });
-#endif
-    return still_dropout_available();
+    return 0;
 }
 
 }  // extern "C"

@@ -1,12 +1,12 @@
 """The hand-written decoding step (native_step.cpp) gives the model's own logits and draws."""
 
 import os
-import platform
 
 import pytest
 import torch
 from test_decode import CASES  # the same configurations as the eager and compiled steps
 
+from helpers import BUILDS, use_build
 from still.compressive import native
 from still.compressive.decode import Decoder
 from still.compressive.generate import generate
@@ -20,29 +20,13 @@ SIZES = {"d_head 16": dict(d_model=32, n_heads=2, d_ff=64), "d_head 32": dict(d_
          "d_head 64": dict(d_model=128, n_heads=2, d_ff=80)}  # (d_ff 48 and 80: blocks of 16 left after fours)
 
 
-# The step as this machine builds it (-march=native), and built for processors without AVX-512: AVX2
-# with FMA (x86-64-v3, as many laptops' processors) and no tuning at all (SSE2 on x86-64), whose
-# code paths (`nonzero`'s and `add_listed`'s) an AVX-512 machine would otherwise never run.
-BUILDS = {"native": None, "x86-64-v3": ("-march=x86-64-v3",), "untuned": ()}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return set()
-
-
 @pytest.fixture
 def build(request, monkeypatch):
-    """The hand-written step's library, built with `BUILDS[request.param]` (parametrize indirectly)."""
-    tune = BUILDS[request.param]
-    if tune is not None:
-        if tune and (platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "f16c", "movbe"} <= _cpu_flags()):
-            pytest.skip("this processor cannot run x86-64-v3 code")
-        monkeypatch.setattr(native, "TUNE", tune)
-        monkeypatch.setattr(native, "_LIBRARY", [])  # built and loaded anew with these flags
+    """The hand-written step's library, built with `BUILDS[request.param]` (parametrize indirectly):
+    the portable builds take the paths an AVX-512 build does not (`nonzero`'s, `add_listed`'s, and
+    the 16 lanes in parts: `Lanes`)."""
+    use_build(request.param, monkeypatch, "_LIBRARY")
+    if BUILDS[request.param] is not None:
         assert native.library().still_avx512() == 0
     return native.library()
 

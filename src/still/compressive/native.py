@@ -136,20 +136,19 @@ def attention_fp32_library() -> ctypes.CDLL | None:
 def dropout_library() -> ctypes.CDLL | None:
     """`still.layers.dropout`'s kernels (`native_dropout.cpp`: dropout, after a ReLU or before a
     residual add, in one pass each way), built at the first call of the process where not cached;
-    None, with the reason said once, where they cannot run here (then the PyTorch path, the same
-    bits)."""
+    None, with the reason said once, where they cannot be built (then the PyTorch path, the same
+    bits). AVX-512 kernels where the compiler's target has AVX-512, else portable ones
+    (`still_dropout_avx512` says which)."""
     with _DROPOUT_LOCK:
         if not _DROPOUT:
             lib, reason = None, None
             try:
                 lib = ctypes.CDLL(str(_build(DROPOUT_SOURCE, "dropout kernels")))
                 p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-                _declare(lib, still_dropout_available=[], still_dropout=[p, i, i, i, f, i, i, p, i],
+                _declare(lib, still_dropout_avx512=[], still_dropout=[p, i, i, i, f, i, i, p, i],
                          still_dropout_backward=[p, i, p, i, i, f, i, p, i],
                          still_dropout_add=[p, p, i, i, i, f, i, p, i],
                          still_dropout_add_backward=[p, i, i, i, f, i, p, i])
-                if lib.still_dropout_available() != 0:
-                    lib, reason = None, "no AVX-512 in the compiler's target for this processor"
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 lib, reason = None, str(error)
             if reason is not None:
