@@ -44,7 +44,9 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)  // (elsewhere, as on ARM, the kernels say they cannot run)
 #include <immintrin.h>
+#endif
 #include <sys/syscall.h>
 #include <unistd.h>
 
