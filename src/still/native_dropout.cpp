@@ -16,8 +16,7 @@
 // vectorised conversion; its scalar one, for a loop's last elements, writes NaN as 0x7FC0), any
 // length. Built with the machine's compiler by `still.compressive.native` and loaded with ctypes:
 // 16 elements at a time in AVX-512 registers where the target has AVX-512 (F, BW, VL, DQ), else in
-// portable C++ with the same arithmetic and bits, 16 elements at a time (what the compiler vectorises
-// of it).
+// portable C++ with the same arithmetic and bits, in loops of 16 elements the compiler vectorises.
 
 #include <algorithm>
 #include <cstdint>
