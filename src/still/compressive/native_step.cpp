@@ -203,20 +203,19 @@ inline v16 splat(float x) {
     for (int i = 0; i < v16::P; ++i) v.p[i] = broadcast<v16::Part, v16::W>(x);
     return v;
 }
+typedef uint16_t h16u __attribute__((vector_size(u16::W * 2), aligned(2)));  // a u16 part's bf16
 inline v16 load(const float* p) { return v16::load(p); }
 inline u16 load_words(const uint32_t* p) { return u16::load(p); }
 inline v16 load(const bf16* p) {  // each part's bf16 widened into the top halves of its words
-    typedef uint16_t Half __attribute__((vector_size(u16::W * 2), aligned(2)));
     u16 wide;
     for (int i = 0; i < u16::P; ++i)
-        wide.p[i] = __builtin_convertvector(*reinterpret_cast<const Half*>(p + i * u16::W), u16::Part) << 16;
+        wide.p[i] = __builtin_convertvector(*reinterpret_cast<const h16u*>(p + i * u16::W), u16::Part) << 16;
     return (v16)wide;
 }
 inline void store(float* p, v16 x) { x.store(p); }
 inline void store_halves(bf16* p, u16 x) {
-    typedef uint16_t Half __attribute__((vector_size(u16::W * 2), aligned(2)));
     for (int i = 0; i < u16::P; ++i)
-        *reinterpret_cast<Half*>(p + i * u16::W) = __builtin_convertvector(x.p[i], Half);
+        *reinterpret_cast<h16u*>(p + i * u16::W) = __builtin_convertvector(x.p[i], h16u);
 }
 template <class V>
 inline V select(i16 mask, V a, const V& b) {
