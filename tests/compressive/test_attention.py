@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from helpers import BUILDS, use_build
 from still.compressive.attention import (
     RelativeMultiHeadAttention,
     causal_bias,
@@ -896,13 +897,27 @@ def _fp32_kernel_or_skip():
     from still.compressive import native
 
     if native.attention_fp32_library() is None:
-        pytest.skip("the fp32 attention kernel cannot run here (no compiler or no AVX-512)")
+        pytest.skip("the fp32 attention kernel cannot run here (no compiler, or neither AVX-512 nor FMA)")
+
+
+@pytest.fixture
+def fp32_build(request, monkeypatch):
+    """`native_attention.cpp` built with `BUILDS[request.param]` (parametrize indirectly): built for
+    x86-64-v3, its fp32 kernels take the portable code (16 lanes in AVX2 parts) that an AVX-512
+    machine would otherwise never run."""
+    use_build(request.param, monkeypatch, "_ATTENTION")
+    _fp32_kernel_or_skip()
+
+
+FP32_BUILDS = [name for name in BUILDS if name != "untuned"]  # (untuned: no fused multiply-adds, no kernel)
 
 
 @pytest.mark.parametrize("h,b,l,k_len,d,mask", [(2, 3, 32, 96, 32, "causal"), (1, 2, 16, 16, 16, "bias"),
                                                  (3, 2, 48, 80, 48, "slots"), (4, 8, 128, 384, 64, "causal")])
 @pytest.mark.parametrize("outputs", [True, False])
-def test_native_fp32_attention_is_the_exact_one_to_fp32_rounding(monkeypatch, h, b, l, k_len, d, mask, outputs):
+@pytest.mark.parametrize("fp32_build", FP32_BUILDS, indirect=True)
+def test_native_fp32_attention_is_the_exact_one_to_fp32_rounding(monkeypatch, fp32_build, h, b, l, k_len, d, mask,
+                                                                  outputs):
     """`NATIVE_FP32`: the fp32 kernels' weights (or their product with the values, `_AttentionOutputs`)
     and every gradient (from the output's gradient, or from the weights', `_AttentionWeights`) lie as
     near the float64 computation from the same operands as PyTorch's fp32 path does; masked weights
@@ -911,7 +926,6 @@ def test_native_fp32_attention_is_the_exact_one_to_fp32_rounding(monkeypatch, h,
     from still.compressive import attention as module
     from still.compressive.attention import _AttentionOutputs, _AttentionWeights, mask_bias
 
-    _fp32_kernel_or_skip()
     torch.manual_seed(0)
     operands = [0.5 * torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), torch.randn(h * b, k_len, d),
                 0.5 * torch.randn(h, b * l, d), torch.randn(h, k_len, d)]  # q_content, k, v, q_position, r
@@ -950,12 +964,12 @@ def test_native_fp32_attention_is_the_exact_one_to_fp32_rounding(monkeypatch, h,
         assert torch.equal(got, again)
 
 
-def test_native_fp32_training_step_is_pytorchs():
+@pytest.mark.parametrize("fp32_build", FP32_BUILDS, indirect=True)
+def test_native_fp32_training_step_is_pytorchs(fp32_build):
     """A whole fp32 training step of the model (memories, the compressed memory, the reconstruction
     loss) gives every parameter the gradient PyTorch's fp32 attention gives it, to fp32 rounding."""
     from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module
 
-    _fp32_kernel_or_skip()
     torch.manual_seed(0)
     net = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=64, n_layers=2, n_heads=2, d_ff=64,
                                                    mem_len=32, c_mem_len=32, compression_rate=2, dropout=0.0)).train()
@@ -979,6 +993,77 @@ def test_native_fp32_training_step_is_pytorchs():
     assert kernel.keys() == plain.keys() and len(kernel) > 10
     for name, want in plain.items():
         torch.testing.assert_close(kernel[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("h,b,l,k_len,d,mask,scale", [
+    (2, 3, 32, 96, 32, "causal", 1.0), (1, 2, 16, 16, 16, "bias", 1.0), (3, 2, 48, 80, 48, "slots", 1.0),
+    (2, 2, 32, 64, 16, "slots", 12.0)])
+@pytest.mark.parametrize("outputs", [True, False])
+def test_native_fp32_attention_has_the_same_bits_in_every_build(monkeypatch, h, b, l, k_len, d, mask, scale, outputs):
+    """The fp32 kernels built for x86-64-v3 (16 lanes in AVX2 parts, tails lane by lane) give the
+    weights, the outputs and every gradient the bits of this machine's build (AVX-512 where it has
+    it): the same fused multiply-adds in the same order, the same exponential, GCC's order of
+    `_mm512_reduce_add_ps`. At `scale` 12 many scores lie more than 87 below their row's largest
+    (exactly 0 in both), and the rows' sums and maxima come from few lanes."""
+    from still.compressive import attention as module, native
+    from still.compressive.attention import _AttentionOutputs, _AttentionWeights, mask_bias
+
+    _fp32_kernel_or_skip()
+    torch.manual_seed(1)
+    operands = [scale * torch.randn(h * b, l, d), torch.randn(h * b, k_len, d), torch.randn(h * b, k_len, d),
+                scale * torch.randn(h, b * l, d), torch.randn(h, k_len, d)]  # q_content, k, v, q_position, r
+    bias = causal_mask_bias(l, k_len, torch.device("cpu"), torch.float32) if mask == "causal" else mask_bias(
+        _allowed(b, l, k_len, mask == "slots"), torch.float32)
+    grad = torch.randn(h * b, l, d) if outputs else torch.randn(h * b, l, k_len)
+    monkeypatch.setattr(module, "NATIVE_FP32", True)
+    calls = []
+
+    def spied(original):
+        def spy(*args, **kwargs):
+            calls.append(original(*args, **kwargs))
+            return calls[-1]
+
+        return spy
+
+    for name in ("_native_weights", "_native_grads"):
+        monkeypatch.setattr(module, name, spied(getattr(module, name)))
+
+    def run(threads: int) -> list[torch.Tensor]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            qc, k, v, qp, r = (t.clone().requires_grad_() for t in operands)
+            result = (_AttentionOutputs.apply(qc, k, v, qp, r, bias) if outputs
+                      else _AttentionWeights.apply(qc, k, qp, r, bias))
+            result.backward(grad)
+            return [result.detach()] + [t.grad for t in (qc, k, v, qp, r) if t.grad is not None]
+        finally:
+            torch.set_num_threads(before)
+
+    here = run(2)
+    use_build("x86-64-v3", monkeypatch, "_ATTENTION")
+    assert native.attention_fp32_library() is not None and native.attention_library() is None  # (no AVX-512 bf16)
+    portable = run(1)
+    assert len(calls) == 4 and all(call is not None for call in calls)  # both runs took the kernels
+    if scale > 1 and not outputs:
+        assert (here[0] == 0).float().mean() > 0.6  # mostly masked or below e^-87
+    for got, want in zip(portable, here):
+        assert got.shape == want.shape and torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_fp32_attention_without_fused_multiply_adds_takes_pytorchs_path(monkeypatch):
+    """Built without FMA (untuned x86-64: SSE2), the library says its fp32 kernels cannot run, and fp32
+    attention takes PyTorch's path, as it does without a compiler."""
+    from still.compressive import attention as module, native
+
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler")
+    use_build("untuned", monkeypatch, "_ATTENTION")
+    monkeypatch.setattr(module, "NATIVE_FP32", True)
+    if native.attention_fp32_library() is not None:
+        pytest.skip("this compiler's default target has fused multiply-adds")
+    operands = (torch.randn(2, 16, 16), torch.randn(2, 32, 16), torch.randn(1, 32, 16), torch.randn(1, 32, 16))
+    assert module._native_weights(*operands, causal_mask_bias(16, 32, torch.device("cpu"), torch.float32)) is None
 
 
 def test_kernels_off_lets_the_flop_counter_see_every_product():

@@ -338,7 +338,7 @@ def _weights_forward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch
     r = r.to(q_content.dtype)  # (H, K, D)
     h, k_len = r.shape[0], r.shape[1]
     native = _native_weights(q_content, k, q_position, r, bias, v) if NATIVE_SCORES else None
-    if native is not None:  # bf16 on a CPU with AVX-512 bf16 (the scores in fp32), or fp32 with AVX-512: one pass
+    if native is not None:  # bf16 on a CPU with AVX-512 bf16 (the scores in fp32), or fp32 with FMA: one pass
         return native[0], r, native[1]
     fp32_scores = FP32_POSITION_SCORES and q_content.dtype != torch.float32
     if q_content.dtype == torch.bfloat16:
@@ -405,14 +405,14 @@ def _scores_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
 
 
 NATIVE_FP32 = True
-"""fp32 training on a CPU with AVX-512: the attention's
-forward and backward from `native_attention.cpp`'s fp32 kernels (`still_attention_weights_fp32`,
-`still_attention_grads_fp32`), the same passes as the bf16 kernel's with every product on AVX-512's
-multiply-adds in register blocks: 16 query rows' scores, softmax and product with the values while
-they are in the core's cache, the backward's five products from the scores' gradient of one
-(head, row) group kept in L2, and the terms the causal mask makes zero skipped. Where it cannot run
-(no compiler or AVX-512, lengths or head dim not multiples of 16), PyTorch's products. Under
-`NATIVE_SCORES` (off inside `kernels_off`). Tests compare the two."""
+"""fp32 training on a CPU with fused multiply-adds (AVX-512, AVX2, ARM's NEON): the attention's forward
+and backward from `native_attention.cpp`'s fp32 kernels (`still_attention_weights_fp32`,
+`still_attention_grads_fp32`), the same passes as the bf16 kernel's with every product on fused
+multiply-adds in register blocks (the same bits with or without AVX-512): 16 query rows' scores,
+softmax and product with the values while they are in the core's cache, the backward's five products
+from the scores' gradient of one (head, row) group kept in L2, and the terms the causal mask makes
+zero skipped. Where it cannot run (no compiler or FMA, lengths or head dim not multiples of 16),
+PyTorch's products. Under `NATIVE_SCORES` (off inside `kernels_off`). Tests compare the two."""
 
 NATIVE_GRADS = True
 """Where `NATIVE_SCORES` runs the backward's first pass, and the lengths and head dim are multiples

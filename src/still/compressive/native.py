@@ -127,8 +127,8 @@ def allow_tiles(allow: bool) -> str | None:
 
 def attention_fp32_library() -> ctypes.CDLL | None:
     """The same library where its fp32 training attention (`still_attention_weights_fp32` and
-    `still_attention_grads_fp32`, AVX-512) can run here; else None (fp32 training then takes
-    PyTorch's products)."""
+    `still_attention_grads_fp32`: AVX-512, or AVX2 and ARM's NEON with FMA) can run here; else None
+    (fp32 training then takes PyTorch's products)."""
     attention_library()
     return _ATTENTION[2]
 

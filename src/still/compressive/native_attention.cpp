@@ -16,13 +16,14 @@
 // And the attention-reconstruction loss's content-only attention (`still_content_attention`: both
 // products as above, the scores and the softmax in fp32, where PyTorch makes three bf16 passes and
 // rounds the scores) and its squared error (`still_squared_error` and its gradient, one pass each).
-// fp32 training takes the same passes on AVX-512's multiply-adds (`still_attention_weights_fp32`,
+// fp32 training takes the same passes on fused multiply-adds (`still_attention_weights_fp32`,
 // `still_attention_grads_fp32`: register-blocked products, no AMX), where PyTorch's fp32 path makes
-// five passes over the (G, L, K) scores forward and four backward around its products.
+// five passes over the (G, L, K) scores forward and four backward around its products: on AVX-512,
+// else on narrower registers with FMA (AVX2, ARM's NEON), with the same bits.
 //
 // Built with the machine's compiler (`-O3 -march=native`) by `still.compressive.native` and loaded
 // with ctypes. Without AVX-512 bf16 in the compiler's target, `still_attention_weights` returns
-// nonzero and the caller takes the PyTorch path (without AVX-512, the fp32 kernels likewise).
+// nonzero and the caller takes the PyTorch path (without FMA, the fp32 kernels likewise).
 //
 // Layouts (bf16 as uint16_t, row-major, contiguous), g = h * B + b:
 //   q_content (G, L, D), k (G, K, D): the content queries (with u and the scale) and the keys;
@@ -44,14 +45,19 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)  // (elsewhere, as on ARM, the kernels say they cannot run)
+#if defined(__x86_64__) || defined(__i386__)  // (elsewhere, as on ARM, the bf16 kernels say they cannot run)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #if defined(__AVX512F__)
 #define STILL_AVX512 1
+#endif
+#if defined(STILL_AVX512) || (defined(__FMA__) && defined(__AVX__)) || defined(__aarch64__)
+#define STILL_FP32 1  // the fp32 kernels: on AVX-512, else on narrower registers with fused multiply-adds
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define STILL_BF16 1  // the bf16 kernels, their products on AVX-512 bf16's dot products ...
@@ -62,9 +68,35 @@
 
 namespace {
 
+// ---- 16 fp32 lanes (`F16`) and what the softmax rows and the fp32 products do with them: one
+// AVX-512 register and its intrinsics, or without AVX-512 (AVX2 with FMA, ARM's NEON) registers'
+// worth of parts with the same arithmetic lane by lane: fused multiply-adds, rounding to nearest even,
+// GCC's order of `_mm512_reduce_add_ps`; so both builds give the same bits (the tests compare them).
+// A `Mask` (`lanes(n)`) holds the first min(n, 16) lanes; masked loads read zeros in the others.
+
 #ifdef STILL_AVX512
 
-inline __m512 exp_nonpositive(__m512 x) {  // e^x for x <= 0; exactly 0 below -87 (and at -inf)
+typedef __m512 F16;
+typedef __mmask16 Mask;
+
+inline Mask lanes(int64_t left) {  // the first min(left, 16) lanes (none where left <= 0)
+    return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+inline F16 zeros() { return _mm512_setzero_ps(); }
+inline F16 splat(float x) { return _mm512_set1_ps(x); }
+inline F16 load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, F16 x) { _mm512_storeu_ps(p, x); }
+inline F16 add(F16 a, F16 b) { return _mm512_add_ps(a, b); }
+inline F16 sub(F16 a, F16 b) { return _mm512_sub_ps(a, b); }
+inline F16 mul(F16 a, F16 b) { return _mm512_mul_ps(a, b); }
+inline F16 fmadd(F16 a, F16 b, F16 c) { return _mm512_fmadd_ps(a, b, c); }
+inline F16 max_where(F16 a, Mask m, F16 b) { return _mm512_mask_max_ps(a, m, a, b); }  // m: a > b ? a : b; else a
+inline F16 add_where(F16 a, Mask m, F16 b) { return _mm512_mask_add_ps(a, m, a, b); }  // m: a + b; else a
+inline F16 mul_where(Mask m, F16 a, F16 b) { return _mm512_maskz_mul_ps(m, a, b); }    // m: a b; else 0
+inline float reduce_add(F16 x) { return _mm512_reduce_add_ps(x); }
+inline float reduce_max(F16 x) { return _mm512_reduce_max_ps(x); }
+
+inline F16 exp_nonpositive(F16 x) {  // e^x for x <= 0; exactly 0 below -87 (and at -inf)
     const __m512 low = _mm512_set1_ps(-87.0f);
     const __mmask16 under = _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ);
     x = _mm512_max_ps(x, low);
@@ -82,10 +114,6 @@ inline __m512 exp_nonpositive(__m512 x) {  // e^x for x <= 0; exactly 0 below -8
     return _mm512_maskz_scalef_ps(__mmask16(~under), p, n);
 }
 
-inline __mmask16 lanes(int64_t left) {  // the first min(left, 16) lanes (none where left <= 0)
-    return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-}
-
 // rows of bf16 (uint16_t) or fp32 values as fp32, and back: the lanes of m (the others zero; not stored)
 inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); }
 inline __m512 load_row(const uint16_t* g, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, g)); }
@@ -97,39 +125,191 @@ inline void store_row(uint16_t* out, __mmask16 m, __m512 x) {  // rounded to nea
 }
 #endif
 
+// src (rows, cols) row-major -> dst (cols, rows); rows a multiple of 16
+void transpose_fp32(const float* src, int64_t rows, int64_t cols, float* dst) {
+    const __m512i index = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(cols)));
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t c = 0; c < cols; ++c)
+            _mm512_storeu_ps(dst + c * rows + r0, _mm512_i32gather_ps(index, src + r0 * cols + c, 4));
+}
+
+#elif defined(STILL_FP32)
+
+#if defined(__aarch64__)
+constexpr int PART = 4;  // floats a register: NEON's 16 bytes
+typedef float32x4_t Native;
+#else
+constexpr int PART = 8;  // AVX's 32 bytes (FMA comes with AVX2)
+typedef __m256 Native;
+#endif
+constexpr int PARTS = 16 / PART;
+typedef float Part __attribute__((vector_size(4 * PART)));
+typedef float PartU __attribute__((vector_size(4 * PART), aligned(4)));
+
+struct F16 {
+    Part p[PARTS];
+    float operator[](int l) const { return p[l / PART][l % PART]; }
+    void set(int l, float x) { p[l / PART][l % PART] = x; }
+};
+struct Mask {
+    int64_t n;  // the first n lanes
+};
+inline Mask lanes(int64_t left) { return Mask{std::clamp<int64_t>(left, 0, 16)}; }
+inline Mask operator&(Mask a, Mask b) { return Mask{std::min(a.n, b.n)}; }
+
+// op on each part of a and b
+template <class Op>
+inline F16 lanewise(F16 a, const F16& b, const Op& op) {
+    for (int i = 0; i < PARTS; ++i) a.p[i] = op(a.p[i], b.p[i]);
+    return a;
+}
+// op on the lanes of m, a's lanes elsewhere (op takes parts and floats alike)
+template <class Op>
+inline F16 where(F16 a, Mask m, const F16& b, const Op& op) {
+    if (m.n == 16) return lanewise(a, b, op);
+    for (int l = 0; l < m.n; ++l) a.set(l, op(a[l], b[l]));
+    return a;
+}
+inline Part part(float x) {  // x in every lane (a broadcast; set lane by lane, GCC built it from inserts)
+#if defined(__aarch64__)
+    return Part{x, x, x, x};
+#else
+    return Part{x, x, x, x, x, x, x, x};
+#endif
+}
+inline Part fused(Part a, Part b, Part c) {  // a b + c, rounded once (not left to the compiler's contraction)
+#if defined(__aarch64__)
+    return (Part)vfmaq_f32((Native)c, (Native)a, (Native)b);
+#else
+    return (Part)_mm256_fmadd_ps((Native)a, (Native)b, (Native)c);
+#endif
+}
+inline Part nearest_even(Part x) {  // as `_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT)`
+#if defined(__aarch64__)
+    return (Part)vrndnq_f32((Native)x);
+#else
+    return (Part)_mm256_round_ps((Native)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+}
+
+inline F16 zeros() { return F16{}; }
+inline F16 splat(float x) {
+    F16 v;
+    for (int i = 0; i < PARTS; ++i) v.p[i] = part(x);
+    return v;
+}
+inline F16 load(const float* p) {
+    F16 v;
+    for (int i = 0; i < PARTS; ++i) v.p[i] = *reinterpret_cast<const PartU*>(p + i * PART);
+    return v;
+}
+inline void store(float* p, const F16& x) {
+    for (int i = 0; i < PARTS; ++i) *reinterpret_cast<PartU*>(p + i * PART) = x.p[i];
+}
+inline F16 add(F16 a, const F16& b) { return lanewise(a, b, [](auto x, auto y) { return x + y; }); }
+inline F16 sub(F16 a, const F16& b) { return lanewise(a, b, [](auto x, auto y) { return x - y; }); }
+inline F16 mul(F16 a, const F16& b) { return lanewise(a, b, [](auto x, auto y) { return x * y; }); }
+inline F16 fmadd(F16 a, const F16& b, const F16& c) {
+    for (int i = 0; i < PARTS; ++i) a.p[i] = fused(a.p[i], b.p[i], c.p[i]);
+    return a;
+}
+inline F16 max_where(F16 a, Mask m, const F16& b) { return where(a, m, b, [](auto x, auto y) { return x > y ? x : y; }); }
+inline F16 add_where(F16 a, Mask m, const F16& b) { return where(a, m, b, [](auto x, auto y) { return x + y; }); }
+inline F16 mul_where(Mask m, const F16& a, const F16& b) {
+    if (m.n == 16) return mul(a, b);
+    F16 v{};
+    for (int l = 0; l < m.n; ++l) v.set(l, a[l] * b[l]);
+    return v;
+}
+// GCC's `_mm512_reduce_add_ps` and `_mm512_reduce_max_ps` (`_mm512_max_ps(a, b)`: a > b ? a : b): halves,
+// quarters, then pairs
+template <class Op>
+inline float reduce(const F16& x, const Op& op) {
+    float half[8], quarter[4];
+    for (int l = 0; l < 8; ++l) half[l] = op(x[8 + l], x[l]);
+    for (int l = 0; l < 4; ++l) quarter[l] = op(half[4 + l], half[l]);
+    return op(op(quarter[0], quarter[2]), op(quarter[1], quarter[3]));
+}
+inline float reduce_add(const F16& x) { return reduce(x, [](float a, float b) { return a + b; }); }
+inline float reduce_max(const F16& x) { return reduce(x, [](float a, float b) { return a > b ? a : b; }); }
+
+inline F16 exp_nonpositive(F16 x) {  // the AVX-512 version's arithmetic (above), a part at a time
+    for (int i = 0; i < PARTS; ++i) {
+        const Part low = part(-87.0f);
+        const auto under = x.p[i] < low;
+        const Part v = x.p[i] > low ? x.p[i] : low;
+        const Part n = nearest_even(v * 1.44269504088896341f);
+        Part r = fused(-n, part(0.693359375f), v);
+        r = fused(-n, part(-2.12194440e-4f), r);
+        Part p = part(1.0f / 720);
+        p = fused(p, r, part(1.0f / 120));
+        p = fused(p, r, part(1.0f / 24));
+        p = fused(p, r, part(1.0f / 6));
+        p = fused(p, r, part(0.5f));
+        p = fused(p, r, part(1.0f));
+        p = fused(p, r, part(1.0f));
+        typedef int32_t Words __attribute__((vector_size(4 * PART)));
+        const Part scale = (Part)((__builtin_convertvector(n, Words) + 127) << 23);  // 2^n: n in [-126, 0]
+        x.p[i] = under ? part(0.0f) : p * scale;  // as scalef: p 2^n rounded once
+    }
+    return x;
+}
+
+inline F16 load_row(const float* g, Mask m) {
+    if (m.n == 16) return load(g);
+    F16 v{};
+    for (int l = 0; l < m.n; ++l) v.set(l, g[l]);
+    return v;
+}
+inline void store_row(float* out, Mask m, const F16& x) {
+    if (m.n == 16) return store(out, x);
+    for (int l = 0; l < m.n; ++l) out[l] = x[l];
+}
+
+// src (rows, cols) row-major -> dst (cols, rows); rows a multiple of 16
+void transpose_fp32(const float* src, int64_t rows, int64_t cols, float* dst) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t c = 0; c < cols; ++c)
+            for (int64_t t = 0; t < 16; ++t) dst[c * rows + r0 + t] = src[(r0 + t) * cols + c];
+}
+
+#endif
+
+#ifdef STILL_FP32
+
 // one row: s (the content scores, overwritten), p (its position scores, already shifted), bias row
 // (bf16 or fp32, as the output; null: none beyond the causal mask); n valid keys of k_len -> out
 // (bf16 or fp32). Without `Position`, p is not read: the content scores alone (the reconstruction
 // loss's targets).
 template <bool Position, class T>
 void softmax_row(float* s, const float* p, const T* bias, int64_t n, int64_t k_len, T* out) {
-    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-    __m512 vmax = minus_inf;
+    F16 vmax = splat(-INFINITY);
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        __m512 v = _mm512_maskz_loadu_ps(m, s + j);
-        if constexpr (Position) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p + j));
-        if (bias != nullptr) v = _mm512_add_ps(v, load_row(bias + j, m));
-        _mm512_mask_storeu_ps(s + j, m, v);
-        vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+        const Mask m = lanes(n - j);
+        F16 v = load_row(s + j, m);
+        if constexpr (Position) v = add(v, load_row(p + j, m));
+        if (bias != nullptr) v = add(v, load_row(bias + j, m));
+        store_row(s + j, m, v);
+        vmax = max_where(vmax, m, v);
     }
-    const float top = _mm512_reduce_max_ps(vmax);
+    const float top = reduce_max(vmax);
     if (top == -INFINITY) {  // every key masked (not reached by the callers: a query sees its own key)
         std::memset(out, 0, k_len * sizeof(T));
         return;
     }
-    const __m512 shift = _mm512_set1_ps(top);
-    __m512 vsum = _mm512_setzero_ps();
+    const F16 shift = splat(top);
+    F16 vsum = zeros();
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), shift));
-        _mm512_mask_storeu_ps(s + j, m, e);
-        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+        const Mask m = lanes(n - j);
+        const F16 e = exp_nonpositive(sub(load_row(s + j, m), shift));
+        store_row(s + j, m, e);
+        vsum = add_where(vsum, m, e);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    const F16 inv = splat(1.0f / reduce_add(vsum));
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        store_row(out + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv));
+        const Mask m = lanes(n - j);
+        store_row(out + j, m, mul(load_row(s + j, m), inv));
     }
     if (n < k_len) std::memset(out + n, 0, (k_len - n) * sizeof(T));
 }
@@ -141,18 +321,18 @@ void softmax_row(float* s, const float* p, const T* bias, int64_t n, int64_t k_l
 // and ds is zero beyond them.
 template <class W, class G>
 void softmax_backward_row(const W* w, const G* g, int64_t k_len, int64_t n, int64_t shift, W* ds, W* raw) {
-    __m512 acc = _mm512_setzero_ps();
+    F16 acc = zeros();
     for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = lanes(n - j);
-        acc = _mm512_fmadd_ps(load_row(w + j, m), load_row(g + j, m), acc);
+        const Mask m = lanes(n - j);
+        acc = fmadd(load_row(w + j, m), load_row(g + j, m), acc);
     }
-    const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+    const F16 dot = splat(reduce_add(acc));
     std::memset(raw, 0, shift * sizeof(W));
     for (int64_t j = 0; j < k_len; j += 16) {
-        const __mmask16 m = lanes(k_len - j), valid = lanes(n - j);
-        const __m512 wj = load_row(w + j, valid);
-        const __m512 gj = load_row(g + j, valid);
-        const __m512 d = _mm512_maskz_mul_ps(valid, wj, _mm512_sub_ps(gj, dot));
+        const Mask m = lanes(k_len - j), valid = lanes(n - j);
+        const F16 wj = load_row(w + j, valid);
+        const F16 gj = load_row(g + j, valid);
+        const F16 d = mul_where(valid, wj, sub(gj, dot));
         store_row(ds + j, m, d);
         store_row(raw + shift + j, lanes(k_len - shift - j) & m, d);  // what stays in the row
     }
@@ -170,44 +350,77 @@ void on_parts(int64_t count, int64_t threads, const Run& run) {
     for (auto& helper : helpers) helper.join();
 }
 
-// ---- fp32 training attention on AVX-512's multiply-adds (`still_attention_weights_fp32` and
+// ---- fp32 training attention on fused multiply-adds (`still_attention_weights_fp32` and
 // `still_attention_grads_fp32`): the same passes as the bf16 kernel below, every product from
 // `product_fp32`'s register blocks.
 
 // C (MR x 16 NV) = (or += where Add) sum over p in [p0, p1) of A(i, p) B(p, :): A(i, p) at
 // a[i * ars + p * acs] (broadcast), B's row p at b + p * ldb (16 NV floats), C's row i at c + i * ldc.
-// The MR x NV accumulators stay in registers (16 of 32 at 8 x 2): per p, NV loads, MR broadcasts
-// and MR NV multiply-adds.
+// The MR x NV accumulators stay in registers: per p, NV loads, MR broadcasts and MR NV multiply-adds.
+// Each output sums its terms in the order of p, whatever the block: the same bits in every build.
+#ifdef STILL_AVX512
 template <int MR, int NV, bool Add>
 inline void block_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t p0,
                        int64_t p1, float* c, int64_t ldc) {
-    __m512 acc[MR][NV];
+    F16 acc[MR][NV];
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) acc[i][j] = Add ? _mm512_loadu_ps(c + i * ldc + 16 * j) : _mm512_setzero_ps();
+        for (int j = 0; j < NV; ++j) acc[i][j] = Add ? load(c + i * ldc + 16 * j) : zeros();
     for (int64_t p = p0; p < p1; ++p) {
-        __m512 bv[NV];
-        for (int j = 0; j < NV; ++j) bv[j] = _mm512_loadu_ps(b + p * ldb + 16 * j);
+        F16 bv[NV];
+        for (int j = 0; j < NV; ++j) bv[j] = load(b + p * ldb + 16 * j);
         for (int i = 0; i < MR; ++i) {
-            const __m512 ai = _mm512_set1_ps(a[i * ars + p * acs]);
-            for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(ai, bv[j], acc[i][j]);
+            const F16 ai = splat(a[i * ars + p * acs]);
+            for (int j = 0; j < NV; ++j) acc[i][j] = fmadd(ai, bv[j], acc[i][j]);
         }
     }
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
+        for (int j = 0; j < NV; ++j) store(c + i * ldc + 16 * j, acc[i][j]);
 }
+#else
+// narrower registers: 4 rows x 16, the accumulators named (GCC kept an array of them in memory)
+template <int MR, int NV, bool Add>
+inline void block_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t p0,
+                       int64_t p1, float* c, int64_t ldc) {
+    static_assert(MR == 4 && NV == 1, "blocks of 4 rows x 16");
+    F16 c0 = Add ? load(c) : zeros(), c1 = Add ? load(c + ldc) : zeros(), c2 = Add ? load(c + 2 * ldc) : zeros(),
+        c3 = Add ? load(c + 3 * ldc) : zeros();
+    for (int64_t p = p0; p < p1; ++p) {
+        const F16 bv = load(b + p * ldb);
+        const float* ap = a + p * acs;
+        c0 = fmadd(splat(ap[0]), bv, c0);
+        c1 = fmadd(splat(ap[ars]), bv, c1);
+        c2 = fmadd(splat(ap[2 * ars]), bv, c2);
+        c3 = fmadd(splat(ap[3 * ars]), bv, c3);
+    }
+    store(c, c0);
+    store(c + ldc, c1);
+    store(c + 2 * ldc, c2);
+    store(c + 3 * ldc, c3);
+}
+#endif
+
+#ifdef STILL_AVX512
+constexpr int BLOCK_ROWS = 8, BLOCK_WIDTH = 2;  // 8 x 32 outputs: 16 of AVX-512's 32 registers
+#else
+constexpr int BLOCK_ROWS = 4, BLOCK_WIDTH = 1;  // 4 x 16: 8 of AVX2's 16 registers (16 of NEON's 32)
+#endif
 
 // C (rows x n) = (or += where Add) A B over p in [first(i), p1) for the 8 rows from i (the terms
 // before are zero in A): rows a multiple of 8, n of 16 (see `block_fp32`)
 template <bool Add, class First>
 void product_fp32_from(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows,
                        int64_t n, const First& first, int64_t p1, float* c, int64_t ldc) {
-    for (int64_t i = 0; i < rows; i += 8) {
-        const float* ai = a + i * ars;
-        float* ci = c + i * ldc;
-        const int64_t p0 = first(i);
-        int64_t j = 0;
-        for (; j + 32 <= n; j += 32) block_fp32<8, 2, Add>(ai, ars, acs, b + j, ldb, p0, p1, ci + j, ldc);
-        if (j < n) block_fp32<8, 1, Add>(ai, ars, acs, b + j, ldb, p0, p1, ci + j, ldc);
+    for (int64_t i8 = 0; i8 < rows; i8 += 8) {
+        const int64_t p0 = first(i8);
+        for (int64_t i = i8; i < i8 + 8; i += BLOCK_ROWS) {
+            const float* ai = a + i * ars;
+            float* ci = c + i * ldc;
+            int64_t j = 0;
+            for (; j + 16 * BLOCK_WIDTH <= n; j += 16 * BLOCK_WIDTH)
+                block_fp32<BLOCK_ROWS, BLOCK_WIDTH, Add>(ai, ars, acs, b + j, ldb, p0, p1, ci + j, ldc);
+            if constexpr (BLOCK_WIDTH > 1)
+                if (j < n) block_fp32<BLOCK_ROWS, 1, Add>(ai, ars, acs, b + j, ldb, p0, p1, ci + j, ldc);
+        }
     }
 }
 
@@ -216,15 +429,6 @@ template <bool Add = false>
 void product_fp32(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, int64_t rows, int64_t n,
                   int64_t p0, int64_t p1, float* c, int64_t ldc) {
     product_fp32_from<Add>(a, ars, acs, b, ldb, rows, n, [p0](int64_t) { return p0; }, p1, c, ldc);
-}
-
-// src (rows, cols) row-major -> dst (cols, rows); rows a multiple of 16
-void transpose_fp32(const float* src, int64_t rows, int64_t cols, float* dst) {
-    const __m512i index = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(cols)));
-    for (int64_t r0 = 0; r0 < rows; r0 += 16)
-        for (int64_t c = 0; c < cols; ++c)
-            _mm512_storeu_ps(dst + c * rows + r0, _mm512_i32gather_ps(index, src + r0 * cols + c, 4));
 }
 
 // The fp32 weights of groups [g0, g1) into out (G, L, K) (layouts as the bf16 kernel's, in fp32),
@@ -312,7 +516,7 @@ void attention_grads_fp32(const float* w, const float* gw, const float* go, cons
         }
 }
 
-#endif  // STILL_AVX512
+#endif  // STILL_FP32
 
 #ifdef STILL_BF16
 
@@ -823,9 +1027,9 @@ int64_t still_attention_allow_tiles(int64_t allow) {
 }
 
 // 0 where this build can run the fp32 kernels (`still_attention_weights_fp32`, `_grads_fp32`) here;
-// 1: not compiled for AVX-512
+// 1: not compiled for AVX-512, nor for fused multiply-adds on narrower registers (AVX2 with FMA, ARM)
 int64_t still_attention_fp32_available() {
-#ifdef STILL_AVX512
+#ifdef STILL_FP32
     return 0;
 #else
     return 1;
@@ -833,7 +1037,7 @@ int64_t still_attention_fp32_available() {
 }
 
 // `still_attention_weights` in fp32 (fp32 operands, bias, weights and outputs; the same layouts),
-// every product on AVX-512's multiply-adds: the weights into out (G, L, K) and, where v is not null,
+// every product on fused multiply-adds: the weights into out (G, L, K) and, where v is not null,
 // (weights v) into values_out (G, L, D). L, K and D multiples of 16. 0 on success; nonzero, nothing
 // written, where this build cannot (1) or 3: shapes.
 int64_t still_attention_weights_fp32(const float* q_content, const float* k, const float* q_position, const float* r,
@@ -844,7 +1048,7 @@ int64_t still_attention_weights_fp32(const float* q_content, const float* k, con
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 16 || d % 16) return 3;
     if (v != nullptr && values_out == nullptr) return 3;
-#ifdef STILL_AVX512
+#ifdef STILL_FP32
     on_parts(heads * batch, threads, [&](int64_t g0, int64_t g1) {
         weights_of_fp32(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, g0, g1, batch, l,
                         k_len, d);
@@ -867,7 +1071,7 @@ int64_t still_attention_grads_fp32(const float* w, const float* gw, const float*
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 16 || d % 16) return 3;
     if (gw == nullptr && (go == nullptr || v == nullptr || grad_v == nullptr)) return 3;
-#ifdef STILL_AVX512
+#ifdef STILL_FP32
     on_parts(heads, threads, [&](int64_t h0, int64_t h1) {
         attention_grads_fp32(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
                              grad_q_position, grad_r, h0, h1, batch, l, k_len, d);
