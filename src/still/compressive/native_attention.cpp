@@ -96,23 +96,12 @@ inline F16 mul_where(Mask m, F16 a, F16 b) { return _mm512_maskz_mul_ps(m, a, b)
 inline float reduce_add(F16 x) { return _mm512_reduce_add_ps(x); }
 inline float reduce_max(F16 x) { return _mm512_reduce_max_ps(x); }
 
-inline F16 exp_nonpositive(F16 x) {  // e^x for x <= 0; exactly 0 below -87 (and at -inf)
-    const __m512 low = _mm512_set1_ps(-87.0f);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, low);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);       // |r| <= ln(2) / 2
-    __m512 p = _mm512_set1_ps(1.0f / 720);  // Taylor to r^6: relative error under 1.3e-7
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(__mmask16(~under), p, n);
-}
+typedef __mmask16 Flags;  // lanes where a comparison holds
+inline Flags below(F16 a, F16 b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+inline F16 maximum(F16 a, F16 b) { return _mm512_max_ps(a, b); }  // a > b ? a : b
+inline F16 nearest_even(F16 x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline F16 fnmadd(F16 a, F16 b, F16 c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b, rounded once
+inline F16 scaled_unless(Flags zero, F16 p, F16 n) { return _mm512_maskz_scalef_ps(__mmask16(~zero), p, n); }  // p 2^n
 
 // rows of bf16 (uint16_t) or fp32 values as fp32, and back: the lanes of m (the others zero; not stored)
 inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); }
@@ -171,7 +160,7 @@ inline F16 where(F16 a, Mask m, const F16& b, const Op& op) {
     for (int l = 0; l < m.n; ++l) a.set(l, op(a[l], b[l]));
     return a;
 }
-inline Part part(float x) {  // x in every lane (a broadcast; set lane by lane, GCC built it from inserts)
+inline Part part(float x) {  // x in every lane
 #if defined(__aarch64__)
     return Part{x, x, x, x};
 #else
@@ -234,26 +223,28 @@ inline float reduce(const F16& x, const Op& op) {
 inline float reduce_add(const F16& x) { return reduce(x, [](float a, float b) { return a + b; }); }
 inline float reduce_max(const F16& x) { return reduce(x, [](float a, float b) { return a > b ? a : b; }); }
 
-inline F16 exp_nonpositive(F16 x) {  // the AVX-512 version's arithmetic (above), a part at a time
-    for (int i = 0; i < PARTS; ++i) {
-        const Part low = part(-87.0f);
-        const auto under = x.p[i] < low;
-        const Part v = x.p[i] > low ? x.p[i] : low;
-        const Part n = nearest_even(v * 1.44269504088896341f);
-        Part r = fused(-n, part(0.693359375f), v);
-        r = fused(-n, part(-2.12194440e-4f), r);
-        Part p = part(1.0f / 720);
-        p = fused(p, r, part(1.0f / 120));
-        p = fused(p, r, part(1.0f / 24));
-        p = fused(p, r, part(1.0f / 6));
-        p = fused(p, r, part(0.5f));
-        p = fused(p, r, part(1.0f));
-        p = fused(p, r, part(1.0f));
-        typedef int32_t Words __attribute__((vector_size(4 * PART)));
-        const Part scale = (Part)((__builtin_convertvector(n, Words) + 127) << 23);  // 2^n: n in [-126, 0]
-        x.p[i] = under ? part(0.0f) : p * scale;  // as scalef: p 2^n rounded once
-    }
+typedef int32_t Words __attribute__((vector_size(4 * PART)));
+struct Flags {
+    Words p[PARTS];  // all ones where a comparison holds
+};
+inline Flags below(const F16& a, const F16& b) {
+    Flags f;
+    for (int i = 0; i < PARTS; ++i) f.p[i] = a.p[i] < b.p[i];
+    return f;
+}
+inline F16 maximum(F16 a, const F16& b) { return lanewise(a, b, [](auto x, auto y) { return x > y ? x : y; }); }
+inline F16 nearest_even(F16 x) {
+    for (int i = 0; i < PARTS; ++i) x.p[i] = nearest_even(x.p[i]);
     return x;
+}
+inline F16 fnmadd(F16 a, const F16& b, const F16& c) {
+    for (int i = 0; i < PARTS; ++i) a.p[i] = fused(-a.p[i], b.p[i], c.p[i]);
+    return a;
+}
+inline F16 scaled_unless(const Flags& zero, F16 p, const F16& n) {  // p 2^n (n an integer in [-126, 127]), rounded once
+    for (int i = 0; i < PARTS; ++i)
+        p.p[i] = zero.p[i] ? part(0.0f) : p.p[i] * (Part)((__builtin_convertvector(n.p[i], Words) + 127) << 23);
+    return p;
 }
 
 inline F16 load_row(const float* g, Mask m) {
@@ -277,6 +268,24 @@ void transpose_fp32(const float* src, int64_t rows, int64_t cols, float* dst) {
 #endif
 
 #ifdef STILL_FP32
+
+// e^x for x <= 0; exactly 0 below -87 (and at -inf)
+inline F16 exp_nonpositive(F16 x) {
+    const F16 low = splat(-87.0f);
+    const Flags under = below(x, low);
+    x = maximum(x, low);
+    const F16 n = nearest_even(mul(x, splat(1.44269504088896341f)));
+    F16 r = fnmadd(n, splat(0.693359375f), x);  // x - n ln 2, in two parts
+    r = fnmadd(n, splat(-2.12194440e-4f), r);   // |r| <= ln(2) / 2
+    F16 p = splat(1.0f / 720);                   // Taylor to r^6: relative error under 1.3e-7
+    p = fmadd(p, r, splat(1.0f / 120));
+    p = fmadd(p, r, splat(1.0f / 24));
+    p = fmadd(p, r, splat(1.0f / 6));
+    p = fmadd(p, r, splat(0.5f));
+    p = fmadd(p, r, splat(1.0f));
+    p = fmadd(p, r, splat(1.0f));
+    return scaled_unless(under, p, n);
+}
 
 // one row: s (the content scores, overwritten), p (its position scores, already shifted), bias row
 // (bf16 or fp32, as the output; null: none beyond the causal mask); n valid keys of k_len -> out
