@@ -1,12 +1,20 @@
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
-import pytest
-import torch
-
+# MKL's products in a fixed order whatever the number of rows (before PyTorch first calls it): by
+# default its AVX2 code (Intel processors without AVX-512) sums them in an order that depends on it,
+# and after four Adam steps a step split in two shards lay 3e-5 from the whole batch's, against 0
+# with this (an emulated Haswell, docs/performance.md, session 34); the tests check the splitting
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("STILL_PROGRESS", "0")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,7 +28,25 @@ def _aot_cache(tmp_path_factory):
         root, built = tmp_path_factory.mktemp("aot"), tmp_path_factory.mktemp("native")
         patch.setattr(aot, "cache_root", lambda: root)
         patch.setattr(native, "cache_root", lambda: built)  # the hand-written decoding step, built once a run
+        _emulated(patch, native, aot)
         yield root
+
+
+def _emulated(patch: pytest.MonkeyPatch, native, aot) -> None:
+    """Under `scripts/emulated_tests.sh` (this process on an emulated processor, whose /proc/cpuinfo
+    is still the host's): the hand-written libraries built with STILL_TEST_TUNE, as `-march=native`
+    would build them there, and the compiled packages' compiling process run under the same emulator
+    (STILL_TEST_EMULATOR; PyTorch there chooses its code for the emulated processor)."""
+    tune, emulator = os.environ.get("STILL_TEST_TUNE"), os.environ.get("STILL_TEST_EMULATOR")
+    if tune is not None:
+        patch.setattr(native, "TUNE", tuple(tune.split()))
+    if emulator:
+        def popen(args, **kwargs):
+            if args[0] == sys.executable:
+                args = [*emulator.split(), *args]
+            return subprocess.Popen(args, **kwargs)
+
+        patch.setattr(aot, "subprocess", SimpleNamespace(Popen=popen, PIPE=subprocess.PIPE, DEVNULL=subprocess.DEVNULL))
 
 
 @pytest.fixture(autouse=True)
