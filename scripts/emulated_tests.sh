@@ -4,8 +4,11 @@
 # built for Haswell (what -march=native gives on one) and so are the compiled packages, whose
 # compiling process runs under the same emulator. Children the tests start themselves (the command
 # line, torchrun) run on the host's processor. Needs `qemu-user` (Debian: apt install qemu-user);
-# slow (the whole suite about 40 minutes on 2 cores). Arguments go to pytest:
+# slow (the whole suite about 30 minutes on 2 cores). Arguments go to pytest:
 #   scripts/emulated_tests.sh tests/compressive -x
+# Another processor: STILL_EMULATED_CPU (qemu's model, `qemu-x86_64 -cpu help`) and
+# STILL_EMULATED_MARCH (GCC's name for it), e.g. SandyBridge and sandybridge: AVX without FMA, where
+# PyTorch takes its default kernels. (PyTorch 2.13 itself stops on a Nehalem, which lacks AVX.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cpu=${STILL_EMULATED_CPU:-Haswell}

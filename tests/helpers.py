@@ -42,6 +42,15 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+def _runs_x86_64_v3() -> bool:
+    """/proc/cpuinfo's flags, and PyTorch's own reading of the processor (its instructions: an emulated
+    processor's, where /proc/cpuinfo shows the host's, as under `scripts/emulated_tests.sh`)."""
+    import torch
+
+    return (platform.machine() == "x86_64" and {"avx2", "fma", "bmi2", "f16c", "movbe"} <= _cpu_flags()
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
 def use_build(name: str, monkeypatch, *loaded: str) -> None:
     """Build `still.compressive.native`'s libraries with `BUILDS[name]`'s flags from here on (the
     test's), forgetting the libraries `loaded` names (its lists of loaded ones) so that they build
@@ -51,7 +60,7 @@ def use_build(name: str, monkeypatch, *loaded: str) -> None:
     tune = BUILDS[name]
     if tune is None:
         return
-    if tune and (platform.machine() != "x86_64" or not {"avx2", "fma", "bmi2", "f16c", "movbe"} <= _cpu_flags()):
+    if tune and not _runs_x86_64_v3():
         pytest.skip("this processor cannot run x86-64-v3 code")
     monkeypatch.setattr(native, "TUNE", tune)
     for attribute in loaded:
