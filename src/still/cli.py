@@ -199,7 +199,8 @@ def lm_group() -> None:
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @precision_option(None, "fp32 (default), or bf16 autocast with float32 weights, optimizer state and losses "
-                        "(about 2x faster on CPUs with AVX-512 bf16 and on recent GPUs).")
+                        "(about 2x faster on CPUs with AVX-512 bf16 and on recent GPUs; on CPUs without bf16 "
+                        "instructions several times slower, as it then says).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/lm-<preset>); rerunning resumes it.")
 @click.option("--overwrite", is_flag=True, help="Start again if the directory holds a run with other settings.")

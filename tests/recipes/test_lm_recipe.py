@@ -433,3 +433,19 @@ def test_a_run_made_before_a_setting_existed_resumes(trained, corpus, tmp_path, 
     assert code == 0 and "different settings" not in err
     code, _, err = run_cli(capsys, *train_args(corpus, out, "--eval-fill-rows"))
     assert code == 2 and "different settings (eval_fill_rows)" in err
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_says_fp32_is_faster(corpus, tmp_path, capsys, monkeypatch):
+    """`still lm train` and `still lm eval` with bf16 where the CPU has no bf16 matrix instructions
+    (PyTorch emulates them: 10x slower than fp32 at the reference preset held to AVX2) say so once
+    and still run; with the instructions, or in fp32, they say nothing of it."""
+    from still.train import precision
+
+    message = "no bf16 matrix instructions"
+    for has_bf16, mode in ((False, "bf16"), (True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "_cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        out = tmp_path / f"{mode}-{has_bf16}"
+        code, _, err = run_cli(capsys, *train_args(corpus, out, "--steps", "4", "--precision", mode))
+        assert code == 0 and err.count(message) == (1 if mode == "bf16" and not has_bf16 else 0), err
+        code, _, err = run_cli(capsys, "lm", "eval", str(out), "--split", "valid")
+        assert code == 0 and err.count(message) == (1 if mode == "bf16" and not has_bf16 else 0), err

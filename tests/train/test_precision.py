@@ -4,14 +4,29 @@ import torch.nn.functional as F
 
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.errors import StillError
+from still.train import precision as precision_module
 from still.train.loop import IndexBatches, Trainer
 from still.train.optim import OptimConfig, build_optimizer
-from still.train.precision import autocast, check_precision, this_threads_modes
+from still.train.precision import autocast, bf16_slower, check_precision, this_threads_modes
 
 
 def test_bad_precision_is_named():
     with pytest.raises(StillError, match="precision must be one of fp32, bf16, got 'fp16'"):
         check_precision("fp16")
+
+
+def test_bf16_slower_names_cpus_without_bf16_instructions(monkeypatch):
+    """bf16 on a CPU without bf16 matrix instructions (oneDNN's reading) is said to be slower; not
+    fp32, not where the CPU has them or PyTorch cannot say, not on CUDA."""
+    monkeypatch.setattr(precision_module, "_cpu_has_bf16", lambda: False)
+    assert "no bf16 matrix instructions" in bf16_slower("bf16", "cpu")
+    assert bf16_slower("fp32", "cpu") is None
+    assert bf16_slower("bf16", "cuda") is None
+    for answer in (True, None):
+        monkeypatch.setattr(precision_module, "_cpu_has_bf16", lambda answer=answer: answer)
+        assert bf16_slower("bf16", torch.device("cpu")) is None
+    monkeypatch.undo()
+    assert precision_module._cpu_has_bf16() in (True, False, None)
 
 
 def test_autocast_computes_matmuls_in_bf16_and_fp32_is_untouched():

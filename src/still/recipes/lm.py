@@ -37,7 +37,7 @@ from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
 from still.train.io import atomic_write_text
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
-from still.train.precision import autocast, check_precision
+from still.train.precision import autocast, bf16_slower, check_precision
 from still.train.progress import log, progress
 from still.train.results import write_results
 from still.train.seed import seed_everything
@@ -291,6 +291,8 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
                       state_tensors=memory_tensors, load_state_tensors=load_memory)
     if config.precision == "bf16" and device.type == "cpu" and attention.NATIVE_SCORES:
         native_step.attention_library()  # built (once per machine) before the progress bar, as it says
+    if (slower := bf16_slower(config.precision, device)) and dist.main:
+        log(f"--precision bf16: {slower}")
     attention.NATIVE_USED.clear()  # this run's attention, for its results
     attention.ROUNDED_USED.clear()
     state = trainer.fit(batches, config.steps // config.eval_every)
@@ -397,6 +399,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     device = next(model.parameters()).device
     if shards is None:
         shards = eval_shards(model, streams.batch_size, config.segment_len, precision=precision)
+    if slower := bf16_slower(precision, device):
+        log(f"bf16: {slower}")
     with autocast(precision, device):
         result = evaluate_streams(model, streams, position_edges=edges, shards=shards,
                                   progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))

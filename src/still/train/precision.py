@@ -30,6 +30,25 @@ def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.A
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
+def _cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 matrix instructions that PyTorch's products use (AVX-512 BF16, AMX,
+    Arm's BF16), as oneDNN reads it; None where this PyTorch cannot say."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def bf16_slower(precision: str, device: torch.device | str) -> str | None:
+    """Why `precision` would make PyTorch's products on `device` slower than fp32, or None: bf16 on a
+    CPU without bf16 matrix instructions, where PyTorch emulates them (a reference-preset training
+    step 10x slower than fp32 with PyTorch held to AVX2, docs/performance.md, session 34)."""
+    if precision != "bf16" or torch.device(device).type != "cpu" or _cpu_has_bf16() is not False:
+        return None
+    return ("this CPU has no bf16 matrix instructions (AVX-512 BF16, AMX or Arm's BF16), so PyTorch emulates "
+            "bf16 products: several times slower than fp32 here (--precision fp32)")
+
+
 def this_threads_modes(device: torch.device | str) -> Callable[[], contextlib.AbstractContextManager]:
     """This thread's grad mode and autocast on `device`, as a context for another thread to enter:
     both are thread-local in PyTorch, so a worker thread otherwise computes with gradients and
