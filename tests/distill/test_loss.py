@@ -83,8 +83,11 @@ def test_t_squared_keeps_gradient_scale_about_constant():
 
 
 def test_logit_matching_is_the_high_temperature_limit():
+    # T = 100: within 0.2% of the limit on 50 seeds, in float32 as in float64. At T = 1000 the KL of two
+    # nearly uniform distributions, times T^2, is mostly float32's rounding: up to 5% off the limit
+    # (the random logits of PyTorch's default kernels, on an emulated processor without AVX2, gave 1.4%)
     z, v = torch.randn(32, 10), torch.randn(32, 10)
-    high_t = soft_target_loss(z, F.log_softmax(v / 1000, -1), 1000.0)
+    high_t = soft_target_loss(z, F.log_softmax(v / 100, -1), 100.0)
     assert high_t.item() == pytest.approx(logit_matching_loss(z, v).item(), rel=1e-2)
     via_api = distillation_loss(z, None, v, temperature=1.0, alpha=1.0, soft_loss="logit_matching")
     assert via_api.item() == pytest.approx(logit_matching_loss(z, v).item())
