@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-# MKL's products in a fixed order whatever the number of rows (before PyTorch first calls it): by
+# MKL's products in a fixed order whatever the number of rows (set before PyTorch first calls it): by
 # default its AVX2 code (Intel processors without AVX-512) sums them in an order that depends on it,
-# and after four Adam steps a step split in two shards lay 3e-5 from the whole batch's, against 0
-# with this (an emulated Haswell, docs/performance.md, session 34); the tests check the splitting
+# and after four Adam steps a run split in two shards lay 3e-5 from the whole batch's, against 2e-8
+# with this (an emulated Haswell, docs/performance.md, session 34). The tests check the splitting.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("STILL_PROGRESS", "0")
 
