@@ -1,0 +1,74 @@
+"""Every `still` command line the README and docs/ show parses: its subcommand exists and each option
+and value is one the command accepts, so the documentation cannot drift from the CLI unnoticed."""
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from still.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def documented_commands(text: str) -> list[list[str]]:
+    """The argument lists of the `still ...` and `torchrun ... -m still ...` lines in fenced code
+    blocks of a Markdown text (comments dropped, backslash continuations joined)."""
+    commands = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            if not line.startswith(("still ", "torchrun ")):
+                continue
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["still"]:
+                commands.append(words[1:])
+            elif words[:1] == ["torchrun"] and "-m" in words and words[words.index("-m") + 1:][:1] == ["still"]:
+                commands.append(words[words.index("-m") + 2:])
+    return commands
+
+
+def parse(args: list[str]) -> None:
+    """Parse `args` as the `still` command would, without running anything: raises click's
+    UsageError (an unknown subcommand or option, a value out of range) where the line is wrong."""
+    command, ctx, name = cli, None, "still"
+    while isinstance(command, click.Group):
+        if not args or args[0].startswith("-"):  # `still --version`, `still --help`
+            command.make_context(name, args, parent=ctx)
+            return
+        ctx = click.Context(command, info_name=name, parent=ctx)
+        name, args = args[0], args[1:]
+        command = command.get_command(ctx, name)
+        if command is None:
+            raise click.UsageError(f"no such command: {name!r}")
+    command.make_context(name, args, parent=ctx)
+
+
+def test_the_documented_commands_are_found():
+    found = {path.name: documented_commands(path.read_text()) for path in DOCS}
+    assert len(found["README.md"]) >= 15
+    assert ["lm", "train", "--preset", "reference", "--precision", "bf16"] in found["README.md"]
+    assert ["lm", "train", "--preset", "reference", "--out", "runs/ref-8gpu"] in found["distributed.md"]
+
+
+@pytest.mark.parametrize("args", [
+    ["lm", "train", "--preset", "huge"],  # a choice that does not exist
+    ["lm", "train", "--dropout", "1.5"],  # out of range
+    ["lm", "sample", "runs/x"],  # a subcommand that does not exist
+    ["distill", "mnist", "--temprature", "2"],  # a misspelt option
+    ["lm", "generate"],  # a missing argument
+])
+def test_a_wrong_line_fails_to_parse(args):
+    with pytest.raises(click.UsageError):
+        parse(args)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_documented_command_parses(path):
+    for args in documented_commands(path.read_text()):
+        try:
+            parse(args)
+        except click.UsageError as error:
+            pytest.fail(f"{path.name}: `still {shlex.join(args)}`: {error.format_message()}")
