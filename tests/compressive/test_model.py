@@ -408,3 +408,52 @@ def test_reconstruction_loss_in_bf16_with_the_kernels(monkeypatch, kernel):
     assert abs(loss - want_loss) < (1e-4 if kernel else 1e-3) * want_loss
     for got, want in zip(grads, want_grads):
         assert (got - want).norm() < 0.01 * want.norm()
+
+
+def test_bf16_training_under_cuda_autocasts_dtypes(monkeypatch):
+    """CUDA's autocast runs softmax, log_softmax and layer_norm in fp32 where the CPU's keeps bf16.
+    With those rules copied onto the CPU (and the CPU's kernels off, as on a GPU), a bf16 training
+    step (both losses, all memories) runs and lands near fp32's: no operator meets mixed dtypes."""
+    from still.compressive import attention as attention_module, model as module
+
+    monkeypatch.setattr(attention_module, "NATIVE_SCORES", False)
+    monkeypatch.setattr(attention_module, "NATIVE_FP32", False)
+    monkeypatch.setattr(module, "NATIVE_SQUARED_ERROR", False)
+
+    def in_fp32(function):
+        def cuda_rule(x, *args, **kwargs):
+            if torch.is_autocast_enabled("cpu") and x.dtype == torch.bfloat16:
+                with torch.autocast("cpu", enabled=False):
+                    return function(x.float(), *args, **kwargs)
+            return function(x, *args, **kwargs)
+        return cuda_rule
+
+    for owner, name in [(torch.Tensor, "softmax"), (torch, "softmax"), (F, "softmax"),
+                        (torch.Tensor, "log_softmax"), (F, "log_softmax")]:
+        monkeypatch.setattr(owner, name, in_fp32(getattr(owner, name)))
+    layer_norm = F.layer_norm
+    monkeypatch.setattr(F, "layer_norm", in_fp32(lambda x, shape, weight=None, bias=None, eps=1e-5: layer_norm(
+        x, shape, None if weight is None else weight.float(), None if bias is None else bias.float(), eps)))
+    seq = tokens(b=2, l=96)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        net = model(mem_len=16, c_mem_len=16, compression_rate=2).train()
+        state = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            for start in range(0, 96, 16):
+                out = net(seq[:, start : start + 16], state)
+                state = out.state
+            lm = F.cross_entropy(out.logits.float()[:, :-1].flatten(0, 1), seq[:, 81:].flatten())
+        (lm + out.compression_loss.float()).backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in net.parameters() if p.requires_grad)
+        losses[precision] = (lm.item(), out.compression_loss.item())
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            state, net = None, net.eval()
+            for start in range(0, 96, 16):  # inference: cached projections, no reconstruction loss
+                out = net(seq[:, start : start + 16], state)
+                state = out.state
+            lm = F.cross_entropy(out.logits.float()[:, :-1].flatten(0, 1), seq[:, 81:].flatten())
+            losses[precision] += (lm.item(),)
+    assert losses["bf16"][2] == pytest.approx(losses["fp32"][2], rel=0.02)
+    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=0.02)
+    assert losses["bf16"][1] == pytest.approx(losses["fp32"][1], rel=0.1)

@@ -664,7 +664,9 @@ def content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
 
             if native.attention_library() is not None:
                 return _ContentAttention.apply(q, k, v)
-    return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v, out=out)
+    # `.to(v.dtype)`: CUDA's autocast runs softmax in fp32 (the CPU's keeps bf16), and a product
+    # written into `out` bypasses autocast, so its operands must already be of one dtype
+    return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1).to(v.dtype), v, out=out)
 
 
 def _native_content_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
