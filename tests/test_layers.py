@@ -123,6 +123,33 @@ def test_dropout_on_the_compile_path_draws_the_same_masks(monkeypatch):
     assert torch.equal(dropout(x, 0.3, generator=torch.Generator().manual_seed(1)), plain)
 
 
+
+@pytest.mark.parametrize("function", ["dropout", "relu_dropout", "dropout_add"])
+def test_dropout_off_the_cpu_is_traced_inside_torch_compile(monkeypatch, function):
+    """Off the CPU, inside torch.compile, every dropout is PyTorch's `F.dropout` called inline,
+    which the compiler traces and fuses, not the eager CPU path behind a graph break (a GPU's
+    compiled feed-forward block would be cut in three). The meta device stands in for the GPU."""
+    from still import layers
+
+    def eager(*args, **kwargs):
+        raise AssertionError("the eager path behind a graph break was taken")
+
+    calls = []
+
+    def traced(x, p, training):
+        calls.append((x.device.type, p, training))
+        return x.clone()
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(layers, "_masked_eagerly", eager)
+    monkeypatch.setattr(layers.F, "dropout", traced)
+    x = torch.empty(4, 8, device="meta")
+    args = (x, x) if function == "dropout_add" else (x,)
+    y = getattr(layers, function)(*args, 0.25)
+    assert calls == [("meta", 0.25, True)] and y.shape == x.shape and y.device == x.device
+    with pytest.raises(AssertionError, match="graph break"):  # on the CPU, still the eager path
+        getattr(layers, function)(*(torch.ones(4, 8) for _ in args), 0.25)
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """t's bits as integers, every NaN as one value (PyTorch's own loops write NaN's bits two ways)."""
     bits = t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32).clone()

@@ -81,13 +81,17 @@ def _dropped(x: torch.Tensor, p: float, training: bool, generator: torch.Generat
              untouched: Callable[[], torch.Tensor], relu: bool = False,
              residual: torch.Tensor | None = None) -> torch.Tensor:
     """What `dropout`, `relu_dropout` and `dropout_add` share: p checked, `untouched()` when not
-    `training` or p = 0, else `_masked` (eagerly inside torch.compile: a graph break, so that the
-    masks come from this thread's generator, as without it)."""
+    `training` or p = 0, else `_masked` (on the CPU eagerly inside torch.compile: a graph break, so
+    that the masks come from this thread's generator, as without it; on other devices `_masked` is
+    PyTorch's dropout, which the compiler traces and fuses with its neighbours)."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0:
         return untouched()
     if torch.compiler.is_compiling():
+        if x.device.type != "cpu":  # PyTorch's dropout, as `_masked` takes there, traced into the graph
+            y = F.dropout(F.relu(x) if relu else x, p, True)
+            return y if residual is None else residual + y
         return _masked_eagerly(x, p, generator, relu=relu, residual=residual)
     return _masked(x, p, generator, relu=relu, residual=residual)
 
