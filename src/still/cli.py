@@ -44,8 +44,10 @@ def _threads(threads: int | None, deterministic: bool = False) -> None:
     thread unless told otherwise (reductions split across threads can add up in another order)."""
     import torch
 
+    from still.train.seed import deterministic_algorithms
+
     if deterministic:
-        torch.use_deterministic_algorithms(True)
+        deterministic_algorithms()
         threads = threads or 1
     if threads is not None:
         torch.set_num_threads(threads)

@@ -21,10 +21,17 @@ def seed_everything(seed: int, deterministic: bool = False, threads: int | None 
     if threads is not None:
         torch.set_num_threads(threads)
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        if torch.backends.cudnn.is_available():
-            torch.backends.cudnn.benchmark = False
+        deterministic_algorithms()
+
+
+def deterministic_algorithms() -> None:
+    """PyTorch's deterministic algorithms (an error for operators that have none), with the cuBLAS
+    workspace setting they need on CUDA (read when cuBLAS starts; without it the first product on a
+    GPU fails), and cuDNN's benchmark off."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = False
 
 
 def rng_state() -> dict:
@@ -43,5 +50,5 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # one state a GPU the run saw; fewer here: the first ones
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])

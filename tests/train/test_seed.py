@@ -1,0 +1,57 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from still.cli import _threads
+from still.train.seed import rng_state, seed_everything, set_rng_state
+
+
+def draws() -> tuple:
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_a_saved_rng_state_repeats_every_generators_draws():
+    seed_everything(3)
+    state = rng_state()
+    first = draws()
+    draws()
+    set_rng_state(state)
+    assert draws() == first
+    seed_everything(3)
+    assert draws() == first
+
+
+def test_cuda_states_of_more_gpus_than_here_resume_on_the_first_ones(monkeypatch):
+    """A run saves one CUDA generator state a GPU it saw; resumed where there are fewer GPUs, each
+    GPU here takes the state of the GPU of its number (PyTorch refuses more states than GPUs)."""
+    saved = [torch.tensor([i], dtype=torch.uint8) for i in range(4)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    state = rng_state()
+    assert state["cuda"] == saved
+    set_rng_state(state)
+    assert restored == saved[:2]
+
+
+@pytest.mark.parametrize("call", ["seed_everything", "cli"])
+def test_deterministic_mode_sets_cublas_workspace_before_cuda_starts(monkeypatch, call):
+    """`--deterministic` (the CLI) and `seed_everything(deterministic=True)` both set the cuBLAS
+    workspace that deterministic products on a GPU need, unless the user set one."""
+    modes = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", modes.append)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    def deterministic():
+        _threads(None, deterministic=True) if call == "cli" else seed_everything(0, deterministic=True)
+
+    deterministic()
+    assert modes == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    deterministic()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
