@@ -106,6 +106,26 @@ def test_nan_loss_stops_before_the_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+
+def test_a_step_reads_the_device_once(monkeypatch):
+    """The loss's and the clip groups' gradient norms' finiteness are read together, once a step: on
+    a GPU each read from the device waits for all the work queued before it. (Steps split across CPU
+    threads, `shards`, also draw their seed as a Python int: CPU only, nothing queued.)"""
+    trainer = make_trainer()
+    trainer.grad_clip = 1.0
+    trainer.clip_groups = [list(trainer.model.parameters())[:2], list(trainer.model.parameters())[2:]]
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    assert trainer._step(BATCHES(0)[0]) is not None
+    assert reads == ["tolist"]
+
 def test_history_and_evaluation_per_epoch():
     trainer = make_trainer()
     state = trainer.fit(BATCHES, 3)
