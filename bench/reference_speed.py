@@ -47,7 +47,9 @@ On a GPU (chosen by itself, as `still lm train` chooses) the same measures run t
 read after the GPU's queued work, the peak measured on it, and without the measures of two CPU shards
 (`compile` then compiles the unsharded step).
 
-Prints a table; `--out DIR` also writes reference_speed.json and .md there.
+Prints a table; `--out DIR` also writes reference_speed.json and .md there. A measure that fails
+is not run again: its error goes in a last table (and the exit code is 1) and the others still run.
+Off the CPU, a `--compile` generation row whose step could not be compiled says that it ran eagerly.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -74,6 +77,7 @@ from still.compressive.generate import StreamScorer, generate  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
 from still.recipes.lm import PRESETS  # noqa: E402
+from still.train import aot  # noqa: E402
 from still.train.distributed import default_device  # noqa: E402
 from still.train.loop import Trainer  # noqa: E402
 from still.train.optim import build_optimizer  # noqa: E402
@@ -182,6 +186,12 @@ def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int, sh
 
 
 @torch.no_grad()
+def compiled_steps() -> bool:
+    """Whether the decoding steps compiled ahead of time so far all loaded (off the CPU, where a
+    failed compile runs the step eagerly, and says so, instead of stopping)."""
+    return all(package is not None for package in aot._LOADED.values())
+
+
 def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int, runs: int = 3) -> float:
     """New tokens/s at batch 1 after a 512-token prompt (the prompt not counted): the median of `runs`
     generations after an untimed one (the warm-up, and the compile)."""
@@ -303,6 +313,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {k: [] for k in measures}
     flops: dict[str, tuple[float, float]] = {}  # (a step's, its forward's)
     peaks: list[dict] = []
+    failed: dict[str, str] = {}  # measure: its error (it is not run again)
+    eager: dict[str, str] = {}  # a --compile row whose step was not compiled: why
     generating = "generate" in args.measures
     read_bytes = {precision: step_bytes(precision) for precision in ("fp32", "bf16")} if generating else {}
     bandwidths: dict[str, list[float]] = {precision: [] for precision in read_bytes}
@@ -311,20 +323,32 @@ def main() -> None:
         for precision, nbytes in read_bytes.items():
             bandwidths[precision].append(read_bandwidth(nbytes))
         for name, measure in measures.items():
-            value = measure(repeat)
+            if name in failed:
+                continue
+            try:
+                value = measure(repeat)
+            except Exception as e:  # noqa: BLE001 - one measure's failure is reported; the others still run
+                failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                traceback.print_exc()
+                print(f"repeat {repeat}: {name}: FAILED ({failed[name]})", flush=True)
+                continue
             if isinstance(value, tuple):
                 value, step_flops = value
                 if step_flops is not None:
                     flops[name] = step_flops
+            if name.startswith("generate") and "--compile" in name and DEVICE.type != "cpu" and not compiled_steps():
+                eager[name] = "the step ran eagerly: compiling it failed (above)"
             rates[name].append(value)
             print(f"repeat {repeat}: {name}: {value:.0f} tok/s", flush=True)
+    rates = {name: values for name, values in rates.items() if values}
     peak_fp32 = statistics.median(p["fp32"] for p in peaks)
     peak_bf16 = statistics.median(p["bf16"] for p in peaks)
     tokens_per_step = PRESETS["reference"].batch_size * PRESETS["reference"].segment_len
     rows = []
     for name, values in rates.items():
         rate = statistics.median(values)
-        row = {"measure": name, "tokens/s": round(rate), "min": round(min(values)), "max": round(max(values))}
+        row = {"measure": name + (f" ({eager[name]})" if name in eager else ""), "tokens/s": round(rate),
+               "min": round(min(values)), "max": round(max(values))}
         # a sharded or compiled step: the same products
         counted = flops.get(name.removesuffix(", 2 shards").replace("compile", "train"))
         if name.startswith(("train", "compile")) and counted is not None:
@@ -382,13 +406,18 @@ def main() -> None:
     if limits:
         table += "\n" + format_table(limits, title="Generation against the read limit (a step reads every matrix "
                                                    "and key once; read bandwidth at that size, median)")
+    if failed:
+        table += "\n" + format_table([{"measure": k, "error": v} for k, v in failed.items()], title="Failed measures")
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "reference_speed.md").write_text(table + "\n")
         (args.out / "reference_speed.json").write_text(json.dumps(
             {"rows": rows, "ratios": ratios, "rates": rates, "flops_per_step": flops,
-             "peaks": peaks, "read_limits": limits, "read_bandwidths": bandwidths}, indent=1) + "\n")
+             "peaks": peaks, "read_limits": limits, "read_bandwidths": bandwidths, "failed": failed,
+             "ran_eagerly": eager}, indent=1) + "\n")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
