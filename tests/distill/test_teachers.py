@@ -105,6 +105,22 @@ def test_cached_teacher_gives_the_online_teachers_loss(ensemble):
     assert torch.allclose(online, from_cache, atol=1e-6)
 
 
+
+def test_cached_teacher_moves_to_the_students_device():
+    """`to(device)` keeps the logits on the student's device, where the soft targets are then made,
+    whichever device the indices are on (the meta device stands in for a GPU)."""
+    cached = CachedTeacher.build(EnsembleTeacher([small_net(0), small_net(1)]), torch.randn(30, 12))
+    idx = torch.tensor([4, 0, 29])
+    want = cached.log_probs(idx, 3.0)
+    assert cached.device == torch.device("cpu")
+    assert cached.to("meta") is cached and cached.device == torch.device("meta")
+    for indices in (idx, idx.to("meta")):
+        got = cached.log_probs(indices, 3.0)
+        assert got.device == torch.device("meta") and got.shape == want.shape
+        assert cached.logits(indices).device == torch.device("meta")
+    back = CachedTeacher.build(EnsembleTeacher([small_net(0), small_net(1)]), torch.randn(30, 12)).to("cpu")
+    assert back.log_probs(idx, 3.0).device == torch.device("cpu")
+
 def test_disk_cache_is_keyed_by_weights_and_data(tmp_path, monkeypatch):
     net = small_net(0)
     inputs = torch.randn(20, 12)

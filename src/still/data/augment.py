@@ -17,12 +17,14 @@ def jitter(images: torch.Tensor, max_shift: int, size: int = 28,
         return images
     batch = images.shape[0]
     padded = F.pad(images.reshape(batch, size, size), (max_shift,) * 4)  # (B, size + 2s, size + 2s)
-    dy = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator)
-    ar = torch.arange(size)
+    # drawn on the CPU (from `generator`, else the global one) wherever the images are: a seed gives
+    # the same shifts on every device
+    dy = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator).to(images.device)
+    ar = torch.arange(size, device=images.device)
     rows = (dy + ar)[:, :, None]  # (B, size, 1)
     cols = (dx + ar)[:, None, :]  # (B, 1, size)
-    out = padded[torch.arange(batch)[:, None, None], rows, cols]  # (B, size, size)
+    out = padded[torch.arange(batch, device=images.device)[:, None, None], rows, cols]  # (B, size, size)
     return out.reshape(images.shape)
 
 

@@ -199,8 +199,20 @@ class CachedTeacher:
             atomic_write(path, lambda tmp: save_file({"member_logits": member_logits.contiguous()}, str(tmp)))
         return cls(member_logits, combine)
 
+    @property
+    def device(self) -> torch.device:
+        return self.member_logits_all.device
+
+    def to(self, device: torch.device | str) -> CachedTeacher:
+        """Keep the logits on `device` (the student's: a GPU, say), where the soft targets are then
+        computed; in place, like `nn.Module.to`. `build` keeps them on the CPU."""
+        self.member_logits_all = self.member_logits_all.to(device)
+        return self
+
     def logits(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.member_logits_all[:, indices].mean(0)  # (B, C)
+        """The members' mean logits (B, C) of the examples at `indices` (on any device), on `self.device`."""
+        return self.member_logits_all[:, indices.to(self.device)].mean(0)  # (B, C)
 
     def log_probs(self, indices: torch.Tensor, temperature: float) -> torch.Tensor:
-        return combine_log_probs(self.member_logits_all[:, indices], temperature, self.combine)  # (B, C)
+        """Soft targets (B, C) at `temperature` of the examples at `indices` (on any device), on `self.device`."""
+        return combine_log_probs(self.member_logits_all[:, indices.to(self.device)], temperature, self.combine)

@@ -93,15 +93,15 @@ def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(use_cuda: bool = True) -> Dist:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1); idempotent (the first call
-    decides). `use_cuda=False` for a recipe that runs on the CPU even where there is a GPU (gloo)."""
+def setup() -> Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): this process's GPU and NCCL
+    where there are GPUs, else the CPU and gloo. Idempotent."""
     global _current
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or _current.enabled:
         return _current
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = default_device(local_rank) if use_cuda else torch.device("cpu")
+    device = default_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
