@@ -413,8 +413,10 @@ def test_reconstruction_loss_in_bf16_with_the_kernels(monkeypatch, kernel):
 def test_bf16_training_under_cuda_autocasts_dtypes(monkeypatch):
     """CUDA's autocast runs softmax, log_softmax and layer_norm in fp32 where the CPU's keeps bf16.
     With those rules copied onto the CPU (and the CPU's kernels off, as on a GPU), a bf16 training
-    step (both losses, all memories) runs and lands near fp32's: no operator meets mixed dtypes."""
+    step (both losses, all memories), an evaluation pass and an eager generation run, and the losses
+    land near fp32's: no operator meets mixed dtypes."""
     from still.compressive import attention as attention_module, model as module
+    from still.compressive.generate import generate
 
     monkeypatch.setattr(attention_module, "NATIVE_SCORES", False)
     monkeypatch.setattr(attention_module, "NATIVE_FP32", False)
@@ -454,6 +456,9 @@ def test_bf16_training_under_cuda_autocasts_dtypes(monkeypatch):
                 state = out.state
             lm = F.cross_entropy(out.logits.float()[:, :-1].flatten(0, 1), seq[:, 81:].flatten())
             losses[precision] += (lm.item(),)
+            # generation (eager, as on a GPU without --compile): the prompt a layer at a time, then one token a step
+            sampled = list(generate(net, seq[:1, :40], 24, segment_len=16, generator=torch.Generator().manual_seed(0)))
+            assert len(sampled) == 24 and all(t.shape == (1,) for t in sampled)
     assert losses["bf16"][2] == pytest.approx(losses["fp32"][2], rel=0.02)
     assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=0.02)
     assert losses["bf16"][1] == pytest.approx(losses["fp32"][1], rel=0.1)
