@@ -185,13 +185,13 @@ def eval_rate(precision: str, batch: int, steps: int, warmup: int, seed: int, sh
     return timed * k * batch * l / (time.perf_counter() - start)
 
 
-@torch.no_grad()
 def compiled_steps() -> bool:
     """Whether the decoding steps compiled ahead of time so far all loaded (off the CPU, where a
     failed compile runs the step eagerly, and says so, instead of stopping)."""
     return all(package is not None for package in aot._LOADED.values())
 
 
+@torch.no_grad()
 def generate_rate(precision: str, new_tokens: int, compile: bool, seed: int, runs: int = 3) -> float:
     """New tokens/s at batch 1 after a 512-token prompt (the prompt not counted): the median of `runs`
     generations after an untimed one (the warm-up, and the compile)."""

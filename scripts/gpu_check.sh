@@ -72,7 +72,7 @@ smoke_stage() {
     still lm train --steps 40 --eval-every 20 --precision bf16 --out "$work/bf16"
     still lm train --steps 20 --eval-every 20 --deterministic --out "$work/det"
     still lm eval "$work/bf16" --split valid --precision fp32 | tee "$work/gpu.txt"
-    CUDA_VISIBLE_DEVICES= still lm eval "$work/bf16" --split valid --precision fp32 | tee "$work/cpu.txt"
+    CUDA_VISIBLE_DEVICES= "$py" -m still lm eval "$work/bf16" --split valid --precision fp32 | tee "$work/cpu.txt"
     "$py" - "$work/gpu.txt" "$work/cpu.txt" <<'EOF'
 import re, sys
 gpu, cpu = (float(re.search(r"([0-9.]+) bits per character", open(p).read()).group(1)) for p in sys.argv[1:])
