@@ -106,7 +106,6 @@ def test_nan_loss_stops_before_the_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-
 def test_a_step_reads_the_device_once(monkeypatch):
     """The loss's and the clip groups' gradient norms' finiteness are read together, once a step: on
     a GPU each read from the device waits for all the work queued before it. (Steps split across CPU
@@ -125,6 +124,7 @@ def test_a_step_reads_the_device_once(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     assert trainer._step(BATCHES(0)[0]) is not None
     assert reads == ["tolist"]
+
 
 def test_history_and_evaluation_per_epoch():
     trainer = make_trainer()

@@ -47,8 +47,12 @@ def test_deterministic_mode_sets_cublas_workspace_before_cuda_starts(monkeypatch
     monkeypatch.setattr(torch, "use_deterministic_algorithms", modes.append)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+
     def deterministic():
-        _threads(None, deterministic=True) if call == "cli" else seed_everything(0, deterministic=True)
+        if call == "cli":
+            _threads(None, deterministic=True)
+        else:
+            seed_everything(0, deterministic=True)
 
     deterministic()
     assert modes == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
