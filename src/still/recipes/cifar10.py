@@ -30,7 +30,7 @@ from still.distill.loss import distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
-from still.recipes.common import plot_curves, predict, recipe_device, train_stage
+from still.recipes.common import plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.results import write_results
@@ -96,7 +96,7 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
                 print_table: bool = True) -> dict[str, Any]:
     out = Path(out)
     data = load_cifar10(data_dir)
-    device = recipe_device()  # the data set moves there once (614 MB of training images in fp32)
+    device = distributed.process_device()  # the data set moves there once (614 MB of training images in fp32)
     train_x = normalize(data.train_x).to(device)  # (N, 3, 32, 32) float32
     test_x = normalize(data.test_x).to(device)
     train_y, test_y = data.train_y.to(device), data.test_y.to(device)

@@ -42,13 +42,6 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def recipe_device() -> torch.device:
-    """Where a distillation recipe runs: under torchrun this process's device (its GPU, or the CPU),
-    else the GPU where there is one, else the CPU (as `still lm` chooses)."""
-    dist = distributed.setup()
-    return dist.device if dist.enabled else distributed.default_device()
-
-
 def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epochs: int, n: int, batch_size: int,
                 loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                 evaluate: Callable[[nn.Module], dict[str, Any]] | None, seed: int, stage_config: dict[str, Any],
@@ -61,8 +54,8 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     share of each (DistributedDataParallel averages the gradients; `loss_fn` returns the mean over
     the indices it is given, re-weighted here so that uneven shares still give the global mean)."""
     stage_dir = out / name
-    dist = distributed.setup()
-    model.to(recipe_device())  # built on the CPU (the same initial weights on every device), moved once
+    model.to(distributed.process_device())  # built on the CPU (the same initial weights on every device)
+    dist = distributed.current()
     if dist.main:
         check_stage_config(stage_dir, stage_config, overwrite)
     dist.barrier()

@@ -184,10 +184,10 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
 def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
               keep: int, shards: int | None, compile: bool) -> dict:
     out = Path(out)
-    dist = distributed.setup()  # a no-op unless started by torchrun
+    device = distributed.process_device()  # joins the process group where started by torchrun
+    dist = distributed.current()
     corpus, vocab = _load_data(config, cache)
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
-    device = dist.device if dist.enabled else distributed.default_device()
     train_docs, _ = encode_split(corpus, "train", vocab)
     stream = TrainStream(train_docs, config)
     # fails early if the batch size does not split

@@ -93,6 +93,13 @@ def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def process_device() -> torch.device:
+    """Where this process computes: under torchrun its own device (its GPU, or the CPU), else the
+    first GPU where there is one, else the CPU. Joins the process group first (`setup`)."""
+    dist = setup()
+    return dist.device if dist.enabled else default_device()
+
+
 def setup() -> Dist:
     """Join the process group when started by torchrun (WORLD_SIZE > 1): this process's GPU and NCCL
     where there are GPUs, else the CPU and gloo. Idempotent."""
