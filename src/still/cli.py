@@ -283,14 +283,15 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
-@precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt, and with --compile the "
-                       "one-token steps read bf16 weights and keys (about 2x faster); eager steps run in fp32 "
-                       "(faster at these sizes).")
-@click.option("--compile", "compile_", is_flag=True,
+@precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt, and compiled (the default on the "
+                       "CPU) the one-token steps read bf16 weights and keys (about 2x faster); eager steps run in "
+                       "fp32 (faster at these sizes).")
+@click.option("--compile/--no-compile", "compile_", default=None,
               help="Run the decoding step compiled: on the CPU written by hand in C++ (built once per machine, "
                    "about 2 s), elsewhere or for shapes it cannot run compiled ahead of time (AOTInductor: under a "
                    "minute, once per model shape); both cached, then several times faster per token. Falls back "
-                   "to eager mode, saying why, where neither works.")
+                   "to eager mode, saying why, where neither works. Default: the hand-written step where it can "
+                   "run (on the CPU, with a C++ compiler), else eager steps. --no-compile: eager steps.")
 @threads_option
 def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_, threads):
     """Stream sampled text from a trained run, carrying the memories."""

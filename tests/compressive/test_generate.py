@@ -152,6 +152,40 @@ def test_compiled_decoding_under_bf16_autocast_reads_bf16_matrices(precision, co
     assert made[-1].keys.dtype == made[-1].weights["0.qkv"].dtype == torch.float32  # the one that decodes
 
 
+@pytest.mark.parametrize("case", ["runs", "d_head 8", "no library"])
+def test_the_default_decodes_with_the_hand_written_step_where_it_runs_else_eagerly(case, monkeypatch):
+    """compile=None (`still lm generate`'s default): the hand-written step where it can run this
+    model, the tokens of compile=True; where it cannot (d_head not a multiple of 16, or it cannot be
+    built here), eager steps, saying why, and never the minute of compiling ahead of time."""
+    from still.compressive import decode, generate as module
+
+    monkeypatch.setattr(decode, "ahead_of_time_all", lambda requests, threads=None: pytest.fail("compiled"))
+    if case == "no library":
+        monkeypatch.setattr(module, "native_library", lambda fallback: None)
+    said, made = [], []
+    monkeypatch.setattr(module, "log", said.append)
+    monkeypatch.setattr(module, "Decoder",
+                        lambda *args, **kwargs: made.append(decode.Decoder(*args, **kwargs)) or made[-1])
+    torch.manual_seed(0)
+    d_model = 16 if case == "d_head 8" else 32
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=d_model, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    prompt = torch.randint(0, 11, (2, 7))
+
+    def run(compile):
+        return torch.stack(list(generate(model, prompt, 20, segment_len=4, compile=compile,
+                                         generator=torch.Generator().manual_seed(5))))
+
+    tokens = run(None)
+    hand_written = case == "runs"
+    assert (made[-1].native is not None) == hand_written and made[-1].compile == hand_written
+    assert said == (["the hand-written decoding step cannot run here: it needs d_head, d_model and d_ff in "
+                     "multiples of 16 (got 8, 16, 32); using eager steps"] if case == "d_head 8" else [])
+    assert torch.equal(tokens, run(False))
+    if hand_written:
+        assert torch.equal(tokens, run(True))
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_drawing_the_uniform_numbers_in_blocks_gives_the_same_tokens(monkeypatch, compile):
     """`generate` draws its uniform numbers DRAWN_AT_ONCE tokens at a time: on the CPU the same

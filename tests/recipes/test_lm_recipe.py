@@ -75,6 +75,8 @@ def test_generate_is_seeded_and_streams(trained, capsys):
     assert code == code2 == 0 and first == second and first.startswith("To be") and len(first) > 40
     _, other, _ = run_cli(capsys, *args, "--seed", "1")
     assert other != first
+    _, eager, _ = run_cli(capsys, *args, "--no-compile")  # the default: the hand-written step, in fp32 the same draws
+    assert eager == first
 
 
 @pytest.mark.parametrize("compression", ["conv", "most_used"])
@@ -272,7 +274,8 @@ def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained
     assert abs(bpc[0] - bpc[1]) < 0.05
     # greedy (top-k 1): the eager and the compiled bf16 steps round differently (logits agree to
     # ~1e-2), so sampled tokens may differ where a uniform falls near a boundary; the top token agrees
-    code, text, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--top-k", "1")
+    code, text, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be", "--top-k", "1",
+                            "--no-compile")
     assert code == 0 and text.startswith("To be") and len(text.rstrip("\n")) == len("To be") + 5
     code, compiled, _ = run_cli(capsys, "lm", "generate", str(run), "--tokens", "5", "--prompt", "To be",
                                 "--top-k", "1", "--compile")

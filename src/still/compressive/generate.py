@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveTransformer
+from still.compressive.native import library as native_library
 from still.compressive.prefill import prefill, supports_model
 from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
 from still.errors import StillError
 from still.train.precision import this_threads_modes
+from still.train.progress import log
 from still.train.shards import ShardPool
 
 __all__ = ["StreamScorer", "eval_shards", "evaluate_streams", "filter_logits", "generate", "sample"]
@@ -31,11 +33,13 @@ __all__ = ["StreamScorer", "eval_shards", "evaluate_streams", "filter_logits", "
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, segment_len: int = 128,
              generator: torch.Generator | None = None, state: MemoryState | None = None,
-             compile: bool = False) -> Iterator[torch.Tensor]:
+             compile: bool | None = False) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1.
 
     `compile`: run the decoding step compiled: on the CPU written by hand (`still.compressive.native`,
     built once per machine), else ahead of time (`still.train.aot`, once per model shape); both cached.
+    None: the hand-written step where it can run this model (on the CPU, where a C++ compiler builds
+    it: seconds, once per machine), else eager steps (never the minute of compiling ahead of time).
 
     Nothing is recorded for autograd. (Not by `torch.no_grad()` as a decorator: on a generator it
     switches the mode around every token, 1.3 µs each; the compiled step needs no switch at all.)"""
@@ -47,6 +51,10 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"the prompt must be (batch, length >= 1), got shape {tuple(prompt.shape)}")
     if any(module.training for module in model.modules()):  # (a walk costs a tenth of eval()'s 0.2 ms)
         model.eval()
+    native = None  # the decoder's choice between the hand-written and the compiled step
+    if compile is None:  # the hand-written step where it can run, else eager steps
+        cpu = model.embedding.weight.device.type == "cpu"
+        compile = native = cpu and native_library(fallback="eager steps") is not None
     with torch.no_grad():
         with using_threads(threads_for(model, prompt.shape[0], min(segment_len, prompt.shape[1]))):
             logits, state = prefill(model, prompt, state, segment_len, written=compile)  # (B, V): a layer at a time
@@ -55,7 +63,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         draws = _Draws(max_new_tokens, batch, generator, device)  # (B, 1) a token
         token = next_token(logits, draws.take(), sampling)  # (B,)
         dtype = _stored_dtype(device, compile)
-        decoder = Decoder(model, state, batch, compile=compile, dtype=dtype) if supports(model, state) else None
+        decoder = _decoder(model, state, batch, compile, dtype, native)
         # compiling, if any, before the first token rather than after it; where it failed, the
         # eager steps run faster in the weights' dtype
         if decoder is not None and not decoder.prepare(sampling) and dtype is not None:
@@ -74,6 +82,21 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
                 out = model(token[:, None], state)
                 state = out.state
                 token = next_token(out.logits[:, -1], draws.take(), sampling)
+
+
+def _decoder(model: CompressiveTransformer, state: MemoryState, batch: int, compile: bool, dtype: torch.dtype | None,
+             native: bool | None) -> Decoder | None:
+    """The decoder for `generate` (None where it cannot run: the model's forward steps then); with
+    `native` True (the default's choice), eager steps where the hand-written one cannot run this model."""
+    if not supports(model, state):
+        return None
+    if not native:
+        return Decoder(model, state, batch, compile=compile, dtype=dtype, native=native)
+    try:
+        return Decoder(model, state, batch, compile=True, dtype=dtype, native=True)
+    except ValueError as error:  # (only the hand-written step's refusal: the rest is checked above)
+        log(f"{error}; using eager steps")
+        return Decoder(model, state, batch)
 
 
 STEPS_A_CALL = 16

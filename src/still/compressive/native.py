@@ -16,7 +16,8 @@ The source is compiled with the machine's C++ compiler (`$CXX`, else g++, c++ or
 `-O3 -march=native`) into `<cache>/native/<key>/`, keyed on the source, the compiler (its file), the
 flags and the processor, and loaded with ctypes: a step is one foreign call with a few integers (no PyTorch
 headers to compile: a build takes seconds). Where no compiler works, `library()` says why once and
-returns None, and the decoder uses the ahead-of-time compiled step (`still.train.aot`) instead.
+returns None, and the decoder uses the ahead-of-time compiled step (`still.train.aot`) instead
+(with `generate(compile=None)`, what `still lm generate` does by default: eager steps).
 """
 
 from __future__ import annotations
@@ -68,14 +69,15 @@ def compiler() -> str | None:
     return None
 
 
-def library() -> ctypes.CDLL | None:
+def library(fallback: str = "the compiled one") -> ctypes.CDLL | None:
     """The built and loaded step (built at the first call of the process where not cached); None,
-    with the reason printed once, where it cannot be built."""
+    with the reason printed once (and the first caller's `fallback`, what runs instead), where it
+    cannot be built."""
     if not _LIBRARY:
         try:
             _LIBRARY.append(_load(_build()))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            log(f"the hand-written decoding step is unavailable ({error}); using the compiled one")
+            log(f"the hand-written decoding step is unavailable ({error}); using {fallback}")
             _LIBRARY.append(None)
     return _LIBRARY[0]
 

@@ -430,10 +430,10 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
 
 def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
-                checkpoint: str | Path | None = None, precision: str | None = None, compile: bool = False) -> str:
+                checkpoint: str | Path | None = None, precision: str | None = None, compile: bool | None = None) -> str:
     """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
     `precision`: fp32 or bf16 (default: the run's). `compile`: the decoding step compiled (on the CPU written by
-    hand, elsewhere ahead of time; cached)."""
+    hand, elsewhere ahead of time; cached); None: the hand-written step where it can run, else eager steps."""
     config, vocab, model, _ = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
@@ -442,8 +442,9 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None].to(device)  # (1, P)
     generator = torch.Generator().manual_seed(seed)
     pieces = []
-    if compile and device.type == "cpu":  # built (once per machine) or loaded before the text starts, so
-        native_step.library()  # that what it says stands on lines of its own
+    if compile is not False and device.type == "cpu":  # built (once per machine) or loaded before the text
+        # starts, so that what it says stands on lines of its own
+        native_step.library("the compiled one" if compile else "eager steps")
     if stream is not None:
         stream.write(prompt)
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
