@@ -462,3 +462,40 @@ def test_bf16_training_under_cuda_autocasts_dtypes(monkeypatch):
     assert losses["bf16"][2] == pytest.approx(losses["fp32"][2], rel=0.02)
     assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=0.02)
     assert losses["bf16"][1] == pytest.approx(losses["fp32"][1], rel=0.1)
+
+
+def test_steps_across_document_boundaries_read_nothing_from_the_device(monkeypatch):
+    """On a GPU, every value read from the device waits for all the work queued before it. The
+    memories' validity flags stay on the CPU and resets are read there, so training and evaluation
+    steps across document boundaries read nothing from the device: here the meta device stands in
+    for a GPU, where reading any value fails (autocast, which meta lacks, is left out)."""
+    import contextlib
+
+    autocast, enabled = torch.autocast, torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "autocast", lambda device_type, *args, **kwargs: (
+        contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *args, **kwargs)))
+    monkeypatch.setattr(torch, "is_autocast_enabled",
+                        lambda *args: False if args and args[0] == "meta" else enabled(*args))
+    config = CompressiveConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=4, d_ff=64, mem_len=8, c_mem_len=8,
+                               compression_rate=2)
+    model = CompressiveTransformer(config).to("meta")
+    tokens = torch.zeros(3, 8, dtype=torch.long, device="meta")
+    state, masked = None, []
+    for step in range(8):
+        reset = torch.tensor([step == 2, step == 3, False])  # on the CPU, as the data is
+        out = model(tokens, state, reset=reset)
+        loss = out.logits.float().sum()
+        (loss if out.compression_loss is None else loss + out.compression_loss).backward()
+        state = out.state.detach()
+        masked.append(state.memory_valid is not None)
+        assert out.logits.device.type == "meta" and state.memory[0].device.type == "meta"
+        assert masked[-1] is False or state.memory_valid.device.type == "cpu"
+    assert masked == [False, False, True, True, True, False, False, False]  # until the reset rows' slots fill
+    model.eval()
+    with torch.no_grad():
+        for step in range(3):
+            state = model(tokens, state, reset=torch.tensor([step == 1, False, False])).state
+            masked.append(state.memory_valid is not None)
+    assert masked[-3:] == [False, True, True]
+    checkpoint = state.to_tensors()  # on the memories' device (rank 0 gathers them there)
+    assert {t.device.type for t in checkpoint.values()} == {"meta"}

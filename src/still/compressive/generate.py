@@ -259,7 +259,7 @@ class StreamScorer:
 
     def _score(self, i: int, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
         rows = slice(self.bounds[i], self.bounds[i + 1])
-        reset = None if reset is None else reset[rows].to(self.device)
+        reset = None if reset is None else reset[rows]  # on the CPU: read there, not waited for on a GPU
         if self.segment_len is not None and inputs.shape[1] > self.segment_len:  # several segments
             state = self.states[i]
             if reset is not None and state is not None:

@@ -38,7 +38,9 @@ class MemoryState(NamedTuple):
     projected). `memory_valid` (B, M) and
     `compressed_valid` (B, N) say which slots hold something of the current document in each batch
     row (None: all of them); a document boundary resets a row by marking its slots invalid, and the
-    attention masks invalid slots out.
+    attention masks invalid slots out. The flags are kept on the CPU, wherever the memories are: what
+    is decided from them every step (is any row reset? are all slots valid again?) then waits for
+    nothing queued on a GPU; `key_valid` gives them on the memories' device.
     """
 
     memory: tuple[torch.Tensor, ...]  # each (B, M, d)
@@ -72,27 +74,30 @@ class MemoryState(NamedTuple):
         return self.compressed[0].shape[1]
 
     def validity(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, M) and (B, N) validity, materialised."""
-        b, device = self.batch_size, self.memory[0].device
-        mv = (self.memory_valid if self.memory_valid is not None
-              else torch.ones(b, self.memory_len, dtype=torch.bool, device=device))
-        cv = (self.compressed_valid if self.compressed_valid is not None
-              else torch.ones(b, self.compressed_len, dtype=torch.bool, device=device))
+        """(B, M) and (B, N) validity, materialised, on the CPU."""
+        b = self.batch_size
+        mv = (self.memory_valid.cpu() if self.memory_valid is not None
+              else torch.ones(b, self.memory_len, dtype=torch.bool))
+        cv = (self.compressed_valid.cpu() if self.compressed_valid is not None
+              else torch.ones(b, self.compressed_len, dtype=torch.bool))
         return mv, cv
 
     def key_valid(self) -> torch.Tensor | None:
-        """(B, N + M) validity of [compressed memory, memory], or None when all are valid."""
+        """(B, N + M) validity of [compressed memory, memory] on the memories' device, or None when all
+        are valid."""
         if self.memory_valid is None and self.compressed_valid is None:
             return None
         mv, cv = self.validity()
-        return torch.cat([cv, mv], dim=1)
+        return torch.cat([cv, mv], dim=1).to(self.memory[0].device, non_blocking=True)
 
     def reset(self, rows: torch.Tensor) -> MemoryState:
-        """Forget the memories of the batch rows where `rows` (B,) is True (a new document starts)."""
+        """Forget the memories of the batch rows where `rows` (B,) is True (a new document starts).
+        (Given on the CPU, as the data is, it is read without waiting for a GPU.)"""
+        rows = rows.to("cpu", torch.bool)
         if not bool(rows.any()):
             return self
         mv, cv = self.validity()
-        keep = ~rows.to(torch.bool)[:, None]
+        keep = ~rows[:, None]
         return self._replace(memory_valid=mv & keep, compressed_valid=cv & keep)
 
     def detach(self) -> MemoryState:
@@ -100,17 +105,17 @@ class MemoryState(NamedTuple):
                              compressed=tuple(c.detach() for c in self.compressed))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """A flat dict of tensors, for a checkpoint."""
-        mv, cv = self.validity()
+        """A flat dict of tensors, for a checkpoint, all on the memories' device."""
+        mv, cv = (v.to(self.memory[0].device, torch.uint8) for v in self.validity())
         out = {f"memory/{i}": m for i, m in enumerate(self.memory)}
         out.update({f"compressed/{i}": c for i, c in enumerate(self.compressed)})
-        out.update({"memory_valid": mv.to(torch.uint8), "compressed_valid": cv.to(torch.uint8)})
+        out.update({"memory_valid": mv, "compressed_valid": cv})
         return out
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor]) -> MemoryState:
         n = len([k for k in tensors if k.startswith("memory/")])
-        mv, cv = tensors["memory_valid"].bool(), tensors["compressed_valid"].bool()
+        mv, cv = tensors["memory_valid"].to("cpu", torch.bool), tensors["compressed_valid"].to("cpu", torch.bool)
         return MemoryState(tuple(tensors[f"memory/{i}"] for i in range(n)),
                            tuple(tensors[f"compressed/{i}"] for i in range(n)),
                            None if bool(mv.all()) else mv, None if bool(cv.all()) else cv)

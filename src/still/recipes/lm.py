@@ -221,9 +221,10 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
     if dist.enabled:  # the same weights everywhere (DDP checks), a different dropout stream per rank
         torch.manual_seed(config.seed + 1_000_003 * dist.rank)
     # data parallel: each rank reads its own contiguous rows of every global batch and keeps their memories
-    net = (torch.nn.parallel.DistributedDataParallel(model,
-                                                     device_ids=[device.index] if device.type == "cuda" else None,
-                                                     find_unused_parameters=True) if dist.enabled else model)
+    # (device_ids None, also on a GPU: DDP moves no inputs, so the resets stay on the CPU, as the memories'
+    # validity flags do, and are read there without waiting for the GPU; the rest is moved below)
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=None, find_unused_parameters=True)
+           if dist.enabled else model)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.steps)
     # each shard's memories (shard i: rows i * n / shards ... of this rank's), kept apart between steps
@@ -240,8 +241,8 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
         if shard is not None:
             index, within = shard.index, shard.rows(rows.stop - rows.start, "the batch size")
             rows = slice(rows.start + within.start, rows.start + within.stop)
-        inputs, targets, reset = (t[rows].to(device) for t in (segment.inputs, segment.targets, segment.reset))
-        result = net(inputs, memory[index], reset=reset)
+        inputs, targets = (t[rows].to(device) for t in (segment.inputs, segment.targets))
+        result = net(inputs, memory[index], reset=segment.reset[rows])  # (the resets read on the CPU)
         memory[index] = result.state.detach()
         nll = F.cross_entropy(result.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                               reduction="sum")
