@@ -72,3 +72,13 @@ def test_every_documented_command_parses(path):
             parse(args)
         except click.UsageError as error:
             pytest.fail(f"{path.name}: `still {shlex.join(args)}`: {error.format_message()}")
+
+
+def test_the_readmes_compressive_transformer_example_runs():
+    """The README's language-model example is complete: it runs as written, and its compression
+    loss appears once the memories overflow."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    example = next(block for block in blocks if "CompressiveTransformer(" in block)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["out"].compression_loss is not None and namespace["state"].compressed_len == 128

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_user_error, run_cli
+from still.errors import StillError
 
 
 def train_args(corpus, out, *extra):
@@ -121,8 +122,52 @@ def test_bad_inputs(corpus, tmp_path, capsys):
                       contains="mem_len (10) must be a multiple of compression_rate (4)")
     assert_user_error(capsys, *train_args(corpus, tmp_path / "d", "--compression", "zip"),
                       contains="'zip' is not one of")
-    assert_user_error(capsys, "lm", "eval", str(tmp_path / "nothing"), contains="not a language-model run directory")
+    assert_user_error(capsys, "lm", "eval", str(tmp_path / "nothing"), contains="nothing does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(capsys, "lm", "eval", str(tmp_path / "empty"), contains="not a language-model run directory")
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_another_recipes_run_directory_is_refused_and_left_as_it_was(corpus, tmp_path, capsys):
+    """A recipe run into another recipe's directory would replace its config.json and results."""
+    from still.recipes.cifar10 import PRESETS as CIFAR_PRESETS, run_cifar10
+    from still.recipes.mnist import PRESETS, run_mnist
+
+    distill = tmp_path / "distill"
+    distill.mkdir()
+    (distill / "config.json").write_text(json.dumps({"alpha": 0.5, "jitter": 0, "preset": "quick"}))
+    (distill / "results.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in distill.iterdir()}
+    for args in (train_args(corpus, distill), ["lm", "eval", str(distill)], ["lm", "generate", str(distill)],
+                 ["lm", "compare", str(distill), "--out", str(tmp_path / "cmp")]):
+        assert_user_error(capsys, *args, contains="holds another kind of run, not a language-model run "
+                                                  "(its config.json has alpha, jitter)")
+    assert {p.name: p.read_bytes() for p in distill.iterdir()} == before
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}, "segment_len": 16}))
+    with pytest.raises(StillError, match="not a distill mnist run \\(its config.json has corpus, model, segment_len"):
+        run_mnist(PRESETS["quick"], lm, cache=tmp_path / "no-cache")
+    with pytest.raises(StillError, match="not a distill cifar10 run"):
+        run_cifar10(CIFAR_PRESETS["tiny"], tmp_path / "no-data", lm)
+    assert sorted(p.name for p in lm.iterdir()) == ["config.json"]
+
+
+def test_a_relative_corpus_is_stored_absolute(corpus, tmp_path, capsys, monkeypatch):
+    """`lm eval` reads the corpus again, maybe from another directory; a run made before the path
+    was stored absolute still resumes from the directory it was made in."""
+    monkeypatch.chdir(corpus.parent)
+    out = tmp_path / "run"
+    args = train_args(corpus.name, out, "--steps", "4", "--eval-every", "4")
+    assert run_cli(capsys, *args)[0] == 0
+    assert json.loads((out / "config.json").read_text())["corpus"] == str(corpus)
+    for name in ("stage.json", "config.json"):  # as such a run was written
+        data = json.loads((out / name).read_text())
+        (out / name).write_text(json.dumps({**data, "corpus": corpus.name}))
+    assert run_cli(capsys, *args)[0] == 0  # resumed (finished): not refused for changed settings
+    assert json.loads((out / "stage.json").read_text())["corpus"] == str(corpus)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "lm", "eval", str(out), "--split", "valid", "--threads", "1")[0] == 0
 
 
 def test_generate_bad_prompt(trained, capsys):
@@ -174,8 +219,10 @@ def test_train_stream_gives_every_thread_the_same_segments():
 def test_compare_runs(trained, tmp_path, capsys):
     code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "test", "--threads", "1")
     assert code == 0
-    code, out, _ = run_cli(capsys, "lm", "compare", str(trained), str(trained), "--out", str(tmp_path / "cmp"))
-    assert code == 0 and out.count("compressive 16+8/4") == 2
+    code, out, err = run_cli(capsys, "lm", "compare", str(trained), str(trained), "--out", str(tmp_path / "cmp"))
+    assert code == 0 and out.count("compressive 16+8/4") == 2 and "eval_step" in out and "come from" not in err
+    rows = json.loads((tmp_path / "cmp" / "compare-test.json").read_text())["rows"]
+    assert [r["eval_step"] for r in rows] == [8, 8]
     assert (tmp_path / "cmp" / "compare-test-by-position.png").is_file()
     assert (tmp_path / "cmp" / "compare-valid-curves.png").is_file()
     assert_user_error(capsys, "lm", "compare", str(tmp_path), "--out", str(tmp_path / "cmp"),
@@ -195,6 +242,23 @@ def test_named_checkpoint_and_damaged_checkpoint(trained, tmp_path, capsys):
                       contains="model.safetensors does not match its SHA-256")
     code, _, err = run_cli(capsys, "lm", "generate", str(out), "--tokens", "5")  # falls back to the older one
     assert code == 0 and "skipping checkpoint" in err and "ckpt-00000008" in err
+
+
+def test_a_checkpoint_of_another_run_is_refused(trained, corpus, tmp_path, capsys):
+    """`lm eval RUN --checkpoint` writes RUN/eval-*.json, which `lm compare` reads beside RUN's own
+    results: a checkpoint trained with other settings would be filed under the wrong run. One of the
+    run's own earlier checkpoints is fine, and `lm compare` says which step its columns come from."""
+    other = tmp_path / "other"
+    assert run_cli(capsys, *train_args(corpus, other, "--steps", "4", "--eval-every", "4"))[0] == 0
+    theirs = sorted((other / "checkpoints").glob("ckpt-*"))[-1]
+    assert_user_error(capsys, "lm", "eval", str(trained), "--checkpoint", str(theirs),
+                      contains="was trained with other settings than")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    first = sorted((run / "checkpoints").glob("ckpt-*"))[0]
+    assert run_cli(capsys, "lm", "eval", str(run), "--checkpoint", str(first), "--threads", "1")[0] == 0
+    code, _, err = run_cli(capsys, "lm", "compare", str(run), "--out", str(tmp_path / "cmp"))
+    assert code == 0 and "the by-position columns come from `still lm eval` of checkpoint step 4" in err
 
 
 def test_deterministic_runs_are_identical(corpus, tmp_path, capsys):

@@ -20,6 +20,7 @@ and `test/` folders of books (`*.txt`), one document per book.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import zipfile
 from collections.abc import Sequence
@@ -221,6 +222,17 @@ def load_pg19(path: str | Path, byte_level: bool = False) -> Corpus:
             raise StillError(f"PG-19 folder {path} has no books in {folder}/")
         splits[split] = [Document(f.stem, _read(f, byte_level)) for f in files]
     return Corpus("pg19", splits["train"], splits["valid"], splits["test"], byte_level)
+
+
+def absolute_corpus(name: str) -> str:
+    """`name` (as `load_corpus` takes it) with its path made absolute, so that a run directory's
+    config names the same corpus from any working directory (`still lm eval` reads it again)."""
+    if name == "shakespeare":
+        return name
+    for kind in ("enwik8:", "pg19:"):
+        if name.startswith(kind):
+            return kind + os.path.abspath(os.path.expanduser(name[len(kind):]))
+    return os.path.abspath(os.path.expanduser(name))
 
 
 def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool = False) -> Corpus:

@@ -30,7 +30,7 @@ from still.distill.loss import distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
-from still.recipes.common import plot_curves, predict, train_stage
+from still.recipes.common import check_run_kind, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.results import write_results
@@ -95,6 +95,7 @@ def augment(images: torch.Tensor) -> torch.Tensor:
 def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, overwrite: bool = False,
                 print_table: bool = True) -> dict[str, Any]:
     out = Path(out)
+    check_run_kind(out, Cifar10Config, "distill cifar10")
     data = load_cifar10(data_dir)
     device = distributed.process_device()  # the data set moves there once (614 MB of training images in fp32)
     train_x = normalize(data.train_x).to(device)  # (N, 3, 32, 32) float32

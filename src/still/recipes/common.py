@@ -19,6 +19,23 @@ from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 
 
+def check_run_kind(run_dir: Path, config_class: type, kind: str) -> None:
+    """Refuse (exit 2, nothing touched) a run directory whose config.json is another recipe's: one
+    recipe run into another's directory would replace its config.json and results. (Stage
+    directories' own checks cannot see it: the recipes keep their stages in different places.)"""
+    import dataclasses
+
+    try:
+        data = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no run here yet (or no readable config: the recipe's own reading says so)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - fields) if isinstance(data, dict) else []
+    if unknown:
+        raise StillError(f"{run_dir} holds another kind of run, not a {kind} run (its config.json has "
+                         f"{', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}); choose another directory")
+
+
 def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False,
                        defaults: dict[str, Any] | None = None) -> None:
     """A stage directory holds one config: refuse (exit 2, nothing touched) to mix another into it.

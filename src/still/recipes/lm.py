@@ -28,10 +28,10 @@ from still.compressive import attention, native as native_step
 from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
-from still.config import load_config, replace, save_config, to_dict
-from still.data.text import Corpus, Segment, TokenStreams, Vocab, load_corpus
+from still.config import from_dict, load_config, replace, save_config, to_dict
+from still.data.text import Corpus, Segment, TokenStreams, Vocab, absolute_corpus, load_corpus
 from still.errors import StillError, check
-from still.recipes.common import check_stage_config, plot_curves
+from still.recipes.common import check_run_kind, check_stage_config, plot_curves
 from still.train import checkpoint as ckpt, distributed
 from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
 from still.train.io import atomic_write_text
@@ -181,9 +181,24 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         return _train_lm(config, out, cache, overwrite, print_table, on_nonfinite, keep, shards, compile)
 
 
+def _older_relative_corpus(stage: Path, corpus: str) -> None:
+    """A run made before its corpus's path was stored absolute (`absolute_corpus`) names it as
+    given: where that is `corpus` seen from here, it is written absolute, so the same command resumes it."""
+    try:
+        existing = json.loads(stage.read_text())
+    except (OSError, ValueError):
+        return
+    stored = existing.get("corpus") if isinstance(existing, dict) else None
+    if isinstance(stored, str) and stored != corpus and absolute_corpus(stored) == corpus:
+        atomic_write_text(stage, json.dumps({**existing, "corpus": corpus}, indent=2,
+                                            sort_keys=True) + "\n")
+
+
 def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
               keep: int, shards: int | None, compile: bool) -> dict:
     out = Path(out)
+    check_run_kind(out, LMConfig, "language-model")
+    config = replace(config, corpus=absolute_corpus(config.corpus))  # the same corpus for `lm eval` from anywhere
     device = distributed.process_device()  # joins the process group where started by torchrun
     dist = distributed.current()
     corpus, vocab = _load_data(config, cache)
@@ -201,6 +216,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
           f"shards ({shards}) must be >= 1 and divide the rows of a batch ({n_rows}"
           + (" per process)" if dist.enabled else ")"))
     if dist.main:
+        _older_relative_corpus(out / "stage.json", config.corpus)
         check_stage_config(out, to_dict(config), overwrite, defaults=to_dict(LMConfig()))
         save_config(config, out / "config.json")
         atomic_write_text(out / "vocab.json", vocab.to_json())
@@ -360,8 +376,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     """The config, vocabulary and trained model of a `still lm train` run directory: its newest
     valid checkpoint, or the `checkpoint` directory named (refused with a reason if damaged)."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise StillError(f"{run_dir} does not exist")
     if not (run_dir / "config.json").is_file():
         raise StillError(f"{run_dir} is not a language-model run directory (no config.json)")
+    check_run_kind(run_dir, LMConfig, "language-model")
     config = load_config(LMConfig, run_dir / "config.json")
     try:
         vocab = Vocab.from_json((run_dir / "vocab.json").read_text())
@@ -369,6 +388,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
         raise StillError(f"cannot read {run_dir}/vocab.json: {e}") from None
     if checkpoint is not None:
         loaded = ckpt.load_checkpoint(checkpoint)
+        _check_same_run(config, loaded, run_dir)
     else:
         loaded = ckpt.latest_checkpoint(run_dir / "checkpoints", log=log)
         if loaded is None:
@@ -376,6 +396,23 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     model = CompressiveTransformer(config.model)
     ckpt.load_model_weights(model, loaded.model, source=str(loaded.path))
     return config, vocab, model.to(distributed.default_device()).eval(), loaded
+
+
+def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path) -> None:
+    """Refuse a checkpoint trained with other settings than `run_dir`'s: what is written there
+    (`eval-*.json`, read by `lm compare` beside the run's results) would describe another model."""
+    if not loaded.config:  # (a checkpoint without its config: nothing to compare)
+        return
+    try:
+        theirs = to_dict(from_dict(LMConfig, loaded.config, where=f"{loaded.path}/config.json"))
+    except StillError as e:
+        raise StillError(f"{loaded.path} is not a language-model checkpoint ({e})") from None
+    ours = to_dict(config)
+    theirs["corpus"], ours["corpus"] = absolute_corpus(theirs["corpus"]), absolute_corpus(ours["corpus"])
+    changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if changed:
+        raise StillError(f"{loaded.path} was trained with other settings than {run_dir} ({', '.join(changed)}): "
+                         "name a checkpoint of this run, or the checkpoint's own run directory")
 
 
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
@@ -479,6 +516,7 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
     runs and their `still lm eval`."""
     rows, curves, histories = [], [], []
     for run_dir in run_dirs:
+        check_run_kind(run_dir, LMConfig, "language-model")
         try:
             result = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError):
@@ -498,9 +536,14 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
             late = [r["bits_per_char"] for r in points if r["from"] >= 4096]
             row["bpc_first_1k"] = round(sum(first) / len(first), 4) if first else None
             row["bpc_after_4k"] = round(sum(late) / len(late), 4) if late else None
+            row["eval_step"] = data.get("meta", {}).get("step")
+            if row["eval_step"] != row.get("steps"):
+                log(f"{run_dir.name}: the by-position columns come from `still lm eval` of checkpoint step "
+                    f"{row['eval_step']}, the others from the end of training (step {row.get('steps')})")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["run", "model", "params", "steps", "valid_bpc", "test_bpc", "bpc_first_1k", "bpc_after_4k"]
+    columns = ["run", "model", "params", "steps", "valid_bpc", "test_bpc", "eval_step", "bpc_first_1k",
+               "bpc_after_4k"]
     table = write_results(out, f"compare-{split}", rows, columns=columns,
                           title=f"Bits per character ({split}); by position: mean over the position buckets")
     if curves:

@@ -32,7 +32,7 @@ from still.distill.loss import distillation_loss
 from still.distill.models import MLP, MLPConfig
 from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
 from still.errors import check
-from still.recipes.common import plot_curves, predict, train_stage
+from still.recipes.common import check_run_kind, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.results import write_results
@@ -120,6 +120,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
               print_table: bool = True, keep: int = 2) -> dict[str, Any]:
     """Run the MNIST experiment into directory `out`; return the results (also written there)."""
     out = Path(out)
+    check_run_kind(out, MnistConfig, "distill mnist")
     out.mkdir(parents=True, exist_ok=True)
     device = distributed.process_device()  # the data set moves there once (188 MB in fp32)
     data = _subset(load_mnist(cache), config)
