@@ -42,8 +42,11 @@ def test_the_command_sets_openmp_waiting_before_torch_loads(environ, expected):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--temperature", "0"], "temperature must be > 0, got 0.0"),
+    (["--temperature", "0"], "temperature must be a finite number > 0, got 0.0"),
+    (["--temperature", "inf"], "temperature must be a finite number > 0, got inf"),
+    (["--temperature", "2,nan"], "temperature must be a finite number > 0, got nan"),
     (["--temperature", "2,abc"], "expected numbers separated by commas"),
+    (["--temperature", "1,,2"], "expected numbers separated by commas, got '1,,2'"),
     (["--alpha", "1.5"], "must be in [0, 1], got 1.5"),
     (["--alpha", "-0.2"], "must be in [0, 1], got -0.2"),
     (["--omit-digit", "12"], "12 is not in the range 0<=x<=9"),
@@ -81,7 +84,7 @@ def test_cifar10_missing_batch(capsys, cifar_dir, tmp_path):
 
 def test_cifar10_bad_temperature(capsys, cifar_dir, tmp_path):
     assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--temperature", "-3",
-                      "--out", str(tmp_path / "r"), contains="temperature must be > 0, got -3.0")
+                      "--out", str(tmp_path / "r"), contains="temperature must be a finite number > 0, got -3.0")
 
 
 def test_cifar10_refuses_a_pickle_that_runs_code(capsys, cifar_dir, tmp_path):

@@ -28,7 +28,7 @@ def test_nested_unknown_key_names_its_path():
 @pytest.mark.parametrize("data, message", [
     ({"teacher_epochs": "ten"}, "teacher_epochs: expected an integer, got 'ten'"),
     ({"alpha": True}, "alpha: expected a number"),
-    ({"temperatures": [2, -1]}, "temperature must be > 0, got -1"),
+    ({"temperatures": [2, -1]}, "temperature must be a finite number > 0, got -1"),
     ({"alpha": 1.5}, r"alpha \(the weight of the soft-target term\) must be in \[0, 1\], got 1.5"),
     ({"teacher_optim": {"name": "rmsprop"}}, "'rmsprop' is not one of 'sgd', 'adam', 'adamw'"),
     ({"omit_digit": 11}, "omit_digit must be in 0..9, got 11"),
@@ -39,8 +39,12 @@ def test_bad_values_are_named(data, message):
 
 
 def test_replace_validates():
-    with pytest.raises(StillError, match="lr must be > 0"):
-        replace(OptimConfig(), lr=0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(StillError, match="lr must be a finite number > 0"):
+            replace(OptimConfig(), lr=bad)
+    for field in ("weight_decay", "grad_clip"):
+        with pytest.raises(StillError, match=f"{field} must be a finite number"):
+            replace(OptimConfig(), **{field: float("inf")})
     assert replace(MLPConfig(), hidden=[10, 10]).hidden == (10, 10)
 
 

@@ -31,11 +31,9 @@ def _floats(ctx, param, value):
     if value is None:
         return None
     try:
-        values = tuple(float(v) for v in value.split(",") if v.strip())
+        values = tuple(float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
-    if not values:
-        raise click.BadParameter("give at least one value")
     return values
 
 

@@ -76,7 +76,7 @@ def test_one_member_ensemble_is_the_single_teacher():
 def test_combine_rejects_bad_input():
     with pytest.raises(StillError, match="combination must be"):
         combine_log_probs(torch.zeros(2, 3, 4), 1.0, "median")
-    with pytest.raises(StillError, match="temperature must be > 0, got -1"):
+    with pytest.raises(StillError, match="temperature must be a finite number > 0, got -1"):
         combine_log_probs(torch.zeros(2, 3, 4), -1.0)
     with pytest.raises(StillError, match="at least one member"):
         EnsembleTeacher([])

@@ -122,6 +122,8 @@ def test_bad_inputs(corpus, tmp_path, capsys):
                       contains="mem_len (10) must be a multiple of compression_rate (4)")
     assert_user_error(capsys, *train_args(corpus, tmp_path / "d", "--compression", "zip"),
                       contains="'zip' is not one of")
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "d", "--lr", "inf"),
+                      contains="lr must be a finite number > 0, got inf")
     assert_user_error(capsys, "lm", "eval", str(tmp_path / "nothing"), contains="nothing does not exist")
     (tmp_path / "empty").mkdir()
     assert_user_error(capsys, "lm", "eval", str(tmp_path / "empty"), contains="not a language-model run directory")
@@ -174,6 +176,9 @@ def test_generate_bad_prompt(trained, capsys):
     assert_user_error(capsys, "lm", "generate", str(trained), "--prompt", "Zebra#", contains="is not in the vocabulary")
     assert_user_error(capsys, "lm", "generate", str(trained), "--temperature", "0",
                       contains="0.0 is not in the range x>0")
+    for value in ("nan", "inf"):
+        assert_user_error(capsys, "lm", "generate", str(trained), "--temperature", value,
+                          contains=f"temperature must be a finite number > 0, got {value}")
 
 
 def test_train_stream_passes_follow_each_other():

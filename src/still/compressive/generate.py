@@ -43,8 +43,8 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
 
     Nothing is recorded for autograd. (Not by `torch.no_grad()` as a decorator: on a generator it
     switches the mode around every token, 1.3 µs each; the compiled step needs no switch at all.)"""
-    if temperature <= 0:
-        raise StillError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise StillError(f"temperature must be a finite number > 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise StillError(f"top_p must be in (0, 1], got {top_p}")
     if prompt.ndim != 2 or prompt.shape[1] == 0:

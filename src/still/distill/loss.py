@@ -39,6 +39,7 @@ considerably lower weight on the second"; the MNIST recipe's alpha is documented
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -48,8 +49,8 @@ from still.errors import StillError
 
 
 def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise StillError(f"temperature must be a number > 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise StillError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _check_pair(student_logits: torch.Tensor, teacher: torch.Tensor, what: str) -> None:

@@ -48,8 +48,8 @@ Combine = Literal["arithmetic", "geometric"]
 
 def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Combine = "arithmetic") -> torch.Tensor:
     """Soft targets (as log-probabilities) of an ensemble. member_logits: (M, B, C) -> (B, C)."""
-    if temperature <= 0:
-        raise StillError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise StillError(f"temperature must be a finite number > 0, got {temperature}")
     if member_logits.ndim != 3:
         raise StillError(f"member logits must be (members, batch, classes), got {tuple(member_logits.shape)}")
     log_probs = F.log_softmax(member_logits.float() / temperature, dim=-1)  # (M, B, C)

@@ -16,6 +16,7 @@ computed once (`CachedTeacher`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ class Cifar10Config:
     def __post_init__(self) -> None:
         check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(0 < self.temperature < math.inf, f"temperature must be a finite number > 0, got {self.temperature}")
         check(0 <= self.alpha <= 1, f"alpha (the weight of the soft-target term) must be in [0, 1], got {self.alpha}")
         check(self.teacher.classes == self.student.classes,
               f"teacher has {self.teacher.classes} classes, student {self.student.classes}: they must match")

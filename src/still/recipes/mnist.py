@@ -17,6 +17,7 @@ distilled student per temperature, then writes results.json / results.md / test_
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ class MnistConfig:
         check(0 <= self.teacher_shifts <= 8, f"teacher_shifts must be in [0, 8] pixels, got {self.teacher_shifts}")
         check(len(self.temperatures) > 0, "give at least one temperature")
         for t in self.temperatures:
-            check(t > 0, f"temperature must be > 0, got {t}")
+            check(0 < t < math.inf, f"temperature must be a finite number > 0, got {t}")
         check(0 <= self.alpha <= 1, f"alpha (the weight of the soft-target term) must be in [0, 1], got {self.alpha}")
         check(self.omit_digit is None or 0 <= self.omit_digit <= 9,
               f"omit_digit must be in 0..9, got {self.omit_digit}")

@@ -34,13 +34,14 @@ class OptimConfig:
     """Clip the global gradient norm to this value (None: no clipping)."""
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(0 <= self.weight_decay < math.inf, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         check(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        check(self.grad_clip is None or 0 < self.grad_clip < math.inf,
+              f"grad_clip must be a finite number > 0 or None, got {self.grad_clip}")
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
