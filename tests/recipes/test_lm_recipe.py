@@ -246,7 +246,8 @@ def test_named_checkpoint_and_damaged_checkpoint(trained, tmp_path, capsys):
     assert_user_error(capsys, "lm", "eval", str(out), "--checkpoint", str(newest),
                       contains="model.safetensors does not match its SHA-256")
     code, _, err = run_cli(capsys, "lm", "generate", str(out), "--tokens", "5")  # falls back to the older one
-    assert code == 0 and "skipping checkpoint" in err and "ckpt-00000008" in err
+    assert code == 0 and "ckpt-00000008 is damaged: model.safetensors does not match" in err
+    assert "SHA-256 in the manifest: skipped" in err and (out / "checkpoints" / newest.name).is_dir()  # not set aside
 
 
 def test_a_checkpoint_of_another_run_is_refused(trained, corpus, tmp_path, capsys):

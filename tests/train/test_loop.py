@@ -77,6 +77,24 @@ def test_resume_is_exact(tmp_path, stop_after_steps):
     assert resumed.state.step == 24 and resumed.state.finished
 
 
+def test_a_resumed_run_sets_a_damaged_checkpoint_aside(tmp_path):
+    """A run resuming past a damaged newest checkpoint renames it out of the rotation: else, as the
+    newest, it would outlive the good checkpoints written after it (keep 2), leaving one good one."""
+    first = make_trainer(tmp_path, every_steps=6)
+    first.fit(BATCHES, 2)  # checkpoints at steps 6 and 12
+    (tmp_path / "ckpt-00000012" / "model.safetensors").write_bytes(b"")
+    second, said, kept = make_trainer(tmp_path, every_steps=8), [], []
+    second.log = said.append
+    save = second.save
+    second.save = lambda: (save(), kept.append({p.name for p in tmp_path.iterdir()}))[0]
+    second.fit(BATCHES, 4)  # from step 6: checkpoints every 8 steps and at each epoch's end
+    aside = "ckpt-00000012.damaged"
+    assert kept[0] == {aside, "ckpt-00000006", "ckpt-00000008"}  # (without: ckpt-6 deleted, 12 kept)
+    assert all(aside in names and len(names) == 3 for names in kept)  # two good ones after every save
+    assert any("ckpt-00000012 is damaged" in m and m.endswith(f"skipped, set aside as {aside}") for m in said)
+    assert second.state.step == 24
+
+
 def test_resume_without_the_rng_restore_differs(tmp_path, monkeypatch):
     """The control: the exact-resume test would catch a missing RNG restore."""
     straight = make_trainer()

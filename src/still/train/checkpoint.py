@@ -257,13 +257,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Checkpoint(path=path, step=int(manifest["step"]), model=model, state=state, tensors=tensors, config=config)
 
 
-def latest_checkpoint(directory: str | Path, log=None) -> Checkpoint | None:
-    """The newest checkpoint under `directory` that verifies; damaged ones are skipped and reported."""
+def latest_checkpoint(directory: str | Path, log=None, set_aside: bool = False) -> Checkpoint | None:
+    """The newest checkpoint under `directory` that verifies; damaged ones are skipped and reported.
+    With `set_aside` (a run resuming), each damaged one is also renamed `<name>.damaged`, kept for a
+    look but out of the rotation: else, newer than the checkpoint the run goes on from, it would
+    count among the newest `keep` and a good one would be deleted in its place."""
     for path in reversed(list_checkpoints(directory)):
         try:
             return load_checkpoint(path)
         except StillError as e:
-            message = f"skipping {e}"
+            message = f"{e}: skipped"
+            if set_aside:
+                aside = path.with_name(f"{path.name}.damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                message += f", set aside as {aside.name}"
             if log is not None:
                 log(message)
             else:

@@ -238,7 +238,7 @@ class Trainer:
         """Restore from the newest valid checkpoint in `checkpoint_dir`; True if there was one."""
         if self.checkpoint_dir is None:
             return False
-        checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir, log=self.log)
+        checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir, log=self.log, set_aside=self.dist.main)
         if checkpoint is None:
             return False
         self.restore(checkpoint)
