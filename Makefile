@@ -1,5 +1,5 @@
 # The two commands a newcomer needs (see README.md):
-#   make demo   set up everything, then run the quick distillation and print its result table
+#   make demo   set up everything, then run the quick distillation and language model; print both tables
 #   make test   set up everything, then run the test suite and the linter (ruff: pyproject.toml)
 PY := .venv/bin/python
 LINT := .venv/bin/ruff check src tests bench scripts

@@ -59,6 +59,37 @@ def test_resume_after_losing_the_last_checkpoint_is_exact(trained, corpus, tmp_p
     assert a == b
 
 
+def test_a_run_interrupted_within_an_interval_records_the_uninterrupted_history(trained, corpus, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Interrupted at step 6 of 8 (the second interval's middle) and resumed: the training bits of
+    that interval average all four of its steps, as the uninterrupted run's do (the steps before
+    the interruption travel in the checkpoint)."""
+    import os
+    import signal
+
+    from still.recipes.lm import TrainStream
+
+    segment = TrainStream.segment
+
+    def interrupting(self, step):
+        if step == 5:  # during step 5: the step ends, a checkpoint at step 6 is written, the run stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return segment(self, step)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(TrainStream, "segment", interrupting)
+    code, _, err = run_cli(capsys, *train_args(corpus, out))
+    assert code == 130, err
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt-*")) == ["ckpt-00000004", "ckpt-00000006"]
+    monkeypatch.setattr(TrainStream, "segment", segment)
+    code, _, err = run_cli(capsys, *train_args(corpus, out))
+    assert code == 0 and "resuming" in err
+    history = [{k: v for k, v in h.items() if k != "seconds"}
+               for h in json.loads((out / "results.json").read_text())["meta"]["history"]]
+    assert history == [{k: v for k, v in h.items() if k != "seconds"}
+                       for h in json.loads((trained / "results.json").read_text())["meta"]["history"]]
+
+
 def test_eval_by_position(trained, capsys):
     code, out, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "valid", "--threads", "1")
     assert code == 0 and "bits per character" in out and "Loss by position" in out
@@ -142,17 +173,21 @@ def test_another_recipes_run_directory_is_refused_and_left_as_it_was(corpus, tmp
     before = {p.name: p.read_bytes() for p in distill.iterdir()}
     for args in (train_args(corpus, distill), ["lm", "eval", str(distill)], ["lm", "generate", str(distill)],
                  ["lm", "compare", str(distill), "--out", str(tmp_path / "cmp")]):
-        assert_user_error(capsys, *args, contains="holds another kind of run, not a language-model run "
-                                                  "(its config.json has alpha, jitter)")
+        assert_user_error(capsys, *args, contains="holds a distill mnist run, not a language-model run")
     assert {p.name: p.read_bytes() for p in distill.iterdir()} == before
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}, "segment_len": 16}))
-    with pytest.raises(StillError, match="not a distill mnist run \\(its config.json has corpus, model, segment_len"):
+    with pytest.raises(StillError, match="holds a language-model run, not a distill mnist run"):
         run_mnist(PRESETS["quick"], lm, cache=tmp_path / "no-cache")
-    with pytest.raises(StillError, match="not a distill cifar10 run"):
+    with pytest.raises(StillError, match="holds a language-model run, not a distill cifar10 run"):
         run_cifar10(CIFAR_PRESETS["tiny"], tmp_path / "no-data", lm)
     assert sorted(p.name for p in lm.iterdir()) == ["config.json"]
+    cifar = tmp_path / "cifar"  # its keys mostly MNIST's too (alpha, teacher, student, ...)
+    cifar.mkdir()
+    (cifar / "config.json").write_text(json.dumps({"alpha": 0.5, "augment": False, "epochs": 2, "teacher": {}}))
+    with pytest.raises(StillError, match="holds a distill cifar10 run, not a distill mnist run"):
+        run_mnist(PRESETS["quick"], cifar, cache=tmp_path / "no-cache")
 
 
 def test_a_relative_corpus_is_stored_absolute(corpus, tmp_path, capsys, monkeypatch):

@@ -54,6 +54,7 @@ def test_two_ranks_match_one_process_with_the_whole_batch(runs):
     h2 = json.loads((base / "two" / "results.json").read_text())["meta"]["history"]
     for a, b in zip(h1, h2):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["train_bits"] == pytest.approx(b["train_bits"], rel=1e-4)  # over every rank's rows
         assert a["valid_bits"] == pytest.approx(b["valid_bits"], rel=1e-4)
     assert json.loads((base / "two" / "results.json").read_text())["meta"]["processes"] == 2
     assert two.stdout.count("| model") == 1  # rank 0 alone prints the table

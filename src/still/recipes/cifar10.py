@@ -96,7 +96,7 @@ def augment(images: torch.Tensor) -> torch.Tensor:
 def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, overwrite: bool = False,
                 print_table: bool = True) -> dict[str, Any]:
     out = Path(out)
-    check_run_kind(out, Cifar10Config, "distill cifar10")
+    check_run_kind(out, "distill cifar10")
     data = load_cifar10(data_dir)
     device = distributed.process_device()  # the data set moves there once (614 MB of training images in fp32)
     train_x = normalize(data.train_x).to(device)  # (N, 3, 32, 32) float32

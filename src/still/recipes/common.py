@@ -18,22 +18,36 @@ from still.train.io import atomic_write, atomic_write_text
 from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 
+RUN_KINDS = {"language-model": ("still.recipes.lm", "LMConfig"),
+             "distill mnist": ("still.recipes.mnist", "MnistConfig"),
+             "distill cifar10": ("still.recipes.cifar10", "Cifar10Config")}
+"""The kinds of run directory, by the config class each keeps in its config.json."""
 
-def check_run_kind(run_dir: Path, config_class: type, kind: str) -> None:
-    """Refuse (exit 2, nothing touched) a run directory whose config.json is another recipe's: one
-    recipe run into another's directory would replace its config.json and results. (Stage
-    directories' own checks cannot see it: the recipes keep their stages in different places.)"""
+
+def check_run_kind(run_dir: Path, kind: str) -> None:
+    """Refuse (exit 2, nothing touched) a run directory that holds another kind of run (its
+    config.json is another recipe's config): one recipe run into another's directory would replace
+    its config.json and results. (Stage directories' own checks cannot see it: the recipes keep
+    their stages in different places.)"""
     import dataclasses
+    import importlib
 
     try:
         data = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return  # no run here yet (or no readable config: the recipe's own reading says so)
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(data) - fields) if isinstance(data, dict) else []
-    if unknown:
-        raise StillError(f"{run_dir} holds another kind of run, not a {kind} run (its config.json has "
-                         f"{', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''}); choose another directory")
+    if not isinstance(data, dict):
+        return
+
+    def fits(name: str) -> bool:
+        module, cls = RUN_KINDS[name]
+        return set(data) <= {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+
+    if fits(kind):
+        return
+    for other in RUN_KINDS:
+        if other != kind and fits(other):
+            raise StillError(f"{run_dir} holds a {other} run, not a {kind} run: choose another directory")
 
 
 def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False,

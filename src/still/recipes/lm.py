@@ -197,7 +197,7 @@ def _older_relative_corpus(stage: Path, corpus: str) -> None:
 def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
               keep: int, shards: int | None, compile: bool) -> dict:
     out = Path(out)
-    check_run_kind(out, LMConfig, "language-model")
+    check_run_kind(out, "language-model")
     config = replace(config, corpus=absolute_corpus(config.corpus))  # the same corpus for `lm eval` from anywhere
     device = distributed.process_device()  # joins the process group where started by torchrun
     dist = distributed.current()
@@ -246,6 +246,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
     # each shard's memories (shard i: rows i * n / shards ... of this rank's), kept apart between steps
     memory: list[MemoryState | None] = [None] * shards
     lm_losses: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (step, shard): (nll sum, count)
+    carried: list[torch.Tensor] = []  # this interval's steps before a resume, from the checkpoint: `interval_losses`
 
     def loss_fn(_, step: int, shard: Shard | None = None) -> torch.Tensor:
         segment = stream.segment(step)
@@ -268,14 +269,29 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
             return lm
         return lm + (result.compression_loss if shard is None else result.compression_loss * shard.fraction)
 
-    def memory_tensors() -> dict[str, torch.Tensor]:  # every rank's rows (all of its shards'), for the checkpoint
+    def interval_losses() -> torch.Tensor:
+        """(k, 2) float64 on the CPU: each step of this interval so far, [nll sum, target count] over
+        every shard and rank; the steps before a resume first (then the training bits of an
+        interrupted interval are those of an uninterrupted one)."""
+        steps: dict[int, torch.Tensor] = {}
+        for (step, _), (nll, count) in sorted(lm_losses.items()):
+            total = steps.setdefault(step, torch.zeros(2, dtype=torch.float64, device=device))
+            total += torch.stack([nll.double(), count.double()])
+        # (every rank has the same steps)
+        mine = [dist.all_sum(torch.stack(list(steps.values()))).cpu()] if steps else []
+        return torch.cat([*carried, *mine]) if carried or mine else torch.zeros(0, 2, dtype=torch.float64)
+
+    def memory_tensors() -> dict[str, torch.Tensor]:  # for the checkpoint: every rank's rows (all of its shards')
+        losses = {"train_losses": interval_losses()}
         if memory[0] is None:
-            return {}
+            return losses
         parts = [state.to_tensors() for state in memory]
         local = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-        return {k: dist.gather_rows(v) for k, v in local.items()}
+        return {**{k: dist.gather_rows(v) for k, v in local.items()}, **losses}
 
     def load_memory(tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        carried[:] = [tensors.pop("train_losses")] if "train_losses" in tensors else []
         mine = {k: v[dist.rows(v.shape[0], "the checkpoint's memories")].to(device) for k, v in tensors.items()}
         for i in range(shards):
             part = {k: v[Shard(i, shards).rows(v.shape[0], "the checkpoint's memories")] for k, v in mine.items()}
@@ -288,13 +304,11 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
 
     def evaluate(net) -> dict[str, Any]:
         result = evaluate_streams(net, valid, max_segments=config.eval_segments, shards=eval_split(valid))
-        steps: dict[int, list[torch.Tensor]] = {}  # step: [nll sum, count] over its shards, in shard order
-        for (step, _), (nll, count) in sorted(lm_losses.items()):
-            total = steps.setdefault(step, [torch.zeros(()), torch.zeros((), dtype=torch.long)])
-            total[0], total[1] = total[0] + nll.cpu(), total[1] + count.cpu()
-        means = [nll / count.clamp_min(1) for nll, count in steps.values()]
-        train_bits = torch.stack(means).mean().item() / math.log(2) if means else None
+        losses = interval_losses()  # (k, 2)
+        means = losses[:, 0] / losses[:, 1].clamp_min(1)  # each step's mean over its targets
+        train_bits = means.mean().item() / math.log(2) if len(means) else None
         lm_losses.clear()
+        carried.clear()
         return {"step": (len(trainer.state.history) + 1) * config.eval_every, "train_bits": train_bits,
                 "valid_bits": result["bits_per_token"]}
 
@@ -380,7 +394,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
         raise StillError(f"{run_dir} does not exist")
     if not (run_dir / "config.json").is_file():
         raise StillError(f"{run_dir} is not a language-model run directory (no config.json)")
-    check_run_kind(run_dir, LMConfig, "language-model")
+    check_run_kind(run_dir, "language-model")
     config = load_config(LMConfig, run_dir / "config.json")
     try:
         vocab = Vocab.from_json((run_dir / "vocab.json").read_text())
@@ -516,7 +530,7 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
     runs and their `still lm eval`."""
     rows, curves, histories = [], [], []
     for run_dir in run_dirs:
-        check_run_kind(run_dir, LMConfig, "language-model")
+        check_run_kind(run_dir, "language-model")
         try:
             result = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError):

@@ -121,7 +121,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
               print_table: bool = True, keep: int = 2) -> dict[str, Any]:
     """Run the MNIST experiment into directory `out`; return the results (also written there)."""
     out = Path(out)
-    check_run_kind(out, MnistConfig, "distill mnist")
+    check_run_kind(out, "distill mnist")
     out.mkdir(parents=True, exist_ok=True)
     device = distributed.process_device()  # the data set moves there once (188 MB in fp32)
     data = _subset(load_mnist(cache), config)
