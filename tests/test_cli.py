@@ -107,3 +107,21 @@ def test_bench_peak_runs(capsys):
     code, out, _ = run_cli(capsys, "bench", "peak", "--size", "128", "--repeats", "1")
     assert code == 0 and "fp32:" in out and "bf16:" in out
     assert float(out.split("fp32:")[1].split("GFLOP")[0]) > 0
+
+
+def test_more_threads_than_cores_are_named(capsys, monkeypatch):
+    import os
+
+    import torch
+
+    from still.cli import _threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        _threads(3)
+        assert "--threads 3: more than the 2 cores" in capsys.readouterr().err
+        _threads(2)
+        assert capsys.readouterr().err == ""
+    finally:
+        torch.set_num_threads(before)

@@ -48,6 +48,10 @@ def _threads(threads: int | None, deterministic: bool = False) -> None:
         deterministic_algorithms()
         threads = threads or 1
     if threads is not None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if cores and threads > cores:
+            click.echo(f"--threads {threads}: more than the {cores} cores this process may use; each waits for "
+                       "the others, so steps are slower than with one a core", err=True)
         torch.set_num_threads(threads)
 
 

@@ -40,6 +40,7 @@ def test_pinned_result_and_outputs(tiny_run):
         assert abs(got[model] - expected) <= 3, (model, got[model], expected)
     table = (tiny_run / "results.md").read_text()
     assert "| distilled T=20" in table and "paper" in table
+    assert "| 67, of 10,000 " in table  # the paper's count, of its whole test set (here a subset of 500)
     assert (tiny_run / "test_errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["temperatures"] == [2.0, 20.0] and config["alpha"] == 1.0
@@ -74,7 +75,10 @@ def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
 def test_omitted_digit_report(tmp_path, capsys):
     code, out, _ = run_cli(capsys, *TINY, "--omit-digit", "3", "--out", str(tmp_path / "omit"))
     assert code == 0
-    row = json.loads((tmp_path / "omit" / "results.json").read_text())["rows"][-1]
+    rows = json.loads((tmp_path / "omit" / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows[:2]] == ["teacher", "baseline"]  # their errors on 3s, to compare with
+    assert all(0 <= r["errors_on_3"] <= r["test_errors"] for r in rows[:2])
+    row = rows[-1]
     assert row["model"] == "distilled T=20"
     assert {"errors_on_3", "bias_3", "errors_biased", "3s_right_biased_pct"} <= set(row)
     assert row["errors_biased"] <= row["test_errors"]  # the bias search never makes it worse

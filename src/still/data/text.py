@@ -101,8 +101,9 @@ class Vocab:
             return torch.tensor([self._index[ch] for ch in text], dtype=torch.long)
         except KeyError as e:
             offset = text.index(e.args[0])
+            known = "256 bytes" if self.byte_level else f"{len(self.symbols)} characters"
             raise StillError(f"{source}: character {e.args[0]!r} at offset {offset} is not in the vocabulary "
-                             f"of {len(self)} symbols") from None
+                             f"(the {known} of the training corpus)") from None
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

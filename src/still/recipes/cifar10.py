@@ -161,7 +161,9 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
     if not distributed.current().main:  # rank 0 writes and prints
         return {"rows": rows, "meta": meta, "table": None}
     save_config(config, out / "config.json")
-    table = write_results(out, "results", rows, columns=["model", "test_accuracy", "labml"], title=title, meta=meta)
+    # labml's numbers are for its experiment: beside another preset's they would read as a target
+    columns = ["model", "test_accuracy"] + (["labml"] if config.preset == "labml" else [])
+    table = write_results(out, "results", rows, columns=columns, title=title, meta=meta)
     plot_curves(out / "test_accuracy.png",
                 [(label, [h["epoch"] for h in hist], [h["test_accuracy"] for h in hist]) for label, hist in curves],
                 xlabel="epoch", ylabel="test accuracy (%)", title=f"CIFAR-10, preset {config.preset}")

@@ -131,13 +131,25 @@ def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequenc
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label, xs, ys in curves:
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3 if len(xs) > 1 else 7)
     for i, (label, value) in enumerate(hlines):
         ax.axhline(value, linestyle="--", linewidth=0.8, color=f"C{i}", alpha=0.7, label=label)
-    if logy:
+    if logy:  # labelled 100, 200, 300, 500, ... as plain numbers (not 3x10^2), where counts are read off
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_yscale("log")
+        ys = [y for _, _, values in curves for y in values if y > 0] + [y for _, y in hlines if y > 0]
+        narrow = bool(ys) and max(ys) < 10 * min(ys)  # within a decade: more labels, else too few show
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0) if narrow
+                                              else (1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     if logx:
         ax.set_xscale("log")
+    elif all(float(x).is_integer() for _, xs, _ in curves for x in xs):  # epochs, steps: no ticks between
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -77,7 +77,8 @@ class LMConfig:
         check(self.eval_segments is None or self.eval_segments > 0,
               f"eval_segments must be > 0, got {self.eval_segments}")
         check(self.steps % self.eval_every == 0,
-              f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every})")
+              f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every}, the preset's unless "
+              "given: --eval-every)")
         rate = self.model.compression_rate
         check(self.model.c_mem_len == 0 or self.segment_len % rate == 0,
               f"segment_len ({self.segment_len}) must be a multiple of compression_rate ({rate})")
@@ -324,6 +325,9 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
         native_step.attention_library()  # built (once per machine) before the progress bar, as it says
     if (slower := bf16_slower(config.precision, device)) and dist.main:
         log(f"--precision bf16: {slower}")
+    m = config.model
+    if m.has_compression and not m.trains_compressor and m.compression_loss != "none" and dist.main:
+        log(f"--compression {m.compression} has no weights to learn: the {m.compression_loss} loss is not computed")
     attention.NATIVE_USED.clear()  # this run's attention, for its results
     attention.ROUNDED_USED.clear()
     state = trainer.fit(batches, config.steps // config.eval_every)
@@ -364,8 +368,13 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
     title = f"{corpus.name}: bits per character, preset {config.preset}"
     table = write_results(out, "results", rows, title=title, meta=meta)
     hist = state.history
-    plot_curves(out / "curves.png", [("train", [h["step"] for h in hist], [h["train_bits"] for h in hist]),
-                                     ("valid", [h["step"] for h in hist], [h["valid_bits"] for h in hist])],
+    # validation during training reads the first eval_segments segments of each row (documents' openings,
+    # without memories yet): higher than the whole split's, which the table and a last point show
+    subset = f", first {config.eval_segments} segments" if config.eval_segments is not None else ""
+    plot_curves(out / "curves.png", [("train (the interval's steps)", [h["step"] for h in hist],
+                                      [h["train_bits"] for h in hist]),
+                                     (f"valid{subset}", [h["step"] for h in hist], [h["valid_bits"] for h in hist]),
+                                     ("valid, whole split", [config.steps], [final["valid"]["bits_per_token"]])],
                 xlabel="step", ylabel="bits per character", title=f"{corpus.name}, preset {config.preset}")
     if print_table:
         print(table)
