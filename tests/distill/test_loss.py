@@ -125,3 +125,33 @@ def test_loss_is_float32_for_bf16_logits():
     v = torch.randn(4, 10).bfloat16()
     loss = distillation_loss(z, torch.tensor([1, 2, 3, 4]), v, temperature=2.0, alpha=0.5)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_a_class_the_teacher_rules_out_adds_nothing():
+    """A teacher logit of -inf (a masked class: p = 0) contributes 0 log 0 = 0 to the KL, not nan."""
+    torch.manual_seed(0)
+    z, v = torch.randn(3, 5), torch.randn(3, 5)
+    v[:, 0] = float("-inf")
+    p, log_q = F.softmax(v / 2, -1), F.log_softmax(z / 2, -1)
+    expected = 4 * (p[:, 1:] * (p[:, 1:].log() - log_q[:, 1:])).sum(-1).mean()
+    got = distillation_loss(z, None, v, temperature=2.0, alpha=1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_no_gradient_reaches_the_teacher():
+    z = torch.randn(4, 6, requires_grad=True)
+    v = torch.randn(4, 6, requires_grad=True)
+    for soft_loss in ("kl", "logit_matching"):
+        distillation_loss(z, torch.tensor([0, 1, 2, 3]), v, temperature=3.0, alpha=0.7, soft_loss=soft_loss).backward()
+        assert v.grad is None and z.grad.abs().sum() > 0
+
+
+def test_temperature_and_alpha_as_numpy_or_tensor_scalars():
+    import numpy as np
+
+    z, v, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    expected = distillation_loss(z, y, v, temperature=2.0, alpha=0.25)
+    for t, a in ((np.float32(2.0), np.float64(0.25)), (torch.tensor(2.0), torch.tensor(0.25))):
+        torch.testing.assert_close(distillation_loss(z, y, v, temperature=t, alpha=a), expected)
+    with pytest.raises(StillError, match="temperature must be a finite number > 0"):
+        distillation_loss(z, y, v, temperature=True, alpha=0.25)

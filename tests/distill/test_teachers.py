@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -186,3 +187,16 @@ def test_cache_tells_a_shift_ensemble_from_its_model(tmp_path):
     CachedTeacher.build(Teacher(net), inputs, cache_dir=tmp_path)
     cached = CachedTeacher.build(ShiftEnsembleTeacher(net, 1, size=4), inputs, cache_dir=tmp_path)
     assert cached.member_logits_all.shape == (9, 6, 3) and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_cached_teacher_names_bad_indices():
+    cached = CachedTeacher(torch.randn(2, 10, 3))
+    torch.testing.assert_close(cached.logits([1, 2]), cached.logits(torch.tensor([1, 2])))
+    for bad, message in ((torch.tensor([-1]), "index -1 is outside the cached transfer set (examples 0 to 9)"),
+                         (torch.tensor([3, 10]), "index 10 is outside"),
+                         (torch.tensor(3), "indices must be a 1-D tensor"),
+                         (torch.tensor([0.0]), "indices must be a 1-D tensor")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            cached.log_probs(bad, 2.0)
+    with pytest.raises(StillError, match="ensemble combination must be"):
+        CachedTeacher(torch.randn(2, 10, 3), combine="median")

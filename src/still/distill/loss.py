@@ -40,6 +40,7 @@ considerably lower weight on the second"; the MNIST recipe's alpha is documented
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import torch
@@ -48,9 +49,20 @@ import torch.nn.functional as F
 from still.errors import StillError
 
 
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+def _number(value: object) -> float | None:
+    """`value` as a Python float where it is a real number (NumPy's and one-element tensors too), else None."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 and value.is_floating_point() else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _check_temperature(temperature: float) -> float:
+    t = _number(temperature)
+    if t is None or not 0 < t < math.inf:
         raise StillError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
 
 
 def _check_pair(student_logits: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
@@ -73,10 +85,14 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tens
             (for one teacher `log_softmax(v / T)`; for an ensemble see `combine_log_probs`).
         temperature: T > 0.
     """
-    _check_temperature(temperature)
+    temperature = _check_temperature(temperature)
     _check_pair(student_logits, teacher_log_probs, "log-probabilities")
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
-    kl = F.kl_div(student_log_probs, teacher_log_probs.float(), reduction="batchmean", log_target=True)
+    target = teacher_log_probs.float().detach()  # (B, C), log p: the teacher is held fixed
+    p = target.exp()
+    # sum p (log p - log q), batchmean: F.kl_div's terms, but a class the teacher rules out (log p =
+    # -inf, a masked logit) adds 0, not 0 x -inf = nan
+    kl = torch.where(p > 0, p * (target - student_log_probs), 0.0).sum() / student_logits.shape[0]
     return kl * temperature**2
 
 
@@ -85,7 +101,7 @@ def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
     high-temperature limit of `soft_target_loss`."""
     _check_pair(student_logits, teacher_logits, "logits")
     z = student_logits.float()
-    v = teacher_logits.float()
+    v = teacher_logits.float().detach()  # the teacher is held fixed
     diff = (z - z.mean(-1, keepdim=True)) - (v - v.mean(-1, keepdim=True))  # (B, C)
     return diff.pow(2).sum(-1).mean() / (2 * z.shape[-1])
 
@@ -105,11 +121,15 @@ def distillation_loss(
     Give the teacher either as logits (`teacher_logits`, v) or as soft targets already at
     temperature T (`teacher_log_probs`, e.g. an ensemble's). With `soft_loss="logit_matching"`
     the soft term is `logit_matching_loss` (needs `teacher_logits`).
-    `labels` may be None only when alpha == 1.
+    `labels` may be None only when alpha == 1; a label of -100 drops its example from the hard
+    term (PyTorch's `ignore_index`), not from the soft one. The teacher's outputs are constants: no
+    gradient reaches them.
     """
-    _check_temperature(temperature)
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+    temperature = _check_temperature(temperature)
+    a = _number(alpha)
+    if a is None or not 0 <= a <= 1:
         raise StillError(f"alpha (the weight of the soft-target term) must be in [0, 1], got {alpha!r}")
+    alpha = a
     if (teacher_logits is None) == (teacher_log_probs is None):
         raise StillError("give exactly one of teacher_logits and teacher_log_probs")
     if soft_loss not in ("kl", "logit_matching"):

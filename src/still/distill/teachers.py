@@ -163,6 +163,8 @@ class CachedTeacher:
     def __init__(self, member_logits: torch.Tensor, combine: Combine = "arithmetic") -> None:
         if member_logits.ndim != 3:
             raise StillError(f"cached logits must be (members, examples, classes), got {tuple(member_logits.shape)}")
+        if combine not in ("arithmetic", "geometric"):
+            raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {combine!r}")
         self.member_logits_all = member_logits.float()  # (M, N, C)
         self.combine = combine
 
@@ -209,10 +211,24 @@ class CachedTeacher:
         self.member_logits_all = self.member_logits_all.to(device)
         return self
 
+    def _indices(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """`indices` (B,) of examples in [0, num_examples), on `self.device`. (Checked against the
+        range where they are on the CPU, as batches' indices are: on a GPU a check would wait for it.)"""
+        indices = torch.as_tensor(indices)
+        if indices.ndim != 1 or indices.dtype in (torch.bool, torch.uint8) or indices.is_floating_point():
+            raise StillError(f"indices must be a 1-D tensor of example numbers, got {indices.dtype} of shape "
+                             f"{tuple(indices.shape)}")
+        if indices.device.type == "cpu" and len(indices):
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.num_examples:
+                raise StillError(f"index {low if low < 0 else high} is outside the cached transfer set "
+                                 f"(examples 0 to {self.num_examples - 1})")
+        return indices.to(self.device)
+
     def logits(self, indices: torch.Tensor) -> torch.Tensor:
         """The members' mean logits (B, C) of the examples at `indices` (on any device), on `self.device`."""
-        return self.member_logits_all[:, indices.to(self.device)].mean(0)  # (B, C)
+        return self.member_logits_all[:, self._indices(indices)].mean(0)  # (B, C)
 
     def log_probs(self, indices: torch.Tensor, temperature: float) -> torch.Tensor:
         """Soft targets (B, C) at `temperature` of the examples at `indices` (on any device), on `self.device`."""
-        return combine_log_probs(self.member_logits_all[:, indices.to(self.device)], temperature, self.combine)
+        return combine_log_probs(self.member_logits_all[:, self._indices(indices)], temperature, self.combine)
