@@ -2,12 +2,14 @@
 tests/recipes/test_lm_recipe.py."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from still.compressive.generate import filter_logits, generate, sample
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
+from still.errors import StillError
 
 
 def test_sample_follows_the_distribution_and_never_draws_an_impossible_token():
@@ -392,3 +394,32 @@ def test_which_scorers_take_several_segments_a_call():
     assert StreamScorer(model, 2, segment_len=8).chunk == 1  # needs the attention weights
     with pytest.raises(StillError, match="segment_len must be >= 1"):
         StreamScorer(model, 2, segment_len=0)
+
+
+@pytest.mark.parametrize("compile", [False, None])
+def test_generation_leaves_the_models_modes_as_they_were(compile):
+    """A sample taken in the middle of training (a preview) must not switch dropout off for the rest
+    of it; a module the caller had put in eval mode stays there."""
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=2, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    model.train()
+    model.layers[1].eval()
+    before = [m.training for m in model.modules()]
+    tokens = generate(model, torch.randint(0, 11, (1, 5)), 20, segment_len=4, compile=compile)
+    next(tokens)
+    assert not any(m.training for m in model.modules())  # sampling runs in eval mode
+    assert len(list(tokens)) == 19
+    assert [m.training for m in model.modules()] == before
+
+
+def test_generation_refuses_bad_counts_and_top_k():
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    prompt = torch.randint(0, 11, (1, 5))
+    assert list(generate(model, prompt, 0, compile=None)) == []  # none asked for: none drawn, either step
+    assert list(generate(model, prompt, 0, compile=False)) == []
+    for kwargs, message in (({"max_new_tokens": -3}, "max_new_tokens must be an int >= 0, got -3"),
+                            ({"max_new_tokens": 2, "top_k": 0}, "top_k must be an int >= 1 or None, got 0"),
+                            ({"max_new_tokens": 2, "top_k": 2.5}, "top_k must be an int >= 1 or None, got 2.5")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            generate(model, prompt, **kwargs)

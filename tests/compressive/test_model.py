@@ -499,3 +499,30 @@ def test_steps_across_document_boundaries_read_nothing_from_the_device(monkeypat
     assert masked[-3:] == [False, True, True]
     checkpoint = state.to_tensors()  # on the memories' device (rank 0 gathers them there)
     assert {t.device.type for t in checkpoint.values()} == {"meta"}
+
+
+def test_another_models_inference_cache_is_not_used():
+    """Two models of one configuration have made as many in-place writes to their weights; the keys
+    and values a state caches are still only its own model's (`_weights_version`)."""
+    config = CompressiveConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=4, d_ff=64, mem_len=8, c_mem_len=8,
+                               compression_rate=2)
+    torch.manual_seed(0)
+    a, b = CompressiveTransformer(config).eval(), CompressiveTransformer(config).eval()
+    x0, x = torch.randint(0, 20, (2, 8)), torch.randint(0, 20, (2, 8))
+    with torch.no_grad():
+        state = a(x0).state  # with a's cached keys and values
+        assert state.key_values is not None
+        fresh = MemoryState.from_tensors(state.to_tensors())  # the memories alone
+        torch.testing.assert_close(b(x, state).logits, b(x, fresh).logits, rtol=0, atol=0)
+
+
+def test_a_state_of_another_layer_count_is_refused():
+    config = CompressiveConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=4, d_ff=64, mem_len=8, c_mem_len=8,
+                               compression_rate=2)
+    model = CompressiveTransformer(config)
+    tokens = torch.randint(0, 20, (2, 8))
+    state = model(tokens).state
+    for layers in (1, 3):
+        wrong = MemoryState((state.memory * 2)[:layers], (state.compressed * 2)[:layers])
+        with pytest.raises(StillError, match=f"the memory state has {layers} layers, the model 2"):
+            model(tokens, wrong)

@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from still.distill.models import MLP, MLPConfig
+from still.errors import StillError
 from still.train import loop
 from still.train.loop import IndexBatches, Trainer, TrainingDiverged
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
@@ -181,6 +184,44 @@ def test_nan_skip_mode_drops_the_step_and_counts_it(tmp_path):
     saved = latest_checkpoint(tmp_path)
     assert saved.state["state"]["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in saved.model.values())
+
+
+def test_the_epochs_mean_loss_is_over_the_steps_taken():
+    """With steps skipped (on_nonfinite="skip"), train_loss is the mean of the other steps' losses,
+    not their sum over every batch."""
+    model = torch.nn.Linear(10, 1)
+    calls = []
+
+    def loss_fn(m, idx):  # 1.0 for every step taken, nan for every other one
+        calls.append(1)
+        return m(X[idx]).sum() * 0 + (1.0 if len(calls) % 2 else float("nan"))
+
+    trainer = Trainer(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), on_nonfinite="skip",
+                      log=lambda _: None)
+    state = trainer.fit(BATCHES, 1)
+    assert state.skipped_steps == 3 and state.history[0]["train_loss"] == 1.0
+
+
+def test_bad_trainer_settings_are_named():
+    model = torch.nn.Linear(10, 1)
+
+    def make(**kwargs):
+        return Trainer(model, lambda m, idx: m(X[idx]).sum(), torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+    for kwargs, message in (({"grad_clip": -1.0}, "grad_clip must be a finite number > 0 or None, got -1.0"),
+                            ({"grad_clip": 0.0}, "grad_clip must be"), ({"grad_clip": float("nan")}, "grad_clip must"),
+                            ({"checkpoint_every": 0}, "checkpoint_every must be an int >= 1, got 0"),
+                            ({"checkpoint_every_steps": -1}, "checkpoint_every_steps must be an int >= 1 or None"),
+                            ({"keep": -1}, "keep must be an int >= 0")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            make(**kwargs)
+    with pytest.raises(StillError, match="batches must be a function of the epoch"):
+        make().fit([torch.arange(4)], 1)
+    with pytest.raises(StillError, match="epochs must be an int >= 0, got -1"):
+        make().fit(BATCHES, -1)
+    trainer = Trainer(model, lambda m, idx: 1.0, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(StillError, match="loss_fn must return a scalar tensor .*, got float"):
+        trainer.fit(BATCHES, 1)
 
 
 def test_nan_stop_leaves_only_finite_checkpoints(tmp_path):

@@ -7,7 +7,9 @@ Shapes: B batch, n old memories (a multiple of c), c compression rate, d model d
 
     conv        1-D convolution, kernel = stride = c, no bias (as DeepMind's code)     (the default)
     dilated     1-D convolution with kernel c and dilation 2, left-padded by c - 1, stride c,
-                no bias: each output sees the last c oldest-to-newest pairs two steps apart
+                no bias: each output sees the last c oldest-to-newest pairs two steps apart. For an
+                even c, the taps of the windows fall on every other memory only: half the old
+                memories (the 1st, 3rd, ... of each run) reach no compressed slot
     max         max pooling, kernel = stride = c
     mean        mean pooling, kernel = stride = c
     most_used   keep the n / c memories that received the most attention (summed over heads and

@@ -362,8 +362,8 @@ class Decoder:
             self.m += 1
 
 
-def _weights(model: CompressiveTransformer, version: int, k_cap: int, k_keys: int, block: int, stored: torch.dtype,
-             convolution: bool) -> tuple[dict[str, torch.Tensor], list[int], dict]:
+def _weights(model: CompressiveTransformer, version: tuple[int, int], k_cap: int, k_keys: int, block: int,
+             stored: torch.dtype, convolution: bool) -> tuple[dict[str, torch.Tensor], list[int], dict]:
     """What every step reads of the model, by name, laid out as the steps read them; the rows of the
     compression's taps; and a dict for what users of the decoder derive from them (the hand-written
     step's packed matrices). Kept on the model for the next decoder of the same layout while its

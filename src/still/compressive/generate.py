@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
@@ -35,6 +36,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
              generator: torch.Generator | None = None, state: MemoryState | None = None,
              compile: bool | None = False) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1.
+    The model runs in eval mode; its modules' modes are restored when the iterator ends (or is closed).
 
     `compile`: run the decoding step compiled: on the CPU written by hand (`still.compressive.native`,
     built once per machine), else ahead of time (`still.train.aot`, once per model shape); both cached.
@@ -47,10 +49,34 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"temperature must be a finite number > 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise StillError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise StillError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise StillError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise StillError(f"the prompt must be (batch, length >= 1), got shape {tuple(prompt.shape)}")
-    if any(module.training for module in model.modules()):  # (a walk costs a tenth of eval()'s 0.2 ms)
+    if max_new_tokens == 0:
+        return iter(())
+    return _in_eval_mode(model, _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, segment_len,
+                                          generator, state, compile))
+
+
+def _in_eval_mode(model: nn.Module, tokens: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """`tokens`, with `model` in eval mode from the first until the iterator ends or is closed;
+    then each module that was training trains again."""
+    training = [module for module in model.modules() if module.training]  # (a tenth of eval()'s 0.2 ms)
+    if training:
         model.eval()
+    try:
+        yield from tokens
+    finally:
+        for module in training:  # (not `train()`, which would also set its children's modes)
+            module.training = True
+
+
+def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float | None, segment_len: int, generator: torch.Generator | None,
+              state: MemoryState | None, compile: bool | None) -> Iterator[torch.Tensor]:
     native = None  # the decoder's choice between the hand-written and the compiled step
     if compile is None:  # the hand-written step where it can run, else eager steps
         cpu = model.embedding.weight.device.type == "cpu"

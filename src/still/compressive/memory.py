@@ -51,8 +51,9 @@ class MemoryState(NamedTuple):
     """Inference cache: per layer, the keys and values of [compressed, memory] (B, N + M, 2d),
     projected once when each slot entered the memory. Only used and kept in eval mode without
     gradients (the weights cannot change); derivable, so never saved."""
-    key_values_version: int | None = None
-    """The version of the weights the cache was made with: a stale cache is ignored."""
+    key_values_version: tuple[int, int] | None = None
+    """The model and the version of its weights the cache was made with (`_weights_version`): a
+    stale cache, or another model's, is ignored."""
 
     @staticmethod
     def empty(n_layers: int, batch: int, d_model: int, device=None, dtype=torch.float32) -> MemoryState:

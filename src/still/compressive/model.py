@@ -43,6 +43,7 @@ and byte vocabularies are small).
 from __future__ import annotations
 
 import ctypes
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -56,6 +57,8 @@ from still.compressive.compression import COMPRESSIONS, CompressionName, Compres
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.errors import check
 from still.layers import Dropout, dropout_add, relu_dropout
+
+_MODELS = itertools.count()  # each model's number, for `_weights_version`
 
 BATCHED_RECONSTRUCTION = True
 """Training computes the attention-reconstruction losses of all layers in one batch of operators
@@ -371,9 +374,13 @@ class CompressiveTransformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embedding.weight
         self._weights = list(self.parameters())  # for the inference cache's version check
+        self._identity = next(_MODELS)  # (another model's state carries another model's cache)
 
-    def _weights_version(self) -> int:
-        return sum(p._version for p in self._weights)
+    def _weights_version(self) -> tuple[int, int]:
+        """Which model, and how many in-place writes its weights have had (an optimizer step, a
+        `load_state_dict`): what a state's inference cache was made with. Writes through `.data`
+        are not counted: make the state anew (`MemoryState.from_tensors(state.to_tensors())`)."""
+        return self._identity, sum(p._version for p in self._weights)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -417,6 +424,8 @@ class CompressiveTransformer(nn.Module):
         b, l = tokens.shape
         if state is None:
             state = self.empty_state(b, tokens.device, self.embedding.weight.dtype)
+        check(len(state.memory) == len(state.compressed) == config.n_layers,
+              f"the memory state has {len(state.memory)} layers, the model {config.n_layers}")
         if reset is not None:
             state = state.reset(reset)
         if with_compression_loss is None:

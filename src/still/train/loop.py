@@ -69,6 +69,8 @@ class TrainState:
     finished: bool = False
     skipped_steps: int = 0
     """Steps skipped because the loss or the gradient norm was not finite (with on_nonfinite="skip")."""
+    epoch_skipped: int = 0
+    """Of them, those in the current epoch (its mean loss is over the others)."""
     epoch_loss_sum: float = 0.0
     """Sum of the losses of the batches done in the current epoch (for a mid-epoch resume)."""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -111,7 +113,7 @@ class Trainer:
         checkpoint_every: save every this many epochs (and always at the end).
         checkpoint_every_steps: also save every this many optimizer steps (mid-epoch).
         config: JSON-ready config written into every checkpoint.
-        keep: how many checkpoints to keep.
+        keep: how many checkpoints to keep (0: all).
         on_nonfinite: "stop" (default) raises `TrainingDiverged` before the optimizer step when the
             loss or the gradient norm is NaN or infinite; "skip" drops that step and counts it.
         desc: the progress bar's label.
@@ -145,6 +147,15 @@ class Trainer:
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
                  on_nonfinite: str = "stop", precision: str = "fp32", dist: Dist | None = None,
                  shards: int = 1, log: Callable[[str], None] = default_log) -> None:
+        if grad_clip is not None and not 0 < grad_clip < math.inf:  # (-1 would turn every step uphill)
+            raise StillError(f"grad_clip must be a finite number > 0 or None, got {grad_clip}")
+        if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+            raise StillError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+        if checkpoint_every_steps is not None and not (isinstance(checkpoint_every_steps, int)
+                                                       and checkpoint_every_steps >= 1):
+            raise StillError(f"checkpoint_every_steps must be an int >= 1 or None, got {checkpoint_every_steps!r}")
+        if not (isinstance(keep, int) and keep >= 0):
+            raise StillError(f"keep must be an int >= 0 (0: every checkpoint), got {keep!r}")
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -272,7 +283,10 @@ class Trainer:
             loss = torch.stack([shard_loss.detach() for shard_loss in losses]).sum()
         else:
             with autocast(self.precision, self.device):
-                loss = self.loss_fn(self.model, batch).float()
+                loss = self.loss_fn(self.model, batch)
+            if not isinstance(loss, torch.Tensor):
+                raise StillError(f"loss_fn must return a scalar tensor (with its graph), got {type(loss).__name__}")
+            loss = loss.float()
         self.optimizer.zero_grad(set_to_none=True)
         if self.shards > 1:
             if self.shards == 2:  # each shard's backward in its thread, into the shared .grad: a + b is b + a
@@ -341,9 +355,16 @@ class Trainer:
     def fit(self, batches: Callable[[int], Iterable[Any]], epochs: int) -> TrainState:
         """Train until `epochs` epochs are done, resuming from a checkpoint if one exists.
 
+        `batches(epoch)` gives that epoch's batches (an iterable; `IndexBatches` is one), each
+        passed to `loss_fn`: a function of the epoch, so that a resumed run meets the same batches.
         SIGINT and SIGTERM finish the current step, save a checkpoint (when there is a
-        checkpoint_dir) and raise `TrainingInterrupted`.
+        checkpoint_dir) and raise `TrainingInterrupted`. The model is left in eval mode.
         """
+        if not callable(batches):
+            raise StillError(f"batches must be a function of the epoch giving its batches (such as IndexBatches), "
+                             f"got {type(batches).__name__}")
+        if not (isinstance(epochs, int) and epochs >= 0):
+            raise StillError(f"epochs must be an int >= 0, got {epochs!r}")
         try:
             with _deferred_signals() as received:
                 return self._fit(batches, epochs, received)
@@ -370,6 +391,8 @@ class Trainer:
                 loss = self._step(batch)
                 if loss is not None:
                     loss_sum += loss
+                else:
+                    self.state.epoch_skipped += 1
                 self.state.step += 1
                 self.state.batch += 1
                 if self.dist.enabled:  # a signal on any rank stops every rank after this same step
@@ -387,7 +410,8 @@ class Trainer:
             seconds = time.perf_counter() - start
             if self.dist.enabled:
                 loss_sum = self.dist.all_sum(loss_sum) / self.dist.world
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": (loss_sum / max(self.state.batch, 1)).item(),
+            done = self.state.batch - self.state.epoch_skipped  # the mean over the steps taken
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": (loss_sum / max(done, 1)).item(),
                                       "seconds": round(seconds, 3)}
             if self.evaluate is not None:
                 self.model.eval()
@@ -399,6 +423,7 @@ class Trainer:
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
             self.state.epoch = epoch + 1
             self.state.batch = 0
+            self.state.epoch_skipped = 0
             self.state.epoch_loss_sum = 0.0
             self.state.finished = self.state.epoch >= epochs
             if self.checkpoint_dir is not None and (self.state.finished
