@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import shutil
 
 import pytest
@@ -338,9 +339,23 @@ def test_run_directory_problems_are_named(trained, tmp_path, capsys):
                       contains="do not fit the model: wrong shape")
 
 
-def test_skip_mode_flag_is_accepted(corpus, tmp_path, capsys):
+def test_skip_mode_skips_a_nan_step_and_its_training_bits(corpus, tmp_path, capsys, monkeypatch):
+    import torch.nn.functional as F
+
+    cross_entropy, calls = F.cross_entropy, []
+
+    def nan_at_the_sixth_step(*args, **kwargs):  # the training loss (a sum); evaluation's is per token
+        out = cross_entropy(*args, **kwargs)
+        if kwargs.get("reduction") == "sum":
+            calls.append(1)
+            return out * float("nan") if len(calls) == 6 else out
+        return out
+
+    monkeypatch.setattr(F, "cross_entropy", nan_at_the_sixth_step)
     code, _, err = run_cli(capsys, *train_args(corpus, tmp_path / "run", "--on-nonfinite", "skip"))
-    assert code == 0
+    assert code == 0 and "step skipped (1 so far)" in err
+    history = json.loads((tmp_path / "run" / "results.json").read_text())["meta"]["history"]
+    assert all(math.isfinite(h["train_bits"]) and math.isfinite(h["train_loss"]) for h in history)
     assert_user_error(capsys, *train_args(corpus, tmp_path / "other", "--on-nonfinite", "ignore"),
                       contains="'ignore' is not one of 'stop', 'skip'")
 

@@ -306,6 +306,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
     def evaluate(net) -> dict[str, Any]:
         result = evaluate_streams(net, valid, max_segments=config.eval_segments, shards=eval_split(valid))
         losses = interval_losses()  # (k, 2)
+        losses = losses[losses[:, 0].isfinite()]  # the steps taken (--on-nonfinite skip drops the others)
         means = losses[:, 0] / losses[:, 1].clamp_min(1)  # each step's mean over its targets
         train_bits = means.mean().item() / math.log(2) if len(means) else None
         lm_losses.clear()
