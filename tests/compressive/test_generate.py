@@ -36,6 +36,20 @@ def test_fused_cumulative_sums_are_the_cumulative_sums(v):
     assert cumulative(probs).equal(probs.cumsum(-1))
 
 
+def test_where_cumsum_may_not_run_the_block_products_do(monkeypatch):
+    """Under deterministic algorithms PyTorch refuses a floating-point `cumsum` on CUDA: sampling's
+    cumulative sums (the draw's and top-p's) are then the block products, at every vocabulary size,
+    and give the same tokens. (`_scan_not_allowed` is forced here: CI has no GPU.)"""
+    from still.compressive import sampling
+
+    torch.manual_seed(0)
+    logits, uniform = torch.randn(4, 5000), torch.rand(4, 1)
+    expected = sampling.next_token(logits, uniform, sampling.Sampling(0.9, top_p=0.8))
+    monkeypatch.setattr(sampling, "_scan_not_allowed", lambda probs: True)
+    monkeypatch.setattr(torch.Tensor, "cumsum", lambda *args, **kwargs: pytest.fail("cumsum ran"))
+    assert sampling.next_token(logits, uniform, sampling.Sampling(0.9, top_p=0.8)).equal(expected)
+
+
 def test_fused_and_plain_draws_agree_and_skip_impossible_tokens():
     from still.compressive.sampling import invert
 

@@ -31,8 +31,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = cumulative(sorted_probs) - sorted_probs >= top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -50,13 +50,20 @@ def uniforms(batch: int, generator: torch.Generator | None, device: torch.device
 FUSED_CUMULATIVE_UP_TO = 4096  # vocabulary sizes whose fused cumulative sums stay cheap (V x sqrt(V) products)
 
 
+def _scan_not_allowed(probs: torch.Tensor) -> bool:
+    """Whether `cumsum` would raise here: PyTorch has no deterministic floating-point `cumsum` on
+    CUDA, so under `torch.use_deterministic_algorithms(True)` (`--deterministic`,
+    `seed_everything(deterministic=True)`) it refuses to run one."""
+    return probs.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
 def cumulative(probs: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Cumulative sums along the last dimension, (B, V) -> (B, V). `fused` (for the compiler,
     V <= FUSED_CUMULATIVE_UP_TO): in blocks of S, each block's sums as a product with a triangular
     mask, then the totals of the blocks before it added (about V x S + (V / S)^2 products)."""
     b, v = probs.shape
-    if not fused or v > FUSED_CUMULATIVE_UP_TO:
-        return probs.cumsum(-1)
+    if (not fused or v > FUSED_CUMULATIVE_UP_TO) and not _scan_not_allowed(probs):
+        return probs.cumsum(-1)  # (else the block products: sums of products, deterministic everywhere)
     size = 16 * -(-(math.isqrt(v - 1) + 1) // 16)  # S: ceil(sqrt(V)) up to a multiple of 16
     blocks = -(-v // size)
     within = torch.arange(size, device=probs.device)
