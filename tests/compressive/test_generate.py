@@ -235,6 +235,28 @@ def _streams_and_model(batch: int):
     return TokenStreams(docs, batch, 8), model
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_evaluation_summed_on_the_device_gives_the_same_result(batch, monkeypatch):
+    """Off the CPU, evaluation sums its losses where the model is and reads them once (a read per
+    segment would wait for a GPU's queue each time): the same bits, tokens and buckets. Forced here
+    on the CPU, where nothing may be read before the end."""
+    from still.compressive.generate import evaluate_streams
+
+    streams, model = _streams_and_model(batch)
+    edges = [0, 4, 16, 32, 10_000]
+    plain = evaluate_streams(model, streams, position_edges=edges)
+    reads = []
+    cpu = torch.Tensor.cpu  # the losses' copies (floats; the memories' validity flags are kept there anyway)
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: (reads.append(self.shape) if self.is_floating_point()
+                                                           else None) or cpu(self))
+    deferred = evaluate_streams(model, streams, position_edges=edges, on_device=True)
+    assert reads == [torch.Size([len(edges) - 1])]  # the buckets, once (and the total by float())
+    assert deferred["tokens"] == plain["tokens"]
+    assert deferred["bits_per_token"] == pytest.approx(plain["bits_per_token"], rel=1e-12)
+    for a, b in zip(deferred["by_position"], plain["by_position"]):
+        assert a["tokens"] == b["tokens"] and a["bits_per_token"] == pytest.approx(b["bits_per_token"], rel=1e-12)
+
+
 @pytest.mark.parametrize("batch, shards", [(4, 2), (5, 2), (5, 3), (3, 8)])
 def test_sharded_evaluation_gives_the_unsharded_losses(batch, shards):
     from still.compressive.generate import evaluate_streams

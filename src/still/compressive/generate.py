@@ -219,6 +219,7 @@ class StreamScorer:
 
         scorer = StreamScorer(model, batch=16, shards=2)
         nll = scorer(inputs, targets, reset)   # (B, L) each, reset (B,) -> nats (B, L), fp32, on the CPU
+                                               # (on_device=True: where the model is, not waited for)
         scorer.close()                         # (or `with StreamScorer(...) as scorer:`)
 
     `shards` > 1 (CPU only): each of that many worker threads (`still.train.shards.ShardPool`, one
@@ -265,23 +266,26 @@ class StreamScorer:
     def shards(self) -> int:
         return len(self.states)
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None = None,
+                 on_device: bool = False) -> torch.Tensor:
         """inputs, targets (B, L) (targets -100: nothing to predict), or several segments (B, K x L)
         with `segment_len`; reset (B,): a new document starts in that row (with the first segment)
-        -> the loss of every target in nats (B, L) or (B, K x L), fp32 on the CPU (0 where -100)."""
+        -> the loss of every target in nats (B, L) or (B, K x L), fp32 on the CPU (0 where -100), or
+        with `on_device` on the model's device (a copy to the CPU waits for a GPU's queued work)."""
         if inputs.shape[0] != self.bounds[-1]:
             raise StillError(f"the scorer was made for {self.bounds[-1]} rows, got {inputs.shape[0]}")
         if self._pool is None:  # a small model's few rows on one thread where waking another costs more
             tokens = inputs.shape[1] if self.segment_len is None else min(inputs.shape[1], self.segment_len)
             with using_threads(threads_for(self.model, inputs.shape[0], tokens)):
-                return self._score(0, inputs, targets, reset)
+                nll = self._score(0, inputs, targets, reset)
+            return nll if on_device else nll.cpu()
         modes = this_threads_modes(self.device)
 
         def score(i: int) -> torch.Tensor:
             with modes():
                 return self._score(i, inputs, targets, reset)
 
-        return torch.cat(self._pool.map(score, range(self.shards)))
+        return torch.cat(self._pool.map(score, range(self.shards)))  # (shards: on the CPU)
 
     def _score(self, i: int, inputs: torch.Tensor, targets: torch.Tensor, reset: torch.Tensor | None) -> torch.Tensor:
         rows = slice(self.bounds[i], self.bounds[i + 1])
@@ -297,7 +301,7 @@ class StreamScorer:
             logits, self.states[i] = out.logits, out.state
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets[rows].flatten().to(self.device),
                               ignore_index=-100, reduction="none")
-        return nll.view(rows.stop - rows.start, -1).cpu()
+        return nll.view(rows.stop - rows.start, -1)
 
     def close(self) -> None:
         """End the worker threads, if any."""
@@ -314,14 +318,16 @@ class StreamScorer:
 
 @torch.no_grad()
 def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int | None = None,
-                     position_edges: list[int] | None = None, progress=None, shards: int = 1) -> dict:
+                     position_edges: list[int] | None = None, progress=None, shards: int = 1,
+                     on_device: bool | None = None) -> dict:
     """Bits per token and perplexity over `streams` (a `TokenStreams`), streaming with memory.
 
     With `position_edges`, also the mean loss (bits) of the targets whose position within their
     document falls in each bucket [edges[i], edges[i+1]). `shards`: split each segment's rows
     across this many CPU threads (`StreamScorer`). Where the scorer takes several segments a call
     (a few rows on the CPU: `StreamScorer.chunk`), consecutive segments go together, a new chunk
-    wherever a document starts.
+    wherever a document starts. `on_device` (None: off the CPU): the losses are summed where the
+    model is and read once at the end, not segment by segment (each read waits for a GPU's queue).
     """
     was_training = model.training
     model.eval()
@@ -329,6 +335,12 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
     edges = torch.tensor(position_edges) if position_edges else None
     bucket_sum = torch.zeros(len(position_edges) - 1, dtype=torch.float64) if position_edges else None
     bucket_count = torch.zeros_like(bucket_sum) if position_edges else None
+    device = next(model.parameters()).device
+    on_device = device.type != "cpu" if on_device is None else on_device
+    # on the device: the sum, and each bucket's with one past the last for the targets in none
+    device_total = torch.zeros((), dtype=torch.float64, device=device) if on_device else None
+    device_buckets = torch.zeros(len(bucket_sum) + 1, dtype=torch.float64, device=device) if (
+        on_device and edges is not None) else None
     n = len(streams) if max_segments is None else min(max_segments, len(streams))
     steps = range(n) if progress is None else progress(range(n))
     with StreamScorer(model, streams.batch_size, shards, streams.segment_len) as scorer:
@@ -342,10 +354,20 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
                 return torch.cat([getattr(segment, name) for segment in pending], dim=1)
 
             targets, positions = join("targets"), join("positions")
-            nll = scorer(join("inputs"), targets, first_start)  # (B, K x L)
-            valid = targets != -100
-            total += float(nll[valid].double().sum())
+            nll = scorer(join("inputs"), targets, first_start, on_device=on_device)  # (B, K x L)
+            valid = targets != -100  # (on the CPU, as the data is)
             count += int(valid.sum())
+            if on_device:  # no masks picking entries (their sizes would be read from the device): nll is 0 at -100
+                device_total.add_(nll.double().sum())
+                if edges is not None:
+                    bucket = torch.bucketize(positions, edges, right=True) - 1  # (B, K x L)
+                    keep = valid & (bucket >= 0) & (bucket < len(bucket_sum))
+                    bucket_count.index_add_(0, bucket[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+                    slots = torch.where(keep, bucket, len(bucket_sum)).flatten().to(device, non_blocking=True)
+                    device_buckets.index_add_(0, slots, nll.flatten().double())
+                pending.clear()
+                return
+            total += float(nll[valid].double().sum())
             if edges is not None:
                 bucket = torch.bucketize(positions[valid], edges, right=True) - 1  # index of [edges[i], edges[i+1])
                 keep = (bucket >= 0) & (bucket < len(bucket_sum))
@@ -364,6 +386,10 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
             pending.append(segment)
         if pending:
             score()
+    if on_device:  # the one read
+        total = float(device_total)
+        if device_buckets is not None:
+            bucket_sum = device_buckets[:-1].cpu()
     model.train(was_training)
     if count == 0:
         raise StillError("nothing to evaluate: the split has no targets")
