@@ -48,9 +48,9 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each; their median counts")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     if args.threads:

@@ -37,6 +37,9 @@ def train_options(args: list[str]) -> dict:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
     options = train_options(args)
     if options["precision"] not in (None, "fp32"):
         fail("the rounding twin is an fp32 run (--precision fp32 or none)")

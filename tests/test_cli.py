@@ -125,3 +125,12 @@ def test_more_threads_than_cores_are_named(capsys, monkeypatch):
         assert capsys.readouterr().err == ""
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_rank_0_alone_says_what_went_wrong(capsys, tmp_path, monkeypatch, rank):
+    """Every rank meets the same bad input; one message, not one a process."""
+    monkeypatch.setenv("RANK", rank)
+    code, _, err = run_cli(capsys, "distill", "mnist", "--out", str(tmp_path / "run"), "--alpha", "1.5")
+    assert code == 2
+    assert ("must be in [0, 1], got 1.5" in err) == (rank == "0")

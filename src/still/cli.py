@@ -58,7 +58,19 @@ def _threads(threads: int | None, deterministic: bool = False) -> None:
 cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
-                              help="CPU threads for PyTorch (default: all cores).")
+                              help="CPU threads for PyTorch (default: all cores; under torchrun, "
+                                   "OMP_NUM_THREADS, which it sets to 1).")
+
+
+def _first_process() -> bool:
+    """Whether this process speaks for the run: the only one, or rank 0 of those torchrun started
+    (every rank meets the same error; one message is enough)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(message: str) -> None:
+    if _first_process():
+        click.echo(message, err=True)
 keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
                            help="Checkpoints to keep in each stage (the newest ones).")
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop",
@@ -372,22 +384,23 @@ def main(argv: list[str] | None = None) -> None:
         if distributed is not None:
             distributed.finish()  # every rank leaves the process group together
     except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+        _say("interrupted")
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        if _first_process():
+            e.show()
         sys.exit(e.exit_code)
     except StillError as e:
-        click.echo(f"error: {e}", err=True)
+        _say(f"error: {e}")
         sys.exit(2)
     except TrainingDiverged as e:
-        click.echo(f"error: {e}", err=True)
+        _say(f"error: {e}")
         sys.exit(e.exit_code)
     except TrainingInterrupted as e:
-        click.echo(str(e), err=True)
+        _say(str(e))  # (rank 0's names the checkpoint it saved for every rank)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        _say("interrupted")
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -326,6 +326,9 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
         native_step.attention_library()  # built (once per machine) before the progress bar, as it says
     if (slower := bf16_slower(config.precision, device)) and dist.main:
         log(f"--precision bf16: {slower}")
+    if config.eval_segments is not None and dist.main:
+        log(f"valid_bits at each interval: the first {config.eval_segments} segments of the validation split's "
+            "rows (documents' openings, higher than the whole's); valid_bpc at the end: the whole split")
     m = config.model
     if m.has_compression and not m.trains_compressor and m.compression_loss != "none" and dist.main:
         log(f"--compression {m.compression} has no weights to learn: the {m.compression_loss} loss is not computed")
