@@ -134,3 +134,11 @@ def test_under_torchrun_rank_0_alone_says_what_went_wrong(capsys, tmp_path, monk
     code, _, err = run_cli(capsys, "distill", "mnist", "--out", str(tmp_path / "run"), "--alpha", "1.5")
     assert code == 2
     assert ("must be in [0, 1], got 1.5" in err) == (rank == "0")
+
+
+@pytest.mark.parametrize("command", [["lm", "eval"], ["lm", "generate"]])
+def test_evaluation_and_generation_refuse_torchrun(capsys, tmp_path, monkeypatch, command):
+    """torchrun would run them whole in every process (each printing its tables): refused."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, *command, str(tmp_path / "run"))
+    assert code == 2 and f"`still {' '.join(command)}` runs in one process: start it without torchrun" in err

@@ -68,6 +68,13 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _one_process(command: str) -> None:
+    """Refuse `command` under torchrun, which would run it whole in every process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise StillError(f"`still {command}` runs in one process: start it without torchrun "
+                         "(training alone is data parallel: docs/distributed.md)")
+
+
 def _say(message: str) -> None:
     if _first_process():
         click.echo(message, err=True)
@@ -282,6 +289,7 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
     position within the document (table and plot in RUN_DIR)."""
     from still.recipes.lm import eval_lm
 
+    _one_process("lm eval")
     _threads(threads)
     eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint, precision=precision, shards=shards,
             fill_rows=fill_rows)
@@ -311,6 +319,7 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
     """Stream sampled text from a trained run, carrying the memories."""
     from still.recipes.lm import generate_lm
 
+    _one_process("lm generate")
     _threads(threads)
     generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout, checkpoint=checkpoint,
                 precision=precision, compile=compile_)
