@@ -55,13 +55,6 @@ def _threads(threads: int | None, deterministic: bool = False) -> None:
         torch.set_num_threads(threads)
 
 
-cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                            help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
-threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
-                              help="CPU threads for PyTorch (default: all cores; under torchrun, "
-                                   "OMP_NUM_THREADS, which it sets to 1).")
-
-
 def _first_process() -> bool:
     """Whether this process speaks for the run: the only one, or rank 0 of those torchrun started
     (every rank meets the same error; one message is enough)."""
@@ -78,6 +71,13 @@ def _one_process(command: str) -> None:
 def _say(message: str) -> None:
     if _first_process():
         click.echo(message, err=True)
+
+
+cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                            help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="CPU threads for PyTorch (default: all cores; under torchrun, "
+                                   "OMP_NUM_THREADS, which it sets to 1).")
 keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
                            help="Checkpoints to keep in each stage (the newest ones).")
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop",
