@@ -357,22 +357,19 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
             nll = scorer(join("inputs"), targets, first_start, on_device=on_device)  # (B, K x L)
             valid = targets != -100  # (on the CPU, as the data is)
             count += int(valid.sum())
-            if on_device:  # no masks picking entries (their sizes would be read from the device): nll is 0 at -100
+            if on_device:  # no masks picking entries there (their sizes would be read from it): nll is 0 at -100
                 device_total.add_(nll.double().sum())
-                if edges is not None:
-                    bucket = torch.bucketize(positions, edges, right=True) - 1  # (B, K x L)
-                    keep = valid & (bucket >= 0) & (bucket < len(bucket_sum))
-                    bucket_count.index_add_(0, bucket[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+            else:
+                total += float(nll[valid].double().sum())
+            if edges is not None:
+                bucket = torch.bucketize(positions, edges, right=True) - 1  # (B, K x L): of [edges[i], edges[i+1])
+                keep = valid & (bucket >= 0) & (bucket < len(bucket_sum))
+                bucket_count.index_add_(0, bucket[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+                if on_device:  # the targets in no bucket go to a spare one past the last
                     slots = torch.where(keep, bucket, len(bucket_sum)).flatten().to(device, non_blocking=True)
                     device_buckets.index_add_(0, slots, nll.flatten().double())
-                pending.clear()
-                return
-            total += float(nll[valid].double().sum())
-            if edges is not None:
-                bucket = torch.bucketize(positions[valid], edges, right=True) - 1  # index of [edges[i], edges[i+1])
-                keep = (bucket >= 0) & (bucket < len(bucket_sum))
-                bucket_sum.index_add_(0, bucket[keep], nll[valid][keep].double())
-                bucket_count.index_add_(0, bucket[keep], torch.ones_like(bucket[keep], dtype=torch.float64))
+                else:
+                    bucket_sum.index_add_(0, bucket[keep], nll[keep].double())
             pending.clear()
 
         for step in steps:

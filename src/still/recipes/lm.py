@@ -353,7 +353,6 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
         for split, streams in (("valid", valid), ("test", test)):  # `valid`: the validation's (pure), now whole
             final[split] = evaluate_streams(model, streams, shards=eval_split(streams),
                                             progress=lambda r, s=split: progress(r, desc=f"eval {s}", unit="segment"))
-    m = config.model
     rows = [{"model": _describe(m), "params": sum(p.numel() for p in model.parameters()), "steps": config.steps,
              "valid_bpc": round(final["valid"]["bits_per_token"], 4),
              "test_bpc": round(final["test"]["bits_per_token"], 4),
