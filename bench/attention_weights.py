@@ -41,7 +41,7 @@ PATHS = {"bf16 scores": (False, False, None), "fp32 position": (False, True, Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each; their median counts")
     parser.add_argument("--threads", type=int, default=1, help="1: as a shard runs it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

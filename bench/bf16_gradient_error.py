@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("run", help="a `still lm train` run directory")
     parser.add_argument("--step", type=int, default=1750, help="the training step whose data is used")
     parser.add_argument("--steps", type=int, default=2, help="steps differentiated (each from the same memories)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -749,12 +749,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="fresh-process repeats per measurement (5)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps or segments per repeat (20)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up segments (6)")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows a training or evaluation step (16)")
     parser.add_argument("--gen-runs", type=int, default=None,
                         help="timed generations per repeat, after an untimed one; their median counts (3)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    parser.add_argument("--measures", nargs="+", choices=MEASURES, default=list(MEASURES))
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads every implementation gets")
+    parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
+                        help="the implementations measured (default: all)")
+    parser.add_argument("--measures", nargs="+", choices=MEASURES, default=list(MEASURES),
+                        help="what is measured (default: all)")
     parser.add_argument("--lucidrains-gru", action="store_true",
                         help="lucidrains with its default GRU-gated residuals (off: plain residuals, like the others)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per measurement)")

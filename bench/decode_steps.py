@@ -61,9 +61,11 @@ def per_token(decoder: Decoder, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--preset", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
+                        help="the models timed, untrained (default: all)")
+    parser.add_argument("--steps", type=int, default=400, help="tokens a timed round")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="timed rounds of each step, alternating; their median counts")
     parser.add_argument("--run", help="a `still lm train` run directory: time its trained model instead")
     parser.add_argument("--tune", help="build the hand-written step with these flags instead of -march=native, "
                         "as for another processor: '-march=x86-64-v3' (AVX2 with FMA, no AVX-512), '' (untuned); "

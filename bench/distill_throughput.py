@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each; their median counts")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="examples a training step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,13 +28,15 @@ from still.train.precision import autocast
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="reference")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="reference",
+                        help="the model, untrained (no --run)")
     parser.add_argument("--run", default=None, help="a `still lm train` run directory: its model and test split")
-    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="the precisions measured (default: both)")
     parser.add_argument("--tokens", type=int, default=260_000, help="the random document's length (no --run)")
     parser.add_argument("--row-tokens", type=int, default=20_480,
                         help="tokens a row reads (no --run; the cut reads this many a row, as the whole one)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed evaluations of each; their median counts")
     args = parser.parse_args()
     if args.run:
         config, vocab, model, _ = load_run(args.run)

@@ -49,8 +49,8 @@ def step_ms(size: dict, optimizer: str, implementation: str, repeats: int) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30, help="timed steps of each; their median counts")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps (ms)\n")

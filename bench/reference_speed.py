@@ -267,10 +267,10 @@ def read_bandwidth(nbytes: float, calls: int = 50) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of every measure; their median counts")
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per repeat")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens a timed generation")
     parser.add_argument("--gen-runs", type=int, default=3,
                         help="timed generations per repeat, after an untimed one; their median counts")
     parser.add_argument("--measures", nargs="+", choices=("train", "eval", "generate", "compile"),
@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="reference",
                         help="the reference preset's model, or the peer benchmark's smaller one (same segment, "
                              "memories and batch)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results (JSON and markdown) here")
     args = parser.parse_args()
     global model_changes
     model_changes = MODELS[args.model]
