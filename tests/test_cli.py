@@ -58,6 +58,19 @@ def test_bad_mnist_options(capsys, tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_enwik8_is_read_as_bytes_without_being_told(capsys, tmp_path):
+    """`--corpus enwik8:PATH` alone: byte level (a character vocabulary failed on enwik8's first byte);
+    here the short file is refused for its length, which is read only after the configuration."""
+    (tmp_path / "enwik8").write_bytes(b"<mediawiki>" * 10)
+    assert_user_error(capsys, "lm", "train", "--corpus", f"enwik8:{tmp_path / 'enwik8'}", "--out",
+                      str(tmp_path / "run"), contains="holds 110 bytes; the split needs 100000000")
+    from still.errors import StillError
+    from still.recipes.lm import LMConfig
+
+    with pytest.raises(StillError, match="enwik8 is read as bytes: it needs byte_level=True"):
+        LMConfig(corpus="enwik8:x")
+
+
 def test_corrupt_mnist_cache_offline(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("STILL_OFFLINE", "1")
     (tmp_path / "mnist").mkdir()

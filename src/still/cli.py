@@ -204,8 +204,9 @@ def lm_group() -> None:
               help="quick: minutes on a CPU; ablation: d_model 128, 4 layers, segment 64, mem 64 + 64; "
                    "reference: d_model 256, 6 layers, segment 128, mem 128 + 128 at rate 4.")
 @click.option("--corpus", default=None,
-              help="shakespeare (default), enwik8:PATH, pg19:PATH, or a UTF-8 file or folder.")
-@click.option("--byte-level", is_flag=True, default=None, help="Bytes instead of characters (needed for enwik8).")
+              help="shakespeare (default), enwik8:PATH, pg19:DIR, wikitext103:DIR, or a UTF-8 file or folder.")
+@click.option("--byte-level", is_flag=True, default=None,
+              help="Bytes instead of characters (enwik8 is always read as bytes).")
 @click.option("--mem-len", type=click.IntRange(min=0), default=None, help="Memories per layer.")
 @click.option("--c-mem-len", type=click.IntRange(min=0), default=None,
               help="Compressed memories per layer (0: Transformer-XL).")
@@ -256,6 +257,8 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
     from still.recipes.lm import PRESETS, train_lm, with_overrides
 
     base = PRESETS[preset]
+    if byte_level is None and (corpus or "").startswith("enwik8:"):
+        byte_level = True  # (enwik8 is bytes)
     config = with_overrides(
         base, model={"mem_len": mem_len, "c_mem_len": c_mem_len, "compression_rate": compression_rate,
                      "compression": compression, "compression_loss": compression_loss,

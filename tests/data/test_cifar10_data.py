@@ -40,6 +40,23 @@ def test_missing_files_are_named(cifar_dir):
 def test_missing_directory(tmp_path):
     with pytest.raises(StillError, match="does not exist"):
         load_cifar10(tmp_path / "nope")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(StillError, match="is a file: unpack it"):
+        load_cifar10(archive)
+
+
+def test_unreadable_batch_is_named(cifar_dir, monkeypatch):
+    real = type(cifar_dir).read_bytes
+
+    def read_bytes(self):
+        if self.name == "test_batch":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(type(cifar_dir), "read_bytes", read_bytes)
+    with pytest.raises(StillError, match="cannot read .*test_batch: Permission denied"):
+        load_cifar10(cifar_dir)
 
 
 def test_wrong_shape_is_named(cifar_dir):

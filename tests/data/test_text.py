@@ -15,6 +15,7 @@ from still.data.text import (
     load_pg19,
     load_shakespeare,
     load_text,
+    load_wikitext103,
 )
 from still.errors import StillError
 
@@ -29,6 +30,15 @@ def test_vocab_round_trip_and_specials():
         vocab.encode("helz", "prompt")
     with pytest.raises(StillError, match="token id 99 is outside the vocabulary"):
         vocab.decode([99])
+
+
+def test_encoding_in_chunks_is_the_lookup_a_character(monkeypatch):
+    monkeypatch.setattr("still.data.text.ENCODE_CHUNK", 7)
+    text = "Hamlet — ô\nTo be, or not to be 😀." * 3
+    vocab = Vocab.build([Document("a", text)])
+    assert vocab.encode(text).tolist() == [vocab._index[ch] for ch in text]
+    with pytest.raises(StillError, match="character '€' at offset 23 is not in the vocabulary"):
+        vocab.encode(text[:23] + "€" + text)  # (in the fourth chunk)
 
 
 def test_byte_vocab():
@@ -94,6 +104,84 @@ def test_pg19_layout(tmp_path):
     with pytest.raises(StillError, match="no books in test/"):
         load_pg19(tmp_path)
 
+
+
+def test_damaged_enwik8_archives_are_named(tmp_path):
+    folder = tmp_path / "enwik8"
+    folder.mkdir()
+    with pytest.raises(StillError, match="is a directory"):
+        load_enwik8(folder)
+    data = b"<mediawiki>" * 100
+    zipped = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("enwik8", data)
+    archive = zipped.read_bytes()
+    offset = archive.index(b"enwik8", 30) + 6 + 20  # inside the member's compressed bytes
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(archive[:offset] + bytes([archive[offset] ^ 0xFF]) + archive[offset + 1:])
+    with pytest.raises(StillError, match="damaged.zip is a damaged zip archive"):
+        load_enwik8(damaged, split=(900, 50, 50))
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(archive[: len(archive) // 2])
+    with pytest.raises(StillError, match="truncated.zip is not a whole zip archive"):
+        load_enwik8(truncated, split=(900, 50, 50))
+
+
+def _wikitext(folder, ext="tokens"):
+    folder.mkdir(parents=True)
+    titles = (("train", "Valkyria Chronicles III"), ("valid", "Homarus gammarus"), ("test", "Robert Boulter"))
+    for name, title in titles:
+        (folder / f"wiki.{name}.{ext}").write_text(f" \n = {title} = \n \n The game @-@ play <unk> . \n" * 3)
+
+
+def test_wikitext103_as_its_archive_unpacks(tmp_path):
+    _wikitext(tmp_path / "wikitext-103")
+    corpus = load_corpus(f"wikitext103:{tmp_path}")
+    assert corpus.name == "wikitext103" and [len(s) for s in (corpus.train, corpus.valid, corpus.test)] == [1, 1, 1]
+    assert corpus.test[0].name == "wiki.test.tokens" and "Robert Boulter" in corpus.test[0].text
+    assert load_wikitext103(tmp_path / "wikitext-103").train[0].text == corpus.train[0].text
+    _wikitext(tmp_path / "raw" / "wikitext-103-raw", ext="raw")
+    corpus = load_wikitext103(tmp_path / "raw", byte_level=True)
+    assert corpus.byte_level and corpus.valid[0].name == "wiki.valid.raw" and isinstance(corpus.valid[0].text, bytes)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StillError, match="lacks wiki.train.tokens"):
+        load_wikitext103(tmp_path / "empty")
+    with pytest.raises(StillError, match="is a file: unpack the archive"):
+        load_wikitext103(tmp_path / "wikitext-103" / "wiki.train.tokens")
+
+
+def test_plain_folders_laid_out_as_pg19_or_wikitext_are_refused(tmp_path):
+    """Split by sorted name, PG-19's test/ books would train: the folder is named as the kind it is."""
+    for folder in ("train", "validation", "test"):
+        (tmp_path / "pg" / folder).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "pg" / folder / f"{i}.txt").write_text(f"{folder} {i} " * 20)
+    with pytest.raises(StillError, match="laid out as PG-19 .*give it as pg19:"):
+        load_corpus(str(tmp_path / "pg"))
+    _wikitext(tmp_path / "wt")
+    with pytest.raises(StillError, match="give it as wikitext103:"):
+        load_corpus(str(tmp_path / "wt"))
+
+
+def test_an_empty_split_is_named_before_anything_trains(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.txt").write_text(f"book {i} " * 10 if i != 4 else "")
+    with pytest.raises(StillError, match="the test split of .* is empty \\(1 document\\(s\\): 4.txt\\)"):
+        load_corpus(str(folder))
+
+
+def test_an_unreadable_file_is_a_one_line_error(tmp_path, monkeypatch):
+    path = tmp_path / "one.txt"
+    path.write_text("x" * 1000)
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr("pathlib.Path.read_bytes", unreadable)
+    with pytest.raises(StillError, match="cannot read .*one.txt: Permission denied"):
+        load_corpus(str(path))
 
 def _rows(streams):
     """Per row, its targets in order, with "|" where the row's memories reset."""

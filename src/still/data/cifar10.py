@@ -35,6 +35,9 @@ class Cifar10:
 
 def _batch_dir(data_dir: Path) -> Path:
     if not data_dir.is_dir():
+        if data_dir.is_file():
+            raise StillError(f"CIFAR-10 directory {data_dir} is a file: unpack it (tar xzf) and give the folder "
+                             "cifar-10-batches-py (or the one holding it)")
         raise StillError(f"CIFAR-10 directory {data_dir} does not exist")
     nested = data_dir / "cifar-10-batches-py"
     return nested if nested.is_dir() else data_dir
@@ -42,7 +45,11 @@ def _batch_dir(data_dir: Path) -> Path:
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (images (N, 3, 32, 32) uint8, labels (N,) int64), shapes checked."""
-    batch = load_numpy_pickle(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StillError(f"cannot read {path}: {e.strerror or e}") from None
+    batch = load_numpy_pickle(data, str(path))
     if not isinstance(batch, dict):
         raise StillError(f"{path}: expected a dict with 'data' and 'labels', got {type(batch).__name__}")
     batch = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}

@@ -18,8 +18,10 @@ from still.errors import StillError
 
 try:  # NumPy >= 2
     from numpy._core.multiarray import _reconstruct, scalar
+    from numpy._core.numeric import _frombuffer
 except ImportError:  # pragma: no cover - NumPy 1.x
     from numpy.core.multiarray import _reconstruct, scalar
+    from numpy.core.numeric import _frombuffer
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
@@ -28,6 +30,9 @@ _ALLOWED = {
     ("numpy._core.multiarray", "scalar"): scalar,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    # how pickle protocol 5 stores an array (it refuses object arrays, which could hold anything)
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("_codecs", "encode"): codecs.encode,  # how protocol 2 stores Python 3 bytes
 }
 

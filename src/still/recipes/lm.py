@@ -53,7 +53,7 @@ class LMConfig:
     optim: OptimConfig = OptimConfig(name="adam", lr=1e-3, schedule="cosine", warmup_fraction=0.05,
                                      min_lr_ratio=0.1, grad_clip=0.1)
     corpus: str = "shakespeare"
-    """shakespeare, enwik8:PATH, pg19:PATH, or a UTF-8 text file or folder."""
+    """shakespeare, enwik8:PATH (byte-level), pg19:DIR, wikitext103:DIR, or a UTF-8 text file or folder."""
     byte_level: bool = False
     batch_size: int = 16
     segment_len: int = 64
@@ -79,6 +79,8 @@ class LMConfig:
         check(self.steps % self.eval_every == 0,
               f"steps ({self.steps}) must be a multiple of eval_every ({self.eval_every}, the preset's unless "
               "given: --eval-every)")
+        check(self.byte_level or not self.corpus.startswith("enwik8:"),
+              "enwik8 is read as bytes: it needs byte_level=True (--byte-level)")
         rate = self.model.compression_rate
         check(self.model.c_mem_len == 0 or self.segment_len % rate == 0,
               f"segment_len ({self.segment_len}) must be a multiple of compression_rate ({rate})")
