@@ -7,9 +7,11 @@ Shapes: B batch, n old memories (a multiple of c), c compression rate, d model d
 
     conv        1-D convolution, kernel = stride = c, no bias (as DeepMind's code)     (the default)
     dilated     1-D convolution with kernel c and dilation 2, left-padded by c - 1, stride c,
-                no bias: each output sees the last c oldest-to-newest pairs two steps apart. For an
-                even c, the taps of the windows fall on every other memory only: half the old
-                memories (the 1st, 3rd, ... of each run) reach no compressed slot
+                no bias: output t sees the c memories t*c - (c-1) + 2k, k = 0..c-1, two steps apart.
+                Not every old memory is seen: for an even c the taps fall on every other memory
+                only, so half of them (the 1st, 3rd, ... of each run) reach no compressed slot; for
+                an odd c, (c-1)/2 of each run's newest memories reach none (at c = 3 the last but
+                one; at c = 5 the 2nd and 4th from the end)
     max         max pooling, kernel = stride = c
     mean        mean pooling, kernel = stride = c
     most_used   keep the n / c memories that received the most attention (summed over heads and

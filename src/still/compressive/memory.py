@@ -123,17 +123,28 @@ class MemoryState(NamedTuple):
 
 
 def update_validity(memory_valid: torch.Tensor, compressed_valid: torch.Tensor, segment_len: int, *, mem_len: int,
-                    c_mem_len: int, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    c_mem_len: int, rate: int, most_used: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The update rule applied to the validity flags (B, M), (B, N): the segment's L slots are
-    valid; a compressed slot is valid when all c memories it came from were."""
+    valid; a compressed slot is valid when all c memories it came from were.
+
+    `most_used`: the compressed slots are n_s / c of the n_s old memories themselves, chosen by the
+    attention they received, invalid ones last (`CompressiveTransformer.forward` ranks them below
+    every valid one), and kept in time order. In a row the invalid slots are the oldest (a reset
+    marks every slot, and what comes after is valid), so with V valid old memories the last
+    min(V, n_s / c) slots are valid, in every layer alike."""
     b = memory_valid.shape[0]
 
     def all_of_group(old: torch.Tensor) -> torch.Tensor:  # (B, n_s, 1) -> (B, n_s / c, 1)
         return old.view(b, old.shape[1] // rate, rate, 1).all(2)
 
+    def valid_kept(old: torch.Tensor) -> torch.Tensor:  # (B, n_s, 1) -> (B, n_s / c, 1)
+        kept = old.shape[1] // rate
+        valid = old.sum(1, keepdim=True).clamp(max=kept)  # (B, 1, 1)
+        return torch.arange(kept)[None, :, None] >= kept - valid
+
     memory, compressed, _, _ = update_layer_memory(
         memory_valid[:, :, None], compressed_valid[:, :, None], memory_valid.new_ones(b, segment_len, 1),
-        mem_len=mem_len, c_mem_len=c_mem_len, rate=rate, compress=all_of_group)
+        mem_len=mem_len, c_mem_len=c_mem_len, rate=rate, compress=valid_kept if most_used else all_of_group)
     return memory[:, :, 0], compressed[:, :, 0]
 
 

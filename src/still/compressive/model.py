@@ -37,7 +37,11 @@ transformer with relative positions; in eval mode with `mem_len` >= the total le
 compression, feeding a sequence in segments gives the logits of feeding it at once.
 
 Deviations from the paper: pre-LayerNorm by default; no adaptive softmax or embeddings (character
-and byte vocabularies are small).
+and byte vocabularies are small); the memories start empty, where the paper's algorithm 1 starts them
+as zeros, attended to and compressed like any memory (pass a `MemoryState` of zeros for that).
+
+Tested against tests/compressive/reference.py, the model written again from both papers with every
+query-key distance spelled out: logits, the reconstruction loss and every gradient.
 """
 
 from __future__ import annotations
@@ -416,7 +420,11 @@ class CompressiveTransformer(nn.Module):
         """tokens (B, L) -> logits (B, L, V), the next state, and the compression loss.
 
         `state` is the memory from the previous segment (None: empty). `reset` (B,) bool marks batch
-        rows where a new document starts with this segment: their memories are masked out. The
+        rows where a new document starts with this segment: their memories are masked out. That is a
+        fresh start when the memory holds whole groups of c, as it always does when the segment
+        length and mem_len are multiples of c (the recipes require the first); otherwise the new
+        document's first memories share a group with masked ones, so that compressed slot is masked
+        and the later groups fall c-aligned with the stream, not with the document. The
         compression loss is computed when training a compressor, or when `with_compression_loss`.
         `last_logits`: the logits of the last position only, (B, 1, V) (a prompt needs no others).
         """
@@ -462,8 +470,12 @@ class CompressiveTransformer(nn.Module):
         rule = dict(mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
         for layer, memory, compressed, hidden, attention, context_kv in zip(
                 self.layers, state.memory, state.compressed, layer_inputs, attentions, context_kvs):
+            received = attention.received  # (B, N + M + L) with need_weights, else None
+            if received is not None and key_valid is not None:  # the invalid slots rank below every valid one
+                received = torch.cat([received[:, : key_valid.shape[1]].masked_fill(~key_valid, -1.0),
+                                      received[:, key_valid.shape[1] :]], dim=1)
             mem, cmem, old, fresh, cache = layer.update_memory(
-                memory, compressed, hidden, received=attention.received,
+                memory, compressed, hidden, received=received,
                 context_kv=context_kv if use_cache else None, segment_kv=attention.key_values, **rule)
             new_memory.append(mem)
             new_compressed.append(cmem)
@@ -481,7 +493,8 @@ class CompressiveTransformer(nn.Module):
         memory_valid, compressed_valid = None, None
         if key_valid is not None:
             memory_valid, compressed_valid = update_validity(
-                *state.validity(), l, mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate)
+                *state.validity(), l, mem_len=config.mem_len, c_mem_len=config.c_mem_len, rate=config.compression_rate,
+                most_used=need_weights)
             if bool(memory_valid.all()) and bool(compressed_valid.all()):
                 memory_valid, compressed_valid = None, None
         next_state = MemoryState(tuple(new_memory), tuple(new_compressed), memory_valid, compressed_valid,
