@@ -96,6 +96,13 @@ def test_eval_by_position(trained, capsys):
     assert code == 0 and "bits per character" in out and "Loss by position" in out
     result = json.loads((trained / "eval-valid.json").read_text())
     assert result["meta"]["tokens"] == sum(r["tokens"] for r in result["rows"])
+    rows = result["rows"]  # inclusive ranges, one after another, the last ending at the last position
+    assert rows[0]["from"] == 0 and all(a["to"] + 1 == b["from"] for a, b in zip(rows, rows[1:]))
+    from still.data.text import load_corpus
+    from still.recipes.lm import load_run
+
+    config = load_run(trained)[0]
+    assert rows[-1]["to"] == max(len(d.text) for d in load_corpus(config.corpus).valid) - 1
     train_valid = json.loads((trained / "results.json").read_text())["rows"][0]["valid_bpc"]
     assert result["meta"]["bits_per_token"] == pytest.approx(train_valid, abs=1e-4)
     assert (trained / "eval-valid-by-position.png").is_file()

@@ -461,7 +461,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     cut = len(streams.pieces) > len(docs)
     within = "piece" if cut else "document"  # what the positions count from (`Segment.positions`)
     longest = max(end - first for _, first, end in streams.pieces)
-    edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest + 1})
+    edges = sorted({0, *[2**k for k in range(4, 40) if 2**k < longest], longest})  # (positions 0 .. longest - 1)
     device = next(model.parameters()).device
     if shards is None:
         shards = eval_shards(model, streams.batch_size, config.segment_len, precision=precision)
