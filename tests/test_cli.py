@@ -14,6 +14,28 @@ def test_help_and_version(capsys):
     assert code == 0 and "SOFT-target" in out
 
 
+def _commands(command, path=("still",)):
+    import click
+
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield " ".join(path), command
+
+
+def test_every_option_of_every_command_has_help():
+    import click
+
+    from still.cli import cli
+
+    missing = [f"{name} {p.opts[0]}" for name, command in _commands(cli) for p in command.params
+               if isinstance(p, click.Option) and not p.help]
+    assert missing == []
+    summaries = {name: cli.commands[name].get_short_help_str(limit=80) for name in cli.commands}
+    assert not [s for s in summaries.values() if s.endswith("...")], summaries  # (not cut short)
+
+
 def test_python_dash_m(tmp_path):
     import subprocess
     import sys

@@ -78,6 +78,8 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores; under torchrun, "
                                    "OMP_NUM_THREADS, which it sets to 1).")
+one_process_threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                                          help="CPU threads for PyTorch (default: all cores).")
 keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
                            help="Checkpoints to keep in each stage (the newest ones).")
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop",
@@ -105,9 +107,10 @@ def cli() -> None:
 # ----------------------------------------------------------------------------- demo
 
 
-@cli.command()
+@cli.command(short_help="The quick MNIST and language-model runs, as `make demo`.")
 @cache_option
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Where the two runs go (OUT/mnist, OUT/lm).")
 @threads_option
 def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
     """The quick experiments: MNIST distillation and the Compressive Transformer on Shakespeare,
@@ -123,7 +126,7 @@ def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
 # ----------------------------------------------------------------------------- distill
 
 
-@cli.group()
+@cli.group(short_help="Knowledge distillation: MNIST, CIFAR-10.")
 def distill() -> None:
     """Knowledge distillation experiments (Hinton, Vinyals and Dean 2015)."""
 
@@ -144,8 +147,8 @@ def distill() -> None:
                    "to this many pixels; 0: the teacher alone (presets: paper 2, quick 0).")
 @click.option("--student-epochs", type=click.IntRange(min=1), default=None,
               help="Epochs of the baseline and of each distilled student.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Examples a step (preset: 128).")
+@click.option("--seed", type=int, default=None, help="Random seed of every stage (preset: 0).")
 @click.option("--train-subset", type=click.IntRange(min=1), default=None, help="Use the first N training images only.")
 @click.option("--test-subset", type=click.IntRange(min=1), default=None, help="Use the first N test images only.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -171,15 +174,16 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, teache
 @distill.command("cifar10")
 @click.option("--data-dir", type=click.Path(path_type=Path), required=True,
               help="Directory with the CIFAR-10 python batches (data_batch_1..5, test_batch).")
-@click.option("--preset", type=click.Choice(["labml", "tiny"]), default="labml", show_default=True)
+@click.option("--preset", type=click.Choice(["labml", "tiny"]), default="labml", show_default=True,
+              help="labml: labml's experiment; tiny: a quick check of the whole recipe (small VGGs, 2 epochs).")
 @click.option("--temperature", type=float, default=None, help="T > 0 (preset: 5).")
 @click.option("--alpha", type=float, default=None, help="Weight of the SOFT-target term, in [0, 1] (preset: 0.5).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs of each of the three runs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images a step (labml: 64, tiny: 32).")
+@click.option("--seed", type=int, default=None, help="Random seed of every run (preset: 0).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: runs/cifar10-<preset>).")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Start stages whose settings changed from scratch.")
 @threads_option
 def distill_cifar10(data_dir, preset, temperature, alpha, epochs, batch_size, seed, out, overwrite, threads) -> None:
     """labml's CIFAR-10 experiment: VGG teacher, small VGG student alone and distilled."""
@@ -194,9 +198,9 @@ def distill_cifar10(data_dir, preset, temperature, alpha, epochs, batch_size, se
 # ----------------------------------------------------------------------------- lm
 
 
-@cli.group("lm")
+@cli.group("lm", short_help="Compressive Transformer language models: train, eval, generate, compare.")
 def lm_group() -> None:
-    """Compressive Transformer language models (Rae et al. 2019): train, eval, generate."""
+    """Compressive Transformer language models (Rae et al. 2019): train, eval, generate, compare."""
 
 
 @lm_group.command("train")
@@ -210,18 +214,25 @@ def lm_group() -> None:
 @click.option("--mem-len", type=click.IntRange(min=0), default=None, help="Memories per layer.")
 @click.option("--c-mem-len", type=click.IntRange(min=0), default=None,
               help="Compressed memories per layer (0: Transformer-XL).")
-@click.option("--compression-rate", type=click.IntRange(min=1), default=None)
-@click.option("--compression", type=click.Choice(["conv", "dilated", "max", "mean", "most_used"]), default=None)
-@click.option("--compression-loss", type=click.Choice(["attention", "autoencoding", "none"]), default=None)
+@click.option("--compression-rate", type=click.IntRange(min=1), default=None,
+              help="c: old memories per compressed memory (presets: 4).")
+@click.option("--compression", type=click.Choice(["conv", "dilated", "max", "mean", "most_used"]), default=None,
+              help="The compression function f_c (presets: conv).")
+@click.option("--compression-loss", type=click.Choice(["attention", "autoencoding", "none"]), default=None,
+              help="How f_c learns: attention reconstruction (presets), auto-encoding, or not at all.")
 @click.option("--post-norm", is_flag=True, default=None, help="Post-LayerNorm, as the paper (default: pre-LayerNorm).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout on embeddings, attention and feed-forward outputs (preset: 0.1).")
-@click.option("--steps", type=click.IntRange(min=1), default=None)
-@click.option("--eval-every", type=click.IntRange(min=1), default=None)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--segment-len", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps (presets: quick 1000, ablation 1500, reference 2000).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None,
+              help="Steps between validations and checkpoints; divides --steps (presets: 250).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows a step, each its own stream of documents (presets: 16).")
+@click.option("--segment-len", type=click.IntRange(min=1), default=None,
+              help="Tokens a segment, a multiple of --compression-rate (presets: 64; reference 128).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (presets: 1e-3; reference 5e-4).")
+@click.option("--seed", type=int, default=None, help="Random seed (presets: 0).")
 @precision_option(None, "fp32 (default), or bf16 autocast with float32 weights, optimizer state and losses "
                         "(about 2x faster on CPUs with AVX-512 bf16 and on recent GPUs; on CPUs without bf16 "
                         "instructions several times slower, as it then says).")
@@ -273,13 +284,15 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
 
 @lm_group.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
+              help="The split scored, whole.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows read at once (default: the run's); never more than the split's documents.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @precision_option(None, "fp32 or bf16 (default: the run's).")
 @cache_option
-@threads_option
+@one_process_threads_option
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Split every segment's rows across this many threads, each with its share of --threads "
                    "(default: 2 on a CPU with two or more threads where it pays, else 1; docs/performance.md).")
@@ -302,10 +315,12 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", default="", help="Text to continue.")
 @click.option("--tokens", type=click.IntRange(min=1), default=256, show_default=True, help="How many to generate.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=None)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Divides the logits before sampling: < 1 surer, > 1 more varied.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens only.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Sample among the likeliest tokens whose probabilities reach p (nucleus sampling).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same text.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt, and compiled (the default on the "
@@ -317,7 +332,7 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
                    "minute, once per model shape); both cached, then several times faster per token. Falls back "
                    "to eager mode, saying why, where neither works. Default: the hand-written step where it can "
                    "run (on the CPU, with a C++ compiler), else eager steps. --no-compile: eager steps.")
-@threads_option
+@one_process_threads_option
 def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_, threads):
     """Stream sampled text from a trained run, carrying the memories."""
     from still.recipes.lm import generate_lm
@@ -330,11 +345,13 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
 
 @lm_group.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
+              help="The split whose `still lm eval` results are compared.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"),
-              show_default=True)
+              show_default=True, help="Where the table and plots go.")
 def lm_compare(run_dirs, split, out):
-    """One table and one loss-by-position plot for several runs (after `still lm eval` on each)."""
+    """One table and two plots for several runs: the loss by position (after `still lm eval` on
+    each) and the validation curves."""
     from still.recipes.lm import compare_runs
 
     compare_runs(list(run_dirs), out, split)
@@ -350,15 +367,17 @@ def bench() -> None:
 
 @bench.command("peak")
 @click.option("--size", type=click.IntRange(min=64), default=None, help="Matrix size n (default: 2048 CPU, 8192 GPU).")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
-@threads_option
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed products of each; the fastest counts.")
+@one_process_threads_option
 def bench_peak(size, repeats, threads) -> None:
     """Matrix-multiply throughput in fp32 and bf16 (all threads, or the GPU): the peak that MFU divides by."""
     from still.bench.peak import peak
 
     _threads(threads)
     result = peak(size, repeats)
-    click.echo(f"{result['device']}, {result['threads']} threads, n = {result['n']}")
+    threads = result["threads"]
+    click.echo(f"{result['device']}, {threads} thread{'s' if threads != 1 else ''}, n = {result['n']}")
     click.echo(f"fp32: {result['fp32'] / 1e9:8.1f} GFLOP/s")
     click.echo(f"bf16: {result['bf16'] / 1e9:8.1f} GFLOP/s")
 
