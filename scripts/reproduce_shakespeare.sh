@@ -44,7 +44,9 @@ run() {  # run NAME [extra options]: train, then evaluate the test split by posi
   # shellcheck disable=SC2086
   "$STILL" lm train --precision "$PRECISION" ${RUNS[$name]} "$@" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
   "$STILL" lm eval "$OUT/$name" --split test "$@" >> "$OUT/$name.log" 2>&1
-  tail -n 4 "$OUT/$name.log" | head -n 3
+  # the summary, in one write (two workers share the terminal): the run's table (validation and test
+  # bits per character after training), then `lm eval`'s line (its loss by position: eval-test.md)
+  printf '%s\n' "== $name: done" "$(tail -n +3 "$OUT/$name/results.md")" "$(head -n 1 "$OUT/$name/eval-test.md")"
 }
 
 mkdir -p "$OUT"
@@ -58,7 +60,7 @@ else
   wait
 fi
 compare() { local out=$1; shift; local runs=(); for r in "$@"; do [ -f "$OUT/$r/results.json" ] && runs+=("$OUT/$r"); done
-            [ ${#runs[@]} -gt 0 ] && "$STILL" lm compare "${runs[@]}" --out "$OUT/$out"; }
+            if [ ${#runs[@]} -gt 0 ]; then "$STILL" lm compare "${runs[@]}" --out "$OUT/$out"; fi; }
 compare main transformer xl256 compressive
 compare functions f-conv f-dilated f-max f-mean f-most_used ablation-xl128
 compare losses f-conv loss-autoencoding loss-none
