@@ -172,6 +172,31 @@ def test_an_empty_split_is_named_before_anything_trains(tmp_path):
         load_corpus(str(folder))
 
 
+def test_evaluation_reads_only_its_split(tmp_path, monkeypatch):
+    """PG-19's training books are 11 GB: scoring the test books reads none of them (nor another
+    corpus kind's other splits, where they are files of their own)."""
+    for folder, books in (("train", 3), ("validation", 1), ("test", 2)):
+        (tmp_path / "pg" / folder).mkdir(parents=True)
+        for i in range(books):
+            (tmp_path / "pg" / folder / f"{i}.txt").write_text(f"{folder} book {i}\n" * 20)
+    _wikitext(tmp_path / "wt")
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(5):
+        (books / f"{i}.txt").write_text(f"book {i} " * 10)
+    import still.data.text as text
+
+    read, real = [], text._read
+    monkeypatch.setattr(text, "_read", lambda path, byte_level: read.append(path.name) or real(path, byte_level))
+    for name, wanted in ((f"pg19:{tmp_path / 'pg'}", ["0.txt", "1.txt"]),
+                         (f"wikitext103:{tmp_path / 'wt'}", ["wiki.test.tokens"]), (str(books), ["4.txt"])):
+        read.clear()
+        corpus = load_corpus(name, splits=("test",))
+        assert read == wanted and corpus.train == corpus.valid == [] and corpus.test
+    with pytest.raises(StillError, match="split must be train, valid or test, got 'dev'"):
+        load_corpus(str(books), splits=("dev",))
+
+
 def test_an_unreadable_file_is_a_one_line_error(tmp_path, monkeypatch):
     path = tmp_path / "one.txt"
     path.write_text("x" * 1000)

@@ -68,9 +68,13 @@ class Corpus:
     byte_level: bool = False
 
     def split(self, name: str) -> list[Document]:
+        self.check_split(name)
+        return getattr(self, name)
+
+    @staticmethod
+    def check_split(name: str) -> None:
         if name not in ("train", "valid", "test"):
             raise StillError(f"split must be train, valid or test, got {name!r}")
-        return getattr(self, name)
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -197,10 +201,14 @@ def _layout_hint(path: Path) -> None:
         raise StillError(f"{path} holds WikiText's splits (wiki.train.tokens ...): give it as wikitext103:{path}")
 
 
+SPLITS = ("train", "valid", "test")
+
+
 def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float = 0.05,
-              test_fraction: float = 0.05) -> Corpus:
+              test_fraction: float = 0.05, splits: Sequence[str] = SPLITS) -> Corpus:
     """A UTF-8 text file (split by position: train, then valid, then test) or a folder of `*.txt`
-    files (split by file, in sorted order: the last ones are valid and test)."""
+    files (split by file, in sorted order: the last ones are valid and test). A folder's files of
+    the splits not in `splits` are not read (those splits are empty)."""
     path = Path(path).expanduser()
     if path.is_dir():
         _layout_hint(path)
@@ -208,12 +216,14 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
         if len(files) < 3:
             raise StillError(f"{path} holds {len(files)} .txt file(s); a folder corpus needs at least 3 "
                              "(train, valid, test), or give a single file")
-        docs = [Document(str(f.relative_to(path)), _read(f, byte_level)) for f in files]
-        n_valid = max(1, round(valid_fraction * len(docs)))
-        n_test = max(1, round(test_fraction * len(docs)))
-        train = docs[: len(docs) - n_valid - n_test]
-        return Corpus(path.name, train, docs[len(train) : len(train) + n_valid], docs[len(train) + n_valid :],
-                      byte_level)
+        n_valid = max(1, round(valid_fraction * len(files)))
+        n_test = max(1, round(test_fraction * len(files)))
+        n_train = len(files) - n_valid - n_test
+        parts = {"train": files[:n_train], "valid": files[n_train : n_train + n_valid],
+                 "test": files[n_train + n_valid :]}
+        read = {split: [Document(str(f.relative_to(path)), _read(f, byte_level)) for f in parts[split]]
+                if split in splits else [] for split in SPLITS}
+        return Corpus(path.name, read["train"], read["valid"], read["test"], byte_level)
     if not path.is_file():
         raise StillError(f"corpus {path} does not exist")
     text = _read(path, byte_level)
@@ -259,24 +269,26 @@ def load_enwik8(path: str | Path, split: tuple[int, int, int] = ENWIK8_SPLIT) ->
                   [Document("enwik8-test", data[a + b :])], byte_level=True)
 
 
-def load_pg19(path: str | Path, byte_level: bool = False) -> Corpus:
-    """PG-19's layout: `train/`, `validation/`, `test/` folders of books, one `*.txt` per book."""
+def load_pg19(path: str | Path, byte_level: bool = False, splits: Sequence[str] = SPLITS) -> Corpus:
+    """PG-19's layout: `train/`, `validation/`, `test/` folders of books, one `*.txt` per book. The
+    books of the splits not in `splits` are not read (those splits are empty)."""
     path = Path(path).expanduser()
-    splits = {}
+    read = {}
     for split, folder in (("train", "train"), ("valid", "validation"), ("test", "test")):
         files = sorted((path / folder).glob("*.txt"))
         if not files:
             raise StillError(f"PG-19 folder {path} has no books in {folder}/")
-        splits[split] = [Document(f.stem, _read(f, byte_level)) for f in files]
-    return Corpus("pg19", splits["train"], splits["valid"], splits["test"], byte_level)
+        read[split] = [Document(f.stem, _read(f, byte_level)) for f in files] if split in splits else []
+    return Corpus("pg19", read["train"], read["valid"], read["test"], byte_level)
 
 
 WIKITEXT_SPLITS = (("train", "train"), ("valid", "valid"), ("test", "test"))
 
 
-def load_wikitext103(path: str | Path, byte_level: bool = False) -> Corpus:
+def load_wikitext103(path: str | Path, byte_level: bool = False, splits: Sequence[str] = SPLITS) -> Corpus:
     """WikiText-103 as its archive unpacks: `wiki.{train,valid,test}.tokens` (or `.raw`) in `path`
-    or in its `wikitext-103/` (`wikitext-103-raw/`) folder; each split one document."""
+    or in its `wikitext-103/` (`wikitext-103-raw/`) folder; each split one document (the splits not
+    in `splits` are not read, and empty)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise StillError(f"WikiText-103 folder {path} " + ("is a file: unpack the archive and give its folder"
@@ -285,8 +297,9 @@ def load_wikitext103(path: str | Path, byte_level: bool = False) -> Corpus:
         for ext in ("tokens", "raw"):
             files = {split: folder / f"wiki.{name}.{ext}" for split, name in WIKITEXT_SPLITS}
             if all(f.is_file() for f in files.values()):
-                splits = {split: [Document(f.name, _read(f, byte_level))] for split, f in files.items()}
-                return Corpus("wikitext103", splits["train"], splits["valid"], splits["test"], byte_level)
+                read = {split: [Document(f.name, _read(f, byte_level))] if split in splits else []
+                        for split, f in files.items()}
+                return Corpus("wikitext103", read["train"], read["valid"], read["test"], byte_level)
     raise StillError(f"WikiText-103 folder {path} lacks wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens "
                      "(or the raw edition's wiki.*.raw)")
 
@@ -305,11 +318,15 @@ def absolute_corpus(name: str) -> str:
     return os.path.abspath(os.path.expanduser(name))
 
 
-def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool = False) -> Corpus:
+def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool = False,
+                splits: Sequence[str] = SPLITS) -> Corpus:
     """`shakespeare`, `enwik8:PATH`, `pg19:PATH`, `wikitext103:PATH`, or a path to a text file or
-    folder. Every split must hold some text."""
-    corpus = _load_corpus(name, cache, byte_level)
-    for split in ("train", "valid", "test"):
+    folder. Every split in `splits` must hold some text; where the others are files of their own
+    (PG-19, WikiText-103, a folder), they are not read, and empty (evaluation reads its split only)."""
+    for split in splits:
+        Corpus.check_split(split)
+    corpus = _load_corpus(name, cache, byte_level, tuple(splits))
+    for split in splits:
         documents = corpus.split(split)
         if sum(len(d.text) for d in documents) == 0:
             names = ", ".join(d.name for d in documents[:5]) + (" ..." if len(documents) > 5 else "")
@@ -317,7 +334,7 @@ def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool 
     return corpus
 
 
-def _load_corpus(name: str, cache: str | Path | None, byte_level: bool) -> Corpus:
+def _load_corpus(name: str, cache: str | Path | None, byte_level: bool, splits: tuple[str, ...]) -> Corpus:
     if name == "shakespeare":
         corpus = load_shakespeare(cache)
         if byte_level:
@@ -329,10 +346,10 @@ def _load_corpus(name: str, cache: str | Path | None, byte_level: bool) -> Corpu
     if name.startswith("enwik8:"):
         return load_enwik8(name[len("enwik8:"):])
     if name.startswith("pg19:"):
-        return load_pg19(name[len("pg19:"):], byte_level)
+        return load_pg19(name[len("pg19:"):], byte_level, splits)
     if name.startswith("wikitext103:"):
-        return load_wikitext103(name[len("wikitext103:"):], byte_level)
-    return load_text(name, byte_level)
+        return load_wikitext103(name[len("wikitext103:"):], byte_level, splits)
+    return load_text(name, byte_level, splits=splits)
 
 
 # ----------------------------------------------------------------------------- streams

@@ -454,7 +454,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
-    corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
+    corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level, splits=(split,))
     docs, names = encode_split(corpus, split, vocab)
     fill_rows = config.eval_fill_rows if fill_rows is None else fill_rows
     streams = eval_streams(docs, names, batch_size or config.batch_size, config, fill_rows, split, "--fill-rows")
