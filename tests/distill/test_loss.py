@@ -155,3 +155,19 @@ def test_temperature_and_alpha_as_numpy_or_tensor_scalars():
         torch.testing.assert_close(distillation_loss(z, y, v, temperature=t, alpha=a), expected)
     with pytest.raises(StillError, match="temperature must be a finite number > 0"):
         distillation_loss(z, y, v, temperature=True, alpha=0.25)
+
+
+def test_unlabelled_examples_drop_out_of_the_hard_term():
+    """Label -100 (no label) drops an example from the hard term; a batch with no labelled example
+    has a hard term of 0, not 0/0 = nan, and keeps the soft term's gradient."""
+    torch.manual_seed(0)
+    z, v = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5)
+    soft = distillation_loss(z, None, v, temperature=2.0, alpha=1.0)
+    none = distillation_loss(z, torch.full((4,), -100), v, temperature=2.0, alpha=0.5)
+    assert torch.isfinite(none) and none.item() == pytest.approx(0.5 * soft.item(), rel=1e-6)
+    none.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    some = torch.tensor([0, -100, 2, -100])
+    got = distillation_loss(z, some, v, temperature=2.0, alpha=0.5)
+    expected = 0.5 * soft + 0.5 * F.cross_entropy(z[[0, 2]], some[[0, 2]])  # the mean over the labelled two
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)

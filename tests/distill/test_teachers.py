@@ -200,3 +200,74 @@ def test_cached_teacher_names_bad_indices():
             cached.log_probs(bad, 2.0)
     with pytest.raises(StillError, match="ensemble combination must be"):
         CachedTeacher(torch.randn(2, 10, 3), combine="median")
+
+
+def test_a_teacher_is_in_eval_mode_from_the_start():
+    teachers = (Teacher(small_net(0)), EnsembleTeacher([small_net(1), small_net(2)]),
+                ShiftEnsembleTeacher(shift_net(0), 1, size=4))
+    for teacher in teachers:
+        assert not teacher.training
+        assert not any(m.training for m in teacher.modules())
+        teacher.train()
+        assert not teacher.training and not any(m.training for m in teacher.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_teacher_in_another_precision_gets_its_inputs_in_that_precision(dtype):
+    """A bf16 or float64 teacher is fed float32 inputs in its own dtype; its logits come back float32."""
+    net = small_net(0).to(dtype)
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        want = net.eval()(x.to(dtype)).float()
+    for teacher in (Teacher(net), EnsembleTeacher([net, small_net(1)])):
+        logits = teacher.member_logits(x)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits[0], want)
+        assert teacher.log_probs(x, 2.0).dtype == torch.float32
+    cached = CachedTeacher.build(Teacher(net), x, batch_size=4)
+    torch.testing.assert_close(cached.logits(torch.arange(6)), want)
+    assert ShiftEnsembleTeacher(shift_net(0).to(dtype), 1, size=4).log_probs(torch.randn(3, 16), 2.0).dtype \
+        == torch.float32
+
+
+class Wrapped(torch.nn.Module):
+    """A model whose forward puts its logits inside a structure, as Hugging Face models do."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.net, self.kind = small_net(0), kind
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.kind == "tuple":
+            return logits, x
+        if self.kind == "list":
+            return [logits]
+        if self.kind == "dict":
+            return {"loss": None, "logits": logits}
+        if self.kind == "attribute":  # transformers' ModelOutput: a dict with attributes
+            from collections import OrderedDict
+
+            class ModelOutput(OrderedDict):
+                @property
+                def logits(self):
+                    return self["logits"]
+
+            return ModelOutput(logits=logits)
+        return {"scores": logits}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "attribute"])
+def test_a_teacher_returning_a_structure_gives_its_logits(kind):
+    x = torch.randn(5, 12)
+    want = Teacher(small_net(0)).logits(x)
+    torch.testing.assert_close(Teacher(Wrapped(kind)).logits(x), want)
+    torch.testing.assert_close(EnsembleTeacher([Wrapped(kind)]).logits(x), want)
+    torch.testing.assert_close(CachedTeacher.build(Teacher(Wrapped(kind)), x).logits(torch.arange(5)), want)
+
+
+def test_a_teacher_returning_something_else_is_named():
+    with pytest.raises(StillError, match="the teacher's model returned a dict; expected its logits"):
+        Teacher(Wrapped("scores")).log_probs(torch.randn(2, 12), 2.0)
+    with pytest.raises(StillError, match="returned a dict"):
+        CachedTeacher.build(EnsembleTeacher([Wrapped("scores")]), torch.randn(2, 12))

@@ -149,5 +149,8 @@ def distillation_loss(
         raise StillError(f"labels are needed when alpha < 1 (alpha = {alpha})")
     if labels.shape != student_logits.shape[:1]:
         raise StillError(f"labels have shape {tuple(labels.shape)}, expected ({student_logits.shape[0]},)")
-    hard = F.cross_entropy(student_logits.float(), labels)
+    # the mean over the labelled examples; 0 where a batch has none (F.cross_entropy's mean would
+    # be 0/0 = nan), with no device sync
+    labelled = (labels != -100).sum().clamp(min=1)
+    hard = F.cross_entropy(student_logits.float(), labels, reduction="sum") / labelled
     return alpha * soft + (1 - alpha) * hard

@@ -4,6 +4,12 @@ A teacher is always in eval mode (dropout off, batch norm on its running statist
 `torch.no_grad`, and its parameters are frozen (`requires_grad=False`): `train()` on a teacher
 does not switch it back to training mode.
 
+A teacher's model may keep its parameters in any floating precision (bf16 or float64, say): a
+floating input is passed to it in the dtype of its first floating parameter, and its logits come
+back as float32. Its output may be the logits (B, C) themselves, or hold them the way Hugging Face
+models and others do: an object's `.logits`, a mapping's "logits", or the first element of a tuple
+or list. Anything else is refused with a `StillError` naming what the model returned.
+
 Ensembles (Hinton et al. 2015, sections 1 and 4): the soft targets of M members at temperature T
 are either the arithmetic mean of their distributions,
 
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +66,30 @@ def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Comb
     raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {how!r}")
 
 
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model(x)` as float32 logits (B, C): a floating `x` goes in as the dtype of the model's first
+    floating parameter (where it has one), and the logits are taken out of `.logits`, a mapping's
+    "logits" or a tuple's or list's first element where the model returns one of those."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+        x = x.to(dtype)
+    out = model(x)
+    logits = out
+    if not isinstance(logits, torch.Tensor):
+        if hasattr(logits, "logits"):  # a Hugging Face ModelOutput, a named tuple
+            logits = logits.logits
+        elif isinstance(logits, Mapping) and "logits" in logits:
+            logits = logits["logits"]
+        elif isinstance(logits, (tuple, list)) and len(logits) > 0:
+            logits = logits[0]
+    if not isinstance(logits, torch.Tensor):
+        inner = "" if logits is out else f" holding a {type(logits).__name__} where the logits should be"
+        raise StillError(f"the teacher's model returned a {type(out).__name__}{inner}; expected its logits "
+                         "(batch, classes) as a tensor, or as the .logits, the 'logits' entry or the first "
+                         "element of what it returns")
+    return logits.float()
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -68,7 +98,10 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 class Teacher(nn.Module):
-    """A frozen model whose outputs are logits (B, C). Subclasses with several members override
+    """A frozen model whose outputs are logits (B, C), in eval mode from the start (`training` is
+    False, and stays so). The model may be in any floating precision and may return its logits
+    inside a structure (`.logits`, a mapping's "logits", a tuple's first element): see the module
+    docstring; the logits come back as float32. Subclasses with several members override
     `member_logits` (and set `combine`)."""
 
     combine: Combine = "arithmetic"
@@ -76,6 +109,7 @@ class Teacher(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = _freeze(model)
+        self.train(False)  # nn.Module starts in training mode; a teacher never is
 
     def train(self, mode: bool = True) -> Teacher:  # a teacher never trains
         return super().train(False)
@@ -83,7 +117,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(M, B, C): the logits of each member (one here)."""
-        return self.model(x).float().unsqueeze(0)
+        return _logits(self.model, x).unsqueeze(0)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +134,8 @@ class Teacher(nn.Module):
 
 
 class EnsembleTeacher(Teacher):
-    """M frozen models; soft targets are the arithmetic or geometric mean of their distributions."""
+    """M frozen models; soft targets are the arithmetic or geometric mean of their distributions.
+    Each member may have its own precision and output structure (see `Teacher`)."""
 
     def __init__(self, models: Sequence[nn.Module], combine: Combine = "arithmetic") -> None:
         nn.Module.__init__(self)
@@ -110,10 +145,11 @@ class EnsembleTeacher(Teacher):
             raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {combine!r}")
         self.members = nn.ModuleList(_freeze(m) for m in models)
         self.combine = combine
+        self.train(False)
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [m(x).float() for m in self.members]
+        outs = [_logits(m, x) for m in self.members]
         shapes = {tuple(o.shape) for o in outs}
         if len(shapes) != 1:
             raise StillError(f"ensemble members disagree on the output shape: {sorted(shapes)}")
@@ -136,7 +172,7 @@ class ShiftEnsembleTeacher(Teacher):
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         s = self.max_shift
-        return torch.stack([self.model(shift(x, dy, dx, self.size)).float()
+        return torch.stack([_logits(self.model, shift(x, dy, dx, self.size))
                             for dy in range(-s, s + 1) for dx in range(-s, s + 1)])  # (M, B, C)
 
 
@@ -181,7 +217,8 @@ class CachedTeacher:
     def build(cls, teacher: Teacher, inputs: torch.Tensor, batch_size: int = 1000,
               cache_dir: str | Path | None = None, desc: str = "teacher logits") -> CachedTeacher:
         """Run `teacher` over `inputs` once (or load its logits from `cache_dir`, keyed by a hash of
-        the teacher's weights and the inputs)."""
+        the teacher's weights and the inputs). The inputs go to the teacher's device, and in its
+        models' precision; the logits are kept as float32 (see `Teacher`)."""
         if not isinstance(teacher, Teacher):
             raise StillError("CachedTeacher.build needs a Teacher or EnsembleTeacher")
         combine = getattr(teacher, "combine", "arithmetic")
