@@ -1,8 +1,9 @@
 """End to end: `still distill cifar10` on batches the test writes in the real format."""
 
 import json
+import shutil
 
-from helpers import run_cli
+from helpers import assert_user_error, run_cli
 
 
 def test_tiny_preset_runs_end_to_end(cifar_dir, tmp_path, capsys):
@@ -33,3 +34,46 @@ def test_augment_shapes_and_flip():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
     y = augment(x)
     assert y.shape == x.shape
+
+
+def test_another_data_set_in_the_same_directory_is_refused(cifar_dir, tmp_path, capsys):
+    """The stages record their data set: another --data-dir into the same --out is refused like any
+    other changed setting, the same data loads the finished stages, and a stage from before data
+    sets were recorded is refused with that reason."""
+    from conftest import write_cifar_batch
+
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--preset", "tiny", "--epochs", "1", "--threads", "1", "--out", str(out)]
+    code, _, err = run_cli(capsys, *args, "--data-dir", str(cifar_dir))
+    assert code == 0, err
+    recorded = json.loads((out / "teacher" / "stage.json").read_text())["data"]
+    assert recorded["train_images"] == 200 and recorded["test_images"] == 50 and len(recorded["train_sha256"]) == 64
+
+    other = tmp_path / "other"
+    shutil.copytree(cifar_dir / "cifar-10-batches-py", other)
+    write_cifar_batch(other / "data_batch_3", 40, seed=33)  # one batch changed
+    assert_user_error(capsys, *args, "--data-dir", str(other), contains="holds a run with different settings (data)")
+    code, _, err = run_cli(capsys, *args, "--data-dir", str(cifar_dir))
+    assert code == 0 and err.count("loaded the finished run") == 3
+
+    for stage in ("teacher", "student", "distilled-T5-a0.5"):  # as an older still wrote them
+        path = out / stage / "stage.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "data"}))
+    assert_user_error(capsys, *args, "--data-dir", str(cifar_dir), contains="did not record its data set")
+
+
+def test_augment_pads_with_black_as_labml_does():
+    """labml pads the raw image with 0 (black) before normalising: the border is -mean/std per channel."""
+    import torch
+
+    from still.data.cifar10 import normalize
+    from still.recipes.cifar10 import augment
+
+    torch.manual_seed(0)
+    black = normalize(torch.zeros(64, 3, 32, 32, dtype=torch.uint8))
+    assert torch.equal(augment(black), black)  # a black image's border is black too
+    white = normalize(torch.full((64, 3, 32, 32), 255, dtype=torch.uint8))
+    out = augment(white)
+    for channel in range(3):
+        values = set(out[:, channel].unique().tolist())
+        assert values == {black[0, channel, 0, 0].item(), white[0, channel, 0, 0].item()}, values

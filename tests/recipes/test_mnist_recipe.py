@@ -72,18 +72,21 @@ def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
     assert_user_error(capsys, *args, "--out", str(tiny_run), contains="holds a run with different settings (epochs)")
 
 
-def test_omitted_digit_report(tmp_path, capsys):
-    code, out, _ = run_cli(capsys, *TINY, "--omit-digit", "3", "--out", str(tmp_path / "omit"))
-    assert code == 0
-    rows = json.loads((tmp_path / "omit" / "results.json").read_text())["rows"]
-    assert [r["model"] for r in rows[:2]] == ["teacher", "baseline"]  # their errors on 3s, to compare with
-    assert all(0 <= r["errors_on_3"] <= r["test_errors"] for r in rows[:2])
-    row = rows[-1]
-    assert row["model"] == "distilled T=20"
-    assert {"errors_on_3", "bias_3", "errors_biased", "3s_right_biased_pct"} <= set(row)
-    assert row["errors_biased"] <= row["test_errors"]  # the bias search never makes it worse
-    assert 0 <= row["bias_3"] <= 10
-    assert "digit 3 omitted" in out
+def test_omitted_digit_report(tiny_run, tmp_path, capsys):
+    out = tmp_path / "omit"
+    shutil.copytree(tiny_run, out)  # the teacher and the baseline are the same: only the students train
+    code, table, err = run_cli(capsys, *TINY, "--omit-digit", "3", "--temperature", "2,20", "--out", str(out))
+    assert code == 0 and err.count("loaded the finished run") == 2
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "baseline", "distilled T=2", "distilled T=20"]
+    assert all(0 <= r["errors_on_3"] <= r["test_errors"] for r in rows[:2])  # to compare the students with
+    for row in rows[2:]:
+        assert {"errors_on_3", "bias_3", "errors_biased", "3s_right_biased_pct"} <= set(row)
+        assert row["errors_biased"] <= row["test_errors"]  # the bias search never makes it worse
+        assert 0 <= row["bias_3"] <= 10
+    # the paper's omitted-3 figure beside its own experiment (T = 20) only
+    assert [r["paper"] for r in rows[2:]] == [None, "206 (133 on 3s), of 10,000"]
+    assert "digit 3 omitted" in table
 
 
 def test_shift_ensemble_teacher_is_a_new_student_beside_the_old(tiny_run, tmp_path, capsys):

@@ -9,13 +9,20 @@ Deviations from labml, on purpose: batch norm in eval mode uses running statisti
 teacher's soft targets for an image do not depend on the rest of the batch), and the soft term is
 alpha * T^2 * KL(batchmean) as in Hinton et al. rather than a KL with a fixed weight.
 
-With augmentation (random crops after 4-pixel padding, horizontal flips) the transfer set changes
-every epoch, so the teacher runs online on each augmented batch; without it, its logits are
-computed once (`CachedTeacher`).
+With augmentation (random crops after padding with 4 black pixels, as labml's torchvision
+`RandomCrop(32, padding=4)` before `Normalize`; horizontal flips) the transfer set changes every
+epoch, so the teacher runs online on each augmented batch; without it, its logits are computed
+once (`CachedTeacher`).
+
+Each stage records the data set it was trained and evaluated on (image counts and SHA-256 of the
+images and labels) beside its settings, so a rerun with another `--data-dir` is refused rather than
+reusing stages trained on other data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from still.config import replace, save_config, to_dict
-from still.data.cifar10 import load_cifar10, normalize
+from still.data.cifar10 import Cifar10, load_cifar10, normalize
 from still.distill.loss import distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
-from still.errors import check
+from still.errors import StillError, check
 from still.recipes.common import check_run_kind, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
@@ -77,9 +84,13 @@ def with_overrides(config: Cifar10Config, **overrides: Any) -> Cifar10Config:
 
 
 def augment(images: torch.Tensor) -> torch.Tensor:
-    """Random 32x32 crops of the 4-pixel zero-padded images, and random horizontal flips. (B, 3, 32, 32)."""
+    """Random 32x32 crops of the normalised images padded by 4 black pixels (the normalised value of
+    a 0 pixel, -mean/std per channel: labml pads the raw image with 0 before normalising), and random
+    horizontal flips. (B, 3, 32, 32)."""
     batch, device = images.shape[0], images.device
-    padded = F.pad(images, (4, 4, 4, 4))  # (B, 3, 40, 40)
+    black = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).to(device, images.dtype)  # (1, 3, 1, 1)
+    padded = black.expand(batch, 3, 40, 40).clone()  # (B, 3, 40, 40)
+    padded[:, :, 4:36, 4:36] = images
     # drawn on the CPU wherever the images are: a seed gives the same crops and flips on every device
     dy = torch.randint(0, 9, (batch, 1)).to(device)
     dx = torch.randint(0, 9, (batch, 1)).to(device)
@@ -91,6 +102,33 @@ def augment(images: torch.Tensor) -> torch.Tensor:
     flip = (torch.rand(batch) < 0.5).to(device)
     out[flip] = out[flip].flip(-1)
     return out  # (B, 3, 32, 32)
+
+
+def data_identity(data: Cifar10) -> dict[str, Any]:
+    """What the stages record of their data set: the numbers of training and test images, and a
+    SHA-256 of each split's images and labels (about 0.1 s for the whole of CIFAR-10)."""
+
+    def sha256(*tensors: torch.Tensor) -> str:
+        digest = hashlib.sha256()
+        for tensor in tensors:
+            digest.update(tensor.contiguous().numpy())
+        return digest.hexdigest()
+
+    return {"train_images": len(data.train_x), "train_sha256": sha256(data.train_x, data.train_y),
+            "test_images": len(data.test_x), "test_sha256": sha256(data.test_x, data.test_y)}
+
+
+def _refuse_unrecorded_data(stage_dir: Path, data_dir: str | Path) -> None:
+    """A stage written before stages recorded their data set cannot tell what it was trained on:
+    refuse it (exit 2) with that reason, rather than as a run with different settings."""
+    try:
+        existing = json.loads((stage_dir / "stage.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(existing, dict) and "data" not in existing:
+        raise StillError(f"{stage_dir} was written by an older still that did not record its data set, so "
+                         f"whether it was trained on {data_dir} is unknown; choose another --out, or pass "
+                         "--overwrite to train it again")
 
 
 def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, overwrite: bool = False,
@@ -116,8 +154,12 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
         return F.cross_entropy(model(batch_x(idx)), train_y[idx])
 
     common = {"optim": to_dict(config.optim), "epochs": config.epochs, "batch_size": config.batch_size,
-              "augment": config.augment, "seed": config.seed}
+              "augment": config.augment, "seed": config.seed, "data": data_identity(data)}
     rows, curves, seconds = [], [], {}
+    name = f"distilled-T{config.temperature:g}-a{config.alpha:g}"
+    if not overwrite:
+        for stage in ("teacher", "student", name):
+            _refuse_unrecorded_data(out / stage, data_dir)
 
     seed_everything(config.seed)
     teacher = VGG(config.teacher)
@@ -150,7 +192,6 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
     seed_everything(config.seed + 1)
     distilled = VGG(config.student)
     distilled_cfg = {**student_cfg, "temperature": config.temperature, "alpha": config.alpha, "teacher": teacher_cfg}
-    name = f"distilled-T{config.temperature:g}-a{config.alpha:g}"
     state, seconds[name] = train_stage(name, out, distilled, config.optim, config.epochs, n, config.batch_size,
                                        distill_loss, evaluate, config.seed + 1, distilled_cfg, overwrite=overwrite)
     rows.append({"model": f"distilled T={config.temperature:g}", **evaluate(distilled), "labml": LABML["distilled"]})

@@ -1,0 +1,30 @@
+"""`MnistConfig`'s checks, and the CLI's refusal of what they reject (no MNIST needed: refused before loading)."""
+
+import re
+
+import pytest
+
+from helpers import assert_user_error
+from still.errors import StillError
+from still.recipes.mnist import MnistConfig
+
+
+@pytest.mark.parametrize(("temperatures", "message"), [
+    ((20.0, 20.0), "temperature 20 is given more than once"),
+    ((2.0, 20.0, 2.0), "temperature 2 is given more than once"),
+    ((20.000001, 20.000002), "temperatures 20.000001 and 20.000002 are the same to 6 significant digits"),
+])
+def test_temperatures_that_would_share_a_student_are_refused(temperatures, message):
+    """Each temperature's student is a stage named by T to 6 significant digits: a repeated one (or two
+    that round alike) would share a stage directory and give duplicate rows."""
+    with pytest.raises(StillError, match=re.escape(message)):
+        MnistConfig(temperatures=temperatures)
+    assert MnistConfig(temperatures=(2.0, 20.0, 20.001)).temperatures == (2.0, 20.0, 20.001)
+
+
+def test_the_cli_refuses_repeated_temperatures(tmp_path, capsys):
+    tiny = ["--train-subset", "100", "--test-subset", "100", "--teacher-epochs", "1", "--student-epochs", "1",
+            "--threads", "1"]  # short, were it to run
+    assert_user_error(capsys, "distill", "mnist", *tiny, "--temperature", "20,20", "--out", str(tmp_path / "run"),
+                      contains="temperature 20 is given more than once")
+    assert not (tmp_path / "run").exists()
