@@ -41,6 +41,21 @@ def test_encoding_in_chunks_is_the_lookup_a_character(monkeypatch):
         vocab.encode(text[:23] + "€" + text)  # (in the fourth chunk)
 
 
+@pytest.mark.parametrize("fill_rows", [False, True])
+def test_a_corpus_kept_compact_gives_the_same_segments(fill_rows):
+    """Documents kept as int16 (`Vocab.compact_dtype`, a quarter of int64's memory) give the int64
+    segments of documents kept as int64."""
+    vocab = Vocab.build([Document("a", "to be, or not to be: that is the question")])
+    texts = ["to be, or not to be", "that is the question", "be"]
+    compact = [vocab.encode(t, dtype=vocab.compact_dtype) for t in texts]
+    assert vocab.compact_dtype == torch.int16 and Vocab(byte_level=True).compact_dtype == torch.int16
+    wide = [vocab.encode(t) for t in texts]
+    a, b = (TokenStreams(docs, 4, 4, fill_rows=fill_rows) for docs in (compact, wide))
+    for i in range(len(b)):
+        for x, y in zip(vars(a.segment(i)).values(), vars(b.segment(i)).values()):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
 def test_byte_vocab():
     vocab = Vocab(byte_level=True)
     ids = vocab.encode("héllo".encode())

@@ -112,7 +112,8 @@ def with_overrides(config: LMConfig, model: dict[str, Any] | None = None, **over
 
 def encode_split(corpus: Corpus, split: str, vocab: Vocab) -> tuple[list[torch.Tensor], list[str]]:
     docs = corpus.split(split)
-    return [vocab.encode(d.text, f"{corpus.name}/{d.name}") for d in docs], [d.name for d in docs]
+    return ([vocab.encode(d.text, f"{corpus.name}/{d.name}", vocab.compact_dtype) for d in docs],
+            [d.name for d in docs])
 
 
 def eval_streams(docs: list[torch.Tensor], names: list[str], rows: int, config: LMConfig, fill_rows: bool,
