@@ -14,7 +14,10 @@ It shares no code with the package beyond reading the parameters.
 Memories start empty, as in the package (the paper's algorithm 1 starts them at zeros). Resets
 follow the package's rule, which the model's docstrings state: a reset masks every memory of the
 row; a compressed slot is valid when what it holds is of the current document (for a group of c
-memories, all of them; for most_used, the memory it keeps, chosen among the valid ones first).
+memories, all of them; for most_used, the memory it keeps: of V valid old memories the V // c most
+attended, the oldest masked ones filling the other slots, as a fresh stream keeps V / c of V; the
+dilated convolution, whose windows reach into the group before theirs, reads a masked memory as 0,
+as a fresh stream reads its padding).
 """
 
 from __future__ import annotations
@@ -75,7 +78,12 @@ def compress(compressor, old: torch.Tensor, received: torch.Tensor | None) -> tu
         return F.conv1d(old.T[None], weight, stride=c)[0].T, None
     if compressor.kind == "dilated":  # kernel c, dilation 2, stride c, left-padded by c - 1
         return F.conv1d(F.pad(old.T[None], (c - 1, 0)), weight, stride=c, dilation=2)[0].T, None
-    keep = received.topk(n // c).indices.sort().values  # most_used, in time order
+    # most_used: of the V valid memories (received >= 0) the V // c most attended; the oldest masked
+    # ones in the slots left; in time order
+    valid = [j for j in range(n) if received[j] >= 0]
+    best = sorted(valid, key=lambda j: -received[j].item())[: len(valid) // c]
+    masked = [j for j in range(n) if received[j] < 0][: n // c - len(best)]
+    keep = torch.tensor(sorted(best + masked), dtype=torch.long)
     return old[keep], keep
 
 
@@ -154,7 +162,9 @@ class Reference:
                 continue
             start = len(self.compressed[i])
             received = weights.sum((0, 1))[start : start + n_s].masked_fill(~old_valid, -1.0)
-            new, kept = compress(layer.compressor, old, received)
+            # (the dilated windows reach into the group before theirs: a masked memory reads 0)
+            dilated = layer.compressor.kind == "dilated"
+            new, kept = compress(layer.compressor, old * old_valid[:, None] if dilated else old, received)
             new_valid = old_valid[kept] if kept is not None else old_valid.view(-1, c).all(1)
             if layer.compressor.conv is not None and config.compression_loss == "attention":
                 losses.append(reconstruction_loss(layer, inputs, old, new, pre))

@@ -111,3 +111,17 @@ def test_state_round_trip_and_reset():
     assert again.key_valid().tolist() == reset.key_valid().tolist()
     assert torch.equal(again.memory[0], state.memory[0])
     assert MemoryState.from_tensors(state.to_tensors()).key_valid() is None
+
+
+def test_a_state_saves_with_safetensors_as_its_own_tensors(tmp_path):
+    """The memories are views of a segment's longer tensors: `to_tensors` gives each its own, so
+    safetensors takes them and `torch.save` writes the memories alone."""
+    from safetensors.torch import load_file, save_file
+
+    longer = torch.randn(2, 1000, 8)  # a segment's inputs: the memory keeps its last 10 positions, a view
+    state = MemoryState((longer[:, 990:],), (longer[:, :2],)).reset(torch.tensor([True, False]))
+    save_file(state.to_tensors(), tmp_path / "state.safetensors")
+    again = MemoryState.from_tensors(load_file(tmp_path / "state.safetensors"))
+    assert torch.equal(again.memory[0], longer[:, 990:]) and again.key_valid().tolist() == state.key_valid().tolist()
+    torch.save(state.to_tensors(), tmp_path / "state.pt")
+    assert (tmp_path / "state.pt").stat().st_size < longer.nbytes

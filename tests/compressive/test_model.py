@@ -200,6 +200,48 @@ def test_stale_inference_cache_is_not_used():
     assert torch.allclose(stale, fresh, atol=1e-6)
 
 
+@pytest.mark.parametrize("compression", ["conv", "dilated", "max", "mean", "most_used"])
+def test_a_reset_row_reads_as_a_fresh_stream(compression):
+    """With the segment length and mem_len multiples of c, a row reset mid-stream gives the logits
+    of the same tokens fed to a fresh model state (most_used too: it keeps V / c of V valid
+    memories, as a fresh stream does)."""
+    net = model(mem_len=8, c_mem_len=8, compression_rate=4, compression=compression, dropout=0.0).eval()
+    seq = tokens(l=160)
+    with torch.no_grad():
+        state = None
+        for start in range(0, 48, 16):
+            state = net(seq[:, start : start + 16], state).state
+        fresh = None
+        for i, start in enumerate(range(48, 160, 16)):
+            out = net(seq[:, start : start + 16], state, reset=torch.tensor([False, i == 0]))
+            alone = net(seq[1:, start : start + 16], fresh)
+            state, fresh = out.state, alone.state
+            assert torch.allclose(out.logits[1], alone.logits[0], atol=1e-5), i
+
+
+def test_an_edited_state_or_reassigned_weights_are_not_served_from_the_cache():
+    """The cache is of the memories and weights it was made with: memories replaced
+    (`_replace(memory=...)`) or written in place, and weights loaded with `assign=True` (new
+    tensors), are projected again, as a state without a cache is."""
+    net = model(mem_len=8, c_mem_len=8).eval()
+    seq = tokens(l=24)
+    with torch.no_grad():
+        state = net(seq[:, :16]).state
+        zeroed = state._replace(memory=tuple(torch.zeros_like(m) for m in state.memory))
+        want = net(seq[:, 16:], zeroed._replace(key_values=None)).logits
+        assert torch.allclose(net(seq[:, 16:], zeroed).logits, want, atol=1e-6)
+        in_place = net(seq[:, :16]).state
+        for m in in_place.memory:
+            m.zero_()
+        assert torch.allclose(net(seq[:, 16:], in_place).logits, want, atol=1e-6)
+        state = net(seq[:, :16]).state
+        net.load_state_dict({k: v * 1.1 for k, v in net.state_dict().items()}, assign=True)
+        fresh = net(seq[:, 16:], state._replace(key_values=None)).logits
+        assert torch.allclose(net(seq[:, 16:], state).logits, fresh, atol=1e-6)
+        reset = net(seq[:, :16]).state.reset(torch.tensor([True, False]))  # (flags alone: the cache serves)
+        assert reset.cache(net._weights_version()) is not None
+
+
 def test_inference_caches_made_under_bf16_autocast_are_not_reused_in_fp32():
     """The position projection and the state's keys and values cached by a bf16 (autocast)
     forward are not used by an fp32 one, and the reverse: each gives what a fresh model gives."""

@@ -15,7 +15,10 @@ Shapes: B batch, n old memories (a multiple of c), c compression rate, d model d
     max         max pooling, kernel = stride = c
     mean        mean pooling, kernel = stride = c
     most_used   keep the n / c memories that received the most attention (summed over heads and
-                queries in the current segment), in their original order
+                queries in the current segment), in their original order. Of V memories of the
+                current document among the n (a reset row: the rest are masked, and ranked -1 by
+                the model), V // c are kept so, and the oldest masked ones fill the other slots, as
+                a fresh stream would keep V / c of V
 
 Only conv and dilated have parameters, so only they are trained (by the attention-reconstruction
 or auto-encoding loss); one compressor per layer.
@@ -64,8 +67,7 @@ class Compressor(nn.Module):
         if self.kind == "most_used":
             if received is None:
                 raise ValueError("most_used compression needs the attention each memory received")
-            keep = received.topk(n // c, dim=-1).indices.sort(dim=-1).values  # (B, n/c), in time order
-            return old.gather(1, keep[:, :, None].expand(-1, -1, d))  # (B, n/c, d)
+            return old.gather(1, most_used(received, c)[:, :, None].expand(-1, -1, d))  # (B, n/c, d)
         if self.kind == "max":
             return old.view(b, n // c, c, d).amax(dim=2)  # (B, n/c, d)
         if self.kind == "mean":
@@ -129,6 +131,22 @@ class Compressor(nn.Module):
             padded = F.pad(old, (0, 0, c - 1, 0))  # (B, n + c - 1, d)
             return padded.unfold(1, 2 * c - 1, c)[..., ::2].reshape(b, n // c, d * c)  # (B, n/c, d, c) flattened
         return old.reshape(b, n // c, c, d).transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
+
+
+def most_used(received: torch.Tensor, rate: int) -> torch.Tensor:
+    """Which n / c of n memories most_used keeps, in time order (B, n / c), from the attention each
+    received (B, n), < 0 where masked: the V // c most attended of the V unmasked ones, and the
+    oldest masked ones in the other slots (no row waits on another: every row keeps n / c)."""
+    b, n = received.shape
+    kept = n // rate
+    valid = received >= 0  # (B, n)
+    by_attention = received.argsort(dim=1, descending=True, stable=True)  # (B, n)
+    positions = torch.arange(n, device=received.device).expand(b, n)
+    rank = torch.empty_like(by_attention).scatter_(1, by_attention, positions)  # each memory's place by attention
+    chosen = valid & (rank < valid.sum(1, keepdim=True) // rate)  # the masked rank below every valid one
+    fill = kept - chosen.sum(1, keepdim=True)  # (B, 1) slots left for masked memories, oldest first
+    chosen |= ~valid & ((~valid).cumsum(1) <= fill)
+    return (~chosen).to(torch.uint8).sort(dim=1, stable=True).indices[:, :kept]  # chosen first, in time order
 
 
 class Decoder(nn.Module):

@@ -207,7 +207,7 @@ class Decoder:
         with torch.no_grad(), self._threads, _without_autocast(device.type):
             # the keys and values the model's forward cached for the state (if made with these weights)
             version = model._weights_version()
-            cached = state.key_values if state.key_values_version == version else None
+            cached = state.cache(version)
             # keys (layers, B, H, D, K) (compiled: then in blocks of slots); values (layers, B, H, K, D)
             keys = torch.zeros(layers, batch, heads, d_head, k_keys, device=device, dtype=stored)
             self.values = torch.zeros(layers, batch, heads, self.k_cap, d_head, device=device, dtype=stored)

@@ -51,9 +51,28 @@ class MemoryState(NamedTuple):
     """Inference cache: per layer, the keys and values of [compressed, memory] (B, N + M, 2d),
     projected once when each slot entered the memory. Only used and kept in eval mode without
     gradients (the weights cannot change); derivable, so never saved."""
-    key_values_version: tuple[int, int] | None = None
-    """The model and the version of its weights the cache was made with (`_weights_version`): a
-    stale cache, or another model's, is ignored."""
+    key_values_version: tuple | None = None
+    """What the cache was made for: the model and the version of its weights (`_weights_version`),
+    and these very memories (`memories_version`). A stale cache, another model's, or one of memories
+    since replaced (`_replace(memory=...)`) or written in place is ignored (`cache`)."""
+
+    @staticmethod
+    def memories_version(memory: tuple[torch.Tensor, ...], compressed: tuple[torch.Tensor, ...]) -> tuple:
+        """Which memory tensors, and how many in-place writes they have had."""
+        return id(memory), id(compressed), sum(t._version for t in memory) + sum(t._version for t in compressed)
+
+    def cache(self, weights_version: tuple) -> tuple[torch.Tensor, ...] | None:
+        """The inference cache where it was made with weights of `weights_version` for these
+        memories as they are, else None (the memories are then projected again)."""
+        if self.key_values is None:
+            return None
+        made_for = (weights_version, self.memories_version(self.memory, self.compressed))
+        return self.key_values if self.key_values_version == made_for else None
+
+    def with_cache(self, key_values: tuple[torch.Tensor, ...], weights_version: tuple) -> MemoryState:
+        """This state with the inference cache of its memories, made with weights of `weights_version`."""
+        return self._replace(key_values=key_values,
+                             key_values_version=(weights_version, self.memories_version(self.memory, self.compressed)))
 
     @staticmethod
     def empty(n_layers: int, batch: int, d_model: int, device=None, dtype=torch.float32) -> MemoryState:
@@ -106,10 +125,12 @@ class MemoryState(NamedTuple):
                              compressed=tuple(c.detach() for c in self.compressed))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """A flat dict of tensors, for a checkpoint, all on the memories' device."""
+        """A flat dict of tensors, for a checkpoint (`safetensors.torch.save_file`, `torch.save`), all
+        on the memories' device, each contiguous and its own (the memories are often views of a
+        longer segment's tensors, which a checkpoint would otherwise save whole, or refuse)."""
         mv, cv = (v.to(self.memory[0].device, torch.uint8) for v in self.validity())
-        out = {f"memory/{i}": m for i, m in enumerate(self.memory)}
-        out.update({f"compressed/{i}": c for i, c in enumerate(self.compressed)})
+        out = {f"memory/{i}": m.contiguous() for i, m in enumerate(self.memory)}
+        out.update({f"compressed/{i}": c.contiguous() for i, c in enumerate(self.compressed)})
         out.update({"memory_valid": mv, "compressed_valid": cv})
         return out
 
@@ -127,11 +148,10 @@ def update_validity(memory_valid: torch.Tensor, compressed_valid: torch.Tensor, 
     """The update rule applied to the validity flags (B, M), (B, N): the segment's L slots are
     valid; a compressed slot is valid when all c memories it came from were.
 
-    `most_used`: the compressed slots are n_s / c of the n_s old memories themselves, chosen by the
-    attention they received, invalid ones last (`CompressiveTransformer.forward` ranks them below
-    every valid one), and kept in time order. In a row the invalid slots are the oldest (a reset
-    marks every slot, and what comes after is valid), so with V valid old memories the last
-    min(V, n_s / c) slots are valid, in every layer alike."""
+    `most_used`: the compressed slots are n_s / c of the n_s old memories themselves, kept in time
+    order: of V valid ones V // c, and invalid ones in the other slots (`compression.most_used`). In
+    a row the invalid slots are the oldest (a reset marks every slot, and what comes after is
+    valid), so the last V // c slots are valid, in every layer alike."""
     b = memory_valid.shape[0]
 
     def all_of_group(old: torch.Tensor) -> torch.Tensor:  # (B, n_s, 1) -> (B, n_s / c, 1)
@@ -139,7 +159,7 @@ def update_validity(memory_valid: torch.Tensor, compressed_valid: torch.Tensor, 
 
     def valid_kept(old: torch.Tensor) -> torch.Tensor:  # (B, n_s, 1) -> (B, n_s / c, 1)
         kept = old.shape[1] // rate
-        valid = old.sum(1, keepdim=True).clamp(max=kept)  # (B, 1, 1)
+        valid = old.sum(1, keepdim=True) // rate  # (B, 1, 1)
         return torch.arange(kept)[None, :, None] >= kept - valid
 
     memory, compressed, _, _ = update_layer_memory(

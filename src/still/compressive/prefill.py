@@ -208,7 +208,7 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
     if state is None:
         state = model.empty_state(b, tokens.device, model.embedding.weight.dtype)
     version = model._weights_version()
-    caches = state.key_values if state.key_values_version == version else None
+    caches = state.cache(version)
     if caches and caches[0].dtype != compute_dtype(tokens.device, model.embedding.weight.dtype):
         caches = None  # made under another precision: projected again
     compressor = model.layers[0].compressor
@@ -270,5 +270,5 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         h = h + out if layer.pre_norm else layer.norm1(h + out)
         x = layer.feed_forward_block(h)  # the next layer's inputs
     logits = model.head(model.norm(x))  # (B, P, V), or (B, 1, V)
-    state = MemoryState(tuple(new_memory), tuple(new_compressed), None, None, tuple(new_caches), version)
+    state = MemoryState(tuple(new_memory), tuple(new_compressed)).with_cache(tuple(new_caches), version)
     return (logits if all_logits else logits[:, -1]), state
