@@ -56,6 +56,20 @@ def test_a_corpus_kept_compact_gives_the_same_segments(fill_rows):
             assert x.dtype == y.dtype and torch.equal(x, y)
 
 
+def test_a_streaming_decoder_holds_a_characters_bytes_until_it_is_whole():
+    vocab = Vocab(byte_level=True)
+    ids = vocab.encode("é — ok".encode()).tolist()  # é and — are 2 and 3 bytes
+    decode = vocab.decoder()
+    pieces = [decode([i]) for i in ids] + [decode(None)]
+    assert "".join(pieces) == "é — ok" and "\ufffd" not in "".join(pieces) and pieces[0] == ""
+    decode = vocab.decoder()
+    assert decode(ids[:1]) + decode(None) == "\ufffd"  # a character cut short at the end
+    chars = Vocab.build([Document("a", "é — ok")])
+    decode = chars.decoder()
+    assert "".join(decode([i]) for i in chars.encode("é — ok").tolist()) + decode(None) == "é — ok"
+    assert vocab.unit == "byte" and chars.unit == "character"
+
+
 def test_byte_vocab():
     vocab = Vocab(byte_level=True)
     ids = vocab.encode("héllo".encode())

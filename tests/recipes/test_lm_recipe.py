@@ -277,6 +277,29 @@ def test_compare_runs(trained, tmp_path, capsys):
                       contains="has no results.json")
 
 
+def test_a_byte_level_run_counts_bytes_and_streams_whole_characters(trained, corpus, tmp_path, capsys, monkeypatch):
+    """Byte level: `lm eval` says bits per byte, `lm generate` holds a character's bytes until it is
+    whole (each byte alone decoded to U+FFFD), and `lm compare` beside a character run says that
+    their numbers do not compare."""
+    out = tmp_path / "bytes"
+    code, _, err = run_cli(capsys, *train_args(corpus, out, "--byte-level"))
+    assert code == 0, err
+    code, printed, _ = run_cli(capsys, "lm", "eval", str(out), "--threads", "1")
+    assert code == 0 and "bits per byte" in printed and "bytes; checkpoint" in printed
+    import still.recipes.lm as lm
+
+    def generate(model, ids, count, **options):  # the bytes of "é—" (2 + 3), two specials first
+        return iter(torch.tensor([b + 2]) for b in "é—".encode())
+
+    monkeypatch.setattr(lm, "generate", generate)
+    code, printed, _ = run_cli(capsys, "lm", "generate", str(out), "--prompt", "a", "--tokens", "5")
+    assert code == 0 and printed == "aé—\n"
+    code, printed, err = run_cli(capsys, "lm", "compare", str(trained), str(out), "--out", str(tmp_path / "cmp"))
+    assert code == 0 and "their bits do not compare" in err and "Bits per token" in printed
+    rows = json.loads((tmp_path / "cmp" / "compare-test.json").read_text())["rows"]
+    assert [r["unit"] for r in rows] == ["character", "byte"]
+
+
 def test_named_checkpoint_and_damaged_checkpoint(trained, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(trained, out)

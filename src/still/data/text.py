@@ -23,12 +23,13 @@ word-level perplexity.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,30 @@ class Vocab:
         if self.byte_level:
             return bytes(i - specials for i in ids if i >= specials).decode("utf-8", errors="replace")
         return "".join(self.symbols[i - specials] if i >= specials else ("\n" if i == self.DOC else "") for i in ids)
+
+    @property
+    def unit(self) -> str:
+        """What a token is: "byte" or "character" (bits per byte are not bits per character)."""
+        return "byte" if self.byte_level else "character"
+
+    def decoder(self) -> Callable[[Sequence[int] | torch.Tensor | None], str]:
+        """A decoder of ids arriving a few at a time, as generation streams them: each call gives the
+        text that is whole so far; call it with None at the end for the rest. At byte level a
+        character's UTF-8 bytes may come in separate calls: they are held until it is whole (decoding
+        each call alone would replace every byte of a multi-byte character)."""
+        if not self.byte_level:
+            return lambda ids: "" if ids is None else self.decode(ids)
+        incremental = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        specials = len(self.SPECIALS)
+
+        def decode(ids: Sequence[int] | torch.Tensor | None) -> str:
+            if ids is None:
+                return incremental.decode(b"", final=True)
+            self.decode(ids)  # (the range check)
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            return incremental.decode(bytes(i - specials for i in ids if i >= specials))
+
+        return decode
 
     def to_json(self) -> str:
         return json.dumps({"byte_level": self.byte_level, "symbols": self.symbols}, ensure_ascii=False)

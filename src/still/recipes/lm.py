@@ -14,6 +14,7 @@ checkpoint). Train and evaluation memories are kept apart.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import threading
@@ -371,7 +372,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
             "attention_scores": attention.scores_used(config.precision),
             # under autocast: the position table in fp32, its gradient centred (`attention.EXACT_POSITION_GRADIENT`)
             "position_gradient": attention.position_gradient_used(config.precision)}
-    title = f"{corpus.name}: bits per character, preset {config.preset}"
+    title = f"{corpus.name}: bits per {vocab.unit}, preset {config.preset}"
     table = write_results(out, "results", rows, title=title, meta=meta)
     hist = state.history
     # validation during training reads the first eval_segments segments of each row (documents' openings,
@@ -381,7 +382,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
                                       [h["train_bits"] for h in hist]),
                                      (f"valid{subset}", [h["step"] for h in hist], [h["valid_bits"] for h in hist]),
                                      ("valid, whole split", [config.steps], [final["valid"]["bits_per_token"]])],
-                xlabel="step", ylabel="bits per character", title=f"{corpus.name}, preset {config.preset}")
+                xlabel="step", ylabel=f"bits per {vocab.unit}", title=f"{corpus.name}, preset {config.preset}")
     if print_table:
         print(table)
         print(f"written to {out}/results.json, results.md and curves.png")
@@ -474,8 +475,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     rows = [{"from": b["from"], "to": b["to"] - 1, "tokens": b["tokens"],
              "bits_per_char": round(b["bits_per_token"], 4) if b["bits_per_token"] is not None else None}
             for b in result["by_position"]]
-    title = (f"{corpus.name} {split}: {result['bits_per_token']:.4f} bits per character, perplexity "
-             f"{result['perplexity']:.3f}, {result['tokens']} characters; checkpoint step {checkpoint.step}, "
+    title = (f"{corpus.name} {split}: {result['bits_per_token']:.4f} bits per {vocab.unit}, perplexity "
+             f"{result['perplexity']:.3f}, {result['tokens']} {vocab.unit}s; checkpoint step {checkpoint.step}, "
              f"{precision}" + (f"; the {len(docs)} document(s) cut into {len(streams.pieces)} pieces, each read "
                                "without the text before it" if cut else "") + "\n\n"
              f"Loss by position within the {within}:")
@@ -488,7 +489,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
                 [(_describe(config.model),
                   [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
                   [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
-                xlabel=f"position in the {within} (characters)", ylabel="bits per character", logx=True,
+                xlabel=f"position in the {within} ({vocab.unit}s)", ylabel=f"bits per {vocab.unit}", logx=True,
                 title=f"{corpus.name} {split}: loss by position in the {within}")
     if print_table:
         print(table)
@@ -508,7 +509,7 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     device = next(model.parameters()).device
     ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None].to(device)  # (1, P)
     generator = torch.Generator().manual_seed(seed)
-    pieces = []
+    pieces, decode = [], vocab.decoder()
     if compile is not False and device.type == "cpu":  # built (once per machine) or loaded before the text
         # starts, so that what it says stands on lines of its own
         native_step.library("the compiled one" if compile else "eager steps")
@@ -516,10 +517,10 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
         stream.write(prompt)
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       segment_len=config.segment_len, generator=generator, compile=compile)
-    for token in _under(autocast(precision, device), tokens):
-        piece = vocab.decode(token.cpu())
+    for token in itertools.chain(_under(autocast(precision, device), tokens), [None]):  # None: the decoder's rest
+        piece = decode(token.cpu() if token is not None else None)
         pieces.append(piece)
-        if stream is not None:
+        if stream is not None and piece:
             stream.write(piece)
             stream.flush()
     if stream is not None:
@@ -542,7 +543,8 @@ def _under(context, iterator):
 def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_table: bool = True) -> str:
     """One table (bits per character of each run) and two plots (bits per character against the
     position in the document, and validation during training, one curve per run) from finished
-    runs and their `still lm eval`."""
+    runs and their `still lm eval`. Runs of different corpora, or of bytes beside characters, get a
+    corpus and a unit column, and a line that says their numbers do not compare."""
     rows, curves, histories = [], [], []
     for run_dir in run_dirs:
         check_run_kind(run_dir, "language-model")
@@ -552,6 +554,9 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
             raise StillError(f"{run_dir} has no results.json: "
                              f"train it first (still lm train --out {run_dir})") from None
         row = {"run": run_dir.name, **result["rows"][0]}
+        settings = result.get("meta", {}).get("config", {})
+        row["corpus"] = settings.get("corpus", result.get("meta", {}).get("corpus"))
+        row["unit"] = "byte" if settings.get("byte_level") else "character"
         history = result.get("meta", {}).get("history", [])
         if history:
             histories.append((run_dir.name, [h["step"] for h in history], [h["valid_bits"] for h in history]))
@@ -573,14 +578,19 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
     out.mkdir(parents=True, exist_ok=True)
     columns = ["run", "model", "params", "steps", "valid_bpc", "test_bpc", "eval_step", "bpc_first_1k",
                "bpc_after_4k"]
+    units = sorted({r["unit"] for r in rows})
+    unit = units[0] if len(units) == 1 else "token"
+    if len({(r["corpus"], r["unit"]) for r in rows}) > 1:
+        columns[2:2] = ["corpus", "unit"]
+        log("these runs read different corpora or units (the corpus and unit columns): their bits do not compare")
     table = write_results(out, f"compare-{split}", rows, columns=columns,
-                          title=f"Bits per character ({split}); by position: mean over the position buckets")
+                          title=f"Bits per {unit} ({split}); by position: mean over the position buckets")
     if curves:
-        plot_curves(out / f"compare-{split}-by-position.png", curves, xlabel="position in the document (characters)",
-                    ylabel="bits per character", logx=True, title=f"{split}: loss by position in the document")
+        plot_curves(out / f"compare-{split}-by-position.png", curves, xlabel=f"position in the document ({unit}s)",
+                    ylabel=f"bits per {unit}", logx=True, title=f"{split}: loss by position in the document")
     if histories:
         plot_curves(out / "compare-valid-curves.png", histories, xlabel="step",
-                    ylabel="validation bits per character (interval subset)",
+                    ylabel=f"validation bits per {unit} (interval subset)",
                     title="validation during training (the segments evaluated at each interval)")
     if print_table:
         print(table)
