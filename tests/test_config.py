@@ -1,8 +1,10 @@
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
-from still.config import from_dict, load_config, replace, save_config, to_dict
+from still.config import check_fields, from_dict, load_config, replace, save_config, to_dict
 from still.distill.models import MLPConfig
 from still.errors import StillError
 from still.recipes.mnist import PRESETS, MnistConfig
@@ -102,3 +104,52 @@ def test_lm_config_rate_compatibility(mem_len, c_mem_len, rate, segment_len):
         assert compatible
     except StillError as e:
         assert not compatible and "multiple of compression_rate" in str(e)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    sizes: tuple[int, ...] = (1, 2)
+    pair: tuple[float, float] | None = None
+    mode: Literal["a", "b"] = "a"
+    maybe: Literal["x"] | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def test_check_fields_makes_tuples_and_checks_literals():
+    config = _Checked(sizes=[3, 4], pair=[0.5, 0.25])
+    assert config.sizes == (3, 4) and config.pair == (0.5, 0.25)
+    assert from_dict(_Checked, to_dict(config)) == config and hash(config) == hash(_Checked((3, 4), (0.5, 0.25)))
+    assert _Checked(maybe=None).maybe is None and _Checked(maybe="x").maybe == "x"
+    with pytest.raises(StillError, match="_Checked.mode: 'c' is not one of 'a', 'b'"):
+        _Checked(mode="c")
+    with pytest.raises(StillError, match="_Checked.maybe: 'y' is not one of 'x', None"):
+        _Checked(maybe="y")
+
+
+def test_optim_config_given_a_list_equals_itself_after_a_round_trip():
+    config = OptimConfig(betas=[0.9, 0.99])
+    assert config.betas == (0.9, 0.99) and from_dict(OptimConfig, to_dict(config)) == config
+    assert hash(config) == hash(OptimConfig(betas=(0.9, 0.99)))
+
+
+@dataclass(frozen=True)
+class _Derived:
+    width: int = 4
+    area: int = dataclasses.field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "area", self.width**2)
+
+
+def test_derived_fields_are_neither_saved_nor_refused(tmp_path):
+    save_config(_Derived(5), tmp_path / "c.json")
+    assert to_dict(_Derived(5)) == {"width": 5}
+    assert load_config(_Derived, tmp_path / "c.json") == _Derived(5)
+    assert replace(_Derived(5), width=6).area == 36
+
+
+def test_a_huge_integer_for_a_float_is_named():
+    with pytest.raises(StillError, match="OptimConfig.lr: expected a number, got an integer too large for a float"):
+        from_dict(OptimConfig, {"lr": 10**400})

@@ -1,17 +1,22 @@
 """Typed, self-validating dataclass configs that are data only.
 
 Every config in still is a frozen dataclass whose `__post_init__` rejects bad values with a
-`StillError` naming them. `from_dict` refuses unknown keys (a typo must not silently fall back to
-a default) and `to_dict`/`save_config` write plain JSON next to every checkpoint and result.
+`StillError` naming them; `check_fields` does the checks that follow from the annotations (a
+`Literal` field holds one of its values; a list given for a tuple field is stored as a tuple).
+`from_dict` refuses unknown keys (a typo must not silently fall back to a default) and
+`to_dict`/`save_config` write plain JSON next to every checkpoint and result.
 Nothing here imports or executes anything named in a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,8 +26,64 @@ C = TypeVar("C")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a (possibly nested) config dataclass; tuples become lists."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """A JSON-ready dict of a (possibly nested) config dataclass; tuples become lists. Only the
+    fields `from_dict` takes are written: a derived `field(init=False)` is left out."""
+    return json.loads(json.dumps(_init_fields(config, nested=True)))
+
+
+def _init_fields(config: Any, nested: bool = False) -> dict[str, Any]:
+    """The fields of `config` that its constructor takes (nested: nested configs as dicts too)."""
+    def plain(value: Any) -> Any:
+        if nested and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return _init_fields(value, nested=True)
+        if nested and isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if nested and isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _allowed(annotation: Any) -> tuple | None:
+    """The values a `Literal` field (optional or not) may hold; None for any other field."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        parts = [(None,) if arg is type(None) else _allowed(arg) for arg in typing.get_args(annotation)]
+        if all(part is not None for part in parts):
+            return tuple(value for part in parts for value in part)
+    return None
+
+
+def _is_tuple(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_tuple(arg) for arg in typing.get_args(annotation))
+    return annotation is tuple or typing.get_origin(annotation) is tuple
+
+
+def check_fields(config: Any) -> None:
+    """For a config's `__post_init__`: a tuple field given a list (or another sequence) becomes a
+    tuple, so that the config equals itself after a JSON round trip and can be hashed; a `Literal`
+    field must hold one of its values (`from_dict` checks both, but a config built directly in
+    Python does not go through it)."""
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        annotation, value = _hints(type(config))[f.name], getattr(config, f.name)
+        allowed = _allowed(annotation)
+        if allowed is not None and value not in allowed:
+            raise StillError(f"{type(config).__name__}.{f.name}: {value!r} is not one of "
+                             f"{', '.join(map(repr, allowed))}")
+        if (_is_tuple(annotation) and isinstance(value, Sequence)
+                and not isinstance(value, (tuple, str, bytes))):
+            object.__setattr__(config, f.name, tuple(value))  # (the dataclass may be frozen)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -61,7 +122,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise StillError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond 1.8e308
+            raise StillError(f"{where}: expected a number, got an integer too large for a float "
+                             f"(about 1e{int(value.bit_length() * math.log10(2))})") from None
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise StillError(f"{where}: expected an integer, got {value!r}")
@@ -82,7 +147,7 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise StillError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - fields)
     if unknown:
@@ -93,7 +158,7 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C
 
 def replace(config: C, **changes: Any) -> C:
     """`dataclasses.replace` that goes through the same checks as `from_dict`."""
-    return from_dict(type(config), {**dataclasses.asdict(config), **changes})
+    return from_dict(type(config), {**_init_fields(config), **changes})
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -127,13 +128,16 @@ def test_nan_loss_stops_before_the_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_a_step_reads_the_device_once(monkeypatch):
+@pytest.mark.parametrize("clip", [True, False], ids=["clip-groups", "no-clipping"])
+def test_a_step_reads_the_device_once(monkeypatch, clip):
     """The loss's and the clip groups' gradient norms' finiteness are read together, once a step: on
-    a GPU each read from the device waits for all the work queued before it. (Steps split across CPU
-    threads, `shards`, also draw their seed as a Python int: CPU only, nothing queued.)"""
+    a GPU each read from the device waits for all the work queued before it. Without clipping, the
+    global gradient norm is checked in the same read. (Steps split across CPU threads, `shards`, also
+    draw their seed as a Python int: CPU only, nothing queued.)"""
     trainer = make_trainer()
-    trainer.grad_clip = 1.0
-    trainer.clip_groups = [list(trainer.model.parameters())[:2], list(trainer.model.parameters())[2:]]
+    if clip:
+        trainer.grad_clip = 1.0
+        trainer.clip_groups = [list(trainer.model.parameters())[:2], list(trainer.model.parameters())[2:]]
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -268,3 +272,171 @@ def test_resume_is_exact_with_the_one_cycle_schedule(tmp_path):
     for a, b in zip(straight.model.state_dict().values(), second.model.state_dict().values()):
         assert torch.equal(a, b)
     assert second.optimizer.param_groups[0]["momentum"] == straight.optimizer.param_groups[0]["momentum"]
+
+
+# ------------------------------------------------------------------ checks and edge cases
+
+
+def _nan_gradient_loss(m, idx):
+    """A finite loss (0) whose gradient is NaN: sqrt at 0, times the model's output."""
+    return torch.sqrt(m(X[idx]).sum() * 0)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_nan_gradients_of_a_finite_loss_stop_before_the_step(tmp_path, grad_clip):
+    """With grad_clip None too: the gradient norm is computed for the finiteness check."""
+    model = torch.nn.Linear(10, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, _nan_gradient_loss, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip=grad_clip,
+                      checkpoint_dir=tmp_path, checkpoint_every_steps=1, log=lambda _: None)
+    with pytest.raises(TrainingDiverged, match="the gradient norm is nan at step 0"):
+        trainer.fit(BATCHES, 1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_nan_gradients_are_skipped_in_skip_mode():
+    model = torch.nn.Linear(10, 1)
+    calls = []
+
+    def loss_fn(m, idx):  # NaN gradients at every third step, from a finite loss
+        calls.append(1)
+        return _nan_gradient_loss(m, idx) if len(calls) % 3 == 0 else m(X[idx]).pow(2).mean()
+
+    trainer = Trainer(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.01), on_nonfinite="skip",
+                      log=lambda _: None)
+    state = trainer.fit(BATCHES, 2)
+    assert state.skipped_steps == 4 and state.step == 12
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_epoch_whose_every_step_was_skipped_reports_nan(tmp_path):
+    """Not 0.0, which reads as a perfect epoch; NaN goes through the checkpoint's JSON and back."""
+    model = torch.nn.Linear(10, 1)
+    calls = []
+
+    def loss_fn(m, idx):  # the first epoch's six steps NaN, the second's finite
+        calls.append(1)
+        return m(X[idx]).pow(2).mean() * (float("nan") if len(calls) <= 6 else 1.0)
+
+    def make():
+        return Trainer(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.01), on_nonfinite="skip",
+                       checkpoint_dir=tmp_path, log=lambda _: None)
+
+    state = make().fit(BATCHES, 2)
+    assert math.isnan(state.history[0]["train_loss"]) and math.isfinite(state.history[1]["train_loss"])
+    assert state.skipped_steps == 6 and state.step == 12  # `step` counts the skipped steps too
+    loaded = make()
+    loaded.fit(BATCHES, 2)
+    assert loaded.loaded_finished and math.isnan(loaded.state.history[0]["train_loss"])
+
+
+def test_clip_groups_given_as_generators_clip_every_step():
+    """`[m.a.parameters(), m.b.parameters()]`: generators, which the first step would use up."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Linear(8, 1))
+    norms = []
+
+    def record():  # post_step: the gradients as the optimizer used them
+        norms.append([torch.cat([p.grad.flatten() for p in layer.parameters()]).norm().item() for layer in model])
+
+    trainer = Trainer(model, lambda m, idx: 1000 * m(X[idx]).pow(2).mean(),
+                      torch.optim.SGD(model.parameters(), lr=1e-4), grad_clip=1.0,
+                      clip_groups=[model[0].parameters(), model[1].parameters()], post_step=record, log=lambda _: None)
+    trainer.fit(BATCHES, 1)
+    assert len(norms) == 6 and all(n <= 1.0 + 1e-5 for step in norms for n in step), norms
+
+
+def test_metrics_that_are_tensors_or_numpy_scalars_are_saved_as_numbers(tmp_path):
+    import numpy as np
+
+    model = torch.nn.Linear(10, 1)
+
+    def evaluate(m):
+        return {"tensor": (m(X) > 0).float().mean(), "one": torch.ones(1, dtype=torch.int64),
+                "np32": np.float32(0.5), "np64": np.int64(3), "plain": [1, 2]}
+
+    trainer = Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.01),
+                      evaluate=evaluate, checkpoint_dir=tmp_path, log=lambda _: None)
+    state = trainer.fit(BATCHES, 1)
+    record = state.history[0]
+    assert isinstance(record["tensor"], float) and record["one"] == 1 and type(record["one"]) is int
+    assert record["np32"] == 0.5 and type(record["np32"]) is float and type(record["np64"]) is int
+    from still.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path).state["state"]["history"][0]["np64"] == 3
+
+
+def test_a_metric_json_cannot_hold_is_named():
+    model = torch.nn.Linear(10, 1)
+    trainer = Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.01),
+                      evaluate=lambda m: {"logits": m(X)}, log=lambda _: None)
+    with pytest.raises(StillError, match=r"evaluate's metric 'logits' is a tensor of shape \(96, 1\)"):
+        trainer.fit(BATCHES, 1)
+
+
+def test_a_config_json_cannot_hold_is_refused_before_training():
+    model = torch.nn.Linear(10, 1)
+    with pytest.raises(StillError, match=r"config\['optim'\] cannot be written as JSON .*OptimConfig.*to_dict"):
+        Trainer(model, lambda m, idx: m(X[idx]).sum(), torch.optim.SGD(model.parameters(), lr=0.1),
+                config={"seed": 0, "optim": OptimConfig()})
+
+
+def test_a_loaded_finished_run_leaves_the_model_in_eval_mode(tmp_path):
+    make_trainer(tmp_path).fit(BATCHES, 1)
+    second = make_trainer(tmp_path)
+    second.model.train()
+    second.fit(BATCHES, 1)
+    assert second.loaded_finished and not second.model.training
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("returned, message", [
+    (lambda m, idx: 0.5, "got float"),
+    (lambda m, idx: {"loss": m(X[idx]).mean()}, "got dict"),
+    (lambda m, idx: m(X[idx]).squeeze(-1), r"got a tensor of shape \(\d+,\)"),
+    (lambda m, idx: m(X[idx]).mean().detach(), "got a tensor that does not require grad"),
+])
+def test_a_loss_fn_returning_no_scalar_with_a_graph_is_named(shards, returned, message):
+    model = torch.nn.Linear(10, 1)
+
+    def loss_fn(m, idx, shard=None):
+        return returned(m, idx if shard is None else idx[shard.rows(len(idx))])
+
+    trainer = Trainer(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), shards=shards, log=lambda _: None)
+    with pytest.raises(StillError, match="loss_fn must return a scalar tensor .*, " + message):
+        trainer.fit(BATCHES, 1)
+
+
+@pytest.mark.parametrize("first, second", [("sgd", "adamw"), ("adam", "sgd")])
+def test_resuming_with_another_optimizer_is_named_and_changes_nothing(tmp_path, first, second):
+    def make(name, directory):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(10, 1)
+        optimizer = build_optimizer(model.parameters(), OptimConfig(name=name, lr=0.01))
+        return Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(), optimizer, checkpoint_dir=directory,
+                       log=lambda _: None)
+
+    make(first, tmp_path).fit(BATCHES, 1)
+    trainer = make(second, tmp_path)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    optimizer_state = trainer.optimizer.state_dict()
+    with pytest.raises(StillError, match=rf"optimizer state in .*ckpt-00000006 does not fit this optimizer, "
+                                         rf"{type(trainer.optimizer).__name__} .*only in the checkpoint: "):
+        trainer.fit(BATCHES, 2)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.optimizer.state_dict() == optimizer_state and trainer.state.step == 0
+
+
+def test_resuming_a_changed_model_names_the_weights(tmp_path):
+    """The model is checked before the optimizer, whose state would not fit either."""
+    def make(width):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(10, width), torch.nn.Linear(width, 1))
+        return Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(),
+                       build_optimizer(model.parameters(), OptimConfig(name="adam", lr=0.01)),
+                       checkpoint_dir=tmp_path, log=lambda _: None)
+
+    make(4).fit(BATCHES, 1)
+    with pytest.raises(StillError, match=r"do not fit the model: wrong shape 0.bias: \(4,\)"):
+        make(5).fit(BATCHES, 2)

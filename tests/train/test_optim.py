@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
 
-from still.train.optim import OptimConfig, build_optimizer
+from still.errors import StillError
+from still.train.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
 
 
 def _run(optimizer_of, steps: int = 12) -> list[torch.Tensor]:
@@ -80,3 +83,61 @@ def test_compressive_evaluation_after_a_fused_step_sees_the_new_weights():
     for layer in model.layers:
         layer.attention._positions = None  # what a fresh evaluation computes
     torch.testing.assert_close(after, evaluate(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"name": "rmsprop"}, "OptimConfig.name: 'rmsprop' is not one of 'sgd', 'adam', 'adamw'"),
+    ({"name": "Adam"}, "OptimConfig.name: 'Adam' is not one of"),
+    ({"schedule": "linear"}, "OptimConfig.schedule: 'linear' is not one of 'constant', 'cosine', 'onecycle'"),
+    ({"betas": (0.9,)}, r"betas must be two numbers \(beta1, beta2\), got \(0.9,\)"),
+])
+def test_bad_names_and_betas_are_refused_when_built_in_python(changes, message):
+    with pytest.raises(StillError, match=message):
+        OptimConfig(**changes)
+
+
+def test_build_optimizer_refuses_an_unknown_name_rather_than_building_adamw():
+    config = OptimConfig(name="adam")
+    object.__setattr__(config, "name", "rmsprop")  # past the config's own check
+    with pytest.raises(StillError, match="unknown optimizer 'rmsprop'; known: 'sgd', 'adam', 'adamw'"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], config)
+
+
+def _rates(config: OptimConfig, total_steps: int) -> list[float]:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = build_optimizer(params, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("warmup_fraction, total_steps", [(0.1, 10), (0.05, 20), (0.25, 4), (0.05, 10), (0.1, 15)])
+def test_one_cycle_warm_up_spans_at_least_two_steps(warmup_fraction, total_steps):
+    """OneCycleLR divides by zero where the warm-up is exactly one step, and has no rise below one:
+    a warm-up asked for lasts two steps, lr / 25 then the peak."""
+    rates = _rates(OptimConfig(lr=1.0, schedule="onecycle", warmup_fraction=warmup_fraction), total_steps)
+    assert rates[0] == pytest.approx(1 / 25) and rates[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] == pytest.approx(1 / 25e4)
+
+
+def test_one_cycle_keeps_a_longer_warm_up_and_honours_none():
+    rates = _rates(OptimConfig(lr=1.0, schedule="onecycle", warmup_fraction=0.3), 10)  # the peak at step 2
+    assert rates[:4] == pytest.approx([0.04, 0.52, 1.0, 0.95], abs=1e-3)
+    none = _rates(OptimConfig(lr=1.0, schedule="onecycle", warmup_fraction=0.0), 10)  # not PyTorch's 0.3
+    assert none[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)), rel=1e-3)  # 1/10 of the way down
+    assert all(a > b for a, b in zip(none, none[1:]))
+    two_steps = _rates(OptimConfig(lr=1.0, schedule="onecycle", warmup_fraction=0.5), 2)  # no room for a warm-up
+    assert two_steps[0] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_the_cosine_schedule_is_as_documented():
+    """lr_factor's docstring: the warm-up rounds down and starts at 1 / warmup; the cosine reaches
+    min_lr_ratio one step past the last."""
+    factors = [lr_factor(s, 4, OptimConfig(lr=1.0, warmup_fraction=0.5)) for s in range(4)]
+    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert lr_factor(0, 10, OptimConfig(lr=1.0, warmup_fraction=0.05)) == 1.0  # int(0.5): no warm-up
+    assert lr_factor(4, 5, OptimConfig(lr=1.0, min_lr_ratio=0.1)) > 0.1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import math
 import signal
 import threading
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,7 +63,8 @@ def _deferred_signals():
 @dataclass
 class TrainState:
     step: int = 0
-    """Optimizer steps taken."""
+    """Batches trained on: optimizer steps taken plus those skipped (on_nonfinite="skip"). Checkpoints
+    are numbered by it, and `checkpoint_every_steps` counts it."""
     epoch: int = 0
     """Epochs completed."""
     batch: int = 0
@@ -74,7 +77,8 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     """Sum of the losses of the batches done in the current epoch (for a mid-epoch resume)."""
     history: list[dict[str, Any]] = field(default_factory=list)
-    """One entry per completed epoch: epoch, train_loss, seconds, and the evaluation metrics."""
+    """One entry per completed epoch: epoch, train_loss (NaN when every step of the epoch was
+    skipped), seconds, and the evaluation metrics."""
 
 
 @dataclass(frozen=True)
@@ -102,17 +106,20 @@ class Trainer:
         model: any `nn.Module`; only its parameters, `train()`/`eval()` and state dict are used.
         loss_fn: `loss_fn(model, batch) -> scalar loss`.
         optimizer, scheduler: as built by `still.train.optim`; the scheduler is stepped per batch.
-        grad_clip: clip the global gradient norm (None: off).
+        grad_clip: clip the global gradient norm (None: off; the norm is still computed, for the
+            finiteness check).
         clip_groups: parameter groups whose gradient norms are clipped separately (default: one
-            group of all parameters).
+            group of all parameters); any iterables, generators included (kept as lists).
         state_tensors, load_state_tensors: save and restore extra state (a language model's
             memories, say) with every checkpoint.
         post_step: called after every optimizer step (for weight constraints such as max-norm).
-        evaluate: `evaluate(model) -> dict of metrics`, run after every epoch in eval mode.
+        evaluate: `evaluate(model) -> dict of metrics`, run after every epoch in eval mode. Values
+            must be JSON data; one-element tensors and NumPy scalars are turned into Python numbers.
         checkpoint_dir: where to save; `fit` resumes from the newest valid checkpoint there.
         checkpoint_every: save every this many epochs (and always at the end).
-        checkpoint_every_steps: also save every this many optimizer steps (mid-epoch).
-        config: JSON-ready config written into every checkpoint.
+        checkpoint_every_steps: also save every this many steps (mid-epoch; `TrainState.step`).
+        config: JSON data (`still.config.to_dict` of a config) written into every checkpoint;
+            checked here, not at the first save.
         keep: how many checkpoints to keep (0: all).
         on_nonfinite: "stop" (default) raises `TrainingDiverged` before the optimizer step when the
             loss or the gradient norm is NaN or infinite; "skip" drops that step and counts it.
@@ -137,7 +144,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  optimizer: torch.optim.Optimizer, scheduler: Any = None, *, grad_clip: float | None = None,
-                 clip_groups: list[list[nn.Parameter]] | None = None,
+                 clip_groups: Iterable[Iterable[nn.Parameter]] | None = None,
                  state_tensors: Callable[[], dict[str, torch.Tensor]] | None = None,
                  load_state_tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
                  post_step: Callable[[], None] | None = None,
@@ -161,7 +168,8 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.grad_clip = grad_clip
-        self.clip_groups = clip_groups
+        # as lists: a generator such as `model.head.parameters()` would be used up by the first step
+        self.clip_groups = [list(group) for group in clip_groups] if clip_groups is not None else None
         self.state_tensors = state_tensors
         self.load_state_tensors = load_state_tensors
         self.post_step = post_step
@@ -169,7 +177,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.checkpoint_every_steps = checkpoint_every_steps
-        self.config = config or {}
+        self.config = _check_json_config(config or {})
         self.keep = keep
         if on_nonfinite not in ("stop", "skip"):
             raise StillError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
@@ -215,10 +223,17 @@ class Trainer:
         return path
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
-        ckpt.load_model_weights(self.model, checkpoint.model, source=str(checkpoint.path))
+        """Load a checkpoint: weights, optimizer, scheduler, RNG states, `state`, extra tensors. The
+        weights and the optimizer state are both checked to fit before either is loaded: a changed
+        model or optimizer is named, and leaves the model and the optimizer as they were."""
+        source = str(checkpoint.path)
+        own = self.model.state_dict()
+        if own.keys() != checkpoint.model.keys() or any(own[k].shape != w.shape for k, w in checkpoint.model.items()):
+            ckpt.load_model_weights(self.model, checkpoint.model, source=source)  # raises, naming what differs
         opt_state = ckpt.optimizer_state(checkpoint)
         if opt_state is not None:
-            self.optimizer.load_state_dict(opt_state)
+            self._load_optimizer_state(opt_state, source)
+        ckpt.load_model_weights(self.model, checkpoint.model, source=source)
         if self.scheduler is not None and "scheduler" in checkpoint.state:
             self.scheduler.load_state_dict(checkpoint.state["scheduler"])
         rng = ckpt.rng_state_of(checkpoint)
@@ -228,6 +243,31 @@ class Trainer:
         self.state = TrainState(**checkpoint.state["state"])
         if self.load_state_tensors is not None:
             self.load_state_tensors(checkpoint.extra_tensors())
+
+    def _load_optimizer_state(self, saved: dict, source: str) -> None:
+        """Load `saved` into the optimizer; where it does not fit (another optimizer saved it), put
+        the optimizer's own state back and raise a StillError naming both."""
+        current = self.optimizer.state_dict()  # references to the tensors, not copies
+        problem = None
+        try:
+            self.optimizer.load_state_dict(saved)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # SGD's state into Adam: KeyError 'step'
+            problem = f"{type(e).__name__}: {e}"
+        else:  # Adam's into SGD loads, and fails at the first step: no "momentum" in its groups
+            lacking = sorted({key for before, after in zip(current["param_groups"], self.optimizer.param_groups)
+                              for key in before.keys() - after.keys()})
+            if lacking:
+                problem = f"the loaded parameter groups lack {', '.join(lacking)}"
+        if problem is None:
+            return
+        self.optimizer.load_state_dict(current)
+        theirs = {key for group in saved["param_groups"] for key in group}
+        ours = {key for group in current["param_groups"] for key in group}
+        raise StillError(f"the optimizer state in {source} does not fit this optimizer, "
+                         f"{type(self.optimizer).__name__} ({problem}); hyper-parameters only in the checkpoint: "
+                         f"{', '.join(sorted(theirs - ours)) or '-'}; only in this optimizer: "
+                         f"{', '.join(sorted(ours - theirs)) or '-'}. Was the optimizer changed? Resume with the "
+                         "one that saved it, or start a new run")
 
     def _restore_rank_rng(self, rng: dict) -> None:
         """This rank's own torch generators, where the checkpoint has them (written by several ranks).
@@ -270,7 +310,7 @@ class Trainer:
     def _shard_loss(self, batch: Any, shard: Shard, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed + shard.index)
         with thread_generator(generator), autocast(self.precision, self.device):
-            return self.loss_fn(self.model, batch, shard=shard).float()
+            return _checked_loss(self.loss_fn(self.model, batch, shard=shard))
 
     def _step(self, batch: Any) -> torch.Tensor | None:
         """One optimizer step; None if it was skipped (a non-finite loss or gradient norm)."""
@@ -283,10 +323,7 @@ class Trainer:
             loss = torch.stack([shard_loss.detach() for shard_loss in losses]).sum()
         else:
             with autocast(self.precision, self.device):
-                loss = self.loss_fn(self.model, batch)
-            if not isinstance(loss, torch.Tensor):
-                raise StillError(f"loss_fn must return a scalar tensor (with its graph), got {type(loss).__name__}")
-            loss = loss.float()
+                loss = _checked_loss(self.loss_fn(self.model, batch))
         self.optimizer.zero_grad(set_to_none=True)
         if self.shards > 1:
             if self.shards == 2:  # each shard's backward in its thread, into the shared .grad: a + b is b + a
@@ -325,11 +362,17 @@ class Trainer:
         """Clip the gradients, step the optimizer and the scheduler; where the loss or a gradient norm
         is not finite, nothing is stepped and what and its value are returned instead. The loss and
         the norms are read from the device once, together (on a GPU each read waits for the queued
-        work: one read a step instead of one for the loss and one a clip group)."""
+        work: one read a step instead of one for the loss and one a clip group). Without clipping,
+        the global gradient norm is computed all the same: a finite loss can have NaN gradients
+        (sqrt at 0), and one such step would make every weight NaN."""
         norms = []
         if self.grad_clip is not None:
             for group in self.clip_groups or [list(self.model.parameters())]:
                 norms.append(torch.nn.utils.clip_grad_norm_(group, self.grad_clip))
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                norms.append(torch.nn.utils.get_total_norm(grads))
         finite = torch.isfinite(torch.stack([loss.detach().float(), *(norm.float() for norm in norms)]))
         if self.dist.enabled:  # every rank takes the same branch
             finite = self.dist.all_min(finite.to(torch.int32)).bool()
@@ -376,6 +419,7 @@ class Trainer:
             if self.state.finished and self.state.epoch >= epochs:
                 self.log(f"{self.desc}: loaded the finished run from {self.checkpoint_dir}")
                 self.loaded_finished = True
+                self.model.eval()
                 return self.state
             self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}")
             self.state.finished = False
@@ -411,12 +455,12 @@ class Trainer:
             if self.dist.enabled:
                 loss_sum = self.dist.all_sum(loss_sum) / self.dist.world
             done = self.state.batch - self.state.epoch_skipped  # the mean over the steps taken
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": (loss_sum / max(done, 1)).item(),
-                                      "seconds": round(seconds, 3)}
+            train_loss = (loss_sum / done).item() if done else math.nan  # NaN: every step skipped, not a loss of 0
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": round(seconds, 3)}
             if self.evaluate is not None:
                 self.model.eval()
                 with torch.no_grad(), autocast(self.precision, self.device):
-                    record.update(self.evaluate(self.model))
+                    record.update(_json_metrics(self.evaluate(self.model)))
                 self.model.train()
             self.state.history.append(record)
             self.log(f"{self.desc} {epoch + 1}/{epochs}: " + ", ".join(
@@ -432,3 +476,49 @@ class Trainer:
         self.state.finished = True
         self.model.eval()
         return self.state
+
+
+def _checked_loss(loss: Any) -> torch.Tensor:
+    """`loss_fn`'s result as a float32 scalar, or a StillError saying what came back instead."""
+    if not isinstance(loss, torch.Tensor):
+        got = type(loss).__name__
+    elif loss.numel() != 1:
+        got = f"a tensor of shape {tuple(loss.shape)} (a loss per example? take its mean)"
+    elif not loss.requires_grad:
+        got = "a tensor that does not require grad (computed under torch.no_grad, or detached?)"
+    else:
+        return loss.float().reshape(())
+    raise StillError(f"loss_fn must return a scalar tensor (one element, with its graph), got {got}")
+
+
+def _check_json_config(config: Any) -> dict[str, Any]:
+    """`config`, if JSON can write it (else the first checkpoint would fail, an epoch into the run)."""
+    if not isinstance(config, dict):
+        raise StillError(f"config must be a dict of JSON data (still.config.to_dict of a config), "
+                         f"got {type(config).__name__}")
+    for key, value in config.items():
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError) as e:
+            raise StillError(f"config[{key!r}] cannot be written as JSON ({e}): pass JSON data, "
+                             "such as still.config.to_dict of a config") from None
+    return config
+
+
+def _json_metrics(metrics: Any) -> dict[str, Any]:
+    """`evaluate`'s metrics as JSON data: one-element tensors and NumPy scalars become Python numbers."""
+    if not isinstance(metrics, dict):
+        raise StillError(f"evaluate must return a dict of metrics, got {type(metrics).__name__}")
+    plain = {}
+    for key, value in metrics.items():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, np.generic):
+            value = value.item()
+        try:
+            json.dumps({key: value})
+        except (TypeError, ValueError):
+            what = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                    else type(value).__name__)
+            raise StillError(f"evaluate's metric {key!r} is {what}, which a checkpoint cannot hold: "
+                             "return numbers (or strings, lists of them)") from None
+        plain[key] = value
+    return plain

@@ -9,7 +9,8 @@ from typing import Literal
 
 import torch
 
-from still.errors import check
+from still.config import check_fields
+from still.errors import StillError, check
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,19 @@ class OptimConfig:
     """Adam betas."""
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
-    """After the warm-up: a constant rate, or a cosine decay to `min_lr_ratio * lr`; or PyTorch's
-    one-cycle policy (`OneCycleLR`: warm-up from lr / 25 over `warmup_fraction` of the steps, cosine
-    decay to lr / 25e4, and momentum cycled between 0.95 and 0.85 in the opposite sense)."""
+    """After the warm-up: a constant rate, or a cosine decay towards `min_lr_ratio * lr` (`lr_factor`);
+    or PyTorch's one-cycle policy (`OneCycleLR`: a cosine warm-up from lr / 25, a cosine decay to
+    lr / 25e4, and momentum cycled between 0.95 and 0.85 in the opposite sense; `build_scheduler`)."""
     warmup_fraction: float = 0.0
-    """Fraction of all steps spent in a linear warm-up from 0."""
+    """Fraction of all steps spent warming up (how it rounds: `lr_factor`, `build_scheduler`)."""
     min_lr_ratio: float = 0.0
+    """The cosine schedule's floor, as a fraction of `lr`."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value (None: no clipping)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # name and schedule among the allowed; betas given as a list made a tuple
+        check(len(self.betas) == 2, f"betas must be two numbers (beta1, beta2), got {self.betas}")
         check(0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
@@ -60,9 +64,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -
     elif config.name == "adam":
         optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
                                      fused=fused)
-    else:
+    elif config.name == "adamw":
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
                                       fused=fused)
+    else:  # (OptimConfig refuses other names; a config changed behind its back must not become AdamW)
+        raise StillError(f"unknown optimizer {config.name!r}; known: 'sgd', 'adam', 'adamw'")
     if fused:
         # the fused kernels write the parameters without bumping their version counters, which
         # inference caches key on (the Compressive Transformer's W_r R and memory keys/values): a
@@ -86,7 +92,16 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
-    """Multiplier of the peak rate at `step` (0-based): linear warm-up, then constant or cosine."""
+    """Multiplier of the peak rate at `step` (0-based) of `total_steps` (the schedules other than one-cycle).
+
+    - Warm-up: the first `warmup = int(warmup_fraction * total_steps)` steps, rounded down (0.05 of
+      fewer than 20 steps gives none), at `(step + 1) / warmup`: linear from 1 / warmup of the peak
+      at step 0 (not from 0) to the peak at step `warmup - 1`.
+    - Then 1 ("constant"), or ("cosine") `min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * p)) / 2`
+      with `p = (step - warmup) / (total_steps - warmup)`: the peak again at step `warmup`, and
+      `min_lr_ratio` reached at step `total_steps`, one past the last, so the last step's rate is
+      still above it. With 4 steps and warmup_fraction 0.5 the factors are 0.5, 1, 1, 0.5.
+    """
     warmup = int(config.warmup_fraction * total_steps)
     if step < warmup:
         return (step + 1) / warmup
@@ -98,8 +113,28 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule of `config` over `total_steps` optimizer steps, stepped once after each.
+
+    "constant" and "cosine" follow `lr_factor`. "onecycle" is PyTorch's `OneCycleLR`: its warm-up
+    rises from lr / 25 at step 0 to the peak at (fractional) step `warmup_fraction * total_steps - 1`,
+    so it spans `warmup_fraction * total_steps` steps, the peak's included; its decay reaches
+    lr / 25e4 at the last step. A warm-up shorter than 2 steps is lengthened to 2 (lr / 25, then
+    the peak): at exactly 1 step OneCycleLR divides by zero, and below 1 it starts past the peak.
+    With fewer than 3 steps there is no room for one, and none is made. `warmup_fraction` 0 means
+    no warm-up: the decay then counts from the peak one step before the first, so step 0 is already
+    1 / total_steps of the way down it (0.976 lr of 10 steps).
+    """
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total_steps,
-                                                   pct_start=config.warmup_fraction or 0.3,
+                                                   pct_start=_one_cycle_warmup(config.warmup_fraction, total_steps),
                                                    cycle_momentum=config.name == "sgd" and config.momentum > 0)
+    if config.schedule not in ("constant", "cosine"):  # (as for the optimizer's name)
+        raise StillError(f"unknown schedule {config.schedule!r}; known: 'constant', 'cosine', 'onecycle'")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))
+
+
+def _one_cycle_warmup(warmup_fraction: float, total_steps: int) -> float:
+    """OneCycleLR's `pct_start`: `warmup_fraction`, lengthened to 2 steps where it spans fewer."""
+    if warmup_fraction == 0 or total_steps < 3:
+        return 0.0
+    return max(float(warmup_fraction), 2 / total_steps)

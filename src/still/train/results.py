@@ -1,4 +1,8 @@
-"""Results: a JSON file next to a human-readable Markdown table, both written atomically."""
+"""Results: a JSON file next to a human-readable Markdown table, both written atomically.
+
+NaN and infinities are written as Python's `json` writes them (`NaN`, `Infinity`): Python reads
+them back, but stricter JSON parsers (JavaScript's `JSON.parse`) refuse them.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,38 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from still.train.io import atomic_write_text
 
 
 def _cell(value: Any) -> str:
+    """Floats to 4 significant digits, whole from 1e4 to 1e15 (12346, not 1.235e+04), and in
+    exponent form beyond (a diverged perplexity of 1e30 stays short)."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"
     return str(value)
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with NumPy scalars (np.float32, np.int64, ...) as Python numbers."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
+
+
+def _numpy_scalar(value: Any) -> Any:
+    """For `json.dumps`: a NumPy scalar anywhere in the rows or the meta data as a Python number."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None) -> str:
     """A Markdown table of `rows` (dicts) in `columns` order (default: keys of the first row)."""
     if not rows:
         return f"{title}\n(no rows)\n" if title else "(no rows)\n"
+    rows = [_plain(r) for r in rows]
     columns = list(columns or rows[0].keys())
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -43,6 +64,7 @@ def write_results(directory: str | Path, name: str, rows: Sequence[dict[str, Any
     """Write `<name>.json` (rows + meta) and `<name>.md` (the table) under `directory`; return the table."""
     directory = Path(directory)
     table = format_table(rows, columns, title)
-    atomic_write_text(directory / f"{name}.json", json.dumps({"rows": list(rows), "meta": meta or {}}, indent=2) + "\n")
+    data = json.dumps({"rows": list(rows), "meta": meta or {}}, indent=2, default=_numpy_scalar)
+    atomic_write_text(directory / f"{name}.json", data + "\n")
     atomic_write_text(directory / f"{name}.md", table)
     return table

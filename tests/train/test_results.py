@@ -1,0 +1,29 @@
+import json
+import math
+
+import numpy as np
+
+from still.train.results import format_table, write_results
+
+
+def test_huge_and_tiny_floats_stay_short():
+    table = format_table([{"model": "a", "ppl": 1e30, "big": 1e300, "whole": 12345.6, "tiny": 1e-12, "nan": math.nan,
+                           "inf": math.inf}])
+    row = table.splitlines()[-1]
+    assert "| 1e+30 |" in row and "| 1e+300 |" in row and "| 12346 |" in row and "| 1e-12 |" in row
+    assert "| nan |" in row and "| inf |" in row and len(row) < 90
+
+
+def test_numpy_scalars_are_written_as_numbers(tmp_path):
+    rows = [{"model": "a", "errors": np.int64(3), "loss": np.float32(0.25), "ok": np.bool_(True)}]
+    table = write_results(tmp_path, "results", rows, meta={"seed": np.int32(7), "nested": [np.float32(0.5)]})
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data == {"rows": [{"model": "a", "errors": 3, "loss": 0.25, "ok": True}],
+                    "meta": {"seed": 7, "nested": [0.5]}}
+    assert "|      3 | 0.25 |" in table  # numeric columns, right-aligned
+
+
+def test_nan_is_written_as_python_json_writes_it(tmp_path):
+    write_results(tmp_path, "results", [{"model": "a", "train_loss": math.nan}])
+    assert '"train_loss": NaN' in (tmp_path / "results.json").read_text()
+    assert math.isnan(json.loads((tmp_path / "results.json").read_text())["rows"][0]["train_loss"])
