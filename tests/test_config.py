@@ -153,3 +153,16 @@ def test_derived_fields_are_neither_saved_nor_refused(tmp_path):
 def test_a_huge_integer_for_a_float_is_named():
     with pytest.raises(StillError, match="OptimConfig.lr: expected a number, got an integer too large for a float"):
         from_dict(OptimConfig, {"lr": 10**400})
+
+
+def test_the_projects_configs_take_lists_for_tuples_and_round_trip():
+    """Every config of the project runs `check_fields`: lists given in Python are stored as tuples,
+    so the config hashes and equals itself after a JSON round trip."""
+    from still.compressive import CompressiveConfig
+    from still.distill.models import VGGConfig
+
+    for config in (MLPConfig(hidden=[10, 10]), VGGConfig(blocks=[[8], [16, 16]]), MnistConfig(temperatures=[2.0, 20.0]),
+                   CompressiveConfig(d_model=32, n_heads=4)):
+        assert hash(config) is not None and from_dict(type(config), to_dict(config)) == config
+    with pytest.raises(StillError, match="'zip' is not one of"):
+        CompressiveConfig(compression="zip")

@@ -320,7 +320,8 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens only.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Sample among the likeliest tokens whose probabilities reach p (nucleus sampling).")
-@click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same text.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The same seed gives the same text (in fp32 also with and without --compile).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt, and compiled (the default on the "
@@ -334,13 +335,17 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
                    "run (on the CPU, with a C++ compiler), else eager steps. --no-compile: eager steps.")
 @one_process_threads_option
 def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_, threads):
-    """Stream sampled text from a trained run, carrying the memories."""
+    """Stream sampled text from a trained run, carrying the memories. A reader that leaves early
+    (`| head`) ends it quietly, with exit code 0."""
     from still.recipes.lm import generate_lm
 
     _one_process("lm generate")
     _threads(threads)
-    generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout, checkpoint=checkpoint,
-                precision=precision, compile=compile_)
+    try:
+        generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout,
+                    checkpoint=checkpoint, precision=precision, compile=compile_)
+    except BrokenPipeError:  # the reader left: what it wanted was written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flushes stdout again)
 
 
 @lm_group.command("compare")

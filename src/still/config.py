@@ -68,6 +68,11 @@ def _is_tuple(annotation: Any) -> bool:
     return annotation is tuple or typing.get_origin(annotation) is tuple
 
 
+def _tuples(value: Sequence) -> tuple:
+    """`value` as a tuple, and the lists inside it too (`((64, 64), (128,))` given as lists of lists)."""
+    return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
+
+
 def check_fields(config: Any) -> None:
     """For a config's `__post_init__`: a tuple field given a list (or another sequence) becomes a
     tuple, so that the config equals itself after a JSON round trip and can be hashed; a `Literal`
@@ -83,7 +88,7 @@ def check_fields(config: Any) -> None:
                              f"{', '.join(map(repr, allowed))}")
         if (_is_tuple(annotation) and isinstance(value, Sequence)
                 and not isinstance(value, (tuple, str, bytes))):
-            object.__setattr__(config, f.name, tuple(value))  # (the dataclass may be frozen)
+            object.__setattr__(config, f.name, _tuples(value))  # (the dataclass may be frozen)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

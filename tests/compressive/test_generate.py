@@ -83,6 +83,16 @@ def test_a_draw_never_picks_an_impossible_token_even_if_the_sums_round_up(monkey
     assert sampling.invert(probs, torch.tensor([[0.50005]])).item() == 3  # token 2 is past u but impossible
 
 
+def test_a_tiny_temperature_draws_the_likeliest_token():
+    """T = 1e-40: the logits divided by it were infinite, the softmax NaN, and the draw token 0."""
+    from still.compressive.sampling import Sampling, next_token
+
+    logits = torch.tensor([[3.0, 9.0, 1.0, 5.0], [-2.0, -7.0, -1.5, -9.0]])
+    for uniform in (0.0, 0.5, 0.999):
+        drawn = next_token(logits, torch.full((2, 1), uniform), Sampling(temperature=1e-40))
+        assert drawn.tolist() == [1, 2]
+
+
 def test_filter_logits():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
@@ -430,6 +440,28 @@ def test_which_scorers_take_several_segments_a_call():
     assert StreamScorer(model, 2, segment_len=8).chunk == 1  # needs the attention weights
     with pytest.raises(StillError, match="segment_len must be >= 1"):
         StreamScorer(model, 2, segment_len=0)
+
+
+def test_evaluation_leaves_the_models_modes_as_they_were_also_after_an_error():
+    from still.compressive.generate import evaluate_streams
+    from still.data.text import TokenStreams
+
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=2, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    model.train()
+    model.layers[1].eval()  # frozen by its owner
+    before = [m.training for m in model.modules()]
+    streams = TokenStreams([torch.randint(2, 11, (30,))], 1, 8)
+    evaluate_streams(model, streams)
+    assert [m.training for m in model.modules()] == before
+
+    def failing(step):
+        raise KeyboardInterrupt
+
+    streams.segment = failing
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_streams(model, streams)
+    assert [m.training for m in model.modules()] == before
 
 
 @pytest.mark.parametrize("compile", [False, None])

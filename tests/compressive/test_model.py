@@ -161,7 +161,7 @@ def test_state_survives_a_checkpoint_round_trip():
 @pytest.mark.parametrize("kwargs, message", [
     ({"d_model": 30, "n_heads": 4}, "must be divisible by n_heads"),
     ({"mem_len": 10, "c_mem_len": 8, "compression_rate": 4}, "mem_len \\(10\\) must be a multiple of compression_rate"),
-    ({"compression": "zip"}, "compression must be one of"),
+    ({"compression": "zip"}, "compression: 'zip' is not one of 'conv'"),
     ({"mem_len": -1}, "mem_len must be >= 0, got -1"),
 ])
 def test_config_errors(kwargs, message):
@@ -217,6 +217,25 @@ def test_a_reset_row_reads_as_a_fresh_stream(compression):
             alone = net(seq[1:, start : start + 16], fresh)
             state, fresh = out.state, alone.state
             assert torch.allclose(out.logits[1], alone.logits[0], atol=1e-5), i
+
+
+def test_a_state_that_does_not_fit_is_named():
+    from still.compressive.generate import generate
+
+    net = model(mem_len=8, c_mem_len=8).eval()
+    seq = tokens(b=2, l=8)
+    with torch.no_grad():
+        state = net(seq).state
+    cases = [(state, tokens(b=3, l=8), None, "holds 2 batch rows, the tokens 3"),
+             (net.empty_state(2, dtype=torch.bfloat16), seq, None, "is torch.bfloat16 on cpu, the model's weights "
+                                                                    "torch.float32"),
+             (MemoryState.empty(TINY["n_layers"], 2, 8), seq, None, "width is 8, the model's d_model 32"),
+             (state, seq, torch.tensor([True, False, True]), "reset must be \\(2,\\) bool")]
+    for bad, x, reset, message in cases:
+        with pytest.raises(StillError, match=message):
+            net(x, bad, reset=reset)
+    with pytest.raises(StillError, match="holds 2 batch rows, the tokens 3"):
+        next(generate(net, tokens(b=3, l=4), 2, state=state, compile=False))
 
 
 def test_an_edited_state_or_reassigned_weights_are_not_served_from_the_cache():

@@ -215,6 +215,17 @@ def test_a_relative_corpus_is_stored_absolute(corpus, tmp_path, capsys, monkeypa
     assert run_cli(capsys, "lm", "eval", str(out), "--split", "valid", "--threads", "1")[0] == 0
 
 
+def test_generation_piped_into_head_ends_quietly(trained):
+    """`still lm generate ... | head -c 20`: the reader leaves early; the command exits 0, silently."""
+    import subprocess
+    import sys
+
+    command = (f"set -o pipefail; {sys.executable} -m still lm generate {trained} --tokens 3000 --threads 1 "
+               "--no-compile | head -c 20")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and len(done.stdout) == 20 and "Error" not in done.stderr, done.stderr
+
+
 def test_generate_bad_prompt(trained, capsys):
     assert_user_error(capsys, "lm", "generate", str(trained), "--prompt", "Zebra#", contains="is not in the vocabulary")
     assert_user_error(capsys, "lm", "generate", str(trained), "--temperature", "0",

@@ -10,6 +10,7 @@ through the model's own forward for most_used compression.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
@@ -64,11 +65,19 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
 def _in_eval_mode(model: nn.Module, tokens: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
     """`tokens`, with `model` in eval mode from the first until the iterator ends or is closed;
     then each module that was training trains again."""
+    with eval_mode(model):
+        yield from tokens
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside; after, each module that was training trains again, and only
+    those (a submodule its owner froze in eval stays so), also after an error."""
     training = [module for module in model.modules() if module.training]  # (a tenth of eval()'s 0.2 ms)
     if training:
         model.eval()
     try:
-        yield from tokens
+        yield
     finally:
         for module in training:  # (not `train()`, which would also set its children's modes)
             module.training = True
@@ -329,8 +338,12 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
     wherever a document starts. `on_device` (None: off the CPU): the losses are summed where the
     model is and read once at the end, not segment by segment (each read waits for a GPU's queue).
     """
-    was_training = model.training
-    model.eval()
+    with eval_mode(model):
+        return _evaluate_streams(model, streams, max_segments, position_edges, progress, shards, on_device)
+
+
+def _evaluate_streams(model: CompressiveTransformer, streams, max_segments: int | None, position_edges,
+                      progress, shards: int, on_device: bool | None) -> dict:
     total, count = 0.0, 0
     edges = torch.tensor(position_edges) if position_edges else None
     bucket_sum = torch.zeros(len(position_edges) - 1, dtype=torch.float64) if position_edges else None
@@ -387,7 +400,6 @@ def evaluate_streams(model: CompressiveTransformer, streams, max_segments: int |
         total = float(device_total)
         if device_buckets is not None:
             bucket_sum = device_buckets[:-1].cpu()
-    model.train(was_training)
     if count == 0:
         raise StillError("nothing to evaluate: the split has no targets")
     nats = total / count

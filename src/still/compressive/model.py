@@ -59,6 +59,7 @@ from torch import nn
 from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention, compute_dtype, content_attention
 from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
+from still.config import check_fields
 from still.errors import check
 from still.layers import Dropout, dropout_add, relu_dropout
 
@@ -102,6 +103,7 @@ class CompressiveConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)  # Literal values; lists given for tuples stored as tuples
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "compression_rate"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         check(self.d_model % self.n_heads == 0,
@@ -420,6 +422,19 @@ class CompressiveTransformer(nn.Module):
         ids = {id(p) for p in self.compressor_parameters()}
         return [p for p in self.parameters() if id(p) not in ids]
 
+    def check_state(self, state: MemoryState, batch: int) -> None:
+        """A one-line error where `state` cannot go with this model and `batch` rows of tokens."""
+        config = self.config
+        check(len(state.memory) == len(state.compressed) == config.n_layers,
+              f"the memory state has {len(state.memory)} layers, the model {config.n_layers}")
+        memory, weight = state.memory[0], self.embedding.weight
+        check(memory.shape[0] == batch, f"the memory state holds {memory.shape[0]} batch rows, the tokens {batch}")
+        check(memory.shape[-1] == config.d_model,
+              f"the memory state's width is {memory.shape[-1]}, the model's d_model {config.d_model}")
+        check(memory.dtype == weight.dtype and memory.device == weight.device,
+              f"the memory state is {memory.dtype} on {memory.device}, the model's weights {weight.dtype} on "
+              f"{weight.device} (make it with model.empty_state(batch, device, dtype))")
+
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
         return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)
 
@@ -440,9 +455,10 @@ class CompressiveTransformer(nn.Module):
         b, l = tokens.shape
         if state is None:
             state = self.empty_state(b, tokens.device, self.embedding.weight.dtype)
-        check(len(state.memory) == len(state.compressed) == config.n_layers,
-              f"the memory state has {len(state.memory)} layers, the model {config.n_layers}")
+        self.check_state(state, b)
         if reset is not None:
+            check(tuple(reset.shape) == (b,), f"reset must be ({b},) bool, one per batch row, got shape "
+                                              f"{tuple(reset.shape)}")
             state = state.reset(reset)
         if with_compression_loss is None:
             with_compression_loss = self.training and config.trains_compressor

@@ -1169,7 +1169,13 @@ int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, fl
              std::vector<float>& work, std::vector<int>& order) {
     float* logits = work.data();
     float* probs = logits + vocab;
-    for (int j = 0; j < vocab; ++j) logits[j] = temperature == 1.f ? logits_in[j] : logits_in[j] / temperature;
+    // (the largest logit subtracted before dividing by T, as `next_token` does: a tiny T then
+    // sends the others to -inf, not every logit to +-inf and the softmax to NaN)
+    float peak = -INFINITY;
+    if (temperature != 1.f)
+        for (int j = 0; j < vocab; ++j) peak = std::max(peak, logits_in[j]);
+    for (int j = 0; j < vocab; ++j)
+        logits[j] = temperature == 1.f ? logits_in[j] : (logits_in[j] - peak) / temperature;
     if (top_k > 0 && top_k < vocab) {
         std::copy(logits, logits + vocab, probs);
         std::nth_element(probs, probs + (top_k - 1), probs + vocab, std::greater<float>());

@@ -207,6 +207,7 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
     config = model.config
     if state is None:
         state = model.empty_state(b, tokens.device, model.embedding.weight.dtype)
+    model.check_state(state, b)
     version = model._weights_version()
     caches = state.cache(version)
     if caches and caches[0].dtype != compute_dtype(tokens.device, model.embedding.weight.dtype):

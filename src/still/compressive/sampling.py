@@ -4,9 +4,10 @@ The draw inverts the cumulative distribution at one uniform number per row: the 
 as `torch.multinomial(probs, 1)`, in a third of its time at batch 1, and simple enough for
 the compiler to run inside the decoding step (`Decoder.step_sample`), where the uniform numbers
 are drawn outside the graph from the caller's generator: compiled or not, a seed gives the same
-tokens. Compiled, the cumulative sums are products with triangular masks (`cumulative`, `fused`):
-the compiler has no scan of its own on the CPU, and a library call in the step would keep its
-temporaries off the stack (`still.train.aot`).
+tokens in fp32 (under bf16 the compiled steps read bf16 weights and keys, the eager ones fp32: the
+logits, and in time the tokens, differ). Compiled, the cumulative sums are products with
+triangular masks (`cumulative`, `fused`): the compiler has no scan of its own on the CPU, and a
+library call in the step would keep its temporaries off the stack (`still.train.aot`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 def next_token(logits: torch.Tensor, uniform: torch.Tensor, sampling: Sampling, fused: bool = False) -> torch.Tensor:
     """Sample from logits (B, V) at `sampling`'s temperature and filters, given the uniform numbers
-    (B, 1). -> (B,). `fused`: for the compiler (`cumulative`)."""
-    logits = logits.float() if sampling.temperature == 1 else logits.float() / sampling.temperature
+    (B, 1). -> (B,). `fused`: for the compiler (`cumulative`). Other than 1, the temperature divides
+    the logits less their largest (the same distribution; with a tiny T, 1e-40 say, dividing the
+    logits themselves made them infinite and the softmax NaN, and the draw fell to token 0)."""
+    logits = logits.float()
+    if sampling.temperature != 1:
+        logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
     return invert(filter_logits(logits, sampling.top_k, sampling.top_p).softmax(-1), uniform, fused)

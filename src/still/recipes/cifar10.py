@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from still.config import replace, save_config, to_dict
+from still.config import check_fields, replace, save_config, to_dict
 from still.data.cifar10 import Cifar10, load_cifar10, normalize
 from still.distill.loss import distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
@@ -63,6 +63,7 @@ class Cifar10Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # Literal values; lists given for tuples stored as tuples
         check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check(0 < self.temperature < math.inf, f"temperature must be a finite number > 0, got {self.temperature}")

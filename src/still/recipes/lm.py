@@ -29,7 +29,7 @@ from still.compressive import attention, native as native_step
 from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
-from still.config import from_dict, load_config, replace, save_config, to_dict
+from still.config import check_fields, from_dict, load_config, replace, save_config, to_dict
 from still.data.text import Corpus, Segment, TokenStreams, Vocab, absolute_corpus, load_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_run_kind, check_stage_config, plot_curves
@@ -72,6 +72,7 @@ class LMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # Literal values; lists given for tuples stored as tuples
         check_precision(self.precision)
         for name in ("batch_size", "segment_len", "steps", "eval_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")

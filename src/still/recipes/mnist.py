@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from still.config import save_config, to_dict
+from still.config import check_fields, save_config, to_dict
 from still.data.augment import jitter
 from still.data.mnist import Mnist, load_mnist
 from still.distill.loss import distillation_loss
@@ -76,6 +76,7 @@ class MnistConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # Literal values; lists given for tuples stored as tuples
         check(self.teacher_epochs > 0, f"teacher_epochs must be > 0, got {self.teacher_epochs}")
         check(self.student_epochs > 0, f"student_epochs must be > 0, got {self.student_epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
