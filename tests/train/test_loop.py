@@ -390,6 +390,28 @@ def test_a_loaded_finished_run_leaves_the_model_in_eval_mode(tmp_path):
     assert second.loaded_finished and not second.model.training
 
 
+def test_a_submodule_frozen_in_eval_mode_stays_there():
+    """A backbone the caller put in eval mode keeps its batch-norm statistics through fit (and its
+    evaluations); the rest trains in training mode."""
+    seed_everything(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8))
+    head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    model = torch.nn.Sequential(backbone, head)
+    backbone.eval()
+    statistics = backbone[1].running_mean.clone()
+    modes = []
+
+    def loss_fn(m, idx):
+        modes.append((backbone.training, backbone[1].training, head.training, head[0].training))
+        return F.cross_entropy(m(X[idx]), Y[idx])
+
+    trainer = Trainer(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1),
+                      evaluate=lambda m: {"errors": int((m(X).argmax(-1) != Y).sum())}, log=lambda _: None)
+    trainer.fit(BATCHES, 2)
+    assert set(modes) == {(False, False, True, True)}
+    assert torch.equal(backbone[1].running_mean, statistics) and not model.training
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("returned, message", [
     (lambda m, idx: 0.5, "got float"),

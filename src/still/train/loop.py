@@ -401,7 +401,10 @@ class Trainer:
         `batches(epoch)` gives that epoch's batches (an iterable; `IndexBatches` is one), each
         passed to `loss_fn`: a function of the epoch, so that a resumed run meets the same batches.
         SIGINT and SIGTERM finish the current step, save a checkpoint (when there is a
-        checkpoint_dir) and raise `TrainingInterrupted`. The model is left in eval mode.
+        checkpoint_dir) and raise `TrainingInterrupted`. The model trains in training mode, but for
+        the submodules the caller put in eval mode while the model was in training mode (a frozen
+        backbone whose batch-norm statistics must not move), which stay in eval mode; it is left in
+        eval mode.
         """
         if not callable(batches):
             raise StillError(f"batches must be a function of the epoch giving its batches (such as IndexBatches), "
@@ -415,6 +418,14 @@ class Trainer:
             self.close()
 
     def _fit(self, batches: Callable[[int], Iterable[Any]], epochs: int, received: list[int]) -> TrainState:
+        # the submodules the caller froze in eval mode (where the model itself is in training mode)
+        frozen = [m for m in self.model.modules() if not m.training] if self.model.training else []
+
+        def train_mode() -> None:
+            self.model.train()
+            for module in frozen:
+                module.eval()
+
         if self.resume():
             if self.state.finished and self.state.epoch >= epochs:
                 self.log(f"{self.desc}: loaded the finished run from {self.checkpoint_dir}")
@@ -424,7 +435,7 @@ class Trainer:
             self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}")
             self.state.finished = False
         for epoch in range(self.state.epoch, epochs):
-            self.model.train()
+            train_mode()
             epoch_batches = batches(epoch)
             total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
             start = time.perf_counter()
@@ -461,7 +472,7 @@ class Trainer:
                 self.model.eval()
                 with torch.no_grad(), autocast(self.precision, self.device):
                     record.update(_json_metrics(self.evaluate(self.model)))
-                self.model.train()
+                train_mode()
             self.state.history.append(record)
             self.log(f"{self.desc} {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
