@@ -125,3 +125,6 @@ def test_a_state_saves_with_safetensors_as_its_own_tensors(tmp_path):
     assert torch.equal(again.memory[0], longer[:, 990:]) and again.key_valid().tolist() == state.key_valid().tolist()
     torch.save(state.to_tensors(), tmp_path / "state.pt")
     assert (tmp_path / "state.pt").stat().st_size < longer.nbytes
+    row = MemoryState((longer[:1, 990:],), (longer[:1, :2],))  # batch 1: a contiguous view, of more
+    torch.save(row.to_tensors(), tmp_path / "row.pt")
+    assert (tmp_path / "row.pt").stat().st_size < longer.nbytes / 2

@@ -249,6 +249,11 @@ def test_an_edited_state_or_reassigned_weights_are_not_served_from_the_cache():
         zeroed = state._replace(memory=tuple(torch.zeros_like(m) for m in state.memory))
         want = net(seq[:, 16:], zeroed._replace(key_values=None)).logits
         assert torch.allclose(net(seq[:, 16:], zeroed).logits, want, atol=1e-6)
+        edited = net(seq[:, :16]).state
+        for _ in range(3):  # (a new tuple or tensor may take a freed one's address: it is not the same memory)
+            edited = edited._replace(memory=(edited.memory[0] * 0, edited.memory[1] * 0))
+            assert edited.cache(net._weights_version()) is None
+        assert torch.allclose(net(seq[:, 16:], edited).logits, want, atol=1e-6)
         in_place = net(seq[:, :16]).state
         for m in in_place.memory:
             m.zero_()
@@ -259,6 +264,22 @@ def test_an_edited_state_or_reassigned_weights_are_not_served_from_the_cache():
         assert torch.allclose(net(seq[:, 16:], state).logits, fresh, atol=1e-6)
         reset = net(seq[:, :16]).state.reset(torch.tensor([True, False]))  # (flags alone: the cache serves)
         assert reset.cache(net._weights_version()) is not None
+
+
+def test_inference_mode_runs_and_keeps_its_cache():
+    """Tensors made under `torch.inference_mode` keep no count of in-place writes: the cache is
+    checked by identity alone there, and serves."""
+    from still.compressive.generate import generate
+
+    net = model(mem_len=8, c_mem_len=8).eval()
+    seq = tokens(l=24)
+    with torch.no_grad():
+        want = net(seq[:, 16:], net(seq[:, :16]).state).logits
+    with torch.inference_mode():
+        state = net(seq[:, :16]).state
+        assert state.cache(net._weights_version()) is not None
+        assert torch.allclose(net(seq[:, 16:], state).logits, want, atol=1e-6)
+        assert len(list(generate(net, seq[:1, :5], 4, segment_len=8, compile=None))) == 4
 
 
 def test_inference_caches_made_under_bf16_autocast_are_not_reused_in_fp32():

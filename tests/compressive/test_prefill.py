@@ -37,8 +37,9 @@ def _by_segments(model, tokens, state, segment_len):
 
 
 def _assert_same_state(got, want, atol):
-    assert got.key_values_version[0] == want.key_values_version[0]  # the same weights (each its own memories)
-    assert got.cache(got.key_values_version[0]) is not None and want.cache(want.key_values_version[0]) is not None
+    assert got.key_values_version.weights == want.key_values_version.weights  # (each its own memories)
+    for state in (got, want):
+        assert state.cache(state.key_values_version.weights) is not None
     assert got.memory_valid is None and want.memory_valid is None
     assert got.compressed_valid is None and want.compressed_valid is None
     for name in ("memory", "compressed", "key_values"):

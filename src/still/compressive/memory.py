@@ -25,10 +25,32 @@ does the same), and the memory holds at most mem_len + c - 1.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
+
+class CacheMadeFor:
+    """What an inference cache was made for: a version of the weights, and memory tensors: the
+    very tensors (weak references: a new tensor at a freed one's address is another), and the
+    in-place writes they had (not counted for inference-mode tensors, which keep no count)."""
+
+    __slots__ = ("weights", "tensors", "writes")
+
+    def __init__(self, weights_version: tuple, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.weights = weights_version
+        self.tensors = tuple(weakref.ref(t) for t in tensors)
+        self.writes = _writes(tensors)
+
+    def fits(self, weights_version: tuple, tensors: tuple[torch.Tensor, ...]) -> bool:
+        return (self.weights == weights_version and len(tensors) == len(self.tensors)
+                and all(ref() is t for ref, t in zip(self.tensors, tensors)) and self.writes == _writes(tensors))
+
+
+def _writes(tensors: tuple[torch.Tensor, ...]) -> int:
+    return sum(t._version for t in tensors if not t.is_inference())
 
 
 class MemoryState(NamedTuple):
@@ -51,28 +73,23 @@ class MemoryState(NamedTuple):
     """Inference cache: per layer, the keys and values of [compressed, memory] (B, N + M, 2d),
     projected once when each slot entered the memory. Only used and kept in eval mode without
     gradients (the weights cannot change); derivable, so never saved."""
-    key_values_version: tuple | None = None
+    key_values_version: CacheMadeFor | None = None
     """What the cache was made for: the model and the version of its weights (`_weights_version`),
-    and these very memories (`memories_version`). A stale cache, another model's, or one of memories
-    since replaced (`_replace(memory=...)`) or written in place is ignored (`cache`)."""
-
-    @staticmethod
-    def memories_version(memory: tuple[torch.Tensor, ...], compressed: tuple[torch.Tensor, ...]) -> tuple:
-        """Which memory tensors, and how many in-place writes they have had."""
-        return id(memory), id(compressed), sum(t._version for t in memory) + sum(t._version for t in compressed)
+    and these very memory tensors. A stale cache, another model's, or one of memories since replaced
+    (`_replace(memory=...)`) or written in place is ignored (`cache`)."""
 
     def cache(self, weights_version: tuple) -> tuple[torch.Tensor, ...] | None:
         """The inference cache where it was made with weights of `weights_version` for these
         memories as they are, else None (the memories are then projected again)."""
-        if self.key_values is None:
+        made = self.key_values_version
+        if self.key_values is None or made is None:
             return None
-        made_for = (weights_version, self.memories_version(self.memory, self.compressed))
-        return self.key_values if self.key_values_version == made_for else None
+        return self.key_values if made.fits(weights_version, (*self.compressed, *self.memory)) else None
 
     def with_cache(self, key_values: tuple[torch.Tensor, ...], weights_version: tuple) -> MemoryState:
         """This state with the inference cache of its memories, made with weights of `weights_version`."""
         return self._replace(key_values=key_values,
-                             key_values_version=(weights_version, self.memories_version(self.memory, self.compressed)))
+                             key_values_version=CacheMadeFor(weights_version, (*self.compressed, *self.memory)))
 
     @staticmethod
     def empty(n_layers: int, batch: int, d_model: int, device=None, dtype=torch.float32) -> MemoryState:
@@ -129,8 +146,8 @@ class MemoryState(NamedTuple):
         on the memories' device, each contiguous and its own (the memories are often views of a
         longer segment's tensors, which a checkpoint would otherwise save whole, or refuse)."""
         mv, cv = (v.to(self.memory[0].device, torch.uint8) for v in self.validity())
-        out = {f"memory/{i}": m.contiguous() for i, m in enumerate(self.memory)}
-        out.update({f"compressed/{i}": c.contiguous() for i, c in enumerate(self.compressed)})
+        out = {f"memory/{i}": _own(m) for i, m in enumerate(self.memory)}
+        out.update({f"compressed/{i}": _own(c) for i, c in enumerate(self.compressed)})
         out.update({"memory_valid": mv, "compressed_valid": cv})
         return out
 
@@ -141,6 +158,13 @@ class MemoryState(NamedTuple):
         return MemoryState(tuple(tensors[f"memory/{i}"] for i in range(n)),
                            tuple(tensors[f"compressed/{i}"] for i in range(n)),
                            None if bool(mv.all()) else mv, None if bool(cv.all()) else cv)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t`, contiguous and alone in its storage (a copy where it is a view of more)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def update_validity(memory_valid: torch.Tensor, compressed_valid: torch.Tensor, segment_len: int, *, mem_len: int,

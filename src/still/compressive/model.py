@@ -373,6 +373,12 @@ class ModelOutput(NamedTuple):
     compression_loss: torch.Tensor | None  # scalar, when computed
 
 
+def _reloaded(model: CompressiveTransformer, incompatible_keys) -> None:
+    """After `load_state_dict`: the parameters as they are now (`assign=True` makes new ones), and
+    one more load (the inference cache's version)."""
+    model._weights, model._loads = list(model.parameters()), model._loads + 1
+
+
 class CompressiveTransformer(nn.Module):
     def __init__(self, config: CompressiveConfig) -> None:
         super().__init__()
@@ -386,15 +392,16 @@ class CompressiveTransformer(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embedding.weight
         self._identity = next(_MODELS)  # (another model's state carries another model's cache)
+        self._weights, self._loads = list(self.parameters()), 0  # for the inference cache's version
+        self.register_load_state_dict_post_hook(_reloaded)
 
     def _weights_version(self) -> tuple[int, int, int]:
-        """Which model, which parameter tensors (`load_state_dict(..., assign=True)` replaces them),
-        and how many in-place writes they have had (an optimizer step, a `load_state_dict`): what a
-        state's inference cache was made with. Writes through `.data` are not counted: make the
-        state anew (`MemoryState.from_tensors(state.to_tensors())`). (About 0.1 ms at the
-        reference preset: once a segment, or once a generation.)"""
-        weights = list(self.parameters())
-        return self._identity, hash(tuple(map(id, weights))), sum(p._version for p in weights)
+        """Which model, how many `load_state_dict` calls it has had (with `assign=True` they replace
+        the parameter tensors), and how many in-place writes its parameters have had (an optimizer
+        step, a `load_state_dict`): what a state's inference cache was made with. Writes through
+        `.data`, and parameters assigned by hand, are not counted: make the state anew
+        (`MemoryState.from_tensors(state.to_tensors())`)."""
+        return self._identity, self._loads, sum(p._version for p in self._weights)
 
     @staticmethod
     def _init(module: nn.Module) -> None:

@@ -122,7 +122,10 @@ class Vocab:
         table = self._table()
         ids = torch.empty(len(text), dtype=dtype)
         for start in range(0, len(text), ENCODE_CHUNK):  # (a chunk's code points at a time: bounded memory)
-            points = np.frombuffer(text[start : start + ENCODE_CHUNK].encode("utf-32-le"), dtype=np.uint32)
+            # (surrogatepass: a lone surrogate, as a non-UTF-8 byte of a command line arrives, is a
+            # code point like any other, named below as not in the vocabulary)
+            chunk_text = text[start : start + ENCODE_CHUNK].encode("utf-32-le", errors="surrogatepass")
+            points = np.frombuffer(chunk_text, dtype=np.uint32)
             chunk = table[np.minimum(points, len(table) - 1)]  # (the table's last entry is -1: unknown)
             unknown = np.flatnonzero(chunk < 0)
             if unknown.size:
