@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention, compute_dtype, content_attention
-from still.compressive.compression import COMPRESSIONS, CompressionName, Compressor, Decoder
+from still.compressive.compression import CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.config import check_fields
 from still.errors import check
@@ -112,10 +112,6 @@ class CompressiveConfig:
               f"d_model ({self.d_model}) must be even, for the sinusoidal encodings")
         check(self.mem_len >= 0, f"mem_len must be >= 0, got {self.mem_len}")
         check(self.c_mem_len >= 0, f"c_mem_len must be >= 0, got {self.c_mem_len}")
-        check(self.compression in COMPRESSIONS, f"compression must be one of {', '.join(COMPRESSIONS)}, "
-                                                 f"got {self.compression!r}")
-        check(self.compression_loss in ("attention", "autoencoding", "none"),
-              f"compression_loss must be attention, autoencoding or none, got {self.compression_loss!r}")
         check(self.c_mem_len == 0 or self.mem_len % self.compression_rate == 0,
               f"mem_len ({self.mem_len}) must be a multiple of compression_rate ({self.compression_rate}) "
               "when there is a compressed memory")

@@ -51,18 +51,25 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
 
 
 def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False,
-                       defaults: dict[str, Any] | None = None) -> None:
+                       defaults: dict[str, Any] | None = None, unrecorded: dict[str, str] | None = None) -> None:
     """A stage directory holds one config: refuse (exit 2, nothing touched) to mix another into it.
 
     With `overwrite`, a stage whose settings changed is deleted and started again. `defaults`: the
     config's defaults; a top-level setting the stage's config lacks (a run made before the setting
-    existed) counts as at its default.
+    existed) counts as at its default. `unrecorded`: top-level settings with no default, each with
+    what it records (CIFAR-10's "data": "its data set"): a stage that lacks one was made before it
+    was recorded, and cannot be told to match; it is refused saying so.
     """
     path = stage_dir / "stage.json"
     if path.is_file():
         existing = json.loads(path.read_text())
         if defaults:
             existing = {k: defaults[k] for k in config if k not in existing and k in defaults} | existing
+        lacking = [what for k, what in (unrecorded or {}).items() if k in config and k not in existing]
+        if lacking and not overwrite:
+            raise StillError(f"{stage_dir} was written by an older still that did not record {', '.join(lacking)}, "
+                             "so whether it matches this run is unknown; choose another --out, or pass --overwrite "
+                             "to train it again")
         if existing != config:
             if not overwrite:
                 changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
@@ -77,7 +84,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
                 loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                 evaluate: Callable[[nn.Module], dict[str, Any]] | None, seed: int, stage_config: dict[str, Any],
                 post_step: Callable[[], None] | None = None, overwrite: bool = False,
-                keep: int = 2) -> tuple[TrainState, float]:
+                keep: int = 2, unrecorded: dict[str, str] | None = None) -> tuple[TrainState, float]:
     """Train `model` on shuffled index batches of a data set of size `n`, checkpointing (and
     resuming, or loading a finished run) in `out/name`. Returns the final state and wall seconds.
 
@@ -88,7 +95,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     model.to(distributed.process_device())  # built on the CPU (the same initial weights on every device)
     dist = distributed.current()
     if dist.main:
-        check_stage_config(stage_dir, stage_config, overwrite)
+        check_stage_config(stage_dir, stage_config, overwrite, unrecorded=unrecorded)
     dist.barrier()
     batches = IndexBatches(n, batch_size, seed=seed)
     optimizer = build_optimizer(model.parameters(), optim)
