@@ -333,17 +333,24 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
                    "minute, once per model shape); both cached, then several times faster per token. Falls back "
                    "to eager mode, saying why, where neither works. Default: the hand-written step where it can "
                    "run (on the CPU, with a C++ compiler), else eager steps. --no-compile: eager steps.")
+@click.option("--save-state", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="After the text, write the memories of it to FILE (safetensors, replaced whole), with its last "
+                   "token still to read, for --state to continue from.")
+@click.option("--state", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Continue the text whose memories --save-state wrote to FILE (with this run's model): the "
+                   "prompt, which may be empty, reads on from it, no new document. FILE may be --save-state's.")
 @one_process_threads_option
-def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_, threads):
+def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_,
+                save_state, state, threads):
     """Stream sampled text from a trained run, carrying the memories. A reader that leaves early
-    (`| head`) ends it quietly, with exit code 0."""
+    (`| head`) ends it quietly, with exit code 0 (and no --save-state written)."""
     from still.recipes.lm import generate_lm
 
     _one_process("lm generate")
     _threads(threads)
     try:
         generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout,
-                    checkpoint=checkpoint, precision=precision, compile=compile_)
+                    checkpoint=checkpoint, precision=precision, compile=compile_, state=state, save_state=save_state)
     except BrokenPipeError:  # the reader left: what it wanted was written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flushes stdout again)
 

@@ -491,3 +491,113 @@ def test_generation_refuses_bad_counts_and_top_k():
                             ({"max_new_tokens": 2, "top_k": 2.5}, "top_k must be an int >= 1 or None, got 2.5")):
         with pytest.raises(StillError, match=re.escape(message)):
             generate(model, prompt, **kwargs)
+
+
+def _state_model(c_mem_len: int, compression: str = "conv") -> CompressiveTransformer:
+    """Two layers (the second's memories are the first's outputs, which depend on how the tokens were
+    fed), d_head 16 (the hand-written step runs it), dropout on (it must be off for the state)."""
+    torch.manual_seed(0)
+    return CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=2, n_heads=2, d_ff=32,
+                                                    mem_len=4, c_mem_len=c_mem_len, compression_rate=2,
+                                                    compression=compression, dropout=0.1))
+
+
+def _fed(model: CompressiveTransformer, state, prompt: torch.Tensor, tokens: torch.Tensor, segment_len: int):
+    """The state the model's forward leaves after `state`, fed `prompt` (B, P) in segments of
+    `segment_len` and then `tokens` (B, n) one at a time, in eval mode without gradients."""
+    from still.compressive.generate import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, prompt.shape[1], segment_len):
+            state = model(prompt[:, start : start + segment_len], state).state
+        for i in range(tokens.shape[1]):
+            state = model(tokens[:, i : i + 1], state).state
+    return state
+
+
+def _assert_same_state(got, want) -> None:
+    assert got.memory_len == want.memory_len and got.compressed_len == want.compressed_len
+    for a, b in zip((*got.memory, *got.compressed), (*want.memory, *want.compressed)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got.memory_valid is want.memory_valid is None and got.compressed_valid is want.compressed_valid is None
+
+
+def _start_state(model: CompressiveTransformer):
+    """Memories of some earlier text (3 rows), full and compressing."""
+    return _fed(model, None, torch.randint(0, 11, (3, 9)), torch.zeros(3, 0, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "default"])
+@pytest.mark.parametrize("model_kind", ["conv", "xl", "most_used"])
+def test_the_state_is_the_forward_over_the_prompt_and_the_tokens_yielded(model_kind, compile):
+    """`Generation.state`: the memories after the prompt and every token yielded so far, the last
+    included: the model's forward fed the prompt in segments and the tokens one at a time, computed
+    in eval mode (dropout off) whatever the model's mode, before, during and after generation; with
+    no token yet, the prompt's. The ring-buffer decoder (eager or hand-written, which yields in
+    bursts) and, for most_used, the model's own steps."""
+    model = _state_model(0 if model_kind == "xl" else 2, "most_used" if model_kind == "most_used" else "conv")
+    start = _start_state(model)
+    model.train()
+    model.layers[1].eval()  # frozen by its owner: stays so
+    modes = [m.training for m in model.modules()]
+    prompt = torch.randint(0, 11, (3, 7))
+    generation = generate(model, prompt, 21, segment_len=4, state=start, compile=compile,
+                          generator=torch.Generator().manual_seed(1))
+    _assert_same_state(generation.state, _fed(model, start, prompt, prompt[:, :0], 4))  # not started: the prompt's
+    firsts = [next(generation) for _ in range(5)]  # within the hand-written step's first burst of 16
+    _assert_same_state(generation.state, _fed(model, start, prompt, torch.stack(firsts, 1), 4))
+    tokens = torch.stack(firsts + list(generation), 1)  # (3, 21)
+    assert tokens.shape == (3, 21) and [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.stack(generation.tokens, 1), tokens)
+    state = generation.state
+    assert [m.training for m in model.modules()] == modes  # put back after the state's pass too
+    _assert_same_state(state, _fed(model, start, prompt, tokens, 4))
+    assert generation.state is state  # kept until more tokens come
+    _assert_same_state(generation.state_after(20), _fed(model, start, prompt, tokens[:, :20], 4))
+    _assert_same_state(generation.state_after(0), _fed(model, start, prompt, tokens[:, :0], 4))
+    assert state.key_values is not None  # with its inference cache, as a prompt's state
+    with pytest.raises(StillError, match=re.escape("count must be an int in [0, 21] (the tokens yielded), got 22")):
+        generation.state_after(22)
+
+
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "default"])
+def test_the_state_after_no_tokens_is_the_prompts(compile):
+    model = _state_model(2)
+    start = _start_state(model)
+    prompt = torch.randint(0, 11, (3, 6))
+    generation = generate(model, prompt, 0, segment_len=4, state=start, compile=compile)
+    assert list(generation) == [] and generation.tokens == []
+    assert model.training  # (the pass ran in eval mode, and put it back)
+    _assert_same_state(generation.state, _fed(model, start, prompt, prompt[:, :0], 4))
+    _assert_same_state(generate(model, prompt, 0, segment_len=4).state, _fed(model, None, prompt, prompt[:, :0], 4))
+
+
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "default"])
+@pytest.mark.parametrize("model_kind", ["conv", "xl"])
+def test_generating_on_from_the_state_draws_what_one_longer_generation_draws(model_kind, compile):
+    """A generation continued from `state_after(n - 1)`, its prompt the last token yielded, with the
+    same random numbers (one generator for both calls: on the CPU a block of numbers is those of as
+    many calls) draws the tokens of one generation of n + m; and the next logits read from `state`
+    (the last token included) are those of the forward fed everything."""
+    from still.compressive.generate import eval_mode
+
+    model = _state_model(0 if model_kind == "xl" else 2)
+    start = _start_state(model)
+    prompt = torch.randint(0, 11, (3, 7))
+
+    def run(prompt, count, state, generator):
+        generation = generate(model, prompt, count, segment_len=4, state=state, compile=compile, generator=generator,
+                              temperature=0.9, top_k=8)
+        return generation, torch.stack(list(generation), 1)
+
+    _, whole = run(prompt, 30, start, torch.Generator().manual_seed(3))  # (3, 30)
+    generator = torch.Generator().manual_seed(3)
+    first, head = run(prompt, 13, start, generator)
+    second, tail = run(head[:, -1:], 17, first.state_after(12), generator)
+    assert torch.equal(torch.cat([head, tail], 1), whole)
+    _assert_same_state(second.state, _fed(model, start, prompt, whole, 4))
+    after = torch.randint(0, 11, (3, 5))
+    want_state = _fed(model, start, prompt, head, 4)
+    with eval_mode(model), torch.no_grad():
+        got, want = model(after, first.state).logits, model(after, want_state).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -235,6 +235,95 @@ def test_generate_bad_prompt(trained, capsys):
                           contains=f"temperature must be a finite number > 0, got {value}")
 
 
+def test_generation_saved_and_continued_is_one_generation(trained, tmp_path, capsys, monkeypatch):
+    """`--save-state FILE` writes the memories of the text but its last token, and that token;
+    `--state FILE` continues the text from them (the same file read and written again). Greedy, the
+    texts of 20, then 15, then 10 tokens are the text of 45 in one call."""
+    from safetensors import safe_open
+
+    from still.compressive.generate import eval_mode, generate
+    from still.config import to_dict
+    from still.data.text import Vocab
+    from still.recipes.lm import load_run
+
+    args = ["lm", "generate", str(trained), "--top-k", "1", "--threads", "1"]
+    saved = tmp_path / "state.safetensors"
+    code, whole, _ = run_cli(capsys, *args, "--prompt", "To be", "--tokens", "45")
+    assert code == 0 and whole.startswith("To be")
+    code, first, _ = run_cli(capsys, *args, "--prompt", "To be", "--tokens", "20", "--save-state", str(saved))
+    assert code == 0 and first.startswith("To be") and saved.is_file()
+    # the file: the memories of <doc> "To be" (in segments of 16) and of the 19 tokens after it (one at a
+    # time, as generated), and the 20th, still to read
+    config, vocab, model, _ = load_run(trained)
+    prompt = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode("To be")])[None]  # (1, 6)
+    tokens = torch.stack(list(generate(model, prompt, 20, top_k=1, segment_len=16)), 1)  # (1, 20)
+    assert "To be" + vocab.decode(tokens[0]) == first.rstrip("\n")
+    with eval_mode(model), torch.no_grad():
+        state = model(prompt).state
+        for i in range(19):
+            state = model(tokens[:, i : i + 1], state).state
+    with safe_open(str(saved), "pt") as f:
+        assert f.get_tensor("pending").tolist() == [int(tokens[0, -1])]
+        assert json.loads(f.metadata()["model"]) == to_dict(config.model)
+        for i in range(config.model.n_layers):
+            torch.testing.assert_close(f.get_tensor(f"memory/{i}"), state.memory[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(f.get_tensor(f"compressed/{i}"), state.compressed[i], rtol=1e-5, atol=1e-5)
+    code, second, _ = run_cli(capsys, *args, "--tokens", "15", "--state", str(saved), "--save-state", str(saved))
+    assert code == 0
+    code, third, _ = run_cli(capsys, *args, "--tokens", "10", "--state", str(saved))
+    assert code == 0
+    assert first.rstrip("\n") + second.rstrip("\n") + third.rstrip("\n") == whole.rstrip("\n")
+    assert [p.name for p in tmp_path.iterdir()] == [saved.name]  # (no temporary file left)
+    # a prompt continues the saved text: the pending token, then the prompt's, no <doc> before them
+    import still.recipes.lm as lm
+
+    seen = []
+    monkeypatch.setattr(lm, "generate", lambda model, ids, count, **options: seen.append((ids, options["state"]))
+                        or generate(model, ids, count, **options))
+    with safe_open(str(saved), "pt") as f:
+        pending, memory = f.get_tensor("pending"), f.get_tensor("memory/1")
+    code, text, _ = run_cli(capsys, *args, "--tokens", "3", "--state", str(saved), "--prompt", "or")
+    assert code == 0 and text.startswith("or")
+    ids, state = seen[0]
+    assert ids.tolist() == [pending.tolist() + vocab.encode("or").tolist()] and torch.equal(state.memory[1], memory)
+
+
+def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_path, capsys):
+    """Before anything is generated: a missing file, one that is no state file, one saved by another
+    model (another d_model, another vocabulary); each named, with what differs."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    args = ["lm", "generate", str(trained), "--tokens", "3", "--prompt", "To be", "--threads", "1"]
+    saved = tmp_path / "state.safetensors"
+    assert run_cli(capsys, *args, "--save-state", str(saved))[0] == 0
+    tensors = load_file(str(saved))
+    with safe_open(str(saved), "pt") as f:
+        metadata = f.metadata()
+
+    def refused(path, contains):
+        code, out, err = run_cli(capsys, *args, "--state", str(path))
+        assert code == 2 and out == "" and "Traceback" not in err, (code, out, err)  # nothing generated
+        assert str(path) in err and contains in err, err
+
+    refused(tmp_path / "missing.safetensors", "does not exist")
+    (tmp_path / "text.safetensors").write_text("not tensors")
+    refused(tmp_path / "text.safetensors", "is not a state file of `still lm generate --save-state`")
+    newest = sorted((trained / "checkpoints").glob("ckpt-*"))[-1]
+    refused(newest / "model.safetensors", "is not a state file")  # safetensors, but weights
+    model = json.loads(metadata["model"])
+    save_file(tensors, str(tmp_path / "wider"), metadata=metadata | {"model": json.dumps(model | {"d_model": 64})})
+    refused(tmp_path / "wider", "holds the memories of another model (d_model 64 there, 128 here)")
+    save_file(tensors, str(tmp_path / "bytes"), metadata=metadata | {"byte_level": "true", "vocab_size": "258"})
+    refused(tmp_path / "bytes", f"(vocab_size 258 there, {metadata['vocab_size']} here; byte_level true there, "
+                                "false here)")
+    save_file(tensors, str(tmp_path / "letters"), metadata=metadata | {"vocabulary": "0" * 64})
+    refused(tmp_path / "letters", "(another vocabulary)")
+    assert_user_error(capsys, *args, "--save-state", str(tmp_path), contains="is a directory")
+    err = assert_user_error(capsys, *args, "--save-state", str(tmp_path / "no" / "s.st"), contains="does not exist")
+    assert str(tmp_path / "no") in err
+
+
 def test_train_stream_passes_follow_each_other():
     from still.recipes.lm import LMConfig, TrainStream
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +29,15 @@ from still.train.precision import this_threads_modes
 from still.train.progress import log
 from still.train.shards import ShardPool
 
-__all__ = ["StreamScorer", "eval_shards", "evaluate_streams", "filter_logits", "generate", "sample"]
+__all__ = ["Generation", "StreamScorer", "eval_shards", "evaluate_streams", "filter_logits", "generate", "sample"]
 
 
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, segment_len: int = 128,
              generator: torch.Generator | None = None, state: MemoryState | None = None,
-             compile: bool | None = False) -> Iterator[torch.Tensor]:
-    """Yield `max_new_tokens` sampled tokens (B,) one at a time after `prompt` (B, P), P >= 1.
+             compile: bool | None = False) -> Generation:
+    """The `max_new_tokens` tokens (B,) sampled one at a time after `prompt` (B, P), P >= 1, read after
+    `state` (None: no memories): a `Generation`, which yields them and gives the memories after them.
     The model runs in eval mode; its modules' modes are restored when the iterator ends (or is closed).
 
     `compile`: run the decoding step compiled: on the CPU written by hand (`still.compressive.native`,
@@ -56,10 +57,114 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise StillError(f"the prompt must be (batch, length >= 1), got shape {tuple(prompt.shape)}")
-    if max_new_tokens == 0:
-        return iter(())
-    return _in_eval_mode(model, _generate(model, prompt, max_new_tokens, temperature, top_k, top_p, segment_len,
-                                          generator, state, compile))
+    generation = Generation(model, prompt, state, segment_len, written=compile is True)
+    if max_new_tokens:
+        generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, temperature, top_k,
+                                                              top_p, segment_len, generator, state, compile,
+                                                              generation))
+    return generation
+
+
+class Generation:
+    """What `generate` returns: an iterator of the sampled tokens, (B,) each, that also gives the
+    memories they leave.
+
+        generation = generate(model, prompt, 100, state=state)
+        for token in generation:              # (B,) each, as it is sampled
+            ...
+        after = generation.state              # the memories after the prompt and every token yielded
+        logits = model(more, after).logits    # reads on (or generate(model, more, n, state=after))
+
+    `state` is the `MemoryState` the model's forward leaves, from generate's `state`, fed the prompt
+    in segments of `segment_len` and then the tokens yielded so far (the last included) one at a
+    time, as generation fed them. Generating on from it, with a prompt that opens with the token after
+    the last one yielded, draws what one longer generation would have drawn, to float rounding. It
+    is not what a prompt of the same tokens leaves: a prompt's token attends over the memories and
+    its segment's earlier tokens, a sampled one over at most mem_len + c - 1 memories, so every layer
+    above the first stores other inputs (in a barely trained model, next logits 1e-2 apart).
+
+    The decoder's ring buffers (`decode.Decoder`, the hand-written step) keep keys and values (maybe
+    in bf16), not the memories, so the model computes the state again: exactly what feeding those
+    tokens gives, not the decoder's numbers. On access, in eval mode (the modules' modes restored
+    after, as `eval_mode` does), without gradients, under the caller's autocast at that moment (read
+    it under the autocast that sampled, as `still lm generate` does); kept until more tokens are
+    yielded. The cost: a pass a layer at a time (`prefill.prefill`, a token a segment) over the
+    tokens yielded since the state last computed, from it (at first from the state after the
+    prompt, kept from the prompt's pass), so each token once while the reads go forward: about 50 µs
+    a token at d_model 128 with the hand-written prompt kernel (fp32 on the CPU, where generation ran
+    compiled), 250 µs without (`STATE_CHUNK`). Sampling pays nothing for it but keeping each token in
+    a list. With no token yielded it is the prompt's state (computed on access where generation has
+    not read the prompt: max_new_tokens 0, or before the first token). `state_after(k)`: after the
+    prompt and the first k tokens.
+
+    A `for` loop runs the token generator itself (`iter` gives it: no method of this class runs
+    between tokens); `next()` and `close()` on this object go to it too.
+    """
+
+    def __init__(self, model: CompressiveTransformer, prompt: torch.Tensor, state: MemoryState | None,
+                 segment_len: int, written: bool) -> None:
+        self._model, self._prompt, self._start = model, prompt, state
+        self._segment_len, self._written = segment_len, written
+        self._tokens: list[torch.Tensor] = []  # (B,) each: those yielded so far, appended as each is yielded
+        self._after_prompt: MemoryState | None = None  # set by `_generate` once it has read the prompt
+        self._known: tuple[int, MemoryState] | None = None  # the state after the first k tokens, the last computed
+        self._iterator: Iterator[torch.Tensor] = iter(())
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self._iterator
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """End generation (the model's modes restored); the state stays that of the tokens yielded."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    @property
+    def tokens(self) -> list[torch.Tensor]:
+        """The tokens yielded so far, (B,) each (a copy of the list)."""
+        return list(self._tokens)
+
+    @property
+    def state(self) -> MemoryState:
+        """The memories after the prompt and every token yielded so far (see the class)."""
+        return self.state_after(len(self._tokens))
+
+    def state_after(self, count: int) -> MemoryState:
+        """The memories after the prompt and the first `count` tokens yielded (0 <= count <= those
+        yielded), computed on from the last state computed where it came before (see the class)."""
+        if not (isinstance(count, int) and 0 <= count <= len(self._tokens)):
+            raise StillError(f"count must be an int in [0, {len(self._tokens)}] (the tokens yielded), got {count!r}")
+        known = self._known
+        if known is not None and known[0] == count:
+            return known[1]
+        model = self._model
+        with eval_mode(model), torch.no_grad():
+            done, state = known if known is not None and known[0] < count else (0, self._prompt_state())
+            for start in range(done, count, STATE_CHUNK):  # (one token a segment: any split gives the same state)
+                tokens = torch.stack(self._tokens[start : min(start + STATE_CHUNK, count)], dim=1)  # (B, n)
+                with using_threads(threads_for(model, tokens.shape[0], min(self._segment_len, tokens.shape[1]))):
+                    _, state = prefill(model, tokens, state, 1, written=self._written)
+        self._known = count, state
+        return state
+
+    def _prompt_state(self) -> MemoryState:
+        """The state after the prompt: `_generate`'s, or computed here where it has not read it (yet)."""
+        if self._after_prompt is None:
+            model, prompt = self._model, self._prompt
+            with using_threads(threads_for(model, prompt.shape[0], min(self._segment_len, prompt.shape[1]))):
+                _, self._after_prompt = prefill(model, prompt, self._start, self._segment_len, written=self._written)
+        return self._after_prompt
+
+
+STATE_CHUNK = 256
+"""Tokens `Generation.state` reads a call, one a segment (`prefill.prefill`): a call's plan holds
+about 6 kB a token, and is memoised; past the first chunks the memories hold the same number of
+slots at each chunk's start (a multiple of c tokens), so the later chunks reuse the first's plan.
+Fed 2048 tokens at d_model 128 (2 layers, mem 64 + 64) a chunk of 256 took the time of one call,
+about 50 µs a token with the hand-written prompt kernel and 250 µs without."""
 
 
 def _in_eval_mode(model: nn.Module, tokens: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -85,7 +190,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, segment_len: int, generator: torch.Generator | None,
-              state: MemoryState | None, compile: bool | None) -> Iterator[torch.Tensor]:
+              state: MemoryState | None, compile: bool | None, record: Generation) -> Iterator[torch.Tensor]:
     native = None  # the decoder's choice between the hand-written and the compiled step
     if compile is None:  # the hand-written step where it can run, else eager steps
         cpu = model.embedding.weight.device.type == "cpu"
@@ -103,10 +208,13 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
         # eager steps run faster in the weights' dtype
         if decoder is not None and not decoder.prepare(sampling) and dtype is not None:
             decoder = Decoder(model, state, batch)
+    record._after_prompt, record._written = state, compile  # (`Generation.state` reads on from it, alike)
+    keep = record._tokens.append  # each token before it is yielded: all `Generation.state` needs of the loop
     if decoder is not None and decoder.native is not None:  # STEPS_A_CALL steps and draws in each call
-        yield from _stepped(decoder, token, max_new_tokens, draws, sampling)
+        yield from _stepped(decoder, token, max_new_tokens, draws, sampling, keep)
         return
     for i in range(max_new_tokens):
+        keep(token)
         yield token
         if i == max_new_tokens - 1:
             break
@@ -140,16 +248,20 @@ STEPS_A_CALL = 16
 tokens then come in bursts of 16, about 0.6 ms apart at that size."""
 
 
-def _stepped(decoder: Decoder, token: torch.Tensor, count: int, draws: _Draws,
-             sampling: Sampling) -> Iterator[torch.Tensor]:
+def _stepped(decoder: Decoder, token: torch.Tensor, count: int, draws: _Draws, sampling: Sampling,
+             keep: Callable[[torch.Tensor], None]) -> Iterator[torch.Tensor]:
     """`token` and the count - 1 tokens after it (each (B,)), drawn STEPS_A_CALL at a time with the
-    next uniform numbers of `draws`: the tokens of as many `step_sample` calls."""
+    next uniform numbers of `draws`: the tokens of as many `step_sample` calls, each given to `keep`
+    before it is yielded."""
+    keep(token)
     yield token
     left = count - 1
     while left > 0:
         steps = min(STEPS_A_CALL, left)
         drawn = decoder.steps_sampled(token, draws.take(steps), sampling)
-        yield from drawn  # (steps, B): a token (B,) at a time
+        for token in drawn:  # (steps, B): a token (B,) at a time
+            keep(token)
+            yield token
         token, left = drawn[-1], left - steps
 
 

@@ -14,6 +14,7 @@ checkpoint). Train and evaluation memories are kept apart.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from still.compressive import attention, native as native_step
 from still.compressive.generate import eval_shards, evaluate_streams, generate
@@ -35,7 +38,7 @@ from still.errors import StillError, check
 from still.recipes.common import check_run_kind, check_stage_config, plot_curves
 from still.train import checkpoint as ckpt, distributed
 from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
-from still.train.io import atomic_write_text
+from still.train.io import atomic_write, atomic_write_text
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.precision import autocast, bf16_slower, check_precision
@@ -499,16 +502,31 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
 
 def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
-                checkpoint: str | Path | None = None, precision: str | None = None, compile: bool | None = None) -> str:
+                checkpoint: str | Path | None = None, precision: str | None = None, compile: bool | None = None,
+                state: str | Path | None = None, save_state: str | Path | None = None) -> str:
     """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
     `precision`: fp32 or bf16 (default: the run's). `compile`: the decoding step compiled (on the CPU written by
-    hand, elsewhere ahead of time; cached); None: the hand-written step where it can run, else eager steps."""
+    hand, elsewhere ahead of time; cached); None: the hand-written step where it can run, else eager steps.
+
+    `save_state`: a file to write the memories to afterwards (`save_generation_state`), and `state`
+    one to read them from first (`load_generation_state`; it may be the same file): the prompt then
+    continues the saved text, no document start before it (`Vocab.DOC`), and may be empty. The
+    text of one generation equals, to float rounding, that of generations continued from each other
+    where they draw the same numbers (greedy: top_k 1); seeds start anew with each call. (At byte
+    level a character whose bytes two calls share is written as U+FFFD by each.)"""
     config, vocab, model, _ = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
+    if save_state is not None:  # (found before the text rather than after it)
+        check(not Path(save_state).is_dir(), f"the state file {save_state} is a directory")
+        check(Path(save_state).absolute().parent.is_dir(),
+              f"the state file's folder {Path(save_state).absolute().parent} does not exist")
     device = next(model.parameters()).device
-    ids = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode(prompt, "the prompt")])[None].to(device)  # (1, P)
+    memories, opening = None, Vocab.DOC  # a new document, or the saved text's last token, not yet read
+    if state is not None:
+        memories, opening = load_generation_state(state, config, vocab, model)
+    ids = torch.cat([torch.tensor([opening]), vocab.encode(prompt, "the prompt")])[None].to(device)  # (1, P)
     generator = torch.Generator().manual_seed(seed)
     pieces, decode = [], vocab.decoder()
     if compile is not False and device.type == "cpu":  # built (once per machine) or loaded before the text
@@ -516,9 +534,9 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
         native_step.library("the compiled one" if compile else "eager steps")
     if stream is not None:
         stream.write(prompt)
-    tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      segment_len=config.segment_len, generator=generator, compile=compile)
-    for token in itertools.chain(_under(autocast(precision, device), tokens), [None]):  # None: the decoder's rest
+    generation = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          segment_len=config.segment_len, generator=generator, state=memories, compile=compile)
+    for token in itertools.chain(_under(autocast(precision, device), generation), [None]):  # None: the decoder's rest
         piece = decode(token.cpu() if token is not None else None)
         pieces.append(piece)
         if stream is not None and piece:
@@ -526,7 +544,87 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
             stream.flush()
     if stream is not None:
         stream.write("\n")
+    if save_state is not None:  # the last token is read first by the generation that continues
+        with autocast(precision, device):  # (the memories under the precision that sampled: `Generation`)
+            memories = generation.state_after(max_new_tokens - 1)
+        save_generation_state(save_state, memories, int(generation.tokens[-1][0]), config, vocab)
     return prompt + "".join(pieces)
+
+
+STATE_FORMAT = "still lm generate state 1"
+"""The `format` of a generation state file's metadata (`save_generation_state`)."""
+
+
+def _model_identity(config: LMConfig, vocab: Vocab) -> dict[str, str]:
+    """What a generation state's memories belong to: the model's configuration and its vocabulary
+    (the ids it reads), as safetensors metadata (strings)."""
+    return {"model": json.dumps(to_dict(config.model), sort_keys=True), "vocab_size": str(len(vocab)),
+            "byte_level": json.dumps(vocab.byte_level),
+            "vocabulary": hashlib.sha256(vocab.to_json().encode()).hexdigest()}
+
+
+def save_generation_state(path: str | Path, state: MemoryState, pending: int, config: LMConfig, vocab: Vocab
+                          ) -> None:
+    """Write `state` (one row), the memories of a generated text but its last token, and that token
+    (`pending`, which continuing reads first: no logits need saving) to `path` as safetensors,
+    atomically; the metadata names the model they belong to (`_model_identity`)."""
+    tensors = {name: t.cpu() for name, t in state.to_tensors().items()}  # (contiguous, each its own)
+    tensors["pending"] = torch.tensor([pending], dtype=torch.int64)  # (1,)
+    metadata = {"format": STATE_FORMAT, **_model_identity(config, vocab)}
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except OSError as e:
+        raise StillError(f"cannot write the state file {path}: {e}") from None
+
+
+def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, model: CompressiveTransformer
+                          ) -> tuple[MemoryState, int]:
+    """The memories and the pending token `save_generation_state` wrote to `path`, the memories
+    where `model`'s weights are and in their dtype; refused, naming the file and what differs, where
+    it is missing, not such a file, or made by another model (its configuration or vocabulary)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StillError(f"the state file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            metadata, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise StillError(f"{path} is not a state file of `still lm generate --save-state` ({e})") from None
+    if metadata.get("format") != STATE_FORMAT:
+        raise StillError(f"{path} is not a state file of `still lm generate --save-state` (its format is "
+                         f"{metadata.get('format')!r}, not {STATE_FORMAT!r})")
+    ours = _model_identity(config, vocab)
+    theirs = {k: metadata.get(k) for k in ours}
+    differences = [f"{k} {theirs[k]} there, {ours[k]} here" for k in ("vocab_size", "byte_level")
+                   if theirs[k] != ours[k]]
+    if theirs["vocabulary"] != ours["vocabulary"] and not differences:
+        differences.append("another vocabulary")
+    try:
+        model_there = to_dict(from_dict(CompressiveConfig, json.loads(theirs["model"] or "null"), where="model"))
+    except (StillError, ValueError) as e:
+        differences.append(f"a model configuration this version cannot read ({e})")
+    else:
+        model_here = to_dict(config.model)
+        differences += [f"{k} {model_there.get(k)} there, {model_here.get(k)} here"  # (vocab_size: said above)
+                        for k in sorted(set(model_here) | set(model_there))
+                        if model_there.get(k) != model_here.get(k) and k != "vocab_size"]
+    if differences:
+        raise StillError(f"{path} holds the memories of another model ({'; '.join(differences)}): continue with "
+                         "the run that saved it")
+    try:
+        state, pending = MemoryState.from_tensors(tensors), tensors["pending"]
+    except KeyError as e:
+        raise StillError(f"{path} is damaged: it has no tensor {e}") from None
+    weight = model.embedding.weight
+    state = state._replace(memory=tuple(m.to(weight.device, weight.dtype) for m in state.memory),
+                           compressed=tuple(c.to(weight.device, weight.dtype) for c in state.compressed))
+    try:
+        model.check_state(state, 1)
+    except StillError as e:
+        raise StillError(f"{path} is damaged: {e}") from None
+    if pending.shape != (1,) or pending.dtype != torch.int64 or not 0 <= int(pending[0]) < len(vocab):
+        raise StillError(f"{path} is damaged: its pending token is not one id of the vocabulary (0..{len(vocab) - 1})")
+    return state, int(pending[0])
 
 
 def _under(context, iterator):
