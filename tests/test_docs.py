@@ -82,3 +82,7 @@ def test_the_readmes_compressive_transformer_example_runs():
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["out"].compression_loss is not None and namespace["state"].compressed_len == 128
+    # and its generation: the memories of the prompt and the 200 tokens, 264: the newest 128, the other
+    # 136 in 34 compressed (rate 4)
+    assert len(namespace["text"]) == 200 and len(list(namespace["more"])) == 100
+    assert namespace["after"].memory_len == 128 and namespace["after"].compressed_len == 34
