@@ -40,6 +40,8 @@ def _emulated(patch: pytest.MonkeyPatch, native, aot) -> None:
     tune, emulator = os.environ.get("STILL_TEST_TUNE"), os.environ.get("STILL_TEST_EMULATOR")
     if tune is not None:
         patch.setattr(native, "TUNE", tuple(tune.split()))
+    if extra := os.environ.get("STILL_TEST_CFLAGS"):  # every build's, after its own (scripts/sanitized_tests.sh)
+        patch.setattr(native, "FLAGS", (*native.FLAGS, *extra.split()))
     if emulator:
         def popen(args, **kwargs):
             if args[0] == sys.executable:

@@ -1,6 +1,10 @@
 """The hand-written decoding step (native_step.cpp) gives the model's own logits and draws."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -536,3 +540,42 @@ def test_the_listed_product_gives_the_full_products_outputs_bit_for_bit(dtype, i
         assert ((listed.double() - exact).abs() <= 1e-5 * scale).all()
     odd = torch.tensor([inputs + 1, outputs, 0], dtype=torch.int64)
     assert build.still_down_products(odd.data_ptr(), *[0] * 5) == 1
+
+
+SANITIZED = "-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
+"""The flags the sanitized libraries get beside `native.FLAGS` (-O1: a third of -O3's build time)."""
+
+
+def _address_sanitizer() -> str | None:
+    """The compiler's AddressSanitizer runtime (a path), or None where it has none."""
+    found = subprocess.run([native.compiler(), "-print-file-name=libasan.so"], capture_output=True, text=True,
+                           check=False).stdout.strip()
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def test_the_hand_written_kernels_touch_only_their_own_memory(tmp_path):
+    """Every kernel of the three libraries (the decoding step and the prompt's attention; the
+    training attention forward and backward, fp32 and bf16, and the reconstruction loss's; the
+    dropout kernels) built with AddressSanitizer and UndefinedBehaviorSanitizer and run by a small
+    model's training, prompts and decoding steps (`sanitized_workload.py`), in a process with the
+    sanitizer's runtime loaded first, which then also guards PyTorch's CPU tensors: a read or write
+    past a tensor's end or into freed memory, or an overflowing or misaligned operation, stops it
+    with a report. (The whole suite's native tests: `scripts/sanitized_tests.sh`.)"""
+    runtime = _address_sanitizer()
+    if runtime is None:
+        pytest.skip("the compiler has no AddressSanitizer runtime (libasan)")
+    env = os.environ | {"LD_PRELOAD": runtime, "STILL_CACHE": str(tmp_path), "OMP_WAIT_POLICY": "PASSIVE",
+                        "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",
+                        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    workload = Path(__file__).with_name("sanitized_workload.py")
+    result = subprocess.run([sys.executable, str(workload), SANITIZED], env=env, capture_output=True, text=True,
+                            timeout=900, check=False)
+    report = result.stderr[-6000:]
+    assert result.returncode == 0 and "Sanitizer" not in result.stderr and "runtime error" not in result.stderr, report
+    ran = json.loads(result.stdout.splitlines()[-1])
+    assert "step" in ran["loaded"] and "dropout" in ran["loaded"], ran  # (the attention's need AVX-512 bf16, or FMA)
+    assert ran["instrumented"] == ran["loaded"], ran  # the libraries are the sanitized builds
+    from sanitized_workload import ENTRY_POINTS
+
+    never = [f for name in ran["loaded"] for f in ENTRY_POINTS[name] if not ran["calls"].get(f)]
+    assert not never, f"the workload never called {never}"
