@@ -320,8 +320,10 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens only.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Sample among the likeliest tokens whose probabilities reach p (nucleus sampling).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="The same seed gives the same text (in fp32 also with and without --compile).")
+@click.option("--seed", type=int, default=None,
+              help="The same seed gives the same text (in fp32 also with and without --compile). Default: 0, or "
+                   "with --state the saved text's random numbers, going on (then the continued text is the one "
+                   "longer call would have written).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt, and compiled (the default on the "
@@ -337,8 +339,9 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
               help="After the text, write the memories of it to FILE (safetensors, replaced whole), with its last "
                    "token still to read, for --state to continue from.")
 @click.option("--state", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
-              help="Continue the text whose memories --save-state wrote to FILE (with this run's model): the "
-                   "prompt, which may be empty, reads on from it, no new document. FILE may be --save-state's.")
+              help="Continue the text whose memories --save-state wrote to FILE (with this run's model and "
+                   "checkpoint): the prompt, which may be empty, reads on from it, no new document. FILE may be "
+                   "--save-state's.")
 @one_process_threads_option
 def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_,
                 save_state, state, threads):

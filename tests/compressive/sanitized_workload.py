@@ -18,15 +18,13 @@ import json
 import os
 import sys
 
-os.environ.pop("LD_PRELOAD", None)  # the compiler this process starts runs without the sanitizer's runtime
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from still.compressive import native  # noqa: E402
-from still.compressive.decode import Decoder  # noqa: E402
-from still.compressive.generate import generate  # noqa: E402
-from still.compressive.model import CompressiveConfig, CompressiveTransformer  # noqa: E402
+from still.compressive import native
+from still.compressive.decode import Decoder
+from still.compressive.generate import generate
+from still.compressive.model import CompressiveConfig, CompressiveTransformer
 
 ENTRY_POINTS = {  # what each library does for the model (not its queries of the processor)
     "step": ("still_decoder_step", "still_decoder_run", "still_prompt_attention"),
@@ -57,6 +55,7 @@ def _counting(call, name: str, calls: collections.Counter):
 
 
 def run() -> None:
+    os.environ.pop("LD_PRELOAD", None)  # the compiler this process starts runs without the sanitizer's runtime
     native.FLAGS = (*native.FLAGS, *sys.argv[1].split())
     libraries = {"step": native.library(), "attention": native.attention_library(),
                  "attention fp32": native.attention_fp32_library(), "dropout": native.dropout_library()}

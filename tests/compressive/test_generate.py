@@ -480,6 +480,34 @@ def test_generation_leaves_the_models_modes_as_they_were(compile):
     assert [m.training for m in model.modules()] == before
 
 
+@pytest.mark.parametrize("compile", [False, None])
+def test_a_generation_dropped_half_way_puts_the_modes_back_at_once(compile):
+    """Dropped after a few tokens (`islice`, `break` then forgotten), a generation puts the modes back
+    when the last reference goes, not when the cyclic collector next runs: then it would switch
+    dropout on in the middle of whatever the caller did next (an evaluation, say)."""
+    import gc
+    import itertools
+
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=2, n_heads=2, d_ff=32,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    model.train()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        assert len(list(itertools.islice(generate(model, torch.randint(0, 11, (1, 5)), 40, compile=compile), 3))) == 3
+        assert model.training and all(m.training for m in model.modules())
+        generation = generate(model, torch.randint(0, 11, (1, 5)), 40, compile=compile)
+        next(generation)
+        del generation
+        assert model.training
+        model.eval()
+        gc.collect()  # (nothing left to switch it back)
+        assert not model.training
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def test_generation_refuses_bad_counts_and_top_k():
     model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=1, n_heads=2, d_ff=32,
                                                      mem_len=4, c_mem_len=2, compression_rate=2))

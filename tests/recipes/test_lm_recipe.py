@@ -236,9 +236,10 @@ def test_generate_bad_prompt(trained, capsys):
 
 
 def test_generation_saved_and_continued_is_one_generation(trained, tmp_path, capsys, monkeypatch):
-    """`--save-state FILE` writes the memories of the text but its last token, and that token;
-    `--state FILE` continues the text from them (the same file read and written again). Greedy, the
-    texts of 20, then 15, then 10 tokens are the text of 45 in one call."""
+    """`--save-state FILE` writes the memories of the text but its last token, that token and the
+    random numbers' state; `--state FILE` continues the text from them (the same file read and
+    written again). Sampled, the texts of 20, then 15, then 10 tokens are the text of 45 in one call
+    (greedy too); with a --seed, a continuation draws that seed's numbers instead."""
     from safetensors import safe_open
 
     from still.compressive.generate import eval_mode, generate
@@ -246,7 +247,7 @@ def test_generation_saved_and_continued_is_one_generation(trained, tmp_path, cap
     from still.data.text import Vocab
     from still.recipes.lm import load_run
 
-    args = ["lm", "generate", str(trained), "--top-k", "1", "--threads", "1"]
+    args = ["lm", "generate", str(trained), "--temperature", "0.8", "--threads", "1"]
     saved = tmp_path / "state.safetensors"
     code, whole, _ = run_cli(capsys, *args, "--prompt", "To be", "--tokens", "45")
     assert code == 0 and whole.startswith("To be")
@@ -256,7 +257,8 @@ def test_generation_saved_and_continued_is_one_generation(trained, tmp_path, cap
     # time, as generated), and the 20th, still to read
     config, vocab, model, _ = load_run(trained)
     prompt = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode("To be")])[None]  # (1, 6)
-    tokens = torch.stack(list(generate(model, prompt, 20, top_k=1, segment_len=16)), 1)  # (1, 20)
+    tokens = torch.stack(list(generate(model, prompt, 20, temperature=0.8, segment_len=16,
+                                       generator=torch.Generator().manual_seed(0))), 1)  # (1, 20)
     assert "To be" + vocab.decode(tokens[0]) == first.rstrip("\n")
     with eval_mode(model), torch.no_grad():
         state = model(prompt).state
@@ -273,7 +275,17 @@ def test_generation_saved_and_continued_is_one_generation(trained, tmp_path, cap
     code, third, _ = run_cli(capsys, *args, "--tokens", "10", "--state", str(saved))
     assert code == 0
     assert first.rstrip("\n") + second.rstrip("\n") + third.rstrip("\n") == whole.rstrip("\n")
+    assert len(set(whole[5:])) > 3  # (sampled text, not one repeated character)
     assert [p.name for p in tmp_path.iterdir()] == [saved.name]  # (no temporary file left)
+    greedy = [*args, "--top-k", "1"]
+    whole = run_cli(capsys, *greedy, "--prompt", "To be", "--tokens", "30")[1]
+    first = run_cli(capsys, *greedy, "--prompt", "To be", "--tokens", "12", "--save-state", str(saved))[1]
+    assert first.rstrip("\n") + run_cli(capsys, *greedy, "--tokens", "18", "--state", str(saved))[1] == whole
+    # a seed given: that seed's numbers, not the saved ones (the continuation is another text)
+    first = run_cli(capsys, *args, "--prompt", "To be", "--tokens", "20", "--save-state", str(saved))[1]
+    seeded = [run_cli(capsys, *args, "--tokens", "25", "--state", str(saved), *seed)[1] for seed in
+              ([], ["--seed", "0"], ["--seed", "0"])]
+    assert seeded[1] == seeded[2] != seeded[0]
     # a prompt continues the saved text: the pending token, then the prompt's, no <doc> before them
     import still.recipes.lm as lm
 
@@ -319,6 +331,12 @@ def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_pat
                                 "false here)")
     save_file(tensors, str(tmp_path / "letters"), metadata=metadata | {"vocabulary": "0" * 64})
     refused(tmp_path / "letters", "(another vocabulary)")
+    # the same run's older checkpoint: other weights
+    older, newest = sorted((trained / "checkpoints").glob("ckpt-*"))[-2:]
+    code, out, err = run_cli(capsys, *args, "--state", str(saved), "--checkpoint", str(older))
+    assert code == 2 and out == "" and str(saved) in err, (code, out, err)
+    assert f"another checkpoint (step {metadata['step']} there, {int(older.name.split('-')[1])} here)" in err, err
+    assert metadata["step"] == str(int(newest.name.split("-")[1]))
     assert_user_error(capsys, *args, "--save-state", str(tmp_path), contains="is a directory")
     err = assert_user_error(capsys, *args, "--save-state", str(tmp_path / "no" / "s.st"), contains="does not exist")
     assert str(tmp_path / "no") in err

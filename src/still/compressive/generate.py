@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,31 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     if max_new_tokens:
         generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, temperature, top_k,
                                                               top_p, segment_len, generator, state, compile,
-                                                              generation))
+                                                              generation._record))
     return generation
+
+
+class _Record:
+    """What the token generator leaves for `Generation.state`: the tokens, in the (n, B) chunks they
+    come in (a (B,) view each would hold some 600 bytes a token), how many of them were yielded, the
+    state after the prompt and the last state computed. Not the `Generation` itself: the generator
+    would then hold its owner, and a generation dropped half-way would restore the model's modes
+    only when the cyclic collector ran, at any later moment."""
+
+    __slots__ = ("after_prompt", "chunks", "known", "written", "yielded")
+
+    def __init__(self, written: bool) -> None:
+        self.chunks: list[torch.Tensor] = []  # (n, B) each
+        self.yielded = 0
+        self.after_prompt: MemoryState | None = None  # set by `_generate` once it has read the prompt
+        self.known: tuple[int, MemoryState] | None = None  # the state after the first k tokens, the last computed
+        self.written = written
+
+    def tokens(self) -> torch.Tensor:
+        """The tokens yielded, (n, B) (the chunks joined into one, kept)."""
+        if len(self.chunks) > 1:
+            self.chunks[:] = [torch.cat(self.chunks)]
+        return self.chunks[0][: self.yielded] if self.chunks else torch.zeros(0, 0, dtype=torch.long)
 
 
 class Generation:
@@ -77,8 +100,9 @@ class Generation:
 
     `state` is the `MemoryState` the model's forward leaves, from generate's `state`, fed the prompt
     in segments of `segment_len` and then the tokens yielded so far (the last included) one at a
-    time, as generation fed them. Generating on from it, with a prompt that opens with the token after
-    the last one yielded, draws what one longer generation would have drawn, to float rounding. It
+    time, as generation fed them. Generating on from `state_after(n - 1)` with the n-th token as the
+    prompt (and the same random generator) draws what one longer generation would have drawn, to
+    float rounding (`still lm generate --save-state` keeps those two). It
     is not what a prompt of the same tokens leaves: a prompt's token attends over the memories and
     its segment's earlier tokens, a sampled one over at most mem_len + c - 1 memories, so every layer
     above the first stores other inputs (in a barely trained model, next logits 1e-2 apart).
@@ -92,10 +116,10 @@ class Generation:
     tokens yielded since the state last computed, from it (at first from the state after the
     prompt, kept from the prompt's pass), so each token once while the reads go forward: about 50 µs
     a token at d_model 128 with the hand-written prompt kernel (fp32 on the CPU, where generation ran
-    compiled), 250 µs without (`STATE_CHUNK`). Sampling pays nothing for it but keeping each token in
-    a list. With no token yielded it is the prompt's state (computed on access where generation has
-    not read the prompt: max_new_tokens 0, or before the first token). `state_after(k)`: after the
-    prompt and the first k tokens.
+    compiled), 250 µs without (`STATE_CHUNK`). Sampling pays nothing for it but keeping its tokens (each
+    call's tensor of them, `_Record`) and counting them. With no token yielded it is the prompt's
+    state (computed on access where generation has not read the prompt: max_new_tokens 0, or before
+    the first token). `state_after(k)`: after the prompt and the first k tokens.
 
     A `for` loop runs the token generator itself (`iter` gives it: no method of this class runs
     between tokens); `next()` and `close()` on this object go to it too.
@@ -103,11 +127,8 @@ class Generation:
 
     def __init__(self, model: CompressiveTransformer, prompt: torch.Tensor, state: MemoryState | None,
                  segment_len: int, written: bool) -> None:
-        self._model, self._prompt, self._start = model, prompt, state
-        self._segment_len, self._written = segment_len, written
-        self._tokens: list[torch.Tensor] = []  # (B,) each: those yielded so far, appended as each is yielded
-        self._after_prompt: MemoryState | None = None  # set by `_generate` once it has read the prompt
-        self._known: tuple[int, MemoryState] | None = None  # the state after the first k tokens, the last computed
+        self._model, self._prompt, self._start, self._segment_len = model, prompt, state, segment_len
+        self._record = _Record(written)
         self._iterator: Iterator[torch.Tensor] = iter(())
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -124,39 +145,42 @@ class Generation:
 
     @property
     def tokens(self) -> list[torch.Tensor]:
-        """The tokens yielded so far, (B,) each (a copy of the list)."""
-        return list(self._tokens)
+        """The tokens yielded so far, (B,) each."""
+        return list(self._record.tokens().unbind(0))
 
     @property
     def state(self) -> MemoryState:
         """The memories after the prompt and every token yielded so far (see the class)."""
-        return self.state_after(len(self._tokens))
+        return self.state_after(self._record.yielded)
 
     def state_after(self, count: int) -> MemoryState:
         """The memories after the prompt and the first `count` tokens yielded (0 <= count <= those
         yielded), computed on from the last state computed where it came before (see the class)."""
-        if not (isinstance(count, int) and 0 <= count <= len(self._tokens)):
-            raise StillError(f"count must be an int in [0, {len(self._tokens)}] (the tokens yielded), got {count!r}")
-        known = self._known
+        record = self._record
+        if not (isinstance(count, int) and 0 <= count <= record.yielded):
+            raise StillError(f"count must be an int in [0, {record.yielded}] (the tokens yielded), got {count!r}")
+        known = record.known
         if known is not None and known[0] == count:
             return known[1]
         model = self._model
         with eval_mode(model), torch.no_grad():
             done, state = known if known is not None and known[0] < count else (0, self._prompt_state())
+            yielded = record.tokens()  # (n, B)
             for start in range(done, count, STATE_CHUNK):  # (one token a segment: any split gives the same state)
-                tokens = torch.stack(self._tokens[start : min(start + STATE_CHUNK, count)], dim=1)  # (B, n)
+                tokens = yielded[start : min(start + STATE_CHUNK, count)].T.contiguous()  # (B, n)
                 with using_threads(threads_for(model, tokens.shape[0], min(self._segment_len, tokens.shape[1]))):
-                    _, state = prefill(model, tokens, state, 1, written=self._written)
-        self._known = count, state
+                    _, state = prefill(model, tokens, state, 1, written=record.written)
+        record.known = count, state
         return state
 
     def _prompt_state(self) -> MemoryState:
         """The state after the prompt: `_generate`'s, or computed here where it has not read it (yet)."""
-        if self._after_prompt is None:
+        record = self._record
+        if record.after_prompt is None:
             model, prompt = self._model, self._prompt
             with using_threads(threads_for(model, prompt.shape[0], min(self._segment_len, prompt.shape[1]))):
-                _, self._after_prompt = prefill(model, prompt, self._start, self._segment_len, written=self._written)
-        return self._after_prompt
+                _, record.after_prompt = prefill(model, prompt, self._start, self._segment_len, written=record.written)
+        return record.after_prompt
 
 
 STATE_CHUNK = 256
@@ -190,7 +214,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, segment_len: int, generator: torch.Generator | None,
-              state: MemoryState | None, compile: bool | None, record: Generation) -> Iterator[torch.Tensor]:
+              state: MemoryState | None, compile: bool | None, record: _Record) -> Iterator[torch.Tensor]:
     native = None  # the decoder's choice between the hand-written and the compiled step
     if compile is None:  # the hand-written step where it can run, else eager steps
         cpu = model.embedding.weight.device.type == "cpu"
@@ -208,13 +232,16 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
         # eager steps run faster in the weights' dtype
         if decoder is not None and not decoder.prepare(sampling) and dtype is not None:
             decoder = Decoder(model, state, batch)
-    record._after_prompt, record._written = state, compile  # (`Generation.state` reads on from it, alike)
-    keep = record._tokens.append  # each token before it is yielded: all `Generation.state` needs of the loop
+    # (`Generation.state` reads on from the prompt's state, computed alike; one it computed before is
+    # dropped: the same to float rounding, but not this one)
+    record.after_prompt, record.written, record.known = state, compile, None
     if decoder is not None and decoder.native is not None:  # STEPS_A_CALL steps and draws in each call
-        yield from _stepped(decoder, token, max_new_tokens, draws, sampling, keep)
+        yield from _stepped(decoder, token, max_new_tokens, draws, sampling, record)
         return
+    keep = record.chunks.append  # all `Generation.state` needs of the loop: each token, and the count yielded
     for i in range(max_new_tokens):
-        keep(token)
+        keep(token[None])
+        record.yielded += 1
         yield token
         if i == max_new_tokens - 1:
             break
@@ -249,18 +276,20 @@ tokens then come in bursts of 16, about 0.6 ms apart at that size."""
 
 
 def _stepped(decoder: Decoder, token: torch.Tensor, count: int, draws: _Draws, sampling: Sampling,
-             keep: Callable[[torch.Tensor], None]) -> Iterator[torch.Tensor]:
+             record: _Record) -> Iterator[torch.Tensor]:
     """`token` and the count - 1 tokens after it (each (B,)), drawn STEPS_A_CALL at a time with the
-    next uniform numbers of `draws`: the tokens of as many `step_sample` calls, each given to `keep`
-    before it is yielded."""
-    keep(token)
+    next uniform numbers of `draws`: the tokens of as many `step_sample` calls, each call's kept in
+    `record` and counted there as each is yielded."""
+    record.chunks.append(token[None])
+    record.yielded += 1
     yield token
     left = count - 1
     while left > 0:
         steps = min(STEPS_A_CALL, left)
-        drawn = decoder.steps_sampled(token, draws.take(steps), sampling)
-        for token in drawn:  # (steps, B): a token (B,) at a time
-            keep(token)
+        drawn = decoder.steps_sampled(token, draws.take(steps), sampling)  # (steps, B)
+        record.chunks.append(drawn)
+        for token in drawn:  # a token (B,) at a time
+            record.yielded += 1
             yield token
         token, left = drawn[-1], left - steps
 

@@ -501,7 +501,7 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
 
 
 def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None, seed: int = 0, stream=None,
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stream=None,
                 checkpoint: str | Path | None = None, precision: str | None = None, compile: bool | None = None,
                 state: str | Path | None = None, save_state: str | Path | None = None) -> str:
     """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
@@ -510,11 +510,12 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
 
     `save_state`: a file to write the memories to afterwards (`save_generation_state`), and `state`
     one to read them from first (`load_generation_state`; it may be the same file): the prompt then
-    continues the saved text, no document start before it (`Vocab.DOC`), and may be empty. The
-    text of one generation equals, to float rounding, that of generations continued from each other
-    where they draw the same numbers (greedy: top_k 1); seeds start anew with each call. (At byte
-    level a character whose bytes two calls share is written as U+FFFD by each.)"""
-    config, vocab, model, _ = load_run(run_dir, checkpoint)
+    continues the saved text, no document start before it (`Vocab.DOC`), and may be empty, and the
+    random numbers go on from the saved ones where `seed` is None (else they start from `seed`;
+    None without `state`: 0). The text of one generation equals, to float rounding, that of
+    generations continued from each other with empty prompts, the same sampling settings and no
+    seed. (At byte level a character whose bytes two calls share is written as U+FFFD by each.)"""
+    config, vocab, model, loaded = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
@@ -524,10 +525,12 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
               f"the state file's folder {Path(save_state).absolute().parent} does not exist")
     device = next(model.parameters()).device
     memories, opening = None, Vocab.DOC  # a new document, or the saved text's last token, not yet read
+    generator = torch.Generator().manual_seed(seed or 0)
     if state is not None:
-        memories, opening = load_generation_state(state, config, vocab, model)
+        memories, opening, numbers = load_generation_state(state, config, vocab, model, loaded)
+        if seed is None:  # the saved text's random numbers, going on
+            generator.set_state(numbers)
     ids = torch.cat([torch.tensor([opening]), vocab.encode(prompt, "the prompt")])[None].to(device)  # (1, P)
-    generator = torch.Generator().manual_seed(seed)
     pieces, decode = [], vocab.decoder()
     if compile is not False and device.type == "cpu":  # built (once per machine) or loaded before the text
         # starts, so that what it says stands on lines of its own
@@ -547,7 +550,8 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     if save_state is not None:  # the last token is read first by the generation that continues
         with autocast(precision, device):  # (the memories under the precision that sampled: `Generation`)
             memories = generation.state_after(max_new_tokens - 1)
-        save_generation_state(save_state, memories, int(generation.tokens[-1][0]), config, vocab)
+        save_generation_state(save_state, memories, int(generation.tokens[-1][0]), generator.get_state(), config,
+                              vocab, loaded)
     return prompt + "".join(pieces)
 
 
@@ -555,45 +559,53 @@ STATE_FORMAT = "still lm generate state 1"
 """The `format` of a generation state file's metadata (`save_generation_state`)."""
 
 
-def _model_identity(config: LMConfig, vocab: Vocab) -> dict[str, str]:
-    """What a generation state's memories belong to: the model's configuration and its vocabulary
-    (the ids it reads), as safetensors metadata (strings)."""
+def _model_identity(config: LMConfig, vocab: Vocab, loaded: ckpt.Checkpoint) -> dict[str, str]:
+    """What a generation state's memories belong to: the model's configuration, its weights (the
+    SHA-256 of the checkpoint's weights file, from its manifest, verified when it was loaded) and
+    its vocabulary (the ids it reads), as safetensors metadata (strings)."""
+    manifest = json.loads((loaded.path / "manifest.json").read_text())
     return {"model": json.dumps(to_dict(config.model), sort_keys=True), "vocab_size": str(len(vocab)),
             "byte_level": json.dumps(vocab.byte_level),
-            "vocabulary": hashlib.sha256(vocab.to_json().encode()).hexdigest()}
+            "vocabulary": hashlib.sha256(vocab.to_json().encode()).hexdigest(),
+            "weights": manifest["files"]["model.safetensors"], "step": str(loaded.step)}
 
 
-def save_generation_state(path: str | Path, state: MemoryState, pending: int, config: LMConfig, vocab: Vocab
-                          ) -> None:
-    """Write `state` (one row), the memories of a generated text but its last token, and that token
-    (`pending`, which continuing reads first: no logits need saving) to `path` as safetensors,
-    atomically; the metadata names the model they belong to (`_model_identity`)."""
+def save_generation_state(path: str | Path, state: MemoryState, pending: int, numbers: torch.Tensor,
+                          config: LMConfig, vocab: Vocab, loaded: ckpt.Checkpoint) -> None:
+    """Write `state` (one row), the memories of a generated text but its last token, that token
+    (`pending`, which continuing reads first: no logits need saving) and the random generator's
+    state after it (`numbers`) to `path` as safetensors, atomically; the metadata names the model
+    and checkpoint they belong to (`_model_identity`)."""
     tensors = {name: t.cpu() for name, t in state.to_tensors().items()}  # (contiguous, each its own)
     tensors["pending"] = torch.tensor([pending], dtype=torch.int64)  # (1,)
-    metadata = {"format": STATE_FORMAT, **_model_identity(config, vocab)}
+    tensors["generator"] = numbers.clone()  # (the CPU generator's state: uint8)
+    metadata = {"format": STATE_FORMAT, **_model_identity(config, vocab, loaded)}
     try:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # (safetensors says its I/O errors with its own)
         raise StillError(f"cannot write the state file {path}: {e}") from None
 
 
-def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, model: CompressiveTransformer
-                          ) -> tuple[MemoryState, int]:
-    """The memories and the pending token `save_generation_state` wrote to `path`, the memories
-    where `model`'s weights are and in their dtype; refused, naming the file and what differs, where
-    it is missing, not such a file, or made by another model (its configuration or vocabulary)."""
+def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, model: CompressiveTransformer,
+                          loaded: ckpt.Checkpoint) -> tuple[MemoryState, int, torch.Tensor]:
+    """The memories, the pending token and the random generator's state `save_generation_state`
+    wrote to `path`, the memories where `model`'s weights are and in their dtype; refused, naming
+    the file and what differs, where it is missing, not such a file, or made by another model (its
+    configuration or vocabulary) or another checkpoint (`loaded`'s weights)."""
     path = Path(path)
     if not path.is_file():
         raise StillError(f"the state file {path} does not exist")
     try:
         with safe_open(str(path), "pt", device="cpu") as f:
-            metadata, tensors = f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+            metadata = f.metadata() or {}
+            # (the tensors only of a state file: not a whole checkpoint's weights read to be refused)
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if metadata.get("format") == STATE_FORMAT else {}
     except (OSError, SafetensorError) as e:
         raise StillError(f"{path} is not a state file of `still lm generate --save-state` ({e})") from None
     if metadata.get("format") != STATE_FORMAT:
         raise StillError(f"{path} is not a state file of `still lm generate --save-state` (its format is "
                          f"{metadata.get('format')!r}, not {STATE_FORMAT!r})")
-    ours = _model_identity(config, vocab)
+    ours = _model_identity(config, vocab, loaded)
     theirs = {k: metadata.get(k) for k in ours}
     differences = [f"{k} {theirs[k]} there, {ours[k]} here" for k in ("vocab_size", "byte_level")
                    if theirs[k] != ours[k]]
@@ -611,8 +623,11 @@ def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, mode
     if differences:
         raise StillError(f"{path} holds the memories of another model ({'; '.join(differences)}): continue with "
                          "the run that saved it")
+    if theirs["weights"] != ours["weights"]:
+        raise StillError(f"{path} holds the memories of another checkpoint (step {theirs['step']} there, "
+                         f"{ours['step']} here): continue with that checkpoint (--checkpoint)")
     try:
-        state, pending = MemoryState.from_tensors(tensors), tensors["pending"]
+        state, pending, numbers = MemoryState.from_tensors(tensors), tensors["pending"], tensors["generator"]
     except KeyError as e:
         raise StillError(f"{path} is damaged: it has no tensor {e}") from None
     weight = model.embedding.weight
@@ -624,7 +639,9 @@ def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, mode
         raise StillError(f"{path} is damaged: {e}") from None
     if pending.shape != (1,) or pending.dtype != torch.int64 or not 0 <= int(pending[0]) < len(vocab):
         raise StillError(f"{path} is damaged: its pending token is not one id of the vocabulary (0..{len(vocab) - 1})")
-    return state, int(pending[0])
+    if numbers.dtype != torch.uint8 or numbers.shape != torch.Generator().get_state().shape:
+        raise StillError(f"{path} is damaged: its generator state is not a CPU generator's")
+    return state, int(pending[0]), numbers
 
 
 def _under(context, iterator):
