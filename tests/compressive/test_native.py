@@ -550,8 +550,9 @@ SANITIZER_OPTIONS = {"ASAN_OPTIONS": "detect_leaks=0:alloc_dealloc_mismatch=0:ha
 
 
 def _address_sanitizer(tmp_path: Path) -> tuple[str | None, str]:
-    """The compiler's AddressSanitizer runtime (a path) where a library built with `SANITIZED` loads
-    into a Python that preloads it, within a minute; else None and why. (Where the compiler is clang,
+    """What to preload (LD_PRELOAD: the compiler's AddressSanitizer runtime, and its C++ library)
+    where a library built with `SANITIZED` loads into a Python that preloads them, within a minute;
+    else None and why. (Where the compiler is clang,
     its shared libraries do not carry the checkers' runtimes; where the kernel randomises more of
     the address space than the runtime knows (GCC 13's and older, on Linux 6.5's 32 bits), a process
     under it never starts.)"""
@@ -560,6 +561,12 @@ def _address_sanitizer(tmp_path: Path) -> tuple[str | None, str]:
                            check=False).stdout.strip()
     if not (os.path.isabs(found) and os.path.exists(found)):
         return None, f"{cxx} has no AddressSanitizer runtime (libasan)"
+    # (the C++ library preloaded too: the runtime wraps the function that throws C++ exceptions only
+    # where it is loaded when the runtime starts, and Python itself does not load it)
+    cxx_library = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                                 check=False).stdout.strip()
+    if os.path.isabs(cxx_library) and os.path.exists(cxx_library):
+        found = f"{found} {cxx_library}"
     source, library = tmp_path / "probe.cpp", tmp_path / "libprobe.so"
     source.write_text('extern "C" int probe(const int* x, int n) { int s = 0; for (int i = 0; i < n; ++i) s += x[i]; '
                       "return s; }\n")
