@@ -288,10 +288,10 @@ def _stepped(decoder: Decoder, token: torch.Tensor, count: int, draws: _Draws, s
         steps = min(STEPS_A_CALL, left)
         drawn = decoder.steps_sampled(token, draws.take(steps), sampling)  # (steps, B)
         record.chunks.append(drawn)
-        for token in drawn:  # a token (B,) at a time
+        for token in drawn.unbind(0):  # a token (B,) at a time (unbind: 0.5 µs a view, iterating 0.85)
             record.yielded += 1
             yield token
-        token, left = drawn[-1], left - steps
+        left -= steps
 
 
 def _stored_dtype(device: torch.device, compile: bool) -> torch.dtype | None:
