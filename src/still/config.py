@@ -161,6 +161,12 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C
     return cls(**kwargs)
 
 
+def changed_settings(these: dict[str, Any], those: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two settings dicts (`to_dict`'s, or as saved), one
+    missing from a dict counting as None, sorted."""
+    return sorted(k for k in set(these) | set(those) if these.get(k) != those.get(k))
+
+
 def replace(config: C, **changes: Any) -> C:
     """`dataclasses.replace` that goes through the same checks as `from_dict`."""
     return from_dict(type(config), {**_init_fields(config), **changes})

@@ -102,10 +102,10 @@ class Generation:
     in segments of `segment_len` and then the tokens yielded so far (the last included) one at a
     time, as generation fed them. Generating on from `state_after(n - 1)` with the n-th token as the
     prompt (and the same random generator) draws what one longer generation would have drawn, to
-    float rounding (`still lm generate --save-state` keeps those two). It
-    is not what a prompt of the same tokens leaves: a prompt's token attends over the memories and
-    its segment's earlier tokens, a sampled one over at most mem_len + c - 1 memories, so every layer
-    above the first stores other inputs (in a barely trained model, next logits 1e-2 apart).
+    float rounding (`still lm generate --save-state` keeps those two). It is not what a prompt of
+    the same tokens leaves: a prompt's token attends over the memories and its segment's earlier
+    tokens, a sampled one over at most mem_len + c - 1 memories, so every layer above the first
+    stores other inputs (in a barely trained model, next logits 1e-2 apart).
 
     The decoder's ring buffers (`decode.Decoder`, the hand-written step) keep keys and values (maybe
     in bf16), not the memories, so the model computes the state again: exactly what feeding those
@@ -177,10 +177,16 @@ class Generation:
         """The state after the prompt: `_generate`'s, or computed here where it has not read it (yet)."""
         record = self._record
         if record.after_prompt is None:
-            model, prompt = self._model, self._prompt
-            with using_threads(threads_for(model, prompt.shape[0], min(self._segment_len, prompt.shape[1]))):
-                _, record.after_prompt = prefill(model, prompt, self._start, self._segment_len, written=record.written)
+            _, record.after_prompt = _read_prompt(self._model, self._prompt, self._start, self._segment_len,
+                                                  record.written)
         return record.after_prompt
+
+
+def _read_prompt(model: CompressiveTransformer, prompt: torch.Tensor, state: MemoryState | None, segment_len: int,
+                 written: bool) -> tuple[torch.Tensor, MemoryState]:
+    """`prefill`'s logits after `prompt` (B, V) and the state, on the threads that suit its segments."""
+    with using_threads(threads_for(model, prompt.shape[0], min(segment_len, prompt.shape[1]))):
+        return prefill(model, prompt, state, segment_len, written=written)
 
 
 STATE_CHUNK = 256
@@ -220,8 +226,7 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
         cpu = model.embedding.weight.device.type == "cpu"
         compile = native = cpu and native_library(fallback="eager steps") is not None
     with torch.no_grad():
-        with using_threads(threads_for(model, prompt.shape[0], min(segment_len, prompt.shape[1]))):
-            logits, state = prefill(model, prompt, state, segment_len, written=compile)  # (B, V): a layer at a time
+        logits, state = _read_prompt(model, prompt, state, segment_len, compile)  # (B, V): a layer at a time
         sampling = Sampling(temperature, top_k, top_p)
         batch, device = prompt.shape[0], logits.device
         draws = _Draws(max_new_tokens, batch, generator, device)  # (B, 1) a token

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from still.config import changed_settings
 from still.errors import StillError
 from still.train import distributed
 from still.train.io import atomic_write, atomic_write_text
@@ -72,7 +73,7 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
                              "to train it again")
         if existing != config:
             if not overwrite:
-                changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
+                changed = changed_settings(existing, config)
                 raise StillError(f"{stage_dir} holds a run with different settings ({', '.join(changed)}); "
                                  "choose another --out, or pass --overwrite to start it again")
             shutil.rmtree(stage_dir)

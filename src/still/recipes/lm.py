@@ -32,7 +32,7 @@ from still.compressive import attention, native as native_step
 from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
-from still.config import check_fields, from_dict, load_config, replace, save_config, to_dict
+from still.config import changed_settings, check_fields, from_dict, load_config, replace, save_config, to_dict
 from still.data.text import Corpus, Segment, TokenStreams, Vocab, absolute_corpus, load_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_run_kind, check_stage_config, plot_curves
@@ -443,7 +443,7 @@ def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path) ->
         raise StillError(f"{loaded.path} is not a language-model checkpoint ({e})") from None
     ours = to_dict(config)
     theirs["corpus"], ours["corpus"] = absolute_corpus(theirs["corpus"]), absolute_corpus(ours["corpus"])
-    changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    changed = changed_settings(ours, theirs)
     if changed:
         raise StillError(f"{loaded.path} was trained with other settings than {run_dir} ({', '.join(changed)}): "
                          "name a checkpoint of this run, or the checkpoint's own run directory")
@@ -618,8 +618,7 @@ def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, mode
     else:
         model_here = to_dict(config.model)
         differences += [f"{k} {model_there.get(k)} there, {model_here.get(k)} here"  # (vocab_size: said above)
-                        for k in sorted(set(model_here) | set(model_there))
-                        if model_there.get(k) != model_here.get(k) and k != "vocab_size"]
+                        for k in changed_settings(model_here, model_there) if k != "vocab_size"]
     if differences:
         raise StillError(f"{path} holds the memories of another model ({'; '.join(differences)}): continue with "
                          "the run that saved it")
