@@ -46,7 +46,8 @@ import torch.nn.functional as F  # noqa: E402
 from still.compressive import attention  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
-from still.recipes.lm import TrainStream, _load_data, encode_split, load_run  # noqa: E402
+from still.data.encoded import load_encoded  # noqa: E402
+from still.recipes.lm import TrainStream, load_run  # noqa: E402
 from still.train.precision import autocast  # noqa: E402
 from still.train.results import format_table  # noqa: E402
 
@@ -100,8 +101,8 @@ def main() -> None:
     rms = {n: checkpoint.tensors[f"optimizer/{i}/exp_avg_sq"].sqrt() + eps
            for i, (n, _) in enumerate(model.named_parameters())}
     model.train()
-    corpus, _ = _load_data(config, None)
-    stream = TrainStream(encode_split(corpus, "train", vocab)[0], config)
+    corpus = load_encoded(config.corpus, byte_level=config.byte_level, splits=("train",), vocab=vocab)
+    stream = TrainStream(corpus.split("train")[0], config)
     state = None
     with torch.no_grad():  # memories (and compressed ones) from three segments, in fp32
         for s in range(args.step, args.step + 3):

@@ -21,8 +21,9 @@ import torch
 
 from still.compressive import CompressiveTransformer
 from still.compressive.generate import eval_shards, evaluate_streams
-from still.data.text import TokenStreams, load_corpus
-from still.recipes.lm import PRESETS, encode_split, load_run
+from still.data.encoded import load_encoded
+from still.data.text import TokenStreams
+from still.recipes.lm import PRESETS, load_run
 from still.train.precision import autocast
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         config, vocab, model, _ = load_run(args.run)
-        docs, _ = encode_split(load_corpus(config.corpus, byte_level=config.byte_level), "test", vocab)
+        docs, _ = load_encoded(config.corpus, byte_level=config.byte_level, splits=("test",), vocab=vocab).split("test")
         segments = None  # the whole split
     else:
         config = PRESETS[args.preset]

@@ -32,6 +32,16 @@ def _aot_cache(tmp_path_factory):
         yield root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _corpus_cache(tmp_path_factory):
+    """Encoded corpora (still.data.encoded) go to a directory of this test run, for this process and
+    the ones it starts (torchrun's), never the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("corpora")
+        patch.setenv("STILL_CORPUS_CACHE", str(root))
+        yield root
+
+
 def _emulated(patch: pytest.MonkeyPatch, native, aot) -> None:
     """Under `scripts/emulated_tests.sh` (this process on an emulated processor, whose /proc/cpuinfo
     is still the host's): the hand-written libraries built with STILL_TEST_TUNE, as `-march=native`

@@ -1,5 +1,6 @@
 """still.allocator: the `still` command's process keeps the memory it frees (glibc)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -52,3 +53,33 @@ def test_freed_memory_is_kept_for_the_next_use():
 def test_the_users_own_malloc_settings_are_kept():
     for name in ENVIRONMENT:
         assert keep_freed_memory({name: "0"}) is False
+
+
+GIVE_BACK = textwrap.dedent("""
+    from pathlib import Path
+    from still.allocator import give_back, keep_freed_memory
+
+    def anonymous():  # MiB
+        rollup = Path("/proc/self/smaps_rollup").read_text().split()
+        return int(rollup[rollup.index("Anonymous:") + 1]) / 1024
+
+    assert keep_freed_memory()
+    before = anonymous()
+    texts = ["x" * 400_000 + str(i) for i in range(500)]  # about 200 MiB in blocks under the mapping threshold
+    held = anonymous()
+    del texts
+    freed = anonymous()
+    given = give_back()
+    print(held - before, freed - before, anonymous() - before, given)
+""")
+
+
+@pytest.mark.skipif(glibc() is None or not os.path.exists("/proc/self/smaps_rollup"),
+                    reason="glibc's malloc, Linux's smaps_rollup")
+def test_give_back_hands_the_freed_heap_to_the_system():
+    """Freed memory the process keeps (`keep_freed_memory`) is the system's again after `give_back`:
+    what a corpus's text would hold after it is encoded once (`still.data.encoded`)."""
+    out = subprocess.run([sys.executable, "-c", GIVE_BACK], capture_output=True, text=True, check=True)
+    held, freed, after, given = out.stdout.split()
+    assert float(held) > 180 and float(freed) > 180, out.stdout  # (kept after the strings are freed)
+    assert float(after) < 20 and given == "True", out.stdout

@@ -65,3 +65,17 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS.items())
+
+
+def give_back() -> bool:
+    """Hand the heap's free pages back to the system now (glibc's `malloc_trim`), after a peak that
+    later work will not reuse: a corpus read and encoded once (`still.data.encoded`), whose text
+    would otherwise stay with the process (all of it under `keep_freed_memory`, and much of it even
+    without: a freed block below the mapping threshold stays in the heap). Returns whether any
+    memory was given back (False outside glibc)."""
+    libc = glibc()
+    if libc is None:
+        return False
+    trim = libc.malloc_trim
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim(0) == 1

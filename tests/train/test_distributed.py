@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,10 +80,12 @@ def test_a_one_document_corpus_trains_on_two_ranks_as_on_one(tmp_path):
 
     text = tmp_path / "one.txt"  # one document a split: cut into a piece a row, so each rank has rows
     text.write_text("".join(f"{i}: {HAMLET}" for i in range(40)))
-    one = still(1, *lm_args(text, tmp_path / "one", steps=4))
     two = still(2, *lm_args(text, tmp_path / "two", steps=4))
+    one = still(1, *lm_args(text, tmp_path / "one", steps=4))
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
+    # the corpus encoded once, by the first process (the other waited and mapped its entry), then mapped again
+    assert two.stderr.count(f"encoded {text} once into") == 1 and "encoded" not in one.stderr
     assert load_file(str(newest(tmp_path / "two") / "state.safetensors"))["extra/memory/0"].shape[0] == 4
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
@@ -106,6 +109,17 @@ def test_two_ranks_resume_with_each_ranks_own_dropout_stream(corpus, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stderr
     assert_same_weights(resumed, full)
+
+
+def test_a_corpus_that_fails_to_load_stops_every_rank_at_once(tmp_path):
+    """The first process reads the corpus while the other waits for it: where it fails, the other
+    reads it too and fails the same way, instead of waiting for it to the timeout."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Ophélie, nymphe\n".encode("latin-1") * 100)
+    two = still(2, *lm_args(latin1, tmp_path / "two", steps=4))  # (stopped after 300 s)
+    assert two.returncode != 0
+    assert f"{latin1} is not UTF-8: byte 0xe9 at offset 3" in two.stderr  # (said by rank 0)
+    assert len(re.findall(r"exitcode\s*: 2\b", two.stderr)) == 2, two.stderr[-3000:]  # both ranks: a bad input
 
 
 def test_rows_must_split_evenly():

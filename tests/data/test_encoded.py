@@ -1,0 +1,236 @@
+"""A corpus encoded once into the cache and mapped from there (`still.data.encoded`)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import still.data.text as text
+from still.data.encoded import corpora_root, entry_path, fingerprint, load_encoded
+from still.data.text import SPLITS, Vocab, load_corpus
+from still.errors import StillError
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    root = tmp_path / "corpora"
+    monkeypatch.setenv("STILL_CORPUS_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The names of the corpus files read from now on."""
+    read, real = [], text._read
+    monkeypatch.setattr(text, "_read", lambda path, byte_level: read.append(path.name) or real(path, byte_level))
+    return read
+
+
+def _books(folder, text_of=lambda split, i: f"{split} book {i}: to be, or not to be\n" * (3 + i)):
+    for split, books in (("train", 3), ("validation", 1), ("test", 2)):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for i in range(books):
+            (folder / split / f"{100 + i}.txt").write_text(text_of(split, i), encoding="utf-8")
+    return f"pg19:{folder}"
+
+
+def _expected(name, byte_level=False):
+    """Each split's ids and names, encoded in memory as before the cache."""
+    corpus = load_corpus(name, byte_level=byte_level)
+    vocab = Vocab.build(corpus.train + corpus.valid + corpus.test, byte_level=byte_level)
+    return vocab, {s: ([vocab.encode(d.text, dtype=vocab.compact_dtype) for d in corpus.split(s)],
+                       [d.name for d in corpus.split(s)]) for s in SPLITS}
+
+
+def _assert_same(encoded, vocab, splits, names=SPLITS):
+    assert encoded.vocab.to_json() == vocab.to_json()
+    for split in names:
+        docs, doc_names = encoded.split(split)
+        want_docs, want_names = splits[split]
+        assert doc_names == want_names and len(docs) == len(want_docs)
+        for got, want in zip(docs, want_docs):
+            assert got.dtype == torch.int16 and torch.equal(got, want)
+
+
+def _entries(root):
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_a_corpus_is_encoded_once_and_mapped_after(tmp_path, root, reads, capsys):
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    reads.clear()
+    first = load_encoded(name)
+    assert sorted(reads) == ["100.txt"] * 3 + ["101.txt"] * 2 + ["102.txt"]  # every book, once
+    assert first.entry == entry_path(root, name, False) and _entries(root) == [first.entry.name]
+    assert f"encoded {name} once into {first.entry}" in capsys.readouterr().err
+    _assert_same(first, vocab, splits)
+    assert first.name == "pg19" and first.train_tokens == sum(len(d) for d in splits["train"][0])
+
+    reads.clear()
+    again = load_encoded(name)
+    assert reads == [] and again.entry == first.entry and capsys.readouterr().err == ""
+    _assert_same(again, vocab, splits)
+    docs, _ = again.split("train")  # views of one array mapped from the entry's file
+    assert all(d.untyped_storage().data_ptr() == docs[0].untyped_storage().data_ptr() for d in docs)
+    assert isinstance(np.load(again.entry / "train.npy", mmap_mode="c"), np.memmap)
+
+
+def test_a_changed_added_or_removed_file_encodes_again(tmp_path, root, reads):
+    name = _books(tmp_path / "pg")
+    load_encoded(name)
+    book = tmp_path / "pg" / "train" / "101.txt"
+    stat = book.stat()
+    book.write_text(book.read_text().replace("to be", "TO BE"))  # the same size
+    os.utime(book, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    for change in (lambda: None, lambda: (tmp_path / "pg" / "train" / "103.txt").write_text("new book\n"),
+                   lambda: (tmp_path / "pg" / "test" / "100.txt").unlink()):
+        change()
+        vocab, splits = _expected(name)
+        reads.clear()
+        encoded = load_encoded(name)
+        assert reads  # read again ...
+        _assert_same(encoded, vocab, splits)
+        assert _entries(root) == [encoded.entry.name]  # ... written over the old entry, nothing else left
+    assert "TO BE" in encoded.vocab.decode(encoded.split("train")[0][1])
+    assert encoded.split("train")[1] == ["100", "101", "102", "103"] and encoded.split("test")[1] == ["101"]
+
+
+def test_characters_and_bytes_and_each_corpus_kind_have_their_own_entries(tmp_path, root, reads):
+    one = tmp_path / "one.txt"
+    one.write_text("Ophelia — nymph, in thy orisons\n" * 40, encoding="utf-8")
+    books = _books(tmp_path / "pg")
+    for name, byte_level in ((str(one), False), (str(one), True), (books, False), (books, True)):
+        vocab, splits = _expected(name, byte_level)
+        first, again = load_encoded(name, byte_level=byte_level), load_encoded(name, byte_level=byte_level)
+        _assert_same(first, vocab, splits)
+        _assert_same(again, vocab, splits)
+    assert len(_entries(root)) == 4
+    assert fingerprint(f"enwik8:{one}", True)["split"] == [90_000_000, 5_000_000, 5_000_000]
+
+
+def test_a_runs_vocabulary_reads_the_entry_or_encodes_without_writing(tmp_path, root, reads):
+    """`lm eval` gives the run's vocabulary: the entry serves it where it was built with the same
+    one; otherwise only the split asked for is read and encoded with it, and nothing is written."""
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    built = load_encoded(name)
+    reads.clear()
+    _assert_same(load_encoded(name, splits=("test",), vocab=vocab), vocab, splits, ("test",))
+    assert reads == []
+    wider = Vocab([*vocab.symbols, "€"])
+    reads.clear()
+    encoded = load_encoded(name, splits=("test",), vocab=wider)
+    assert reads == ["100.txt", "101.txt"] and encoded.entry is None
+    book = (tmp_path / "pg" / "test" / "100.txt").read_text()
+    assert encoded.split("test")[0][0].tolist() == wider.encode(book).tolist()
+    assert _entries(root) == [built.entry.name]
+    with pytest.raises(StillError, match="pg19/100: character 'b' at offset 5 is not in the vocabulary"):
+        load_encoded(name, splits=("test",), vocab=Vocab(["t", "e", "s", " "]))
+
+
+def test_an_entry_for_a_run_on_an_unwritten_corpus_is_not_made(tmp_path, root, reads):
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    reads.clear()
+    encoded = load_encoded(name, splits=("valid",), vocab=vocab)
+    assert reads == ["100.txt"] and encoded.entry is None and not root.exists()
+    _assert_same(encoded, vocab, splits, ("valid",))
+
+
+@pytest.mark.parametrize("damage", ["truncated ids", "starts", "manifest", "vocabulary", "dtype"])
+def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, damage):
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    entry = load_encoded(name).entry
+    capsys.readouterr()
+    if damage == "truncated ids":
+        with open(entry / "train.npy", "r+b") as f:
+            f.truncate(entry.joinpath("train.npy").stat().st_size - 3)
+    elif damage == "starts":
+        np.save(entry / "valid.starts.npy", np.array([0, 5], dtype=np.int64))
+    elif damage == "manifest":
+        (entry / "manifest.json").write_text("{not json")
+    elif damage == "vocabulary":
+        (entry / "vocab.json").write_text("[]")
+    else:
+        np.save(entry / "test.npy", np.load(entry / "test.npy").astype(np.int32))
+    reads.clear()
+    encoded = load_encoded(name)
+    assert reads and encoded.entry == entry
+    _assert_same(encoded, vocab, splits)
+    said = capsys.readouterr().err
+    if damage != "manifest":  # (an unreadable manifest is no entry at all)
+        assert f"the encoded corpus {entry} is damaged" in said
+    assert f"encoded {name} once into {entry}" in said
+    reads.clear()
+    load_encoded(name)
+    assert reads == []
+
+
+def test_an_unwritable_cache_keeps_the_ids_in_memory(tmp_path, monkeypatch, capsys):
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("STILL_CORPUS_CACHE", str(blocked / "corpora"))
+    encoded = load_encoded(name)
+    assert encoded.entry is None
+    _assert_same(encoded, vocab, splits)
+    assert f"could not write the encoded corpus to {blocked / 'corpora'}" in capsys.readouterr().err
+
+
+def test_a_write_cut_short_leaves_nothing(tmp_path, root, monkeypatch):
+    name = _books(tmp_path / "pg")
+    load_encoded(name)
+    before = {p.name: p.stat().st_mtime_ns for p in (root / _entries(root)[0]).iterdir()}
+    (tmp_path / "pg" / "test" / "102.txt").write_text("a third test book\n")
+    calls = []
+
+    def interrupted(self, text, source="text", dtype=torch.long):
+        calls.append(source)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(self, text, source, dtype)
+
+    real = Vocab.encode
+    monkeypatch.setattr(Vocab, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_encoded(name)
+    entry = root / _entries(root)[0]
+    assert _entries(root) == [entry.name]  # no temporary folder left, and the old entry untouched
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == before
+
+
+def test_off_encodes_at_every_start_and_writes_nothing(tmp_path, monkeypatch, reads):
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    monkeypatch.setenv("STILL_CORPUS_CACHE", "off")
+    assert corpora_root() is None
+    for _ in range(2):
+        reads.clear()
+        encoded = load_encoded(name)
+        assert len(reads) == 6 and encoded.entry is None
+        _assert_same(encoded, vocab, splits)
+
+
+def test_the_default_root_is_in_the_data_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("STILL_CORPUS_CACHE")
+    assert corpora_root(tmp_path / "data") == tmp_path / "data" / "corpora"
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "elsewhere"))
+    assert corpora_root() == tmp_path / "elsewhere" / "corpora"
+
+
+def test_a_fingerprint_sees_every_file_under_the_corpus_and_follows_links(tmp_path):
+    name = _books(tmp_path / "pg")
+    stamp = fingerprint(name, False)
+    assert [f[0] for f in stamp["files"]] == ["test/100.txt", "test/101.txt", "train/100.txt", "train/101.txt",
+                                              "train/102.txt", "validation/100.txt"]
+    assert fingerprint(name, True) != stamp and fingerprint(f"pg19:{tmp_path / 'nowhere'}", False) is None
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "200.txt").write_text("linked\n")
+    (tmp_path / "pg" / "train" / "linked").symlink_to(tmp_path / "more")
+    (tmp_path / "pg" / "train" / "linked" / "up").symlink_to(tmp_path / "pg")  # a loop
+    files = [f[0] for f in fingerprint(name, False)["files"]]
+    assert "train/linked/200.txt" in files and len(files) == 7
