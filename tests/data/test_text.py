@@ -43,6 +43,14 @@ def test_encoding_in_chunks_is_the_lookup_a_character(monkeypatch):
         vocab.encode("Ha\udcffmlet", "the prompt")  # (a non-UTF-8 byte of a command line)
 
 
+def test_the_vocabulary_is_every_character_of_the_corpus_by_code_point(monkeypatch):
+    monkeypatch.setattr("still.data.text.ENCODE_CHUNK", 5)  # (characters met in several chunks)
+    texts = ["Hamlet — ô\nTo be 😀", "", "z\ud800a", "Ophelia"]  # (a lone surrogate: a command line's byte)
+    vocab = Vocab.build([Document(str(i), t) for i, t in enumerate(texts)])
+    assert vocab.symbols == sorted(set("".join(texts)))
+    assert Vocab.build([]).symbols == [] and Vocab.build([Document("a", "x")], byte_level=True).symbols == []
+
+
 @pytest.mark.parametrize("fill_rows", [False, True])
 def test_a_corpus_kept_compact_gives_the_same_segments(fill_rows):
     """Documents kept as int16 (`Vocab.compact_dtype`, a quarter of int64's memory) give the int64

@@ -108,6 +108,22 @@ def test_eval_by_position(trained, capsys):
     assert (trained / "eval-valid-by-position.png").is_file()
 
 
+def test_eval_maps_the_ids_training_encoded_and_reads_no_text(trained, capsys, monkeypatch):
+    """Training encoded the corpus once into the cache (`still.data.encoded`): `lm eval` maps its ids
+    and opens none of the corpus's files, for the bits training gave."""
+    import still.data.text as text
+
+    def unread(path, byte_level):
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr(text, "_read", unread)
+    code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "test", "--threads", "1")
+    assert code == 0
+    test_bpc = json.loads((trained / "results.json").read_text())["rows"][0]["test_bpc"]
+    assert json.loads((trained / "eval-test.json").read_text())["meta"]["bits_per_token"] == pytest.approx(
+        test_bpc, abs=1e-4)
+
+
 def test_generate_is_seeded_and_streams(trained, capsys):
     args = ["lm", "generate", str(trained), "--prompt", "To be", "--tokens", "40", "--top-k", "5", "--threads", "1"]
     code, first, _ = run_cli(capsys, *args)
