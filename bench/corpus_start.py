@@ -10,13 +10,13 @@ it (Python's start and imports not counted):
   every start and every torchrun process did before the cache;
 - `first`: the same, and the entry written, then mapped;
 - `mapped`: a current entry mapped.
-Then each process reads every training id once (their sum: a pass of training reads them all) and
-reports what the corpus added to its peak resident memory and to its anonymous memory after that
-read (`/proc/self/smaps_rollup`, less what the process held before `load_encoded`): a mapped entry's
-pages are resident once read, but they are the page cache's, shared by every process that maps them
-and given back under pressure, where anonymous memory is the process's own. `--processes N` starts
-N processes at once, as torchrun's on one machine, for `in memory` and `mapped`; the table gives the
-median of `--repeats` rounds (each in fresh processes).
+Each process reports what `load_encoded` added to its peak resident memory; then it reads every
+training id once (their sum: a pass of training reads them all) and reports what the corpus added to
+its anonymous memory (`/proc/self/smaps_rollup`, less what the process held before `load_encoded`):
+a mapped entry's pages are resident once read, but they are the page cache's, shared by every
+process that maps them and given back under pressure, where anonymous memory is the process's own.
+`--processes N` starts N processes at once, as torchrun's on one machine, for `in memory` and
+`mapped`; the table gives the median of `--repeats` rounds (each in fresh processes).
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ def child(name: str) -> None:
     start = time.perf_counter()
     corpus = load_encoded(name)
     seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - resident
     total = sum(int(d.sum(dtype=torch.int64)) for d in corpus.split("train")[0])
     print(json.dumps({"seconds": seconds, "mapped": corpus.entry is not None, "checksum": total,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - resident,
-                      "anonymous_mb": memory()[1] - anonymous}))
+                      "peak_mb": peak, "anonymous_mb": memory()[1] - anonymous}))
 
 
 def run(name: str, processes: int, env: dict[str, str]) -> list[dict]:
@@ -118,7 +118,7 @@ def main() -> None:
                 return statistics.median(over(r[of] for r in round_) for round_ in rs)
 
             rows.append({"measure": measure, "processes": len(rs[0]), "seconds": round(median("seconds"), 2),
-                         "peak MB added, a process": round(median("peak_mb")),
+                         "peak MB added loading, a process": round(median("peak_mb")),
                          "anonymous MB added, all processes": round(median("anonymous_mb", sum))})
         print(f"{characters / 1e6:,.0f} MB of books ({name}); medians of {args.repeats} rounds; seconds: "
               "the slowest process's load_encoded")

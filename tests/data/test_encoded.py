@@ -62,7 +62,8 @@ def test_a_corpus_is_encoded_once_and_mapped_after(tmp_path, root, reads, capsys
     vocab, splits = _expected(name)
     reads.clear()
     first = load_encoded(name)
-    assert sorted(reads) == ["100.txt"] * 3 + ["101.txt"] * 2 + ["102.txt"]  # every book, once
+    # every book twice, one at a time: for the vocabulary and the lengths, then for the ids
+    assert reads == ["100.txt", "101.txt", "102.txt", "100.txt", "100.txt", "101.txt"] * 2
     assert first.entry == entry_path(root, name, False) and _entries(root) == [first.entry.name]
     assert f"encoded {name} once into {first.entry}" in capsys.readouterr().err
     _assert_same(first, vocab, splits)
@@ -203,6 +204,25 @@ def test_a_write_cut_short_leaves_nothing(tmp_path, root, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == before
 
 
+@pytest.mark.parametrize("change", ["longer", "another character"])
+def test_a_book_changed_while_it_is_encoded_is_named(tmp_path, root, monkeypatch, change):
+    import still.data.encoded as encoded
+
+    name = _books(tmp_path / "pg")
+    real = encoded._survey
+
+    def then_changed(corpus):
+        surveyed = real(corpus)
+        book = tmp_path / "pg" / "validation" / "100.txt"
+        book.write_text(book.read_text() * 2 if change == "longer" else "Ophelia\n")
+        return surveyed
+
+    monkeypatch.setattr(encoded, "_survey", then_changed)
+    with pytest.raises(StillError, match="pg19/100 changed while it was being encoded.*: run again"):
+        load_encoded(name)
+    assert _entries(root) == []
+
+
 def test_off_encodes_at_every_start_and_writes_nothing(tmp_path, monkeypatch, reads):
     name = _books(tmp_path / "pg")
     vocab, splits = _expected(name)
@@ -211,7 +231,7 @@ def test_off_encodes_at_every_start_and_writes_nothing(tmp_path, monkeypatch, re
     for _ in range(2):
         reads.clear()
         encoded = load_encoded(name)
-        assert len(reads) == 6 and encoded.entry is None
+        assert len(reads) == 12 and encoded.entry is None  # (each book for the vocabulary, then for its ids)
         _assert_same(encoded, vocab, splits)
 
 

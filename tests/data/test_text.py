@@ -231,9 +231,37 @@ def test_evaluation_reads_only_its_split(tmp_path, monkeypatch):
                          (f"wikitext103:{tmp_path / 'wt'}", ["wiki.test.tokens"]), (str(books), ["4.txt"])):
         read.clear()
         corpus = load_corpus(name, splits=("test",))
-        assert read == wanted and corpus.train == corpus.valid == [] and corpus.test
+        assert [d.text for d in corpus.test] and read == wanted and corpus.train == corpus.valid == []
     with pytest.raises(StillError, match="split must be train, valid or test, got 'dev'"):
         load_corpus(str(books), splits=("dev",))
+
+
+def test_a_file_of_its_own_is_read_when_its_text_is_asked_for(tmp_path, monkeypatch):
+    """A book of PG-19 or a file of a folder is a document of its own, read whenever its text is asked
+    for and not kept: a corpus of many files is never held whole (`still.data.encoded`)."""
+    _pg19(tmp_path / "pg")
+    import still.data.text as text
+
+    read, real = [], text._read
+    monkeypatch.setattr(text, "_read", lambda path, byte_level: read.append(path.name) or real(path, byte_level))
+    corpus = load_corpus(f"pg19:{tmp_path / 'pg'}")
+    assert read == [] and [d.name for d in corpus.train] == ["0", "1", "2"]
+    assert corpus.train[1].text == "train book 1\n" * 20 and read == ["1.txt"]
+    assert corpus.train[1].text == "train book 1\n" * 20 and read == ["1.txt", "1.txt"]  # (not kept)
+    assert load_corpus(f"pg19:{tmp_path / 'pg'}", byte_level=True).test[0].text == b"test book 0\n" * 20
+    (tmp_path / "pg" / "test" / "0.txt").write_text("")
+    (tmp_path / "pg" / "test" / "1.txt").write_text("")
+    read.clear()
+    with pytest.raises(StillError, match="the test split of .* is empty"):  # (by the files' sizes, none read)
+        load_corpus(f"pg19:{tmp_path / 'pg'}")
+    assert read == []
+
+
+def _pg19(folder):
+    for split, books in (("train", 3), ("validation", 1), ("test", 2)):
+        (folder / split).mkdir(parents=True)
+        for i in range(books):
+            (folder / split / f"{i}.txt").write_text(f"{split} book {i}\n" * 20)
 
 
 def test_an_unreadable_file_is_a_one_line_error(tmp_path, monkeypatch):

@@ -111,15 +111,16 @@ def test_two_ranks_resume_with_each_ranks_own_dropout_stream(corpus, tmp_path):
     assert_same_weights(resumed, full)
 
 
-def test_a_corpus_that_fails_to_load_stops_every_rank_at_once(tmp_path):
-    """The first process reads the corpus while the other waits for it: where it fails, the other
-    reads it too and fails the same way, instead of waiting for it to the timeout."""
+def test_a_corpus_that_fails_to_load_stops_the_run(tmp_path):
+    """The first process reads the corpus while the other waits for it (6 hours at most): where it
+    fails, the run stops at once with its error (the other process, past the wait, reads the corpus
+    and fails as it did, or torchrun stops it first)."""
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Ophélie, nymphe\n".encode("latin-1") * 100)
     two = still(2, *lm_args(latin1, tmp_path / "two", steps=4))  # (stopped after 300 s)
     assert two.returncode != 0
     assert f"{latin1} is not UTF-8: byte 0xe9 at offset 3" in two.stderr  # (said by rank 0)
-    assert len(re.findall(r"exitcode\s*: 2\b", two.stderr)) == 2, two.stderr[-3000:]  # both ranks: a bad input
+    assert re.search(r"exitcode\s*: 2\b", two.stderr), two.stderr[-3000:]  # (a bad input: exit code 2)
 
 
 def test_rows_must_split_evenly():

