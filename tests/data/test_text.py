@@ -275,6 +275,7 @@ def test_an_unreadable_file_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(StillError, match="cannot read .*one.txt: Permission denied"):
         load_corpus(str(path))
 
+
 def _rows(streams):
     """Per row, its targets in order, with "|" where the row's memories reset."""
     seen = {row: [] for row in range(streams.batch_size)}
@@ -285,6 +286,36 @@ def _rows(streams):
             valid = segment.targets[row] != -100
             seen[row].extend(segment.targets[row][valid].tolist())
     return seen
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_row_reads_its_pieces_in_turn_whole_and_then_pads(seed):
+    """Random documents, batches, segment lengths, shuffled or not, cut or not: each row's targets
+    are its pieces' tokens in turn (a reset where each starts), its positions count from the piece's
+    start, and after its last piece it pads (reset, nothing to predict) to the longest row's end."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(2, 50, (int(n),), generator=g) for n in torch.randint(1, 40, (int(torch.randint(1, 9, (1,),
+                                                                                        generator=g)),), generator=g)]
+    batch, length = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+    streams = TokenStreams(docs, batch, length, shuffle_seed=seed if seed % 2 else None, fill_rows=seed % 3 == 0)
+    seen = _rows(streams)
+    for row, pieces in enumerate(streams.rows):
+        want, steps = [], 0
+        for p in pieces:
+            d, first, end = streams.pieces[p]
+            want += ["|", *docs[d][first:end].tolist()]
+            steps += -(-(end - first) // length)
+        assert seen[row][: len(want)] == want and set(seen[row][len(want):]) <= {"|"}
+        assert seen[row][len(want):].count("|") == len(streams) - steps  # (a padding step: a reset)
+    positions = {row: [] for row in range(streams.batch_size)}
+    for segment in streams:
+        valid = segment.targets != -100
+        assert ((segment.positions >= 0) == valid).all()
+        for row in positions:
+            positions[row] += segment.positions[row][valid[row]].tolist()
+    for row, pieces in enumerate(streams.rows):
+        assert positions[row] == [i for p in pieces for i in range(streams.pieces[p][2] - streams.pieces[p][1])]
+    assert sorted(p for row in streams.rows for p in row) == list(range(len(streams.pieces)))
 
 
 def test_streams_keep_documents_whole_and_reset_at_their_start():
