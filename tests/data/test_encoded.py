@@ -223,6 +223,14 @@ def test_a_book_changed_while_it_is_encoded_is_named(tmp_path, root, monkeypatch
     assert _entries(root) == []
 
 
+def test_a_relative_path_and_its_absolute_path_share_an_entry(tmp_path, root, reads, monkeypatch):
+    name = _books(tmp_path / "pg")
+    first = load_encoded(name)
+    monkeypatch.chdir(tmp_path)
+    reads.clear()
+    assert load_encoded("pg19:pg").entry == first.entry and reads == []
+
+
 def test_off_encodes_at_every_start_and_writes_nothing(tmp_path, monkeypatch, reads):
     name = _books(tmp_path / "pg")
     vocab, splits = _expected(name)

@@ -49,6 +49,7 @@ from still.data.text import (
     SPLITS,
     Corpus,
     Vocab,
+    absolute_corpus,
     load_corpus,
     mark_characters,
     no_characters,
@@ -149,6 +150,7 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
     outside it is an error, as `Vocab.encode` says) and nothing is written."""
     for split in splits:
         Corpus.check_split(split)
+    name = absolute_corpus(name)  # (one entry whatever the working directory)
     root = corpora_root(cache)
     stamp = fingerprint(name, byte_level) if root is not None else None
     entry = entry_path(root, name, byte_level) if root is not None else None
