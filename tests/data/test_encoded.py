@@ -1,6 +1,9 @@
 """A corpus encoded once into the cache and mapped from there (`still.data.encoded`)."""
 
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -54,7 +57,12 @@ def _assert_same(encoded, vocab, splits, names=SPLITS):
 
 
 def _entries(root):
-    return sorted(p.name for p in root.iterdir())
+    """The entries in `root` (not their locks, nor what is left aside for `_sweep`)."""
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+def _aside(root, suffix):
+    return [p.name for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(suffix)]
 
 
 def test_a_corpus_is_encoded_once_and_mapped_after(tmp_path, root, reads, capsys):
@@ -93,7 +101,8 @@ def test_a_changed_added_or_removed_file_encodes_again(tmp_path, root, reads):
         encoded = load_encoded(name)
         assert reads  # read again ...
         _assert_same(encoded, vocab, splits)
-        assert _entries(root) == [encoded.entry.name]  # ... written over the old entry, nothing else left
+        assert _entries(root) == [encoded.entry.name] and not _aside(root, ".tmp")  # ... over the old entry,
+    assert len(_aside(root, ".old")) == 3  # (each old one moved aside, for `_sweep` to remove a day later)
     assert "TO BE" in encoded.vocab.decode(encoded.split("train")[0][1])
     assert encoded.split("train")[1] == ["100", "101", "102", "103"] and encoded.split("test")[1] == ["101"]
 
@@ -200,7 +209,7 @@ def test_a_write_cut_short_leaves_nothing(tmp_path, root, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         load_encoded(name)
     entry = root / _entries(root)[0]
-    assert _entries(root) == [entry.name]  # no temporary folder left, and the old entry untouched
+    assert _entries(root) == [entry.name] and not _aside(root, ".tmp")  # nothing left, the old entry untouched
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == before
 
 
@@ -229,6 +238,81 @@ def test_a_relative_path_and_its_absolute_path_share_an_entry(tmp_path, root, re
     monkeypatch.chdir(tmp_path)
     reads.clear()
     assert load_encoded("pg19:pg").entry == first.entry and reads == []
+
+
+def test_what_a_killed_writer_left_and_replaced_entries_are_removed_a_day_later(tmp_path, root):
+    name = _books(tmp_path / "pg")
+    entry = entry_path(root, name, False)
+    root.mkdir()
+    killed, replaced, writing = (root / f".{entry.name}.x1.tmp", root / f".{entry.name}.x2.old",
+                                 root / f".{entry.name}.x3.tmp")
+    for folder in (killed, replaced, writing):
+        folder.mkdir()
+        (folder / "train.npy").write_bytes(b"half")
+    day_ago = time.time() - 25 * 3600
+    for folder in (killed, replaced):
+        os.utime(folder, (day_ago, day_ago))
+    load_encoded(name)
+    assert _entries(root) == [entry.name] and _aside(root, ".tmp") == [writing.name] and not _aside(root, ".old")
+
+
+def test_an_entry_is_as_readable_as_the_files_beside_it(tmp_path, root):
+    entry = load_encoded(_books(tmp_path / "pg")).entry
+    umask = os.umask(0)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o777 & ~umask  # (not mkdtemp's 0o700: a shared cache's users read it)
+
+
+def test_the_fingerprint_reads_only_what_a_loader_would_read(tmp_path, root, reads):
+    name = _books(tmp_path / "pg")
+    entry = load_encoded(name).entry
+    (tmp_path / "pg" / "runs").mkdir()
+    (tmp_path / "pg" / "runs" / "log.json").write_text("{}")
+    (tmp_path / "pg" / "README.md").write_text("the books")
+    reads.clear()
+    assert load_encoded(name).entry == entry and reads == []
+    book = tmp_path / "pg" / "test" / "101.txt"
+    stat = book.stat()
+    book.write_text(book.read_text().replace("to be", "TO BE"))  # (the same size, and its times put back)
+    os.utime(book, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load_encoded(name).split("test")[0][1].tolist() == load_encoded(name).vocab.encode(book.read_text()).tolist()
+    assert reads  # (its change time and inode changed)
+
+
+def test_two_processes_at_once_encode_the_corpus_once(tmp_path, root):
+    """The second waits on the entry's lock while the first encodes, then maps what it wrote."""
+    name = _books(tmp_path / "pg")
+    script = (f"import time, still.data.encoded as e\n"
+              f"real = e._survey\n"
+              f"e._survey = lambda corpus: (time.sleep(2), real(corpus))[1]\n"
+              f"corpus = e.load_encoded({name!r})\n"
+              f"print(corpus.entry, sum(int(d.sum()) for d in corpus.split('train')[0]))\n")
+    env = {**os.environ, "STILL_CORPUS_CACHE": str(root), "STILL_PROGRESS": "0"}
+    started = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in started]
+    assert [code for _, _, code in results] == [0, 0], results
+    said = "".join(err for _, err, _ in results)
+    assert said.count(f"encoded {name} once") == 1 and said.count("waiting for another process to encode") == 1
+    assert len({out for out, _, _ in results}) == 1  # (the same entry, the same ids)
+    assert _entries(root) == [entry_path(root, name, False).name] and not _aside(root, ".tmp")
+
+
+def test_without_a_cache_a_book_changed_between_its_reads_is_named_too(tmp_path, monkeypatch):
+    import still.data.encoded as encoded
+
+    monkeypatch.setenv("STILL_CORPUS_CACHE", "off")
+    name = _books(tmp_path / "pg")
+    real = encoded._survey
+
+    def then_changed(corpus):
+        surveyed = real(corpus)
+        (tmp_path / "pg" / "train" / "102.txt").write_text("Ophelia\n")
+        return surveyed
+
+    monkeypatch.setattr(encoded, "_survey", then_changed)
+    with pytest.raises(StillError, match="pg19/102 changed while it was being encoded.*: run again"):
+        load_encoded(name)
 
 
 def test_off_encodes_at_every_start_and_writes_nothing(tmp_path, monkeypatch, reads):

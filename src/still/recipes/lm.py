@@ -163,22 +163,11 @@ class TrainStream:
         return self._pass(index).segment(step - self._starts[index])
 
 
-ENCODING_HOURS = 6  # how long torchrun's other processes wait for the first of their machine to encode a corpus
-
-
 def _load_data(config: LMConfig, cache) -> EncodedCorpus:
-    """The corpus's splits as ids and its vocabulary (`load_encoded`: from its cache entry where there
-    is a current one). Under torchrun the first process of each machine reads and encodes it, the
-    others wait and map the entry it wrote (or, where it could write none, read it themselves)."""
-    dist = distributed.current()
-    first = dist.local_rank == 0
-    if not first:
-        dist.barrier(hours=ENCODING_HOURS)
-    try:
-        corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level)
-    finally:
-        if first:
-            dist.barrier(hours=ENCODING_HOURS)  # (also where it failed: the others then read it and fail as it did)
+    """The corpus's splits as ids and its vocabulary (`load_encoded`: mapped from its cache entry
+    where there is a current one; under torchrun one process of each machine makes a missing entry
+    while the others wait for it, on the entry's lock)."""
+    corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level)
     n_train = corpus.train_tokens
     check(n_train > config.segment_len, f"the training split of {config.corpus} has {n_train} {corpus.vocab.unit}s, "
                                         f"fewer than one segment ({config.segment_len})")

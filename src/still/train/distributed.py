@@ -17,7 +17,6 @@ import atexit
 import gc
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -75,22 +74,12 @@ class Dist:
         rows = self.gather_rows(tensor.to(self.device)[None])  # (world, ...); NCCL gathers GPU tensors
         return [row.cpu().clone() for row in rows]
 
-    def barrier(self, hours: float | None = None) -> None:
-        """Wait for every rank. `hours`: how long a rank may wait here, for work that some ranks do
-        alone and that may outlast the backend's own limit (NCCL's 10 minutes), as the first process
-        of a machine encoding a corpus: through a gloo group with that timeout (made once a process)."""
-        if not self.enabled:
-            return
-        if hours is None:
+    def barrier(self) -> None:
+        if self.enabled:
             torch_dist.barrier()
-            return
-        if hours not in _patient:
-            _patient[hours] = torch_dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
-        torch_dist.barrier(group=_patient[hours])
 
 
 _current = Dist()
-_patient: dict[float, object] = {}  # `Dist.barrier`'s groups by timeout
 
 
 def current() -> Dist:
@@ -149,4 +138,3 @@ def teardown() -> None:
         gc.collect()
         torch_dist.destroy_process_group()
     _current = Dist()
-    _patient.clear()
