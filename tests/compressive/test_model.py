@@ -264,6 +264,16 @@ def test_an_edited_state_or_reassigned_weights_are_not_served_from_the_cache():
         assert torch.allclose(net(seq[:, 16:], state).logits, fresh, atol=1e-6)
         reset = net(seq[:, :16]).state.reset(torch.tensor([True, False]))  # (flags alone: the cache serves)
         assert reset.cache(net._weights_version()) is not None
+        attention = net.layers[0].attention
+        spare = torch.nn.Linear(*reversed(attention.key_value.weight.shape), bias=False)  # (made before)
+        for assign in (lambda: setattr(attention.key_value, "weight", torch.nn.Parameter(
+                            attention.key_value.weight * 1.1)),  # (a weight assigned by hand)
+                       lambda: setattr(attention, "key_value", spare)):  # (a module assigned whole)
+            state = net(seq[:, :16]).state
+            assign()
+            fresh = net(seq[:, 16:], state._replace(key_values=None)).logits
+            assert torch.allclose(net(seq[:, 16:], state).logits, fresh, atol=1e-6)
+            assert net(seq[:, 16:], state).state.cache(net._weights_version()) is not None  # (and served again)
 
 
 def test_inference_mode_runs_and_keeps_its_cache():

@@ -362,7 +362,7 @@ class Decoder:
             self.m += 1
 
 
-def _weights(model: CompressiveTransformer, version: tuple[int, int], k_cap: int, k_keys: int, block: int,
+def _weights(model: CompressiveTransformer, version: tuple[int, ...], k_cap: int, k_keys: int, block: int,
              stored: torch.dtype, convolution: bool) -> tuple[dict[str, torch.Tensor], list[int], dict]:
     """What every step reads of the model, by name, laid out as the steps read them; the rows of the
     compression's taps; and a dict for what users of the decoder derive from them (the hand-written

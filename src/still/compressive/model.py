@@ -64,6 +64,18 @@ from still.errors import check
 from still.layers import Dropout, dropout_add, relu_dropout
 
 _MODELS = itertools.count()  # each model's number, for `_weights_version`
+_registrations = 0  # parameters and submodules registered (assigned) in any module of this process
+
+
+def _registered(module: nn.Module, name: str, value: object) -> None:
+    """Count a parameter or submodule assigned to any module (PyTorch's global registration hooks):
+    weights assigned by hand are new tensors, which `_weights_version` must see."""
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_registered)
+nn.modules.module.register_module_module_registration_hook(_registered)
 
 BATCHED_RECONSTRUCTION = True
 """Training computes the attention-reconstruction losses of all layers in one batch of operators
@@ -389,15 +401,19 @@ class CompressiveTransformer(nn.Module):
             self.head.weight = self.embedding.weight
         self._identity = next(_MODELS)  # (another model's state carries another model's cache)
         self._weights, self._loads = list(self.parameters()), 0  # for the inference cache's version
+        self._registrations = _registrations
         self.register_load_state_dict_post_hook(_reloaded)
 
-    def _weights_version(self) -> tuple[int, int, int]:
+    def _weights_version(self) -> tuple[int, int, int, int]:
         """Which model, how many `load_state_dict` calls it has had (with `assign=True` they replace
-        the parameter tensors), and how many in-place writes its parameters have had (an optimizer
-        step, a `load_state_dict`): what a state's inference cache was made with. Writes through
-        `.data`, and parameters assigned by hand, are not counted: make the state anew
-        (`MemoryState.from_tensors(state.to_tensors())`)."""
-        return self._identity, self._loads, sum(p._version for p in self._weights)
+        the parameter tensors), how many parameters and submodules had been assigned in the process
+        when its parameters were last listed (one assigned by hand, here or in any module, lists them
+        again), and how many in-place writes they have had (an optimizer step, a `load_state_dict`):
+        what a state's inference cache was made with. Writes through `.data` are not counted: make
+        the state anew (`MemoryState.from_tensors(state.to_tensors())`)."""
+        if self._registrations != _registrations:
+            self._weights, self._registrations = list(self.parameters()), _registrations
+        return self._identity, self._loads, self._registrations, sum(p._version for p in self._weights)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
