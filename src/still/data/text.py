@@ -518,7 +518,7 @@ class TokenStreams:
         self.num_segments = max(row_segments)
         # per row: the step at which each of its pieces starts (and where the row ends), so that a step's
         # piece is found by bisection: a list a piece, not a pair a segment (PG-19's training books at
-        # segment 128 are 91 M segments, and the pairs took about 72 bytes each)
+        # segment 128 are 91 M segments, and the pairs took about 100 bytes each)
         self._starts = [list(itertools.accumulate((self._segments(sizes[p]) for p in row), initial=0))
                         for row in self.rows]
 
