@@ -474,9 +474,31 @@ def test_prompt_attention_leaves_what_it_cannot_take_to_pytorch():
                                        rows, keys, (0,), 4) is None  # d_head 8
         attention = RelativeMultiHeadAttention(32, 2).eval()
         assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows, keys, (0,), 4) is not None
-        assert native.prompt_attention(attention, torch.randn(1, 4, 32).bfloat16(), rows.bfloat16(), keys, (0,),
-                                       4) is None
+        assert native.prompt_attention(attention, torch.randn(1, 4, 32).half(), rows.half(), keys, (0,), 4) is None
+        assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows.bfloat16(), keys, (0,), 4) is None
     assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows, keys, (0,), 4) is None  # gradients
+
+
+@pytest.mark.parametrize("build", BUILDS, indirect=True)
+def test_bf16_prompt_attention_is_the_fp32_kernels_on_the_rounded_inputs(monkeypatch, build):
+    """Under bf16 autocast the prompt's queries and rows are bf16: the kernel reads them as fp32 (the
+    position table made in fp32 there too) and gives its outputs back in bf16."""
+    from still.compressive.attention import RelativeMultiHeadAttention
+
+    monkeypatch.setattr(native, "PROMPT_ONE_THREAD_BELOW", 0)
+    attention = RelativeMultiHeadAttention(64, 2).eval()
+    padding, length = (3, 0), 5
+    rows = torch.randn(2, 40, 128).bfloat16()
+    keys = torch.cat([torch.cat([torch.zeros(pad, dtype=torch.long), torch.randint(40, (20 - pad,))])
+                      for pad in padding])
+    queries = torch.randn(2, 10, 64).bfloat16()
+    with torch.no_grad():
+        with torch.autocast("cpu", enabled=False):
+            want = native.prompt_attention(attention, queries.float(), rows.float(), keys, padding, length)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = native.prompt_attention(attention, queries, rows, keys, padding, length)
+    assert got is not None and got.dtype == torch.bfloat16
+    assert torch.equal(got, want.bfloat16())
 
 
 @pytest.mark.parametrize("case", ["conv", "XL", "mean, post-norm"])

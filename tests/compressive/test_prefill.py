@@ -87,6 +87,35 @@ def test_prefill_under_bf16_autocast_gives_the_bf16_forward():
     assert again.key_values[0].dtype == torch.bfloat16
 
 
+def test_a_bf16_prefill_with_the_hand_written_attention_gives_the_pytorch_one(monkeypatch):
+    """Under bf16 autocast (`generate` with `compile`): the prompt's attention through the kernel,
+    the scores in fp32, within bf16's rounding of PyTorch's bf16 attention; the cache in bf16."""
+    from still.compressive import native
+
+    if native.library() is None:
+        pytest.skip("no C++ compiler builds the hand-written kernels here")
+    calls = []
+    attend = native.prompt_attention
+
+    def counted(*args):
+        out = attend(*args)
+        calls.append(out is not None)  # (None: PyTorch's attention instead)
+        return out
+
+    monkeypatch.setattr(native, "prompt_attention", counted)
+    config = CompressiveConfig(vocab_size=13, d_model=32, n_layers=3, n_heads=2, d_ff=64, mem_len=8, c_mem_len=8,
+                               compression_rate=4)  # (d_head 16: the kernel's smallest)
+    model = CompressiveTransformer(config).eval()
+    tokens = torch.randint(0, 13, (1, 40))
+    with autocast("bf16"):
+        want_logits, want = prefill(model, tokens, None, 8)
+        assert not calls
+        logits, got = prefill(model, tokens, None, 8, written=True)
+    assert calls and all(calls) and got.key_values[0].dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), want_logits.float(), atol=0.05, rtol=0)
+    _assert_same_state(got, want, atol=0.05)
+
+
 def test_the_plan_places_each_segments_keys_and_the_next_state_by_the_memory_rule():
     # 12 tokens in segments of 4, memory 4, compressed memory 2 at rate 2, from an empty state; the
     # rows are [cache (none), the prompt's 12, the new compressed slots'], so compressed slot j is row 12 + j
