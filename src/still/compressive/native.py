@@ -439,8 +439,8 @@ def prompt_attention(attention: torch.nn.Module, queries: torch.Tensor, rows: to
     read; keys (S K,): each segment's rows in `rows`, after its padding -> the heads' outputs (B, S L,
     d), before W_o. bf16 queries and rows (bf16 autocast) are read as fp32, and the outputs given
     back in bf16: the scores in fp32 from the rounded queries and keys, as the decoding step reads
-    them (a 512-token prompt at d_model 128 took 0.90x the time of PyTorch's bf16 attention, whose
-    flash kernel for the CPU and position product run in bf16). None where it cannot run (not fp32
+    them (a 512-token prompt at d_model 128 took 0.83x the time it took through PyTorch's flash
+    attention for the CPU and a bf16 position product: docs/benchmarks.md, session 39). None where it cannot run (not fp32
     or bf16 on the CPU, gradients, d_head not a multiple of 16 up to 128, or no library): then the
     caller's PyTorch path."""
     b, total, d = queries.shape
