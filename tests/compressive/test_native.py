@@ -475,6 +475,9 @@ def test_prompt_attention_leaves_what_it_cannot_take_to_pytorch():
         attention = RelativeMultiHeadAttention(32, 2).eval()
         assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows, keys, (0,), 4) is not None
         assert native.prompt_attention(attention, torch.randn(1, 4, 32).half(), rows.half(), keys, (0,), 4) is None
+        halved = RelativeMultiHeadAttention(32, 2).eval().bfloat16()  # (a model made bf16 whole: its weights)
+        assert native.prompt_attention(halved, torch.randn(1, 4, 32).bfloat16(), rows.bfloat16(), keys, (0,),
+                                       4) is None
         assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows.bfloat16(), keys, (0,), 4) is None
     assert native.prompt_attention(attention, torch.randn(1, 4, 32), rows, keys, (0,), 4) is None  # gradients
 

@@ -1,5 +1,6 @@
 """A corpus encoded once into the cache and mapped from there (`still.data.encoded`)."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -241,19 +242,29 @@ def test_a_relative_path_and_its_absolute_path_share_an_entry(tmp_path, root, re
 
 
 def test_what_a_killed_writer_left_and_replaced_entries_are_removed_a_day_later(tmp_path, root):
+    """A replaced entry is moved aside and kept a day from then (a run elsewhere may read it); a
+    temporary folder is a killed writer's where the lock is held, else after a day. Every load sweeps."""
     name = _books(tmp_path / "pg")
-    entry = entry_path(root, name, False)
-    root.mkdir()
-    killed, replaced, writing = (root / f".{entry.name}.x1.tmp", root / f".{entry.name}.x2.old",
-                                 root / f".{entry.name}.x3.tmp")
-    for folder in (killed, replaced, writing):
+    entry = load_encoded(name).entry
+    book = tmp_path / "pg" / "test" / "100.txt"
+    for i in range(2):  # two replacements in a row, the first entry 48 hours old: both kept aside
+        os.utime(entry, (time.time() - 48 * 3600,) * 2)
+        book.write_text(f"test book, edition {i}\n" * 5)
+        load_encoded(name)
+    assert len(_aside(root, ".old")) == 2
+    killed, old, fresh = (root / f".{entry.name}.x1.tmp", root / f".{entry.name}.x2.old",
+                          root / f".{entry.name}.x3.tmp")
+    for folder in (killed, old, fresh):
         folder.mkdir()
         (folder / "train.npy").write_bytes(b"half")
     day_ago = time.time() - 25 * 3600
-    for folder in (killed, replaced):
+    for folder in (killed, old, *(root / n for n in _aside(root, ".old"))):
         os.utime(folder, (day_ago, day_ago))
-    load_encoded(name)
-    assert _entries(root) == [entry.name] and _aside(root, ".tmp") == [writing.name] and not _aside(root, ".old")
+    load_encoded(name)  # (mapped: stale ones only)
+    assert _aside(root, ".tmp") == [fresh.name] and not _aside(root, ".old")
+    book.write_text("test book, edition 3\n" * 5)
+    load_encoded(name)  # (writing, under the lock: any temporary folder is a killed writer's)
+    assert not _aside(root, ".tmp") and len(_aside(root, ".old")) == 1 and _entries(root) == [entry.name]
 
 
 def test_an_entry_is_as_readable_as_the_files_beside_it(tmp_path, root):
@@ -280,11 +291,21 @@ def test_the_fingerprint_reads_only_what_a_loader_would_read(tmp_path, root, rea
 
 
 def test_two_processes_at_once_encode_the_corpus_once(tmp_path, root):
-    """The second waits on the entry's lock while the first encodes, then maps what it wrote."""
+    """The second waits on the entry's lock while the first encodes (which goes on only once the
+    second says it waits), then maps what it wrote."""
     name = _books(tmp_path / "pg")
-    script = (f"import time, still.data.encoded as e\n"
-              f"real = e._survey\n"
-              f"e._survey = lambda corpus: (time.sleep(2), real(corpus))[1]\n"
+    said = tmp_path / "waiting"
+    script = (f"import pathlib, time, still.data.encoded as e\n"
+              f"real_survey, real_log = e._survey, e.log\n"
+              f"def survey(corpus):\n"
+              f"    for _ in range(600):\n"
+              f"        if pathlib.Path({str(said)!r}).exists(): break\n"
+              f"        time.sleep(0.1)\n"
+              f"    return real_survey(corpus)\n"
+              f"def log(message):\n"
+              f"    real_log(message)\n"
+              f"    if 'waiting' in message: pathlib.Path({str(said)!r}).touch()\n"
+              f"e._survey, e.log = survey, log\n"
               f"corpus = e.load_encoded({name!r})\n"
               f"print(corpus.entry, sum(int(d.sum()) for d in corpus.split('train')[0]))\n")
     env = {**os.environ, "STILL_CORPUS_CACHE": str(root), "STILL_PROGRESS": "0"}
@@ -296,6 +317,74 @@ def test_two_processes_at_once_encode_the_corpus_once(tmp_path, root):
     assert said.count(f"encoded {name} once") == 1 and said.count("waiting for another process to encode") == 1
     assert len({out for out, _, _ in results}) == 1  # (the same entry, the same ids)
     assert _entries(root) == [entry_path(root, name, False).name] and not _aside(root, ".tmp")
+
+
+def test_two_threads_at_once_encode_the_corpus_once(tmp_path, root, monkeypatch, capsys):
+    """A POSIX lock is the process's: its threads wait on a lock of their own first."""
+    import threading
+
+    import still.data.encoded as encoded
+
+    name = _books(tmp_path / "pg")
+    real = encoded._survey
+    monkeypatch.setattr(encoded, "_survey", lambda corpus: (time.sleep(0.3), real(corpus))[1])  # (they overlap)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(load_encoded(name))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    said = capsys.readouterr().err
+    assert said.count(f"encoded {name} once") == 1 and len({r.entry for r in results}) == 1
+    assert len(results) == 4 and not _aside(root, ".tmp")
+
+
+def test_a_process_that_waited_for_a_writer_that_failed_reads_the_corpus_itself(tmp_path, root, monkeypatch,
+                                                                                 capsys):
+    """Where the lock's holder could not write the entry (a full disk), the others do not each try
+    again in turn, holding the lock: they read the corpus into memory."""
+    import threading
+
+    import still.data.encoded as encoded
+
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    writes, holding = [], threading.Event()
+
+    def full_disk(*args):
+        writes.append(1)
+        holding.set()
+        time.sleep(0.5)  # (the other thread comes to the lock meanwhile)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(encoded, "_write", full_disk)
+    results = []
+    first = threading.Thread(target=lambda: results.append(load_encoded(name)))
+    first.start()
+    holding.wait(30)
+    results.append(load_encoded(name))
+    first.join()
+    assert len(writes) == 1 and all(r.entry is None for r in results)
+    for result in results:
+        _assert_same(result, vocab, splits)
+    said = capsys.readouterr().err
+    assert "could not write the encoded corpus" in said and "the process that held the lock did not write" in said
+
+
+def test_a_folder_it_cannot_list_inside_the_corpus_is_passed_over(tmp_path, root, monkeypatch):
+    name = _books(tmp_path / "pg")
+    (tmp_path / "pg" / "lost+found").mkdir()
+    real = os.scandir
+
+    def refused(path):
+        if str(path).endswith("lost+found"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    stamp = fingerprint(name, False)
+    assert stamp is not None and len(stamp["files"]) == 6
+    assert load_encoded(name).entry is not None
 
 
 def test_without_a_cache_a_book_changed_between_its_reads_is_named_too(tmp_path, monkeypatch):

@@ -404,6 +404,7 @@ class CompressiveTransformer(nn.Module):
         self._registrations = _registrations
         self.register_load_state_dict_post_hook(_reloaded)
 
+    @torch.compiler.disable  # (a compiled forward would guard on the global count: recompiled at each module made)
     def _weights_version(self) -> tuple[int, int, int, int]:
         """Which model, how many `load_state_dict` calls it has had (with `assign=True` they replace
         the parameter tensors), how many parameters and submodules had been assigned in the process
@@ -411,8 +412,9 @@ class CompressiveTransformer(nn.Module):
         again), and how many in-place writes they have had (an optimizer step, a `load_state_dict`):
         what a state's inference cache was made with. Writes through `.data` are not counted: make
         the state anew (`MemoryState.from_tensors(state.to_tensors())`)."""
-        if self._registrations != _registrations:
-            self._weights, self._registrations = list(self.parameters()), _registrations
+        count = _registrations  # (read before listing: a registration meanwhile lists them again next time)
+        if self._registrations != count:
+            self._weights, self._registrations = list(self.parameters()), count
         return self._identity, self._loads, self._registrations, sum(p._version for p in self._weights)
 
     @staticmethod

@@ -440,15 +440,17 @@ def prompt_attention(attention: torch.nn.Module, queries: torch.Tensor, rows: to
     d), before W_o. bf16 queries and rows (bf16 autocast) are read as fp32, and the outputs given
     back in bf16: the scores in fp32 from the rounded queries and keys, as the decoding step reads
     them (a 512-token prompt at d_model 128 took 0.83x the time it took through PyTorch's flash
-    attention for the CPU and a bf16 position product: docs/benchmarks.md, session 39). None where it cannot run (not fp32
-    or bf16 on the CPU, gradients, d_head not a multiple of 16 up to 128, or no library): then the
-    caller's PyTorch path."""
+    attention for the CPU and a bf16 position product: docs/benchmarks.md, session 39). None where
+    it cannot run (not fp32 or bf16 on the CPU, weights not fp32, gradients, d_head not a multiple
+    of 16 up to 128, or no library): then the caller's PyTorch path."""
     b, total, d = queries.shape
     heads = attention.n_heads
     d_head = d // heads
     given = queries.dtype
     if (queries.device.type != "cpu" or given not in (torch.float32, torch.bfloat16) or rows.dtype != given
-            or torch.is_grad_enabled() or d_head % 16 or d_head > 128):
+            or torch.is_grad_enabled() or d_head % 16 or d_head > 128
+            or any(t.dtype != torch.float32 for t in (attention.position.weight, attention.content_bias,
+                                                      attention.position_bias))):  # (weights in fp32 only)
         return None
     lib = library()
     if lib is None:

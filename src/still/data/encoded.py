@@ -35,12 +35,14 @@ permission) is said, and the run goes on with its ids in memory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,8 +148,13 @@ def _list_files(folder: str, prefix: str, seen: set[str], files: list[list]) -> 
     if real in seen:  # (a link back up the tree)
         return
     seen.add(real)
-    with os.scandir(folder) as listing:
-        entries = sorted(listing, key=lambda entry: entry.name)
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:
+        if not prefix:
+            raise  # (the corpus's own folder: no fingerprint)
+        return  # (a folder it cannot list, as `lost+found`, holds nothing a loader reads)
     for entry in entries:
         if entry.is_dir():
             _list_files(entry.path, f"{prefix}{entry.name}/", seen, files)
@@ -174,63 +181,96 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
         corpus = load_corpus(name, cache=cache, byte_level=byte_level, splits=SPLITS if vocab is None else splits)
         return _in_memory(corpus, vocab, splits) if vocab is not None else _in_memory(corpus, *_survey(corpus))
     entry = entry_path(root, name, byte_level)
+    _sweep(entry)
     found = _open(entry, stamp, vocab, splits)
     if found is not None:
         return found
     if vocab is not None:
         corpus = load_corpus(name, cache=cache, byte_level=byte_level, splits=splits)
         return _in_memory(corpus, vocab, splits)
-    with _locked(entry, name):
+    with _locked(entry, name) as waited:
         found = _open(entry, stamp, None, splits, say=False)  # (made by the process that held the lock)
         if found is not None:
             return found
-        corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (a file a document: read as needed)
-        vocab, lengths = _survey(corpus)
-        try:
-            size = _write(entry, corpus, vocab, lengths, stamp)
-        except OSError as e:
-            log(f"could not write the encoded corpus to {entry.parent} ({e.strerror or e}): "
-                "this run keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
-            return _in_memory(corpus, vocab, lengths)
-        allocator.give_back()  # (the texts' memory: nothing reads them again)
-        found = _open(entry, stamp, vocab, splits)
-        if found is None:  # (replaced meanwhile by a process that took no lock: another machine's)
-            return _in_memory(corpus, vocab, lengths)
-        shown = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
-        log(f"encoded {name} once into {entry} ({shown}): later runs, `lm eval` and every process "
-            "read its ids from there")
-        return found
+        if not waited:  # (else the process before failed to write it: this one would too, and keep the others waiting)
+            _sweep(entry, writing=True)
+            corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (a file a document: read as needed)
+            vocab, lengths = _survey(corpus)
+            try:
+                size, placed = _write(entry, corpus, vocab, lengths, stamp)
+            except OSError as e:
+                log(f"could not write the encoded corpus to {entry.parent} ({e.strerror or e}): "
+                    "this run keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
+                return _in_memory(corpus, vocab, lengths)
+            allocator.give_back()  # (the texts' memory: nothing reads them again)
+            found = _open(entry, stamp, vocab, splits)
+            if found is not None:
+                if placed:
+                    shown = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
+                    log(f"encoded {name} once into {entry} ({shown}): later runs, `lm eval` and every process "
+                        "read its ids from there")
+                return found
+            return _in_memory(corpus, vocab, lengths)  # (replaced meanwhile by another machine's, without a lock)
+    log(f"the process that held the lock did not write {entry}: this one reads {name} into memory")
+    corpus = load_corpus(name, cache=cache, byte_level=byte_level)
+    return _in_memory(corpus, *_survey(corpus))
+
+
+_THREAD_LOCKS: dict[Path, threading.Lock] = {}  # a POSIX lock is the process's: its threads take these first
+_THREAD_LOCKS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _locked(entry: Path, name: str) -> Iterator[None]:
-    """Hold `entry`'s lock: a POSIX lock (`fcntl.lockf`, which NFS also honours) on `.<entry>.lock`
-    beside it, released when the process ends however it ends. Says so where another process holds
-    it, and waits. Where no lock can be had (no fcntl, a cache folder that cannot be written), goes
-    on without one: the entry is still renamed into place whole."""
+def _locked(entry: Path, name: str) -> Iterator[bool]:
+    """Hold `entry`'s lock, and say (yield) whether another process or thread held it first: a
+    `threading.Lock` of this process, then a POSIX lock (`fcntl.lockf`, which NFS also honours) on
+    `.<entry>.lock` beside it, released when the process ends however it ends. Says so where another
+    holds it, and waits. Where no POSIX lock can be had (no fcntl, a lock file it cannot open, a file
+    system without locks), says so and goes on without one: the entry is still renamed into place whole."""
+    with _THREAD_LOCKS_LOCK:
+        thread_lock = _THREAD_LOCKS.setdefault(entry, threading.Lock())
+    waited = not thread_lock.acquire(blocking=False)
+    if waited:
+        log(f"waiting for another thread to encode {name} into {entry}")
+        thread_lock.acquire()
+    try:
+        with _process_lock(entry, name) as process_waited:
+            yield waited or process_waited
+    finally:
+        thread_lock.release()
+
+
+@contextlib.contextmanager
+def _process_lock(entry: Path, name: str) -> Iterator[bool]:
     try:
         import fcntl
     except ImportError:  # (not a POSIX system)
-        yield
+        yield False
         return
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         handle = open(entry.parent / f".{entry.name}.lock", "a+b")  # noqa: SIM115 - held across the yield
-    except OSError:
-        yield
+    except OSError as e:
+        log(f"cannot open the lock of {entry} ({e.strerror or e}): encoding without it")
+        yield False
         return
     with handle:
+        waited = False
         try:
             try:
                 fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):  # (held: EAGAIN, or EACCES on some systems)
+                    raise
                 log(f"waiting for another process to encode {name} into {entry}")
+                waited = True
                 fcntl.lockf(handle, fcntl.LOCK_EX)
-        except OSError:  # (a file system without locks)
-            yield
+        except OSError as e:  # (a file system without locks)
+            log(f"cannot lock {entry} ({e.strerror or e}): encoding without the lock")
+            yield waited
             return
         try:
-            yield
+            yield waited
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
 
@@ -282,23 +322,31 @@ def _survey(corpus: Corpus) -> tuple[Vocab, dict[str, list[int]]]:
     return Vocab(byte_level=True) if corpus.byte_level else Vocab.of_characters(present), lengths
 
 
-def _sweep(entry: Path) -> None:
-    """Remove the replaced entries and killed writers' temporary folders of `entry` untouched for
-    `STALE_HOURS` (a first encoding of PG-19 takes minutes: a folder that old is no process's work)."""
-    for left in entry.parent.glob(f".{glob.escape(entry.name)}.*"):
+def _sweep(entry: Path, writing: bool = False) -> None:
+    """Remove the replaced entries of `entry` (moved aside, then touched: `_write`) and killed writers'
+    temporary folders untouched for `STALE_HOURS` (a first encoding of PG-19 takes minutes: a
+    folder that old is no process's work). `writing`: this process holds the entry's lock, so every
+    temporary folder is a killed writer's, whatever its age."""
+    try:
+        left_behind = list(entry.parent.glob(f".{glob.escape(entry.name)}.*"))
+    except OSError:
+        return
+    for left in left_behind:
         try:
             stale = time.time() - left.stat().st_mtime > STALE_HOURS * 3600
         except OSError:
             continue
-        if stale and left.name.endswith((".tmp", ".old")) and left.is_dir():
+        if ((stale and left.name.endswith((".tmp", ".old"))) or (writing and left.name.endswith(".tmp"))) \
+                and left.is_dir():
             shutil.rmtree(left, ignore_errors=True)
 
 
-def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[int]], stamp: dict) -> int:
+def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[int]],
+           stamp: dict) -> tuple[int, bool]:
     """Write the entry (into a temporary folder beside it, flushed, then renamed over it), a document
-    at a time (`lengths`: each one's number of ids, `_survey`); its size in bytes."""
+    at a time (`lengths`: each one's number of ids, `_survey`): its size in bytes, and whether it was
+    placed (not where another process without the lock placed one first)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(entry)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
     try:
         dtype = _numpy_dtype(vocab)
@@ -321,10 +369,18 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
                                                              "dtype": dtype.name, "splits": sizes}) + "\n")
         size = sum(f.stat().st_size for f in tmp.iterdir())
         os.chmod(tmp, 0o777 & ~_umask())  # (mkdtemp makes it private: others sharing the cache read it too)
-        if entry.exists():  # aside, for `_sweep` to remove: a run elsewhere may still be reading it
-            os.replace(entry, tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent))
-        os.replace(tmp, entry)
-        return size
+        if entry.exists():  # aside, for `_sweep` to remove a day later: a run elsewhere may still be reading it
+            aside = tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent)
+            os.replace(entry, aside)
+            os.utime(aside)  # (a renamed folder keeps its time: its day starts now)
+        try:
+            os.replace(tmp, entry)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # (another process, without the lock, placed one: it stands)
+            return size, False
+        return size, True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
