@@ -27,10 +27,11 @@ SHA-256). A file changed, added or removed since makes a new encoding, which rep
 Writers take the entry's lock (a lock of the process's threads, then a POSIX lock on `.<entry>.lock`
 beside it, which NFS also honours): one process makes a missing entry while the others (torchrun's,
 or another run) wait for it, then map it; where the holder could not write it, they read the corpus
-into memory rather than each try again. The entry is written into a temporary folder, flushed to disk and renamed into place; a
-replaced entry is moved aside and removed a day later (a run elsewhere may still be reading it), as
-is a temporary folder left by a writer that was killed. One that cannot be written (a full disk, no
-permission) is said, and the run goes on with its ids in memory.
+into memory rather than each try again. The entry is written into a temporary folder, flushed to
+disk and renamed into place; a replaced entry is moved aside and removed a day later (a run
+elsewhere may still be reading it), as is a temporary folder left by a writer that was killed. An
+entry that cannot be written (a full disk, no permission) is said, and the run goes on with its ids
+in memory.
 """
 
 from __future__ import annotations
