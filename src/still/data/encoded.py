@@ -179,17 +179,16 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
     name = absolute_corpus(name)  # (one entry whatever the working directory)
     root = corpora_root(cache)
     stamp = fingerprint(name, byte_level) if root is not None else None
-    if stamp is None:
-        corpus = load_corpus(name, cache=cache, byte_level=byte_level, splits=SPLITS if vocab is None else splits)
-        return _in_memory(corpus, vocab, splits) if vocab is not None else _in_memory(corpus, *_survey(corpus))
-    entry = entry_path(root, name, byte_level)
-    _sweep(entry)
-    found = _open(entry, stamp, vocab, splits)
-    if found is not None:
-        return found
+    if stamp is not None:
+        entry = entry_path(root, name, byte_level)
+        _sweep(entry)
+        found = _open(entry, stamp, vocab, splits)
+        if found is not None:
+            return found
     if vocab is not None:
-        corpus = load_corpus(name, cache=cache, byte_level=byte_level, splits=splits)
-        return _in_memory(corpus, vocab, splits)
+        return _in_memory(load_corpus(name, cache=cache, byte_level=byte_level, splits=splits), vocab, splits)
+    if stamp is None:
+        return _read_into_memory(name, cache, byte_level)
     with _locked(entry, name) as waited:
         found = _open(entry, stamp, None, splits, say=False)  # (made by the process that held the lock)
         if found is not None:
@@ -203,7 +202,7 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
             except OSError as e:
                 log(f"could not write the encoded corpus to {entry.parent} ({e.strerror or e}): "
                     "this run keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
-                return _in_memory(corpus, vocab, lengths)
+                return _in_memory(corpus, vocab, lengths=lengths)
             allocator.give_back()  # (the texts' memory: nothing reads them again)
             found = _open(entry, stamp, vocab, splits)
             if found is not None:
@@ -212,10 +211,16 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
                     log(f"encoded {name} once into {entry} ({shown}): later runs, `lm eval` and every process "
                         "read its ids from there")
                 return found
-            return _in_memory(corpus, vocab, lengths)  # (replaced meanwhile by another machine's, without a lock)
+            return _in_memory(corpus, vocab, lengths=lengths)  # (replaced meanwhile, by a writer without the lock)
     log(f"the process that held the lock did not write {entry}: this one reads {name} into memory")
+    return _read_into_memory(name, cache, byte_level)
+
+
+def _read_into_memory(name: str, cache: str | Path | None, byte_level: bool) -> EncodedCorpus:
+    """Every split read, its vocabulary built and its ids held in memory (no entry)."""
     corpus = load_corpus(name, cache=cache, byte_level=byte_level)
-    return _in_memory(corpus, *_survey(corpus))
+    vocab, lengths = _survey(corpus)
+    return _in_memory(corpus, vocab, lengths=lengths)
 
 
 _THREAD_LOCKS: dict[Path, threading.Lock] = {}  # a POSIX lock is the process's: its threads take these first
@@ -277,14 +282,15 @@ def _process_lock(entry: Path, name: str) -> Iterator[bool]:
             fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
-def _in_memory(corpus: Corpus, vocab: Vocab, splits: tuple[str, ...] | dict[str, list[int]]) -> EncodedCorpus:
-    """The splits' ids held in memory. `splits` as `_survey`'s lengths: every split, read twice (a
-    document changed between the reads is named as such)."""
+def _in_memory(corpus: Corpus, vocab: Vocab, splits: tuple[str, ...] = SPLITS,
+               lengths: dict[str, list[int]] | None = None) -> EncodedCorpus:
+    """The `splits`' ids held in memory. `lengths`: `_survey`'s, which read every document once
+    already (one changed between the reads is named as such)."""
     encoded = {}
     for split in splits:
         docs = corpus.split(split)
-        lengths = splits[split] if isinstance(splits, dict) else [None] * len(docs)
-        encoded[split] = ([_encode(d, corpus, vocab, n) for d, n in zip(docs, lengths)], [d.name for d in docs])
+        counted = lengths[split] if lengths is not None else [None] * len(docs)
+        encoded[split] = ([_encode(d, corpus, vocab, n) for d, n in zip(docs, counted)], [d.name for d in docs])
     return EncodedCorpus(corpus.name, vocab, encoded)
 
 
@@ -293,13 +299,13 @@ def _encode(document, corpus: Corpus, vocab: Vocab, length: int | None) -> torch
     the document whole and made `vocab` with it: a mismatch, or a character outside `vocab`, is a
     change since."""
     source = f"{corpus.name}/{document.name}"
-    if length is None:
-        return vocab.encode(document.text, source, vocab.compact_dtype)
     try:
         ids = vocab.encode(document.text, source, vocab.compact_dtype)
     except StillError as e:
+        if length is None:
+            raise
         raise StillError(f"{source} changed while it was being encoded ({e}): run again") from None
-    if len(ids) != length:
+    if length is not None and len(ids) != length:
         raise StillError(f"{source} changed while it was being encoded: run again")
     return ids
 
