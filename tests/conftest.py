@@ -92,6 +92,16 @@ def cifar_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def reads(monkeypatch):
+    """The names of the corpus files read from now on (`still.data.text._read`'s calls)."""
+    import still.data.text as text
+
+    read, real = [], text._read
+    monkeypatch.setattr(text, "_read", lambda path, byte_level: read.append(path.name) or real(path, byte_level))
+    return read
+
+
 HAMLET = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
           "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n")
 

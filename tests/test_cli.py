@@ -177,3 +177,54 @@ def test_evaluation_and_generation_refuse_torchrun(capsys, tmp_path, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_cli(capsys, *command, str(tmp_path / "run"))
     assert code == 2 and f"`still {' '.join(command)}` runs in one process: start it without torchrun" in err
+
+
+def _corpus(folder, words="to be, or not to be"):
+    folder.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        (folder / split).mkdir()
+        (folder / split / "1.txt").write_text(f"{split}: {words}\n" * 20)
+    return f"pg19:{folder}"
+
+
+def test_data_list_shows_the_cache_and_clear_removes_what_it_is_told(capsys, tmp_path, monkeypatch):
+    from still.data.encoded import load_encoded
+
+    root = tmp_path / "corpora"
+    monkeypatch.setenv("STILL_CORPUS_CACHE", str(root))
+    kept, changed = _corpus(tmp_path / "kept"), _corpus(tmp_path / "changed")
+    kept_entries = [load_encoded(kept, byte_level=b).entry for b in (False, True)]
+    changed_entry = load_encoded(changed).entry
+    (tmp_path / "changed" / "test" / "1.txt").write_text("another\n")
+    replaced = root / f".{kept_entries[0].name}.x1.old"
+    replaced.mkdir()
+    (replaced / "train.npy").write_bytes(b"1" * 3000)
+    (tmp_path / "cache" / "mnist").mkdir(parents=True)
+    (tmp_path / "cache" / "mnist" / "mnist.pkl.gz").write_bytes(b"garbage")
+
+    code, out, err = run_cli(capsys, "data", "list", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "corrupt" in lines["mnist"] and "not fetched" in lines["shakespeare"]
+    assert f"{kept} (characters)" in lines[kept_entries[0].name] and "current" in lines[kept_entries[0].name]
+    assert f"{kept} (bytes)" in lines[kept_entries[1].name]
+    assert "corpus changed" in lines[changed_entry.name] and "1 entry is not current" in out
+    assert "Left beside them: 1 replaced entry or temporary folder, 2.9 KiB" in out
+
+    assert_user_error(capsys, "data", "clear", contains="say what to remove")
+    assert_user_error(capsys, "data", "clear", kept, "pg19:/nowhere", contains="no encoded corpus 'pg19:/nowhere'")
+    assert all(e.is_dir() for e in [*kept_entries, changed_entry])  # (nothing removed)
+
+    code, out, err = run_cli(capsys, "data", "clear", "--stale")
+    assert code == 0 and "removed 2 folders" in out, (out, err)
+    assert all(e.is_dir() for e in kept_entries) and not changed_entry.exists() and not replaced.exists()
+    code, out, err = run_cli(capsys, "data", "clear", kept)  # (a corpus by name: both of its kinds)
+    assert code == 0 and "removed 2 folders" in out and not any(e.exists() for e in kept_entries), (out, err)
+    load_encoded(kept)
+    code, out, err = run_cli(capsys, "data", "clear", "--all")
+    assert code == 0 and "removed 1 folder" in out and not any(p.is_dir() for p in root.iterdir())
+
+    monkeypatch.setenv("STILL_CORPUS_CACHE", "off")
+    code, out, _ = run_cli(capsys, "data", "list", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0 and "none are kept (STILL_CORPUS_CACHE is off)" in out
+    assert_user_error(capsys, "data", "clear", "--all", contains="STILL_CORPUS_CACHE is off")

