@@ -419,6 +419,39 @@ def test_a_call_of_several_segments_scores_as_one_call_a_segment(reset):
                                    atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_several_segments_a_call_take_the_hand_written_attention_where_it_runs(precision, monkeypatch):
+    """A scorer's calls of several segments compute their attention by the hand-written prompt
+    kernel (`native.prompt_attention`, fp32 or bf16 on the CPU), `written=False` by PyTorch's: the
+    same losses to rounding, and the same memories after."""
+    import still.compressive.native as native
+    from still.compressive.generate import StreamScorer
+    from still.train.precision import autocast
+
+    if native.library() is None:
+        pytest.skip("no C++ compiler here: the hand-written kernels cannot be built")
+    calls, real = [], native.prompt_attention
+
+    def written_attention(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)  # (None: it could not run, and PyTorch's did)
+        return out
+
+    monkeypatch.setattr(native, "prompt_attention", written_attention)
+    _, model = _streams_and_model(2)
+    model.eval()
+    inputs, targets = torch.randint(3, 20, (2, 40)), torch.randint(3, 20, (2, 40))
+    got = {}
+    for written in (True, False):
+        calls.clear()
+        with torch.no_grad(), autocast(precision), StreamScorer(model, 2, segment_len=8, written=written) as scorer:
+            got[written] = [scorer(inputs, targets), scorer(inputs[:, :16], targets[:, :16])]
+        assert calls == ([True] * len(calls) if written else []) and (calls or not written)
+    atol = 1e-5 if precision == "fp32" else 2e-2
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
 def test_which_scorers_take_several_segments_a_call():
     from still.compressive.generate import LAYERWISE_LOGITS, LAYERWISE_ROWS, LAYERWISE_TOKENS, StreamScorer
     from still.errors import StillError

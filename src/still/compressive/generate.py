@@ -394,10 +394,13 @@ class StreamScorer:
     a call should take for speed: `LAYERWISE_TOKENS` tokens' worth (fewer where the logits would
     pass `LAYERWISE_LOGITS` numbers) for an unsharded scorer of at most `LAYERWISE_ROWS` rows a
     segment on the CPU, else 1 (`evaluate_streams` gives it that). Several segments a call are
-    computed without gradients.
+    computed without gradients, their attention (fp32 or bf16, on the CPU) by the hand-written
+    prompt kernel where it can run (`native.prompt_attention`; `written=False`: PyTorch's): at the
+    reference preset, batch 1 to 4, 1.08-1.21x the tokens a second (docs/performance.md, session 40).
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int, shards: int = 1, segment_len: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, shards: int = 1, segment_len: int | None = None,
+                 written: bool = True) -> None:
         if batch < 1 or shards < 1:
             raise StillError(f"batch and shards must be >= 1, got {batch} and {shards}")
         if segment_len is not None and segment_len < 1:
@@ -411,6 +414,7 @@ class StreamScorer:
         self.states: list[MemoryState | None] = [None] * shards  # each shard's memories
         self._pool = ShardPool(shards) if shards > 1 else None
         self.segment_len = segment_len
+        self.written = written
         self.chunk = 1
         if (segment_len is not None and shards == 1 and self.device.type == "cpu"
                 and batch * segment_len <= LAYERWISE_ROWS and supports_model(model)):
@@ -450,7 +454,7 @@ class StreamScorer:
             if reset is not None and state is not None:
                 state = None if bool(reset.all()) else state.reset(reset)  # every row anew: as no memories
             logits, self.states[i] = prefill(self.model, inputs[rows].to(self.device), state, self.segment_len,
-                                             all_logits=True)
+                                             all_logits=True, written=self.written)
         else:
             out = self.model(inputs[rows].to(self.device), self.states[i], reset=reset)
             logits, self.states[i] = out.logits, out.state

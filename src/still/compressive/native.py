@@ -452,7 +452,7 @@ def prompt_attention(attention: torch.nn.Module, queries: torch.Tensor, rows: to
             or any(t.dtype != torch.float32 for t in (attention.position.weight, attention.content_bias,
                                                       attention.position_bias))):  # (weights in fp32 only)
         return None
-    lib = library()
+    lib = library(fallback="PyTorch's attention")
     if lib is None:
         return None
     s = len(padding)
