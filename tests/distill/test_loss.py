@@ -171,3 +171,19 @@ def test_unlabelled_examples_drop_out_of_the_hard_term():
     got = distillation_loss(z, some, v, temperature=2.0, alpha=0.5)
     expected = 0.5 * soft + 0.5 * F.cross_entropy(z[[0, 2]], some[[0, 2]])  # the mean over the labelled two
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("soft_loss, temperature", [("kl", 1.0), ("kl", 3.0), ("logit_matching", 1.0)])
+def test_log_probabilities_stand_for_logits(soft_loss, temperature):
+    """A student and a teacher that end in log_softmax: the same loss, and the same gradient
+    reaching the logits before it."""
+    torch.manual_seed(0)
+    z, v, y = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    losses, grads = [], []
+    for ending in (lambda t: t, lambda t: F.log_softmax(t, -1)):
+        loss = distillation_loss(ending(z), y, ending(v), temperature=temperature, alpha=0.7, soft_loss=soft_loss)
+        (grad,) = torch.autograd.grad(loss, z)
+        losses.append(loss.item())
+        grads.append(grad)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

@@ -271,3 +271,36 @@ def test_a_teacher_returning_something_else_is_named():
         Teacher(Wrapped("scores")).log_probs(torch.randn(2, 12), 2.0)
     with pytest.raises(StillError, match="returned a dict"):
         CachedTeacher.build(EnsembleTeacher([Wrapped("scores")]), torch.randn(2, 12))
+
+
+class _Ending(torch.nn.Module):
+    """small_net(0), its logits passed through `ending` (log_softmax, softmax)."""
+
+    def __init__(self, ending):
+        super().__init__()
+        self.net, self.ending = small_net(0), ending
+
+    def forward(self, x):
+        return self.ending(self.net(x), dim=-1)
+
+
+def test_a_teacher_ending_in_log_softmax_gives_its_logits_soft_targets():
+    x = torch.randn(6, 12)
+    for temperature in (1.0, 4.0):
+        want = Teacher(small_net(0)).log_probs(x, temperature)
+        for teacher in (Teacher(_Ending(F.log_softmax)), EnsembleTeacher([_Ending(F.log_softmax), small_net(0)])):
+            torch.testing.assert_close(teacher.log_probs(x, temperature), want, atol=1e-6, rtol=0)
+        cached = CachedTeacher.build(Teacher(_Ending(F.log_softmax)), x)
+        torch.testing.assert_close(cached.log_probs(torch.arange(6), temperature), want, atol=1e-6, rtol=0)
+
+
+def test_a_teacher_returning_probabilities_is_refused():
+    x = torch.randn(6, 12)
+    for teacher in (Teacher(_Ending(F.softmax)), EnsembleTeacher([small_net(1), _Ending(F.softmax)])):
+        with pytest.raises(StillError, match="returns probabilities .* not logits"):
+            teacher.log_probs(x, 2.0)
+    with pytest.raises(StillError, match="returns probabilities"):
+        CachedTeacher.build(Teacher(_Ending(F.softmax)), x)
+    # logits that happen to lie in [0, 1] are not mistaken for them, nor one class's
+    torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.full((3, 4), 0.2)), torch.full((3, 4), 0.2))
+    torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.ones(3, 1)), torch.ones(3, 1))

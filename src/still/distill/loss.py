@@ -119,7 +119,10 @@ def distillation_loss(
     """alpha * T^2 * KL(p || q) + (1 - alpha) * CE(z, y). `alpha` weights the SOFT targets.
 
     Give the teacher either as logits (`teacher_logits`, v) or as soft targets already at
-    temperature T (`teacher_log_probs`, e.g. an ensemble's). With `soft_loss="logit_matching"`
+    temperature T (`teacher_log_probs`, e.g. an ensemble's). Either model's log-probabilities at
+    T = 1 (a model ending in `log_softmax`) may stand for its logits, with the same loss and
+    gradients: they differ by a constant per example, which the softmax removes; but not as
+    `teacher_log_probs` where T != 1, and never probabilities. With `soft_loss="logit_matching"`
     the soft term is `logit_matching_loss` (needs `teacher_logits`).
     `labels` may be None only when alpha == 1; a label of -100 drops its example from the hard
     term (PyTorch's `ignore_index`), not from the soft one. The teacher's outputs are constants: no

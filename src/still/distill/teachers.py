@@ -10,6 +10,12 @@ back as float32. Its output may be the logits (B, C) themselves, or hold them th
 models and others do: an object's `.logits`, a mapping's "logits", or the first element of a tuple
 or list. Anything else is refused with a `StillError` naming what the model returned.
 
+A model that ends in `log_softmax` (as PyTorch's MNIST example does) gives the same soft targets as
+its logits: log-probabilities differ from them by a constant per example, which the softmax at any
+temperature removes (and logit matching's mean). Probabilities (a final `softmax`) do not: their
+soft targets would be nearly uniform. A model's first output is checked for them (every row
+non-negative and summing to 1), and such a model is refused, once, with a `StillError` saying so.
+
 Ensembles (Hinton et al. 2015, sections 1 and 4): the soft targets of M members at temperature T
 are either the arithmetic mean of their distributions,
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -87,7 +94,25 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise StillError(f"the teacher's model returned a {type(out).__name__}{inner}; expected its logits "
                          "(batch, classes) as a tensor, or as the .logits, the 'logits' entry or the first "
                          "element of what it returns")
-    return logits.float()
+    logits = logits.float()
+    if model not in _CHECKED:  # (its first output only: a look at the values waits for a GPU)
+        if _probabilities(logits):
+            raise StillError("the teacher's model returns probabilities (every row is non-negative and sums to 1), "
+                             "not logits: its soft targets would be nearly uniform; give its logits or "
+                             "log-probabilities (leave out its final softmax, or wrap it to return the log)")
+        _CHECKED.add(model)
+    return logits
+
+
+_CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the models whose first output was looked at
+
+
+def _probabilities(logits: torch.Tensor) -> bool:
+    """Whether every row of `logits` (B, C), C >= 2, looks like a distribution: in [0, 1], summing to 1."""
+    if logits.ndim != 2 or logits.shape[1] < 2 or logits.numel() == 0:
+        return False
+    sums = logits.sum(-1)
+    return bool(((logits >= 0) & (logits <= 1)).all() and ((sums - 1).abs() < 1e-3).all())
 
 
 def _freeze(model: nn.Module) -> nn.Module:
