@@ -1,5 +1,7 @@
 """Every bad input the user can give ends with a clear message and exit code 2, no traceback."""
 
+import os
+
 import pytest
 
 from helpers import assert_user_error, run_cli
@@ -209,7 +211,7 @@ def test_data_list_shows_the_cache_and_clear_removes_what_it_is_told(capsys, tmp
     assert f"{kept} (characters)" in lines[kept_entries[0].name] and "current" in lines[kept_entries[0].name]
     assert f"{kept} (bytes)" in lines[kept_entries[1].name]
     assert "corpus changed" in lines[changed_entry.name] and "1 entry is not current" in out
-    assert "Left beside them: 1 replaced entry or temporary folder, 2.9 KiB" in out
+    assert "Left beside them: 1 folder, 2.9 KiB: replaced entries and temporary ones" in out
 
     assert_user_error(capsys, "data", "clear", contains="say what to remove")
     assert_user_error(capsys, "data", "clear", kept, "pg19:/nowhere", contains="no encoded corpus 'pg19:/nowhere'")
@@ -221,8 +223,24 @@ def test_data_list_shows_the_cache_and_clear_removes_what_it_is_told(capsys, tmp
     code, out, err = run_cli(capsys, "data", "clear", kept)  # (a corpus by name: both of its kinds)
     assert code == 0 and "removed 2 folders" in out and not any(e.exists() for e in kept_entries), (out, err)
     load_encoded(kept)
+    (root / "important_dataset").mkdir()  # (not an entry: --all leaves it)
     code, out, err = run_cli(capsys, "data", "clear", "--all")
-    assert code == 0 and "removed 1 folder" in out and not any(p.is_dir() for p in root.iterdir())
+    assert code == 0 and "removed 1 folder" in out, (out, err)
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["important_dataset"]
+
+    import still.data.encoded as encoded
+
+    entry = load_encoded(kept).entry
+
+    def rmtree(path, onexc=None, onerror=None):  # (the aside's files cannot be removed)
+        error = OSError(5, "I/O")
+        onexc(os.unlink, str(path), error) if onexc else onerror(os.unlink, str(path), (OSError, error, None))
+
+    monkeypatch.setattr(encoded.shutil, "rmtree", rmtree)
+    code, out, err = run_cli(capsys, "data", "clear", kept)
+    assert code == 1 and "removed 0 folders" in out and f"left {entry.name}: cannot remove it (I/O)" in err
+    monkeypatch.undo()
+    monkeypatch.setenv("STILL_CORPUS_CACHE", str(root))
 
     monkeypatch.setenv("STILL_CORPUS_CACHE", "off")
     code, out, _ = run_cli(capsys, "data", "list", "--cache-dir", str(tmp_path / "cache"))

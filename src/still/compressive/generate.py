@@ -396,7 +396,7 @@ class StreamScorer:
     segment on the CPU, else 1 (`evaluate_streams` gives it that). Several segments a call are
     computed without gradients, their attention (fp32 or bf16, on the CPU) by the hand-written
     prompt kernel where it can run (`native.prompt_attention`; `written=False`: PyTorch's): at the
-    reference preset, batch 1 to 4, 1.08-1.21x the tokens a second (docs/performance.md, session 40).
+    reference preset, batch 1 to 4, 1.08-1.20x the tokens a second (docs/performance.md, session 40).
     """
 
     def __init__(self, model: torch.nn.Module, batch: int, shards: int = 1, segment_len: int | None = None,

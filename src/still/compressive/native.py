@@ -54,6 +54,8 @@ BARRIER_SPIN_NS = 50_000  # how long a thread spins at a barrier for the others 
 COMPRESS_GROUPS = 8  # the most compressing steps whose compressions are computed together
 _COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
 _LIBRARY: list[ctypes.CDLL | None] = []
+_LIBRARY_LOCK = threading.Lock()
+STEP_LIBRARY = "decoding step and prompt attention"  # what `SOURCE` builds, as messages name it
 ATTENTION_SOURCE = Path(__file__).with_name("native_attention.cpp")
 # once built: the attention library as loaded, where its bf16 kernels run here, where its fp32 ones do (else None)
 _ATTENTION: list[ctypes.CDLL | None] = []
@@ -74,13 +76,14 @@ def library(fallback: str = "the compiled one") -> ctypes.CDLL | None:
     """The built and loaded step (built at the first call of the process where not cached); None,
     with the reason printed once (and the first caller's `fallback`, what runs instead), where it
     cannot be built."""
-    if not _LIBRARY:
-        try:
-            _LIBRARY.append(_load(_build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            log(f"the hand-written decoding step is unavailable ({error}); using {fallback}")
-            _LIBRARY.append(None)
-    return _LIBRARY[0]
+    with _LIBRARY_LOCK:  # (evaluation's shards may reach their first prompt attention together)
+        if not _LIBRARY:
+            try:
+                _LIBRARY.append(_load(_build()))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                log(f"the hand-written {STEP_LIBRARY} are unavailable ({error}); using {fallback}")
+                _LIBRARY.append(None)
+        return _LIBRARY[0]
 
 
 def attention_library() -> ctypes.CDLL | None:
@@ -186,7 +189,7 @@ def cache_root() -> Path:
     return cache_dir() / "native"
 
 
-def _build(source_file: Path | None = None, what: str = "decoding step") -> Path:
+def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
     """Build `source_file` (None: `SOURCE`, the decoding step) into a shared library, or find it built."""
     from still.train.aot import _machine
 

@@ -42,7 +42,9 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -445,16 +447,24 @@ class Entry:
     tokens: int | None  # ids in its three splits
     size: int  # bytes on disk
     made: float  # when it was placed (its manifest's modification time, else its folder's)
-    state: str  # "current", "corpus changed", "corpus missing", "older format" or "damaged"
+    state: str  # one of STATES
 
 
-STATES = ("current", "corpus changed", "corpus missing", "older format", "damaged")
+STATES = ("current", "corpus changed", "corpus missing", "another format", "damaged")
+"""An entry's state: made from the corpus as it is now; from files since changed, added or removed;
+from a corpus not there now (a folder moved away, a drive not mounted: current again once it is
+back); by a version of `still` that writes another `FORMAT`; or missing some of its files."""
+
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{20}")  # `entry_path`'s: <label>-<key>
+_LEFT_NAME = re.compile(r"\.(?P<entry>[A-Za-z0-9_.-]+-[0-9a-f]{20})\.[^.]+\.(tmp|old)")  # `_write`'s, `remove`'s
 
 
 def entries(root: Path) -> tuple[list[Entry], list[Path]]:
     """The entries under `root` (by name), and what is left beside them: replaced entries and
     writers' temporary folders (`_sweep` removes them once a day old; a temporary folder may be a
-    running writer's)."""
+    running writer's). Only folders named as `entry_path` and `_write` name them count: anything
+    else in the folder (it may be one the user keeps other things in) is none of these, and left
+    alone, as are symbolic links."""
     found, left = [], []
     try:
         listing = sorted(root.iterdir())
@@ -463,18 +473,17 @@ def entries(root: Path) -> tuple[list[Entry], list[Path]]:
     except OSError as e:
         raise StillError(f"cannot list {root}: {e.strerror or e}") from None
     for path in listing:
-        if not path.is_dir():  # (the entries' lock files)
+        if path.is_symlink() or not path.is_dir():  # (the lock files; links: not made here)
             continue
-        if path.name.startswith("."):
-            if path.name.endswith((".tmp", ".old")):
-                left.append(path)
-            continue
-        found.append(_describe(path))
+        if _ENTRY_NAME.fullmatch(path.name):
+            found.append(_describe(path))
+        elif _LEFT_NAME.fullmatch(path.name):
+            left.append(path)
     return found, left
 
 
 def folder_size(path: Path) -> int:
-    """Bytes of the files under `path` (0 where it cannot be read)."""
+    """Bytes of the files under `path` (0 where it cannot be read; links not followed)."""
     total = 0
     for folder, _, files in os.walk(path):
         for file in files:
@@ -496,67 +505,114 @@ def _describe(path: Path) -> Entry:
         tokens = sum(int(manifest["splits"][split]["tokens"]) for split in SPLITS)
         if not isinstance(corpus, str) or not isinstance(byte_level, bool):
             raise TypeError("the fingerprint names no corpus")
+        files = ["vocab.json", *(f"{split}{part}.npy" for split in SPLITS for part in ("", ".starts"))]
+        if not all((path / file).is_file() for file in files):
+            raise FileNotFoundError("a file of the entry is missing")
     except (OSError, ValueError, KeyError, TypeError):
         return Entry(path, None, None, None, size, made, "damaged")
     if stamp.get("format") != FORMAT:
-        state = "older format"
+        state = "another format"
     else:
         now = fingerprint(corpus, byte_level)
         state = "current" if now == stamp else "corpus missing" if now is None else "corpus changed"
     return Entry(path, corpus, byte_level, tokens, size, made, state)
 
 
-def remove(entry: Path) -> bool:
-    """Remove `entry` (an entry or a leftover beside it) unless another process holds its lock (is
-    writing it): whether it was removed. An entry is renamed aside first, so a run that starts
-    meanwhile finds none rather than part of one; runs that have it mapped on this machine keep
-    reading it (the disk space is given back when they end)."""
-    owner = entry if not entry.name.startswith(".") else _owner(entry)
-    with _lock_if_free(owner) as free:
-        if not free:
-            return False
-        if entry.name.startswith("."):
-            target = entry
+def remove(path: Path, stale_only: bool = False) -> str | None:
+    """Remove `path` (an entry, or a folder `entries` lists beside them): None where it is gone
+    (or was already), else why it is left. An entry is left while another process holds its lock
+    (is writing it) or, with `stale_only`, where it is current when the lock is had (made again
+    since it was listed). An entry is renamed aside under the lock, then removed without it: a run
+    that starts meanwhile finds none and makes it again; runs that mapped it on this machine read on
+    (the disk space is given back when they end)."""
+    is_entry = _ENTRY_NAME.fullmatch(path.name) is not None
+    match = None if is_entry else _LEFT_NAME.fullmatch(path.name)
+    if not is_entry and match is None:
+        return "not an entry of the corpus cache"
+    owner = path if is_entry else path.with_name(match["entry"])
+    with _lock_if_free(owner) as busy:
+        if busy:
+            return busy
+        if not path.is_dir():
+            return None
+        if is_entry and stale_only and _describe(path).state == "current":
+            return "current now: made again since it was listed"
+        if is_entry:
+            try:
+                target = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            except OSError as e:
+                return f"cannot remove it: {e.strerror or e}"
+            try:
+                os.replace(path, target)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+                if isinstance(e, FileNotFoundError):  # (removed meanwhile, by another `clear`)
+                    return None
+                return f"cannot remove it: {e.strerror or e}"
         else:
-            target = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent))
-            os.replace(entry, target)
-        shutil.rmtree(target, ignore_errors=True)
-        return not target.exists()
+            target = path
+    failed: list[BaseException] = []
 
+    def note(function, name, error: BaseException) -> None:  # (gone already is fine)
+        if not isinstance(error, FileNotFoundError):
+            failed.append(error)
 
-def _owner(left: Path) -> Path:
-    """The entry a leftover (`.<entry>.<random>.tmp` or `.old`) belongs to."""
-    return left.with_name(left.name[1:].rsplit(".", 2)[0])
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(target, onexc=note)
+    else:
+        shutil.rmtree(target, onerror=lambda function, name, info: note(function, name, info[1]))
+    if failed:
+        error = failed[0]
+        reason = getattr(error, "strerror", None) or error
+        return f"cannot remove it ({reason}): what is left of it is in {target}"
+    return None
 
 
 @contextlib.contextmanager
-def _lock_if_free(entry: Path) -> Iterator[bool]:
-    """Hold `entry`'s lock where no other thread or process holds it (yield True), else yield False
-    at once. Where no POSIX lock can be had, the thread lock alone."""
+def _lock_if_free(entry: Path) -> Iterator[str | None]:
+    """Hold `entry`'s lock where no other thread or process holds it (yield None), else yield at
+    once why not. A lock file this process may not write is locked shared through a read-only
+    handle, which a writer's lock excludes as well; where there is no lock file and none can be
+    made, no writer can have taken one; a file system without locks leaves the thread lock alone,
+    as it leaves writers."""
     with _THREAD_LOCKS_LOCK:
         thread_lock = _THREAD_LOCKS.setdefault(entry, threading.Lock())
     if not thread_lock.acquire(blocking=False):
-        yield False
+        yield "another thread of this process is writing or removing it"
         return
     try:
         try:
             import fcntl
-
-            handle = open(entry.parent / f".{entry.name}.lock", "a+b")  # noqa: SIM115 - held across the yield
-        except (ImportError, OSError):
-            yield True
+        except ImportError:  # (not a POSIX system)
+            yield None
             return
+        lock_file, mode = entry.parent / f".{entry.name}.lock", fcntl.LOCK_EX
+        try:
+            handle = open(lock_file, "a+b")  # noqa: SIM115 - held across the yield
+        except FileNotFoundError:  # (its folder is gone: nothing to remove)
+            yield None
+            return
+        except OSError:
+            try:
+                handle, mode = open(lock_file, "rb"), fcntl.LOCK_SH  # noqa: SIM115
+            except FileNotFoundError:
+                yield None
+                return
+            except OSError as e:
+                yield f"cannot open its lock {lock_file} ({e.strerror or e})"
+                return
         with handle:
             try:
-                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(handle, mode | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.EACCES):
-                    yield False
+                    yield "another process is encoding that corpus now"
                     return
-                yield True  # (a file system without locks)
+                yield None  # (a file system without locks)
                 return
             try:
-                yield True
+                yield None
             finally:
                 fcntl.lockf(handle, fcntl.LOCK_UN)
     finally:
