@@ -523,21 +523,19 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
 
 
 def _bytes(size: int | None) -> str:
-    if size is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:,.1f} {unit}"
-    return f"{size} B"
+    return _scaled(size, (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)), " B")
 
 
 def _count(n: int | None) -> str:
+    return _scaled(n, (("G", 10**9), ("M", 10**6), ("k", 10**3)))
+
+
+def _scaled(n: int | None, units: tuple[tuple[str, int], ...], unit: str = "") -> str:
+    """`n` in the largest of `units` (name, scale) it reaches, to a tenth; else whole, with `unit`."""
     if n is None:
         return "-"
-    for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return str(n)
+    name, scale = next(((name, scale) for name, scale in units if n >= scale), (unit, 1))
+    return f"{n / scale:,.1f} {name}" if scale > 1 else f"{n}{unit}"
 
 
 def _when(timestamp: float) -> str:
