@@ -488,6 +488,9 @@ def test_a_removed_entry_is_made_again_and_mapped_ids_stay_readable(tmp_path, ro
     other = root / "my-notes"
     other.mkdir()
     assert encoded.remove(other) == "not an entry of the corpus cache" and other.is_dir()
+    linked = root / "linked-0123456789abcdef0123"  # (named as an entry, but a link: to what it points at)
+    linked.symlink_to(other)
+    assert encoded.remove(linked) == "not an entry of the corpus cache" and linked.is_symlink() and other.is_dir()
 
 
 def test_a_run_that_starts_while_an_entry_is_removed_makes_it_again(tmp_path, root, monkeypatch):

@@ -527,7 +527,7 @@ def remove(path: Path, stale_only: bool = False) -> str | None:
     (the disk space is given back when they end)."""
     is_entry = _ENTRY_NAME.fullmatch(path.name) is not None
     match = None if is_entry else _LEFT_NAME.fullmatch(path.name)
-    if not is_entry and match is None:
+    if (not is_entry and match is None) or path.is_symlink():
         return "not an entry of the corpus cache"
     owner = path if is_entry else path.with_name(match["entry"])
     with _lock_if_free(owner) as busy:
