@@ -582,3 +582,23 @@ def test_an_entry_that_cannot_be_removed_is_said(tmp_path, root, monkeypatch):
     assert len(aside) == 1 and why.endswith(aside[0]) and not entry.exists()
     monkeypatch.setattr(encoded.shutil, "rmtree", real)
     assert encoded.entries(root) == ([], [root / aside[0]])  # (listed, for --stale)
+
+
+def test_a_corpora_folder_that_cannot_be_listed_is_named(tmp_path, root, monkeypatch, capsys):
+    import pathlib
+
+    import still.data.encoded as encoded
+    from helpers import assert_user_error
+
+    root.mkdir()
+    real = pathlib.Path.iterdir
+
+    def refused(self):
+        if self == root:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", refused)
+    with pytest.raises(StillError, match=f"cannot list {root}: Permission denied"):
+        encoded.entries(root)
+    assert_user_error(capsys, "data", "clear", "--all", contains=f"cannot list {root}: Permission denied")
