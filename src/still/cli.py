@@ -432,6 +432,7 @@ def data_list(cache_dir: Path | None) -> None:
     from still.data.text import SHAKESPEARE_FILE
     from still.train import aot
     from still.train.io import sha256_file
+    from still.train.progress import format_count, format_size
     from still.train.results import format_table
 
     root = resolve(cache_dir)
@@ -445,12 +446,13 @@ def data_list(cache_dir: Path | None) -> None:
             size, state = None, "not fetched"
         except OSError as e:
             size, state = None, f"unreadable ({e.strerror or e})"
-        rows.append({"data set": spec.name, "file": str(path.relative_to(root)), "size": _bytes(size), "state": state})
+        rows.append({"data set": spec.name, "file": str(path.relative_to(root)), "size": format_size(size),
+                     "state": state})
     click.echo(format_table(rows, title=f"Data sets in {root}"))
     compiled = [(folder, encoded.folder_size(folder)) for folder in (aot.cache_root(), native.cache_root())
                 if folder.is_dir()]
     if compiled:  # (in the default cache whatever --cache-dir says: the compiler's, not the data's)
-        click.echo("Compiled code (made again where needed): " + ", ".join(f"{p} {_bytes(n)}" for p, n in compiled)
+        click.echo("Compiled code (made again where needed): " + ", ".join(f"{p} {format_size(n)}" for p, n in compiled)
                    + "\n")
     corpora = encoded.corpora_root(cache_dir)
     if corpora is None:
@@ -459,13 +461,13 @@ def data_list(cache_dir: Path | None) -> None:
     found, left = encoded.entries(corpora)
     rows = [{"entry": e.path.name,
              "corpus": "?" if e.corpus is None else f"{e.corpus} ({'bytes' if e.byte_level else 'characters'})",
-             "ids": _count(e.tokens), "size": _bytes(e.size), "made": _when(e.made), "state": e.state}
+             "ids": format_count(e.tokens), "size": format_size(e.size), "made": _when(e.made), "state": e.state}
             for e in found]
     click.echo(format_table(rows, title=f"Encoded corpora in {corpora}"))
     if left:
         size = sum(encoded.folder_size(p) for p in left)
-        click.echo(f"Left beside them: {len(left)} folder{'' if len(left) == 1 else 's'}, {_bytes(size)}: replaced "
-                   "entries and temporary ones (a writer's at work, or a killed one's), removed a day after "
+        click.echo(f"Left beside them: {len(left)} folder{'' if len(left) == 1 else 's'}, {format_size(size)}: "
+                   "replaced entries and temporary ones (a writer's at work, or a killed one's), removed a day after "
                    "(`still data clear --stale` now, leaving a writer's at work)")
     stale = [e for e in found if e.state != "current"]
     if stale:
@@ -492,6 +494,7 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
     removed (said)."""
     from still.data import encoded
     from still.data.text import absolute_corpus
+    from still.train.progress import format_size
 
     if not (names or stale or everything):
         raise click.UsageError("say what to remove: entries or corpora by name, --stale or --all "
@@ -508,34 +511,19 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
             raise StillError(f"no encoded corpus {name!r} in {corpora} (`still data list` shows them)")
         chosen.update({e.path: False for e in matches})  # (named: removed whatever its state)
     targets = [*chosen.items(), *((p, False) for p in (left if stale or everything else []))]
+    sizes = {e.path: e.size for e in found}  # (the leftovers' are measured as they go)
     removed, freed, failed = 0, 0, False
     for path, stale_only in targets:
-        size = encoded.folder_size(path)
+        size = sizes[path] if path in sizes else encoded.folder_size(path)
         why = encoded.remove(path, stale_only=stale_only)
         if why is None:
             removed, freed = removed + 1, freed + size
         else:
             failed = failed or why.startswith("cannot")
             click.echo(f"left {path.name}: {why}", err=True)
-    click.echo(f"removed {removed} folder{'' if removed == 1 else 's'} ({_bytes(freed)}) from {corpora}")
+    click.echo(f"removed {removed} folder{'' if removed == 1 else 's'} ({format_size(freed)}) from {corpora}")
     if failed:
         sys.exit(1)
-
-
-def _bytes(size: int | None) -> str:
-    return _scaled(size, (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)), " B")
-
-
-def _count(n: int | None) -> str:
-    return _scaled(n, (("G", 10**9), ("M", 10**6), ("k", 10**3)))
-
-
-def _scaled(n: int | None, units: tuple[tuple[str, int], ...], unit: str = "") -> str:
-    """`n` in the largest of `units` (name, scale) it reaches, to a tenth; else whole, with `unit`."""
-    if n is None:
-        return "-"
-    name, scale = next(((name, scale) for name, scale in units if n >= scale), (unit, 1))
-    return f"{n / scale:,.1f} {name}" if scale > 1 else f"{n}{unit}"
 
 
 def _when(timestamp: float) -> str:

@@ -71,7 +71,7 @@ from still.data.text import (
 )
 from still.errors import StillError
 from still.train.io import atomic_write, atomic_write_text, process_umask
-from still.train.progress import log
+from still.train.progress import format_size, log
 
 FORMAT = 1  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again)
 OFF = ("0", "off", "no", "false")
@@ -209,9 +209,8 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
             found = _open(entry, stamp, vocab, splits)
             if found is not None:
                 if placed:
-                    shown = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
-                    log(f"encoded {name} once into {entry} ({shown}): later runs, `lm eval` and every process "
-                        "read its ids from there")
+                    log(f"encoded {name} once into {entry} ({format_size(size)}): later runs, `lm eval` and every "
+                        "process read its ids from there")
                 return found
             return _in_memory(corpus, vocab, lengths=lengths)  # (replaced meanwhile, by a writer without the lock)
     log(f"the process that held the lock did not write {entry}: this one reads {name} into memory")
@@ -229,6 +228,12 @@ _THREAD_LOCKS: dict[Path, threading.Lock] = {}  # a POSIX lock is the process's:
 _THREAD_LOCKS_LOCK = threading.Lock()
 
 
+def _thread_lock(entry: Path) -> threading.Lock:
+    """This process's lock of `entry`, taken before the POSIX one (`_locked`, `_lock_if_free`)."""
+    with _THREAD_LOCKS_LOCK:
+        return _THREAD_LOCKS.setdefault(entry, threading.Lock())
+
+
 @contextlib.contextmanager
 def _locked(entry: Path, name: str) -> Iterator[bool]:
     """Hold `entry`'s lock, and say (yield) whether another process or thread held it first: a
@@ -236,8 +241,7 @@ def _locked(entry: Path, name: str) -> Iterator[bool]:
     `.<entry>.lock` beside it, released when the process ends however it ends. Says so where another
     holds it, and waits. Where no POSIX lock can be had (no fcntl, a lock file it cannot open, a file
     system without locks), says so and goes on without one: the entry is still renamed into place whole."""
-    with _THREAD_LOCKS_LOCK:
-        thread_lock = _THREAD_LOCKS.setdefault(entry, threading.Lock())
+    thread_lock = _thread_lock(entry)
     waited = not thread_lock.acquire(blocking=False)
     if waited:
         log(f"waiting for another thread to encode {name} into {entry}")
@@ -380,9 +384,7 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
         size = sum(f.stat().st_size for f in tmp.iterdir())
         os.chmod(tmp, 0o777 & ~process_umask())  # (mkdtemp makes it private: others sharing the cache read it too)
         if entry.exists():  # aside, for `_sweep` to remove a day later: a run elsewhere may still be reading it
-            aside = tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent)
-            os.replace(entry, aside)
-            os.utime(aside)  # (a renamed folder keeps its time: its day starts now)
+            _move_aside(entry)
         try:
             os.replace(tmp, entry)
         except OSError as e:
@@ -394,6 +396,21 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_aside(entry: Path) -> Path:
+    """Rename `entry` to `.<entry>.<random>.old` beside it (what `_sweep` removes a day later, and
+    `remove` at once), touched: a renamed folder keeps its time, and its day starts now. Raises
+    where it cannot (the empty folder made for it removed again)."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".old", dir=entry.parent))
+    try:
+        os.replace(entry, aside)
+    except OSError:
+        with contextlib.suppress(OSError):
+            aside.rmdir()
+        raise
+    os.utime(aside)
+    return aside
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -537,21 +554,14 @@ def remove(path: Path, stale_only: bool = False) -> str | None:
             return None
         if is_entry and stale_only and _describe(path).state == "current":
             return "current now: made again since it was listed"
+        target = path
         if is_entry:
             try:
-                target = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                target = _move_aside(path)
+            except FileNotFoundError:  # (removed meanwhile, by another `clear`)
+                return None
             except OSError as e:
                 return f"cannot remove it: {e.strerror or e}"
-            try:
-                os.replace(path, target)
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    target.rmdir()
-                if isinstance(e, FileNotFoundError):  # (removed meanwhile, by another `clear`)
-                    return None
-                return f"cannot remove it: {e.strerror or e}"
-        else:
-            target = path
     failed: list[BaseException] = []
 
     def note(function, name, error: BaseException) -> None:  # (gone already is fine)
@@ -576,8 +586,7 @@ def _lock_if_free(entry: Path) -> Iterator[str | None]:
     handle, which a writer's lock excludes as well; where there is no lock file and none can be
     made, no writer can have taken one; a file system without locks leaves the thread lock alone,
     as it leaves writers."""
-    with _THREAD_LOCKS_LOCK:
-        thread_lock = _THREAD_LOCKS.setdefault(entry, threading.Lock())
+    thread_lock = _thread_lock(entry)
     if not thread_lock.acquire(blocking=False):
         yield "another thread of this process is writing or removing it"
         return

@@ -21,3 +21,21 @@ def progress(iterable=None, enabled: bool = True, **kwargs):
 def log(message: str) -> None:
     """A line for the user that does not break an active progress bar."""
     tqdm.write(message, file=sys.stderr)
+
+
+def format_size(size: int | None) -> str:
+    """Bytes as people read them: "3.3 MiB", "812 B" ("-" for None)."""
+    return _scaled(size, (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)), " B")
+
+
+def format_count(n: int | None) -> str:
+    """A count as people read it: "11.7 G", "12.4 k", "812" ("-" for None)."""
+    return _scaled(n, (("G", 10**9), ("M", 10**6), ("k", 10**3)))
+
+
+def _scaled(n: int | None, units: tuple[tuple[str, int], ...], unit: str = "") -> str:
+    """`n` in the largest of `units` (name, scale) it reaches, to a tenth; else whole, with `unit`."""
+    if n is None:
+        return "-"
+    name, scale = next(((name, scale) for name, scale in units if n >= scale), (unit, 1))
+    return f"{n / scale:,.1f} {name}" if scale > 1 else f"{n}{unit}"
