@@ -430,6 +430,81 @@ def test_native_step_is_the_decoders_step_on_the_cpu():
     assert isinstance(decoder.native, NativeStep) and decoder.prepare(Sampling())
 
 
+def _huge_page_advice(address: int) -> bool | None:
+    """Whether the mapping holding `address` is eligible for transparent huge pages (its
+    `THPeligible` in /proc/self/smaps); None where the system says nothing of it."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        first = line.split()[0]
+        if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
+            start, end = (int(x, 16) for x in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "THPeligible:":
+            return line.split()[1] == "1"
+    return None
+
+
+def _huge_pages_enabled() -> bool:
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in setting
+
+
+def test_tensors_on_huge_pages_are_copies_in_one_advised_block():
+    if not hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        pytest.skip("no madvise(MADV_HUGEPAGE) here")
+    tensors = {"a": torch.arange(10.0), "b": torch.arange(6, dtype=torch.int16).view(2, 3).t(),  # (not contiguous)
+               "c": torch.ones(3, 5, dtype=torch.bfloat16), "empty": torch.zeros(0),
+               "big": torch.arange(600_000.0)}  # 2.4 MB: the block over two huge pages
+    placed = native.on_huge_pages(tensors)
+    for name, tensor in tensors.items():
+        assert placed[name].dtype == tensor.dtype and torch.equal(placed[name], tensor)
+        assert placed[name].is_contiguous() and placed[name].data_ptr() % 64 == 0
+        assert placed[name].data_ptr() != tensor.data_ptr() or tensor.numel() == 0
+    assert placed["a"].data_ptr() % native.HUGE_PAGE == 0  # the first at a huge page's start
+    assert placed["b"].data_ptr() - placed["a"].data_ptr() == 64  # 40 bytes, to the next 64
+    placed["a"][0] = 7.0
+    assert tensors["a"][0] == 0.0  # a copy
+    del tensors
+    assert float(placed["a"].sum()) == 52.0 and float(placed["big"][-1]) == 599_999.0  # the block lives on
+    if _huge_pages_enabled():
+        assert _huge_page_advice(placed["big"].data_ptr() + 4 * 599_999) is True
+
+
+def test_tensors_of_less_than_a_huge_page_are_left_as_they_are():
+    tensors = {"a": torch.arange(10.0), "b": torch.zeros(500_000)}  # 2.0 MB: under 2 MiB
+    placed = native.on_huge_pages(tensors)
+    assert placed["a"] is tensors["a"] and placed["b"] is tensors["b"]
+
+
+def test_without_madvise_the_tensors_are_left_as_they_are(monkeypatch):
+    import mmap
+
+    monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
+    tensors = {"a": torch.arange(600_000.0)}
+    assert native.on_huge_pages(tensors)["a"] is tensors["a"]
+
+
+@pytest.mark.skipif(not _huge_pages_enabled(), reason="transparent huge pages are off here")
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_step_reads_its_matrices_and_rings_from_memory_advised_for_huge_pages(dtype):
+    torch.manual_seed(0)  # the peer benchmark's model: matrices of 2.4 MB in bf16, rings of 3.1 MB at batch 4
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=65, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+                                                     mem_len=128, c_mem_len=128, compression_rate=4)).eval()
+    decoder = Decoder(model, None, batch=4, compile=True, dtype=dtype)
+    assert isinstance(decoder.native, NativeStep)
+    packed = decoder.derived["native"]
+    for tensor in (packed["0.qkv"], packed["1.positions"], packed["head"], decoder.keys, decoder.values,
+                   decoder.inputs):
+        assert _huge_page_advice(tensor.data_ptr()) is True
+
+
 @pytest.mark.parametrize("d_head", [16, 32, 48])
 @pytest.mark.parametrize(("b", "length", "padding"), [(1, 5, (7, 0, 3)), (2, 4, (0, 2)), (2, 1, (0,)), (1, 19, (0,))])
 @pytest.mark.parametrize("threads", [1, 2])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
@@ -320,6 +321,42 @@ def pairs(blocked: torch.Tensor) -> torch.Tensor:
     return blocked.reshape(*lead, blocks, d_head // 2, 2, block).transpose(-1, -2).contiguous()
 
 
+HUGE_PAGE = 2 << 20  # the size of x86-64's (and most ARM kernels') transparent huge pages
+
+
+def on_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CPU tensors copied into one block of memory mapped for them, which the kernel is asked to
+    back with huge pages (`madvise(MADV_HUGEPAGE)`, Linux's transparent huge pages where they are
+    enabled as `madvise` or `always`), each at a 64-byte boundary; the same tensors where they come to
+    less than one huge page (they fit a core's TLB as they are), or where that cannot be done. The
+    block is freed with the last of them.
+
+    Why: a decoding step at batch 1 streams every matrix, key and value once a token (21 MB at the
+    reference preset in fp32), and in 4 KiB pages that is more pages than a core's TLB holds: the
+    step walks page tables for many of them every token. In 2 MiB pages it does not: the fp32 step
+    ran 0.89x the time (machine C, docs/performance.md, session 41)."""
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    total = sum(-(-size // 64) * 64 for size in sizes.values())
+    if not hasattr(mmap, "MADV_HUGEPAGE") or total < HUGE_PAGE:
+        return tensors
+    try:  # whole huge pages from the first boundary in the block; private and anonymous (a shared
+        # mapping's pages are shared memory's, whose huge pages are set apart)
+        block = mmap.mmap(-1, -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,
+                          flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        block.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError):
+        return tensors
+    memory = torch.frombuffer(block, dtype=torch.uint8)  # (its storage holds the block)
+    at = -memory.data_ptr() % HUGE_PAGE  # the first whole huge page
+    placed = {}
+    for name, tensor in tensors.items():
+        view = memory[at : at + sizes[name]].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        placed[name] = view
+        at += -(-sizes[name] // 64) * 64
+    return placed
+
+
 class NativeStep:
     """`decoder`'s step (and its draw) through `native_step.cpp`, on `threads` threads (the calling
     one and helpers of its own). Holds packed copies of the matrices; the rest is the decoder's.
@@ -353,7 +390,10 @@ class NativeStep:
                 decoder.keys = pairs(decoder.keys)
             packed = decoder.derived.get("native")
             if packed is None:  # once for every decoder of these weights and layout
-                packed = decoder.derived["native"] = _packed(w, shape.layers, stored)
+                packed = decoder.derived["native"] = on_huge_pages(_packed(w, shape.layers, stored))
+            # the buffers the step writes, too (the decoder's own from here on)
+            rings = on_huge_pages({"keys": decoder.keys, "values": decoder.values, "inputs": decoder.inputs})
+            decoder.keys, decoder.values, decoder.inputs = rings["keys"], rings["values"], rings["inputs"]
         pointers = [w["embedding"].data_ptr(), packed["head"].data_ptr(),
                     w["norm.weight"].data_ptr() if shape.pre_norm else 0,
                     w["norm.bias"].data_ptr() if shape.pre_norm else 0,
