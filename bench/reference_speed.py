@@ -379,6 +379,9 @@ def main() -> None:
         "generate bf16 / fp32 (--compile)": ("generate bf16, batch 1, --compile", "generate fp32, batch 1, --compile"),
     }
     ratios = {k: median[a] / median[b] for k, (a, b) in wanted.items() if a in median and b in median}
+    # each repeat's own ratio (its two measures minutes apart at most): on a machine whose speed moves
+    # with its neighbours, how far one repeat's reading can lie from another's
+    by_repeat = {k: [x / y for x, y in zip(rates[a], rates[b])] for k, (a, b) in wanted.items() if k in ratios}
     waiting = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}" + (
         f", GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "")
     where = f"{torch.get_num_threads()} threads" if DEVICE.type == "cpu" else str(DEVICE)
@@ -394,7 +397,9 @@ def main() -> None:
              f"{peak_bf16 / 1e9:.1f} GFLOP/s; medians of {args.repeats} repeats, load average at the end "
              f"{os.getloadavg()[0]:.2f}")
     table = format_table(rows, title=title) + "\n" + format_table(
-        [{"ratio": k, "value": f"{v:.2f}x"} for k, v in ratios.items()], title="Ratios of the medians")
+        [{"ratio": k, "value": f"{v:.2f}x",
+          "per repeat": f"{min(by_repeat[k]):.2f}-{max(by_repeat[k]):.2f}x" if len(by_repeat[k]) > 1 else "-"}
+         for k, v in ratios.items()], title="Ratios of the medians (and the range of each repeat's own ratio)")
     limits = []
     for name in (n for n in median if n.startswith("generate") and "--compile" in n):  # the step it describes
         precision = "bf16" if "bf16" in name else "fp32"
@@ -413,7 +418,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "reference_speed.md").write_text(table + "\n")
         (args.out / "reference_speed.json").write_text(json.dumps(
-            {"rows": rows, "ratios": ratios, "rates": rates, "flops_per_step": flops,
+            {"rows": rows, "ratios": ratios, "ratios_by_repeat": by_repeat, "rates": rates, "flops_per_step": flops,
              "peaks": peaks, "read_limits": limits, "read_bandwidths": bandwidths, "failed": failed,
              "ran_eagerly": eager}, indent=1) + "\n")
     if failed:
