@@ -483,6 +483,12 @@ def test_tensors_of_less_than_a_huge_page_are_left_as_they_are():
     assert placed["a"] is tensors["a"] and placed["b"] is tensors["b"]
 
 
+def test_tensors_off_the_cpu_are_left_where_they_are():
+    tensors = {"a": torch.zeros(600_000), "b": torch.zeros(4, device="meta")}
+    placed = native.on_huge_pages(tensors)
+    assert placed["a"] is tensors["a"] and placed["b"] is tensors["b"]
+
+
 def test_without_madvise_the_tensors_are_left_as_they_are(monkeypatch):
     import mmap
 

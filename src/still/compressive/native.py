@@ -334,10 +334,11 @@ def on_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     Why: a decoding step at batch 1 streams every matrix, key and value once a token (21 MB at the
     reference preset in fp32), and in 4 KiB pages that is more pages than a core's TLB holds: the
     step walks page tables for many of them every token. In 2 MiB pages it does not: the fp32 step
-    ran 0.89x the time (machine C, docs/performance.md, session 41)."""
+    ran 0.88-0.90x the time, bf16 0.91x (machine C, docs/performance.md, session 41)."""
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     total = sum(-(-size // 64) * 64 for size in sizes.values())
-    if not hasattr(mmap, "MADV_HUGEPAGE") or total < HUGE_PAGE:
+    cpu = all(t.device.type == "cpu" for t in tensors.values())
+    if not hasattr(mmap, "MADV_HUGEPAGE") or total < HUGE_PAGE or not cpu:
         return tensors
     try:  # whole huge pages from the first boundary in the block; private and anonymous (a shared
         # mapping's pages are shared memory's, whose huge pages are set apart)
