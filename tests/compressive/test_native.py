@@ -430,9 +430,10 @@ def test_native_step_is_the_decoders_step_on_the_cpu():
     assert isinstance(decoder.native, NativeStep) and decoder.prepare(Sampling())
 
 
-def _huge_page_advice(address: int) -> bool | None:
-    """Whether the mapping holding `address` is eligible for transparent huge pages (its
-    `THPeligible` in /proc/self/smaps); None where the system says nothing of it."""
+def _advised_for_huge_pages(address: int) -> bool | None:
+    """Whether the mapping holding `address` was advised `MADV_HUGEPAGE` (`hg` among its `VmFlags`
+    in /proc/self/smaps: the advice itself, whatever the system then makes of it); None where the
+    system does not say."""
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
@@ -443,22 +444,17 @@ def _huge_page_advice(address: int) -> bool | None:
         if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
             start, end = (int(x, 16) for x in first.split("-"))
             inside = start <= address < end
-        elif inside and first == "THPeligible:":
-            return line.split()[1] == "1"
+        elif inside and first == "VmFlags:":
+            return "hg" in line.split()[1:]
     return None
 
 
-def _huge_pages_enabled() -> bool:
-    try:
-        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    return "[never]" not in setting
+HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage").is_dir() and hasattr(__import__("mmap"), "MADV_HUGEPAGE")
+"""Whether this system has transparent huge pages to advise (a kernel built without them refuses the advice)."""
 
 
+@pytest.mark.skipif(not HUGE_PAGES, reason="no transparent huge pages here")
 def test_tensors_on_huge_pages_are_copies_in_one_advised_block():
-    if not hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
-        pytest.skip("no madvise(MADV_HUGEPAGE) here")
     tensors = {"a": torch.arange(10.0), "b": torch.arange(6, dtype=torch.int16).view(2, 3).t(),  # (not contiguous)
                "c": torch.ones(3, 5, dtype=torch.bfloat16), "empty": torch.zeros(0),
                "big": torch.arange(600_000.0)}  # 2.4 MB: the block over two huge pages
@@ -473,8 +469,8 @@ def test_tensors_on_huge_pages_are_copies_in_one_advised_block():
     assert tensors["a"][0] == 0.0  # a copy
     del tensors
     assert float(placed["a"].sum()) == 52.0 and float(placed["big"][-1]) == 599_999.0  # the block lives on
-    if _huge_pages_enabled():
-        assert _huge_page_advice(placed["big"].data_ptr() + 4 * 599_999) is True
+    assert _advised_for_huge_pages(placed["big"].data_ptr() + 4 * 599_999) is True
+    assert _advised_for_huge_pages(torch.zeros(600_000).data_ptr()) is False  # (the helper tells them apart)
 
 
 def test_tensors_of_less_than_a_huge_page_are_left_as_they_are():
@@ -497,7 +493,7 @@ def test_without_madvise_the_tensors_are_left_as_they_are(monkeypatch):
     assert native.on_huge_pages(tensors)["a"] is tensors["a"]
 
 
-@pytest.mark.skipif(not _huge_pages_enabled(), reason="transparent huge pages are off here")
+@pytest.mark.skipif(not HUGE_PAGES, reason="no transparent huge pages here")
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_the_step_reads_its_matrices_and_rings_from_memory_advised_for_huge_pages(dtype):
     torch.manual_seed(0)  # the peer benchmark's model: matrices of 2.4 MB in bf16, rings of 3.1 MB at batch 4
@@ -508,7 +504,16 @@ def test_the_step_reads_its_matrices_and_rings_from_memory_advised_for_huge_page
     packed = decoder.derived["native"]
     for tensor in (packed["0.qkv"], packed["1.positions"], packed["head"], decoder.keys, decoder.values,
                    decoder.inputs):
-        assert _huge_page_advice(tensor.data_ptr()) is True
+        assert _advised_for_huge_pages(tensor.data_ptr()) is True
+
+
+def test_a_decoder_with_its_own_hand_written_step_takes_no_second_one():
+    decoder = Decoder(_model("conv"), None, batch=1, compile=True)
+    assert isinstance(decoder.native, NativeStep)
+    keys = decoder.keys
+    with pytest.raises(ValueError, match="has its hand-written step already"):
+        NativeStep(decoder, 1)
+    assert decoder.keys is keys  # (the step's rings left where its step writes)
 
 
 @pytest.mark.parametrize("d_head", [16, 32, 48])

@@ -259,7 +259,8 @@ class Decoder:
             if wanted:
                 raise ValueError(f"the hand-written decoding step cannot run here: {reason}")
             return None
-        return NativeStep(self, self.threads if self.threads is not None else torch.get_num_threads())
+        with self._threads:  # (its packing's copies on the decoder's threads)
+            return NativeStep(self, self.threads if self.threads is not None else torch.get_num_threads())
 
     def _counters(self) -> torch.Tensor:
         """The ring positions and counts as the step reads them: (next_c, next_m, n, m). On the CPU

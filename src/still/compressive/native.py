@@ -1,6 +1,6 @@
 """The decoding step written by hand for the CPU (`native_step.cpp`), built once per machine.
 
-    step = NativeStep(decoder, threads)               # `decode.Decoder` built with compile=True
+    step = NativeStep(decoder, threads)               # `decode.Decoder` built with compile=True, native=False
     logits = step(tokens, counters, compress)          # (B, 1, V), the buffers advanced in place
     tokens = step(tokens, counters, compress, uniform, sampling)   # (B,): the draw too
 
@@ -352,7 +352,11 @@ def on_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     placed = {}
     for name, tensor in tensors.items():
         view = memory[at : at + sizes[name]].view(tensor.dtype).view(tensor.shape)
-        view.copy_(tensor)
+        if tensor.is_contiguous() and not (tensor.is_conj() or tensor.is_neg()):  # (one memcpy on this thread:
+            # a decoder's set-up wakes no OpenMP threads)
+            ctypes.memmove(view.data_ptr(), tensor.data_ptr(), sizes[name])
+        else:
+            view.copy_(tensor)
         placed[name] = view
         at += -(-sizes[name] // 64) * 64
     return placed
@@ -372,6 +376,9 @@ class NativeStep:
         reason = unsupported(decoder)
         if reason is not None:
             raise ValueError(f"the hand-written decoding step cannot run this decoder: {reason}")
+        if getattr(decoder, "native", None) is not None:  # (its rings are that step's: two would split them)
+            raise ValueError("this decoder has its hand-written step already (decoder.native); build the decoder "
+                             "with native=False for a step of your own")
         lib = library()
         if lib is None:
             raise RuntimeError("the hand-written decoding step could not be built")
