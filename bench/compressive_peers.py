@@ -790,8 +790,11 @@ def main() -> None:
                      "and use .venv-bench/bin/python")
 
     kept = not args.glibc_default and not any(name in os.environ for name in allocator.ENVIRONMENT)
+    huge = allocator.huge_pages_environment() if kept else None
     if kept:  # every worker, whichever implementation it measures, starts with glibc keeping freed memory
         os.environ.update(ALLOCATOR_ENVIRONMENT)
+    if huge is not None:  # and, where the `still` command starts so, with malloc's memory on huge pages
+        os.environ["GLIBC_TUNABLES"] = huge["GLIBC_TUNABLES"]
     machine = machine_description(cfg.threads)
     impls = [i for i in IMPLEMENTATIONS if i in args.only  # and with something to measure in this run
              and any(m in ONLY_MEASURES.get(i, MEASURES) for m in args.measures)]
@@ -851,8 +854,10 @@ def main() -> None:
     notes += [n for n in STATIC_NOTES if n.split(":")[0] in impls + (["ratios"] if with_ratios else [])]
     notes.append("allocator: " + (
         "every measuring process, of every implementation, ran with glibc's malloc keeping the memory it frees "
-        f"({' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENVIRONMENT.items())}), as the `still` command's process "
-        "does (still.allocator); --glibc-default leaves glibc's default" if kept else
+        f"({' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENVIRONMENT.items())})"
+        + (f" and its memory advised for huge pages (GLIBC_TUNABLES={huge['GLIBC_TUNABLES']})" if huge else "")
+        + ", as the `still` command's process does (still.allocator); --glibc-default leaves glibc's default"
+        if kept else
         "glibc's malloc as the environment left it (--glibc-default, or MALLOC_* set by the caller)"))
     if "lucidrains" in impls:
         notes.append("lucidrains: built with its default GRU-gated residuals (--lucidrains-gru): two GRUCells per "

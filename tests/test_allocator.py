@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from still.allocator import ENVIRONMENT, glibc, keep_freed_memory
+from still.allocator import ENVIRONMENT, glibc, huge_pages_environment, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
@@ -83,3 +83,57 @@ def test_give_back_hands_the_freed_heap_to_the_system():
     held, freed, after, given = out.stdout.split()
     assert float(held) > 180 and float(freed) > 180, out.stdout  # (kept after the strings are freed)
     assert float(after) < 20 and given == "True", out.stdout
+
+
+HUGE = huge_pages_environment({}) is not None
+"""Whether this system takes glibc's huge-page tunable (glibc 2.35 or later, transparent huge pages
+in `madvise` mode)."""
+
+STARTED = textwrap.dedent("""
+    import os, sys
+    heap = False  # whether the heap's mapping was advised for huge pages (`hg` among its VmFlags)
+    name = None
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:
+            name = fields[-1] if len(fields) >= 6 else None
+        elif fields[0] == "VmFlags:" and name == "[heap]":
+            heap = "hg" in fields[1:]
+    print(os.environ.get("GLIBC_TUNABLES"), heap, flush=True)
+    sys.argv = ["still", "--version"]
+    from still.cli import main
+    main({argv})
+""")
+
+
+def _started(argv: str = "", **environ: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "STILL_HUGE_PAGES")} | environ
+    out = subprocess.run([sys.executable, "-c", STARTED.format(argv=argv)], capture_output=True, text=True,
+                         check=False, env=env)
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(not HUGE, reason="no glibc 2.35 with transparent huge pages in madvise mode here")
+def test_the_still_command_starts_again_with_mallocs_memory_on_huge_pages():
+    lines = _started()
+    assert lines[:2] == ["None False", "glibc.malloc.hugetlb=1 True"], lines  # once as started, once again
+    assert lines[2].startswith("still") and len(lines) == 3, lines
+
+
+def test_the_command_starts_once_where_asked_or_called_with_arguments():
+    assert _started(STILL_HUGE_PAGES="0")[:1] == ["None False"] and len(_started(STILL_HUGE_PAGES="0")) == 2
+    assert len(_started(argv="['--version']")) == 2  # (tests call main with arguments: never started again)
+    assert _started(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")[0] == "glibc.malloc.hugetlb=0 False"
+
+
+@pytest.mark.skipif(not HUGE, reason="no glibc 2.35 with transparent huge pages in madvise mode here")
+def test_the_tunable_joins_the_users_own():
+    env = huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "OTHER": "1"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "OTHER": "1"}
+    assert huge_pages_environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_huge_pages_are_left_out_where_asked_or_named_already():
+    assert huge_pages_environment({"STILL_HUGE_PAGES": "0"}) is None
+    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=2"}) is None

@@ -16,14 +16,21 @@ process keeps the most heap it has used, as PyTorch's own CPU launcher
 library should not change its host process's allocator, so nothing else sets it: call this from
 your own program where the same holds. (glibc reads the MALLOC_*_ environment variables only
 when a process starts; by the time Python runs, only `mallopt` can change them.)
+
+`start_with_huge_pages()` starts the command again in the same process with glibc's malloc
+advising huge pages for its memory (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which has no `mallopt`
+twin): the `still` command does so when started from a shell, where the system's transparent huge
+pages are in `madvise` mode (`STILL_HUGE_PAGES=0` leaves it out).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
 SETTINGS = {
@@ -79,3 +86,46 @@ def give_back() -> bool:
     trim = libc.malloc_trim
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim(0) == 1
+
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+"""glibc's tunable (2.35 and later) that advises the memory malloc takes from the system for
+transparent huge pages (`madvise(MADV_HUGEPAGE)`): read once, when a process starts."""
+
+
+def huge_pages_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str] | None:
+    """`environ` with glibc's malloc advising huge pages (`HUGE_PAGES` added to `GLIBC_TUNABLES`);
+    None where that would change nothing or is not wanted: outside glibc 2.35 or later, where the
+    system's transparent huge pages are not in `madvise` mode (`always` gives them already, `never`
+    none), where `GLIBC_TUNABLES` names the tunable already (the user's choice, or this process
+    started with it), or where `STILL_HUGE_PAGES=0`.
+
+    Why: a training step streams its activations through many small PyTorch calls, and in 4 KiB
+    pages its memory is more pages than a core's TLB holds. With the heap on huge pages a bf16
+    training shard step at the peer benchmark's size ran 0.94-0.99x the time, 0.96x in the median of
+    four pairs (machine C, docs/performance.md, session 41)."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if environ.get("STILL_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables or glibc() is None:
+        return None
+    try:
+        version = tuple(int(x) for x in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    if version < (2, 35) or "[madvise]" not in mode:
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
+
+
+def start_with_huge_pages() -> None:
+    """Start this process's command again, in the same process (`os.execve`), with glibc's malloc
+    advising huge pages (`huge_pages_environment`), where that changes something; else return.
+    For a program's entry point, before it does any work: the `still` command calls it when started
+    from a shell (not when `still.cli.main` is called with arguments, as tests do)."""
+    environment = huge_pages_environment()
+    if environment is None or getattr(sys, "frozen", False) or not getattr(sys, "orig_argv", None):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # (where it cannot start again, it runs as it is)
+        os.execve(sys.executable, sys.orig_argv, environment)

@@ -21,7 +21,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import click  # noqa: E402
 
 from still import __version__  # noqa: E402
-from still.allocator import keep_freed_memory  # noqa: E402
+from still.allocator import keep_freed_memory, start_with_huge_pages  # noqa: E402
 from still.errors import StillError, TrainingDiverged, TrainingInterrupted  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -536,6 +536,8 @@ def _when(timestamp: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # started from a shell: again, with malloc's memory on huge pages (still.allocator)
+        start_with_huge_pages()
     keep_freed_memory()  # the command's process keeps what it frees for its next call (still.allocator)
     try:
         cli.main(args=argv, prog_name="still", standalone_mode=False)
