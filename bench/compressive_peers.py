@@ -53,7 +53,10 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
     allocator every measuring process, whichever implementation it runs, starts with glibc's malloc
               keeping the memory it frees (the MALLOC_* variables for `still.allocator`'s settings,
               which the `still` command's process sets), so that no one's calls fault in fresh pages
-              again; --glibc-default leaves glibc's default, as every run before session 26 did.
+              again; and, where the `still` command starts so (since session 41: glibc 2.35 or
+              later, transparent huge pages in madvise mode), with its memory advised for huge pages
+              (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, `still.allocator.huge_pages_environment`);
+              --glibc-default leaves glibc's default for both, as every run before session 26 did.
     MFU       train GFLOP/s over the machine's matmul peak (`still bench peak`'s measurement, in a
               subprocess of its own once a repeat, before the repeat's measurements; medians), the
               bf16 rows over the bf16 peak; not with --no-flops.
@@ -763,7 +766,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write compressive_peers.json (config, machine, every result) and .md here")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's malloc as it is (by default every measuring process keeps the memory "
-                             "it frees, as the `still` command's does: still.allocator)")
+                             "it frees and, where the `still` command's process does, advises it for huge "
+                             "pages: still.allocator)")
     args = parser.parse_args()
 
     if args.worker:
@@ -790,7 +794,7 @@ def main() -> None:
                      "and use .venv-bench/bin/python")
 
     kept = not args.glibc_default and not any(name in os.environ for name in allocator.ENVIRONMENT)
-    huge = allocator.huge_pages_environment() if kept else None
+    huge = allocator.huge_pages_environment() if not args.glibc_default else None  # (as the command decides)
     if kept:  # every worker, whichever implementation it measures, starts with glibc keeping freed memory
         os.environ.update(ALLOCATOR_ENVIRONMENT)
     if huge is not None:  # and, where the `still` command starts so, with malloc's memory on huge pages
@@ -852,13 +856,16 @@ def main() -> None:
     notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))  # in order, once each
     with_ratios = "ours" in impls and any(p in impls for p in PEERS)
     notes += [n for n in STATIC_NOTES if n.split(":")[0] in impls + (["ratios"] if with_ratios else [])]
+    tunables = os.environ.get("GLIBC_TUNABLES")
     notes.append("allocator: " + (
         "every measuring process, of every implementation, ran with glibc's malloc keeping the memory it frees "
-        f"({' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENVIRONMENT.items())})"
-        + (f" and its memory advised for huge pages (GLIBC_TUNABLES={huge['GLIBC_TUNABLES']})" if huge else "")
-        + ", as the `still` command's process does (still.allocator); --glibc-default leaves glibc's default"
-        if kept else
-        "glibc's malloc as the environment left it (--glibc-default, or MALLOC_* set by the caller)"))
+        f"({' '.join(f'{k}={v}' for k, v in ALLOCATOR_ENVIRONMENT.items())}), as the `still` command's process "
+        "does (still.allocator)" if kept else
+        "glibc's malloc keeping or giving back freed memory as the environment left it (--glibc-default, or "
+        "MALLOC_* set by the caller)")
+        + (f"; GLIBC_TUNABLES={tunables} for every process" + (" (set here as the `still` command sets it: malloc's "
+           "memory on huge pages)" if huge else "") if tunables else "; no GLIBC_TUNABLES")
+        + ("; --glibc-default leaves glibc's default" if not args.glibc_default else ""))
     if "lucidrains" in impls:
         notes.append("lucidrains: built with its default GRU-gated residuals (--lucidrains-gru): two GRUCells per "
                      "layer that the others do not have" if cfg.lucidrains_gru else

@@ -99,31 +99,41 @@ STARTED = textwrap.dedent("""
             name = fields[-1] if len(fields) >= 6 else None
         elif fields[0] == "VmFlags:" and name == "[heap]":
             heap = "hg" in fields[1:]
-    print(os.environ.get("GLIBC_TUNABLES"), heap, flush=True)
-    sys.argv = ["still", "--version"]
-    from still.cli import main
-    main({argv})
+    os.write(2, f"started {{os.environ.get('GLIBC_TUNABLES')}} {{heap}}\\n".encode())
+    sys.argv = ["still", *{argv}]
+    from still import cli
+    cli.{entry}()
 """)
 
 
-def _started(argv: str = "", **environ: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "STILL_HUGE_PAGES")} | environ
-    out = subprocess.run([sys.executable, "-c", STARTED.format(argv=argv)], capture_output=True, text=True,
-                         check=False, env=env)
-    return out.stdout.splitlines()
+def _started(argv: tuple[str, ...] = ("no-such-command",), entry: str = "run", shell: str = "",
+             **environ: str) -> tuple[list[str], int]:
+    """The lines a command started through `still.cli.<entry>` says first (each start: the
+    environment's tunables and whether its heap was advised), and its exit code."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "STILL_HUGE_PAGES", "STILL_STARTED_AGAIN")} | environ
+    script = STARTED.format(argv=list(argv), entry=entry)
+    command = ["sh", "-c", f'exec "{sys.executable}" -c "$0" {shell}', script]
+    out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    return [line for line in out.stderr.splitlines() if line.startswith("started")], out.returncode
 
 
 @pytest.mark.skipif(not HUGE, reason="no glibc 2.35 with transparent huge pages in madvise mode here")
-def test_the_still_command_starts_again_with_mallocs_memory_on_huge_pages():
-    lines = _started()
-    assert lines[:2] == ["None False", "glibc.malloc.hugetlb=1 True"], lines  # once as started, once again
-    assert lines[2].startswith("still") and len(lines) == 3, lines
+def test_the_still_command_starts_again_once_with_mallocs_memory_on_huge_pages():
+    lines, code = _started()
+    assert lines == ["started None False", "started glibc.malloc.hugetlb=1 True"], lines  # as started, then again
+    assert code == 2  # (the unknown command's usage error, said by the command started again)
+    assert _started(shell=">&-") == (lines, 2)  # and with its standard output closed (nothing to flush)
 
 
-def test_the_command_starts_once_where_asked_or_called_with_arguments():
-    assert _started(STILL_HUGE_PAGES="0")[:1] == ["None False"] and len(_started(STILL_HUGE_PAGES="0")) == 2
-    assert len(_started(argv="['--version']")) == 2  # (tests call main with arguments: never started again)
-    assert _started(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")[0] == "glibc.malloc.hugetlb=0 False"
+def test_the_command_is_not_started_again_where_asked_or_not_its_own_start():
+    once = ["started None False"]
+    for value in ("0", "off", "No"):
+        assert _started(STILL_HUGE_PAGES=value) == (once, 2)
+    assert _started(STILL_STARTED_AGAIN="1") == (once, 2)  # (never twice: a start whose tunables were dropped)
+    assert _started(("--version",)) == (once, 0)  # (what answers at once is not worth a start)
+    assert _started(entry="main") == (once, 2)  # (`main`, as tests and programs call it: never)
+    assert _started(GLIBC_TUNABLES="glibc.malloc.hugetlb=0") == (["started glibc.malloc.hugetlb=0 False"], 2)
 
 
 @pytest.mark.skipif(not HUGE, reason="no glibc 2.35 with transparent huge pages in madvise mode here")
@@ -135,5 +145,7 @@ def test_the_tunable_joins_the_users_own():
 
 def test_huge_pages_are_left_out_where_asked_or_named_already():
     assert huge_pages_environment({"STILL_HUGE_PAGES": "0"}) is None
+    assert huge_pages_environment({"STILL_HUGE_PAGES": "Off"}) is None
+    assert huge_pages_environment({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
     assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
     assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=2"}) is None

@@ -1,3 +1,3 @@
-from still.cli import main
+from still.cli import run
 
-main()
+run()

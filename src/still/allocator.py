@@ -92,20 +92,28 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 """glibc's tunable (2.35 and later) that advises the memory malloc takes from the system for
 transparent huge pages (`madvise(MADV_HUGEPAGE)`): read once, when a process starts."""
 
+STARTED_AGAIN = "STILL_STARTED_AGAIN"
+"""Set in the environment of a command started again (`start_with_huge_pages`): never twice."""
+
+_OFF = ("0", "false", "no", "off")
+_OTHER_MALLOCS = ("jemalloc", "tcmalloc", "mimalloc")  # preloaded in glibc's place: the tunable does nothing
+
 
 def huge_pages_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str] | None:
     """`environ` with glibc's malloc advising huge pages (`HUGE_PAGES` added to `GLIBC_TUNABLES`);
-    None where that would change nothing or is not wanted: outside glibc 2.35 or later, where the
-    system's transparent huge pages are not in `madvise` mode (`always` gives them already, `never`
-    none), where `GLIBC_TUNABLES` names the tunable already (the user's choice, or this process
-    started with it), or where `STILL_HUGE_PAGES=0`.
+    None where that would change nothing or is not wanted: outside glibc 2.35 or later (or with
+    another malloc preloaded), where the system's transparent huge pages are not in `madvise` mode
+    (`always` gives them already, `never` none), where `GLIBC_TUNABLES` names the tunable already
+    (the user's choice), or where `STILL_HUGE_PAGES` is 0 (or false, no, off).
 
     Why: a training step streams its activations through many small PyTorch calls, and in 4 KiB
-    pages its memory is more pages than a core's TLB holds. With the heap on huge pages a bf16
-    training shard step at the peer benchmark's size ran 0.94-0.99x the time, 0.96x in the median of
-    four pairs (machine C, docs/performance.md, session 41)."""
+    pages its memory is more pages than a core's TLB holds. With the heap on huge pages a training
+    shard step at the peer benchmark's size ran 0.96x the time in bf16 and 0.95x in fp32 (medians of
+    three and four pairs, machine C, docs/performance.md, session 41). The cost: about 7% more
+    memory at 8 threads (each thread's malloc arena on huge pages), none seen at one."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if environ.get("STILL_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables or glibc() is None:
+    if (environ.get("STILL_HUGE_PAGES", "").strip().lower() in _OFF or "glibc.malloc.hugetlb" in tunables
+            or any(name in environ.get("LD_PRELOAD", "") for name in _OTHER_MALLOCS) or glibc() is None):
         return None
     try:
         version = tuple(int(x) for x in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])
@@ -117,15 +125,34 @@ def huge_pages_environment(environ: Mapping[str, str] = os.environ) -> dict[str,
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
 
 
+def _secure() -> bool:
+    """Whether this process runs in the C library's secure mode (setuid, or file capabilities),
+    where glibc drops `GLIBC_TUNABLES`."""
+    libc = glibc()
+    if libc is None:
+        return False
+    getauxval = libc.getauxval
+    getauxval.argtypes, getauxval.restype = [ctypes.c_ulong], ctypes.c_ulong
+    return getauxval(23) != 0  # AT_SECURE
+
+
 def start_with_huge_pages() -> None:
-    """Start this process's command again, in the same process (`os.execve`), with glibc's malloc
-    advising huge pages (`huge_pages_environment`), where that changes something; else return.
-    For a program's entry point, before it does any work: the `still` command calls it when started
-    from a shell (not when `still.cli.main` is called with arguments, as tests do)."""
-    environment = huge_pages_environment()
-    if environment is None or getattr(sys, "frozen", False) or not getattr(sys, "orig_argv", None):
+    """Start this process's command again, in the same process (`os.execve` of the same interpreter
+    with the same arguments), with glibc's malloc advising huge pages (`huge_pages_environment`),
+    where that changes something; else return. Only for a command's entry point, before it does
+    anything (the `still` command's: `still.cli.run`): the program is started again from its first
+    line. Not where it was started again already (`STARTED_AGAIN`), in secure mode, under a
+    debugger or profiler, or in an interactive interpreter."""
+    if os.environ.get(STARTED_AGAIN) or getattr(sys, "frozen", False) or not getattr(sys, "orig_argv", None):
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with contextlib.suppress(OSError):  # (where it cannot start again, it runs as it is)
+    if sys.gettrace() is not None or sys.getprofile() is not None or sys.flags.interactive or hasattr(sys, "ps1"):
+        return
+    environment = huge_pages_environment()
+    if environment is None or _secure():
+        return
+    environment[STARTED_AGAIN] = "1"
+    with contextlib.suppress(OSError, ValueError):  # (where it cannot start again, it runs as it is)
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
         os.execve(sys.executable, sys.orig_argv, environment)

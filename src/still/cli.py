@@ -535,9 +535,18 @@ def _when(timestamp: float) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def main(argv: list[str] | None = None) -> None:
-    if argv is None:  # started from a shell: again, with malloc's memory on huge pages (still.allocator)
+def run() -> None:
+    """The `still` command as started from a shell (its console script, `python -m still`): started
+    again at once with malloc's memory on huge pages where that pays (`still.allocator`), unless
+    the command only answers --help, --version or a shell's completion; then `main`."""
+    quick = any(a in ("-h", "--help", "--version") for a in sys.argv[1:]) or any(
+        name.startswith("_STILL_COMPLETE") for name in os.environ)
+    if not quick:
         start_with_huge_pages()
+    main()
+
+
+def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()  # the command's process keeps what it frees for its next call (still.allocator)
     try:
         cli.main(args=argv, prog_name="still", standalone_mode=False)
