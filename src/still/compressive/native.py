@@ -336,7 +336,8 @@ def on_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     step walks page tables for many of them every token. In 2 MiB pages it does not: the fp32 step
     ran 0.88-0.90x the time, bf16 0.91x (machine C, docs/performance.md, session 41)."""
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
-    total = sum(-(-size // 64) * 64 for size in sizes.values())
+    spans = {name: -(-size // 64) * 64 for name, size in sizes.items()}  # (each from a 64-byte boundary)
+    total = sum(spans.values())
     cpu = all(t.device.type == "cpu" for t in tensors.values())
     if not hasattr(mmap, "MADV_HUGEPAGE") or total < HUGE_PAGE or not cpu:
         return tensors
@@ -358,7 +359,7 @@ def on_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             view.copy_(tensor)
         placed[name] = view
-        at += -(-sizes[name] // 64) * 64
+        at += spans[name]
     return placed
 
 
