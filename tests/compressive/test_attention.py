@@ -865,6 +865,162 @@ def test_attention_outputs_with_fp32_weights_and_bf16_values():
         torch.testing.assert_close(got, want)
 
 
+def _packed_run(attn, norm, x0, context, key_valid, threads=1):
+    """The attention under bf16 autocast in training, forward and backward with a fixed output
+    gradient: [output, grads of x and every parameter] and the AttentionOutput."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            out = attn(x, context, key_valid, norm=norm)
+        grad = torch.randn(out.out.shape, generator=torch.Generator().manual_seed(5))
+        params = [x, *attn.parameters(), *norm.parameters()]
+        grads = torch.autograd.grad((out.out.float() * grad).sum(), params)
+        return [out.out.detach(), *grads], out
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("d_model,heads,l,p,masked", [(128, 4, 64, 64, False), (128, 2, 32, 96, True),
+                                                      (64, 2, 32, 0, False)])
+def test_packed_key_values_give_the_heads_major_paths_bits(monkeypatch, bf16_products, d_model, heads, l, p,
+                                                           masked):
+    """`PACKED_KEY_VALUES`: the kernel reading the keys and values where their projection wrote them
+    (B, K, 2d), writing their gradients there and the output as (B, L, d), gives bit for bit what
+    the heads-major copies give (output, the gradients of the input and of every weight), on one
+    thread or several; over memories, without, and with masked memory slots; and it did run."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn = RelativeMultiHeadAttention(d_model, heads).train()
+    norm = torch.nn.LayerNorm(d_model)
+    with torch.no_grad():
+        attn.content_bias.normal_()
+        attn.position_bias.normal_()
+        norm.weight.normal_(1.0, 0.2)
+    x = torch.randn(2, l, d_model)
+    context = torch.randn(2, p, d_model) if p else None
+    key_valid = None
+    if masked:
+        key_valid = torch.ones(2, p, dtype=torch.bool)
+        key_valid[1, : p // 2] = False
+    calls = []
+    packed = module._PackedAttentionOutputs.apply
+    monkeypatch.setattr(module._PackedAttentionOutputs, "apply", lambda *a: calls.append(1) or packed(*a))
+    monkeypatch.setattr(module, "PACKED_KEY_VALUES", False)
+    want, _ = _packed_run(attn, norm, x, context, key_valid)
+    assert not calls
+    monkeypatch.setattr(module, "PACKED_KEY_VALUES", True)
+    got, out = _packed_run(attn, norm, x, context, key_valid)
+    assert calls  # the packed path ran ...
+    assert out.key_values_by_head is None and out.all_key_values.shape == (2, p + l, 2 * d_model)  # ... in place
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    threaded, _ = _packed_run(attn, norm, x, context, key_valid, threads=3)
+    assert all(torch.equal(a, b) for a, b in zip(threaded, want))
+
+
+def test_packed_key_values_backward_falls_back_to_copies(monkeypatch, bf16_products):
+    """Should the kernel refuse the packed backward, `_PackedAttentionOutputs` takes the heads-major
+    path's backward from copies of kv: the same bits."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn, norm = RelativeMultiHeadAttention(64, 2).train(), torch.nn.LayerNorm(64)
+    x, context = torch.randn(2, 32, 64), torch.randn(2, 32, 64)
+    want, _ = _packed_run(attn, norm, x, context, None)
+    monkeypatch.setattr(module, "_native_packed_grads", lambda *a: None)
+    got, _ = _packed_run(attn, norm, x, context, None)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_packed_key_values_only_where_the_kernel_takes_everything(monkeypatch, bf16_products):
+    """The packed path declines (and the heads-major one runs) for lengths or head dims not multiples
+    of 32, fp32, attention dropout in training, and with `NATIVE_GRADS` off; the kernel refuses a
+    layout whose row stride is odd or shorter than a row."""
+    import ctypes
+
+    from still.compressive import attention as module, native
+
+    calls = []
+    packed = module._PackedAttentionOutputs.apply
+    monkeypatch.setattr(module._PackedAttentionOutputs, "apply", lambda *a: calls.append(1) or packed(*a))
+    torch.manual_seed(0)
+
+    def ran(d_model=64, heads=2, l=32, dropout_attn=0.0, autocast=True) -> bool:
+        calls.clear()
+        attn, norm = RelativeMultiHeadAttention(d_model, heads, dropout_attn).train(), torch.nn.LayerNorm(d_model)
+        x = torch.randn(2, l, d_model, requires_grad=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = attn(x, torch.randn(2, 32, d_model), norm=norm).out
+        out.float().sum().backward()
+        assert x.grad is not None
+        return bool(calls)
+
+    assert ran()
+    assert not ran(l=16)  # L
+    assert not ran(d_model=32)  # D = 16
+    assert not ran(autocast=False)  # fp32
+    assert not ran(dropout_attn=0.1)
+    monkeypatch.setattr(module, "NATIVE_GRADS", False)
+    assert not ran()
+    monkeypatch.setattr(module, "NATIVE_GRADS", True)
+
+    lib = native.attention_library()
+    h, b, l, k_len, d = 1, 1, 32, 32, 32
+    q = torch.zeros(h * b, l, d, dtype=torch.bfloat16)
+    kv = torch.zeros(b, k_len, 2 * h * d + 2, dtype=torch.bfloat16)
+    out, values = torch.empty(h * b, l, k_len, dtype=torch.bfloat16), torch.empty(b, l, h * d, dtype=torch.bfloat16)
+    r = torch.zeros(h, k_len, d, dtype=torch.bfloat16)
+
+    def code(kv_row: int, out_row: int) -> int:
+        layouts = (ctypes.c_int64 * 6)(k_len * kv_row, d, kv_row, l * out_row, d, out_row)
+        return lib.still_attention_weights(q.data_ptr(), kv.data_ptr(), q.data_ptr(), r.data_ptr(), None, 0,
+                                           out.data_ptr(), kv.data_ptr() + 2 * d, values.data_ptr(), h, b, l,
+                                           k_len, d, layouts, 1)
+
+    assert code(2 * d + 2, d) == 0
+    assert code(2 * d + 1, d) == 3  # odd: rows read as pairs
+    assert code(d - 2, d) == 3  # shorter than a row
+    assert code(2 * d, d - 2) == 3
+
+
+def test_packed_key_values_train_the_model_to_the_same_bits(monkeypatch, bf16_products):
+    """Whole bf16 training steps of the model, memories filling and compressed (the reconstruction
+    loss then reads the old memories' keys and values out of kv): the same losses and gradients
+    with `PACKED_KEY_VALUES` as without."""
+    import torch.nn.functional as F
+
+    from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module
+
+    config = CompressiveConfig(vocab_size=32, d_model=64, n_layers=2, n_heads=2, d_ff=128, mem_len=32, c_mem_len=32,
+                               compression_rate=4, dropout=0.0)
+    torch.manual_seed(0)
+    model = CompressiveTransformer(config).train()
+    tokens = torch.randint(0, 32, (2, 4 * 32 + 1))
+    results = []
+    for packed in (False, True):
+        monkeypatch.setattr(module, "PACKED_KEY_VALUES", packed)
+        state, steps, compressed = None, [], False
+        for s in range(4):
+            x = tokens[:, s * 32 : (s + 1) * 32 + 1]
+            with torch.autocast("cpu", torch.bfloat16):
+                out = model(x[:, :-1], state)
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            state = out.state
+            if out.compression_loss is not None:
+                loss, compressed = loss + out.compression_loss.float(), True
+            params = [p for p in model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            steps.append([loss.detach(), *(g for g in grads if g is not None)])
+        results.append(steps)
+        assert compressed  # the reconstruction loss ran
+    for a, b in zip(*results):
+        assert len(a) == len(b)
+        assert all(torch.equal(u, w) for u, w in zip(a, b))
+
+
 def test_native_grads_leave_lengths_not_multiples_of_32_to_the_two_step_path(monkeypatch, bf16_products):
     """16 queries (the weights' kernel takes them, the gradients' does not): `_native_grads` declines
     and the first pass then PyTorch's products give the gradients; fp32 is not its either."""

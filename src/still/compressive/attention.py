@@ -33,6 +33,7 @@ instead of using sinusoids and W_r; we follow the paper.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import math
 import threading
@@ -105,6 +106,15 @@ value, head) pairs (`_HeadsMajorLinearOverConstants`), instead of one product an
 copies, forward and backward. False: one product, then the copies. Tests compare the two. (Not in
 bf16: there the batched product took 1.7x as long as one product and the copies, and its weight
 gradient 2.4x: docs/performance.md, session 14.)"""
+
+
+PACKED_KEY_VALUES = True
+"""bf16 on a CPU where the kernel takes the whole attention (`NATIVE_SCORES` and `NATIVE_GRADS`, L, K
+and the head dim multiples of 32): the kernel reads the keys and values where their projection
+wrote them, (B, K, 2d), and writes their gradients there and the output as (B, L, d), instead of
+copying keys and values into heads-major (H*B, K, D) tensors, their gradients back (and through a
+concatenation), and the output out of (H*B, L, D) (`_PackedAttentionOutputs`). The same products
+and the same bits. False: the copies. Tests compare the two."""
 
 
 def compute_dtype(device, dtype: torch.dtype) -> torch.dtype:
@@ -317,16 +327,72 @@ class _AttentionOutputs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q_content, k, v, q_position, r, weights = ctx.saved_tensors
-        fused = (_native_grads(q_content, k, q_position, r, weights, ctx.r_dtype, grad_out=grad, v=v)
-                 if NATIVE_SCORES else None)
-        if fused is not None:
-            grad_q_content, grad_k, grad_q_position, grad_r, grad_v = fused
-            return grad_q_content, grad_k, grad_v, grad_q_position, grad_r, None
-        grad = grad.to(v.dtype)
-        grad_weights = torch.bmm(grad, v.transpose(1, 2)).to(weights.dtype)  # (G, L, K)
-        grad_v = torch.bmm(weights.to(v.dtype).transpose(1, 2), grad)  # (G, K, D)
-        grads = _weights_backward(q_content, k, q_position, r, weights, ctx.r_dtype, grad_weights)
-        return grads[0], grads[1], grad_v, grads[2], grads[3], None
+        grad_q_content, grad_k, grad_v, grad_q_position, grad_r = _outputs_backward(
+            q_content, k, v, q_position, r, weights, ctx.r_dtype, grad)
+        return grad_q_content, grad_k, grad_v, grad_q_position, grad_r, None
+
+
+def _outputs_backward(q_content: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_position: torch.Tensor,
+                      r: torch.Tensor, weights: torch.Tensor, r_dtype: torch.dtype, grad: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_AttentionOutputs`' backward from its saved tensors (k and v heads-major) and the output's
+    gradient grad (G, L, D): the gradients of q_content, k, v, q_position and r."""
+    fused = (_native_grads(q_content, k, q_position, r, weights, r_dtype, grad_out=grad, v=v)
+             if NATIVE_SCORES else None)
+    if fused is not None:
+        grad_q_content, grad_k, grad_q_position, grad_r, grad_v = fused
+        return grad_q_content, grad_k, grad_v, grad_q_position, grad_r
+    grad = grad.to(v.dtype)
+    grad_weights = torch.bmm(grad, v.transpose(1, 2)).to(weights.dtype)  # (G, L, K)
+    grad_v = torch.bmm(weights.to(v.dtype).transpose(1, 2), grad)  # (G, K, D)
+    grads = _weights_backward(q_content, k, q_position, r, weights, r_dtype, grad_weights)
+    return grads[0], grads[1], grad_v, grads[2], grads[3]
+
+
+def _heads_major_pair(kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (B, K, 2d) -> each (H*B, K, D), contiguous (copies)."""
+    b, k_len, two_d = kv.shape
+    dh = two_d // (2 * heads)
+    k, v = kv.view(b, k_len, 2, heads, dh).permute(2, 3, 0, 1, 4).reshape(2, heads * b, k_len, dh)
+    return k, v
+
+
+class _PackedAttentionOutputs(torch.autograd.Function):
+    """`_AttentionOutputs` over keys and values as their projection made them, kv (B, K, 2d) (the keys'
+    d columns, then the values', each head's D together), with the output as (B, L, d) (each head's
+    D together) and kv's gradient as (B, K, 2d): `PACKED_KEY_VALUES`. The kernel reads and writes them
+    in place (`native_attention.cpp`'s `Layout`); the arithmetic is `_AttentionOutputs`' kernels',
+    bit for bit. Only where `_packed_kernel_takes` holds; should the backward's kernel refuse
+    nonetheless, the heads-major path's backward from copies."""
+
+    @staticmethod
+    def forward(ctx, q_content, kv, q_position, r, bias, heads):
+        ctx.r_dtype = r.dtype
+        r = r.to(q_content.dtype)
+        result = _native_packed_weights(q_content, kv, q_position, r, bias, heads)
+        if result is None:
+            raise RuntimeError("the bf16 attention kernel refused keys and values it was judged to take")
+        weights, out = result
+        ctx.save_for_backward(q_content, kv, q_position, r, weights)
+        ctx.heads = heads
+        return out  # (B, L, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_content, kv, q_position, r, weights = ctx.saved_tensors
+        grads = _native_packed_grads(q_content, kv, q_position, r, weights, ctx.r_dtype, grad, ctx.heads)
+        if grads is None:  # (not expected: the forward's checks cover the backward's)
+            b, l, d = grad.shape
+            h, dh = ctx.heads, d // ctx.heads
+            k, v = _heads_major_pair(kv, h)
+            grad_hm = grad.view(b, l, h, dh).permute(2, 0, 1, 3).reshape(h * b, l, dh)
+            grad_q_content, grad_k, grad_v, grad_q_position, grad_r = _outputs_backward(
+                q_content, k, v, q_position, r, weights, ctx.r_dtype, grad_hm)
+            grad_kv = torch.empty_like(kv).view(b, -1, 2, h, dh)
+            grad_kv[:, :, 0].copy_(grad_k.view(h, b, -1, dh).permute(1, 2, 0, 3))
+            grad_kv[:, :, 1].copy_(grad_v.view(h, b, -1, dh).permute(1, 2, 0, 3))
+            grads = grad_q_content, grad_kv.view(kv.shape), grad_q_position, grad_r
+        return (*grads, None, None)
 
 
 def _weights_forward(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
@@ -456,7 +522,7 @@ def _native_grads(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Te
     code = lib.still_attention_grads(*(None if t is None else t.data_ptr() for t in inputs), grad_q_content.data_ptr(),
                                      grad_k.data_ptr(), None if grad_v is None else grad_v.data_ptr(),
                                      grad_q_position.data_ptr(), grad_r.data_ptr(), h, g // h, l, k_len, d, int(center),
-                                     min(torch.get_num_threads(), native.MAX_THREADS))
+                                     None, min(torch.get_num_threads(), native.MAX_THREADS))
     if code != 0:
         return None
     return grad_q_content, grad_k, grad_q_position, grad_r.to(r_dtype), grad_v
@@ -513,6 +579,94 @@ def _native_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: t
     return (grad_scores, raw) if code == 0 else None
 
 
+def _packed_kernel_takes(q_content: torch.Tensor, kv: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                         bias: torch.Tensor, heads: int) -> bool:
+    """Whether `_PackedAttentionOutputs` runs here: `PACKED_KEY_VALUES` with `NATIVE_SCORES` and
+    `NATIVE_GRADS`; bf16 queries (G, L, D) and kv (B, K, 2d) on a CPU, r (H, K, D) bf16 or fp32; L,
+    K and D multiples of 32; the causal mask's bias or a (1, B, L, K) one; the kernel built here; not
+    under torch.compile."""
+    if not (PACKED_KEY_VALUES and NATIVE_SCORES and NATIVE_GRADS) or torch.compiler.is_compiling():
+        return False
+    bf16 = torch.bfloat16
+    if (q_content.device.type != "cpu" or kv.dim() != 3 or q_content.dtype != bf16 or kv.dtype != bf16
+            or q_position.dtype != bf16 or r.dtype not in (bf16, torch.float32) or bias.dtype != bf16):
+        return False
+    g, l, d = q_content.shape
+    b, k_len, two_d = kv.shape
+    if (two_d != 2 * heads * d or g != heads * b or r.shape != (heads, k_len, d) or l % 32 or k_len % 32 or d % 32
+            or k_len < l):
+        return False
+    if bias.dim() != 2 and bias.shape[:2] != (1, b):
+        return False
+    from still.compressive import native
+
+    return native.attention_library() is not None
+
+
+def _pointer(t: torch.Tensor, offset: int = 0) -> int:
+    """The address of t's element `offset` (in elements)."""
+    return t.data_ptr() + offset * t.element_size()
+
+
+def _packed_layouts(heads: int, b: int, l: int, k_len: int, d: int) -> ctypes.Array:
+    """The kernel's `Layout`s (batch, head, row strides) of kv (B, K, 2d) and of an output (B, L, d)."""
+    width = heads * d
+    return (ctypes.c_int64 * 6)(k_len * 2 * width, d, 2 * width, l * width, d, width)
+
+
+def _native_packed_weights(q_content: torch.Tensor, kv: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                           bias: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_native_weights` with v over kv (B, K, 2d) in place: the weights (G, L, K) and their product
+    with the values as (B, L, d); None where the kernel refuses."""
+    from still.compressive import native
+
+    g, l, d = q_content.shape
+    b, k_len, _ = kv.shape
+    if bias.dim() == 2:
+        batch_stride = 0
+        causal_only = bias is causal_mask_bias(l, k_len, bias.device, bias.dtype)
+    else:
+        batch_stride, causal_only = l * k_len, False
+    q_content, kv, q_position, r, bias = (t.contiguous() for t in (q_content, kv, q_position, r, bias))
+    out = torch.empty(g, l, k_len, dtype=kv.dtype, device=kv.device)  # (G, L, K)
+    values = torch.empty(b, l, heads * d, dtype=kv.dtype, device=kv.device)  # (B, L, d)
+    layouts = _packed_layouts(heads, b, l, k_len, d)
+    code = native.attention_library().still_attention_weights(
+        q_content.data_ptr(), kv.data_ptr(), q_position.data_ptr(), r.data_ptr(),
+        None if causal_only else bias.data_ptr(), batch_stride, out.data_ptr(), _pointer(kv, heads * d),
+        values.data_ptr(), heads, b, l, k_len, d, layouts, min(torch.get_num_threads(), native.MAX_THREADS))
+    if code != 0:
+        return None
+    NATIVE_USED.set()
+    return out, values
+
+
+def _native_packed_grads(q_content: torch.Tensor, kv: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
+                         weights: torch.Tensor, r_dtype: torch.dtype, grad_out: torch.Tensor, heads: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`_native_grads` from the output's gradient (B, L, d) over kv (B, K, 2d) in place: the gradients
+    of q_content, kv (B, K, 2d), q_position and r (in `r_dtype`, centred where r came wider); None
+    where the kernel refuses."""
+    from still.compressive import native
+
+    g, l, d = q_content.shape
+    b, k_len, _ = kv.shape
+    q_content, kv, q_position, r, weights = (t.contiguous() for t in (q_content, kv, q_position, r, weights))
+    grad_out = grad_out.to(torch.bfloat16).contiguous()  # (B, L, d)
+    grad_q_content, grad_q_position = torch.empty_like(q_content), torch.empty_like(q_position)
+    grad_kv = torch.empty_like(kv)  # (B, K, 2d), kv contiguous
+    grad_r = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    layouts = _packed_layouts(heads, b, l, k_len, d)
+    code = native.attention_library().still_attention_grads(
+        weights.data_ptr(), None, grad_out.data_ptr(), _pointer(kv, heads * d), q_content.data_ptr(),
+        kv.data_ptr(), q_position.data_ptr(), r.data_ptr(), grad_q_content.data_ptr(), grad_kv.data_ptr(),
+        _pointer(grad_kv, heads * d), grad_q_position.data_ptr(), grad_r.data_ptr(), heads, b, l, k_len, d,
+        int(r_dtype != r.dtype), layouts, min(torch.get_num_threads(), native.MAX_THREADS))
+    if code != 0:
+        return None
+    return grad_q_content, grad_kv, grad_q_position, grad_r.to(r_dtype)
+
+
 def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.Tensor, r: torch.Tensor,
                     bias: torch.Tensor, v: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -549,11 +703,12 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
     v = v.contiguous() if v is not None else None
     out = torch.empty(g, l, k_len, dtype=dtype, device=q_content.device)  # (G, L, K)
     values = torch.empty(g, l, d, dtype=dtype, device=q_content.device) if v is not None else None
+    layouts = () if fp32 else (None,)  # (the bf16 kernel's: heads-major)
     call = lib.still_attention_weights_fp32 if fp32 else lib.still_attention_weights
     code = call(q_content.data_ptr(), k.data_ptr(), q_position.data_ptr(), r.data_ptr(),
                 None if causal_only else bias.data_ptr(), batch_stride, out.data_ptr(),
                 None if v is None else v.data_ptr(), None if v is None else values.data_ptr(),
-                h, g // h, l, k_len, d, min(torch.get_num_threads(), native.MAX_THREADS))
+                h, g // h, l, k_len, d, *layouts, min(torch.get_num_threads(), native.MAX_THREADS))
     if code != 0:
         return None
     if not fp32:
@@ -891,7 +1046,7 @@ class RelativeMultiHeadAttention(nn.Module):
             weights = dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
         elif fused:
-            out, key_values_by_head = self._fused_attention(q, k, v, r, allowed, by_head)  # (B, H, L, D)
+            out, key_values_by_head = self._fused_attention(q, k, v, r, allowed, by_head, kv)  # (B, H, L, D)
             received = None
         else:  # inference with masked slots, or the explicit path with gradients (tests)
             # one pass reads the shifted view and writes the masked bias, one scales it in place
@@ -975,15 +1130,18 @@ class RelativeMultiHeadAttention(nn.Module):
                                               dropout_p=self.dropout_attn if self.training else 0.0)
 
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, r: torch.Tensor,
-                         allowed: torch.Tensor | None, by_head: tuple[torch.Tensor, torch.Tensor] | None = None
-                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                         allowed: torch.Tensor | None, by_head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         kv: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Training (and bf16 CPU inference over masked slots) attention, heads-major: the scores of all B * H
         (head, row) pairs as one (H*B, L, K) tensor, built, masked and normalised by
         `_AttentionWeights` in five passes over it, and differentiated in three
         (`docs/performance.md`). q (B, H, L, D), k and v (B, H, K, D), r (H, K, D), allowed
         (B, 1, L, K), or None for the causal mask alone -> (B, H, L, D), and the keys and values
         heads-major, (H*B, K, D) each, in the compute dtype; or, with `by_head`, k and v None and
-        those keys and values given."""
+        those keys and values given. With `kv` (B, K, 2d), what k and v are views of, where the kernel
+        takes them in place (`PACKED_KEY_VALUES`): the output a view of (B, L, d), and None for the
+        keys and values (the caller has kv)."""
         b, h, l, dh = q.shape
         dtype = (k if by_head is None else by_head[0]).dtype  # the compute dtype: bf16 under autocast
         k_len = (k if by_head is None else by_head[0]).shape[-2]
@@ -1002,6 +1160,10 @@ class RelativeMultiHeadAttention(nn.Module):
             bias = causal_mask_bias(l, k_len, q.device, dtype)  # (L, K)
         else:  # (B, 1, L, K) -> (1, B, L, K), to broadcast over heads-major scores
             bias = mask_bias(allowed.transpose(0, 1), dtype)
+        if (kv is not None and by_head is None and not (self.dropout_attn > 0 and self.training)
+                and _packed_kernel_takes(q_content, kv, q_position, r, bias, h)):
+            out = _PackedAttentionOutputs.apply(q_content, kv, q_position, r, bias, h)  # (B, L, d)
+            return out.view(b, l, h, dh).transpose(1, 2), None  # (B, H, L, D)
         k, v = (heads_major(k), heads_major(v)) if by_head is None else by_head  # (HB, K, D)
         if self.dropout_attn > 0 and self.training:
             weights = _AttentionWeights.apply(q_content, k, q_position, r, bias)  # (HB, L, K)

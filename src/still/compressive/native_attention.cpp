@@ -537,6 +537,29 @@ void attention_grads_fp32(const float* w, const float* gw, const float* go, cons
 
 std::atomic<bool> tiles_allowed{true};  // false: the dot products where AMX would run (tests compare the two)
 
+// Where the bf16 kernels find a (head, batch row) group's rows of keys, values, the output or its
+// gradient: (B, H, n, D) with each row's D values contiguous, element (b, h, j, f) at
+// b * batch + h * head + j * row + f. Heads-major (G, n, D): {n D, B n D, D}; the keys and values of
+// one (B, n, 2d) projection (the values at + d): {n 2d, D, 2d}; an output (B, n, d): {n d, D, d}.
+struct Layout {
+    int64_t batch, head, row;
+    int64_t at(int64_t g, int64_t batch_size) const { return (g % batch_size) * batch + (g / batch_size) * head; }
+};
+
+// `layouts`: the (batch, head, row) strides of k and v (alike), then of the output or its gradient
+// (`Layout`); null: heads-major (G, K, D) and (G, L, D), contiguous. 3 where a row stride is odd or
+// below D (the kernels read rows as pairs of bf16).
+bool layouts_of(const int64_t* layouts, int64_t batch, int64_t l, int64_t k_len, int64_t d, Layout& kv, Layout& out) {
+    if (layouts == nullptr) {
+        kv = Layout{k_len * d, batch * k_len * d, d};
+        out = Layout{l * d, batch * l * d, d};
+        return true;
+    }
+    kv = Layout{layouts[0], layouts[1], layouts[2]};
+    out = Layout{layouts[3], layouts[4], layouts[5]};
+    return kv.row >= d && kv.row % 2 == 0 && out.row >= d && out.row % 2 == 0;
+}
+
 #ifdef STILL_AMX
 struct alignas(64) TileConfig {
     uint8_t palette;
@@ -642,11 +665,12 @@ void product_bf16(const uint16_t* a, int64_t lda, int64_t rows, const uint32_t* 
     }
 }
 
-// (rows, D) bf16 -> B tiles: tile (nb, db) holds rows 16 nb .. +15 (its columns) and features
-// 32 db .. +31 (16 pairs, its rows), as 32-bit words [p][n] = features (2p, 2p + 1) of row n
-void pack_vnni(const uint16_t* src, int64_t rows, int64_t d, uint32_t* packed) {
+// (rows, D) bf16 at row stride ld (even) -> B tiles: tile (nb, db) holds rows 16 nb .. +15 (its
+// columns) and features 32 db .. +31 (16 pairs, its rows), as 32-bit words [p][n] = features (2p, 2p + 1)
+// of row n
+void pack_vnni(const uint16_t* src, int64_t rows, int64_t d, int64_t ld, uint32_t* packed) {
     const auto* words = reinterpret_cast<const uint32_t*>(src);
-    const int64_t half = d / 2, nd = d / 32;
+    const int64_t half = ld / 2, nd = d / 32;
     const __m512i index = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(half)));
     for (int64_t nb = 0; nb < rows / 16; ++nb)
@@ -658,20 +682,20 @@ void pack_vnni(const uint16_t* src, int64_t rows, int64_t d, uint32_t* packed) {
         }
 }
 
-// 16 rows of `a` (row stride d) times the packed columns blocks [first, last) -> out (row stride k_len)
+// 16 rows of `a` (row stride lda) times the packed columns blocks [first, last) -> out (row stride k_len)
 template <bool Tiles>
-void scores(const uint16_t* a, const uint32_t* packed, int64_t d, int64_t first, int64_t last, float* out,
-            int64_t k_len) {
+void scores(const uint16_t* a, int64_t lda, const uint32_t* packed, int64_t d, int64_t first, int64_t last,
+            float* out, int64_t k_len) {
     const int64_t nd = d / 32;
     if constexpr (!Tiles) {
-        product_bf16<false>(a, d, 16, packed, 256, nd * 256, first, last, 0, nd, out, k_len);
+        product_bf16<false>(a, lda, 16, packed, 256, nd * 256, first, last, 0, nd, out, k_len);
         return;
     }
 #ifdef STILL_AMX
     for (int64_t cb = first; cb < last; ++cb) {
         _tile_zero(0);
         for (int64_t db = 0; db < nd; ++db) {
-            _tile_loadd(1, a + db * 32, d * 2);
+            _tile_loadd(1, a + db * 32, lda * 2);
             _tile_loadd(2, packed + (cb * nd + db) * 256, 64);
             _tile_dpbf16ps(0, 1, 2);
         }
@@ -686,14 +710,14 @@ void to_bf16(const float* src, int64_t count, uint16_t* dst) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
 }
 
-void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed);
+void pack_values(const uint16_t* v, int64_t n, int64_t d, int64_t ld, uint32_t* packed);
 
 // 16 rows of weights w (row stride k_len, bf16) times the values packed by `pack_values`, over the key
-// blocks [0, kb1) (the weights are zero beyond) -> out (16, d) bf16, row stride d; o: a 16 x d fp32
-// scratch. Two column blocks at a time (tiles 0 and 3, A in 1, B in 2 and 4).
+// blocks [0, kb1) (the weights are zero beyond) -> out (16, d) bf16, row stride out_ld; o: a 16 x d
+// fp32 scratch. Two column blocks at a time (tiles 0 and 3, A in 1, B in 2 and 4).
 template <bool Tiles>
 void weights_times_values(const uint16_t* w, const uint32_t* packed, int64_t kb1, int64_t k_len, int64_t d, float* o,
-                          uint16_t* out) {
+                          uint16_t* out, int64_t out_ld) {
     const int64_t nc = d / 16;
     if constexpr (!Tiles) product_bf16<false>(w, k_len, 16, packed, nc * 256, 256, 0, nc, 0, kb1, o, d);
 #ifdef STILL_AMX
@@ -711,15 +735,20 @@ void weights_times_values(const uint16_t* w, const uint32_t* packed, int64_t kb1
         _tile_stored(3, o + (cb + 1) * 16, d * 4);
     }
 #endif
-    to_bf16(o, 16 * d, out);
+    if (out_ld == d)
+        to_bf16(o, 16 * d, out);
+    else
+        for (int t = 0; t < 16; ++t) to_bf16(o + t * d, d, out + t * out_ld);
 }
 
 // The weights of groups [g0, g1) into out (G, L, K); where v is not null, also (weights v) into
-// values_out (G, L, D), 16 rows at a time while their weights are in the core's cache
+// values_out, 16 rows at a time while their weights are in the core's cache. k and v where `kv` says,
+// values_out where `vo` says.
 template <bool Tiles>
 void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position, const uint16_t* r,
                 const uint16_t* bias, int64_t bias_batch_stride, uint16_t* out, const uint16_t* v,
-                uint16_t* values_out, int64_t g0, int64_t g1, int64_t batch, int64_t l, int64_t k_len, int64_t d) {
+                uint16_t* values_out, int64_t g0, int64_t g1, int64_t batch, int64_t l, int64_t k_len, int64_t d,
+                Layout kv, Layout vo) {
     std::vector<uint32_t> r_packed(k_len * d / 2), k_packed(k_len * d / 2), v_packed(v == nullptr ? 0 : k_len * d / 2);
     std::vector<float> content(16 * k_len), position(16 * k_len), o(16 * d);
     configure_tiles<Tiles>(5);
@@ -727,18 +756,18 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
     for (int64_t g = g0; g < g1; ++g) {
         const int64_t h = g / batch, b = g % batch;
         if (h != packed_head) {
-            pack_vnni(r + h * k_len * d, k_len, d, r_packed.data());
+            pack_vnni(r + h * k_len * d, k_len, d, d, r_packed.data());
             packed_head = h;
         }
-        pack_vnni(k + g * k_len * d, k_len, d, k_packed.data());
-        if (v != nullptr) pack_values(v + g * k_len * d, k_len, d, v_packed.data());
+        pack_vnni(k + kv.at(g, batch), k_len, d, kv.row, k_packed.data());
+        if (v != nullptr) pack_values(v + kv.at(g, batch), k_len, d, kv.row, v_packed.data());
         const uint16_t* bias_b = bias == nullptr ? nullptr : bias + b * bias_batch_stride;
         for (int64_t i0 = 0; i0 < l; i0 += 16) {
             const int64_t rows = g * l + i0;  // q_position's row h * B * L + b * L + i0 is the same
             // row i reads the position scores of columns L - 1 - i .. K - 1, its keys 0 .. K - L + i
-            scores<Tiles>(q_position + rows * d, r_packed.data(), d, (l - 16 - i0) / 16, k_len / 16, position.data(),
-                          k_len);
-            scores<Tiles>(q_content + rows * d, k_packed.data(), d, 0, (k_len - l + i0) / 16 + 1, content.data(),
+            scores<Tiles>(q_position + rows * d, d, r_packed.data(), d, (l - 16 - i0) / 16, k_len / 16,
+                          position.data(), k_len);
+            scores<Tiles>(q_content + rows * d, d, k_packed.data(), d, 0, (k_len - l + i0) / 16 + 1, content.data(),
                           k_len);
             for (int64_t t = 0; t < 16; ++t) {
                 const int64_t i = i0 + t;
@@ -747,16 +776,17 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
             }
             if (v != nullptr)  // the 16 rows see keys 0 .. K - L + i0 + 15
                 weights_times_values<Tiles>(out + rows * k_len, v_packed.data(), (k_len - l + i0 + 16 + 31) / 32,
-                                            k_len, d, o.data(), values_out + rows * d);
+                                            k_len, d, o.data(), values_out + vo.at(g, batch) + i0 * vo.row, vo.row);
         }
     }
     release_tiles<Tiles>();
 }
 
-// (n, D) bf16 values -> B tiles for (16 rows x 32 keys of weights) times values: tile (kb, cb) holds
-// keys 32 kb .. +31 (16 pairs, its rows) and features 16 cb .. +15 (its columns), as 32-bit words
-// [p][c] = (v[32 kb + 2p][16 cb + c], v[32 kb + 2p + 1][16 cb + c]); n a multiple of 32, D of 32
-void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed) {
+// (n, D) bf16 values at row stride ld -> B tiles for (16 rows x 32 keys of weights) times values:
+// tile (kb, cb) holds keys 32 kb .. +31 (16 pairs, its rows) and features 16 cb .. +15 (its columns),
+// as 32-bit words [p][c] = (v[32 kb + 2p][16 cb + c], v[32 kb + 2p + 1][16 cb + c]); n a multiple of
+// 32, D of 32
+void pack_values(const uint16_t* v, int64_t n, int64_t d, int64_t ld, uint32_t* packed) {
     const int64_t nc = d / 16;
     // word 2c + e of a 32-word result: row a (e = 0) or row b (e = 1) at feature c (low) or 16 + c (high)
     alignas(64) uint16_t low[32], high[32];
@@ -767,9 +797,9 @@ void pack_values(const uint16_t* v, int64_t n, int64_t d, uint32_t* packed) {
     const __m512i index_low = _mm512_load_si512(low), index_high = _mm512_load_si512(high);
     for (int64_t kb = 0; kb < n / 32; ++kb)
         for (int p = 0; p < 16; ++p) {
-            const uint16_t* a = v + (32 * kb + 2 * p) * d;
+            const uint16_t* a = v + (32 * kb + 2 * p) * ld;
             for (int64_t cb = 0; cb < nc; cb += 2) {
-                const __m512i va = _mm512_loadu_si512(a + 16 * cb), vb = _mm512_loadu_si512(a + d + 16 * cb);
+                const __m512i va = _mm512_loadu_si512(a + 16 * cb), vb = _mm512_loadu_si512(a + ld + 16 * cb);
                 _mm512_storeu_si512(packed + ((kb * nc + cb) * 16 + p) * 16, _mm512_permutex2var_epi16(va, index_low, vb));
                 _mm512_storeu_si512(packed + ((kb * nc + cb + 1) * 16 + p) * 16,
                                     _mm512_permutex2var_epi16(va, index_high, vb));
@@ -790,15 +820,15 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
     std::vector<uint16_t> w(16 * n);
     configure_tiles<Tiles>(5);  // (`weights_times_values`' tiles)
     for (int64_t g = g0; g < g1; ++g) {
-        pack_vnni(k + g * kv_stride, n, d, k_packed.data());
-        pack_values(v + g * kv_stride, n, d, v_packed.data());
+        pack_vnni(k + g * kv_stride, n, d, d, k_packed.data());
+        pack_values(v + g * kv_stride, n, d, d, v_packed.data());
         for (int64_t i0 = 0; i0 < l; i0 += 16) {
-            scores<Tiles>(q + g * q_stride + i0 * d, k_packed.data(), d, 0, n / 16, s.data(), n);
+            scores<Tiles>(q + g * q_stride + i0 * d, d, k_packed.data(), d, 0, n / 16, s.data(), n);
             uint16_t* wrows = weights_out == nullptr ? w.data() : weights_out + (g * l + i0) * n;
             for (int64_t t = 0; t < 16; ++t)
                 softmax_row<false, uint16_t>(s.data() + t * n, nullptr, nullptr, n, n, wrows + t * n);
             weights_times_values<Tiles>(wrows, v_packed.data(), n / 32, n, d, o.data(),
-                                        out + g * out_stride + i0 * d);
+                                        out + g * out_stride + i0 * d, d);
         }
     }
     release_tiles<Tiles>();
@@ -922,7 +952,7 @@ template <bool Tiles>
 void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* go, const uint16_t* v,
                         const uint16_t* qc, const uint16_t* k, const uint16_t* qp, const uint16_t* r, uint16_t* gqc,
                         uint16_t* gk, uint16_t* gv, uint16_t* gqp, float* gr, int64_t h0, int64_t h1, int64_t batch,
-                        int64_t l, int64_t k_len, int64_t d, bool center) {
+                        int64_t l, int64_t k_len, int64_t d, bool center, Layout kv, Layout og) {
     const int64_t kblocks = k_len / 32, offset = k_len - l;  // query i is key offset + i
     const bool outputs = gw == nullptr;  // the weights' gradient from the output's: go v^T
     std::vector<uint32_t> k_packed(k_len * d / 2), r_packed(k_len * d / 2), ds_packed(l * k_len / 2),
@@ -935,10 +965,11 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
     auto ds_first = [&](int64_t cb) { return std::max<int64_t>(0, (16 * cb - offset) / 32); };
     auto raw_first = [&](int64_t cb) { return std::max<int64_t>(0, (l - 16 - 16 * cb) / 32); };
     for (int64_t h = h0; h < h1; ++h) {
-        pack_values(r + h * k_len * d, k_len, d, r_packed.data());
+        pack_values(r + h * k_len * d, k_len, d, d, r_packed.data());
         for (int64_t b = 0; b < batch; ++b) {
             const int64_t g = h * batch + b;  // q_position's rows h B L + b L .. are the group's g L ..
-            pack_values(k + g * k_len * d, k_len, d, k_packed.data());
+            const int64_t kv_at = kv.at(g, batch), og_at = og.at(g, batch);
+            pack_values(k + kv_at, k_len, d, kv.row, k_packed.data());
             if (!outputs) {
                 for (int64_t i = 0; i < l; ++i) {
                     const int64_t at = (g * l + i) * k_len;
@@ -946,10 +977,11 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
                                          raw.data() + i * k_len);
                 }
             } else {  // 16 rows of the weights' gradient at a time, in fp32, over the keys they see
-                pack_vnni(v + g * k_len * d, k_len, d, v_packed.data());
+                pack_vnni(v + kv_at, k_len, d, kv.row, v_packed.data());
                 for (int64_t i0 = 0; i0 < l; i0 += 16) {
                     const int64_t seen = offset + i0 + 16;  // keys of the 16 rows: 0 .. offset + i0 + 15
-                    scores<Tiles>(go + (g * l + i0) * d, v_packed.data(), d, 0, seen / 16, gwf.data(), k_len);
+                    scores<Tiles>(go + og_at + i0 * og.row, og.row, v_packed.data(), d, 0, seen / 16, gwf.data(),
+                                  k_len);
                     for (int64_t t = 0; t < 16; ++t) {
                         const int64_t i = i0 + t;
                         softmax_backward_row(w + (g * l + i) * k_len, gwf.data() + t * k_len, k_len, seen, l - 1 - i,
@@ -967,18 +999,18 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
             }
             transpose_bf16(qc + g * l * d, l, d, d, qt.data(), l);
             transpose_bf16(qp + g * l * d, l, d, d, qpt.data(), l);
-            pack_values(ds.data(), l, k_len, ds_packed.data());
-            pack_values(raw.data(), l, k_len, raw_packed.data());
+            pack_values(ds.data(), l, k_len, k_len, ds_packed.data());
+            pack_values(raw.data(), l, k_len, k_len, raw_packed.data());
             transposed_times<Tiles>(acc_k.data(), qt.data(), ds_packed.data(), l, k_len, d, false, ds_first);
             transposed_times<Tiles>(acc_r.data(), qpt.data(), raw_packed.data(), l, k_len, d, b > 0, raw_first);
             to_bf16(acc_k.data(), d * k_len, kt.data());  // grad_k^T to bf16, then transposed into place
-            transpose_bf16(kt.data(), d, k_len, k_len, gk + g * k_len * d, d);
+            transpose_bf16(kt.data(), d, k_len, k_len, gk + kv_at, kv.row);
             if (outputs) {  // grad_v^T = go^T w, summed over the rows where w is not zero (those of ds)
-                transpose_bf16(go + g * l * d, l, d, d, got.data(), l);
-                pack_values(w + g * l * k_len, l, k_len, w_packed.data());
+                transpose_bf16(go + og_at, l, d, og.row, got.data(), l);
+                pack_values(w + g * l * k_len, l, k_len, k_len, w_packed.data());
                 transposed_times<Tiles>(acc_k.data(), got.data(), w_packed.data(), l, k_len, d, false, ds_first);
                 to_bf16(acc_k.data(), d * k_len, kt.data());
-                transpose_bf16(kt.data(), d, k_len, k_len, gv + g * k_len * d, d);
+                transpose_bf16(kt.data(), d, k_len, k_len, gv + kv_at, kv.row);
             }
         }
         // grad_r[h] (k_len, d) fp32 from grad_r^T, centred over the distances: each feature's mean removed
@@ -1089,23 +1121,27 @@ int64_t still_attention_grads_fp32(const float* w, const float* gw, const float*
     return 0;
 }
 
+
 // The weights (see the top of this file); 0 on success, nonzero (nothing written) where this
 // build or these shapes cannot (`still_attention_available`, or 3: shapes).
-// Where v (G, K, D) is not null, also the weights times the values into values_out (G, L, D) bf16
-// (products of bf16 pairs, sums in fp32; K then a multiple of 32).
+// Where v is not null, also the weights times the values into values_out (bf16; products of bf16
+// pairs, sums in fp32; K then a multiple of 32). k and v (G, K, D) and values_out (G, L, D)
+// heads-major and contiguous, or where `layouts` says (`layouts_of`).
 int64_t still_attention_weights(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position,
                                 const uint16_t* r, const uint16_t* bias, int64_t bias_batch_stride, uint16_t* out,
                                 const uint16_t* v, uint16_t* values_out, int64_t heads, int64_t batch, int64_t l,
-                                int64_t k_len, int64_t d, int64_t threads) {
+                                int64_t k_len, int64_t d, const int64_t* layouts, int64_t threads) {
     const int64_t available = still_attention_available();
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 16 || l % 16 || k_len % 16 || k_len < l || d < 32 || d % 32) return 3;
     if (v != nullptr && (values_out == nullptr || k_len % 32)) return 3;
 #ifdef STILL_BF16
+    Layout kv{}, vo{};
+    if (!layouts_of(layouts, batch, l, k_len, d, kv, vo)) return 3;
     with_products([&](auto tiles) {
         on_parts(heads * batch, threads, [&](int64_t g0, int64_t g1) {
             weights_of<tiles()>(q_content, k, q_position, r, bias, bias_batch_stride, out, v, values_out, g0, g1, batch,
-                                l, k_len, d);
+                                l, k_len, d, kv, vo);
         });
     });
 #endif
@@ -1138,22 +1174,26 @@ int64_t still_attention_backward(const uint16_t* weights, const uint16_t* grad, 
 // grad_r (H, K, D) fp32, summed over the batch rows and centred over the distances where `center`.
 // With gw null, the weights were followed by the product with the values v (G, K, D), out = w v:
 // gw is computed from the output's gradient go (G, L, D) as go v^T (in fp32, not rounded), and
-// grad_v = w^T go (G, K, D) bf16 is written too. L, K and D multiples of 32. 0 on success; nonzero,
-// nothing written, where this build cannot or 3: shapes.
+// grad_v = w^T go (G, K, D) bf16 is written too. L, K and D multiples of 32. k, v and their gradients
+// (G, K, D) and go (G, L, D) heads-major and contiguous, or where `layouts` says (`layouts_of`: k, v,
+// grad_k and grad_v alike, then go). 0 on success; nonzero, nothing written, where this build cannot
+// or 3: shapes.
 int64_t still_attention_grads(const uint16_t* w, const uint16_t* gw, const uint16_t* go, const uint16_t* v,
                               const uint16_t* q_content, const uint16_t* k, const uint16_t* q_position,
                               const uint16_t* r, uint16_t* grad_q_content, uint16_t* grad_k, uint16_t* grad_v,
                               uint16_t* grad_q_position, float* grad_r, int64_t heads, int64_t batch, int64_t l,
-                              int64_t k_len, int64_t d, int64_t center, int64_t threads) {
+                              int64_t k_len, int64_t d, int64_t center, const int64_t* layouts, int64_t threads) {
     const int64_t available = still_attention_available();
     if (available != 0) return available;
     if (heads < 1 || batch < 1 || l < 32 || l % 32 || k_len % 32 || k_len < l || d < 32 || d % 32) return 3;
     if (gw == nullptr && (go == nullptr || v == nullptr || grad_v == nullptr)) return 3;
 #ifdef STILL_BF16
+    Layout kv{}, og{};
+    if (!layouts_of(layouts, batch, l, k_len, d, kv, og)) return 3;
     with_products([&](auto tiles) {
         on_parts(heads, threads, [&](int64_t h0, int64_t h1) {
             attention_grads_of<tiles()>(w, gw, go, v, q_content, k, q_position, r, grad_q_content, grad_k, grad_v,
-                                        grad_q_position, grad_r, h0, h1, batch, l, k_len, d, center != 0);
+                                        grad_q_position, grad_r, h0, h1, batch, l, k_len, d, center != 0, kv, og);
         });
     });
 #endif
