@@ -141,7 +141,8 @@ def test_an_entry_for_a_run_on_an_unwritten_corpus_is_not_made(tmp_path, root, r
     _assert_same(encoded, vocab, splits, ("valid",))
 
 
-@pytest.mark.parametrize("damage", ["truncated ids", "starts", "manifest", "vocabulary", "dtype"])
+@pytest.mark.parametrize("damage", ["truncated ids", "starts", "manifest", "vocabulary", "dtype", "id past the end",
+                                    "negative id"])
 def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, damage):
     name = _books(tmp_path / "pg")
     vocab, splits = _expected(name)
@@ -156,6 +157,13 @@ def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, d
         (entry / "manifest.json").write_text("{not json")
     elif damage == "vocabulary":
         (entry / "vocab.json").write_text("[]")
+    elif damage in ("id past the end", "negative id"):  # one id in the middle of a split, its size unchanged
+        ids = np.load(entry / "valid.npy", mmap_mode="r+")
+        if damage == "negative id" and ids.dtype.kind == "u":
+            pytest.skip("this vocabulary's ids are unsigned")
+        ids[len(ids) // 2] = len(vocab) if damage == "id past the end" else -1
+        ids.flush()
+        del ids
     else:
         np.save(entry / "test.npy", np.load(entry / "test.npy").astype(np.int32))
     reads.clear()

@@ -442,6 +442,10 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
                     or ids.shape != (sizes["tokens"],) or starts.shape != (len(names) + 1,)
                     or starts[0] != 0 or starts[-1] != len(ids) or (np.diff(starts) < 0).any()):
                 raise ValueError(f"{split}'s arrays disagree with the manifest")
+            # every id in the vocabulary (a pass over the ids: about 1.4 ms for 10^7 int16 ids here), so that a
+            # damaged file is said here, not met as an embedding's index error in the middle of a run
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(own)):
+                raise ValueError(f"{split}'s ids reach outside its vocabulary of {len(own)}")
             flat = torch.from_numpy(ids)
             encoded[split] = ([flat[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())], list(names))
     except (OSError, ValueError, KeyError, TypeError, StillError) as e:
