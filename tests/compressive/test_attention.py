@@ -921,6 +921,45 @@ def test_packed_key_values_give_the_heads_major_paths_bits(monkeypatch, bf16_pro
     assert all(torch.equal(a, b) for a, b in zip(threaded, want))
 
 
+def test_packed_key_values_in_inference_over_masked_slots(monkeypatch, bf16_products):
+    """bf16 inference over masked memory slots (evaluation after a reset row) takes the packed path
+    too, from the memories or from their cached keys and values: the copies' bits."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    attn, norm = RelativeMultiHeadAttention(64, 2).eval(), torch.nn.LayerNorm(64)
+    x, context = torch.randn(2, 32, 64), torch.randn(2, 64, 64)
+    key_valid = torch.ones(2, 64, dtype=torch.bool)
+    key_valid[0, :40] = False
+    calls = []
+    packed = module._PackedAttentionOutputs.apply
+    monkeypatch.setattr(module._PackedAttentionOutputs, "apply", lambda *a: calls.append(1) or packed(*a))
+    outs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(module, "PACKED_KEY_VALUES", flag)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            from_memories = attn(x, context, key_valid, norm=norm).out
+            from_cache = attn(norm(x), None, key_valid, context_kv=attn.key_value(norm(context))).out
+        outs[flag] = (from_memories, from_cache)
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+
+
+def test_packed_attention_declines_an_empty_batch_or_segment(bf16_products):
+    """No rows, or no queries: the packed path declines (the kernel would refuse them)."""
+    from still.compressive import attention as module
+
+    bf16 = torch.bfloat16
+    r, bias = torch.zeros(2, 64, 32), module.causal_mask_bias(32, 64, torch.device("cpu"), bf16)
+    assert module._packed_kernel_takes(torch.zeros(2, 32, 32, dtype=bf16), torch.zeros(1, 64, 128, dtype=bf16),
+                                       torch.zeros(2, 32, 32, dtype=bf16), r, bias, 2)
+    assert not module._packed_kernel_takes(torch.zeros(0, 32, 32, dtype=bf16), torch.zeros(0, 64, 128, dtype=bf16),
+                                           torch.zeros(2, 0, 32, dtype=bf16), r, bias, 2)
+    empty_bias = module.causal_mask_bias(0, 64, torch.device("cpu"), bf16)
+    assert not module._packed_kernel_takes(torch.zeros(2, 0, 32, dtype=bf16), torch.zeros(1, 64, 128, dtype=bf16),
+                                           torch.zeros(2, 0, 32, dtype=bf16), r, empty_bias, 2)
+
+
 def test_packed_key_values_backward_falls_back_to_copies(monkeypatch, bf16_products):
     """Should the kernel refuse the packed backward, `_PackedAttentionOutputs` takes the heads-major
     path's backward from copies of kv: the same bits."""
@@ -1319,6 +1358,41 @@ def test_native_content_attention_is_the_fp32_softmax_rounded_once(g, l, n, d, b
             assert torch.equal(module.content_attention(q, k, v), got)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("g,l,n,d", [(6, 16, 32, 32), (3, 48, 96, 64), (32, 128, 128, 32)])
+def test_content_attention_by_columns_is_by_rows_to_a_rounding(g, l, n, d, bf16_products):
+    """The dot products' content attention with the scores transposed (`content_of_columns`, the
+    default) against the row-major one (`still_content_by_columns(0)`): the same scores and
+    maximum, the sum over the keys in another order, so the weights within a bf16 rounding of each
+    other and the outputs within one more; each as near the exact one as the other."""
+    from still.compressive import attention as module, native
+
+    lib = native.attention_library()
+    if lib.still_attention_tiles() == 1:
+        pytest.skip("on AMX tiles the content attention runs by rows either way")
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    q = (0.5 * torch.randn(g, l, d)).to(bf16)
+    k, v = torch.randn(g, n, d).to(bf16), torch.randn(g, n, d).to(bf16)
+    results = {}
+    try:
+        assert lib.still_content_by_columns(1) in (0, 1)
+        results[1] = module._native_content_attention(q, k, v, weights=True)
+        assert lib.still_content_by_columns(0) == 1
+        results[0] = module._native_content_attention(q, k, v, weights=True)
+    finally:
+        assert lib.still_content_by_columns(1) == 0
+    (out_c, w_c), (out_r, w_r) = results[1], results[0]
+    weights = torch.bmm(q.double(), k.double().transpose(1, 2)).softmax(-1)
+    exact = torch.bmm(weights, v.double())
+    assert ((w_c.double() - w_r.double()).abs() <= 2**-7 * weights + 1e-7).all()  # one bf16 unit at most
+    assert ((w_c.double() - weights).abs() <= 2**-8 * weights + 1e-7).all()
+    bound = 2**-7 * (torch.bmm(weights, v.double().abs()) + exact.abs()) + 1e-6
+    assert ((out_c.double() - out_r.double()).abs() <= bound).all()
+    assert (out_c.double() - exact).norm() <= 1.05 * (out_r.double() - exact).norm()
+    if g * l * n >= 2**19:  # (smaller ones round the two sums' last bits away, often everywhere)
+        assert not torch.equal(w_c, w_r)  # two paths ran
 
 
 def test_native_content_attention_gradients_are_the_plain_paths(monkeypatch, bf16_products):

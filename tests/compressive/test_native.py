@@ -292,6 +292,19 @@ def test_the_attention_kernel_builds_beside_the_decoding_step(tmp_path, monkeypa
         before = lib.still_attention_tiles()
         assert lib.still_attention_allow_tiles(0) == 0
         assert lib.still_attention_allow_tiles(1) == before
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags:  # this processor runs them: they built
+        assert available == 0, "the bf16 attention kernels did not build for a processor with AVX-512 bf16"
+
+
+def _cpu_flags() -> set[str]:
+    """This processor's flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def test_a_forked_process_is_refused_rather_than_left_waiting():

@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from still.layers import dropout
 
@@ -378,6 +379,7 @@ class _PackedAttentionOutputs(torch.autograd.Function):
         return out  # (B, L, d)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         q_content, kv, q_position, r, weights = ctx.saved_tensors
         grads = _native_packed_grads(q_content, kv, q_position, r, weights, ctx.r_dtype, grad, ctx.heads)
@@ -583,8 +585,8 @@ def _packed_kernel_takes(q_content: torch.Tensor, kv: torch.Tensor, q_position: 
                          bias: torch.Tensor, heads: int) -> bool:
     """Whether `_PackedAttentionOutputs` runs here: `PACKED_KEY_VALUES` with `NATIVE_SCORES` and
     `NATIVE_GRADS`; bf16 queries (G, L, D) and kv (B, K, 2d) on a CPU, r (H, K, D) bf16 or fp32; L,
-    K and D multiples of 32; the causal mask's bias or a (1, B, L, K) one; the kernel built here; not
-    under torch.compile."""
+    K and D multiples of 32 (and at least one row); the causal mask's bias or a (1, B, L, K) one;
+    the kernel built here; not under torch.compile."""
     if not (PACKED_KEY_VALUES and NATIVE_SCORES and NATIVE_GRADS) or torch.compiler.is_compiling():
         return False
     bf16 = torch.bfloat16
@@ -594,7 +596,7 @@ def _packed_kernel_takes(q_content: torch.Tensor, kv: torch.Tensor, q_position: 
     g, l, d = q_content.shape
     b, k_len, two_d = kv.shape
     if (two_d != 2 * heads * d or g != heads * b or r.shape != (heads, k_len, d) or l % 32 or k_len % 32 or d % 32
-            or k_len < l):
+            or k_len < l or l < 32 or b < 1):
         return False
     if bias.dim() != 2 and bias.shape[:2] != (1, b):
         return False

@@ -168,6 +168,7 @@ def _load_attention(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int64
     _declare(lib, still_attention_available=[], still_attention_tiles=[], still_attention_allow_tiles=[i],
+             still_content_by_columns=[i],
              still_attention_weights=[p] * 5 + [i] + [p] * 3 + [i] * 5 + [p, i],
              still_attention_backward=[p] * 4 + [i] * 4, still_attention_grads=[p] * 13 + [i] * 6 + [p, i],
              still_content_attention=[p] * 5 + [i] * 8, still_squared_error=[p, p, i, ctypes.POINTER(ctypes.c_double)],

@@ -536,6 +536,7 @@ void attention_grads_fp32(const float* w, const float* gw, const float* go, cons
 // products of bf16 pairs in fp32.
 
 std::atomic<bool> tiles_allowed{true};  // false: the dot products where AMX would run (tests compare the two)
+std::atomic<bool> content_by_columns{true};  // false: `content_of`'s rows on the dot products (timing, tests)
 
 // Where the bf16 kernels find a (head, batch row) group's rows of keys, values, the output or its
 // gradient: (B, H, n, D) with each row's D values contiguous, element (b, h, j, f) at
@@ -807,6 +808,102 @@ void pack_values(const uint16_t* v, int64_t n, int64_t d, int64_t ld, uint32_t* 
         }
 }
 
+// `content_of` on AVX-512 bf16's dot products, 16 queries at a time with their scores transposed:
+// s^T (n keys x 16 queries) = k q^T, each of its n rows one register of the 16 queries' scores for
+// a key. Each query's softmax then runs down the lanes: its maximum and sum are lanewise over the n
+// registers (no reduction across lanes, one division for all 16), and the weights come out already
+// as the B operand of out^T (D x 16) = v^T w^T (pairs of keys, a query a lane). Short rows (the
+// reconstruction loss's n = n_s and n_s / c keys) spent most of their time in the per-row sums and
+// division of `softmax_row` (docs/performance.md, session 42). The scores are the same sums as the
+// row-major path's (each lane sums the same pairs in the same order), the maximum and the weights'
+// rounding too; the sum over the keys runs in another order.
+// r[i] holds row i of a 16 x 16 matrix of 32-bit values; afterwards, column i (in registers: four
+// rounds of 16 shuffles, where 16 gathers of a column each cost several times as much)
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int k = 0; k < 8; ++k) {  // pairs of rows, 32-bit words interleaved
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; ++k) {  // quads of rows, 64-bit words interleaved
+        u[4 * k] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * k], (__m512d)t[4 * k + 2]);
+        u[4 * k + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * k], (__m512d)t[4 * k + 2]);
+        u[4 * k + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * k + 1], (__m512d)t[4 * k + 3]);
+        u[4 * k + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * k + 1], (__m512d)t[4 * k + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // u[4k + c]'s 128-bit lane j: column 4j + c of rows 4k .. 4k + 3
+        const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+        const __m512 e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512 f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+        r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xdd);
+        r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xdd);
+    }
+}
+
+void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t stride, uint16_t* dst,
+                    int64_t dst_stride);
+
+void content_of_columns(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, uint16_t* weights_out,
+                        int64_t g0, int64_t g1, int64_t l, int64_t n, int64_t d, int64_t q_stride, int64_t kv_stride,
+                        int64_t out_stride) {
+    const int64_t nd = d / 32, nk = n / 32;
+    std::vector<uint32_t> q_packed(16 * d / 2), w_packed(16 * n / 2);
+    std::vector<uint16_t> vt(d * n);
+    std::vector<float> st(n * 16), ot(d * 16);
+    alignas(64) uint16_t pairs[32];  // word 2i: query i's weight of the even key (low half), 2i + 1: the odd one's
+    for (int i = 0; i < 16; ++i) pairs[2 * i] = uint16_t(i), pairs[2 * i + 1] = uint16_t(16 + i);
+    const __m512i interleave = _mm512_load_si512(pairs);
+    for (int64_t g = g0; g < g1; ++g) {
+        const uint16_t* kg = k + g * kv_stride;
+        transpose_bf16(v + g * kv_stride, n, d, d, vt.data(), n);  // v^T (D, n)
+        for (int64_t i0 = 0; i0 < l; i0 += 16) {
+            pack_vnni(q + g * q_stride + i0 * d, 16, d, d, q_packed.data());  // 16 queries as B's columns
+            product_bf16<false>(kg, d, n, q_packed.data(), 256, nd * 256, 0, 1, 0, nd, st.data(), 16);  // s^T
+            __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+            for (int64_t j = 0; j < n; j += 2) {
+                m0 = _mm512_max_ps(m0, _mm512_loadu_ps(st.data() + j * 16));
+                m1 = _mm512_max_ps(m1, _mm512_loadu_ps(st.data() + (j + 1) * 16));
+            }
+            const __m512 top = _mm512_max_ps(m0, m1);  // every query's maximum (finite: no key is masked)
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+            for (int64_t j = 0; j < n; j += 2) {
+                const __m512 e0 = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(st.data() + j * 16), top));
+                const __m512 e1 = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(st.data() + (j + 1) * 16), top));
+                _mm512_storeu_ps(st.data() + j * 16, e0);
+                _mm512_storeu_ps(st.data() + (j + 1) * 16, e1);
+                s0 = _mm512_add_ps(s0, e0);
+                s1 = _mm512_add_ps(s1, e1);
+            }
+            const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(s0, s1));
+            for (int64_t j = 0; j < n; j += 2) {  // w_packed[kb][p][i] = (w[i][32 kb + 2p], w[i][32 kb + 2p + 1])
+                const __m512 even = _mm512_mul_ps(_mm512_loadu_ps(st.data() + j * 16), inv);
+                const __m512 odd = _mm512_mul_ps(_mm512_loadu_ps(st.data() + (j + 1) * 16), inv);
+                const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);  // even's 16 low, odd's 16 high
+                _mm512_storeu_si512(w_packed.data() + j * 8, _mm512_permutexvar_epi16(interleave, both));
+            }
+            __m512 r[16];
+            if (weights_out != nullptr) {  // the weights as rows (16, n): each key block's pairs transposed
+                uint16_t* rows = weights_out + (g * l + i0) * n;
+                for (int64_t kb = 0; kb < nk; ++kb) {
+                    for (int p = 0; p < 16; ++p) r[p] = _mm512_loadu_ps(w_packed.data() + kb * 256 + p * 16);
+                    transpose16(r);
+                    for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(rows + i * n + 32 * kb, r[i]);
+                }
+            }
+            product_bf16<false>(vt.data(), n, d, w_packed.data(), 256, 0, 0, 1, 0, nk, ot.data(), 16);  // out^T
+            uint16_t* o = out + g * out_stride + i0 * d;
+            for (int64_t f = 0; f < d; f += 16) {  // out rows: out^T's 16 x 16 blocks transposed, rounded once
+                for (int x = 0; x < 16; ++x) r[x] = _mm512_loadu_ps(ot.data() + (f + x) * 16);
+                transpose16(r);
+                for (int64_t i = 0; i < 16; ++i)
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * d + f), (__m256i)_mm512_cvtneps_pbh(r[i]));
+            }
+        }
+    }
+}
+
 // softmax(q k^T) v for groups [g0, g1): q (L, D) per group at q + g * q_stride, k and v (n, D) at
 // + g * kv_stride, out (L, D) at out + g * out_stride; both products with fp32 sums, the scores and
 // the softmax in fp32, the weights rounded once to bf16 for the second product, its sums in fp32.
@@ -1067,6 +1164,18 @@ int64_t still_attention_allow_tiles(int64_t allow) {
     return still_attention_tiles();
 }
 
+// on != 0: the content attention's dot-product path by columns (`content_of_columns`, the default);
+// 0: by rows (`content_of`), as before session 42 (tests and timing compare the two). Returns the
+// setting before; -1 where the bf16 kernels are not built.
+int64_t still_content_by_columns(int64_t on) {
+#ifdef STILL_BF16
+    return content_by_columns.exchange(on != 0) ? 1 : 0;
+#else
+    (void)on;
+    return -1;
+#endif
+}
+
 // 0 where this build can run the fp32 kernels (`still_attention_weights_fp32`, `_grads_fp32`) here;
 // 1: not compiled for AVX-512, nor for fused multiply-adds on narrower registers (AVX2 with FMA, ARM)
 int64_t still_attention_fp32_available() {
@@ -1264,7 +1373,12 @@ int64_t still_content_attention(const uint16_t* q, const uint16_t* k, const uint
 #ifdef STILL_BF16
     with_products([&](auto tiles) {
         on_parts(groups, threads, [&](int64_t g0, int64_t g1) {
-            content_of<tiles()>(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
+            if constexpr (tiles())
+                content_of<true>(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
+            else if (content_by_columns.load())
+                content_of_columns(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
+            else
+                content_of<false>(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
         });
     });
 #endif

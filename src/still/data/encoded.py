@@ -442,8 +442,9 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
                     or ids.shape != (sizes["tokens"],) or starts.shape != (len(names) + 1,)
                     or starts[0] != 0 or starts[-1] != len(ids) or (np.diff(starts) < 0).any()):
                 raise ValueError(f"{split}'s arrays disagree with the manifest")
-            # every id in the vocabulary (a pass over the ids: about 1.4 ms for 10^7 int16 ids here), so that a
-            # damaged file is said here, not met as an embedding's index error in the middle of a run
+            # every id in the vocabulary, so that a damaged file is said here, not met as an embedding's
+            # index error in the middle of a run: two passes over the ids (about 1.4 ms for 10^7 int16 ids
+            # in memory here; a split not in the page cache is read from the disk for it, as training reads it)
             if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(own)):
                 raise ValueError(f"{split}'s ids reach outside its vocabulary of {len(own)}")
             flat = torch.from_numpy(ids)
