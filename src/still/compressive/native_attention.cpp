@@ -666,20 +666,44 @@ void product_bf16(const uint16_t* a, int64_t lda, int64_t rows, const uint32_t* 
     }
 }
 
+// r[i] holds row i of a 16 x 16 matrix of 32-bit values; afterwards, column i (in registers: four
+// rounds of 16 shuffles, where 16 gathers of a column each cost several times as much)
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int k = 0; k < 8; ++k) {  // pairs of rows, 32-bit words interleaved
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; ++k) {  // quads of rows, 64-bit words interleaved
+        u[4 * k] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * k], (__m512d)t[4 * k + 2]);
+        u[4 * k + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * k], (__m512d)t[4 * k + 2]);
+        u[4 * k + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * k + 1], (__m512d)t[4 * k + 3]);
+        u[4 * k + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * k + 1], (__m512d)t[4 * k + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // u[4k + c]'s 128-bit lane j: column 4j + c of rows 4k .. 4k + 3
+        const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+        const __m512 e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512 f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+        r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xdd);
+        r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xdd);
+    }
+}
+
 // (rows, D) bf16 at row stride ld (even) -> B tiles: tile (nb, db) holds rows 16 nb .. +15 (its
 // columns) and features 32 db .. +31 (16 pairs, its rows), as 32-bit words [p][n] = features (2p, 2p + 1)
-// of row n
+// of row n: each tile the transpose of its rows' 16 x 16 words, in registers (`transpose16`)
 void pack_vnni(const uint16_t* src, int64_t rows, int64_t d, int64_t ld, uint32_t* packed) {
-    const auto* words = reinterpret_cast<const uint32_t*>(src);
-    const int64_t half = ld / 2, nd = d / 32;
-    const __m512i index = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(half)));
+    const int64_t nd = d / 32;
+    __m512 r[16];
     for (int64_t nb = 0; nb < rows / 16; ++nb)
         for (int64_t db = 0; db < nd; ++db) {
-            const uint32_t* base = words + nb * 16 * half + db * 16;
+            const uint16_t* base = src + nb * 16 * ld + db * 32;
+            for (int n = 0; n < 16; ++n) r[n] = _mm512_loadu_ps(base + n * ld);
+            transpose16(r);
             uint32_t* tile = packed + (nb * nd + db) * 256;
-            for (int p = 0; p < 16; ++p)
-                _mm512_storeu_si512(tile + p * 16, _mm512_i32gather_epi32(index, base + p, 4));
+            for (int p = 0; p < 16; ++p) _mm512_storeu_ps(tile + p * 16, r[p]);
         }
 }
 
@@ -817,30 +841,6 @@ void pack_values(const uint16_t* v, int64_t n, int64_t d, int64_t ld, uint32_t* 
 // division of `softmax_row` (docs/performance.md, session 42). The scores are the same sums as the
 // row-major path's (each lane sums the same pairs in the same order), the maximum and the weights'
 // rounding too; the sum over the keys runs in another order.
-// r[i] holds row i of a 16 x 16 matrix of 32-bit values; afterwards, column i (in registers: four
-// rounds of 16 shuffles, where 16 gathers of a column each cost several times as much)
-inline void transpose16(__m512 r[16]) {
-    __m512 t[16], u[16];
-    for (int k = 0; k < 8; ++k) {  // pairs of rows, 32-bit words interleaved
-        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-    }
-    for (int k = 0; k < 4; ++k) {  // quads of rows, 64-bit words interleaved
-        u[4 * k] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * k], (__m512d)t[4 * k + 2]);
-        u[4 * k + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * k], (__m512d)t[4 * k + 2]);
-        u[4 * k + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[4 * k + 1], (__m512d)t[4 * k + 3]);
-        u[4 * k + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[4 * k + 1], (__m512d)t[4 * k + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {  // u[4k + c]'s 128-bit lane j: column 4j + c of rows 4k .. 4k + 3
-        const __m512 a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
-        const __m512 e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-        const __m512 f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
-        r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
-        r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xdd);
-        r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
-        r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xdd);
-    }
-}
 
 void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t stride, uint16_t* dst,
                     int64_t dst_stride);
@@ -932,10 +932,36 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
 }
 
 // src (rows, cols) bf16 at row stride `stride` (even), rows a multiple of 32, cols even -> dst
-// (cols, rows) at row stride `dst_stride`: per pair of columns and 32 rows, two gathers of 32-bit
-// pairs and two permutes
+// (cols, rows) at row stride `dst_stride`. Per 32 x 32 block: each pair of rows interleaved into
+// 32-bit words (a column's two values), then two 16 x 16 word transposes in registers
+// (`transpose16`); columns beyond the last block of 32: per pair of columns, two gathers of 32-bit
+// pairs and two permutes.
 void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t stride, uint16_t* dst,
                     int64_t dst_stride) {
+    alignas(64) uint16_t low[32], high[32];  // word c of row a then of row b: columns 0-15, then 16-31
+    for (int c = 0; c < 16; ++c) {
+        low[2 * c] = uint16_t(c), low[2 * c + 1] = uint16_t(32 + c);
+        high[2 * c] = uint16_t(16 + c), high[2 * c + 1] = uint16_t(48 + c);
+    }
+    const __m512i index_low = _mm512_load_si512(low), index_high = _mm512_load_si512(high);
+    const int64_t blocked = cols / 32 * 32;
+    __m512 x[16], y[16];
+    for (int64_t r0 = 0; r0 < rows; r0 += 32)
+        for (int64_t c0 = 0; c0 < blocked; c0 += 32) {
+            for (int i = 0; i < 16; ++i) {  // rows r0 + 2i and r0 + 2i + 1: word c = (a[c], b[c])
+                const uint16_t* a = src + (r0 + 2 * i) * stride + c0;
+                const __m512i va = _mm512_loadu_si512(a), vb = _mm512_loadu_si512(a + stride);
+                x[i] = (__m512)_mm512_permutex2var_epi16(va, index_low, vb);
+                y[i] = (__m512)_mm512_permutex2var_epi16(va, index_high, vb);
+            }
+            transpose16(x);  // x[c]: column c0 + c's 32 values, rows r0 .. r0 + 31
+            transpose16(y);
+            for (int c = 0; c < 16; ++c) {
+                _mm512_storeu_ps(dst + (c0 + c) * dst_stride + r0, x[c]);
+                _mm512_storeu_ps(dst + (c0 + 16 + c) * dst_stride + r0, y[c]);
+            }
+        }
+    if (blocked == cols) return;
     const auto* words = reinterpret_cast<const int*>(src);
     const __m512i index = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(stride / 2)));
@@ -946,7 +972,7 @@ void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t str
     }
     const __m512i index_even = _mm512_load_si512(even), index_odd = _mm512_load_si512(odd);
     for (int64_t r0 = 0; r0 < rows; r0 += 32)
-        for (int64_t c = 0; c < cols; c += 2) {
+        for (int64_t c = blocked; c < cols; c += 2) {
             const int* base = words + (r0 * stride + c) / 2;
             const __m512i a = _mm512_i32gather_epi32(index, base, 4);                      // rows r0 .. +15
             const __m512i b = _mm512_i32gather_epi32(index, base + 16 * (stride / 2), 4);  // rows r0 + 16 .. +31
