@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from still.compressive import native
+from still.compressive.attention import content_attention
 from still.compressive.decode import Decoder
 from still.compressive.generate import generate
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
@@ -29,7 +30,8 @@ from still.compressive.model import CompressiveConfig, CompressiveTransformer
 ENTRY_POINTS = {  # what each library does for the model (not its queries of the processor)
     "step": ("still_decoder_step", "still_decoder_run", "still_prompt_attention"),
     "attention": ("still_attention_weights", "still_attention_grads", "still_attention_backward",
-                  "still_content_attention", "still_squared_error", "still_squared_error_grad"),
+                  "still_content_attention", "still_content_attention_grads", "still_squared_error",
+                  "still_squared_error_grad"),
     "attention fp32": ("still_attention_weights_fp32", "still_attention_grads_fp32"),
     "dropout": ("still_dropout", "still_dropout_backward", "still_dropout_add", "still_dropout_add_backward"),
 }
@@ -89,6 +91,10 @@ def run() -> None:
                               dtype=torch.bfloat16 if bf16 else None, native=True)
             for _ in range(40):  # past the compressions of the memory ring
                 decoder.step(torch.randint(0, 21, (3,)))
+    # the reconstruction loss's approximation with gradients over keys a multiple of 32 long (the models
+    # above compress 32 memories into 16), forward and backward, queries included
+    q, k, v = (torch.randn(6, 32, 32).bfloat16().requires_grad_() for _ in range(3))
+    content_attention(q, k, v).float().square().sum().backward()
     print(json.dumps({"loaded": [name for name, lib in libraries.items() if lib is not None],
                       "instrumented": [name for name, lib in libraries.items() if lib is not None
                                        and b"__asan_report" in open(lib._name, "rb").read()],

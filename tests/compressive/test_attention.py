@@ -1423,6 +1423,50 @@ def test_native_content_attention_gradients_are_the_plain_paths(monkeypatch, bf1
         assert error < (results[False][i] - want.grad).norm()
 
 
+@pytest.mark.parametrize("g,l,n,d,with_q", [(8, 32, 32, 32, True), (6, 64, 96, 64, False), (4, 16, 32, 32, True)])
+def test_native_content_attention_backward_in_one_pass(monkeypatch, g, l, n, d, with_q, bf16_products):
+    """`NATIVE_CONTENT_GRADS`: the approximation's backward from the kernel (the weights' and scores'
+    gradients in fp32, each gradient rounded once) lies at least as near the exact gradients
+    (float64) as PyTorch's backward of the same forward, within 1% of them; the same bits on one
+    thread or three; without the queries' gradient where they need none; PyTorch's where L is not a
+    multiple of 32."""
+    from still.compressive import attention as module
+
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    operands = [(0.3 * torch.randn(g, l, d)).to(bf16), torch.randn(g, n, d).to(bf16), torch.randn(g, n, d).to(bf16)]
+    grad = torch.randn(g, l, d).to(bf16)
+    exact = [t.double().requires_grad_() for t in operands]
+    torch.bmm(torch.bmm(exact[0], exact[1].transpose(1, 2)).softmax(-1), exact[2]).backward(grad.double())
+    calls = []
+    native = module._native_content_grads
+    monkeypatch.setattr(module, "_native_content_grads", lambda *a: calls.append(1) or native(*a))
+
+    def run(flag: bool, threads: int = 1) -> list:
+        monkeypatch.setattr(module, "NATIVE_CONTENT_GRADS", flag)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            inputs = [t.clone().requires_grad_(i > 0 or with_q) for i, t in enumerate(operands)]
+            module.content_attention(*inputs).backward(grad)
+            return [t.grad for t in inputs]
+        finally:
+            torch.set_num_threads(before)
+
+    kernel, plain = run(True), run(False)
+    assert len(calls) == 1
+    assert (kernel[0] is not None) == with_q
+    for got, other, want in zip(kernel, plain, exact):
+        if got is None:
+            continue
+        error = (got.double() - want.grad).norm()
+        assert error < 0.01 * want.grad.norm()
+        assert error <= (other.double() - want.grad).norm() * 1.0001
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(run(True, threads=3), kernel))
+    if l % 32:  # the kernel declined: PyTorch's backward, the same bits
+        assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(kernel, plain))
+
+
 def test_native_content_attention_refuses_what_it_cannot_take(monkeypatch):
     """fp32, lengths that are not multiples of 16 (queries) and 32 (keys), head dims not multiples
     of 32, rows that are not contiguous, and a machine without the kernel: the plain path, whose

@@ -862,10 +862,42 @@ def _native_content_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (out, w) if code == 0 else None
 
 
+NATIVE_CONTENT_GRADS = True
+"""The reconstruction loss's approximation (`_ContentAttention`, bf16 on a CPU with the kernel, L a
+multiple of 32): its backward in one pass of `native_attention.cpp` (`still_content_attention_grads`),
+the weights' and the scores' gradients in fp32 and each gradient rounded once, where PyTorch's four
+products and softmax backward round every intermediate to bf16 (docs/performance.md, session 42).
+False: PyTorch's. Tests compare the two against float64."""
+
+
+def _native_content_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, grad: torch.Tensor,
+                          with_q: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
+    """`_ContentAttention`'s gradients of q (where `with_q`), k and v from the kernel, or None where
+    it does not take them (L not a multiple of 32, or the kernel refuses)."""
+    (g, l, d), n = q.shape, k.shape[1]
+    if l % 32 or torch.compiler.is_compiling():
+        return None
+    from still.compressive import native
+
+    lib = native.attention_library()
+    if lib is None:
+        return None
+    w, grad = w.contiguous(), grad.contiguous()
+    grad_q = torch.empty(g, l, d, dtype=q.dtype, device=q.device) if with_q else None
+    grad_k, grad_v = torch.empty(g, n, d, dtype=k.dtype, device=k.device), torch.empty(g, n, d, dtype=v.dtype,
+                                                                                      device=v.device)
+    code = lib.still_content_attention_grads(q.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), grad.data_ptr(),
+                                             None if grad_q is None else grad_q.data_ptr(), grad_k.data_ptr(),
+                                             grad_v.data_ptr(), g, l, n, d, q.stride(0), k.stride(0),
+                                             min(torch.get_num_threads(), native.MAX_THREADS))
+    return (grad_q, grad_k, grad_v) if code == 0 else None
+
+
 class _ContentAttention(torch.autograd.Function):
     """`content_attention` with gradients, its forward by `native_attention.cpp` (the weights kept
-    for the backward), its backward the products and softmax backward autograd runs for the plain
-    path. Only where `_native_content_shapes` holds and the kernel is there."""
+    for the backward), its backward by the kernel too where it takes it (`NATIVE_CONTENT_GRADS`),
+    else the products and softmax backward autograd runs for the plain path. Only where
+    `_native_content_shapes` holds and the kernel is there."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -877,9 +909,14 @@ class _ContentAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         q, k, v, w = ctx.saved_tensors
         grad = grad.to(w.dtype)
+        if NATIVE_CONTENT_GRADS and ctx.needs_input_grad[1] and ctx.needs_input_grad[2]:
+            grads = _native_content_grads(q, k, v, w, grad, ctx.needs_input_grad[0])
+            if grads is not None:
+                return grads
         grad_v = torch.bmm(w.transpose(1, 2), grad) if ctx.needs_input_grad[2] else None  # (G, n, D)
         grad_q = grad_k = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:

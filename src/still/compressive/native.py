@@ -171,7 +171,8 @@ def _load_attention(path: Path) -> ctypes.CDLL:
              still_content_by_columns=[i],
              still_attention_weights=[p] * 5 + [i] + [p] * 3 + [i] * 5 + [p, i],
              still_attention_backward=[p] * 4 + [i] * 4, still_attention_grads=[p] * 13 + [i] * 6 + [p, i],
-             still_content_attention=[p] * 5 + [i] * 8, still_squared_error=[p, p, i, ctypes.POINTER(ctypes.c_double)],
+             still_content_attention=[p] * 5 + [i] * 8, still_content_attention_grads=[p] * 8 + [i] * 7,
+             still_squared_error=[p, p, i, ctypes.POINTER(ctypes.c_double)],
              still_squared_error_grad=[p, p, i, ctypes.c_float, p], still_attention_fp32_available=[],
              still_attention_weights_fp32=[p] * 5 + [i] + [p] * 3 + [i] * 6,
              still_attention_grads_fp32=[p] * 13 + [i] * 6)

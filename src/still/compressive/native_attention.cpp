@@ -1156,6 +1156,62 @@ void attention_grads_of(const uint16_t* w, const uint16_t* gw, const uint16_t* g
     release_tiles<Tiles>();
 }
 
+// The backward of `content_of` (the reconstruction loss's approximation) for groups [g0, g1), on
+// AVX-512 bf16's dot products, 32 queries at a time: from the weights w (L, n) the forward kept and
+// the output's gradient go (L, D), the weights' gradient transposed, gw^T (n x 32) = v go^T, in fp32;
+// the scores' gradient ds^T = w^T (gw^T - sum_j w gw), lanewise in fp32 (a query a lane), rounded
+// once; then grad_q = ds k (where gq is not null), grad_k += ds^T q and grad_v += w^T go, the last
+// two summed over the query blocks in fp32 and rounded once. PyTorch's path rounds gw, ds and each
+// product's output to bf16. q, k, v as `content_of` reads them; w (G, L, n), go, gq (G, L, D) and
+// gk, gv (G, n, D) contiguous. L, n and D multiples of 32.
+void content_grads_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* w, const uint16_t* go,
+                      uint16_t* gq, uint16_t* gk, uint16_t* gv, int64_t g0, int64_t g1, int64_t l, int64_t n,
+                      int64_t d, int64_t q_stride, int64_t kv_stride) {
+    const int64_t nd = d / 32, nc = d / 16, nk = n / 32;
+    std::vector<uint32_t> go_vnni(32 * d / 2), go_values(32 * d / 2), q_values(32 * d / 2), k_values(n * d / 2);
+    std::vector<uint16_t> wt(n * 32), dst(n * 32), ds(32 * n);
+    std::vector<float> gwt(n * 32), acc_k(n * d), acc_v(n * d), o(32 * d);
+    for (int64_t g = g0; g < g1; ++g) {
+        const uint16_t* qg = q + g * q_stride;
+        const uint16_t* kg = k + g * kv_stride;
+        const uint16_t* vg = v + g * kv_stride;
+        if (gq != nullptr) pack_values(kg, n, d, d, k_values.data());
+        for (int64_t i0 = 0; i0 < l; i0 += 32) {
+            const uint16_t* go_block = go + (g * l + i0) * d;
+            pack_vnni(go_block, 32, d, d, go_vnni.data());  // go^T as B: 32 queries, two column blocks
+            product_bf16<false>(vg, d, n, go_vnni.data(), 256, nd * 256, 0, 2, 0, nd, gwt.data(), 32);
+            transpose_bf16(w + (g * l + i0) * n, 32, n, n, wt.data(), 32);  // w^T (n, 32)
+            __m512 dot[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t j = 0; j < n; ++j)
+                for (int h = 0; h < 2; ++h)
+                    dot[h] = _mm512_fmadd_ps(load_row(wt.data() + j * 32 + 16 * h, __mmask16(0xffff)),
+                                             _mm512_loadu_ps(gwt.data() + j * 32 + 16 * h), dot[h]);
+            for (int64_t j = 0; j < n; ++j)
+                for (int h = 0; h < 2; ++h) {
+                    const __m512 wj = load_row(wt.data() + j * 32 + 16 * h, __mmask16(0xffff));
+                    const __m512 dsj = _mm512_mul_ps(wj, _mm512_sub_ps(_mm512_loadu_ps(gwt.data() + j * 32 + 16 * h), dot[h]));
+                    store_row(dst.data() + j * 32 + 16 * h, __mmask16(0xffff), dsj);
+                }
+            if (gq != nullptr) {  // grad_q rows: ds (32, n) times k
+                transpose_bf16(dst.data(), n, 32, 32, ds.data(), n);
+                product_bf16<false>(ds.data(), n, 32, k_values.data(), nc * 256, 256, 0, nc, 0, nk, o.data(), d);
+                to_bf16(o.data(), 32 * d, gq + (g * l + i0) * d);
+            }
+            pack_values(qg + i0 * d, 32, d, d, q_values.data());
+            pack_values(go_block, 32, d, d, go_values.data());
+            if (i0 == 0) {
+                product_bf16<false>(dst.data(), 32, n, q_values.data(), nc * 256, 256, 0, nc, 0, 1, acc_k.data(), d);
+                product_bf16<false>(wt.data(), 32, n, go_values.data(), nc * 256, 256, 0, nc, 0, 1, acc_v.data(), d);
+            } else {
+                product_bf16<true>(dst.data(), 32, n, q_values.data(), nc * 256, 256, 0, nc, 0, 1, acc_k.data(), d);
+                product_bf16<true>(wt.data(), 32, n, go_values.data(), nc * 256, 256, 0, nc, 0, 1, acc_v.data(), d);
+            }
+        }
+        to_bf16(acc_k.data(), n * d, gk + g * n * d);
+        to_bf16(acc_v.data(), n * d, gv + g * n * d);
+    }
+}
+
 #endif  // STILL_BF16
 
 }  // namespace
@@ -1406,6 +1462,26 @@ int64_t still_content_attention(const uint16_t* q, const uint16_t* k, const uint
             else
                 content_of<false>(q, k, v, out, weights, g0, g1, l, n, d, q_stride, kv_stride, out_stride);
         });
+    });
+#endif
+    return 0;
+}
+
+// The backward of `still_content_attention` with its weights kept (`content_grads_of`): from q, k, v
+// as the forward read them, its weights w (G, L, n) and the output's gradient go (G, L, D), both
+// contiguous, the gradients of q (where gq is not null), k and v, contiguous (G, L, D) and (G, n, D).
+// L, n and D multiples of 32. 0 on success; nonzero, nothing written, where this build cannot or 3:
+// shapes.
+int64_t still_content_attention_grads(const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* w,
+                                      const uint16_t* go, uint16_t* gq, uint16_t* gk, uint16_t* gv, int64_t groups,
+                                      int64_t l, int64_t n, int64_t d, int64_t q_stride, int64_t kv_stride,
+                                      int64_t threads) {
+    const int64_t available = still_attention_available();
+    if (available != 0) return available;
+    if (groups < 1 || l < 32 || l % 32 || n < 32 || n % 32 || d < 32 || d % 32) return 3;
+#ifdef STILL_BF16
+    on_parts(groups, threads, [&](int64_t g0, int64_t g1) {
+        content_grads_of(q, k, v, w, go, gq, gk, gv, g0, g1, l, n, d, q_stride, kv_stride);
     });
 #endif
     return 0;
