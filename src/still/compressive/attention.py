@@ -387,7 +387,7 @@ class _PackedAttentionOutputs(torch.autograd.Function):
             b, l, d = grad.shape
             h, dh = ctx.heads, d // ctx.heads
             k, v = _heads_major_pair(kv, h)
-            grad_hm = grad.view(b, l, h, dh).permute(2, 0, 1, 3).reshape(h * b, l, dh)
+            grad_hm = grad.reshape(b, l, h, dh).permute(2, 0, 1, 3).reshape(h * b, l, dh)
             grad_q_content, grad_k, grad_v, grad_q_position, grad_r = _outputs_backward(
                 q_content, k, v, q_position, r, weights, ctx.r_dtype, grad_hm)
             grad_kv = torch.empty_like(kv).view(b, -1, 2, h, dh)
