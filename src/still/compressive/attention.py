@@ -351,10 +351,10 @@ def _outputs_backward(q_content: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _heads_major_pair(kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (B, K, 2d) -> each (H*B, K, D), contiguous (copies)."""
+    """Keys and values (B, K, 2d) (any strides) -> each (H*B, K, D), contiguous (copies)."""
     b, k_len, two_d = kv.shape
     dh = two_d // (2 * heads)
-    k, v = kv.view(b, k_len, 2, heads, dh).permute(2, 3, 0, 1, 4).reshape(2, heads * b, k_len, dh)
+    k, v = kv.reshape(b, k_len, 2, heads, dh).permute(2, 3, 0, 1, 4).reshape(2, heads * b, k_len, dh)
     return k, v
 
 
@@ -605,6 +605,15 @@ def _packed_kernel_takes(q_content: torch.Tensor, kv: torch.Tensor, q_position: 
     return native.attention_library() is not None
 
 
+def _bias_layout(bias: torch.Tensor, l: int, k_len: int) -> tuple[int, bool]:
+    """The kernels' view of a mask bias (L, K) or (1, B, L, K): the stride between batch rows' (L, K)
+    blocks (0: one for all), and whether it is the causal mask's alone (which the kernels apply
+    themselves, given no bias)."""
+    if bias.dim() == 2:  # (L, K): every batch row's
+        return 0, bias is causal_mask_bias(l, k_len, bias.device, bias.dtype)
+    return l * k_len, False
+
+
 def _pointer(t: torch.Tensor, offset: int = 0) -> int:
     """The address of t's element `offset` (in elements)."""
     return t.data_ptr() + offset * t.element_size()
@@ -624,11 +633,7 @@ def _native_packed_weights(q_content: torch.Tensor, kv: torch.Tensor, q_position
 
     g, l, d = q_content.shape
     b, k_len, _ = kv.shape
-    if bias.dim() == 2:
-        batch_stride = 0
-        causal_only = bias is causal_mask_bias(l, k_len, bias.device, bias.dtype)
-    else:
-        batch_stride, causal_only = l * k_len, False
+    batch_stride, causal_only = _bias_layout(bias, l, k_len)
     q_content, kv, q_position, r, bias = (t.contiguous() for t in (q_content, kv, q_position, r, bias))
     out = torch.empty(g, l, k_len, dtype=kv.dtype, device=kv.device)  # (G, L, K)
     values = torch.empty(b, l, heads * d, dtype=kv.dtype, device=kv.device)  # (B, L, d)
@@ -687,13 +692,9 @@ def _native_weights(q_content: torch.Tensor, k: torch.Tensor, q_position: torch.
     if (q_content.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32) or (fp32 and not NATIVE_FP32)
             or any(t.dtype != dtype for t in tensors) or d % (16 if fp32 else 32) or l % 16 or k_len % 16 or g % h):
         return None
-    if bias.dim() == 2:  # (L, K): every batch row's (the causal mask's alone: the kernel applies that itself)
-        batch_stride = 0
-        causal_only = bias is causal_mask_bias(l, k_len, bias.device, bias.dtype)
-    elif bias.shape[:2] == (1, g // h):  # (1, B, L, K)
-        batch_stride, causal_only = l * k_len, False
-    else:
+    if bias.dim() != 2 and bias.shape[:2] != (1, g // h):  # neither (L, K) nor (1, B, L, K)
         return None
+    batch_stride, causal_only = _bias_layout(bias, l, k_len)
     from still.compressive import native
 
     lib = native.attention_fp32_library() if fp32 else native.attention_library()
@@ -1218,11 +1219,7 @@ class RelativeMultiHeadAttention(nn.Module):
         if output.key_values_by_head is not None:
             k, v = (t[:, slots].detach() for t in output.key_values_by_head)
             return k, v
-        kv = output.all_key_values[:, slots].detach()  # (B, n, 2d)
-        b, n, _ = kv.shape
-        k, v = kv.reshape(b, n, 2, self.n_heads, self.d_head).permute(2, 3, 0, 1, 4).reshape(
-            2, self.n_heads * b, n, self.d_head)
-        return k, v
+        return _heads_major_pair(output.all_key_values[:, slots].detach(), self.n_heads)  # from (B, n, 2d)
 
     def projected_content_attention(self, queries: torch.Tensor, key_values: torch.Tensor) -> torch.Tensor:
         """Content-only attention (no positions, no mask), the attention-reconstruction loss's, from

@@ -666,6 +666,21 @@ void product_bf16(const uint16_t* a, int64_t lda, int64_t rows, const uint32_t* 
     }
 }
 
+// `_mm512_permutex2var_epi16` indices interleaving two rows a and b of 32 bf16 into 32-bit words:
+// word c of `low` is (a[c], b[c]) for columns 0-15, of `high` for columns 16-31
+struct PairIndex {
+    __m512i low, high;
+};
+
+inline PairIndex pair_index() {
+    alignas(64) uint16_t low[32], high[32];
+    for (int c = 0; c < 16; ++c) {
+        low[2 * c] = uint16_t(c), low[2 * c + 1] = uint16_t(32 + c);
+        high[2 * c] = uint16_t(16 + c), high[2 * c + 1] = uint16_t(48 + c);
+    }
+    return {_mm512_load_si512(low), _mm512_load_si512(high)};
+}
+
 // r[i] holds row i of a 16 x 16 matrix of 32-bit values; afterwards, column i (in registers: four
 // rounds of 16 shuffles, where 16 gathers of a column each cost several times as much)
 inline void transpose16(__m512 r[16]) {
@@ -813,21 +828,15 @@ void weights_of(const uint16_t* q_content, const uint16_t* k, const uint16_t* q_
 // 32, D of 32
 void pack_values(const uint16_t* v, int64_t n, int64_t d, int64_t ld, uint32_t* packed) {
     const int64_t nc = d / 16;
-    // word 2c + e of a 32-word result: row a (e = 0) or row b (e = 1) at feature c (low) or 16 + c (high)
-    alignas(64) uint16_t low[32], high[32];
-    for (int c = 0; c < 16; ++c) {
-        low[2 * c] = uint16_t(c), low[2 * c + 1] = uint16_t(32 + c);
-        high[2 * c] = uint16_t(16 + c), high[2 * c + 1] = uint16_t(48 + c);
-    }
-    const __m512i index_low = _mm512_load_si512(low), index_high = _mm512_load_si512(high);
+    const PairIndex index = pair_index();
     for (int64_t kb = 0; kb < n / 32; ++kb)
         for (int p = 0; p < 16; ++p) {
             const uint16_t* a = v + (32 * kb + 2 * p) * ld;
             for (int64_t cb = 0; cb < nc; cb += 2) {
                 const __m512i va = _mm512_loadu_si512(a + 16 * cb), vb = _mm512_loadu_si512(a + ld + 16 * cb);
-                _mm512_storeu_si512(packed + ((kb * nc + cb) * 16 + p) * 16, _mm512_permutex2var_epi16(va, index_low, vb));
+                _mm512_storeu_si512(packed + ((kb * nc + cb) * 16 + p) * 16, _mm512_permutex2var_epi16(va, index.low, vb));
                 _mm512_storeu_si512(packed + ((kb * nc + cb + 1) * 16 + p) * 16,
-                                    _mm512_permutex2var_epi16(va, index_high, vb));
+                                    _mm512_permutex2var_epi16(va, index.high, vb));
             }
         }
 }
@@ -931,28 +940,20 @@ void content_of(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_
     release_tiles<Tiles>();
 }
 
-// src (rows, cols) bf16 at row stride `stride` (even), rows a multiple of 32, cols even -> dst
-// (cols, rows) at row stride `dst_stride`. Per 32 x 32 block: each pair of rows interleaved into
-// 32-bit words (a column's two values), then two 16 x 16 word transposes in registers
-// (`transpose16`); columns beyond the last block of 32: per pair of columns, two gathers of 32-bit
-// pairs and two permutes.
+// src (rows, cols) bf16 at row stride `stride`, rows and cols multiples of 32 -> dst (cols, rows) at
+// row stride `dst_stride`. Per 32 x 32 block: each pair of rows interleaved into 32-bit words (a
+// column's two values), then two 16 x 16 word transposes in registers (`transpose16`).
 void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t stride, uint16_t* dst,
                     int64_t dst_stride) {
-    alignas(64) uint16_t low[32], high[32];  // word c of row a then of row b: columns 0-15, then 16-31
-    for (int c = 0; c < 16; ++c) {
-        low[2 * c] = uint16_t(c), low[2 * c + 1] = uint16_t(32 + c);
-        high[2 * c] = uint16_t(16 + c), high[2 * c + 1] = uint16_t(48 + c);
-    }
-    const __m512i index_low = _mm512_load_si512(low), index_high = _mm512_load_si512(high);
-    const int64_t blocked = cols / 32 * 32;
+    const PairIndex index = pair_index();
     __m512 x[16], y[16];
     for (int64_t r0 = 0; r0 < rows; r0 += 32)
-        for (int64_t c0 = 0; c0 < blocked; c0 += 32) {
+        for (int64_t c0 = 0; c0 < cols; c0 += 32) {
             for (int i = 0; i < 16; ++i) {  // rows r0 + 2i and r0 + 2i + 1: word c = (a[c], b[c])
                 const uint16_t* a = src + (r0 + 2 * i) * stride + c0;
                 const __m512i va = _mm512_loadu_si512(a), vb = _mm512_loadu_si512(a + stride);
-                x[i] = (__m512)_mm512_permutex2var_epi16(va, index_low, vb);
-                y[i] = (__m512)_mm512_permutex2var_epi16(va, index_high, vb);
+                x[i] = (__m512)_mm512_permutex2var_epi16(va, index.low, vb);
+                y[i] = (__m512)_mm512_permutex2var_epi16(va, index.high, vb);
             }
             transpose16(x);  // x[c]: column c0 + c's 32 values, rows r0 .. r0 + 31
             transpose16(y);
@@ -960,24 +961,6 @@ void transpose_bf16(const uint16_t* src, int64_t rows, int64_t cols, int64_t str
                 _mm512_storeu_ps(dst + (c0 + c) * dst_stride + r0, x[c]);
                 _mm512_storeu_ps(dst + (c0 + 16 + c) * dst_stride + r0, y[c]);
             }
-        }
-    if (blocked == cols) return;
-    const auto* words = reinterpret_cast<const int*>(src);
-    const __m512i index = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(int(stride / 2)));
-    alignas(64) uint16_t even[32], odd[32];  // the low halves of a's words then b's; the high halves
-    for (int j = 0; j < 16; ++j) {
-        even[j] = uint16_t(2 * j), even[16 + j] = uint16_t(32 + 2 * j);
-        odd[j] = uint16_t(2 * j + 1), odd[16 + j] = uint16_t(33 + 2 * j);
-    }
-    const __m512i index_even = _mm512_load_si512(even), index_odd = _mm512_load_si512(odd);
-    for (int64_t r0 = 0; r0 < rows; r0 += 32)
-        for (int64_t c = blocked; c < cols; c += 2) {
-            const int* base = words + (r0 * stride + c) / 2;
-            const __m512i a = _mm512_i32gather_epi32(index, base, 4);                      // rows r0 .. +15
-            const __m512i b = _mm512_i32gather_epi32(index, base + 16 * (stride / 2), 4);  // rows r0 + 16 .. +31
-            _mm512_storeu_si512(dst + c * dst_stride + r0, _mm512_permutex2var_epi16(a, index_even, b));
-            _mm512_storeu_si512(dst + (c + 1) * dst_stride + r0, _mm512_permutex2var_epi16(a, index_odd, b));
         }
 }
 
