@@ -34,3 +34,48 @@ def test_every_option_has_help(script, monkeypatch):
     assert actions
     missing = [a.option_strings[0] if a.option_strings else a.dest for a in actions if not a.help]
     assert missing == [], f"{script.name}: options without help: {missing}"
+
+
+def test_the_step_profile_counts_the_products_the_step_runs():
+    """bench/step_profile.py: its FLOPs of PyTorch's products, read from the profiler's shapes, are
+    those `FlopCounterMode` counts for the same step (addmm's and baddbmm's operands are its second
+    and third; the counter leaves out matrix-vector products, which the profile counts; a bmm the
+    profiler records inside another is counted once); its categories add up to the profiled step;
+    a warm-up too short to fill the memories (whose shapes then change from step to step) is refused."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    profile = runpy.run_path(str(BENCH / "step_profile.py"), run_name="bench_under_test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for precision in ("fp32", "bf16"):
+            trainer, model, memory = profile["make_trainer"]("peer", precision, 2, 12)
+            result = profile["profile_steps"](trainer, model, memory, 6, 1)
+            with FlopCounterMode(display=False) as counter:
+                trainer._step(8)
+            counted = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+            by_product = {name.removeprefix("aten::"): n for name, n in result["flops_by_product"].items()
+                          if not name.startswith("aten::addmv")}
+            assert by_product == counted and sum(counted.values()) > 0, (precision, by_product, counted)
+            assert result["product_flops"] == sum(result["flops_by_product"].values())
+            assert sum(result["categories"].values()) == pytest.approx(result["profiled_step"], rel=1e-9)
+            assert set(result["categories"]) == set(profile["CATEGORIES"])
+            assert result["categories"]["products"] > 0 and result["categories"]["attention kernels"] >= 0
+        trainer, model, memory = profile["make_trainer"]("peer", "fp32", 2, 8)
+        with pytest.raises(SystemExit, match="leaves the memories unfilled"):
+            profile["profile_steps"](trainer, model, memory, 3, 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("aten::addmm", "products"), ("aten::copy_", "copies and casts"),
+    ("aten::native_layer_norm_backward", "layer norms"),
+    ("_PackedAttentionOutputsBackward", "attention kernels"), ("_NativeDropoutAdd", "dropout kernels"),
+    ("aten::_fused_adam_", "optimizer, clipping"), ("Optimizer.step#Adam.step", "optimizer, clipping"),
+    ("autograd::engine::evaluate_function: MmBackward0", "outside operators"), ("aten::view", "allocation, views"),
+    ("aten::mul", "elementwise, other"), ("_MeanSquaredError", "attention kernels")])
+def test_the_step_profile_sorts_operators(name, expected):
+    profile = runpy.run_path(str(BENCH / "step_profile.py"), run_name="bench_under_test")
+    assert profile["category"](name) == expected
