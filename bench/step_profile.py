@@ -20,7 +20,8 @@ profiler (their median is "step"), then --steps steps under `torch.profiler`, wh
     layer norms         forward and backward
     optimizer, clipping fused Adam, the gradient norms and their sums
     elementwise, other  every other operator
-    allocation, views   empty tensors, views, reshapes, transposes
+    allocation, views   empty tensors, views, reshapes, transposes, and the own time of wrappers
+                        that call other operators (linear, matmul, to)
     outside operators   the profiled step's wall time less all the operators' own times: Python,
                         autograd's engine, the profiler's own cost
 
