@@ -168,7 +168,7 @@ def profile_steps(trainer: Trainer, model: CompressiveTransformer, memory: list,
         i += 1
     config = model.config
     if memory[0].memory_len < config.mem_len or memory[0].compressed_len < config.c_mem_len:
-        raise SystemExit(f"--warmup {warmup} leaves the memories unfilled ({memory[0].memory_len} of {config.mem_len}, "
+        raise ValueError(f"--warmup {warmup} leaves the memories unfilled ({memory[0].memory_len} of {config.mem_len}, "
                          f"{memory[0].compressed_len} of {config.c_mem_len} compressed): give more")
     times = []
     for _ in range(steps):
@@ -228,7 +228,10 @@ def main() -> None:
     results = {}
     for precision in args.precisions:
         trainer, model, memory = make_trainer(args.model, precision, args.rows, args.warmup + 2 * args.steps + 1)
-        results[precision] = profile_steps(trainer, model, memory, args.warmup, args.steps)
+        try:
+            results[precision] = profile_steps(trainer, model, memory, args.warmup, args.steps)
+        except ValueError as error:  # a warm-up too short: the command line's fault (exit code 2)
+            parser.error(str(error))
         print(f"{precision}: step {results[precision]['step'] * 1e3:.1f} ms, profiled "
               f"{results[precision]['profiled_step'] * 1e3:.1f} ms", flush=True)
 
