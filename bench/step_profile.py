@@ -133,8 +133,8 @@ def _inside_product(event) -> bool:
 
 
 def make_trainer(model_name: str, precision: str, rows: int, segments: int, seed: int = 0):
-    """The recipe's step over `rows` rows of random tokens (vocabulary 86), unsharded: -> (trainer,
-    model, a list holding the memories after the last step)."""
+    """The recipe's step over `rows` rows of random tokens (vocabulary 86), unsharded: -> (trainer, a
+    list holding the memories after the last step)."""
     config = PRESETS["reference"]
     torch.manual_seed(seed)
     model = CompressiveTransformer(replace(config.model, vocab_size=VOCAB, **MODELS[model_name]))
@@ -155,10 +155,10 @@ def make_trainer(model_name: str, precision: str, rows: int, segments: int, seed
     trainer = Trainer(model, loss_fn, optimizer, grad_clip=config.optim.grad_clip, clip_groups=groups,
                       precision=precision, shards=1, log=lambda _: None)
     model.train()
-    return trainer, model, memory
+    return trainer, memory
 
 
-def profile_steps(trainer: Trainer, model: CompressiveTransformer, memory: list, warmup: int, steps: int) -> dict:
+def profile_steps(trainer: Trainer, memory: list, warmup: int, steps: int) -> dict:
     """Warm-up, `steps` timed steps, then `steps` profiled: the step's median (s), the profiled wall
     time a step (s), the seconds and calls a step of each category and operator, the products' FLOPs.
     The warm-up must fill both memories (every step after it then runs the same shapes)."""
@@ -166,7 +166,7 @@ def profile_steps(trainer: Trainer, model: CompressiveTransformer, memory: list,
     for _ in range(warmup):
         trainer._step(i)
         i += 1
-    config = model.config
+    config = trainer.model.config
     if memory[0].memory_len < config.mem_len or memory[0].compressed_len < config.c_mem_len:
         raise ValueError(f"--warmup {warmup} leaves the memories unfilled ({memory[0].memory_len} of {config.mem_len}, "
                          f"{memory[0].compressed_len} of {config.c_mem_len} compressed): give more")
@@ -183,13 +183,9 @@ def profile_steps(trainer: Trainer, model: CompressiveTransformer, memory: list,
             i += 1
         wall = time.perf_counter() - start
     seconds = dict.fromkeys(CATEGORIES, 0.0)
-    operators: dict[str, list[float]] = {}
-    for event in prof.key_averages():
-        own = event.self_cpu_time_total / 1e6 / steps
-        seconds[category(event.key)] += own
-        entry = operators.setdefault(event.key, [0.0, 0])
-        entry[0] += own
-        entry[1] += event.count // steps
+    operators = {e.key: (e.self_cpu_time_total / 1e6 / steps, e.count // steps) for e in prof.key_averages()}
+    for name, (own, _) in operators.items():
+        seconds[category(name)] += own
     flops: dict[str, int] = {}  # of each product, counted where it is not inside another (bmm calls bmm)
     for event in prof.events():
         if event.name in PRODUCTS and not _inside_product(event):
@@ -227,9 +223,9 @@ def main() -> None:
     peaks = {p: matmul_flops(torch.float32 if p == "fp32" else torch.bfloat16, n=2048) for p in args.precisions}
     results = {}
     for precision in args.precisions:
-        trainer, model, memory = make_trainer(args.model, precision, args.rows, args.warmup + 2 * args.steps + 1)
+        trainer, memory = make_trainer(args.model, precision, args.rows, args.warmup + 2 * args.steps + 1)
         try:
-            results[precision] = profile_steps(trainer, model, memory, args.warmup, args.steps)
+            results[precision] = profile_steps(trainer, memory, args.warmup, args.steps)
         except ValueError as error:  # a warm-up too short: the command line's fault (exit code 2)
             parser.error(str(error))
         print(f"{precision}: step {results[precision]['step'] * 1e3:.1f} ms, profiled "

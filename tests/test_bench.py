@@ -50,8 +50,8 @@ def test_the_step_profile_counts_the_products_the_step_runs():
     torch.set_num_threads(1)
     try:
         for precision in ("fp32", "bf16"):
-            trainer, model, memory = profile["make_trainer"]("peer", precision, 2, 12)
-            result = profile["profile_steps"](trainer, model, memory, 6, 1)
+            trainer, memory = profile["make_trainer"]("peer", precision, 2, 12)
+            result = profile["profile_steps"](trainer, memory, 6, 1)
             with FlopCounterMode(display=False) as counter:
                 trainer._step(8)
             counted = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
@@ -62,9 +62,9 @@ def test_the_step_profile_counts_the_products_the_step_runs():
             assert sum(result["categories"].values()) == pytest.approx(result["profiled_step"], rel=1e-9)
             assert set(result["categories"]) == set(profile["CATEGORIES"])
             assert result["categories"]["products"] > 0 and result["categories"]["attention kernels"] > 0
-        trainer, model, memory = profile["make_trainer"]("peer", "fp32", 2, 8)
+        trainer, memory = profile["make_trainer"]("peer", "fp32", 2, 8)
         with pytest.raises(ValueError, match="leaves the memories unfilled"):
-            profile["profile_steps"](trainer, model, memory, 3, 1)
+            profile["profile_steps"](trainer, memory, 3, 1)
     finally:
         torch.set_num_threads(threads)
 
