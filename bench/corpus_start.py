@@ -9,7 +9,9 @@ it (Python's start and imports not counted):
 - `in memory`: `STILL_CORPUS_CACHE=off`, read, the vocabulary built and every split encoded, what
   every start and every torchrun process did before the cache;
 - `first`: the same, and the entry written, then mapped;
-- `mapped`: a current entry mapped.
+- `mapped`: a current entry mapped;
+- `mapped, cold`: the same with the entry's files first dropped from the page cache
+  (`posix_fadvise(DONTNEED)`), as at a start after the pages were evicted or the machine restarted.
 Each process reports what `load_encoded` added to its peak resident memory; then it reads every
 training id once (their sum: a pass of training reads them all) and reports what the corpus added to
 its anonymous memory (`/proc/self/smaps_rollup`, less what the process held before `load_encoded`):
@@ -74,6 +76,18 @@ def child(name: str) -> None:
                       "peak_mb": peak, "anonymous_mb": memory()[1] - anonymous}))
 
 
+def evict(folder: Path) -> None:
+    """Drop every file under `folder` from the page cache (clean pages only: the entry's files are
+    flushed to disk when written)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def run(name: str, processes: int, env: dict[str, str]) -> list[dict]:
     started = [subprocess.Popen([sys.executable, __file__, "--child", name], env=env, stdout=subprocess.PIPE,
                                 text=True) for _ in range(processes)]
@@ -109,6 +123,8 @@ def main() -> None:
             rounds.setdefault("in memory", []).append(run(name, args.processes, off))
             rounds.setdefault("first", []).append(run(name, 1, cached))
             rounds.setdefault("mapped", []).append(run(name, args.processes, cached))
+            evict(work / "corpora")
+            rounds.setdefault("mapped, cold", []).append(run(name, args.processes, cached))
         checksums = {r["checksum"] for rs in rounds.values() for round_ in rs for r in round_}
         assert len(checksums) == 1, "the measures read different ids"
         rows = []

@@ -1,6 +1,7 @@
 """A corpus encoded once into the cache and mapped from there (`still.data.encoded`)."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from still.data import encoded as encoded_module
 from still.data.encoded import corpora_root, entry_path, fingerprint, load_encoded
 from still.data.text import SPLITS, Vocab, load_corpus
 from still.errors import StillError
@@ -164,6 +166,10 @@ def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, d
         ids[len(ids) // 2] = len(vocab) if damage == "id past the end" else -1
         ids.flush()
         del ids
+        # (a file written since changes its times; on a coarse clock perhaps not within milliseconds of
+        # the write, so the test moves its modification time on a second, as any later write would)
+        written = (entry / "valid.npy").stat()
+        os.utime(entry / "valid.npy", ns=(written.st_atime_ns, written.st_mtime_ns + 10**9))
     else:
         np.save(entry / "test.npy", np.load(entry / "test.npy").astype(np.int32))
     reads.clear()
@@ -177,6 +183,32 @@ def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, d
     reads.clear()
     load_encoded(name)
     assert reads == []
+
+
+def test_only_ids_written_since_the_entry_was_made_are_read_for_their_range(tmp_path, root, monkeypatch):
+    """The ids were in the vocabulary when `_write` wrote them: an open reads a split's every page for
+    the check only where its file is not the one written (its size, times or inode changed, or an
+    entry made before they were recorded)."""
+    name = _books(tmp_path / "pg")
+    checked = []
+    real = encoded_module._ids_within
+    monkeypatch.setattr(encoded_module, "_ids_within", lambda ids, size: checked.append(len(ids)) or real(ids, size))
+    entry = load_encoded(name).entry
+    load_encoded(name)
+    assert checked == []  # (made and opened, then opened again)
+    valid = entry / "valid.npy"
+    written = valid.stat()
+    os.utime(valid, ns=(written.st_atime_ns, written.st_mtime_ns + 10**9))
+    encoded = load_encoded(name)
+    tokens = sum(len(d) for d in encoded.split("valid")[0])
+    assert checked == [tokens] and encoded.entry == entry
+    checked.clear()
+    manifest = json.loads((entry / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        del split["written"]
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    load_encoded(name)
+    assert len(checked) == len(SPLITS)
 
 
 def test_an_unwritable_cache_keeps_the_ids_in_memory(tmp_path, monkeypatch, capsys):
