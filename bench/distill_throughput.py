@@ -66,11 +66,13 @@ def main() -> None:
     cached = CachedTeacher.build(teacher, x)
     cache_seconds = time.perf_counter() - start
 
+    def online(m, xb, yb):  # (the batch gathered once, for the teacher and the student)
+        return distillation_loss(m(xb), yb, temperature=temperature, alpha=alpha,
+                                 teacher_log_probs=teacher.log_probs(xb, temperature))
+
     losses = {
         "plain student (hard labels)": lambda m, idx: F.cross_entropy(m(x[idx]), y[idx]),
-        "distilled, online teacher": lambda m, idx: distillation_loss(
-            m(x[idx]), y[idx], temperature=temperature, alpha=alpha,
-            teacher_log_probs=teacher.log_probs(x[idx], temperature)),
+        "distilled, online teacher": lambda m, idx: online(m, x[idx], y[idx]),
         "distilled, cached logits": lambda m, idx: distillation_loss(
             m(x[idx]), y[idx], temperature=temperature, alpha=alpha,
             teacher_log_probs=cached.log_probs(idx, temperature)),

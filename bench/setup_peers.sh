@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Creates .venv-bench: torch (CPU), `still` in editable mode and the two public Compressive
-# Transformers that bench/compressive_peers.py compares against. The peers are benchmark-only:
-# they are never dependencies of the project. Safe to run again.
+# Creates .venv-bench: torch (CPU), `still` in editable mode, the two public Compressive
+# Transformers that bench/compressive_peers.py compares against and torchdistill, which
+# bench/distill_peers.py compares against (with labml-nn's distillation). The peers are
+# benchmark-only: they are never dependencies of the project. Safe to run again.
 #
 #     bash bench/setup_peers.sh && .venv-bench/bin/python bench/compressive_peers.py
+#     .venv-bench/bin/python bench/distill_peers.py
 #
 # The peers are installed with --no-deps, then only the small packages they import:
 #   labml-nn 0.5.1                        -> labml (-> gitpython, pyyaml), einops, numpy
@@ -11,6 +13,9 @@
 #                                            not imported by the modules we use; the benchmark stubs
 #                                            torchvision, see compressive_peers.py)
 #   compressive-transformer-pytorch 0.4.0 -> mogrifier (-> einops)
+#   torchdistill 1.1.5                    -> pyyaml (labml's already), numpy (its torchvision, scipy
+#                                            and cython requirements are not imported by the modules
+#                                            we use; the benchmark stubs torchvision, see distill_peers.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-bench
@@ -34,13 +39,13 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 "${PIP[@]}" install -c "$CONSTRAINTS" "torch==$TORCH_VERSION"
 "${PIP[@]}" install -c "$CONSTRAINTS" -e .
-"${PIP[@]}" install --no-deps "labml-nn==0.5.1" "compressive-transformer-pytorch==0.4.0"
+"${PIP[@]}" install --no-deps "labml-nn==0.5.1" "compressive-transformer-pytorch==0.4.0" "torchdistill==1.1.5"
 "${PIP[@]}" install -c "$CONSTRAINTS" "labml==0.5.3" "mogrifier==0.0.5" "einops>=0.8" "numpy>=1.24"
-echo "(pip's complaint that labml-nn requires fairscale, torchtext and torchvision is expected: they are not installed on purpose)"
+echo "(pip's complaint that labml-nn requires fairscale, torchtext and torchvision, and torchdistill torchvision, scipy and cython, is expected: they are not installed on purpose)"
 
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import torch
-names = ["still", "labml-nn", "labml", "compressive-transformer-pytorch", "mogrifier", "einops"]
+names = ["still", "labml-nn", "labml", "compressive-transformer-pytorch", "mogrifier", "einops", "torchdistill"]
 print(f"torch {torch.__version__}; " + "; ".join(f"{n} {md.version(n)}" for n in names))
 EOF

@@ -79,3 +79,43 @@ def test_the_step_profile_counts_the_products_the_step_runs():
 def test_the_step_profile_sorts_operators(name, expected):
     profile = runpy.run_path(str(BENCH / "step_profile.py"), run_name="bench_under_test")
     assert profile["category"](name) == expected
+
+
+def test_the_distillation_peer_benchmark_trains_stills_epoch_a_chunk_at_a_time():
+    """bench/distill_peers.py runs still's `Trainer` a CHUNK of batches at a time, taking turns with
+    the peers: the epoch so cut trains the student exactly as one `fit` over all its batches does
+    (the same optimizer and momentum go on from chunk to chunk), and `loss` is the loss of that step."""
+    import copy
+
+    import torch
+
+    from still.distill.models import MLP, MLPConfig
+    from still.train.loop import IndexBatches, Trainer
+
+    peers = runpy.run_path(str(BENCH / "distill_peers.py"), run_name="bench_under_test")
+    torch.manual_seed(0)
+    x, y = torch.rand(400, 784), torch.randint(0, 10, (400,))
+    teacher = MLP(MLPConfig(hidden=(32,))).eval().requires_grad_(False)
+    student = MLP(MLPConfig(hidden=(24,)))
+    batches = IndexBatches(len(x), 8, seed=0)(0)  # 50 batches: chunks of 20, 20 and 10
+    assert len(batches) > 2 * peers["CHUNK"]
+    still = peers["Still"](teacher, x, y)
+    chunked = copy.deepcopy(student)
+    turns = sum(1 for _ in still.run(chunked, batches, own_data=True))
+    assert turns == 3
+    whole = copy.deepcopy(student)
+    Trainer(whole, still.loss_fn, peers["sgd"](whole), log=lambda message: None).fit(lambda epoch: batches, 1)
+    for a, b in zip(chunked.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(chunked.parameters()), next(student.parameters()))
+    assert still.loss(whole, batches[0]) == pytest.approx(float(still.loss_fn(whole, batches[0])))
+
+
+def test_the_distillation_peer_benchmark_names_the_peers_it_lacks(monkeypatch, capsys):
+    peers = runpy.run_path(str(BENCH / "distill_peers.py"), run_name="bench_under_test")
+    monkeypatch.setattr("sys.argv", ["distill_peers.py", "--repeats", "1"])
+    peers["main"].__globals__["version"] = lambda dist: "not installed"
+    with pytest.raises(SystemExit) as exited:
+        peers["main"]()
+    assert exited.value.code == 2
+    assert "torchdistill, labml-nn not installed here" in capsys.readouterr().err

@@ -66,6 +66,8 @@ def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Comb
     if member_logits.ndim != 3:
         raise StillError(f"member logits must be (members, batch, classes), got {tuple(member_logits.shape)}")
     log_probs = F.log_softmax(member_logits.float() / temperature, dim=-1)  # (M, B, C)
+    if member_logits.shape[0] == 1 and how in ("arithmetic", "geometric"):  # one member: both means are itself
+        return log_probs[0]
     if how == "arithmetic":
         return torch.logsumexp(log_probs, dim=0) - math.log(member_logits.shape[0])  # (B, C)
     if how == "geometric":
