@@ -77,3 +77,27 @@ def test_augment_pads_with_black_as_labml_does():
     for channel in range(3):
         values = set(out[:, channel].unique().tolist())
         assert values == {black[0, channel, 0, 0].item(), white[0, channel, 0, 0].item()}, values
+
+
+def test_bf16_trains_every_stage_under_autocast(cifar_dir, tmp_path, capsys):
+    """--precision bf16: each stage records it (an fp32 rerun into the directory is refused), and its
+    losses move by bf16's rounding from the same seeded fp32 run's; fp32 stages record no precision."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        code, stdout, err = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny",
+                                    "--epochs", "1", "--threads", "1", "--precision", precision, "--out", str(out))
+        assert code == 0, err
+        runs[precision] = out
+    assert "test images, bf16" in (runs["bf16"] / "results.md").read_text()
+    for stage in ("teacher", "student", "distilled-T5-a0.5"):
+        assert json.loads((runs["bf16"] / stage / "stage.json").read_text())["precision"] == "bf16"
+        assert "precision" not in json.loads((runs["fp32"] / stage / "stage.json").read_text())
+        losses = {}
+        for precision, run in runs.items():
+            last = sorted((run / stage / "checkpoints").glob("ckpt-*"))[-1]
+            history = json.loads((last / "state.json").read_text())["state"]["history"]
+            losses[precision] = [h["train_loss"] for h in history]
+        assert losses["bf16"] != losses["fp32"], stage
+    assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1",
+                      "--threads", "1", "--out", str(runs["bf16"]), contains="different settings (precision)")

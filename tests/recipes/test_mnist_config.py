@@ -28,3 +28,15 @@ def test_the_cli_refuses_repeated_temperatures(tmp_path, capsys):
     assert_user_error(capsys, "distill", "mnist", *tiny, "--temperature", "20,20", "--out", str(tmp_path / "run"),
                       contains="temperature 20 is given more than once")
     assert not (tmp_path / "run").exists()
+
+
+def test_precision_is_fp32_or_bf16():
+    assert MnistConfig().precision == "fp32" and MnistConfig(precision="bf16").precision == "bf16"
+    with pytest.raises(StillError, match="fp16"):
+        MnistConfig(precision="fp16")
+
+
+def test_the_cli_names_a_precision_it_does_not_know(tmp_path, capsys):
+    assert_user_error(capsys, "distill", "mnist", "--precision", "fp16", "--out", str(tmp_path / "run"),
+                      contains="fp16")
+    assert not (tmp_path / "run").exists()

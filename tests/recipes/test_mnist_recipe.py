@@ -101,3 +101,30 @@ def test_shift_ensemble_teacher_is_a_new_student_beside_the_old(tiny_run, tmp_pa
     assert [r["model"] for r in rows] == ["teacher", "teacher, shifts <= 1 px", "baseline", "distilled T=20"]
     assert 0 < rows[1]["test_errors"] < 500 and "| teacher, shifts <= 1 px" in table
     assert json.loads((out / "config.json").read_text())["teacher_shifts"] == 1
+
+
+def _history(stage_dir):
+    """The stage's per-epoch records, from its last checkpoint."""
+    last = sorted((stage_dir / "checkpoints").glob("ckpt-*"))[-1]
+    return json.loads((last / "state.json").read_text())["state"]["history"]
+
+
+def test_bf16_runs_every_stage_under_autocast_and_keeps_apart_from_fp32(tiny_run, tmp_path, capsys):
+    """--precision bf16: the same run's numbers move by bf16's rounding (the fp32 run, seeded on one
+    thread, would repeat to the bit), the errors stay near fp32's, and the stages record bf16, so
+    that an fp32 rerun into the directory is refused; fp32 stages record no precision (those of runs
+    made before the option match as they are)."""
+    out = tmp_path / "bf16"
+    code, table, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--precision", "bf16", "--out", str(out))
+    assert code == 0 and "alpha 1, bf16" in table
+    got, fp32 = errors(out), errors(tiny_run)
+    assert set(got) == set(fp32) and all(abs(got[m] - fp32[m]) <= 15 for m in got), (got, fp32)
+    for stage in ("teacher", "baseline", "student-T20-a1"):
+        assert json.loads((out / stage / "stage.json").read_text())["precision"] == "bf16"
+        assert "precision" not in json.loads((tiny_run / stage / "stage.json").read_text())
+        bf16_losses = [h["train_loss"] for h in _history(out / stage)]
+        fp32_losses = [h["train_loss"] for h in _history(tiny_run / stage)]
+        assert bf16_losses != fp32_losses and bf16_losses == pytest.approx(fp32_losses, rel=0.1), stage
+    assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
+    assert_user_error(capsys, *TINY, "--temperature", "2,20", "--out", str(out),
+                      contains="holds a run with different settings (precision)")

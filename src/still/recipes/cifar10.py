@@ -25,7 +25,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,8 @@ from still.errors import check
 from still.recipes.common import check_run_kind, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
+from still.train.precision import autocast, bf16_slower
+from still.train.progress import log
 from still.train.results import write_results
 from still.train.seed import seed_everything
 
@@ -60,6 +62,9 @@ class Cifar10Config:
     augment: bool = True
     """Random crops and flips; when off, the teacher's logits are computed once."""
     seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: training and evaluation under bf16 autocast (float32 weights, optimizer state and losses;
+    cached teacher logits computed in float32)."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # Literal values; lists given for tuples stored as tuples
@@ -136,15 +141,19 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
         x = train_x[idx]
         return augment(x) if config.augment else x
 
-    def evaluate(model: nn.Module) -> dict[str, Any]:
-        logits = predict(model, test_x, batch_size=500)
+    def evaluate(model: nn.Module) -> dict[str, Any]:  # (the trainer calls it under its autocast; below, it is ours)
+        with autocast(config.precision, device):
+            logits = predict(model, test_x, batch_size=500)
         return {"test_accuracy": round(100 * float((logits.argmax(-1) == test_y).float().mean()), 2)}
 
     def ce_loss(model, idx):
         return F.cross_entropy(model(batch_x(idx)), train_y[idx])
 
     common = {"optim": to_dict(config.optim), "epochs": config.epochs, "batch_size": config.batch_size,
-              "augment": config.augment, "seed": config.seed, "data": data_identity(data)}
+              "augment": config.augment, "seed": config.seed, "data": data_identity(data),
+              **({"precision": config.precision} if config.precision != "fp32" else {})}  # (see run_mnist)
+    if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
+        log(f"--precision bf16: {slower}")
     rows, curves, seconds = [], [], {}
     name = f"distilled-T{config.temperature:g}-a{config.alpha:g}"
 
@@ -153,7 +162,7 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
     teacher_cfg = {"model": to_dict(config.teacher), **common}
     state, seconds["teacher"] = train_stage("teacher", out, teacher, config.optim, config.epochs, n, config.batch_size,
                                             ce_loss, evaluate, config.seed, teacher_cfg, overwrite=overwrite,
-                                            unrecorded=UNRECORDED)
+                                            unrecorded=UNRECORDED, precision=config.precision)
     rows.append({"model": "teacher", **evaluate(teacher), "labml": LABML["teacher"]})
     curves.append(("teacher", state.history))
 
@@ -162,11 +171,12 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
     student_cfg = {"model": to_dict(config.student), **common}
     state, seconds["student"] = train_stage("student", out, student, config.optim, config.epochs, n, config.batch_size,
                                             ce_loss, evaluate, config.seed + 1, student_cfg, overwrite=overwrite,
-                                            unrecorded=UNRECORDED)
+                                            unrecorded=UNRECORDED, precision=config.precision)
     rows.append({"model": "student alone", **evaluate(student), "labml": LABML["student"]})
     curves.append(("student alone", state.history))
 
     frozen = Teacher(teacher)
+    # (cached in fp32 whatever the precision, as in run_mnist; an online teacher runs in the step's precision)
     cached = None if config.augment else CachedTeacher.build(frozen, train_x).to(device)
 
     def distill_loss(model, idx):
@@ -183,11 +193,12 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
     distilled_cfg = {**student_cfg, "temperature": config.temperature, "alpha": config.alpha, "teacher": teacher_cfg}
     state, seconds[name] = train_stage(name, out, distilled, config.optim, config.epochs, n, config.batch_size,
                                        distill_loss, evaluate, config.seed + 1, distilled_cfg, overwrite=overwrite,
-                                       unrecorded=UNRECORDED)
+                                       unrecorded=UNRECORDED, precision=config.precision)
     rows.append({"model": f"distilled T={config.temperature:g}", **evaluate(distilled), "labml": LABML["distilled"]})
     curves.append(("distilled", state.history))
 
-    title = f"CIFAR-10 test accuracy (%), preset {config.preset}, {len(test_y)} test images"
+    title = (f"CIFAR-10 test accuracy (%), preset {config.preset}, {len(test_y)} test images"
+             + (f", {config.precision}" if config.precision != "fp32" else ""))
     meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in seconds.items()}, "labml": LABML}
     if not distributed.current().main:  # rank 0 writes and prints
         return {"rows": rows, "meta": meta, "table": None}

@@ -85,13 +85,15 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
                 loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                 evaluate: Callable[[nn.Module], dict[str, Any]] | None, seed: int, stage_config: dict[str, Any],
                 post_step: Callable[[], None] | None = None, overwrite: bool = False,
-                keep: int = 2, unrecorded: dict[str, str] | None = None) -> tuple[TrainState, float]:
+                keep: int = 2, unrecorded: dict[str, str] | None = None,
+                precision: str = "fp32") -> tuple[TrainState, float]:
     """Train `model` on shuffled index batches of a data set of size `n`, checkpointing (and
     resuming, or loading a finished run) in `out/name`. Returns the final state and wall seconds.
 
     Under torchrun, data parallel: every rank draws the same global batches and trains on its own
     share of each (DistributedDataParallel averages the gradients; `loss_fn` returns the mean over
-    the indices it is given, re-weighted here so that uneven shares still give the global mean)."""
+    the indices it is given, re-weighted here so that uneven shares still give the global mean).
+    `precision`: the `Trainer`'s (bf16: its steps and `evaluate` under bf16 autocast)."""
     stage_dir = out / name
     model.to(distributed.process_device())  # built on the CPU (the same initial weights on every device)
     dist = distributed.current()
@@ -110,7 +112,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
 
     trainer = Trainer(model, shard_loss, optimizer, scheduler, grad_clip=optim.grad_clip, post_step=post_step,
                       evaluate=evaluate, checkpoint_dir=stage_dir / "checkpoints", config=stage_config, desc=name,
-                      keep=keep, dist=dist)
+                      keep=keep, dist=dist, precision=precision)
     start = time.perf_counter()
     state = trainer.fit(batches, epochs)
     return state, time.perf_counter() - start

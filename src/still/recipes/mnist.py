@@ -13,6 +13,9 @@ chosen to minimise the overall test error.
 
 `run_mnist(config)` trains (or loads from its checkpoints) the teacher, the baseline and one
 distilled student per temperature, then writes results.json / results.md / test_errors.png.
+With `precision="bf16"` the training steps and the test predictions run under bf16 autocast; the
+weights, the optimizer state and the losses stay in float32, and the teacher's logits for the
+students, computed once, in float32.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +39,8 @@ from still.errors import check
 from still.recipes.common import check_run_kind, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
+from still.train.precision import autocast, bf16_slower
+from still.train.progress import log
 from still.train.results import write_results
 from still.train.seed import seed_everything
 
@@ -74,6 +79,9 @@ class MnistConfig:
     """Use only the first N training images (for tests)."""
     test_subset: int | None = None
     seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: training and test predictions under bf16 autocast (float32 weights, optimizer state and
+    losses; the teacher's cached logits computed in float32)."""
 
     def __post_init__(self) -> None:
         check_fields(self)  # Literal values; lists given for tuples stored as tuples
@@ -151,7 +159,14 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
         return record
 
     common = {"batch_size": config.batch_size, "seed": config.seed, "train_subset": config.train_subset,
-              "test_subset": config.test_subset}
+              "test_subset": config.test_subset,  # (fp32 unrecorded: the stages of runs made before the option)
+              **({"precision": config.precision} if config.precision != "fp32" else {})}
+    if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
+        log(f"--precision bf16: {slower}")
+
+    def in_precision(compute: Any) -> Any:  # outside the trainer (which applies it to its own steps)
+        with autocast(config.precision, device):
+            return compute()
     rows: list[dict[str, Any]] = []
     curves = []
     timings: dict[str, float] = {}
@@ -168,8 +183,9 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
                    "epochs": config.teacher_epochs, "jitter": config.jitter, **common}
     state, timings["teacher"] = train_stage("teacher", out, teacher, config.teacher_optim, config.teacher_epochs,
                                        n_train, config.batch_size, teacher_loss, evaluate, config.seed, teacher_cfg,
-                                       post_step=teacher.apply_max_norm, overwrite=overwrite, keep=keep)
-    teacher_logits = predict(teacher, test_x)
+                                       post_step=teacher.apply_max_norm, overwrite=overwrite, keep=keep,
+                                       precision=config.precision)
+    teacher_logits = in_precision(lambda: predict(teacher, test_x))
     teacher_errors = _errors(teacher_logits, test_y)
     rows.append({"model": "teacher", "net": _arch(config.teacher), "epochs": config.teacher_epochs,
                  "test_errors": teacher_errors, "paper": PAPER["teacher"]})
@@ -186,8 +202,8 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
                     "epochs": config.student_epochs, **common}
     state, timings["baseline"] = train_stage("baseline", out, baseline, config.student_optim, config.student_epochs,
                                         n_train, config.batch_size, baseline_loss, evaluate, config.seed + 1,
-                                        baseline_cfg, overwrite=overwrite, keep=keep)
-    baseline_logits = predict(baseline, test_x)
+                                        baseline_cfg, overwrite=overwrite, keep=keep, precision=config.precision)
+    baseline_logits = in_precision(lambda: predict(baseline, test_x))
     baseline_errors = _errors(baseline_logits, test_y)
     rows.append({"model": "baseline", "net": _arch(config.student), "epochs": config.student_epochs,
                  "test_errors": baseline_errors, "paper": PAPER["baseline"]})
@@ -205,11 +221,14 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
     start = time.perf_counter()
     shifts = config.teacher_shifts
     soft_teacher = ShiftEnsembleTeacher(teacher, shifts) if shifts else Teacher(teacher)
+    # (in fp32 whatever the precision: once, and the soft targets at a high temperature are read from
+    # logit differences that bf16's 8 bits of mantissa would blur)
     cached = CachedTeacher.build(soft_teacher, transfer_x).to(device)
     timings["teacher_logits"] = time.perf_counter() - start
     if shifts:  # what the students learn from, as a classifier of its own
         rows.insert(1, {"model": f"teacher, shifts <= {shifts} px", "net": _arch(config.teacher),
-                     "epochs": config.teacher_epochs, "test_errors": _errors(soft_teacher.logits(test_x), test_y),
+                     "epochs": config.teacher_epochs,
+                     "test_errors": _errors(in_precision(lambda: soft_teacher.logits(test_x)), test_y),
                      "paper": None})
 
     omit = config.omit_digit
@@ -228,8 +247,8 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
                        "omit_digit": omit, "teacher": teacher_cfg, "teacher_shifts": shifts, **common}
         state, timings[name] = train_stage(name, out, student, config.student_optim, config.student_epochs,
                                       len(transfer), config.batch_size, student_loss, evaluate, config.seed + 1,
-                                      student_cfg, overwrite=overwrite, keep=keep)
-        logits = predict(student, test_x)
+                                      student_cfg, overwrite=overwrite, keep=keep, precision=config.precision)
+        logits = in_precision(lambda student=student: predict(student, test_x))
         paper = None  # the paper's figure: beside its own experiment only, at its temperature
         if temperature == PAPER_TEMPERATURE and omit is None:
             paper = PAPER["distilled"]
@@ -253,6 +272,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
         for r in rows:
             r["paper"] = f"{r['paper']}, of {PAPER_TEST_IMAGES:,}" if r["paper"] is not None else None
     title = (f"MNIST test errors (of {len(test_y)}), preset {config.preset}, alpha {config.alpha:g}"
+             + (f", {config.precision}" if config.precision != "fp32" else "")
              + (f", digit {omit} omitted from the students' transfer set" if omit is not None else ""))
     meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in timings.items()}, "paper": PAPER,
             "processes": distributed.current().world}
