@@ -119,3 +119,42 @@ def test_the_distillation_peer_benchmark_names_the_peers_it_lacks(monkeypatch, c
         peers["main"]()
     assert exited.value.code == 2
     assert "torchdistill, labml-nn not installed here" in capsys.readouterr().err
+
+
+def test_the_cifar_step_benchmark_compares_one_network_in_two_layouts():
+    """bench/cifar_step.py: the NCHW copy is the same network (the same logits and loss) with every
+    convolution's weight in the default layout, the original left channels-last; and a `Runner`'s
+    turns go on from one another as one `fit` over all its batches does."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from still.distill.models import VGG, VGGConfig
+    from still.train.loop import Trainer
+    from still.train.optim import build_optimizer
+
+    bench = runpy.run_path(str(BENCH / "cifar_step.py"), run_name="bench_under_test")
+    torch.manual_seed(0)
+    net = VGG(VGGConfig(blocks=((4,), (8,))))
+    copied = bench["nchw"](net)
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    copied_convs = [m.weight for m in copied.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    assert all(w.is_contiguous() for w in copied_convs)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    torch.testing.assert_close(copied.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-6)
+
+    def loss_fn(model, idx):
+        return F.cross_entropy(model(x[idx]), y[idx])
+
+    batches = [torch.arange(i, i + 4) for i in range(0, 24, 4)]  # 6 batches: 3 turns of 2
+    runner = bench["Runner"](copy.deepcopy(net).train(), loss_fn, "fp32", batches, steps=2)
+    for _ in range(3):
+        assert runner.turn() > 0
+    whole = copy.deepcopy(net).train()
+    Trainer(whole, loss_fn, build_optimizer(whole.parameters(), bench["CONFIG"].optim),
+            log=lambda message: None).fit(lambda epoch: batches, 1)
+    for a, b in zip(runner.trainer.model.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(runner.trainer.model.head.weight, net.head.weight)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -37,6 +39,31 @@ def test_vgg_paper_shapes():
     for config in (VGG_TEACHER, VGG_STUDENT):
         net = VGG(config).eval()
         assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg_keeps_its_convolutions_channels_last():
+    """The weights, the activations between convolutions and the gradients are NHWC; an NCHW copy of
+    the same weights computes the same logits and gradients; a state dict loads into the layout."""
+    net = VGG(VGGConfig(blocks=((4, 4), (8,)), dropout=0.0))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
+               for c in convs)
+    seen = []
+    convs[1].register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(3, 3, 32, 32)  # NCHW in
+    nchw = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    out, ref = net(x), nchw(x)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.logsumexp(-1).sum().backward()
+    ref.logsumexp(-1).sum().backward()
+    assert convs[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
+    for (name, p), q in zip(net.named_parameters(), nchw.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    fresh = VGG(VGGConfig(blocks=((4, 4), (8,)), dropout=0.0))
+    fresh.load_state_dict(nchw.state_dict())
+    assert fresh.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fresh.features[0].weight, nchw.features[0].weight)
 
 
 def test_vgg_eval_uses_running_statistics():

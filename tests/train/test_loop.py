@@ -462,3 +462,32 @@ def test_resuming_a_changed_model_names_the_weights(tmp_path):
     make(4).fit(BATCHES, 1)
     with pytest.raises(StillError, match=r"do not fit the model: wrong shape 0.bias: \(4,\)"):
         make(5).fit(BATCHES, 2)
+
+
+def test_a_resumed_optimizer_keeps_its_moments_in_the_parameters_layout(tmp_path):
+    """Adam's moments of a channels-last convolution weight are channels-last again after a resume
+    (checkpoints hold them contiguous), and the resumed run is exact: the fused Adam that
+    `build_optimizer` picks on a CPU reads moments as if they had the parameter's strides."""
+    images = torch.randn(96, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+
+    def make(directory=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 1))
+        model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=0.01))
+        return Trainer(model, lambda m, idx: m(images[idx]).pow(2).mean(), optimizer, checkpoint_dir=directory,
+                       log=lambda _: None)
+
+    straight = make()
+    straight.fit(BATCHES, 2)
+    make(tmp_path).fit(BATCHES, 1)
+    resumed = make(tmp_path)
+    assert resumed.resume()
+    weight = resumed.model[0].weight
+    moments = resumed.optimizer.state[weight]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert moments[key].stride() == weight.stride(), key
+    resumed.fit(BATCHES, 2)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

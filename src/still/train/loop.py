@@ -259,6 +259,7 @@ class Trainer:
             if lacking:
                 problem = f"the loaded parameter groups lack {', '.join(lacking)}"
         if problem is None:
+            self._state_in_parameter_layout()
             return
         self.optimizer.load_state_dict(current)
         theirs = {key for group in saved["param_groups"] for key in group}
@@ -268,6 +269,17 @@ class Trainer:
                          f"{', '.join(sorted(theirs - ours)) or '-'}; only in this optimizer: "
                          f"{', '.join(sorted(ours - theirs)) or '-'}. Was the optimizer changed? Resume with the "
                          "one that saved it, or start a new run")
+
+    def _state_in_parameter_layout(self) -> None:
+        """Per-parameter state tensors (moments) in their parameter's memory layout. Checkpoints hold
+        them contiguous and `load_state_dict` keeps that, where a fresh optimizer makes them like the
+        parameter (channels-last convolution weights, say); PyTorch 2.13's fused Adam on the CPU
+        walks the moments as if they had the parameter's strides, so a resumed run would mix up the
+        moments' elements."""
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     def _restore_rank_rng(self, rng: dict) -> None:
         """This rank's own torch generators, where the checkpoint has them (written by several ranks).
