@@ -55,6 +55,17 @@ IMAGES = 2048
 STAGES = ("teacher", "student", "distilled")
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (otherwise a usage error, exit 2, naming the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def nchw(model: nn.Module) -> nn.Module:
     """A copy of `model` with every 4-d parameter and buffer in PyTorch's default (NCHW) layout."""
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
@@ -102,20 +113,16 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--repeats", type=int, default=3, help="timed turns of each layout; their median counts")
-    parser.add_argument("--steps", type=int, default=10, help="training steps a turn")
+    parser.add_argument("--repeats", type=at_least_one, default=3,
+                        help="timed turns of each layout; their median counts")
+    parser.add_argument("--steps", type=at_least_one, default=10, help="training steps a turn")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
                         help="the precisions to time (bf16: the recipe's autocast)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="the recipe's stages to time")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--threads", type=at_least_one, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     args = parser.parse_args()
-    for name in ("repeats", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("STILL_PROGRESS", "0")

@@ -158,3 +158,15 @@ def test_the_cifar_step_benchmark_compares_one_network_in_two_layouts():
     for a, b in zip(runner.trainer.model.parameters(), whole.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(runner.trainer.model.head.weight, net.head.weight)
+
+
+@pytest.mark.parametrize("argv, message", [(["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+                                           (["--repeats", "x"], "argument --repeats: not a whole number: 'x'"),
+                                           (["--threads", "-1"], "argument --threads: must be >= 1, got -1")])
+def test_the_cifar_step_benchmark_refuses_bad_counts(argv, message, monkeypatch, capsys):
+    bench = runpy.run_path(str(BENCH / "cifar_step.py"), run_name="bench_under_test")
+    monkeypatch.setattr("sys.argv", ["cifar_step.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        bench["main"]()
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
