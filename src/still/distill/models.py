@@ -12,9 +12,8 @@ teacher normalised with the statistics of the current batch at evaluation, so it
 for an image depended on the other images in the batch). Its convolutions' weights are kept
 channels-last (NHWC) from construction, so that their activations are too: oneDNN's
 convolutions run faster on them than on NCHW tensors (on a CPU, the recipe's training steps in
-0.78-0.90x the time in fp32, `bench/cifar_step.py`); an NCHW input is converted once, at the first
-convolution. `load_state_dict` and `.to(device)` keep the
-layout.
+0.78-0.96x the time in fp32, `bench/cifar_step.py`); an NCHW input is converted once, at the first
+convolution. `load_state_dict` and `.to(device)` keep the layout.
 
 Shapes: B batch, C classes, D input features (784), H hidden units.
 """
