@@ -17,6 +17,31 @@ def test_mlp_shapes_and_every_parameter_gets_a_gradient():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_mlp_drops_inputs_and_hidden_units_at_their_rates_with_stills_masks():
+    """In training the inputs are dropped at dropout_input and the hidden units at dropout_hidden,
+    the rest scaled by 1 / (1 - p), with `still.layers`' masks (one draw from the generator a layer,
+    where PyTorch's `bernoulli_` draws one an element); in eval mode nothing is dropped."""
+    from still import layers
+
+    net = MLP(MLPConfig(in_features=4096, hidden=(4096,), classes=3, dropout_input=0.2, dropout_hidden=0.5))
+    drops = [m for m in net.net if isinstance(m, layers.Dropout)]
+    assert [m.p for m in drops] == [0.2, 0.5]
+    seen = []
+    for m in drops:
+        m.register_forward_hook(lambda mod, inputs, out: seen.append((inputs[0], out)))
+    x = torch.rand(8, 4096) + 0.5
+    torch.manual_seed(0)
+    net.train()(x)
+    for (inp, out), p in zip(seen, (0.2, 0.5)):
+        kept = out != 0
+        live = inp != 0
+        assert abs(1 - kept[live].float().mean().item() - p) < 0.01
+        torch.testing.assert_close(out[kept], inp[kept] / (1 - p))
+    seen.clear()
+    net.eval()(x)
+    assert all(torch.equal(inp, out) for inp, out in seen)
+
+
 def test_max_norm_projects_incoming_weights():
     net = MLP(MLPConfig(in_features=8, hidden=(6,), classes=3, max_norm=0.5))
     with torch.no_grad():

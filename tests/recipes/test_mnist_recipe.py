@@ -12,8 +12,9 @@ pytestmark = requires_mnist
 
 TINY = ["distill", "mnist", "--train-subset", "1000", "--test-subset", "500", "--teacher-epochs", "2",
         "--student-epochs", "3", "--batch-size", "50", "--threads", "1"]
-# test errors (of 500) after this tiny run; seeded, one thread
-PINNED = {"teacher": 130, "baseline": 99, "distilled T=2": 170, "distilled T=20": 177}
+# test errors (of 500) after this tiny run; seeded, one thread (the teacher's dropout masks from
+# `still.layers` since session 45: 130, 99, 170 and 177 with PyTorch's)
+PINNED = {"teacher": 123, "baseline": 99, "distilled T=2": 167, "distilled T=20": 174}
 
 
 def errors(run_dir):
