@@ -23,6 +23,7 @@ def test_mlp_drops_inputs_and_hidden_units_at_their_rates_with_stills_masks():
     where PyTorch's `bernoulli_` draws one an element); in eval mode nothing is dropped."""
     from still import layers
 
+    torch.manual_seed(0)  # (the weights decide which hidden units are live: seeded, as the masks)
     net = MLP(MLPConfig(in_features=4096, hidden=(4096,), classes=3, dropout_input=0.2, dropout_hidden=0.5))
     drops = [m for m in net.net if isinstance(m, layers.Dropout)]
     assert [m.p for m in drops] == [0.2, 0.5]
@@ -30,7 +31,6 @@ def test_mlp_drops_inputs_and_hidden_units_at_their_rates_with_stills_masks():
     for m in drops:
         m.register_forward_hook(lambda mod, inputs, out: seen.append((inputs[0], out)))
     x = torch.rand(8, 4096) + 0.5
-    torch.manual_seed(0)
     net.train()(x)
     for (inp, out), p in zip(seen, (0.2, 0.5)):
         kept = out != 0
