@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import platform
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,9 @@ def use_build(name: str, monkeypatch, *loaded: str) -> None:
 
 
 __all__ = ["BUILDS", "assert_user_error", "pytest", "run_cli", "use_build"]
+
+
+def stage_history(stage_dir: Path) -> list[dict]:
+    """A recipe stage's per-epoch records, from its last checkpoint."""
+    last = sorted((Path(stage_dir) / "checkpoints").glob("ckpt-*"))[-1]
+    return json.loads((last / "state.json").read_text())["state"]["history"]

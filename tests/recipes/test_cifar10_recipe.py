@@ -3,7 +3,7 @@
 import json
 import shutil
 
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli, stage_history
 
 
 def test_tiny_preset_runs_end_to_end(cifar_dir, tmp_path, capsys):
@@ -95,9 +95,7 @@ def test_bf16_trains_every_stage_under_autocast(cifar_dir, tmp_path, capsys):
         assert "precision" not in json.loads((runs["fp32"] / stage / "stage.json").read_text())
         losses = {}
         for precision, run in runs.items():
-            last = sorted((run / stage / "checkpoints").glob("ckpt-*"))[-1]
-            history = json.loads((last / "state.json").read_text())["state"]["history"]
-            losses[precision] = [h["train_loss"] for h in history]
+            losses[precision] = [h["train_loss"] for h in stage_history(run / stage)]
         assert losses["bf16"] != losses["fp32"], stage
     assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1",
                       "--threads", "1", "--out", str(runs["bf16"]), contains="different settings (precision)")

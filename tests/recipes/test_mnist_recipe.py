@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import requires_mnist
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli, stage_history
 
 pytestmark = requires_mnist
 
@@ -104,12 +104,6 @@ def test_shift_ensemble_teacher_is_a_new_student_beside_the_old(tiny_run, tmp_pa
     assert json.loads((out / "config.json").read_text())["teacher_shifts"] == 1
 
 
-def _history(stage_dir):
-    """The stage's per-epoch records, from its last checkpoint."""
-    last = sorted((stage_dir / "checkpoints").glob("ckpt-*"))[-1]
-    return json.loads((last / "state.json").read_text())["state"]["history"]
-
-
 def test_bf16_runs_every_stage_under_autocast_and_keeps_apart_from_fp32(tiny_run, tmp_path, capsys):
     """--precision bf16: the same run's numbers move by bf16's rounding (the fp32 run, seeded on one
     thread, would repeat to the bit), the errors stay near fp32's, and the stages record bf16, so
@@ -123,8 +117,8 @@ def test_bf16_runs_every_stage_under_autocast_and_keeps_apart_from_fp32(tiny_run
     for stage in ("teacher", "baseline", "student-T20-a1"):
         assert json.loads((out / stage / "stage.json").read_text())["precision"] == "bf16"
         assert "precision" not in json.loads((tiny_run / stage / "stage.json").read_text())
-        bf16_losses = [h["train_loss"] for h in _history(out / stage)]
-        fp32_losses = [h["train_loss"] for h in _history(tiny_run / stage)]
+        bf16_losses = [h["train_loss"] for h in stage_history(out / stage)]
+        fp32_losses = [h["train_loss"] for h in stage_history(tiny_run / stage)]
         assert bf16_losses != fp32_losses and bf16_losses == pytest.approx(fp32_losses, rel=0.1), stage
     assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
     assert_user_error(capsys, *TINY, "--temperature", "2,20", "--out", str(out),
