@@ -20,10 +20,10 @@ def _run(optimizer_of, steps: int = 12) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
-def test_cpu_adam_is_fused_and_every_optimizer_updates_as_the_default_loop(name):
+def test_cpu_optimizers_are_fused_and_update_as_the_default_loop(name):
     config = OptimConfig(name=name, lr=0.01, weight_decay=0.05)
     built = build_optimizer([torch.nn.Parameter(torch.zeros(3))], config)
-    assert built.param_groups[0]["fused"] is (True if name != "sgd" else None)
+    assert built.param_groups[0]["fused"] is True
     fused = _run(lambda params: build_optimizer(params, config))
     defaults = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.05,
                                                   foreach=False),
