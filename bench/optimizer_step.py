@@ -6,7 +6,8 @@ For the Compressive Transformer at the peer benchmark's size (d_model 128, 4 lay
 1.1M parameters) and at the `reference` preset (d_model 256, 6 layers, d_ff 1024: 6.7M), with
 random gradients: the median time of `step()` for Adam, AdamW and SGD (Nesterov momentum), each
 implementation on a fresh model, in one process. `still.train.optim.build_optimizer` uses the fused
-Adam and AdamW where the device has them (`docs/performance.md`).
+kernels where the device has them (Adam and AdamW since session 7, SGD since session 46;
+`docs/performance.md`).
 """
 
 from __future__ import annotations
