@@ -141,9 +141,9 @@ def assert_same_training(a, b):
     """Two runs of a distillation stage trained alike: the same per-epoch losses and test errors,
     and weights within 1e-3 of each other (relative norm, per tensor). Not to the last bits: a ReLU
     unit whose input sits within float rounding of zero can switch on in one run and not in the
-    other (fused SGD, one process against two ranks: one unit on one image, -5.6e-9 against
-    +3.9e-8), and that step's gradient then parts the weights by 1e-5. Gradients summed instead of
-    averaged, or a resume that lost the momentum, part them by 1e-2 and more."""
+    other (this stage in one process, fused SGD against its loop: one unit on one image, -5.6e-9
+    in one run and +3.9e-8 in the other), and that step's gradient then parts the weights by 1e-5.
+    Gradients summed instead of averaged, or a resume that loses the momentum, fail it."""
     ha, hb = stage_history(a), stage_history(b)
     assert [h["test_errors"] for h in ha] == [h["test_errors"] for h in hb]
     assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-4)

@@ -40,9 +40,10 @@ def test_cpu_optimizers_are_fused_and_update_as_the_default_loop(name):
     ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, nesterov=True, foreach=False), "momentum_buffer"),
 ])
 def test_a_state_saved_by_the_default_loop_resumes_in_the_fused_optimizer(name, loop_of, key):
-    """Checkpoints written before an optimizer was fused (SGD's before session 46) resume in it,
-    and the next step is the loop's. (PyTorch's `load_state_dict` takes every group setting from
-    the checkpoint, `fused` among them: such a run goes on in the loop.)"""
+    """Checkpoints written before an optimizer was fused (SGD's before session 46) load into
+    `build_optimizer`'s optimizer with their state, and the next step is the loop's. (PyTorch's
+    `load_state_dict` takes every group setting from the checkpoint, `fused` among them: such a
+    run goes on in the loop.)"""
     config = OptimConfig(name=name, lr=0.01, momentum=0.9)
     params, twin = [torch.nn.Parameter(torch.ones(4))], [torch.nn.Parameter(torch.ones(4))]
     loop, loop_twin = loop_of(params), loop_of(twin)
@@ -53,8 +54,8 @@ def test_a_state_saved_by_the_default_loop_resumes_in_the_fused_optimizer(name, 
     resumed = build_optimizer(params, config)
     resumed.load_state_dict(loop.state_dict())
     torch.testing.assert_close(resumed.state[params[0]][key], loop.state[params[0]][key])
-    for p, g in zip(params + twin, (0.25, 0.25)):
-        p.grad = torch.full((4,), g)
+    for p in params + twin:
+        p.grad = torch.full((4,), 0.25)
     resumed.step()
     loop_twin.step()
     torch.testing.assert_close(params[0], twin[0])
