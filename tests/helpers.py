@@ -69,10 +69,10 @@ def use_build(name: str, monkeypatch, *loaded: str) -> None:
         monkeypatch.setattr(native, attribute, [])
 
 
-__all__ = ["BUILDS", "assert_user_error", "pytest", "run_cli", "use_build"]
-
-
 def stage_history(stage_dir: Path) -> list[dict]:
     """A recipe stage's per-epoch records, from its last checkpoint."""
     last = sorted((Path(stage_dir) / "checkpoints").glob("ckpt-*"))[-1]
     return json.loads((last / "state.json").read_text())["state"]["history"]
+
+
+__all__ = ["BUILDS", "assert_user_error", "pytest", "run_cli", "stage_history", "use_build"]

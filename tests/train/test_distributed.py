@@ -33,8 +33,13 @@ def newest(run):
     return sorted((run / "checkpoints").glob("ckpt-*"))[-1]
 
 
+def newest_weights(run):
+    """The weights of `run`'s newest checkpoint, by name."""
+    return load_file(str(newest(run) / "model.safetensors"))
+
+
 def assert_same_weights(a, b):
-    wa, wb = load_file(str(newest(a) / "model.safetensors")), load_file(str(newest(b) / "model.safetensors"))
+    wa, wb = newest_weights(a), newest_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4, msg=k)
@@ -147,7 +152,7 @@ def assert_same_training(a, b):
     ha, hb = stage_history(a), stage_history(b)
     assert [h["test_errors"] for h in ha] == [h["test_errors"] for h in hb]
     assert [h["train_loss"] for h in ha] == pytest.approx([h["train_loss"] for h in hb], rel=1e-4)
-    wa, wb = load_file(str(newest(a) / "model.safetensors")), load_file(str(newest(b) / "model.safetensors"))
+    wa, wb = newest_weights(a), newest_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert float((wa[k] - wb[k]).norm() / wa[k].norm()) < 1e-3, k
