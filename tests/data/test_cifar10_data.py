@@ -31,6 +31,23 @@ def test_row_major_planes(tmp_path):
     assert images[0, 1, 5, 7] == 200 and images.sum() == 200
 
 
+def test_empty_batches_are_refused_before_any_work(tmp_path):
+    """A test batch of no images would otherwise fail at the first prediction, after the teacher
+    had trained; training batches of none at all, at the first step."""
+    for i in range(1, 6):
+        write_cifar_batch(tmp_path / f"data_batch_{i}", 4, seed=i)
+    write_cifar_batch(tmp_path / "test_batch", 0, seed=0)
+    with pytest.raises(StillError, match="test_batch holds no images"):
+        load_cifar10(tmp_path)
+    write_cifar_batch(tmp_path / "test_batch", 3, seed=0)
+    write_cifar_batch(tmp_path / "data_batch_2", 0, seed=2)  # one empty batch among others is read
+    assert load_cifar10(tmp_path).train_x.shape[0] == 16
+    for i in range(1, 6):
+        write_cifar_batch(tmp_path / f"data_batch_{i}", 0, seed=i)
+    with pytest.raises(StillError, match="training batches .* hold no images"):
+        load_cifar10(tmp_path)
+
+
 def test_missing_files_are_named(cifar_dir):
     (cifar_dir / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(StillError, match="missing CIFAR-10 batch file\\(s\\) data_batch_3"):

@@ -101,6 +101,45 @@ def test_a_changed_added_or_removed_file_encodes_again(tmp_path, root, reads):
     assert encoded.split("train")[1] == ["100", "101", "102", "103"] and encoded.split("test")[1] == ["101"]
 
 
+def _digest(name):
+    """The digest's definition, computed here from the text: SHA-256 of the vocabulary's JSON, then
+    each split's name, its documents' bounds (int64) and its ids."""
+    import hashlib
+
+    vocab, splits = _expected(name)
+    digest = hashlib.sha256(vocab.to_json().encode())
+    for split in SPLITS:
+        docs = splits[split][0]
+        digest.update(f"\0{split}\0".encode())
+        digest.update(np.cumsum([0, *map(len, docs)], dtype="<i8").tobytes())
+        for ids in docs:
+            digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_the_digest_is_the_texts_however_it_was_read(tmp_path, root, monkeypatch, reads):
+    """A training run records it, so that it never resumes on other text (`still lm train`): the
+    same for the same text, whether encoded into an entry, mapped from it or held in memory, and
+    after the files are touched and encoded again; another for other text of the same characters."""
+    name = _books(tmp_path / "pg")
+    want = _digest(name)
+    made = load_encoded(name)
+    assert made.digest == want and load_encoded(name).digest == want  # written, then mapped
+    book = tmp_path / "pg" / "train" / "101.txt"
+    os.utime(book, ns=(book.stat().st_atime_ns, book.stat().st_mtime_ns + 1_000_000))
+    reads.clear()
+    assert load_encoded(name).digest == want and reads  # encoded again, the same text
+    vocab = made.vocab
+    assert load_encoded(name, splits=("test",), vocab=vocab).digest == want  # the entry's, for `lm eval`
+    monkeypatch.setenv("STILL_CORPUS_CACHE", "off")
+    assert load_encoded(name).digest == want  # in memory
+    assert load_encoded(name, splits=("test",), vocab=vocab).digest is None  # not every split read
+    book.write_text(" ".join(reversed(book.read_text().split(" "))))  # the same characters, other text
+    assert _digest(name) != want and load_encoded(name).digest == _digest(name)
+    monkeypatch.setenv("STILL_CORPUS_CACHE", str(root))
+    assert load_encoded(name).digest == _digest(name)
+
+
 def test_characters_and_bytes_and_each_corpus_kind_have_their_own_entries(tmp_path, root, reads):
     one = tmp_path / "one.txt"
     one.write_text("Ophelia — nymph, in thy orisons\n" * 40, encoding="utf-8")

@@ -33,6 +33,16 @@ def test_wrong_shapes_are_named(tmp_path):
         read_mnist_pickle(path)
 
 
+@pytest.mark.parametrize("n, name", [((0, 0, 10), "train and valid"), ((50, 10, 0), "test")])
+def test_an_empty_split_is_named(tmp_path, n, name):
+    path = tmp_path / "mnist.pkl.gz"
+    write_fake_mnist(path, n=n)
+    with pytest.raises(StillError, match=f"the {name} splits? holds? no images"):
+        read_mnist_pickle(path)
+    write_fake_mnist(path, n=(0, 10, 10))  # (the training images are train + valid: valid alone will do)
+    assert read_mnist_pickle(path).train_x.shape == (10, 784)
+
+
 def test_not_gzip_is_a_clear_error(tmp_path):
     path = tmp_path / "mnist.pkl.gz"
     path.write_bytes(b"hello")

@@ -214,6 +214,77 @@ def test_another_recipes_run_directory_is_refused_and_left_as_it_was(corpus, tmp
         run_mnist(PRESETS["quick"], cifar, cache=tmp_path / "no-cache")
 
 
+def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):
+    """`--out` given a distillation's teacher stage: the stage's settings are not a language model's,
+    and `--overwrite` would have deleted the stage to train a language model in its place."""
+    run = tmp_path / "distill"
+    teacher = run / "teacher"
+    (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"alpha": 0.5, "jitter": 0, "preset": "quick"}))
+    (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}}))
+    (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
+    before = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
+    for extra in ((), ("--overwrite",)):
+        assert_user_error(capsys, *train_args(corpus, teacher, *extra),
+                          contains=f"{teacher} is the teacher stage of the distill mnist run in {run}")
+    assert sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
+
+
+def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):
+    """The run records its corpus's digest (`EncodedCorpus.digest`): text changed since (here the same
+    characters in another order, which the vocabulary cannot tell) is refused; the same text, its
+    files touched and encoded again, is the same run; a run made before the digest was recorded
+    takes the corpus as it is."""
+    own = tmp_path / "corpus"
+    shutil.copytree(corpus, own)
+    out = tmp_path / "run"
+    args = train_args(own, out, "--steps", "4", "--eval-every", "4")
+    assert run_cli(capsys, *args)[0] == 0
+    recorded = json.loads((out / "stage.json").read_text())["corpus_sha256"]
+    assert len(recorded) == 64
+    trained = model_hash(out)
+    doc = own / "doc2.txt"
+    text = doc.read_text()
+    doc.write_text(" ".join(reversed(text.split(" "))))
+    assert_user_error(capsys, *args, contains=f"{out} holds a run with different settings (corpus_sha256)")
+    doc.write_text(text)  # (a new modification time: encoded again)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and "encoded" in err and "loaded the finished run" in err and model_hash(out) == trained
+    stage = json.loads((out / "stage.json").read_text())
+    del stage["corpus_sha256"]  # as a run made before it was recorded
+    (out / "stage.json").write_text(json.dumps(stage))
+    assert run_cli(capsys, *args)[0] == 0
+    assert json.loads((out / "stage.json").read_text())["corpus_sha256"] == recorded
+
+
+def test_without_its_stage_json_a_run_is_held_to_its_checkpoints_settings(trained, corpus, tmp_path, capsys):
+    """stage.json deleted (or left out of a copy): the settings the newest checkpoint carries stand
+    in for it, so that other settings do not take over the run's checkpoints and record themselves."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / "stage.json").unlink()
+    assert_user_error(capsys, *train_args(corpus, out, "--lr", "0.01"),
+                      contains="different settings (optim, as its checkpoint ckpt-00000008 records them: "
+                               "its stage.json is missing)")
+    assert not (out / "stage.json").exists()
+    code, _, err = run_cli(capsys, *train_args(corpus, out))
+    assert code == 0 and "loaded the finished run" in err
+    assert (out / "stage.json").read_text() == (trained / "stage.json").read_text()
+
+
+def test_a_damaged_stage_json_is_refused_unless_started_again(trained, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for damaged in ('{"batch', "[1, 2]"):
+        (out / "stage.json").write_text(damaged)
+        assert_user_error(capsys, *train_args(corpus, out), contains=f"cannot read {out / 'stage.json'}")
+    assert model_hash(out) == model_hash(trained)
+    code, _, err = run_cli(capsys, *train_args(corpus, out, "--overwrite"))
+    assert code == 0 and "loaded the finished run" not in err  # trained again, from the start
+    assert json.loads((out / "stage.json").read_text()) == json.loads((trained / "stage.json").read_text())
+    assert model_hash(out) == model_hash(trained)  # (seeded: the same run)
+
+
 def test_a_relative_corpus_is_stored_absolute(corpus, tmp_path, capsys, monkeypatch):
     """`lm eval` reads the corpus again, maybe from another directory; a run made before the path
     was stored absolute still resumes from the directory it was made in."""

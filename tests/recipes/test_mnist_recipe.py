@@ -73,6 +73,34 @@ def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
     assert_user_error(capsys, *args, "--out", str(tiny_run), contains="holds a run with different settings (epochs)")
 
 
+def test_a_run_where_a_stage_would_go_is_refused_even_with_overwrite(tiny_run, tmp_path, capsys):
+    """A language model trained into a distillation's stage folder (`--out run/teacher`, before that
+    was refused): the distillation's `--overwrite` would have deleted it to train its teacher there."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    shutil.rmtree(out / "teacher")
+    (out / "teacher").mkdir()
+    (out / "teacher" / "config.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}, "segment_len": 16}))
+    (out / "teacher" / "stage.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}}))
+    assert_user_error(capsys, *TINY, "--temperature", "2,20", "--out", str(out), "--overwrite",
+                      contains=f"{out / 'teacher'} holds a language-model run, not the teacher stage of the run "
+                               f"in {out}")
+    assert sorted(p.name for p in (out / "teacher").iterdir()) == ["config.json", "stage.json"]
+
+
+def test_without_its_stage_json_a_stage_is_held_to_its_checkpoints_settings(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    (out / "teacher" / "stage.json").unlink()
+    args = [a if a != "2" else "3" for a in TINY]  # --teacher-epochs 3
+    assert_user_error(capsys, *args, "--temperature", "2,20", "--out", str(out),
+                      contains="different settings (epochs, as its checkpoint ckpt-00000040 records them: "
+                               "its stage.json is missing)")
+    code, _, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(out))
+    assert code == 0 and err.count("loaded the finished run") == 4 and errors(out) == errors(tiny_run)
+    assert (out / "teacher" / "stage.json").read_text() == (tiny_run / "teacher" / "stage.json").read_text()
+
+
 def test_omitted_digit_report(tiny_run, tmp_path, capsys):
     out = tmp_path / "omit"
     shutil.copytree(tiny_run, out)  # the teacher and the baseline are the same: only the students train

@@ -75,6 +75,11 @@ def load_cifar10(data_dir: str | Path) -> Cifar10:
                          "expected the python version (data_batch_1..5, test_batch)")
     train = [read_batch(directory / n) for n in TRAIN_BATCHES]
     test_x, test_y = read_batch(directory / TEST_BATCH)
+    if not len(test_x):
+        raise StillError(f"{directory / TEST_BATCH} holds no images: expected CIFAR-10's 10,000 test images")
+    if not sum(len(x) for x, _ in train):
+        raise StillError(f"{directory}'s training batches ({', '.join(TRAIN_BATCHES)}) hold no images: "
+                         "expected CIFAR-10's 50,000")
     return Cifar10(
         train_x=torch.from_numpy(np.concatenate([x for x, _ in train])),
         train_y=torch.from_numpy(np.concatenate([y for _, y in train])),

@@ -6,7 +6,8 @@ minutes and the text and its ids in memory (about 35 GB: a byte a character as a
 as int16 ids), once per process of a torchrun job. The first run writes an entry instead:
 
     <root>/<corpus>-<key>/
-        manifest.json    what it was made from (the fingerprint below), its splits' sizes, the names
+        manifest.json    what it was made from (the fingerprint below), its splits' sizes, the names,
+                         and the digest of its ids (`IdsDigest`: what a training run records)
         vocab.json       the vocabulary built from all three splits
         train.npy ...    each split's ids, one array in the vocabulary's compact dtype
         train.starts.npy ...  where each document starts in it (documents + 1 offsets)
@@ -75,19 +76,24 @@ from still.errors import StillError
 from still.train.io import atomic_write, atomic_write_text, process_umask
 from still.train.progress import format_size, log
 
-FORMAT = 1  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again)
+FORMAT = 2  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
+# 2: the manifest holds the ids' `digest`)
 OFF = ("0", "off", "no", "false")
 
 
 @dataclass(frozen=True)
 class EncodedCorpus:
     """A corpus's splits as ids: per split, its documents' ids (each (n,), in `vocab.compact_dtype`)
-    and their names. `entry`: the cache entry they are mapped from (None: held in memory)."""
+    and their names. `entry`: the cache entry they are mapped from (None: held in memory). `digest`:
+    the SHA-256 of the vocabulary and of every split's ids and document bounds (`IdsDigest`), which
+    a training run records so that it never resumes on other text; None where not every split was
+    read (`lm eval`'s, with the run's vocabulary)."""
 
     name: str  # what the results call it: "shakespeare", "pg19", a file's stem ...
     vocab: Vocab
     splits: dict[str, tuple[list[torch.Tensor], list[str]]]
     entry: Path | None = None
+    digest: str | None = None
 
     def split(self, name: str) -> tuple[list[torch.Tensor], list[str]]:
         Corpus.check_split(name)
@@ -295,11 +301,17 @@ def _in_memory(corpus: Corpus, vocab: Vocab, splits: tuple[str, ...] = SPLITS,
     """The `splits`' ids held in memory. `lengths`: `_survey`'s, which read every document once
     already (one changed between the reads is named as such)."""
     encoded = {}
+    digest = IdsDigest(vocab) if splits == SPLITS else None
     for split in splits:
         docs = corpus.split(split)
         counted = lengths[split] if lengths is not None else [None] * len(docs)
-        encoded[split] = ([_encode(d, corpus, vocab, n) for d, n in zip(docs, counted)], [d.name for d in docs])
-    return EncodedCorpus(corpus.name, vocab, encoded)
+        ids = [_encode(d, corpus, vocab, n) for d, n in zip(docs, counted)]
+        encoded[split] = (ids, [d.name for d in docs])
+        if digest is not None:
+            digest.split(split, np.cumsum([0, *map(len, ids)], dtype=np.int64))
+            for one in ids:
+                digest.ids(one.numpy())
+    return EncodedCorpus(corpus.name, vocab, encoded, digest=digest.hexdigest() if digest is not None else None)
 
 
 def _encode(document, corpus: Corpus, vocab: Vocab, length: int | None) -> torch.Tensor:
@@ -320,6 +332,26 @@ def _encode(document, corpus: Corpus, vocab: Vocab, length: int | None) -> torch
 
 def _numpy_dtype(vocab: Vocab) -> np.dtype:
     return np.dtype(str(vocab.compact_dtype).removeprefix("torch."))
+
+
+class IdsDigest:
+    """The SHA-256 of a corpus as a run trains on it: the vocabulary, then for each split in turn
+    its name, its documents' bounds (`starts`, int64) and its ids (the vocabulary's compact dtype,
+    as written). The same text gives the same digest however it was read: encoded into an entry
+    (`_write`, a document at a time) or held in memory."""
+
+    def __init__(self, vocab: Vocab) -> None:
+        self._hash = hashlib.sha256(vocab.to_json().encode())
+
+    def split(self, name: str, starts: np.ndarray) -> None:
+        self._hash.update(f"\0{name}\0".encode())
+        self._hash.update(np.ascontiguousarray(starts, dtype="<i8").tobytes())
+
+    def ids(self, ids: np.ndarray) -> None:
+        self._hash.update(ids.tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def _survey(corpus: Corpus) -> tuple[Vocab, dict[str, list[int]]]:
@@ -367,15 +399,19 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
     try:
         dtype = _numpy_dtype(vocab)
         sizes = {}
+        digest = IdsDigest(vocab)
         for split in SPLITS:
             docs = corpus.split(split)
             starts = np.cumsum([0, *lengths[split]], dtype=np.int64)
+            digest.split(split, starts)
             with open(tmp / f"{split}.npy", "wb") as f:  # (written in turn, not through a mapping: its pages
                 # would count as this process's)
                 np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                          "fortran_order": False, "shape": (int(starts[-1]),)})
                 for d, n in zip(docs, lengths[split]):  # (read again: a file of its own is not kept)
-                    _encode(d, corpus, vocab, n).numpy().tofile(f)
+                    ids = _encode(d, corpus, vocab, n).numpy()
+                    digest.ids(ids)
+                    ids.tofile(f)
                 f.flush()
                 os.fsync(f.fileno())
             atomic_write(tmp / f"{split}.starts.npy", lambda path, starts=starts: _save(path, starts))
@@ -383,7 +419,8 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
                             "written": _identity((tmp / f"{split}.npy").stat())}  # (`_open`: not read again)
         atomic_write_text(tmp / "vocab.json", vocab.to_json())
         atomic_write_text(tmp / "manifest.json", json.dumps({"fingerprint": stamp, "name": corpus.name,
-                                                             "dtype": dtype.name, "splits": sizes}) + "\n")
+                                                             "dtype": dtype.name, "splits": sizes,
+                                                             "digest": digest.hexdigest()}) + "\n")
         size = sum(f.stat().st_size for f in tmp.iterdir())
         os.chmod(tmp, 0o777 & ~process_umask())  # (mkdtemp makes it private: others sharing the cache read it too)
         if entry.exists():  # aside, for `_sweep` to remove a day later: a run elsewhere may still be reading it
@@ -464,7 +501,8 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
         if say:
             log(f"the encoded corpus {entry} is damaged ({e}): reading the corpus instead")
         return None
-    return EncodedCorpus(manifest.get("name", stamp["corpus"]), own, encoded, entry)
+    digest = manifest["digest"] if isinstance(manifest.get("digest"), str) else None
+    return EncodedCorpus(manifest.get("name", stamp["corpus"]), own, encoded, entry, digest)
 
 
 # ----------------------------------------------------------------------------- what the cache holds

@@ -60,6 +60,10 @@ def read_mnist_pickle(path: str | Path) -> Mnist:
         raise StillError(f"{path}: expected ((train_x, train_y), (valid_x, valid_y), (test_x, test_y))")
     for (x, y), name in zip(splits, ("train", "valid", "test")):
         _check_split(x, y, name, str(path))
+    if not len(splits[0][0]) + len(splits[1][0]):  # (the training images: train + valid)
+        raise StillError(f"{path}: the train and valid splits hold no images")
+    if not len(splits[2][0]):
+        raise StillError(f"{path}: the test split holds no images")
     (tx, ty), (vx, vy), (sx, sy) = splits
     return Mnist(
         train_x=torch.from_numpy(np.concatenate([tx, vx]).astype(np.float32)),

@@ -23,6 +23,15 @@ except ImportError:  # pragma: no cover - NumPy 1.x
     from numpy.core.multiarray import _reconstruct, scalar
     from numpy.core.numeric import _frombuffer
 
+
+def _empty_bytes(*args: Any) -> bytes:
+    """`bytes()`, as protocol 2 stores an empty Python 3 bytes (an empty array's data); with any
+    argument refused (`bytes(n)` would allocate n bytes no file holds)."""
+    if args:
+        raise StillError("refusing to unpickle bytes(...) with arguments: only NumPy arrays are allowed in data files")
+    return b""
+
+
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
@@ -34,6 +43,8 @@ _ALLOWED = {
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("_codecs", "encode"): codecs.encode,  # how protocol 2 stores Python 3 bytes
+    ("__builtin__", "bytes"): _empty_bytes,  # ... and empty ones
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 

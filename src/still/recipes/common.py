@@ -15,6 +15,7 @@ from torch import nn
 from still.config import changed_settings
 from still.errors import StillError
 from still.train import distributed
+from still.train.checkpoint import list_checkpoints
 from still.train.io import atomic_write, atomic_write_text
 from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -29,26 +30,46 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     """Refuse (exit 2, nothing touched) a run directory that holds another kind of run (its
     config.json is another recipe's config): one recipe run into another's directory would replace
     its config.json and results. (Stage directories' own checks cannot see it: the recipes keep
-    their stages in different places.)"""
+    their stages in different places.) A directory that is a stage of a run in the folder above
+    it (a distillation's teacher, say) is refused too: a run of its own there would be one of that
+    run's stages, and `--overwrite` would delete the stage."""
+    if not (run_dir / "config.json").exists() and (run_dir / "stage.json").exists():
+        owner = run_kind(run_dir.parent)  # a stage of a run in the folder above (a distillation's teacher ...)
+        if owner is not None:
+            raise StillError(f"{run_dir} is the {run_dir.name} stage of the {owner} run in {run_dir.parent}, "
+                             f"not a {kind} run: choose another directory")
+    data = _config_of(run_dir)
+    if data is None or _fits(data, kind):
+        return  # no run here yet (or no readable config: the recipe's own reading says so), or one of this kind
+    for other in RUN_KINDS:
+        if other != kind and _fits(data, other):
+            raise StillError(f"{run_dir} holds a {other} run, not a {kind} run: choose another directory")
+
+
+def _fits(data: dict, kind: str) -> bool:
+    """Whether a config.json's data is a config of `kind` (its keys among that config's fields)."""
     import dataclasses
     import importlib
 
+    module, cls = RUN_KINDS[kind]
+    return set(data) <= {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+
+
+def _config_of(run_dir: Path) -> dict | None:
+    """The run's config.json as data (None: none there, or none readable as a dict)."""
     try:
         data = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
-        return  # no run here yet (or no readable config: the recipe's own reading says so)
-    if not isinstance(data, dict):
-        return
+        return None
+    return data if isinstance(data, dict) else None
 
-    def fits(name: str) -> bool:
-        module, cls = RUN_KINDS[name]
-        return set(data) <= {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
 
-    if fits(kind):
-        return
-    for other in RUN_KINDS:
-        if other != kind and fits(other):
-            raise StillError(f"{run_dir} holds a {other} run, not a {kind} run: choose another directory")
+def run_kind(run_dir: Path) -> str | None:
+    """Which kind of run (`RUN_KINDS`) the directory holds, by its config.json; None where it holds
+    none that one kind's config alone fits."""
+    data = _config_of(run_dir)
+    kinds = [kind for kind in RUN_KINDS if data is not None and _fits(data, kind)]
+    return kinds[0] if len(kinds) == 1 else None
 
 
 def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False,
@@ -62,8 +83,9 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
     was recorded, and cannot be told to match; it is refused saying so.
     """
     path = stage_dir / "stage.json"
-    if path.is_file():
-        existing = json.loads(path.read_text())
+    recorded = _recorded_settings(stage_dir, overwrite)
+    if recorded is not None:
+        existing, where = recorded
         if defaults:
             existing = {k: defaults[k] for k in config if k not in existing and k in defaults} | existing
         lacking = [what for k, what in (unrecorded or {}).items() if k in config and k not in existing]
@@ -74,11 +96,41 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
         if existing != config:
             if not overwrite:
                 changed = changed_settings(existing, config)
-                raise StillError(f"{stage_dir} holds a run with different settings ({', '.join(changed)}); "
+                raise StillError(f"{stage_dir} holds a run with different settings ({', '.join(changed)}{where}); "
                                  "choose another --out, or pass --overwrite to start it again")
             shutil.rmtree(stage_dir)
+    elif overwrite and path.exists():  # (unreadable: `_recorded_settings` let it through to be started again)
+        shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any], str] | None:
+    """The settings a stage directory was made with, and where they were read if not stage.json: its
+    stage.json, or where that is gone (deleted by hand, or left out of a copy of the run) the config
+    its newest checkpoint carries, which the run would otherwise resume from whatever the settings
+    now. None: nothing recorded (a new stage). A stage.json that cannot be read is refused (exit 2),
+    unless `overwrite` starts the stage again (then None)."""
+    path = stage_dir / "stage.json"
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text())
+            if not isinstance(existing, dict):
+                raise ValueError(f"a JSON {type(existing).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            if overwrite:
+                return None
+            raise StillError(f"cannot read {path} ({e}), which says what the stage in {stage_dir} was trained "
+                             "with: choose another --out, or pass --overwrite to start it again") from None
+        return existing, ""
+    for checkpoint in reversed(list_checkpoints(stage_dir / "checkpoints")):
+        try:
+            recorded = json.loads((checkpoint / "config.json").read_text())
+        except (OSError, ValueError):
+            continue  # (a damaged one: the run's resume sets it aside and says so)
+        if isinstance(recorded, dict):
+            return recorded, f", as its checkpoint {checkpoint.name} records them: its stage.json is missing"
+    return None
 
 
 def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epochs: int, n: int, batch_size: int,
@@ -98,6 +150,10 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     model.to(distributed.process_device())  # built on the CPU (the same initial weights on every device)
     dist = distributed.current()
     if dist.main:
+        other = run_kind(stage_dir)
+        if other is not None:  # (a run of its own given this run's folder above it: --overwrite would delete it)
+            raise StillError(f"{stage_dir} holds a {other} run, not the {name} stage of the run in {out}: "
+                             "choose another --out")
         check_stage_config(stage_dir, stage_config, overwrite, unrecorded=unrecorded)
     dist.barrier()
     batches = IndexBatches(n, batch_size, seed=seed)

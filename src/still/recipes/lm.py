@@ -224,7 +224,10 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
           + (" per process)" if dist.enabled else ")"))
     if dist.main:
         _older_relative_corpus(out / "stage.json", config.corpus)
-        check_stage_config(out, to_dict(config), overwrite, defaults=to_dict(LMConfig()))
+        # the corpus's text, by its ids' digest, beside the settings: a run never resumes (or reports a
+        # finished run) on text other than it trained on; a run made before it was recorded takes this one
+        digest = {"corpus_sha256": corpus.digest}
+        check_stage_config(out, to_dict(config) | digest, overwrite, defaults=to_dict(LMConfig()) | digest)
         save_config(config, out / "config.json")
         atomic_write_text(out / "vocab.json", vocab.to_json())
     dist.barrier()
