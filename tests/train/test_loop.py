@@ -297,6 +297,23 @@ def test_nan_gradients_of_a_finite_loss_stop_before_the_step(tmp_path, grad_clip
     assert not list(tmp_path.glob("ckpt-*"))
 
 
+def test_the_total_norm_for_the_finite_check_is_pytorchs_to_rounding_and_finite_where_it_is():
+    """`_total_norm` (CPU fp32 gradients as BLAS dot products) against `get_total_norm`: the same
+    norm to rounding, the same finiteness (also past the fp32 sum of squares' range, 1e20, where
+    both overflow), and PyTorch's own for gradients it does not take (bf16, not contiguous)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(80, 78), torch.randn(80), torch.randn(10, 80)]
+    want = torch.nn.utils.get_total_norm(grads)
+    assert loop._total_norm(grads).item() == pytest.approx(want.item(), rel=1e-6)
+    for value in (1e20, math.inf, -math.inf, math.nan):
+        bad = [g.clone() for g in grads]
+        bad[1][3] = value
+        got, want = loop._total_norm(bad).item(), torch.nn.utils.get_total_norm(bad).item()
+        assert math.isfinite(got) == math.isfinite(want) and (not math.isfinite(got) or got == pytest.approx(want))
+    for others in ([g.to(torch.bfloat16) for g in grads], [g.t() for g in grads]):
+        assert loop._total_norm(others).item() == pytest.approx(torch.nn.utils.get_total_norm(others).item(), rel=1e-6)
+
+
 def test_nan_gradients_are_skipped_in_skip_mode():
     model = torch.nn.Linear(10, 1)
     calls = []
