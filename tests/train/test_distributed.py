@@ -138,7 +138,8 @@ def test_rows_must_split_evenly():
         Dist(rank=0, world=2).rows(5, "the batch size")
 
 
-MNIST_TINY = ["distill", "mnist", "--train-subset", "1000", "--test-subset", "500", "--teacher-epochs", "2",
+# 1,001 images in batches of 50: each epoch's last batch holds one row, so that one rank's share of it is empty
+MNIST_TINY = ["distill", "mnist", "--train-subset", "1001", "--test-subset", "500", "--teacher-epochs", "2",
               "--student-epochs", "3", "--batch-size", "50", "--threads", "1"]
 
 
@@ -160,7 +161,9 @@ def assert_same_training(a, b):
 
 def test_distillation_on_two_ranks(tmp_path):
     """The baseline stage (no dropout, no jitter) matches one process; a stage checkpointed on two
-    ranks resumes on one. (The teacher's dropout masks are drawn per rank, so its stage differs.)"""
+    ranks resumes on one. (The teacher's dropout masks are drawn per rank, so its stage differs.)
+    Each epoch ends in a batch of one row: the rank given none trains on a row weighted 0 (its mean
+    over no rows was NaN, and stopped the run as diverged)."""
     from conftest import mnist_available
 
     if not mnist_available():

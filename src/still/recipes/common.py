@@ -164,6 +164,9 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
 
     def shard_loss(_, indices: torch.Tensor) -> torch.Tensor:  # one process: all of them, weight 1
         mine = torch.tensor_split(indices, dist.world)[dist.rank]
+        if not len(mine):  # a last batch of fewer rows than ranks left this one none (its mean over no rows
+            # would be NaN): it still runs a forward and backward, for DDP's all-reduce, on one row weighted 0
+            return loss_fn(net, indices[:1]) * 0.0
         return loss_fn(net, mine) * (len(mine) * dist.world / len(indices))
 
     trainer = Trainer(model, shard_loss, optimizer, scheduler, grad_clip=optim.grad_clip, post_step=post_step,
