@@ -15,7 +15,7 @@ from torch import nn
 from still.config import changed_settings
 from still.errors import StillError
 from still.train import distributed
-from still.train.checkpoint import list_checkpoints
+from still.train.checkpoint import newest_config
 from still.train.io import atomic_write, atomic_write_text
 from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -123,14 +123,11 @@ def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any]
             raise StillError(f"cannot read {path} ({e}), which says what the stage in {stage_dir} was trained "
                              "with: choose another --out, or pass --overwrite to start it again") from None
         return existing, ""
-    for checkpoint in reversed(list_checkpoints(stage_dir / "checkpoints")):
-        try:
-            recorded = json.loads((checkpoint / "config.json").read_text())
-        except (OSError, ValueError):
-            continue  # (a damaged one: the run's resume sets it aside and says so)
-        if isinstance(recorded, dict):
-            return recorded, f", as its checkpoint {checkpoint.name} records them: its stage.json is missing"
-    return None
+    found = newest_config(stage_dir / "checkpoints")  # (a damaged one passed over: the resume sets it aside)
+    if found is None:
+        return None
+    checkpoint, recorded = found
+    return recorded, f", as its checkpoint {checkpoint.name} records them: its stage.json is missing"
 
 
 def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epochs: int, n: int, batch_size: int,

@@ -279,6 +279,20 @@ def latest_checkpoint(directory: str | Path, log=None, set_aside: bool = False) 
     return None
 
 
+def newest_config(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under `directory` whose config (the run's settings) reads as a dict,
+    and that config; None where there is none. Only config.json is read, unverified: for what the
+    run was made with, not to resume from (`latest_checkpoint` verifies)."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict):
+            return path, config
+    return None
+
+
 def optimizer_state(checkpoint: Checkpoint) -> dict | None:
     if "optimizer" not in checkpoint.state:
         return None
