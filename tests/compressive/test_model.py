@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from still.compressive import CompressiveConfig, CompressiveTransformer, MemoryState
+from still.compressive.decode import Decoder
 from still.errors import StillError
 
 TINY = dict(vocab_size=23, d_model=32, n_layers=2, n_heads=4, d_ff=48, dropout=0.0)
@@ -618,3 +619,37 @@ def test_a_state_of_another_layer_count_is_refused():
         wrong = MemoryState((state.memory * 2)[:layers], (state.compressed * 2)[:layers])
         with pytest.raises(StillError, match=f"the memory state has {layers} layers, the model 2"):
             model(tokens, wrong)
+
+
+def test_a_state_made_under_longer_memories_is_refused():
+    """A Transformer-XL model given a compressive model's state would keep its compressed slots
+    forever; a memory longer than mem_len (+ c - 1 while a group fills) was made by another model."""
+    base = dict(vocab_size=20, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    torch.manual_seed(0)
+    compressive = CompressiveTransformer(CompressiveConfig(**base, mem_len=8, c_mem_len=8, compression_rate=2)).eval()
+    xl = CompressiveTransformer(CompressiveConfig(**base, mem_len=8, c_mem_len=0)).eval()
+    longer = CompressiveTransformer(CompressiveConfig(**base, mem_len=16, c_mem_len=0)).eval()
+    tokens = torch.randint(0, 20, (2, 8))
+    with torch.no_grad():
+        state = compressive(tokens).state
+        state = compressive(tokens, state).state  # 8 memories, 4 compressed ones
+        assert (state.memory_len, state.compressed_len) == (8, 4)
+        with pytest.raises(StillError, match="holds 8 memories and 4 compressed ones.*c_mem_len 0"):
+            xl(tokens, state)
+        with pytest.raises(StillError, match="holds 8 memories and 4 compressed ones"):
+            Decoder(xl, state, 2)
+        long_state = longer(torch.randint(0, 20, (2, 16))).state  # 16 memories
+        with pytest.raises(StillError, match="holds 16 memories and 0 compressed ones.*mem_len 8"):
+            xl(tokens, long_state)
+        # an odd segment length leaves the compressive model's memory c - 1 past mem_len: still its own
+        odd = compressive(torch.randint(0, 20, (2, 9))).state
+        assert odd.memory_len == 9
+        compressive(tokens, odd)
+        Decoder(compressive, odd, 2)
+        # layers that disagree, and validity flags of another shape
+        ragged = state._replace(memory=(state.memory[0], state.memory[1][:, :4]))
+        with pytest.raises(StillError, match=r"layer 1's memory has shape \(2, 4, 32\), layer 0's \(2, 8, 32\)"):
+            compressive(tokens, ragged)
+        flags = state._replace(memory_valid=torch.ones(2, 5, dtype=torch.bool))
+        with pytest.raises(StillError, match=r"memory_valid has shape \(2, 5\), expected \(2, 8\)"):
+            compressive(tokens, flags)

@@ -197,6 +197,7 @@ class Decoder:
         device, dtype = weight.device, weight.dtype
         if state is None:
             state = model.empty_state(batch, device, dtype)
+        model.check_state(state, batch)
         self.n, self.m = state.compressed_len, state.memory_len  # slots in use
         assert self.n <= self.n_cap and self.m < self.m_cap, (self.n, self.m)
         self.next_c, self.next_m = self.n % max(self.n_cap, 1), self.m  # ring positions to write next

@@ -455,6 +455,22 @@ class CompressiveTransformer(nn.Module):
         check(memory.dtype == weight.dtype and memory.device == weight.device,
               f"the memory state is {memory.dtype} on {memory.device}, the model's weights {weight.dtype} on "
               f"{weight.device} (make it with model.empty_state(batch, device, dtype))")
+        # a state made under other memory lengths would keep slots this model never drops (an XL
+        # model's compressed slots, say): refused, as is a state whose layers disagree
+        # (a compressing model's memory may run up to c - 1 past mem_len, waiting for a whole group)
+        m, n = state.memory_len, state.compressed_len
+        m_cap = config.mem_len + (config.compression_rate - 1 if config.has_compression else 0)
+        check(m <= m_cap and n <= config.c_mem_len,
+              f"the memory state holds {m} memories and {n} compressed ones, more than this model keeps "
+              f"(mem_len {config.mem_len}, c_mem_len {config.c_mem_len}): it was made by another model")
+        for what, tensors, length in (("memory", state.memory, m), ("compressed memory", state.compressed, n)):
+            for i, t in enumerate(tensors):
+                check(t.shape == (batch, length, config.d_model),
+                      f"layer {i}'s {what} has shape {tuple(t.shape)}, layer 0's {(batch, length, config.d_model)}")
+        for what, valid, length in (("memory", state.memory_valid, m), ("compressed", state.compressed_valid, n)):
+            check(valid is None or valid.shape == (batch, length),
+                  f"the state's {what}_valid has shape {tuple(valid.shape) if valid is not None else None}, "
+                  f"expected {(batch, length)}")
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
         return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)
