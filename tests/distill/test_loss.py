@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from still.distill.loss import distillation_loss, logit_matching_loss, soft_target_loss
+from still.distill.loss import MAX_TEMPERATURE, distillation_loss, logit_matching_loss, soft_dtype, soft_target_loss
+from still.distill.teachers import combine_log_probs
 from still.errors import StillError
 
 LN3 = math.log(3)
@@ -83,14 +84,64 @@ def test_t_squared_keeps_gradient_scale_about_constant():
 
 
 def test_logit_matching_is_the_high_temperature_limit():
-    # T = 100: within 0.2% of the limit on 50 seeds, in float32 as in float64. At T = 1000 the KL of two
-    # nearly uniform distributions, times T^2, is mostly float32's rounding: up to 5% off the limit
-    # (the random logits of PyTorch's default kernels, on an emulated processor without AVX2, gave 1.4%)
+    # T = 100: within 0.2% of the limit on 50 seeds (the O(1/T) term of the expansion)
     z, v = torch.randn(32, 10), torch.randn(32, 10)
-    high_t = soft_target_loss(z, F.log_softmax(v / 100, -1), 100.0)
+    high_t = soft_target_loss(z, F.log_softmax(v.double() / 100, -1), 100.0)
     assert high_t.item() == pytest.approx(logit_matching_loss(z, v).item(), rel=1e-2)
     via_api = distillation_loss(z, None, v, temperature=1.0, alpha=1.0, soft_loss="logit_matching")
     assert via_api.item() == pytest.approx(logit_matching_loss(z, v).item())
+
+
+def _kl_exact(z: torch.Tensor, v: torch.Tensor, temperature: float) -> float:
+    """T^2 KL(softmax(v / T) || softmax(z / T)), batchmean, in 40-digit arithmetic (mpmath)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(40):
+        total = mpmath.mpf(0)
+        for zs, vs in zip(z.tolist(), v.tolist()):
+            a = [mpmath.mpf(x) / temperature for x in vs]
+            b = [mpmath.mpf(x) / temperature for x in zs]
+            la, lb = mpmath.log(mpmath.fsum(map(mpmath.exp, a))), mpmath.log(mpmath.fsum(map(mpmath.exp, b)))
+            total += mpmath.fsum(mpmath.exp(x - la) * ((x - la) - (y - lb)) for x, y in zip(a, b))
+        return float(total / len(z) * temperature**2)
+
+
+@pytest.mark.parametrize("spread", [5.0, 0.01])
+def test_high_temperatures_keep_the_soft_term_exact(spread):
+    """Above T = 20 the soft term is computed in float64. In float32 it was 2% off at T = 1e4 and
+    negative at 1e5: the KL of two nearly uniform distributions, times T^2, was float32's rounding.
+    Checked against 40-digit arithmetic to 1e-6 (absolute; the loss is about 10 for a student far from
+    its teacher, 4e-5 for one 0.01 from it); the gradient is T (q - p) / B."""
+    torch.manual_seed(0)
+    v = torch.randn(50, 10) * 5
+    z = (v + torch.randn(50, 10) * spread).requires_grad_()
+    for temperature in (1e3, 1e4, 1e5):
+        z.grad = None
+        loss = distillation_loss(z, None, v, temperature=temperature, alpha=1.0)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(_kl_exact(z.detach(), v, temperature), rel=1e-6, abs=1e-6)
+        loss.backward()
+        zd, vd = z.detach().double(), v.double()
+        expected = temperature * (F.softmax(zd / temperature, -1) - F.softmax(vd / temperature, -1)) / 50
+        torch.testing.assert_close(z.grad.double(), expected, rtol=1e-5, atol=1e-12)
+        # an ensemble's soft targets (float64 from combine_log_probs) give the same loss
+        targets = combine_log_probs(v[None], temperature)
+        assert targets.dtype == torch.float64
+        via_targets = distillation_loss(z, None, teacher_log_probs=targets, temperature=temperature, alpha=1.0)
+        assert via_targets.item() == pytest.approx(loss.item(), rel=1e-9)
+    # at and below T = 20, float32: 1e-5 relative or absolute (the near student's 5.06e-5 read 5.46e-5)
+    assert soft_dtype(20.0) == torch.float32 and combine_log_probs(v[None], 20.0).dtype == torch.float32
+    loss = distillation_loss(z, None, v, temperature=20.0, alpha=1.0)
+    assert loss.item() == pytest.approx(_kl_exact(z.detach(), v, 20.0), rel=1e-5, abs=1e-5)
+
+
+def test_temperatures_above_the_limit_are_refused_naming_logit_matching():
+    z, v = torch.randn(4, 10), torch.randn(4, 10)
+    distillation_loss(z, None, v, temperature=MAX_TEMPERATURE, alpha=1.0)
+    for call in (lambda: distillation_loss(z, None, v, temperature=2e5, alpha=1.0),
+                 lambda: soft_target_loss(z, F.log_softmax(v, -1), 2e5),
+                 lambda: combine_log_probs(v[None], 2e5)):
+        with pytest.raises(StillError, match=r"temperature 200000 is above 100000.*soft_loss='logit_matching'"):
+            call()
 
 
 def test_logit_matching_ignores_a_constant_shift():
@@ -113,6 +164,16 @@ def test_bad_alpha_is_named(alpha):
 def test_class_count_mismatch_is_named():
     with pytest.raises(StillError, match="teacher has 12 classes but the student has 10"):
         distillation_loss(torch.zeros(4, 10), None, torch.zeros(4, 12), temperature=2.0, alpha=1.0)
+
+
+def test_labels_of_any_integer_dtype_and_no_other():
+    z, v, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 4, 2, -100])
+    expected = distillation_loss(z, y, v, temperature=2.0, alpha=0.5)
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        torch.testing.assert_close(distillation_loss(z, y.to(dtype), v, temperature=2.0, alpha=0.5), expected)
+    for bad in (y.float(), y > 0, y.to(torch.complex64)):
+        with pytest.raises(StillError, match=f"labels must be class numbers \\(integers\\), got {bad.dtype}"):
+            distillation_loss(z, bad, v, temperature=2.0, alpha=0.5)
 
 
 def test_labels_required_below_alpha_one():

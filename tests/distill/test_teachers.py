@@ -199,9 +199,17 @@ def test_cached_teacher_names_bad_indices():
     for bad, message in ((torch.tensor([-1]), "index -1 is outside the cached transfer set (examples 0 to 9)"),
                          (torch.tensor([3, 10]), "index 10 is outside"),
                          (torch.tensor(3), "indices must be a 1-D tensor"),
-                         (torch.tensor([0.0]), "indices must be a 1-D tensor")):
+                         (torch.tensor([0.0]), "indices must be a 1-D tensor"),
+                         (torch.tensor([1, 0], dtype=torch.uint8), "got torch.uint8"),  # a mask, to PyTorch
+                         (torch.tensor([True, False]), "got torch.bool"),
+                         (torch.tensor([1j]), "got torch.complex64"),
+                         (torch.tensor([12], dtype=torch.int8), "index 12 is outside")):
         with pytest.raises(StillError, match=re.escape(message)):
             cached.log_probs(bad, 2.0)
+    # example numbers of any other integer dtype
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        torch.testing.assert_close(cached.log_probs(torch.tensor([3, 1], dtype=dtype), 2.0),
+                                   cached.log_probs(torch.tensor([3, 1]), 2.0), rtol=0, atol=0)
     with pytest.raises(StillError, match="ensemble combination must be"):
         CachedTeacher(torch.randn(2, 10, 3), combine="median")
 

@@ -52,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from still.data.augment import shift
+from still.distill.loss import check_temperature, soft_dtype
 from still.errors import StillError
 from still.train.io import atomic_write
 from still.train.progress import progress
@@ -60,12 +61,12 @@ Combine = Literal["arithmetic", "geometric"]
 
 
 def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Combine = "arithmetic") -> torch.Tensor:
-    """Soft targets (as log-probabilities) of an ensemble. member_logits: (M, B, C) -> (B, C)."""
-    if not 0 < temperature < math.inf:
-        raise StillError(f"temperature must be a finite number > 0, got {temperature}")
+    """Soft targets (as log-probabilities) of an ensemble. member_logits: (M, B, C) -> (B, C), in
+    `soft_dtype(temperature)`: float32, or float64 above T = 20 (still.distill.loss)."""
+    temperature = check_temperature(temperature)
     if member_logits.ndim != 3:
         raise StillError(f"member logits must be (members, batch, classes), got {tuple(member_logits.shape)}")
-    log_probs = F.log_softmax(member_logits.float() / temperature, dim=-1)  # (M, B, C)
+    log_probs = F.log_softmax(member_logits.to(soft_dtype(temperature)) / temperature, dim=-1)  # (M, B, C)
     if member_logits.shape[0] == 1 and how in ("arithmetic", "geometric"):  # one member: both means are itself
         return log_probs[0]
     if how == "arithmetic":
@@ -279,9 +280,13 @@ class CachedTeacher:
         """`indices` (B,) of examples in [0, num_examples), on `self.device`. (Checked against the
         range where they are on the CPU, as batches' indices are: on a GPU a check would wait for it.)"""
         indices = torch.as_tensor(indices)
-        if indices.ndim != 1 or indices.dtype in (torch.bool, torch.uint8) or indices.is_floating_point():
+        # (uint8 and bool would index as masks; other integers are example numbers, as int64)
+        if (indices.ndim != 1 or indices.dtype in (torch.bool, torch.uint8) or indices.is_floating_point()
+                or indices.is_complex()):
             raise StillError(f"indices must be a 1-D tensor of example numbers, got {indices.dtype} of shape "
                              f"{tuple(indices.shape)}")
+        if indices.dtype not in (torch.int32, torch.int64):
+            indices = indices.long()
         if indices.device.type == "cpu" and len(indices):
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= self.num_examples:

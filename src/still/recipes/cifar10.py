@@ -22,7 +22,6 @@ reusing stages trained on other data.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +32,7 @@ from torch import nn
 
 from still.config import check_fields, replace, save_config, to_dict
 from still.data.cifar10 import Cifar10, load_cifar10, normalize
-from still.distill.loss import distillation_loss
+from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
@@ -70,7 +69,7 @@ class Cifar10Config:
         check_fields(self)  # Literal values; lists given for tuples stored as tuples
         check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        check(0 < self.temperature < math.inf, f"temperature must be a finite number > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         check(0 <= self.alpha <= 1, f"alpha (the weight of the soft-target term) must be in [0, 1], got {self.alpha}")
         check(self.teacher.classes == self.student.classes,
               f"teacher has {self.teacher.classes} classes, student {self.student.classes}: they must match")

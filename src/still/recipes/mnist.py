@@ -20,7 +20,6 @@ students, computed once, in float32.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 from still.config import check_fields, save_config, to_dict
 from still.data.augment import jitter
 from still.data.mnist import Mnist, load_mnist
-from still.distill.loss import distillation_loss
+from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import MLP, MLPConfig
 from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
 from still.errors import check
@@ -92,7 +91,7 @@ class MnistConfig:
         check(0 <= self.teacher_shifts <= 8, f"teacher_shifts must be in [0, 8] pixels, got {self.teacher_shifts}")
         check(len(self.temperatures) > 0, "give at least one temperature")
         for t in self.temperatures:
-            check(0 < t < math.inf, f"temperature must be a finite number > 0, got {t}")
+            check_temperature(t)
         seen: dict[str, float] = {}  # each temperature's student is the stage named by f"T{t:g}"
         for t in self.temperatures:
             key = f"{t:g}"
