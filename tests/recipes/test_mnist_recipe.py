@@ -130,6 +130,15 @@ def test_shift_ensemble_teacher_is_a_new_student_beside_the_old(tiny_run, tmp_pa
     assert [r["model"] for r in rows] == ["teacher", "teacher, shifts <= 1 px", "baseline", "distilled T=20"]
     assert 0 < rows[1]["test_errors"] < 500 and "| teacher, shifts <= 1 px" in table
     assert json.loads((out / "config.json").read_text())["teacher_shifts"] == 1
+    # with a digit omitted the shift ensemble has its errors on it too; and a student of alpha 0
+    # (hard labels alone) is not set beside the paper's distilled figure
+    code, table, err = run_cli(capsys, *TINY, "--teacher-shifts", "1", "--omit-digit", "3", "--alpha", "0",
+                               "--out", str(out))
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["teacher", "teacher, shifts <= 1 px", "baseline", "distilled T=20"]
+    assert 0 <= rows[1]["errors_on_3"] <= rows[1]["test_errors"]
+    assert rows[3]["paper"] is None and "206" not in table
 
 
 def test_bf16_runs_every_stage_under_autocast_and_keeps_apart_from_fp32(tiny_run, tmp_path, capsys):

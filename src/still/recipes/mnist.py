@@ -225,10 +225,13 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
     cached = CachedTeacher.build(soft_teacher, transfer_x).to(device)
     timings["teacher_logits"] = time.perf_counter() - start
     if shifts:  # what the students learn from, as a classifier of its own
-        rows.insert(1, {"model": f"teacher, shifts <= {shifts} px", "net": _arch(config.teacher),
-                     "epochs": config.teacher_epochs,
-                     "test_errors": _errors(in_precision(lambda: soft_teacher.logits(test_x)), test_y),
-                     "paper": None})
+        shifted_logits = in_precision(lambda: soft_teacher.logits(test_x))
+        row = {"model": f"teacher, shifts <= {shifts} px", "net": _arch(config.teacher),
+               "epochs": config.teacher_epochs, "test_errors": _errors(shifted_logits, test_y), "paper": None}
+        if config.omit_digit is not None:
+            mask = test_y == config.omit_digit
+            row[f"errors_on_{config.omit_digit}"] = _errors(shifted_logits[mask], test_y[mask])
+        rows.insert(1, row)
 
     omit = config.omit_digit
     for temperature in config.temperatures:
@@ -248,10 +251,12 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
                                       len(transfer), config.batch_size, student_loss, evaluate, config.seed + 1,
                                       student_cfg, overwrite=overwrite, keep=keep, precision=config.precision)
         logits = in_precision(lambda student=student: predict(student, test_x))
-        paper = None  # the paper's figure: beside its own experiment only, at its temperature
-        if temperature == PAPER_TEMPERATURE and omit is None:
+        # the paper's figure: beside its own experiment only, at its temperature, and with soft targets
+        # (alpha 0 trains on the hard labels alone: no distillation to compare)
+        paper = None
+        if temperature == PAPER_TEMPERATURE and config.alpha > 0 and omit is None:
             paper = PAPER["distilled"]
-        elif temperature == PAPER_TEMPERATURE and omit == 3:
+        elif temperature == PAPER_TEMPERATURE and config.alpha > 0 and omit == 3:
             paper = f"{PAPER['omit_errors']} ({PAPER['omit_errors_on_3']} on 3s)"
         row = {"model": f"distilled T={temperature:g}", "net": _arch(config.student), "epochs": config.student_epochs,
                "test_errors": _errors(logits, test_y), "paper": paper}
