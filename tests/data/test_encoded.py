@@ -101,14 +101,16 @@ def test_a_changed_added_or_removed_file_encodes_again(tmp_path, root, reads):
     assert encoded.split("train")[1] == ["100", "101", "102", "103"] and encoded.split("test")[1] == ["101"]
 
 
-def _digest(name):
+def _digest(name, only=None):
     """The digest's definition, computed here from the text: SHA-256 of the vocabulary's JSON, then
-    each split's name, its documents' bounds (int64) and its ids."""
+    each split's name, its documents' bounds (int64) and its ids; `only`: that split's own digest,
+    the same with it alone."""
     import hashlib
 
     vocab, splits = _expected(name)
-    digest = hashlib.sha256(vocab.to_json().encode())
-    for split in SPLITS:
+    whole = hashlib.sha256(vocab.to_json().encode())
+    for split in (SPLITS if only is None else (only,)):
+        digest = hashlib.sha256(vocab.to_json().encode()) if only is not None else whole
         docs = splits[split][0]
         digest.update(f"\0{split}\0".encode())
         digest.update(np.cumsum([0, *map(len, docs)], dtype="<i8").tobytes())
@@ -134,10 +136,17 @@ def test_the_digest_is_the_texts_however_it_was_read(tmp_path, root, monkeypatch
     monkeypatch.setenv("STILL_CORPUS_CACHE", "off")
     assert load_encoded(name).digest == want  # in memory
     assert load_encoded(name, splits=("test",), vocab=vocab).digest is None  # not every split read
+    each = {split: _digest(name, split) for split in SPLITS}
+    assert len(set(each.values())) == 3 and want not in each.values()
+    assert load_encoded(name).split_digests == each  # in memory
+    assert load_encoded(name, splits=("test",), vocab=vocab).split_digests == {"test": each["test"]}
     book.write_text(" ".join(reversed(book.read_text().split(" "))))  # the same characters, other text
     assert _digest(name) != want and load_encoded(name).digest == _digest(name)
+    assert load_encoded(name).split_digests == each | {"train": _digest(name, "train")} != each
     monkeypatch.setenv("STILL_CORPUS_CACHE", str(root))
     assert load_encoded(name).digest == _digest(name)
+    assert load_encoded(name).split_digests == each | {"train": _digest(name, "train")}  # written, then mapped
+    assert load_encoded(name, splits=("test",), vocab=vocab).split_digests["test"] == each["test"]  # the entry's
 
 
 def test_characters_and_bytes_and_each_corpus_kind_have_their_own_entries(tmp_path, root, reads):

@@ -120,8 +120,12 @@ def test_eval_maps_the_ids_training_encoded_and_reads_no_text(trained, capsys, m
     code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "test", "--threads", "1")
     assert code == 0
     test_bpc = json.loads((trained / "results.json").read_text())["rows"][0]["test_bpc"]
-    assert json.loads((trained / "eval-test.json").read_text())["meta"]["bits_per_token"] == pytest.approx(
-        test_bpc, abs=1e-4)
+    meta = json.loads((trained / "eval-test.json").read_text())["meta"]
+    assert meta["bits_per_token"] == pytest.approx(test_bpc, abs=1e-4)
+    # the entry's digest of the split, the one training recorded
+    recorded = json.loads((trained / "stage.json").read_text())["split_sha256"]
+    assert sorted(recorded) == ["test", "train", "valid"]
+    assert meta["split_sha256"] == recorded["test"] and meta["changed_since_training"] is False
 
 
 def test_generate_is_seeded_and_streams(trained, capsys):
@@ -243,18 +247,36 @@ def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):
     recorded = json.loads((out / "stage.json").read_text())["corpus_sha256"]
     assert len(recorded) == 64
     trained = model_hash(out)
-    doc = own / "doc2.txt"
+    splits = json.loads((out / "stage.json").read_text())["split_sha256"]
+    doc = own / "doc5.txt"  # (the test document)
     text = doc.read_text()
     doc.write_text(" ".join(reversed(text.split(" "))))
-    assert_user_error(capsys, *args, contains=f"{out} holds a run with different settings (corpus_sha256)")
+    assert_user_error(capsys, *args, contains=f"{out} holds a run with different settings (corpus_sha256, "
+                                              "split_sha256)")
+    # `lm eval` of a changed split says so, on stderr, in its table and its record, which `lm compare`
+    # reads; an unchanged split's evaluation says nothing of it
+    code, printed, err = run_cli(capsys, "lm", "eval", str(out), "--split", "test", "--threads", "1")
+    assert code == 0 and f"the test split of {own} has changed since {out} was trained" in err
+    assert "the test text has changed since training" in printed
+    meta = json.loads((out / "eval-test.json").read_text())["meta"]
+    assert meta["changed_since_training"] is True and meta["split_sha256"] != splits["test"]
+    code, printed, err = run_cli(capsys, "lm", "eval", str(out), "--split", "valid", "--threads", "1")
+    assert code == 0 and "changed" not in err + printed
+    meta = json.loads((out / "eval-valid.json").read_text())["meta"]
+    assert meta["changed_since_training"] is False and meta["split_sha256"] == splits["valid"]
+    code, _, err = run_cli(capsys, "lm", "compare", str(out), "--out", str(tmp_path / "compare"))
+    assert code == 0 and "the by-position columns come from `still lm eval` of the test text as it was changed" in err
     doc.write_text(text)  # (a new modification time: encoded again)
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and "encoded" in err and "loaded the finished run" in err and model_hash(out) == trained
-    stage = json.loads((out / "stage.json").read_text())
-    del stage["corpus_sha256"]  # as a run made before it was recorded
-    (out / "stage.json").write_text(json.dumps(stage))
-    assert run_cli(capsys, *args)[0] == 0
-    assert json.loads((out / "stage.json").read_text())["corpus_sha256"] == recorded
+    for gone in (["split_sha256"], ["corpus_sha256", "split_sha256"]):  # runs made before they were recorded
+        stage = json.loads((out / "stage.json").read_text())
+        for key in gone:
+            del stage[key]
+        (out / "stage.json").write_text(json.dumps(stage))
+        assert run_cli(capsys, *args)[0] == 0
+        stage = json.loads((out / "stage.json").read_text())
+        assert stage["corpus_sha256"] == recorded and stage["split_sha256"] == splits
 
 
 def test_without_its_stage_json_a_run_is_held_to_its_checkpoints_settings(trained, corpus, tmp_path, capsys):

@@ -7,7 +7,8 @@ as int16 ids), once per process of a torchrun job. The first run writes an entry
 
     <root>/<corpus>-<key>/
         manifest.json    what it was made from (the fingerprint below), its splits' sizes, the names,
-                         and the digest of its ids (`IdsDigest`: what a training run records)
+                         and the digests of its ids, whole and per split (`IdsDigest`: what a
+                         training run records, and `lm eval` checks its split against)
         vocab.json       the vocabulary built from all three splits
         train.npy ...    each split's ids, one array in the vocabulary's compact dtype
         train.starts.npy ...  where each document starts in it (documents + 1 offsets)
@@ -51,9 +52,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,8 +78,8 @@ from still.errors import StillError
 from still.train.io import atomic_write, atomic_write_text, process_umask
 from still.train.progress import format_size, log
 
-FORMAT = 2  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
-# 2: the manifest holds the ids' `digest`)
+FORMAT = 3  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
+# 2: the manifest holds the ids' `digest`; 3: and each split's, `split_digests`)
 OFF = ("0", "off", "no", "false")
 
 
@@ -87,13 +89,16 @@ class EncodedCorpus:
     and their names. `entry`: the cache entry they are mapped from (None: held in memory). `digest`:
     the SHA-256 of the vocabulary and of every split's ids and document bounds (`IdsDigest`), which
     a training run records so that it never resumes on other text; None where not every split was
-    read (`lm eval`'s, with the run's vocabulary)."""
+    read (`lm eval`'s, with the run's vocabulary). `split_digests`: each split's own (of the
+    vocabulary and that split alone), for every split read, or all three from an entry: what `lm
+    eval` compares with the run's record of its split."""
 
     name: str  # what the results call it: "shakespeare", "pg19", a file's stem ...
     vocab: Vocab
     splits: dict[str, tuple[list[torch.Tensor], list[str]]]
     entry: Path | None = None
     digest: str | None = None
+    split_digests: Mapping[str, str] = field(default_factory=dict)
 
     def split(self, name: str) -> tuple[list[torch.Tensor], list[str]]:
         Corpus.check_split(name)
@@ -301,17 +306,17 @@ def _in_memory(corpus: Corpus, vocab: Vocab, splits: tuple[str, ...] = SPLITS,
     """The `splits`' ids held in memory. `lengths`: `_survey`'s, which read every document once
     already (one changed between the reads is named as such)."""
     encoded = {}
-    digest = IdsDigest(vocab) if splits == SPLITS else None
+    digest = IdsDigest(vocab)
     for split in splits:
         docs = corpus.split(split)
         counted = lengths[split] if lengths is not None else [None] * len(docs)
         ids = [_encode(d, corpus, vocab, n) for d, n in zip(docs, counted)]
         encoded[split] = (ids, [d.name for d in docs])
-        if digest is not None:
-            digest.split(split, np.cumsum([0, *map(len, ids)], dtype=np.int64))
-            for one in ids:
-                digest.ids(one.numpy())
-    return EncodedCorpus(corpus.name, vocab, encoded, digest=digest.hexdigest() if digest is not None else None)
+        digest.split(split, np.cumsum([0, *map(len, ids)], dtype=np.int64))
+        for one in ids:
+            digest.ids(one.numpy())
+    return EncodedCorpus(corpus.name, vocab, encoded, digest=digest.hexdigest() if splits == SPLITS else None,
+                         split_digests=digest.split_hexdigests())
 
 
 def _encode(document, corpus: Corpus, vocab: Vocab, length: int | None) -> torch.Tensor:
@@ -338,20 +343,30 @@ class IdsDigest:
     """The SHA-256 of a corpus as a run trains on it: the vocabulary, then for each split in turn
     its name, its documents' bounds (`starts`, int64) and its ids (the vocabulary's compact dtype,
     as written). The same text gives the same digest however it was read: encoded into an entry
-    (`_write`, a document at a time) or held in memory."""
+    (`_write`, a document at a time) or held in memory. Each split's own digest is the same with
+    that split alone after the vocabulary (`split_hexdigests`)."""
 
     def __init__(self, vocab: Vocab) -> None:
-        self._hash = hashlib.sha256(vocab.to_json().encode())
+        self._vocab = vocab.to_json().encode()
+        self._hash = hashlib.sha256(self._vocab)
+        self._splits: dict[str, Any] = {}  # name -> its own hash
 
     def split(self, name: str, starts: np.ndarray) -> None:
-        self._hash.update(f"\0{name}\0".encode())
-        self._hash.update(np.ascontiguousarray(starts, dtype="<i8").tobytes())
+        self._splits[name] = hashlib.sha256(self._vocab)
+        for h in (self._hash, self._splits[name]):
+            h.update(f"\0{name}\0".encode())
+            h.update(np.ascontiguousarray(starts, dtype="<i8").tobytes())
 
-    def ids(self, ids: np.ndarray) -> None:
-        self._hash.update(ids.tobytes())
+    def ids(self, ids: np.ndarray) -> None:  # (of the split begun last)
+        data = np.ascontiguousarray(ids)  # (its bytes, as `tobytes` gives them, without the copy)
+        self._hash.update(data)
+        next(reversed(self._splits.values())).update(data)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+    def split_hexdigests(self) -> dict[str, str]:
+        return {name: h.hexdigest() for name, h in self._splits.items()}
 
 
 def _survey(corpus: Corpus) -> tuple[Vocab, dict[str, list[int]]]:
@@ -420,7 +435,8 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
         atomic_write_text(tmp / "vocab.json", vocab.to_json())
         atomic_write_text(tmp / "manifest.json", json.dumps({"fingerprint": stamp, "name": corpus.name,
                                                              "dtype": dtype.name, "splits": sizes,
-                                                             "digest": digest.hexdigest()}) + "\n")
+                                                             "digest": digest.hexdigest(),
+                                                             "split_digests": digest.split_hexdigests()}) + "\n")
         size = sum(f.stat().st_size for f in tmp.iterdir())
         os.chmod(tmp, 0o777 & ~process_umask())  # (mkdtemp makes it private: others sharing the cache read it too)
         if entry.exists():  # aside, for `_sweep` to remove a day later: a run elsewhere may still be reading it
@@ -502,7 +518,10 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
             log(f"the encoded corpus {entry} is damaged ({e}): reading the corpus instead")
         return None
     digest = manifest["digest"] if isinstance(manifest.get("digest"), str) else None
-    return EncodedCorpus(manifest.get("name", stamp["corpus"]), own, encoded, entry, digest)
+    split_digests = manifest.get("split_digests")
+    split_digests = ({k: v for k, v in split_digests.items() if isinstance(v, str)}
+                     if isinstance(split_digests, dict) else {})
+    return EncodedCorpus(manifest.get("name", stamp["corpus"]), own, encoded, entry, digest, split_digests)
 
 
 # ----------------------------------------------------------------------------- what the cache holds

@@ -226,7 +226,7 @@ def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_t
         _older_relative_corpus(out / "stage.json", config.corpus)
         # the corpus's text, by its ids' digest, beside the settings: a run never resumes (or reports a
         # finished run) on text other than it trained on; a run made before it was recorded takes this one
-        digest = {"corpus_sha256": corpus.digest}
+        digest = {"corpus_sha256": corpus.digest, "split_sha256": dict(corpus.split_digests)}
         check_stage_config(out, to_dict(config) | digest, overwrite, defaults=to_dict(LMConfig()) | digest)
         save_config(config, out / "config.json")
         atomic_write_text(out / "vocab.json", vocab.to_json())
@@ -450,6 +450,17 @@ def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path) ->
                          "name a checkpoint of this run, or the checkpoint's own run directory")
 
 
+def _recorded_split_digest(run_dir: Path, split: str) -> str | None:
+    """The digest of `split` that training recorded in the run's stage.json (`split_sha256`), or None
+    (a run made before it was recorded, or stage.json unreadable: `load_run` has the run's settings)."""
+    try:
+        recorded = json.loads((run_dir / "stage.json").read_text()).get("split_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    digest = recorded.get(split) if isinstance(recorded, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
             print_table: bool = True, checkpoint: str | Path | None = None, precision: str | None = None,
             shards: int | None = None, fill_rows: bool | None = None) -> dict:
@@ -463,6 +474,13 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     check_precision(precision)
     corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level, splits=(split,), vocab=vocab)
     docs, names = corpus.split(split)
+    # the split's text against what training recorded of it (runs made before then recorded nothing):
+    # numbers of other text are written beside the run's, so they say so
+    recorded, current = _recorded_split_digest(run_dir, split), corpus.split_digests.get(split)
+    changed = recorded is not None and current is not None and recorded != current
+    if changed:
+        log(f"the {split} split of {config.corpus} has changed since {run_dir} was trained: these numbers are "
+            "of its text as it is now")
     fill_rows = config.eval_fill_rows if fill_rows is None else fill_rows
     streams = eval_streams(docs, names, batch_size or config.batch_size, config, fill_rows, split, "--fill-rows")
     cut = len(streams.pieces) > len(docs)
@@ -483,13 +501,15 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     title = (f"{corpus.name} {split}: {result['bits_per_token']:.4f} bits per {vocab.unit}, perplexity "
              f"{result['perplexity']:.3f}, {result['tokens']} {vocab.unit}s; checkpoint step {checkpoint.step}, "
              f"{precision}" + (f"; the {len(docs)} document(s) cut into {len(streams.pieces)} pieces, each read "
-                               "without the text before it" if cut else "") + "\n\n"
+                               "without the text before it" if cut else "")
+             + (f"; the {split} text has changed since training" if changed else "") + "\n\n"
              f"Loss by position within the {within}:")
     name = f"eval-{split}"
     table = write_results(run_dir, name, rows, title=title,
                           meta={k: v for k, v in result.items() if k != "by_position"}
                           | {"step": checkpoint.step, "precision": precision, "shards": shards,
-                             "rows": streams.batch_size, "pieces": len(streams.pieces)})
+                             "rows": streams.batch_size, "pieces": len(streams.pieces), "split_sha256": current,
+                             "changed_since_training": changed})
     plot_curves(run_dir / f"{name}-by-position.png",
                 [(_describe(config.model),
                   [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
@@ -690,6 +710,9 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
             if row["eval_step"] != row.get("steps"):
                 log(f"{run_dir.name}: the by-position columns come from `still lm eval` of checkpoint step "
                     f"{row['eval_step']}, the others from the end of training (step {row.get('steps')})")
+            if data.get("meta", {}).get("changed_since_training"):
+                log(f"{run_dir.name}: the by-position columns come from `still lm eval` of the {split} text as it "
+                    "was changed since training, the others from the text it trained on")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     columns = ["run", "model", "params", "steps", "valid_bpc", "test_bpc", "eval_step", "bpc_first_1k",
