@@ -297,6 +297,33 @@ def test_nan_gradients_of_a_finite_loss_stop_before_the_step(tmp_path, grad_clip
     assert not list(tmp_path.glob("ckpt-*"))
 
 
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_a_nonfinite_gradient_outside_the_clip_groups_stops_before_the_step(tmp_path, grad_clip):
+    """A parameter in no clip group is not clipped, but its gradient is checked: an infinite one
+    (sqrt at 0) stopped nothing before, and the step made the weight -inf in the next checkpoint."""
+
+    class Offset(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.offset = torch.nn.Linear(10, 1), torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.body(x) + torch.sqrt(self.offset)  # d sqrt / d offset at 0 = inf
+
+    torch.manual_seed(0)
+    model = Offset()
+    x, y = torch.randn(96, 10), torch.randn(96, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, lambda m, idx: (m(x[idx]) - y[idx]).pow(2).mean(),
+                      torch.optim.SGD(model.parameters(), lr=0.1), grad_clip=grad_clip,
+                      clip_groups=[model.body.parameters()], checkpoint_dir=tmp_path, checkpoint_every_steps=1,
+                      log=lambda _: None)
+    with pytest.raises(TrainingDiverged, match="the gradient norm is inf at step 0"):
+        trainer.fit(BATCHES, 1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob("ckpt-*"))
+
+
 def test_the_total_norm_for_the_finite_check_is_pytorchs_to_rounding_and_finite_where_it_is():
     """`_total_norm` (CPU fp32 gradients as BLAS dot products) against `get_total_norm`: the same
     norm to rounding, the same finiteness (also past the fp32 sum of squares' range, 1e20, where

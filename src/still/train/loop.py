@@ -109,7 +109,8 @@ class Trainer:
         grad_clip: clip the global gradient norm (None: off; the norm is still computed, for the
             finiteness check).
         clip_groups: parameter groups whose gradient norms are clipped separately (default: one
-            group of all parameters); any iterables, generators included (kept as lists).
+            group of all parameters); any iterables, generators included (kept as lists). A
+            parameter in none is not clipped, but its gradient is checked for finiteness too.
         state_tensors, load_state_tensors: save and restore extra state (a language model's
             memories, say) with every checkpoint.
         post_step: called after every optimizer step (for weight constraints such as max-norm).
@@ -170,6 +171,8 @@ class Trainer:
         self.grad_clip = grad_clip
         # as lists: a generator such as `model.head.parameters()` would be used up by the first step
         self.clip_groups = [list(group) for group in clip_groups] if clip_groups is not None else None
+        # (parameters in no clip group are not clipped, but their gradients' norm is checked all the same)
+        self._in_clip_groups = {id(p) for group in self.clip_groups for p in group} if self.clip_groups else set()
         self.state_tensors = state_tensors
         self.load_state_tensors = load_state_tensors
         self.post_step = post_step
@@ -381,8 +384,9 @@ class Trainer:
         if self.grad_clip is not None:
             for group in self.clip_groups or [list(self.model.parameters())]:
                 norms.append(torch.nn.utils.clip_grad_norm_(group, self.grad_clip))
-        else:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip is None or self.clip_groups:  # what no clipping measured (without clipping: all)
+            clipped = self._in_clip_groups if self.grad_clip is not None else set()
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in clipped]
             if grads:
                 norms.append(_total_norm(grads))
         finite = torch.isfinite(torch.stack([loss.detach().float(), *(norm.float() for norm in norms)]))
