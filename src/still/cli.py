@@ -70,7 +70,9 @@ def _one_process(command: str) -> None:
 
 def _say(message: str) -> None:
     if _first_process():
-        click.echo(message, err=True)
+        from still.train.io import printable  # (a path's undecodable bytes as \xNN, which a strict stream takes)
+
+        click.echo(printable(message), err=True)
 
 
 cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -829,3 +829,20 @@ def test_bf16_on_a_cpu_without_bf16_instructions_says_fp32_is_faster(corpus, tmp
         assert code == 0 and err.count(message) == (1 if mode == "bf16" and not has_bf16 else 0), err
         code, _, err = run_cli(capsys, "lm", "eval", str(out), "--split", "valid")
         assert code == 0 and err.count(message) == (1 if mode == "bf16" and not has_bf16 else 0), err
+
+
+def test_a_corpus_folder_named_in_latin1_trains_evaluates_and_compares(corpus, tmp_path, capsys):
+    """A name of undecodable bytes (here b"caf\\xe9") is held as lone surrogates, which neither UTF-8
+    nor a font takes: a run crashed at its end, writing results.md, and `lm eval` at its plot. Its
+    tables, files and plots now show it as \\xNN."""
+    import os
+
+    own = tmp_path / os.fsdecode(b"caf\xe9")
+    shutil.copytree(corpus, own)
+    out = tmp_path / "run"
+    code, printed, _ = run_cli(capsys, *train_args(own, out, "--steps", "2", "--eval-every", "2"))
+    assert code == 0 and printed.startswith("caf\\xe9: bits per character")
+    assert (out / "results.md").read_text(encoding="utf-8").startswith("caf\\xe9")
+    code, printed, _ = run_cli(capsys, "lm", "eval", str(out), "--threads", "1")
+    assert code == 0 and printed.startswith("caf\\xe9 test:") and (out / "eval-test-by-position.png").is_file()
+    assert run_cli(capsys, "lm", "compare", str(out), "--out", str(tmp_path / "compare"))[0] == 0

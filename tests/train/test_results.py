@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import numpy as np
 
@@ -27,3 +28,16 @@ def test_nan_is_written_as_python_json_writes_it(tmp_path):
     write_results(tmp_path, "results", [{"model": "a", "train_loss": math.nan}])
     assert '"train_loss": NaN' in (tmp_path / "results.json").read_text()
     assert math.isnan(json.loads((tmp_path / "results.json").read_text())["rows"][0]["train_loss"])
+
+
+def test_a_file_names_undecodable_bytes_print_and_write_as_escapes(tmp_path):
+    """A folder named in Latin-1 reaches Python as lone surrogates (surrogateescape), which UTF-8
+    refuses: the table, its file and its print hold them as \\xNN (a run crashed at its end writing
+    results.md)."""
+    name = os.fsdecode(b"caf\xe9")
+    table = write_results(tmp_path, "r", [{"corpus": name, "bpc": 1.5}], title=f"{name}: bits")
+    assert table.startswith("caf\\xe9: bits") and "| caf\\xe9 |" in table
+    assert (tmp_path / "r.md").read_text(encoding="utf-8") == table
+    data = json.loads((tmp_path / "r.json").read_text())  # (JSON escapes it: the name read back is the same)
+    assert data["rows"][0]["corpus"] == name
+    table.encode("utf-8")

@@ -16,7 +16,7 @@ from still.config import changed_settings
 from still.errors import StillError
 from still.train import distributed
 from still.train.checkpoint import newest_config
-from still.train.io import atomic_write, atomic_write_text
+from still.train.io import atomic_write, atomic_write_text, printable
 from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -197,9 +197,10 @@ def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequenc
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label, xs, ys in curves:
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3 if len(xs) > 1 else 7)
+        ax.plot(xs, ys, label=printable(label), marker="o" if len(xs) < 30 else None,
+                markersize=3 if len(xs) > 1 else 7)
     for i, (label, value) in enumerate(hlines):
-        ax.axhline(value, linestyle="--", linewidth=0.8, color=f"C{i}", alpha=0.7, label=label)
+        ax.axhline(value, linestyle="--", linewidth=0.8, color=f"C{i}", alpha=0.7, label=printable(label))
     if logy:  # labelled 100, 200, 300, 500, ... as plain numbers (not 3x10^2), where counts are read off
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -216,9 +217,9 @@ def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequenc
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_xlabel(printable(xlabel))  # (a file name's undecodable bytes as \xNN: a surrogate has no glyph)
+    ax.set_ylabel(printable(ylabel))
+    ax.set_title(printable(title))
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

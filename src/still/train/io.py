@@ -58,8 +58,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def printable(text: str) -> str:
+    """`text` with the lone surrogates by which Python holds a file name's undecodable bytes (a
+    folder named in Latin-1, say: `surrogateescape`) written as `\\xNN`, so that it encodes as
+    UTF-8, prints and reads as the name it was."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # (a lone surrogate of no byte)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """`text` as UTF-8 (`printable`: a file name's undecodable bytes as `\\xNN`), atomically."""
+    atomic_write_bytes(path, printable(text).encode("utf-8"))
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

@@ -7,6 +7,8 @@ import sys
 
 from tqdm.auto import tqdm
 
+from still.train.io import printable
+
 
 def progress(iterable=None, enabled: bool = True, **kwargs):
     """A tqdm bar; `enabled=False` hides it whatever STILL_PROGRESS says (ranks other than 0)."""
@@ -19,8 +21,9 @@ def progress(iterable=None, enabled: bool = True, **kwargs):
 
 
 def log(message: str) -> None:
-    """A line for the user that does not break an active progress bar."""
-    tqdm.write(message, file=sys.stderr)
+    """A line for the user that does not break an active progress bar (`printable`: a file name's
+    undecodable bytes as \\xNN, which a strict stream takes)."""
+    tqdm.write(printable(message), file=sys.stderr)
 
 
 def format_size(size: int | None) -> str:

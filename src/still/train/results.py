@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from still.train.io import atomic_write_text
+from still.train.io import atomic_write_text, printable
 
 
 def _cell(value: Any) -> str:
@@ -39,20 +39,23 @@ def _numpy_scalar(value: Any) -> Any:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None) -> str:
-    """A Markdown table of `rows` (dicts) in `columns` order (default: keys of the first row)."""
+    """A Markdown table of `rows` (dicts) in `columns` order (default: keys of the first row), as text
+    that prints (`printable`: a file name's undecodable bytes as `\\xNN`)."""
+    title = printable(title) if title is not None else None
     if not rows:
         return f"{title}\n(no rows)\n" if title else "(no rows)\n"
     rows = [_plain(r) for r in rows]
     columns = list(columns or rows[0].keys())
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    headers = [printable(c) for c in columns]
+    cells = [[printable(_cell(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
     numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in columns]
 
     def line(values):
         return "| " + " | ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)) + " |"
 
     sep = "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
-    out = [line(columns), sep, *(line(r) for r in cells)]
+    out = [line(headers), sep, *(line(r) for r in cells)]
     if title:
         out = [title, "", *out]
     return "\n".join(out) + "\n"
