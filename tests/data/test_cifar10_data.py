@@ -86,3 +86,18 @@ def test_label_count_mismatch(cifar_dir):
     write_cifar_batch(cifar_dir / "cifar-10-batches-py" / "data_batch_1", 5, seed=1, labels_count=4)
     with pytest.raises(StillError, match="4 labels for 5 images"):
         load_cifar10(cifar_dir)
+
+
+@pytest.mark.parametrize("labels, dtype", [(["cat"] * 5, "<U3"), ([None] * 5, "object"),
+                                           ([0.2, 1.7, 2.5, 8.9, 3.0], "float64")])
+def test_labels_that_are_not_whole_numbers_are_named(cifar_dir, labels, dtype):
+    """Strings and None raised NumPy's own errors (exit 1 from the CLI); fractions were cut to whole
+    classes without a word."""
+    import pickle
+
+    import numpy as np
+
+    path = cifar_dir / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({b"labels": labels, b"data": np.zeros((5, 3072), np.uint8)}, protocol=2))
+    with pytest.raises(StillError, match=f"test_batch: labels are {dtype}, expected whole numbers 0..9"):
+        load_cifar10(cifar_dir)

@@ -48,6 +48,26 @@ def test_not_gzip_is_a_clear_error(tmp_path):
     path.write_bytes(b"hello")
     with pytest.raises(StillError, match="cannot read"):
         read_mnist_pickle(path)
+    damaged = bytearray(gzip.compress(b"x" * 1000))  # a gzip header over damaged deflate data (zlib.error)
+    damaged[10:14] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(StillError, match="cannot read"):
+        read_mnist_pickle(path)
+
+
+@pytest.mark.parametrize("which, value, message", [
+    (1, np.array([0.5] * 50), "train labels are float64, expected whole numbers 0..9"),
+    (1, np.array(["7"] * 50), "train labels are <U1, expected whole numbers 0..9"),
+    (0, np.array([["x"] * 784] * 50, dtype=object), "train images are object, expected numbers"),
+])
+def test_images_and_labels_of_another_kind_are_named(tmp_path, which, value, message):
+    rng = np.random.default_rng(0)
+    splits = [[rng.random((k, 784), dtype=np.float32), rng.integers(0, 10, k)] for k in (50, 10, 10)]
+    splits[0][which] = value
+    path = tmp_path / "mnist.pkl.gz"
+    path.write_bytes(gzip.compress(pickle.dumps(tuple(map(tuple, splits)), protocol=2)))
+    with pytest.raises(StillError, match=message):
+        read_mnist_pickle(path)
 
 
 def test_corrupt_cache_is_detected_offline(tmp_path, monkeypatch):

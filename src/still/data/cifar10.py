@@ -61,6 +61,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise StillError(f"{path}: data has shape {data.shape} and dtype {data.dtype}, expected (N, 3072) uint8")
     if labels.shape != (data.shape[0],):
         raise StillError(f"{path}: {labels.shape[0] if labels.ndim else 'no'} labels for {data.shape[0]} images")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):  # (fractions: cut to whole classes unsaid)
+        raise StillError(f"{path}: labels are {labels.dtype}, expected whole numbers 0..9")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise StillError(f"{path}: labels outside 0..9 (min {labels.min()}, max {labels.max()})")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,12 @@ class Mnist:
 def _check_split(x: np.ndarray, y: np.ndarray, name: str, source: str) -> None:
     if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == 784):
         raise StillError(f"{source}: {name} images have shape {getattr(x, 'shape', None)}, expected (N, 784)")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise StillError(f"{source}: {name} images are {x.dtype}, expected numbers (float32)")
     if not (isinstance(y, np.ndarray) and y.shape == (x.shape[0],)):
         raise StillError(f"{source}: {name} labels have shape {getattr(y, 'shape', None)}, expected ({x.shape[0]},)")
+    if y.size and not np.issubdtype(y.dtype, np.integer):  # (an empty list reads as float64)
+        raise StillError(f"{source}: {name} labels are {y.dtype}, expected whole numbers 0..9")
     if y.size and (y.min() < 0 or y.max() > 9):
         raise StillError(f"{source}: {name} labels outside 0..9 (min {y.min()}, max {y.max()})")
 
@@ -52,7 +57,7 @@ def read_mnist_pickle(path: str | Path) -> Mnist:
     path = Path(path)
     try:
         raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise StillError(f"cannot read {path}: {e}") from None
     splits = load_numpy_pickle(raw, str(path))
     if not (isinstance(splits, tuple) and len(splits) == 3
