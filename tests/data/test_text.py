@@ -166,6 +166,33 @@ def test_damaged_enwik8_archives_are_named(tmp_path):
         load_enwik8(truncated, split=(900, 50, 50))
 
 
+def test_enwik8_archives_zipfile_cannot_unpack_and_a_bad_crc_are_named(tmp_path):
+    """An encrypted member and a Deflate64 one raised zipfile's RuntimeError and NotImplementedError
+    (exit 1 from the CLI); a split shorter than the member read it only in part, so its CRC, checked
+    at its end, was not: a damaged stored archive was taken."""
+    import struct
+
+    data = bytes(range(256)) * 40
+    stored = tmp_path / "stored.zip"
+    with zipfile.ZipFile(stored, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("enwik8", data)
+    archive = stored.read_bytes()
+    central = archive.index(b"PK\x01\x02")
+    encrypted, deflate64, flipped = bytearray(archive), bytearray(archive), bytearray(archive)
+    encrypted[6] |= 1  # the "encrypted" flag, local and central headers (as `zip -e` writes it)
+    encrypted[central + 8] |= 1
+    deflate64[8:10] = deflate64[central + 10 : central + 12] = struct.pack("<H", 9)  # method 9: Deflate64
+    flipped[archive.index(data[:64]) + 9000] ^= 1  # past the split's 1000 bytes
+    for name, archive_bytes, message in (
+            ("encrypted.zip", encrypted, "cannot unpack enwik8 from .*encrypted.zip .*encrypted"),
+            ("deflate64.zip", deflate64, "cannot unpack enwik8 from .*deflate64.zip .*not supported"),
+            ("flipped.zip", flipped, "flipped.zip is a damaged zip archive .*CRC")):
+        (tmp_path / name).write_bytes(bytes(archive_bytes))
+        with pytest.raises(StillError, match=message):
+            load_enwik8(tmp_path / name, split=(900, 50, 50))
+    assert load_enwik8(stored, split=(900, 50, 50)).test[0].text == data[950:1000]  # (not past the split)
+
+
 def _wikitext(folder, ext="tokens"):
     folder.mkdir(parents=True)
     titles = (("train", "Valkyria Chronicles III"), ("valid", "Homarus gammarus"), ("test", "Robert Boulter"))
