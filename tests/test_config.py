@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,6 +127,24 @@ def test_check_fields_makes_tuples_and_checks_literals():
         _Checked(mode="c")
     with pytest.raises(StillError, match="_Checked.maybe: 'y' is not one of 'x', None"):
         _Checked(maybe="y")
+
+
+def test_a_config_built_in_python_holds_values_of_its_types():
+    """As `from_dict` makes them: `pre_norm="no"` (truthy) built a pre-norm model, `d_ff=32.0` and
+    `vocab_size="10"` raised raw TypeErrors in the model's constructor."""
+    from still.compressive import CompressiveConfig
+
+    for kwargs, message in (({"pre_norm": "no"}, "CompressiveConfig.pre_norm: expected true or false, got 'no'"),
+                            ({"d_ff": 32.0}, "CompressiveConfig.d_ff: expected an integer, got 32.0"),
+                            ({"vocab_size": "10"}, "CompressiveConfig.vocab_size: expected an integer, got '10'"),
+                            ({"n_layers": True}, "CompressiveConfig.n_layers: expected an integer, got True"),
+                            ({"dropout": "0.1"}, "CompressiveConfig.dropout: expected a number, got '0.1'")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            CompressiveConfig(**kwargs)
+    config = CompressiveConfig(dropout=0)  # an int for a float: a float, as from JSON
+    assert isinstance(config.dropout, float) and from_dict(CompressiveConfig, to_dict(config)) == config
+    with pytest.raises(StillError, match=re.escape("_Checked.sizes[1]: expected an integer, got 'x'")):
+        _Checked(sizes=(1, "x"))
 
 
 def test_optim_config_given_a_list_equals_itself_after_a_round_trip():

@@ -74,10 +74,11 @@ def _tuples(value: Sequence) -> tuple:
 
 
 def check_fields(config: Any) -> None:
-    """For a config's `__post_init__`: a tuple field given a list (or another sequence) becomes a
-    tuple, so that the config equals itself after a JSON round trip and can be hashed; a `Literal`
-    field must hold one of its values (`from_dict` checks both, but a config built directly in
-    Python does not go through it)."""
+    """For a config's `__post_init__`: every field holds a value of its annotated type, as
+    `from_dict` makes it (a config built directly in Python does not go through it): an int, a
+    float (an int given becomes one), a bool (not "no", which is truthy), a string, one of a
+    `Literal`'s values; and a tuple field given a list (or another sequence) becomes a tuple, so that
+    the config equals itself after a JSON round trip and can be hashed."""
     for f in dataclasses.fields(config):
         if not f.init:
             continue
@@ -86,9 +87,12 @@ def check_fields(config: Any) -> None:
         if allowed is not None and value not in allowed:
             raise StillError(f"{type(config).__name__}.{f.name}: {value!r} is not one of "
                              f"{', '.join(map(repr, allowed))}")
-        if (_is_tuple(annotation) and isinstance(value, Sequence)
-                and not isinstance(value, (tuple, str, bytes))):
-            object.__setattr__(config, f.name, _tuples(value))  # (the dataclass may be frozen)
+        coerced = _coerce(value, annotation, f"{type(config).__name__}.{f.name}")
+        if (_is_tuple(annotation) and isinstance(coerced, Sequence)
+                and not isinstance(coerced, (tuple, str, bytes))):
+            coerced = _tuples(coerced)
+        if coerced is not value:
+            object.__setattr__(config, f.name, coerced)  # (the dataclass may be frozen)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

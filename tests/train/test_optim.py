@@ -102,7 +102,8 @@ def test_compressive_evaluation_after_a_fused_step_sees_the_new_weights():
     ({"name": "rmsprop"}, "OptimConfig.name: 'rmsprop' is not one of 'sgd', 'adam', 'adamw'"),
     ({"name": "Adam"}, "OptimConfig.name: 'Adam' is not one of"),
     ({"schedule": "linear"}, "OptimConfig.schedule: 'linear' is not one of 'constant', 'cosine', 'onecycle'"),
-    ({"betas": (0.9,)}, r"betas must be two numbers \(beta1, beta2\), got \(0.9,\)"),
+    ({"betas": (0.9,)}, r"OptimConfig.betas: expected 2 items, got 1"),
+    ({"betas": (0.9, "0.99")}, r"OptimConfig.betas\[1\]: expected a number, got '0.99'"),
 ])
 def test_bad_names_and_betas_are_refused_when_built_in_python(changes, message):
     with pytest.raises(StillError, match=message):

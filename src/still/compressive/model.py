@@ -115,7 +115,7 @@ class CompressiveConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)  # Literal values; lists given for tuples stored as tuples
+        check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "compression_rate"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         check(self.d_model % self.n_heads == 0,

@@ -44,7 +44,7 @@ class MLPConfig:
     """Upper bound on the L2 norm of each unit's incoming weights (None: no constraint)."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # Literal values; lists given for tuples stored as tuples
+        check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check(self.in_features > 0, f"in_features must be > 0, got {self.in_features}")
         check(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), f"hidden sizes must be > 0, got {self.hidden}")
         check(self.classes > 1, f"classes must be > 1, got {self.classes}")
@@ -93,7 +93,7 @@ class VGGConfig:
     batch_norm: bool = True
 
     def __post_init__(self) -> None:
-        check_fields(self)  # Literal values; lists given for tuples stored as tuples
+        check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check(len(self.blocks) > 0 and all(len(b) > 0 and all(c > 0 for c in b) for b in self.blocks),
               f"blocks must be non-empty lists of positive channel counts, got {self.blocks}")
         check(self.classes > 1, f"classes must be > 1, got {self.classes}")

@@ -66,7 +66,7 @@ class Cifar10Config:
     cached teacher logits computed in float32)."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # Literal values; lists given for tuples stored as tuples
+        check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         check_temperature(self.temperature)

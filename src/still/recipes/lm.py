@@ -76,7 +76,7 @@ class LMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_fields(self)  # Literal values; lists given for tuples stored as tuples
+        check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check_precision(self.precision)
         for name in ("batch_size", "segment_len", "steps", "eval_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")

@@ -83,7 +83,7 @@ class MnistConfig:
     losses; the teacher's cached logits computed in float32)."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # Literal values; lists given for tuples stored as tuples
+        check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check(self.teacher_epochs > 0, f"teacher_epochs must be > 0, got {self.teacher_epochs}")
         check(self.student_epochs > 0, f"student_epochs must be > 0, got {self.student_epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")

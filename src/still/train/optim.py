@@ -36,8 +36,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value (None: no clipping)."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # name and schedule among the allowed; betas given as a list made a tuple
-        check(len(self.betas) == 2, f"betas must be two numbers (beta1, beta2), got {self.betas}")
+        check_fields(self)  # name and schedule among the allowed; betas two numbers, a list made a tuple
         check(0 < self.lr < math.inf, f"lr must be a finite number > 0, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
