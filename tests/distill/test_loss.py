@@ -176,6 +176,15 @@ def test_labels_of_any_integer_dtype_and_no_other():
             distillation_loss(z, bad, v, temperature=2.0, alpha=0.5)
 
 
+@pytest.mark.parametrize("soft_loss", ["kl", "logit_matching"])
+def test_an_empty_batch_gives_zero_not_nan(soft_loss):
+    z = torch.zeros(0, 5, requires_grad=True)
+    for alpha, labels in ((1.0, None), (0.5, torch.zeros(0, dtype=torch.int64))):
+        loss = distillation_loss(z, labels, torch.zeros(0, 5), temperature=4.0, alpha=alpha, soft_loss=soft_loss)
+        assert loss.item() == 0.0
+        loss.backward()
+
+
 def test_labels_required_below_alpha_one():
     with pytest.raises(StillError, match="labels are needed"):
         distillation_loss(torch.zeros(2, 3), None, torch.zeros(2, 3), temperature=2.0, alpha=0.5)

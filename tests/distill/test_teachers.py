@@ -316,3 +316,38 @@ def test_a_teacher_returning_probabilities_is_refused():
     # logits that happen to lie in [0, 1] are not mistaken for them, nor one class's
     torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.full((3, 4), 0.2)), torch.full((3, 4), 0.2))
     torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.ones(3, 1)), torch.ones(3, 1))
+
+
+def test_edge_cases_of_the_cache_and_ensembles_are_named(tmp_path):
+    """No members, an empty transfer set, batch_size 0 and a cache_dir that is a file raised raw
+    errors (a math domain error, ValueError, FileExistsError); an empty list of indices read as
+    float32 and was refused; a cache entry of another number of examples was used as it was."""
+    with pytest.raises(StillError, match=r"of one member or more, got \(0, 4, 5\)"):
+        combine_log_probs(torch.zeros(0, 4, 5), 2.0)
+    with pytest.raises(StillError, match=r"of one member or more, got \(0, 4, 5\)"):
+        CachedTeacher(torch.zeros(0, 4, 5))
+    teacher, inputs = Teacher(small_net(0)), torch.randn(6, 12)
+    with pytest.raises(StillError, match="the transfer set is empty"):
+        CachedTeacher.build(teacher, inputs[:0])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(StillError, match=f"batch_size must be an int >= 1, got {bad!r}"):
+            CachedTeacher.build(teacher, inputs, batch_size=bad)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StillError, match="cache_dir .*file is a file, not a folder"):
+        CachedTeacher.build(teacher, inputs, cache_dir=tmp_path / "file")
+    cached = CachedTeacher.build(teacher, inputs, cache_dir=tmp_path)
+    assert cached.log_probs([], 2.0).shape == (0, 5)
+    (entry,) = tmp_path.glob("teacher-logits-*.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"member_logits": torch.zeros(1, 2, 5)}, str(entry))  # of 2 examples, under this key
+    again = CachedTeacher.build(teacher, inputs, cache_dir=tmp_path)
+    assert again.num_examples == 6 and torch.equal(again.member_logits_all, cached.member_logits_all)
+
+
+def test_a_probability_model_is_refused_after_a_first_empty_batch():
+    """An empty first batch had the model marked as looked at: its later probabilities went through."""
+    teacher = Teacher(torch.nn.Sequential(small_net(0), torch.nn.Softmax(dim=-1)))
+    assert teacher.logits(torch.randn(0, 12)).shape == (0, 5)
+    with pytest.raises(StillError, match="returns probabilities"):
+        teacher.logits(torch.randn(4, 12))

@@ -121,7 +121,8 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tens
     p = target.exp()
     # sum p (log p - log q), batchmean: F.kl_div's terms, but a class the teacher rules out (log p =
     # -inf, a masked logit) adds 0, not 0 x -inf = nan
-    kl = torch.where(p > 0, p * (target - student_log_probs), 0.0).sum() / student_logits.shape[0]
+    # (an empty batch: 0, as the hard term's, not 0/0)
+    kl = torch.where(p > 0, p * (target - student_log_probs), 0.0).sum() / max(student_logits.shape[0], 1)
     return (kl * temperature**2).float()
 
 
@@ -132,7 +133,7 @@ def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
     z = student_logits.float()
     v = teacher_logits.float().detach()  # the teacher is held fixed
     diff = (z - z.mean(-1, keepdim=True)) - (v - v.mean(-1, keepdim=True))  # (B, C)
-    return diff.pow(2).sum(-1).mean() / (2 * z.shape[-1])
+    return diff.pow(2).sum() / (max(z.shape[0], 1) * 2 * z.shape[-1])  # (an empty batch: 0)
 
 
 def distillation_loss(

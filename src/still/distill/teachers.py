@@ -64,8 +64,9 @@ def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Comb
     """Soft targets (as log-probabilities) of an ensemble. member_logits: (M, B, C) -> (B, C), in
     `soft_dtype(temperature)`: float32, or float64 above T = 20 (still.distill.loss)."""
     temperature = check_temperature(temperature)
-    if member_logits.ndim != 3:
-        raise StillError(f"member logits must be (members, batch, classes), got {tuple(member_logits.shape)}")
+    if member_logits.ndim != 3 or member_logits.shape[0] == 0:
+        raise StillError(f"member logits must be (members, batch, classes) of one member or more, got "
+                         f"{tuple(member_logits.shape)}")
     log_probs = F.log_softmax(member_logits.to(soft_dtype(temperature)) / temperature, dim=-1)  # (M, B, C)
     if member_logits.shape[0] == 1 and how in ("arithmetic", "geometric"):  # one member: both means are itself
         return log_probs[0]
@@ -98,7 +99,8 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                          "(batch, classes) as a tensor, or as the .logits, the 'logits' entry or the first "
                          "element of what it returns")
     logits = logits.float()
-    if model not in _CHECKED:  # (its first output only: a look at the values waits for a GPU)
+    if model not in _CHECKED and logits.numel():  # (its first output of some rows only: a look at the values
+        # waits for a GPU)
         if _probabilities(logits):
             raise StillError("the teacher's model returns probabilities (every row is non-negative and sums to 1), "
                              "not logits: its soft targets would be nearly uniform; give its logits or "
@@ -225,8 +227,9 @@ class CachedTeacher:
     """
 
     def __init__(self, member_logits: torch.Tensor, combine: Combine = "arithmetic") -> None:
-        if member_logits.ndim != 3:
-            raise StillError(f"cached logits must be (members, examples, classes), got {tuple(member_logits.shape)}")
+        if member_logits.ndim != 3 or member_logits.shape[0] == 0:
+            raise StillError(f"cached logits must be (members, examples, classes) of one member or more, got "
+                             f"{tuple(member_logits.shape)}")
         if combine not in ("arithmetic", "geometric"):
             raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {combine!r}")
         self.member_logits_all = member_logits.float()  # (M, N, C)
@@ -249,15 +252,24 @@ class CachedTeacher:
         models' precision; the logits are kept as float32 (see `Teacher`)."""
         if not isinstance(teacher, Teacher):
             raise StillError("CachedTeacher.build needs a Teacher or EnsembleTeacher")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise StillError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if len(inputs) == 0:
+            raise StillError("the transfer set is empty: there is nothing to cache the teacher's logits of")
         combine = getattr(teacher, "combine", "arithmetic")
         path = None
         if cache_dir is not None:
+            if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+                raise StillError(f"cache_dir {cache_dir} is a file, not a folder")
             path = Path(cache_dir) / f"teacher-logits-{_fingerprint(teacher, inputs)[:24]}.safetensors"
             if path.is_file():
                 try:
-                    return cls(load_file(str(path))["member_logits"], combine)
+                    cached = cls(load_file(str(path))["member_logits"], combine)
+                    if cached.num_examples == len(inputs):
+                        return cached
                 except Exception:  # a damaged cache entry is recomputed
-                    path.unlink(missing_ok=True)
+                    pass
+                path.unlink(missing_ok=True)  # (damaged, or of another number of examples: recomputed)
         device = next(iter(teacher.parameters()), torch.empty(0)).device
         chunks = [teacher.member_logits(inputs[i : i + batch_size].to(device)).cpu()
                   for i in progress(range(0, len(inputs), batch_size), desc=desc, unit="batch")]
@@ -279,6 +291,8 @@ class CachedTeacher:
     def _indices(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """`indices` (B,) of examples in [0, num_examples), on `self.device`. (Checked against the
         range where they are on the CPU, as batches' indices are: on a GPU a check would wait for it.)"""
+        if isinstance(indices, Sequence) and len(indices) == 0:  # (no examples, not a float32 tensor)
+            indices = torch.empty(0, dtype=torch.int64)
         indices = torch.as_tensor(indices)
         # (uint8 and bool would index as masks; other integers are example numbers, as int64)
         if (indices.ndim != 1 or indices.dtype in (torch.bool, torch.uint8) or indices.is_floating_point()
