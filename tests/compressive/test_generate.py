@@ -662,3 +662,21 @@ def test_generating_on_from_the_state_draws_what_one_longer_generation_draws(mod
     with eval_mode(model), torch.no_grad():
         got, want = model(after, first.state).logits, model(after, want_state).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_names_every_bad_argument():
+    """segment_len 0 raised a plain ValueError, top_k=True went through as 1, a prompt of no rows
+    divided by zero, and ids outside the vocabulary raised the embedding's IndexError."""
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=20, d_model=32, n_layers=1, n_heads=4, d_ff=64,
+                                                     mem_len=8, c_mem_len=8, compression_rate=2))
+    prompt = torch.randint(0, 20, (1, 4))
+    for kwargs, message in (({"segment_len": 0}, "segment_len must be an int >= 1, got 0"),
+                            ({"segment_len": True}, "segment_len must be an int >= 1, got True"),
+                            ({"top_k": True}, "top_k must be an int >= 1 or None, got True"),
+                            ({"max_new_tokens": True}, "max_new_tokens must be an int >= 0, got True"),
+                            ({"prompt": torch.zeros(0, 4, dtype=torch.long)}, r"batch >= 1, length >= 1\), got "
+                                                                              r"torch.int64 of shape \(0, 4\)"),
+                            ({"prompt": torch.tensor([[3, 25]])}, r"token id 25 is outside the vocabulary")):
+        args = {"prompt": prompt, "max_new_tokens": 3} | kwargs
+        with pytest.raises(StillError, match=message):
+            generate(model, args.pop("prompt"), args.pop("max_new_tokens"), **args)

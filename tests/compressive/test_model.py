@@ -653,3 +653,30 @@ def test_a_state_made_under_longer_memories_is_refused():
         flags = state._replace(memory_valid=torch.ones(2, 5, dtype=torch.bool))
         with pytest.raises(StillError, match=r"memory_valid has shape \(2, 5\), expected \(2, 8\)"):
             compressive(tokens, flags)
+
+
+def test_tokens_and_states_the_model_cannot_read_are_named():
+    """0-length segments ("invalid storage offset -1"), 1-D tokens (an unpack error), ids outside
+    the vocabulary (the embedding's IndexError), a layer's memory of another dtype (a mixed-dtype
+    matmul) and a state's tensors without a key (KeyError) raised PyTorch's or Python's own errors."""
+    config = CompressiveConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=4, d_ff=64, mem_len=8, c_mem_len=8,
+                               compression_rate=2)
+    model = CompressiveTransformer(config).eval()
+    for tokens, message in ((torch.zeros(2, 0, dtype=torch.long), r"got torch.int64 of shape \(2, 0\)"),
+                            (torch.zeros(5, dtype=torch.long), r"got torch.int64 of shape \(5,\)"),
+                            (torch.zeros(2, 3), r"got torch.float32 of shape \(2, 3\)"),
+                            (torch.tensor([[1, 20]]), r"token id 20 is outside the vocabulary \(ids 0 to 19\)"),
+                            (torch.tensor([[-1, 2]]), r"token id -1 is outside the vocabulary")):
+        with pytest.raises(StillError, match=message):
+            model(tokens)
+    tokens = torch.randint(0, 20, (2, 8))
+    with torch.no_grad():
+        state = model(tokens).state
+        mixed = state._replace(memory=(state.memory[0], state.memory[1].double()))
+        with pytest.raises(StillError, match="layer 1's memory is torch.float64 on cpu, the model's weights "
+                                             "torch.float32"):
+            model(tokens, mixed)
+        tensors = state.to_tensors()
+        del tensors["compressed/1"]
+        with pytest.raises(StillError, match="the memory state's tensors have no 'compressed/1'"):
+            MemoryState.from_tensors(tensors)

@@ -20,7 +20,7 @@ from torch import nn
 
 from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
-from still.compressive.model import CompressiveTransformer
+from still.compressive.model import CompressiveTransformer, check_ids
 from still.compressive.native import library as native_library
 from still.compressive.prefill import prefill, supports_model
 from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
@@ -51,12 +51,16 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"temperature must be a finite number > 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise StillError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
         raise StillError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
         raise StillError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise StillError(f"the prompt must be (batch, length >= 1), got shape {tuple(prompt.shape)}")
+    if not (isinstance(segment_len, int) and not isinstance(segment_len, bool) and segment_len >= 1):
+        raise StillError(f"segment_len must be an int >= 1, got {segment_len!r}")
+    if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0 or prompt.is_floating_point():
+        raise StillError(f"the prompt must be ids (batch >= 1, length >= 1), got {prompt.dtype} of shape "
+                         f"{tuple(prompt.shape)}")
+    check_ids(prompt, model.config.vocab_size)
     generation = Generation(model, prompt, state, segment_len, written=compile is True)
     if max_new_tokens:
         generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, temperature, top_k,

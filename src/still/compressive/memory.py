@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import torch
 
+from still.errors import StillError
+
 
 class CacheMadeFor:
     """What an inference cache was made for: a version of the weights, and memory tensors: the
@@ -153,11 +155,17 @@ class MemoryState(NamedTuple):
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor]) -> MemoryState:
+        """The state `to_tensors` gave (a `StillError` naming a tensor that is missing)."""
         n = len([k for k in tensors if k.startswith("memory/")])
-        mv, cv = tensors["memory_valid"].to("cpu", torch.bool), tensors["compressed_valid"].to("cpu", torch.bool)
-        return MemoryState(tuple(tensors[f"memory/{i}"] for i in range(n)),
-                           tuple(tensors[f"compressed/{i}"] for i in range(n)),
-                           None if bool(mv.all()) else mv, None if bool(cv.all()) else cv)
+        try:
+            mv, cv = tensors["memory_valid"].to("cpu", torch.bool), tensors["compressed_valid"].to("cpu", torch.bool)
+            state = MemoryState(tuple(tensors[f"memory/{i}"] for i in range(n)),
+                                tuple(tensors[f"compressed/{i}"] for i in range(n)),
+                                None if bool(mv.all()) else mv, None if bool(cv.all()) else cv)
+        except KeyError as e:
+            raise StillError(f"the memory state's tensors have no {e.args[0]!r} (to_tensors writes "
+                             "memory/<layer>, compressed/<layer>, memory_valid and compressed_valid)") from None
+        return state
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,16 @@ _MODELS = itertools.count()  # each model's number, for `_weights_version`
 _registrations = 0  # parameters and submodules registered (assigned) in any module of this process
 
 
+def check_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """A one-line error where a token id is outside [0, vocab_size) (the embedding's own is an
+    IndexError with no value in it). Checked where the ids are on the CPU, as the data's are: on a
+    GPU a look would wait for it."""
+    if tokens.device.type == "cpu" and tokens.numel():
+        low, high = (int(v) for v in torch.aminmax(tokens))
+        check(low >= 0 and high < vocab_size,
+              f"token id {low if low < 0 else high} is outside the vocabulary (ids 0 to {vocab_size - 1})")
+
+
 def _registered(module: nn.Module, name: str, value: object) -> None:
     """Count a parameter or submodule assigned to any module (PyTorch's global registration hooks):
     weights assigned by hand are new tensors, which `_weights_version` must see."""
@@ -467,6 +477,9 @@ class CompressiveTransformer(nn.Module):
             for i, t in enumerate(tensors):
                 check(t.shape == (batch, length, config.d_model),
                       f"layer {i}'s {what} has shape {tuple(t.shape)}, layer 0's {(batch, length, config.d_model)}")
+                check(t.dtype == weight.dtype and t.device == weight.device,
+                      f"layer {i}'s {what} is {t.dtype} on {t.device}, the model's weights {weight.dtype} on "
+                      f"{weight.device}")
         for what, valid, length in (("memory", state.memory_valid, m), ("compressed", state.compressed_valid, n)):
             check(valid is None or valid.shape == (batch, length),
                   f"the state's {what}_valid has shape {tuple(valid.shape) if valid is not None else None}, "
@@ -489,6 +502,9 @@ class CompressiveTransformer(nn.Module):
         `last_logits`: the logits of the last position only, (B, 1, V) (a prompt needs no others).
         """
         config = self.config
+        check(tokens.ndim == 2 and tokens.shape[1] >= 1 and not (tokens.is_floating_point() or tokens.is_complex()),
+              f"tokens must be ids (batch, length >= 1), got {tokens.dtype} of shape {tuple(tokens.shape)}")
+        check_ids(tokens, config.vocab_size)
         b, l = tokens.shape
         if state is None:
             state = self.empty_state(b, tokens.device, self.embedding.weight.dtype)

@@ -650,6 +650,8 @@ def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, mode
         state, pending, numbers = MemoryState.from_tensors(tensors), tensors["pending"], tensors["generator"]
     except KeyError as e:
         raise StillError(f"{path} is damaged: it has no tensor {e}") from None
+    except StillError as e:
+        raise StillError(f"{path} is damaged: {e}") from None
     weight = model.embedding.weight
     state = state._replace(memory=tuple(m.to(weight.device, weight.dtype) for m in state.memory),
                            compressed=tuple(c.to(weight.device, weight.dtype) for c in state.compressed))
