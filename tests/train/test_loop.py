@@ -421,6 +421,25 @@ def test_a_metric_json_cannot_hold_is_named():
         trainer.fit(BATCHES, 1)
 
 
+@pytest.mark.parametrize("key", ["epoch", "train_loss", "seconds"])
+def test_a_metric_named_as_the_historys_own_is_refused(key):
+    """It overwrote the history's entry without a word (the epoch number, the training loss)."""
+    model = torch.nn.Linear(10, 1)
+    trainer = Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.01),
+                      evaluate=lambda m: {key: 0.5}, log=lambda _: None)
+    with pytest.raises(StillError, match=f"evaluate returned a metric named '{key}', which the history keeps"):
+        trainer.fit(BATCHES, 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"n": 10, "batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+                                             ({"n": -1, "batch_size": 2}, "n must be an int >= 0, got -1"),
+                                             ({"n": 10, "batch_size": 2.0}, "batch_size must be an int >= 1, got 2.0")])
+def test_index_batches_name_bad_counts(kwargs, message):
+    with pytest.raises(StillError, match=re.escape(f"IndexBatches.{message}")):
+        IndexBatches(**kwargs)
+    assert len(IndexBatches(0, 4)) == 0
+
+
 def test_a_config_json_cannot_hold_is_refused_before_training():
     model = torch.nn.Linear(10, 1)
     with pytest.raises(StillError, match=r"config\['optim'\] cannot be written as JSON .*OptimConfig.*to_dict"):

@@ -90,6 +90,12 @@ class IndexBatches:
     seed: int = 0
     drop_last: bool = False
 
+    def __post_init__(self) -> None:
+        for name, low in (("n", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise StillError(f"IndexBatches.{name} must be an int >= {low}, got {value!r}")
+
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
@@ -544,12 +550,18 @@ def _check_json_config(config: Any) -> dict[str, Any]:
     return config
 
 
+RESERVED_METRICS = ("epoch", "train_loss", "seconds")  # (a history entry's own keys)
+
+
 def _json_metrics(metrics: Any) -> dict[str, Any]:
     """`evaluate`'s metrics as JSON data: one-element tensors and NumPy scalars become Python numbers."""
     if not isinstance(metrics, dict):
         raise StillError(f"evaluate must return a dict of metrics, got {type(metrics).__name__}")
     plain = {}
     for key, value in metrics.items():
+        if key in RESERVED_METRICS:
+            raise StillError(f"evaluate returned a metric named {key!r}, which the history keeps for its own "
+                             f"({', '.join(RESERVED_METRICS)}): name it otherwise")
         if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, np.generic):
             value = value.item()
         try:
