@@ -556,3 +556,21 @@ def test_a_resumed_optimizer_keeps_its_moments_in_the_parameters_layout(tmp_path
     resumed.fit(BATCHES, 2)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_resuming_under_other_settings_says_which(tmp_path):
+    """A Trainer knows nothing of which settings matter (the recipes refuse changes themselves): it
+    resumes, and says which settings differ from the checkpoint's."""
+    model = torch.nn.Linear(10, 1)
+
+    def trainer(config, lines):
+        return Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.01),
+                       checkpoint_dir=tmp_path, config=config, log=lines.append)
+
+    trainer({"lr": 0.01, "width": 10}, []).fit(BATCHES, 1)
+    lines = []
+    trainer({"lr": 0.02, "width": 10}, lines).fit(BATCHES, 2)
+    assert any("ckpt-00000006 was saved with other settings (lr); resuming from it" in line for line in lines), lines
+    lines = []
+    trainer({"lr": 0.02, "width": 10}, lines).fit(BATCHES, 2)  # (its own now: nothing said)
+    assert not any("other settings" in line for line in lines), lines

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from still.config import changed_settings
 from still.errors import StillError, TrainingDiverged, TrainingInterrupted
 from still.layers import thread_generator
 from still.train import checkpoint as ckpt
@@ -313,6 +314,11 @@ class Trainer:
         checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir, log=self.log, set_aside=self.dist.main)
         if checkpoint is None:
             return False
+        if checkpoint.config and self.config and checkpoint.config != self.config:
+            # (the recipes refuse this themselves: a Trainer knows nothing of which settings matter)
+            self.log(f"{self.desc}: {checkpoint.path.name} was saved with other settings "
+                     f"({', '.join(changed_settings(checkpoint.config, self.config))}); resuming from it, "
+                     "and this run's are written from now on")
         self.restore(checkpoint)
         return True
 
