@@ -680,3 +680,8 @@ def test_generate_names_every_bad_argument():
         args = {"prompt": prompt, "max_new_tokens": 3} | kwargs
         with pytest.raises(StillError, match=message):
             generate(model, args.pop("prompt"), args.pop("max_new_tokens"), **args)
+    import numpy as np
+
+    with_numpy = generate(model, prompt, 3, top_k=np.int64(2), generator=torch.Generator().manual_seed(0))
+    with_int = generate(model, prompt, 3, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.stack(list(with_numpy)), torch.stack(list(with_int)))

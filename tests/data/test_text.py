@@ -1,3 +1,4 @@
+import re
 import zipfile
 
 import pytest
@@ -129,6 +130,10 @@ def test_enwik8_split_raw_and_zipped(tmp_path):
     assert load_enwik8(zipped, split=(900, 50, 50)).valid[0].text == data[900:950]
     with pytest.raises(StillError, match="holds 1024 bytes; the split needs 100000000"):
         load_enwik8(raw)
+    for bad in ((900, -50, 50), (0, 50, 50), (900, 50), (900, 50.0, 50)):
+        with pytest.raises(StillError, match=re.escape(f"the enwik8 split must be three whole numbers of bytes >= 0 "
+                                                       f"(train > 0), got {bad!r}")):
+            load_enwik8(raw, split=bad)
 
 
 def test_pg19_layout(tmp_path):
@@ -142,6 +147,10 @@ def test_pg19_layout(tmp_path):
     (tmp_path / "test" / "1001.txt").unlink()
     with pytest.raises(StillError, match="no books in test/"):
         load_pg19(tmp_path)
+    with pytest.raises(StillError, match="PG-19 folder .*elsewhere does not exist"):
+        load_pg19(tmp_path / "elsewhere")
+    with pytest.raises(StillError, match="PG-19 folder .*1001.txt is a file"):
+        load_pg19(tmp_path / "train" / "1001.txt")
 
 
 

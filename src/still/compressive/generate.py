@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -51,8 +52,9 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"temperature must be a finite number > 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise StillError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
         raise StillError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    top_k = int(top_k) if top_k is not None else None  # (NumPy's integers too)
     if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
         raise StillError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not (isinstance(segment_len, int) and not isinstance(segment_len, bool) and segment_len >= 1):

@@ -334,6 +334,9 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
 
 def load_enwik8(path: str | Path, split: tuple[int, int, int] = ENWIK8_SPLIT) -> Corpus:
     """enwik8 (raw or zipped), byte-level, split 90M / 5M / 5M (or `split`)."""
+    if not (len(split) == 3 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in split)
+            and split[0] > 0):
+        raise StillError(f"the enwik8 split must be three whole numbers of bytes >= 0 (train > 0), got {split!r}")
     path = Path(path).expanduser()
     if path.is_dir():
         raise StillError(f"enwik8 file {path} is a directory: give the file enwik8 or enwik8.zip")
@@ -370,6 +373,9 @@ def load_pg19(path: str | Path, byte_level: bool = False, splits: Sequence[str] 
     """PG-19's layout: `train/`, `validation/`, `test/` folders of books, one `*.txt` per book. The
     books of the splits not in `splits` are not read (those splits are empty)."""
     path = Path(path).expanduser()
+    if not path.is_dir():
+        raise StillError(f"PG-19 folder {path} " + ("is a file: give the folder that holds train/, validation/ "
+                                                    "and test/" if path.exists() else "does not exist"))
     read = {}
     for split, folder in (("train", "train"), ("valid", "validation"), ("test", "test")):
         files = sorted((path / folder).glob("*.txt"))
