@@ -680,3 +680,22 @@ def test_tokens_and_states_the_model_cannot_read_are_named():
         del tensors["compressed/1"]
         with pytest.raises(StillError, match="the memory state's tensors have no 'compressed/1'"):
             MemoryState.from_tensors(tensors)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_state_made_with_a_graph_is_detached(batched, monkeypatch):
+    """A state whose memories carry a graph (made by hand) passed gradient from the reconstruction
+    loss into what made them, and came back with its graph: the docstrings promise stop-gradient."""
+    import still.compressive.model as model_module
+
+    monkeypatch.setattr(model_module, "BATCHED_RECONSTRUCTION", batched)
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                                     mem_len=8, c_mem_len=4, compression_rate=2, dropout=0.0)).train()
+    source = torch.randn(2, 8, 32, requires_grad=True)
+    state = MemoryState((source * 1.0, source * 2.0), (torch.zeros(2, 0, 32),) * 2)
+    out = model(torch.randint(0, 13, (2, 8)), state)
+    (out.logits.sum() + out.compression_loss).backward()
+    assert source.grad is None and out.compression_loss.item() > 0
+    kept = model(torch.randint(0, 13, (2, 2)), MemoryState((source[:, :4],) * 2, (torch.zeros(2, 0, 32),) * 2))
+    assert not any(t.requires_grad for t in (*kept.state.memory, *kept.state.compressed))

@@ -21,6 +21,11 @@ With mem_len and the segment length multiples of c (as in training) the memory n
 mem_len. When they are not, and in one-token-at-a-time sampling, up to c - 1 memories wait until a
 whole group of c can be compressed: compression happens once every c steps (DeepMind's sampler
 does the same), and the memory holds at most mem_len + c - 1.
+
+A segment longer than the memory (L > mem_len, which neither the paper nor the recipes use): the
+segment's own first L - mem_len inputs overflow too, and are compressed with the old memories.
+Algorithm 1 compresses the old memories only (`old_mem <- m[:n_s]`) and so drops those inputs
+uncompressed; here nothing leaves the memory without passing through f_c.
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ The memory m_l stores the layer's inputs h (before any norm).
 Compression loss (section 3.2), one per layer whose f_c has parameters, averaged over layers:
 
     attention reconstruction (default):
-        || attn(h, old) - attn(h, f_c(old)) ||^2 (mean)       content-only attention with the
-        layer's query/key/value weights and LN1 treated as constants; h and the old memories are
-        detached, so only f_c learns from it
+        || attn(h, old) - attn(h, f_c(old)) ||^2 (mean)       content-only attention,
+        softmax(q k^T / sqrt(D)) v per head, with the layer's query/key/value weights and LN1
+        treated as constants (no output projection W_o, a fixed linear map of both sides, and no
+        Transformer-XL content bias u: as labml); h and the old memories are detached, so only
+        f_c learns from it
     auto-encoding:  || g(f_c(old)) - old ||^2 with a learned transposed-convolution decoder g
     none:           f_c is not trained (as for max, mean and most-used, which have no parameters)
 
@@ -38,7 +40,11 @@ compression, feeding a sequence in segments gives the logits of feeding it at on
 
 Deviations from the paper: pre-LayerNorm by default; no adaptive softmax or embeddings (character
 and byte vocabularies are small); the memories start empty, where the paper's algorithm 1 starts them
-as zeros, attended to and compressed like any memory (pass a `MemoryState` of zeros for that).
+as zeros, attended to and compressed like any memory (pass a `MemoryState` of zeros for that); the
+reconstruction loss is a mean over elements and over layers, where algorithm 2 adds up one norm
+per layer: only its scale differs (Adam's steps do not depend on it, but the compressors' gradient
+clipping at 0.1 applies to the scaled gradient); a segment longer than the memory compresses its
+own overflowing inputs too (memory.py).
 
 Tested against tests/compressive/reference.py, the model written again from both papers with every
 query-key distance spelled out: logits, the reconstruction loss and every gradient.
@@ -533,6 +539,11 @@ class CompressiveTransformer(nn.Module):
             check(tuple(reset.shape) == (b,), f"reset must be ({b},) bool, one per batch row, got shape "
                                               f"{tuple(reset.shape)}")
             state = state.reset(reset)
+        if any(t.requires_grad for t in (*state.memory, *state.compressed)):
+            # (a state made by hand with a graph; a forward's own are detached): no gradient crosses
+            # segments, neither the language model's nor the reconstruction loss's (Transformer-XL's
+            # stop-gradient)
+            state = state.detach()
         if with_compression_loss is None:
             with_compression_loss = self.training and config.trains_compressor
         key_valid = state.key_valid()  # (B, N + M) or None
