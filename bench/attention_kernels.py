@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from still.bench import at_least_one  # noqa: E402
 from still.compressive import attention, native  # noqa: E402
 from still.compressive.attention import _AttentionOutputs, causal_mask_bias  # noqa: E402
 
@@ -57,11 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tune", help="build the hand-written libraries with these flags instead of -march=native: "
                         "'-march=x86-64-v3' (AVX2 with FMA, no AVX-512)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the kernel and PyTorch's path")
-    parser.add_argument("--repeats", type=int, default=15, help="timed forwards and backwards a round")
+    parser.add_argument("--rounds", type=at_least_one, default=3,
+                        help="rounds alternating the kernel and PyTorch's path")
+    parser.add_argument("--repeats", type=at_least_one, default=15, help="timed forwards and backwards a round")
     parser.add_argument("--step", action="store_true",
                         help="also time fp32 training steps (reference preset, 2 shards)")
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps a round")
+    parser.add_argument("--steps", type=at_least_one, default=8, help="timed training steps a round")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="still-bench-native-") as built:
         if args.tune is not None:  # built into a directory of this run's (not the user's cache)

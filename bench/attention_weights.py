@@ -31,6 +31,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from still.bench import at_least_one  # noqa: E402
 from still.compressive import attention, native  # noqa: E402
 from still.compressive.attention import _AttentionWeights, _shifted_view, causal_mask_bias  # noqa: E402
 from still.train.results import format_table  # noqa: E402
@@ -41,8 +42,8 @@ PATHS = {"bf16 scores": (False, False, None), "fp32 position": (False, True, Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each; their median counts")
-    parser.add_argument("--threads", type=int, default=1, help="1: as a shard runs it")
+    parser.add_argument("--repeats", type=at_least_one, default=30, help="timed calls of each; their median counts")
+    parser.add_argument("--threads", type=at_least_one, default=1, help="1: as a shard runs it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     h, b, l, k_len, d = 4, 8, 128, 384, 64

@@ -43,6 +43,7 @@ from collections.abc import Iterator  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from still.bench import at_least_one  # noqa: E402
 from still.compressive import attention  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
@@ -87,8 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a `still lm train` run directory")
     parser.add_argument("--step", type=int, default=1750, help="the training step whose data is used")
-    parser.add_argument("--steps", type=int, default=2, help="steps differentiated (each from the same memories)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--steps", type=at_least_one, default=2,
+                        help="steps differentiated (each from the same memories)")
+    parser.add_argument("--threads", type=at_least_one, default=None, help="CPU threads (default: PyTorch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

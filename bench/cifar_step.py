@@ -40,6 +40,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from still import allocator  # noqa: E402
+from still.bench import at_least_one  # noqa: E402
 from still.bench.peak import matmul_flops  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER  # noqa: E402
@@ -54,17 +55,6 @@ CONFIG = PRESETS["labml"]
 IMAGES = 2048
 STAGES = ("teacher", "student", "distilled")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def at_least_one(text: str) -> int:
-    """An argparse type: a whole number >= 1 (otherwise a usage error, exit 2, naming the value)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def nchw(model: nn.Module) -> nn.Module:

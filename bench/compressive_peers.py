@@ -85,6 +85,7 @@ import types  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from still import allocator  # noqa: E402  (no torch: the C library only)
+from still.bench import at_least_one  # noqa: E402
 
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
@@ -749,13 +750,13 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: batch 2, 2 timed steps, 8 new tokens, 1 repeat")
-    parser.add_argument("--repeats", type=int, default=None, help="fresh-process repeats per measurement (5)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps or segments per repeat (20)")
+    parser.add_argument("--repeats", type=at_least_one, default=None, help="fresh-process repeats per measurement (5)")
+    parser.add_argument("--steps", type=at_least_one, default=None, help="timed steps or segments per repeat (20)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up segments (6)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows a training or evaluation step (16)")
-    parser.add_argument("--gen-runs", type=int, default=None,
+    parser.add_argument("--batch-size", type=at_least_one, default=None, help="rows a training or evaluation step (16)")
+    parser.add_argument("--gen-runs", type=at_least_one, default=None,
                         help="timed generations per repeat, after an untimed one; their median counts (3)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads every implementation gets")
+    parser.add_argument("--threads", type=at_least_one, default=2, help="CPU threads every implementation gets")
     parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
                         help="the implementations measured (default: all)")
     parser.add_argument("--measures", nargs="+", choices=MEASURES, default=list(MEASURES),

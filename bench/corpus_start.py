@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from still.bench import at_least_one
+
 
 def make_corpus(folder: Path, megabytes: int, seed: int = 0) -> str:
     from still.data.text import load_shakespeare
@@ -102,9 +104,10 @@ def run(name: str, processes: int, env: dict[str, str]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--megabytes", type=int, default=400, help="the made-up corpus's size")
-    parser.add_argument("--processes", type=int, default=2, help="processes at once for `in memory` and `mapped`")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; the table gives their medians")
+    parser.add_argument("--megabytes", type=at_least_one, default=400, help="the made-up corpus's size")
+    parser.add_argument("--processes", type=at_least_one, default=2,
+                        help="processes at once for `in memory` and `mapped`")
+    parser.add_argument("--repeats", type=at_least_one, default=3, help="rounds; the table gives their medians")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

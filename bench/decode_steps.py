@@ -31,6 +31,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
 
+from still.bench import at_least_one  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
 from still.compressive.model import CompressiveConfig, CompressiveTransformer  # noqa: E402
 from still.compressive.sampling import Sampling  # noqa: E402
@@ -63,8 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", nargs="+", choices=tuple(PRESETS), default=list(PRESETS),
                         help="the models timed, untrained (default: all)")
-    parser.add_argument("--steps", type=int, default=400, help="tokens a timed round")
-    parser.add_argument("--rounds", type=int, default=7,
+    parser.add_argument("--steps", type=at_least_one, default=400, help="tokens a timed round")
+    parser.add_argument("--rounds", type=at_least_one, default=7,
                         help="timed rounds of each step, alternating; their median counts")
     parser.add_argument("--run", help="a `still lm train` run directory: time its trained model instead")
     parser.add_argument("--tune", help="build the hand-written step with these flags instead of -march=native, "

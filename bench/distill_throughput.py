@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from still.bench import at_least_one  # noqa: E402
 from still.bench.peak import peak  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import MLP, MLPConfig  # noqa: E402
@@ -49,9 +50,9 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each; their median counts")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--batch-size", type=int, default=128, help="examples a training step")
+    parser.add_argument("--repeats", type=at_least_one, default=3, help="timed epochs of each; their median counts")
+    parser.add_argument("--threads", type=at_least_one, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--batch-size", type=at_least_one, default=128, help="examples a training step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from still.bench import at_least_one
 from still.compressive import CompressiveTransformer
 from still.compressive.generate import eval_shards, evaluate_streams
 from still.data.encoded import load_encoded
@@ -34,10 +35,11 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="a `still lm train` run directory: its model and test split")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                         help="the precisions measured (default: both)")
-    parser.add_argument("--tokens", type=int, default=260_000, help="the random document's length (no --run)")
-    parser.add_argument("--row-tokens", type=int, default=20_480,
+    parser.add_argument("--tokens", type=at_least_one, default=260_000, help="the random document's length (no --run)")
+    parser.add_argument("--row-tokens", type=at_least_one, default=20_480,
                         help="tokens a row reads (no --run; the cut reads this many a row, as the whole one)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed evaluations of each; their median counts")
+    parser.add_argument("--repeats", type=at_least_one, default=2,
+                        help="timed evaluations of each; their median counts")
     args = parser.parse_args()
     if args.run:
         config, vocab, model, _ = load_run(args.run)

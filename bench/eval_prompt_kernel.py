@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from still.bench import at_least_one
 from still.compressive import CompressiveTransformer
 from still.compressive.generate import StreamScorer
 from still.recipes.lm import PRESETS
@@ -43,11 +44,12 @@ def score(model, tokens: torch.Tensor, segment_len: int, written: bool, precisio
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reference", help="the model (untrained)")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4], help="rows a segment (at most 512 / segment)")
+    parser.add_argument("--rows", type=at_least_one, nargs="+", default=[1, 4],
+                        help="rows a segment (at most 512 / segment)")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                         help="the precisions measured (default: both)")
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens a row reads")
-    parser.add_argument("--repeats", type=int, default=3, help="alternations; their median counts")
+    parser.add_argument("--tokens", type=at_least_one, default=8192, help="tokens a row reads")
+    parser.add_argument("--repeats", type=at_least_one, default=3, help="alternations; their median counts")
     args = parser.parse_args()
     config = PRESETS[args.preset]
     model = CompressiveTransformer(replace(config.model, vocab_size=100, dropout=0.0)).eval()

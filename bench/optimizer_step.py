@@ -22,6 +22,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from still.bench import at_least_one  # noqa: E402
 from still.compressive import CompressiveConfig, CompressiveTransformer  # noqa: E402
 
 SIZES = {"peer (d 128, 4 layers)": dict(d_model=128, n_layers=4, d_ff=512),
@@ -50,8 +51,8 @@ def step_ms(size: dict, optimizer: str, implementation: str, repeats: int) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30, help="timed steps of each; their median counts")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--repeats", type=at_least_one, default=30, help="timed steps of each; their median counts")
+    parser.add_argument("--threads", type=at_least_one, default=2, help="CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps (ms)\n")

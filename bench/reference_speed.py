@@ -70,6 +70,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from still.bench import at_least_one  # noqa: E402
 from still.bench.peak import device_name, peak  # noqa: E402
 from still.compressive import native  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
@@ -267,11 +268,11 @@ def read_bandwidth(nbytes: float, calls: int = 50) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of every measure; their median counts")
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per repeat")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens a timed generation")
-    parser.add_argument("--gen-runs", type=int, default=3,
+    parser.add_argument("--repeats", type=at_least_one, default=3, help="repeats of every measure; their median counts")
+    parser.add_argument("--steps", type=at_least_one, default=6, help="timed training steps per repeat")
+    parser.add_argument("--threads", type=at_least_one, default=None, help="CPU threads (default: PyTorch's)")
+    parser.add_argument("--new-tokens", type=at_least_one, default=256, help="tokens a timed generation")
+    parser.add_argument("--gen-runs", type=at_least_one, default=3,
                         help="timed generations per repeat, after an untimed one; their median counts")
     parser.add_argument("--measures", nargs="+", choices=("train", "eval", "generate", "compile"),
                         default=["train", "eval", "generate"],

@@ -24,6 +24,10 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
+
+from still.bench import at_least_one
+from still.errors import fail
 
 WORKER = r"""
 import statistics, sys, time
@@ -86,14 +90,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("old_src", help="the old code's src directory (a git worktree's src)")
     parser.add_argument("new_src", help="the new code's src directory")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every measurement, old and new alternating")
-    parser.add_argument("--steps", type=int, default=12, help="timed training steps (evaluation: 30)")
-    parser.add_argument("--threads", type=int, default=None, help="default 2 (--size shard: 1)")
+    parser.add_argument("--rounds", type=at_least_one, default=3,
+                        help="rounds of every measurement, old and new alternating")
+    parser.add_argument("--steps", type=at_least_one, default=12, help="timed training steps (evaluation: 30)")
+    parser.add_argument("--threads", type=at_least_one, default=None, help="default 2 (--size shard: 1)")
     parser.add_argument("--size", choices=("peer", "shard"), default="peer",
                         help="the peer benchmark's model, or one shard of the reference preset's step")
     parser.add_argument("--only", nargs="+", choices=[f"{m}-{p}" for m, p in MEASURES], default=None,
                         help="the measurements made (default: all)")
     args = parser.parse_args()
+    for src in (args.old_src, args.new_src):  # (else PYTHONPATH finds nothing, and both sides time the installed still)
+        if not (Path(src) / "still" / "__init__.py").is_file():
+            fail(f"{src} is not a src directory holding still (no {Path(src) / 'still' / '__init__.py'})")
     threads = args.threads or (1 if args.size == "shard" else 2)
     measures = [(m, p) for m, p in MEASURES if args.only is None or f"{m}-{p}" in args.only]
     results: dict[tuple[str, str, str], list[float]] = {}

@@ -50,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from still import allocator  # noqa: E402
+from still.bench import at_least_one  # noqa: E402
 from still.bench.peak import device_name, matmul_flops  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
@@ -201,8 +202,9 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="reference",
                         help="reference: the reference preset (d_model 256, 6 layers); peer: the peer benchmark's "
                              "d_model 128, 4 layers (default reference)")
-    parser.add_argument("--rows", type=int, default=8, help="rows of the batch (default 8: one of two shards of 16)")
-    parser.add_argument("--steps", type=int, default=5, help="steps timed, then as many profiled (default 5)")
+    parser.add_argument("--rows", type=at_least_one, default=8,
+                        help="rows of the batch (default 8: one of two shards of 16)")
+    parser.add_argument("--steps", type=at_least_one, default=5, help="steps timed, then as many profiled (default 5)")
     parser.add_argument("--warmup", type=int, default=6,
                         help="steps before them, which must fill both memories (default 6: the presets' fill in 5)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],

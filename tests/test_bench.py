@@ -170,3 +170,35 @@ def test_the_cifar_step_benchmark_refuses_bad_counts(argv, message, monkeypatch,
         bench["main"]()
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+COUNTS = {"rounds", "repeats", "steps", "threads", "processes", "batch_size", "gen_runs", "new_tokens", "megabytes",
+          "tokens", "row_tokens", "rows"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_count_is_refused_below_one(script, monkeypatch):
+    """A probe found --repeats 0 (a StatisticsError, a KeyError), --threads 0 (PyTorch's error) and
+    --processes 0 ending in tracebacks, and --steps 0 starting a minute's compile: every count is
+    `still.bench.at_least_one` (a usage error, exit 2, naming the value)."""
+    from still.bench import at_least_one
+
+    def parse_args(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    main = runpy.run_path(str(script), run_name="bench_under_test")["main"]
+    with pytest.raises(_Parsed) as parsed:
+        main()
+    counts = {a.dest: a.type for a in parsed.value.parser._actions if a.dest in COUNTS}
+    assert all(kind is at_least_one for kind in counts.values()), (script.name, counts)
+
+
+def test_the_step_ab_benchmark_refuses_folders_that_hold_no_still(tmp_path, monkeypatch, capsys):
+    """Given folders that do not exist, both sides imported the installed still through an empty
+    PYTHONPATH and printed a difference between two measurements of the same code."""
+    bench = runpy.run_path(str(BENCH / "step_ab.py"), run_name="bench_under_test")
+    monkeypatch.setattr("sys.argv", ["step_ab.py", str(tmp_path / "old"), str(BENCH.parent / "src")])
+    with pytest.raises(SystemExit) as exited:
+        bench["main"]()
+    assert exited.value.code == 2 and "old is not a src directory holding still" in capsys.readouterr().err
