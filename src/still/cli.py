@@ -7,7 +7,9 @@ errors and our `StillError`), never a traceback; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # Before PyTorch loads (OpenMP reads both once, then): OpenMP threads that spin while waiting
@@ -22,7 +24,7 @@ import click  # noqa: E402
 
 from still import __version__  # noqa: E402
 from still.allocator import keep_freed_memory, start_with_huge_pages  # noqa: E402
-from still.errors import StillError, TrainingDiverged, TrainingInterrupted  # noqa: E402
+from still.errors import StillError, Terminated, TrainingDiverged, TrainingInterrupted  # noqa: E402
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -555,8 +557,16 @@ def run() -> None:
     main()
 
 
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()  # the command's process keeps what it frees for its next call (still.allocator)
+    # SIGTERM unwinds (what is being written is removed) and exits 143; a training loop's steps
+    # defer it, finish the step and save first (still.train.loop)
+    if threading.current_thread() is threading.main_thread():
+        previous_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(args=argv, prog_name="still", standalone_mode=False)
         distributed = sys.modules.get("still.train.distributed")  # imported by a recipe that may use torchrun
@@ -581,5 +591,17 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _say("interrupted")
         sys.exit(130)
+    except Terminated:
+        _say("terminated")
+        sys.exit(143)
+    except OSError as e:  # a folder that cannot be written (read-only, a file in the path, a full disk)
+        if os.environ.get("STILL_TRACEBACK"):
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        _say(f"error: {e.strerror or e}{where} (STILL_TRACEBACK=1 shows where it came from)")
+        sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_term)

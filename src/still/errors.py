@@ -19,6 +19,12 @@ class StillError(ValueError):
     """A mistake in the input that the user can act on. The message names the bad value."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived outside a training loop's steps (which finish the step and save first): the
+    command unwinds, so that what it was writing (a corpus's cache entry, say) is removed, and
+    exits with 143. A `BaseException`, as `KeyboardInterrupt` is: no `except Exception` stops it."""
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived: the current step was finished and a checkpoint saved."""
 

@@ -444,7 +444,7 @@ def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_pat
     older, newest = sorted((trained / "checkpoints").glob("ckpt-*"))[-2:]
     code, out, err = run_cli(capsys, *args, "--state", str(saved), "--checkpoint", str(older))
     assert code == 2 and out == "" and str(saved) in err, (code, out, err)
-    assert f"another checkpoint (step {metadata['step']} there, {int(older.name.split('-')[1])} here)" in err, err
+    assert f"other weights (step {metadata['step']} there, {int(older.name.split('-')[1])} here)" in err, err
     assert metadata["step"] == str(int(newest.name.split("-")[1]))
     assert_user_error(capsys, *args, "--save-state", str(tmp_path), contains="is a directory")
     err = assert_user_error(capsys, *args, "--save-state", str(tmp_path / "no" / "s.st"), contains="does not exist")
@@ -846,3 +846,65 @@ def test_a_corpus_folder_named_in_latin1_trains_evaluates_and_compares(corpus, t
     code, printed, _ = run_cli(capsys, "lm", "eval", str(out), "--threads", "1")
     assert code == 0 and printed.startswith("caf\\xe9 test:") and (out / "eval-test-by-position.png").is_file()
     assert run_cli(capsys, "lm", "compare", str(out), "--out", str(tmp_path / "compare"))[0] == 0
+
+
+def test_folders_that_cannot_be_written_and_odd_paths_are_one_line_errors(corpus, trained, tmp_path, capsys):
+    """Found by a probe: an --out under a file, a full disk (safetensors' own error) and --overwrite
+    through a symbolic link ended in tracebacks (exit 1); an empty --corpus trained on the working
+    folder; a file given as a run or /dev/null as a corpus was said not to exist."""
+    (tmp_path / "afile").write_text("x")
+    err = assert_user_error(capsys, *train_args(corpus, tmp_path / "afile" / "sub"),
+                            contains="Not a directory: ")
+    assert "STILL_TRACEBACK=1" in err
+    assert_user_error(capsys, *train_args("", tmp_path / "empty"), contains="corpus must name a corpus")
+    assert_user_error(capsys, *train_args("pg19:", tmp_path / "empty"), contains="corpus must name a corpus")
+    assert_user_error(capsys, *train_args("/dev/null", tmp_path / "null"),
+                      contains="corpus /dev/null is not a file or a folder")
+    assert_user_error(capsys, "lm", "eval", str(tmp_path / "afile"), contains="afile is a file, not a run directory")
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    link = tmp_path / "link"
+    link.symlink_to(other)
+    assert_user_error(capsys, *train_args(corpus, link, "--steps", "4", "--eval-every", "4", "--overwrite"),
+                      contains=f"{link} is a symbolic link (to {other}): --overwrite does not delete")
+    assert (other / "results.json").is_file()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_a_one_line_error(corpus, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import still.train.checkpoint as checkpoint
+
+    def full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "run", "--steps", "4", "--eval-every", "4"),
+                      contains="No space left on device")
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))  # (the half-written one removed)
+
+
+def test_sigterm_while_a_corpus_is_encoded_removes_the_entry_and_exits_143(corpus, tmp_path, capsys, monkeypatch):
+    """SIGTERM outside the training steps killed the process where it stood: the half-written cache
+    entry stayed (for PG-19 up to 23 GB) and nothing was said. It now unwinds: the entry's
+    temporary folder is removed, "terminated", exit 143."""
+    import os
+    import signal
+
+    import still.data.encoded as encoded
+
+    own = tmp_path / "corpus"
+    shutil.copytree(corpus, own)
+    monkeypatch.setenv("STILL_CORPUS_CACHE", str(tmp_path / "corpora"))
+    real = encoded._encode
+
+    def encode_then_terminate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encoded, "_encode", encode_then_terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(capsys, *train_args(own, tmp_path / "run"))
+    assert code == 143 and "terminated" in err and "Traceback" not in err
+    assert not [p for p in (tmp_path / "corpora").iterdir() if p.name.endswith(".tmp")]
+    assert signal.getsignal(signal.SIGTERM) == before  # (the previous handler is back)

@@ -320,7 +320,7 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
                 if split in splits else [] for split in SPLITS}
         return Corpus(path.name, read["train"], read["valid"], read["test"], byte_level)
     if not path.is_file():
-        raise StillError(f"corpus {path} does not exist")
+        raise StillError(f"corpus {path} " + ("is not a file or a folder" if path.exists() else "does not exist"))
     text = _read(path, byte_level)
     n = len(text)
     n_valid, n_test = int(n * valid_fraction), int(n * test_fraction)

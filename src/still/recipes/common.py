@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -98,11 +99,25 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
                 changed = changed_settings(existing, config)
                 raise StillError(f"{stage_dir} holds a run with different settings ({', '.join(changed)}{where}); "
                                  "choose another --out, or pass --overwrite to start it again")
-            shutil.rmtree(stage_dir)
+            _start_again(stage_dir)
     elif overwrite and path.exists():  # (unreadable: `_recorded_settings` let it through to be started again)
-        shutil.rmtree(stage_dir)
+        _start_again(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    try:
+        unchanged = path.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        unchanged = False
+    if not unchanged:  # (a finished run read again writes nothing here)
+        atomic_write_text(path, text)
+
+
+def _start_again(stage_dir: Path) -> None:
+    """Delete a stage for --overwrite; not through a symbolic link, whose target may be anything."""
+    if stage_dir.is_symlink():
+        raise StillError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): --overwrite does not delete "
+                         "what it points to; give that folder itself, or remove the link")
+    shutil.rmtree(stage_dir)
 
 
 def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any], str] | None:

@@ -78,6 +78,8 @@ class LMConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check_precision(self.precision)
+        check(self.corpus.strip() != "" and self.corpus.removeprefix(self.corpus.split(":")[0] + ":").strip() != "",
+              f"corpus must name a corpus (shakespeare, a file or folder, enwik8:PATH ...), got {self.corpus!r}")
         for name in ("batch_size", "segment_len", "steps", "eval_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         check(self.eval_segments is None or self.eval_segments > 0,
@@ -412,7 +414,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     valid checkpoint, or the `checkpoint` directory named (refused with a reason if damaged)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise StillError(f"{run_dir} does not exist")
+        raise StillError(f"{run_dir} " + ("is a file, not a run directory" if run_dir.exists() else "does not exist"))
     if not (run_dir / "config.json").is_file():
         raise StillError(f"{run_dir} is not a language-model run directory (no config.json)")
     check_run_kind(run_dir, "language-model")
@@ -644,8 +646,9 @@ def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, mode
         raise StillError(f"{path} holds the memories of another model ({'; '.join(differences)}): continue with "
                          "the run that saved it")
     if theirs["weights"] != ours["weights"]:
-        raise StillError(f"{path} holds the memories of another checkpoint (step {theirs['step']} there, "
-                         f"{ours['step']} here): continue with that checkpoint (--checkpoint)")
+        raise StillError(f"{path} holds the memories of other weights (step {theirs['step']} there, "
+                         f"{ours['step']} here): continue with the run and checkpoint that saved it (--checkpoint "
+                         "names an older checkpoint of a run)")
     try:
         state, pending, numbers = MemoryState.from_tensors(tensors), tensors["pending"], tensors["generator"]
     except KeyError as e:

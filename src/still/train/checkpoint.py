@@ -119,7 +119,10 @@ def _rng_from_json(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     # clone: safetensors refuses tensors that share storage (tied weights, views)
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:  # (safetensors says a full disk with its own error: an OSError, as any other)
+        raise OSError(f"cannot write {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- saving
