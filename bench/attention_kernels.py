@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.compressive import attention, native  # noqa: E402
 from still.compressive.attention import _AttentionOutputs, causal_mask_bias  # noqa: E402
 
@@ -109,4 +109,4 @@ def run(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -31,7 +31,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.compressive import attention, native  # noqa: E402
 from still.compressive.attention import _AttentionWeights, _shifted_view, causal_mask_bias  # noqa: E402
 from still.train.results import format_table  # noqa: E402
@@ -93,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

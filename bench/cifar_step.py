@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from still import allocator  # noqa: E402
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.bench.peak import matmul_flops  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER  # noqa: E402
@@ -178,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -85,7 +85,7 @@ import types  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from still import allocator  # noqa: E402  (no torch: the C library only)
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
@@ -921,4 +921,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

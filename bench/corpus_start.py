@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from still.bench import at_least_one
+from still.bench import at_least_one, run_script
 
 
 def make_corpus(folder: Path, megabytes: int, seed: int = 0) -> str:
@@ -147,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

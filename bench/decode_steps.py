@@ -31,7 +31,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
 
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
 from still.compressive.model import CompressiveConfig, CompressiveTransformer  # noqa: E402
 from still.compressive.sampling import Sampling  # noqa: E402
@@ -112,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -69,7 +69,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset  # noqa: E402
 
 from still import allocator  # noqa: E402
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import MLP, MLPConfig  # noqa: E402
 from still.distill.teachers import CachedTeacher, Teacher  # noqa: E402
@@ -358,4 +358,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

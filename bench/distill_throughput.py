@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.bench.peak import peak  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import MLP, MLPConfig  # noqa: E402
@@ -118,4 +118,4 @@ def step_flops(loss_fn, x: torch.Tensor, batch_size: int) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from still.bench import at_least_one
+from still.bench import at_least_one, run_script
 from still.compressive import CompressiveTransformer
 from still.compressive.generate import eval_shards, evaluate_streams
 from still.data.encoded import load_encoded
@@ -72,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from still.bench import at_least_one
+from still.bench import at_least_one, run_script
 from still.compressive import CompressiveTransformer
 from still.compressive.generate import StreamScorer
 from still.recipes.lm import PRESETS
@@ -70,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

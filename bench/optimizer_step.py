@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.compressive import CompressiveConfig, CompressiveTransformer  # noqa: E402
 
 SIZES = {"peer (d 128, 4 layers)": dict(d_model=128, n_layers=4, d_ff=512),
@@ -66,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

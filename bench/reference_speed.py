@@ -70,7 +70,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from still.bench import at_least_one  # noqa: E402
+from still.bench import at_least_one, run_script  # noqa: E402
 from still.bench.peak import device_name, peak  # noqa: E402
 from still.compressive import native  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
@@ -427,4 +427,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

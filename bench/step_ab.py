@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from still.bench import at_least_one
+from still.bench import at_least_one, run_script
 from still.errors import fail
 
 WORKER = r"""
@@ -120,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -202,3 +202,14 @@ def test_the_step_ab_benchmark_refuses_folders_that_hold_no_still(tmp_path, monk
     with pytest.raises(SystemExit) as exited:
         bench["main"]()
     assert exited.value.code == 2 and "old is not a src directory holding still" in capsys.readouterr().err
+
+
+def test_a_scripts_still_error_is_one_line_with_exit_2(tmp_path):
+    """A missing run given to a script ended in a StillError traceback (exit 1)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(BENCH / "eval_fill_rows.py"), "--run", str(tmp_path / "none")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'none'} does not exist"

@@ -13,3 +13,14 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def run_script(main) -> None:
+    """A benchmark script's `main()`, with a `StillError` (a missing run, a bad setting) said on one
+    line with exit code 2, as the `still` command says it, not as a traceback."""
+    from still.errors import StillError, fail
+
+    try:
+        main()
+    except StillError as e:
+        fail(str(e))
