@@ -21,8 +21,8 @@ def test_the_scripts_are_found():
     assert len(SCRIPTS) >= 10
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_every_option_has_help(script, monkeypatch):
+def _parser_of(script: Path, monkeypatch) -> argparse.ArgumentParser:
+    """The parser `script`'s main builds (caught where it would parse the command line)."""
     def parse_args(self, *args, **kwargs):
         raise _Parsed(self)
 
@@ -30,7 +30,12 @@ def test_every_option_has_help(script, monkeypatch):
     main = runpy.run_path(str(script), run_name="bench_under_test")["main"]
     with pytest.raises(_Parsed) as parsed:
         main()
-    actions = [a for a in parsed.value.parser._actions if not isinstance(a, argparse._HelpAction)]
+    return parsed.value.parser
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_option_has_help(script, monkeypatch):
+    actions = [a for a in _parser_of(script, monkeypatch)._actions if not isinstance(a, argparse._HelpAction)]
     assert actions
     missing = [a.option_strings[0] if a.option_strings else a.dest for a in actions if not a.help]
     assert missing == [], f"{script.name}: options without help: {missing}"
@@ -183,14 +188,7 @@ def test_every_count_is_refused_below_one(script, monkeypatch):
     `still.bench.at_least_one` (a usage error, exit 2, naming the value)."""
     from still.bench import at_least_one
 
-    def parse_args(self, *args, **kwargs):
-        raise _Parsed(self)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
-    main = runpy.run_path(str(script), run_name="bench_under_test")["main"]
-    with pytest.raises(_Parsed) as parsed:
-        main()
-    counts = {a.dest: a.type for a in parsed.value.parser._actions if a.dest in COUNTS}
+    counts = {a.dest: a.type for a in _parser_of(script, monkeypatch)._actions if a.dest in COUNTS}
     assert all(kind is at_least_one for kind in counts.values()), (script.name, counts)
 
 
