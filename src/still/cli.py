@@ -1,7 +1,9 @@
 """The `still` command. Subcommands parse and check options, then call the recipes.
 
 Every mistake the user can fix ends with a one-line message and exit code 2 (click's usage
-errors and our `StillError`), never a traceback; Ctrl-C exits with 130.
+errors, our `StillError`, and a folder that cannot be written: an `OSError`, whose traceback
+STILL_TRACEBACK=1 shows), never a traceback; Ctrl-C exits with 130, SIGTERM with 143 (both
+finishing a training step and saving first).
 """
 
 from __future__ import annotations
