@@ -34,7 +34,7 @@ from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.config import changed_settings, check_fields, from_dict, load_config, replace, save_config, to_dict
 from still.data.encoded import EncodedCorpus, load_encoded
-from still.data.text import Segment, TokenStreams, Vocab, absolute_corpus
+from still.data.text import CORPUS_KINDS, Segment, TokenStreams, Vocab, absolute_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_run_kind, check_stage_config, plot_curves
 from still.train import checkpoint as ckpt, distributed
@@ -78,7 +78,8 @@ class LMConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check_precision(self.precision)
-        check(self.corpus.strip() != "" and self.corpus.removeprefix(self.corpus.split(":")[0] + ":").strip() != "",
+        kind = next((k for k in CORPUS_KINDS if self.corpus.startswith(k)), "")  # ("" names the working folder)
+        check(self.corpus[len(kind):].strip() != "",
               f"corpus must name a corpus (shakespeare, a file or folder, enwik8:PATH ...), got {self.corpus!r}")
         for name in ("batch_size", "segment_len", "steps", "eval_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
