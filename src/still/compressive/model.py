@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -66,7 +66,7 @@ from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttent
 from still.compressive.compression import CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.config import check_fields
-from still.errors import check
+from still.errors import StillError, check
 from still.layers import Dropout, dropout_add, relu_dropout
 
 _MODELS = itertools.count()  # each model's number, for `_weights_version`
@@ -460,56 +460,44 @@ class CompressiveTransformer(nn.Module):
         return [p for p in self.parameters() if id(p) not in ids]
 
     def check_state(self, state: MemoryState, batch: int) -> None:
-        """A one-line error where `state` cannot go with this model and `batch` rows of tokens. (Every
-        forward asks: the conditions first, 6 µs for six layers; the messages, 40 µs of formatting,
-        only where one fails: `_explain_state`.)"""
-        config, weight = self.config, self.embedding.weight
-        if len(state.memory) == len(state.compressed) == config.n_layers:
-            m, n = state.memory_len, state.compressed_len
-            m_cap = config.mem_len + (config.compression_rate - 1 if config.has_compression else 0)
-            dtype, device = weight.dtype, weight.device
-            if (m <= m_cap and n <= config.c_mem_len
-                    and all(t.shape == (batch, m, config.d_model) and t.dtype == dtype and t.device == device
-                            for t in state.memory)
-                    and all(t.shape == (batch, n, config.d_model) and t.dtype == dtype and t.device == device
-                            for t in state.compressed)
-                    and (state.memory_valid is None or state.memory_valid.shape == (batch, m))
-                    and (state.compressed_valid is None or state.compressed_valid.shape == (batch, n))):
-                return
-        self._explain_state(state, batch)
+        """A one-line error where `state` cannot go with this model and `batch` rows of tokens."""
+        problem = next(self._state_problems(state, batch), None)
+        if problem is not None:
+            raise StillError(problem)
 
-    def _explain_state(self, state: MemoryState, batch: int) -> None:
-        """`check_state`'s checks one at a time, each with its message."""
-        config = self.config
-        check(len(state.memory) == len(state.compressed) == config.n_layers,
-              f"the memory state has {len(state.memory)} layers, the model {config.n_layers}")
-        memory, weight = state.memory[0], self.embedding.weight
-        check(memory.shape[0] == batch, f"the memory state holds {memory.shape[0]} batch rows, the tokens {batch}")
-        check(memory.shape[-1] == config.d_model,
-              f"the memory state's width is {memory.shape[-1]}, the model's d_model {config.d_model}")
-        check(memory.dtype == weight.dtype and memory.device == weight.device,
-              f"the memory state is {memory.dtype} on {memory.device}, the model's weights {weight.dtype} on "
-              f"{weight.device} (make it with model.empty_state(batch, device, dtype))")
+    def _state_problems(self, state: MemoryState, batch: int) -> Iterator[str]:
+        """What keeps `state` from this model, first problem first. (Every forward asks: a message is
+        formatted only where its condition fails; formatting them all took 40 µs for six layers.)"""
+        config, weight = self.config, self.embedding.weight
+        if not len(state.memory) == len(state.compressed) == config.n_layers:
+            yield f"the memory state has {len(state.memory)} layers, the model {config.n_layers}"
+            return
+        memory = state.memory[0]
+        if memory.shape[0] != batch:
+            yield f"the memory state holds {memory.shape[0]} batch rows, the tokens {batch}"
+        if memory.shape[-1] != config.d_model:
+            yield f"the memory state's width is {memory.shape[-1]}, the model's d_model {config.d_model}"
+        if memory.dtype != weight.dtype or memory.device != weight.device:
+            yield (f"the memory state is {memory.dtype} on {memory.device}, the model's weights {weight.dtype} on "
+                   f"{weight.device} (make it with model.empty_state(batch, device, dtype))")
         # a state made under other memory lengths would keep slots this model never drops (an XL
         # model's compressed slots, say): refused, as is a state whose layers disagree
         # (a compressing model's memory may run up to c - 1 past mem_len, waiting for a whole group)
         m, n = state.memory_len, state.compressed_len
         m_cap = config.mem_len + (config.compression_rate - 1 if config.has_compression else 0)
-        check(m <= m_cap and n <= config.c_mem_len,
-              f"the memory state holds {m} memories and {n} compressed ones, more than this model keeps "
-              f"(mem_len {config.mem_len}, c_mem_len {config.c_mem_len}): it was made by another model")
+        if m > m_cap or n > config.c_mem_len:
+            yield (f"the memory state holds {m} memories and {n} compressed ones, more than this model keeps "
+                   f"(mem_len {config.mem_len}, c_mem_len {config.c_mem_len}): it was made by another model")
         for what, tensors, length in (("memory", state.memory, m), ("compressed memory", state.compressed, n)):
             for i, t in enumerate(tensors):
-                check(t.shape == (batch, length, config.d_model),
-                      f"layer {i}'s {what} has shape {tuple(t.shape)}, layer 0's {(batch, length, config.d_model)}")
-                check(t.dtype == weight.dtype and t.device == weight.device,
-                      f"layer {i}'s {what} is {t.dtype} on {t.device}, the model's weights {weight.dtype} on "
-                      f"{weight.device}")
+                if t.shape != (batch, length, config.d_model):
+                    yield f"layer {i}'s {what} has shape {tuple(t.shape)}, layer 0's {(batch, length, config.d_model)}"
+                if t.dtype != weight.dtype or t.device != weight.device:
+                    yield (f"layer {i}'s {what} is {t.dtype} on {t.device}, the model's weights {weight.dtype} on "
+                           f"{weight.device}")
         for what, valid, length in (("memory", state.memory_valid, m), ("compressed", state.compressed_valid, n)):
-            check(valid is None or valid.shape == (batch, length),
-                  f"the state's {what}_valid has shape {tuple(valid.shape) if valid is not None else None}, "
-                  f"expected {(batch, length)}")
-        raise AssertionError("check_state found a problem that _explain_state does not name")
+            if valid is not None and valid.shape != (batch, length):
+                yield f"the state's {what}_valid has shape {tuple(valid.shape)}, expected {(batch, length)}"
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
         return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)

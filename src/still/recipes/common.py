@@ -103,13 +103,8 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
     elif overwrite and path.exists():  # (unreadable: `_recorded_settings` let it through to be started again)
         _start_again(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    try:
-        unchanged = path.read_text() == text
-    except (OSError, UnicodeDecodeError):
-        unchanged = False
-    if not unchanged:  # (a finished run read again writes nothing here)
-        atomic_write_text(path, text)
+    if recorded != (config, ""):  # (a stage.json that holds these settings already is not written again)
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _start_again(stage_dir: Path) -> None:

@@ -178,8 +178,9 @@ class Trainer:
         self.grad_clip = grad_clip
         # as lists: a generator such as `model.head.parameters()` would be used up by the first step
         self.clip_groups = [list(group) for group in clip_groups] if clip_groups is not None else None
-        # (parameters in no clip group are not clipped, but their gradients' norm is checked all the same)
-        self._in_clip_groups = {id(p) for group in self.clip_groups for p in group} if self.clip_groups else set()
+        # the parameters in no clip group: not clipped, but their gradients' norm is checked all the same
+        grouped = {id(p) for group in self.clip_groups or [] for p in group}
+        self._outside_clip_groups = [p for p in model.parameters() if id(p) not in grouped] if self.clip_groups else []
         self.state_tensors = state_tensors
         self.load_state_tensors = load_state_tensors
         self.post_step = post_step
@@ -396,11 +397,11 @@ class Trainer:
         if self.grad_clip is not None:
             for group in self.clip_groups or [list(self.model.parameters())]:
                 norms.append(torch.nn.utils.clip_grad_norm_(group, self.grad_clip))
-        if self.grad_clip is None or self.clip_groups:  # what no clipping measured (without clipping: all)
-            clipped = self._in_clip_groups if self.grad_clip is not None else set()
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None and id(p) not in clipped]
-            if grads:
-                norms.append(_total_norm(grads))
+        # what no clipping measured: without clipping, every gradient
+        unclipped = self.model.parameters() if self.grad_clip is None else self._outside_clip_groups
+        grads = [p.grad for p in unclipped if p.grad is not None]
+        if grads:
+            norms.append(_total_norm(grads))
         finite = torch.isfinite(torch.stack([loss.detach().float(), *(norm.float() for norm in norms)]))
         if self.dist.enabled:  # every rank takes the same branch
             finite = self.dist.all_min(finite.to(torch.int32)).bool()
