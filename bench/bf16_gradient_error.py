@@ -98,10 +98,12 @@ def main() -> None:
     config, vocab, trained, checkpoint = load_run(args.run)
     model = CompressiveTransformer(replace(config.model, dropout=0.0))
     model.load_state_dict(trained.state_dict())
-    # Adam's RMS of each gradient entry (the optimizer holds the parameters in model order)
+    # Adam's RMS of each gradient entry (the optimizer holds the parameters in model order); a
+    # parameter that has had no gradient yet (the compressor's, before any memory was compressed)
+    # has no Adam state, and is left out of Adam's units
     eps = checkpoint.state["optimizer"]["param_groups"][0]["eps"]
     rms = {n: checkpoint.tensors[f"optimizer/{i}/exp_avg_sq"].sqrt() + eps
-           for i, (n, _) in enumerate(model.named_parameters())}
+           for i, (n, _) in enumerate(model.named_parameters()) if f"optimizer/{i}/exp_avg_sq" in checkpoint.tensors}
     model.train()
     corpus = load_encoded(config.corpus, byte_level=config.byte_level, splits=("train",), vocab=vocab)
     stream = TrainStream(corpus.split("train")[0], config)
@@ -134,7 +136,9 @@ def main() -> None:
             ref_nll, ref = gradients("fp32", step)
         names = list(ref)
         parts = sorted({part(n) for n in ref})
-        ref_adam = {n: ref[n] / rms[n] for n in names}
+        adam_names = [n for n in names if n in rms]
+        adam_parts = sorted({part(n) for n in adam_names})
+        ref_adam = {n: ref[n] / rms[n] for n in adam_names}
         ref_norm2 = sum(float(ref[n].double().pow(2).sum()) for n in names)
         for name, values in variants.items():
             with flags(*values):
@@ -146,16 +150,19 @@ def main() -> None:
                    "norm ratio": f"{norm_ratio:.4f}"}
             row.update({p: f"{distance(grads, ref, [n for n in ref if part(n) == p]):.3f}" for p in parts})
             rows.append(row)
-            adam = {n: grads[n] / rms[n] for n in names}
-            adam_row = {"step": step, "variant": name, "all": f"{distance(adam, ref_adam, names):.4f}"}
-            adam_row.update({p: f"{distance(adam, ref_adam, [n for n in names if part(n) == p]):.3f}"
-                             for p in parts})
+            adam = {n: grads[n] / rms[n] for n in adam_names}
+            adam_row = {"step": step, "variant": name, "all": f"{distance(adam, ref_adam, adam_names):.4f}"}
+            adam_row.update({p: f"{distance(adam, ref_adam, [n for n in adam_names if part(n) == p]):.3f}"
+                             for p in adam_parts})
             adam_rows.append(adam_row)
     print(f"run {args.run}: {config.preset} preset, training steps {args.step + 3}..{args.step + 2 + args.steps} "
           f"after three segments of memories; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("relative distance of each gradient from fp32's, ||g - g_fp32|| / ||g_fp32||:")
     print(format_table(rows))
     print("the same in Adam's units (each entry divided by its RMS in the checkpoint's Adam state):")
+    if no_state := [n for n in ref if n not in rms]:
+        print(f"(left out: {len(no_state)} parameters the checkpoint's Adam state does not hold yet, "
+              f"{', '.join(sorted({part(n) for n in no_state}))})")
     print(format_table(adam_rows))
 
 

@@ -211,3 +211,26 @@ def test_a_scripts_still_error_is_one_line_with_exit_2(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {tmp_path / 'none'} does not exist"
+
+
+def test_the_bf16_gradient_benchmark_leaves_out_of_adams_units_what_adam_has_not_seen(corpus, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """After one training step the compressor has had no gradient (no memory was compressed yet), so
+    the checkpoint's Adam state lacks it: the script ended in `KeyError: 'optimizer/15/exp_avg_sq'`."""
+    from still.cli import main
+
+    run = tmp_path / "run"
+    try:
+        main(["lm", "train", "--corpus", str(corpus), "--steps", "1", "--eval-every", "1", "--batch-size", "2",
+              "--segment-len", "8", "--mem-len", "8", "--c-mem-len", "4", "--threads", "1", "--out", str(run)])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    capsys.readouterr()
+    bench = runpy.run_path(str(BENCH / "bf16_gradient_error.py"), run_name="bench_under_test")
+    monkeypatch.setattr("sys.argv", ["bf16_gradient_error.py", str(run), "--step", "0", "--steps", "1"])
+    bench["main"]()
+    out = capsys.readouterr().out
+    assert "relative distance of each gradient from fp32's" in out
+    assert "left out: 2 parameters the checkpoint's Adam state does not hold yet, compressor)" in out
+    adam_table = out.split("in Adam's units")[1]
+    assert "compressor" not in adam_table.split("\n", 2)[2] and "attention" in adam_table

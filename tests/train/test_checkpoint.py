@@ -124,6 +124,57 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["results.json"]
 
 
+def _dead_pid() -> int:
+    """The process id of a process that has ended."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL in the middle of atomic_write leaves its temporary file (nothing can remove it then);
+    the next write of that file removes it, and leaves alone those of live writers and other files."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "results.json"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from still.train.io import atomic_write\n"
+        "def write(tmp):\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        f"atomic_write({str(target)!r}, write)\n")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".results.json.{writer.pid}-") and left[0].endswith(".tmp")
+
+    live = tmp_path / f".results.json.{os.getppid()}-abcd1234.tmp"  # a writer still running
+    other = tmp_path / f".results.md.{_dead_pid()}-abcd1234.tmp"  # another file's: its own next write's
+    live.write_bytes(b"")
+    other.write_bytes(b"")
+    atomic_write_bytes(target, b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "results.json"])
+    assert target.read_bytes() == b"new"
+
+
+def test_a_dead_writers_half_checkpoint_is_removed_by_the_next_save(tmp_path):
+    make(tmp_path, step=1)
+    dead, live = tmp_path / f".ckpt-00000002.tmp-{_dead_pid()}", tmp_path / f".ckpt-00000002.tmp-{os.getppid()}"
+    for half in (dead, live):
+        half.mkdir()
+        (half / "model.safetensors").write_bytes(b"half")
+    make(tmp_path, step=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "ckpt-00000001", "ckpt-00000003"]
+
+
 def test_strict_weight_loading_names_the_problem():
     model = nn.Linear(4, 3)
     weights = {"weight": torch.zeros(3, 5), "bias": torch.zeros(3), "extra": torch.zeros(1)}

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from still.errors import StillError
-from still.train.io import _fsync_dir, atomic_write_text, sha256_file
+from still.train.io import _fsync_dir, atomic_write_text, process_alive, sha256_file
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{8,})$")
@@ -136,12 +136,8 @@ def _remove_stale_temporaries(directory: Path) -> None:
         match = _TEMPORARY.match(path.name)
         if not match or int(match.group(2)) == os.getpid():
             continue
-        try:
-            os.kill(int(match.group(2)), 0)  # still running: leave it alone
-        except ProcessLookupError:
+        if not process_alive(int(match.group(2))):  # (a writer still running: left alone)
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass
 
 
 def save_checkpoint(

@@ -2,11 +2,14 @@
 
 Every file still writes goes to a temporary file in the same directory, is flushed and fsynced,
 then `os.replace`d over its final name: a crash or a full disk leaves either the old file or the
-new one, never half of one, and no temporary file behind.
+new one, never half of one, and no temporary file behind. A writer killed outright (SIGKILL, power
+loss) cannot remove its temporary file; the file's name holds the writer's process id, and the next
+write of the same file removes it once that process is gone.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import tempfile
@@ -34,11 +37,33 @@ def process_umask() -> int:
     return mask
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _remove_dead_writers(path: Path) -> None:
+    """Delete the temporary files of `path` (`.<name>.<pid>-<random>.tmp`) whose writer's process
+    is gone: it was killed while it wrote."""
+    prefix = f".{path.name}."
+    for leftover in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = leftover.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` to produce the file, then move it over `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_writers(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
