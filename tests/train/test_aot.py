@@ -1,5 +1,6 @@
 """Ahead-of-time compilation: built once in a child process, cached, loaded without the compiler."""
 
+import os
 import subprocess
 import sys
 
@@ -157,3 +158,67 @@ def test_compile_failures_run_eagerly_inside_only():
         raise KeyError
     assert torch._dynamo.config.suppress_errors is False
     torch._dynamo.reset()
+
+
+def test_a_build_whose_parent_is_killed_removes_its_files_and_ends_with_its_compilers(tmp_path):
+    """SIGKILL of a process compiling ahead of time left its compiling child, and the compilers that
+    one started, running (about 40 s), and their temporary files in the cache."""
+    import signal
+    import time
+
+    files = [tmp_path / ".k.x1.spec", tmp_path / ".k.x2.pt2"]
+    for path in files:
+        path.write_bytes(b"")
+    build = (  # as `_Build` starts a build: a session of its own, which starts a "compiler"
+        "import subprocess, sys, time\n"
+        "from still.train.aot import _end_with_parent\n"
+        f"_end_with_parent(int(sys.argv[1]), {[str(p) for p in files]!r}, every_s=0.05)\n"
+        "compiler = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(compiler.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, os\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {build!r}, str(os.getpid())], start_new_session=True,\n"
+        "                         stdout=subprocess.PIPE, text=True)\n"
+        "print(child.pid, child.stdout.readline().strip(), flush=True)\n"
+        "import time; time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    child, compiler = map(int, parent.stdout.readline().split())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # ended, not yet reaped by its new parent
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    deadline = time.monotonic() + 20
+    while not (gone(child) and gone(compiler)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(child) and gone(compiler) and not any(p.exists() for p in files)
+
+
+def test_an_interrupted_build_is_ended_with_its_files(monkeypatch):
+    """Ctrl-C while a build compiles ends it, and every other build started beside it, at once."""
+    import signal
+    import threading
+
+    x = torch.randn(2, 3)
+    builds, build = [], aot._Build
+    monkeypatch.setattr(aot, "_Build", lambda spec, path: builds.append(build(spec, path)) or builds[-1])
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        aot.ahead_of_time_all([aot.Request(sleeps, (), (x,), "s"), aot.Request(sleeps, (1.0,), (x,), "t")])
+    assert len(builds) == 2
+    for build in builds:
+        assert build.process.returncode == -signal.SIGKILL
+        assert not os.path.exists(build.tmp) and not os.path.exists(build.spec_file)
+
+
+def sleeps(x, factor=2.0):
+    import time
+
+    time.sleep(60)
+    return x * factor

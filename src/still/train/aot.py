@@ -20,6 +20,8 @@ importing the Python compiler at all.
 Where compiling cannot work (no C++ compiler, an export the function does not allow), the reason
 is printed once and the caller runs the function eagerly: `ahead_of_time` returns None. Several
 functions asked for together (`ahead_of_time_all`) are built side by side, a child process each.
+Interrupted (Ctrl-C, SIGTERM), the call ends its builds, their compilers and their files before it
+unwinds; a build whose caller is killed outright (SIGKILL) does the same itself.
 The cache keeps the 64 most recently used packages (a new version of still or PyTorch makes the
 older ones unreachable).
 """
@@ -34,9 +36,11 @@ import inspect
 import os
 import pickle
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -108,16 +112,21 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
         log(f"--compile: compiling {' and '.join(r.what for r, _ in missing.values())} ahead of time, once for "
             f"these shapes (a minute or less); cached in {cache_root()}")
         builds = {}
-        for path, (_, spec) in missing.items():
-            try:
-                builds[path] = _Build({**spec, "path": sys.path}, path)  # the child imports fn as we do
-            except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
-                errors[path] = _last_line(e)
-        for path, build in builds.items():
-            try:
-                build.finish()
-            except Exception as e:  # noqa: BLE001
-                errors[path] = _last_line(e)
+        try:
+            for path, (_, spec) in missing.items():
+                try:
+                    builds[path] = _Build({**spec, "path": sys.path}, path)  # the child imports fn as we do
+                except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+                    errors[path] = _last_line(e)
+            for path, build in builds.items():
+                try:
+                    build.finish()
+                except Exception as e:  # noqa: BLE001
+                    errors[path] = _last_line(e)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): no build outlives this call
+            for build in builds.values():
+                build.abort()
+            raise
         _prune(cache_root(), keep=PACKAGES_KEPT)
     loaded = []
     for request, _, path in jobs:
@@ -278,8 +287,11 @@ class _Build:
         try:
             with os.fdopen(spec_fd, "wb") as f:
                 pickle.dump(spec, f, protocol=4)
-            self.process = subprocess.Popen([sys.executable, "-m", "still.train.aot", self.spec_file, self.tmp],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # a session of its own: the child and the compilers it starts are one process group, which
+            # `abort` ends whole (and Ctrl-C at a terminal reaches this process alone, which aborts it)
+            self.process = subprocess.Popen([sys.executable, "-m", "still.train.aot", self.spec_file, self.tmp,
+                                             str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            text=True, start_new_session=True)
         except BaseException:
             self._clean()
             raise
@@ -292,6 +304,15 @@ class _Build:
             os.replace(self.tmp, self.path)
         finally:
             self._clean()
+
+    def abort(self) -> None:
+        """End the build now (Ctrl-C, SIGTERM, or another build's failure ending the caller): its
+        process and the compilers it started, and its files."""
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._clean()
 
     def _clean(self) -> None:
         Path(self.tmp).unlink(missing_ok=True)
@@ -332,6 +353,24 @@ def _compile(spec: dict, out: str) -> None:
         torch._inductor.aoti_compile_and_package(exported, package_path=out)
 
 
+def _end_with_parent(parent: int, files: Sequence[str], every_s: float = 0.2) -> None:
+    """In a build's process: a thread that, once the process that started this one is gone (killed
+    outright, so that it could not `abort` this build), removes this build's `files` and ends its
+    process group (this process and the compilers it started)."""
+    def watch() -> None:
+        while os.getppid() == parent:  # (a process whose parent dies is given another)
+            time.sleep(every_s)
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        if os.getpgid(0) == os.getpid():  # (started by `_Build`: its own group)
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="end-with-parent").start()
+
+
 if __name__ == "__main__":
+    _end_with_parent(int(sys.argv[3]), sys.argv[1:3])
     with open(sys.argv[1], "rb") as f:
         _compile(pickle.load(f), sys.argv[2])
