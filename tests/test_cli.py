@@ -216,6 +216,8 @@ def test_data_list_shows_the_cache_and_clear_removes_what_it_is_told(capsys, tmp
 
     assert_user_error(capsys, "data", "clear", contains="say what to remove")
     assert_user_error(capsys, "data", "clear", kept, "pg19:/nowhere", contains="no encoded corpus 'pg19:/nowhere'")
+    assert_user_error(capsys, "data", "clear", "--stale", "--all", contains="give it alone, or --stale without it")
+    assert_user_error(capsys, "data", "clear", kept, "--all", contains="give it alone, or names without it")
     assert all(e.is_dir() for e in [*kept_entries, changed_entry])  # (nothing removed)
 
     code, out, err = run_cli(capsys, "data", "clear", "--stale")

@@ -512,6 +512,9 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
     if not (names or stale or everything):
         raise click.UsageError("say what to remove: entries or corpora by name, --stale or --all "
                                "(`still data list` shows them)")
+    if everything and (stale or names):  # (--all would remove the current entries `--stale` asked to keep)
+        raise click.UsageError(f"--all removes every entry: give it alone, or {'--stale' if stale else 'names'} "
+                               "without it")
     corpora = encoded.corpora_root(cache_dir)
     if corpora is None:
         raise StillError("STILL_CORPUS_CACHE is off: there are no encoded corpora to clear")
