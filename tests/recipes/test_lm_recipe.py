@@ -908,3 +908,41 @@ def test_sigterm_while_a_corpus_is_encoded_removes_the_entry_and_exits_143(corpu
     assert code == 143 and "terminated" in err and "Traceback" not in err
     assert not [p for p in (tmp_path / "corpora").iterdir() if p.name.endswith(".tmp")]
     assert signal.getsignal(signal.SIGTERM) == before  # (the previous handler is back)
+
+
+def test_a_run_folder_in_use_is_refused_and_overwrite_keeps_the_folder(corpus, trained, tmp_path, capsys):
+    """Two runs into one --out at once both did all the work. The second is now refused while the
+    first holds the folder; --overwrite empties the folder rather than replacing it (the lock is
+    the folder's own); a run refused before it wrote anything leaves no folder behind."""
+    import subprocess
+    import sys
+
+    from still.recipes.common import hold_run_folder
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / "notes.txt").write_text("mine")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, pathlib\n"
+        "from still.recipes.common import hold_run_folder\n"
+        f"with hold_run_folder(pathlib.Path({str(out)!r})):\n"
+        "    print('holding', flush=True)\n"
+        "    sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        before = sorted(p.name for p in out.iterdir())
+        for extra in ((), ("--overwrite",)):
+            assert_user_error(capsys, *train_args(corpus, out, *extra),
+                              contains=f"{out} is in use: another still process is training into it now")
+        assert sorted(p.name for p in out.iterdir()) == before  # nothing touched
+    finally:
+        holder.communicate("")
+    inode = out.stat().st_ino
+    # (let go with its process; other settings: started again)
+    code, _, err = run_cli(capsys, *train_args(corpus, out, "--steps", "4", "--eval-every", "4", "--overwrite"))
+    assert code == 0 and "loaded the finished run" not in err, err
+    assert out.stat().st_ino == inode and json.loads((out / "results.json").read_text())["rows"][0]["steps"] == 4
+    with hold_run_folder(out):  # one process's own lock, taken again by another open: refused as well
+        assert_user_error(capsys, *train_args(corpus, out), contains="is in use")
+    assert_user_error(capsys, *train_args(tmp_path / "missing", tmp_path / "new"), contains="missing")
+    assert not (tmp_path / "new").exists()

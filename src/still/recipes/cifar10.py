@@ -36,7 +36,7 @@ from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
-from still.recipes.common import check_run_kind, plot_curves, predict, train_stage
+from still.recipes.common import check_run_kind, hold_run_folder, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
@@ -129,6 +129,12 @@ def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, ov
                 print_table: bool = True) -> dict[str, Any]:
     out = Path(out)
     check_run_kind(out, "distill cifar10")
+    with hold_run_folder(out):
+        return _run_cifar10(config, data_dir, out, overwrite, print_table)
+
+
+def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwrite: bool,
+                 print_table: bool) -> dict[str, Any]:
     data = load_cifar10(data_dir)
     device = distributed.process_device()  # the data set moves there once (614 MB of training images in fp32)
     train_x = normalize(data.train_x).to(device)  # (N, 3, 32, 32) float32

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +109,48 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
 
 
 def _start_again(stage_dir: Path) -> None:
-    """Delete a stage for --overwrite; not through a symbolic link, whose target may be anything."""
+    """Empty a stage for --overwrite; not through a symbolic link, whose target may be anything. The
+    folder itself stays: a run folder's lock (`hold_run_folder`) is held on it."""
     if stage_dir.is_symlink():
         raise StillError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): --overwrite does not delete "
                          "what it points to; give that folder itself, or remove the link")
-    shutil.rmtree(stage_dir)
+    for path in stage_dir.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def hold_run_folder(out: Path) -> Iterator[None]:
+    """Hold run folder `out` (made if missing) while this process trains into it: a second still
+    training into it at the same time is refused (exit 2, nothing touched), where it would do all of
+    the first one's work again beside it. The lock is the folder's own (`flock`), which the
+    operating system lets go when the process ends, however it ends; under torchrun, rank 0 holds
+    it. A folder it made stays only where the run wrote into it. On a file system that takes no
+    locks (some network ones) the run goes on without."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    import fcntl
+
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StillError(f"{printable(str(out))} is in use: another still process is training into it now; "
+                             "wait for it to end, or choose another --out") from None
+        except OSError:
+            pass  # (no locks on this file system)
+        yield
+    finally:
+        os.close(fd)
+        if made:  # (a run refused before it wrote anything leaves no folder behind)
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any], str] | None:

@@ -36,7 +36,7 @@ from still.config import changed_settings, check_fields, from_dict, load_config,
 from still.data.encoded import EncodedCorpus, load_encoded
 from still.data.text import CORPUS_KINDS, Segment, TokenStreams, Vocab, absolute_corpus
 from still.errors import StillError, check
-from still.recipes.common import check_run_kind, check_stage_config, plot_curves
+from still.recipes.common import check_run_kind, check_stage_config, hold_run_folder, plot_curves
 from still.train import checkpoint as ckpt, distributed
 from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
 from still.train.io import atomic_write, atomic_write_text
@@ -186,7 +186,9 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     without it; where it can, a function that fails to compile later runs eagerly while the run
     lasts: `compile_failures_run_eagerly`). Not part of the run's configuration: a run resumes with
     or without it."""
-    with compile_failures_run_eagerly() if compile else contextlib.nullcontext():
+    out = Path(out)
+    check_run_kind(out, "language-model")
+    with hold_run_folder(out), compile_failures_run_eagerly() if compile else contextlib.nullcontext():
         return _train_lm(config, out, cache, overwrite, print_table, on_nonfinite, keep, shards, compile)
 
 
@@ -203,10 +205,8 @@ def _older_relative_corpus(stage: Path, corpus: str) -> None:
                                             sort_keys=True) + "\n")
 
 
-def _train_lm(config: LMConfig, out: str | Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
+def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
               keep: int, shards: int | None, compile: bool) -> dict:
-    out = Path(out)
-    check_run_kind(out, "language-model")
     config = replace(config, corpus=absolute_corpus(config.corpus))  # the same corpus for `lm eval` from anywhere
     device = distributed.process_device()  # joins the process group where started by torchrun
     dist = distributed.current()

@@ -35,7 +35,7 @@ from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import MLP, MLPConfig
 from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
 from still.errors import check
-from still.recipes.common import check_run_kind, plot_curves, predict, train_stage
+from still.recipes.common import check_run_kind, hold_run_folder, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
@@ -144,7 +144,12 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
     """Run the MNIST experiment into directory `out`; return the results (also written there)."""
     out = Path(out)
     check_run_kind(out, "distill mnist")
-    out.mkdir(parents=True, exist_ok=True)
+    with hold_run_folder(out):
+        return _run_mnist(config, out, cache, overwrite, print_table, keep)
+
+
+def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwrite: bool, print_table: bool,
+               keep: int) -> dict[str, Any]:
     device = distributed.process_device()  # the data set moves there once (188 MB in fp32)
     data = _subset(load_mnist(cache), config)
     data = Mnist(data.train_x.to(device), data.train_y.to(device), data.test_x.to(device), data.test_y.to(device))
