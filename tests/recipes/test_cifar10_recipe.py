@@ -99,3 +99,37 @@ def test_bf16_trains_every_stage_under_autocast(cifar_dir, tmp_path, capsys):
         assert losses["bf16"] != losses["fp32"], stage
     assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1",
                       "--threads", "1", "--out", str(runs["bf16"]), contains="different settings (precision)")
+
+
+def test_an_interrupted_run_is_told_from_other_recipes_runs(cifar_dir, corpus, tmp_path, capsys, monkeypatch):
+    """Found by a probe: a distillation wrote its config.json only at its end, so an interrupted one
+    was taken for no run at all: `lm train --out <its teacher> --overwrite` emptied the teacher, and
+    another recipe's --overwrite trained over its stages. A new run folder is now marked at once."""
+    import signal
+
+    import still.recipes.cifar10 as cifar10
+    from still.errors import TrainingInterrupted
+
+    train_stage = cifar10.train_stage
+
+    def interrupted_after_the_teacher(name, *args, **kwargs):
+        if name != "teacher":
+            raise TrainingInterrupted(signal.SIGINT, 0, None)
+        return train_stage(name, *args, **kwargs)
+
+    monkeypatch.setattr(cifar10, "train_stage", interrupted_after_the_teacher)
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    code, _, _ = run_cli(capsys, *args)
+    assert code == 130 and json.loads((out / "config.json").read_text())["preset"] == "tiny"
+    teacher = sorted(p.name for p in (out / "teacher").iterdir())
+    for extra in ((), ("--overwrite",)):
+        assert_user_error(capsys, "lm", "train", "--corpus", str(corpus), "--out", str(out / "teacher"), *extra,
+                          contains=f"is the teacher stage of the distill cifar10 run in {out}")
+        assert_user_error(capsys, "distill", "mnist", "--out", str(out), *extra,
+                          contains="holds a distill cifar10 run, not a distill mnist run")
+    assert sorted(p.name for p in (out / "teacher").iterdir()) == teacher
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and "loaded the finished run" in err, err

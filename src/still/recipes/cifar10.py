@@ -36,7 +36,7 @@ from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
-from still.recipes.common import check_run_kind, hold_run_folder, plot_curves, predict, train_stage
+from still.recipes.common import check_run_kind, hold_run_folder, mark_new_run, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
@@ -159,6 +159,7 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
               **({"precision": config.precision} if config.precision != "fp32" else {})}  # (see run_mnist)
     if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
         log(f"--precision bf16: {slower}")
+    mark_new_run(out, config)
     rows, curves, seconds = [], [], {}
     name = f"distilled-T{config.temperature:g}-a{config.alpha:g}"
 

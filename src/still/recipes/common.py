@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from still.config import changed_settings
+from still.config import changed_settings, save_config
 from still.errors import StillError
 from still.train import distributed
 from still.train.checkpoint import newest_config
@@ -151,6 +151,14 @@ def hold_run_folder(out: Path) -> Iterator[None]:
         if made:  # (a run refused before it wrote anything leaves no folder behind)
             with contextlib.suppress(OSError):
                 out.rmdir()
+
+
+def mark_new_run(out: Path, config: Any) -> None:
+    """A run folder that holds nothing yet takes its config.json at once (the run writes it again as
+    it ends): a run interrupted before its end is still told from another recipe's, whose
+    `check_run_kind` reads it, and `--overwrite` elsewhere cannot take its stages for its own."""
+    if distributed.current().main and not any(out.iterdir()):
+        save_config(config, out / "config.json")
 
 
 def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any], str] | None:

@@ -35,7 +35,7 @@ from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import MLP, MLPConfig
 from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
 from still.errors import check
-from still.recipes.common import check_run_kind, hold_run_folder, plot_curves, predict, train_stage
+from still.recipes.common import check_run_kind, hold_run_folder, mark_new_run, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
@@ -169,6 +169,7 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
               **({"precision": config.precision} if config.precision != "fp32" else {})}
     if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
         log(f"--precision bf16: {slower}")
+    mark_new_run(out, config)
 
     def in_precision(compute: Any) -> Any:  # outside the trainer (which applies it to its own steps)
         with autocast(config.precision, device):
