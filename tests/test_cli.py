@@ -77,10 +77,28 @@ def test_the_command_sets_openmp_waiting_before_torch_loads(environ, expected):
     (["--omit-digit", "12"], "12 is not in the range 0<=x<=9"),
     (["--teacher-epochs", "0"], "0 is not in the range x>=1"),
     (["--preset", "huge"], "'huge' is not one of 'quick', 'paper'"),
+    (["--seed", "99999999999999999999"], "seed must be a whole number from 0 to 4294967295, got 99999999999999999999"),
+    (["--seed", "-1"], "seed must be a whole number from 0 to 4294967295, got -1"),
 ])
 def test_bad_mnist_options(capsys, tmp_path, args, message):
     assert_user_error(capsys, "distill", "mnist", "--out", str(tmp_path / "run"), *args, contains=message)
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.parametrize("seed", ["100000000000000", "4294967296", "-9223372036854775809"])
+def test_a_seed_out_of_range_is_refused_by_every_command(capsys, tmp_path, cifar_dir, seed):
+    """Found by a probe: a seed past int64 (or, for `lm train`, past 1.8e13: the seeds made from it
+    overflowed) ended in PyTorch's OverflowError, exit 1."""
+    message = f"seed must be a whole number from 0 to 4294967295, got {seed}"
+    for command in (["lm", "train", "--corpus", "shakespeare"], ["distill", "cifar10", "--data-dir", str(cifar_dir)]):
+        assert_user_error(capsys, *command, "--out", str(tmp_path / "run"), "--seed", seed, contains=message)
+        assert not (tmp_path / "run").exists()
+    assert_user_error(capsys, "lm", "generate", str(tmp_path / "none"), "--seed", seed, contains=message)
+    from still.errors import StillError
+    from still.recipes.lm import LMConfig
+
+    with pytest.raises(StillError, match="seed must be a whole number"):
+        LMConfig(seed=2**32)
 
 
 def test_enwik8_is_read_as_bytes_without_being_told(capsys, tmp_path):

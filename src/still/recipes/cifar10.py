@@ -42,7 +42,7 @@ from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
 from still.train.progress import log
 from still.train.results import write_results
-from still.train.seed import seed_everything
+from still.train.seed import check_seed, seed_everything
 
 LABML = {"teacher": 85.0, "student": 80.0, "distilled": 82.0}
 
@@ -69,6 +69,7 @@ class Cifar10Config:
         check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check_seed(self.seed)
         check_temperature(self.temperature)
         check(0 <= self.alpha <= 1, f"alpha (the weight of the soft-target term) must be in [0, 1], got {self.alpha}")
         check(self.teacher.classes == self.student.classes,

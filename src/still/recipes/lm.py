@@ -45,7 +45,7 @@ from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.precision import autocast, bf16_slower, check_precision
 from still.train.progress import log, progress
 from still.train.results import write_results
-from still.train.seed import seed_everything
+from still.train.seed import check_seed, seed_everything
 from still.train.shards import Shard, default_shards
 
 
@@ -83,6 +83,7 @@ class LMConfig:
               f"corpus must name a corpus (shakespeare, a file or folder, enwik8:PATH ...), got {self.corpus!r}")
         for name in ("batch_size", "segment_len", "steps", "eval_every"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check_seed(self.seed)
         check(self.eval_segments is None or self.eval_segments > 0,
               f"eval_segments must be > 0, got {self.eval_segments}")
         check(self.steps % self.eval_every == 0,
@@ -539,6 +540,8 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     None without `state`: 0). The text of one generation equals, to float rounding, that of
     generations continued from each other with empty prompts, the same sampling settings and no
     seed. (At byte level a character whose bytes two calls share is written as U+FFFD by each.)"""
+    if seed is not None:
+        check_seed(seed)
     config, vocab, model, loaded = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)

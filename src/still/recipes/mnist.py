@@ -41,7 +41,7 @@ from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
 from still.train.progress import log
 from still.train.results import write_results
-from still.train.seed import seed_everything
+from still.train.seed import check_seed, seed_everything
 
 PAPER_TEST_IMAGES = 10_000  # what the paper's error counts are of
 PAPER_TEMPERATURE = 20.0  # the temperature of the paper's distilled students (section 3)
@@ -87,6 +87,7 @@ class MnistConfig:
         check(self.teacher_epochs > 0, f"teacher_epochs must be > 0, got {self.teacher_epochs}")
         check(self.student_epochs > 0, f"student_epochs must be > 0, got {self.student_epochs}")
         check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        check_seed(self.seed)
         check(0 <= self.jitter <= 8, f"jitter must be in [0, 8] pixels, got {self.jitter}")
         check(0 <= self.teacher_shifts <= 8, f"teacher_shifts must be in [0, 8] pixels, got {self.teacher_shifts}")
         check(len(self.temperatures) > 0, "give at least one temperature")

@@ -8,6 +8,17 @@ import random
 import numpy as np
 import torch
 
+from still.errors import check
+
+MAX_SEED = 2**32 - 1  # NumPy's largest; the seeds made from a seed (times 1,000,003, plus an epoch) stay in int64
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """Refuse (`StillError`) a seed outside [0, MAX_SEED]: larger ones overflowed PyTorch's int64 in
+    the seeds made from them."""
+    check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED,
+          f"{name} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+
 
 def seed_everything(seed: int, deterministic: bool = False, threads: int | None = None) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA).
