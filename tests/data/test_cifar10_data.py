@@ -84,7 +84,28 @@ def test_wrong_shape_is_named(cifar_dir):
 
 def test_label_count_mismatch(cifar_dir):
     write_cifar_batch(cifar_dir / "cifar-10-batches-py" / "data_batch_1", 5, seed=1, labels_count=4)
-    with pytest.raises(StillError, match="4 labels for 5 images"):
+    with pytest.raises(StillError, match=r"labels have shape \(4,\), expected \(5,\): one for each image"):
+        load_cifar10(cifar_dir)
+
+
+@pytest.mark.parametrize("field, value, shape", [
+    ("labels", [[1], [1, 2], [3], [4], [5]], None),
+    ("data", [[0] * 3072, [0] * 3000, [0] * 3072, [0] * 3072, [0] * 3072], None),
+    ("labels", [[1], [2], [3], [4], [5]], r"\(5, 1\)"),
+])
+def test_ragged_or_column_fields_are_named(cifar_dir, field, value, shape):
+    """Found by a probe: lists of rows of unequal lengths raised NumPy's ValueError (exit 1), and
+    labels as a column were said to be "5 labels for 5 images"."""
+    import pickle
+
+    import numpy as np
+
+    batch = {b"labels": list(range(5)), b"data": np.zeros((5, 3072), np.uint8), field.encode(): value}
+    path = cifar_dir / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+    message = (f"labels have shape {shape}, expected \\(5,\\)" if shape else
+               "'data' and 'labels' must be arrays or lists of equal rows")
+    with pytest.raises(StillError, match=f"test_batch: {message}"):
         load_cifar10(cifar_dir)
 
 

@@ -55,12 +55,15 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise StillError(f"{path}: missing 'data' or 'labels' (keys: {', '.join(map(str, batch))})")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"])
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    except ValueError as e:  # (lists of rows of unequal lengths)
+        raise StillError(f"{path}: 'data' and 'labels' must be arrays or lists of equal rows ({e})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise StillError(f"{path}: data has shape {data.shape} and dtype {data.dtype}, expected (N, 3072) uint8")
     if labels.shape != (data.shape[0],):
-        raise StillError(f"{path}: {labels.shape[0] if labels.ndim else 'no'} labels for {data.shape[0]} images")
+        raise StillError(f"{path}: labels have shape {labels.shape}, expected ({data.shape[0]},): one for each "
+                         "image")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):  # (fractions: cut to whole classes unsaid)
         raise StillError(f"{path}: labels are {labels.dtype}, expected whole numbers 0..9")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
