@@ -83,13 +83,17 @@ def test_a_draw_never_picks_an_impossible_token_even_if_the_sums_round_up(monkey
     assert sampling.invert(probs, torch.tensor([[0.50005]])).item() == 3  # token 2 is past u but impossible
 
 
-def test_a_tiny_temperature_draws_the_likeliest_token():
-    """T = 1e-40: the logits divided by it were infinite, the softmax NaN, and the draw token 0."""
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-40}, {"temperature": 1e-46}, {"top_p": 1e-46},
+                                      {"temperature": 1e-46, "top_p": 1e-46}], ids=str)
+def test_a_tiny_temperature_or_top_p_draws_the_likeliest_token(sampling):
+    """T = 1e-40: the logits divided by it were infinite, the softmax NaN, and the draw token 0.
+    Found by a probe: T or top-p below 1.4e-45 rounded to 0 in float32 (0 / 0, or every token
+    dropped), and every draw was token 0."""
     from still.compressive.sampling import Sampling, next_token
 
     logits = torch.tensor([[3.0, 9.0, 1.0, 5.0], [-2.0, -7.0, -1.5, -9.0]])
     for uniform in (0.0, 0.5, 0.999):
-        drawn = next_token(logits, torch.full((2, 1), uniform), Sampling(temperature=1e-40))
+        drawn = next_token(logits, torch.full((2, 1), uniform), Sampling(**sampling))
         assert drawn.tolist() == [1, 2]
 
 

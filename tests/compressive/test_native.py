@@ -162,7 +162,7 @@ def test_mostly_zero_hidden_units_give_the_models_logits(d_model, dtype, threads
 
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.7), Sampling(top_k=3),
                                       Sampling(top_p=0.6), Sampling(temperature=1.3, top_k=5, top_p=0.9),
-                                      Sampling(temperature=1e-40)],
+                                      Sampling(temperature=1e-40), Sampling(temperature=1e-46, top_p=1e-46)],
                          ids=str)
 @pytest.mark.parametrize("build", BUILDS, indirect=True)
 def test_native_draws_are_next_token_of_its_logits(sampling, build):

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from still.compressive.sampling import Sampling
+from still.compressive.sampling import TINY, Sampling
 from still.train.progress import log
 
 if TYPE_CHECKING:
@@ -474,8 +474,10 @@ class NativeStep:
 
 
 def _draw_settings(sampling: Sampling) -> tuple[float, int, float]:
-    """temperature, top-k (0: none), top-p (1: none), as the C step reads them."""
-    return (sampling.temperature, sampling.top_k or 0, 1.0 if sampling.top_p is None else sampling.top_p)
+    """temperature, top-k (0: none), top-p (1: none), as the C step reads them (in float32: values
+    below its smallest normal number as that number, as `sampling.next_token` takes them)."""
+    return (max(sampling.temperature, TINY), sampling.top_k or 0,
+            1.0 if sampling.top_p is None else max(sampling.top_p, TINY))
 
 
 PROMPT_ONE_THREAD_BELOW = 2**22

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+TINY = torch.finfo(torch.float32).tiny  # float32's smallest normal number (1.2e-38)
+
 
 class Sampling(NamedTuple):
     temperature: float = 1.0
@@ -33,7 +35,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(-1)
-        drop = cumulative(sorted_probs) - sorted_probs >= top_p  # keep the token that crosses top_p
+        # keep the token that crosses top_p; a top_p below float32's smallest normal number (which
+        # would round to 0 and drop every token, the first too) keeps the first alone
+        top_p = max(top_p, TINY)
+        drop = cumulative(sorted_probs) - sorted_probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -98,8 +103,10 @@ def next_token(logits: torch.Tensor, uniform: torch.Tensor, sampling: Sampling, 
     """Sample from logits (B, V) at `sampling`'s temperature and filters, given the uniform numbers
     (B, 1). -> (B,). `fused`: for the compiler (`cumulative`). Other than 1, the temperature divides
     the logits less their largest (the same distribution; with a tiny T, 1e-40 say, dividing the
-    logits themselves made them infinite and the softmax NaN, and the draw fell to token 0)."""
+    logits themselves made them infinite and the softmax NaN, and the draw fell to token 0). A T
+    below float32's smallest normal number, which would round to 0 (0 / 0: NaN), divides as that
+    number: the largest logits alone are drawn, as from any T small beside their gaps."""
     logits = logits.float()
     if sampling.temperature != 1:
-        logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
+        logits = (logits - logits.amax(-1, keepdim=True)) / max(sampling.temperature, TINY)
     return invert(filter_logits(logits, sampling.top_k, sampling.top_p).softmax(-1), uniform, fused)
