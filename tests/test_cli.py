@@ -165,6 +165,27 @@ def test_bench_peak_runs(capsys):
     assert float(out.split("fp32:")[1].split("GFLOP")[0]) > 0
 
 
+def test_bench_peak_refuses_a_size_beyond_the_machines_memory(capsys, monkeypatch):
+    """Found by a probe: `--size 1000000` (12 TB of matrices) ended in the allocator's traceback;
+    one that passes the check but cannot be had is said the same way."""
+    import torch
+
+    import still.bench.peak as peak
+
+    assert_user_error(capsys, "bench", "peak", "--size", "1000000", "--repeats", "1",
+                      contains="size 1000000: its three 1000000 x 1000000 fp32 matrices (11,175.9 GiB) do not fit in the "
+                               "machine's memory, more than its")
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 196608 bytes")
+
+    monkeypatch.setattr(torch, "randn", refused)
+    assert_user_error(capsys, "bench", "peak", "--size", "128", "--repeats", "1",
+                      contains="(192.0 KiB) do not fit in the machine's memory, more than it has free")
+    monkeypatch.setattr(peak, "_memory", lambda device: 1000)
+    assert_user_error(capsys, "bench", "peak", "--size", "128", "--repeats", "1", contains="more than its 1000 B")
+
+
 def test_more_threads_than_cores_are_named(capsys, monkeypatch):
     import os
 
