@@ -173,8 +173,8 @@ def test_bench_peak_refuses_a_size_beyond_the_machines_memory(capsys, monkeypatc
     import still.bench.peak as peak
 
     assert_user_error(capsys, "bench", "peak", "--size", "1000000", "--repeats", "1",
-                      contains="size 1000000: its three 1000000 x 1000000 fp32 matrices (11,175.9 GiB) do not fit in the "
-                               "machine's memory, more than its")
+                      contains="size 1000000: its three 1000000 x 1000000 fp32 matrices (11,175.9 GiB) do not fit "
+                               "in the machine's memory, more than its")
 
     def refused(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 196608 bytes")

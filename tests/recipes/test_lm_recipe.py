@@ -494,7 +494,9 @@ def test_train_stream_gives_every_thread_the_same_segments():
 def test_compare_runs(trained, tmp_path, capsys):
     code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "test", "--threads", "1")
     assert code == 0
-    code, out, err = run_cli(capsys, "lm", "compare", str(trained), str(trained), "--out", str(tmp_path / "cmp"))
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    code, out, err = run_cli(capsys, "lm", "compare", str(trained), str(copy), "--out", str(tmp_path / "cmp"))
     assert code == 0 and out.count("compressive 16+8/4") == 2 and "eval_step" in out and "come from" not in err
     rows = json.loads((tmp_path / "cmp" / "compare-test.json").read_text())["rows"]
     assert [r["eval_step"] for r in rows] == [8, 8]
@@ -502,6 +504,21 @@ def test_compare_runs(trained, tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare-valid-curves.png").is_file()
     assert_user_error(capsys, "lm", "compare", str(tmp_path), "--out", str(tmp_path / "cmp"),
                       contains="has no results.json")
+    assert_user_error(capsys, "lm", "compare", str(trained), str(copy), str(copy / ".." / "copy"), "--out",
+                      str(tmp_path / "cmp"), contains=f"{copy / '..' / 'copy'} is given twice (as {copy} too)")
+
+    # found by a probe: results and evaluations that are not as still writes them ended in tracebacks
+    results, evaluation = copy / "results.json", copy / "eval-test.json"
+    kept = results.read_text(), evaluation.read_text()
+    for damaged in ("{}", "[]", '{"rows": []}', '{"rows": [5]}'):
+        results.write_text(damaged)
+        assert_user_error(capsys, "lm", "compare", str(copy), "--out", str(tmp_path / "cmp"),
+                          contains=f"cannot read {results}: not as still writes it (")
+    results.write_text(kept[0])
+    for damaged in (kept[1][: len(kept[1]) // 2], '{"rows": [{"from": 0}]}'):
+        evaluation.write_text(damaged)
+        assert_user_error(capsys, "lm", "compare", str(copy), "--out", str(tmp_path / "cmp"),
+                          contains=f"cannot read {evaluation}: not as still writes it (")
 
 
 def test_a_byte_level_run_counts_bytes_and_streams_whole_characters(trained, corpus, tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -685,41 +686,60 @@ def _under(context, iterator):
         yield item
 
 
+@contextlib.contextmanager
+def _unreadable(path: Path, remedy: str) -> Iterator[None]:
+    """Inside: a file of still's that does not hold what still writes there (damaged, or made by
+    hand) is refused naming it, where its reading raised Python's own error."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise StillError(f"cannot read {path}: not as still writes it ({type(e).__name__}: {e}); "
+                         f"{remedy}") from None
+
+
 def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_table: bool = True) -> str:
     """One table (bits per character of each run) and two plots (bits per character against the
     position in the document, and validation during training, one curve per run) from finished
     runs and their `still lm eval`. Runs of different corpora, or of bytes beside characters, get a
     corpus and a unit column, and a line that says their numbers do not compare."""
     rows, curves, histories = [], [], []
+    seen: dict[Path, Path] = {}
+    for run_dir in run_dirs:
+        if (same := seen.setdefault(run_dir.resolve(), run_dir)) is not run_dir:
+            raise StillError(f"{run_dir} is given twice" + (f" (as {same} too)" if same != run_dir else ""))
     for run_dir in run_dirs:
         check_run_kind(run_dir, "language-model")
         try:
-            result = json.loads((run_dir / "results.json").read_text())
+            result = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise StillError(f"{run_dir} has no results.json: "
                              f"train it first (still lm train --out {run_dir})") from None
-        row = {"run": run_dir.name, **result["rows"][0]}
-        settings = result.get("meta", {}).get("config", {})
-        row["corpus"] = settings.get("corpus", result.get("meta", {}).get("corpus"))
-        row["unit"] = "byte" if settings.get("byte_level") else "character"
-        history = result.get("meta", {}).get("history", [])
-        if history:
-            histories.append((run_dir.name, [h["step"] for h in history], [h["valid_bits"] for h in history]))
+        with _unreadable(run_dir / "results.json", f"train it again (still lm train --out {run_dir})"):
+            row = {"run": run_dir.name, **result["rows"][0]}
+            settings = result.get("meta", {}).get("config", {})
+            row["corpus"] = settings.get("corpus", result.get("meta", {}).get("corpus"))
+            row["unit"] = "byte" if settings.get("byte_level") else "character"
+            history = result.get("meta", {}).get("history", [])
+            if history:
+                histories.append((run_dir.name, [h["step"] for h in history], [h["valid_bits"] for h in history]))
         evaluation = run_dir / f"eval-{split}.json"
         if evaluation.is_file():
-            data = json.loads(evaluation.read_text())
-            points = [r for r in data["rows"] if r["bits_per_char"] is not None]
-            curves.append((f"{run_dir.name}: {row['model']}", [max(1.0, (r["from"] + r["to"]) / 2) for r in points],
-                           [r["bits_per_char"] for r in points]))
-            first = [r["bits_per_char"] for r in points if r["to"] < 1024]
-            late = [r["bits_per_char"] for r in points if r["from"] >= 4096]
-            row["bpc_first_1k"] = round(sum(first) / len(first), 4) if first else None
-            row["bpc_after_4k"] = round(sum(late) / len(late), 4) if late else None
-            row["eval_step"] = data.get("meta", {}).get("step")
+            with _unreadable(evaluation, f"evaluate the run again (still lm eval {run_dir} --split {split})"):
+                data = json.loads(evaluation.read_text(encoding="utf-8"))
+                points = [r for r in data["rows"] if r["bits_per_char"] is not None]
+                curves.append((f"{run_dir.name}: {row['model']}",
+                               [max(1.0, (r["from"] + r["to"]) / 2) for r in points],
+                               [r["bits_per_char"] for r in points]))
+                first = [r["bits_per_char"] for r in points if r["to"] < 1024]
+                late = [r["bits_per_char"] for r in points if r["from"] >= 4096]
+                row["bpc_first_1k"] = round(sum(first) / len(first), 4) if first else None
+                row["bpc_after_4k"] = round(sum(late) / len(late), 4) if late else None
+                row["eval_step"] = data.get("meta", {}).get("step")
+                changed = data.get("meta", {}).get("changed_since_training")
             if row["eval_step"] != row.get("steps"):
                 log(f"{run_dir.name}: the by-position columns come from `still lm eval` of checkpoint step "
                     f"{row['eval_step']}, the others from the end of training (step {row.get('steps')})")
-            if data.get("meta", {}).get("changed_since_training"):
+            if changed:
                 log(f"{run_dir.name}: the by-position columns come from `still lm eval` of the {split} text as it "
                     "was changed since training, the others from the text it trained on")
         rows.append(row)
