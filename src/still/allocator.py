@@ -117,7 +117,7 @@ def huge_pages_environment(environ: Mapping[str, str] = os.environ) -> dict[str,
         return None
     try:
         version = tuple(int(x) for x in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(encoding="utf-8")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
     if version < (2, 35) or "[madvise]" not in mode:

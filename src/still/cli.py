@@ -41,6 +41,17 @@ def _floats(ctx, param, value):
     return values
 
 
+def _utf8_argument(text: str) -> str:
+    """An argument whose bytes the locale could not decode (kept as lone surrogates: UTF-8 typed
+    under a C or ASCII locale) read as the UTF-8 it is; other text as it came."""
+    if not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except (UnicodeError, ValueError):
+        return text
+
+
 def _threads(threads: int | None, deterministic: bool = False) -> None:
     """Set the thread count; in deterministic mode also PyTorch's deterministic algorithms, and one
     thread unless told otherwise (reductions split across threads can add up in another order)."""
@@ -326,7 +337,8 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 
 @lm_group.command("generate")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", default="", help="Text to continue.")
+@click.option("--prompt", default="", callback=lambda ctx, param, value: _utf8_argument(value),
+              help="Text to continue.")
 @click.option("--tokens", type=click.IntRange(min=1), default=256, show_default=True, help="How many to generate.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Divides the logits before sampling: < 1 surer, > 1 more varied.")
@@ -359,7 +371,8 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_,
                 save_state, state, threads):
     """Stream sampled text from a trained run, carrying the memories. A reader that leaves early
-    (`| head`) ends it quietly, with exit code 0 (and no --save-state written)."""
+    (`| head`) ends it quietly, with exit code 0 (and no --save-state written; nor is one written
+    after Ctrl-C or SIGTERM, which end it with 130 and 143)."""
     from still.recipes.lm import generate_lm
 
     _one_process("lm generate")
@@ -568,6 +581,11 @@ def _terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()  # the command's process keeps what it frees for its next call (still.allocator)
+    # a character the terminal's encoding lacks (generated text, a corpus's name, under an ASCII or
+    # Latin-1 locale) is written as \xNN, \uNNNN, rather than ending the command in a traceback
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
     # SIGTERM unwinds (what is being written is removed) and exits 143; a training loop's steps
     # defer it, finish the step and save first (still.train.loop)
     if threading.current_thread() is threading.main_thread():

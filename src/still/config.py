@@ -186,7 +186,7 @@ def save_config(config: Any, path: str | Path) -> None:
 def load_config(cls: type[C], path: str | Path) -> C:
     """Read a config written by `save_config`."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise StillError(f"cannot read config {path}: {e}") from None
     return from_dict(cls, data, where=str(path))

@@ -963,3 +963,26 @@ def test_a_run_folder_in_use_is_refused_and_overwrite_keeps_the_folder(corpus, t
         assert_user_error(capsys, *train_args(corpus, out), contains="is in use")
     assert_user_error(capsys, *train_args(tmp_path / "missing", tmp_path / "new"), contains="missing")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_run_of_non_ascii_text_is_read_and_written_under_any_locale(corpus, tmp_path, capsys):
+    """Found by a probe: under a locale that is not UTF-8 (LC_ALL=C without Python's coercion), a
+    run's own vocab.json (written as UTF-8) could not be read back, and text the terminal's encoding
+    lacks ended `lm generate` in a UnicodeEncodeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    text = tmp_path / "text"
+    shutil.copytree(corpus, text)
+    for path in text.iterdir():
+        path.write_text(path.read_text(encoding="utf-8") + "café — naïve\n", encoding="utf-8")
+    out = tmp_path / "run"
+    assert run_cli(capsys, *train_args(text, out, "--steps", "2", "--eval-every", "2"))[0] == 0
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+           "PYTHONIOENCODING": "ascii"}
+    result = subprocess.run([sys.executable, "-m", "still", "lm", "generate", str(out), "--prompt", "café",
+                             "--tokens", "3", "--threads", "1"], capture_output=True, text=True, encoding="ascii",
+                            errors="strict", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("caf\\xe9") and "Traceback" not in result.stderr

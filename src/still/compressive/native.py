@@ -211,7 +211,7 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
         if path.exists():
             return path
         if failed.exists():
-            error = failed.read_text()
+            error = failed.read_text(encoding="utf-8")
             continue
         if not tune:
             log(f"{Path(cxx).name} could not build the {what} with {' '.join(TUNE)} ({error}); building it without")
@@ -226,7 +226,7 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
                 os.replace(built, path)  # whole or not at all, also against a concurrent build
                 return path
         error = (result.stderr.strip().splitlines() or ["failed"])[-1]
-        failed.write_text(error)
+        failed.write_text(error, encoding="utf-8")
     raise RuntimeError(f"{Path(cxx).name} could not build {source_file.name}: {error}")
 
 

@@ -60,7 +60,7 @@ def _fits(data: dict, kind: str) -> bool:
 def _config_of(run_dir: Path) -> dict | None:
     """The run's config.json as data (None: none there, or none readable as a dict)."""
     try:
-        data = json.loads((run_dir / "config.json").read_text())
+        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -170,7 +170,7 @@ def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any]
     path = stage_dir / "stage.json"
     if path.exists():
         try:
-            existing = json.loads(path.read_text())
+            existing = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(existing, dict):
                 raise ValueError(f"a JSON {type(existing).__name__}, not an object")
         except (OSError, ValueError) as e:

@@ -198,7 +198,7 @@ def _older_relative_corpus(stage: Path, corpus: str) -> None:
     """A run made before its corpus's path was stored absolute (`absolute_corpus`) names it as
     given: where that is `corpus` seen from here, it is written absolute, so the same command resumes it."""
     try:
-        existing = json.loads(stage.read_text())
+        existing = json.loads(stage.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     stored = existing.get("corpus") if isinstance(existing, dict) else None
@@ -353,11 +353,12 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
         dist.barrier()
         return {}
     if trainer.loaded_finished and (out / "results.json").is_file() and (out / "results.md").is_file():
-        table = (out / "results.md").read_text()  # finished before, with these settings: nothing to redo
+        # finished before, with these settings: nothing to redo
+        table = (out / "results.md").read_text(encoding="utf-8")
         if print_table:
             print(table)
         dist.barrier()
-        return {**json.loads((out / "results.json").read_text()), "table": table}
+        return {**json.loads((out / "results.json").read_text(encoding="utf-8")), "table": table}
 
     test_docs, test_names = corpus.split("test")
     with autocast(config.precision, device):
@@ -423,7 +424,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     check_run_kind(run_dir, "language-model")
     config = load_config(LMConfig, run_dir / "config.json")
     try:
-        vocab = Vocab.from_json((run_dir / "vocab.json").read_text())
+        vocab = Vocab.from_json((run_dir / "vocab.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError) as e:
         raise StillError(f"cannot read {run_dir}/vocab.json: {e}") from None
     if checkpoint is not None:
@@ -459,7 +460,7 @@ def _recorded_split_digest(run_dir: Path, split: str) -> str | None:
     """The digest of `split` that training recorded in the run's stage.json (`split_sha256`), or None
     (a run made before it was recorded, or stage.json unreadable: `load_run` has the run's settings)."""
     try:
-        recorded = json.loads((run_dir / "stage.json").read_text()).get("split_sha256")
+        recorded = json.loads((run_dir / "stage.json").read_text(encoding="utf-8")).get("split_sha256")
     except (OSError, ValueError, AttributeError):
         return None
     digest = recorded.get(split) if isinstance(recorded, dict) else None
@@ -591,7 +592,7 @@ def _model_identity(config: LMConfig, vocab: Vocab, loaded: ckpt.Checkpoint) -> 
     """What a generation state's memories belong to: the model's configuration, its weights (the
     SHA-256 of the checkpoint's weights file, from its manifest, verified when it was loaded) and
     its vocabulary (the ids it reads), as safetensors metadata (strings)."""
-    manifest = json.loads((loaded.path / "manifest.json").read_text())
+    manifest = json.loads((loaded.path / "manifest.json").read_text(encoding="utf-8"))
     return {"model": json.dumps(to_dict(config.model), sort_keys=True), "vocab_size": str(len(vocab)),
             "byte_level": json.dumps(vocab.byte_level),
             "vocabulary": hashlib.sha256(vocab.to_json().encode()).hexdigest(),

@@ -183,8 +183,8 @@ def save_checkpoint(
             tensors[f"extra/{name}"] = value
         _save_tensors(model, tmp / "model.safetensors")
         _save_tensors(tensors, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps(json_state))
-        (tmp / "config.json").write_text(json.dumps(config or {}, indent=2))
+        (tmp / "state.json").write_text(json.dumps(json_state), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config or {}, indent=2), encoding="utf-8")
         for name in _FILES:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
@@ -226,7 +226,7 @@ def verify_checkpoint(path: str | Path) -> dict:
     if not path.is_dir():
         raise StillError(f"checkpoint {path} does not exist or is not a checkpoint directory")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
         raise StillError(f"checkpoint {path} is incomplete or damaged: "
@@ -249,8 +249,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         model = load_file(str(path / "model.safetensors"), device=str(map_location))
         tensors = load_file(str(path / "state.safetensors"), device="cpu")
-        state = json.loads((path / "state.json").read_text())
-        config = json.loads((path / "config.json").read_text())
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, SafetensorError) as e:
         raise StillError(f"checkpoint {path} cannot be read: {e}") from None
     return Checkpoint(path=path, step=int(manifest["step"]), model=model, state=state, tensors=tensors, config=config)
@@ -284,7 +284,7 @@ def newest_config(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
     run was made with, not to resume from (`latest_checkpoint` verifies)."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            config = json.loads((path / "config.json").read_text())
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(config, dict):
