@@ -986,3 +986,17 @@ def test_a_run_of_non_ascii_text_is_read_and_written_under_any_locale(corpus, tm
                             errors="strict", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("caf\\xe9") and "Traceback" not in result.stderr
+
+
+def test_an_evaluation_that_cannot_be_kept_prints_its_numbers_first(trained, tmp_path, capsys, monkeypatch):
+    """Found by a probe: `lm eval` of a run on read-only media evaluated the whole split, then ended
+    writing its record, and its numbers were lost with it."""
+    import still.train.results as results
+
+    def read_only(path, text):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(results, "atomic_write_text", read_only)
+    code, printed, err = run_cli(capsys, "lm", "eval", str(trained), "--threads", "1")
+    assert code == 2 and "error: Read-only file system: " in err and "eval-test.json" in err
+    assert printed.startswith("corpus0 test: ") and "bits per character" in printed and "| from |" in printed

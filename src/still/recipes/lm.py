@@ -45,7 +45,7 @@ from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.precision import autocast, bf16_slower, check_precision
 from still.train.progress import log, progress
-from still.train.results import write_results
+from still.train.results import format_table, write_results
 from still.train.seed import check_seed, seed_everything
 from still.train.shards import Shard, default_shards
 
@@ -511,17 +511,22 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
              + (f"; the {split} text has changed since training" if changed else "") + "\n\n"
              f"Loss by position within the {within}:")
     name = f"eval-{split}"
-    table = write_results(run_dir, name, rows, title=title,
-                          meta={k: v for k, v in result.items() if k != "by_position"}
-                          | {"step": checkpoint.step, "precision": precision, "shards": shards,
-                             "rows": streams.batch_size, "pieces": len(streams.pieces), "split_sha256": current,
-                             "changed_since_training": changed})
-    plot_curves(run_dir / f"{name}-by-position.png",
-                [(_describe(config.model),
-                  [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
-                  [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
-                xlabel=f"position in the {within} ({vocab.unit}s)", ylabel=f"bits per {vocab.unit}", logx=True,
-                title=f"{corpus.name} {split}: loss by position in the {within}")
+    try:
+        table = write_results(run_dir, name, rows, title=title,
+                              meta={k: v for k, v in result.items() if k != "by_position"}
+                              | {"step": checkpoint.step, "precision": precision, "shards": shards,
+                                 "rows": streams.batch_size, "pieces": len(streams.pieces), "split_sha256": current,
+                                 "changed_since_training": changed})
+        plot_curves(run_dir / f"{name}-by-position.png",
+                    [(_describe(config.model),
+                      [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
+                      [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
+                    xlabel=f"position in the {within} ({vocab.unit}s)", ylabel=f"bits per {vocab.unit}", logx=True,
+                    title=f"{corpus.name} {split}: loss by position in the {within}")
+    except OSError:  # (a run on read-only media, a full disk): the numbers first, then why they were not kept
+        if print_table:
+            print(format_table(rows, title=title))
+        raise
     if print_table:
         print(table)
     return result
