@@ -1000,3 +1000,19 @@ def test_an_evaluation_that_cannot_be_kept_prints_its_numbers_first(trained, tmp
     code, printed, err = run_cli(capsys, "lm", "eval", str(trained), "--threads", "1")
     assert code == 2 and "error: Read-only file system: " in err and "eval-test.json" in err
     assert printed.startswith("corpus0 test: ") and "bits per character" in printed and "| from |" in printed
+
+
+def test_a_finished_run_is_loaded_again_where_it_cannot_be_written(trained, corpus, tmp_path, capsys, monkeypatch):
+    """Found by a probe: running a finished `lm train` again on read-only media failed writing its
+    config.json, which held those settings already. Nothing is written now that holds what is there."""
+    import still.train.io as io
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+
+    def read_only(path, write):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io, "atomic_write", read_only)
+    code, _, err = run_cli(capsys, *train_args(corpus, out))
+    assert code == 0 and "loaded the finished run" in err, err

@@ -94,8 +94,15 @@ def printable(text: str) -> str:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """`text` as UTF-8 (`printable`: a file name's undecodable bytes as `\\xNN`), atomically."""
-    atomic_write_bytes(path, printable(text).encode("utf-8"))
+    """`text` as UTF-8 (`printable`: a file name's undecodable bytes as `\\xNN`), atomically. A file
+    that holds these bytes already is left as it is (a finished run run again on read-only media)."""
+    data = printable(text).encode("utf-8")
+    try:
+        if os.path.getsize(path) == len(data) and Path(path).read_bytes() == data:
+            return
+    except OSError:  # (none there yet, or unreadable: written)
+        pass
+    atomic_write_bytes(path, data)
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
