@@ -104,8 +104,7 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
     elif overwrite and path.exists():  # (unreadable: `_recorded_settings` let it through to be started again)
         _start_again(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if recorded != (config, ""):  # (a stage.json that holds these settings already is not written again)
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # (not again where it holds them)
 
 
 def _start_again(stage_dir: Path) -> None:
