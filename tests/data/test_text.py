@@ -85,6 +85,9 @@ def test_byte_vocab():
     vocab = Vocab(byte_level=True)
     ids = vocab.encode("héllo".encode())
     assert len(vocab) == 258 and len(ids) == 6 and vocab.decode(ids) == "héllo"
+    for empty in ("", b""):  # (found by a fuzzer: torch.frombuffer refuses an empty buffer)
+        ids = vocab.encode(empty)
+        assert ids.dtype == torch.long and ids.shape == (0,)
 
 
 def test_non_utf8_names_file_and_offset(tmp_path):

@@ -531,6 +531,8 @@ def test_a_byte_level_run_counts_bytes_and_streams_whole_characters(trained, cor
     assert code == 0, err
     code, printed, _ = run_cli(capsys, "lm", "eval", str(out), "--threads", "1")
     assert code == 0 and "bits per byte" in printed and "bytes; checkpoint" in printed
+    code, printed, err = run_cli(capsys, "lm", "generate", str(out), "--tokens", "5")  # (the empty prompt: a fuzzer's)
+    assert code == 0 and printed.endswith("\n"), err
     import still.recipes.lm as lm
 
     def generate(model, ids, count, **options):  # the bytes of "é—" (2 + 3), two specials first

@@ -154,6 +154,8 @@ class Vocab:
         is kept in `compact_dtype`)."""
         if self.byte_level:
             data = text.encode("utf-8") if isinstance(text, str) else text
+            if not data:  # (frombuffer refuses an empty buffer)
+                return torch.empty(0, dtype=dtype)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dtype) + len(self.SPECIALS)
         if isinstance(text, bytes):
             text = decode_utf8(text, source)
