@@ -689,3 +689,23 @@ def test_generate_names_every_bad_argument():
     with_numpy = generate(model, prompt, 3, top_k=np.int64(2), generator=torch.Generator().manual_seed(0))
     with_int = generate(model, prompt, 3, top_k=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.stack(list(with_numpy)), torch.stack(list(with_int)))
+
+
+@pytest.mark.parametrize("compile", [None, False])
+def test_a_diverged_models_outputs_are_refused_before_any_token(compile):
+    """Found by a fuzzer: a model whose weights give NaN outputs drew token 0 every step (all tokens
+    impossible), and `lm generate` printed an empty line with exit code 0."""
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=7, d_model=8, n_layers=1, n_heads=2, d_ff=16,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(StillError, match="the model's outputs after the prompt are not finite: its weights diverged"):
+        list(generate(model, torch.zeros(1, 3, dtype=torch.long), 5, compile=compile))
+
+
+def test_a_perplexity_past_floats_range_is_infinite():
+    """Found by a fuzzer: a loss above 709 nats (a model far from trained) made `math.exp` raise in
+    the evaluation, and `lm train` ended in a traceback."""
+    from still.compressive.generate import _exp
+
+    assert _exp(1.0) == math.e and _exp(709.0) == math.exp(709.0) and _exp(710.0) == math.inf

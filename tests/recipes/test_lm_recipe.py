@@ -1019,3 +1019,24 @@ def test_a_finished_run_is_loaded_again_where_it_cannot_be_written(trained, corp
     monkeypatch.setattr(io, "atomic_write", read_only)
     code, _, err = run_cli(capsys, *train_args(corpus, out))
     assert code == 0 and "loaded the finished run" in err, err
+
+
+def test_weights_that_give_nan_outputs_stop_the_run_and_are_refused(trained, corpus, tmp_path, capsys, monkeypatch):
+    """Found by a fuzzer: at --lr 1e6 one step's loss and gradients were finite, its weights' outputs
+    NaN; the run ended with exit code 0 and NaN in its table, `lm eval` printed NaN."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(corpus, out, "--steps", "1", "--eval-every", "1", "--lr", "1e6"))
+    assert code == 3 and "error: lm: valid_bits is nan after step 1, though every step's loss" in err, err
+    assert not list((out / "checkpoints").glob("ckpt-*")) and not (out / "results.json").exists()
+
+    import still.recipes.lm as lm
+
+    evaluate_streams = lm.evaluate_streams
+    monkeypatch.setattr(lm, "evaluate_streams",
+                        lambda *args, **kwargs: {**evaluate_streams(*args, **kwargs), "bits_per_token": math.nan})
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    (copy / "eval-test.json").unlink(missing_ok=True)
+    assert_user_error(capsys, "lm", "eval", str(copy), "--threads", "1",
+                      contains="the model's loss on the test split is nan: its weights diverged")
+    assert not (copy / "eval-test.json").exists()

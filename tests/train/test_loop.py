@@ -129,6 +129,26 @@ def test_nan_loss_stops_before_the_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_nonfinite_metric_stops_before_its_epochs_checkpoint(tmp_path, mode, value):
+    """Found by a fuzzer: a learning rate of 1e6 gave finite losses and gradients for a step, but
+    weights whose outputs were NaN; the run ended with exit code 0 and NaN in its table."""
+    trainer = make_trainer(tmp_path)
+    trainer.on_nonfinite = mode
+    epochs = []
+
+    def evaluate(m):
+        epochs.append(len(epochs))
+        return {"errors": 3, "valid_bits": 1.5 if len(epochs) == 1 else value}
+
+    trainer.evaluate = evaluate
+    with pytest.raises(TrainingDiverged, match=f"t: valid_bits is {value} after step 12, though every step's loss "
+                                               "and gradient norm were finite"):
+        trainer.fit(BATCHES, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000006"]  # (the first epoch's: the last sound one)
+
+
 @pytest.mark.parametrize("clip", [True, False], ids=["clip-groups", "no-clipping"])
 def test_a_step_reads_the_device_once(monkeypatch, clip):
     """The loss's and the clip groups' gradient norms' finiteness are read together, once a step: on

@@ -224,6 +224,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = True
 
 
+def _exp(x: float) -> float:
+    """e^x; infinite past float64's range, where `math.exp` raises (a perplexity of a loss above 709
+    nats, a model far from trained)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, segment_len: int, generator: torch.Generator | None,
               state: MemoryState | None, compile: bool | None, record: _Record) -> Iterator[torch.Tensor]:
@@ -233,6 +242,9 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
         compile = native = cpu and native_library(fallback="eager steps") is not None
     with torch.no_grad():
         logits, state = _read_prompt(model, prompt, state, segment_len, compile)  # (B, V): a layer at a time
+        if not bool(logits.isfinite().all()):  # (a diverged model's NaN outputs drew token 0, every time)
+            raise StillError("the model's outputs after the prompt are not finite: its weights diverged (an "
+                             "earlier checkpoint may not have)")
         sampling = Sampling(temperature, top_k, top_p)
         batch, device = prompt.shape[0], logits.device
         draws = _Draws(max_new_tokens, batch, generator, device)  # (B, 1) a token
@@ -559,7 +571,7 @@ def _evaluate_streams(model: CompressiveTransformer, streams, max_segments: int 
     if count == 0:
         raise StillError("nothing to evaluate: the split has no targets")
     nats = total / count
-    result = {"bits_per_token": nats / math.log(2), "perplexity": math.exp(nats), "tokens": count}
+    result = {"bits_per_token": nats / math.log(2), "perplexity": _exp(nats), "tokens": count}
     if edges is not None:
         result["by_position"] = [
             {"from": int(edges[i]), "to": int(edges[i + 1]), "tokens": int(bucket_count[i]),

@@ -501,6 +501,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     with autocast(precision, device):
         result = evaluate_streams(model, streams, position_edges=edges, shards=shards,
                                   progress=lambda r: progress(r, desc=f"eval {split}", unit="segment"))
+    check(math.isfinite(result["bits_per_token"]), f"the model's loss on the {split} split is "
+          f"{result['bits_per_token']}: its weights diverged (an earlier checkpoint, --checkpoint, may not have)")
     rows = [{"from": b["from"], "to": b["to"] - 1, "tokens": b["tokens"],
              "bits_per_char": round(b["bits_per_token"], 4) if b["bits_per_token"] is not None else None}
             for b in result["by_position"]]

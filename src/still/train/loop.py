@@ -130,7 +130,8 @@ class Trainer:
             checked here, not at the first save.
         keep: how many checkpoints to keep (0: all).
         on_nonfinite: "stop" (default) raises `TrainingDiverged` before the optimizer step when the
-            loss or the gradient norm is NaN or infinite; "skip" drops that step and counts it.
+            loss or the gradient norm is NaN or infinite; "skip" drops that step and counts it. A
+            metric of `evaluate` that is a NaN or infinite float raises it in either mode.
         desc: the progress bar's label.
         precision: "fp32", or "bf16" to run `loss_fn` and `evaluate` under bf16 autocast (the
             parameters, gradients and optimizer state stay in float32).
@@ -335,6 +336,18 @@ class Trainer:
         raise TrainingDiverged(f"{self.desc}: {what} is {value.item()} at step {self.state.step}; stopped before the "
                                "optimizer step, so the checkpoints on disk are finite (lower the learning rate?)")
 
+    def _check_metrics(self, metrics: dict[str, Any]) -> None:
+        """A metric that is NaN or infinite stops the run, in either `on_nonfinite` mode: every
+        step's loss and gradient norm were finite, yet the weights they led to no longer give finite
+        outputs (a learning rate far too large), and no step skipped can mend them. Raised before
+        the epoch's checkpoint is saved: the newest on disk is the last sound one."""
+        for key, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"{self.desc}: {key} is {value} after step {self.state.step}, though every step's loss and "
+                    "gradient norm were finite: the weights no longer give finite outputs; stopped before "
+                    "saving them (lower the learning rate?)")
+
     def _shard_loss(self, batch: Any, shard: Shard, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed + shard.index)
         with thread_generator(generator), autocast(self.precision, self.device):
@@ -500,8 +513,10 @@ class Trainer:
             if self.evaluate is not None:
                 self.model.eval()
                 with torch.no_grad(), autocast(self.precision, self.device):
-                    record.update(_json_metrics(self.evaluate(self.model)))
+                    metrics = _json_metrics(self.evaluate(self.model))
                 train_mode()
+                self._check_metrics(metrics)
+                record.update(metrics)
             self.state.history.append(record)
             self.log(f"{self.desc} {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
