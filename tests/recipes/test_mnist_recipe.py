@@ -160,3 +160,18 @@ def test_bf16_runs_every_stage_under_autocast_and_keeps_apart_from_fp32(tiny_run
     assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
     assert_user_error(capsys, *TINY, "--temperature", "2,20", "--out", str(out),
                       contains="holds a run with different settings (precision)")
+
+
+def test_a_change_from_no_errors_and_a_share_of_no_digits_have_no_number():
+    """Found by a fuzzer: with `max(x, 1)` in the denominators, 1 error against a baseline's 0 read
+    +100.0%, and a test subset without the omitted digit said 0% of its (no) 3s were right."""
+    import torch
+
+    from still.recipes.mnist import _omitted_digit_report, _vs_baseline
+
+    assert _vs_baseline(1, 0) is None and _vs_baseline(0, 0) is None
+    assert _vs_baseline(90, 100) == "-10.0%" and _vs_baseline(3, 2) == "+50.0%"
+    logits, labels = torch.eye(10)[[1, 2, 4]] * 5, torch.tensor([1, 2, 4])
+    report = _omitted_digit_report(logits, labels, 3)
+    assert report == {"errors_on_3": 0, "bias_3": 0.0, "errors_biased": 0, "3s_right_biased_pct": None}
+    assert _omitted_digit_report(logits, torch.tensor([1, 3, 4]), 3)["3s_right_biased_pct"] == 0.0  # (bias 0 is best)

@@ -277,7 +277,7 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
     # --- report --------------------------------------------------------------------------------
     distilled = [r for r in rows if r["model"].startswith("distilled")]
     for r in distilled:
-        r["vs_baseline"] = f"{100 * (r['test_errors'] - baseline_errors) / max(baseline_errors, 1):+.1f}%"
+        r["vs_baseline"] = _vs_baseline(r["test_errors"], baseline_errors)
     columns = ["model", "net", "epochs", "test_errors", "paper", "vs_baseline"]
     if omit is not None:
         columns += [f"errors_on_{omit}", f"bias_{omit}", "errors_biased", f"{omit}s_right_biased_pct"]
@@ -325,9 +325,16 @@ def _omitted_digit_report(logits: torch.Tensor, labels: torch.Tensor, digit: int
     errors, bias = best
     shifted = logits.clone()
     shifted[:, digit] += bias
-    right = int((shifted[mask].argmax(-1) == digit).sum())
+    right, count = int((shifted[mask].argmax(-1) == digit).sum()), int(mask.sum())
     return {f"errors_on_{digit}": _errors(logits[mask], labels[mask]), f"bias_{digit}": round(bias, 2),
-            "errors_biased": errors, f"{digit}s_right_biased_pct": round(100 * right / max(int(mask.sum()), 1), 1)}
+            "errors_biased": errors,  # (no such digit among the test images: no share of them right)
+            f"{digit}s_right_biased_pct": round(100 * right / count, 1) if count else None}
+
+
+def _vs_baseline(errors: int, baseline: int) -> str | None:
+    """The change in test errors from the baseline's, as a percentage (None where the baseline made
+    none: a change from 0 has no percentage)."""
+    return f"{100 * (errors - baseline) / baseline:+.1f}%" if baseline else None
 
 
 def with_overrides(config: MnistConfig, **overrides: Any) -> MnistConfig:
