@@ -507,6 +507,8 @@ def test_compare_runs(trained, tmp_path, capsys):
                       contains="has no results.json")
     assert_user_error(capsys, "lm", "compare", str(trained), str(copy), str(copy / ".." / "copy"), "--out",
                       str(tmp_path / "cmp"), contains=f"{copy / '..' / 'copy'} is given twice (as {copy} too)")
+    assert_user_error(capsys, "lm", "compare", str(trained), "--out", str(copy),
+                      contains=f"--out {copy} holds a language-model run: the comparison's files would be written")
 
     # found by a probe: results and evaluations that are not as still writes them ended in tracebacks
     results, evaluation = copy / "results.json", copy / "eval-test.json"

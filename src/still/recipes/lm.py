@@ -37,7 +37,7 @@ from still.config import changed_settings, check_fields, from_dict, load_config,
 from still.data.encoded import EncodedCorpus, load_encoded
 from still.data.text import CORPUS_KINDS, Segment, TokenStreams, Vocab, absolute_corpus
 from still.errors import StillError, check
-from still.recipes.common import check_run_kind, check_stage_config, hold_run_folder, plot_curves
+from still.recipes.common import check_run_kind, check_stage_config, hold_run_folder, plot_curves, run_kind
 from still.train import checkpoint as ckpt, distributed
 from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
 from still.train.io import atomic_write, atomic_write_text
@@ -710,6 +710,9 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
     position in the document, and validation during training, one curve per run) from finished
     runs and their `still lm eval`. Runs of different corpora, or of bytes beside characters, get a
     corpus and a unit column, and a line that says their numbers do not compare."""
+    if (kind := run_kind(out)) is not None or (out / "stage.json").exists():
+        raise StillError(f"--out {out} holds {f'a {kind} run' if kind else 'a stage of a run'}: the comparison's "
+                         "files would be written among its own; choose another folder")
     rows, curves, histories = [], [], []
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
