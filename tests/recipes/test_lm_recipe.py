@@ -960,14 +960,24 @@ def test_a_run_folder_in_use_is_refused_and_overwrite_keeps_the_folder(corpus, t
     finally:
         holder.communicate("")
     inode = out.stat().st_ino
+    shutil.copytree(trained, out / "child")  # found by a probe: a run inside it was deleted, even one in use
+    shutil.copytree(trained, out / "child" / "grandchild")
+    (out / "eval-test.json").write_text("{}")
     # (let go with its process; other settings: started again)
     code, _, err = run_cli(capsys, *train_args(corpus, out, "--steps", "4", "--eval-every", "4", "--overwrite"))
     assert code == 0 and "loaded the finished run" not in err, err
     assert out.stat().st_ino == inode and json.loads((out / "results.json").read_text())["rows"][0]["steps"] == 4
+    assert f"--overwrite: left what still did not write in {out}: child, notes.txt" in err
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "eval-test.json").exists()
+    assert model_hash(out / "child") == model_hash(out / "child" / "grandchild") == model_hash(trained)
     with hold_run_folder(out):  # one process's own lock, taken again by another open: refused as well
         assert_user_error(capsys, *train_args(corpus, out), contains="is in use")
-    assert_user_error(capsys, *train_args(tmp_path / "missing", tmp_path / "new"), contains="missing")
-    assert not (tmp_path / "new").exists()
+    assert_user_error(capsys, *train_args(tmp_path / "missing", tmp_path / "new" / "a" / "b"), contains="missing")
+    assert not (tmp_path / "new").exists()  # (nor the folders above it that it made)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "dangling"),
+                      contains=f"{tmp_path / 'dangling'} is a symbolic link to {tmp_path / 'nowhere'}, which does "
+                               "not exist")
 
 
 def test_a_run_of_non_ascii_text_is_read_and_written_under_any_locale(corpus, tmp_path, capsys):

@@ -164,6 +164,13 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "results.json"])
     assert target.read_bytes() == b"new"
 
+    from still.train.io import atomic_write_text  # (a write of the bytes the file holds is skipped, swept all the same)
+
+    dead = tmp_path / f".results.json.{_dead_pid()}-abcd1234.tmp"
+    dead.write_bytes(b"")
+    atomic_write_text(target, "new")
+    assert not dead.exists() and target.read_bytes() == b"new"
+
 
 def test_a_dead_writers_half_checkpoint_is_removed_by_the_next_save(tmp_path):
     make(tmp_path, step=1)

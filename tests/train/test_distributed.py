@@ -129,6 +129,20 @@ def test_a_corpus_that_fails_to_load_stops_the_run(tmp_path):
     assert re.search(r"exitcode\s*: 2\b", two.stderr), two.stderr[-3000:]  # (a bad input: exit code 2)
 
 
+def test_a_folder_in_use_is_refused_on_every_rank(corpus, tmp_path):
+    """Found by a probe: rank 0 refused a run folder another process held, while rank 1 went on
+    alone: it failed at its first collective, or waited there until torchrun's timeout (30 s)."""
+    from still.recipes.common import hold_run_folder
+
+    out = tmp_path / "run"
+    with hold_run_folder(out):
+        two = still(2, *lm_args(corpus, out, steps=4))
+    assert two.returncode != 0 and f"{out} is in use: another still process is training into it now" in two.stderr
+    # each rank refused it (exit code 2), or was stopped by torchrun as rank 0 ended first (SIGTERM); none
+    # failed otherwise (exit code 1: rank 1, not told, failed at its first collective where rank 0 was gone)
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", two.stderr)) <= {"2", "-15"}, two.stderr[-3000:]
+
+
 def test_rows_must_split_evenly():
     from still.errors import StillError
 

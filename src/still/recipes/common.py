@@ -21,6 +21,7 @@ from still.train.checkpoint import newest_config
 from still.train.io import atomic_write, atomic_write_text, printable
 from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
+from still.train.progress import log
 
 RUN_KINDS = {"language-model": ("still.recipes.lm", "LMConfig"),
              "distill mnist": ("still.recipes.mnist", "MnistConfig"),
@@ -107,17 +108,30 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # (not again where it holds them)
 
 
+STAGE_FILES = ("checkpoints", "stage.json", "config.json", "vocab.json", "results.json", "results.md", "curves.png",
+               "eval-*.json", "eval-*.md", "eval-*-by-position.png", ".*.tmp")
+"""What still writes into a stage folder (a language model's is its run folder): what `--overwrite`
+deletes to start the stage again."""
+
+
 def _start_again(stage_dir: Path) -> None:
-    """Empty a stage for --overwrite; not through a symbolic link, whose target may be anything. The
-    folder itself stays: a run folder's lock (`hold_run_folder`) is held on it."""
+    """Start a stage again for --overwrite: delete what still wrote there (`STAGE_FILES`), and only
+    that: files of the user's, and a run in a folder inside it (which may be training now), stay.
+    Not through a symbolic link, whose target may be anything. The folder itself stays: a run
+    folder's lock (`hold_run_folder`) is held on it."""
     if stage_dir.is_symlink():
         raise StillError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): --overwrite does not delete "
                          "what it points to; give that folder itself, or remove the link")
-    for path in stage_dir.iterdir():
-        if path.is_dir() and not path.is_symlink():
+    kept = []
+    for path in sorted(stage_dir.iterdir()):
+        if not any(path.match(pattern) for pattern in STAGE_FILES):
+            kept.append(path.name)
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
+    if kept:
+        log(f"--overwrite: left what still did not write in {printable(str(stage_dir))}: {', '.join(kept)}")
 
 
 @contextlib.contextmanager
@@ -125,38 +139,53 @@ def hold_run_folder(out: Path) -> Iterator[None]:
     """Hold run folder `out` (made if missing) while this process trains into it: a second still
     training into it at the same time is refused (exit 2, nothing touched), where it would do all of
     the first one's work again beside it. The lock is the folder's own (`flock`), which the
-    operating system lets go when the process ends, however it ends; under torchrun, rank 0 holds
-    it. A folder it made stays only where the run wrote into it. On a file system that takes no
-    locks (some network ones) the run goes on without."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
+    operating system lets go when the process ends, however it ends. Under torchrun rank 0 holds it,
+    and every rank is told whether it could (a rank refused alone left the others waiting for it
+    until torchrun's timeout). The folders it made stay only where the run wrote into them. On a
+    file system that takes no locks (some network ones) the run goes on without."""
     import fcntl
 
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
+    if out.is_symlink() and not out.exists():
+        raise StillError(f"{printable(str(out))} is a symbolic link to {printable(os.readlink(out))}, which does not "
+                         "exist: make that folder, or choose another --out")
+    dist = distributed.setup()
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # (innermost first)
+    fd, refused = None, None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StillError(f"{printable(str(out))} is in use: another still process is training into it now; "
-                             "wait for it to end, or choose another --out") from None
-        except OSError:
-            pass  # (no locks on this file system)
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                refused = (f"{printable(str(out))} is in use: another still process is training into it now; "
+                           "wait for it to end, or choose another --out")
+            except OSError:
+                pass  # (no locks on this file system)
+        if dist.enabled and dist.all_sum(torch.tensor([float(refused is not None)], device=dist.device)).item():
+            refused = refused or f"{printable(str(out))} is in use: rank 0 could not hold it"
+        if refused:
+            raise StillError(refused)
         yield
     finally:
-        os.close(fd)
-        if made:  # (a run refused before it wrote anything leaves no folder behind)
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        if fd is not None:
+            os.close(fd)
+        for folder in made if dist.main else ():  # (a run refused before it wrote anything leaves none behind)
+            try:
+                folder.rmdir()
+            except OSError:  # (not empty: the run wrote into it)
+                break
 
 
 def mark_new_run(out: Path, config: Any) -> None:
-    """A run folder that holds nothing yet takes its config.json at once (the run writes it again as
+    """A run folder that holds no run yet takes its config.json at once (the run writes it again as
     it ends): a run interrupted before its end is still told from another recipe's, whose
-    `check_run_kind` reads it, and `--overwrite` elsewhere cannot take its stages for its own."""
-    if distributed.current().main and not any(out.iterdir()):
+    `check_run_kind` reads it, and `--overwrite` elsewhere cannot take its stages for its own. (A
+    folder that holds stages but no config.json was made by an older still, and is left as it was:
+    the run marks it as it ends.)"""
+    if not distributed.current().main or (out / "config.json").exists() or (out / "stage.json").exists():
+        return
+    if not any((folder / "stage.json").exists() for folder in out.iterdir() if folder.is_dir()):
         save_config(config, out / "config.json")
 
 

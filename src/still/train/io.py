@@ -99,6 +99,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     data = printable(text).encode("utf-8")
     try:
         if os.path.getsize(path) == len(data) and Path(path).read_bytes() == data:
+            _remove_dead_writers(Path(path))  # (what a writer killed before left, swept all the same)
             return
     except OSError:  # (none there yet, or unreadable: written)
         pass
