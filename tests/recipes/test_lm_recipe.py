@@ -507,8 +507,13 @@ def test_compare_runs(trained, tmp_path, capsys):
                       contains="has no results.json")
     assert_user_error(capsys, "lm", "compare", str(trained), str(copy), str(copy / ".." / "copy"), "--out",
                       str(tmp_path / "cmp"), contains=f"{copy / '..' / 'copy'} is given twice (as {copy} too)")
-    assert_user_error(capsys, "lm", "compare", str(trained), "--out", str(copy),
-                      contains=f"--out {copy} holds a language-model run: the comparison's files would be written")
+    for inside in (copy, copy / "checkpoints"):
+        assert_user_error(capsys, "lm", "compare", str(trained), "--out", str(inside),
+                          contains=f"--out {inside}: {copy} holds a language-model run, among whose files")
+    from still.recipes.lm import compare_runs
+
+    with pytest.raises(StillError, match=f"{copy} is given twice$"):
+        compare_runs([copy, copy], tmp_path / "cmp")
 
     # found by a probe: results and evaluations that are not as still writes them ended in tracebacks
     results, evaluation = copy / "results.json", copy / "eval-test.json"

@@ -710,14 +710,16 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
     position in the document, and validation during training, one curve per run) from finished
     runs and their `still lm eval`. Runs of different corpora, or of bytes beside characters, get a
     corpus and a unit column, and a line that says their numbers do not compare."""
-    if (kind := run_kind(out)) is not None or (out / "stage.json").exists():
-        raise StillError(f"--out {out} holds {f'a {kind} run' if kind else 'a stage of a run'}: the comparison's "
-                         "files would be written among its own; choose another folder")
+    for folder in (out, *out.absolute().parents):
+        if (kind := run_kind(folder)) is not None or (folder / "stage.json").exists():
+            raise StillError(f"--out {out}: {folder} holds {f'a {kind} run' if kind else 'a stage of a run'}, among "
+                             "whose files the comparison's would be written; choose another folder")
     rows, curves, histories = [], [], []
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
-        if (same := seen.setdefault(run_dir.resolve(), run_dir)) is not run_dir:
+        if (same := seen.get(key := run_dir.resolve())) is not None:
             raise StillError(f"{run_dir} is given twice" + (f" (as {same} too)" if same != run_dir else ""))
+        seen[key] = run_dir
     for run_dir in run_dirs:
         check_run_kind(run_dir, "language-model")
         try:
