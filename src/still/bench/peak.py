@@ -12,6 +12,9 @@ from typing import NoReturn
 
 import torch
 
+from still.errors import StillError
+from still.train.progress import format_size
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -50,7 +53,7 @@ def peak(n: int | None = None, repeats: int = 5, device: torch.device | None = N
     n = n or (8192 if device.type == "cuda" else 2048)
     needed = 3 * 4 * n * n  # a, b and the product, in fp32 (bf16's take half)
     if needed > (total := _memory(device)):
-        _too_large(n, needed, device, f"more than its {_size(total)}")
+        _too_large(n, needed, device, f"more than its {format_size(total)}")
     try:
         return {"device": device_name(device), "threads": torch.get_num_threads(), "n": n,
                 "fp32": matmul_flops(torch.float32, n, repeats, device),
@@ -71,14 +74,6 @@ def _memory(device: torch.device) -> float:
         return float("inf")
 
 
-def _size(n_bytes: float) -> str:
-    from still.train.progress import format_size
-
-    return format_size(n_bytes)
-
-
 def _too_large(n: int, needed: int, device: torch.device, why: str) -> NoReturn:
-    from still.errors import StillError
-
-    raise StillError(f"size {n}: its three {n} x {n} fp32 matrices ({_size(needed)}) do not fit in the "
+    raise StillError(f"size {n}: its three {n} x {n} fp32 matrices ({format_size(needed)}) do not fit in the "
                      f"{'GPU' if device.type == 'cuda' else 'machine'}'s memory, {why}; choose a smaller size")

@@ -149,7 +149,7 @@ def hold_run_folder(out: Path) -> Iterator[None]:
         raise StillError(f"{printable(str(out))} is a symbolic link to {printable(os.readlink(out))}, which does not "
                          "exist: make that folder, or choose another --out")
     dist = distributed.setup()
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # (innermost first)
+    made = [folder for folder in (out, *out.parents) if not folder.exists()] if dist.main else []  # (innermost first)
     fd, refused = None, None
     try:
         if dist.main:
@@ -170,7 +170,7 @@ def hold_run_folder(out: Path) -> Iterator[None]:
     finally:
         if fd is not None:
             os.close(fd)
-        for folder in made if dist.main else ():  # (a run refused before it wrote anything leaves none behind)
+        for folder in made:  # (a run refused before it wrote anything leaves none behind)
             try:
                 folder.rmdir()
             except OSError:  # (not empty: the run wrote into it)
