@@ -208,6 +208,29 @@ def test_a_class_the_teacher_rules_out_adds_nothing():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_teacher_output_is_not_dropped_from_the_loss(bad):
+    """A teacher row holding NaN (or +inf) made that example's soft term 0, silently: the loss was
+    the hard term alone, finite, and no finite-loss check could see the teacher had gone wrong (a
+    probe). A masked class (-inf) still adds nothing."""
+    torch.manual_seed(0)
+    z, v, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    v[1, 2] = bad
+    for alpha in (1.0, 0.9):
+        assert not torch.isfinite(distillation_loss(z, y, v, temperature=20.0, alpha=alpha))
+        log_p = torch.full((4, 5), bad)  # soft targets given directly, as a cache gives them
+        assert not torch.isfinite(distillation_loss(z, y, temperature=4.0, alpha=alpha, teacher_log_probs=log_p))
+
+
+def test_labels_outside_the_classes_are_named():
+    """A label past the class count, or negative other than -100, raised PyTorch's IndexError."""
+    z, v = torch.randn(3, 5), torch.randn(3, 5)
+    for labels, bad in (([1, 5, 0], 5), ([1, -1, 0], -1), ([7, 2, -3], 7)):
+        with pytest.raises(StillError, match=f"label {bad} is not a class number: the logits have 5 classes"):
+            distillation_loss(z, torch.tensor(labels, dtype=torch.int16), v, temperature=2.0, alpha=0.5)
+    assert torch.isfinite(distillation_loss(z, torch.tensor([-100, 4, 0]), v, temperature=2.0, alpha=0.5))
+
+
 def test_no_gradient_reaches_the_teacher():
     z = torch.randn(4, 6, requires_grad=True)
     v = torch.randn(4, 6, requires_grad=True)

@@ -313,6 +313,13 @@ def test_a_teacher_returning_probabilities_is_refused():
             teacher.log_probs(x, 2.0)
     with pytest.raises(StillError, match="returns probabilities"):
         CachedTeacher.build(Teacher(_Ending(F.softmax)), x)
+    # in bf16 a softmax sums to 1 within its rounding only (about 0.002 at 10 classes): refused all the same
+    for classes in (2, 10, 100):
+        in_bf16 = torch.nn.Sequential(torch.nn.Linear(12, classes), torch.nn.Softmax(-1)).bfloat16()
+        if classes == 2:  # (two probabilities in bf16 sum to 1 +- 2^-9: beyond float32's 1e-3)
+            assert (in_bf16(x.bfloat16()).float().sum(-1) - 1).abs().max() > 1e-3
+        with pytest.raises(StillError, match="returns probabilities"):
+            Teacher(in_bf16).log_probs(x, 2.0)
     # logits that happen to lie in [0, 1] are not mistaken for them, nor one class's
     torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.full((3, 4), 0.2)), torch.full((3, 4), 0.2))
     torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.ones(3, 1)), torch.ones(3, 1))
@@ -343,6 +350,25 @@ def test_edge_cases_of_the_cache_and_ensembles_are_named(tmp_path):
     save_file({"member_logits": torch.zeros(1, 2, 5)}, str(entry))  # of 2 examples, under this key
     again = CachedTeacher.build(teacher, inputs, cache_dir=tmp_path)
     assert again.num_examples == 6 and torch.equal(again.member_logits_all, cached.member_logits_all)
+
+
+def test_what_is_not_a_model_or_not_logits_is_named_and_ensembles_take_any_iterable():
+    """A non-Module raised AttributeError ('eval'), a generator of members TypeError (no len), and a
+    model of 1-D outputs was refused later as "member logits must be (members, batch, classes)",
+    which did not point at the model (a probe)."""
+    for bad in (lambda x: x, "model"):
+        with pytest.raises(StillError, match="a teacher's model must be a torch.nn.Module, got"):
+            Teacher(bad)
+        with pytest.raises(StillError, match="a teacher's model must be a torch.nn.Module, got"):
+            EnsembleTeacher([small_net(0), bad])
+    x = torch.randn(6, 12)
+    ensemble = EnsembleTeacher(small_net(seed) for seed in (0, 1))
+    torch.testing.assert_close(ensemble.logits(x), (small_net(0).eval()(x) + small_net(1).eval()(x)) / 2)
+    flat = torch.nn.Sequential(small_net(0), torch.nn.Flatten(0))
+    for call in (Teacher(flat).logits, lambda x: Teacher(flat).log_probs(x, 2.0), lambda x: CachedTeacher.build(
+            Teacher(flat), x)):
+        with pytest.raises(StillError, match=r"the teacher's model returned logits of shape \(30,\); expected"):
+            call(x)
 
 
 def test_a_probability_model_is_refused_after_a_first_empty_batch():

@@ -497,6 +497,71 @@ def test_a_submodule_frozen_in_eval_mode_stays_there():
     assert torch.equal(backbone[1].running_mean, statistics) and not model.training
 
 
+def test_a_submodule_frozen_in_eval_mode_stays_there_in_a_later_fit():
+    """fit leaves the model in eval mode; the next fit (of this trainer or a new one) then found no
+    frozen submodule and trained the caller's frozen batch norm (a probe)."""
+    seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    model[1].eval()
+    statistics = model[1].running_mean.clone()
+    trainer = Trainer(model, lambda m, idx: F.cross_entropy(m(X[idx]), Y[idx]),
+                      torch.optim.SGD(model.parameters(), lr=0.1), log=lambda _: None)
+    trainer.fit(BATCHES, 1)
+    trainer.fit(BATCHES, 2)
+    Trainer(model, lambda m, idx: F.cross_entropy(m(X[idx]), Y[idx]),
+            torch.optim.SGD(model.parameters(), lr=0.1), log=lambda _: None).fit(BATCHES, 1)
+    assert torch.equal(model[1].running_mean, statistics)
+    model.train()  # the caller's own train(): every submodule trains from here
+    Trainer(model, lambda m, idx: F.cross_entropy(m(X[idx]), Y[idx]),
+            torch.optim.SGD(model.parameters(), lr=0.1), log=lambda _: None).fit(BATCHES, 1)
+    assert not torch.equal(model[1].running_mean, statistics)
+
+
+class _WithExtraState(torch.nn.Linear):
+    def get_extra_state(self):
+        return {"vocab": ["a"]}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_what_a_checkpoint_cannot_hold_is_refused_before_the_first_step(tmp_path):
+    """A non-tensor state dict entry, a tensor learning rate or a checkpoint_dir that cannot be a
+    folder ended the run at its first save, an epoch's work later, in a traceback (a probe)."""
+    (tmp_path / "file").write_text("")
+    linear = torch.nn.Linear(10, 3)
+    cases = [
+        (_WithExtraState(10, 3), lambda m: torch.optim.SGD(m.parameters(), lr=0.1), tmp_path / "a",
+         "the model's state dict holds '_extra_state' as a dict"),
+        (linear, lambda m: torch.optim.Adam(m.parameters(), lr=torch.tensor(1e-3)), tmp_path / "b",
+         r"the optimizer's state dict holds \['param_groups'\]\[0\]\['lr'\] = a Tensor"),
+        (linear, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), tmp_path / "file",
+         "checkpoint folder .* File exists"),
+        (linear, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), tmp_path / "file" / "sub",
+         "checkpoint folder .* Not a directory"),
+    ]
+    steps = []
+
+    def loss_fn(m, idx):
+        steps.append(idx)
+        return F.cross_entropy(m(X[idx]), Y[idx])
+
+    for model, optimizer, folder, message in cases:
+        trainer = Trainer(model, loss_fn, optimizer(model), checkpoint_dir=folder, log=lambda _: None)
+        with pytest.raises(StillError, match=message):
+            trainer.fit(BATCHES, 1)
+    assert not steps
+
+
+@pytest.mark.parametrize("setting", [dict(grad_clip="1"), dict(shards=2.5), dict(shards="2"), dict(keep=True),
+                                     dict(checkpoint_every=True), dict(checkpoint_every_steps=False)])
+def test_trainer_settings_of_the_wrong_type_are_named(setting):
+    name, value = next(iter(setting.items()))
+    model = torch.nn.Linear(10, 3)
+    with pytest.raises(StillError, match=f"{name} must be .* got {re.escape(repr(value))}"):
+        Trainer(model, lambda m, idx: m(X[idx]).sum(), torch.optim.SGD(model.parameters(), lr=0.1), **setting)
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("returned, message", [
     (lambda m, idx: 0.5, "got float"),

@@ -41,3 +41,15 @@ def test_a_file_names_undecodable_bytes_print_and_write_as_escapes(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())  # (JSON escapes it: the name read back is the same)
     assert data["rows"][0]["corpus"] == name
     table.encode("utf-8")
+
+
+def test_one_element_tensors_are_numbers_and_text_stays_in_its_cell(tmp_path):
+    """A tensor in a row raised json's TypeError (nothing written) and printed as `tensor(0.5)`; a `|`
+    or a line break in a cell broke the table's rows (a probe)."""
+    import torch
+
+    rows = [{"model": "a|b\nc", "loss": torch.tensor(0.5), "errors": torch.tensor([3])}]
+    table = write_results(tmp_path, "results", rows, meta={"seconds": torch.tensor(1.5)})
+    assert table.splitlines()[2] == r"| a\|b c |  0.5 |      3 |"
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["rows"] == [{"model": "a|b\nc", "loss": 0.5, "errors": 3}] and data["meta"] == {"seconds": 1.5}

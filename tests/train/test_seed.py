@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from still.cli import _threads
+from still.errors import StillError
 from still.train.seed import rng_state, seed_everything, set_rng_state
 
 
@@ -59,3 +60,20 @@ def test_deterministic_mode_sets_cublas_workspace_before_cuda_starts(monkeypatch
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     deterministic()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_seeds_outside_torchs_range_or_not_whole_are_named_and_none_share_numpys_stream():
+    """seed_everything raised NumPy's and PyTorch's own errors for 2**64, None or 1.5, took -1, and
+    gave 2**32 NumPy's stream of 0 (a probe)."""
+    for bad in (2**64, -1, 1.5, None, "3", True):
+        with pytest.raises(StillError, match="seed must be a whole number from 0 to 2\\*\\*64 - 1"):
+            seed_everything(bad)
+    seed_everything(np.int64(3))
+    three = draws()
+    seed_everything(3)
+    assert draws() == three
+    seed_everything(0)
+    zero = float(np.random.rand())
+    for seed in (2**32, 2**64 - 1):
+        seed_everything(seed)
+        assert float(np.random.rand()) != zero

@@ -135,7 +135,7 @@ def test_sharded_resume_is_exact(tmp_path):
 def test_bad_shard_settings_are_named():
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(StillError, match="shards must be >= 1, got 0"):
+    with pytest.raises(StillError, match="shards must be a whole number >= 1, got 0"):
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=0)
     with pytest.raises(StillError, match=r"shards \(2\) split a step across CPU threads: not with several processes"):
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=2, dist=Dist(rank=0, world=2))

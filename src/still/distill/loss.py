@@ -119,10 +119,10 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tens
     student_log_probs = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (B, C)
     target = teacher_log_probs.to(dtype).detach()  # (B, C), log p: the teacher is held fixed
     p = target.exp()
-    # sum p (log p - log q), batchmean: F.kl_div's terms, but a class the teacher rules out (log p =
-    # -inf, a masked logit) adds 0, not 0 x -inf = nan
-    # (an empty batch: 0, as the hard term's, not 0/0)
-    kl = torch.where(p > 0, p * (target - student_log_probs), 0.0).sum() / max(student_logits.shape[0], 1)
+    # sum p (log p - log q), batchmean: F.kl_div's terms, but a class the teacher rules out (p = 0: log p
+    # = -inf, a masked logit) adds 0, not 0 x -inf = nan; a NaN or infinite teacher output stays NaN
+    # or infinite, so the finite-loss check sees it (an empty batch: 0, as the hard term's, not 0/0)
+    kl = torch.where(p == 0, 0.0, p * (target - student_log_probs)).sum() / max(student_logits.shape[0], 1)
     return (kl * temperature**2).float()
 
 
@@ -156,7 +156,9 @@ def distillation_loss(
     the soft term is `logit_matching_loss` (needs `teacher_logits`).
     `labels` (B,) are class numbers of any integer dtype, and may be None only when alpha == 1; a
     label of -100 drops its example from the hard term (PyTorch's `ignore_index`), not from the soft
-    one. The teacher's outputs are constants: no gradient reaches them.
+    one; any other label outside 0..C-1 is a `StillError` (on a GPU, PyTorch's device-side assert).
+    The teacher's outputs are constants: no gradient reaches them; a NaN or infinite one makes the
+    loss NaN or infinite (never a quiet 0).
     """
     temperature = check_temperature(temperature)
     a = _number(alpha)
@@ -186,6 +188,12 @@ def distillation_loss(
         raise StillError(f"labels must be class numbers (integers), got {labels.dtype}")
     if labels.dtype != torch.int64:
         labels = labels.long()  # F.cross_entropy takes int64 class numbers only
+    if labels.device.type == "cpu":  # (on a GPU, PyTorch's own check: looking would wait for the device)
+        classes = student_logits.shape[-1]
+        bad = labels[(labels != -100) & ((labels < 0) | (labels >= classes))]
+        if bad.numel():
+            raise StillError(f"label {int(bad[0])} is not a class number: the logits have {classes} classes "
+                             f"(0 to {classes - 1}; -100 leaves an example out)")
     # the mean over the labelled examples; 0 where a batch has none (F.cross_entropy's mean would
     # be 0/0 = nan), with no device sync
     labelled = (labels != -100).sum().clamp(min=1)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -98,10 +98,13 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise StillError(f"the teacher's model returned a {type(out).__name__}{inner}; expected its logits "
                          "(batch, classes) as a tensor, or as the .logits, the 'logits' entry or the first "
                          "element of what it returns")
-    logits = logits.float()
+    if logits.ndim != 2:
+        raise StillError(f"the teacher's model returned logits of shape {tuple(logits.shape)}; "
+                         "expected (batch, classes)")
+    precision, logits = logits.dtype, logits.float()
     if model not in _CHECKED and logits.numel():  # (its first output of some rows only: a look at the values
         # waits for a GPU)
-        if _probabilities(logits):
+        if _probabilities(logits, precision):
             raise StillError("the teacher's model returns probabilities (every row is non-negative and sums to 1), "
                              "not logits: its soft targets would be nearly uniform; give its logits or "
                              "log-probabilities (leave out its final softmax, or wrap it to return the log)")
@@ -112,15 +115,20 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the models whose first output was looked at
 
 
-def _probabilities(logits: torch.Tensor) -> bool:
-    """Whether every row of `logits` (B, C), C >= 2, looks like a distribution: in [0, 1], summing to 1."""
+def _probabilities(logits: torch.Tensor, precision: torch.dtype = torch.float32) -> bool:
+    """Whether every row of `logits` (B, C), C >= 2, as float32, looks like a distribution: in [0, 1],
+    summing to 1 within the rounding of `precision`, the dtype the model returned them in (a softmax
+    in bf16 sums to 1 within about 0.002; 1e-3 for float32 and float16)."""
     if logits.ndim != 2 or logits.shape[1] < 2 or logits.numel() == 0:
         return False
+    tolerance = max(1e-3, 2 * torch.finfo(precision).eps)  # each probability rounded: within eps / 2 of its own
     sums = logits.sum(-1)
-    return bool(((logits >= 0) & (logits <= 1)).all() and ((sums - 1).abs() < 1e-3).all())
+    return bool(((logits >= 0) & (logits <= 1)).all() and ((sums - 1).abs() < tolerance).all())
 
 
 def _freeze(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise StillError(f"a teacher's model must be a torch.nn.Module, got {type(model).__name__}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -167,8 +175,9 @@ class EnsembleTeacher(Teacher):
     """M frozen models; soft targets are the arithmetic or geometric mean of their distributions.
     Each member may have its own precision and output structure (see `Teacher`)."""
 
-    def __init__(self, models: Sequence[nn.Module], combine: Combine = "arithmetic") -> None:
+    def __init__(self, models: Iterable[nn.Module], combine: Combine = "arithmetic") -> None:
         nn.Module.__init__(self)
+        models = list(models)  # (a generator, say)
         if len(models) == 0:
             raise StillError("an ensemble needs at least one member")
         if combine not in ("arithmetic", "geometric"):

@@ -72,6 +72,40 @@ def _split_optimizer(state_dict: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     return {"state": json_state, "param_groups": state_dict["param_groups"]}, tensors
 
 
+def check_savable(model: dict, optimizer: dict | None = None, scheduler: dict | None = None) -> None:
+    """A `StillError` naming what `save_checkpoint` could not write of these state dicts: a model
+    entry that is not a tensor (a module's extra state, say: safetensors holds tensors only), or a
+    value in the optimizer's settings or the scheduler's state that JSON cannot hold (a tensor
+    learning rate, say)."""
+    for name, value in model.items():
+        if not isinstance(value, torch.Tensor):
+            raise StillError(f"the model's state dict holds {name!r} as a {type(value).__name__}, which a "
+                             "checkpoint cannot hold: its weights file holds tensors only")
+    parts = {"optimizer": _split_optimizer(optimizer)[0] if optimizer is not None else None, "scheduler": scheduler}
+    for what, part in parts.items():
+        where = _not_json(part, "")
+        if where is not None:
+            raise StillError(f"the {what}'s state dict holds {where}, which a checkpoint's JSON cannot hold "
+                             "(give settings such as the learning rate as Python numbers)")
+
+
+def _not_json(value: Any, path: str) -> str | None:
+    """Where in `value` the first thing is that `json.dumps` cannot write (path and type), or None."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"the key {key!r} at {path or 'its top'}"
+            found = _not_json(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((f for i, item in enumerate(value) if (f := _not_json(item, f"{path}[{i}]")) is not None), None)
+    return f"{path} = a {type(value).__name__}"
+
+
 def _join_optimizer(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
     state: dict[int, dict[str, Any]] = {int(pid): dict(entry) for pid, entry in json_part["state"].items()}
     for name, value in tensors.items():

@@ -20,6 +20,7 @@ import math
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,14 @@ def _deferred_signals():
             signal.signal(s, h)
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -94,7 +103,7 @@ class IndexBatches:
     def __post_init__(self) -> None:
         for name, low in (("n", 0), ("batch_size", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not _whole(value) or value < low:
                 raise StillError(f"IndexBatches.{name} must be an int >= {low}, got {value!r}")
 
     def __len__(self) -> int:
@@ -163,14 +172,14 @@ class Trainer:
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
                  on_nonfinite: str = "stop", precision: str = "fp32", dist: Dist | None = None,
                  shards: int = 1, log: Callable[[str], None] = default_log) -> None:
-        if grad_clip is not None and not 0 < grad_clip < math.inf:  # (-1 would turn every step uphill)
-            raise StillError(f"grad_clip must be a finite number > 0 or None, got {grad_clip}")
-        if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        if grad_clip is not None and not (_real(grad_clip) and 0 < grad_clip < math.inf):  # (-1: steps uphill)
+            raise StillError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
+        if not (_whole(checkpoint_every) and checkpoint_every >= 1):
             raise StillError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
-        if checkpoint_every_steps is not None and not (isinstance(checkpoint_every_steps, int)
+        if checkpoint_every_steps is not None and not (_whole(checkpoint_every_steps)
                                                        and checkpoint_every_steps >= 1):
             raise StillError(f"checkpoint_every_steps must be an int >= 1 or None, got {checkpoint_every_steps!r}")
-        if not (isinstance(keep, int) and keep >= 0):
+        if not (_whole(keep) and keep >= 0):
             raise StillError(f"keep must be an int >= 0 (0: every checkpoint), got {keep!r}")
         self.model = model
         self.loss_fn = loss_fn
@@ -199,8 +208,8 @@ class Trainer:
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self.desc = desc
         self.dist = dist or Dist()
-        if shards < 1:
-            raise StillError(f"shards must be >= 1, got {shards}")
+        if not (_whole(shards) and shards >= 1):
+            raise StillError(f"shards must be a whole number >= 1, got {shards!r}")
         if shards > 1 and (self.dist.enabled or self.device.type != "cpu"):
             raise StillError(f"shards ({shards}) split a step across CPU threads: not with "
                              + ("several processes (torchrun)" if self.dist.enabled else f"a model on {self.device}"))
@@ -233,6 +242,18 @@ class Trainer:
                 rng=rng, state=asdict(self.state), config=self.config, keep=self.keep, extra_tensors=extra)
         self.dist.barrier()
         return path
+
+    def _check_savable(self) -> None:
+        """Before the first step: a `StillError` for what `save` could not write, where it would
+        otherwise end the run at its first checkpoint, an epoch's work later."""
+        ckpt.check_savable(self.model.state_dict(), self.optimizer.state_dict(),
+                           self.scheduler.state_dict() if self.scheduler is not None else None)
+        if self.dist.main:
+            try:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StillError(f"cannot make the checkpoint folder {self.checkpoint_dir}: "
+                                 f"{e.strerror or e}") from None
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         """Load a checkpoint: weights, optimizer, scheduler, RNG states, `state`, extra tensors. The
@@ -446,12 +467,14 @@ class Trainer:
         checkpoint_dir) and raise `TrainingInterrupted`. The model trains in training mode, but for
         the submodules the caller put in eval mode while the model was in training mode (a frozen
         backbone whose batch-norm statistics must not move), which stay in eval mode; it is left in
-        eval mode.
+        eval mode, and a later `fit` of it (by this trainer or another) keeps the same submodules
+        frozen. With a checkpoint_dir, what a checkpoint could not hold (a model state entry that is
+        not a tensor, a tensor learning rate) is refused before the first step.
         """
         if not callable(batches):
             raise StillError(f"batches must be a function of the epoch giving its batches (such as IndexBatches), "
                              f"got {type(batches).__name__}")
-        if not (isinstance(epochs, int) and epochs >= 0):
+        if not (_whole(epochs) and epochs >= 0):
             raise StillError(f"epochs must be an int >= 0, got {epochs!r}")
         try:
             with _deferred_signals() as received:
@@ -461,7 +484,13 @@ class Trainer:
 
     def _fit(self, batches: Callable[[int], Iterable[Any]], epochs: int, received: list[int]) -> TrainState:
         # the submodules the caller froze in eval mode (where the model itself is in training mode)
-        frozen = [m for m in self.model.modules() if not m.training] if self.model.training else []
+        if self.model.training:
+            frozen = [m for m in self.model.modules() if not m.training]
+            _FROZEN[self.model] = weakref.WeakSet(frozen)
+        else:  # in eval mode, as a fit leaves it: what was frozen then stays frozen
+            frozen = list(_FROZEN.get(self.model, ()))
+        if self.checkpoint_dir is not None:
+            self._check_savable()
 
         def train_mode() -> None:
             self.model.train()
@@ -531,6 +560,10 @@ class Trainer:
         self.state.finished = True
         self.model.eval()
         return self.state
+
+
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[nn.Module]] = weakref.WeakKeyDictionary()
+"""The submodules of each model that were in eval mode when `fit` last began in training mode."""
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -12,29 +12,41 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from still.train.io import atomic_write_text, printable
 
 
 def _cell(value: Any) -> str:
     """Floats to 4 significant digits, whole from 1e4 to 1e15 (12346, not 1.235e+04), and in
-    exponent form beyond (a diverged perplexity of 1e30 stays short)."""
+    exponent form beyond (a diverged perplexity of 1e30 stays short); text on one line, its `|`
+    escaped, so that it stays in its cell."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.0f}" if 1e4 <= abs(value) < 1e15 else f"{value:.4g}"
-    return str(value)
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
+def _scalar(value: Any) -> Any:
+    """A NumPy scalar (np.float32, np.int64, ...) or a one-element tensor as a Python number; anything
+    else as it is."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return value.item()
+    return value
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    """`row` with NumPy scalars (np.float32, np.int64, ...) as Python numbers."""
-    return {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
+    """`row` with NumPy scalars and one-element tensors as Python numbers."""
+    return {k: _scalar(v) for k, v in row.items()}
 
 
 def _numpy_scalar(value: Any) -> Any:
-    """For `json.dumps`: a NumPy scalar anywhere in the rows or the meta data as a Python number."""
-    if isinstance(value, np.generic):
-        return value.item()
+    """For `json.dumps`: a NumPy scalar or one-element tensor anywhere in the rows or the meta data as
+    a Python number."""
+    scalar = _scalar(value)
+    if scalar is not value:
+        return scalar
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 

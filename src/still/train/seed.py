@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 
@@ -25,9 +26,15 @@ def seed_everything(seed: int, deterministic: bool = False, threads: int | None 
 
     With `deterministic`, also ask PyTorch for deterministic algorithms (erroring on ops that have
     none) and fix the thread count, so two runs on the same machine give identical numbers.
+    `seed` is a whole number from 0 to 2**64 - 1 (a `StillError` otherwise; the recipes' seeds are
+    held to `MAX_SEED` by `check_seed`, and seed stages with seed + 1).
     """
+    check(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**64,
+          f"seed must be a whole number from 0 to 2**64 - 1 (torch's range), got {seed!r}")
+    seed = int(seed)
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    # NumPy takes 32 bits: a larger seed as its two words, so that no two seeds share a stream
+    np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
     torch.manual_seed(seed)
     if threads is not None:
         torch.set_num_threads(threads)
