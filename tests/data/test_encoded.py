@@ -502,18 +502,56 @@ def test_the_default_root_is_in_the_data_cache(tmp_path, monkeypatch):
     assert corpora_root() == tmp_path / "elsewhere" / "corpora"
 
 
-def test_a_fingerprint_sees_every_file_under_the_corpus_and_follows_links(tmp_path):
-    name = _books(tmp_path / "pg")
+def test_a_fingerprint_lists_what_the_loader_reads_and_follows_links(tmp_path):
+    """A probe: a folder corpus's loader (pathlib's rglob) left out the books of a linked sub-folder,
+    which the fingerprint listed; it read hidden folders' copies (`.ipynb_checkpoints`: the test
+    book's copy trained); a pipe named `*.txt` in PG-19 hung its loader for good."""
+    name = _books(tmp_path / "pg")  # PG-19: its three split folders' books, not their sub-folders
     stamp = fingerprint(name, False)
-    assert [f[0] for f in stamp["files"]] == ["test/100.txt", "test/101.txt", "train/100.txt", "train/101.txt",
-                                              "train/102.txt", "validation/100.txt"]
+    assert [f[0] for f in stamp["files"]] == ["train/100.txt", "train/101.txt", "train/102.txt",
+                                              "validation/100.txt", "test/100.txt", "test/101.txt"]
     assert fingerprint(name, True) != stamp and fingerprint(f"pg19:{tmp_path / 'nowhere'}", False) is None
+    os.mkfifo(tmp_path / "pg" / "train" / "103.txt")
+    (tmp_path / "pg" / "train" / ".104.txt").write_text("hidden\n")
+    assert fingerprint(name, False)["files"] == stamp["files"]
+    assert [d.name for d in load_corpus(name).train] == ["100", "101", "102"]
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for book in ("a", "b", "c"):
+        (plain / f"{book}.txt").write_text(f"book {book}\n")
     (tmp_path / "more").mkdir()
     (tmp_path / "more" / "200.txt").write_text("linked\n")
-    (tmp_path / "pg" / "train" / "linked").symlink_to(tmp_path / "more")
-    (tmp_path / "pg" / "train" / "linked" / "up").symlink_to(tmp_path / "pg")  # a loop
-    files = [f[0] for f in fingerprint(name, False)["files"]]
-    assert "train/linked/200.txt" in files and len(files) == 7
+    (plain / "linked").symlink_to(tmp_path / "more")
+    (plain / "linked" / "up").symlink_to(plain)  # a loop
+    (plain / "again").symlink_to(tmp_path / "more")  # the same folder twice: read once
+    (plain / "root").symlink_to("/")  # a link to a folder that holds the corpus: not walked
+    (plain / ".ipynb_checkpoints").mkdir()
+    (plain / ".ipynb_checkpoints" / "c-checkpoint.txt").write_text("book c\n")
+    os.mkfifo(plain / "pipe.txt")
+    files = [f[0] for f in fingerprint(str(plain), False)["files"]]
+    assert files == ["a.txt", "again/200.txt", "b.txt", "c.txt"]
+    corpus = load_corpus(str(plain))
+    assert [d.name for split in SPLITS for d in corpus.split(split)] == files
+
+
+def test_a_folder_the_corpus_cannot_list_is_named(tmp_path, monkeypatch):
+    """A sub-folder that could not be listed was passed over: its books left out unsaid (a probe)."""
+    plain = tmp_path / "plain"
+    (plain / "private").mkdir(parents=True)
+    for book in ("a", "b", "c"):
+        (plain / f"{book}.txt").write_text(f"book {book}\n")
+    real = os.scandir
+
+    def refused(path):
+        if str(path).endswith("private"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    for read in (lambda: fingerprint(str(plain), False), lambda: load_corpus(str(plain))):
+        with pytest.raises(StillError, match=r"cannot list the folder .*private \(Permission denied\): its files"):
+            read()
 
 
 def test_entries_say_which_are_current_and_what_is_left_beside_them(tmp_path, root, monkeypatch):
@@ -521,12 +559,14 @@ def test_entries_say_which_are_current_and_what_is_left_beside_them(tmp_path, ro
 
     import still.data.encoded as encoded
 
-    names = {kind: _books(tmp_path / kind) for kind in ("same", "changed", "gone", "damaged", "older")}
+    names = {kind: _books(tmp_path / kind) for kind in ("same", "changed", "gone", "damaged", "older", "cut")}
     made = {kind: load_encoded(name).entry for kind, name in names.items()}
     bytes_entry = load_encoded(names["same"], byte_level=True).entry
     (tmp_path / "changed" / "test" / "101.txt").write_text("another book\n")
     (tmp_path / "gone").rename(tmp_path / "moved")
     (made["damaged"] / "manifest.json").write_text("{")
+    with open(made["cut"] / "train.npy", "r+b") as f:  # (its manifest whole: listed as current, by a probe)
+        f.truncate(10)
     manifest = json.loads((made["older"] / "manifest.json").read_text())
     manifest["fingerprint"]["format"] = encoded.FORMAT - 1
     (made["older"] / "manifest.json").write_text(json.dumps(manifest))
@@ -545,7 +585,7 @@ def test_entries_say_which_are_current_and_what_is_left_beside_them(tmp_path, ro
     assert by_path[missing].state == "damaged"
     assert {kind: by_path[path].state for kind, path in made.items()} == {
         "same": "current", "changed": "corpus changed", "gone": "corpus missing", "damaged": "damaged",
-        "older": "another format"}
+        "older": "another format", "cut": "damaged"}
     same, as_bytes = by_path[made["same"]], by_path[bytes_entry]
     _, splits = _expected(names["same"])
     assert same.corpus == names["same"] and same.byte_level is False and as_bytes.byte_level is True

@@ -178,6 +178,15 @@ def test_damaged_enwik8_archives_are_named(tmp_path):
         load_enwik8(truncated, split=(900, 50, 50))
 
 
+def test_an_enwik8_archive_without_the_member_says_what_it_holds(tmp_path):
+    for names, said in (((), "it is empty"), (("a", "b"), "it has a, b")):
+        with zipfile.ZipFile(tmp_path / "enwik8.zip", "w") as zf:
+            for name in names:
+                zf.writestr(name, b"x")
+        with pytest.raises(StillError, match=f"does not contain a file named enwik8 \\({said}\\)"):
+            load_enwik8(tmp_path / "enwik8.zip", split=(1, 0, 0))
+
+
 def test_enwik8_archives_zipfile_cannot_unpack_and_a_bad_crc_are_named(tmp_path):
     """An encrypted member and a Deflate64 one raised zipfile's RuntimeError and NotImplementedError
     (exit 1 from the CLI); a split shorter than the member read it only in part, so its CRC, checked

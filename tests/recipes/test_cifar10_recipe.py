@@ -135,3 +135,33 @@ def test_an_interrupted_run_is_told_from_other_recipes_runs(cifar_dir, corpus, t
     monkeypatch.undo()
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and "loaded the finished run" in err, err
+
+
+def test_an_interrupted_overwrite_leaves_no_table_of_the_run_it_replaces(cifar_dir, tmp_path, capsys, monkeypatch):
+    """A probe: `--overwrite` with another seed, interrupted in the student, left the old run's
+    config.json and results beside the new run's teacher: the folder's table described a run no
+    longer there until the new one ended."""
+    import signal
+
+    import still.recipes.cifar10 as cifar10
+    from still.errors import TrainingInterrupted
+
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and (out / "results.json").exists() and (out / "test_accuracy.png").exists(), err
+    train_stage = cifar10.train_stage
+
+    def interrupted_after_the_teacher(name, *args, **kwargs):
+        if name != "teacher":
+            raise TrainingInterrupted(signal.SIGTERM, 0, None)
+        return train_stage(name, *args, **kwargs)
+
+    monkeypatch.setattr(cifar10, "train_stage", interrupted_after_the_teacher)
+    code, _, _ = run_cli(capsys, *args, "--seed", "5", "--overwrite")
+    assert code == 143 and json.loads((out / "config.json").read_text())["seed"] == 5
+    assert not any((out / name).exists() for name in ("results.json", "results.md", "test_accuracy.png"))
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *args, "--seed", "5", "--overwrite")  # (the old student's stage is still there)
+    assert code == 0 and json.loads((out / "results.json").read_text())["meta"]["config"]["seed"] == 5, err

@@ -652,6 +652,9 @@ def test_keep_option_and_corpus_shorter_than_a_segment(corpus, tmp_path, capsys)
         (tmp_path / "tiny" / f"{i}.txt").write_text("abc")
     assert_user_error(capsys, *train_args(tmp_path / "tiny", tmp_path / "t"),
                       contains="fewer than one segment (16)")
+    (tmp_path / "tiny" / "0.txt").write_text("abcdefghijklmnop")  # one segment exactly: refused, before (a probe)
+    code, _, err = run_cli(capsys, *train_args(tmp_path / "tiny", tmp_path / "t"))
+    assert code == 0, err
 
 
 def test_bf16_run_records_its_precision_and_eval_can_override_it(corpus, trained, tmp_path, capsys):

@@ -1,12 +1,14 @@
 import math
+import os
 import re
+import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from still.distill.models import MLP, MLPConfig
-from still.errors import StillError
+from still.errors import StillError, TrainingInterrupted
 from still.train import loop
 from still.train.loop import IndexBatches, Trainer, TrainingDiverged
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
@@ -495,6 +497,29 @@ def test_a_submodule_frozen_in_eval_mode_stays_there():
     trainer.fit(BATCHES, 2)
     assert set(modes) == {(False, False, True, True)}
     assert torch.equal(backbone[1].running_mean, statistics) and not model.training
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_the_last_evaluation_stops_the_caller_once_the_run_is_saved(tmp_path, signum):
+    """A signal after the last step (here in the last evaluation) was recorded and dropped: fit
+    returned, and a recipe went on through every later stage and exited 0 (a probe)."""
+    trainer = make_trainer(tmp_path)
+    evaluate = trainer.evaluate
+    calls = []
+
+    def signalled(m):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return evaluate(m)
+
+    trainer.evaluate = signalled
+    with pytest.raises(TrainingInterrupted) as raised:
+        trainer.fit(BATCHES, 2)
+    assert raised.value.signum == signum and raised.value.checkpoint == tmp_path / "ckpt-00000012"
+    again = make_trainer(tmp_path)
+    again.fit(BATCHES, 2)
+    assert again.loaded_finished and again.state.history == trainer.state.history
 
 
 def test_a_submodule_frozen_in_eval_mode_stays_there_in_a_later_fit():

@@ -289,6 +289,45 @@ def _read(path: Path, byte_level: bool) -> str | bytes:
     return data if byte_level else decode_utf8(data, str(path))
 
 
+def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = True) -> list[tuple[str, os.DirEntry]]:
+    """Every regular file under the folder `root` whose name ends in one of `suffixes`, as (its path
+    under `root`, its directory entry), in the order of sorted paths (os.scandir, folder by folder:
+    0.2 s for 28,000 books, where os.walk and pathlib took 0.44 s). What the folder loaders read,
+    and so what a corpus's fingerprint is made of:
+    - hidden files and folders (a name starting with ".", as `.ipynb_checkpoints`) are left out;
+    - links are followed, to a folder once each, and never to a folder that holds `root` (a link up
+      the tree, or to /);
+    - a folder that cannot be listed is a `StillError` (its files would be left out unsaid);
+    - pipes, sockets and devices are left out (reading a pipe would wait for a writer)."""
+    root = os.fspath(root)
+    above = os.path.realpath(root)
+    seen: set[str] = set()
+    found: list[tuple[str, os.DirEntry]] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        real = os.path.realpath(folder)
+        if real in seen or (prefix and os.path.commonpath([real, above]) == real):
+            return
+        seen.add(real)
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as e:
+            raise StillError(f"cannot list the folder {folder} ({e.strerror or e}): its files would be left out; "
+                             "make it readable, or move it out of the corpus") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if recursive:
+                    walk(entry.path, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(suffixes) and entry.is_file():
+                found.append((prefix + entry.name, entry))
+
+    walk(root, "")
+    return found
+
+
 def _layout_hint(path: Path) -> None:
     """Refuse a folder laid out as PG-19 or WikiText-103 given as a plain folder: split by sorted
     file name, its test books would train (test/ sorts before train/)."""
@@ -304,12 +343,14 @@ SPLITS = ("train", "valid", "test")
 def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float = 0.05,
               test_fraction: float = 0.05, splits: Sequence[str] = SPLITS) -> Corpus:
     """A UTF-8 text file (split by position: train, then valid, then test) or a folder of `*.txt`
-    files (split by file, in sorted order: the last ones are valid and test). A folder's files of
-    the splits not in `splits` are not read (those splits are empty)."""
+    files, in its sub-folders too (`walk_files`: hidden ones left out, links followed), split by
+    file in sorted order: the last ones are valid and test. A folder's files of the splits not in
+    `splits` are not read (those splits are empty)."""
     path = Path(path).expanduser()
     if path.is_dir():
+        listed = walk_files(path, (".txt",))
         _layout_hint(path)
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = [(name, Path(entry.path)) for name, entry in listed]
         if len(files) < 3:
             raise StillError(f"{path} holds {len(files)} .txt file(s); a folder corpus needs at least 3 "
                              "(train, valid, test), or give a single file")
@@ -318,7 +359,7 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
         n_train = len(files) - n_valid - n_test
         parts = {"train": files[:n_train], "valid": files[n_train : n_train + n_valid],
                  "test": files[n_train + n_valid :]}
-        read = {split: [FileDocument(str(f.relative_to(path)), f, byte_level) for f in parts[split]]
+        read = {split: [FileDocument(name, f, byte_level) for name, f in parts[split]]
                 if split in splits else [] for split in SPLITS}
         return Corpus(path.name, read["train"], read["valid"], read["test"], byte_level)
     if not path.is_file():
@@ -350,7 +391,8 @@ def load_enwik8(path: str | Path, split: tuple[int, int, int] = ENWIK8_SPLIT) ->
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
                 if "enwik8" not in names:
-                    raise StillError(f"{path} does not contain a file named enwik8 (it has {', '.join(names[:5])})")
+                    raise StillError(f"{path} does not contain a file named enwik8 ("
+                                     + (f"it has {', '.join(names[:5])})" if names else "it is empty)"))
                 with zf.open("enwik8") as f:
                     data = f.read()  # (the whole member, which checks its CRC, whatever the split needs)
         elif path.suffix == ".zip":
@@ -372,15 +414,19 @@ def load_enwik8(path: str | Path, split: tuple[int, int, int] = ENWIK8_SPLIT) ->
 
 
 def load_pg19(path: str | Path, byte_level: bool = False, splits: Sequence[str] = SPLITS) -> Corpus:
-    """PG-19's layout: `train/`, `validation/`, `test/` folders of books, one `*.txt` per book. The
-    books of the splits not in `splits` are not read (those splits are empty)."""
+    """PG-19's layout: `train/`, `validation/`, `test/` folders of books, one `*.txt` per book
+    (`walk_files`, not into sub-folders). The books of the splits not in `splits` are not read
+    (those splits are empty)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise StillError(f"PG-19 folder {path} " + ("is a file: give the folder that holds train/, validation/ "
                                                     "and test/" if path.exists() else "does not exist"))
     read = {}
+    walk_files(path, (), recursive=False)  # (a folder that cannot be listed is named, not said to hold no books)
     for split, folder in (("train", "train"), ("valid", "validation"), ("test", "test")):
-        files = sorted((path / folder).glob("*.txt"))
+        where = path / folder
+        files = ([Path(entry.path) for _, entry in walk_files(where, (".txt",), recursive=False)]
+                 if os.path.isdir(where) else [])
         if not files:
             raise StillError(f"PG-19 folder {path} has no books in {folder}/")
         read[split] = [FileDocument(f.stem, f, byte_level) for f in files] if split in splits else []

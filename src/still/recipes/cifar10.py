@@ -160,7 +160,7 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
               **({"precision": config.precision} if config.precision != "fp32" else {})}  # (see run_mnist)
     if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
         log(f"--precision bf16: {slower}")
-    mark_new_run(out, config)
+    mark_new_run(out, config, overwrite, ("results.json", "results.md", "test_accuracy.png"))
     rows, curves, seconds = [], [], {}
     name = f"distilled-T{config.temperature:g}-a{config.alpha:g}"
 

@@ -150,22 +150,22 @@ def hold_run_folder(out: Path) -> Iterator[None]:
                          "exist: make that folder, or choose another --out")
     dist = distributed.setup()
     made = [folder for folder in (out, *out.parents) if not folder.exists()] if dist.main else []  # (innermost first)
-    fd, refused = None, None
+    fd = None
+
+    def hold() -> None:
+        nonlocal fd
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StillError(f"{printable(str(out))} is in use: another still process is training into it now; "
+                             "wait for it to end, or choose another --out") from None
+        except OSError:
+            pass  # (no locks on this file system)
+
     try:
-        if dist.main:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                refused = (f"{printable(str(out))} is in use: another still process is training into it now; "
-                           "wait for it to end, or choose another --out")
-            except OSError:
-                pass  # (no locks on this file system)
-        if dist.enabled and dist.all_sum(torch.tensor([float(refused is not None)], device=dist.device)).item():
-            refused = refused or f"{printable(str(out))} is in use: rank 0 could not hold it"
-        if refused:
-            raise StillError(refused)
+        dist.on_main(hold)
         yield
     finally:
         if fd is not None:
@@ -177,13 +177,22 @@ def hold_run_folder(out: Path) -> Iterator[None]:
                 break
 
 
-def mark_new_run(out: Path, config: Any) -> None:
+def mark_new_run(out: Path, config: Any, overwrite: bool = False, results: Sequence[str] = ()) -> None:
     """A run folder that holds no run yet takes its config.json at once (the run writes it again as
     it ends): a run interrupted before its end is still told from another recipe's, whose
     `check_run_kind` reads it, and `--overwrite` elsewhere cannot take its stages for its own. (A
     folder that holds stages but no config.json was made by an older still, and is left as it was:
-    the run marks it as it ends.)"""
-    if not distributed.current().main or (out / "config.json").exists() or (out / "stage.json").exists():
+    the run marks it as it ends.) With `overwrite`, a folder that holds a run of this recipe takes
+    this run's config.json at once too, and the `results` files of the run there before are
+    removed: an interrupted overwrite left that run's table and settings beside the new stages."""
+    if not distributed.current().main:
+        return
+    if overwrite and (out / "config.json").exists():
+        for name in results:
+            (out / name).unlink(missing_ok=True)
+        save_config(config, out / "config.json")
+        return
+    if (out / "config.json").exists() or (out / "stage.json").exists():
         return
     if not any((folder / "stage.json").exists() for folder in out.iterdir() if folder.is_dir()):
         save_config(config, out / "config.json")
@@ -230,13 +239,15 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     stage_dir = out / name
     model.to(distributed.process_device())  # built on the CPU (the same initial weights on every device)
     dist = distributed.current()
-    if dist.main:
+
+    def check() -> None:
         other = run_kind(stage_dir)
         if other is not None:  # (a run of its own given this run's folder above it: --overwrite would delete it)
             raise StillError(f"{stage_dir} holds a {other} run, not the {name} stage of the run in {out}: "
                              "choose another --out")
         check_stage_config(stage_dir, stage_config, overwrite, unrecorded=unrecorded)
-    dist.barrier()
+
+    dist.on_main(check)
     batches = IndexBatches(n, batch_size, seed=seed)
     optimizer = build_optimizer(model.parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, epochs * len(batches))

@@ -174,7 +174,7 @@ def _load_data(config: LMConfig, cache) -> EncodedCorpus:
     while the others wait for it, on the entry's lock)."""
     corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level)
     n_train = corpus.train_tokens
-    check(n_train > config.segment_len, f"the training split of {config.corpus} has {n_train} {corpus.vocab.unit}s, "
+    check(n_train >= config.segment_len, f"the training split of {config.corpus} has {n_train} {corpus.vocab.unit}s, "
                                         f"fewer than one segment ({config.segment_len})")
     return corpus
 
@@ -227,7 +227,8 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
     check(shards >= 1 and n_rows % shards == 0,
           f"shards ({shards}) must be >= 1 and divide the rows of a batch ({n_rows}"
           + (" per process)" if dist.enabled else ")"))
-    if dist.main:
+
+    def check_and_mark() -> None:
         _older_relative_corpus(out / "stage.json", config.corpus)
         # the corpus's text, by its ids' digest, beside the settings: a run never resumes (or reports a
         # finished run) on text other than it trained on; a run made before it was recorded takes this one
@@ -235,7 +236,8 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
         check_stage_config(out, to_dict(config) | digest, overwrite, defaults=to_dict(LMConfig()) | digest)
         save_config(config, out / "config.json")
         atomic_write_text(out / "vocab.json", vocab.to_json())
-    dist.barrier()
+
+    dist.on_main(check_and_mark)
 
     valid_docs, valid_names = corpus.split("valid")
     valid = eval_streams(valid_docs, valid_names, config.batch_size, config, config.eval_fill_rows, "valid",

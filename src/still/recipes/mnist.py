@@ -170,7 +170,7 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
               **({"precision": config.precision} if config.precision != "fp32" else {})}
     if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
         log(f"--precision bf16: {slower}")
-    mark_new_run(out, config)
+    mark_new_run(out, config, overwrite, ("results.json", "results.md", "test_errors.png"))
 
     def in_precision(compute: Any) -> Any:  # outside the trainer (which applies it to its own steps)
         with autocast(config.precision, device):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,22 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             torch_dist.barrier()
+
+    def on_main(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on rank 0 alone (checks of the run folder, its first files), every rank waiting
+        for it; where it raises a `StillError`, every rank raises one: rank 0 its own, which it
+        prints, and the others one that says rank 0 refused the run. (After a barrier, rank 0's
+        refusal left the others to fail in gloo's 'connection closed by peer', a traceback each.)"""
+        error = None
+        if self.main:
+            try:
+                fn()
+            except StillError as e:
+                error = e
+        if self.enabled and self.all_sum(torch.tensor([float(error is not None)], device=self.device)).item():
+            error = error or StillError("rank 0 refused the run (its message says why)")
+        if error is not None:
+            raise error
 
 
 _current = Dist()

@@ -219,6 +219,7 @@ class Trainer:
         self.state = TrainState()
         self.loaded_finished = False
         """True when `fit` found the run already finished and only loaded it."""
+        self._saved: Path | None = None  # the newest checkpoint this trainer wrote
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -234,7 +235,7 @@ class Trainer:
                 rng["cuda_ranks"] = self.dist.gather_list(torch.cuda.get_rng_state(self.dist.device))
         path = None
         if self.dist.main:
-            path = ckpt.save_checkpoint(
+            path = self._saved = ckpt.save_checkpoint(
                 self.checkpoint_dir, self.state.step,
                 model=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(),
@@ -464,12 +465,14 @@ class Trainer:
         `batches(epoch)` gives that epoch's batches (an iterable; `IndexBatches` is one), each
         passed to `loss_fn`: a function of the epoch, so that a resumed run meets the same batches.
         SIGINT and SIGTERM finish the current step, save a checkpoint (when there is a
-        checkpoint_dir) and raise `TrainingInterrupted`. The model trains in training mode, but for
-        the submodules the caller put in eval mode while the model was in training mode (a frozen
-        backbone whose batch-norm statistics must not move), which stay in eval mode; it is left in
-        eval mode, and a later `fit` of it (by this trainer or another) keeps the same submodules
-        frozen. With a checkpoint_dir, what a checkpoint could not hold (a model state entry that is
-        not a tensor, a tensor learning rate) is refused before the first step.
+        checkpoint_dir) and raise `TrainingInterrupted`; one that arrives after the last step (in
+        the last evaluation, say) raises it too, once the finished run is saved. The model trains in
+        training mode, but for the submodules the caller put in eval mode while the model was in
+        training mode (a frozen backbone whose batch-norm statistics must not move), which stay in
+        eval mode; it is left in eval mode, and a later `fit` of it (by this trainer or another)
+        keeps the same submodules frozen. With a checkpoint_dir, what a checkpoint could not hold (a
+        model state entry that is not a tensor, a tensor learning rate) is refused before the first
+        step.
         """
         if not callable(batches):
             raise StillError(f"batches must be a function of the epoch giving its batches (such as IndexBatches), "
@@ -478,9 +481,24 @@ class Trainer:
             raise StillError(f"epochs must be an int >= 0, got {epochs!r}")
         try:
             with _deferred_signals() as received:
-                return self._fit(batches, epochs, received)
+                state = self._fit(batches, epochs, received)
+                # a signal after the last step (in the last evaluation or save, or while a finished run
+                # loaded): the run is done and saved, and the caller asked to stop
+                self._agree_on_signals(received)
+                if received:
+                    raise TrainingInterrupted(received[0], self.state.step, self._saved)
+                return state
         finally:
             self.close()
+
+    def _agree_on_signals(self, received: list[int]) -> None:
+        """Under torchrun, a signal on any rank stops every rank at the same point: each rank's
+        `received` gets the largest signal number any rank received."""
+        if self.dist.enabled:
+            mine = torch.tensor([-(received[0] if received else 0)], device=self.device)
+            signum = -int(self.dist.all_min(mine))
+            if signum and not received:
+                received.append(signum)
 
     def _fit(self, batches: Callable[[int], Iterable[Any]], epochs: int, received: list[int]) -> TrainState:
         # the submodules the caller froze in eval mode (where the model itself is in training mode)
@@ -521,14 +539,13 @@ class Trainer:
                     self.state.epoch_skipped += 1
                 self.state.step += 1
                 self.state.batch += 1
-                if self.dist.enabled:  # a signal on any rank stops every rank after this same step
-                    mine = torch.tensor([-(received[0] if received else 0)], device=self.device)
-                    signum = -int(self.dist.all_min(mine))  # the largest signal number any rank received
-                    if signum and not received:
-                        received.append(signum)
+                self._agree_on_signals(received)
                 if received or (self.checkpoint_dir is not None and self.checkpoint_every_steps
                                 and self.state.step % self.checkpoint_every_steps == 0):
-                    self.state.epoch_loss_sum = loss_sum.item()
+                    # every rank's steps so far (the ranks' mean loss a step, summed): a run resumed on
+                    # any number of ranks adds its own to it
+                    shared = self.dist.all_sum(loss_sum) / self.dist.world if self.dist.enabled else loss_sum
+                    self.state.epoch_loss_sum = shared.item()
                     saved = self.save() if self.checkpoint_dir is not None else None
                     if received:
                         bar.close()
