@@ -371,6 +371,16 @@ def test_what_is_not_a_model_or_not_logits_is_named_and_ensembles_take_any_itera
             call(x)
 
 
+def test_a_teachers_model_put_back_in_training_mode_is_evaluated_in_eval_mode():
+    """The model's own train() (not the teacher's) made the teacher's outputs draw dropout masks."""
+    net = small_net(0, dropout=0.5)
+    teacher, x = Teacher(net), torch.randn(6, 12)
+    first = teacher.logits(x)
+    net.train()
+    torch.testing.assert_close(teacher.logits(x), first, rtol=0, atol=0)
+    assert not net.training
+
+
 def test_a_probability_model_is_refused_after_a_first_empty_batch():
     """An empty first batch had the model marked as looked at: its later probabilities went through."""
     teacher = Teacher(torch.nn.Sequential(small_net(0), torch.nn.Softmax(dim=-1)))

@@ -80,7 +80,11 @@ def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Comb
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`model(x)` as float32 logits (B, C): a floating `x` goes in as the dtype of the model's first
     floating parameter (where it has one), and the logits are taken out of `.logits`, a mapping's
-    "logits" or a tuple's or list's first element where the model returns one of those."""
+    "logits" or a tuple's or list's first element where the model returns one of those. A model
+    put back in training mode since it became a teacher's (its own `train()`) is put in eval mode
+    again: a teacher's outputs never draw dropout masks."""
+    if model.training:
+        model.eval()
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None and x.is_floating_point() and x.dtype != dtype:
         x = x.to(dtype)
