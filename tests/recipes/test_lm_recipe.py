@@ -267,6 +267,10 @@ def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):
     assert meta["changed_since_training"] is False and meta["split_sha256"] == splits["valid"]
     code, _, err = run_cli(capsys, "lm", "compare", str(out), "--out", str(tmp_path / "compare"))
     assert code == 0 and "the by-position columns come from `still lm eval` of the test text as it was changed" in err
+    doc.write_text(text + "\u00a7")  # a character the run never saw: said to be a change (a probe)
+    assert_user_error(capsys, "lm", "eval", str(out), "--split", "test", "--threads", "1",
+                      contains=f"the test split of {own} holds a character the run's vocabulary lacks, so it has "
+                               f"changed since {out} was trained")
     doc.write_text(text)  # (a new modification time: encoded again)
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and "encoded" in err and "loaded the finished run" in err and model_hash(out) == trained

@@ -58,6 +58,10 @@ ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
 ENCODE_CHUNK = 1 << 24  # characters encoded at a time (their UTF-32 copy: 64 MiB)
 
 
+class NotInVocabulary(StillError):
+    """A text holds a character that the vocabulary lacks."""
+
+
 @dataclass(frozen=True)
 class Document:
     name: str
@@ -170,8 +174,8 @@ class Vocab:
             unknown = np.flatnonzero(chunk < 0)
             if unknown.size:
                 offset = start + int(unknown[0])
-                raise StillError(f"{source}: character {text[offset]!r} at offset {offset} is not in the vocabulary "
-                                 f"(the {len(self.symbols)} characters of the training corpus)")
+                raise NotInVocabulary(f"{source}: character {text[offset]!r} at offset {offset} is not in the "
+                                      f"vocabulary (the {len(self.symbols)} characters of the training corpus)")
             ids[start : start + len(chunk)] = torch.from_numpy(chunk)
         return ids
 

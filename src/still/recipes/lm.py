@@ -35,7 +35,7 @@ from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
 from still.config import changed_settings, check_fields, from_dict, load_config, replace, save_config, to_dict
 from still.data.encoded import EncodedCorpus, load_encoded
-from still.data.text import CORPUS_KINDS, Segment, TokenStreams, Vocab, absolute_corpus
+from still.data.text import CORPUS_KINDS, NotInVocabulary, Segment, TokenStreams, Vocab, absolute_corpus
 from still.errors import StillError, check
 from still.recipes.common import check_run_kind, check_stage_config, hold_run_folder, plot_curves, run_kind
 from still.train import checkpoint as ckpt, distributed
@@ -480,7 +480,11 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
-    corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level, splits=(split,), vocab=vocab)
+    try:
+        corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level, splits=(split,), vocab=vocab)
+    except NotInVocabulary as e:
+        raise StillError(f"the {split} split of {config.corpus} holds a character the run's vocabulary lacks, so it "
+                         f"has changed since {run_dir} was trained: {e}") from None
     docs, names = corpus.split(split)
     # the split's text against what training recorded of it (runs made before then recorded nothing):
     # numbers of other text are written beside the run's, so they say so
