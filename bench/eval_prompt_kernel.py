@@ -28,15 +28,16 @@ from still.train.precision import autocast
 def score(model, tokens: torch.Tensor, segment_len: int, written: bool, precision: str) -> tuple[float, float]:
     """tokens (B, n + 1) scored from no memories -> (tokens a second, the summed loss in nats)."""
     rows, n = tokens.shape[0], tokens.shape[1] - 1
+    inputs, targets = tokens[:, :n], tokens[:, 1:]  # (a span past n would read the last target as an input)
     with torch.no_grad(), autocast(precision):
         with StreamScorer(model, rows, 1, segment_len, written=written) as warm:  # (the library, the plans)
             span = warm.chunk * segment_len
-            warm(tokens[:, :span], tokens[:, 1 : span + 1])
+            warm(inputs[:, :span], targets[:, :span])
         total = 0.0
         with StreamScorer(model, rows, 1, segment_len, written=written) as scorer:
             start = time.perf_counter()
             for s in range(0, n, span):
-                total += scorer(tokens[:, s : s + span], tokens[:, s + 1 : s + span + 1]).double().sum().item()
+                total += scorer(inputs[:, s : s + span], targets[:, s : s + span]).double().sum().item()
             seconds = time.perf_counter() - start
     return rows * n / seconds, total
 

@@ -286,8 +286,13 @@ def main() -> None:
     model_changes = MODELS[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
-    # on a CPU the step split across two threads, as `still lm train` runs it there; a GPU, one stream
-    shards, sharded = (2, ", 2 shards") if DEVICE.type == "cpu" else (1, "")
+    # on a CPU the step split across two threads, as `still lm train` runs it there; a GPU, one stream.
+    # With one thread (--threads 1) no row is split: two shards would run on two threads, and their MFU
+    # be read against one thread's peak (a probe saw 109%)
+    two_shards = DEVICE.type == "cpu" and torch.get_num_threads() >= 2
+    if DEVICE.type == "cpu" and not two_shards:
+        print("one thread: the rows of 2 shards (two threads) are left out", flush=True)
+    shards, sharded = (2, ", 2 shards") if two_shards else (1, "")
     measures = {
         "train fp32": lambda r: train_rate("fp32", args.steps, 6, r),
         "train bf16": lambda r: train_rate("bf16", args.steps, 6, r),
@@ -310,7 +315,7 @@ def main() -> None:
         "generate bf16, batch 1, --compile": lambda r: generate_rate("bf16", args.new_tokens, True, r, args.gen_runs),
     }
     measures = {k: v for k, v in measures.items() if k.split()[0] in args.measures
-                and (DEVICE.type == "cpu" or "shards" not in k)}
+                and (two_shards or "shards" not in k)}
     rates: dict[str, list[float]] = {k: [] for k in measures}
     flops: dict[str, tuple[float, float]] = {}  # (a step's, its forward's)
     peaks: list[dict] = []

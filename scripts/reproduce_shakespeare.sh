@@ -2,7 +2,8 @@
 # The Shakespeare experiments of docs/results/shakespeare.md, one command each. Run them all, or
 # some by name: scripts/reproduce_shakespeare.sh xl256 compressive
 # All runs use bf16 autocast (PRECISION=fp32 to change). Each run directory resumes if interrupted;
-# rerunning a finished one only prints its table. With JOBS=2 (the default on 2+ cores) two workers
+# rerunning a finished one loads it, evaluates its test split again and prints its table. A run
+# that fails is said (its log: $OUT/NAME.log), the others go on, and the script then exits 1. With JOBS=2 (the default on 2+ cores) two workers
 # of one thread each take the runs in turn (the main comparison first), which keeps two cores busier
 # than one worker of two threads.
 set -euo pipefail
@@ -27,7 +28,7 @@ declare -A RUNS=(
   # compression losses (ablation preset, 1-D convolution); f-conv is also loss-attention
   [loss-autoencoding]="--preset ablation --compression-loss autoencoding"
   [loss-none]="--preset ablation --compression-loss none"
-  # the ablation preset's references: XL with the same attention span as 64 + 64, and no memory
+  # the ablation preset's reference: XL with the same attention span as 64 + 64
   [ablation-xl128]="--preset ablation --mem-len 128 --c-mem-len 0"
   # precision check: f-conv again in fp32 (the runs above use $PRECISION, bf16 by default)
   [f-conv-fp32]="--preset ablation --compression conv --precision fp32"
@@ -42,18 +43,26 @@ run() {  # run NAME [extra options]: train, then evaluate the test split by posi
   [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; return 2; }
   echo "== $name: still lm train --precision $PRECISION ${RUNS[$name]} $* --out $OUT/$name"
   # shellcheck disable=SC2086
-  "$STILL" lm train --precision "$PRECISION" ${RUNS[$name]} "$@" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1
-  "$STILL" lm eval "$OUT/$name" --split test "$@" >> "$OUT/$name.log" 2>&1
+  # (each failure returned explicitly: a worker calls run where `set -e` does not apply)
+  "$STILL" lm train --precision "$PRECISION" ${RUNS[$name]} "$@" --out "$OUT/$name" >> "$OUT/$name.log" 2>&1 || return
+  "$STILL" lm eval "$OUT/$name" --split test "$@" >> "$OUT/$name.log" 2>&1 || return
   # the summary, in one write (two workers share the terminal): the run's table (validation and test
   # bits per character after training), then `lm eval`'s line (its loss by position: eval-test.md)
   printf '%s\n' "== $name: done" "$(tail -n +3 "$OUT/$name/results.md")" "$(head -n 1 "$OUT/$name/eval-test.md")"
 }
 
 mkdir -p "$OUT"
+: > "$OUT/.failed"
+# a run that fails is said and listed, and the others go on (one failure ended its worker, unsaid)
+failed() { echo "== $1: failed (see $OUT/$1.log)" >&2; echo "$1" >> "$OUT/.failed"; }
 claim() { mkdir "$OUT/.claims/$1" 2>/dev/null; }  # atomic: one worker takes each run
-worker() { for name in "${MAIN[@]}" "${ABLATION[@]}"; do if claim "$name"; then run "$name" "$@"; fi; done; }
+worker() { for name in "${MAIN[@]}" "${ABLATION[@]}"; do if claim "$name"; then run "$name" "$@" || failed "$name"; fi
+           done; }
 if [ $# -gt 0 ]; then
-  for name in "$@"; do run "$name"; done
+  for name in "$@"; do
+    [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; exit 2; }
+  done
+  for name in "$@"; do run "$name" || failed "$name"; done
 else
   rm -rf "$OUT/.claims" && mkdir -p "$OUT/.claims"
   for _ in $(seq "$JOBS"); do worker $([ "$JOBS" -ge 2 ] && echo --threads 1) & done
@@ -66,3 +75,4 @@ compare functions f-conv f-dilated f-max f-mean f-most_used ablation-xl128
 compare losses f-conv loss-autoencoding loss-none
 compare precision f-conv f-conv-fp32
 compare precision-reference compressive compressive-fp32
+if [ -s "$OUT/.failed" ]; then echo "failed: $(sort "$OUT/.failed" | tr '\n' ' ')(their logs: $OUT/NAME.log)" >&2; exit 1; fi

@@ -234,3 +234,18 @@ def test_the_bf16_gradient_benchmark_leaves_out_of_adams_units_what_adam_has_not
     assert "left out: 2 parameters the checkpoint's Adam state does not hold yet, compressor)" in out
     adam_table = out.split("in Adam's units")[1]
     assert "compressor" not in adam_table.split("\n", 2)[2] and "attention" in adam_table
+
+
+def test_the_prompt_kernel_benchmark_reads_a_row_of_any_length():
+    """A probe: --tokens not a multiple of one call's span (1,024 at the quick preset) read the last
+    target as an input, and the loss's batch sizes disagreed (ValueError)."""
+    import torch
+
+    from still.compressive import CompressiveConfig, CompressiveTransformer
+
+    score = runpy.run_path(str(BENCH / "eval_prompt_kernel.py"), run_name="bench_under_test")["score"]
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                                     mem_len=8, c_mem_len=4, compression_rate=2)).eval()
+    tokens = torch.randint(0, 20, (1, 1001), generator=torch.Generator().manual_seed(0))
+    totals = [score(model, tokens, 16, written, "fp32")[1] for written in (False, True)]
+    assert totals[0] == pytest.approx(totals[1], rel=1e-5) and totals[0] > 0

@@ -680,12 +680,23 @@ def test_generate_names_every_bad_argument():
                             ({"max_new_tokens": True}, "max_new_tokens must be an int >= 0, got True"),
                             ({"prompt": torch.zeros(0, 4, dtype=torch.long)}, r"batch >= 1, length >= 1\), got "
                                                                               r"torch.int64 of shape \(0, 4\)"),
-                            ({"prompt": torch.tensor([[3, 25]])}, r"token id 25 is outside the vocabulary")):
+                            ({"prompt": torch.tensor([[3, 25]])}, r"token id 25 is outside the vocabulary"),
+                            ({"prompt": [[3, 4]]}, "the prompt must be ids .* got a list"),
+                            ({"temperature": "1"}, "temperature must be a finite number > 0, got '1'"),
+                            ({"top_p": "0.5"}, r"top_p must be in \(0, 1\], got '0.5'"),
+                            ({"generator": 5}, "generator must be a torch.Generator or None, got a int")):
         args = {"prompt": prompt, "max_new_tokens": 3} | kwargs
         with pytest.raises(StillError, match=message):
             generate(model, args.pop("prompt"), args.pop("max_new_tokens"), **args)
     import numpy as np
 
+    bytes_prompt = generate(model, prompt.to(torch.uint8), 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.stack(list(bytes_prompt)),
+                       torch.stack(list(generate(model, prompt, 3, generator=torch.Generator().manual_seed(0)))))
+    plain = CompressiveTransformer(CompressiveConfig(vocab_size=20, d_model=32, n_layers=1, n_heads=4, d_ff=64,
+                                                     mem_len=0, c_mem_len=0))
+    with pytest.raises(StillError, match=r"keeps no memories \(mem_len 0, c_mem_len 0\): its tokens would be drawn"):
+        generate(plain, prompt, 3)  # (a probe: each token drawn from the one before it alone)
     with_numpy = generate(model, prompt, 3, top_k=np.int64(2), generator=torch.Generator().manual_seed(0))
     with_int = generate(model, prompt, 3, top_k=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.stack(list(with_numpy)), torch.stack(list(with_int)))

@@ -231,7 +231,7 @@ def test_a_state_that_does_not_fit_is_named():
              (net.empty_state(2, dtype=torch.bfloat16), seq, None, "is torch.bfloat16 on cpu, the model's weights "
                                                                     "torch.float32"),
              (MemoryState.empty(TINY["n_layers"], 2, 8), seq, None, "width is 8, the model's d_model 32"),
-             (state, seq, torch.tensor([True, False, True]), "reset must be \\(2,\\) bool")]
+             (state, seq, torch.tensor([True, False, True]), "reset must be a \\(2,\\) bool tensor")]
     for bad, x, reset, message in cases:
         with pytest.raises(StillError, match=message):
             net(x, bad, reset=reset)
@@ -680,6 +680,77 @@ def test_tokens_and_states_the_model_cannot_read_are_named():
         del tensors["compressed/1"]
         with pytest.raises(StillError, match="the memory state's tensors have no 'compressed/1'"):
             MemoryState.from_tensors(tensors)
+
+
+def test_ids_of_any_integer_dtype_are_read_and_other_inputs_are_named():
+    """A probe: uint8 ids (byte-level text's natural dtype), int8 and int16 raised the embedding's
+    RuntimeError; a list, a tuple state, a float reset or float validity flags raised Python's or
+    PyTorch's own errors, or (reset) were taken as bools."""
+    config = CompressiveConfig(vocab_size=20, d_model=32, n_layers=2, n_heads=4, d_ff=64, mem_len=8, c_mem_len=8,
+                               compression_rate=2)
+    model = CompressiveTransformer(config).eval()
+    tokens = torch.randint(0, 20, (2, 8))
+    with torch.no_grad():
+        want = model(tokens).logits
+        for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+            torch.testing.assert_close(model(tokens.to(dtype)).logits, want, rtol=0, atol=0)
+        state = model(tokens).state
+        for bad, kwargs, message in (
+                ([[1, 2]], {}, "tokens must be ids .* got a list"),
+                (tokens.bool(), {}, r"got torch.bool of shape \(2, 8\)"),
+                (tokens, {"state": tuple(state)}, "the memory state must be a MemoryState .* got a tuple"),
+                (tokens, {"reset": torch.tensor([0.5, 0.0])},
+                 r"reset must be a \(2,\) bool tensor, .* got torch.float32"),
+                (tokens, {"reset": [True, False]}, r"reset must be a \(2,\) bool tensor, .* got a list"),
+                (tokens, {"state": state._replace(memory_valid=torch.ones(2, state.memory_len))},
+                 "the state's memory_valid must be bool, got torch.float32")):
+            with pytest.raises(StillError, match=message):
+                model(bad, **kwargs)
+
+
+def test_weights_written_past_the_version_counters_are_read_after_weights_changed():
+    """A probe: new data put in (vector_to_parameters) and in-place writes through `.data` left the
+    inference caches (W_r R, a state's keys and values, the decoding step's weights) of the old
+    weights in use: other logits, other greedy text, with the weights equal."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from still.compressive.generate import generate
+
+    config = CompressiveConfig(vocab_size=11, d_model=32, n_layers=1, n_heads=2, d_ff=64, mem_len=8, c_mem_len=8,
+                               compression_rate=2)
+    torch.manual_seed(1)
+    model = CompressiveTransformer(config).eval()
+    torch.manual_seed(2)
+    other = CompressiveTransformer(config).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(10)
+    x = torch.randint(0, 11, (1, 8))
+
+    def read(m):
+        with torch.no_grad():
+            state = m(x).state  # (its keys and values cached in the state)
+            return m(x, state).logits, torch.stack(list(generate(m, x, 12, top_k=1, state=state))).flatten()
+
+    read(model)  # every cache made with the first weights
+    vector_to_parameters(parameters_to_vector(other.parameters()), model.parameters())  # new data
+    logits, text = read(model)
+    want_logits, want_text = read(other)
+    torch.testing.assert_close(logits, want_logits)
+    assert torch.equal(text, want_text)
+    source, fresh = CompressiveTransformer(config), CompressiveTransformer(config).eval()  # (made before the state:
+    read(model)  # a module made afterwards would list the weights again, which the caches see)
+    with torch.no_grad():
+        state = model(x).state  # its memories' keys and values cached with these weights
+        for p, q in zip(model.parameters(), source.parameters()):
+            p.data.copy_(q.data * 3)  # in place through .data: no version counter sees it, so say so
+    model.weights_changed()
+    fresh.load_state_dict(model.state_dict())
+    uncached = MemoryState.from_tensors(state.to_tensors())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, state).logits, fresh(x, uncached).logits)
+    text = torch.stack(list(generate(model, x, 12, top_k=1, state=state)))
+    assert torch.equal(text, torch.stack(list(generate(fresh, x, 12, top_k=1, state=uncached))))
 
 
 @pytest.mark.parametrize("batched", [True, False])

@@ -445,6 +445,10 @@ def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_pat
                                 "false here)")
     save_file(tensors, str(tmp_path / "letters"), metadata=metadata | {"vocabulary": "0" * 64})
     refused(tmp_path / "letters", "(another vocabulary)")
+    nan = {name: t.clone() for name, t in tensors.items()}
+    nan["memory/0"][0, 0, 0] = float("nan")  # (a probe: blamed on the weights, "diverged")
+    save_file(nan, str(tmp_path / "nan"), metadata=metadata)
+    refused(tmp_path / "nan", "is damaged: its memories are not all finite numbers")
     # the same run's older checkpoint: other weights
     older, newest = sorted((trained / "checkpoints").glob("ckpt-*"))[-2:]
     code, out, err = run_cli(capsys, *args, "--state", str(saved), "--checkpoint", str(older))

@@ -973,7 +973,8 @@ class RelativeMultiHeadAttention(nn.Module):
         (H, K, D) view of the projection's (K, H*D) output took a copy a call)."""
         if torch.is_grad_enabled() or self.training:
             return self._project_positions(k_len, device, dtype)
-        key = (device, dtype, compute_dtype(device, dtype), self.position.weight._version, id(self.position.weight))
+        weight = self.position.weight
+        key = (device, dtype, compute_dtype(device, dtype), weight._version, id(weight), weight.data_ptr())
         positions = self._positions  # read once: another thread using this model (sharded evaluation) may replace it
         if positions is None or positions[0] != key or positions[1].shape[2] < k_len:
             table = self._project_positions(max(k_len, 2 * k_len if positions else k_len), device, dtype)

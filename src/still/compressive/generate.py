@@ -21,7 +21,7 @@ from torch import nn
 
 from still.compressive.decode import Decoder, openmp_threads_spin, supports, threads_for, using_threads
 from still.compressive.memory import MemoryState
-from still.compressive.model import CompressiveTransformer, check_ids
+from still.compressive.model import CompressiveTransformer, check_ids, described, is_ids
 from still.compressive.native import library as native_library
 from still.compressive.prefill import prefill, supports_model
 from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
@@ -31,6 +31,10 @@ from still.train.progress import log
 from still.train.shards import ShardPool
 
 __all__ = ["Generation", "StreamScorer", "eval_shards", "evaluate_streams", "filter_logits", "generate", "sample"]
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -48,10 +52,12 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
 
     Nothing is recorded for autograd. (Not by `torch.no_grad()` as a decorator: on a generator it
     switches the mode around every token, 1.3 µs each; the compiled step needs no switch at all.)"""
-    if not 0 < temperature < math.inf:
-        raise StillError(f"temperature must be a finite number > 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise StillError(f"top_p must be in (0, 1], got {top_p}")
+    if not (_real(temperature) and 0 < temperature < math.inf):
+        raise StillError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_p is not None and not (_real(top_p) and 0 < top_p <= 1):
+        raise StillError(f"top_p must be in (0, 1], got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise StillError(f"generator must be a torch.Generator or None, got a {type(generator).__name__}")
     if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
         raise StillError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     top_k = int(top_k) if top_k is not None else None  # (NumPy's integers too)
@@ -59,10 +65,14 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not (isinstance(segment_len, int) and not isinstance(segment_len, bool) and segment_len >= 1):
         raise StillError(f"segment_len must be an int >= 1, got {segment_len!r}")
-    if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0 or prompt.is_floating_point():
-        raise StillError(f"the prompt must be ids (batch >= 1, length >= 1), got {prompt.dtype} of shape "
-                         f"{tuple(prompt.shape)}")
-    check_ids(prompt, model.config.vocab_size)
+    if not (is_ids(prompt) and prompt.ndim == 2 and prompt.shape[0] > 0 and prompt.shape[1] > 0):
+        raise StillError(f"the prompt must be ids (batch >= 1, length >= 1), got {described(prompt)}")
+    prompt = check_ids(prompt, model.config.vocab_size)
+    if model.config.mem_len == 0 and model.config.c_mem_len == 0:
+        # (each token is read as a segment of one, over the memories: without any, it would be drawn
+        # from the token before it alone, where training read up to a segment of context)
+        raise StillError("this model keeps no memories (mem_len 0, c_mem_len 0): its tokens would be drawn each "
+                         "from the one before it alone; generate from a model with memories")
     generation = Generation(model, prompt, state, segment_len, written=compile is True)
     if max_new_tokens:
         generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, temperature, top_k,

@@ -73,14 +73,31 @@ _MODELS = itertools.count()  # each model's number, for `_weights_version`
 _registrations = 0  # parameters and submodules registered (assigned) in any module of this process
 
 
-def check_ids(tokens: torch.Tensor, vocab_size: int) -> None:
-    """A one-line error where a token id is outside [0, vocab_size) (the embedding's own is an
-    IndexError with no value in it). Checked where the ids are on the CPU, as the data's are: on a
-    GPU a look would wait for it."""
+def is_ids(tokens: object) -> bool:
+    """Whether `tokens` is a tensor of integers (not bools): ids of any integer dtype."""
+    return (isinstance(tokens, torch.Tensor) and tokens.dtype != torch.bool
+            and not (tokens.is_floating_point() or tokens.is_complex()))
+
+
+def check_ids(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`tokens` as the embedding takes them: int32 and int64 as they are, other integer dtypes
+    (uint8 byte ids, say) as int64; a one-line error where an id is outside [0, vocab_size) (the
+    embedding's own is an IndexError with no value in it). Checked where the ids are on the CPU,
+    as the data's are: on a GPU a look would wait for it."""
+    if tokens.dtype not in (torch.int32, torch.int64):
+        tokens = tokens.long()
     if tokens.device.type == "cpu" and tokens.numel():
         low, high = (int(v) for v in torch.aminmax(tokens))
         check(low >= 0 and high < vocab_size,
               f"token id {low if low < 0 else high} is outside the vocabulary (ids 0 to {vocab_size - 1})")
+    return tokens
+
+
+def described(tokens: object) -> str:
+    """What `tokens` is, for a message: its dtype and shape, or its type."""
+    if isinstance(tokens, torch.Tensor):
+        return f"{tokens.dtype} of shape {tuple(tokens.shape)}"
+    return f"a {type(tokens).__name__}"
 
 
 def _registered(module: nn.Module, name: str, value: object) -> None:
@@ -421,17 +438,33 @@ class CompressiveTransformer(nn.Module):
         self.register_load_state_dict_post_hook(_reloaded)
 
     @torch.compiler.disable  # (a compiled forward would guard on the global count: recompiled at each module made)
-    def _weights_version(self) -> tuple[int, int, int, int]:
-        """Which model, how many `load_state_dict` calls it has had (with `assign=True` they replace
-        the parameter tensors), how many parameters and submodules had been assigned in the process
-        when its parameters were last listed (one assigned by hand, here or in any module, lists them
-        again), and how many in-place writes they have had (an optimizer step, a `load_state_dict`):
-        what a state's inference cache was made with. Writes through `.data` are not counted: make
-        the state anew (`MemoryState.from_tensors(state.to_tensors())`)."""
+    def _weights_version(self) -> tuple:
+        """Which model, how many `load_state_dict` calls (with `assign=True` they replace the
+        parameter tensors) and `weights_changed` calls it has had, how many parameters and
+        submodules had been assigned in the process when its parameters were last listed (one
+        assigned by hand, here or in any module, lists them again), how many in-place writes they
+        have had (an optimizer step, a `load_state_dict`), and where their data lie (new data put in
+        through `.data =`, `vector_to_parameters` or `.half()`): what a state's inference cache was
+        made with. In-place writes through `.data` are not seen: call `weights_changed` after them."""
         count = _registrations  # (read before listing: a registration meanwhile lists them again next time)
         if self._registrations != count:
             self._weights, self._registrations = list(self.parameters()), count
-        return self._identity, self._loads, self._registrations, sum(p._version for p in self._weights)
+        return (self._identity, self._loads, self._registrations, sum(p._version for p in self._weights),
+                tuple(p.data_ptr() for p in self._weights))
+
+    def weights_changed(self) -> None:
+        """Say that the weights were written where PyTorch's version counters do not see it (in
+        place through `.data`, or by a fused optimizer built outside `still.train.optim`): the
+        inference caches (the position projections W_r R, the compressor's cast weights, a state's
+        memory keys and values, the decoding step's weights) are made anew from them. Writes PyTorch
+        counts (an optimizer's step in general, `load_state_dict`, in-place operations) and new data
+        (`.data =`, `vector_to_parameters`, `.half()`) are seen without it."""
+        self._loads += 1
+        for module in self.modules():
+            if isinstance(module, RelativeMultiHeadAttention):
+                module._positions = None
+            elif isinstance(module, Compressor):
+                module._cast_key = None
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -469,6 +502,9 @@ class CompressiveTransformer(nn.Module):
         """What keeps `state` from this model, first problem first. (Every forward asks: a message is
         formatted only where its condition fails; formatting them all took 40 µs for six layers.)"""
         config, weight = self.config, self.embedding.weight
+        if not isinstance(state, MemoryState):
+            yield f"the memory state must be a MemoryState (or None), got a {type(state).__name__}"
+            return
         if not len(state.memory) == len(state.compressed) == config.n_layers:
             yield f"the memory state has {len(state.memory)} layers, the model {config.n_layers}"
             return
@@ -498,6 +534,8 @@ class CompressiveTransformer(nn.Module):
         for what, valid, length in (("memory", state.memory_valid, m), ("compressed", state.compressed_valid, n)):
             if valid is not None and valid.shape != (batch, length):
                 yield f"the state's {what}_valid has shape {tuple(valid.shape)}, expected {(batch, length)}"
+            if valid is not None and valid.dtype != torch.bool:
+                yield f"the state's {what}_valid must be bool, got {valid.dtype}"
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
         return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)
@@ -516,16 +554,16 @@ class CompressiveTransformer(nn.Module):
         `last_logits`: the logits of the last position only, (B, 1, V) (a prompt needs no others).
         """
         config = self.config
-        check(tokens.ndim == 2 and tokens.shape[1] >= 1 and not (tokens.is_floating_point() or tokens.is_complex()),
-              f"tokens must be ids (batch, length >= 1), got {tokens.dtype} of shape {tuple(tokens.shape)}")
-        check_ids(tokens, config.vocab_size)
+        check(is_ids(tokens) and tokens.ndim == 2 and tokens.shape[1] >= 1,
+              f"tokens must be ids (batch, length >= 1), got {described(tokens)}")
+        tokens = check_ids(tokens, config.vocab_size)
         b, l = tokens.shape
         if state is None:
             state = self.empty_state(b, tokens.device, self.embedding.weight.dtype)
         self.check_state(state, b)
         if reset is not None:
-            check(tuple(reset.shape) == (b,), f"reset must be ({b},) bool, one per batch row, got shape "
-                                              f"{tuple(reset.shape)}")
+            check(isinstance(reset, torch.Tensor) and reset.dtype == torch.bool and tuple(reset.shape) == (b,),
+                  f"reset must be a ({b},) bool tensor, one per batch row, got {described(reset)}")
             state = state.reset(reset)
         if any(t.requires_grad for t in (*state.memory, *state.compressed)):
             # (a state made by hand with a graph; a forward's own are detached): no gradient crosses

@@ -681,6 +681,8 @@ def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, mode
         model.check_state(state, 1)
     except StillError as e:
         raise StillError(f"{path} is damaged: {e}") from None
+    if not all(bool(t.isfinite().all()) for t in (*state.memory, *state.compressed)):
+        raise StillError(f"{path} is damaged: its memories are not all finite numbers")
     if pending.shape != (1,) or pending.dtype != torch.int64 or not 0 <= int(pending[0]) < len(vocab):
         raise StillError(f"{path} is damaged: its pending token is not one id of the vocabulary (0..{len(vocab) - 1})")
     if numbers.dtype != torch.uint8 or numbers.shape != torch.Generator().get_state().shape:

@@ -1,0 +1,34 @@
+"""The shell scripts under scripts/, run with a stand-in for `still`."""
+
+import os
+import subprocess
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+FAKE_STILL = """#!/bin/bash
+echo "$*" >> "$CALLS"
+case "$*" in *"--out $OUT/xl256"*) echo "error: simulated" >&2; exit 2;; esac
+if [ "$1 $2" = "lm train" ]; then
+  out="${@: -1}"; mkdir -p "$out"; printf 'title\\n\\n| row |\\n' > "$out/results.md"
+fi
+if [ "$1 $2" = "lm eval" ]; then echo "by position" > "$3/eval-test.md"; fi
+exit 0
+"""
+
+
+def test_a_failed_shakespeare_run_is_said_the_others_go_on_and_the_script_fails(tmp_path):
+    """A probe: one failed run ended its worker under `set -e`, so the runs that worker would have
+    taken were never started, unsaid, and the script exited 0."""
+    fake = tmp_path / "still"
+    fake.write_text(FAKE_STILL)
+    fake.chmod(0o755)
+    for jobs in ("1", "2"):
+        out, calls = tmp_path / f"out{jobs}", tmp_path / f"calls{jobs}"
+        env = {**os.environ, "STILL": str(fake), "OUT": str(out), "CALLS": str(calls), "JOBS": jobs}
+        done = subprocess.run(["bash", str(SCRIPTS / "reproduce_shakespeare.sh")], env=env, capture_output=True,
+                              text=True, timeout=120)
+        trained = [line for line in calls.read_text().splitlines() if line.startswith("lm train")]
+        assert done.returncode == 1 and len(trained) == 13, (jobs, done.stderr)
+        assert "== xl256: failed" in done.stderr and "failed: xl256 " in done.stderr
+        assert (out / "compressive" / "results.md").exists() and (out / "compressive-fp32" / "results.md").exists()
