@@ -450,17 +450,22 @@ def test_a_process_that_waited_for_a_writer_that_failed_reads_the_corpus_itself(
     assert "could not write the encoded corpus" in said and "the process that held the lock did not write" in said
 
 
-def test_a_folder_it_cannot_list_inside_the_corpus_is_passed_over(tmp_path, root, monkeypatch):
-    name = _books(tmp_path / "pg")
-    (tmp_path / "pg" / "lost+found").mkdir()
+def _cannot_list(monkeypatch, name):
+    """os.scandir refusing the folders named `name`, as it does a folder the user may not read."""
     real = os.scandir
 
     def refused(path):
-        if str(path).endswith("lost+found"):
+        if str(path).endswith(name):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real(path)
 
     monkeypatch.setattr(os, "scandir", refused)
+
+
+def test_a_folder_it_cannot_list_beside_what_pg19_reads_is_passed_over(tmp_path, root, monkeypatch):
+    name = _books(tmp_path / "pg")
+    (tmp_path / "pg" / "lost+found").mkdir()
+    _cannot_list(monkeypatch, "lost+found")
     stamp = fingerprint(name, False)
     assert stamp is not None and len(stamp["files"]) == 6
     assert load_encoded(name).entry is not None
@@ -541,14 +546,7 @@ def test_a_folder_the_corpus_cannot_list_is_named(tmp_path, monkeypatch):
     (plain / "private").mkdir(parents=True)
     for book in ("a", "b", "c"):
         (plain / f"{book}.txt").write_text(f"book {book}\n")
-    real = os.scandir
-
-    def refused(path):
-        if str(path).endswith("private"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", refused)
+    _cannot_list(monkeypatch, "private")
     for read in (lambda: fingerprint(str(plain), False), lambda: load_corpus(str(plain))):
         with pytest.raises(StillError, match=r"cannot list the folder .*private \(Permission denied\): its files"):
             read()

@@ -101,23 +101,28 @@ def test_bf16_trains_every_stage_under_autocast(cifar_dir, tmp_path, capsys):
                       "--threads", "1", "--out", str(runs["bf16"]), contains="different settings (precision)")
 
 
+def _interrupted_after_the_teacher(monkeypatch, signum):
+    """Runs of the recipe interrupted by `signum` as the stage after the teacher starts."""
+    import still.recipes.cifar10 as cifar10
+    from still.errors import TrainingInterrupted
+
+    train_stage = cifar10.train_stage
+
+    def interrupted(name, *args, **kwargs):
+        if name != "teacher":
+            raise TrainingInterrupted(signum, 0, None)
+        return train_stage(name, *args, **kwargs)
+
+    monkeypatch.setattr(cifar10, "train_stage", interrupted)
+
+
 def test_an_interrupted_run_is_told_from_other_recipes_runs(cifar_dir, corpus, tmp_path, capsys, monkeypatch):
     """Found by a probe: a distillation wrote its config.json only at its end, so an interrupted one
     was taken for no run at all: `lm train --out <its teacher> --overwrite` emptied the teacher, and
     another recipe's --overwrite trained over its stages. A new run folder is now marked at once."""
     import signal
 
-    import still.recipes.cifar10 as cifar10
-    from still.errors import TrainingInterrupted
-
-    train_stage = cifar10.train_stage
-
-    def interrupted_after_the_teacher(name, *args, **kwargs):
-        if name != "teacher":
-            raise TrainingInterrupted(signal.SIGINT, 0, None)
-        return train_stage(name, *args, **kwargs)
-
-    monkeypatch.setattr(cifar10, "train_stage", interrupted_after_the_teacher)
+    _interrupted_after_the_teacher(monkeypatch, signal.SIGINT)
     out = tmp_path / "run"
     out.mkdir()
     (out / ".gitkeep").write_text("")  # (found by a probe: a folder that held any file was not marked)
@@ -143,22 +148,12 @@ def test_an_interrupted_overwrite_leaves_no_table_of_the_run_it_replaces(cifar_d
     longer there until the new one ended."""
     import signal
 
-    import still.recipes.cifar10 as cifar10
-    from still.errors import TrainingInterrupted
-
     out = tmp_path / "run"
     args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
             "--out", str(out)]
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and (out / "results.json").exists() and (out / "test_accuracy.png").exists(), err
-    train_stage = cifar10.train_stage
-
-    def interrupted_after_the_teacher(name, *args, **kwargs):
-        if name != "teacher":
-            raise TrainingInterrupted(signal.SIGTERM, 0, None)
-        return train_stage(name, *args, **kwargs)
-
-    monkeypatch.setattr(cifar10, "train_stage", interrupted_after_the_teacher)
+    _interrupted_after_the_teacher(monkeypatch, signal.SIGTERM)
     code, _, _ = run_cli(capsys, *args, "--seed", "5", "--overwrite")
     assert code == 143 and json.loads((out / "config.json").read_text())["seed"] == 5
     assert not any((out / name).exists() for name in ("results.json", "results.md", "test_accuracy.png"))
