@@ -174,8 +174,8 @@ def _load_data(config: LMConfig, cache) -> EncodedCorpus:
     while the others wait for it, on the entry's lock)."""
     corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level)
     n_train = corpus.train_tokens
-    check(n_train >= config.segment_len, f"the training split of {config.corpus} has {n_train} {corpus.vocab.unit}s, "
-                                        f"fewer than one segment ({config.segment_len})")
+    check(n_train >= config.segment_len, f"the training split of {config.corpus} has {n_train} "
+                                         f"{corpus.vocab.unit}s, fewer than one segment ({config.segment_len})")
     return corpus
 
 
