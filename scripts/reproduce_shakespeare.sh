@@ -3,9 +3,10 @@
 # some by name: scripts/reproduce_shakespeare.sh xl256 compressive
 # All runs use bf16 autocast (PRECISION=fp32 to change). Each run directory resumes if interrupted;
 # rerunning a finished one loads it, evaluates its test split again and prints its table. A run
-# that fails is said (its log: $OUT/NAME.log), the others go on, and the script then exits 1. With JOBS=2 (the default on 2+ cores) two workers
-# of one thread each take the runs in turn (the main comparison first), which keeps two cores busier
-# than one worker of two threads.
+# that fails is said (its log: $OUT/NAME.log), the others go on, and the script then exits 1; a
+# run interrupted (Ctrl-C, SIGTERM: saved, exit 130 or 143) stops them all, with its exit code.
+# With JOBS=2 (the default on 2+ cores) two workers of one thread each take the runs in turn (the
+# main comparison first), which keeps two cores busier than one worker of two threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STILL=${STILL:-.venv/bin/still}
@@ -53,20 +54,32 @@ run() {  # run NAME [extra options]: train, then evaluate the test split by posi
 
 mkdir -p "$OUT"
 : > "$OUT/.failed"
-# a run that fails is said and listed, and the others go on (one failure ended its worker, unsaid)
-failed() { echo "== $1: failed (see $OUT/$1.log)" >&2; echo "$1" >> "$OUT/.failed"; }
+rm -f "$OUT/.stopped"
+# a run's exit code: 0 done; 128 or more, interrupted (still saved it and exited 130 or 143): every
+# run stops, as asked; else failed: said and listed, and the others go on (one failure ended its
+# worker, unsaid)
+outcome() {
+  [ "$2" -eq 0 ] && return 0
+  if [ "$2" -ge 128 ]; then echo "== $1: interrupted" >&2; echo "$2" > "$OUT/.stopped"; return "$2"; fi
+  echo "== $1: failed (see $OUT/$1.log)" >&2; echo "$1" >> "$OUT/.failed"
+}
 claim() { mkdir "$OUT/.claims/$1" 2>/dev/null; }  # atomic: one worker takes each run
-worker() { for name in "${MAIN[@]}" "${ABLATION[@]}"; do if claim "$name"; then run "$name" "$@" || failed "$name"; fi
-           done; }
+worker() {
+  for name in "${MAIN[@]}" "${ABLATION[@]}"; do
+    [ -e "$OUT/.stopped" ] && return 0
+    if claim "$name"; then rc=0; run "$name" "$@" || rc=$?; outcome "$name" "$rc" || return 0; fi
+  done
+}
 if [ $# -gt 0 ]; then
   for name in "$@"; do
     [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; exit 2; }
   done
-  for name in "$@"; do run "$name" || failed "$name"; done
+  for name in "$@"; do rc=0; run "$name" || rc=$?; outcome "$name" "$rc" || exit "$rc"; done
 else
   rm -rf "$OUT/.claims" && mkdir -p "$OUT/.claims"
   for _ in $(seq "$JOBS"); do worker $([ "$JOBS" -ge 2 ] && echo --threads 1) & done
   wait
+  if [ -e "$OUT/.stopped" ]; then exit "$(cat "$OUT/.stopped")"; fi
 fi
 compare() { local out=$1; shift; local runs=(); for r in "$@"; do [ -f "$OUT/$r/results.json" ] && runs+=("$OUT/$r"); done
             if [ ${#runs[@]} -gt 0 ]; then "$STILL" lm compare "${runs[@]}" --out "$OUT/$out"; fi; }

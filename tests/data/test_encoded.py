@@ -541,15 +541,28 @@ def test_a_fingerprint_lists_what_the_loader_reads_and_follows_links(tmp_path):
 
 
 def test_a_folder_the_corpus_cannot_list_is_named(tmp_path, monkeypatch):
-    """A sub-folder that could not be listed was passed over: its books left out unsaid (a probe)."""
+    """A sub-folder that could not be listed was passed over: its books left out unsaid (a probe).
+    The loader names it; the fingerprint is then None (no entry), so that `data list` and `data
+    clear` still run (a probe: they refused every entry while one corpus had such a folder). A
+    `lost+found` is passed over, and a WikiText folder the loader does not read is not listed."""
     plain = tmp_path / "plain"
-    (plain / "private").mkdir(parents=True)
+    for folder in ("private", "lost+found"):
+        (plain / folder).mkdir(parents=True)
     for book in ("a", "b", "c"):
         (plain / f"{book}.txt").write_text(f"book {book}\n")
+    wiki = tmp_path / "wiki"
+    (wiki / "wikitext-103").mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (wiki / f"wiki.{split}.tokens").write_text(f" = {split} = \n")
+    _cannot_list(monkeypatch, "lost+found")
+    assert [f[0] for f in fingerprint(str(plain), False)["files"]] == ["a.txt", "b.txt", "c.txt"]
     _cannot_list(monkeypatch, "private")
-    for read in (lambda: fingerprint(str(plain), False), lambda: load_corpus(str(plain))):
-        with pytest.raises(StillError, match=r"cannot list the folder .*private \(Permission denied\): its files"):
-            read()
+    assert fingerprint(str(plain), False) is None
+    with pytest.raises(StillError, match=r"cannot list the folder .*private \(Permission denied\): its files"):
+        load_corpus(str(plain))
+    _cannot_list(monkeypatch, "wikitext-103")
+    assert [f[0] for f in fingerprint(f"wikitext103:{wiki}", False)["files"]] == [
+        "wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"]
 
 
 def test_entries_say_which_are_current_and_what_is_left_beside_them(tmp_path, root, monkeypatch):

@@ -372,13 +372,27 @@ def test_what_is_not_a_model_or_not_logits_is_named_and_ensembles_take_any_itera
 
 
 def test_a_teachers_model_put_back_in_training_mode_is_evaluated_in_eval_mode():
-    """The model's own train() (not the teacher's) made the teacher's outputs draw dropout masks."""
+    """The model's own train() (not the teacher's), or a student's that shares a module with it,
+    made the teacher's outputs draw dropout masks (probes); the modes are the caller's, and stay."""
     net = small_net(0, dropout=0.5)
     teacher, x = Teacher(net), torch.randn(6, 12)
     first = teacher.logits(x)
     net.train()
     torch.testing.assert_close(teacher.logits(x), first, rtol=0, atol=0)
-    assert not net.training
+    assert all(m.training for m in net.modules())
+    backbone = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Dropout(0.5))
+    teacher = Teacher(torch.nn.Sequential(backbone, torch.nn.Linear(16, 5)))
+    student = torch.nn.Sequential(backbone, torch.nn.Linear(16, 5)).train()
+    torch.testing.assert_close(teacher.logits(x), teacher.logits(x), rtol=0, atol=0)
+    assert all(m.training for m in student.modules())
+
+
+def test_one_model_given_as_an_ensemble_is_refused():
+    """A probe: EnsembleTeacher(nn.Sequential(a, b)) took the layers for members."""
+    with pytest.raises(StillError, match="give an ensemble's members as a list of models, not one Sequential"):
+        EnsembleTeacher(torch.nn.Sequential(small_net(0), small_net(1)))
+    members = torch.nn.ModuleList([small_net(0), small_net(1)])
+    assert len(EnsembleTeacher(members).members) == 2
 
 
 def test_a_probability_model_is_refused_after_a_first_empty_batch():

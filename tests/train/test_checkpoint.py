@@ -123,6 +123,24 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["results.json"]
 
+    def failing_on_the_file(tmp):
+        raise OSError(13, "Permission denied", str(tmp))
+
+    with pytest.raises(OSError) as raised:  # named as the file written, not its temporary (a probe)
+        atomic_write(target, failing_on_the_file)
+    assert raised.value.filename == str(target)
+
+
+def test_optimizer_state_a_checkpoint_cannot_hold_is_named(tmp_path):
+    """State an optimizer adds at its step (a NumPy number, say), which the check before the first
+    step cannot see, raised json's TypeError at the first save (a probe)."""
+    import numpy as np
+
+    optimizer = {"state": {0: {"scale": np.float32(2.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    with pytest.raises(StillError, match=r"holds \['optimizer'\]\['state'\]\['0'\]\['scale'\] = a float32"):
+        ckpt.save_checkpoint(tmp_path, 1, model={"w": torch.zeros(2)}, optimizer=optimizer)
+    assert not list(tmp_path.iterdir())
+
 
 def _dead_pid() -> int:
     """The process id of a process that has ended."""

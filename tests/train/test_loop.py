@@ -500,26 +500,36 @@ def test_a_submodule_frozen_in_eval_mode_stays_there():
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_in_the_last_evaluation_stops_the_caller_once_the_run_is_saved(tmp_path, signum):
-    """A signal after the last step (here in the last evaluation) was recorded and dropped: fit
-    returned, and a recipe went on through every later stage and exited 0 (a probe)."""
-    trainer = make_trainer(tmp_path)
-    evaluate = trainer.evaluate
-    calls = []
+@pytest.mark.parametrize("epochs, at", [(2, 2), (3, 1)], ids=["the last evaluation", "a middle one"])
+def test_a_signal_in_an_evaluation_stops_the_run_once_it_is_saved(tmp_path, signum, epochs, at):
+    """A signal in the last evaluation was recorded and dropped: fit returned, and a recipe went on
+    through every later stage and exited 0; one in a middle evaluation stopped the run a step into
+    the next epoch (probes). Both stop at the epoch's end, saved, and the run resumes exactly."""
+    trainer = make_trainer(tmp_path / "run")
+    evaluate, calls, epochs_started = trainer.evaluate, [], []
 
     def signalled(m):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at:
             os.kill(os.getpid(), signum)
         return evaluate(m)
 
+    def batches(epoch):
+        epochs_started.append(epoch)
+        return BATCHES(epoch)
+
     trainer.evaluate = signalled
     with pytest.raises(TrainingInterrupted) as raised:
-        trainer.fit(BATCHES, 2)
-    assert raised.value.signum == signum and raised.value.checkpoint == tmp_path / "ckpt-00000012"
-    again = make_trainer(tmp_path)
-    again.fit(BATCHES, 2)
-    assert again.loaded_finished and again.state.history == trainer.state.history
+        trainer.fit(batches, epochs)
+    steps = 6 * at  # (6 batches an epoch)
+    assert raised.value.signum == signum and raised.value.checkpoint == tmp_path / "run" / f"ckpt-{steps:08d}"
+    assert epochs_started == list(range(at)) and trainer.state.step == steps
+    again = make_trainer(tmp_path / "run")
+    again.fit(BATCHES, epochs)
+    straight = make_trainer(tmp_path / "straight")
+    straight.fit(BATCHES, epochs)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in again.state.history] == \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in straight.state.history]
 
 
 def test_a_submodule_frozen_in_eval_mode_stays_there_in_a_later_fit():

@@ -147,16 +147,16 @@ def fingerprint(name: str, byte_level: bool) -> dict | None:
             return {**rules, "files": [[path.name, *_identity(path.stat())]]}
         if not path.is_dir():
             return None
-        if name.startswith("pg19:"):
-            folders = [(f"{folder}/", path / folder, (".txt",), False) for folder in ("train", "validation", "test")]
-        elif name.startswith("wikitext103:"):
-            folders = [(f"{folder}/" if folder else "", path / folder, (".tokens", ".raw"), False)
-                       for folder in ("", "wikitext-103", "wikitext-103-raw")]
+        if name.startswith("wikitext103:"):  # (the split files the loader looks for, in the folders it looks in)
+            candidates = [Path(folder) / f"wiki.{split}.{ext}" for folder in ("", "wikitext-103", "wikitext-103-raw")
+                          for ext in ("tokens", "raw") for split in ("train", "valid", "test")]
+            files = [[str(c), *_identity((path / c).stat())] for c in candidates if (path / c).is_file()]
         else:
-            folders = [("", path, (".txt",), True)]
-        files = [[prefix + name, *_identity(entry.stat())] for prefix, folder, suffixes, recursive in folders
-                 if folder.is_dir() for name, entry in walk_files(folder, suffixes, recursive)]
-    except OSError:
+            folders = ([(f"{folder}/", path / folder, False) for folder in ("train", "validation", "test")]
+                       if name.startswith("pg19:") else [("", path, True)])
+            files = [[prefix + name, *_identity(entry.stat())] for prefix, folder, recursive in folders
+                     if folder.is_dir() for name, entry in walk_files(folder, (".txt",), recursive)]
+    except (OSError, StillError):  # (a folder that cannot be listed: the loader says so)
         return None
     return {**rules, "files": files}
 

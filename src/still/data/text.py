@@ -301,7 +301,8 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
     - hidden files and folders (a name starting with ".", as `.ipynb_checkpoints`) are left out;
     - links are followed, to a folder once each, and never to a folder that holds `root` (a link up
       the tree, or to /);
-    - a folder that cannot be listed is a `StillError` (its files would be left out unsaid);
+    - a folder that cannot be listed is a `StillError` (its files would be left out unsaid), but
+      for a `lost+found` (a file system's own, at its root: no one's books);
     - pipes, sockets and devices are left out (reading a pipe would wait for a writer)."""
     root = os.fspath(root)
     above = os.path.realpath(root)
@@ -317,6 +318,8 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError as e:
+            if prefix and os.path.basename(folder) == "lost+found":
+                return
             raise StillError(f"cannot list the folder {folder} ({e.strerror or e}): its files would be left out; "
                              "make it readable, or move it out of the corpus") from None
         for entry in entries:

@@ -156,7 +156,8 @@ def distillation_loss(
     the soft term is `logit_matching_loss` (needs `teacher_logits`).
     `labels` (B,) are class numbers of any integer dtype, and may be None only when alpha == 1; a
     label of -100 drops its example from the hard term (PyTorch's `ignore_index`), not from the soft
-    one; any other label outside 0..C-1 is a `StillError` (on a GPU, PyTorch's device-side assert).
+    one; where the hard term is computed (alpha < 1), any other label outside 0..C-1 is a
+    `StillError` (on a GPU, PyTorch's device-side assert).
     The teacher's outputs are constants: no gradient reaches them; a NaN or infinite one makes the
     loss NaN or infinite (never a quiet 0).
     """

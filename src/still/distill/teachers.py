@@ -80,15 +80,21 @@ def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Comb
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`model(x)` as float32 logits (B, C): a floating `x` goes in as the dtype of the model's first
     floating parameter (where it has one), and the logits are taken out of `.logits`, a mapping's
-    "logits" or a tuple's or list's first element where the model returns one of those. A model
-    put back in training mode since it became a teacher's (its own `train()`) is put in eval mode
-    again: a teacher's outputs never draw dropout masks."""
-    if model.training:
-        model.eval()
+    "logits" or a tuple's or list's first element where the model returns one of those. Every
+    module runs in eval mode, whatever mode it was put in since it became a teacher's (its own
+    `train()`, or a student's that shares it), and is put back in that mode after: a teacher's
+    outputs never draw dropout masks, and the caller's modes are left as they were."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None and x.is_floating_point() and x.dtype != dtype:
         x = x.to(dtype)
-    out = model(x)
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False  # (the flag alone: `train(False)` would recurse, and may be overridden)
+    try:
+        out = model(x)
+    finally:
+        for m in training:
+            m.training = True
     logits = out
     if not isinstance(logits, torch.Tensor):
         if hasattr(logits, "logits"):  # a Hugging Face ModelOutput, a named tuple
@@ -121,8 +127,9 @@ _CHECKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the models whose fir
 
 def _probabilities(logits: torch.Tensor, precision: torch.dtype = torch.float32) -> bool:
     """Whether every row of `logits` (B, C), C >= 2, as float32, looks like a distribution: in [0, 1],
-    summing to 1 within the rounding of `precision`, the dtype the model returned them in (a softmax
-    in bf16 sums to 1 within about 0.002; 1e-3 for float32 and float16)."""
+    summing to 1 within the rounding of `precision`, the dtype the model returned them in: 1e-3, or
+    twice its epsilon where that is more (float16: 0.002; bf16, whose softmax sums to 1 within about
+    0.002: 0.016)."""
     if logits.ndim != 2 or logits.shape[1] < 2 or logits.numel() == 0:
         return False
     tolerance = max(1e-3, 2 * torch.finfo(precision).eps)  # each probability rounded: within eps / 2 of its own
@@ -181,6 +188,9 @@ class EnsembleTeacher(Teacher):
 
     def __init__(self, models: Iterable[nn.Module], combine: Combine = "arithmetic") -> None:
         nn.Module.__init__(self)
+        if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
+            raise StillError(f"give an ensemble's members as a list of models, not one {type(models).__name__} "
+                             "(whose layers would be taken for members)")
         models = list(models)  # (a generator, say)
         if len(models) == 0:
             raise StillError("an ensemble needs at least one member")

@@ -185,17 +185,16 @@ def mark_new_run(out: Path, config: Any, overwrite: bool = False, results: Seque
     the run marks it as it ends.) With `overwrite`, a folder that holds a run of this recipe takes
     this run's config.json at once too, and the `results` files of the run there before are
     removed: an interrupted overwrite left that run's table and settings beside the new stages."""
-    if not distributed.current().main:
-        return
-    if overwrite and (out / "config.json").exists():
-        for name in results:
-            (out / name).unlink(missing_ok=True)
-        save_config(config, out / "config.json")
-        return
-    if (out / "config.json").exists() or (out / "stage.json").exists():
-        return
-    if not any((folder / "stage.json").exists() for folder in out.iterdir() if folder.is_dir()):
-        save_config(config, out / "config.json")
+    def mark() -> None:
+        if overwrite and (out / "config.json").exists():
+            for name in results:
+                (out / name).unlink(missing_ok=True)
+            save_config(config, out / "config.json")
+        elif not ((out / "config.json").exists() or (out / "stage.json").exists()
+                  or any((folder / "stage.json").exists() for folder in out.iterdir() if folder.is_dir())):
+            save_config(config, out / "config.json")
+
+    distributed.current().on_main(mark)
 
 
 def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any], str] | None:

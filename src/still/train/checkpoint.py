@@ -217,7 +217,12 @@ def save_checkpoint(
             tensors[f"extra/{name}"] = value
         _save_tensors(model, tmp / "model.safetensors")
         _save_tensors(tensors, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps(json_state), encoding="utf-8")
+        try:
+            text = json.dumps(json_state)
+        except (TypeError, ValueError):  # (state added by an optimizer's step, which `check_savable` could not see)
+            raise StillError(f"the checkpoint's state holds {_not_json(json_state, '')}, which its JSON cannot "
+                             "hold") from None
+        (tmp / "state.json").write_text(text, encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2), encoding="utf-8")
         for name in _FILES:
             with open(tmp / name, "rb") as f:

@@ -81,14 +81,15 @@ class Dist:
 
     def on_main(self, fn: Callable[[], None]) -> None:
         """Run `fn` on rank 0 alone (checks of the run folder, its first files), every rank waiting
-        for it; where it raises a `StillError`, every rank raises one: rank 0 its own, which it
-        prints, and the others one that says rank 0 refused the run. (After a barrier, rank 0's
-        refusal left the others to fail in gloo's 'connection closed by peer', a traceback each.)"""
-        error = None
+        for it; where it raises a `StillError` or an `OSError` (a folder that cannot be written),
+        every rank raises: rank 0 its own, which it prints, and the others a `StillError` that says
+        rank 0 refused the run. (After a barrier, rank 0's refusal left the others to fail in gloo's
+        'connection closed by peer', a traceback each.)"""
+        error: Exception | None = None
         if self.main:
             try:
                 fn()
-            except StillError as e:
+            except (StillError, OSError) as e:
                 error = e
         if self.enabled and self.all_sum(torch.tensor([float(error is not None)], device=self.device)).item():
             error = error or StillError("rank 0 refused the run (its message says why)")

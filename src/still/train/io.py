@@ -73,8 +73,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (tmp_name, str(tmp)):
+            e.filename = str(path)  # (the file being written, not its temporary name, which is gone)
         raise
     _fsync_dir(path.parent)
 

@@ -249,12 +249,15 @@ class Trainer:
         otherwise end the run at its first checkpoint, an epoch's work later."""
         ckpt.check_savable(self.model.state_dict(), self.optimizer.state_dict(),
                            self.scheduler.state_dict() if self.scheduler is not None else None)
-        if self.dist.main:
+
+        def make() -> None:
             try:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StillError(f"cannot make the checkpoint folder {self.checkpoint_dir}: "
                                  f"{e.strerror or e}") from None
+
+        self.dist.on_main(make)
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         """Load a checkpoint: weights, optimizer, scheduler, RNG states, `state`, extra tensors. The
@@ -571,9 +574,13 @@ class Trainer:
             self.state.epoch_skipped = 0
             self.state.epoch_loss_sum = 0.0
             self.state.finished = self.state.epoch >= epochs
-            if self.checkpoint_dir is not None and (self.state.finished
+            self._agree_on_signals(received)  # (one in the evaluation: the run stops here, not a step later)
+            if self.checkpoint_dir is not None and (received or self.state.finished
                                                     or self.state.epoch % self.checkpoint_every == 0):
                 self.save()
+            if received and not self.state.finished:  # (a finished run's: `fit` raises it, as for a loaded one)
+                self.model.eval()
+                raise TrainingInterrupted(received[0], self.state.step, self._saved)
         self.state.finished = True
         self.model.eval()
         return self.state
