@@ -69,7 +69,8 @@ def test_the_command_sets_openmp_waiting_before_torch_loads(environ, expected):
     (["--temperature", "0"], "temperature must be a finite number > 0, got 0.0"),
     (["--temperature", "inf"], "temperature must be a finite number > 0, got inf"),
     (["--temperature", "2,nan"], "temperature must be a finite number > 0, got nan"),
-    (["--temperature", "20,1e6"], "temperature 1e+06 is above 100000"),
+    (["--temperature", "20,1e6"], "temperature 1000000.0 is above 100000"),
+    (["--temperature", "100000.0001"], "temperature 100000.0001 is above 100000"),  # (:g said "100000 is above")
     (["--temperature", "2,abc"], "expected numbers separated by commas"),
     (["--temperature", "1,,2"], "expected numbers separated by commas, got '1,,2'"),
     (["--alpha", "1.5"], "must be in [0, 1], got 1.5"),

@@ -88,6 +88,12 @@ def test_byte_vocab():
     for empty in ("", b""):  # (found by a fuzzer: torch.frombuffer refuses an empty buffer)
         ids = vocab.encode(empty)
         assert ids.dtype == torch.long and ids.shape == (0,)
+    # a prompt's byte that is not UTF-8 arrives as a lone surrogate: that byte (a fuzzer: UnicodeEncodeError)
+    assert vocab.encode("a\udcff").tolist() == vocab.encode(b"a\xff").tolist()
+    with pytest.raises(StillError, match=r"character '\\ud800' at offset 0 is not a byte's"):
+        vocab.encode("\ud800")
+    with pytest.raises(StillError, match=r"the prompt: byte 0xff, not UTF-8, at offset 1 is not in the vocabulary"):
+        Vocab.build([Document("a", "ab")]).encode("a\udcff", "the prompt")
 
 
 def test_non_utf8_names_file_and_offset(tmp_path):

@@ -16,6 +16,15 @@ def test_tiny_preset_runs_end_to_end(cifar_dir, tmp_path, capsys):
     assert all(0 <= r["test_accuracy"] <= 100 for r in rows)
     assert (out / "test_accuracy.png").is_file()
     assert "| test_accuracy |" in stdout and "labml |" not in stdout  # labml's numbers: its preset's alone
+    alpha = json.loads((out / "config.json").read_text())["alpha"]
+    assert f"alpha {alpha:g}" in stdout.splitlines()[0]  # (a fuzzer: the table never said its alpha)
+    code, _, err = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny",
+                           "--threads", "1", "--out", str(out), "--alpha", "-0.0")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny",
+                           "--threads", "1", "--out", str(out), "--alpha", "0")
+    assert code == 0 and "distilled-T5-a0: loaded the finished run" in err, err  # (-0.0 trained a stage of its own)
+    assert not (out / "distilled-T5-a-0").exists()
 
 
 def test_online_teacher_with_augmentation(cifar_dir, tmp_path, capsys):

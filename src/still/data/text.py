@@ -157,7 +157,11 @@ class Vocab:
         """The ids of `text` (n,), as `dtype` (the model's embedding takes int64 or int32; a corpus
         is kept in `compact_dtype`)."""
         if self.byte_level:
-            data = text.encode("utf-8") if isinstance(text, str) else text
+            try:  # (a byte of a command line that is not UTF-8 arrives as a lone surrogate: that byte)
+                data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+            except UnicodeEncodeError as e:
+                raise NotInVocabulary(f"{source}: character {text[e.start]!r} at offset {e.start} is not a byte's "
+                                      "(a lone surrogate of no byte)") from None
             if not data:  # (frombuffer refuses an empty buffer)
                 return torch.empty(0, dtype=dtype)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dtype) + len(self.SPECIALS)
@@ -174,8 +178,10 @@ class Vocab:
             unknown = np.flatnonzero(chunk < 0)
             if unknown.size:
                 offset = start + int(unknown[0])
-                raise NotInVocabulary(f"{source}: character {text[offset]!r} at offset {offset} is not in the "
-                                      f"vocabulary (the {len(self.symbols)} characters of the training corpus)")
+                what = (f"byte 0x{ord(text[offset]) - 0xDC00:02x}, not UTF-8," if 0xDC80 <= ord(text[offset]) <= 0xDCFF
+                        else f"character {text[offset]!r}")  # (a byte that is not UTF-8 arrives as a lone surrogate)
+                raise NotInVocabulary(f"{source}: {what} at offset {offset} is not in the vocabulary (the "
+                                      f"{len(self.symbols)} characters of the training corpus)")
             ids[start : start + len(chunk)] = torch.from_numpy(chunk)
         return ids
 

@@ -78,7 +78,7 @@ def check_temperature(temperature: float) -> float:
     if t is None or not 0 < t < math.inf:
         raise StillError(f"temperature must be a finite number > 0, got {temperature!r}")
     if t > MAX_TEMPERATURE:
-        raise StillError(f"temperature {t:g} is above {MAX_TEMPERATURE:g}, where rounding swamps the soft-target "
+        raise StillError(f"temperature {t!r} is above {MAX_TEMPERATURE:g}, where rounding swamps the soft-target "
                          "loss even in float64; at such temperatures the loss is logit matching "
                          "(distillation_loss(..., soft_loss='logit_matching') in Python)")
     return t

@@ -162,7 +162,7 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
         log(f"--precision bf16: {slower}")
     mark_new_run(out, config, overwrite, ("results.json", "results.md", "test_accuracy.png"))
     rows, curves, seconds = [], [], {}
-    name = f"distilled-T{config.temperature:g}-a{config.alpha:g}"
+    name = f"distilled-T{config.temperature:g}-a{config.alpha + 0.0:g}"  # (+ 0.0: alpha -0.0 is 0's stage)
 
     seed_everything(config.seed)
     teacher = VGG(config.teacher)
@@ -204,7 +204,7 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
     rows.append({"model": f"distilled T={config.temperature:g}", **evaluate(distilled), "labml": LABML["distilled"]})
     curves.append(("distilled", state.history))
 
-    title = (f"CIFAR-10 test accuracy (%), preset {config.preset}, {len(test_y)} test images"
+    title = (f"CIFAR-10 test accuracy (%), preset {config.preset}, {len(test_y)} test images, alpha {config.alpha:g}"
              + (f", {config.precision}" if config.precision != "fp32" else ""))
     meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in seconds.items()}, "labml": LABML}
     if not distributed.current().main:  # rank 0 writes and prints

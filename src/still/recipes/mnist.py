@@ -244,7 +244,8 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
 
     omit = config.omit_digit
     for temperature in config.temperatures:
-        name = (f"student-T{temperature:g}-a{config.alpha:g}" + (f"-shifts{shifts}" if shifts else "")
+        # (alpha + 0.0: -0.0 is 0's stage)
+        name = (f"student-T{temperature:g}-a{config.alpha + 0.0:g}" + (f"-shifts{shifts}" if shifts else "")
                 + (f"-omit{omit}" if omit is not None else ""))
         seed_everything(config.seed + 1)  # the same initialisation as the baseline
         student = MLP(config.student)
