@@ -40,7 +40,7 @@ def test_encoding_in_chunks_is_the_lookup_a_character(monkeypatch):
     assert vocab.encode(text).tolist() == [vocab._index[ch] for ch in text]
     with pytest.raises(StillError, match="character '€' at offset 23 is not in the vocabulary"):
         vocab.encode(text[:23] + "€" + text)  # (in the fourth chunk)
-    with pytest.raises(StillError, match="character '\\\\udcff' at offset 2 is not in the vocabulary"):
+    with pytest.raises(StillError, match="byte 0xff, not UTF-8, at offset 2 is not in the vocabulary"):
         vocab.encode("Ha\udcffmlet", "the prompt")  # (a non-UTF-8 byte of a command line)
 
 
