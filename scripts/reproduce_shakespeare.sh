@@ -41,7 +41,6 @@ ABLATION=(f-conv f-dilated f-max f-mean f-most_used loss-autoencoding loss-none 
 
 run() {  # run NAME [extra options]: train, then evaluate the test split by position
   local name=$1; shift
-  [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; return 2; }
   echo "== $name: still lm train --precision $PRECISION ${RUNS[$name]} $* --out $OUT/$name"
   # shellcheck disable=SC2086
   # (each failure returned explicitly: a worker calls run where `set -e` does not apply)

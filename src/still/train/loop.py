@@ -66,10 +66,6 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass
 class TrainState:
     step: int = 0
@@ -172,7 +168,8 @@ class Trainer:
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
                  on_nonfinite: str = "stop", precision: str = "fp32", dist: Dist | None = None,
                  shards: int = 1, log: Callable[[str], None] = default_log) -> None:
-        if grad_clip is not None and not (_real(grad_clip) and 0 < grad_clip < math.inf):  # (-1: steps uphill)
+        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and not isinstance(grad_clip, bool)
+                                          and 0 < grad_clip < math.inf):  # (-1 would turn every step uphill)
             raise StillError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
         if not (_whole(checkpoint_every) and checkpoint_every >= 1):
             raise StillError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
@@ -485,8 +482,8 @@ class Trainer:
         try:
             with _deferred_signals() as received:
                 state = self._fit(batches, epochs, received)
-                # a signal after the last step (in the last evaluation or save, or while a finished run
-                # loaded): the run is done and saved, and the caller asked to stop
+                # a signal while a finished run loaded (one in training or an evaluation raised at its
+                # step or its epoch's end): the run is done and saved, and the caller asked to stop
                 self._agree_on_signals(received)
                 if received:
                     raise TrainingInterrupted(received[0], self.state.step, self._saved)
@@ -578,7 +575,7 @@ class Trainer:
             if self.checkpoint_dir is not None and (received or self.state.finished
                                                     or self.state.epoch % self.checkpoint_every == 0):
                 self.save()
-            if received and not self.state.finished:  # (a finished run's: `fit` raises it, as for a loaded one)
+            if received:
                 self.model.eval()
                 raise TrainingInterrupted(received[0], self.state.step, self._saved)
         self.state.finished = True
