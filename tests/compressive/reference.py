@@ -15,9 +15,7 @@ Memories start empty, as in the package (the paper's algorithm 1 starts them at 
 follow the package's rule, which the model's docstrings state: a reset masks every memory of the
 row; a compressed slot is valid when what it holds is of the current document (for a group of c
 memories, all of them; for most_used, the memory it keeps: of V valid old memories the V // c most
-attended, the oldest masked ones filling the other slots, as a fresh stream keeps V / c of V; the
-dilated convolution, whose windows reach into the group before theirs, reads a masked memory as 0,
-as a fresh stream reads its padding).
+attended, the oldest masked ones filling the other slots, as a fresh stream keeps V / c of V).
 """
 
 from __future__ import annotations
@@ -76,8 +74,9 @@ def compress(compressor, old: torch.Tensor, received: torch.Tensor | None) -> tu
     weight = compressor.conv.weight.double() if compressor.conv is not None else None
     if compressor.kind == "conv":  # kernel = stride = c
         return F.conv1d(old.T[None], weight, stride=c)[0].T, None
-    if compressor.kind == "dilated":  # kernel c, dilation 2, stride c, left-padded by c - 1
-        return F.conv1d(F.pad(old.T[None], (c - 1, 0)), weight, stride=c, dilation=2)[0].T, None
+    if compressor.kind == "dilated":  # kernel c, dilation 2, over each group of c left-padded by c - 1
+        groups = F.pad(old.T.reshape(d, n // c, c).transpose(0, 1), (c - 1, 0))  # (n/c, d, 2c - 1)
+        return F.conv1d(groups, weight, dilation=2)[:, :, 0], None
     # most_used: of the V valid memories (received >= 0) the V // c most attended; the oldest masked
     # ones in the slots left; in time order
     valid = [j for j in range(n) if received[j] >= 0]
@@ -162,9 +161,7 @@ class Reference:
                 continue
             start = len(self.compressed[i])
             received = weights.sum((0, 1))[start : start + n_s].masked_fill(~old_valid, -1.0)
-            # (the dilated windows reach into the group before theirs: a masked memory reads 0)
-            dilated = layer.compressor.kind == "dilated"
-            new, kept = compress(layer.compressor, old * old_valid[:, None] if dilated else old, received)
+            new, kept = compress(layer.compressor, old, received)
             new_valid = old_valid[kept] if kept is not None else old_valid.view(-1, c).all(1)
             if layer.compressor.conv is not None and config.compression_loss == "attention":
                 losses.append(reconstruction_loss(layer, inputs, old, new, pre))

@@ -30,6 +30,16 @@ def test_dilated_shape_and_causality():
     changed = old.clone()
     changed[:, -1] += 1  # the newest memory can only affect the last compressed slot
     assert (comp(changed) - out)[:, :3].abs().max() == 0
+    # each window reads its own group only: a group's last memory moves its slot and no other
+    changed = old.clone()
+    changed[:, 3] += 1
+    diff = (comp(changed) - out).abs().sum(-1)
+    assert diff[0, 0] > 0 and diff[0, 1:].max() == 0
+    # and the memories it reads (offsets 2k - 3 of the group, k = 0..3: the 2nd and 4th) are the only ones seen
+    for i, seen in enumerate([False, True, False, True]):
+        changed = old.clone()
+        changed[:, 4 + i] += 1
+        assert bool((comp(changed) - out).abs().max() > 0) == seen, i
 
 
 def test_most_used_keeps_the_most_attended_in_order():
@@ -62,7 +72,9 @@ def test_matches_the_torch_convolution_and_pooling(kind, rate):
     f = Compressor(kind, 8, rate)
     old = torch.randn(2, 4 * rate, 8)
     x = old.transpose(1, 2)  # (B, d, n)
-    expected = {"conv": lambda: f.conv(x), "dilated": lambda: f.conv(F.pad(x, (rate - 1, 0))),
+    groups = F.pad(x.reshape(2, 8, 4, rate).transpose(1, 2).reshape(8, 8, rate), (rate - 1, 0))  # (B*n/c, d, 2c-1)
+    expected = {"conv": lambda: f.conv(x),
+                "dilated": lambda: f.conv(groups).view(2, 4, 8).transpose(1, 2),  # each group padded on its own
                 "max": lambda: F.max_pool1d(x, rate, rate), "mean": lambda: F.avg_pool1d(x, rate, rate)}[kind]()
     torch.testing.assert_close(f(old), expected.transpose(1, 2))
 
@@ -115,7 +127,6 @@ def test_runs_compressed_in_one_call_are_each_compressed_on_its_own(kind):
     lengths = [4, 0, 2, 6]
     want = torch.cat([f(run) for run in old.split(lengths, dim=1) if run.shape[1]], dim=1)
     torch.testing.assert_close(f.compress_runs(old, lengths), want, atol=1e-6, rtol=0)
-    if kind == "dilated":  # (not f_c of them all: each run pads its own start)
-        assert not torch.allclose(f(old), want)
+    torch.testing.assert_close(f(old), want, atol=1e-6, rtol=0)  # f_c of them all: each window reads its group
     with pytest.raises(ValueError, match="needs the attention"):
         Compressor("most_used", 8, 2).compress_runs(old, lengths)

@@ -68,6 +68,27 @@ def test_compression_parity_with_segments_that_fill_nothing():
     assert torch.allclose(a2.logits, b2.logits, atol=1e-6) and b2.state.compressed_len == 0
 
 
+@pytest.mark.parametrize("compression", ["conv", "dilated", "max", "mean"])
+def test_memories_compress_alike_however_the_segments_are_cut(compression):
+    """One layer stores its embeddings, so its memories are the same whatever the segment length;
+    f_c reads each group of c on its own, so the compressed memory must be too: the dilated
+    convolution once padded each call's start, and a model compressed otherwise a group at a time
+    (generating) than a segment at a time (training, evaluating)."""
+    net = model(n_layers=1, mem_len=8, c_mem_len=8, compression_rate=4, compression=compression).eval()
+    seq = tokens(b=1, l=32)
+    states = {}
+    with torch.no_grad():
+        for length in (8, 4, 1):
+            state = None
+            for start in range(0, 32, length):
+                state = net(seq[:, start : start + length], state).state
+            states[length] = state
+    for length in (4, 1):
+        assert torch.equal(states[length].memory[0], states[8].memory[0])
+        torch.testing.assert_close(states[length].compressed[0], states[8].compressed[0], atol=1e-6, rtol=0)
+    assert states[8].compressed_len == 6  # (24 memories overflowed: 6 groups)
+
+
 def test_c_mem_len_zero_is_transformer_xl():
     net = model(mem_len=8, c_mem_len=0)
     assert net.compressor_parameters() == []

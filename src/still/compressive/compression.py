@@ -6,12 +6,15 @@ Transformers for Long-Range Sequence Modelling". ICLR 2020, arXiv:1911.05507.
 Shapes: B batch, n old memories (a multiple of c), c compression rate, d model dim.
 
     conv        1-D convolution, kernel = stride = c, no bias (as DeepMind's code)     (the default)
-    dilated     1-D convolution with kernel c and dilation 2, left-padded by c - 1, stride c,
-                no bias: output t sees the c memories t*c - (c-1) + 2k, k = 0..c-1, two steps apart.
-                Not every old memory is seen: for an even c the taps fall on every other memory
-                only, so half of them (the 1st, 3rd, ... of each run) reach no compressed slot; for
-                an odd c, (c-1)/2 of each run's newest memories reach none (at c = 3 the last but
-                one; at c = 5 the 2nd and 4th from the end)
+    dilated     1-D convolution with kernel c and dilation 2, stride c, over each group of c memories
+                left-padded by c - 1 zeros, no bias: output t sees the memories t*c - (c-1) + 2k,
+                k = 0..c-1, of its own group (those before t*c read zeros). Each window reads only
+                its own group, as conv, max and mean do, so a memory is compressed alike however the
+                memories come (a segment at a time in training, a group at a time when generating).
+                The floor(c/2) taps that reach before the group read zeros (their weights learn
+                nothing), and not every memory is seen: for an even c the 1st, 3rd, ... of each group
+                (half of them) reach no compressed slot; for an odd c the 2nd, 4th, ... ((c-1)/2 of
+                each group; at c = 3 the middle one)
     max         max pooling, kernel = stride = c
     mean        mean pooling, kernel = stride = c
     most_used   keep the n / c memories that received the most attention (summed over heads and
@@ -77,15 +80,11 @@ class Compressor(nn.Module):
     def compress_runs(self, old: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """f_c of consecutive runs of old memories, each compressed on its own, in one call: old (B,
         sum(lengths), d), every length a multiple of c -> (B, sum(lengths) / c, d), the runs'
-        compressions in turn. conv, max and mean read each window of c on its own, so that is f_c
-        of them all; the dilated convolution pads each run's start, so its windows are taken run by
-        run and go through one product. (Not most_used: it needs the attention received.)"""
+        compressions in turn. Every f_c but most_used reads each window of c on its own, so that is
+        f_c of them all. (Not most_used: it needs the attention received, and ranks within a run.)"""
         if self.kind == "most_used":
             raise ValueError("most_used compression needs the attention each memory received")
-        if self.kind != "dilated" or len(lengths) == 1:
-            return self(old)
-        runs = [run for run in old.split(lengths, dim=1) if run.shape[1]]
-        return self._product(torch.cat([self.windows(run) for run in runs], dim=1))
+        return self(old)
 
     def _product(self, windows: torch.Tensor) -> torch.Tensor:
         """The convolution as one product over its windows (B, n/c, d*c) -> (B, n/c, d)."""
@@ -127,9 +126,9 @@ class Compressor(nn.Module):
         (B, n, d) -> (B, n/c, d*c), window t as (channel i, position k)."""
         b, n, d = old.shape
         c = self.rate
-        if self.kind == "dilated":  # output t sees inputs t*c - (c-1) + 2k, k = 0..c-1 (zeros before the start)
-            padded = F.pad(old, (0, 0, c - 1, 0))  # (B, n + c - 1, d)
-            return padded.unfold(1, 2 * c - 1, c)[..., ::2].reshape(b, n // c, d * c)  # (B, n/c, d, c) flattened
+        if self.kind == "dilated":  # output t sees inputs t*c - (c-1) + 2k, k = 0..c-1, of its group (zeros before it)
+            groups = F.pad(old.view(b, n // c, c, d), (0, 0, c - 1, 0))[:, :, ::2]  # (B, n/c, c, d)
+            return groups.transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
         return old.reshape(b, n // c, c, d).transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
 
 

@@ -232,22 +232,18 @@ class CompressiveLayer(nn.Module):
 
     def update_memory(self, memory: torch.Tensor, compressed: torch.Tensor, hidden: torch.Tensor, *, mem_len: int,
                       c_mem_len: int, rate: int, received: torch.Tensor | None = None,
-                      context_kv: torch.Tensor | None = None, segment_kv: torch.Tensor | None = None,
-                      memory_valid: torch.Tensor | None = None) -> LayerMemory:
+                      context_kv: torch.Tensor | None = None, segment_kv: torch.Tensor | None = None
+                      ) -> LayerMemory:
         """This layer's memory update rule (memory.py) after a segment whose layer inputs were
         `hidden` (B, L, d). `received` (B, N + M + L): the attention each key received (most_used
         compression). With the inference cache, the keys and values of [compressed, memory]
         `context_kv` (B, N + M, 2d) and of the segment `segment_kv` (B, L, 2d), the same rule gives
-        the next cache, the new compressed slots projected once. `memory_valid` (B, M) on the
-        memories' device, where some are masked: the dilated convolution, whose windows reach into the
-        group before theirs, reads a masked memory as zero, as a fresh stream reads its padding."""
+        the next cache, the new compressed slots projected once. (A compressed slot whose group holds
+        a masked memory is masked itself: every f_c reads its own group only.)"""
         n = compressed.shape[1]
 
         def compress(old: torch.Tensor) -> torch.Tensor:
             scores = received[:, n : n + old.shape[1]] if received is not None else None  # (B, n_s)
-            if memory_valid is not None and self.compressor.kind == "dilated":
-                valid = torch.cat([memory_valid, memory_valid.new_ones(hidden.shape[:2])], dim=1)[:, : old.shape[1]]
-                old = old * valid[:, :, None].to(old.dtype)  # (B, n_s, d)
             return self.compressor(old, scores)
 
         rule = dict(mem_len=mem_len, c_mem_len=c_mem_len, rate=rate)
@@ -610,7 +606,6 @@ class CompressiveTransformer(nn.Module):
                                       received[:, key_valid.shape[1] :]], dim=1)
             mem, cmem, old, fresh, cache = layer.update_memory(
                 memory, compressed, hidden, received=received,
-                memory_valid=key_valid[:, n:] if key_valid is not None else None,
                 context_kv=context_kv if use_cache else None, segment_kv=attention.key_values, **rule)
             new_memory.append(mem)
             new_compressed.append(cmem)
