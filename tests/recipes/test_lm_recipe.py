@@ -595,6 +595,24 @@ def test_a_checkpoint_of_another_run_is_refused(trained, corpus, tmp_path, capsy
     assert code == 0 and "the by-position columns come from `still lm eval` of checkpoint step 4" in err
 
 
+@pytest.mark.parametrize("edit", ["changed", "removed"])
+def test_a_run_whose_config_json_was_edited_is_refused_by_eval_and_generate(trained, tmp_path, capsys, edit):
+    """`lm eval RUN` and `lm generate RUN` read the model's settings from RUN/config.json and its newest
+    checkpoint's weights: an edited (or shortened, a missing key reading as its default) config.json
+    scored and generated with other memory lengths than the weights were trained with, unsaid."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = json.loads((run / "config.json").read_text())
+    if edit == "changed":
+        config["model"]["mem_len"] = config["model"]["mem_len"] // 2
+    else:
+        del config["model"]["mem_len"]
+    (run / "config.json").write_text(json.dumps(config))
+    for command in (("lm", "eval", str(run), "--threads", "1"), ("lm", "generate", str(run), "--tokens", "4")):
+        assert_user_error(capsys, *command, contains="config.json differs from the settings its newest checkpoint")
+    assert not list(run.glob("eval-*.json"))
+
+
 def test_deterministic_runs_are_identical(corpus, tmp_path, capsys):
     import torch
 

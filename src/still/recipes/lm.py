@@ -436,14 +436,17 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
         loaded = ckpt.latest_checkpoint(run_dir / "checkpoints", log=log)
         if loaded is None:
             raise StillError(f"{run_dir} has no valid checkpoint")
+        _check_same_run(config, loaded, run_dir, newest=True)
     model = CompressiveTransformer(config.model)
     ckpt.load_model_weights(model, loaded.model, source=str(loaded.path))
     return config, vocab, model.to(distributed.default_device()).eval(), loaded
 
 
-def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path) -> None:
+def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path, newest: bool = False) -> None:
     """Refuse a checkpoint trained with other settings than `run_dir`'s: what is written there
-    (`eval-*.json`, read by `lm compare` beside the run's results) would describe another model."""
+    (`eval-*.json`, read by `lm compare` beside the run's results) would describe another model.
+    `newest`: the run's own newest checkpoint, whose settings differ only where the run's
+    config.json was changed since (a model read with other memory lengths, say, scores otherwise)."""
     if not loaded.config:  # (a checkpoint without its config: nothing to compare)
         return
     try:
@@ -453,6 +456,10 @@ def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path) ->
     ours = to_dict(config)
     theirs["corpus"], ours["corpus"] = absolute_corpus(theirs["corpus"]), absolute_corpus(ours["corpus"])
     changed = changed_settings(ours, theirs)
+    if changed and newest:
+        raise StillError(f"{run_dir}/config.json differs from the settings its newest checkpoint was trained with "
+                         f"({', '.join(changed)}): it was changed since; put back the checkpoint's own "
+                         f"({loaded.path}/config.json)")
     if changed:
         raise StillError(f"{loaded.path} was trained with other settings than {run_dir} ({', '.join(changed)}): "
                          "name a checkpoint of this run, or the checkpoint's own run directory")
