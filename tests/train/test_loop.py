@@ -1,7 +1,9 @@
+import json
 import math
 import os
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -586,6 +588,95 @@ def test_what_a_checkpoint_cannot_hold_is_refused_before_the_first_step(tmp_path
         with pytest.raises(StillError, match=message):
             trainer.fit(BATCHES, 1)
     assert not steps
+
+
+def test_state_tensors_that_are_not_tensors_are_refused_before_the_first_step(tmp_path):
+    model = torch.nn.Linear(10, 3)
+    steps = []
+
+    def loss_fn(m, idx):
+        steps.append(idx)
+        return F.cross_entropy(m(X[idx]), Y[idx])
+
+    for returned, message in (({"x": 3}, "got 'x': a int"), ([torch.zeros(1)], "got a list")):
+        trainer = Trainer(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=tmp_path,
+                          state_tensors=lambda r=returned: r, load_state_tensors=lambda _: None, log=lambda _: None)
+        with pytest.raises(StillError, match=f"state_tensors must return a dict of names to tensors .*{message}"):
+            trainer.fit(BATCHES, 1)
+    assert not steps
+
+
+def _forge(path, name, edit):
+    """Edit file `name` of checkpoint `path` with `edit`, and a manifest that vouches for it: a
+    checkpoint written otherwise than by still (or by an older still)."""
+    from safetensors.torch import load_file, save_file
+
+    from still.train.io import sha256_file
+
+    file = path / name
+    if name.endswith(".json"):
+        data = json.loads(file.read_text())
+        edit(data)
+        file.write_text(json.dumps(data))
+    else:
+        tensors = load_file(str(file))
+        edit(tensors)
+        save_file(tensors, str(file))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = sha256_file(file)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("state.json", lambda d: d["state"].pop("step"), "training state lacks step"),
+    ("state.json", lambda d: d["state"].update(step=5), "says step 5, its checkpoint step 6"),
+    ("state.json", lambda d: d["state"].update(foo=1), "has unknown foo"),
+    ("state.json", lambda d: d["state"].update(batch="2"), "has batch = '2'"),
+    ("state.safetensors", lambda t: t.update({"optimizer/0/exp_avg": torch.zeros(16, 20)}),
+     r"exp_avg of shape \(16, 20\) is for a parameter of shape \(16, 10\)"),
+    ("state.safetensors", lambda t: t.update({"optimizer/0/exp_avg": torch.zeros(16, 5)}),
+     r"exp_avg of shape \(16, 5\) is for a parameter of shape \(16, 10\)"),
+    ("state.safetensors", lambda t: t.pop("optimizer/0/exp_avg"),
+     "does not fit this optimizer.*another.s exp_avg_sq, step\\)"),
+    ("state.safetensors", lambda t: t.pop("rng/torch"), "training state does not read .*rng/torch"),
+    ("state.safetensors", lambda t: t.update({"rng/torch": t["rng/torch"][:100]}), "training state does not read"),
+])
+def test_a_checkpoint_whose_training_state_was_written_otherwise_is_named(tmp_path, name, edit, message):
+    """A larger moment than its parameter trained on unsaid, a smaller one was read past its end, a
+    state without its step restarted the run at step 0 over the checkpoint it came from; the rest
+    were tracebacks (a probe, with forged manifests)."""
+    make_trainer(tmp_path, every_steps=6).fit(BATCHES, 1)
+    path = sorted(tmp_path.glob("ckpt-*"))[-1]
+    _forge(path, name, edit)
+    with pytest.raises(StillError, match=message):
+        make_trainer(tmp_path).fit(BATCHES, 2)
+
+
+def test_an_epoch_resumed_mid_way_counts_the_seconds_of_every_piece(tmp_path):
+    """An epoch's `seconds` (a recipe's training time and tokens a second) counted only the piece
+    after the last resume: a run interrupted mid-interval read up to 3x faster than it ran."""
+
+    class Stop(Exception):
+        pass
+
+    def trainer(stop):
+        model = torch.nn.Linear(10, 3)
+
+        def loss_fn(m, idx):
+            if stop and made.state.step == 3:
+                raise Stop
+            time.sleep(0.05)
+            return F.cross_entropy(m(X[idx]), Y[idx])
+
+        made = Trainer(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=tmp_path,
+                       checkpoint_every_steps=3, log=lambda _: None)
+        return made
+
+    with pytest.raises(Stop):
+        trainer(stop=True).fit(BATCHES, 1)
+    resumed = trainer(stop=False)
+    resumed.fit(BATCHES, 1)
+    assert resumed.state.history[0]["seconds"] >= 6 * 0.05
 
 
 @pytest.mark.parametrize("setting", [dict(grad_clip="1"), dict(shards=2.5), dict(shards="2"), dict(keep=True),

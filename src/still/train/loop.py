@@ -82,6 +82,9 @@ class TrainState:
     """Of them, those in the current epoch (its mean loss is over the others)."""
     epoch_loss_sum: float = 0.0
     """Sum of the losses of the batches done in the current epoch (for a mid-epoch resume)."""
+    epoch_seconds: float = 0.0
+    """Seconds spent training in the current epoch before its last checkpoint: a mid-epoch resume
+    adds its own, so an epoch's `seconds` counts every piece of it."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One entry per completed epoch: epoch, train_loss (NaN when every step of the epoch was
     skipped), seconds, and the evaluation metrics."""
@@ -246,6 +249,14 @@ class Trainer:
         otherwise end the run at its first checkpoint, an epoch's work later."""
         ckpt.check_savable(self.model.state_dict(), self.optimizer.state_dict(),
                            self.scheduler.state_dict() if self.scheduler is not None else None)
+        if self.state_tensors is not None:  # (what a checkpoint's extra tensors would hold; it may gather)
+            extra = self.state_tensors()
+            bad = (f"a {type(extra).__name__}" if not isinstance(extra, dict) else
+                   next((f"{k!r}: a {type(v).__name__}" for k, v in extra.items()
+                         if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None))
+            if bad is not None:
+                raise StillError(f"state_tensors must return a dict of names to tensors (for the checkpoints); "
+                                 f"got {bad}")
 
         def make() -> None:
             try:
@@ -261,6 +272,16 @@ class Trainer:
         weights and the optimizer state are both checked to fit before either is loaded: a changed
         model or optimizer is named, and leaves the model and the optimizer as they were."""
         source = str(checkpoint.path)
+        try:
+            self._restore(checkpoint, source)
+        except StillError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            # (a checkpoint verifies against its manifest: what reaches here was written otherwise)
+            raise StillError(f"cannot resume from {source}: its training state does not read "
+                             f"({type(e).__name__}: {e})") from None
+
+    def _restore(self, checkpoint: ckpt.Checkpoint, source: str) -> None:
         own = self.model.state_dict()
         if own.keys() != checkpoint.model.keys() or any(own[k].shape != w.shape for k, w in checkpoint.model.items()):
             ckpt.load_model_weights(self.model, checkpoint.model, source=source)  # raises, naming what differs
@@ -274,7 +295,7 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)
             self._restore_rank_rng(rng)
-        self.state = TrainState(**checkpoint.state["state"])
+        self.state = _train_state(checkpoint.state.get("state"), source, checkpoint.step)
         if self.load_state_tensors is not None:
             self.load_state_tensors(checkpoint.extra_tensors())
 
@@ -292,6 +313,8 @@ class Trainer:
                               for key in before.keys() - after.keys()})
             if lacking:
                 problem = f"the loaded parameter groups lack {', '.join(lacking)}"
+        if problem is None:
+            problem = _misshapen_state(self.optimizer)
         if problem is None:
             self._state_in_parameter_layout()
             return
@@ -527,7 +550,7 @@ class Trainer:
             train_mode()
             epoch_batches = batches(epoch)
             total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
-            start = time.perf_counter()
+            start = time.perf_counter() - self.state.epoch_seconds  # (a resumed epoch's earlier pieces)
             loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float64, device=self.device)
             bar = progress(itertools.islice(epoch_batches, self.state.batch, None), enabled=self.dist.main, total=total,
                            initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}", unit="batch")
@@ -546,6 +569,7 @@ class Trainer:
                     # any number of ranks adds its own to it
                     shared = self.dist.all_sum(loss_sum) / self.dist.world if self.dist.enabled else loss_sum
                     self.state.epoch_loss_sum = shared.item()
+                    self.state.epoch_seconds = time.perf_counter() - start
                     saved = self.save() if self.checkpoint_dir is not None else None
                     if received:
                         bar.close()
@@ -570,6 +594,7 @@ class Trainer:
             self.state.batch = 0
             self.state.epoch_skipped = 0
             self.state.epoch_loss_sum = 0.0
+            self.state.epoch_seconds = 0.0
             self.state.finished = self.state.epoch >= epochs
             self._agree_on_signals(received)  # (one in the evaluation: the run stops here, not a step later)
             if self.checkpoint_dir is not None and (received or self.state.finished
@@ -581,6 +606,60 @@ class Trainer:
         self.state.finished = True
         self.model.eval()
         return self.state
+
+
+_COUNTERS = ("step", "epoch", "batch", "finished")  # what a checkpoint's training state must say
+
+
+def _train_state(saved: object, source: str, step: int) -> TrainState:
+    """A checkpoint's `TrainState`, its entries checked: every counter there and of its type, none
+    unknown, and its step the checkpoint's own (a counter left out would restart the run at 0)."""
+    fields = {f.name for f in TrainState.__dataclass_fields__.values()}
+    where = f"{source}/state.json's training state"
+    if not isinstance(saved, dict):
+        raise StillError(f"{where} is missing or not an object")
+    unknown, missing = sorted(set(saved) - fields), [k for k in _COUNTERS if k not in saved]
+    if unknown or missing:
+        said = ([f"lacks {', '.join(missing)}"] if missing else []) + ([f"has unknown {', '.join(unknown)}"]
+                                                                       if unknown else [])
+        raise StillError(f"{where} " + "; ".join(said))
+    for key, value in saved.items():
+        if key == "finished":
+            ok = isinstance(value, bool)
+        elif key in ("epoch_loss_sum", "epoch_seconds"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif key == "history":
+            ok = isinstance(value, list) and all(isinstance(entry, dict) for entry in value)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not ok:
+            raise StillError(f"{where} has {key} = {value!r}, not a value of its kind")
+    if saved["step"] != step:
+        raise StillError(f"{where} says step {saved['step']}, its checkpoint step {step}")
+    return TrainState(**saved)
+
+
+# per-parameter state of PyTorch's optimizers: a tensor of the parameter's shape each
+_PARAMETER_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
+                     "sum", "exp_inf", "grad_avg", "ax", "prev", "step_size")
+
+
+def _misshapen_state(optimizer: torch.optim.Optimizer) -> str | None:
+    """The first per-parameter state tensor (moments, momentum) loaded with another shape than its
+    parameter's, or a parameter's state lacking an entry the others' have, said; None where all
+    fit. (`load_state_dict` takes any: a moment larger than its parameter trained on unsaid, a
+    smaller one was read past its end by the fused step, a missing one failed at the first step.)"""
+    keys = None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if key in _PARAMETER_SHAPED and torch.is_tensor(value) and value.shape != p.shape:
+                    return f"its {key} of shape {tuple(value.shape)} is for a parameter of shape {tuple(p.shape)}"
+            if state and keys is not None and set(state) != keys:
+                return f"a parameter's state has {', '.join(sorted(state))}, another's {', '.join(sorted(keys))}"
+            keys = set(state) if state else keys
+    return None
 
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[nn.Module]] = weakref.WeakKeyDictionary()
