@@ -191,8 +191,8 @@ def test_an_entry_for_a_run_on_an_unwritten_corpus_is_not_made(tmp_path, root, r
     _assert_same(encoded, vocab, splits, ("valid",))
 
 
-@pytest.mark.parametrize("damage", ["truncated ids", "starts", "manifest", "vocabulary", "dtype", "id past the end",
-                                    "negative id"])
+@pytest.mark.parametrize("damage", ["truncated ids", "starts", "manifest", "vocabulary", "vocabulary replaced", "dtype",
+                                    "id past the end", "negative id"])
 def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, damage):
     name = _books(tmp_path / "pg")
     vocab, splits = _expected(name)
@@ -207,6 +207,9 @@ def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, d
         (entry / "manifest.json").write_text("{not json")
     elif damage == "vocabulary":
         (entry / "vocab.json").write_text("[]")
+    elif damage == "vocabulary replaced":  # another of its size: every id within it, each read as another character
+        data = json.loads((entry / "vocab.json").read_text())
+        (entry / "vocab.json").write_text(json.dumps({**data, "symbols": data["symbols"][::-1]}))
     elif damage in ("id past the end", "negative id"):  # one id in the middle of a split, its size unchanged
         ids = np.load(entry / "valid.npy", mmap_mode="r+")
         if damage == "negative id" and ids.dtype.kind == "u":

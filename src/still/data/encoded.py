@@ -79,8 +79,8 @@ from still.errors import StillError
 from still.train.io import atomic_write, atomic_write_text, process_umask
 from still.train.progress import format_size, log
 
-FORMAT = 3  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
-# 2: the manifest holds the ids' `digest`; 3: and each split's, `split_digests`)
+FORMAT = 4  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
+# 2: the manifest holds the ids' `digest`; 3: and each split's, `split_digests`; 4: and vocab.json's, `vocab_sha256`)
 OFF = ("0", "off", "no", "false")
 
 
@@ -421,6 +421,7 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
         atomic_write_text(tmp / "vocab.json", vocab.to_json())
         atomic_write_text(tmp / "manifest.json", json.dumps({"fingerprint": stamp, "name": corpus.name,
                                                              "dtype": dtype.name, "splits": sizes,
+                                                             "vocab_sha256": _sha256_text(vocab.to_json()),
                                                              "digest": digest.hexdigest(),
                                                              "split_digests": digest.split_hexdigests()}) + "\n")
         size = sum(f.stat().st_size for f in tmp.iterdir())
@@ -465,6 +466,10 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...],
           say: bool = True) -> EncodedCorpus | None:
     """The entry's splits mapped from disk, or None where there is none made from `stamp` (and, with
@@ -476,7 +481,10 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
     if not isinstance(manifest, dict) or manifest.get("fingerprint") != stamp:
         return None
     try:
-        own = Vocab.from_json((entry / "vocab.json").read_text(encoding="utf-8"))
+        text = (entry / "vocab.json").read_text(encoding="utf-8")
+        if _sha256_text(text) != manifest.get("vocab_sha256"):  # (the ids' check below reads only ids written since)
+            raise ValueError("its vocab.json is not the one its ids were written with")
+        own = Vocab.from_json(text)
         if vocab is not None and own.to_json() != vocab.to_json():
             return None
         encoded = {}
