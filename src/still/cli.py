@@ -152,7 +152,7 @@ def distill() -> None:
 @click.option("--preset", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
               help="quick: a few minutes; paper: the full reproduction of section 3.")
 @click.option("--temperature", callback=_floats, default=None,
-              help="Distillation temperature T > 0, or a comma-separated sweep: 1,2,4,8,20 (preset: 20).")
+              help="Distillation temperature T in [0.01, 1e5], or a comma-separated sweep: 1,2,4,8,20 (preset: 20).")
 @click.option("--alpha", type=float, default=None,
               help="Weight of the SOFT-target term, in [0, 1]; the hard-label cross entropy gets 1 - alpha "
                    "(presets: 1, the soft targets only).")
@@ -197,7 +197,7 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, teache
               help="Directory with the CIFAR-10 python batches (data_batch_1..5, test_batch).")
 @click.option("--preset", type=click.Choice(["labml", "tiny"]), default="labml", show_default=True,
               help="labml: labml's experiment; tiny: a quick check of the whole recipe (small VGGs, 2 epochs).")
-@click.option("--temperature", type=float, default=None, help="T > 0 (preset: 5).")
+@click.option("--temperature", type=float, default=None, help="T in [0.01, 1e5] (preset: 5).")
 @click.option("--alpha", type=float, default=None, help="Weight of the SOFT-target term, in [0, 1] (preset: 0.5).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs of each of the three runs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images a step (labml: 64, tiny: 32).")

@@ -144,6 +144,21 @@ def test_temperatures_above_the_limit_are_refused_naming_logit_matching():
             call()
 
 
+def test_temperatures_below_the_limit_or_beyond_floats_are_refused():
+    """Below MIN_TEMPERATURE the soft term's gradient is at most 2T: a student distilled at 1e-30
+    kept its initial weights, and one at 1e-300 stopped as 'diverged' (NaN: the logits over T
+    overflow float32). An int beyond float's range raised Python's OverflowError."""
+    from still.distill.loss import MIN_TEMPERATURE, check_temperature
+
+    z, v = torch.randn(4, 10), torch.randn(4, 10)
+    assert torch.isfinite(distillation_loss(z, None, v, temperature=MIN_TEMPERATURE, alpha=1.0))
+    for temperature in (1e-3, 1e-30, 1e-300, 5e-324):
+        with pytest.raises(StillError, match=f"temperature {temperature!r} is below 0.01"):
+            distillation_loss(z, None, v, temperature=temperature, alpha=1.0)
+    with pytest.raises(StillError, match="temperature must be a finite number > 0, got 1148130695"):
+        check_temperature(2**2000)
+
+
 def test_logit_matching_ignores_a_constant_shift():
     z, v = torch.randn(4, 10), torch.randn(4, 10)
     assert logit_matching_loss(z + 5, v).item() == pytest.approx(logit_matching_loss(z, v).item(), rel=1e-5)

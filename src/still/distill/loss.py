@@ -62,7 +62,10 @@ def _number(value: object) -> float | None:
     if isinstance(value, torch.Tensor):
         return float(value) if value.numel() == 1 and value.is_floating_point() else None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # (an int beyond float's range: 2**2000)
+            return math.inf if value > 0 else -math.inf
     return None
 
 
@@ -70,13 +73,22 @@ PRECISE_ABOVE = 20.0
 """Temperatures above this have their soft targets and soft term computed in float64 (module docstring)."""
 MAX_TEMPERATURE = 1e5
 """The highest temperature accepted: above it even float64 loses the soft term to rounding."""
+MIN_TEMPERATURE = 1e-2
+"""The lowest temperature accepted. The soft term's gradient in a student logit is T (q - p) (the
+T^2 factor times the softened softmax's 1 / T): below this it is at most 2T, and the student learns
+next to nothing from the soft targets (at T = 1e-30 its weights did not move); below about 1e-37
+the logits over T overflow float32 and the loss is NaN."""
 
 
 def check_temperature(temperature: float) -> float:
-    """`temperature` as a float, or a `StillError` where it is not in (0, MAX_TEMPERATURE]."""
+    """`temperature` as a float, or a `StillError` where it is not in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
     t = _number(temperature)
     if t is None or not 0 < t < math.inf:
         raise StillError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if t < MIN_TEMPERATURE:
+        raise StillError(f"temperature {t!r} is below {MIN_TEMPERATURE:g}, where the soft-target term (scaled by "
+                         "T^2) gives the student a gradient of at most 2T: it would learn next to nothing from "
+                         "the teacher")
     if t > MAX_TEMPERATURE:
         raise StillError(f"temperature {t!r} is above {MAX_TEMPERATURE:g}, where rounding swamps the soft-target "
                          "loss even in float64; at such temperatures the loss is logit matching "
@@ -110,7 +122,7 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tens
             (for one teacher `log_softmax(v / T)`; for an ensemble see `combine_log_probs`). Above
             T = 20 give them in float64 (`soft_dtype`), as `combine_log_probs` does: float32 ones
             have already lost what the soft term measures.
-        temperature: 0 < T <= MAX_TEMPERATURE.
+        temperature: MIN_TEMPERATURE <= T <= MAX_TEMPERATURE.
     Returns a float32 scalar, computed in `soft_dtype(T)`.
     """
     temperature = check_temperature(temperature)
