@@ -120,3 +120,32 @@ def test_vgg_every_parameter_gets_a_gradient():
 def test_mlp_config_rejects_bad_values(kwargs, message):
     with pytest.raises(StillError, match=message):
         MLPConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"in_channels": 0}, "in_channels must be > 0"),
+                                             ({"in_channels": -4}, "in_channels must be > 0")])
+def test_vgg_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(StillError, match=message):
+        VGGConfig(**kwargs)
+
+
+def test_recipe_configs_refuse_models_their_data_cannot_feed():
+    """An MLP of other than 784 inputs or 10 classes met MNIST's data as a PyTorch error mid-run (a
+    teacher of 5 classes at its first label above 4), a VGG of other than 3 input channels or of
+    more than 5 blocks (pooled below 1x1) CIFAR-10's, each after writing its run folder's settings."""
+    from still.recipes.cifar10 import Cifar10Config
+    from still.recipes.mnist import MnistConfig
+
+    for kwargs, message in (
+            (dict(teacher=MLPConfig(in_features=100)), "the teacher's in_features must be 784"),
+            (dict(teacher=MLPConfig(classes=5), student=MLPConfig(classes=5)), "the teacher's classes must be 10"),
+    ):
+        with pytest.raises(StillError, match=message):
+            MnistConfig(**kwargs)
+    for kwargs, message in (
+            (dict(teacher=VGGConfig(in_channels=1)), "the teacher's in_channels must be 3"),
+            (dict(student=VGGConfig(blocks=((4,),) * 6)), "the student has 6 blocks"),
+            (dict(teacher=VGGConfig(classes=5), student=VGGConfig(classes=5)), "the teacher's classes must be 10"),
+    ):
+        with pytest.raises(StillError, match=message):
+            Cifar10Config(**kwargs)

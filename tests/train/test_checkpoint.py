@@ -207,6 +207,18 @@ def test_strict_weight_loading_names_the_problem():
         ckpt.load_model_weights(model, weights, source="x")
 
 
+def test_weights_of_another_kind_of_number_are_named_and_other_float_widths_cast():
+    """Integer, bool or complex weights for a float parameter were cast unsaid (a model read 117.8
+    bits a character); a half-precision copy is cast, as `load_state_dict` casts it."""
+    model = nn.Linear(4, 3)
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        weights = {"weight": torch.ones(3, 4).to(dtype), "bias": torch.zeros(3)}
+        with pytest.raises(StillError, match=f"wrong kind of number weight: {dtype} in x, torch.float32 in the model"):
+            ckpt.load_model_weights(model, weights, source="x")
+    ckpt.load_model_weights(model, {"weight": torch.ones(3, 4, dtype=torch.float16), "bias": torch.zeros(3)})
+    assert model.weight.dtype == torch.float32 and bool((model.weight == 1).all())
+
+
 def test_loading_never_unpickles(tmp_path):
     """state.json is JSON and the tensors are safetensors: a pickle dropped in their place is refused."""
     import pickle

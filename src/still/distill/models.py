@@ -97,6 +97,7 @@ class VGGConfig:
         check(len(self.blocks) > 0 and all(len(b) > 0 and all(c > 0 for c in b) for b in self.blocks),
               f"blocks must be non-empty lists of positive channel counts, got {self.blocks}")
         check(self.classes > 1, f"classes must be > 1, got {self.classes}")
+        check(self.in_channels > 0, f"in_channels must be > 0, got {self.in_channels}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 
 

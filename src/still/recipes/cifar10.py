@@ -72,8 +72,12 @@ class Cifar10Config:
         check_seed(self.seed)
         check_temperature(self.temperature)
         check(0 <= self.alpha <= 1, f"alpha (the weight of the soft-target term) must be in [0, 1], got {self.alpha}")
-        check(self.teacher.classes == self.student.classes,
-              f"teacher has {self.teacher.classes} classes, student {self.student.classes}: they must match")
+        for name, model in (("teacher", self.teacher), ("student", self.student)):  # what CIFAR-10's data can feed
+            check(model.in_channels == 3, f"the {name}'s in_channels must be 3 (CIFAR-10's colours), "
+                                          f"got {model.in_channels}")
+            check(model.classes == 10, f"the {name}'s classes must be 10 (CIFAR-10's), got {model.classes}")
+            check(len(model.blocks) <= 5, f"the {name} has {len(model.blocks)} blocks, each halving the image: "
+                                          "at most 5 fit CIFAR-10's 32x32")
 
 
 PRESETS = {

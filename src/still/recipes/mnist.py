@@ -105,8 +105,10 @@ class MnistConfig:
               f"omit_digit must be in 0..9, got {self.omit_digit}")
         check(self.train_subset is None or self.train_subset > 0, f"train_subset must be > 0, got {self.train_subset}")
         check(self.test_subset is None or self.test_subset > 0, f"test_subset must be > 0, got {self.test_subset}")
-        check(self.teacher.classes == self.student.classes,
-              f"teacher has {self.teacher.classes} classes, student {self.student.classes}: they must match")
+        for name, model in (("teacher", self.teacher), ("student", self.student)):  # what MNIST's data can feed
+            check(model.in_features == 28 * 28, f"the {name}'s in_features must be 784 (MNIST's 28x28 pixels), "
+                                                f"got {model.in_features}")
+            check(model.classes == 10, f"the {name}'s classes must be 10 (MNIST's digits), got {model.classes}")
 
 
 ONE_CYCLE = OptimConfig(name="sgd", lr=0.1, momentum=0.9, schedule="onecycle", warmup_fraction=0.05)

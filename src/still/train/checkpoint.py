@@ -357,6 +357,15 @@ def load_model_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]
         problems.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
     if shapes:
         problems.append("wrong shape " + "; ".join(shapes[:5]))
+    # another float width is cast, as `load_state_dict` does (a half-precision copy, say); integers,
+    # bools or complex numbers for a float weight are no weights of it (they were cast unsaid)
+    def kind(t: torch.Tensor) -> tuple[bool, bool]:
+        return t.is_floating_point(), t.is_complex()
+
+    kinds = [f"{k}: {weights[k].dtype} in {source}, {own[k].dtype} in the model"
+             for k in sorted(set(own) & set(weights)) if kind(own[k]) != kind(weights[k])]
+    if kinds:
+        problems.append("wrong kind of number " + "; ".join(kinds[:5]))
     if problems:
         raise StillError(f"weights from {source} do not fit the model: " + "; ".join(problems))
     module.load_state_dict(weights, strict=True)
