@@ -175,3 +175,13 @@ def test_a_change_from_no_errors_and_a_share_of_no_digits_have_no_number():
     report = _omitted_digit_report(logits, labels, 3)
     assert report == {"errors_on_3": 0, "bias_3": 0.0, "errors_biased": 0, "3s_right_biased_pct": None}
     assert _omitted_digit_report(logits, torch.tensor([1, 3, 4]), 3)["3s_right_biased_pct"] == 0.0  # (bias 0 is best)
+
+
+def test_an_omitted_digit_that_empties_the_transfer_set_is_refused_before_any_stage(tmp_path, capsys):
+    """The first training image is a 5: omitting 5 from a subset of 1 left no transfer set, which
+    was said only after the teacher and baseline had trained, without naming the options."""
+    out = tmp_path / "run"
+    assert_user_error(capsys, "distill", "mnist", "--train-subset", "1", "--test-subset", "10", "--omit-digit", "5",
+                      "--threads", "1", "--out", str(out),
+                      contains="omitting digit 5 removes every training image (all 1 of train subset 1)")
+    assert not (out / "teacher").exists() and not (out / "config.json").exists()

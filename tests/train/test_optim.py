@@ -146,6 +146,10 @@ def test_one_cycle_keeps_a_longer_warm_up_and_honours_none():
     assert all(a > b for a, b in zip(none, none[1:]))
     two_steps = _rates(OptimConfig(lr=1.0, schedule="onecycle", warmup_fraction=0.5), 2)  # no room for a warm-up
     assert two_steps[0] == pytest.approx(0.5, rel=1e-4)
+    # one step (a stage of one batch) at the peak: OneCycleLR put it at the decay's end, lr / 25e4,
+    # and the stage's weights moved by 2e-8 (a probe: --train-subset 100 of a batch of 128)
+    for warmup_fraction in (0.0, 0.3):
+        assert _rates(OptimConfig(lr=1.0, schedule="onecycle", warmup_fraction=warmup_fraction), 1) == [1.0]
 
 
 def test_the_cosine_schedule_is_as_documented():

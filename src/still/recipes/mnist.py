@@ -34,7 +34,7 @@ from still.data.mnist import Mnist, load_mnist
 from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import MLP, MLPConfig
 from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
-from still.errors import check
+from still.errors import StillError, check
 from still.recipes.common import check_run_kind, hold_run_folder, mark_new_run, plot_curves, predict, train_stage
 from still.train import distributed
 from still.train.optim import OptimConfig
@@ -158,6 +158,10 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
     data = Mnist(data.train_x.to(device), data.train_y.to(device), data.test_x.to(device), data.test_y.to(device))
     n_train = len(data.train_x)
     test_x, test_y = data.test_x, data.test_y
+    if config.omit_digit is not None and bool((data.train_y == config.omit_digit).all()):  # before any stage trains
+        raise StillError(f"omitting digit {config.omit_digit} removes every training image (all {n_train}"
+                         + (f" of train subset {config.train_subset}" if config.train_subset else "")
+                         + "): the students' transfer set would be empty")
 
     def evaluate(model: nn.Module) -> dict[str, Any]:
         logits = model(test_x)

@@ -121,8 +121,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
     the peak): at exactly 1 step OneCycleLR divides by zero, and below 1 it starts past the peak.
     With fewer than 3 steps there is no room for one, and none is made. `warmup_fraction` 0 means
     no warm-up: the decay then counts from the peak one step before the first, so step 0 is already
-    1 / total_steps of the way down it (0.976 lr of 10 steps).
+    1 / total_steps of the way down it (0.976 lr of 10 steps). A single step runs at the peak: the
+    decay would put its one step at its end, lr / 25e4, and the stage would learn nothing.
     """
+    if config.schedule == "onecycle" and total_steps == 1:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total_steps,
                                                    pct_start=_one_cycle_warmup(config.warmup_fraction, total_steps),
