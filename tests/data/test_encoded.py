@@ -568,6 +568,26 @@ def test_a_folder_the_corpus_cannot_list_is_named(tmp_path, monkeypatch):
         "wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"]
 
 
+def test_a_tree_of_any_depth_is_walked_and_a_dangling_link_is_named(tmp_path):
+    """A recursive walk met Python's recursion limit (a traceback) at about a thousand nested
+    folders; a link named as a book that points to nothing was left out unsaid (probes)."""
+    plain = deep = tmp_path / "plain"
+    for _ in range(1101):  # (a folder at a time: pathlib's mkdir(parents=True) recurses too)
+        deep.mkdir()
+        deep = deep / "d"
+    deep = deep.parent
+    for book in ("a", "b", "c"):
+        (plain / f"{book}.txt").write_text(f"book {book}\n")
+    (deep / "z.txt").write_text("deep down\n")
+    files = [f[0] for f in fingerprint(str(plain), False)["files"]]
+    assert files == ["a.txt", "b.txt", "c.txt", "d/" * 1100 + "z.txt"]
+    assert [d.name for split in SPLITS for d in load_corpus(str(plain)).split(split)][-1] == "d/" * 1100 + "z.txt"
+    (plain / "b2.txt").symlink_to(tmp_path / "nowhere.txt")
+    assert fingerprint(str(plain), False) is None
+    with pytest.raises(StillError, match=r"b2.txt is a link to .*nowhere.txt, which does not exist: its text"):
+        load_corpus(str(plain))
+
+
 def test_entries_say_which_are_current_and_what_is_left_beside_them(tmp_path, root, monkeypatch):
     import json
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import contextlib
 import itertools
 import json
 import os
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,18 +309,31 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
     - links are followed, to a folder once each, and never to a folder that holds `root` (a link up
       the tree, or to /);
     - a folder that cannot be listed is a `StillError` (its files would be left out unsaid), but
-      for a `lost+found` (a file system's own, at its root: no one's books);
-    - pipes, sockets and devices are left out (reading a pipe would wait for a writer)."""
+      for a `lost+found` (a file system's own, at the root of one mounted anywhere in the corpus:
+      no one's books); so is a link named as a file that points to nothing;
+    - pipes, sockets and devices are left out (reading a pipe would wait for a writer).
+    The walk keeps its own stack: a tree of any depth is walked (a recursive one met Python's
+    recursion limit at about a thousand nested folders)."""
     root = os.fspath(root)
-    above = os.path.realpath(root)
-    seen: set[str] = set()
+    # folders by (device, inode), which links reach as their targets: each is walked once, and none
+    # that holds `root` (it, or a folder above it). (Not by `realpath`, which reads every folder on
+    # the way: a tree's depth squared.)
+    holds_root, folder = set(), os.path.realpath(root)
+    while True:
+        with contextlib.suppress(OSError):
+            holds_root.add(_identity(os.stat(folder)))
+        if folder == os.path.dirname(folder):
+            break
+        folder = os.path.dirname(folder)
+    seen: set[tuple[int, int]] = set()
     found: list[tuple[str, os.DirEntry]] = []
+    stack: list[tuple[Iterator[os.DirEntry], str]] = []  # each open folder's entries still to visit
 
-    def walk(folder: str, prefix: str) -> None:
-        real = os.path.realpath(folder)
-        if real in seen or (prefix and os.path.commonpath([real, above]) == real):
+    def enter(folder: str, prefix: str, identity: tuple[int, int] | None) -> None:
+        if identity in seen or (prefix and identity in holds_root):
             return
-        seen.add(real)
+        if identity is not None:
+            seen.add(identity)
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
@@ -328,17 +342,38 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
                 return
             raise StillError(f"cannot list the folder {folder} ({e.strerror or e}): its files would be left out; "
                              "make it readable, or move it out of the corpus") from None
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                if recursive:
-                    walk(entry.path, f"{prefix}{entry.name}/")
-            elif entry.name.endswith(suffixes) and entry.is_file():
-                found.append((prefix + entry.name, entry))
+        stack.append((iter(entries), prefix))
 
-    walk(root, "")
+    try:
+        top = _identity(os.stat(root))
+    except OSError:
+        top = None  # (said by scandir)
+    enter(root, "", top)
+    while stack:
+        entries, prefix = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+        elif entry.name.startswith("."):
+            continue
+        elif entry.is_dir():
+            if recursive:
+                try:
+                    identity = _identity(entry.stat())  # (the link's target, as `is_dir` read it)
+                except OSError:
+                    identity = None  # (gone since: said by scandir)
+                enter(entry.path, f"{prefix}{entry.name}/", identity)
+        elif entry.name.endswith(suffixes):
+            if entry.is_file():
+                found.append((prefix + entry.name, entry))
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                raise StillError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist: its "
+                                 "text would be left out; mend the link, or remove it")
     return found
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
 
 
 def _layout_hint(path: Path) -> None:
