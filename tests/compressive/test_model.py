@@ -312,6 +312,31 @@ def test_inference_mode_runs_and_keeps_its_cache():
         assert state.cache(net._weights_version()) is not None
         assert torch.allclose(net(seq[:, 16:], state).logits, want, atol=1e-6)
         assert len(list(generate(net, seq[:1, :5], 4, segment_len=8, compile=None))) == 4
+        # a memory written in place there is not seen (documented): `without_cache` projects it anew
+        state.memory[0].zero_()
+        fresh = net(seq[:, 16:], state._replace(key_values=None, key_values_version=None)).logits
+        assert torch.equal(net(seq[:, 16:], state.without_cache()).logits, fresh)
+        assert state.without_cache().key_values is None and state.key_values is not None
+
+
+def test_a_state_pickles_and_copies_without_its_cache():
+    """`torch.save(state)` of a state made in eval mode without gradients (so holding its inference
+    cache, whose weak references do not pickle) was a TypeError (a probe)."""
+    import copy
+    import io
+
+    net = model(mem_len=8, c_mem_len=8).eval()
+    seq = tokens(l=24)
+    with torch.no_grad():
+        state = net(seq[:, :16]).state
+        assert state.key_values is not None
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        for again in (torch.load(buffer, weights_only=False), copy.deepcopy(state)):
+            assert isinstance(again, MemoryState) and again.key_values is None and again.key_values_version is None
+            assert all(map(torch.equal, again.memory + again.compressed, state.memory + state.compressed))
+            assert torch.equal(net(seq[:, 16:], again).logits, net(seq[:, 16:], state).logits)
 
 
 def test_inference_caches_made_under_bf16_autocast_are_not_reused_in_fp32():

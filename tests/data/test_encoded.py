@@ -576,6 +576,17 @@ def test_a_tree_of_any_depth_is_walked_and_a_dangling_link_is_named(tmp_path):
         deep.mkdir()
         deep = deep / "d"
     deep = deep.parent
+    try:
+        _walk_a_deep_tree(tmp_path, plain, deep)
+    finally:  # (a folder at a time, the deepest first: shutil.rmtree, pytest's too, recurses)
+        for file in [*deep.iterdir(), *plain.glob("*.txt")]:
+            file.unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
+
+
+def _walk_a_deep_tree(tmp_path, plain, deep):
     for book in ("a", "b", "c"):
         (plain / f"{book}.txt").write_text(f"book {book}\n")
     (deep / "z.txt").write_text("deep down\n")

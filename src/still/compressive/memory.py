@@ -83,7 +83,18 @@ class MemoryState(NamedTuple):
     key_values_version: CacheMadeFor | None = None
     """What the cache was made for: the model and the version of its weights (`_weights_version`),
     and these very memory tensors. A stale cache, another model's, or one of memories since replaced
-    (`_replace(memory=...)`) or written in place is ignored (`cache`)."""
+    (`_replace(memory=...)`) or written in place is ignored (`cache`). Under `torch.inference_mode`
+    the memories are inference tensors, which keep no count of writes: one written in place there
+    is not seen, so drop the cache after such a write (`state.without_cache()`)."""
+
+    def without_cache(self) -> MemoryState:
+        """This state without its inference cache (the memories are projected again at the next use)."""
+        return self._replace(key_values=None, key_values_version=None)
+
+    def __reduce__(self) -> tuple:
+        """Pickled (`torch.save(state)`, `copy.deepcopy`) without the inference cache, which is
+        derivable (and its weak references do not pickle)."""
+        return MemoryState, (self.memory, self.compressed, self.memory_valid, self.compressed_valid)
 
     def cache(self, weights_version: tuple) -> tuple[torch.Tensor, ...] | None:
         """The inference cache where it was made with weights of `weights_version` for these

@@ -546,7 +546,9 @@ class CompressiveTransformer(nn.Module):
         length and mem_len are multiples of c (the recipes require the first); otherwise the new
         document's first memories share a group with masked ones, so that compressed slot is masked
         and the later groups fall c-aligned with the stream, not with the document. The
-        compression loss is computed when training a compressor, or when `with_compression_loss`.
+        compression loss is computed when training a compressor, or when `with_compression_loss`,
+        for a model whose compressor learns (`config.trains_compressor`: conv or dilated, with a
+        compression loss); for the others it is None.
         `last_logits`: the logits of the last position only, (B, 1, V) (a prompt needs no others).
         """
         config = self.config
