@@ -530,11 +530,36 @@ def test_compare_runs(trained, tmp_path, capsys):
         results.write_text(damaged)
         assert_user_error(capsys, "lm", "compare", str(copy), "--out", str(tmp_path / "cmp"),
                           contains=f"cannot read {results}: not as still writes it (")
+    # and (later probes) a results file that is not JSON read as missing, and values put in by hand
+    # (a bpc of "abc" or NaN, a history's "x") went into the table and the plots unsaid
+    row = json.loads(kept[0])
+    for damaged in ("{bad", {"test_bpc": "abc"}, {"valid_bpc": math.nan},
+                    {"history": [{"step": 4, "valid_bits": "x"}]}):
+        if isinstance(damaged, dict):
+            changed = json.loads(kept[0])
+            if "history" in damaged:
+                changed["meta"]["history"] = damaged["history"]
+            else:
+                changed["rows"][0].update(damaged)
+            damaged = json.dumps(changed)
+        results.write_text(damaged)
+        assert_user_error(capsys, "lm", "compare", str(copy), "--out", str(tmp_path / "cmp"),
+                          contains=f"cannot read {results}: not as still writes it (")
     results.write_text(kept[0])
+    assert row == json.loads(results.read_text())
     for damaged in (kept[1][: len(kept[1]) // 2], '{"rows": [{"from": 0}]}'):
         evaluation.write_text(damaged)
         assert_user_error(capsys, "lm", "compare", str(copy), "--out", str(tmp_path / "cmp"),
                           contains=f"cannot read {evaluation}: not as still writes it (")
+    evaluation.unlink()
+    assert_user_error(capsys, "lm", "compare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "cmp"),
+                      contains="nowhere does not exist")
+    # an --out through a run folder's `..` lies outside it; a plot the comparison has nothing for (no
+    # run has an evaluation) is removed, not left from the last comparison of other runs
+    code, _, err = run_cli(capsys, "lm", "compare", str(copy), "--out", str(copy / ".." / "cmp"))
+    assert code == 0 and not (tmp_path / "cmp" / "compare-test-by-position.png").exists()
+    assert "compare-test-by-position.png (of an earlier comparison) removed" in err
+    assert (tmp_path / "cmp" / "compare-valid-curves.png").is_file()
 
 
 def test_a_byte_level_run_counts_bytes_and_streams_whole_characters(trained, corpus, tmp_path, capsys, monkeypatch):

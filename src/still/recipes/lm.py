@@ -720,12 +720,20 @@ def _unreadable(path: Path, remedy: str) -> Iterator[None]:
                          f"{remedy}") from None
 
 
+def _figure(value: object, what: str) -> object:
+    """`value` where it is a finite number or None; else a ValueError naming it (for `_unreadable`:
+    a hand-edited results file put "abc" or NaN into the table unsaid)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        return value
+    raise ValueError(f"{what} is {value!r}, not a finite number")
+
+
 def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_table: bool = True) -> str:
     """One table (bits per character of each run) and two plots (bits per character against the
     position in the document, and validation during training, one curve per run) from finished
     runs and their `still lm eval`. Runs of different corpora, or of bytes beside characters, get a
     corpus and a unit column, and a line that says their numbers do not compare."""
-    for folder in (out, *out.absolute().parents):
+    for folder in (out, *out.resolve().parents):  # (resolved: `runs/a/../cmp` is not under runs/a)
         if (kind := run_kind(folder)) is not None or (folder / "stage.json").exists():
             raise StillError(f"--out {out}: {folder} holds {f'a {kind} run' if kind else 'a stage of a run'}, among "
                              "whose files the comparison's would be written; choose another folder")
@@ -736,25 +744,33 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
             raise StillError(f"{run_dir} is given twice" + (f" (as {same} too)" if same != run_dir else ""))
         seen[key] = run_dir
     for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise StillError(f"{run_dir} " + ("is a file, not a run directory" if run_dir.exists()
+                                              else "does not exist"))
         check_run_kind(run_dir, "language-model")
+        if not (run_dir / "results.json").is_file():
+            raise StillError(f"{run_dir} has no results.json: train it first (still lm train --out {run_dir})")
         try:
-            result = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise StillError(f"{run_dir} has no results.json: "
-                             f"train it first (still lm train --out {run_dir})") from None
+            text = (run_dir / "results.json").read_text(encoding="utf-8")
+        except OSError as e:
+            raise StillError(f"cannot read {run_dir}/results.json: {e.strerror or e}") from None
         with _unreadable(run_dir / "results.json", f"train it again (still lm train --out {run_dir})"):
+            result = json.loads(text)
             row = {"run": run_dir.name, **result["rows"][0]}
+            for key in ("params", "steps", "valid_bpc", "test_bpc"):
+                _figure(row.get(key), key)
             settings = result.get("meta", {}).get("config", {})
             row["corpus"] = settings.get("corpus", result.get("meta", {}).get("corpus"))
             row["unit"] = "byte" if settings.get("byte_level") else "character"
             history = result.get("meta", {}).get("history", [])
             if history:
-                histories.append((run_dir.name, [h["step"] for h in history], [h["valid_bits"] for h in history]))
+                histories.append((run_dir.name, [_figure(h["step"], "a history's step") for h in history],
+                                  [_figure(h["valid_bits"], "a history's valid_bits") for h in history]))
         evaluation = run_dir / f"eval-{split}.json"
         if evaluation.is_file():
             with _unreadable(evaluation, f"evaluate the run again (still lm eval {run_dir} --split {split})"):
                 data = json.loads(evaluation.read_text(encoding="utf-8"))
-                points = [r for r in data["rows"] if r["bits_per_char"] is not None]
+                points = [r for r in data["rows"] if _figure(r["bits_per_char"], "a row's bits_per_char") is not None]
                 curves.append((f"{run_dir.name}: {row['model']}",
                                [max(1.0, (r["from"] + r["to"]) / 2) for r in points],
                                [r["bits_per_char"] for r in points]))
@@ -781,13 +797,20 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
         log("these runs read different corpora or units (the corpus and unit columns): their bits do not compare")
     table = write_results(out, f"compare-{split}", rows, columns=columns,
                           title=f"Bits per {unit} ({split}); by position: mean over the position buckets")
+    # (a plot this comparison has nothing for is removed, not left from an earlier one of other runs)
+    by_position, valid_curves = out / f"compare-{split}-by-position.png", out / "compare-valid-curves.png"
     if curves:
-        plot_curves(out / f"compare-{split}-by-position.png", curves, xlabel=f"position in the document ({unit}s)",
+        plot_curves(by_position, curves, xlabel=f"position in the document ({unit}s)",
                     ylabel=f"bits per {unit}", logx=True, title=f"{split}: loss by position in the document")
+    elif by_position.exists():
+        by_position.unlink()
+        log(f"no run has a `still lm eval` of {split}: {by_position} (of an earlier comparison) removed")
     if histories:
-        plot_curves(out / "compare-valid-curves.png", histories, xlabel="step",
-                    ylabel=f"validation bits per {unit} (interval subset)",
+        plot_curves(valid_curves, histories, xlabel="step", ylabel=f"validation bits per {unit} (interval subset)",
                     title="validation during training (the segments evaluated at each interval)")
+    elif valid_curves.exists():
+        valid_curves.unlink()
+        log(f"no run has a validation history: {valid_curves} (of an earlier comparison) removed")
     if print_table:
         print(table)
     return table
