@@ -835,16 +835,46 @@ def test_eval_split_across_threads_gives_the_same_bits(trained, capsys):
     before = torch.get_num_threads()
     metas = []
     try:
-        for shards in ("1", "2"):
+        for shards in ("1", "2", "64"):
+            # (the split cut into 4 rows: whole, its one document would be one row, which no shards split)
             code, _, _ = run_cli(capsys, "lm", "eval", str(trained), "--split", "valid", "--threads", "2",
-                                 "--shards", shards)
+                                 "--fill-rows", "--batch-size", "4", "--shards", shards)
             assert code == 0
             metas.append(json.loads((trained / "eval-valid.json").read_text())["meta"])
     finally:
         torch.set_num_threads(before)
-    assert [m["shards"] for m in metas] == [1, 2] and metas[0]["tokens"] == metas[1]["tokens"]
+    # (more shards than rows split them a row each: the record says so, not the number asked for)
+    assert [m["rows"] for m in metas] == [4, 4, 4] and [m["shards"] for m in metas] == [1, 2, 4]
+    assert metas[0]["tokens"] == metas[1]["tokens"]
     assert metas[1]["bits_per_token"] == pytest.approx(metas[0]["bits_per_token"], abs=1e-6)
     assert_user_error(capsys, "lm", "eval", str(trained), "--shards", "0", contains="--shards")
+
+
+def test_generate_writes_the_prompt_after_what_choosing_the_step_says(trained, monkeypatch):
+    """The prompt was written before `generate` read it and chose its step, so that a line it said
+    then (a step that cannot run here; compiling ahead of time) came in the middle of the text."""
+    import io
+
+    import still.recipes.lm as lm
+
+    said = []
+    original = lm.generate
+
+    def generate(*args, **kwargs):
+        def tokens():
+            lm.log("the step chosen")  # (as the decoding step's choice says it, at the first token)
+            said.append("<log>")
+            yield from original(*args, **kwargs)
+        return tokens()
+
+    class Stream(io.StringIO):
+        def write(self, text):
+            said.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(lm, "generate", generate)
+    text = lm.generate_lm(trained, "To be", 5, stream=Stream(), compile=False)
+    assert said[0] == "<log>" and said[1] == "To be" and "".join(said[1:]) == text + "\n"
 
 
 def test_one_document_corpus_trains_on_every_row_and_eval_can_fill_them(tmp_path, capsys):

@@ -529,7 +529,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     try:
         table = write_results(run_dir, name, rows, title=title,
                               meta={k: v for k, v in result.items() if k != "by_position"}
-                              | {"step": checkpoint.step, "precision": precision, "shards": shards,
+                              | {"step": checkpoint.step, "precision": precision,
+                                 "shards": min(shards, streams.batch_size),  # (what the scorer split the rows into)
                                  "rows": streams.batch_size, "pieces": len(streams.pieces), "split_sha256": current,
                                  "changed_since_training": changed})
         plot_curves(run_dir / f"{name}-by-position.png",
@@ -584,13 +585,16 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     if compile is not False and device.type == "cpu":  # built (once per machine) or loaded before the text
         # starts, so that what it says stands on lines of its own
         native_step.library("the compiled one" if compile else "eager steps")
-    if stream is not None:
-        stream.write(prompt)
+    unwritten = prompt if stream is not None else None  # written with the first token: by then the prompt is
+    # read and the step chosen, so that what they say (a step that cannot run here, compiling) comes before it
     generation = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           segment_len=config.segment_len, generator=generator, state=memories, compile=compile)
     for token in itertools.chain(_under(autocast(precision, device), generation), [None]):  # None: the decoder's rest
         piece = decode(token.cpu() if token is not None else None)
         pieces.append(piece)
+        if unwritten is not None:
+            stream.write(unwritten)
+            unwritten = None
         if stream is not None and piece:
             stream.write(piece)
             stream.flush()
