@@ -289,3 +289,15 @@ def test_data_list_shows_the_cache_and_clear_removes_what_it_is_told(capsys, tmp
     code, out, _ = run_cli(capsys, "data", "list", "--cache-dir", str(tmp_path / "cache"))
     assert code == 0 and "none are kept (STILL_CORPUS_CACHE is off)" in out
     assert_user_error(capsys, "data", "clear", "--all", contains="STILL_CORPUS_CACHE is off")
+
+
+def test_any_command_piped_into_head_ends_quietly(tmp_path):
+    """`still data list | head -1`: click's own handling of the reader leaving exited 1 (a probe);
+    every command now ends as `lm generate` does, with exit code 0 and nothing said."""
+    import subprocess
+    import sys
+
+    command = f"set -o pipefail; {sys.executable} -m still data list | head -c 1"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "STILL_CACHE": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout == "D" and done.stderr == "", done.stderr

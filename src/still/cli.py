@@ -115,7 +115,18 @@ deterministic_option = click.option("--deterministic", is_flag=True,
                                          "two runs give identical numbers.")
 
 
-@click.group(context_settings=CONTEXT)
+class _Still(click.Group):
+    """The `still` group: a reader that leaves early (`still data list | head -1`) ends any command
+    quietly with exit code 0, as it ends `lm generate` (click's own handling exits 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # what the reader wanted was written
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flushes stdout again)
+
+
+@click.group(cls=_Still, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="still")
 def cli() -> None:
     """still: knowledge distillation and the Compressive Transformer, in PyTorch."""
@@ -380,7 +391,7 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
     try:
         generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout,
                     checkpoint=checkpoint, precision=precision, compile=compile_, state=state, save_state=save_state)
-    except BrokenPipeError:  # the reader left: what it wanted was written
+    except BrokenPipeError:  # the reader left: what it wanted was written (the group's own says so too)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flushes stdout again)
 
 
@@ -428,7 +439,7 @@ def bench_peak(size, repeats, threads) -> None:
 
 @cli.group()
 def data() -> None:
-    """Fetch, check, list and clear the cached data sets and encoded corpora."""
+    """Fetch, list and clear the cached data sets and encoded corpora (`list` checks each)."""
 
 
 @data.command("fetch")
