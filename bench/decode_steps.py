@@ -77,16 +77,19 @@ def main() -> None:
 
         native.TUNE = tuple(args.tune.split())
     tune = "" if args.tune is None else f", hand-written step built with {args.tune!r}"
+    trained = None
+    if args.run:  # (read before the table's header: a run that cannot be read is said alone)
+        from still.recipes.lm import load_run
+
+        trained = load_run(args.run)[2]
     print(f"machine: {_cpu()}{tune}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}; "
           f"torch {torch.__version__}; {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     print(f"{'preset':10s} {'stored':7s} {'hand-written':>14s} {'ahead of time':>14s} {'ratio':>7s}  (µs a token)")
     for preset in [args.run] if args.run else args.preset:
         torch.manual_seed(0)
-        if args.run:
-            from still.recipes.lm import load_run
-
-            model = load_run(args.run)[2]
+        if trained is not None:
+            model = trained
             preset = os.path.basename(os.path.normpath(args.run))
         else:
             model = CompressiveTransformer(CompressiveConfig(**PRESETS[preset], **MEMORY)).eval()

@@ -25,6 +25,10 @@
 # STILL_GPU_CHECK_CPU=1 lets it run without a GPU (a dry run of the script itself).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
+    sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 
 if [ "${1:-}" = --prepare ]; then  # only the data travels (what a dry run built here stays behind)
     rm -rf .cache/still
@@ -42,6 +46,7 @@ log=$out/log.txt
 : >"$log"
 py=${PYTHON:-python3}
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # (also where it stops early: no GPU, say)
 export PYTHONPATH=$PWD/src STILL_CACHE=$PWD/.cache/still STILL_OFFLINE=1 PYTHONUNBUFFERED=1 STILL_PROGRESS=0
 still() { "$py" -m still "$@"; }
 failures=0
@@ -109,6 +114,5 @@ stage smoke 150 smoke_stage
 stage speed 120 speed_stage
 stage generate 150 generate_stage
 stage compile 100 compile_stage
-rm -rf "$work"
 echo "stages failed: $failures" | tee -a "$log"
 exit "$failures"

@@ -51,6 +51,14 @@ run() {  # run NAME [extra options]: train, then evaluate the test split by posi
   printf '%s\n' "== $name: done" "$(tail -n +3 "$OUT/$name/results.md")" "$(head -n 1 "$OUT/$name/eval-test.md")"
 }
 
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+  echo "runs: ${MAIN[*]} ${ABLATION[*]}"
+  exit 0
+fi
+for name in "$@"; do  # (before anything is made under $OUT)
+  [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 : > "$OUT/.failed"
 rm -f "$OUT/.stopped"
@@ -70,9 +78,6 @@ worker() {
   done
 }
 if [ $# -gt 0 ]; then
-  for name in "$@"; do
-    [ -n "${RUNS[$name]+x}" ] || { echo "unknown run $name; one of: ${MAIN[*]} ${ABLATION[*]}" >&2; exit 2; }
-  done
   for name in "$@"; do rc=0; run "$name" || rc=$?; outcome "$name" "$rc" || exit "$rc"; done
 else
   rm -rf "$OUT/.claims" && mkdir -p "$OUT/.claims"

@@ -51,3 +51,19 @@ def test_an_interrupted_shakespeare_run_stops_them_all(tmp_path):
         trained = [line for line in calls.read_text().splitlines() if line.startswith("lm train")]
         assert done.returncode == 130 and "== compressive: interrupted" in done.stderr, (jobs, names, done.stderr)
         assert len(trained) <= most and "failed" not in done.stderr and "lm compare" not in calls.read_text()
+
+
+def test_the_scripts_answer_help_and_a_bad_run_name_makes_nothing(tmp_path):
+    """`--help` started gpu_check.sh's checks (and without a GPU left its temporary folder behind),
+    and an unknown run name, or --help, made reproduce_shakespeare.sh's $OUT before it was refused."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STILL": "false"}
+    done = subprocess.run(["bash", str(SCRIPTS / "reproduce_shakespeare.sh"), "--help"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "runs: compressive xl256 transformer" in done.stdout and not out.exists()
+    done = subprocess.run(["bash", str(SCRIPTS / "reproduce_shakespeare.sh"), "xl256", "bogus"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown run bogus" in done.stderr and not out.exists()
+    done = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--help"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "The checks for a session lent a GPU" in done.stdout and not out.exists()
