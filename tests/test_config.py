@@ -28,6 +28,14 @@ def test_nested_unknown_key_names_its_path():
         from_dict(MnistConfig, {"teacher": {"dropuot": 0.5}})
 
 
+def test_a_files_keys_are_named_after_a_colon(tmp_path):
+    """`runs/e/config.json.model.mem_len` read as one path; the file, then its key."""
+    path = tmp_path / "config.json"
+    path.write_text('{"teacher": {"hidden": ["8"]}}')
+    with pytest.raises(StillError, match=re.escape(f"{path}: teacher.hidden[0]: expected an integer, got '8'")):
+        load_config(MnistConfig, path)
+
+
 @pytest.mark.parametrize("data, message", [
     ({"teacher_epochs": "ten"}, "teacher_epochs: expected an integer, got 'ten'"),
     ({"alpha": True}, "alpha: expected a number"),

@@ -161,7 +161,8 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C
     unknown = sorted(set(data) - fields)
     if unknown:
         raise StillError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    sep = ": " if where.endswith(".json") else "."  # (a file's keys after a colon)
+    kwargs = {k: _coerce(v, hints[k], f"{where}{sep}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 

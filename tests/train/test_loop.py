@@ -679,6 +679,13 @@ def test_an_epoch_resumed_mid_way_counts_the_seconds_of_every_piece(tmp_path):
     assert resumed.state.history[0]["seconds"] >= 6 * 0.05
 
 
+def test_a_scheduler_that_steps_on_a_metric_is_refused():
+    model = torch.nn.Linear(10, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(StillError, match="ReduceLROnPlateau steps on a metric"):
+        Trainer(model, lambda m, idx: m(X[idx]).sum(), optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
+
+
 @pytest.mark.parametrize("setting", [dict(grad_clip="1"), dict(shards=2.5), dict(shards="2"), dict(keep=True),
                                      dict(checkpoint_every=True), dict(checkpoint_every_steps=False)])
 def test_trainer_settings_of_the_wrong_type_are_named(setting):

@@ -184,6 +184,10 @@ class Trainer:
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # (its `step` takes a metric; the trainer steps its scheduler after every batch, with none)
+            raise StillError("scheduler: ReduceLROnPlateau steps on a metric, the trainer's scheduler after every "
+                             "batch without one; step it yourself from `evaluate`, or give a schedule over steps")
         self.scheduler = scheduler
         self.grad_clip = grad_clip
         # as lists: a generator such as `model.head.parameters()` would be used up by the first step
