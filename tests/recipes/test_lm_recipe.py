@@ -562,6 +562,22 @@ def test_compare_runs(trained, tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare-valid-curves.png").is_file()
 
 
+def test_compare_names_runs_apart_and_says_how_their_evaluation_was_made(trained, tmp_path, capsys):
+    """Two runs of one folder name made two rows of one name (and `.` an empty one); an evaluation in
+    another precision, or of a split cut into pieces (positions counted from each piece), went into
+    the by-position columns unsaid (a probe)."""
+    first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for copy in (first, second):
+        shutil.copytree(trained, copy)
+    assert run_cli(capsys, "lm", "eval", str(second), "--precision", "bf16", "--fill-rows", "--batch-size", "4",
+                   "--threads", "1")[0] == 0
+    code, out, err = run_cli(capsys, "lm", "compare", str(first), str(second), "--out", str(tmp_path / "cmp"))
+    rows = json.loads((tmp_path / "cmp" / "compare-test.json").read_text())["rows"]
+    assert code == 0 and [r["run"] for r in rows] == [str(first), str(second)]
+    assert (f"{second}: the by-position columns come from `still lm eval` in bf16 (the run trained in fp32) and of "
+            "the split cut into") in err
+
+
 def test_a_byte_level_run_counts_bytes_and_streams_whole_characters(trained, corpus, tmp_path, capsys, monkeypatch):
     """Byte level: `lm eval` says bits per byte, `lm generate` holds a character's bytes until it is
     whole (each byte alone decoded to U+FFFD), and `lm compare` beside a character run says that

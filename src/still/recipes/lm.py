@@ -531,7 +531,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
                               meta={k: v for k, v in result.items() if k != "by_position"}
                               | {"step": checkpoint.step, "precision": precision,
                                  "shards": min(shards, streams.batch_size),  # (what the scorer split the rows into)
-                                 "rows": streams.batch_size, "pieces": len(streams.pieces), "split_sha256": current,
+                                 "rows": streams.batch_size, "pieces": len(streams.pieces), "documents": len(docs),
+                                 "split_sha256": current,
                                  "changed_since_training": changed})
         plot_curves(run_dir / f"{name}-by-position.png",
                     [(_describe(config.model),
@@ -747,7 +748,13 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
         if (same := seen.get(key := run_dir.resolve())) is not None:
             raise StillError(f"{run_dir} is given twice" + (f" (as {same} too)" if same != run_dir else ""))
         seen[key] = run_dir
+    # each run by its folder's name; by the path as given where two share one (runs/a, old/a)
+    names = {run_dir: run_dir.name if run_dir.name not in ("", ".", "..") else run_dir.resolve().name
+             for run_dir in run_dirs}
+    shared = {name for name in names.values() if list(names.values()).count(name) > 1}
+    names = {run_dir: str(run_dir) if name in shared else name for run_dir, name in names.items()}
     for run_dir in run_dirs:
+        name = names[run_dir]
         if not run_dir.is_dir():
             raise StillError(f"{run_dir} " + ("is a file, not a run directory" if run_dir.exists()
                                               else "does not exist"))
@@ -760,7 +767,7 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
             raise StillError(f"cannot read {run_dir}/results.json: {e.strerror or e}") from None
         with _unreadable(run_dir / "results.json", f"train it again (still lm train --out {run_dir})"):
             result = json.loads(text)
-            row = {"run": run_dir.name, **result["rows"][0]}
+            row = {"run": name, **result["rows"][0]}
             for key in ("params", "steps", "valid_bpc", "test_bpc"):
                 _figure(row.get(key), key)
             settings = result.get("meta", {}).get("config", {})
@@ -768,14 +775,14 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
             row["unit"] = "byte" if settings.get("byte_level") else "character"
             history = result.get("meta", {}).get("history", [])
             if history:
-                histories.append((run_dir.name, [_figure(h["step"], "a history's step") for h in history],
+                histories.append((name, [_figure(h["step"], "a history's step") for h in history],
                                   [_figure(h["valid_bits"], "a history's valid_bits") for h in history]))
         evaluation = run_dir / f"eval-{split}.json"
         if evaluation.is_file():
             with _unreadable(evaluation, f"evaluate the run again (still lm eval {run_dir} --split {split})"):
                 data = json.loads(evaluation.read_text(encoding="utf-8"))
                 points = [r for r in data["rows"] if _figure(r["bits_per_char"], "a row's bits_per_char") is not None]
-                curves.append((f"{run_dir.name}: {row['model']}",
+                curves.append((f"{name}: {row['model']}",
                                [max(1.0, (r["from"] + r["to"]) / 2) for r in points],
                                [r["bits_per_char"] for r in points]))
                 first = [r["bits_per_char"] for r in points if r["to"] < 1024]
@@ -783,12 +790,20 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
                 row["bpc_first_1k"] = round(sum(first) / len(first), 4) if first else None
                 row["bpc_after_4k"] = round(sum(late) / len(late), 4) if late else None
                 row["eval_step"] = data.get("meta", {}).get("step")
-                changed = data.get("meta", {}).get("changed_since_training")
+                meta = data.get("meta", {})
+                changed = meta.get("changed_since_training")
+                trained_in = settings.get("precision", "fp32")
+                how = ([f"in {meta['precision']} (the run trained in {trained_in})"]
+                       if meta.get("precision") not in (None, trained_in) else []) + (
+                      [f"of the split cut into {meta['pieces']} pieces, positions counted from each piece's start"]
+                      if isinstance(meta.get("documents"), int) and meta.get("pieces", 0) > meta["documents"] else [])
+            if how:
+                log(f"{name}: the by-position columns come from `still lm eval` {' and '.join(how)}")
             if row["eval_step"] != row.get("steps"):
-                log(f"{run_dir.name}: the by-position columns come from `still lm eval` of checkpoint step "
+                log(f"{name}: the by-position columns come from `still lm eval` of checkpoint step "
                     f"{row['eval_step']}, the others from the end of training (step {row.get('steps')})")
             if changed:
-                log(f"{run_dir.name}: the by-position columns come from `still lm eval` of the {split} text as it "
+                log(f"{name}: the by-position columns come from `still lm eval` of the {split} text as it "
                     "was changed since training, the others from the text it trained on")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
