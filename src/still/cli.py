@@ -439,7 +439,7 @@ def bench_peak(size, repeats, threads) -> None:
 
 @cli.group()
 def data() -> None:
-    """Fetch, list and clear the cached data sets and encoded corpora (`list` checks each)."""
+    """Fetch, list and clear the cached data sets and encoded corpora."""
 
 
 @data.command("fetch")

@@ -643,6 +643,7 @@ def test_a_run_whose_config_json_was_edited_is_refused_by_eval_and_generate(trai
     scored and generated with other memory lengths than the weights were trained with, unsaid."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
+    evaluations = {path.name: path.read_bytes() for path in run.glob("eval-*.json")}  # (earlier tests' lm eval)
     config = json.loads((run / "config.json").read_text())
     if edit == "changed":
         config["model"]["mem_len"] = config["model"]["mem_len"] // 2
@@ -651,7 +652,7 @@ def test_a_run_whose_config_json_was_edited_is_refused_by_eval_and_generate(trai
     (run / "config.json").write_text(json.dumps(config))
     for command in (("lm", "eval", str(run), "--threads", "1"), ("lm", "generate", str(run), "--tokens", "4")):
         assert_user_error(capsys, *command, contains="config.json differs from the settings its newest checkpoint")
-    assert not list(run.glob("eval-*.json"))
+    assert {path.name: path.read_bytes() for path in run.glob("eval-*.json")} == evaluations
 
 
 def test_deterministic_runs_are_identical(corpus, tmp_path, capsys):
@@ -678,7 +679,8 @@ def test_rerunning_a_finished_run_prints_its_table_without_work(trained, corpus,
 
 
 def test_run_directory_problems_are_named(trained, tmp_path, capsys):
-    """A config with an unknown key, or weights that do not fit the config: exit 2, no traceback."""
+    """A config with an unknown key, or one changed since training (its weights would not fit it):
+    exit 2, no traceback."""
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     config = json.loads((out / "config.json").read_text())
@@ -687,7 +689,7 @@ def test_run_directory_problems_are_named(trained, tmp_path, capsys):
     config["model"]["d_ff"] = 64
     (out / "config.json").write_text(json.dumps(config))
     assert_user_error(capsys, "lm", "generate", str(out), "--tokens", "3",
-                      contains="do not fit the model: wrong shape")
+                      contains="config.json differs from the settings its newest checkpoint was trained with (model)")
 
 
 def test_skip_mode_skips_a_nan_step_and_its_training_bits(corpus, tmp_path, capsys, monkeypatch):
