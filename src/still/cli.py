@@ -277,7 +277,7 @@ def lm_group() -> None:
 @cache_option
 @threads_option
 @click.option("--shards", type=click.IntRange(min=1), default=None,
-              help="Split every step's batch across this many threads, each with its share of --threads "
+              help="Split every step's batch across this many threads, each with its share of --threads (at least one) "
                    "(default: 2 on a CPU with two or more threads, else 1; docs/performance.md). Unless 1, "
                    "evaluation splits its rows in two where that pays (as `still lm eval --shards`).")
 @click.option("--eval-fill-rows", is_flag=True, default=None,
@@ -329,8 +329,9 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
 @cache_option
 @one_process_threads_option
 @click.option("--shards", type=click.IntRange(min=1), default=None,
-              help="Split every segment's rows across this many threads, each with its share of --threads "
-                   "(default: 2 on a CPU with two or more threads where it pays, else 1; docs/performance.md).")
+              help="Split every segment's rows across this many threads, each with its share of --threads (at "
+                   "least one) (default: 2 on a CPU with two or more threads where it pays, else 1; "
+                   "docs/performance.md).")
 @click.option("--fill-rows/--no-fill-rows", default=None,
               help="Cut a split of fewer documents than rows (enwik8 has one) into contiguous pieces, one a row: "
                    "much faster; each piece is read without the text before it, so the loss is a little higher "
