@@ -17,6 +17,10 @@
 #                                            and cython requirements are not imported by the modules
 #                                            we use; the benchmark stubs torchvision, see distill_peers.py)
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
+    sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 VENV=.venv-bench
 TORCH_VERSION="${STILL_TORCH_VERSION:-2.13.0}"

@@ -10,6 +10,10 @@
 # STILL_EMULATED_MARCH (GCC's name for it), e.g. SandyBridge and sandybridge: AVX without FMA, where
 # PyTorch takes its default kernels. (PyTorch 2.13 itself stops on a Nehalem, which lacks AVX.)
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
+    sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 cpu=${STILL_EMULATED_CPU:-Haswell}
 march=${STILL_EMULATED_MARCH:-haswell}

@@ -24,9 +24,10 @@
 # .json. Exit code: the number of stages that failed.
 # STILL_GPU_CHECK_CPU=1 lets it run without a GPU (a dry run of the script itself).
 set -u -o pipefail
+self=$(realpath "$0")  # (for --help, after the cd)
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
-    sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+    sed -n '2,/^set /p' "$self" | sed '$d; s/^# \{0,1\}//'
     exit 0
 fi
 

@@ -8,6 +8,7 @@
 # With JOBS=2 (the default on 2+ cores) two workers of one thread each take the runs in turn (the
 # main comparison first), which keeps two cores busier than one worker of two threads.
 set -euo pipefail
+self=$(realpath "$0")  # (for --help, after the cd)
 cd "$(dirname "$0")/.."
 STILL=${STILL:-.venv/bin/still}
 OUT=${OUT:-runs/shakespeare}
@@ -52,7 +53,7 @@ run() {  # run NAME [extra options]: train, then evaluate the test split by posi
 }
 
 if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
-  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+  sed -n '2,/^set /p' "$self" | sed '$d; s/^# \{0,1\}//'
   echo "runs: ${MAIN[*]} ${ABLATION[*]}"
   exit 0
 fi

@@ -18,6 +18,10 @@
 # faults under AddressSanitizer, whose malloc replaces glibc's; under ThreadSanitizer PyTorch's own
 # gloo process groups add reports of mutexes of theirs, which it cannot follow: docs/reliability.md.)
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
+    sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 CXX=${CXX:-g++}
 export CXX

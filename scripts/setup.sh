@@ -2,6 +2,10 @@
 # Creates .venv with PyTorch (CPU build, or the CUDA build where an NVIDIA GPU is present),
 # the project in editable mode and its test tools. Safe to run again.
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without its marks
+    sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${STILL_TORCH_VERSION:-2.13.0}"
 PYTHON="${PYTHON:-python3}"

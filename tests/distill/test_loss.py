@@ -152,6 +152,7 @@ def test_temperatures_below_the_limit_or_beyond_floats_are_refused():
 
     z, v = torch.randn(4, 10), torch.randn(4, 10)
     assert torch.isfinite(distillation_loss(z, None, v, temperature=MIN_TEMPERATURE, alpha=1.0))
+    check_temperature(torch.tensor(MIN_TEMPERATURE))  # (in float32: 0.009999999776, the limit as given)
     for temperature in (1e-3, 1e-30, 1e-300, 5e-324):
         with pytest.raises(StillError, match=f"temperature {temperature!r} is below 0.01"):
             distillation_loss(z, None, v, temperature=temperature, alpha=1.0)

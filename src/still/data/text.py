@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import codecs
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -340,8 +341,10 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
         except OSError as e:
             if prefix and os.path.basename(folder) == "lost+found":
                 return
-            raise StillError(f"cannot list the folder {folder} ({e.strerror or e}): its files would be left out; "
-                             "make it readable, or move it out of the corpus") from None
+            remedy = ("its path is longer than the system takes; move it nearer the corpus's top"
+                      if e.errno == errno.ENAMETOOLONG else "make it readable, or move it out of the corpus")
+            raise StillError(f"cannot list the folder {folder} ({e.strerror or e}): its files would be left "
+                             f"out; {remedy}") from None
         stack.append((iter(entries), prefix))
 
     try:
@@ -356,7 +359,7 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
             stack.pop()
         elif entry.name.startswith("."):
             continue
-        elif entry.is_dir():
+        elif _is_dir(entry):
             if recursive:
                 try:
                     identity = _identity(entry.stat())  # (the link's target, as `is_dir` read it)
@@ -364,12 +367,27 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
                     identity = None  # (gone since: said by scandir)
                 enter(entry.path, f"{prefix}{entry.name}/", identity)
         elif entry.name.endswith(suffixes):
-            if entry.is_file():
+            if _is_file(entry):
                 found.append((prefix + entry.name, entry))
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                raise StillError(f"{entry.path} is a link to {os.readlink(entry.path)}, which does not exist: its "
-                                 "text would be left out; mend the link, or remove it")
+            elif entry.is_symlink() and not os.path.exists(entry.path):  # (nowhere, or a loop of links)
+                raise StillError(f"{entry.path} is a link to {os.readlink(entry.path)}, which leads to no file: "
+                                 "its text would be left out; mend the link, or remove it")
     return found
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether `entry` is a folder, or a link to one (a loop of links, which raises, is none)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _identity(stat: os.stat_result) -> tuple[int, int]:

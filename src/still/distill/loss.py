@@ -85,7 +85,7 @@ def check_temperature(temperature: float) -> float:
     t = _number(temperature)
     if t is None or not 0 < t < math.inf:
         raise StillError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if t < MIN_TEMPERATURE:
+    if t < MIN_TEMPERATURE * (1 - 1e-6):  # (0.01 given in float32 reads 0.009999999776)
         raise StillError(f"temperature {t!r} is below {MIN_TEMPERATURE:g}, where the soft-target term (scaled by "
                          "T^2) gives the student a gradient of at most 2T: it would learn next to nothing from "
                          "the teacher")

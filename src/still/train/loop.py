@@ -650,19 +650,23 @@ _PARAMETER_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer
 
 def _misshapen_state(optimizer: torch.optim.Optimizer) -> str | None:
     """The first per-parameter state tensor (moments, momentum) loaded with another shape than its
-    parameter's, or a parameter's state lacking an entry the others' have, said; None where all
-    fit. (`load_state_dict` takes any: a moment larger than its parameter trained on unsaid, a
-    smaller one was read past its end by the fused step, a missing one failed at the first step.)"""
-    keys = None
-    for group in optimizer.param_groups:
+    parameter's, or a parameter's state lacking an entry that another of its group and number of
+    dimensions has, said; None where all fit. (`load_state_dict` takes any: a moment larger than
+    its parameter trained on unsaid, a smaller one was read past its end by the fused step, a
+    missing one failed at the first step. What state a parameter has may follow its group's
+    options, Adam's amsgrad say, and its dimensions, Adafactor's factors: those are compared alike.)"""
+    keys: dict[tuple[int, int], set[str]] = {}
+    for i, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             for key, value in state.items():
                 if key in _PARAMETER_SHAPED and torch.is_tensor(value) and value.shape != p.shape:
                     return f"its {key} of shape {tuple(value.shape)} is for a parameter of shape {tuple(p.shape)}"
-            if state and keys is not None and set(state) != keys:
-                return f"a parameter's state has {', '.join(sorted(state))}, another's {', '.join(sorted(keys))}"
-            keys = set(state) if state else keys
+            if not state:  # (no state yet: a parameter that has had no gradient)
+                continue
+            alike = keys.setdefault((i, p.ndim), set(state))
+            if set(state) != alike:
+                return f"a parameter's state has {', '.join(sorted(alike))}, another's {', '.join(sorted(state))}"
     return None
 
 
