@@ -77,15 +77,6 @@ class Compressor(nn.Module):
             return old.view(b, n // c, c, d).mean(dim=2)
         return self._product(self.windows(old))  # (B, n/c, d)
 
-    def compress_runs(self, old: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """f_c of consecutive runs of old memories, each compressed on its own, in one call: old (B,
-        sum(lengths), d), every length a multiple of c -> (B, sum(lengths) / c, d), the runs'
-        compressions in turn. Every f_c but most_used reads each window of c on its own, so that is
-        f_c of them all. (Not most_used: it needs the attention received, and ranks within a run.)"""
-        if self.kind == "most_used":
-            raise ValueError("most_used compression needs the attention each memory received")
-        return self(old)
-
     def _product(self, windows: torch.Tensor) -> torch.Tensor:
         """The convolution as one product over its windows (B, n/c, d*c) -> (B, n/c, d)."""
         weight = self._inference_weight(windows.device)
@@ -127,7 +118,7 @@ class Compressor(nn.Module):
         b, n, d = old.shape
         c = self.rate
         if self.kind == "dilated":  # output t sees inputs t*c - (c-1) + 2k, k = 0..c-1, of its group (zeros before it)
-            groups = F.pad(old.view(b, n // c, c, d), (0, 0, c - 1, 0))[:, :, ::2]  # (B, n/c, c, d)
+            groups = F.pad(old.reshape(b, n // c, c, d), (0, 0, c - 1, 0))[:, :, ::2]  # (B, n/c, c, d)
             return groups.transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
         return old.reshape(b, n // c, c, d).transpose(2, 3).reshape(b, n // c, d * c)  # (B, n/c, d*c)
 

@@ -238,7 +238,7 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
         fresh = None
         if compressing:  # every segment's compressions in one call: f_c of each run of old memories
             old = (torch.cat([memory, x], dim=1) if memory.shape[1] else x)[:, :compressing]  # (B, n, d)
-            fresh = layer.compressor.compress_runs(old, list(layout.counts))  # (B, n / c, d)
+            fresh = layer.compressor(old)  # (B, n / c, d): each f_c here reads each group of c on its own
             parts.append(layer.project_context(fresh))  # (B, n / c, 2d)
         parts = [t for t in parts if t.shape[1]]
         rows = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, N0 + M0 + P + F, 2d)
