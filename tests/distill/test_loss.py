@@ -296,3 +296,17 @@ def test_log_probabilities_stand_for_logits(soft_loss, temperature):
         grads.append(grad)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_teacher_log_probs_that_are_not_log_probabilities_are_named():
+    """Raw logits given as `teacher_log_probs` gave a loss (64.1) unsaid (a probe). Log-probabilities
+    in bf16 pass, as do masked classes (-inf) and a NaN row (left to the finite-loss check)."""
+    z, v = torch.randn(4, 5), torch.randn(4, 5)
+    with pytest.raises(StillError, match=r"teacher_log_probs must be log-probabilities .* row 0's sums to"):
+        distillation_loss(z, None, temperature=2.0, alpha=1.0, teacher_log_probs=v)
+    log_p = F.log_softmax(v / 2.0, -1)
+    distillation_loss(z, None, temperature=2.0, alpha=1.0, teacher_log_probs=log_p.bfloat16())
+    masked = F.log_softmax((v / 2.0).masked_fill(torch.arange(5) == 0, float("-inf")), -1)
+    assert torch.isfinite(distillation_loss(z, None, temperature=2.0, alpha=1.0, teacher_log_probs=masked))
+    log_p[1] = float("nan")
+    assert torch.isnan(distillation_loss(z, None, temperature=2.0, alpha=1.0, teacher_log_probs=log_p))

@@ -131,6 +131,16 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tens
     student_log_probs = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (B, C)
     target = teacher_log_probs.to(dtype).detach()  # (B, C), log p: the teacher is held fixed
     p = target.exp()
+    if p.device.type == "cpu" and p.numel():  # (on a GPU a look would wait for it, as for the labels)
+        # log-probabilities: each row's p sums to 1 (raw logits gave a loss of 64 unsaid); a row that is
+        # not finite stays for the finite-loss check (a NaN teacher makes the loss NaN)
+        sums = p.sum(-1)
+        tolerance = 1e-3 if teacher_log_probs.dtype in (torch.float32, torch.float64) else 0.05
+        off = sums.isfinite() & ((sums - 1).abs() > tolerance)
+        if bool(off.any()):
+            row = int(off.nonzero()[0, 0])
+            raise StillError(f"teacher_log_probs must be log-probabilities (each row's exp sums to 1); row {row}'s "
+                             f"sums to {float(sums[row]):.4g}: give logits as teacher_logits, or log_softmax them")
     # sum p (log p - log q), batchmean: F.kl_div's terms, but a class the teacher rules out (p = 0: log p
     # = -inf, a masked logit) adds 0, not 0 x -inf = nan; a NaN or infinite teacher output stays NaN
     # or infinite, so the finite-loss check sees it (an empty batch: 0, as the hard term's, not 0/0)
