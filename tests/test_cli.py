@@ -301,3 +301,35 @@ def test_any_command_piped_into_head_ends_quietly(tmp_path):
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "STILL_CACHE": str(tmp_path)})
     assert done.returncode == 0 and done.stdout == "D" and done.stderr == "", done.stderr
+
+
+def test_demo_starts_again_only_what_it_made(tmp_path, capsys, monkeypatch):
+    """`still demo --out X` started again, with --overwrite, a user's own run in X/mnist (its
+    checkpoints and results deleted, unsaid: a probe). Only a folder the demo made is its scratch."""
+    from still.errors import StillError
+    from still.recipes import lm, mnist
+
+    calls = []
+
+    def recipe(name):
+        def run(config, out, cache=None, overwrite=False):
+            calls.append((name, overwrite))
+            if not overwrite and (out / "user.txt").exists():
+                raise StillError(f"{out}/teacher holds a run with different settings (epochs); choose another --out")
+        return run
+
+    monkeypatch.setattr(mnist, "run_mnist", recipe("mnist"))
+    monkeypatch.setattr(lm, "train_lm", recipe("lm"))
+    fresh = tmp_path / "fresh"
+    assert run_cli(capsys, "demo", "--out", str(fresh))[0] == 0
+    assert calls == [("mnist", True), ("lm", True)] and (fresh / ".still-demo").is_file()
+    calls.clear()
+    users = tmp_path / "users"
+    (users / "mnist").mkdir(parents=True)
+    (users / "mnist" / "user.txt").write_text("a run of the user's")
+    assert_user_error(capsys, "demo", "--out", str(users), contains=f"{users} was not made by `still demo`")
+    assert calls == [("mnist", False)] and not (users / ".still-demo").exists()
+    calls.clear()
+    (users / "mnist" / "user.txt").unlink()  # (runs of the demo's settings: reused, and the folder the demo's)
+    assert run_cli(capsys, "demo", "--out", str(users))[0] == 0
+    assert calls == [("mnist", False), ("lm", False)] and (users / ".still-demo").is_file()

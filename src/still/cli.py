@@ -142,13 +142,27 @@ def cli() -> None:
 @threads_option
 def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
     """The quick experiments: MNIST distillation and the Compressive Transformer on Shakespeare,
-    both at their `quick` presets; prints both result tables. The demo directory is scratch: stages
-    made with other settings (an older version's presets) are started again."""
+    both at their `quick` presets; prints both result tables. The demo's own directory is scratch:
+    its stages made with other settings (an older version's presets) are started again. A folder
+    the demo did not make (no `.still-demo` in it) is not: runs there of other settings are refused."""
     from still.recipes import lm, mnist
 
     _threads(threads)
-    mnist.run_mnist(mnist.PRESETS["quick"], out / "mnist", cache=cache_dir, overwrite=True)
-    lm.train_lm(lm.PRESETS["quick"], out / "lm", cache=cache_dir, overwrite=True)
+    marker = out / ".still-demo"
+    ours = marker.is_file() or not any((out / part).exists() for part in ("mnist", "lm"))
+    if ours:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text("made by `still demo`: its runs are started again where their settings change\n")
+    try:
+        mnist.run_mnist(mnist.PRESETS["quick"], out / "mnist", cache=cache_dir, overwrite=ours)
+        lm.train_lm(lm.PRESETS["quick"], out / "lm", cache=cache_dir, overwrite=ours)
+    except StillError as e:
+        if ours or "different settings" not in str(e):
+            raise
+        raise StillError(f"{out} was not made by `still demo` ({e}); the demo would start that run again: "
+                         "choose another --out") from None
+    if not ours:  # (a demo folder of an older still, of the same settings: the demo's from now on)
+        marker.write_text("made by `still demo`: its runs are started again where their settings change\n")
 
 
 # ----------------------------------------------------------------------------- distill
@@ -207,10 +221,15 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, teache
 @click.option("--data-dir", type=click.Path(path_type=Path), required=True,
               help="Directory with the CIFAR-10 python batches (data_batch_1..5, test_batch).")
 @click.option("--preset", type=click.Choice(["labml", "tiny"]), default="labml", show_default=True,
-              help="labml: labml's experiment; tiny: a quick check of the whole recipe (small VGGs, 2 epochs).")
+              help="labml: labml's experiment; tiny: a quick check of the whole recipe (small VGGs, 2 epochs, "
+                   "no augmentation).")
 @click.option("--temperature", type=float, default=None, help="T in [0.01, 1e5] (preset: 5).")
 @click.option("--alpha", type=float, default=None, help="Weight of the SOFT-target term, in [0, 1] (preset: 0.5).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs of each of the three runs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs of each of the three runs (labml: 32, tiny: 2).")
+@click.option("--augment/--no-augment", default=None,
+              help="Random crops and flips of the training images, the teacher run on each (labml: on); without, "
+                   "the teacher's logits are computed once (tiny: off).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images a step (labml: 64, tiny: 32).")
 @click.option("--seed", type=int, default=None, help="Random seed of every run (preset: 0).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -219,12 +238,12 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, teache
 @threads_option
 @precision_option(None, "fp32 (default), or bf16 autocast for training and evaluation, with float32 weights, "
                         "optimizer state, losses and cached teacher logits.")
-def distill_cifar10(data_dir, preset, temperature, alpha, epochs, batch_size, seed, out, overwrite, threads,
+def distill_cifar10(data_dir, preset, temperature, alpha, epochs, augment, batch_size, seed, out, overwrite, threads,
                     precision) -> None:
     """labml's CIFAR-10 experiment: VGG teacher, small VGG student alone and distilled."""
     from still.recipes.cifar10 import PRESETS, run_cifar10, with_overrides
 
-    config = with_overrides(PRESETS[preset], temperature=temperature, alpha=alpha, epochs=epochs,
+    config = with_overrides(PRESETS[preset], temperature=temperature, alpha=alpha, epochs=epochs, augment=augment,
                             batch_size=batch_size, seed=seed, precision=precision)
     _threads(threads)
     run_cifar10(config, data_dir, out or Path(f"runs/cifar10-{preset}"), overwrite=overwrite)

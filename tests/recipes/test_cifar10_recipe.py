@@ -33,6 +33,10 @@ def test_online_teacher_with_augmentation(cifar_dir, tmp_path, capsys):
     config = with_overrides(PRESETS["tiny"], augment=True, epochs=1)
     result = run_cifar10(config, cifar_dir, tmp_path / "aug", print_table=False)
     assert len(result["rows"]) == 3
+    # the same from the command line (the tiny preset's augmentation could be turned on from Python only)
+    code, _, _ = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny",
+                         "--epochs", "1", "--augment", "--threads", "1", "--out", str(tmp_path / "aug"))
+    assert code == 0 and json.loads((tmp_path / "aug" / "config.json").read_text())["augment"] is True
 
 
 def test_augment_shapes_and_flip():
