@@ -574,8 +574,13 @@ def test_compare_names_runs_apart_and_says_how_their_evaluation_was_made(trained
     code, out, err = run_cli(capsys, "lm", "compare", str(first), str(second), "--out", str(tmp_path / "cmp"))
     rows = json.loads((tmp_path / "cmp" / "compare-test.json").read_text())["rows"]
     assert code == 0 and [r["run"] for r in rows] == [str(first), str(second)]
-    assert (f"{second}: the by-position columns come from `still lm eval` in bf16 (the run trained in fp32) and of "
-            "the split cut into") in err
+    said = (f"{second}: the by-position columns come from `still lm eval` in bf16 (the run trained in fp32) and of "
+            "the split cut into")
+    assert said in err
+    # kept with the table, not said on the screen alone (a probe)
+    assert f"Note: {said}" in (tmp_path / "cmp" / "compare-test.md").read_text()
+    notes = json.loads((tmp_path / "cmp" / "compare-test.json").read_text())["meta"]["notes"]
+    assert any(n.startswith(said) for n in notes)
 
 
 def test_a_byte_level_run_counts_bytes_and_streams_whole_characters(trained, corpus, tmp_path, capsys, monkeypatch):

@@ -153,6 +153,23 @@ def test_a_nonfinite_metric_stops_before_its_epochs_checkpoint(tmp_path, mode, v
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000006"]  # (the first epoch's: the last sound one)
 
 
+def test_a_nonfinite_metric_after_skipped_steps_says_they_were_skipped():
+    """In skip mode the message said every step had been finite, after lines saying steps were skipped."""
+    trainer = make_trainer()
+    trainer.on_nonfinite = "skip"
+    loss_fn, calls = trainer.loss_fn, []
+
+    def nan_at_the_second(m, idx):
+        calls.append(1)
+        loss = loss_fn(m, idx)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    trainer.loss_fn, trainer.evaluate = nan_at_the_second, lambda m: {"valid_bits": float("nan")}
+    with pytest.raises(TrainingDiverged, match=r"though the steps taken had finite losses and gradient norms \(1 "
+                                               r"skipped for ones that were not\)"):
+        trainer.fit(BATCHES, 1)
+
+
 @pytest.mark.parametrize("clip", [True, False], ids=["clip-groups", "no-clipping"])
 def test_a_step_reads_the_device_once(monkeypatch, clip):
     """The loss's and the clip groups' gradient norms' finiteness are read together, once a step: on

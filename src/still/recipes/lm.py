@@ -753,6 +753,12 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
              for run_dir in run_dirs}
     shared = {name for name in names.values() if list(names.values()).count(name) > 1}
     names = {run_dir: str(run_dir) if name in shared else name for run_dir, name in names.items()}
+    notes: list[str] = []  # said, and kept with the table (its title and its JSON's meta)
+
+    def note(text: str) -> None:
+        log(text)
+        notes.append(text)
+
     for run_dir in run_dirs:
         name = names[run_dir]
         if not run_dir.is_dir():
@@ -798,12 +804,12 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
                       [f"of the split cut into {meta['pieces']} pieces, positions counted from each piece's start"]
                       if isinstance(meta.get("documents"), int) and meta.get("pieces", 0) > meta["documents"] else [])
             if how:
-                log(f"{name}: the by-position columns come from `still lm eval` {' and '.join(how)}")
+                note(f"{name}: the by-position columns come from `still lm eval` {' and '.join(how)}")
             if row["eval_step"] != row.get("steps"):
-                log(f"{name}: the by-position columns come from `still lm eval` of checkpoint step "
+                note(f"{name}: the by-position columns come from `still lm eval` of checkpoint step "
                     f"{row['eval_step']}, the others from the end of training (step {row.get('steps')})")
             if changed:
-                log(f"{name}: the by-position columns come from `still lm eval` of the {split} text as it "
+                note(f"{name}: the by-position columns come from `still lm eval` of the {split} text as it "
                     "was changed since training, the others from the text it trained on")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
@@ -813,9 +819,10 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
     unit = units[0] if len(units) == 1 else "token"
     if len({(r["corpus"], r["unit"]) for r in rows}) > 1:
         columns[2:2] = ["corpus", "unit"]
-        log("these runs read different corpora or units (the corpus and unit columns): their bits do not compare")
+        note("these runs read different corpora or units (the corpus and unit columns): their bits do not compare")
+    title = f"Bits per {unit} ({split}); by position: mean over the position buckets"
     table = write_results(out, f"compare-{split}", rows, columns=columns,
-                          title=f"Bits per {unit} ({split}); by position: mean over the position buckets")
+                          title="\n\n".join([title, *(f"Note: {text}" for text in notes)]), meta={"notes": notes})
     # (a plot this comparison has nothing for is removed, not left from an earlier one of other runs)
     by_position, valid_curves = out / f"compare-{split}-by-position.png", out / "compare-valid-curves.png"
     if curves:

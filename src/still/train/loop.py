@@ -392,10 +392,12 @@ class Trainer:
         the epoch's checkpoint is saved: the newest on disk is the last sound one."""
         for key, value in metrics.items():
             if isinstance(value, float) and not math.isfinite(value):
+                steps = ("every step's loss and gradient norm were finite" if not self.state.skipped_steps else
+                         f"the steps taken had finite losses and gradient norms ({self.state.skipped_steps} skipped "
+                         "for ones that were not)")
                 raise TrainingDiverged(
-                    f"{self.desc}: {key} is {value} after step {self.state.step}, though every step's loss and "
-                    "gradient norm were finite: the weights no longer give finite outputs; stopped before "
-                    "saving them (lower the learning rate?)")
+                    f"{self.desc}: {key} is {value} after step {self.state.step}, though {steps}: the weights no "
+                    "longer give finite outputs; stopped before saving them (lower the learning rate?)")
 
     def _shard_loss(self, batch: Any, shard: Shard, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed + shard.index)
