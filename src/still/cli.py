@@ -148,11 +148,11 @@ def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
     from still.recipes import lm, mnist
 
     _threads(threads)
-    marker = out / ".still-demo"
+    marker, said = out / ".still-demo", "made by `still demo`: its runs are started again where their settings change\n"
     ours = marker.is_file() or not any((out / part).exists() for part in ("mnist", "lm"))
     if ours:
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text("made by `still demo`: its runs are started again where their settings change\n")
+        marker.write_text(said)
     try:
         mnist.run_mnist(mnist.PRESETS["quick"], out / "mnist", cache=cache_dir, overwrite=ours)
         lm.train_lm(lm.PRESETS["quick"], out / "lm", cache=cache_dir, overwrite=ours)
@@ -162,7 +162,7 @@ def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
         raise StillError(f"{out} was not made by `still demo` ({e}); the demo would start that run again: "
                          "choose another --out") from None
     if not ours:  # (a demo folder of an older still, of the same settings: the demo's from now on)
-        marker.write_text("made by `still demo`: its runs are started again where their settings change\n")
+        marker.write_text(said)
 
 
 # ----------------------------------------------------------------------------- distill
