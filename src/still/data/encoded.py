@@ -418,10 +418,11 @@ def _write(entry: Path, corpus: Corpus, vocab: Vocab, lengths: dict[str, list[in
             atomic_write(tmp / f"{split}.starts.npy", lambda path, starts=starts: _save(path, starts))
             sizes[split] = {"documents": len(docs), "tokens": int(starts[-1]), "names": [d.name for d in docs],
                             "written": _identity((tmp / f"{split}.npy").stat())}  # (`_open`: not read again)
-        atomic_write_text(tmp / "vocab.json", vocab.to_json())
+        vocab_json = vocab.to_json()
+        atomic_write_text(tmp / "vocab.json", vocab_json)
         atomic_write_text(tmp / "manifest.json", json.dumps({"fingerprint": stamp, "name": corpus.name,
                                                              "dtype": dtype.name, "splits": sizes,
-                                                             "vocab_sha256": _sha256_text(vocab.to_json()),
+                                                             "vocab_sha256": _sha256_text(vocab_json),
                                                              "digest": digest.hexdigest(),
                                                              "split_digests": digest.split_hexdigests()}) + "\n")
         size = sum(f.stat().st_size for f in tmp.iterdir())

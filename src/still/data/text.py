@@ -319,13 +319,10 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
     # folders by (device, inode), which links reach as their targets: each is walked once, and none
     # that holds `root` (it, or a folder above it). (Not by `realpath`, which reads every folder on
     # the way: a tree's depth squared.)
-    holds_root, folder = set(), os.path.realpath(root)
-    while True:
+    holds_root, real = set(), Path(os.path.realpath(root))
+    for folder in (real, *real.parents):
         with contextlib.suppress(OSError):
             holds_root.add(_identity(os.stat(folder)))
-        if folder == os.path.dirname(folder):
-            break
-        folder = os.path.dirname(folder)
     seen: set[tuple[int, int]] = set()
     found: list[tuple[str, os.DirEntry]] = []
     stack: list[tuple[Iterator[os.DirEntry], str]] = []  # each open folder's entries still to visit
@@ -359,7 +356,7 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
             stack.pop()
         elif entry.name.startswith("."):
             continue
-        elif _is_dir(entry):
+        elif _safely(entry.is_dir):  # (a loop of links raises: no folder)
             if recursive:
                 try:
                     identity = _identity(entry.stat())  # (the link's target, as `is_dir` read it)
@@ -367,7 +364,7 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
                     identity = None  # (gone since: said by scandir)
                 enter(entry.path, f"{prefix}{entry.name}/", identity)
         elif entry.name.endswith(suffixes):
-            if _is_file(entry):
+            if _safely(entry.is_file):
                 found.append((prefix + entry.name, entry))
             elif entry.is_symlink() and not os.path.exists(entry.path):  # (nowhere, or a loop of links)
                 raise StillError(f"{entry.path} is a link to {os.readlink(entry.path)}, which leads to no file: "
@@ -375,17 +372,10 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = Tr
     return found
 
 
-def _is_dir(entry: os.DirEntry) -> bool:
-    """Whether `entry` is a folder, or a link to one (a loop of links, which raises, is none)."""
+def _safely(test: Callable[[], bool]) -> bool:
+    """`test()` (a directory entry's `is_dir` or `is_file`), False where it raises (a loop of links)."""
     try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _is_file(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_file()
+        return test()
     except OSError:
         return False
 

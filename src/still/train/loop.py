@@ -620,7 +620,7 @@ _COUNTERS = ("step", "epoch", "batch", "finished")  # what a checkpoint's traini
 def _train_state(saved: object, source: str, step: int) -> TrainState:
     """A checkpoint's `TrainState`, its entries checked: every counter there and of its type, none
     unknown, and its step the checkpoint's own (a counter left out would restart the run at 0)."""
-    fields = {f.name for f in TrainState.__dataclass_fields__.values()}
+    fields = set(TrainState.__dataclass_fields__)
     where = f"{source}/state.json's training state"
     if not isinstance(saved, dict):
         raise StillError(f"{where} is missing or not an object")
