@@ -47,12 +47,20 @@ def test_pinned_result_and_outputs(tiny_run):
     assert config["temperatures"] == [2.0, 20.0] and config["alpha"] == 1.0
 
 
+def seconds(run_dir):
+    return json.loads((run_dir / "results.json").read_text())["meta"]["seconds"]
+
+
 def test_rerun_loads_every_stage_without_training(tiny_run, capsys):
-    before = errors(tiny_run)
+    before, took = errors(tiny_run), seconds(tiny_run)
     code, out, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(tiny_run))
     assert code == 0
     assert err.count("loaded the finished run") == 4
     assert errors(tiny_run) == before
+    # a loaded stage's seconds are its training's (a probe: they read 0, the time to load it)
+    stages = {"teacher", "baseline", "student-T2-a1", "student-T20-a1"}
+    assert stages <= set(took) and all(took[stage] > 0 for stage in stages), took
+    assert {stage: seconds(tiny_run)[stage] for stage in stages} == {stage: took[stage] for stage in stages}
     assert "| distilled T=2 " in out
 
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -229,7 +228,9 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
                 keep: int = 2, unrecorded: dict[str, str] | None = None,
                 precision: str = "fp32") -> tuple[TrainState, float]:
     """Train `model` on shuffled index batches of a data set of size `n`, checkpointing (and
-    resuming, or loading a finished run) in `out/name`. Returns the final state and wall seconds.
+    resuming, or loading a finished run) in `out/name`. Returns the final state and the stage's
+    training seconds: every epoch's, in this command and the pieces before it (a resumed or loaded
+    stage counts its whole training, not this command's part), evaluation not included.
 
     Under torchrun, data parallel: every rank draws the same global batches and trains on its own
     share of each (DistributedDataParallel averages the gradients; `loss_fn` returns the mean over
@@ -263,9 +264,8 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     trainer = Trainer(model, shard_loss, optimizer, scheduler, grad_clip=optim.grad_clip, post_step=post_step,
                       evaluate=evaluate, checkpoint_dir=stage_dir / "checkpoints", config=stage_config, desc=name,
                       keep=keep, dist=dist, precision=precision)
-    start = time.perf_counter()
     state = trainer.fit(batches, epochs)
-    return state, time.perf_counter() - start
+    return state, sum(record["seconds"] for record in state.history)
 
 
 @torch.no_grad()
