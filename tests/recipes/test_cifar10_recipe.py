@@ -18,9 +18,9 @@ def test_tiny_preset_runs_end_to_end(cifar_dir, tmp_path, capsys):
     assert "| test_accuracy |" in stdout and "labml |" not in stdout  # labml's numbers: its preset's alone
     alpha = json.loads((out / "config.json").read_text())["alpha"]
     assert f"alpha {alpha:g}" in stdout.splitlines()[0]  # (a fuzzer: the table never said its alpha)
-    code, _, err = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny",
-                           "--threads", "1", "--out", str(out), "--alpha", "-0.0")
-    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny",
+                                "--threads", "1", "--out", str(out), "--alpha", "-0.0")
+    assert code == 0 and ", alpha 0" in stdout.splitlines()[0], err  # (it read "alpha -0")
     code, _, err = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny",
                            "--threads", "1", "--out", str(out), "--alpha", "0")
     assert code == 0 and "distilled-T5-a0: loaded the finished run" in err, err  # (-0.0 trained a stage of its own)

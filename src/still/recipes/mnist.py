@@ -291,7 +291,7 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
     if len(test_y) != PAPER_TEST_IMAGES:  # a test subset: the paper's counts are of all 10,000
         for r in rows:
             r["paper"] = f"{r['paper']}, of {PAPER_TEST_IMAGES:,}" if r["paper"] is not None else None
-    title = (f"MNIST test errors (of {len(test_y)}), preset {config.preset}, alpha {config.alpha:g}"
+    title = (f"MNIST test errors (of {len(test_y)}), preset {config.preset}, alpha {config.alpha + 0.0:g}"
              + (f", {config.precision}" if config.precision != "fp32" else "")
              + (f", digit {omit} omitted from the students' transfer set" if omit is not None else ""))
     meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in timings.items()}, "paper": PAPER,
