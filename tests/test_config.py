@@ -155,6 +155,30 @@ def test_a_config_built_in_python_holds_values_of_its_types():
         _Checked(sizes=(1, "x"))
 
 
+def test_numpy_numbers_are_taken_as_python_ones():
+    """Probes: `CompressiveConfig(d_model=np.int64(64))` and `OptimConfig(lr=np.float32(...))` (a
+    sweep's values) were refused as not integers or numbers, where the loss functions take them."""
+    import numpy as np
+
+    from still.compressive import CompressiveConfig
+
+    config = CompressiveConfig(d_model=np.int64(64), n_heads=np.int8(4), dropout=np.float32(0.25))
+    assert type(config.d_model) is int and type(config.n_heads) is int and type(config.dropout) is float
+    assert config == CompressiveConfig(d_model=64, n_heads=4, dropout=0.25)
+    assert from_dict(CompressiveConfig, to_dict(config)) == config
+    optim = OptimConfig(lr=np.float64(0.01), betas=list(np.array([0.9, 0.99], np.float32)),
+                        warmup_fraction=np.float16(0.5))
+    assert optim == OptimConfig(lr=0.01, betas=(np.float32(0.9).item(), np.float32(0.99).item()), warmup_fraction=0.5)
+    assert all(type(b) is float for b in optim.betas)
+    mnist = MnistConfig(batch_size=np.uint16(64), seed=np.uint64(7))
+    assert (mnist.batch_size, mnist.seed) == (64, 7) and type(mnist.seed) is int
+    for kwargs, message in (({"n_layers": np.bool_(True)}, "expected an integer, got np.True_"),
+                            ({"d_model": np.float64(64.0)}, "expected an integer, got"),
+                            ({"dropout": np.bool_(False)}, "expected a number, got np.False_")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            CompressiveConfig(**kwargs)
+
+
 def test_optim_config_given_a_list_equals_itself_after_a_round_trip():
     config = OptimConfig(betas=[0.9, 0.99])
     assert config.betas == (0.9, 0.99) and from_dict(OptimConfig, to_dict(config)) == config

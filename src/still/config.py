@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import types
 import typing
 from collections.abc import Sequence
@@ -128,18 +129,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if len(args) != len(value):
             raise StillError(f"{where}: expected {len(args)} items, got {len(value)}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if annotation is float:  # (NumPy's numbers too: a sweep's np.linspace, a config's np.int64)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise StillError(f"{where}: expected a number, got {value!r}")
         try:
             return float(value)
         except OverflowError:  # an int beyond 1.8e308
             raise StillError(f"{where}: expected a number, got an integer too large for a float "
-                             f"(about 1e{int(value.bit_length() * math.log10(2))})") from None
+                             f"(about 1e{int(int(value).bit_length() * math.log10(2))})") from None
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise StillError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise StillError(f"{where}: expected true or false, got {value!r}")
