@@ -51,7 +51,7 @@ def test_index_batches_are_a_pure_function_of_the_epoch():
     assert len(IndexBatches(100, 16, drop_last=True)(0)) == 6
 
 
-def _interrupted_run(tmp_path, stop_after_steps):
+def _interrupted_run(tmp_path, stop_after_steps, batches=BATCHES):
     """Train until `stop_after_steps`, then stop as a crash would (after the checkpoint)."""
 
     class Stop(Exception):
@@ -68,10 +68,10 @@ def _interrupted_run(tmp_path, stop_after_steps):
 
     first.save = save_then_stop
     with pytest.raises(Stop):
-        first.fit(BATCHES, 4)
+        first.fit(batches, 4)
     torch.manual_seed(12345)  # a fresh process would start from other RNG states
     second = make_trainer(tmp_path)
-    second.fit(BATCHES, 4)
+    second.fit(batches, 4)
     return second
 
 
@@ -84,6 +84,46 @@ def test_resume_is_exact(tmp_path, stop_after_steps):
         assert torch.equal(a, b), name
     assert [h["train_loss"] for h in straight.state.history] == [h["train_loss"] for h in resumed.state.history]
     assert resumed.state.step == 24 and resumed.state.finished
+
+
+def _shuffled(epoch):
+    """A DataLoader that shuffles as most do: its order drawn from the global generator as it starts."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(range(96), batch_size=16, shuffle=True)
+
+
+@pytest.mark.parametrize("stop_after_steps", [9, 12, 15], ids=["mid-epoch", "epoch-boundary", "second-epoch"])
+def test_resume_with_a_shuffling_data_loader_is_exact(tmp_path, stop_after_steps):
+    """A probe: resumed within an epoch, a `DataLoader(shuffle=True)` drew its order from the
+    checkpoint's RNG states, not the epoch's: the rest of the epoch trained on some examples twice
+    and others never (the weights 0.08 apart at the end). It now draws from the states the
+    checkpoint keeps of the epoch's start."""
+    straight = make_trainer()
+    straight.fit(_shuffled, 4)
+    resumed = _interrupted_run(tmp_path, stop_after_steps, _shuffled)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["train_loss"] for h in straight.state.history] == [h["train_loss"] for h in resumed.state.history]
+
+
+def test_an_epoch_of_no_batches_is_named(tmp_path):
+    """A probe: a DataLoader with drop_last and fewer examples than a batch (or a spent generator
+    given again) "trained" every epoch to a NaN loss, the weights untouched, and finished."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(range(5), batch_size=10, drop_last=True)
+    with pytest.raises(StillError, match=re.escape("batches(0) gave no batches: epoch 1 would train nothing")):
+        make_trainer(tmp_path).fit(lambda epoch: loader, 3)
+    once = iter(BATCHES(0))
+    trainer = make_trainer()
+    with pytest.raises(StillError, match=re.escape("batches(1) gave no batches: epoch 2 would train nothing")):
+        trainer.fit(lambda epoch: once, 3)
+    assert trainer.state.epoch == 1 and trainer.state.step == 6
+    for bad in (None, 3):
+        message = f"batches(0) must give an iterable of batches, got {type(bad).__name__}"
+        with pytest.raises(StillError, match=re.escape(message)):
+            make_trainer().fit(lambda epoch, bad=bad: bad, 1)
 
 
 def test_a_resumed_run_sets_a_damaged_checkpoint_aside(tmp_path):
@@ -665,8 +705,14 @@ def test_a_checkpoint_whose_training_state_was_written_otherwise_is_named(tmp_pa
     make_trainer(tmp_path, every_steps=6).fit(BATCHES, 1)
     path = sorted(tmp_path.glob("ckpt-*"))[-1]
     _forge(path, name, edit)
+    trainer = make_trainer(tmp_path)
+    weights, rng = {k: v.clone() for k, v in trainer.model.state_dict().items()}, torch.get_rng_state()
     with pytest.raises(StillError, match=message):
-        make_trainer(tmp_path).fit(BATCHES, 2)
+        trainer.fit(BATCHES, 2)
+    # refused, the trainer is as it was (a probe: the counters were checked after the weights, the
+    # moments and the RNG states had loaded, for a caller who goes on)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    assert not trainer.optimizer.state and torch.equal(rng, torch.get_rng_state()) and trainer.state.step == 0
 
 
 @pytest.mark.parametrize("optimizer", [

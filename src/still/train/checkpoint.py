@@ -115,39 +115,45 @@ def _join_optimizer(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
     return {"state": state, "param_groups": json_part["param_groups"]}
 
 
-def _rng_to_json(rng: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+def _rng_to_json(rng: dict, prefix: str = "rng/") -> tuple[dict, dict[str, torch.Tensor]]:
     version, internal, gauss = rng["python"]
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     json_part = {
         "python": [version, list(internal), gauss],
         "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
     }
-    tensors = {"rng/torch": rng["torch"]}
+    tensors = {f"{prefix}torch": rng["torch"]}
     for i, s in enumerate(rng.get("cuda", [])):
-        tensors[f"rng/cuda/{i}"] = s
+        tensors[f"{prefix}cuda/{i}"] = s
     for key in ("torch_ranks", "cuda_ranks"):  # data parallel: every rank's own stream, by rank
         for r, s in enumerate(rng.get(key, [])):
-            tensors[f"rng/{key}/{r}"] = s
+            tensors[f"{prefix}{key}/{r}"] = s
+    if "epoch_start" in rng:  # the states as the checkpoint's epoch began (`Trainer`: a resumed epoch's batches)
+        json_part["epoch_start"], more = _rng_to_json(rng["epoch_start"], f"{prefix}epoch_start/")
+        tensors.update(more)
     return json_part, tensors
 
 
 def _numbered(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]:
-    found = {int(k[len(prefix):]): v for k, v in tensors.items() if k.startswith(prefix)}
+    found = {int(k[len(prefix):]): v for k, v in tensors.items()
+             if k.startswith(prefix) and k[len(prefix):].isdigit()}
     return [found[i] for i in sorted(found)]
 
 
-def _rng_from_json(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
+def _rng_from_json(json_part: dict, tensors: dict[str, torch.Tensor], prefix: str = "rng/") -> dict:
     version, internal, gauss = json_part["python"]
     kind, keys, pos, has_gauss, cached = json_part["numpy"]
     rng = {
         "python": (version, tuple(internal), gauss),
         "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
-        "torch": tensors["rng/torch"],
+        "torch": tensors[f"{prefix}torch"],
     }
-    for key, prefix in (("cuda", "rng/cuda/"), ("torch_ranks", "rng/torch_ranks/"), ("cuda_ranks", "rng/cuda_ranks/")):
-        found = _numbered(tensors, prefix)
+    for key in ("cuda", "torch_ranks", "cuda_ranks"):
+        found = _numbered(tensors, f"{prefix}{key}/")
         if found:
             rng[key] = found
+    if "epoch_start" in json_part:
+        rng["epoch_start"] = _rng_from_json(json_part["epoch_start"], tensors, f"{prefix}epoch_start/")
     return rng
 
 
@@ -191,7 +197,8 @@ def save_checkpoint(
 
     `model`, `optimizer` and `scheduler` are state dicts; `rng` is `still.train.seed.rng_state()`,
     with, under data parallelism, every rank's torch generator states as "torch_ranks" (and
-    "cuda_ranks"), lists indexed by rank;
+    "cuda_ranks"), lists indexed by rank, and as "epoch_start" another such dict: the states as
+    the checkpoint's epoch began (a `Trainer` resumed within an epoch draws its batches from them);
     `state` is JSON-ready data (counters, history); `extra_tensors` are saved beside the optimizer
     state (the recurrent memories of a language model, for example).
     """

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +223,8 @@ class Trainer:
         self.loaded_finished = False
         """True when `fit` found the run already finished and only loaded it."""
         self._saved: Path | None = None  # the newest checkpoint this trainer wrote
+        self._epoch_rng: dict | None = None  # the RNG states as this epoch began (`_epoch_batches`)
+        self._resume_epoch_rng: dict | None = None  # those of the checkpoint resumed from, for its epoch
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -232,11 +233,9 @@ class Trainer:
         if self.checkpoint_dir is None:
             raise StillError("this trainer has no checkpoint_dir")
         extra = self.state_tensors() if self.state_tensors is not None else None  # on every rank: it may gather
-        rng = rng_state()
-        if self.dist.enabled:  # each rank draws its own dropout masks: keep every rank's generator
-            rng["torch_ranks"] = self.dist.gather_list(torch.get_rng_state())
-            if self.dist.device.type == "cuda":
-                rng["cuda_ranks"] = self.dist.gather_list(torch.cuda.get_rng_state(self.dist.device))
+        rng = self._ranks_rng(rng_state())
+        if self._epoch_rng is not None:
+            rng["epoch_start"] = self._ranks_rng(self._epoch_rng)
         path = None
         if self.dist.main:
             path = self._saved = ckpt.save_checkpoint(
@@ -247,6 +246,15 @@ class Trainer:
                 rng=rng, state=asdict(self.state), config=self.config, keep=self.keep, extra_tensors=extra)
         self.dist.barrier()
         return path
+
+    def _ranks_rng(self, rng: dict) -> dict:
+        """`rng` (this process's `rng_state()`) with, under data parallelism, every rank's torch
+        generators (each rank draws its own dropout masks)."""
+        if self.dist.enabled:
+            rng = {**rng, "torch_ranks": self.dist.gather_list(rng["torch"])}
+            if self.dist.device.type == "cuda":
+                rng["cuda_ranks"] = self.dist.gather_list(rng["cuda"][self.dist.device.index or 0])
+        return rng
 
     def _check_savable(self) -> None:
         """Before the first step: a `StillError` for what `save` could not write, where it would
@@ -286,20 +294,31 @@ class Trainer:
                              f"({type(e).__name__}: {e})") from None
 
     def _restore(self, checkpoint: ckpt.Checkpoint, source: str) -> None:
+        # what could be refused is read before anything loads, and the RNG states are put back if
+        # anything after them is: a refusal leaves the trainer as it was (a probe: a checkpoint's bad
+        # counters were named with its weights, moments and RNG states already loaded)
+        state = _train_state(checkpoint.state.get("state"), source, checkpoint.step)
+        rng = ckpt.rng_state_of(checkpoint)
         own = self.model.state_dict()
         if own.keys() != checkpoint.model.keys() or any(own[k].shape != w.shape for k, w in checkpoint.model.items()):
             ckpt.load_model_weights(self.model, checkpoint.model, source=source)  # raises, naming what differs
-        opt_state = ckpt.optimizer_state(checkpoint)
-        if opt_state is not None:
-            self._load_optimizer_state(opt_state, source)
+        previous = rng_state()
+        try:
+            for states in (rng.get("epoch_start"), rng) if rng is not None else ():
+                if states is not None:  # (the epoch's start too, to see that it reads; the checkpoint's stay)
+                    set_rng_state(states)
+                    self._restore_rank_rng(states)
+            opt_state = ckpt.optimizer_state(checkpoint)
+            if opt_state is not None:
+                self._load_optimizer_state(opt_state, source)
+        except BaseException:
+            set_rng_state(previous)
+            raise
         ckpt.load_model_weights(self.model, checkpoint.model, source=source)
         if self.scheduler is not None and "scheduler" in checkpoint.state:
             self.scheduler.load_state_dict(checkpoint.state["scheduler"])
-        rng = ckpt.rng_state_of(checkpoint)
-        if rng is not None:
-            set_rng_state(rng)
-            self._restore_rank_rng(rng)
-        self.state = _train_state(checkpoint.state.get("state"), source, checkpoint.step)
+        self._resume_epoch_rng = rng.get("epoch_start") if rng is not None else None
+        self.state = state
         if self.load_state_tensors is not None:
             self.load_state_tensors(checkpoint.extra_tensors())
 
@@ -520,6 +539,36 @@ class Trainer:
         finally:
             self.close()
 
+    def _epoch_batches(self, batches: Callable[[int], Iterable[Any]], epoch: int) -> tuple[Iterator[Any], int | None]:
+        """An iterator over `batches(epoch)` past the `state.batch` already trained, and their number
+        where known. The RNG states as the epoch begins are kept for the checkpoints; a run resumed
+        within an epoch makes its batches from the states its checkpoint kept of the epoch's start
+        and then goes on from the checkpoint's own: a `DataLoader(shuffle=True)` draws its order
+        from the global generator as it starts, and from the checkpoint's states it would draw
+        another order than the epoch's first part had (some examples twice, others never)."""
+        resumed = self._resume_epoch_rng if self.state.batch else None
+        self._resume_epoch_rng = None
+        now = None
+        if resumed is not None:
+            now = rng_state()
+            set_rng_state(resumed)
+            self._restore_rank_rng(resumed)
+        # (a checkpoint of a run resumed within an epoch from an older checkpoint keeps no epoch start)
+        self._epoch_rng = rng_state() if resumed is not None or not self.state.batch else None
+        epoch_batches = batches(epoch)
+        total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
+        try:
+            iterator = iter(epoch_batches)
+        except TypeError:
+            raise StillError(f"batches({epoch}) must give an iterable of batches, "
+                             f"got {type(epoch_batches).__name__}") from None
+        for _ in range(self.state.batch):  # (the order drawn as the first batch is: the skipped ones are made)
+            if next(iterator, _END) is _END:
+                break
+        if now is not None:
+            set_rng_state(now)  # (this rank's own streams, as `restore` set them)
+        return iterator, total
+
     def _agree_on_signals(self, received: list[int]) -> None:
         """Under torchrun, a signal on any rank stops every rank at the same point: each rank's
         `received` gets the largest signal number any rank received."""
@@ -554,12 +603,11 @@ class Trainer:
             self.state.finished = False
         for epoch in range(self.state.epoch, epochs):
             train_mode()
-            epoch_batches = batches(epoch)
-            total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
+            epoch_batches, total = self._epoch_batches(batches, epoch)
             start = time.perf_counter() - self.state.epoch_seconds  # (a resumed epoch's earlier pieces)
             loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float64, device=self.device)
-            bar = progress(itertools.islice(epoch_batches, self.state.batch, None), enabled=self.dist.main, total=total,
-                           initial=self.state.batch, desc=f"{self.desc} {epoch + 1}/{epochs}", unit="batch")
+            bar = progress(epoch_batches, enabled=self.dist.main, total=total, initial=self.state.batch,
+                           desc=f"{self.desc} {epoch + 1}/{epochs}", unit="batch")
             for batch in bar:
                 loss = self._step(batch)
                 if loss is not None:
@@ -581,6 +629,9 @@ class Trainer:
                         bar.close()
                         raise TrainingInterrupted(received[0], self.state.step, saved)
             seconds = time.perf_counter() - start
+            if not self.state.batch:  # (a DataLoader with drop_last and fewer examples than a batch, a spent
+                # generator given again: epochs of no steps "trained" to NaN losses, the weights untouched)
+                raise StillError(f"batches({epoch}) gave no batches: epoch {epoch + 1} would train nothing")
             if self.dist.enabled:
                 loss_sum = self.dist.all_sum(loss_sum) / self.dist.world
             done = self.state.batch - self.state.epoch_skipped  # the mean over the steps taken
@@ -671,6 +722,8 @@ def _misshapen_state(optimizer: torch.optim.Optimizer) -> str | None:
                 return f"a parameter's state has {', '.join(sorted(alike))}, another's {', '.join(sorted(state))}"
     return None
 
+
+_END = object()  # (`next`'s default: the end of an epoch's batches)
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[nn.Module]] = weakref.WeakKeyDictionary()
 """The submodules of each model that were in eval mode when `fit` last began in training mode."""
