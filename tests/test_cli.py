@@ -297,10 +297,18 @@ def test_any_command_piped_into_head_ends_quietly(tmp_path):
     import subprocess
     import sys
 
-    command = f"set -o pipefail; {sys.executable} -m still data list | head -c 1"
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "STILL_CACHE": str(tmp_path)})
-    assert done.returncode == 0 and done.stdout == "D" and done.stderr == "", done.stderr
+    def piped(command):
+        return subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m still {command}"],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "STILL_CACHE": str(tmp_path)})
+
+    for command in ("data list | head -c 1", "--help | head -c 1", "--version | head -c 1"):
+        done = piped(command)  # (the group's own --help and --version exited 1: printed outside its commands)
+        assert done.returncode == 0 and len(done.stdout) == 1 and done.stderr == "", (command, done.stderr)
+    # its messages cut too: the work they report was (a probe: `lm train 2>&1 | head -1` stopped at its
+    # first message and exited 0); 141, as SIGPIPE would end it
+    done = piped("data list 2>&1 | head -c 1")
+    assert done.returncode == 141 and done.stderr == "", done.stderr
 
 
 def test_demo_starts_again_only_what_it_made(tmp_path, capsys, monkeypatch):

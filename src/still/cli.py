@@ -9,6 +9,7 @@ finishing a training step and saving first).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
@@ -115,15 +116,57 @@ deterministic_option = click.option("--deterministic", is_flag=True,
                                          "two runs give identical numbers.")
 
 
+def _reader_left(stream) -> bool:
+    """Whether `stream` is a pipe whose reader has gone (poll's POLLERR on its write end)."""
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), 0)  # (POLLERR is reported whatever is asked)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # (no file descriptor: a test's capture)
+        return False
+
+
+def _quiet(*streams) -> None:
+    """Send what is still to be written to `streams` nowhere (Python's exit flushes them again)."""
+    for stream in streams:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+SIGPIPE_EXIT = 141
+"""The exit code of a command whose reader left before its work was done: 128 + SIGPIPE, as the
+shell reports a process that SIGPIPE ended."""
+
+
+def _reader_gone() -> None:
+    """A `BrokenPipeError` reached the top. Where only the output (stdout) lost its reader
+    (`still data list | head -1`), what the reader wanted was written: exit 0. Where the messages
+    (stderr) lost theirs too (`still lm train 2>&1 | head -1`), the work they report was cut short
+    at the first message that could not be written: exit 141, as SIGPIPE would end it."""
+    cut = _reader_left(sys.stderr)
+    _quiet(sys.stdout, *((sys.stderr,) if cut else ()))
+    if cut:
+        raise SystemExit(SIGPIPE_EXIT)
+
+
 class _Still(click.Group):
-    """The `still` group: a reader that leaves early (`still data list | head -1`) ends any command
-    quietly with exit code 0, as it ends `lm generate` (click's own handling exits 1)."""
+    """The `still` group: a reader that leaves early ends a command quietly, with exit code 0 where
+    only its output was cut (click's own handling exits 1), or 141 where its work was (`_reader_gone`)."""
+
+    def make_context(self, *args, **kwargs):  # (the group's own --help and --version print here)
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            _reader_gone()
+            raise click.exceptions.Exit(0) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except BrokenPipeError:  # what the reader wanted was written
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flushes stdout again)
+        except BrokenPipeError:
+            _reader_gone()
 
 
 @click.group(cls=_Still, context_settings=CONTEXT)
@@ -402,8 +445,9 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkpoint, precision, compile_,
                 save_state, state, threads):
     """Stream sampled text from a trained run, carrying the memories. A reader that leaves early
-    (`| head`) ends it quietly, with exit code 0 (and no --save-state written; nor is one written
-    after Ctrl-C or SIGTERM, which end it with 130 and 143)."""
+    (`| head`) ends it quietly, with exit code 0; with --save-state, whose state would be of text
+    the reader did not take, it says the state was not written and exits with 141 (nor is one
+    written after Ctrl-C or SIGTERM, which end it with 130 and 143)."""
     from still.recipes.lm import generate_lm
 
     _one_process("lm generate")
@@ -411,8 +455,14 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
     try:
         generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout,
                     checkpoint=checkpoint, precision=precision, compile=compile_, state=state, save_state=save_state)
-    except BrokenPipeError:  # the reader left: what it wanted was written (the group's own says so too)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flushes stdout again)
+    except BrokenPipeError:  # the reader left: what it wanted was written, but for a state asked of the whole
+        if save_state is None or _reader_left(sys.stderr):
+            _reader_gone()
+            return
+        _quiet(sys.stdout)
+        click.echo(f"still: the reader left before the {tokens} tokens were written: {save_state} was not "
+                   "written (its state would be of text the reader did not take)", err=True)
+        raise SystemExit(SIGPIPE_EXIT) from None
 
 
 @lm_group.command("compare")

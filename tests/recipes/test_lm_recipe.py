@@ -338,6 +338,14 @@ def test_generation_piped_into_head_ends_quietly(trained):
                "--no-compile | head -c 20")
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and len(done.stdout) == 20 and "Error" not in done.stderr, done.stderr
+    # with --save-state, the state of text the reader did not take is not written, and it says so (a
+    # probe: it exited 0, the file missing unsaid)
+    state = trained.parent / "piped.state"
+    done = subprocess.run(["bash", "-c", command.replace("--no-compile", f"--no-compile --save-state {state}")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 141 and len(done.stdout) == 20 and not state.exists(), done.stderr
+    assert done.stderr.strip().endswith(f"{state} was not written (its state would be of text the reader did not "
+                                        "take)"), done.stderr
 
 
 def test_generate_bad_prompt(trained, capsys):
