@@ -341,3 +341,18 @@ def test_demo_starts_again_only_what_it_made(tmp_path, capsys, monkeypatch):
     (users / "mnist" / "user.txt").unlink()  # (runs of the demo's settings: reused, and the folder the demo's)
     assert run_cli(capsys, "demo", "--out", str(users))[0] == 0
     assert calls == [("mnist", False), ("lm", False)] and (users / ".still-demo").is_file()
+    # a user's lm run of other settings: refused before the MNIST run is made beside it (a probe: it was
+    # refused after the MNIST experiment had trained into the folder); of the demo's own, not refused
+    from still.config import replace, save_config
+
+    calls.clear()
+    others = tmp_path / "others"
+    save_config(replace(lm.PRESETS["quick"], seed=7), others / "lm" / "config.json")
+    assert_user_error(capsys, "demo", "--out", str(others),
+                      contains=f"({others / 'lm'} holds a run with other settings); the demo would start that run "
+                               "again: choose another --out")
+    assert calls == [] and sorted(p.name for p in others.iterdir()) == ["lm"]
+    save_config(  # (the vocabulary's size is the corpus's, recorded by the run)
+        replace(lm.PRESETS["quick"], model=replace(lm.PRESETS["quick"].model, vocab_size=67)),
+        others / "lm" / "config.json")
+    assert run_cli(capsys, "demo", "--out", str(others))[0] == 0 and calls == [("mnist", False), ("lm", False)]

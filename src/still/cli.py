@@ -193,12 +193,18 @@ def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
     _threads(threads)
     marker, said = out / ".still-demo", "made by `still demo`: its runs are started again where their settings change\n"
     ours = marker.is_file() or not any((out / part).exists() for part in ("mnist", "lm"))
+    runs = {"mnist": mnist.PRESETS["quick"], "lm": lm.PRESETS["quick"]}
     if ours:
         out.mkdir(parents=True, exist_ok=True)
         marker.write_text(said)
+    else:  # before either trains (a probe: the MNIST run was made in a folder then refused for its lm run)
+        for part, config in runs.items():
+            if _other_settings(out / part, config):
+                raise StillError(f"{out} was not made by `still demo` ({out / part} holds a run with other "
+                                 "settings); the demo would start that run again: choose another --out")
     try:
-        mnist.run_mnist(mnist.PRESETS["quick"], out / "mnist", cache=cache_dir, overwrite=ours)
-        lm.train_lm(lm.PRESETS["quick"], out / "lm", cache=cache_dir, overwrite=ours)
+        mnist.run_mnist(runs["mnist"], out / "mnist", cache=cache_dir, overwrite=ours)
+        lm.train_lm(runs["lm"], out / "lm", cache=cache_dir, overwrite=ours)
     except StillError as e:
         if ours or "different settings" not in str(e):
             raise
@@ -206,6 +212,23 @@ def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
                          "choose another --out") from None
     if not ours:  # (a demo folder of an older still, of the same settings: the demo's from now on)
         marker.write_text(said)
+
+
+def _other_settings(run: Path, config) -> bool:
+    """Whether `run`'s config.json records other settings than `config` (the vocabulary's size, the
+    corpus's, aside). A run without one (an older still's, interrupted) is left to its recipe's checks."""
+    from still.config import load_config, to_dict
+
+    if not (run / "config.json").is_file():
+        return False
+    try:
+        saved = to_dict(load_config(type(config), run / "config.json"))
+    except StillError:  # (another recipe's, or unreadable)
+        return True
+    wanted = to_dict(config)
+    for settings in (saved, wanted):
+        settings.get("model", {}).pop("vocab_size", None)
+    return saved != wanted
 
 
 # ----------------------------------------------------------------------------- distill
