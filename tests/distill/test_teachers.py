@@ -145,6 +145,57 @@ def test_disk_cache_is_keyed_by_weights_and_data(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("teacher-logits-*.safetensors"))) == 3
 
 
+def test_disk_cache_is_keyed_by_the_modules_and_checked_by_its_digest(tmp_path):
+    """Probes: a teacher of the same weights but another module (a ReLU made a Tanh) read the other's
+    logits from the cache; a byte flipped in an entry was read as a logit of 1e37; a cache_dir that
+    could not be made was a NotADirectoryError after the teacher's whole pass."""
+    first, second = torch.nn.Linear(12, 8), torch.nn.Linear(8, 5)
+    inputs = torch.randn(20, 12)
+    relu = CachedTeacher.build(Teacher(torch.nn.Sequential(first, torch.nn.ReLU(), second)), inputs, cache_dir=tmp_path)
+    tanh_model = torch.nn.Sequential(first, torch.nn.Tanh(), second)
+    tanh = CachedTeacher.build(Teacher(tanh_model), inputs, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert torch.equal(tanh.member_logits_all, Teacher(tanh_model).member_logits(inputs))
+    assert not torch.equal(tanh.member_logits_all, relu.member_logits_all)
+    for entry in tmp_path.glob("*.safetensors"):  # a byte of every entry's last logit flipped
+        data = bytearray(entry.read_bytes())
+        data[-2] ^= 0x7F
+        entry.write_bytes(bytes(data))
+    again = CachedTeacher.build(Teacher(tanh_model), inputs, cache_dir=tmp_path)
+    assert torch.equal(again.member_logits_all, tanh.member_logits_all)
+    (tmp_path / "file").write_text("")
+    calls = []
+    teacher = Teacher(tanh_model)
+    teacher.member_logits = lambda x: calls.append(1)
+    with pytest.raises(StillError, match="cannot make cache_dir .*file/logits: Not a directory"):
+        CachedTeacher.build(teacher, inputs, cache_dir=tmp_path / "file" / "logits")
+    assert calls == []  # before the teacher's pass
+
+
+def test_a_teachers_rows_must_be_its_inputs_and_its_classes_two_or_more():
+    """Probes: a teacher whose output had other rows than its inputs (a reshape) was cached as it
+    came, the examples then served other examples' logits; a one-class model distilled to a loss of
+    0 with a gradient of 0."""
+    class Reshaping(torch.nn.Module):
+        def __init__(self, rows):
+            super().__init__()
+            self.linear, self.rows = torch.nn.Linear(4, 5), rows
+
+        def forward(self, x):
+            return self.linear(x.reshape(self.rows, -1)[:, :4])
+
+    inputs = torch.randn(6, 8)
+    with pytest.raises(StillError, match="returned 12 rows of logits for a batch of 6 inputs; expected one row an"):
+        CachedTeacher.build(Teacher(Reshaping(12)), inputs)
+    with pytest.raises(StillError, match="returned 1 rows of logits for a batch of 6 inputs"):
+        Teacher(Reshaping(1)).logits(inputs)
+    with pytest.raises(StillError, match="logits of 1 class: a softmax over one class is constant"):
+        Teacher(torch.nn.Linear(8, 1)).logits(inputs)
+    z, v = torch.randn(3, 1, requires_grad=True), torch.randn(3, 1)
+    with pytest.raises(StillError, match="student logits of 1 class: a softmax over one class is constant"):
+        distillation_loss(z, torch.zeros(3, dtype=torch.long), v, temperature=4.0, alpha=0.9)
+
+
 def test_cached_teacher_checks_shape():
     with pytest.raises(StillError, match="must be \\(members, examples, classes\\)"):
         CachedTeacher(torch.zeros(3, 4))
@@ -320,9 +371,10 @@ def test_a_teacher_returning_probabilities_is_refused():
             assert (in_bf16(x.bfloat16()).float().sum(-1) - 1).abs().max() > 1e-3
         with pytest.raises(StillError, match="returns probabilities"):
             Teacher(in_bf16).log_probs(x, 2.0)
-    # logits that happen to lie in [0, 1] are not mistaken for them, nor one class's
+    # logits that happen to lie in [0, 1] are not mistaken for them (one class's are refused as one class)
     torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.full((3, 4), 0.2)), torch.full((3, 4), 0.2))
-    torch.testing.assert_close(Teacher(torch.nn.Identity()).logits(torch.ones(3, 1)), torch.ones(3, 1))
+    with pytest.raises(StillError, match="logits of 1 class"):
+        Teacher(torch.nn.Identity()).logits(torch.ones(3, 1))
 
 
 def test_edge_cases_of_the_cache_and_ensembles_are_named(tmp_path):

@@ -107,6 +107,10 @@ def soft_dtype(temperature: float) -> torch.dtype:
 def _check_pair(student_logits: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
     if student_logits.ndim != 2:
         raise StillError(f"student logits must be (batch, classes), got shape {tuple(student_logits.shape)}")
+    if student_logits.shape[1] < 2:  # (a probe: the loss was 0, its gradient 0, a student that never learnt)
+        raise StillError(f"student logits of {student_logits.shape[1]} class: a softmax over one class is "
+                         "constant, and its soft targets teach nothing (a binary model's single logit z is "
+                         "the two classes' [0, z])")
     if teacher.shape != student_logits.shape:
         if teacher.ndim == 2 and teacher.shape[0] == student_logits.shape[0]:
             raise StillError(f"the teacher has {teacher.shape[1]} classes but the student has "

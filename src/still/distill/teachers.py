@@ -33,8 +33,10 @@ are (docs/results/mnist.md).
 
 When the transfer set is fixed (no augmentation), `CachedTeacher` runs the teacher once over it
 and keeps the logits (in memory, and optionally on disk under a key made from the SHA-256 of the
-teacher's weights and of the inputs), so each distillation epoch costs about what a plain student
-epoch costs.
+teacher's weights, of its modules as `repr` shows them, and of the inputs; each file holds the
+SHA-256 of its logits, and one that does not match is computed again), so each distillation epoch
+costs about what a plain student epoch costs. The key cannot see a change to a module's code that
+leaves its weights and its `repr` as they were: give such a teacher another cache_dir.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from still.data.augment import shift
@@ -111,6 +114,13 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if logits.ndim != 2:
         raise StillError(f"the teacher's model returned logits of shape {tuple(logits.shape)}; "
                          "expected (batch, classes)")
+    if logits.shape[0] != len(x):  # (a reshape or a reduction over the batch: rows not the inputs')
+        raise StillError(f"the teacher's model returned {logits.shape[0]} rows of logits for a batch of {len(x)} "
+                         "inputs; expected one row an input")
+    if logits.shape[1] < 2:
+        raise StillError(f"the teacher's model returned logits of {logits.shape[1]} class: a softmax over one "
+                         "class is constant, its soft targets teach nothing (a binary model's single logit z "
+                         "is the two classes' [0, z])")
     precision, logits = logits.dtype, logits.float()
     if model not in _CHECKED and logits.numel():  # (its first output of some rows only: a look at the values
         # waits for a GPU)
@@ -239,7 +249,13 @@ def _fingerprint(teacher: Teacher, inputs: torch.Tensor) -> str:
     digest.update(inputs.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     digest.update(getattr(teacher, "combine", "single").encode())
     digest.update(f"{type(teacher).__name__} {getattr(teacher, 'max_shift', 0)}".encode())
+    # the modules as they print (a probe: a ReLU swapped for a Tanh, the same weights, read the old logits)
+    digest.update(repr(teacher).encode())
     return digest.hexdigest()
+
+
+def _logits_digest(member_logits: torch.Tensor) -> str:
+    return hashlib.sha256(member_logits.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 class CachedTeacher:
@@ -271,8 +287,9 @@ class CachedTeacher:
     def build(cls, teacher: Teacher, inputs: torch.Tensor, batch_size: int = 1000,
               cache_dir: str | Path | None = None, desc: str = "teacher logits") -> CachedTeacher:
         """Run `teacher` over `inputs` once (or load its logits from `cache_dir`, keyed by a hash of
-        the teacher's weights and the inputs). The inputs go to the teacher's device, and in its
-        models' precision; the logits are kept as float32 (see `Teacher`)."""
+        the teacher's weights, its modules and the inputs: the module docstring). The inputs go to
+        the teacher's device, and in its models' precision; the logits are kept as float32 (see
+        `Teacher`)."""
         if not isinstance(teacher, Teacher):
             raise StillError("CachedTeacher.build needs a Teacher or EnsembleTeacher")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -284,21 +301,30 @@ class CachedTeacher:
         if cache_dir is not None:
             if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
                 raise StillError(f"cache_dir {cache_dir} is a file, not a folder")
+            try:  # (before the teacher's pass, not after it: a probe's NotADirectoryError came at the end)
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StillError(f"cannot make cache_dir {cache_dir}: {e.strerror or e}") from None
             path = Path(cache_dir) / f"teacher-logits-{_fingerprint(teacher, inputs)[:24]}.safetensors"
             if path.is_file():
                 try:
-                    cached = cls(load_file(str(path))["member_logits"], combine)
-                    if cached.num_examples == len(inputs):
-                        return cached
+                    with safe_open(str(path), "pt") as file:
+                        digest, logits = (file.metadata() or {}).get("sha256"), file.get_tensor("member_logits")
+                    if digest == _logits_digest(logits):  # (a flipped byte was read as a logit of 1e37)
+                        cached = cls(logits, combine)
+                        if cached.num_examples == len(inputs):
+                            return cached
                 except Exception:  # a damaged cache entry is recomputed
                     pass
-                path.unlink(missing_ok=True)  # (damaged, or of another number of examples: recomputed)
+                path.unlink(missing_ok=True)  # (damaged, older, or of another number of examples: recomputed)
         device = next(iter(teacher.parameters()), torch.empty(0)).device
         chunks = [teacher.member_logits(inputs[i : i + batch_size].to(device)).cpu()
                   for i in progress(range(0, len(inputs), batch_size), desc=desc, unit="batch")]
         member_logits = torch.cat(chunks, dim=1)  # (M, N, C)
         if path is not None:
-            atomic_write(path, lambda tmp: save_file({"member_logits": member_logits.contiguous()}, str(tmp)))
+            member_logits = member_logits.float().contiguous()  # (as `cls` keeps them: the digest is of these)
+            atomic_write(path, lambda tmp: save_file({"member_logits": member_logits}, str(tmp),
+                                                     metadata={"sha256": _logits_digest(member_logits)}))
         return cls(member_logits, combine)
 
     @property
