@@ -158,6 +158,40 @@ def test_compiled_generation_gives_the_eager_tokens(sampling):
     assert not runs[1].requires_grad  # the compiled step, called in grad mode: nothing recorded
 
 
+def test_an_excluded_token_is_never_drawn_by_any_step():
+    """A probe: `lm generate` drew the padding (never a training target, not quite improbable, and
+    written as nothing): 200 tokens at temperature 100 wrote 193 characters. `exclude` masks a token
+    before the temperature and filters, in the eager, compiled and hand-written steps alike."""
+    from still.compressive.decode import Decoder
+
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=11, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                                                     mem_len=4, c_mem_len=2, compression_rate=2))
+    prompt = torch.randint(0, 11, (2, 7))
+
+    def tokens(compile, **sampling):
+        sampling = {"temperature": 100.0} | sampling
+        return torch.stack(list(generate(model, prompt, 150, segment_len=4, generator=torch.Generator().manual_seed(5),
+                                         compile=compile, **sampling)))
+
+    assert (tokens(False) == 0).any()  # (the control: at this temperature it is drawn)
+    assert Decoder(model.eval(), None, batch=2, compile=True, native=True).native is not None  # (None: hand-written)
+    runs = [tokens(compile, exclude=0) for compile in (False, True, None)]
+    assert all(not (run == 0).any() for run in runs) and all(torch.equal(run, runs[0]) for run in runs)
+    greedy = [tokens(compile, exclude=int(tokens(False, top_k=1)[0, 0]), top_k=1) for compile in (False, None)]
+    assert torch.equal(greedy[0], greedy[1])  # (the likeliest excluded: the next likeliest, also at a tiny T)
+    assert torch.equal(tokens(None, exclude=3, temperature=1e-30)[:1], tokens(False, exclude=3, top_k=1)[:1])
+    for bad in (11, -1, True, 2.0):
+        with pytest.raises(StillError, match=f"exclude must be a token id \\(0 to 10\\) or None, got {bad!r}"):
+            generate(model, prompt, 3, exclude=bad)
+    # a state that cannot go with the model or the prompt: named at the call, not at the first token
+    for state, message in (({"a": 1}, "must be a MemoryState \\(or None\\), got a dict"),
+                           (model.empty_state(3), "the memory state holds 3 batch rows, the tokens 2")):
+        for count in (0, 3):
+            with pytest.raises(StillError, match=message):
+                generate(model, prompt, count, state=state)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compiled_decoding_under_bf16_autocast_reads_bf16_matrices(precision, compile, monkeypatch):
@@ -514,6 +548,29 @@ def test_generation_leaves_the_models_modes_as_they_were(compile):
     next(tokens)
     assert not any(m.training for m in model.modules())  # sampling runs in eval mode
     assert len(list(tokens)) == 19
+    assert [m.training for m in model.modules()] == before
+
+
+@pytest.mark.parametrize("compression", ["most_used", "conv"])
+def test_overlapping_generations_stay_in_eval_mode_until_the_last_ends(compression):
+    """A probe: two generations of a model in training mode read in turn; the first to end put
+    training mode back under the other, whose later tokens drew dropout masks."""
+    torch.manual_seed(0)
+    model = CompressiveTransformer(CompressiveConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                                     mem_len=8, c_mem_len=8, compression_rate=2,
+                                                     compression=compression, dropout=0.5))
+    model.train()
+    model.layers[1].eval()
+    before = [m.training for m in model.modules()]
+    prompt = torch.randint(0, 40, (1, 7))
+    alone = torch.stack(list(generate(model, prompt, 30, top_k=1, compile=False)))
+    first = generate(model, prompt, 2, top_k=1, compile=False)
+    next(first)
+    second = generate(model, prompt, 30, top_k=1, compile=False)
+    token = next(second)
+    list(first)
+    assert not any(m.training for m in model.modules())  # the second still runs
+    assert torch.equal(torch.stack([token, *second]), alone)
     assert [m.training for m in model.modules()] == before
 
 

@@ -138,6 +138,11 @@ def test_generate_is_seeded_and_streams(trained, capsys):
     assert other != first
     _, eager, _ = run_cli(capsys, *args, "--no-compile")  # the default: the hand-written step, in fp32 the same draws
     assert eager == first
+    # a character a token, never the padding (a probe: 200 tokens at temperature 100 wrote 193 characters)
+    for compiled in ("--compile", "--no-compile"):
+        _, hot, _ = run_cli(capsys, "lm", "generate", str(trained), "--prompt", "To be", "--tokens", "300",
+                            "--temperature", "100", "--threads", "1", compiled)
+        assert len(hot) == len("To be") + 300 + 1, compiled
 
 
 @pytest.mark.parametrize("compression", ["conv", "most_used"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -40,7 +41,7 @@ def _real(value: object) -> bool:
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, segment_len: int = 128,
              generator: torch.Generator | None = None, state: MemoryState | None = None,
-             compile: bool | None = False) -> Generation:
+             compile: bool | None = False, exclude: int | None = None) -> Generation:
     """The `max_new_tokens` tokens (B,) sampled one at a time after `prompt` (B, P), P >= 1, read after
     `state` (None: no memories): a `Generation`, which yields them and gives the memories after them.
     The model runs in eval mode; its modules' modes are restored when the iterator ends (or is closed).
@@ -49,6 +50,9 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     built once per machine), else ahead of time (`still.train.aot`, once per model shape); both cached.
     None: the hand-written step where it can run this model (on the CPU, where a C++ compiler builds
     it: seconds, once per machine), else eager steps (never the minute of compiling ahead of time).
+
+    `exclude`: a token never drawn (`Vocab.PAD`, say: never a training target, its probability is
+    not quite 0, and `Vocab.decode` writes it as nothing).
 
     Nothing is recorded for autograd. (Not by `torch.no_grad()` as a decorator: on a generator it
     switches the mode around every token, 1.3 µs each; the compiled step needs no switch at all.)"""
@@ -68,6 +72,13 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     if not (is_ids(prompt) and prompt.ndim == 2 and prompt.shape[0] > 0 and prompt.shape[1] > 0):
         raise StillError(f"the prompt must be ids (batch >= 1, length >= 1), got {described(prompt)}")
     prompt = check_ids(prompt, model.config.vocab_size)
+    if state is not None:  # (at the call: a probe's dict was an AttributeError at the first token)
+        model.check_state(state, prompt.shape[0])
+    if exclude is not None and not (isinstance(exclude, numbers.Integral) and not isinstance(exclude, bool)
+                                    and 0 <= exclude < model.config.vocab_size):
+        raise StillError(f"exclude must be a token id (0 to {model.config.vocab_size - 1}) or None, got {exclude!r}")
+    if exclude is not None and model.config.vocab_size < 2:
+        raise StillError("exclude would leave a vocabulary of one token nothing to draw")
     if model.config.mem_len == 0 and model.config.c_mem_len == 0:
         # (each token is read as a segment of one, over the memories: without any, it would be drawn
         # from the token before it alone, where training read up to a segment of context)
@@ -75,9 +86,9 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
                          "from the one before it alone; generate from a model with memories")
     generation = Generation(model, prompt, state, segment_len, written=compile is True)
     if max_new_tokens:
-        generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, temperature, top_k,
-                                                              top_p, segment_len, generator, state, compile,
-                                                              generation._record))
+        sampling = Sampling(temperature, top_k, top_p, None if exclude is None else int(exclude))
+        generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, sampling, segment_len,
+                                                              generator, state, compile, generation._record))
     return generation
 
 
@@ -223,15 +234,34 @@ def _in_eval_mode(model: nn.Module, tokens: Iterator[torch.Tensor]) -> Iterator[
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """`model` in eval mode inside; after, each module that was training trains again, and only
-    those (a submodule its owner froze in eval stays so), also after an error."""
+    those (a submodule its owner froze in eval stays so), also after an error. Holds of one model
+    that overlap (two generations read in turn) keep it in eval mode until the last ends: the first
+    to end put training mode back under the other (a probe: its later tokens drew dropout masks)."""
     training = [module for module in model.modules() if module.training]  # (a tenth of eval()'s 0.2 ms)
     if training:
         model.eval()
+    hold = _EVAL_HOLDS.setdefault(model, _Hold())
+    hold.count += 1
+    hold.training.extend(training)
     try:
         yield
     finally:
-        for module in training:  # (not `train()`, which would also set its children's modes)
-            module.training = True
+        hold.count -= 1
+        if not hold.count:
+            del _EVAL_HOLDS[model]
+            for module in hold.training:  # (not `train()`, which would also set its children's modes)
+                module.training = True
+
+
+class _Hold:
+    """A model's overlapping `eval_mode`s: how many are open, and the modules to train again after the last."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.training: list[nn.Module] = []
+
+
+_EVAL_HOLDS: weakref.WeakKeyDictionary[nn.Module, _Hold] = weakref.WeakKeyDictionary()
 
 
 def _exp(x: float) -> float:
@@ -243,9 +273,9 @@ def _exp(x: float) -> float:
         return math.inf
 
 
-def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float,
-              top_k: int | None, top_p: float | None, segment_len: int, generator: torch.Generator | None,
-              state: MemoryState | None, compile: bool | None, record: _Record) -> Iterator[torch.Tensor]:
+def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling,
+              segment_len: int, generator: torch.Generator | None, state: MemoryState | None, compile: bool | None,
+              record: _Record) -> Iterator[torch.Tensor]:
     native = None  # the decoder's choice between the hand-written and the compiled step
     if compile is None:  # the hand-written step where it can run, else eager steps
         cpu = model.embedding.weight.device.type == "cpu"
@@ -255,7 +285,6 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
         if not bool(logits.isfinite().all()):  # (a diverged model's NaN outputs drew token 0, every time)
             raise StillError("the model's outputs after the prompt are not finite: its weights diverged (an "
                              "earlier checkpoint may not have)")
-        sampling = Sampling(temperature, top_k, top_p)
         batch, device = prompt.shape[0], logits.device
         draws = _Draws(max_new_tokens, batch, generator, device)  # (B, 1) a token
         token = next_token(logits, draws.take(), sampling)  # (B,)
