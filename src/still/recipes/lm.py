@@ -138,7 +138,9 @@ class TrainStream:
     (shuffled with seed p) for every pass. A pure function of s, so a resumed run sees the same data."""
 
     def __init__(self, documents: list[torch.Tensor], config: LMConfig) -> None:
-        self.documents, self.config = documents, config
+        # (an empty document has no targets: a probe's two empty files made steps of none, each an update
+        # spent on nothing, counted as 0 bits in the interval's mean)
+        self.documents, self.config = [doc for doc in documents if len(doc)], config
         self._streams: dict[int, TokenStreams] = {}
         self._starts = [0]  # first step of each pass seen so far
         self._lock = threading.Lock()  # the shards of a step ask for it from their own threads
@@ -322,8 +324,9 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
     def evaluate(net) -> dict[str, Any]:
         result = evaluate_streams(net, valid, max_segments=config.eval_segments, shards=eval_split(valid))
         losses = interval_losses()  # (k, 2)
-        losses = losses[losses[:, 0].isfinite()]  # the steps taken (--on-nonfinite skip drops the others)
-        means = losses[:, 0] / losses[:, 1].clamp_min(1)  # each step's mean over its targets
+        # the steps taken (--on-nonfinite skip drops the others) that had targets (a step of none is no 0)
+        losses = losses[losses[:, 0].isfinite() & (losses[:, 1] > 0)]
+        means = losses[:, 0] / losses[:, 1]  # each step's mean over its targets
         train_bits = means.mean().item() / math.log(2) if len(means) else None
         lm_losses.clear()
         carried.clear()
