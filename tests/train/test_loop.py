@@ -558,6 +558,41 @@ def test_a_submodule_frozen_in_eval_mode_stays_there():
     assert torch.equal(backbone[1].running_mean, statistics) and not model.training
 
 
+def test_a_signal_that_arrives_during_the_ranks_agreement_is_acted_on_at_the_next():
+    """A probe (torchrun, SIGINT to one rank): a signal that arrived while its rank waited in the
+    agreement was acted on at once by that rank alone (the others had agreed on none): it went into
+    the checkpoint's collectives by itself, and the run ended in gloo's "Connection closed by peer"
+    with no checkpoint. Every rank acts on the agreed signal: this one at the next agreement."""
+    from still.train.distributed import Dist
+
+    agreements = []
+
+    class Rank0(Dist):  # two ranks; the other never received a signal
+        def all_min(self, value):
+            if value.dtype != torch.int64:  # (the step's finite check)
+                return value
+            agreements.append(int(value))
+            if len(agreements) == 3:  # the signal comes in while this rank waits in the third agreement
+                os.kill(os.getpid(), signal.SIGINT)
+            return value  # (the other rank's 0: the minimum of the negated signal numbers is this one's)
+
+        def all_sum(self, value):
+            return value * 2
+
+        def gather_list(self, tensor):
+            return [tensor.cpu().clone(), tensor.cpu().clone()]
+
+        def barrier(self):
+            pass
+
+    trainer = make_trainer()
+    trainer.dist = Rank0(rank=0, world=2)
+    with pytest.raises(TrainingInterrupted) as raised:
+        trainer.fit(BATCHES, 2)
+    assert agreements == [0, 0, 0, -signal.SIGINT] and raised.value.signum == signal.SIGINT
+    assert trainer.state.step == 4  # (the step after the agreement it arrived in)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("epochs, at", [(2, 2), (3, 1)], ids=["the last evaluation", "a middle one"])
 def test_a_signal_in_an_evaluation_stops_the_run_once_it_is_saved(tmp_path, signum, epochs, at):

@@ -532,9 +532,9 @@ class Trainer:
                 state = self._fit(batches, epochs, received)
                 # a signal while a finished run loaded (one in training or an evaluation raised at its
                 # step or its epoch's end): the run is done and saved, and the caller asked to stop
-                self._agree_on_signals(received)
-                if received:
-                    raise TrainingInterrupted(received[0], self.state.step, self._saved)
+                signum = self._agree_on_signals(received)
+                if signum:
+                    raise TrainingInterrupted(signum, self.state.step, self._saved)
                 return state
         finally:
             self.close()
@@ -569,14 +569,17 @@ class Trainer:
             set_rng_state(now)  # (this rank's own streams, as `restore` set them)
         return iterator, total
 
-    def _agree_on_signals(self, received: list[int]) -> None:
-        """Under torchrun, a signal on any rank stops every rank at the same point: each rank's
-        `received` gets the largest signal number any rank received."""
-        if self.dist.enabled:
-            mine = torch.tensor([-(received[0] if received else 0)], device=self.device)
-            signum = -int(self.dist.all_min(mine))
-            if signum and not received:
-                received.append(signum)
+    def _agree_on_signals(self, received: list[int]) -> int:
+        """The signal to stop at, 0 for none: under torchrun the largest any rank had received when
+        they agreed, so that every rank stops at the same point. Callers act on this, not on
+        `received`: a signal that arrives while its rank waits in the agreement is in its `received`
+        by the time the agreement returns, and acting on that list took that rank alone into the
+        checkpoint's collectives (a probe: gloo's "Connection closed by peer", no checkpoint); it
+        is agreed on at the next point instead."""
+        mine = received[0] if received else 0
+        if not self.dist.enabled:
+            return mine
+        return -int(self.dist.all_min(torch.tensor([-mine], device=self.device)))
 
     def _fit(self, batches: Callable[[int], Iterable[Any]], epochs: int, received: list[int]) -> TrainState:
         # the submodules the caller froze in eval mode (where the model itself is in training mode)
@@ -616,18 +619,18 @@ class Trainer:
                     self.state.epoch_skipped += 1
                 self.state.step += 1
                 self.state.batch += 1
-                self._agree_on_signals(received)
-                if received or (self.checkpoint_dir is not None and self.checkpoint_every_steps
-                                and self.state.step % self.checkpoint_every_steps == 0):
+                signum = self._agree_on_signals(received)
+                if signum or (self.checkpoint_dir is not None and self.checkpoint_every_steps
+                              and self.state.step % self.checkpoint_every_steps == 0):
                     # every rank's steps so far (the ranks' mean loss a step, summed): a run resumed on
                     # any number of ranks adds its own to it
                     shared = self.dist.all_sum(loss_sum) / self.dist.world if self.dist.enabled else loss_sum
                     self.state.epoch_loss_sum = shared.item()
                     self.state.epoch_seconds = time.perf_counter() - start
                     saved = self.save() if self.checkpoint_dir is not None else None
-                    if received:
+                    if signum:
                         bar.close()
-                        raise TrainingInterrupted(received[0], self.state.step, saved)
+                        raise TrainingInterrupted(signum, self.state.step, saved)
             seconds = time.perf_counter() - start
             if not self.state.batch:  # (a DataLoader with drop_last and fewer examples than a batch, a spent
                 # generator given again: epochs of no steps "trained" to NaN losses, the weights untouched)
@@ -653,13 +656,13 @@ class Trainer:
             self.state.epoch_loss_sum = 0.0
             self.state.epoch_seconds = 0.0
             self.state.finished = self.state.epoch >= epochs
-            self._agree_on_signals(received)  # (one in the evaluation: the run stops here, not a step later)
-            if self.checkpoint_dir is not None and (received or self.state.finished
+            signum = self._agree_on_signals(received)  # (one in the evaluation: the run stops here, not a step later)
+            if self.checkpoint_dir is not None and (signum or self.state.finished
                                                     or self.state.epoch % self.checkpoint_every == 0):
                 self.save()
-            if received:
+            if signum:
                 self.model.eval()
-                raise TrainingInterrupted(received[0], self.state.step, self._saved)
+                raise TrainingInterrupted(signum, self.state.step, self._saved)
         self.state.finished = True
         self.model.eval()
         return self.state
