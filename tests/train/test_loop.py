@@ -569,7 +569,7 @@ def test_a_signal_that_arrives_during_the_ranks_agreement_is_acted_on_at_the_nex
 
     class Rank0(Dist):  # two ranks; the other never received a signal
         def all_min(self, value):
-            if value.dtype != torch.int64:  # (the step's finite check)
+            if value.dtype != torch.int64 or not trainer.state.step:  # (the steps' finite checks, the start's)
                 return value
             agreements.append(int(value))
             if len(agreements) == 3:  # the signal comes in while this rank waits in the third agreement
@@ -591,6 +591,26 @@ def test_a_signal_that_arrives_during_the_ranks_agreement_is_acted_on_at_the_nex
         trainer.fit(BATCHES, 2)
     assert agreements == [0, 0, 0, -signal.SIGINT] and raised.value.signum == signal.SIGINT
     assert trainer.state.step == 4  # (the step after the agreement it arrived in)
+
+
+def test_ranks_that_start_at_other_steps_are_named(tmp_path):
+    """A probe: torchrun ranks given other --out folders (no file system shared by the nodes), one
+    resuming at step 4 and the other starting afresh, trained on together unsaid."""
+    from still.train.distributed import Dist
+
+    class Rank0(Dist):  # two ranks; the other has no checkpoint, and starts at step 0
+        def all_min(self, value):
+            return torch.minimum(value, torch.zeros_like(value)) if value.dtype == torch.int64 else value
+
+        def all_sum(self, value):
+            return value * 0  # (rank 0's checks of the checkpoint folder passed)
+
+    make_trainer(tmp_path, every_steps=6).fit(BATCHES, 1)
+    trainer = make_trainer(tmp_path)
+    trainer.dist = Rank0(rank=0, world=2)
+    with pytest.raises(StillError, match=re.escape("the processes disagree on the step they start at (0 on one, 6 on "
+                                                   "another): every process must read the same checkpoint folder")):
+        trainer.fit(BATCHES, 2)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -215,6 +215,8 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
     device = distributed.process_device()  # joins the process group where started by torchrun
     dist = distributed.current()
     corpus = _load_data(config, cache)
+    dist.check_same(int(corpus.digest[:15], 16), "the corpus's text (its digest)",
+                    "every process must read the same corpus (on several machines, the same files)", show=False)
     vocab = corpus.vocab
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
     train_docs, _ = corpus.split("train")

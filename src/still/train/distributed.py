@@ -79,6 +79,19 @@ class Dist:
         if self.enabled:
             torch_dist.barrier()
 
+    def check_same(self, value: int, what: str, advice: str, show: bool = True) -> None:
+        """A `StillError` on every rank (rank 0 says it) where the ranks do not all hold `value` (an
+        integer of 63 bits at most; `show`: the values in the message): a run whose ranks read other
+        folders or other data trained on together unsaid, each its own (a probe: one rank resumed,
+        the other started afresh)."""
+        if not self.enabled:
+            return
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        low, high = int(self.all_min(mine)), -int(self.all_min(-mine))
+        if low != high:
+            values = f" ({low} on one, {high} on another)" if show else ""
+            raise StillError(f"the processes disagree on {what}{values}: {advice}")
+
     def on_main(self, fn: Callable[[], None]) -> None:
         """Run `fn` on rank 0 alone (checks of the run folder, its first files), every rank waiting
         for it; where it raises a `StillError` or an `OSError` (a folder that cannot be written),

@@ -596,7 +596,10 @@ class Trainer:
             for module in frozen:
                 module.eval()
 
-        if self.resume():
+        resumed = self.resume()
+        self.dist.check_same(self.state.step, "the step they start at", "every process must read the same checkpoint "
+                             "folder (on several machines, a file system they share)")
+        if resumed:
             if self.state.finished and self.state.epoch >= epochs:
                 self.log(f"{self.desc}: loaded the finished run from {self.checkpoint_dir}")
                 self.loaded_finished = True
