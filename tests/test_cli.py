@@ -214,7 +214,7 @@ def test_under_torchrun_rank_0_alone_says_what_went_wrong(capsys, tmp_path, monk
     assert ("must be in [0, 1], got 1.5" in err) == (rank == "0")
 
 
-@pytest.mark.parametrize("command", [["lm", "eval"], ["lm", "generate"]])
+@pytest.mark.parametrize("command", [["lm", "eval"], ["lm", "generate"], ["lm", "compare"]])
 def test_evaluation_and_generation_refuse_torchrun(capsys, tmp_path, monkeypatch, command):
     """torchrun would run them whole in every process (each printing its tables): refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -34,6 +34,17 @@ def test_a_files_keys_are_named_after_a_colon(tmp_path):
     path.write_text('{"teacher": {"hidden": ["8"]}}')
     with pytest.raises(StillError, match=re.escape(f"{path}: teacher.hidden[0]: expected an integer, got '8'")):
         load_config(MnistConfig, path)
+    # values a config's own checks refuse are named where they were read too (a probe: "error: mem_len must
+    # be >= 0, got -1" said neither the file nor the key's place)
+    from still.recipes.lm import LMConfig
+
+    for text, message in (('{"alpha": 1.5}', f"{path}: alpha (the weight of the soft-target term) must be in [0, 1]"),
+                          ('{"model": {"mem_len": -1}}', f"{path}: model: mem_len must be >= 0, got -1")):
+        path.write_text(text)
+        with pytest.raises(StillError, match=re.escape(message)):
+            load_config(MnistConfig if "alpha" in text else LMConfig, path)
+    with pytest.raises(StillError, match=r"^alpha \(the weight"):  # (built in Python: the message alone)
+        replace(MnistConfig(), alpha=1.5)
 
 
 @pytest.mark.parametrize("data, message", [

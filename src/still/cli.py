@@ -499,6 +499,7 @@ def lm_compare(run_dirs, split, out):
     each) and the validation curves."""
     from still.recipes.lm import compare_runs
 
+    _one_process("lm compare")  # (a probe: under torchrun every rank printed the table and wrote the files)
     compare_runs(list(run_dirs), out, split)
 
 

@@ -164,7 +164,12 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C
         raise StillError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}")
     sep = ": " if where.endswith(".json") else "."  # (a file's keys after a colon)
     kwargs = {k: _coerce(v, hints[k], f"{where}{sep}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except StillError as e:  # (a value its own checks refuse: where it was read, as for a type error)
+        if where == cls.__name__:
+            raise
+        raise StillError(f"{where}: {e}") from None
 
 
 def changed_settings(these: dict[str, Any], those: dict[str, Any]) -> list[str]:
