@@ -291,10 +291,26 @@ def test_temperature_and_alpha_as_numpy_or_tensor_scalars():
 
     z, v, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
     expected = distillation_loss(z, y, v, temperature=2.0, alpha=0.25)
-    for t, a in ((np.float32(2.0), np.float64(0.25)), (torch.tensor(2.0), torch.tensor(0.25))):
+    for t, a in ((np.float32(2.0), np.float64(0.25)), (torch.tensor(2.0), torch.tensor(0.25)),
+                 (torch.tensor(2), torch.tensor(0.25))):  # (an integer tensor was "not a finite number > 0")
         torch.testing.assert_close(distillation_loss(z, y, v, temperature=t, alpha=a), expected)
-    with pytest.raises(StillError, match="temperature must be a finite number > 0"):
-        distillation_loss(z, y, v, temperature=True, alpha=0.25)
+    for bad in (True, torch.tensor(True), torch.tensor([2.0, 3.0])):
+        with pytest.raises(StillError, match="temperature must be a finite number > 0"):
+            distillation_loss(z, y, v, temperature=bad, alpha=0.25)
+
+
+def test_inputs_that_are_not_tensors_are_named():
+    """Probes: labels as a list or a NumPy array, NumPy teacher logits: Python's AttributeError."""
+    z, v, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    for kwargs, message in (({"labels": [0, 1, 2, 3]}, "labels must be a tensor, got a list"),
+                            ({"labels": y.numpy()}, "labels must be a tensor, got a ndarray"),
+                            ({"teacher_logits": v.numpy()}, "teacher_logits must be a tensor, got a ndarray"),
+                            ({"student_logits": z.tolist()}, "student_logits must be a tensor, got a list")):
+        args = {"student_logits": z, "labels": y, "teacher_logits": v} | kwargs
+        with pytest.raises(StillError, match=message):
+            distillation_loss(**args, temperature=2.0, alpha=0.5)
+    with pytest.raises(StillError, match="student_logits must be a tensor, got a NoneType"):
+        distillation_loss(None, y, v, temperature=2.0, alpha=0.5)
 
 
 def test_unlabelled_examples_drop_out_of_the_hard_term():

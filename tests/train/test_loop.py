@@ -833,6 +833,23 @@ def test_trainer_settings_of_the_wrong_type_are_named(setting):
         Trainer(model, lambda m, idx: m(X[idx]).sum(), torch.optim.SGD(model.parameters(), lr=0.1), **setting)
 
 
+def test_a_trainer_of_what_is_not_a_model_loss_or_optimizer_is_named():
+    """Probes: a function for the model or None for the optimizer were AttributeErrors at the first
+    step; an optimizer over another model's parameters trained nothing, unsaid."""
+    model, other = torch.nn.Linear(10, 3), torch.nn.Linear(10, 3)
+    loss_fn = lambda m, idx: m(X[idx]).sum()  # noqa: E731
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for args, message in (((lambda x: x, loss_fn, optimizer), "model must be a torch.nn.Module, got a function"),
+                          ((model, None, optimizer), r"loss_fn must be a function of \(model, batch\), got a NoneType"),
+                          ((model, loss_fn, None), "optimizer must be a torch.optim.Optimizer, got a NoneType"),
+                          ((model, loss_fn, torch.optim.SGD(other.parameters(), lr=0.1)),
+                           "the optimizer holds none of the model's parameters")):
+        with pytest.raises(StillError, match=message):
+            Trainer(*args)
+    frozen = torch.nn.Sequential(torch.nn.Linear(10, 3), other)  # (some of the model's: a fine-tuning)
+    Trainer(frozen, loss_fn, torch.optim.SGD(other.parameters(), lr=0.1))
+
+
 @pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("returned, message", [
     (lambda m, idx: 0.5, "got float"),

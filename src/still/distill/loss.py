@@ -61,8 +61,9 @@ from still.errors import StillError
 
 def _number(value: object) -> float | None:
     """`value` as a Python float where it is a real number (NumPy's and one-element tensors too), else None."""
-    if isinstance(value, torch.Tensor):
-        return float(value) if value.numel() == 1 and value.is_floating_point() else None
+    if isinstance(value, torch.Tensor):  # (an integer one too: torch.tensor(2) was "not a finite number > 0")
+        usable = value.numel() == 1 and not (value.dtype == torch.bool or value.is_complex())
+        return float(value) if usable else None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         try:
             return float(value)
@@ -218,6 +219,10 @@ def distillation_loss(
     if a is None or not 0 <= a <= 1:
         raise StillError(f"alpha (the weight of the soft-target term) must be in [0, 1], got {alpha!r}")
     alpha = a
+    for name, value in (("student_logits", student_logits), ("labels", labels), ("teacher_logits", teacher_logits),
+                        ("teacher_log_probs", teacher_log_probs)):  # (a list or an array: Python's AttributeError)
+        if not (isinstance(value, torch.Tensor) or value is None and name != "student_logits"):
+            raise StillError(f"{name} must be a tensor, got a {type(value).__name__} (torch.as_tensor makes one)")
     if (teacher_logits is None) == (teacher_log_probs is None):
         raise StillError("give exactly one of teacher_logits and teacher_log_probs")
     if soft_loss not in ("kl", "logit_matching"):

@@ -180,6 +180,17 @@ class Trainer:
             raise StillError(f"checkpoint_every_steps must be an int >= 1 or None, got {checkpoint_every_steps!r}")
         if not (_whole(keep) and keep >= 0):
             raise StillError(f"keep must be an int >= 0 (0: every checkpoint), got {keep!r}")
+        # (probes: a function for the model, None for the optimizer were AttributeErrors at the first step)
+        if not isinstance(model, nn.Module):
+            raise StillError(f"model must be a torch.nn.Module, got a {type(model).__name__}")
+        if not callable(loss_fn):
+            raise StillError(f"loss_fn must be a function of (model, batch), got a {type(loss_fn).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise StillError(f"optimizer must be a torch.optim.Optimizer, got a {type(optimizer).__name__}")
+        own = {id(p) for p in model.parameters()}
+        if own and not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
+            raise StillError("the optimizer holds none of the model's parameters: it would train nothing (was it "
+                             "made for another model, or for a copy of this one?)")
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
