@@ -178,6 +178,18 @@ def changed_settings(these: dict[str, Any], those: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(these) | set(those) if these.get(k) != those.get(k))
 
 
+def changed_paths(these: dict[str, Any], those: dict[str, Any], prefix: str = "") -> list[str]:
+    """`changed_settings`, into nested settings: "model.mem_len", not "model"."""
+    paths = []
+    for key in changed_settings(these, those):
+        a, b = these.get(key), those.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            paths += changed_paths(a, b, f"{prefix}{key}.")
+        else:
+            paths.append(f"{prefix}{key}")
+    return paths
+
+
 def replace(config: C, **changes: Any) -> C:
     """`dataclasses.replace` that goes through the same checks as `from_dict`."""
     return from_dict(type(config), {**_init_fields(config), **changes})

@@ -674,7 +674,8 @@ def test_a_run_whose_config_json_was_edited_is_refused_by_eval_and_generate(trai
         del config["model"]["mem_len"]
     (run / "config.json").write_text(json.dumps(config))
     for command in (("lm", "eval", str(run), "--threads", "1"), ("lm", "generate", str(run), "--tokens", "4")):
-        assert_user_error(capsys, *command, contains="config.json differs from the settings its newest checkpoint")
+        assert_user_error(capsys, *command, contains="config.json differs from the settings its newest checkpoint "
+                                                      "was trained with (model.mem_len)")
     assert {path.name: path.read_bytes() for path in run.glob("eval-*.json")} == evaluations
 
 
@@ -712,7 +713,8 @@ def test_run_directory_problems_are_named(trained, tmp_path, capsys):
     config["model"]["d_ff"] = 64
     (out / "config.json").write_text(json.dumps(config))
     assert_user_error(capsys, "lm", "generate", str(out), "--tokens", "3",
-                      contains="config.json differs from the settings its newest checkpoint was trained with (model)")
+                      contains="config.json differs from the settings its newest checkpoint was trained with "
+                               "(model.d_ff)")  # (a probe: "(model)" left the user to find which of its keys)
 
 
 def test_skip_mode_skips_a_nan_step_and_its_training_bits(corpus, tmp_path, capsys, monkeypatch):

@@ -33,7 +33,16 @@ from still.compressive import attention, native as native_step
 from still.compressive.generate import eval_shards, evaluate_streams, generate
 from still.compressive.memory import MemoryState
 from still.compressive.model import CompressiveConfig, CompressiveTransformer
-from still.config import changed_settings, check_fields, from_dict, load_config, replace, save_config, to_dict
+from still.config import (
+    changed_paths,
+    changed_settings,
+    check_fields,
+    from_dict,
+    load_config,
+    replace,
+    save_config,
+    to_dict,
+)
 from still.data.encoded import EncodedCorpus, load_encoded
 from still.data.text import CORPUS_KINDS, NotInVocabulary, Segment, TokenStreams, Vocab, absolute_corpus
 from still.errors import StillError, check
@@ -460,7 +469,7 @@ def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path, ne
         raise StillError(f"{loaded.path} is not a language-model checkpoint ({e})") from None
     ours = to_dict(config)
     theirs["corpus"], ours["corpus"] = absolute_corpus(theirs["corpus"]), absolute_corpus(ours["corpus"])
-    changed = changed_settings(ours, theirs)
+    changed = changed_paths(ours, theirs)  # (a probe: "(model)" left the user to find which of its keys)
     if changed and newest:
         raise StillError(f"{run_dir}/config.json differs from the settings its newest checkpoint was trained with "
                          f"({', '.join(changed)}): it was changed since; put back the checkpoint's own "
