@@ -438,8 +438,10 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
               help="Text to continue.")
 @click.option("--tokens", type=click.IntRange(min=1), default=256, show_default=True, help="How many to generate.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Divides the logits before sampling: < 1 surer, > 1 more varied.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the k likeliest tokens only.")
+              help="Divides the logits before sampling: < 1 surer, > 1 more varied (0 is refused: for the "
+                   "likeliest token every step, greedy, give --top-k 1).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Sample among the k likeliest tokens only (1: greedy; tokens tied with the k-th are kept too).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Sample among the likeliest tokens whose probabilities reach p (nucleus sampling).")
 @click.option("--seed", type=int, default=None,
