@@ -93,7 +93,10 @@ class MemoryState(NamedTuple):
 
     def __reduce__(self) -> tuple:
         """Pickled (`torch.save(state)`, `copy.deepcopy`) without the inference cache, which is
-        derivable (and its weak references do not pickle)."""
+        derivable (and its weak references do not pickle). `torch.load` reads it back with
+        `weights_only=False` only (its default unpickler takes no classes of ours), which runs what
+        the file says: for files from elsewhere, save `to_tensors()` with safetensors and read them
+        with `from_tensors` (as `still lm generate --save-state` does)."""
         return MemoryState, (self.memory, self.compressed, self.memory_valid, self.compressed_valid)
 
     def cache(self, weights_version: tuple) -> tuple[torch.Tensor, ...] | None:
