@@ -230,8 +230,11 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
     train_docs, _ = corpus.split("train")
     stream = TrainStream(train_docs, config)
-    # fails early if the batch size does not split
-    rank_rows = dist.rows(stream.rows, "the batch size")
+    # fails early if the batch size does not split (a corpus of fewer segments than --batch-size gives fewer
+    # rows: named as such, not as the batch size asked)
+    rank_rows = dist.rows(stream.rows, "the batch size" if stream.rows == config.batch_size else
+                          f"the rows the training text fills (fewer than the batch size {config.batch_size}: it "
+                          "has fewer segments)")
     n_rows = rank_rows.stop - rank_rows.start  # this rank's rows of every batch
     if shards is None:
         shards = default_shards(device, n_rows) if not dist.enabled else 1
