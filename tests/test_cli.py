@@ -291,6 +291,32 @@ def test_data_list_shows_the_cache_and_clear_removes_what_it_is_told(capsys, tmp
     assert_user_error(capsys, "data", "clear", "--all", contains="STILL_CORPUS_CACHE is off")
 
 
+def test_data_clear_removes_the_lock_files_of_corpora_without_an_entry(capsys, tmp_path, monkeypatch):
+    """A lock file was left for every corpus tried, one that failed to load too, and `clear --all`
+    or `--stale` never removed them (24 beside 9 entries, a probe). A removed entry's lock goes with
+    it; --stale and --all take the others; the lock of an entry that stays stays."""
+    from still.data.encoded import load_encoded
+
+    root = tmp_path / "corpora"
+    monkeypatch.setenv("STILL_CORPUS_CACHE", str(root))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"to be, \xff or not to be\n" * 20)
+    assert_user_error(capsys, "lm", "train", "--corpus", str(bad), "--out", str(tmp_path / "run"),
+                      contains="is not UTF-8")
+    kept, named = _corpus(tmp_path / "kept"), _corpus(tmp_path / "named")
+    kept_entry, named_entry = load_encoded(kept).entry, load_encoded(named).entry
+    assert len([p for p in root.iterdir() if p.name.endswith(".lock")]) == 3
+    code, out, err = run_cli(capsys, "data", "clear", named)
+    assert code == 0 and "removed 1 folder (" in out and "lock" not in out, (out, err)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(f".{named_entry.name}")) == []
+    code, out, err = run_cli(capsys, "data", "clear", "--stale")
+    assert code == 0 and "removed 0 folders (0 B) and 1 lock file of a corpus without an entry from" in out, (out, err)
+    assert sorted(p.name for p in root.iterdir()) == [f".{kept_entry.name}.lock", kept_entry.name]
+    code, out, err = run_cli(capsys, "data", "clear", "--all")
+    assert code == 0 and "removed 1 folder (" in out and "lock" not in out, (out, err)
+    assert list(root.iterdir()) == []  # (the entry's lock with it)
+
+
 def test_any_command_piped_into_head_ends_quietly(tmp_path):
     """`still data list | head -1`: click's own handling of the reader leaving exited 1 (a probe);
     every command now ends as `lm generate` does, with exit code 0 and nothing said."""

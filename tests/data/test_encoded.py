@@ -59,6 +59,16 @@ def _aside(root, suffix):
     return [p.name for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(suffix)]
 
 
+def _hold(lock):
+    """A process that holds `lock` until its stdin closes (a writer at work)."""
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import fcntl, sys\nf = open({str(lock)!r}, 'a+b')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True)\nsys.stdin.read()\n"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_corpus_is_encoded_once_and_mapped_after(tmp_path, root, reads, capsys):
     name = _books(tmp_path / "pg")
     vocab, splits = _expected(name)
@@ -720,14 +730,9 @@ def test_an_entry_being_written_is_not_removed(tmp_path, root, monkeypatch):
     entry = load_encoded(_books(tmp_path / "pg")).entry
     writing = root / f".{entry.name}.x1.tmp"
     writing.mkdir()
-    lock = root / f".{entry.name}.lock"
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import fcntl, sys\nf = open({str(lock)!r}, 'a+b')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
-                               "print('held', flush=True)\nsys.stdin.read()\n"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _hold(root / f".{entry.name}.lock")
     busy = "another process is encoding that corpus now"
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert encoded.remove(entry) == busy and encoded.remove(writing) == busy
         real_open = open
 
@@ -744,6 +749,79 @@ def test_an_entry_being_written_is_not_removed(tmp_path, root, monkeypatch):
         holder.communicate("", timeout=60)
     assert encoded.remove(writing) is None and encoded.remove(entry) is None
     assert not writing.exists() and not entry.exists()
+
+
+def test_the_locks_of_corpora_without_an_entry_are_removed_unless_held(tmp_path, root):
+    """Every corpus tried leaves its empty lock file, one that failed to encode too, and one whose
+    entry was removed (24 lock files beside 9 entries, a probe): `remove` takes an entry's lock
+    with it, and `remove_lock` the others, but one a process holds."""
+    import still.data.encoded as encoded
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"to be, \xff or not to be\n" * 20)
+    with pytest.raises(StillError, match="is not UTF-8"):
+        load_encoded(str(bad))
+    failed = root / f".{entry_path(root, str(bad), False).name}.lock"
+    kept = load_encoded(_books(tmp_path / "kept")).entry
+    removed = load_encoded(_books(tmp_path / "removed")).entry
+    assert failed.is_file() and encoded._lock_file(kept).is_file() and encoded._lock_file(removed).is_file()
+    assert encoded.remove(removed) is None and not encoded._lock_file(removed).exists()
+    held = root / ".busy-0123456789abcdef0123.lock"
+    (root / ".notes.lock").write_text("mine")  # (not named as a lock of an entry: left alone)
+    holder = _hold(held)
+    try:
+        assert encoded.orphan_locks(root) == [failed, held]  # (not the kept entry's)
+        assert encoded.remove_lock(held) == "another process is encoding that corpus now" and held.is_file()
+    finally:
+        holder.communicate("", timeout=60)
+    assert encoded.remove_lock(failed) is None and encoded.remove_lock(failed) is None  # (gone already: removed)
+    assert encoded.remove_lock(encoded._lock_file(kept)) == "its corpus has an entry now: made since it was listed"
+    assert encoded.remove_lock(root / ".notes.lock") == "not a lock of the corpus cache"
+    assert encoded.remove_lock(held) is None
+    assert sorted(p.name for p in root.iterdir()) == [".notes.lock", encoded._lock_file(kept).name, kept.name]
+    assert encoded.orphan_locks(root / "nowhere") == []
+
+
+def test_a_process_waiting_for_a_lock_that_is_removed_locks_the_new_one(tmp_path, root):
+    """A writer that opened the lock file and waits for it while `clear` takes it and removes it
+    would hold the lock of a file no one opens again: another writer, opening the path, makes a new
+    one and locks it too. It locks the file there now instead."""
+    import threading
+
+    import still.data.encoded as encoded
+
+    entry = entry_path(root, "corpus", False)
+    root.mkdir()
+    lock = root / f".{entry.name}.lock"
+    clearing = subprocess.Popen([sys.executable, "-c",
+                                 f"import fcntl, os, sys\nf = open({str(lock)!r}, 'a+b')\n"
+                                 "fcntl.lockf(f, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.readline()\n"
+                                 f"os.unlink({str(lock)!r})\n"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert clearing.stdout.readline().strip() == "held"
+    holding, release = threading.Event(), threading.Event()
+
+    def write():
+        with encoded._process_lock(entry, "corpus"):
+            holding.set()
+            release.wait(60)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(0.5)  # (the writer waits on the lock file it opened)
+        assert not holding.is_set()
+        clearing.communicate("go\n", timeout=60)  # (removes it, then lets go of it)
+        assert holding.wait(60)
+        other = subprocess.run([sys.executable, "-c",
+                                f"import fcntl\nf = open({str(lock)!r}, 'a+b')\n"
+                                "try:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('free')\n"
+                                "except OSError:\n    print('held')\n"],
+                               capture_output=True, text=True, timeout=60)
+        assert other.stdout.strip() == "held", other
+    finally:
+        release.set()
+        writer.join(60)
 
 
 def test_an_entry_that_cannot_be_removed_is_said(tmp_path, root, monkeypatch):

@@ -31,11 +31,13 @@ SHA-256). A file changed, added or removed since makes a new encoding, which rep
 Writers take the entry's lock (a lock of the process's threads, then a POSIX lock on `.<entry>.lock`
 beside it, which NFS also honours): one process makes a missing entry while the others (torchrun's,
 or another run) wait for it, then map it; where the holder could not write it, they read the corpus
-into memory rather than each try again. The entry is written into a temporary folder, flushed to
-disk and renamed into place; a replaced entry is moved aside and removed a day later (a run
-elsewhere may still be reading it), as is a temporary folder left by a writer that was killed. An
-entry that cannot be written (a full disk, no permission) is said, and the run goes on with its ids
-in memory.
+into memory rather than each try again. The lock file stays after (`still data clear` removes it
+with its entry, or where its corpus has none: `remove`, `remove_lock`; a process that waited on a
+lock file removed meanwhile locks the new one). The entry is written into a temporary folder,
+flushed to disk and renamed into place; a replaced entry is moved aside and removed a day later (a
+run elsewhere may still be reading it), as is a temporary folder left by a writer that was killed.
+An entry that cannot be written (a full disk, no permission) is said, and the run goes on with its
+ids in memory.
 """
 
 from __future__ import annotations
@@ -259,32 +261,55 @@ def _process_lock(entry: Path, name: str) -> Iterator[bool]:
     except ImportError:  # (not a POSIX system)
         yield False
         return
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(entry.parent / f".{entry.name}.lock", "a+b")  # noqa: SIM115 - held across the yield
-    except OSError as e:
-        log(f"cannot open the lock of {entry} ({e.strerror or e}): encoding without it")
-        yield False
-        return
-    with handle:
-        waited = False
+    lock_file, waited = _lock_file(entry), False
+    while True:
         try:
-            try:
-                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):  # (held: EAGAIN, or EACCES on some systems)
-                    raise
-                log(f"waiting for another process to encode {name} into {entry}")
-                waited = True
-                fcntl.lockf(handle, fcntl.LOCK_EX)
-        except OSError as e:  # (a file system without locks)
-            log(f"cannot lock {entry} ({e.strerror or e}): encoding without the lock")
-            yield waited
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_file, "a+b")  # noqa: SIM115 - held across the yield
+        except OSError as e:
+            log(f"cannot open the lock of {entry} ({e.strerror or e}): encoding without it")
+            yield False
             return
-        try:
-            yield waited
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
+        with handle:
+            try:
+                try:
+                    fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):  # (held: EAGAIN, or EACCES on some systems)
+                        raise
+                    log(f"waiting for another process to encode {name} into {entry}")
+                    waited = True
+                    fcntl.lockf(handle, fcntl.LOCK_EX)
+            except OSError as e:  # (a file system without locks)
+                log(f"cannot lock {entry} ({e.strerror or e}): encoding without the lock")
+                yield waited
+                return
+            if not _is_current(handle, lock_file):  # (`remove_lock` removed it while this process waited)
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+                continue
+            try:
+                yield waited
+            finally:
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+            return
+
+
+def _lock_file(entry: Path) -> Path:
+    """The file whose POSIX lock is `entry`'s lock (`_process_lock`, `_lock_if_free`)."""
+    return entry.parent / f".{entry.name}.lock"
+
+
+def _is_current(handle, lock_file: Path) -> bool:
+    """Whether `handle` is the file at `lock_file` now. `still data clear` removes a lock file under
+    its lock (`remove`, `remove_lock`): a process that opened it before and waited for the lock then
+    holds the lock of a file no one else opens, and must lock the one there now (a new one)."""
+    try:
+        held, there = os.fstat(handle.fileno()), os.stat(lock_file)
+    except FileNotFoundError:
+        return False
+    except OSError:  # (cannot tell: as before lock files were removed)
+        return True
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _in_memory(corpus: Corpus, vocab: Vocab, splits: tuple[str, ...] = SPLITS,
@@ -632,6 +657,8 @@ def remove(path: Path, stale_only: bool = False) -> str | None:
                 return None
             except OSError as e:
                 return f"cannot remove it: {e.strerror or e}"
+            with contextlib.suppress(OSError):  # (its lock too, under it; one that stays, `remove_lock` says)
+                _lock_file(path).unlink()
     failed: list[BaseException] = []
 
     def note(function, name, error: BaseException) -> None:  # (gone already is fine)
@@ -661,38 +688,85 @@ def _lock_if_free(entry: Path) -> Iterator[str | None]:
         yield "another thread of this process is writing or removing it"
         return
     try:
+        handle, busy = _take_if_free(_lock_file(entry))
         try:
-            import fcntl
-        except ImportError:  # (not a POSIX system)
-            yield None
-            return
-        lock_file, mode = entry.parent / f".{entry.name}.lock", fcntl.LOCK_EX
+            yield busy
+        finally:
+            if handle is not None:
+                import fcntl
+
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+                handle.close()
+    finally:
+        thread_lock.release()
+
+
+def _take_if_free(lock_file: Path):
+    """(`lock_file`'s handle, locked, or None; why it is not free, or None) (`_lock_if_free`)."""
+    try:
+        import fcntl
+    except ImportError:  # (not a POSIX system)
+        return None, None
+    while True:
+        mode = fcntl.LOCK_EX
         try:
-            handle = open(lock_file, "a+b")  # noqa: SIM115 - held across the yield
+            handle = open(lock_file, "a+b")  # noqa: SIM115 - held by the caller
         except FileNotFoundError:  # (its folder is gone: nothing to remove)
-            yield None
-            return
+            return None, None
         except OSError:
             try:
                 handle, mode = open(lock_file, "rb"), fcntl.LOCK_SH  # noqa: SIM115
             except FileNotFoundError:
-                yield None
-                return
+                return None, None
             except OSError as e:
-                yield f"cannot open its lock {lock_file} ({e.strerror or e})"
-                return
-        with handle:
-            try:
-                fcntl.lockf(handle, mode | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    yield "another process is encoding that corpus now"
-                    return
-                yield None  # (a file system without locks)
-                return
-            try:
-                yield None
-            finally:
-                fcntl.lockf(handle, fcntl.LOCK_UN)
-    finally:
-        thread_lock.release()
+                return None, f"cannot open its lock {lock_file} ({e.strerror or e})"
+        try:
+            fcntl.lockf(handle, mode | fcntl.LOCK_NB)
+        except OSError as e:
+            handle.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return None, "another process is encoding that corpus now"
+            return None, None  # (a file system without locks)
+        if _is_current(handle, lock_file):
+            return handle, None
+        handle.close()  # (removed by another `clear` meanwhile: lock the one there now)
+
+
+_LOCK_NAME = re.compile(r"\.(?P<entry>[A-Za-z0-9_.-]+-[0-9a-f]{20})\.lock")  # `_lock_file`'s
+
+
+def orphan_locks(root: Path) -> list[Path]:
+    """The lock files under `root` of corpora that have no entry (by name). Every corpus a run has
+    tried to encode has one (`_process_lock`), an empty file, whether or not its entry was made, and
+    `remove` removes only the lock of an entry it removes: these are what `remove_lock` clears."""
+    try:
+        listing = sorted(root.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StillError(f"cannot list {root}: {e.strerror or e}") from None
+    return [path for path in listing if (match := _LOCK_NAME.fullmatch(path.name)) and not path.is_symlink()
+            and path.is_file() and not os.path.lexists(path.with_name(match["entry"]))]
+
+
+def remove_lock(lock_file: Path) -> str | None:
+    """Remove the lock file of a corpus that has no entry (`orphan_locks`): None where it is gone
+    (or was already), else why it is left. It is taken first, without waiting: one a process holds
+    (it is encoding that corpus now) is left, as is one whose entry was made since it was listed. A
+    process that opened it before and waits for it locks the new file then (`_is_current`)."""
+    match = _LOCK_NAME.fullmatch(lock_file.name)
+    if match is None or lock_file.is_symlink():
+        return "not a lock of the corpus cache"
+    entry = lock_file.with_name(match["entry"])
+    with _lock_if_free(entry) as busy:
+        if busy:
+            return busy
+        if os.path.lexists(entry):
+            return "its corpus has an entry now: made since it was listed"
+        try:
+            lock_file.unlink()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return f"cannot remove it: {e.strerror or e}"
+    return None
