@@ -183,7 +183,7 @@ class Vocab:
                 what = (f"byte 0x{ord(text[offset]) - 0xDC00:02x}, not UTF-8," if 0xDC80 <= ord(text[offset]) <= 0xDCFF
                         else f"character {text[offset]!r}")  # (a byte that is not UTF-8 arrives as a lone surrogate)
                 raise NotInVocabulary(f"{source}: {what} at offset {offset} is not in the vocabulary (the "
-                                      f"{len(self.symbols)} characters of the training corpus)")
+                                      f"{len(self.symbols)} characters of its corpus's three splits)")
             ids[start : start + len(chunk)] = torch.from_numpy(chunk)
         return ids
 
