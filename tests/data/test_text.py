@@ -101,7 +101,8 @@ def test_byte_vocab():
 def test_non_utf8_names_file_and_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good text\xff more" + b" padding" * 20)
-    with pytest.raises(StillError, match=r"bad.txt is not UTF-8: byte 0xff at offset 9"):
+    with pytest.raises(StillError, match=r"bad.txt is not UTF-8: byte 0xff at offset 9 \(for arbitrary bytes use "
+                                         r"the byte-level vocabulary: `still lm train --byte-level`\)$"):
         load_text(path)
     assert load_text(path, byte_level=True).byte_level  # bytes are fine at byte level
 

@@ -266,7 +266,7 @@ def decode_utf8(data: bytes, source: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise StillError(f"{source} is not UTF-8: byte {data[e.start]:#04x} at offset {e.start} "
-                         "(use the byte-level vocabulary for arbitrary bytes)") from None
+                         "(for arbitrary bytes use the byte-level vocabulary: `still lm train --byte-level`)") from None
 
 
 # ----------------------------------------------------------------------------- corpora
