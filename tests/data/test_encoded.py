@@ -325,6 +325,26 @@ def test_a_book_changed_while_it_is_encoded_is_named(tmp_path, root, monkeypatch
     assert _entries(root) == []
 
 
+def test_an_entry_made_with_a_files_byte_order_mark_is_not_served(tmp_path, root, monkeypatch):
+    """A character-level file's BOM is no longer a character (`decode_utf8`): an entry made before,
+    with U+FEFF in its vocabulary and ids, has the fingerprint of the same files, so the format it
+    records says it is another (`FORMAT` 5), and it is made again."""
+    import still.data.encoded as encoded
+    import still.data.text as text
+
+    path = tmp_path / "marked.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"to be, or not to be\n" * 50)
+    real = text.decode_utf8
+    with monkeypatch.context() as before:  # (as the version before: the mark kept, format 4)
+        before.setattr(text, "decode_utf8", lambda data, source, file=False: real(data, source))
+        before.setattr(encoded, "FORMAT", 4)
+        old = load_encoded(str(path))
+        assert "\ufeff" in old.vocab.symbols
+    assert [e.state for e in encoded.entries(root)[0]] == ["another format"]
+    now = load_encoded(str(path))
+    assert now.entry == old.entry and "\ufeff" not in now.vocab.symbols and now.digest != old.digest
+
+
 def test_a_relative_path_and_its_absolute_path_share_an_entry(tmp_path, root, reads, monkeypatch):
     name = _books(tmp_path / "pg")
     first = load_encoded(name)

@@ -107,6 +107,34 @@ def test_non_utf8_names_file_and_offset(tmp_path):
     assert load_text(path, byte_level=True).byte_level  # bytes are fine at byte level
 
 
+def test_a_byte_order_mark_at_the_start_of_a_file_is_no_character(tmp_path):
+    """A UTF-8 BOM that an editor put at the start of a file was kept as a character, U+FEFF, in the
+    vocabulary and the targets (a probe): a file read by characters gives the ids it gives without
+    one. A BOM elsewhere is a character like any other; at byte level every byte is kept."""
+    from still.data.encoded import load_encoded
+
+    bom = b"\xef\xbb\xbf"
+    text = "To be, or not to be: that is the question.\n" * 20
+    for folder, marked in (("plain", b""), ("marked", bom)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / f"{folder}.txt").write_bytes(marked + text.encode())
+        for i in range(3):
+            (tmp_path / folder / f"{i}.txt").write_bytes(marked + f"book {i}: {text}".encode())
+    for kind in ("{}.txt", "{}"):  # (a file, split by position; a folder, by file)
+        plain, marked = (load_encoded(str(tmp_path / kind.format(f))) for f in ("plain", "marked"))
+        assert "\ufeff" not in marked.vocab.symbols and marked.vocab.to_json() == plain.vocab.to_json()
+        assert marked.digest == plain.digest  # (the same ids, bounds and vocabulary)
+    assert load_text(tmp_path / "marked.txt", byte_level=True).train[0].text.startswith(bom)
+    (tmp_path / "inner.txt").write_bytes(b"ab" + bom + b"cd" * 100)
+    assert load_text(tmp_path / "inner.txt").train[0].text.startswith("ab\ufeffcd")
+    (tmp_path / "marked" / "2.txt").write_bytes(bom)  # (a BOM alone: no characters, an empty split)
+    with pytest.raises(StillError, match="the test split of .* is empty"):
+        load_corpus(str(tmp_path / "marked"))
+    (tmp_path / "bad.txt").write_bytes(bom + b"good text\xff more" + b" padding" * 20)
+    with pytest.raises(StillError, match=r"bad.txt is not UTF-8: byte 0xff at offset 12 "):  # (the file's offset)
+        load_text(tmp_path / "bad.txt")
+
+
 def test_text_file_and_folder(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text("x" * 1000)

