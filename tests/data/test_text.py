@@ -148,6 +148,22 @@ def test_text_file_and_folder(tmp_path):
     assert [d.name for d in corpus.train] == ["0.txt", "1.txt", "2.txt"] and corpus.test[0].name == "4.txt"
 
 
+def test_a_folder_is_split_in_the_walks_order_not_that_of_sorted_paths(tmp_path):
+    """Each folder's entries sorted by name, a sub-folder's files read where its name sorts (a probe:
+    the docs promised the order of sorted paths, which puts a/x.txt after a.txt)."""
+    from still.data.text import walk_files
+
+    folder = tmp_path / "books"
+    (folder / "a").mkdir(parents=True)
+    for name in ("a/x.txt", "a-b.txt", "a.txt"):
+        (folder / name).write_text(f"the book {name}\n" * 10)
+    names = [name for name, _ in walk_files(folder, (".txt",))]
+    assert names == ["a/x.txt", "a-b.txt", "a.txt"] != sorted(names)
+    corpus = load_text(folder)
+    assert [[d.name for d in corpus.split(s)] for s in ("train", "valid", "test")] == [["a/x.txt"], ["a-b.txt"],
+                                                                                       ["a.txt"]]
+
+
 def test_empty_or_short_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(StillError, match="too short to split"):
