@@ -14,6 +14,8 @@ def test_help_and_version(capsys):
     assert code == 0 and "still" in out
     code, out, _ = run_cli(capsys, "distill", "mnist", "--help")
     assert code == 0 and "SOFT-target" in out
+    code, out, _ = run_cli(capsys, "lm", "train", "--help")  # (it said bits per character for bytes too: a probe)
+    assert code == 0 and "bits per character (per byte with --byte-level, and on enwik8)" in " ".join(out.split())
 
 
 def _commands(command, path=("still",)):

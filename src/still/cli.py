@@ -379,7 +379,8 @@ def lm_group() -> None:
 def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, compression, compression_loss,
              post_norm, dropout, steps, eval_every, batch_size, segment_len, lr, seed, precision, out, overwrite,
              cache_dir, threads, shards, eval_fill_rows, compile_, deterministic, on_nonfinite, keep):
-    """Train a Compressive Transformer; prints validation and test bits per character.
+    """Train a Compressive Transformer; prints validation and test bits per character (per byte with
+    --byte-level, and on enwik8).
 
     Data parallel on several processes or GPUs: start it with torchrun, for example
     `torchrun --standalone --nproc-per-node 2 -m still lm train ...`. --batch-size is the global
