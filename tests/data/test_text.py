@@ -168,6 +168,12 @@ def test_empty_or_short_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(StillError, match="too short to split"):
         load_text(tmp_path / "empty.txt")
+    (tmp_path / "short.txt").write_text("é" * 15)  # (split by bytes at byte level, and said so: a probe)
+    with pytest.raises(StillError, match=r"short.txt is too short to split \(15 characters\)"):
+        load_text(tmp_path / "short.txt")
+    (tmp_path / "short.txt").write_text("é" * 5)
+    with pytest.raises(StillError, match=r"short.txt is too short to split \(10 bytes\)"):
+        load_text(tmp_path / "short.txt", byte_level=True)
     with pytest.raises(StillError, match="does not exist"):
         load_corpus(str(tmp_path / "nope.txt"))
     with pytest.raises(StillError, match="the corpus split is empty"):

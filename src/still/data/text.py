@@ -410,12 +410,12 @@ SPLITS = ("train", "valid", "test")
 
 def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float = 0.05,
               test_fraction: float = 0.05, splits: Sequence[str] = SPLITS) -> Corpus:
-    """A UTF-8 text file (split by position: train, then valid, then test) or a folder of `*.txt`
-    files, in its sub-folders too (`walk_files`: hidden ones left out, links followed), split by
-    file in `walk_files`' order (each folder's entries by name, a sub-folder's files where its name
-    sorts): the last ones are valid and test. A folder's files of the splits not in
-    `splits` are not read (those splits are empty). Read by characters, a file's byte-order mark is
-    left out (`decode_utf8`)."""
+    """A UTF-8 text file (split by position, in characters or, `byte_level`, bytes: train, then
+    valid, then test) or a folder of `*.txt` files, in its sub-folders too (`walk_files`: hidden
+    ones left out, links followed), split by file in `walk_files`' order (each folder's entries by
+    name, a sub-folder's files where its name sorts): the last ones are valid and test. A folder's
+    files of the splits not in `splits` are not read (those splits are empty). Read by characters, a
+    file's byte-order mark is left out (`decode_utf8`)."""
     path = Path(path).expanduser()
     if path.is_dir():
         listed = walk_files(path, (".txt",))
@@ -439,7 +439,7 @@ def load_text(path: str | Path, byte_level: bool = False, valid_fraction: float 
     n_valid, n_test = int(n * valid_fraction), int(n * test_fraction)
     n_train = n - n_valid - n_test
     if min(n_train, n_valid, n_test) <= 0:
-        raise StillError(f"{path} is too short to split ({n} characters)")
+        raise StillError(f"{path} is too short to split ({n} {'bytes' if byte_level else 'characters'})")
     name = path.stem
     return Corpus(name, [Document(name, text[:n_train])], [Document(name, text[n_train : n_train + n_valid])],
                   [Document(name, text[n_train + n_valid :])], byte_level)
