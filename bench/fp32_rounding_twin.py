@@ -10,6 +10,12 @@ from fp32's). Training the same seed both ways measures how far apart two fp32 r
 takes `still lm train`'s options (the precision must stay fp32, and the model needs memories) and
 records the change in the run's `results.json` (`meta.rounding_twin`). docs/results/shakespeare.md,
 session 25.
+
+The run folder is marked as a twin's (`rounding_twin.txt`) before training starts, and only a
+folder so marked (or one that holds no run yet) is trained or resumed here: a plain run's folder is
+refused, where the script found the finished run, trained nothing and marked its results a twin's
+(a twin difference of zero). A twin's folder resumed by a plain `still lm train`, though, goes on
+with the other projection and nothing here can see it: resume a twin with this script only.
 """
 
 import json
@@ -19,7 +25,7 @@ from pathlib import Path
 import click
 
 import still.compressive.attention as attention
-from still.cli import cli, main
+from still.cli import cli, main as still_main
 from still.errors import fail
 from still.recipes.lm import PRESETS
 
@@ -35,7 +41,30 @@ def train_options(args: list[str]) -> dict:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+MARKER = "rounding_twin.txt"
+"""In a twin's run folder, from its start: what the twin changes."""
+CHANGE = "HEADS_MAJOR_PROJECTION=False"
+RUN_FILES = ("stage.json", "config.json", "checkpoints", "results.json")
+"""What `still lm train` writes into a run folder: any of them, and a run is there."""
+
+
+def mark_twin(out: Path) -> None:
+    """Mark `out` as a twin's run folder before training: refuse (exit 2) one that holds a run not
+    started as a twin (a probe: a finished plain run of the same settings was reported as its own twin,
+    trained by nothing)."""
+    if out.exists() and not out.is_dir():
+        fail(f"{out} is a file, not a run directory")
+    if (out / MARKER).is_file():
+        return  # a twin's own folder: resumed, or reported if finished
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held:
+        fail(f"{out} holds a run not started as a rounding twin ({', '.join(held)}; no {MARKER}): "
+             "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(CHANGE + "\n")
+
+
+def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
@@ -48,9 +77,15 @@ if __name__ == "__main__":
         fail("the rounding twin changes how the memories are projected: it needs a memory (--mem-len > 0)")
     if options["out"] is None:
         fail("give the twin its own run directory (--out DIR)")
+    out = Path(options["out"])
+    mark_twin(out)
     attention.HEADS_MAJOR_PROJECTION = False
-    main(args)
-    results = Path(options["out"]) / "results.json"
+    still_main(args)
+    results = out / "results.json"
     record = json.loads(results.read_text())
-    record["meta"]["rounding_twin"] = "HEADS_MAJOR_PROJECTION=False"
+    record["meta"]["rounding_twin"] = CHANGE
     results.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

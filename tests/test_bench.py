@@ -283,3 +283,35 @@ def test_the_distillation_throughput_counts_an_epochs_samples_not_its_full_batch
         torch.set_num_threads(threads)
     plain = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| plain student"))
     assert plain.split("|")[-2].strip() == "100.0%", plain
+
+
+def test_the_rounding_twin_refuses_a_plain_runs_folder(corpus, tmp_path, monkeypatch, capsys):
+    """A probe: given the folder of a finished plain run of the same settings, the script found it
+    finished, trained nothing and marked its results a twin's. A plain run's folder is refused; a
+    twin's is marked from its start, and resumed (here: reported, finished) by the script."""
+    import json
+
+    import still.compressive.attention as attention
+    from still.cli import main
+
+    monkeypatch.setattr(attention, "HEADS_MAJOR_PROJECTION", attention.HEADS_MAJOR_PROJECTION)  # (the script sets it)
+    train = ["lm", "train", "--corpus", str(corpus), "--steps", "1", "--eval-every", "1", "--batch-size", "2",
+             "--segment-len", "8", "--mem-len", "8", "--c-mem-len", "4", "--threads", "1"]
+    main([*train, "--out", str(tmp_path / "plain")])
+
+    def twin():  # (as a command: the script as it was had no main)
+        runpy.run_path(str(BENCH / "fp32_rounding_twin.py"), run_name="__main__")
+
+    monkeypatch.setattr("sys.argv", ["fp32_rounding_twin.py", *train, "--out", str(tmp_path / "plain")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        twin()
+    assert exited.value.code == 2
+    assert "plain holds a run not started as a rounding twin" in capsys.readouterr().err
+    assert "rounding_twin" not in json.loads((tmp_path / "plain" / "results.json").read_text())["meta"]
+    for _ in range(2):  # trained, then found finished
+        monkeypatch.setattr("sys.argv", ["fp32_rounding_twin.py", *train, "--out", str(tmp_path / "twin")])
+        twin()
+        meta = json.loads((tmp_path / "twin" / "results.json").read_text())["meta"]
+        assert meta["rounding_twin"] == "HEADS_MAJOR_PROJECTION=False"
+        assert (tmp_path / "twin" / "rounding_twin.txt").is_file()
