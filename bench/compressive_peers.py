@@ -59,7 +59,9 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               --glibc-default leaves glibc's default for both, as every run before session 26 did.
     MFU       train GFLOP/s over the machine's matmul peak (`still bench peak`'s measurement, in a
               subprocess of its own once a repeat, before the repeat's measurements; medians), the
-              bf16 rows over the bf16 peak; not with --no-flops.
+              bf16 rows over the bf16 peak, each row's at the threads it runs on (the -2shards rows:
+              two shards of max(1, threads // 2) each, so 2 at --threads 3); not with --no-flops. At
+              --threads 1 the -2shards rows (two threads) are left out.
 """
 
 from __future__ import annotations
@@ -468,6 +470,13 @@ ONLY_MEASURES = {"ours+compile": ("generate",), "ours-bf16+compile": ("generate"
                  "ours-2shards": ("train", "eval"), "ours-bf16-2shards": ("train", "eval")}  # the others: every measure
 
 
+def threads_of(impl: str, threads: int) -> int:
+    """The threads `impl`'s measurement runs on, given `threads`: a sharded one's `ShardPool` gives each
+    shard max(1, threads // shards) intra-op threads (2 in all at --threads 1 or 3); the others, `threads`."""
+    shards = getattr(ADAPTERS[impl], "shards", 1)
+    return threads if shards == 1 else shards * max(1, threads // shards)
+
+
 def _proc_status_kib() -> dict[str, int]:
     with open("/proc/self/status") as f:
         return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", f.read(), re.MULTILINE)}
@@ -498,7 +507,7 @@ def run_worker(spec: dict) -> dict:
 
     cfg = BenchConfig(**spec["config"])
     measure, seed, count_flops = spec["measure"], spec["seed"], spec["count_flops"]
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(spec.get("threads", cfg.threads))  # (a peak's: the threads of the rows it is for)
     if measure == "peak":  # the machine's matmul peak (`still bench peak`), the denominator of MFU
         from still.bench.peak import peak
 
@@ -679,8 +688,9 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
             tokens_per_unit = cfg.new_tokens if m == "generate" else cfg.batch_size * cfg.segment_len
             flop_row[f"{m} MFLOP/token"] = round(flops / tokens_per_unit / 1e6, 2) if flops else None
             flop_row[f"{m} GFLOP/s"] = round(flops / tokens_per_unit * rate / 1e9, 2) if flops and rate else None
-            if m == "train" and machine.get("peak"):  # against the peak of the precision its products run in
-                peak = machine["peak"]["bf16" if "bf16" in impl else "fp32"]
+            if m == "train" and machine.get("peaks"):  # against the peak of the precision its products run in,
+                # at the threads it runs on (a probe: the 2-shard rows' two threads against one thread's peak)
+                peak = machine["peaks"][threads_of(impl, cfg.threads)]["bf16" if "bf16" in impl else "fp32"]
                 flop_row["train MFU"] = f"{flops / tokens_per_unit * rate / peak:.1%}" if flops and rate else None
         rows.append(row)
         flop_rows.append(flop_row)
@@ -693,7 +703,7 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
                 ratios[column] = ratio(ours_row[column], [r[column] for r in peer_rows],
                                        higher_is_better="tok/s" in column)
         rows.append(ratios)
-    title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast; -2shards: two threads of 8 rows), "
+    title = (f"Compressive Transformers, CPU fp32 (ours-bf16: bf16 autocast{sharded_label(cfg, impls)}), "
              f"{machine['threads']} threads: d_model {cfg.d_model}, "
              f"{cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, segment {cfg.segment_len}, mem "
              f"{cfg.mem_len}, compressed {cfg.c_mem_len}, rate {cfg.compression_rate}, batch {cfg.batch_size} "
@@ -701,25 +711,46 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
              f"of {cfg.gen_runs} in each repeat); medians of {repeats} repeat(s)")
     table = format_table(rows, title=title)
     if any(v is not None for r in flop_rows for k, v in r.items() if k != "implementation"):
-        peak = machine.get("peak")
+        peaks = machine.get("peaks")
+        said = "; ".join(f"{threads} thread{'s' if threads > 1 else ''}: fp32 {peak['fp32'] / 1e9:.1f}, bf16 "
+                         f"{peak['bf16'] / 1e9:.1f}" for threads, peak in sorted((peaks or {}).items()))
         table += "\n" + format_table(flop_rows, title="Matmul and convolution FLOPs counted from shapes "
                                                       "(torch.utils.flop_counter), at the median rates"
                                                       + ("; generate: per new token, the prompt included"
                                                          if "generate" in measures else "")
                                                       + (f"; train MFU: against the matmul peak measured once a "
-                                                         f"repeat (medians: fp32 {peak['fp32'] / 1e9:.1f}, bf16 "
-                                                         f"{peak['bf16'] / 1e9:.1f} GFLOP/s), bf16 rows against bf16's"
-                                                         if peak else ""))
+                                                         f"repeat at the threads each row runs on (medians, GFLOP/s: "
+                                                         f"{said}), bf16 rows against bf16's" if peaks else ""))
     return rows, flop_rows, table
 
 
+def sharded_label(cfg: BenchConfig, impls: list[str]) -> str:
+    """The title's word on the -2shards rows, where there are any: their shards' rows and threads."""
+    sharded = [i for i in impls if getattr(ADAPTERS[i], "shards", 1) > 1]
+    if not sharded:
+        return ""
+    shards = ADAPTERS[sharded[0]].shards
+    per_thread = threads_of(sharded[0], cfg.threads) // shards
+    rows = cfg.batch_size // shards
+    return (f"; -2shards: {shards} shards of {rows} row{'s' if rows != 1 else ''}, {per_thread} "
+            f"thread{'s' if per_thread != 1 else ''} each")
+
+
+def sharded_note(cfg: BenchConfig) -> str:
+    """The note on the -2shards rows, with this run's rows and threads."""
+    shards = OursSharded.shards
+    per_thread = threads_of("ours-2shards", cfg.threads) // shards
+    rows = f"{cfg.batch_size // shards} row{'s' if cfg.batch_size // shards != 1 else ''}"
+    threads = f"{per_thread} intra-op thread{'s' if per_thread != 1 else ''}"
+    return (f"ours-2shards: training and eval; each step split across {shards} threads with {threads} each, as "
+            "`still lm train` runs it by default on a CPU with two or more threads (still.train.shards): each thread "
+            f"runs the forward and backward of {rows} and keeps their memories, the gradients add up, then the same "
+            f"AdamW step; in eval each thread runs the forward of its {rows} (still.compressive.generate.StreamScorer, "
+            f"as `still lm eval` splits a batch of {cfg.batch_size}); its FLOPs are those of ours (not counted: the "
+            "counter sees one thread); ours-bf16-2shards: the same in bf16")
+
+
 STATIC_NOTES = [
-    "ours-2shards: training and eval; each step split across two threads with one intra-op thread each, as "
-    "`still lm train` runs it by default on a CPU with two or more threads (still.train.shards): each thread runs "
-    "the forward and backward of 8 rows and keeps their memories, the gradients add up, then the same AdamW step; "
-    "in eval each thread runs the forward of its 8 rows (still.compressive.generate.StreamScorer, as `still lm "
-    "eval` splits a batch of 16); its FLOPs are those of ours (not counted: the counter sees one thread); "
-    "ours-bf16-2shards: the same in bf16",
     "ratios: ours / the best peer in each column (the fastest for tok/s, the smallest for MiB); > 1x is "
     "better for tok/s, < 1x better for MiB",
     "labml: the training step mirrors its experiment.py Configs.step (its model, merge_compress_memory and "
@@ -803,6 +834,13 @@ def main() -> None:
     machine = machine_description(cfg.threads)
     impls = [i for i in IMPLEMENTATIONS if i in args.only  # and with something to measure in this run
              and any(m in ONLY_MEASURES.get(i, MEASURES) for m in args.measures)]
+    if cfg.threads < 2:  # (as bench/reference_speed.py: two shards would run on two threads, read against one's peak)
+        left_out = [i for i in impls if threads_of(i, cfg.threads) > cfg.threads]
+        impls = [i for i in impls if i not in left_out]
+        if left_out:
+            print(f"--threads {cfg.threads}: {', '.join(left_out)} (two threads) left out", file=sys.stderr, flush=True)
+        if not impls:
+            parser.error(f"--threads {cfg.threads}: {', '.join(left_out)} run on two threads: give --threads 2 or more")
     measures = [m for m in MEASURES if m in args.measures]
     results = []
     builds = {}
@@ -826,13 +864,16 @@ def main() -> None:
               f"(steps: {build['engine']})", file=sys.stderr, flush=True)
     total = repeats * sum(m in ONLY_MEASURES.get(i, MEASURES) for m in measures for i in impls)
     done = 0
-    peaks = []  # the matmul peak once a repeat, for the MFU of the training rows
+    # the matmul peak once a repeat, for the MFU of the training rows: at the threads each of them runs on
+    peak_threads = sorted({threads_of(i, cfg.threads) for i in impls if "train" in ONLY_MEASURES.get(i, MEASURES)}
+                          if "train" in measures and not args.no_flops else set())
+    peaks: dict[int, list[dict]] = {threads: [] for threads in peak_threads}
     for repeat in range(repeats):
-        if "train" in measures and not args.no_flops:
-            peaks.append(run_subprocess({"impl": "peak", "measure": "peak", "seed": repeat, "count_flops": False,
-                                         "config": dataclasses.asdict(cfg)}))
-            if "error" in peaks[-1]:
-                sys.exit(f"measuring the peak failed: {peaks[-1]['error']}\n{peaks[-1]['stderr']}")
+        for threads in peak_threads:
+            peaks[threads].append(run_subprocess({"impl": "peak", "measure": "peak", "seed": repeat, "threads": threads,
+                                                  "count_flops": False, "config": dataclasses.asdict(cfg)}))
+            if "error" in peaks[threads][-1]:
+                sys.exit(f"measuring the peak failed: {peaks[threads][-1]['error']}\n{peaks[threads][-1]['stderr']}")
         for measure in measures:
             shift = repeat % len(impls)
             for impl in impls[shift:] + impls[:shift]:  # a rotated order, so no one always goes first
@@ -851,12 +892,14 @@ def main() -> None:
     if builds:
         shutil.rmtree(aot_cache, ignore_errors=True)
 
-    machine["peak"] = ({precision: statistics.median(p[precision] for p in peaks) for precision in ("fp32", "bf16")}
-                       if peaks else None)
+    machine["peaks"] = {threads: {precision: statistics.median(p[precision] for p in measured)
+                                  for precision in ("fp32", "bf16")} for threads, measured in peaks.items()}
+    machine["peak"] = machine["peaks"].get(cfg.threads)  # (at --threads, as before the rows' own)
     rows, flop_rows, table = report(results, impls, measures, cfg, machine, repeats)
     notes = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))  # in order, once each
     with_ratios = "ours" in impls and any(p in impls for p in PEERS)
-    notes += [n for n in STATIC_NOTES if n.split(":")[0] in impls + (["ratios"] if with_ratios else [])]
+    noted = impls + (["ratios"] if with_ratios else [])
+    notes += [n for n in [sharded_note(cfg), *STATIC_NOTES] if n.split(":")[0] in noted]
     tunables = os.environ.get("GLIBC_TUNABLES")
     notes.append("allocator: " + (
         "every measuring process, of every implementation, ran with glibc's malloc keeping the memory it frees "

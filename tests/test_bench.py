@@ -315,3 +315,52 @@ def test_the_rounding_twin_refuses_a_plain_runs_folder(corpus, tmp_path, monkeyp
         meta = json.loads((tmp_path / "twin" / "results.json").read_text())["meta"]
         assert meta["rounding_twin"] == "HEADS_MAJOR_PROJECTION=False"
         assert (tmp_path / "twin" / "rounding_twin.txt").is_file()
+
+
+def _peer_benchmark(argv: list[str], monkeypatch, capsys) -> tuple[list[dict], str, str]:
+    """bench/compressive_peers.py's main with its measuring processes stood in for: each peak is 1
+    GFLOP/s a thread (fp32; bf16 twice that), each row 256 tokens/s, and ours' counted step 1 GFLOP
+    of 2 x 128 tokens (1 GFLOP/s). (The specs it asked for, its output and its error output.)"""
+    bench = runpy.run_path(str(BENCH / "compressive_peers.py"), run_name="bench_under_test")
+    specs = []
+
+    def measured(spec):
+        specs.append(spec)
+        if spec["measure"] == "peak":
+            threads = spec.get("threads", spec["config"]["threads"])
+            return {"impl": "peak", "measure": "peak", "seed": spec["seed"], "fp32": 1e9 * threads,
+                    "bf16": 2e9 * threads}
+        return {"impl": spec["impl"], "measure": spec["measure"], "seed": spec["seed"], "params": 10,
+                "flops": 1e9 if spec["count_flops"] else None, "tokens_per_s": 256.0, "peak_growth_mib": 1.0,
+                "notes": [], "memory_after_warmup": [128, 128]}
+
+    bench["main"].__globals__["run_subprocess"] = measured
+    monkeypatch.setattr("sys.argv", ["compressive_peers.py", "--quick", "--glibc-default", "--measures", "train",
+                                     *argv])
+    bench["main"]()
+    printed = capsys.readouterr()
+    return specs, printed.out, printed.err
+
+
+def test_the_peer_benchmark_reads_each_rows_mfu_against_the_peak_at_its_threads(monkeypatch, capsys):
+    """A probe: at --threads 3 the 2-shard rows run on two threads (one a shard: `ShardPool` gives each
+    3 // 2), and their MFU was read against the peak at three; the title said "two threads of 8 rows"
+    at any batch."""
+    specs, out, _ = _peer_benchmark(["--threads", "3", "--only", "ours", "ours-2shards"], monkeypatch, capsys)
+    assert sorted(spec.get("threads") for spec in specs if spec["measure"] == "peak") == [2, 3]
+    mfu = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in out.splitlines()
+           if line.startswith("| ours")}
+    assert mfu == {"ours": "33.3%", "ours-2shards": "50.0%"}, out
+    assert "-2shards: 2 shards of 1 row, 1 thread each" in out and "8 rows" not in out
+
+
+def test_the_peer_benchmark_leaves_the_two_shard_rows_out_at_one_thread(monkeypatch, capsys):
+    """A probe: at --threads 1 the 2-shard rows ran on two threads against one thread's peak (up to 2x
+    the MFU): they are left out, as bench/reference_speed.py leaves them out, and asked for alone refused."""
+    specs, out, err = _peer_benchmark(["--threads", "1", "--only", "ours", "ours-2shards"], monkeypatch, capsys)
+    assert {spec["impl"] for spec in specs} == {"peak", "ours"} and "2shards" not in out
+    assert "--threads 1: ours-2shards (two threads) left out" in err
+    with pytest.raises(SystemExit) as exited:
+        _peer_benchmark(["--threads", "1", "--only", "ours-2shards"], monkeypatch, capsys)
+    assert exited.value.code == 2
+    assert "--threads 1: ours-2shards run on two threads: give --threads 2 or more" in capsys.readouterr().err
