@@ -32,7 +32,6 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -40,7 +39,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from still import allocator  # noqa: E402
-from still.bench import at_least_one, run_script  # noqa: E402
+from still.bench import at_least_one, out_folder, run_script  # noqa: E402
 from still.bench.peak import matmul_flops  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER  # noqa: E402
@@ -112,7 +111,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="the recipe's stages to time")
     parser.add_argument("--threads", type=at_least_one, default=None, help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
+    parser.add_argument("--out", type=out_folder, default=None, help="write results.json and results.md here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

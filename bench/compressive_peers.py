@@ -87,7 +87,7 @@ import types  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from still import allocator  # noqa: E402  (no torch: the C library only)
-from still.bench import at_least_one, run_script  # noqa: E402
+from still.bench import at_least_one, out_folder, run_script  # noqa: E402
 
 # The parent process never imports torch: workers import it, so the parent stays small and each
 # worker starts from the same clean state.
@@ -795,7 +795,8 @@ def main() -> None:
     parser.add_argument("--lucidrains-gru", action="store_true",
                         help="lucidrains with its default GRU-gated residuals (off: plain residuals, like the others)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step per measurement)")
-    parser.add_argument("--out", help="also write compressive_peers.json (config, machine, every result) and .md here")
+    parser.add_argument("--out", type=out_folder,
+                        help="also write compressive_peers.json (config, machine, every result) and .md here")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's malloc as it is (by default every measuring process keeps the memory "
                              "it frees and, where the `still` command's process does, advises it for huge "

@@ -61,7 +61,6 @@ import types  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from importlib import metadata  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -69,7 +68,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset  # noqa: E402
 
 from still import allocator  # noqa: E402
-from still.bench import at_least_one, run_script  # noqa: E402
+from still.bench import at_least_one, out_folder, run_script  # noqa: E402
 from still.distill.loss import distillation_loss  # noqa: E402
 from still.distill.models import MLP, MLPConfig  # noqa: E402
 from still.distill.teachers import CachedTeacher, Teacher  # noqa: E402
@@ -266,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=at_least_one, default=3, help="timed epochs of each; their median counts")
     parser.add_argument("--threads", type=at_least_one, default=None, help="CPU threads (default: PyTorch's)")
-    parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
+    parser.add_argument("--out", type=out_folder, default=None, help="write results.json and results.md here")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's malloc settings as they are (default: keep freed memory, as `still` does)")
     args = parser.parse_args()

@@ -64,13 +64,12 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from still.bench import at_least_one, run_script  # noqa: E402
+from still.bench import at_least_one, out_folder, run_script  # noqa: E402
 from still.bench.peak import device_name, peak  # noqa: E402
 from still.compressive import native  # noqa: E402
 from still.compressive.decode import Decoder  # noqa: E402
@@ -280,7 +279,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="reference",
                         help="the reference preset's model, or the peer benchmark's smaller one (same segment, "
                              "memories and batch)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results (JSON and markdown) here")
+    parser.add_argument("--out", type=out_folder, default=None, help="also write the results (JSON and markdown) here")
     args = parser.parse_args()
     global model_changes
     model_changes = MODELS[args.model]

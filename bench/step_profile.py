@@ -43,14 +43,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from still import allocator  # noqa: E402
-from still.bench import at_least_one, run_script  # noqa: E402
+from still.bench import at_least_one, out_folder, run_script  # noqa: E402
 from still.bench.peak import device_name, matmul_flops  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
@@ -212,7 +211,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="also list each precision's N most expensive operators")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's malloc as it is (default: keep freed memory, as the `still` command does)")
-    parser.add_argument("--out", type=Path, help="write step_profile.json and .md into this folder")
+    parser.add_argument("--out", type=out_folder, help="write step_profile.json and .md into this folder")
     args = parser.parse_args()
     for name in ("rows", "steps"):
         if getattr(args, name) < 1:

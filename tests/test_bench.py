@@ -364,3 +364,22 @@ def test_the_peer_benchmark_leaves_the_two_shard_rows_out_at_one_thread(monkeypa
         _peer_benchmark(["--threads", "1", "--only", "ours-2shards"], monkeypatch, capsys)
     assert exited.value.code == 2
     assert "--threads 1: ours-2shards run on two threads: give --threads 2 or more" in capsys.readouterr().err
+
+
+OUT_SCRIPTS = [p for p in SCRIPTS if '"--out"' in p.read_text()]
+
+
+@pytest.mark.parametrize("script", OUT_SCRIPTS, ids=lambda p: p.name)
+def test_an_out_that_is_a_file_is_refused_before_measuring(script, tmp_path, monkeypatch, capsys):
+    """A probe: --out naming a file ended bench/reference_speed.py and bench/step_profile.py (and
+    bench/cifar_step.py) in a FileExistsError traceback after the whole benchmark, its results lost:
+    every --out is `still.bench.out_folder`, a usage error (exit 2) as the command line is read."""
+    parser = _parser_of(script, monkeypatch)
+    monkeypatch.undo()  # (parse_args itself again)
+    (tmp_path / "file").write_text("")
+    for out, said in ((tmp_path / "file", f"{tmp_path / 'file'} is a file, not a folder"),
+                      (tmp_path / "file" / "sub", f"{tmp_path / 'file'} is a file, not a folder (for ")):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["--out", str(out)])
+        assert exited.value.code == 2 and said in capsys.readouterr().err
+    assert parser.parse_args(["--out", str(tmp_path / "new" / "folder")]).out == tmp_path / "new" / "folder"
