@@ -105,7 +105,7 @@ def main() -> None:
             decoders[False].prepare(Sampling())
             times: dict[bool, list[float]] = {True: [], False: []}
             for decoder in decoders.values():
-                per_token(decoder, args.steps // 4)  # warm
+                per_token(decoder, max(1, args.steps // 4))  # warm (a step at least: --steps 1 to 3 divided by 0)
             for _ in range(args.rounds):
                 for native, decoder in decoders.items():
                     times[native].append(per_token(decoder, args.steps))

@@ -383,3 +383,27 @@ def test_an_out_that_is_a_file_is_refused_before_measuring(script, tmp_path, mon
             parser.parse_args(["--out", str(out)])
         assert exited.value.code == 2 and said in capsys.readouterr().err
     assert parser.parse_args(["--out", str(tmp_path / "new" / "folder")]).out == tmp_path / "new" / "folder"
+
+
+def test_the_decoding_step_benchmark_warms_up_at_few_steps(monkeypatch, capsys):
+    """A probe: --steps 1, 2 or 3 warmed up for steps // 4 = 0 steps and divided by them
+    (ZeroDivisionError). The decoders stand in for the compiled ones: each counts its steps."""
+    bench = runpy.run_path(str(BENCH / "decode_steps.py"), run_name="bench_under_test")
+    taken = []
+
+    class Decoder:
+        def __init__(self, model, state, batch, compile, dtype, native):
+            self.native = native or None
+
+        def prepare(self, sampling):
+            pass
+
+        def step_sample(self, token, uniform, sampling):
+            taken.append(self)
+            return token
+
+    bench["main"].__globals__["Decoder"] = Decoder
+    monkeypatch.setattr("sys.argv", ["decode_steps.py", "--preset", "peer", "--steps", "1", "--rounds", "1"])
+    bench["main"]()
+    assert len(taken) == 2 * 2 * (1 + 1)  # 2 dtypes x 2 steps x (a warm-up step + a timed one)
+    assert "peer       fp32" in capsys.readouterr().out
