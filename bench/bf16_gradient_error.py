@@ -43,7 +43,7 @@ from collections.abc import Iterator  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from still.bench import at_least_one, run_script  # noqa: E402
+from still.bench import at_least_one, at_least_zero, run_script  # noqa: E402
 from still.compressive import attention  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
@@ -87,7 +87,8 @@ def distance(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], names
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a `still lm train` run directory")
-    parser.add_argument("--step", type=int, default=1750, help="the training step whose data is used")
+    parser.add_argument("--step", type=at_least_zero, default=1750,  # (-5: `max() arg is an empty sequence`)
+                        help="the training step whose data is used")
     parser.add_argument("--steps", type=at_least_one, default=2,
                         help="steps differentiated (each from the same memories)")
     parser.add_argument("--threads", type=at_least_one, default=None, help="CPU threads (default: PyTorch's)")

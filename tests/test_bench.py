@@ -407,3 +407,13 @@ def test_the_decoding_step_benchmark_warms_up_at_few_steps(monkeypatch, capsys):
     bench["main"]()
     assert len(taken) == 2 * 2 * (1 + 1)  # 2 dtypes x 2 steps x (a warm-up step + a timed one)
     assert "peer       fp32" in capsys.readouterr().out
+
+
+def test_the_bf16_gradient_benchmark_refuses_a_step_below_zero(monkeypatch, capsys):
+    """A probe: --step -5 ended in `ValueError: max() arg is an empty sequence`."""
+    parser = _parser_of(BENCH / "bf16_gradient_error.py", monkeypatch)
+    monkeypatch.undo()  # (parse_args itself again)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["run", "--step", "-5"])
+    assert exited.value.code == 2 and "argument --step: must be >= 0, got -5" in capsys.readouterr().err
+    assert parser.parse_args(["run", "--step", "0"]).step == 0

@@ -4,14 +4,24 @@
 def at_least_one(text: str) -> int:
     """An argparse type for the benchmarks' counts (repeats, steps, threads ...): a whole number >= 1,
     else a usage error (exit 2) naming the value."""
+    return _at_least(text, 1)
+
+
+def at_least_zero(text: str) -> int:
+    """An argparse type for the benchmarks' positions (a training step ...): a whole number >= 0, else
+    a usage error (exit 2) naming the value."""
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, low: int) -> int:
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
     return value
 
 
