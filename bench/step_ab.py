@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from still.bench import at_least_one, run_script
-from still.errors import fail
+from still.errors import StillError, fail
 
 WORKER = r"""
 import statistics, sys, time
@@ -81,9 +81,19 @@ MEASURES = [("train", "fp32"), ("train", "bf16"), ("eval", "fp32"), ("eval", "bf
 
 def measure(src: str, mode: str, precision: str, steps: int, threads: int, size: str) -> float:
     env = {**os.environ, "PYTHONPATH": src, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    out = subprocess.run([sys.executable, "-c", WORKER, mode, precision, str(steps), str(threads), size],
-                         capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", WORKER, mode, precision, str(steps), str(threads), size],
+                          capture_output=True, text=True, env=env)
+    printed = done.stdout.strip().splitlines()
+    try:
+        if done.returncode == 0 and printed:
+            return float(printed[-1])
+    except ValueError:
+        pass
+    # the child's own error, on one line (a probe: CalledProcessError's traceback showed the whole worker
+    # script, and the child's error output, with what failed, was captured and never shown)
+    said = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    raise StillError(f"the {mode} {precision} measurement of {src} failed (exit {done.returncode}): "
+                     + (said[-1] if said else f"no error output; it printed {printed[-1:] or 'nothing'}"))
 
 
 def main() -> None:

@@ -417,3 +417,22 @@ def test_the_bf16_gradient_benchmark_refuses_a_step_below_zero(monkeypatch, caps
         parser.parse_args(["run", "--step", "-5"])
     assert exited.value.code == 2 and "argument --step: must be >= 0, got -5" in capsys.readouterr().err
     assert parser.parse_args(["run", "--step", "0"]).step == 0
+
+
+def test_the_step_ab_benchmark_says_a_failed_measurements_own_error(tmp_path, monkeypatch, capsys):
+    """A probe: a measuring process that failed (an old src whose API differs; here a still with
+    nothing in it) ended in a CalledProcessError traceback showing the whole worker script, and never
+    the child's own error: now that error on one line, exit 2."""
+    from still.bench import run_script
+
+    (tmp_path / "src" / "still").mkdir(parents=True)
+    (tmp_path / "src" / "still" / "__init__.py").write_text("")
+    bench = runpy.run_path(str(BENCH / "step_ab.py"), run_name="bench_under_test")
+    src = str(tmp_path / "src")
+    monkeypatch.setattr("sys.argv", ["step_ab.py", src, src, "--rounds", "1", "--steps", "1", "--only", "eval-fp32"])
+    with pytest.raises(SystemExit) as exited:
+        run_script(bench["main"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err == (f"error: the eval fp32 measurement of {src} failed (exit 1): "
+                   "ModuleNotFoundError: No module named 'still.compressive'\n")
