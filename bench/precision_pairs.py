@@ -22,17 +22,32 @@ import math
 import statistics
 from pathlib import Path
 
-from still.errors import fail
+from still.bench import run_script
+from still.errors import StillError
 
 SPLITS = ("valid_bpc", "test_bpc")
 
 
 def load(run: str) -> dict:
+    """A finished `still lm train` run's first row and settings; a results.json that cannot be read, or
+    holds no such row (a distillation's, say), refused naming it (a probe: JSONDecodeError and KeyError
+    tracebacks)."""
     path = Path(run) / "results.json"
     if not path.is_file():
-        fail(f"{path}: no results (is the run finished?)")
-    record = json.loads(path.read_text())
-    return {"row": record["rows"][0], "config": record["meta"]["config"]}
+        raise StillError(f"{path}: no results (is the run finished?)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # (a truncated file; bytes that are not UTF-8)
+        raise StillError(f"cannot read {path} ({e})") from None
+    rows = record.get("rows") if isinstance(record, dict) else None
+    meta = record.get("meta") if isinstance(record, dict) else None
+    row = rows[0] if isinstance(rows, list) and rows and isinstance(rows[0], dict) else {}
+    config = meta.get("config") if isinstance(meta, dict) else None
+    lacking = [split for split in SPLITS if not isinstance(row.get(split), (int, float))]
+    if lacking or not isinstance(config, dict):
+        raise StillError(f"{path} holds no finished `still lm train` run's results ("
+                         + (f"no {' or '.join(lacking)} in its first row" if lacking else "no meta.config") + ")")
+    return {"row": row, "config": config}
 
 
 def comparable(a: dict, b: dict) -> list[str]:
@@ -72,7 +87,7 @@ def main() -> None:
             for b_dir, b in bs:
                 differ = comparable(a, b)
                 if differ:
-                    fail(f"{a_dir} and {b_dir} differ in {', '.join(differ)} (not a pair)")
+                    raise StillError(f"{a_dir} and {b_dir} differ in {', '.join(differ)} (not a pair)")
             loaded.append((a_dir, a, bs))
         groups.append((name, loaded))
     for name, loaded in groups:
@@ -88,11 +103,11 @@ def main() -> None:
                 diffs[split].append(d)
                 cells += [f"{a['row'][split]:.4f}", f"{b_value:.4f}", f"{d:+.4f}"]
             b_names = " + ".join(Path(b_dir).name for b_dir, _ in bs)
-            print(f"| {a['config']['seed']} | {Path(a_dir).name} | {b_names} | " + " | ".join(cells) + " |")
+            print(f"| {a['config'].get('seed', '-')} | {Path(a_dir).name} | {b_names} | " + " | ".join(cells) + " |")
         print()
         for split in SPLITS:
             print(f"{split}: {summary(diffs[split], args.tolerance)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -436,3 +436,31 @@ def test_the_step_ab_benchmark_says_a_failed_measurements_own_error(tmp_path, mo
     assert exited.value.code == 2 and err.count("\n") == 1, err
     assert err == (f"error: the eval fp32 measurement of {src} failed (exit 1): "
                    "ModuleNotFoundError: No module named 'still.compressive'\n")
+
+
+def test_the_precision_pairs_refuse_results_they_cannot_read(tmp_path, monkeypatch, capsys):
+    """A probe: a truncated results.json, or a distillation's (rows without valid_bpc), ended in
+    JSONDecodeError and KeyError tracebacks: now one line naming the file, exit 2."""
+    import json
+
+    from still.bench import run_script
+
+    good = {"rows": [{"valid_bpc": 1.5, "test_bpc": 1.6}], "meta": {"config": {"seed": 0, "precision": "fp32"}}}
+    runs = {"good": json.dumps(good), "truncated": json.dumps(good)[:30],
+            "distilled": json.dumps({"rows": [{"stage": "student", "test_acc": 0.9}], "meta": {"config": {}}})}
+    for name, text in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(text)
+    bench = runpy.run_path(str(BENCH / "precision_pairs.py"), run_name="bench_under_test")
+    for bad, said in (("truncated", "cannot read {}/results.json ("),
+                      ("distilled", "{}/results.json holds no finished `still lm train` run's results "
+                                    "(no valid_bpc or test_bpc in its first row)")):
+        monkeypatch.setattr("sys.argv", ["precision_pairs.py", "--group", "g", f"{tmp_path / 'good'}:{tmp_path / bad}"])
+        with pytest.raises(SystemExit) as exited:
+            run_script(bench["main"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: " + said.format(tmp_path / bad)), err
+    monkeypatch.setattr("sys.argv", ["precision_pairs.py", "--group", "g", f"{tmp_path / 'good'}:{tmp_path / 'good'}"])
+    run_script(bench["main"])
+    assert "valid_bpc: n 1, difference +0.0000" in capsys.readouterr().out
