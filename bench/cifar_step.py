@@ -13,7 +13,7 @@ Adam at 2.5e-4, batch 64, random crops and flips):
 The images are random, CIFAR-shaped (the real set needs the internet; a step's cost does not depend
 on the pixels). For each precision and stage the two layouts start from the same weights and take
 turns of `--steps` steps, so that the shared machine's drift hits both alike. Printed: ms a step
-(the median over repeats), the median of each repeat's ratio of NCHW's time to still's, and the
+(the median over repeats), the median of each repeat's ratio of still's time to NCHW's, and the
 FLOP rate of the step's products (convolutions and the linear head, counted by
 `torch.utils.flop_counter` from one step; the teacher's forward included in `distilled`) against this
 machine's matmul peak in that precision (`still bench peak`'s measurement of it alone, once a repeat).
