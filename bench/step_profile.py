@@ -208,7 +208,8 @@ def main() -> None:
                         help="steps before them, which must fill both memories (default 6: the presets' fill in 5)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
                         help="precisions to profile, in this order (default fp32 bf16)")
-    parser.add_argument("--top", type=int, default=0, help="also list each precision's N most expensive operators")
+    parser.add_argument("--top", type=at_least_one, default=0,  # (0, the default: no list)
+                        help="also list each precision's N most expensive operators")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's malloc as it is (default: keep freed memory, as the `still` command does)")
     parser.add_argument("--out", type=out_folder, help="write step_profile.json and .md into this folder")
