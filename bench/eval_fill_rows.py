@@ -47,6 +47,9 @@ def main() -> None:
         segments = None  # the whole split
     else:
         config = PRESETS[args.preset]
+        if args.row_tokens < config.segment_len:  # (else no segment: "nothing to evaluate", --row-tokens unnamed)
+            parser.error(f"--row-tokens must be at least the preset's segment length ({config.segment_len}), "
+                         f"got {args.row_tokens}")
         model = CompressiveTransformer(replace(config.model, vocab_size=100, dropout=0.0)).eval()
         docs = [torch.randint(1, 100, (args.tokens,), generator=torch.Generator().manual_seed(0))]
         segments = args.row_tokens // config.segment_len

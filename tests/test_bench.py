@@ -464,3 +464,15 @@ def test_the_precision_pairs_refuse_results_they_cannot_read(tmp_path, monkeypat
     monkeypatch.setattr("sys.argv", ["precision_pairs.py", "--group", "g", f"{tmp_path / 'good'}:{tmp_path / 'good'}"])
     run_script(bench["main"])
     assert "valid_bpc: n 1, difference +0.0000" in capsys.readouterr().out
+
+
+def test_the_fill_rows_benchmark_names_a_row_shorter_than_a_segment(monkeypatch, capsys):
+    """A probe: --row-tokens below the segment length ended in "nothing to evaluate: the split has no
+    targets", which does not name it."""
+    bench = runpy.run_path(str(BENCH / "eval_fill_rows.py"), run_name="bench_under_test")
+    monkeypatch.setattr("sys.argv", ["eval_fill_rows.py", "--preset", "reference", "--row-tokens", "100",
+                                     "--tokens", "300", "--precision", "fp32", "--repeats", "1"])
+    with pytest.raises(SystemExit) as exited:
+        bench["main"]()
+    assert exited.value.code == 2
+    assert "--row-tokens must be at least the preset's segment length (128), got 100" in capsys.readouterr().err
