@@ -423,8 +423,8 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
                    "much faster; each piece is read without the text before it, so the loss is a little higher "
                    "(default: as the run was trained, --eval-fill-rows).")
 def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads, shards, fill_rows):
-    """Bits per character and perplexity over a whole split, streaming with memory, and the loss by
-    position within the document (table and plot in RUN_DIR)."""
+    """Bits per character (per byte for a byte-level run) and perplexity over a whole split,
+    streaming with memory, and the loss by position within the document (table and plot in RUN_DIR)."""
     from still.recipes.lm import eval_lm
 
     _one_process("lm eval")

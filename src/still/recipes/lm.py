@@ -496,7 +496,8 @@ def _recorded_split_digest(run_dir: Path, split: str) -> str | None:
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
             print_table: bool = True, checkpoint: str | Path | None = None, precision: str | None = None,
             shards: int | None = None, fill_rows: bool | None = None) -> dict:
-    """Bits per character over a whole split, streaming with memory, and the loss by position.
+    """Bits per character (per byte for a byte-level run) over a whole split, streaming with memory,
+    and the loss by position.
     `precision`: fp32 or bf16 (default: the run's). `shards`: split each segment's rows across this
     many CPU threads (`StreamScorer`; default: `eval_shards`). `fill_rows`: cut a split of fewer
     documents than rows into pieces, one a row (`LMConfig.eval_fill_rows`; default: the run's)."""
