@@ -183,6 +183,7 @@ def test_numpy_numbers_are_taken_as_python_ones():
     assert all(type(b) is float for b in optim.betas)
     mnist = MnistConfig(batch_size=np.uint16(64), seed=np.uint64(7))
     assert (mnist.batch_size, mnist.seed) == (64, 7) and type(mnist.seed) is int
+    assert CompressiveConfig(pre_norm=np.bool_(False)).pre_norm is False  # (NumPy's bools for bools)
     for kwargs, message in (({"n_layers": np.bool_(True)}, "expected an integer, got np.True_"),
                             ({"d_model": np.float64(64.0)}, "expected an integer, got"),
                             ({"dropout": np.bool_(False)}, "expected a number, got np.False_")):

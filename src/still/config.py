@@ -142,6 +142,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise StillError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if annotation is bool:
+        if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # (NumPy's, as its
+            return bool(value)  # numbers are taken; not importing NumPy for it)
         if not isinstance(value, bool):
             raise StillError(f"{where}: expected true or false, got {value!r}")
         return value

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -105,6 +106,39 @@ def test_resume_with_a_shuffling_data_loader_is_exact(tmp_path, stop_after_steps
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [h["train_loss"] for h in straight.state.history] == [h["train_loss"] for h in resumed.state.history]
+
+
+def test_a_resumed_data_loader_with_persistent_workers_is_said_not_to_resume_exactly(tmp_path):
+    """A probe: resumed in a later epoch, a DataLoader with persistent workers drew another order (its
+    first iterator draws the workers' base seed, which the uninterrupted run drew once): said."""
+    from torch.utils.data import DataLoader
+
+    def run(epochs, **workers):
+        trainer, said = make_trainer(tmp_path / str(workers)), []
+        trainer.log = said.append
+        loader = DataLoader(range(96), batch_size=16, shuffle=True, **workers)
+        trainer.fit(lambda epoch: loader, epochs)
+        return said
+
+    for workers in ({"num_workers": 1, "persistent_workers": True}, {}):
+        run(1, **workers)
+        said = [m for m in run(2, **workers) if "persistent workers" in m]
+        assert len(said) == bool(workers) and (not said or "resumed in epoch 2, its order" in said[0]), said
+
+
+def test_a_checkpoint_without_the_epochs_rng_states_resumes_saying_so(tmp_path):
+    """A probe: a checkpoint written within an epoch by an older still (no `epoch_start` states)
+    resumed inexactly where the batches draw from the global generator, unsaid."""
+    make_trainer(tmp_path, every_steps=9).fit(BATCHES, 2)
+    path = tmp_path / "ckpt-00000009"
+    _forge(path, "state.json", lambda data: data["rng"].pop("epoch_start"))
+    _forge(path, "state.safetensors", lambda tensors: [tensors.pop(k) for k in list(tensors) if "epoch_start" in k])
+    for newer in sorted(tmp_path.glob("ckpt-*"))[1:]:
+        shutil.rmtree(newer)
+    trainer, said = make_trainer(tmp_path), []
+    trainer.log = said.append
+    trainer.fit(BATCHES, 2)
+    assert any("keeps no RNG states of its epoch's start" in m and "epoch 2 is not" in m for m in said), said
 
 
 def test_an_epoch_of_no_batches_is_named(tmp_path):
@@ -768,6 +802,27 @@ def test_a_checkpoint_whose_training_state_was_written_otherwise_is_named(tmp_pa
     # moments and the RNG states had loaded, for a caller who goes on)
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
     assert not trainer.optimizer.state and torch.equal(rng, torch.get_rng_state()) and trainer.state.step == 0
+
+
+def test_weights_refused_for_their_kind_of_number_leave_the_trainer_as_it_was(tmp_path):
+    """A probe: a checkpoint refused for a weight of another kind of number (a float buffer where the
+    model has an integer one) left the checkpoint's Adam moments, schedule and RNG states loaded."""
+    def trainer(kind):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(10, 3)
+        model.register_buffer("b", torch.zeros(3, dtype=kind))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)
+        return Trainer(model, lambda m, idx: F.cross_entropy(m(X[idx]), Y[idx]), optimizer, scheduler,
+                       checkpoint_dir=tmp_path, log=lambda _: None)
+
+    trainer(torch.float32).fit(BATCHES, 1)
+    other = trainer(torch.int64)
+    rng, lr = torch.get_rng_state(), other.optimizer.param_groups[0]["lr"]
+    with pytest.raises(StillError, match="b: torch.float32"):
+        other.fit(BATCHES, 2)
+    assert not other.optimizer.state and torch.equal(rng, torch.get_rng_state())
+    assert other.scheduler.last_epoch == 0 and other.optimizer.param_groups[0]["lr"] == lr
 
 
 @pytest.mark.parametrize("optimizer", [

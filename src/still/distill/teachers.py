@@ -316,7 +316,7 @@ class CachedTeacher:
                             return cached
                 except Exception:  # a damaged cache entry is recomputed
                     pass
-                path.unlink(missing_ok=True)  # (damaged, older, or of another number of examples: recomputed)
+                path.unlink(missing_ok=True)  # (damaged, unchecked, or of another number of examples: recomputed)
         device = next(iter(teacher.parameters()), torch.empty(0)).device
         chunks = [teacher.member_logits(inputs[i : i + batch_size].to(device)).cpu()
                   for i in progress(range(0, len(inputs), batch_size), desc=desc, unit="batch")]

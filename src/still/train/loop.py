@@ -236,6 +236,7 @@ class Trainer:
         self._saved: Path | None = None  # the newest checkpoint this trainer wrote
         self._epoch_rng: dict | None = None  # the RNG states as this epoch began (`_epoch_batches`)
         self._resume_epoch_rng: dict | None = None  # those of the checkpoint resumed from, for its epoch
+        self._continuing = False  # resumed, until the first epoch's batches are made
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -313,7 +314,8 @@ class Trainer:
         own = self.model.state_dict()
         if own.keys() != checkpoint.model.keys() or any(own[k].shape != w.shape for k, w in checkpoint.model.items()):
             ckpt.load_model_weights(self.model, checkpoint.model, source=source)  # raises, naming what differs
-        previous = rng_state()
+        previous_rng, previous_optimizer = rng_state(), self.optimizer.state_dict()
+        previous_scheduler = self.scheduler.state_dict() if self.scheduler is not None else None
         try:
             for states in (rng.get("epoch_start"), rng) if rng is not None else ():
                 if states is not None:  # (the epoch's start too, to see that it reads; the checkpoint's stay)
@@ -322,12 +324,16 @@ class Trainer:
             opt_state = ckpt.optimizer_state(checkpoint)
             if opt_state is not None:
                 self._load_optimizer_state(opt_state, source)
-        except BaseException:
-            set_rng_state(previous)
+            if self.scheduler is not None and "scheduler" in checkpoint.state:
+                self.scheduler.load_state_dict(checkpoint.state["scheduler"])
+            # last: it checks every weight (another kind of number, say) before it copies any
+            ckpt.load_model_weights(self.model, checkpoint.model, source=source)
+        except BaseException:  # (a probe: weights refused for their kind left the moments and RNG loaded)
+            set_rng_state(previous_rng)
+            self.optimizer.load_state_dict(previous_optimizer)
+            if previous_scheduler is not None:
+                self.scheduler.load_state_dict(previous_scheduler)
             raise
-        ckpt.load_model_weights(self.model, checkpoint.model, source=source)
-        if self.scheduler is not None and "scheduler" in checkpoint.state:
-            self.scheduler.load_state_dict(checkpoint.state["scheduler"])
         self._resume_epoch_rng = rng.get("epoch_start") if rng is not None else None
         self.state = state
         if self.load_state_tensors is not None:
@@ -559,6 +565,11 @@ class Trainer:
         another order than the epoch's first part had (some examples twice, others never)."""
         resumed = self._resume_epoch_rng if self.state.batch else None
         self._resume_epoch_rng = None
+        continuing, self._continuing = self._continuing, False
+        if continuing and self.state.batch and resumed is None:
+            self.log(f"{self.desc}: its checkpoint (an older still's) keeps no RNG states of its epoch's start: "
+                     "where the batches are drawn from the global generator (a shuffling DataLoader), the rest of "
+                     f"epoch {epoch + 1} is not the uninterrupted run's")
         now = None
         if resumed is not None:
             now = rng_state()
@@ -567,6 +578,12 @@ class Trainer:
         # (a checkpoint of a run resumed within an epoch from an older checkpoint keeps no epoch start)
         self._epoch_rng = rng_state() if resumed is not None or not self.state.batch else None
         epoch_batches = batches(epoch)
+        if continuing and epoch > 0 and getattr(epoch_batches, "persistent_workers", False):
+            # (its first iterator draws the workers' base seed from the global generator, which the
+            # uninterrupted run drew once, in its first epoch: the order drawn after it differs, a probe)
+            self.log(f"{self.desc}: a DataLoader with persistent workers draws its workers' seeds once, in its "
+                     f"first epoch: resumed in epoch {epoch + 1}, its order and its workers' random numbers are not "
+                     "the uninterrupted run's (persistent_workers=False resumes exactly)")
         total = len(epoch_batches) if isinstance(epoch_batches, Sized) else None
         try:
             iterator = iter(epoch_batches)
@@ -607,7 +624,7 @@ class Trainer:
             for module in frozen:
                 module.eval()
 
-        resumed = self.resume()
+        resumed = self._continuing = self.resume()
         self.dist.check_same(self.state.step, "the step they start at", "every process must read the same checkpoint "
                              "folder (on several machines, a file system they share)")
         if resumed:
