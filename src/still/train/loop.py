@@ -306,9 +306,10 @@ class Trainer:
                              f"({type(e).__name__}: {e})") from None
 
     def _restore(self, checkpoint: ckpt.Checkpoint, source: str) -> None:
-        # what could be refused is read before anything loads, and the RNG states are put back if
-        # anything after them is: a refusal leaves the trainer as it was (a probe: a checkpoint's bad
-        # counters were named with its weights, moments and RNG states already loaded)
+        # what could be refused is read before anything loads, and the RNG states, the optimizer's and
+        # the schedule's are put back if anything after them is: a refusal leaves the trainer as it was
+        # (probes: a checkpoint's bad counters, or weights of another kind of number, were named with
+        # its moments and RNG states already loaded)
         state = _train_state(checkpoint.state.get("state"), source, checkpoint.step)
         rng = ckpt.rng_state_of(checkpoint)
         own = self.model.state_dict()
