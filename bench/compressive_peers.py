@@ -724,30 +724,31 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
     return rows, flop_rows, table
 
 
+def _shard_words(cfg: BenchConfig, impl: str) -> tuple[int, str, str]:
+    """A sharded row's shards, and each shard's rows and intra-op threads in words ("8 rows", "1 thread")."""
+    shards = ADAPTERS[impl].shards
+    rows, threads = cfg.batch_size // shards, threads_of(impl, cfg.threads) // shards
+    return shards, f"{rows} row{'s' if rows != 1 else ''}", f"{threads} thread{'s' if threads != 1 else ''}"
+
+
 def sharded_label(cfg: BenchConfig, impls: list[str]) -> str:
     """The title's word on the -2shards rows, where there are any: their shards' rows and threads."""
     sharded = [i for i in impls if getattr(ADAPTERS[i], "shards", 1) > 1]
     if not sharded:
         return ""
-    shards = ADAPTERS[sharded[0]].shards
-    per_thread = threads_of(sharded[0], cfg.threads) // shards
-    rows = cfg.batch_size // shards
-    return (f"; -2shards: {shards} shards of {rows} row{'s' if rows != 1 else ''}, {per_thread} "
-            f"thread{'s' if per_thread != 1 else ''} each")
+    shards, rows, threads = _shard_words(cfg, sharded[0])
+    return f"; -2shards: {shards} shards of {rows}, {threads} each"
 
 
 def sharded_note(cfg: BenchConfig) -> str:
     """The note on the -2shards rows, with this run's rows and threads."""
-    shards = OursSharded.shards
-    per_thread = threads_of("ours-2shards", cfg.threads) // shards
-    rows = f"{cfg.batch_size // shards} row{'s' if cfg.batch_size // shards != 1 else ''}"
-    threads = f"{per_thread} intra-op thread{'s' if per_thread != 1 else ''}"
-    return (f"ours-2shards: training and eval; each step split across {shards} threads with {threads} each, as "
-            "`still lm train` runs it by default on a CPU with two or more threads (still.train.shards): each thread "
-            f"runs the forward and backward of {rows} and keeps their memories, the gradients add up, then the same "
-            f"AdamW step; in eval each thread runs the forward of its {rows} (still.compressive.generate.StreamScorer, "
-            f"as `still lm eval` splits a batch of {cfg.batch_size}); its FLOPs are those of ours (not counted: the "
-            "counter sees one thread); ours-bf16-2shards: the same in bf16")
+    shards, rows, threads = _shard_words(cfg, "ours-2shards")
+    return (f"ours-2shards: training and eval; each step split across {shards} threads, each with {threads} "
+            "(intra-op), as `still lm train` runs it by default on a CPU with two or more threads "
+            f"(still.train.shards): each thread runs the forward and backward of {rows} and keeps their memories, "
+            f"the gradients add up, then the same AdamW step; in eval each thread runs the forward of its {rows} "
+            f"(still.compressive.generate.StreamScorer, as `still lm eval` splits a batch of {cfg.batch_size}); its "
+            "FLOPs are those of ours (not counted: the counter sees one thread); ours-bf16-2shards: the same in bf16")
 
 
 STATIC_NOTES = [

@@ -483,8 +483,7 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
                     checkpoint=checkpoint, precision=precision, compile=compile_, state=state, save_state=save_state)
     except BrokenPipeError:  # the reader left: what it wanted was written, but for a state asked of the whole
         if save_state is None or _reader_left(sys.stderr):
-            _reader_gone()
-            return
+            raise  # (the group's `_reader_gone`)
         _quiet(sys.stdout)
         click.echo(f"still: the reader left before the {tokens} tokens were written: {save_state} was not "
                    "written (its state would be of text the reader did not take)", err=True)
