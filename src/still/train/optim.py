@@ -56,7 +56,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -
     unit at the edge of zero switched on in one run and not in the other changes that step's gradient
     far more than the rounding did."""
     params = [p for p in params if p.requires_grad]
-    fused = _fused_supported(params) or None
+    fused = _fused_supported(params, config.name) or None
     if config.name == "sgd":
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                     nesterov=config.momentum > 0, weight_decay=config.weight_decay, fused=fused)
@@ -80,7 +80,12 @@ def _mark_parameters_written(optimizer: torch.optim.Optimizer, args, kwargs) -> 
     torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
 
 
-def _fused_supported(params: list[torch.Tensor]) -> bool:
+def _fused_supported(params: list[torch.Tensor], name: str) -> bool:
+    """Whether PyTorch has a fused kernel for `params` that updates as its loop does. Not SGD's on
+    the CPU for bf16 or fp16 parameters: in PyTorch 2.13 it leaves them unchanged (lr 0.1, a gradient
+    of ones: not one element moved), where Adam's and AdamW's round as their loops do."""
+    if name == "sgd" and any(p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) for p in params):
+        return False
     try:  # a private helper of PyTorch's, hence guarded
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
