@@ -508,6 +508,16 @@ def test_clip_groups_given_as_generators_clip_every_step():
     assert len(norms) == 6 and all(n <= 1.0 + 1e-5 for step in norms for n in step), norms
 
 
+@pytest.mark.parametrize("groups", [lambda m: m.parameters(), lambda m: list(m.parameters()),
+                                    lambda m: [torch.nn.Linear(2, 2).parameters()], lambda m: [[]]])
+def test_clip_groups_that_are_not_groups_of_the_models_parameters_are_refused(groups):
+    """A flat `model.parameters()` made groups of each weight's rows (no gradients): nothing clipped."""
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Linear(8, 1))
+    with pytest.raises(StillError, match="clip_groups must be groups"):
+        Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=1e-4),
+                grad_clip=1.0, clip_groups=groups(model), log=lambda _: None)
+
+
 def test_metrics_that_are_tensors_or_numpy_scalars_are_saved_as_numbers(tmp_path):
     import numpy as np
 

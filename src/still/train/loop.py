@@ -201,7 +201,17 @@ class Trainer:
         self.scheduler = scheduler
         self.grad_clip = grad_clip
         # as lists: a generator such as `model.head.parameters()` would be used up by the first step
-        self.clip_groups = [list(group) for group in clip_groups] if clip_groups is not None else None
+        groups = None if clip_groups is None else list(clip_groups)
+        # (a probe: `clip_groups=model.parameters()`, a flat list, made groups of each weight's rows,
+        # which have no gradient: nothing was clipped, and the run diverged)
+        if groups is not None and any(isinstance(group, torch.Tensor) for group in groups):
+            groups = [[]]  # (refused below)
+        self.clip_groups = [list(group) for group in groups] if groups is not None else None
+        for group in self.clip_groups or []:
+            if not group or not all(id(p) in own for p in group):
+                raise StillError("clip_groups must be groups (lists) of the model's parameters, such as "
+                                 "[model.body.parameters(), model.head.parameters()]; for one group of them "
+                                 "all, leave it out")
         # the parameters in no clip group: not clipped, but their gradients' norm is checked all the same
         grouped = {id(p) for group in self.clip_groups or [] for p in group}
         self._outside_clip_groups = [p for p in model.parameters() if id(p) not in grouped] if self.clip_groups else []
