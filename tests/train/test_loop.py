@@ -933,21 +933,36 @@ def test_a_loss_fn_returning_no_scalar_with_a_graph_is_named(shards, returned, m
         trainer.fit(BATCHES, 1)
 
 
-@pytest.mark.parametrize("first, second", [("sgd", "adamw"), ("adam", "sgd")])
-def test_resuming_with_another_optimizer_is_named_and_changes_nothing(tmp_path, first, second):
+@pytest.mark.parametrize("first, second, named", [
+    *[(a, b, True) for a, b in [("sgd", "adamw"), ("adam", "sgd"), ("adam", "adamw"), ("adamw", "adam"),
+                                ("adam", "adamax"), ("adam", "radam")]],
+    ("sgd", "adamw", False), ("adam", "sgd", False)])
+def test_resuming_with_another_optimizer_is_named_and_changes_nothing(tmp_path, first, second, named):
+    """Adam's state loaded into Adamax failed at the first step (no exp_inf), into AdamW or RAdam,
+    or AdamW's into Adam, trained on unsaid: checkpoints name the optimizer's class. Older ones,
+    which do not (`named` False), are checked by their state alone, which tells SGD from Adam."""
+
     def make(name, directory):
         torch.manual_seed(0)
         model = torch.nn.Linear(10, 1)
-        optimizer = build_optimizer(model.parameters(), OptimConfig(name=name, lr=0.01))
+        others = {"adamax": torch.optim.Adamax, "radam": torch.optim.RAdam}
+        optimizer = (others[name](model.parameters(), lr=0.01) if name in others
+                     else build_optimizer(model.parameters(), OptimConfig(name=name, lr=0.01)))
         return Trainer(model, lambda m, idx: m(X[idx]).pow(2).mean(), optimizer, checkpoint_dir=directory,
                        log=lambda _: None)
 
     make(first, tmp_path).fit(BATCHES, 1)
+    if not named:
+        _forge(tmp_path / "ckpt-00000006", "state.json", lambda d: d.pop("optimizer_class"))
     trainer = make(second, tmp_path)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     optimizer_state = trainer.optimizer.state_dict()
-    with pytest.raises(StillError, match=rf"optimizer state in .*ckpt-00000006 does not fit this optimizer, "
-                                         rf"{type(trainer.optimizer).__name__} .*only in the checkpoint: "):
+    saved_by = type(make(first, None).optimizer).__name__
+    message = (rf"ckpt-00000006 was saved by another optimizer, torch.optim.\w+.{saved_by}, "
+               rf"than this one, torch.optim.\w+.{type(trainer.optimizer).__name__}" if named else
+               rf"optimizer state in .*ckpt-00000006 does not fit this optimizer, "
+               rf"{type(trainer.optimizer).__name__} .*only in the checkpoint: ")
+    with pytest.raises(StillError, match=message):
         trainer.fit(BATCHES, 2)
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
     assert trainer.optimizer.state_dict() == optimizer_state and trainer.state.step == 0

@@ -192,6 +192,7 @@ def save_checkpoint(
     extra_tensors: dict[str, torch.Tensor] | None = None,
     config: dict[str, Any] | None = None,
     keep: int | None = 2,
+    optimizer_class: str | None = None,
 ) -> Path:
     """Write checkpoint `ckpt-<step>` under `directory` atomically; keep the newest `keep`.
 
@@ -200,7 +201,8 @@ def save_checkpoint(
     "cuda_ranks"), lists indexed by rank, and as "epoch_start" another such dict: the states as
     the checkpoint's epoch began (a `Trainer` resumed within an epoch draws its batches from them);
     `state` is JSON-ready data (counters, history); `extra_tensors` are saved beside the optimizer
-    state (the recurrent memories of a language model, for example).
+    state (the recurrent memories of a language model, for example); `optimizer_class`, the
+    optimizer's class ("torch.optim.adam.Adam"), lets a resume refuse another.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -212,6 +214,8 @@ def save_checkpoint(
     try:
         tensors: dict[str, torch.Tensor] = {}
         json_state: dict[str, Any] = {"format": FORMAT, "step": step, "state": state or {}}
+        if optimizer_class is not None:
+            json_state["optimizer_class"] = optimizer_class
         if optimizer is not None:
             json_state["optimizer"], opt_tensors = _split_optimizer(optimizer)
             tensors.update(opt_tensors)

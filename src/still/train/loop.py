@@ -265,7 +265,8 @@ class Trainer:
                 model=self.model.state_dict(),
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-                rng=rng, state=asdict(self.state), config=self.config, keep=self.keep, extra_tensors=extra)
+                rng=rng, state=asdict(self.state), config=self.config, keep=self.keep, extra_tensors=extra,
+                optimizer_class=_class_name(self.optimizer))
         self.dist.barrier()
         return path
 
@@ -321,6 +322,13 @@ class Trainer:
         # (probes: a checkpoint's bad counters, or weights of another kind of number, were named with
         # its moments and RNG states already loaded)
         state = _train_state(checkpoint.state.get("state"), source, checkpoint.step)
+        # (a probe: Adam's moments loaded into Adamax, which failed at its first step for want of
+        # exp_inf; into AdamW, RAdam, or Adam from AdamW, they loaded unsaid, with the saved one's
+        # decay. Older checkpoints name no class: for them, the state's checks below alone.)
+        theirs, ours = checkpoint.state.get("optimizer_class"), _class_name(self.optimizer)
+        if theirs is not None and theirs != ours:
+            raise StillError(f"{source} was saved by another optimizer, {theirs}, than this one, {ours}: resume "
+                             "with the one that saved it, or start a new run")
         rng = ckpt.rng_state_of(checkpoint)
         own = self.model.state_dict()
         if own.keys() != checkpoint.model.keys() or any(own[k].shape != w.shape for k, w in checkpoint.model.items()):
@@ -708,6 +716,10 @@ class Trainer:
         self.state.finished = True
         self.model.eval()
         return self.state
+
+
+def _class_name(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 _COUNTERS = ("step", "epoch", "batch", "finished")  # what a checkpoint's training state must say
