@@ -77,3 +77,20 @@ def test_seeds_outside_torchs_range_or_not_whole_are_named_and_none_share_numpys
     for seed in (2**32, 2**64 - 1):
         seed_everything(seed)
         assert float(np.random.rand()) != zero
+
+
+def test_seeds_32_bits_apart_draw_different_torch_numbers():
+    """torch's CPU generator keeps a seed's low 32 bits: s and s + 2**32 drew the same (a probe)."""
+    seen = []
+    for seed in (0, 1, 2**32, 2**32 + 1, 2**64 - 1, 2**64 - 2**32 - 1, 2**32 - 1):
+        seed_everything(seed)
+        seen.append(tuple(torch.rand(4).tolist()))
+    assert len(set(seen)) == len(seen)
+    seed_everything(7)
+    assert torch.initial_seed() == 7  # (below 2**32, as before)
+
+
+@pytest.mark.parametrize("threads", [0, -1, "2", 1.5, True])
+def test_a_thread_count_that_is_no_whole_number_from_1_is_named(threads):
+    with pytest.raises(StillError, match=f"threads must be a whole number >= 1 or None, got {threads!r}"):
+        seed_everything(0, threads=threads)

@@ -27,19 +27,33 @@ def seed_everything(seed: int, deterministic: bool = False, threads: int | None 
     With `deterministic`, also ask PyTorch for deterministic algorithms (erroring on ops that have
     none) and fix the thread count, so two runs on the same machine give identical numbers.
     `seed` is a whole number from 0 to 2**64 - 1 (a `StillError` otherwise; the recipes' seeds are
-    held to `MAX_SEED` by `check_seed`, and seed stages with seed + 1).
+    held to `MAX_SEED` by `check_seed`, and seed stages with seed + 1). torch's CPU generator keeps
+    32 bits: a larger seed reaches it folded into 32 (every bit counts; two of the 2**64 seeds may
+    still share torch's numbers, as two of any 2**32 + 1 must).
     """
     check(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**64,
           f"seed must be a whole number from 0 to 2**64 - 1 (torch's range), got {seed!r}")
+    check(threads is None or (isinstance(threads, numbers.Integral) and not isinstance(threads, bool) and threads >= 1),
+          f"threads must be a whole number >= 1 or None, got {threads!r}")
     seed = int(seed)
     random.seed(seed)
     # NumPy takes 32 bits: a larger seed as its two words, so that no two seeds share a stream
     np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if seed < 2**32 else _fold32(seed))
     if threads is not None:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(int(threads))
     if deterministic:
         deterministic_algorithms()
+
+
+def _fold32(seed: int) -> int:
+    """A seed of 2**32 or more as 32 bits, for torch's CPU generator, which keeps the low 32 bits
+    alone (a probe: seeds s and s + 2**32 drew the same numbers): SplitMix64's finaliser, whose low
+    word depends on every bit of the seed."""
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
 
 
 def deterministic_algorithms() -> None:
