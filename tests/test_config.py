@@ -43,6 +43,9 @@ def test_a_files_keys_are_named_after_a_colon(tmp_path):
         path.write_text(text)
         with pytest.raises(StillError, match=re.escape(message)):
             load_config(MnistConfig if "alpha" in text else LMConfig, path)
+    path.write_bytes(b"\xff\xfe{}")  # (not UTF-8: a UnicodeDecodeError's traceback, from `still lm eval` too)
+    with pytest.raises(StillError, match=re.escape(f"cannot read config {path}: 'utf-8' codec can't decode")):
+        load_config(MnistConfig, path)
     with pytest.raises(StillError, match=r"^alpha \(the weight"):  # (built in Python: the message alone)
         replace(MnistConfig(), alpha=1.5)
 

@@ -208,6 +208,6 @@ def load_config(cls: type[C], path: str | Path) -> C:
     """Read a config written by `save_config`."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # (ValueError: not JSON, or not UTF-8, which was a traceback)
         raise StillError(f"cannot read config {path}: {e}") from None
     return from_dict(cls, data, where=str(path))

@@ -544,8 +544,8 @@ def test_compare_runs(trained, tmp_path, capsys):
     # found by a probe: results and evaluations that are not as still writes them ended in tracebacks
     results, evaluation = copy / "results.json", copy / "eval-test.json"
     kept = results.read_text(), evaluation.read_text()
-    for damaged in ("{}", "[]", '{"rows": []}', '{"rows": [5]}'):
-        results.write_text(damaged)
+    for damaged in ("{}", "[]", '{"rows": []}', '{"rows": [5]}', b'\xff\xfe{}'):  # (not UTF-8: a traceback)
+        results.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
         assert_user_error(capsys, "lm", "compare", str(copy), "--out", str(tmp_path / "cmp"),
                           contains=f"cannot read {results}: not as still writes it (")
     # and (later probes) a results file that is not JSON read as missing, and values put in by hand
@@ -565,8 +565,8 @@ def test_compare_runs(trained, tmp_path, capsys):
                           contains=f"cannot read {results}: not as still writes it (")
     results.write_text(kept[0])
     assert row == json.loads(results.read_text())
-    for damaged in (kept[1][: len(kept[1]) // 2], '{"rows": [{"from": 0}]}'):
-        evaluation.write_text(damaged)
+    for damaged in (kept[1][: len(kept[1]) // 2], '{"rows": [{"from": 0}]}', '\udcff'):
+        evaluation.write_bytes(damaged.encode("utf-8", "surrogateescape"))
         assert_user_error(capsys, "lm", "compare", str(copy), "--out", str(tmp_path / "cmp"),
                           contains=f"cannot read {evaluation}: not as still writes it (")
     evaluation.unlink()

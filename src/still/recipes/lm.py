@@ -789,11 +789,11 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
         if not (run_dir / "results.json").is_file():
             raise StillError(f"{run_dir} has no results.json: train it first (still lm train --out {run_dir})")
         try:
-            text = (run_dir / "results.json").read_text(encoding="utf-8")
+            data = (run_dir / "results.json").read_bytes()
         except OSError as e:
             raise StillError(f"cannot read {run_dir}/results.json: {e.strerror or e}") from None
         with _unreadable(run_dir / "results.json", f"train it again (still lm train --out {run_dir})"):
-            result = json.loads(text)
+            result = json.loads(data.decode("utf-8"))
             row = {"run": name, **result["rows"][0]}
             for key in ("params", "steps", "valid_bpc", "test_bpc"):
                 _figure(row.get(key), key)
@@ -807,7 +807,7 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
         evaluation = run_dir / f"eval-{split}.json"
         if evaluation.is_file():
             with _unreadable(evaluation, f"evaluate the run again (still lm eval {run_dir} --split {split})"):
-                data = json.loads(evaluation.read_text(encoding="utf-8"))
+                data = json.loads(evaluation.read_bytes().decode("utf-8"))
                 points = [r for r in data["rows"] if _figure(r["bits_per_char"], "a row's bits_per_char") is not None]
                 curves.append((f"{name}: {row['model']}",
                                [max(1.0, (r["from"] + r["to"]) / 2) for r in points],
