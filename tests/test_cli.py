@@ -384,3 +384,12 @@ def test_demo_starts_again_only_what_it_made(tmp_path, capsys, monkeypatch):
         replace(lm.PRESETS["quick"], model=replace(lm.PRESETS["quick"].model, vocab_size=67)),
         others / "lm" / "config.json")
     assert run_cli(capsys, "demo", "--out", str(others))[0] == 0 and calls == [("mnist", False), ("lm", False)]
+    # a folder that is a run itself (a probe: the demo made its runs inside an lm run's folder, marked it its own)
+    calls.clear()
+    save_config(lm.PRESETS["quick"], tmp_path / "lmrun" / "config.json")
+    assert_user_error(capsys, "demo", "--out", str(tmp_path / "lmrun"),
+                      contains=f"{tmp_path / 'lmrun'} holds a language-model run, not the demo's runs")
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "stage.json").write_text("{}")
+    assert_user_error(capsys, "demo", "--out", str(tmp_path / "stage"), contains="holds a run (or a run's stage)")
+    assert calls == [] and sorted(p.name for p in (tmp_path / "lmrun").iterdir()) == ["config.json"]
