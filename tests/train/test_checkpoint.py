@@ -94,6 +94,21 @@ def test_damaged_newest_is_skipped_with_a_reason(tmp_path, damage):
         ckpt.load_checkpoint(newest)
 
 
+def test_a_damaged_newest_that_cannot_be_set_aside_is_said_and_the_older_loads(tmp_path, monkeypatch):
+    """Read-only media: the rename raised an OSError's traceback, where the older checkpoint loads."""
+    make(tmp_path, step=1)
+    newest, _, _ = make(tmp_path, step=2)
+    (newest / "manifest.json").unlink()
+
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(ckpt.os, "replace", read_only)
+    messages = []
+    assert ckpt.latest_checkpoint(tmp_path, log=messages.append, set_aside=True).step == 1
+    assert messages[0].endswith("skipped, not set aside (Read-only file system)") and newest.is_dir()
+
+
 def test_failure_half_way_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     make(tmp_path, step=1)
 

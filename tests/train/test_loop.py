@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -490,6 +491,32 @@ def test_an_epoch_whose_every_step_was_skipped_reports_nan(tmp_path):
     loaded = make()
     loaded.fit(BATCHES, 2)
     assert loaded.loaded_finished and math.isnan(loaded.state.history[0]["train_loss"])
+
+
+def test_a_checkpoint_folder_that_takes_no_files_is_named_before_the_first_step(tmp_path, monkeypatch):
+    """Read-only media: a probe's run trained an epoch, then ended in an OSError at its first
+    checkpoint. A finished run there still loads."""
+    import tempfile
+
+    make_trainer(tmp_path).fit(BATCHES, 1)
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path:
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    trainer = make_trainer(tmp_path)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    steps = []
+    trainer.post_step = lambda: steps.append(1)
+    with pytest.raises(StillError, match=f"cannot write checkpoints into {tmp_path}: Read-only file system"):
+        trainer.fit(BATCHES, 2)
+    assert steps == [] and [p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-")] == ["ckpt-00000006"]
+    loaded = make_trainer(tmp_path)
+    loaded.fit(BATCHES, 1)
+    assert loaded.loaded_finished and not all(torch.equal(weights[k], v) for k, v in loaded.model.state_dict().items())
 
 
 def test_clip_groups_given_as_generators_clip_every_step():

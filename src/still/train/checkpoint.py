@@ -319,8 +319,11 @@ def latest_checkpoint(directory: str | Path, log=None, set_aside: bool = False) 
             if set_aside:
                 aside = path.with_name(f"{path.name}.damaged")
                 shutil.rmtree(aside, ignore_errors=True)
-                os.replace(path, aside)
-                message += f", set aside as {aside.name}"
+                try:
+                    os.replace(path, aside)
+                    message += f", set aside as {aside.name}"
+                except OSError as renaming:  # (read-only media: an older checkpoint is still there to load)
+                    message += f", not set aside ({renaming.strerror or renaming})"
             if log is not None:
                 log(message)
             else:

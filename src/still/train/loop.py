@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import signal
+import tempfile
 import threading
 import time
 import weakref
@@ -301,6 +302,15 @@ class Trainer:
                                  f"{e.strerror or e}") from None
 
         self.dist.on_main(make)
+
+    def _check_writable(self) -> None:
+        """A `StillError` where the checkpoint folder takes no files (read-only media, its mode): a
+        probe's run trained an epoch, then ended in an OSError at its first checkpoint."""
+        try:
+            with tempfile.TemporaryFile(dir=self.checkpoint_dir):
+                pass
+        except OSError as e:
+            raise StillError(f"cannot write checkpoints into {self.checkpoint_dir}: {e.strerror or e}") from None
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         """Load a checkpoint: weights, optimizer, scheduler, RNG states, `state`, extra tensors. The
@@ -654,6 +664,8 @@ class Trainer:
                 return self.state
             self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}")
             self.state.finished = False
+        if self.checkpoint_dir is not None:  # (not before: a finished run loads from read-only media)
+            self.dist.on_main(self._check_writable)
         for epoch in range(self.state.epoch, epochs):
             train_mode()
             epoch_batches, total = self._epoch_batches(batches, epoch)
