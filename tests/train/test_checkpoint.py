@@ -267,3 +267,23 @@ def test_atomic_writes_get_a_normal_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "results.md").stat().st_mode) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("prefix, wrapper", [("module.", "DistributedDataParallel"), ("_orig_mod.", "torch.compile")])
+def test_weights_that_differ_by_a_wrappers_prefix_alone_say_so(prefix, wrapper):
+    """A model trained wrapped (DDP, torch.compile) and resumed unwrapped, or the other way round,
+    was told every weight is missing and unexpected."""
+    model = torch.nn.Linear(2, 2)
+    wrapped = {prefix + k: v for k, v in model.state_dict().items()}
+    with pytest.raises(StillError, match=f"by {prefix!r} alone: the model was saved wrapped in {wrapper}"):
+        ckpt.load_model_weights(model, wrapped)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            setattr(self, prefix.rstrip("."), model)
+
+    with pytest.raises(StillError, match=f"by {prefix!r} alone: the model was given wrapped in {wrapper}"):
+        ckpt.load_model_weights(Wrapper(), model.state_dict())
+    with pytest.raises(StillError, match=r"missing bias, weight; unexpected other.weight$"):
+        ckpt.load_model_weights(model, {"other.weight": torch.zeros(2, 2)})

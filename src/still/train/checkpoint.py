@@ -381,5 +381,21 @@ def load_model_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]
     if kinds:
         problems.append("wrong kind of number " + "; ".join(kinds[:5]))
     if problems:
-        raise StillError(f"weights from {source} do not fit the model: " + "; ".join(problems))
+        raise StillError(f"weights from {source} do not fit the model: " + "; ".join(problems)
+                         + _wrapper_hint(set(own), set(weights)))
     module.load_state_dict(weights, strict=True)
+
+
+_WRAPPERS = {"module.": "DistributedDataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _wrapper_hint(own: set[str], theirs: set[str]) -> str:
+    """Where the names differ by a wrapper's prefix alone, say which (a probe: a model trained
+    wrapped in DDP or torch.compile, resumed unwrapped, was told only that every weight differs)."""
+    for prefix, wrapper in _WRAPPERS.items():
+        for wrapped, plain, side in ((theirs, own, "saved"), (own, theirs, "given")):
+            if wrapped and all(k.startswith(prefix) for k in wrapped) and {k[len(prefix):] for k in wrapped} == plain:
+                return (f" (the names differ by {prefix!r} alone: the model was {side} wrapped in {wrapper}; "
+                        "give the trainer the model as wrapped as the one that saved it)")
+    return ""
+
