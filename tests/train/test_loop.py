@@ -1054,3 +1054,20 @@ def test_resuming_under_other_settings_says_which(tmp_path):
     lines = []
     trainer({"lr": 0.02, "width": 10}, lines).fit(BATCHES, 2)  # (its own now: nothing said)
     assert not any("other settings" in line for line in lines), lines
+
+
+def test_numpy_whole_numbers_are_taken_as_ints(tmp_path):
+    """NumPy's ints (from a sweep's arange, say) were refused as "must be an int" (the configs took them)."""
+    import numpy as np
+
+    plain = make_trainer()
+    plain.fit(IndexBatches(96, 16, seed=3), 2)
+    numpy = make_trainer(tmp_path)  # (seeds the global RNG as plain's did)
+    trainer = Trainer(numpy.model, numpy.loss_fn, numpy.optimizer, numpy.scheduler, grad_clip=np.float32(1e9),
+                      checkpoint_dir=tmp_path, checkpoint_every=np.int64(1), checkpoint_every_steps=np.int32(4),
+                      keep=np.int64(1), shards=np.int64(1), log=lambda _: None)
+    trainer.fit(IndexBatches(np.int64(96), np.int64(16), seed=3), np.int64(2))
+    weights = zip(plain.model.state_dict().values(), trainer.model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in weights)
+    assert type(trainer.keep) is int and type(trainer.grad_clip) is float
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-")] == ["ckpt-00000012"]

@@ -139,6 +139,11 @@ def test_bad_shard_settings_are_named():
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=0)
     with pytest.raises(StillError, match=r"shards \(2\) split a step across CPU threads: not with several processes"):
         Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=2, dist=Dist(rank=0, world=2))
+    # (a probe: a TypeError's traceback at the first step)
+    with pytest.raises(StillError, match=r"shards \(2\): loss_fn must take a `shard` keyword"):
+        Trainer(model, lambda m, b: m(b).sum(), optimizer, shards=2)
+    for fn in (lambda m, b, shard: 0, lambda m, b, **kw: 0, lambda m, b, *, shard=None: 0):
+        Trainer(model, fn, optimizer, shards=2)
 
 
 @pytest.mark.parametrize("shards", [3, 4])

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
+import numbers
 import signal
 import tempfile
 import threading
@@ -62,8 +64,19 @@ def _deferred_signals():
             signal.signal(s, h)
 
 
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes keyword `name` (or any keywords); True where its signature cannot be read."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in parameters)
+
+
 def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A whole number: an int or NumPy's (taken as ints), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -104,6 +117,7 @@ class IndexBatches:
             value = getattr(self, name)
             if not _whole(value) or value < low:
                 raise StillError(f"IndexBatches.{name} must be an int >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
@@ -171,7 +185,7 @@ class Trainer:
                  config: dict[str, Any] | None = None, keep: int = 2, desc: str = "train",
                  on_nonfinite: str = "stop", precision: str = "fp32", dist: Dist | None = None,
                  shards: int = 1, log: Callable[[str], None] = default_log) -> None:
-        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and not isinstance(grad_clip, bool)
+        if grad_clip is not None and not (isinstance(grad_clip, numbers.Real) and not isinstance(grad_clip, bool)
                                           and 0 < grad_clip < math.inf):  # (-1 would turn every step uphill)
             raise StillError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
         if not (_whole(checkpoint_every) and checkpoint_every >= 1):
@@ -200,7 +214,7 @@ class Trainer:
             raise StillError("scheduler: ReduceLROnPlateau steps on a metric, the trainer's scheduler after every "
                              "batch without one; step it yourself from `evaluate`, or give a schedule over steps")
         self.scheduler = scheduler
-        self.grad_clip = grad_clip
+        self.grad_clip = float(grad_clip) if grad_clip is not None else None
         # as lists: a generator such as `model.head.parameters()` would be used up by the first step
         groups = None if clip_groups is None else list(clip_groups)
         # (a probe: `clip_groups=model.parameters()`, a flat list, made groups of each weight's rows,
@@ -221,10 +235,10 @@ class Trainer:
         self.post_step = post_step
         self.evaluate = evaluate
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.checkpoint_every = checkpoint_every
-        self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpoint_every = int(checkpoint_every)
+        self.checkpoint_every_steps = int(checkpoint_every_steps) if checkpoint_every_steps is not None else None
         self.config = _check_json_config(config or {})
-        self.keep = keep
+        self.keep = int(keep)
         if on_nonfinite not in ("stop", "skip"):
             raise StillError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
@@ -238,7 +252,10 @@ class Trainer:
         if shards > 1 and (self.dist.enabled or self.device.type != "cpu"):
             raise StillError(f"shards ({shards}) split a step across CPU threads: not with "
                              + ("several processes (torchrun)" if self.dist.enabled else f"a model on {self.device}"))
-        self.shards = shards
+        if shards > 1 and not _takes_keyword(loss_fn, "shard"):
+            raise StillError(f"shards ({shards}): loss_fn must take a `shard` keyword (loss_fn(model, batch, "
+                             "shard=...)), whose rows it computes (still.train.shards)")
+        self.shards = int(shards)
         self._pool: ShardPool | None = None
         self.log = log if self.dist.main else (lambda message: None)
         self.state = TrainState()
@@ -575,7 +592,7 @@ class Trainer:
             raise StillError(f"epochs must be an int >= 0, got {epochs!r}")
         try:
             with _deferred_signals() as received:
-                state = self._fit(batches, epochs, received)
+                state = self._fit(batches, int(epochs), received)
                 # a signal while a finished run loaded (one in training or an evaluation raised at its
                 # step or its epoch's end): the run is done and saved, and the caller asked to stop
                 signum = self._agree_on_signals(received)
