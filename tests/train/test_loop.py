@@ -1054,6 +1054,10 @@ def test_resuming_under_other_settings_says_which(tmp_path):
     lines = []
     trainer({"lr": 0.02, "width": 10}, lines).fit(BATCHES, 2)  # (its own now: nothing said)
     assert not any("other settings" in line for line in lines), lines
+    trainer({"lr": 0.02, "width": math.nan}, []).fit(BATCHES, 3)
+    lines = []  # (a NaN, unequal to itself, was "other settings (width)" on every resume)
+    trainer({"width": math.nan, "lr": 0.02}, lines).fit(BATCHES, 4)
+    assert not any("other settings" in line for line in lines), lines
 
 
 def test_numpy_whole_numbers_are_taken_as_ints(tmp_path):

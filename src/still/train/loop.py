@@ -447,7 +447,8 @@ class Trainer:
         checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir, log=self.log, set_aside=self.dist.main)
         if checkpoint is None:
             return False
-        if checkpoint.config and self.config and checkpoint.config != self.config:
+        # (as JSON text: a NaN, unequal to itself, said "other settings" on every resume)
+        if checkpoint.config and self.config and _json(checkpoint.config) != _json(self.config):
             # (the recipes refuse this themselves: a Trainer knows nothing of which settings matter)
             self.log(f"{self.desc}: {checkpoint.path.name} was saved with other settings "
                      f"({', '.join(changed_settings(checkpoint.config, self.config))}); resuming from it, "
@@ -838,6 +839,10 @@ def _checked_loss(loss: Any) -> torch.Tensor:
     else:
         return loss.float().reshape(())
     raise StillError(f"loss_fn must return a scalar tensor (one element, with its graph), got {got}")
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True)
 
 
 def _check_json_config(config: Any) -> dict[str, Any]:
