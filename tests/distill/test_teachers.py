@@ -388,6 +388,11 @@ def test_edge_cases_of_the_cache_and_ensembles_are_named(tmp_path):
     teacher, inputs = Teacher(small_net(0)), torch.randn(6, 12)
     with pytest.raises(StillError, match="the transfer set is empty"):
         CachedTeacher.build(teacher, inputs[:0])
+    # (a probe: AttributeErrors, "has no attribute 'to'" / "'list' object has no attribute 'ndim'")
+    with pytest.raises(StillError, match="inputs must be a tensor .*got a ndarray"):
+        CachedTeacher.build(teacher, inputs.numpy())
+    with pytest.raises(StillError, match="cached logits must be a tensor .*got a list"):
+        CachedTeacher([[[1.0, 2.0]]])
     for bad in (0, -1, 2.5, True):
         with pytest.raises(StillError, match=f"batch_size must be an int >= 1, got {bad!r}"):
             CachedTeacher.build(teacher, inputs, batch_size=bad)

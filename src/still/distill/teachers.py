@@ -266,6 +266,9 @@ class CachedTeacher:
     """
 
     def __init__(self, member_logits: torch.Tensor, combine: Combine = "arithmetic") -> None:
+        if not isinstance(member_logits, torch.Tensor):  # (a probe: a list's AttributeError)
+            raise StillError(f"cached logits must be a tensor (members, examples, classes), got a "
+                             f"{type(member_logits).__name__}")
         if member_logits.ndim != 3 or member_logits.shape[0] == 0:
             raise StillError(f"cached logits must be (members, examples, classes) of one member or more, got "
                              f"{tuple(member_logits.shape)}")
@@ -294,6 +297,8 @@ class CachedTeacher:
             raise StillError("CachedTeacher.build needs a Teacher or EnsembleTeacher")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise StillError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(inputs, torch.Tensor):  # (a probe: a NumPy array's AttributeError, no 'to')
+            raise StillError(f"inputs must be a tensor (torch.as_tensor makes one), got a {type(inputs).__name__}")
         if len(inputs) == 0:
             raise StillError("the transfer set is empty: there is nothing to cache the teacher's logits of")
         combine = getattr(teacher, "combine", "arithmetic")
