@@ -4,6 +4,7 @@ tests/recipes/test_lm_recipe.py."""
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -613,6 +614,20 @@ def test_generation_refuses_bad_counts_and_top_k():
                             ({"max_new_tokens": 2, "top_k": 2.5}, "top_k must be an int >= 1 or None, got 2.5")):
         with pytest.raises(StillError, match=re.escape(message)):
             generate(model, prompt, **kwargs)
+    # NumPy's integers, as top_k took them (a probe: "must be an int, got np.int64(5)")
+    gen = torch.Generator().manual_seed(0)
+    numpy = list(generate(model, prompt, np.int64(3), segment_len=np.int64(2), generator=gen, compile=False))
+    gen.manual_seed(0)
+    assert torch.equal(torch.stack(numpy), torch.stack(list(generate(model, prompt, 3, segment_len=2, generator=gen,
+                                                                     compile=False))))
+
+
+def test_compile_asked_for_a_model_it_cannot_run_says_so(capsys):
+    """A most_used model: `--compile` fell back to the model's own steps unsaid."""
+    model = _state_model(2, "most_used")
+    tokens = list(generate(model, torch.randint(0, 11, (1, 5)), 2, compile=True))
+    assert len(tokens) == 2
+    assert "the compiled decoding step cannot run this model (most_used compression)" in capsys.readouterr().err
 
 
 def _state_model(c_mem_len: int, compression: str = "conv") -> CompressiveTransformer:

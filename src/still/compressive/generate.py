@@ -65,10 +65,10 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
         raise StillError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     top_k = int(top_k) if top_k is not None else None  # (NumPy's integers too)
-    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
-        raise StillError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not (isinstance(segment_len, int) and not isinstance(segment_len, bool) and segment_len >= 1):
-        raise StillError(f"segment_len must be an int >= 1, got {segment_len!r}")
+    for name, value, low in (("max_new_tokens", max_new_tokens, 0), ("segment_len", segment_len, 1)):
+        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
+            raise StillError(f"{name} must be an int >= {low}, got {value!r}")
+    max_new_tokens, segment_len = int(max_new_tokens), int(segment_len)  # (NumPy's integers too: a probe)
     if not (is_ids(prompt) and prompt.ndim == 2 and prompt.shape[0] > 0 and prompt.shape[1] > 0):
         raise StillError(f"the prompt must be ids (batch >= 1, length >= 1), got {described(prompt)}")
     prompt = check_ids(prompt, model.config.vocab_size)
@@ -321,6 +321,10 @@ def _decoder(model: CompressiveTransformer, state: MemoryState, batch: int, comp
     """The decoder for `generate` (None where it cannot run: the model's forward steps then); with
     `native` True (the default's choice), eager steps where the hand-written one cannot run this model."""
     if not supports(model, state):
+        if compile and not native:  # (asked for: a probe's --compile of a most_used model fell back unsaid)
+            log("the compiled decoding step cannot run this model (" + (
+                "most_used compression" if model.config.has_compression and model.config.compression == "most_used"
+                else "memories with gaps") + "); using the model's own steps")
         return None
     if not native:
         return Decoder(model, state, batch, compile=compile, dtype=dtype, native=native)
