@@ -24,6 +24,22 @@ def test_numpy_scalars_are_written_as_numbers(tmp_path):
     assert "|      3 | 0.25 |" in table  # numeric columns, right-aligned
 
 
+def test_arrays_are_written_as_lists_and_what_json_cannot_hold_is_named(tmp_path):
+    """An array or a tensor of several numbers (a confusion matrix in the meta) was a TypeError."""
+    import pytest
+    import torch
+
+    from still.errors import StillError
+
+    write_results(tmp_path, "results", [{"model": "a"}], meta={"confusion": np.eye(2, dtype=np.int64),
+                                                                "curve": torch.tensor([0.5, 0.25])})
+    assert json.loads((tmp_path / "results.json").read_text())["meta"] == {"confusion": [[1, 0], [0, 1]],
+                                                                           "curve": [0.5, 0.25]}
+    with pytest.raises(StillError, match=r"results for .*results.json cannot be written as JSON: .*type object"):
+        write_results(tmp_path, "results", [{"model": object()}])
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["curve"] == [0.5, 0.25]  # (unchanged)
+
+
 def test_nan_is_written_as_python_json_writes_it(tmp_path):
     write_results(tmp_path, "results", [{"model": "a", "train_loss": math.nan}])
     assert '"train_loss": NaN' in (tmp_path / "results.json").read_text()

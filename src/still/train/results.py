@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from still.errors import StillError
 from still.train.io import atomic_write_text, printable
 
 
@@ -47,6 +48,8 @@ def _numpy_scalar(value: Any) -> Any:
     scalar = _scalar(value)
     if scalar is not value:
         return scalar
+    if isinstance(value, (np.ndarray, torch.Tensor)):  # (a probe: a confusion matrix in the meta, a TypeError)
+        return value.tolist()
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
@@ -79,7 +82,10 @@ def write_results(directory: str | Path, name: str, rows: Sequence[dict[str, Any
     """Write `<name>.json` (rows + meta) and `<name>.md` (the table) under `directory`; return the table."""
     directory = Path(directory)
     table = format_table(rows, columns, title)
-    data = json.dumps({"rows": list(rows), "meta": meta or {}}, indent=2, default=_numpy_scalar)
+    try:
+        data = json.dumps({"rows": list(rows), "meta": meta or {}}, indent=2, default=_numpy_scalar)
+    except (TypeError, ValueError) as e:
+        raise StillError(f"the results for {directory / name}.json cannot be written as JSON: {e}") from None
     atomic_write_text(directory / f"{name}.json", data + "\n")
     atomic_write_text(directory / f"{name}.md", table)
     return table
