@@ -29,3 +29,7 @@ def __getattr__(name: str):
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'still' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # (the lazy names too: tab completion and dir(still) missed them)
+    return sorted(set(globals()) | set(_API))
