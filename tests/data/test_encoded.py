@@ -202,7 +202,7 @@ def test_an_entry_for_a_run_on_an_unwritten_corpus_is_not_made(tmp_path, root, r
 
 
 @pytest.mark.parametrize("damage", ["truncated ids", "starts", "manifest", "vocabulary", "vocabulary replaced", "dtype",
-                                    "id past the end", "negative id"])
+                                    "id past the end", "negative id", "ids replaced within the vocabulary"])
 def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, damage):
     name = _books(tmp_path / "pg")
     vocab, splits = _expected(name)
@@ -220,11 +220,14 @@ def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, d
     elif damage == "vocabulary replaced":  # another of its size: every id within it, each read as another character
         data = json.loads((entry / "vocab.json").read_text())
         (entry / "vocab.json").write_text(json.dumps({**data, "symbols": data["symbols"][::-1]}))
-    elif damage in ("id past the end", "negative id"):  # one id in the middle of a split, its size unchanged
+    elif damage in ("id past the end", "negative id", "ids replaced within the vocabulary"):  # its size unchanged
         ids = np.load(entry / "valid.npy", mmap_mode="r+")
         if damage == "negative id" and ids.dtype.kind == "u":
             pytest.skip("this vocabulary's ids are unsigned")
-        ids[len(ids) // 2] = len(vocab) if damage == "id past the end" else -1
+        if damage == "ids replaced within the vocabulary":  # (a probe: served as other text, `lm eval`'s numbers)
+            ids[:50] = ids[0]
+        else:  # one id in the middle of a split
+            ids[len(ids) // 2] = len(vocab) if damage == "id past the end" else -1
         ids.flush()
         del ids
         # (a file written since changes its times; on a coarse clock perhaps not within milliseconds of
@@ -233,6 +236,7 @@ def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, d
         os.utime(entry / "valid.npy", ns=(written.st_atime_ns, written.st_mtime_ns + 10**9))
     else:
         np.save(entry / "test.npy", np.load(entry / "test.npy").astype(np.int32))
+    assert [e.state for e in encoded_module.entries(root)[0]] == ["damaged"]  # (`still data list`)
     reads.clear()
     encoded = load_encoded(name)
     assert reads and encoded.entry == entry
@@ -246,14 +250,15 @@ def test_a_damaged_entry_is_said_and_made_again(tmp_path, root, reads, capsys, d
     assert reads == []
 
 
-def test_only_ids_written_since_the_entry_was_made_are_read_for_their_range(tmp_path, root, monkeypatch):
-    """The ids were in the vocabulary when `_write` wrote them: an open reads a split's every page for
+def test_only_ids_written_since_the_entry_was_made_are_read_for_their_digest(tmp_path, root, monkeypatch):
+    """The ids are the split's digest when `_write` wrote them: an open reads a split's every page for
     the check only where its file is not the one written (its size, times or inode changed, or an
     entry made before they were recorded)."""
     name = _books(tmp_path / "pg")
     checked = []
-    real = encoded_module._ids_within
-    monkeypatch.setattr(encoded_module, "_ids_within", lambda ids, size: checked.append(len(ids)) or real(ids, size))
+    real = encoded_module._split_digest
+    monkeypatch.setattr(encoded_module, "_split_digest",
+                        lambda vocab, split, starts, ids: checked.append(len(ids)) or real(vocab, split, starts, ids))
     entry = load_encoded(name).entry
     load_encoded(name)
     assert checked == []  # (made and opened, then opened again)

@@ -15,8 +15,8 @@ as int16 ids), once per process of a torchrun job. The first run writes an entry
 
 and later runs map the arrays (`numpy.load(mmap_mode="c")`): nothing is read until a segment needs
 it, and every process on the machine shares the pages through the operating system's page cache.
-(The opening checks each split's arrays against the manifest; its ids against the vocabulary only
-where the file is not the one written, by size, times and inode: that check reads every page.)
+(The opening checks each split's arrays against the manifest; its ids against the split's digest
+only where the file is not the one written, by size, times and inode: that check reads every page.)
 The entry is made a document at a time: each file of its own (`FileDocument`) is read once for the
 vocabulary and its length, then again for its ids, which are written in turn, so the process holds
 one document's text and ids at a time.
@@ -484,9 +484,13 @@ def _move_aside(entry: Path) -> Path:
     return aside
 
 
-def _ids_within(ids: np.ndarray, size: int) -> bool:
-    """Whether every id is in a vocabulary of `size` (reads every page of a mapped `ids`)."""
-    return int(ids.min()) >= 0 and int(ids.max()) < size
+def _split_digest(vocab: Vocab, split: str, starts: np.ndarray, ids: np.ndarray) -> str:
+    """Split `split`'s own digest (`IdsDigest.split_hexdigests`: what the manifest records) of its
+    document bounds and ids (reads every page of a mapped `ids`)."""
+    digest = IdsDigest(vocab)
+    digest.split(split, starts)
+    digest.ids(ids)
+    return digest.split_hexdigests()[split]
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -525,14 +529,15 @@ def _open(entry: Path, stamp: dict, vocab: Vocab | None, splits: tuple[str, ...]
                     or ids.shape != (sizes["tokens"],) or starts.shape != (len(names) + 1,)
                     or starts[0] != 0 or starts[-1] != len(ids) or (np.diff(starts) < 0).any()):
                 raise ValueError(f"{split}'s arrays disagree with the manifest")
-            # every id in the vocabulary, so that a damaged file is said here, not met as an embedding's
-            # index error in the middle of a run. The ids were in it when they were written, so only a
-            # file written since (or copied: its size, times or inode not those `_write` recorded) is
-            # read for it: two passes over the ids (1.4 ms for 10^7 int16 ids in memory here, but PG-19's
-            # training split is 23 GB, read from the disk at every start where it is not in the page cache)
-            if len(ids) and sizes.get("written") != _identity(os.stat(entry / f"{split}.npy")) \
-                    and not _ids_within(ids, len(own)):
-                raise ValueError(f"{split}'s ids reach outside its vocabulary of {len(own)}")
+            # the ids as written, so that a damaged file is said here, not served as other text (a probe:
+            # ids overwritten within the vocabulary gave `lm eval` another bits-per-character, unsaid) nor
+            # met as an embedding's index error in the middle of a run. Only a file written since (or
+            # copied: its size, times or inode not those `_write` recorded) is read for it, against the
+            # split's digest: a pass over the ids (PG-19's training split is 23 GB, read from the disk at
+            # every start where it is not in the page cache)
+            if sizes.get("written") != _identity(os.stat(entry / f"{split}.npy")) \
+                    and _split_digest(own, split, starts, ids) != manifest["split_digests"][split]:
+                raise ValueError(f"{split}'s ids are not the ones written: their SHA-256 is not the manifest's")
             flat = torch.from_numpy(ids)
             encoded[split] = ([flat[a:b] for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())], list(names))
     except (OSError, ValueError, KeyError, TypeError, StillError) as e:
