@@ -130,6 +130,13 @@ def test_missing_mnist_cache_offline(capsys, tmp_path, monkeypatch):
     assert_user_error(capsys, "data", "fetch", "mnist", "--cache-dir", str(tmp_path), contains="is missing")
 
 
+def test_an_empty_cache_dir_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (a probe: "" was the current folder, fetched into)
+    monkeypatch.setenv("STILL_OFFLINE", "1")
+    err = assert_user_error(capsys, "data", "fetch", "mnist", "--cache-dir", "", contains="--cache-dir is empty")
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_cifar10_missing_directory(capsys, tmp_path):
     assert_user_error(capsys, "distill", "cifar10", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
                       contains="does not exist")

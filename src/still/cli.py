@@ -91,7 +91,13 @@ def _say(message: str) -> None:
         click.echo(printable(message), err=True)
 
 
-cache_option = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+def _cache_dir(ctx, param, value: str | None) -> Path | None:
+    if value == "":  # (a probe: read as Path(""), the current folder, where the data sets were fetched into)
+        raise StillError("--cache-dir is empty: give a folder (`.` for the current one)")
+    return None if value is None else Path(value)
+
+
+cache_option = click.option("--cache-dir", type=click.Path(file_okay=False), default=None, callback=_cache_dir,
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores; under torchrun, "
