@@ -264,7 +264,13 @@ def test_data_list_shows_the_cache_and_clear_removes_what_it_is_told(capsys, tmp
     assert "Left beside them: 1 folder, 2.9 KiB: replaced entries and temporary ones" in out
 
     assert_user_error(capsys, "data", "clear", contains="say what to remove")
-    assert_user_error(capsys, "data", "clear", kept, "pg19:/nowhere", contains="no encoded corpus 'pg19:/nowhere'")
+    err = assert_user_error(capsys, "data", "clear", kept, "pg19:/nowhere",
+                            contains="no encoded corpus 'pg19:/nowhere'")
+    assert "data sets" not in err
+    code, out, _ = run_cli(capsys, "data", "--help")  # (a probe: it said clear cleared the data sets too)
+    assert code == 0 and "Fetch and list the cached data sets; list and clear the encoded corpora." in out
+    assert_user_error(capsys, "data", "clear", "mnist", "--cache-dir", str(tmp_path / "cache"),
+                      contains=f"data sets are not cleared: remove {tmp_path / 'cache' / 'mnist'} by hand")
     assert_user_error(capsys, "data", "clear", "--stale", "--all", contains="give it alone, or --stale without it")
     assert_user_error(capsys, "data", "clear", kept, "--all", contains="give it alone, or names without it")
     assert all(e.is_dir() for e in [*kept_entries, changed_entry])  # (nothing removed)

@@ -547,7 +547,7 @@ def bench_peak(size, repeats, threads) -> None:
 
 @cli.group()
 def data() -> None:
-    """Fetch, list and clear the cached data sets and encoded corpora."""
+    """Fetch and list the cached data sets; list and clear the encoded corpora."""
 
 
 @data.command("fetch")
@@ -640,6 +640,7 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
     system shared by several machines, clear an entry only while none of them reads it. Exit code
     1 where one could not be removed (said)."""
     from still.data import encoded
+    from still.data.cache import cache_dir as resolve
     from still.data.text import absolute_corpus
     from still.train.progress import format_size
 
@@ -657,8 +658,10 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
     for name in names:
         corpus = absolute_corpus(name)
         matches = [e for e in found if name == e.path.name or e.corpus == corpus]
-        if not matches:
-            raise StillError(f"no encoded corpus {name!r} in {corpora} (`still data list` shows them)")
+        if not matches:  # (a data set's name: not cleared, a probe found the message silent on it)
+            data_set = (f"; data sets are not cleared: remove {resolve(cache_dir) / name} by hand"
+                        if name in ("mnist", "shakespeare") else "")
+            raise StillError(f"no encoded corpus {name!r} in {corpora} (`still data list` shows them){data_set}")
         chosen.update({e.path: False for e in matches})  # (named: removed whatever its state)
     targets = [*chosen.items(), *((p, False) for p in (left if stale or everything else []))]
     sizes = {e.path: e.size for e in found}  # (the leftovers' are measured as they go)
