@@ -272,3 +272,48 @@ def test_a_checkpoint_within_an_epoch_holds_every_ranks_losses(tmp_path):
     assert within["epoch_loss_sum"] == pytest.approx(2 * 1.5)  # two steps of the ranks' mean, (1 + 2) / 2
     final = json.loads((tmp_path / "run" / "ckpt-00000004" / "state.json").read_text())["state"]
     assert final["history"][0]["train_loss"] == pytest.approx(1.5)
+
+
+AUGMENT_DRAWS = """
+import hashlib, json, os, sys
+import torch
+import still.recipes.cifar10 as cifar10
+from still.cli import main
+
+augment, draws = cifar10.augment, []
+
+
+def recorded(images):  # the generator's state at each augmentation: the crops and flips it is about to draw
+    draws.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+    return augment(images)
+
+
+cifar10.augment = recorded
+try:
+    main(sys.argv[2:])
+finally:
+    with open(f"{sys.argv[1]}-{os.environ.get('RANK', 'one')}.json", "w") as f:
+        json.dump(draws, f)
+"""
+
+
+def test_each_rank_draws_its_own_augmentation(cifar_dir, tmp_path):
+    """A probe: under torchrun every rank of `distill cifar10` drew the same crops, flips and
+    dropout masks (each stage seeded alike on every rank, and nothing per rank after). Each rank
+    but 0 now reseeds after its model is built; rank 0 draws what one process draws."""
+    script = tmp_path / "draws.py"
+    script.write_text(AUGMENT_DRAWS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for processes, out in ((1, "one"), (2, "two")):
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+                    if processes > 1 else [sys.executable])
+        done = subprocess.run(launcher + [str(script), str(tmp_path / "draws"), "distill", "cifar10", "--data-dir",
+                                          str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--augment",
+                                          "--threads", "1", "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, rank0, rank1 = (json.loads((tmp_path / f"draws-{r}.json").read_text()) for r in ("one", "0", "1"))
+    assert len(one) == len(rank0) == len(rank1) == 3 * 7  # three stages of 7 batches (200 images, 32 a batch)
+    assert not set(rank0) & set(rank1)
+    # each stage's first batch: rank 0's generator where one process's is (it draws for half the rows after)
+    assert [rank0[i] for i in (0, 7, 14)] == [one[i] for i in (0, 7, 14)]

@@ -235,6 +235,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     Under torchrun, data parallel: every rank draws the same global batches and trains on its own
     share of each (DistributedDataParallel averages the gradients; `loss_fn` returns the mean over
     the indices it is given, re-weighted here so that uneven shares still give the global mean).
+    Each rank but rank 0 then draws its augmentation and dropout from a torch stream of its own.
     `precision`: the `Trainer`'s (bf16: its steps and `evaluate` under bf16 autocast)."""
     stage_dir = out / name
     model.to(distributed.process_device())  # built on the CPU (the same initial weights on every device)
@@ -248,6 +249,9 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
         check_stage_config(stage_dir, stage_config, overwrite, unrecorded=unrecorded)
 
     dist.on_main(check)
+    if dist.rank:  # the same weights everywhere (built above), a different stream of crops, flips, jitter and
+        # dropout per rank, as in run_lm (a probe: every rank drew rank 0's); rank 0 keeps one process's stream
+        torch.manual_seed(seed + 1_000_003 * dist.rank)
     batches = IndexBatches(n, batch_size, seed=seed)
     optimizer = build_optimizer(model.parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, epochs * len(batches))
