@@ -27,6 +27,24 @@ def test_tiny_preset_runs_end_to_end(cifar_dir, tmp_path, capsys):
     assert not (out / "distilled-T5-a-0").exists()
 
 
+def test_a_table_names_the_finished_students_it_leaves_out(cifar_dir, tmp_path, capsys):
+    """A probe (in run_mnist, and here alike): a second command's student replaced the first's in the
+    folder's table, with nothing said of the first's, still on disk. They are named under it."""
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    for extra in (("--temperature", "2"), ("--alpha", "0.25"), ()):
+        code, _, err = run_cli(capsys, *args, *extra)
+        assert code == 0, err
+    labels = ["distilled T=2", "distilled T=5, alpha 0.25"]
+    assert json.loads((out / "results.json").read_text())["meta"]["other_students"] == labels
+    note = f"{out} also holds finished students not in this table: {'; '.join(labels)} (each is in the table"
+    assert note in (out / "results.md").read_text() and note in err
+    shutil.rmtree(out / "distilled-T2-a0.5" / "checkpoints")  # (unfinished: not named)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and json.loads((out / "results.json").read_text())["meta"]["other_students"] == labels[1:]
+
+
 def test_online_teacher_with_augmentation(cifar_dir, tmp_path, capsys):
     from still.recipes.cifar10 import PRESETS, run_cifar10, with_overrides
 

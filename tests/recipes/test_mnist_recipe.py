@@ -76,6 +76,30 @@ def test_resume_after_a_crash_gives_the_same_result(tiny_run, tmp_path, capsys):
     assert errors(out) == before
 
 
+def test_a_table_names_the_finished_students_it_leaves_out(tiny_run, tmp_path, capsys):
+    """A probe: `--temperature 1,2` then `--temperature 4` into one --out left T=4's table alone,
+    with nothing said of the T=1 and T=2 students on disk. Each command's table still holds its own
+    students; the others are named under it (results.md, stderr, results.json's meta)."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    code, _, err = run_cli(capsys, *TINY, "--temperature", "20", "--alpha", "0.5", "--out", str(out))
+    assert code == 0 and "student-T20-a0.5: loaded" not in err
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["other_students"] == ["distilled T=2, alpha 1", "distilled T=20, alpha 1"]
+    note = f"{out} also holds finished students not in this table: distilled T=2, alpha 1; distilled T=20, alpha 1"
+    assert (out / "results.md").read_text().endswith(f"\n\n{note}\n") and note in err
+    assert "tabulates" not in err  # (another alpha: a table of its own)
+    code, stdout, err = run_cli(capsys, *TINY, "--temperature", "20", "--out", str(out))
+    assert code == 0 and err.count("loaded the finished run") == 3
+    assert json.loads((out / "results.json").read_text())["meta"]["other_students"] == [
+        "distilled T=2", "distilled T=20, alpha 0.5"]
+    assert "distilled T=2; distilled T=20, alpha 0.5 (--temperature 2,20 tabulates them together)" in err
+    assert "distilled T=2;" in (out / "results.md").read_text() and "| distilled T=2 " not in stdout
+    code, _, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(out))
+    assert code == 0 and errors(out) == errors(tiny_run) and "tabulates" not in err
+    assert json.loads((out / "results.json").read_text())["meta"]["other_students"] == ["distilled T=20, alpha 0.5"]
+
+
 def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
     args = [a if a != "3" else "4" for a in TINY]  # --student-epochs 4
     assert_user_error(capsys, *args, "--out", str(tiny_run), contains="holds a run with different settings (epochs)")

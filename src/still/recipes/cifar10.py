@@ -36,7 +36,16 @@ from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import VGG, VGG_STUDENT, VGG_TEACHER, VGGConfig
 from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
-from still.recipes.common import check_run_kind, hold_run_folder, mark_new_run, plot_curves, predict, train_stage
+from still.recipes.common import (
+    check_run_kind,
+    hold_run_folder,
+    mark_new_run,
+    number,
+    other_students,
+    plot_curves,
+    predict,
+    train_stage,
+)
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
@@ -214,10 +223,18 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
     meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in seconds.items()}, "labml": LABML}
     if not distributed.current().main:  # rank 0 writes and prints
         return {"rows": rows, "meta": meta, "table": None}
+    labels, _ = other_students(out, "distilled-", {name}, {**distilled_cfg, "temperature": None},
+                               {"alpha": lambda alpha: f"alpha {number(alpha)}"})
+    note = None
+    if labels:  # (each command's table holds its student, as in run_mnist; one temperature a command here)
+        meta["other_students"] = labels
+        note = (f"{out} also holds finished students not in this table: {'; '.join(labels)} (each is in the "
+                "table of a command with its --temperature and --alpha)")
+        log(note)
     save_config(config, out / "config.json")
     # labml's numbers are for its experiment: beside another preset's they would read as a target
     columns = ["model", "test_accuracy"] + (["labml"] if config.preset == "labml" else [])
-    table = write_results(out, "results", rows, columns=columns, title=title, meta=meta)
+    table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
     plot_curves(out / "test_accuracy.png",
                 [(label, [h["epoch"] for h in hist], [h["test_accuracy"] for h in hist]) for label, hist in curves],
                 xlabel="epoch", ylabel="test accuracy (%)", title=f"CIFAR-10, preset {config.preset}")

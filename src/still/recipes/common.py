@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 from still.config import changed_settings, save_config
 from still.errors import StillError
 from still.train import distributed
-from still.train.checkpoint import newest_config
+from still.train.checkpoint import list_checkpoints, newest_config
 from still.train.io import atomic_write, atomic_write_text, printable
 from still.train.loop import IndexBatches, Trainer, TrainState
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -270,6 +271,56 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
                       keep=keep, dist=dist, precision=precision)
     state = trainer.fit(batches, epochs)
     return state, sum(record["seconds"] for record in state.history)
+
+
+def number(value: float) -> str:
+    """A setting that names a stage or a table row (a temperature): `:g`'s six significant digits
+    where they give the value back (20, 0.5, 1e-05), else all of its digits (5.0000001): two
+    settings never share a name."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def finished_stages(out: Path, prefix: str, shown: Collection[str]) -> dict[str, dict[str, Any]]:
+    """The settings (stage.json's) of each finished stage in run folder `out` whose folder name
+    starts with `prefix`, other than those `shown`, by folder name: the students of earlier commands
+    that this command's table leaves out (another temperature, say). A stage whose settings or newest
+    checkpoint cannot be read, or that never finished, is passed over."""
+    found = {}
+    for folder in sorted(out.glob(f"{glob.escape(prefix)}*")):
+        if folder.name in shown or not folder.is_dir():
+            continue
+        try:
+            settings = json.loads((folder / "stage.json").read_text(encoding="utf-8"))
+            newest = list_checkpoints(folder / "checkpoints")[-1]
+            state = json.loads((newest / "state.json").read_text(encoding="utf-8"))["state"]
+            if state["finished"] and state["epoch"] >= settings["epochs"]:
+                found[folder.name] = settings
+        except (OSError, ValueError, IndexError, KeyError, TypeError):
+            continue
+    return found
+
+
+def other_students(out: Path, prefix: str, shown: Collection[str], settings: dict[str, Any],
+                   named: dict[str, Callable[[Any], str]]) -> tuple[list[str], list[float]]:
+    """The finished students in run folder `out` (stages named `prefix`...) that this command's
+    table leaves out (`shown`: its students' stages; a probe: a second command's table alone was left,
+    with nothing said of the first's students). A label for each, like a table row's ("distilled
+    T=1"), then each of the `named` settings in which it differs from this command's students
+    (`settings`: theirs, but for the temperature) in `named`'s words, then any others by name; and
+    the temperatures of those that differ in their temperature alone: one command with this
+    command's temperatures and theirs tabulates them together (loading them)."""
+    labels, temperatures = [], []
+    found = [s for s in finished_stages(out, prefix, shown).values() if isinstance(s.get("temperature"), (int, float))]
+    for other in sorted(found, key=lambda s: s["temperature"]):
+        words = [say(other.get(key)) for key, say in named.items() if other.get(key) != settings.get(key)]
+        rest = changed_settings(other, {**settings, "temperature": other["temperature"],
+                                        **{key: other.get(key) for key in named}})
+        labels.append(", ".join([f"distilled T={number(other['temperature'])}", *words])
+                      + (f" (trained with other {', '.join(rest)})" if rest else ""))
+        if not words and not rest:
+            temperatures.append(other["temperature"])
+    return labels, temperatures
 
 
 @torch.no_grad()

@@ -35,7 +35,16 @@ from still.distill.loss import check_temperature, distillation_loss
 from still.distill.models import MLP, MLPConfig
 from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
 from still.errors import StillError, check
-from still.recipes.common import check_run_kind, hold_run_folder, mark_new_run, plot_curves, predict, train_stage
+from still.recipes.common import (
+    check_run_kind,
+    hold_run_folder,
+    mark_new_run,
+    number,
+    other_students,
+    plot_curves,
+    predict,
+    train_stage,
+)
 from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
@@ -250,10 +259,12 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
         rows.insert(1, row)
 
     omit = config.omit_digit
+    names = []
     for temperature in config.temperatures:
         # (alpha + 0.0: -0.0 is 0's stage)
         name = (f"student-T{temperature:g}-a{config.alpha + 0.0:g}" + (f"-shifts{shifts}" if shifts else "")
                 + (f"-omit{omit}" if omit is not None else ""))
+        names.append(name)
         seed_everything(config.seed + 1)  # the same initialisation as the baseline
         student = MLP(config.student)
 
@@ -275,8 +286,8 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
             paper = PAPER["distilled"]
         elif temperature == PAPER_TEMPERATURE and config.alpha > 0 and omit == 3:
             paper = f"{PAPER['omit_errors']} ({PAPER['omit_errors_on_3']} on 3s)"
-        row = {"model": f"distilled T={temperature:g}", "net": _arch(config.student), "epochs": config.student_epochs,
-               "test_errors": _errors(logits, test_y), "paper": paper}
+        row = {"model": f"distilled T={temperature:g}", "net": _arch(config.student),
+               "epochs": config.student_epochs, "test_errors": _errors(logits, test_y), "paper": paper}
         if omit is not None:
             row.update(_omitted_digit_report(logits, test_y, omit))
         rows.append(row)
@@ -299,8 +310,19 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
             "processes": distributed.current().world}
     if not distributed.current().main:  # rank 0 writes and prints
         return {"rows": rows, "meta": meta, "table": None}
+    labels, temperatures = other_students(out, "student-", names, {**student_cfg, "temperature": None}, {
+        "alpha": lambda alpha: f"alpha {number(alpha)}",
+        "omit_digit": lambda digit: f"{digit}s omitted" if digit is not None else "no digit omitted",
+        "teacher_shifts": lambda shifts: f"teacher shifts <= {shifts or 0} px"})
+    note = None
+    if labels:  # (each command's table holds its own students)
+        meta["other_students"] = labels
+        together = ",".join(number(t) for t in sorted({*config.temperatures, *temperatures}))
+        note = (f"{out} also holds finished students not in this table: {'; '.join(labels)}"
+                + (f" (--temperature {together} tabulates them together)" if temperatures else ""))
+        log(note)
     save_config(config, out / "config.json")
-    table = write_results(out, "results", rows, columns=columns, title=title, meta=meta)
+    table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
     plot_curves(out / "test_errors.png",
                 [(label, [h["epoch"] for h in hist], [max(h["test_errors"], 1) for h in hist])
                  for label, hist in curves],

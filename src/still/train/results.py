@@ -78,8 +78,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
 def write_results(directory: str | Path, name: str, rows: Sequence[dict[str, Any]], *,
                   columns: Sequence[str] | None = None, title: str | None = None,
-                  meta: dict[str, Any] | None = None) -> str:
-    """Write `<name>.json` (rows + meta) and `<name>.md` (the table) under `directory`; return the table."""
+                  meta: dict[str, Any] | None = None, note: str | None = None) -> str:
+    """Write `<name>.json` (rows + meta) and `<name>.md` (the table, and `note` in a line under it)
+    under `directory`; return the table."""
     directory = Path(directory)
     table = format_table(rows, columns, title)
     try:
@@ -87,5 +88,5 @@ def write_results(directory: str | Path, name: str, rows: Sequence[dict[str, Any
     except (TypeError, ValueError) as e:
         raise StillError(f"the results for {directory / name}.json cannot be written as JSON: {e}") from None
     atomic_write_text(directory / f"{name}.json", data + "\n")
-    atomic_write_text(directory / f"{name}.md", table)
+    atomic_write_text(directory / f"{name}.md", table + (f"\n{printable(note)}\n" if note else ""))
     return table
