@@ -45,6 +45,38 @@ def test_a_table_names_the_finished_students_it_leaves_out(cifar_dir, tmp_path, 
     assert code == 0 and json.loads((out / "results.json").read_text())["meta"]["other_students"] == labels[1:]
 
 
+def test_a_signal_while_the_report_is_written_leaves_it_whole(cifar_dir, tmp_path, capsys, monkeypatch):
+    """A probe: SIGTERM between results.json and results.md left this command's results.json beside
+    the results.md and plot of the command before. The report is written with signals deferred to
+    its end; the command then stops as the signal asks (exit 143), its report whole."""
+    import os
+    import signal
+
+    import still.recipes.cifar10 as cifar10
+    import still.train.results as results
+
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    write, plot, plotted = results.atomic_write_text, cifar10.plot_curves, []
+    monkeypatch.setattr(cifar10, "plot_curves", lambda path, *a, **k: plotted.append(path) or plot(path, *a, **k))
+
+    def signalled(path, text):
+        write(path, text)
+        if path.name == "results.json":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(results, "atomic_write_text", signalled)
+    code, _, _ = run_cli(capsys, *args, "--temperature", "2")
+    assert code == 143
+    assert json.loads((out / "results.json").read_text())["rows"][-1]["model"] == "distilled T=2"
+    assert "| distilled T=2 " in (out / "results.md").read_text()
+    assert json.loads((out / "config.json").read_text())["temperature"] == 2
+    assert plotted == [out / "test_accuracy.png"]  # (its curves here are the same as the T=5 run's)
+
+
 def test_online_teacher_with_augmentation(cifar_dir, tmp_path, capsys):
     from still.recipes.cifar10 import PRESETS, run_cifar10, with_overrides
 

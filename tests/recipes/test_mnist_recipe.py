@@ -100,6 +100,31 @@ def test_a_table_names_the_finished_students_it_leaves_out(tiny_run, tmp_path, c
     assert json.loads((out / "results.json").read_text())["meta"]["other_students"] == ["distilled T=20, alpha 0.5"]
 
 
+def test_an_interrupt_while_the_report_is_written_leaves_it_whole(tiny_run, tmp_path, capsys, monkeypatch):
+    """A probe: a signal between results.json and results.md left them describing different
+    commands. The report is written with SIGINT deferred to its end, then the command stops (130)."""
+    import os
+    import signal
+
+    import still.train.results as results
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    write = results.atomic_write_text
+
+    def interrupted(path, text):
+        write(path, text)
+        if path.name == "results.json":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(results, "atomic_write_text", interrupted)
+    code, _, err = run_cli(capsys, *TINY, "--temperature", "20", "--out", str(out))
+    assert code == 130 and err.count("loaded the finished run") == 3, err
+    assert [r["model"] for r in json.loads((out / "results.json").read_text())["rows"]][-1] == "distilled T=20"
+    assert "| distilled T=2 " not in (out / "results.md").read_text()
+    assert json.loads((out / "config.json").read_text())["temperatures"] == [20.0]
+
+
 def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
     args = [a if a != "3" else "4" for a in TINY]  # --student-epochs 4
     assert_user_error(capsys, *args, "--out", str(tiny_run), contains="holds a run with different settings (epochs)")

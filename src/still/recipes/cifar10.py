@@ -44,6 +44,7 @@ from still.recipes.common import (
     other_students,
     plot_curves,
     predict,
+    report_whole,
     train_stage,
 )
 from still.train import distributed
@@ -231,13 +232,15 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
         note = (f"{out} also holds finished students not in this table: {'; '.join(labels)} (each is in the "
                 "table of a command with its --temperature and --alpha)")
         log(note)
-    save_config(config, out / "config.json")
     # labml's numbers are for its experiment: beside another preset's they would read as a target
     columns = ["model", "test_accuracy"] + (["labml"] if config.preset == "labml" else [])
-    table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
-    plot_curves(out / "test_accuracy.png",
-                [(label, [h["epoch"] for h in hist], [h["test_accuracy"] for h in hist]) for label, hist in curves],
-                xlabel="epoch", ylabel="test accuracy (%)", title=f"CIFAR-10, preset {config.preset}")
+    with report_whole():
+        save_config(config, out / "config.json")
+        table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
+        plot_curves(out / "test_accuracy.png",
+                    [(label, [h["epoch"] for h in hist], [h["test_accuracy"] for h in hist])
+                     for label, hist in curves],
+                    xlabel="epoch", ylabel="test accuracy (%)", title=f"CIFAR-10, preset {config.preset}")
     if print_table:
         print(table)
         print(f"written to {out}/results.json, results.md and test_accuracy.png")

@@ -43,6 +43,7 @@ from still.recipes.common import (
     other_students,
     plot_curves,
     predict,
+    report_whole,
     train_stage,
 )
 from still.train import distributed
@@ -321,15 +322,16 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
         note = (f"{out} also holds finished students not in this table: {'; '.join(labels)}"
                 + (f" (--temperature {together} tabulates them together)" if temperatures else ""))
         log(note)
-    save_config(config, out / "config.json")
-    table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
-    plot_curves(out / "test_errors.png",
-                [(label, [h["epoch"] for h in hist], [max(h["test_errors"], 1) for h in hist])
-                 for label, hist in curves],
-                xlabel="epoch", ylabel=f"test errors (of {len(test_y)})", logy=True,
-                title=f"MNIST, preset {config.preset}: test errors per epoch",
-                hlines=[("paper: teacher 67", 67), ("paper: baseline 146", 146), ("paper: distilled 74", 74)]
-                if len(test_y) == 10000 and omit is None else ())
+    with report_whole():
+        save_config(config, out / "config.json")
+        table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
+        plot_curves(out / "test_errors.png",
+                    [(label, [h["epoch"] for h in hist], [max(h["test_errors"], 1) for h in hist])
+                     for label, hist in curves],
+                    xlabel="epoch", ylabel=f"test errors (of {len(test_y)})", logy=True,
+                    title=f"MNIST, preset {config.preset}: test errors per epoch",
+                    hlines=[("paper: teacher 67", 67), ("paper: baseline 146", 146), ("paper: distilled 74", 74)]
+                    if len(test_y) == 10000 and omit is None else ())
     if print_table:
         print(table)
         print(f"written to {out}/results.json, results.md and test_errors.png")
