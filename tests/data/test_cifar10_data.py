@@ -63,6 +63,19 @@ def test_missing_directory(tmp_path):
         load_cifar10(archive)
 
 
+def test_an_archive_or_a_batch_file_for_the_folder_is_told_what_to_give(cifar_dir, tmp_path):
+    """A probe: a folder holding only the archive was told its batch files were missing, and a
+    batch file given for the folder was told to unpack it."""
+    folder = tmp_path / "download"
+    folder.mkdir()
+    (folder / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(StillError, match=r"holds cifar-10-python.tar.gz, not unpacked: unpack it \(tar xzf "):
+        load_cifar10(folder)
+    batches = cifar_dir / "cifar-10-batches-py"
+    with pytest.raises(StillError, match=f"is one of the batch files: give the folder that holds them \\({batches}\\)"):
+        load_cifar10(batches / "data_batch_1")
+
+
 def test_unreadable_batch_is_named(cifar_dir, monkeypatch):
     real = type(cifar_dir).read_bytes
 

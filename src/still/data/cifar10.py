@@ -20,6 +20,7 @@ from still.errors import StillError
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
+ARCHIVE = "cifar-10-python.tar.gz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -35,6 +36,9 @@ class Cifar10:
 
 def _batch_dir(data_dir: Path) -> Path:
     if not data_dir.is_dir():
+        if data_dir.is_file() and data_dir.name in (*TRAIN_BATCHES, TEST_BATCH):  # (a probe: told to unpack it)
+            raise StillError(f"CIFAR-10 directory {data_dir} is one of the batch files: give the folder that holds "
+                             f"them ({data_dir.parent})")
         if data_dir.is_file():
             raise StillError(f"CIFAR-10 directory {data_dir} is a file: unpack it (tar xzf) and give the folder "
                              "cifar-10-batches-py (or the one holding it)")
@@ -75,6 +79,9 @@ def load_cifar10(data_dir: str | Path) -> Cifar10:
     """Read the five training batches and the test batch from `data_dir` (or its cifar-10-batches-py/)."""
     directory = _batch_dir(Path(data_dir).expanduser())
     missing = [n for n in (*TRAIN_BATCHES, TEST_BATCH) if not (directory / n).is_file()]
+    archive = directory / ARCHIVE
+    if len(missing) == len(TRAIN_BATCHES) + 1 and archive.is_file():  # (a probe: it said batch files were missing)
+        raise StillError(f"{directory} holds {ARCHIVE}, not unpacked: unpack it (tar xzf {archive} -C {directory})")
     if missing:
         raise StillError(f"{directory} is missing CIFAR-10 batch file(s) {', '.join(missing)}; "
                          "expected the python version (data_batch_1..5, test_batch)")
