@@ -77,6 +77,34 @@ def test_a_signal_while_the_report_is_written_leaves_it_whole(cifar_dir, tmp_pat
     assert plotted == [out / "test_accuracy.png"]  # (its curves here are the same as the T=5 run's)
 
 
+def test_a_temperature_that_six_digits_round_is_a_student_of_its_own(cifar_dir, tmp_path, capsys):
+    """A probe: the stage of T 5.0000001 was named T5 (`:g`), and was refused as T5's with other
+    settings (with --overwrite, T5's student was deleted). It names its own, all its digits."""
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and (out / "distilled-T5-a0.5").is_dir(), err
+    code, stdout, err = run_cli(capsys, *args, "--temperature", "5.0000001", "--alpha", "0.50000001")
+    assert code == 0, err
+    assert (out / "distilled-T5.0000001-a0.50000001").is_dir() and (out / "distilled-T5-a0.5").is_dir()
+    assert "| distilled T=5.0000001 " in stdout
+
+
+def test_labmls_numbers_stand_beside_labmls_experiment_only():
+    """A probe: labml's 82 (its student at T=5 after 32 epochs) stood beside runs of the labml preset
+    with --epochs 1 or --temperature 2. A row gets labml's number where its experiment is labml's."""
+    from still.recipes.cifar10 import LABML, PRESETS, _labml, with_overrides
+
+    labml = PRESETS["labml"]
+    assert [_labml(labml, m) for m in LABML] == [85.0, 80.0, 82.0]
+    assert [_labml(with_overrides(labml, seed=3, precision="bf16"), m) for m in LABML] == [85.0, 80.0, 82.0]
+    assert [_labml(with_overrides(labml, temperature=2.0), m) for m in LABML] == [85.0, 80.0, None]
+    assert [_labml(with_overrides(labml, alpha=0.9), m) for m in LABML] == [85.0, 80.0, None]
+    assert [_labml(with_overrides(labml, epochs=1), m) for m in LABML] == [None, None, None]
+    assert [_labml(PRESETS["tiny"], m) for m in LABML] == [None, None, None]
+
+
 def test_online_teacher_with_augmentation(cifar_dir, tmp_path, capsys):
     from still.recipes.cifar10 import PRESETS, run_cifar10, with_overrides
 

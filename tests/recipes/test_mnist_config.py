@@ -9,14 +9,23 @@ from still.errors import StillError
 from still.recipes.mnist import MnistConfig
 
 
+def test_a_setting_names_its_stage_by_all_the_digits_it_needs():
+    """A probe: stages were named by `:g`'s six digits, so T 5.0000001 took T5's folder (refused as
+    other settings; --overwrite deleted T5's student). Values `:g` gives back keep their names."""
+    from still.recipes.common import number
+
+    assert [number(v) for v in (5.0, 20.0, 0.5, 1e-05, 0.0, 1e5)] == ["5", "20", "0.5", "1e-05", "0", "100000"]
+    assert [number(v) for v in (5.0000001, 20.000001, 1 / 3)] == ["5.0000001", "20.000001", "0.3333333333333333"]
+    assert MnistConfig(temperatures=(20.000001, 20.000002)).temperatures == (20.000001, 20.000002)
+
+
 @pytest.mark.parametrize(("temperatures", "message"), [
     ((20.0, 20.0), "temperature 20 is given more than once"),
     ((2.0, 20.0, 2.0), "temperature 2 is given more than once"),
-    ((20.000001, 20.000002), "temperatures 20.000001 and 20.000002 are the same to 6 significant digits"),
 ])
 def test_temperatures_that_would_share_a_student_are_refused(temperatures, message):
-    """Each temperature's student is a stage named by T to 6 significant digits: a repeated one (or two
-    that round alike) would share a stage directory and give duplicate rows."""
+    """Each temperature's student is a stage named by T: a repeated one would share a stage directory
+    and give duplicate rows. (Two that `:g` rounds alike, 20.000001 and 20.000002, name two stages.)"""
     with pytest.raises(StillError, match=re.escape(message)):
         MnistConfig(temperatures=temperatures)
     assert MnistConfig(temperatures=(2.0, 20.0, 20.001)).temperatures == (2.0, 20.0, 20.001)

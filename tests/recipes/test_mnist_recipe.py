@@ -125,6 +125,18 @@ def test_an_interrupt_while_the_report_is_written_leaves_it_whole(tiny_run, tmp_
     assert json.loads((out / "config.json").read_text())["temperatures"] == [20.0]
 
 
+def test_the_plot_labels_its_students_with_their_alpha(tiny_run, tmp_path, capsys, monkeypatch):
+    """A probe: the legend said "distilled T=20" for a run of any alpha (the table's title says it)."""
+    import still.recipes.mnist as mnist
+
+    out, plot, labels = tmp_path / "run", mnist.plot_curves, []
+    shutil.copytree(tiny_run, out)
+    monkeypatch.setattr(mnist, "plot_curves", lambda path, curves, **k: labels.extend(c[0] for c in curves)
+                        or plot(path, curves, **k))
+    code, _, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(out))
+    assert code == 0 and labels == ["teacher", "baseline", "distilled T=2, alpha 1", "distilled T=20, alpha 1"], err
+
+
 def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
     args = [a if a != "3" else "4" for a in TINY]  # --student-epochs 4
     assert_user_error(capsys, *args, "--out", str(tiny_run), contains="holds a run with different settings (epochs)")
