@@ -20,7 +20,7 @@ from still.errors import StillError
 from still.train import distributed
 from still.train.checkpoint import list_checkpoints, newest_config
 from still.train.io import atomic_write, atomic_write_text, printable
-from still.train.loop import IndexBatches, Trainer, TrainState, _deferred_signals
+from still.train.loop import IndexBatches, Trainer, TrainState, deferred_signals
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.progress import log
 
@@ -184,7 +184,7 @@ def report_whole() -> Iterator[None]:
     deferred to its end (a probe: one between two writes left results.json of this command beside
     results.md and the plot of the one before). The signal then goes to the handler it would have
     met (the command stops, exit 130 or 143, its report whole); a second SIGINT still stops at once."""
-    with _deferred_signals() as received:
+    with deferred_signals() as received:
         yield
     if received:
         signal.raise_signal(received[0])

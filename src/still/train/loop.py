@@ -44,7 +44,7 @@ from still.train.shards import Shard, ShardPool
 
 
 @contextlib.contextmanager
-def _deferred_signals():
+def deferred_signals():
     """Record SIGINT/SIGTERM instead of dying mid-step; a second SIGINT interrupts at once."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -592,7 +592,7 @@ class Trainer:
         if not (_whole(epochs) and epochs >= 0):
             raise StillError(f"epochs must be an int >= 0, got {epochs!r}")
         try:
-            with _deferred_signals() as received:
+            with deferred_signals() as received:
                 state = self._fit(batches, int(epochs), received)
                 # a signal while a finished run loaded (one in training or an evaluation raised at its
                 # step or its epoch's end): the run is done and saved, and the caller asked to stop
