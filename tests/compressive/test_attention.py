@@ -198,6 +198,12 @@ def test_constant_tables_are_computed_once_and_right():
     """The sinusoids and the training's causal mask bias are cached per shape (every layer and step
     asks for them); the cached values are the definitions."""
     assert sinusoidal_distances(7, 8) is sinusoidal_distances(7, 8)
+    # a float64 table computed in float64 (a probe: float32's angles, 7e-5 off at 5000 distances)
+    frequencies = 10000 ** -(torch.arange(0, 16, 2.0, dtype=torch.float64) / 16)
+    a = torch.arange(4999, -1, -1, dtype=torch.float64)[:, None] * frequencies
+    exact = torch.cat([a.sin(), a.cos()], -1)
+    assert (sinusoidal_distances(5000, 16, None, torch.float64) - exact).abs().max() < 1e-12
+    assert (sinusoidal_distances(5000, 16) - exact).abs().max() > 1e-6  # (float32's own, as before)
     bf16 = sinusoidal_distances(7, 8, None, torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and bf16.equal(sinusoidal_distances(7, 8).to(torch.bfloat16))
     bias = causal_mask_bias(3, 5, torch.device("cpu"), torch.float32)
