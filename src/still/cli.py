@@ -349,7 +349,8 @@ def lm_group() -> None:
 @click.option("--compression-rate", type=click.IntRange(min=1), default=None,
               help="c: old memories per compressed memory (presets: 4).")
 @click.option("--compression", type=click.Choice(["conv", "dilated", "max", "mean", "most_used"]), default=None,
-              help="The compression function f_c (presets: conv).")
+              help="The compression function f_c (presets: conv). dilated sees half of each group of memories "
+                   "(it reads within a group: src/still/compressive/compression.py).")
 @click.option("--compression-loss", type=click.Choice(["attention", "autoencoding", "none"]), default=None,
               help="How f_c learns: attention reconstruction (presets), auto-encoding, or not at all.")
 @click.option("--post-norm", is_flag=True, default=None, help="Post-LayerNorm, as the paper (default: pre-LayerNorm).")

@@ -18,7 +18,8 @@ Shapes: B batch, n old memories (a multiple of c), c compression rate, d model d
     max         max pooling, kernel = stride = c
     mean        mean pooling, kernel = stride = c
     most_used   keep the n / c memories that received the most attention (summed over heads and
-                queries in the current segment), in their original order. Of V memories of the
+                queries in the current segment: the paper's "usage"; a memory attended over several
+                segments counts the last alone), in their original order. Of V memories of the
                 current document among the n (a reset row: the rest are masked, and ranked -1 by
                 the model), V // c are kept so, and the oldest masked ones fill the other slots, as
                 a fresh stream would keep V / c of V

@@ -39,12 +39,16 @@ transformer with relative positions; in eval mode with `mem_len` >= the total le
 compression, feeding a sequence in segments gives the logits of feeding it at once.
 
 Deviations from the paper: pre-LayerNorm by default; no adaptive softmax or embeddings (character
-and byte vocabularies are small); the memories start empty, where the paper's algorithm 1 starts them
-as zeros, attended to and compressed like any memory (pass a `MemoryState` of zeros for that); the
-reconstruction loss is a mean over elements and over layers, where algorithm 2 adds up one norm
-per layer: only its scale differs (Adam's steps do not depend on it, but the compressors' gradient
-clipping at 0.1 applies to the scaled gradient); a segment longer than the memory compresses its
-own overflowing inputs too (memory.py).
+and byte vocabularies are small), and no sqrt(d_model) scale on the embeddings (Transformer-XL's);
+the memories start empty, where the paper's algorithm 1 starts them as zeros, attended to and
+compressed like any memory (pass a `MemoryState` of zeros for that); the reconstruction loss is the
+mean squared difference over elements and over layers (as labml's implementation), where
+algorithm 2 adds up one L2 norm per layer: the same minimum, but a norm's gradient has the same
+size at any error, a square's grows with it, so the layers weigh by their errors here, and the
+scale differs (Adam's steps do not depend on it, but the compressors' gradient clipping at 0.1
+applies to the scaled gradient); a segment longer than the memory compresses its own overflowing
+inputs too (memory.py); the dilated compression reads within a group of memories, and so sees half
+of them (compression.py).
 
 Tested against tests/compressive/reference.py, the model written again from both papers with every
 query-key distance spelled out: logits, the reconstruction loss and every gradient.
