@@ -16,6 +16,15 @@ def test_loads_the_python_batches(cifar_dir):
     assert x.dtype == torch.float32 and x.abs().max() < 3
 
 
+def test_half_normalization_is_labmls():
+    """labml's `Normalize((0.5,) * 3, (0.5,) * 3)`: pixels 0..255 to -1..1; the default stays CIFAR-10's
+    mean and std."""
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 1, 3)
+    torch.testing.assert_close(normalize(pixels, "half")[0, :, 0], torch.tensor([[-1.0, -0.6, 1.0]] * 3))
+    torch.testing.assert_close(normalize(pixels)[0, :, 0, 0], -torch.tensor([0.4914, 0.4822, 0.4465])
+                               / torch.tensor([0.2470, 0.2435, 0.2616]))
+
+
 def test_row_major_planes(tmp_path):
     """The 3072 bytes are the red plane, then green, then blue, each 32x32 row-major."""
     import pickle

@@ -24,6 +24,9 @@ ARCHIVE = "cifar-10-python.tar.gz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+NORMALIZATIONS = {"mean_std": (MEAN, STD), "half": ((0.5,) * 3, (0.5,) * 3)}
+"""The per-channel (mean, std) each normalisation subtracts and divides by: "mean_std", CIFAR-10's
+training images'; "half", 0.5 and 0.5 (labml's `Normalize((0.5,) * 3, (0.5,) * 3)`: pixels in [-1, 1])."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,7 @@ def load_cifar10(data_dir: str | Path) -> Cifar10:
     )
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, 32, 32) -> float32 standardised per channel."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+def normalize(images: torch.Tensor, normalization: str = "mean_std") -> torch.Tensor:
+    """uint8 (N, 3, 32, 32) -> float32 standardised per channel (`NORMALIZATIONS`)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS[normalization])
     return (images.float() / 255 - mean) / std
