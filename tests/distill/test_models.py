@@ -66,6 +66,25 @@ def test_vgg_paper_shapes():
         assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_vgg_teacher_and_student_are_labmls():
+    """A probe, against labml-nn 0.5.1's `distillation/large.py` and `small.py`: labml's teacher has a
+    Dropout(0.1) before each of its 13 convolutions (the first on the input image); still's had one
+    after each of its 5 max-pools. Its student has none. Their parameters are labml's (14,728,266 and
+    437,034) less the convolutions' biases, which still leaves out before a batch norm."""
+    for config, labml, dropouts in ((VGG_TEACHER, 14_728_266, 13), (VGG_STUDENT, 437_034, 0)):
+        layers = list(VGG(config).features)
+        convs = [i for i, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d)]
+        drops = [i for i, m in enumerate(layers) if isinstance(m, torch.nn.Dropout)]
+        assert len(drops) == dropouts and all(m.p == 0.1 for m in layers if isinstance(m, torch.nn.Dropout))
+        assert [i + 1 for i in drops] == (convs if dropouts else [])  # each right before a convolution
+        params = sum(p.numel() for p in VGG(config).parameters())
+        assert params + sum(m.out_channels for m in layers if isinstance(m, torch.nn.Conv2d)) == labml
+    pooled = list(VGG(VGGConfig(blocks=((4, 4), (8,)), dropout=0.1)).features)  # the default: after each pool
+    assert [type(m).__name__ for m in pooled] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU",
+                                                  "MaxPool2d", "Dropout", "Conv2d", "BatchNorm2d", "ReLU",
+                                                  "MaxPool2d", "Dropout"]
+
+
 def test_vgg_keeps_its_convolutions_channels_last():
     """The weights, the activations between convolutions and the gradients are NHWC; an NCHW copy of
     the same weights computes the same logits and gradients; a state dict loads into the layout."""

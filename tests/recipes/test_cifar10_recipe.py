@@ -3,7 +3,10 @@
 import json
 import shutil
 
+import pytest
+
 from helpers import assert_user_error, run_cli, stage_history
+from still.errors import StillError
 
 
 def test_tiny_preset_runs_end_to_end(cifar_dir, tmp_path, capsys):
@@ -92,7 +95,7 @@ def test_a_temperature_that_six_digits_round_is_a_student_of_its_own(cifar_dir, 
 
 
 def test_labmls_numbers_stand_beside_labmls_experiment_only():
-    """A probe: labml's 82 (its student at T=5 after 32 epochs) stood beside runs of the labml preset
+    """A probe: labml's 82 (its student at T=5 after 10 epochs) stood beside runs of the labml preset
     with --epochs 1 or --temperature 2. A row gets labml's number where its experiment is labml's."""
     from still.recipes.cifar10 import LABML, PRESETS, _labml, with_overrides
 
@@ -101,8 +104,80 @@ def test_labmls_numbers_stand_beside_labmls_experiment_only():
     assert [_labml(with_overrides(labml, seed=3, precision="bf16"), m) for m in LABML] == [85.0, 80.0, 82.0]
     assert [_labml(with_overrides(labml, temperature=2.0), m) for m in LABML] == [85.0, 80.0, None]
     assert [_labml(with_overrides(labml, alpha=0.9), m) for m in LABML] == [85.0, 80.0, None]
-    assert [_labml(with_overrides(labml, epochs=1), m) for m in LABML] == [None, None, None]
+    assert [_labml(with_overrides(labml, epochs=1), m) for m in LABML] == [85.0, None, None]  # (its teacher's 20)
+    assert [_labml(with_overrides(labml, teacher_epochs=1), m) for m in LABML] == [None, 80.0, None]
+    assert [_labml(with_overrides(labml, normalization="mean_std"), m) for m in LABML] == [None, None, None]
     assert [_labml(PRESETS["tiny"], m) for m in LABML] == [None, None, None]
+
+
+def test_the_labml_preset_is_labmls_experiment():
+    """A probe, against labml-nn 0.5.1's `distillation/` and `experiments/cifar10.py`: labml trains its
+    teacher 20 epochs and each student 10 (its configs' default 10; large.py sets 20), puts a dropout
+    before each of the teacher's convolutions, and normalises pixels by 0.5 and 0.5. The preset
+    trained all three 32 epochs, dropped out after each pool, and used CIFAR-10's mean and std. The
+    tiny preset keeps its settings."""
+    from still.distill.models import VGG_STUDENT, VGG_TEACHER
+    from still.recipes.cifar10 import PRESETS
+
+    labml, tiny = PRESETS["labml"], PRESETS["tiny"]
+    assert (labml.teacher_run_epochs, labml.epochs, labml.normalization) == (20, 10, "half")
+    assert labml.teacher == VGG_TEACHER and labml.teacher.dropout_at == "conv" and labml.teacher.dropout == 0.1
+    assert labml.student == VGG_STUDENT and labml.student.dropout == 0
+    assert (tiny.teacher_run_epochs, tiny.epochs, tiny.normalization, tiny.teacher.dropout_at) == (
+        2, 2, "mean_std", "pool")
+
+
+def test_a_config_json_from_before_the_per_stage_settings_loads_as_it_ran(tmp_path):
+    """A config.json written before teacher_epochs, normalization and the VGG's dropout_at existed
+    (the labml preset's, 32 epochs) loads to what it ran: the teacher for its epochs, CIFAR-10's mean
+    and std, the dropouts after the pools; and its folder is still a distill cifar10 run."""
+    from still.config import load_config, to_dict
+    from still.recipes.cifar10 import Cifar10Config
+    from still.recipes.common import run_kind
+
+    old = to_dict(Cifar10Config(epochs=32))
+    for key in ("teacher_epochs", "normalization"):
+        del old[key]
+    for model in ("teacher", "student"):
+        del old[model]["dropout_at"]
+    old["teacher"]["dropout"] = 0.1
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = load_config(Cifar10Config, tmp_path / "config.json")
+    assert (config.teacher_run_epochs, config.epochs, config.normalization) == (32, 32, "mean_std")
+    assert config.teacher.dropout_at == "pool" and config.student.dropout_at == "pool"
+    assert run_kind(tmp_path) == "distill cifar10"
+
+
+def test_the_teachers_epochs_and_the_new_settings_in_the_stages(cifar_dir, tmp_path, capsys, monkeypatch):
+    """--teacher-epochs trains the teacher alone that long (--epochs alone: all three runs); the stages
+    of the default settings record them as before they existed (an older run folder still loads), and
+    another normalisation, dropout placement or teacher's epochs is refused like any changed setting."""
+    import still.recipes.cifar10 as cifar10
+    from still.config import replace
+    from still.recipes.cifar10 import PRESETS, run_cifar10, with_overrides
+
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    code, _, err = run_cli(capsys, *args, "--teacher-epochs", "2")
+    assert code == 0, err
+    epochs = {stage: json.loads((out / stage / "stage.json").read_text())["epochs"]
+              for stage in ("teacher", "student", "distilled-T5-a0.5")}
+    assert epochs == {"teacher": 2, "student": 1, "distilled-T5-a0.5": 1}
+    assert len(stage_history(out / "teacher")) == 2 and len(stage_history(out / "student")) == 1
+    teacher = json.loads((out / "teacher" / "stage.json").read_text())
+    assert "normalization" not in teacher and "dropout_at" not in teacher["model"]  # (as an older still's)
+    tiny = with_overrides(PRESETS["tiny"], epochs=1, teacher_epochs=2)
+    for changed, named in ((with_overrides(tiny, normalization="half"), "normalization"),
+                           (with_overrides(tiny, teacher=replace(tiny.teacher, dropout_at="conv")), "model"),
+                           (with_overrides(tiny, teacher_epochs=3), "epochs")):
+        with pytest.raises(StillError, match=rf"teacher holds a run with different settings \({named}\)"):
+            run_cifar10(changed, cifar_dir, out, print_table=False)
+
+    seen = []  # --epochs alone: the teacher's too, as before (the labml preset's own is 20)
+    monkeypatch.setattr(cifar10, "run_cifar10", lambda config, *a, **k: seen.append(config))
+    code, _, err = run_cli(capsys, "distill", "cifar10", "--data-dir", str(cifar_dir), "--epochs", "3")
+    assert code == 0 and (seen[0].teacher_run_epochs, seen[0].epochs) == (3, 3), err
 
 
 def test_online_teacher_with_augmentation(cifar_dir, tmp_path, capsys):
@@ -168,6 +243,8 @@ def test_augment_pads_with_black_as_labml_does():
     for channel in range(3):
         values = set(out[:, channel].unique().tolist())
         assert values == {black[0, channel, 0, 0].item(), white[0, channel, 0, 0].item()}, values
+    white = normalize(torch.full((64, 3, 32, 32), 255, dtype=torch.uint8), "half")  # labml's: black is -1
+    assert set(augment(white, "half").unique().tolist()) == {-1.0, 1.0}
 
 
 def test_bf16_trains_every_stage_under_autocast(cifar_dir, tmp_path, capsys):

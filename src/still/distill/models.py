@@ -7,9 +7,15 @@ weight vector; the student is 784-800-800-10 with no regularisation.
 
 VGG-style CNN (labml.ai's CIFAR-10 distillation experiment): blocks of 3x3 convolutions, each
 followed by batch norm and ReLU, a 2x2 max-pool after each block (32x32 -> 1x1 after five), then
-one linear layer. Deviation from labml: batch norm uses running statistics in eval mode (labml's
-teacher normalised with the statistics of the current batch at evaluation, so its soft targets
-for an image depended on the other images in the batch). Its convolutions' weights are kept
+one linear layer. labml's teacher (`VGG_TEACHER`) has a dropout of 0.1 before every convolution,
+the first on the input image (`dropout_at="conv"`); its student (`VGG_STUDENT`) has none.
+Deviations from labml: batch norm uses running statistics in eval mode (labml's teacher and
+student alike normalised with the statistics of the current batch at evaluation, so the teacher's
+soft targets for an image, and either model's prediction, depended on the other images in the
+batch); the convolutions have no bias where batch norm follows (its shift subsumes it: labml's
+counts, 14,728,266 and 437,034 parameters, are these models' plus 4,224 and 576 biases); the
+logits layer reads the 1x1 map's global average (labml: the map flattened, the same at 32x32
+input). Its convolutions' weights are kept
 channels-last (NHWC) from construction, so that their activations are too: oneDNN's
 convolutions run faster on them than on NCHW tensors (on a CPU, the recipe's training steps in
 0.78-0.96x the time in fp32, `bench/cifar_step.py`); an NCHW input is converted once, at the first
@@ -21,6 +27,7 @@ Shapes: B batch, C classes, D input features (784), H hidden units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -89,7 +96,10 @@ class VGGConfig:
     classes: int = 10
     in_channels: int = 3
     dropout: float = 0.0
-    """Dropout after each block."""
+    """Dropout probability, placed by `dropout_at`."""
+    dropout_at: Literal["pool", "conv"] = "pool"
+    """Where the dropouts are: "pool", one after each block's max-pool; "conv", one before each
+    convolution (labml's teacher: 13 in all, the first on the input image)."""
     batch_norm: bool = True
 
     def __post_init__(self) -> None:
@@ -101,7 +111,7 @@ class VGGConfig:
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 
 
-VGG_TEACHER = VGGConfig(dropout=0.1)
+VGG_TEACHER = VGGConfig(dropout=0.1, dropout_at="conv")
 VGG_STUDENT = VGGConfig(blocks=((32, 32), (64, 64), (128,), (128,), (128,)))
 
 
@@ -113,13 +123,15 @@ class VGG(nn.Module):
         channels = config.in_channels
         for block in config.blocks:
             for out in block:
+                if config.dropout and config.dropout_at == "conv":
+                    layers.append(nn.Dropout(config.dropout))
                 layers.append(nn.Conv2d(channels, out, 3, padding=1, bias=not config.batch_norm))
                 if config.batch_norm:
                     layers.append(nn.BatchNorm2d(out))
                 layers.append(nn.ReLU(inplace=True))
                 channels = out
             layers.append(nn.MaxPool2d(2))
-            if config.dropout:
+            if config.dropout and config.dropout_at == "pool":
                 layers.append(nn.Dropout(config.dropout))
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels, config.classes)
