@@ -121,8 +121,8 @@ ONE_CYCLE = OptimConfig(name="sgd", lr=0.1, momentum=0.9, schedule="onecycle", w
 
 PRESETS: dict[str, MnistConfig] = {
     # about three minutes on two cores (3 min 10 s at seed 0 on machine C, docs/results/mnist.md's bf16
-    # section): a visible but smaller effect than the paper's (135, 168 and 153 errors for teacher,
-    # baseline and student). The teacher sees
+    # section): a visible but smaller effect than the paper's (135, 173 and 149 errors for teacher,
+    # baseline and student at seed 0 on 2 threads since session 46's fused SGD). The teacher sees
     # no jitter here: with it, 8-12 epochs leave the teacher no better than the baseline.
     "quick": MnistConfig(preset="quick", teacher_epochs=15, student_epochs=6, jitter=0, alpha=1.0,
                          teacher_optim=ONE_CYCLE, student_optim=ONE_CYCLE),
