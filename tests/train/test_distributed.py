@@ -283,9 +283,9 @@ from still.cli import main
 augment, draws = cifar10.augment, []
 
 
-def recorded(images):  # the generator's state at each augmentation: the crops and flips it is about to draw
+def recorded(images, *args):  # the generator's state at each augmentation: the crops and flips it is about to draw
     draws.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
-    return augment(images)
+    return augment(images, *args)
 
 
 cifar10.augment = recorded

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,16 +103,24 @@ def _extract(spec: RegistryFile, archive: Path, out: Path) -> None:
 
 
 FETCH_PREFIX = "still-fetch-"  # a fetch's work folder in the temporary folder: still-fetch-<pid>-<random>
+DEAD_FETCH_HOURS = 6  # a dead fetch's folder is removed once this old (`_remove_dead_fetches`)
 
 
 def _remove_dead_fetches(path: Path) -> None:
     """Remove what fetches killed outright (SIGKILL, power loss) left: their work folders (the whole
     archive) and their half-extracted `path` (`atomic_write`'s temporary file, which only the next
-    write of it would remove otherwise), where the process named in the name is gone."""
+    write of it would remove otherwise), where the process named in the name is gone and the folder
+    is older than `DEAD_FETCH_HOURS`: a process of another PID namespace (a container) or machine
+    sharing the temporary folder looks gone from here (a review probe: such a live fetch's archive was
+    removed under it), but no fetch takes hours."""
+    now, folders = time.time(), []
     with contextlib.suppress(OSError):
-        for folder in Path(tempfile.gettempdir()).glob(FETCH_PREFIX + "*"):
-            pid = folder.name[len(FETCH_PREFIX):].partition("-")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)) and folder.is_dir():
+        folders = list(Path(tempfile.gettempdir()).glob(FETCH_PREFIX + "*"))
+    for folder in folders:
+        pid = folder.name[len(FETCH_PREFIX):].partition("-")[0]
+        with contextlib.suppress(OSError, OverflowError):  # (a pid too large for the system: not a fetch's)
+            if (pid.isdigit() and int(pid) != os.getpid() and folder.is_dir()
+                    and now - folder.stat().st_mtime > DEAD_FETCH_HOURS * 3600 and not process_alive(int(pid))):
                 shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):  # (a cache this user may only read: left as it is)
         _remove_dead_writers(path)
