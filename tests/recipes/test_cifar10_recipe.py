@@ -92,6 +92,14 @@ def test_a_temperature_that_six_digits_round_is_a_student_of_its_own(cifar_dir, 
     assert code == 0, err
     assert (out / "distilled-T5.0000001-a0.50000001").is_dir() and (out / "distilled-T5-a0.5").is_dir()
     assert "| distilled T=5.0000001 " in stdout
+    # a stage an older still named by :g is its student still (a review probe: trained again beside it)
+    code, _, err = run_cli(capsys, *args, "--temperature", "0.1234567")
+    assert code == 0, err
+    (out / "distilled-T0.1234567-a0.5").rename(out / "distilled-T0.123457-a0.5")
+    code, stdout, err = run_cli(capsys, *args, "--temperature", "0.1234567")
+    assert code == 0 and not (out / "distilled-T0.1234567-a0.5").exists(), err
+    assert "distilled-T0.123457-a0.5/checkpoints" in err and "loaded the finished run" in err, err
+    assert "| distilled T=0.1234567 " in stdout and "T=0.1234567 (" not in err  # (not an "other student")
 
 
 def test_labmls_numbers_stand_beside_labmls_experiment_only():

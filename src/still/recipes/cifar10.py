@@ -53,6 +53,7 @@ from still.recipes.common import (
     plot_curves,
     predict,
     report_whole,
+    student_stage,
     train_stage,
 )
 from still.train import distributed
@@ -227,7 +228,8 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
     mark_new_run(out, config, overwrite, ("results.json", "results.md", "test_accuracy.png"))
     rows, curves, seconds = [], [], {}
     # (+ 0.0: alpha -0.0 is 0's stage; `number`: T 5.0000001 is not T5's)
-    name = f"distilled-T{number(config.temperature)}-a{number(config.alpha + 0.0)}"
+    name = student_stage(out, lambda written: (f"distilled-T{written(config.temperature)}"
+                                               f"-a{written(config.alpha + 0.0)}"), config.temperature, config.alpha)
 
     seed_everything(config.seed)
     teacher = VGG(config.teacher)

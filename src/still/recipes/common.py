@@ -294,6 +294,23 @@ def number(value: float) -> str:
     return short if float(short) == value else repr(float(value))
 
 
+def student_stage(out: Path, name_of: Callable[[Callable[[float], str]], str], temperature: float,
+                  alpha: float) -> str:
+    """A student's stage folder: `name_of(number)`, or `name_of` with `:g`'s six digits where that
+    names another folder, one holding this temperature's and alpha's student: stills before session
+    53 named a stage so, and a rerun in their run folder trained that student again beside it (a
+    review probe: T 0.1234567's stage T0.123457)."""
+    name, legacy = name_of(number), name_of(lambda value: f"{value:g}")
+    if legacy != name:
+        try:
+            settings = json.loads((out / legacy / "stage.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return name
+        if isinstance(settings, dict) and (settings.get("temperature"), settings.get("alpha")) == (temperature, alpha):
+            return legacy
+    return name
+
+
 def finished_stages(out: Path, prefix: str, shown: Collection[str]) -> dict[str, dict[str, Any]]:
     """The settings (stage.json's) of each finished stage in run folder `out` whose folder name
     starts with `prefix`, other than those `shown`, by folder name: the students of earlier commands

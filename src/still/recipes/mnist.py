@@ -44,6 +44,7 @@ from still.recipes.common import (
     plot_curves,
     predict,
     report_whole,
+    student_stage,
     train_stage,
 )
 from still.train import distributed
@@ -259,8 +260,9 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
     names = []
     for temperature in config.temperatures:
         # (alpha + 0.0: -0.0 is 0's stage; `number`: 20.0000001 is not T20's)
-        name = (f"student-T{number(temperature)}-a{number(config.alpha + 0.0)}" + (f"-shifts{shifts}" if shifts else "")
-                + (f"-omit{omit}" if omit is not None else ""))
+        name = student_stage(out, lambda written, temperature=temperature: (
+            f"student-T{written(temperature)}-a{written(config.alpha + 0.0)}" + (f"-shifts{shifts}" if shifts else "")
+            + (f"-omit{omit}" if omit is not None else "")), temperature, config.alpha)
         names.append(name)
         seed_everything(config.seed + 1)  # the same initialisation as the baseline
         student = MLP(config.student)
@@ -289,7 +291,8 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
             row.update(_omitted_digit_report(logits, test_y, omit))
         rows.append(row)
         # (a probe: the legend had no alpha; the table's title has it, the plot's legend is read alone)
-        label = f"{row['model']}, alpha {config.alpha + 0.0:g}" + (f", {omit}s omitted" if omit is not None else "")
+        label = f"{row['model']}, alpha {number(config.alpha + 0.0)}" + (f", {omit}s omitted" if omit is not None
+                                                                          else "")
         curves.append((label, state.history))
 
     # --- report --------------------------------------------------------------------------------
