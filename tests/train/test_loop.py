@@ -585,7 +585,11 @@ def test_a_metric_named_as_the_historys_own_is_refused(key):
 
 @pytest.mark.parametrize("kwargs, message", [({"n": 10, "batch_size": 0}, "batch_size must be an int >= 1, got 0"),
                                              ({"n": -1, "batch_size": 2}, "n must be an int >= 0, got -1"),
-                                             ({"n": 10, "batch_size": 2.0}, "batch_size must be an int >= 1, got 2.0")])
+                                             ({"n": 10, "batch_size": 2.0}, "batch_size must be an int >= 1, got 2.0"),
+                                             # (a review probe: tracebacks at the first epoch)
+                                             *[({"n": 10, "batch_size": 2, "seed": seed},
+                                                f"seed must be an int >= 0 and <= 2**40, got {seed!r}")
+                                               for seed in (1.5, None, 2**60, -1)]])
 def test_index_batches_name_bad_counts(kwargs, message):
     with pytest.raises(StillError, match=re.escape(f"IndexBatches.{message}")):
         IndexBatches(**kwargs)
@@ -1058,6 +1062,13 @@ def test_resuming_under_other_settings_says_which(tmp_path):
     lines = []  # (a NaN, unequal to itself, was "other settings (width)" on every resume)
     trainer({"width": math.nan, "lr": 0.02}, lines).fit(BATCHES, 4)
     assert not any("other settings" in line for line in lines), lines
+    lines = []  # (equal values written otherwise: 1 and 1.0, a review probe's "other settings ()")
+    trainer({"width": math.nan, "lr": 0.02 * 1.0, "n": 1}, []).fit(BATCHES, 5)
+    trainer({"width": math.nan, "lr": 0.02, "n": 1.0}, lines).fit(BATCHES, 6)
+    assert not any("other settings" in line for line in lines), lines
+    for bad in ({1: "x", "a": 2}, {"a": {1: "x", "b": 2}}):  # (keys JSON writes as strings, or cannot sort)
+        with pytest.raises(StillError, match="cannot be written as JSON"):
+            trainer(bad, [])
 
 
 def test_numpy_whole_numbers_are_taken_as_ints(tmp_path):

@@ -113,10 +113,12 @@ class IndexBatches:
     drop_last: bool = False
 
     def __post_init__(self) -> None:
-        for name, low in (("n", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if not _whole(value) or value < low:
-                raise StillError(f"IndexBatches.{name} must be an int >= {low}, got {value!r}")
+        # (the seed's high: `__call__`'s seed * 1,000,003 + epoch stays in int64)
+        for name, low, high in (("n", 0, None), ("batch_size", 1, None), ("seed", 0, 2**40)):
+            value = getattr(self, name)  # (a review probe: a seed of 1.5, None or 2**60 failed at the first epoch)
+            if not _whole(value) or value < low or (high is not None and value > high):
+                raise StillError(f"IndexBatches.{name} must be an int >= {low}" + (" and <= 2**40" if high else "")
+                                 + f", got {value!r}")
             object.__setattr__(self, name, int(value))
 
     def __len__(self) -> int:
@@ -447,8 +449,8 @@ class Trainer:
         checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir, log=self.log, set_aside=self.dist.main)
         if checkpoint is None:
             return False
-        # (as JSON text: a NaN, unequal to itself, said "other settings" on every resume)
-        if checkpoint.config and self.config and _json(checkpoint.config) != _json(self.config):
+        # (a NaN, unequal to itself, said "other settings" on every resume)
+        if checkpoint.config and self.config and not _same(checkpoint.config, self.config):
             # (the recipes refuse this themselves: a Trainer knows nothing of which settings matter)
             self.log(f"{self.desc}: {checkpoint.path.name} was saved with other settings "
                      f"({', '.join(changed_settings(checkpoint.config, self.config))}); resuming from it, "
@@ -841,8 +843,15 @@ def _checked_loss(loss: Any) -> torch.Tensor:
     raise StillError(f"loss_fn must return a scalar tensor (one element, with its graph), got {got}")
 
 
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, sort_keys=True)
+def _same(a: Any, b: Any) -> bool:
+    """Whether two settings' JSON data are equal, a NaN equal to a NaN."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
 
 
 def _check_json_config(config: Any) -> dict[str, Any]:
@@ -852,7 +861,10 @@ def _check_json_config(config: Any) -> dict[str, Any]:
                          f"got {type(config).__name__}")
     for key, value in config.items():
         try:
-            json.dumps({key: value})
+            text = json.dumps({key: value})
+            # (JSON's keys are strings: a key 1, here or within, came back as "1", another setting)
+            if not isinstance(key, str) or not _same(json.loads(text)[key], value):
+                raise TypeError("its keys are not all strings")
         except (TypeError, ValueError) as e:
             raise StillError(f"config[{key!r}] cannot be written as JSON ({e}): pass JSON data, "
                              "such as still.config.to_dict of a config") from None
