@@ -64,10 +64,10 @@ def nchw(model: nn.Module) -> nn.Module:
 def stage_loss(stage: str, x: torch.Tensor, y: torch.Tensor, teacher: Teacher | None):
     """The recipe's loss of `stage` (`run_cifar10`'s `ce_loss` and online `distill_loss`)."""
     if stage != "distilled":
-        return lambda model, idx: F.cross_entropy(model(augment(x[idx])), y[idx])
+        return lambda model, idx: F.cross_entropy(model(augment(x[idx], CONFIG.normalization)), y[idx])
 
     def distill(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        batch = augment(x[idx])
+        batch = augment(x[idx], CONFIG.normalization)
         return distillation_loss(model(batch), y[idx], temperature=CONFIG.temperature, alpha=CONFIG.alpha,
                                  teacher_log_probs=teacher.log_probs(batch, CONFIG.temperature))
 

@@ -10,3 +10,4 @@ def test_the_public_api_resolves_and_dir_lists_it():
         assert getattr(still, name) is not None, name
         assert name in dir(still), name
     assert still.__version__ == importlib.metadata.version("still")
+    assert "importlib" not in dir(still) and "annotations" not in dir(still)  # (the module's own imports)

@@ -32,4 +32,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:  # (the lazy names too: tab completion and dir(still) missed them)
-    return sorted(set(globals()) | set(_API))
+    return sorted({name for name in globals() if name.startswith("__")} | set(__all__))

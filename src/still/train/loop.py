@@ -355,7 +355,8 @@ class Trainer:
         # exp_inf; into AdamW, RAdam, or Adam from AdamW, they loaded unsaid, with the saved one's
         # decay. Older checkpoints name no class: for them, the state's checks below alone.)
         theirs, ours = checkpoint.state.get("optimizer_class"), _class_name(self.optimizer)
-        if theirs is not None and theirs != ours:
+        # (by the class's own name: its module's path may move between PyTorch's versions, or be __main__)
+        if isinstance(theirs, str) and theirs.rpartition(".")[2] != ours.rpartition(".")[2]:
             raise StillError(f"{source} was saved by another optimizer, {theirs}, than this one, {ours}: resume "
                              "with the one that saved it, or start a new run")
         rng = ckpt.rng_state_of(checkpoint)
