@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -78,8 +80,14 @@ def test_an_archive_or_a_batch_file_for_the_folder_is_told_what_to_give(cifar_di
     folder = tmp_path / "download"
     folder.mkdir()
     (folder / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b")
-    with pytest.raises(StillError, match=r"holds cifar-10-python.tar.gz, not unpacked: unpack it \(tar xzf "):
+    with pytest.raises(StillError, match=r"holds cifar-10-python.tar.gz, not unpacked: unpack it \(tar xzf "
+                                         + re.escape(f"{folder / 'cifar-10-python.tar.gz'} -C {folder})")):
         load_cifar10(folder)
+    inner = folder / "cifar-10-batches-py"  # (unpacked there, it would nest one deeper: a review probe)
+    inner.mkdir()
+    (folder / "cifar-10-python.tar.gz").rename(inner / "cifar-10-python.tar.gz")
+    with pytest.raises(StillError, match=re.escape(f"tar xzf {inner / 'cifar-10-python.tar.gz'} -C {folder})")):
+        load_cifar10(inner)
     batches = cifar_dir / "cifar-10-batches-py"
     with pytest.raises(StillError, match=f"is one of the batch files: give the folder that holds them \\({batches}\\)"):
         load_cifar10(batches / "data_batch_1")

@@ -84,7 +84,10 @@ def load_cifar10(data_dir: str | Path) -> Cifar10:
     missing = [n for n in (*TRAIN_BATCHES, TEST_BATCH) if not (directory / n).is_file()]
     archive = directory / ARCHIVE
     if len(missing) == len(TRAIN_BATCHES) + 1 and archive.is_file():  # (a probe: it said batch files were missing)
-        raise StillError(f"{directory} holds {ARCHIVE}, not unpacked: unpack it (tar xzf {archive} -C {directory})")
+        # (the archive holds cifar-10-batches-py/: unpacked into a folder of that name, it nests one deeper,
+        # and a review probe was told the same again)
+        into = directory.parent if directory.name == "cifar-10-batches-py" else directory
+        raise StillError(f"{directory} holds {ARCHIVE}, not unpacked: unpack it (tar xzf {archive} -C {into})")
     if missing:
         raise StillError(f"{directory} is missing CIFAR-10 batch file(s) {', '.join(missing)}; "
                          "expected the python version (data_batch_1..5, test_batch)")
