@@ -77,6 +77,15 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _rank_zero_gone(error: RuntimeError) -> bool:
+    """Whether `error` is another rank's loss of rank 0 under torchrun: rank 0 stopped (an error in
+    its report, a signal to it alone) while this rank waited for it in a collective, which then
+    failed in gloo's "Connection closed by peer" (a probe: every such rank printed its traceback)."""
+    return (not _first_process() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and (type(error).__name__ == "DistBackendError"
+                 or any(gone in str(error) for gone in ("Connection closed by peer", "Connection reset by peer"))))
+
+
 def _one_process(command: str) -> None:
     """Refuse `command` under torchrun, which would run it whole in every process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -759,6 +768,10 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         _say("terminated")
         sys.exit(143)
+    except RuntimeError as e:
+        if not _rank_zero_gone(e):
+            raise
+        sys.exit(1)  # (rank 0 says why it stopped)
     except OSError as e:  # a folder that cannot be written (read-only, a file in the path, a full disk)
         if os.environ.get("STILL_TRACEBACK"):
             raise

@@ -208,6 +208,14 @@ def test_distillation_on_two_ranks(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "baseline: resuming" in done.stderr
     assert_same_training(one / "baseline", two / "baseline")
+    # rank 0 failing in the report, rank 1 waiting for it at the end: rank 0's one line, no traceback
+    # of rank 1's lost collective (a probe)
+    (two / "results.md").unlink()
+    (two / "results.md").mkdir()
+    done = still(2, *MNIST_TINY, "--out", str(two))
+    assert done.returncode != 0 and "error: Is a directory" in done.stderr, done.stderr[-3000:]
+    # (torchrun's own report of rank 0's failure stays: it is torchrun's)
+    assert "[rank1]" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
 
 
 def test_teardown_collects_a_wrapper_left_in_a_reference_cycle(tmp_path):
