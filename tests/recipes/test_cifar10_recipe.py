@@ -265,7 +265,8 @@ def test_bf16_trains_every_stage_under_autocast(cifar_dir, tmp_path, capsys):
                                     "--epochs", "1", "--threads", "1", "--precision", precision, "--out", str(out))
         assert code == 0, err
         runs[precision] = out
-    assert "test images, alpha 0.5, bf16" in (runs["bf16"] / "results.md").read_text()
+    title = "test images, alpha 0.5, epochs 1 (teacher) and 1 (students), bf16"
+    assert title in (runs["bf16"] / "results.md").read_text()
     for stage in ("teacher", "student", "distilled-T5-a0.5"):
         assert json.loads((runs["bf16"] / stage / "stage.json").read_text())["precision"] == "bf16"
         assert "precision" not in json.loads((runs["fp32"] / stage / "stage.json").read_text())

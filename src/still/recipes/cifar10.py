@@ -273,7 +273,8 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
     curves.append(("distilled", state.history))
 
     title = (f"CIFAR-10 test accuracy (%), preset {config.preset}, {len(test_y)} test images, "
-             f"alpha {config.alpha + 0.0:g}"
+             f"alpha {number(config.alpha + 0.0)}, epochs {config.teacher_run_epochs} (teacher) and "
+             f"{config.epochs} (students)"  # (a probe: the table could not tell --epochs 1 from the preset's)
              + (f", {config.precision}" if config.precision != "fp32" else ""))
     meta = {"config": to_dict(config), "seconds": {k: round(v, 1) for k, v in seconds.items()}, "labml": LABML}
     if not distributed.current().main:  # rank 0 writes and prints
