@@ -78,6 +78,7 @@ def test_a_checkpoint_written_on_two_ranks_resumes_on_one(runs, corpus):
     done = still(1, *lm_args(corpus, resumed))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stderr
+    assert "(written by 2 processes, resumed on 1: dropout and other random draws" in done.stderr  # (a probe)
     assert_same_weights(resumed, base / "one")
 
 

@@ -267,6 +267,7 @@ class Trainer:
         self._epoch_rng: dict | None = None  # the RNG states as this epoch began (`_epoch_batches`)
         self._resume_epoch_rng: dict | None = None  # those of the checkpoint resumed from, for its epoch
         self._continuing = False  # resumed, until the first epoch's batches are made
+        self._saved_world: int | None = None  # the processes that wrote the checkpoint resumed from
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -384,6 +385,7 @@ class Trainer:
                 self.scheduler.load_state_dict(previous_scheduler)
             raise
         self._resume_epoch_rng = rng.get("epoch_start") if rng is not None else None
+        self._saved_world = len(rng.get("torch_ranks") or [None]) if rng is not None else None
         self.state = state
         if self.load_state_tensors is not None:
             self.load_state_tensors(checkpoint.extra_tensors())
@@ -683,7 +685,11 @@ class Trainer:
                 self.loaded_finished = True
                 self.model.eval()
                 return self.state
-            self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}")
+            # (a probe: a run resumed on another number of processes said nothing of it)
+            other = (f" (written by {self._saved_world} process{'es' if self._saved_world > 1 else ''}, resumed "
+                     f"on {self.dist.world}: dropout and other random draws go on otherwise than on as many)"
+                     if self._saved_world not in (None, self.dist.world) else "")
+            self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}{other}")
             self.state.finished = False
         if self.checkpoint_dir is not None:  # (not before: a finished run loads from read-only media)
             self.dist.on_main(self._check_writable)
