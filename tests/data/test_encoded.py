@@ -268,6 +268,8 @@ def test_only_ids_written_since_the_entry_was_made_are_read_for_their_digest(tmp
     encoded = load_encoded(name)
     tokens = sum(len(d) for d in encoded.split("valid")[0])
     assert checked == [tokens] and encoded.entry == entry
+    load_encoded(name)  # (the file as it is now, read once: a review probe saw a copied entry hashed at every open)
+    assert checked == [tokens]
     checked.clear()
     manifest = json.loads((entry / "manifest.json").read_text())
     for split in manifest["splits"].values():
@@ -275,6 +277,19 @@ def test_only_ids_written_since_the_entry_was_made_are_read_for_their_digest(tmp
     (entry / "manifest.json").write_text(json.dumps(manifest))
     load_encoded(name)
     assert len(checked) == len(SPLITS)
+    load_encoded(name)
+    assert len(checked) == len(SPLITS)
+    with open(valid, "r+b") as f:  # (and a file damaged since is still found)
+        f.seek(-2, os.SEEK_END)
+        last = f.read(2)
+        f.seek(-2, os.SEEK_END)
+        f.write(b"\x01\x00" if last == b"\x00\x00" else b"\x00\x00")
+    size = valid.stat().st_size
+    damaged = []
+    monkeypatch.setattr(encoded_module, "log", damaged.append)
+    load_encoded(name)
+    assert checked[len(SPLITS)] == tokens and valid.stat().st_size == size
+    assert any("valid's ids are not the ones written" in line for line in damaged), damaged
 
 
 def test_an_unwritable_cache_keeps_the_ids_in_memory(tmp_path, monkeypatch, capsys):
