@@ -211,7 +211,7 @@ def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
         # (a probe: the demo made its two runs inside a language-model run's folder, and marked it its own)
         from still.recipes.common import run_kind
 
-        holds = f"a {run_kind(out)} run" if run_kind(out) else "a run (or a run's stage)"
+        holds = f"a {kind} run" if (kind := run_kind(out)) else "a run (or a run's stage)"
         raise StillError(f"{out} holds {holds}, not the demo's runs: choose another --out")
     ours = marker.is_file() or not any((out / part).exists() for part in ("mnist", "lm"))
     runs = {"mnist": mnist.PRESETS["quick"], "lm": lm.PRESETS["quick"]}
