@@ -228,3 +228,18 @@ def sleeps(x, factor=2.0):
 
     time.sleep(60)
     return x * factor
+
+
+def test_the_compile_probe_sees_a_missing_compiler_also_where_failures_run_eagerly(tmp_path):
+    # (a probe: `lm train --compile` probes inside `compile_failures_run_eagerly`, whose setting ran the
+    # probe's function eagerly: no problem was seen, and the training step's compile ended in a traceback)
+    code = ("from still.train.aot import compile_failures_run_eagerly, torch_compile_problem\n"
+            "print('outside:', torch_compile_problem('cpu'))\n"
+            "with compile_failures_run_eagerly():\n"
+            "    print('inside:', torch_compile_problem('cpu'))\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("No working C++ compiler" in line for line in lines), done.stdout  # (what failed,
+    assert "TORCHDYNAMO_VERBOSE" not in done.stdout  # not PyTorch's advice on seeing more)

@@ -148,9 +148,15 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
 
 def torch_compile_problem(device: torch.device | str) -> str | None:
     """Why `torch.compile` cannot run on `device` here, or None where it can: a tiny function is
-    compiled and run (Inductor needs a C++ compiler on the CPU, Triton on a GPU)."""
+    compiled and run, forward and backward (Inductor needs a C++ compiler on the CPU, Triton on a GPU). Also inside
+    `compile_failures_run_eagerly`, whose setting would otherwise run the function eagerly and hide
+    the failure (a probe: `lm train --compile` without a compiler ended in a traceback)."""
+    import torch._dynamo
+
     try:
-        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4, device=device))
+        with torch._dynamo.config.patch(suppress_errors=False):
+            x = torch.ones(4, device=device, requires_grad=True)  # (the backward too, compiled in `backward()`)
+            torch.compile(lambda x: x * 2 + 1, dynamic=False)(x).sum().backward()
     except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
         return _last_line(e)
     return None
@@ -172,9 +178,15 @@ def compile_failures_run_eagerly() -> Iterator[None]:
         torch._dynamo.config.suppress_errors = before
 
 
+# the advice PyTorch's compiler errors end with, which says nothing of what failed
+_ADVICE = ("Set TORCHDYNAMO_VERBOSE=", "For even more developer context", "You can suppress this exception")
+
+
 def _last_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    """The error's last line that says what failed (not PyTorch's advice on how to see more)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith(_ADVICE)]
+    return (said or lines or [type(error).__name__])[-1]
 
 
 PACKAGES_KEPT = 64  # the most recently used packages kept in the cache (a few MiB each)
