@@ -1,3 +1,4 @@
+import shutil
 import threading
 import time
 
@@ -130,6 +131,20 @@ def test_sharded_resume_is_exact(tmp_path):
     straight.fit(BATCHES, 2)
     for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_run_resumed_with_other_shards_says_so(tmp_path):
+    # (a probe: `lm train` resumed with another --shards said nothing, and dropout's draws went on otherwise)
+    make_trainer(2, directory=tmp_path).fit(BATCHES, 1)
+    said = []
+    for shards in (2, 4):
+        resumed = make_trainer(shards, directory=tmp_path)
+        resumed.log = said.append
+        resumed.fit(BATCHES, 2)
+        shutil.rmtree(sorted(tmp_path.glob("ckpt-*"))[-1])  # back to the first epoch's checkpoint
+    said = [line for line in said if "resuming" in line]
+    assert len(said) == 2 and "shard" not in said[0]
+    assert "(written with 2 shards a step, resumed with 4: dropout and other random draws" in said[1]
 
 
 def test_bad_shard_settings_are_named():

@@ -128,6 +128,8 @@ def _rng_to_json(rng: dict, prefix: str = "rng/") -> tuple[dict, dict[str, torch
     for key in ("torch_ranks", "cuda_ranks"):  # data parallel: every rank's own stream, by rank
         for r, s in enumerate(rng.get(key, [])):
             tensors[f"{prefix}{key}/{r}"] = s
+    if "shards" in rng:  # (`Trainer`: the threads a step's draws were split across)
+        json_part["shards"] = int(rng["shards"])
     if "epoch_start" in rng:  # the states as the checkpoint's epoch began (`Trainer`: a resumed epoch's batches)
         json_part["epoch_start"], more = _rng_to_json(rng["epoch_start"], f"{prefix}epoch_start/")
         tensors.update(more)
@@ -152,6 +154,8 @@ def _rng_from_json(json_part: dict, tensors: dict[str, torch.Tensor], prefix: st
         found = _numbered(tensors, f"{prefix}{key}/")
         if found:
             rng[key] = found
+    if isinstance(json_part.get("shards"), int):
+        rng["shards"] = json_part["shards"]
     if "epoch_start" in json_part:
         rng["epoch_start"] = _rng_from_json(json_part["epoch_start"], tensors, f"{prefix}epoch_start/")
     return rng

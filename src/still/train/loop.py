@@ -268,6 +268,7 @@ class Trainer:
         self._resume_epoch_rng: dict | None = None  # those of the checkpoint resumed from, for its epoch
         self._continuing = False  # resumed, until the first epoch's batches are made
         self._saved_world: int | None = None  # the processes that wrote the checkpoint resumed from
+        self._saved_shards: int | None = None  # and the shards they split a step into (None: not recorded)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -276,7 +277,7 @@ class Trainer:
         if self.checkpoint_dir is None:
             raise StillError("this trainer has no checkpoint_dir")
         extra = self.state_tensors() if self.state_tensors is not None else None  # on every rank: it may gather
-        rng = self._ranks_rng(rng_state())
+        rng = {**self._ranks_rng(rng_state()), "shards": self.shards}
         if self._epoch_rng is not None:
             rng["epoch_start"] = self._ranks_rng(self._epoch_rng)
         path = None
@@ -386,6 +387,7 @@ class Trainer:
             raise
         self._resume_epoch_rng = rng.get("epoch_start") if rng is not None else None
         self._saved_world = len(rng.get("torch_ranks") or [None]) if rng is not None else None
+        self._saved_shards = rng.get("shards") if rng is not None else None
         self.state = state
         if self.load_state_tensors is not None:
             self.load_state_tensors(checkpoint.extra_tensors())
@@ -685,10 +687,13 @@ class Trainer:
                 self.loaded_finished = True
                 self.model.eval()
                 return self.state
-            # (a probe: a run resumed on another number of processes said nothing of it)
+            # (probes: a run resumed on another number of processes, or of shards, said nothing of it)
             other = (f" (written by {self._saved_world} process{'es' if self._saved_world > 1 else ''}, resumed "
                      f"on {self.dist.world}: dropout and other random draws go on otherwise than on as many)"
-                     if self._saved_world not in (None, self.dist.world) else "")
+                     if self._saved_world not in (None, self.dist.world) else
+                     f" (written with {self._saved_shards} shard{'s' if self._saved_shards > 1 else ''} a step, "
+                     f"resumed with {self.shards}: dropout and other random draws go on otherwise than with as many)"
+                     if self._saved_shards not in (None, self.shards) else "")
             self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}{other}")
             self.state.finished = False
         if self.checkpoint_dir is not None:  # (not before: a finished run loads from read-only media)
