@@ -419,6 +419,26 @@ def test_every_row_reads_its_pieces_in_turn_whole_and_then_pads(seed):
     assert sorted(p for row in streams.rows for p in row) == list(range(len(streams.pieces)))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_each_piece_goes_to_the_first_row_of_fewest_segments(seed):
+    # (the rows as a scan of every row a piece dealt them, which took minutes at tens of thousands of rows)
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.ones(int(n), dtype=torch.long) for n in torch.randint(1, 60, (200,), generator=g)]
+    shuffle = seed if seed % 2 else None
+    for batch in (1, 7, 64, 500):
+        streams = TokenStreams(docs, batch, 4, shuffle_seed=shuffle, fill_rows=True)
+        sizes = [streams._segments(end - first) for _, first, end in streams.pieces]
+        order = (torch.randperm(len(sizes), generator=torch.Generator().manual_seed(shuffle)).tolist()
+                 if shuffle is not None else  # (else the longest pieces first)
+                 sorted(range(len(sizes)), key=lambda p: streams.pieces[p][1] - streams.pieces[p][2]))
+        rows, segments = [[] for _ in range(streams.batch_size)], [0] * streams.batch_size
+        for p in order:
+            row = min(range(streams.batch_size), key=lambda r: segments[r])
+            rows[row].append(p)
+            segments[row] += sizes[p]
+        assert streams.rows == rows and streams.num_segments == max(segments)
+
+
 def test_streams_keep_documents_whole_and_reset_at_their_start():
     docs = [torch.arange(2, 12), torch.arange(20, 23), torch.arange(30, 37)]  # lengths 10, 3, 7
     streams = TokenStreams(docs, batch_size=2, segment_len=4)
