@@ -832,6 +832,23 @@ def test_shards_that_do_not_split_the_batch_are_named(corpus, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_batch_larger_than_the_text_says_how_many_rows_it_trains(tmp_path, capsys):
+    # (a probe: --batch-size 2**63 dealt segments to rows for minutes, then trained the rows there were, unsaid)
+    from conftest import HAMLET
+
+    text = tmp_path / "short.txt"
+    text.write_text(HAMLET[:400])
+    args = ["lm", "train", "--corpus", str(text), "--steps", "2", "--eval-every", "2", "--segment-len", "16",
+            "--mem-len", "16", "--c-mem-len", "8", "--threads", "1", "--batch-size", str(2**63)]
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 0
+    rows = int(re.search(rf"--batch-size {2**63}: a step trains (\d+) rows \(the training text has only \1 "
+                         rf"segments of 16 tokens, fewer than the batch size {2**63}\)", err)[1])
+    assert 0 < rows < 400 / 16
+    assert_user_error(capsys, *args, "--shards", str(rows + 1), "--out", str(tmp_path / "sharded"),
+                      contains=f"divide the rows of a batch ({rows}: the training text has only {rows} segments")
+
+
 def test_compiled_training_matches_eager_training(corpus, tmp_path, capsys):
     """`--compile` (torch.compile of each layer's feed-forward block; dropout drawn eagerly inside,
     from each shard thread's generator): the run of eager training, to float tolerance, with

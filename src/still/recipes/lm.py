@@ -235,6 +235,10 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
     rank_rows = dist.rows(stream.rows, "the batch size" if stream.rows == config.batch_size else
                           f"the rows the training text fills (fewer than the batch size {config.batch_size}: it "
                           "has fewer segments)")
+    fewer = (f"the training text has only {stream.rows} segments of {config.segment_len} tokens, fewer than the "
+             f"batch size {config.batch_size}")
+    if stream.rows < config.batch_size and dist.main:  # (a probe: a batch of 2**63 trained fewer rows unsaid)
+        log(f"--batch-size {config.batch_size}: a step trains {stream.rows} rows ({fewer})")
     n_rows = rank_rows.stop - rank_rows.start  # this rank's rows of every batch
     if shards is None:
         shards = default_shards(device, n_rows) if not dist.enabled else 1
@@ -242,7 +246,7 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
                                             "not with torchrun, whose processes each train their own rows already")
     check(shards >= 1 and n_rows % shards == 0,
           f"shards ({shards}) must be >= 1 and divide the rows of a batch ({n_rows}"
-          + (" per process)" if dist.enabled else ")"))
+          + (" per process" if dist.enabled else "") + (f": {fewer})" if stream.rows < config.batch_size else ")"))
 
     def check_and_mark() -> None:
         _older_relative_corpus(out / "stage.json", config.corpus)
