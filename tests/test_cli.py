@@ -214,6 +214,16 @@ def test_more_threads_than_cores_are_named(capsys, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [17, 10**6, 2**31, 2**63])
+def test_absurd_thread_counts_are_refused(threads, capsys, monkeypatch):
+    # (a probe: a million threads exhausted the machine's and crashed, 2**31 was PyTorch's traceback)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for command in (["bench", "peak", "--size", "64", "--repeats", "1"], ["lm", "eval", "no-such-run"]):
+        assert_user_error(capsys, *command, "--threads", str(threads),
+                          contains=f"--threads {threads}: more than 8 a core of the 2 this process may use: give at "
+                                   "most 16")
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_under_torchrun_rank_0_alone_says_what_went_wrong(capsys, tmp_path, monkeypatch, rank):
     """Every rank meets the same bad input; one message, not one a process."""

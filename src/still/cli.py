@@ -53,6 +53,9 @@ def _utf8_argument(text: str) -> str:
         return text
 
 
+THREADS_A_CORE = 8  # the most --threads a core: more only wait for each other, and enough exhaust the machine
+
+
 def _threads(threads: int | None, deterministic: bool = False) -> None:
     """Set the thread count; in deterministic mode also PyTorch's deterministic algorithms, and one
     thread unless told otherwise (reductions split across threads can add up in another order)."""
@@ -65,6 +68,10 @@ def _threads(threads: int | None, deterministic: bool = False) -> None:
         threads = threads or 1
     if threads is not None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        most = THREADS_A_CORE * (cores or 128)  # (a probe: a million threads took every thread the machine had)
+        if threads > most:
+            raise StillError(f"--threads {threads}: more than {THREADS_A_CORE} a core of the {cores} this process may "
+                             f"use: give at most {most}" if cores else f"--threads {threads}: give at most {most}")
         if cores and threads > cores:
             click.echo(f"--threads {threads}: more than the {cores} cores this process may use; each waits for "
                        "the others, so steps are slower than with one a core", err=True)
@@ -110,9 +117,9 @@ cache_option = click.option("--cache-dir", type=click.Path(file_okay=False), def
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores; under torchrun, "
-                                   "OMP_NUM_THREADS, which it sets to 1).")
+                                   "OMP_NUM_THREADS, which it sets to 1; at most 8 a core).")
 one_process_threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
-                                          help="CPU threads for PyTorch (default: all cores).")
+                                          help="CPU threads for PyTorch (default: all cores; at most 8 a core).")
 keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
                            help="Checkpoints to keep in each stage (the newest ones).")
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop",
