@@ -596,6 +596,14 @@ def test_index_batches_name_bad_counts(kwargs, message):
     assert len(IndexBatches(0, 4)) == 0
 
 
+@pytest.mark.parametrize("batch_size", [11, 2**62, 2**63, 2**70])
+def test_a_batch_larger_than_the_data_takes_it_all(batch_size):
+    # (a probe: `distill mnist --batch-size 2**63` overflowed `split` at the first epoch)
+    batches = IndexBatches(10, batch_size, seed=1)
+    assert len(batches) == 1 and sorted(batches(0)[0].tolist()) == list(range(10))
+    assert IndexBatches(0, batch_size)(0) == []
+
+
 def test_a_config_json_cannot_hold_is_refused_before_training():
     model = torch.nn.Linear(10, 1)
     with pytest.raises(StillError, match=r"config\['optim'\] cannot be written as JSON .*OptimConfig.*to_dict"):

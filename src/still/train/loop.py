@@ -127,7 +127,8 @@ class IndexBatches:
     def __call__(self, epoch: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.n, generator=generator)
-        return list(perm.split(self.batch_size))[: len(self)]
+        # (a batch of all n where batch_size exceeds them: a probe's 2**63 overflowed `split`)
+        return list(perm.split(min(self.batch_size, max(self.n, 1))))[: len(self)]
 
 
 class Trainer:
