@@ -214,6 +214,22 @@ def test_more_threads_than_cores_are_named(capsys, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("command, message", [
+    (["lm", "train", "--out"], "--out is empty: give a folder (`.` for the current folder)"),
+    (["distill", "mnist", "--out"], "--out is empty: give a folder"),
+    (["lm", "eval"], "RUN_DIR is empty: give a path (`.` for the current folder)"),
+    (["lm", "generate", "x", "--checkpoint"], "--checkpoint is empty"),
+    (["lm", "generate", "x", "--save-state"], "--save-state is empty: give a file"),
+    (["lm", "compare", "x", "--out"], "--out is empty"),
+    (["distill", "cifar10", "--data-dir"], "--data-dir is empty"),
+    (["data", "list", "--cache-dir"], "--cache-dir is empty: give a folder")])
+def test_an_empty_path_is_refused(command, message, tmp_path, monkeypatch, capsys):
+    # (a probe: `--out ""`, an unset shell variable's "$OUT", wrote a run into the current folder)
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(capsys, *command, "", contains=message)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("threads", [17, 10**6, 2**31, 2**63])
 def test_absurd_thread_counts_are_refused(threads, capsys, monkeypatch):
     # (a probe: a million threads exhausted the machine's and crashed, 2**31 was PyTorch's traceback)

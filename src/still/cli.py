@@ -107,13 +107,24 @@ def _say(message: str) -> None:
         click.echo(printable(message), err=True)
 
 
-def _cache_dir(ctx, param, value: str | None) -> Path | None:
-    if value == "":  # (a probe: read as Path(""), the current folder, where the data sets were fetched into)
-        raise StillError("--cache-dir is empty: give a folder (`.` for the current one)")
-    return None if value is None else Path(value)
+class _Path(click.Path):
+    """A `click.Path` given as a `Path`, refusing an empty one: `Path("")` is the current folder, where
+    probes' `--cache-dir ""` fetched the data sets and `--out ""` (an unset shell variable's `--out
+    "$OUT"`) wrote a run."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            what = "a folder" if not self.file_okay else "a file" if not self.dir_okay else "a path"
+            name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            raise StillError(f"{name} is empty: give {what}"
+                             + (" (`.` for the current folder)" if self.dir_okay else ""))
+        return super().convert(value, param, ctx)
 
 
-cache_option = click.option("--cache-dir", type=click.Path(file_okay=False), default=None, callback=_cache_dir,
+cache_option = click.option("--cache-dir", type=_Path(file_okay=False), default=None,
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores; under torchrun, "
@@ -202,7 +213,7 @@ def cli() -> None:
 
 @cli.command(short_help="The quick MNIST and language-model runs, as `make demo`.")
 @cache_option
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True,
+@click.option("--out", type=_Path(file_okay=False), default=Path("runs/demo"), show_default=True,
               help="Where the two runs go (OUT/mnist, OUT/lm).")
 @threads_option
 def demo(cache_dir: Path | None, out: Path, threads: int | None) -> None:
@@ -287,7 +298,7 @@ def distill() -> None:
 @click.option("--seed", type=int, default=None, help="Random seed of every stage (preset: 0).")
 @click.option("--train-subset", type=click.IntRange(min=1), default=None, help="Use the first N training images only.")
 @click.option("--test-subset", type=click.IntRange(min=1), default=None, help="Use the first N test images only.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=_Path(file_okay=False), default=None,
               help="Run directory (default: runs/mnist-<preset>); rerunning reuses its finished stages.")
 @click.option("--overwrite", is_flag=True, help="Start stages whose settings changed from scratch.")
 @cache_option
@@ -312,7 +323,7 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, teache
 
 
 @distill.command("cifar10")
-@click.option("--data-dir", type=click.Path(path_type=Path), required=True,
+@click.option("--data-dir", type=_Path(), required=True,
               help="Directory with the CIFAR-10 python batches (data_batch_1..5, test_batch).")
 @click.option("--preset", type=click.Choice(["labml", "tiny"]), default="labml", show_default=True,
               help="labml: labml's experiment (the teacher 20 epochs, the students 10; dropout before each of the "
@@ -330,7 +341,7 @@ def distill_mnist(preset, temperature, alpha, omit_digit, teacher_epochs, teache
                    "the teacher's logits are computed once (tiny: off).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images a step (labml: 64, tiny: 32).")
 @click.option("--seed", type=int, default=None, help="Random seed of every run (preset: 0).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=_Path(file_okay=False), default=None,
               help="Run directory (default: runs/cifar10-<preset>).")
 @click.option("--overwrite", is_flag=True, help="Start stages whose settings changed from scratch.")
 @threads_option
@@ -391,7 +402,7 @@ def lm_group() -> None:
 @precision_option(None, "fp32 (default), or bf16 autocast with float32 weights, optimizer state and losses "
                         "(about 2x faster on CPUs with AVX-512 bf16 and on recent GPUs; on CPUs without bf16 "
                         "instructions several times slower, as it then says).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=_Path(file_okay=False), default=None,
               help="Run directory (default: runs/lm-<preset>); rerunning resumes it.")
 @click.option("--overwrite", is_flag=True, help="Start again if the directory holds a run with other settings.")
 @cache_option
@@ -439,12 +450,12 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
 
 
 @lm_group.command("eval")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=_Path())
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
               help="The split scored, whole.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Rows read at once (default: the run's); never more than the split's documents.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+@click.option("--checkpoint", type=_Path(), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @precision_option(None, "fp32 or bf16 (default: the run's).")
 @cache_option
@@ -469,7 +480,7 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
 
 
 @lm_group.command("generate")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=_Path())
 @click.option("--prompt", default="", callback=lambda ctx, param, value: _utf8_argument(value),
               help="Text to continue.")
 @click.option("--tokens", type=click.IntRange(min=1), default=256, show_default=True, help="How many to generate.")
@@ -484,7 +495,7 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
               help="The same seed gives the same text (in fp32 also with and without --compile). Default: 0, or "
                    "with --state the saved text's random numbers, going on (then the continued text is the one "
                    "longer call would have written).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+@click.option("--checkpoint", type=_Path(), default=None,
               help="A checkpoint directory (RUN_DIR/checkpoints/ckpt-...) instead of the newest valid one.")
 @precision_option(None, "fp32 or bf16 (default: the run's). bf16 covers the prompt, and compiled (the default on the "
                        "CPU) the one-token steps read bf16 weights and keys (about 2x faster); eager steps run in "
@@ -495,10 +506,10 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
                    "minute, once per model shape); both cached, then several times faster per token. Falls back "
                    "to eager mode, saying why, where neither works. Default: the hand-written step where it can "
                    "run (on the CPU, with a C++ compiler), else eager steps. --no-compile: eager steps.")
-@click.option("--save-state", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+@click.option("--save-state", type=_Path(dir_okay=False), default=None, metavar="FILE",
               help="After the text, write the memories of it to FILE (safetensors, replaced whole), with its last "
                    "token still to read, for --state to continue from.")
-@click.option("--state", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+@click.option("--state", type=_Path(dir_okay=False), default=None, metavar="FILE",
               help="Continue the text whose memories --save-state wrote to FILE (with this run's model and "
                    "checkpoint): the prompt, which may be empty, reads on from it, no new document. FILE may be "
                    "--save-state's.")
@@ -526,10 +537,10 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
 
 
 @lm_group.command("compare")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=_Path())
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
               help="The split whose `still lm eval` results are compared.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"),
+@click.option("--out", type=_Path(file_okay=False), default=Path("runs/compare"),
               show_default=True, help="Where the table and plots go.")
 def lm_compare(run_dirs, split, out):
     """One table and two plots for several runs: the loss by position (after `still lm eval` on
