@@ -471,6 +471,9 @@ def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_pat
     assert_user_error(capsys, *args, "--save-state", str(tmp_path), contains="is a directory")
     err = assert_user_error(capsys, *args, "--save-state", str(tmp_path / "no" / "s.st"), contains="does not exist")
     assert str(tmp_path / "no") in err
+    (tmp_path / "a-file").write_text("")  # (a probe: said "does not exist" of a file)
+    assert_user_error(capsys, *args, "--save-state", str(tmp_path / "a-file" / "s.st"),
+                      contains=f"the state file's folder {tmp_path / 'a-file'} is a file")
 
 
 def test_train_stream_passes_follow_each_other():

@@ -594,8 +594,9 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
     if save_state is not None:  # (found before the text rather than after it)
         check(not Path(save_state).is_dir(), f"the state file {save_state} is a directory")
-        check(Path(save_state).absolute().parent.is_dir(),
-              f"the state file's folder {Path(save_state).absolute().parent} does not exist")
+        folder = Path(save_state).absolute().parent
+        check(folder.is_dir(),
+              f"the state file's folder {folder} " + ("is a file" if folder.exists() else "does not exist"))
     device = next(model.parameters()).device
     memories, opening = None, Vocab.DOC  # a new document, or the saved text's last token, not yet read
     generator = torch.Generator().manual_seed(seed or 0)
