@@ -848,6 +848,8 @@ def test_a_batch_larger_than_the_text_says_how_many_rows_it_trains(tmp_path, cap
     rows = int(re.search(rf"--batch-size {2**63}: a step trains (\d+) rows \(the training text has only \1 "
                          rf"segments of 16 tokens, fewer than the batch size {2**63}\)", err)[1])
     assert 0 < rows < 400 / 16
+    meta = json.loads((tmp_path / "run" / "results.json").read_text())["meta"]
+    assert meta["tokens_per_second"] < 1e9  # (of the rows trained: of 2**63 rows a step, 1e19 and more)
     assert_user_error(capsys, *args, "--shards", str(rows + 1), "--out", str(tmp_path / "sharded"),
                       contains=f"divide the rows of a batch ({rows}: the training text has only {rows} segments")
 

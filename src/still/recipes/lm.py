@@ -395,12 +395,13 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
              "valid_bpc": round(final["valid"]["bits_per_token"], 4),
              "test_bpc": round(final["test"]["bits_per_token"], 4),
              "test_ppl": round(final["test"]["perplexity"], 3)}]
-    # training time from the history (the batch loops only, summed over every resumed piece of the run)
+    # training time from the history (the batch loops only, summed over every resumed piece of the run; with
+    # --compile, a piece's first step compiles), over the rows a step trains (fewer than the batch size where the
+    # text has fewer segments: a probe's 2**63 rows a step)
     train_seconds = sum(h["seconds"] for h in state.history)
     meta = {"config": to_dict(config), "precision": config.precision, "processes": dist.world, "shards": shards,
             "train_seconds": round(train_seconds, 1),
-            "tokens_per_second": round(config.steps * config.batch_size * config.segment_len
-                                       / max(train_seconds, 1e-9)),
+            "tokens_per_second": round(config.steps * stream.rows * config.segment_len / max(train_seconds, 1e-9)),
             "history": state.history, "corpus": corpus.name,
             # bf16 on a CPU with AVX-512 bf16: the training attention's scores in fp32 (`attention.NATIVE_SCORES`)
             "attention_scores": attention.scores_used(config.precision),
