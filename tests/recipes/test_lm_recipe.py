@@ -645,6 +645,23 @@ def test_named_checkpoint_and_damaged_checkpoint(trained, tmp_path, capsys):
     assert "SHA-256 in the manifest: skipped" in err and (out / "checkpoints" / newest.name).is_dir()  # not set aside
 
 
+def test_evaluating_another_checkpoint_says_whose_result_it_replaces(trained, tmp_path, capsys):
+    # (a probe: `lm eval --checkpoint OLDER` replaced the newest checkpoint's eval-valid.json unsaid)
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for earlier in out.glob("eval-valid*"):  # (another test's)
+        earlier.unlink()
+    first, newest = sorted((out / "checkpoints").glob("ckpt-*"))
+    steps = [int(path.name.split("-")[1]) for path in (first, newest)]
+    said = []
+    for checkpoint in (newest, newest, first):
+        code, _, err = run_cli(capsys, "lm", "eval", str(out), "--split", "valid", "--checkpoint", str(checkpoint))
+        assert code == 0
+        said.append(err)
+    assert "eval-valid.json, .md and its plot were of" not in said[0] + said[1]
+    assert f"eval-valid.json, .md and its plot were of checkpoint step {steps[1]}: now of step {steps[0]}" in said[2]
+
+
 def test_a_checkpoint_of_another_run_is_refused(trained, corpus, tmp_path, capsys):
     """`lm eval RUN --checkpoint` writes RUN/eval-*.json, which `lm compare` reads beside RUN's own
     results: a checkpoint trained with other settings would be filed under the wrong run. One of the

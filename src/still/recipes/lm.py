@@ -549,6 +549,12 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
              + (f"; the {split} text has changed since training" if changed else "") + "\n\n"
              f"Loss by position within the {within}:")
     name = f"eval-{split}"
+    try:  # (a probe: an older checkpoint's evaluation replaced the newest one's unsaid)
+        before = json.loads((run_dir / f"{name}.json").read_text(encoding="utf-8"))["meta"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        before = None
+    if before is not None and before != checkpoint.step:
+        log(f"{name}.json, .md and its plot were of checkpoint step {before}: now of step {checkpoint.step}")
     try:
         table = write_results(run_dir, name, rows, title=title,
                               meta={k: v for k, v in result.items() if k != "by_position"}
