@@ -786,10 +786,11 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
              for run_dir in run_dirs}
     shared = {name for name in names.values() if list(names.values()).count(name) > 1}
     names = {run_dir: str(run_dir) if name in shared else name for run_dir, name in names.items()}
-    notes: list[str] = []  # said, and kept with the table (its title and its JSON's meta)
+    notes: list[str] = []  # kept with the table (its title and its JSON's meta), and said where it is not printed
 
     def note(text: str) -> None:
-        log(text)
+        if not print_table:  # (a probe: printed, each note came twice)
+            log(text)
         notes.append(text)
 
     for run_dir in run_dirs:
