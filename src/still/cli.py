@@ -125,7 +125,8 @@ class _Path(click.Path):
 
 
 cache_option = click.option("--cache-dir", type=_Path(file_okay=False), default=None,
-                            help="Data cache (default: $STILL_CACHE or ~/.cache/still).")
+                            help="Data cache (default: $STILL_CACHE or ~/.cache/still); encoded corpora in its "
+                                 "corpora/ folder, or $STILL_CORPUS_CACHE where set.")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="CPU threads for PyTorch (default: all cores; under torchrun, "
                                    "OMP_NUM_THREADS, which it sets to 1; at most 8 a core).")
