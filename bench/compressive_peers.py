@@ -50,6 +50,10 @@ order rotated by r, so drifts in machine load hit all alike. Tables quote median
               make the same products where the counter cannot see them (less the terms the causal
               mask zeroes, which they skip; fp32 kernels since session 30). (Before session 29 the
               bf16 rows' counts left out the products the kernel made: two a layer since session 23.)
+              The counter is `still.bench.flops.flop_counter`: it also counts PyTorch's CPU
+              attention (QK^T and AV of `scaled_dot_product_attention`, which ours runs in eval and
+              generation), which torch's counter alone counts as 0; before 2026-12-07 our eval and
+              generate counts left them out (eval 2.18 MFLOP/token where 2.97, docs/benchmarks.md).
     allocator every measuring process, whichever implementation it runs, starts with glibc's malloc
               keeping the memory it frees (the MALLOC_* variables for `still.allocator`'s settings,
               which the `still` command's process sets), so that no one's calls fault in fresh pages
@@ -503,7 +507,8 @@ def _decoding_engine() -> str | None:
 
 def run_worker(spec: dict) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from still.bench.flops import flop_counter  # (PyTorch's CPU attention counted too)
 
     cfg = BenchConfig(**spec["config"])
     measure, seed, count_flops = spec["measure"], spec["seed"], spec["count_flops"]
@@ -548,7 +553,7 @@ def run_worker(spec: dict) -> dict:
         peak = max(peak, steady_baseline + result["steady_peak_growth_mib"] * 1024)
         tokens = cfg.new_tokens
         if count_flops:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 adapter.generate(prompt, cfg.new_tokens, seed)
             result["flops"] = counter.get_total_flops()
     else:
@@ -597,7 +602,7 @@ def run_worker(spec: dict) -> dict:
             except ImportError:  # a still from before session 29 (an A/B through PYTHONPATH)
                 kernels_off = contextlib.nullcontext
 
-            with kernels_off(), FlopCounterMode(display=False) as counter:
+            with kernels_off(), flop_counter() as counter:
                 step(n_segments - 1)
             result["flops"] = counter.get_total_flops()
         if training:
@@ -714,8 +719,9 @@ def report(results: list[dict], impls: list[str], measures: list[str], cfg: Benc
         peaks = machine.get("peaks")
         said = "; ".join(f"{threads} thread{'s' if threads > 1 else ''}: fp32 {peak['fp32'] / 1e9:.1f}, bf16 "
                          f"{peak['bf16'] / 1e9:.1f}" for threads, peak in sorted((peaks or {}).items()))
-        table += "\n" + format_table(flop_rows, title="Matmul and convolution FLOPs counted from shapes "
-                                                      "(torch.utils.flop_counter), at the median rates"
+        table += "\n" + format_table(flop_rows, title="Matmul, convolution and attention FLOPs counted "
+                                                      "from shapes (torch.utils.flop_counter, with PyTorch's "
+                                                      "CPU attention: still.bench.flops), at the median rates"
                                                       + ("; generate: per new token, the prompt included"
                                                          if "generate" in measures else "")
                                                       + (f"; train MFU: against the matmul peak measured once a "

@@ -476,3 +476,46 @@ def test_the_fill_rows_benchmark_names_a_row_shorter_than_a_segment(monkeypatch,
         bench["main"]()
     assert exited.value.code == 2
     assert "--row-tokens must be at least the preset's segment length (128), got 100" in capsys.readouterr().err
+
+
+def test_the_flop_counter_counts_pytorchs_cpu_attention(monkeypatch):
+    """A probe: on the CPU `scaled_dot_product_attention` runs an operator torch's counter counted as
+    0 FLOPs, so bench/compressive_peers.py's eval and generate counts left out QK^T and AV (ours' eval
+    2.18 MFLOP/token where 2.97). `still.bench.flops.flop_counter` counts them as the same products
+    written as matmuls (4 B H L_q L_k D), and a backward as torch counts its other flash attentions'
+    (five products: the scores again, then the gradients); the script's eval count has them: one
+    such call a layer, over the memories and the segment."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import still.bench.flops as flops
+
+    b, h, lq, lk, d = 2, 4, 16, 48, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for n in (lq, lk, lk))
+    mask = torch.randn(lq, lk)
+    with torch.no_grad():
+        with flops.flop_counter() as counted:
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with FlopCounterMode(display=False) as by_hand:
+            (q @ k.transpose(-1, -2) + mask).softmax(-1) @ v
+    assert counted.get_total_flops() == by_hand.get_total_flops() == 4 * b * h * lq * lk * d
+    with flops.flop_counter() as counted:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+    assert counted.get_total_flops() == (4 + 10) * b * h * lq * lk * d
+
+    bench = runpy.run_path(str(BENCH / "compressive_peers.py"), run_name="bench_under_test")
+    cfg = bench["BenchConfig"](d_model=16, n_layers=2, n_heads=2, d_ff=32, segment_len=16, mem_len=16, c_mem_len=16,
+                               compression_rate=4, batch_size=2, threads=1, warmup_segments=5, timed_steps=1)
+    spec = {"impl": "ours", "measure": "eval", "seed": 0, "count_flops": True, "config": dataclasses.asdict(cfg)}
+    threads = torch.get_num_threads()
+    try:
+        counts = [bench["run_worker"](spec)["flops"]]
+        monkeypatch.setattr(flops, "CPU_ATTENTION", {})  # (torch's counter alone)
+        counts.append(bench["run_worker"](spec)["flops"])
+    finally:
+        torch.set_num_threads(threads)
+    keys = cfg.mem_len + cfg.c_mem_len + cfg.segment_len
+    assert counts[0] - counts[1] == cfg.n_layers * 4 * cfg.batch_size * cfg.segment_len * keys * cfg.d_model
