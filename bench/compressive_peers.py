@@ -842,6 +842,11 @@ def main() -> None:
     machine = machine_description(cfg.threads)
     impls = [i for i in IMPLEMENTATIONS if i in args.only  # and with something to measure in this run
              and any(m in ONLY_MEASURES.get(i, MEASURES) for m in args.measures)]
+    if not impls:  # (a probe: a ZeroDivisionError rotating an empty order)
+        only = list(dict.fromkeys(args.only))
+        parser.error(f"--measures {' '.join(dict.fromkeys(args.measures))}: nothing for --only {' '.join(only)} to "
+                     "measure (" + "; ".join(f"{i} measures {', '.join(ONLY_MEASURES.get(i, MEASURES))}"
+                                             for i in only) + ")")
     if cfg.threads < 2:  # (as bench/reference_speed.py: two shards would run on two threads, read against one's peak)
         left_out = [i for i in impls if threads_of(i, cfg.threads) > cfg.threads]
         impls = [i for i in impls if i not in left_out]

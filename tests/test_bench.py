@@ -519,3 +519,21 @@ def test_the_flop_counter_counts_pytorchs_cpu_attention(monkeypatch):
         torch.set_num_threads(threads)
     keys = cfg.mem_len + cfg.c_mem_len + cfg.segment_len
     assert counts[0] - counts[1] == cfg.n_layers * 4 * cfg.batch_size * cfg.segment_len * keys * cfg.d_model
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--only", "ours+compile"], "--measures train: nothing for --only ours+compile to measure "
+                                 "(ours+compile measures generate)"),
+    (["--only", "ours+compile", "ours-bf16+compile", "--measures", "eval"],
+     "--measures eval: nothing for --only ours+compile ours-bf16+compile to measure (ours+compile measures "
+     "generate; ours-bf16+compile measures generate)"),
+    (["--only", "ours-2shards", "--measures", "generate"],
+     "--measures generate: nothing for --only ours-2shards to measure (ours-2shards measures train, eval)")])
+def test_the_peer_benchmark_refuses_implementations_with_nothing_to_measure(argv, said, monkeypatch, capsys):
+    """A probe: --only ours+compile --measures train ended in `ZeroDivisionError: integer modulo by
+    zero` (exit 1), rotating an empty order of implementations."""
+    with pytest.raises(SystemExit) as exited:
+        _peer_benchmark(argv, monkeypatch, capsys)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("error:") == 1, err
