@@ -5,6 +5,12 @@ paths' gradients differ by about 4e-8 of their size (float32 rounding; a bf16 st
 from fp32's). Training the same seed both ways measures how far apart two fp32 runs land after
 2,000 steps from rounding alone: the floor under any bf16-against-fp32 comparison of single runs.
 
+That 4e-8 was machine B's (an Intel Xeon with AMX). Where both paths round alike, the twin trains
+bit for bit as the plain run and its floor reads 0 (a probe: on an AMD EPYC, Zen 4, every shape
+tried, 1 and 2 threads). So before training the script runs one step of the run's model at its
+shapes (a shard's rows, the segment, the memories full, a shard's threads) both ways, and where no
+gradient differs in a single bit it refuses (exit 2) to train a twin that is no twin.
+
     python bench/fp32_rounding_twin.py lm train --preset reference --seed 0 --out runs/floor-fp32-seed0
 
 takes `still lm train`'s options (the precision must stay fp32, and the model needs memories) and
@@ -23,11 +29,15 @@ import sys
 from pathlib import Path
 
 import click
+import torch
+import torch.nn.functional as F
 
 import still.compressive.attention as attention
 from still.cli import cli, main as still_main
+from still.compressive import CompressiveTransformer
 from still.errors import fail
-from still.recipes.lm import PRESETS
+from still.recipes.lm import PRESETS, with_overrides
+from still.train.shards import default_shards
 
 
 def train_options(args: list[str]) -> dict:
@@ -64,6 +74,56 @@ def mark_twin(out: Path) -> None:
     (out / MARKER).write_text(CHANGE + "\n")
 
 
+def step_shapes(options: dict) -> tuple:
+    """The model config, a shard's rows, the segment length and a shard's intra-op threads of the run
+    `options` (`still lm train`'s parameters) starts, as `lm train` and `train_lm` make them (the
+    vocabulary left at 256: its size changes the embedding, not the memories' projection)."""
+    config = with_overrides(
+        PRESETS[options["preset"]],
+        model={"mem_len": options["mem_len"], "c_mem_len": options["c_mem_len"],
+               "compression_rate": options["compression_rate"], "compression": options["compression"],
+               "compression_loss": options["compression_loss"], "pre_norm": False if options["post_norm"] else None,
+               "dropout": options["dropout"]},
+        batch_size=options["batch_size"], segment_len=options["segment_len"], seed=options["seed"])
+    threads = options["threads"] or (1 if options["deterministic"] else torch.get_num_threads())
+    shards = options["shards"] or default_shards("cpu", config.batch_size, threads)
+    return (config.model, max(1, config.batch_size // shards), config.segment_len,
+            threads if shards == 1 else max(1, threads // shards), config.seed)
+
+
+def gradients_move(model_config, rows: int, segment: int, threads: int, seed: int) -> bool:
+    """Whether `CHANGE` moves any bit of any gradient of one training step (LM and compression loss,
+    the same dropout masks) of a model of `model_config` over `rows` x `segment` tokens, after
+    segments that fill its memories, on `threads` intra-op threads."""
+    torch.manual_seed(seed)
+    model = CompressiveTransformer(model_config).train()
+    m = model_config
+    fill = -(-m.mem_len // segment) + (-(-m.c_mem_len * m.compression_rate // segment) if m.c_mem_len else 0)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(m.vocab_size, (rows, (fill + 1) * segment + 1), generator=generator)  # (rows, T)
+    inputs, targets = tokens[:, fill * segment:-1], tokens[:, fill * segment + 1:]  # (rows, L) each
+    before, flag = torch.get_num_threads(), attention.HEADS_MAJOR_PROJECTION
+    gradients = []
+    try:
+        torch.set_num_threads(threads)
+        state = None
+        with torch.no_grad():  # (the memories' contents do not matter, their lengths do)
+            for i in range(fill):
+                state = model(tokens[:, i * segment:(i + 1) * segment], state).state
+        for heads_major in (True, False):
+            attention.HEADS_MAJOR_PROJECTION = heads_major
+            torch.manual_seed(seed)  # the same dropout masks both ways
+            model.zero_grad(set_to_none=True)
+            out = model(inputs, state)
+            loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())  # (rows*L, V) vs (rows*L,)
+            (loss + out.compression_loss if out.compression_loss is not None else loss).backward()
+            gradients.append([p.grad for p in model.parameters()])
+    finally:
+        torch.set_num_threads(before)
+        attention.HEADS_MAJOR_PROJECTION = flag
+    return any((a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(*gradients))
+
+
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help"):
@@ -78,6 +138,11 @@ def main() -> None:
     if options["out"] is None:
         fail("give the twin its own run directory (--out DIR)")
     out = Path(options["out"])
+    model_config, rows, segment, threads, seed = step_shapes(options)
+    if not gradients_move(model_config, rows, segment, threads, seed):  # (a probe: twins bit-identical to plain runs)
+        fail(f"{CHANGE} changes no gradient of this run's model here (one step of {rows} rows x {segment} tokens, "
+             f"memories full, {threads} thread{'s' if threads != 1 else ''}): its twin would train bit for bit as "
+             "the plain run, a rounding floor of 0; no twin to train on this machine")
     mark_twin(out)
     attention.HEADS_MAJOR_PROJECTION = False
     still_main(args)

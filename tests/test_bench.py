@@ -299,8 +299,10 @@ def test_the_rounding_twin_refuses_a_plain_runs_folder(corpus, tmp_path, monkeyp
              "--segment-len", "8", "--mem-len", "8", "--c-mem-len", "4", "--threads", "1"]
     main([*train, "--out", str(tmp_path / "plain")])
 
-    def twin():  # (as a command: the script as it was had no main)
-        runpy.run_path(str(BENCH / "fp32_rounding_twin.py"), run_name="__main__")
+    def twin():  # as on a machine where the change moves the gradients (not this one, maybe: the test below)
+        main = runpy.run_path(str(BENCH / "fp32_rounding_twin.py"), run_name="bench_under_test")["main"]
+        main.__globals__["gradients_move"] = lambda *shapes: True
+        main()
 
     monkeypatch.setattr("sys.argv", ["fp32_rounding_twin.py", *train, "--out", str(tmp_path / "plain")])
     capsys.readouterr()
@@ -537,3 +539,45 @@ def test_the_peer_benchmark_refuses_implementations_with_nothing_to_measure(argv
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert said in err and err.count("error:") == 1, err
+
+
+def test_the_rounding_twin_refuses_a_change_that_moves_no_gradient(corpus, tmp_path, monkeypatch, capsys):
+    """A probe: on an AMD EPYC (Zen 4) `HEADS_MAJOR_PROJECTION` off changed no gradient bit at any
+    shape tried, so the twin trained bit for bit as the plain run and its floor read +0.0000. The
+    script steps the run's model both ways first: a difference in the flag-off path's products is
+    found, none where both ways take one path (`FUSED_SCORES` off); and where none is found it
+    refuses in one line (exit 2), the folder not made."""
+    import torch
+
+    import still.compressive.attention as attention
+
+    bench = runpy.run_path(str(BENCH / "fp32_rounding_twin.py"), run_name="bench_under_test")
+    train = ["lm", "train", "--corpus", str(corpus), "--steps", "1", "--eval-every", "1", "--batch-size", "4",
+             "--segment-len", "8", "--mem-len", "8", "--c-mem-len", "4", "--threads", "2", "--shards", "2",
+             "--out", str(tmp_path / "twin")]
+    shapes = bench["step_shapes"](bench["train_options"](train))
+    assert shapes[1:] == (2, 8, 1, 0)  # a shard's rows, the segment, a shard's threads, the seed
+    threads = torch.get_num_threads()
+    plain = attention._LinearOverConstants
+
+    class Rounded(plain):  # the flag-off path, its keys and values a rounding apart
+        @staticmethod
+        def apply(*args):
+            return plain.apply(*args) * (1 + 2**-20)
+
+    monkeypatch.setattr(attention, "_LinearOverConstants", Rounded)
+    assert bench["gradients_move"](*shapes)
+    monkeypatch.setattr(attention, "_LinearOverConstants", plain)
+    monkeypatch.setattr(attention, "FUSED_SCORES", False)  # (both ways one path)
+    assert not bench["gradients_move"](*shapes)
+    assert attention.HEADS_MAJOR_PROJECTION and torch.get_num_threads() == threads
+
+    monkeypatch.setattr("sys.argv", ["fp32_rounding_twin.py", *train])
+    bench["main"].__globals__["gradients_move"] = lambda *shapes: False
+    with pytest.raises(SystemExit) as exited:
+        bench["main"]()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: HEADS_MAJOR_PROJECTION=False changes no gradient of this run's model here "
+                          "(one step of 2 rows x 8 tokens, memories full, 1 thread)"), err
+    assert not (tmp_path / "twin").exists()
