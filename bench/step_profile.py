@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from still import allocator  # noqa: E402
-from still.bench import at_least_one, out_folder, run_script  # noqa: E402
+from still.bench import at_least_one, at_least_zero, out_folder, run_script  # noqa: E402
 from still.bench.peak import device_name, matmul_flops  # noqa: E402
 from still.compressive.model import CompressiveTransformer  # noqa: E402
 from still.config import replace  # noqa: E402
@@ -208,8 +208,8 @@ def main() -> None:
                         help="steps before them, which must fill both memories (default 6: the presets' fill in 5)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
                         help="precisions to profile, in this order (default fp32 bf16)")
-    parser.add_argument("--top", type=at_least_one, default=0,  # (0, the default: no list)
-                        help="also list each precision's N most expensive operators")
+    parser.add_argument("--top", type=at_least_zero, default=0,  # (0, the default: no list; -40 was taken: a probe)
+                        help="also list each precision's N most expensive operators (default 0: no list)")
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's malloc as it is (default: keep freed memory, as the `still` command does)")
     parser.add_argument("--out", type=out_folder, help="write step_profile.json and .md into this folder")

@@ -178,7 +178,7 @@ def test_the_cifar_step_benchmark_refuses_bad_counts(argv, message, monkeypatch,
 
 
 COUNTS = {"rounds", "repeats", "steps", "threads", "processes", "batch_size", "gen_runs", "new_tokens", "megabytes",
-          "tokens", "row_tokens", "rows", "top"}  # (--top -40 was taken: a probe)
+          "tokens", "row_tokens", "rows"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -190,6 +190,16 @@ def test_every_count_is_refused_below_one(script, monkeypatch):
 
     counts = {a.dest: a.type for a in _parser_of(script, monkeypatch)._actions if a.dest in COUNTS}
     assert all(kind is at_least_one for kind in counts.values()), (script.name, counts)
+
+
+def test_the_step_profile_takes_top_0_and_refuses_below(monkeypatch, capsys):
+    """A probe: --top -40 was taken, and then --top 0, the default (no list), was refused as a count."""
+    parser = _parser_of(BENCH / "step_profile.py", monkeypatch)
+    monkeypatch.undo()  # (parse_args itself again)
+    assert parser.parse_args(["--top", "0"]).top == 0 and parser.parse_args([]).top == 0
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--top", "-40"])
+    assert exited.value.code == 2 and "argument --top: must be >= 0, got -40" in capsys.readouterr().err
 
 
 def test_the_step_ab_benchmark_refuses_folders_that_hold_no_still(tmp_path, monkeypatch, capsys):
