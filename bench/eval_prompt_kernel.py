@@ -20,7 +20,7 @@ import torch
 
 from still.bench import at_least_one, run_script
 from still.compressive import CompressiveTransformer
-from still.compressive.generate import StreamScorer
+from still.compressive.generate import LAYERWISE_ROWS, StreamScorer
 from still.recipes.lm import PRESETS
 from still.train.precision import autocast
 
@@ -46,13 +46,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reference", help="the model (untrained)")
     parser.add_argument("--rows", type=at_least_one, nargs="+", default=[1, 4],
-                        help="rows a segment (at most 512 / segment)")
+                        help="rows a segment (at most 512 / segment: 8 at quick and ablation, 4 at reference)")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                         help="the precisions measured (default: both)")
     parser.add_argument("--tokens", type=at_least_one, default=8192, help="tokens a row reads")
     parser.add_argument("--repeats", type=at_least_one, default=3, help="alternations; their median counts")
     args = parser.parse_args()
     config = PRESETS[args.preset]
+    most = LAYERWISE_ROWS // config.segment_len
+    if max(args.rows) > most:  # (a probe: both arms then ran PyTorch's attention, "1.00x" as if compared)
+        parser.error(f"--rows {max(args.rows)}: at most {most} at the {args.preset} preset ({LAYERWISE_ROWS} / its "
+                     f"segment of {config.segment_len}); more rows take a segment a call, without the kernel")
     model = CompressiveTransformer(replace(config.model, vocab_size=100, dropout=0.0)).eval()
     print(f"{'rows':>4} {'precision':9} {'PyTorch tok/s':>14} {'written tok/s':>14} {'ratio':>6}  loss difference")
     for rows in args.rows:

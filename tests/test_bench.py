@@ -261,6 +261,19 @@ def test_the_prompt_kernel_benchmark_reads_a_row_of_any_length():
     assert totals[0] == pytest.approx(totals[1], rel=1e-5) and totals[0] > 0
 
 
+@pytest.mark.parametrize("preset, rows, most", [("quick", 9, 8), ("reference", 5, 4)])
+def test_the_prompt_kernel_benchmark_refuses_rows_the_kernel_does_not_take(preset, rows, most, monkeypatch, capsys):
+    """A probe: --preset quick --rows 9 ran PyTorch's attention in both arms (more than 512 / segment
+    rows a segment take a segment a call) and printed "ratio 1.00x" as if it had compared the kernel."""
+    bench = runpy.run_path(str(BENCH / "eval_prompt_kernel.py"), run_name="bench_under_test")
+    monkeypatch.setattr("sys.argv", ["eval_prompt_kernel.py", "--preset", preset, "--rows", "1", str(rows),
+                                     "--tokens", "512", "--repeats", "1"])
+    with pytest.raises(SystemExit) as exited:
+        bench["main"]()
+    assert exited.value.code == 2
+    assert f"--rows {rows}: at most {most} at the {preset} preset (512 / its segment of " in capsys.readouterr().err
+
+
 def test_the_distillation_throughput_counts_an_epochs_samples_not_its_full_batches(monkeypatch, capsys):
     """A probe: a batch size that does not divide the data counted the partial last batch as a whole
     one (at --batch-size 40000, an MFU of 102.6%). Here 100 samples in batches of 40 (the last of 20),
