@@ -7,7 +7,10 @@ enwik8 and a single text file have one document a split, which `TokenStreams` us
 row. `evaluate_streams` over it, with the default threads and shards (`eval_shards`), as one row and
 as `batch_size` rows (`fill_rows=True`): tokens a second, and with `--run` the bits per character
 of both (the cut reads each piece without the text before it). Without `--run`: the preset's model,
-untrained, over one random document of `--tokens` tokens (the speed does not depend on the weights).
+untrained, over one random document of `--tokens` tokens (the speed does not depend on the weights),
+the one row and each cut row reading `--row-tokens` of it: `--tokens` at least the preset's rows x
+`--row-tokens` (the default; before 2026-12-07 260,000, where the reference preset's cut rows read
+16,250 tokens each against the whole row's 20,480).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="a `still lm train` run directory: its model and test split")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                         help="the precisions measured (default: both)")
-    parser.add_argument("--tokens", type=at_least_one, default=260_000, help="the random document's length (no --run)")
+    parser.add_argument("--tokens", type=at_least_one, default=None,
+                        help="the random document's length (no --run): at least the preset's rows x --row-tokens "
+                             "(the default)")
     parser.add_argument("--row-tokens", type=at_least_one, default=20_480,
                         help="tokens a row reads (no --run; the cut reads this many a row, as the whole one)")
     parser.add_argument("--repeats", type=at_least_one, default=2,
@@ -50,8 +55,13 @@ def main() -> None:
         if args.row_tokens < config.segment_len:  # (else no segment: "nothing to evaluate", --row-tokens unnamed)
             parser.error(f"--row-tokens must be at least the preset's segment length ({config.segment_len}), "
                          f"got {args.row_tokens}")
+        least = config.batch_size * args.row_tokens  # (a probe: a shorter document gave each cut row less to read)
+        if args.tokens is not None and args.tokens < least:
+            parser.error(f"--tokens must be at least the preset's {config.batch_size} rows x --row-tokens ({least}) "
+                         f"for each cut row to read --row-tokens, as the whole one does, got {args.tokens}")
         model = CompressiveTransformer(replace(config.model, vocab_size=100, dropout=0.0)).eval()
-        docs = [torch.randint(1, 100, (args.tokens,), generator=torch.Generator().manual_seed(0))]
+        tokens = args.tokens if args.tokens is not None else least
+        docs = [torch.randint(1, 100, (tokens,), generator=torch.Generator().manual_seed(0))]
         segments = args.row_tokens // config.segment_len
     print(f"{'precision':9} {'rows':>4} {'shards':>6} {'tokens':>9} {'tokens/s (median)':>18}  bits")
     for precision in args.precision:

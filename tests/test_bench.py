@@ -604,3 +604,21 @@ def test_the_rounding_twin_refuses_a_change_that_moves_no_gradient(corpus, tmp_p
     assert err.startswith("error: HEADS_MAJOR_PROJECTION=False changes no gradient of this run's model here "
                           "(one step of 2 rows x 8 tokens, memories full, 1 thread)"), err
     assert not (tmp_path / "twin").exists()
+
+
+def test_the_fill_rows_benchmark_refuses_a_document_too_short_for_its_cut_rows(monkeypatch, capsys):
+    """A probe: the help says the cut reads --row-tokens a row, as the whole row does; at --preset
+    quick --tokens 2048 --row-tokens 512 the whole row read 512 tokens and each of the 16 cut rows 128."""
+    bench = runpy.run_path(str(BENCH / "eval_fill_rows.py"), run_name="bench_under_test")
+    monkeypatch.setattr("sys.argv", ["eval_fill_rows.py", "--preset", "quick", "--row-tokens", "512",
+                                     "--tokens", "2048", "--precision", "fp32", "--repeats", "1"])
+    with pytest.raises(SystemExit) as exited:
+        bench["main"]()
+    assert exited.value.code == 2
+    assert ("--tokens must be at least the preset's 16 rows x --row-tokens (8192) for each cut row to read "
+            "--row-tokens, as the whole one does, got 2048") in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["eval_fill_rows.py", "--preset", "quick", "--row-tokens", "64",
+                                     "--precision", "fp32", "--repeats", "1"])  # (--tokens: 16 x 64)
+    bench["main"]()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert [(row[1], row[3]) for row in rows] == [("1", "64"), ("16", str(16 * 64))], rows
