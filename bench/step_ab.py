@@ -12,7 +12,9 @@ d_model 256, 6 layers, d_ff 1024, dropout 0.1, vocabulary 86) with 8 rows on one
     train   forward with the memories carried, cross entropy + reconstruction loss, backward, AdamW
     eval    forward + cross entropy in eval mode, no gradients
     each in fp32 and under bf16 autocast; 8 warm-up steps (the memories fill), then the median of
-    --steps timed steps (30 for eval). Rounds alternate old and new for every measure.
+    --steps timed steps (30 for eval). Every measure runs old and new once a round, the order
+    alternating from round to round (old then new, new then old, ...), so that a drift in the
+    machine's load is not counted against the side that always ran second.
 
 Prints every measurement, then the median over rounds of each and the change.
 """
@@ -101,7 +103,7 @@ def main() -> None:
     parser.add_argument("old_src", help="the old code's src directory (a git worktree's src)")
     parser.add_argument("new_src", help="the new code's src directory")
     parser.add_argument("--rounds", type=at_least_one, default=3,
-                        help="rounds of every measurement, old and new alternating")
+                        help="rounds of every measurement, old and new alternating which goes first")
     parser.add_argument("--steps", type=at_least_one, default=12, help="timed training steps (evaluation: 30)")
     parser.add_argument("--threads", type=at_least_one, default=None, help="default 2 (--size shard: 1)")
     parser.add_argument("--size", choices=("peer", "shard"), default="peer",
@@ -117,7 +119,8 @@ def main() -> None:
     results: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.rounds):
         for mode, precision in measures:
-            for name, src in (("old", args.old_src), ("new", args.new_src)):
+            sides = (("old", args.old_src), ("new", args.new_src))  # (a probe: old always went first)
+            for name, src in sides if r % 2 == 0 else sides[::-1]:
                 ms = measure(src, mode, precision, args.steps if mode == "train" else 30, threads, args.size)
                 results.setdefault((name, mode, precision), []).append(ms)
                 print(f"round {r} {name} {mode} {precision}: {ms:.1f} ms a step", flush=True)

@@ -622,3 +622,26 @@ def test_the_fill_rows_benchmark_refuses_a_document_too_short_for_its_cut_rows(m
     bench["main"]()
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
     assert [(row[1], row[3]) for row in rows] == [("1", "64"), ("16", str(16 * 64))], rows
+
+
+def test_the_step_ab_benchmark_alternates_which_side_goes_first(tmp_path, monkeypatch, capsys):
+    """A probe: its docstring said the rounds alternate old and new, but old always ran first; now
+    round 0 runs old then new, round 1 new then old, and so on, for every measure."""
+    for side in ("old", "new"):
+        (tmp_path / side / "still").mkdir(parents=True)
+        (tmp_path / side / "still" / "__init__.py").write_text("")
+    bench = runpy.run_path(str(BENCH / "step_ab.py"), run_name="bench_under_test")
+    ran = []
+
+    def measure(src, mode, precision, steps, threads, size):
+        ran.append((Path(src).name, mode))
+        return 1.0
+
+    bench["main"].__globals__["measure"] = measure
+    monkeypatch.setattr("sys.argv", ["step_ab.py", str(tmp_path / "old"), str(tmp_path / "new"), "--rounds", "3",
+                                     "--only", "train-fp32", "eval-fp32"])
+    bench["main"]()
+    assert ran == [("old", "train"), ("new", "train"), ("old", "eval"), ("new", "eval"),
+                   ("new", "train"), ("old", "train"), ("new", "eval"), ("old", "eval"),
+                   ("old", "train"), ("new", "train"), ("old", "eval"), ("new", "eval")]
+    assert "| train fp32 | 1.0 | 1.0 | +0.0% |" in capsys.readouterr().out
