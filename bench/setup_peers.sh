@@ -4,6 +4,10 @@
 # bench/distill_peers.py compares against (with labml-nn's distillation). The peers are
 # benchmark-only: they are never dependencies of the project. Safe to run again.
 #
+# torch (the CPU build; STILL_TORCH_VERSION, default 2.13.0) comes from a local wheel only (pip
+# install --no-index): pip's find-links must name a folder holding it, PIP_FIND_LINKS=DIR or
+# find-links in pip.conf; without one the script stops saying so. The rest come from pip's indexes.
+#
 #     bash bench/setup_peers.sh && .venv-bench/bin/python bench/compressive_peers.py
 #     .venv-bench/bin/python bench/distill_peers.py
 #
@@ -39,7 +43,13 @@ echo "torch==$TORCH_VERSION" >"$CONSTRAINTS"
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
     # The local CPU wheel (pip's find-links); never a bare `torch` or a range. Its own
     # dependencies (filelock, sympy, ...) come next, from the indexes, with torch already satisfied.
-    "${PIP[@]}" install --no-index --no-deps "torch==$TORCH_VERSION"
+    if ! "${PIP[@]}" install --no-index --no-deps "torch==$TORCH_VERSION"; then  # (else only pip's "no matching
+        # distribution", which does not say that a local wheel is wanted, nor where pip looked)
+        echo "error: torch==$TORCH_VERSION not found in pip's find-links (PIP_FIND_LINKS=${PIP_FIND_LINKS:-unset}," \
+             "or find-links in pip.conf): set PIP_FIND_LINKS to a folder holding its CPU wheel" \
+             "(or STILL_TORCH_VERSION to the version of the wheel there)" >&2
+        exit 2
+    fi
 fi
 "${PIP[@]}" install -c "$CONSTRAINTS" "torch==$TORCH_VERSION"
 "${PIP[@]}" install -c "$CONSTRAINTS" -e .

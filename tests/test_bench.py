@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 from pathlib import Path
 
@@ -645,3 +646,28 @@ def test_the_step_ab_benchmark_alternates_which_side_goes_first(tmp_path, monkey
                    ("new", "train"), ("old", "train"), ("new", "eval"), ("old", "eval"),
                    ("old", "train"), ("new", "train"), ("old", "eval"), ("new", "eval")]
     assert "| train fp32 | 1.0 | 1.0 | +0.0% |" in capsys.readouterr().out
+
+
+def test_the_peer_setup_says_where_the_local_torch_wheel_was_looked_for(tmp_path):
+    """A probe: `pip install --no-index torch==2.13.0` relies on pip's find-links, which nothing said;
+    without the wheel there the script stopped on pip's own "no matching distribution". Here the
+    venv's python stands in for .venv-bench's (torch there, but not the version asked), pip's config
+    files are off and its find-links an empty folder: nothing is installed, and the one line says why."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "bench").mkdir()
+    shutil.copy(BENCH / "setup_peers.sh", tmp_path / "bench")
+    (tmp_path / ".venv-bench" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv-bench" / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tmp_path / ".venv-bench" / "bin" / "python").chmod(0o755)
+    (tmp_path / "wheels").mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "STILL_TORCH_VERSION": "0.0.1",
+           "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": str(tmp_path / "wheels")}
+    done = subprocess.run(["bash", str(tmp_path / "bench" / "setup_peers.sh")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"error: torch==0.0.1 not found in pip's find-links (PIP_FIND_LINKS={tmp_path / 'wheels'}, or find-links "
+        "in pip.conf): set PIP_FIND_LINKS to a folder holding its CPU wheel (or STILL_TORCH_VERSION to the version "
+        "of the wheel there)")
