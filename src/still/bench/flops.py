@@ -2,7 +2,7 @@
 
 On the CPU `F.scaled_dot_product_attention` runs `aten._scaled_dot_product_flash_attention_for_cpu`,
 which the counter has no formula for: it counted 0 FLOPs for the products QK^T and AV that our
-inference attention (`CompressiveAttention._causal_attention`) makes there, about a quarter of an
+inference attention (`RelativeMultiHeadAttention.causal_attention`) makes there, about a quarter of an
 evaluation's. `flop_counter` counts them as the counter counts its other attention operators: two
 products, 2 B H L_q L_k D FLOP each (4 B H L_q L_k D in all; the causal mask's zeroed terms counted,
 as in every product).
