@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -275,6 +276,37 @@ def test_a_flag_the_compiler_refuses_is_dropped_and_said(tmp_path, monkeypatch, 
     assert "could not build the decoding step and prompt attention with -fno-such-flag-in-any-compiler" in err
     assert "building the hand-written decoding step and prompt attention with" in err
     assert native._build().exists() and capsys.readouterr().err == ""  # the failure remembered, the build cached
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch, capsys):
+    """A cached library cut short (a full disk, a copy: loaded, it crashed the process with SIGBUS),
+    emptied, or without the record of its build is built again; where its folder cannot be written,
+    it is refused with a line that names it."""
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    path = native._build(native.DROPOUT_SOURCE, "dropout kernels")
+    whole = path.read_bytes()
+    for damage in ("cut in half", "empty", "no record"):
+        capsys.readouterr()
+        if damage == "no record":
+            native._record(path).unlink()
+        else:
+            path.write_bytes(whole[: len(whole) // 2] if damage == "cut in half" else b"")
+        assert native._build(native.DROPOUT_SOURCE, "dropout kernels") == path
+        assert path.read_bytes() == whole, damage
+        said = capsys.readouterr().err
+        assert f"the cached library of the dropout kernels ({path}) is not the one its build recorded" in said
+    assert native._build(native.DROPOUT_SOURCE, "dropout kernels") == path and capsys.readouterr().err == ""
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    path.write_bytes(whole[:100])
+    monkeypatch.setattr(native.tempfile, "TemporaryDirectory", read_only)
+    said = re.escape(f"{path} is not the library its build recorded, and its folder cannot be written (Read-only "
+                     "file system): delete it")
+    with pytest.raises(RuntimeError, match=f"^{said}$"):
+        native._build(native.DROPOUT_SOURCE, "dropout kernels")
+    assert "building" not in capsys.readouterr().err
 
 
 def test_the_attention_kernel_builds_beside_the_decoding_step(tmp_path, monkeypatch, capsys):

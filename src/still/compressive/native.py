@@ -14,9 +14,11 @@ a cycle; this one has 2 barriers a layer and vertical multiply-adds, on threads 
 
 The source is compiled with the machine's C++ compiler (`$CXX`, else g++, c++ or clang++;
 `-O3 -march=native`) into `<cache>/native/<key>/`, keyed on the source, the compiler (its file), the
-flags and the processor, and loaded with ctypes: a step is one foreign call with a few integers (no PyTorch
-headers to compile: a build takes seconds). Where no compiler works, `library()` says why once and
-returns None, and the decoder uses the ahead-of-time compiled step (`still.train.aot`) instead
+flags and the processor, checked against the size and SHA-256 recorded at its build (one cut short
+or emptied is built again: loaded, it crashed the process), and loaded with ctypes: a step is one
+foreign call with a few integers (no PyTorch headers to compile: a build takes seconds). Where no
+compiler works, `library()` says why once and returns None, and the decoder uses the ahead-of-time
+compiled step (`still.train.aot`) instead
 (with `generate(compile=None)`, what `still lm generate` does by default: eager steps).
 """
 
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from still.compressive.sampling import TINY, Sampling
+from still.train.io import atomic_write_text, sha256_file
 from still.train.progress import log
 
 if TYPE_CHECKING:
@@ -208,26 +211,53 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
         digest = hashlib.sha256(source + repr((installed, flags, _machine(torch.device("cpu")))).encode())
         path = cache_root() / digest.hexdigest()[:20] / f"lib{source_file.stem}.so"
         failed = path.with_name("failed")  # this compiler could not build with these flags: not tried again
-        if path.exists():
+        damaged = path.exists()
+        if damaged and _intact(path):
             return path
-        if failed.exists():
+        if not damaged and failed.exists():
             error = failed.read_text(encoding="utf-8")
             continue
-        if not tune:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp = tempfile.TemporaryDirectory(dir=path.parent)
+        except OSError as e:
+            if damaged:  # (cut short, it would crash the process that loads it: SIGBUS)
+                raise RuntimeError(f"{path} is not the library its build recorded, and its folder cannot be "
+                                   f"written ({e.strerror}): delete it") from e
+            raise
+        if damaged:
+            log(f"the cached library of the {what} ({path}) is not the one its build recorded; building it again")
+        elif not tune:
             log(f"{Path(cxx).name} could not build the {what} with {' '.join(TUNE)} ({error}); building it without")
         log(f"building the hand-written {what} with {Path(cxx).name} (once for this machine); cached in "
             f"{cache_root()}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
+        with tmp:
+            built = Path(tmp.name) / path.name
             result = subprocess.run([cxx, *flags, str(source_file), "-o", str(built)], capture_output=True, text=True,
                                     check=False)
             if result.returncode == 0:
+                # the record first: a library without one is built again
+                atomic_write_text(_record(path), f"{built.stat().st_size} {sha256_file(built)}\n")
                 os.replace(built, path)  # whole or not at all, also against a concurrent build
                 return path
         error = (result.stderr.strip().splitlines() or ["failed"])[-1]
         failed.write_text(error, encoding="utf-8")
     raise RuntimeError(f"{Path(cxx).name} could not build {source_file.name}: {error}")
+
+
+def _record(path: Path) -> Path:
+    """Where the size and SHA-256 of the library `path` are written when it is built."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path: Path) -> bool:
+    """Whether the library at `path` is the one its build recorded (its size and SHA-256: the three
+    libraries, 0.35 MB, hashed in 0.4 ms here, 5 ms from a cold disk cache; once a process)."""
+    try:
+        size, digest = _record(path).read_text(encoding="utf-8").split()
+        return os.path.getsize(path) == int(size) and sha256_file(path) == digest
+    except (OSError, ValueError):  # no record (or none readable): a build cut short, or an older still's
+        return False
 
 
 def _load(path: Path) -> ctypes.CDLL:
