@@ -309,6 +309,51 @@ def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch, capsys):
     assert "building" not in capsys.readouterr().err
 
 
+def test_a_failed_build_is_remembered_for_a_day_and_a_killed_one_not_at_all(tmp_path, monkeypatch, capsys):
+    """A compiler that fails is not run again at every start (the failure remembered, and said to be,
+    with the file that remembers it) but a day later; one killed (for memory on a busy machine, once)
+    is tried again at the next run, the tuned build too."""
+    calls, mode, cxx = tmp_path / "calls", tmp_path / "mode", tmp_path / "g++"
+    cxx.write_text(f"""#!/bin/sh
+echo >> {calls}
+case $(cat {mode}) in
+killed) echo "g++: fatal error: Killed signal terminated program cc1plus" >&2; exit 1;;
+failing) echo "g++: error: this compiler is broken" >&2; exit 1;;
+esac
+exec {native.compiler()} "$@"
+""")
+    cxx.chmod(0o755)
+    monkeypatch.setattr(native, "compiler", lambda: str(cxx))
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path / "native")
+    monkeypatch.setattr(native, "TUNE", ("-O2",))  # (a tuned build any compiler takes)
+
+    def build(state: str, runs: int) -> Path:
+        mode.write_text(state)
+        calls.write_text("")
+        try:
+            return native._build(native.DROPOUT_SOURCE, "dropout kernels")
+        finally:
+            assert calls.read_text().count("\n") == runs, state
+
+    with pytest.raises(RuntimeError, match="Killed signal"):
+        build("killed", runs=2)  # tuned, then untuned
+    assert not list((tmp_path / "native").glob("*/failed"))
+    with pytest.raises(RuntimeError, match="this compiler is broken$"):
+        build("failing", runs=2)
+    failed = sorted(str(marker) for marker in (tmp_path / "native").glob("*/failed"))
+    assert len(failed) == 2
+    with pytest.raises(RuntimeError) as raised:
+        build("working", runs=0)  # remembered
+    said = re.search(r"this compiler is broken; remembered from an earlier run: tried again a day after it, or at once "
+                     r"where (\S+) is deleted$", str(raised.value))
+    assert said and said[1] in failed, str(raised.value)
+    for marker in map(Path, failed):  # a day on
+        os.utime(marker, (marker.stat().st_atime, marker.stat().st_mtime - native.RETRY_FAILED_S))
+    capsys.readouterr()
+    assert native._intact(build("working", runs=1))  # the tuned build, at its first try
+    assert "could not build" not in capsys.readouterr().err
+
+
 def test_the_attention_kernel_builds_beside_the_decoding_step(tmp_path, monkeypatch, capsys):
     """`native_attention.cpp` goes through the same cached build, as a library of its own name."""
     monkeypatch.setattr(native, "cache_root", lambda: tmp_path)

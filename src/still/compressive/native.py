@@ -29,10 +29,12 @@ import ctypes
 import hashlib
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from still.compressive.sampling import TINY, Sampling
-from still.train.io import atomic_write_text, sha256_file
+from still.train.io import atomic_write_bytes, atomic_write_text, sha256_file
 from still.train.progress import log
 
 if TYPE_CHECKING:
@@ -55,6 +57,9 @@ MAX_THREADS = 4  # more threads than this split a small step's products too thin
 SPIN_NS = 200_000  # how long the helper threads spin for the next step before they sleep
 BARRIER_SPIN_NS = 50_000  # how long a thread spins at a barrier for the others before it sleeps (another
 # process competing for the cores may have descheduled one: spinning on, a step took 35 ms, sleeping 0.8)
+RETRY_FAILED_S = 24 * 3600  # a build that failed is tried again this long after (not at every start: a compiler
+# that refuses -march=native would cost every process seconds)
+KILLED = re.compile(r"\bKilled\b|terminated program|due to signal")  # a compiler killed (g++'s, clang's words)
 COMPRESS_GROUPS = 8  # the most compressing steps whose compressions are computed together
 _COMPRESSIONS = {None: 0, "conv": 1, "dilated": 1, "max": 2, "mean": 3}
 _LIBRARY: list[ctypes.CDLL | None] = []
@@ -210,12 +215,12 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
         flags = (*FLAGS, *tune)
         digest = hashlib.sha256(source + repr((installed, flags, _machine(torch.device("cpu")))).encode())
         path = cache_root() / digest.hexdigest()[:20] / f"lib{source_file.stem}.so"
-        failed = path.with_name("failed")  # this compiler could not build with these flags: not tried again
+        failed = path.with_name("failed")  # this compiler could not build with these flags: not tried again soon
         damaged = path.exists()
         if damaged and _intact(path):
             return path
-        if not damaged and failed.exists():
-            error = failed.read_text(encoding="utf-8")
+        if not damaged and (remembered := _remembered(failed)) is not None:
+            error = remembered
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -241,8 +246,22 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
                 os.replace(built, path)  # whole or not at all, also against a concurrent build
                 return path
         error = (result.stderr.strip().splitlines() or ["failed"])[-1]
-        failed.write_text(error, encoding="utf-8")
+        if result.returncode > 0 and not KILLED.search(result.stderr):  # (a compiler killed, say for memory on a
+            # busy machine, is tried again at the next run)
+            atomic_write_bytes(failed, error.encode())  # (a new file: its time is when it failed)
     raise RuntimeError(f"{Path(cxx).name} could not build {source_file.name}: {error}")
+
+
+def _remembered(failed: Path) -> str | None:
+    """The error of an earlier run's build that `failed` holds, where it failed less than
+    `RETRY_FAILED_S` ago; else None (built again)."""
+    try:
+        if time.time() - failed.stat().st_mtime < RETRY_FAILED_S:
+            return (f"{failed.read_text(encoding='utf-8')}; remembered from an earlier run: tried again a day "
+                    f"after it, or at once where {failed} is deleted")
+    except OSError:  # (none: built)
+        pass
+    return None
 
 
 def _record(path: Path) -> Path:
