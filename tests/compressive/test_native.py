@@ -256,6 +256,37 @@ def test_without_a_compiler_the_decoder_falls_back_and_says_why(monkeypatch, cap
         Decoder(model, None, batch=1, compile=True, native=True)
 
 
+def test_the_attention_kernels_lost_are_said_for_the_precision_that_asks(tmp_path, monkeypatch, capsys):
+    """Found by a probe: an fp32 run without a compiler, or with a cache folder that cannot be
+    written, was told of the bf16 kernel alone (the fp32 one was lost too), and after "building"."""
+    for case in ("no compiler", "read-only"):
+        monkeypatch.setattr(native, "_ATTENTION", [])
+        monkeypatch.setattr(native, "_ATTENTION_UNSAID", {}, raising=False)
+        if case == "no compiler":
+            monkeypatch.setattr(native, "compiler", lambda: None)
+            reason = "no C++ compiler found: set CXX or install g++"
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(native, "_ATTENTION", [])
+            monkeypatch.setattr(native, "_ATTENTION_UNSAID", {}, raising=False)
+            monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+
+            def read_only(dir):
+                raise OSError(30, "Read-only file system", str(dir))
+
+            monkeypatch.setattr(native.tempfile, "TemporaryDirectory", read_only)
+            reason = "[Errno 30] Read-only file system: "
+        capsys.readouterr()
+        assert native.attention_fp32_library() is None and native.attention_fp32_library() is None
+        said = capsys.readouterr().err
+        assert said.startswith(f"the fp32 attention kernels are unavailable ({reason}"), said
+        assert said.count("\n") == 1 and said.endswith("); fp32 training takes PyTorch's products\n"), said
+        assert native.attention_library() is None and native.attention_library() is None
+        said = capsys.readouterr().err
+        assert said.startswith(f"the bf16 attention kernels are unavailable ({reason}"), said
+        assert said.count("\n") == 1 and said.endswith("); bf16 training rounds the attention scores to bf16\n")
+
+
 def test_the_build_is_cached_and_keyed_on_the_source(tmp_path, monkeypatch):
     """A second build of the same source finds the library; a changed source builds anew."""
     monkeypatch.setattr(native, "cache_root", lambda: tmp_path)

@@ -69,6 +69,7 @@ ATTENTION_SOURCE = Path(__file__).with_name("native_attention.cpp")
 # once built: the attention library as loaded, where its bf16 kernels run here, where its fp32 ones do (else None)
 _ATTENTION: list[ctypes.CDLL | None] = []
 _ATTENTION_LOCK = threading.Lock()  # a sharded step's threads reach their first attention together
+_ATTENTION_UNSAID: dict[str, str] = {}  # why the bf16 or fp32 kernels cannot run here, till said
 DROPOUT_SOURCE = Path(__file__).parent.parent / "native_dropout.cpp"
 _DROPOUT: list[ctypes.CDLL | None] = []
 _DROPOUT_LOCK = threading.Lock()
@@ -100,24 +101,36 @@ def attention_library() -> ctypes.CDLL | None:
     process where not cached; None, with the reason said once, where they cannot run here (no
     compiler, or a processor without AVX-512 bf16). Their products run on AMX tiles where the
     processor and system allow, else on AVX-512 bf16's dot products (`attention_products`)."""
+    return _attention("bf16")
+
+
+def _attention(precision: str) -> ctypes.CDLL | None:
+    """The attention library where its `precision` ("bf16" or "fp32") kernels run here, else None,
+    with the reason said at the first call for that precision (a run says what it loses, not what
+    another precision would)."""
     with _ATTENTION_LOCK:
         if not _ATTENTION:
-            lib, reason = None, None
+            lib, lost = None, None
             try:
                 lib = _load_attention(_build(ATTENTION_SOURCE, "attention kernels"))
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                reason = str(error)
+                lost = str(error)  # (both precisions' kernels)
             _ATTENTION.append(lib)
-            code = lib.still_attention_available() if lib is not None else None
-            if code:
-                reason = "no AVX-512 bf16 in the compiler's target for this processor"
-            _ATTENTION.append(lib if reason is None else None)
+            bf16 = lib is not None and lib.still_attention_available() == 0
+            _ATTENTION.append(lib if bf16 else None)
             fp32 = lib is not None and lib.still_attention_fp32_available() == 0
             _ATTENTION.append(lib if fp32 else None)
-            if reason is not None:
-                log(f"the bf16 attention kernel is unavailable ({reason}); bf16 training rounds the attention "
-                    "scores to bf16")
-        return _ATTENTION[1]
+            _ATTENTION_UNSAID.clear()
+            if lib is None:
+                _ATTENTION_UNSAID.update(bf16=lost, fp32=lost)
+            elif not bf16:  # (an fp32 kernel this build lacks, a processor without AVX2 or NEON: PyTorch's, unsaid)
+                _ATTENTION_UNSAID["bf16"] = "no AVX-512 bf16 in the compiler's target for this processor"
+        reason, lib = _ATTENTION_UNSAID.pop(precision, None), _ATTENTION[1 if precision == "bf16" else 2]
+    if reason is not None:
+        then = ("bf16 training rounds the attention scores to bf16" if precision == "bf16"
+                else "fp32 training takes PyTorch's products")
+        log(f"the {precision} attention kernels are unavailable ({reason}); {then}")
+    return lib
 
 
 def attention_products() -> str | None:
@@ -143,9 +156,8 @@ def allow_tiles(allow: bool) -> str | None:
 def attention_fp32_library() -> ctypes.CDLL | None:
     """The same library where its fp32 training attention (`still_attention_weights_fp32` and
     `still_attention_grads_fp32`: AVX-512, or AVX2 and ARM's NEON with FMA) can run here; else None
-    (fp32 training then takes PyTorch's products)."""
-    attention_library()
-    return _ATTENTION[2]
+    (fp32 training then takes PyTorch's products; said once where the library cannot be built)."""
+    return _attention("fp32")
 
 
 def dropout_library() -> ctypes.CDLL | None:
