@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -239,7 +240,12 @@ void split(int64_t n, int64_t threads, const Run& run) {
     threads = std::max<int64_t>(1, std::min(threads, blocks));
     std::vector<std::thread> helpers;
     auto part = [&](int64_t p) { run(std::min(n, blocks * p / threads * 16), std::min(n, blocks * (p + 1) / threads * 16)); };
-    for (int64_t p = 1; p < threads; ++p) helpers.emplace_back(part, p);
+    int64_t p = 1;
+    try {
+        for (; p < threads; ++p) helpers.emplace_back(part, p);
+    } catch (const std::system_error&) {  // no thread to be had (the system's limit): the rest on this one
+    }
+    for (int64_t rest = p; rest < threads; ++rest) part(rest);
     part(0);
     for (auto& helper : helpers) helper.join();
 }

@@ -385,6 +385,42 @@ exec {native.compiler()} "$@"
     assert "could not build" not in capsys.readouterr().err
 
 
+FAILING_THREADS = r"""
+#include <dlfcn.h>
+#include <pthread.h>
+#include <cerrno>
+static int fail = 0;
+extern "C" void still_test_fail_threads(int f) { fail = f; }
+extern "C" int pthread_create(pthread_t* t, const pthread_attr_t* a, void* (*fn)(void*), void* arg) {
+    using Create = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
+    static Create real = reinterpret_cast<Create>(dlsym(RTLD_NEXT, "pthread_create"));
+    return fail ? EAGAIN : real(t, a, fn, arg);
+}
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a preloaded pthread_create (Linux's dynamic loader)")
+def test_the_kernels_finish_on_the_calling_thread_where_no_thread_can_be_started(tmp_path):
+    """Found by a probe: where a thread could not be started (pthread_create's EAGAIN: the system's
+    limit on threads), the decoder's set-up, the training attention's and the dropout's kernels let
+    C++'s exception out of their C entry points, which ended the process (SIGABRT). Now the parts
+    run on the calling thread, and a decoder runs its step on one (`no_threads_workload.py`)."""
+    for built in (native.library(), native.attention_fp32_library(), native.dropout_library()):
+        if built is None:
+            pytest.skip("a hand-written library does not run here")
+    source, shim = tmp_path / "failthread.cpp", tmp_path / "libfailthread.so"
+    source.write_text(FAILING_THREADS)
+    subprocess.run([native.compiler(), "-shared", "-fPIC", "-O1", str(source), "-o", str(shim), "-ldl"], check=True,
+                   capture_output=True, timeout=60)
+    preload = " ".join(filter(None, (os.environ.get("LD_PRELOAD"), str(shim))))  # (after a sanitizer's runtime)
+    workload = Path(__file__).with_name("no_threads_workload.py")
+    done = subprocess.run([sys.executable, str(workload), str(shim), str(native.cache_root()), " ".join(native.TUNE),
+                           " ".join(native.FLAGS)], env=os.environ | {"LD_PRELOAD": preload}, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1:] == ["same"], (done.returncode, done.stderr[-3000:])
+    assert "the hand-written decoding step could not start its helper threads" in done.stderr
+
+
 def test_the_attention_kernel_builds_beside_the_decoding_step(tmp_path, monkeypatch, capsys):
     """`native_attention.cpp` goes through the same cached build, as a library of its own name."""
     monkeypatch.setattr(native, "cache_root", lambda: tmp_path)

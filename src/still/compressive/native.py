@@ -484,6 +484,14 @@ class NativeStep:
         self._pid = os.getpid()
         self._handle = lib.still_decoder_new(_array(dims), _array(pointers), float(shape.eps), SPIN_NS,
                                              BARRIER_SPIN_NS)
+        if not self._handle and threads > 1:  # a helper thread could not be started (the system's limit)
+            log("the hand-written decoding step could not start its helper threads (the system's limit on threads); "
+                "it runs on one thread")
+            self.threads = dims[14] = 1
+            self._handle = lib.still_decoder_new(_array(dims), _array(pointers), float(shape.eps), SPIN_NS,
+                                                 BARRIER_SPIN_NS)
+        if not self._handle:  # (not reached: one thread starts none)
+            raise RuntimeError("the hand-written decoding step could not be set up")
         self._finalizer = weakref.finalize(self, lib.still_decoder_free, self._handle)
 
     def _check_process(self) -> None:

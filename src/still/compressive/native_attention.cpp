@@ -41,6 +41,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -354,7 +355,12 @@ void on_parts(int64_t count, int64_t threads, const Run& run) {
     threads = std::max<int64_t>(1, std::min(threads, count));
     auto part = [&](int64_t p) { run(count * p / threads, count * (p + 1) / threads); };
     std::vector<std::thread> helpers;
-    for (int64_t p = 1; p < threads; ++p) helpers.emplace_back(part, p);
+    int64_t p = 1;
+    try {
+        for (; p < threads; ++p) helpers.emplace_back(part, p);
+    } catch (const std::system_error&) {  // no thread to be had (the system's limit): the rest on this one
+    }
+    for (int64_t rest = p; rest < threads; ++rest) part(rest);
     part(0);
     for (auto& helper : helpers) helper.join();
 }

@@ -1454,11 +1454,14 @@ int64_t still_prompt_attention(const int64_t* dims, const float* q, const float*
     return 0;
 }
 
+void still_decoder_free(void* engine);
+
 // dims: layers, batch, heads, d_head, d_model, d_ff, vocab, n_cap, m_cap, k_blocks, pre_norm,
 // compression (0 none, 1 taps, 2 max, 3 mean), rate, taps, threads, bf16, groups (the most compressions
 // computed together), then the taps' rows.
 // pointers: embedding, head, norm weight, norm bias, keys, values, inputs, then a layer each:
 // qkv, out, up, down, taps, positions, u, v, norm1 w, norm1 b, norm2 w, norm2 b, up bias, down bias.
+// Null where a helper thread cannot be started.
 void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps, int64_t spin_ns,
                         int64_t barrier_spin_ns) {
     auto* e = new Engine();
@@ -1516,7 +1519,12 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
         e->runs.back().reserve(4 * (K + 1));
     }
     e->passed.assign(T, 0);
-    for (int t = 1; t < T; ++t) e->workers.emplace_back([e, t] { e->worker(t); });
+    try {
+        for (int t = 1; t < T; ++t) e->workers.emplace_back([e, t] { e->worker(t); });
+    } catch (const std::system_error&) {  // no thread to be had (the system's limit): no engine, the workers
+        still_decoder_free(e);             // started ended (every step waits for all T); the caller asks for fewer
+        return nullptr;
+    }
     return e;
 }
 
