@@ -90,6 +90,46 @@ def test_loading_a_package_does_not_import_the_compiler(monkeypatch):
     assert done.stdout.strip() == "[]"
 
 
+def test_a_damaged_cached_package_is_compiled_again(monkeypatch, capsys):
+    """Found by a probe: a package cut short in the cache (a full disk, a copy) failed to load at
+    every run ("Failed to initialize zip archive"), never built again. Now it is removed and built
+    again in the same call; where it cannot be removed, the message names it."""
+    x, counter = torch.randn(3), torch.zeros(1)
+    ahead_of_time(scale_and_count, (7.0,), (x, counter), what="f", threads=1)
+    path = aot.package_path(scale_and_count, (7.0,), (x, counter), threads=1)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    monkeypatch.setattr(aot, "_LOADED", {})  # a later process
+
+    class Build:  # (the package compiled again: its bytes, without the tens of seconds)
+        def __init__(self, spec, at):
+            self.at = at
+
+        def finish(self):
+            self.at.write_bytes(whole)
+
+    monkeypatch.setattr(aot, "_Build", Build)
+    capsys.readouterr()
+    compiled = ahead_of_time(scale_and_count, (7.0,), (x, counter), what="f", threads=1)
+    assert compiled is not None and torch.equal(compiled(x, counter)[0], x * 7.0 + 0.5)
+    said = capsys.readouterr().err
+    assert f"--compile: the cached package of f ({path}) is damaged (" in said and "compiling it again" in said
+    assert "cannot compile" not in said
+
+    def read_only(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    path.write_bytes(whole[:1000])
+    monkeypatch.setattr(aot, "_LOADED", {})
+    monkeypatch.setattr(aot.Path, "unlink", read_only)
+    assert ahead_of_time(scale_and_count, (7.0,), (x, counter), what="f", threads=1) is None
+    said = capsys.readouterr().err
+    assert said.startswith(f"--compile: cannot compile f (the cached package {path} is damaged (") and said.endswith(
+        "and cannot be removed (Permission denied): delete it); running without compiling\n"), said
+    monkeypatch.undo()
+    path.write_bytes(whole)
+
+
 def test_key_covers_threads_and_function():
     x, counter = torch.randn(2), torch.zeros(1)
     path = aot.package_path(scale_and_count, (1.0,), (x, counter), threads=1)

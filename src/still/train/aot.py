@@ -22,8 +22,9 @@ is printed once and the caller runs the function eagerly: `ahead_of_time` return
 functions asked for together (`ahead_of_time_all`) are built side by side, a child process each.
 Interrupted (Ctrl-C, SIGTERM), the call ends its builds, their compilers and their files before it
 unwinds; a build whose caller is killed outright (SIGKILL) does the same itself.
-The cache keeps the 64 most recently used packages (a new version of still or PyTorch makes the
-older ones unreachable).
+A cached package that does not load and is not a whole archive (cut short: a full disk, a copy)
+is removed and compiled again. The cache keeps the 64 most recently used packages (a new version
+of still or PyTorch makes the older ones unreachable).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -106,8 +108,25 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
     for request in requests:
         spec = _spec(request.fn, request.constants, request.examples, threads)
         jobs.append((request, spec, _path(spec, request.fn, request.examples[0].device)))
-    missing = {path: (request, spec) for request, spec, path in jobs if path.stem not in _LOADED and not path.exists()}
     errors: dict[Path, str] = {}
+    for request, _, path in jobs:  # the cached ones first: one that does not load (cut short, say) is built again
+        if path.stem not in _LOADED and path.exists():
+            try:
+                _LOADED[path.stem] = _loaded(path, request.examples[0].device)
+            except Exception as e:  # noqa: BLE001 - any failure: the file is not a package that runs here
+                if not _damaged(path):  # whole, it would fail the same built again: said below
+                    errors[path] = _last_line(e)
+                    continue
+                try:
+                    path.unlink()
+                except OSError as gone:
+                    errors[path] = (f"the cached package {path} is damaged ({_last_line(e)[:200]}) and cannot be "
+                                    f"removed ({gone.strerror}): delete it")
+                    continue
+                log(f"--compile: the cached package of {request.what} ({path}) is damaged ({_last_line(e)[:200]}); "
+                    "compiling it again")
+    missing = {path: (request, spec) for request, spec, path in jobs
+               if path.stem not in _LOADED and path not in errors and not path.exists()}
     if missing:
         log(f"--compile: compiling {' and '.join(r.what for r, _ in missing.values())} ahead of time, once for "
             f"these shapes (a minute or less); cached in {cache_root()}")
@@ -135,15 +154,31 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
             try:
                 if path in errors:
                     raise RuntimeError(errors[path])
-                package = AheadOfTime(path, request.examples[0].device)
+                package = _loaded(path, request.examples[0].device)
             except Exception as e:  # noqa: BLE001
                 log(f"--compile: cannot compile {request.what} ({_last_line(e)[:300]}); running without compiling")
-            if package is not None:
-                with contextlib.suppress(OSError):  # used: kept longest by `_prune` (a read-only cache is fine)
-                    os.utime(path)
             _LOADED[path.stem] = package
         loaded.append(_LOADED[path.stem])
     return loaded
+
+
+def _damaged(path: Path) -> bool:
+    """Whether the package at `path` is not a whole zip archive (cut short or overwritten: a full
+    disk, a copy), checked where it does not load (its members' CRCs: 2 MB read, a few ms)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is not None
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return True
+    except OSError:  # (unreadable: not known to be damaged)
+        return False
+
+
+def _loaded(path: Path, device: torch.device) -> AheadOfTime:
+    package = AheadOfTime(path, device)
+    with contextlib.suppress(OSError):  # used: kept longest by `_prune` (a read-only cache is fine)
+        os.utime(path)
+    return package
 
 
 def torch_compile_problem(device: torch.device | str) -> str | None:
