@@ -84,13 +84,14 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _rank_zero_gone(error: RuntimeError) -> bool:
-    """Whether `error` is another rank's loss of rank 0 under torchrun: rank 0 stopped (an error in
-    its report, a signal to it alone) while this rank waited for it in a collective, which then
-    failed in gloo's "Connection closed by peer" (a probe: every such rank printed its traceback)."""
-    return (not _first_process() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-            and (type(error).__name__ == "DistBackendError"
-                 or any(gone in str(error) for gone in ("Connection closed by peer", "Connection reset by peer"))))
+def _peer_gone(error: RuntimeError) -> bool:
+    """Whether `error` is the loss of another process of the run under torchrun: it stopped (an
+    error, a signal to it alone, SIGKILL) while this one waited for it in a collective, which then
+    failed in gloo's "Connection closed by peer" (a probe: every such process printed its
+    traceback). On ranks but 0 any backend error counts: rank 0 says why the run stopped."""
+    gone = any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        gone or (not _first_process() and type(error).__name__ == "DistBackendError"))
 
 
 def _one_process(command: str) -> None:
@@ -788,9 +789,12 @@ def main(argv: list[str] | None = None) -> None:
         _say("terminated")
         sys.exit(143)
     except RuntimeError as e:
-        if not _rank_zero_gone(e):
+        if not _peer_gone(e):
             raise
-        sys.exit(1)  # (rank 0 says why it stopped)
+        # (rank 0 says why it stopped; where another stopped, that it did: torchrun's report says which and why)
+        _say("error: another process of this run stopped while this one waited for it (torchrun's report "
+             "below names it); the checkpoints written are kept, and the same command resumes from them")
+        sys.exit(1)
     except OSError as e:  # a folder that cannot be written (read-only, a file in the path, a full disk)
         if os.environ.get("STILL_TRACEBACK"):
             raise

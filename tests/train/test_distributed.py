@@ -219,6 +219,54 @@ def test_distillation_on_two_ranks(tmp_path):
     assert "[rank1]" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
 
 
+def torchrun_script(tmp_path, code: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_barrier_waits_for_rank_zero_beyond_the_process_groups_time_limit(tmp_path):
+    # (a probe: rank 0 alone evaluated the whole splits for longer than gloo's 30 minutes while rank 1
+    # waited in a barrier, which timed out: the run ended before its results, and so did every rerun)
+    done = torchrun_script(tmp_path, (
+        "import datetime, time\n"
+        "import torch.distributed as torch_dist\n"
+        "from still.train import distributed\n"
+        "torch_dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=2))  # (for gloo's 30 minutes)\n"
+        "dist = distributed.setup()\n"
+        "if dist.main:\n"
+        "    time.sleep(6)\n"
+        "dist.barrier()\n"
+        "distributed.finish()\n"
+        "print('through', dist.rank)\n"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n")[:2]) == ["through 0", "through 1"], done.stdout
+
+
+def test_a_process_lost_by_rank_zero_is_one_line(tmp_path):
+    # (a probe: SIGKILL to rank 1 mid-run, and rank 0 printed gloo's 40-line "Connection closed by peer")
+    text = tmp_path / "text.txt"
+    text.write_text("abc " * 500)
+    done = torchrun_script(tmp_path, (
+        "import os, sys\n"
+        "import still.recipes.lm as lm\n"
+        "from still.cli import main\n"
+        "from still.train import distributed\n"
+        "def train_lm(*args, **kwargs):\n"
+        "    dist = distributed.setup()\n"
+        "    if not dist.main:\n"
+        "        os._exit(9)  # (as if killed)\n"
+        "    dist.barrier()\n"
+        "lm.train_lm = train_lm\n"
+        f"main(['lm', 'train', '--corpus', {str(text)!r}, '--out', {str(tmp_path / 'run')!r}])\n"))
+    assert done.returncode != 0
+    assert "error: another process of this run stopped while this one waited for it" in done.stderr, done.stderr
+    # (torchrun's own report of the failures stays: it is torchrun's)
+    assert "[rank0]" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
+
+
 def test_teardown_collects_a_wrapper_left_in_a_reference_cycle(tmp_path):
     """A DistributedDataParallel wrapper in a reference cycle would keep the gloo backend alive past
     destroy_process_group, to be torn down in the interpreter's exit (where it can abort)."""

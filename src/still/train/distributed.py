@@ -14,6 +14,7 @@ ranks, and a checkpoint written on N ranks resumes on M (any M dividing the batc
 from __future__ import annotations
 
 import atexit
+import datetime
 import gc
 import os
 from collections.abc import Callable
@@ -76,8 +77,10 @@ class Dist:
         return [row.cpu().clone() for row in rows]
 
     def barrier(self) -> None:
+        """Wait for every rank, however long rank 0's work alone takes (a checkpoint, the results):
+        on a group of its own without the process group's time limit (`PATIENT`)."""
         if self.enabled:
-            torch_dist.barrier()
+            torch_dist.barrier(group=_patient[0] if _patient else None)
 
     def check_same(self, value: int, what: str, advice: str, show: bool = True) -> None:
         """A `StillError` on every rank (rank 0 says it) where the ranks do not all hold `value` (an
@@ -111,6 +114,11 @@ class Dist:
 
 
 _current = Dist()
+# a barrier's wait: the process group's own limit (30 minutes on gloo, 10 on NCCL) ended a probe's run
+# under torchrun where rank 0 alone evaluated the whole splits for longer, every rerun the same way;
+# a rank that dies still ends the others' wait at once ("connection closed")
+PATIENT = datetime.timedelta(days=7)
+_patient: list = []  # the gloo group of `Dist.barrier`, with PATIENT for its limit (where started by torchrun)
 
 
 def current() -> Dist:
@@ -144,6 +152,7 @@ def setup() -> Dist:
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    _patient[:] = [torch_dist.new_group(backend="gloo", timeout=PATIENT)]  # (gloo also beside NCCL: CPU tensors)
     _current = Dist(rank, world, local_rank, device)
     atexit.register(teardown)
     return _current
@@ -153,8 +162,7 @@ def finish() -> None:
     """The end of a command that succeeded: wait for every rank, then leave the process group.
     A rank that tears down while another is still at work (rank 0 writing the results) can abort
     at exit in the backend's threads ("terminate called without an active exception")."""
-    if _current.enabled:
-        torch_dist.barrier()
+    _current.barrier()
     teardown()
 
 
@@ -167,5 +175,6 @@ def teardown() -> None:
     global _current
     if torch_dist.is_initialized():
         gc.collect()
-        torch_dist.destroy_process_group()
+        torch_dist.destroy_process_group()  # (every group: `_patient`'s too)
+    _patient.clear()
     _current = Dist()
