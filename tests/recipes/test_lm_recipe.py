@@ -462,6 +462,10 @@ def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_pat
     nan["memory/0"][0, 0, 0] = float("nan")  # (a probe: blamed on the weights, "diverged")
     save_file(nan, str(tmp_path / "nan"), metadata=metadata)
     refused(tmp_path / "nan", "is damaged: its memories are not all finite numbers")
+    flipped = dict(tensors, generator=tensors["generator"].clone())
+    flipped["generator"][11] ^= 0x40  # (a probe: PyTorch's "Invalid mt19937 state", a traceback)
+    save_file(flipped, str(tmp_path / "flipped"), metadata=metadata)
+    refused(tmp_path / "flipped", "is damaged: its generator state cannot be read")
     # the same run's older checkpoint: other weights
     older, newest = sorted((trained / "checkpoints").glob("ckpt-*"))[-2:]
     code, out, err = run_cli(capsys, *args, "--state", str(saved), "--checkpoint", str(older))
@@ -474,6 +478,15 @@ def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_pat
     (tmp_path / "a-file").write_text("")  # (a probe: said "does not exist" of a file)
     assert_user_error(capsys, *args, "--save-state", str(tmp_path / "a-file" / "s.st"),
                       contains=f"the state file's folder {tmp_path / 'a-file'} is a file")
+    # a file there that is not a state file is not written over (a probe: a checkpoint's weights, a stage.json)
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    for kept in (copy / "stage.json", sorted((copy / "checkpoints").glob("ckpt-*"))[-1] / "model.safetensors"):
+        before = kept.read_bytes()
+        assert_user_error(capsys, "lm", "generate", str(copy), "--tokens", "3", "--save-state", str(kept),
+                          contains="the file is there and is not a state file")
+        assert kept.read_bytes() == before
+    assert run_cli(capsys, *args, "--save-state", str(saved))[0] == 0  # (a state file: written again)
 
 
 def test_train_stream_passes_follow_each_other():

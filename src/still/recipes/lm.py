@@ -601,6 +601,10 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
     if save_state is not None:  # (found before the text rather than after it)
         check(not Path(save_state).is_dir(), f"the state file {save_state} is a directory")
+        # (a probe: written over a checkpoint's weights, or a run's stage.json, unsaid)
+        check(not Path(save_state).exists() or _is_state_file(Path(save_state)),
+              f"--save-state {save_state}: the file is there and is not a state file of `still lm generate "
+              "--save-state`: choose another file, or delete it first")
         folder = Path(save_state).absolute().parent
         check(folder.is_dir(),
               f"the state file's folder {folder} " + ("is a file" if folder.exists() else "does not exist"))
@@ -673,6 +677,15 @@ def save_generation_state(path: str | Path, state: MemoryState, pending: int, nu
         raise StillError(f"cannot write the state file {path}: {e}") from None
 
 
+def _is_state_file(path: Path) -> bool:
+    """Whether `path` is a state file `save_generation_state` wrote (by its metadata's format)."""
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            return (f.metadata() or {}).get("format") == STATE_FORMAT
+    except (OSError, SafetensorError):
+        return False
+
+
 def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, model: CompressiveTransformer,
                           loaded: ckpt.Checkpoint) -> tuple[MemoryState, int, torch.Tensor]:
     """The memories, the pending token and the random generator's state `save_generation_state`
@@ -732,6 +745,10 @@ def load_generation_state(path: str | Path, config: LMConfig, vocab: Vocab, mode
         raise StillError(f"{path} is damaged: its pending token is not one id of the vocabulary (0..{len(vocab) - 1})")
     if numbers.dtype != torch.uint8 or numbers.shape != torch.Generator().get_state().shape:
         raise StillError(f"{path} is damaged: its generator state is not a CPU generator's")
+    try:  # (a probe: one byte flipped in it was PyTorch's "Invalid mt19937 state", a traceback)
+        torch.Generator().set_state(numbers)
+    except RuntimeError as e:
+        raise StillError(f"{path} is damaged: its generator state cannot be read ({e})") from None
     return state, int(pending[0]), numbers
 
 
