@@ -133,10 +133,11 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
 
     from still.train.io import atomic_write
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as raised:
         atomic_write(target, failing)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["results.json"]
+    assert raised.value.filename == str(target)  # (named by no writer, as savefig's: a probe's error named no file)
 
     def failing_on_the_file(tmp):
         raise OSError(13, "Permission denied", str(tmp))

@@ -75,8 +75,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename in (tmp_name, str(tmp)):
-            e.filename = str(path)  # (the file being written, not its temporary name, which is gone)
+        if isinstance(e, OSError) and e.filename in (tmp_name, str(tmp), None):
+            # (the file being written, not its temporary name, which is gone; or where the writer named none,
+            # as matplotlib's savefig on a full disk: a probe's "error: File too large" named no file)
+            e.filename = str(path)
         raise
     _fsync_dir(path.parent)
 
