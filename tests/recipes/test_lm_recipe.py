@@ -240,6 +240,19 @@ def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path,
     assert sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
 
 
+def test_a_run_inside_another_runs_checkpoints_is_refused(trained, corpus, tmp_path, capsys):
+    # (a probe: accepted, it was deleted whole by the other run's --overwrite, which starts its checkpoints again)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for out in (run / "checkpoints" / "nested", run / "checkpoints" / "a" / "b"):
+        assert_user_error(capsys, *train_args(corpus, out),
+                          contains=f"{out} is inside the checkpoints folder of the run in {run}, which that run's "
+                                   "--overwrite deletes whole")
+        assert not out.exists()
+    assert_user_error(capsys, "distill", "mnist", "--out", str(run / "checkpoints" / "m"),
+                      contains="is inside the checkpoints folder of the run in")
+
+
 def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):
     """The run records its corpus's digest (`EncodedCorpus.digest`): text changed since (here the same
     characters in another order, which the vocabulary cannot tell) is refused; the same text, its

@@ -36,7 +36,12 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     its config.json and results. (Stage directories' own checks cannot see it: the recipes keep
     their stages in different places.) A directory that is a stage of a run in the folder above
     it (a distillation's teacher, say) is refused too: a run of its own there would be one of that
-    run's stages, and `--overwrite` would delete the stage."""
+    run's stages, and `--overwrite` would delete the stage; so is one inside a run's checkpoints folder."""
+    for folder in run_dir.absolute().parents:  # (a probe: the other run's --overwrite deleted this one whole)
+        if folder.name == "checkpoints" and any((folder.parent / name).exists() for name in ("stage.json",
+                                                                                               "config.json")):
+            raise StillError(f"{run_dir} is inside the checkpoints folder of the run in {folder.parent}, which "
+                             "that run's --overwrite deletes whole: choose another directory")
     if not (run_dir / "config.json").exists() and (run_dir / "stage.json").exists():
         owner = run_kind(run_dir.parent)  # a stage of a run in the folder above (a distillation's teacher ...)
         if owner is not None:
