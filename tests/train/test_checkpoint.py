@@ -288,3 +288,18 @@ def test_weights_that_differ_by_a_wrappers_prefix_alone_say_so(prefix, wrapper):
         ckpt.load_model_weights(Wrapper(), model.state_dict())
     with pytest.raises(StillError, match=r"missing bias, weight; unexpected other.weight$"):
         ckpt.load_model_weights(model, {"other.weight": torch.zeros(2, 2)})
+
+
+def test_a_damaged_checkpoint_is_set_aside_beside_one_set_aside_before(tmp_path):
+    # (a probe: the copy of an earlier damaged checkpoint of the same step, "kept for a look", was deleted)
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model={"w": torch.full((2,), float(step))},
+                             optimizer={"state": {}, "param_groups": []})
+    (tmp_path / "ckpt-00000002" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "ckpt-00000002.damaged").mkdir()
+    (tmp_path / "ckpt-00000002.damaged" / "earlier").write_text("a look")
+    said = []
+    assert ckpt.latest_checkpoint(tmp_path, log=said.append, set_aside=True).step == 1
+    assert (tmp_path / "ckpt-00000002.damaged" / "earlier").read_text() == "a look"
+    assert (tmp_path / "ckpt-00000002.damaged-2" / "model.safetensors").read_bytes() == b""
+    assert said[0].endswith("set aside as ckpt-00000002.damaged-2")

@@ -17,6 +17,7 @@ hashes do not match is refused with a message saying which file is damaged.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -321,8 +322,9 @@ def latest_checkpoint(directory: str | Path, log=None, set_aside: bool = False) 
         except StillError as e:
             message = f"{e}: skipped"
             if set_aside:
-                aside = path.with_name(f"{path.name}.damaged")
-                shutil.rmtree(aside, ignore_errors=True)
+                # (not over one set aside before, of the same step: a probe's earlier copy was deleted)
+                names = (f"{path.name}.damaged" + (f"-{n}" if n > 1 else "") for n in itertools.count(1))
+                aside = next(path.with_name(name) for name in names if not path.with_name(name).exists())
                 try:
                     os.replace(path, aside)
                     message += f", set aside as {aside.name}"
