@@ -283,8 +283,8 @@ def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):
     assert code == 0 and "changed" not in err + printed
     meta = json.loads((out / "eval-valid.json").read_text())["meta"]
     assert meta["changed_since_training"] is False and meta["split_sha256"] == splits["valid"]
-    code, _, err = run_cli(capsys, "lm", "compare", str(out), "--out", str(tmp_path / "compare"))
-    assert code == 0 and "the by-position columns come from `still lm eval` of the test text as it was changed" in err
+    code, printed, _ = run_cli(capsys, "lm", "compare", str(out), "--out", str(tmp_path / "compare"))
+    assert code == 0 and "come from `still lm eval` of the test text as it was changed" in printed
     doc.write_text(text + "\u00a7")  # a character the run never saw: said to be a change (a probe)
     assert_user_error(capsys, "lm", "eval", str(out), "--split", "test", "--threads", "1",
                       contains=f"the test split of {own} holds a character the run's vocabulary lacks, so it has "
@@ -701,8 +701,8 @@ def test_a_checkpoint_of_another_run_is_refused(trained, corpus, tmp_path, capsy
     shutil.copytree(trained, run)
     first = sorted((run / "checkpoints").glob("ckpt-*"))[0]
     assert run_cli(capsys, "lm", "eval", str(run), "--checkpoint", str(first), "--threads", "1")[0] == 0
-    code, _, err = run_cli(capsys, "lm", "compare", str(run), "--out", str(tmp_path / "cmp"))
-    assert code == 0 and "the by-position columns come from `still lm eval` of checkpoint step 4" in err
+    code, printed, _ = run_cli(capsys, "lm", "compare", str(run), "--out", str(tmp_path / "cmp"))
+    assert code == 0 and "the by-position columns come from `still lm eval` of checkpoint step 4" in printed
 
 
 @pytest.mark.parametrize("edit", ["changed", "removed"])
