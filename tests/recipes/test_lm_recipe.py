@@ -251,6 +251,22 @@ def test_a_run_inside_another_runs_checkpoints_is_refused(trained, corpus, tmp_p
         assert not out.exists()
     assert_user_error(capsys, "distill", "mnist", "--out", str(run / "checkpoints" / "m"),
                       contains="is inside the checkpoints folder of the run in")
+    # (a review probe: the checkpoints folder itself, a way there through a symbolic link, and the other order)
+    assert_user_error(capsys, *train_args(corpus, run / "checkpoints"),
+                      contains=f"{run / 'checkpoints'} is the checkpoints folder of the run in {run}")
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    assert_user_error(capsys, *train_args(corpus, tmp_path / "link" / "b"),
+                      contains=f"is inside the checkpoints folder of the run in {run}")
+    later = tmp_path / "later"
+    shutil.copytree(trained, later / "checkpoints" / "b")
+    assert_user_error(capsys, *train_args(corpus, later),
+                      contains=f"{later / 'checkpoints'} holds a run (b), which this run's --overwrite would delete")
+    from still.recipes.common import check_run_kind
+
+    check_run_kind(run / "checkpoints" / ".." / ".." / "beside", "language-model")  # (beside the run: taken)
+    (tmp_path / "project" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "project" / "config.json").write_text('{"model_type": "bert"}')  # (not a run of still's)
+    check_run_kind(tmp_path / "project" / "checkpoints" / "run", "language-model")
 
 
 def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):

@@ -36,12 +36,21 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     its config.json and results. (Stage directories' own checks cannot see it: the recipes keep
     their stages in different places.) A directory that is a stage of a run in the folder above
     it (a distillation's teacher, say) is refused too: a run of its own there would be one of that
-    run's stages, and `--overwrite` would delete the stage; so is one inside a run's checkpoints folder."""
-    for folder in run_dir.absolute().parents:  # (a probe: the other run's --overwrite deleted this one whole)
-        if folder.name == "checkpoints" and any((folder.parent / name).exists() for name in ("stage.json",
-                                                                                               "config.json")):
-            raise StillError(f"{run_dir} is inside the checkpoints folder of the run in {folder.parent}, which "
-                             "that run's --overwrite deletes whole: choose another directory")
+    run's stages, and `--overwrite` would delete the stage. So is a run's checkpoints folder, one
+    inside it, and a run folder whose checkpoints folder holds a run: that run's `--overwrite`
+    deletes its checkpoints folder whole (probes: the run inside was lost)."""
+    place = run_dir.resolve()  # (where the files would go: through symbolic links, `..` taken)
+    for folder in (place, *place.parents):
+        if folder.name == "checkpoints" and _still_run(folder.parent):
+            raise StillError(f"{run_dir} is {'inside ' if folder != place else ''}the checkpoints folder of the "
+                             f"run in {folder.parent}, which that run's --overwrite deletes whole: choose another "
+                             "directory")
+    checkpoints = run_dir / "checkpoints"
+    nested = sorted(path.name for path in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+                    if path.is_dir() and not path.name.startswith(("ckpt-", ".ckpt-")) and _still_run(path))
+    if nested:
+        raise StillError(f"{checkpoints} holds a run ({nested[0]}), which this run's --overwrite would delete "
+                         "whole: move it out, or choose another directory")
     if not (run_dir / "config.json").exists() and (run_dir / "stage.json").exists():
         owner = run_kind(run_dir.parent)  # a stage of a run in the folder above (a distillation's teacher ...)
         if owner is not None:
@@ -71,6 +80,11 @@ def _config_of(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _still_run(folder: Path) -> bool:
+    """Whether `folder` holds a run of still's (a config.json of one of `RUN_KINDS`) or a stage of one."""
+    return run_kind(folder) is not None or (folder / "stage.json").is_file()
 
 
 def run_kind(run_dir: Path) -> str | None:
