@@ -596,7 +596,7 @@ def test_index_batches_name_bad_counts(kwargs, message):
     assert len(IndexBatches(0, 4)) == 0
 
 
-@pytest.mark.parametrize("batch_size", [11, 2**62, 2**63, 2**70])
+@pytest.mark.parametrize("batch_size", [11, 2**62, 2**63, 2**70, 10**400])
 def test_a_batch_larger_than_the_data_takes_it_all(batch_size):
     # (a probe: `distill mnist --batch-size 2**63` overflowed `split` at the first epoch)
     batches = IndexBatches(10, batch_size, seed=1)

@@ -122,7 +122,8 @@ class IndexBatches:
             object.__setattr__(self, name, int(value))
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        # (whole numbers: n / 10**400 is 0.0, and a review probe's run had no batches)
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __call__(self, epoch: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
