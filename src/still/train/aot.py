@@ -109,22 +109,22 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
         spec = _spec(request.fn, request.constants, request.examples, threads)
         jobs.append((request, spec, _path(spec, request.fn, request.examples[0].device)))
     errors: dict[Path, str] = {}
-    for request, _, path in jobs:  # the cached ones first: one that does not load (cut short, say) is built again
-        if path.stem not in _LOADED and path.exists():
+    for request, _, path in jobs:  # the cached ones first: one cut short or overwritten is built again
+        if path.stem in _LOADED or not path.exists():
+            continue
+        damage = _damage(path)  # (before loading: a review probe's damaged library inside one ended the process)
+        if damage is None:
             try:
                 _LOADED[path.stem] = _loaded(path, request.examples[0].device)
-            except Exception as e:  # noqa: BLE001 - any failure: the file is not a package that runs here
-                if not _damaged(path):  # whole, it would fail the same built again: said below
-                    errors[path] = _last_line(e)
-                    continue
-                try:
-                    path.unlink()
-                except OSError as gone:
-                    errors[path] = (f"the cached package {path} is damaged ({_last_line(e)[:200]}) and cannot be "
-                                    f"removed ({gone.strerror}): delete it")
-                    continue
-                log(f"--compile: the cached package of {request.what} ({path}) is damaged ({_last_line(e)[:200]}); "
-                    "compiling it again")
+            except Exception as e:  # noqa: BLE001 - whole, it would fail the same built again: said below
+                errors[path] = _last_line(e)
+            continue
+        try:
+            path.unlink()
+        except OSError as gone:
+            errors[path] = f"the cached package {path} is damaged ({damage}) and cannot be removed ({gone.strerror})"
+            continue
+        log(f"--compile: the cached package of {request.what} ({path}) is damaged ({damage}); compiling it again")
     missing = {path: (request, spec) for request, spec, path in jobs
                if path.stem not in _LOADED and path not in errors and not path.exists()}
     if missing:
@@ -162,16 +162,18 @@ def ahead_of_time_all(requests: Sequence[Request], threads: int | None = None) -
     return loaded
 
 
-def _damaged(path: Path) -> bool:
-    """Whether the package at `path` is not a whole zip archive (cut short or overwritten: a full
-    disk, a copy), checked where it does not load (its members' CRCs: 2 MB read, a few ms)."""
+def _damage(path: Path) -> str | None:
+    """What is wrong with the package at `path` where it is not a whole zip archive (cut short or
+    overwritten: a full disk, a copy), by its members' CRCs (about 2 MB read, a few ms, once a
+    process); None where it is whole (or cannot be read: not known to be damaged)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is not None
-    except (zipfile.BadZipFile, EOFError, ValueError):
-        return True
-    except OSError:  # (unreadable: not known to be damaged)
-        return False
+            bad = archive.testzip()
+        return f"its member {bad} is not as written" if bad is not None else None
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        return str(e) or type(e).__name__
+    except OSError:
+        return None
 
 
 def _loaded(path: Path, device: torch.device) -> AheadOfTime:
