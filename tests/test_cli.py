@@ -221,6 +221,7 @@ def test_more_threads_than_cores_are_named(capsys, monkeypatch):
     (["lm", "generate", "x", "--checkpoint"], "--checkpoint is empty"),
     (["lm", "generate", "x", "--save-state"], "--save-state is empty: give a file"),
     (["lm", "compare", "x", "--out"], "--out is empty"),
+    (["lm", "compare", "x"], "one of RUN_DIRS is empty: give a path"),
     (["distill", "cifar10", "--data-dir"], "--data-dir is empty"),
     (["data", "list", "--cache-dir"], "--cache-dir is empty: give a folder")])
 def test_an_empty_path_is_refused(command, message, tmp_path, monkeypatch, capsys):

@@ -120,6 +120,7 @@ class _Path(click.Path):
         if value == "":
             what = "a folder" if not self.file_okay else "a file" if not self.dir_okay else "a path"
             name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            name = name if param.nargs == 1 else f"one of {name}"  # (a review probe: `RUN_DIRS is empty` of one)
             raise StillError(f"{name} is empty: give {what}"
                              + (" (`.` for the current folder)" if self.dir_okay else ""))
         return super().convert(value, param, ctx)

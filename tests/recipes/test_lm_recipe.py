@@ -516,6 +516,8 @@ def test_a_state_file_of_another_model_or_of_nothing_is_refused(trained, tmp_pat
                           contains="the file is there and is not a state file")
         assert kept.read_bytes() == before
     assert run_cli(capsys, *args, "--save-state", str(saved))[0] == 0  # (a state file: written again)
+    (tmp_path / "empty").write_bytes(b"")
+    assert run_cli(capsys, *args, "--save-state", str(tmp_path / "empty"))[0] == 0  # (as `mktemp` makes: written)
 
 
 def test_train_stream_passes_follow_each_other():
