@@ -240,7 +240,8 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
         except OSError as e:
             if damaged:  # (cut short, it would crash the process that loads it: SIGBUS)
                 raise RuntimeError(f"{path} is not the library its build recorded, and its folder cannot be "
-                                   f"written ({e.strerror}): delete it") from e
+                                   f"written ({e.strerror}) to build it again: set STILL_CACHE to a folder that "
+                                   "can be") from e
             raise
         if damaged:
             log(f"the cached library of the {what} ({path}) is not the one its build recorded; building it again")
@@ -257,10 +258,13 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
                 atomic_write_text(_record(path), f"{built.stat().st_size} {sha256_file(built)}\n")
                 os.replace(built, path)  # whole or not at all, also against a concurrent build
                 return path
-        error = (result.stderr.strip().splitlines() or ["failed"])[-1]
-        if result.returncode > 0 and not KILLED.search(result.stderr):  # (a compiler killed, say for memory on a
-            # busy machine, is tried again at the next run)
-            atomic_write_bytes(failed, error.encode())  # (a new file: its time is when it failed)
+        error = (f"killed by signal {-result.returncode}" if result.returncode < 0
+                 else (result.stderr.strip().splitlines() or ["failed"])[-1])
+        if result.returncode < 0 or KILLED.search(result.stderr):  # (for memory on a busy machine, say: not the
+            # flags' fault, so not built without them now; both tried again at the next run)
+            raise RuntimeError(f"{Path(cxx).name} was killed building {source_file.name} ({error}); tried again at "
+                               "the next run")
+        atomic_write_bytes(failed, error.encode())  # (a new file: its time is when it failed)
     raise RuntimeError(f"{Path(cxx).name} could not build {source_file.name}: {error}")
 
 
