@@ -136,7 +136,8 @@ deletes to start the stage again."""
 
 def _start_again(stage_dir: Path) -> None:
     """Start a stage again for --overwrite: delete what still wrote there (`STAGE_FILES`), and only
-    that: files of the user's, and a run in a folder inside it (which may be training now), stay.
+    that: files of the user's, and a run in a folder inside it (which may be training now), stay
+    (not inside its checkpoints folder, deleted whole: `check_run_kind` refuses a run there).
     Not through a symbolic link, whose target may be anything. The folder itself stays: a run
     folder's lock (`hold_run_folder`) is held on it."""
     if stage_dir.is_symlink():
