@@ -600,13 +600,14 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     check_precision(precision)
     check(max_new_tokens > 0, f"the number of tokens must be > 0, got {max_new_tokens}")
     if save_state is not None:  # (found before the text rather than after it)
-        check(not Path(save_state).is_dir(), f"the state file {save_state} is a directory")
+        target = Path(save_state)
+        check(not target.is_dir(), f"the state file {save_state} is a directory")
         # (a probe: written over a checkpoint's weights, or a run's stage.json, unsaid; an empty file, as
         # `mktemp` makes, holds nothing to lose)
-        check(not Path(save_state).exists() or Path(save_state).stat().st_size == 0 or _is_state_file(Path(save_state)),
+        check(not target.exists() or target.stat().st_size == 0 or _is_state_file(target),
               f"--save-state {save_state}: the file is there and is not a state file of `still lm generate "
               "--save-state`: choose another file, or delete it first")
-        folder = Path(save_state).absolute().parent
+        folder = target.absolute().parent
         check(folder.is_dir(),
               f"the state file's folder {folder} " + ("is a file" if folder.exists() else "does not exist"))
     device = next(model.parameters()).device

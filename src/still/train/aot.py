@@ -22,9 +22,9 @@ is printed once and the caller runs the function eagerly: `ahead_of_time` return
 functions asked for together (`ahead_of_time_all`) are built side by side, a child process each.
 Interrupted (Ctrl-C, SIGTERM), the call ends its builds, their compilers and their files before it
 unwinds; a build whose caller is killed outright (SIGKILL) does the same itself.
-A cached package that does not load and is not a whole archive (cut short: a full disk, a copy)
-is removed and compiled again. The cache keeps the 64 most recently used packages (a new version
-of still or PyTorch makes the older ones unreachable).
+A cached package that is not a whole archive (cut short or overwritten: a full disk, a copy),
+checked before it is loaded, is removed and compiled again. The cache keeps the 64 most recently
+used packages (a new version of still or PyTorch makes the older ones unreachable).
 """
 
 from __future__ import annotations
@@ -185,9 +185,9 @@ def _loaded(path: Path, device: torch.device) -> AheadOfTime:
 
 def torch_compile_problem(device: torch.device | str) -> str | None:
     """Why `torch.compile` cannot run on `device` here, or None where it can: a tiny function is
-    compiled and run, forward and backward (Inductor needs a C++ compiler on the CPU, Triton on a GPU). Also inside
-    `compile_failures_run_eagerly`, whose setting would otherwise run the function eagerly and hide
-    the failure (a probe: `lm train --compile` without a compiler ended in a traceback)."""
+    compiled and run, forward and backward (Inductor needs a C++ compiler on the CPU, Triton on a
+    GPU). Also inside `compile_failures_run_eagerly`, whose setting would otherwise run the function
+    eagerly and hide the failure (a probe: `lm train --compile` without a compiler ended in a traceback)."""
     import torch._dynamo
 
     try:

@@ -690,12 +690,14 @@ class Trainer:
                 self.model.eval()
                 return self.state
             # (probes: a run resumed on another number of processes, or of shards, said nothing of it)
-            other = (f" (written by {self._saved_world} process{'es' if self._saved_world > 1 else ''}, resumed "
-                     f"on {self.dist.world}: dropout and other random draws go on otherwise than on as many)"
-                     if self._saved_world not in (None, self.dist.world) else
-                     f" (written with {self._saved_shards} shard{'s' if self._saved_shards > 1 else ''} a step, "
-                     f"resumed with {self.shards}: dropout and other random draws go on otherwise than with as many)"
-                     if self._saved_shards not in (None, self.shards) else "")
+            other = ""
+            if self._saved_world not in (None, self.dist.world):
+                other = (f" (written by {self._saved_world} process{'es' if self._saved_world > 1 else ''}, resumed "
+                         f"on {self.dist.world}: dropout and other random draws go on otherwise than on as many)")
+            elif self._saved_shards not in (None, self.shards):
+                other = (f" (written with {self._saved_shards} shard{'s' if self._saved_shards > 1 else ''} a step, "
+                         f"resumed with {self.shards}: dropout and other random draws go on otherwise than with as "
+                         "many)")
             self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}{other}")
             self.state.finished = False
         if self.checkpoint_dir is not None:  # (not before: a finished run loads from read-only media)
