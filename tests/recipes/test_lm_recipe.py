@@ -318,6 +318,25 @@ def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):
         assert stage["corpus_sha256"] == recorded and stage["split_sha256"] == splits
 
 
+def test_an_edited_vocabulary_is_refused(trained, tmp_path, capsys):
+    """vocab.json maps the model's ids to characters: one edited since training (two characters
+    swapped) would decode generated text as other characters; refused where the run recorded it."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert json.loads((out / "stage.json").read_text())["vocab_sha256"]
+    symbols = vocab["symbols"]
+    symbols[-1], symbols[-2] = symbols[-2], symbols[-1]
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    for args in (["lm", "generate", str(out), "--tokens", "5", "--threads", "1"],
+                 ["lm", "eval", str(out), "--threads", "1"]):
+        assert_user_error(capsys, *args, contains=f"{out}/vocab.json has changed since the run was trained")
+    stage = json.loads((out / "stage.json").read_text())
+    del stage["vocab_sha256"]  # a run made before it was recorded: read as it is
+    (out / "stage.json").write_text(json.dumps(stage))
+    assert run_cli(capsys, "lm", "generate", str(out), "--tokens", "5", "--threads", "1")[0] == 0
+
+
 def test_without_its_stage_json_a_run_is_held_to_its_checkpoints_settings(trained, corpus, tmp_path, capsys):
     """stage.json deleted (or left out of a copy): the settings the newest checkpoint carries stand
     in for it, so that other settings do not take over the run's checkpoints and record themselves."""

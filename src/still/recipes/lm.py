@@ -252,7 +252,8 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
         _older_relative_corpus(out / "stage.json", config.corpus)
         # the corpus's text, by its ids' digest, beside the settings: a run never resumes (or reports a
         # finished run) on text other than it trained on; a run made before it was recorded takes this one
-        digest = {"corpus_sha256": corpus.digest, "split_sha256": dict(corpus.split_digests)}
+        digest = {"corpus_sha256": corpus.digest, "split_sha256": dict(corpus.split_digests),
+                  "vocab_sha256": _vocab_digest(vocab.to_json())}
         check_stage_config(out, to_dict(config) | digest, overwrite, defaults=to_dict(LMConfig()) | digest)
         save_config(config, out / "config.json")
         atomic_write_text(out / "vocab.json", vocab.to_json())
@@ -448,9 +449,15 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     check_run_kind(run_dir, "language-model")
     config = load_config(LMConfig, run_dir / "config.json")
     try:
-        vocab = Vocab.from_json((run_dir / "vocab.json").read_text(encoding="utf-8"))
+        text = (run_dir / "vocab.json").read_text(encoding="utf-8")
+        vocab = Vocab.from_json(text)
     except (OSError, ValueError, KeyError) as e:
         raise StillError(f"cannot read {run_dir}/vocab.json: {e}") from None
+    # (a probe: an edited vocab.json decoded generated ids as other characters, exit 0)
+    recorded = _recorded(run_dir, "vocab_sha256")
+    if isinstance(recorded, str) and recorded != _vocab_digest(text):
+        raise StillError(f"{run_dir}/vocab.json has changed since the run was trained (its SHA-256 is not the one "
+                         "stage.json records): its ids would read as other characters; put back the run's own")
     if checkpoint is not None:
         loaded = ckpt.load_checkpoint(checkpoint)
         _check_same_run(config, loaded, run_dir)
@@ -487,13 +494,22 @@ def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path, ne
                          "name a checkpoint of this run, or the checkpoint's own run directory")
 
 
-def _recorded_split_digest(run_dir: Path, split: str) -> str | None:
-    """The digest of `split` that training recorded in the run's stage.json (`split_sha256`), or None
-    (a run made before it was recorded, or stage.json unreadable: `load_run` has the run's settings)."""
+def _vocab_digest(vocab_json: str) -> str:
+    return hashlib.sha256(vocab_json.encode()).hexdigest()
+
+
+def _recorded(run_dir: Path, key: str) -> Any:
+    """What training recorded as `key` in the run's stage.json, or None (a run made before it was
+    recorded, or stage.json unreadable: `load_run` has the run's settings)."""
     try:
-        recorded = json.loads((run_dir / "stage.json").read_text(encoding="utf-8")).get("split_sha256")
+        return json.loads((run_dir / "stage.json").read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _recorded_split_digest(run_dir: Path, split: str) -> str | None:
+    """The digest of `split` that training recorded in the run's stage.json (`split_sha256`), or None."""
+    recorded = _recorded(run_dir, "split_sha256")
     digest = recorded.get(split) if isinstance(recorded, dict) else None
     return digest if isinstance(digest, str) else None
 
@@ -659,7 +675,7 @@ def _model_identity(config: LMConfig, vocab: Vocab, loaded: ckpt.Checkpoint) -> 
     manifest = json.loads((loaded.path / "manifest.json").read_text(encoding="utf-8"))
     return {"model": json.dumps(to_dict(config.model), sort_keys=True), "vocab_size": str(len(vocab)),
             "byte_level": json.dumps(vocab.byte_level),
-            "vocabulary": hashlib.sha256(vocab.to_json().encode()).hexdigest(),
+            "vocabulary": _vocab_digest(vocab.to_json()),
             "weights": manifest["files"]["model.safetensors"], "step": str(loaded.step)}
 
 
