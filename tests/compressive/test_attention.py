@@ -1546,11 +1546,13 @@ def test_exact_position_gradient_sums_to_zero_over_distances(monkeypatch, native
     assert (wide - exact).norm() < 0.05 * exact.norm()
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_exact_position_gradient_in_a_model(monkeypatch, native):
+@pytest.mark.parametrize("native,compression", [(False, "conv"), (True, "conv"), (False, "most_used")])
+def test_exact_position_gradient_in_a_model(monkeypatch, native, compression):
     """In a whole model under bf16 autocast, W_r's columns for the nearly constant low-frequency
     cosines get a gradient as near fp32's as the sine columns' (`EXACT_POSITION_GRADIENT`); with the
-    table in bf16 they lie several times as far. In fp32 the flag changes no gradient at all."""
+    table in bf16 they lie several times as far. In fp32 the flag changes no gradient at all.
+    most_used compression needs the attention weights: the explicit path, centred too (a probe found
+    its bf16 gradient 160x off in those columns)."""
     import torch.nn.functional as F
 
     from still.compressive import CompressiveConfig, CompressiveTransformer, attention as module
@@ -1560,7 +1562,7 @@ def test_exact_position_gradient_in_a_model(monkeypatch, native):
     monkeypatch.setattr(module, "NATIVE_SCORES", native)
     torch.manual_seed(0)
     config = CompressiveConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=2, d_ff=128, mem_len=32,
-                               c_mem_len=16, compression_rate=2, dropout=0.0)
+                               c_mem_len=16, compression_rate=2, dropout=0.0, compression=compression)
     model = CompressiveTransformer(config).train()
     tokens = torch.randint(0, 40, (4, 129))
     state = None

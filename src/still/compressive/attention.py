@@ -454,6 +454,20 @@ def _weights_backward(q_content: torch.Tensor, k: torch.Tensor, q_position: torc
     return grad_q_content, grad_k, grad_q_position, grad_r
 
 
+class _CentredGradient(torch.autograd.Function):
+    """r (H, K, D) as it is; its gradient centred over the distances (`EXACT_POSITION_GRADIENT`), for
+    the explicit path's position scores, whose product autocast rounds (`_AttentionWeights` centres
+    its own)."""
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor) -> torch.Tensor:
+        return r.view_as(r)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad - grad.mean(dim=1, keepdim=True)
+
+
 def _scores_backward(weights: torch.Tensor, grad_weights: torch.Tensor, dtype: torch.dtype
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The softmax's backward from the weights (G, L, K) and their gradient: the scores' gradient
@@ -1077,6 +1091,8 @@ class RelativeMultiHeadAttention(nn.Module):
         if not fused:
             q_position = q + self.position_bias[:, None]  # (B, H, L, D)
             if torch.is_grad_enabled():  # one product per head over all B * L queries
+                if r.dtype != q.dtype:  # (most_used under bf16: a probe found its gradient left uncentred)
+                    r = _CentredGradient.apply(r)  # `EXACT_POSITION_GRADIENT`, as `_AttentionWeights` does
                 q_position = q_position.transpose(0, 1).reshape(self.n_heads, b * l, self.d_head)  # (H, B*L, D)
                 raw = (q_position @ r.transpose(-1, -2)).view(self.n_heads, b, l, k_len).transpose(0, 1)
             else:  # inference: contiguous, so the shift below is a view
