@@ -172,6 +172,57 @@ def test_disk_cache_is_keyed_by_the_modules_and_checked_by_its_digest(tmp_path):
     assert calls == []  # before the teacher's pass
 
 
+def test_disk_cache_keys_hold_unsaved_buffers_and_state_that_is_no_tensor(tmp_path):
+    """Probes: two teachers differing only in a buffer left out of the state dict (an input mean)
+    shared one key, the second served the first's logits; a teacher with a module's extra state (a dict in
+    its state dict, as a quantized module's packed parameters) was an AttributeError."""
+    class Centred(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+            self.register_buffer("mean", torch.zeros(4), persistent=False)
+
+        def forward(self, x):
+            return self.linear(x - self.mean)
+
+    torch.manual_seed(0)
+    inputs = torch.randn(8, 4)
+    a, b = Centred(), Centred()
+    b.load_state_dict(a.state_dict())
+    b.mean.fill_(5.0)
+    for net in (a, b):
+        cached = CachedTeacher.build(Teacher(net), inputs, cache_dir=tmp_path / "plain")
+        assert torch.equal(cached.member_logits_all[0], Teacher(net).logits(inputs))
+    assert len(list((tmp_path / "plain").glob("*.safetensors"))) == 2
+
+    class Scaled(torch.nn.Module):  # extra state: a dict in the state dict, as a packed or quantized module's
+        def __init__(self, scale):
+            super().__init__()
+            self.linear, self.scale = torch.nn.Linear(4, 3), scale
+
+        def get_extra_state(self):
+            return {"scale": self.scale}
+
+        def set_extra_state(self, state):
+            self.scale = state["scale"]
+
+        def forward(self, x):
+            return self.linear(x) * self.scale
+
+    torch.manual_seed(1)
+    first = Scaled(1.0)
+    second = Scaled(3.0)
+    second.linear.load_state_dict(first.linear.state_dict())
+    scaled = [first, second]
+    for net in scaled:
+        cached = CachedTeacher.build(Teacher(net), inputs, cache_dir=tmp_path / "extra")
+        assert torch.equal(cached.member_logits_all[0], Teacher(net).logits(inputs))
+    assert len(list((tmp_path / "extra").glob("*.safetensors"))) == 2  # another extra state, another key
+    again = CachedTeacher.build(Teacher(scaled[0]), inputs, cache_dir=tmp_path / "extra")
+    assert torch.equal(again.member_logits_all[0], Teacher(scaled[0]).logits(inputs))
+    assert len(list((tmp_path / "extra").glob("*.safetensors"))) == 2  # found again
+
+
 def test_a_teachers_rows_must_be_its_inputs_and_its_classes_two_or_more():
     """Probes: a teacher whose output had other rows than its inputs (a reshape) was cached as it
     came, the examples then served other examples' logits; a one-class model distilled to a loss of

@@ -46,7 +46,7 @@ import math
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -239,14 +239,40 @@ class ShiftEnsembleTeacher(Teacher):
                             for dy in range(-s, s + 1) for dx in range(-s, s + 1)])  # (M, B, C)
 
 
+def _hash_value(digest, value: Any) -> None:
+    """Feed `value` (a state dict's entry: a tensor, or a module's extra state or packed parameters,
+    nested tuples and dicts of them) into `digest`."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.is_quantized:  # (a dynamically quantized teacher's packed weights)
+            value = value.dequantize()
+        elif value.layout != torch.strided:
+            value = value.to_dense()
+        digest.update(str(tuple(value.shape)).encode() + str(value.dtype).encode())  # (as keys were before)
+        digest.update(value.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, (tuple, list)):
+        digest.update(f"{type(value).__name__} {len(value)}".encode())
+        for item in value:
+            _hash_value(digest, item)
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}".encode())
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _hash_value(digest, value[key])
+    else:  # (whatever else: by how it prints; one that prints its address is simply never found again)
+        digest.update(f"{type(value).__qualname__} {value!r}".encode())
+
+
 def _fingerprint(teacher: Teacher, inputs: torch.Tensor) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
+    # the state dict, and the buffers it leaves out (a probe: two teachers differing only in a
+    # non-persistent buffer, an input mean, shared one key and the first one's logits)
+    state = teacher.state_dict()
+    extra = {f"(buffer) {name}": buffer for name, buffer in teacher.named_buffers() if name not in state}
+    for name, value in sorted((state | extra).items()):
         digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(str(tuple(inputs.shape)).encode() + str(inputs.dtype).encode())
-    digest.update(inputs.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        _hash_value(digest, value)
+    _hash_value(digest, inputs)
     digest.update(getattr(teacher, "combine", "single").encode())
     digest.update(f"{type(teacher).__name__} {getattr(teacher, 'max_shift', 0)}".encode())
     # the modules as they print (a probe: a ReLU swapped for a Tanh, the same weights, read the old logits)
@@ -306,11 +332,12 @@ class CachedTeacher:
         if cache_dir is not None:
             if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
                 raise StillError(f"cache_dir {cache_dir} is a file, not a folder")
+            key = _fingerprint(teacher, inputs)[:24]  # (before the folder is made: nothing left if it fails)
             try:  # (before the teacher's pass, not after it: a probe's NotADirectoryError came at the end)
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StillError(f"cannot make cache_dir {cache_dir}: {e.strerror or e}") from None
-            path = Path(cache_dir) / f"teacher-logits-{_fingerprint(teacher, inputs)[:24]}.safetensors"
+            path = Path(cache_dir) / f"teacher-logits-{key}.safetensors"
             if path.is_file():
                 try:
                     with safe_open(str(path), "pt") as file:
