@@ -126,7 +126,8 @@ def test_an_interrupt_while_the_report_is_written_leaves_it_whole(tiny_run, tmp_
 
 
 def test_the_plot_labels_its_students_with_their_alpha(tiny_run, tmp_path, capsys, monkeypatch):
-    """A probe: the legend said "distilled T=20" for a run of any alpha (the table's title says it)."""
+    """A probe: the legend said "distilled T=20" for a run of any alpha (the table's title says it),
+    or of any teacher shifts."""
     import still.recipes.mnist as mnist
 
     out, plot, labels = tmp_path / "run", mnist.plot_curves, []
@@ -135,6 +136,9 @@ def test_the_plot_labels_its_students_with_their_alpha(tiny_run, tmp_path, capsy
                         or plot(path, curves, **k))
     code, _, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(out))
     assert code == 0 and labels == ["teacher", "baseline", "distilled T=2, alpha 1", "distilled T=20, alpha 1"], err
+    labels.clear()  # and its teacher's shifts (a probe: two runs differing in them had one legend)
+    code, _, err = run_cli(capsys, *TINY, "--teacher-shifts", "1", "--out", str(out))
+    assert code == 0 and labels[-1] == "distilled T=20, alpha 1, teacher shifts <= 1 px", err
 
 
 def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):

@@ -291,8 +291,9 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
             row.update(_omitted_digit_report(logits, test_y, omit))
         rows.append(row)
         # (a probe: the legend had no alpha; the table's title has it, the plot's legend is read alone)
-        label = f"{row['model']}, alpha {number(config.alpha + 0.0)}" + (f", {omit}s omitted" if omit is not None
-                                                                          else "")
+        label = (f"{row['model']}, alpha {number(config.alpha + 0.0)}" + (f", teacher shifts <= {shifts} px" if shifts
+                                                                           else "")
+                 + (f", {omit}s omitted" if omit is not None else ""))  # (a probe: two runs' shifts looked alike)
         curves.append((label, state.history))
 
     # --- report --------------------------------------------------------------------------------
