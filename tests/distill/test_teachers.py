@@ -428,6 +428,18 @@ def test_a_teacher_returning_probabilities_is_refused():
         Teacher(torch.nn.Identity()).logits(torch.ones(3, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_teacher_returning_logits_that_are_not_floating_is_refused(dtype):
+    """Whole-number scores crashed in the probability check; complex ones lost their imaginary part."""
+    class Scores(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(len(x), 3).to(dtype)
+
+    for teacher in (Teacher(Scores()), EnsembleTeacher([small_net(0), Scores()])):
+        with pytest.raises(StillError, match=re.escape(f"returned {dtype} logits; logits must be floating point")):
+            teacher.log_probs(torch.zeros(2, 12), 2.0)
+
+
 def test_edge_cases_of_the_cache_and_ensembles_are_named(tmp_path):
     """No members, an empty transfer set, batch_size 0 and a cache_dir that is a file raised raw
     errors (a math domain error, ValueError, FileExistsError); an empty list of indices read as

@@ -8,7 +8,8 @@ A teacher's model may keep its parameters in any floating precision (bf16 or flo
 floating input is passed to it in the dtype of its first floating parameter, and its logits come
 back as float32. Its output may be the logits (B, C) themselves, or hold them the way Hugging Face
 models and others do: an object's `.logits`, a mapping's "logits", or the first element of a tuple
-or list. Anything else is refused with a `StillError` naming what the model returned.
+or list. Anything else is refused with a `StillError` naming what the model returned, as are
+logits that are not floating point (integer, bool or complex scores).
 
 A model that ends in `log_softmax` (as PyTorch's MNIST example does) gives the same soft targets as
 its logits: log-probabilities differ from them by a constant per example, which the softmax at any
@@ -111,6 +112,10 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise StillError(f"the teacher's model returned a {type(out).__name__}{inner}; expected its logits "
                          "(batch, classes) as a tensor, or as the .logits, the 'logits' entry or the first "
                          "element of what it returns")
+    if not logits.is_floating_point():  # (integers failed in the probability check; complex lost its
+        # imaginary part to `.float()` with a warning only)
+        raise StillError(f"the teacher's model returned {logits.dtype} logits; logits must be floating point "
+                         "(convert whole-number scores with .float() in the model)")
     if logits.ndim != 2:
         raise StillError(f"the teacher's model returned logits of shape {tuple(logits.shape)}; "
                          "expected (batch, classes)")
