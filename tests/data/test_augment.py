@@ -1,7 +1,10 @@
+import re
+
 import pytest
 import torch
 
 from still.data.augment import jitter, shift
+from still.errors import StillError
 
 
 def test_jitter_translates_each_image_by_at_most_the_shift():
@@ -32,3 +35,11 @@ def test_jitter_draws_on_the_cpu_wherever_the_images_are(device):
     reference = torch.Generator().manual_seed(5)
     jitter(torch.zeros(8, 28 * 28), 2, generator=reference)
     assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=reference))
+
+
+def test_shift_names_images_that_are_not_size_by_size():
+    """A 32x32 or colour image at size 28 met a raw reshape error; one channel of 28x28 is one image."""
+    for shape in ((2, 32 * 32), (2, 3, 28, 28)):
+        with pytest.raises(StillError, match=re.escape(f"images of shape {shape} are not 28x28 (size=28)")):
+            shift(torch.zeros(shape), 1, 0)
+    assert shift(torch.ones(2, 1, 28, 28), 1, 0).shape == (2, 1, 28, 28)

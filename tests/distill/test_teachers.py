@@ -1,6 +1,7 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,8 +285,25 @@ def test_shift_ensemble_is_the_ensemble_of_the_shifted_inputs():
     assert all(not p.requires_grad for p in teacher.parameters())
     # no shift: the teacher alone
     torch.testing.assert_close(ShiftEnsembleTeacher(net, 0, size=4).log_probs(x, 2.0), Teacher(net).log_probs(x, 2.0))
-    with pytest.raises(StillError, match="max_shift must be in"):
+    with pytest.raises(StillError, match=re.escape("max_shift must be an integer in [0, 4), got 4")):
         ShiftEnsembleTeacher(net, 4, size=4)
+
+
+def test_a_shift_ensemble_names_a_bad_shift_size_or_image_shape():
+    """A float shift or size was taken and failed at first use; images not size x size met a reshape."""
+    net = shift_net(0)
+    for kwargs, message in (({"max_shift": 1.5, "size": 4}, "max_shift must be an integer in [0, 4), got 1.5"),
+                            ({"max_shift": True, "size": 4}, "max_shift must be an integer in [0, 4), got True"),
+                            ({"max_shift": 1, "size": 4.0}, "size (the images' side in pixels) must be an integer"),
+                            ({"max_shift": 0, "size": 0}, "size (the images' side in pixels) must be an integer >= 1, "
+                                                          "got 0")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            ShiftEnsembleTeacher(net, **kwargs)
+    teacher = ShiftEnsembleTeacher(net, max_shift=np.int64(1), size=np.int64(4))  # NumPy's integers are integers
+    assert teacher.member_logits(torch.randn(2, 16)).shape == (9, 2, 3)
+    for shape in ((2, 25), (2, 3, 4, 4), (16,)):
+        with pytest.raises(StillError, match=re.escape(f"images of shape {shape} are not 4x4 (size=4)")):
+            teacher.log_probs(torch.zeros(shape), 2.0)
 
 
 def test_cache_tells_a_shift_ensemble_from_its_model(tmp_path):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from still.errors import StillError
 
 
 def jitter(images: torch.Tensor, max_shift: int, size: int = 28,
@@ -36,6 +40,9 @@ def shift(images: torch.Tensor, dy: int, dx: int, size: int = 28) -> torch.Tenso
     """
     if abs(dy) >= size or abs(dx) >= size:
         raise ValueError(f"a shift of ({dy}, {dx}) moves a {size}x{size} image out of its frame")
+    if images.ndim < 2 or math.prod(images.shape[1:]) != size * size:  # (was the reshape's RuntimeError)
+        raise StillError(f"images of shape {tuple(images.shape)} are not {size}x{size} (size={size}): expected "
+                         f"(batch, {size * size}) or (batch, {size}, {size})")
     batch = images.shape[0]
     grid = images.reshape(batch, size, size)
     out = torch.zeros_like(grid)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -152,6 +153,11 @@ def _probabilities(logits: torch.Tensor, precision: torch.dtype = torch.float32)
     return bool(((logits >= 0) & (logits <= 1)).all() and ((sums - 1).abs() < tolerance).all())
 
 
+def _integer(value: object) -> bool:
+    """An int (NumPy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise StillError(f"a teacher's model must be a torch.nn.Module, got {type(model).__name__}")
@@ -231,11 +237,14 @@ class ShiftEnsembleTeacher(Teacher):
 
     def __init__(self, model: nn.Module, max_shift: int, size: int = 28, combine: Combine = "geometric") -> None:
         super().__init__(model)
-        if not 0 <= max_shift < size:
-            raise StillError(f"max_shift must be in [0, {size}), got {max_shift}")
+        # (whole numbers, not bools, checked here: a float was taken, then failed in `range` at first use)
+        if not _integer(size) or size < 1:
+            raise StillError(f"size (the images' side in pixels) must be an integer >= 1, got {size!r}")
+        if not _integer(max_shift) or not 0 <= max_shift < size:
+            raise StillError(f"max_shift must be an integer in [0, {size}), got {max_shift!r}")
         if combine not in ("arithmetic", "geometric"):
             raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {combine!r}")
-        self.max_shift, self.size, self.combine = max_shift, size, combine
+        self.max_shift, self.size, self.combine = int(max_shift), int(size), combine
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
