@@ -357,6 +357,23 @@ def test_stream_scorer_refuses_what_it_cannot_do():
         scorer(segment.inputs, segment.targets)
     with pytest.raises(StillError, match="not on meta"):
         StreamScorer(model.to("meta"), 4, shards=2)
+    with pytest.raises(StillError, match=re.escape("segment_len must be an int >= 1, got 2.5")):
+        StreamScorer(model, 4, segment_len=2.5)
+
+
+def test_a_call_of_several_segments_reads_the_ids_as_the_forward_does():
+    """Several segments go through prefill: uint8 ids as one segment reads them, and an id outside
+    the vocabulary named (they were the embedding's RuntimeError and IndexError)."""
+    from still.compressive.generate import StreamScorer
+
+    _, model = _streams_and_model(1)
+    model.eval()
+    inputs, targets = torch.randint(3, 20, (1, 16)), torch.randint(3, 20, (1, 16))
+    with torch.no_grad(), StreamScorer(model, 1, segment_len=8) as bytes_, StreamScorer(model, 1, segment_len=8) as ids:
+        torch.testing.assert_close(bytes_(inputs.to(torch.uint8), targets), ids(inputs, targets), atol=0, rtol=0)
+        inputs[0, 9] = model.config.vocab_size
+        with pytest.raises(StillError, match=f"token id {model.config.vocab_size} is outside the vocabulary"):
+            ids(inputs, targets)
 
 
 def test_evaluation_splits_its_rows_where_that_pays(monkeypatch):
@@ -510,7 +527,7 @@ def test_which_scorers_take_several_segments_a_call():
         assert sharded.chunk == 1
     model.config = CompressiveConfig(**{**model.config.__dict__, "compression": "most_used"})
     assert StreamScorer(model, 2, segment_len=8).chunk == 1  # needs the attention weights
-    with pytest.raises(StillError, match="segment_len must be >= 1"):
+    with pytest.raises(StillError, match="segment_len must be an int >= 1, got 0"):
         StreamScorer(model, 2, segment_len=0)
 
 

@@ -1,11 +1,14 @@
 """A prompt computed a layer at a time gives what the model's forward gives segment by segment."""
 
+import re
+
 import pytest
 import torch
 
 from still.compressive import prefill as prefill_module
 from still.compressive.model import CompressiveConfig, CompressiveLayer, CompressiveTransformer
 from still.compressive.prefill import plan, prefill, supports, supports_model
+from still.errors import StillError
 from still.train.precision import autocast
 
 CASES = {  # (model options, prompt length, segment length)
@@ -239,10 +242,30 @@ def test_what_prefill_cannot_do_runs_through_the_forward(why, monkeypatch):
         torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("length, segment_len", [(0, 4), (5, 0)])
-def test_prefill_refuses_an_empty_prompt_or_segment(length, segment_len):
-    with pytest.raises(ValueError, match="at least one token and segment_len > 0"):
+@pytest.mark.parametrize("length, segment_len, message", [
+    (0, 4, "tokens must be ids (batch, length >= 1), got torch.int64 of shape (1, 0)"),
+    (5, 0, "segment_len must be an int >= 1, got 0"),
+    (5, 2.5, "segment_len must be an int >= 1, got 2.5")])
+def test_prefill_refuses_an_empty_prompt_or_segment(length, segment_len, message):
+    with pytest.raises(StillError, match=re.escape(message)):
         prefill(_model(), torch.zeros(1, length, dtype=torch.long), None, segment_len)
+
+
+def test_prefill_checks_the_tokens_as_the_forward_does():
+    """uint8 ids are read as the forward reads them; an id outside the vocabulary and 1-D tokens
+    are named (they were the embedding's RuntimeError and IndexError, and an unpacking error)."""
+    model, tokens = _model(mem_len=8, c_mem_len=4, compression_rate=2), torch.randint(0, 13, (2, 9))
+    logits, state = prefill(model, tokens.to(torch.uint8), None, 4)
+    want_logits, want = _by_segments(model, tokens, None, 4)
+    torch.testing.assert_close(logits, want_logits)
+    _assert_same_state(state, want, atol=1e-6)
+    for bad, message in ((torch.tensor([[3, 13]]), "token id 13 is outside the vocabulary (ids 0 to 12)"),
+                         (torch.tensor([[-1, 2]]), "token id -1 is outside the vocabulary"),
+                         (torch.tensor([3, 4]), "got torch.int64 of shape (2,)"),
+                         (torch.zeros(1, 3), "tokens must be ids (batch, length >= 1), got torch.float32"),
+                         ([[1, 2]], "tokens must be ids (batch, length >= 1), got a list")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            prefill(model, bad, None, 4)
 
 
 def test_generate_feeds_the_prompt_through_prefill(monkeypatch):

@@ -464,8 +464,10 @@ class StreamScorer:
                  written: bool = True) -> None:
         if batch < 1 or shards < 1:
             raise StillError(f"batch and shards must be >= 1, got {batch} and {shards}")
-        if segment_len is not None and segment_len < 1:
-            raise StillError(f"segment_len must be >= 1, got {segment_len}")
+        if segment_len is not None and not (isinstance(segment_len, numbers.Integral)
+                                            and not isinstance(segment_len, bool) and segment_len >= 1):
+            raise StillError(f"segment_len must be an int >= 1, got {segment_len!r}")  # (2.5 was taken)
+        segment_len = None if segment_len is None else int(segment_len)  # (NumPy's integers too)
         self.model = model
         self.device = next(model.parameters()).device
         shards = min(shards, batch)
