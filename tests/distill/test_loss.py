@@ -307,6 +307,15 @@ def test_inputs_that_are_not_tensors_are_named():
             distillation_loss(**args, temperature=2.0, alpha=0.5)
     with pytest.raises(StillError, match="student_logits must be a tensor, got a NoneType"):
         distillation_loss(None, y, v, temperature=2.0, alpha=0.5)
+    # the losses and the ensemble's soft targets on their own (they were an AttributeError)
+    log_p = F.log_softmax(v, -1)
+    for loss, args, message in ((soft_target_loss, (z.tolist(), log_p, 2.0), "student_logits .* got a list"),
+                                (soft_target_loss, (z, log_p.numpy(), 2.0), "teacher_log_probs .* got a ndarray"),
+                                (logit_matching_loss, (z.numpy(), v), "student_logits .* got a ndarray"),
+                                (logit_matching_loss, (z, v.tolist()), "teacher_logits .* got a list"),
+                                (combine_log_probs, (v[None].numpy(), 2.0), "member_logits .* got a ndarray")):
+        with pytest.raises(StillError, match=f"{message} \\(torch.as_tensor makes one\\)"):
+            loss(*args)
 
 
 def test_unlabelled_examples_drop_out_of_the_hard_term():

@@ -110,7 +110,16 @@ def soft_dtype(temperature: float, logits: torch.Tensor | None = None) -> torch.
     return torch.float64 if wide else torch.float32
 
 
-def _check_pair(student_logits: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
+def check_tensor(name: str, value: object) -> None:
+    """A `StillError` naming `name` where `value` is not a tensor (a list or a NumPy array: Python's
+    AttributeError, deep in the loss, otherwise)."""
+    if not isinstance(value, torch.Tensor):
+        raise StillError(f"{name} must be a tensor, got a {type(value).__name__} (torch.as_tensor makes one)")
+
+
+def _check_pair(student_logits: torch.Tensor, teacher: torch.Tensor, what: str, name: str) -> None:
+    check_tensor("student_logits", student_logits)
+    check_tensor(name, teacher)
     if student_logits.ndim != 2:
         raise StillError(f"student logits must be (batch, classes), got shape {tuple(student_logits.shape)}")
     if student_logits.shape[1] < 2:  # (a probe: the loss was 0, its gradient 0, a student that never learnt)
@@ -138,7 +147,7 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tens
     Returns a float32 scalar, computed in `soft_dtype(T, student_logits)`.
     """
     temperature = check_temperature(temperature)
-    _check_pair(student_logits, teacher_log_probs, "log-probabilities")
+    _check_pair(student_logits, teacher_log_probs, "log-probabilities", "teacher_log_probs")
     dtype = soft_dtype(temperature, student_logits)
     student_log_probs = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (B, C)
     target = teacher_log_probs.to(dtype).detach()  # (B, C), log p: the teacher is held fixed
@@ -163,7 +172,7 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tens
 def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """(1 / (2C)) * sum_i (z_i - v_i)^2 on per-example zero-mean logits, batchmean: the
     high-temperature limit of `soft_target_loss`."""
-    _check_pair(student_logits, teacher_logits, "logits")
+    _check_pair(student_logits, teacher_logits, "logits", "teacher_logits")
     z = student_logits.float()
     v = teacher_logits.float().detach()  # the teacher is held fixed
     diff = (z - z.mean(-1, keepdim=True)) - (v - v.mean(-1, keepdim=True))  # (B, C)
@@ -201,9 +210,9 @@ def distillation_loss(
         raise StillError(f"alpha (the weight of the soft-target term) must be in [0, 1], got {alpha!r}")
     alpha = a
     for name, value in (("student_logits", student_logits), ("labels", labels), ("teacher_logits", teacher_logits),
-                        ("teacher_log_probs", teacher_log_probs)):  # (a list or an array: Python's AttributeError)
-        if not (isinstance(value, torch.Tensor) or value is None and name != "student_logits"):
-            raise StillError(f"{name} must be a tensor, got a {type(value).__name__} (torch.as_tensor makes one)")
+                        ("teacher_log_probs", teacher_log_probs)):
+        if value is not None or name == "student_logits":
+            check_tensor(name, value)
     if (teacher_logits is None) == (teacher_log_probs is None):
         raise StillError("give exactly one of teacher_logits and teacher_log_probs")
     if soft_loss not in ("kl", "logit_matching"):
@@ -214,7 +223,7 @@ def distillation_loss(
         soft = logit_matching_loss(student_logits, teacher_logits)
     else:
         if teacher_log_probs is None:
-            _check_pair(student_logits, teacher_logits, "logits")
+            _check_pair(student_logits, teacher_logits, "logits", "teacher_logits")
             teacher_log_probs = F.log_softmax(teacher_logits.to(soft_dtype(temperature, teacher_logits)) / temperature,
                                               dim=-1)
         soft = soft_target_loss(student_logits, teacher_log_probs, temperature)

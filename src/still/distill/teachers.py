@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from still.data.augment import shift
-from still.distill.loss import check_temperature, soft_dtype
+from still.distill.loss import check_temperature, check_tensor, soft_dtype
 from still.errors import StillError
 from still.train.io import atomic_write
 from still.train.progress import progress
@@ -69,6 +69,7 @@ def combine_log_probs(member_logits: torch.Tensor, temperature: float, how: Comb
     """Soft targets (as log-probabilities) of an ensemble. member_logits: (M, B, C) -> (B, C), in
     `soft_dtype(temperature)`: float32, or float64 above T = 20 (still.distill.loss)."""
     temperature = check_temperature(temperature)
+    check_tensor("member_logits", member_logits)
     if member_logits.ndim != 3 or member_logits.shape[0] == 0:
         raise StillError(f"member logits must be (members, batch, classes) of one member or more, got "
                          f"{tuple(member_logits.shape)}")
