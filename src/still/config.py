@@ -96,6 +96,26 @@ def check_fields(config: Any) -> None:
             object.__setattr__(config, f.name, coerced)  # (the dataclass may be frozen)
 
 
+MAX_SIZE = 2**31 - 1
+"""The largest size (a vocabulary, a width, a number of layers or memories) a model's config takes:
+no model with a dimension beyond it fits in memory, and a size past int64's range was an overflow
+TypeError deep in PyTorch (one past this, an allocator's error)."""
+
+
+def check_sizes(config: Any, *names: str) -> None:
+    """For a config's `__post_init__`: each size field in `names` (an int, or a tuple of them,
+    nested or not) is at most `MAX_SIZE`; the first that is not is named."""
+    def check_one(where: str, value: Any) -> None:
+        if isinstance(value, tuple):
+            for i, item in enumerate(value):
+                check_one(f"{where}[{i}]", item)
+        elif value > MAX_SIZE:
+            raise StillError(f"{where} must be at most {MAX_SIZE} (2**31 - 1), got {value}")
+
+    for name in names:
+        check_one(name, getattr(config, name))
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)

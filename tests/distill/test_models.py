@@ -135,6 +135,8 @@ def test_vgg_every_parameter_gets_a_gradient():
     ({"dropout_hidden": 1.0}, "dropout_hidden must be in"),
     ({"max_norm": -1.0}, "max_norm must be > 0"),
     ({"classes": 1}, "classes must be > 1"),
+    ({"hidden": (8, 2**40)}, "hidden\\[1\\] must be at most 2147483647"),  # (was an allocator's error)
+    ({"in_features": 10**30}, "in_features must be at most 2147483647"),  # (an overflow TypeError)
 ])
 def test_mlp_config_rejects_bad_values(kwargs, message):
     with pytest.raises(StillError, match=message):
@@ -142,7 +144,10 @@ def test_mlp_config_rejects_bad_values(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"in_channels": 0}, "in_channels must be > 0"),
-                                             ({"in_channels": -4}, "in_channels must be > 0")])
+                                             ({"in_channels": -4}, "in_channels must be > 0"),
+                                             ({"in_channels": 2**40}, "in_channels must be at most 2147483647"),
+                                             ({"blocks": ((4,), (8, 10**30))}, "blocks\\[1\\]\\[1\\] must be at most"),
+                                             ({"classes": 2**63}, "classes must be at most 2147483647")])
 def test_vgg_config_rejects_bad_values(kwargs, message):
     with pytest.raises(StillError, match=message):
         VGGConfig(**kwargs)

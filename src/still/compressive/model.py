@@ -69,7 +69,7 @@ from torch import nn
 from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttention, compute_dtype, content_attention
 from still.compressive.compression import CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
-from still.config import check_fields
+from still.config import check_fields, check_sizes
 from still.errors import StillError, check
 from still.layers import Dropout, dropout_add, relu_dropout
 
@@ -155,6 +155,8 @@ class CompressiveConfig:
         check_fields(self)  # values of the annotated types; lists given for tuples stored as tuples
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "compression_rate"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "compression_rate", "mem_len",
+                    "c_mem_len")
         check(self.d_model % self.n_heads == 0,
               f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         check((self.d_model // self.n_heads) % 2 == 0 and self.d_model % 2 == 0,

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from still.config import check_fields
+from still.config import check_fields, check_sizes
 from still.errors import check
 from still.layers import Dropout
 
@@ -55,6 +55,7 @@ class MLPConfig:
         check(self.in_features > 0, f"in_features must be > 0, got {self.in_features}")
         check(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), f"hidden sizes must be > 0, got {self.hidden}")
         check(self.classes > 1, f"classes must be > 1, got {self.classes}")
+        check_sizes(self, "in_features", "hidden", "classes")
         check(0 <= self.dropout_input < 1, f"dropout_input must be in [0, 1), got {self.dropout_input}")
         check(0 <= self.dropout_hidden < 1, f"dropout_hidden must be in [0, 1), got {self.dropout_hidden}")
         check(self.max_norm is None or self.max_norm > 0, f"max_norm must be > 0 or None, got {self.max_norm}")
@@ -108,6 +109,7 @@ class VGGConfig:
               f"blocks must be non-empty lists of positive channel counts, got {self.blocks}")
         check(self.classes > 1, f"classes must be > 1, got {self.classes}")
         check(self.in_channels > 0, f"in_channels must be > 0, got {self.in_channels}")
+        check_sizes(self, "blocks", "classes", "in_channels")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 
 
