@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -138,6 +139,23 @@ def test_build_optimizer_refuses_an_unknown_name_rather_than_building_adamw():
     object.__setattr__(config, "name", "rmsprop")  # past the config's own check
     with pytest.raises(StillError, match="unknown optimizer 'rmsprop'; known: 'sgd', 'adam', 'adamw'"):
         build_optimizer([torch.nn.Parameter(torch.zeros(2))], config)
+
+
+def test_an_optimizer_or_schedule_that_cannot_be_built_is_named():
+    """Probes: no trainable parameters, a dict for the config, 0 or 2.5 steps (PyTorch's ValueErrors,
+    an AttributeError; the cosine schedule took 0 steps)."""
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    for params, message in (([], "no trainable parameters to optimize: none were given"),
+                            ([frozen, frozen], "all 2 given are frozen (requires_grad=False)")):
+        with pytest.raises(StillError, match=re.escape(message)):
+            build_optimizer(params, OptimConfig(name="adam"))
+    with pytest.raises(StillError, match="the optimizer's config must be an OptimConfig, got a dict"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], {"name": "sgd"})
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(2))], OptimConfig())
+    for schedule in ("onecycle", "cosine", "constant"):
+        for total_steps in (0, -5, 2.5, True):
+            with pytest.raises(StillError, match=re.escape(f"total_steps must be an int >= 1, got {total_steps!r}")):
+                build_scheduler(optimizer, OptimConfig(schedule=schedule), total_steps)
 
 
 def _rates(config: OptimConfig, total_steps: int) -> list[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -55,7 +56,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -
     loop's up to float rounding (the last bit of some elements), which training may amplify: a ReLU
     unit at the edge of zero switched on in one run and not in the other changes that step's gradient
     far more than the rounding did."""
-    params = [p for p in params if p.requires_grad]
+    if not isinstance(config, OptimConfig):  # (a dict's AttributeError otherwise)
+        raise StillError(f"the optimizer's config must be an OptimConfig, got a {type(config).__name__} "
+                         "(OptimConfig(**settings) makes one)")
+    given = list(params)
+    params = [p for p in given if p.requires_grad]
+    if not params:  # (PyTorch's "optimizer got an empty parameter list" said neither why nor which)
+        why = f"all {len(given)} given are frozen (requires_grad=False)" if given else "none were given"
+        raise StillError(f"there are no trainable parameters to optimize: {why}")
     fused = _fused_supported(params, config.name) or None
     if config.name == "sgd":
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
@@ -129,6 +137,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
     1 / total_steps of the way down it (0.976 lr of 10 steps). A single step runs at the peak: the
     decay would put its one step at its end, lr / 25e4, and the stage would learn nothing.
     """
+    if not (isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool) and total_steps >= 1):
+        # (0 was taken by the cosine schedule, and PyTorch's ValueError for one-cycle)
+        raise StillError(f"a schedule's total_steps must be an int >= 1, got {total_steps!r}")
+    total_steps = int(total_steps)
     if config.schedule == "onecycle" and total_steps == 1:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if config.schedule == "onecycle":
