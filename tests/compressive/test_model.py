@@ -185,6 +185,8 @@ def test_state_survives_a_checkpoint_round_trip():
     ({"mem_len": 10, "c_mem_len": 8, "compression_rate": 4}, "mem_len \\(10\\) must be a multiple of compression_rate"),
     ({"compression": "zip"}, "compression: 'zip' is not one of 'conv'"),
     ({"mem_len": -1}, "mem_len must be >= 0, got -1"),
+    ({"dropout_attn": -1.0}, "^dropout_attn must be in \\[0, 1\\), got -1.0$"),  # (was "dropouts", both values)
+    ({"dropout": 1.0}, "^dropout must be in \\[0, 1\\), got 1.0$"),
     # sizes no model can have (10**30 was an overflow TypeError deep in PyTorch, 2**40 an allocator's error)
     ({"vocab_size": 10**30}, "vocab_size must be at most 2147483647 \\(2\\*\\*31 - 1\\), got 10000000000000"),
     ({"d_ff": 2**40}, "d_ff must be at most 2147483647"),

@@ -166,8 +166,8 @@ class CompressiveConfig:
         check(self.c_mem_len == 0 or self.mem_len % self.compression_rate == 0,
               f"mem_len ({self.mem_len}) must be a multiple of compression_rate ({self.compression_rate}) "
               "when there is a compressed memory")
-        check(0 <= self.dropout < 1 and 0 <= self.dropout_attn < 1,
-              f"dropouts must be in [0, 1), got {self.dropout} and {self.dropout_attn}")
+        for name in ("dropout", "dropout_attn"):
+            check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def has_compression(self) -> bool:
