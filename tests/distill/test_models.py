@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -133,7 +134,8 @@ def test_vgg_every_parameter_gets_a_gradient():
 @pytest.mark.parametrize("kwargs, message", [
     ({"hidden": (0,)}, "hidden sizes must be > 0"),
     ({"dropout_hidden": 1.0}, "dropout_hidden must be in"),
-    ({"max_norm": -1.0}, "max_norm must be > 0"),
+    ({"max_norm": -1.0}, "max_norm must be a finite number > 0 or None"),
+    ({"max_norm": math.inf}, "max_norm must be a finite number > 0 or None \\(no constraint\\), got inf"),
     ({"classes": 1}, "classes must be > 1"),
     ({"hidden": (8, 2**40)}, "hidden\\[1\\] must be at most 2147483647"),  # (was an allocator's error)
     ({"in_features": 10**30}, "in_features must be at most 2147483647"),  # (an overflow TypeError)

@@ -26,6 +26,7 @@ Shapes: B batch, C classes, D input features (784), H hidden units.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,7 +59,8 @@ class MLPConfig:
         check_sizes(self, "in_features", "hidden", "classes")
         check(0 <= self.dropout_input < 1, f"dropout_input must be in [0, 1), got {self.dropout_input}")
         check(0 <= self.dropout_hidden < 1, f"dropout_hidden must be in [0, 1), got {self.dropout_hidden}")
-        check(self.max_norm is None or self.max_norm > 0, f"max_norm must be > 0 or None, got {self.max_norm}")
+        check(self.max_norm is None or 0 < self.max_norm < math.inf,  # (inf was saved as JSON's non-standard Infinity)
+              f"max_norm must be a finite number > 0 or None (no constraint), got {self.max_norm}")
 
 
 class MLP(nn.Module):
