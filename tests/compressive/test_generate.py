@@ -712,6 +712,12 @@ def test_the_state_is_the_forward_over_the_prompt_and_the_tokens_yielded(model_k
     assert state.key_values is not None  # with its inference cache, as a prompt's state
     with pytest.raises(StillError, match=re.escape("count must be an int in [0, 21] (the tokens yielded), got 22")):
         generation.state_after(22)
+    # NumPy's integers are counts, as generate's ints are; a bool is not (True was taken as 1)
+    _assert_same_state(generation.state_after(np.int64(20)), _fed(model, start, prompt, tokens[:, :20], 4))
+    for bad in (True, 2.0):
+        with pytest.raises(StillError, match=re.escape(f"count must be an int in [0, 21] (the tokens yielded), "
+                                                       f"got {bad!r}")):
+            generation.state_after(bad)
 
 
 @pytest.mark.parametrize("compile", [False, None], ids=["eager", "default"])

@@ -1,3 +1,6 @@
+import re
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,6 +267,10 @@ def test_a_state_that_does_not_fit_is_named():
             net(x, bad, reset=reset)
     with pytest.raises(StillError, match="holds 2 batch rows, the tokens 3"):
         next(generate(net, tokens(b=3, l=4), 2, state=state, compile=False))
+    for batch in (-1, 2.5, True):  # (torch's RuntimeError, TypeError; True was one row)
+        with pytest.raises(StillError, match=re.escape(f"batch must be an int >= 0, got {batch!r}")):
+            net.empty_state(batch)
+    assert net.empty_state(np.int64(2)).batch_size == 2
 
 
 def test_an_edited_state_or_reassigned_weights_are_not_served_from_the_cache():

@@ -184,8 +184,10 @@ class Generation:
         """The memories after the prompt and the first `count` tokens yielded (0 <= count <= those
         yielded), computed on from the last state computed where it came before (see the class)."""
         record = self._record
-        if not (isinstance(count, int) and 0 <= count <= record.yielded):
+        # (as generate's ints: NumPy's taken, a bool not)
+        if not (isinstance(count, numbers.Integral) and not isinstance(count, bool) and 0 <= count <= record.yielded):
             raise StillError(f"count must be an int in [0, {record.yielded}] (the tokens yielded), got {count!r}")
+        count = int(count)
         known = record.known
         if known is not None and known[0] == count:
             return known[1]

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -540,7 +541,11 @@ class CompressiveTransformer(nn.Module):
                 yield f"the state's {what}_valid must be bool, got {valid.dtype}"
 
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
-        return MemoryState.empty(self.config.n_layers, batch, self.config.d_model, device, dtype)
+        """The memories before the first segment of `batch` rows: none."""
+        # (-1 was torch's RuntimeError, 2.5 its TypeError; NumPy's integers are taken, as generate's)
+        check(isinstance(batch, numbers.Integral) and not isinstance(batch, bool) and batch >= 0,
+              f"batch must be an int >= 0, got {batch!r}")
+        return MemoryState.empty(self.config.n_layers, int(batch), self.config.d_model, device, dtype)
 
     def forward(self, tokens: torch.Tensor, state: MemoryState | None = None, *, reset: torch.Tensor | None = None,
                 with_compression_loss: bool | None = None, last_logits: bool = False) -> ModelOutput:
