@@ -78,7 +78,7 @@ from still.data.text import (
     walk_files,
 )
 from still.errors import StillError
-from still.train.io import atomic_write, atomic_write_text, process_umask
+from still.train.io import atomic_write, atomic_write_text, printable, process_umask
 from still.train.progress import format_size, log
 
 FORMAT = 5  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
@@ -120,6 +120,17 @@ def corpora_root(cache: str | Path | None = None) -> Path | None:
     if env is not None and env.strip().lower() in OFF:
         return None
     return Path(env).expanduser() if env else cache_dir(cache) / "corpora"
+
+
+def _file_in_the_way(root: Path) -> Path | None:
+    """`root` itself, or the nearest of its folders that exists, where that is not a folder."""
+    for path in (root, *root.parents):
+        try:
+            if path.exists():
+                return None if path.is_dir() else path
+        except OSError:  # (unreadable: writing there says why)
+            return None
+    return None
 
 
 def entry_path(root: Path, name: str, byte_level: bool) -> Path:
@@ -183,6 +194,11 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
         Corpus.check_split(split)
     name = absolute_corpus(name)  # (one entry whatever the working directory)
     root = corpora_root(cache)
+    blocked = _file_in_the_way(root) if root is not None else None
+    if blocked is not None:  # (a probe: "cannot open the lock ... (File exists)", then a failed write)
+        log(f"{printable(str(root))} cannot hold encoded corpora ({printable(str(blocked))} is a file): this run "
+            "keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
+        root = None
     stamp = fingerprint(name, byte_level) if root is not None else None
     if stamp is not None:
         entry = entry_path(root, name, byte_level)
