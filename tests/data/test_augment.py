@@ -37,9 +37,11 @@ def test_jitter_draws_on_the_cpu_wherever_the_images_are(device):
     assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=reference))
 
 
-def test_shift_names_images_that_are_not_size_by_size():
+def test_shift_and_jitter_name_images_that_are_not_size_by_size():
     """A 32x32 or colour image at size 28 met a raw reshape error; one channel of 28x28 is one image."""
     for shape in ((2, 32 * 32), (2, 3, 28, 28)):
-        with pytest.raises(StillError, match=re.escape(f"images of shape {shape} are not 28x28 (size=28)")):
-            shift(torch.zeros(shape), 1, 0)
+        for move in (lambda images: shift(images, 1, 0), lambda images: jitter(images, 2)):
+            with pytest.raises(StillError, match=re.escape(f"images of shape {shape} are not 28x28 (size=28)")):
+                move(torch.zeros(shape))
     assert shift(torch.ones(2, 1, 28, 28), 1, 0).shape == (2, 1, 28, 28)
+    assert jitter(torch.ones(2, 1, 28, 28), 2).shape == (2, 1, 28, 28)

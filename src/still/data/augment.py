@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from still.errors import StillError
 
 
+def _check_images(images: torch.Tensor, size: int) -> None:
+    if images.ndim < 2 or math.prod(images.shape[1:]) != size * size:  # (was the reshape's RuntimeError)
+        raise StillError(f"images of shape {tuple(images.shape)} are not {size}x{size} (size={size}): expected "
+                         f"(batch, {size * size}) or (batch, {size}, {size})")
+
+
 def jitter(images: torch.Tensor, max_shift: int, size: int = 28,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Translate each image by a random whole number of pixels in [-max_shift, max_shift] along
@@ -19,6 +25,7 @@ def jitter(images: torch.Tensor, max_shift: int, size: int = 28,
     """
     if max_shift == 0:
         return images
+    _check_images(images, size)
     batch, side = images.shape[0], size + 2 * max_shift
     padded = F.pad(images.reshape(batch, size, size), (max_shift,) * 4).reshape(batch, side * side)
     # drawn on the CPU (from `generator`, else the global one) wherever the images are: a seed gives
@@ -40,9 +47,7 @@ def shift(images: torch.Tensor, dy: int, dx: int, size: int = 28) -> torch.Tenso
     """
     if abs(dy) >= size or abs(dx) >= size:
         raise ValueError(f"a shift of ({dy}, {dx}) moves a {size}x{size} image out of its frame")
-    if images.ndim < 2 or math.prod(images.shape[1:]) != size * size:  # (was the reshape's RuntimeError)
-        raise StillError(f"images of shape {tuple(images.shape)} are not {size}x{size} (size={size}): expected "
-                         f"(batch, {size * size}) or (batch, {size}, {size})")
+    _check_images(images, size)
     batch = images.shape[0]
     grid = images.reshape(batch, size, size)
     out = torch.zeros_like(grid)
