@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from still.errors import StillError
+from still.errors import StillError, whole
 
 C = TypeVar("C")
 
@@ -158,7 +158,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise StillError(f"{where}: expected a number, got an integer too large for a float "
                              f"(about 1e{int(int(value).bit_length() * math.log10(2))})") from None
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not whole(value):
             raise StillError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if annotation is bool:

@@ -9,10 +9,11 @@ CLI exits with 130 or 143. `TrainingDiverged` (a NaN or infinite loss) exits wit
 
 from __future__ import annotations
 
+import numbers
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class StillError(ValueError):
@@ -43,6 +44,11 @@ class TrainingDiverged(RuntimeError):
     step, so every checkpoint on disk is finite. The CLI exits with code 3."""
 
     exit_code = 3
+
+
+def whole(value: Any) -> bool:
+    """A whole number: an int or NumPy's (taken as ints), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check(condition: bool, message: str) -> None:

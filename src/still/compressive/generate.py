@@ -26,7 +26,7 @@ from still.compressive.model import CompressiveTransformer, check_ids, described
 from still.compressive.native import library as native_library
 from still.compressive.prefill import prefill, supports_model
 from still.compressive.sampling import Sampling, filter_logits, next_token, sample, uniforms
-from still.errors import StillError
+from still.errors import StillError, whole
 from still.train.precision import this_threads_modes
 from still.train.progress import log
 from still.train.shards import ShardPool
@@ -62,11 +62,11 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         raise StillError(f"top_p must be in (0, 1], got {top_p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise StillError(f"generator must be a torch.Generator or None, got a {type(generator).__name__}")
-    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
+    if top_k is not None and not (whole(top_k) and top_k >= 1):
         raise StillError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     top_k = int(top_k) if top_k is not None else None  # (NumPy's integers too)
     for name, value, low in (("max_new_tokens", max_new_tokens, 0), ("segment_len", segment_len, 1)):
-        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
+        if not (whole(value) and value >= low):
             raise StillError(f"{name} must be an int >= {low}, got {value!r}")
     max_new_tokens, segment_len = int(max_new_tokens), int(segment_len)  # (NumPy's integers too: a probe)
     if not (is_ids(prompt) and prompt.ndim == 2 and prompt.shape[0] > 0 and prompt.shape[1] > 0):
@@ -74,7 +74,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     prompt = check_ids(prompt, model.config.vocab_size)
     if state is not None:  # (at the call: a probe's dict was an AttributeError at the first token)
         model.check_state(state, prompt.shape[0])
-    if exclude is not None and not (isinstance(exclude, numbers.Integral) and not isinstance(exclude, bool)
+    if exclude is not None and not (whole(exclude)
                                     and 0 <= exclude < model.config.vocab_size):
         raise StillError(f"exclude must be a token id (0 to {model.config.vocab_size - 1}) or None, got {exclude!r}")
     if exclude is not None and model.config.vocab_size < 2:
@@ -185,7 +185,7 @@ class Generation:
         yielded), computed on from the last state computed where it came before (see the class)."""
         record = self._record
         # (as generate's ints: NumPy's taken, a bool not)
-        if not (isinstance(count, numbers.Integral) and not isinstance(count, bool) and 0 <= count <= record.yielded):
+        if not (whole(count) and 0 <= count <= record.yielded):
             raise StillError(f"count must be an int in [0, {record.yielded}] (the tokens yielded), got {count!r}")
         count = int(count)
         known = record.known
@@ -466,8 +466,7 @@ class StreamScorer:
                  written: bool = True) -> None:
         if batch < 1 or shards < 1:
             raise StillError(f"batch and shards must be >= 1, got {batch} and {shards}")
-        if segment_len is not None and not (isinstance(segment_len, numbers.Integral)
-                                            and not isinstance(segment_len, bool) and segment_len >= 1):
+        if segment_len is not None and not (whole(segment_len) and segment_len >= 1):
             raise StillError(f"segment_len must be an int >= 1, got {segment_len!r}")  # (2.5 was taken)
         segment_len = None if segment_len is None else int(segment_len)  # (NumPy's integers too)
         self.model = model

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -71,7 +70,7 @@ from still.compressive.attention import AttentionOutput, RelativeMultiHeadAttent
 from still.compressive.compression import CompressionName, Compressor, Decoder
 from still.compressive.memory import MemoryState, update_layer_memory, update_validity
 from still.config import check_fields, check_sizes
-from still.errors import StillError, check
+from still.errors import StillError, check, whole
 from still.layers import Dropout, dropout_add, relu_dropout
 
 _MODELS = itertools.count()  # each model's number, for `_weights_version`
@@ -543,7 +542,7 @@ class CompressiveTransformer(nn.Module):
     def empty_state(self, batch: int, device=None, dtype=torch.float32) -> MemoryState:
         """The memories before the first segment of `batch` rows: none."""
         # (-1 was torch's RuntimeError, 2.5 its TypeError; NumPy's integers are taken, as generate's)
-        check(isinstance(batch, numbers.Integral) and not isinstance(batch, bool) and batch >= 0,
+        check(whole(batch) and batch >= 0,
               f"batch must be an int >= 0, got {batch!r}")
         return MemoryState.empty(self.config.n_layers, int(batch), self.config.d_model, device, dtype)
 

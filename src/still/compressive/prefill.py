@@ -42,7 +42,6 @@ slots; `prefill` runs the segments through `forward` otherwise.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -51,7 +50,7 @@ from still.compressive import native
 from still.compressive.attention import compute_dtype
 from still.compressive.memory import MemoryState, update_layer_memory
 from still.compressive.model import CompressiveTransformer, check_ids, described, is_ids
-from still.errors import check
+from still.errors import check, whole
 
 GROUP_ROWS = 1024
 """Queries (batch x segment length x segments) whose segments attend in one call (`Group`). A bound
@@ -199,7 +198,7 @@ def prefill(model: CompressiveTransformer, tokens: torch.Tensor, state: MemorySt
     # the forward's checks, before the embedding's errors (uint8 ids, an id past the vocabulary, 1-D tokens)
     check(is_ids(tokens) and tokens.ndim == 2 and tokens.shape[1] >= 1,
           f"tokens must be ids (batch, length >= 1), got {described(tokens)}")
-    check(isinstance(segment_len, numbers.Integral) and not isinstance(segment_len, bool) and segment_len >= 1,
+    check(whole(segment_len) and segment_len >= 1,
           f"segment_len must be an int >= 1, got {segment_len!r}")
     tokens, segment_len = check_ids(tokens, model.config.vocab_size), int(segment_len)
     b, p = tokens.shape

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -58,7 +57,7 @@ from torch import nn
 
 from still.data.augment import shift
 from still.distill.loss import check_temperature, check_tensor, soft_dtype
-from still.errors import StillError
+from still.errors import StillError, whole
 from still.train.io import atomic_write
 from still.train.progress import progress
 
@@ -154,11 +153,6 @@ def _probabilities(logits: torch.Tensor, precision: torch.dtype = torch.float32)
     return bool(((logits >= 0) & (logits <= 1)).all() and ((sums - 1).abs() < tolerance).all())
 
 
-def _integer(value: object) -> bool:
-    """An int (NumPy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise StillError(f"a teacher's model must be a torch.nn.Module, got {type(model).__name__}")
@@ -239,9 +233,9 @@ class ShiftEnsembleTeacher(Teacher):
     def __init__(self, model: nn.Module, max_shift: int, size: int = 28, combine: Combine = "geometric") -> None:
         super().__init__(model)
         # (whole numbers, not bools, checked here: a float was taken, then failed in `range` at first use)
-        if not _integer(size) or size < 1:
+        if not whole(size) or size < 1:
             raise StillError(f"size (the images' side in pixels) must be an integer >= 1, got {size!r}")
-        if not _integer(max_shift) or not 0 <= max_shift < size:
+        if not whole(max_shift) or not 0 <= max_shift < size:
             raise StillError(f"max_shift must be an integer in [0, {size}), got {max_shift!r}")
         if combine not in ("arithmetic", "geometric"):
             raise StillError(f"ensemble combination must be 'arithmetic' or 'geometric', got {combine!r}")

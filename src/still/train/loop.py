@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from still.config import changed_settings
-from still.errors import StillError, TrainingDiverged, TrainingInterrupted
+from still.errors import StillError, TrainingDiverged, TrainingInterrupted, whole
 from still.layers import thread_generator
 from still.train import checkpoint as ckpt
 from still.train.distributed import Dist
@@ -74,11 +74,6 @@ def _takes_keyword(fn: Callable, name: str) -> bool:
                for p in parameters)
 
 
-def _whole(value: Any) -> bool:
-    """A whole number: an int or NumPy's (taken as ints), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 @dataclass
 class TrainState:
     step: int = 0
@@ -116,7 +111,7 @@ class IndexBatches:
         # (the seed's high: `__call__`'s seed * 1,000,003 + epoch stays in int64)
         for name, low, high in (("n", 0, None), ("batch_size", 1, None), ("seed", 0, 2**40)):
             value = getattr(self, name)  # (a review probe: a seed of 1.5, None or 2**60 failed at the first epoch)
-            if not _whole(value) or value < low or (high is not None and value > high):
+            if not whole(value) or value < low or (high is not None and value > high):
                 raise StillError(f"IndexBatches.{name} must be an int >= {low}" + (" and <= 2**40" if high else "")
                                  + f", got {value!r}")
             object.__setattr__(self, name, int(value))
@@ -192,12 +187,12 @@ class Trainer:
         if grad_clip is not None and not (isinstance(grad_clip, numbers.Real) and not isinstance(grad_clip, bool)
                                           and 0 < grad_clip < math.inf):  # (-1 would turn every step uphill)
             raise StillError(f"grad_clip must be a finite number > 0 or None, got {grad_clip!r}")
-        if not (_whole(checkpoint_every) and checkpoint_every >= 1):
+        if not (whole(checkpoint_every) and checkpoint_every >= 1):
             raise StillError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
-        if checkpoint_every_steps is not None and not (_whole(checkpoint_every_steps)
+        if checkpoint_every_steps is not None and not (whole(checkpoint_every_steps)
                                                        and checkpoint_every_steps >= 1):
             raise StillError(f"checkpoint_every_steps must be an int >= 1 or None, got {checkpoint_every_steps!r}")
-        if not (_whole(keep) and keep >= 0):
+        if not (whole(keep) and keep >= 0):
             raise StillError(f"keep must be an int >= 0 (0: every checkpoint), got {keep!r}")
         # (probes: a function for the model, None for the optimizer were AttributeErrors at the first step)
         if not isinstance(model, nn.Module):
@@ -251,7 +246,7 @@ class Trainer:
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         self.desc = desc
         self.dist = dist or Dist()
-        if not (_whole(shards) and shards >= 1):
+        if not (whole(shards) and shards >= 1):
             raise StillError(f"shards must be a whole number >= 1, got {shards!r}")
         if shards > 1 and (self.dist.enabled or self.device.type != "cpu"):
             raise StillError(f"shards ({shards}) split a step across CPU threads: not with "
@@ -598,7 +593,7 @@ class Trainer:
         if not callable(batches):
             raise StillError(f"batches must be a function of the epoch giving its batches (such as IndexBatches), "
                              f"got {type(batches).__name__}")
-        if not (_whole(epochs) and epochs >= 0):
+        if not (whole(epochs) and epochs >= 0):
             raise StillError(f"epochs must be an int >= 0, got {epochs!r}")
         try:
             with deferred_signals() as received:

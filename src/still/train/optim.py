@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -11,7 +10,7 @@ from typing import Literal
 import torch
 
 from still.config import check_fields
-from still.errors import StillError, check
+from still.errors import StillError, check, whole
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig,
     1 / total_steps of the way down it (0.976 lr of 10 steps). A single step runs at the peak: the
     decay would put its one step at its end, lr / 25e4, and the stage would learn nothing.
     """
-    if not (isinstance(total_steps, numbers.Integral) and not isinstance(total_steps, bool) and total_steps >= 1):
+    if not (whole(total_steps) and total_steps >= 1):
         # (0 was taken by the cosine schedule, and PyTorch's ValueError for one-cycle)
         raise StillError(f"a schedule's total_steps must be an int >= 1, got {total_steps!r}")
     total_steps = int(total_steps)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import random
 
 import numpy as np
 import torch
 
-from still.errors import check
+from still.errors import check, whole
 
 MAX_SEED = 2**32 - 1  # NumPy's largest; the seeds made from a seed (times 1,000,003, plus an epoch) stay in int64
 
@@ -31,9 +30,9 @@ def seed_everything(seed: int, deterministic: bool = False, threads: int | None 
     32 bits: a larger seed reaches it folded into 32 (every bit counts; two of the 2**64 seeds may
     still share torch's numbers, as two of any 2**32 + 1 must).
     """
-    check(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**64,
+    check(whole(seed) and 0 <= seed < 2**64,
           f"seed must be a whole number from 0 to 2**64 - 1 (torch's range), got {seed!r}")
-    check(threads is None or (isinstance(threads, numbers.Integral) and not isinstance(threads, bool) and threads >= 1),
+    check(threads is None or (whole(threads) and threads >= 1),
           f"threads must be a whole number >= 1 or None, got {threads!r}")
     seed = int(seed)
     random.seed(seed)
