@@ -1593,3 +1593,23 @@ def test_exact_position_gradient_in_a_model(monkeypatch, native, compression):
     assert module.position_gradient_used("fp32") == "exact" and module.position_gradient_used("bf16") == "rounded"
     monkeypatch.setattr(module, "EXACT_POSITION_GRADIENT", True)
     assert module.position_gradient_used("bf16") == "exact"
+
+
+def test_the_attention_each_key_received_is_summed_in_fp32_under_bf16():
+    """most_used ranks the memories by the attention each received: summed in bf16 (autocast on the
+    CPU) most of them tied, and the stable ranking kept the oldest (a probe: 3 distinct sums of 32,
+    half the kept slots other than fp32's)."""
+    from still.compressive.compression import most_used
+
+    torch.manual_seed(0)
+    attention = RelativeMultiHeadAttention(64, 2)
+    for module in attention.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.02)  # the model's own initialisation
+    x, memories = torch.randn(1, 32, 64), torch.randn(1, 32, 64)
+    with torch.no_grad():
+        exact = attention(x, memories, need_weights=True).received
+        with torch.autocast("cpu", torch.bfloat16):
+            rounded = attention(x, memories, need_weights=True).received
+    assert rounded.dtype == torch.float32 and len(set(rounded[0, :32].tolist())) >= 30
+    assert most_used(rounded[:, :32], 4).tolist() == most_used(exact[:, :32], 4).tolist()

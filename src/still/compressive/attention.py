@@ -1102,7 +1102,9 @@ class RelativeMultiHeadAttention(nn.Module):
         if need_weights:
             scores = (q_content @ k.transpose(-1, -2) + position_scores) * self.scale  # (B, H, L, K)
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-            received = weights.sum(dim=(1, 2))  # (B, K)
+            # (B, K), summed in fp32: bf16 sums (autocast on the CPU) tied most of the memories, and
+            # most_used's stable ranking then kept the oldest (a probe: half the kept slots differed)
+            received = weights.sum(dim=(1, 2), dtype=torch.float32)
             weights = dropout(weights, self.dropout_attn, self.training)
             out = weights @ v  # (B, H, L, D)
         elif fused:
