@@ -1214,6 +1214,18 @@ def test_a_run_folder_in_use_is_refused_and_overwrite_keeps_the_folder(corpus, t
                                "not exist")
 
 
+def test_overwrite_deletes_the_evaluations_still_wrote_and_not_the_users_files_named_alike(tmp_path):
+    """A probe: `eval-*.md` took a user's eval-plan.md."""
+    from still.recipes.common import _start_again
+
+    names = ["eval-test.json", "eval-valid.md", "eval-test-by-position.png", "eval-plan.md", "eval-x.json",
+             "eval-notes-by-position.png"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    _start_again(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-notes-by-position.png", "eval-plan.md", "eval-x.json"]
+
+
 def test_a_run_of_non_ascii_text_is_read_and_written_under_any_locale(corpus, tmp_path, capsys):
     """Found by a probe: under a locale that is not UTF-8 (LC_ALL=C without Python's coercion), a
     run's own vocab.json (written as UTF-8) could not be read back, and text the terminal's encoding

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from still.config import changed_settings, save_config
+from still.data.text import SPLITS
 from still.errors import StillError
 from still.train import distributed
 from still.train.checkpoint import list_checkpoints, newest_config
@@ -129,9 +130,10 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
 
 
 STAGE_FILES = ("checkpoints", "stage.json", "config.json", "vocab.json", "results.json", "results.md", "curves.png",
-               "eval-*.json", "eval-*.md", "eval-*-by-position.png", ".*.tmp")
+               *(f"eval-{split}{end}" for split in SPLITS for end in (".json", ".md", "-by-position.png")), ".*.tmp")
 """What still writes into a stage folder (a language model's is its run folder): what `--overwrite`
-deletes to start the stage again."""
+deletes to start the stage again. `still lm eval`'s files by their splits' names (a probe: `eval-*.md`
+took a user's eval-plan.md)."""
 
 
 def _start_again(stage_dir: Path) -> None:
