@@ -240,6 +240,33 @@ def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path,
     assert sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
 
 
+def test_a_stage_of_another_run_is_refused_wherever_the_path_to_it_comes_from(corpus, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A probe: the stage was judged by the path as typed, so `--out .` in the teacher's folder,
+    `teacher/checkpoints/..` and a symbolic link to it (or into it) were taken, and `--overwrite`
+    deleted the teacher."""
+    from still.recipes.mnist import PRESETS, run_mnist
+
+    run = tmp_path / "distill"
+    teacher = run / "teacher"
+    (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"alpha": 0.5, "jitter": 0, "preset": "quick"}))
+    (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}}))
+    (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "link").symlink_to(teacher)
+    (tmp_path / "into").symlink_to(teacher / "checkpoints")
+    before = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
+    monkeypatch.chdir(teacher)
+    for out in (".", teacher / "checkpoints" / "..", tmp_path / "link", tmp_path / "into" / ".."):
+        for extra in ((), ("--overwrite",)):
+            assert_user_error(capsys, *train_args(corpus, out, *extra),
+                              contains=f"{out} is the teacher stage of the distill mnist run in {run}, not a "
+                                       "language-model run")
+    with pytest.raises(StillError, match="is the teacher stage of the distill mnist run in"):
+        run_mnist(PRESETS["quick"], tmp_path / "link", cache=tmp_path / "no-cache")
+    assert sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")) == before
+
+
 def test_a_run_inside_another_runs_checkpoints_is_refused(trained, corpus, tmp_path, capsys):
     # (a probe: accepted, it was deleted whole by the other run's --overwrite, which starts its checkpoints again)
     run = tmp_path / "run"

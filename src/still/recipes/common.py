@@ -52,12 +52,14 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     if nested:
         raise StillError(f"{checkpoints} holds a run ({nested[0]}), which this run's --overwrite would delete "
                          "whole: move it out, or choose another directory")
-    if not (run_dir / "config.json").exists() and (run_dir / "stage.json").exists():
-        owner = run_kind(run_dir.parent)  # a stage of a run in the folder above (a distillation's teacher ...)
+    if not (place / "config.json").exists() and (place / "stage.json").exists():
+        # a stage of a run in the folder above (a distillation's teacher ...): where `run_dir` leads, not
+        # as typed (a probe: `--out .` in the teacher's folder, `teacher/checkpoints/..`, a link, deleted it)
+        owner = run_kind(place.parent)
         if owner is not None:
-            raise StillError(f"{run_dir} is the {run_dir.name} stage of the {owner} run in {run_dir.parent}, "
+            raise StillError(f"{run_dir} is the {place.name} stage of the {owner} run in {place.parent}, "
                              f"not a {kind} run: choose another directory")
-    data = _config_of(run_dir)
+    data = _config_of(place)
     if data is None or _fits(data, kind):
         return  # no run here yet (or no readable config: the recipe's own reading says so), or one of this kind
     for other in RUN_KINDS:
