@@ -273,8 +273,8 @@ def test_a_run_inside_another_runs_checkpoints_is_refused(trained, corpus, tmp_p
     shutil.copytree(trained, run)
     for out in (run / "checkpoints" / "nested", run / "checkpoints" / "a" / "b"):
         assert_user_error(capsys, *train_args(corpus, out),
-                          contains=f"{out} is inside the checkpoints folder of the run in {run}, which that run's "
-                                   "--overwrite deletes whole")
+                          contains=f"{out} is inside the checkpoints folder of the run in {run}, which is for that "
+                                   "run's checkpoints alone")
         assert not out.exists()
     assert_user_error(capsys, "distill", "mnist", "--out", str(run / "checkpoints" / "m"),
                       contains="is inside the checkpoints folder of the run in")
@@ -287,13 +287,38 @@ def test_a_run_inside_another_runs_checkpoints_is_refused(trained, corpus, tmp_p
     later = tmp_path / "later"
     shutil.copytree(trained, later / "checkpoints" / "b")
     assert_user_error(capsys, *train_args(corpus, later),
-                      contains=f"{later / 'checkpoints'} holds a run (b), which this run's --overwrite would delete")
+                      contains=f"{later / 'checkpoints'} holds a run (b), where this run's checkpoints alone go")
     from still.recipes.common import check_run_kind
 
     check_run_kind(run / "checkpoints" / ".." / ".." / "beside", "language-model")  # (beside the run: taken)
     (tmp_path / "project" / "checkpoints").mkdir(parents=True)
     (tmp_path / "project" / "config.json").write_text('{"model_type": "bert"}')  # (not a run of still's)
     check_run_kind(tmp_path / "project" / "checkpoints" / "run", "language-model")
+
+
+def test_overwrite_deletes_what_still_wrote_in_a_checkpoints_folder_and_only_that(trained, corpus, tmp_path, capsys):
+    """A probe: `--overwrite` deleted the checkpoints folder whole, with a run deeper in it than the
+    refusal looks (`checkpoints/a/run`) and a user's own model.pt."""
+    from still.recipes.common import _start_again
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    shutil.copytree(trained, out / "checkpoints" / "a" / "run")
+    (out / "checkpoints" / "model.pt").write_bytes(b"mine")
+    (out / "checkpoints" / "ckpt-00000002.damaged").mkdir()
+    (out / "checkpoints" / ".ckpt-00000009.tmp-1").mkdir()
+    code, _, err = run_cli(capsys, *train_args(corpus, out, "--seed", "1", "--overwrite"))
+    assert code == 0, err
+    assert f"--overwrite: left what still did not write in {out}: checkpoints/a, checkpoints/model.pt" in err
+    assert model_hash(out / "checkpoints" / "a" / "run") == model_hash(trained)
+    assert (out / "checkpoints" / "model.pt").read_bytes() == b"mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["a", "ckpt-00000004", "ckpt-00000008",
+                                                                      "model.pt"]
+    stage = tmp_path / "teacher"  # (a distillation's stage: the same; a folder of still's checkpoints alone goes)
+    (stage / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
+    (stage / "stage.json").write_text("{}")
+    _start_again(stage)
+    assert list(stage.iterdir()) == []
 
 
 def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):

@@ -19,7 +19,7 @@ from still.config import changed_settings, save_config
 from still.data.text import SPLITS
 from still.errors import StillError
 from still.train import distributed
-from still.train.checkpoint import list_checkpoints, newest_config
+from still.train.checkpoint import list_checkpoints, newest_config, written_here
 from still.train.io import atomic_write, atomic_write_text, printable
 from still.train.loop import IndexBatches, Trainer, TrainState, deferred_signals
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
@@ -38,20 +38,21 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     their stages in different places.) A directory that is a stage of a run in the folder above
     it (a distillation's teacher, say) is refused too: a run of its own there would be one of that
     run's stages, and `--overwrite` would delete the stage. So is a run's checkpoints folder, one
-    inside it, and a run folder whose checkpoints folder holds a run: that run's `--overwrite`
-    deletes its checkpoints folder whole (probes: the run inside was lost)."""
+    inside it, and a run folder whose checkpoints folder holds a run: that folder is for the run's
+    checkpoints alone, which its rotation and `--overwrite` delete (a run inside, named `ckpt-...`,
+    would be taken for one; probes: `--overwrite` deleted the folder whole, and the run inside)."""
     place = run_dir.resolve()  # (where the files would go: through symbolic links, `..` taken)
     for folder in (place, *place.parents):
         if folder.name == "checkpoints" and _still_run(folder.parent):
             raise StillError(f"{run_dir} is {'inside ' if folder != place else ''}the checkpoints folder of the "
-                             f"run in {folder.parent}, which that run's --overwrite deletes whole: choose another "
+                             f"run in {folder.parent}, which is for that run's checkpoints alone: choose another "
                              "directory")
     checkpoints = run_dir / "checkpoints"
     nested = sorted(path.name for path in (checkpoints.iterdir() if checkpoints.is_dir() else ())
                     if path.is_dir() and not path.name.startswith(("ckpt-", ".ckpt-")) and _still_run(path))
     if nested:
-        raise StillError(f"{checkpoints} holds a run ({nested[0]}), which this run's --overwrite would delete "
-                         "whole: move it out, or choose another directory")
+        raise StillError(f"{checkpoints} holds a run ({nested[0]}), where this run's checkpoints alone go: move it "
+                         "out, or choose another directory")
     if not (place / "config.json").exists() and (place / "stage.json").exists():
         # a stage of a run in the folder above (a distillation's teacher ...): where `run_dir` leads, not
         # as typed (a probe: `--out .` in the teacher's folder, `teacher/checkpoints/..`, a link, deleted it)
@@ -140,8 +141,9 @@ took a user's eval-plan.md)."""
 
 def _start_again(stage_dir: Path) -> None:
     """Start a stage again for --overwrite: delete what still wrote there (`STAGE_FILES`), and only
-    that: files of the user's, and a run in a folder inside it (which may be training now), stay
-    (not inside its checkpoints folder, deleted whole: `check_run_kind` refuses a run there).
+    that: files of the user's, and a run in a folder inside it (which may be training now), stay;
+    so does what still did not write in its checkpoints folder (`written_here`; a probe: a run
+    deeper in it, and a user's model.pt, were deleted with the folder), and the folder with them.
     Not through a symbolic link, whose target may be anything. The folder itself stays: a run
     folder's lock (`hold_run_folder`) is held on it."""
     if stage_dir.is_symlink():
@@ -151,12 +153,30 @@ def _start_again(stage_dir: Path) -> None:
     for path in sorted(stage_dir.iterdir()):
         if not any(path.match(pattern) for pattern in STAGE_FILES):
             kept.append(path.name)
+        elif path.name == "checkpoints" and path.is_dir() and not path.is_symlink():
+            kept += [f"{path.name}/{name}" for name in _empty_checkpoints(path)]
         elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
     if kept:
         log(f"--overwrite: left what still did not write in {printable(str(stage_dir))}: {', '.join(kept)}")
+
+
+def _empty_checkpoints(folder: Path) -> list[str]:
+    """Delete what still wrote in checkpoints folder `folder` (`written_here`), then the folder where
+    nothing else is left; the names of what is left."""
+    kept = []
+    for path in sorted(folder.iterdir()):
+        if not written_here(path.name):
+            kept.append(path.name)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if not kept:
+        folder.rmdir()
+    return kept
 
 
 @contextlib.contextmanager

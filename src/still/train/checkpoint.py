@@ -175,6 +175,16 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 _TEMPORARY = re.compile(r"^\.ckpt-\d{8,}\.(tmp|old)-(\d+)$")
 
 
+def written_here(name: str) -> bool:
+    """Whether `name`, in a checkpoint folder, is one still writes there: a checkpoint `ckpt-<step>`,
+    one set aside as damaged (`ckpt-<step>.damaged`, `-2` ...: `latest_checkpoint`), or a temporary
+    of `save_checkpoint`'s (`.ckpt-<step>.tmp-<pid>`, `.old-<pid>`)."""
+    return bool(_WRITTEN.match(name) or _TEMPORARY.match(name))
+
+
+_WRITTEN = re.compile(r"^ckpt-\d{8,}(\.damaged(-\d+)?)?$")
+
+
 def _remove_stale_temporaries(directory: Path) -> None:
     """Delete half-written checkpoints left by writers that died (SIGKILL, power loss)."""
     for path in directory.iterdir():
