@@ -273,11 +273,17 @@ def test_a_run_inside_another_runs_checkpoints_is_refused(trained, corpus, tmp_p
     shutil.copytree(trained, run)
     for out in (run / "checkpoints" / "nested", run / "checkpoints" / "a" / "b"):
         assert_user_error(capsys, *train_args(corpus, out),
-                          contains=f"{out} is inside the checkpoints folder of the run in {run}, which is for that "
-                                   "run's checkpoints alone")
+                          contains=f"{out} is inside the checkpoints folder of the run in {run}, which is for its "
+                                   "checkpoints alone")
         assert not out.exists()
     assert_user_error(capsys, "distill", "mnist", "--out", str(run / "checkpoints" / "m"),
                       contains="is inside the checkpoints folder of the run in")
+    stage = tmp_path / "distill" / "teacher"  # (a stage's: named as one, not as a run)
+    (stage / "checkpoints").mkdir(parents=True)
+    (stage / "stage.json").write_text("{}")
+    assert_user_error(capsys, *train_args(corpus, stage / "checkpoints" / "mine"),
+                      contains=f"is inside the checkpoints folder of the teacher stage of the run in {stage.parent}, "
+                               "which is for its checkpoints alone")
     # (a review probe: the checkpoints folder itself, a way there through a symbolic link, and the other order)
     assert_user_error(capsys, *train_args(corpus, run / "checkpoints"),
                       contains=f"{run / 'checkpoints'} is the checkpoints folder of the run in {run}")

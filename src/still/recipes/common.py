@@ -44,9 +44,8 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     place = run_dir.resolve()  # (where the files would go: through symbolic links, `..` taken)
     for folder in (place, *place.parents):
         if folder.name == "checkpoints" and _still_run(folder.parent):
-            raise StillError(f"{run_dir} is {'inside ' if folder != place else ''}the checkpoints folder of the "
-                             f"run in {folder.parent}, which is for that run's checkpoints alone: choose another "
-                             "directory")
+            raise StillError(f"{run_dir} is {'inside ' if folder != place else ''}the checkpoints folder of "
+                             f"{_whose(folder.parent)}, which is for its checkpoints alone: choose another directory")
     checkpoints = run_dir / "checkpoints"
     nested = sorted(path.name for path in (checkpoints.iterdir() if checkpoints.is_dir() else ())
                     if path.is_dir() and not path.name.startswith(("ckpt-", ".ckpt-")) and _still_run(path))
@@ -66,6 +65,14 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     for other in RUN_KINDS:
         if other != kind and _fits(data, other):
             raise StillError(f"{run_dir} holds a {other} run, not a {kind} run: choose another directory")
+
+
+def _whose(folder: Path) -> str:
+    """A folder of still's (`_still_run`) in words: "the run in <folder>", or where it is a stage of
+    one (a distillation's teacher), "the teacher stage of the run in <the folder above>"."""
+    if run_kind(folder) is None and (folder / "stage.json").is_file():
+        return f"the {folder.name} stage of the run in {folder.parent}"
+    return f"the run in {folder}"
 
 
 def _fits(data: dict, kind: str) -> bool:
