@@ -236,6 +236,23 @@ def test_another_data_set_in_the_same_directory_is_refused(cifar_dir, tmp_path, 
     assert_user_error(capsys, *args, "--data-dir", str(cifar_dir), contains="did not record its data set")
 
 
+def test_a_refused_overwrite_has_deleted_and_written_nothing(cifar_dir, tmp_path, capsys):
+    """As in run_mnist (a probe there): refused at the distilled student's folder, `--overwrite` had
+    removed the run's results, replaced its config.json and trained the teacher and student again."""
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    shutil.rmtree(out / "distilled-T5-a0.5")
+    (out / "distilled-T5-a0.5").mkdir()
+    (out / "distilled-T5-a0.5" / "config.json").write_text(json.dumps({"corpus": "x", "model": {}, "segment_len": 16}))
+    before = sorted((str(p.relative_to(out)), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
+    assert_user_error(capsys, *args, "--seed", "5", "--overwrite",
+                      contains=f"{out / 'distilled-T5-a0.5'} holds a language-model run, not the distilled-T5-a0.5")
+    assert sorted((str(p.relative_to(out)), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")) == before
+
+
 def test_augment_pads_with_black_as_labml_does():
     """labml pads the raw image with 0 (black) before normalising: the border is -mean/std per channel."""
     import torch

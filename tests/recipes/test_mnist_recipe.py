@@ -161,6 +161,26 @@ def test_a_run_where_a_stage_would_go_is_refused_even_with_overwrite(tiny_run, t
     assert sorted(p.name for p in (out / "teacher").iterdir()) == ["config.json", "stage.json"]
 
 
+def tree(folder):
+    return sorted((str(p.relative_to(folder)), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*"))
+
+
+def test_a_refused_overwrite_has_deleted_and_written_nothing(tiny_run, tmp_path, capsys):
+    """A probe: refused at a student's folder (a run of its own), `--overwrite` had already removed
+    the folder's results and replaced its config.json (and trained its teacher and baseline again);
+    every stage folder is now checked before anything is written or deleted."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    shutil.rmtree(out / "student-T2-a1")
+    (out / "student-T2-a1").mkdir()
+    (out / "student-T2-a1" / "config.json").write_text(json.dumps({"corpus": "x", "model": {}, "segment_len": 16}))
+    (out / "student-T2-a1" / "stage.json").write_text(json.dumps({"corpus": "x", "model": {}}))
+    before = tree(out)
+    assert_user_error(capsys, *TINY, "--temperature", "2", "--seed", "1", "--out", str(out), "--overwrite",
+                      contains=f"{out / 'student-T2-a1'} holds a language-model run, not the student-T2-a1 stage")
+    assert tree(out) == before
+
+
 def test_without_its_stage_json_a_stage_is_held_to_its_checkpoints_settings(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)

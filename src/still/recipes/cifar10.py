@@ -46,6 +46,7 @@ from still.distill.teachers import CachedTeacher, Teacher
 from still.errors import check
 from still.recipes.common import (
     check_run_kind,
+    check_stages,
     hold_run_folder,
     mark_new_run,
     number,
@@ -63,6 +64,8 @@ from still.train.progress import log
 from still.train.results import write_results
 from still.train.seed import check_seed, seed_everything
 
+RESULTS = ("results.json", "results.md", "test_accuracy.png")
+"""What a run writes into its folder beside config.json and its stages' folders."""
 LABML = {"teacher": 85.0, "student": 80.0, "distilled": 82.0}
 
 
@@ -225,15 +228,18 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
               **({"normalization": config.normalization} if config.normalization != "mean_std" else {})}
     if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
         log(f"--precision bf16: {slower}")
-    mark_new_run(out, config, overwrite, ("results.json", "results.md", "test_accuracy.png"))
-    rows, curves, seconds = [], [], {}
     # (+ 0.0: alpha -0.0 is 0's stage; `number`: T 5.0000001 is not T5's)
     name = student_stage(out, lambda written: (f"distilled-T{written(config.temperature)}"
                                                f"-a{written(config.alpha + 0.0)}"), config.temperature, config.alpha)
+    teacher_cfg = {**common, "model": _stage_model(config.teacher), "epochs": config.teacher_run_epochs}
+    student_cfg = {"model": _stage_model(config.student), **common}
+    distilled_cfg = {**student_cfg, "temperature": config.temperature, "alpha": config.alpha, "teacher": teacher_cfg}
+    check_stages(out, {"teacher": teacher_cfg, "student": student_cfg, name: distilled_cfg}, overwrite, UNRECORDED)
+    mark_new_run(out, config, overwrite, RESULTS)
+    rows, curves, seconds = [], [], {}
 
     seed_everything(config.seed)
     teacher = VGG(config.teacher)
-    teacher_cfg = {**common, "model": _stage_model(config.teacher), "epochs": config.teacher_run_epochs}
     state, seconds["teacher"] = train_stage("teacher", out, teacher, config.optim, config.teacher_run_epochs, n,
                                             config.batch_size, ce_loss, evaluate, config.seed, teacher_cfg,
                                             overwrite=overwrite, unrecorded=UNRECORDED, precision=config.precision)
@@ -242,7 +248,6 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
 
     seed_everything(config.seed + 1)
     student = VGG(config.student)
-    student_cfg = {"model": _stage_model(config.student), **common}
     state, seconds["student"] = train_stage("student", out, student, config.optim, config.epochs, n, config.batch_size,
                                             ce_loss, evaluate, config.seed + 1, student_cfg, overwrite=overwrite,
                                             unrecorded=UNRECORDED, precision=config.precision)
@@ -264,7 +269,6 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
 
     seed_everything(config.seed + 1)
     distilled = VGG(config.student)
-    distilled_cfg = {**student_cfg, "temperature": config.temperature, "alpha": config.alpha, "teacher": teacher_cfg}
     state, seconds[name] = train_stage(name, out, distilled, config.optim, config.epochs, n, config.batch_size,
                                        distill_loss, evaluate, config.seed + 1, distilled_cfg, overwrite=overwrite,
                                        unrecorded=UNRECORDED, precision=config.precision)

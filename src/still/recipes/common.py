@@ -117,6 +117,16 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
     was recorded, and cannot be told to match; it is refused saying so.
     """
     path = stage_dir / "stage.json"
+    if _to_start_again(stage_dir, config, overwrite, defaults, unrecorded):
+        _start_again(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # (not again where it holds them)
+
+
+def _to_start_again(stage_dir: Path, config: dict[str, Any], overwrite: bool, defaults: dict[str, Any] | None = None,
+                    unrecorded: dict[str, str] | None = None) -> bool:
+    """Whether `check_stage_config` starts the stage in `stage_dir` again (`overwrite`, and other
+    settings there, or unreadable ones); its refusals (exit 2), nothing touched."""
     recorded = _recorded_settings(stage_dir, overwrite)
     if recorded is not None:
         existing, where = recorded
@@ -127,16 +137,40 @@ def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool 
             raise StillError(f"{stage_dir} was written by an older still that did not record {', '.join(lacking)}, "
                              "so whether it matches this run is unknown; choose another --out, or pass --overwrite "
                              "to train it again")
-        if existing != config:
-            if not overwrite:
-                changed = changed_settings(existing, config)
-                raise StillError(f"{stage_dir} holds a run with different settings ({', '.join(changed)}{where}); "
-                                 "choose another --out, or pass --overwrite to start it again")
-            _start_again(stage_dir)
-    elif overwrite and path.exists():  # (unreadable: `_recorded_settings` let it through to be started again)
-        _start_again(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # (not again where it holds them)
+        if existing == config:
+            return False
+        if not overwrite:
+            changed = changed_settings(existing, config)
+            raise StillError(f"{stage_dir} holds a run with different settings ({', '.join(changed)}{where}); "
+                             "choose another --out, or pass --overwrite to start it again")
+    elif not (overwrite and (stage_dir / "stage.json").exists()):
+        return False  # (a new stage; an unreadable stage.json, let through by `_recorded_settings`, starts again)
+    _not_a_link(stage_dir)
+    return True
+
+
+def check_stages(out: Path, stages: dict[str, dict[str, Any]], overwrite: bool,
+                 unrecorded: dict[str, str] | None = None) -> None:
+    """Refuse (exit 2, nothing touched) what `train_stage` would refuse of each of a run's stages (by
+    folder name in run folder `out`, each with its settings) as it came to it: called before the run
+    writes or deletes anything (a probe: a distillation's `--overwrite` refused at a student's folder,
+    which held a run of its own, had removed the results of the run there and replaced its config.json
+    already: `mark_new_run`), and before any stage trains."""
+    def check() -> None:
+        for name, config in stages.items():
+            _not_a_run(out, name)
+            _to_start_again(out / name, config, overwrite, unrecorded=unrecorded)
+
+    distributed.current().on_main(check)
+
+
+def _not_a_run(out: Path, name: str) -> None:
+    """Refuse a stage folder that holds a run of its own (given this run's folder above it: the
+    stage's `--overwrite` would delete it)."""
+    other = run_kind(out / name)
+    if other is not None:
+        raise StillError(f"{out / name} holds a {other} run, not the {name} stage of the run in {out}: "
+                         "choose another --out")
 
 
 STAGE_FILES = ("checkpoints", "stage.json", "config.json", "vocab.json", "results.json", "results.md", "curves.png",
@@ -153,9 +187,7 @@ def _start_again(stage_dir: Path) -> None:
     deeper in it, and a user's model.pt, were deleted with the folder), and the folder with them.
     Not through a symbolic link, whose target may be anything. The folder itself stays: a run
     folder's lock (`hold_run_folder`) is held on it."""
-    if stage_dir.is_symlink():
-        raise StillError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): --overwrite does not delete "
-                         "what it points to; give that folder itself, or remove the link")
+    _not_a_link(stage_dir)
     kept = []
     for path in sorted(stage_dir.iterdir()):
         if not any(path.match(pattern) for pattern in STAGE_FILES):
@@ -168,6 +200,12 @@ def _start_again(stage_dir: Path) -> None:
             path.unlink()
     if kept:
         log(f"--overwrite: left what still did not write in {printable(str(stage_dir))}: {', '.join(kept)}")
+
+
+def _not_a_link(stage_dir: Path) -> None:
+    if stage_dir.is_symlink():
+        raise StillError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): --overwrite does not delete "
+                         "what it points to; give that folder itself, or remove the link")
 
 
 def _empty_checkpoints(folder: Path) -> list[str]:
@@ -307,10 +345,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
     dist = distributed.current()
 
     def check() -> None:
-        other = run_kind(stage_dir)
-        if other is not None:  # (a run of its own given this run's folder above it: --overwrite would delete it)
-            raise StillError(f"{stage_dir} holds a {other} run, not the {name} stage of the run in {out}: "
-                             "choose another --out")
+        _not_a_run(out, name)
         check_stage_config(stage_dir, stage_config, overwrite, unrecorded=unrecorded)
 
     dist.on_main(check)

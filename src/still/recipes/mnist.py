@@ -37,6 +37,7 @@ from still.distill.teachers import CachedTeacher, ShiftEnsembleTeacher, Teacher
 from still.errors import StillError, check
 from still.recipes.common import (
     check_run_kind,
+    check_stages,
     hold_run_folder,
     mark_new_run,
     number,
@@ -54,6 +55,8 @@ from still.train.progress import log
 from still.train.results import write_results
 from still.train.seed import check_seed, seed_everything
 
+RESULTS = ("results.json", "results.md", "test_errors.png")
+"""What a run writes into its folder beside config.json and its stages' folders."""
 PAPER_TEST_IMAGES = 10_000  # what the paper's error counts are of
 PAPER_TEMPERATURE = 20.0  # the temperature of the paper's distilled students (section 3)
 PAPER = {"teacher": 67, "baseline": 146, "distilled": 74,
@@ -184,7 +187,24 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
               **({"precision": config.precision} if config.precision != "fp32" else {})}
     if (slower := bf16_slower(config.precision, device)) and distributed.current().main:
         log(f"--precision bf16: {slower}")
-    mark_new_run(out, config, overwrite, ("results.json", "results.md", "test_errors.png"))
+    teacher_cfg = {"model": to_dict(config.teacher), "optim": to_dict(config.teacher_optim),
+                   "epochs": config.teacher_epochs, "jitter": config.jitter, **common}
+    baseline_cfg = {"model": to_dict(config.student), "optim": to_dict(config.student_optim),
+                    "epochs": config.student_epochs, **common}
+    shifts, omit = config.teacher_shifts, config.omit_digit
+    students = {}  # each temperature's student, by its stage folder: (temperature, its settings)
+    for temperature in config.temperatures:
+        # (alpha + 0.0: -0.0 is 0's stage; `number`: 20.0000001 is not T20's)
+        name = student_stage(out, lambda written, temperature=temperature: (
+            f"student-T{written(temperature)}-a{written(config.alpha + 0.0)}" + (f"-shifts{shifts}" if shifts else "")
+            + (f"-omit{omit}" if omit is not None else "")), temperature, config.alpha)
+        students[name] = temperature, {
+            "model": to_dict(config.student), "optim": to_dict(config.student_optim), "epochs": config.student_epochs,
+            "temperature": temperature, "alpha": config.alpha, "omit_digit": omit, "teacher": teacher_cfg,
+            "teacher_shifts": shifts, **common}
+    check_stages(out, {"teacher": teacher_cfg, "baseline": baseline_cfg,
+                       **{name: settings for name, (_, settings) in students.items()}}, overwrite)
+    mark_new_run(out, config, overwrite, RESULTS)
 
     def in_precision(compute: Any) -> Any:  # outside the trainer (which applies it to its own steps)
         with autocast(config.precision, device):
@@ -201,8 +221,6 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
         x = jitter(data.train_x[idx], config.jitter)
         return nn.functional.cross_entropy(model(x), data.train_y[idx])
 
-    teacher_cfg = {"model": to_dict(config.teacher), "optim": to_dict(config.teacher_optim),
-                   "epochs": config.teacher_epochs, "jitter": config.jitter, **common}
     state, timings["teacher"] = train_stage("teacher", out, teacher, config.teacher_optim, config.teacher_epochs,
                                        n_train, config.batch_size, teacher_loss, evaluate, config.seed, teacher_cfg,
                                        post_step=teacher.apply_max_norm, overwrite=overwrite, keep=keep,
@@ -220,8 +238,6 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
     def baseline_loss(model, idx):
         return nn.functional.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
 
-    baseline_cfg = {"model": to_dict(config.student), "optim": to_dict(config.student_optim),
-                    "epochs": config.student_epochs, **common}
     state, timings["baseline"] = train_stage("baseline", out, baseline, config.student_optim, config.student_epochs,
                                         n_train, config.batch_size, baseline_loss, evaluate, config.seed + 1,
                                         baseline_cfg, overwrite=overwrite, keep=keep, precision=config.precision)
@@ -241,7 +257,6 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
         transfer = transfer[data.train_y != config.omit_digit]
     transfer_x, transfer_y = data.train_x[transfer], data.train_y[transfer]
     start = time.perf_counter()
-    shifts = config.teacher_shifts
     soft_teacher = ShiftEnsembleTeacher(teacher, shifts) if shifts else Teacher(teacher)
     # (in fp32 whatever the precision: once, and the soft targets at a high temperature are read from
     # logit differences that bf16's 8 bits of mantissa would blur)
@@ -256,14 +271,8 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
             row[f"errors_on_{config.omit_digit}"] = _errors(shifted_logits[mask], test_y[mask])
         rows.insert(1, row)
 
-    omit = config.omit_digit
-    names = []
-    for temperature in config.temperatures:
-        # (alpha + 0.0: -0.0 is 0's stage; `number`: 20.0000001 is not T20's)
-        name = student_stage(out, lambda written, temperature=temperature: (
-            f"student-T{written(temperature)}-a{written(config.alpha + 0.0)}" + (f"-shifts{shifts}" if shifts else "")
-            + (f"-omit{omit}" if omit is not None else "")), temperature, config.alpha)
-        names.append(name)
+    names = list(students)
+    for name, (temperature, student_cfg) in students.items():
         seed_everything(config.seed + 1)  # the same initialisation as the baseline
         student = MLP(config.student)
 
@@ -271,9 +280,6 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
             return distillation_loss(model(transfer_x[idx]), transfer_y[idx], temperature=temperature,
                                      alpha=config.alpha, teacher_log_probs=cached.log_probs(idx, temperature))
 
-        student_cfg = {"model": to_dict(config.student), "optim": to_dict(config.student_optim),
-                       "epochs": config.student_epochs, "temperature": temperature, "alpha": config.alpha,
-                       "omit_digit": omit, "teacher": teacher_cfg, "teacher_shifts": shifts, **common}
         state, timings[name] = train_stage(name, out, student, config.student_optim, config.student_epochs,
                                       len(transfer), config.batch_size, student_loss, evaluate, config.seed + 1,
                                       student_cfg, overwrite=overwrite, keep=keep, precision=config.precision)
