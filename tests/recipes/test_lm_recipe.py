@@ -224,6 +224,35 @@ def test_another_recipes_run_directory_is_refused_and_left_as_it_was(corpus, tmp
         run_mnist(PRESETS["quick"], cifar, cache=tmp_path / "no-cache")
 
 
+def test_a_folder_of_the_users_is_not_written_over_with_stills_names(corpus, tmp_path, capsys):
+    """A probe: a folder that held no run but a user's config.json and results.md took a run (with
+    or without --overwrite), which wrote over both. Refused, naming them; a folder of other files
+    takes a run as before."""
+    from still.recipes.cifar10 import PRESETS as CIFAR_PRESETS, run_cifar10
+    from still.recipes.mnist import PRESETS, run_mnist
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": 1}')
+    (mine / "results.md").write_text("my table")
+    (mine / "notes.txt").write_text("notes")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    for overwrite in (False, True):
+        assert_user_error(capsys, *train_args(corpus, mine, *["--overwrite"][:overwrite]),
+                          contains=f"{mine} holds no run of still's, but config.json, results.md, which a run there "
+                                   "writes (or --overwrite deletes)")
+        with pytest.raises(StillError, match="holds no run of still's, but config.json, results.md"):
+            run_mnist(PRESETS["quick"], mine, cache=tmp_path / "no-cache", overwrite=overwrite)
+        with pytest.raises(StillError, match="holds no run of still's, but config.json, results.md"):
+            run_cifar10(CIFAR_PRESETS["tiny"], tmp_path / "no-data", mine, overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    (mine / "config.json").unlink()
+    (mine / "results.md").unlink()
+    (mine / ".notes.txt.123-abc.tmp").write_text("")  # (a temporary's name of still's: no user's file)
+    code, _, err = run_cli(capsys, *train_args(corpus, mine, "--steps", "2", "--eval-every", "2"))
+    assert code == 0 and (mine / "notes.txt").read_text() == "notes", err
+
+
 def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):
     """`--out` given a distillation's teacher stage: the stage's settings are not a language model's,
     and `--overwrite` would have deleted the stage to train a language model in its place."""

@@ -149,11 +149,12 @@ def test_a_run_refused_for_its_settings_is_one_line_on_every_rank(runs, corpus, 
     in gloo's 'connection closed by peer' traceback (a probe)."""
     base, _ = runs
     shutil.copytree(base / "one", tmp_path / "run")
-    (tmp_path / "blocked").mkdir()
+    shutil.copytree(base / "one", tmp_path / "blocked")  # (a run's: a folder of no run holding one is refused)
+    (tmp_path / "blocked" / "vocab.json").unlink()
     (tmp_path / "blocked" / "vocab.json").mkdir()  # rank 0 cannot write it: an OSError (a probe), one line too
-    for out, said in ((tmp_path / "run", "holds a run with different settings (steps)"),
-                      (tmp_path / "blocked", "Is a directory")):
-        two = still(2, *lm_args(corpus, out, steps=4))
+    for out, steps, said in ((tmp_path / "run", 4, "holds a run with different settings (steps)"),
+                             (tmp_path / "blocked", 8, "Is a directory")):
+        two = still(2, *lm_args(corpus, out, steps=steps))
         assert two.returncode != 0 and said in two.stderr, two.stderr[-3000:]
         assert "[rank1]" not in two.stderr and "Connection closed" not in two.stderr, two.stderr[-3000:]
         assert set(re.findall(r"exitcode\s*: (-?\d+)", two.stderr)) <= {"2", "-15"}, two.stderr[-3000:]

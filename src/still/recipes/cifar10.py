@@ -195,7 +195,7 @@ def data_identity(data: Cifar10) -> dict[str, Any]:
 def run_cifar10(config: Cifar10Config, data_dir: str | Path, out: str | Path, overwrite: bool = False,
                 print_table: bool = True) -> dict[str, Any]:
     out = Path(out)
-    check_run_kind(out, "distill cifar10")
+    check_run_kind(out, "distill cifar10", ("config.json", *RESULTS))
     with hold_run_folder(out):
         return _run_cifar10(config, data_dir, out, overwrite, print_table)
 

@@ -31,7 +31,7 @@ RUN_KINDS = {"language-model": ("still.recipes.lm", "LMConfig"),
 """The kinds of run directory, by the config class each keeps in its config.json."""
 
 
-def check_run_kind(run_dir: Path, kind: str) -> None:
+def check_run_kind(run_dir: Path, kind: str, writes: Collection[str] = ()) -> None:
     """Refuse (exit 2, nothing touched) a run directory that holds another kind of run (its
     config.json is another recipe's config): one recipe run into another's directory would replace
     its config.json and results. (Stage directories' own checks cannot see it: the recipes keep
@@ -40,7 +40,12 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
     run's stages, and `--overwrite` would delete the stage. So is a run's checkpoints folder, one
     inside it, and a run folder whose checkpoints folder holds a run: that folder is for the run's
     checkpoints alone, which its rotation and `--overwrite` delete (a run inside, named `ckpt-...`,
-    would be taken for one; probes: `--overwrite` deleted the folder whole, and the run inside)."""
+    would be taken for one; probes: `--overwrite` deleted the folder whole, and the run inside).
+
+    `writes`: the names (patterns) of what the run writes into the directory, for a run that will:
+    a directory that holds no run of still's but files of those names is refused, with `--overwrite`
+    too (a probe: a user's config.json and results.md were written over; they are not still's to
+    delete either)."""
     place = run_dir.resolve()  # (where the files would go: through symbolic links, `..` taken)
     for folder in (place, *place.parents):
         if folder.name == "checkpoints" and _still_run(folder.parent):
@@ -60,11 +65,24 @@ def check_run_kind(run_dir: Path, kind: str) -> None:
             raise StillError(f"{run_dir} is the {place.name} stage of the {owner} run in {place.parent}, "
                              f"not a {kind} run: choose another directory")
     data = _config_of(place)
-    if data is None or _fits(data, kind):
-        return  # no run here yet (or no readable config: the recipe's own reading says so), or one of this kind
-    for other in RUN_KINDS:
-        if other != kind and _fits(data, other):
-            raise StillError(f"{run_dir} holds a {other} run, not a {kind} run: choose another directory")
+    if data is not None and not _fits(data, kind):
+        for other in RUN_KINDS:
+            if other != kind and _fits(data, other):
+                raise StillError(f"{run_dir} holds a {other} run, not a {kind} run: choose another directory")
+    if not writes or not place.is_dir() or (data is not None and _fits(data, kind)) or _holds_stages(place):
+        return  # no run to write, no folder yet, or one of still's (no readable config: its stages or checkpoints)
+    theirs = sorted(path.name for path in place.iterdir()
+                    if any(path.match(pattern) for pattern in writes) and not path.match(".*.tmp"))
+    if theirs:
+        raise StillError(f"{run_dir} holds no run of still's, but {', '.join(theirs)}, which a run there writes (or "
+                         "--overwrite deletes): move them out, or choose another directory")
+
+
+def _holds_stages(folder: Path) -> bool:
+    """Whether `folder` holds a stage of still's (it is one, or holds one as a distillation does) or
+    still's checkpoints."""
+    return ((folder / "stage.json").is_file() or bool(list_checkpoints(folder / "checkpoints"))
+            or any((path / "stage.json").is_file() for path in folder.iterdir() if path.is_dir()))
 
 
 def _whose(folder: Path) -> str:

@@ -46,7 +46,14 @@ from still.config import (
 from still.data.encoded import EncodedCorpus, load_encoded
 from still.data.text import CORPUS_KINDS, NotInVocabulary, Segment, TokenStreams, Vocab, absolute_corpus
 from still.errors import StillError, check
-from still.recipes.common import check_run_kind, check_stage_config, hold_run_folder, plot_curves, run_kind
+from still.recipes.common import (
+    STAGE_FILES,
+    check_run_kind,
+    check_stage_config,
+    hold_run_folder,
+    plot_curves,
+    run_kind,
+)
 from still.train import checkpoint as ckpt, distributed
 from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
 from still.train.io import atomic_write, atomic_write_text
@@ -200,7 +207,7 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
     lasts: `compile_failures_run_eagerly`). Not part of the run's configuration: a run resumes with
     or without it."""
     out = Path(out)
-    check_run_kind(out, "language-model")
+    check_run_kind(out, "language-model", STAGE_FILES)
     with hold_run_folder(out), compile_failures_run_eagerly() if compile else contextlib.nullcontext():
         return _train_lm(config, out, cache, overwrite, print_table, on_nonfinite, keep, shards, compile)
 

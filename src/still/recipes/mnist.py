@@ -157,7 +157,7 @@ def run_mnist(config: MnistConfig, out: str | Path, cache: str | Path | None = N
               print_table: bool = True, keep: int = 2) -> dict[str, Any]:
     """Run the MNIST experiment into directory `out`; return the results (also written there)."""
     out = Path(out)
-    check_run_kind(out, "distill mnist")
+    check_run_kind(out, "distill mnist", ("config.json", *RESULTS))
     with hold_run_folder(out):
         return _run_mnist(config, out, cache, overwrite, print_table, keep)
 
