@@ -76,3 +76,15 @@ def stage_history(stage_dir: Path) -> list[dict]:
 
 
 __all__ = ["BUILDS", "assert_user_error", "pytest", "run_cli", "stage_history", "use_build"]
+
+
+def run_config(kind: str) -> str:
+    """A config.json of a run of `kind` (`still.recipes.common.RUN_KINDS`), every setting in it as
+    still writes it."""
+    import importlib
+
+    from still.config import to_dict
+    from still.recipes.common import RUN_KINDS
+
+    module, cls = RUN_KINDS[kind]
+    return json.dumps(to_dict(getattr(importlib.import_module(module), cls)()))

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from helpers import assert_user_error, run_cli, stage_history
+from helpers import assert_user_error, run_cli, run_config, stage_history
 from still.errors import StillError
 
 
@@ -246,7 +246,7 @@ def test_a_refused_overwrite_has_deleted_and_written_nothing(cifar_dir, tmp_path
     assert code == 0, err
     shutil.rmtree(out / "distilled-T5-a0.5")
     (out / "distilled-T5-a0.5").mkdir()
-    (out / "distilled-T5-a0.5" / "config.json").write_text(json.dumps({"corpus": "x", "model": {}, "segment_len": 16}))
+    (out / "distilled-T5-a0.5" / "config.json").write_text(run_config("language-model"))
     before = sorted((str(p.relative_to(out)), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
     assert_user_error(capsys, *args, "--seed", "5", "--overwrite",
                       contains=f"{out / 'distilled-T5-a0.5'} holds a language-model run, not the distilled-T5-a0.5")

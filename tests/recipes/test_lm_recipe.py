@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli, run_config
 from still.errors import StillError
 
 
@@ -202,7 +202,7 @@ def test_another_recipes_run_directory_is_refused_and_left_as_it_was(corpus, tmp
 
     distill = tmp_path / "distill"
     distill.mkdir()
-    (distill / "config.json").write_text(json.dumps({"alpha": 0.5, "jitter": 0, "preset": "quick"}))
+    (distill / "config.json").write_text(run_config("distill mnist"))
     (distill / "results.json").write_text("{}")
     before = {p.name: p.read_bytes() for p in distill.iterdir()}
     for args in (train_args(corpus, distill), ["lm", "eval", str(distill)], ["lm", "generate", str(distill)],
@@ -211,7 +211,7 @@ def test_another_recipes_run_directory_is_refused_and_left_as_it_was(corpus, tmp
     assert {p.name: p.read_bytes() for p in distill.iterdir()} == before
     lm = tmp_path / "lm"
     lm.mkdir()
-    (lm / "config.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}, "segment_len": 16}))
+    (lm / "config.json").write_text(run_config("language-model"))
     with pytest.raises(StillError, match="holds a language-model run, not a distill mnist run"):
         run_mnist(PRESETS["quick"], lm, cache=tmp_path / "no-cache")
     with pytest.raises(StillError, match="holds a language-model run, not a distill cifar10 run"):
@@ -219,7 +219,7 @@ def test_another_recipes_run_directory_is_refused_and_left_as_it_was(corpus, tmp
     assert sorted(p.name for p in lm.iterdir()) == ["config.json"]
     cifar = tmp_path / "cifar"  # its keys mostly MNIST's too (alpha, teacher, student, ...)
     cifar.mkdir()
-    (cifar / "config.json").write_text(json.dumps({"alpha": 0.5, "augment": False, "epochs": 2, "teacher": {}}))
+    (cifar / "config.json").write_text(run_config("distill cifar10"))
     with pytest.raises(StillError, match="holds a distill cifar10 run, not a distill mnist run"):
         run_mnist(PRESETS["quick"], cifar, cache=tmp_path / "no-cache")
 
@@ -253,13 +253,42 @@ def test_a_folder_of_the_users_is_not_written_over_with_stills_names(corpus, tmp
     assert code == 0 and (mine / "notes.txt").read_text() == "notes", err
 
 
+def test_a_users_config_json_of_a_few_settings_is_no_run_of_stills(corpus, tmp_path, capsys):
+    """A probe: a config.json whose keys were all some config's fields (`{}`, `{"batch_size": 64,
+    "seed": 1}`) was taken for a run of every kind, and `lm train`, `distill mnist` and `distill
+    cifar10` wrote over it and results.md (exit 0). A run's config.json holds every setting that
+    still ever wrote."""
+    from still.recipes.cifar10 import PRESETS as CIFAR_PRESETS, run_cifar10
+    from still.recipes.common import run_kind
+    from still.recipes.mnist import PRESETS, run_mnist
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my table")
+    for config in ("{}", '{"batch_size": 64, "seed": 1}'):
+        (mine / "config.json").write_text(config)
+        before = {p.name: p.read_bytes() for p in mine.iterdir()}
+        assert run_kind(mine) is None
+        assert_user_error(capsys, *train_args(corpus, mine, "--overwrite"),
+                          contains=f"{mine} holds no run of still's, but config.json, results.md")
+        with pytest.raises(StillError, match="holds no run of still's, but config.json, results.md"):
+            run_mnist(PRESETS["quick"], mine, cache=tmp_path / "no-cache", overwrite=True)
+        with pytest.raises(StillError, match="holds no run of still's, but config.json, results.md"):
+            run_cifar10(CIFAR_PRESETS["tiny"], tmp_path / "no-data", mine, overwrite=True)
+        assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    older = json.loads(run_config("language-model"))  # (a run of an older still: the settings it had then)
+    del older["eval_fill_rows"], older["precision"]
+    (mine / "config.json").write_text(json.dumps(older))
+    assert run_kind(mine) == "language-model"
+
+
 def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):
     """`--out` given a distillation's teacher stage: the stage's settings are not a language model's,
     and `--overwrite` would have deleted the stage to train a language model in its place."""
     run = tmp_path / "distill"
     teacher = run / "teacher"
     (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"alpha": 0.5, "jitter": 0, "preset": "quick"}))
+    (run / "config.json").write_text(run_config("distill mnist"))
     (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}}))
     (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
     before = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
@@ -279,7 +308,7 @@ def test_a_stage_of_another_run_is_refused_wherever_the_path_to_it_comes_from(co
     run = tmp_path / "distill"
     teacher = run / "teacher"
     (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"alpha": 0.5, "jitter": 0, "preset": "quick"}))
+    (run / "config.json").write_text(run_config("distill mnist"))
     (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}}))
     (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "link").symlink_to(teacher)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import requires_mnist
-from helpers import assert_user_error, run_cli, stage_history
+from helpers import assert_user_error, run_cli, run_config, stage_history
 
 pytestmark = requires_mnist
 
@@ -153,7 +153,7 @@ def test_a_run_where_a_stage_would_go_is_refused_even_with_overwrite(tiny_run, t
     shutil.copytree(tiny_run, out)
     shutil.rmtree(out / "teacher")
     (out / "teacher").mkdir()
-    (out / "teacher" / "config.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}, "segment_len": 16}))
+    (out / "teacher" / "config.json").write_text(run_config("language-model"))
     (out / "teacher" / "stage.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}}))
     assert_user_error(capsys, *TINY, "--temperature", "2,20", "--out", str(out), "--overwrite",
                       contains=f"{out / 'teacher'} holds a language-model run, not the teacher stage of the run "
@@ -173,7 +173,7 @@ def test_a_refused_overwrite_has_deleted_and_written_nothing(tiny_run, tmp_path,
     shutil.copytree(tiny_run, out)
     shutil.rmtree(out / "student-T2-a1")
     (out / "student-T2-a1").mkdir()
-    (out / "student-T2-a1" / "config.json").write_text(json.dumps({"corpus": "x", "model": {}, "segment_len": 16}))
+    (out / "student-T2-a1" / "config.json").write_text(run_config("language-model"))
     (out / "student-T2-a1" / "stage.json").write_text(json.dumps({"corpus": "x", "model": {}}))
     before = tree(out)
     assert_user_error(capsys, *TINY, "--temperature", "2", "--seed", "1", "--out", str(out), "--overwrite",

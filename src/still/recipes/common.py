@@ -93,13 +93,27 @@ def _whose(folder: Path) -> str:
     return f"the run in {folder}"
 
 
+_CORE = {"language-model": {"preset", "model", "optim", "corpus", "byte_level", "batch_size", "segment_len", "steps",
+                              "eval_every", "eval_segments", "seed"},
+         "distill mnist": {"preset", "teacher", "student", "teacher_optim", "student_optim", "teacher_epochs",
+                           "student_epochs", "batch_size", "jitter", "temperatures", "alpha", "omit_digit",
+                           "train_subset", "test_subset", "seed"},
+         "distill cifar10": {"preset", "teacher", "student", "optim", "epochs", "batch_size", "temperature", "alpha",
+                             "augment", "seed"}}
+"""The settings that every still's config.json of each kind holds: its config's fields in the first
+still (fields are only ever added; config.json holds them all)."""
+
+
 def _fits(data: dict, kind: str) -> bool:
-    """Whether a config.json's data is a config of `kind` (its keys among that config's fields)."""
+    """Whether a config.json's data is a config of `kind`: its keys among that config's fields, and
+    all of those every still wrote (a probe: a user's `{}`, or `{"batch_size": 64}`, was taken for a
+    run of every kind, and written over)."""
     import dataclasses
     import importlib
 
     module, cls = RUN_KINDS[kind]
-    return set(data) <= {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    return _CORE[kind] <= set(data) <= fields
 
 
 def _config_of(run_dir: Path) -> dict | None:
