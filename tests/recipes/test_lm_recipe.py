@@ -282,6 +282,20 @@ def test_a_users_config_json_of_a_few_settings_is_no_run_of_stills(corpus, tmp_p
     assert run_kind(mine) == "language-model"
 
 
+def test_a_users_own_stage_json_is_not_stills(corpus, tmp_path, capsys):
+    """A probe: any stage.json made a folder a run of still's: a user's own ({"env": "prod"}) was
+    refused as a run of other settings, suggesting --overwrite, which deleted it and results.md."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "stage.json").write_text('{"env": "prod"}')
+    (mine / "results.md").write_text("my table")
+    for extra in ((), ("--overwrite",)):
+        assert_user_error(capsys, *train_args(corpus, mine, *extra),
+                          contains=f"{mine} holds no run of still's, but results.md, stage.json")
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {"stage.json": '{"env": "prod"}',
+                                                               "results.md": "my table"}
+
+
 def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):
     """`--out` given a distillation's teacher stage: the stage's settings are not a language model's,
     and `--overwrite` would have deleted the stage to train a language model in its place."""
@@ -289,7 +303,7 @@ def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path,
     teacher = run / "teacher"
     (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
     (run / "config.json").write_text(run_config("distill mnist"))
-    (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}}))
+    (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}, "optim": {}}))
     (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
     before = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
     for extra in ((), ("--overwrite",)):
@@ -309,7 +323,7 @@ def test_a_stage_of_another_run_is_refused_wherever_the_path_to_it_comes_from(co
     teacher = run / "teacher"
     (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
     (run / "config.json").write_text(run_config("distill mnist"))
-    (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}}))
+    (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}, "optim": {}}))
     (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "link").symlink_to(teacher)
     (tmp_path / "into").symlink_to(teacher / "checkpoints")

@@ -181,6 +181,21 @@ def test_a_refused_overwrite_has_deleted_and_written_nothing(tiny_run, tmp_path,
     assert tree(out) == before
 
 
+def test_a_users_own_stage_json_where_a_stage_would_go_is_refused_as_not_stills(tmp_path, capsys):
+    """A probe: a user's teacher/stage.json ({"env": "prod"}) was taken for a stage of other
+    settings, and the refusal suggested --overwrite, which deleted it."""
+    out = tmp_path / "run"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "stage.json").write_text('{"env": "prod"}')
+    (out / "teacher" / "notes.txt").write_text("notes")
+    before = tree(out)
+    for extra in ((), ("--overwrite",)):
+        err = assert_user_error(capsys, *TINY, "--out", str(out), *extra,
+                                contains=f"{out / 'teacher' / 'stage.json'} is not still's")
+        assert "--overwrite" not in err
+    assert tree(out) == before
+
+
 def test_without_its_stage_json_a_stage_is_held_to_its_checkpoints_settings(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)

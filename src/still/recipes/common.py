@@ -81,8 +81,37 @@ def check_run_kind(run_dir: Path, kind: str, writes: Collection[str] = ()) -> No
 def _holds_stages(folder: Path) -> bool:
     """Whether `folder` holds a stage of still's (it is one, or holds one as a distillation does) or
     still's checkpoints."""
-    return ((folder / "stage.json").is_file() or bool(list_checkpoints(folder / "checkpoints"))
-            or any((path / "stage.json").is_file() for path in folder.iterdir() if path.is_dir()))
+    return (_stills_stage(folder) or bool(list_checkpoints(folder / "checkpoints"))
+            or any(_stills_stage(path) for path in folder.iterdir() if path.is_dir()))
+
+
+DIGESTS = ("corpus_sha256", "split_sha256", "vocab_sha256")
+"""What a language model's stage.json records of its text beside its settings."""
+
+
+def _stage_json(folder: Path) -> dict | None:
+    """The folder's stage.json as data (None: none there, or none readable as a JSON object)."""
+    try:
+        data = json.loads((folder / "stage.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _stills_settings(data: dict) -> bool:
+    """Whether a stage.json's data is still's: a language model's run folder's (its config, `_fits`,
+    and the digests of its text) or a distillation stage's (what `train_stage` records: a model, its
+    optimizer and epochs, and more)."""
+    return (_fits({key: value for key, value in data.items() if key not in DIGESTS}, "language-model")
+            or ({"model", "optim", "epochs"} <= set(data)
+                and isinstance(data["model"], dict) and isinstance(data["optim"], dict)))
+
+
+def _stills_stage(folder: Path) -> bool:
+    """Whether `folder` holds a stage.json of still's (`_stills_settings`; a probe: a user's own, as
+    {"env": "prod"}, made their folder a run of still's, to be written over)."""
+    data = _stage_json(folder)
+    return data is not None and _stills_settings(data)
 
 
 def _whose(folder: Path) -> str:
@@ -348,6 +377,9 @@ def _recorded_settings(stage_dir: Path, overwrite: bool) -> tuple[dict[str, Any]
                 return None
             raise StillError(f"cannot read {path} ({e}), which says what the stage in {stage_dir} was trained "
                              "with: choose another --out, or pass --overwrite to start it again") from None
+        if not _stills_settings(existing):  # (--overwrite would delete the files beside it: not still's either)
+            raise StillError(f"{path} is not still's (it records no run's settings): move it out, or choose "
+                             "another --out")
         return existing, ""
     found = newest_config(stage_dir / "checkpoints")  # (a damaged one passed over: the resume sets it aside)
     if found is None:
