@@ -296,6 +296,26 @@ def test_a_users_own_stage_json_is_not_stills(corpus, tmp_path, capsys):
                                                                "results.md": "my table"}
 
 
+def test_a_folder_of_runs_is_no_run_of_stills(trained, corpus, tmp_path, capsys):
+    """A probe: a folder whose subfolders are language-model runs (each with its stage.json) counted
+    as a distillation's run, and as a language model's, so the user's results.md and config.json
+    beside them were written over. A subfolder counts only as a distillation's stage of its name."""
+    from still.recipes.mnist import PRESETS, run_mnist
+
+    runs = tmp_path / "runs"
+    (runs / "first").mkdir(parents=True)
+    shutil.copy(trained / "stage.json", runs / "first" / "stage.json")
+    (runs / "config.json").write_text('{"mine": 1}')
+    (runs / "results.md").write_text("my table")
+    before = {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()}
+    for overwrite in (False, True):
+        assert_user_error(capsys, *train_args(corpus, runs, *["--overwrite"][:overwrite]),
+                          contains=f"{runs} holds no run of still's, but config.json, results.md")
+        with pytest.raises(StillError, match="holds no run of still's, but config.json, results.md"):
+            run_mnist(PRESETS["quick"], runs, cache=tmp_path / "no-cache", overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()} == before
+
+
 def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):
     """`--out` given a distillation's teacher stage: the stage's settings are not a language model's,
     and `--overwrite` would have deleted the stage to train a language model in its place."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import json
 import os
@@ -69,7 +70,7 @@ def check_run_kind(run_dir: Path, kind: str, writes: Collection[str] = ()) -> No
         for other in RUN_KINDS:
             if other != kind and _fits(data, other):
                 raise StillError(f"{run_dir} holds a {other} run, not a {kind} run: choose another directory")
-    if not writes or not place.is_dir() or (data is not None and _fits(data, kind)) or _holds_stages(place):
+    if not writes or not place.is_dir() or (data is not None and _fits(data, kind)) or _holds_stages(place, kind):
         return  # no run to write, no folder yet, or one of still's (no readable config: its stages or checkpoints)
     theirs = sorted(path.name for path in place.iterdir()
                     if any(path.match(pattern) for pattern in writes) and not path.match(".*.tmp"))
@@ -78,11 +79,22 @@ def check_run_kind(run_dir: Path, kind: str, writes: Collection[str] = ()) -> No
                          "--overwrite deletes): move them out, or choose another directory")
 
 
-def _holds_stages(folder: Path) -> bool:
-    """Whether `folder` holds a stage of still's (it is one, or holds one as a distillation does) or
-    still's checkpoints."""
-    return (_stills_stage(folder) or bool(list_checkpoints(folder / "checkpoints"))
-            or any(_stills_stage(path) for path in folder.iterdir() if path.is_dir()))
+STAGE_NAMES = {"distill mnist": ("teacher", "baseline", "student-*"),
+               "distill cifar10": ("teacher", "student", "distilled-*")}
+"""The stage folders of each distillation's run folder, by name."""
+
+
+def _holds_stages(folder: Path, kind: str) -> bool:
+    """Whether `folder` holds a run of `kind` of still's with no config.json (an older still's): a
+    stage.json of still's of its own (a language model's), or in its stage folders (`STAGE_NAMES`, a
+    distillation's); or still's checkpoints. (A probe: any folder with a stage.json counted, so a
+    user's folder of language-model runs, their own results.md and config.json beside, was written over.)"""
+    if kind in STAGE_NAMES:
+        stages = any(_stills_stage(path) for path in folder.iterdir()
+                     if path.is_dir() and any(fnmatch.fnmatchcase(path.name, name) for name in STAGE_NAMES[kind]))
+    else:
+        stages = _stills_stage(folder)
+    return stages or bool(list_checkpoints(folder / "checkpoints"))
 
 
 DIGESTS = ("corpus_sha256", "split_sha256", "vocab_sha256")
