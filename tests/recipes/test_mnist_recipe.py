@@ -196,6 +196,20 @@ def test_a_users_own_stage_json_where_a_stage_would_go_is_refused_as_not_stills(
     assert tree(out) == before
 
 
+def test_overwrite_deletes_only_a_stages_checkpoints_and_settings_in_its_folder(tiny_run, tmp_path, capsys):
+    """A probe: a distillation's --overwrite deleted, in a stage's folder, what still writes in a
+    language model's run folder: a user's config.json, results.md, vocab.json, curves.png, eval-test.json."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    mine = ["config.json", "curves.png", "eval-test.json", "results.md", "vocab.json"]
+    for name in mine:
+        (out / "teacher" / name).write_text("mine")
+    code, _, err = run_cli(capsys, *TINY, "--temperature", "2", "--seed", "1", "--out", str(out), "--overwrite")
+    assert code == 0, err
+    assert f"--overwrite: left what still did not write in {out / 'teacher'}: {', '.join(mine)}" in err
+    assert all((out / "teacher" / name).read_text() == "mine" for name in mine)
+
+
 def test_without_its_stage_json_a_stage_is_held_to_its_checkpoints_settings(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)

@@ -180,18 +180,20 @@ def run_kind(run_dir: Path) -> str | None:
 
 
 def check_stage_config(stage_dir: Path, config: dict[str, Any], overwrite: bool = False,
-                       defaults: dict[str, Any] | None = None, unrecorded: dict[str, str] | None = None) -> None:
+                       defaults: dict[str, Any] | None = None, unrecorded: dict[str, str] | None = None,
+                       files: Sequence[str] = ()) -> None:
     """A stage directory holds one config: refuse (exit 2, nothing touched) to mix another into it.
 
     With `overwrite`, a stage whose settings changed is deleted and started again. `defaults`: the
     config's defaults; a top-level setting the stage's config lacks (a run made before the setting
     existed) counts as at its default. `unrecorded`: top-level settings with no default, each with
     what it records (CIFAR-10's "data": "its data set"): a stage that lacks one was made before it
-    was recorded, and cannot be told to match; it is refused saying so.
+    was recorded, and cannot be told to match; it is refused saying so. `files`: what still writes
+    there, which `--overwrite` deletes (`STAGE_FILES`, a language model's run folder's, unless given).
     """
     path = stage_dir / "stage.json"
     if _to_start_again(stage_dir, config, overwrite, defaults, unrecorded):
-        _start_again(stage_dir)
+        _start_again(stage_dir, files or STAGE_FILES)
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # (not again where it holds them)
 
@@ -248,13 +250,16 @@ def _not_a_run(out: Path, name: str) -> None:
 
 STAGE_FILES = ("checkpoints", "stage.json", "config.json", "vocab.json", "results.json", "results.md", "curves.png",
                *(f"eval-{split}{end}" for split in SPLITS for end in (".json", ".md", "-by-position.png")), ".*.tmp")
-"""What still writes into a stage folder (a language model's is its run folder): what `--overwrite`
-deletes to start the stage again. `still lm eval`'s files by their splits' names (a probe: `eval-*.md`
-took a user's eval-plan.md)."""
+"""What still writes into a language model's run folder: what `--overwrite` deletes to start the run
+again. `still lm eval`'s files by their splits' names (a probe: `eval-*.md` took a user's eval-plan.md)."""
+
+DISTILL_STAGE_FILES = ("checkpoints", "stage.json", ".*.tmp")
+"""What still writes into a distillation's stage folder (teacher/ ...): its checkpoints and settings
+alone (a probe: `STAGE_FILES` there deleted a user's config.json, results.md, ... in teacher/)."""
 
 
-def _start_again(stage_dir: Path) -> None:
-    """Start a stage again for --overwrite: delete what still wrote there (`STAGE_FILES`), and only
+def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
+    """Start a stage again for --overwrite: delete what still wrote there (`files`), and only
     that: files of the user's, and a run in a folder inside it (which may be training now), stay;
     so does what still did not write in its checkpoints folder (`written_here`; a probe: a run
     deeper in it, and a user's model.pt, were deleted with the folder), and the folder with them.
@@ -263,7 +268,7 @@ def _start_again(stage_dir: Path) -> None:
     _not_a_link(stage_dir)
     kept = []
     for path in sorted(stage_dir.iterdir()):
-        if not any(path.match(pattern) for pattern in STAGE_FILES):
+        if not any(path.match(pattern) for pattern in files):
             kept.append(path.name)
         elif path.name == "checkpoints" and path.is_dir() and not path.is_symlink():
             kept += [f"{path.name}/{name}" for name in _empty_checkpoints(path)]
@@ -422,7 +427,7 @@ def train_stage(name: str, out: Path, model: nn.Module, optim: OptimConfig, epoc
 
     def check() -> None:
         _not_a_run(out, name)
-        check_stage_config(stage_dir, stage_config, overwrite, unrecorded=unrecorded)
+        check_stage_config(stage_dir, stage_config, overwrite, unrecorded=unrecorded, files=DISTILL_STAGE_FILES)
 
     dist.on_main(check)
     if dist.rank:  # the same weights everywhere (built above), a different stream of crops, flips, jitter and
