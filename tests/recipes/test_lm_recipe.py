@@ -1376,6 +1376,20 @@ def test_overwrite_deletes_the_evaluations_still_wrote_and_not_the_users_files_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-notes-by-position.png", "eval-plan.md", "eval-x.json"]
 
 
+def test_overwrite_deletes_stills_temporaries_and_not_the_users_files_named_alike(tmp_path):
+    """A probe: `.*.tmp` took a user's .draft.tmp, and their folder .work.tmp/ whole. still's are
+    `atomic_write`'s, `.<name>.<pid>-<random>.tmp`, of the files it writes there."""
+    from still.recipes.common import _start_again
+
+    (tmp_path / ".work.tmp").mkdir()
+    (tmp_path / ".work.tmp" / "notes").write_text("x")
+    for name in (".draft.tmp", ".results.md.123-ab_c9xyz.tmp", ".notes.txt.123-abcdefgh.tmp"):
+        (tmp_path / name).write_text("x")
+    _start_again(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".draft.tmp", ".notes.txt.123-abcdefgh.tmp", ".work.tmp"]
+    assert (tmp_path / ".work.tmp" / "notes").read_text() == "x"
+
+
 def test_a_run_of_non_ascii_text_is_read_and_written_under_any_locale(corpus, tmp_path, capsys):
     """Found by a probe: under a locale that is not UTF-8 (LC_ALL=C without Python's coercion), a
     run's own vocab.json (written as UTF-8) could not be read back, and text the terminal's encoding

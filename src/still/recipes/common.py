@@ -7,6 +7,7 @@ import fnmatch
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -73,7 +74,7 @@ def check_run_kind(run_dir: Path, kind: str, writes: Collection[str] = ()) -> No
     if not writes or not place.is_dir() or (data is not None and _fits(data, kind)) or _holds_stages(place, kind):
         return  # no run to write, no folder yet, or one of still's (no readable config: its stages or checkpoints)
     theirs = sorted(path.name for path in place.iterdir()
-                    if any(path.match(pattern) for pattern in writes) and not path.match(".*.tmp"))
+                    if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in writes))
     if theirs:
         raise StillError(f"{run_dir} holds no run of still's, but {', '.join(theirs)}, which a run there writes (or "
                          "--overwrite deletes): move them out, or choose another directory")
@@ -249,13 +250,25 @@ def _not_a_run(out: Path, name: str) -> None:
 
 
 STAGE_FILES = ("checkpoints", "stage.json", "config.json", "vocab.json", "results.json", "results.md", "curves.png",
-               *(f"eval-{split}{end}" for split in SPLITS for end in (".json", ".md", "-by-position.png")), ".*.tmp")
+               *(f"eval-{split}{end}" for split in SPLITS for end in (".json", ".md", "-by-position.png")))
 """What still writes into a language model's run folder: what `--overwrite` deletes to start the run
-again. `still lm eval`'s files by their splits' names (a probe: `eval-*.md` took a user's eval-plan.md)."""
+again (with the temporaries of their writes: `_temporary`). `still lm eval`'s files by their splits'
+names (a probe: `eval-*.md` took a user's eval-plan.md)."""
 
-DISTILL_STAGE_FILES = ("checkpoints", "stage.json", ".*.tmp")
+DISTILL_STAGE_FILES = ("checkpoints", "stage.json")
 """What still writes into a distillation's stage folder (teacher/ ...): its checkpoints and settings
 alone (a probe: `STAGE_FILES` there deleted a user's config.json, results.md, ... in teacher/)."""
+
+
+_TEMPORARY = re.compile(r"^\.(.+)\.\d+-[a-z0-9_]+\.tmp$")
+
+
+def _temporary(path: Path, files: Sequence[str]) -> bool:
+    """Whether `path` is a file `atomic_write` left half-written, `.<name>.<pid>-<random>.tmp`, of a
+    file named in `files` (a probe: `.*.tmp` took a user's .draft.tmp, and a folder .work.tmp/ whole)."""
+    found = _TEMPORARY.match(path.name)
+    return (found is not None and path.is_file() and not path.is_symlink()
+            and any(fnmatch.fnmatchcase(found[1], pattern) for pattern in files))
 
 
 def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
@@ -268,7 +281,9 @@ def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
     _not_a_link(stage_dir)
     kept = []
     for path in sorted(stage_dir.iterdir()):
-        if not any(path.match(pattern) for pattern in files):
+        if _temporary(path, files):
+            path.unlink()
+        elif not any(fnmatch.fnmatchcase(path.name, pattern) for pattern in files):
             kept.append(path.name)
         elif path.name == "checkpoints" and path.is_dir() and not path.is_symlink():
             kept += [f"{path.name}/{name}" for name in _empty_checkpoints(path)]
