@@ -419,6 +419,22 @@ def test_overwrite_deletes_what_still_wrote_in_a_checkpoints_folder_and_only_tha
     assert list(stage.iterdir()) == []
 
 
+def test_overwrite_keeps_a_checkpoints_link_and_empties_it(trained, corpus, tmp_path, capsys):
+    """A probe: --overwrite removed a `checkpoints` symbolic link (to a bigger disk), unsaid, and
+    the new run's checkpoints went to the run folder's disk."""
+    out, disk = tmp_path / "run", tmp_path / "disk"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(trained / "checkpoints", disk / "checkpoints")
+    (disk / "checkpoints" / "model.pt").write_bytes(b"mine")
+    (out / "checkpoints").symlink_to(disk / "checkpoints")
+    code, _, err = run_cli(capsys, *train_args(corpus, out, "--seed", "1", "--overwrite"))
+    assert code == 0, err
+    assert f"--overwrite: kept the symbolic link {out / 'checkpoints'} (to {disk / 'checkpoints'})" in err
+    assert (out / "checkpoints").is_symlink()
+    assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["ckpt-00000004", "ckpt-00000008", "model.pt"]
+    assert model_hash(out) != model_hash(trained)
+
+
 def test_a_run_never_resumes_on_other_text(corpus, tmp_path, capsys):
     """The run records its corpus's digest (`EncodedCorpus.digest`): text changed since (here the same
     characters in another order, which the vocabulary cannot tell) is refused; the same text, its

@@ -276,8 +276,9 @@ def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
     that: files of the user's, and a run in a folder inside it (which may be training now), stay;
     so does what still did not write in its checkpoints folder (`written_here`; a probe: a run
     deeper in it, and a user's model.pt, were deleted with the folder), and the folder with them.
-    Not through a symbolic link, whose target may be anything. The folder itself stays: a run
-    folder's lock (`hold_run_folder`) is held on it."""
+    Not through a symbolic link, whose target may be anything; but a `checkpoints` link (to a bigger
+    disk) stays, its checkpoints of still's deleted. The folder itself stays: a run folder's lock
+    (`hold_run_folder`) is held on it."""
     _not_a_link(stage_dir)
     kept = []
     for path in sorted(stage_dir.iterdir()):
@@ -285,7 +286,13 @@ def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
             path.unlink()
         elif not any(fnmatch.fnmatchcase(path.name, pattern) for pattern in files):
             kept.append(path.name)
-        elif path.name == "checkpoints" and path.is_dir() and not path.is_symlink():
+        elif path.name == "checkpoints" and path.is_symlink():  # (to a bigger disk, say: a probe, the link went,
+            # and the new run's checkpoints with it to this disk) the link stays, still's checkpoints there go
+            if path.is_dir():
+                kept += [f"{path.name}/{name}" for name in _empty_checkpoints(path, remove=False)]
+            log(f"--overwrite: kept the symbolic link {printable(str(path))} (to {printable(os.readlink(path))})"
+                + (", and deleted still's checkpoints in it" if path.is_dir() else ""))
+        elif path.name == "checkpoints" and path.is_dir():
             kept += [f"{path.name}/{name}" for name in _empty_checkpoints(path)]
         elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -301,9 +308,9 @@ def _not_a_link(stage_dir: Path) -> None:
                          "what it points to; give that folder itself, or remove the link")
 
 
-def _empty_checkpoints(folder: Path) -> list[str]:
-    """Delete what still wrote in checkpoints folder `folder` (`written_here`), then the folder where
-    nothing else is left; the names of what is left."""
+def _empty_checkpoints(folder: Path, remove: bool = True) -> list[str]:
+    """Delete what still wrote in checkpoints folder `folder` (`written_here`), then (`remove`) the
+    folder where nothing else is left; the names of what is left."""
     kept = []
     for path in sorted(folder.iterdir()):
         if not written_here(path.name):
@@ -312,7 +319,7 @@ def _empty_checkpoints(folder: Path) -> list[str]:
             shutil.rmtree(path)
         else:
             path.unlink()
-    if not kept:
+    if not kept and remove:
         folder.rmdir()
     return kept
 
