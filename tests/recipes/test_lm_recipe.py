@@ -11,6 +11,7 @@ import torch
 
 from helpers import assert_user_error, run_cli, run_config
 from still.errors import StillError
+from still.train.checkpoint import list_checkpoints
 
 
 def train_args(corpus, out, *extra):
@@ -314,6 +315,20 @@ def test_a_folder_of_runs_is_no_run_of_stills(trained, corpus, tmp_path, capsys)
         with pytest.raises(StillError, match="holds no run of still's, but config.json, results.md"):
             run_mnist(PRESETS["quick"], runs, cache=tmp_path / "no-cache", overwrite=overwrite)
     assert {p.name: p.read_bytes() for p in runs.iterdir() if p.is_file()} == before
+
+
+def test_an_empty_checkpoints_folder_made_for_a_run_is_taken(corpus, tmp_path, capsys):
+    """A probe: an empty `checkpoints` folder made for the run (or a link to one) was refused as a
+    user's file of a name still writes; it holds nothing to lose."""
+    (tmp_path / "disk").mkdir()
+    for name, make in (("made", lambda path: path.mkdir()),
+                       ("linked", lambda path: path.symlink_to(tmp_path / "disk"))):
+        out = tmp_path / name
+        out.mkdir()
+        make(out / "checkpoints")
+        code, _, err = run_cli(capsys, *train_args(corpus, out, "--steps", "2", "--eval-every", "2"))
+        assert code == 0 and list_checkpoints(out / "checkpoints"), err
+    assert (tmp_path / "linked" / "checkpoints").is_symlink() and list_checkpoints(tmp_path / "disk")
 
 
 def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):

@@ -74,7 +74,9 @@ def check_run_kind(run_dir: Path, kind: str, writes: Collection[str] = ()) -> No
     if not writes or not place.is_dir() or (data is not None and _fits(data, kind)) or _holds_stages(place, kind):
         return  # no run to write, no folder yet, or one of still's (no readable config: its stages or checkpoints)
     theirs = sorted(path.name for path in place.iterdir()
-                    if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in writes))
+                    if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in writes)
+                    and not (path.name == "checkpoints" and path.is_dir() and not any(path.iterdir())))  # (nothing
+    # to lose in an empty one, made for the run, or a link to one on another disk)
     if theirs:
         raise StillError(f"{run_dir} holds no run of still's, but {', '.join(theirs)}, which a run there writes (or "
                          "--overwrite deletes): move them out, or choose another directory")
