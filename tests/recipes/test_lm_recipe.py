@@ -1395,6 +1395,14 @@ def test_a_run_folder_in_use_is_refused_and_overwrite_keeps_the_folder(corpus, t
                                "not exist")
 
 
+def test_a_refused_run_leaves_no_folder_behind_whatever_the_path_to_it(corpus, tmp_path, capsys, monkeypatch):
+    """A probe: refused, `--out N/x/../run` left N and N/x, which it had made (the folders it
+    removes were named as typed: N/x/.. is N)."""
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(capsys, *train_args(corpus, "N/x/../run", "--shards", "5"), contains="shards (5)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_deletes_the_evaluations_still_wrote_and_not_the_users_files_named_alike(tmp_path):
     """A probe: `eval-*.md` took a user's eval-plan.md."""
     from still.recipes.common import _start_again

@@ -341,12 +341,19 @@ def hold_run_folder(out: Path) -> Iterator[None]:
         raise StillError(f"{printable(str(out))} is a symbolic link to {printable(os.readlink(out))}, which does not "
                          "exist: make that folder, or choose another --out")
     dist = distributed.setup()
-    made = [folder for folder in (out, *out.parents) if not folder.exists()] if dist.main else []  # (innermost first)
+    made: list[Path] = []  # (innermost first)
     fd = None
 
     def hold() -> None:
         nonlocal fd
-        out.mkdir(parents=True, exist_ok=True)
+        # the folders this makes, one by one, as they are (a probe: `N/x/../run`, named as typed, left N and N/x)
+        for folder in reversed((out, *out.parents)):
+            if not folder.exists():
+                with contextlib.suppress(FileExistsError):  # (made by another process meanwhile)
+                    folder.mkdir()
+                    made.insert(0, folder.resolve())
+        if not out.is_dir():
+            out.mkdir()  # (a file there: its error, as before)
         fd = os.open(out, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -363,10 +370,8 @@ def hold_run_folder(out: Path) -> Iterator[None]:
         if fd is not None:
             os.close(fd)
         for folder in made:  # (a run refused before it wrote anything leaves none behind)
-            try:
+            with contextlib.suppress(OSError):  # (not empty: the run wrote into it)
                 folder.rmdir()
-            except OSError:  # (not empty: the run wrote into it)
-                break
 
 
 @contextlib.contextmanager
