@@ -651,6 +651,9 @@ def data_list(cache_dir: Path | None) -> None:
         click.echo(f"Left beside them: {len(left)} folder{'' if len(left) == 1 else 's'}, {format_size(size)}: "
                    "replaced entries and temporary ones (a writer's at work, or a killed one's), removed a day after "
                    "(`still data clear --stale` now, leaving a writer's at work)")
+    for path in encoded.not_entries(corpora):
+        click.echo(f"{path.name} is named as an entry but holds {', '.join(encoded.others_in(path)[:3])}: not one "
+                   "(left alone)")
     stale = [e for e in found if e.state != "current"]
     if stale:
         one = len(stale) == 1
@@ -711,6 +714,9 @@ def data_clear(names: tuple[str, ...], stale: bool, everything: bool, cache_dir:
         else:
             failed = failed or why.startswith("cannot")
             click.echo(f"left {path.name}: {why}", err=True)
+    for path in encoded.not_entries(corpora) if stale or everything else []:
+        click.echo(f"left {path.name}: named as an entry but holds {', '.join(encoded.others_in(path)[:3])}: not one",
+                   err=True)
     locks = 0
     for lock in encoded.orphan_locks(corpora) if stale or everything else []:  # (after the folders: theirs too)
         why = encoded.remove_lock(lock)

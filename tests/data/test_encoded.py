@@ -904,3 +904,23 @@ def test_a_corpora_folder_that_cannot_be_listed_is_named(tmp_path, root, monkeyp
     with pytest.raises(StillError, match=f"cannot list {root}: Permission denied"):
         encoded.entries(root)
     assert_user_error(capsys, "data", "clear", "--all", contains=f"cannot list {root}: Permission denied")
+
+
+def test_a_folder_of_the_users_named_as_an_entry_is_left_alone(tmp_path, root, capsys):
+    from helpers import run_cli
+
+    entry = load_encoded(_books(tmp_path / "pg")).entry
+    photos = root / "photos-0123456789abcdef0123"  # (named as an entry by chance: a probe's was removed as damaged)
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"jpeg")
+    cut = root / "cut-0123456789abcdef0124"  # (an entry's files alone, its manifest lost: a damaged entry)
+    cut.mkdir()
+    (cut / "train.npy").write_bytes(b"12345678")
+    (cut / ".vocab.json.1-x.tmp").write_bytes(b"{")
+    assert [(e.path, e.state) for e in encoded_module.entries(root)[0]] == [(cut, "damaged"), (entry, "current")]
+    assert encoded_module.not_entries(root) == [photos]
+    assert encoded_module.remove(photos) == "not an entry of the corpus cache: it holds a.jpg" and photos.is_dir()
+    code, out, err = run_cli(capsys, "data", "clear", "--all")
+    assert code == 0 and "removed 2 folders" in out
+    assert f"left {photos.name}: named as an entry but holds a.jpg: not one" in err
+    assert (photos / "a.jpg").read_bytes() == b"jpeg" and not cut.exists() and not entry.exists()

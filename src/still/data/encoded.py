@@ -601,12 +601,33 @@ _ENTRY_NAME = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{20}")  # `entry_path`'s: <la
 _LEFT_NAME = re.compile(r"\.(?P<entry>[A-Za-z0-9_.-]+-[0-9a-f]{20})\.[^.]+\.(tmp|old)")  # `_write`'s, `remove`'s
 
 
+_ENTRY_FILES = {"manifest.json", "vocab.json", *(f"{split}{part}.npy" for split in SPLITS for part in ("", ".starts"))}
+"""What `_write` puts into an entry."""
+
+
+def others_in(folder: Path) -> list[str]:
+    """The names in a folder named as an entry that make it none: where it holds no manifest.json,
+    anything but an entry's files and their writers' temporaries (`atomic_write`'s `.<file>.*.tmp`).
+    A folder the user keeps other things in, named `<label>-<20 hex digits>` by chance (a probe:
+    photos-0123456789abcdef0123/a.jpg, called damaged and removed), is left alone. An empty list: an
+    entry, damaged or not."""
+    if (folder / "manifest.json").is_file():
+        return []
+    try:
+        names = sorted(path.name for path in folder.iterdir())
+    except OSError as e:
+        return [f"(unreadable: {e.strerror or e})"]
+    return [name for name in names if name not in _ENTRY_FILES
+            and not any(name.startswith(f".{file}.") and name.endswith(".tmp") for file in _ENTRY_FILES)]
+
+
 def entries(root: Path) -> tuple[list[Entry], list[Path]]:
     """The entries under `root` (by name), and what is left beside them: replaced entries and
     writers' temporary folders (`_sweep` removes them once a day old; a temporary folder may be a
     running writer's). Only folders named as `entry_path` and `_write` name them count: anything
     else in the folder (it may be one the user keeps other things in) is none of these, and left
-    alone, as are symbolic links."""
+    alone, as are symbolic links and folders named as entries that hold other files (`others_in`;
+    `not_entries` lists them)."""
     found, left = [], []
     try:
         listing = sorted(root.iterdir())
@@ -618,10 +639,22 @@ def entries(root: Path) -> tuple[list[Entry], list[Path]]:
         if path.is_symlink() or not path.is_dir():  # (the lock files; links: not made here)
             continue
         if _ENTRY_NAME.fullmatch(path.name):
-            found.append(_describe(path))
+            if not others_in(path):
+                found.append(_describe(path))
         elif _LEFT_NAME.fullmatch(path.name):
             left.append(path)
     return found, left
+
+
+def not_entries(root: Path) -> list[Path]:
+    """The folders under `root` named as entries that are none (`others_in`): left, and said, by
+    `still data list` and `clear`."""
+    try:
+        listing = sorted(root.iterdir())
+    except OSError:
+        return []
+    return [path for path in listing if _ENTRY_NAME.fullmatch(path.name) and not path.is_symlink() and path.is_dir()
+            and others_in(path)]
 
 
 def folder_size(path: Path) -> int:
@@ -673,6 +706,8 @@ def remove(path: Path, stale_only: bool = False) -> str | None:
     match = None if is_entry else _LEFT_NAME.fullmatch(path.name)
     if (not is_entry and match is None) or path.is_symlink():
         return "not an entry of the corpus cache"
+    if is_entry and path.is_dir() and (others := others_in(path)):
+        return f"not an entry of the corpus cache: it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
     owner = path if is_entry else path.with_name(match["entry"])
     with _lock_if_free(owner) as busy:
         if busy:
