@@ -1501,3 +1501,42 @@ def test_weights_that_give_nan_outputs_stop_the_run_and_are_refused(trained, cor
     assert_user_error(capsys, "lm", "eval", str(copy), "--threads", "1",
                       contains="the model's loss on the test split is nan: its weights diverged")
     assert not (copy / "eval-test.json").exists()
+
+
+def test_a_report_cut_short_is_drawn_again_and_written_whole(trained, corpus, tmp_path, capsys, monkeypatch):
+    """Found by a probe: `lm train` killed between results.* and curves.png lost the plot for good (the
+    rerun found the run finished); an interrupt there, and in `lm eval`'s writes, now waits for the end."""
+    import signal
+
+    import still.recipes.common as common
+    import still.recipes.lm as lm
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / "curves.png").unlink()
+    before = (out / "results.json").read_text()
+    code, printed, err = run_cli(capsys, *train_args(corpus, out))
+    assert code == 0 and "loaded the finished run" in err and "valid_bpc" in printed, err
+    assert f"{out}/curves.png was missing: drawn again from results.json's history" in err
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and (out / "results.json").read_text() == before
+
+    real = common.plot_curves
+
+    def interrupted_before_the_plot(path, *args, **kwargs):  # (SIGINT between the table and the plot)
+        signal.raise_signal(signal.SIGINT)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "plot_curves", interrupted_before_the_plot)
+    (out / "curves.png").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        lm.eval_lm(out, print_table=False)
+    assert (out / "eval-test.json").is_file() and (out / "eval-test-by-position.png").is_file()
+    config = lm.load_config(lm.LMConfig, out / "config.json")
+    with pytest.raises(KeyboardInterrupt):  # (the shortcut's plot)
+        lm.train_lm(config, out, print_table=False)
+    assert (out / "curves.png").is_file()
+    for name in ("results.md", "curves.png"):  # (the whole report, written again)
+        (out / name).unlink()
+    with pytest.raises(KeyboardInterrupt):
+        lm.train_lm(config, out, print_table=False)
+    assert (out / "results.md").is_file() and (out / "curves.png").is_file()

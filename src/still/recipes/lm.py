@@ -52,6 +52,7 @@ from still.recipes.common import (
     check_stage_config,
     hold_run_folder,
     plot_curves,
+    report_whole,
     run_kind,
 )
 from still.train import checkpoint as ckpt, distributed
@@ -384,12 +385,23 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
         dist.barrier()
         return {}
     if trainer.loaded_finished and (out / "results.json").is_file() and (out / "results.md").is_file():
-        # finished before, with these settings: nothing to redo
-        table = (out / "results.md").read_text(encoding="utf-8")
-        if print_table:
-            print(table)
-        dist.barrier()
-        return {**json.loads((out / "results.json").read_text(encoding="utf-8")), "table": table}
+        # finished before, with these settings: nothing to redo but a plot a killed report did not draw
+        # (a probe: killed between results.* and curves.png, the plot was lost for good), from the history
+        finished = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        try:
+            history, whole = finished["meta"]["history"], finished["rows"][0]["valid_bpc"]
+        except (KeyError, IndexError, TypeError):
+            history = whole = None
+        if history is not None or (out / "curves.png").is_file():
+            if not (out / "curves.png").is_file():
+                with report_whole():
+                    _plot_run(out / "curves.png", history, whole, config, corpus.name, vocab.unit)
+                log(f"{out}/curves.png was missing: drawn again from results.json's history")
+            table = (out / "results.md").read_text(encoding="utf-8")
+            if print_table:
+                print(table)
+            dist.barrier()
+            return {**finished, "table": table}
 
     test_docs, test_names = corpus.split("test")
     with autocast(config.precision, device):
@@ -416,21 +428,28 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
             # under autocast: the position table in fp32, its gradient centred (`attention.EXACT_POSITION_GRADIENT`)
             "position_gradient": attention.position_gradient_used(config.precision)}
     title = f"{corpus.name}: bits per {vocab.unit}, preset {config.preset}"
-    table = write_results(out, "results", rows, title=title, meta=meta)
-    hist = state.history
-    # validation during training reads the first eval_segments segments of each row (documents' openings,
-    # without memories yet): higher than the whole split's, which the table and a last point show
-    subset = f", first {config.eval_segments} segments" if config.eval_segments is not None else ""
-    plot_curves(out / "curves.png", [("train (the interval's steps)", [h["step"] for h in hist],
-                                      [h["train_bits"] for h in hist]),
-                                     (f"valid{subset}", [h["step"] for h in hist], [h["valid_bits"] for h in hist]),
-                                     ("valid, whole split", [config.steps], [final["valid"]["bits_per_token"]])],
-                xlabel="step", ylabel=f"bits per {vocab.unit}", title=f"{corpus.name}, preset {config.preset}")
+    with report_whole():  # (an interrupt between them left results.* without curves.png)
+        table = write_results(out, "results", rows, title=title, meta=meta)
+        _plot_run(out / "curves.png", state.history, final["valid"]["bits_per_token"], config, corpus.name,
+                  vocab.unit)
     if print_table:
         print(table)
         print(f"written to {out}/results.json, results.md and curves.png")
     dist.barrier()
     return {"rows": rows, "meta": meta, "table": table}
+
+
+def _plot_run(path: Path, history: list[dict], whole: float, config: LMConfig, corpus_name: str, unit: str) -> None:
+    """A run's curves.png: training and validation bits at each interval (`history`), and the whole
+    validation split's at the end (`whole`)."""
+    # validation during training reads the first eval_segments segments of each row (documents' openings,
+    # without memories yet): higher than the whole split's, which the table and a last point show
+    subset = f", first {config.eval_segments} segments" if config.eval_segments is not None else ""
+    plot_curves(path, [("train (the interval's steps)", [h["step"] for h in history],
+                        [h["train_bits"] for h in history]),
+                       (f"valid{subset}", [h["step"] for h in history], [h["valid_bits"] for h in history]),
+                       ("valid, whole split", [config.steps], [whole])],
+                xlabel="step", ylabel=f"bits per {unit}", title=f"{corpus_name}, preset {config.preset}")
 
 
 def _describe(m: CompressiveConfig) -> str:
@@ -579,19 +598,20 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     if before is not None and before != checkpoint.step:
         log(f"{name}.json, .md and its plot were of checkpoint step {before}: now of step {checkpoint.step}")
     try:
-        table = write_results(run_dir, name, rows, title=title,
-                              meta={k: v for k, v in result.items() if k != "by_position"}
-                              | {"step": checkpoint.step, "precision": precision,
-                                 "shards": min(shards, streams.batch_size),  # (what the scorer split the rows into)
-                                 "rows": streams.batch_size, "pieces": len(streams.pieces), "documents": len(docs),
-                                 "split_sha256": current,
-                                 "changed_since_training": changed})
-        plot_curves(run_dir / f"{name}-by-position.png",
-                    [(_describe(config.model),
-                      [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
-                      [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
-                    xlabel=f"position in the {within} ({vocab.unit}s)", ylabel=f"bits per {vocab.unit}", logx=True,
-                    title=f"{corpus.name} {split}: loss by position in the {within}")
+        with report_whole():  # (an interrupt between them left this step's eval-*.json beside the last's plot)
+            table = write_results(run_dir, name, rows, title=title,
+                                  meta={k: v for k, v in result.items() if k != "by_position"}
+                                  | {"step": checkpoint.step, "precision": precision,
+                                     "shards": min(shards, streams.batch_size),  # (what the scorer split the rows into)
+                                     "rows": streams.batch_size, "pieces": len(streams.pieces), "documents": len(docs),
+                                     "split_sha256": current,
+                                     "changed_since_training": changed})
+            plot_curves(run_dir / f"{name}-by-position.png",
+                        [(_describe(config.model),
+                          [max(1.0, (r["from"] + r["to"]) / 2) for r in rows if r["bits_per_char"] is not None],
+                          [r["bits_per_char"] for r in rows if r["bits_per_char"] is not None])],
+                        xlabel=f"position in the {within} ({vocab.unit}s)", ylabel=f"bits per {vocab.unit}", logx=True,
+                        title=f"{corpus.name} {split}: loss by position in the {within}")
     except OSError:  # (a run on read-only media, a full disk): the numbers first, then why they were not kept
         if print_table:
             print(format_table(rows, title=title))
