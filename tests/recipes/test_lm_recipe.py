@@ -1503,6 +1503,34 @@ def test_weights_that_give_nan_outputs_stop_the_run_and_are_refused(trained, cor
     assert not (copy / "eval-test.json").exists()
 
 
+@pytest.mark.parametrize("change", ["started again", "checkpoint removed"])
+def test_an_evaluation_of_a_run_changed_meanwhile_writes_nothing(trained, tmp_path, capsys, monkeypatch, change):
+    """Found by a probe: `lm eval` of a run that `lm train --overwrite` started again while it
+    evaluated wrote the old model's numbers into the new run's eval-test.* (the same step label)."""
+    import still.recipes.lm as lm
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for earlier in out.glob("eval-*"):  # (another test's)
+        earlier.unlink()
+    newest = sorted((out / "checkpoints").glob("ckpt-*"))[-1]
+    real = lm.evaluate_streams
+
+    def evaluate_then_change(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if change == "started again":  # (as --overwrite with other settings: a new config.json, checkpoints gone)
+            config = json.loads((out / "config.json").read_text())
+            (out / "config.json").write_text(json.dumps({**config, "steps": 16}))
+        shutil.rmtree(newest)
+        return result
+
+    monkeypatch.setattr(lm, "evaluate_streams", evaluate_then_change)
+    assert_user_error(capsys, "lm", "eval", str(out), "--threads", "1",
+                      contains=f"{out} changed while it was evaluated (started again, or its checkpoint {newest.name} "
+                               "removed): nothing written; evaluate it again")
+    assert not list(out.glob("eval-*"))
+
+
 def test_a_report_cut_short_is_drawn_again_and_written_whole(trained, corpus, tmp_path, capsys, monkeypatch):
     """Found by a probe: `lm train` killed between results.* and curves.png lost the plot for good (the
     rerun found the run finished); an interrupt there, and in `lm eval`'s writes, now waits for the end."""

@@ -533,6 +533,17 @@ def _recorded(run_dir: Path, key: str) -> Any:
         return None
 
 
+def _run_files(folder: Path, names: tuple[str, ...] = ("config.json", "stage.json")) -> dict[str, bytes | None]:
+    """The bytes of `names` in `folder` (None: missing or unreadable), to tell later whether they changed."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = (folder / name).read_bytes()
+        except OSError:
+            found[name] = None
+    return found
+
+
 def _recorded_split_digest(run_dir: Path, split: str) -> str | None:
     """The digest of `split` that training recorded in the run's stage.json (`split_sha256`), or None."""
     recorded = _recorded(run_dir, "split_sha256")
@@ -549,7 +560,9 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     many CPU threads (`StreamScorer`; default: `eval_shards`). `fill_rows`: cut a split of fewer
     documents than rows into pieces, one a row (`LMConfig.eval_fill_rows`; default: the run's)."""
     run_dir = Path(run_dir)
+    settings = _run_files(run_dir)  # (read before the run is: a run started again meanwhile differs after)
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
+    evaluated = _run_files(checkpoint.path, ("manifest.json",)) | settings
     precision = precision or config.precision
     check_precision(precision)
     try:
@@ -590,6 +603,12 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
                                "without the text before it" if cut else "")
              + (f"; the {split} text has changed since training" if changed else "") + "\n\n"
              f"Loss by position within the {within}:")
+    # what is written beside the run's results must be of the run there now (a probe: `lm eval` of a run that
+    # `lm train --overwrite` started again meanwhile wrote the old model's numbers into the new run's files)
+    now = _run_files(checkpoint.path, ("manifest.json",)) | _run_files(run_dir)
+    if evaluated["manifest.json"] is None or now != evaluated:
+        raise StillError(f"{run_dir} changed while it was evaluated (started again, or its checkpoint "
+                         f"{checkpoint.path.name} removed): nothing written; evaluate it again")
     name = f"eval-{split}"
     try:  # (a probe: an older checkpoint's evaluation replaced the newest one's unsaid)
         before = json.loads((run_dir / f"{name}.json").read_text(encoding="utf-8"))["meta"]["step"]
