@@ -1568,3 +1568,25 @@ def test_a_report_cut_short_is_drawn_again_and_written_whole(trained, corpus, tm
     with pytest.raises(KeyboardInterrupt):
         lm.train_lm(config, out, print_table=False)
     assert (out / "results.md").is_file() and (out / "curves.png").is_file()
+
+
+def test_compare_writes_over_and_removes_only_a_comparisons_files(trained, tmp_path, capsys):
+    """Found by a probe: `lm compare --out C` removed a user's compare-test-by-position.png ("of an
+    earlier comparison") and wrote over their compare-test.md."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for earlier in run.glob("eval-*"):  # (no evaluation: the comparison has no by-position plot)
+        earlier.unlink()
+    for name in ("compare-test-by-position.png", "compare-test.md", "compare-valid-curves.png"):
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_bytes(b"the user's")
+        assert_user_error(capsys, "lm", "compare", str(run), "--out", str(out),
+                          contains=f"--out {out} holds {name}, not of a comparison of still's")
+        assert [p.name for p in out.iterdir()] == [name] and (out / name).read_bytes() == b"the user's"
+    out = tmp_path / "cmp"  # (a comparison's own files: written over, and a plot removed, again)
+    assert run_cli(capsys, "lm", "compare", str(run), "--out", str(out))[0] == 0
+    (out / "compare-test-by-position.png").write_bytes(b"an earlier comparison's")
+    code, _, err = run_cli(capsys, "lm", "compare", str(run), "--out", str(out))
+    assert code == 0 and "(of an earlier comparison) removed" in err
+    assert not (out / "compare-test-by-position.png").exists()

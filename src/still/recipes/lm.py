@@ -847,6 +847,22 @@ def _figure(value: object, what: str) -> object:
     raise ValueError(f"{what} is {value!r}, not a finite number")
 
 
+COMPARISON = "still lm compare"
+"""The `written_by` of a comparison's record (`compare-<split>.json`'s meta)."""
+
+
+def _compare_record(path: Path) -> bool:
+    """Whether `path` is a comparison's record (`compare_runs`): its meta's `written_by`, or, written
+    before that, notes in its meta and a run in each row."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        meta, rows = data["meta"], data["rows"]
+        return meta.get("written_by") == COMPARISON or (isinstance(meta.get("notes"), list) and isinstance(rows, list)
+                                                        and all("run" in row for row in rows))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_table: bool = True) -> str:
     """One table (bits per character of each run) and two plots (bits per character against the
     position in the document, and validation during training, one curve per run) from finished
@@ -856,6 +872,17 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
         if (kind := run_kind(folder)) is not None or (folder / "stage.json").exists():
             raise StillError(f"--out {out}: {folder} holds {f'a {kind} run' if kind else 'a stage of a run'}, among "
                              "whose files the comparison's would be written; choose another folder")
+    # written over or removed below: only where they are a comparison's (a probe: a user's compare-test.md was
+    # written over, and a plot of theirs removed "of an earlier comparison")
+    record = out / f"compare-{split}.json"
+    by_position, valid_curves = out / f"compare-{split}-by-position.png", out / "compare-valid-curves.png"
+    ours = _compare_record(record)
+    theirs = [path.name for path in (record, out / f"compare-{split}.md", by_position) if path.exists() and not ours]
+    if valid_curves.exists() and not (ours or any(_compare_record(path) for path in out.glob("compare-*.json"))):
+        theirs.append(valid_curves.name)
+    if theirs:
+        raise StillError(f"--out {out} holds {', '.join(theirs)}, not of a comparison of still's, which a comparison "
+                         "there writes over (or removes): move them out, or choose another folder")
     rows, curves, histories = [], [], []
     seen: dict[Path, Path] = {}
     for run_dir in run_dirs:
@@ -937,9 +964,9 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
         note("these runs read different corpora or units (the corpus and unit columns): their bits do not compare")
     title = f"Bits per {unit} ({split}); by position: mean over the position buckets"
     table = write_results(out, f"compare-{split}", rows, columns=columns,
-                          title="\n\n".join([title, *(f"Note: {text}" for text in notes)]), meta={"notes": notes})
+                          title="\n\n".join([title, *(f"Note: {text}" for text in notes)]),
+                          meta={"notes": notes, "written_by": COMPARISON})
     # (a plot this comparison has nothing for is removed, not left from an earlier one of other runs)
-    by_position, valid_curves = out / f"compare-{split}-by-position.png", out / "compare-valid-curves.png"
     if curves:
         plot_curves(by_position, curves, xlabel=f"position in the document ({unit}s)",
                     ylabel=f"bits per {unit}", logx=True, title=f"{split}: loss by position in the document")
