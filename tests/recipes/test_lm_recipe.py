@@ -563,6 +563,20 @@ def test_a_relative_corpus_is_stored_absolute(corpus, tmp_path, capsys, monkeypa
     assert run_cli(capsys, "lm", "eval", str(out), "--split", "valid", "--threads", "1")[0] == 0
 
 
+def test_the_runs_corpus_through_a_link_is_the_runs_corpus(trained, corpus, tmp_path, capsys):
+    """A probe: the same file through a symbolic link was "different settings (corpus)", and the
+    refusal offered --overwrite, which would have deleted the run."""
+    out, link = tmp_path / "run", tmp_path / "link"
+    shutil.copytree(trained, out)
+    link.symlink_to(corpus)
+    code, _, err = run_cli(capsys, *train_args(link, out))
+    assert code == 0 and "loaded the finished run" in err and f"is {out}'s corpus {corpus}" in err, err
+    assert json.loads((out / "stage.json").read_text())["corpus"] == str(corpus)
+    other = tmp_path / "other"  # a copy is another corpus: its own settings
+    shutil.copytree(corpus, other)
+    assert_user_error(capsys, *train_args(other, out), contains="holds a run with different settings (corpus")
+
+
 def test_generation_piped_into_head_ends_quietly(trained):
     """`still lm generate ... | head -c 20`: the reader leaves early; the command exits 0, silently."""
     import subprocess

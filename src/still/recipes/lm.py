@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from still.recipes.common import (
 )
 from still.train import checkpoint as ckpt, distributed
 from still.train.aot import compile_failures_run_eagerly, torch_compile_problem
-from still.train.io import atomic_write, atomic_write_text
+from still.train.io import atomic_write, atomic_write_text, printable
 from still.train.loop import Trainer
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.precision import autocast, bf16_slower, check_precision
@@ -213,6 +214,19 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         return _train_lm(config, out, cache, overwrite, print_table, on_nonfinite, keep, shards, compile)
 
 
+def _same_corpus(stored: str, given: str) -> bool:
+    """Whether a run's stored corpus (absolute) is the file or folder `given` names under another
+    path (a symbolic link, a hard link, a bind mount), of the same kind."""
+    if stored == given:
+        return False
+    kinds = [next((k for k in CORPUS_KINDS if name.startswith(k)), "") for name in (stored, given)]
+    paths = [name[len(kind):] for name, kind in zip((stored, given), kinds)]
+    try:
+        return kinds[0] == kinds[1] and os.path.isabs(paths[0]) and os.path.samefile(*paths)
+    except OSError:
+        return False
+
+
 def _older_relative_corpus(stage: Path, corpus: str) -> None:
     """A run made before its corpus's path was stored absolute (`absolute_corpus`) names it as
     given: where that is `corpus` seen from here, it is written absolute, so the same command resumes it."""
@@ -229,6 +243,11 @@ def _older_relative_corpus(stage: Path, corpus: str) -> None:
 def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
               keep: int, shards: int | None, compile: bool) -> dict:
     config = replace(config, corpus=absolute_corpus(config.corpus))  # the same corpus for `lm eval` from anywhere
+    stored = _recorded(out, "corpus")
+    if isinstance(stored, str) and _same_corpus(stored, config.corpus):  # (a probe: through a symbolic link, the
+        # run's own corpus was "different settings (corpus)", and the refusal offered --overwrite)
+        log(f"--corpus {printable(config.corpus)} is {out}'s corpus {printable(stored)}: the run reads it as that")
+        config = replace(config, corpus=stored)
     device = distributed.process_device()  # joins the process group where started by torchrun
     dist = distributed.current()
     corpus = _load_data(config, cache)
