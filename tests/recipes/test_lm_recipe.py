@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,7 +388,8 @@ def test_a_run_inside_another_runs_checkpoints_is_refused(trained, corpus, tmp_p
                       contains="is inside the checkpoints folder of the run in")
     stage = tmp_path / "distill" / "teacher"  # (a stage's: named as one, not as a run)
     (stage / "checkpoints").mkdir(parents=True)
-    (stage / "stage.json").write_text("{}")
+    (stage / "stage.json").write_text(json.dumps({"epochs": 1, "model": {}, "optim": {}}))
+    (stage.parent / "config.json").write_text(run_config("distill mnist"))
     assert_user_error(capsys, *train_args(corpus, stage / "checkpoints" / "mine"),
                       contains=f"is inside the checkpoints folder of the teacher stage of the run in {stage.parent}, "
                                "which is for its checkpoints alone")
@@ -1520,7 +1522,8 @@ def test_weights_that_give_nan_outputs_stop_the_run_and_are_refused(trained, cor
 @pytest.mark.parametrize("change", ["started again", "checkpoint removed"])
 def test_an_evaluation_of_a_run_changed_meanwhile_writes_nothing(trained, tmp_path, capsys, monkeypatch, change):
     """Found by a probe: `lm eval` of a run that `lm train --overwrite` started again while it
-    evaluated wrote the old model's numbers into the new run's eval-test.* (the same step label)."""
+    evaluated wrote the old model's numbers into the new run's eval-test.* (the same step label).
+    A checkpoint rotated away by training that goes on is still of this run: its numbers are written."""
     import still.recipes.lm as lm
 
     out = tmp_path / "run"
@@ -1539,9 +1542,13 @@ def test_an_evaluation_of_a_run_changed_meanwhile_writes_nothing(trained, tmp_pa
         return result
 
     monkeypatch.setattr(lm, "evaluate_streams", evaluate_then_change)
-    assert_user_error(capsys, "lm", "eval", str(out), "--threads", "1",
-                      contains=f"{out} changed while it was evaluated (started again, or its checkpoint {newest.name} "
-                               "removed): nothing written; evaluate it again")
+    args = ("lm", "eval", str(out), "--threads", "1")
+    if change == "checkpoint removed":
+        assert run_cli(capsys, *args)[0] == 0
+        assert json.loads((out / "eval-test.json").read_text())["meta"]["step"] == int(newest.name[5:])
+        return
+    assert_user_error(capsys, *args, contains=f"{out} changed while it was evaluated (started again with other "
+                                              "settings): nothing written; evaluate it again")
     assert not list(out.glob("eval-*"))
 
 
@@ -1604,3 +1611,34 @@ def test_compare_writes_over_and_removes_only_a_comparisons_files(trained, tmp_p
     code, _, err = run_cli(capsys, "lm", "compare", str(run), "--out", str(out))
     assert code == 0 and "(of an earlier comparison) removed" in err
     assert not (out / "compare-test-by-position.png").exists()
+    record = json.loads((out / "compare-test.json").read_text())  # as most earlier versions wrote it (a review)
+    (out / "compare-test.json").write_text(json.dumps({**record, "meta": {}}))
+    assert run_cli(capsys, "lm", "compare", str(run), "--out", str(out))[0] == 0
+
+
+def test_overwrite_deletes_what_marks_a_run_last(tmp_path, monkeypatch):
+    """A review: killed between stage.json and vocab.json, `--overwrite` left a folder of no run's
+    holding vocab.json, which every later run refused; what marks it as still's goes last."""
+    from still.recipes import common
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "ckpt-00000002").mkdir(parents=True)
+    for name in ("config.json", "results.md", "stage.json", "vocab.json", "curves.png"):
+        (out / name).write_text("{}")
+    gone = []
+    real_unlink, real_rmtree = Path.unlink, common.shutil.rmtree
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: gone.append(self.name) or real_unlink(self, *a, **k))
+    monkeypatch.setattr(common.shutil, "rmtree", lambda path, *a, **k: gone.append(Path(path).name)
+                        or real_rmtree(path, *a, **k))
+    common._start_again(out)
+    assert gone[-3:] == ["ckpt-00000002", "config.json", "stage.json"] and not list(out.iterdir()), gone
+
+
+def test_a_users_stage_json_does_not_make_a_run_of_its_checkpoints_folder(corpus, tmp_path, capsys):
+    """A review: the checkpoints-folder refusal took any stage.json for a run's, and named a folder of
+    the user's as "the U stage of the run in" its parent, which held no run."""
+    user = tmp_path / "U"
+    (user / "checkpoints").mkdir(parents=True)
+    (user / "stage.json").write_text(json.dumps({"env": "prod"}))
+    code, _, err = run_cli(capsys, *train_args(corpus, user / "checkpoints" / "r1"))
+    assert code == 0, err

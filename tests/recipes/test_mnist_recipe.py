@@ -307,3 +307,22 @@ def test_an_omitted_digit_that_empties_the_transfer_set_is_refused_before_any_st
                       "--threads", "1", "--out", str(out),
                       contains="omitting digit 5 removes every training image (all 1 of train subset 1)")
     assert not (out / "teacher").exists() and not (out / "config.json").exists()
+
+
+def test_a_new_run_beside_another_kinds_run_is_marked_at_once(tmp_path):
+    """A review: a distillation's folder that also held a language-model run (its stage.json in a
+    subfolder) was taken for an older still's run of stages and not marked as it started, so an
+    interrupted distillation there could be taken by `lm train`. Only its own stages' names count."""
+    from still.recipes.common import mark_new_run, run_kind
+    from still.recipes.mnist import MnistConfig
+
+    out = tmp_path / "run"
+    (out / "lm1").mkdir(parents=True)
+    (out / "lm1" / "stage.json").write_text(run_config("language-model"))
+    mark_new_run(out, MnistConfig(), "distill mnist")
+    assert run_kind(out) == "distill mnist"
+    older = tmp_path / "older"  # an older still's run: its stages, no config.json; marked as it ends
+    (older / "teacher").mkdir(parents=True)
+    (older / "teacher" / "stage.json").write_text(json.dumps({"epochs": 1, "model": {}, "optim": {}}))
+    mark_new_run(older, MnistConfig(), "distill mnist")
+    assert not (older / "config.json").exists()

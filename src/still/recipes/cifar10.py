@@ -235,7 +235,7 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
     student_cfg = {"model": _stage_model(config.student), **common}
     distilled_cfg = {**student_cfg, "temperature": config.temperature, "alpha": config.alpha, "teacher": teacher_cfg}
     check_stages(out, {"teacher": teacher_cfg, "student": student_cfg, name: distilled_cfg}, overwrite, UNRECORDED)
-    mark_new_run(out, config, overwrite, RESULTS)
+    mark_new_run(out, config, "distill cifar10", overwrite, RESULTS)
     rows, curves, seconds = [], [], {}
 
     seed_everything(config.seed)

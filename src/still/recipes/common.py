@@ -132,7 +132,7 @@ def _stills_stage(folder: Path) -> bool:
 def _whose(folder: Path) -> str:
     """A folder of still's (`_still_run`) in words: "the run in <folder>", or where it is a stage of
     one (a distillation's teacher), "the teacher stage of the run in <the folder above>"."""
-    if run_kind(folder) is None and (folder / "stage.json").is_file():
+    if run_kind(folder) is None and run_kind(folder.parent) is not None:
         return f"the {folder.name} stage of the run in {folder.parent}"
     return f"the run in {folder}"
 
@@ -171,7 +171,7 @@ def _config_of(run_dir: Path) -> dict | None:
 
 def _still_run(folder: Path) -> bool:
     """Whether `folder` holds a run of still's (a config.json of one of `RUN_KINDS`) or a stage of one."""
-    return run_kind(folder) is not None or (folder / "stage.json").is_file()
+    return run_kind(folder) is not None or _stills_stage(folder)
 
 
 def run_kind(run_dir: Path) -> str | None:
@@ -283,7 +283,10 @@ def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
     (`hold_run_folder`) is held on it."""
     _not_a_link(stage_dir)
     kept = []
-    for path in sorted(stage_dir.iterdir()):
+    # what marks the folder as still's last (a review: killed between stage.json and vocab.json, it was
+    # left as a folder of no run's holding vocab.json, which every later run refused)
+    last = {"checkpoints": 1, "config.json": 2, "stage.json": 3}
+    for path in sorted(stage_dir.iterdir(), key=lambda path: (last.get(path.name, 0), path.name)):
         if _temporary(path, files):
             path.unlink()
         elif not any(fnmatch.fnmatchcase(path.name, pattern) for pattern in files):
@@ -301,7 +304,7 @@ def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
         else:
             path.unlink()
     if kept:
-        log(f"--overwrite: left what still did not write in {printable(str(stage_dir))}: {', '.join(kept)}")
+        log(f"--overwrite: left what still did not write in {printable(str(stage_dir))}: {', '.join(sorted(kept))}")
 
 
 def _not_a_link(stage_dir: Path) -> None:
@@ -386,7 +389,7 @@ def report_whole() -> Iterator[None]:
         signal.raise_signal(received[0])
 
 
-def mark_new_run(out: Path, config: Any, overwrite: bool = False, results: Sequence[str] = ()) -> None:
+def mark_new_run(out: Path, config: Any, kind: str, overwrite: bool = False, results: Sequence[str] = ()) -> None:
     """A run folder that holds no run yet takes its config.json at once (the run writes it again as
     it ends): a run interrupted before its end is still told from another recipe's, whose
     `check_run_kind` reads it, and `--overwrite` elsewhere cannot take its stages for its own. (A
@@ -399,8 +402,8 @@ def mark_new_run(out: Path, config: Any, overwrite: bool = False, results: Seque
             for name in results:
                 (out / name).unlink(missing_ok=True)
             save_config(config, out / "config.json")
-        elif not ((out / "config.json").exists() or (out / "stage.json").exists()
-                  or any((folder / "stage.json").exists() for folder in out.iterdir() if folder.is_dir())):
+        elif not ((out / "config.json").exists() or _holds_stages(out, kind)):  # (a probe: any subfolder's
+            # stage.json, a language model's beside it, left an interrupted distillation unmarked)
             save_config(config, out / "config.json")
 
     distributed.current().on_main(mark)

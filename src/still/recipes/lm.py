@@ -243,13 +243,15 @@ def _older_relative_corpus(stage: Path, corpus: str) -> None:
 def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: bool, on_nonfinite: str,
               keep: int, shards: int | None, compile: bool) -> dict:
     config = replace(config, corpus=absolute_corpus(config.corpus))  # the same corpus for `lm eval` from anywhere
+    device = distributed.process_device()  # joins the process group where started by torchrun
+    dist = distributed.current()
     stored = _recorded(out, "corpus")
     if isinstance(stored, str) and _same_corpus(stored, config.corpus):  # (a probe: through a symbolic link, the
         # run's own corpus was "different settings (corpus)", and the refusal offered --overwrite)
-        log(f"--corpus {printable(config.corpus)} is {out}'s corpus {printable(stored)}: the run reads it as that")
+        if dist.main:
+            log(f"--corpus {printable(config.corpus)} is {printable(str(out))}'s corpus {printable(stored)}: the run "
+                "reads it as that")
         config = replace(config, corpus=stored)
-    device = distributed.process_device()  # joins the process group where started by torchrun
-    dist = distributed.current()
     corpus = _load_data(config, cache)
     dist.check_same(int(corpus.digest[:15], 16), "the corpus's text (its digest)",
                     "every process must read the same corpus (on several machines, the same files)", show=False)
@@ -581,7 +583,6 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     run_dir = Path(run_dir)
     settings = _run_files(run_dir)  # (read before the run is: a run started again meanwhile differs after)
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
-    evaluated = _run_files(checkpoint.path, ("manifest.json",)) | settings
     precision = precision or config.precision
     check_precision(precision)
     try:
@@ -624,10 +625,10 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
              f"Loss by position within the {within}:")
     # what is written beside the run's results must be of the run there now (a probe: `lm eval` of a run that
     # `lm train --overwrite` started again meanwhile wrote the old model's numbers into the new run's files)
-    now = _run_files(checkpoint.path, ("manifest.json",)) | _run_files(run_dir)
-    if evaluated["manifest.json"] is None or now != evaluated:
-        raise StillError(f"{run_dir} changed while it was evaluated (started again, or its checkpoint "
-                         f"{checkpoint.path.name} removed): nothing written; evaluate it again")
+    # (its settings only: a checkpoint rotated away by the training going on is still this run's step)
+    if _run_files(run_dir) != settings:
+        raise StillError(f"{run_dir} changed while it was evaluated (started again with other settings): nothing "
+                         "written; evaluate it again")
     name = f"eval-{split}"
     try:  # (a probe: an older checkpoint's evaluation replaced the newest one's unsaid)
         before = json.loads((run_dir / f"{name}.json").read_text(encoding="utf-8"))["meta"]["step"]
@@ -872,12 +873,12 @@ COMPARISON = "still lm compare"
 
 def _compare_record(path: Path) -> bool:
     """Whether `path` is a comparison's record (`compare_runs`): its meta's `written_by`, or, written
-    before that, notes in its meta and a run in each row."""
+    before that (meta empty in most versions), a run and a model in each of its rows."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         meta, rows = data["meta"], data["rows"]
-        return meta.get("written_by") == COMPARISON or (isinstance(meta.get("notes"), list) and isinstance(rows, list)
-                                                        and all("run" in row for row in rows))
+        return meta.get("written_by") == COMPARISON or (isinstance(rows, list) and bool(rows) and all(
+            isinstance(row, dict) and "run" in row and "model" in row for row in rows))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 

@@ -204,7 +204,7 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
             "teacher_shifts": shifts, **common}
     check_stages(out, {"teacher": teacher_cfg, "baseline": baseline_cfg,
                        **{name: settings for name, (_, settings) in students.items()}}, overwrite)
-    mark_new_run(out, config, overwrite, RESULTS)
+    mark_new_run(out, config, "distill mnist", overwrite, RESULTS)
 
     def in_precision(compute: Any) -> Any:  # outside the trainer (which applies it to its own steps)
         with autocast(config.precision, device):
