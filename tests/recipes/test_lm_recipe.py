@@ -607,6 +607,18 @@ def test_generate_bad_prompt(trained, capsys):
                           contains=f"temperature must be a finite number > 0, got {value}")
 
 
+def test_a_state_saved_through_a_link_is_written_where_it_leads(trained, tmp_path, capsys):
+    """A probe: `--save-state` given a symbolic link (a state kept on another disk) replaced the link
+    by a file and left the state it led to as it was."""
+    (tmp_path / "elsewhere").mkdir()
+    target, link = tmp_path / "elsewhere" / "state.safetensors", tmp_path / "state.safetensors"
+    link.symlink_to(target)
+    args = ["lm", "generate", str(trained), "--tokens", "5", "--threads", "1", "--save-state", str(link)]
+    for _ in range(2):  # made through the link, then written over through it
+        assert run_cli(capsys, *args)[0] == 0
+        assert link.is_symlink() and target.is_file()
+
+
 def test_generation_saved_and_continued_is_one_generation(trained, tmp_path, capsys, monkeypatch):
     """`--save-state FILE` writes the memories of the text but its last token, that token and the
     random numbers' state; `--state FILE` continues the text from them (the same file read and

@@ -258,20 +258,6 @@ def test_loading_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
-def test_an_atomic_write_through_a_link_writes_its_target(tmp_path):
-    from still.train.io import atomic_write_text
-
-    (tmp_path / "elsewhere").mkdir()
-    target, link = tmp_path / "elsewhere" / "state.st", tmp_path / "state.st"
-    target.write_text("old")
-    link.symlink_to(target)
-    atomic_write_text(link, "new")
-    assert link.is_symlink() and target.read_text() == "new"
-    target.unlink()  # a dangling link: its target made, as open() makes it
-    atomic_write_text(link, "again")
-    assert link.is_symlink() and target.read_text() == "again"
-
-
 def test_atomic_writes_get_a_normal_file_mode(tmp_path):
     import os
     import stat

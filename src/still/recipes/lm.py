@@ -755,6 +755,9 @@ def save_generation_state(path: str | Path, state: MemoryState, pending: int, nu
     tensors["pending"] = torch.tensor([pending], dtype=torch.int64)  # (1,)
     tensors["generator"] = numbers.clone()  # (the CPU generator's state: uint8)
     metadata = {"format": STATE_FORMAT, **_model_identity(config, vocab, loaded)}
+    if Path(path).is_symlink():  # (a probe: a state file kept elsewhere through a link was left as it was, the
+        # link replaced by a file; the user named this file: written where it leads, as open() would)
+        path = os.path.realpath(path)
     try:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except (OSError, SafetensorError) as e:  # (safetensors says its I/O errors with its own)

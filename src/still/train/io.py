@@ -59,12 +59,8 @@ def _remove_dead_writers(path: Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` to produce the file, then move it over `path` atomically. Where `path`
-    is a symbolic link, its target is written (as `open` writes it), not the link replaced by a file
-    (a probe: a state file kept elsewhere through a link was left as it was, the link gone)."""
+    """Call `write(tmp_path)` to produce the file, then move it over `path` atomically."""
     path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
