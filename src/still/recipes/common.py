@@ -66,7 +66,7 @@ def check_run_kind(run_dir: Path, kind: str, writes: Collection[str] = ()) -> No
         if owner is not None:
             raise StillError(f"{run_dir} is the {place.name} stage of the {owner} run in {place.parent}, "
                              f"not a {kind} run: choose another directory")
-    data = _config_of(place)
+    data = _json_object(place / "config.json")
     if data is not None and not _fits(data, kind):
         for other in RUN_KINDS:
             if other != kind and _fits(data, other):
@@ -104,10 +104,10 @@ DIGESTS = ("corpus_sha256", "split_sha256", "vocab_sha256")
 """What a language model's stage.json records of its text beside its settings."""
 
 
-def _stage_json(folder: Path) -> dict | None:
-    """The folder's stage.json as data (None: none there, or none readable as a JSON object)."""
+def _json_object(path: Path) -> dict | None:
+    """A config.json's or stage.json's data (None: none there, or none readable as a JSON object)."""
     try:
-        data = json.loads((folder / "stage.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -125,7 +125,7 @@ def _stills_settings(data: dict) -> bool:
 def _stills_stage(folder: Path) -> bool:
     """Whether `folder` holds a stage.json of still's (`_stills_settings`; a probe: a user's own, as
     {"env": "prod"}, made their folder a run of still's, to be written over)."""
-    data = _stage_json(folder)
+    data = _json_object(folder / "stage.json")
     return data is not None and _stills_settings(data)
 
 
@@ -160,15 +160,6 @@ def _fits(data: dict, kind: str) -> bool:
     return _CORE[kind] <= set(data) <= fields
 
 
-def _config_of(run_dir: Path) -> dict | None:
-    """The run's config.json as data (None: none there, or none readable as a dict)."""
-    try:
-        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _still_run(folder: Path) -> bool:
     """Whether `folder` holds a run of still's (a config.json of one of `RUN_KINDS`) or a stage of one."""
     return run_kind(folder) is not None or _stills_stage(folder)
@@ -177,7 +168,7 @@ def _still_run(folder: Path) -> bool:
 def run_kind(run_dir: Path) -> str | None:
     """Which kind of run (`RUN_KINDS`) the directory holds, by its config.json; None where it holds
     none that one kind's config alone fits."""
-    data = _config_of(run_dir)
+    data = _json_object(run_dir / "config.json")
     kinds = [kind for kind in RUN_KINDS if data is not None and _fits(data, kind)]
     return kinds[0] if len(kinds) == 1 else None
 
