@@ -78,7 +78,7 @@ from still.data.text import (
     walk_files,
 )
 from still.errors import StillError
-from still.train.io import atomic_write, atomic_write_text, printable, process_umask
+from still.train.io import atomic_write, atomic_write_text, printable, process_umask, temporary_of
 from still.train.progress import format_size, log
 
 FORMAT = 5  # (raise it when what an entry holds, or how a corpus is split, changes: older entries are made again;
@@ -618,7 +618,7 @@ def others_in(folder: Path) -> list[str]:
     except OSError as e:
         return [f"(unreadable: {e.strerror or e})"]
     return [name for name in names if name not in _ENTRY_FILES
-            and not any(name.startswith(f".{file}.") and name.endswith(".tmp") for file in _ENTRY_FILES)]
+            and not ((found := temporary_of(name)) and found[0] in _ENTRY_FILES)]
 
 
 def entries(root: Path) -> tuple[list[Entry], list[Path]]:

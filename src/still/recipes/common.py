@@ -7,7 +7,6 @@ import fnmatch
 import glob
 import json
 import os
-import re
 import shutil
 import signal
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -22,7 +21,7 @@ from still.data.text import SPLITS
 from still.errors import StillError
 from still.train import distributed
 from still.train.checkpoint import list_checkpoints, newest_config, written_here
-from still.train.io import atomic_write, atomic_write_text, printable
+from still.train.io import atomic_write, atomic_write_text, printable, temporary_of
 from still.train.loop import IndexBatches, Trainer, TrainState, deferred_signals
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.progress import log
@@ -214,7 +213,9 @@ def _to_start_again(stage_dir: Path, config: dict[str, Any], overwrite: bool, de
                              "choose another --out, or pass --overwrite to start it again")
     elif not (overwrite and (stage_dir / "stage.json").exists()):
         return False  # (a new stage; an unreadable stage.json, let through by `_recorded_settings`, starts again)
-    _not_a_link(stage_dir)
+    if stage_dir.is_symlink():  # (`_start_again` deletes in it: not through a link, whose target may be anything)
+        raise StillError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): --overwrite does not delete "
+                         "what it points to; give that folder itself, or remove the link")
     return True
 
 
@@ -253,15 +254,12 @@ DISTILL_STAGE_FILES = ("checkpoints", "stage.json")
 alone (a probe: `STAGE_FILES` there deleted a user's config.json, results.md, ... in teacher/)."""
 
 
-_TEMPORARY = re.compile(r"^\.(.+)\.\d+-[a-z0-9_]+\.tmp$")
-
-
 def _temporary(path: Path, files: Sequence[str]) -> bool:
-    """Whether `path` is a file `atomic_write` left half-written, `.<name>.<pid>-<random>.tmp`, of a
-    file named in `files` (a probe: `.*.tmp` took a user's .draft.tmp, and a folder .work.tmp/ whole)."""
-    found = _TEMPORARY.match(path.name)
+    """Whether `path` is a file `atomic_write` left half-written (`temporary_of`) of a file named in
+    `files` (a probe: `.*.tmp` took a user's .draft.tmp, and a folder .work.tmp/ whole)."""
+    found = temporary_of(path.name)
     return (found is not None and path.is_file() and not path.is_symlink()
-            and any(fnmatch.fnmatchcase(found[1], pattern) for pattern in files))
+            and any(fnmatch.fnmatchcase(found[0], pattern) for pattern in files))
 
 
 def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
@@ -269,10 +267,9 @@ def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
     that: files of the user's, and a run in a folder inside it (which may be training now), stay;
     so does what still did not write in its checkpoints folder (`written_here`; a probe: a run
     deeper in it, and a user's model.pt, were deleted with the folder), and the folder with them.
-    Not through a symbolic link, whose target may be anything; but a `checkpoints` link (to a bigger
-    disk) stays, its checkpoints of still's deleted. The folder itself stays: a run folder's lock
+    Not through a symbolic link (`_to_start_again` refuses one first); but a `checkpoints` link (to a
+    bigger disk) stays, its checkpoints of still's deleted. The folder itself stays: a run folder's lock
     (`hold_run_folder`) is held on it."""
-    _not_a_link(stage_dir)
     kept = []
     # what marks the folder as still's last (a review: killed between stage.json and vocab.json, it was
     # left as a folder of no run's holding vocab.json, which every later run refused)
@@ -296,12 +293,6 @@ def _start_again(stage_dir: Path, files: Sequence[str] = STAGE_FILES) -> None:
             path.unlink()
     if kept:
         log(f"--overwrite: left what still did not write in {printable(str(stage_dir))}: {', '.join(sorted(kept))}")
-
-
-def _not_a_link(stage_dir: Path) -> None:
-    if stage_dir.is_symlink():
-        raise StillError(f"{stage_dir} is a symbolic link (to {os.readlink(stage_dir)}): --overwrite does not delete "
-                         "what it points to; give that folder itself, or remove the link")
 
 
 def _empty_checkpoints(folder: Path, remove: bool = True) -> list[str]:

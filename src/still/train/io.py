@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -48,13 +49,22 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+_TEMPORARY = re.compile(r"\.(.+)\.(\d+)-[a-z0-9_]+\.tmp")  # (mkstemp's random part: [a-z0-9_])
+
+
+def temporary_of(name: str) -> tuple[str, int] | None:
+    """The file an `atomic_write` temporary named `name` (`.<file>.<pid>-<random>.tmp`) is written
+    for, and its writer's pid; None for any other name."""
+    found = _TEMPORARY.fullmatch(name)
+    return (found[1], int(found[2])) if found else None
+
+
 def _remove_dead_writers(path: Path) -> None:
-    """Delete the temporary files of `path` (`.<name>.<pid>-<random>.tmp`) whose writer's process
-    is gone: it was killed while it wrote."""
-    prefix = f".{path.name}."
-    for leftover in path.parent.glob(glob.escape(prefix) + "*.tmp"):
-        pid = leftover.name[len(prefix):].partition("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+    """Delete the temporary files of `path` (`temporary_of`) whose writer's process is gone: it was
+    killed while it wrote."""
+    for leftover in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+        found = temporary_of(leftover.name)
+        if found and found[0] == path.name and found[1] != os.getpid() and not process_alive(found[1]):
             leftover.unlink(missing_ok=True)
 
 
