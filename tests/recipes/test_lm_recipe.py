@@ -332,15 +332,21 @@ def test_an_empty_checkpoints_folder_made_for_a_run_is_taken(corpus, tmp_path, c
     assert (tmp_path / "linked" / "checkpoints").is_symlink() and list_checkpoints(tmp_path / "disk")
 
 
-def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):
-    """`--out` given a distillation's teacher stage: the stage's settings are not a language model's,
-    and `--overwrite` would have deleted the stage to train a language model in its place."""
+def distillation_with_a_teacher(tmp_path):
+    """A distillation's run folder (as still writes its config) and its teacher stage, one checkpoint in it."""
     run = tmp_path / "distill"
     teacher = run / "teacher"
     (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
     (run / "config.json").write_text(run_config("distill mnist"))
     (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}, "optim": {}}))
     (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
+    return run, teacher
+
+
+def test_a_stage_of_another_run_is_refused_even_with_overwrite(corpus, tmp_path, capsys):
+    """`--out` given a distillation's teacher stage: the stage's settings are not a language model's,
+    and `--overwrite` would have deleted the stage to train a language model in its place."""
+    run, teacher = distillation_with_a_teacher(tmp_path)
     before = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
     for extra in ((), ("--overwrite",)):
         assert_user_error(capsys, *train_args(corpus, teacher, *extra),
@@ -355,12 +361,7 @@ def test_a_stage_of_another_run_is_refused_wherever_the_path_to_it_comes_from(co
     deleted the teacher."""
     from still.recipes.mnist import PRESETS, run_mnist
 
-    run = tmp_path / "distill"
-    teacher = run / "teacher"
-    (teacher / "checkpoints" / "ckpt-00000004").mkdir(parents=True)
-    (run / "config.json").write_text(run_config("distill mnist"))
-    (teacher / "stage.json").write_text(json.dumps({"epochs": 1, "jitter": 0, "model": {}, "optim": {}}))
-    (teacher / "checkpoints" / "ckpt-00000004" / "model.safetensors").write_bytes(b"weights")
+    run, teacher = distillation_with_a_teacher(tmp_path)
     (tmp_path / "link").symlink_to(teacher)
     (tmp_path / "into").symlink_to(teacher / "checkpoints")
     before = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))

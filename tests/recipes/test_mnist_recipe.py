@@ -146,15 +146,22 @@ def test_changed_settings_in_the_same_directory_are_refused(tiny_run, capsys):
     assert_user_error(capsys, *args, "--out", str(tiny_run), contains="holds a run with different settings (epochs)")
 
 
+def a_language_model_where_a_stage_goes(tiny_run, tmp_path, stage, corpus):
+    """A copy of the tiny run with a language model's run (its config, a stage.json of `corpus`) in
+    place of its `stage` folder."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    shutil.rmtree(out / stage)
+    (out / stage).mkdir()
+    (out / stage / "config.json").write_text(run_config("language-model"))
+    (out / stage / "stage.json").write_text(json.dumps({"corpus": corpus, "model": {}}))
+    return out
+
+
 def test_a_run_where_a_stage_would_go_is_refused_even_with_overwrite(tiny_run, tmp_path, capsys):
     """A language model trained into a distillation's stage folder (`--out run/teacher`, before that
     was refused): the distillation's `--overwrite` would have deleted it to train its teacher there."""
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
-    shutil.rmtree(out / "teacher")
-    (out / "teacher").mkdir()
-    (out / "teacher" / "config.json").write_text(run_config("language-model"))
-    (out / "teacher" / "stage.json").write_text(json.dumps({"corpus": "shakespeare", "model": {}}))
+    out = a_language_model_where_a_stage_goes(tiny_run, tmp_path, "teacher", "shakespeare")
     assert_user_error(capsys, *TINY, "--temperature", "2,20", "--out", str(out), "--overwrite",
                       contains=f"{out / 'teacher'} holds a language-model run, not the teacher stage of the run "
                                f"in {out}")
@@ -169,12 +176,7 @@ def test_a_refused_overwrite_has_deleted_and_written_nothing(tiny_run, tmp_path,
     """A probe: refused at a student's folder (a run of its own), `--overwrite` had already removed
     the folder's results and replaced its config.json (and trained its teacher and baseline again);
     every stage folder is now checked before anything is written or deleted."""
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
-    shutil.rmtree(out / "student-T2-a1")
-    (out / "student-T2-a1").mkdir()
-    (out / "student-T2-a1" / "config.json").write_text(run_config("language-model"))
-    (out / "student-T2-a1" / "stage.json").write_text(json.dumps({"corpus": "x", "model": {}}))
+    out = a_language_model_where_a_stage_goes(tiny_run, tmp_path, "student-T2-a1", "x")
     before = tree(out)
     assert_user_error(capsys, *TINY, "--temperature", "2", "--seed", "1", "--out", str(out), "--overwrite",
                       contains=f"{out / 'student-T2-a1'} holds a language-model run, not the student-T2-a1 stage")
