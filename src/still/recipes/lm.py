@@ -554,10 +554,11 @@ def _recorded(run_dir: Path, key: str) -> Any:
         return None
 
 
-def _run_files(folder: Path, names: tuple[str, ...] = ("config.json", "stage.json")) -> dict[str, bytes | None]:
-    """The bytes of `names` in `folder` (None: missing or unreadable), to tell later whether they changed."""
+def _run_files(folder: Path) -> dict[str, bytes | None]:
+    """The bytes of a run folder's settings, config.json and stage.json (None: missing or unreadable),
+    to tell later whether they changed."""
     found = {}
-    for name in names:
+    for name in ("config.json", "stage.json"):
         try:
             found[name] = (folder / name).read_bytes()
         except OSError:
