@@ -86,3 +86,34 @@ def test_the_readmes_compressive_transformer_example_runs():
     # 136 in 34 compressed (rate 4)
     assert len(namespace["text"]) == 200 and len(list(namespace["more"])) == 100
     assert namespace["after"].memory_len == 128 and namespace["after"].compressed_len == 34
+
+
+def cited_tests(text: str) -> list[tuple[str, str | None]]:
+    """The tests a Markdown text cites, as (file, test name or None): `tests/a/test_b.py`,
+    `tests/a/test_b.py::test_c`, and `::test_d`, short for a test in the file cited last."""
+    cited, current = [], None
+    for quoted in re.findall(r"`([^`\n]+)`", text):
+        match = re.fullmatch(r"(tests/[\w/]+\.py)(?:::(\w+))?|::(test\w+)", quoted)
+        if match is None:
+            continue
+        if match[1]:
+            current = match[1]
+        if current is None:
+            raise AssertionError(f"`{quoted}` follows no test file")
+        cited.append((current, match[2] or match[3]))
+    return cited
+
+
+def test_citations_are_read_as_the_docs_mean_them():
+    assert cited_tests("see `tests/a.py` (`::test_x`, `::test_y`) and `tests/b/c.py::test_z`; `aten::mm`") == [
+        ("tests/a.py", None), ("tests/a.py", "test_x"), ("tests/a.py", "test_y"), ("tests/b/c.py", "test_z")]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_cited_test_is_in_the_file_cited(path):
+    """A promise's evidence names real tests (a probe: thirteen of docs/reliability.md's were in
+    another file than the one their `::name` followed)."""
+    wrong = [f"{name or file} (not in {file})" for file, name in cited_tests(path.read_text())
+             if not (ROOT / file).is_file()
+             or name is not None and not re.search(rf"^def {name}\(", (ROOT / file).read_text(), flags=re.M)]
+    assert not wrong, f"{path.name} cites: {', '.join(wrong)}"
