@@ -130,10 +130,11 @@ cache_option = click.option("--cache-dir", type=_Path(file_okay=False), default=
                             help="Data cache (default: $STILL_CACHE or ~/.cache/still); encoded corpora in its "
                                  "corpora/ folder, or $STILL_CORPUS_CACHE where set.")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
-                              help="CPU threads for PyTorch (default: all cores; under torchrun, "
-                                   "OMP_NUM_THREADS, which it sets to 1; at most 8 a core).")
+                              help="CPU threads for PyTorch (default: all cores, or OMP_NUM_THREADS where set, "
+                                   "as torchrun sets it to 1; at most 8 a core).")
 one_process_threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
-                                          help="CPU threads for PyTorch (default: all cores; at most 8 a core).")
+                                          help="CPU threads for PyTorch (default: all cores, or OMP_NUM_THREADS where "
+                                               "set; at most 8 a core).")
 keep_option = click.option("--keep", type=click.IntRange(min=1), default=2, show_default=True,
                            help="Checkpoints to keep in each stage (the newest ones).")
 nonfinite_option = click.option("--on-nonfinite", type=click.Choice(["stop", "skip"]), default="stop",
@@ -568,7 +569,7 @@ def bench() -> None:
               help="Timed products of each; the fastest counts.")
 @one_process_threads_option
 def bench_peak(size, repeats, threads) -> None:
-    """Matrix-multiply throughput in fp32 and bf16 (all threads, or the GPU): the peak that MFU divides by."""
+    """Matrix-multiply throughput in fp32 and bf16 (PyTorch's threads, or the GPU): the peak that MFU divides by."""
     from still.bench.peak import peak
 
     _threads(threads)
