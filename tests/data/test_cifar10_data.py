@@ -18,6 +18,13 @@ def test_loads_the_python_batches(cifar_dir):
     assert x.dtype == torch.float32 and x.abs().max() < 3
 
 
+def test_the_batches_beside_an_empty_archive_folder_are_read(cifar_dir):
+    batches = cifar_dir / "cifar-10-batches-py"
+    for path in batches.iterdir():
+        path.rename(cifar_dir / path.name)
+    assert load_cifar10(cifar_dir).test_y.shape == (50,)  # (the empty folder, a failed unpacking's, hid them)
+
+
 def test_half_normalization_is_labmls():
     """labml's `Normalize((0.5,) * 3, (0.5,) * 3)`: pixels 0..255 to -1..1; the default stays CIFAR-10's
     mean and std."""
