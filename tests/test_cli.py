@@ -48,6 +48,23 @@ def test_python_dash_m(tmp_path):
     assert result.returncode == 0 and "Knowledge distillation" in result.stdout
 
 
+def test_ctrl_c_while_the_command_starts_says_interrupted():
+    """Ctrl-C while still's modules load (seconds on a busy machine, under torchrun) ended in the
+    import's traceback (a probe): it says "interrupted" and exits 130, as later."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "class Interrupting:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'still.cli':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupting())\n"
+            "runpy.run_module('still', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+
+
 @pytest.mark.parametrize(("environ", "expected"), [
     ({}, "PASSIVE 10000"),  # threads sleep when idle, after a short spin
     ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),  # the user's policy as it is
