@@ -56,7 +56,7 @@ def test_resume_after_losing_the_last_checkpoint_is_exact(trained, corpus, tmp_p
     shutil.copytree(trained, out)
     shutil.rmtree(sorted((out / "checkpoints").glob("ckpt-*"))[-1])
     code, _, err = run_cli(capsys, *train_args(corpus, out))
-    assert code == 0 and "resuming at epoch 2" in err
+    assert code == 0 and "at the start of epoch 2" in err
     assert model_hash(out) == model_hash(trained)
     a = json.loads((out / "results.json").read_text())["rows"]
     b = json.loads((trained / "results.json").read_text())["rows"]
@@ -1112,7 +1112,7 @@ def test_two_shards_train_as_one_batch_and_resume_on_one(corpus, tmp_path, capsy
     shutil.copytree(tmp_path / "sharded", resumed)
     shutil.rmtree(resumed / "checkpoints" / newest["sharded"].name)  # resume from step 4
     code, _, err = run_cli(capsys, *_sharded_args(corpus, resumed, 1, 1))
-    assert code == 0 and "resuming at epoch 2" in err
+    assert code == 0 and "at the start of epoch 2" in err
     a = json.loads((resumed / "results.json").read_text())
     assert a["meta"]["shards"] == 1
     assert a["rows"][0]["valid_bpc"] == pytest.approx(runs["sharded"]["rows"][0]["valid_bpc"], abs=2e-4)

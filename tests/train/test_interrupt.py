@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,5 +46,6 @@ def test_signal_saves_and_resume_matches(tmp_path, signum):
     assert not (out / "results.json").exists()
     resumed = subprocess.run(command(corpus, out, 200), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at epoch" in resumed.stderr
+    step = re.search(r"at step (\d+);", err)[1]
+    assert f"resuming from step {step}, in epoch " in resumed.stderr  # (where the interrupt said it stopped)
     assert final_weights(out) == final_weights(straight)

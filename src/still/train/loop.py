@@ -693,7 +693,11 @@ class Trainer:
                 other = (f" (written with {self._saved_shards} shard{'s' if self._saved_shards > 1 else ''} a step, "
                          f"resumed with {self.shards}: dropout and other random draws go on otherwise than with as "
                          "many)")
-            self.log(f"{self.desc}: resuming at epoch {self.state.epoch + 1}, batch {self.state.batch}{other}")
+            # (the step the interrupt's message named; a probe read "epoch 1, batch 2" of a 2-batch epoch)
+            done = self.state.batch
+            where = (f"at the start of epoch {self.state.epoch + 1}" if not done else
+                     f"in epoch {self.state.epoch + 1}, {done} batch{'es' if done > 1 else ''} of it done")
+            self.log(f"{self.desc}: resuming from step {self.state.step}, {where}{other}")
             self.state.finished = False
         if self.checkpoint_dir is not None:  # (not before: a finished run loads from read-only media)
             self.dist.on_main(self._check_writable)
