@@ -179,12 +179,20 @@ def test_an_excluded_token_is_never_drawn_by_any_step():
     assert Decoder(model.eval(), None, batch=2, compile=True, native=True).native is not None  # (None: hand-written)
     runs = [tokens(compile, exclude=0) for compile in (False, True, None)]
     assert all(not (run == 0).any() for run in runs) and all(torch.equal(run, runs[0]) for run in runs)
+    # several (`lm generate`'s padding and document start: a probe's corpus without a newline generated 17
+    # in 200 tokens, the start written as one)
+    assert (tokens(False, exclude=0) == 1).any()
+    runs = [tokens(compile, exclude=(1, 0, 1)) for compile in (False, True, None)]
+    assert all(not (run <= 1).any() for run in runs) and all(torch.equal(run, runs[0]) for run in runs)
     greedy = [tokens(compile, exclude=int(tokens(False, top_k=1)[0, 0]), top_k=1) for compile in (False, None)]
     assert torch.equal(greedy[0], greedy[1])  # (the likeliest excluded: the next likeliest, also at a tiny T)
     assert torch.equal(tokens(None, exclude=3, temperature=1e-30)[:1], tokens(False, exclude=3, top_k=1)[:1])
-    for bad in (11, -1, True, 2.0):
-        with pytest.raises(StillError, match=f"exclude must be a token id \\(0 to 10\\) or None, got {bad!r}"):
+    for bad in (11, -1, True, 2.0, (0, 11), "0", [0.5]):
+        with pytest.raises(StillError, match=re.escape(f"exclude must be a token id (0 to 10), a sequence of them or "
+                                                       f"None, got {bad!r}")):
             generate(model, prompt, 3, exclude=bad)
+    with pytest.raises(StillError, match="exclude would leave a vocabulary of 11 tokens nothing to draw"):
+        generate(model, prompt, 3, exclude=range(11))
     # a state that cannot go with the model or the prompt: named at the call, not at the first token
     for state, message in (({"a": 1}, "must be a MemoryState \\(or None\\), got a dict"),
                            (model.empty_state(3), "the memory state holds 3 batch rows, the tokens 2")):

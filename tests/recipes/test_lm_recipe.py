@@ -147,6 +147,18 @@ def test_generate_is_seeded_and_streams(trained, capsys):
         assert len(hot) == len("To be") + 300 + 1, compiled
 
 
+def test_generate_never_draws_a_documents_start(tmp_path, capsys):
+    """A probe: a corpus without a newline generated 17 in 200 tokens: the document-start token, never a
+    training target, drawn (and read on without a reset) and written as a newline."""
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("ab" * 1500)
+    assert run_cli(capsys, *train_args(corpus, tmp_path / "run", "--steps", "1", "--eval-every", "1"))[0] == 0
+    for compiled in ("--compile", "--no-compile"):
+        code, text, _ = run_cli(capsys, "lm", "generate", str(tmp_path / "run"), "--tokens", "300", "--temperature",
+                                "100", "--threads", "1", compiled)
+        assert code == 0 and len(text) == 301 and set(text[:-1]) == {"a", "b"}, (compiled, text)
+
+
 @pytest.mark.parametrize("compression", ["conv", "most_used"])
 def test_generation_state_stays_bounded(compression, monkeypatch):
     """The cost of a new token does not grow: memories stay within mem_len + c - 1 and c_mem_len
@@ -642,7 +654,8 @@ def test_generation_saved_and_continued_is_one_generation(trained, tmp_path, cap
     # time, as generated), and the 20th, still to read
     config, vocab, model, _ = load_run(trained)
     prompt = torch.cat([torch.tensor([Vocab.DOC]), vocab.encode("To be")])[None]  # (1, 6)
-    tokens = torch.stack(list(generate(model, prompt, 20, temperature=0.8, segment_len=16, exclude=Vocab.PAD,
+    tokens = torch.stack(list(generate(model, prompt, 20, temperature=0.8, segment_len=16,
+                                       exclude=(Vocab.PAD, Vocab.DOC),
                                        generator=torch.Generator().manual_seed(0))), 1)  # (1, 20)
     assert "To be" + vocab.decode(tokens[0]) == first.rstrip("\n")
     with eval_mode(model), torch.no_grad():

@@ -14,7 +14,7 @@ import contextlib
 import math
 import numbers
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def _real(value: object) -> bool:
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, segment_len: int = 128,
              generator: torch.Generator | None = None, state: MemoryState | None = None,
-             compile: bool | None = False, exclude: int | None = None) -> Generation:
+             compile: bool | None = False, exclude: int | Sequence[int] | None = None) -> Generation:
     """The `max_new_tokens` tokens (B,) sampled one at a time after `prompt` (B, P), P >= 1, read after
     `state` (None: no memories): a `Generation`, which yields them and gives the memories after them.
     The model runs in eval mode; its modules' modes are restored when the iterator ends (or is closed).
@@ -51,8 +51,9 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     None: the hand-written step where it can run this model (on the CPU, where a C++ compiler builds
     it: seconds, once per machine), else eager steps (never the minute of compiling ahead of time).
 
-    `exclude`: a token never drawn (`Vocab.PAD`, say: never a training target, its probability is
-    not quite 0, and `Vocab.decode` writes it as nothing).
+    `exclude`: a token, or tokens, never drawn (`(Vocab.PAD, Vocab.DOC)`, say: never training
+    targets, their probabilities are not quite 0, and `Vocab.decode` writes them as nothing and a
+    newline).
 
     Nothing is recorded for autograd. (Not by `torch.no_grad()` as a decorator: on a generator it
     switches the mode around every token, 1.3 µs each; the compiled step needs no switch at all.)"""
@@ -74,11 +75,14 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     prompt = check_ids(prompt, model.config.vocab_size)
     if state is not None:  # (at the call: a probe's dict was an AttributeError at the first token)
         model.check_state(state, prompt.shape[0])
-    if exclude is not None and not (whole(exclude)
-                                    and 0 <= exclude < model.config.vocab_size):
-        raise StillError(f"exclude must be a token id (0 to {model.config.vocab_size - 1}) or None, got {exclude!r}")
-    if exclude is not None and model.config.vocab_size < 2:
-        raise StillError("exclude would leave a vocabulary of one token nothing to draw")
+    excluded = () if exclude is None else (exclude,) if whole(exclude) else exclude
+    if not (isinstance(excluded, Sequence) and not isinstance(excluded, str)
+            and all(whole(i) and 0 <= i < model.config.vocab_size for i in excluded)):
+        raise StillError(f"exclude must be a token id (0 to {model.config.vocab_size - 1}), a sequence of them or "
+                         f"None, got {exclude!r}")
+    excluded = tuple(sorted({int(i) for i in excluded}))  # (NumPy's integers too; each once)
+    if len(excluded) >= model.config.vocab_size:
+        raise StillError(f"exclude would leave a vocabulary of {model.config.vocab_size} tokens nothing to draw")
     if model.config.mem_len == 0 and model.config.c_mem_len == 0:
         # (each token is read as a segment of one, over the memories: without any, it would be drawn
         # from the token before it alone, where training read up to a segment of context)
@@ -86,7 +90,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
                          "from the one before it alone; generate from a model with memories")
     generation = Generation(model, prompt, state, segment_len, written=compile is True)
     if max_new_tokens:
-        sampling = Sampling(temperature, top_k, top_p, None if exclude is None else int(exclude))
+        sampling = Sampling(temperature, top_k, top_p, excluded)
         generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, sampling, segment_len,
                                                               generator, state, compile, generation._record))
     return generation

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -301,10 +302,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.still_decoder_new.argtypes = [pointer, pointer, real, integer, integer]
     lib.still_decoder_new.restype = pointer
     lib.still_decoder_step.argtypes = [pointer, pointer, integer, integer, integer, integer, integer, pointer,
-                                       integer, pointer, real, integer, real, integer, pointer]
+                                       integer, pointer, real, integer, real, pointer, integer, pointer]
     lib.still_decoder_step.restype = integer
     lib.still_decoder_run.argtypes = [pointer, pointer, pointer, integer, pointer, pointer, real, integer, real,
-                                      integer, pointer]
+                                      pointer, integer, pointer]
     lib.still_decoder_run.restype = integer
     lib.still_decoder_free.argtypes = [pointer]
     lib.still_decoder_free.restype = None
@@ -513,7 +514,7 @@ class NativeStep:
         if sampling is None:
             logits = torch.empty(self.batch, 1, self.vocab)
             failed = self._step(self._handle, tokens.data_ptr(), *counters, compress, logits.data_ptr(),
-                                0, None, 1.0, 0, 1.0, -1, None)
+                                0, None, 1.0, 0, 1.0, None, 0, None)
             out = logits
         else:
             if uniform.dtype is not torch.float32 or not uniform.is_contiguous() or uniform.numel() != self.batch:
@@ -546,13 +547,14 @@ class NativeStep:
         return drawn, state.tolist()
 
 
-def _draw_settings(sampling: Sampling) -> tuple[float, int, float, int]:
-    """temperature, top-k (0: none), top-p (1: none), the token never drawn (-1: none), as the C step
-    reads them (in float32: values below its smallest normal number as that number, as
+@functools.lru_cache(maxsize=16)  # (a generation's every token: the excluded ids' array made once)
+def _draw_settings(sampling: Sampling) -> tuple[float, int, float, ctypes.Array | None, int]:
+    """temperature, top-k (0: none), top-p (1: none), the tokens never drawn and their count, as the
+    C step reads them (in float32: values below its smallest normal number as that number, as
     `sampling.next_token` takes them)."""
     return (max(sampling.temperature, TINY), sampling.top_k or 0,
             1.0 if sampling.top_p is None else max(sampling.top_p, TINY),
-            -1 if sampling.exclude is None else sampling.exclude)
+            _array(list(sampling.exclude)) if sampling.exclude else None, len(sampling.exclude))
 
 
 PROMPT_ONE_THREAD_BELOW = 2**22

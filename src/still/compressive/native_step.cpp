@@ -1165,20 +1165,21 @@ void Engine::compress_groups(int t, const Call& call) {
     }
 }
 
-// `sampling.next_token` for one row: the excluded token (-1: none) at -inf, temperature, top-k,
+// `sampling.next_token` for one row: the `n_exclude` excluded tokens at -inf, temperature, top-k,
 // top-p, softmax, and the inverted cumulative distribution at u.
-int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, float top_p, int exclude, float u,
-             std::vector<float>& work, std::vector<int>& order) {
+int64_t draw(const float* logits_in, int vocab, float temperature, int top_k, float top_p, const int64_t* exclude,
+             int n_exclude, float u, std::vector<float>& work, std::vector<int>& order) {
     float* logits = work.data();
     float* probs = logits + vocab;
+    std::copy(logits_in, logits_in + vocab, logits);
+    for (int i = 0; i < n_exclude; ++i) logits[exclude[i]] = -INFINITY;
     // (the largest logit subtracted before dividing by T, as `next_token` does: a tiny T then
     // sends the others to -inf, not every logit to +-inf and the softmax to NaN)
-    float peak = -INFINITY;
-    if (temperature != 1.f)
-        for (int j = 0; j < vocab; ++j)
-            if (j != exclude) peak = std::max(peak, logits_in[j]);
-    for (int j = 0; j < vocab; ++j)
-        logits[j] = j == exclude ? -INFINITY : temperature == 1.f ? logits_in[j] : (logits_in[j] - peak) / temperature;
+    if (temperature != 1.f) {
+        float peak = -INFINITY;
+        for (int j = 0; j < vocab; ++j) peak = std::max(peak, logits[j]);
+        for (int j = 0; j < vocab; ++j) logits[j] = (logits[j] - peak) / temperature;
+    }
     if (top_k > 0 && top_k < vocab) {
         std::copy(logits, logits + vocab, probs);
         std::nth_element(probs, probs + (top_k - 1), probs + vocab, std::greater<float>());
@@ -1533,7 +1534,7 @@ void* still_decoder_new(const int64_t* dims, const int64_t* pointers, double eps
 // (nothing then done).
 int64_t still_decoder_step(void* engine, const int64_t* tokens, int64_t next_c, int64_t next_m, int64_t n, int64_t m,
                         int64_t compress, float* logits, int64_t sample, const float* uniform, double temperature,
-                        int64_t top_k, double top_p, int64_t exclude, int64_t* drawn) {
+                        int64_t top_k, double top_p, const int64_t* exclude, int64_t n_exclude, int64_t* drawn) {
     auto* e = static_cast<Engine*>(engine);
     for (int b = 0; b < e->s.batch; ++b)
         if (tokens[b] < 0 || tokens[b] >= e->s.vocab) return 1 + b;
@@ -1548,7 +1549,7 @@ int64_t still_decoder_step(void* engine, const int64_t* tokens, int64_t next_c, 
         order.resize(e->s.vocab);
         for (int b = 0; b < e->s.batch; ++b)
             drawn[b] = draw(logits + size_t(b) * e->s.vocab, e->s.vocab, float(temperature), int(top_k), float(top_p),
-                            int(exclude), uniform[b], work, order);
+                            exclude, int(n_exclude), uniform[b], work, order);
     }
     return 0;
 }
@@ -1558,8 +1559,8 @@ int64_t still_decoder_step(void* engine, const int64_t* tokens, int64_t next_c, 
 // next_m, n, m) in and out, advanced as `Decoder._advance` does. Returns as `still_decoder_step`
 // (only the first tokens can be outside the vocabulary).
 int64_t still_decoder_run(void* engine, const int64_t* tokens, int64_t* counters, int64_t steps, float* logits,
-                          const float* uniform, double temperature, int64_t top_k, double top_p, int64_t exclude,
-                          int64_t* drawn) {
+                          const float* uniform, double temperature, int64_t top_k, double top_p,
+                          const int64_t* exclude, int64_t n_exclude, int64_t* drawn) {
     auto* e = static_cast<Engine*>(engine);
     const Shape& s = e->s;
     const bool compressing = s.compression != NONE;
@@ -1573,7 +1574,7 @@ int64_t still_decoder_run(void* engine, const int64_t* tokens, int64_t* counters
         const int64_t* in = k == 0 ? tokens : drawn + (k - 1) * s.batch;
         int64_t failed = still_decoder_step(engine, in, next_c, next_m, n, m, compress, logits, 1,
                                             uniform + k * s.batch, temperature, top_k, top_p, exclude,
-                                            drawn + k * s.batch);
+                                            n_exclude, drawn + k * s.batch);
         if (failed) return failed;
         next_m = (next_m + 1) % s.m_cap;
         if (!compressing) {

@@ -25,9 +25,9 @@ class Sampling(NamedTuple):
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-    exclude: int | None = None
-    """A token never drawn (a vocabulary's padding, never a training target): its logit is -inf
-    before the temperature and the filters see it."""
+    exclude: tuple[int, ...] = ()
+    """Tokens never drawn (a vocabulary's padding and document start, never training targets): their
+    logits are -inf before the temperature and the filters see them."""
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -110,8 +110,8 @@ def next_token(logits: torch.Tensor, uniform: torch.Tensor, sampling: Sampling, 
     below float32's smallest normal number, which would round to 0 (0 / 0: NaN), divides as that
     number: the largest logits alone are drawn, as from any T small beside their gaps."""
     logits = logits.float()
-    if sampling.exclude is not None:
-        logits = logits.index_fill(-1, torch.tensor([sampling.exclude], device=logits.device), float("-inf"))
+    if sampling.exclude:
+        logits = logits.index_fill(-1, torch.tensor(sampling.exclude, device=logits.device), float("-inf"))
     if sampling.temperature != 1:
         logits = (logits - logits.amax(-1, keepdim=True)) / max(sampling.temperature, TINY)
     return invert(filter_logits(logits, sampling.top_k, sampling.top_p).softmax(-1), uniform, fused)

@@ -707,11 +707,12 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
         native_step.library("the compiled one" if compile else "eager steps")
     unwritten = prompt if stream is not None else None  # written with the first token: by then the prompt is
     # read and the step chosen, so that what they say (a step that cannot run here, compiling) comes before it
-    # (never the padding: no training target, it is not quite improbable, and it writes nothing: a probe's
-    # 200 tokens at temperature 100 wrote 193 characters)
+    # (never the padding or a document's start: no training targets, they are not quite improbable, and
+    # they write nothing and a newline: probes' 200 tokens at temperature 100 wrote 193 characters, and a
+    # corpus without a newline generated 17 in 200 tokens, each a new document read without a reset)
     generation = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           segment_len=config.segment_len, generator=generator, state=memories, compile=compile,
-                          exclude=Vocab.PAD)
+                          exclude=(Vocab.PAD, Vocab.DOC))
     for token in itertools.chain(_under(autocast(precision, device), generation), [None]):  # None: the decoder's rest
         piece = decode(token.cpu() if token is not None else None)
         pieces.append(piece)
