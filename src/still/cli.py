@@ -530,7 +530,8 @@ def lm_generate(run_dir, prompt, tokens, temperature, top_k, top_p, seed, checkp
     _threads(threads)
     try:
         generate_lm(run_dir, prompt, tokens, temperature, top_k, top_p, seed, stream=sys.stdout,
-                    checkpoint=checkpoint, precision=precision, compile=compile_, state=state, save_state=save_state)
+                    checkpoint=checkpoint, precision=precision, compile=compile_, state=state, save_state=save_state,
+                    keep_text=False)
     except BrokenPipeError:  # the reader left: what it wanted was written, but for a state asked of the whole
         if save_state is None or _reader_left(sys.stderr):
             raise  # (the group's `_reader_gone`)

@@ -187,6 +187,17 @@ def test_an_excluded_token_is_never_drawn_by_any_step():
     greedy = [tokens(compile, exclude=int(tokens(False, top_k=1)[0, 0]), top_k=1) for compile in (False, None)]
     assert torch.equal(greedy[0], greedy[1])  # (the likeliest excluded: the next likeliest, also at a tiny T)
     assert torch.equal(tokens(None, exclude=3, temperature=1e-30)[:1], tokens(False, exclude=3, top_k=1)[:1])
+    # kept no tokens: the same draws, nothing kept; the tokens and the memories after them refused
+    for compile in (False, True, None):
+        generation = generate(model, prompt, 150, segment_len=4, generator=torch.Generator().manual_seed(5),
+                              compile=compile, exclude=(1, 0, 1), temperature=100.0, keep_tokens=False)
+        assert torch.equal(torch.stack(list(generation)), runs[0]) and generation._record.chunks == []
+        for ask in ("tokens", "state", "state_after"):
+            with pytest.raises(StillError, match="kept no tokens \\(generate's keep_tokens=False\\)"):
+                generation.state_after(1) if ask == "state_after" else getattr(generation, ask)
+        prompts = generate(model, prompt, 1, segment_len=4, compile=compile).state_after(0)
+        assert (generation.state_after(0).memory_len, generation.state_after(0).compressed_len) == (
+            prompts.memory_len, prompts.compressed_len)  # (the prompt's state, as a generation that kept them)
     for bad in (11, -1, True, 2.0, (0, 11), "0", [0.5]):
         with pytest.raises(StillError, match=re.escape(f"exclude must be a token id (0 to 10), a sequence of them or "
                                                        f"None, got {bad!r}")):

@@ -1218,6 +1218,27 @@ def test_eval_split_across_threads_gives_the_same_bits(trained, capsys):
     assert_user_error(capsys, "lm", "eval", str(trained), "--shards", "0", contains="--shards")
 
 
+def test_lm_generate_keeps_neither_text_nor_tokens_unless_a_state_is_saved(trained, tmp_path, capsys, monkeypatch):
+    """A probe: a long `lm generate` grew by some 30 bytes a token (each token and its text kept, for
+    a state and a return value the command never used): in bounded memory now, but for --save-state."""
+    import still.recipes.lm as lm
+
+    generations, original = [], lm.generate
+
+    def generate(*args, **kwargs):
+        generations.append(original(*args, **kwargs))
+        return generations[-1]
+
+    monkeypatch.setattr(lm, "generate", generate)
+    for compiled in ("--compile", "--no-compile"):
+        code, text, _ = run_cli(capsys, "lm", "generate", str(trained), "--tokens", "40", "--threads", "1", compiled)
+        record = generations[-1]._record
+        assert code == 0 and len(text) == 41 and record.yielded == 40 and record.chunks == [], compiled
+    saved = tmp_path / "state.safetensors"
+    code, _, _ = run_cli(capsys, "lm", "generate", str(trained), "--tokens", "40", "--save-state", str(saved))
+    assert code == 0 and saved.is_file() and len(generations[-1].tokens) == 40
+
+
 def test_generate_writes_the_prompt_after_what_choosing_the_step_says(trained, monkeypatch):
     """The prompt was written before `generate` read it and chose its step, so that a line it said
     then (a step that cannot run here; compiling ahead of time) came in the middle of the text."""

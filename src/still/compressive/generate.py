@@ -41,7 +41,8 @@ def _real(value: object) -> bool:
 def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, segment_len: int = 128,
              generator: torch.Generator | None = None, state: MemoryState | None = None,
-             compile: bool | None = False, exclude: int | Sequence[int] | None = None) -> Generation:
+             compile: bool | None = False, exclude: int | Sequence[int] | None = None,
+             keep_tokens: bool = True) -> Generation:
     """The `max_new_tokens` tokens (B,) sampled one at a time after `prompt` (B, P), P >= 1, read after
     `state` (None: no memories): a `Generation`, which yields them and gives the memories after them.
     The model runs in eval mode; its modules' modes are restored when the iterator ends (or is closed).
@@ -54,6 +55,9 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
     `exclude`: a token, or tokens, never drawn (`(Vocab.PAD, Vocab.DOC)`, say: never training
     targets, their probabilities are not quite 0, and `Vocab.decode` writes them as nothing and a
     newline).
+
+    `keep_tokens`: keep the tokens for `Generation.tokens` and `.state` (8 bytes a token and row);
+    False: a stream of any length in bounded memory, whose `tokens` and `state` are refused.
 
     Nothing is recorded for autograd. (Not by `torch.no_grad()` as a decorator: on a generator it
     switches the mode around every token, 1.3 µs each; the compiled step needs no switch at all.)"""
@@ -88,7 +92,7 @@ def generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_tokens
         # from the token before it alone, where training read up to a segment of context)
         raise StillError("this model keeps no memories (mem_len 0, c_mem_len 0): its tokens would be drawn each "
                          "from the one before it alone; generate from a model with memories")
-    generation = Generation(model, prompt, state, segment_len, written=compile is True)
+    generation = Generation(model, prompt, state, segment_len, written=compile is True, keep=bool(keep_tokens))
     if max_new_tokens:
         sampling = Sampling(temperature, top_k, top_p, excluded)
         generation._iterator = _in_eval_mode(model, _generate(model, prompt, max_new_tokens, sampling, segment_len,
@@ -103,10 +107,11 @@ class _Record:
     would then hold its owner, and a generation dropped half-way would restore the model's modes
     only when the cyclic collector ran, at any later moment."""
 
-    __slots__ = ("after_prompt", "chunks", "known", "written", "yielded")
+    __slots__ = ("after_prompt", "chunks", "keep", "known", "written", "yielded")
 
-    def __init__(self, written: bool) -> None:
+    def __init__(self, written: bool, keep: bool) -> None:
         self.chunks: list[torch.Tensor] = []  # (n, B) each
+        self.keep = keep  # (False: no chunks kept, `generate`'s keep_tokens)
         self.yielded = 0
         self.after_prompt: MemoryState | None = None  # set by `_generate` once it has read the prompt
         self.known: tuple[int, MemoryState] | None = None  # the state after the first k tokens, the last computed
@@ -114,6 +119,9 @@ class _Record:
 
     def tokens(self) -> torch.Tensor:
         """The tokens yielded, (n, B) (the chunks joined into one, kept)."""
+        if not self.keep and self.yielded:
+            raise StillError("this generation kept no tokens (generate's keep_tokens=False): neither its tokens nor "
+                             "the memories after them can be given")
         if len(self.chunks) > 1:
             self.chunks[:] = [torch.cat(self.chunks)]
         return self.chunks[0][: self.yielded] if self.chunks else torch.zeros(0, 0, dtype=torch.long)
@@ -157,9 +165,9 @@ class Generation:
     """
 
     def __init__(self, model: CompressiveTransformer, prompt: torch.Tensor, state: MemoryState | None,
-                 segment_len: int, written: bool) -> None:
+                 segment_len: int, written: bool, keep: bool = True) -> None:
         self._model, self._prompt, self._start, self._segment_len = model, prompt, state, segment_len
-        self._record = _Record(written)
+        self._record = _Record(written, keep)
         self._iterator: Iterator[torch.Tensor] = iter(())
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -198,7 +206,7 @@ class Generation:
         model = self._model
         with eval_mode(model), torch.no_grad():
             done, state = known if known is not None and known[0] < count else (0, self._prompt_state())
-            yielded = record.tokens()  # (n, B)
+            yielded = record.tokens() if count > done else None  # (n, B); refused where none were kept
             for start in range(done, count, STATE_CHUNK):  # (one token a segment: any split gives the same state)
                 tokens = yielded[start : min(start + STATE_CHUNK, count)].T.contiguous()  # (B, n)
                 with using_threads(threads_for(model, tokens.shape[0], min(self._segment_len, tokens.shape[1]))):
@@ -306,7 +314,8 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
     if decoder is not None and decoder.native is not None:  # STEPS_A_CALL steps and draws in each call
         yield from _stepped(decoder, token, max_new_tokens, draws, sampling, record)
         return
-    keep = record.chunks.append  # all `Generation.state` needs of the loop: each token, and the count yielded
+    # all `Generation.state` needs of the loop: each token, and the count yielded
+    keep = record.chunks.append if record.keep else _ignore
     for i in range(max_new_tokens):
         keep(token[None])
         record.yielded += 1
@@ -320,6 +329,10 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
                 out = model(token[:, None], state)
                 state = out.state
                 token = next_token(out.logits[:, -1], draws.take(), sampling)
+
+
+def _ignore(tokens: torch.Tensor) -> None:
+    """What a generation that keeps no tokens does with them."""
 
 
 def _decoder(model: CompressiveTransformer, state: MemoryState, batch: int, compile: bool, dtype: torch.dtype | None,
@@ -352,14 +365,15 @@ def _stepped(decoder: Decoder, token: torch.Tensor, count: int, draws: _Draws, s
     """`token` and the count - 1 tokens after it (each (B,)), drawn STEPS_A_CALL at a time with the
     next uniform numbers of `draws`: the tokens of as many `step_sample` calls, each call's kept in
     `record` and counted there as each is yielded."""
-    record.chunks.append(token[None])
+    keep = record.chunks.append if record.keep else _ignore
+    keep(token[None])
     record.yielded += 1
     yield token
     left = count - 1
     while left > 0:
         steps = min(STEPS_A_CALL, left)
         drawn = decoder.steps_sampled(token, draws.take(steps), sampling)  # (steps, B)
-        record.chunks.append(drawn)
+        keep(drawn)
         for token in drawn.unbind(0):  # a token (B,) at a time (unbind: 0.5 µs a view, iterating 0.85)
             record.yielded += 1
             yield token

@@ -664,8 +664,11 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
 def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stream=None,
                 checkpoint: str | Path | None = None, precision: str | None = None, compile: bool | None = None,
-                state: str | Path | None = None, save_state: str | Path | None = None) -> str:
-    """Sample from a trained run; writes the text to `stream` (a file object) as it is generated.
+                state: str | Path | None = None, save_state: str | Path | None = None,
+                keep_text: bool = True) -> str | None:
+    """Sample from a trained run; writes the text to `stream` (a file object) as it is generated, and
+    returns it (None with `keep_text` False, which with `stream` generates any length in bounded
+    memory, as `still lm generate` does: the text and the tokens are not kept).
     `precision`: fp32 or bf16 (default: the run's). `compile`: the decoding step compiled (on the CPU written by
     hand, elsewhere ahead of time; cached); None: the hand-written step where it can run, else eager steps.
 
@@ -712,10 +715,11 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
     # corpus without a newline generated 17 in 200 tokens, each a new document read without a reset)
     generation = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           segment_len=config.segment_len, generator=generator, state=memories, compile=compile,
-                          exclude=(Vocab.PAD, Vocab.DOC))
+                          exclude=(Vocab.PAD, Vocab.DOC), keep_tokens=save_state is not None)
     for token in itertools.chain(_under(autocast(precision, device), generation), [None]):  # None: the decoder's rest
         piece = decode(token.cpu() if token is not None else None)
-        pieces.append(piece)
+        if keep_text:
+            pieces.append(piece)
         if unwritten is not None:
             stream.write(unwritten)
             unwritten = None
@@ -729,7 +733,7 @@ def generate_lm(run_dir: str | Path, prompt: str = "", max_new_tokens: int = 256
             memories = generation.state_after(max_new_tokens - 1)
         save_generation_state(save_state, memories, int(generation.tokens[-1][0]), generator.get_state(), config,
                               vocab, loaded)
-    return prompt + "".join(pieces)
+    return prompt + "".join(pieces) if keep_text else None
 
 
 STATE_FORMAT = "still lm generate state 1"
