@@ -107,11 +107,12 @@ class _Record:
     would then hold its owner, and a generation dropped half-way would restore the model's modes
     only when the cyclic collector ran, at any later moment."""
 
-    __slots__ = ("after_prompt", "chunks", "keep", "known", "written", "yielded")
+    __slots__ = ("after_prompt", "chunks", "keep", "known", "store", "written", "yielded")
 
     def __init__(self, written: bool, keep: bool) -> None:
         self.chunks: list[torch.Tensor] = []  # (n, B) each
         self.keep = keep  # (False: no chunks kept, `generate`'s keep_tokens)
+        self.store = self.chunks.append if keep else _ignore  # what the token generator does with each chunk
         self.yielded = 0
         self.after_prompt: MemoryState | None = None  # set by `_generate` once it has read the prompt
         self.known: tuple[int, MemoryState] | None = None  # the state after the first k tokens, the last computed
@@ -314,8 +315,7 @@ def _generate(model: CompressiveTransformer, prompt: torch.Tensor, max_new_token
     if decoder is not None and decoder.native is not None:  # STEPS_A_CALL steps and draws in each call
         yield from _stepped(decoder, token, max_new_tokens, draws, sampling, record)
         return
-    # all `Generation.state` needs of the loop: each token, and the count yielded
-    keep = record.chunks.append if record.keep else _ignore
+    keep = record.store  # all `Generation.state` needs of the loop: each token, and the count yielded
     for i in range(max_new_tokens):
         keep(token[None])
         record.yielded += 1
@@ -365,7 +365,7 @@ def _stepped(decoder: Decoder, token: torch.Tensor, count: int, draws: _Draws, s
     """`token` and the count - 1 tokens after it (each (B,)), drawn STEPS_A_CALL at a time with the
     next uniform numbers of `draws`: the tokens of as many `step_sample` calls, each call's kept in
     `record` and counted there as each is yielded."""
-    keep = record.chunks.append if record.keep else _ignore
+    keep = record.store
     keep(token[None])
     record.yielded += 1
     yield token
