@@ -258,6 +258,23 @@ def test_loading_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
+def test_a_file_that_cannot_be_written_is_named_not_its_temporary(tmp_path, monkeypatch):
+    """A probe on read-only media: "Read-only file system: .../.eval-test.json.7560-b6ndw70c.tmp", a
+    temporary that never existed, where the folder refused its creation."""
+    import errno
+    import tempfile
+
+    from still.train.io import atomic_write_text
+
+    def refused(prefix, suffix, dir):
+        raise OSError(errno.EROFS, "Read-only file system", f"{dir}/{prefix}abc{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(OSError) as error:
+        atomic_write_text(tmp_path / "eval-test.json", "{}")
+    assert error.value.filename == str(tmp_path / "eval-test.json") and list(tmp_path.iterdir()) == []
+
+
 def test_atomic_writes_get_a_normal_file_mode(tmp_path):
     import os
     import stat
@@ -268,6 +285,11 @@ def test_atomic_writes_get_a_normal_file_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "results.md").stat().st_mode) == 0o666 & ~mask
+    # a checkpoint's files too (safetensors made the weights private: a probe's shared run lent none)
+    path = ckpt.save_checkpoint(tmp_path / "checkpoints", 1, model=torch.nn.Linear(2, 2).state_dict(), state={})
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {
+        name: 0o666 & ~mask for name in ("config.json", "manifest.json", "model.safetensors", "state.json",
+                                         "state.safetensors")}
 
 
 @pytest.mark.parametrize("prefix, wrapper", [("module.", "DistributedDataParallel"), ("_orig_mod.", "torch.compile")])
