@@ -21,7 +21,7 @@ from still.data.text import SPLITS
 from still.errors import StillError
 from still.train import distributed
 from still.train.checkpoint import list_checkpoints, newest_config, written_here
-from still.train.io import atomic_write, atomic_write_text, printable, temporary_of
+from still.train.io import atomic_write_bytes, atomic_write_text, printable, temporary_of
 from still.train.loop import IndexBatches, Trainer, TrainState, deferred_signals
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.progress import log
@@ -549,7 +549,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 5000,
 def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], *,
                 xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False,
                 hlines: Sequence[tuple[str, float]] = ()) -> None:
-    """Draw (label, xs, ys) curves, and dashed reference lines (label, y) in the same colours, into a PNG."""
+    """Draw (label, xs, ys) curves, and dashed reference lines (label, y) in the same colours, into a PNG.
+    A file that holds this PNG's bytes already is left as it is (a finished run run again: on
+    read-only media too; a probe: rewritten each time)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -583,5 +587,14 @@ def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequenc
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png")  # (the same bytes for the same curves: no date in its metadata)
+    finally:
+        plt.close(fig)
+    try:
+        same = os.path.getsize(path) == png.getbuffer().nbytes and path.read_bytes() == png.getvalue()
+    except OSError:  # (none there yet, or unreadable: written)
+        same = False
+    if not same:
+        atomic_write_bytes(path, png.getvalue())
