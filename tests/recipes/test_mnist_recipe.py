@@ -64,6 +64,39 @@ def test_rerun_loads_every_stage_without_training(tiny_run, capsys):
     assert "| distilled T=2 " in out
 
 
+def test_a_finished_run_run_again_writes_nothing_and_prints_its_table_first(tiny_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A probe: a finished run run again rewrote results.json for its own timing of the teacher's
+    logits, and its plot; on read-only media it ended "error: Read-only file system" with no table.
+    Its files are left as they are now, and a report that cannot be written prints its table first."""
+    import os
+
+    import still.train.io as io
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    recorded = json.loads((out / "results.json").read_text())
+    recorded["meta"]["seconds"]["teacher_logits"] = 12.3  # (timed anew by each command: here, another time)
+    (out / "results.json").write_text(json.dumps(recorded, indent=2) + "\n")
+    files = ("config.json", "results.json", "results.md", "test_errors.png")
+    for name in files:
+        os.utime(out / name, ns=(10**9, 10**9))  # (an mtime a write would change)
+    before = {name: (out / name).read_bytes() for name in files}
+
+    def read_only(path, write):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io, "atomic_write", read_only)
+    code, printed, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(out))
+    assert code == 0 and err.count("loaded the finished run") == 4, err
+    assert "| distilled T=20 " in printed
+    assert {name: (out / name).read_bytes() for name in files} == before
+    assert all((out / name).stat().st_mtime_ns == 10**9 for name in files)
+    (out / "results.json").unlink()  # (a report killed before it was written: written again, here refused)
+    code, printed, err = run_cli(capsys, *TINY, "--temperature", "2,20", "--out", str(out))
+    assert code == 2 and "error: Read-only file system: " in err and "| distilled T=20 " in printed
+
+
 def test_resume_after_a_crash_gives_the_same_result(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)

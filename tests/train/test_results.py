@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from still.train.results import format_table, write_results
+from still.train.results import as_recorded, format_table, write_results
 
 
 def test_huge_and_tiny_floats_stay_short():
@@ -69,3 +69,18 @@ def test_one_element_tensors_are_numbers_and_text_stays_in_its_cell(tmp_path):
     assert table.splitlines()[2] == r"| a\|b c |  0.5 |      3 |"
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["rows"] == [{"model": "a|b\nc", "loss": 0.5, "errors": 3}] and data["meta"] == {"seconds": 1.5}
+
+
+def test_a_commands_timings_are_taken_as_recorded_where_its_results_are_those_there(tmp_path):
+    """A probe: a finished distillation run again rewrote results.json for its timing alone (and failed
+    on read-only media). Where the rows and the rest of the meta are those recorded, the recorded
+    timings are kept, and so the same bytes (which `atomic_write_text` leaves as they are)."""
+    rows = [{"model": "teacher", "test_errors": np.int64(3)}]
+    write_results(tmp_path, "results", rows, meta={"config": {"seed": 0}, "seconds": {"logits": 0.1}})
+    assert as_recorded(tmp_path / "results.json", rows, {"config": {"seed": 0}, "seconds": {"logits": 0.2}},
+                       ("seconds",)) == {"config": {"seed": 0}, "seconds": {"logits": 0.1}}
+    for other_rows, meta in (([{"model": "teacher", "test_errors": 4}], {"config": {"seed": 0}}),
+                             (rows, {"config": {"seed": 1}}), (rows, {"config": {"seed": 0}, "more": 1})):
+        meta = {**meta, "seconds": {"logits": 0.2}}
+        assert as_recorded(tmp_path / "results.json", other_rows, meta, ("seconds",)) is meta
+    assert as_recorded(tmp_path / "none.json", rows, meta, ("seconds",)) is meta

@@ -52,7 +52,7 @@ from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
 from still.train.progress import log
-from still.train.results import write_results
+from still.train.results import as_recorded, format_table, write_results
 from still.train.seed import check_seed, seed_everything
 
 RESULTS = ("results.json", "results.md", "test_errors.png")
@@ -330,9 +330,15 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
         note = (f"{out} also holds finished students not in this table: {'; '.join(labels)}"
                 + (f" (--temperature {together} tabulates them together)" if temperatures else ""))
         log(note)
+    # a finished run run again: its timings as recorded (computing the teacher's logits is timed anew),
+    # so that nothing is written where its results are (on read-only media too)
+    meta = as_recorded(out / "results.json", rows, meta, ("seconds",))
+    table = format_table(rows, columns, title)
+    if print_table:  # (before the files: a run whose report cannot be written still shows its numbers)
+        print(table)
     with report_whole():
         save_config(config, out / "config.json")
-        table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
+        write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
         plot_curves(out / "test_errors.png",
                     [(label, [h["epoch"] for h in hist], [max(h["test_errors"], 1) for h in hist])
                      for label, hist in curves],
@@ -341,7 +347,6 @@ def _run_mnist(config: MnistConfig, out: Path, cache: str | Path | None, overwri
                     hlines=[("paper: teacher 67", 67), ("paper: baseline 146", 146), ("paper: distilled 74", 74)]
                     if len(test_y) == 10000 and omit is None else ())
     if print_table:
-        print(table)
         print(f"written to {out}/results.json, results.md and test_errors.png")
     return {"rows": rows, "meta": meta, "table": table}
 

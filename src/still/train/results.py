@@ -76,6 +76,26 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     return "\n".join(out) + "\n"
 
 
+def as_recorded(path: str | Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any],
+                timings: Sequence[str]) -> dict[str, Any]:
+    """`meta` with its `timings` (keys of what this command timed, which a finished run run again
+    times anew) as the results file at `path` records them, where it holds these rows and the rest
+    of this meta: `write_results` then writes the bytes there already, which are left as they are (a
+    probe: a distillation run again rewrote results.json for its timings, and failed on read-only
+    media). Otherwise (other results, or none readable there) `meta` as it is."""
+    try:
+        recorded = json.loads(Path(path).read_text(encoding="utf-8"))
+        mine = json.loads(json.dumps({"rows": list(rows), "meta": meta}, default=_numpy_scalar))
+        same = (isinstance(recorded, dict) and isinstance(recorded.get("meta"), dict)
+                and recorded.get("rows") == mine["rows"]
+                and {k: v for k, v in recorded["meta"].items() if k not in timings}
+                == {k: v for k, v in mine["meta"].items() if k not in timings}
+                and all(key in recorded["meta"] for key in timings if key in meta))
+    except (OSError, TypeError, ValueError):
+        return meta
+    return {k: recorded["meta"][k] if k in timings else v for k, v in meta.items()} if same else meta
+
+
 def write_results(directory: str | Path, name: str, rows: Sequence[dict[str, Any]], *,
                   columns: Sequence[str] | None = None, title: str | None = None,
                   meta: dict[str, Any] | None = None, note: str | None = None) -> str:
