@@ -80,6 +80,35 @@ def test_a_signal_while_the_report_is_written_leaves_it_whole(cifar_dir, tmp_pat
     assert plotted == [out / "test_accuracy.png"]  # (its curves here are the same as the T=5 run's)
 
 
+def test_a_finished_run_run_again_writes_nothing_and_prints_its_table_first(cifar_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """As in run_mnist (a probe there): a finished run run again on read-only media rewrote its
+    plot, failing, and a report that could not be written printed no table."""
+    import os
+
+    import still.train.io as io
+
+    out = tmp_path / "run"
+    args = ["distill", "cifar10", "--data-dir", str(cifar_dir), "--preset", "tiny", "--epochs", "1", "--threads", "1",
+            "--out", str(out)]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    files = ("config.json", "results.json", "results.md", "test_accuracy.png")
+    for name in files:
+        os.utime(out / name, ns=(10**9, 10**9))  # (an mtime a write would change)
+
+    def read_only(path, write):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io, "atomic_write", read_only)
+    code, printed, err = run_cli(capsys, *args)
+    assert code == 0 and "| distilled T=5 " in printed, err
+    assert all((out / name).stat().st_mtime_ns == 10**9 for name in files)
+    (out / "results.md").unlink()
+    code, printed, err = run_cli(capsys, *args)
+    assert code == 2 and "error: Read-only file system: " in err and "| distilled T=5 " in printed
+
+
 def test_a_temperature_that_six_digits_round_is_a_student_of_its_own(cifar_dir, tmp_path, capsys):
     """A probe: the stage of T 5.0000001 was named T5 (`:g`), and was refused as T5's with other
     settings (with --overwrite, T5's student was deleted). It names its own, all its digits."""

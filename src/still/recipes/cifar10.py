@@ -61,7 +61,7 @@ from still.train import distributed
 from still.train.optim import OptimConfig
 from still.train.precision import autocast, bf16_slower
 from still.train.progress import log
-from still.train.results import write_results
+from still.train.results import format_table, write_results
 from still.train.seed import check_seed, seed_everything
 
 RESULTS = ("results.json", "results.md", "test_accuracy.png")
@@ -293,14 +293,16 @@ def _run_cifar10(config: Cifar10Config, data_dir: str | Path, out: Path, overwri
         log(note)
     # labml's numbers are for its experiment: beside another's they would read as a target
     columns = ["model", "test_accuracy"] + (["labml"] if any(row["labml"] is not None for row in rows) else [])
+    table = format_table(rows, columns, title)
+    if print_table:  # (before the files, as in run_mnist)
+        print(table)
     with report_whole():
         save_config(config, out / "config.json")
-        table = write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
+        write_results(out, "results", rows, columns=columns, title=title, meta=meta, note=note)
         plot_curves(out / "test_accuracy.png",
                     [(label, [h["epoch"] for h in hist], [h["test_accuracy"] for h in hist])
                      for label, hist in curves],
                     xlabel="epoch", ylabel="test accuracy (%)", title=f"CIFAR-10, preset {config.preset}")
     if print_table:
-        print(table)
         print(f"written to {out}/results.json, results.md and test_accuracy.png")
     return {"rows": rows, "meta": meta, "table": table}
