@@ -587,9 +587,53 @@ def test_the_runs_corpus_through_a_link_is_the_runs_corpus(trained, corpus, tmp_
     code, _, err = run_cli(capsys, *train_args(link, out))
     assert code == 0 and "loaded the finished run" in err and f"is {out}'s corpus {corpus}" in err, err
     assert json.loads((out / "stage.json").read_text())["corpus"] == str(corpus)
-    other = tmp_path / "other"  # a copy is another corpus: its own settings
-    shutil.copytree(corpus, other)
+    other = tmp_path / "other"  # other text at another path: other settings (a copy of its text is the run's:
+    shutil.copytree(corpus, other)  # `test_the_runs_corpus_moved_elsewhere_is_the_runs_corpus`)
+    (other / "doc5.txt").write_text("other text")
     assert_user_error(capsys, *train_args(other, out), contains="holds a run with different settings (corpus")
+
+
+def moved_run(corpus, tmp_path, capsys, kind=""):
+    """A run of 4 steps whose corpus (a folder, or with `kind` pg19:, PG-19's layout) was moved
+    after training, and a copy of it whose test text differs: (run, first path, moved, other)."""
+    own = tmp_path / "corpus"
+    if kind:
+        for split, docs in (("train", range(4)), ("validation", [4]), ("test", [5])):
+            (own / split).mkdir(parents=True)
+            for i in docs:
+                shutil.copy(corpus / f"doc{i}.txt", own / split)
+    else:
+        shutil.copytree(corpus, own)
+    out, moved, other = tmp_path / "run", tmp_path / "moved", tmp_path / "other"
+    assert run_cli(capsys, *train_args(f"{kind}{own}", out, "--steps", "4", "--eval-every", "4"))[0] == 0
+    own.rename(moved)
+    shutil.copytree(moved, other)
+    test_doc = next(other.rglob("doc5.txt"))
+    test_doc.write_text(" ".join(reversed(test_doc.read_text().split(" "))))  # the same characters, other text
+    return out, own, moved, other
+
+
+@pytest.mark.parametrize("kind", ["", "pg19:"])
+def test_the_runs_corpus_moved_elsewhere_is_the_runs_corpus(kind, corpus, tmp_path, capsys):
+    """A probe: a project folder moved, its run's corpus with it, the run could never be trained
+    again ("different settings (corpus)"), though its text was the same. The text at another path
+    with the digests the run recorded is the run's, recorded where it lies now (config.json and
+    stage.json: later commands find it); other text stays refused, naming the run's corpus."""
+    out, own, moved, other = moved_run(corpus, tmp_path, capsys, kind)
+    trained = model_hash(out)
+    args = train_args(f"{kind}{moved}", out, "--steps", "4", "--eval-every", "4")
+    assert_user_error(capsys, *train_args(f"{kind}{other}", out, "--steps", "4", "--eval-every", "4"),
+                      contains=f"holds a run with different settings (corpus, corpus_sha256, split_sha256); choose "
+                               f"another --out, or pass --overwrite to start it again (its corpus: {kind}{own};")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and "loaded the finished run" in err and f"has the text of {out}'s corpus {kind}{own}" in err, err
+    assert model_hash(out) == trained
+    for name in ("config.json", "stage.json"):
+        assert json.loads((out / name).read_text())["corpus"] == f"{kind}{moved}"
+    # its checkpoints, saved with the first path, are the run's all the same
+    for checkpoint in ([], ["--checkpoint", str(out / "checkpoints" / "ckpt-00000004")]):
+        assert run_cli(capsys, "lm", "eval", str(out), "--split", "valid", "--threads", "1", *checkpoint)[0] == 0
+    assert run_cli(capsys, *args)[0] == 0  # and the run goes on from there as from its first path
 
 
 def test_generation_piped_into_head_ends_quietly(trained):

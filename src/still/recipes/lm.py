@@ -214,17 +214,32 @@ def train_lm(config: LMConfig, out: str | Path, cache=None, overwrite: bool = Fa
         return _train_lm(config, out, cache, overwrite, print_table, on_nonfinite, keep, shards, compile)
 
 
+def _kind_and_path(corpus: str) -> tuple[str, str]:
+    """A corpus name's kind (of `CORPUS_KINDS`; "" for a file or folder, and for shakespeare) and path."""
+    kind = next((k for k in CORPUS_KINDS if corpus.startswith(k)), "")
+    return kind, corpus[len(kind):]
+
+
 def _same_corpus(stored: str, given: str) -> bool:
     """Whether a run's stored corpus (absolute) is the file or folder `given` names under another
     path (a symbolic link, a hard link, a bind mount), of the same kind."""
     if stored == given:
         return False
-    kinds = [next((k for k in CORPUS_KINDS if name.startswith(k)), "") for name in (stored, given)]
-    paths = [name[len(kind):] for name, kind in zip((stored, given), kinds)]
+    (kind, path), (given_kind, given_path) = _kind_and_path(stored), _kind_and_path(given)
     try:
-        return kinds[0] == kinds[1] and os.path.isabs(paths[0]) and os.path.samefile(*paths)
+        return kind == given_kind and os.path.isabs(path) and os.path.samefile(path, given_path)
     except OSError:
         return False
+
+
+def _moved_corpus(out: Path, stored: str, given: str, corpus: EncodedCorpus) -> bool:
+    """Whether `corpus`, read from `given`, another path than the run's stored corpus (absolute) of
+    the same kind, is the run's text moved or copied there: it has the digests the run recorded
+    (`corpus_sha256`, `split_sha256`; a run made before they were recorded cannot be told)."""
+    (kind, path), (given_kind, _) = _kind_and_path(stored), _kind_and_path(given)
+    return (stored != given and kind == given_kind and os.path.isabs(path)
+            and _recorded(out, "corpus_sha256") == corpus.digest
+            and _recorded(out, "split_sha256") == dict(corpus.split_digests))
 
 
 def _older_relative_corpus(stage: Path, corpus: str) -> None:
@@ -253,6 +268,16 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
                 "reads it as that")
         config = replace(config, corpus=stored)
     corpus = _load_data(config, cache)
+    moved_from = other_corpus = None  # the run's stored corpus, where --corpus is its text elsewhere, or other text
+    if isinstance(stored, str) and stored != config.corpus:
+        if _moved_corpus(out, stored, config.corpus, corpus):  # (a probe: a project folder moved, its run's
+            # corpus was "different settings (corpus)" for good, though byte-identical)
+            moved_from = stored
+            if dist.main:
+                log(f"--corpus {printable(config.corpus)} has the text of {printable(str(out))}'s corpus "
+                    f"{printable(stored)} (the digests the run recorded): the run reads it from there from now on")
+        else:
+            other_corpus = stored
     dist.check_same(int(corpus.digest[:15], 16), "the corpus's text (its digest)",
                     "every process must read the same corpus (on several machines, the same files)", show=False)
     vocab = corpus.vocab
@@ -283,7 +308,16 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
         # finished run) on text other than it trained on; a run made before it was recorded takes this one
         digest = {"corpus_sha256": corpus.digest, "split_sha256": dict(corpus.split_digests),
                   "vocab_sha256": _vocab_digest(vocab.to_json())}
-        check_stage_config(out, to_dict(config) | digest, overwrite, defaults=to_dict(LMConfig()) | digest)
+        settings = to_dict(config) | digest
+        try:  # a moved corpus is checked as the run's, its text being the run's, then recorded where it is now
+            check_stage_config(out, settings | ({"corpus": moved_from} if moved_from else {}), overwrite,
+                               defaults=to_dict(LMConfig()) | digest)
+        except StillError as e:
+            if other_corpus is None:
+                raise
+            raise StillError(f"{e} (its corpus: {other_corpus}; its text at another path is taken as it)") from None
+        if moved_from:
+            atomic_write_text(out / "stage.json", json.dumps(settings, indent=2, sort_keys=True) + "\n")
         save_config(config, out / "config.json")
         atomic_write_text(out / "vocab.json", vocab.to_json())
 
@@ -531,6 +565,13 @@ def _check_same_run(config: LMConfig, loaded: ckpt.Checkpoint, run_dir: Path, ne
         raise StillError(f"{loaded.path} is not a language-model checkpoint ({e})") from None
     ours = to_dict(config)
     theirs["corpus"], ours["corpus"] = absolute_corpus(theirs["corpus"]), absolute_corpus(ours["corpus"])
+    recorded = _recorded(run_dir, "corpus")
+    own = newest or loaded.path.resolve().parent == (run_dir / "checkpoints").resolve()
+    if own and isinstance(recorded, str) and absolute_corpus(recorded) == ours["corpus"]:
+        # the run's own checkpoints name its corpus where it lay when they were saved: `lm train` records
+        # where its text (by its digests) lies now in config.json and stage.json both (config.json alone
+        # edited stays a change)
+        theirs["corpus"] = ours["corpus"]
     changed = changed_paths(ours, theirs)  # (a probe: "(model)" left the user to find which of its keys)
     if changed and newest:
         raise StillError(f"{run_dir}/config.json differs from the settings its newest checkpoint was trained with "
