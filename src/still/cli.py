@@ -472,7 +472,10 @@ def lm_train(preset, corpus, byte_level, mem_len, c_mem_len, compression_rate, c
               help="Cut a split of fewer documents than rows (enwik8 has one) into contiguous pieces, one a row: "
                    "much faster; each piece is read without the text before it, so the loss is a little higher "
                    "(default: as the run was trained, --eval-fill-rows).")
-def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads, shards, fill_rows):
+@click.option("--corpus", default=None,
+              help="The run's corpus where it lies now, moved since training (as `lm train --corpus` names it): "
+                   "checked against the digests the run recorded of its text. `lm train` with it records it.")
+def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, threads, shards, fill_rows, corpus):
     """Bits per character (per byte for a byte-level run) and perplexity over a whole split,
     streaming with memory, and the loss by position within the document (table and plot in RUN_DIR)."""
     from still.recipes.lm import eval_lm
@@ -480,7 +483,7 @@ def lm_eval(run_dir, split, batch_size, checkpoint, precision, cache_dir, thread
     _one_process("lm eval")
     _threads(threads)
     eval_lm(run_dir, split, batch_size, cache=cache_dir, checkpoint=checkpoint, precision=precision, shards=shards,
-            fill_rows=fill_rows)
+            fill_rows=fill_rows, corpus=corpus)
 
 
 @lm_group.command("generate")

@@ -636,6 +636,22 @@ def test_the_runs_corpus_moved_elsewhere_is_the_runs_corpus(kind, corpus, tmp_pa
     assert run_cli(capsys, *args)[0] == 0  # and the run goes on from there as from its first path
 
 
+def test_eval_reads_the_runs_moved_corpus_where_it_is_now(corpus, tmp_path, capsys):
+    """A probe: `lm eval` of a run whose corpus was moved said it "does not exist", and no more.
+    --corpus names where it lies now, held to the digest the run recorded of the split."""
+    out, own, moved, other = moved_run(corpus, tmp_path, capsys)
+    evaluate = ["lm", "eval", str(out), "--split", "test", "--threads", "1"]
+    assert_user_error(capsys, *evaluate, contains=f"{out}'s corpus {own} does not exist: give it where it lies now "
+                                                  "with --corpus")
+    assert_user_error(capsys, *evaluate, "--corpus", str(other),
+                      contains=f"--corpus {other} is not {out}'s corpus {own}: its test split's SHA-256 is")
+    code, _, err = run_cli(capsys, *evaluate, "--corpus", str(moved))
+    assert code == 0, err
+    meta = json.loads((out / "eval-test.json").read_text())["meta"]
+    test_bpc = json.loads((out / "results.json").read_text())["rows"][0]["test_bpc"]
+    assert meta["changed_since_training"] is False and meta["bits_per_token"] == pytest.approx(test_bpc, abs=1e-4)
+
+
 def test_generation_piped_into_head_ends_quietly(trained):
     """`still lm generate ... | head -c 20`: the reader leaves early; the command exits 0, silently."""
     import subprocess

@@ -616,26 +616,44 @@ def _recorded_split_digest(run_dir: Path, split: str) -> str | None:
 
 def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = None, cache=None,
             print_table: bool = True, checkpoint: str | Path | None = None, precision: str | None = None,
-            shards: int | None = None, fill_rows: bool | None = None) -> dict:
+            shards: int | None = None, fill_rows: bool | None = None, corpus: str | None = None) -> dict:
     """Bits per character (per byte for a byte-level run) over a whole split, streaming with memory,
     and the loss by position.
     `precision`: fp32 or bf16 (default: the run's). `shards`: split each segment's rows across this
     many CPU threads (`StreamScorer`; default: `eval_shards`). `fill_rows`: cut a split of fewer
-    documents than rows into pieces, one a row (`LMConfig.eval_fill_rows`; default: the run's)."""
+    documents than rows into pieces, one a row (`LMConfig.eval_fill_rows`; default: the run's).
+    `corpus`: the run's corpus where it lies now (moved since training; as `LMConfig.corpus` names
+    it), refused unless its split has the digest the run recorded (default: the run's stored corpus)."""
     run_dir = Path(run_dir)
     settings = _run_files(run_dir)  # (read before the run is: a run started again meanwhile differs after)
     config, vocab, model, checkpoint = load_run(run_dir, checkpoint)
     precision = precision or config.precision
     check_precision(precision)
+    stored, given = config.corpus, None if corpus is None else absolute_corpus(corpus)
+    if given is not None and given != stored:
+        config = replace(config, corpus=given)
+    elif given is None and stored != "shakespeare" and not os.path.exists(_kind_and_path(stored)[1]):
+        # (a probe: a moved project's run could not be evaluated again, and nothing said how)
+        raise StillError(f"{run_dir}'s corpus {stored} does not exist: give it where it lies now with --corpus "
+                         "(checked against the digests the run recorded of its text)")
     try:
         corpus = load_encoded(config.corpus, cache=cache, byte_level=config.byte_level, splits=(split,), vocab=vocab)
     except NotInVocabulary as e:
+        if config.corpus != stored:
+            raise StillError(f"--corpus {given} is not {run_dir}'s corpus {stored}: its {split} split holds a "
+                             f"character the run's vocabulary lacks ({e})") from None
         raise StillError(f"the {split} split of {config.corpus} holds a character the run's vocabulary lacks, so it "
                          f"has changed since {run_dir} was trained: {e}") from None
     docs, names = corpus.split(split)
     # the split's text against what training recorded of it (runs made before then recorded nothing):
     # numbers of other text are written beside the run's, so they say so
     recorded, current = _recorded_split_digest(run_dir, split), corpus.split_digests.get(split)
+    if config.corpus != stored and recorded is None:  # text elsewhere: the run's only
+        raise StillError(f"--corpus {given}: {run_dir} recorded no digest of its {split} split (trained by an older "
+                         f"still), so it cannot be told to be its corpus {stored}; put that back where it was")
+    if config.corpus != stored and current != recorded:
+        raise StillError(f"--corpus {given} is not {run_dir}'s corpus {stored}: its {split} split's SHA-256 is "
+                         f"{str(current)[:12]}..., the run recorded {recorded[:12]}...")
     changed = recorded is not None and current is not None and recorded != current
     if changed:
         log(f"the {split} split of {config.corpus} has changed since {run_dir} was trained: these numbers are "
