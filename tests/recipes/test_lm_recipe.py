@@ -521,6 +521,8 @@ def test_an_edited_vocabulary_is_refused(trained, tmp_path, capsys):
     shutil.copytree(trained, out)
     vocab = json.loads((out / "vocab.json").read_text())
     assert json.loads((out / "stage.json").read_text())["vocab_sha256"]
+    (out / "vocab.json").write_text(json.dumps(vocab, indent=1))  # the same symbols, written otherwise: the run's
+    assert run_cli(capsys, "lm", "generate", str(out), "--tokens", "5", "--threads", "1")[0] == 0
     symbols = vocab["symbols"]
     symbols[-1], symbols[-2] = symbols[-2], symbols[-1]
     (out / "vocab.json").write_text(json.dumps(vocab))

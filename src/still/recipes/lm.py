@@ -530,13 +530,13 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None
     check_run_kind(run_dir, "language-model")
     config = load_config(LMConfig, run_dir / "config.json")
     try:
-        text = (run_dir / "vocab.json").read_text(encoding="utf-8")
-        vocab = Vocab.from_json(text)
+        vocab = Vocab.from_json((run_dir / "vocab.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError) as e:
         raise StillError(f"cannot read {run_dir}/vocab.json: {e}") from None
     # (a probe: an edited vocab.json decoded generated ids as other characters, exit 0)
     recorded = _recorded(run_dir, "vocab_sha256")
-    if isinstance(recorded, str) and recorded != _vocab_digest(text):
+    if isinstance(recorded, str) and recorded != _vocab_digest(vocab.to_json()):  # (its symbols: a probe's
+        # vocab.json reformatted, the same symbols, was "changed")
         raise StillError(f"{run_dir}/vocab.json has changed since the run was trained (its SHA-256 is not the one "
                          "stage.json records): its ids would read as other characters; put back the run's own")
     if checkpoint is not None:
