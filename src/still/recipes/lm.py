@@ -996,7 +996,9 @@ def compare_runs(run_dirs: list[Path], out: Path, split: str = "test", print_tab
                                               else "does not exist"))
         check_run_kind(run_dir, "language-model")
         if not (run_dir / "results.json").is_file():
-            raise StillError(f"{run_dir} has no results.json: train it first (still lm train --out {run_dir})")
+            raise StillError(f"{run_dir} has no results.json: finish its training first (the `still lm train` that "
+                             f"made it, with its settings and --out {run_dir})")  # (a probe: the bare command was
+            # refused, "different settings")
         try:
             data = (run_dir / "results.json").read_bytes()
         except OSError as e:
