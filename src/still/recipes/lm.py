@@ -423,8 +423,12 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
                       evaluate=evaluate, checkpoint_dir=out / "checkpoints", config=to_dict(config), desc="lm",
                       on_nonfinite=on_nonfinite, keep=keep, precision=config.precision, dist=dist, shards=shards,
                       state_tensors=memory_tensors, load_state_tensors=load_memory)
-    if config.precision == "bf16" and device.type == "cpu" and attention.NATIVE_SCORES:
-        native_step.attention_library()  # built (once per machine) before the progress bar, as it says
+    if device.type == "cpu" and attention.NATIVE_SCORES:  # the kernels the steps take, built (once per machine)
+        # before the progress bar, as they say, and the timing (a probe's first run counted 15 s of compiling
+        # as training: 4 tokens a second)
+        (native_step.attention_library if config.precision == "bf16" else native_step.attention_fp32_library)()
+        if config.model.dropout > 0 or config.model.dropout_attn > 0:
+            native_step.dropout_library()
     if (slower := bf16_slower(config.precision, device)) and dist.main:
         log(f"--precision bf16: {slower}")
     if config.eval_segments is not None and dist.main:
