@@ -59,11 +59,13 @@ def _aside(root, suffix):
     return [p.name for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(suffix)]
 
 
-def _hold(lock):
-    """A process that holds `lock` until its stdin closes (a writer at work)."""
+def _hold(lock, note=None):
+    """A process that holds `lock` until its stdin closes (a writer at work); with `note`, one that
+    then notes in it why it could not write the entry (as `_Held.note_failure` does)."""
+    then = f"f.truncate(0)\nf.write({note!r}.encode())\nf.flush()\n" if note else ""
     holder = subprocess.Popen([sys.executable, "-c",
                                f"import fcntl, sys\nf = open({str(lock)!r}, 'a+b')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
-                               "print('held', flush=True)\nsys.stdin.read()\n"],
+                               f"print('held', flush=True)\nsys.stdin.read()\n{then}"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -503,7 +505,73 @@ def test_a_process_that_waited_for_a_writer_that_failed_reads_the_corpus_itself(
     for result in results:
         _assert_same(result, vocab, splits)
     said = capsys.readouterr().err
-    assert "could not write the encoded corpus" in said and "the process that held the lock did not write" in said
+    assert "could not write the encoded corpus" in said
+    assert "the process that held the lock could not write" in said and "(No space left on device)" in said
+
+
+def _wait_behind(holder, name, monkeypatch):
+    """`load_encoded(name)` in a thread that comes to the lock `holder` holds, waits, and goes on
+    once `holder` lets go of it (without writing an entry): its result, and what it said."""
+    import threading
+
+    import still.data.encoded as encoded
+
+    said, waiting, results = [], threading.Event(), []
+
+    def log(message):
+        said.append(message)
+        if "waiting for another process" in message:
+            waiting.set()
+
+    monkeypatch.setattr(encoded, "log", log)
+    waiter = threading.Thread(target=lambda: results.append(load_encoded(name)))
+    waiter.start()
+    try:
+        assert waiting.wait(60)
+    finally:
+        holder.communicate("", timeout=60)
+        waiter.join(60)
+    return results[0], "\n".join(said)
+
+
+@pytest.mark.parametrize("note", [None, "No space left on device"])
+def test_a_process_that_waited_writes_the_entry_unless_the_holder_could_not(tmp_path, root, monkeypatch, note):
+    """A holder interrupted or killed leaves no note in the lock file: the process that waited for it
+    encodes the corpus into the entry itself (a probe: cancelling the one job of an array that encoded
+    made every other read PG-19 into memory). One that could not write it notes why: the others read
+    the corpus into memory, and the next run that writes the entry clears the note."""
+    name = _books(tmp_path / "pg")
+    vocab, splits = _expected(name)
+    entry = entry_path(root, name, False)
+    root.mkdir()
+    lock = root / f".{entry.name}.lock"
+    result, said = _wait_behind(_hold(lock, note), name, monkeypatch)
+    _assert_same(result, vocab, splits)
+    if note is None:
+        assert result.entry == entry and _entries(root) == [entry.name]
+        assert f"the process that held the lock stopped without writing {entry} (interrupted or killed, say)" in said
+        assert f"encoded {name} once" in said
+    else:
+        assert result.entry is None and _entries(root) == []
+        assert f"the process that held the lock could not write {entry} ({note})" in said
+        assert load_encoded(name).entry == entry  # (no other process held the lock: it writes)
+    assert lock.read_bytes() == b""
+
+
+def test_a_process_that_waited_for_an_entry_of_a_corpus_changed_since_encodes_it_again(tmp_path, root,
+                                                                                      monkeypatch):
+    """A book edited while the holder encoded it: the entry it wrote is of the text before (a probe:
+    the waiter said the holder had not written it, read the corpus into memory, and the next run
+    encoded it again). The waiter encodes the corpus as it is now into the entry."""
+    name = _books(tmp_path / "pg")
+    entry = load_encoded(name).entry  # (what the holder wrote, of the text before)
+    book = tmp_path / "pg" / "train" / "100.txt"
+    book.write_text("edited while it was encoded\n" * 5, encoding="utf-8")
+    vocab, splits = _expected(name)
+    result, said = _wait_behind(_hold(root / f".{entry.name}.lock"), name, monkeypatch)
+    _assert_same(result, vocab, splits)
+    assert result.entry == entry and f"{entry} holds {name} as it was before a change" in said
+    assert json.loads((entry / "manifest.json").read_text())["fingerprint"] == fingerprint(name, False)
 
 
 def _cannot_list(monkeypatch, name):

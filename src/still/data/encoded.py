@@ -30,8 +30,10 @@ SHA-256). A file changed, added or removed since makes a new encoding, which rep
 
 Writers take the entry's lock (a lock of the process's threads, then a POSIX lock on `.<entry>.lock`
 beside it, which NFS also honours): one process makes a missing entry while the others (torchrun's,
-or another run) wait for it, then map it; where the holder could not write it, they read the corpus
-into memory rather than each try again. The lock file stays after (`still data clear` removes it
+or another run) wait for it, then map it. Where the holder could not write it (it notes why in the lock
+file), they read the corpus into memory rather than each try again; where it wrote none for another
+reason (interrupted or killed) or made it from the corpus as it was before a change, the first of them
+makes it. The lock file stays after (`still data clear` removes it
 with its entry, or where its corpus has none: `remove`, `remove_lock`; a process that waited on a
 lock file removed meanwhile locks the new one). The entry is written into a temporary folder,
 flushed to disk and renamed into place; a replaced entry is moved aside and removed a day later (a
@@ -210,30 +212,49 @@ def load_encoded(name: str, *, cache: str | Path | None = None, byte_level: bool
         return _in_memory(load_corpus(name, cache=cache, byte_level=byte_level, splits=splits), vocab, splits)
     if stamp is None:
         return _read_into_memory(name, cache, byte_level)
-    with _locked(entry, name) as waited:
+    with _locked(entry, name) as lock:
         found = _open(entry, stamp, None, splits, say=False)  # (made by the process that held the lock)
         if found is not None:
             return found
-        if not waited:  # (else the process before failed to write it: this one would too, and keep the others waiting)
-            _sweep(entry, writing=True)
-            corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (a file a document: read as needed)
-            vocab, lengths = _survey(corpus)
-            try:
-                size, placed = _write(entry, corpus, vocab, lengths, stamp)
-            except OSError as e:
-                log(f"could not write the encoded corpus to {entry.parent} ({e.strerror or e}): "
-                    "this run keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
-                return _in_memory(corpus, vocab, lengths=lengths)
-            allocator.give_back()  # (the texts' memory: nothing reads them again)
-            found = _open(entry, stamp, vocab, splits)
-            if found is not None:
-                if placed:
-                    log(f"encoded {name} once into {entry} ({format_size(size)}): later runs, `lm eval` and every "
-                        "process read its ids from there")
-                return found
-            return _in_memory(corpus, vocab, lengths=lengths)  # (replaced meanwhile, by a writer without the lock)
-    log(f"the process that held the lock did not write {entry}: this one reads {name} into memory")
-    return _read_into_memory(name, cache, byte_level)
+        if lock.waited:
+            failure = lock.failure()
+            if failure is not None:  # (this one would fail too, and keep the others waiting in turn)
+                log(f"the process that held the lock could not write {entry} ({failure}): this one reads {name} "
+                    "into memory")
+                return _read_into_memory(name, cache, byte_level)
+            made_from = _made_from(entry)  # (the holder interrupted or killed, or it read a corpus changed since)
+            log(f"the process that held the lock stopped without writing {entry} (interrupted or killed, say): "
+                f"this one encodes {name}" if made_from is None else
+                f"{entry} holds {name} as it was before a change: this one encodes it again" if made_from != stamp
+                else f"{entry} is damaged: this one encodes {name} again")
+        lock.note_failure(None)  # (an earlier holder's: this one's outcome is what the next waiter reads)
+        _sweep(entry, writing=True)
+        corpus = load_corpus(name, cache=cache, byte_level=byte_level)  # (a file a document: read as needed)
+        vocab, lengths = _survey(corpus)
+        try:
+            size, placed = _write(entry, corpus, vocab, lengths, stamp)
+        except OSError as e:
+            lock.note_failure(str(e.strerror or e))
+            log(f"could not write the encoded corpus to {entry.parent} ({e.strerror or e}): "
+                "this run keeps its ids in memory (STILL_CORPUS_CACHE chooses another folder)")
+            return _in_memory(corpus, vocab, lengths=lengths)
+        allocator.give_back()  # (the texts' memory: nothing reads them again)
+        found = _open(entry, stamp, vocab, splits)
+        if found is not None:
+            if placed:
+                log(f"encoded {name} once into {entry} ({format_size(size)}): later runs, `lm eval` and every "
+                    "process read its ids from there")
+            return found
+        return _in_memory(corpus, vocab, lengths=lengths)  # (replaced meanwhile, by a writer without the lock)
+
+
+def _made_from(entry: Path) -> dict | None:
+    """The fingerprint `entry`'s manifest records (None: no entry, or none readable)."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest.get("fingerprint") if isinstance(manifest, dict) else None
 
 
 def _read_into_memory(name: str, cache: str | Path | None, byte_level: bool) -> EncodedCorpus:
@@ -253,9 +274,44 @@ def _thread_lock(entry: Path) -> threading.Lock:
         return _THREAD_LOCKS.setdefault(entry, threading.Lock())
 
 
+@dataclass
+class _Held:
+    """`entry`'s lock as `_locked` holds it: whether another process or thread held it first
+    (`waited`), and the lock file's handle (None: held without a POSIX lock), which notes why its
+    holder could not write the entry, for the processes waiting after it."""
+
+    waited: bool
+    handle: Any = None
+
+    def failure(self) -> str | None:
+        """Why the holder before this one could not write the entry (None: it did not say so)."""
+        if self.handle is None:
+            return None
+        try:
+            self.handle.seek(0)
+            note = self.handle.read(_NOTE_BYTES).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+        return note or None
+
+    def note_failure(self, reason: str | None) -> None:
+        """Write `reason` into the lock file (None: clear it). Through the held handle: closing any
+        other of this process's handles of the file would let go of its POSIX lock."""
+        if self.handle is None:
+            return
+        with contextlib.suppress(OSError):  # (a lock file it may not write: the waiters encode in turn)
+            self.handle.truncate(0)
+            if reason:
+                self.handle.write(printable(reason)[:_NOTE_BYTES].encode("utf-8", "replace"))
+            self.handle.flush()
+
+
+_NOTE_BYTES = 300  # the most of a failure's note read from the lock file
+
+
 @contextlib.contextmanager
-def _locked(entry: Path, name: str) -> Iterator[bool]:
-    """Hold `entry`'s lock, and say (yield) whether another process or thread held it first: a
+def _locked(entry: Path, name: str) -> Iterator[_Held]:
+    """Hold `entry`'s lock, and yield it (`_Held`: whether another process or thread held it first): a
     `threading.Lock` of this process, then a POSIX lock (`fcntl.lockf`, which NFS also honours) on
     `.<entry>.lock` beside it, released when the process ends however it ends. Says so where another
     holds it, and waits. Where no POSIX lock can be had (no fcntl, a lock file it cannot open, a file
@@ -266,18 +322,18 @@ def _locked(entry: Path, name: str) -> Iterator[bool]:
         log(f"waiting for another thread to encode {name} into {entry}")
         thread_lock.acquire()
     try:
-        with _process_lock(entry, name) as process_waited:
-            yield waited or process_waited
+        with _process_lock(entry, name) as held:
+            yield _Held(waited or held.waited, held.handle)
     finally:
         thread_lock.release()
 
 
 @contextlib.contextmanager
-def _process_lock(entry: Path, name: str) -> Iterator[bool]:
+def _process_lock(entry: Path, name: str) -> Iterator[_Held]:
     try:
         import fcntl
     except ImportError:  # (not a POSIX system)
-        yield False
+        yield _Held(False)
         return
     lock_file, waited = _lock_file(entry), False
     while True:
@@ -286,7 +342,7 @@ def _process_lock(entry: Path, name: str) -> Iterator[bool]:
             handle = open(lock_file, "a+b")  # noqa: SIM115 - held across the yield
         except OSError as e:
             log(f"cannot open the lock of {entry} ({e.strerror or e}): encoding without it")
-            yield False
+            yield _Held(False)
             return
         with handle:
             try:
@@ -300,13 +356,13 @@ def _process_lock(entry: Path, name: str) -> Iterator[bool]:
                     fcntl.lockf(handle, fcntl.LOCK_EX)
             except OSError as e:  # (a file system without locks)
                 log(f"cannot lock {entry} ({e.strerror or e}): encoding without the lock")
-                yield waited
+                yield _Held(waited)
                 return
             if not _is_current(handle, lock_file):  # (`remove_lock` removed it while this process waited)
                 fcntl.lockf(handle, fcntl.LOCK_UN)
                 continue
             try:
-                yield waited
+                yield _Held(waited, handle)
             finally:
                 fcntl.lockf(handle, fcntl.LOCK_UN)
             return
@@ -804,7 +860,8 @@ _LOCK_NAME = re.compile(r"\.(?P<entry>[A-Za-z0-9_.-]+-[0-9a-f]{20})\.lock")  # `
 
 def orphan_locks(root: Path) -> list[Path]:
     """The lock files under `root` of corpora that have no entry (by name). Every corpus a run has
-    tried to encode has one (`_process_lock`), an empty file, whether or not its entry was made, and
+    tried to encode has one (`_process_lock`), whether or not its entry was made (empty, or why its
+    last writer could not write the entry: `_Held.note_failure`), and
     `remove` removes only the lock of an entry it removes: these are what `remove_lock` clears."""
     try:
         listing = sorted(root.iterdir())
