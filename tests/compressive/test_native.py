@@ -1,5 +1,6 @@
 """The hand-written decoding step (native_step.cpp) gives the model's own logits and draws."""
 
+import contextlib
 import json
 import os
 import re
@@ -271,10 +272,10 @@ def test_the_attention_kernels_lost_are_said_for_the_precision_that_asks(tmp_pat
             monkeypatch.setattr(native, "_ATTENTION_UNSAID", {}, raising=False)
             monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
 
-            def read_only(dir):
+            def read_only(*args, dir, **kwargs):
                 raise OSError(30, "Read-only file system", str(dir))
 
-            monkeypatch.setattr(native.tempfile, "TemporaryDirectory", read_only)
+            monkeypatch.setattr(native.tempfile, "mkdtemp", read_only)
             reason = "[Errno 30] Read-only file system: "
         capsys.readouterr()
         assert native.attention_fp32_library() is None and native.attention_fp32_library() is None
@@ -332,7 +333,7 @@ def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch, capsys):
         raise OSError(30, "Read-only file system")
 
     path.write_bytes(whole[:100])
-    monkeypatch.setattr(native.tempfile, "TemporaryDirectory", read_only)
+    monkeypatch.setattr(native.tempfile, "mkdtemp", read_only)
     said = re.escape(f"{path} is not the library its build recorded, and its folder cannot be written (Read-only "
                      "file system) to build it again: set STILL_CACHE to a folder that can be")
     with pytest.raises(RuntimeError, match=f"^{said}$"):
@@ -388,6 +389,80 @@ exec {native.compiler()} "$@"
     assert native._intact(build("working", runs=1))  # the tuned build, at its first try
     assert "could not build" not in capsys.readouterr().err
 
+
+
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build_and_a_live_ones_are_not(tmp_path, monkeypatch):
+    """A build killed outright (SIGKILL) left its temporary folder in the cache for good (a probe:
+    counted by `still data list`, cleared by nothing). A build's folder is named with its pid now:
+    the next build, or the next process that finds the library built, removes those of processes
+    gone, in every key's folder, and an older still's unnamed ones an hour old."""
+    import time
+
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    path = native._build(native.DROPOUT_SOURCE, "dropout kernels")
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    other = tmp_path / "0123456789abcdef0123"  # (another compiler's or source's key)
+    other.mkdir()
+    dead = [path.parent / f".{path.name}.{ended.pid}-abc_1.tmp", other / f".libnative_step.so.{ended.pid}-x.tmp",
+            path.parent / "tmpk2j4_x"]
+    live = [path.parent / f".{path.name}.{os.getppid()}-abc_2.tmp", path.parent / "tmpfresh"]
+    for folder in dead + live:
+        folder.mkdir()
+        (folder / path.name).write_bytes(b"half a library")
+    two_hours_ago = time.time() - 2 * 3600  # (`LEFTOVERS_AFTER_S` ago and more)
+    os.utime(dead[-1], (two_hours_ago, two_hours_ago))
+    assert native._build(native.DROPOUT_SOURCE, "dropout kernels") == path
+    assert not any(p.exists() for p in dead) and all(p.exists() for p in live)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_a_build_whose_process_is_killed_or_interrupted_ends_its_compiler(tmp_path, signal_name):
+    """SIGKILL of a process building left the compiler (g++ and its cc1plus) running on, and its
+    temporary folder in the cache. Now the compiler ends with the process (as an ahead-of-time
+    build's does) and the next build removes the folder; interrupted (Ctrl-C), the process ends
+    the compiler and removes the folder itself."""
+    import signal
+    import time
+
+    started, cxx, root = tmp_path / "started", tmp_path / "g++", tmp_path / "native"
+    cxx.write_text(f"#!/bin/sh\necho $$ > {started}.part && mv {started}.part {started}\nexec sleep 60\n")
+    cxx.chmod(0o755)
+    building = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, sys\nfrom still.compressive import native\n"
+        "native.compiler, native.cache_root = lambda: sys.argv[1], lambda: pathlib.Path(sys.argv[2])\n"
+        "native._build(native.DROPOUT_SOURCE, 'dropout kernels')\n"), str(cxx), str(root)],
+        stderr=subprocess.DEVNULL)
+    compiler = None
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        compiler = int(started.read_text())
+        assert len([p for p in root.glob("*/*") if p.is_dir()]) == 1  # (the build's temporary folder)
+        building.send_signal(getattr(signal, signal_name))
+        building.wait(60)
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            with open(f"/proc/{pid}/stat") as f:  # ended, not yet reaped by its new parent
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+        deadline = time.monotonic() + 20
+        while not gone(compiler) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(compiler)
+    finally:
+        building.kill()
+        if compiler is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(compiler, signal.SIGKILL)
+    if signal_name == "SIGKILL":
+        native._sweep(root)  # (what the next build does first)
+    assert [p for p in root.glob("*/*") if p.is_dir()] == []
 
 FAILING_THREADS = r"""
 #include <dlfcn.h>

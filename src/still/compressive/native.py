@@ -16,9 +16,11 @@ The source is compiled with the machine's C++ compiler (`$CXX`, else g++, c++ or
 `-O3 -march=native`) into `<cache>/native/<key>/`, keyed on the source, the compiler (its file), the
 flags and the processor, checked against the size and SHA-256 recorded at its build (one cut short
 or emptied is built again: loaded, it crashed the process), and loaded with ctypes: a step is one
-foreign call with a few integers (no PyTorch headers to compile: a build takes seconds). Where no
-compiler works, `library()` says why once and returns None, and the decoder uses the ahead-of-time
-compiled step (`still.train.aot`) instead
+foreign call with a few integers (no PyTorch headers to compile: a build takes seconds). A build
+interrupted (Ctrl-C, SIGTERM) ends its compiler and removes its files; one whose process is killed
+outright (SIGKILL) ends its compiler itself, and the next process to build or load one removes its
+files. Where no compiler works, `library()` says why once and returns None, and the decoder uses
+the ahead-of-time compiled step (`still.train.aot`) instead
 (with `generate(compile=None)`, what `still lm generate` does by default: eager steps).
 """
 
@@ -32,7 +34,9 @@ import mmap
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from still.compressive.sampling import TINY, Sampling
-from still.train.io import atomic_write_bytes, atomic_write_text, sha256_file
+from still.train.io import atomic_write_bytes, atomic_write_text, process_alive, sha256_file, temporary_of
 from still.train.progress import log
 
 if TYPE_CHECKING:
@@ -218,6 +222,7 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
     from still.train.aot import _machine
 
     source_file = SOURCE if source_file is None else source_file
+    _sweep(cache_root())
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found: set CXX or install g++")
@@ -236,8 +241,8 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
             error = remembered
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp = tempfile.TemporaryDirectory(dir=path.parent)
+        try:  # (named with this process's pid: `_sweep` tells a killed build's from one at work)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
         except OSError as e:
             if damaged:  # (cut short, it would crash the process that loads it: SIGBUS)
                 raise RuntimeError(f"{path} is not the library its build recorded, and its folder cannot be "
@@ -250,15 +255,16 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
             log(f"{Path(cxx).name} could not build the {what} with {' '.join(TUNE)} ({error}); building it without")
         log(f"building the hand-written {what} with {Path(cxx).name} (once for this machine); cached in "
             f"{cache_root()}")
-        with tmp:
-            built = Path(tmp.name) / path.name
-            result = subprocess.run([cxx, *flags, str(source_file), "-o", str(built)], capture_output=True, text=True,
-                                    check=False)
+        try:
+            built = tmp / path.name
+            result = _compile([cxx, *flags, str(source_file), "-o", str(built)])
             if result.returncode == 0:
                 # the record first: a library without one is built again
                 atomic_write_text(_record(path), f"{built.stat().st_size} {sha256_file(built)}\n")
                 os.replace(built, path)  # whole or not at all, also against a concurrent build
                 return path
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         error = (f"killed by signal {-result.returncode}" if result.returncode < 0
                  else (result.stderr.strip().splitlines() or ["failed"])[-1])
         if result.returncode < 0 or KILLED.search(result.stderr):  # (for memory on a busy machine, say: not the
@@ -267,6 +273,70 @@ def _build(source_file: Path | None = None, what: str = STEP_LIBRARY) -> Path:
                                "the next run")
         atomic_write_bytes(failed, error.encode())  # (a new file: its time is when it failed)
     raise RuntimeError(f"{Path(cxx).name} could not build {source_file.name}: {error}")
+
+
+# a build's compiler runs under this, in a process group of its own: once the process that started it
+# is gone (killed outright, it could not end them) it ends the group, the compiler and the compiler's
+# children (cc1plus, as, ld) with it, as `still.train.aot`'s builds do. A compiler killed by a signal
+# ends it by the same signal, which `_build` reads as the compiler's
+_WATCHED = """\
+import os, signal, subprocess, sys, threading, time
+parent = int(sys.argv[1])
+def watch():
+    while os.getppid() == parent:  # (a process whose parent dies is given another)
+        time.sleep(0.2)
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=watch, daemon=True).start()
+try:
+    code = subprocess.Popen(sys.argv[2:]).wait()
+except OSError as e:
+    sys.exit(f"cannot run {sys.argv[2]}: {e.strerror or e}")
+if code < 0:
+    if -code != signal.SIGKILL:  # (one whose handler cannot be set)
+        signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+def _compile(command: list[str]) -> subprocess.CompletedProcess:
+    """Run the compiler `command` (through `_WATCHED`, in a session of its own), its output captured.
+    Interrupted (Ctrl-C, SIGTERM), it ends the compiler and its children before it unwinds."""
+    process = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHED, str(os.getpid()), *command],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+LEFTOVERS_AFTER_S = 3600.0  # an older still's unnamed build folder (`tmp*`) untouched this long is a killed
+# build's (a build takes seconds)
+
+
+def _sweep(root: Path) -> None:
+    """Remove what builds killed outright left in `root`'s folders: their temporaries
+    (`.<library>.<pid>-<random>.tmp`, `_build`'s folders and `atomic_write`'s files) whose process is
+    gone, and the unnamed folders of older versions' builds untouched for `LEFTOVERS_AFTER_S`."""
+    stale = time.time() - LEFTOVERS_AFTER_S
+    for left in [*root.glob("*/.*.tmp"), *root.glob("*/tmp*")]:
+        found = temporary_of(left.name)
+        try:
+            if found is not None:
+                if found[1] == os.getpid() or process_alive(found[1]):
+                    continue
+            elif not left.is_dir() or left.stat().st_mtime > stale:
+                continue
+            if left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
+        except OSError:  # (another user's, or removed meanwhile: left)
+            continue
 
 
 def _remembered(failed: Path) -> str | None:
