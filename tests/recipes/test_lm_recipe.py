@@ -676,6 +676,16 @@ def test_eval_reads_the_runs_moved_corpus_where_it_is_now(corpus, tmp_path, caps
     meta = json.loads((out / "eval-test.json").read_text())["meta"]
     test_bpc = json.loads((out / "results.json").read_text())["rows"][0]["test_bpc"]
     assert meta["changed_since_training"] is False and meta["bits_per_token"] == pytest.approx(test_bpc, abs=1e-4)
+    # a run of an older still (no digests of its text): its own corpus named otherwise (a link) is read as
+    # it is (a review: refused for want of digests); other text is refused saying why it cannot be taken
+    assert run_cli(capsys, *train_args(moved, out, "--steps", "4", "--eval-every", "4"))[0] == 0  # (recorded there)
+    stage = json.loads((out / "stage.json").read_text())
+    (out / "stage.json").write_text(json.dumps({k: v for k, v in stage.items() if not k.endswith("_sha256")}))
+    (tmp_path / "link").symlink_to(moved)
+    code, _, err = run_cli(capsys, *evaluate, "--corpus", str(tmp_path / "link"))
+    assert code == 0, err
+    assert_user_error(capsys, *train_args(other, out, "--steps", "4", "--eval-every", "4"),
+                      contains=f"(its corpus: {moved}; it recorded no digest of its text, an older still's run")
 
 
 def test_generation_piped_into_head_ends_quietly(trained):

@@ -315,7 +315,9 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
         except StillError as e:
             if other_corpus is None:
                 raise
-            raise StillError(f"{e} (its corpus: {other_corpus}; its text at another path is taken as it)") from None
+            how = ("its text at another path is taken as it" if _recorded(out, "corpus_sha256") is not None else
+                   "it recorded no digest of its text, an older still's run: put the corpus back there")
+            raise StillError(f"{e} (its corpus: {other_corpus}; {how})") from None
         if moved_from:
             atomic_write_text(out / "stage.json", json.dumps(settings, indent=2, sort_keys=True) + "\n")
         save_config(config, out / "config.json")
@@ -634,8 +636,8 @@ def eval_lm(run_dir: str | Path, split: str = "test", batch_size: int | None = N
     precision = precision or config.precision
     check_precision(precision)
     stored, given = config.corpus, None if corpus is None else absolute_corpus(corpus)
-    if given is not None and given != stored:
-        config = replace(config, corpus=given)
+    if given is not None and given != absolute_corpus(stored) and not _same_corpus(absolute_corpus(stored), given):
+        config = replace(config, corpus=given)  # (the run's own, named otherwise, as it is: an older run's relative)
     elif given is None and stored != "shakespeare" and not os.path.exists(_kind_and_path(stored)[1]):
         # (a probe: a moved project's run could not be evaluated again, and nothing said how)
         raise StillError(f"{run_dir}'s corpus {stored} does not exist: give it where it lies now with --corpus "
