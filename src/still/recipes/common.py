@@ -21,7 +21,7 @@ from still.data.text import SPLITS
 from still.errors import StillError
 from still.train import distributed
 from still.train.checkpoint import list_checkpoints, newest_config, written_here
-from still.train.io import atomic_write_bytes, atomic_write_text, printable, temporary_of
+from still.train.io import atomic_write_new_bytes, atomic_write_text, printable, temporary_of
 from still.train.loop import IndexBatches, Trainer, TrainState, deferred_signals
 from still.train.optim import OptimConfig, build_optimizer, build_scheduler
 from still.train.progress import log
@@ -592,9 +592,4 @@ def plot_curves(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequenc
         fig.savefig(png, format="png")  # (the same bytes for the same curves: no date in its metadata)
     finally:
         plt.close(fig)
-    try:
-        same = os.path.getsize(path) == png.getbuffer().nbytes and path.read_bytes() == png.getvalue()
-    except OSError:  # (none there yet, or unreadable: written)
-        same = False
-    if not same:
-        atomic_write_bytes(path, png.getvalue())
+    atomic_write_new_bytes(path, png.getvalue())

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from still.errors import StillError
-from still.train.io import _fsync_dir, atomic_write_text, process_alive, process_umask, sha256_file
+from still.train.io import _fsync_dir, atomic_write_text, normal_mode, process_alive, sha256_file
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{8,})$")
@@ -168,7 +168,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, str(path))
     except SafetensorError as e:  # (safetensors says a full disk with its own error: an OSError, as any other)
         raise OSError(f"cannot write {path}: {e}") from None
-    os.chmod(path, 0o666 & ~process_umask())  # (safetensors makes it private: a probe's shared run lent no weights)
+    normal_mode(path)  # (safetensors makes it private: a probe's shared run lent no weights)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -73,28 +73,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers(path)
+    tmp = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
-    except OSError as e:  # (the file to be written, not a temporary that never was: a probe on read-only media)
-        e.filename = str(path)
-        raise
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes it private; give it a normal file's mode
+        normal_mode(tmp)  # (mkstemp makes it private)
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename in (tmp_name, str(tmp), None):
-            # (the file being written, not its temporary name, which is gone; or where the writer named none,
-            # as matplotlib's savefig on a full disk: a probe's "error: File too large" named no file)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (tmp is None or e.filename in (str(tmp), None)):
+            # (the file being written, not its temporary name, which is gone or never was: a probe on
+            # read-only media; or where the writer named none, as matplotlib's savefig on a full disk: a
+            # probe's "error: File too large" named no file)
             e.filename = str(path)
         raise
     _fsync_dir(path.parent)
+
+
+def normal_mode(path: Path) -> None:
+    """Give `path` a normal file's mode (as `open` makes one under the process's umask)."""
+    os.chmod(path, 0o666 & ~process_umask())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -112,9 +116,14 @@ def printable(text: str) -> str:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """`text` as UTF-8 (`printable`: a file name's undecodable bytes as `\\xNN`), atomically. A file
-    that holds these bytes already is left as it is (a finished run run again on read-only media)."""
-    data = printable(text).encode("utf-8")
+    """`text` as UTF-8 (`printable`: a file name's undecodable bytes as `\\xNN`), atomically, as
+    `atomic_write_new_bytes`."""
+    atomic_write_new_bytes(path, printable(text).encode("utf-8"))
+
+
+def atomic_write_new_bytes(path: str | Path, data: bytes) -> None:
+    """`data`, atomically, where `path` does not hold these bytes already: a file that does is left as
+    it is (a finished run run again on read-only media)."""
     try:
         if os.path.getsize(path) == len(data) and Path(path).read_bytes() == data:
             _remove_dead_writers(Path(path))  # (what a writer killed before left, swept all the same)
