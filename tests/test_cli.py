@@ -63,6 +63,10 @@ def test_ctrl_c_while_the_command_starts_says_interrupted():
             "runpy.run_module('still', run_name='__main__')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (130, "interrupted\n")
+    # said once under torchrun, by rank 0 (as the command's own messages)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "RANK": "1"})
+    assert (result.returncode, result.stderr) == (130, "")
 
 
 @pytest.mark.parametrize(("environ", "expected"), [
