@@ -47,13 +47,13 @@ def _batch_dir(data_dir: Path) -> Path:
                              "cifar-10-batches-py (or the one holding it)")
         raise StillError(f"CIFAR-10 directory {data_dir} does not exist")
     nested = data_dir / "cifar-10-batches-py"
-    # (the archive's own folder where it holds the batches, or the given one holds none: a probe's empty
+    # (the archive's own folder unless the given one holds every batch and it does not: a probe's empty
     # cifar-10-batches-py, left by a failed unpacking, hid the batches beside it)
     return nested if nested.is_dir() and (_holds_batches(nested) or not _holds_batches(data_dir)) else data_dir
 
 
 def _holds_batches(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in (*TRAIN_BATCHES, TEST_BATCH))
+    return all((folder / name).is_file() for name in (*TRAIN_BATCHES, TEST_BATCH))
 
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
