@@ -90,14 +90,18 @@ def test_the_readmes_compressive_transformer_example_runs():
 
 def cited_tests(text: str) -> list[tuple[str, str | None]]:
     """The tests a Markdown text cites, as (file, test name or None): `tests/a/test_b.py`,
-    `tests/a/test_b.py::test_c`, and `::test_d`, short for a test in the file cited last."""
+    `tests/a/test_b.py::test_c`, `test_b.py::test_c` (the one file of that name under tests/), and
+    `::test_d`, short for a test in the file cited last."""
     cited, current = [], None
     for quoted in re.findall(r"`([^`\n]+)`", text):
-        match = re.fullmatch(r"(tests/[\w/]+\.py)(?:::(\w+))?|::(test\w+)", quoted)
+        match = re.fullmatch(r"((?:tests/[\w/]+|[\w/]*test_\w+)\.py)(?:::(\w+))?|::(test\w+)", quoted)
         if match is None:
             continue
         if match[1]:
             current = match[1]
+            if not current.startswith("tests/"):
+                found = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob(current))
+                current = found[0] if len(found) == 1 else f"tests/<{len(found)} files named {current}>"
         if current is None:
             raise AssertionError(f"`{quoted}` follows no test file")
         cited.append((current, match[2] or match[3]))
@@ -105,8 +109,11 @@ def cited_tests(text: str) -> list[tuple[str, str | None]]:
 
 
 def test_citations_are_read_as_the_docs_mean_them():
-    assert cited_tests("see `tests/a.py` (`::test_x`, `::test_y`) and `tests/b/c.py::test_z`; `aten::mm`") == [
-        ("tests/a.py", None), ("tests/a.py", "test_x"), ("tests/a.py", "test_y"), ("tests/b/c.py", "test_z")]
+    assert cited_tests("see `tests/test_a.py` (`::test_x`, `::test_y`) and `tests/b/test_c.py::test_z`; `aten::mm`; "
+                       "`test_checkpoint.py::test_v`, `::test_w`; `test_none.py::test_u`") == [
+        ("tests/test_a.py", None), ("tests/test_a.py", "test_x"), ("tests/test_a.py", "test_y"),
+        ("tests/b/test_c.py", "test_z"), ("tests/train/test_checkpoint.py", "test_v"),
+        ("tests/train/test_checkpoint.py", "test_w"), ("tests/<0 files named test_none.py>", "test_u")]
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
