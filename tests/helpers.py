@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -88,3 +89,13 @@ def run_config(kind: str) -> str:
 
     module, cls = RUN_KINDS[kind]
     return json.dumps(to_dict(getattr(importlib.import_module(module), cls)()))
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has ended (also where it is a zombie its new parent has not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"

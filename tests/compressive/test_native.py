@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_decode import CASES  # the same configurations as the eager and compiled steps
 
-from helpers import BUILDS, use_build
+from helpers import BUILDS, process_gone, use_build
 from still.compressive import native
 from still.compressive.decode import Decoder
 from still.compressive.generate import generate
@@ -443,18 +443,10 @@ def test_a_build_whose_process_is_killed_or_interrupted_ends_its_compiler(tmp_pa
         building.send_signal(getattr(signal, signal_name))
         building.wait(60)
 
-        def gone(pid: int) -> bool:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            with open(f"/proc/{pid}/stat") as f:  # ended, not yet reaped by its new parent
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-
         deadline = time.monotonic() + 20
-        while not gone(compiler) and time.monotonic() < deadline:
+        while not process_gone(compiler) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert gone(compiler)
+        assert process_gone(compiler)
     finally:
         building.kill()
         if compiler is not None:

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from helpers import process_gone
 from still.train import aot
 from still.train.aot import ahead_of_time
 
@@ -241,18 +242,10 @@ def test_a_build_whose_parent_is_killed_removes_its_files_and_ends_with_its_comp
     parent.send_signal(signal.SIGKILL)
     parent.wait()
 
-    def gone(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        with open(f"/proc/{pid}/stat") as f:  # ended, not yet reaped by its new parent
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-
     deadline = time.monotonic() + 20
-    while not (gone(child) and gone(compiler)) and time.monotonic() < deadline:
+    while not (process_gone(child) and process_gone(compiler)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert gone(child) and gone(compiler) and not any(p.exists() for p in files)
+    assert process_gone(child) and process_gone(compiler) and not any(p.exists() for p in files)
 
 
 def test_an_interrupted_build_is_ended_with_its_files(monkeypatch):
