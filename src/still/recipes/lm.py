@@ -220,26 +220,30 @@ def _kind_and_path(corpus: str) -> tuple[str, str]:
     return kind, corpus[len(kind):]
 
 
+def _other_path(stored: str, given: str) -> tuple[str, str] | None:
+    """The paths of a run's stored corpus (absolute) and of `given`, where `given` names another path
+    of the same kind; else None."""
+    (kind, path), (given_kind, given_path) = _kind_and_path(stored), _kind_and_path(given)
+    return (path, given_path) if stored != given and kind == given_kind and os.path.isabs(path) else None
+
+
 def _same_corpus(stored: str, given: str) -> bool:
     """Whether a run's stored corpus (absolute) is the file or folder `given` names under another
     path (a symbolic link, a hard link, a bind mount), of the same kind."""
-    if stored == given:
-        return False
-    (kind, path), (given_kind, given_path) = _kind_and_path(stored), _kind_and_path(given)
+    paths = _other_path(stored, given)
     try:
-        return kind == given_kind and os.path.isabs(path) and os.path.samefile(path, given_path)
+        return paths is not None and os.path.samefile(*paths)
     except OSError:
         return False
 
 
-def _moved_corpus(out: Path, stored: str, given: str, corpus: EncodedCorpus) -> bool:
+def _moved_corpus(recorded: dict, given: str, corpus: EncodedCorpus) -> bool:
     """Whether `corpus`, read from `given`, another path than the run's stored corpus (absolute) of
-    the same kind, is the run's text moved or copied there: it has the digests the run recorded
-    (`corpus_sha256`, `split_sha256`; a run made before they were recorded cannot be told)."""
-    (kind, path), (given_kind, _) = _kind_and_path(stored), _kind_and_path(given)
-    return (stored != given and kind == given_kind and os.path.isabs(path)
-            and _recorded(out, "corpus_sha256") == corpus.digest
-            and _recorded(out, "split_sha256") == dict(corpus.split_digests))
+    the same kind, is the run's text moved or copied there: it has the digests the run `recorded`
+    (its stage.json: `corpus_sha256`, `split_sha256`; a run made before they were recorded cannot be told)."""
+    return (_other_path(recorded["corpus"], given) is not None
+            and recorded.get("corpus_sha256") == corpus.digest
+            and recorded.get("split_sha256") == dict(corpus.split_digests))
 
 
 def _older_relative_corpus(stage: Path, corpus: str) -> None:
@@ -260,7 +264,8 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
     config = replace(config, corpus=absolute_corpus(config.corpus))  # the same corpus for `lm eval` from anywhere
     device = distributed.process_device()  # joins the process group where started by torchrun
     dist = distributed.current()
-    stored = _recorded(out, "corpus")
+    recorded = _stage_record(out)  # (read once: the corpus and its digests)
+    stored = recorded.get("corpus")
     if isinstance(stored, str) and _same_corpus(stored, config.corpus):  # (a probe: through a symbolic link, the
         # run's own corpus was "different settings (corpus)", and the refusal offered --overwrite)
         if dist.main:
@@ -270,7 +275,7 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
     corpus = _load_data(config, cache)
     moved_from = other_corpus = None  # the run's stored corpus, where --corpus is its text elsewhere, or other text
     if isinstance(stored, str) and stored != config.corpus:
-        if _moved_corpus(out, stored, config.corpus, corpus):  # (a probe: a project folder moved, its run's
+        if _moved_corpus(recorded, config.corpus, corpus):  # (a probe: a project folder moved, its run's
             # corpus was "different settings (corpus)" for good, though byte-identical)
             moved_from = stored
             if dist.main:
@@ -315,7 +320,7 @@ def _train_lm(config: LMConfig, out: Path, cache, overwrite: bool, print_table: 
         except StillError as e:
             if other_corpus is None:
                 raise
-            how = ("its text at another path is taken as it" if _recorded(out, "corpus_sha256") is not None else
+            how = ("its text at another path is taken as it" if recorded.get("corpus_sha256") is not None else
                    "it recorded no digest of its text, an older still's run: put the corpus back there")
             raise StillError(f"{e} (its corpus: {other_corpus}; {how})") from None
         if moved_from:
@@ -595,10 +600,16 @@ def _vocab_digest(vocab_json: str) -> str:
 def _recorded(run_dir: Path, key: str) -> Any:
     """What training recorded as `key` in the run's stage.json, or None (a run made before it was
     recorded, or stage.json unreadable: `load_run` has the run's settings)."""
+    return _stage_record(run_dir).get(key)
+
+
+def _stage_record(run_dir: Path) -> dict:
+    """The run's stage.json's data ({} where none is readable as a JSON object)."""
     try:
-        return json.loads((run_dir / "stage.json").read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+        data = json.loads((run_dir / "stage.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _run_files(folder: Path) -> dict[str, bytes | None]:
